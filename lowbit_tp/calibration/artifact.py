@@ -1,0 +1,257 @@
+"""The calibration artifact: per-layer, per-rank channel statistics, on disk as safetensors.
+
+A calibration holds, for every row-parallel layer and every *source* of communicated
+values, the per-channel statistics of those values over calibration text:
+
+* source ``r`` (``0 <= r < tp``): rank ``r``'s partial output ``Y_r`` of the layer;
+* source ``"sum"``: the reduced output ``Y = sum_r Y_r``. Two-shot collectives quantize
+  this sum a second time, and static codecs need scales calibrated on it.
+
+Statistics per (layer, source), each ``[E]`` fp32: ``ema_min`` and ``ema_max`` (the
+exponential moving average over calibration batches of each channel's min and max, as in
+the seed paper) and ``absmax`` (the running max of ``|y|``).
+
+File format (``schema_version`` 1): a safetensors file whose tensors are named
+``"{layer}|{source}|{stat}"`` (source is ``rank{r}`` or ``sum``), and whose safetensors
+metadata holds one key, ``"lowbit_tp"``, a JSON object::
+
+    {"schema_version": 1, "model": {"name", "weights_sha256", "model_type"}, "tp", "hidden_size",
+     "k", "statistic", "ema_decay", "layers": [...], "text": {...}, "versions": {...},
+     "tensor_sha256": "<sha256 of all tensors' bytes in sorted-name order>"}
+
+The checksum catches a file that was truncated or altered after it was written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+import torch
+
+SCHEMA_VERSION = 1
+STATS = ("ema_min", "ema_max", "absmax")
+Source = Union[int, str]  # a rank index, or "sum"
+
+
+class CalibrationError(ValueError):
+    """A calibration artifact that is missing, corrupted, or does not fit the run."""
+
+
+def _source_key(source: Source) -> str:
+    if source == "sum":
+        return "sum"
+    if isinstance(source, int) and source >= 0:
+        return f"rank{source}"
+    raise ValueError(f"calibration source must be a rank index or 'sum', got {source!r}")
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Per-channel statistics of one (layer, source); each tensor is ``[E]`` fp32."""
+
+    ema_min: torch.Tensor
+    ema_max: torch.Tensor
+    absmax: torch.Tensor
+
+    @property
+    def range(self) -> torch.Tensor:
+        """``ema_max - ema_min``: the paper's outlier score."""
+        return self.ema_max - self.ema_min
+
+
+@dataclass
+class Calibration:
+    """Channel statistics for every (layer, source) plus the metadata that identifies them.
+
+    ``meta`` is the JSON header (see the module docstring); ``stats`` maps
+    ``(layer, source)`` to :class:`ChannelStats`.
+    """
+
+    meta: dict[str, Any]
+    stats: dict[tuple[str, Source], ChannelStats] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def tp(self) -> int:
+        return int(self.meta["tp"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.meta["hidden_size"])
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.meta["layers"])
+
+    def get(self, layer: str, source: Source) -> ChannelStats:
+        """Stats of one (layer, source); a clear error when the artifact lacks them."""
+        try:
+            return self.stats[(layer, source)]
+        except KeyError:
+            have = self.layers
+            if layer not in have:
+                shown = ", ".join(have[:4]) + (" ..." if len(have) > 4 else "")
+                raise CalibrationError(
+                    f"calibration has no layer {layer!r} (it has {len(have)} layers: {shown}); "
+                    f"was it made for another model?"
+                ) from None
+            raise CalibrationError(
+                f"calibration has no statistics for source {source!r} of layer {layer!r} "
+                f"(tp={self.tp}); two-shot needs 'sum' statistics"
+            ) from None
+
+    def fingerprint(self) -> str:
+        """A short hash identifying this calibration (used to check that ranks agree)."""
+        return str(self.meta.get("tensor_sha256") or _tensor_digest(self._tensors()))[:16]
+
+    def check_compatible(
+        self,
+        *,
+        tp: int | None = None,
+        hidden_size: int | None = None,
+        weights_sha256: str | None = None,
+        model_name: str | None = None,
+    ) -> None:
+        """Raise :class:`CalibrationError` if this artifact was made for another run setup."""
+        model = self.meta.get("model", {})
+        if weights_sha256 is not None and model.get("weights_sha256") not in (None, weights_sha256):
+            raise CalibrationError(
+                f"calibration was made for model {model.get('name')!r} "
+                f"(weights sha256 {str(model.get('weights_sha256'))[:12]}...), not for "
+                f"{model_name or 'this model'} (weights sha256 {weights_sha256[:12]}...)"
+            )
+        if tp is not None and tp != self.tp:
+            raise CalibrationError(
+                f"calibration was made for TP degree {self.tp}, but this run uses TP {tp}; "
+                f"recalibrate with --tp {tp}"
+            )
+        if hidden_size is not None and hidden_size != self.hidden_size:
+            raise CalibrationError(
+                f"calibration has hidden size {self.hidden_size}, the model has {hidden_size}"
+            )
+
+    # ------------------------------------------------------------------ I/O
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for (layer, source), st in self.stats.items():
+            for name in STATS:
+                out[f"{layer}|{_source_key(source)}|{name}"] = getattr(st, name).float().contiguous()
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write the artifact (safetensors + JSON header with a checksum)."""
+        from safetensors.torch import save_file
+
+        tensors = self._tensors()
+        meta = dict(self.meta)
+        meta["schema_version"] = SCHEMA_VERSION
+        meta["tensor_sha256"] = _tensor_digest(tensors)
+        self.meta = meta
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={"lowbit_tp": json.dumps(meta, sort_keys=True)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        """Read and verify an artifact; a clear :class:`CalibrationError` on any problem."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise CalibrationError(f"calibration file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get("lowbit_tp")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises several types for bad headers
+            raise CalibrationError(f"{path} is not a readable safetensors file: {exc}") from exc
+        if raw is None:
+            raise CalibrationError(f"{path} is a safetensors file but not a lowbit-tp calibration")
+        try:
+            meta = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise CalibrationError(f"{path}: calibration header is not valid JSON: {exc}") from exc
+        version = meta.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise CalibrationError(
+                f"{path}: calibration schema version {version!r} is not supported "
+                f"(this lowbit-tp reads version {SCHEMA_VERSION}); recalibrate"
+            )
+        digest = _tensor_digest(tensors)
+        if digest != meta.get("tensor_sha256"):
+            raise CalibrationError(
+                f"{path}: tensor checksum mismatch (file corrupted or edited after it was written)"
+            )
+        return cls(meta=meta, stats=_stats_from_tensors(tensors, path))
+
+
+def _stats_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[tuple[str, Source], ChannelStats]:
+    grouped: dict[tuple[str, Source], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        try:
+            layer, src, stat = key.rsplit("|", 2)
+        except ValueError:
+            raise CalibrationError(f"{path}: unexpected tensor name {key!r}") from None
+        source: Source = "sum" if src == "sum" else int(src.removeprefix("rank"))
+        grouped.setdefault((layer, source), {})[stat] = t
+    out = {}
+    for k, d in grouped.items():
+        missing = [s for s in STATS if s not in d]
+        if missing:
+            raise CalibrationError(f"{path}: layer {k[0]!r} source {k[1]!r} lacks {missing}")
+        out[k] = ChannelStats(**{s: d[s] for s in STATS})
+    return out
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class StatsAccumulator:
+    """Accumulates :class:`ChannelStats` over batches of communicated values.
+
+    ``update(layer, source, y)`` takes ``y [tokens, E]``; the EMA follows the paper:
+    ``ema = decay * ema + (1 - decay) * batch_stat``, initialised with the first batch.
+    """
+
+    def __init__(self, *, ema_decay: float = 0.9):
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.ema_decay = ema_decay
+        self._state: dict[tuple[str, Source], list[torch.Tensor]] = {}
+        self._order: list[str] = []
+
+    def update(self, layer: str, source: Source, y: torch.Tensor) -> None:
+        y = y.detach().reshape(-1, y.shape[-1]).float()
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError(f"non-finite values in calibration activations of {layer!r} (source {source!r})")
+        bmin, bmax, babs = y.amin(0), y.amax(0), y.abs().amax(0)
+        key = (layer, source)
+        if layer not in self._order:
+            self._order.append(layer)
+        st = self._state.get(key)
+        if st is None:
+            self._state[key] = [bmin, bmax, babs]
+            return
+        d = self.ema_decay
+        st[0] = d * st[0] + (1 - d) * bmin
+        st[1] = d * st[1] + (1 - d) * bmax
+        st[2] = torch.maximum(st[2], babs)
+
+    def build(self, meta: dict[str, Any], *, layers: Iterable[str] | None = None) -> Calibration:
+        """Freeze into a :class:`Calibration`; ``meta`` must give at least ``tp`` and ``hidden_size``."""
+        meta = dict(meta)
+        meta.setdefault("ema_decay", self.ema_decay)
+        meta["layers"] = list(layers) if layers is not None else list(self._order)
+        stats = {k: ChannelStats(*[t.clone() for t in v]) for k, v in self._state.items()}
+        return Calibration(meta=meta, stats=stats)

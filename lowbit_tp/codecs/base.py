@@ -1,0 +1,179 @@
+"""The codec interface and the registry of codecs by name.
+
+A codec turns one communicated tensor ``x [tokens, E]`` (a rank's partial output, or a
+chunk of the reduced sum) into a flat ``uint8`` payload and back. The payload *is* the
+message: collectives send exactly these bytes and count them, so bits/value is always
+measured from real payloads (``8 * payload.numel() / x.numel()``).
+
+Static codecs need a :class:`~lowbit_tp.calibration.Calibration` and the identity of the
+values: ``layer`` (the row-parallel module's name) and ``source`` (the rank whose partial
+it is, or ``"sum"`` for the reduced output in a two-shot collective). Dynamic codecs ignore
+both. Decoding needs the same ``(layer, source)`` as encoding; every rank holds the whole
+calibration, so any rank can decode any other rank's payload.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from lowbit_tp.calibration.artifact import Calibration, CalibrationError, Source
+
+__all__ = [
+    "Codec",
+    "NonFiniteError",
+    "register_codec",
+    "make_codec",
+    "list_codecs",
+    "CODEC_ALIASES",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+NONFINITE_MODES = ("error", "propagate")
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf reached a codec that was told to refuse them (the default)."""
+
+
+class Codec(ABC):
+    """Encode ``[tokens, E]`` floats to a flat uint8 payload and decode it to fp32.
+
+    Subclasses implement :meth:`_encode`, :meth:`_decode` and :meth:`payload_nbytes`; the
+    public methods here validate inputs once, in one place.
+
+    Args (keyword-only):
+        calibration: needed by static codecs, ignored by dynamic ones.
+        nonfinite: ``"error"`` (default) raises :class:`NonFiniteError` naming the layer
+            and source; ``"propagate"`` encodes NaN/Inf so they decode as NaN.
+    """
+
+    name: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False
+
+    def __init__(self, *, calibration: Calibration | None = None, nonfinite: str = "error"):
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if self.needs_calibration and calibration is None:
+            raise CalibrationError(
+                f"codec {self.name!r} uses static scales and needs a calibration "
+                f"(lowbit-tp calibrate ... --out cal.safetensors, then --calibration cal.safetensors)"
+            )
+        self.calibration = calibration
+        self.nonfinite = nonfinite
+        self._params: dict[tuple[str | None, Source], Any] = {}
+
+    # ------------------------------------------------------------------ contract
+    @abstractmethod
+    def payload_nbytes(self, shape: tuple[int, int]) -> int:
+        """Exact payload size in bytes for an input of ``shape``; fixed per shape."""
+
+    @abstractmethod
+    def _encode(self, x: torch.Tensor, params: Any) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _decode(self, payload: torch.Tensor, shape: tuple[int, int], params: Any) -> torch.Tensor: ...
+
+    def _make_params(self, layer: str | None, source: Source, hidden: int) -> Any:
+        """Static parameters of one (layer, source); dynamic codecs have none."""
+        return None
+
+    def options(self) -> dict[str, Any]:
+        """Constructor options that change the bytes; part of :meth:`config`."""
+        return {}
+
+    # ------------------------------------------------------------------ public API
+    def config(self) -> dict[str, Any]:
+        """Everything that must agree across ranks for payloads to decode correctly."""
+        cal = self.calibration.fingerprint() if self.calibration is not None and self.needs_calibration else None
+        return {"codec": self.name, **self.options(), "calibration": cal}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.config(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def encode(self, x: torch.Tensor, *, layer: str | None = None, source: Source = 0) -> torch.Tensor:
+        """Encode ``x [tokens, E]`` (fp32/bf16/fp16) into a 1-D uint8 payload."""
+        self._check_input(x, layer, source)
+        return self._encode(x, self.params(layer, source, x.shape[1]))
+
+    def decode(
+        self, payload: torch.Tensor, shape: tuple[int, int], *, layer: str | None = None, source: Source = 0
+    ) -> torch.Tensor:
+        """Decode a payload made by :meth:`encode` for the same shape, layer and source; fp32."""
+        shape = (int(shape[0]), int(shape[1]))
+        expected = self.payload_nbytes(shape)
+        if payload.dtype != torch.uint8 or payload.dim() != 1 or payload.numel() != expected:
+            raise ValueError(
+                f"{self.name}: payload for shape {shape} must be {expected} uint8 bytes, "
+                f"got {payload.dtype} {tuple(payload.shape)}"
+            )
+        return self._decode(payload, shape, self.params(layer, source, shape[1]))
+
+    def roundtrip(self, x: torch.Tensor, *, layer: str | None = None, source: Source = 0) -> torch.Tensor:
+        """``decode(encode(x))``: what a receiver sees, in fp32."""
+        return self.decode(self.encode(x, layer=layer, source=source), tuple(x.shape), layer=layer, source=source)
+
+    def bits_per_value(self, shape: tuple[int, int]) -> float:
+        """Wire bits per value for ``shape``, from the payload size (metadata included)."""
+        return 8.0 * self.payload_nbytes(shape) / (shape[0] * shape[1])
+
+    def params(self, layer: str | None, source: Source, hidden: int) -> Any:
+        key = (layer, source)
+        if key not in self._params:
+            self._params[key] = self._make_params(layer, source, hidden)
+        return self._params[key]
+
+    def _check_input(self, x: torch.Tensor, layer: str | None, source: Source) -> None:
+        where = f"layer {layer!r}, source {source!r}" if layer is not None else f"source {source!r}"
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"{self.name}: expected a [tokens, E] tensor ({where}), got shape {getattr(x, 'shape', None)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{self.name}: expected fp32/bf16/fp16 values ({where}), got {x.dtype}")
+        if self.calibration is not None and self.needs_calibration and x.shape[1] != self.calibration.hidden_size:
+            raise ValueError(
+                f"{self.name}: {where} has {x.shape[1]} channels but the calibration has hidden size "
+                f"{self.calibration.hidden_size}"
+            )
+        if self.nonfinite == "error" and not bool(torch.isfinite(x).all()):
+            n = int((~torch.isfinite(x)).sum())
+            raise NonFiniteError(
+                f"{self.name}: {n} NaN/Inf value(s) in the communicated tensor of {where}; "
+                f"pass nonfinite='propagate' to send them on as NaN"
+            )
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
+        return f"{type(self).__name__}({self.name}{', ' + opts if opts else ''})"
+
+
+# ---------------------------------------------------------------------- registry
+_REGISTRY: dict[str, Callable[..., Codec]] = {}
+# Names that resolve to another codec name (``default`` is set by lowbit_tp.codecs).
+CODEC_ALIASES: dict[str, str] = {}
+
+
+def register_codec(name: str, factory: Callable[..., Codec] | None = None):
+    """Register ``factory(**options) -> Codec`` under ``name``; usable as a decorator."""
+
+    def _add(f):
+        if name in _REGISTRY:
+            raise ValueError(f"codec {name!r} is already registered")
+        _REGISTRY[name] = f
+        return f
+
+    return _add(factory) if factory is not None else _add
+
+
+def list_codecs() -> list[str]:
+    return list(_REGISTRY)
+
+
+def make_codec(name: str, **options: Any) -> Codec:
+    """Build a codec by its registered name, e.g. ``make_codec("int4-outlier", calibration=cal)``."""
+    name = CODEC_ALIASES.get(name, name)
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown codec {name!r}; known codecs: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name](**options)

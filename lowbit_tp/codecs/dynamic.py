@@ -1,0 +1,100 @@
+"""Codecs with per-message scales computed from the values themselves (no calibration).
+
+Payload layouts (row-major ``[tokens, E]``; groups run along E within a token, the last
+group of a row may be shorter when ``E % group != 0``; see docs/wire-format.md):
+
+* ``int4-g32`` / ``int4-g128``: ``[ ceil(T*E/2) bytes of int4 | T*G fp16 scales ]`` with
+  ``G = ceil(E / group)``; value = code * scale, scale = group absmax / 7 rounded to fp16.
+  QuickReduce-style Q4 (4.5 bits/value at group 32, 4.125 at 128).
+* ``mxfp4``: ``[ ceil(T*E/2) bytes of FP4 E2M1 codes | T*G E8M0 exponents ]`` with group
+  32 (OCP MX v1.0): value = e2m1(code) * 2**(exp - 127); exponent byte 255 is NaN.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowbit_tp.codecs import functional as F
+from lowbit_tp.codecs.base import Codec, register_codec
+
+_FP16_MAX = 65504.0
+
+
+class GroupInt4Codec(Codec):
+    """Symmetric int4 with a dynamic fp16 scale per ``group`` values of each token."""
+
+    def __init__(self, *, group: int = 32, **kw):
+        super().__init__(**kw)
+        if group < 1:
+            raise ValueError(f"group must be positive, got {group}")
+        self.group = group
+        self.name = f"int4-g{group}"
+
+    def options(self):
+        return {"group": self.group}
+
+    def payload_nbytes(self, shape):
+        t, e = shape
+        return (t * e + 1) // 2 + 2 * t * math.ceil(e / self.group)
+
+    def _encode(self, x, params):
+        t, e = x.shape
+        xg, amax = F.group_absmax(x, self.group)
+        # Round the scale to fp16 *before* quantizing so that the receiver, which only
+        # has the fp16 scale, reconstructs exactly what the sender meant.
+        scale = (amax / 7.0).clamp_(max=_FP16_MAX).half()
+        s32 = scale.float()
+        inv = torch.where(s32 > 0, 1.0 / s32, torch.zeros_like(s32))
+        q = F.quantize_symmetric(xg, inv.unsqueeze(-1), bits=4).reshape(t, -1)[:, :e]
+        return torch.cat([F.pack_int4(q), scale.reshape(-1).view(torch.uint8)])
+
+    def _decode(self, payload, shape, params):
+        t, e = shape
+        g = math.ceil(e / self.group)
+        nq = (t * e + 1) // 2
+        q = F.unpack_int4(payload[:nq], t * e).reshape(t, e)
+        scale = F.bytes_to_float(payload[nq:], torch.float16).reshape(t, g)
+        scale = scale.repeat_interleave(self.group, dim=1)[:, :e]
+        return F.dequantize_symmetric(q, scale, bits=4)
+
+
+class MXFP4Codec(Codec):
+    """OCP MX FP4: E2M1 values with one shared E8M0 power-of-two scale per 32 values."""
+
+    name = "mxfp4"
+    group = 32
+
+    def payload_nbytes(self, shape):
+        t, e = shape
+        return (t * e + 1) // 2 + t * math.ceil(e / self.group)
+
+    def _encode(self, x, params):
+        t, e = x.shape
+        xg, amax = F.group_absmax(x, self.group)
+        # OCP MX: shared exponent = floor(log2(amax)) - emax(E2M1) where emax = 2.
+        exp = torch.floor(torch.log2(amax.clamp_min(2.0**-127))) - 2
+        exp = exp.clamp_(-127, 127)
+        bad = ~torch.isfinite(xg).all(dim=-1)
+        y = xg * torch.exp2(-exp).unsqueeze(-1)
+        codes = F.e2m1_encode(y.clamp(-F.E2M1_MAX, F.E2M1_MAX)).reshape(t, -1)[:, :e]
+        ebyte = (exp + 127).to(torch.uint8)
+        if bool(bad.any()):
+            ebyte = ebyte.masked_fill(bad, 255)  # E8M0 NaN: the whole block decodes to NaN
+        return torch.cat([F.pack_int4(codes.view(torch.int8)), ebyte.reshape(-1)])
+
+    def _decode(self, payload, shape, params):
+        t, e = shape
+        g = math.ceil(e / self.group)
+        nq = (t * e + 1) // 2
+        codes = F.unpack_int4(payload[:nq], t * e).view(torch.uint8) & 0x0F
+        vals = F.e2m1_decode(codes).reshape(t, e)
+        ebyte = payload[nq:].reshape(t, g)
+        scale = torch.exp2(ebyte.float() - 127)
+        scale = scale.masked_fill(ebyte == 255, float("nan"))
+        return vals * scale.repeat_interleave(self.group, dim=1)[:, :e]
+
+
+register_codec("int4-g32", lambda **kw: GroupInt4Codec(group=32, **kw))
+register_codec("int4-g128", lambda **kw: GroupInt4Codec(group=128, **kw))
+register_codec("mxfp4", MXFP4Codec)

@@ -1,0 +1,206 @@
+"""Codecs with no per-message metadata: bf16, static int8/int4, and the seed paper's codec.
+
+Payload layouts (row-major ``[tokens, E]``, all little-endian; see docs/wire-format.md):
+
+* ``bf16``:          ``T*E`` bf16 values.
+* ``int8``:          ``T*E`` int8 codes; value = code * scale[channel].
+* ``int4``:          ``T*E`` int4 codes packed two per byte (even index low nibble).
+* ``int4-outlier`` / ``int4-random-k``: ``[ T*k bf16 | ceil(T*(E-k)/2) bytes of int4 ]``;
+  the bf16 block holds each token's k kept channels in ascending channel order, the int4
+  block each token's remaining E-k channels in ascending order.
+
+Scales and channel sets are static (from calibration), so nothing else travels.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lowbit_tp.calibration.artifact import ChannelStats, Source
+from lowbit_tp.codecs import functional as F
+from lowbit_tp.codecs.base import Codec, register_codec
+
+SCALE_STATS = ("ema", "absmax")
+_TINY = 1e-12
+
+
+@register_codec("bf16")
+class BF16Codec(Codec):
+    """Exact baseline: values cast to bfloat16 (16 bits/value)."""
+
+    name = "bf16"
+
+    def payload_nbytes(self, shape):
+        return 2 * shape[0] * shape[1]
+
+    def _encode(self, x, params):
+        return F.float_to_bytes(x, torch.bfloat16)
+
+    def _decode(self, payload, shape, params):
+        return F.bytes_to_float(payload, torch.bfloat16).reshape(shape)
+
+
+@dataclass(frozen=True)
+class StaticParams:
+    """Static parameters of one (layer, source).
+
+    ``scale``/``inv_scale`` are ``[E - k]`` fp32 for the quantized channels ``inliers``;
+    ``outliers`` (``[k]``, ascending) travel as bf16. ``k == 0`` for plain int codecs.
+    """
+
+    scale: torch.Tensor
+    inv_scale: torch.Tensor
+    inliers: torch.Tensor
+    outliers: torch.Tensor
+
+
+def channel_absmax(stats: ChannelStats, scale_stat: str) -> torch.Tensor:
+    """The per-channel magnitude a static scale is fitted to."""
+    if scale_stat == "ema":
+        return torch.maximum(stats.ema_min.abs(), stats.ema_max.abs())
+    if scale_stat == "absmax":
+        return stats.absmax
+    raise ValueError(f"scale_stat must be one of {SCALE_STATS}, got {scale_stat!r}")
+
+
+def topk_channels(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores, ascending; ties broken by lower index."""
+    order = torch.argsort(score, descending=True, stable=True)
+    return torch.sort(order[:k]).values
+
+
+def random_channels(hidden: int, k: int, *, seed: int, layer: str | None, source: Source) -> torch.Tensor:
+    """``k`` channels drawn without replacement, fixed by ``(seed, layer, source)``.
+
+    crc32 rather than ``hash()`` so that every process draws the same set.
+    """
+    key = zlib.crc32(f"{seed}|{layer}|{source}".encode())
+    g = torch.Generator().manual_seed(key)
+    return torch.sort(torch.randperm(hidden, generator=g)[:k]).values
+
+
+class _StaticIntCodec(Codec):
+    """Symmetric int codec with static per-channel scales, optionally keeping k channels in bf16."""
+
+    needs_calibration = True
+    bits = 4
+
+    def __init__(self, *, k: int | None = 0, scale_stat: str = "ema", **kw):
+        super().__init__(**kw)
+        if scale_stat not in SCALE_STATS:
+            raise ValueError(f"scale_stat must be one of {SCALE_STATS}, got {scale_stat!r}")
+        self.k = k
+        self.scale_stat = scale_stat
+
+    def options(self):
+        return {"k": self.k, "scale_stat": self.scale_stat}
+
+    def num_kept(self, hidden: int) -> int:
+        """Channels kept in bf16: ``k``, or ``hidden // 64`` when ``k`` is None."""
+        k = hidden // 64 if self.k is None else int(self.k)
+        if not 0 <= k <= hidden:
+            raise ValueError(f"{self.name}: k={k} outside [0, {hidden}]")
+        return k
+
+    def _select(self, stats: ChannelStats, k: int, layer, source) -> torch.Tensor:
+        return topk_channels(stats.range, k)
+
+    def _make_params(self, layer, source, hidden):
+        stats = self.calibration.get(layer, source)
+        if stats.absmax.numel() != hidden:
+            raise ValueError(f"{self.name}: calibration of {layer!r} has {stats.absmax.numel()} channels, input has {hidden}")
+        k = self.num_kept(hidden)
+        outliers = self._select(stats, k, layer, source) if k else torch.empty(0, dtype=torch.long)
+        mask = torch.ones(hidden, dtype=torch.bool)
+        mask[outliers] = False
+        inliers = torch.nonzero(mask).reshape(-1)
+        qmax = 2 ** (self.bits - 1) - 1
+        scale = (channel_absmax(stats, self.scale_stat)[inliers] / qmax).clamp_min(_TINY).float()
+        return StaticParams(scale=scale, inv_scale=1.0 / scale, inliers=inliers, outliers=outliers)
+
+    def payload_nbytes(self, shape):
+        t, e = shape
+        k = self.num_kept(e)
+        n = t * (e - k)
+        return 2 * t * k + (n + 1) // 2 if self.bits == 4 else 2 * t * k + n
+
+    def _encode(self, x, p: StaticParams):
+        k = p.outliers.numel()
+        rest = x if k == 0 else x.index_select(1, p.inliers)
+        q = F.quantize_symmetric(rest, p.inv_scale, bits=self.bits)
+        body = F.pack_int4(q) if self.bits == 4 else q.reshape(-1).view(torch.uint8)
+        if k == 0:
+            return body
+        head = F.float_to_bytes(x.index_select(1, p.outliers), torch.bfloat16)
+        return torch.cat([head, body])
+
+    def _decode(self, payload, shape, p: StaticParams):
+        t, e = shape
+        k = p.outliers.numel()
+        split = 2 * t * k
+        n = t * (e - k)
+        body = payload[split:]
+        q = F.unpack_int4(body, n) if self.bits == 4 else body.view(torch.int8)
+        rest = F.dequantize_symmetric(q.reshape(t, e - k), p.scale, bits=self.bits)
+        if k == 0:
+            return rest
+        out = torch.empty(t, e, dtype=torch.float32, device=payload.device)
+        out[:, p.inliers] = rest
+        out[:, p.outliers] = F.bytes_to_float(payload[:split], torch.bfloat16).reshape(t, k)
+        return out
+
+
+@register_codec("int8")
+class Int8Codec(_StaticIntCodec):
+    """Static per-channel symmetric int8 (the paper's Int8 baseline, 8 bits/value)."""
+
+    name = "int8"
+    bits = 8
+
+    def __init__(self, **kw):
+        kw.setdefault("k", 0)
+        super().__init__(**kw)
+
+
+@register_codec("int4")
+class Int4Codec(_StaticIntCodec):
+    """Static per-channel symmetric int4 everywhere (the paper's Int4 baseline, 4 bits/value)."""
+
+    name = "int4"
+
+    def __init__(self, **kw):
+        kw.setdefault("k", 0)
+        super().__init__(**kw)
+
+
+@register_codec("int4-outlier")
+class OutlierInt4Codec(_StaticIntCodec):
+    """The seed method: calibrated top-k channels by range in bf16, the rest static int4.
+
+    ``k`` defaults to ``E // 64`` (4.1875 bits/value).
+    """
+
+    name = "int4-outlier"
+
+    def __init__(self, *, k: int | None = None, **kw):
+        super().__init__(k=k, **kw)
+
+
+@register_codec("int4-random-k")
+class RandomKInt4Codec(_StaticIntCodec):
+    """Ablation: as ``int4-outlier`` but the k bf16 channels are random (fixed ``seed``)."""
+
+    name = "int4-random-k"
+
+    def __init__(self, *, k: int | None = None, seed: int = 0, **kw):
+        super().__init__(k=k, **kw)
+        self.seed = seed
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "seed": self.seed}
+
+    def _select(self, stats, k, layer, source):
+        return random_channels(stats.range.numel(), k, seed=self.seed, layer=layer, source=source)

@@ -1,0 +1,187 @@
+"""Each codec against an error bound derived from its own quantization grid."""
+import math
+
+import pytest
+import torch
+
+from lowbit_tp.calibration import CalibrationError
+from lowbit_tp.calibration.synthetic import planted_outliers, planted_partials
+from lowbit_tp.codecs import NonFiniteError, list_codecs, make_codec
+from lowbit_tp.codecs.static import channel_absmax
+
+from conftest import LAYERS
+
+E = 256
+L = LAYERS[0]
+
+
+def _x(tokens=48, hidden=E, seed=3):
+    # Values from a *different* draw than the calibration, with the same planted channels.
+    return planted_partials(2, tokens, hidden, seed=0, noise_seed=seed)[1]
+
+
+def test_registry_has_the_contract_names():
+    for name in ["bf16", "int8", "int4", "int4-outlier", "int4-random-k", "int4-g32", "int4-g128", "mxfp4"]:
+        assert name in list_codecs()
+    with pytest.raises(KeyError, match="known codecs"):
+        make_codec("int3-magic")
+
+
+def test_static_codec_without_calibration_is_a_clear_error():
+    with pytest.raises(CalibrationError, match="needs a calibration"):
+        make_codec("int4-outlier")
+
+
+def test_bf16_is_exact_to_bf16():
+    c = make_codec("bf16")
+    x = _x()
+    assert torch.equal(c.roundtrip(x), x.to(torch.bfloat16).float())
+    assert c.bits_per_value(tuple(x.shape)) == 16
+
+
+@pytest.mark.parametrize("name,bits", [("int8", 8), ("int4", 4), ("int4-outlier", 4), ("int4-random-k", 4)])
+def test_static_codecs_within_grid_bound(cal_factory, name, bits):
+    cal = cal_factory(2, E)
+    c = make_codec(name, calibration=cal)
+    x = _x()
+    y = c.roundtrip(x, layer=L, source=1)
+    p = c.params(L, 1, E)
+    qmax = 2 ** (bits - 1) - 1
+    # Outlier channels: bf16-exact.
+    if p.outliers.numel():
+        assert torch.equal(y[:, p.outliers], x[:, p.outliers].to(torch.bfloat16).float())
+    xi, yi = x[:, p.inliers], y[:, p.inliers]
+    s = p.scale
+    # Inside the grid: half a step. Outside: the clipping distance.
+    bound = torch.maximum(s / 2, xi.abs() - qmax * s) * (1 + 1e-5) + 1e-6
+    assert bool(((yi - xi).abs() <= bound).all())
+    # The grid is used: values decode to multiples of the scale.
+    k = yi / s
+    assert torch.allclose(k, k.round(), atol=1e-3)
+
+
+def test_outlier_codec_keeps_the_planted_channels(cal_factory):
+    cal = cal_factory(2, E)
+    c = make_codec("int4-outlier", calibration=cal)
+    assert torch.equal(c.params(L, 0, E).outliers, planted_outliers(E, seed=0))
+    r = make_codec("int4-random-k", calibration=cal, seed=5)
+    chosen = r.params(L, 0, E).outliers
+    assert chosen.numel() == E // 64
+    assert torch.equal(chosen, make_codec("int4-random-k", calibration=cal, seed=5).params(L, 0, E).outliers)
+    assert not torch.equal(chosen, make_codec("int4-random-k", calibration=cal, seed=6).params(L, 0, E).outliers)
+    # The seed method beats both the plain int4 baseline and the random-k ablation here.
+    x = _x()
+    err = {n: (make_codec(n, calibration=cal).roundtrip(x, layer=L, source=0) - x).pow(2).mean().item()
+           for n in ["int4", "int4-random-k", "int4-outlier"]}
+    assert err["int4-outlier"] < err["int4-random-k"] / 4
+    assert err["int4-outlier"] < err["int4"] / 4
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_group_int4_within_bound(group):
+    c = make_codec(f"int4-g{group}")
+    x = _x(hidden=200)  # 200 % 128 != 0: a ragged last group
+    y = c.roundtrip(x)
+    g = math.ceil(200 / group)
+    xp = torch.nn.functional.pad(x, (0, g * group - 200)).reshape(x.shape[0], g, group)
+    s = (xp.abs().amax(-1) / 7).half().float().repeat_interleave(group, 1)[:, :200]
+    bound = torch.maximum(s / 2, x.abs() - 7 * s) * (1 + 1e-5) + 1e-6
+    assert bool(((y - x).abs() <= bound).all())
+
+
+def test_mxfp4_within_bound():
+    c = make_codec("mxfp4")
+    x = _x(hidden=96)
+    y = c.roundtrip(x)
+    xg = x.reshape(x.shape[0], -1, 32)
+    amax = xg.abs().amax(-1, keepdim=True)
+    X = torch.exp2(torch.floor(torch.log2(amax)) - 2)  # OCP shared scale
+    v = (xg / X).abs()
+    half_gap = torch.where(v < 2, 0.25, torch.where(v < 4, 0.5, 1.0))
+    bound = torch.maximum(half_gap, v - 6) * X
+    err = (y.reshape_as(xg) - xg).abs()
+    assert bool((err <= bound * (1 + 1e-6)).all())
+    # Scales are powers of two and values sit on the E2M1 grid.
+    grid = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    q = (y.reshape_as(xg) / X).abs().reshape(-1, 1)
+    assert bool(((q - grid).abs().amin(1) < 1e-6).all())
+
+
+@pytest.mark.parametrize("name,bits", [("bf16", 16), ("int8", 8), ("int4", 4), ("int4-outlier", 4.1875),
+                                       ("int4-random-k", 4.1875), ("int4-g32", 4.5), ("int4-g128", 4.125),
+                                       ("mxfp4", 4.25)])
+def test_bits_per_value_measured_from_payload(name, bits):
+    from lowbit_tp.calibration.synthetic import synthetic_calibration
+
+    hidden = 4096
+    cal = synthetic_calibration([L], world=1, hidden=hidden, tokens=16, batches=1)
+    c = make_codec(name, calibration=cal)
+    x = planted_partials(1, 8, hidden)[0]
+    payload = c.encode(x, layer=L, source=0)
+    assert payload.dtype == torch.uint8 and payload.dim() == 1
+    assert 8 * payload.numel() / x.numel() == pytest.approx(bits)
+    assert payload.numel() == c.payload_nbytes(tuple(x.shape))
+
+
+@pytest.mark.parametrize("name", ["bf16", "int8", "int4", "int4-outlier", "int4-g32", "mxfp4"])
+def test_nonfinite_is_an_error_naming_layer_and_source(cal_factory, name):
+    c = make_codec(name, calibration=cal_factory(2, E))
+    x = _x()
+    x[3, 7] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"layers\.0\.o_proj.*source 1"):
+        c.encode(x, layer=L, source=1)
+    x[3, 7] = float("inf")
+    with pytest.raises(NonFiniteError):
+        c.encode(x, layer=L, source=1)
+
+
+@pytest.mark.parametrize("name", ["bf16", "int8", "int4", "int4-outlier", "int4-g32", "int4-g128", "mxfp4"])
+def test_nonfinite_propagates_when_asked(cal_factory, name):
+    c = make_codec(name, calibration=cal_factory(2, E), nonfinite="propagate")
+    x = _x()
+    x[3, 7] = float("nan")
+    x[5, 100] = float("-inf")
+    y = c.roundtrip(x, layer=L, source=0)
+    assert not bool(torch.isfinite(y[3, 7])) and not bool(torch.isfinite(y[5, 100]))
+    # Everything outside the affected values (or, for mxfp4, the affected 32-blocks) stays finite.
+    bad = torch.zeros_like(x, dtype=torch.bool)
+    if name == "mxfp4":
+        bad[3, 0:32] = True
+        bad[5, 96:128] = True
+    else:
+        bad[3, 7] = bad[5, 100] = True
+    assert bool(torch.isfinite(y[~bad]).all())
+
+
+def test_wrong_shape_dtype_and_width(cal_factory):
+    cal = cal_factory(2, E)
+    c = make_codec("int4-outlier", calibration=cal)
+    with pytest.raises(ValueError, match=r"\[tokens, E\]"):
+        c.encode(torch.zeros(2, 3, E), layer=L, source=0)
+    with pytest.raises(TypeError, match="int64"):
+        c.encode(torch.zeros(4, E, dtype=torch.int64), layer=L, source=0)
+    with pytest.raises(ValueError, match="hidden size 256"):
+        c.encode(torch.zeros(4, E + 64), layer=L, source=0)
+    with pytest.raises(CalibrationError, match="no layer 'nope'"):
+        c.encode(torch.zeros(4, E), layer="nope", source=0)
+    payload = c.encode(torch.zeros(4, E), layer=L, source=0)
+    with pytest.raises(ValueError, match="uint8 bytes"):
+        c.decode(payload[:-1], (4, E), layer=L, source=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(cal_factory, dtype):
+    cal = cal_factory(2, E)
+    x = _x().to(dtype)
+    for name in ["int4-outlier", "int4-g32", "mxfp4", "bf16"]:
+        y = make_codec(name, calibration=cal).roundtrip(x, layer=L, source=0)
+        assert y.dtype == torch.float32 and y.shape == x.shape
+
+
+def test_scale_stat_choice(cal_factory):
+    cal = cal_factory(2, E)
+    st = cal.get(L, 0)
+    ema = make_codec("int4", calibration=cal, scale_stat="ema").params(L, 0, E).scale
+    amx = make_codec("int4", calibration=cal, scale_stat="absmax").params(L, 0, E).scale
+    assert torch.allclose(ema, channel_absmax(st, "ema") / 7)
+    assert bool((amx >= ema).all())

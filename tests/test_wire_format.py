@@ -1,0 +1,111 @@
+"""The wire format, pinned on literal bytes, plus property tests of packing on odd shapes."""
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit_tp.calibration import Calibration, ChannelStats
+from lowbit_tp.codecs import functional as F
+from lowbit_tp.codecs import make_codec
+
+
+def _bytes(t):
+    return list(t.tolist())
+
+
+def test_int4_pack_even_index_in_low_nibble():
+    q = torch.tensor([1, -1, 7, -8, 3], dtype=torch.int8)
+    packed = F.pack_int4(q)
+    assert _bytes(packed) == [0xF1, 0x87, 0x03]
+    assert torch.equal(F.unpack_int4(packed, 5), q)
+
+
+def test_bf16_bytes_are_little_endian():
+    payload = make_codec("bf16").encode(torch.tensor([[1.0, -2.0]]))
+    assert _bytes(payload) == [0x80, 0x3F, 0x00, 0xC0]
+
+
+def _hand_calibration(absmax_row, ranges):
+    a = torch.tensor(absmax_row)
+    r = torch.tensor(ranges)
+    st_ = ChannelStats(ema_min=-r / 2, ema_max=r / 2, absmax=a)
+    return Calibration(meta={"tp": 1, "hidden_size": len(absmax_row), "layers": ["L"]}, stats={("L", 0): st_})
+
+
+def test_int4_outlier_layout_literal():
+    # 4 channels; channel 2 has the largest range -> bf16. Others: scale = (range/2)/7 = 1.0.
+    cal = _hand_calibration([7.0, 7.0, 100.0, 7.0], [14.0, 14.0, 200.0, 14.0])
+    c = make_codec("int4-outlier", calibration=cal, k=1)
+    x = torch.tensor([[1.0, -2.0, 3.5, 9.0],
+                      [0.0, 6.6, -1.0, -3.4]])
+    p = c.encode(x, layer="L", source=0)
+    # bf16 block: token0 ch2 = 3.5 (0x4060), token1 ch2 = -1.0 (0xBF80)
+    # int4 block: tokens' channels 0,1,3: [1, -2, 7(clipped 9)], [0, 7(6.6), -3]
+    #   nibbles: 1,E | 7,0 | 7,D  -> 0xE1, 0x07, 0xD7
+    assert _bytes(p) == [0x60, 0x40, 0x80, 0xBF, 0xE1, 0x07, 0xD7]
+    y = c.decode(p, (2, 4), layer="L", source=0)
+    assert y.tolist() == [[1.0, -2.0, 3.5, 7.0], [0.0, 7.0, -1.0, -3.0]]
+
+
+def test_int4_group_layout_literal():
+    c = make_codec("int4-g32")
+    x = torch.zeros(1, 32)
+    x[0, 0], x[0, 1], x[0, 31] = 14.0, -7.0, 3.0  # absmax 14 -> scale 2.0 (fp16 0x4000)
+    p = c.encode(x)
+    expected = [0x00] * 16
+    expected[0] = 0xC7        # codes 7 (14/2) low, -4 (-7/2 -> -3.5 -> round half even -4) high
+    expected[15] = 0x20       # code 2 (3/2 = 1.5 -> 2) in the high nibble of byte 15
+    assert _bytes(p) == expected + [0x00, 0x40]
+
+
+def test_mxfp4_layout_literal():
+    c = make_codec("mxfp4")
+    x = torch.zeros(1, 32)
+    x[0, 0], x[0, 1], x[0, 2] = 6.0, -1.5, 0.5  # amax 6 -> exponent floor(log2 6) - 2 = 0
+    p = c.encode(x)
+    expected = [0x00] * 16
+    expected[0] = 0xB7        # 6.0 -> code 7 (low), -1.5 -> 8|3 = 0xB (high)
+    expected[1] = 0x01        # 0.5 -> code 1
+    assert _bytes(p) == expected + [127]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(min_value=-8, max_value=7), min_size=0, max_size=257))
+def test_pack_unpack_any_length(vals):
+    q = torch.tensor(vals, dtype=torch.int8)
+    packed = F.pack_int4(q)
+    assert packed.numel() == (len(vals) + 1) // 2
+    assert torch.equal(F.unpack_int4(packed, len(vals)), q)
+
+
+@settings(max_examples=40, deadline=None)
+@given(tokens=st.integers(1, 5), hidden=st.integers(1, 70), seed=st.integers(0, 1000),
+       name=st.sampled_from(["bf16", "int4-g32", "int4-g128", "mxfp4"]))
+def test_dynamic_codecs_roundtrip_odd_shapes(tokens, hidden, seed, name):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g) * 3
+    c = make_codec(name)
+    p = c.encode(x)
+    assert p.numel() == c.payload_nbytes((tokens, hidden))
+    y = c.decode(p, (tokens, hidden))
+    assert y.shape == x.shape
+    # No codec here moves a value by more than a quarter of its row's absmax (mxfp4's worst case).
+    assert bool(((y - x).abs() <= 0.26 * x.abs().amax(1, keepdim=True) + 1e-6).all())
+
+
+@settings(max_examples=30, deadline=None)
+@given(tokens=st.integers(1, 4), hidden=st.integers(2, 40), k=st.integers(0, 5), seed=st.integers(0, 100))
+def test_outlier_codec_odd_shapes(tokens, hidden, k, seed):
+    from lowbit_tp.calibration import StatsAccumulator
+
+    k = min(k, hidden)
+    g = torch.Generator().manual_seed(seed)
+    acc = StatsAccumulator()
+    acc.update("L", 0, torch.randn(16, hidden, generator=g) * 2)
+    cal = acc.build({"tp": 1, "hidden_size": hidden})
+    c = make_codec("int4-outlier", calibration=cal, k=k)
+    x = torch.randn(tokens, hidden, generator=g)
+    p = c.encode(x, layer="L", source=0)
+    assert p.numel() == 2 * tokens * k + (tokens * (hidden - k) + 1) // 2
+    y = c.decode(p, (tokens, hidden), layer="L", source=0)
+    kept = c.params("L", 0, hidden).outliers
+    assert torch.equal(y[:, kept], x[:, kept].to(torch.bfloat16).float())
