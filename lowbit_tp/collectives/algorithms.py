@@ -1,0 +1,81 @@
+"""The arithmetic of each compressed all-reduce, split into per-rank stages.
+
+Both the multi-process collective (``collectives.dist``) and the single-process
+reference (``collectives.simulate``) run exactly these functions and differ only in how
+payloads move between stages. That is what makes their results bitwise equal.
+
+Every algorithm ends with all ranks decoding the same payloads in the same order and
+summing in fp32 in rank order, so all ranks hold bitwise-identical results.
+
+``gather`` (the seed paper's collective)::
+
+    payload_r = encode(Y_r, source=r)            # on rank r
+    all-gather payloads                          # (N-1) * |payload| bytes sent per rank
+    Y = sum_{r=0..N-1} decode(payload_r, source=r)
+
+``two-shot`` (reduce-scatter by all-to-all, then all-gather)::
+
+    split Y_r by rows into N chunks (rows padded with zeros to a multiple of N)
+    send chunk j, encoded with source=r, to rank j         # all-to-all
+    rank j: S_j = sum_r decode(chunk_j from r)             # fp32, rank order
+    rank j: encode(S_j, source="sum")                      # second quantization
+    all-gather the N encoded sums; every rank decodes all of them
+
+The second quantization uses ``source="sum"``: static codecs take scales calibrated on the
+*reduced* output (its range is not any single partial's), dynamic codecs compute them
+from the sum itself. Either way no extra metadata is needed beyond the codec's own.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from lowbit_tp.codecs.base import Codec
+
+ALGORITHMS = ("exact", "gather", "two-shot", "auto")
+
+
+def sum_in_rank_order(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``parts[0] + parts[1] + ...`` in fp32, left to right: the one summation order."""
+    acc = parts[0].float().clone()
+    for p in parts[1:]:
+        acc.add_(p.float())
+    return acc
+
+
+# ---------------------------------------------------------------- gather
+def gather_encode(codec: Codec, partial: torch.Tensor, *, layer, rank: int) -> torch.Tensor:
+    return codec.encode(partial, layer=layer, source=rank)
+
+
+def gather_decode_sum(codec: Codec, payloads: Sequence[torch.Tensor], shape, *, layer) -> torch.Tensor:
+    return sum_in_rank_order([codec.decode(p, shape, layer=layer, source=r) for r, p in enumerate(payloads)])
+
+
+# ---------------------------------------------------------------- two-shot
+def chunk_rows(tokens: int, world: int) -> int:
+    """Rows per two-shot chunk: the token dim is padded to ``world * chunk_rows``."""
+    return max(1, math.ceil(tokens / world))
+
+
+def two_shot_encode(codec: Codec, partial: torch.Tensor, *, layer, rank: int, world: int) -> list[torch.Tensor]:
+    """Rank ``rank``'s N encoded row chunks; chunk ``j`` is for rank ``j``."""
+    t, e = partial.shape
+    rows = chunk_rows(t, world)
+    if rows * world != t:
+        partial = torch.nn.functional.pad(partial, (0, 0, 0, rows * world - t))
+    return [codec.encode(c, layer=layer, source=rank) for c in partial.split(rows, dim=0)]
+
+
+def two_shot_reduce(codec: Codec, chunks: Sequence[torch.Tensor], chunk_shape, *, layer) -> torch.Tensor:
+    """Owner's stage: decode the N ranks' copies of its chunk, sum, re-encode the sum."""
+    s = sum_in_rank_order([codec.decode(c, chunk_shape, layer=layer, source=r) for r, c in enumerate(chunks)])
+    return codec.encode(s, layer=layer, source="sum")
+
+
+def two_shot_decode(codec: Codec, sums: Sequence[torch.Tensor], chunk_shape, tokens: int, *, layer) -> torch.Tensor:
+    """Every rank: decode the N encoded chunk sums and stitch the rows back together."""
+    out = torch.cat([codec.decode(s, chunk_shape, layer=layer, source="sum") for s in sums], dim=0)
+    return out[:tokens]

@@ -1,0 +1,79 @@
+"""Choosing an algorithm (``auto``) and counting what each call sends."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lowbit_tp.collectives.algorithms import ALGORITHMS
+
+
+@dataclass(frozen=True)
+class AutoPolicy:
+    """How ``algorithm="auto"`` picks, in this order (all thresholds configurable):
+
+    1. ``world_size == 1`` -> nothing to reduce.
+    2. the message, counted as bf16 bytes (``2 * numel``), is below ``min_bytes`` ->
+       ``exact``: small (decode-time) messages are latency-bound, so encoding them only
+       adds time.
+    3. ``world_size >= two_shot_min_world`` -> ``two-shot``: at N >= 3 it sends fewer
+       bytes than ``gather`` (2(N-1)/N vs N-1 payloads; METHOD.md §3).
+    4. otherwise ``gather`` (one quantization instead of two, same bytes at N = 2).
+
+    Defaults come from ``lowbit-tp bench-comm`` on loopback gloo (see README); retune
+    them with that command for a given link.
+    """
+
+    min_bytes: int = 64 * 1024
+    two_shot_min_world: int = 3
+
+    def choose(self, *, numel: int, world_size: int) -> str:
+        if world_size <= 1:
+            return "exact"
+        if 2 * numel < self.min_bytes:
+            return "exact"
+        return "two-shot" if world_size >= self.two_shot_min_world else "gather"
+
+
+def resolve_algorithm(algorithm: str, *, numel: int, world_size: int, policy: AutoPolicy | None) -> str:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    if algorithm == "auto":
+        return (policy or AutoPolicy()).choose(numel=numel, world_size=world_size)
+    return algorithm
+
+
+@dataclass
+class CommStats:
+    """Running totals of one rank's traffic, from the payloads actually handed to the transport.
+
+    ``bytes_sent``: bytes this rank put on the wire (each peer-bound copy counted);
+    ``payload_bytes`` / ``values``: size of this rank's encoded partials and how many values
+    they hold, so ``bits_per_value = 8 * payload_bytes / values`` is measured, not computed.
+    ``by_algorithm`` counts calls per resolved algorithm.
+    """
+
+    bytes_sent: int = 0
+    payload_bytes: int = 0
+    values: int = 0
+    calls: int = 0
+    by_algorithm: dict[str, int] = field(default_factory=dict)
+
+    def record(self, *, algorithm: str, sent: int, payload: int, values: int) -> None:
+        self.bytes_sent += int(sent)
+        self.payload_bytes += int(payload)
+        self.values += int(values)
+        self.calls += 1
+        self.by_algorithm[algorithm] = self.by_algorithm.get(algorithm, 0) + 1
+
+    @property
+    def bits_per_value(self) -> float:
+        return 8.0 * self.payload_bytes / self.values if self.values else float("nan")
+
+    def as_dict(self) -> dict:
+        return {
+            "bytes_sent": self.bytes_sent,
+            "payload_bytes": self.payload_bytes,
+            "values": self.values,
+            "calls": self.calls,
+            "bits_per_value": self.bits_per_value,
+            "by_algorithm": dict(self.by_algorithm),
+        }

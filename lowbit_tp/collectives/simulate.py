@@ -1,0 +1,70 @@
+"""Single-process reference for the compressed all-reduce.
+
+:func:`simulate_all_reduce` takes all N ranks' partials and returns what every rank holds
+after :func:`lowbit_tp.collectives.all_reduce`, bitwise: both run the stage functions of
+``collectives.algorithms``; only the movement of payloads differs.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from lowbit_tp.codecs.base import Codec
+from lowbit_tp.collectives import algorithms as A
+from lowbit_tp.collectives.policy import AutoPolicy, CommStats, resolve_algorithm
+
+
+def simulate_all_reduce(
+    partials: Sequence[torch.Tensor],
+    codec: Codec,
+    algorithm: str = "gather",
+    *,
+    layer: str | None = None,
+    policy: AutoPolicy | None = None,
+    stats: CommStats | None = None,
+) -> torch.Tensor:
+    """Reduce ``partials`` (rank r's ``[tokens, E]`` partial at index r) as N ranks would.
+
+    Returns the common result in the partials' dtype. ``stats`` (optional) records what
+    one rank sends. ``exact`` sums in fp32 in rank order (the multi-process ``exact`` uses
+    the backend's own all-reduce and agrees to floating-point tolerance, not bitwise).
+    """
+    world = len(partials)
+    if world == 0:
+        raise ValueError("simulate_all_reduce needs at least one partial")
+    x0 = partials[0]
+    for r, p in enumerate(partials):
+        if p.shape != x0.shape or p.dtype != x0.dtype:
+            raise ValueError(
+                f"partial of rank {r} is {p.dtype} {tuple(p.shape)}, rank 0's is {x0.dtype} {tuple(x0.shape)}"
+            )
+    if x0.dim() != 2:
+        raise ValueError(f"partials must be [tokens, E], got shape {tuple(x0.shape)}")
+    algo = resolve_algorithm(algorithm, numel=x0.numel(), world_size=world, policy=policy)
+    if world == 1:
+        return x0
+    if algo == "exact":
+        if stats is not None:
+            stats.record(algorithm=algo, sent=2 * (world - 1) * x0.numel() * x0.element_size() // world,
+                         payload=x0.numel() * x0.element_size(), values=x0.numel())
+        return A.sum_in_rank_order(partials).to(x0.dtype)
+    shape = tuple(x0.shape)
+    if algo == "gather":
+        payloads = [A.gather_encode(codec, p, layer=layer, rank=r) for r, p in enumerate(partials)]
+        out = A.gather_decode_sum(codec, payloads, shape, layer=layer)
+        if stats is not None:
+            stats.record(algorithm=algo, sent=(world - 1) * payloads[0].numel(),
+                         payload=payloads[0].numel(), values=x0.numel())
+        return out.to(x0.dtype)
+    # two-shot
+    chunks = [A.two_shot_encode(codec, p, layer=layer, rank=r, world=world) for r, p in enumerate(partials)]
+    chunk_shape = (A.chunk_rows(shape[0], world), shape[1])
+    sums = [A.two_shot_reduce(codec, [chunks[r][j] for r in range(world)], chunk_shape, layer=layer)
+            for j in range(world)]
+    out = A.two_shot_decode(codec, sums, chunk_shape, shape[0], layer=layer)
+    if stats is not None:
+        a2a = sum(c.numel() for j, c in enumerate(chunks[0]) if j != 0)
+        stats.record(algorithm=algo, sent=a2a + (world - 1) * sums[0].numel(),
+                     payload=sum(c.numel() for c in chunks[0]), values=x0.numel())
+    return out.to(x0.dtype)

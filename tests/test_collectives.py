@@ -1,0 +1,157 @@
+"""Multi-process gloo all-reduce against the single-process reference, bitwise."""
+import pytest
+import torch
+
+from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
+from lowbit_tp.codecs import make_codec
+from lowbit_tp.collectives import (AutoPolicy, CollectiveError, CommStats, RankFailure, all_reduce,
+                                   simulate_all_reduce, spawn_ranks)
+
+LAYER = "layers.0.o_proj"
+CODECS = ["bf16", "int8", "int4", "int4-outlier", "int4-random-k", "int4-g32", "int4-g128", "mxfp4"]
+TOKENS, HIDDEN = 7, 192  # 7 tokens: two-shot must pad rows at every world size here
+
+
+def _cal(world):
+    return synthetic_calibration([LAYER], world=world, hidden=HIDDEN, tokens=32, batches=2)
+
+
+def _rank_all_codecs(rank, world):
+    """Runs on each rank: every codec x algorithm, returning results and byte counts."""
+    cal = _cal(world)
+    partial = planted_partials(world, TOKENS, HIDDEN, seed=0, noise_seed=99)[rank]
+    out = {}
+    for name in CODECS:
+        codec = make_codec(name, calibration=cal)
+        for algo in ["gather", "two-shot", "exact"]:
+            stats = CommStats()
+            y = all_reduce(partial, codec, algorithm=algo, layer=LAYER, stats=stats)
+            out[(name, algo)] = (y, stats.bytes_sent, stats.payload_bytes)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_all_reduce_matches_reference_bitwise(world):
+    results = spawn_ranks(_rank_all_codecs, world, timeout_s=60)
+    cal = _cal(world)
+    partials = planted_partials(world, TOKENS, HIDDEN, seed=0, noise_seed=99)
+    exact = torch.stack(partials).sum(0)
+    for name in CODECS:
+        codec = make_codec(name, calibration=cal)
+        for algo in ["gather", "two-shot", "exact"]:
+            stats = CommStats()
+            ref = simulate_all_reduce(partials, codec, algo, layer=LAYER, stats=stats)
+            for r in range(world):
+                y, sent, payload = results[r][(name, algo)]
+                if algo == "exact":  # the backend's own reduction order: tolerance, not bits
+                    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-5)
+                else:
+                    assert torch.equal(y, ref), (name, algo, r)
+                assert sent == stats.bytes_sent, (name, algo, r)
+            # Bytes on the wire follow from the payload sizes (METHOD.md §3).
+            nbytes = codec.payload_nbytes((TOKENS, HIDDEN))
+            if algo == "gather":
+                assert stats.bytes_sent == (world - 1) * nbytes
+            elif algo == "two-shot":
+                rows = -(-TOKENS // world)
+                chunk = codec.payload_nbytes((rows, HIDDEN))
+                assert stats.bytes_sent == 2 * (world - 1) * chunk
+            # Compressed results stay close to the exact sum (bf16 closest).
+            err = (ref - exact).abs().max() / exact.abs().max()
+            assert err < (0.01 if name == "bf16" else 0.35), (name, algo, float(err))
+
+
+def _rank_auto(rank, world):
+    partial = torch.full((2048, 64), float(rank + 1))
+    small = torch.full((1, 64), float(rank + 1))
+    codec = make_codec("int4-g32")
+    policy = AutoPolicy(min_bytes=4096)
+    s_big, s_small = CommStats(), CommStats()
+    big = all_reduce(partial, codec, algorithm="auto", policy=policy, stats=s_big)
+    tiny = all_reduce(small, codec, algorithm="auto", policy=policy, stats=s_small)
+    return s_big.by_algorithm, s_small.by_algorithm, big, tiny
+
+
+def test_auto_picks_by_size_and_world():
+    res = spawn_ranks(_rank_auto, 3, timeout_s=60)
+    big_algos, small_algos, big, tiny = res[0]
+    assert big_algos == {"two-shot": 1} and small_algos == {"exact": 1}
+    assert torch.equal(tiny, torch.full((1, 64), 6.0))
+    assert AutoPolicy().choose(numel=10**6, world_size=2) == "gather"
+    assert AutoPolicy().choose(numel=10**6, world_size=1) == "exact"
+
+
+def _rank_mismatch(rank, world):
+    cal = _cal(world)
+    codec = make_codec("int4-outlier" if rank == 0 else "int4-random-k", calibration=cal)
+    x = planted_partials(world, 4, HIDDEN)[rank]
+    try:
+        all_reduce(x, codec, algorithm="gather", layer=LAYER)
+    except CollectiveError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_codec_mismatch_across_ranks_is_a_clear_error():
+    msgs = spawn_ranks(_rank_mismatch, 2, timeout_s=30)
+    for m in msgs:
+        assert "disagree" in m and "int4-random-k" in m and "int4-outlier" in m
+
+
+def _rank_dies(rank, world):
+    import os
+    import time
+
+    if rank == 1:
+        os._exit(3)  # a rank that dies without a word
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    try:
+        all_reduce(torch.ones(256, 64), make_codec("int4-g32"), algorithm="gather", layer="L7")
+    except CollectiveError as exc:
+        return {"msg": str(exc), "seconds": time.monotonic() - t0}
+    return {"msg": "no error", "seconds": time.monotonic() - t0}
+
+
+def test_dead_rank_times_out_with_a_message():
+    res = spawn_ranks(_rank_dies, 2, timeout_s=8, deadline_s=60, allow_failures=True)
+    alive = res[0]
+    assert "L7" in alive["msg"] and "rank 0/2" in alive["msg"], alive
+    assert alive["seconds"] < 30
+
+
+def _rank_nan(rank, world):
+    x = torch.ones(4, 64)
+    if rank == 1:
+        x[0, 0] = float("nan")
+    codec = make_codec("int4-g32")
+    try:
+        all_reduce(x, codec, algorithm="gather", layer="model.layers.3.mlp.down_proj")
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def test_nan_names_the_rank_and_layer():
+    res = spawn_ranks(_rank_nan, 2, timeout_s=8, deadline_s=60, allow_failures=True)
+    assert "NonFiniteError" in res[1] and "down_proj" in res[1] and "source 1" in res[1]
+    # Rank 0 is not left hanging: its peer never sent, so it fails by the timeout.
+    assert "CollectiveError" in res[0] or "error" in res[0]
+
+
+def test_simulate_world_one_and_validation():
+    x = torch.randn(3, 8)
+    assert simulate_all_reduce([x], make_codec("int4-g32")) is x
+    with pytest.raises(ValueError, match="rank 1"):
+        simulate_all_reduce([x, torch.randn(4, 8)], make_codec("bf16"))
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        simulate_all_reduce([x, x], make_codec("bf16"), "ring")
+
+
+def test_rank_failure_reports_the_traceback():
+    with pytest.raises(RankFailure, match="ZeroDivisionError"):
+        spawn_ranks(_rank_raises, 2, timeout_s=20)
+
+
+def _rank_raises(rank, world):
+    return 1 / 0
