@@ -21,6 +21,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from lowbit_tp.calibration.artifact import Calibration, CalibrationError, Source
+from lowbit_tp.codecs import functional as F
 
 __all__ = [
     "Codec",
@@ -72,7 +73,8 @@ class Codec(ABC):
         """Exact payload size in bytes for an input of ``shape``; fixed per shape."""
 
     @abstractmethod
-    def _encode(self, x: torch.Tensor, params: Any) -> torch.Tensor: ...
+    def _encode(self, x: torch.Tensor, params: Any, nonfinite: bool) -> torch.Tensor:
+        """Encode validated ``x``; ``nonfinite`` says whether it holds NaN/Inf to propagate."""
 
     @abstractmethod
     def _decode(self, payload: torch.Tensor, shape: tuple[int, int], params: Any) -> torch.Tensor: ...
@@ -96,8 +98,8 @@ class Codec(ABC):
 
     def encode(self, x: torch.Tensor, *, layer: str | None = None, source: Source = 0) -> torch.Tensor:
         """Encode ``x [tokens, E]`` (fp32/bf16/fp16) into a 1-D uint8 payload."""
-        self._check_input(x, layer, source)
-        return self._encode(x, self.params(layer, source, x.shape[1]))
+        bad = self._check_input(x, layer, source)
+        return self._encode(x, self.params(layer, source, x.shape[1]), bad)
 
     def decode(
         self, payload: torch.Tensor, shape: tuple[int, int], *, layer: str | None = None, source: Source = 0
@@ -126,7 +128,8 @@ class Codec(ABC):
             self._params[key] = self._make_params(layer, source, hidden)
         return self._params[key]
 
-    def _check_input(self, x: torch.Tensor, layer: str | None, source: Source) -> None:
+    def _check_input(self, x: torch.Tensor, layer: str | None, source: Source) -> bool:
+        """Validate ``x``; returns whether it holds NaN/Inf (only possible in propagate mode)."""
         where = f"layer {layer!r}, source {source!r}" if layer is not None else f"source {source!r}"
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(f"{self.name}: expected a [tokens, E] tensor ({where}), got shape {getattr(x, 'shape', None)}")
@@ -137,12 +140,14 @@ class Codec(ABC):
                 f"{self.name}: {where} has {x.shape[1]} channels but the calibration has hidden size "
                 f"{self.calibration.hidden_size}"
             )
-        if self.nonfinite == "error" and not bool(torch.isfinite(x).all()):
+        bad = F.has_nonfinite(x)
+        if bad and self.nonfinite == "error":
             n = int((~torch.isfinite(x)).sum())
             raise NonFiniteError(
                 f"{self.name}: {n} NaN/Inf value(s) in the communicated tensor of {where}; "
                 f"pass nonfinite='propagate' to send them on as NaN"
             )
+        return bad
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options().items())

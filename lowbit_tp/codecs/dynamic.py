@@ -21,6 +21,15 @@ from lowbit_tp.codecs.base import Codec, register_codec
 _FP16_MAX = 65504.0
 
 
+def _scale_groups(vals: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """``vals [T, E] * scale [T, G]`` broadcast over groups of ``group`` channels (in place)."""
+    t, e = vals.shape
+    g = scale.shape[1]
+    if g * group == e:
+        return vals.view(t, g, group).mul_(scale.unsqueeze(-1)).view(t, e)
+    return vals.mul_(scale.repeat_interleave(group, dim=1)[:, :e])
+
+
 class GroupInt4Codec(Codec):
     """Symmetric int4 with a dynamic fp16 scale per ``group`` values of each token."""
 
@@ -38,25 +47,24 @@ class GroupInt4Codec(Codec):
         t, e = shape
         return (t * e + 1) // 2 + 2 * t * math.ceil(e / self.group)
 
-    def _encode(self, x, params):
+    def _encode(self, x, params, nonfinite):
         t, e = x.shape
-        xg, amax = F.group_absmax(x, self.group)
+        xg, amax = F.group_absmax(x, self.group, nonfinite=nonfinite)
         # Round the scale to fp16 *before* quantizing so that the receiver, which only
         # has the fp16 scale, reconstructs exactly what the sender meant.
         scale = (amax / 7.0).clamp_(max=_FP16_MAX).half()
         s32 = scale.float()
         inv = torch.where(s32 > 0, 1.0 / s32, torch.zeros_like(s32))
-        q = F.quantize_symmetric(xg, inv.unsqueeze(-1), bits=4).reshape(t, -1)[:, :e]
+        q = F.quantize_symmetric(xg, inv.unsqueeze(-1), bits=4, nonfinite=nonfinite).reshape(t, -1)[:, :e]
         return torch.cat([F.pack_int4(q), scale.reshape(-1).view(torch.uint8)])
 
     def _decode(self, payload, shape, params):
         t, e = shape
         g = math.ceil(e / self.group)
         nq = (t * e + 1) // 2
-        q = F.unpack_int4(payload[:nq], t * e).reshape(t, e)
+        vals = F.unpack_int4_float(payload[:nq], t * e).reshape(t, e)  # sentinel already NaN
         scale = F.bytes_to_float(payload[nq:], torch.float16).reshape(t, g)
-        scale = scale.repeat_interleave(self.group, dim=1)[:, :e]
-        return F.dequantize_symmetric(q, scale, bits=4)
+        return _scale_groups(vals, scale, self.group)
 
 
 class MXFP4Codec(Codec):
@@ -69,30 +77,28 @@ class MXFP4Codec(Codec):
         t, e = shape
         return (t * e + 1) // 2 + t * math.ceil(e / self.group)
 
-    def _encode(self, x, params):
+    def _encode(self, x, params, nonfinite):
         t, e = x.shape
-        xg, amax = F.group_absmax(x, self.group)
+        xg, amax = F.group_absmax(x, self.group, nonfinite=nonfinite)
         # OCP MX: shared exponent = floor(log2(amax)) - emax(E2M1) where emax = 2.
         exp = torch.floor(torch.log2(amax.clamp_min(2.0**-127))) - 2
         exp = exp.clamp_(-127, 127)
-        bad = ~torch.isfinite(xg).all(dim=-1)
         y = xg * torch.exp2(-exp).unsqueeze(-1)
         codes = F.e2m1_encode(y.clamp(-F.E2M1_MAX, F.E2M1_MAX)).reshape(t, -1)[:, :e]
         ebyte = (exp + 127).to(torch.uint8)
-        if bool(bad.any()):
-            ebyte = ebyte.masked_fill(bad, 255)  # E8M0 NaN: the whole block decodes to NaN
+        if nonfinite:
+            ebyte = ebyte.masked_fill(~torch.isfinite(xg).all(dim=-1), 255)  # E8M0 NaN: the whole block decodes to NaN
         return torch.cat([F.pack_int4(codes.view(torch.int8)), ebyte.reshape(-1)])
 
     def _decode(self, payload, shape, params):
         t, e = shape
         g = math.ceil(e / self.group)
         nq = (t * e + 1) // 2
-        codes = F.unpack_int4(payload[:nq], t * e).view(torch.uint8) & 0x0F
-        vals = F.e2m1_decode(codes).reshape(t, e)
+        vals = F.unpack_int4_float(payload[:nq], t * e, table=F.E2M1_PAIRS).reshape(t, e)
         ebyte = payload[nq:].reshape(t, g)
         scale = torch.exp2(ebyte.float() - 127)
         scale = scale.masked_fill(ebyte == 255, float("nan"))
-        return vals * scale.repeat_interleave(self.group, dim=1)[:, :e]
+        return _scale_groups(vals, scale, self.group)
 
 
 register_codec("int4-g32", lambda **kw: GroupInt4Codec(group=32, **kw))

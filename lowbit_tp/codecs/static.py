@@ -36,7 +36,7 @@ class BF16Codec(Codec):
     def payload_nbytes(self, shape):
         return 2 * shape[0] * shape[1]
 
-    def _encode(self, x, params):
+    def _encode(self, x, params, nonfinite):
         return F.float_to_bytes(x, torch.bfloat16)
 
     def _decode(self, payload, shape, params):
@@ -127,10 +127,10 @@ class _StaticIntCodec(Codec):
         n = t * (e - k)
         return 2 * t * k + (n + 1) // 2 if self.bits == 4 else 2 * t * k + n
 
-    def _encode(self, x, p: StaticParams):
+    def _encode(self, x, p: StaticParams, nonfinite):
         k = p.outliers.numel()
         rest = x if k == 0 else x.index_select(1, p.inliers)
-        q = F.quantize_symmetric(rest, p.inv_scale, bits=self.bits)
+        q = F.quantize_symmetric(rest, p.inv_scale, bits=self.bits, nonfinite=nonfinite)
         body = F.pack_int4(q) if self.bits == 4 else q.reshape(-1).view(torch.uint8)
         if k == 0:
             return body
@@ -143,14 +143,16 @@ class _StaticIntCodec(Codec):
         split = 2 * t * k
         n = t * (e - k)
         body = payload[split:]
-        q = F.unpack_int4(body, n) if self.bits == 4 else body.view(torch.int8)
-        rest = F.dequantize_symmetric(q.reshape(t, e - k), p.scale, bits=self.bits)
+        if self.bits == 4:
+            vals = F.unpack_int4_float(body, n).reshape(t, e - k)  # sentinel already NaN
+            rest = vals.mul_(p.scale)
+        else:
+            rest = F.dequantize_symmetric(body.view(torch.int8).reshape(t, e - k), p.scale, bits=8)
         if k == 0:
             return rest
-        out = torch.empty(t, e, dtype=torch.float32, device=payload.device)
-        out[:, p.inliers] = rest
-        out[:, p.outliers] = F.bytes_to_float(payload[:split], torch.bfloat16).reshape(t, k)
-        return out
+        out = torch.empty(t, e, dtype=torch.float32, device=payload.device).index_copy_(1, p.inliers, rest)
+        kept = F.bytes_to_float(payload[:split], torch.bfloat16).reshape(t, k)
+        return out.index_copy_(1, p.outliers, kept)
 
 
 @register_codec("int8")
