@@ -1,0 +1,100 @@
+"""``lowbit-tp bench-comm``: bytes and latency of the compressed all-reduce on real ranks.
+
+For each world size, message size, codec and algorithm, N spawned ranks run the
+collective on bf16 partials ``[numel / hidden, hidden]`` (the dtype real communicated
+features have) and report, from rank 0 after a barrier per repeat:
+bytes sent per rank and bits/value (counted from payloads), median latency, and the
+latency ratio to a bf16 ``exact`` all-reduce of the same message measured in the same run.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from lowbit_tp.bench.codec_speed import codec_throughput
+from lowbit_tp.bench.common import environment, markdown_table, write_results
+from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
+from lowbit_tp.codecs import make_codec
+from lowbit_tp.collectives import CommStats, all_reduce, spawn_ranks
+
+# Message sizes in bytes of the bf16 tensor: 64 KB to 64 MB.
+DEFAULT_MESSAGE_BYTES = (64 * 1024, 1024 * 1024, 16 * 1024 * 1024, 64 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class CommBenchConfig:
+    world_sizes: tuple[int, ...] = (2,)
+    codecs: tuple[str, ...] = ("bf16", "int8", "int4-outlier", "int4-g32", "int4-g128", "mxfp4")
+    numels: tuple[int, ...] = tuple(b // 2 for b in DEFAULT_MESSAGE_BYTES)
+    algorithms: tuple[str, ...] = ("gather", "two-shot")
+    hidden: int = 4096
+    repeats: int = 5
+    backend: str = "gloo"
+    threads_per_rank: int = 1
+    timeout_s: float = 300.0
+
+
+def _bench_rank(rank: int, world: int, cfg: CommBenchConfig) -> list[dict]:
+    layer = "bench"
+    cal = synthetic_calibration([layer], world=world, hidden=cfg.hidden, tokens=256, batches=2)
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if cfg.backend == "nccl" else torch.device("cpu")
+    rows = []
+    for numel in cfg.numels:
+        tokens = max(1, numel // cfg.hidden)
+        x = planted_partials(world, tokens, cfg.hidden, seed=0, noise_seed=5, dtype=torch.bfloat16)[rank].to(device)
+
+        def timed(fn):
+            times = []
+            for i in range(cfg.repeats + 1):
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i:  # the first run warms up
+                    times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+
+        base_stats = CommStats()
+        base = timed(lambda: all_reduce(x, make_codec("bf16"), algorithm="exact", stats=base_stats))
+        rows.append({"world_size": world, "codec": "bf16", "algorithm": "exact", "numel": x.numel(),
+                     "message_bytes": 2 * x.numel(),
+                     "bytes_sent_per_rank": base_stats.bytes_sent // base_stats.calls,
+                     "bits_per_value": 16.0, "latency_ms": 1e3 * base, "ratio_vs_bf16": 1.0,
+                     "bytes_ratio_vs_bf16_ring": 1.0})
+        ring_bytes = base_stats.bytes_sent // base_stats.calls
+        for name in cfg.codecs:
+            codec = make_codec(name, calibration=cal)
+            for algo in cfg.algorithms:
+                st = CommStats()
+                lat = timed(lambda: all_reduce(x, codec, algorithm=algo, layer=layer, stats=st))
+                sent = st.bytes_sent // st.calls
+                rows.append({"world_size": world, "codec": name, "algorithm": algo, "numel": x.numel(),
+                             "message_bytes": 2 * x.numel(), "bytes_sent_per_rank": sent,
+                             "bits_per_value": st.bits_per_value, "latency_ms": 1e3 * lat,
+                             "ratio_vs_bf16": lat / base, "bytes_ratio_vs_bf16_ring": sent / ring_bytes})
+    return rows
+
+
+def run_comm_bench(cfg: CommBenchConfig, *, json_path=None, throughput: bool = True) -> dict:
+    """Run the benchmark; returns (and writes) ``{"config", "environment", "rows", "codec_speed"}``."""
+    rows: list[dict] = []
+    for world in cfg.world_sizes:
+        res = spawn_ranks(_bench_rank, world, cfg, backend=cfg.backend, timeout_s=cfg.timeout_s,
+                          deadline_s=cfg.timeout_s * 4, threads=cfg.threads_per_rank)
+        rows += res[0]
+    speed = codec_throughput(list(cfg.codecs)) if throughput else []
+    out = {"config": asdict(cfg), "environment": environment(), "rows": rows, "codec_speed": speed}
+    cols = ["world_size", "codec", "algorithm", "message_bytes", "bytes_sent_per_rank", "bits_per_value",
+            "bytes_ratio_vs_bf16_ring", "latency_ms", "ratio_vs_bf16"]
+    table = markdown_table(rows, cols)
+    if speed:
+        table += "\n\nSingle-thread codec throughput (GB/s of fp32 input):\n\n" + markdown_table(
+            speed, ["codec", "bits_per_value", "encode_gbps", "decode_gbps", "encode_decode_gbps"])
+    write_results(json_path, out, table)
+    out["markdown"] = table
+    return out
