@@ -1,0 +1,96 @@
+"""Calibrate a real model: run calibration text through the simulated TP model and record
+per-channel statistics of every rank's partial and of their sum, for every row-parallel layer.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from lowbit_tp.calibration.artifact import Calibration, StatsAccumulator
+from lowbit_tp.codecs.static import topk_channels
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """What ``lowbit-tp calibrate`` does; recorded in the artifact."""
+
+    model: str = "smollm2-135m"
+    tp: int = 3
+    samples: int = 64
+    seq_len: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    ema_decay: float = 0.9
+    k: int | None = None  # channels to record as the default top-k; None: hidden // 64
+    text: str | None = None  # None: the Shakespeare calibration plays
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    import lowbit_tp
+
+    return {"lowbit_tp": getattr(lowbit_tp, "__version__", "0"), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def calibrate(cfg: CalibrationConfig, *, bundle: tuple[Any, Any, Any] | None = None,
+              progress: bool = True) -> Calibration:
+    """Run the calibration and return the artifact (not yet saved).
+
+    ``bundle``: an already loaded ``(model, tokenizer, ModelInfo)``; loaded from
+    ``cfg.model`` when None.
+    """
+    from lowbit_tp.data import chunk_tokens, load_split
+    from lowbit_tp.models import load_model
+    from lowbit_tp.simulator import TPSimulator
+
+    model, tokenizer, info = bundle if bundle is not None else load_model(cfg.model)
+    split = load_split(cfg.text)
+    chunks = chunk_tokens(tokenizer, split.calibration, num_samples=cfg.samples, seq_len=cfg.seq_len, seed=cfg.seed)
+    acc = StatsAccumulator(ema_decay=cfg.ema_decay)
+
+    def observe(layer, partials, total):
+        for r, p in enumerate(partials):
+            acc.update(layer, r, p)
+        acc.update(layer, "sum", total)
+
+    t0 = time.perf_counter()
+    batches = list(chunks.input_ids.split(cfg.batch_size))
+    bar = _progress(len(batches), "calibrate", progress)
+    with torch.no_grad(), TPSimulator(model, tp=cfg.tp, observer=observe, name=info.name) as sim:
+        for ids in batches:
+            model(ids)
+            bar.update(1)
+    bar.close()
+    hidden = info.hidden_size
+    k = hidden // 64 if cfg.k is None else cfg.k
+    meta = {
+        "model": {"name": info.name, "weights_sha256": info.weights_sha256, "model_type": info.model_type,
+                  "source": info.source},
+        "tp": cfg.tp,
+        "hidden_size": hidden,
+        "k": k,
+        "statistic": (f"per-channel EMA (decay {cfg.ema_decay}) of batch min and max, plus running absmax, "
+                      f"over each rank's partial and over the reduced sum; top-k by EMA range"),
+        "ema_decay": cfg.ema_decay,
+        "config": asdict(cfg),
+        "text": {"description": split.description, "chunks": chunks.manifest()},
+        "versions": versions(),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    cal = acc.build(meta, layers=sim.layer_names)
+    cal.meta["topk_channels"] = {
+        layer: {str(src): topk_channels(cal.get(layer, src).range, k).tolist() for src in [*range(cfg.tp), "sum"]}
+        for layer in cal.layers
+    }
+    return cal
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, unit="batch")

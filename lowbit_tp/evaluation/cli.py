@@ -1,0 +1,63 @@
+"""``lowbit-tp calibrate`` and ``lowbit-tp eval``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("calibrate", help="record channel statistics of a model's communicated partials")
+    p.add_argument("--model", default="smollm2-135m", help="registry name, local HF checkpoint dir, or .gguf file")
+    p.add_argument("--tp", type=int, required=True)
+    p.add_argument("--out", required=True, help="the .safetensors artifact to write")
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema-decay", type=float, default=0.9)
+    p.add_argument("--k", type=int, help="outlier channels to record (default hidden/64)")
+    p.add_argument("--text", help="calibration text: a file or a directory of .txt files (default: Shakespeare)")
+    p.set_defaults(func=_calibrate)
+
+    e = sub.add_parser("eval", help="perplexity, KL, top-1 and last-word accuracy of codecs via the TP simulator")
+    e.add_argument("--model", default="smollm2-135m")
+    e.add_argument("--tp", type=int, required=True)
+    e.add_argument("--codec", action="append", required=True, help="repeatable")
+    e.add_argument("--algorithm", default="gather", choices=["gather", "two-shot", "auto"])
+    e.add_argument("--calibration", help="artifact from `lowbit-tp calibrate` (static codecs need it)")
+    e.add_argument("--samples", type=int, default=32)
+    e.add_argument("--seq-len", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--lambada", type=int, default=128, help="last-word items (0 to skip)")
+    e.add_argument("--seed", type=int, default=1)
+    e.add_argument("--text", help="evaluation text: a file or a directory of .txt files (default: Shakespeare)")
+    e.add_argument("--json", help="write the full result here")
+    e.set_defaults(func=_eval)
+
+
+def _calibrate(args) -> None:
+    from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
+
+    cfg = CalibrationConfig(model=args.model, tp=args.tp, samples=args.samples, seq_len=args.seq_len,
+                            batch_size=args.batch_size, seed=args.seed, ema_decay=args.ema_decay, k=args.k,
+                            text=args.text)
+    cal = calibrate(cfg)
+    path = cal.save(args.out)
+    print(f"wrote {path}: {len(cal.layers)} layers x {cfg.tp} ranks (+ sum), hidden {cal.hidden_size}, "
+          f"k={cal.meta['k']}, {cal.meta['seconds']} s; text: {cal.meta['text']['description']}")
+
+
+def _eval(args) -> None:
+    from lowbit_tp.bench.common import markdown_table
+    from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
+
+    cfg = EvalConfig(model=args.model, tp=args.tp, codecs=tuple(args.codec), algorithm=args.algorithm,
+                     calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
+                     batch_size=args.batch_size, lambada=args.lambada, seed=args.seed, text=args.text)
+    res = evaluate_codecs(cfg)
+    cols = ["codec", "algorithm", "bits_per_value", "ppl_baseline", "ppl", "ppl_increase_pct", "kl", "top1",
+            "lambada_acc_baseline", "lambada_acc", "pct_of_baseline_lambada"]
+    print(markdown_table(res["rows"], cols))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2, default=str))
