@@ -99,7 +99,7 @@ class Codec(ABC):
     def encode(self, x: torch.Tensor, *, layer: str | None = None, source: Source = 0) -> torch.Tensor:
         """Encode ``x [tokens, E]`` (fp32/bf16/fp16) into a 1-D uint8 payload."""
         bad = self._check_input(x, layer, source)
-        return self._encode(x, self.params(layer, source, x.shape[1]), bad)
+        return self._encode(x, self.params(layer, source, x.shape[1], x.device), bad)
 
     def decode(
         self, payload: torch.Tensor, shape: tuple[int, int], *, layer: str | None = None, source: Source = 0
@@ -112,7 +112,7 @@ class Codec(ABC):
                 f"{self.name}: payload for shape {shape} must be {expected} uint8 bytes, "
                 f"got {payload.dtype} {tuple(payload.shape)}"
             )
-        return self._decode(payload, shape, self.params(layer, source, shape[1]))
+        return self._decode(payload, shape, self.params(layer, source, shape[1], payload.device))
 
     def roundtrip(self, x: torch.Tensor, *, layer: str | None = None, source: Source = 0) -> torch.Tensor:
         """``decode(encode(x))``: what a receiver sees, in fp32."""
@@ -122,10 +122,15 @@ class Codec(ABC):
         """Wire bits per value for ``shape``, from the payload size (metadata included)."""
         return 8.0 * self.payload_nbytes(shape) / (shape[0] * shape[1])
 
-    def params(self, layer: str | None, source: Source, hidden: int) -> Any:
-        key = (layer, source)
+    def params(self, layer: str | None, source: Source, hidden: int, device: torch.device | str = "cpu") -> Any:
+        """Static parameters of (layer, source), built once and cached per device."""
+        device = torch.device(device)
+        key = (layer, source, device)
         if key not in self._params:
-            self._params[key] = self._make_params(layer, source, hidden)
+            p = self._make_params(layer, source, hidden)
+            if p is not None and device.type != "cpu":
+                p = type(p)(**{f: getattr(p, f).to(device) for f in p.__dataclass_fields__})
+            self._params[key] = p
         return self._params[key]
 
     def _check_input(self, x: torch.Tensor, layer: str | None, source: Source) -> bool:

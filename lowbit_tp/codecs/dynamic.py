@@ -80,9 +80,10 @@ class MXFP4Codec(Codec):
     def _encode(self, x, params, nonfinite):
         t, e = x.shape
         xg, amax = F.group_absmax(x, self.group, nonfinite=nonfinite)
-        # OCP MX: shared exponent = floor(log2(amax)) - emax(E2M1) where emax = 2.
-        exp = torch.floor(torch.log2(amax.clamp_min(2.0**-127))) - 2
-        exp = exp.clamp_(-127, 127)
+        # OCP MX: shared exponent = floor(log2(amax)) - emax(E2M1), emax = 2. frexp gives
+        # floor(log2) exactly (amax = m * 2**e, m in [0.5, 1)), identically on every device.
+        _, e2 = torch.frexp(amax.clamp_min(2.0**-126))
+        exp = (e2 - 3).float().clamp_(-127, 127)
         y = xg * torch.exp2(-exp).unsqueeze(-1)
         codes = F.e2m1_encode(y.clamp(-F.E2M1_MAX, F.E2M1_MAX)).reshape(t, -1)[:, :e]
         ebyte = (exp + 127).to(torch.uint8)

@@ -63,6 +63,19 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return ((w & 0x0F) | ((w >> 4) & 0xF0)).to(torch.uint8)
 
 
+_DEVICE_COPIES: dict = {}
+
+
+def _on_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A lookup table on ``device``, copied there once."""
+    if device.type == "cpu":
+        return table
+    key = (id(table), device)
+    if key not in _DEVICE_COPIES:
+        _DEVICE_COPIES[key] = table.to(device)
+    return _DEVICE_COPIES[key]
+
+
 def _nibble_pairs() -> torch.Tensor:
     """Lookup table: byte -> its two sign-extended nibbles as one little-endian int16 word."""
     b = torch.arange(256, dtype=torch.int16)
@@ -93,7 +106,7 @@ def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
     if packed.numel() != (n + 1) // 2:
         raise ValueError(f"{packed.numel()} packed bytes cannot hold exactly {n} int4 values")
     # One table lookup per byte yields both values (a 512-byte table stays in L1).
-    lut = _NIBBLE_PAIRS.to(packed.device)
+    lut = _on_device(_NIBBLE_PAIRS, packed.device)
     return torch.index_select(lut, 0, packed.int()).view(torch.int8)[:n]
 
 
@@ -105,7 +118,7 @@ def unpack_int4_float(packed: torch.Tensor, n: int, *, table: torch.Tensor | Non
     """
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (n + 1) // 2:
         raise ValueError(f"expected {(n + 1) // 2} packed uint8 bytes for {n} values, got {packed.dtype} {tuple(packed.shape)}")
-    lut = (_INT4_PAIRS if table is None else table).to(packed.device)
+    lut = _on_device(_INT4_PAIRS if table is None else table, packed.device)
     return torch.index_select(lut, 0, packed.int()).view(torch.float32)[:n]
 
 
