@@ -37,6 +37,10 @@ def main() -> None:
         p_cpu = codec.encode(x, layer="L", source=0)
         p_gpu = codec.encode(x.to(dev), layer="L", source=0)
         same_bytes = torch.equal(p_cpu, p_gpu.cpu())
+        diff = (p_cpu != p_gpu.cpu()).nonzero().reshape(-1)[:4].tolist()
+        clean = planted_partials(1, 257, args.hidden, seed=0, noise_seed=5)[0]
+        same_finite = torch.equal(codec.encode(clean, layer="L", source=0),
+                                  codec.encode(clean.to(dev), layer="L", source=0).cpu())
         y_cpu = codec.decode(p_cpu, tuple(x.shape), layer="L", source=0)
         y_gpu = codec.decode(p_cpu.to(dev), tuple(x.shape), layer="L", source=0).cpu()
         same_values = torch.equal(torch.nan_to_num(y_cpu, nan=1234.5), torch.nan_to_num(y_gpu, nan=1234.5))
@@ -60,7 +64,8 @@ def main() -> None:
         te = timeit(lambda: codec.encode(big, layer="L", source=0))
         td = timeit(lambda: codec.decode(payload, tuple(big.shape), layer="L", source=0))
         gb = big.numel() * 4 / 1e9
-        rows.append({"codec": name, "payload_bytes_equal_cpu_gpu": same_bytes, "decoded_equal_cpu_gpu": same_values,
+        rows.append({"codec": name, "payload_equal_finite": same_finite, "payload_equal_with_nan_inf": same_bytes,
+                     "first_differing_bytes": diff, "decoded_equal_cpu_gpu": same_values,
                      "bits_per_value": 8 * payload.numel() / big.numel(), "encode_gbps": gb / te,
                      "decode_gbps": gb / td})
         print(rows[-1], flush=True)

@@ -52,10 +52,13 @@ class GroupInt4Codec(Codec):
         xg, amax = F.group_absmax(x, self.group, nonfinite=nonfinite)
         # Round the scale to fp16 *before* quantizing so that the receiver, which only
         # has the fp16 scale, reconstructs exactly what the sender meant.
-        scale = (amax / 7.0).clamp_(max=_FP16_MAX).half()
-        s32 = scale.float()
-        inv = torch.where(s32 > 0, 1.0 / s32, torch.zeros_like(s32))
-        q = F.quantize_symmetric(xg, inv.unsqueeze(-1), bits=4, nonfinite=nonfinite).reshape(t, -1)[:, :e]
+        # Tensor / tensor: PyTorch's CUDA kernel turns division by a Python scalar into a
+        # multiply by its reciprocal, which rounds differently from the CPU.
+        scale = torch.div(amax, torch.full_like(amax, 7.0)).clamp_(max=_FP16_MAX).half()
+        # Divide (not multiply by a reciprocal) so every device rounds identically; an
+        # all-zero group has scale 0 and is divided by 1 instead.
+        s32 = scale.float().masked_fill_(scale == 0, 1.0)
+        q = F.quantize_symmetric(xg, scale=s32.unsqueeze(-1), bits=4, nonfinite=nonfinite).reshape(t, -1)[:, :e]
         return torch.cat([F.pack_int4(q), scale.reshape(-1).view(torch.uint8)])
 
     def _decode(self, payload, shape, params):

@@ -122,16 +122,22 @@ def unpack_int4_float(packed: torch.Tensor, n: int, *, table: torch.Tensor | Non
     return torch.index_select(lut, 0, packed.int()).view(torch.float32)[:n]
 
 
-def quantize_symmetric(x: torch.Tensor, inv_scale: torch.Tensor, *, bits: int,
-                       nonfinite: bool | None = None) -> torch.Tensor:
-    """Round ``x * inv_scale`` to the symmetric grid ``[-qmax, qmax]``; returns int8.
+def quantize_symmetric(x: torch.Tensor, *, bits: int, inv_scale: torch.Tensor | None = None,
+                       scale: torch.Tensor | None = None, nonfinite: bool | None = None) -> torch.Tensor:
+    """Round ``x / scale`` to the symmetric grid ``[-qmax, qmax]``; returns int8.
 
-    ``inv_scale`` broadcasts against ``x`` (per channel, per group ...). Non-finite inputs
-    map to the sentinel code ``-qmax - 1``. ``nonfinite`` says whether ``x`` may hold any
-    (``None``: find out); callers that already checked pass ``False`` to skip the mask.
+    Give exactly one of ``inv_scale`` (multiply: fastest; for static scales computed once on
+    the CPU) or ``scale`` (IEEE division, correctly rounded on every device: for scales
+    computed per message, so CPU and GPU senders produce identical bytes; a zero scale
+    must only meet zeros). Both broadcast against ``x``. Non-finite inputs map to the
+    sentinel code ``-qmax - 1``; ``nonfinite`` says whether ``x`` may hold any (``None``:
+    find out; ``False`` skips the mask).
     """
+    if (inv_scale is None) == (scale is None):
+        raise ValueError("give exactly one of inv_scale or scale")
     qmax = 2 ** (bits - 1) - 1
-    y = torch.mul(x, inv_scale) if x.dtype == torch.float32 else x.float() * inv_scale
+    xf = x if x.dtype == torch.float32 else x.float()
+    y = xf * inv_scale if scale is None else xf / scale
     q = y.round_().clamp_(-qmax, qmax)
     if nonfinite is None:
         nonfinite = has_nonfinite(x)

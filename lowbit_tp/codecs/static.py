@@ -130,7 +130,7 @@ class _StaticIntCodec(Codec):
     def _encode(self, x, p: StaticParams, nonfinite):
         k = p.outliers.numel()
         rest = x if k == 0 else x.index_select(1, p.inliers)
-        q = F.quantize_symmetric(rest, p.inv_scale, bits=self.bits, nonfinite=nonfinite)
+        q = F.quantize_symmetric(rest, inv_scale=p.inv_scale, bits=self.bits, nonfinite=nonfinite)
         body = F.pack_int4(q) if self.bits == 4 else q.reshape(-1).view(torch.uint8)
         if k == 0:
             return body
