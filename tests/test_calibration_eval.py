@@ -1,0 +1,98 @@
+"""Calibration pipeline and evaluation on a small random model and on real text."""
+import pytest
+import torch
+
+from lowbit_tp.calibration import Calibration, CalibrationError
+from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
+from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
+from lowbit_tp.models.registry import ModelInfo
+
+from test_simulator import tiny_model
+
+
+class ByteTokenizer:
+    """Bytes of the text modulo the tiny model's vocabulary; no special tokens."""
+
+    bos_token_id = None
+    name_or_path = "byte-mod-101"
+
+    def encode(self, text, add_special_tokens=True):
+        return [b % 101 for b in text.encode()]
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    model = tiny_model("llama")
+    info = ModelInfo(name="tiny-llama", source="memory", weights_sha256="ef" * 32, model_type="llama",
+                     hidden_size=64, num_layers=2)
+    return model, ByteTokenizer(), info
+
+
+@pytest.fixture(scope="module")
+def cal(bundle):
+    return calibrate(CalibrationConfig(model="tiny-llama", tp=2, samples=8, seq_len=64, batch_size=4),
+                     bundle=bundle, progress=False)
+
+
+def test_calibration_records_every_layer_rank_and_sum(cal, tmp_path):
+    assert cal.layers == ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
+                          "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
+    for layer in cal.layers:
+        for src in [0, 1, "sum"]:
+            st = cal.get(layer, src)
+            assert st.absmax.shape == (64,) and bool((st.ema_max >= st.ema_min).all())
+    meta = cal.meta
+    assert meta["model"]["weights_sha256"] == "ef" * 32 and meta["tp"] == 2 and meta["k"] == 1
+    assert "shakespeare" in meta["text"]["description"]
+    assert len(meta["text"]["chunks"]["samples"]) == 8
+    back = Calibration.load(cal.save(tmp_path / "c.safetensors"))
+    assert back.meta["text"] == meta["text"] and back.fingerprint() == cal.fingerprint()
+    with pytest.raises(CalibrationError, match="TP degree 2"):
+        back.check_compatible(tp=4)
+
+
+def test_calibration_text_is_disjoint_from_evaluation_text(bundle, cal):
+    res = evaluate_codecs(EvalConfig(model="tiny-llama", tp=2, codecs=("bf16",), samples=4, seq_len=64,
+                                     lambada=0), bundle=bundle, calibration=cal, progress=False)
+    cal_docs = {s["doc"] for s in cal.meta["text"]["chunks"]["samples"]}
+    eval_docs = {s["doc"] for s in res["text"]["chunks"]["samples"]}
+    assert cal_docs and eval_docs and not (cal_docs & eval_docs)
+
+
+def test_eval_orders_codecs_and_counts_bits(bundle, cal):
+    res = evaluate_codecs(EvalConfig(model="tiny-llama", tp=2, codecs=("bf16", "int8", "int4"), samples=4,
+                                     seq_len=64, lambada=8, batch_size=4), bundle=bundle, calibration=cal,
+                          progress=False)
+    rows = {r["codec"]: r for r in res["rows"]}
+    for r in rows.values():
+        for key in ["model", "tp", "codec", "algorithm", "ppl", "ppl_baseline", "kl", "top1", "bits_per_value"]:
+            assert key in r
+    assert rows["bf16"]["bits_per_value"] == 16 and rows["int8"]["bits_per_value"] == 8
+    assert rows["int4"]["bits_per_value"] == 4
+    assert rows["bf16"]["kl"] < rows["int8"]["kl"] < rows["int4"]["kl"]
+    assert rows["bf16"]["top1"] >= rows["int4"]["top1"]
+    assert abs(rows["bf16"]["ppl"] / rows["bf16"]["ppl_baseline"] - 1) < 0.01
+    assert len(res["text"]["lambada"]) == 8
+
+
+def test_eval_refuses_a_calibration_for_another_model(bundle, cal):
+    model, tok, info = bundle
+    other = ModelInfo(name="other", source="x", weights_sha256="00" * 32, model_type="llama", hidden_size=64,
+                      num_layers=2)
+    with pytest.raises(CalibrationError, match="made for model"):
+        evaluate_codecs(EvalConfig(model="other", tp=2, codecs=("int4",), samples=2, seq_len=32, lambada=0),
+                        bundle=(model, tok, other), calibration=cal, progress=False)
+
+
+@pytest.mark.model
+def test_smollm2_seed_codec_beats_plain_int4_at_tp3():
+    from lowbit_tp.models import load_model
+
+    b = load_model("smollm2-135m")
+    cal = calibrate(CalibrationConfig(tp=3, samples=8, seq_len=128), bundle=b, progress=False)
+    res = evaluate_codecs(EvalConfig(tp=3, codecs=("bf16", "int4", "int4-outlier"), samples=4, seq_len=128,
+                                     lambada=0), bundle=b, calibration=cal, progress=False)
+    rows = {r["codec"]: r for r in res["rows"]}
+    assert rows["bf16"]["ppl_increase_pct"] < 1.0
+    assert rows["int4-outlier"]["kl"] < rows["int4"]["kl"]
+    assert rows["int4-outlier"]["bits_per_value"] == pytest.approx(4.1875)
