@@ -1,0 +1,83 @@
+"""``lowbit-tp run``: generate text under real TP, on spawned local ranks or under torchrun.
+
+    lowbit-tp run --model smollm2-135m --tp 3 --codec int4-outlier --calibration cal.safetensors \\
+        --prompt "The capital of France is" --max-new-tokens 32 --json out.json
+    torchrun --nproc-per-node 3 -m lowbit_tp.cli run --model smollm2-135m --codec int4-g32 --prompt "..."
+
+Under torchrun (``RANK`` and ``WORLD_SIZE`` set) nothing is spawned: this process is one
+rank and ``--tp`` defaults to ``WORLD_SIZE``.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from lowbit_tp.collectives import ALGORITHMS
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("run", help="generate text with a tensor-parallel model over N ranks")
+    p.add_argument("--model", default="smollm2-135m", help="registry name or HF checkpoint directory")
+    p.add_argument("--tp", type=int, help="number of ranks (required unless under torchrun)")
+    p.add_argument("--codec", default="bf16", help="all-reduce codec (bf16 with --algorithm exact = uncompressed)")
+    p.add_argument("--calibration", help="calibration .safetensors (static codecs need one)")
+    p.add_argument("--algorithm", default="auto", choices=ALGORITHMS)
+    p.add_argument("--min-bytes", type=int, help="auto: messages below this many bf16 bytes use exact")
+    p.add_argument("--prompt", action="append", required=True, help="repeatable; generated one after another")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=60.0, help="collective timeout in seconds (dead-peer detection)")
+    p.add_argument("--threads-per-rank", type=int, default=1)
+    p.add_argument("--json", help="write config and results here")
+    p.add_argument("--quiet", action="store_true", help="do not stream text")
+    p.set_defaults(func=_cmd_run)
+
+
+def _config(args, tp: int):
+    from lowbit_tp.collectives import AutoPolicy
+    from lowbit_tp.runtime.engine import RunConfig
+    from lowbit_tp.runtime.generate import SamplingConfig
+
+    policy = AutoPolicy() if args.min_bytes is None else AutoPolicy(min_bytes=args.min_bytes)
+    return RunConfig(model=args.model, tp=tp, prompts=tuple(args.prompt), codec=args.codec,
+                     calibration=args.calibration, algorithm=args.algorithm, policy=policy,
+                     max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos,
+                     sampling=SamplingConfig(do_sample=args.sample, temperature=args.temperature,
+                                             top_k=args.top_k, top_p=args.top_p, seed=args.seed),
+                     timeout_s=args.timeout, threads_per_rank=args.threads_per_rank)
+
+
+def _report(out: dict) -> str:
+    lines = []
+    for i, r in enumerate(out["results"]):
+        pre, dec = r["comm"]["prefill"], r["comm"]["decode"]
+        lines.append(
+            f"[prompt {i}] {r['new_tokens']} tokens ({r['finish_reason']}): prefill {r['prefill_s'] * 1e3:.1f} ms, "
+            f"decode {r['decode_tokens_per_s']:.2f} tok/s, overall {r['tokens_per_s']:.2f} tok/s; "
+            f"rank 0 sent {pre['bytes_sent']} B in prefill, {dec['bytes_sent']} B in decode")
+    return "\n".join(lines)
+
+
+def _cmd_run(args) -> None:
+    from lowbit_tp.runtime.engine import run_config, run_from_env, under_torchrun
+
+    if under_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if args.tp is not None and args.tp != world:
+            raise SystemExit(f"--tp {args.tp} but torchrun started {world} ranks")
+        out = run_from_env(_config(args, world), stream=not args.quiet)
+        if out is None:  # not rank 0
+            return
+    else:
+        if args.tp is None:
+            raise SystemExit("--tp is required (or launch under torchrun)")
+        out = run_config(_config(args, args.tp), stream=not args.quiet)
+    print(_report(out))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2, default=str)

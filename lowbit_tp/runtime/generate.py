@@ -1,0 +1,203 @@
+"""Token-by-token decoding on one TP rank, with the HF KV cache.
+
+Every rank runs :func:`generate` together (each forward triggers two all-reduces per
+block). The next token is chosen on rank 0 and broadcast (one int64 per step), so ranks
+can never drift apart even if their logits differed in the last bit; with identical
+logits (the compressed all-reduce gives every rank bitwise the same sum) the broadcast
+only costs one tiny message. Sampling uses a ``torch.Generator`` seeded with
+``SamplingConfig.seed``.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from lowbit_tp.collectives import CollectiveError, CommStats
+
+__all__ = ["GenerationResult", "SamplingConfig", "generate", "select_token"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Greedy by default. With ``do_sample``: temperature, then top-k (0 = off), then
+    top-p (1.0 = off), then one multinomial draw from a generator seeded with ``seed``."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's generation, as seen by one rank.
+
+    Times in seconds (wall clock, this rank). ``prefill_s`` covers the prompt's forward
+    pass and the choice of the first new token; ``decode_s[i]`` the forward pass and choice
+    of new token ``i + 1``. ``comm`` holds this rank's all-reduce traffic
+    (:meth:`CommStats.as_dict`) split into ``prefill`` and ``decode``; the per-step token
+    broadcast (8 bytes) is control traffic and is not counted there.
+    """
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prefill_s: float
+    decode_s: list[float]
+    comm: dict[str, dict]
+    prefill_logits: torch.Tensor | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens over the whole wall time (prefill included)."""
+        total = self.prefill_s + sum(self.decode_s)
+        return len(self.token_ids) / total if total > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Steady-state decode rate: tokens after the first over their decode time."""
+        t = sum(self.decode_s)
+        return len(self.decode_s) / t if t > 0 else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("prefill_logits")
+        d.update(tokens_per_s=self.tokens_per_s, decode_tokens_per_s=self.decode_tokens_per_s,
+                 new_tokens=len(self.token_ids))
+        return d
+
+
+def select_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
+    """Next token id from the last position's logits ``[vocab]``: argmax, or a seeded draw."""
+    logits = logits.float()
+    if not sampling.do_sample:
+        return int(torch.argmax(logits))
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop = torch.cumsum(sorted_p, 0) - sorted_p >= sampling.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _agree_on_token(token: int, *, rank: int, world: int, group) -> int:
+    """Broadcast rank 0's token to all ranks of ``group`` (no-op for one rank)."""
+    if world == 1:
+        return token
+    t = torch.tensor([token], dtype=torch.int64)
+    try:
+        dist.broadcast(t, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    except Exception as exc:
+        raise CollectiveError(f"rank {rank}/{world}: broadcast of the next token failed: {exc}. "
+                              f"A peer rank probably died or stalled past the process-group timeout.") from exc
+    return int(t.item())
+
+
+def _diff(after: CommStats, before: CommStats) -> dict:
+    algos = {k: v - before.by_algorithm.get(k, 0) for k, v in after.by_algorithm.items()}
+    d = CommStats(bytes_sent=after.bytes_sent - before.bytes_sent,
+                  payload_bytes=after.payload_bytes - before.payload_bytes,
+                  values=after.values - before.values, calls=after.calls - before.calls,
+                  by_algorithm={k: v for k, v in algos.items() if v})
+    return d.as_dict()
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    rank: int = 0,
+    world: int = 1,
+    group=None,
+    stats: CommStats | None = None,
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_token_ids: Sequence[int] = (),
+    on_text: Callable[[str], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    keep_prefill_logits: bool = False,
+) -> GenerationResult:
+    """Decode up to ``max_new_tokens`` after ``prompt_ids`` (batch of one) with a KV cache.
+
+    ``stats``: the :class:`CommStats` the model's row-parallel layers record into (the
+    result reports its prefill/decode deltas). ``on_text(piece)`` streams new text (call
+    it on rank 0 only); ``on_step(step, token)`` runs on every rank after each token (a
+    hook for tests). Stops early at any of ``eos_token_ids`` (the eos token is kept).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    stats = stats if stats is not None else CommStats()
+    gen = torch.Generator().manual_seed(sampling.seed) if sampling.do_sample else None
+    eos = set(int(t) for t in eos_token_ids)
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
+    tokens: list[int] = []
+    decode_s: list[float] = []
+    shown = ""
+    finish = "length"
+    before = copy.deepcopy(stats)
+    prefill_logits = None
+    cache = None
+    # transformers >= 5.2x renamed ``past_key_values`` to ``cache`` (input and output)
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    for step in range(max_new_tokens):
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, **{cache_kw: cache})
+        cache = getattr(out, cache_kw)
+        if step == 0 and keep_prefill_logits:
+            prefill_logits = out.logits[0].detach().clone()
+        token = select_token(out.logits[0, -1], sampling, gen) if rank == 0 else -1
+        token = _agree_on_token(token, rank=rank, world=world, group=group)
+        dt = time.perf_counter() - t0
+        if step == 0:
+            prefill_s = dt
+            mid = copy.deepcopy(stats)
+        else:
+            decode_s.append(dt)
+        tokens.append(token)
+        ids = torch.tensor([[token]], dtype=torch.long)
+        if on_step is not None:
+            on_step(step, token)
+        if on_text is not None:
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for whole UTF-8 characters
+                on_text(text[len(shown):])
+                shown = text
+        if token in eos:
+            finish = "eos"
+            break
+
+    return GenerationResult(
+        prompt_ids=list(prompt_ids),
+        token_ids=tokens,
+        text=tokenizer.decode(tokens, skip_special_tokens=True),
+        finish_reason=finish,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        comm={"prefill": _diff(mid, before), "decode": _diff(stats, mid)},
+        prefill_logits=prefill_logits,
+    )
