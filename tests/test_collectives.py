@@ -8,7 +8,8 @@ from lowbit_tp.collectives import (AutoPolicy, CollectiveError, CommStats, RankF
                                    simulate_all_reduce, spawn_ranks)
 
 LAYER = "layers.0.o_proj"
-CODECS = ["bf16", "int8", "int4", "int4-outlier", "int4-random-k", "int4-g32", "int4-g128", "mxfp4"]
+CODECS = ["bf16", "int8", "int4", "int4-outlier", "int4-random-k", "int4-g32", "int4-g128", "mxfp4",
+          "rot-lm4-g64", "rot-lm3-g32-e8"]
 TOKENS, HIDDEN = 7, 192  # 7 tokens: two-shot must pad rows at every world size here
 
 

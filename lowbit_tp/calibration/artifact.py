@@ -233,9 +233,12 @@ class StatsAccumulator:
 
     def update(self, layer: str, source: Source, y: torch.Tensor) -> None:
         y = y.detach().reshape(-1, y.shape[-1]).float()
-        if not bool(torch.isfinite(y).all()):
+        # One pass for min and max per channel; NaN propagates into them, so the finiteness
+        # check runs on two [E] vectors instead of the whole batch.
+        bmin, bmax = torch.aminmax(y, dim=0)
+        if not (bool(torch.isfinite(bmin).all()) and bool(torch.isfinite(bmax).all())):
             raise ValueError(f"non-finite values in calibration activations of {layer!r} (source {source!r})")
-        bmin, bmax, babs = y.amin(0), y.amax(0), y.abs().amax(0)
+        babs = torch.maximum(-bmin, bmax)
         key = (layer, source)
         if layer not in self._order:
             self._order.append(layer)

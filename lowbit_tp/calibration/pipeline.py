@@ -26,6 +26,7 @@ class CalibrationConfig:
     ema_decay: float = 0.9
     k: int | None = None  # channels to record as the default top-k; None: hidden // 64
     text: str | None = None  # None: the Shakespeare calibration plays
+    side: str = "calibration"  # which side of the text split to read; "evaluation" for held-out analysis
 
 
 def versions() -> dict[str, str]:
@@ -50,7 +51,10 @@ def calibrate(cfg: CalibrationConfig, *, bundle: tuple[Any, Any, Any] | None = N
 
     model, tokenizer, info = bundle if bundle is not None else load_model(cfg.model)
     split = load_split(cfg.text)
-    chunks = chunk_tokens(tokenizer, split.calibration, num_samples=cfg.samples, seq_len=cfg.seq_len, seed=cfg.seed)
+    if cfg.side not in ("calibration", "evaluation"):
+        raise ValueError(f"side must be 'calibration' or 'evaluation', got {cfg.side!r}")
+    docs = split.calibration if cfg.side == "calibration" else split.evaluation
+    chunks = chunk_tokens(tokenizer, docs, num_samples=cfg.samples, seq_len=cfg.seq_len, seed=cfg.seed)
     acc = StatsAccumulator(ema_decay=cfg.ema_decay)
 
     def observe(layer, partials, total):
@@ -78,7 +82,7 @@ def calibrate(cfg: CalibrationConfig, *, bundle: tuple[Any, Any, Any] | None = N
                       f"over each rank's partial and over the reduced sum; top-k by EMA range"),
         "ema_decay": cfg.ema_decay,
         "config": asdict(cfg),
-        "text": {"description": split.description, "chunks": chunks.manifest()},
+        "text": {"description": split.description, "side": cfg.side, "chunks": chunks.manifest()},
         "versions": versions(),
         "seconds": round(time.perf_counter() - t0, 2),
     }

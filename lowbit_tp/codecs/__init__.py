@@ -8,3 +8,4 @@ from lowbit_tp.codecs import static as _static  # noqa: F401  (registers bf16, i
 from lowbit_tp.codecs import dynamic as _dynamic  # noqa: F401  (registers int4-g32, int4-g128, mxfp4)
 
 __all__ = ["Codec", "NonFiniteError", "make_codec", "list_codecs", "register_codec", "CODEC_ALIASES"]
+from lowbit_tp.codecs import rotation as _rotation  # noqa: F401,E402  (registers the rot-* codecs)

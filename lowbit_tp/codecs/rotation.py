@@ -1,0 +1,227 @@
+"""Beyond the paper: outlier channels in bf16, a randomized Hadamard rotation of the rest,
+and dynamic group scales, with uniform or non-uniform levels at 2-4 bits.
+
+Encoding one token row ``x [E]``:
+
+1. the ``k`` calibrated outlier channels (top-k EMA range for this (layer, source), as in
+   ``int4-outlier``) go out as bf16 and are zeroed in ``x``;
+2. ``z = H_B · (s ⊙ x)``: random signs ``s`` (fixed by the codec's seed, the same on every
+   rank) then an orthonormal Sylvester-Hadamard transform on blocks of ``B`` channels
+   (``B`` the largest power of two <= 256 that divides E). Rotation spreads what energy
+   remains evenly, so group values become near-Gaussian and a group's absmax is no longer
+   set by one spike. It is linear and orthonormal: decoding applies ``s ⊙ H_Bᵀ``, and the
+   rotation commutes with the sum over ranks;
+3. ``z`` is quantized in groups of ``group`` values with a scale per group (fp16, or an
+   8-bit E8M0 power of two), onto either the symmetric integer grid or non-uniform levels (``levels="nf"``), at ``bits`` per value.
+
+Payload: ``[ T*k bf16 | b bit-planes of T*E codes | T*G scales ]``. Codes of ``bits < 4``
+are bit-planes (plane j holds bit j of every code, 8 codes per byte, LSB first); 4-bit
+codes use the int4 nibble packing. Everything counted.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from lowbit_tp.codecs import functional as F
+from lowbit_tp.codecs.base import Codec, register_codec
+from lowbit_tp.codecs.static import topk_channels
+
+
+def hadamard_block(e: int, max_block: int = 256) -> int:
+    """Largest power of two <= ``max_block`` that divides ``e``."""
+    b = 1
+    while b * 2 <= max_block and e % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Orthonormal fast Walsh-Hadamard transform over consecutive blocks of the last dim."""
+    shape = x.shape
+    y = x.reshape(-1, block)
+    h = 1
+    while h < block:
+        y = y.reshape(-1, block // (2 * h), 2, h)
+        a, b = y[:, :, 0, :], y[:, :, 1, :]
+        y = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return (y.reshape(shape) * (1.0 / math.sqrt(block)))
+
+
+def random_signs(e: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(f"rotation|{seed}|{e}".encode()))
+    return (torch.randint(0, 2, (e,), generator=g) * 2 - 1).float()
+
+
+# Lloyd-Max levels for absmax-normalised Gaussian groups (what rotated values look like):
+# 1-D k-means on 400k N(0,1) samples divided by their group's absmax, symmetrised. Fixed
+# here because they are part of the wire format; computed with scripts/lloyd_max_levels.py.
+LLOYD_MAX = {
+    (2, 32): [0.1965, 0.6647],
+    (3, 32): [0.1017, 0.3145, 0.5589, 0.8827],
+    (4, 32): [0.0479, 0.1455, 0.2469, 0.3548, 0.473, 0.6079, 0.7674, 0.9666],
+    (2, 64): [0.1787, 0.6035],
+    (3, 64): [0.0945, 0.2918, 0.5207, 0.8315],
+    (4, 64): [0.0448, 0.1355, 0.2301, 0.3325, 0.4458, 0.5765, 0.7345, 0.9453],
+}
+
+
+def lloyd_max_levels(bits: int, group: int) -> torch.Tensor:
+    """The 2**bits symmetric levels in [-1, 1] (ascending) for ``group`` (32 or 64)."""
+    half = torch.tensor(LLOYD_MAX[(bits, 32 if group <= 32 else 64)])
+    return torch.cat([-half.flip(0), half])
+
+
+def pack_bitplanes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes (< 2**bits) to ``bits`` bit-planes of ``ceil(n/8)`` bytes each."""
+    c = codes.reshape(-1).to(torch.uint8)
+    n = c.numel()
+    pad = (-n) % 8
+    if pad:
+        c = torch.cat([c, c.new_zeros(pad)])
+    weights = (2 ** torch.arange(8, dtype=torch.uint8, device=c.device))
+    planes = [(((c >> j) & 1).reshape(-1, 8) * weights).sum(1, dtype=torch.uint8) for j in range(bits)]
+    return torch.cat(planes)
+
+
+def unpack_bitplanes(buf: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    nb = (n + 7) // 8
+    if buf.numel() != nb * bits:
+        raise ValueError(f"expected {nb * bits} bit-plane bytes for {n} {bits}-bit codes, got {buf.numel()}")
+    shifts = torch.arange(8, dtype=torch.uint8, device=buf.device)
+    out = torch.zeros(nb * 8, dtype=torch.uint8, device=buf.device)
+    for j in range(bits):
+        plane = ((buf[j * nb:(j + 1) * nb].unsqueeze(1) >> shifts) & 1).reshape(-1)
+        out |= plane << j
+    return out[:n]
+
+
+@dataclass(frozen=True)
+class RotParams:
+    outliers: torch.Tensor  # [k] ascending
+    signs: torch.Tensor  # [E]
+
+
+class RotatedGroupCodec(Codec):
+    """Outliers in bf16 + randomized Hadamard + dynamic group quantization (see module doc)."""
+
+    def __init__(self, *, bits: int = 4, group: int = 64, k: int | None = None, levels: str = "int",
+                 scale_format: str = "fp16", seed: int = 0, name: str | None = None, **kw):
+        self.needs_calibration = k != 0
+        super().__init__(**kw)
+        if bits not in (2, 3, 4):
+            raise ValueError(f"bits must be 2, 3 or 4, got {bits}")
+        if levels not in ("int", "lm"):
+            raise ValueError(f"levels must be 'int' (uniform) or 'lm' (Lloyd-Max), got {levels!r}")
+        if scale_format not in ("fp16", "e8m0"):
+            raise ValueError(f"scale_format must be 'fp16' or 'e8m0', got {scale_format!r}")
+        self.bits, self.group, self.k, self.levels, self.scale_format, self.seed = bits, group, k, levels, scale_format, seed
+        self.name = name or f"rot-{levels}{bits}-g{group}"
+        if levels == "lm":
+            self._levels = lloyd_max_levels(bits, group)
+        else:  # symmetric integer grid scaled to [-1, 1]; the top negative code is unused
+            q = 2 ** (bits - 1) - 1
+            self._levels = torch.arange(-q - 1, q + 1).float() / q
+        self._bounds = (self._levels[1:] + self._levels[:-1]) / 2
+
+    def options(self):
+        return {"bits": self.bits, "group": self.group, "k": self.k, "levels": self.levels,
+                "scale_format": self.scale_format, "seed": self.seed}
+
+    def num_kept(self, e: int) -> int:
+        return e // 64 if self.k is None else int(self.k)
+
+    def _make_params(self, layer, source, hidden):
+        k = self.num_kept(hidden)
+        outl = topk_channels(self.calibration.get(layer, source).range, k) if k else torch.empty(0, dtype=torch.long)
+        return RotParams(outliers=outl, signs=random_signs(hidden, self.seed))
+
+    def _scale_bytes(self) -> int:
+        return 2 if self.scale_format == "fp16" else 1
+
+    def payload_nbytes(self, shape):
+        t, e = shape
+        g = math.ceil(e / self.group)
+        n = t * e
+        codes = (n + 1) // 2 if self.bits == 4 else ((n + 7) // 8) * self.bits
+        return 2 * t * self.num_kept(e) + codes + self._scale_bytes() * t * g
+
+    # -------------------------------------------------------------- encode / decode
+    def _encode(self, x, p: RotParams, nonfinite):
+        t, e = x.shape
+        xf = x.float()
+        head = None
+        if p.outliers.numel():
+            head = F.float_to_bytes(xf.index_select(1, p.outliers), torch.bfloat16)
+            xf = xf.index_fill(1, p.outliers, 0.0)
+        z = fwht(xf * p.signs, hadamard_block(e))
+        zg, amax = F.group_absmax(z, self.group, nonfinite=nonfinite)
+        scale, sbytes = self._encode_scale(amax)
+        y = zg / scale.unsqueeze(-1)
+        code = torch.bucketize(y.clamp(-1.0, 1.0), self._bounds.to(y.device)).to(torch.uint8)
+        code = code.reshape(t, -1)[:, :e]
+        if nonfinite:  # no sentinel at low widths: a non-finite row decodes to NaN via its scale
+            bad = ~torch.isfinite(zg).all(-1)
+            sbytes = self._poison(sbytes, bad)
+        body = F.pack_int4(code.view(torch.int8)) if self.bits == 4 else pack_bitplanes(code, self.bits)
+        parts = ([head] if head is not None else []) + [body, sbytes]
+        return torch.cat(parts)
+
+    def _encode_scale(self, amax):
+        if self.scale_format == "fp16":
+            s = amax.clamp(max=65504.0).half()
+            s32 = s.float().masked_fill_(s == 0, 1.0)
+            return s32, s.reshape(-1).view(torch.uint8)
+        # E8M0: the smallest power of two >= amax, so no value clips.
+        _, e2 = torch.frexp(amax.clamp_min(2.0 ** -126))
+        m, _ = torch.frexp(amax.clamp_min(2.0 ** -126))
+        exp = (e2 - (m == 0.5).int()).clamp(-127, 127)
+        return torch.exp2(exp.float()), (exp + 127).to(torch.uint8).reshape(-1)
+
+    def _poison(self, sbytes, bad):
+        if self.scale_format == "fp16":
+            s = sbytes.view(torch.float16).clone().reshape(bad.shape).masked_fill_(bad, float("nan"))
+            return s.reshape(-1).view(torch.uint8)
+        return sbytes.reshape(bad.shape).masked_fill(bad, 255).reshape(-1)
+
+    def _decode(self, payload, shape, p: RotParams):
+        t, e = shape
+        k = p.outliers.numel()
+        g = math.ceil(e / self.group)
+        n = t * e
+        off = 2 * t * k
+        ncode = (n + 1) // 2 if self.bits == 4 else ((n + 7) // 8) * self.bits
+        body = payload[off:off + ncode]
+        if self.bits == 4:
+            code = F.unpack_int4(body, n).view(torch.uint8) & 0x0F
+        else:
+            code = unpack_bitplanes(body, n, self.bits)
+        vals = self._levels.to(payload.device)[code.long()].reshape(t, e)
+        sb = payload[off + ncode:]
+        if self.scale_format == "fp16":
+            scale = F.bytes_to_float(sb, torch.float16).reshape(t, g)
+        else:
+            scale = torch.exp2(sb.float() - 127).masked_fill(sb == 255, float("nan")).reshape(t, g)
+        z = vals * scale.repeat_interleave(self.group, dim=1)[:, :e]
+        x = fwht(z, hadamard_block(e)) * p.signs
+        if k:
+            x.index_copy_(1, p.outliers, F.bytes_to_float(payload[:off], torch.bfloat16).reshape(t, k))
+        return x
+
+
+def _reg(name, **opts):
+    register_codec(name, lambda **kw: RotatedGroupCodec(name=name, **{**opts, **kw}))
+
+
+# The names measured in docs/frontier.md. Bits/value at E=576 (k = 9) in the comments.
+_reg("rot-int4-g64", bits=4, group=64, levels="int")                          # 4.5
+_reg("rot-lm4-g64", bits=4, group=64, levels="lm")                            # 4.5
+_reg("rot-int4-g32", bits=4, group=32, levels="int")                          # 4.75
+_reg("rot-lm4-g32-e8", bits=4, group=32, levels="lm", scale_format="e8m0")    # 4.5
+_reg("rot-lm3-g64", bits=3, group=64, levels="lm")                            # 3.5
+_reg("rot-lm3-g32-e8", bits=3, group=32, levels="lm", scale_format="e8m0")    # 3.5
+_reg("rot-lm2-g32-e8", bits=2, group=32, levels="lm", scale_format="e8m0")    # 2.5
