@@ -42,15 +42,25 @@ def _cmd_bench_comm(args):
 
 
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="the main job: a short tour at TP 2 that prints a table")
+    p = sub.add_parser("demo", help="the main job: calibrate, measure, and generate at TP 3 on the default model")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tp", type=int, default=3)
+    p.add_argument("--codec", action="append", help="repeatable; default: bf16, int4-outlier, default")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--synthetic", action="store_true",
+                   help="instead: every codec and collective on synthetic partials at TP 2 (no model, seconds)")
     p.add_argument("--json", help="also write the rows as JSON")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args):
-    from lowbit_tp.demo import codec_demo
+    from lowbit_tp.demo import codec_demo, model_demo
 
-    rows, table = codec_demo()
+    if args.synthetic:
+        rows, table = codec_demo()
+    else:
+        rows, table = model_demo(model=args.model, tp=args.tp, codecs=tuple(args.codec or ("bf16", "int4-outlier", "default")),
+                                 max_new_tokens=args.max_new_tokens)
     print(table)
     if args.json:
         with open(args.json, "w") as f:

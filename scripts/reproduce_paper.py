@@ -13,8 +13,7 @@ import json
 from pathlib import Path
 
 from lowbit_tp.bench.common import markdown_table
-from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
-from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
+from lowbit_tp.evaluation.evaluate import calibrate_and_evaluate
 from lowbit_tp.models import load_model
 
 CODECS = ("bf16", "int8", "int4", "int4-random-k", "int4-outlier", "int4-g32", "mxfp4")
@@ -35,9 +34,8 @@ def main() -> None:
     for model in args.model or ["smollm2-135m"]:
         bundle = load_model(model)
         for tp in args.tp or [3]:
-            cal = calibrate(CalibrationConfig(model=model, tp=tp, samples=args.cal_samples), bundle=bundle)
-            res = evaluate_codecs(EvalConfig(model=model, tp=tp, codecs=CODECS, samples=args.samples,
-                                             lambada=args.lambada), bundle=bundle, calibration=cal)
+            res = calibrate_and_evaluate(model, tp, CODECS, samples=args.samples, cal_samples=args.cal_samples,
+                                         lambada=args.lambada, bundle=bundle)
             res["command"] = (f"python scripts/reproduce_paper.py --model {model} --tp {tp} --samples {args.samples} "
                               f"--cal-samples {args.cal_samples} --lambada {args.lambada}")
             store[f"{model}/tp{tp}"] = res

@@ -118,3 +118,17 @@ def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress:
                                                          "text": calibration.meta.get("text", {}).get("description")},
         "rows": rows,
     }
+
+
+def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algorithm: str = "gather",
+                           samples: int = 32, cal_samples: int = 64, lambada: int = 128, bundle=None,
+                           progress: bool = True) -> dict[str, Any]:
+    """Calibrate ``model`` at ``tp`` on the calibration text, then evaluate ``codecs`` on held-out text."""
+    from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
+    from lowbit_tp.models import load_model
+
+    bundle = bundle if bundle is not None else load_model(model)
+    cal = calibrate(CalibrationConfig(model=model, tp=tp, samples=cal_samples), bundle=bundle, progress=progress)
+    return evaluate_codecs(EvalConfig(model=model, tp=tp, codecs=tuple(codecs), algorithm=algorithm,
+                                      samples=samples, lambada=lambada), bundle=bundle, calibration=cal,
+                           progress=progress)
