@@ -96,3 +96,29 @@ def test_smollm2_seed_codec_beats_plain_int4_at_tp3():
     assert rows["bf16"]["ppl_increase_pct"] < 1.0
     assert rows["int4-outlier"]["kl"] < rows["int4"]["kl"]
     assert rows["int4-outlier"]["bits_per_value"] == pytest.approx(4.1875)
+
+
+def test_bit_allocation_meets_its_budget_and_protects_sensitive_layers(bundle):
+    from lowbit_tp.codecs import make_codec
+
+    cal = calibrate(CalibrationConfig(model="tiny-llama", tp=2, samples=8, seq_len=64, batch_size=4, allocate=5.5,
+                                      alloc_low="rot-lm3-g32-e8", alloc_high="rot-int8-g64-e8", alloc_samples=2),
+                    bundle=bundle, progress=False)
+    plan = cal.meta["bit_allocation"]
+    assert plan["mean_bits"] <= 5.5 and plan["n_high"] == 1  # (5.5-3.5)*4/(8.25... ) -> one layer of four
+    sens = plan["sensitivity_kl"]
+    top = max(sens, key=sens.get)
+    assert plan["layers"][top] == "rot-int8-g64-e8"
+    codec = make_codec("alloc", calibration=cal)
+    x = torch.randn(6, 64)
+    for layer in cal.layers:
+        p = codec.encode(x, layer=layer, source=0)
+        expect = make_codec(plan["layers"][layer], calibration=cal).payload_nbytes((6, 64))
+        assert p.numel() == expect
+        assert codec.decode(p, (6, 64), layer=layer, source=0).shape == (6, 64)
+    res = evaluate_codecs(EvalConfig(model="tiny-llama", tp=2, codecs=("alloc",), samples=2, seq_len=64, lambada=0),
+                          bundle=bundle, calibration=cal, progress=False)
+    assert res["rows"][0]["bits_per_value"] == pytest.approx(plan["mean_bits"], rel=0.02)
+    with pytest.raises(CalibrationError, match="--allocate"):
+        make_codec("alloc", calibration=calibrate(CalibrationConfig(model="tiny-llama", tp=2, samples=2, seq_len=32),
+                                                  bundle=bundle, progress=False))

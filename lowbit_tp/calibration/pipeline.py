@@ -27,6 +27,10 @@ class CalibrationConfig:
     k: int | None = None  # channels to record as the default top-k; None: hidden // 64
     text: str | None = None  # None: the Shakespeare calibration plays
     side: str = "calibration"  # which side of the text split to read; "evaluation" for held-out analysis
+    allocate: float | None = None  # bits/value budget for a per-layer allocation (codec "alloc")
+    alloc_low: str = "rot-lm4-g64-e8"
+    alloc_high: str = "rot-int8-g64-e8"
+    alloc_samples: int = 4
 
 
 def versions() -> dict[str, str]:
@@ -91,6 +95,16 @@ def calibrate(cfg: CalibrationConfig, *, bundle: tuple[Any, Any, Any] | None = N
         layer: {str(src): topk_channels(cal.get(layer, src).range, k).tolist() for src in [*range(cfg.tp), "sum"]}
         for layer in cal.layers
     }
+    if cfg.allocate is not None:
+        from lowbit_tp.calibration.allocate import allocate, layer_sensitivity
+
+        probe = chunk_tokens(tokenizer, docs, num_samples=cfg.alloc_samples, seq_len=min(cfg.seq_len, 128),
+                             seed=cfg.seed + 1000)
+        sens = layer_sensitivity(model, probe.input_ids, cal, tp=cfg.tp, codec=cfg.alloc_low, name=info.name,
+                                 progress=progress)
+        cal.meta["bit_allocation"] = allocate(sens, low=cfg.alloc_low, high=cfg.alloc_high, budget=cfg.allocate,
+                                              calibration=cal)
+        cal.meta["bit_allocation"]["probe"] = probe.manifest()
     return cal
 
 

@@ -69,8 +69,11 @@ class Codec(ABC):
 
     # ------------------------------------------------------------------ contract
     @abstractmethod
-    def payload_nbytes(self, shape: tuple[int, int]) -> int:
-        """Exact payload size in bytes for an input of ``shape``; fixed per shape."""
+    def payload_nbytes(self, shape: tuple[int, int], layer: str | None = None) -> int:
+        """Exact payload size in bytes for an input of ``shape`` at ``layer``.
+
+        Fixed per (shape, layer); only per-layer codecs (``alloc``) look at ``layer``.
+        """
 
     @abstractmethod
     def _encode(self, x: torch.Tensor, params: Any, nonfinite: bool) -> torch.Tensor:
@@ -106,7 +109,7 @@ class Codec(ABC):
     ) -> torch.Tensor:
         """Decode a payload made by :meth:`encode` for the same shape, layer and source; fp32."""
         shape = (int(shape[0]), int(shape[1]))
-        expected = self.payload_nbytes(shape)
+        expected = self.payload_nbytes(shape, layer)
         if payload.dtype != torch.uint8 or payload.dim() != 1 or payload.numel() != expected:
             raise ValueError(
                 f"{self.name}: payload for shape {shape} must be {expected} uint8 bytes, "
@@ -118,9 +121,9 @@ class Codec(ABC):
         """``decode(encode(x))``: what a receiver sees, in fp32."""
         return self.decode(self.encode(x, layer=layer, source=source), tuple(x.shape), layer=layer, source=source)
 
-    def bits_per_value(self, shape: tuple[int, int]) -> float:
+    def bits_per_value(self, shape: tuple[int, int], layer: str | None = None) -> float:
         """Wire bits per value for ``shape``, from the payload size (metadata included)."""
-        return 8.0 * self.payload_nbytes(shape) / (shape[0] * shape[1])
+        return 8.0 * self.payload_nbytes(shape, layer) / (shape[0] * shape[1])
 
     def params(self, layer: str | None, source: Source, hidden: int, device: torch.device | str = "cpu") -> Any:
         """Static parameters of (layer, source), built once and cached per device."""

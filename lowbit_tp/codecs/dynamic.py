@@ -43,7 +43,7 @@ class GroupInt4Codec(Codec):
     def options(self):
         return {"group": self.group}
 
-    def payload_nbytes(self, shape):
+    def payload_nbytes(self, shape, layer=None):
         t, e = shape
         return (t * e + 1) // 2 + 2 * t * math.ceil(e / self.group)
 
@@ -76,7 +76,7 @@ class MXFP4Codec(Codec):
     name = "mxfp4"
     group = 32
 
-    def payload_nbytes(self, shape):
+    def payload_nbytes(self, shape, layer=None):
         t, e = shape
         return (t * e + 1) // 2 + t * math.ceil(e / self.group)
 

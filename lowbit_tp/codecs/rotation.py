@@ -113,8 +113,10 @@ class RotatedGroupCodec(Codec):
                  scale_format: str = "fp16", seed: int = 0, name: str | None = None, **kw):
         self.needs_calibration = k != 0
         super().__init__(**kw)
-        if bits not in (2, 3, 4):
-            raise ValueError(f"bits must be 2, 3 or 4, got {bits}")
+        if bits not in (2, 3, 4, 8):
+            raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
+        if bits == 8 and levels != "int":
+            raise ValueError("8-bit rotated codecs use the integer grid")
         if levels not in ("int", "lm"):
             raise ValueError(f"levels must be 'int' (uniform) or 'lm' (Lloyd-Max), got {levels!r}")
         if scale_format not in ("fp16", "e8m0"):
@@ -140,14 +142,31 @@ class RotatedGroupCodec(Codec):
         outl = topk_channels(self.calibration.get(layer, source).range, k) if k else torch.empty(0, dtype=torch.long)
         return RotParams(outliers=outl, signs=random_signs(hidden, self.seed))
 
+    def _code_bytes(self, n: int) -> int:
+        if self.bits == 8:
+            return n
+        return (n + 1) // 2 if self.bits == 4 else ((n + 7) // 8) * self.bits
+
+    def _pack(self, code: torch.Tensor) -> torch.Tensor:
+        if self.bits == 8:
+            return code.reshape(-1)
+        return F.pack_int4(code.view(torch.int8)) if self.bits == 4 else pack_bitplanes(code, self.bits)
+
+    def _unpack(self, body: torch.Tensor, n: int) -> torch.Tensor:
+        if self.bits == 8:
+            return body
+        if self.bits == 4:
+            return F.unpack_int4(body, n).view(torch.uint8) & 0x0F
+        return unpack_bitplanes(body, n, self.bits)
+
     def _scale_bytes(self) -> int:
         return 2 if self.scale_format == "fp16" else 1
 
-    def payload_nbytes(self, shape):
+    def payload_nbytes(self, shape, layer=None):
         t, e = shape
         g = math.ceil(e / self.group)
         n = t * e
-        codes = (n + 1) // 2 if self.bits == 4 else ((n + 7) // 8) * self.bits
+        codes = self._code_bytes(n)
         return 2 * t * self.num_kept(e) + codes + self._scale_bytes() * t * g
 
     # -------------------------------------------------------------- encode / decode
@@ -167,7 +186,7 @@ class RotatedGroupCodec(Codec):
         if nonfinite:  # no sentinel at low widths: a non-finite row decodes to NaN via its scale
             bad = ~torch.isfinite(zg).all(-1)
             sbytes = self._poison(sbytes, bad)
-        body = F.pack_int4(code.view(torch.int8)) if self.bits == 4 else pack_bitplanes(code, self.bits)
+        body = self._pack(code)
         parts = ([head] if head is not None else []) + [body, sbytes]
         return torch.cat(parts)
 
@@ -194,12 +213,8 @@ class RotatedGroupCodec(Codec):
         g = math.ceil(e / self.group)
         n = t * e
         off = 2 * t * k
-        ncode = (n + 1) // 2 if self.bits == 4 else ((n + 7) // 8) * self.bits
-        body = payload[off:off + ncode]
-        if self.bits == 4:
-            code = F.unpack_int4(body, n).view(torch.uint8) & 0x0F
-        else:
-            code = unpack_bitplanes(body, n, self.bits)
+        ncode = self._code_bytes(n)
+        code = self._unpack(payload[off:off + ncode], n)
         vals = self._levels.to(payload.device)[code.long()].reshape(t, e)
         sb = payload[off + ncode:]
         if self.scale_format == "fp16":
@@ -225,3 +240,5 @@ _reg("rot-lm4-g32-e8", bits=4, group=32, levels="lm", scale_format="e8m0")    # 
 _reg("rot-lm3-g64", bits=3, group=64, levels="lm")                            # 3.5
 _reg("rot-lm3-g32-e8", bits=3, group=32, levels="lm", scale_format="e8m0")    # 3.5
 _reg("rot-lm2-g32-e8", bits=2, group=32, levels="lm", scale_format="e8m0")    # 2.5
+_reg("rot-lm4-g64-e8", bits=4, group=64, levels="lm", scale_format="e8m0")    # 4.375
+_reg("rot-int8-g64-e8", bits=8, group=64, levels="int", scale_format="e8m0")  # 8.375: for sensitive layers

@@ -33,7 +33,7 @@ class BF16Codec(Codec):
 
     name = "bf16"
 
-    def payload_nbytes(self, shape):
+    def payload_nbytes(self, shape, layer=None):
         return 2 * shape[0] * shape[1]
 
     def _encode(self, x, params, nonfinite):
@@ -121,7 +121,7 @@ class _StaticIntCodec(Codec):
         scale = (channel_absmax(stats, self.scale_stat)[inliers] / qmax).clamp_min(_TINY).float()
         return StaticParams(scale=scale, inv_scale=1.0 / scale, inliers=inliers, outliers=outliers)
 
-    def payload_nbytes(self, shape):
+    def payload_nbytes(self, shape, layer=None):
         t, e = shape
         k = self.num_kept(e)
         n = t * (e - k)

@@ -1,0 +1,58 @@
+"""Per-layer bit allocation under a global budget: one codec per row-parallel layer.
+
+The plan lives in the calibration artifact (``meta["bit_allocation"]``, written by
+``lowbit-tp calibrate --allocate BUDGET``): every layer gets a cheap codec except the
+layers that calibration measured as most sensitive, which get a wider one, as many as
+the average budget allows. All ranks hold the same calibration, so they agree on the plan
+without sending anything; every payload is the chosen sub-codec's own payload.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from lowbit_tp.calibration.artifact import CalibrationError
+from lowbit_tp.codecs.base import Codec, make_codec, register_codec
+
+
+@register_codec("alloc")
+class AllocatedCodec(Codec):
+    """Delegates each layer to the codec its bit allocation names (see module docstring)."""
+
+    name = "alloc"
+    needs_calibration = True
+
+    def __init__(self, *, plan: dict | None = None, **kw):
+        super().__init__(**kw)
+        plan = plan or self.calibration.meta.get("bit_allocation")
+        if not plan:
+            raise CalibrationError("codec 'alloc' needs a calibration made with --allocate BUDGET "
+                                   "(it stores the per-layer codec plan)")
+        self.plan = plan
+        self._codecs = {n: make_codec(n, calibration=self.calibration, nonfinite=self.nonfinite)
+                        for n in sorted(set(plan["layers"].values()))}
+
+    def options(self):
+        digest = hashlib.sha256(json.dumps(self.plan["layers"], sort_keys=True).encode()).hexdigest()[:12]
+        return {"budget": self.plan.get("budget"), "plan_sha256": digest}
+
+    def codec_for(self, layer: str | None) -> Codec:
+        try:
+            return self._codecs[self.plan["layers"][layer]]
+        except KeyError:
+            raise CalibrationError(f"the bit allocation has no layer {layer!r}") from None
+
+    def payload_nbytes(self, shape, layer=None):
+        return self.codec_for(layer).payload_nbytes(shape, layer)
+
+    def encode(self, x, *, layer=None, source=0):
+        return self.codec_for(layer).encode(x, layer=layer, source=source)
+
+    def decode(self, payload, shape, *, layer=None, source=0):
+        return self.codec_for(layer).decode(payload, shape, layer=layer, source=source)
+
+    def _encode(self, x, params, nonfinite):  # pragma: no cover - encode() delegates
+        raise NotImplementedError
+
+    def _decode(self, payload, shape, params):  # pragma: no cover - decode() delegates
+        raise NotImplementedError
