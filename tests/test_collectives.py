@@ -156,3 +156,19 @@ def test_rank_failure_reports_the_traceback():
 
 def _rank_raises(rank, world):
     return 1 / 0
+
+
+def test_two_stage_codec_spends_more_bits_on_the_sum_only():
+    world = 3
+    cal = _cal(world)
+    partials = planted_partials(world, 12, HIDDEN, seed=0, noise_seed=5)
+    exact = torch.stack(partials).sum(0)
+    plain, two = make_codec("rot-lm4-g64", calibration=cal), make_codec("rot-lm4-g64+sum8", calibration=cal)
+    s_plain, s_two = CommStats(), CommStats()
+    y_plain = simulate_all_reduce(partials, plain, "two-shot", layer=LAYER, stats=s_plain)
+    y_two = simulate_all_reduce(partials, two, "two-shot", layer=LAYER, stats=s_two)
+    assert (y_two - exact).norm() < (y_plain - exact).norm()
+    assert s_two.bytes_sent > s_plain.bytes_sent
+    # The gather collective never uses the sum stage: identical to the plain codec.
+    assert torch.equal(simulate_all_reduce(partials, two, "gather", layer=LAYER),
+                       simulate_all_reduce(partials, plain, "gather", layer=LAYER))

@@ -56,3 +56,46 @@ class AllocatedCodec(Codec):
 
     def _decode(self, payload, shape, params):  # pragma: no cover - decode() delegates
         raise NotImplementedError
+
+
+class TwoStageCodec(Codec):
+    """One codec for the partials, a wider one for the reduced sum of a two-shot collective.
+
+    Two-shot quantizes twice: each rank's chunk (``source`` = its rank), then the reduced
+    chunk (``source="sum"``), whose error lands on every rank unaveraged. Spending more bits
+    on the second stage only costs the all-gather half of the traffic. ``payload_nbytes``
+    is the partial stage's size; sum-stage payloads have ``second.payload_nbytes``.
+    """
+
+    def __init__(self, *, first: str, second: str, name: str, **kw):
+        # Sub-codecs check for a calibration themselves; this wrapper needs none of its own.
+        self.needs_calibration = False
+        super().__init__(**kw)
+        opts = {"calibration": self.calibration, "nonfinite": self.nonfinite}
+        self.first, self.second = make_codec(first, **opts), make_codec(second, **opts)
+        self.name = name
+
+    def options(self):
+        return {"first": self.first.config(), "second": self.second.config()}
+
+    def _stage(self, source) -> Codec:
+        return self.second if source == "sum" else self.first
+
+    def payload_nbytes(self, shape, layer=None):
+        return self.first.payload_nbytes(shape, layer)
+
+    def encode(self, x, *, layer=None, source=0):
+        return self._stage(source).encode(x, layer=layer, source=source)
+
+    def decode(self, payload, shape, *, layer=None, source=0):
+        return self._stage(source).decode(payload, shape, layer=layer, source=source)
+
+    def _encode(self, x, params, nonfinite):  # pragma: no cover - encode() delegates
+        raise NotImplementedError
+
+    def _decode(self, payload, shape, params):  # pragma: no cover - decode() delegates
+        raise NotImplementedError
+
+
+register_codec("rot-lm4-g64+sum8", lambda **kw: TwoStageCodec(first="rot-lm4-g64", second="rot-int8-g64-e8",
+                                                               name="rot-lm4-g64+sum8", **kw))
