@@ -100,6 +100,38 @@ def unpack_bitplanes(buf: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     return out[:n]
 
 
+SCALE_FORMATS = ("fp16", "e8m0", "lg8")
+# lg8: group scale = token base * 2**(-q/16), q in 0..255 (4.4% steps over a 2**16 range).
+_LG8_TABLE = torch.exp2(-torch.arange(256, dtype=torch.float64) / 16).float()
+
+
+def _lg8_encode(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token fp16 base (>= the token's largest group absmax) and a log-step code per group.
+
+    The code is the largest q with ``base * 2**(-q/16) >= amax`` (no clipping), found by a
+    search in a fixed fp32 table after an IEEE division, so every device gets the same bytes.
+    """
+    t, g = amax.shape
+    top = amax.amax(dim=1)
+    base = top.clamp(max=65504.0).half()
+    low = base.float() < top  # fp16 rounded down: step to the next representable value
+    base = torch.where(low, (base.view(torch.int16) + 1).view(torch.float16), base)
+    b32 = base.float().masked_fill(base == 0, 1.0)
+    ratio = torch.div(amax, b32.unsqueeze(1))
+    table = _LG8_TABLE.to(amax.device).flip(0)  # ascending
+    # number of table entries >= ratio, minus one, is the largest admissible q
+    q = (256 - torch.searchsorted(table, ratio.contiguous(), right=False)).clamp_(0, 255) - 1
+    q = q.clamp_(0, 255)
+    scale = b32.unsqueeze(1) * _LG8_TABLE.to(amax.device)[q]
+    return scale, torch.cat([q.to(torch.uint8).reshape(-1), base.reshape(-1).view(torch.uint8)])
+
+
+def _lg8_decode(sb: torch.Tensor, t: int, g: int) -> torch.Tensor:
+    q = sb[: t * g].long().reshape(t, g)
+    base = F.bytes_to_float(sb[t * g:], torch.float16).reshape(t, 1)
+    return base * _LG8_TABLE.to(sb.device)[q]
+
+
 @dataclass(frozen=True)
 class RotParams:
     outliers: torch.Tensor  # [k] ascending
@@ -113,14 +145,14 @@ class RotatedGroupCodec(Codec):
                  scale_format: str = "fp16", seed: int = 0, name: str | None = None, **kw):
         self.needs_calibration = k != 0
         super().__init__(**kw)
-        if bits not in (2, 3, 4, 8):
-            raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
-        if bits == 8 and levels != "int":
-            raise ValueError("8-bit rotated codecs use the integer grid")
+        if bits not in (2, 3, 4, 5, 6, 8):
+            raise ValueError(f"bits must be 2, 3, 4, 5, 6 or 8, got {bits}")
+        if bits > 4 and levels != "int":
+            raise ValueError("rotated codecs above 4 bits use the integer grid")
         if levels not in ("int", "lm"):
             raise ValueError(f"levels must be 'int' (uniform) or 'lm' (Lloyd-Max), got {levels!r}")
-        if scale_format not in ("fp16", "e8m0"):
-            raise ValueError(f"scale_format must be 'fp16' or 'e8m0', got {scale_format!r}")
+        if scale_format not in SCALE_FORMATS:
+            raise ValueError(f"scale_format must be one of {SCALE_FORMATS}, got {scale_format!r}")
         self.bits, self.group, self.k, self.levels, self.scale_format, self.seed = bits, group, k, levels, scale_format, seed
         self.name = name or f"rot-{levels}{bits}-g{group}"
         if levels == "lm":
@@ -159,15 +191,20 @@ class RotatedGroupCodec(Codec):
             return F.unpack_int4(body, n).view(torch.uint8) & 0x0F
         return unpack_bitplanes(body, n, self.bits)
 
-    def _scale_bytes(self) -> int:
-        return 2 if self.scale_format == "fp16" else 1
+    def _scale_bytes(self, t: int, g: int) -> int:
+        """Bytes of scale metadata for ``t`` tokens of ``g`` groups."""
+        if self.scale_format == "fp16":
+            return 2 * t * g
+        if self.scale_format == "e8m0":
+            return t * g
+        return t * g + 2 * t  # lg8: a code per group plus one fp16 base per token
 
     def payload_nbytes(self, shape, layer=None):
         t, e = shape
         g = math.ceil(e / self.group)
         n = t * e
         codes = self._code_bytes(n)
-        return 2 * t * self.num_kept(e) + codes + self._scale_bytes() * t * g
+        return 2 * t * self.num_kept(e) + codes + self._scale_bytes(t, g)
 
     # -------------------------------------------------------------- encode / decode
     def _encode(self, x, p: RotParams, nonfinite):
@@ -191,6 +228,8 @@ class RotatedGroupCodec(Codec):
         return torch.cat(parts)
 
     def _encode_scale(self, amax):
+        if self.scale_format == "lg8":
+            return _lg8_encode(amax)
         if self.scale_format == "fp16":
             s = amax.clamp(max=65504.0).half()
             s32 = s.float().masked_fill_(s == 0, 1.0)
@@ -202,6 +241,11 @@ class RotatedGroupCodec(Codec):
         return torch.exp2(exp.float()), (exp + 127).to(torch.uint8).reshape(-1)
 
     def _poison(self, sbytes, bad):
+        if self.scale_format == "lg8":  # poison the token's fp16 base: the whole row decodes NaN
+            t, g = bad.shape
+            codes, base = sbytes[: t * g], sbytes[t * g:].view(torch.float16).clone()
+            base.masked_fill_(bad.any(-1), float("nan"))
+            return torch.cat([codes, base.view(torch.uint8)])
         if self.scale_format == "fp16":
             s = sbytes.view(torch.float16).clone().reshape(bad.shape).masked_fill_(bad, float("nan"))
             return s.reshape(-1).view(torch.uint8)
@@ -217,7 +261,9 @@ class RotatedGroupCodec(Codec):
         code = self._unpack(payload[off:off + ncode], n)
         vals = self._levels.to(payload.device)[code.long()].reshape(t, e)
         sb = payload[off + ncode:]
-        if self.scale_format == "fp16":
+        if self.scale_format == "lg8":
+            scale = _lg8_decode(sb, t, g)
+        elif self.scale_format == "fp16":
             scale = F.bytes_to_float(sb, torch.float16).reshape(t, g)
         else:
             scale = torch.exp2(sb.float() - 127).masked_fill(sb == 255, float("nan")).reshape(t, g)
@@ -232,7 +278,7 @@ def _reg(name, **opts):
     register_codec(name, lambda **kw: RotatedGroupCodec(name=name, **{**opts, **kw}))
 
 
-# The names measured in docs/frontier.md. Bits/value at E=576 (k = 9) in the comments.
+# The names measured in docs/frontier.md. Bits/value at E=576 (k = 9 unless -k says) in the comments.
 _reg("rot-int4-g64", bits=4, group=64, levels="int")                          # 4.5
 _reg("rot-lm4-g64", bits=4, group=64, levels="lm")                            # 4.5
 _reg("rot-int4-g32", bits=4, group=32, levels="int")                          # 4.75
@@ -241,4 +287,9 @@ _reg("rot-lm3-g64", bits=3, group=64, levels="lm")                            # 
 _reg("rot-lm3-g32-e8", bits=3, group=32, levels="lm", scale_format="e8m0")    # 3.5
 _reg("rot-lm2-g32-e8", bits=2, group=32, levels="lm", scale_format="e8m0")    # 2.5
 _reg("rot-lm4-g64-e8", bits=4, group=64, levels="lm", scale_format="e8m0")    # 4.375
-_reg("rot-int8-g64-e8", bits=8, group=64, levels="int", scale_format="e8m0")  # 8.375: for sensitive layers
+_reg("rot-lm4-g64-lg8", bits=4, group=64, levels="lm", scale_format="lg8")    # 4.40
+_reg("rot-lm4-g32-lg8-k4", bits=4, group=32, levels="lm", scale_format="lg8", k=4)  # 4.39
+_reg("rot-lm4-g64-lg8-k4", bits=4, group=64, levels="lm", scale_format="lg8", k=4)  # 4.26
+_reg("rot-lm3-g32-lg8-k4", bits=3, group=32, levels="lm", scale_format="lg8", k=4)  # 3.39
+_reg("rot-int6-g64-lg8-k4", bits=6, group=64, levels="int", scale_format="lg8", k=4)  # 6.26: sensitive layers
+_reg("rot-int8-g64-e8", bits=8, group=64, levels="int", scale_format="e8m0")  # 8.375: sensitive layers
