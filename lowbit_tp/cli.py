@@ -85,7 +85,7 @@ _EXTRA_COMMANDS: list = []
 def _load_extra_commands():
     import importlib
 
-    for mod in ("lowbit_tp.evaluation.cli", "lowbit_tp.runtime.cli"):
+    for mod in ("lowbit_tp.evaluation.cli", "lowbit_tp.runtime.cli", "lowbit_tp.bench.e2e"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as exc:

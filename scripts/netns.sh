@@ -5,7 +5,10 @@
 #   scripts/netns.sh down              removes everything this script ever created (idempotent)
 #   scripts/netns.sh hosts N           prints the IP of each rank, one per line
 #
-# Layout: namespace lbtp-br holds a bridge br0; namespace lbtpR (R = 0..N-1) holds eth0
+# NETNS_PREFIX (default lbtp, 1-8 lowercase letters) names the namespaces, so that two users
+# (e.g. the tests and a benchmark) do not tear down each other's network.
+#
+# Layout: namespace PREFIX-br holds a bridge br0; namespace PREFIXR (R = 0..N-1) holds eth0
 # (10.77.0.(R+1)/24) whose veth peer vR sits on br0. There is no default route and nothing is
 # attached to the root namespace, so no traffic can leave the namespaces.
 #
@@ -18,11 +21,13 @@
 # RATE none with DELAY 0 leaves the link unshaped. Loopback inside a namespace is not shaped.
 set -euo pipefail
 
-PREFIX=lbtp
+PREFIX=${NETNS_PREFIX:-lbtp}
 BRNS=${PREFIX}-br
 SUBNET=10.77.0
 
 die() { echo "netns.sh: $*" >&2; exit 1; }
+
+[[ "$PREFIX" =~ ^[a-z]{1,8}$ ]] || die "NETNS_PREFIX must be 1-8 lowercase letters, got '$PREFIX'"
 
 need_root() {
     [ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces and tc need CAP_NET_ADMIN)"

@@ -1,0 +1,149 @@
+"""bench-e2e: the emulated network (namespaces + tc), the row arithmetic, a loopback smoke run,
+and the interconnect projection script.
+
+The namespace tests need root and a kernel with network namespaces; they skip otherwise.
+"""
+import importlib.util
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lowbit_tp.bench import e2e, netns
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFIX = "lbtptest"  # not the benchmark's namespaces, so a running benchmark is left alone
+
+
+def _leftover_namespaces() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)]
+
+
+@pytest.fixture(scope="module")
+def netns_ok():
+    ok, why = netns.netns_available(prefix=PREFIX)
+    if not ok:
+        pytest.skip(f"network namespaces unavailable: {why}")
+
+
+# ----------------------------------------------------------------- network emulation
+def test_emulated_link_requires_root(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(netns.NetnsError, match="root"):
+        with netns.emulated_link(world=2, rate="1gbit", prefix=PREFIX):
+            pass
+
+
+def test_emulated_link_shapes_and_tears_down(netns_ok):
+    """200 Mbit/s on each rank's egress: an 8 MiB TCP transfer runs near that rate, not at
+    veth speed (several Gbit/s), and nothing is left behind afterwards."""
+    with netns.emulated_link(world=2, rate="200mbit", prefix=PREFIX) as hosts:
+        assert hosts == ["10.77.0.1", "10.77.0.2"]
+        assert set(_leftover_namespaces()) == {f"{PREFIX}-br", f"{PREFIX}0", f"{PREFIX}1"}
+        bps = netns.measure_transfer(hosts=hosts, nbytes=8 << 20, timeout=20, prefix=PREFIX)
+    assert 100e6 < bps < 230e6, bps
+    assert _leftover_namespaces() == []
+
+
+def test_emulated_link_cleans_up_on_error(netns_ok):
+    with pytest.raises(RuntimeError, match="boom"):
+        with netns.emulated_link(world=2, rate="1gbit", prefix=PREFIX):
+            raise RuntimeError("boom")
+    assert _leftover_namespaces() == []
+
+
+def test_bad_rate_fails_clearly(netns_ok):
+    with pytest.raises(netns.NetnsError, match="rate must look like"):
+        with netns.emulated_link(world=1, rate="fast", prefix=PREFIX):
+            pass
+    assert _leftover_namespaces() == []
+
+
+# ----------------------------------------------------------------- prompts and rows
+def test_byte_tokenizer_prompt_has_exact_length():
+    tok = e2e._byte_tokenizer()
+    for n in (2, 17, 512):
+        assert len(tok(e2e.make_prompt(tok, n)).input_ids) == n
+
+
+def _fake_run(prefill_s, bytes_prefill, calls=4):
+    steps = [{"calls": calls, "all_reduce_s": prefill_s / 2, "wire_s": prefill_s / 4}] + \
+            [{"calls": calls, "all_reduce_s": 0.001, "wire_s": 0.0005}] * 2
+    res = {"prefill_s": prefill_s, "decode_s": [0.01, 0.01],
+           "comm": {"prefill": {"bytes_sent": bytes_prefill, "payload_bytes": bytes_prefill, "values": 4 * 100},
+                    "decode": {"bytes_sent": 80, "payload_bytes": 80, "values": 40}}}
+    return {"config": {"tp": 2}, "results": [res] * 2, "timers": [steps] * 2, "prompt_lengths": [8, 100]}
+
+
+def test_rows_medians_and_ratios():
+    rows = e2e._rows_of_run([_fake_run(1.0, 800)], network="1gbit", codec="bf16", algorithm="gather", lens=[100],
+                            repeats=1)
+    rows += e2e._rows_of_run([_fake_run(0.5, 200)], network="1gbit", codec="int4-g32", algorithm="gather",
+                             lens=[100], repeats=1)
+    e2e._add_ratios(rows)
+    base, comp = rows
+    assert base["bits_per_value"] == 16 and comp["bits_per_value"] == 4
+    assert base["prefill_bytes_per_token"] == 8 and base["decode_bytes_per_token"] == 40
+    assert comp["prefill_speedup"] == pytest.approx(2.0)
+    assert comp["prefill_allreduce_speedup"] == pytest.approx(2.0)
+    assert comp["prefill_byte_ratio"] == pytest.approx(4.0)
+    assert base["decode_ms_per_token"] == pytest.approx(10.0)
+    assert base["allreduce_calls_per_token"] == 4
+
+
+# ----------------------------------------------------------------- a real run, loopback
+def test_loopback_smoke(tmp_path):
+    """Two ranks as separate processes, torchrun-style, a tiny random model: rows for the bf16
+    baseline and one dynamic codec, with bytes and all-reduce time measured."""
+    cfg = e2e.E2EConfig(networks=("loopback",), tps=(2,), codecs=("int4-g32",), exact_baseline=False,
+                        prompt_lens=(24,), new_tokens=3, repeats=1, hidden=64, intermediate=128, layers=2,
+                        heads=4, kv_heads=2, run_timeout_s=120)
+    out = e2e.run_e2e_bench(cfg, json_path=str(tmp_path / "e2e.json"), log=lambda *a: None)
+    rows = {r["codec"]: r for r in out["rows"]}
+    assert set(rows) == {"bf16", "int4-g32"}
+    for r in rows.values():
+        assert r["prompt_tokens"] == 24
+        assert r["allreduce_calls_per_token"] == 4  # 2 layers x 2 row-parallel layers
+        assert r["prefill_allreduce_ms"] > 0 and r["prefill_wire_ms"] > 0
+        assert r["prefill_allreduce_ms"] >= r["prefill_wire_ms"] + r["prefill_skew_ms"]
+        assert r["prefill_skew_ms"] > 0  # the barrier before each collective ran and was timed apart
+        assert r["prefill_ms"] >= r["prefill_allreduce_ms"]
+    assert rows["bf16"]["bits_per_value"] == 16.0
+    assert rows["int4-g32"]["bits_per_value"] == 4.5
+    # TP 2 gather: each rank sends its whole payload once: 2 all-reduces x 2 layers x 64 values per token
+    assert rows["bf16"]["prefill_bytes_per_token"] == 4 * 64 * 2
+    assert rows["int4-g32"]["prefill_byte_ratio"] == pytest.approx(16 / 4.5)
+    assert (tmp_path / "e2e.json").exists() and (tmp_path / "e2e.md").exists()
+
+
+# ----------------------------------------------------------------- projection
+@pytest.fixture(scope="module")
+def projection():
+    spec = importlib.util.spec_from_file_location("projection", ROOT / "scripts" / "projection.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_projection_bytes_follow_the_wire_format(projection):
+    link = (10e9, 0.0)
+    e = projection.MODEL["hidden"]
+    ring = projection.allreduce_time("bf16", "allreduce", tokens=64, tp=4, link=link, speed=None)
+    assert ring["bytes_sent"] == pytest.approx(2 * 3 / 4 * 64 * e * 2)
+    fast = {"encode": 1e30, "decode": 1e30}
+    gather = projection.allreduce_time("int4-outlier", "gather", tokens=64, tp=4, link=link, speed=fast)
+    assert gather["bytes_sent"] == 3 * projection._codec("int4-outlier").payload_nbytes((64, e))
+    # METHOD.md §3: gather / ring bytes = N * b / 32
+    assert gather["bytes_sent"] / ring["bytes_sent"] == pytest.approx(4 * 4.1875 / 32)
+    two = projection.allreduce_time("int4-outlier", "two-shot", tokens=64, tp=4, link=link, speed=fast)
+    assert two["bytes_sent"] / ring["bytes_sent"] == pytest.approx(4.1875 / 16)
+
+
+def test_projection_writes_the_doc(projection, tmp_path):
+    out = tmp_path / "projection.md"
+    projection.write_doc(out)
+    text = out.read_text()
+    assert "## Assumptions" in text and "TP 64" in text and "100 GbE" in text
+    assert (tmp_path / "projection.json").exists()
