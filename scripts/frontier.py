@@ -17,8 +17,8 @@ from lowbit_tp.evaluation.evaluate import calibrate_and_evaluate
 from lowbit_tp.models import load_model
 
 CODECS = ("int8", "int4", "int4-random-k", "int4-outlier", "int4-g32", "int4-g128", "mxfp4",
-          "rot-int4-g64", "rot-lm4-g64", "rot-int4-g32", "rot-lm4-g32-e8", "rot-lm3-g64", "rot-lm3-g32-e8",
-          "rot-lm2-g32-e8")
+          "rot-int4-g64", "rot-lm4-g64", "rot-lm4-g64-lg8", "rot-lm4-g64-lg8-k4", "rot-lm4-g32-lg8-k4",
+          "rot-lm3-g64", "rot-lm3-g32-lg8-k4", "rot-lm2-g32-e8")
 COLS = ["codec", "algorithm", "bits_per_value", "ppl", "ppl_increase_pct", "kl", "top1", "lambada_acc", "pareto"]
 
 
@@ -83,19 +83,27 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--cal-samples", type=int, default=32)
     ap.add_argument("--lambada", type=int, default=0)
+    ap.add_argument("--allocate", type=float, help="also calibrate a per-layer allocation and evaluate codec 'alloc'")
+    ap.add_argument("--alloc-low", default="rot-lm4-g64-lg8-k4")
+    ap.add_argument("--alloc-high", default="rot-int6-g64-lg8-k4")
     ap.add_argument("--out", default="docs/frontier.json")
     args = ap.parse_args()
     out = Path(args.out)
     store = json.loads(out.read_text()) if out.exists() else {}
-    codecs = tuple(args.codec or CODECS)
+    codecs = tuple(args.codec or CODECS) + (("alloc",) if args.allocate else ())
+    cal_options = ({"allocate": args.allocate, "alloc_low": args.alloc_low, "alloc_high": args.alloc_high}
+                   if args.allocate else {})
     for model in args.model or ["smollm2-135m"]:
         bundle = load_model(model)
         for tp in args.tp or [3]:
             res = calibrate_and_evaluate(model, tp, codecs, algorithm=args.algorithm, samples=args.samples,
-                                         cal_samples=args.cal_samples, lambada=args.lambada, bundle=bundle)
+                                         cal_samples=args.cal_samples, lambada=args.lambada, bundle=bundle,
+                                         **cal_options)
             res["command"] = (f"python scripts/frontier.py --model {model} --tp {tp} --algorithm {args.algorithm} "
                               f"--samples {args.samples} --cal-samples {args.cal_samples} --lambada {args.lambada}"
-                              + "".join(f" --codec {c}" for c in args.codec or []))
+                              + "".join(f" --codec {c}" for c in args.codec or [])
+                              + (f" --allocate {args.allocate} --alloc-low {args.alloc_low} --alloc-high "
+                                 f"{args.alloc_high}" if args.allocate else ""))
             store[f"{model}/tp{tp}/{args.algorithm}"] = res
             out.write_text(json.dumps(store, indent=2, default=str))
             write_docs(store, out)
