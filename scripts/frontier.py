@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--cal-samples", type=int, default=32)
     ap.add_argument("--lambada", type=int, default=0)
     ap.add_argument("--allocate", type=float, help="also calibrate a per-layer allocation and evaluate codec 'alloc'")
-    ap.add_argument("--alloc-low", default="rot-lm4-g64-lg8-k4")
+    ap.add_argument("--alloc-low", default="rot-lm4-g64-lg8-k4")  # the calibration defaults
     ap.add_argument("--alloc-high", default="rot-int6-g64-lg8-k4")
     ap.add_argument("--out", default="docs/frontier.json")
     args = ap.parse_args()

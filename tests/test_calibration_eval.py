@@ -34,6 +34,24 @@ def cal(bundle):
                      bundle=bundle, progress=False)
 
 
+def test_default_codec_and_its_budget(bundle, cal):
+    from lowbit_tp.codecs import make_codec
+
+    # Hidden size 64 cannot meet the default 4.5-bit budget (the bf16 channels alone cost
+    # a bit per value): calibration says why, and the default codec repeats it.
+    assert "below the cheap codec" in cal.meta["bit_allocation_error"]
+    with pytest.raises(CalibrationError, match="could not make it"):
+        make_codec("default", calibration=cal)
+    cal6 = calibrate(CalibrationConfig(model="tiny-llama", tp=2, samples=4, seq_len=64, allocate=6.0),
+                     bundle=bundle, progress=False)
+    assert cal6.meta["bit_allocation"]["mean_bits"] <= 6.0
+    codec = make_codec("default", calibration=cal6)
+    assert codec.name == "alloc"
+    x = torch.randn(3, 64)
+    layer = cal6.layers[0]
+    assert codec.decode(codec.encode(x, layer=layer, source=1), (3, 64), layer=layer, source=1).shape == (3, 64)
+
+
 def test_calibration_records_every_layer_rank_and_sum(cal, tmp_path):
     assert cal.layers == ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
                           "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
@@ -120,5 +138,5 @@ def test_bit_allocation_meets_its_budget_and_protects_sensitive_layers(bundle):
                           bundle=bundle, calibration=cal, progress=False)
     assert res["rows"][0]["bits_per_value"] == pytest.approx(plan["mean_bits"], rel=0.02)
     with pytest.raises(CalibrationError, match="--allocate"):
-        make_codec("alloc", calibration=calibrate(CalibrationConfig(model="tiny-llama", tp=2, samples=2, seq_len=32),
-                                                  bundle=bundle, progress=False))
+        make_codec("alloc", calibration=calibrate(CalibrationConfig(model="tiny-llama", tp=2, samples=2, seq_len=32,
+                                                                    allocate=None), bundle=bundle, progress=False))

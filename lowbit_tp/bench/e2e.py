@@ -365,7 +365,7 @@ def _add_ratios(rows: list[dict]) -> None:
 def _calibrate(model: str, tp: int, samples: int, out: Path) -> str:
     from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
 
-    cal = calibrate(CalibrationConfig(model=model, tp=tp, samples=samples, seq_len=128, batch_size=4),
+    cal = calibrate(CalibrationConfig(model=model, tp=tp, samples=samples, seq_len=128, batch_size=4, allocate=None),
                     progress=False)
     return str(cal.save(out))
 

@@ -27,10 +27,12 @@ class CalibrationConfig:
     k: int | None = None  # channels to record as the default top-k; None: hidden // 64
     text: str | None = None  # None: the Shakespeare calibration plays
     side: str = "calibration"  # which side of the text split to read; "evaluation" for held-out analysis
-    allocate: float | None = None  # bits/value budget for a per-layer allocation (codec "alloc")
-    alloc_low: str = "rot-lm4-g64-e8"
-    alloc_high: str = "rot-int8-g64-e8"
-    alloc_samples: int = 4
+    # Per-layer bit allocation stored for codec "alloc" (= "default"): mean bits/value budget,
+    # the codec most layers get, the one the most sensitive layers get. None skips it.
+    allocate: float | None = 4.5
+    alloc_low: str = "rot-lm4-g64-lg8-k4"
+    alloc_high: str = "rot-int6-g64-lg8-k4"
+    alloc_samples: int = 2
 
 
 def versions() -> dict[str, str]:
@@ -102,9 +104,12 @@ def calibrate(cfg: CalibrationConfig, *, bundle: tuple[Any, Any, Any] | None = N
                              seed=cfg.seed + 1000)
         sens = layer_sensitivity(model, probe.input_ids, cal, tp=cfg.tp, codec=cfg.alloc_low, name=info.name,
                                  progress=progress)
-        cal.meta["bit_allocation"] = allocate(sens, low=cfg.alloc_low, high=cfg.alloc_high, budget=cfg.allocate,
-                                              calibration=cal)
-        cal.meta["bit_allocation"]["probe"] = probe.manifest()
+        try:
+            cal.meta["bit_allocation"] = allocate(sens, low=cfg.alloc_low, high=cfg.alloc_high,
+                                                  budget=cfg.allocate, calibration=cal)
+            cal.meta["bit_allocation"]["probe"] = probe.manifest()
+        except ValueError as exc:  # e.g. a hidden size so small that the budget is out of reach
+            cal.meta["bit_allocation_error"] = str(exc)
     return cal
 
 

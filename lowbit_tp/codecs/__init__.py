@@ -10,3 +10,7 @@ from lowbit_tp.codecs import dynamic as _dynamic  # noqa: F401  (registers int4-
 __all__ = ["Codec", "NonFiniteError", "make_codec", "list_codecs", "register_codec", "CODEC_ALIASES"]
 from lowbit_tp.codecs import rotation as _rotation  # noqa: F401,E402  (registers the rot-* codecs)
 from lowbit_tp.codecs import mixed as _mixed  # noqa: F401,E402  (registers alloc)
+
+# The documented default, picked from the measured frontier (docs/frontier.md): per-layer
+# allocation at a 4.5 bits/value budget; the plan comes with every `lowbit-tp calibrate`.
+CODEC_ALIASES["default"] = "alloc"

@@ -26,8 +26,10 @@ class AllocatedCodec(Codec):
         super().__init__(**kw)
         plan = plan or self.calibration.meta.get("bit_allocation")
         if not plan:
-            raise CalibrationError("codec 'alloc' needs a calibration made with --allocate BUDGET "
-                                   "(it stores the per-layer codec plan)")
+            why = self.calibration.meta.get("bit_allocation_error")
+            raise CalibrationError("codec 'alloc' (the default) needs a calibration that stores a per-layer plan "
+                                   "(lowbit-tp calibrate --allocate BUDGET)"
+                                   + (f"; this one could not make it: {why}" if why else ""))
         self.plan = plan
         self._codecs = {n: make_codec(n, calibration=self.calibration, nonfinite=self.nonfinite)
                         for n in sorted(set(plan["layers"].values()))}

@@ -17,11 +17,11 @@ def register(sub) -> None:
     p.add_argument("--ema-decay", type=float, default=0.9)
     p.add_argument("--k", type=int, help="outlier channels to record (default hidden/64)")
     p.add_argument("--text", help="calibration text: a file or a directory of .txt files (default: Shakespeare)")
-    p.add_argument("--allocate", type=float, metavar="BITS",
-                   help="also measure per-layer sensitivity and store a bit allocation with this mean bits/value "
-                        "budget (used by --codec alloc)")
-    p.add_argument("--alloc-low", default="rot-lm4-g64-e8", help="codec for most layers")
-    p.add_argument("--alloc-high", default="rot-int8-g64-e8", help="codec for the most sensitive layers")
+    p.add_argument("--allocate", type=float, metavar="BITS", default=4.5,
+                   help="measure per-layer sensitivity and store a bit allocation with this mean bits/value budget, "
+                        "used by --codec alloc (= default); 0 skips it (default 4.5)")
+    p.add_argument("--alloc-low", default="rot-lm4-g64-lg8-k4", help="codec for most layers")
+    p.add_argument("--alloc-high", default="rot-int6-g64-lg8-k4", help="codec for the most sensitive layers")
     p.set_defaults(func=_calibrate)
 
     e = sub.add_parser("eval", help="perplexity, KL, top-1 and last-word accuracy of codecs via the TP simulator")
@@ -45,7 +45,7 @@ def _calibrate(args) -> None:
 
     cfg = CalibrationConfig(model=args.model, tp=args.tp, samples=args.samples, seq_len=args.seq_len,
                             batch_size=args.batch_size, seed=args.seed, ema_decay=args.ema_decay, k=args.k,
-                            text=args.text, allocate=args.allocate, alloc_low=args.alloc_low,
+                            text=args.text, allocate=args.allocate or None, alloc_low=args.alloc_low,
                             alloc_high=args.alloc_high)
     cal = calibrate(cfg)
     path = cal.save(args.out)
