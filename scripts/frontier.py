@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--allocate", type=float, help="also calibrate a per-layer allocation and evaluate codec 'alloc'")
     ap.add_argument("--alloc-low", default="rot-lm4-g64-lg8-k4")  # the calibration defaults
     ap.add_argument("--alloc-high", default="rot-int6-g64-lg8-k4")
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward (4 for Gemma's 262k vocab)")
     ap.add_argument("--out", default="docs/frontier.json")
     args = ap.parse_args()
     out = Path(args.out)
@@ -97,10 +98,11 @@ def main() -> None:
         bundle = load_model(model)
         for tp in args.tp or [3]:
             res = calibrate_and_evaluate(model, tp, codecs, algorithm=args.algorithm, samples=args.samples,
-                                         cal_samples=args.cal_samples, lambada=args.lambada, bundle=bundle,
-                                         **cal_options)
+                                         cal_samples=args.cal_samples, lambada=args.lambada,
+                                         batch_size=args.batch_size, bundle=bundle, **cal_options)
             res["command"] = (f"python scripts/frontier.py --model {model} --tp {tp} --algorithm {args.algorithm} "
-                              f"--samples {args.samples} --cal-samples {args.cal_samples} --lambada {args.lambada}"
+                              f"--samples {args.samples} --cal-samples {args.cal_samples} --lambada {args.lambada} "
+                              f"--batch-size {args.batch_size}"
                               + "".join(f" --codec {c}" for c in args.codec or [])
                               + (f" --allocate {args.allocate} --alloc-low {args.alloc_low} --alloc-high "
                                  f"{args.alloc_high}" if args.allocate else ""))

@@ -27,8 +27,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     bundle = load_model(args.model)
-    a = calibrate(CalibrationConfig(model=args.model, tp=args.tp, samples=args.samples), bundle=bundle)
-    b = calibrate(CalibrationConfig(model=args.model, tp=args.tp, samples=args.samples, side="evaluation"),
+    a = calibrate(CalibrationConfig(model=args.model, tp=args.tp, samples=args.samples, allocate=None), bundle=bundle)
+    b = calibrate(CalibrationConfig(model=args.model, tp=args.tp, samples=args.samples, side="evaluation", allocate=None),
                   bundle=bundle)
     rows = consistency(a, b)
     summary = summarize(rows)

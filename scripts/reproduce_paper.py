@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--cal-samples", type=int, default=64)
     ap.add_argument("--lambada", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward (4 for Gemma's 262k vocab)")
     ap.add_argument("--out", default="docs/results.json")
     args = ap.parse_args()
     out = Path(args.out)
@@ -35,9 +36,9 @@ def main() -> None:
         bundle = load_model(model)
         for tp in args.tp or [3]:
             res = calibrate_and_evaluate(model, tp, CODECS, samples=args.samples, cal_samples=args.cal_samples,
-                                         lambada=args.lambada, bundle=bundle)
+                                         lambada=args.lambada, batch_size=args.batch_size, bundle=bundle)
             res["command"] = (f"python scripts/reproduce_paper.py --model {model} --tp {tp} --samples {args.samples} "
-                              f"--cal-samples {args.cal_samples} --lambada {args.lambada}")
+                              f"--cal-samples {args.cal_samples} --lambada {args.lambada} --batch-size {args.batch_size}")
             store[f"{model}/tp{tp}"] = res
             out.write_text(json.dumps(store, indent=2, default=str))
             write_markdown(store, out.with_suffix(".md"))

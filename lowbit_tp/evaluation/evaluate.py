@@ -121,8 +121,8 @@ def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress:
 
 
 def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algorithm: str = "gather",
-                           samples: int = 32, cal_samples: int = 64, lambada: int = 128, bundle=None,
-                           progress: bool = True, **cal_options) -> dict[str, Any]:
+                           samples: int = 32, cal_samples: int = 64, lambada: int = 128, batch_size: int = 8,
+                           bundle=None, progress: bool = True, **cal_options) -> dict[str, Any]:
     """Calibrate ``model`` at ``tp`` on the calibration text, then evaluate ``codecs`` on held-out text.
 
     ``cal_options`` go to :class:`CalibrationConfig` (e.g. ``allocate=4.5`` for codec ``alloc``).
@@ -131,8 +131,8 @@ def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algori
     from lowbit_tp.models import load_model
 
     bundle = bundle if bundle is not None else load_model(model)
-    cal = calibrate(CalibrationConfig(model=model, tp=tp, samples=cal_samples, **cal_options), bundle=bundle,
-                    progress=progress)
+    cal = calibrate(CalibrationConfig(model=model, tp=tp, samples=cal_samples, batch_size=batch_size, **cal_options),
+                    bundle=bundle, progress=progress)
     return evaluate_codecs(EvalConfig(model=model, tp=tp, codecs=tuple(codecs), algorithm=algorithm,
-                                      samples=samples, lambada=lambada), bundle=bundle, calibration=cal,
-                           progress=progress)
+                                      samples=samples, lambada=lambada, batch_size=batch_size), bundle=bundle,
+                           calibration=cal, progress=progress)
