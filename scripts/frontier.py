@@ -42,7 +42,8 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
                            (axes[1], "ppl_increase_pct", "perplexity increase %, log")):
         front = sorted((r for r in rows if r["codec"] in pareto(rows, key)), key=lambda r: r["bits_per_value"])
         for r in rows:
-            ax.scatter(r["bits_per_value"], max(r[key], 1e-4), color="tab:red" if r["codec"].startswith("rot") else "tab:blue")
+            ours = r["codec"].startswith("rot") or r["codec"] == "alloc"
+            ax.scatter(r["bits_per_value"], max(r[key], 1e-4), color="tab:red" if ours else "tab:blue")
             ax.annotate(r["codec"], (r["bits_per_value"], max(r[key], 1e-4)), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
         ax.plot([r["bits_per_value"] for r in front], [max(r[key], 1e-4) for r in front], "k--", lw=0.8)
@@ -50,7 +51,7 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
         ax.set_xlabel("wire bits / value (measured)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    fig.suptitle(title + "  (blue: paper and peers, red: rotated codecs; dashed: Pareto front)")
+    fig.suptitle(title + "  (blue: paper and peers, red: this project's codecs; dashed: Pareto front)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
