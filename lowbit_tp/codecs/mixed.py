@@ -15,8 +15,31 @@ from lowbit_tp.calibration.artifact import CalibrationError
 from lowbit_tp.codecs.base import Codec, make_codec, register_codec
 
 
+class _DelegatingCodec(Codec):
+    """A codec that hands each call to a sub-codec chosen by (layer, source); the sub-codec
+    validates the input and owns the bytes."""
+
+    def _pick(self, layer, source) -> Codec:
+        raise NotImplementedError
+
+    def payload_nbytes(self, shape, layer=None):
+        return self._pick(layer, 0).payload_nbytes(shape, layer)
+
+    def encode(self, x, *, layer=None, source=0):
+        return self._pick(layer, source).encode(x, layer=layer, source=source)
+
+    def decode(self, payload, shape, *, layer=None, source=0):
+        return self._pick(layer, source).decode(payload, shape, layer=layer, source=source)
+
+    def _encode(self, x, params, nonfinite):  # pragma: no cover - encode() delegates
+        raise NotImplementedError
+
+    def _decode(self, payload, shape, params):  # pragma: no cover - decode() delegates
+        raise NotImplementedError
+
+
 @register_codec("alloc")
-class AllocatedCodec(Codec):
+class AllocatedCodec(_DelegatingCodec):
     """Delegates each layer to the codec its bit allocation names (see module docstring)."""
 
     name = "alloc"
@@ -44,23 +67,11 @@ class AllocatedCodec(Codec):
         except KeyError:
             raise CalibrationError(f"the bit allocation has no layer {layer!r}") from None
 
-    def payload_nbytes(self, shape, layer=None):
-        return self.codec_for(layer).payload_nbytes(shape, layer)
-
-    def encode(self, x, *, layer=None, source=0):
-        return self.codec_for(layer).encode(x, layer=layer, source=source)
-
-    def decode(self, payload, shape, *, layer=None, source=0):
-        return self.codec_for(layer).decode(payload, shape, layer=layer, source=source)
-
-    def _encode(self, x, params, nonfinite):  # pragma: no cover - encode() delegates
-        raise NotImplementedError
-
-    def _decode(self, payload, shape, params):  # pragma: no cover - decode() delegates
-        raise NotImplementedError
+    def _pick(self, layer, source) -> Codec:
+        return self.codec_for(layer)
 
 
-class TwoStageCodec(Codec):
+class TwoStageCodec(_DelegatingCodec):
     """One codec for the partials, a wider one for the reduced sum of a two-shot collective.
 
     Two-shot quantizes twice: each rank's chunk (``source`` = its rank), then the reduced
@@ -80,23 +91,8 @@ class TwoStageCodec(Codec):
     def options(self):
         return {"first": self.first.config(), "second": self.second.config()}
 
-    def _stage(self, source) -> Codec:
+    def _pick(self, layer, source) -> Codec:
         return self.second if source == "sum" else self.first
-
-    def payload_nbytes(self, shape, layer=None):
-        return self.first.payload_nbytes(shape, layer)
-
-    def encode(self, x, *, layer=None, source=0):
-        return self._stage(source).encode(x, layer=layer, source=source)
-
-    def decode(self, payload, shape, *, layer=None, source=0):
-        return self._stage(source).decode(payload, shape, layer=layer, source=source)
-
-    def _encode(self, x, params, nonfinite):  # pragma: no cover - encode() delegates
-        raise NotImplementedError
-
-    def _decode(self, payload, shape, params):  # pragma: no cover - decode() delegates
-        raise NotImplementedError
 
 
 register_codec("rot-lm4-g64+sum8", lambda **kw: TwoStageCodec(first="rot-lm4-g64", second="rot-int8-g64-e8",

@@ -92,8 +92,7 @@ def all_reduce(
         out = partial.clone()
         _guard("exact all_reduce", layer, group, lambda: dist.all_reduce(out, group=group))
         if stats is not None:
-            nbytes = partial.numel() * partial.element_size()
-            stats.record(algorithm=algo, sent=2 * (world - 1) * nbytes // world, payload=nbytes, values=partial.numel())
+            stats.record_exact(partial, world=world)
         return out
     check_group_config(codec, group, layer=layer)
     shape = tuple(partial.shape)
@@ -103,7 +102,7 @@ def all_reduce(
         _guard("all_gather of payloads", layer, group, lambda: dist.all_gather(got, payload, group=group))
         out = A.gather_decode_sum(codec, got, shape, layer=layer)
         if stats is not None:
-            stats.record(algorithm=algo, sent=(world - 1) * payload.numel(), payload=payload.numel(), values=partial.numel())
+            stats.record_gather(payload, world=world, values=partial.numel())
         return out.to(partial.dtype)
     # two-shot: all payload chunks have one size, so all_to_all_single needs no split sizes
     chunks = A.two_shot_encode(codec, partial, layer=layer, rank=rank, world=world)
@@ -116,7 +115,5 @@ def all_reduce(
     _guard("all_gather of reduced chunks", layer, group, lambda: dist.all_gather(sums, mine, group=group))
     out = A.two_shot_decode(codec, sums, chunk_shape, shape[0], layer=layer)
     if stats is not None:
-        c = chunks[0].numel()
-        stats.record(algorithm=algo, sent=(world - 1) * c + (world - 1) * mine.numel(),
-                     payload=send.numel(), values=partial.numel())
+        stats.record_two_shot(chunks, mine, rank=rank, values=partial.numel())
     return out.to(partial.dtype)

@@ -64,6 +64,23 @@ class CommStats:
         self.calls += 1
         self.by_algorithm[algorithm] = self.by_algorithm.get(algorithm, 0) + 1
 
+    # One place for what each algorithm puts on the wire, from the payload tensors it sent
+    # (the multi-process and single-process paths both call these).
+    def record_exact(self, partial, *, world: int) -> None:
+        """Backend all-reduce, counted as a ring: 2(N-1)/N of the message leaves each rank."""
+        nbytes = partial.numel() * partial.element_size()
+        self.record(algorithm="exact", sent=2 * (world - 1) * nbytes // world, payload=nbytes, values=partial.numel())
+
+    def record_gather(self, payload, *, world: int, values: int) -> None:
+        """This rank's payload goes to each of the N-1 peers."""
+        self.record(algorithm="gather", sent=(world - 1) * payload.numel(), payload=payload.numel(), values=values)
+
+    def record_two_shot(self, chunks, reduced, *, rank: int, values: int) -> None:
+        """All-to-all of the chunks meant for peers, then the reduced chunk to each of the N-1 peers."""
+        world = len(chunks)
+        sent = sum(c.numel() for j, c in enumerate(chunks) if j != rank) + (world - 1) * reduced.numel()
+        self.record(algorithm="two-shot", sent=sent, payload=sum(c.numel() for c in chunks), values=values)
+
     @property
     def bits_per_value(self) -> float:
         return 8.0 * self.payload_bytes / self.values if self.values else float("nan")

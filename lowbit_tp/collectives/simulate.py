@@ -46,16 +46,14 @@ def simulate_all_reduce(
         return x0
     if algo == "exact":
         if stats is not None:
-            stats.record(algorithm=algo, sent=2 * (world - 1) * x0.numel() * x0.element_size() // world,
-                         payload=x0.numel() * x0.element_size(), values=x0.numel())
+            stats.record_exact(x0, world=world)
         return A.sum_in_rank_order(partials).to(x0.dtype)
     shape = tuple(x0.shape)
     if algo == "gather":
         payloads = [A.gather_encode(codec, p, layer=layer, rank=r) for r, p in enumerate(partials)]
         out = A.gather_decode_sum(codec, payloads, shape, layer=layer)
         if stats is not None:
-            stats.record(algorithm=algo, sent=(world - 1) * payloads[0].numel(),
-                         payload=payloads[0].numel(), values=x0.numel())
+            stats.record_gather(payloads[0], world=world, values=x0.numel())
         return out.to(x0.dtype)
     # two-shot
     chunks = [A.two_shot_encode(codec, p, layer=layer, rank=r, world=world) for r, p in enumerate(partials)]
@@ -63,8 +61,6 @@ def simulate_all_reduce(
     sums = [A.two_shot_reduce(codec, [chunks[r][j] for r in range(world)], chunk_shape, layer=layer)
             for j in range(world)]
     out = A.two_shot_decode(codec, sums, chunk_shape, shape[0], layer=layer)
-    if stats is not None:
-        a2a = sum(c.numel() for j, c in enumerate(chunks[0]) if j != 0)
-        stats.record(algorithm=algo, sent=a2a + (world - 1) * sums[0].numel(),
-                     payload=sum(c.numel() for c in chunks[0]), values=x0.numel())
+    if stats is not None:  # what rank 0 sends
+        stats.record_two_shot(chunks[0], sums[0], rank=0, values=x0.numel())
     return out.to(x0.dtype)
