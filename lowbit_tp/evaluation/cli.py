@@ -24,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("--alloc-high", default="rot-int6-g64-lg8-k4", help="codec for the most sensitive layers")
     p.set_defaults(func=_calibrate)
 
-    e = sub.add_parser("eval", help="perplexity, KL, top-1 and last-word accuracy of codecs via the TP simulator")
+    e = sub.add_parser("eval", help="perplexity, KL, top-1 and last-word accuracy of codecs via the TP simulator "
+                                    "or the multi-process TP runtime")
     e.add_argument("--model", default="smollm2-135m")
     e.add_argument("--tp", type=int, required=True)
     e.add_argument("--codec", action="append", required=True, help="repeatable")
@@ -36,6 +37,10 @@ def register(sub) -> None:
     e.add_argument("--lambada", type=int, default=128, help="last-word items (0 to skip)")
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--text", help="evaluation text: a file or a directory of .txt files (default: Shakespeare)")
+    e.add_argument("--runtime", default="sim", choices=["sim", "tp"],
+                   help="sim: single-process TP simulator; tp: --tp spawned gloo ranks, each holding one shard")
+    e.add_argument("--timeout", type=float, default=60.0, help="--runtime tp: collective timeout in seconds")
+    e.add_argument("--threads-per-rank", type=int, default=1, help="--runtime tp: torch threads per rank")
     e.add_argument("--json", help="write the full result here")
     e.set_defaults(func=_eval)
 
@@ -60,9 +65,16 @@ def _eval(args) -> None:
     cfg = EvalConfig(model=args.model, tp=args.tp, codecs=tuple(args.codec), algorithm=args.algorithm,
                      calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
                      batch_size=args.batch_size, lambada=args.lambada, seed=args.seed, text=args.text)
-    res = evaluate_codecs(cfg)
-    cols = ["codec", "algorithm", "bits_per_value", "ppl_baseline", "ppl", "ppl_increase_pct", "kl", "top1",
-            "lambada_acc_baseline", "lambada_acc", "pct_of_baseline_lambada"]
+    if args.runtime == "tp":
+        from lowbit_tp.runtime.evaluate import evaluate_codecs_tp
+
+        res = evaluate_codecs_tp(cfg, timeout_s=args.timeout, threads_per_rank=args.threads_per_rank)
+    else:
+        res = evaluate_codecs(cfg)
+        for row in res["rows"]:
+            row["runtime"] = "sim"
+    cols = ["codec", "algorithm", "runtime", "bits_per_value", "ppl_baseline", "ppl", "ppl_increase_pct", "kl",
+            "top1", "lambada_acc_baseline", "lambada_acc", "pct_of_baseline_lambada"]
     print(markdown_table(res["rows"], cols))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

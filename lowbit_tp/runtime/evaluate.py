@@ -1,0 +1,198 @@
+"""Codec quality measured on the real multi-process TP runtime (``lowbit-tp eval --runtime tp``).
+
+The counterpart of :func:`lowbit_tp.evaluation.evaluate_codecs`, which runs the
+single-process simulator: same evaluation windows (``load_split`` + ``chunk_tokens`` with
+``cfg.seed``), same last-word items, same metrics (:class:`LMComparison`), same row keys
+plus ``"runtime": "tp"``. Because simulator and runtime share the codec and reduction code
+(STYLE.md rule 4) the two agree exactly; ``tests/test_runtime_eval.py`` holds them to that.
+
+Who computes what:
+
+* the parent loads the unmodified model once, draws the windows, computes the baseline
+  logits batch by batch and writes them to a temporary directory (one ``torch.save`` file
+  per batch, ``samples * seq_len * vocab * 4`` bytes in all: 1.6 GB for 32 x 256 tokens of
+  a 49k vocabulary), computes the baseline last-word accuracy, then frees the model;
+* ``cfg.tp`` spawned gloo ranks (:func:`eval_rank_main`) each load and shard the model as
+  :func:`~lowbit_tp.runtime.engine.rank_main` does, once, and run every codec in turn by
+  pointing the row-parallel layers at a fresh :class:`TPComm`: full-sequence forwards
+  (``use_cache=False``) over the windows, then the last-word items;
+* rank 0 reads each batch's baseline logits, accumulates :class:`LMComparison` and returns
+  its sums (numbers, not logits, unless ``keep_logits``); every rank returns its
+  :class:`~lowbit_tp.collectives.CommStats`. Rows report rank 0's traffic, which is what
+  the simulator counts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from lowbit_tp.collectives import CommStats, check_group_config, spawn_ranks
+from lowbit_tp.evaluation.evaluate import EvalConfig, _lambada
+from lowbit_tp.evaluation.metrics import LMComparison
+from lowbit_tp.runtime.shard import RowParallelLinear, TPComm, shard_model
+
+__all__ = ["eval_rank_main", "evaluate_codecs_tp"]
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]
+
+
+def _use_comm(model: torch.nn.Module, comm: TPComm) -> None:
+    """Point every :class:`RowParallelLinear` of a sharded ``model`` at ``comm`` (next codec)."""
+    for m in model.modules():
+        if isinstance(m, RowParallelLinear):
+            m.comm = comm
+
+
+def eval_rank_main(rank: int, world: int, cfg: EvalConfig, input_ids: torch.Tensor, items: Sequence,
+                   baseline_dir: str, *, weights_sha256: str, keep_logits: bool = False,
+                   group=None) -> dict[str, Any]:
+    """One rank's evaluation of every codec of ``cfg``; all ranks of ``group`` call it together.
+
+    ``input_ids [samples, seq_len]`` and ``items`` (last-word items) are the parent's, so
+    every rank and the simulator see the same tokens. ``baseline_dir`` holds
+    ``batch{b}.pt``, the unmodified model's logits of batch ``b`` (read by rank 0 only).
+    ``weights_sha256`` is the parent's model hash: a rank that loaded other weights fails.
+
+    Returns per codec: this rank's ``comm`` stats and forward ``seconds``; on rank 0 also the
+    :class:`LMComparison` sums (``comparison``), last-word hits (``lambada``) and, with
+    ``keep_logits``, the logits ``[samples, seq_len, vocab]``.
+    """
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.models import check_tp, get_adapter, load_model
+    from lowbit_tp.runtime.engine import _load_calibration
+
+    if world != cfg.tp:
+        raise ValueError(f"the evaluation asks for TP {cfg.tp} but {world} ranks were started")
+    model, _, info = load_model(cfg.model)
+    if info.weights_sha256 != weights_sha256:
+        raise ValueError(f"rank {rank} loaded weights {info.weights_sha256[:12]}..., the baseline was computed "
+                         f"with {weights_sha256[:12]}...")
+    adapter = get_adapter(model, name=cfg.model)
+    check_tp(model.config, world, name=cfg.model)
+    cal = _load_calibration(cfg, tp=world, info=info)
+    codecs = {name: make_codec(name, calibration=cal, **cfg.codec_options.get(name, {})) for name in cfg.codecs}
+    extra = {"model_sha256": info.weights_sha256, "tp": world, "algorithm": cfg.algorithm,
+             "input_ids_sha256": _digest(input_ids.tolist()), "items_sha256": _digest([it.manifest() for it in items]),
+             "batch_size": cfg.batch_size, "calibration_file": None if cal is None else cal.fingerprint()}
+    for codec in codecs.values():
+        check_group_config(codec, group, extra=extra)
+
+    comm = TPComm(codec=next(iter(codecs.values())), group=group, algorithm=cfg.algorithm)
+    shard = shard_model(model, rank=rank, tp=world, comm=comm, adapter=adapter)
+    batches = list(input_ids.split(cfg.batch_size))
+    out: dict[str, Any] = {"rank": rank, "shard": asdict(shard), "codecs": {}}
+    with torch.no_grad():
+        for name, codec in codecs.items():
+            comm = TPComm(codec=codec, group=group, algorithm=cfg.algorithm)
+            _use_comm(model, comm)
+            comp, kept, seconds = LMComparison(), [], 0.0
+            for b, ids in enumerate(batches):
+                t0 = time.perf_counter()
+                logits = model(ids, use_cache=False).logits
+                seconds += time.perf_counter() - t0
+                if rank == 0:
+                    comp.update(ids, torch.load(Path(baseline_dir) / f"batch{b}.pt"), logits)
+                    if keep_logits:
+                        kept.append(logits)
+            lam = _lambada(model, items, cfg.batch_size)
+            row = {"config": codec.config(), "comm": comm.stats.as_dict(), "seconds": seconds}
+            if rank == 0:
+                row |= {"comparison": asdict(comp), "lambada": lam}
+                if keep_logits:
+                    row["logits"] = torch.cat(kept)
+            out["codecs"][name] = row
+    return out
+
+
+def _stats(d: dict) -> CommStats:
+    keep = {f.name for f in fields(CommStats)}
+    return CommStats(**{k: v for k, v in d.items() if k in keep})
+
+
+def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = 60.0, deadline_s: float | None = None,
+                       threads_per_rank: int = 1, keep_logits: bool = False,
+                       progress: bool = True) -> dict[str, Any]:
+    """:func:`~lowbit_tp.evaluation.evaluate_codecs` on ``cfg.tp`` spawned ranks (gloo, CPU).
+
+    ``cfg.model`` must be loadable by every rank (registry name or checkpoint path), and
+    ``cfg.calibration`` a file path. ``timeout_s`` bounds each collective; ``deadline_s``
+    (default ``timeout_s + 3600``) the whole spawned run. Returns the simulator path's
+    structure; rows carry ``"runtime": "tp"``, and ``"runtime"`` at top level records the
+    settings and each rank's shard and traffic. ``keep_logits`` adds rank 0's logits per
+    codec under ``"logits"`` (tests; large for real vocabularies).
+    Raises :class:`~lowbit_tp.collectives.RankFailure` if any rank fails.
+    """
+    from tqdm import tqdm
+
+    from lowbit_tp.calibration import Calibration
+    from lowbit_tp.data import chunk_tokens, lambada_passages, load_split
+    from lowbit_tp.models import load_model
+
+    model, tokenizer, info = load_model(cfg.model)
+    calibration = None
+    if cfg.calibration is not None:  # fail here, before spawning, on a wrong artifact
+        calibration = Calibration.load(cfg.calibration)
+        calibration.check_compatible(tp=cfg.tp, hidden_size=info.hidden_size, weights_sha256=info.weights_sha256,
+                                     model_name=info.name)
+    split = load_split(cfg.text)
+    chunks = chunk_tokens(tokenizer, split.evaluation, num_samples=cfg.samples, seq_len=cfg.seq_len, seed=cfg.seed)
+    items = (lambada_passages(tokenizer, split.evaluation, num_passages=cfg.lambada, context_tokens=cfg.lambada_context,
+                              seed=cfg.seed) if cfg.lambada else ())
+    batches = list(chunks.input_ids.split(cfg.batch_size))
+    with tempfile.TemporaryDirectory(prefix="lowbit_tp_eval_baseline_") as base_dir:
+        with torch.no_grad():
+            for b, ids in enumerate(tqdm(batches, desc="baseline", unit="fwd", disable=not progress)):
+                torch.save(model(ids).logits, Path(base_dir) / f"batch{b}.pt")
+            lam_base = _lambada(model, items, cfg.batch_size)
+        del model  # the ranks load their own copies
+        t0 = time.perf_counter()
+        per_rank = spawn_ranks(eval_rank_main, cfg.tp, cfg, chunks.input_ids, tuple(items), base_dir,
+                               weights_sha256=info.weights_sha256, keep_logits=keep_logits,
+                               timeout_s=timeout_s, deadline_s=timeout_s + 3600.0 if deadline_s is None else deadline_s,
+                               threads=threads_per_rank)
+        wall_s = time.perf_counter() - t0
+
+    base_acc = sum(lam_base) / len(lam_base) if lam_base else float("nan")
+    rows, logits = [], {}
+    for name in cfg.codecs:
+        r0 = per_rank[0]["codecs"][name]
+        r = LMComparison(**r0["comparison"]).result()
+        st = _stats(r0["comm"])
+        acc = sum(r0["lambada"]) / len(r0["lambada"]) if r0["lambada"] else float("nan")
+        rows.append({
+            "model": info.name, "tp": cfg.tp, "codec": name, "algorithm": cfg.algorithm, "runtime": "tp",
+            **r,
+            "lambada_acc": acc, "lambada_acc_baseline": base_acc,
+            "bits_per_value": st.bits_per_value,
+            "bytes_sent_per_rank_per_token": st.bytes_sent / max(1, st.values // info.hidden_size),
+            "ppl_increase_pct": 100.0 * (r["ppl"] / r["ppl_baseline"] - 1.0),
+            "pct_of_baseline_lambada": 100.0 * acc / base_acc if base_acc else float("nan"),
+            "seconds": round(r0["seconds"], 2),
+        })
+        if keep_logits:
+            logits[name] = r0["logits"]
+    out = {
+        "config": asdict(cfg),
+        "runtime": {"kind": "tp", "timeout_s": timeout_s, "threads_per_rank": threads_per_rank,
+                    "wall_s": round(wall_s, 2),
+                    "per_rank": [{"rank": pr["rank"], "shard": pr["shard"],
+                                  "comm": {n: c["comm"] for n, c in pr["codecs"].items()}} for pr in per_rank]},
+        "model": {"name": info.name, "weights_sha256": info.weights_sha256, "model_type": info.model_type},
+        "text": {"description": split.description, "chunks": chunks.manifest(),
+                 "lambada": [it.manifest() for it in items]},
+        "calibration": None if calibration is None else {"fingerprint": calibration.fingerprint(),
+                                                         "text": calibration.meta.get("text", {}).get("description")},
+        "rows": rows,
+    }
+    if keep_logits:
+        out["logits"] = logits
+    return out
