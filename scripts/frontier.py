@@ -94,7 +94,7 @@ def main() -> None:
     store = json.loads(out.read_text()) if out.exists() else {}
     codecs = tuple(args.codec or CODECS) + (("alloc",) if args.allocate else ())
     cal_options = ({"allocate": args.allocate, "alloc_low": args.alloc_low, "alloc_high": args.alloc_high}
-                   if args.allocate else {})
+                   if args.allocate else {"allocate": None})
     for model in args.model or ["smollm2-135m"]:
         bundle = load_model(model)
         for tp in args.tp or [3]:
