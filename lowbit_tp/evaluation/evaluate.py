@@ -29,6 +29,23 @@ class EvalConfig:
     codec_options: dict = field(default_factory=dict)
 
 
+def result_row(cfg: EvalConfig, info, codec: str, comparison: dict, stats, lambada_hits: Sequence[bool],
+               lambada_baseline: float, seconds: float, *, num_layers: int) -> dict[str, Any]:
+    """One codec's result row, shared by the simulator and the real-runtime evaluation."""
+    acc = sum(lambada_hits) / len(lambada_hits) if lambada_hits else float("nan")
+    return {
+        "model": info.name, "tp": cfg.tp, "codec": codec, "algorithm": cfg.algorithm,
+        **comparison,
+        "lambada_acc": acc, "lambada_acc_baseline": lambada_baseline,
+        "bits_per_value": stats.bits_per_value,
+        # all row-parallel layers together, per token that went through the model
+        "bytes_sent_per_rank_per_token": stats.bytes_sent * num_layers / max(1, stats.values // info.hidden_size),
+        "ppl_increase_pct": 100.0 * (comparison["ppl"] / comparison["ppl_baseline"] - 1.0),
+        "pct_of_baseline_lambada": 100.0 * acc / lambada_baseline if lambada_baseline else float("nan"),
+        "seconds": round(seconds, 2),
+    }
+
+
 def _lambada(model, items, batch_size: int) -> list[bool]:
     out = []
     for i in range(0, len(items), batch_size):
@@ -94,21 +111,8 @@ def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress:
                 lam[name] = _lambada(model, items, cfg.batch_size)
     bar.close()
     base_acc = sum(lam_base) / len(lam_base) if lam_base else float("nan")
-    rows = []
-    for name, sim in sims.items():
-        r = comps[name].result()
-        st = sim.comm_stats()
-        acc = sum(lam[name]) / len(lam[name]) if lam[name] else float("nan")
-        rows.append({
-            "model": info.name, "tp": cfg.tp, "codec": name, "algorithm": cfg.algorithm,
-            **r,
-            "lambada_acc": acc, "lambada_acc_baseline": base_acc,
-            "bits_per_value": st.bits_per_value,
-            "bytes_sent_per_rank_per_token": st.bytes_sent / max(1, st.values // info.hidden_size),
-            "ppl_increase_pct": 100.0 * (r["ppl"] / r["ppl_baseline"] - 1.0),
-            "pct_of_baseline_lambada": 100.0 * acc / base_acc if base_acc else float("nan"),
-            "seconds": round(seconds[name], 2),
-        })
+    rows = [result_row(cfg, info, name, comps[name].result(), sim.comm_stats(), lam[name], base_acc,
+                       seconds[name], num_layers=len(sim.layers)) for name, sim in sims.items()]
     return {
         "config": asdict(cfg),
         "model": {"name": info.name, "weights_sha256": info.weights_sha256, "model_type": info.model_type},

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import torch
 
 from lowbit_tp.collectives import CommStats, check_group_config, spawn_ranks
-from lowbit_tp.evaluation.evaluate import EvalConfig, _lambada
+from lowbit_tp.evaluation.evaluate import EvalConfig, _lambada, result_row
 from lowbit_tp.evaluation.metrics import LMComparison
 from lowbit_tp.runtime.shard import RowParallelLinear, TPComm, shard_model
 
@@ -165,19 +165,9 @@ def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = 60.0, deadline_s: 
     rows, logits = [], {}
     for name in cfg.codecs:
         r0 = per_rank[0]["codecs"][name]
-        r = LMComparison(**r0["comparison"]).result()
-        st = _stats(r0["comm"])
-        acc = sum(r0["lambada"]) / len(r0["lambada"]) if r0["lambada"] else float("nan")
-        rows.append({
-            "model": info.name, "tp": cfg.tp, "codec": name, "algorithm": cfg.algorithm, "runtime": "tp",
-            **r,
-            "lambada_acc": acc, "lambada_acc_baseline": base_acc,
-            "bits_per_value": st.bits_per_value,
-            "bytes_sent_per_rank_per_token": st.bytes_sent / max(1, st.values // info.hidden_size),
-            "ppl_increase_pct": 100.0 * (r["ppl"] / r["ppl_baseline"] - 1.0),
-            "pct_of_baseline_lambada": 100.0 * acc / base_acc if base_acc else float("nan"),
-            "seconds": round(r0["seconds"], 2),
-        })
+        row = result_row(cfg, info, name, LMComparison(**r0["comparison"]).result(), _stats(r0["comm"]),
+                         r0["lambada"], base_acc, r0["seconds"], num_layers=2 * info.num_layers)
+        rows.append({**row, "runtime": "tp"})
         if keep_logits:
             logits[name] = r0["logits"]
     out = {

@@ -87,7 +87,7 @@ class TPSimulator:
             total = sum_in_rank_order(partials)
             self.observer(layer, partials, total)
         if self.codec is None or self.algorithm == "exact":
-            return total if total is not None else sum_in_rank_order(partials).to(partials[0].dtype)
+            return (total if total is not None else sum_in_rank_order(partials)).to(partials[0].dtype)
         st = self.per_layer.setdefault(layer, CommStats())
         return simulate_all_reduce(partials, self.codec, self.algorithm, layer=layer, policy=self.policy, stats=st)
 
