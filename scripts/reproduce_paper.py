@@ -36,7 +36,8 @@ def main() -> None:
         bundle = load_model(model)
         for tp in args.tp or [3]:
             res = calibrate_and_evaluate(model, tp, CODECS, samples=args.samples, cal_samples=args.cal_samples,
-                                         lambada=args.lambada, batch_size=args.batch_size, bundle=bundle)
+                                         lambada=args.lambada, batch_size=args.batch_size, bundle=bundle,
+                                         allocate=None)
             res["command"] = (f"python scripts/reproduce_paper.py --model {model} --tp {tp} --samples {args.samples} "
                               f"--cal-samples {args.cal_samples} --lambada {args.lambada} --batch-size {args.batch_size}")
             store[f"{model}/tp{tp}"] = res
