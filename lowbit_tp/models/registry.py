@@ -187,7 +187,7 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> Any:
 
 
 def load_model(
-    name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32
+    name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32, progress: bool = True
 ) -> tuple[Any, Any, ModelInfo]:
     """Load ``(model, tokenizer, info)`` in eval mode with gradients disabled.
 
@@ -195,7 +195,10 @@ def load_model(
     or a ``.gguf`` file. ``dtype``: the dtype the (dequantized) weights are held in.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    if not progress:  # N ranks loading at once would interleave N progress bars
+        hf_logging.disable_progress_bar()
     source = resolve_source(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(
         str(source.directory), dtype=dtype, **_from_pretrained_kwargs(source)

@@ -110,7 +110,7 @@ def rank_main(rank: int, world: int, cfg: RunConfig, *, group=None, stream: bool
     if world != cfg.tp:
         raise ValueError(f"the run asks for TP {cfg.tp} but {world} ranks were started")
     t0 = time.perf_counter()
-    model, tokenizer, info = load_model(cfg.model)
+    model, tokenizer, info = load_model(cfg.model, progress=False)
     load_s = time.perf_counter() - t0
     adapter = get_adapter(model, name=cfg.model)
     check_tp(model.config, world, name=cfg.model)

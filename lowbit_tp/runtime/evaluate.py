@@ -72,7 +72,7 @@ def eval_rank_main(rank: int, world: int, cfg: EvalConfig, input_ids: torch.Tens
 
     if world != cfg.tp:
         raise ValueError(f"the evaluation asks for TP {cfg.tp} but {world} ranks were started")
-    model, _, info = load_model(cfg.model)
+    model, _, info = load_model(cfg.model, progress=False)
     if info.weights_sha256 != weights_sha256:
         raise ValueError(f"rank {rank} loaded weights {info.weights_sha256[:12]}..., the baseline was computed "
                          f"with {weights_sha256[:12]}...")
