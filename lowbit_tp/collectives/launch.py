@@ -6,7 +6,6 @@ runtime initialises the process group from the environment instead (``init_from_
 from __future__ import annotations
 
 import datetime
-import os
 import socket
 import tempfile
 import time

@@ -29,6 +29,24 @@ class EvalConfig:
     codec_options: dict = field(default_factory=dict)
 
 
+def eval_inputs(cfg: EvalConfig, tokenizer, info, calibration=None):
+    """What every evaluation path reads: the checked calibration, the text split, the
+    held-out token windows and the last-word items, all fixed by ``cfg``."""
+    from lowbit_tp.calibration import Calibration
+    from lowbit_tp.data import chunk_tokens, lambada_passages, load_split
+
+    if calibration is None and cfg.calibration is not None:
+        calibration = Calibration.load(cfg.calibration)
+    if calibration is not None:  # fail before any model work on an artifact for another run
+        calibration.check_compatible(tp=cfg.tp, hidden_size=info.hidden_size, weights_sha256=info.weights_sha256,
+                                     model_name=info.name)
+    split = load_split(cfg.text)
+    chunks = chunk_tokens(tokenizer, split.evaluation, num_samples=cfg.samples, seq_len=cfg.seq_len, seed=cfg.seed)
+    items = (lambada_passages(tokenizer, split.evaluation, num_passages=cfg.lambada, context_tokens=cfg.lambada_context,
+                              seed=cfg.seed) if cfg.lambada else ())
+    return calibration, split, chunks, items
+
+
 def result_row(cfg: EvalConfig, info, codec: str, comparison: dict, stats, lambada_hits: Sequence[bool],
                lambada_baseline: float, seconds: float, *, num_layers: int) -> dict[str, Any]:
     """One codec's result row, shared by the simulator and the real-runtime evaluation."""
@@ -70,22 +88,12 @@ def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress:
     """
     from tqdm import tqdm
 
-    from lowbit_tp.calibration import Calibration
     from lowbit_tp.codecs import make_codec
-    from lowbit_tp.data import chunk_tokens, lambada_passages, load_split
     from lowbit_tp.models import load_model
     from lowbit_tp.simulator import TPSimulator
 
     model, tokenizer, info = bundle if bundle is not None else load_model(cfg.model)
-    if calibration is None and cfg.calibration is not None:
-        calibration = Calibration.load(cfg.calibration)
-    if calibration is not None:
-        calibration.check_compatible(tp=cfg.tp, hidden_size=info.hidden_size, weights_sha256=info.weights_sha256,
-                                     model_name=info.name)
-    split = load_split(cfg.text)
-    chunks = chunk_tokens(tokenizer, split.evaluation, num_samples=cfg.samples, seq_len=cfg.seq_len, seed=cfg.seed)
-    items = (lambada_passages(tokenizer, split.evaluation, num_passages=cfg.lambada, context_tokens=cfg.lambada_context,
-                              seed=cfg.seed) if cfg.lambada else ())
+    calibration, split, chunks, items = eval_inputs(cfg, tokenizer, info, calibration)
     sims = {name: TPSimulator(model, tp=cfg.tp, name=info.name, algorithm=cfg.algorithm,
                               codec=make_codec(name, calibration=calibration, **cfg.codec_options.get(name, {})))
             for name in cfg.codecs}

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import torch
 
 from lowbit_tp.collectives import CommStats, check_group_config, spawn_ranks
-from lowbit_tp.evaluation.evaluate import EvalConfig, _lambada, result_row
+from lowbit_tp.evaluation.evaluate import EvalConfig, _lambada, eval_inputs, result_row
 from lowbit_tp.evaluation.metrics import LMComparison
 from lowbit_tp.runtime.shard import RowParallelLinear, TPComm, shard_model
 
@@ -133,20 +133,11 @@ def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = 60.0, deadline_s: 
     """
     from tqdm import tqdm
 
-    from lowbit_tp.calibration import Calibration
-    from lowbit_tp.data import chunk_tokens, lambada_passages, load_split
     from lowbit_tp.models import load_model
 
     model, tokenizer, info = load_model(cfg.model)
-    calibration = None
-    if cfg.calibration is not None:  # fail here, before spawning, on a wrong artifact
-        calibration = Calibration.load(cfg.calibration)
-        calibration.check_compatible(tp=cfg.tp, hidden_size=info.hidden_size, weights_sha256=info.weights_sha256,
-                                     model_name=info.name)
-    split = load_split(cfg.text)
-    chunks = chunk_tokens(tokenizer, split.evaluation, num_samples=cfg.samples, seq_len=cfg.seq_len, seed=cfg.seed)
-    items = (lambada_passages(tokenizer, split.evaluation, num_passages=cfg.lambada, context_tokens=cfg.lambada_context,
-                              seed=cfg.seed) if cfg.lambada else ())
+    # fails here, before spawning, on a wrong calibration artifact
+    calibration, split, chunks, items = eval_inputs(cfg, tokenizer, info)
     batches = list(chunks.input_ids.split(cfg.batch_size))
     with tempfile.TemporaryDirectory(prefix="lowbit_tp_eval_baseline_") as base_dir:
         with torch.no_grad():
