@@ -72,31 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     _add_bench_comm(sub)
-    for register in _EXTRA_COMMANDS:
+    for register in _extra_commands():
         register(sub)
     return parser
 
 
-# Subcommands contributed by other modules (calibrate, eval, run, ...): functions
-# ``register(subparsers)``. Imported lazily so that ``--help`` stays fast.
-_EXTRA_COMMANDS: list = []
+# Modules that contribute subcommands (calibrate, eval, run, bench-e2e) through a
+# ``register(subparsers)`` function; imported here, not at the top, so `--help` stays fast.
+_EXTRA_MODULES = ("lowbit_tp.evaluation.cli", "lowbit_tp.runtime.cli", "lowbit_tp.bench.e2e")
 
 
-def _load_extra_commands():
+def _extra_commands() -> list:
     import importlib
 
-    for mod in ("lowbit_tp.evaluation.cli", "lowbit_tp.runtime.cli", "lowbit_tp.bench.e2e"):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name == mod:
-                continue
-            raise
-        _EXTRA_COMMANDS.append(m.register)
+    return [importlib.import_module(mod).register for mod in _EXTRA_MODULES]
 
 
 def main(argv: list[str] | None = None) -> int:
-    _load_extra_commands()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

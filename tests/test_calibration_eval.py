@@ -140,3 +140,12 @@ def test_bit_allocation_meets_its_budget_and_protects_sensitive_layers(bundle):
     with pytest.raises(CalibrationError, match="--allocate"):
         make_codec("alloc", calibration=calibrate(CalibrationConfig(model="tiny-llama", tp=2, samples=2, seq_len=32,
                                                                     allocate=None), bundle=bundle, progress=False))
+
+
+def test_cli_parser_can_be_built_twice_in_one_process():
+    from lowbit_tp.cli import build_parser
+
+    for _ in range(2):
+        parser = build_parser()
+    args = parser.parse_args(["eval", "--tp", "3", "--codec", "default"])
+    assert args.codec == ["default"] and args.tp == 3
