@@ -47,6 +47,19 @@ def eval_inputs(cfg: EvalConfig, tokenizer, info, calibration=None):
     return calibration, split, chunks, items
 
 
+def result_record(cfg: EvalConfig, info, split, chunks, items, calibration, rows: list[dict]) -> dict[str, Any]:
+    """The whole result: config, model identity, the exact text used, calibration, rows."""
+    return {
+        "config": asdict(cfg),
+        "model": {"name": info.name, "weights_sha256": info.weights_sha256, "model_type": info.model_type},
+        "text": {"description": split.description, "chunks": chunks.manifest(),
+                 "lambada": [it.manifest() for it in items]},
+        "calibration": None if calibration is None else {"fingerprint": calibration.fingerprint(),
+                                                         "text": calibration.meta.get("text", {}).get("description")},
+        "rows": rows,
+    }
+
+
 def result_row(cfg: EvalConfig, info, codec: str, comparison: dict, stats, lambada_hits: Sequence[bool],
                lambada_baseline: float, seconds: float, *, num_layers: int) -> dict[str, Any]:
     """One codec's result row, shared by the simulator and the real-runtime evaluation."""
@@ -121,15 +134,7 @@ def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress:
     base_acc = sum(lam_base) / len(lam_base) if lam_base else float("nan")
     rows = [result_row(cfg, info, name, comps[name].result(), sim.comm_stats(), lam[name], base_acc,
                        seconds[name], num_layers=len(sim.layers)) for name, sim in sims.items()]
-    return {
-        "config": asdict(cfg),
-        "model": {"name": info.name, "weights_sha256": info.weights_sha256, "model_type": info.model_type},
-        "text": {"description": split.description, "chunks": chunks.manifest(),
-                 "lambada": [it.manifest() for it in items]},
-        "calibration": None if calibration is None else {"fingerprint": calibration.fingerprint(),
-                                                         "text": calibration.meta.get("text", {}).get("description")},
-        "rows": rows,
-    }
+    return result_record(cfg, info, split, chunks, items, calibration, rows)
 
 
 def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algorithm: str = "gather",

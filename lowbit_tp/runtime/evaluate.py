@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import torch
 
 from lowbit_tp.collectives import CommStats, check_group_config, spawn_ranks
-from lowbit_tp.evaluation.evaluate import EvalConfig, _lambada, eval_inputs, result_row
+from lowbit_tp.evaluation.evaluate import EvalConfig, _lambada, eval_inputs, result_record, result_row
 from lowbit_tp.evaluation.metrics import LMComparison
 from lowbit_tp.runtime.shard import RowParallelLinear, TPComm, shard_model
 
@@ -161,19 +161,11 @@ def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = 60.0, deadline_s: 
         rows.append({**row, "runtime": "tp"})
         if keep_logits:
             logits[name] = r0["logits"]
-    out = {
-        "config": asdict(cfg),
-        "runtime": {"kind": "tp", "timeout_s": timeout_s, "threads_per_rank": threads_per_rank,
-                    "wall_s": round(wall_s, 2),
-                    "per_rank": [{"rank": pr["rank"], "shard": pr["shard"],
-                                  "comm": {n: c["comm"] for n, c in pr["codecs"].items()}} for pr in per_rank]},
-        "model": {"name": info.name, "weights_sha256": info.weights_sha256, "model_type": info.model_type},
-        "text": {"description": split.description, "chunks": chunks.manifest(),
-                 "lambada": [it.manifest() for it in items]},
-        "calibration": None if calibration is None else {"fingerprint": calibration.fingerprint(),
-                                                         "text": calibration.meta.get("text", {}).get("description")},
-        "rows": rows,
-    }
+    out = result_record(cfg, info, split, chunks, items, calibration, rows)
+    out["runtime"] = {"kind": "tp", "timeout_s": timeout_s, "threads_per_rank": threads_per_rank,
+                      "wall_s": round(wall_s, 2),
+                      "per_rank": [{"rank": pr["rank"], "shard": pr["shard"],
+                                    "comm": {n: c["comm"] for n, c in pr["codecs"].items()}} for pr in per_rank]}
     if keep_logits:
         out["logits"] = logits
     return out
