@@ -28,13 +28,10 @@ __all__ = [
     "bytes_to_float",
     "group_absmax",
     "e2m1_encode",
-    "e2m1_decode",
     "E2M1_MAX",
 ]
 
 E2M1_MAX = 6.0
-# Magnitudes of the 8 positive FP4 E2M1 codes (OCP MX v1.0): code = index.
-_E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
 def has_nonfinite(x: torch.Tensor) -> bool:
@@ -211,10 +208,3 @@ def e2m1_encode(y: torch.Tensor) -> torch.Tensor:
 
 E2M1_FLOATS = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 E2M1_PAIRS = _float_pairs(E2M1_FLOATS)
-
-
-def e2m1_decode(code: torch.Tensor) -> torch.Tensor:
-    """FP4 E2M1 codes (uint8, 0..15) to fp32 values."""
-    c = code.long()
-    mag = _E2M1_VALUES.to(code.device)[c & 7]
-    return torch.where((c & 8) != 0, -mag, mag)
