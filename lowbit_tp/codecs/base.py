@@ -74,6 +74,7 @@ class Codec(ABC):
         self.nonfinite = nonfinite
         self.backend = backend
         self._params: dict[tuple[str | None, Source], Any] = {}
+        self._tables: dict[Any, Any] = {}
 
     # ------------------------------------------------------------------ contract
     @abstractmethod
@@ -185,6 +186,12 @@ class Codec(ABC):
                 p = type(p)(**{f: getattr(p, f).to(device) for f in p.__dataclass_fields__})
             self._params[key] = p
         return self._params[key]
+
+    def _kernel_table(self, key: Any, build: Callable[[], Any]) -> Any:
+        """A kernel's lookup table, built (and copied to its device) once per ``key``."""
+        if key not in self._tables:
+            self._tables[key] = build()
+        return self._tables[key]
 
     def _check_input(self, x: torch.Tensor, layer: str | None, source: Source) -> bool:
         """Validate ``x``; returns whether it holds NaN/Inf (only possible in propagate mode)."""
