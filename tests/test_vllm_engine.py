@@ -227,3 +227,14 @@ def test_serve_refuses_a_calibration_for_another_tp_degree_in_one_line(work):
     assert proc.stderr.strip().splitlines() == [
         f"lowbit-tp serve: calibration {bad}: calibration was made for TP degree 2, but this run uses TP 3; "
         f"recalibrate with --tp 3"]
+
+
+def test_compiled_graph_runs_the_op_and_keeps_vllms_tokens(plain, work):
+    """Without enforce_eager (vLLM compiles with fullgraph=True): the custom op stays in the graph."""
+    out = _session(work, "compiled", {"model": MODEL, "tp": TP, "prompts": PROMPTS, "max_new_tokens": NEW_TOKENS,
+                                      "engine": {"enforce_eager": False},
+                                      "plugin": {"codec": "bf16", "algorithm": "exact", "min_bytes": 0}})
+    for mine, theirs in zip(out["results"], plain["results"]):
+        assert mine["token_ids"] == theirs["token_ids"]
+    for r in out["reports"]:
+        assert r["calls"]["compressed"] > 0 and r["calls"]["fallback"] == 0

@@ -21,14 +21,17 @@ NO_VLLM = ("vLLM is not installed here and no .venv-vllm was found (or $LOWBIT_T
 
 def ensure_vllm_python(argv: list[str] | None = None) -> None:
     """Return if this interpreter has vLLM; otherwise re-exec this command under the one that does."""
+    import importlib.util
+
     from lowbit_tp.integrations.vllm.engine import vllm_python
 
+    if importlib.util.find_spec("vllm") is not None:
+        return
     py = vllm_python()
     if py is None:
         raise SystemExit(f"lowbit-tp: {NO_VLLM}")
-    if os.path.realpath(py) == os.path.realpath(sys.executable):
-        return
     args = sys.argv[1:] if argv is None else argv
+    # venvs share the base interpreter binary, so compare environments, not executables
     os.execv(py, [py, "-m", "lowbit_tp.cli", *args])
 
 
