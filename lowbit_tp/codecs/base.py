@@ -26,6 +26,7 @@ from lowbit_tp.codecs import functional as F
 __all__ = [
     "Codec",
     "NonFiniteError",
+    "OutOfRangeError",
     "register_codec",
     "make_codec",
     "list_codecs",
@@ -38,6 +39,15 @@ NONFINITE_MODES = ("error", "propagate")
 
 class NonFiniteError(FloatingPointError):
     """NaN or Inf reached a codec that was told to refuse them (the default)."""
+
+
+class OutOfRangeError(NonFiniteError):
+    """A finite value beyond what a codec's wire format can carry, in ``nonfinite="error"``
+    mode (the alternative would be a silently clipped or non-finite decode).
+
+    Each codec's representable range is in docs/wire-format.md. In ``"propagate"`` mode the
+    codec saturates at its largest representable magnitude instead.
+    """
 
 
 class Codec(ABC):
@@ -102,7 +112,10 @@ class Codec(ABC):
     def encode(self, x: torch.Tensor, *, layer: str | None = None, source: Source = 0) -> torch.Tensor:
         """Encode ``x [tokens, E]`` (fp32/bf16/fp16) into a 1-D uint8 payload."""
         bad = self._check_input(x, layer, source)
-        return self._encode(x, self.params(layer, source, x.shape[1], x.device), bad)
+        try:
+            return self._encode(x, self.params(layer, source, x.shape[1], x.device), bad)
+        except OutOfRangeError as exc:  # name the layer and source, which _encode does not know
+            raise OutOfRangeError(f"{self.name}: {_where(layer, source)}: {exc}") from None
 
     def decode(
         self, payload: torch.Tensor, shape: tuple[int, int], *, layer: str | None = None, source: Source = 0
@@ -138,7 +151,7 @@ class Codec(ABC):
 
     def _check_input(self, x: torch.Tensor, layer: str | None, source: Source) -> bool:
         """Validate ``x``; returns whether it holds NaN/Inf (only possible in propagate mode)."""
-        where = f"layer {layer!r}, source {source!r}" if layer is not None else f"source {source!r}"
+        where = _where(layer, source)
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(f"{self.name}: expected a [tokens, E] tensor ({where}), got shape {getattr(x, 'shape', None)}")
         if x.dtype not in _FLOAT_DTYPES:
@@ -157,9 +170,30 @@ class Codec(ABC):
             )
         return bad
 
+    def _fit_range(self, v: torch.Tensor, limit: float, what: str) -> torch.Tensor:
+        """``v`` checked against ``limit``, the largest magnitude the wire format carries.
+
+        Beyond it: :class:`OutOfRangeError` in ``"error"`` mode; in ``"propagate"`` mode
+        finite values saturate at ``±limit`` (NaN/Inf pass through, to be sent as NaN).
+        ``inf`` made from finite input (an fp32 overflow inside a codec) counts as beyond.
+        """
+        big = v.abs() > limit  # NaN compares False
+        if v.numel() == 0 or not bool(big.any()):
+            return v
+        if self.nonfinite == "error":
+            raise OutOfRangeError(
+                f"{what} {float(v.abs()[big].max()):.6g} exceeds {limit:.6g}, the largest magnitude this "
+                f"codec's wire format carries (docs/wire-format.md); nonfinite='propagate' saturates instead"
+            )
+        return torch.where(big & torch.isfinite(v), v.clamp(-limit, limit), v)
+
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
         return f"{type(self).__name__}({self.name}{', ' + opts if opts else ''})"
+
+
+def _where(layer: str | None, source: Source) -> str:
+    return f"layer {layer!r}, source {source!r}" if layer is not None else f"source {source!r}"
 
 
 # ---------------------------------------------------------------------- registry

@@ -18,7 +18,8 @@ import torch
 from lowbit_tp.codecs import functional as F
 from lowbit_tp.codecs.base import Codec, register_codec
 
-_FP16_MAX = 65504.0
+# Largest group absmax an fp16 scale (absmax / 7) carries: 7 * 65504.
+GROUP_INT4_MAX = 7 * F.FP16_MAX
 
 
 def _scale_groups(vals: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
@@ -49,16 +50,18 @@ class GroupInt4Codec(Codec):
 
     def _encode(self, x, params, nonfinite):
         t, e = x.shape
+        g = math.ceil(e / self.group)
         xg, amax = F.group_absmax(x, self.group, nonfinite=nonfinite)
+        amax = self._fit_range(amax, GROUP_INT4_MAX, "group absmax")  # propagate mode: values clip to +-7 * 65504
         # Round the scale to fp16 *before* quantizing so that the receiver, which only
         # has the fp16 scale, reconstructs exactly what the sender meant.
         # Tensor / tensor: PyTorch's CUDA kernel turns division by a Python scalar into a
         # multiply by its reciprocal, which rounds differently from the CPU.
-        scale = torch.div(amax, torch.full_like(amax, 7.0)).clamp_(max=_FP16_MAX).half()
+        scale = torch.div(amax, torch.full_like(amax, 7.0)).half()
         # Divide (not multiply by a reciprocal) so every device rounds identically; an
         # all-zero group has scale 0 and is divided by 1 instead.
         s32 = scale.float().masked_fill_(scale == 0, 1.0)
-        q = F.quantize_symmetric(xg, scale=s32.unsqueeze(-1), bits=4, nonfinite=nonfinite).reshape(t, -1)[:, :e]
+        q = F.quantize_symmetric(xg, scale=s32.unsqueeze(-1), bits=4, nonfinite=nonfinite).reshape(t, g * self.group)[:, :e]
         return torch.cat([F.pack_int4(q), scale.reshape(-1).view(torch.uint8)])
 
     def _decode(self, payload, shape, params):
@@ -88,7 +91,7 @@ class MXFP4Codec(Codec):
         _, e2 = torch.frexp(amax.clamp_min(2.0**-126))
         exp = (e2 - 3).float().clamp_(-127, 127)
         y = xg * torch.exp2(-exp).unsqueeze(-1)
-        codes = F.e2m1_encode(y.clamp(-F.E2M1_MAX, F.E2M1_MAX)).reshape(t, -1)[:, :e]
+        codes = F.e2m1_encode(y.clamp(-F.E2M1_MAX, F.E2M1_MAX)).reshape(t, xg.shape[1] * self.group)[:, :e]
         ebyte = (exp + 127).to(torch.uint8)
         if nonfinite:
             ebyte = ebyte.masked_fill(~torch.isfinite(xg).all(dim=-1), 255)  # E8M0 NaN: the whole block decodes to NaN

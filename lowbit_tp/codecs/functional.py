@@ -29,9 +29,13 @@ __all__ = [
     "group_absmax",
     "e2m1_encode",
     "E2M1_MAX",
+    "FP16_MAX",
+    "BF16_MAX",
 ]
 
 E2M1_MAX = 6.0
+FP16_MAX = 65504.0
+BF16_MAX = float(torch.finfo(torch.bfloat16).max)  # 3.3895e38: fp32 beyond it rounds to Inf in bf16
 
 
 def has_nonfinite(x: torch.Tensor) -> bool:

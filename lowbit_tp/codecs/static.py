@@ -37,6 +37,8 @@ class BF16Codec(Codec):
         return 2 * shape[0] * shape[1]
 
     def _encode(self, x, params, nonfinite):
+        if x.dtype == torch.float32:  # bf16/fp16 inputs always fit
+            x = self._fit_range(x, F.BF16_MAX, "value")
         return F.float_to_bytes(x, torch.bfloat16)
 
     def _decode(self, payload, shape, params):
@@ -134,8 +136,10 @@ class _StaticIntCodec(Codec):
         body = F.pack_int4(q) if self.bits == 4 else q.reshape(-1).view(torch.uint8)
         if k == 0:
             return body
-        head = F.float_to_bytes(x.index_select(1, p.outliers), torch.bfloat16)
-        return torch.cat([head, body])
+        kept = x.index_select(1, p.outliers)
+        if x.dtype == torch.float32:
+            kept = self._fit_range(kept, F.BF16_MAX, "kept (bf16) channel value")
+        return torch.cat([F.float_to_bytes(kept, torch.bfloat16), body])
 
     def _decode(self, payload, shape, p: StaticParams):
         t, e = shape
