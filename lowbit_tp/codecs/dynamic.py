@@ -50,6 +50,10 @@ class GroupInt4Codec(Codec):
 
     def _encode(self, x, params, nonfinite):
         t, e = x.shape
+        if e % 2 == 0 and self.kernel_backend(x.device) == "triton":  # the kernel packs a token's codes in pairs
+            from lowbit_tp.kernels import triton_group as K
+            out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=x.device)
+            return K.encode(x.contiguous(), out, group=self.group)
         g = math.ceil(e / self.group)
         xg, amax = F.group_absmax(x, self.group, nonfinite=nonfinite)
         amax = self._fit_range(amax, GROUP_INT4_MAX, "group absmax")  # propagate mode: values clip to +-7 * 65504
@@ -63,6 +67,13 @@ class GroupInt4Codec(Codec):
         s32 = scale.float().masked_fill_(scale == 0, 1.0)
         q = F.quantize_symmetric(xg, scale=s32.unsqueeze(-1), bits=4, nonfinite=nonfinite).reshape(t, g * self.group)[:, :e]
         return torch.cat([F.pack_int4(q), scale.reshape(-1).view(torch.uint8)])
+
+    def _decode_sum(self, payloads, shape, params):
+        if self.kernel_backend(payloads[0].device) == "triton":
+            from lowbit_tp.kernels import triton_group as K
+            out = torch.empty(shape, dtype=torch.float32, device=payloads[0].device)
+            return K.decode_sum([p.contiguous() for p in payloads], out, group=self.group)
+        return super()._decode_sum(payloads, shape, params)
 
     def _decode(self, payload, shape, params):
         t, e = shape
