@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -68,6 +69,9 @@ class Codec(ABC):
 
     name: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    # Largest |x| the wire format carries (docs/wire-format.md); checked on every encode
+    # from the same min/max pass that finds NaN/Inf, before any kernel runs.
+    max_input: ClassVar[float] = math.inf
 
     def __init__(self, *, calibration: Calibration | None = None, nonfinite: str = "error",
                  backend: str = "auto"):
@@ -132,7 +136,10 @@ class Codec(ABC):
 
     def encode(self, x: torch.Tensor, *, layer: str | None = None, source: Source = 0) -> torch.Tensor:
         """Encode ``x [tokens, E]`` (fp32/bf16/fp16) into a 1-D uint8 payload."""
-        bad = self._check_input(x, layer, source)
+        bad, over = self._check_input(x, layer, source)
+        if over:  # propagate mode: saturate finite values beyond max_input (in fp32, where it is exact)
+            x = x.float()
+            x = torch.where(torch.isfinite(x), x.clamp(-self.max_input, self.max_input), x)
         try:
             return self._encode(x, self.params(layer, source, x.shape[1], x.device), bad)
         except OutOfRangeError as exc:  # name the layer and source, which _encode does not know
@@ -206,8 +213,9 @@ class Codec(ABC):
             self._tables[key] = build()
         return self._tables[key]
 
-    def _check_input(self, x: torch.Tensor, layer: str | None, source: Source) -> bool:
-        """Validate ``x``; returns whether it holds NaN/Inf (only possible in propagate mode)."""
+    def _check_input(self, x: torch.Tensor, layer: str | None, source: Source) -> tuple[bool, bool]:
+        """Validate ``x``; returns whether it holds NaN/Inf (only possible in propagate mode)
+        and whether it must be saturated at :attr:`max_input` (only in propagate mode)."""
         where = _where(layer, source)
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(f"{self.name}: expected a [tokens, E] tensor ({where}), got shape {getattr(x, 'shape', None)}")
@@ -218,14 +226,21 @@ class Codec(ABC):
                 f"{self.name}: {where} has {x.shape[1]} channels but the calibration has hidden size "
                 f"{self.calibration.hidden_size}"
             )
-        bad = F.has_nonfinite(x)
+        lo, hi = (float(v) for v in torch.aminmax(x)) if x.numel() else (0.0, 0.0)
+        bad = not (math.isfinite(lo) and math.isfinite(hi))  # NaN propagates into both, Inf shows in one
         if bad and self.nonfinite == "error":
             n = int((~torch.isfinite(x)).sum())
             raise NonFiniteError(
                 f"{self.name}: {n} NaN/Inf value(s) in the communicated tensor of {where}; "
                 f"pass nonfinite='propagate' to send them on as NaN"
             )
-        return bad
+        top = max(-lo, hi)
+        if self.nonfinite == "error" and top > self.max_input:
+            raise OutOfRangeError(
+                f"{self.name}: {where}: |value| {top:.6g} exceeds {self.max_input:.6g}, the largest this "
+                f"codec's wire format carries (docs/wire-format.md); nonfinite='propagate' saturates instead"
+            )
+        return bad, (bad or top > self.max_input) and math.isfinite(self.max_input)
 
     def _fit_range(self, v: torch.Tensor, limit: float, what: str) -> torch.Tensor:
         """``v`` checked against ``limit``, the largest magnitude the wire format carries.

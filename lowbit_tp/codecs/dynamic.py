@@ -34,6 +34,8 @@ def _scale_groups(vals: torch.Tensor, scale: torch.Tensor, group: int) -> torch.
 class GroupInt4Codec(Codec):
     """Symmetric int4 with a dynamic fp16 scale per ``group`` values of each token."""
 
+    max_input = GROUP_INT4_MAX  # the fp16 scale absmax / 7 stays <= 65504
+
     def __init__(self, *, group: int = 32, **kw):
         super().__init__(**kw)
         if group < 1:
@@ -59,7 +61,6 @@ class GroupInt4Codec(Codec):
             return K.encode(x.contiguous(), out, group=self.group)
         g = math.ceil(e / self.group)
         xg, amax = F.group_absmax(x, self.group, nonfinite=nonfinite)
-        amax = self._fit_range(amax, GROUP_INT4_MAX, "group absmax")  # propagate mode: values clip to +-7 * 65504
         # Round the scale to fp16 *before* quantizing so that the receiver, which only
         # has the fp16 scale, reconstructs exactly what the sender meant.
         # Tensor / tensor: PyTorch's CUDA kernel turns division by a Python scalar into a

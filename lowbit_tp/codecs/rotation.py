@@ -151,6 +151,8 @@ class RotParams:
 class RotatedGroupCodec(Codec):
     """Outliers in bf16 + randomized Hadamard + dynamic group quantization (see module doc)."""
 
+    max_input = F.BF16_MAX  # the bf16 kept channels; the scales are checked after rotation
+
     def __init__(self, *, bits: int = 4, group: int = 64, k: int | None = None, levels: str = "int",
                  scale_format: str = "fp16", seed: int = 0, name: str | None = None, **kw):
         self.needs_calibration = k != 0
@@ -224,10 +226,7 @@ class RotatedGroupCodec(Codec):
         xf = x.float()
         head = None
         if p.outliers.numel():
-            kept = xf.index_select(1, p.outliers)
-            if x.dtype == torch.float32:
-                kept = self._fit_range(kept, F.BF16_MAX, "kept (bf16) channel value")
-            head = F.float_to_bytes(kept, torch.bfloat16)
+            head = F.float_to_bytes(xf.index_select(1, p.outliers), torch.bfloat16)
             xf = xf.index_fill(1, p.outliers, 0.0)
         if self.nonfinite == "propagate":
             xf = self._fit_range(xf, ROTATE_MAX, "value")
