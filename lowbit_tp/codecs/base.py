@@ -238,7 +238,7 @@ class Codec(ABC):
             )
         if self.nonfinite == "propagate" and self.kernel_backend(x.device) == "triton":
             return True, False  # the fused kernels mask NaN/Inf (and saturate) themselves: no host sync
-        lo, hi = (float(v) for v in torch.aminmax(x)) if x.numel() else (0.0, 0.0)
+        lo, hi = F.value_range(x)
         bad = not (math.isfinite(lo) and math.isfinite(hi))  # NaN propagates into both, Inf shows in one
         if bad and self.nonfinite == "error":
             n = int((~torch.isfinite(x)).sum())

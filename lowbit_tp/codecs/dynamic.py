@@ -65,7 +65,9 @@ class GroupInt4Codec(Codec):
         # has the fp16 scale, reconstructs exactly what the sender meant.
         # Tensor / tensor: PyTorch's CUDA kernel turns division by a Python scalar into a
         # multiply by its reciprocal, which rounds differently from the CPU.
-        scale = torch.div(amax, torch.full_like(amax, 7.0)).half()
+        # max_input keeps absmax / 7 <= 65504; the clamp covers propagate mode on the Triton
+        # backend, which skips the host-side input scan (the kernel clamps the same way).
+        scale = torch.div(amax, torch.full_like(amax, 7.0)).clamp_(max=F.FP16_MAX).half()
         # Divide (not multiply by a reciprocal) so every device rounds identically; an
         # all-zero group has scale 0 and is divided by 1 instead.
         s32 = scale.float().masked_fill_(scale == 0, 1.0)
