@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -29,6 +30,8 @@ __all__ = [
     "Codec",
     "NonFiniteError",
     "OutOfRangeError",
+    "CodecSpec",
+    "codec_spec",
     "register_codec",
     "make_codec",
     "list_codecs",
@@ -281,21 +284,55 @@ def _where(layer: str | None, source: Source) -> str:
 
 
 # ---------------------------------------------------------------------- registry
-_REGISTRY: dict[str, Callable[..., Codec]] = {}
+@dataclass(frozen=True)
+class CodecSpec:
+    """What the registry knows about a codec name without building it.
+
+    ``needs_calibration``: building it without a calibration raises ``CalibrationError``.
+    ``needs_allocation``: the calibration must also hold a per-layer bit allocation
+    (``lowbit-tp calibrate`` with its default ``--allocate``).
+    """
+
+    name: str
+    factory: Callable[..., Codec]
+    needs_calibration: bool
+    needs_allocation: bool = False
+
+
+_REGISTRY: dict[str, CodecSpec] = {}
 # Names that resolve to another codec name (``default`` is set by lowbit_tp.codecs).
 CODEC_ALIASES: dict[str, str] = {}
 
 
-def register_codec(name: str, factory: Callable[..., Codec] | None = None):
-    """Register ``factory(**options) -> Codec`` under ``name``; usable as a decorator."""
+def register_codec(name: str, factory: Callable[..., Codec] | None = None, *, needs_calibration: bool | None = None,
+                   needs_allocation: bool = False):
+    """Register ``factory(**options) -> Codec`` under ``name``; usable as a decorator.
+
+    ``needs_calibration`` defaults to the class attribute when ``factory`` is a
+    :class:`Codec` subclass; a plain function (a lambda) must state it.
+    """
 
     def _add(f):
         if name in _REGISTRY:
             raise ValueError(f"codec {name!r} is already registered")
-        _REGISTRY[name] = f
+        needs = needs_calibration
+        if needs is None:
+            if not (isinstance(f, type) and issubclass(f, Codec)):
+                raise TypeError(f"register_codec({name!r}): give needs_calibration= for a factory function")
+            needs = bool(f.needs_calibration)
+        _REGISTRY[name] = CodecSpec(name=name, factory=f, needs_calibration=needs,
+                                    needs_allocation=needs_allocation)
         return f
 
     return _add(factory) if factory is not None else _add
+
+
+def codec_spec(name: str) -> CodecSpec:
+    """The registry entry of ``name`` (aliases such as ``default`` resolved)."""
+    name = CODEC_ALIASES.get(name, name)
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown codec {name!r}; known codecs: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
 
 
 def list_codecs() -> list[str]:
@@ -304,7 +341,4 @@ def list_codecs() -> list[str]:
 
 def make_codec(name: str, **options: Any) -> Codec:
     """Build a codec by its registered name, e.g. ``make_codec("int4-outlier", calibration=cal)``."""
-    name = CODEC_ALIASES.get(name, name)
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown codec {name!r}; known codecs: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name](**options)
+    return codec_spec(name).factory(**options)
