@@ -129,3 +129,19 @@ def test_kernels_really_run(monkeypatch):
         codec.decode_sum([codec.encode(x, layer=LAYER, source=r) for r in range(WORLD)], (3, 64), layer=LAYER)
     assert [c.rsplit(".", 2)[1:] for c in calls] == [[m, f] for m in ("triton_static", "triton_group", "triton_rotation")
                                                      for f in ["encode"] * WORLD + ["decode_sum"]]
+
+
+def test_propagate_mode_has_no_per_message_nonfinite_scan(monkeypatch):
+    """On the fused path the kernels mask NaN/Inf themselves; the host-syncing scan is skipped."""
+    from lowbit_tp.codecs import functional as F
+
+    def boom(x):
+        raise AssertionError("has_nonfinite called on the fused path")
+
+    monkeypatch.setattr(F, "has_nonfinite", boom)
+    for name in ("int4-outlier", "int4-g128", "rot-lm4-g64-lg8-k4"):
+        codec = make_codec(name, calibration=calibration(64), backend="triton", nonfinite="propagate")
+        codec.encode(torch.randn(2, 64), layer=LAYER, source=0)
+    with pytest.raises(AssertionError):  # "error" mode still checks every message
+        make_codec("int4-outlier", calibration=calibration(64), backend="triton").encode(
+            torch.randn(2, 64), layer=LAYER, source=0)

@@ -11,6 +11,8 @@ timeout expires (``init_process_group(timeout=...)``); it never hangs forever.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.distributed as dist
 
@@ -29,9 +31,15 @@ def _rank_world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _guard(what: str, layer, group, fn):
+# A wire hook wraps every backend collective of :func:`all_reduce`: it is called as
+# ``hook(what, group, send)`` and must call ``send()`` once and return its result. Benchmarks
+# time the transfer with it (and may synchronise the ranks first); nothing else changes.
+WireHook = Callable[[str, Any, Callable[[], Any]], Any]
+
+
+def _guard(what: str, layer, group, fn, hook: WireHook | None = None):
     try:
-        return fn()
+        return fn() if hook is None else hook(what, group, fn)
     except CollectiveError:
         raise
     except Exception as exc:  # gloo/NCCL raise RuntimeError or DistBackendError subclasses
@@ -72,6 +80,7 @@ def all_reduce(
     layer: str | None = None,
     policy: AutoPolicy | None = None,
     stats: CommStats | None = None,
+    wire_hook: WireHook | None = None,
 ) -> torch.Tensor:
     """Sum ``partial [tokens, E]`` over the ranks of ``group``; returns a new tensor.
 
@@ -81,6 +90,8 @@ def all_reduce(
     chunks (async transfers overlapping the codec). Every rank gets bitwise the same
     result, equal to :func:`~lowbit_tp.collectives.simulate.simulate_all_reduce` on the
     same partials, chunked or not. ``stats`` counts one call per message.
+    ``wire_hook`` (see :data:`WireHook`) wraps each of those backend calls; in a pipelined
+    message it wraps each wait for a chunk's transfer (the transfer time the codec did not hide).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("all_reduce needs an initialised torch.distributed process group")
@@ -92,7 +103,7 @@ def all_reduce(
         return partial
     if algo == "exact":
         out = partial.clone()
-        _guard("exact all_reduce", layer, group, lambda: dist.all_reduce(out, group=group))
+        _guard("exact all_reduce", layer, group, lambda: dist.all_reduce(out, group=group), wire_hook)
         if stats is not None:
             stats.record_exact(partial, world=world)
         return out
@@ -101,7 +112,7 @@ def all_reduce(
     pieces = list(partial.split(rows, dim=0))
     tally = CommStats()  # per chunk; reported to ``stats`` as one call
     stages = _gather_pipelined if algo == "gather" else _two_shot_pipelined
-    outs = stages(codec, pieces, group, layer=layer, rank=rank, world=world, tally=tally)
+    outs = stages(codec, pieces, group, layer=layer, rank=rank, world=world, tally=tally, hook=wire_hook)
     if stats is not None:
         stats.record(algorithm=algo, sent=tally.bytes_sent, payload=tally.payload_bytes, values=tally.values)
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -112,8 +123,25 @@ def all_reduce(
 # and starts its transfer (async_op=True), then waits for chunk i-1's transfer and decodes
 # it, so the codec works while the transport moves the neighbouring chunk. Every codec
 # encodes each token row independently and every sum is elementwise in rank order, so the
-# chunked result is bitwise the unchunked one (and simulate_all_reduce's).
-def _gather_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: int, tally: CommStats):
+# chunked result is bitwise the unchunked one (and simulate_all_reduce's). A message of one
+# chunk makes plain synchronous calls.
+def _start(what: str, layer, group, call, hook: WireHook | None, pipelined: bool):
+    """``call(async_op)``: synchronous through ``hook`` (returns None), or started (returns its Work)."""
+    if not pipelined:
+        _guard(what, layer, group, lambda: call(False), hook)
+        return None
+    return _guard(what, layer, group, lambda: call(True))
+
+
+def _finish(what: str, layer, group, work, hook: WireHook | None) -> None:
+    if work is not None:
+        _guard(what, layer, group, work.wait, hook)
+
+
+def _gather_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: int, tally: CommStats,
+                      hook: WireHook | None):
+    what = "all_gather of payloads"
+    pipelined = len(pieces) > 1
     outs: list = [None] * len(pieces)
     inflight = None
     for i in range(len(pieces) + 1):
@@ -121,21 +149,23 @@ def _gather_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: i
         if i < len(pieces):
             payload = A.gather_encode(codec, pieces[i], layer=layer, rank=rank)
             got = [torch.empty_like(payload) for _ in range(world)]
-            work = _guard("all_gather of payloads", layer, group,
-                          lambda: dist.all_gather(got, payload, group=group, async_op=True))
+            work = _start(what, layer, group,
+                          lambda a: dist.all_gather(got, payload, group=group, async_op=a), hook, pipelined)
             tally.record_gather(payload, world=world, values=pieces[i].numel())
             launched = (i, got, work)
         if inflight is not None:
             j, got_j, work_j = inflight
-            _guard("all_gather of payloads", layer, group, work_j.wait)
+            _finish(what, layer, group, work_j, hook)
             outs[j] = A.gather_decode_sum(codec, got_j, tuple(pieces[j].shape), layer=layer)
         inflight = launched
     return outs
 
 
-def _two_shot_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: int, tally: CommStats):
+def _two_shot_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: int, tally: CommStats,
+                        hook: WireHook | None):
     # all payload chunks have one size, so all_to_all_single needs no split sizes
     n = len(pieces)
+    pipelined = n > 1
     outs: list = [None] * n
     moving, gathering = {}, {}
     for step in range(n + 2):
@@ -143,23 +173,23 @@ def _two_shot_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world:
             chunks = A.two_shot_encode(codec, pieces[step], layer=layer, rank=rank, world=world)
             send = torch.cat(chunks)
             recv = torch.empty_like(send)
-            work = _guard("all_to_all of chunks", layer, group,
-                          lambda: dist.all_to_all_single(recv, send, group=group, async_op=True))
+            work = _start("all_to_all of chunks", layer, group,
+                          lambda a: dist.all_to_all_single(recv, send, group=group, async_op=a), hook, pipelined)
             moving[step] = (chunks, send, recv, work)
         j = step - 1
         if 0 <= j < n:  # reduce this rank's chunk of piece j, re-encode, start the all-gather
             chunks, _send, recv, work = moving.pop(j)
-            _guard("all_to_all of chunks", layer, group, work.wait)
+            _finish("all_to_all of chunks", layer, group, work, hook)
             chunk_shape = (A.chunk_rows(pieces[j].shape[0], world), pieces[j].shape[1])
             mine = A.two_shot_reduce(codec, list(recv.chunk(world)), chunk_shape, layer=layer)
             sums = [torch.empty_like(mine) for _ in range(world)]
-            work = _guard("all_gather of reduced chunks", layer, group,
-                          lambda: dist.all_gather(sums, mine, group=group, async_op=True))
+            work = _start("all_gather of reduced chunks", layer, group,
+                          lambda a: dist.all_gather(sums, mine, group=group, async_op=a), hook, pipelined)
             gathering[j] = (sums, work, chunk_shape)
             tally.record_two_shot(chunks, mine, rank=rank, values=pieces[j].numel())
         k = step - 2
         if 0 <= k < n:  # decode the N reduced chunks of piece k
             sums, work, chunk_shape = gathering.pop(k)
-            _guard("all_gather of reduced chunks", layer, group, work.wait)
+            _finish("all_gather of reduced chunks", layer, group, work, hook)
             outs[k] = A.two_shot_decode(codec, sums, chunk_shape, pieces[k].shape[0], layer=layer)
     return outs
