@@ -6,16 +6,18 @@ and the share of generation time spent in the all-reduce.
 Model: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32, exported to HF safetensors).
 Workload: ``--concurrency`` requests sent at once, each a different held-out window of
 ``--prompt-tokens`` tokens, greedy, EOS ignored, ``--new-tokens`` new tokens; ``--rounds``
-rounds after one warm-up request. Two measurements, each its own vLLM start:
+rounds after one warm-up request. One `lowbit-tp serve` start per configuration:
 
-1. HTTP: `lowbit-tp serve` with ``--codec none`` (vLLM's own all-reduce) and with
-   ``int4-outlier`` (size gate 64 KiB: prefill compressed, batched decode messages left
-   to vLLM). Output tokens/s over the whole rounds.
-2. Offline (``vllm.LLM``, same batch): the plugin's reducer times every row-parallel
-   all-reduce in the workers. ``vllm-own``: every message to vLLM's own all-reduce (gate
-   at infinity), so its time is measured by the same wrapper; then int4-outlier with
-   the 64 KiB gate and with every message compressed.
-Writes docs/bench/vllm_serve.json and .md.
+* ``vLLM's own all-reduce``: the plugin with its size gate at infinity, so every message
+  goes to vLLM's own all-reduce but is timed by the same wrapper as the others;
+* ``int4-outlier, gate 64 KiB``: prefill messages compressed, batched decode messages
+  (8 x 576 values) left to vLLM;
+* ``int4-outlier, every message``.
+
+Output tokens/s over the timed rounds, and the share of that wall time each worker spent
+inside the row-parallel all-reduce (from the reducer reports the workers write to
+``LOWBIT_TP_REPORT_DIR``; differences of the reports taken just before and after the
+rounds, each forced by one 1-token request). Writes docs/bench/vllm_serve.json and .md.
 """
 from __future__ import annotations
 
@@ -65,21 +67,28 @@ def post(url: str, body: dict, timeout: float = 900) -> dict:
     return json.loads(urllib.request.urlopen(req, timeout=timeout).read())
 
 
-def serve_throughput(py, *, codec, cal_path, prompts, new_tokens, rounds, log_dir) -> dict:
+def _snapshot(base, report_dir, prompt) -> list[dict]:
+    """Force a fresh report from every rank (the reducers rewrite it at most every 0.5 s)."""
+    time.sleep(0.6)
+    post(base + "/completions", {"model": MODEL, "prompt": prompt[:8], "max_tokens": 1, "temperature": 0})
+    reps = [json.loads((Path(report_dir) / f"report.rank{r}.json").read_text()) for r in range(TP)]
+    return reps
+
+
+def serve_throughput(py, *, label, plugin_args, cal_path, prompts, new_tokens, rounds, work) -> dict:
     port = free_port()
-    cmd = [py, "-m", "lowbit_tp.cli", "serve", "--model", MODEL, "--tp", str(TP), "--codec", codec,
-           "--port", str(port)]
-    if codec != "none":
-        cmd += ["--calibration", cal_path]
-    log = open(Path(log_dir) / f"serve-{codec}.log", "w")
-    proc = subprocess.Popen(cmd, env=child_env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    report_dir = Path(work) / f"reports-{port}"
+    cmd = [py, "-m", "lowbit_tp.cli", "serve", "--model", MODEL, "--tp", str(TP), "--port", str(port),
+           "--calibration", cal_path, *plugin_args]
+    log = open(Path(work) / f"serve-{port}.log", "w")
+    proc = subprocess.Popen(cmd, env=child_env() | {"LOWBIT_TP_REPORT_DIR": str(report_dir)}, cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}/v1"
     try:
         t0 = time.monotonic()
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited; see {log.name}")
+                raise RuntimeError(f"server exited; see {log.name}:\n" + Path(log.name).read_text()[-3000:])
             try:
                 urllib.request.urlopen(base + "/models", timeout=5).read()
                 break
@@ -88,6 +97,7 @@ def serve_throughput(py, *, codec, cal_path, prompts, new_tokens, rounds, log_di
         startup = time.monotonic() - t0
         body = {"model": MODEL, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
         post(base + "/completions", {**body, "prompt": prompts[0], "max_tokens": 2})  # warm-up
+        before = _snapshot(base, report_dir, prompts[0])
         walls, latencies, tokens = [], [], 0
         for _ in range(rounds):
             results = [None] * len(prompts)
@@ -106,8 +116,7 @@ def serve_throughput(py, *, codec, cal_path, prompts, new_tokens, rounds, log_di
             walls.append(time.perf_counter() - t)
             tokens += sum(r[0] for r in results)
             latencies += [r[1] for r in results]
-        return {"startup_s": startup, "walls_s": walls, "new_tokens": tokens, "tokens_per_s": tokens / sum(walls),
-                "mean_latency_s": sum(latencies) / len(latencies)}
+        after = _snapshot(base, report_dir, prompts[0])
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server session this script started
         try:
@@ -116,29 +125,23 @@ def serve_throughput(py, *, codec, cal_path, prompts, new_tokens, rounds, log_di
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
         log.close()
+    wall = sum(walls)
 
+    def delta(a, b, *keys):
+        for k in keys:
+            a, b = a[k], b[k]
+        return a - b
 
-def offline_share(py, *, plugin, prompts, new_tokens, rounds, work) -> dict:
-    spec = {"model": MODEL, "tp": TP, "plugin": plugin, "batch_prompt_ids": prompts,
-            "max_new_tokens": new_tokens, "repeats": rounds}
-    name = f"{plugin['codec']}-{plugin['min_bytes']}"
-    sp, op = Path(work) / f"{name}.spec.json", Path(work) / f"{name}.out.json"
-    sp.write_text(json.dumps(spec))
-    proc = subprocess.run([py, "-m", "lowbit_tp.integrations.vllm.engine", str(sp), str(op)], env=child_env(),
-                          cwd=REPO, capture_output=True, text=True, timeout=1800)
-    if proc.returncode:
-        raise RuntimeError(f"offline session {name} failed:\n{proc.stderr[-4000:]}")
-    out = json.loads(op.read_text())
-    wall = sum(out["batch"]["walls_s"])
-    reps = out["reports"]
-    # per rank: seconds inside the all-reduce (either path) over the timed generate calls
-    shares = [(r["seconds"]["compressed"] + r["seconds"]["fallback"]) / wall for r in reps]
-    r0 = next(r for r in reps if r["rank"] == 0)
-    return {"tokens_per_s": out["batch"]["tokens_per_s"], "wall_s": wall,
+    shares = [(delta(a, b, "seconds", "compressed") + delta(a, b, "seconds", "fallback")) / wall
+              for a, b in zip(after, before)]
+    a0, b0 = after[0], before[0]
+    return {"config": label, "startup_s": startup, "walls_s": walls, "new_tokens": tokens,
+            "tokens_per_s": tokens / wall, "mean_latency_s": sum(latencies) / len(latencies),
             "allreduce_share": sum(shares) / len(shares), "allreduce_share_per_rank": shares,
-            "compressed_calls": r0["calls"]["compressed"], "fallback_calls": r0["calls"]["fallback"],
-            "compressed_s": r0["seconds"]["compressed"], "fallback_s": r0["seconds"]["fallback"],
-            "bits_per_value": r0["comm"]["bits_per_value"], "by_algorithm": r0["comm"]["by_algorithm"]}
+            "compressed_calls": delta(a0, b0, "calls", "compressed"), "fallback_calls": delta(a0, b0, "calls", "fallback"),
+            "compressed_s": delta(a0, b0, "seconds", "compressed"), "fallback_s": delta(a0, b0, "seconds", "fallback"),
+            "bits_per_value": (8 * delta(a0, b0, "comm", "payload_bytes") / delta(a0, b0, "comm", "values")
+                               if delta(a0, b0, "comm", "values") else None)}
 
 
 def main() -> None:
@@ -162,34 +165,25 @@ def main() -> None:
     py = vllm_python()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_vllm_") as work:
-        for codec, label in (("none", "vLLM's own all-reduce (no plugin)"), ("int4-outlier", "int4-outlier, gate 64 KiB")):
-            r = serve_throughput(py, codec=codec, cal_path=str(cal_path), prompts=prompts, new_tokens=args.new_tokens,
-                                 rounds=args.rounds, log_dir=work)
-            rows.append({"measurement": "HTTP serve", "config": label, **r})
+        for label, plugin_args in (
+                ("vLLM's own all-reduce (gate at infinity)", ["--codec", "bf16", "--min-bytes", str(1 << 50)]),
+                ("int4-outlier, gate 64 KiB", ["--codec", "int4-outlier", "--min-bytes", str(GATE)]),
+                ("int4-outlier, every message", ["--codec", "int4-outlier", "--min-bytes", "0"])):
+            rows.append(serve_throughput(py, label=label, plugin_args=plugin_args, cal_path=str(cal_path),
+                                         prompts=prompts, new_tokens=args.new_tokens, rounds=args.rounds, work=work))
             print(rows[-1], flush=True)
-        for plugin, label in (
-                ({"codec": "bf16", "algorithm": "exact", "min_bytes": 1 << 50}, "vLLM's own all-reduce (timed by the gate)"),
-                ({"codec": "int4-outlier", "calibration": str(cal_path), "algorithm": "auto", "min_bytes": GATE},
-                 "int4-outlier, gate 64 KiB"),
-                ({"codec": "int4-outlier", "calibration": str(cal_path), "algorithm": "auto", "min_bytes": 0},
-                 "int4-outlier, every message")):
-            r = offline_share(py, plugin=plugin, prompts=prompts, new_tokens=args.new_tokens, rounds=args.rounds,
-                              work=work)
-            rows.append({"measurement": "offline LLM", "config": label, **r})
-            print(rows[-1], flush=True)
-    base_http = rows[0]["tokens_per_s"]
-    base_off = rows[2]["tokens_per_s"]
     for r in rows:
-        r["vs_uncompressed"] = r["tokens_per_s"] / (base_http if r["measurement"] == "HTTP serve" else base_off)
-    cols = ["measurement", "config", "tokens_per_s", "vs_uncompressed", "allreduce_share", "compressed_calls",
-            "fallback_calls", "bits_per_value"]
+        r["vs_uncompressed"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
+    cols = ["config", "tokens_per_s", "vs_uncompressed", "mean_latency_s", "allreduce_share",
+            "compressed_calls", "fallback_calls", "bits_per_value"]
     title = (f"# vLLM serve at TP {TP} on this CPU ({MODEL}, fp32)\n\n"
              f"{args.concurrency} concurrent requests x {args.prompt_tokens} prompt tokens -> {args.new_tokens} new "
              f"tokens, {args.rounds} rounds. `allreduce_share`: mean over ranks of the seconds inside the "
-             f"row-parallel all-reduce over the generate wall time. Command: "
+             f"row-parallel all-reduce (either path) over the rounds' wall time. Shared 2-core machine: see `environment.load_average`. Command: "
              f"`PYTHONPATH=. .venv/bin/python scripts/bench_vllm_serve.py`\n\n")
     table = title + markdown_table(rows, cols)
-    write_results(args.json, {"environment": environment(), "args": vars(args), "rows": rows}, table)
+    env = environment() | {"load_average": os.getloadavg(), "cpu_count": os.cpu_count()}
+    write_results(args.json, {"environment": env, "args": vars(args), "rows": rows}, table)
     print(table)
 
 

@@ -160,3 +160,14 @@ def test_serve_without_vllm_is_one_clear_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("lowbit-tp: vLLM is not installed here")
+
+
+def test_gated_reducer_falls_back_below_the_gate_and_writes_its_report(tmp_path):
+    import json
+
+    inner = DistReducer(codec=make_codec("bf16"), group=None)  # never reached: every message is below the gate
+    red = op.GatedReducer(inner=inner, rank=2, min_bytes=1 << 40, fallback=lambda x: x * 2, report_dir=str(tmp_path))
+    x = torch.randn(4, 16)
+    assert torch.equal(red.reduce([x], layer="L"), x * 2)
+    rep = json.loads((tmp_path / "report.rank2.json").read_text())
+    assert rep["calls"] == {"compressed": 0, "fallback": 1} and rep["rank"] == 2 and rep["comm"]["calls"] == 0

@@ -39,9 +39,3 @@ def worker_reports(worker=None) -> list[dict]:
 
     return reports()
 
-
-def reset_worker_reports(worker=None) -> None:
-    """For ``LLM.collective_rpc``: zero this worker's reducer counters (time, calls, traffic)."""
-    from lowbit_tp.integrations.vllm.op import reset_reports
-
-    reset_reports()

@@ -10,6 +10,8 @@ Environment (read in every vLLM process; the ``mp`` executor's workers inherit i
                                go to vLLM's own all-reduce (default 65536, as ``auto``)
 ``LOWBIT_TP_CAPTURE_DIR``      tracing: save one call's partial and result per rank here
 ``LOWBIT_TP_CAPTURE_LAYER``    ... for this layer (calibration name), first gated call
+``LOWBIT_TP_REPORT_DIR``       tracing: each rank rewrites its reducer report (time and
+                               calls per path, traffic) here at most every 0.5 s
 =============================  ===========================================================
 
 ``--additional-config '{"lowbit_tp": {"codec": ..., "calibration": ..., "algorithm": ...,
@@ -30,6 +32,7 @@ ENV = {
     "min_bytes": "LOWBIT_TP_MIN_BYTES",
     "capture_dir": "LOWBIT_TP_CAPTURE_DIR",
     "capture_layer": "LOWBIT_TP_CAPTURE_LAYER",
+    "report_dir": "LOWBIT_TP_REPORT_DIR",
 }
 
 
@@ -49,6 +52,7 @@ class PluginConfig:
     min_bytes: int = 64 * 1024
     capture_dir: str | None = None
     capture_layer: str | None = None
+    report_dir: str | None = None
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:

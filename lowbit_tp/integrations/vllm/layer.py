@@ -50,7 +50,8 @@ def _setup(cfg: PluginConfig, tp_size: int) -> list[str] | None:
                         policy=AutoPolicy(min_bytes=cfg.min_bytes))
     reducer = op.GatedReducer(inner=inner, rank=group.rank_in_group, min_bytes=cfg.min_bytes,
                               fallback=group._all_reduce_out_place if cfg.min_bytes > 0 else None,
-                              capture_dir=cfg.capture_dir, capture_layer=cfg.capture_layer)
+                              capture_dir=cfg.capture_dir, capture_layer=cfg.capture_layer,
+                              report_dir=cfg.report_dir)
     op.register_reducer(REDUCER_KEY, reducer)
     _STATE["layers"] = cal.layers if cal is not None else None
     return _STATE["layers"]  # type: ignore[return-value]

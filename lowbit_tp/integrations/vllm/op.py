@@ -33,7 +33,8 @@ class GatedReducer:
     compressed :func:`~lowbit_tp.collectives.all_reduce`, traffic in ``inner.stats``).
     ``seconds``/``calls`` count wall time and calls per path (``"compressed"``,
     ``"fallback"``). ``capture_dir``/``capture_layer`` (tracing) save the first compressed
-    call of one layer: this rank's partial and the result.
+    call of one layer: this rank's partial and the result; ``report_dir`` (tracing) gets
+    :meth:`report` as JSON, rewritten at most every 0.5 s (how a server's workers show it).
     """
 
     inner: DistReducer
@@ -42,8 +43,10 @@ class GatedReducer:
     fallback: Callable[[torch.Tensor], torch.Tensor] | None = None
     capture_dir: str | None = None
     capture_layer: str | None = None
+    report_dir: str | None = None
     seconds: dict[str, float] = field(default_factory=lambda: {"compressed": 0.0, "fallback": 0.0})
     calls: dict[str, int] = field(default_factory=lambda: {"compressed": 0, "fallback": 0})
+    _written: float = field(default=0.0, repr=False)  # perf_counter of the last report write
 
     def gated(self, partial: torch.Tensor) -> bool:
         """True when ``partial`` is large enough to compress."""
@@ -60,9 +63,22 @@ class GatedReducer:
         else:
             path = "fallback"
             out = self.fallback(partial)
-        self.seconds[path] += time.perf_counter() - t0
+        now = time.perf_counter()
+        self.seconds[path] += now - t0
         self.calls[path] += 1
+        if self.report_dir and now - self._written >= 0.5:
+            self._write_report(now)
         return out
+
+    def _write_report(self, now: float) -> None:
+        import json
+
+        path = Path(self.report_dir) / f"report.rank{self.rank}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.report()))
+        tmp.replace(path)
+        self._written = now
 
     def _capture(self, partial: torch.Tensor, out: torch.Tensor, layer: str) -> None:
         path = Path(self.capture_dir) / f"{layer}.rank{self.rank}.pt"
@@ -92,17 +108,6 @@ def get_reducer(key: str) -> Reducer:
 def reports() -> list[dict[str, Any]]:
     """Every :class:`GatedReducer` of this process, as :meth:`GatedReducer.report` dicts."""
     return [dict(r.report(), key=k) for k, r in sorted(_REDUCERS.items()) if isinstance(r, GatedReducer)]
-
-
-def reset_reports() -> None:
-    """Zero every :class:`GatedReducer`'s counters in this process."""
-    from lowbit_tp.collectives import CommStats
-
-    for r in _REDUCERS.values():
-        if isinstance(r, GatedReducer):
-            r.seconds = {k: 0.0 for k in r.seconds}
-            r.calls = {k: 0 for k in r.calls}
-            r.inner.stats = CommStats()
 
 
 @torch.library.custom_op("lowbit_tp::all_reduce", mutates_args=())
