@@ -128,6 +128,13 @@ class _StaticIntCodec(Codec):
         return 2 * t * k + (n + 1) // 2 if self.bits == 4 else 2 * t * k + n
 
     def _encode(self, x, p: StaticParams, nonfinite):
+        backend = self.kernel_backend(x.device)
+        if backend == "cpu":
+            from lowbit_tp.kernels import cpu
+            return cpu.static_encode(x, outliers=p.outliers, inv_scale=p.inv_scale, bits=self.bits,
+                                     nbytes=self.payload_nbytes(tuple(x.shape)))[0]
+        if backend == "triton":
+            return self._triton_encode(x, p)
         k = p.outliers.numel()
         rest = x if k == 0 else x.index_select(1, p.inliers)
         q = F.quantize_symmetric(rest, inv_scale=p.inv_scale, bits=self.bits, nonfinite=nonfinite)
@@ -137,7 +144,46 @@ class _StaticIntCodec(Codec):
         head = F.float_to_bytes(x.index_select(1, p.outliers), torch.bfloat16)
         return torch.cat([head, body])
 
+    # -------------------------------------------------------------- fused kernels
+    def _decode_sum(self, payloads, shape, params):
+        backend = self.kernel_backend(payloads[0].device)
+        if backend == "cpu":
+            from lowbit_tp.kernels import cpu
+            return cpu.static_decode_sum(payloads, shape, scales=[p.scale for p in params],
+                                         outliers=[p.outliers for p in params], bits=self.bits)
+        if backend == "triton":
+            return self._triton_decode_sum(payloads, shape, params)
+        return super()._decode_sum(payloads, shape, params)
+
+    def _triton_encode(self, x, p: StaticParams):
+        from lowbit_tp.kernels import triton_static as K
+
+        inl, inv, outl = self._kernel_table(("enc", id(p)), lambda: (
+            p.inliers.int(), p.inv_scale.float().contiguous(),
+            p.outliers.int() if p.outliers.numel() else p.inliers[:1].int()))
+        out = torch.empty(self.payload_nbytes(tuple(x.shape)), dtype=torch.uint8, device=x.device)
+        return K.encode(x.contiguous(), inl, inv, outl[: p.outliers.numel()], out, bits=self.bits)
+
+    def _triton_decode_sum(self, payloads, shape, params):
+        from lowbit_tp.kernels import triton_static as K
+
+        def build():
+            e = p0.inliers.numel() + p0.outliers.numel()
+            colmap = torch.empty(len(params), e, dtype=torch.int32, device=p0.inliers.device)
+            for r, p in enumerate(params):  # slot of each kept channel, -(j+1) for bf16 channel j
+                colmap[r, p.inliers] = torch.arange(p.inliers.numel(), dtype=torch.int32, device=colmap.device)
+                colmap[r, p.outliers] = -1 - torch.arange(p.outliers.numel(), dtype=torch.int32, device=colmap.device)
+            return colmap, torch.stack([p.scale.float() for p in params]).contiguous()
+
+        p0 = params[0]
+        colmap, scale = self._kernel_table(("dec", tuple(id(p) for p in params)), build)
+        out = torch.empty(shape, dtype=torch.float32, device=payloads[0].device)
+        return K.decode_sum([q.contiguous() for q in payloads], colmap, scale, out, nk=p0.outliers.numel(),
+                            bits=self.bits)
+
     def _decode(self, payload, shape, p: StaticParams):
+        if self.kernel_backend(payload.device) == "cpu":
+            return self._decode_sum([payload], shape, [p])
         t, e = shape
         k = p.outliers.numel()
         split = 2 * t * k
