@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import threading
-import warnings
 
 from lowbit_tp.argtypes import positive_float, positive_int
 from lowbit_tp.errors import Terminated, UserError
@@ -122,10 +121,6 @@ def _raise_terminated(signum, frame):
     raise Terminated(signum)
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"lowbit-tp: warning: {message}", file=sys.stderr if file is None else file)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. User errors (bad flags, paths, model/TP/codec/calibration
     mismatches, a failed rank) print ONE line to stderr: status 2 for user errors, 1 for a
@@ -133,8 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there
     old_term = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
-    old_show = warnings.showwarning
-    warnings.showwarning = _one_line_warning
     try:
         args.func(args)
     except KeyboardInterrupt:
@@ -156,7 +149,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lowbit-tp: error: {exc.summary} (LOWBIT_TP_DEBUG=1 shows every rank's traceback)", file=sys.stderr)
         return 1
     finally:
-        warnings.showwarning = old_show
         if main_thread:
             signal.signal(signal.SIGTERM, old_term)
     return 0

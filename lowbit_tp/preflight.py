@@ -9,9 +9,8 @@ name fails in a second instead of after every rank has loaded the model.
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from lowbit_tp.errors import UserError
 
@@ -92,15 +91,17 @@ def check_codecs(names: Iterable[str], *, calibration: str | Path | None = None,
     return cal
 
 
-def check_seq_len(seq_len: int, config: Any, *, flag: str = "--seq-len") -> None:
-    """At least 2 tokens (a window of 1 predicts nothing); warn beyond the model's context."""
+def check_seq_len(seq_len: int, config: Any, *, flag: str = "--seq-len") -> list[str]:
+    """At least 2 tokens (a window of 1 predicts nothing). Returns a warning (a list of
+    0 or 1 sentences) when ``seq_len`` exceeds the model's context."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise UserError(f"{flag} must be at least 2 (a window of 1 token has no next token to predict), "
                         f"got {seq_len!r}")
     context = getattr(config, "max_position_embeddings", None)
     if context and seq_len > int(context):
-        warnings.warn(f"{flag} {seq_len} exceeds the model's context of {context} tokens; "
-                      f"results beyond it are not meaningful", UserWarning, stacklevel=2)
+        return [f"{flag} {seq_len} exceeds the model's context of {context} tokens; "
+                f"results beyond it are not meaningful"]
+    return []
 
 
 def check_text(text: str | Path | None) -> None:
@@ -115,13 +116,23 @@ def check_text(text: str | Path | None) -> None:
         raise UserError(str(exc)) from None
 
 
-def preflight_eval(cfg: Any, *, out: str | Path | None = None) -> None:
+def _warn_with(warn: Callable[[str], None] | None) -> Callable[[str], None]:
+    if warn is not None:
+        return warn
+    import warnings
+
+    return lambda text: warnings.warn(text, UserWarning, stacklevel=3)
+
+
+def preflight_eval(cfg: Any, *, out: str | Path | None = None, warn: Callable[[str], None] | None = None) -> None:
     """``lowbit-tp eval``'s checks (an ``EvalConfig``): model and TP degree, window length,
-    codecs with the calibration, the user's text, the output path."""
+    codecs with the calibration, the user's text, the output path. Warnings go to ``warn``
+    as soon as found (default: ``warnings.warn``)."""
     from lowbit_tp.fileio import check_output_path
 
     config = check_model_tp(cfg.model, cfg.tp)
-    check_seq_len(cfg.seq_len, config)
+    for text in check_seq_len(cfg.seq_len, config):
+        _warn_with(warn)(text)
     check_min(cfg.samples, "--samples")
     check_codecs(cfg.codecs, calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size)
     check_text(cfg.text)
@@ -129,13 +140,15 @@ def preflight_eval(cfg: Any, *, out: str | Path | None = None) -> None:
         check_output_path(out)
 
 
-def preflight_calibrate(cfg: Any, *, out: str | Path) -> None:
+def preflight_calibrate(cfg: Any, *, out: str | Path, warn: Callable[[str], None] | None = None) -> None:
     """``lowbit-tp calibrate``'s checks (a ``CalibrationConfig``): model and TP degree, window
-    length, ``k`` at most the hidden size, the allocation codecs, the text, the output path."""
+    length, ``k`` at most the hidden size, the allocation codecs, the text, the output path.
+    Warnings go to ``warn`` (default: ``warnings.warn``)."""
     from lowbit_tp.fileio import check_output_path
 
     config = check_model_tp(cfg.model, cfg.tp)
-    check_seq_len(cfg.seq_len, config)
+    for text in check_seq_len(cfg.seq_len, config):
+        _warn_with(warn)(text)
     if cfg.k is not None and not 1 <= cfg.k <= config.hidden_size:
         raise UserError(f"--k {cfg.k}: the outlier channel count must be between 1 and the hidden size "
                         f"{config.hidden_size}")

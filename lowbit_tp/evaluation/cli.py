@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from lowbit_tp.argtypes import nonneg_int, positive_float, positive_int, unit_interval
 
@@ -46,6 +47,10 @@ def register(sub) -> None:
     e.set_defaults(func=_eval)
 
 
+def _warn(text: str) -> None:
+    print(f"lowbit-tp: warning: {text}", file=sys.stderr)
+
+
 def _calibrate(args) -> None:
     from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
     from lowbit_tp.preflight import preflight_calibrate
@@ -54,7 +59,7 @@ def _calibrate(args) -> None:
                             batch_size=args.batch_size, seed=args.seed, ema_decay=args.ema_decay, k=args.k,
                             text=args.text, allocate=args.allocate or None, alloc_low=args.alloc_low,
                             alloc_high=args.alloc_high)
-    preflight_calibrate(cfg, out=args.out)
+    preflight_calibrate(cfg, out=args.out, warn=_warn)
     cal = calibrate(cfg)
     path = cal.save(args.out)
     print(f"wrote {path}: {len(cal.layers)} layers x {cfg.tp} ranks (+ sum), hidden {cal.hidden_size}, "
@@ -70,7 +75,7 @@ def _eval(args) -> None:
     cfg = EvalConfig(model=args.model, tp=args.tp, codecs=tuple(args.codec), algorithm=args.algorithm,
                      calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
                      batch_size=args.batch_size, lambada=args.lambada, seed=args.seed, text=args.text)
-    preflight_eval(cfg, out=args.json)
+    preflight_eval(cfg, out=args.json, warn=_warn)
     if args.runtime == "tp":
         from lowbit_tp.runtime.evaluate import evaluate_codecs_tp
 
