@@ -22,7 +22,7 @@ _STRING, _ARRAY = 8, 9
 
 
 class _Reader:
-    def __init__(self, data: bytes | memoryview):
+    def __init__(self, data):
         self.data, self.pos = data, 0
 
     def take(self, fmt: str):
@@ -35,7 +35,7 @@ class _Reader:
         start, self.pos = self.pos, self.pos + n
         if self.pos > len(self.data):
             raise ValueError("GGUF header ends inside a string")
-        return bytes(self.data[start:self.pos]).decode("utf-8", "replace") if keep else None
+        return self.data[start:self.pos].decode("utf-8", "replace") if keep else None
 
     def value(self, vtype: int, *, keep: bool) -> Any:
         if vtype in _SCALAR:
@@ -58,9 +58,9 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     import mmap
 
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        r = _Reader(memoryview(mm))
+        r = _Reader(mm)  # mmap slices are copies: no buffer export outlives the file
         try:
-            if bytes(r.data[:4]) != b"GGUF":
+            if r.data[:4] != b"GGUF":
                 raise ValueError("not a GGUF file (bad magic)")
             r.pos = 4
             version = r.take("I")
@@ -75,8 +75,6 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
             return out
         except struct.error as exc:
             raise ValueError(f"truncated GGUF header: {exc}") from None
-        finally:
-            del r  # release the memoryview before the mmap closes
 
 
 def _from_gguf(path: Path) -> SimpleNamespace:
