@@ -109,14 +109,18 @@ def _entry(rank, world_size, store_addr, backend, timeout_s, out_dir, threads, p
         ok = True
     except BaseException as exc:  # report everything to the parent, including SystemExit
         torch.save({"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, path)
-    finally:
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
-    # A failed rank exits 1, so the parent sees the failure from the exit code alone.
-    sys.exit(0 if ok else 1)
+    if not ok:
+        # A failed rank exits 1 at once: the parent sees the failure from the exit code and
+        # stops the others; tearing down a process group whose peer is gone, and the
+        # interpreter, can take seconds.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
 
 
 # ---------------------------------------------------------------------- in the parent
