@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from lowbit_tp.argtypes import positive_float, positive_int
+from lowbit_tp.argtypes import nonneg_int, positive_float, positive_int
 from lowbit_tp.errors import Terminated, UserError
 
 
@@ -25,6 +25,8 @@ def _add_bench_comm(sub):
     p.add_argument("--threads-per-rank", type=positive_int, default=1)
     p.add_argument("--timeout", type=positive_float, default=300.0,
                    help="collective timeout in seconds: a dead or stalled rank ends the run after it")
+    p.add_argument("--chunk-bytes", type=nonneg_int, action="append",
+                   help="pipelining chunk size in bf16 bytes (0: unchunked), repeatable; default the AutoPolicy's")
     p.add_argument("--no-throughput", action="store_true", help="skip the single-thread codec throughput table")
     p.add_argument("--json", help="write results here (and a .md table next to it)")
     p.set_defaults(func=_cmd_bench_comm)
@@ -46,6 +48,8 @@ def _cmd_bench_comm(args):
         kw["numels"] = tuple(args.numel)
     if args.algorithm:
         kw["algorithms"] = tuple(args.algorithm)
+    if args.chunk_bytes:
+        kw["chunk_bytes"] = tuple(args.chunk_bytes)
     cfg = CommBenchConfig(**{**cfg.__dict__, **kw, "hidden": args.hidden, "repeats": args.repeats,
                              "backend": args.backend, "threads_per_rank": args.threads_per_rank,
                              "timeout_s": args.timeout})
@@ -104,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that contribute subcommands (calibrate, eval, run, bench-e2e) through a
 # ``register(subparsers)`` function; imported here, not at the top, so `--help` stays fast.
-_EXTRA_MODULES = ("lowbit_tp.evaluation.cli", "lowbit_tp.runtime.cli", "lowbit_tp.bench.e2e")
+_EXTRA_MODULES = ("lowbit_tp.evaluation.cli", "lowbit_tp.runtime.cli", "lowbit_tp.bench.e2e",
+                  "lowbit_tp.integrations.vllm.cli")
 
 
 def _extra_commands() -> list:

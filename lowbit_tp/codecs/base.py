@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -27,6 +28,8 @@ from lowbit_tp.kernels import BACKENDS, resolve_backend
 __all__ = [
     "Codec",
     "NonFiniteError",
+    "CodecSpec",
+    "codec_spec",
     "register_codec",
     "make_codec",
     "list_codecs",
@@ -113,12 +116,22 @@ class Codec(ABC):
 
     # ------------------------------------------------------------------ public API
     def config(self) -> dict[str, Any]:
-        """Everything that must agree across ranks for payloads to decode correctly."""
-        cal = self.calibration.fingerprint() if self.calibration is not None and self.needs_calibration else None
-        return {"codec": self.name, **self.options(), "calibration": cal}
+        """Everything that must agree across ranks for payloads to decode correctly.
+
+        Computed once per calibration object (hashing an in-memory calibration costs
+        ~0.3 ms, and collectives ask on every call); options are fixed at construction.
+        """
+        cached = getattr(self, "_config_cache", None)
+        if cached is None or cached[0] is not self.calibration:
+            cal = self.calibration.fingerprint() if self.calibration is not None and self.needs_calibration else None
+            cfg = {"codec": self.name, **self.options(), "calibration": cal}
+            fp = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+            cached = self._config_cache = (self.calibration, cfg, fp)
+        return dict(cached[1])
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.config(), sort_keys=True).encode()).hexdigest()[:16]
+        self.config()
+        return self._config_cache[2]
 
     def encode(self, x: torch.Tensor, *, layer: str | None = None, source: Source = 0) -> torch.Tensor:
         """Encode ``x [tokens, E]`` (fp32/bf16/fp16) into a 1-D uint8 payload."""
@@ -205,6 +218,8 @@ class Codec(ABC):
                 f"{self.name}: {where} has {x.shape[1]} channels but the calibration has hidden size "
                 f"{self.calibration.hidden_size}"
             )
+        if self.nonfinite == "propagate" and self.kernel_backend(x.device) == "triton":
+            return True  # the fused kernels mask NaN/Inf themselves: no per-message host sync
         bad = F.has_nonfinite(x)
         if bad and self.nonfinite == "error":
             n = int((~torch.isfinite(x)).sum())
@@ -220,21 +235,55 @@ class Codec(ABC):
 
 
 # ---------------------------------------------------------------------- registry
-_REGISTRY: dict[str, Callable[..., Codec]] = {}
+@dataclass(frozen=True)
+class CodecSpec:
+    """What the registry knows about a codec name without building it.
+
+    ``needs_calibration``: building it without a calibration raises ``CalibrationError``.
+    ``needs_allocation``: the calibration must also hold a per-layer bit allocation
+    (``lowbit-tp calibrate`` with its default ``--allocate``).
+    """
+
+    name: str
+    factory: Callable[..., Codec]
+    needs_calibration: bool
+    needs_allocation: bool = False
+
+
+_REGISTRY: dict[str, CodecSpec] = {}
 # Names that resolve to another codec name (``default`` is set by lowbit_tp.codecs).
 CODEC_ALIASES: dict[str, str] = {}
 
 
-def register_codec(name: str, factory: Callable[..., Codec] | None = None):
-    """Register ``factory(**options) -> Codec`` under ``name``; usable as a decorator."""
+def register_codec(name: str, factory: Callable[..., Codec] | None = None, *, needs_calibration: bool | None = None,
+                   needs_allocation: bool = False):
+    """Register ``factory(**options) -> Codec`` under ``name``; usable as a decorator.
+
+    ``needs_calibration`` defaults to the class attribute when ``factory`` is a
+    :class:`Codec` subclass; a plain function (a lambda) must state it.
+    """
 
     def _add(f):
         if name in _REGISTRY:
             raise ValueError(f"codec {name!r} is already registered")
-        _REGISTRY[name] = f
+        needs = needs_calibration
+        if needs is None:
+            if not (isinstance(f, type) and issubclass(f, Codec)):
+                raise TypeError(f"register_codec({name!r}): give needs_calibration= for a factory function")
+            needs = bool(f.needs_calibration)
+        _REGISTRY[name] = CodecSpec(name=name, factory=f, needs_calibration=needs,
+                                    needs_allocation=needs_allocation)
         return f
 
     return _add(factory) if factory is not None else _add
+
+
+def codec_spec(name: str) -> CodecSpec:
+    """The registry entry of ``name`` (aliases such as ``default`` resolved)."""
+    name = CODEC_ALIASES.get(name, name)
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown codec {name!r}; known codecs: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
 
 
 def list_codecs() -> list[str]:
@@ -243,7 +292,4 @@ def list_codecs() -> list[str]:
 
 def make_codec(name: str, **options: Any) -> Codec:
     """Build a codec by its registered name, e.g. ``make_codec("int4-outlier", calibration=cal)``."""
-    name = CODEC_ALIASES.get(name, name)
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown codec {name!r}; known codecs: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name](**options)
+    return codec_spec(name).factory(**options)

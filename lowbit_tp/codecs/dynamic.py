@@ -125,6 +125,6 @@ class MXFP4Codec(Codec):
         return _scale_groups(vals, scale, self.group)
 
 
-register_codec("int4-g32", lambda **kw: GroupInt4Codec(group=32, **kw))
-register_codec("int4-g128", lambda **kw: GroupInt4Codec(group=128, **kw))
+register_codec("int4-g32", lambda **kw: GroupInt4Codec(group=32, **kw), needs_calibration=False)
+register_codec("int4-g128", lambda **kw: GroupInt4Codec(group=128, **kw), needs_calibration=False)
 register_codec("mxfp4", MXFP4Codec)

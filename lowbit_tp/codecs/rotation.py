@@ -321,7 +321,8 @@ class RotatedGroupCodec(Codec):
 
 
 def _reg(name, **opts):
-    register_codec(name, lambda **kw: RotatedGroupCodec(name=name, **{**opts, **kw}))
+    register_codec(name, lambda **kw: RotatedGroupCodec(name=name, **{**opts, **kw}),
+                   needs_calibration=opts.get("k") != 0)  # k=None: k = E/64 from the calibration
 
 
 # The names measured in docs/frontier.md. Bits/value at E=576 (k = 9 unless -k says) in the comments.

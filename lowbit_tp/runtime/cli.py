@@ -18,6 +18,9 @@ from lowbit_tp.collectives import ALGORITHMS
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="generate text with a tensor-parallel model over N ranks")
+    p.add_argument("--engine", default="native", choices=["native", "vllm"],
+                   help="native: lowbit-tp's own ranks; vllm: vLLM with the lowbit-tp plugin (needs .venv-vllm)")
+    p.add_argument("--compile", action="store_true", help="vllm engine: compiled graph instead of enforce_eager")
     p.add_argument("--model", default="smollm2-135m", help="registry name or HF checkpoint directory")
     p.add_argument("--tp", type=positive_int, help="number of ranks (required unless under torchrun)")
     p.add_argument("--codec", default="bf16", help="all-reduce codec (bf16 with --algorithm exact = uncompressed)")
@@ -71,6 +74,12 @@ def _cmd_run(args) -> None:
 
     if args.json:  # before the run: a missing directory must not lose a whole run's results
         check_output_path(args.json)
+    if args.engine == "vllm":
+        from lowbit_tp.integrations.vllm.cli import cmd_run
+
+        if args.tp is None:
+            raise UserError("--tp is required")
+        return cmd_run(args, _config(args, args.tp))
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if args.tp is not None and args.tp != world:
