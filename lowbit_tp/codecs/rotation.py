@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit_tp.codecs import functional as F
-from lowbit_tp.codecs.base import Codec, register_codec
+from lowbit_tp.codecs.base import Codec, OutOfRangeError, register_codec
 from lowbit_tp.codecs.static import topk_channels
 
 
@@ -228,7 +228,7 @@ class RotatedGroupCodec(Codec):
         if p.outliers.numel():
             head = F.float_to_bytes(xf.index_select(1, p.outliers), torch.bfloat16)
             xf = xf.index_fill(1, p.outliers, 0.0)
-        if self.nonfinite == "propagate":
+        if self.nonfinite != "error":  # propagate and flag modes
             xf = self._fit_range(xf, ROTATE_MAX, "value")
         z = fwht(xf * p.signs, hadamard_block(e))
         zg, amax = F.group_absmax(z, self.group, nonfinite=nonfinite)
@@ -298,7 +298,16 @@ class RotatedGroupCodec(Codec):
         del kw["levels"]
         colmap = self._kernel_table(("enc", id(p)), lambda: self._colmap([p], e, x.device)[0])
         out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=x.device)
-        return K.encode(x.contiguous(), colmap=colmap, out=out, flag=self._kernel_flag(x.device), **kw)
+        # "error" mode (which already syncs on its input scan) asks the kernel whether a rotated
+        # group overflowed or passed the scale limit; the other modes saturate, as the reference.
+        over = torch.zeros(1, dtype=torch.int32, device=x.device) if self.nonfinite == "error" else None
+        K.encode(x.contiguous(), colmap=colmap, out=out, flag=self._kernel_flag(x.device), range_flag=over,
+                 max_input=self.max_input, rotate_max=ROTATE_MAX, scale_max=SCALE_MAX[self.scale_format], **kw)
+        if over is not None and int(over.item()):
+            raise OutOfRangeError(f"a rotated group absmax beyond {SCALE_MAX[self.scale_format]:.6g} (or an fp32 "
+                                  f"overflow in the rotation), the largest this codec's wire format carries "
+                                  f"(docs/wire-format.md); nonfinite='propagate' saturates instead")
+        return out
 
     def _decode_sum(self, payloads, shape, params):
         if self.kernel_backend(payloads[0].device) != "triton":
