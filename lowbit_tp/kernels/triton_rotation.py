@@ -19,7 +19,7 @@ from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bi
                                              fp16_from_bits, is_finite, load_u16, store_u16)
 
 SCALE_FORMAT_IDS = {"fp16": 0, "e8m0": 1, "lg8": 2}
-_FP16_NAN = 0x7E00  # what Tensor.masked_fill_(nan) writes into an fp16 tensor
+_FP16_NAN = tl.constexpr(0x7E00)  # what Tensor.masked_fill_(nan) writes into an fp16 tensor
 
 
 def launch_config(tokens: int, hidden: int, group: int) -> tuple[int, int, int, int]:
@@ -37,17 +37,35 @@ def inv_sqrt(block: int) -> float:
 
 
 @triton.jit
-def _fwht_rows(z, M: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr):
-    """Unnormalised butterfly over consecutive blocks of ``B`` values of ``z [M * B]`` rows.
+def _butterfly(y, M: tl.constexpr, B: tl.constexpr, H: tl.constexpr):
+    """One stage: view ``[M, B]`` as ``[., B/(2H), 2, H]`` and map ``(a, b) -> (a + b, a - b)``."""
+    a, b = tl.split(tl.permute(tl.reshape(y, [M, B // (2 * H), 2, H]), (0, 1, 3, 2)))
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), [M, B])
 
-    Stage ``h``: view as ``[., B/(2h), 2, h]``, then ``(a + b, a - b)``: the reference's order.
+
+@triton.jit
+def _fwht_rows(z, M: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr):
+    """Unnormalised butterfly over consecutive blocks of ``B <= 256`` values: the reference's
+    stages in its order (strides 1, 2, 4, ...). Written out because a reshape needs literal
+    constexpr sizes, which a loop variable is not when compiled for a GPU.
     """
     y = tl.reshape(z, [M, B])
-    for s in tl.static_range(LOG2B):
-        h: tl.constexpr = 1 << s
-        y4 = tl.permute(tl.reshape(y, [M, B // (2 * h), 2, h]), (0, 1, 3, 2))
-        a, b = tl.split(y4)
-        y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), [M, B])
+    if LOG2B > 0:
+        y = _butterfly(y, M, B, 1)
+    if LOG2B > 1:
+        y = _butterfly(y, M, B, 2)
+    if LOG2B > 2:
+        y = _butterfly(y, M, B, 4)
+    if LOG2B > 3:
+        y = _butterfly(y, M, B, 8)
+    if LOG2B > 4:
+        y = _butterfly(y, M, B, 16)
+    if LOG2B > 5:
+        y = _butterfly(y, M, B, 32)
+    if LOG2B > 6:
+        y = _butterfly(y, M, B, 64)
+    if LOG2B > 7:
+        y = _butterfly(y, M, B, 128)
     return y
 
 
@@ -56,7 +74,7 @@ def _bucket(y, bounds_ptr, BITS: tl.constexpr):
     """``torch.bucketize(y, bounds)`` for ``2**BITS - 1`` ascending bounds (NaN -> the top code)."""
     idx = tl.zeros(y.shape, dtype=tl.int32)
     for s in tl.static_range(BITS):
-        half: tl.constexpr = 1 << (BITS - 1 - s)
+        half = 1 << (BITS - 1 - s)
         b = tl.load(bounds_ptr + idx + (half - 1))
         idx = tl.where(b >= y, idx, idx + half)
     return idx
@@ -107,7 +125,7 @@ def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc
         ratio = tl.math.div_rn(amax, tl.broadcast_to(b32[:, None], [ROWS, GP]))
         cnt = tl.zeros([ROWS, GP], dtype=tl.int32)  # table entries < ratio (255 and 256 both give q = 0)
         for s in tl.static_range(8):
-            half: tl.constexpr = 128 >> s
+            half = 128 >> s
             v = tl.load(lg8_asc_ptr + cnt + (half - 1))
             cnt = tl.where(v >= ratio, cnt, cnt + half)
         q = tl.where(256 - cnt > 255, 255, 256 - cnt) - 1  # the reference clamps before the -1
