@@ -20,6 +20,7 @@ from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bi
 
 SCALE_FORMAT_IDS = {"fp16": 0, "e8m0": 1, "lg8": 2}
 _FP16_NAN = tl.constexpr(0x7E00)  # what Tensor.masked_fill_(nan) writes into an fp16 tensor
+_BF16_MAX = tl.constexpr(3.3895313892515355e38)  # the lg8 base is clamped here (bf16's largest finite)
 
 
 def launch_config(tokens: int, hidden: int, group: int) -> tuple[int, int, int, int]:
@@ -116,11 +117,11 @@ def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc
         ex = tl.where(ex > 127, 127, tl.where(ex < -127, -127, ex))
         scale = ((ex + 127) << 23).to(tl.float32, bitcast=True)
         tl.store(scale_ptr + sidx, tl.where(bad, 255, ex + 127).to(tl.uint8), mask=gm)
-    else:  # lg8: per-token fp16 base >= the token's top absmax, and a log-step code per group
+    else:  # lg8: per-token bf16 base >= the token's top absmax, and a log-step code per group
         top = tl.max(amax, axis=1)
-        bbits = fp16_bits(tl.where(top > 65504.0, 65504.0, top))
-        bbits = tl.where(fp16_from_bits(bbits) < top, bbits + 1, bbits)
-        b32 = fp16_from_bits(bbits)
+        bbits = bf16_bits(tl.where(top > _BF16_MAX, _BF16_MAX, top))
+        bbits = tl.where(bf16_from_bits(bbits) < top, bbits + 1, bbits)
+        b32 = bf16_from_bits(bbits)
         b32 = tl.where(b32 == 0.0, 1.0, b32)
         ratio = tl.math.div_rn(amax, tl.broadcast_to(b32[:, None], [ROWS, GP]))
         cnt = tl.zeros([ROWS, GP], dtype=tl.int32)  # table entries < ratio (255 and 256 both give q = 0)
@@ -128,12 +129,11 @@ def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc
             half = 128 >> s
             v = tl.load(lg8_asc_ptr + cnt + (half - 1))
             cnt = tl.where(v >= ratio, cnt, cnt + half)
-        q = tl.where(256 - cnt > 255, 255, 256 - cnt) - 1  # the reference clamps before the -1
-        q = tl.where(q < 0, 0, q)
+        q = 255 - cnt  # largest q with table[q] >= ratio; code 255 is the NaN sentinel
+        q = tl.where(q > 254, 254, tl.where(q < 0, 0, q))
         scale = b32[:, None] * tl.load(lg8_ptr + q)
-        tl.store(scale_ptr + sidx, q.to(tl.uint8), mask=gm)
-        row_bad = tl.max(bad.to(tl.int32), axis=1) > 0
-        store_u16(scale_ptr, T * G + 2 * t, tl.where(row_bad, _FP16_NAN, bbits), tm)
+        tl.store(scale_ptr + sidx, tl.where(bad, 255, q).to(tl.uint8), mask=gm)
+        store_u16(scale_ptr, T * G + 2 * t, bbits, tm)
     y = tl.math.div_rn(z, tl.broadcast_to(scale[:, :, None], [ROWS, GP, GW]))
     code = tl.reshape(_bucket(clamp_keep_nan(y, -1.0, 1.0), bounds_ptr, BITS), [ROWS, E_PAD])
     if BITS == 8:
@@ -189,8 +189,9 @@ def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, 
             scale = tl.where(sb == 255, float("nan"), scale)
         else:
             q = tl.load(p + SCALE_OFF + gidx, mask=m, other=0).to(tl.int32)
-            base = fp16_from_bits(load_u16(p, SCALE_OFF + T * G + 2 * t, tm))
+            base = bf16_from_bits(load_u16(p, SCALE_OFF + T * G + 2 * t, tm))
             scale = base[:, None] * tl.load(lg8_ptr + q)
+            scale = tl.where(q == 255, float("nan"), scale)
         z = vals * scale
         x = tl.reshape(_fwht_rows(z, ROWS * E_PAD // B, B, LOG2B), [ROWS, E_PAD]) * inv_sqrt_b * signs
         if HAS_K:
