@@ -26,13 +26,15 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from lowbit_tp.collectives import AutoPolicy, check_group_config, spawn_ranks
+from lowbit_tp.collectives import ALGORITHMS, AutoPolicy, check_group_config, spawn_ranks
 from lowbit_tp.collectives.launch import init_from_env
+from lowbit_tp.errors import UserError
+from lowbit_tp.preflight import check_codecs, check_min, check_model_tp
 from lowbit_tp.runtime.generate import SamplingConfig, generate
 from lowbit_tp.runtime.shard import shard_model
 from lowbit_tp.tp.row_parallel import CommHooks, DistReducer
 
-__all__ = ["RunConfig", "rank_main", "run_from_env", "run_tp"]
+__all__ = ["RunConfig", "preflight_run", "rank_main", "run_from_env", "run_tp"]
 
 
 ENGINES = ("native", "transformers")
@@ -72,9 +74,19 @@ class RunConfig:
             raise TypeError("prompts must be a sequence of strings, not one string")
         object.__setattr__(self, "prompts", tuple(self.prompts))
         if not self.prompts:
-            raise ValueError("give at least one prompt")
+            raise UserError("give at least one prompt")
+        empty = [i for i, p in enumerate(self.prompts) if not isinstance(p, str) or not p]
+        if empty:
+            raise UserError(f"prompt {empty[0]} is empty; give some text to continue")
+        check_min(self.tp, "tp")
+        check_min(self.max_new_tokens, "max_new_tokens")
+        check_min(self.threads_per_rank, "threads_per_rank")
+        if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
+            raise UserError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+        if self.algorithm not in ("auto", *ALGORITHMS):
+            raise UserError(f"unknown algorithm {self.algorithm!r}; one of auto, {', '.join(ALGORITHMS)}")
         if self.engine not in ENGINES:
-            raise ValueError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+            raise UserError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,8 +263,17 @@ def run_tp(model: str, *, tp: int, prompts, codec: str = "bf16", calibration_pat
     return run_config(cfg, deadline_s=deadline_s, stream=stream)
 
 
+def preflight_run(cfg: RunConfig) -> None:
+    """The checks of a run that need no model load, done before any rank starts: the model
+    exists and ``cfg.tp`` fits its heads and MLP, every codec can be built with the
+    calibration, which fits the TP degree and hidden size. Raises :class:`UserError`."""
+    config = check_model_tp(cfg.model, cfg.tp)
+    check_codecs([cfg.codec], calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size)
+
+
 def run_config(cfg: RunConfig, *, deadline_s: float | None = None, stream: bool = False) -> dict[str, Any]:
-    """:func:`run_tp` for a ready :class:`RunConfig`."""
+    """:func:`run_tp` for a ready :class:`RunConfig`; :func:`preflight_run` first."""
+    preflight_run(cfg)
     deadline = cfg.timeout_s + 600.0 if deadline_s is None else deadline_s
     per_rank = spawn_ranks(rank_main, cfg.tp, cfg, timeout_s=cfg.timeout_s, deadline_s=deadline,
                            threads=cfg.threads_per_rank, stream=stream)
@@ -268,6 +289,7 @@ def run_from_env(cfg: RunConfig, *, stream: bool = True) -> dict[str, Any] | Non
     """The ``torchrun`` path: this process is one rank. Returns the merged results on rank 0,
     None on the others. ``cfg.tp`` must equal ``WORLD_SIZE``."""
     torch.set_num_threads(cfg.threads_per_rank)
+    preflight_run(cfg)
     rank, world = init_from_env(timeout_s=cfg.timeout_s)
     try:
         mine = rank_main(rank, world, cfg, stream=stream)
