@@ -18,8 +18,9 @@ from lowbit_tp.collectives import ALGORITHMS
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="generate text with a tensor-parallel model over N ranks")
-    p.add_argument("--engine", default="native", choices=["native", "vllm"],
-                   help="native: lowbit-tp's own ranks; vllm: vLLM with the lowbit-tp plugin (needs .venv-vllm)")
+    p.add_argument("--engine", default="native", choices=["native", "transformers", "vllm"],
+                   help="native: lowbit-tp's own ranks; transformers: HF transformers' TP with the "
+                        "lowbit_rowwise style; vllm: vLLM with the lowbit-tp plugin (needs .venv-vllm)")
     p.add_argument("--compile", action="store_true", help="vllm engine: compiled graph instead of enforce_eager")
     p.add_argument("--model", default="smollm2-135m", help="registry name or HF checkpoint directory")
     p.add_argument("--tp", type=positive_int, help="number of ranks (required unless under torchrun)")
@@ -53,7 +54,8 @@ def _config(args, tp: int):
                      max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos,
                      sampling=SamplingConfig(do_sample=args.sample, temperature=args.temperature,
                                              top_k=args.top_k, top_p=args.top_p, seed=args.seed),
-                     timeout_s=args.timeout, threads_per_rank=args.threads_per_rank)
+                     timeout_s=args.timeout, threads_per_rank=args.threads_per_rank,
+                     engine="native" if args.engine == "vllm" else args.engine)
 
 
 def _report(out: dict) -> str:
