@@ -20,6 +20,7 @@ def free_port() -> int:
 def launch_ranks(run_cfg: dict, *, world: int, hosts: list[str] | None, port: int, timeout_s: float) -> list[dict]:
     """Start ``world`` rank processes (in namespaces when ``hosts``), wait, return their JSON."""
     from lowbit_tp.bench.netns import netns_command
+    from lowbit_tp.collectives.launch import set_parent_death_signal
 
     with tempfile.TemporaryDirectory(prefix="lowbit_tp_e2e_") as tmp:
         cfg_path = Path(tmp, "config.json")
@@ -35,7 +36,9 @@ def launch_ranks(run_cfg: dict, *, world: int, hosts: list[str] | None, port: in
                 argv = netns_command(r, argv)
             log = open(Path(tmp, f"rank{r}.log"), "w")
             logs.append(log)
-            procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT))
+            # The ranks die with this process, even when it is SIGKILLed.
+            procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          preexec_fn=set_parent_death_signal))
         end = time.monotonic() + timeout_s
         try:
             for p in procs:
