@@ -179,7 +179,11 @@ class RotatedGroupCodec(Codec):
                 "scale_format": self.scale_format, "seed": self.seed}
 
     def num_kept(self, e: int) -> int:
-        return e // 64 if self.k is None else int(self.k)
+        """Channels kept in bf16: ``k`` (``-kN`` names), else the calibration's k."""
+        k = self.calibration.k if self.k is None else int(self.k)
+        if not 0 <= k <= e:
+            raise ValueError(f"{self.name}: k={k} outside [0, {e}]")
+        return k
 
     def _make_params(self, layer, source, hidden):
         k = self.num_kept(hidden)
