@@ -34,12 +34,14 @@ from typing import Any, Iterable, Union
 
 import torch
 
+from lowbit_tp.errors import UserError
+
 SCHEMA_VERSION = 2
 STATS = ("ema_min", "ema_max", "absmax")
 Source = Union[int, str]  # a rank index, or "sum"
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError):
     """A calibration artifact that is missing, corrupted, or does not fit the run."""
 
 

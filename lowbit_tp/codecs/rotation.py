@@ -242,7 +242,7 @@ class RotatedGroupCodec(Codec):
         if p.outliers.numel():
             head = F.float_to_bytes(xf.index_select(1, p.outliers), torch.bfloat16)
             xf = xf.index_fill(1, p.outliers, 0.0)
-        if self.nonfinite == "propagate":
+        if self.nonfinite != "error":  # propagate/flag: saturate so the fp32 rotation cannot overflow
             xf = self._fit_range(xf, ROTATE_MAX, "value")
         z = fwht(xf * p.signs, hadamard_block(e))
         zg, amax = F.group_absmax(z, self.group, nonfinite=nonfinite)
@@ -288,7 +288,7 @@ class RotatedGroupCodec(Codec):
         del kw["levels"]
         colmap = self._kernel_table(("enc", id(p)), lambda: self._colmap([p], e, x.device)[0])
         out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=x.device)
-        return K.encode(x.contiguous(), colmap=colmap, out=out, **kw)
+        return K.encode(x.contiguous(), colmap=colmap, out=out, flag=self._kernel_flag(x.device), **kw)
 
     def _decode_sum(self, payloads, shape, params):
         if self.kernel_backend(payloads[0].device) != "triton":
