@@ -136,9 +136,9 @@ def test_propagate_mode_has_no_per_message_nonfinite_scan(monkeypatch):
     from lowbit_tp.codecs import functional as F
 
     def boom(x):
-        raise AssertionError("has_nonfinite called on the fused path")
+        raise AssertionError("value_range (the NaN/Inf and range scan) called on the fused path")
 
-    monkeypatch.setattr(F, "has_nonfinite", boom)
+    monkeypatch.setattr(F, "value_range", boom)
     for name in ("int4-outlier", "int4-g128", "rot-lm4-g64-lg8-k4"):
         codec = make_codec(name, calibration=calibration(64), backend="triton", nonfinite="propagate")
         codec.encode(torch.randn(2, 64), layer=LAYER, source=0)
