@@ -210,7 +210,8 @@ def _grid(rows: list[dict], phase: str, value: str, schemes) -> str:
 
 def write_doc(path: Path) -> None:
     gpu, cpu, fused = project("gpu"), project("cpu"), project("fused")
-    cpu_fast = project("cpu-kernels")
+    have_fast = all(c in load_speeds()["cpu-kernels"] for _, c, a in SCHEMES if a != "allreduce")
+    cpu_fast = project("cpu-kernels") if have_fast else []
     byte_rows = []
     for label, codec, algo in SCHEMES:
         r = next(x for x in gpu if x["phase"] == "prefill" and x["scheme"] == label and x["tp"] == 8)
@@ -264,11 +265,11 @@ def write_doc(path: Path) -> None:
         "",
         _grid(cpu, "prefill", "comm_speedup", SCHEMES[1:]),
         "",
-        "The same with the compiled CPU kernels (`lowbit_tp/kernels/cpu_kernels.cpp`, `backend=\"cpu\"`, "
-        "measured in the same `bench-comm` run; decode speed from their decode-and-sum):",
-        "",
-        _grid(cpu_fast, "prefill", "comm_speedup", SCHEMES[1:]),
-        "",
+        *(["The same with the compiled CPU kernels (`lowbit_tp/kernels/cpu_kernels.cpp`, `backend=\"cpu\"`, "
+            "measured in the same `bench-comm` run; decode speed from their decode-and-sum):",
+            "",
+            _grid(cpu_fast, "prefill", "comm_speedup", SCHEMES[1:]),
+            ""] if cpu_fast else []),
         "## Scenario: a fused, HBM-bound codec kernel",
         "",
         "Communication speed-up over bf16 all-reduce with codec work at the assumed fused-kernel rate, prefill:",

@@ -102,8 +102,8 @@ class _StaticIntCodec(Codec):
         return {"k": self.k, "scale_stat": self.scale_stat}
 
     def num_kept(self, hidden: int) -> int:
-        """Channels kept in bf16: ``k``, or ``hidden // 64`` when ``k`` is None."""
-        k = hidden // 64 if self.k is None else int(self.k)
+        """Channels kept in bf16: ``k``, or the calibration's k (``calibrate --k``) when None."""
+        k = self.calibration.k if self.k is None else int(self.k)
         if not 0 <= k <= hidden:
             raise ValueError(f"{self.name}: k={k} outside [0, {hidden}]")
         return k
@@ -165,7 +165,8 @@ class _StaticIntCodec(Codec):
             p.inliers.int(), p.inv_scale.float().contiguous(),
             p.outliers.int() if p.outliers.numel() else p.inliers[:1].int()))
         out = torch.empty(self.payload_nbytes(tuple(x.shape)), dtype=torch.uint8, device=x.device)
-        return K.encode(x.contiguous(), inl, inv, outl[: p.outliers.numel()], out, bits=self.bits)
+        return K.encode(x.contiguous(), inl, inv, outl[: p.outliers.numel()], out, bits=self.bits,
+                        max_input=self.max_input, flag=self._kernel_flag(x.device))
 
     def _triton_decode_sum(self, payloads, shape, params):
         from lowbit_tp.kernels import triton_static as K
@@ -231,7 +232,8 @@ class Int4Codec(_StaticIntCodec):
 class OutlierInt4Codec(_StaticIntCodec):
     """The seed method: calibrated top-k channels by range in bf16, the rest static int4.
 
-    ``k`` defaults to ``E // 64`` (4.1875 bits/value).
+    ``k`` defaults to the calibration's k, itself ``E // 64`` unless ``calibrate --k``
+    said otherwise (4.1875 bits/value at ``E // 64``).
     """
 
     name = "int4-outlier"
