@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from lowbit_tp.codecs import functional as F
-from lowbit_tp.codecs.base import Codec, register_codec
+from lowbit_tp.codecs.base import Codec, OutOfRangeError, register_codec
 from lowbit_tp.codecs.functional import fwht, hadamard_block, pack_bitplanes, unpack_bitplanes  # noqa: F401
 from lowbit_tp.codecs.static import topk_channels
 
@@ -288,7 +288,16 @@ class RotatedGroupCodec(Codec):
         del kw["levels"]
         colmap = self._kernel_table(("enc", id(p)), lambda: self._colmap([p], e, x.device)[0])
         out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=x.device)
-        return K.encode(x.contiguous(), colmap=colmap, out=out, flag=self._kernel_flag(x.device), **kw)
+        # "error" mode (which already syncs on its input scan) asks the kernel whether a rotated
+        # group overflowed or passed the scale limit; the other modes saturate, as the reference.
+        over = torch.zeros(1, dtype=torch.int32, device=x.device) if self.nonfinite == "error" else None
+        K.encode(x.contiguous(), colmap=colmap, out=out, flag=self._kernel_flag(x.device), range_flag=over,
+                 max_input=self.max_input, rotate_max=ROTATE_MAX, scale_max=self._fmt.max_amax, **kw)
+        if over is not None and int(over.item()):
+            raise OutOfRangeError(f"a rotated group absmax beyond {self._fmt.max_amax:.6g} (or an fp32 "
+                                  f"overflow in the rotation), the largest this codec's wire format carries "
+                                  f"(docs/wire-format.md); nonfinite='propagate' saturates instead")
+        return out
 
     def _decode_sum(self, payloads, shape, params):
         if self.kernel_backend(payloads[0].device) != "triton":
