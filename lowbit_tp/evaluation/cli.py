@@ -78,7 +78,7 @@ def _eval(args) -> None:
                      batch_size=args.batch_size, lambada=args.lambada, seed=args.seed, text=args.text)
     preflight_eval(cfg, out=args.json, warn=_warn)
     if args.runtime == "tp":
-        from lowbit_tp.runtime.evaluate import evaluate_codecs_tp
+        from lowbit_tp.evaluation.on_ranks import evaluate_codecs_tp
 
         res = evaluate_codecs_tp(cfg, timeout_s=args.timeout, threads_per_rank=args.threads_per_rank)
     else:
