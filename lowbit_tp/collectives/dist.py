@@ -68,7 +68,7 @@ def all_reduce(
     codec: Codec,
     group=None,
     *,
-    algorithm: str = "auto",
+    algorithm: str = A.DEFAULT_ALGORITHM,
     layer: str | None = None,
     policy: AutoPolicy | None = None,
     stats: CommStats | None = None,
@@ -87,7 +87,7 @@ def all_reduce(
         raise ValueError(f"all_reduce expects a [tokens, E] partial, got shape {tuple(partial.shape)}")
     algo = resolve_algorithm(algorithm, numel=partial.numel(), world_size=world, policy=policy)
     if world == 1:
-        return partial
+        return partial.clone()
     if algo == "exact":
         out = partial.clone()
         _guard("exact all_reduce", layer, group, lambda: dist.all_reduce(out, group=group))

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from lowbit_tp.collectives import AutoPolicy, check_group_config, spawn_ranks
+from lowbit_tp.collectives import DEFAULT_ALGORITHM, AutoPolicy, check_group_config, spawn_ranks
 from lowbit_tp.collectives.launch import init_from_env
 from lowbit_tp.runtime.generate import SamplingConfig, generate
 from lowbit_tp.runtime.shard import TPComm, shard_model
@@ -39,8 +39,8 @@ class RunConfig:
     """Everything that decides a TP generation run; recorded next to its results.
 
     ``codec`` names a registered codec; ``calibration`` is a ``.safetensors`` path (needed by
-    static codecs, optional for dynamic ones). ``algorithm``: ``auto`` | ``exact`` |
-    ``gather`` | ``two-shot``; ``policy`` sets the thresholds of ``auto``. ``timeout_s`` is
+    static codecs, optional for dynamic ones). ``algorithm``: ``gather`` (default,
+    the one rule of :data:`~lowbit_tp.collectives.DEFAULT_ALGORITHM`) | ``two-shot`` | ``auto`` | ``exact``; ``policy`` sets the thresholds of ``auto``. ``timeout_s`` is
     the process group's collective timeout: a dead peer surfaces as ``CollectiveError``
     after at most this long. ``ignore_eos`` always generates ``max_new_tokens``.
     """
@@ -50,7 +50,7 @@ class RunConfig:
     prompts: tuple[str, ...]
     codec: str = "bf16"
     calibration: str | None = None
-    algorithm: str = "auto"
+    algorithm: str = DEFAULT_ALGORITHM
     policy: AutoPolicy = AutoPolicy()
     max_new_tokens: int = 64
     sampling: SamplingConfig = SamplingConfig()
@@ -169,7 +169,7 @@ def _merge(per_rank: list[dict]) -> dict[str, Any]:
 
 
 def run_tp(model: str, *, tp: int, prompts, codec: str = "bf16", calibration_path: str | None = None,
-           max_new_tokens: int = 64, algorithm: str = "auto", policy: AutoPolicy = AutoPolicy(),
+           max_new_tokens: int = 64, algorithm: str = DEFAULT_ALGORITHM, policy: AutoPolicy = AutoPolicy(),
            sampling: SamplingConfig = SamplingConfig(), ignore_eos: bool = False, timeout_s: float = 60.0,
            deadline_s: float | None = None, threads_per_rank: int = 1, stream: bool = False,
            keep_prefill_logits: bool = False) -> dict[str, Any]:

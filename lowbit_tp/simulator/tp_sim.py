@@ -18,7 +18,7 @@ from torch import nn
 
 from lowbit_tp.codecs import Codec, make_codec
 from lowbit_tp.collectives import AutoPolicy, CommStats, simulate_all_reduce
-from lowbit_tp.collectives.algorithms import sum_in_rank_order
+from lowbit_tp.collectives.algorithms import ALGORITHMS, DEFAULT_ALGORITHM, sum_in_rank_order
 from lowbit_tp.models.adapters import check_tp, get_adapter
 from lowbit_tp.models.sharding import local_partial, shard_weight
 
@@ -53,13 +53,16 @@ class TPSimulator:
     Args (keyword-only):
         tp: the simulated TP degree (checked against heads and sizes).
         codec: a :class:`Codec`, a codec name, or None for the exact fp32 sum.
-        algorithm: ``exact``, ``gather``, ``two-shot`` or ``auto``.
+        algorithm: ``gather`` (default, :data:`~lowbit_tp.collectives.algorithms.DEFAULT_ALGORITHM`),
+            ``two-shot``, ``auto``, or ``exact`` (only without a codec: a codec with
+            ``exact`` would be ignored, so that is refused).
         policy: thresholds for ``auto``.
         observer: ``f(layer, partials, exact_sum)`` called for every layer call.
         calibration: passed to ``make_codec`` when ``codec`` is a name.
     """
 
-    def __init__(self, model: nn.Module, *, tp: int, codec: Codec | str | None = None, algorithm: str = "exact",
+    def __init__(self, model: nn.Module, *, tp: int, codec: Codec | str | None = None,
+                 algorithm: str = DEFAULT_ALGORITHM,
                  policy: AutoPolicy | None = None, observer: Optional[Observer] = None, calibration=None,
                  name: str | None = None):
         self.model = model
@@ -69,6 +72,11 @@ class TPSimulator:
         self.layers = self.adapter.row_parallel_layers(model)
         if isinstance(codec, str):
             codec = make_codec(codec, calibration=calibration)
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        if codec is not None and algorithm == "exact":
+            raise ValueError(f"algorithm 'exact' would ignore codec {codec.name!r}; use gather, two-shot or auto, "
+                             f"or codec=None for the exact sum")
         self.codec = codec
         self.algorithm = algorithm if codec is not None else "exact"
         self.policy = policy
@@ -95,12 +103,7 @@ class TPSimulator:
         """All layers' traffic added up (what one rank sent)."""
         total = CommStats()
         for st in self.per_layer.values():
-            total.bytes_sent += st.bytes_sent
-            total.payload_bytes += st.payload_bytes
-            total.values += st.values
-            total.calls += st.calls
-            for k, v in st.by_algorithm.items():
-                total.by_algorithm[k] = total.by_algorithm.get(k, 0) + v
+            total.add(st)
         return total
 
     def __enter__(self) -> "TPSimulator":
