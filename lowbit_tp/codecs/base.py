@@ -16,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
 from lowbit_tp.calibration.artifact import Calibration, CalibrationError, Source
 from lowbit_tp.codecs import functional as F
+from lowbit_tp.kernels import BACKENDS, resolve_backend
 
 __all__ = [
     "Codec",
@@ -50,14 +51,20 @@ class Codec(ABC):
         calibration: needed by static codecs, ignored by dynamic ones.
         nonfinite: ``"error"`` (default) raises :class:`NonFiniteError` naming the layer
             and source; ``"propagate"`` encodes NaN/Inf so they decode as NaN.
+        backend: ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cpu"``: which
+            implementation runs (see :func:`lowbit_tp.kernels.resolve_backend`). Every
+            backend produces the same bytes and sums, so it is not part of :meth:`config`.
     """
 
     name: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
 
-    def __init__(self, *, calibration: Calibration | None = None, nonfinite: str = "error"):
+    def __init__(self, *, calibration: Calibration | None = None, nonfinite: str = "error",
+                 backend: str = "auto"):
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if self.needs_calibration and calibration is None:
             raise CalibrationError(
                 f"codec {self.name!r} uses static scales and needs a calibration "
@@ -65,7 +72,9 @@ class Codec(ABC):
             )
         self.calibration = calibration
         self.nonfinite = nonfinite
+        self.backend = backend
         self._params: dict[tuple[str | None, Source], Any] = {}
+        self._tables: dict[Any, Any] = {}
 
     # ------------------------------------------------------------------ contract
     @abstractmethod
@@ -81,6 +90,18 @@ class Codec(ABC):
 
     @abstractmethod
     def _decode(self, payload: torch.Tensor, shape: tuple[int, int], params: Any) -> torch.Tensor: ...
+
+    def _decode_sum(self, payloads: Sequence[torch.Tensor], shape: tuple[int, int],
+                    params: Sequence[Any]) -> torch.Tensor:
+        """``sum_r _decode(payloads[r], shape, params[r])`` in fp32, left to right.
+
+        The reference; a codec with a fused kernel overrides this and dispatches on
+        ``self.kernel_backend(payloads[0].device)``. The result must be bitwise the same.
+        """
+        acc = self._decode(payloads[0], shape, params[0]).float().clone()
+        for p, prm in zip(payloads[1:], params[1:]):
+            acc.add_(self._decode(p, shape, prm).float())
+        return acc
 
     def _make_params(self, layer: str | None, source: Source, hidden: int) -> Any:
         """Static parameters of one (layer, source); dynamic codecs have none."""
@@ -117,6 +138,36 @@ class Codec(ABC):
             )
         return self._decode(payload, shape, self.params(layer, source, shape[1], payload.device))
 
+    def decode_sum(
+        self, payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, layer: str | None = None,
+        sources: Sequence[Source] | None = None,
+    ) -> torch.Tensor:
+        """``decode(payloads[0]) + decode(payloads[1]) + ...`` in fp32, in that order.
+
+        ``sources[r]`` is the source of ``payloads[r]`` (default: its index, i.e. its rank).
+        This is the receiving side of every compressed collective; fused kernels read the N
+        payloads once and write the sum once, bitwise equal to decoding one by one.
+        """
+        if len(payloads) == 0:
+            raise ValueError(f"{self.name}: decode_sum needs at least one payload")
+        shape = (int(shape[0]), int(shape[1]))
+        sources = list(range(len(payloads))) if sources is None else list(sources)
+        if len(sources) != len(payloads):
+            raise ValueError(f"{self.name}: {len(payloads)} payloads but {len(sources)} sources")
+        expected = self.payload_nbytes(shape, layer)
+        for r, p in enumerate(payloads):
+            if p.dtype != torch.uint8 or p.dim() != 1 or p.numel() != expected:
+                raise ValueError(
+                    f"{self.name}: payload {r} for shape {shape} must be {expected} uint8 bytes, "
+                    f"got {p.dtype} {tuple(p.shape)}"
+                )
+        dev = payloads[0].device
+        return self._decode_sum(list(payloads), shape, [self.params(layer, s, shape[1], dev) for s in sources])
+
+    def kernel_backend(self, device: torch.device | str) -> str:
+        """Which implementation runs for tensors on ``device``: reference, triton or cpu."""
+        return resolve_backend(self.backend, torch.device(device))
+
     def roundtrip(self, x: torch.Tensor, *, layer: str | None = None, source: Source = 0) -> torch.Tensor:
         """``decode(encode(x))``: what a receiver sees, in fp32."""
         return self.decode(self.encode(x, layer=layer, source=source), tuple(x.shape), layer=layer, source=source)
@@ -135,6 +186,12 @@ class Codec(ABC):
                 p = type(p)(**{f: getattr(p, f).to(device) for f in p.__dataclass_fields__})
             self._params[key] = p
         return self._params[key]
+
+    def _kernel_table(self, key: Any, build: Callable[[], Any]) -> Any:
+        """A kernel's lookup table, built (and copied to its device) once per ``key``."""
+        if key not in self._tables:
+            self._tables[key] = build()
+        return self._tables[key]
 
     def _check_input(self, x: torch.Tensor, layer: str | None, source: Source) -> bool:
         """Validate ``x``; returns whether it holds NaN/Inf (only possible in propagate mode)."""

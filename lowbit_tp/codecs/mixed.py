@@ -31,6 +31,13 @@ class _DelegatingCodec(Codec):
     def decode(self, payload, shape, *, layer=None, source=0):
         return self._pick(layer, source).decode(payload, shape, layer=layer, source=source)
 
+    def decode_sum(self, payloads, shape, *, layer=None, sources=None):
+        sources = list(range(len(payloads))) if sources is None else list(sources)
+        picked = {id(self._pick(layer, s)): self._pick(layer, s) for s in sources}
+        if len(picked) != 1:  # pragma: no cover - every source of one layer uses one sub-codec
+            raise ValueError(f"{self.name}: sources {sources} of layer {layer!r} use different codecs")
+        return next(iter(picked.values())).decode_sum(payloads, shape, layer=layer, sources=sources)
+
     def _encode(self, x, params, nonfinite):  # pragma: no cover - encode() delegates
         raise NotImplementedError
 
@@ -54,7 +61,7 @@ class AllocatedCodec(_DelegatingCodec):
                                    "(lowbit-tp calibrate --allocate BUDGET)"
                                    + (f"; this one could not make it: {why}" if why else ""))
         self.plan = plan
-        self._codecs = {n: make_codec(n, calibration=self.calibration, nonfinite=self.nonfinite)
+        self._codecs = {n: make_codec(n, calibration=self.calibration, nonfinite=self.nonfinite, backend=self.backend)
                         for n in sorted(set(plan["layers"].values()))}
 
     def options(self):
@@ -84,7 +91,7 @@ class TwoStageCodec(_DelegatingCodec):
         # Sub-codecs check for a calibration themselves; this wrapper needs none of its own.
         self.needs_calibration = False
         super().__init__(**kw)
-        opts = {"calibration": self.calibration, "nonfinite": self.nonfinite}
+        opts = {"calibration": self.calibration, "nonfinite": self.nonfinite, "backend": self.backend}
         self.first, self.second = make_codec(first, **opts), make_codec(second, **opts)
         self.name = name
 

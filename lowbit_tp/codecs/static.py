@@ -128,6 +128,8 @@ class _StaticIntCodec(Codec):
         return 2 * t * k + (n + 1) // 2 if self.bits == 4 else 2 * t * k + n
 
     def _encode(self, x, p: StaticParams, nonfinite):
+        if self.kernel_backend(x.device) == "triton":
+            return self._triton_encode(x, p)
         k = p.outliers.numel()
         rest = x if k == 0 else x.index_select(1, p.inliers)
         q = F.quantize_symmetric(rest, inv_scale=p.inv_scale, bits=self.bits, nonfinite=nonfinite)
@@ -136,6 +138,38 @@ class _StaticIntCodec(Codec):
             return body
         head = F.float_to_bytes(x.index_select(1, p.outliers), torch.bfloat16)
         return torch.cat([head, body])
+
+    # -------------------------------------------------------------- fused kernels
+    def _decode_sum(self, payloads, shape, params):
+        if self.kernel_backend(payloads[0].device) == "triton":
+            return self._triton_decode_sum(payloads, shape, params)
+        return super()._decode_sum(payloads, shape, params)
+
+    def _triton_encode(self, x, p: StaticParams):
+        from lowbit_tp.kernels import triton_static as K
+
+        inl, inv, outl = self._kernel_table(("enc", id(p)), lambda: (
+            p.inliers.int(), p.inv_scale.float().contiguous(),
+            p.outliers.int() if p.outliers.numel() else p.inliers[:1].int()))
+        out = torch.empty(self.payload_nbytes(tuple(x.shape)), dtype=torch.uint8, device=x.device)
+        return K.encode(x.contiguous(), inl, inv, outl[: p.outliers.numel()], out, bits=self.bits)
+
+    def _triton_decode_sum(self, payloads, shape, params):
+        from lowbit_tp.kernels import triton_static as K
+
+        def build():
+            e = p0.inliers.numel() + p0.outliers.numel()
+            colmap = torch.empty(len(params), e, dtype=torch.int32, device=p0.inliers.device)
+            for r, p in enumerate(params):  # slot of each kept channel, -(j+1) for bf16 channel j
+                colmap[r, p.inliers] = torch.arange(p.inliers.numel(), dtype=torch.int32, device=colmap.device)
+                colmap[r, p.outliers] = -1 - torch.arange(p.outliers.numel(), dtype=torch.int32, device=colmap.device)
+            return colmap, torch.stack([p.scale.float() for p in params]).contiguous()
+
+        p0 = params[0]
+        colmap, scale = self._kernel_table(("dec", tuple(id(p) for p in params)), build)
+        out = torch.empty(shape, dtype=torch.float32, device=payloads[0].device)
+        return K.decode_sum([q.contiguous() for q in payloads], colmap, scale, out, nk=p0.outliers.numel(),
+                            bits=self.bits)
 
     def _decode(self, payload, shape, p: StaticParams):
         t, e = shape

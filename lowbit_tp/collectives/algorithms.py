@@ -56,7 +56,7 @@ def gather_encode(codec: Codec, partial: torch.Tensor, *, layer, rank: int) -> t
 
 
 def gather_decode_sum(codec: Codec, payloads: Sequence[torch.Tensor], shape, *, layer) -> torch.Tensor:
-    return sum_in_rank_order([codec.decode(p, shape, layer=layer, source=r) for r, p in enumerate(payloads)])
+    return codec.decode_sum(payloads, shape, layer=layer)
 
 
 # ---------------------------------------------------------------- two-shot
@@ -76,7 +76,7 @@ def two_shot_encode(codec: Codec, partial: torch.Tensor, *, layer, rank: int, wo
 
 def two_shot_reduce(codec: Codec, chunks: Sequence[torch.Tensor], chunk_shape, *, layer) -> torch.Tensor:
     """Owner's stage: decode the N ranks' copies of its chunk, sum, re-encode the sum."""
-    s = sum_in_rank_order([codec.decode(c, chunk_shape, layer=layer, source=r) for r, c in enumerate(chunks)])
+    s = codec.decode_sum(chunks, chunk_shape, layer=layer)
     return codec.encode(s, layer=layer, source="sum")
 
 

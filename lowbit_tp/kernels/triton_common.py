@@ -1,0 +1,94 @@
+"""Triton device functions shared by the codec kernels: exact rounding and bit conversions.
+
+Every function here is written with operations that round the same way on a GPU and in
+Triton's numpy interpreter (IEEE add/sub/mul, ``floor``, comparisons, integer bit ops,
+``div_rn``), so the kernels that use them match the eager PyTorch reference bit for bit.
+No ``libdevice`` (the interpreter cannot run it) and no fast-math division.
+"""
+import triton
+import triton.language as tl
+
+# Launch options for every codec kernel: no fused multiply-add on the GPU, because the
+# reference rounds every product and every sum separately.
+FP_OPTIONS = {"enable_fp_fusion": False}
+
+
+@triton.jit
+def is_finite(x):
+    """True where ``x`` is neither NaN nor +-Inf."""
+    return tl.abs(x) < float("inf")
+
+
+@triton.jit
+def clamp_keep_nan(y, lo, hi):
+    """``torch.clamp(y, lo, hi)``: NaN stays NaN (``tl.minimum``/``maximum`` leave it unspecified)."""
+    return tl.where(y < lo, lo, tl.where(y > hi, hi, y))
+
+
+@triton.jit
+def round_half_even(y):
+    """``torch.round`` (ties to even) of finite fp32 ``y`` with ``|y| < 2**22``, from exact ops.
+
+    ``y - floor(y)`` is exact in fp32, and so are ``f * 0.5`` and ``f + 1`` in that range, so
+    no step depends on the device's rounding of an intermediate.
+    """
+    f = tl.floor(y)
+    d = y - f
+    h = f * 0.5
+    odd = (h - tl.floor(h)) != 0.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def bf16_bits(x):
+    """fp32 -> bfloat16 bit pattern (int32 in [0, 65535]) exactly as PyTorch's CPU cast does.
+
+    Round to nearest even; every NaN becomes 0x7FC0 (CUDA's own cast writes 0x7FFF, which is
+    why the reference's GPU bytes differed from the CPU's for NaN: docs/bench/gpu_check.md).
+    """
+    u = x.to(tl.uint32, bitcast=True)
+    bias = ((u >> 16) & 1) + 0x7FFF
+    r = ((u + bias) >> 16).to(tl.int32)
+    return tl.where(x != x, 0x7FC0, r)
+
+
+@triton.jit
+def bf16_from_bits(b):
+    """bfloat16 bit pattern (any int type, low 16 bits used) -> fp32, exactly."""
+    return ((b.to(tl.uint32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def fp16_bits(x):
+    """fp32 -> fp16 bit pattern (int32 in [0, 65535]), round to nearest even like ``Tensor.half()``."""
+    return x.to(tl.float16, fp_downcast_rounding="rtne").to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def fp16_from_bits(b):
+    """fp16 bit pattern (int, low 16 bits used) -> fp32, exactly."""
+    return (b & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def load_u16(ptr, offs, mask):
+    """A little-endian 16-bit word at byte offsets ``offs`` (any alignment) of a uint8 buffer."""
+    lo = tl.load(ptr + offs, mask=mask, other=0).to(tl.int32)
+    hi = tl.load(ptr + offs + 1, mask=mask, other=0).to(tl.int32)
+    return lo | (hi << 8)
+
+
+@triton.jit
+def store_u16(ptr, offs, bits, mask):
+    """Store the low 16 bits of ``bits`` little-endian at byte offsets ``offs`` of a uint8 buffer."""
+    tl.store(ptr + offs, (bits & 0xFF).to(tl.uint8), mask=mask)
+    tl.store(ptr + offs + 1, ((bits >> 8) & 0xFF).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def int4_from_nibble(byte, high):
+    """Sign-extended int4 code (int32) from the low (``high`` false) or high nibble of ``byte``."""
+    b = byte.to(tl.int32)
+    nib = tl.where(high, b >> 4, b) & 0xF
+    return tl.where(nib >= 8, nib - 16, nib)

@@ -1,0 +1,89 @@
+"""Triton kernels against the eager reference, bitwise, under TRITON_INTERPRET=1 on CPU tensors.
+
+The reference (``backend="reference"``) is the eager PyTorch code the kernels replace; each
+case compares the payload bytes and the fp32 bits of ``decode_sum`` (NaN positions compared
+as positions: a NaN's payload bits are not part of the contract). Shapes are tiny and odd on
+purpose: the interpreter runs numpy and is slow, and odd shapes are where packing breaks.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before lowbit_tp imports any kernel module
+
+import pytest  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed (optional: the Triton kernels are skipped)")
+
+from lowbit_tp.calibration.synthetic import synthetic_calibration  # noqa: E402
+from lowbit_tp.codecs import make_codec  # noqa: E402
+
+LAYER = "L"
+WORLD = 3
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal fp32 bit patterns (so -0.0 != 0.0), NaN compared by position only."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    na, nb = torch.isnan(a), torch.isnan(b)
+    return torch.equal(na, nb) and torch.equal(a[~na].view(torch.int32), b[~nb].view(torch.int32))
+
+
+_CALS = {}
+
+
+def calibration(hidden: int):
+    if hidden not in _CALS:
+        _CALS[hidden] = synthetic_calibration([LAYER], world=WORLD, hidden=hidden, tokens=64, batches=1)
+    return _CALS[hidden]
+
+
+def partials(tokens: int, hidden: int, *, seed: int, special: bool) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(tokens, hidden, generator=g) * 3 for _ in range(WORLD)]
+    xs[1][0] = 0.0  # an all-zero token
+    if special:  # NaN/Inf in propagate mode, exact rounding ties, a huge value
+        xs[2][1, 3] = float("nan")
+        xs[2][2, 0] = float("inf")
+        xs[0][tokens - 1, hidden - 1] = float("-inf")
+        xs[0][1, :8] = torch.tensor([7.0, 0.5, 1.5, 2.5, -0.5, -2.5, 3.5, -7.0])
+        xs[1][2, 1] = 1e30
+    return xs
+
+
+def check(name: str, tokens: int, hidden: int, *, special: bool = True, dtype=torch.float32, **opts):
+    cal = calibration(hidden)
+    mode = "propagate" if special else "error"
+    ref = make_codec(name, calibration=cal, nonfinite=mode, backend="reference", **opts)
+    tri = make_codec(name, calibration=cal, nonfinite=mode, backend="triton", **opts)
+    xs = [x.to(dtype) for x in partials(tokens, hidden, seed=tokens * 1000 + hidden, special=special)]
+    want = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    got = [tri.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    for r, (w, g) in enumerate(zip(want, got)):
+        diff = (w != g).nonzero().reshape(-1)[:6].tolist() if w.shape == g.shape else "size"
+        assert w.shape == g.shape and torch.equal(w, g), f"{name} {tokens}x{hidden} rank {r}: bytes differ at {diff}"
+    s_ref = ref.decode_sum(want, (tokens, hidden), layer=LAYER)
+    s_tri = tri.decode_sum(want, (tokens, hidden), layer=LAYER)
+    assert same_bits(s_ref, s_tri), f"{name} {tokens}x{hidden}: decode_sum differs"
+    return s_ref
+
+
+STATIC = ["int4-outlier", "int4", "int8", "int4-random-k"]
+
+
+@pytest.mark.parametrize("name", STATIC)
+@pytest.mark.parametrize("tokens,hidden", [(5, 100), (3, 37)])
+def test_static_codecs_bitwise(name, tokens, hidden):
+    check(name, tokens, hidden)
+
+
+def test_static_bf16_input_and_single_token():
+    check("int4-outlier", 1, 64, special=False, dtype=torch.bfloat16)
+    check("int8", 1, 64, special=False, dtype=torch.float16)
+
+
+def test_kernel_really_ran():
+    """The triton codec must not silently fall back: its backend resolves to triton."""
+    codec = make_codec("int4-outlier", calibration=calibration(64), backend="triton")
+    assert codec.kernel_backend("cpu") == "triton"
