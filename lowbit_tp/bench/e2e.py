@@ -10,8 +10,8 @@ Every measurement is a real TP run: ``tp`` separate processes started torchrun-s
   the ranks run under ``ip netns exec``.
 
 The ranks run :func:`_worker` (``python -m lowbit_tp.bench.e2e --worker``), which is
-``lowbit-tp run``'s torchrun path plus two timers installed from outside the library, so
-that no runtime module changes: one around every row-parallel all-reduce (encode + wire +
+``lowbit-tp run``'s torchrun path plus two timers passed in as
+:class:`~lowbit_tp.tp.CommHooks`: one around every row-parallel all-reduce (encode + wire +
 decode + sum), one around the backend collectives inside it (``all_gather``,
 ``all_to_all_single``, ``all_reduce``: the wire), each preceded by a barrier timed apart as
 skew (waiting for the slower rank), so the wire timer measures transfer, not imbalance.
@@ -160,7 +160,6 @@ class _Timers:
     def __init__(self, *, sync_wire: bool = True):
         self.steps: list[dict[str, float]] = []
         self._cur = self._new()
-        self._inside = False
         self.sync_wire = sync_wire
 
     @staticmethod
@@ -171,58 +170,31 @@ class _Timers:
         self.steps.append(self._cur)
         self._cur = self._new()
 
-    def wrap_all_reduce(self, fn):
-        def timed(*args, **kwargs):
+    def around_reduce(self, layer: str, reduce):
+        t0 = time.perf_counter()
+        try:
+            return reduce()
+        finally:
+            self._cur["all_reduce_s"] += time.perf_counter() - t0
+            self._cur["calls"] += 1
+
+    def around_wire(self, what: str, group, send):
+        import torch.distributed as dist
+
+        if self.sync_wire:
             t0 = time.perf_counter()
-            self._inside = True
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._inside = False
-                self._cur["all_reduce_s"] += time.perf_counter() - t0
-                self._cur["calls"] += 1
-        return timed
+            dist.barrier(group=group)
+            self._cur["skew_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        try:
+            return send()
+        finally:
+            self._cur["wire_s"] += time.perf_counter() - t0
 
-    def wrap_wire(self, fn, barrier):
-        def timed(*args, **kwargs):
-            if not self._inside:
-                return fn(*args, **kwargs)
-            if self.sync_wire:
-                t0 = time.perf_counter()
-                barrier(group=kwargs.get("group"))
-                self._cur["skew_s"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._cur["wire_s"] += time.perf_counter() - t0
-        return timed
+    def hooks(self):
+        from lowbit_tp.tp.row_parallel import CommHooks
 
-
-class _TimedDist:
-    """Stands in for ``torch.distributed`` inside the collectives module: the data-moving
-    calls are timed, everything else is the real module."""
-
-    WIRE = ("all_gather", "all_to_all_single", "all_reduce")
-
-    def __init__(self, real, timers: _Timers):
-        self._real = real
-        self._timers = timers
-
-    def __getattr__(self, name):
-        attr = getattr(self._real, name)
-        return self._timers.wrap_wire(attr, self._real.barrier) if name in self.WIRE else attr
-
-
-def _install_timers(*, sync_wire: bool) -> _Timers:
-    import lowbit_tp.collectives.dist  # noqa: F401  (the module, not the package attribute)
-    import lowbit_tp.runtime.shard as shard
-
-    timers = _Timers(sync_wire=sync_wire)
-    shard.all_reduce = timers.wrap_all_reduce(shard.all_reduce)
-    coll = sys.modules["lowbit_tp.collectives.dist"]
-    coll.dist = _TimedDist(coll.dist, timers)
-    return timers
+        return CommHooks(around_reduce=self.around_reduce, around_wire=self.around_wire)
 
 
 def _worker(cfg_path: str, out_dir: str) -> None:
@@ -237,10 +209,10 @@ def _worker(cfg_path: str, out_dir: str) -> None:
     sync_wire = spec.pop("sync_wire", True)
     cfg = RunConfig(**spec)
     torch.set_num_threads(cfg.threads_per_rank)
-    timers = _install_timers(sync_wire=sync_wire)
+    timers = _Timers(sync_wire=sync_wire)
     rank, world = init_from_env(backend="gloo", timeout_s=cfg.timeout_s)
     try:
-        res = rank_main(rank, world, cfg, on_step=timers.on_step)
+        res = rank_main(rank, world, cfg, on_step=timers.on_step, hooks=timers.hooks())
         dist.barrier()
     finally:
         dist.destroy_process_group()

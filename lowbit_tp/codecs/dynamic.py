@@ -48,7 +48,14 @@ class GroupInt4Codec(Codec):
         return (t * e + 1) // 2 + 2 * t * math.ceil(e / self.group)
 
     def _encode(self, x, params, nonfinite):
+        if self.kernel_backend(x.device) == "cpu":
+            from lowbit_tp.kernels import cpu
+            return cpu.group_encode(x, group=self.group, nbytes=self.payload_nbytes(tuple(x.shape)))[0]
         t, e = x.shape
+        if e % 2 == 0 and self.kernel_backend(x.device) == "triton":  # the kernel packs a token's codes in pairs
+            from lowbit_tp.kernels import triton_group as K
+            out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=x.device)
+            return K.encode(x.contiguous(), out, group=self.group)
         xg, amax = F.group_absmax(x, self.group, nonfinite=nonfinite)
         # Round the scale to fp16 *before* quantizing so that the receiver, which only
         # has the fp16 scale, reconstructs exactly what the sender meant.
@@ -61,7 +68,20 @@ class GroupInt4Codec(Codec):
         q = F.quantize_symmetric(xg, scale=s32.unsqueeze(-1), bits=4, nonfinite=nonfinite).reshape(t, -1)[:, :e]
         return torch.cat([F.pack_int4(q), scale.reshape(-1).view(torch.uint8)])
 
+    def _decode_sum(self, payloads, shape, params):
+        backend = self.kernel_backend(payloads[0].device)
+        if backend == "cpu":
+            from lowbit_tp.kernels import cpu
+            return cpu.group_decode_sum(payloads, shape, group=self.group)
+        if backend == "triton":
+            from lowbit_tp.kernels import triton_group as K
+            out = torch.empty(shape, dtype=torch.float32, device=payloads[0].device)
+            return K.decode_sum([p.contiguous() for p in payloads], out, group=self.group)
+        return super()._decode_sum(payloads, shape, params)
+
     def _decode(self, payload, shape, params):
+        if self.kernel_backend(payload.device) == "cpu":
+            return self._decode_sum([payload], shape, [params])
         t, e = shape
         g = math.ceil(e / self.group)
         nq = (t * e + 1) // 2

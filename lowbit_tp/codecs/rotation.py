@@ -211,6 +211,8 @@ class RotatedGroupCodec(Codec):
     # -------------------------------------------------------------- encode / decode
     def _encode(self, x, p: RotParams, nonfinite):
         t, e = x.shape
+        if self._kernel_packs(e) and self.kernel_backend(x.device) == "triton":
+            return self._triton_encode(x, p)
         xf = x.float()
         head = None
         if p.outliers.numel():
@@ -252,6 +254,50 @@ class RotatedGroupCodec(Codec):
             s = sbytes.view(torch.float16).clone().reshape(bad.shape).masked_fill_(bad, float("nan"))
             return s.reshape(-1).view(torch.uint8)
         return sbytes.reshape(bad.shape).masked_fill(bad, 255).reshape(-1)
+
+    # -------------------------------------------------------------- fused kernels
+    def _kernel_packs(self, e: int) -> bool:
+        """Whether the encode kernel can pack ``E = e`` (a program owns whole tokens)."""
+        return self.bits == 8 or (self.bits == 4 and e % 2 == 0) or e % 8 == 0
+
+    def _kernel_args(self, p: RotParams, t: int, e: int, device) -> dict:
+        """Arguments every rot kernel takes; the lookup tables are copied to ``device`` once."""
+        levels, bounds, lg8, lg8_asc = self._kernel_table(("tables", device), lambda: tuple(
+            v.float().contiguous().to(device) for v in (self._levels, self._bounds, _LG8_TABLE, _LG8_TABLE.flip(0))))
+        return dict(signs=p.signs.float().contiguous(), lg8=lg8, levels=levels, bounds=bounds, lg8_asc=lg8_asc,
+                    nk=p.outliers.numel(), code_bytes=self._code_bytes(t * e), group=self.group, bits=self.bits,
+                    block=hadamard_block(e), scale_format=self.scale_format)
+
+    @staticmethod
+    def _colmap(ps, e: int, device) -> torch.Tensor:
+        """``[len(ps), e]`` int32: the bf16 slot of each kept channel per source, -1 elsewhere."""
+        cm = torch.full((len(ps), e), -1, dtype=torch.int32, device=device)
+        for r, p in enumerate(ps):
+            cm[r, p.outliers] = torch.arange(p.outliers.numel(), dtype=torch.int32, device=device)
+        return cm
+
+    def _triton_encode(self, x, p: RotParams):
+        from lowbit_tp.kernels import triton_rotation as K
+
+        t, e = x.shape
+        kw = self._kernel_args(p, t, e, x.device)
+        del kw["levels"]
+        colmap = self._kernel_table(("enc", id(p)), lambda: self._colmap([p], e, x.device)[0])
+        out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=x.device)
+        return K.encode(x.contiguous(), colmap=colmap, out=out, **kw)
+
+    def _decode_sum(self, payloads, shape, params):
+        if self.kernel_backend(payloads[0].device) != "triton":
+            return super()._decode_sum(payloads, shape, params)
+        from lowbit_tp.kernels import triton_rotation as K
+
+        t, e = shape
+        dev = payloads[0].device
+        kw = self._kernel_args(params[0], t, e, dev)
+        del kw["bounds"], kw["lg8_asc"]
+        colmap = self._kernel_table(("dec", tuple(id(p) for p in params)), lambda: self._colmap(params, e, dev))
+        out = torch.empty(t, e, dtype=torch.float32, device=dev)
+        return K.decode_sum([q.contiguous() for q in payloads], colmap=colmap, out=out, **kw)
 
     def _decode(self, payload, shape, p: RotParams):
         t, e = shape

@@ -128,7 +128,12 @@ class _StaticIntCodec(Codec):
         return 2 * t * k + (n + 1) // 2 if self.bits == 4 else 2 * t * k + n
 
     def _encode(self, x, p: StaticParams, nonfinite):
-        if self.kernel_backend(x.device) == "triton":
+        backend = self.kernel_backend(x.device)
+        if backend == "cpu":
+            from lowbit_tp.kernels import cpu
+            return cpu.static_encode(x, outliers=p.outliers, inv_scale=p.inv_scale, bits=self.bits,
+                                     nbytes=self.payload_nbytes(tuple(x.shape)))[0]
+        if backend == "triton":
             return self._triton_encode(x, p)
         k = p.outliers.numel()
         rest = x if k == 0 else x.index_select(1, p.inliers)
@@ -141,7 +146,12 @@ class _StaticIntCodec(Codec):
 
     # -------------------------------------------------------------- fused kernels
     def _decode_sum(self, payloads, shape, params):
-        if self.kernel_backend(payloads[0].device) == "triton":
+        backend = self.kernel_backend(payloads[0].device)
+        if backend == "cpu":
+            from lowbit_tp.kernels import cpu
+            return cpu.static_decode_sum(payloads, shape, scales=[p.scale for p in params],
+                                         outliers=[p.outliers for p in params], bits=self.bits)
+        if backend == "triton":
             return self._triton_decode_sum(payloads, shape, params)
         return super()._decode_sum(payloads, shape, params)
 
@@ -172,6 +182,8 @@ class _StaticIntCodec(Codec):
                             bits=self.bits)
 
     def _decode(self, payload, shape, p: StaticParams):
+        if self.kernel_backend(payload.device) == "cpu":
+            return self._decode_sum([payload], shape, [p])
         t, e = shape
         k = p.outliers.numel()
         split = 2 * t * k

@@ -11,6 +11,8 @@ timeout expires (``init_process_group(timeout=...)``); it never hangs forever.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.distributed as dist
 
@@ -29,9 +31,15 @@ def _rank_world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _guard(what: str, layer, group, fn):
+# A wire hook wraps every backend collective of :func:`all_reduce`: it is called as
+# ``hook(what, group, send)`` and must call ``send()`` once and return its result. Benchmarks
+# time the transfer with it (and may synchronise the ranks first); nothing else changes.
+WireHook = Callable[[str, Any, Callable[[], Any]], Any]
+
+
+def _guard(what: str, layer, group, fn, hook: WireHook | None = None):
     try:
-        return fn()
+        return fn() if hook is None else hook(what, group, fn)
     except CollectiveError:
         raise
     except Exception as exc:  # gloo/NCCL raise RuntimeError or DistBackendError subclasses
@@ -72,6 +80,7 @@ def all_reduce(
     layer: str | None = None,
     policy: AutoPolicy | None = None,
     stats: CommStats | None = None,
+    wire_hook: WireHook | None = None,
 ) -> torch.Tensor:
     """Sum ``partial [tokens, E]`` over the ranks of ``group``; returns a new tensor.
 
@@ -79,6 +88,7 @@ def all_reduce(
     ``all_gather`` of payloads; ``two-shot`` -> one ``all_to_all_single`` plus one
     ``all_gather``. Every rank gets bitwise the same result, equal to
     :func:`~lowbit_tp.collectives.simulate.simulate_all_reduce` on the same partials.
+    ``wire_hook`` (see :data:`WireHook`) wraps each of those backend calls.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("all_reduce needs an initialised torch.distributed process group")
@@ -90,7 +100,7 @@ def all_reduce(
         return partial.clone()
     if algo == "exact":
         out = partial.clone()
-        _guard("exact all_reduce", layer, group, lambda: dist.all_reduce(out, group=group))
+        _guard("exact all_reduce", layer, group, lambda: dist.all_reduce(out, group=group), wire_hook)
         if stats is not None:
             stats.record_exact(partial, world=world)
         return out
@@ -99,7 +109,8 @@ def all_reduce(
     if algo == "gather":
         payload = A.gather_encode(codec, partial, layer=layer, rank=rank)
         got = [torch.empty_like(payload) for _ in range(world)]
-        _guard("all_gather of payloads", layer, group, lambda: dist.all_gather(got, payload, group=group))
+        _guard("all_gather of payloads", layer, group, lambda: dist.all_gather(got, payload, group=group),
+           wire_hook)
         out = A.gather_decode_sum(codec, got, shape, layer=layer)
         if stats is not None:
             stats.record_gather(payload, world=world, values=partial.numel())
@@ -108,11 +119,13 @@ def all_reduce(
     chunks = A.two_shot_encode(codec, partial, layer=layer, rank=rank, world=world)
     send = torch.cat(chunks)
     recv = torch.empty_like(send)
-    _guard("all_to_all of chunks", layer, group, lambda: dist.all_to_all_single(recv, send, group=group))
+    _guard("all_to_all of chunks", layer, group, lambda: dist.all_to_all_single(recv, send, group=group),
+           wire_hook)
     chunk_shape = (A.chunk_rows(shape[0], world), shape[1])
     mine = A.two_shot_reduce(codec, list(recv.chunk(world)), chunk_shape, layer=layer)
     sums = [torch.empty_like(mine) for _ in range(world)]
-    _guard("all_gather of reduced chunks", layer, group, lambda: dist.all_gather(sums, mine, group=group))
+    _guard("all_gather of reduced chunks", layer, group, lambda: dist.all_gather(sums, mine, group=group),
+           wire_hook)
     out = A.two_shot_decode(codec, sums, chunk_shape, shape[0], layer=layer)
     if stats is not None:
         stats.record_two_shot(chunks, mine, rank=rank, values=partial.numel())

@@ -1,7 +1,8 @@
 """Choosing an algorithm (``auto``) and counting what each call sends."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Iterable
 
 from lowbit_tp.collectives.algorithms import ALGORITHMS
 
@@ -111,6 +112,20 @@ class CommStats:
         sent = sum(c.numel() for j, c in enumerate(chunks) if j != rank) + (world - 1) * reduced.numel()
         self.record(algorithm="two-shot", sent=sent, payload=sum(c.numel() for c in chunks), values=values,
                     wire_values=2.0 * (world - 1) * values / world, world=world)
+
+    @classmethod
+    def total(cls, parts: Iterable["CommStats"]) -> "CommStats":
+        """A new :class:`CommStats` holding the sum of ``parts``."""
+        out = cls()
+        for p in parts:
+            out.add(p)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CommStats":
+        """Inverse of :meth:`as_dict` (derived keys such as ``bits_per_value`` are ignored)."""
+        keep = {f.name for f in fields(cls)}
+        return cls(**{k: (dict(v) if k == "by_algorithm" else v) for k, v in d.items() if k in keep})
 
     @property
     def bits_per_value(self) -> float:

@@ -44,13 +44,14 @@ def round_half_even(y):
 def bf16_bits(x):
     """fp32 -> bfloat16 bit pattern (int32 in [0, 65535]) exactly as PyTorch's CPU cast does.
 
-    Round to nearest even; every NaN becomes 0x7FC0 (CUDA's own cast writes 0x7FFF, which is
-    why the reference's GPU bytes differed from the CPU's for NaN: docs/bench/gpu_check.md).
+    Round to nearest even; every NaN becomes 0xFFFF, what PyTorch's vectorized CPU cast
+    writes (its scalar path writes 0x7FC0 and CUDA's cast 0x7FFF, which is why the
+    reference's GPU bytes differed from the CPU's for NaN: docs/bench/gpu_check.md).
     """
     u = x.to(tl.uint32, bitcast=True)
     bias = ((u >> 16) & 1) + 0x7FFF
     r = ((u + bias) >> 16).to(tl.int32)
-    return tl.where(x != x, 0x7FC0, r)
+    return tl.where(x != x, 0xFFFF, r)
 
 
 @triton.jit

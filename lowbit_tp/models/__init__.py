@@ -8,8 +8,6 @@ from lowbit_tp.models.adapters import (
     TPGeometry,
     check_tp,
     get_adapter,
-    partial_outputs,
-    reduce_partials,
     valid_tp_degrees,
 )
 from lowbit_tp.models.registry import (
@@ -34,8 +32,6 @@ __all__ = [
     "list_models",
     "load_model",
     "load_tokenizer",
-    "partial_outputs",
-    "reduce_partials",
     "sha256_of_files",
     "valid_tp_degrees",
 ]

@@ -22,11 +22,12 @@ output, so a runtime must intercept the Linear's output, never the residual stre
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
+
+from lowbit_tp.tp.plan import DECODER_PLAN, Rule, TPPlan
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -36,8 +37,6 @@ __all__ = [
     "TPGeometry",
     "check_tp",
     "get_adapter",
-    "partial_outputs",
-    "reduce_partials",
     "valid_tp_degrees",
 ]
 
@@ -53,14 +52,7 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 
 LayerKind = Literal["attn_out", "mlp_down"]
 
-_ROW_PARALLEL_RE = re.compile(
-    r"^(?P<prefix>(?:.*\.)?)layers\.(?P<index>\d+)\.(?P<leaf>self_attn\.o_proj|mlp\.down_proj)$"
-)
-_KIND_BY_LEAF: dict[str, LayerKind] = {
-    "self_attn.o_proj": "attn_out",
-    "mlp.down_proj": "mlp_down",
-}
-_KIND_ORDER = {"attn_out": 0, "mlp_down": 1}
+_KIND_BY_SPLIT: dict[str, LayerKind] = {"q_heads": "attn_out", "features": "mlp_down"}
 
 
 @dataclass(frozen=True)
@@ -191,36 +183,52 @@ class ArchitectureAdapter:
 
     family: str
     geometry: TPGeometry
+    plan: TPPlan = DECODER_PLAN
 
     def row_parallel_layers(self, model: torch.nn.Module) -> list[RowParallelLayer]:
-        """Every decoder layer's ``o_proj`` then ``down_proj``, in forward order."""
-        found: list[tuple[str, RowParallelLayer]] = []
-        for name, module in model.named_modules():
-            match = _ROW_PARALLEL_RE.match(name)
-            if match is None:
-                continue
+        """Every decoder layer's ``o_proj`` then ``down_proj`` (the plan's ``rowwise``
+        modules), in forward order."""
+        layers = []
+        for planned in self.plan.modules(model, style="rowwise"):
+            module = planned.module
             if not isinstance(module, torch.nn.Linear):
-                raise TypeError(f"{name} is {type(module).__name__}, expected nn.Linear")
-            kind = _KIND_BY_LEAF[match["leaf"]]
-            layer = RowParallelLayer(
-                name=name,
-                kind=kind,
-                layer_index=int(match["index"]),
+                raise TypeError(f"{planned.name} is {type(module).__name__}, expected nn.Linear")
+            layers.append(RowParallelLayer(
+                name=planned.name,
+                kind=_KIND_BY_SPLIT[planned.rule.split],
+                layer_index=planned.layer_index,
                 in_features=module.in_features,
                 out_features=module.out_features,
-            )
-            found.append((match["prefix"], layer))
-        prefixes = {prefix for prefix, _ in found}
-        if len(prefixes) > 1:
-            # e.g. a multimodal model whose vision tower reuses the names: refuse to guess.
-            raise ValueError(f"row-parallel layers found under several stacks: {sorted(prefixes)}")
-        layers = [layer for _, layer in found]
+            ))
         if len(layers) != 2 * self.geometry.num_layers:
             raise ValueError(
                 f"expected {2 * self.geometry.num_layers} row-parallel layers "
                 f"({self.geometry.num_layers} decoder layers), found {len(layers)}"
             )
-        return sorted(layers, key=lambda l: (l.layer_index, _KIND_ORDER[l.kind]))
+        return layers
+
+    def split_slices(self, rule: Rule, size: int, tp: int) -> list[slice]:
+        """Per rank, the slice of a dimension of ``size`` that ``rule`` splits: the
+        contiguous query heads of that rank (``q_heads``), the KV heads they read
+        (``kv_heads``, replicated when ``tp > num_kv_heads``), or equal contiguous blocks
+        (``features``). The ``q_heads`` and ``features`` slices partition ``range(size)``."""
+        check_tp(self.geometry, tp)
+        geo = self.geometry
+        if rule.split == "features":
+            if size % tp:
+                raise ValueError(f"TP degree {tp} does not divide {size} features")
+            width = size // tp
+            return [slice(r * width, (r + 1) * width) for r in range(tp)]
+        heads = geo.num_heads if rule.split == "q_heads" else geo.num_kv_heads
+        if size != heads * geo.head_dim:
+            raise ValueError(f"{size} features, expected {rule.split} * head_dim = {heads} * {geo.head_dim} "
+                             f"= {heads * geo.head_dim}")
+        key = "q_heads" if rule.split == "q_heads" else "kv_heads"
+        out = []
+        for shard in self.column_shards(tp):
+            units = getattr(shard, key)
+            out.append(slice(units[0] * geo.head_dim, (units[-1] + 1) * geo.head_dim))
+        return out
 
     def input_shards(self, layer: RowParallelLayer, tp: int) -> list[slice]:
         """Per rank, the slice of ``layer``'s input features it owns (length ``tp``).
@@ -229,25 +237,11 @@ class ArchitectureAdapter:
         ``mlp_down``: contiguous blocks of ``in_features // tp``. The slices are disjoint
         and cover ``range(layer.in_features)`` in rank order.
         """
-        check_tp(self.geometry, tp)
-        if layer.kind == "attn_out":
-            expected = self.geometry.num_heads * self.geometry.head_dim
-            if layer.in_features != expected:
-                raise ValueError(
-                    f"{layer.name} has {layer.in_features} input features, expected "
-                    f"num_heads * head_dim = {self.geometry.num_heads} * "
-                    f"{self.geometry.head_dim} = {expected}"
-                )
-            width = self.geometry.num_heads // tp * self.geometry.head_dim
-        elif layer.kind == "mlp_down":
-            if layer.in_features % tp:
-                raise ValueError(
-                    f"{layer.name}: TP degree {tp} does not divide {layer.in_features} inputs"
-                )
-            width = layer.in_features // tp
-        else:
-            raise ValueError(f"unknown row-parallel layer kind {layer.kind!r}")
-        return [slice(r * width, (r + 1) * width) for r in range(tp)]
+        rule = Rule("rowwise", "q_heads" if layer.kind == "attn_out" else "features")
+        try:
+            return self.split_slices(rule, layer.in_features, tp)
+        except ValueError as exc:
+            raise ValueError(f"{layer.name}: {exc}") from None
 
     def column_shards(self, tp: int) -> list[ColumnShard]:
         """Per rank, the q heads, KV heads and gate/up features it computes."""
@@ -290,31 +284,3 @@ def get_adapter(model_or_config: Any, *, name: str | None = None) -> Architectur
             f"{geo.num_kv_heads} KV heads"
         )
     return ArchitectureAdapter(family=SUPPORTED_MODEL_TYPES[model_type], geometry=geo)
-
-
-def partial_outputs(
-    x: torch.Tensor, weight: torch.Tensor, shards: list[slice]
-) -> list[torch.Tensor]:
-    """Each rank's partial output ``x[..., s_r] @ weight[:, s_r].T`` (no bias).
-
-    ``x``: ``[..., D]``; ``weight``: ``[E, D]`` (nn.Linear layout); ``shards``: the
-    input slices from :meth:`ArchitectureAdapter.input_shards`. Each partial is
-    ``[..., E]``; their sum is ``x @ weight.T``. A Linear's bias is *not* part of any
-    partial: it is added once, after the reduce (see :func:`reduce_partials`), never
-    per rank.
-    """
-    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"x has {x.shape[-1]} features but weight is {tuple(weight.shape)} (expected [E, D])"
-        )
-    return [x[..., s] @ weight[:, s].T for s in shards]
-
-
-def reduce_partials(
-    partials: list[torch.Tensor], *, bias: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The exact all-reduce: sum of the partials, plus ``bias`` once if given."""
-    if not partials:
-        raise ValueError("no partial outputs to reduce")
-    total = torch.stack(partials).sum(dim=0)
-    return total if bias is None else total + bias

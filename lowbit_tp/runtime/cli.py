@@ -17,6 +17,9 @@ from lowbit_tp.collectives import ALGORITHMS, DEFAULT_ALGORITHM
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="generate text with a tensor-parallel model over N ranks")
+    p.add_argument("--engine", default="native", choices=["native", "vllm"],
+                   help="native: lowbit-tp's own ranks; vllm: vLLM with the lowbit-tp plugin (needs .venv-vllm)")
+    p.add_argument("--compile", action="store_true", help="vllm engine: compiled graph instead of enforce_eager")
     p.add_argument("--model", default="smollm2-135m", help="registry name or HF checkpoint directory")
     p.add_argument("--tp", type=int, help="number of ranks (required unless under torchrun)")
     p.add_argument("--codec", default="bf16", help="all-reduce codec (bf16 with --algorithm exact = uncompressed)")
@@ -66,6 +69,12 @@ def _report(out: dict) -> str:
 def _cmd_run(args) -> None:
     from lowbit_tp.runtime.engine import run_config, run_from_env, under_torchrun
 
+    if args.engine == "vllm":
+        from lowbit_tp.integrations.vllm.cli import cmd_run
+
+        if args.tp is None:
+            raise SystemExit("--tp is required")
+        return cmd_run(args, _config(args, args.tp))
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if args.tp is not None and args.tp != world:

@@ -29,7 +29,8 @@ import torch.distributed as dist
 from lowbit_tp.collectives import DEFAULT_ALGORITHM, AutoPolicy, check_group_config, spawn_ranks
 from lowbit_tp.collectives.launch import init_from_env
 from lowbit_tp.runtime.generate import SamplingConfig, generate
-from lowbit_tp.runtime.shard import TPComm, shard_model
+from lowbit_tp.runtime.shard import shard_model
+from lowbit_tp.tp.row_parallel import CommHooks, DistReducer
 
 __all__ = ["RunConfig", "rank_main", "run_from_env", "run_tp"]
 
@@ -96,13 +97,14 @@ def _load_calibration(cfg: RunConfig, *, tp: int, info):
 
 
 def rank_main(rank: int, world: int, cfg: RunConfig, *, group=None, stream: bool = False,
-              on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+              on_step: Callable[[int, int], None] | None = None, hooks: CommHooks = CommHooks()) -> dict[str, Any]:
     """One rank's whole run; every rank of ``group`` must call it with its own rank.
 
     Returns this rank's results: config, model info, shard and memory report, and one
     :meth:`GenerationResult.summary` per prompt (``prefill_logits`` added when the config
     asks for them). ``stream`` prints rank 0's text as it is generated. ``on_step(step,
-    token)`` runs on every rank after every token (fault-injection hook for tests).
+    token)`` runs on every rank after every token (fault-injection hook for tests); ``hooks``
+    wrap every row-parallel reduce and its backend collectives (benchmark timers).
     """
     from lowbit_tp.codecs import make_codec
     from lowbit_tp.models import check_tp, get_adapter, load_model
@@ -124,8 +126,8 @@ def rank_main(rank: int, world: int, cfg: RunConfig, *, group=None, stream: bool
         "sampling": repr(cfg.sampling), "calibration_file": None if cal is None else cal.fingerprint(),
     })
     memory = {"after_load": _rss_mib()}
-    comm = TPComm(codec=codec, group=group, algorithm=cfg.algorithm, policy=cfg.policy)
-    shard = shard_model(model, rank=rank, tp=world, comm=comm, adapter=adapter)
+    comm = DistReducer(codec=codec, group=group, algorithm=cfg.algorithm, policy=cfg.policy, hooks=hooks)
+    shard = shard_model(model, rank=rank, tp=world, reducer=comm, adapter=adapter)
     memory["after_shard"] = _rss_mib()
 
     eos = []

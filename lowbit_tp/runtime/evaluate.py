@@ -14,7 +14,7 @@ Who computes what:
   a 49k vocabulary), computes the baseline last-word accuracy, then frees the model;
 * ``cfg.tp`` spawned gloo ranks (:func:`eval_rank_main`) each load and shard the model as
   :func:`~lowbit_tp.runtime.engine.rank_main` does, once, and run every codec in turn by
-  pointing the row-parallel layers at a fresh :class:`TPComm`: full-sequence forwards
+  pointing the row-parallel layers at a fresh :class:`~lowbit_tp.tp.DistReducer`: full-sequence forwards
   (``use_cache=False``) over the windows, then the last-word items;
 * rank 0 reads each batch's baseline logits, accumulates :class:`LMComparison` and returns
   its sums (numbers, not logits, unless ``keep_logits``); every rank returns its
@@ -27,7 +27,7 @@ import hashlib
 import json
 import tempfile
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,7 +36,8 @@ import torch
 from lowbit_tp.collectives import CommStats, check_group_config, spawn_ranks
 from lowbit_tp.evaluation.evaluate import EvalConfig, _lambada, eval_inputs, result_record, result_row
 from lowbit_tp.evaluation.metrics import LMComparison
-from lowbit_tp.runtime.shard import RowParallelLinear, TPComm, shard_model
+from lowbit_tp.runtime.shard import shard_model
+from lowbit_tp.tp.row_parallel import DistReducer, RowParallelLinear
 
 __all__ = ["eval_rank_main", "evaluate_codecs_tp"]
 
@@ -45,11 +46,11 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]
 
 
-def _use_comm(model: torch.nn.Module, comm: TPComm) -> None:
-    """Point every :class:`RowParallelLinear` of a sharded ``model`` at ``comm`` (next codec)."""
+def _use_reducer(model: torch.nn.Module, reducer: DistReducer) -> None:
+    """Point every :class:`RowParallelLinear` of a sharded ``model`` at ``reducer`` (next codec)."""
     for m in model.modules():
         if isinstance(m, RowParallelLinear):
-            m.comm = comm
+            m.reducer = reducer
 
 
 def eval_rank_main(rank: int, world: int, cfg: EvalConfig, input_ids: torch.Tensor, items: Sequence,
@@ -86,14 +87,14 @@ def eval_rank_main(rank: int, world: int, cfg: EvalConfig, input_ids: torch.Tens
     for codec in codecs.values():
         check_group_config(codec, group, extra=extra)
 
-    comm = TPComm(codec=next(iter(codecs.values())), group=group, algorithm=cfg.algorithm)
-    shard = shard_model(model, rank=rank, tp=world, comm=comm, adapter=adapter)
+    comm = DistReducer(codec=next(iter(codecs.values())), group=group, algorithm=cfg.algorithm)
+    shard = shard_model(model, rank=rank, tp=world, reducer=comm, adapter=adapter)
     batches = list(input_ids.split(cfg.batch_size))
     out: dict[str, Any] = {"rank": rank, "shard": asdict(shard), "codecs": {}}
     with torch.no_grad():
         for name, codec in codecs.items():
-            comm = TPComm(codec=codec, group=group, algorithm=cfg.algorithm)
-            _use_comm(model, comm)
+            comm = DistReducer(codec=codec, group=group, algorithm=cfg.algorithm)
+            _use_reducer(model, comm)
             comp, kept, seconds = LMComparison(), [], 0.0
             for b, ids in enumerate(batches):
                 t0 = time.perf_counter()
@@ -111,11 +112,6 @@ def eval_rank_main(rank: int, world: int, cfg: EvalConfig, input_ids: torch.Tens
                     row["logits"] = torch.cat(kept)
             out["codecs"][name] = row
     return out
-
-
-def _stats(d: dict) -> CommStats:
-    keep = {f.name for f in fields(CommStats)}
-    return CommStats(**{k: v for k, v in d.items() if k in keep})
 
 
 def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = 60.0, deadline_s: float | None = None,
@@ -156,7 +152,7 @@ def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = 60.0, deadline_s: 
     rows, logits = [], {}
     for name in cfg.codecs:
         r0 = per_rank[0]["codecs"][name]
-        row = result_row(cfg, info, name, LMComparison(**r0["comparison"]).result(), _stats(r0["comm"]),
+        row = result_row(cfg, info, name, LMComparison(**r0["comparison"]).result(), CommStats.from_dict(r0["comm"]),
                          r0["lambada"], base_acc, r0["seconds"], num_layers=2 * info.num_layers)
         rows.append({**row, "runtime": "tp"})
         if keep_logits:

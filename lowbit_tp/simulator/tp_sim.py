@@ -1,50 +1,38 @@
 """Turn an HF model into an exact single-process simulation of TP = N.
 
 Inside ``with TPSimulator(model, tp=N, codec=..., algorithm=...):`` every row-parallel
-Linear (``o_proj``, ``down_proj``) computes the N true per-rank partials (its input split
-by whole heads or by intermediate blocks, as the adapter says) and combines them with
-:func:`~lowbit_tp.collectives.simulate_all_reduce` - the same codec and reduction code
-the multi-process collective runs. Everything else in the model is untouched.
+Linear of the model's TP plan (``o_proj``, ``down_proj``) becomes a
+:class:`~lowbit_tp.tp.RowParallelLinear` holding all N ranks' column blocks, whose
+reducer is a :class:`~lowbit_tp.tp.SimulatedReducer`: the N true per-rank partials are
+combined by :func:`~lowbit_tp.collectives.simulate_all_reduce`, the same codec and
+reduction code the multi-process collective runs. Everything else in the model is
+untouched, and the original Linears come back on exit.
 
 An ``observer(layer, partials, total)`` callback sees every layer's partials and their
 exact sum; calibration uses it to collect channel statistics.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
-import torch
 from torch import nn
 
 from lowbit_tp.codecs import Codec, make_codec
-from lowbit_tp.collectives import AutoPolicy, CommStats, simulate_all_reduce
-from lowbit_tp.collectives.algorithms import ALGORITHMS, DEFAULT_ALGORITHM, sum_in_rank_order
+from lowbit_tp.collectives import AutoPolicy, CommStats
+from lowbit_tp.collectives.algorithms import ALGORITHMS, DEFAULT_ALGORITHM
 from lowbit_tp.models.adapters import check_tp, get_adapter
-from lowbit_tp.models.sharding import local_partial, shard_weight
+from lowbit_tp.tp.plan import swap_module
+from lowbit_tp.tp.row_parallel import Observer, RowParallelLinear, SimulatedReducer, shard_weight
 
-Observer = Callable[[str, list, torch.Tensor], None]
+__all__ = ["TPSimulator"]
 
 
-class SimulatedRowParallel(nn.Module):
-    """A row-parallel Linear computed as N rank partials plus a (compressed) all-reduce."""
-
-    def __init__(self, linear: nn.Linear, shards: list[slice], *, name: str, simulator: "TPSimulator"):
-        super().__init__()
-        self.name = name
-        self.shards = shards
-        self.weights = [shard_weight(linear.weight.detach(), s) for s in shards]
-        self.bias = None if linear.bias is None else linear.bias.detach()
-        self.simulator = simulator
-        self.original = linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
-        partials = [local_partial(x2[:, s], w) for s, w in zip(self.shards, self.weights)]
-        y = self.simulator.combine(self.name, partials)
-        if self.bias is not None:
-            y = y + self.bias  # once, after the reduce
-        return y.reshape(*lead, y.shape[-1])
+def simulated_row_parallel(linear: nn.Linear, shards: list[slice], *, name: str,
+                           reducer: SimulatedReducer) -> RowParallelLinear:
+    """All ranks' column blocks of ``linear`` in one :class:`RowParallelLinear`."""
+    w = linear.weight.detach()
+    bias = None if linear.bias is None else linear.bias.detach()
+    return RowParallelLinear([shard_weight(w, s) for s in shards], bias, shards=shards, name=name, reducer=reducer)
 
 
 class TPSimulator:
@@ -79,44 +67,31 @@ class TPSimulator:
                              f"or codec=None for the exact sum")
         self.codec = codec
         self.algorithm = algorithm if codec is not None else "exact"
-        self.policy = policy
-        self.observer = observer
-        self.per_layer: dict[str, CommStats] = {}
-        self._swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        self.reducer = SimulatedReducer(codec=codec, algorithm=self.algorithm, policy=policy, observer=observer)
+        self._swapped: list[tuple[str, nn.Module]] = []
 
     @property
     def layer_names(self) -> list[str]:
         return [l.name for l in self.layers]
 
-    def combine(self, layer: str, partials: list[torch.Tensor]) -> torch.Tensor:
-        """The all-reduce every simulated row-parallel layer calls."""
-        total = None
-        if self.observer is not None:
-            total = sum_in_rank_order(partials)
-            self.observer(layer, partials, total)
-        if self.codec is None or self.algorithm == "exact":
-            return (total if total is not None else sum_in_rank_order(partials)).to(partials[0].dtype)
-        st = self.per_layer.setdefault(layer, CommStats())
-        return simulate_all_reduce(partials, self.codec, self.algorithm, layer=layer, policy=self.policy, stats=st)
+    @property
+    def per_layer(self) -> dict[str, CommStats]:
+        """One rank's traffic per layer (compressed algorithms only)."""
+        return self.reducer.per_layer
 
     def comm_stats(self) -> CommStats:
         """All layers' traffic added up (what one rank sent)."""
-        total = CommStats()
-        for st in self.per_layer.values():
-            total.add(st)
-        return total
+        return self.reducer.stats()
 
     def __enter__(self) -> "TPSimulator":
         for layer in self.layers:
-            parent_name, _, attr = layer.name.rpartition(".")
-            parent = self.model.get_submodule(parent_name)
-            linear = getattr(parent, attr)
+            linear = self.model.get_submodule(layer.name)
             shards = self.adapter.input_shards(layer, self.tp)
-            setattr(parent, attr, SimulatedRowParallel(linear, shards, name=layer.name, simulator=self))
-            self._swapped.append((parent, attr, linear))
+            new = simulated_row_parallel(linear, shards, name=layer.name, reducer=self.reducer)
+            self._swapped.append((layer.name, swap_module(self.model, layer.name, new)))
         return self
 
     def __exit__(self, *exc) -> None:
-        for parent, attr, linear in reversed(self._swapped):
-            setattr(parent, attr, linear)
+        for name, linear in reversed(self._swapped):
+            swap_module(self.model, name, linear)
         self._swapped.clear()

@@ -1,0 +1,6 @@
+"""Engines that lowbit-tp plugs into. Each integration imports its engine lazily, so
+``import lowbit_tp`` never needs the engine installed.
+
+* :mod:`lowbit_tp.integrations.vllm` - a vLLM general plugin whose row-parallel layers
+  reduce their partials through the compressed all-reduce.
+"""

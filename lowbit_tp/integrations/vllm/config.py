@@ -1,0 +1,89 @@
+"""What the vLLM plugin does, from environment variables or vLLM's ``additional_config``.
+
+Environment (read in every vLLM process; the ``mp`` executor's workers inherit it):
+
+=============================  ===========================================================
+``LOWBIT_TP_CODEC``            codec name; unset or empty: the plugin leaves vLLM alone
+``LOWBIT_TP_CALIBRATION``      calibration ``.safetensors`` (static codecs need one)
+``LOWBIT_TP_ALGORITHM``        ``auto`` (default) | ``exact`` | ``gather`` | ``two-shot``
+``LOWBIT_TP_MIN_BYTES``        size gate: messages below this many bf16 bytes (``2*numel``)
+                               go to vLLM's own all-reduce (default 65536, as ``auto``)
+``LOWBIT_TP_CAPTURE_DIR``      tracing: save one call's partial and result per rank here
+``LOWBIT_TP_CAPTURE_LAYER``    ... for this layer (calibration name), first gated call
+=============================  ===========================================================
+
+``--additional-config '{"lowbit_tp": {"codec": ..., "calibration": ..., "algorithm": ...,
+"min_bytes": ...}}'`` overrides the environment key by key.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping
+
+from lowbit_tp.collectives import ALGORITHMS
+
+ENV = {
+    "codec": "LOWBIT_TP_CODEC",
+    "calibration": "LOWBIT_TP_CALIBRATION",
+    "algorithm": "LOWBIT_TP_ALGORITHM",
+    "min_bytes": "LOWBIT_TP_MIN_BYTES",
+    "capture_dir": "LOWBIT_TP_CAPTURE_DIR",
+    "capture_layer": "LOWBIT_TP_CAPTURE_LAYER",
+}
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """The plugin's settings; ``codec=None`` means disabled (vLLM's own all-reduce everywhere).
+
+    ``min_bytes`` is the size gate, as in vLLM's QuickReduce: a message of ``numel``
+    values is compressed when ``2 * numel >= min_bytes`` (its size in bf16), otherwise it
+    goes to vLLM's own all-reduce, which is faster for small, latency-bound decode messages.
+    ``min_bytes=0`` compresses everything.
+    """
+
+    codec: str | None = None
+    calibration: str | None = None
+    algorithm: str = "auto"
+    min_bytes: int = 64 * 1024
+    capture_dir: str | None = None
+    capture_layer: str | None = None
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"lowbit-tp plugin: unknown algorithm {self.algorithm!r}; choose one of "
+                             f"{', '.join(ALGORITHMS)}")
+        if self.min_bytes < 0:
+            raise ValueError(f"lowbit-tp plugin: min_bytes must be >= 0, got {self.min_bytes}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.codec)
+
+    def as_env(self) -> dict[str, str]:
+        """The environment that reproduces this config in another process."""
+        return {ENV[f.name]: str(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "PluginConfig":
+        env = os.environ if environ is None else environ
+        return cls.from_mapping({k: env[v] for k, v in ENV.items() if env.get(v)})
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], *, base: "PluginConfig | None" = None) -> "PluginConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"lowbit-tp plugin: unknown setting(s) {unknown}; known: {sorted(known)}")
+        kw = dict(values)
+        if "min_bytes" in kw:
+            kw["min_bytes"] = int(kw["min_bytes"])
+        return replace(base or cls(), **kw)
+
+
+def resolve_config(additional_config: Mapping[str, Any] | None) -> PluginConfig:
+    """Environment first, then ``additional_config["lowbit_tp"]`` on top."""
+    cfg = PluginConfig.from_env()
+    extra = (additional_config or {}).get("lowbit_tp") if isinstance(additional_config, Mapping) else None
+    return PluginConfig.from_mapping(extra, base=cfg) if extra else cfg

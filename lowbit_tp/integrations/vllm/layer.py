@@ -1,0 +1,81 @@
+"""vLLM's ``RowParallelLinear`` with the partial sum reduced by lowbit-tp (imports vLLM).
+
+Registered by :func:`lowbit_tp.integrations.vllm.register` with
+``RowParallelLinear.register_oot``, so every row-parallel layer vLLM builds (``o_proj``,
+``down_proj``) is this class. When the plugin is disabled (no codec) the forward is
+vLLM's own. Otherwise: the local matmul without bias, one
+``torch.ops.lowbit_tp.all_reduce`` of the ``[tokens, E]`` partial, then the bias, added
+once after the reduce.
+
+Start-up (first layer built in each worker): read the config, load the calibration and
+check it against the checkpoint and TP degree, build the codec, register the
+:class:`~lowbit_tp.integrations.vllm.op.Reducer` over vLLM's TP group. Each layer maps
+its vLLM prefix to the calibration's layer name, so a calibration for another model
+fails here, naming the file, before any weight is loaded.
+"""
+from __future__ import annotations
+
+import torch
+from vllm.config import get_current_vllm_config_or_none
+from vllm.distributed import get_tp_group
+from vllm.model_executor.layers.linear import RowParallelLinear
+
+from lowbit_tp.integrations.vllm import op  # noqa: F401  (registers torch.ops.lowbit_tp.all_reduce)
+from lowbit_tp.integrations.vllm.config import PluginConfig, resolve_config
+
+_STATE: dict[str, object] = {}
+REDUCER_KEY = "vllm-tp"
+
+
+def _setup(cfg: PluginConfig, tp_size: int) -> list[str] | None:
+    """Once per process: calibration check, codec, reducer. Returns the calibration's layers."""
+    if "layers" in _STATE:
+        return _STATE["layers"]  # type: ignore[return-value]
+    from lowbit_tp.calibration import Calibration
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.integrations.vllm.checkpoint import check_calibration, identity
+
+    vcfg = get_current_vllm_config_or_none()
+    cal = None
+    if cfg.calibration:
+        cal = Calibration.load(cfg.calibration)
+        if vcfg is not None:
+            check_calibration(cal, identity(vcfg.model_config.model), tp=tp_size, path=cfg.calibration)
+    codec = make_codec(cfg.codec, calibration=cal)
+    group = get_tp_group()
+    reducer = op.Reducer(codec=codec, group=group.device_group, rank=group.rank_in_group,
+                         algorithm=cfg.algorithm, min_bytes=cfg.min_bytes,
+                         fallback=group._all_reduce_out_place if cfg.min_bytes > 0 else None,
+                         capture_dir=cfg.capture_dir, capture_layer=cfg.capture_layer)
+    op.register_reducer(REDUCER_KEY, reducer)
+    _STATE["layers"] = cal.layers if cal is not None else None
+    return _STATE["layers"]  # type: ignore[return-value]
+
+
+class LowbitRowParallelLinear(RowParallelLinear):
+    """vLLM's row-parallel layer whose all-reduce goes through lowbit-tp's compressed op."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        vcfg = get_current_vllm_config_or_none()
+        cfg = resolve_config(vcfg.additional_config if vcfg is not None else None)
+        self.lowbit = cfg.enabled and self.reduce_results and self.tp_size > 1
+        self.lowbit_layer = self.prefix
+        if self.lowbit:
+            from lowbit_tp.integrations.vllm.checkpoint import calibration_layer_name
+
+            layers = _setup(cfg, self.tp_size)
+            self.lowbit_layer = calibration_layer_name(self.prefix, layers)
+
+    def forward(self, input_):
+        if not self.lowbit:
+            return super().forward(input_)
+        if not self.input_is_parallel:
+            input_ = input_.chunk(self.tp_size, dim=-1)[self.tp_rank].contiguous()
+        partial = self.quant_method.apply(self, input_, None)
+        out = torch.ops.lowbit_tp.all_reduce(partial, self.lowbit_layer, REDUCER_KEY)
+        if self.bias is not None and not self.skip_bias_add:
+            out = out + self.bias
+        if not self.return_bias:
+            return out
+        return out, (self.bias if self.skip_bias_add else None)

@@ -1,0 +1,185 @@
+"""Compiled CPU kernels (``cpu_kernels.cpp``), built once per machine and loaded with ctypes.
+
+Why a small C++ file and ctypes: the kernels need exact control over fp32 operation order,
+rounding and bf16/fp16 conversion to match the eager reference bit for bit, and must run
+at memory speed on one core. Plain C++ with no torch headers builds in about a second with
+the system compiler, has no ABI tie to a torch version, and adds no Python dependency.
+
+The library is built by ``scripts/setup.sh`` (``python -m lowbit_tp.kernels.cpu``) or on
+first use, into a cache folder keyed by the source, the flags and the CPU, and loaded
+lazily. If the compiler is missing or the build fails, :func:`available` is False and
+every codec stays on the reference path (``backend="auto"``); :func:`build_error` says why.
+
+Wrappers take and return tensors; each codec's dispatch (in ``lowbit_tp/codecs``) calls them.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+# -ffp-contract=off: no fused multiply-add, so products round as the reference's do.
+# -fno-trapping-math only drops FP-exception side effects (lets float selects vectorize);
+# values are unchanged. Never -ffast-math.
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
+         "-fno-strict-aliasing")
+_ARCH_FLAGS = ("-march=native",)
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ERROR: list[str] = []
+
+
+def _cpu_id() -> str:
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{flags}"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LOWBIT_TP_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lowbit-tp", "kernels")
+    return Path(root)
+
+
+def library_path() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, _ARCH_FLAGS, _cpu_id())).encode()).hexdigest()[:16]
+    return cache_dir() / f"lowbit_cpu_{key}.so"
+
+
+def build(*, verbose: bool = False) -> Path:
+    """Compile the kernels (if not already built for this source and CPU); returns the library path.
+
+    Tries ``-march=native`` first (vector units of this CPU), then a portable build. Writes
+    to a temporary name and renames, so concurrent ranks never load a half-written file.
+    """
+    out = library_path()
+    if out.exists():
+        return out
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (g++/c++/clang++)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for arch in (_ARCH_FLAGS, ()):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        cmd = [cxx, *FLAGS, *arch, str(SOURCE), "-o", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode == 0:
+            os.replace(tmp, out)
+            if verbose:
+                print(" ".join(cmd))
+            return out
+        os.unlink(tmp)
+        errors.append(f"{' '.join(cmd)}\n{proc.stderr.strip()}")
+    raise RuntimeError("building the CPU kernels failed:\n" + "\n".join(errors))
+
+
+@functools.lru_cache(maxsize=None)
+def _lib():
+    path = build()
+    lib = ctypes.CDLL(str(path))
+    if lib.lbt_abi_version() != 1:
+        raise RuntimeError(f"{path}: unexpected ABI version")
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.lbt_static_encode.argtypes = [p, i32, i64, i64, i64, p, i64, p, i32, p]
+    lib.lbt_static_encode.restype = i32
+    lib.lbt_static_decode_sum.argtypes = [p, p, i32, i64, i64, p, i64, i32, p]
+    lib.lbt_static_decode_sum.restype = None
+    lib.lbt_group_encode.argtypes = [p, i32, i64, i64, i64, i64, p]
+    lib.lbt_group_encode.restype = i32
+    lib.lbt_group_decode_sum.argtypes = [p, i32, i64, i64, i64, p]
+    lib.lbt_group_decode_sum.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels are built (or build now) and load; False means: use the reference."""
+    if os.environ.get("LOWBIT_TP_CPU_KERNELS", "1") == "0":
+        _ERROR[:] = ["disabled by LOWBIT_TP_CPU_KERNELS=0"]
+        return False
+    try:
+        _lib()
+    except Exception as exc:  # no compiler, failed build, unloadable library
+        _ERROR[:] = [str(exc)]
+        return False
+    return True
+
+
+def build_error() -> str | None:
+    """Why :func:`available` returned False (None if it did not)."""
+    return _ERROR[0] if _ERROR else None
+
+
+# --------------------------------------------------------------------------- wrappers
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``x`` with unit inner stride, its dtype code and its row stride in elements."""
+    if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) < x.shape[1]):
+        x = x.contiguous()
+    return x, _DTYPES[x.dtype], (x.stride(0) if x.shape[0] > 1 else x.shape[1])
+
+
+def _ptrs(ts: Sequence[torch.Tensor]):
+    return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
+
+
+def static_encode(x: torch.Tensor, *, outliers: torch.Tensor, inv_scale: torch.Tensor, bits: int,
+                  nbytes: int) -> tuple[torch.Tensor, bool]:
+    """Static int4/int8 payload (kept channels as bf16 first); returns (payload, saw_nonfinite)."""
+    x, dt, ld = _rows(x)
+    t, e = x.shape
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    bad = _lib().lbt_static_encode(x.data_ptr(), dt, t, e, ld, outliers.data_ptr(), outliers.numel(),
+                                   inv_scale.data_ptr(), bits, out.data_ptr())
+    return out, bool(bad)
+
+
+def static_decode_sum(payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, scales: Sequence[torch.Tensor],
+                      outliers: Sequence[torch.Tensor], bits: int) -> torch.Tensor:
+    t, e = shape
+    k = outliers[0].numel()
+    out = torch.empty(t, e, dtype=torch.float32)
+    payloads = [p.contiguous() for p in payloads]
+    _lib().lbt_static_decode_sum(_ptrs(payloads), _ptrs(scales), len(payloads), t, e, _ptrs(outliers), k, bits,
+                                 out.data_ptr())
+    return out
+
+
+def group_encode(x: torch.Tensor, *, group: int, nbytes: int) -> tuple[torch.Tensor, bool]:
+    """int4 with fp16 group scales; returns (payload, saw_nonfinite)."""
+    x, dt, ld = _rows(x)
+    t, e = x.shape
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    bad = _lib().lbt_group_encode(x.data_ptr(), dt, t, e, ld, group, out.data_ptr())
+    return out, bool(bad)
+
+
+def group_decode_sum(payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, group: int) -> torch.Tensor:
+    t, e = shape
+    out = torch.empty(t, e, dtype=torch.float32)
+    payloads = [p.contiguous() for p in payloads]
+    _lib().lbt_group_decode_sum(_ptrs(payloads), len(payloads), t, e, group, out.data_ptr())
+    return out
+
+
+if __name__ == "__main__":  # scripts/setup.sh: build now, report, never fail the set-up
+    try:
+        print(f"lowbit-tp CPU kernels: {build(verbose='-v' in sys.argv)}")
+    except Exception as exc:
+        print(f"lowbit-tp CPU kernels not built (the reference path will be used): {exc}", file=sys.stderr)

@@ -1,0 +1,331 @@
+// CPU kernels for the lowbit-tp codecs: one pass over the input per encode, one pass over
+// the N payloads per decode-and-sum. Plain C ABI (loaded with ctypes, no torch headers).
+//
+// Every kernel reproduces the eager PyTorch reference in lowbit_tp/codecs/ bit for bit:
+// the same fp32 operations in the same order (multiply by a reciprocal where the reference
+// multiplies, IEEE division where it divides), round half to even, clamp, then the
+// non-finite sentinel; bf16 and fp16 conversions round to nearest even exactly as torch's;
+// decode-and-sum adds the decoded payloads in rank order in fp32. Build flags must keep
+// -ffp-contract=off (no fused multiply-add) and must not use -ffast-math.
+//
+// Input dtypes: 0 = fp32, 1 = bf16, 2 = fp16. Rows have stride `ld` elements, inner stride 1.
+// Return value of encoders: 1 if the input held a NaN/Inf (all of it is scanned), else 0.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline uint32_t bits_of(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float float_of(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline bool finite_bits(uint32_t u) { return (u & 0x7f800000u) != 0x7f800000u; }
+constexpr float QNAN = __builtin_nanf("");  // 0x7fc00000, what torch writes for float("nan")
+
+inline float bf16_to_f32(uint16_t h) { return float_of(uint32_t(h) << 16); }
+// torch's CPU conversion: round to nearest even; every NaN becomes 0xffff.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u = bits_of(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0xffff;
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+#ifdef __F16C__
+inline float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+inline uint16_t f32_to_f16(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+#else
+inline float f16_to_f32(uint16_t h) {
+  uint32_t s = uint32_t(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu;
+  if (e == 0x1f) return float_of(s | 0x7f800000u | (m << 13));
+  if (e == 0) return float_of(s) + (s ? -1.0f : 1.0f) * float(m) * 5.9604644775390625e-08f;
+  return float_of(s | ((e + 112) << 23) | (m << 13));
+}
+inline uint16_t f32_to_f16(float f) {  // round to nearest even, NaN quieted with its top payload bits
+  uint32_t u = bits_of(f), s = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return uint16_t(s | 0x7e00u | ((a >> 13) & 0x3ffu));
+  if (a >= 0x477ff000u) return uint16_t(s | 0x7c00u);  // rounds to >= 65520: Inf
+  if (a < 0x38800000u) {                                // fp16 subnormal or zero
+    float r = float_of(a) * 16777216.0f;                // exact: scales to units of 2**-24
+    return uint16_t(s | uint32_t(std::nearbyint(r)));
+  }
+  uint32_t mant_odd = (a >> 13) & 1u;
+  a += 0xc8000fffu + mant_odd;  // rebias exponent (-112 << 23) and round
+  return uint16_t(s | (a >> 13));
+}
+#endif
+
+template <int DT> inline float load(const void* p, int64_t i);
+template <> inline float load<0>(const void* p, int64_t i) { return static_cast<const float*>(p)[i]; }
+template <> inline float load<1>(const void* p, int64_t i) { return bf16_to_f32(static_cast<const uint16_t*>(p)[i]); }
+template <> inline float load<2>(const void* p, int64_t i) { return f16_to_f32(static_cast<const uint16_t*>(p)[i]); }
+
+template <int DT> inline int64_t elem_size() { return DT == 0 ? 4 : 2; }
+
+// The reference's bf16 cast of the input: a no-op (raw bits kept) when it is bf16 already;
+// torch's direct fp16 -> bf16 cast writes NaN as 0x7fc0 (its fp32 -> bf16 cast as 0xffff).
+template <int DT> inline uint16_t to_bf16(const void* p, int64_t i) {
+  if (DT == 1) return static_cast<const uint16_t*>(p)[i];
+  const float v = load<DT>(p, i);
+  if (DT == 2 && v != v) return 0x7fc0;
+  return f32_to_bf16(v);
+}
+
+inline void put_u16(uint8_t* dst, uint16_t v) { std::memcpy(dst, &v, 2); }
+inline uint16_t get_u16(const uint8_t* src) { uint16_t v; std::memcpy(&v, src, 2); return v; }
+
+// Codes c[0..m) of one row go to the flat nibble stream at index `f` (value 2i in the low
+// nibble of byte i). A row starting at an odd index completes the byte its predecessor
+// started; a row ending on a low nibble leaves the high nibble 0 (the pad, or the next row
+// fills it).
+inline void pack_nibbles(const int8_t* c, int64_t m, int64_t f, uint8_t* body) {
+  int64_t j = 0;
+  if (m == 0) return;
+  if (f & 1) {
+    uint8_t* b = body + (f >> 1);
+    *b = uint8_t((*b & 0x0f) | ((c[0] & 0x0f) << 4));
+    j = 1;
+  }
+  uint8_t* dst = body + ((f + j) >> 1);
+  const int64_t pairs = (m - j) / 2;
+  for (int64_t i = 0; i < pairs; ++i)
+    dst[i] = uint8_t((c[j + 2 * i] & 0x0f) | ((c[j + 2 * i + 1] & 0x0f) << 4));
+  j += 2 * pairs;
+  if (j < m) dst[pairs] = uint8_t(c[j] & 0x0f);
+}
+
+inline float int4_value(int32_t code) { return code == -8 ? QNAN : float(code); }
+
+// Quantize n values: round(x * factor) or round(x / factor) half to even, clamp to [-qmax, qmax],
+// non-finite x to the sentinel. Returns whether any x was non-finite. Written as selects
+// (no min/max calls) so that the compiler vectorizes it.
+template <int DT, bool DIVIDE>
+inline uint32_t quantize_run(const void* row, int64_t c0, const float* factor, int64_t n, float qmax,
+                             int32_t sentinel, int8_t* q) {
+  uint32_t nf = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = load<DT>(row, c0 + i);
+    float y = __builtin_rintf(DIVIDE ? v / factor[i] : v * factor[i]);
+    y = y < -qmax ? -qmax : y;
+    y = y > qmax ? qmax : y;
+    const int32_t bad = (bits_of(v) & 0x7f800000u) == 0x7f800000u;
+    nf |= bad;
+    y = bad ? 0.0f : y;
+    q[i] = int8_t(bad ? sentinel : int32_t(y));
+  }
+  return nf;
+}
+
+// Inverse: m sign-extended int4 codes as floats (the sentinel -8 as NaN) from index f.
+inline void unpack_nibbles(const uint8_t* body, int64_t f, int64_t m, float* v) {
+  int64_t j = 0;
+  if (m == 0) return;
+  if (f & 1) {
+    v[0] = int4_value(int8_t(body[f >> 1]) >> 4);
+    j = 1;
+  }
+  const uint8_t* src = body + ((f + j) >> 1);
+  float* dst = v + j;
+  const int64_t pairs = (m - j) / 2;
+  for (int64_t i = 0; i < pairs; ++i) {
+    const uint8_t b = src[i];
+    const int32_t lo = int8_t(uint8_t(b << 4)) >> 4, hi = int8_t(b) >> 4;
+    const float fl = float(lo), fh = float(hi);
+    dst[2 * i] = lo == -8 ? QNAN : fl;
+    dst[2 * i + 1] = hi == -8 ? QNAN : fh;
+  }
+  j += 2 * pairs;
+  if (j < m) v[j] = int4_value(int8_t(uint8_t(src[pairs] << 4)) >> 4);
+}
+
+// Runs of consecutive inlier channels: channel c0..c1-1 holds inlier index j0.. (ascending
+// outliers given).
+struct Run { int64_t c0, c1, j0; };
+
+std::vector<Run> inlier_runs(int64_t e, const int64_t* outl, int64_t k) {
+  std::vector<Run> runs;
+  int64_t c = 0, j = 0;
+  for (int64_t i = 0; i <= k; ++i) {
+    const int64_t stop = i < k ? outl[i] : e;
+    if (stop > c) { runs.push_back({c, stop, j}); j += stop - c; }
+    c = stop + 1;
+  }
+  return runs;
+}
+
+// ------------------------------------------------------------------- static int codecs
+// int8 / int4 / int4-outlier / int4-random-k: [ T*k bf16 | codes of the T*(E-k) inliers ].
+// Rows are quantized at full width with a per-channel factor (0 on kept channels), then the
+// kept channels' codes are squeezed out: long vector loops instead of short runs.
+
+// inv (or scale) of the inliers spread over all E channels, `fill` on the kept ones.
+std::vector<float> spread(const float* vals, int64_t e, const std::vector<Run>& runs, float fill) {
+  std::vector<float> full(e, fill);
+  for (const Run& r : runs) std::memcpy(full.data() + r.c0, vals + r.j0, 4 * (r.c1 - r.c0));
+  return full;
+}
+
+template <int DT>
+int static_encode(const void* x, int64_t t_rows, int64_t e, int64_t ld, const int64_t* outl, int64_t k,
+                  const float* inv_scale, int bits, uint8_t* out) {
+  const int64_t m = e - k;
+  const float qmax = float((1 << (bits - 1)) - 1);
+  const int32_t sentinel = -(1 << (bits - 1));
+  uint8_t* head = out;
+  uint8_t* body = out + 2 * t_rows * k;
+  const std::vector<Run> runs = inlier_runs(e, outl, k);
+  const std::vector<float> inv = spread(inv_scale, e, runs, 0.0f);
+  std::vector<int8_t> full(e), codes(m);
+  uint32_t bad = 0;
+  for (int64_t t = 0; t < t_rows; ++t) {
+    const char* row = static_cast<const char*>(x) + t * ld * elem_size<DT>();
+    for (int64_t i = 0; i < k; ++i) put_u16(head + 2 * (t * k + i), to_bf16<DT>(row, outl[i]));
+    bad |= quantize_run<DT, false>(row, 0, inv.data(), e, qmax, sentinel, full.data());
+    const int8_t* q = full.data();
+    if (k) {
+      for (const Run& r : runs) std::memcpy(codes.data() + r.j0, full.data() + r.c0, r.c1 - r.c0);
+      q = codes.data();
+    }
+    if (bits == 4) pack_nibbles(q, m, t * m, body);
+    else std::memcpy(body + t * m, q, m);
+  }
+  return bad ? 1 : 0;
+}
+
+// out = sum_r decode(payload_r) in rank order (acc = d0; acc += d1; ...), one row at a time
+// so each output row is written once.
+void static_decode_sum(const uint8_t* const* payloads, const float* const* scales, int n, int64_t t_rows,
+                       int64_t e, const int64_t* const* outls, int64_t k, int bits, float* out) {
+  const int64_t m = e - k;
+  std::vector<std::vector<Run>> runs(n);
+  std::vector<std::vector<float>> sfull(n);
+  for (int r = 0; r < n; ++r) {
+    runs[r] = inlier_runs(e, outls[r], k);
+    sfull[r] = spread(scales[r], e, runs[r], 1.0f);  // kept channels: value * 1
+  }
+  std::vector<float> vals(m), vfull(e);
+  for (int64_t t = 0; t < t_rows; ++t) {
+    float* orow = out + t * e;
+    for (int r = 0; r < n; ++r) {
+      const uint8_t* head = payloads[r];
+      const uint8_t* body = payloads[r] + 2 * t_rows * k;
+      float* v = k ? vals.data() : vfull.data();
+      if (bits == 4) {
+        unpack_nibbles(body, t * m, m, v);
+      } else {
+        const int8_t* q = reinterpret_cast<const int8_t*>(body + t * m);
+        for (int64_t j = 0; j < m; ++j) {
+          const float f = float(q[j]);
+          v[j] = q[j] == -128 ? QNAN : f;  // the reference masks after the multiply: NaN either way
+        }
+      }
+      if (k) {
+        for (const Run& rr : runs[r]) std::memcpy(vfull.data() + rr.c0, v + rr.j0, 4 * (rr.c1 - rr.c0));
+        for (int64_t i = 0; i < k; ++i) vfull[outls[r][i]] = bf16_to_f32(get_u16(head + 2 * (t * k + i)));
+      }
+      const float* vf = vfull.data();
+      const float* sc = sfull[r].data();
+      if (r == 0) {
+        for (int64_t c = 0; c < e; ++c) orow[c] = vf[c] * sc[c];
+        for (int64_t i = 0; i < k; ++i) orow[outls[0][i]] = vf[outls[0][i]];  // raw bits, as index_copy_
+      } else {
+        for (int64_t c = 0; c < e; ++c) orow[c] = orow[c] + vf[c] * sc[c];
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------- int4 with group scales
+// int4-g32 / int4-g128: [ ceil(T*E/2) int4 | T*G fp16 scales ], scale = fp16(absmax / 7).
+template <int DT>
+int group_encode(const void* x, int64_t t_rows, int64_t e, int64_t ld, int64_t group, uint8_t* out) {
+  const int64_t g_count = (e + group - 1) / group;
+  uint8_t* body = out;
+  uint8_t* sbytes = out + (t_rows * e + 1) / 2;
+  std::vector<int8_t> codes(e);
+  std::vector<float> xf(e), div(e);
+  uint32_t bad = 0;
+  for (int64_t t = 0; t < t_rows; ++t) {
+    const char* row = static_cast<const char*>(x) + t * ld * elem_size<DT>();
+    for (int64_t c = 0; c < e; ++c) xf[c] = load<DT>(row, c);
+    for (int64_t g = 0; g < g_count; ++g) {
+      const int64_t c0 = g * group, n = (c0 + group <= e ? group : e - c0);
+      // Non-negative floats order as their bit patterns: an integer max (signed, which gcc
+      // vectorizes), non-finite values skipped.
+      const int32_t* xb = reinterpret_cast<const int32_t*>(xf.data() + c0);
+      int32_t amax_bits = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        int32_t u = xb[i] & 0x7fffffff;
+        u = u >= 0x7f800000 ? 0 : u;
+        amax_bits = amax_bits > u ? amax_bits : u;
+      }
+      float s = float_of(uint32_t(amax_bits)) / 7.0f;
+      s = s > 65504.0f ? 65504.0f : s;
+      const uint16_t h = f32_to_f16(s);
+      put_u16(sbytes + 2 * (t * g_count + g), h);
+      const float s32 = (h & 0x7fffu) == 0 ? 1.0f : f16_to_f32(h);
+      for (int64_t i = 0; i < n; ++i) div[c0 + i] = s32;
+    }
+    bad |= quantize_run<0, true>(xf.data(), 0, div.data(), e, 7.0f, -8, codes.data());
+    pack_nibbles(codes.data(), e, t * e, body);
+  }
+  return bad ? 1 : 0;
+}
+
+void group_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, int64_t e, int64_t group, float* out) {
+  const int64_t g_count = (e + group - 1) / group;
+  std::vector<float> vals(e);
+  for (int r = 0; r < n; ++r) {
+    const uint8_t* body = payloads[r];
+    const uint8_t* sbytes = payloads[r] + (t_rows * e + 1) / 2;
+    for (int64_t t = 0; t < t_rows; ++t) {
+      float* orow = out + t * e;
+      float* v = vals.data();
+      unpack_nibbles(body, t * e, e, v);
+      for (int64_t g = 0; g < g_count; ++g) {
+        const int64_t c0 = g * group, cnt = (c0 + group <= e ? group : e - c0);
+        const float s = f16_to_f32(get_u16(sbytes + 2 * (t * g_count + g)));
+        float* o = orow + c0;
+        const float* vv = v + c0;
+        if (r == 0) for (int64_t i = 0; i < cnt; ++i) o[i] = vv[i] * s;
+        else for (int64_t i = 0; i < cnt; ++i) o[i] = o[i] + vv[i] * s;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int lbt_abi_version() { return 1; }
+
+int lbt_static_encode(const void* x, int dtype, int64_t t, int64_t e, int64_t ld, const int64_t* outl, int64_t k,
+                      const float* inv_scale, int bits, uint8_t* out) {
+  switch (dtype) {
+    case 0: return static_encode<0>(x, t, e, ld, outl, k, inv_scale, bits, out);
+    case 1: return static_encode<1>(x, t, e, ld, outl, k, inv_scale, bits, out);
+    default: return static_encode<2>(x, t, e, ld, outl, k, inv_scale, bits, out);
+  }
+}
+
+void lbt_static_decode_sum(const uint8_t* const* payloads, const float* const* scales, int n, int64_t t, int64_t e,
+                           const int64_t* const* outls, int64_t k, int bits, float* out) {
+  static_decode_sum(payloads, scales, n, t, e, outls, k, bits, out);
+}
+
+int lbt_group_encode(const void* x, int dtype, int64_t t, int64_t e, int64_t ld, int64_t group, uint8_t* out) {
+  switch (dtype) {
+    case 0: return group_encode<0>(x, t, e, ld, group, out);
+    case 1: return group_encode<1>(x, t, e, ld, group, out);
+    default: return group_encode<2>(x, t, e, ld, group, out);
+  }
+}
+
+void lbt_group_decode_sum(const uint8_t* const* payloads, int n, int64_t t, int64_t e, int64_t group, float* out) {
+  group_decode_sum(payloads, n, t, e, group, out);
+}
+
+}  // extern "C"

@@ -1,0 +1,220 @@
+"""Triton kernels of the rotated group codecs (``rot-*``, what ``default``/``alloc`` uses).
+
+Bitwise the same payloads and sums as :class:`lowbit_tp.codecs.rotation.RotatedGroupCodec`:
+outliers to bf16, random signs, the blockwise Sylvester-Hadamard butterfly (same add/sub
+order as ``fwht``, then one multiply by fp32 ``1/sqrt(B)``), group absmax, the fp16 / lg8 /
+E8M0 scale, an IEEE division, and the level search with ``torch.bucketize`` semantics
+(NaN lands in the top bucket). A program owns whole tokens, so the encoder needs an even E
+for 4-bit codes and E % 8 == 0 for bit-planes (the codec falls back to the reference
+otherwise); the decoder reads any E.
+"""
+import math
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, clamp_keep_nan, fp16_bits,
+                                             fp16_from_bits, is_finite, load_u16, store_u16)
+
+SCALE_FORMAT_IDS = {"fp16": 0, "e8m0": 1, "lg8": 2}
+_FP16_NAN = 0x7E00  # what Tensor.masked_fill_(nan) writes into an fp16 tensor
+
+
+def launch_config(tokens: int, hidden: int, group: int) -> tuple[int, int, int, int]:
+    """(rows per program, padded row width, group width in the tile, warps)."""
+    e_pad = triton.next_power_of_2(hidden)
+    gw = min(group, e_pad)
+    rows = max(1, min(triton.next_power_of_2(tokens), 2048 // e_pad))
+    warps = 8 if rows * e_pad >= 4096 else 4
+    return rows, e_pad, gw, warps
+
+
+def inv_sqrt(block: int) -> float:
+    """``1/sqrt(block)`` rounded to fp32, as the reference's tensor * Python-float multiply uses it."""
+    return float(np.float32(1.0 / math.sqrt(block)))
+
+
+@triton.jit
+def _fwht_rows(z, M: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr):
+    """Unnormalised butterfly over consecutive blocks of ``B`` values of ``z [M * B]`` rows.
+
+    Stage ``h``: view as ``[., B/(2h), 2, h]``, then ``(a + b, a - b)``: the reference's order.
+    """
+    y = tl.reshape(z, [M, B])
+    for s in tl.static_range(LOG2B):
+        h: tl.constexpr = 1 << s
+        y4 = tl.permute(tl.reshape(y, [M, B // (2 * h), 2, h]), (0, 1, 3, 2))
+        a, b = tl.split(y4)
+        y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), [M, B])
+    return y
+
+
+@triton.jit
+def _bucket(y, bounds_ptr, BITS: tl.constexpr):
+    """``torch.bucketize(y, bounds)`` for ``2**BITS - 1`` ascending bounds (NaN -> the top code)."""
+    idx = tl.zeros(y.shape, dtype=tl.int32)
+    for s in tl.static_range(BITS):
+        half: tl.constexpr = 1 << (BITS - 1 - s)
+        b = tl.load(bounds_ptr + idx + (half - 1))
+        idx = tl.where(b >= y, idx, idx + half)
+    return idx
+
+
+@triton.jit
+def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr, scale_ptr,
+                      T, E, G, NK, NCB, inv_sqrt_b,
+                      ROWS: tl.constexpr, E_PAD: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr,
+                      GW: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr):
+    pid = tl.program_id(0)
+    GP: tl.constexpr = E_PAD // GW
+    t = pid * ROWS + tl.arange(0, ROWS)
+    e = tl.arange(0, E_PAD)
+    tm = t < T
+    m = tm[:, None] & (e[None, :] < E)
+    x = tl.load(x_ptr + t[:, None] * E + e[None, :], mask=m, other=0.0).to(tl.float32)
+    if HAS_K:
+        cm = tl.load(colmap_ptr + e, mask=e < E, other=-1)
+        kept = cm[None, :] >= 0
+        tl.store(head_ptr + t[:, None] * NK + cm[None, :], bf16_bits(x).to(tl.int16), mask=m & kept)
+        x = tl.where(kept, 0.0, x)
+    x = x * tl.load(signs_ptr + e, mask=e < E, other=1.0)[None, :]
+    z = tl.reshape(_fwht_rows(x, ROWS * E_PAD // B, B, LOG2B), [ROWS, GP, GW]) * inv_sqrt_b
+    fin = is_finite(z)
+    amax = tl.max(tl.where(fin, tl.abs(z), 0.0), axis=2)  # [ROWS, GP]
+    bad = tl.min(fin.to(tl.int32), axis=2) == 0
+    g = tl.arange(0, GP)
+    gm = tm[:, None] & (g[None, :] < G)
+    sidx = t[:, None] * G + g[None, :]
+    if FMT == 0:  # fp16 scale per group
+        sbits = fp16_bits(tl.where(amax > 65504.0, 65504.0, amax))
+        scale = fp16_from_bits(sbits)
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        store_u16(scale_ptr, 2 * sidx, tl.where(bad, _FP16_NAN, sbits), gm)
+    elif FMT == 1:  # E8M0: the smallest power of two >= amax
+        a = tl.where(amax < 2.0 ** -126, 2.0 ** -126, amax).to(tl.int32, bitcast=True)
+        ex = ((a >> 23) & 0xFF) - 126 - ((a & 0x7FFFFF) == 0).to(tl.int32)
+        ex = tl.where(ex > 127, 127, tl.where(ex < -127, -127, ex))
+        scale = ((ex + 127) << 23).to(tl.float32, bitcast=True)
+        tl.store(scale_ptr + sidx, tl.where(bad, 255, ex + 127).to(tl.uint8), mask=gm)
+    else:  # lg8: per-token fp16 base >= the token's top absmax, and a log-step code per group
+        top = tl.max(amax, axis=1)
+        bbits = fp16_bits(tl.where(top > 65504.0, 65504.0, top))
+        bbits = tl.where(fp16_from_bits(bbits) < top, bbits + 1, bbits)
+        b32 = fp16_from_bits(bbits)
+        b32 = tl.where(b32 == 0.0, 1.0, b32)
+        ratio = tl.math.div_rn(amax, tl.broadcast_to(b32[:, None], [ROWS, GP]))
+        cnt = tl.zeros([ROWS, GP], dtype=tl.int32)  # table entries < ratio (255 and 256 both give q = 0)
+        for s in tl.static_range(8):
+            half: tl.constexpr = 128 >> s
+            v = tl.load(lg8_asc_ptr + cnt + (half - 1))
+            cnt = tl.where(v >= ratio, cnt, cnt + half)
+        q = tl.where(256 - cnt > 255, 255, 256 - cnt) - 1  # the reference clamps before the -1
+        q = tl.where(q < 0, 0, q)
+        scale = b32[:, None] * tl.load(lg8_ptr + q)
+        tl.store(scale_ptr + sidx, q.to(tl.uint8), mask=gm)
+        row_bad = tl.max(bad.to(tl.int32), axis=1) > 0
+        store_u16(scale_ptr, T * G + 2 * t, tl.where(row_bad, _FP16_NAN, bbits), tm)
+    y = tl.math.div_rn(z, tl.broadcast_to(scale[:, :, None], [ROWS, GP, GW]))
+    code = tl.reshape(_bucket(clamp_keep_nan(y, -1.0, 1.0), bounds_ptr, BITS), [ROWS, E_PAD])
+    if BITS == 8:
+        tl.store(code_ptr + t[:, None] * E + e[None, :], code.to(tl.uint8), mask=m)
+    elif BITS == 4:
+        lo, hi = tl.split(tl.reshape(code, [ROWS, E_PAD // 2, 2]))
+        i = tl.arange(0, E_PAD // 2)
+        tl.store(code_ptr + t[:, None] * (E // 2) + i[None, :], (lo | (hi << 4)).to(tl.uint8),
+                 mask=tm[:, None] & (2 * i[None, :] < E))
+    else:  # bit-planes: plane j holds bit j of every code, 8 codes per byte, LSB first
+        c8 = tl.reshape(code, [ROWS, E_PAD // 8, 8])
+        w = (1 << tl.arange(0, 8))[None, None, :]
+        i = tl.arange(0, E_PAD // 8)
+        pm = tm[:, None] & (8 * i[None, :] < E)
+        for j in tl.static_range(BITS):
+            byte = tl.sum(((c8 >> j) & 1) * w, axis=2)
+            tl.store(code_ptr + j * NCB + t[:, None] * (E // 8) + i[None, :], byte.to(tl.uint8), mask=pm)
+
+
+@triton.jit
+def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, out_ptr, T, E, G, NK, NCB, CODE_OFF,
+                          SCALE_OFF, inv_sqrt_b, N: tl.constexpr, ROWS: tl.constexpr, E_PAD: tl.constexpr,
+                          B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+                          FMT: tl.constexpr, HAS_K: tl.constexpr):
+    """``out = sum_r decode(payloads[r])`` in fp32, rank order; ``colmap[r, e]`` = bf16 slot or -1."""
+    pid = tl.program_id(0)
+    t = pid * ROWS + tl.arange(0, ROWS)
+    e = tl.arange(0, E_PAD)
+    tm = t < T
+    em = e < E
+    m = tm[:, None] & em[None, :]
+    f = t[:, None] * E + e[None, :]
+    gidx = t[:, None] * G + (e // GROUP)[None, :]
+    signs = tl.load(signs_ptr + e, mask=em, other=1.0)[None, :]
+    acc = tl.zeros([ROWS, E_PAD], dtype=tl.float32)
+    for r in tl.static_range(N):
+        p = payloads[r]
+        if BITS == 8:
+            code = tl.load(p + CODE_OFF + f, mask=m, other=0).to(tl.int32)
+        elif BITS == 4:
+            code = (tl.load(p + CODE_OFF + f // 2, mask=m, other=0).to(tl.int32) >> (4 * (f & 1))) & 0xF
+        else:
+            code = tl.zeros([ROWS, E_PAD], dtype=tl.int32)
+            for j in tl.static_range(BITS):
+                plane = tl.load(p + CODE_OFF + j * NCB + f // 8, mask=m, other=0).to(tl.int32)
+                code = code | (((plane >> (f & 7)) & 1) << j)
+        vals = tl.load(levels_ptr + code)
+        if FMT == 0:
+            scale = fp16_from_bits(load_u16(p, SCALE_OFF + 2 * gidx, m))
+        elif FMT == 1:
+            sb = tl.load(p + SCALE_OFF + gidx, mask=m, other=127).to(tl.int32)
+            scale = tl.where(sb == 0, 0x400000, sb << 23).to(tl.float32, bitcast=True)
+            scale = tl.where(sb == 255, float("nan"), scale)
+        else:
+            q = tl.load(p + SCALE_OFF + gidx, mask=m, other=0).to(tl.int32)
+            base = fp16_from_bits(load_u16(p, SCALE_OFF + T * G + 2 * t, tm))
+            scale = base[:, None] * tl.load(lg8_ptr + q)
+        z = vals * scale
+        x = tl.reshape(_fwht_rows(z, ROWS * E_PAD // B, B, LOG2B), [ROWS, E_PAD]) * inv_sqrt_b * signs
+        if HAS_K:
+            cm = tl.load(colmap_ptr + r * E + e, mask=em, other=-1)[None, :]
+            kept = bf16_from_bits(load_u16(p, 2 * (t[:, None] * NK + cm), m & (cm >= 0)))
+            x = tl.where(cm >= 0, kept, x)
+        if r == 0:
+            acc = x
+        else:
+            acc = acc + x
+    tl.store(out_ptr + f, acc, mask=m)
+
+
+# ---------------------------------------------------------------- launchers (no codec logic)
+def encode(x, *, signs, colmap, bounds, lg8, lg8_asc, out, nk: int, code_bytes: int, group: int, block: int,
+           bits: int, scale_format: str):
+    """Fill the payload ``out`` from ``x [T, E]``; ``colmap[e]`` = bf16 slot of channel e or -1."""
+    t, e = x.shape
+    if t == 0:
+        return out
+    rows, e_pad, gw, warps = launch_config(t, e, group)
+    off = 2 * t * nk
+    head = out[:off].view(torch.int16)
+    rot_encode_kernel[(triton.cdiv(t, rows),)](
+        x, signs, colmap, bounds, lg8, lg8_asc, head, out[off:off + code_bytes], out[off + code_bytes:],
+        t, e, triton.cdiv(e, group), nk, (t * e + 7) // 8, inv_sqrt(block),
+        ROWS=rows, E_PAD=e_pad, B=block, LOG2B=block.bit_length() - 1, GW=gw, BITS=bits,
+        FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0, num_warps=warps, **FP_OPTIONS)
+    return out
+
+
+def decode_sum(payloads, *, signs, colmap, levels, lg8, out, nk: int, code_bytes: int, group: int, block: int,
+               bits: int, scale_format: str):
+    """Fill ``out [T, E]`` fp32 with the rank-ordered sum of the decoded ``payloads``."""
+    t, e = out.shape
+    if t == 0:
+        return out
+    rows, e_pad, _, warps = launch_config(t, e, group)
+    off = 2 * t * nk
+    rot_decode_sum_kernel[(triton.cdiv(t, rows),)](
+        tuple(payloads), signs, colmap, levels, lg8, out, t, e, triton.cdiv(e, group), nk, (t * e + 7) // 8,
+        off, off + code_bytes, inv_sqrt(block), N=len(payloads), ROWS=rows, E_PAD=e_pad, B=block,
+        LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits, FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0,
+        num_warps=warps, **FP_OPTIONS)
+    return out

@@ -1,0 +1,139 @@
+"""The vLLM plugin's parts that need no vLLM: config, name mapping, calibration check, the
+custom op under torch.compile, and the size-gated reducer on real gloo ranks.
+
+The end-to-end checks inside vLLM are in tests/test_vllm_engine.py (marker ``vllm``).
+"""
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lowbit_tp.calibration import CalibrationError
+from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
+from lowbit_tp.codecs import make_codec
+from lowbit_tp.collectives import simulate_all_reduce, spawn_ranks
+from lowbit_tp.integrations.vllm import op
+from lowbit_tp.integrations.vllm.checkpoint import CheckpointIdentity, calibration_layer_name, check_calibration
+from lowbit_tp.integrations.vllm.config import PluginConfig, resolve_config
+
+LAYERS = [f"model.layers.{i}.{k}" for i in range(2) for k in ("self_attn.o_proj", "mlp.down_proj")]
+HIDDEN = 128
+
+
+def test_lowbit_tp_imports_no_vllm():
+    import subprocess
+
+    code = ("import sys, lowbit_tp.cli, lowbit_tp.integrations.vllm, lowbit_tp.integrations.vllm.op, "
+            "lowbit_tp.integrations.vllm.engine, lowbit_tp.integrations.vllm.cli, lowbit_tp.integrations.vllm.checkpoint;"
+            "lowbit_tp.cli.build_parser(); print('vllm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_config_from_env_and_additional_config(monkeypatch):
+    monkeypatch.setenv("LOWBIT_TP_CODEC", "int4-g32")
+    monkeypatch.setenv("LOWBIT_TP_MIN_BYTES", "0")
+    monkeypatch.delenv("LOWBIT_TP_ALGORITHM", raising=False)
+    cfg = resolve_config(None)
+    assert (cfg.codec, cfg.min_bytes, cfg.algorithm, cfg.enabled) == ("int4-g32", 0, "auto", True)
+    cfg = resolve_config({"lowbit_tp": {"codec": "int4-outlier", "algorithm": "two-shot"}})
+    assert (cfg.codec, cfg.algorithm, cfg.min_bytes) == ("int4-outlier", "two-shot", 0)
+    assert PluginConfig.from_env(cfg.as_env()) == cfg  # round trip through the workers' environment
+    with pytest.raises(ValueError, match="unknown setting"):
+        resolve_config({"lowbit_tp": {"codecs": "x"}})
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        PluginConfig(codec="bf16", algorithm="ring")
+    monkeypatch.delenv("LOWBIT_TP_CODEC")
+    assert not resolve_config({}).enabled
+
+
+def test_layer_names_map_by_index_and_kind():
+    assert calibration_layer_name("model.layers.1.mlp.down_proj", LAYERS) == "model.layers.1.mlp.down_proj"
+    gemma = ["model.language_model.layers.3.self_attn.o_proj"]
+    assert calibration_layer_name("language_model.model.layers.3.self_attn.o_proj", gemma) == gemma[0]
+    assert calibration_layer_name("model.layers.7.mlp.down_proj", None) == "model.layers.7.mlp.down_proj"
+    with pytest.raises(CalibrationError, match="another model"):
+        calibration_layer_name("model.layers.2.mlp.down_proj", LAYERS)
+    with pytest.raises(CalibrationError):  # same index, other kind
+        calibration_layer_name("model.layers.0.self_attn.o_proj", ["model.layers.0.mlp.down_proj"])
+
+
+def _ident(**kw):
+    base = dict(directory=Path("/m"), hidden_size=HIDDEN, num_layers=2, weights_sha256=("a" * 64, "b" * 64))
+    return CheckpointIdentity(**{**base, **kw})
+
+
+def test_calibration_check_names_the_problem():
+    cal = synthetic_calibration(LAYERS, world=3, hidden=HIDDEN, tokens=8, batches=1)
+    cal.meta["model"]["weights_sha256"] = "b" * 64  # the export's GGUF hash counts as this model
+    check_calibration(cal, _ident(), tp=3)
+    with pytest.raises(CalibrationError, match="TP degree 3, but this run uses TP 2"):
+        check_calibration(cal, _ident(), tp=2, path="c.safetensors")
+    with pytest.raises(CalibrationError, match="hidden size"):
+        check_calibration(cal, _ident(hidden_size=256), tp=3)
+    with pytest.raises(CalibrationError, match="made for model"):
+        check_calibration(cal, _ident(weights_sha256=("c" * 64,)), tp=3)
+    with pytest.raises(CalibrationError, match="lacks 2 of the model's 6"):
+        check_calibration(cal, _ident(num_layers=3), tp=3)
+
+
+def test_custom_op_compiles_fullgraph_and_matches_eager():
+    op.register_reducer("unit-test", lambda p, layer: p * 3.0 + (1.0 if layer == "L" else 0.0))
+
+    def f(x):
+        return torch.ops.lowbit_tp.all_reduce(torch.relu(x), "L", "unit-test") + 1
+
+    x = torch.randn(5, 8)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager", dynamic=True)
+    assert torch.equal(compiled(x), f(x))
+    torch.testing.assert_close(f(x), torch.relu(x) * 3 + 2)
+    y = torch.randn(9, 8)  # another token count through the same dynamic graph
+    assert torch.equal(compiled(y), f(y))
+    torch.library.opcheck(torch.ops.lowbit_tp.all_reduce.default, (x, "L", "unit-test"))
+
+
+def test_custom_op_output_never_aliases_input():
+    op.register_reducer("identity", lambda p, layer: p)
+    x = torch.randn(3, 4)
+    y = torch.ops.lowbit_tp.all_reduce(x, "L", "identity")
+    assert torch.equal(x, y) and y.data_ptr() != x.data_ptr()
+
+
+def _rank_reducer(rank, world, min_bytes):
+    cal = synthetic_calibration([LAYERS[0]], world=world, hidden=HIDDEN, tokens=32, batches=2)
+    codec = make_codec("int4-outlier", calibration=cal)
+    fallback_calls = []
+
+    def fallback(x):
+        fallback_calls.append(tuple(x.shape))
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    red = op.Reducer(codec=codec, group=None, rank=rank, algorithm="auto", min_bytes=min_bytes, fallback=fallback)
+    op.register_reducer("gloo", red)
+    big = planted_partials(world, 300, HIDDEN, seed=0, noise_seed=5)[rank]    # 2*300*128 B >= min_bytes
+    small = planted_partials(world, 2, HIDDEN, seed=0, noise_seed=6)[rank]    # 512 B < min_bytes
+    y_big = torch.ops.lowbit_tp.all_reduce(big, LAYERS[0], "gloo")
+    y_small = torch.ops.lowbit_tp.all_reduce(small, LAYERS[0], "gloo")
+    return y_big, y_small, fallback_calls, red.report()
+
+
+def test_reducer_gates_by_size_and_matches_the_simulator_bitwise():
+    world = 2
+    res = spawn_ranks(_rank_reducer, world, 16 * 1024, timeout_s=60)
+    cal = synthetic_calibration([LAYERS[0]], world=world, hidden=HIDDEN, tokens=32, batches=2)
+    codec = make_codec("int4-outlier", calibration=cal)
+    big = planted_partials(world, 300, HIDDEN, seed=0, noise_seed=5)
+    small = planted_partials(world, 2, HIDDEN, seed=0, noise_seed=6)
+    ref = simulate_all_reduce(big, codec, "gather", layer=LAYERS[0])  # what auto picks at TP 2
+    assert not torch.equal(ref, torch.stack(big).sum(0))  # the codec is lossy: the check can fail
+    for y_big, y_small, calls, rep in res:
+        assert torch.equal(y_big, ref)
+        assert calls == [(2, HIDDEN)]
+        torch.testing.assert_close(y_small, torch.stack(small).sum(0))
+        assert rep["calls"] == {"compressed": 1, "fallback": 1}
+        assert rep["comm"]["by_algorithm"] == {"gather": 1} and rep["comm"]["bits_per_value"] < 8
