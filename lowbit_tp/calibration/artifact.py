@@ -9,7 +9,12 @@ values, the per-channel statistics of those values over calibration text:
 
 Statistics per (layer, source), each ``[E]`` fp32: ``ema_min`` and ``ema_max`` (the
 exponential moving average over calibration batches of each channel's min and max, as in
-the seed paper) and ``absmax`` (the running max of ``|y|``).
+the seed paper) and ``absmax`` (the running max of ``|y|``). Optional, for the scale
+ablations (artifacts written before they existed load without them, and a codec that needs
+them refuses such an artifact with :class:`CalibrationError`): ``mean_min`` / ``mean_max``
+(the plain mean of the batch min / max: an EMA whose decay follows the batch count,
+``1 - 1/t`` at batch t, so every batch weighs the same) and ``p999`` (the mean over batches
+of each channel's 99.9th percentile of ``|y|``).
 
 File format (``schema_version`` 1): a safetensors file whose tensors are named
 ``"{layer}|{source}|{stat}"`` (source is ``rank{r}`` or ``sum``), and whose safetensors
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Union
@@ -33,6 +39,8 @@ import torch
 
 SCHEMA_VERSION = 1
 STATS = ("ema_min", "ema_max", "absmax")
+OPTIONAL_STATS = ("mean_min", "mean_max", "p999")
+PERCENTILE = 0.999
 Source = Union[int, str]  # a rank index, or "sum"
 
 
@@ -55,11 +63,22 @@ class ChannelStats:
     ema_min: torch.Tensor
     ema_max: torch.Tensor
     absmax: torch.Tensor
+    mean_min: torch.Tensor | None = None
+    mean_max: torch.Tensor | None = None
+    p999: torch.Tensor | None = None
 
     @property
     def range(self) -> torch.Tensor:
         """``ema_max - ema_min``: the paper's outlier score."""
         return self.ema_max - self.ema_min
+
+    def require(self, name: str) -> torch.Tensor:
+        """An optional statistic, or a :class:`CalibrationError` naming what to do."""
+        value = getattr(self, name)
+        if value is None:
+            raise CalibrationError(f"this calibration has no {name!r} statistics (it predates them); "
+                                   f"recalibrate with `lowbit-tp calibrate`")
+        return value
 
 
 @dataclass
@@ -137,8 +156,9 @@ class Calibration:
     def _tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for (layer, source), st in self.stats.items():
-            for name in STATS:
-                out[f"{layer}|{_source_key(source)}|{name}"] = getattr(st, name).float().contiguous()
+            for name in STATS + OPTIONAL_STATS:
+                if getattr(st, name) is not None:
+                    out[f"{layer}|{_source_key(source)}|{name}"] = getattr(st, name).float().contiguous()
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -203,7 +223,7 @@ def _stats_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[tu
         missing = [s for s in STATS if s not in d]
         if missing:
             raise CalibrationError(f"{path}: layer {k[0]!r} source {k[1]!r} lacks {missing}")
-        out[k] = ChannelStats(**{s: d[s] for s in STATS})
+        out[k] = ChannelStats(**{s: d[s] for s in STATS + OPTIONAL_STATS if s in d})
     return out
 
 
@@ -221,7 +241,9 @@ class StatsAccumulator:
     """Accumulates :class:`ChannelStats` over batches of communicated values.
 
     ``update(layer, source, y)`` takes ``y [tokens, E]``; the EMA follows the paper:
-    ``ema = decay * ema + (1 - decay) * batch_stat``, initialised with the first batch.
+    ``ema = decay * ema + (1 - decay) * batch_stat``, initialised with the first batch. The
+    plain means of the batch min / max and of the per-batch 99.9th percentile of ``|y|``
+    are kept too (see the module docstring).
     """
 
     def __init__(self, *, ema_decay: float = 0.9):
@@ -229,6 +251,7 @@ class StatsAccumulator:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.ema_decay = ema_decay
         self._state: dict[tuple[str, Source], list[torch.Tensor]] = {}
+        self._batches: dict[tuple[str, Source], int] = {}
         self._order: list[str] = []
 
     def update(self, layer: str, source: Source, y: torch.Tensor) -> None:
@@ -239,17 +262,23 @@ class StatsAccumulator:
         if not (bool(torch.isfinite(bmin).all()) and bool(torch.isfinite(bmax).all())):
             raise ValueError(f"non-finite values in calibration activations of {layer!r} (source {source!r})")
         babs = torch.maximum(-bmin, bmax)
+        kth = max(1, math.ceil(PERCENTILE * y.shape[0]))  # the ceil(0.999 n)-th smallest |y|
+        bpct = y.abs().kthvalue(kth, dim=0).values
         key = (layer, source)
         if layer not in self._order:
             self._order.append(layer)
         st = self._state.get(key)
         if st is None:
-            self._state[key] = [bmin, bmax, babs]
+            self._state[key] = [bmin, bmax, babs, bmin.clone(), bmax.clone(), bpct]
+            self._batches[key] = 1
             return
         d = self.ema_decay
         st[0] = d * st[0] + (1 - d) * bmin
         st[1] = d * st[1] + (1 - d) * bmax
         st[2] = torch.maximum(st[2], babs)
+        n = self._batches[key] = self._batches[key] + 1
+        for i, b in ((3, bmin), (4, bmax), (5, bpct)):  # running means: decay 1 - 1/n
+            st[i] = st[i] + (b - st[i]) / n
 
     def build(self, meta: dict[str, Any], *, layers: Iterable[str] | None = None) -> Calibration:
         """Freeze into a :class:`Calibration`; ``meta`` must give at least ``tp`` and ``hidden_size``."""
