@@ -198,10 +198,12 @@ def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress:
     return result_record(cfg, info, split, chunks, items, calibration, rows, split_info)
 
 
-def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algorithm: str = "gather",
+def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algorithm: str = DEFAULT_ALGORITHM,
                            samples: int = 32, cal_samples: int = 64, lambada: int = 128, batch_size: int = 8,
-                           bundle=None, progress: bool = True, **cal_options) -> dict[str, Any]:
-    """Calibrate ``model`` at ``tp`` on the calibration text, then evaluate ``codecs`` on held-out text.
+                           split: str = "test", bundle=None, progress: bool = True,
+                           **cal_options) -> dict[str, Any]:
+    """Calibrate ``model`` at ``tp`` on the calibration text, then evaluate ``codecs`` on the
+    ``split`` (``test``: held-out text; ``dev``: calibration works off the calibration windows).
 
     ``cal_options`` go to :class:`CalibrationConfig` (e.g. ``allocate=4.5`` for codec ``alloc``).
     """
@@ -212,5 +214,6 @@ def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algori
     cal = calibrate(CalibrationConfig(model=model, tp=tp, samples=cal_samples, batch_size=batch_size, **cal_options),
                     bundle=bundle, progress=progress)
     return evaluate_codecs(EvalConfig(model=model, tp=tp, codecs=tuple(codecs), algorithm=algorithm,
-                                      samples=samples, lambada=lambada, batch_size=batch_size), bundle=bundle,
+                                      samples=samples, lambada=lambada, batch_size=batch_size, split=split),
+                           bundle=bundle,
                            calibration=cal, progress=progress)
