@@ -17,6 +17,8 @@ def _add_bench_comm(sub):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     p.add_argument("--threads-per-rank", type=int, default=1)
+    p.add_argument("--chunk-bytes", type=int, action="append",
+                   help="pipelining chunk size in bf16 bytes (0: unchunked), repeatable; default the AutoPolicy's")
     p.add_argument("--no-throughput", action="store_true", help="skip the single-thread codec throughput table")
     p.add_argument("--json", help="write results here (and a .md table next to it)")
     p.set_defaults(func=_cmd_bench_comm)
@@ -35,6 +37,8 @@ def _cmd_bench_comm(args):
         kw["numels"] = tuple(args.numel)
     if args.algorithm:
         kw["algorithms"] = tuple(args.algorithm)
+    if args.chunk_bytes:
+        kw["chunk_bytes"] = tuple(args.chunk_bytes)
     cfg = CommBenchConfig(**{**cfg.__dict__, **kw, "hidden": args.hidden, "repeats": args.repeats,
                              "backend": args.backend, "threads_per_rank": args.threads_per_rank})
     out = run_comm_bench(cfg, json_path=args.json, throughput=not args.no_throughput)

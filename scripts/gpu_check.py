@@ -1,79 +1,201 @@
-"""GPU check (run on a CUDA machine): the wire format is device-independent, and codec speed.
+"""Device check of the fused codec kernels: bytes equal to the CPU reference, speed against a copy.
 
-For every codec, payloads encoded on the GPU must equal those encoded on the CPU byte for
-byte, and decoding must agree bitwise; then encode/decode throughput is timed with CUDA
-events. Writes JSON + markdown to --out (a directory).
+One run (< 5 min on one H100/H200) does, per codec:
 
-    PYTHONPATH=. python3 scripts/gpu_check.py --out results/
+* **identity**: payloads encoded on the device (``backend="triton"``) equal the CPU
+  reference's byte for byte, clean and with NaN/Inf planted (``nonfinite="propagate"``), and
+  ``decode_sum`` of the CPU payloads on the device equals the CPU reference's fp32 bits
+  (NaN compared by position);
+* **speed** at each shape (default ``[32, 8192]``, ``[2048, 8192]``, ``[8192, 8192]``):
+  encode and decode-and-sum (``--world`` payloads) of the fused kernels and of the unfused
+  PyTorch reference on the same device, and a same-size fp32 copy measured in the same run.
+  ``*_gbps`` counts the bytes each one reads and writes (encode: fp32 in + payload out;
+  decode-and-sum: N payloads in + fp32 out; copy: fp32 in + out); ``*_of_copy`` divides it by
+  the copy's; ``*_fp32_gbps`` is fp32 input (or output) bytes per second, as issue 8 quotes;
+* **CUDA graph**: encode + decode-and-sum captured once and replayed give the eager bits.
+
+Writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out``.
+
+    PYTHONPATH=. python3 scripts/gpu_check.py --out docs/bench
+    # dry run of the same code on CPU tensors (Triton interpreter, tiny shapes, minutes):
+    PYTHONPATH=. python3 scripts/gpu_check.py --device cpu --out /tmp/gpu_check_dry
 """
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import statistics
+import sys
+import time
 from pathlib import Path
 
-import torch
+# The default run: the seed, the group codecs, what `default` (alloc) uses, the static baselines.
+PRIORITY_CODECS = ["int4-outlier", "int4-g32", "int4-g128", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4", "int4",
+                   "int8", "int4-random-k"]
+# --codecs all: every codec with a kernel (each rot-* variant compiles its own kernels, ~10 s
+# apiece at E=8192, which is what keeps it out of the default 5-minute run).
+KERNEL_CODECS = PRIORITY_CODECS + [
+    "rot-int4-g64", "rot-lm4-g64", "rot-int4-g32", "rot-lm4-g32-e8", "rot-lm3-g64",
+    "rot-lm3-g32-e8", "rot-lm2-g32-e8", "rot-lm4-g64-e8", "rot-lm4-g64-lg8", "rot-lm4-g32-lg8-k4",
+    "rot-lm3-g32-lg8-k4", "rot-int8-g64-e8",
+]
+LAYER = "L"
 
-from lowbit_tp.bench.common import environment, markdown_table
-from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
-from lowbit_tp.codecs import list_codecs, make_codec
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="directory for gpu_check.json / gpu_check.md")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu = dry run under TRITON_INTERPRET=1 on tiny shapes (checks the script, not speed)")
+    ap.add_argument("--shapes", default=None, help="comma-separated TxE (default: 32x8192,2048x8192,8192x8192; "
+                                                   "cpu: 3x64,5x96)")
+    ap.add_argument("--check-tokens", type=int, default=None, help="tokens of the identity check (default 257; cpu 5)")
+    ap.add_argument("--world", type=int, default=2, help="payloads per decode-and-sum")
+    ap.add_argument("--codecs", default=",".join(PRIORITY_CODECS), help="comma-separated names, or 'all'")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 20; cpu 1)")
+    return ap.parse_args(argv)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--hidden", type=int, default=8192)
-    args = ap.parse_args()
-    assert torch.cuda.is_available(), "needs a CUDA device"
-    dev = torch.device("cuda")
-    cal = synthetic_calibration(["L"], world=1, hidden=args.hidden, tokens=256, batches=1)
-    rows = []
-    for name in list_codecs():
-        codec = make_codec(name, calibration=cal, nonfinite="propagate")
-        # Agreement on a modest tensor with NaN/Inf planted (propagate mode).
-        x = planted_partials(1, 257, args.hidden, seed=0, noise_seed=3)[0]
-        x[3, 5], x[100, 77] = float("nan"), float("-inf")
-        p_cpu = codec.encode(x, layer="L", source=0)
-        p_gpu = codec.encode(x.to(dev), layer="L", source=0)
-        same_bytes = torch.equal(p_cpu, p_gpu.cpu())
-        diff = (p_cpu != p_gpu.cpu()).nonzero().reshape(-1)[:4].tolist()
-        clean = planted_partials(1, 257, args.hidden, seed=0, noise_seed=5)[0]
-        same_finite = torch.equal(codec.encode(clean, layer="L", source=0),
-                                  codec.encode(clean.to(dev), layer="L", source=0).cpu())
-        y_cpu = codec.decode(p_cpu, tuple(x.shape), layer="L", source=0)
-        y_gpu = codec.decode(p_cpu.to(dev), tuple(x.shape), layer="L", source=0).cpu()
-        same_values = torch.equal(torch.nan_to_num(y_cpu, nan=1234.5), torch.nan_to_num(y_gpu, nan=1234.5))
-        # Throughput on a big tensor.
-        big = planted_partials(1, args.tokens, args.hidden, seed=0, noise_seed=4)[0].to(dev)
-        payload = codec.encode(big, layer="L", source=0)
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    dry = args.device == "cpu"
+    if dry:
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+    import torch
 
-        def timeit(fn, reps=20):
-            for _ in range(3):
+    from lowbit_tp.bench.common import environment, markdown_table
+    from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
+    from lowbit_tp.codecs import make_codec
+
+    if not dry and not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device (use --device cpu for a dry run under the Triton interpreter)")
+    dev = torch.device(args.device)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or ("3x64,5x96" if dry else
+                                                                              "32x8192,2048x8192,8192x8192")).split(",")]
+    hidden = {e for _, e in shapes}
+    check_tokens = args.check_tokens or (5 if dry else 257)
+    repeats = args.repeats or (1 if dry else 20)
+    world = args.world
+    cals = {e: synthetic_calibration([LAYER], world=world, hidden=e, tokens=64, batches=1) for e in hidden}
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def seconds(fn) -> float:
+        fn()
+        sync()
+        times = []
+        for _ in range(repeats):
+            if dev.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
                 fn()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            times = []
-            for _ in range(reps):
-                start.record()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 1e3)
+            else:
+                t0 = time.perf_counter()
                 fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            return sorted(times)[len(times) // 2]
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
 
-        te = timeit(lambda: codec.encode(big, layer="L", source=0))
-        td = timeit(lambda: codec.decode(payload, tuple(big.shape), layer="L", source=0))
-        gb = big.numel() * 4 / 1e9
-        rows.append({"codec": name, "payload_equal_finite": same_finite, "payload_equal_with_nan_inf": same_bytes,
-                     "first_differing_bytes": diff, "decoded_equal_cpu_gpu": same_values,
-                     "bits_per_value": 8 * payload.numel() / big.numel(), "encode_gbps": gb / te,
-                     "decode_gbps": gb / td})
-        print(rows[-1], flush=True)
+    def same_bits(a, b) -> bool:
+        a, b = a.reshape(-1).cpu(), b.reshape(-1).cpu()
+        na, nb = torch.isnan(a), torch.isnan(b)
+        return bool(torch.equal(na, nb) and torch.equal(a[~na].view(torch.int32), b[~nb].view(torch.int32)))
+
+    rows, t_start = [], time.time()
+    names = KERNEL_CODECS if args.codecs == "all" else [c for c in args.codecs.split(",") if c]
+    for name in names:
+        for t, e in shapes:
+            cal = cals[e]
+            ref_cpu = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+            fused = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
+            unfused = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+            row = {"codec": name, "tokens": t, "hidden": e}
+            # identity (once per codec and hidden size, on an odd token count)
+            if (t, e) == next(s for s in shapes if s[1] == e):
+                xs = planted_partials(world, check_tokens, e, seed=0, noise_seed=3)
+                xs[0][1, 5], xs[-1][check_tokens - 1, e - 2] = float("nan"), float("-inf")
+                clean = planted_partials(world, check_tokens, e, seed=0, noise_seed=5)
+                for label, batch in (("finite", clean), ("nan_inf", xs)):
+                    try:
+                        want = [ref_cpu.encode(x, layer=LAYER, source=r) for r, x in enumerate(batch)]
+                    except Exception as exc:  # a reference bug is reported, not hidden
+                        row[f"bytes_equal_{label}"] = row[f"sum_equal_{label}"] = f"reference failed: {exc}"[:60]
+                        continue
+                    got = [fused.encode(x.to(dev), layer=LAYER, source=r).cpu() for r, x in enumerate(batch)]
+                    row[f"bytes_equal_{label}"] = all(torch.equal(a, b) for a, b in zip(want, got))
+                    s_ref = ref_cpu.decode_sum(want, (check_tokens, e), layer=LAYER)
+                    s_dev = fused.decode_sum([p.to(dev) for p in want], (check_tokens, e), layer=LAYER)
+                    row[f"sum_equal_{label}"] = same_bits(s_ref, s_dev)
+            # speed
+            x = planted_partials(world, t, e, seed=0, noise_seed=4)
+            xd = [v.to(dev) for v in x]
+            payloads = [fused.encode(v, layer=LAYER, source=r) for r, v in enumerate(xd)]
+            pbytes, fbytes = payloads[0].numel(), 4 * t * e
+            dst = torch.empty_like(xd[0])
+            t_copy = seconds(lambda: dst.copy_(xd[0]))
+            t_enc = seconds(lambda: fused.encode(xd[0], layer=LAYER, source=0))
+            t_dec = seconds(lambda: fused.decode_sum(payloads, (t, e), layer=LAYER))
+            t_enc_ref = seconds(lambda: unfused.encode(xd[0], layer=LAYER, source=0))
+            t_dec_ref = seconds(lambda: unfused.decode_sum(payloads, (t, e), layer=LAYER))
+            copy_gbps = 2 * fbytes / t_copy / 1e9
+            row.update({
+                "bits_per_value": 8 * pbytes / (t * e),
+                "copy_gbps": copy_gbps,
+                "encode_gbps": (fbytes + pbytes) / t_enc / 1e9,
+                "encode_of_copy": (fbytes + pbytes) / t_enc / 1e9 / copy_gbps,
+                "decode_sum_gbps": (world * pbytes + fbytes) / t_dec / 1e9,
+                "decode_sum_of_copy": (world * pbytes + fbytes) / t_dec / 1e9 / copy_gbps,
+                "encode_fp32_gbps": fbytes / t_enc / 1e9,
+                "decode_sum_fp32_gbps": fbytes / t_dec / 1e9,
+                "unfused_encode_fp32_gbps": fbytes / t_enc_ref / 1e9,
+                "unfused_decode_sum_fp32_gbps": fbytes / t_dec_ref / 1e9,
+            })
+            row["cuda_graph"] = graph_check(torch, fused, xd, payloads, (t, e)) if dev.type == "cuda" else "n/a (cpu)"
+            rows.append(row)
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps({"environment": environment(), "shape": [args.tokens, args.hidden],
-                                                    "rows": rows}, indent=2))
-    (out / "gpu_check.md").write_text(markdown_table(rows, list(rows[0])) + "\n")
+    import json
+
+    meta = {"environment": environment(), "device": str(dev), "dry_run_interpreter": dry, "world": world,
+            "check_tokens": check_tokens, "repeats": repeats, "seconds": time.time() - t_start,
+            "command": "python3 scripts/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    (out / "gpu_check.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    cols = ["codec", "tokens", "hidden", "bits_per_value", "bytes_equal_finite", "bytes_equal_nan_inf",
+            "sum_equal_finite", "sum_equal_nan_inf", "copy_gbps", "encode_gbps", "encode_of_copy", "decode_sum_gbps",
+            "decode_sum_of_copy", "unfused_encode_fp32_gbps", "unfused_decode_sum_fp32_gbps", "cuda_graph"]
+    head = (f"Device: {meta['environment'].get('cuda') or 'cpu'}; world {world}; "
+            f"{'DRY RUN under the Triton interpreter: speeds are meaningless' if dry else 'median of %d runs' % repeats}."
+            f"\nCommand: `{meta['command']}`\n\n")
+    (out / "gpu_check.md").write_text(head + markdown_table(rows, cols) + "\n")
+    print(f"gpu_check: {len(rows)} rows in {meta['seconds']:.0f} s -> {out}/gpu_check.json", flush=True)
+
+
+def graph_check(torch, codec, xd, payloads, shape) -> str:
+    """Capture encode + decode-and-sum in one CUDA graph; replay must give the eager bits."""
+    try:
+        eager = codec.decode_sum([codec.encode(x, layer=LAYER, source=r) for r, x in enumerate(xd)], shape,
+                                 layer=LAYER)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm-up on a side stream, as torch.cuda.graphs asks
+            codec.decode_sum([codec.encode(x, layer=LAYER, source=r) for r, x in enumerate(xd)], shape, layer=LAYER)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = codec.decode_sum([codec.encode(x, layer=LAYER, source=r) for r, x in enumerate(xd)], shape,
+                                   layer=LAYER)
+        g.replay()
+        torch.cuda.synchronize()
+        same = torch.equal(torch.isnan(out), torch.isnan(eager)) and torch.equal(
+            torch.nan_to_num(out).view(torch.int32), torch.nan_to_num(eager).view(torch.int32))
+        return "ok" if same else "replay differs"
+    except Exception as exc:  # report, don't stop the whole check
+        return f"failed: {type(exc).__name__}: {str(exc)[:80]}"
 
 
 if __name__ == "__main__":

@@ -96,13 +96,14 @@ def test_rows_medians_and_ratios():
 # ----------------------------------------------------------------- a real run, loopback
 def test_loopback_smoke(tmp_path):
     """Two ranks as separate processes, torchrun-style, a tiny random model: rows for the bf16
-    baseline and one dynamic codec, with bytes and all-reduce time measured."""
-    cfg = e2e.E2EConfig(networks=("loopback",), tps=(2,), codecs=("int4-g32",), exact_baseline=False,
-                        prompt_lens=(24,), new_tokens=3, repeats=1, hidden=64, intermediate=128, layers=2,
-                        heads=4, kv_heads=2, run_timeout_s=120)
+    baseline, one dynamic codec and ``default`` (which needs a calibration with a bit
+    allocation, made by the benchmark), with bytes and all-reduce time measured."""
+    cfg = e2e.E2EConfig(networks=("loopback",), tps=(2,), codecs=("int4-g32", "default"), exact_baseline=False,
+                        prompt_lens=(24,), new_tokens=3, repeats=1, hidden=256, intermediate=256, layers=2,
+                        heads=4, kv_heads=2, calibration_samples=4, run_timeout_s=120)
     out = e2e.run_e2e_bench(cfg, json_path=str(tmp_path / "e2e.json"), log=lambda *a: None)
     rows = {r["codec"]: r for r in out["rows"]}
-    assert set(rows) == {"bf16", "int4-g32"}
+    assert set(rows) == {"bf16", "int4-g32", "default"}
     for r in rows.values():
         assert r["prompt_tokens"] == 24
         assert r["allreduce_calls_per_token"] == 4  # 2 layers x 2 row-parallel layers
@@ -112,8 +113,9 @@ def test_loopback_smoke(tmp_path):
         assert r["prefill_ms"] >= r["prefill_allreduce_ms"]
     assert rows["bf16"]["bits_per_value"] == 16.0
     assert rows["int4-g32"]["bits_per_value"] == 4.5
-    # TP 2 gather: each rank sends its whole payload once: 2 all-reduces x 2 layers x 64 values per token
-    assert rows["bf16"]["prefill_bytes_per_token"] == 4 * 64 * 2
+    assert 4.0 < rows["default"]["bits_per_value"] <= 4.5  # per-layer allocation under the 4.5 budget
+    # TP 2 gather: each rank sends its whole payload once: 2 all-reduces x 2 layers x 256 values per token
+    assert rows["bf16"]["prefill_bytes_per_token"] == 4 * 256 * 2
     assert rows["int4-g32"]["prefill_byte_ratio"] == pytest.approx(16 / 4.5)
     assert (tmp_path / "e2e.json").exists() and (tmp_path / "e2e.md").exists()
 

@@ -109,3 +109,50 @@ def test_outlier_codec_odd_shapes(tokens, hidden, k, seed):
     y = c.decode(p, (tokens, hidden), layer="L", source=0)
     kept = c.params("L", 0, hidden).outliers
     assert torch.equal(y[:, kept], x[:, kept].to(torch.bfloat16).float())
+
+
+def _spec_signs(e, seed=0):
+    """The rotation's ±1 signs as docs/wire-format.md specifies them."""
+    import zlib
+
+    g = torch.Generator().manual_seed(zlib.crc32(f"rotation|{seed}|{e}".encode()))
+    return torch.randint(0, 2, (e,), generator=g) * 2 - 1
+
+
+def test_lg8_rotated_payload_literal_bytes():
+    """rot-int4, group 32, lg8 scales, k = 0, E = 64 (one Hadamard block of 64), two tokens.
+
+    Token 0 is ``24 s_0 e_0 + 8 s_32 e_32``, so the rotated row is exactly 4 on channels
+    0-31 (column 32 of H is +1 there) and 2 on 32-63: absmaxes 4 and 2, bf16 base 4.0
+    (bytes 80 40), group codes 0 and 16 (2**(-16/16) = 1/2), every value code 15 (level
+    7/7). Token 1 is zero: base 0, codes 254 (the largest finite code), value code 8
+    (level 0/7).
+    """
+    from lowbit_tp.codecs.rotation import RotatedGroupCodec
+
+    s = _spec_signs(64)
+    x = torch.zeros(2, 64)
+    x[0, 0], x[0, 32] = 24.0 * s[0], 8.0 * s[32]
+    c = RotatedGroupCodec(bits=4, group=32, k=0, levels="int", scale_format="lg8")
+    payload = c.encode(x)
+    expected = [0xFF] * 32 + [0x88] * 32 + [0x00, 0x10, 0xFE, 0xFE] + [0x80, 0x40, 0x00, 0x00]
+    assert _bytes(payload) == expected
+    assert torch.equal(c.decode(payload, (2, 64)), x)  # exact: every value sits on a level
+
+
+def test_lg8_nan_sentinel_marks_one_group():
+    from lowbit_tp.codecs.rotation import RotatedGroupCodec
+
+    s = _spec_signs(64)
+    x = torch.zeros(1, 64)
+    x[0, 0], x[0, 32] = 24.0 * s[0], 8.0 * s[32]
+    c = RotatedGroupCodec(bits=4, group=64, k=0, levels="int", scale_format="lg8", nonfinite="propagate")
+    x2 = torch.cat([x, x])
+    x2[1, 7] = float("nan")
+    payload = c.encode(x2)
+    assert _bytes(payload[64:66]) == [0x00, 0xFF]  # token 1's only group: code 255
+    # token 1's base: the absmax of its finite rotated values, none here (the NaN spread
+    # over the whole block), so 0; it stays a finite number either way
+    assert _bytes(payload[66:]) == [0x80, 0x40, 0x00, 0x00]
+    y = c.decode(payload, (2, 64))
+    assert bool(torch.isfinite(y[0]).all()) and bool(torch.isnan(y[1]).all())

@@ -5,6 +5,9 @@ collective on bf16 partials ``[numel / hidden, hidden]`` (the dtype real communi
 features have) and report, from rank 0 after a barrier per repeat:
 bytes sent per rank and bits/value (counted from payloads), median latency, and the
 latency ratio to a bf16 ``exact`` all-reduce of the same message measured in the same run.
+``chunk_bytes`` lists pipelining chunk sizes to compare (``AutoPolicy.chunk_bytes``; 0 =
+unchunked). The codec-speed table (``codec_speed``) puts each codec's single-thread encode
+and decode-and-sum next to a same-size memcpy, for the reference and the fast backend.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from lowbit_tp.bench.codec_speed import codec_throughput
 from lowbit_tp.bench.common import environment, markdown_table, write_results
 from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
 from lowbit_tp.codecs import make_codec
-from lowbit_tp.collectives import CommStats, all_reduce, spawn_ranks
+from lowbit_tp.collectives import AutoPolicy, CommStats, all_reduce, spawn_ranks
 
 # Message sizes in bytes of the bf16 tensor: 64 KB to 64 MB.
 DEFAULT_MESSAGE_BYTES = (64 * 1024, 1024 * 1024, 16 * 1024 * 1024, 64 * 1024 * 1024)
@@ -36,6 +39,8 @@ class CommBenchConfig:
     backend: str = "gloo"
     threads_per_rank: int = 1
     timeout_s: float = 300.0
+    chunk_bytes: tuple[int, ...] = (AutoPolicy().chunk_bytes,)
+    speed_backends: tuple[str, ...] = ("reference", "auto")
 
 
 def _bench_rank(rank: int, world: int, cfg: CommBenchConfig) -> list[dict]:
@@ -70,13 +75,16 @@ def _bench_rank(rank: int, world: int, cfg: CommBenchConfig) -> list[dict]:
         for name in cfg.codecs:
             codec = make_codec(name, calibration=cal)
             for algo in cfg.algorithms:
-                st = CommStats()
-                lat = timed(lambda: all_reduce(x, codec, algorithm=algo, layer=layer, stats=st))
-                sent = st.bytes_sent // st.calls
-                rows.append({"world_size": world, "codec": name, "algorithm": algo, "numel": x.numel(),
-                             "message_bytes": 2 * x.numel(), "bytes_sent_per_rank": sent,
-                             "bits_per_value": st.bits_per_value, "latency_ms": 1e3 * lat,
-                             "ratio_vs_bf16": lat / base, "bytes_ratio_vs_bf16_ring": sent / ring_bytes})
+                for chunk in cfg.chunk_bytes:
+                    policy = AutoPolicy(chunk_bytes=chunk)
+                    st = CommStats()
+                    lat = timed(lambda: all_reduce(x, codec, algorithm=algo, layer=layer, policy=policy, stats=st))
+                    sent = st.bytes_sent // st.calls
+                    rows.append({"world_size": world, "codec": name, "algorithm": algo, "chunk_bytes": chunk,
+                                 "numel": x.numel(), "message_bytes": 2 * x.numel(), "bytes_sent_per_rank": sent,
+                                 "bits_per_value": st.bits_per_value, "latency_ms": 1e3 * lat,
+                                 "ratio_vs_bf16": lat / base, "bytes_ratio_vs_bf16_ring": sent / ring_bytes,
+                                 "backend": codec.kernel_backend(device)})
     return rows
 
 
@@ -87,14 +95,17 @@ def run_comm_bench(cfg: CommBenchConfig, *, json_path=None, throughput: bool = T
         res = spawn_ranks(_bench_rank, world, cfg, backend=cfg.backend, timeout_s=cfg.timeout_s,
                           deadline_s=cfg.timeout_s * 4, threads=cfg.threads_per_rank)
         rows += res[0]
-    speed = codec_throughput(list(cfg.codecs)) if throughput else []
+    speed = codec_throughput(list(cfg.codecs), backends=cfg.speed_backends) if throughput else []
     out = {"config": asdict(cfg), "environment": environment(), "rows": rows, "codec_speed": speed}
-    cols = ["world_size", "codec", "algorithm", "message_bytes", "bytes_sent_per_rank", "bits_per_value",
-            "bytes_ratio_vs_bf16_ring", "latency_ms", "ratio_vs_bf16"]
+    cols = ["world_size", "codec", "algorithm", "chunk_bytes", "message_bytes", "bytes_sent_per_rank",
+            "bits_per_value", "bytes_ratio_vs_bf16_ring", "latency_ms", "ratio_vs_bf16"]
     table = markdown_table(rows, cols)
     if speed:
-        table += "\n\nSingle-thread codec throughput (GB/s of fp32 input):\n\n" + markdown_table(
-            speed, ["codec", "bits_per_value", "encode_gbps", "decode_gbps", "encode_decode_gbps"])
+        table += ("\n\nSingle-thread codec speed, GB/s of the fp32 message, next to a same-size copy "
+                  "(`memcpy`, x.clone()) timed in the same interleaved loop; `decode_sum` decodes and sums "
+                  f"{speed[0]['world']} payloads:\n\n") + markdown_table(
+            speed, ["codec", "backend", "bits_per_value", "memcpy_gbps", "encode_gbps", "decode_sum_gbps",
+                    "encode_vs_memcpy", "decode_sum_vs_memcpy", "decode_gbps"])
     write_results(json_path, out, table)
     out["markdown"] = table
     return out

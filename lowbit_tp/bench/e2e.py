@@ -50,9 +50,6 @@ from typing import Any
 
 __all__ = ["E2EConfig", "run_e2e_bench", "register", "save_random_llama"]
 
-STATIC_CODECS = ("int8", "int4", "int4-outlier", "int4-random-k")  # need a calibration
-
-
 @dataclass(frozen=True)
 class E2EConfig:
     """One benchmark sweep; recorded in the results.
@@ -334,11 +331,15 @@ def _add_ratios(rows: list[dict]) -> None:
             r[col] = b[key] / r[key] if r[key] else float("nan")
 
 
-def _calibrate(model: str, tp: int, samples: int, out: Path) -> str:
+def _calibrate(model: str, tp: int, samples: int, out: Path, *, allocate: bool) -> str:
+    """Calibrate ``model`` at TP ``tp``; with ``allocate`` also plan the per-layer bits
+    (codec ``default``/``alloc`` needs that plan)."""
     from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
 
-    cal = calibrate(CalibrationConfig(model=model, tp=tp, samples=samples, seq_len=128, batch_size=4, allocate=None),
-                    progress=False)
+    cfg = CalibrationConfig(model=model, tp=tp, samples=samples, seq_len=128, batch_size=4)
+    if not allocate:
+        cfg = replace(cfg, allocate=None)
+    cal = calibrate(cfg, progress=False)
     return str(cal.save(out))
 
 
@@ -347,6 +348,7 @@ def run_e2e_bench(cfg: E2EConfig, *, json_path: str | None = None, log=print) ->
     writes JSON + markdown to ``json_path`` when given."""
     from lowbit_tp.bench.common import environment, markdown_table, write_results
     from lowbit_tp.bench.netns import emulated_link
+    from lowbit_tp.codecs import codec_spec
     from lowbit_tp.models import load_tokenizer
 
     t_start = time.perf_counter()
@@ -365,15 +367,16 @@ def run_e2e_bench(cfg: E2EConfig, *, json_path: str | None = None, log=print) ->
         prompt_lengths = [len(tok(p).input_ids) for p in prompts]
         cals = {}
         for tp in cfg.tps:
-            if any(c in STATIC_CODECS for c in cfg.codecs):
+            if any(codec_spec(c).needs_calibration for c in cfg.codecs):
                 t0 = time.perf_counter()
-                cals[tp] = _calibrate(model, tp, cfg.calibration_samples, Path(tmp, f"cal_tp{tp}.safetensors"))
+                cals[tp] = _calibrate(model, tp, cfg.calibration_samples, Path(tmp, f"cal_tp{tp}.safetensors"),
+                                      allocate=any(codec_spec(c).needs_allocation for c in cfg.codecs))
                 log(f"calibrated TP {tp} in {time.perf_counter() - t0:.1f} s")
         for net in cfg.networks:
             for tp in cfg.tps:
                 def one(codec, algorithm, hosts, port) -> dict:
                     run_cfg = {"model": model, "tp": tp, "prompts": prompts, "codec": codec,
-                               "calibration": cals.get(tp) if codec in STATIC_CODECS else None,
+                               "calibration": cals.get(tp) if codec_spec(codec).needs_calibration else None,
                                "algorithm": algorithm, "max_new_tokens": cfg.new_tokens, "ignore_eos": True,
                                "timeout_s": 300.0, "threads_per_rank": cfg.threads_per_rank,
                                "sync_wire": cfg.sync_wire}

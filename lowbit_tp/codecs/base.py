@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -27,6 +29,9 @@ from lowbit_tp.kernels import BACKENDS, resolve_backend
 __all__ = [
     "Codec",
     "NonFiniteError",
+    "OutOfRangeError",
+    "CodecSpec",
+    "codec_spec",
     "register_codec",
     "make_codec",
     "list_codecs",
@@ -39,6 +44,15 @@ NONFINITE_MODES = ("error", "propagate")
 
 class NonFiniteError(FloatingPointError):
     """NaN or Inf reached a codec that was told to refuse them (the default)."""
+
+
+class OutOfRangeError(NonFiniteError):
+    """A finite value beyond what a codec's wire format can carry, in ``nonfinite="error"``
+    mode (the alternative would be a silently clipped or non-finite decode).
+
+    Each codec's representable range is in docs/wire-format.md. In ``"propagate"`` mode the
+    codec saturates at its largest representable magnitude instead.
+    """
 
 
 class Codec(ABC):
@@ -58,6 +72,9 @@ class Codec(ABC):
 
     name: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    # Largest |x| the wire format carries (docs/wire-format.md); checked on every encode
+    # from the same min/max pass that finds NaN/Inf, before any kernel runs.
+    max_input: ClassVar[float] = math.inf
 
     def __init__(self, *, calibration: Calibration | None = None, nonfinite: str = "error",
                  backend: str = "auto"):
@@ -132,8 +149,14 @@ class Codec(ABC):
 
     def encode(self, x: torch.Tensor, *, layer: str | None = None, source: Source = 0) -> torch.Tensor:
         """Encode ``x [tokens, E]`` (fp32/bf16/fp16) into a 1-D uint8 payload."""
-        bad = self._check_input(x, layer, source)
-        return self._encode(x, self.params(layer, source, x.shape[1], x.device), bad)
+        bad, over = self._check_input(x, layer, source)
+        if over:  # propagate mode: saturate finite values beyond max_input (in fp32, where it is exact)
+            x = x.float()
+            x = torch.where(torch.isfinite(x), x.clamp(-self.max_input, self.max_input), x)
+        try:
+            return self._encode(x, self.params(layer, source, x.shape[1], x.device), bad)
+        except OutOfRangeError as exc:  # name the layer and source, which _encode does not know
+            raise OutOfRangeError(f"{self.name}: {_where(layer, source)}: {exc}") from None
 
     def decode(
         self, payload: torch.Tensor, shape: tuple[int, int], *, layer: str | None = None, source: Source = 0
@@ -203,9 +226,10 @@ class Codec(ABC):
             self._tables[key] = build()
         return self._tables[key]
 
-    def _check_input(self, x: torch.Tensor, layer: str | None, source: Source) -> bool:
-        """Validate ``x``; returns whether it holds NaN/Inf (only possible in propagate mode)."""
-        where = f"layer {layer!r}, source {source!r}" if layer is not None else f"source {source!r}"
+    def _check_input(self, x: torch.Tensor, layer: str | None, source: Source) -> tuple[bool, bool]:
+        """Validate ``x``; returns whether it holds NaN/Inf (only possible in propagate mode)
+        and whether it must be saturated at :attr:`max_input` (only in propagate mode)."""
+        where = _where(layer, source)
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(f"{self.name}: expected a [tokens, E] tensor ({where}), got shape {getattr(x, 'shape', None)}")
         if x.dtype not in _FLOAT_DTYPES:
@@ -216,37 +240,99 @@ class Codec(ABC):
                 f"{self.calibration.hidden_size}"
             )
         if self.nonfinite == "propagate" and self.kernel_backend(x.device) == "triton":
-            return True  # the fused kernels mask NaN/Inf themselves: no per-message host sync
-        bad = F.has_nonfinite(x)
+            return True, False  # the fused kernels mask NaN/Inf (and saturate) themselves: no host sync
+        lo, hi = F.value_range(x)
+        bad = not (math.isfinite(lo) and math.isfinite(hi))  # NaN propagates into both, Inf shows in one
         if bad and self.nonfinite == "error":
             n = int((~torch.isfinite(x)).sum())
             raise NonFiniteError(
                 f"{self.name}: {n} NaN/Inf value(s) in the communicated tensor of {where}; "
                 f"pass nonfinite='propagate' to send them on as NaN"
             )
-        return bad
+        top = max(-lo, hi)
+        if self.nonfinite == "error" and top > self.max_input:
+            raise OutOfRangeError(
+                f"{self.name}: {where}: |value| {top:.6g} exceeds {self.max_input:.6g}, the largest this "
+                f"codec's wire format carries (docs/wire-format.md); nonfinite='propagate' saturates instead"
+            )
+        return bad, (bad or top > self.max_input) and math.isfinite(self.max_input)
+
+    def _fit_range(self, v: torch.Tensor, limit: float, what: str) -> torch.Tensor:
+        """``v`` checked against ``limit``, the largest magnitude the wire format carries.
+
+        Beyond it: :class:`OutOfRangeError` in ``"error"`` mode; in ``"propagate"`` mode
+        finite values saturate at ``±limit`` (NaN/Inf pass through, to be sent as NaN).
+        ``inf`` made from finite input (an fp32 overflow inside a codec) counts as beyond.
+        """
+        big = v.abs() > limit  # NaN compares False
+        if v.numel() == 0 or not bool(big.any()):
+            return v
+        if self.nonfinite == "error":
+            raise OutOfRangeError(
+                f"{what} {float(v.abs()[big].max()):.6g} exceeds {limit:.6g}, the largest magnitude this "
+                f"codec's wire format carries (docs/wire-format.md); nonfinite='propagate' saturates instead"
+            )
+        return torch.where(big & torch.isfinite(v), v.clamp(-limit, limit), v)
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
         return f"{type(self).__name__}({self.name}{', ' + opts if opts else ''})"
 
 
+def _where(layer: str | None, source: Source) -> str:
+    return f"layer {layer!r}, source {source!r}" if layer is not None else f"source {source!r}"
+
+
 # ---------------------------------------------------------------------- registry
-_REGISTRY: dict[str, Callable[..., Codec]] = {}
+@dataclass(frozen=True)
+class CodecSpec:
+    """What the registry knows about a codec name without building it.
+
+    ``needs_calibration``: building it without a calibration raises ``CalibrationError``.
+    ``needs_allocation``: the calibration must also hold a per-layer bit allocation
+    (``lowbit-tp calibrate`` with its default ``--allocate``).
+    """
+
+    name: str
+    factory: Callable[..., Codec]
+    needs_calibration: bool
+    needs_allocation: bool = False
+
+
+_REGISTRY: dict[str, CodecSpec] = {}
 # Names that resolve to another codec name (``default`` is set by lowbit_tp.codecs).
 CODEC_ALIASES: dict[str, str] = {}
 
 
-def register_codec(name: str, factory: Callable[..., Codec] | None = None):
-    """Register ``factory(**options) -> Codec`` under ``name``; usable as a decorator."""
+def register_codec(name: str, factory: Callable[..., Codec] | None = None, *, needs_calibration: bool | None = None,
+                   needs_allocation: bool = False):
+    """Register ``factory(**options) -> Codec`` under ``name``; usable as a decorator.
+
+    ``needs_calibration`` defaults to the class attribute when ``factory`` is a
+    :class:`Codec` subclass; a plain function (a lambda) must state it.
+    """
 
     def _add(f):
         if name in _REGISTRY:
             raise ValueError(f"codec {name!r} is already registered")
-        _REGISTRY[name] = f
+        needs = needs_calibration
+        if needs is None:
+            if not (isinstance(f, type) and issubclass(f, Codec)):
+                raise TypeError(f"register_codec({name!r}): give needs_calibration= for a factory function")
+            needs = bool(f.needs_calibration)
+        _REGISTRY[name] = CodecSpec(name=name, factory=f, needs_calibration=needs,
+                                    needs_allocation=needs_allocation)
         return f
 
     return _add(factory) if factory is not None else _add
+
+
+def codec_spec(name: str) -> CodecSpec:
+    """The registry entry of ``name`` (aliases such as ``default`` resolved)."""
+    name = CODEC_ALIASES.get(name, name)
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown codec {name!r}; known codecs: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
 
 
 def list_codecs() -> list[str]:
@@ -255,7 +341,4 @@ def list_codecs() -> list[str]:
 
 def make_codec(name: str, **options: Any) -> Codec:
     """Build a codec by its registered name, e.g. ``make_codec("int4-outlier", calibration=cal)``."""
-    name = CODEC_ALIASES.get(name, name)
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown codec {name!r}; known codecs: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name](**options)
+    return codec_spec(name).factory(**options)

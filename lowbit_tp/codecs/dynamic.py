@@ -18,7 +18,8 @@ import torch
 from lowbit_tp.codecs import functional as F
 from lowbit_tp.codecs.base import Codec, register_codec
 
-_FP16_MAX = 65504.0
+# Largest group absmax an fp16 scale (absmax / 7) carries: 7 * 65504.
+GROUP_INT4_MAX = 7 * F.FP16_MAX
 
 
 def _scale_groups(vals: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
@@ -32,6 +33,8 @@ def _scale_groups(vals: torch.Tensor, scale: torch.Tensor, group: int) -> torch.
 
 class GroupInt4Codec(Codec):
     """Symmetric int4 with a dynamic fp16 scale per ``group`` values of each token."""
+
+    max_input = GROUP_INT4_MAX  # the fp16 scale absmax / 7 stays <= 65504
 
     def __init__(self, *, group: int = 32, **kw):
         super().__init__(**kw)
@@ -56,16 +59,19 @@ class GroupInt4Codec(Codec):
             from lowbit_tp.kernels import triton_group as K
             out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=x.device)
             return K.encode(x.contiguous(), out, group=self.group)
+        g = math.ceil(e / self.group)
         xg, amax = F.group_absmax(x, self.group, nonfinite=nonfinite)
         # Round the scale to fp16 *before* quantizing so that the receiver, which only
         # has the fp16 scale, reconstructs exactly what the sender meant.
         # Tensor / tensor: PyTorch's CUDA kernel turns division by a Python scalar into a
         # multiply by its reciprocal, which rounds differently from the CPU.
-        scale = torch.div(amax, torch.full_like(amax, 7.0)).clamp_(max=_FP16_MAX).half()
+        # max_input keeps absmax / 7 <= 65504; the clamp covers propagate mode on the Triton
+        # backend, which skips the host-side input scan (the kernel clamps the same way).
+        scale = torch.div(amax, torch.full_like(amax, 7.0)).clamp_(max=F.FP16_MAX).half()
         # Divide (not multiply by a reciprocal) so every device rounds identically; an
         # all-zero group has scale 0 and is divided by 1 instead.
         s32 = scale.float().masked_fill_(scale == 0, 1.0)
-        q = F.quantize_symmetric(xg, scale=s32.unsqueeze(-1), bits=4, nonfinite=nonfinite).reshape(t, -1)[:, :e]
+        q = F.quantize_symmetric(xg, scale=s32.unsqueeze(-1), bits=4, nonfinite=nonfinite).reshape(t, g * self.group)[:, :e]
         return torch.cat([F.pack_int4(q), scale.reshape(-1).view(torch.uint8)])
 
     def _decode_sum(self, payloads, shape, params):
@@ -108,7 +114,7 @@ class MXFP4Codec(Codec):
         _, e2 = torch.frexp(amax.clamp_min(2.0**-126))
         exp = (e2 - 3).float().clamp_(-127, 127)
         y = xg * torch.exp2(-exp).unsqueeze(-1)
-        codes = F.e2m1_encode(y.clamp(-F.E2M1_MAX, F.E2M1_MAX)).reshape(t, -1)[:, :e]
+        codes = F.e2m1_encode(y.clamp(-F.E2M1_MAX, F.E2M1_MAX)).reshape(t, xg.shape[1] * self.group)[:, :e]
         ebyte = (exp + 127).to(torch.uint8)
         if nonfinite:
             ebyte = ebyte.masked_fill(~torch.isfinite(xg).all(dim=-1), 255)  # E8M0 NaN: the whole block decodes to NaN
@@ -125,6 +131,6 @@ class MXFP4Codec(Codec):
         return _scale_groups(vals, scale, self.group)
 
 
-register_codec("int4-g32", lambda **kw: GroupInt4Codec(group=32, **kw))
-register_codec("int4-g128", lambda **kw: GroupInt4Codec(group=128, **kw))
+register_codec("int4-g32", lambda **kw: GroupInt4Codec(group=32, **kw), needs_calibration=False)
+register_codec("int4-g128", lambda **kw: GroupInt4Codec(group=128, **kw), needs_calibration=False)
 register_codec("mxfp4", MXFP4Codec)

@@ -16,10 +16,13 @@ Conventions (the wire format depends on them, see ``docs/wire-format.md``):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
     "has_nonfinite",
+    "value_range",
     "pack_int4",
     "unpack_int4",
     "quantize_symmetric",
@@ -29,21 +32,31 @@ __all__ = [
     "group_absmax",
     "e2m1_encode",
     "E2M1_MAX",
+    "FP16_MAX",
+    "BF16_MAX",
 ]
 
 E2M1_MAX = 6.0
+FP16_MAX = 65504.0
+BF16_MAX = float(torch.finfo(torch.bfloat16).max)  # 3.3895e38: fp32 beyond it rounds to Inf in bf16
+
+
+def value_range(x: torch.Tensor) -> tuple[float, float]:
+    """``(min, max)`` of ``x`` as Python floats, ``(0, 0)`` when empty; NaN if ``x`` holds one.
+
+    One ``aminmax`` pass (NaN propagates through both, +-Inf shows in one): how codecs find
+    NaN/Inf and out-of-range values on every message, several times faster than a mask.
+    """
+    if x.numel() == 0:
+        return 0.0, 0.0
+    lo, hi = torch.aminmax(x)
+    return float(lo), float(hi)
 
 
 def has_nonfinite(x: torch.Tensor) -> bool:
-    """True if ``x`` holds a NaN or an Inf.
-
-    One ``aminmax`` pass (NaN propagates through both, +-Inf shows in one) instead of an
-    ``isfinite`` mask: several times faster, and this runs on every message.
-    """
-    if x.numel() == 0:
-        return False
-    lo, hi = torch.aminmax(x)
-    return not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)))
+    """True if ``x`` holds a NaN or an Inf (one :func:`value_range` pass)."""
+    lo, hi = value_range(x)
+    return not (math.isfinite(lo) and math.isfinite(hi))
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ class _DelegatingCodec(Codec):
         raise NotImplementedError
 
 
-@register_codec("alloc")
+@register_codec("alloc", needs_allocation=True)
 class AllocatedCodec(_DelegatingCodec):
     """Delegates each layer to the codec its bit allocation names (see module docstring)."""
 
@@ -103,4 +103,5 @@ class TwoStageCodec(_DelegatingCodec):
 
 
 register_codec("rot-lm4-g64+sum8", lambda **kw: TwoStageCodec(first="rot-lm4-g64", second="rot-int8-g64-e8",
-                                                               name="rot-lm4-g64+sum8", **kw))
+                                                               name="rot-lm4-g64+sum8", **kw),
+               needs_calibration=True)  # its sub-codecs take k from the calibration

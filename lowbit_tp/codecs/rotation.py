@@ -103,35 +103,45 @@ def unpack_bitplanes(buf: torch.Tensor, n: int, bits: int) -> torch.Tensor:
 
 
 SCALE_FORMATS = ("fp16", "e8m0", "lg8")
-# lg8: group scale = token base * 2**(-q/16), q in 0..255 (4.4% steps over a 2**16 range).
+# lg8: group scale = token base * 2**(-q/16), q in 0..254 (4.4% steps over a 2**15.9 range);
+# q = 255 is the non-finite sentinel (the group decodes to NaN).
 _LG8_TABLE = torch.exp2(-torch.arange(256, dtype=torch.float64) / 16).float()
+LG8_NAN = 255
+# Largest rotated-group absmax each scale format carries (no value clips below it).
+SCALE_MAX = {"fp16": F.FP16_MAX, "e8m0": 2.0 ** 127, "lg8": F.BF16_MAX}
+# Rotated channels are clamped to this magnitude in "propagate" mode before the fp32
+# Hadamard transform, so that it cannot overflow (256 * 2**100 is far below fp32's max).
+ROTATE_MAX = 2.0 ** 100
 
 
 def _lg8_encode(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token fp16 base (>= the token's largest group absmax) and a log-step code per group.
+    """Per-token bf16 base (>= the token's largest group absmax) and a log-step code per group.
 
-    The code is the largest q with ``base * 2**(-q/16) >= amax`` (no clipping), found by a
-    search in a fixed fp32 table after an IEEE division, so every device gets the same bytes.
+    The base is the token's largest group absmax rounded *up* to bf16 (fp32's exponent
+    range, so any absmax up to bf16's max fits). The code is the largest q <= 254 with
+    ``base * 2**(-q/16) >= amax`` (no clipping), found by a search in a fixed fp32 table
+    after an IEEE division, so every device gets the same bytes.
     """
     t, g = amax.shape
-    top = amax.amax(dim=1)
-    base = top.clamp(max=65504.0).half()
-    low = base.float() < top  # fp16 rounded down: step to the next representable value
-    base = torch.where(low, (base.view(torch.int16) + 1).view(torch.float16), base)
+    top = amax.amax(dim=1) if g else amax.new_zeros(t)
+    base = top.to(torch.bfloat16)
+    low = base.float() < top  # bf16 rounded down: step to the next representable value
+    base = torch.where(low, (base.view(torch.int16) + 1).view(torch.bfloat16), base)
     b32 = base.float().masked_fill(base == 0, 1.0)
     ratio = torch.div(amax, b32.unsqueeze(1))
     table = _LG8_TABLE.to(amax.device).flip(0)  # ascending
     # number of table entries >= ratio, minus one, is the largest admissible q
-    q = (256 - torch.searchsorted(table, ratio.contiguous(), right=False)).clamp_(0, 255) - 1
-    q = q.clamp_(0, 255)
+    q = (256 - torch.searchsorted(table, ratio.contiguous(), right=False)) - 1
+    q = q.clamp_(0, LG8_NAN - 1)
     scale = b32.unsqueeze(1) * _LG8_TABLE.to(amax.device)[q]
     return scale, torch.cat([q.to(torch.uint8).reshape(-1), base.reshape(-1).view(torch.uint8)])
 
 
 def _lg8_decode(sb: torch.Tensor, t: int, g: int) -> torch.Tensor:
-    q = sb[: t * g].long().reshape(t, g)
-    base = F.bytes_to_float(sb[t * g:], torch.float16).reshape(t, 1)
-    return base * _LG8_TABLE.to(sb.device)[q]
+    codes = sb[: t * g].reshape(t, g)
+    base = F.bytes_to_float(sb[t * g:], torch.bfloat16).reshape(t, 1)
+    scale = base * _LG8_TABLE.to(sb.device)[codes.long()]
+    return scale.masked_fill(codes == LG8_NAN, float("nan"))
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,8 @@ class RotParams:
 
 class RotatedGroupCodec(Codec):
     """Outliers in bf16 + randomized Hadamard + dynamic group quantization (see module doc)."""
+
+    max_input = F.BF16_MAX  # the bf16 kept channels; the scales are checked after rotation
 
     def __init__(self, *, bits: int = 4, group: int = 64, k: int | None = None, levels: str = "int",
                  scale_format: str = "fp16", seed: int = 0, name: str | None = None, **kw):
@@ -199,7 +211,7 @@ class RotatedGroupCodec(Codec):
             return 2 * t * g
         if self.scale_format == "e8m0":
             return t * g
-        return t * g + 2 * t  # lg8: a code per group plus one fp16 base per token
+        return t * g + 2 * t  # lg8: a code per group plus one bf16 base per token
 
     def payload_nbytes(self, shape, layer=None):
         t, e = shape
@@ -218,15 +230,19 @@ class RotatedGroupCodec(Codec):
         if p.outliers.numel():
             head = F.float_to_bytes(xf.index_select(1, p.outliers), torch.bfloat16)
             xf = xf.index_fill(1, p.outliers, 0.0)
+        if self.nonfinite == "propagate":
+            xf = self._fit_range(xf, ROTATE_MAX, "value")
         z = fwht(xf * p.signs, hadamard_block(e))
         zg, amax = F.group_absmax(z, self.group, nonfinite=nonfinite)
+        # Finite input whose rotation overflowed fp32 shows up here as an Inf/NaN absmax.
+        amax = self._fit_range(amax.nan_to_num(nan=float("inf")) if not nonfinite else amax,
+                               SCALE_MAX[self.scale_format], "rotated group absmax")
         scale, sbytes = self._encode_scale(amax)
         y = zg / scale.unsqueeze(-1)
         code = torch.bucketize(y.clamp(-1.0, 1.0), self._bounds.to(y.device)).to(torch.uint8)
-        code = code.reshape(t, -1)[:, :e]
-        if nonfinite:  # no sentinel at low widths: a non-finite row decodes to NaN via its scale
-            bad = ~torch.isfinite(zg).all(-1)
-            sbytes = self._poison(sbytes, bad)
+        code = code.reshape(t, zg.shape[1] * self.group)[:, :e]
+        if nonfinite:  # no sentinel among the codes: a group holding NaN/Inf gets a NaN scale
+            sbytes = self._poison(sbytes, ~torch.isfinite(zg).all(-1))
         body = self._pack(code)
         parts = ([head] if head is not None else []) + [body, sbytes]
         return torch.cat(parts)
@@ -235,7 +251,7 @@ class RotatedGroupCodec(Codec):
         if self.scale_format == "lg8":
             return _lg8_encode(amax)
         if self.scale_format == "fp16":
-            s = amax.clamp(max=65504.0).half()
+            s = amax.half()
             s32 = s.float().masked_fill_(s == 0, 1.0)
             return s32, s.reshape(-1).view(torch.uint8)
         # E8M0: the smallest power of two >= amax, so no value clips.
@@ -245,12 +261,12 @@ class RotatedGroupCodec(Codec):
         return torch.exp2(exp.float()), (exp + 127).to(torch.uint8).reshape(-1)
 
     def _poison(self, sbytes, bad):
-        if self.scale_format == "lg8":  # poison the token's fp16 base: the whole row decodes NaN
+        """Mark the scales of the groups in ``bad [T, G]`` as non-finite (decode to NaN)."""
+        if self.scale_format == "lg8":  # code 255 of the group
             t, g = bad.shape
-            codes, base = sbytes[: t * g], sbytes[t * g:].view(torch.float16).clone()
-            base.masked_fill_(bad.any(-1), float("nan"))
-            return torch.cat([codes, base.view(torch.uint8)])
-        if self.scale_format == "fp16":
+            codes = sbytes[: t * g].reshape(t, g).masked_fill(bad, LG8_NAN)
+            return torch.cat([codes.reshape(-1), sbytes[t * g:]])
+        if self.scale_format == "fp16":  # sbytes is a fresh, aligned tensor here
             s = sbytes.view(torch.float16).clone().reshape(bad.shape).masked_fill_(bad, float("nan"))
             return s.reshape(-1).view(torch.uint8)
         return sbytes.reshape(bad.shape).masked_fill(bad, 255).reshape(-1)
@@ -323,7 +339,8 @@ class RotatedGroupCodec(Codec):
 
 
 def _reg(name, **opts):
-    register_codec(name, lambda **kw: RotatedGroupCodec(name=name, **{**opts, **kw}))
+    register_codec(name, lambda **kw: RotatedGroupCodec(name=name, **{**opts, **kw}),
+                   needs_calibration=opts.get("k") != 0)  # k=None: k = E/64 from the calibration
 
 
 # The names measured in docs/frontier.md. Bits/value at E=576 (k = 9 unless -k says) in the comments.

@@ -42,6 +42,7 @@ class BF16Codec(Codec):
     """Exact baseline: values cast to bfloat16 (16 bits/value)."""
 
     name = "bf16"
+    max_input = F.BF16_MAX
 
     def payload_nbytes(self, shape, layer=None):
         return 2 * shape[0] * shape[1]
@@ -119,6 +120,8 @@ class _StaticIntCodec(Codec):
 
     needs_calibration = True
     bits = 4
+    # Quantized channels clamp to the calibrated range by design; this bounds the bf16 ones.
+    max_input = F.BF16_MAX
 
     def __init__(self, *, k: int | None = 0, scale_stat: str = "ema", zero_point: bool = False, **kw):
         super().__init__(**kw)

@@ -85,10 +85,13 @@ def all_reduce(
     """Sum ``partial [tokens, E]`` over the ranks of ``group``; returns a new tensor.
 
     Triggers: ``exact`` -> one backend ``all_reduce`` in the input dtype; ``gather`` -> one
-    ``all_gather`` of payloads; ``two-shot`` -> one ``all_to_all_single`` plus one
-    ``all_gather``. Every rank gets bitwise the same result, equal to
-    :func:`~lowbit_tp.collectives.simulate.simulate_all_reduce` on the same partials.
-    ``wire_hook`` (see :data:`WireHook`) wraps each of those backend calls.
+    ``all_gather`` of payloads per chunk; ``two-shot`` -> one ``all_to_all_single`` plus one
+    ``all_gather`` per chunk. Messages above ``policy.chunk_bytes`` go as pipelined row
+    chunks (async transfers overlapping the codec). Every rank gets bitwise the same
+    result, equal to :func:`~lowbit_tp.collectives.simulate.simulate_all_reduce` on the
+    same partials, chunked or not. ``stats`` counts one call per message.
+    ``wire_hook`` (see :data:`WireHook`) wraps each of those backend calls; in a pipelined
+    message it wraps each wait for a chunk's transfer (the transfer time the codec did not hide).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("all_reduce needs an initialised torch.distributed process group")
@@ -105,28 +108,88 @@ def all_reduce(
             stats.record_exact(partial, world=world)
         return out
     check_group_config(codec, group, layer=layer)
-    shape = tuple(partial.shape)
-    if algo == "gather":
-        payload = A.gather_encode(codec, partial, layer=layer, rank=rank)
-        got = [torch.empty_like(payload) for _ in range(world)]
-        _guard("all_gather of payloads", layer, group, lambda: dist.all_gather(got, payload, group=group),
-           wire_hook)
-        out = A.gather_decode_sum(codec, got, shape, layer=layer)
-        if stats is not None:
-            stats.record_gather(payload, world=world, values=partial.numel())
-        return out.to(partial.dtype)
-    # two-shot: all payload chunks have one size, so all_to_all_single needs no split sizes
-    chunks = A.two_shot_encode(codec, partial, layer=layer, rank=rank, world=world)
-    send = torch.cat(chunks)
-    recv = torch.empty_like(send)
-    _guard("all_to_all of chunks", layer, group, lambda: dist.all_to_all_single(recv, send, group=group),
-           wire_hook)
-    chunk_shape = (A.chunk_rows(shape[0], world), shape[1])
-    mine = A.two_shot_reduce(codec, list(recv.chunk(world)), chunk_shape, layer=layer)
-    sums = [torch.empty_like(mine) for _ in range(world)]
-    _guard("all_gather of reduced chunks", layer, group, lambda: dist.all_gather(sums, mine, group=group),
-           wire_hook)
-    out = A.two_shot_decode(codec, sums, chunk_shape, shape[0], layer=layer)
+    rows = (policy or AutoPolicy()).chunk_rows(tokens=partial.shape[0], hidden=partial.shape[1])
+    pieces = list(partial.split(rows, dim=0))
+    tally = CommStats()  # per chunk; reported to ``stats`` as one call
+    stages = _gather_pipelined if algo == "gather" else _two_shot_pipelined
+    outs = stages(codec, pieces, group, layer=layer, rank=rank, world=world, tally=tally, hook=wire_hook)
     if stats is not None:
-        stats.record_two_shot(chunks, mine, rank=rank, values=partial.numel())
+        stats.record(algorithm=algo, sent=tally.bytes_sent, payload=tally.payload_bytes, values=tally.values)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.to(partial.dtype)
+
+
+# Pipelining: a message goes as row chunks (AutoPolicy.chunk_rows). Step i encodes chunk i
+# and starts its transfer (async_op=True), then waits for chunk i-1's transfer and decodes
+# it, so the codec works while the transport moves the neighbouring chunk. Every codec
+# encodes each token row independently and every sum is elementwise in rank order, so the
+# chunked result is bitwise the unchunked one (and simulate_all_reduce's). A message of one
+# chunk makes plain synchronous calls.
+def _start(what: str, layer, group, call, hook: WireHook | None, pipelined: bool):
+    """``call(async_op)``: synchronous through ``hook`` (returns None), or started (returns its Work)."""
+    if not pipelined:
+        _guard(what, layer, group, lambda: call(False), hook)
+        return None
+    return _guard(what, layer, group, lambda: call(True))
+
+
+def _finish(what: str, layer, group, work, hook: WireHook | None) -> None:
+    if work is not None:
+        _guard(what, layer, group, work.wait, hook)
+
+
+def _gather_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: int, tally: CommStats,
+                      hook: WireHook | None):
+    what = "all_gather of payloads"
+    pipelined = len(pieces) > 1
+    outs: list = [None] * len(pieces)
+    inflight = None
+    for i in range(len(pieces) + 1):
+        launched = None
+        if i < len(pieces):
+            payload = A.gather_encode(codec, pieces[i], layer=layer, rank=rank)
+            got = [torch.empty_like(payload) for _ in range(world)]
+            work = _start(what, layer, group,
+                          lambda a: dist.all_gather(got, payload, group=group, async_op=a), hook, pipelined)
+            tally.record_gather(payload, world=world, values=pieces[i].numel())
+            launched = (i, got, work)
+        if inflight is not None:
+            j, got_j, work_j = inflight
+            _finish(what, layer, group, work_j, hook)
+            outs[j] = A.gather_decode_sum(codec, got_j, tuple(pieces[j].shape), layer=layer)
+        inflight = launched
+    return outs
+
+
+def _two_shot_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: int, tally: CommStats,
+                        hook: WireHook | None):
+    # all payload chunks have one size, so all_to_all_single needs no split sizes
+    n = len(pieces)
+    pipelined = n > 1
+    outs: list = [None] * n
+    moving, gathering = {}, {}
+    for step in range(n + 2):
+        if step < n:  # encode the N row chunks of piece `step`, start the all-to-all
+            chunks = A.two_shot_encode(codec, pieces[step], layer=layer, rank=rank, world=world)
+            send = torch.cat(chunks)
+            recv = torch.empty_like(send)
+            work = _start("all_to_all of chunks", layer, group,
+                          lambda a: dist.all_to_all_single(recv, send, group=group, async_op=a), hook, pipelined)
+            moving[step] = (chunks, send, recv, work)
+        j = step - 1
+        if 0 <= j < n:  # reduce this rank's chunk of piece j, re-encode, start the all-gather
+            chunks, _send, recv, work = moving.pop(j)
+            _finish("all_to_all of chunks", layer, group, work, hook)
+            chunk_shape = (A.chunk_rows(pieces[j].shape[0], world), pieces[j].shape[1])
+            mine = A.two_shot_reduce(codec, list(recv.chunk(world)), chunk_shape, layer=layer)
+            sums = [torch.empty_like(mine) for _ in range(world)]
+            work = _start("all_gather of reduced chunks", layer, group,
+                          lambda a: dist.all_gather(sums, mine, group=group, async_op=a), hook, pipelined)
+            gathering[j] = (sums, work, chunk_shape)
+            tally.record_two_shot(chunks, mine, rank=rank, values=pieces[j].numel())
+        k = step - 2
+        if 0 <= k < n:  # decode the N reduced chunks of piece k
+            sums, work, chunk_shape = gathering.pop(k)
+            _finish("all_gather of reduced chunks", layer, group, work, hook)
+            outs[k] = A.two_shot_decode(codec, sums, chunk_shape, pieces[k].shape[0], layer=layer)
+    return outs

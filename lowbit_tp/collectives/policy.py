@@ -21,10 +21,23 @@ class AutoPolicy:
 
     Defaults come from ``lowbit-tp bench-comm`` on loopback gloo (see README); retune
     them with that command for a given link.
+
+    ``chunk_bytes`` (counted as bf16 bytes, like ``min_bytes``) pipelines compressed
+    messages larger than it: they go as row chunks of about that size, so that encoding
+    chunk i+1, moving chunk i and decoding chunk i-1 overlap (see
+    :func:`~lowbit_tp.collectives.dist.all_reduce`). ``0`` sends every message whole. The
+    result is bitwise the same either way: every codec encodes each token row on its own.
     """
 
     min_bytes: int = 64 * 1024
     two_shot_min_world: int = 3
+    chunk_bytes: int = 1024 * 1024
+
+    def chunk_rows(self, *, tokens: int, hidden: int) -> int:
+        """Rows per pipelined chunk of a ``[tokens, hidden]`` message (``tokens``: no chunking)."""
+        if self.chunk_bytes <= 0 or 2 * tokens * hidden <= self.chunk_bytes:
+            return tokens
+        return max(1, self.chunk_bytes // (2 * hidden))
 
     def choose(self, *, numel: int, world_size: int) -> str:
         if world_size <= 1:

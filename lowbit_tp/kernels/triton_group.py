@@ -13,7 +13,7 @@ import triton.language as tl
 from lowbit_tp.kernels.triton_common import (FP_OPTIONS, clamp_keep_nan, fp16_bits, fp16_from_bits, int4_from_nibble,
                                              is_finite, load_u16, round_half_even, store_u16)
 
-_FP16_MAX = 65504.0
+_FP16_MAX = tl.constexpr(65504.0)
 
 
 def launch_config(tokens: int, hidden: int, group: int) -> tuple[int, int, int, int]:

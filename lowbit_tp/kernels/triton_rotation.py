@@ -19,7 +19,8 @@ from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bi
                                              fp16_from_bits, is_finite, load_u16, store_u16)
 
 SCALE_FORMAT_IDS = {"fp16": 0, "e8m0": 1, "lg8": 2}
-_FP16_NAN = 0x7E00  # what Tensor.masked_fill_(nan) writes into an fp16 tensor
+_FP16_NAN = tl.constexpr(0x7E00)  # what Tensor.masked_fill_(nan) writes into an fp16 tensor
+_BF16_MAX = tl.constexpr(3.3895313892515355e38)  # the lg8 base is clamped here (bf16's largest finite)
 
 
 def launch_config(tokens: int, hidden: int, group: int) -> tuple[int, int, int, int]:
@@ -37,17 +38,35 @@ def inv_sqrt(block: int) -> float:
 
 
 @triton.jit
-def _fwht_rows(z, M: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr):
-    """Unnormalised butterfly over consecutive blocks of ``B`` values of ``z [M * B]`` rows.
+def _butterfly(y, M: tl.constexpr, B: tl.constexpr, H: tl.constexpr):
+    """One stage: view ``[M, B]`` as ``[., B/(2H), 2, H]`` and map ``(a, b) -> (a + b, a - b)``."""
+    a, b = tl.split(tl.permute(tl.reshape(y, [M, B // (2 * H), 2, H]), (0, 1, 3, 2)))
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), [M, B])
 
-    Stage ``h``: view as ``[., B/(2h), 2, h]``, then ``(a + b, a - b)``: the reference's order.
+
+@triton.jit
+def _fwht_rows(z, M: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr):
+    """Unnormalised butterfly over consecutive blocks of ``B <= 256`` values: the reference's
+    stages in its order (strides 1, 2, 4, ...). Written out because a reshape needs literal
+    constexpr sizes, which a loop variable is not when compiled for a GPU.
     """
     y = tl.reshape(z, [M, B])
-    for s in tl.static_range(LOG2B):
-        h: tl.constexpr = 1 << s
-        y4 = tl.permute(tl.reshape(y, [M, B // (2 * h), 2, h]), (0, 1, 3, 2))
-        a, b = tl.split(y4)
-        y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), [M, B])
+    if LOG2B > 0:
+        y = _butterfly(y, M, B, 1)
+    if LOG2B > 1:
+        y = _butterfly(y, M, B, 2)
+    if LOG2B > 2:
+        y = _butterfly(y, M, B, 4)
+    if LOG2B > 3:
+        y = _butterfly(y, M, B, 8)
+    if LOG2B > 4:
+        y = _butterfly(y, M, B, 16)
+    if LOG2B > 5:
+        y = _butterfly(y, M, B, 32)
+    if LOG2B > 6:
+        y = _butterfly(y, M, B, 64)
+    if LOG2B > 7:
+        y = _butterfly(y, M, B, 128)
     return y
 
 
@@ -56,7 +75,7 @@ def _bucket(y, bounds_ptr, BITS: tl.constexpr):
     """``torch.bucketize(y, bounds)`` for ``2**BITS - 1`` ascending bounds (NaN -> the top code)."""
     idx = tl.zeros(y.shape, dtype=tl.int32)
     for s in tl.static_range(BITS):
-        half: tl.constexpr = 1 << (BITS - 1 - s)
+        half = 1 << (BITS - 1 - s)
         b = tl.load(bounds_ptr + idx + (half - 1))
         idx = tl.where(b >= y, idx, idx + half)
     return idx
@@ -98,24 +117,23 @@ def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc
         ex = tl.where(ex > 127, 127, tl.where(ex < -127, -127, ex))
         scale = ((ex + 127) << 23).to(tl.float32, bitcast=True)
         tl.store(scale_ptr + sidx, tl.where(bad, 255, ex + 127).to(tl.uint8), mask=gm)
-    else:  # lg8: per-token fp16 base >= the token's top absmax, and a log-step code per group
+    else:  # lg8: per-token bf16 base >= the token's top absmax, and a log-step code per group
         top = tl.max(amax, axis=1)
-        bbits = fp16_bits(tl.where(top > 65504.0, 65504.0, top))
-        bbits = tl.where(fp16_from_bits(bbits) < top, bbits + 1, bbits)
-        b32 = fp16_from_bits(bbits)
+        bbits = bf16_bits(tl.where(top > _BF16_MAX, _BF16_MAX, top))
+        bbits = tl.where(bf16_from_bits(bbits) < top, bbits + 1, bbits)
+        b32 = bf16_from_bits(bbits)
         b32 = tl.where(b32 == 0.0, 1.0, b32)
         ratio = tl.math.div_rn(amax, tl.broadcast_to(b32[:, None], [ROWS, GP]))
         cnt = tl.zeros([ROWS, GP], dtype=tl.int32)  # table entries < ratio (255 and 256 both give q = 0)
         for s in tl.static_range(8):
-            half: tl.constexpr = 128 >> s
+            half = 128 >> s
             v = tl.load(lg8_asc_ptr + cnt + (half - 1))
             cnt = tl.where(v >= ratio, cnt, cnt + half)
-        q = tl.where(256 - cnt > 255, 255, 256 - cnt) - 1  # the reference clamps before the -1
-        q = tl.where(q < 0, 0, q)
+        q = 255 - cnt  # largest q with table[q] >= ratio; code 255 is the NaN sentinel
+        q = tl.where(q > 254, 254, tl.where(q < 0, 0, q))
         scale = b32[:, None] * tl.load(lg8_ptr + q)
-        tl.store(scale_ptr + sidx, q.to(tl.uint8), mask=gm)
-        row_bad = tl.max(bad.to(tl.int32), axis=1) > 0
-        store_u16(scale_ptr, T * G + 2 * t, tl.where(row_bad, _FP16_NAN, bbits), tm)
+        tl.store(scale_ptr + sidx, tl.where(bad, 255, q).to(tl.uint8), mask=gm)
+        store_u16(scale_ptr, T * G + 2 * t, bbits, tm)
     y = tl.math.div_rn(z, tl.broadcast_to(scale[:, :, None], [ROWS, GP, GW]))
     code = tl.reshape(_bucket(clamp_keep_nan(y, -1.0, 1.0), bounds_ptr, BITS), [ROWS, E_PAD])
     if BITS == 8:
@@ -171,8 +189,9 @@ def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, 
             scale = tl.where(sb == 255, float("nan"), scale)
         else:
             q = tl.load(p + SCALE_OFF + gidx, mask=m, other=0).to(tl.int32)
-            base = fp16_from_bits(load_u16(p, SCALE_OFF + T * G + 2 * t, tm))
+            base = bf16_from_bits(load_u16(p, SCALE_OFF + T * G + 2 * t, tm))
             scale = base[:, None] * tl.load(lg8_ptr + q)
+            scale = tl.where(q == 255, float("nan"), scale)
         z = vals * scale
         x = tl.reshape(_fwht_rows(z, ROWS * E_PAD // B, B, LOG2B), [ROWS, E_PAD]) * inv_sqrt_b * signs
         if HAS_K:

@@ -1,0 +1,36 @@
+"""The codec registry knows, without building a codec, whether it needs a calibration."""
+import pytest
+
+from lowbit_tp.calibration.artifact import CalibrationError
+from lowbit_tp.codecs import codec_spec, list_codecs, make_codec
+
+
+def _build_fails_without_calibration(name: str) -> bool:
+    try:
+        make_codec(name)
+    except CalibrationError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("name", list_codecs() + ["default"])
+def test_needs_calibration_matches_what_building_does(name):
+    assert codec_spec(name).needs_calibration == _build_fails_without_calibration(name)
+
+
+def test_default_needs_an_allocation(cal_factory):
+    assert codec_spec("default").name == "alloc"
+    assert codec_spec("default").needs_allocation and not codec_spec("int4-outlier").needs_allocation
+    cal = cal_factory(2, 128)  # statistics, but no per-layer plan
+    make_codec("int4-outlier", calibration=cal)
+    with pytest.raises(CalibrationError, match="per-layer plan"):
+        make_codec("default", calibration=cal)
+
+
+def test_unknown_codec_and_unstated_metadata():
+    from lowbit_tp.codecs import register_codec
+
+    with pytest.raises(KeyError, match="unknown codec"):
+        codec_spec("int3-nope")
+    with pytest.raises(TypeError, match="needs_calibration"):
+        register_codec("test-unstated", lambda **kw: None)
