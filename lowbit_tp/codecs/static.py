@@ -312,17 +312,23 @@ class RandomKInt4Codec(_StaticIntCodec):
 
 
 # Scale ablations of the seed codec (module docstring); same bits and wire format.
-register_codec("int4-outlier-asym", lambda **kw: _named(OutlierInt4Codec(**{"zero_point": True, **kw}), "int4-outlier-asym"))
-register_codec("int4-outlier-absmax", lambda **kw: _named(OutlierInt4Codec(**{"scale_stat": "absmax", **kw}),
-                                                          "int4-outlier-absmax"))
-register_codec("int4-outlier-p999", lambda **kw: _named(OutlierInt4Codec(**{"scale_stat": "p999", **kw}),
-                                                        "int4-outlier-p999"))
-register_codec("int4-outlier-mean", lambda **kw: _named(OutlierInt4Codec(**{"scale_stat": "mean", **kw}),
-                                                        "int4-outlier-mean"))
-register_codec("int4-outlier-mean-asym", lambda **kw: _named(
-    OutlierInt4Codec(**{"scale_stat": "mean", "zero_point": True, **kw}), "int4-outlier-mean-asym"))
+_ABLATIONS = {
+    "int4-outlier-asym": {"zero_point": True},
+    "int4-outlier-absmax": {"scale_stat": "absmax"},
+    "int4-outlier-p999": {"scale_stat": "p999"},
+    "int4-outlier-mean": {"scale_stat": "mean"},
+    "int4-outlier-mean-asym": {"scale_stat": "mean", "zero_point": True},
+}
 
 
-def _named(codec: Codec, name: str) -> Codec:
-    codec.name = name
-    return codec
+def _ablation(name: str, opts: dict):
+    def make(**kw) -> Codec:
+        codec = OutlierInt4Codec(**{**opts, **kw})
+        codec.name = name
+        return codec
+
+    return make
+
+
+for _name, _opts in _ABLATIONS.items():
+    register_codec(_name, _ablation(_name, _opts), needs_calibration=True)
