@@ -114,7 +114,8 @@ def all_reduce(
     stages = _gather_pipelined if algo == "gather" else _two_shot_pipelined
     outs = stages(codec, pieces, group, layer=layer, rank=rank, world=world, tally=tally, hook=wire_hook)
     if stats is not None:
-        stats.record(algorithm=algo, sent=tally.bytes_sent, payload=tally.payload_bytes, values=tally.values)
+        stats.record(algorithm=algo, sent=tally.bytes_sent, payload=tally.payload_bytes, values=tally.values,
+                     wire_values=tally.wire_values, world=world)
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.to(partial.dtype)
 
