@@ -140,8 +140,9 @@ def test_propagate_mode_has_no_per_message_nonfinite_scan(monkeypatch):
 
     monkeypatch.setattr(F, "value_range", boom)
     for name in ("int4-outlier", "int4-g128", "rot-lm4-g64-lg8-k4"):
-        codec = make_codec(name, calibration=calibration(64), backend="triton", nonfinite="propagate")
-        codec.encode(torch.randn(2, 64), layer=LAYER, source=0)
+        for mode in ("propagate", "flag"):
+            codec = make_codec(name, calibration=calibration(64), backend="triton", nonfinite=mode)
+            codec.encode(torch.randn(2, 64), layer=LAYER, source=0)
     with pytest.raises(AssertionError):  # "error" mode still checks every message
         make_codec("int4-outlier", calibration=calibration(64), backend="triton").encode(
             torch.randn(2, 64), layer=LAYER, source=0)
@@ -166,3 +167,25 @@ def test_gpu_check_script_dry_run(tmp_path):
                                           "sum_equal_nan_inf")), r
         assert r["copy_gbps"] > 0 and r["encode_gbps"] > 0
     assert "DRY RUN" in (tmp_path / "gpu_check.md").read_text()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_flag_mode_sends_like_propagate_and_raises_at_the_check(backend):
+    """nonfinite="flag": same bytes as propagate, no raise per message, one raise at check_nonfinite()."""
+    from lowbit_tp.codecs import NonFiniteError
+
+    plan = {"layers": {LAYER: "rot-lm4-g64-lg8-k4"}, "budget": 4.5}
+    for name, opts in [("int4-outlier", {}), ("int4-g32", {}), ("alloc", {"plan": plan})]:
+        cal = calibration(64)
+        flag = make_codec(name, calibration=cal, nonfinite="flag", backend=backend, **opts)
+        prop = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference", **opts)
+        x = torch.randn(4, 64)
+        flag.encode(x, layer=LAYER, source=0)
+        flag.check_nonfinite()  # clean: nothing to report
+        for bad_at in [(1, 3), (2, int(getattr(prop.params(LAYER, 0, 64), "outliers", torch.tensor([5]))[0]))]:
+            y = x.clone()
+            y[bad_at] = float("inf")
+            assert torch.equal(flag.encode(y, layer=LAYER, source=0), prop.encode(y, layer=LAYER, source=0)), name
+            with pytest.raises(NonFiniteError, match="since the last check"):
+                flag.check_nonfinite()
+            flag.check_nonfinite()  # reset after raising

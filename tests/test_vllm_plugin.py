@@ -14,10 +14,11 @@ import torch.distributed as dist
 from lowbit_tp.calibration import CalibrationError
 from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
 from lowbit_tp.codecs import make_codec
-from lowbit_tp.collectives import simulate_all_reduce, spawn_ranks
+from lowbit_tp.collectives import AutoPolicy, simulate_all_reduce, spawn_ranks
 from lowbit_tp.integrations.vllm import op
 from lowbit_tp.integrations.vllm.checkpoint import CheckpointIdentity, calibration_layer_name, check_calibration
 from lowbit_tp.integrations.vllm.config import PluginConfig, resolve_config
+from lowbit_tp.tp import DistReducer
 
 LAYERS = [f"model.layers.{i}.{k}" for i in range(2) for k in ("self_attn.o_proj", "mlp.down_proj")]
 HIDDEN = 128
@@ -80,8 +81,18 @@ def test_calibration_check_names_the_problem():
         check_calibration(cal, _ident(num_layers=3), tp=3)
 
 
+class _Fn:
+    """A stand-in reducer (one process, no group) computing ``fn(partial, layer)``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def reduce(self, partials, *, layer):
+        return self.fn(partials[0], layer)
+
+
 def test_custom_op_compiles_fullgraph_and_matches_eager():
-    op.register_reducer("unit-test", lambda p, layer: p * 3.0 + (1.0 if layer == "L" else 0.0))
+    op.register_reducer("unit-test", _Fn(lambda p, layer: p * 3.0 + (1.0 if layer == "L" else 0.0)))
 
     def f(x):
         return torch.ops.lowbit_tp.all_reduce(torch.relu(x), "L", "unit-test") + 1
@@ -96,7 +107,7 @@ def test_custom_op_compiles_fullgraph_and_matches_eager():
 
 
 def test_custom_op_output_never_aliases_input():
-    op.register_reducer("identity", lambda p, layer: p)
+    op.register_reducer("identity", _Fn(lambda p, layer: p))
     x = torch.randn(3, 4)
     y = torch.ops.lowbit_tp.all_reduce(x, "L", "identity")
     assert torch.equal(x, y) and y.data_ptr() != x.data_ptr()
@@ -113,7 +124,8 @@ def _rank_reducer(rank, world, min_bytes):
         dist.all_reduce(out)
         return out
 
-    red = op.Reducer(codec=codec, group=None, rank=rank, algorithm="auto", min_bytes=min_bytes, fallback=fallback)
+    inner = DistReducer(codec=codec, group=None, algorithm="auto", policy=AutoPolicy(min_bytes=min_bytes))
+    red = op.GatedReducer(inner=inner, rank=rank, min_bytes=min_bytes, fallback=fallback)
     op.register_reducer("gloo", red)
     big = planted_partials(world, 300, HIDDEN, seed=0, noise_seed=5)[rank]    # 2*300*128 B >= min_bytes
     small = planted_partials(world, 2, HIDDEN, seed=0, noise_seed=6)[rank]    # 512 B < min_bytes
@@ -137,3 +149,14 @@ def test_reducer_gates_by_size_and_matches_the_simulator_bitwise():
         torch.testing.assert_close(y_small, torch.stack(small).sum(0))
         assert rep["calls"] == {"compressed": 1, "fallback": 1}
         assert rep["comm"]["by_algorithm"] == {"gather": 1} and rep["comm"]["bits_per_value"] < 8
+
+
+def test_serve_without_vllm_is_one_clear_line(tmp_path):
+    import os
+    import subprocess
+
+    env = dict(os.environ, LOWBIT_TP_VLLM_PYTHON=str(tmp_path / "missing-python"))
+    proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "serve", "--tp", "3"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("lowbit-tp: vLLM is not installed here")

@@ -48,6 +48,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from lowbit_tp.argtypes import positive_int
+
 __all__ = ["E2EConfig", "run_e2e_bench", "register", "save_random_llama"]
 
 @dataclass(frozen=True)
@@ -504,22 +506,22 @@ def register(sub) -> None:
     d = E2EConfig()
     p = sub.add_parser("bench-e2e", help="end-to-end TP generation latency on loopback and emulated links")
     p.add_argument("--network", action="append", help=f"loopback or a tc rate (10gbit); repeatable; default {d.networks}")
-    p.add_argument("--tp", type=int, action="append", help=f"repeatable; default {d.tps}")
+    p.add_argument("--tp", type=positive_int, action="append", help=f"repeatable; default {d.tps}")
     p.add_argument("--codec", action="append", help=f"compressed codecs, repeatable; default {d.codecs}")
     p.add_argument("--algorithm", default=d.algorithm, choices=["gather", "two-shot"])
     p.add_argument("--no-exact", action="store_true", help="skip the bf16 exact (fp32 on CPU) reference run")
-    p.add_argument("--prompt-len", type=int, action="append", help=f"tokens, repeatable; default {d.prompt_lens}")
-    p.add_argument("--new-tokens", type=int, default=d.new_tokens)
-    p.add_argument("--repeats", type=int, default=d.repeats, help="prompts of each length per launch")
-    p.add_argument("--rounds", type=int, default=d.rounds, help="launches per variant, interleaved across variants")
+    p.add_argument("--prompt-len", type=positive_int, action="append", help=f"tokens, repeatable; default {d.prompt_lens}")
+    p.add_argument("--new-tokens", type=positive_int, default=d.new_tokens)
+    p.add_argument("--repeats", type=positive_int, default=d.repeats, help="prompts of each length per launch")
+    p.add_argument("--rounds", type=positive_int, default=d.rounds, help="launches per variant, interleaved across variants")
     p.add_argument("--model", default=d.model, help="random-llama, a registry name or a checkpoint directory")
-    p.add_argument("--hidden", type=int, default=d.hidden)
-    p.add_argument("--intermediate", type=int, default=d.intermediate)
-    p.add_argument("--layers", type=int, default=d.layers)
-    p.add_argument("--heads", type=int, default=d.heads)
-    p.add_argument("--kv-heads", type=int, default=d.kv_heads)
+    p.add_argument("--hidden", type=positive_int, default=d.hidden)
+    p.add_argument("--intermediate", type=positive_int, default=d.intermediate)
+    p.add_argument("--layers", type=positive_int, default=d.layers)
+    p.add_argument("--heads", type=positive_int, default=d.heads)
+    p.add_argument("--kv-heads", type=positive_int, default=d.kv_heads)
     p.add_argument("--delay", default=d.delay, help="one-way delay on emulated links, e.g. 0.5ms (needs netem)")
-    p.add_argument("--threads-per-rank", type=int, default=d.threads_per_rank)
+    p.add_argument("--threads-per-rank", type=positive_int, default=d.threads_per_rank)
     p.add_argument("--no-sync-wire", action="store_true",
                    help="no barrier before each collective (wire time then includes the ranks' skew)")
     p.add_argument("--json", help="write results here (and a .md next to it)")
@@ -527,6 +529,10 @@ def register(sub) -> None:
 
 
 def _cmd(args) -> None:
+    from lowbit_tp.fileio import check_output_path
+
+    if args.json:
+        check_output_path(args.json)
     cfg = E2EConfig()
     kw = {k: tuple(v) for k, v in (("networks", args.network), ("tps", args.tp), ("codecs", args.codec),
                                    ("prompt_lens", args.prompt_len)) if v}

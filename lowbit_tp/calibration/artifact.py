@@ -37,6 +37,8 @@ from typing import Any, Iterable, Union
 
 import torch
 
+from lowbit_tp.errors import UserError
+
 SCHEMA_VERSION = 1
 STATS = ("ema_min", "ema_max", "absmax")
 OPTIONAL_STATS = ("mean_min", "mean_max", "p999")
@@ -44,7 +46,7 @@ PERCENTILE = 0.999
 Source = Union[int, str]  # a rank index, or "sum"
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError):
     """A calibration artifact that is missing, corrupted, or does not fit the run."""
 
 

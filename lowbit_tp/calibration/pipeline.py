@@ -41,7 +41,7 @@ def versions() -> dict[str, str]:
 
     import lowbit_tp
 
-    return {"lowbit_tp": getattr(lowbit_tp, "__version__", "0"), "torch": torch.__version__,
+    return {"lowbit_tp": lowbit_tp.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__}
 
 

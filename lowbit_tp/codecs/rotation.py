@@ -300,7 +300,7 @@ class RotatedGroupCodec(Codec):
         del kw["levels"]
         colmap = self._kernel_table(("enc", id(p)), lambda: self._colmap([p], e, x.device)[0])
         out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=x.device)
-        return K.encode(x.contiguous(), colmap=colmap, out=out, **kw)
+        return K.encode(x.contiguous(), colmap=colmap, out=out, flag=self._kernel_flag(x.device), **kw)
 
     def _decode_sum(self, payloads, shape, params):
         if self.kernel_backend(payloads[0].device) != "triton":

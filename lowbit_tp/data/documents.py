@@ -86,9 +86,24 @@ def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+# More than this fraction of undecodable characters: the file is not text (a binary, or
+# another encoding), and tokenizing U+FFFD replacement characters would measure nothing.
+MAX_UNDECODABLE_FRACTION = 0.1
+
+
+def undecodable_fraction(raw: str) -> float:
+    """Fraction of ``raw`` (decoded with ``errors="replace"``) that is U+FFFD replacements."""
+    return raw.count("\ufffd") / len(raw) if raw else 0.0
+
+
 def _read_document(path: Path, *, name: str | None = None) -> Document:
-    # errors="replace": a stray byte in a user's file should not abort a run.
+    # errors="replace": a stray byte in a user's file should not abort a run; a file that
+    # is mostly undecodable bytes is refused.
     raw = path.read_text(encoding="utf-8", errors="replace")
+    bad = undecodable_fraction(raw)
+    if bad > MAX_UNDECODABLE_FRACTION:
+        raise ValueError(f"{path} is not UTF-8 text: {bad:.0%} of its characters do not decode "
+                         f"(more than {MAX_UNDECODABLE_FRACTION:.0%} is refused)")
     return Document.from_text(name=name or path.stem, path=str(path), text=clean_text(raw))
 
 

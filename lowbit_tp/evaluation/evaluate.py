@@ -34,6 +34,18 @@ class EvalConfig:
     codec_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        from lowbit_tp.preflight import check_min
+
+        object.__setattr__(self, "codecs", tuple(self.codecs))
+        check_min(self.tp, "tp")
+        check_min(self.samples, "samples")
+        check_min(self.batch_size, "batch_size")
+        check_min(self.lambada, "lambada", 0)
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
+            from lowbit_tp.errors import UserError
+
+            raise UserError(f"seq_len must be at least 2 (a window of 1 token has no next token to predict), "
+                            f"got {self.seq_len!r}")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
 

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, clamp_keep_nan, fp16_bits,
+from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, clamp_keep_nan, flag_if, fp16_bits,
                                              fp16_from_bits, is_finite, load_u16, store_u16)
 
 SCALE_FORMAT_IDS = {"fp16": 0, "e8m0": 1, "lg8": 2}
@@ -83,9 +83,10 @@ def _bucket(y, bounds_ptr, BITS: tl.constexpr):
 
 @triton.jit
 def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr, scale_ptr,
-                      T, E, G, NK, NCB, inv_sqrt_b,
+                      flag_ptr, T, E, G, NK, NCB, inv_sqrt_b,
                       ROWS: tl.constexpr, E_PAD: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr,
-                      GW: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr):
+                      GW: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
+                      FLAG: tl.constexpr):
     pid = tl.program_id(0)
     GP: tl.constexpr = E_PAD // GW
     t = pid * ROWS + tl.arange(0, ROWS)
@@ -93,6 +94,8 @@ def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc
     tm = t < T
     m = tm[:, None] & (e[None, :] < E)
     x = tl.load(x_ptr + t[:, None] * E + e[None, :], mask=m, other=0.0).to(tl.float32)
+    if FLAG:
+        flag_if(flag_ptr, ~is_finite(x))
     if HAS_K:
         cm = tl.load(colmap_ptr + e, mask=e < E, other=-1)
         kept = cm[None, :] >= 0
@@ -207,7 +210,7 @@ def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, 
 
 # ---------------------------------------------------------------- launchers (no codec logic)
 def encode(x, *, signs, colmap, bounds, lg8, lg8_asc, out, nk: int, code_bytes: int, group: int, block: int,
-           bits: int, scale_format: str):
+           bits: int, scale_format: str, flag=None):
     """Fill the payload ``out`` from ``x [T, E]``; ``colmap[e]`` = bf16 slot of channel e or -1."""
     t, e = x.shape
     if t == 0:
@@ -217,9 +220,9 @@ def encode(x, *, signs, colmap, bounds, lg8, lg8_asc, out, nk: int, code_bytes: 
     head = out[:off].view(torch.int16)
     rot_encode_kernel[(triton.cdiv(t, rows),)](
         x, signs, colmap, bounds, lg8, lg8_asc, head, out[off:off + code_bytes], out[off + code_bytes:],
-        t, e, triton.cdiv(e, group), nk, (t * e + 7) // 8, inv_sqrt(block),
+        colmap if flag is None else flag, t, e, triton.cdiv(e, group), nk, (t * e + 7) // 8, inv_sqrt(block),
         ROWS=rows, E_PAD=e_pad, B=block, LOG2B=block.bit_length() - 1, GW=gw, BITS=bits,
-        FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0, num_warps=warps, **FP_OPTIONS)
+        FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0, FLAG=flag is not None, num_warps=warps, **FP_OPTIONS)
     return out
 
 

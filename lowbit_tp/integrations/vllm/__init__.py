@@ -38,3 +38,10 @@ def worker_reports(worker=None) -> list[dict]:
     from lowbit_tp.integrations.vllm.op import reports
 
     return reports()
+
+
+def reset_worker_reports(worker=None) -> None:
+    """For ``LLM.collective_rpc``: zero this worker's reducer counters (time, calls, traffic)."""
+    from lowbit_tp.integrations.vllm.op import reset_reports
+
+    reset_reports()

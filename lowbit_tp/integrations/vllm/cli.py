@@ -14,20 +14,24 @@ import json
 import os
 import sys
 
-NO_VLLM = ("vLLM is not installed here and no .venv-vllm was found; run `make setup-vllm` "
-           "(or `bash scripts/setup_vllm.sh`), or set LOWBIT_TP_VLLM_PYTHON to a Python that has vLLM")
+NO_VLLM = ("vLLM is not installed here and no .venv-vllm was found (or $LOWBIT_TP_VLLM_PYTHON is not a file); "
+           "run `make setup-vllm` (or `bash scripts/setup_vllm.sh`), or set LOWBIT_TP_VLLM_PYTHON to a Python "
+           "that has vLLM")
 
 
 def ensure_vllm_python(argv: list[str] | None = None) -> None:
     """Return if this interpreter has vLLM; otherwise re-exec this command under the one that does."""
+    import importlib.util
+
     from lowbit_tp.integrations.vllm.engine import vllm_python
 
+    if importlib.util.find_spec("vllm") is not None:
+        return
     py = vllm_python()
     if py is None:
         raise SystemExit(f"lowbit-tp: {NO_VLLM}")
-    if os.path.realpath(py) == os.path.realpath(sys.executable):
-        return
     args = sys.argv[1:] if argv is None else argv
+    # venvs share the base interpreter binary, so compare environments, not executables
     os.execv(py, [py, "-m", "lowbit_tp.cli", *args])
 
 
@@ -57,8 +61,10 @@ def _plugin(args):
 
     if args.codec == "none":
         return None
-    return PluginConfig(codec=args.codec, calibration=args.calibration, algorithm=args.algorithm,
-                        min_bytes=args.min_bytes)
+    # Flags over the environment (which may add the tracing settings, LOWBIT_TP_CAPTURE_*).
+    return PluginConfig.from_mapping({"codec": args.codec, "calibration": args.calibration,
+                                      "algorithm": args.algorithm, "min_bytes": args.min_bytes},
+                                     base=PluginConfig.from_env())
 
 
 def serve_command(args, model_dir) -> list[str]:

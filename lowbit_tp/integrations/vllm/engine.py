@@ -24,7 +24,8 @@ def vllm_python() -> str | None:
     import importlib.util
 
     if os.environ.get(VLLM_PYTHON_ENV):
-        return os.environ[VLLM_PYTHON_ENV]
+        py = os.environ[VLLM_PYTHON_ENV]
+        return py if Path(py).is_file() else None
     if importlib.util.find_spec("vllm") is not None:
         return sys.executable
     repo_venv = Path(__file__).resolve().parents[3] / ".venv-vllm" / "bin" / "python"
@@ -127,6 +128,29 @@ def generate(llm, prompts, *, max_new_tokens: int, sampling=None, ignore_eos: bo
     return rows
 
 
+def generate_batch(llm, prompt_ids: list[list[int]], *, max_new_tokens: int, repeats: int = 1) -> dict[str, Any]:
+    """All prompts in one ``generate`` (vLLM batches them), greedy, EOS ignored; wall time of each repeat.
+
+    The reducers' per-path seconds are reset before the timed repeats, so
+    ``worker_reports`` afterwards covers exactly these repeats (after one warm-up)."""
+    from vllm import SamplingParams
+
+    from lowbit_tp.integrations.vllm import reset_worker_reports
+
+    sp = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
+    llm.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)  # warm-up
+    llm.collective_rpc(reset_worker_reports)
+    walls, tokens = [], 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        walls.append(time.perf_counter() - t0)
+        tokens += sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"walls_s": walls, "new_tokens": tokens, "tokens_per_s": tokens / sum(walls),
+            "prompts": len(prompts), "max_new_tokens": max_new_tokens}
+
+
 def prompt_nll(llm, sequences: list[list[int]]) -> dict[str, Any]:
     """Negative log-likelihood (nats/token) of each sequence's tokens after the first, from
     vLLM's prompt logprobs; ``per_sequence`` and the token-weighted mean ``nll``."""
@@ -189,6 +213,9 @@ def session(spec: dict[str, Any]) -> dict[str, Any]:
                                   ignore_eos=True)
     if spec.get("sequences"):
         out["quality"] = prompt_nll(llm, spec["sequences"])
+    if spec.get("batch_prompt_ids"):
+        out["batch"] = generate_batch(llm, spec["batch_prompt_ids"], max_new_tokens=spec.get("max_new_tokens", 16),
+                                      repeats=spec.get("repeats", 1))
     out["reports"] = worker_reports(llm) if plugin is not None else []
     return out
 

@@ -9,7 +9,8 @@ once after the reduce.
 
 Start-up (first layer built in each worker): read the config, load the calibration and
 check it against the checkpoint and TP degree, build the codec, register the
-:class:`~lowbit_tp.integrations.vllm.op.Reducer` over vLLM's TP group. Each layer maps
+:class:`~lowbit_tp.integrations.vllm.op.GatedReducer` (a size gate in front of
+:class:`~lowbit_tp.tp.DistReducer`) over vLLM's TP group. Each layer maps
 its vLLM prefix to the calibration's layer name, so a calibration for another model
 fails here, naming the file, before any weight is loaded.
 """
@@ -20,7 +21,9 @@ from vllm.config import get_current_vllm_config_or_none
 from vllm.distributed import get_tp_group
 from vllm.model_executor.layers.linear import RowParallelLinear
 
+from lowbit_tp.collectives import AutoPolicy
 from lowbit_tp.integrations.vllm import op  # noqa: F401  (registers torch.ops.lowbit_tp.all_reduce)
+from lowbit_tp.tp import DistReducer
 from lowbit_tp.integrations.vllm.config import PluginConfig, resolve_config
 
 _STATE: dict[str, object] = {}
@@ -43,10 +46,11 @@ def _setup(cfg: PluginConfig, tp_size: int) -> list[str] | None:
             check_calibration(cal, identity(vcfg.model_config.model), tp=tp_size, path=cfg.calibration)
     codec = make_codec(cfg.codec, calibration=cal)
     group = get_tp_group()
-    reducer = op.Reducer(codec=codec, group=group.device_group, rank=group.rank_in_group,
-                         algorithm=cfg.algorithm, min_bytes=cfg.min_bytes,
-                         fallback=group._all_reduce_out_place if cfg.min_bytes > 0 else None,
-                         capture_dir=cfg.capture_dir, capture_layer=cfg.capture_layer)
+    inner = DistReducer(codec=codec, group=group.device_group, algorithm=cfg.algorithm,
+                        policy=AutoPolicy(min_bytes=cfg.min_bytes))
+    reducer = op.GatedReducer(inner=inner, rank=group.rank_in_group, min_bytes=cfg.min_bytes,
+                              fallback=group._all_reduce_out_place if cfg.min_bytes > 0 else None,
+                              capture_dir=cfg.capture_dir, capture_layer=cfg.capture_layer)
     op.register_reducer(REDUCER_KEY, reducer)
     _STATE["layers"] = cal.layers if cal is not None else None
     return _STATE["layers"]  # type: ignore[return-value]

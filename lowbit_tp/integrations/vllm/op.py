@@ -4,8 +4,8 @@
 over the reducer's group. It is opaque to ``torch.compile`` (its fake implementation only
 gives the output's shape and dtype), so vLLM's compiled graph (``fullgraph=True``) keeps
 it as one node, as it does for vLLM's own ``torch.ops.vllm.all_reduce``. The string
-arguments select, at run time, the :class:`Reducer` registered under ``reducer`` in this
-process and the calibration layer name the codec uses.
+arguments select, at run time, the :class:`~lowbit_tp.tp.Reducer` registered under
+``reducer`` in this process and the calibration layer name the codec uses.
 
 Nothing here imports vLLM: the plugin passes vLLM's group and vLLM's own all-reduce in.
 """
@@ -14,37 +14,34 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
-from lowbit_tp.codecs.base import Codec
-from lowbit_tp.collectives import AutoPolicy, CommStats, all_reduce
+from lowbit_tp.tp import DistReducer, Reducer
 
-_REDUCERS: dict[str, "Reducer"] = {}
+_REDUCERS: dict[str, Reducer] = {}
 
 
 @dataclass
-class Reducer:
-    """One process's compressed all-reduce over ``group``, with a size gate.
+class GatedReducer:
+    """One vLLM worker's reducer: a size gate in front of a :class:`~lowbit_tp.tp.DistReducer`.
 
-    ``__call__(partial, layer)``: messages with ``2 * numel < min_bytes`` go to
-    ``fallback`` (vLLM's own all-reduce); larger ones to
-    :func:`~lowbit_tp.collectives.all_reduce` with ``codec`` and ``algorithm``. ``stats``
-    counts the compressed calls' traffic (from their payloads); ``seconds`` is wall time
-    spent in each path (``"compressed"``, ``"fallback"``). ``capture`` (tracing) saves the
-    first compressed call of one layer.
+    Implements the :class:`~lowbit_tp.tp.Reducer` contract for one rank's partial:
+    messages with ``2 * numel < min_bytes`` go to ``fallback`` (vLLM's own all-reduce,
+    faster for small, latency-bound decode messages); larger ones to ``inner`` (the
+    compressed :func:`~lowbit_tp.collectives.all_reduce`, traffic in ``inner.stats``).
+    ``seconds``/``calls`` count wall time and calls per path (``"compressed"``,
+    ``"fallback"``). ``capture_dir``/``capture_layer`` (tracing) save the first compressed
+    call of one layer: this rank's partial and the result.
     """
 
-    codec: Codec
-    group: Any
+    inner: DistReducer
     rank: int
-    algorithm: str = "auto"
     min_bytes: int = 64 * 1024
     fallback: Callable[[torch.Tensor], torch.Tensor] | None = None
     capture_dir: str | None = None
     capture_layer: str | None = None
-    stats: CommStats = field(default_factory=CommStats)
     seconds: dict[str, float] = field(default_factory=lambda: {"compressed": 0.0, "fallback": 0.0})
     calls: dict[str, int] = field(default_factory=lambda: {"compressed": 0, "fallback": 0})
 
@@ -52,13 +49,12 @@ class Reducer:
         """True when ``partial`` is large enough to compress."""
         return self.fallback is None or 2 * partial.numel() >= self.min_bytes
 
-    def __call__(self, partial: torch.Tensor, layer: str) -> torch.Tensor:
+    def reduce(self, partials: Sequence[torch.Tensor], *, layer: str) -> torch.Tensor:
+        (partial,) = partials
         t0 = time.perf_counter()
         if self.gated(partial):
             path = "compressed"
-            out = all_reduce(partial.reshape(-1, partial.shape[-1]), self.codec, self.group,
-                             algorithm=self.algorithm, layer=layer,
-                             policy=AutoPolicy(min_bytes=self.min_bytes), stats=self.stats).reshape(partial.shape)
+            out = self.inner.reduce([partial], layer=layer)
             if self.capture_dir and layer == self.capture_layer:
                 self._capture(partial, out, layer)
         else:
@@ -72,16 +68,17 @@ class Reducer:
         path = Path(self.capture_dir) / f"{layer}.rank{self.rank}.pt"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"layer": layer, "rank": self.rank, "algorithm": self.algorithm,
+            torch.save({"layer": layer, "rank": self.rank, "algorithm": self.inner.algorithm,
                         "partial": partial.detach().clone(), "output": out.detach().clone()}, path)
 
     def report(self) -> dict[str, Any]:
-        return {"rank": self.rank, "codec": self.codec.config(), "algorithm": self.algorithm,
+        return {"rank": self.rank, "codec": self.inner.codec.config(), "algorithm": self.inner.algorithm,
                 "min_bytes": self.min_bytes, "seconds": dict(self.seconds), "calls": dict(self.calls),
-                "comm": self.stats.as_dict()}
+                "comm": self.inner.stats.as_dict()}
 
 
 def register_reducer(key: str, reducer: Reducer) -> None:
+    """Make ``reducer`` (any :class:`~lowbit_tp.tp.Reducer`) reachable by the op as ``key``."""
     _REDUCERS[key] = reducer
 
 
@@ -93,14 +90,25 @@ def get_reducer(key: str) -> Reducer:
 
 
 def reports() -> list[dict[str, Any]]:
-    """Every reducer of this process, as :meth:`Reducer.report` dicts."""
-    return [dict(r.report(), key=k) for k, r in sorted(_REDUCERS.items())]
+    """Every :class:`GatedReducer` of this process, as :meth:`GatedReducer.report` dicts."""
+    return [dict(r.report(), key=k) for k, r in sorted(_REDUCERS.items()) if isinstance(r, GatedReducer)]
+
+
+def reset_reports() -> None:
+    """Zero every :class:`GatedReducer`'s counters in this process."""
+    from lowbit_tp.collectives import CommStats
+
+    for r in _REDUCERS.values():
+        if isinstance(r, GatedReducer):
+            r.seconds = {k: 0.0 for k in r.seconds}
+            r.calls = {k: 0 for k in r.calls}
+            r.inner.stats = CommStats()
 
 
 @torch.library.custom_op("lowbit_tp::all_reduce", mutates_args=())
 def compressed_all_reduce(partial: torch.Tensor, layer: str, reducer: str) -> torch.Tensor:
     """Sum ``partial`` over the group of the reducer registered as ``reducer``; a new tensor."""
-    out = get_reducer(reducer)(partial, layer)
+    out = get_reducer(reducer).reduce([partial], layer=layer)
     # A custom op's output may not alias its input (world size 1 returns the input).
     return out.clone() if out.data_ptr() == partial.data_ptr() else out
 
