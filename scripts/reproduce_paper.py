@@ -38,12 +38,13 @@ def main() -> None:
     ap.add_argument("--lambada", type=int, default=64)
     ap.add_argument("--split", default="test", choices=["test", "dev"])
     ap.add_argument("--no-ablations", action="store_true", help="only the paper's codecs")
+    ap.add_argument("--codec", action="append", help="evaluate only these (default: CODECS + ABLATIONS)")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward (4 for Gemma's 262k vocab)")
     ap.add_argument("--out", default="docs/results.json")
     args = ap.parse_args()
     out = Path(args.out)
     store = json.loads(out.read_text()) if out.exists() else {}
-    codecs = CODECS + (() if args.no_ablations else ABLATIONS)
+    codecs = tuple(args.codec) if args.codec else CODECS + (() if args.no_ablations else ABLATIONS)
     for model in args.model or ["smollm2-135m"]:
         bundle = load_model(model)
         for tp in args.tp or [3]:
@@ -52,7 +53,8 @@ def main() -> None:
                                          bundle=bundle, allocate=None)
             res["command"] = (f"python scripts/reproduce_paper.py --model {model} --tp {tp} --samples {args.samples} "
                               f"--cal-samples {args.cal_samples} --lambada {args.lambada} --split {args.split} "
-                              f"--batch-size {args.batch_size}" + (" --no-ablations" if args.no_ablations else ""))
+                              f"--batch-size {args.batch_size}" + (" --no-ablations" if args.no_ablations else "")
+                              + "".join(f" --codec {c}" for c in args.codec or []))
             store[f"{model}/tp{tp}/{args.split}"] = res
             out.write_text(json.dumps(res_store(store), indent=2, default=str))
             write_markdown(store, out.with_suffix(".md"))
