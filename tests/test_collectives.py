@@ -49,7 +49,7 @@ def test_all_reduce_matches_reference_bitwise(world):
                 else:
                     assert torch.equal(y, ref), (name, algo, r)
                 assert sent == stats.bytes_sent, (name, algo, r)
-            # Bytes on the wire follow from the payload sizes (METHOD.md §3).
+            # Bytes on the wire follow from the payload sizes: gather N-1 payloads, two-shot 2(N-1) chunks.
             nbytes = codec.payload_nbytes((TOKENS, HIDDEN))
             if algo == "gather":
                 assert stats.bytes_sent == (world - 1) * nbytes

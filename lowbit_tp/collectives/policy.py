@@ -16,7 +16,7 @@ class AutoPolicy:
        ``exact``: small (decode-time) messages are latency-bound, so encoding them only
        adds time.
     3. ``world_size >= two_shot_min_world`` -> ``two-shot``: at N >= 3 it sends fewer
-       bytes than ``gather`` (2(N-1)/N vs N-1 payloads; METHOD.md §3).
+       bytes than ``gather`` (2(N-1)/N vs N-1 payloads per rank).
     4. otherwise ``gather`` (one quantization instead of two, same bytes at N = 2).
 
     Defaults come from ``lowbit-tp bench-comm`` on loopback gloo (see README); retune

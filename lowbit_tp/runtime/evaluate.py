@@ -4,7 +4,7 @@ The counterpart of :func:`lowbit_tp.evaluation.evaluate_codecs`, which runs the
 single-process simulator: same evaluation windows (``load_split`` + ``chunk_tokens`` with
 ``cfg.seed``), same last-word items, same metrics (:class:`LMComparison`), same row keys
 plus ``"runtime": "tp"``. Because simulator and runtime share the codec and reduction code
-(STYLE.md rule 4) the two agree exactly; ``tests/test_runtime_eval.py`` holds them to that.
+(one implementation of the arithmetic) the two agree exactly; ``tests/test_runtime_eval.py`` holds them to that.
 
 Who computes what:
 
