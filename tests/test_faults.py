@@ -369,3 +369,32 @@ def test_version_comes_from_the_package_metadata():
     except PackageNotFoundError:
         expected = "0+unknown"
     assert lowbit_tp.__version__ == expected and lowbit_tp.__version__ != "0"
+
+
+def test_output_path_is_created_up_front_and_written_atomically(tmp_path):
+    from lowbit_tp.errors import UserError
+    from lowbit_tp.fileio import atomic_write_text, check_output_path
+
+    target = tmp_path / "missing" / "deeper" / "out.json"
+    assert check_output_path(target) == target and target.parent.is_dir() and not target.exists()
+    atomic_write_text(target, "first")
+    atomic_write_text(target, "second")
+    assert target.read_text() == "second"
+    assert [p.name for p in target.parent.iterdir()] == ["out.json"]  # no temporary file left
+    with pytest.raises(UserError, match="is a directory"):
+        check_output_path(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        check_output_path(tmp_path / "file" / "out.json")
+
+
+def test_a_stray_byte_is_kept_but_binary_text_is_refused(tmp_path):
+    from lowbit_tp.data import load_documents
+
+    ok = tmp_path / "ok.txt"
+    ok.write_bytes(b"To be, or not to be: that is the question. \xff Whether 'tis nobler in the mind")
+    assert "question" in load_documents(ok)[0].text
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ab " + bytes(range(128, 256)))
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        load_documents(bad)

@@ -11,7 +11,7 @@ import torch
 
 from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
 
-from test_runtime import _save_tiny
+from helpers import save_tiny as _save_tiny
 
 CODECS = ("int4-g32", "rot-lm4-g64", "alloc")
 SAME = ["ppl", "ppl_baseline", "kl", "top1", "tokens", "bits_per_value", "bytes_sent_per_rank_per_token",

@@ -16,15 +16,18 @@ them refuses such an artifact with :class:`CalibrationError`): ``mean_min`` / ``
 ``1 - 1/t`` at batch t, so every batch weighs the same) and ``p999`` (the mean over batches
 of each channel's 99.9th percentile of ``|y|``).
 
-File format (``schema_version`` 1): a safetensors file whose tensors are named
+File format (``schema_version`` 2): a safetensors file whose tensors are named
 ``"{layer}|{source}|{stat}"`` (source is ``rank{r}`` or ``sum``), and whose safetensors
 metadata holds one key, ``"lowbit_tp"``, a JSON object::
 
     {"schema_version": 1, "model": {"name", "weights_sha256", "model_type"}, "tp", "hidden_size",
      "k", "statistic", "ema_decay", "layers": [...], "text": {...}, "versions": {...},
-     "tensor_sha256": "<sha256 of all tensors' bytes in sorted-name order>"}
+     "tensor_sha256": "<sha256 of all tensors' names, shapes and bytes in sorted-name order>",
+     "header_sha256": "<sha256 of this JSON object without header_sha256, keys sorted>"}
 
-The checksum catches a file that was truncated or altered after it was written.
+The two checksums catch a file whose tensors or header (the bit allocation plan, k, tp...)
+were truncated or altered after it was written (version 1 checked only the tensors); the
+fingerprint covers both. A structurally invalid header is a :class:`CalibrationError`.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import torch
 
 from lowbit_tp.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATS = ("ema_min", "ema_max", "absmax")
 OPTIONAL_STATS = ("mean_min", "mean_max", "p999")
 PERCENTILE = 0.999
@@ -48,6 +51,12 @@ Source = Union[int, str]  # a rank index, or "sum"
 
 class CalibrationError(UserError):
     """A calibration artifact that is missing, corrupted, or does not fit the run."""
+
+
+def default_outlier_k(hidden: int) -> int:
+    """Channels kept in bf16 when nobody says otherwise: ``hidden // 64`` (the seed paper's
+    1/64). The one place this rule lives; a calibration records its own ``k``."""
+    return hidden // 64
 
 
 def _source_key(source: Source) -> str:
@@ -107,6 +116,13 @@ class Calibration:
     def layers(self) -> list[str]:
         return list(self.meta["layers"])
 
+    @property
+    def k(self) -> int:
+        """Kept (bf16) channels for codecs that take k from the calibration: ``meta["k"]``
+        (``lowbit-tp calibrate --k``), else :func:`default_outlier_k`."""
+        k = self.meta.get("k")
+        return default_outlier_k(self.hidden_size) if k is None else int(k)
+
     def get(self, layer: str, source: Source) -> ChannelStats:
         """Stats of one (layer, source); a clear error when the artifact lacks them."""
         try:
@@ -125,8 +141,10 @@ class Calibration:
             ) from None
 
     def fingerprint(self) -> str:
-        """A short hash identifying this calibration (used to check that ranks agree)."""
-        return str(self.meta.get("tensor_sha256") or _tensor_digest(self._tensors()))[:16]
+        """A short hash of the header and the tensors (used to check that ranks agree)."""
+        meta = dict(self.meta)
+        meta["tensor_sha256"] = meta.get("tensor_sha256") or _tensor_digest(self._tensors())
+        return _header_digest(meta)[:16]
 
     def check_compatible(
         self,
@@ -171,6 +189,7 @@ class Calibration:
         meta = dict(self.meta)
         meta["schema_version"] = SCHEMA_VERSION
         meta["tensor_sha256"] = _tensor_digest(tensors)
+        meta["header_sha256"] = _header_digest(meta)
         self.meta = meta
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +202,8 @@ class Calibration:
         from safetensors import safe_open
 
         path = Path(path)
+        if path.is_dir():
+            raise CalibrationError(f"calibration path {path} is a directory, not a calibration file")
         if not path.is_file():
             raise CalibrationError(f"calibration file {path} does not exist")
         try:
@@ -197,28 +218,89 @@ class Calibration:
             meta = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise CalibrationError(f"{path}: calibration header is not valid JSON: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise CalibrationError(f"{path}: calibration header must be a JSON object, got {type(meta).__name__}")
         version = meta.get("schema_version")
         if version != SCHEMA_VERSION:
             raise CalibrationError(
                 f"{path}: calibration schema version {version!r} is not supported "
                 f"(this lowbit-tp reads version {SCHEMA_VERSION}); recalibrate"
             )
+        if _header_digest(meta) != meta.get("header_sha256"):
+            raise CalibrationError(
+                f"{path}: header checksum mismatch (calibration header edited after it was written)"
+            )
         digest = _tensor_digest(tensors)
         if digest != meta.get("tensor_sha256"):
             raise CalibrationError(
                 f"{path}: tensor checksum mismatch (file corrupted or edited after it was written)"
             )
-        return cls(meta=meta, stats=_stats_from_tensors(tensors, path))
+        _check_header(meta, path)
+        stats = _stats_from_tensors(tensors, path)
+        _check_stats(meta, stats, path)
+        return cls(meta=meta, stats=stats)
+
+
+def _header_digest(meta: dict[str, Any]) -> str:
+    """sha256 of the header without its own checksum, as sorted-key JSON."""
+    body = {k: v for k, v in meta.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_header(meta: dict[str, Any], path: Path) -> None:
+    """The header fields codecs and runs read, with the types they need."""
+    def bad(what: str):
+        raise CalibrationError(f"{path}: calibration header {what}; recalibrate")
+
+    for key in ("tp", "hidden_size"):
+        if not _is_int(meta.get(key)) or meta[key] < 1:
+            bad(f"needs a positive integer {key!r}, got {meta.get(key)!r}")
+    k = meta.get("k")
+    if k is not None and (not _is_int(k) or not 0 <= k <= meta["hidden_size"]):
+        bad(f"has k={k!r}, not an integer in [0, hidden_size={meta['hidden_size']}]")
+    layers = meta.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+        bad("needs 'layers', a list of layer names")
+    for key in ("model", "text", "versions", "bit_allocation"):
+        if key in meta and meta[key] is not None and not isinstance(meta[key], dict):
+            bad(f"field {key!r} must be an object, got {type(meta[key]).__name__}")
+    plan = meta.get("bit_allocation")
+    if plan is not None:
+        lay = plan.get("layers")
+        if not isinstance(lay, dict) or not all(isinstance(a, str) and isinstance(b, str) for a, b in lay.items()):
+            bad("field 'bit_allocation' needs 'layers', an object of layer name -> codec name")
+
+
+def _check_stats(meta: dict[str, Any], stats: dict[tuple[str, Source], ChannelStats], path: Path) -> None:
+    """Every statistic belongs to a listed layer and a source of this TP degree, and is [E] fp32."""
+    layers, tp, e = set(meta["layers"]), meta["tp"], meta["hidden_size"]
+    for (layer, source), st in stats.items():
+        if layer not in layers:
+            raise CalibrationError(f"{path}: statistics for layer {layer!r}, which the header does not list")
+        if source != "sum" and not source < tp:
+            raise CalibrationError(f"{path}: statistics for rank {source} of layer {layer!r}, but tp={tp}")
+        for name in STATS:
+            t = getattr(st, name)
+            if t.dtype != torch.float32 or tuple(t.shape) != (e,):
+                raise CalibrationError(
+                    f"{path}: {layer}|{source}|{name} is {t.dtype} {tuple(t.shape)}, expected float32 ({e},)")
 
 
 def _stats_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[tuple[str, Source], ChannelStats]:
     grouped: dict[tuple[str, Source], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        try:
-            layer, src, stat = key.rsplit("|", 2)
-        except ValueError:
-            raise CalibrationError(f"{path}: unexpected tensor name {key!r}") from None
-        source: Source = "sum" if src == "sum" else int(src.removeprefix("rank"))
+        parts = key.rsplit("|", 2)
+        src = parts[1] if len(parts) == 3 else ""
+        if len(parts) != 3 or parts[2] not in STATS or not (
+                src == "sum" or (src.startswith("rank") and src[4:].isdigit() and src[4:].isascii())):
+            raise CalibrationError(f"{path}: unexpected tensor name {key!r} (expected 'layer|rankN|stat' or "
+                                   f"'layer|sum|stat', stat one of {', '.join(STATS)})")
+        layer, stat = parts[0], parts[2]
+        source: Source = "sum" if src == "sum" else int(src[4:])
         grouped.setdefault((layer, source), {})[stat] = t
     out = {}
     for k, d in grouped.items():

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lowbit_tp.calibration.artifact import Calibration, StatsAccumulator
+from lowbit_tp.calibration.artifact import Calibration, StatsAccumulator, default_outlier_k
 from lowbit_tp.codecs.static import topk_channels
 
 
@@ -24,7 +24,7 @@ class CalibrationConfig:
     batch_size: int = 8
     seed: int = 0
     ema_decay: float = 0.9
-    k: int | None = None  # channels to record as the default top-k; None: hidden // 64
+    k: int | None = None  # bf16 channels for codecs that take k from the calibration; None: hidden // 64
     text: str | None = None  # None: the Shakespeare calibration plays
     text_glob: str = "*"  # files of a ``text`` directory to read
     side: str = "calibration"  # which side of the text split to read; "evaluation" for held-out analysis
@@ -78,7 +78,9 @@ def calibrate(cfg: CalibrationConfig, *, bundle: tuple[Any, Any, Any] | None = N
             bar.update(1)
     bar.close()
     hidden = info.hidden_size
-    k = hidden // 64 if cfg.k is None else cfg.k
+    k = default_outlier_k(hidden) if cfg.k is None else cfg.k
+    if not 0 <= k <= hidden:
+        raise ValueError(f"k={k} kept channels is outside [0, hidden size {hidden}]")
     meta = {
         "model": {"name": info.name, "weights_sha256": info.weights_sha256, "model_type": info.model_type,
                   "source": info.source},

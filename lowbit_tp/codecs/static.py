@@ -147,8 +147,8 @@ class _StaticIntCodec(Codec):
         return "reference" if self.zero_point else super().kernel_backend(device)
 
     def num_kept(self, hidden: int) -> int:
-        """Channels kept in bf16: ``k``, or ``hidden // 64`` when ``k`` is None."""
-        k = hidden // 64 if self.k is None else int(self.k)
+        """Channels kept in bf16: ``k``, or the calibration's k (``calibrate --k``) when None."""
+        k = self.calibration.k if self.k is None else int(self.k)
         if not 0 <= k <= hidden:
             raise ValueError(f"{self.name}: k={k} outside [0, {hidden}]")
         return k
@@ -286,7 +286,8 @@ class Int4Codec(_StaticIntCodec):
 class OutlierInt4Codec(_StaticIntCodec):
     """The seed method: calibrated top-k channels by range in bf16, the rest static int4.
 
-    ``k`` defaults to ``E // 64`` (4.1875 bits/value).
+    ``k`` defaults to the calibration's k, itself ``E // 64`` unless ``calibrate --k``
+    said otherwise (4.1875 bits/value at ``E // 64``).
     """
 
     name = "int4-outlier"

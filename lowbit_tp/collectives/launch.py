@@ -79,15 +79,21 @@ def init_from_env(*, backend: str | None = None, timeout_s: float = 60.0) -> tup
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL this process when its parent exits; exit now if it already has.
-    A no-op on other systems (there the parent's handlers are the only guard)."""
+def set_parent_death_signal() -> None:
+    """Ask Linux to SIGKILL this process when its parent exits (``PR_SET_PDEATHSIG``).
+    A no-op on other systems (there the parent's handlers are the only guard). Usable as a
+    ``subprocess.Popen(preexec_fn=...)``."""
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):
             pass
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """:func:`set_parent_death_signal`, and exit now if the parent is already gone."""
+    set_parent_death_signal()
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
 

@@ -17,7 +17,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema-decay", type=unit_interval, default=0.9)
-    p.add_argument("--k", type=positive_int, help="outlier channels to record (default hidden/64)")
+    p.add_argument("--k", type=nonneg_int, help="bf16 (kept) channels for int4-outlier, int4-random-k and rot-* "
+                   "codecs without -kN, stored in the calibration (default hidden/64)")
     p.add_argument("--text", help="calibration text: a file or a directory of UTF-8 text files (default: Shakespeare)")
     p.add_argument("--text-glob", default="*", help="files of a --text directory to read (default '*'; e.g. '**/*.md')")
     p.add_argument("--allocate", type=float, metavar="BITS", default=4.5,
