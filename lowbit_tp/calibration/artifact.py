@@ -283,8 +283,10 @@ def _check_stats(meta: dict[str, Any], stats: dict[tuple[str, Source], ChannelSt
             raise CalibrationError(f"{path}: statistics for layer {layer!r}, which the header does not list")
         if source != "sum" and not source < tp:
             raise CalibrationError(f"{path}: statistics for rank {source} of layer {layer!r}, but tp={tp}")
-        for name in STATS:
+        for name in STATS + OPTIONAL_STATS:
             t = getattr(st, name)
+            if t is None and name in OPTIONAL_STATS:
+                continue
             if t.dtype != torch.float32 or tuple(t.shape) != (e,):
                 raise CalibrationError(
                     f"{path}: {layer}|{source}|{name} is {t.dtype} {tuple(t.shape)}, expected float32 ({e},)")
@@ -295,10 +297,10 @@ def _stats_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[tu
     for key, t in tensors.items():
         parts = key.rsplit("|", 2)
         src = parts[1] if len(parts) == 3 else ""
-        if len(parts) != 3 or parts[2] not in STATS or not (
+        if len(parts) != 3 or parts[2] not in STATS + OPTIONAL_STATS or not (
                 src == "sum" or (src.startswith("rank") and src[4:].isdigit() and src[4:].isascii())):
             raise CalibrationError(f"{path}: unexpected tensor name {key!r} (expected 'layer|rankN|stat' or "
-                                   f"'layer|sum|stat', stat one of {', '.join(STATS)})")
+                                   f"'layer|sum|stat', stat one of {', '.join(STATS + OPTIONAL_STATS)})")
         layer, stat = parts[0], parts[2]
         source: Source = "sum" if src == "sum" else int(src[4:])
         grouped.setdefault((layer, source), {})[stat] = t
