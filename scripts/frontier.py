@@ -105,11 +105,25 @@ def main() -> None:
     ap.add_argument("--alloc-high", default="rot-int6-g64-lg8-k4")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward (4 for Gemma's 262k vocab)")
     ap.add_argument("--out", default="docs/frontier.json")
+    ap.add_argument("--from-eval", nargs="+", metavar="JSON",
+                    help="instead of measuring: the JSON files of `lowbit-tp eval` runs on one calibration and "
+                         "the same windows (codecs in groups), merged into one table")
+    ap.add_argument("--command", help="with --from-eval: the commands that produced them, for the docs")
     args = ap.parse_args()
     out = Path(args.out)
     store = json.loads(out.read_text()) if out.exists() else {}
     # entries from before the split and the both-stage byte count were recorded are not comparable
     store = {k: v for k, v in store.items() if v.get("text", {}).get("split")}
+    if args.from_eval:
+        from lowbit_tp.evaluation.evaluate import merge_results
+
+        res = merge_results([json.loads(Path(p).read_text()) for p in args.from_eval])
+        res["command"] = args.command or " ; ".join(args.from_eval)
+        cfg = res["config"]
+        store[f"{cfg['model']}/tp{cfg['tp']}/{cfg['algorithm']}/{cfg['split']}"] = res
+        out.write_text(json.dumps(store, indent=2, default=str))
+        write_docs(store, out)
+        return
     codecs = tuple(args.codec or CODECS) + (("alloc",) if args.allocate else ())
     cal_options = ({"allocate": args.allocate, "alloc_low": args.alloc_low, "alloc_high": args.alloc_high}
                    if args.allocate else {"allocate": None})

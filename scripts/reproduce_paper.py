@@ -41,9 +41,23 @@ def main() -> None:
     ap.add_argument("--codec", action="append", help="evaluate only these (default: CODECS + ABLATIONS)")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward (4 for Gemma's 262k vocab)")
     ap.add_argument("--out", default="docs/results.json")
+    ap.add_argument("--from-eval", nargs="+", metavar="JSON",
+                    help="instead of measuring: the JSON files of `lowbit-tp eval` runs on one calibration and "
+                         "the same windows (codecs in groups), merged into one table")
+    ap.add_argument("--command", help="with --from-eval: the commands that produced them, for the docs")
     args = ap.parse_args()
     out = Path(args.out)
     store = json.loads(out.read_text()) if out.exists() else {}
+    if args.from_eval:
+        from lowbit_tp.evaluation.evaluate import merge_results
+
+        res = merge_results([json.loads(Path(p).read_text()) for p in args.from_eval])
+        res["command"] = args.command or " ; ".join(args.from_eval)
+        cfg = res["config"]
+        store[f"{cfg['model']}/tp{cfg['tp']}/{cfg['split']}"] = res
+        out.write_text(json.dumps(res_store(store), indent=2, default=str))
+        write_markdown(store, out.with_suffix(".md"))
+        return
     codecs = tuple(args.codec) if args.codec else CODECS + (() if args.no_ablations else ABLATIONS)
     for model in args.model or ["smollm2-135m"]:
         bundle = load_model(model)
@@ -86,11 +100,14 @@ def write_markdown(store: dict, path: Path) -> None:
     for key, res in res_store(store).items():
         rows = res["rows"]
         r0 = rows[0]
+        items = len(res["text"]["lambada"])
+        lam = (f"baseline last-word accuracy {r0['lambada_acc_baseline']:.3f} on {items} items" if items
+               else "no last-word items (skipped)")
+        cols = COLS if items else [c for c in COLS if "lambada" not in c]
         parts.append(f"## {key}\n\nBaseline perplexity {r0['ppl_baseline']:.3f} over {r0['tokens']} predicted tokens "
-                     f"({r0.get('sequences')} sequences); baseline last-word accuracy "
-                     f"{r0['lambada_acc_baseline']:.3f} on {len(res['text']['lambada'])} items. "
+                     f"({r0.get('sequences')} sequences); {lam}. "
                      f"Split: {res['text']['split']['name']}. Text: {res['text']['description']}.\n\n"
-                     f"Command: `{res['command']}`\n\n" + markdown_table(rows, COLS) + "\n")
+                     f"Command: `{res['command']}`\n\n" + markdown_table(rows, cols) + "\n")
     path.write_text("\n".join(parts))
 
 

@@ -135,3 +135,17 @@ def test_dev_split_never_overlaps_calibration_windows_and_test_is_held_out(bundl
 def test_split_must_be_dev_or_test():
     with pytest.raises(ValueError, match="split must be one of"):
         EvalConfig(split="train")
+
+
+def test_merge_results_joins_codec_groups_and_refuses_other_windows(bundle, cal):
+    from lowbit_tp.evaluation.evaluate import merge_results
+
+    kw = dict(model="tiny-llama", tp=2, samples=4, seq_len=64, lambada=0, batch_size=4)
+    a = evaluate_codecs(EvalConfig(codecs=("int4",), **kw), bundle=bundle, calibration=cal, progress=False)
+    b = evaluate_codecs(EvalConfig(codecs=("int8",), **kw), bundle=bundle, calibration=cal, progress=False)
+    merged = merge_results([a, b])
+    assert [r["codec"] for r in merged["rows"]] == ["int4", "int8"] and merged["config"]["codecs"] == ["int4", "int8"]
+    other = evaluate_codecs(EvalConfig(codecs=("int8",), **{**kw, "samples": 3}), bundle=bundle, calibration=cal,
+                            progress=False)
+    with pytest.raises(ValueError, match="other windows"):
+        merge_results([a, other])

@@ -229,3 +229,25 @@ def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algori
                                       samples=samples, lambada=lambada, batch_size=batch_size, split=split),
                            bundle=bundle,
                            calibration=cal, progress=progress)
+
+
+def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several ``lowbit-tp eval`` results of the same model, TP, split,
+    windows and calibration (e.g. codecs evaluated in groups); rows in the given order.
+    Refuses results that were not measured on the same text or calibration."""
+    if not results:
+        raise ValueError("no results to merge")
+    first = results[0]
+
+    def same(res) -> tuple:
+        cfg = res["config"]
+        return (cfg["model"], cfg["tp"], cfg.get("split"), cfg.get("algorithm"), res["text"]["chunks"],
+                res["calibration"] and res["calibration"]["fingerprint"])
+
+    for i, res in enumerate(results[1:], 1):
+        if same(res) != same(first):
+            raise ValueError(f"result {i} was measured on other windows, model, split or calibration than result 0")
+    out = dict(first)
+    out["rows"] = [row for res in results for row in res["rows"]]
+    out["config"] = {**first["config"], "codecs": [row["codec"] for row in out["rows"]]}
+    return out
