@@ -348,8 +348,10 @@ class StatsAccumulator:
         if not (bool(torch.isfinite(bmin).all()) and bool(torch.isfinite(bmax).all())):
             raise ValueError(f"non-finite values in calibration activations of {layer!r} (source {source!r})")
         babs = torch.maximum(-bmin, bmax)
-        kth = max(1, math.ceil(PERCENTILE * y.shape[0]))  # the ceil(0.999 n)-th smallest |y|
-        bpct = y.abs().kthvalue(kth, dim=0).values
+        # the ceil(0.999 n)-th smallest |y|, found as the (n - that + 1)-th largest: topk of a
+        # few values is several times faster than kthvalue over the whole column
+        kth = max(1, math.ceil(PERCENTILE * y.shape[0]))
+        bpct = y.abs().topk(y.shape[0] - kth + 1, dim=0).values[-1]
         key = (layer, source)
         if layer not in self._order:
             self._order.append(layer)
