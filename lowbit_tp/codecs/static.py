@@ -218,7 +218,7 @@ class _StaticIntCodec(Codec):
             p.outliers.int() if p.outliers.numel() else p.inliers[:1].int()))
         out = torch.empty(self.payload_nbytes(tuple(x.shape)), dtype=torch.uint8, device=x.device)
         return K.encode(x.contiguous(), inl, inv, outl[: p.outliers.numel()], out, bits=self.bits,
-                        flag=self._kernel_flag(x.device))
+                        max_input=self.max_input, flag=self._kernel_flag(x.device))
 
     def _triton_decode_sum(self, payloads, shape, params):
         from lowbit_tp.kernels import triton_static as K

@@ -86,7 +86,7 @@ def _eval(args) -> None:
                      text_glob=args.text_glob, split=args.split)
     preflight_eval(cfg, out=args.json, warn=_warn)
     if args.runtime == "tp":
-        from lowbit_tp.runtime.evaluate import evaluate_codecs_tp
+        from lowbit_tp.evaluation.on_ranks import evaluate_codecs_tp
 
         res = evaluate_codecs_tp(cfg, timeout_s=args.timeout, threads_per_rank=args.threads_per_rank)
     else:

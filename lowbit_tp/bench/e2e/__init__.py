@@ -35,10 +35,9 @@ Modules: ``config`` (:class:`E2EConfig`), ``model`` (random Llama, prompts), ``w
 rank, timers as :class:`~lowbit_tp.tp.CommHooks`), ``launch`` (rank processes), ``run``
 (the sweep), ``report`` (rows, ratios, markdown), ``cli`` (``bench-e2e``).
 """
-from lowbit_tp.bench.e2e.cli import register
 from lowbit_tp.bench.e2e.config import E2EConfig
 from lowbit_tp.bench.e2e.model import make_prompt, save_random_llama
 from lowbit_tp.bench.e2e.report import render_markdown
 from lowbit_tp.bench.e2e.run import run_e2e_bench
 
-__all__ = ["E2EConfig", "make_prompt", "register", "render_markdown", "run_e2e_bench", "save_random_llama"]
+__all__ = ["E2EConfig", "make_prompt", "render_markdown", "run_e2e_bench", "save_random_llama"]

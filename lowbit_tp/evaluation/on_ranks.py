@@ -33,9 +33,12 @@ from typing import Any, Sequence
 
 import torch
 
+from lowbit_tp.codecs import make_codec
 from lowbit_tp.collectives import CommStats, check_group_config, spawn_ranks
 from lowbit_tp.evaluation.evaluate import EvalConfig, _lambada, eval_inputs, result_record, result_row
 from lowbit_tp.evaluation.metrics import LMComparison
+from lowbit_tp.models import check_tp, get_adapter, load_model
+from lowbit_tp.runtime.engine import _load_calibration
 from lowbit_tp.runtime.shard import shard_model
 from lowbit_tp.tp.row_parallel import DistReducer, RowParallelLinear
 
@@ -67,10 +70,6 @@ def eval_rank_main(rank: int, world: int, cfg: EvalConfig, input_ids: torch.Tens
     :class:`LMComparison` sums (``comparison``), last-word hits (``lambada``) and, with
     ``keep_logits``, the logits ``[samples, seq_len, vocab]``.
     """
-    from lowbit_tp.codecs import make_codec
-    from lowbit_tp.models import check_tp, get_adapter, load_model
-    from lowbit_tp.runtime.engine import _load_calibration
-
     if world != cfg.tp:
         raise ValueError(f"the evaluation asks for TP {cfg.tp} but {world} ranks were started")
     model, _, info = load_model(cfg.model, progress=False)
@@ -128,8 +127,6 @@ def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = 60.0, deadline_s: 
     Raises :class:`~lowbit_tp.collectives.RankFailure` if any rank fails.
     """
     from tqdm import tqdm
-
-    from lowbit_tp.models import load_model
 
     model, tokenizer, info = load_model(cfg.model)
     # fails here, before spawning, on a wrong calibration artifact
