@@ -60,6 +60,11 @@ def add_ratios(rows: list[dict]) -> None:
                          ("prefill_wire_ms", "prefill_wire_speedup"), ("decode_ms_per_token", "decode_speedup"),
                          ("prefill_bytes_per_token", "prefill_byte_ratio")):
             r[col] = b[key] / r[key] if r[key] else float("nan")
+        # Amdahl: with bf16 spending a share s of prefill in the all-reduce, cutting that
+        # time by the byte ratio r bounds the prefill speed-up at 1 / (1 - s + s / r).
+        s = b["prefill_allreduce_ms"] / b["prefill_ms"] if b["prefill_ms"] else float("nan")
+        r["prefill_amdahl_bound"] = 1.0 / (1.0 - s + s / r["prefill_byte_ratio"])
+        r["prefill_vs_amdahl"] = r["prefill_speedup"] / r["prefill_amdahl_bound"]
 
 
 NOTES = [
@@ -83,7 +88,8 @@ NOTES = [
 
 COLUMNS = ["network", "tp", "codec", "algorithm", "bits_per_value", "prompt_tokens", "prefill_ms",
            "prefill_speedup", "prefill_allreduce_ms", "prefill_allreduce_speedup", "prefill_wire_ms",
-           "prefill_wire_speedup", "prefill_skew_ms", "prefill_byte_ratio", "prefill_bytes_per_token", "decode_ms_per_token",
+           "prefill_wire_speedup", "prefill_skew_ms", "prefill_byte_ratio", "prefill_amdahl_bound",
+           "prefill_vs_amdahl", "prefill_bytes_per_token", "decode_ms_per_token",
            "decode_tokens_per_s", "decode_allreduce_ms_per_token", "decode_wire_ms_per_token",
            "decode_bytes_per_token"]
 
@@ -98,7 +104,9 @@ def _headline(rows: list[dict]) -> list[str]:
                          f"end-to-end {r['prefill_speedup']:.2f}x, all-reduce time {r['prefill_allreduce_speedup']:.2f}x, "
                          f"wire time {r['prefill_wire_speedup']:.2f}x, bytes {r['prefill_byte_ratio']:.2f}x fewer; "
                          f"all-reduce share of prefill: bf16 "
-                         f"{_share(rows, r, 'bf16')}, int4-outlier {r['prefill_allreduce_ms'] / r['prefill_ms']:.0%}.")
+                         f"{_share(rows, r, 'bf16')}, int4-outlier {r['prefill_allreduce_ms'] / r['prefill_ms']:.0%}; "
+                         f"Amdahl bound 1/(1-s+s/r) {r['prefill_amdahl_bound']:.3f}x, "
+                         f"reached {r['prefill_vs_amdahl']:.0%} of it.")
     return lines
 
 
