@@ -189,3 +189,47 @@ def test_flag_mode_sends_like_propagate_and_raises_at_the_check(backend):
             with pytest.raises(NonFiniteError, match="since the last check"):
                 flag.check_nonfinite()
             flag.check_nonfinite()  # reset after raising
+
+
+EXTREME = ["int4-outlier", "int8", "int4-g32", "rot-lm4-g64-lg8-k4", "rot-lm4-g64", "rot-lm4-g32-e8",
+           "rot-int6-g64-lg8-k4"]
+
+
+@pytest.mark.parametrize("name", EXTREME)
+def test_saturation_at_the_wire_limits_matches_reference(name):
+    """Finite values beyond what the wire format carries saturate exactly as the reference's."""
+    cal = calibration(64)
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+    tri = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
+    kept = getattr(ref.params(LAYER, 0, 64), "outliers", None)
+    x = torch.randn(4, 64)
+    x[0, 1] = torch.finfo(torch.float32).max  # beyond bf16's max
+    x[1, 2] = -1e31  # beyond the rotation limit 2**100
+    x[2, 3:9] = 1e6  # a group absmax beyond fp16 (and int4-g's 7 * 65504)
+    x[3, 10] = float("nan")
+    if kept is not None and kept.numel():
+        x[3, int(kept[0])] = -torch.finfo(torch.float32).max
+    want, got = ref.encode(x, layer=LAYER, source=0), tri.encode(x, layer=LAYER, source=0)
+    assert torch.equal(want, got), (want != got).nonzero().reshape(-1)[:6].tolist()
+    assert same_bits(ref.decode_sum([want, want], (4, 64), layer=LAYER),
+                     tri.decode_sum([want, want], (4, 64), layer=LAYER))
+
+
+@pytest.mark.parametrize("name", ["rot-lm4-g64", "rot-lm4-g64-lg8-k4"])
+def test_error_mode_refuses_what_the_reference_refuses(name):
+    from lowbit_tp.codecs.base import OutOfRangeError
+
+    cal = calibration(64)
+    # a group absmax beyond fp16 (fp16 scale only); beyond 2**100 (transformed as is in error
+    # mode); a rotation that overflows fp32
+    for value in (1e5, 1e31, 3e38):
+        x = torch.randn(3, 64)
+        x[1, 2] = value
+        outcomes = []
+        for backend in ("reference", "triton"):
+            try:
+                make_codec(name, calibration=cal, backend=backend).encode(x, layer=LAYER, source=0)
+                outcomes.append("ok")
+            except OutOfRangeError:
+                outcomes.append("refused")
+        assert outcomes[0] == outcomes[1], (name, value, outcomes)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, clamp_keep_nan, flag_if, fp16_bits,
-                                             fp16_from_bits, is_finite, load_u16, store_u16)
+                                             fp16_from_bits, is_finite, load_u16, saturate, store_u16)
 
 SCALE_FORMAT_IDS = {"fp16": 0, "e8m0": 1, "lg8": 2}
 _FP16_NAN = tl.constexpr(0x7E00)  # what Tensor.masked_fill_(nan) writes into an fp16 tensor
@@ -83,10 +83,14 @@ def _bucket(y, bounds_ptr, BITS: tl.constexpr):
 
 @triton.jit
 def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr, scale_ptr,
-                      flag_ptr, T, E, G, NK, NCB, inv_sqrt_b,
+                      flag_ptr, range_ptr, T, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
                       ROWS: tl.constexpr, E_PAD: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr,
                       GW: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
-                      FLAG: tl.constexpr):
+                      FLAG: tl.constexpr, RANGE: tl.constexpr):
+    """One token tile. Finite inputs saturate at ``max_in``, rotated channels at
+    ``rotate_max`` and group absmax at ``scale_max``. With ``RANGE`` (error mode) nothing
+    saturates after the input check: a group absmax beyond ``scale_max`` or an overflow sets
+    ``range_ptr[0]`` for the codec to raise."""
     pid = tl.program_id(0)
     GP: tl.constexpr = E_PAD // GW
     t = pid * ROWS + tl.arange(0, ROWS)
@@ -96,15 +100,21 @@ def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc
     x = tl.load(x_ptr + t[:, None] * E + e[None, :], mask=m, other=0.0).to(tl.float32)
     if FLAG:
         flag_if(flag_ptr, ~is_finite(x))
+    x = saturate(x, max_in)
     if HAS_K:
         cm = tl.load(colmap_ptr + e, mask=e < E, other=-1)
         kept = cm[None, :] >= 0
         tl.store(head_ptr + t[:, None] * NK + cm[None, :], bf16_bits(x).to(tl.int16), mask=m & kept)
         x = tl.where(kept, 0.0, x)
+    if not RANGE:  # error mode transforms what passed the input check as it is
+        x = saturate(x, rotate_max)
     x = x * tl.load(signs_ptr + e, mask=e < E, other=1.0)[None, :]
     z = tl.reshape(_fwht_rows(x, ROWS * E_PAD // B, B, LOG2B), [ROWS, GP, GW]) * inv_sqrt_b
     fin = is_finite(z)
     amax = tl.max(tl.where(fin, tl.abs(z), 0.0), axis=2)  # [ROWS, GP]
+    if RANGE:  # the input was finite (checked): a non-finite rotated value is an fp32 overflow
+        flag_if(range_ptr, (amax > scale_max) | (tl.min(fin.to(tl.int32), axis=2) == 0))
+    amax = tl.where(amax > scale_max, scale_max, amax)
     bad = tl.min(fin.to(tl.int32), axis=2) == 0
     g = tl.arange(0, GP)
     gm = tm[:, None] & (g[None, :] < G)
@@ -210,7 +220,8 @@ def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, 
 
 # ---------------------------------------------------------------- launchers (no codec logic)
 def encode(x, *, signs, colmap, bounds, lg8, lg8_asc, out, nk: int, code_bytes: int, group: int, block: int,
-           bits: int, scale_format: str, flag=None):
+           bits: int, scale_format: str, max_input: float, rotate_max: float, scale_max: float, flag=None,
+           range_flag=None):
     """Fill the payload ``out`` from ``x [T, E]``; ``colmap[e]`` = bf16 slot of channel e or -1."""
     t, e = x.shape
     if t == 0:
@@ -220,9 +231,10 @@ def encode(x, *, signs, colmap, bounds, lg8, lg8_asc, out, nk: int, code_bytes: 
     head = out[:off].view(torch.int16)
     rot_encode_kernel[(triton.cdiv(t, rows),)](
         x, signs, colmap, bounds, lg8, lg8_asc, head, out[off:off + code_bytes], out[off + code_bytes:],
-        colmap if flag is None else flag, t, e, triton.cdiv(e, group), nk, (t * e + 7) // 8, inv_sqrt(block),
-        ROWS=rows, E_PAD=e_pad, B=block, LOG2B=block.bit_length() - 1, GW=gw, BITS=bits,
-        FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0, FLAG=flag is not None, num_warps=warps, **FP_OPTIONS)
+        colmap if flag is None else flag, colmap if range_flag is None else range_flag, t, e, triton.cdiv(e, group), nk, (t * e + 7) // 8, inv_sqrt(block),
+        max_input, rotate_max, scale_max, ROWS=rows, E_PAD=e_pad, B=block, LOG2B=block.bit_length() - 1, GW=gw, BITS=bits,
+        FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0, FLAG=flag is not None,
+        RANGE=range_flag is not None, num_warps=warps, **FP_OPTIONS)
     return out
 
 
