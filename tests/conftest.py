@@ -1,3 +1,10 @@
+import os
+
+# Triton reads this when it is first imported: set it before any test module imports triton,
+# so the kernel tests run on CPU tensors under the interpreter whatever the collection order.
+# (tests/test_triton_compile.py compiles for a GPU target in a subprocess without it.)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -82,3 +82,107 @@ def test_accumulator_ema_and_refuses_nonfinite():
     assert st.absmax.tolist() == [5.0, 4.0]
     with pytest.raises(ValueError, match="non-finite"):
         acc.update("L", 0, torch.tensor([[float("nan"), 0.0]]))
+
+
+def _rewrite(path, meta, tensors=None, *, fix_checksums=True):
+    """Write ``meta`` (and ``tensors``) back, with valid checksums when asked: a crafted file."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path)) if tensors is None else tensors
+    if fix_checksums and isinstance(meta, dict):
+        h = hashlib.sha256()
+        for name in sorted(tensors):
+            t = tensors[name].contiguous()
+            h.update(name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        meta = dict(meta, tensor_sha256=h.hexdigest())
+        body = {k: v for k, v in meta.items() if k != "header_sha256"}
+        meta["header_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    save_file(tensors, str(path), metadata={"lowbit_tp": json.dumps(meta)})
+
+
+def test_header_edit_is_caught_and_changes_the_fingerprint(tmp_path, cal):
+    """Issue 12: changing the allocation plan in the header loaded silently, same fingerprint."""
+    cal.meta["bit_allocation"] = {"budget": 4.5, "layers": {"a.o_proj": "rot-lm4-g64", "a.down_proj": "rot-lm4-g64"}}
+    path = cal.save(tmp_path / "cal.safetensors")
+    before = Calibration.load(path).fingerprint()
+    meta = json.loads(json.dumps(Calibration.load(path).meta))
+    meta["bit_allocation"]["layers"]["a.o_proj"] = "rot-lm4-g32"
+    _rewrite(path, meta, fix_checksums=False)
+    with pytest.raises(CalibrationError, match="header checksum"):
+        Calibration.load(path)
+    _rewrite(path, meta)  # re-signed by hand: loads, but it is another calibration
+    assert Calibration.load(path).fingerprint() != before
+
+
+@pytest.mark.parametrize("craft", ["list", "no_tp", "tp_str", "k_big", "layers_str", "model_list", "plan_list"])
+def test_crafted_headers_are_calibration_errors(tmp_path, cal, craft):
+    path = cal.save(tmp_path / "cal.safetensors")
+    meta = json.loads(json.dumps(cal.meta))
+    if craft == "list":
+        meta = [meta]
+    elif craft == "no_tp":
+        del meta["tp"]
+    elif craft == "tp_str":
+        meta["tp"] = "2"
+    elif craft == "k_big":
+        meta["k"] = 10000
+    elif craft == "layers_str":
+        meta["layers"] = "a.o_proj"
+    elif craft == "model_list":
+        meta["model"] = ["m"]
+    elif craft == "plan_list":
+        meta["bit_allocation"] = ["rot-lm4-g64"]
+    _rewrite(path, meta)
+    with pytest.raises(CalibrationError):
+        Calibration.load(path)
+
+
+@pytest.mark.parametrize("name", ["a.o_proj|rankX|ema_min", "a.o_proj|rank1|mean", "nobar", "a.o_proj|rank9|absmax",
+                                  "zz|sum|absmax", "a.o_proj|rank-1|absmax"])
+def test_crafted_tensor_names_are_calibration_errors(tmp_path, cal, name):
+    from safetensors.torch import load_file
+
+    path = cal.save(tmp_path / "cal.safetensors")
+    tensors = load_file(str(path))
+    prefix, _, stat = name.rpartition("|")
+    for st_name in (["ema_min", "ema_max", "absmax"] if stat in ("ema_min", "ema_max", "absmax") else [stat]):
+        tensors[f"{prefix}|{st_name}" if prefix else st_name] = torch.zeros(64)  # complete, so only the name is wrong
+    _rewrite(path, json.loads(json.dumps(cal.meta)), tensors)
+    with pytest.raises(CalibrationError):
+        Calibration.load(path)
+
+
+def test_wrong_shaped_statistic_is_a_calibration_error(tmp_path, cal):
+    from safetensors.torch import load_file
+
+    path = cal.save(tmp_path / "cal.safetensors")
+    tensors = load_file(str(path))
+    tensors["a.o_proj|rank0|absmax"] = torch.zeros(63)
+    _rewrite(path, json.loads(json.dumps(cal.meta)), tensors)
+    with pytest.raises(CalibrationError, match=r"expected float32 \(64,\)"):
+        Calibration.load(path)
+
+
+def test_directory_is_not_reported_missing(tmp_path):
+    with pytest.raises(CalibrationError, match="is a directory"):
+        Calibration.load(tmp_path)
+
+
+def test_codecs_take_k_from_the_calibration():
+    """Issue 11 defect 3: `calibrate --k 16` was recorded, then ignored (codecs used E // 64)."""
+    from lowbit_tp.codecs import make_codec
+
+    c16 = synthetic_calibration(LAYERS, world=2, hidden=128, tokens=16, batches=1)
+    c16.meta["k"] = 16
+    x = torch.randn(3, 128)
+    for name in ["int4-outlier", "int4-random-k", "rot-lm4-g64"]:
+        codec = make_codec(name, calibration=c16)
+        assert codec.params("a.o_proj", 0, 128).outliers.numel() == 16, name
+    # 16 bf16 channels + 112 int4 per token: 3 * (32 + 56) bytes
+    assert make_codec("int4-outlier", calibration=c16).encode(x, layer="a.o_proj", source=0).numel() == 3 * (32 + 56)
+    # an explicit k (the -k4 names) still wins
+    assert make_codec("rot-lm4-g64-lg8-k4", calibration=c16).params("a.o_proj", 0, 128).outliers.numel() == 4

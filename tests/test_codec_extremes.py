@@ -89,7 +89,8 @@ def _rot_check(codec, x, y, cal, layer, source):
     level grid's largest rounding error) times its group scale (<= ``widen`` x the group
     absmax), and the rotation is orthonormal per Hadamard block, so per token and block
     ``||y - x||_2 <= ||(step * widen * amax)_block||_2``."""
-    p = codec.params(layer, source, E)
+    e = x.shape[1]
+    p = codec.params(layer, source, e)
     kept = p.outliers
     torch.testing.assert_close(y[:, kept].double(), x[:, kept].double(), rtol=2 ** -8, atol=0)
     xr, err = x.double().clone(), (y.double() - x.double())
@@ -105,7 +106,7 @@ def _rot_check(codec, x, y, cal, layer, source):
     if codec.scale_format == "lg8":  # 255 log steps below the token's base: smaller groups share the floor
         floor = amax.amax(dim=1, keepdim=True) * (1 + 2 ** -7) * 2 ** (-254 / 16)
         scale = torch.maximum(scale, floor)
-    b = _block(E)
+    b = _block(e)
     got = err.reshape(err.shape[0], -1, b).norm(dim=-1)
     bound = (step * scale).reshape(err.shape[0], -1, b).norm(dim=-1)
     assert bool((got <= bound * (1 + 1e-4) + 1e-5 * amax.max()).all()), float((got / bound).max())

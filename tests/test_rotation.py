@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
 from lowbit_tp.codecs import NonFiniteError, make_codec
-from lowbit_tp.codecs.rotation import fwht, hadamard_block, lloyd_max_levels, pack_bitplanes, unpack_bitplanes
+from lowbit_tp.codecs.functional import fwht, hadamard_block, pack_bitplanes, unpack_bitplanes
+from lowbit_tp.codecs.rotation import lloyd_max_levels
 
 E = 576
 ROT = ["rot-int4-g64", "rot-lm4-g64", "rot-int4-g32", "rot-lm4-g32-e8", "rot-lm3-g64", "rot-lm3-g32-e8",

@@ -11,7 +11,7 @@ import torch
 
 from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
 
-from test_runtime import _save_tiny
+from helpers import save_tiny as _save_tiny
 
 CODECS = ("int4-g32", "rot-lm4-g64", "alloc")
 SAME = ["ppl", "ppl_baseline", "kl", "top1", "tokens", "bits_per_value", "bytes_sent_per_rank_per_token",
@@ -57,7 +57,7 @@ def test_runtime_eval_equals_simulator_two_shot(tiny_cal):
     from lowbit_tp.calibration import Calibration
     from lowbit_tp.data import chunk_tokens, load_split
     from lowbit_tp.models import load_model
-    from lowbit_tp.runtime import evaluate_codecs_tp
+    from lowbit_tp.evaluation.on_ranks import evaluate_codecs_tp
     from lowbit_tp.simulator import TPSimulator
 
     path, cal_path = tiny_cal

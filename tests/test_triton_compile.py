@@ -6,6 +6,7 @@ compiles each kernel family in a subprocess without TRITON_INTERPRET, no GPU nee
 checks the PTX for what would break bitwise equality: approximate division, fused
 multiply-add, flush-to-zero arithmetic.
 """
+import importlib.util
 import os
 import re
 import subprocess
@@ -13,12 +14,15 @@ import sys
 
 import pytest
 
-pytest.importorskip("triton", reason="triton is not installed (optional: the Triton kernels are skipped)")
+# Not imported here: this process runs the interpreter tests (TRITON_INTERPRET=1 is read at import).
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed (optional: the Triton kernels are skipped)", allow_module_level=True)
 
 P2 = ("*u8", "*u8")
 ROT_SIG = {"x_ptr": "*fp32", "signs_ptr": "*fp32", "colmap_ptr": "*i32", "bounds_ptr": "*fp32", "lg8_ptr": "*fp32",
-           "lg8_asc_ptr": "*fp32", "head_ptr": "*i16", "code_ptr": "*u8", "scale_ptr": "*u8", "T": "i32", "E": "i32",
-           "G": "i32", "NK": "i32", "NCB": "i32", "inv_sqrt_b": "fp32"}
+           "lg8_asc_ptr": "*fp32", "head_ptr": "*i16", "code_ptr": "*u8", "scale_ptr": "*u8", "flag_ptr": "*i32",
+           "range_ptr": "*i32", "T": "i32", "E": "i32", "G": "i32", "NK": "i32", "NCB": "i32", "inv_sqrt_b": "fp32",
+           "max_in": "fp32", "rotate_max": "fp32", "scale_max": "fp32"}
 ROT_DEC_SIG = {"payloads": P2, "signs_ptr": "*fp32", "colmap_ptr": "*i32", "levels_ptr": "*fp32", "lg8_ptr": "*fp32",
                "out_ptr": "*fp32", "T": "i32", "E": "i32", "G": "i32", "NK": "i32", "NCB": "i32", "CODE_OFF": "i32",
                "SCALE_OFF": "i32", "inv_sqrt_b": "fp32"}
@@ -27,23 +31,33 @@ ROT_DEC_SIG = {"payloads": P2, "signs_ptr": "*fp32", "colmap_ptr": "*i32", "leve
 CASES = [
     ("triton_static", "static_encode_kernel",
      {"x_ptr": "*fp32", "inl_ptr": "*i32", "inv_ptr": "*fp32", "outl_ptr": "*i32", "head_ptr": "*i16",
-      "body_ptr": "*u8", "T": "i32", "E": "i32", "NK": "i32", "n_body_programs": "i32"},
-     {"BITS": 4, "HAS_K": True, "BLOCK": 256}),
+      "body_ptr": "*u8", "flag_ptr": "*i32", "T": "i32", "E": "i32", "NK": "i32", "n_body_programs": "i32",
+      "max_in": "fp32"},
+     {"BITS": 4, "HAS_K": True, "BLOCK": 256, "FLAG": True}),
     ("triton_static", "static_decode_sum_kernel",
      {"payloads": P2, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32",
       "NK": "i32"}, {"N": 2, "BITS": 8, "BLOCK": 256}),
     ("triton_group", "group_encode_kernel",
-     {"x_ptr": "*bf16", "out_ptr": "*u8", "T": "i32", "E": "i32", "G": "i32", "NQ": "i32"},
-     {"ROWS": 2, "E_PAD": 256, "GW": 32}),
+     {"x_ptr": "*bf16", "out_ptr": "*u8", "flag_ptr": "*i32", "T": "i32", "E": "i32", "G": "i32", "NQ": "i32",
+      "max_in": "fp32"},
+     {"ROWS": 2, "E_PAD": 256, "GW": 32, "FLAG": True}),
     ("triton_group", "group_decode_sum_kernel",
      {"payloads": P2, "out_ptr": "*fp32", "T": "i32", "E": "i32", "G": "i32", "NQ": "i32"},
      {"N": 2, "GROUP": 32, "BLOCK": 256}),
     ("triton_rotation", "rot_encode_kernel", ROT_SIG,
-     {"ROWS": 1, "E_PAD": 256, "B": 256, "LOG2B": 8, "GW": 64, "BITS": 4, "FMT": 2, "HAS_K": True}),
+     {"ROWS": 1, "E_PAD": 256, "B": 256, "LOG2B": 8, "GW": 64, "BITS": 4, "FMT": 2, "HAS_K": True, "FLAG": True, "RANGE": True}),
     ("triton_rotation", "rot_encode_kernel", ROT_SIG,
-     {"ROWS": 2, "E_PAD": 128, "B": 32, "LOG2B": 5, "GW": 64, "BITS": 6, "FMT": 0, "HAS_K": False}),
+     {"ROWS": 2, "E_PAD": 128, "B": 32, "LOG2B": 5, "GW": 64, "BITS": 6, "FMT": 0, "HAS_K": False, "FLAG": False, "RANGE": False}),
     ("triton_rotation", "rot_encode_kernel", ROT_SIG,
-     {"ROWS": 2, "E_PAD": 64, "B": 64, "LOG2B": 6, "GW": 32, "BITS": 8, "FMT": 1, "HAS_K": True}),
+     {"ROWS": 2, "E_PAD": 64, "B": 64, "LOG2B": 6, "GW": 32, "BITS": 8, "FMT": 1, "HAS_K": True, "FLAG": False, "RANGE": True}),
+    ("triton_rotation", "rot_reduce_encode_kernel",
+     {"payloads": P2, "signs_ptr": "*fp32", "dec_colmap_ptr": "*i32", "levels_ptr": "*fp32", "lg8_ptr": "*fp32",
+      "CODE_OFF": "i32", "SCALE_OFF": "i32", "enc_colmap_ptr": "*i32", "bounds_ptr": "*fp32", "lg8_asc_ptr": "*fp32",
+      "head_ptr": "*i16", "code_ptr": "*u8", "scale_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32", "T": "i32",
+      "E": "i32", "G": "i32", "NK": "i32", "NCB": "i32", "inv_sqrt_b": "fp32", "max_in": "fp32",
+      "rotate_max": "fp32", "scale_max": "fp32"},
+     {"N": 2, "ROWS": 1, "E_PAD": 128, "B": 128, "LOG2B": 7, "GW": 64, "GROUP": 64, "BITS": 4, "FMT": 2,
+      "HAS_K": True, "FLAG": True, "RANGE": True}),
     ("triton_rotation", "rot_decode_sum_kernel", ROT_DEC_SIG,
      {"N": 2, "ROWS": 1, "E_PAD": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 6, "FMT": 2, "HAS_K": True}),
     ("triton_rotation", "rot_decode_sum_kernel", {**ROT_DEC_SIG, "payloads": ("*u8",) * 3},

@@ -42,6 +42,25 @@ class CommBenchConfig:
     chunk_bytes: tuple[int, ...] = (AutoPolicy().chunk_bytes,)
     speed_backends: tuple[str, ...] = ("reference", "auto")
 
+    def __post_init__(self):  # refuse bad settings here, before any rank is spawned
+        from lowbit_tp.collectives import ALGORITHMS
+        from lowbit_tp.errors import UserError
+        from lowbit_tp.preflight import check_codecs, check_min
+
+        for w in self.world_sizes:
+            check_min(w, "world size")
+        for n in self.numels:
+            check_min(n, "numel")
+        check_min(self.hidden, "hidden")
+        check_min(self.repeats, "repeats")
+        check_min(self.threads_per_rank, "threads_per_rank")
+        check_codecs(self.codecs, build=False)
+        bad = [a for a in self.algorithms if a not in ALGORITHMS or a == "exact"]
+        if bad:
+            raise UserError(f"unknown algorithm {bad[0]!r}; bench-comm runs gather and/or two-shot")
+        if self.backend not in ("gloo", "nccl"):
+            raise UserError(f"backend must be gloo or nccl, got {self.backend!r}")
+
 
 def _bench_rank(rank: int, world: int, cfg: CommBenchConfig) -> list[dict]:
     layer = "bench"
@@ -93,7 +112,7 @@ def run_comm_bench(cfg: CommBenchConfig, *, json_path=None, throughput: bool = T
     rows: list[dict] = []
     for world in cfg.world_sizes:
         res = spawn_ranks(_bench_rank, world, cfg, backend=cfg.backend, timeout_s=cfg.timeout_s,
-                          deadline_s=cfg.timeout_s * 4, threads=cfg.threads_per_rank)
+                          deadline_s=cfg.timeout_s * 4 + 60, threads=cfg.threads_per_rank)
         rows += res[0]
     speed = codec_throughput(list(cfg.codecs), backends=cfg.speed_backends) if throughput else []
     out = {"config": asdict(cfg), "environment": environment(), "rows": rows, "codec_speed": speed}

@@ -10,6 +10,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+import lowbit_tp
+
 
 def median_seconds(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
@@ -26,6 +28,7 @@ def median_seconds(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> f
 def environment() -> dict[str, Any]:
     """What a reader needs to judge the numbers: machine, versions, threads."""
     return {
+        "lowbit_tp": lowbit_tp.__version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "machine": platform.machine(),
@@ -36,9 +39,11 @@ def environment() -> dict[str, Any]:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A GitHub markdown table of ``columns`` (floats to 3 significant digits)."""
+    """A GitHub markdown table of ``columns`` (floats to 3 significant digits, lists as ``[a, b]``)."""
 
     def fmt(v):
+        if isinstance(v, (list, tuple)):  # e.g. a confidence interval [low, high]
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
         return "" if v is None else str(v)
@@ -52,7 +57,8 @@ def write_results(path: str | Path | None, payload: dict[str, Any], table: str) 
     """Write ``payload`` as JSON to ``path`` and the markdown table next to it (``.md``)."""
     if path is None:
         return
+    from lowbit_tp.fileio import atomic_write_text
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str))
-    path.with_suffix(".md").write_text(table + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
+    atomic_write_text(path.with_suffix(".md"), table + "\n")

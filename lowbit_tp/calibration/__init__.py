@@ -5,6 +5,7 @@ from lowbit_tp.calibration.artifact import (
     CalibrationError,
     ChannelStats,
     StatsAccumulator,
+    default_outlier_k,
 )
 
-__all__ = ["SCHEMA_VERSION", "Calibration", "CalibrationError", "ChannelStats", "StatsAccumulator"]
+__all__ = ["SCHEMA_VERSION", "Calibration", "CalibrationError", "ChannelStats", "StatsAccumulator", "default_outlier_k"]

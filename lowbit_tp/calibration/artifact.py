@@ -9,35 +9,54 @@ values, the per-channel statistics of those values over calibration text:
 
 Statistics per (layer, source), each ``[E]`` fp32: ``ema_min`` and ``ema_max`` (the
 exponential moving average over calibration batches of each channel's min and max, as in
-the seed paper) and ``absmax`` (the running max of ``|y|``).
+the seed paper) and ``absmax`` (the running max of ``|y|``). Optional, for the scale
+ablations (artifacts written before they existed load without them, and a codec that needs
+them refuses such an artifact with :class:`CalibrationError`): ``mean_min`` / ``mean_max``
+(the plain mean of the batch min / max: an EMA whose decay follows the batch count,
+``1 - 1/t`` at batch t, so every batch weighs the same) and ``p999`` (the mean over batches
+of each channel's 99.9th percentile of ``|y|``).
 
-File format (``schema_version`` 1): a safetensors file whose tensors are named
+File format (``schema_version`` 2): a safetensors file whose tensors are named
 ``"{layer}|{source}|{stat}"`` (source is ``rank{r}`` or ``sum``), and whose safetensors
 metadata holds one key, ``"lowbit_tp"``, a JSON object::
 
     {"schema_version": 1, "model": {"name", "weights_sha256", "model_type"}, "tp", "hidden_size",
      "k", "statistic", "ema_decay", "layers": [...], "text": {...}, "versions": {...},
-     "tensor_sha256": "<sha256 of all tensors' bytes in sorted-name order>"}
+     "tensor_sha256": "<sha256 of all tensors' names, shapes and bytes in sorted-name order>",
+     "header_sha256": "<sha256 of this JSON object without header_sha256, keys sorted>"}
 
-The checksum catches a file that was truncated or altered after it was written.
+The two checksums catch a file whose tensors or header (the bit allocation plan, k, tp...)
+were truncated or altered after it was written (version 1 checked only the tensors); the
+fingerprint covers both. A structurally invalid header is a :class:`CalibrationError`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Union
 
 import torch
 
-SCHEMA_VERSION = 1
+from lowbit_tp.errors import UserError
+
+SCHEMA_VERSION = 2
 STATS = ("ema_min", "ema_max", "absmax")
+OPTIONAL_STATS = ("mean_min", "mean_max", "p999")
+PERCENTILE = 0.999
 Source = Union[int, str]  # a rank index, or "sum"
 
 
-class CalibrationError(ValueError):
+class CalibrationError(UserError):
     """A calibration artifact that is missing, corrupted, or does not fit the run."""
+
+
+def default_outlier_k(hidden: int) -> int:
+    """Channels kept in bf16 when nobody says otherwise: ``hidden // 64`` (the seed paper's
+    1/64). The one place this rule lives; a calibration records its own ``k``."""
+    return hidden // 64
 
 
 def _source_key(source: Source) -> str:
@@ -55,11 +74,22 @@ class ChannelStats:
     ema_min: torch.Tensor
     ema_max: torch.Tensor
     absmax: torch.Tensor
+    mean_min: torch.Tensor | None = None
+    mean_max: torch.Tensor | None = None
+    p999: torch.Tensor | None = None
 
     @property
     def range(self) -> torch.Tensor:
         """``ema_max - ema_min``: the paper's outlier score."""
         return self.ema_max - self.ema_min
+
+    def require(self, name: str) -> torch.Tensor:
+        """An optional statistic, or a :class:`CalibrationError` naming what to do."""
+        value = getattr(self, name)
+        if value is None:
+            raise CalibrationError(f"this calibration has no {name!r} statistics (it predates them); "
+                                   f"recalibrate with `lowbit-tp calibrate`")
+        return value
 
 
 @dataclass
@@ -86,6 +116,13 @@ class Calibration:
     def layers(self) -> list[str]:
         return list(self.meta["layers"])
 
+    @property
+    def k(self) -> int:
+        """Kept (bf16) channels for codecs that take k from the calibration: ``meta["k"]``
+        (``lowbit-tp calibrate --k``), else :func:`default_outlier_k`."""
+        k = self.meta.get("k")
+        return default_outlier_k(self.hidden_size) if k is None else int(k)
+
     def get(self, layer: str, source: Source) -> ChannelStats:
         """Stats of one (layer, source); a clear error when the artifact lacks them."""
         try:
@@ -104,8 +141,10 @@ class Calibration:
             ) from None
 
     def fingerprint(self) -> str:
-        """A short hash identifying this calibration (used to check that ranks agree)."""
-        return str(self.meta.get("tensor_sha256") or _tensor_digest(self._tensors()))[:16]
+        """A short hash of the header and the tensors (used to check that ranks agree)."""
+        meta = dict(self.meta)
+        meta["tensor_sha256"] = meta.get("tensor_sha256") or _tensor_digest(self._tensors())
+        return _header_digest(meta)[:16]
 
     def check_compatible(
         self,
@@ -137,8 +176,9 @@ class Calibration:
     def _tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for (layer, source), st in self.stats.items():
-            for name in STATS:
-                out[f"{layer}|{_source_key(source)}|{name}"] = getattr(st, name).float().contiguous()
+            for name in STATS + OPTIONAL_STATS:
+                if getattr(st, name) is not None:
+                    out[f"{layer}|{_source_key(source)}|{name}"] = getattr(st, name).float().contiguous()
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -149,6 +189,7 @@ class Calibration:
         meta = dict(self.meta)
         meta["schema_version"] = SCHEMA_VERSION
         meta["tensor_sha256"] = _tensor_digest(tensors)
+        meta["header_sha256"] = _header_digest(meta)
         self.meta = meta
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +202,8 @@ class Calibration:
         from safetensors import safe_open
 
         path = Path(path)
+        if path.is_dir():
+            raise CalibrationError(f"calibration path {path} is a directory, not a calibration file")
         if not path.is_file():
             raise CalibrationError(f"calibration file {path} does not exist")
         try:
@@ -175,35 +218,98 @@ class Calibration:
             meta = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise CalibrationError(f"{path}: calibration header is not valid JSON: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise CalibrationError(f"{path}: calibration header must be a JSON object, got {type(meta).__name__}")
         version = meta.get("schema_version")
         if version != SCHEMA_VERSION:
             raise CalibrationError(
                 f"{path}: calibration schema version {version!r} is not supported "
                 f"(this lowbit-tp reads version {SCHEMA_VERSION}); recalibrate"
             )
+        if _header_digest(meta) != meta.get("header_sha256"):
+            raise CalibrationError(
+                f"{path}: header checksum mismatch (calibration header edited after it was written)"
+            )
         digest = _tensor_digest(tensors)
         if digest != meta.get("tensor_sha256"):
             raise CalibrationError(
                 f"{path}: tensor checksum mismatch (file corrupted or edited after it was written)"
             )
-        return cls(meta=meta, stats=_stats_from_tensors(tensors, path))
+        _check_header(meta, path)
+        stats = _stats_from_tensors(tensors, path)
+        _check_stats(meta, stats, path)
+        return cls(meta=meta, stats=stats)
+
+
+def _header_digest(meta: dict[str, Any]) -> str:
+    """sha256 of the header without its own checksum, as sorted-key JSON."""
+    body = {k: v for k, v in meta.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_header(meta: dict[str, Any], path: Path) -> None:
+    """The header fields codecs and runs read, with the types they need."""
+    def bad(what: str):
+        raise CalibrationError(f"{path}: calibration header {what}; recalibrate")
+
+    for key in ("tp", "hidden_size"):
+        if not _is_int(meta.get(key)) or meta[key] < 1:
+            bad(f"needs a positive integer {key!r}, got {meta.get(key)!r}")
+    k = meta.get("k")
+    if k is not None and (not _is_int(k) or not 0 <= k <= meta["hidden_size"]):
+        bad(f"has k={k!r}, not an integer in [0, hidden_size={meta['hidden_size']}]")
+    layers = meta.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+        bad("needs 'layers', a list of layer names")
+    for key in ("model", "text", "versions", "bit_allocation"):
+        if key in meta and meta[key] is not None and not isinstance(meta[key], dict):
+            bad(f"field {key!r} must be an object, got {type(meta[key]).__name__}")
+    plan = meta.get("bit_allocation")
+    if plan is not None:
+        lay = plan.get("layers")
+        if not isinstance(lay, dict) or not all(isinstance(a, str) and isinstance(b, str) for a, b in lay.items()):
+            bad("field 'bit_allocation' needs 'layers', an object of layer name -> codec name")
+
+
+def _check_stats(meta: dict[str, Any], stats: dict[tuple[str, Source], ChannelStats], path: Path) -> None:
+    """Every statistic belongs to a listed layer and a source of this TP degree, and is [E] fp32."""
+    layers, tp, e = set(meta["layers"]), meta["tp"], meta["hidden_size"]
+    for (layer, source), st in stats.items():
+        if layer not in layers:
+            raise CalibrationError(f"{path}: statistics for layer {layer!r}, which the header does not list")
+        if source != "sum" and not source < tp:
+            raise CalibrationError(f"{path}: statistics for rank {source} of layer {layer!r}, but tp={tp}")
+        for name in STATS + OPTIONAL_STATS:
+            t = getattr(st, name)
+            if t is None and name in OPTIONAL_STATS:
+                continue
+            if t.dtype != torch.float32 or tuple(t.shape) != (e,):
+                raise CalibrationError(
+                    f"{path}: {layer}|{source}|{name} is {t.dtype} {tuple(t.shape)}, expected float32 ({e},)")
 
 
 def _stats_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[tuple[str, Source], ChannelStats]:
     grouped: dict[tuple[str, Source], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        try:
-            layer, src, stat = key.rsplit("|", 2)
-        except ValueError:
-            raise CalibrationError(f"{path}: unexpected tensor name {key!r}") from None
-        source: Source = "sum" if src == "sum" else int(src.removeprefix("rank"))
+        parts = key.rsplit("|", 2)
+        src = parts[1] if len(parts) == 3 else ""
+        if len(parts) != 3 or parts[2] not in STATS + OPTIONAL_STATS or not (
+                src == "sum" or (src.startswith("rank") and src[4:].isdigit() and src[4:].isascii())):
+            raise CalibrationError(f"{path}: unexpected tensor name {key!r} (expected 'layer|rankN|stat' or "
+                                   f"'layer|sum|stat', stat one of {', '.join(STATS + OPTIONAL_STATS)})")
+        layer, stat = parts[0], parts[2]
+        source: Source = "sum" if src == "sum" else int(src[4:])
         grouped.setdefault((layer, source), {})[stat] = t
     out = {}
     for k, d in grouped.items():
         missing = [s for s in STATS if s not in d]
         if missing:
             raise CalibrationError(f"{path}: layer {k[0]!r} source {k[1]!r} lacks {missing}")
-        out[k] = ChannelStats(**{s: d[s] for s in STATS})
+        out[k] = ChannelStats(**{s: d[s] for s in STATS + OPTIONAL_STATS if s in d})
     return out
 
 
@@ -221,7 +327,9 @@ class StatsAccumulator:
     """Accumulates :class:`ChannelStats` over batches of communicated values.
 
     ``update(layer, source, y)`` takes ``y [tokens, E]``; the EMA follows the paper:
-    ``ema = decay * ema + (1 - decay) * batch_stat``, initialised with the first batch.
+    ``ema = decay * ema + (1 - decay) * batch_stat``, initialised with the first batch. The
+    plain means of the batch min / max and of the per-batch 99.9th percentile of ``|y|``
+    are kept too (see the module docstring).
     """
 
     def __init__(self, *, ema_decay: float = 0.9):
@@ -229,6 +337,7 @@ class StatsAccumulator:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.ema_decay = ema_decay
         self._state: dict[tuple[str, Source], list[torch.Tensor]] = {}
+        self._batches: dict[tuple[str, Source], int] = {}
         self._order: list[str] = []
 
     def update(self, layer: str, source: Source, y: torch.Tensor) -> None:
@@ -239,17 +348,25 @@ class StatsAccumulator:
         if not (bool(torch.isfinite(bmin).all()) and bool(torch.isfinite(bmax).all())):
             raise ValueError(f"non-finite values in calibration activations of {layer!r} (source {source!r})")
         babs = torch.maximum(-bmin, bmax)
+        # the ceil(0.999 n)-th smallest |y|, found as the (n - that + 1)-th largest: topk of a
+        # few values is several times faster than kthvalue over the whole column
+        kth = max(1, math.ceil(PERCENTILE * y.shape[0]))
+        bpct = y.abs().topk(y.shape[0] - kth + 1, dim=0).values[-1]
         key = (layer, source)
         if layer not in self._order:
             self._order.append(layer)
         st = self._state.get(key)
         if st is None:
-            self._state[key] = [bmin, bmax, babs]
+            self._state[key] = [bmin, bmax, babs, bmin.clone(), bmax.clone(), bpct]
+            self._batches[key] = 1
             return
         d = self.ema_decay
         st[0] = d * st[0] + (1 - d) * bmin
         st[1] = d * st[1] + (1 - d) * bmax
         st[2] = torch.maximum(st[2], babs)
+        n = self._batches[key] = self._batches[key] + 1
+        for i, b in ((3, bmin), (4, bmax), (5, bpct)):  # running means: decay 1 - 1/n
+            st[i] = st[i] + (b - st[i]) / n
 
     def build(self, meta: dict[str, Any], *, layers: Iterable[str] | None = None) -> Calibration:
         """Freeze into a :class:`Calibration`; ``meta`` must give at least ``tp`` and ``hidden_size``."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lowbit_tp.calibration.artifact import Calibration, StatsAccumulator
+from lowbit_tp.calibration.artifact import Calibration, StatsAccumulator, default_outlier_k
 from lowbit_tp.codecs.static import topk_channels
 
 
@@ -24,8 +24,9 @@ class CalibrationConfig:
     batch_size: int = 8
     seed: int = 0
     ema_decay: float = 0.9
-    k: int | None = None  # channels to record as the default top-k; None: hidden // 64
+    k: int | None = None  # bf16 channels for codecs that take k from the calibration; None: hidden // 64
     text: str | None = None  # None: the Shakespeare calibration plays
+    text_glob: str = "*"  # files of a ``text`` directory to read
     side: str = "calibration"  # which side of the text split to read; "evaluation" for held-out analysis
     # Per-layer bit allocation stored for codec "alloc" (= "default"): mean bits/value budget,
     # the codec most layers get, the one the most sensitive layers get. None skips it.
@@ -40,7 +41,7 @@ def versions() -> dict[str, str]:
 
     import lowbit_tp
 
-    return {"lowbit_tp": getattr(lowbit_tp, "__version__", "0"), "torch": torch.__version__,
+    return {"lowbit_tp": lowbit_tp.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__}
 
 
@@ -56,7 +57,7 @@ def calibrate(cfg: CalibrationConfig, *, bundle: tuple[Any, Any, Any] | None = N
     from lowbit_tp.simulator import TPSimulator
 
     model, tokenizer, info = bundle if bundle is not None else load_model(cfg.model)
-    split = load_split(cfg.text)
+    split = load_split(cfg.text, glob=cfg.text_glob)
     if cfg.side not in ("calibration", "evaluation"):
         raise ValueError(f"side must be 'calibration' or 'evaluation', got {cfg.side!r}")
     docs = split.calibration if cfg.side == "calibration" else split.evaluation
@@ -77,7 +78,9 @@ def calibrate(cfg: CalibrationConfig, *, bundle: tuple[Any, Any, Any] | None = N
             bar.update(1)
     bar.close()
     hidden = info.hidden_size
-    k = hidden // 64 if cfg.k is None else cfg.k
+    k = default_outlier_k(hidden) if cfg.k is None else cfg.k
+    if not 0 <= k <= hidden:
+        raise ValueError(f"k={k} kept channels is outside [0, hidden size {hidden}]")
     meta = {
         "model": {"name": info.name, "weights_sha256": info.weights_sha256, "model_type": info.model_type,
                   "source": info.source},

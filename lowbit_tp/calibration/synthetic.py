@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from lowbit_tp.calibration.artifact import Calibration, StatsAccumulator
+from lowbit_tp.calibration.artifact import Calibration, StatsAccumulator, default_outlier_k
 
 
 def planted_outliers(hidden: int, *, num: int | None = None, seed: int = 0) -> torch.Tensor:
     """The channels that carry outliers (sorted); ``num`` defaults to ``hidden // 64``."""
-    num = hidden // 64 if num is None else num
+    num = default_outlier_k(hidden) if num is None else num
     g = torch.Generator().manual_seed(10_000 + seed)
     return torch.sort(torch.randperm(hidden, generator=g)[:num]).values
 
@@ -46,7 +46,7 @@ def synthetic_calibration(layers: list[str], *, world: int, hidden: int, tokens:
             for r, p in enumerate(parts):
                 acc.update(layer, r, p)
             acc.update(layer, "sum", torch.stack(parts).sum(0))
-    meta = {"tp": world, "hidden_size": hidden, "k": hidden // 64, "statistic": "ema-range",
+    meta = {"tp": world, "hidden_size": hidden, "k": default_outlier_k(hidden), "statistic": "ema-range",
             "model": {"name": "synthetic", "weights_sha256": None, "model_type": "synthetic"},
             "text": {"source": "synthetic planted outliers", "seed": seed}}
     return acc.build(meta, layers=layers)

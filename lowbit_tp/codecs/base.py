@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-NONFINITE_MODES = ("error", "propagate")
+NONFINITE_MODES = ("error", "propagate", "flag")
 
 
 class NonFiniteError(FloatingPointError):
@@ -65,6 +65,8 @@ class Codec(ABC):
         calibration: needed by static codecs, ignored by dynamic ones.
         nonfinite: ``"error"`` (default) raises :class:`NonFiniteError` naming the layer
             and source; ``"propagate"`` encodes NaN/Inf so they decode as NaN.
+            ``"flag"`` sends them as in propagate mode and records them on the device, with
+            no host sync per message: :meth:`check_nonfinite` (once per step) raises.
         backend: ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cpu"``: which
             implementation runs (see :func:`lowbit_tp.kernels.resolve_backend`). Every
             backend produces the same bytes and sums, so it is not part of :meth:`config`.
@@ -92,6 +94,7 @@ class Codec(ABC):
         self.backend = backend
         self._params: dict[tuple[str | None, Source], Any] = {}
         self._tables: dict[Any, Any] = {}
+        self._nonfinite_flags: dict[torch.device, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ contract
     @abstractmethod
@@ -181,6 +184,11 @@ class Codec(ABC):
         This is the receiving side of every compressed collective; fused kernels read the N
         payloads once and write the sum once, bitwise equal to decoding one by one.
         """
+        shape, params = self._payload_params(payloads, shape, layer, sources)
+        return self._decode_sum(list(payloads), shape, params)
+
+    def _payload_params(self, payloads, shape, layer, sources) -> tuple[tuple[int, int], list]:
+        """Validate received payloads; returns the int shape and each source's parameters."""
         if len(payloads) == 0:
             raise ValueError(f"{self.name}: decode_sum needs at least one payload")
         shape = (int(shape[0]), int(shape[1]))
@@ -195,7 +203,26 @@ class Codec(ABC):
                     f"got {p.dtype} {tuple(p.shape)}"
                 )
         dev = payloads[0].device
-        return self._decode_sum(list(payloads), shape, [self.params(layer, s, shape[1], dev) for s in sources])
+        return shape, [self.params(layer, s, shape[1], dev) for s in sources]
+
+    def reduce_encode(
+        self, payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, layer: str | None = None,
+        sources: Sequence[Source] | None = None, out_source: Source = "sum",
+    ) -> torch.Tensor:
+        """``encode(decode_sum(payloads, shape), source=out_source)``: a two-shot owner's stage.
+
+        A codec with a fused kernel (:meth:`_reduce_encode`) reads the N payloads once and
+        writes the new payload once, with the same bytes; the fp32 sum never reaches memory.
+        """
+        fused = self._reduce_encode(payloads, shape, layer, sources, out_source)
+        if fused is not None:
+            return fused
+        return self.encode(self.decode_sum(payloads, shape, layer=layer, sources=sources), layer=layer,
+                           source=out_source)
+
+    def _reduce_encode(self, payloads, shape, layer, sources, out_source) -> torch.Tensor | None:
+        """The fused version of :meth:`reduce_encode`, or None where there is none."""
+        return None
 
     def kernel_backend(self, device: torch.device | str) -> str:
         """Which implementation runs for tensors on ``device``: reference, triton or cpu."""
@@ -226,6 +253,32 @@ class Codec(ABC):
             self._tables[key] = build()
         return self._tables[key]
 
+    def nonfinite_flag(self, device: torch.device | str) -> torch.Tensor:
+        """The int32 ``[1]`` device buffer that ``nonfinite="flag"`` encoders set to 1 on NaN/Inf."""
+        device = torch.device(device)
+        if device not in self._nonfinite_flags:
+            self._nonfinite_flags[device] = torch.zeros(1, dtype=torch.int32, device=device)
+        return self._nonfinite_flags[device]
+
+    def _kernel_flag(self, device) -> torch.Tensor | None:
+        """What a fused encoder is given to record NaN/Inf into: the flag in "flag" mode, else None."""
+        return self.nonfinite_flag(device) if self.nonfinite == "flag" else None
+
+    def check_nonfinite(self) -> None:
+        """Raise :class:`NonFiniteError` if a message since the last check held NaN/Inf, then reset.
+
+        For ``nonfinite="flag"``: one device->host read per device, meant once per step
+        rather than once per message. A no-op in the other modes.
+        """
+        seen = []
+        for dev, flag in self._nonfinite_flags.items():
+            if int(flag.item()):
+                seen.append(str(dev))
+                flag.zero_()
+        if seen:
+            raise NonFiniteError(f"{self.name}: NaN/Inf reached the codec since the last check (on {', '.join(seen)}); "
+                                 f"they were sent on as NaN")
+
     def _check_input(self, x: torch.Tensor, layer: str | None, source: Source) -> tuple[bool, bool]:
         """Validate ``x``; returns whether it holds NaN/Inf (only possible in propagate mode)
         and whether it must be saturated at :attr:`max_input` (only in propagate mode)."""
@@ -239,10 +292,12 @@ class Codec(ABC):
                 f"{self.name}: {where} has {x.shape[1]} channels but the calibration has hidden size "
                 f"{self.calibration.hidden_size}"
             )
-        if self.nonfinite == "propagate" and self.kernel_backend(x.device) == "triton":
-            return True, False  # the fused kernels mask NaN/Inf (and saturate) themselves: no host sync
+        if self.nonfinite != "error" and self.kernel_backend(x.device) == "triton":
+            return True, False  # the fused kernels mask, flag and saturate NaN/Inf themselves: no host sync
         lo, hi = F.value_range(x)
         bad = not (math.isfinite(lo) and math.isfinite(hi))  # NaN propagates into both, Inf shows in one
+        if bad and self.nonfinite == "flag":
+            self.nonfinite_flag(x.device).fill_(1)
         if bad and self.nonfinite == "error":
             n = int((~torch.isfinite(x)).sum())
             raise NonFiniteError(

@@ -31,6 +31,10 @@ __all__ = [
     "bytes_to_float",
     "group_absmax",
     "e2m1_encode",
+    "hadamard_block",
+    "fwht",
+    "pack_bitplanes",
+    "unpack_bitplanes",
     "E2M1_MAX",
     "FP16_MAX",
     "BF16_MAX",
@@ -221,3 +225,50 @@ def e2m1_encode(y: torch.Tensor) -> torch.Tensor:
 
 E2M1_FLOATS = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 E2M1_PAIRS = _float_pairs(E2M1_FLOATS)
+
+
+# ---------------------------------------------------------------- rotation and bit-planes
+def hadamard_block(e: int, max_block: int = 256) -> int:
+    """Largest power of two <= ``max_block`` that divides ``e``."""
+    b = 1
+    while b * 2 <= max_block and e % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Orthonormal fast Walsh-Hadamard transform over consecutive blocks of the last dim."""
+    shape = x.shape
+    y = x.reshape(-1, block)
+    h = 1
+    while h < block:
+        y = y.reshape(-1, block // (2 * h), 2, h)
+        a, b = y[:, :, 0, :], y[:, :, 1, :]
+        y = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return (y.reshape(shape) * (1.0 / math.sqrt(block)))
+
+
+def pack_bitplanes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes (< 2**bits) to ``bits`` bit-planes of ``ceil(n/8)`` bytes each."""
+    c = codes.reshape(-1).to(torch.uint8)
+    n = c.numel()
+    pad = (-n) % 8
+    if pad:
+        c = torch.cat([c, c.new_zeros(pad)])
+    weights = (2 ** torch.arange(8, dtype=torch.uint8, device=c.device))
+    planes = [(((c >> j) & 1).reshape(-1, 8) * weights).sum(1, dtype=torch.uint8) for j in range(bits)]
+    return torch.cat(planes)
+
+
+def unpack_bitplanes(buf: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bitplanes`: ``n`` codes (uint8) from ``bits`` planes."""
+    nb = (n + 7) // 8
+    if buf.numel() != nb * bits:
+        raise ValueError(f"expected {nb * bits} bit-plane bytes for {n} {bits}-bit codes, got {buf.numel()}")
+    shifts = torch.arange(8, dtype=torch.uint8, device=buf.device)
+    out = torch.zeros(nb * 8, dtype=torch.uint8, device=buf.device)
+    for j in range(bits):
+        plane = ((buf[j * nb:(j + 1) * nb].unsqueeze(1) >> shifts) & 1).reshape(-1)
+        out |= plane << j
+    return out[:n]

@@ -12,7 +12,7 @@ import hashlib
 import json
 
 from lowbit_tp.calibration.artifact import CalibrationError
-from lowbit_tp.codecs.base import Codec, make_codec, register_codec
+from lowbit_tp.codecs.base import Codec, NonFiniteError, make_codec, register_codec
 
 
 class _DelegatingCodec(Codec):
@@ -22,6 +22,20 @@ class _DelegatingCodec(Codec):
     def _pick(self, layer, source) -> Codec:
         raise NotImplementedError
 
+    def _subcodecs(self) -> list[Codec]:
+        raise NotImplementedError
+
+    def check_nonfinite(self) -> None:
+        """Check every sub-codec's flag (``nonfinite="flag"``); one error naming them all."""
+        errors = []
+        for c in self._subcodecs():
+            try:
+                c.check_nonfinite()
+            except NonFiniteError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise NonFiniteError("; ".join(errors))
+
     def payload_nbytes(self, shape, layer=None):
         return self._pick(layer, 0).payload_nbytes(shape, layer)
 
@@ -30,6 +44,14 @@ class _DelegatingCodec(Codec):
 
     def decode(self, payload, shape, *, layer=None, source=0):
         return self._pick(layer, source).decode(payload, shape, layer=layer, source=source)
+
+    def reduce_encode(self, payloads, shape, *, layer=None, sources=None, out_source="sum"):
+        sources = list(range(len(payloads))) if sources is None else list(sources)
+        sub = self._pick(layer, out_source)
+        if all(self._pick(layer, s) is sub for s in sources):  # one sub-codec: its fused path, if any
+            return sub.reduce_encode(payloads, shape, layer=layer, sources=sources, out_source=out_source)
+        return self.encode(self.decode_sum(payloads, shape, layer=layer, sources=sources), layer=layer,
+                           source=out_source)
 
     def decode_sum(self, payloads, shape, *, layer=None, sources=None):
         sources = list(range(len(payloads))) if sources is None else list(sources)
@@ -77,6 +99,9 @@ class AllocatedCodec(_DelegatingCodec):
     def _pick(self, layer, source) -> Codec:
         return self.codec_for(layer)
 
+    def _subcodecs(self) -> list[Codec]:
+        return list(self._codecs.values())
+
 
 class TwoStageCodec(_DelegatingCodec):
     """One codec for the partials, a wider one for the reduced sum of a two-shot collective.
@@ -100,6 +125,9 @@ class TwoStageCodec(_DelegatingCodec):
 
     def _pick(self, layer, source) -> Codec:
         return self.second if source == "sum" else self.first
+
+    def _subcodecs(self) -> list[Codec]:
+        return [self.first, self.second]
 
 
 register_codec("rot-lm4-g64+sum8", lambda **kw: TwoStageCodec(first="rot-lm4-g64", second="rot-int8-g64-e8",

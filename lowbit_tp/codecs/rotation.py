@@ -11,45 +11,29 @@ Encoding one token row ``x [E]``:
    remains evenly, so group values become near-Gaussian and a group's absmax is no longer
    set by one spike. It is linear and orthonormal: decoding applies ``s ⊙ H_Bᵀ``, and the
    rotation commutes with the sum over ranks;
-3. ``z`` is quantized in groups of ``group`` values with a scale per group (fp16, or an
-   8-bit E8M0 power of two), onto either the symmetric integer grid or non-uniform levels (``levels="nf"``), at ``bits`` per value.
+3. ``z`` is quantized in groups of ``group`` values with a scale per group (a format of
+   ``SCALE_FORMATS``: fp16; an 8-bit E8M0 power of two; or lg8, an 8-bit log-step code
+   under a bf16 base per token), onto the symmetric integer grid (``levels="int"``) or
+   Lloyd-Max levels (``levels="lm"``), at ``bits`` per value.
 
-Payload: ``[ T*k bf16 | b bit-planes of T*E codes | T*G scales ]``. Codes of ``bits < 4``
-are bit-planes (plane j holds bit j of every code, 8 codes per byte, LSB first); 4-bit
-codes use the int4 nibble packing. Everything counted.
+Payload: ``[ T*k bf16 | codes of T*E values | scales ]``. 8-bit codes are one byte each,
+4-bit codes use the int4 nibble packing, other widths are bit-planes (plane j holds bit j
+of every code, 8 codes per byte, LSB first). docs/wire-format.md gives the exact bytes, the
+representable range of each scale format and what ``nonfinite="propagate"`` poisons.
 """
 from __future__ import annotations
 
 import math
 import zlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from lowbit_tp.codecs import functional as F
-from lowbit_tp.codecs.base import Codec, register_codec
+from lowbit_tp.codecs.base import Codec, OutOfRangeError, register_codec
+from lowbit_tp.codecs.functional import fwht, hadamard_block, pack_bitplanes, unpack_bitplanes  # noqa: F401
 from lowbit_tp.codecs.static import topk_channels
-
-
-def hadamard_block(e: int, max_block: int = 256) -> int:
-    """Largest power of two <= ``max_block`` that divides ``e``."""
-    b = 1
-    while b * 2 <= max_block and e % (b * 2) == 0:
-        b *= 2
-    return b
-
-
-def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Orthonormal fast Walsh-Hadamard transform over consecutive blocks of the last dim."""
-    shape = x.shape
-    y = x.reshape(-1, block)
-    h = 1
-    while h < block:
-        y = y.reshape(-1, block // (2 * h), 2, h)
-        a, b = y[:, :, 0, :], y[:, :, 1, :]
-        y = torch.stack((a + b, a - b), dim=2)
-        h *= 2
-    return (y.reshape(shape) * (1.0 / math.sqrt(block)))
 
 
 def random_signs(e: int, seed: int) -> torch.Tensor:
@@ -58,8 +42,10 @@ def random_signs(e: int, seed: int) -> torch.Tensor:
 
 
 # Lloyd-Max levels for absmax-normalised Gaussian groups (what rotated values look like):
-# 1-D k-means on 400k N(0,1) samples divided by their group's absmax, symmetrised. Fixed
-# here because they are part of the wire format; computed with scripts/lloyd_max_levels.py.
+# 1-D k-means on N(0,1) samples divided by their group's absmax, symmetrised. Fixed here
+# because they are part of the wire format. scripts/lloyd_max_levels.py re-fits them: the
+# 2- and 3-bit rows match within 0.25%; the 4-bit rows are an unconverged fit (3-6% closer
+# to zero) whose squared error is within 0.5% of the converged levels', so they stay.
 LLOYD_MAX = {
     (2, 32): [0.1965, 0.6647],
     (3, 32): [0.1017, 0.3145, 0.5589, 0.8827],
@@ -76,40 +62,46 @@ def lloyd_max_levels(bits: int, group: int) -> torch.Tensor:
     return torch.cat([-half.flip(0), half])
 
 
-def pack_bitplanes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes (< 2**bits) to ``bits`` bit-planes of ``ceil(n/8)`` bytes each."""
-    c = codes.reshape(-1).to(torch.uint8)
-    n = c.numel()
-    pad = (-n) % 8
-    if pad:
-        c = torch.cat([c, c.new_zeros(pad)])
-    weights = (2 ** torch.arange(8, dtype=torch.uint8, device=c.device))
-    planes = [(((c >> j) & 1).reshape(-1, 8) * weights).sum(1, dtype=torch.uint8) for j in range(bits)]
-    return torch.cat(planes)
+# ---------------------------------------------------------------- scale formats
+# One entry per group-scale format. ``encode(amax [T, G]) -> (scale [T, G] fp32, bytes)``
+# gives the scale that quantizes (no value clips below ``max_amax``) and its wire bytes;
+# ``decode(bytes, T, G)`` the scale the receiver uses; ``poison(bytes, bad [T, G])`` marks
+# groups holding NaN/Inf so they decode to NaN; ``nbytes(T, G)`` is the block's size.
 
 
-def unpack_bitplanes(buf: torch.Tensor, n: int, bits: int) -> torch.Tensor:
-    nb = (n + 7) // 8
-    if buf.numel() != nb * bits:
-        raise ValueError(f"expected {nb * bits} bit-plane bytes for {n} {bits}-bit codes, got {buf.numel()}")
-    shifts = torch.arange(8, dtype=torch.uint8, device=buf.device)
-    out = torch.zeros(nb * 8, dtype=torch.uint8, device=buf.device)
-    for j in range(bits):
-        plane = ((buf[j * nb:(j + 1) * nb].unsqueeze(1) >> shifts) & 1).reshape(-1)
-        out |= plane << j
-    return out[:n]
+def _fp16_encode(amax):
+    s = amax.half()  # round to nearest; amax <= 65504 (checked by the codec)
+    return s.float().masked_fill_(s == 0, 1.0), s.reshape(-1).view(torch.uint8)
 
 
-SCALE_FORMATS = ("fp16", "e8m0", "lg8")
+def _fp16_decode(sb, t, g):
+    return F.bytes_to_float(sb, torch.float16).reshape(t, g)
+
+
+def _fp16_poison(sb, bad):
+    s = sb.view(torch.float16).clone().reshape(bad.shape).masked_fill_(bad, float("nan"))  # sb is fresh, aligned
+    return s.reshape(-1).view(torch.uint8)
+
+
+def _e8m0_encode(amax):
+    """E8M0: the smallest power of two >= amax (frexp: exact on every device), so no value clips."""
+    m, e2 = torch.frexp(amax.clamp_min(2.0 ** -126))
+    exp = (e2 - (m == 0.5).int()).clamp(-127, 127)
+    return torch.exp2(exp.float()), (exp + 127).to(torch.uint8).reshape(-1)
+
+
+def _e8m0_decode(sb, t, g):
+    return torch.exp2(sb.float() - 127).masked_fill(sb == 255, float("nan")).reshape(t, g)
+
+
+def _e8m0_poison(sb, bad):
+    return sb.reshape(bad.shape).masked_fill(bad, 255).reshape(-1)
+
+
 # lg8: group scale = token base * 2**(-q/16), q in 0..254 (4.4% steps over a 2**15.9 range);
 # q = 255 is the non-finite sentinel (the group decodes to NaN).
 _LG8_TABLE = torch.exp2(-torch.arange(256, dtype=torch.float64) / 16).float()
 LG8_NAN = 255
-# Largest rotated-group absmax each scale format carries (no value clips below it).
-SCALE_MAX = {"fp16": F.FP16_MAX, "e8m0": 2.0 ** 127, "lg8": F.BF16_MAX}
-# Rotated channels are clamped to this magnitude in "propagate" mode before the fp32
-# Hadamard transform, so that it cannot overflow (256 * 2**100 is far below fp32's max).
-ROTATE_MAX = 2.0 ** 100
 
 
 def _lg8_encode(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,6 +134,32 @@ def _lg8_decode(sb: torch.Tensor, t: int, g: int) -> torch.Tensor:
     return scale.masked_fill(codes == LG8_NAN, float("nan"))
 
 
+def _lg8_poison(sb, bad):
+    t, g = bad.shape
+    codes = sb[: t * g].reshape(t, g).masked_fill(bad, LG8_NAN)
+    return torch.cat([codes.reshape(-1), sb[t * g:]])
+
+
+@dataclass(frozen=True)
+class ScaleFormat:
+    max_amax: float  # largest rotated-group absmax the format carries
+    nbytes: Callable[[int, int], int]
+    encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    decode: Callable[[torch.Tensor, int, int], torch.Tensor]
+    poison: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+SCALE_FORMATS = {
+    "fp16": ScaleFormat(F.FP16_MAX, lambda t, g: 2 * t * g, _fp16_encode, _fp16_decode, _fp16_poison),
+    "e8m0": ScaleFormat(2.0 ** 127, lambda t, g: t * g, _e8m0_encode, _e8m0_decode, _e8m0_poison),
+    # a code per group plus one bf16 base per token
+    "lg8": ScaleFormat(F.BF16_MAX, lambda t, g: t * g + 2 * t, _lg8_encode, _lg8_decode, _lg8_poison),
+}
+# Rotated channels are clamped to this magnitude in "propagate" mode before the fp32
+# Hadamard transform, so that it cannot overflow (256 * 2**100 is far below fp32's max).
+ROTATE_MAX = 2.0 ** 100
+
+
 @dataclass(frozen=True)
 class RotParams:
     outliers: torch.Tensor  # [k] ascending
@@ -164,8 +182,9 @@ class RotatedGroupCodec(Codec):
         if levels not in ("int", "lm"):
             raise ValueError(f"levels must be 'int' (uniform) or 'lm' (Lloyd-Max), got {levels!r}")
         if scale_format not in SCALE_FORMATS:
-            raise ValueError(f"scale_format must be one of {SCALE_FORMATS}, got {scale_format!r}")
+            raise ValueError(f"scale_format must be one of {tuple(SCALE_FORMATS)}, got {scale_format!r}")
         self.bits, self.group, self.k, self.levels, self.scale_format, self.seed = bits, group, k, levels, scale_format, seed
+        self._fmt = SCALE_FORMATS[scale_format]
         self.name = name or f"rot-{levels}{bits}-g{group}"
         if levels == "lm":
             self._levels = lloyd_max_levels(bits, group)
@@ -179,7 +198,11 @@ class RotatedGroupCodec(Codec):
                 "scale_format": self.scale_format, "seed": self.seed}
 
     def num_kept(self, e: int) -> int:
-        return e // 64 if self.k is None else int(self.k)
+        """Channels kept in bf16: ``k`` (``-kN`` names), else the calibration's k."""
+        k = self.calibration.k if self.k is None else int(self.k)
+        if not 0 <= k <= e:
+            raise ValueError(f"{self.name}: k={k} outside [0, {e}]")
+        return k
 
     def _make_params(self, layer, source, hidden):
         k = self.num_kept(hidden)
@@ -203,71 +226,44 @@ class RotatedGroupCodec(Codec):
             return F.unpack_int4(body, n).view(torch.uint8) & 0x0F
         return unpack_bitplanes(body, n, self.bits)
 
-    def _scale_bytes(self, t: int, g: int) -> int:
-        """Bytes of scale metadata for ``t`` tokens of ``g`` groups."""
-        if self.scale_format == "fp16":
-            return 2 * t * g
-        if self.scale_format == "e8m0":
-            return t * g
-        return t * g + 2 * t  # lg8: a code per group plus one bf16 base per token
-
     def payload_nbytes(self, shape, layer=None):
         t, e = shape
         g = math.ceil(e / self.group)
         n = t * e
         codes = self._code_bytes(n)
-        return 2 * t * self.num_kept(e) + codes + self._scale_bytes(t, g)
+        return 2 * t * self.num_kept(e) + codes + self._fmt.nbytes(t, g)
 
     # -------------------------------------------------------------- encode / decode
     def _encode(self, x, p: RotParams, nonfinite):
         t, e = x.shape
-        if self._kernel_packs(e) and self.kernel_backend(x.device) == "triton":
+        backend = self.kernel_backend(x.device)
+        if self._kernel_packs(e) and backend == "triton":
             return self._triton_encode(x, p)
+        if backend == "cpu":
+            payload = self._cpu_encode(x, p)
+            if payload is not None:
+                return payload
         xf = x.float()
         head = None
         if p.outliers.numel():
             head = F.float_to_bytes(xf.index_select(1, p.outliers), torch.bfloat16)
             xf = xf.index_fill(1, p.outliers, 0.0)
-        if self.nonfinite == "propagate":
+        if self.nonfinite != "error":  # propagate/flag: saturate so the fp32 rotation cannot overflow
             xf = self._fit_range(xf, ROTATE_MAX, "value")
         z = fwht(xf * p.signs, hadamard_block(e))
         zg, amax = F.group_absmax(z, self.group, nonfinite=nonfinite)
         # Finite input whose rotation overflowed fp32 shows up here as an Inf/NaN absmax.
         amax = self._fit_range(amax.nan_to_num(nan=float("inf")) if not nonfinite else amax,
-                               SCALE_MAX[self.scale_format], "rotated group absmax")
-        scale, sbytes = self._encode_scale(amax)
+                               self._fmt.max_amax, "rotated group absmax")
+        scale, sbytes = self._fmt.encode(amax)
         y = zg / scale.unsqueeze(-1)
         code = torch.bucketize(y.clamp(-1.0, 1.0), self._bounds.to(y.device)).to(torch.uint8)
         code = code.reshape(t, zg.shape[1] * self.group)[:, :e]
         if nonfinite:  # no sentinel among the codes: a group holding NaN/Inf gets a NaN scale
-            sbytes = self._poison(sbytes, ~torch.isfinite(zg).all(-1))
+            sbytes = self._fmt.poison(sbytes, ~torch.isfinite(zg).all(-1))
         body = self._pack(code)
         parts = ([head] if head is not None else []) + [body, sbytes]
         return torch.cat(parts)
-
-    def _encode_scale(self, amax):
-        if self.scale_format == "lg8":
-            return _lg8_encode(amax)
-        if self.scale_format == "fp16":
-            s = amax.half()
-            s32 = s.float().masked_fill_(s == 0, 1.0)
-            return s32, s.reshape(-1).view(torch.uint8)
-        # E8M0: the smallest power of two >= amax, so no value clips.
-        _, e2 = torch.frexp(amax.clamp_min(2.0 ** -126))
-        m, _ = torch.frexp(amax.clamp_min(2.0 ** -126))
-        exp = (e2 - (m == 0.5).int()).clamp(-127, 127)
-        return torch.exp2(exp.float()), (exp + 127).to(torch.uint8).reshape(-1)
-
-    def _poison(self, sbytes, bad):
-        """Mark the scales of the groups in ``bad [T, G]`` as non-finite (decode to NaN)."""
-        if self.scale_format == "lg8":  # code 255 of the group
-            t, g = bad.shape
-            codes = sbytes[: t * g].reshape(t, g).masked_fill(bad, LG8_NAN)
-            return torch.cat([codes.reshape(-1), sbytes[t * g:]])
-        if self.scale_format == "fp16":  # sbytes is a fresh, aligned tensor here
-            s = sbytes.view(torch.float16).clone().reshape(bad.shape).masked_fill_(bad, float("nan"))
-            return s.reshape(-1).view(torch.uint8)
-        return sbytes.reshape(bad.shape).masked_fill(bad, 255).reshape(-1)
 
     # -------------------------------------------------------------- fused kernels
     def _kernel_packs(self, e: int) -> bool:
@@ -298,10 +294,75 @@ class RotatedGroupCodec(Codec):
         del kw["levels"]
         colmap = self._kernel_table(("enc", id(p)), lambda: self._colmap([p], e, x.device)[0])
         out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=x.device)
-        return K.encode(x.contiguous(), colmap=colmap, out=out, **kw)
+        # "error" mode (which already syncs on its input scan) asks the kernel whether a rotated
+        # group overflowed or passed the scale limit; the other modes saturate, as the reference.
+        over = torch.zeros(1, dtype=torch.int32, device=x.device) if self.nonfinite == "error" else None
+        K.encode(x.contiguous(), colmap=colmap, out=out, flag=self._kernel_flag(x.device), range_flag=over,
+                 max_input=self.max_input, rotate_max=ROTATE_MAX, scale_max=self._fmt.max_amax, **kw)
+        if over is not None and int(over.item()):
+            raise OutOfRangeError(f"a rotated group absmax beyond {self._fmt.max_amax:.6g} (or an fp32 "
+                                  f"overflow in the rotation), the largest this codec's wire format carries "
+                                  f"(docs/wire-format.md); nonfinite='propagate' saturates instead")
+        return out
+
+    def _reduce_encode(self, payloads, shape, layer, sources, out_source):
+        if not payloads or self.kernel_backend(payloads[0].device) != "triton" or not self._kernel_packs(int(shape[1])):
+            return None
+        from lowbit_tp.kernels import triton_rotation as K
+
+        shape, params = self._payload_params(payloads, shape, layer, sources)
+        t, e = shape
+        dev = payloads[0].device
+        sp = self.params(layer, out_source, e, dev)
+        kw = self._kernel_args(sp, t, e, dev)
+        dec_colmap = self._kernel_table(("dec", tuple(id(p) for p in params)), lambda: self._colmap(params, e, dev))
+        enc_colmap = self._kernel_table(("enc", id(sp)), lambda: self._colmap([sp], e, dev)[0])
+        out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=dev)
+        # error mode: one flag for NaN/Inf and out-of-range sums, read once; if set, the
+        # unfused path runs and raises exactly the reference's error.
+        check = torch.zeros(1, dtype=torch.int32, device=dev) if self.nonfinite == "error" else None
+        K.reduce_encode([q.contiguous() for q in payloads], dec_colmap=dec_colmap, enc_colmap=enc_colmap, out=out,
+                        t=t, e=e, flag=check if check is not None else self._kernel_flag(dev), range_flag=check,
+                        max_input=self.max_input, rotate_max=ROTATE_MAX, scale_max=self._fmt.max_amax, **kw)
+        if check is not None and int(check.item()):
+            return None
+        return out
+
+    def _cpu_args(self, e: int) -> dict:
+        """What the CPU rot kernels take besides the data; tables are torch's own values."""
+        def build():
+            from lowbit_tp.kernels import cpu
+
+            block = hadamard_block(e)
+            spec = cpu.rot_spec(e=e, k=self.num_kept(e), group=self.group, block=block, bits=self.bits,
+                                scale_format=self.scale_format)
+            exp2 = torch.exp2(torch.arange(256, dtype=torch.float32) - 127)
+            tables = [random_signs(e, self.seed).float().contiguous(), self._levels.float().contiguous(),
+                      self._bounds.float().contiguous(), _LG8_TABLE.float().contiguous(), exp2]
+            inv = float(torch.tensor(1.0 / math.sqrt(block), dtype=torch.float32))
+            return dict(spec=spec, tables=tables, inv_sqrt_block=inv)
+        return self._kernel_table(("cpu", e), build)
+
+    def _cpu_encode(self, x, p: RotParams):
+        """The CPU kernel's payload, or None where the reference must decide (it raises)."""
+        from lowbit_tp.kernels import cpu
+
+        t, e = x.shape
+        payload, status = cpu.rot_encode(
+            x, outliers=p.outliers, propagate=self.nonfinite != "error", rotate_max=ROTATE_MAX,
+            scale_max=self._fmt.max_amax, nbytes=self.payload_nbytes((t, e)), **self._cpu_args(e))
+        if status & 2 and self.nonfinite == "error":  # out of range: the reference raises OutOfRangeError
+            return None
+        return payload
 
     def _decode_sum(self, payloads, shape, params):
-        if self.kernel_backend(payloads[0].device) != "triton":
+        backend = self.kernel_backend(payloads[0].device)
+        if backend == "cpu":
+            from lowbit_tp.kernels import cpu
+
+            return cpu.rot_decode_sum(payloads, shape, outliers=[p.outliers for p in params],
+                                      **self._cpu_args(shape[1]))
+        if backend != "triton":
             return super()._decode_sum(payloads, shape, params)
         from lowbit_tp.kernels import triton_rotation as K
 
@@ -314,6 +375,8 @@ class RotatedGroupCodec(Codec):
         return K.decode_sum([q.contiguous() for q in payloads], colmap=colmap, out=out, **kw)
 
     def _decode(self, payload, shape, p: RotParams):
+        if self.kernel_backend(payload.device) == "cpu":
+            return self._decode_sum([payload], shape, [p])
         t, e = shape
         k = p.outliers.numel()
         g = math.ceil(e / self.group)
@@ -322,13 +385,7 @@ class RotatedGroupCodec(Codec):
         ncode = self._code_bytes(n)
         code = self._unpack(payload[off:off + ncode], n)
         vals = self._levels.to(payload.device)[code.long()].reshape(t, e)
-        sb = payload[off + ncode:]
-        if self.scale_format == "lg8":
-            scale = _lg8_decode(sb, t, g)
-        elif self.scale_format == "fp16":
-            scale = F.bytes_to_float(sb, torch.float16).reshape(t, g)
-        else:
-            scale = torch.exp2(sb.float() - 127).masked_fill(sb == 255, float("nan")).reshape(t, g)
+        scale = self._fmt.decode(payload[off + ncode:], t, g)
         z = vals * scale.repeat_interleave(self.group, dim=1)[:, :e]
         x = fwht(z, hadamard_block(e)) * p.signs
         if k:

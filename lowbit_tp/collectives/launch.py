@@ -2,14 +2,34 @@
 
 Used by the tests, ``bench-comm`` and the local TP runtime. Under ``torchrun`` the
 runtime initialises the process group from the environment instead (``init_from_env``).
+
+Lifecycle of a local run (:func:`spawn_ranks`):
+
+* the rendezvous store is served by the parent on a socket bound to 127.0.0.1, and gloo
+  is pinned to the loopback interface: nothing listens on other interfaces;
+* every rank asks the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``), so
+  a ``kill -9`` of the parent leaves no rank behind; a SIGTERM or SIGINT of the parent
+  kills the ranks and removes the temporary directory before it exits;
+* ranks start with SIGINT ignored and then take its default action (die at once,
+  silently), so a terminal Ctrl-C prints one line (the parent's), not one traceback per rank;
+* the parent watches all ranks at once: the first rank that fails (raises, dies, is
+  killed) is reported at once and the others are killed, instead of waiting for the
+  deadline on a rank that will never finish.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime
+import os
+import signal
 import socket
+import sys
 import tempfile
+import threading
 import time
 import traceback
+from multiprocessing.connection import wait as wait_for_any
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,9 +37,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lowbit_tp.errors import Terminated, UserError
 
 class RankFailure(RuntimeError):
-    """One or more spawned ranks raised, died, or missed the deadline."""
+    """One or more spawned ranks raised, died, or missed the deadline.
+
+    ``str()`` holds every failed rank's error and traceback; :attr:`summary` is one line
+    naming the first failure (what the CLI prints); :attr:`failures` is a list of
+    ``(rank, error)`` in the order the parent saw them.
+    """
+
+    def __init__(self, message: str, *, summary: str | None = None, failures: list | None = None):
+        super().__init__(message)
+        self.summary = summary or message.splitlines()[0]
+        self.failures = failures or []
 
 
 def free_port() -> int:
@@ -28,11 +59,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(*, rank: int, world_size: int, init_method: str, backend: str = "gloo",
-                       timeout_s: float = 60.0) -> None:
-    """``dist.init_process_group`` with an explicit timeout: collectives fail after it."""
-    dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+def init_process_group(*, rank: int, world_size: int, init_method: str | None = None, backend: str = "gloo",
+                       timeout_s: float = 60.0, store=None) -> None:
+    """``dist.init_process_group`` with an explicit timeout: collectives fail after it.
+    Give either ``init_method`` (``tcp://host:port``) or a ready ``store``."""
+    dist.init_process_group(backend=backend, init_method=None if store is not None else init_method, store=store,
+                            rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def init_from_env(*, backend: str | None = None, timeout_s: float = 60.0) -> tuple[int, int]:
@@ -43,22 +75,158 @@ def init_from_env(*, backend: str | None = None, timeout_s: float = 60.0) -> tup
     return dist.get_rank(), dist.get_world_size()
 
 
-def _entry(rank, world_size, init_method, backend, timeout_s, out_dir, threads, fn, args, kwargs):
+# ---------------------------------------------------------------------- in the rank
+_PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal() -> None:
+    """Ask Linux to SIGKILL this process when its parent exits (``PR_SET_PDEATHSIG``).
+    A no-op on other systems (there the parent's handlers are the only guard). Usable as a
+    ``subprocess.Popen(preexec_fn=...)``."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """:func:`set_parent_death_signal`, and exit now if the parent is already gone."""
+    set_parent_death_signal()
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _entry(rank, world_size, store_addr, backend, timeout_s, out_dir, threads, parent_pid, fn, args, kwargs):
+    die_with_parent(parent_pid)
+    # Started with SIGINT ignored (no KeyboardInterrupt traceback during start-up); now the
+    # default action: a Ctrl-C ends this rank at once and silently, the parent reports it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     torch.set_num_threads(threads)
     path = Path(out_dir) / f"rank{rank}.pt"
+    ok = False
     try:
-        init_process_group(rank=rank, world_size=world_size, init_method=init_method, backend=backend,
-                           timeout_s=timeout_s)
+        host, port = store_addr
+        store = dist.TCPStore(host, port, world_size, False, datetime.timedelta(seconds=timeout_s))
+        init_process_group(rank=rank, world_size=world_size, backend=backend, timeout_s=timeout_s, store=store)
         result = fn(rank, world_size, *args, **kwargs)
         torch.save({"ok": True, "result": result}, path)
+        ok = True
     except BaseException as exc:  # report everything to the parent, including SystemExit
         torch.save({"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, path)
+    if not ok:
+        # A failed rank exits 1 at once: the parent sees the failure from the exit code and
+        # stops the others; tearing down a process group whose peer is gone, and the
+        # interpreter, can take seconds.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------------- in the parent
+@contextlib.contextmanager
+def _loopback_store(timeout_s: float):
+    """A TCPStore server in this process, listening on 127.0.0.1 only; yields (host, port)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    host, port = sock.getsockname()
+    try:
+        store = dist.TCPStore(host, port, None, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
+                              master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store owns the descriptor now and closes it
+    try:
+        yield host, port
     finally:
-        if dist.is_initialized():
+        del store
+
+
+def _loopback_interface() -> str | None:
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return "lo" if "lo" in names else ("lo0" if "lo0" in names else None)
+
+
+@contextlib.contextmanager
+def _child_start_conditions():
+    """What the ranks inherit at start: SIGINT ignored, no tqdm bars (N ranks loading a
+    model would interleave N bars), no C++ warnings, gloo on the loopback interface.
+    Restored after."""
+    env = {"TQDM_DISABLE": "1"}
+    if "TORCH_CPP_LOG_LEVEL" not in os.environ:  # c10d's socket warnings: the parent reports failures
+        env["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+    lo = _loopback_interface()
+    if lo and "GLOO_SOCKET_IFNAME" not in os.environ:
+        env["GLOO_SOCKET_IFNAME"] = lo
+    saved = {k: os.environ.get(k) for k in env}
+    main = threading.current_thread() is threading.main_thread()
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if main:
+            signal.signal(signal.SIGINT, old_int)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _terminate_raises():
+    """SIGTERM raises :class:`Terminated` while ranks run (unless the program set its own
+    handler), so the ranks are killed and the temporary directory removed."""
+    install = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+    old = signal.signal(signal.SIGTERM, _raise_terminated) if install else None
+    try:
+        yield
+    finally:
+        if install:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _kill(procs) -> None:
+    for p in procs:
+        if p.is_alive():
             try:
-                dist.destroy_process_group()
-            except Exception:
+                p.kill()  # SIGKILL also ends a stopped (SIGSTOP) rank
+            except (OSError, ValueError):
                 pass
+    for p in procs:
+        p.join(5)
+
+
+def _exit_reason(rank: int, code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"rank {rank} was killed by {name}"
+    return f"rank {rank} died without a result (exit code {code})"
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return "; ".join(lines)
 
 
 def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo",
@@ -69,40 +237,71 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: st
     ``fn`` must be importable (module level). ``timeout_s`` is the process group's
     collective timeout; ``deadline_s`` (default ``timeout_s + 60``) bounds the whole run,
     after which stragglers are killed and :class:`RankFailure` is raised. Returns the
-    ranks' results in rank order. With ``allow_failures`` a failed rank's entry is a dict
-    ``{"error": ..., "traceback": ...}`` (or ``{"error": "died"...}``) instead of raising.
+    ranks' results in rank order.
+
+    The first rank to fail (raise, die, be killed) ends the run at once: the other ranks
+    are killed and :class:`RankFailure` names that first failure. With ``allow_failures``
+    the parent instead waits for every rank (up to the deadline), and a failed rank's
+    entry is a dict ``{"error": ..., "traceback": ...}`` instead of raising.
+
+    A KeyboardInterrupt or SIGTERM in the parent kills the ranks and removes the
+    temporary directory before it propagates (SIGTERM as :class:`~lowbit_tp.errors.Terminated`).
     """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise UserError(f"world size must be a positive integer, got {world_size!r}")
     deadline_s = timeout_s + 60.0 if deadline_s is None else deadline_s
     ctx = mp.get_context("spawn")
-    init_method = f"tcp://127.0.0.1:{free_port()}"
-    with tempfile.TemporaryDirectory(prefix="lowbit_tp_ranks_") as out_dir:
-        procs = [ctx.Process(target=_entry, args=(r, world_size, init_method, backend, timeout_s, out_dir,
-                                                  threads, fn, args, kwargs), daemon=False)
-                 for r in range(world_size)]
-        for p in procs:
-            p.start()
-        end = time.monotonic() + deadline_s
-        for p in procs:
-            p.join(max(0.0, end - time.monotonic()))
-        stuck = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        results, errors = [], []
+    procs: list = []
+    first: list[int] = []  # failed ranks, in the order the parent saw them
+    with _terminate_raises(), tempfile.TemporaryDirectory(prefix="lowbit_tp_ranks_") as out_dir, \
+            _loopback_store(timeout_s) as store_addr:
+        try:
+            with _child_start_conditions():
+                for r in range(world_size):
+                    p = ctx.Process(target=_entry, args=(r, world_size, store_addr, backend, timeout_s, out_dir,
+                                                         threads, os.getpid(), fn, args, kwargs), daemon=False)
+                    p.start()
+                    procs.append(p)
+            end = time.monotonic() + deadline_s
+            pending = {p.sentinel: r for r, p in enumerate(procs)}
+            while pending and not (first and not allow_failures):
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                for s in wait_for_any(list(pending), timeout=min(left, 1.0)):
+                    r = pending.pop(s)
+                    procs[r].join()
+                    if procs[r].exitcode != 0:
+                        first.append(r)
+            stuck = [r for r, p in enumerate(procs) if p.is_alive()]
+        finally:
+            _kill(procs)  # before the temporary directory goes: no rank writes into a deleted dir
+        stopped = bool(first) and not allow_failures
+        results, errors, failures = [], [], []
         for r in range(world_size):
             f = Path(out_dir) / f"rank{r}.pt"
             if r in stuck:
-                rec = {"ok": False, "error": f"rank {r} still running after the {deadline_s:.0f}s deadline; killed"}
-            elif not f.exists():
-                rec = {"ok": False, "error": f"rank {r} died without a result (exit code {procs[r].exitcode})"}
-            else:
+                why = ("stopped after another rank failed" if stopped
+                       else f"still running after the {deadline_s:.0f}s deadline; killed")
+                rec = {"ok": False, "error": f"rank {r} {why}"}
+            elif f.exists() and procs[r].exitcode in (0, 1):
                 rec = torch.load(f, weights_only=False)
+            else:
+                rec = {"ok": False, "error": _exit_reason(r, procs[r].exitcode)}
             if rec["ok"]:
                 results.append(rec["result"])
             else:
                 errors.append(f"rank {r}: {rec['error']}\n{rec.get('traceback', '')}")
                 results.append({"error": rec["error"], "traceback": rec.get("traceback", "")})
+                failures.append((r, rec["error"]))
         if errors and not allow_failures:
-            raise RankFailure("spawned ranks failed:\n" + "\n".join(errors))
+            order = first + [r for r, _ in failures if r not in first]
+            by_rank = dict(failures)
+            lead = order[0]
+            msg = by_rank[lead] if by_rank[lead].startswith("rank ") else f"rank {lead}: {by_rank[lead]}"
+            summary = _one_line(msg)
+            if stopped and stuck:
+                summary += f" (stopped the other {len(stuck)} rank{'s' if len(stuck) > 1 else ''})"
+            raise RankFailure("spawned ranks failed:\n" + "\n".join(errors), summary=summary,
+                              failures=[(r, by_rank[r]) for r in order])
         return results

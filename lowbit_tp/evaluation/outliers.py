@@ -19,7 +19,7 @@ def consistency(cal: Calibration, held_out: Calibration, *, k: int | None = None
     """Per (layer, source): overlap |A ∩ B| / k of the two top-k sets, and the range share of A."""
     if cal.layers != held_out.layers or cal.tp != held_out.tp:
         raise ValueError("the two calibrations must cover the same model and TP degree")
-    k = cal.hidden_size // 64 if k is None else k
+    k = cal.k if k is None else k
     rows = []
     for layer in cal.layers:
         for src in [*range(cal.tp), "sum"]:

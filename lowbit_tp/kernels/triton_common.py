@@ -20,9 +20,21 @@ def is_finite(x):
 
 
 @triton.jit
+def flag_if(flag_ptr, cond):
+    """Set the int32 ``flag_ptr[0]`` to 1 where ``cond`` holds (benign same-value race)."""
+    tl.store(flag_ptr + tl.zeros(cond.shape, dtype=tl.int32), tl.full(cond.shape, 1, tl.int32), mask=cond)
+
+
+@triton.jit
 def clamp_keep_nan(y, lo, hi):
     """``torch.clamp(y, lo, hi)``: NaN stays NaN (``tl.minimum``/``maximum`` leave it unspecified)."""
     return tl.where(y < lo, lo, tl.where(y > hi, hi, y))
+
+
+@triton.jit
+def saturate(x, lim):
+    """Finite values clamped to ``[-lim, lim]``; NaN/Inf unchanged (the codecs' propagate mode)."""
+    return tl.where(is_finite(x), clamp_keep_nan(x, -lim, lim), x)
 
 
 @triton.jit

@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, clamp_keep_nan, int4_from_nibble, is_finite,
-                                             load_u16, round_half_even)
+from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, clamp_keep_nan, flag_if,
+                                             int4_from_nibble, is_finite, load_u16, round_half_even, saturate)
 
 
 def launch_config(n: int) -> tuple[int, int]:
@@ -19,7 +19,8 @@ def launch_config(n: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _quantize_at(x_ptr, inl_ptr, inv_ptr, i, n, NI, E, HAS_K: tl.constexpr, QMAX: tl.constexpr):
+def _quantize_at(x_ptr, inl_ptr, inv_ptr, flag_ptr, i, n, NI, E, max_in, HAS_K: tl.constexpr, QMAX: tl.constexpr,
+                 FLAG: tl.constexpr):
     """int32 code of flat body index ``i`` (token ``i // NI``, kept-channel slot ``i % NI``)."""
     m = i < n
     t = i // NI
@@ -28,15 +29,17 @@ def _quantize_at(x_ptr, inl_ptr, inv_ptr, i, n, NI, E, HAS_K: tl.constexpr, QMAX
         ch = tl.load(inl_ptr + c, mask=m, other=0)
     else:
         ch = c
-    x = tl.load(x_ptr + t * E + ch, mask=m, other=0.0).to(tl.float32)
+    x = saturate(tl.load(x_ptr + t * E + ch, mask=m, other=0.0).to(tl.float32), max_in)
     y = x * tl.load(inv_ptr + c, mask=m, other=1.0)
     q = round_half_even(clamp_keep_nan(y, -QMAX * 1.0, QMAX * 1.0)).to(tl.int32)
+    if FLAG:
+        flag_if(flag_ptr, m & ~is_finite(x))
     return tl.where(is_finite(x), q, -QMAX - 1)
 
 
 @triton.jit
-def static_encode_kernel(x_ptr, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_ptr, T, E, NK, n_body_programs,
-                         BITS: tl.constexpr, HAS_K: tl.constexpr, BLOCK: tl.constexpr):
+def static_encode_kernel(x_ptr, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_ptr, flag_ptr, T, E, NK, n_body_programs, max_in,
+                         BITS: tl.constexpr, HAS_K: tl.constexpr, BLOCK: tl.constexpr, FLAG: tl.constexpr):
     """Programs ``[0, n_body_programs)`` write the int body, the rest the bf16 head ``[T, NK]``."""
     pid = tl.program_id(0)
     NI = E - NK
@@ -44,12 +47,12 @@ def static_encode_kernel(x_ptr, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_ptr, 
     if pid < n_body_programs:
         b = pid * BLOCK + tl.arange(0, BLOCK)
         if BITS == 4:
-            q0 = _quantize_at(x_ptr, inl_ptr, inv_ptr, 2 * b, n, NI, E, HAS_K, 7)
-            q1 = _quantize_at(x_ptr, inl_ptr, inv_ptr, 2 * b + 1, n, NI, E, HAS_K, 7)
+            q0 = _quantize_at(x_ptr, inl_ptr, inv_ptr, flag_ptr, 2 * b, n, NI, E, max_in, HAS_K, 7, FLAG)
+            q1 = _quantize_at(x_ptr, inl_ptr, inv_ptr, flag_ptr, 2 * b + 1, n, NI, E, max_in, HAS_K, 7, FLAG)
             q1 = tl.where(2 * b + 1 < n, q1, 0)  # an odd count pads the last high nibble with 0
             tl.store(body_ptr + b, ((q0 & 0xF) | ((q1 & 0xF) << 4)).to(tl.uint8), mask=2 * b < n)
         else:
-            q = _quantize_at(x_ptr, inl_ptr, inv_ptr, b, n, NI, E, HAS_K, 127)
+            q = _quantize_at(x_ptr, inl_ptr, inv_ptr, flag_ptr, b, n, NI, E, max_in, HAS_K, 127, FLAG)
             tl.store(body_ptr + b, (q & 0xFF).to(tl.uint8), mask=b < n)
     else:
         j = (pid - n_body_programs) * BLOCK + tl.arange(0, BLOCK)
@@ -57,7 +60,9 @@ def static_encode_kernel(x_ptr, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_ptr, 
         t = j // NK
         ch = tl.load(outl_ptr + j % NK, mask=m, other=0)
         x = tl.load(x_ptr + t * E + ch, mask=m, other=0.0).to(tl.float32)
-        tl.store(head_ptr + j, bf16_bits(x).to(tl.int16), mask=m)
+        if FLAG:
+            flag_if(flag_ptr, m & ~is_finite(x))
+        tl.store(head_ptr + j, bf16_bits(saturate(x, max_in)).to(tl.int16), mask=m)
 
 
 @triton.jit
@@ -101,8 +106,12 @@ def static_decode_sum_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E, NK,
 
 
 # ---------------------------------------------------------------- launchers (no codec logic)
-def encode(x, inliers, inv_scale, outliers, out, *, bits: int):
-    """Fill ``out`` (the whole payload, uint8) from ``x [T, E]``; tables are int32/fp32 on x's device."""
+def encode(x, inliers, inv_scale, outliers, out, *, bits: int, max_input: float, flag=None):
+    """Fill ``out`` (the whole payload, uint8) from ``x [T, E]``; tables are int32/fp32 on x's device.
+
+    Finite values beyond ``max_input`` saturate; ``flag`` (int32 ``[1]``, optional) is set
+    to 1 if ``x`` holds NaN/Inf.
+    """
     t, e = x.shape
     nk = outliers.numel()
     n = t * (e - nk)
@@ -113,8 +122,9 @@ def encode(x, inliers, inv_scale, outliers, out, *, bits: int):
     if grid[0] == 0:
         return out
     head = out[: 2 * t * nk].view(torch.int16)
-    static_encode_kernel[grid](x, inliers, inv_scale, outliers, head, out[2 * t * nk:], t, e, nk, n_body_programs,
-                               BITS=bits, HAS_K=nk > 0, BLOCK=block, num_warps=warps, **FP_OPTIONS)
+    static_encode_kernel[grid](x, inliers, inv_scale, outliers, head, out[2 * t * nk:], inliers if flag is None else flag,
+                               t, e, nk, n_body_programs, max_input, BITS=bits, HAS_K=nk > 0, BLOCK=block, FLAG=flag is not None,
+                               num_warps=warps, **FP_OPTIONS)
     return out
 
 

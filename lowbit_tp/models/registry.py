@@ -207,8 +207,15 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
 
-    config = _text_config(model.config)
-    info = ModelInfo(
+    return model, tokenizer, model_info(name_or_path, model.config)
+
+
+def model_info(name_or_path: str, config: Any) -> ModelInfo:
+    """The :class:`ModelInfo` of ``name_or_path`` with its ``config`` (no weights loaded;
+    the weight files are hashed)."""
+    source = resolve_source(name_or_path)
+    config = _text_config(config)
+    return ModelInfo(
         name=name_or_path,
         source=str(source.path),
         weights_sha256=sha256_of_files(source.weight_files()),
@@ -216,4 +223,3 @@ def load_model(
         hidden_size=int(config.hidden_size),
         num_layers=int(config.num_hidden_layers),
     )
-    return model, tokenizer, info

@@ -12,30 +12,32 @@ from __future__ import annotations
 import json
 import os
 
-from lowbit_tp.collectives import ALGORITHMS
+from lowbit_tp.argtypes import nonneg_int, positive_float, positive_int
+from lowbit_tp.collectives import ALGORITHMS, DEFAULT_ALGORITHM
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="generate text with a tensor-parallel model over N ranks")
-    p.add_argument("--engine", default="native", choices=["native", "vllm"],
-                   help="native: lowbit-tp's own ranks; vllm: vLLM with the lowbit-tp plugin (needs .venv-vllm)")
+    p.add_argument("--engine", default="native", choices=["native", "transformers", "vllm"],
+                   help="native: lowbit-tp's own ranks; transformers: HF transformers' TP with the "
+                        "lowbit_rowwise style; vllm: vLLM with the lowbit-tp plugin (needs .venv-vllm)")
     p.add_argument("--compile", action="store_true", help="vllm engine: compiled graph instead of enforce_eager")
     p.add_argument("--model", default="smollm2-135m", help="registry name or HF checkpoint directory")
-    p.add_argument("--tp", type=int, help="number of ranks (required unless under torchrun)")
+    p.add_argument("--tp", type=positive_int, help="number of ranks (required unless under torchrun)")
     p.add_argument("--codec", default="bf16", help="all-reduce codec (bf16 with --algorithm exact = uncompressed)")
     p.add_argument("--calibration", help="calibration .safetensors (static codecs need one)")
-    p.add_argument("--algorithm", default="auto", choices=ALGORITHMS)
-    p.add_argument("--min-bytes", type=int, help="auto: messages below this many bf16 bytes use exact")
+    p.add_argument("--algorithm", default=DEFAULT_ALGORITHM, choices=ALGORITHMS)
+    p.add_argument("--min-bytes", type=nonneg_int, help="auto: messages below this many bf16 bytes use exact")
     p.add_argument("--prompt", action="append", required=True, help="repeatable; generated one after another")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--temperature", type=positive_float, default=1.0)
+    p.add_argument("--top-k", type=nonneg_int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=60.0, help="collective timeout in seconds (dead-peer detection)")
-    p.add_argument("--threads-per-rank", type=int, default=1)
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="collective timeout in seconds (dead-peer detection)")
+    p.add_argument("--threads-per-rank", type=positive_int, default=1)
     p.add_argument("--json", help="write config and results here")
     p.add_argument("--quiet", action="store_true", help="do not stream text")
     p.set_defaults(func=_cmd_run)
@@ -52,7 +54,8 @@ def _config(args, tp: int):
                      max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos,
                      sampling=SamplingConfig(do_sample=args.sample, temperature=args.temperature,
                                              top_k=args.top_k, top_p=args.top_p, seed=args.seed),
-                     timeout_s=args.timeout, threads_per_rank=args.threads_per_rank)
+                     timeout_s=args.timeout, threads_per_rank=args.threads_per_rank,
+                     engine="native" if args.engine == "vllm" else args.engine)
 
 
 def _report(out: dict) -> str:
@@ -67,26 +70,29 @@ def _report(out: dict) -> str:
 
 
 def _cmd_run(args) -> None:
+    from lowbit_tp.errors import UserError
+    from lowbit_tp.fileio import atomic_write_text, check_output_path
     from lowbit_tp.runtime.engine import run_config, run_from_env, under_torchrun
 
+    if args.json:  # before the run: a missing directory must not lose a whole run's results
+        check_output_path(args.json)
     if args.engine == "vllm":
         from lowbit_tp.integrations.vllm.cli import cmd_run
 
         if args.tp is None:
-            raise SystemExit("--tp is required")
+            raise UserError("--tp is required")
         return cmd_run(args, _config(args, args.tp))
     if under_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if args.tp is not None and args.tp != world:
-            raise SystemExit(f"--tp {args.tp} but torchrun started {world} ranks")
+            raise UserError(f"--tp {args.tp} but torchrun started {world} ranks")
         out = run_from_env(_config(args, world), stream=not args.quiet)
         if out is None:  # not rank 0
             return
     else:
         if args.tp is None:
-            raise SystemExit("--tp is required (or launch under torchrun)")
+            raise UserError("--tp is required (or launch under torchrun)")
         out = run_config(_config(args, args.tp), stream=not args.quiet)
     print(_report(out))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
+        atomic_write_text(args.json, json.dumps(out, indent=2, default=str))

@@ -26,13 +26,23 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from lowbit_tp.collectives import AutoPolicy, check_group_config, spawn_ranks
+from lowbit_tp.calibration import Calibration
+from lowbit_tp.codecs import make_codec
+from lowbit_tp.collectives import ALGORITHMS, DEFAULT_ALGORITHM, AutoPolicy, check_group_config, spawn_ranks
 from lowbit_tp.collectives.launch import init_from_env
+from lowbit_tp.errors import UserError
+from lowbit_tp.models import check_tp, load_model, load_tokenizer
+from lowbit_tp.models.export import export_hf
+from lowbit_tp.models.registry import model_info
+from lowbit_tp.preflight import check_codecs, check_min, check_model_tp
 from lowbit_tp.runtime.generate import SamplingConfig, generate
 from lowbit_tp.runtime.shard import shard_model
 from lowbit_tp.tp.row_parallel import CommHooks, DistReducer
 
-__all__ = ["RunConfig", "rank_main", "run_from_env", "run_tp"]
+__all__ = ["RunConfig", "preflight_run", "rank_main", "run_from_env", "run_tp"]
+
+
+ENGINES = ("native", "transformers")
 
 
 @dataclass(frozen=True)
@@ -40,10 +50,13 @@ class RunConfig:
     """Everything that decides a TP generation run; recorded next to its results.
 
     ``codec`` names a registered codec; ``calibration`` is a ``.safetensors`` path (needed by
-    static codecs, optional for dynamic ones). ``algorithm``: ``auto`` | ``exact`` |
-    ``gather`` | ``two-shot``; ``policy`` sets the thresholds of ``auto``. ``timeout_s`` is
+    static codecs, optional for dynamic ones). ``algorithm``: ``gather`` (default,
+    the one rule of :data:`~lowbit_tp.collectives.DEFAULT_ALGORITHM`) | ``two-shot`` | ``auto`` | ``exact``; ``policy`` sets the thresholds of ``auto``. ``timeout_s`` is
     the process group's collective timeout: a dead peer surfaces as ``CollectiveError``
-    after at most this long. ``ignore_eos`` always generates ``max_new_tokens``.
+    after at most this long. ``ignore_eos`` always generates ``max_new_tokens``. ``engine``:
+    ``native`` (lowbit-tp's own sharding, :func:`~lowbit_tp.runtime.shard.shard_model`) or
+    ``transformers`` (transformers' TP with the ``lowbit_rowwise`` style); both reduce
+    through a :class:`~lowbit_tp.tp.DistReducer` and report the same fields.
     """
 
     model: str
@@ -51,7 +64,7 @@ class RunConfig:
     prompts: tuple[str, ...]
     codec: str = "bf16"
     calibration: str | None = None
-    algorithm: str = "auto"
+    algorithm: str = DEFAULT_ALGORITHM
     policy: AutoPolicy = AutoPolicy()
     max_new_tokens: int = 64
     sampling: SamplingConfig = SamplingConfig()
@@ -59,13 +72,26 @@ class RunConfig:
     timeout_s: float = 60.0
     threads_per_rank: int = 1
     keep_prefill_logits: bool = False
+    engine: str = "native"
 
     def __post_init__(self):
         if isinstance(self.prompts, str):
             raise TypeError("prompts must be a sequence of strings, not one string")
         object.__setattr__(self, "prompts", tuple(self.prompts))
         if not self.prompts:
-            raise ValueError("give at least one prompt")
+            raise UserError("give at least one prompt")
+        empty = [i for i, p in enumerate(self.prompts) if not isinstance(p, str) or not p]
+        if empty:
+            raise UserError(f"prompt {empty[0]} is empty; give some text to continue")
+        check_min(self.tp, "tp")
+        check_min(self.max_new_tokens, "max_new_tokens")
+        check_min(self.threads_per_rank, "threads_per_rank")
+        if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
+            raise UserError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+        if self.algorithm not in ("auto", *ALGORITHMS):
+            raise UserError(f"unknown algorithm {self.algorithm!r}; one of auto, {', '.join(ALGORITHMS)}")
+        if self.engine not in ENGINES:
+            raise UserError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,8 +114,6 @@ def _rss_mib() -> dict[str, float]:
 def _load_calibration(cfg: RunConfig, *, tp: int, info):
     if cfg.calibration is None:
         return None
-    from lowbit_tp.calibration import Calibration
-
     cal = Calibration.load(cfg.calibration)
     cal.check_compatible(tp=tp, hidden_size=info.hidden_size, weights_sha256=info.weights_sha256,
                          model_name=cfg.model)
@@ -106,16 +130,16 @@ def rank_main(rank: int, world: int, cfg: RunConfig, *, group=None, stream: bool
     token)`` runs on every rank after every token (fault-injection hook for tests); ``hooks``
     wrap every row-parallel reduce and its backend collectives (benchmark timers).
     """
-    from lowbit_tp.codecs import make_codec
-    from lowbit_tp.models import check_tp, get_adapter, load_model
-
     if world != cfg.tp:
         raise ValueError(f"the run asks for TP {cfg.tp} but {world} ranks were started")
     t0 = time.perf_counter()
-    model, tokenizer, info = load_model(cfg.model, progress=False)
+    if cfg.engine == "native":
+        model, tokenizer, info = load_model(cfg.model, progress=False)
+        config = model.config
+    else:
+        config, tokenizer, info = _transformers_source(cfg.model)
     load_s = time.perf_counter() - t0
-    adapter = get_adapter(model, name=cfg.model)
-    check_tp(model.config, world, name=cfg.model)
+    check_tp(config, world, name=cfg.model)
     cal = _load_calibration(cfg, tp=world, info=info)
     codec = make_codec(cfg.codec, calibration=cal)
     prompt_ids = [tokenizer(p).input_ids for p in cfg.prompts]
@@ -127,7 +151,13 @@ def rank_main(rank: int, world: int, cfg: RunConfig, *, group=None, stream: bool
     })
     memory = {"after_load": _rss_mib()}
     comm = DistReducer(codec=codec, group=group, algorithm=cfg.algorithm, policy=cfg.policy, hooks=hooks)
-    shard = shard_model(model, rank=rank, tp=world, reducer=comm, adapter=adapter)
+    if cfg.engine == "native":
+        shard = asdict(shard_model(model, rank=rank, tp=world, reducer=comm))
+    else:
+        t1 = time.perf_counter()
+        model = _transformers_tp_model(cfg.model, tp=world, reducer=comm)
+        load_s += time.perf_counter() - t1
+        shard = {"rank": rank, "tp": world, "engine": "transformers", "shard_param_bytes": _local_param_bytes(model)}
     memory["after_shard"] = _rss_mib()
 
     eos = []
@@ -155,13 +185,49 @@ def rank_main(rank: int, world: int, cfg: RunConfig, *, group=None, stream: bool
         "config": cfg.as_dict(),
         "model": asdict(info),
         "codec": codec.config(),
-        "shard": asdict(shard),
+        "shard": shard,
         "memory": memory,
         "load_s": load_s,
         "threads": torch.get_num_threads(),
         "results": results,
         "comm_total": comm.stats.as_dict(),
     }
+
+
+def _transformers_source(name: str):
+    """Config, tokenizer and :class:`ModelInfo` of ``name`` without loading its weights
+    (the info hashes the registry's own weight files, as the native engine does)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(export_hf(name)))
+    return config, load_tokenizer(name), model_info(name, config)
+
+
+def _transformers_tp_model(name: str, *, tp: int, reducer: DistReducer):
+    """``name`` loaded by transformers' TP over the default process group, its row-parallel
+    layers styled ``lowbit_rowwise`` and reducing through ``reducer``."""
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+    from transformers.utils import logging as hf_logging
+
+    from lowbit_tp.integrations.transformers import register_lowbit_rowwise, tp_plan  # imports transformers
+
+    hf_logging.disable_progress_bar()
+    register_lowbit_rowwise(reducer=reducer)
+    model = AutoModelForCausalLM.from_pretrained(str(export_hf(name)), dtype=torch.float32,
+                                                 distributed_config=DistributedConfig(tp_size=tp, tp_plan=tp_plan()))
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _local_param_bytes(model) -> int:
+    """Bytes of this rank's parameters (the local shards of DTensors)."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.numel() * local.element_size()
+    return total
 
 
 def _merge(per_rank: list[dict]) -> dict[str, Any]:
@@ -171,7 +237,7 @@ def _merge(per_rank: list[dict]) -> dict[str, Any]:
 
 
 def run_tp(model: str, *, tp: int, prompts, codec: str = "bf16", calibration_path: str | None = None,
-           max_new_tokens: int = 64, algorithm: str = "auto", policy: AutoPolicy = AutoPolicy(),
+           max_new_tokens: int = 64, algorithm: str = DEFAULT_ALGORITHM, policy: AutoPolicy = AutoPolicy(),
            sampling: SamplingConfig = SamplingConfig(), ignore_eos: bool = False, timeout_s: float = 60.0,
            deadline_s: float | None = None, threads_per_rank: int = 1, stream: bool = False,
            keep_prefill_logits: bool = False) -> dict[str, Any]:
@@ -192,8 +258,17 @@ def run_tp(model: str, *, tp: int, prompts, codec: str = "bf16", calibration_pat
     return run_config(cfg, deadline_s=deadline_s, stream=stream)
 
 
+def preflight_run(cfg: RunConfig) -> None:
+    """The checks of a run that need no model load, done before any rank starts: the model
+    exists and ``cfg.tp`` fits its heads and MLP, every codec can be built with the
+    calibration, which fits the TP degree and hidden size. Raises :class:`UserError`."""
+    config = check_model_tp(cfg.model, cfg.tp)
+    check_codecs([cfg.codec], calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size)
+
+
 def run_config(cfg: RunConfig, *, deadline_s: float | None = None, stream: bool = False) -> dict[str, Any]:
-    """:func:`run_tp` for a ready :class:`RunConfig`."""
+    """:func:`run_tp` for a ready :class:`RunConfig`; :func:`preflight_run` first."""
+    preflight_run(cfg)
     deadline = cfg.timeout_s + 600.0 if deadline_s is None else deadline_s
     per_rank = spawn_ranks(rank_main, cfg.tp, cfg, timeout_s=cfg.timeout_s, deadline_s=deadline,
                            threads=cfg.threads_per_rank, stream=stream)
@@ -209,6 +284,7 @@ def run_from_env(cfg: RunConfig, *, stream: bool = True) -> dict[str, Any] | Non
     """The ``torchrun`` path: this process is one rank. Returns the merged results on rank 0,
     None on the others. ``cfg.tp`` must equal ``WORLD_SIZE``."""
     torch.set_num_threads(cfg.threads_per_rank)
+    preflight_run(cfg)
     rank, world = init_from_env(timeout_s=cfg.timeout_s)
     try:
         mine = rank_main(rank, world, cfg, stream=stream)

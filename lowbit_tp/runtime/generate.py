@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from lowbit_tp.collectives import CollectiveError, CommStats
+from lowbit_tp.errors import UserError
 
 __all__ = ["GenerationResult", "SamplingConfig", "generate", "select_token"]
 
@@ -36,11 +37,11 @@ class SamplingConfig:
 
     def __post_init__(self):
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise UserError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise UserError(f"top_k must be >= 0, got {self.top_k}")
 
 
 @dataclass
@@ -120,7 +121,9 @@ def _diff(after: CommStats, before: CommStats) -> dict:
     d = CommStats(bytes_sent=after.bytes_sent - before.bytes_sent,
                   payload_bytes=after.payload_bytes - before.payload_bytes,
                   values=after.values - before.values, calls=after.calls - before.calls,
-                  by_algorithm={k: v for k, v in algos.items() if v})
+                  by_algorithm={k: v for k, v in algos.items() if v},
+                  wire_values=after.wire_values - before.wire_values,
+                  ring_values=after.ring_values - before.ring_values)
     return d.as_dict()
 
 

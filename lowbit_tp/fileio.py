@@ -1,0 +1,57 @@
+"""Result files: check an output path before the work, write it atomically after.
+
+Every result writer (``run --json``, ``eval --json``, the benchmarks) goes through
+:func:`check_output_path` before it starts and :func:`atomic_write_text` at the end, so a
+run never ends by losing its results to a missing directory, and a reader never sees a
+half-written file (the text goes to a temporary file in the same directory, then
+``os.replace``).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from lowbit_tp.errors import UserError
+
+__all__ = ["atomic_write_text", "check_output_path"]
+
+
+def check_output_path(path: str | os.PathLike, *, what: str = "output file") -> Path:
+    """Create ``path``'s directory if needed and check a file can be written there.
+
+    Raises :class:`~lowbit_tp.errors.UserError` when ``path`` is a directory, its parent
+    is a file, or the directory is not writable. Returns ``path`` as a ``Path``.
+    """
+    p = Path(path).expanduser()
+    if str(path) == "" or p.is_dir():
+        raise UserError(f"{what} {str(path)!r} is a directory; give a file name")
+    parent = p.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"cannot write {what} {p}: a part of {parent} is a file, not a directory") from None
+    except OSError as exc:
+        raise UserError(f"cannot create the directory of {what} {p}: {exc.strerror or exc}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {what} {p}: directory {parent} is not writable")
+    return p
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+    p = check_output_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return p

@@ -1,0 +1,118 @@
+"""lowbit-tp inside Hugging Face transformers' own tensor parallelism (imports transformers).
+
+transformers shards a model at load time from a TP plan (``DistributedConfig(tp_size=N,
+tp_plan=...)``) whose values name styles registered in ``ALL_PARALLEL_STYLES``. This
+module registers one more style, ``lowbit_rowwise``: transformers' ``RowwiseParallel``
+(same weight sharding, bias hidden from the local matmul) whose output boundary reduces
+the ``[batch, seq, E]`` partial through a :class:`~lowbit_tp.tp.Reducer` (by default a
+:class:`~lowbit_tp.tp.DistReducer` over the TP mesh's process group, i.e. one compressed
+:func:`~lowbit_tp.collectives.all_reduce`) instead of ``dist.all_reduce``::
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.integrations.transformers import register_lowbit_rowwise, tp_plan
+
+    # under torchrun --nproc-per-node 3
+    register_lowbit_rowwise(codec=make_codec("int4-g32"), algorithm="auto")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, distributed_config=DistributedConfig(tp_size=3, tp_plan=tp_plan()))
+    with torch.no_grad():
+        model(ids)          # o_proj / down_proj outputs travel compressed
+
+One style instance serves every layer, so the style learns each module's name when
+transformers hands it the module's weight to validate (``validate_param`` gets the full
+parameter name) and tags the module with it; static codecs look up their calibrated
+scales by that name (``model.layers.3.mlp.down_proj``, the simulator's names too).
+
+Only inference is compressed (``torch.no_grad()``, local tensors); a forward that needs
+gradients raises, since the compressed collective has no backward.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+from transformers.distributed.tensor_parallel import RowwiseParallel
+
+from lowbit_tp.codecs.base import Codec
+from lowbit_tp.collectives import AutoPolicy, CommStats
+from lowbit_tp.tp.plan import DECODER_PLAN, TPPlan
+from lowbit_tp.tp.row_parallel import CommHooks, DistReducer, Reducer
+
+__all__ = ["STYLE_NAME", "LowbitRowwiseParallel", "register_lowbit_rowwise", "tp_plan"]
+
+STYLE_NAME = "lowbit_rowwise"
+_NAME_ATTR = "_lowbit_tp_layer"
+
+
+class LowbitRowwiseParallel(RowwiseParallel):
+    """transformers' ``RowwiseParallel`` whose output all-reduce is lowbit-tp's.
+
+    Keyword-only: ``codec`` and ``algorithm``/``policy``/``hooks`` configure the
+    :class:`~lowbit_tp.tp.DistReducer` built (once per process group) over the TP mesh;
+    ``reducer`` replaces it with any :class:`~lowbit_tp.tp.Reducer` (e.g. a test's
+    recording one). Triggers one :func:`~lowbit_tp.collectives.all_reduce` per forward.
+    """
+
+    def __init__(self, *, codec: Codec | None = None, algorithm: str = "auto", policy: AutoPolicy | None = None,
+                 hooks: CommHooks = CommHooks(), reducer: Reducer | None = None):
+        super().__init__()
+        if codec is None and reducer is None:
+            raise ValueError("give a codec (or a reducer) for the lowbit_rowwise style")
+        self.codec, self.algorithm, self.policy, self.hooks = codec, algorithm, policy, hooks
+        self.reducer = reducer
+        self._by_group: dict[int, DistReducer] = {}
+
+    def validate_param(self, module, param, mesh, parameter_name=None):
+        if parameter_name is not None:
+            setattr(module, _NAME_ATTR, parameter_name.rpartition(".")[0])
+        return super().validate_param(module, param, mesh, parameter_name=parameter_name)
+
+    def reducer_for(self, group) -> Reducer:
+        """The reducer of ``group`` (the TP mesh's process group)."""
+        if self.reducer is not None:
+            return self.reducer
+        key = id(group)
+        if key not in self._by_group:
+            self._by_group[key] = DistReducer(codec=self.codec, group=group, algorithm=self.algorithm,
+                                              policy=self.policy, hooks=self.hooks)
+        return self._by_group[key]
+
+    def transform_output_post_forward(self, module, output, mesh):
+        local = isinstance(module, torch.nn.Linear) and isinstance(output, torch.Tensor) and not (
+            output.requires_grad or type(output).__name__ == "DTensor")
+        if not local:
+            raise RuntimeError("lowbit_rowwise compresses inference only: run the model under torch.no_grad()")
+        name = getattr(module, _NAME_ATTR, None)
+        if name is None:
+            raise RuntimeError("lowbit_rowwise: module has no layer name; was it sharded by from_pretrained?")
+        group = mesh.get_group() if mesh.ndim == 1 else mesh.get_group("tp")
+        e = output.shape[-1]
+        y = self.reducer_for(group).reduce([output.reshape(-1, e)], layer=name).reshape(output.shape)
+        bias = module._parameters.get("bias")
+        if bias is not None:
+            y = y + (bias.to_local() if hasattr(bias, "to_local") else bias)
+        return y
+
+    def stats(self) -> CommStats:
+        """This process's traffic over every group it built a reducer for."""
+        return CommStats.total(r.stats for r in self._by_group.values())
+
+
+def register_lowbit_rowwise(*, codec: Codec | None = None, algorithm: str = "auto", policy: AutoPolicy | None = None,
+                            hooks: CommHooks = CommHooks(), reducer: Reducer | None = None,
+                            name: str = STYLE_NAME) -> LowbitRowwiseParallel:
+    """Register a :class:`LowbitRowwiseParallel` as style ``name`` (replacing an earlier
+    one of that name) and return it; call before ``from_pretrained``."""
+    style = LowbitRowwiseParallel(codec=codec, algorithm=algorithm, policy=policy, hooks=hooks, reducer=reducer)
+    ALL_PARALLEL_STYLES.register(name, style)
+    return style
+
+
+def tp_plan(plan: TPPlan = DECODER_PLAN, *, style: str = STYLE_NAME, prefix: str = "model.") -> dict[str, Any]:
+    """The ``DistributedConfig(tp_plan=...)`` for a causal LM of the supported families:
+    q/k/v and gate/up ``colwise``, o_proj and down_proj ``style``; keys carry ``prefix``."""
+    return plan.transformers_plan(prefix=prefix, rowwise=style)

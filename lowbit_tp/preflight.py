@@ -1,0 +1,158 @@
+"""Checks that run in the parent, before any model load or rank spawn, in well under 5 s.
+
+Each check raises :class:`~lowbit_tp.errors.UserError` with one clear sentence. They read
+only what is cheap: a model's header (:func:`~lowbit_tp.models.quick_config.quick_config`,
+never the weights), the calibration file (a few MB), the codec registry. The runtime,
+evaluation and calibration entry points call them first, so a bad TP degree or codec
+name fails in a second instead of after every rank has loaded the model.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from lowbit_tp.errors import UserError
+
+__all__ = [
+    "check_calibration_file",
+    "check_codecs",
+    "check_min",
+    "check_model_tp",
+    "check_seq_len",
+    "check_text",
+]
+
+
+def check_min(value: Any, name: str, minimum: float = 1) -> None:
+    """``value`` must be a number ``>= minimum`` (and finite); ``name`` is the flag shown."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        raise UserError(f"{name} must be {'a positive integer' if minimum == 1 else f'>= {minimum}'}, got {value!r}")
+
+
+def check_model_tp(model: str, tp: int) -> Any:
+    """The model's header config; raises when the model is unknown or ``tp`` does not fit it,
+    listing the TP degrees that do."""
+    from lowbit_tp.models import check_tp
+    from lowbit_tp.models.quick_config import quick_config
+
+    check_min(tp, "the TP degree (--tp)")
+    try:
+        config = quick_config(model)
+    except (ValueError, OSError, ModuleNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    try:
+        check_tp(config, tp, name=model)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return config
+
+
+def check_calibration_file(path: str | Path):
+    """Load a calibration artifact (small) with a clear error for a directory or a bad file."""
+    from lowbit_tp.calibration import Calibration, CalibrationError
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise UserError(f"calibration path {p} is a directory; give the .safetensors file "
+                        f"written by `lowbit-tp calibrate --out`")
+    if not p.exists():
+        raise UserError(f"calibration file {p} does not exist")
+    try:
+        return Calibration.load(p)
+    except CalibrationError as exc:
+        raise UserError(str(exc)) from None
+
+
+def check_codecs(names: Iterable[str], *, calibration: str | Path | None = None, tp: int | None = None,
+                 hidden_size: int | None = None, build: bool = True):
+    """Every codec name is registered and (``build``) can be built with this calibration; the
+    calibration fits ``tp`` and ``hidden_size``. Returns the loaded calibration (or None)."""
+    from lowbit_tp.calibration import CalibrationError
+    from lowbit_tp.codecs import CODEC_ALIASES, list_codecs, make_codec
+
+    names = list(names)
+    if not names:
+        raise UserError("give at least one codec")
+    known = list_codecs()
+    unknown = [n for n in names if CODEC_ALIASES.get(n, n) not in known]
+    if unknown:
+        raise UserError(f"unknown codec {unknown[0]!r}; known codecs: {', '.join([*CODEC_ALIASES, *known])}")
+    if not build:
+        return None
+    cal = None if calibration is None else check_calibration_file(calibration)
+    try:
+        if cal is not None:
+            cal.check_compatible(tp=tp, hidden_size=hidden_size)
+        for name in names:
+            make_codec(name, calibration=cal)
+    except (CalibrationError, KeyError, ValueError) as exc:
+        raise UserError(str(exc).strip("'\"")) from None
+    return cal
+
+
+def check_seq_len(seq_len: int, config: Any, *, flag: str = "--seq-len") -> list[str]:
+    """At least 2 tokens (a window of 1 predicts nothing). Returns a warning (a list of
+    0 or 1 sentences) when ``seq_len`` exceeds the model's context."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise UserError(f"{flag} must be at least 2 (a window of 1 token has no next token to predict), "
+                        f"got {seq_len!r}")
+    context = getattr(config, "max_position_embeddings", None)
+    if context and seq_len > int(context):
+        return [f"{flag} {seq_len} exceeds the model's context of {context} tokens; "
+                f"results beyond it are not meaningful"]
+    return []
+
+
+def check_text(text: str | Path | None, glob: str = "*") -> None:
+    """A user text path must exist and hold decodable text (the default corpus is not read here)."""
+    if text is None:
+        return
+    from lowbit_tp.data import load_split
+
+    try:
+        load_split(text, glob=glob)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def _warn_with(warn: Callable[[str], None] | None) -> Callable[[str], None]:
+    if warn is not None:
+        return warn
+    import warnings
+
+    return lambda text: warnings.warn(text, UserWarning, stacklevel=3)
+
+
+def preflight_eval(cfg: Any, *, out: str | Path | None = None, warn: Callable[[str], None] | None = None) -> None:
+    """``lowbit-tp eval``'s checks (an ``EvalConfig``): model and TP degree, window length,
+    codecs with the calibration, the user's text, the output path. Warnings go to ``warn``
+    as soon as found (default: ``warnings.warn``)."""
+    from lowbit_tp.fileio import check_output_path
+
+    config = check_model_tp(cfg.model, cfg.tp)
+    for text in check_seq_len(cfg.seq_len, config):
+        _warn_with(warn)(text)
+    check_min(cfg.samples, "--samples")
+    check_codecs(cfg.codecs, calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size)
+    check_text(cfg.text, getattr(cfg, "text_glob", "*"))
+    if out:
+        check_output_path(out)
+
+
+def preflight_calibrate(cfg: Any, *, out: str | Path, warn: Callable[[str], None] | None = None) -> None:
+    """``lowbit-tp calibrate``'s checks (a ``CalibrationConfig``): model and TP degree, window
+    length, ``k`` at most the hidden size, the allocation codecs, the text, the output path.
+    Warnings go to ``warn`` (default: ``warnings.warn``)."""
+    from lowbit_tp.fileio import check_output_path
+
+    config = check_model_tp(cfg.model, cfg.tp)
+    for text in check_seq_len(cfg.seq_len, config):
+        _warn_with(warn)(text)
+    if cfg.k is not None and not 1 <= cfg.k <= config.hidden_size:
+        raise UserError(f"--k {cfg.k}: the outlier channel count must be between 1 and the hidden size "
+                        f"{config.hidden_size}")
+    if cfg.allocate:
+        check_codecs([cfg.alloc_low, cfg.alloc_high], build=False)
+    check_text(cfg.text, getattr(cfg, "text_glob", "*"))
+    check_output_path(out, what="calibration file")

@@ -1,0 +1,393 @@
+"""Faults and bad input, as a user meets them (issue 12's "Must show").
+
+Lifecycle: a real ``lowbit-tp bench-comm`` on 2 spawned ranks (synthetic partials, no model,
+repeats large enough to run until stopped), signalled from outside. Each case checks that
+the run ends within its bound, that no process it started is left (``/proc``), that its
+temporary directory is gone, and that stderr is one line.
+
+Bad flags: every case of the issue fails in under 5 s with one line and status 2, before
+any model load or rank spawn (the parent never loads weights for these checks).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOP = ["bench-comm", "--world-size", "2", "--codec", "int8", "--algorithm", "gather", "--numel", "4096",
+        "--hidden", "64", "--repeats", "100000000", "--no-throughput"]
+
+
+# ------------------------------------------------------------------ /proc helpers
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4: the parent's pid
+                out.append(int(d.name))
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    seen, todo = set(), [pid]
+    while todo:
+        for c in _children(todo.pop()):
+            if c not in seen:
+                seen.add(c)
+                todo.append(c)
+    return seen
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+
+
+def _status(pid: int, field: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _ranks_running(pid: int, world: int, timeout: float = 60.0) -> list[int]:
+    """The spawned ranks of ``pid`` once each has entered its rank function: the rank
+    entry switches SIGINT from ignored (inherited at start) back to its default action,
+    so bit 2 of SigIgn clears."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        ranks = [c for c in _children(pid) if "spawn_main" in _cmdline(c)]
+        try:
+            ready = [c for c in ranks if not int(_status(c, "SigIgn") or "0", 16) & (1 << (signal.SIGINT - 1))]
+        except OSError:
+            ready = []
+        if len(ranks) == world and len(ready) == world:
+            return ranks
+        time.sleep(0.1)
+    raise AssertionError(f"ranks of {pid} did not start: {[(c, _cmdline(c)) for c in _children(pid)]}")
+
+
+@contextlib.contextmanager
+def _cli(args: list[str], tmp_path: Path, **popen):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
+    env.pop("LOWBIT_TP_DEBUG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "lowbit_tp.cli", *args], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def _finish(proc, started: set[int], tmp_path: Path, *, within: float) -> tuple[int, str, float]:
+    """Wait for the CLI to exit; check nothing it started is left and the temp dir is gone."""
+    t0 = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=within)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"the run did not end within {within} s")
+    took = time.monotonic() - t0
+    end = time.monotonic() + 5  # SIGKILL'd ranks may take a moment to be reaped
+    while any(_alive(p) for p in started) and time.monotonic() < end:
+        time.sleep(0.05)
+    left = [(p, _cmdline(p)) for p in started if _alive(p)]
+    assert not left, f"processes left behind: {left}"
+    assert not list(tmp_path.glob("lowbit_tp_ranks_*")), "temporary directory left behind"
+    return proc.returncode, err, took
+
+
+def _one_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ------------------------------------------------------------------ lifecycle
+def _listening_addresses(pids) -> list[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) of the TCP sockets ``pids`` listen on."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    out = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pids[0]}/net/{table}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # state LISTEN, owned by our processes
+                out.append(f[1])
+    return out
+
+
+def test_sigterm_to_parent_kills_ranks_and_tracker_and_removes_temp_dir(tmp_path):
+    """Also: while the ranks run, every TCP socket the parent or a rank listens on is bound
+    to 127.0.0.1 (the rendezvous store and gloo), none to 0.0.0.0 or ::."""
+    with _cli(LOOP + ["--timeout", "30"], tmp_path) as proc:
+        ranks = _ranks_running(proc.pid, 2)
+        started = _descendants(proc.pid)  # 2 ranks + multiprocessing's resource tracker
+        assert len(started) >= 3, [(p, _cmdline(p)) for p in started]
+        assert list(tmp_path.glob("lowbit_tp_ranks_*"))
+        time.sleep(1.0)  # let gloo set up its listeners
+        listening = _listening_addresses([proc.pid, *ranks])
+        assert listening, "found no listening socket of the run"
+        loopback = ("0100007F:", "0000000000000000FFFF00000100007F:", "00000000000000000000000001000000:")
+        assert all(addr.startswith(loopback) for addr in listening), listening
+        proc.send_signal(signal.SIGTERM)
+        rc, err, took = _finish(proc, started, tmp_path, within=10)
+    assert rc == 128 + signal.SIGTERM
+    assert "terminated" in _one_line(err)
+
+
+def test_sigint_to_parent_alone_stops_ranks_at_once(tmp_path):
+    with _cli(LOOP + ["--timeout", "30"], tmp_path) as proc:
+        ranks = _ranks_running(proc.pid, 2)
+        started = _descendants(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        rc, err, took = _finish(proc, started, tmp_path, within=10)
+    assert rc == 130 and _one_line(err) == "lowbit-tp: interrupted"
+    assert took < 5 and not any(_alive(r) for r in ranks)
+
+
+def test_terminal_ctrl_c_prints_one_line(tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground process group: parent and ranks."""
+    with _cli(LOOP + ["--timeout", "30"], tmp_path, start_new_session=True) as proc:
+        _ranks_running(proc.pid, 2)
+        started = _descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        rc, err, _ = _finish(proc, started, tmp_path, within=10)
+    assert rc == 130 and _one_line(err) == "lowbit-tp: interrupted"
+
+
+def test_stalled_rank_is_reported_within_the_timeout(tmp_path):
+    """SIGSTOP on rank 1: rank 0's collective times out, and the parent reports that first
+    failure at once and kills the stopped rank, instead of waiting for the deadline."""
+    timeout = 4
+    with _cli(LOOP + ["--timeout", str(timeout)], tmp_path) as proc:
+        ranks = _ranks_running(proc.pid, 2)
+        started = _descendants(proc.pid)
+        time.sleep(1.5)  # into the benchmark's collectives
+        stopped = max(ranks)  # the later-started rank: rank 1
+        os.kill(stopped, signal.SIGSTOP)
+        rc, err, took = _finish(proc, started, tmp_path, within=timeout + 10)
+    line = _one_line(err)
+    assert rc == 1 and took < timeout + 6, (took, line)
+    assert line.startswith("lowbit-tp: error: rank 0: ") and "stopped the other 1 rank" in line, line
+
+
+def test_signalled_rank_is_reported_at_once(tmp_path):
+    """SIGINT to one rank (SIGTERM takes the same default action): that rank ends without
+    a traceback, the parent names it at once and stops the other rank."""
+    with _cli(LOOP + ["--timeout", "30"], tmp_path) as proc:
+        ranks = _ranks_running(proc.pid, 2)
+        started = _descendants(proc.pid)
+        os.kill(max(ranks), signal.SIGINT)
+        rc, err, took = _finish(proc, started, tmp_path, within=10)
+    line = _one_line(err)
+    assert rc == 1 and took < 5, (took, line)
+    assert "rank 1 was killed by SIGINT" in line and "stopped the other 1 rank" in line, line
+
+
+def test_sigkill_of_parent_takes_the_ranks_with_it(tmp_path):
+    """Nothing runs in the parent after SIGKILL: the ranks' parent-death signal ends them."""
+    with _cli(LOOP + ["--timeout", "30"], tmp_path) as proc:
+        _ranks_running(proc.pid, 2)
+        started = _descendants(proc.pid)  # the ranks and the resource tracker
+        proc.kill()
+        proc.wait(5)
+        end = time.monotonic() + 5
+        while any(_alive(p) for p in started) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not [(p, _cmdline(p)) for p in started if _alive(p)]
+
+
+# ------------------------------------------------------------------ bad input: one line, < 5 s, no spawn
+def _tiny_checkpoint(root: Path) -> str:
+    """A config.json is all the checks read (no weights are needed to refuse a flag)."""
+    path = root / "tiny"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 128, "num_hidden_layers": 2, "max_position_embeddings": 64}))
+    return str(path)
+
+
+def _run_main(argv) -> tuple[int, str, float]:
+    from lowbit_tp.cli import main
+
+    err = io.StringIO()
+    t0 = time.monotonic()
+    with contextlib.redirect_stderr(err):
+        try:
+            rc = main(argv)
+        except SystemExit as exc:  # argparse
+            rc = exc.code
+    return rc, err.getvalue(), time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    model = _tiny_checkpoint(root)
+    (root / "cal_dir").mkdir()
+    (root / "binary.txt").write_bytes(bytes(range(128, 256)) * 200)
+    return root, model
+
+
+BAD = {
+    # name: (argv with {model} / {root}, words the message must contain)
+    "run --tp 0": (["run", "--model", "{model}", "--tp", "0", "--prompt", "hi"], ["--tp", "positive"]),
+    "run --tp 64": (["run", "--model", "{model}", "--tp", "64", "--prompt", "hi"], ["TP degree 64", "valid degrees: 1, 2, 4"]),
+    "run --tp 3": (["run", "--model", "{model}", "--tp", "3", "--prompt", "hi"], ["TP degree 3", "valid degrees"]),
+    "run --max-new-tokens 0": (["run", "--model", "{model}", "--tp", "2", "--prompt", "hi", "--max-new-tokens", "0"],
+                               ["--max-new-tokens", "positive"]),
+    "run --prompt ''": (["run", "--model", "{model}", "--tp", "2", "--prompt", ""], ["prompt 0 is empty"]),
+    "run unknown model": (["run", "--model", "{root}/nowhere", "--tp", "2", "--prompt", "hi"], ["unknown model"]),
+    "run --codec nope": (["run", "--model", "{model}", "--tp", "2", "--prompt", "hi", "--codec", "nope"],
+                         ["unknown codec 'nope'"]),
+    "run static codec, no calibration": (["run", "--model", "{model}", "--tp", "2", "--prompt", "hi", "--codec",
+                                          "int4-outlier"], ["needs a calibration"]),
+    "run --calibration DIR": (["run", "--model", "{model}", "--tp", "2", "--prompt", "hi", "--codec", "int4-outlier",
+                               "--calibration", "{root}/cal_dir"], ["is a directory"]),
+    "run --calibration missing": (["run", "--model", "{model}", "--tp", "2", "--prompt", "hi", "--codec",
+                                   "int4-outlier", "--calibration", "{root}/none.safetensors"], ["does not exist"]),
+    "run --json under a file": (["run", "--model", "{model}", "--tp", "2", "--prompt", "hi", "--json",
+                                 "{root}/binary.txt/out.json"], ["cannot write", "is a file"]),
+    "run --timeout 0": (["run", "--model", "{model}", "--tp", "2", "--prompt", "hi", "--timeout", "0"], ["--timeout"]),
+    "bench-comm --codec nope": (["bench-comm", "--codec", "nope"], ["unknown codec 'nope'"]),
+    "bench-comm --world-size 0": (["bench-comm", "--world-size", "0"], ["--world-size", "positive"]),
+    "bench-comm --repeats 0": (["bench-comm", "--repeats", "0"], ["--repeats", "positive"]),
+    "bench-comm --hidden 0": (["bench-comm", "--hidden", "0"], ["--hidden", "positive"]),
+    "calibrate --k 10000": (["calibrate", "--model", "{model}", "--tp", "2", "--seq-len", "32", "--k", "10000", "--out",
+                             "{root}/c.safetensors"], ["--k 10000", "hidden size 64"]),
+    "calibrate --out DIR": (["calibrate", "--model", "{model}", "--tp", "2", "--seq-len", "32", "--out", "{root}/cal_dir"],
+                            ["is a directory"]),
+    "eval --seq-len 1": (["eval", "--model", "{model}", "--tp", "2", "--codec", "bf16", "--seq-len", "1"],
+                         ["at least 2"]),
+    "eval undecodable text": (["eval", "--model", "{model}", "--tp", "2", "--codec", "bf16", "--seq-len", "32", "--text",
+                               "{root}/binary.txt"], ["not UTF-8 text"]),
+    "eval --tp 3": (["eval", "--model", "{model}", "--tp", "3", "--codec", "bf16"], ["TP degree 3"]),
+    "demo --tp 3": (["demo", "--model", "{model}", "--tp", "3"], ["TP degree 3"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_fails_fast_with_one_line(case, bad_inputs, monkeypatch):
+    from lowbit_tp.collectives import launch
+
+    root, model = bad_inputs
+    argv_t, words = BAD[case]
+    argv = [a.format(model=model, root=root) for a in argv_t]
+    # Nothing may be spawned or loaded for a bad flag.
+    monkeypatch.setattr(launch.mp, "get_context", lambda *a: pytest.fail("spawned ranks for a bad flag"))
+    rc, err, took = _run_main(argv)
+    line = _one_line(err)
+    assert rc == 2, (rc, err)
+    assert took < 5, took
+    assert line.startswith("lowbit-tp"), line
+    for w in words:
+        assert w in line, (w, line)
+
+
+def test_seq_len_beyond_the_context_warns_in_one_line(bad_inputs, tmp_path):
+    """9000 > 64 positions of the tiny model: a one-line warning, then (here) the text check refuses."""
+    root, model = bad_inputs
+    rc, err, _ = _run_main(["eval", "--model", model, "--tp", "2", "--codec", "bf16", "--seq-len", "9000",
+                            "--text", str(root / "binary.txt")])
+    lines = err.strip().splitlines()
+    assert lines[0] == ("lowbit-tp: warning: --seq-len 9000 exceeds the model's context of 64 tokens; "
+                        "results beyond it are not meaningful"), err
+    assert rc == 2 and len(lines) == 2
+
+
+def test_rank_error_reaches_the_user_as_one_line():
+    from lowbit_tp.collectives import RankFailure, spawn_ranks
+
+    t0 = time.monotonic()
+    with pytest.raises(RankFailure) as info:
+        spawn_ranks(_rank_zero_fails_rank_one_waits, 2, timeout_s=60)
+    assert time.monotonic() - t0 < 30  # not the 60 s timeout: the first failure ends the run
+    assert info.value.summary == "rank 0: ZeroDivisionError: division by zero (stopped the other 1 rank)"
+    assert "Traceback" in str(info.value)  # the full report is kept for LOWBIT_TP_DEBUG
+
+
+def _rank_zero_fails_rank_one_waits(rank, world):
+    if rank == 0:
+        # Ranks show no progress bars (the GGUF loader's tqdm bars of N ranks interleave).
+        from tqdm.auto import tqdm
+
+        if not tqdm(range(2)).disable:
+            raise AssertionError("tqdm bars are enabled in a rank")
+        return 1 / 0
+    time.sleep(120)
+
+
+def test_version_comes_from_the_package_metadata():
+    from importlib.metadata import PackageNotFoundError, version
+
+    import lowbit_tp
+
+    try:
+        expected = version("lowbit-tp")
+    except PackageNotFoundError:
+        expected = "0+unknown"
+    assert lowbit_tp.__version__ == expected and lowbit_tp.__version__ != "0"
+
+
+def test_output_path_is_created_up_front_and_written_atomically(tmp_path):
+    from lowbit_tp.errors import UserError
+    from lowbit_tp.fileio import atomic_write_text, check_output_path
+
+    target = tmp_path / "missing" / "deeper" / "out.json"
+    assert check_output_path(target) == target and target.parent.is_dir() and not target.exists()
+    atomic_write_text(target, "first")
+    atomic_write_text(target, "second")
+    assert target.read_text() == "second"
+    assert [p.name for p in target.parent.iterdir()] == ["out.json"]  # no temporary file left
+    with pytest.raises(UserError, match="is a directory"):
+        check_output_path(tmp_path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        check_output_path(tmp_path / "file" / "out.json")
+
+
+def test_a_stray_byte_is_kept_but_binary_text_is_refused(tmp_path):
+    from lowbit_tp.data import load_documents
+
+    ok = tmp_path / "ok.txt"
+    ok.write_bytes(b"To be, or not to be: that is the question. \xff Whether 'tis nobler in the mind")
+    assert "question" in load_documents(ok)[0].text
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ab " + bytes(range(128, 256)))
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        load_documents(bad)
