@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that contribute subcommands (calibrate, eval, run, bench-e2e) through a
 # ``register(subparsers)`` function; imported here, not at the top, so `--help` stays fast.
-_EXTRA_MODULES = ("lowbit_tp.evaluation.cli", "lowbit_tp.runtime.cli", "lowbit_tp.bench.e2e",
+_EXTRA_MODULES = ("lowbit_tp.evaluation.cli", "lowbit_tp.runtime.cli", "lowbit_tp.bench.e2e.cli",
                   "lowbit_tp.integrations.vllm.cli")
 
 

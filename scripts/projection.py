@@ -52,7 +52,7 @@ SCHEMES = (
 
 ASSUMPTIONS = [
     f"Model: {MODEL['name']}, hidden {MODEL['hidden']}, {MODEL['layers']} layers, "
-    f"{MODEL['allreduces_per_layer']} all-reduces per layer (after o_proj and down_proj, METHOD.md §1); "
+    f"{MODEL['allreduces_per_layer']} all-reduces per layer (after o_proj and down_proj); "
     f"partials are bf16 ({ACT_BYTES} bytes/value) on the GPU.",
     f"Prefill: one sequence of {PREFILL_TOKENS} tokens, so each all-reduce moves [{PREFILL_TOKENS}, "
     f"{MODEL['hidden']}]. Decode: a batch of {DECODE_BATCH} sequences, one token each, [{DECODE_BATCH}, "
@@ -78,7 +78,9 @@ ASSUMPTIONS = [
     "two-shot chunk payloads are payload_nbytes of [ceil(tokens/N), hidden].",
     "Codec time = values / throughput, with throughput in values/s from the measured encode/decode GB/s "
     "of fp32 input (GB/s * 1e9 / 4): the GPU table uses docs/bench/gpu_check.json (H200, unfused "
-    "PyTorch ops, one stream), the CPU contrast uses docs/bench/comm.json codec_speed (one CPU thread). "
+    "PyTorch ops, one stream, measured in an earlier session: no GPU was lent in the session that added the "
+    "Triton and CPU kernels, so the GPU tables keep these unfused numbers), the CPU contrast uses "
+    "docs/bench/comm.json codec_speed (one CPU thread, eager reference and compiled CPU kernels). "
     "Codec work is not overlapped with the transfer (pessimistic for a fused/pipelined kernel).",
     f"Compute (for the end-to-end column): prefill = 2 * params * tokens / (N * {GPU['bf16_flops'] / 1e12:.0f} "
     f"TFLOP/s * MFU {GPU['mfu_prefill']}); decode = weights (2 B/param) / (N * {GPU['hbm_bytes_per_s'] / 1e12:.2f} "
@@ -86,7 +88,7 @@ ASSUMPTIONS = [
     f"overlap of compute and communication.",
     f"Fused-kernel scenario (last tables): encode and decode at {FUSED_VALUES_PER_S / 1e12:.1f}e12 values/s, "
     "an HBM-bandwidth bound (4.8 TB/s H200 HBM3e / ~3 bytes touched per value); an assumption, not a "
-    "measurement: no fused kernel exists in this repository.",
+    "measurement: the Triton kernels (docs/kernels.md) have not been timed on a GPU yet.",
     "Not modelled: the two-shot re-quantization error (needs sum scales), message-size fallback to exact, "
     "kernel launch overheads beyond alpha, PCIe/NIC protocol overheads beyond the effective bandwidths given.",
 ]
@@ -103,14 +105,28 @@ def _codec(name: str):
     return make_codec(name, calibration=cal)
 
 
+def _cpu_speed(r: dict) -> dict[str, float]:
+    """values/s of one CPU codec-speed row; decoding from its decode-and-sum time when measured
+    (``world`` payloads decoded and summed per ``numel`` values of output)."""
+    dec = r["decode_sum_gbps"] * r["world"] if "decode_sum_gbps" in r else r["decode_gbps"]
+    return {"encode": r["encode_gbps"] * 1e9 / 4, "decode": dec * 1e9 / 4}
+
+
 def load_speeds() -> dict[str, dict[str, dict[str, float]]]:
-    """{"gpu"|"cpu": {codec: {"encode": values/s, "decode": values/s}}} from the bench JSONs."""
+    """{"gpu"|"cpu"|"cpu-kernels"|"fused": {codec: {"encode": values/s, "decode": values/s}}}.
+
+    ``gpu``: docs/bench/gpu_check.json (H200, unfused PyTorch); ``cpu``: the eager reference
+    on one CPU thread and ``cpu-kernels``: the compiled CPU kernels, both from
+    docs/bench/comm.json codec_speed; ``fused``: the assumed HBM-bound GPU kernel.
+    """
     gpu = json.loads((ROOT / "docs/bench/gpu_check.json").read_text())["rows"]
     cpu = json.loads((ROOT / "docs/bench/comm.json").read_text())["codec_speed"]
     conv = lambda rows: {r["codec"]: {"encode": r["encode_gbps"] * 1e9 / 4, "decode": r["decode_gbps"] * 1e9 / 4}
                          for r in rows}
     fused = {r["codec"]: {"encode": FUSED_VALUES_PER_S, "decode": FUSED_VALUES_PER_S} for r in gpu}
-    return {"gpu": conv(gpu), "cpu": conv(cpu), "fused": fused}
+    ref = {r["codec"]: _cpu_speed(r) for r in cpu if r.get("backend", "reference") == "reference"}
+    fast = {r["codec"]: _cpu_speed(r) for r in cpu if r.get("backend") == "cpu"}
+    return {"gpu": conv(gpu), "cpu": ref, "cpu-kernels": fast, "fused": fused}
 
 
 def allreduce_time(codec_name: str, algorithm: str, *, tokens: int, tp: int, link: tuple[float, float],
@@ -194,6 +210,8 @@ def _grid(rows: list[dict], phase: str, value: str, schemes) -> str:
 
 def write_doc(path: Path) -> None:
     gpu, cpu, fused = project("gpu"), project("cpu"), project("fused")
+    have_fast = all(c in load_speeds()["cpu-kernels"] for _, c, a in SCHEMES if a != "allreduce")
+    cpu_fast = project("cpu-kernels") if have_fast else []
     byte_rows = []
     for label, codec, algo in SCHEMES:
         r = next(x for x in gpu if x["phase"] == "prefill" and x["scheme"] == label and x["tp"] == 8)
@@ -213,7 +231,7 @@ def write_doc(path: Path) -> None:
         "## Bytes each rank sends per all-reduce, TP 8, prefill",
         "",
         "bits/value = bytes sent per rank * 8 / values in the partial (so the gather row includes the "
-        "(N-1) copies); ratio = bf16 all-reduce bytes / scheme bytes (METHOD.md §3: gather only saves bytes "
+        "(N-1) copies); ratio = bf16 all-reduce bytes / scheme bytes (gather sends N-1 payloads against a ring's 2(N-1)/N, so it only saves bytes "
         "below TP 8).",
         "",
         "| scheme | bits sent per value | byte ratio vs bf16 all-reduce |",
@@ -241,12 +259,17 @@ def write_doc(path: Path) -> None:
     lines += [
         "## Contrast: the same projection with the codecs running on one CPU thread",
         "",
-        "Communication speed-up over bf16 all-reduce, prefill, with `docs/bench/comm.json` codec throughput: "
-        "the codec, not the wire, becomes the bottleneck on every link, which is what the CPU end-to-end "
-        "benchmark sees.",
+        "Communication speed-up over bf16 all-reduce, prefill, with `docs/bench/comm.json` codec throughput "
+        "of the eager PyTorch reference (`backend=\"reference\"`): the codec, not the wire, becomes the "
+        "bottleneck on every link.",
         "",
         _grid(cpu, "prefill", "comm_speedup", SCHEMES[1:]),
         "",
+        *(["The same with the compiled CPU kernels (`lowbit_tp/kernels/cpu_kernels.cpp`, `backend=\"cpu\"`, "
+            "measured in the same `bench-comm` run; decode speed from their decode-and-sum):",
+            "",
+            _grid(cpu_fast, "prefill", "comm_speedup", SCHEMES[1:]),
+            ""] if cpu_fast else []),
         "## Scenario: a fused, HBM-bound codec kernel",
         "",
         "Communication speed-up over bf16 all-reduce with codec work at the assumed fused-kernel rate, prefill:",
@@ -269,7 +292,7 @@ def write_doc(path: Path) -> None:
     path.write_text("\n".join(lines))
     path.with_suffix(".json").write_text(json.dumps({"assumptions": ASSUMPTIONS, "model": MODEL, "links": LINKS,
                                                      "gpu": GPU, "rows_gpu_codec": gpu, "rows_cpu_codec": cpu,
-                                                     "rows_fused_codec": fused},
+                                                     "rows_cpu_kernels": cpu_fast, "rows_fused_codec": fused},
                                                     indent=1))
 
 

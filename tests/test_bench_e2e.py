@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from lowbit_tp.bench import e2e, netns
+from lowbit_tp.bench.e2e.model import byte_tokenizer
+from lowbit_tp.bench.e2e.report import add_ratios, rows_of_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "lbtptest"  # not the benchmark's namespaces, so a running benchmark is left alone
@@ -63,7 +65,7 @@ def test_bad_rate_fails_clearly(netns_ok):
 
 # ----------------------------------------------------------------- prompts and rows
 def test_byte_tokenizer_prompt_has_exact_length():
-    tok = e2e._byte_tokenizer()
+    tok = byte_tokenizer()
     for n in (2, 17, 512):
         assert len(tok(e2e.make_prompt(tok, n)).input_ids) == n
 
@@ -78,11 +80,11 @@ def _fake_run(prefill_s, bytes_prefill, calls=4):
 
 
 def test_rows_medians_and_ratios():
-    rows = e2e._rows_of_run([_fake_run(1.0, 800)], network="1gbit", codec="bf16", algorithm="gather", lens=[100],
+    rows = rows_of_run([_fake_run(1.0, 800)], network="1gbit", codec="bf16", algorithm="gather", lens=[100],
                             repeats=1)
-    rows += e2e._rows_of_run([_fake_run(0.5, 200)], network="1gbit", codec="int4-g32", algorithm="gather",
+    rows += rows_of_run([_fake_run(0.5, 200)], network="1gbit", codec="int4-g32", algorithm="gather",
                              lens=[100], repeats=1)
-    e2e._add_ratios(rows)
+    add_ratios(rows)
     base, comp = rows
     assert base["bits_per_value"] == 16 and comp["bits_per_value"] == 4
     assert base["prefill_bytes_per_token"] == 8 and base["decode_bytes_per_token"] == 40
@@ -137,7 +139,7 @@ def test_projection_bytes_follow_the_wire_format(projection):
     fast = {"encode": 1e30, "decode": 1e30}
     gather = projection.allreduce_time("int4-outlier", "gather", tokens=64, tp=4, link=link, speed=fast)
     assert gather["bytes_sent"] == 3 * projection._codec("int4-outlier").payload_nbytes((64, e))
-    # METHOD.md §3: gather / ring bytes = N * b / 32
+    # gather sends N-1 payloads of b bits/value, a bf16 ring 2(N-1)/N x 16 bits: ratio N * b / 32
     assert gather["bytes_sent"] / ring["bytes_sent"] == pytest.approx(4 * 4.1875 / 32)
     two = projection.allreduce_time("int4-outlier", "two-shot", tokens=64, tp=4, link=link, speed=fast)
     assert two["bytes_sent"] / ring["bytes_sent"] == pytest.approx(4.1875 / 16)

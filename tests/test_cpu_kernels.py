@@ -21,7 +21,9 @@ if not cpu_kernels.available():
     pytest.skip("no C++ compiler: the CPU kernels cannot be built here", allow_module_level=True)
 
 LAYER = "model.layers.0.mlp.down_proj"
-CODECS = ["int4-outlier", "int4", "int8", "int4-random-k", "int4-g32", "int4-g128"]
+CODECS = ["int4-outlier", "int4", "int8", "int4-random-k", "int4-g32", "int4-g128",
+          # rotated: lg8 + 4-bit nibbles (default's), lg8 + 6-bit planes, E8M0 + 3-bit planes, fp16 scales
+          "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4", "rot-lm3-g32-e8", "rot-int4-g64", "rot-int8-g64-e8"]
 SHAPES = [(1, 64), (5, 64), (3, 67), (7, 130), (2, 200), (4, 576)]
 KINDS = ["randn", "zeros", "extremes", "nonfinite"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -50,6 +52,13 @@ def bits(t):
     return t.view(torch.int32)
 
 
+def same_sum(a, b):
+    """Equal bits, except that any NaN matches any NaN: PyTorch's own fp16 -> fp32 cast writes
+    NaN as 0x7FC00000 in its vector loop and 0x7FFFFFFF in its scalar tail, so NaN payload bits
+    of a decoded sum are not part of the contract (payload bytes are compared exactly)."""
+    return bool(((bits(a) == bits(b)) | (a.isnan() & b.isnan())).all())
+
+
 def test_auto_picks_the_cpu_kernels():
     assert resolve_backend("auto", torch.device("cpu")) == "cpu"
 
@@ -70,13 +79,19 @@ def test_cpu_kernels_match_reference_bitwise(name):
                     assert torch.equal(got[r], want[r]), (name, t, e, dtype, kind, r)
                 s_ref = ref.decode_sum(want, (t, e), layer=LAYER)
                 s_fast = fast.decode_sum(want, (t, e), layer=LAYER)
-                assert torch.equal(bits(s_fast), bits(s_ref)), (name, t, e, dtype, kind)
+                assert same_sum(s_fast, s_ref), (name, t, e, dtype, kind)
                 d_ref = ref.decode(want[1], (t, e), layer=LAYER, source=1)
                 d_fast = fast.decode(want[1], (t, e), layer=LAYER, source=1)
-                assert torch.equal(bits(d_fast), bits(d_ref)), (name, t, e, dtype, kind)
+                assert same_sum(d_fast, d_ref), (name, t, e, dtype, kind)
 
 
-@pytest.mark.parametrize("name", ["int4-outlier", "int4-g32"])
+def test_nan_free_sums_are_bit_exact():
+    """Where no NaN is involved the comparison above is plain bit equality; check that it bites."""
+    a = torch.tensor([1.0, -0.0, float("nan")])
+    assert same_sum(a, a.clone()) and not same_sum(a, torch.tensor([1.0, 0.0, float("nan")]))
+
+
+@pytest.mark.parametrize("name", ["int4-outlier", "int4-g32", "rot-lm4-g64-lg8-k4"])
 def test_cpu_kernels_on_a_strided_row_slice(name):
     cal = synthetic_calibration([LAYER], world=2, hidden=96)
     x = torch.randn(9, 200)[1:8:2, 3:99]  # rows with a stride, not contiguous
@@ -89,6 +104,6 @@ def test_cpu_kernels_keep_the_nonfinite_error():
     cal = synthetic_calibration([LAYER], world=1, hidden=64)
     x = torch.randn(3, 64)
     x[1, 5] = float("nan")
-    for name in ("int4-outlier", "int4-g32"):
+    for name in ("int4-outlier", "int4-g32", "rot-lm4-g64-lg8-k4"):
         with pytest.raises(NonFiniteError):
             make_codec(name, calibration=cal, backend="cpu").encode(x, layer=LAYER)

@@ -57,7 +57,7 @@ def test_runtime_eval_equals_simulator_two_shot(tiny_cal):
     from lowbit_tp.calibration import Calibration
     from lowbit_tp.data import chunk_tokens, load_split
     from lowbit_tp.models import load_model
-    from lowbit_tp.runtime import evaluate_codecs_tp
+    from lowbit_tp.evaluation.on_ranks import evaluate_codecs_tp
     from lowbit_tp.simulator import TPSimulator
 
     path, cal_path = tiny_cal

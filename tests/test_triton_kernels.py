@@ -189,3 +189,83 @@ def test_flag_mode_sends_like_propagate_and_raises_at_the_check(backend):
             with pytest.raises(NonFiniteError, match="since the last check"):
                 flag.check_nonfinite()
             flag.check_nonfinite()  # reset after raising
+
+
+EXTREME = ["int4-outlier", "int8", "int4-g32", "rot-lm4-g64-lg8-k4", "rot-lm4-g64", "rot-lm4-g32-e8",
+           "rot-int6-g64-lg8-k4"]
+
+
+@pytest.mark.parametrize("name", EXTREME)
+def test_saturation_at_the_wire_limits_matches_reference(name):
+    """Finite values beyond what the wire format carries saturate exactly as the reference's."""
+    cal = calibration(64)
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+    tri = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
+    kept = getattr(ref.params(LAYER, 0, 64), "outliers", None)
+    x = torch.randn(4, 64)
+    x[0, 1] = torch.finfo(torch.float32).max  # beyond bf16's max
+    x[1, 2] = -1e31  # beyond the rotation limit 2**100
+    x[2, 3:9] = 1e6  # a group absmax beyond fp16 (and int4-g's 7 * 65504)
+    x[3, 10] = float("nan")
+    if kept is not None and kept.numel():
+        x[3, int(kept[0])] = -torch.finfo(torch.float32).max
+    want, got = ref.encode(x, layer=LAYER, source=0), tri.encode(x, layer=LAYER, source=0)
+    assert torch.equal(want, got), (want != got).nonzero().reshape(-1)[:6].tolist()
+    assert same_bits(ref.decode_sum([want, want], (4, 64), layer=LAYER),
+                     tri.decode_sum([want, want], (4, 64), layer=LAYER))
+
+
+@pytest.mark.parametrize("name", ["rot-lm4-g64", "rot-lm4-g64-lg8-k4"])
+def test_error_mode_refuses_what_the_reference_refuses(name):
+    from lowbit_tp.codecs.base import OutOfRangeError
+
+    cal = calibration(64)
+    # a group absmax beyond fp16 (fp16 scale only); beyond 2**100 (transformed as is in error
+    # mode); a rotation that overflows fp32
+    for value in (1e5, 1e31, 3e38):
+        x = torch.randn(3, 64)
+        x[1, 2] = value
+        outcomes = []
+        for backend in ("reference", "triton"):
+            try:
+                make_codec(name, calibration=cal, backend=backend).encode(x, layer=LAYER, source=0)
+                outcomes.append("ok")
+            except OutOfRangeError:
+                outcomes.append("refused")
+        assert outcomes[0] == outcomes[1], (name, value, outcomes)
+
+
+@pytest.mark.parametrize("name,mode", [("rot-lm4-g64-lg8-k4", "propagate"), ("rot-int6-g64-lg8-k4", "error"),
+                                       ("rot-lm4-g64", "flag"), ("alloc", "error")])
+def test_fused_reduce_encode_equals_decode_sum_then_encode(name, mode):
+    """Two-shot's owner stage in one kernel: the same bytes as decode_sum + encode(source="sum")."""
+    cal = calibration(96)
+    opts = {"plan": {"layers": {LAYER: "rot-lm4-g64-lg8-k4"}, "budget": 4.5}} if name == "alloc" else {}
+    ref = make_codec(name, calibration=cal, nonfinite=mode, backend="reference", **opts)
+    tri = make_codec(name, calibration=cal, nonfinite=mode, backend="triton", **opts)
+    xs = partials(3, 96, seed=7, special=mode != "error")
+    payloads = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    want = ref.encode(ref.decode_sum(payloads, (3, 96), layer=LAYER), layer=LAYER, source="sum")
+    assert torch.equal(ref.reduce_encode(payloads, (3, 96), layer=LAYER), want)
+    from lowbit_tp.kernels import triton_rotation
+
+    calls = []
+    orig = triton_rotation.reduce_encode
+    try:
+        triton_rotation.reduce_encode = lambda *a, **k: calls.append(1) or orig(*a, **k)
+        got = tri.reduce_encode(payloads, (3, 96), layer=LAYER)
+    finally:
+        triton_rotation.reduce_encode = orig
+    assert calls and torch.equal(got, want)
+
+
+def test_fused_reduce_encode_error_mode_raises_like_the_reference():
+    from lowbit_tp.codecs import NonFiniteError
+
+    cal = calibration(96)
+    ref = make_codec("rot-lm4-g64", calibration=cal, nonfinite="propagate", backend="reference")
+    xs = partials(3, 96, seed=8, special=True)  # NaN/Inf in the partials: their sum is non-finite
+    payloads = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    for backend in ("reference", "triton"):
+        with pytest.raises(NonFiniteError):
+            make_codec("rot-lm4-g64", calibration=cal, backend=backend).reduce_encode(payloads, (3, 96), layer=LAYER)

@@ -58,7 +58,8 @@ class GroupInt4Codec(Codec):
         if e % 2 == 0 and self.kernel_backend(x.device) == "triton":  # the kernel packs a token's codes in pairs
             from lowbit_tp.kernels import triton_group as K
             out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=x.device)
-            return K.encode(x.contiguous(), out, group=self.group, flag=self._kernel_flag(x.device))
+            return K.encode(x.contiguous(), out, group=self.group, max_input=self.max_input,
+                            flag=self._kernel_flag(x.device))
         g = math.ceil(e / self.group)
         xg, amax = F.group_absmax(x, self.group, nonfinite=nonfinite)
         # Round the scale to fp16 *before* quantizing so that the receiver, which only

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from lowbit_tp.codecs import functional as F
-from lowbit_tp.codecs.base import Codec, register_codec
+from lowbit_tp.codecs.base import Codec, OutOfRangeError, register_codec
 from lowbit_tp.codecs.functional import fwht, hadamard_block, pack_bitplanes, unpack_bitplanes  # noqa: F401
 from lowbit_tp.codecs.static import topk_channels
 
@@ -42,9 +42,10 @@ def random_signs(e: int, seed: int) -> torch.Tensor:
 
 
 # Lloyd-Max levels for absmax-normalised Gaussian groups (what rotated values look like):
-# 1-D k-means on 400k N(0,1) samples divided by their group's absmax, symmetrised. Fixed
-# here because they are part of the wire format. No script in this repository regenerates
-# them (issue 11: a re-fit differs by 3-5% on the 4-bit inner levels); treat them as constants.
+# 1-D k-means on N(0,1) samples divided by their group's absmax, symmetrised. Fixed here
+# because they are part of the wire format. scripts/lloyd_max_levels.py re-fits them: the
+# 2- and 3-bit rows match within 0.25%; the 4-bit rows are an unconverged fit (3-6% closer
+# to zero) whose squared error is within 0.5% of the converged levels', so they stay.
 LLOYD_MAX = {
     (2, 32): [0.1965, 0.6647],
     (3, 32): [0.1017, 0.3145, 0.5589, 0.8827],
@@ -235,8 +236,13 @@ class RotatedGroupCodec(Codec):
     # -------------------------------------------------------------- encode / decode
     def _encode(self, x, p: RotParams, nonfinite):
         t, e = x.shape
-        if self._kernel_packs(e) and self.kernel_backend(x.device) == "triton":
+        backend = self.kernel_backend(x.device)
+        if self._kernel_packs(e) and backend == "triton":
             return self._triton_encode(x, p)
+        if backend == "cpu":
+            payload = self._cpu_encode(x, p)
+            if payload is not None:
+                return payload
         xf = x.float()
         head = None
         if p.outliers.numel():
@@ -288,10 +294,75 @@ class RotatedGroupCodec(Codec):
         del kw["levels"]
         colmap = self._kernel_table(("enc", id(p)), lambda: self._colmap([p], e, x.device)[0])
         out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=x.device)
-        return K.encode(x.contiguous(), colmap=colmap, out=out, flag=self._kernel_flag(x.device), **kw)
+        # "error" mode (which already syncs on its input scan) asks the kernel whether a rotated
+        # group overflowed or passed the scale limit; the other modes saturate, as the reference.
+        over = torch.zeros(1, dtype=torch.int32, device=x.device) if self.nonfinite == "error" else None
+        K.encode(x.contiguous(), colmap=colmap, out=out, flag=self._kernel_flag(x.device), range_flag=over,
+                 max_input=self.max_input, rotate_max=ROTATE_MAX, scale_max=self._fmt.max_amax, **kw)
+        if over is not None and int(over.item()):
+            raise OutOfRangeError(f"a rotated group absmax beyond {self._fmt.max_amax:.6g} (or an fp32 "
+                                  f"overflow in the rotation), the largest this codec's wire format carries "
+                                  f"(docs/wire-format.md); nonfinite='propagate' saturates instead")
+        return out
+
+    def _reduce_encode(self, payloads, shape, layer, sources, out_source):
+        if not payloads or self.kernel_backend(payloads[0].device) != "triton" or not self._kernel_packs(int(shape[1])):
+            return None
+        from lowbit_tp.kernels import triton_rotation as K
+
+        shape, params = self._payload_params(payloads, shape, layer, sources)
+        t, e = shape
+        dev = payloads[0].device
+        sp = self.params(layer, out_source, e, dev)
+        kw = self._kernel_args(sp, t, e, dev)
+        dec_colmap = self._kernel_table(("dec", tuple(id(p) for p in params)), lambda: self._colmap(params, e, dev))
+        enc_colmap = self._kernel_table(("enc", id(sp)), lambda: self._colmap([sp], e, dev)[0])
+        out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=dev)
+        # error mode: one flag for NaN/Inf and out-of-range sums, read once; if set, the
+        # unfused path runs and raises exactly the reference's error.
+        check = torch.zeros(1, dtype=torch.int32, device=dev) if self.nonfinite == "error" else None
+        K.reduce_encode([q.contiguous() for q in payloads], dec_colmap=dec_colmap, enc_colmap=enc_colmap, out=out,
+                        t=t, e=e, flag=check if check is not None else self._kernel_flag(dev), range_flag=check,
+                        max_input=self.max_input, rotate_max=ROTATE_MAX, scale_max=self._fmt.max_amax, **kw)
+        if check is not None and int(check.item()):
+            return None
+        return out
+
+    def _cpu_args(self, e: int) -> dict:
+        """What the CPU rot kernels take besides the data; tables are torch's own values."""
+        def build():
+            from lowbit_tp.kernels import cpu
+
+            block = hadamard_block(e)
+            spec = cpu.rot_spec(e=e, k=self.num_kept(e), group=self.group, block=block, bits=self.bits,
+                                scale_format=self.scale_format)
+            exp2 = torch.exp2(torch.arange(256, dtype=torch.float32) - 127)
+            tables = [random_signs(e, self.seed).float().contiguous(), self._levels.float().contiguous(),
+                      self._bounds.float().contiguous(), _LG8_TABLE.float().contiguous(), exp2]
+            inv = float(torch.tensor(1.0 / math.sqrt(block), dtype=torch.float32))
+            return dict(spec=spec, tables=tables, inv_sqrt_block=inv)
+        return self._kernel_table(("cpu", e), build)
+
+    def _cpu_encode(self, x, p: RotParams):
+        """The CPU kernel's payload, or None where the reference must decide (it raises)."""
+        from lowbit_tp.kernels import cpu
+
+        t, e = x.shape
+        payload, status = cpu.rot_encode(
+            x, outliers=p.outliers, propagate=self.nonfinite != "error", rotate_max=ROTATE_MAX,
+            scale_max=self._fmt.max_amax, nbytes=self.payload_nbytes((t, e)), **self._cpu_args(e))
+        if status & 2 and self.nonfinite == "error":  # out of range: the reference raises OutOfRangeError
+            return None
+        return payload
 
     def _decode_sum(self, payloads, shape, params):
-        if self.kernel_backend(payloads[0].device) != "triton":
+        backend = self.kernel_backend(payloads[0].device)
+        if backend == "cpu":
+            from lowbit_tp.kernels import cpu
+
+            return cpu.rot_decode_sum(payloads, shape, outliers=[p.outliers for p in params],
+                                      **self._cpu_args(shape[1]))
+        if backend != "triton":
             return super()._decode_sum(payloads, shape, params)
         from lowbit_tp.kernels import triton_rotation as K
 
@@ -304,6 +375,8 @@ class RotatedGroupCodec(Codec):
         return K.decode_sum([q.contiguous() for q in payloads], colmap=colmap, out=out, **kw)
 
     def _decode(self, payload, shape, p: RotParams):
+        if self.kernel_backend(payload.device) == "cpu":
+            return self._decode_sum([payload], shape, [p])
         t, e = shape
         k = p.outliers.numel()
         g = math.ceil(e / self.group)

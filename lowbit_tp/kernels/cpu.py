@@ -95,7 +95,7 @@ def build(*, verbose: bool = False) -> Path:
 def _lib():
     path = build()
     lib = ctypes.CDLL(str(path))
-    if lib.lbt_abi_version() != 1:
+    if lib.lbt_abi_version() != 2:
         raise RuntimeError(f"{path}: unexpected ABI version")
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.lbt_static_encode.argtypes = [p, i32, i64, i64, i64, p, i64, p, i32, p]
@@ -106,6 +106,11 @@ def _lib():
     lib.lbt_group_encode.restype = i32
     lib.lbt_group_decode_sum.argtypes = [p, i32, i64, i64, i64, p]
     lib.lbt_group_decode_sum.restype = None
+    f32 = ctypes.c_float
+    lib.lbt_rot_encode.argtypes = [p, i32, i64, i64, p, p, f32, p, i32, f32, f32, p]
+    lib.lbt_rot_encode.restype = i32
+    lib.lbt_rot_decode_sum.argtypes = [p, i32, i64, p, p, f32, p, p]
+    lib.lbt_rot_decode_sum.restype = None
     return lib
 
 
@@ -175,6 +180,37 @@ def group_decode_sum(payloads: Sequence[torch.Tensor], shape: tuple[int, int], *
     out = torch.empty(t, e, dtype=torch.float32)
     payloads = [p.contiguous() for p in payloads]
     _lib().lbt_group_decode_sum(_ptrs(payloads), len(payloads), t, e, group, out.data_ptr())
+    return out
+
+
+ROT_SCALE_FORMATS = {"fp16": 0, "e8m0": 1, "lg8": 2}
+
+
+def rot_spec(*, e: int, k: int, group: int, block: int, bits: int, scale_format: str) -> torch.Tensor:
+    """The int64 description of a rotated codec that the rot kernels take."""
+    return torch.tensor([e, k, group, block, bits, ROT_SCALE_FORMATS[scale_format]], dtype=torch.int64)
+
+
+def rot_encode(x: torch.Tensor, *, outliers: torch.Tensor, spec: torch.Tensor, inv_sqrt_block: float,
+               tables: Sequence[torch.Tensor], propagate: bool, rotate_max: float, scale_max: float,
+               nbytes: int) -> tuple[torch.Tensor, int]:
+    """Rotated-codec payload; returns (payload, status): status bit 0 = the input held NaN/Inf,
+    bit 1 = a rotated value overflowed or a group absmax exceeded ``scale_max`` (clamped)."""
+    x, dt, ld = _rows(x)
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    status = _lib().lbt_rot_encode(x.data_ptr(), dt, x.shape[0], ld, outliers.data_ptr(), spec.data_ptr(),
+                                   inv_sqrt_block, _ptrs(tables), int(propagate), rotate_max, scale_max,
+                                   out.data_ptr())
+    return out, int(status)
+
+
+def rot_decode_sum(payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, outliers: Sequence[torch.Tensor],
+                   spec: torch.Tensor, inv_sqrt_block: float, tables: Sequence[torch.Tensor]) -> torch.Tensor:
+    t, e = shape
+    out = torch.empty(t, e, dtype=torch.float32)
+    payloads = [p.contiguous() for p in payloads]
+    _lib().lbt_rot_decode_sum(_ptrs(payloads), len(payloads), t, _ptrs(outliers), spec.data_ptr(),
+                              inv_sqrt_block, _ptrs(tables), out.data_ptr())
     return out
 
 

@@ -296,11 +296,255 @@ void group_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, int
   }
 }
 
+
+// ------------------------------------------------------------------- rotated group codecs
+// rot-*: [ T*k bf16 | codes of the T*E rotated values | scales ]. Codes are int4 nibbles
+// (bits 4), bytes (bits 8) or bit-planes (plane j = bit j of every code, 8 codes per byte,
+// LSB first, each plane ceil(T*E/8) bytes). Scales: fp16 per group; E8M0 byte per group; or
+// lg8 = T*G log-step codes then T bf16 bases. Tables (levels, bounds, lg8 steps, exp2) come
+// from the Python side, computed by torch, so every constant is the reference's own.
+struct RotSpec {
+  int64_t e, k, group, block, bits, fmt;  // fmt: 0 fp16, 1 e8m0, 2 lg8
+  float inv_sqrt_block;
+  const float* signs;    // [E]
+  const float* levels;   // [2**bits]
+  const float* bounds;   // [2**bits - 1], ascending
+  const float* lg8;      // [256]: 2**(-q/16)
+  const float* exp2tab;  // [256]: 2**(b - 127)
+};
+
+inline int64_t rot_groups(const RotSpec& s) { return (s.e + s.group - 1) / s.group; }
+inline int64_t rot_code_bytes(const RotSpec& s, int64_t n) {
+  if (s.bits == 8) return n;
+  if (s.bits == 4) return (n + 1) / 2;
+  return ((n + 7) / 8) * s.bits;
+}
+
+// The reference's fwht: butterflies (a + b, a - b) at strides 1, 2, 4, ... within blocks of
+// `block`, then one multiply by fp32 1/sqrt(block).
+// One butterfly stage at a compile-time stride H over n values (n a multiple of 2H): the
+// constant stride lets the compiler vectorize the short strides with permutes.
+template <int H>
+inline void fwht_stage(float* v, int64_t n) {
+  for (int64_t p = 0; p < n; p += 2 * H)
+    for (int j = 0; j < H; ++j) {
+      const float a = v[p + j], b = v[p + j + H];
+      v[p + j] = a + b;
+      v[p + j + H] = a - b;
+    }
+}
+
+inline void fwht_row(float* y, int64_t e, int64_t block, float inv_sqrt) {
+  // Stages in the reference's order (stride 1, 2, 4, ...). A stage never crosses a block
+  // boundary, so it can run over the whole row at once.
+  if (block >= 2) fwht_stage<1>(y, e);
+  if (block >= 4) fwht_stage<2>(y, e);
+  if (block >= 8) fwht_stage<4>(y, e);
+  if (block >= 16) fwht_stage<8>(y, e);
+  for (int64_t h = 16; h < block; h *= 2)
+    for (int64_t i = 0; i < e; i += 2 * h)
+      for (int64_t j = i; j < i + h; ++j) {
+        const float a = y[j], b = y[j + h];
+        y[j] = a + b;
+        y[j + h] = a - b;
+      }
+  for (int64_t c = 0; c < e; ++c) y[c] = y[c] * inv_sqrt;
+}
+
+inline void put_bitplanes(const uint8_t* c, int64_t m, int64_t f, int64_t plane_bytes, int bits, uint8_t* body) {
+  for (int j = 0; j < bits; ++j) {
+    uint8_t* plane = body + j * plane_bytes;
+    int64_t i = 0;
+    for (; i < m && ((f + i) & 7); ++i) plane[(f + i) >> 3] |= uint8_t(((c[i] >> j) & 1) << ((f + i) & 7));
+    for (; i + 8 <= m; i += 8) {
+      uint8_t byte = 0;
+      for (int b = 0; b < 8; ++b) byte |= uint8_t(((c[i + b] >> j) & 1) << b);
+      plane[(f + i) >> 3] = byte;
+    }
+    for (; i < m; ++i) plane[(f + i) >> 3] |= uint8_t(((c[i] >> j) & 1) << ((f + i) & 7));
+  }
+}
+
+inline void get_bitplanes(const uint8_t* body, int64_t m, int64_t f, int64_t plane_bytes, int bits, uint8_t* c) {
+  for (int64_t i = 0; i < m; ++i) c[i] = 0;
+  for (int j = 0; j < bits; ++j) {
+    const uint8_t* plane = body + j * plane_bytes;
+    for (int64_t i = 0; i < m; ++i) c[i] |= uint8_t(((plane[(f + i) >> 3] >> ((f + i) & 7)) & 1) << j);
+  }
+}
+
+// Returns bit 0: the input held NaN/Inf; bit 1: a rotated value overflowed fp32 or a group
+// absmax exceeded `scale_max` (error mode: the caller lets the reference raise; propagate
+// mode: the absmax is clamped, as the reference's _fit_range does).
+template <int DT>
+int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, const RotSpec& s, int propagate,
+               float rotate_max, float scale_max, uint8_t* out) {
+  const int64_t e = s.e, k = s.k, group = s.group, g_count = rot_groups(s);
+  uint8_t* head = out;
+  uint8_t* body = out + 2 * t_rows * k;
+  const int64_t ncode = rot_code_bytes(s, t_rows * e);
+  uint8_t* sbytes = body + ncode;
+  const int64_t plane_bytes = (t_rows * e + 7) / 8;
+  if (s.bits != 4 && s.bits != 8) std::memset(body, 0, ncode);
+  std::vector<float> z(e), amax(g_count), scale(g_count);
+  std::vector<uint8_t> codes(e), poisoned(g_count);
+  std::vector<int8_t> nib(e);
+  int status = 0;
+  for (int64_t t = 0; t < t_rows; ++t) {
+    const char* row = static_cast<const char*>(x) + t * ld * elem_size<DT>();
+    for (int64_t c = 0; c < e; ++c) z[c] = load<DT>(row, c);
+    for (int64_t c = 0; c < e; ++c) status |= !finite_bits(bits_of(z[c]));
+    for (int64_t i = 0; i < k; ++i) {
+      put_u16(head + 2 * (t * k + i), f32_to_bf16(z[outl[i]]));
+      z[outl[i]] = 0.0f;
+    }
+    if (propagate)
+      for (int64_t c = 0; c < e; ++c) {
+        const float v = z[c];
+        const bool big = std::fabs(v) > rotate_max && finite_bits(bits_of(v));
+        z[c] = big ? (v < 0 ? -rotate_max : rotate_max) : v;
+      }
+    for (int64_t c = 0; c < e; ++c) z[c] = z[c] * s.signs[c];
+    fwht_row(z.data(), e, s.block, s.inv_sqrt_block);
+    for (int64_t g = 0; g < g_count; ++g) {
+      const int64_t c0 = g * group, n = (c0 + group <= e ? group : e - c0);
+      int32_t a = 0, bad = 0;
+      const int32_t* zb = reinterpret_cast<const int32_t*>(z.data() + c0);
+      for (int64_t i = 0; i < n; ++i) {
+        int32_t u = zb[i] & 0x7fffffff;
+        const int32_t nf = u >= 0x7f800000;
+        bad |= nf;
+        u = nf ? 0 : u;
+        a = a > u ? a : u;
+      }
+      float am = float_of(uint32_t(a));
+      if (bad && !(status & 1)) status |= 2;  // finite input, non-finite rotation: fp32 overflow
+      if (am > scale_max) {
+        status |= 2;
+        am = scale_max;
+      }
+      amax[g] = am;
+      poisoned[g] = uint8_t(bad);
+    }
+    // scales
+    if (s.fmt == 2) {
+      float top = 0.0f;
+      for (int64_t g = 0; g < g_count; ++g) top = amax[g] > top ? amax[g] : top;
+      uint16_t base = f32_to_bf16(top);
+      if (bf16_to_f32(base) < top) base = uint16_t(base + 1);
+      const float b32 = (base & 0x7fffu) == 0 ? 1.0f : bf16_to_f32(base);
+      for (int64_t g = 0; g < g_count; ++g) {
+        const float ratio = amax[g] / b32;
+        int q = 255;  // largest q with lg8[q] >= ratio (the table descends), at most 254
+        int lo = 0, hi = 255;
+        while (lo < hi) {
+          const int mid = (lo + hi + 1) / 2;
+          if (s.lg8[mid] >= ratio) lo = mid; else hi = mid - 1;
+        }
+        q = s.lg8[lo] >= ratio ? lo : 0;
+        q = q > 254 ? 254 : q;
+        scale[g] = b32 * s.lg8[q];
+        sbytes[t * g_count + g] = poisoned[g] ? uint8_t(255) : uint8_t(q);
+      }
+      put_u16(sbytes + t_rows * g_count + 2 * t, base);
+    } else if (s.fmt == 0) {
+      for (int64_t g = 0; g < g_count; ++g) {
+        const uint16_t h = f32_to_f16(amax[g]);
+        scale[g] = (h & 0x7fffu) == 0 ? 1.0f : f16_to_f32(h);
+        put_u16(sbytes + 2 * (t * g_count + g), poisoned[g] ? uint16_t(0x7e00) : h);
+      }
+    } else {
+      for (int64_t g = 0; g < g_count; ++g) {
+        const float a = amax[g] < 1.1754943508222875e-38f ? 1.1754943508222875e-38f : amax[g];
+        int e2;
+        const float m = std::frexp(a, &e2);
+        int ex = e2 - (m == 0.5f ? 1 : 0);
+        ex = ex < -127 ? -127 : (ex > 127 ? 127 : ex);
+        scale[g] = s.exp2tab[ex + 127];
+        sbytes[t * g_count + g] = poisoned[g] ? uint8_t(255) : uint8_t(ex + 127);
+      }
+    }
+    // codes: y = z / scale, clamped to [-1, 1]; code = #{bounds !>= y} (torch.bucketize)
+    for (int64_t g = 0; g < g_count; ++g) {
+      const int64_t c0 = g * group, n = (c0 + group <= e ? group : e - c0);
+      const float sc = scale[g];
+      for (int64_t i = 0; i < n; ++i) {
+        float y = z[c0 + i] / sc;
+        y = y < -1.0f ? -1.0f : y;
+        y = y > 1.0f ? 1.0f : y;
+        z[c0 + i] = y;
+      }
+    }
+    for (int64_t c = 0; c < e; ++c) codes[c] = 0;
+    const int nb = (1 << s.bits) - 1;
+    for (int i = 0; i < nb; ++i) {
+      const float b = s.bounds[i];
+      for (int64_t c = 0; c < e; ++c) codes[c] = uint8_t(codes[c] + !(b >= z[c]));
+    }
+    if (s.bits == 4) {
+      for (int64_t c = 0; c < e; ++c) nib[c] = int8_t(codes[c]);
+      pack_nibbles(nib.data(), e, t * e, body);
+    } else if (s.bits == 8) {
+      std::memcpy(body + t * e, codes.data(), e);
+    } else {
+      put_bitplanes(codes.data(), e, t * e, plane_bytes, int(s.bits), body);
+    }
+  }
+  return status;
+}
+
+void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const int64_t* const* outls,
+                    const RotSpec& s, float* out) {
+  const int64_t e = s.e, k = s.k, group = s.group, g_count = rot_groups(s);
+  const int64_t ncode = rot_code_bytes(s, t_rows * e);
+  const int64_t plane_bytes = (t_rows * e + 7) / 8;
+  std::vector<float> z(e), scale(g_count);
+  std::vector<uint8_t> codes(e);
+  for (int64_t t = 0; t < t_rows; ++t) {
+    float* orow = out + t * e;
+    for (int r = 0; r < n; ++r) {
+      const uint8_t* head = payloads[r];
+      const uint8_t* body = payloads[r] + 2 * t_rows * k;
+      const uint8_t* sbytes = body + ncode;
+      if (s.bits == 4) {
+        const int64_t f = t * e;
+        for (int64_t c = 0; c < e; ++c) codes[c] = uint8_t((body[(f + c) >> 1] >> (((f + c) & 1) * 4)) & 0x0f);
+      } else if (s.bits == 8) {
+        std::memcpy(codes.data(), body + t * e, e);
+      } else {
+        get_bitplanes(body, e, t * e, plane_bytes, int(s.bits), codes.data());
+      }
+      for (int64_t g = 0; g < g_count; ++g) {
+        if (s.fmt == 2) {
+          const uint8_t q = sbytes[t * g_count + g];
+          const float base = bf16_to_f32(get_u16(sbytes + t_rows * g_count + 2 * t));
+          scale[g] = q == 255 ? QNAN : base * s.lg8[q];
+        } else if (s.fmt == 0) {
+          scale[g] = f16_to_f32(get_u16(sbytes + 2 * (t * g_count + g)));
+        } else {
+          const uint8_t b = sbytes[t * g_count + g];
+          scale[g] = b == 255 ? QNAN : s.exp2tab[b];
+        }
+      }
+      for (int64_t g = 0; g < g_count; ++g) {
+        const int64_t c0 = g * group, cnt = (c0 + group <= e ? group : e - c0);
+        const float sc = scale[g];
+        for (int64_t i = 0; i < cnt; ++i) z[c0 + i] = s.levels[codes[c0 + i]] * sc;
+      }
+      fwht_row(z.data(), e, s.block, s.inv_sqrt_block);
+      for (int64_t c = 0; c < e; ++c) z[c] = z[c] * s.signs[c];
+      for (int64_t i = 0; i < k; ++i) z[outls[r][i]] = bf16_to_f32(get_u16(head + 2 * (t * k + i)));
+      if (r == 0) std::memcpy(orow, z.data(), 4 * e);
+      else for (int64_t c = 0; c < e; ++c) orow[c] = orow[c] + z[c];
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-int lbt_abi_version() { return 1; }
+int lbt_abi_version() { return 2; }
 
 int lbt_static_encode(const void* x, int dtype, int64_t t, int64_t e, int64_t ld, const int64_t* outl, int64_t k,
                       const float* inv_scale, int bits, uint8_t* out) {
@@ -326,6 +570,28 @@ int lbt_group_encode(const void* x, int dtype, int64_t t, int64_t e, int64_t ld,
 
 void lbt_group_decode_sum(const uint8_t* const* payloads, int n, int64_t t, int64_t e, int64_t group, float* out) {
   group_decode_sum(payloads, n, t, e, group, out);
+}
+
+// spec: e, k, group, block, bits, fmt as int64[6]; tables: signs, levels, bounds, lg8, exp2tab.
+static RotSpec make_spec(const int64_t* spec, float inv_sqrt_block, const float* const* tables) {
+  return RotSpec{spec[0], spec[1], spec[2], spec[3], spec[4], spec[5], inv_sqrt_block,
+                 tables[0], tables[1], tables[2], tables[3], tables[4]};
+}
+
+int lbt_rot_encode(const void* x, int dtype, int64_t t, int64_t ld, const int64_t* outl, const int64_t* spec,
+                   float inv_sqrt_block, const float* const* tables, int propagate, float rotate_max,
+                   float scale_max, uint8_t* out) {
+  const RotSpec s = make_spec(spec, inv_sqrt_block, tables);
+  switch (dtype) {
+    case 0: return rot_encode<0>(x, t, ld, outl, s, propagate, rotate_max, scale_max, out);
+    case 1: return rot_encode<1>(x, t, ld, outl, s, propagate, rotate_max, scale_max, out);
+    default: return rot_encode<2>(x, t, ld, outl, s, propagate, rotate_max, scale_max, out);
+  }
+}
+
+void lbt_rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t, const int64_t* const* outls,
+                        const int64_t* spec, float inv_sqrt_block, const float* const* tables, float* out) {
+  rot_decode_sum(payloads, n, t, outls, make_spec(spec, inv_sqrt_block, tables), out);
 }
 
 }  // extern "C"

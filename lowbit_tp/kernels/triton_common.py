@@ -32,6 +32,12 @@ def clamp_keep_nan(y, lo, hi):
 
 
 @triton.jit
+def saturate(x, lim):
+    """Finite values clamped to ``[-lim, lim]``; NaN/Inf unchanged (the codecs' propagate mode)."""
+    return tl.where(is_finite(x), clamp_keep_nan(x, -lim, lim), x)
+
+
+@triton.jit
 def round_half_even(y):
     """``torch.round`` (ties to even) of finite fp32 ``y`` with ``|y| < 2**22``, from exact ops.
 

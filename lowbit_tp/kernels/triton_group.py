@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from lowbit_tp.kernels.triton_common import (FP_OPTIONS, clamp_keep_nan, flag_if, fp16_bits, fp16_from_bits,
-                                             int4_from_nibble, is_finite, load_u16, round_half_even, store_u16)
+                                             int4_from_nibble, is_finite, load_u16, round_half_even, saturate,
+                                             store_u16)
 
 _FP16_MAX = tl.constexpr(65504.0)
 
@@ -26,7 +27,7 @@ def launch_config(tokens: int, hidden: int, group: int) -> tuple[int, int, int, 
 
 
 @triton.jit
-def group_encode_kernel(x_ptr, out_ptr, flag_ptr, T, E, G, NQ, ROWS: tl.constexpr, E_PAD: tl.constexpr,
+def group_encode_kernel(x_ptr, out_ptr, flag_ptr, T, E, G, NQ, max_in, ROWS: tl.constexpr, E_PAD: tl.constexpr,
                         GW: tl.constexpr, FLAG: tl.constexpr):
     pid = tl.program_id(0)
     GP: tl.constexpr = E_PAD // GW
@@ -36,7 +37,7 @@ def group_encode_kernel(x_ptr, out_ptr, flag_ptr, T, E, G, NQ, ROWS: tl.constexp
     x = tl.load(x_ptr + t[:, None] * E + e[None, :], mask=m, other=0.0).to(tl.float32)
     if FLAG:
         flag_if(flag_ptr, ~is_finite(x))
-    xg = tl.reshape(x, [ROWS, GP, GW])
+    xg = tl.reshape(saturate(x, max_in), [ROWS, GP, GW])
     amax = tl.max(tl.where(is_finite(xg), tl.abs(xg), 0.0), axis=2)
     s = tl.math.div_rn(amax, tl.full([ROWS, GP], 7.0, tl.float32))
     sbits = fp16_bits(tl.where(s > _FP16_MAX, _FP16_MAX, s))
@@ -75,14 +76,14 @@ def group_decode_sum_kernel(payloads, out_ptr, T, E, G, NQ, N: tl.constexpr, GRO
 
 
 # ---------------------------------------------------------------- launchers (no codec logic)
-def encode(x, out, *, group: int, flag=None):
+def encode(x, out, *, group: int, max_input: float, flag=None):
     t, e = x.shape
     rows, e_pad, gw, warps = launch_config(t, e, group)
     if t == 0:
         return out
     g = triton.cdiv(e, group)
     group_encode_kernel[(triton.cdiv(t, rows),)](x, out, out if flag is None else flag, t, e, g, (t * e + 1) // 2,
-                                                 ROWS=rows, E_PAD=e_pad, GW=gw, FLAG=flag is not None,
+                                                 max_input, ROWS=rows, E_PAD=e_pad, GW=gw, FLAG=flag is not None,
                                                  num_warps=warps, **FP_OPTIONS)
     return out
 

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, clamp_keep_nan, flag_if,
-                                             int4_from_nibble, is_finite, load_u16, round_half_even)
+                                             int4_from_nibble, is_finite, load_u16, round_half_even, saturate)
 
 
 def launch_config(n: int) -> tuple[int, int]:
@@ -19,7 +19,7 @@ def launch_config(n: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _quantize_at(x_ptr, inl_ptr, inv_ptr, flag_ptr, i, n, NI, E, HAS_K: tl.constexpr, QMAX: tl.constexpr,
+def _quantize_at(x_ptr, inl_ptr, inv_ptr, flag_ptr, i, n, NI, E, max_in, HAS_K: tl.constexpr, QMAX: tl.constexpr,
                  FLAG: tl.constexpr):
     """int32 code of flat body index ``i`` (token ``i // NI``, kept-channel slot ``i % NI``)."""
     m = i < n
@@ -29,7 +29,7 @@ def _quantize_at(x_ptr, inl_ptr, inv_ptr, flag_ptr, i, n, NI, E, HAS_K: tl.const
         ch = tl.load(inl_ptr + c, mask=m, other=0)
     else:
         ch = c
-    x = tl.load(x_ptr + t * E + ch, mask=m, other=0.0).to(tl.float32)
+    x = saturate(tl.load(x_ptr + t * E + ch, mask=m, other=0.0).to(tl.float32), max_in)
     y = x * tl.load(inv_ptr + c, mask=m, other=1.0)
     q = round_half_even(clamp_keep_nan(y, -QMAX * 1.0, QMAX * 1.0)).to(tl.int32)
     if FLAG:
@@ -38,7 +38,7 @@ def _quantize_at(x_ptr, inl_ptr, inv_ptr, flag_ptr, i, n, NI, E, HAS_K: tl.const
 
 
 @triton.jit
-def static_encode_kernel(x_ptr, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_ptr, flag_ptr, T, E, NK, n_body_programs,
+def static_encode_kernel(x_ptr, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_ptr, flag_ptr, T, E, NK, n_body_programs, max_in,
                          BITS: tl.constexpr, HAS_K: tl.constexpr, BLOCK: tl.constexpr, FLAG: tl.constexpr):
     """Programs ``[0, n_body_programs)`` write the int body, the rest the bf16 head ``[T, NK]``."""
     pid = tl.program_id(0)
@@ -47,12 +47,12 @@ def static_encode_kernel(x_ptr, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_ptr, 
     if pid < n_body_programs:
         b = pid * BLOCK + tl.arange(0, BLOCK)
         if BITS == 4:
-            q0 = _quantize_at(x_ptr, inl_ptr, inv_ptr, flag_ptr, 2 * b, n, NI, E, HAS_K, 7, FLAG)
-            q1 = _quantize_at(x_ptr, inl_ptr, inv_ptr, flag_ptr, 2 * b + 1, n, NI, E, HAS_K, 7, FLAG)
+            q0 = _quantize_at(x_ptr, inl_ptr, inv_ptr, flag_ptr, 2 * b, n, NI, E, max_in, HAS_K, 7, FLAG)
+            q1 = _quantize_at(x_ptr, inl_ptr, inv_ptr, flag_ptr, 2 * b + 1, n, NI, E, max_in, HAS_K, 7, FLAG)
             q1 = tl.where(2 * b + 1 < n, q1, 0)  # an odd count pads the last high nibble with 0
             tl.store(body_ptr + b, ((q0 & 0xF) | ((q1 & 0xF) << 4)).to(tl.uint8), mask=2 * b < n)
         else:
-            q = _quantize_at(x_ptr, inl_ptr, inv_ptr, flag_ptr, b, n, NI, E, HAS_K, 127, FLAG)
+            q = _quantize_at(x_ptr, inl_ptr, inv_ptr, flag_ptr, b, n, NI, E, max_in, HAS_K, 127, FLAG)
             tl.store(body_ptr + b, (q & 0xFF).to(tl.uint8), mask=b < n)
     else:
         j = (pid - n_body_programs) * BLOCK + tl.arange(0, BLOCK)
@@ -62,7 +62,7 @@ def static_encode_kernel(x_ptr, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_ptr, 
         x = tl.load(x_ptr + t * E + ch, mask=m, other=0.0).to(tl.float32)
         if FLAG:
             flag_if(flag_ptr, m & ~is_finite(x))
-        tl.store(head_ptr + j, bf16_bits(x).to(tl.int16), mask=m)
+        tl.store(head_ptr + j, bf16_bits(saturate(x, max_in)).to(tl.int16), mask=m)
 
 
 @triton.jit
@@ -106,10 +106,11 @@ def static_decode_sum_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E, NK,
 
 
 # ---------------------------------------------------------------- launchers (no codec logic)
-def encode(x, inliers, inv_scale, outliers, out, *, bits: int, flag=None):
+def encode(x, inliers, inv_scale, outliers, out, *, bits: int, max_input: float, flag=None):
     """Fill ``out`` (the whole payload, uint8) from ``x [T, E]``; tables are int32/fp32 on x's device.
 
-    ``flag`` (int32 ``[1]``, optional) is set to 1 if ``x`` holds NaN/Inf.
+    Finite values beyond ``max_input`` saturate; ``flag`` (int32 ``[1]``, optional) is set
+    to 1 if ``x`` holds NaN/Inf.
     """
     t, e = x.shape
     nk = outliers.numel()
@@ -122,7 +123,7 @@ def encode(x, inliers, inv_scale, outliers, out, *, bits: int, flag=None):
         return out
     head = out[: 2 * t * nk].view(torch.int16)
     static_encode_kernel[grid](x, inliers, inv_scale, outliers, head, out[2 * t * nk:], inliers if flag is None else flag,
-                               t, e, nk, n_body_programs, BITS=bits, HAS_K=nk > 0, BLOCK=block, FLAG=flag is not None,
+                               t, e, nk, n_body_programs, max_input, BITS=bits, HAS_K=nk > 0, BLOCK=block, FLAG=flag is not None,
                                num_warps=warps, **FP_OPTIONS)
     return out
 

@@ -26,9 +26,14 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from lowbit_tp.collectives import ALGORITHMS, AutoPolicy, check_group_config, spawn_ranks
+from lowbit_tp.calibration import Calibration
+from lowbit_tp.codecs import make_codec
+from lowbit_tp.collectives import ALGORITHMS, DEFAULT_ALGORITHM, AutoPolicy, check_group_config, spawn_ranks
 from lowbit_tp.collectives.launch import init_from_env
 from lowbit_tp.errors import UserError
+from lowbit_tp.models import check_tp, load_model, load_tokenizer
+from lowbit_tp.models.export import export_hf
+from lowbit_tp.models.registry import model_info
 from lowbit_tp.preflight import check_codecs, check_min, check_model_tp
 from lowbit_tp.runtime.generate import SamplingConfig, generate
 from lowbit_tp.runtime.shard import shard_model
@@ -45,8 +50,8 @@ class RunConfig:
     """Everything that decides a TP generation run; recorded next to its results.
 
     ``codec`` names a registered codec; ``calibration`` is a ``.safetensors`` path (needed by
-    static codecs, optional for dynamic ones). ``algorithm``: ``auto`` | ``exact`` |
-    ``gather`` | ``two-shot``; ``policy`` sets the thresholds of ``auto``. ``timeout_s`` is
+    static codecs, optional for dynamic ones). ``algorithm``: ``gather`` (default,
+    the one rule of :data:`~lowbit_tp.collectives.DEFAULT_ALGORITHM`) | ``two-shot`` | ``auto`` | ``exact``; ``policy`` sets the thresholds of ``auto``. ``timeout_s`` is
     the process group's collective timeout: a dead peer surfaces as ``CollectiveError``
     after at most this long. ``ignore_eos`` always generates ``max_new_tokens``. ``engine``:
     ``native`` (lowbit-tp's own sharding, :func:`~lowbit_tp.runtime.shard.shard_model`) or
@@ -59,7 +64,7 @@ class RunConfig:
     prompts: tuple[str, ...]
     codec: str = "bf16"
     calibration: str | None = None
-    algorithm: str = "auto"
+    algorithm: str = DEFAULT_ALGORITHM
     policy: AutoPolicy = AutoPolicy()
     max_new_tokens: int = 64
     sampling: SamplingConfig = SamplingConfig()
@@ -109,8 +114,6 @@ def _rss_mib() -> dict[str, float]:
 def _load_calibration(cfg: RunConfig, *, tp: int, info):
     if cfg.calibration is None:
         return None
-    from lowbit_tp.calibration import Calibration
-
     cal = Calibration.load(cfg.calibration)
     cal.check_compatible(tp=tp, hidden_size=info.hidden_size, weights_sha256=info.weights_sha256,
                          model_name=cfg.model)
@@ -127,9 +130,6 @@ def rank_main(rank: int, world: int, cfg: RunConfig, *, group=None, stream: bool
     token)`` runs on every rank after every token (fault-injection hook for tests); ``hooks``
     wrap every row-parallel reduce and its backend collectives (benchmark timers).
     """
-    from lowbit_tp.codecs import make_codec
-    from lowbit_tp.models import check_tp, load_model
-
     if world != cfg.tp:
         raise ValueError(f"the run asks for TP {cfg.tp} but {world} ranks were started")
     t0 = time.perf_counter()
@@ -199,10 +199,6 @@ def _transformers_source(name: str):
     (the info hashes the registry's own weight files, as the native engine does)."""
     from transformers import AutoConfig
 
-    from lowbit_tp.integrations.vllm.checkpoint import export_hf
-    from lowbit_tp.models import load_tokenizer
-    from lowbit_tp.models.registry import model_info
-
     config = AutoConfig.from_pretrained(str(export_hf(name)))
     return config, load_tokenizer(name), model_info(name, config)
 
@@ -214,8 +210,7 @@ def _transformers_tp_model(name: str, *, tp: int, reducer: DistReducer):
     from transformers.distributed import DistributedConfig
     from transformers.utils import logging as hf_logging
 
-    from lowbit_tp.integrations.transformers import register_lowbit_rowwise, tp_plan
-    from lowbit_tp.integrations.vllm.checkpoint import export_hf
+    from lowbit_tp.integrations.transformers import register_lowbit_rowwise, tp_plan  # imports transformers
 
     hf_logging.disable_progress_bar()
     register_lowbit_rowwise(reducer=reducer)
@@ -242,7 +237,7 @@ def _merge(per_rank: list[dict]) -> dict[str, Any]:
 
 
 def run_tp(model: str, *, tp: int, prompts, codec: str = "bf16", calibration_path: str | None = None,
-           max_new_tokens: int = 64, algorithm: str = "auto", policy: AutoPolicy = AutoPolicy(),
+           max_new_tokens: int = 64, algorithm: str = DEFAULT_ALGORITHM, policy: AutoPolicy = AutoPolicy(),
            sampling: SamplingConfig = SamplingConfig(), ignore_eos: bool = False, timeout_s: float = 60.0,
            deadline_s: float | None = None, threads_per_rank: int = 1, stream: bool = False,
            keep_prefill_logits: bool = False) -> dict[str, Any]:

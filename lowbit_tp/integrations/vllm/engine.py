@@ -73,7 +73,7 @@ def cpu_defaults() -> None:
 
 
 def model_directory(model: str) -> Path:
-    from lowbit_tp.integrations.vllm.checkpoint import export_hf
+    from lowbit_tp.models.export import export_hf
 
     return export_hf(model)
 

@@ -4,7 +4,7 @@ The counterpart of :func:`lowbit_tp.evaluation.evaluate_codecs`, which runs the
 single-process simulator: same evaluation windows (``load_split`` + ``chunk_tokens`` with
 ``cfg.seed``), same last-word items, same metrics (:class:`LMComparison`), same row keys
 plus ``"runtime": "tp"``. Because simulator and runtime share the codec and reduction code
-(STYLE.md rule 4) the two agree exactly; ``tests/test_runtime_eval.py`` holds them to that.
+(one implementation of the arithmetic) the two agree exactly; ``tests/test_runtime_eval.py`` holds them to that.
 
 Who computes what:
 
@@ -33,9 +33,12 @@ from typing import Any, Sequence
 
 import torch
 
+from lowbit_tp.codecs import make_codec
 from lowbit_tp.collectives import CommStats, check_group_config, spawn_ranks
 from lowbit_tp.evaluation.evaluate import EvalConfig, _lambada, eval_inputs, result_record, result_row
 from lowbit_tp.evaluation.metrics import LMComparison
+from lowbit_tp.models import check_tp, get_adapter, load_model
+from lowbit_tp.runtime.engine import _load_calibration
 from lowbit_tp.runtime.shard import shard_model
 from lowbit_tp.tp.row_parallel import DistReducer, RowParallelLinear
 
@@ -67,10 +70,6 @@ def eval_rank_main(rank: int, world: int, cfg: EvalConfig, input_ids: torch.Tens
     :class:`LMComparison` sums (``comparison``), last-word hits (``lambada``) and, with
     ``keep_logits``, the logits ``[samples, seq_len, vocab]``.
     """
-    from lowbit_tp.codecs import make_codec
-    from lowbit_tp.models import check_tp, get_adapter, load_model
-    from lowbit_tp.runtime.engine import _load_calibration
-
     if world != cfg.tp:
         raise ValueError(f"the evaluation asks for TP {cfg.tp} but {world} ranks were started")
     model, _, info = load_model(cfg.model, progress=False)
@@ -129,11 +128,9 @@ def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = 60.0, deadline_s: 
     """
     from tqdm import tqdm
 
-    from lowbit_tp.models import load_model
-
     model, tokenizer, info = load_model(cfg.model)
     # fails here, before spawning, on a wrong calibration artifact
-    calibration, split, chunks, items = eval_inputs(cfg, tokenizer, info)
+    calibration, split, chunks, items, split_info = eval_inputs(cfg, tokenizer, info)
     batches = list(chunks.input_ids.split(cfg.batch_size))
     with tempfile.TemporaryDirectory(prefix="lowbit_tp_eval_baseline_") as base_dir:
         with torch.no_grad():
@@ -157,7 +154,7 @@ def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = 60.0, deadline_s: 
         rows.append({**row, "runtime": "tp"})
         if keep_logits:
             logits[name] = r0["logits"]
-    out = result_record(cfg, info, split, chunks, items, calibration, rows)
+    out = result_record(cfg, info, split, chunks, items, calibration, rows, split_info)
     out["runtime"] = {"kind": "tp", "timeout_s": timeout_s, "threads_per_rank": threads_per_rank,
                       "wall_s": round(wall_s, 2),
                       "per_rank": [{"rank": pr["rank"], "shard": pr["shard"],

@@ -1,0 +1,65 @@
+"""Start the rank processes of one run torchrun-style (in network namespaces on emulated links)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(run_cfg: dict, *, world: int, hosts: list[str] | None, port: int, timeout_s: float) -> list[dict]:
+    """Start ``world`` rank processes (in namespaces when ``hosts``), wait, return their JSON."""
+    from lowbit_tp.bench.netns import netns_command
+    from lowbit_tp.collectives.launch import set_parent_death_signal
+
+    with tempfile.TemporaryDirectory(prefix="lowbit_tp_e2e_") as tmp:
+        cfg_path = Path(tmp, "config.json")
+        cfg_path.write_text(json.dumps(run_cfg))
+        procs, logs = [], []
+        for r in range(world):
+            env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
+                   "MASTER_ADDR": "127.0.0.1" if hosts is None else hosts[0], "MASTER_PORT": str(port),
+                   "GLOO_SOCKET_IFNAME": "lo" if hosts is None else "eth0",
+                   "OMP_NUM_THREADS": str(run_cfg["threads_per_rank"]), "TOKENIZERS_PARALLELISM": "false"}
+            argv = [sys.executable, "-m", "lowbit_tp.bench.e2e", "--worker", str(cfg_path), tmp]
+            if hosts is not None:
+                argv = netns_command(r, argv)
+            log = open(Path(tmp, f"rank{r}.log"), "w")
+            logs.append(log)
+            # The ranks die with this process, even when it is SIGKILLed.
+            procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          preexec_fn=set_parent_death_signal))
+        end = time.monotonic() + timeout_s
+        try:
+            for p in procs:
+                p.wait(max(1.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            for log in logs:
+                log.close()
+        outs, errors = [], []
+        for r, p in enumerate(procs):
+            f = Path(tmp, f"rank{r}.json")
+            if p.returncode == 0 and f.exists():
+                outs.append(json.loads(f.read_text()))
+            else:
+                tail = Path(tmp, f"rank{r}.log").read_text()[-3000:]
+                errors.append(f"rank {r} (exit {p.returncode}):\n{tail}")
+        if errors:
+            raise RuntimeError("bench-e2e run failed:\n" + "\n".join(errors))
+        return outs

@@ -1,0 +1,150 @@
+"""Rows of a run (medians over repeats), ratios against the bf16 baseline, and the markdown report."""
+from __future__ import annotations
+
+import os
+import statistics
+
+from lowbit_tp.bench.e2e.config import E2EConfig
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def rows_of_run(outs: list[dict], *, network: str, codec: str, algorithm: str, lens: list[int],
+                 repeats: int) -> list[dict]:
+    """Medians over the repeats of each prompt length, pooled over the rounds ``outs`` (rank 0's
+    output of each launch; its prompt 0 is the warm-up, skipped)."""
+    rows = []
+    out = outs[0]
+    results = [r for o in outs for r in o["results"][1:]]
+    timers = [t for o in outs for t in o["timers"][1:]]
+    repeats = repeats * len(outs)
+    for j, n in enumerate(lens):
+        idx = [k * len(lens) + j for k in range(repeats)]
+        res = [results[i] for i in idx]
+        tim = [timers[i] for i in idx]
+        pre, dec = res[0]["comm"]["prefill"], res[0]["comm"]["decode"]
+        n_dec = len(res[0]["decode_s"])
+        dec_steps = [s for t in tim for s in t[1:]]
+        rows.append({
+            "network": network, "tp": out["config"]["tp"], "codec": codec, "algorithm": algorithm,
+            "bits_per_value": 8 * pre["payload_bytes"] / pre["values"] if pre["values"] else float("nan"),
+            "prompt_tokens": out["prompt_lengths"][1 + j],
+            "prefill_ms": 1e3 * _median([r["prefill_s"] for r in res]),
+            "prefill_allreduce_ms": 1e3 * _median([t[0]["all_reduce_s"] for t in tim]),
+            "prefill_wire_ms": 1e3 * _median([t[0]["wire_s"] for t in tim]),
+            "prefill_skew_ms": 1e3 * _median([t[0].get("skew_s", 0.0) for t in tim]),
+            "prefill_bytes_per_token": pre["bytes_sent"] / out["prompt_lengths"][1 + j],
+            "decode_ms_per_token": 1e3 * _median([d for r in res for d in r["decode_s"]]),
+            "decode_allreduce_ms_per_token": 1e3 * _median([s["all_reduce_s"] for s in dec_steps]),
+            "decode_wire_ms_per_token": 1e3 * _median([s["wire_s"] for s in dec_steps]),
+            "decode_skew_ms_per_token": 1e3 * _median([s.get("skew_s", 0.0) for s in dec_steps]),
+            "decode_bytes_per_token": dec["bytes_sent"] / n_dec if n_dec else float("nan"),
+            "allreduce_calls_per_token": tim[0][1]["calls"] if len(tim[0]) > 1 else tim[0][0]["calls"],
+            "prefill_ms_all": [1e3 * r["prefill_s"] for r in res],
+        })
+        rows[-1]["decode_tokens_per_s"] = 1e3 / rows[-1]["decode_ms_per_token"]
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speed-ups against bf16/gather of the same network, TP and prompt length (>1 = faster)."""
+    base = {(r["network"], r["tp"], r["prompt_tokens"]): r for r in rows
+            if r["codec"] == "bf16" and r["algorithm"] == "gather"}
+    for r in rows:
+        b = base.get((r["network"], r["tp"], r["prompt_tokens"]))
+        if b is None:
+            continue
+        for key, col in (("prefill_ms", "prefill_speedup"), ("prefill_allreduce_ms", "prefill_allreduce_speedup"),
+                         ("prefill_wire_ms", "prefill_wire_speedup"), ("decode_ms_per_token", "decode_speedup"),
+                         ("prefill_bytes_per_token", "prefill_byte_ratio")):
+            r[col] = b[key] / r[key] if r[key] else float("nan")
+        # Amdahl: with bf16 spending a share s of prefill in the all-reduce, cutting that
+        # time by the byte ratio r bounds the prefill speed-up at 1 / (1 - s + s / r).
+        s = b["prefill_allreduce_ms"] / b["prefill_ms"] if b["prefill_ms"] else float("nan")
+        r["prefill_amdahl_bound"] = 1.0 / (1.0 - s + s / r["prefill_byte_ratio"])
+        r["prefill_vs_amdahl"] = r["prefill_speedup"] / r["prefill_amdahl_bound"]
+
+
+NOTES = [
+    "Every row is a real TP run: separate rank processes over gloo (CPU), torchrun-style env vars.",
+    "Baseline: codec bf16 with algorithm gather (16 bits/value on the wire). 'exact' is the backend "
+    "all-reduce in the model dtype (fp32 on CPU, 32 bits/value), shown for reference.",
+    "*_allreduce_ms: wall time inside the row-parallel all-reduces (encode + wire + decode + sum + skew); "
+    "*_wire_ms: inside the backend collectives only (all_gather etc.), started right after a barrier; "
+    "*_skew_ms: time in that barrier, i.e. waiting for the slower rank to arrive (compute imbalance, "
+    "uneven CPU share), which would otherwise be counted as wire time. The barrier adds one tiny "
+    "message per collective to every row alike.",
+    "Speed-ups (>1 = faster) and byte ratios are against bf16/gather of the same network, TP and prompt.",
+    "Emulated networks: one network namespace per rank, each rank's egress shaped with tbf to the rate "
+    "(a TCP transfer reaches ~0.95 of 1 Gbit/s and ~0.86 of 10 Gbit/s); no per-packet delay unless "
+    "config.delay is set, which needs sch_netem (absent from this machine's kernel, so delay = 0 here).",
+    "Compute dominates on CPU: one thread per rank runs the shard's matmuls at tens of GFLOP/s, so even on "
+    "1 Gbit/s the all-reduce is a small share of prefill; compare the *_allreduce_* and *_wire_* columns "
+    "for the communication itself. docs/projection.md carries the numbers to GPU interconnects.",
+]
+
+
+COLUMNS = ["network", "tp", "codec", "algorithm", "bits_per_value", "prompt_tokens", "prefill_ms",
+           "prefill_speedup", "prefill_allreduce_ms", "prefill_allreduce_speedup", "prefill_wire_ms",
+           "prefill_wire_speedup", "prefill_skew_ms", "prefill_byte_ratio", "prefill_amdahl_bound",
+           "prefill_vs_amdahl", "prefill_bytes_per_token", "decode_ms_per_token",
+           "decode_tokens_per_s", "decode_allreduce_ms_per_token", "decode_wire_ms_per_token",
+           "decode_bytes_per_token"]
+
+
+def _headline(rows: list[dict]) -> list[str]:
+    """One sentence per int4-outlier row on an emulated link: its prefill speed-ups over
+    bf16/gather (end to end, all-reduce, wire), byte ratio, and the all-reduce share of prefill."""
+    lines = []
+    for r in rows:
+        if r["codec"] == "int4-outlier" and r["network"] != "loopback" and "prefill_speedup" in r:
+            lines.append(f"- {r['network']}, TP {r['tp']}, {r['prompt_tokens']}-token prefill, int4-outlier vs bf16: "
+                         f"end-to-end {r['prefill_speedup']:.2f}x, all-reduce time {r['prefill_allreduce_speedup']:.2f}x, "
+                         f"wire time {r['prefill_wire_speedup']:.2f}x, bytes {r['prefill_byte_ratio']:.2f}x fewer; "
+                         f"all-reduce share of prefill: bf16 "
+                         f"{_share(rows, r, 'bf16')}, int4-outlier {r['prefill_allreduce_ms'] / r['prefill_ms']:.0%}; "
+                         f"Amdahl bound 1/(1-s+s/r) {r['prefill_amdahl_bound']:.3f}x, "
+                         f"reached {r['prefill_vs_amdahl']:.0%} of it.")
+    return lines
+
+
+def _share(rows, like, codec):
+    for b in rows:
+        if (b["network"], b["tp"], b["prompt_tokens"], b["codec"], b["algorithm"]) == (
+                like["network"], like["tp"], like["prompt_tokens"], codec, "gather"):
+            return f"{b['prefill_allreduce_ms'] / b['prefill_ms']:.0%}"
+    return "n/a"
+
+
+def render_markdown(payload: dict) -> str:
+    """The markdown report of a results payload (also usable on a saved JSON)."""
+    from lowbit_tp.bench.common import markdown_table
+
+    cfg = E2EConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in payload["config"].items()})
+    rows = payload["rows"]
+    env = payload["environment"]
+    load = env.get("loadavg_start")
+    head = [
+        "# End-to-end TP latency (`lowbit-tp bench-e2e`)",
+        "",
+        f"Model: `{cfg.model}`" + (f" (random weights; hidden {cfg.hidden}, intermediate {cfg.intermediate}, "
+                                   f"{cfg.layers} layers, {cfg.heads} heads / {cfg.kv_heads} KV heads)"
+                                   if cfg.model == "random-llama" else "")
+        + f"; {cfg.repeats} prompts per length in each of {cfg.rounds} interleaved launch(es) per variant "
+          f"(medians over all), {cfg.new_tokens} new tokens; "
+          f"{cfg.threads_per_rank} thread(s) per rank; torch {env['torch']} on {env['processor']}; "
+          f"sweep took {payload['seconds']:.0f} s"
+        + (f"; 1-minute load average {load[0]:.1f} at the start and {env['loadavg_end'][0]:.1f} at the end "
+           f"on {os.cpu_count()} CPUs (other processes share the machine)." if load else "."),
+        "",
+        *[f"- {n}" for n in NOTES],
+        "",
+        "Headline (prefill, compressed vs bf16/gather; >1 = faster):",
+        "",
+        *_headline(rows),
+        "",
+        markdown_table(rows, COLUMNS),
+    ]
+    return "\n".join(head)

@@ -1,0 +1,98 @@
+"""Packages import only downward: core <- tp <- workflows <- cli (a lower layer never knows a higher one).
+
+Every import of a ``lowbit_tp`` module, at the top of a file or inside a function, is
+checked against the layer table below; a module may import its own layer or lower ones.
+"""
+import ast
+from pathlib import Path
+
+import lowbit_tp
+
+ROOT = Path(lowbit_tp.__file__).parent
+
+# Longest prefix wins. Layers: 0 core, 1 tp, 2 workflows, 3 cli.
+LAYERS = {
+    "lowbit_tp": 0,  # package root: errors, argtypes, fileio
+    "lowbit_tp.errors": 0,
+    "lowbit_tp.argtypes": 0,
+    "lowbit_tp.fileio": 0,
+    "lowbit_tp.codecs": 0,
+    "lowbit_tp.kernels": 0,
+    "lowbit_tp.collectives": 0,
+    "lowbit_tp.calibration": 0,  # the artifact and its statistics
+    "lowbit_tp.data": 0,
+    "lowbit_tp.tp": 1,
+    "lowbit_tp.models": 1,
+    "lowbit_tp.simulator": 1,
+    "lowbit_tp.runtime": 1,
+    "lowbit_tp.integrations": 1,
+    "lowbit_tp.preflight": 1,
+    "lowbit_tp.workflows": 2,
+    "lowbit_tp.calibration.pipeline": 2,
+    "lowbit_tp.calibration.allocate": 2,
+    "lowbit_tp.evaluation": 2,
+    "lowbit_tp.bench": 2,
+    "lowbit_tp.demo": 2,
+    "lowbit_tp.cli": 3,
+    "lowbit_tp.runtime.cli": 3,
+    "lowbit_tp.evaluation.cli": 3,
+    "lowbit_tp.bench.e2e.cli": 3,
+    "lowbit_tp.integrations.vllm.cli": 3,
+}
+NAMES = {0: "core", 1: "tp", 2: "workflows", 3: "cli"}
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n])
+        if key in LAYERS:
+            return LAYERS[key]
+    raise KeyError(module)
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path) -> list[tuple[int, str]]:
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names if a.name.startswith("lowbit_tp")]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lowbit_tp"):
+            for a in node.names:  # `from lowbit_tp.x import y` may name a submodule y
+                full = f"{node.module}.{a.name}"
+                out.append((node.lineno, full if (ROOT.parent / full.replace(".", "/")).exists()
+                            or (ROOT.parent / (full.replace(".", "/") + ".py")).exists() else node.module))
+    return out
+
+
+def violations() -> list[str]:
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        me = module_name(path)
+        mine = layer_of(me)
+        for line, target in imports_of(path):
+            if layer_of(target) > mine:
+                found.append(f"{me} ({NAMES[mine]}) line {line} imports {target} ({NAMES[layer_of(target)]})")
+    return found
+
+
+def test_every_module_has_a_layer():
+    for path in ROOT.rglob("*.py"):
+        layer_of(module_name(path))
+
+
+def test_packages_import_only_downward():
+    assert violations() == []
+
+
+def test_the_table_orders_the_layers():
+    assert layer_of("lowbit_tp.codecs.base") < layer_of("lowbit_tp.simulator.tp_sim") \
+        < layer_of("lowbit_tp.evaluation.on_ranks") < layer_of("lowbit_tp.evaluation.cli")
+    assert layer_of("lowbit_tp.calibration.artifact") == 0 and layer_of("lowbit_tp.calibration.pipeline") == 2
