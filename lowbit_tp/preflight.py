@@ -104,14 +104,14 @@ def check_seq_len(seq_len: int, config: Any, *, flag: str = "--seq-len") -> list
     return []
 
 
-def check_text(text: str | Path | None) -> None:
+def check_text(text: str | Path | None, glob: str = "*") -> None:
     """A user text path must exist and hold decodable text (the default corpus is not read here)."""
     if text is None:
         return
     from lowbit_tp.data import load_split
 
     try:
-        load_split(text)
+        load_split(text, glob=glob)
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(str(exc)) from None
 
@@ -135,7 +135,7 @@ def preflight_eval(cfg: Any, *, out: str | Path | None = None, warn: Callable[[s
         _warn_with(warn)(text)
     check_min(cfg.samples, "--samples")
     check_codecs(cfg.codecs, calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size)
-    check_text(cfg.text)
+    check_text(cfg.text, getattr(cfg, "text_glob", "*"))
     if out:
         check_output_path(out)
 
@@ -154,5 +154,5 @@ def preflight_calibrate(cfg: Any, *, out: str | Path, warn: Callable[[str], None
                         f"{config.hidden_size}")
     if cfg.allocate:
         check_codecs([cfg.alloc_low, cfg.alloc_high], build=False)
-    check_text(cfg.text)
+    check_text(cfg.text, getattr(cfg, "text_glob", "*"))
     check_output_path(out, what="calibration file")

@@ -52,7 +52,7 @@ SCHEMES = (
 
 ASSUMPTIONS = [
     f"Model: {MODEL['name']}, hidden {MODEL['hidden']}, {MODEL['layers']} layers, "
-    f"{MODEL['allreduces_per_layer']} all-reduces per layer (after o_proj and down_proj, METHOD.md §1); "
+    f"{MODEL['allreduces_per_layer']} all-reduces per layer (after o_proj and down_proj); "
     f"partials are bf16 ({ACT_BYTES} bytes/value) on the GPU.",
     f"Prefill: one sequence of {PREFILL_TOKENS} tokens, so each all-reduce moves [{PREFILL_TOKENS}, "
     f"{MODEL['hidden']}]. Decode: a batch of {DECODE_BATCH} sequences, one token each, [{DECODE_BATCH}, "
@@ -231,7 +231,7 @@ def write_doc(path: Path) -> None:
         "## Bytes each rank sends per all-reduce, TP 8, prefill",
         "",
         "bits/value = bytes sent per rank * 8 / values in the partial (so the gather row includes the "
-        "(N-1) copies); ratio = bf16 all-reduce bytes / scheme bytes (METHOD.md §3: gather only saves bytes "
+        "(N-1) copies); ratio = bf16 all-reduce bytes / scheme bytes (gather sends N-1 payloads against a ring's 2(N-1)/N, so it only saves bytes "
         "below TP 8).",
         "",
         "| scheme | bits sent per value | byte ratio vs bf16 all-reduce |",

@@ -139,7 +139,7 @@ def test_projection_bytes_follow_the_wire_format(projection):
     fast = {"encode": 1e30, "decode": 1e30}
     gather = projection.allreduce_time("int4-outlier", "gather", tokens=64, tp=4, link=link, speed=fast)
     assert gather["bytes_sent"] == 3 * projection._codec("int4-outlier").payload_nbytes((64, e))
-    # METHOD.md §3: gather / ring bytes = N * b / 32
+    # gather sends N-1 payloads of b bits/value, a bf16 ring 2(N-1)/N x 16 bits: ratio N * b / 32
     assert gather["bytes_sent"] / ring["bytes_sent"] == pytest.approx(4 * 4.1875 / 32)
     two = projection.allreduce_time("int4-outlier", "two-shot", tokens=64, tp=4, link=link, speed=fast)
     assert two["bytes_sent"] / ring["bytes_sent"] == pytest.approx(4.1875 / 16)

@@ -49,7 +49,7 @@ def test_all_reduce_matches_reference_bitwise(world):
                 else:
                     assert torch.equal(y, ref), (name, algo, r)
                 assert sent == stats.bytes_sent, (name, algo, r)
-            # Bytes on the wire follow from the payload sizes (METHOD.md §3).
+            # Bytes on the wire follow from the payload sizes: gather N-1 payloads, two-shot 2(N-1) chunks.
             nbytes = codec.payload_nbytes((TOKENS, HIDDEN))
             if algo == "gather":
                 assert stats.bytes_sent == (world - 1) * nbytes
@@ -143,7 +143,8 @@ def test_nan_names_the_rank_and_layer():
 
 def test_simulate_world_one_and_validation():
     x = torch.randn(3, 8)
-    assert simulate_all_reduce([x], make_codec("int4-g32")) is x
+    y = simulate_all_reduce([x], make_codec("int4-g32"))
+    assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()  # a new tensor, as promised
     with pytest.raises(ValueError, match="rank 1"):
         simulate_all_reduce([x, torch.randn(4, 8)], make_codec("bf16"))
     with pytest.raises(ValueError, match="unknown algorithm"):

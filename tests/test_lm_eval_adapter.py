@@ -42,7 +42,12 @@ metric_list:
     return TaskManager(include_path=str(tmp_path))
 
 
-def test_adapter_runs_an_offline_task_and_bf16_matches_plain_hf(tmp_path):
+def _loglikelihoods(res):
+    return [float(r[0]) for sample in res["samples"]["shakespeare_lastword"] for r in sample["filtered_resps"]]
+
+
+def test_adapter_runs_an_offline_task_bf16_matches_plain_hf_and_codecs_differ(tmp_path):
+    from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     from lowbit_tp.evaluation.lm_eval_adapter import SimulatedTPLM
@@ -54,22 +59,30 @@ def test_adapter_runs_an_offline_task_and_bf16_matches_plain_hf(tmp_path):
 
     tm = _task(tmp_path)
     model = tiny_model("llama")
-    # No hub access here: a local word-level tokenizer over the tiny model's vocabulary.
-
-    raw = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    raw.add_tokens([f"w{i}" for i in range(99)])
+    # No hub access here: a local word-level tokenizer whose vocabulary holds every word of
+    # the task (ids 1-100 of the tiny model, round robin), so contexts and choices differ.
+    words = sorted({w for line in (tmp_path / "lastword.jsonl").read_text().splitlines()
+                    for d in [json.loads(line)] for w in (d["context"] + " " + " ".join(d["choices"])).split()})
+    vocab = {"[UNK]": 0, **{w: 1 + i % 100 for i, w in enumerate(words)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = tf.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", eos_token="[UNK]")
+    assert len(set(tok("To be or not to be")["input_ids"])) > 1
     info = ModelInfo(name="tiny", source="memory", weights_sha256=None, model_type="llama", hidden_size=64,
                      num_layers=2)
-    from lm_eval import simple_evaluate
 
     plain = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu"),
-                                    tasks=["shakespeare_lastword"], task_manager=tm)
-    lm = SimulatedTPLM(tp=2, codec="bf16", algorithm="gather", bundle=(model, tok, info), batch_size=4)
-    sim = simple_evaluate(model=lm, tasks=["shakespeare_lastword"], task_manager=tm)
-    lm.close()
+                            tasks=["shakespeare_lastword"], task_manager=tm, log_samples=True)
+    runs = {}
+    for codec in ("bf16", "int4-g32"):
+        lm = SimulatedTPLM(tp=2, codec=codec, algorithm="gather", bundle=(model, tok, info), batch_size=4)
+        runs[codec] = simple_evaluate(model=lm, tasks=["shakespeare_lastword"], task_manager=tm, log_samples=True)
+        lm.close()
+        assert lm.simulator.comm_stats().calls > 0  # the collectives really ran
+    ref, bf16, int4 = (_loglikelihoods(r) for r in (plain, runs["bf16"], runs["int4-g32"]))
+    assert len(ref) == len(bf16) == len(int4) == 4 * 12 and len(set(ref)) > 12  # distinct choices score differently
+    assert max(abs(a - b) for a, b in zip(ref, bf16)) < 1e-3  # bf16 on the wire: the plain model, to rounding
+    assert max(abs(a - b) for a, b in zip(ref, int4)) > 10 * max(abs(a - b) for a, b in zip(ref, bf16))
     a = plain["results"]["shakespeare_lastword"]["acc,none"]
-    b = sim["results"]["shakespeare_lastword"]["acc,none"]
+    b = runs["bf16"]["results"]["shakespeare_lastword"]["acc,none"]
     assert 0.0 <= b <= 1.0 and abs(a - b) < 1e-9
-    assert lm.simulator.comm_stats().calls > 0  # the collectives really ran

@@ -1,4 +1,4 @@
-"""Nothing in lowbit_tp/ patches another module at run time (STYLE.md rule 10).
+"""Nothing in lowbit_tp/ patches another module at run time (a project rule: modules reach each other through explicit interfaces).
 
 A static check over the package's source: no assignment to, deletion of, or ``setattr`` on
 an attribute of an imported name (a module or anything taken from one), and no use of

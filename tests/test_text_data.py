@@ -39,6 +39,10 @@ class FakeTokenizer:
             ids = [self.bos_token_id] + ids
         return ids
 
+    def decode(self, ids):
+        words = {v: k for k, v in self.vocab.items()}
+        return " ".join(words[i] for i in ids if i in words)
+
 
 @pytest.fixture(scope="module")
 def split():
@@ -98,11 +102,26 @@ def test_strip_gutenberg_modern_and_old_markers():
 def test_user_directory_split_by_file(tmp_path):
     for i in range(8):
         (tmp_path / f"doc{i}.txt").write_text(f"text number {i}\n" * 3)
-    (tmp_path / "ignored.md").write_text("not a txt")
-    result = load_split(tmp_path)
+    (tmp_path / "notes.md").write_text("not a txt")
+    result = load_split(tmp_path, glob="*.txt")
     assert [d.name for d in result.evaluation] == ["doc3.txt", "doc7.txt"]
     assert len(result.calibration) == 6
     assert "6 files calibration / 2 evaluation" in result.description
+
+
+def test_user_directory_takes_any_utf8_text_file_and_skips_binary(tmp_path):
+    (tmp_path / "a.py").write_text("def f():\n    return 'caf\u00e9'\n", encoding="utf-8")
+    (tmp_path / "b.md").write_text("# title\n\nsome prose\n")
+    (tmp_path / "c.bin").write_bytes(bytes(range(256)))      # NUL bytes: binary
+    (tmp_path / "d.txt").write_bytes("latin-1 caf\xe9\n".encode("latin-1"))  # not UTF-8
+    (tmp_path / ".hidden.txt").write_text("hidden\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "e.md").write_text("nested\n")
+    assert [d.name for d in load_documents(tmp_path)] == ["a.py", "b.md"]
+    assert [d.name for d in load_documents(tmp_path, glob="**/*.md")] == ["b.md", "sub/e.md"]
+    assert "caf\u00e9" in load_documents(tmp_path)[0].text
+    with pytest.raises(ValueError, match="no UTF-8 text files matching '\\*.txt' \\(1 matched but are not"):
+        load_documents(tmp_path, glob="*.txt")
 
 
 def test_user_single_file_split_contiguously(tmp_path):
@@ -127,7 +146,7 @@ def test_user_path_for_one_role_uses_shakespeare_for_the_other(tmp_path):
 def test_errors_for_missing_and_empty_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_split(tmp_path / "nope")
-    with pytest.raises(ValueError, match="no \\*.txt files"):
+    with pytest.raises(ValueError, match="no UTF-8 text files"):
         load_documents(tmp_path)
     (tmp_path / "blank.txt").write_text("\n\n   \n")
     with pytest.raises(ValueError, match="empty text"):
@@ -234,9 +253,43 @@ def test_lambada_skips_stage_directions_and_capitals():
     assert items[0].target_word == "target"
 
 
-def test_lambada_passages_errors_when_text_runs_out():
-    with pytest.raises(ValueError, match="text too short"):
-        lambada_passages(FakeTokenizer(), [_prose_doc()], num_passages=500, context_tokens=12)
+def test_lambada_passages_use_what_there_is_and_warn_when_text_runs_out():
+    with pytest.warns(UserWarning, match=r"found only (\d+) .* 500 requested; using \1"):
+        items = lambada_passages(FakeTokenizer(), [_prose_doc()], num_passages=500, context_tokens=12)
+    # 100 lines of 12 words, each item needs 12 context words + its word: at most 100 // 1 items
+    assert 10 < len(items) < 500
+    with pytest.raises(ValueError, match="text too short: no last-word passage"):
+        lambada_passages(FakeTokenizer(), [_doc("tiny", "too short.")], num_passages=5, context_tokens=12)
+
+
+def test_chunk_tokens_exclude_keeps_windows_off_the_given_spans():
+    docs = _numbered_docs(2, 100)
+    # doc d0: tokens 0-99; window width 10 (no BOS) -> 10 slots per doc. Exclude d0's tokens
+    # 15..44 (touching slots 10, 20, 30, 40) and all of d1.
+    exclude = {docs[0].sha256: [(15, 45)], docs[1].sha256: [(0, 100)]}
+    tok = FakeTokenizer(bos_token_id=None)
+    got = chunk_tokens(tok, docs, num_samples=6, seq_len=10, exclude=exclude)
+    assert sorted(p["token_start"] for p in got.provenance) == [0, 50, 60, 70, 80, 90]
+    assert {p["doc"] for p in got.provenance} == {"d0"}
+    with pytest.raises(ValueError, match="only 6 non-overlapping windows outside the excluded spans"):
+        chunk_tokens(FakeTokenizer(bos_token_id=None), docs, num_samples=7, seq_len=10, exclude=exclude)
+
+
+def test_window_spans_and_char_spans_cover_the_windows():
+    from lowbit_tp.data import token_char_spans, window_spans
+
+    docs = _numbered_docs(2, 60)
+    tok = FakeTokenizer()
+    chunks = chunk_tokens(tok, docs, num_samples=3, seq_len=11, seed=2)  # BOS + 10 text tokens
+    spans = window_spans(chunks.manifest())
+    for p in chunks.provenance:
+        assert (p["token_start"], p["token_start"] + 10) in spans[p["sha256"]]
+    chars = token_char_spans(tok, docs, spans, margin=0)
+    for d in docs:
+        for (a, b), (ca, cb) in zip(spans.get(d.sha256, []), chars.get(d.sha256, [])):
+            # the words of the window lie inside the character span
+            words = d.text.split()[a:b]
+            assert " ".join(words) in d.text[ca:cb + 1]
 
 
 @pytest.mark.model

@@ -39,9 +39,11 @@ def environment() -> dict[str, Any]:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A GitHub markdown table of ``columns`` (floats to 3 significant digits)."""
+    """A GitHub markdown table of ``columns`` (floats to 3 significant digits, lists as ``[a, b]``)."""
 
     def fmt(v):
+        if isinstance(v, (list, tuple)):  # e.g. a confidence interval [low, high]
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
         return "" if v is None else str(v)

@@ -9,7 +9,12 @@ values, the per-channel statistics of those values over calibration text:
 
 Statistics per (layer, source), each ``[E]`` fp32: ``ema_min`` and ``ema_max`` (the
 exponential moving average over calibration batches of each channel's min and max, as in
-the seed paper) and ``absmax`` (the running max of ``|y|``).
+the seed paper) and ``absmax`` (the running max of ``|y|``). Optional, for the scale
+ablations (artifacts written before they existed load without them, and a codec that needs
+them refuses such an artifact with :class:`CalibrationError`): ``mean_min`` / ``mean_max``
+(the plain mean of the batch min / max: an EMA whose decay follows the batch count,
+``1 - 1/t`` at batch t, so every batch weighs the same) and ``p999`` (the mean over batches
+of each channel's 99.9th percentile of ``|y|``).
 
 File format (``schema_version`` 2): a safetensors file whose tensors are named
 ``"{layer}|{source}|{stat}"`` (source is ``rank{r}`` or ``sum``), and whose safetensors
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Union
@@ -38,6 +44,8 @@ from lowbit_tp.errors import UserError
 
 SCHEMA_VERSION = 2
 STATS = ("ema_min", "ema_max", "absmax")
+OPTIONAL_STATS = ("mean_min", "mean_max", "p999")
+PERCENTILE = 0.999
 Source = Union[int, str]  # a rank index, or "sum"
 
 
@@ -66,11 +74,22 @@ class ChannelStats:
     ema_min: torch.Tensor
     ema_max: torch.Tensor
     absmax: torch.Tensor
+    mean_min: torch.Tensor | None = None
+    mean_max: torch.Tensor | None = None
+    p999: torch.Tensor | None = None
 
     @property
     def range(self) -> torch.Tensor:
         """``ema_max - ema_min``: the paper's outlier score."""
         return self.ema_max - self.ema_min
+
+    def require(self, name: str) -> torch.Tensor:
+        """An optional statistic, or a :class:`CalibrationError` naming what to do."""
+        value = getattr(self, name)
+        if value is None:
+            raise CalibrationError(f"this calibration has no {name!r} statistics (it predates them); "
+                                   f"recalibrate with `lowbit-tp calibrate`")
+        return value
 
 
 @dataclass
@@ -157,8 +176,9 @@ class Calibration:
     def _tensors(self) -> dict[str, torch.Tensor]:
         out = {}
         for (layer, source), st in self.stats.items():
-            for name in STATS:
-                out[f"{layer}|{_source_key(source)}|{name}"] = getattr(st, name).float().contiguous()
+            for name in STATS + OPTIONAL_STATS:
+                if getattr(st, name) is not None:
+                    out[f"{layer}|{_source_key(source)}|{name}"] = getattr(st, name).float().contiguous()
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -263,8 +283,10 @@ def _check_stats(meta: dict[str, Any], stats: dict[tuple[str, Source], ChannelSt
             raise CalibrationError(f"{path}: statistics for layer {layer!r}, which the header does not list")
         if source != "sum" and not source < tp:
             raise CalibrationError(f"{path}: statistics for rank {source} of layer {layer!r}, but tp={tp}")
-        for name in STATS:
+        for name in STATS + OPTIONAL_STATS:
             t = getattr(st, name)
+            if t is None and name in OPTIONAL_STATS:
+                continue
             if t.dtype != torch.float32 or tuple(t.shape) != (e,):
                 raise CalibrationError(
                     f"{path}: {layer}|{source}|{name} is {t.dtype} {tuple(t.shape)}, expected float32 ({e},)")
@@ -275,10 +297,10 @@ def _stats_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[tu
     for key, t in tensors.items():
         parts = key.rsplit("|", 2)
         src = parts[1] if len(parts) == 3 else ""
-        if len(parts) != 3 or parts[2] not in STATS or not (
+        if len(parts) != 3 or parts[2] not in STATS + OPTIONAL_STATS or not (
                 src == "sum" or (src.startswith("rank") and src[4:].isdigit() and src[4:].isascii())):
             raise CalibrationError(f"{path}: unexpected tensor name {key!r} (expected 'layer|rankN|stat' or "
-                                   f"'layer|sum|stat', stat one of {', '.join(STATS)})")
+                                   f"'layer|sum|stat', stat one of {', '.join(STATS + OPTIONAL_STATS)})")
         layer, stat = parts[0], parts[2]
         source: Source = "sum" if src == "sum" else int(src[4:])
         grouped.setdefault((layer, source), {})[stat] = t
@@ -287,7 +309,7 @@ def _stats_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[tu
         missing = [s for s in STATS if s not in d]
         if missing:
             raise CalibrationError(f"{path}: layer {k[0]!r} source {k[1]!r} lacks {missing}")
-        out[k] = ChannelStats(**{s: d[s] for s in STATS})
+        out[k] = ChannelStats(**{s: d[s] for s in STATS + OPTIONAL_STATS if s in d})
     return out
 
 
@@ -305,7 +327,9 @@ class StatsAccumulator:
     """Accumulates :class:`ChannelStats` over batches of communicated values.
 
     ``update(layer, source, y)`` takes ``y [tokens, E]``; the EMA follows the paper:
-    ``ema = decay * ema + (1 - decay) * batch_stat``, initialised with the first batch.
+    ``ema = decay * ema + (1 - decay) * batch_stat``, initialised with the first batch. The
+    plain means of the batch min / max and of the per-batch 99.9th percentile of ``|y|``
+    are kept too (see the module docstring).
     """
 
     def __init__(self, *, ema_decay: float = 0.9):
@@ -313,6 +337,7 @@ class StatsAccumulator:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.ema_decay = ema_decay
         self._state: dict[tuple[str, Source], list[torch.Tensor]] = {}
+        self._batches: dict[tuple[str, Source], int] = {}
         self._order: list[str] = []
 
     def update(self, layer: str, source: Source, y: torch.Tensor) -> None:
@@ -323,17 +348,25 @@ class StatsAccumulator:
         if not (bool(torch.isfinite(bmin).all()) and bool(torch.isfinite(bmax).all())):
             raise ValueError(f"non-finite values in calibration activations of {layer!r} (source {source!r})")
         babs = torch.maximum(-bmin, bmax)
+        # the ceil(0.999 n)-th smallest |y|, found as the (n - that + 1)-th largest: topk of a
+        # few values is several times faster than kthvalue over the whole column
+        kth = max(1, math.ceil(PERCENTILE * y.shape[0]))
+        bpct = y.abs().topk(y.shape[0] - kth + 1, dim=0).values[-1]
         key = (layer, source)
         if layer not in self._order:
             self._order.append(layer)
         st = self._state.get(key)
         if st is None:
-            self._state[key] = [bmin, bmax, babs]
+            self._state[key] = [bmin, bmax, babs, bmin.clone(), bmax.clone(), bpct]
+            self._batches[key] = 1
             return
         d = self.ema_decay
         st[0] = d * st[0] + (1 - d) * bmin
         st[1] = d * st[1] + (1 - d) * bmax
         st[2] = torch.maximum(st[2], babs)
+        n = self._batches[key] = self._batches[key] + 1
+        for i, b in ((3, bmin), (4, bmax), (5, bpct)):  # running means: decay 1 - 1/n
+            st[i] = st[i] + (b - st[i]) / n
 
     def build(self, meta: dict[str, Any], *, layers: Iterable[str] | None = None) -> Calibration:
         """Freeze into a :class:`Calibration`; ``meta`` must give at least ``tp`` and ``hidden_size``."""

@@ -26,6 +26,7 @@ class CalibrationConfig:
     ema_decay: float = 0.9
     k: int | None = None  # bf16 channels for codecs that take k from the calibration; None: hidden // 64
     text: str | None = None  # None: the Shakespeare calibration plays
+    text_glob: str = "*"  # files of a ``text`` directory to read
     side: str = "calibration"  # which side of the text split to read; "evaluation" for held-out analysis
     # Per-layer bit allocation stored for codec "alloc" (= "default"): mean bits/value budget,
     # the codec most layers get, the one the most sensitive layers get. None skips it.
@@ -56,7 +57,7 @@ def calibrate(cfg: CalibrationConfig, *, bundle: tuple[Any, Any, Any] | None = N
     from lowbit_tp.simulator import TPSimulator
 
     model, tokenizer, info = bundle if bundle is not None else load_model(cfg.model)
-    split = load_split(cfg.text)
+    split = load_split(cfg.text, glob=cfg.text_glob)
     if cfg.side not in ("calibration", "evaluation"):
         raise ValueError(f"side must be 'calibration' or 'evaluation', got {cfg.side!r}")
     docs = split.calibration if cfg.side == "calibration" else split.evaluation

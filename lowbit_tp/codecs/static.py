@@ -10,6 +10,16 @@ Payload layouts (row-major ``[tokens, E]``, all little-endian; see docs/wire-for
   block each token's remaining E-k channels in ascending order.
 
 Scales and channel sets are static (from calibration), so nothing else travels.
+
+Scale ablations (codec options, same wire format; ``docs/results.md`` measures them):
+``scale_stat`` picks the per-channel magnitude a scale is fitted to (``ema``: the paper's
+EMA extremes, the default; ``absmax``: the running absmax; ``p999``: the mean per-batch
+99.9th percentile of ``|y|``, clipping the rest; ``mean``: equal-weight means of the batch
+extremes, i.e. an EMA whose decay follows the batch count, used for the outlier ranking
+too), and ``zero_point=True`` fits the 15 levels to ``[min, max]`` around a per-channel
+centre instead of to ``[-absmax, absmax]``. ``int4-outlier`` keeps the paper's closest
+reading: symmetric scales ``max(|EMA min|, |EMA max|) / 7``, top-k by EMA range (the paper
+tracks per-channel min and max with an EMA and quantizes the rest to symmetric int4).
 """
 from __future__ import annotations
 
@@ -23,7 +33,7 @@ from lowbit_tp.calibration.artifact import ChannelStats, Source
 from lowbit_tp.codecs import functional as F
 from lowbit_tp.codecs.base import Codec, register_codec
 
-SCALE_STATS = ("ema", "absmax")
+SCALE_STATS = ("ema", "absmax", "p999", "mean")
 _TINY = 1e-12
 
 
@@ -56,15 +66,37 @@ class StaticParams:
     inv_scale: torch.Tensor
     inliers: torch.Tensor
     outliers: torch.Tensor
+    offset: torch.Tensor | None = None  # [E - k] per-channel centre (zero_point codecs only)
 
 
 def channel_absmax(stats: ChannelStats, scale_stat: str) -> torch.Tensor:
-    """The per-channel magnitude a static scale is fitted to."""
+    """The per-channel magnitude a symmetric static scale is fitted to."""
     if scale_stat == "ema":
         return torch.maximum(stats.ema_min.abs(), stats.ema_max.abs())
     if scale_stat == "absmax":
         return stats.absmax
+    if scale_stat == "p999":
+        return stats.require("p999")
+    if scale_stat == "mean":
+        return torch.maximum(stats.require("mean_min").abs(), stats.require("mean_max").abs())
     raise ValueError(f"scale_stat must be one of {SCALE_STATS}, got {scale_stat!r}")
+
+
+def channel_bounds(stats: ChannelStats, scale_stat: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel ``(low, high)`` an asymmetric (zero-point) scale is fitted to."""
+    if scale_stat == "ema":
+        return stats.ema_min, stats.ema_max
+    if scale_stat == "mean":
+        return stats.require("mean_min"), stats.require("mean_max")
+    raise ValueError(f"zero_point needs per-channel min and max: scale_stat 'ema' or 'mean', got {scale_stat!r}")
+
+
+def outlier_score(stats: ChannelStats, scale_stat: str) -> torch.Tensor:
+    """The range that ranks outlier channels: the paper's EMA range, or for ``mean`` the
+    range of the equal-weight means (the whole statistic changes with the decay rule)."""
+    if scale_stat == "mean":
+        return stats.require("mean_max") - stats.require("mean_min")
+    return stats.range
 
 
 def topk_channels(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -91,15 +123,28 @@ class _StaticIntCodec(Codec):
     # Quantized channels clamp to the calibrated range by design; this bounds the bf16 ones.
     max_input = F.BF16_MAX
 
-    def __init__(self, *, k: int | None = 0, scale_stat: str = "ema", **kw):
+    def __init__(self, *, k: int | None = 0, scale_stat: str = "ema", zero_point: bool = False, **kw):
         super().__init__(**kw)
         if scale_stat not in SCALE_STATS:
             raise ValueError(f"scale_stat must be one of {SCALE_STATS}, got {scale_stat!r}")
+        if zero_point and scale_stat not in ("ema", "mean"):
+            raise ValueError(f"zero_point needs per-channel min and max: scale_stat 'ema' or 'mean', "
+                             f"got {scale_stat!r}")
+        if zero_point and self.backend not in ("auto", "reference"):
+            from lowbit_tp.kernels import BackendUnavailable
+
+            raise BackendUnavailable(f"{self.name}: zero_point has no {self.backend} kernel; use backend='reference'")
         self.k = k
         self.scale_stat = scale_stat
+        self.zero_point = bool(zero_point)
 
     def options(self):
-        return {"k": self.k, "scale_stat": self.scale_stat}
+        opts = {"k": self.k, "scale_stat": self.scale_stat}
+        return {**opts, "zero_point": True} if self.zero_point else opts
+
+    def kernel_backend(self, device) -> str:
+        # the fused kernels know symmetric scales only; zero_point runs the reference code
+        return "reference" if self.zero_point else super().kernel_backend(device)
 
     def num_kept(self, hidden: int) -> int:
         """Channels kept in bf16: ``k``, or the calibration's k (``calibrate --k``) when None."""
@@ -109,7 +154,7 @@ class _StaticIntCodec(Codec):
         return k
 
     def _select(self, stats: ChannelStats, k: int, layer, source) -> torch.Tensor:
-        return topk_channels(stats.range, k)
+        return topk_channels(outlier_score(stats, self.scale_stat), k)
 
     def _make_params(self, layer, source, hidden):
         stats = self.calibration.get(layer, source)
@@ -121,6 +166,11 @@ class _StaticIntCodec(Codec):
         mask[outliers] = False
         inliers = torch.nonzero(mask).reshape(-1)
         qmax = 2 ** (self.bits - 1) - 1
+        if self.zero_point:  # 2*qmax+1 levels spanning [low, high]: centre + q * scale, |q| <= qmax
+            low, high = channel_bounds(stats, self.scale_stat)
+            offset = ((low + high) / 2)[inliers].float()
+            scale = (((high - low) / 2)[inliers] / qmax).clamp_min(_TINY).float()
+            return StaticParams(scale=scale, inv_scale=1.0 / scale, inliers=inliers, outliers=outliers, offset=offset)
         scale = (channel_absmax(stats, self.scale_stat)[inliers] / qmax).clamp_min(_TINY).float()
         return StaticParams(scale=scale, inv_scale=1.0 / scale, inliers=inliers, outliers=outliers)
 
@@ -140,6 +190,8 @@ class _StaticIntCodec(Codec):
             return self._triton_encode(x, p)
         k = p.outliers.numel()
         rest = x if k == 0 else x.index_select(1, p.inliers)
+        if p.offset is not None:
+            rest = rest - p.offset
         q = F.quantize_symmetric(rest, inv_scale=p.inv_scale, bits=self.bits, nonfinite=nonfinite)
         body = F.pack_int4(q) if self.bits == 4 else q.reshape(-1).view(torch.uint8)
         if k == 0:
@@ -198,6 +250,8 @@ class _StaticIntCodec(Codec):
             rest = vals.mul_(p.scale)
         else:
             rest = F.dequantize_symmetric(body.view(torch.int8).reshape(t, e - k), p.scale, bits=8)
+        if p.offset is not None:
+            rest = rest + p.offset
         if k == 0:
             return rest
         out = torch.empty(t, e, dtype=torch.float32, device=payload.device).index_copy_(1, p.inliers, rest)
@@ -257,3 +311,26 @@ class RandomKInt4Codec(_StaticIntCodec):
 
     def _select(self, stats, k, layer, source):
         return random_channels(stats.range.numel(), k, seed=self.seed, layer=layer, source=source)
+
+
+# Scale ablations of the seed codec (module docstring); same bits and wire format.
+_ABLATIONS = {
+    "int4-outlier-asym": {"zero_point": True},
+    "int4-outlier-absmax": {"scale_stat": "absmax"},
+    "int4-outlier-p999": {"scale_stat": "p999"},
+    "int4-outlier-mean": {"scale_stat": "mean"},
+    "int4-outlier-mean-asym": {"scale_stat": "mean", "zero_point": True},
+}
+
+
+def _ablation(name: str, opts: dict):
+    def make(**kw) -> Codec:
+        codec = OutlierInt4Codec(**{**opts, **kw})
+        codec.name = name
+        return codec
+
+    return make
+
+
+for _name, _opts in _ABLATIONS.items():
+    register_codec(_name, _ablation(_name, _opts), needs_calibration=True)

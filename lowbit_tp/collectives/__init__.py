@@ -4,7 +4,7 @@
 * :func:`simulate_all_reduce` - single-process, bitwise the same result.
 * :func:`spawn_ranks` - start N local ranks with a timeout (tests, benchmarks, runtime).
 """
-from lowbit_tp.collectives.algorithms import ALGORITHMS
+from lowbit_tp.collectives.algorithms import ALGORITHMS, DEFAULT_ALGORITHM
 from lowbit_tp.collectives.dist import CollectiveError, all_reduce, check_group_config
 from lowbit_tp.collectives.launch import RankFailure, spawn_ranks
 from lowbit_tp.collectives.policy import AutoPolicy, CommStats, resolve_algorithm
@@ -12,6 +12,7 @@ from lowbit_tp.collectives.simulate import simulate_all_reduce
 
 __all__ = [
     "ALGORITHMS",
+    "DEFAULT_ALGORITHM",
     "AutoPolicy",
     "CollectiveError",
     "CommStats",

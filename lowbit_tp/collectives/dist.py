@@ -76,7 +76,7 @@ def all_reduce(
     codec: Codec,
     group=None,
     *,
-    algorithm: str = "auto",
+    algorithm: str = A.DEFAULT_ALGORITHM,
     layer: str | None = None,
     policy: AutoPolicy | None = None,
     stats: CommStats | None = None,
@@ -100,7 +100,7 @@ def all_reduce(
         raise ValueError(f"all_reduce expects a [tokens, E] partial, got shape {tuple(partial.shape)}")
     algo = resolve_algorithm(algorithm, numel=partial.numel(), world_size=world, policy=policy)
     if world == 1:
-        return partial
+        return partial.clone()
     if algo == "exact":
         out = partial.clone()
         _guard("exact all_reduce", layer, group, lambda: dist.all_reduce(out, group=group), wire_hook)
@@ -114,7 +114,8 @@ def all_reduce(
     stages = _gather_pipelined if algo == "gather" else _two_shot_pipelined
     outs = stages(codec, pieces, group, layer=layer, rank=rank, world=world, tally=tally, hook=wire_hook)
     if stats is not None:
-        stats.record(algorithm=algo, sent=tally.bytes_sent, payload=tally.payload_bytes, values=tally.values)
+        stats.record(algorithm=algo, sent=tally.bytes_sent, payload=tally.payload_bytes, values=tally.values,
+                     wire_values=tally.wire_values, world=world)
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.to(partial.dtype)
 

@@ -18,7 +18,7 @@ from lowbit_tp.collectives.policy import AutoPolicy, CommStats, resolve_algorith
 def simulate_all_reduce(
     partials: Sequence[torch.Tensor],
     codec: Codec,
-    algorithm: str = "gather",
+    algorithm: str = A.DEFAULT_ALGORITHM,
     *,
     layer: str | None = None,
     policy: AutoPolicy | None = None,
@@ -43,7 +43,7 @@ def simulate_all_reduce(
         raise ValueError(f"partials must be [tokens, E], got shape {tuple(x0.shape)}")
     algo = resolve_algorithm(algorithm, numel=x0.numel(), world_size=world, policy=policy)
     if world == 1:
-        return x0
+        return x0.clone()
     if algo == "exact":
         if stats is not None:
             stats.record_exact(x0, world=world)

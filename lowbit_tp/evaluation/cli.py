@@ -19,7 +19,8 @@ def register(sub) -> None:
     p.add_argument("--ema-decay", type=unit_interval, default=0.9)
     p.add_argument("--k", type=nonneg_int, help="bf16 (kept) channels for int4-outlier, int4-random-k and rot-* "
                    "codecs without -kN, stored in the calibration (default hidden/64)")
-    p.add_argument("--text", help="calibration text: a file or a directory of .txt files (default: Shakespeare)")
+    p.add_argument("--text", help="calibration text: a file or a directory of UTF-8 text files (default: Shakespeare)")
+    p.add_argument("--text-glob", default="*", help="files of a --text directory to read (default '*'; e.g. '**/*.md')")
     p.add_argument("--allocate", type=float, metavar="BITS", default=4.5,
                    help="measure per-layer sensitivity and store a bit allocation with this mean bits/value budget, "
                         "used by --codec alloc (= default); 0 skips it (default 4.5)")
@@ -32,14 +33,20 @@ def register(sub) -> None:
     e.add_argument("--model", default="smollm2-135m")
     e.add_argument("--tp", type=positive_int, required=True)
     e.add_argument("--codec", action="append", required=True, help="repeatable")
-    e.add_argument("--algorithm", default="gather", choices=["gather", "two-shot", "auto"])
+    e.add_argument("--algorithm", default="gather", choices=["gather", "two-shot", "auto"],
+                   help="collective (default gather, the one default of every API)")
     e.add_argument("--calibration", help="artifact from `lowbit-tp calibrate` (static codecs need it)")
     e.add_argument("--samples", type=positive_int, default=32)
     e.add_argument("--seq-len", type=int, default=256)
     e.add_argument("--batch-size", type=positive_int, default=8)
     e.add_argument("--lambada", type=nonneg_int, default=128, help="last-word items (0 to skip)")
     e.add_argument("--seed", type=int, default=1)
-    e.add_argument("--text", help="evaluation text: a file or a directory of .txt files (default: Shakespeare)")
+    e.add_argument("--text", help="text: a file or a directory of UTF-8 text files (default: Shakespeare), split "
+                                  "into calibration and test sides")
+    e.add_argument("--text-glob", default="*", help="files of a --text directory to read (default '*'; e.g. '**/*.md')")
+    e.add_argument("--split", default="test", choices=["test", "dev"],
+                   help="test: the held-out side (report numbers); dev: windows of the calibration side that the "
+                        "calibration did not read (tune on this)")
     e.add_argument("--runtime", default="sim", choices=["sim", "tp"],
                    help="sim: single-process TP simulator; tp: --tp spawned gloo ranks, each holding one shard")
     e.add_argument("--timeout", type=positive_float, default=60.0, help="--runtime tp: collective timeout in seconds")
@@ -58,7 +65,7 @@ def _calibrate(args) -> None:
 
     cfg = CalibrationConfig(model=args.model, tp=args.tp, samples=args.samples, seq_len=args.seq_len,
                             batch_size=args.batch_size, seed=args.seed, ema_decay=args.ema_decay, k=args.k,
-                            text=args.text, allocate=args.allocate or None, alloc_low=args.alloc_low,
+                            text=args.text, text_glob=args.text_glob, allocate=args.allocate or None, alloc_low=args.alloc_low,
                             alloc_high=args.alloc_high)
     preflight_calibrate(cfg, out=args.out, warn=_warn)
     cal = calibrate(cfg)
@@ -75,7 +82,8 @@ def _eval(args) -> None:
 
     cfg = EvalConfig(model=args.model, tp=args.tp, codecs=tuple(args.codec), algorithm=args.algorithm,
                      calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
-                     batch_size=args.batch_size, lambada=args.lambada, seed=args.seed, text=args.text)
+                     batch_size=args.batch_size, lambada=args.lambada, seed=args.seed, text=args.text,
+                     text_glob=args.text_glob, split=args.split)
     preflight_eval(cfg, out=args.json, warn=_warn)
     if args.runtime == "tp":
         from lowbit_tp.evaluation.on_ranks import evaluate_codecs_tp
@@ -85,8 +93,9 @@ def _eval(args) -> None:
         res = evaluate_codecs(cfg)
         for row in res["rows"]:
             row["runtime"] = "sim"
-    cols = ["codec", "algorithm", "runtime", "bits_per_value", "ppl_baseline", "ppl", "ppl_increase_pct", "kl",
-            "top1", "lambada_acc_baseline", "lambada_acc", "pct_of_baseline_lambada"]
+    cols = ["codec", "algorithm", "runtime", "split", "bits_per_value", "ppl_baseline", "ppl", "ppl_increase_pct",
+            "ppl_increase_pct_ci95", "kl", "kl_ci95", "top1", "top1_ci95", "lambada_acc_baseline", "lambada_acc",
+            "pct_of_baseline_lambada"]
     print(markdown_table(res["rows"], cols))
     if args.json:
         atomic_write_text(args.json, json.dumps(res, indent=2, default=str))

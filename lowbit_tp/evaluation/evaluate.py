@@ -7,7 +7,10 @@ from typing import Any, Sequence
 
 import torch
 
+from lowbit_tp.collectives.algorithms import DEFAULT_ALGORITHM
 from lowbit_tp.evaluation.metrics import LMComparison, last_word_correct
+
+SPLITS = ("test", "dev")
 
 
 @dataclass(frozen=True)
@@ -17,7 +20,7 @@ class EvalConfig:
     model: str = "smollm2-135m"
     tp: int = 3
     codecs: tuple[str, ...] = ("int4-outlier",)
-    algorithm: str = "gather"
+    algorithm: str = DEFAULT_ALGORITHM
     calibration: str | None = None
     samples: int = 32
     seq_len: int = 256
@@ -26,6 +29,8 @@ class EvalConfig:
     lambada_context: int = 128  # tokens of context before each target word
     seed: int = 1               # differs from calibration's default seed 0
     text: str | None = None
+    text_glob: str = "*"        # which files of a --text directory to read
+    split: str = "test"         # "test": the held-out text; "dev": calibration text off the calibration windows
     codec_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -41,32 +46,85 @@ class EvalConfig:
 
             raise UserError(f"seq_len must be at least 2 (a window of 1 token has no next token to predict), "
                             f"got {self.seq_len!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
 
 
 def eval_inputs(cfg: EvalConfig, tokenizer, info, calibration=None):
     """What every evaluation path reads: the checked calibration, the text split, the
-    held-out token windows and the last-word items, all fixed by ``cfg``."""
+    evaluation token windows and the last-word items, all fixed by ``cfg``.
+
+    ``cfg.split == "test"``: windows and items from the evaluation (held-out) side.
+    ``"dev"``: from the calibration side, never overlapping a window the calibration read
+    (:func:`dev_exclusions`). Returns ``(calibration, split, chunks, items, split_info)``.
+    """
     from lowbit_tp.calibration import Calibration
-    from lowbit_tp.data import chunk_tokens, lambada_passages, load_split
+    from lowbit_tp.data import chunk_tokens, lambada_passages, load_split, token_char_spans
 
     if calibration is None and cfg.calibration is not None:
         calibration = Calibration.load(cfg.calibration)
     if calibration is not None:  # fail before any model work on an artifact for another run
         calibration.check_compatible(tp=cfg.tp, hidden_size=info.hidden_size, weights_sha256=info.weights_sha256,
                                      model_name=info.name)
-    split = load_split(cfg.text)
-    chunks = chunk_tokens(tokenizer, split.evaluation, num_samples=cfg.samples, seq_len=cfg.seq_len, seed=cfg.seed)
-    items = (lambada_passages(tokenizer, split.evaluation, num_passages=cfg.lambada, context_tokens=cfg.lambada_context,
-                              seed=cfg.seed) if cfg.lambada else ())
-    return calibration, split, chunks, items
+    split = load_split(cfg.text, glob=cfg.text_glob)
+    if cfg.split == "test":
+        docs, exclude, info_ = split.evaluation, {}, {"name": "test", "documents": [d.name for d in split.evaluation]}
+    else:
+        docs = split.calibration
+        exclude, source = dev_exclusions(tokenizer, split, calibration)
+        info_ = {"name": "dev", "documents": [d.name for d in docs],
+                 "excluded": source, "excluded_windows": sum(len(v) for v in exclude.values())}
+    chunks = chunk_tokens(tokenizer, docs, num_samples=cfg.samples, seq_len=cfg.seq_len, seed=cfg.seed,
+                          exclude=exclude)
+    items = ()
+    if cfg.lambada:
+        chars = token_char_spans(tokenizer, docs, exclude) if exclude else None
+        items = lambada_passages(tokenizer, docs, num_passages=cfg.lambada, context_tokens=cfg.lambada_context,
+                                 seed=cfg.seed, exclude_chars=chars)
+    return calibration, split, chunks, items, info_
 
 
-def result_record(cfg: EvalConfig, info, split, chunks, items, calibration, rows: list[dict]) -> dict[str, Any]:
+def dev_exclusions(tokenizer, split, calibration=None) -> tuple[dict[str, list[tuple[int, int]]], str]:
+    """Token spans (by document sha256) the dev split must avoid, and where they come from.
+
+    With a calibration: every window it recorded (its statistics windows and, if it has
+    a bit allocation, the probe windows). Without: the windows a default
+    ``lowbit-tp calibrate`` draws from this split (same text, default samples, length, seed).
+    """
+    from lowbit_tp.data import chunk_tokens, window_spans
+
+    manifests = []
+    if calibration is not None:
+        text = calibration.meta.get("text", {})
+        if text.get("side", "calibration") != "calibration":
+            raise ValueError("the dev split needs a calibration made on the calibration side of the text")
+        manifests.append(text["chunks"])
+        probe = calibration.meta.get("bit_allocation", {}).get("probe")
+        if probe:
+            manifests.append(probe)
+        source = f"the calibration's {sum(len(m['samples']) for m in manifests)} windows"
+    else:
+        from lowbit_tp.calibration.pipeline import CalibrationConfig
+
+        d = CalibrationConfig()
+        manifests.append(chunk_tokens(tokenizer, split.calibration, num_samples=d.samples, seq_len=d.seq_len,
+                                      seed=d.seed).manifest())
+        source = f"the {d.samples} windows of a default calibration (no calibration given)"
+    out: dict[str, list[tuple[int, int]]] = {}
+    for m in manifests:
+        for sha, spans in window_spans(m).items():
+            out.setdefault(sha, []).extend(spans)
+    return out, source
+
+
+def result_record(cfg: EvalConfig, info, split, chunks, items, calibration, rows: list[dict],
+                  split_info: dict | None = None) -> dict[str, Any]:
     """The whole result: config, model identity, the exact text used, calibration, rows."""
     return {
         "config": asdict(cfg),
         "model": {"name": info.name, "weights_sha256": info.weights_sha256, "model_type": info.model_type},
-        "text": {"description": split.description, "chunks": chunks.manifest(),
+        "text": {"description": split.description, "split": split_info or {"name": cfg.split},
+                 "chunks": chunks.manifest(),
                  "lambada": [it.manifest() for it in items]},
         "calibration": None if calibration is None else {"fingerprint": calibration.fingerprint(),
                                                          "text": calibration.meta.get("text", {}).get("description")},
@@ -79,10 +137,11 @@ def result_row(cfg: EvalConfig, info, codec: str, comparison: dict, stats, lamba
     """One codec's result row, shared by the simulator and the real-runtime evaluation."""
     acc = sum(lambada_hits) / len(lambada_hits) if lambada_hits else float("nan")
     return {
-        "model": info.name, "tp": cfg.tp, "codec": codec, "algorithm": cfg.algorithm,
+        "model": info.name, "tp": cfg.tp, "codec": codec, "algorithm": cfg.algorithm, "split": cfg.split,
         **comparison,
         "lambada_acc": acc, "lambada_acc_baseline": lambada_baseline,
         "bits_per_value": stats.bits_per_value,
+        "ring_equiv_bits": stats.ring_equiv_bits,
         # all row-parallel layers together, per token that went through the model
         "bytes_sent_per_rank_per_token": stats.bytes_sent * num_layers / max(1, stats.values // info.hidden_size),
         "ppl_increase_pct": 100.0 * (comparison["ppl"] / comparison["ppl_baseline"] - 1.0),
@@ -120,7 +179,7 @@ def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress:
     from lowbit_tp.simulator import TPSimulator
 
     model, tokenizer, info = bundle if bundle is not None else load_model(cfg.model)
-    calibration, split, chunks, items = eval_inputs(cfg, tokenizer, info, calibration)
+    calibration, split, chunks, items, split_info = eval_inputs(cfg, tokenizer, info, calibration)
     sims = {name: TPSimulator(model, tp=cfg.tp, name=info.name, algorithm=cfg.algorithm,
                               codec=make_codec(name, calibration=calibration, **cfg.codec_options.get(name, {})))
             for name in cfg.codecs}
@@ -148,13 +207,15 @@ def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress:
     base_acc = sum(lam_base) / len(lam_base) if lam_base else float("nan")
     rows = [result_row(cfg, info, name, comps[name].result(), sim.comm_stats(), lam[name], base_acc,
                        seconds[name], num_layers=len(sim.layers)) for name, sim in sims.items()]
-    return result_record(cfg, info, split, chunks, items, calibration, rows)
+    return result_record(cfg, info, split, chunks, items, calibration, rows, split_info)
 
 
-def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algorithm: str = "gather",
+def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algorithm: str = DEFAULT_ALGORITHM,
                            samples: int = 32, cal_samples: int = 64, lambada: int = 128, batch_size: int = 8,
-                           bundle=None, progress: bool = True, **cal_options) -> dict[str, Any]:
-    """Calibrate ``model`` at ``tp`` on the calibration text, then evaluate ``codecs`` on held-out text.
+                           split: str = "test", bundle=None, progress: bool = True,
+                           **cal_options) -> dict[str, Any]:
+    """Calibrate ``model`` at ``tp`` on the calibration text, then evaluate ``codecs`` on the
+    ``split`` (``test``: held-out text; ``dev``: calibration works off the calibration windows).
 
     ``cal_options`` go to :class:`CalibrationConfig` (e.g. ``allocate=4.5`` for codec ``alloc``).
     """
@@ -165,5 +226,28 @@ def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algori
     cal = calibrate(CalibrationConfig(model=model, tp=tp, samples=cal_samples, batch_size=batch_size, **cal_options),
                     bundle=bundle, progress=progress)
     return evaluate_codecs(EvalConfig(model=model, tp=tp, codecs=tuple(codecs), algorithm=algorithm,
-                                      samples=samples, lambada=lambada, batch_size=batch_size), bundle=bundle,
+                                      samples=samples, lambada=lambada, batch_size=batch_size, split=split),
+                           bundle=bundle,
                            calibration=cal, progress=progress)
+
+
+def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several ``lowbit-tp eval`` results of the same model, TP, split,
+    windows and calibration (e.g. codecs evaluated in groups); rows in the given order.
+    Refuses results that were not measured on the same text or calibration."""
+    if not results:
+        raise ValueError("no results to merge")
+    first = results[0]
+
+    def same(res) -> tuple:
+        cfg = res["config"]
+        return (cfg["model"], cfg["tp"], cfg.get("split"), cfg.get("algorithm"), res["text"]["chunks"],
+                res["calibration"] and res["calibration"]["fingerprint"])
+
+    for i, res in enumerate(results[1:], 1):
+        if same(res) != same(first):
+            raise ValueError(f"result {i} was measured on other windows, model, split or calibration than result 0")
+    out = dict(first)
+    out["rows"] = [row for res in results for row in res["rows"]]
+    out["config"] = {**first["config"], "codecs": [row["codec"] for row in out["rows"]]}
+    return out

@@ -1,38 +1,106 @@
-"""Quality metrics of a codec's logits against the baseline's, accumulated over batches."""
+"""Quality metrics of a codec's logits against the baseline's, accumulated over batches,
+with bootstrap confidence intervals over sequences."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
 
 
 @dataclass
 class LMComparison:
-    """Running sums over predicted tokens: NLL of baseline and codec, KL(base || codec), top-1."""
+    """Sums over predicted tokens (NLL of baseline and codec, KL(base || codec), top-1
+    agreement), in total and per sequence (the ``seq_*`` lists, one entry per row of every
+    batch, in order) for the bootstrap intervals."""
 
     tokens: int = 0
     nll_base: float = 0.0
     nll_codec: float = 0.0
     kl: float = 0.0
     top1_agree: int = 0
+    seq_tokens: list[int] = field(default_factory=list)
+    seq_nll_base: list[float] = field(default_factory=list)
+    seq_nll_codec: list[float] = field(default_factory=list)
+    seq_kl: list[float] = field(default_factory=list)
+    seq_top1_agree: list[int] = field(default_factory=list)
 
     def update(self, ids: torch.Tensor, base_logits: torch.Tensor, codec_logits: torch.Tensor) -> None:
         """``ids [B, S]``; logits ``[B, S, V]``. Position t predicts token t + 1."""
+        b, s = ids.shape
         target = ids[:, 1:].reshape(-1)
         lb = F.log_softmax(base_logits[:, :-1].float().reshape(-1, base_logits.shape[-1]), dim=-1)
         lc = F.log_softmax(codec_logits[:, :-1].float().reshape(-1, codec_logits.shape[-1]), dim=-1)
+        nll_b = -lb.gather(1, target[:, None]).reshape(b, s - 1).double().sum(1)
+        nll_c = -lc.gather(1, target[:, None]).reshape(b, s - 1).double().sum(1)
+        kl = (lb.exp() * (lb - lc)).sum(-1).reshape(b, s - 1).double().sum(1)
+        agree = (lb.argmax(-1) == lc.argmax(-1)).reshape(b, s - 1).sum(1)
         self.tokens += target.numel()
-        self.nll_base += float(-lb.gather(1, target[:, None]).sum())
-        self.nll_codec += float(-lc.gather(1, target[:, None]).sum())
-        self.kl += float((lb.exp() * (lb - lc)).sum())
-        self.top1_agree += int((lb.argmax(-1) == lc.argmax(-1)).sum())
+        self.nll_base += float(nll_b.sum())
+        self.nll_codec += float(nll_c.sum())
+        self.kl += float(kl.sum())
+        self.top1_agree += int(agree.sum())
+        self.seq_tokens += [s - 1] * b
+        self.seq_nll_base += nll_b.tolist()
+        self.seq_nll_codec += nll_c.tolist()
+        self.seq_kl += kl.tolist()
+        self.seq_top1_agree += agree.tolist()
 
-    def result(self) -> dict:
+    def result(self, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
+        """Point values, and 95% percentile-bootstrap intervals over sequences
+        (``*_ci95``, each ``[low, high]``; None with fewer than 2 sequences)."""
         n = max(self.tokens, 1)
-        return {"tokens": self.tokens, "ppl_baseline": math.exp(self.nll_base / n), "ppl": math.exp(self.nll_codec / n),
-                "kl": self.kl / n, "top1": self.top1_agree / n}
+        out = {"tokens": self.tokens, "sequences": len(self.seq_tokens),
+               "ppl_baseline": math.exp(self.nll_base / n), "ppl": math.exp(self.nll_codec / n),
+               "kl": self.kl / n, "top1": self.top1_agree / n}
+        per_seq = {"tokens": self.seq_tokens, "nll_base": self.seq_nll_base, "nll_codec": self.seq_nll_codec,
+                   "kl": self.seq_kl, "top1": self.seq_top1_agree}
+        for key, stat in (("ppl_increase_pct_ci95", ppl_increase_pct), ("kl_ci95", mean_per_token("kl")),
+                          ("top1_ci95", mean_per_token("top1"))):
+            out[key] = (bootstrap_ci(per_seq, stat, resamples=resamples, seed=seed)
+                        if len(self.seq_tokens) >= 2 else None)
+        return out
+
+
+def ppl_increase_pct(sums: Mapping[str, np.ndarray]) -> np.ndarray:
+    """``100 * (ppl_codec / ppl_baseline - 1)`` from summed NLLs and token counts
+    (arrays over resamples, or scalars)."""
+    return 100.0 * np.expm1((sums["nll_codec"] - sums["nll_base"]) / sums["tokens"])
+
+
+def mean_per_token(key: str) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+    """The statistic ``sum(key) / sum(tokens)``."""
+    return lambda sums: sums[key] / sums["tokens"]
+
+
+def bootstrap_ci(per_seq: Mapping[str, Sequence[float]], statistic: Callable[[Mapping[str, np.ndarray]], np.ndarray],
+                 *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                 level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of a ratio-of-sums statistic over sequences.
+
+    ``per_seq`` maps names to per-sequence sums (all the same length n). Each of
+    ``resamples`` draws n sequence indices with replacement (``numpy.random.default_rng(seed)
+    .integers(0, n, (resamples, n))``), sums every quantity over the drawn sequences and
+    evaluates ``statistic`` on those sums; the interval is the ``(1 - level) / 2`` and
+    ``(1 + level) / 2`` quantiles (numpy's default linear interpolation) of the values.
+    """
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in per_seq.items()}
+    n = len(next(iter(arrays.values())))
+    if n < 1 or any(len(a) != n for a in arrays.values()):
+        raise ValueError(f"per-sequence arrays must share a length >= 1, got {[len(a) for a in arrays.values()]}")
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    counts = np.zeros((resamples, n))
+    np.add.at(counts, (np.arange(resamples)[:, None], idx), 1.0)  # how often each sequence is drawn
+    sums = {k: counts @ a for k, a in arrays.items()}
+    values = statistic(sums)
+    alpha = (1.0 - level) / 2.0
+    return [float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))]
 
 
 def last_word_correct(logits: torch.Tensor, context_len: int, target_ids: list[int]) -> bool:

@@ -4,7 +4,7 @@ The counterpart of :func:`lowbit_tp.evaluation.evaluate_codecs`, which runs the
 single-process simulator: same evaluation windows (``load_split`` + ``chunk_tokens`` with
 ``cfg.seed``), same last-word items, same metrics (:class:`LMComparison`), same row keys
 plus ``"runtime": "tp"``. Because simulator and runtime share the codec and reduction code
-(STYLE.md rule 4) the two agree exactly; ``tests/test_runtime_eval.py`` holds them to that.
+(one implementation of the arithmetic) the two agree exactly; ``tests/test_runtime_eval.py`` holds them to that.
 
 Who computes what:
 
@@ -130,7 +130,7 @@ def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = 60.0, deadline_s: 
 
     model, tokenizer, info = load_model(cfg.model)
     # fails here, before spawning, on a wrong calibration artifact
-    calibration, split, chunks, items = eval_inputs(cfg, tokenizer, info)
+    calibration, split, chunks, items, split_info = eval_inputs(cfg, tokenizer, info)
     batches = list(chunks.input_ids.split(cfg.batch_size))
     with tempfile.TemporaryDirectory(prefix="lowbit_tp_eval_baseline_") as base_dir:
         with torch.no_grad():
@@ -154,7 +154,7 @@ def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = 60.0, deadline_s: 
         rows.append({**row, "runtime": "tp"})
         if keep_logits:
             logits[name] = r0["logits"]
-    out = result_record(cfg, info, split, chunks, items, calibration, rows)
+    out = result_record(cfg, info, split, chunks, items, calibration, rows, split_info)
     out["runtime"] = {"kind": "tp", "timeout_s": timeout_s, "threads_per_rank": threads_per_rank,
                       "wall_s": round(wall_s, 2),
                       "per_rank": [{"rank": pr["rank"], "shard": pr["shard"],

@@ -13,7 +13,7 @@ import json
 import os
 
 from lowbit_tp.argtypes import nonneg_int, positive_float, positive_int
-from lowbit_tp.collectives import ALGORITHMS
+from lowbit_tp.collectives import ALGORITHMS, DEFAULT_ALGORITHM
 
 
 def register(subparsers) -> None:
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--tp", type=positive_int, help="number of ranks (required unless under torchrun)")
     p.add_argument("--codec", default="bf16", help="all-reduce codec (bf16 with --algorithm exact = uncompressed)")
     p.add_argument("--calibration", help="calibration .safetensors (static codecs need one)")
-    p.add_argument("--algorithm", default="auto", choices=ALGORITHMS)
+    p.add_argument("--algorithm", default=DEFAULT_ALGORITHM, choices=ALGORITHMS)
     p.add_argument("--min-bytes", type=nonneg_int, help="auto: messages below this many bf16 bytes use exact")
     p.add_argument("--prompt", action="append", required=True, help="repeatable; generated one after another")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)

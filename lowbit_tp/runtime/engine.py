@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from lowbit_tp.calibration import Calibration
 from lowbit_tp.codecs import make_codec
-from lowbit_tp.collectives import ALGORITHMS, AutoPolicy, check_group_config, spawn_ranks
+from lowbit_tp.collectives import ALGORITHMS, DEFAULT_ALGORITHM, AutoPolicy, check_group_config, spawn_ranks
 from lowbit_tp.collectives.launch import init_from_env
 from lowbit_tp.errors import UserError
 from lowbit_tp.models import check_tp, load_model, load_tokenizer
@@ -50,8 +50,8 @@ class RunConfig:
     """Everything that decides a TP generation run; recorded next to its results.
 
     ``codec`` names a registered codec; ``calibration`` is a ``.safetensors`` path (needed by
-    static codecs, optional for dynamic ones). ``algorithm``: ``auto`` | ``exact`` |
-    ``gather`` | ``two-shot``; ``policy`` sets the thresholds of ``auto``. ``timeout_s`` is
+    static codecs, optional for dynamic ones). ``algorithm``: ``gather`` (default,
+    the one rule of :data:`~lowbit_tp.collectives.DEFAULT_ALGORITHM`) | ``two-shot`` | ``auto`` | ``exact``; ``policy`` sets the thresholds of ``auto``. ``timeout_s`` is
     the process group's collective timeout: a dead peer surfaces as ``CollectiveError``
     after at most this long. ``ignore_eos`` always generates ``max_new_tokens``. ``engine``:
     ``native`` (lowbit-tp's own sharding, :func:`~lowbit_tp.runtime.shard.shard_model`) or
@@ -64,7 +64,7 @@ class RunConfig:
     prompts: tuple[str, ...]
     codec: str = "bf16"
     calibration: str | None = None
-    algorithm: str = "auto"
+    algorithm: str = DEFAULT_ALGORITHM
     policy: AutoPolicy = AutoPolicy()
     max_new_tokens: int = 64
     sampling: SamplingConfig = SamplingConfig()
@@ -237,7 +237,7 @@ def _merge(per_rank: list[dict]) -> dict[str, Any]:
 
 
 def run_tp(model: str, *, tp: int, prompts, codec: str = "bf16", calibration_path: str | None = None,
-           max_new_tokens: int = 64, algorithm: str = "auto", policy: AutoPolicy = AutoPolicy(),
+           max_new_tokens: int = 64, algorithm: str = DEFAULT_ALGORITHM, policy: AutoPolicy = AutoPolicy(),
            sampling: SamplingConfig = SamplingConfig(), ignore_eos: bool = False, timeout_s: float = 60.0,
            deadline_s: float | None = None, threads_per_rank: int = 1, stream: bool = False,
            keep_prefill_logits: bool = False) -> dict[str, Any]:

@@ -121,7 +121,9 @@ def _diff(after: CommStats, before: CommStats) -> dict:
     d = CommStats(bytes_sent=after.bytes_sent - before.bytes_sent,
                   payload_bytes=after.payload_bytes - before.payload_bytes,
                   values=after.values - before.values, calls=after.calls - before.calls,
-                  by_algorithm={k: v for k, v in algos.items() if v})
+                  by_algorithm={k: v for k, v in algos.items() if v},
+                  wire_values=after.wire_values - before.wire_values,
+                  ring_values=after.ring_values - before.ring_values)
     return d.as_dict()
 
 

@@ -1,6 +1,6 @@
 """Turn a full HF model into one rank's tensor-parallel shard, in place, following its TP plan.
 
-Rank r of ``tp`` keeps (METHOD.md §1; the plan is the adapter's
+Rank r of ``tp`` keeps (the Megatron-style row/column split; the plan is the adapter's
 :class:`~lowbit_tp.tp.TPPlan`, the slice sizes its geometry):
 
 * ``colwise`` modules: the output rows of its q heads (``q_proj``), of the KV heads those

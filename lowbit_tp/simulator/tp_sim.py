@@ -19,6 +19,7 @@ from torch import nn
 
 from lowbit_tp.codecs import Codec, make_codec
 from lowbit_tp.collectives import AutoPolicy, CommStats
+from lowbit_tp.collectives.algorithms import ALGORITHMS, DEFAULT_ALGORITHM
 from lowbit_tp.models.adapters import check_tp, get_adapter
 from lowbit_tp.tp.plan import swap_module
 from lowbit_tp.tp.row_parallel import Observer, RowParallelLinear, SimulatedReducer, shard_weight
@@ -40,13 +41,16 @@ class TPSimulator:
     Args (keyword-only):
         tp: the simulated TP degree (checked against heads and sizes).
         codec: a :class:`Codec`, a codec name, or None for the exact fp32 sum.
-        algorithm: ``exact``, ``gather``, ``two-shot`` or ``auto``.
+        algorithm: ``gather`` (default, :data:`~lowbit_tp.collectives.algorithms.DEFAULT_ALGORITHM`),
+            ``two-shot``, ``auto``, or ``exact`` (only without a codec: a codec with
+            ``exact`` would be ignored, so that is refused).
         policy: thresholds for ``auto``.
         observer: ``f(layer, partials, exact_sum)`` called for every layer call.
         calibration: passed to ``make_codec`` when ``codec`` is a name.
     """
 
-    def __init__(self, model: nn.Module, *, tp: int, codec: Codec | str | None = None, algorithm: str = "exact",
+    def __init__(self, model: nn.Module, *, tp: int, codec: Codec | str | None = None,
+                 algorithm: str = DEFAULT_ALGORITHM,
                  policy: AutoPolicy | None = None, observer: Optional[Observer] = None, calibration=None,
                  name: str | None = None):
         self.model = model
@@ -56,6 +60,11 @@ class TPSimulator:
         self.layers = self.adapter.row_parallel_layers(model)
         if isinstance(codec, str):
             codec = make_codec(codec, calibration=calibration)
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+        if codec is not None and algorithm == "exact":
+            raise ValueError(f"algorithm 'exact' would ignore codec {codec.name!r}; use gather, two-shot or auto, "
+                             f"or codec=None for the exact sum")
         self.codec = codec
         self.algorithm = algorithm if codec is not None else "exact"
         self.reducer = SimulatedReducer(codec=codec, algorithm=self.algorithm, policy=policy, observer=observer)

@@ -46,7 +46,7 @@ from torch import nn
 
 from lowbit_tp.codecs.base import Codec
 from lowbit_tp.collectives import AutoPolicy, CommStats, all_reduce, simulate_all_reduce
-from lowbit_tp.collectives.algorithms import sum_in_rank_order
+from lowbit_tp.collectives.algorithms import DEFAULT_ALGORITHM, sum_in_rank_order
 from lowbit_tp.collectives.dist import WireHook
 
 __all__ = ["CommHooks", "DistReducer", "Observer", "Reducer", "RowParallelLinear", "SimulatedReducer", "local_partial",
@@ -83,7 +83,7 @@ class SimulatedReducer:
     """
 
     codec: Codec | None = None
-    algorithm: str = "exact"
+    algorithm: str = DEFAULT_ALGORITHM
     policy: AutoPolicy | None = None
     observer: Optional[Observer] = None
     per_layer: dict[str, CommStats] = field(default_factory=dict)
@@ -124,7 +124,7 @@ class DistReducer:
 
     codec: Codec
     group: Any = None
-    algorithm: str = "auto"
+    algorithm: str = DEFAULT_ALGORITHM
     policy: AutoPolicy | None = None
     stats: CommStats = field(default_factory=CommStats)
     hooks: CommHooks = CommHooks()

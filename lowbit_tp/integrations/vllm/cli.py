@@ -116,5 +116,6 @@ def cmd_run(args, cfg) -> None:
         print(f"[prompt {i}] {r['new_tokens']} tokens ({r['finish_reason']}), {r['tokens_per_s']:.2f} tok/s: "
               f"{r['text']!r}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=str)
+        from lowbit_tp.fileio import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(out, indent=2, default=str))
