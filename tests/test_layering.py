@@ -1,4 +1,4 @@
-"""Packages import only downward (STYLE.md rule 10): core <- tp <- workflows <- cli.
+"""Packages import only downward: core <- tp <- workflows <- cli (a lower layer never knows a higher one).
 
 Every import of a ``lowbit_tp`` module, at the top of a file or inside a function, is
 checked against the layer table below; a module may import its own layer or lower ones.
@@ -16,6 +16,7 @@ LAYERS = {
     "lowbit_tp.errors": 0,
     "lowbit_tp.argtypes": 0,
     "lowbit_tp.fileio": 0,
+    "lowbit_tp.results": 0,
     "lowbit_tp.codecs": 0,
     "lowbit_tp.kernels": 0,
     "lowbit_tp.collectives": 0,

@@ -233,3 +233,39 @@ def test_error_mode_refuses_what_the_reference_refuses(name):
             except OutOfRangeError:
                 outcomes.append("refused")
         assert outcomes[0] == outcomes[1], (name, value, outcomes)
+
+
+@pytest.mark.parametrize("name,mode", [("rot-lm4-g64-lg8-k4", "propagate"), ("rot-int6-g64-lg8-k4", "error"),
+                                       ("rot-lm4-g64", "flag"), ("alloc", "error")])
+def test_fused_reduce_encode_equals_decode_sum_then_encode(name, mode):
+    """Two-shot's owner stage in one kernel: the same bytes as decode_sum + encode(source="sum")."""
+    cal = calibration(96)
+    opts = {"plan": {"layers": {LAYER: "rot-lm4-g64-lg8-k4"}, "budget": 4.5}} if name == "alloc" else {}
+    ref = make_codec(name, calibration=cal, nonfinite=mode, backend="reference", **opts)
+    tri = make_codec(name, calibration=cal, nonfinite=mode, backend="triton", **opts)
+    xs = partials(3, 96, seed=7, special=mode != "error")
+    payloads = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    want = ref.encode(ref.decode_sum(payloads, (3, 96), layer=LAYER), layer=LAYER, source="sum")
+    assert torch.equal(ref.reduce_encode(payloads, (3, 96), layer=LAYER), want)
+    from lowbit_tp.kernels import triton_rotation
+
+    calls = []
+    orig = triton_rotation.reduce_encode
+    try:
+        triton_rotation.reduce_encode = lambda *a, **k: calls.append(1) or orig(*a, **k)
+        got = tri.reduce_encode(payloads, (3, 96), layer=LAYER)
+    finally:
+        triton_rotation.reduce_encode = orig
+    assert calls and torch.equal(got, want)
+
+
+def test_fused_reduce_encode_error_mode_raises_like_the_reference():
+    from lowbit_tp.codecs import NonFiniteError
+
+    cal = calibration(96)
+    ref = make_codec("rot-lm4-g64", calibration=cal, nonfinite="propagate", backend="reference")
+    xs = partials(3, 96, seed=8, special=True)  # NaN/Inf in the partials: their sum is non-finite
+    payloads = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    for backend in ("reference", "triton"):
+        with pytest.raises(NonFiniteError):
+            make_codec("rot-lm4-g64", calibration=cal, backend=backend).reduce_encode(payloads, (3, 96), layer=LAYER)

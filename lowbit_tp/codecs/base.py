@@ -184,6 +184,11 @@ class Codec(ABC):
         This is the receiving side of every compressed collective; fused kernels read the N
         payloads once and write the sum once, bitwise equal to decoding one by one.
         """
+        shape, params = self._payload_params(payloads, shape, layer, sources)
+        return self._decode_sum(list(payloads), shape, params)
+
+    def _payload_params(self, payloads, shape, layer, sources) -> tuple[tuple[int, int], list]:
+        """Validate received payloads; returns the int shape and each source's parameters."""
         if len(payloads) == 0:
             raise ValueError(f"{self.name}: decode_sum needs at least one payload")
         shape = (int(shape[0]), int(shape[1]))
@@ -198,7 +203,26 @@ class Codec(ABC):
                     f"got {p.dtype} {tuple(p.shape)}"
                 )
         dev = payloads[0].device
-        return self._decode_sum(list(payloads), shape, [self.params(layer, s, shape[1], dev) for s in sources])
+        return shape, [self.params(layer, s, shape[1], dev) for s in sources]
+
+    def reduce_encode(
+        self, payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, layer: str | None = None,
+        sources: Sequence[Source] | None = None, out_source: Source = "sum",
+    ) -> torch.Tensor:
+        """``encode(decode_sum(payloads, shape), source=out_source)``: a two-shot owner's stage.
+
+        A codec with a fused kernel (:meth:`_reduce_encode`) reads the N payloads once and
+        writes the new payload once, with the same bytes; the fp32 sum never reaches memory.
+        """
+        fused = self._reduce_encode(payloads, shape, layer, sources, out_source)
+        if fused is not None:
+            return fused
+        return self.encode(self.decode_sum(payloads, shape, layer=layer, sources=sources), layer=layer,
+                           source=out_source)
+
+    def _reduce_encode(self, payloads, shape, layer, sources, out_source) -> torch.Tensor | None:
+        """The fused version of :meth:`reduce_encode`, or None where there is none."""
+        return None
 
     def kernel_backend(self, device: torch.device | str) -> str:
         """Which implementation runs for tensors on ``device``: reference, triton or cpu."""

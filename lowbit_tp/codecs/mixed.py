@@ -45,6 +45,14 @@ class _DelegatingCodec(Codec):
     def decode(self, payload, shape, *, layer=None, source=0):
         return self._pick(layer, source).decode(payload, shape, layer=layer, source=source)
 
+    def reduce_encode(self, payloads, shape, *, layer=None, sources=None, out_source="sum"):
+        sources = list(range(len(payloads))) if sources is None else list(sources)
+        sub = self._pick(layer, out_source)
+        if all(self._pick(layer, s) is sub for s in sources):  # one sub-codec: its fused path, if any
+            return sub.reduce_encode(payloads, shape, layer=layer, sources=sources, out_source=out_source)
+        return self.encode(self.decode_sum(payloads, shape, layer=layer, sources=sources), layer=layer,
+                           source=out_source)
+
     def decode_sum(self, payloads, shape, *, layer=None, sources=None):
         sources = list(range(len(payloads))) if sources is None else list(sources)
         picked = {id(self._pick(layer, s)): self._pick(layer, s) for s in sources}

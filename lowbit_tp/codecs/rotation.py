@@ -305,6 +305,29 @@ class RotatedGroupCodec(Codec):
                                   f"(docs/wire-format.md); nonfinite='propagate' saturates instead")
         return out
 
+    def _reduce_encode(self, payloads, shape, layer, sources, out_source):
+        if not payloads or self.kernel_backend(payloads[0].device) != "triton" or not self._kernel_packs(int(shape[1])):
+            return None
+        from lowbit_tp.kernels import triton_rotation as K
+
+        shape, params = self._payload_params(payloads, shape, layer, sources)
+        t, e = shape
+        dev = payloads[0].device
+        sp = self.params(layer, out_source, e, dev)
+        kw = self._kernel_args(sp, t, e, dev)
+        dec_colmap = self._kernel_table(("dec", tuple(id(p) for p in params)), lambda: self._colmap(params, e, dev))
+        enc_colmap = self._kernel_table(("enc", id(sp)), lambda: self._colmap([sp], e, dev)[0])
+        out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=dev)
+        # error mode: one flag for NaN/Inf and out-of-range sums, read once; if set, the
+        # unfused path runs and raises exactly the reference's error.
+        check = torch.zeros(1, dtype=torch.int32, device=dev) if self.nonfinite == "error" else None
+        K.reduce_encode([q.contiguous() for q in payloads], dec_colmap=dec_colmap, enc_colmap=enc_colmap, out=out,
+                        t=t, e=e, flag=check if check is not None else self._kernel_flag(dev), range_flag=check,
+                        max_input=self.max_input, rotate_max=ROTATE_MAX, scale_max=self._fmt.max_amax, **kw)
+        if check is not None and int(check.item()):
+            return None
+        return out
+
     def _cpu_args(self, e: int) -> dict:
         """What the CPU rot kernels take besides the data; tables are torch's own values."""
         def build():

@@ -75,9 +75,9 @@ def two_shot_encode(codec: Codec, partial: torch.Tensor, *, layer, rank: int, wo
 
 
 def two_shot_reduce(codec: Codec, chunks: Sequence[torch.Tensor], chunk_shape, *, layer) -> torch.Tensor:
-    """Owner's stage: decode the N ranks' copies of its chunk, sum, re-encode the sum."""
-    s = codec.decode_sum(chunks, chunk_shape, layer=layer)
-    return codec.encode(s, layer=layer, source="sum")
+    """Owner's stage: decode the N ranks' copies of its chunk, sum, re-encode the sum
+    (one fused pass where the codec has a kernel for it)."""
+    return codec.reduce_encode(chunks, chunk_shape, layer=layer, out_source="sum")
 
 
 def two_shot_decode(codec: Codec, sums: Sequence[torch.Tensor], chunk_shape, tokens: int, *, layer) -> torch.Tensor:

@@ -38,7 +38,7 @@ from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 from transformers.distributed.tensor_parallel import RowwiseParallel
 
 from lowbit_tp.codecs.base import Codec
-from lowbit_tp.collectives import AutoPolicy
+from lowbit_tp.collectives import AutoPolicy, CommStats
 from lowbit_tp.tp.plan import DECODER_PLAN, TPPlan
 from lowbit_tp.tp.row_parallel import CommHooks, DistReducer, Reducer
 
@@ -97,10 +97,8 @@ class LowbitRowwiseParallel(RowwiseParallel):
             y = y + (bias.to_local() if hasattr(bias, "to_local") else bias)
         return y
 
-    def stats(self):
-        """This process's traffic over every group (see :class:`~lowbit_tp.collectives.CommStats`)."""
-        from lowbit_tp.collectives import CommStats
-
+    def stats(self) -> CommStats:
+        """This process's traffic over every group it built a reducer for."""
         return CommStats.total(r.stats for r in self._by_group.values())
 
 

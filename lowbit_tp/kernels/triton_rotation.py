@@ -82,24 +82,22 @@ def _bucket(y, bounds_ptr, BITS: tl.constexpr):
 
 
 @triton.jit
-def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr, scale_ptr,
-                      flag_ptr, range_ptr, T, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
-                      ROWS: tl.constexpr, E_PAD: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr,
-                      GW: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
-                      FLAG: tl.constexpr, RANGE: tl.constexpr):
-    """One token tile. Finite inputs saturate at ``max_in``, rotated channels at
-    ``rotate_max`` and group absmax at ``scale_max``. With ``RANGE`` (error mode) nothing
-    saturates after the input check: a group absmax beyond ``scale_max`` or an overflow sets
-    ``range_ptr[0]`` for the codec to raise."""
-    pid = tl.program_id(0)
+def _encode_tile(x, t, e, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr, scale_ptr,
+                 flag_ptr, range_ptr, T, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
+                 ROWS: tl.constexpr, E_PAD: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr,
+                 GW: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
+                 FLAG: tl.constexpr, RANGE: tl.constexpr):
+    """Encode the fp32 tile ``x [ROWS, E_PAD]`` of tokens ``t``. Finite inputs saturate at
+    ``max_in``, rotated channels at ``rotate_max`` and group absmax at ``scale_max``. With
+    ``RANGE`` (error mode) nothing saturates: an input beyond ``max_in``, a group absmax
+    beyond ``scale_max`` or an overflow sets ``range_ptr[0]`` for the codec to raise."""
     GP: tl.constexpr = E_PAD // GW
-    t = pid * ROWS + tl.arange(0, ROWS)
-    e = tl.arange(0, E_PAD)
     tm = t < T
     m = tm[:, None] & (e[None, :] < E)
-    x = tl.load(x_ptr + t[:, None] * E + e[None, :], mask=m, other=0.0).to(tl.float32)
     if FLAG:
-        flag_if(flag_ptr, ~is_finite(x))
+        flag_if(flag_ptr, m & ~is_finite(x))
+    if RANGE:
+        flag_if(range_ptr, m & is_finite(x) & (tl.abs(x) > max_in))
     x = saturate(x, max_in)
     if HAS_K:
         cm = tl.load(colmap_ptr + e, mask=e < E, other=-1)
@@ -167,14 +165,24 @@ def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc
 
 
 @triton.jit
-def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, out_ptr, T, E, G, NK, NCB, CODE_OFF,
-                          SCALE_OFF, inv_sqrt_b, N: tl.constexpr, ROWS: tl.constexpr, E_PAD: tl.constexpr,
-                          B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
-                          FMT: tl.constexpr, HAS_K: tl.constexpr):
-    """``out = sum_r decode(payloads[r])`` in fp32, rank order; ``colmap[r, e]`` = bf16 slot or -1."""
-    pid = tl.program_id(0)
-    t = pid * ROWS + tl.arange(0, ROWS)
+def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr, scale_ptr,
+                      flag_ptr, range_ptr, T, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
+                      ROWS: tl.constexpr, E_PAD: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr,
+                      GW: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
+                      FLAG: tl.constexpr, RANGE: tl.constexpr):
+    t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     e = tl.arange(0, E_PAD)
+    x = tl.load(x_ptr + t[:, None] * E + e[None, :], mask=(t[:, None] < T) & (e[None, :] < E), other=0.0)
+    _encode_tile(x.to(tl.float32), t, e, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr,
+                 scale_ptr, flag_ptr, range_ptr, T, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
+                 ROWS, E_PAD, B, LOG2B, GW, BITS, FMT, HAS_K, FLAG, RANGE)
+
+
+@triton.jit
+def _sum_tile(payloads, t, e, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF, SCALE_OFF,
+              inv_sqrt_b, N: tl.constexpr, ROWS: tl.constexpr, E_PAD: tl.constexpr, B: tl.constexpr,
+              LOG2B: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr):
+    """``sum_r decode(payloads[r])`` of tokens ``t`` in fp32, rank order; ``colmap[r, e]`` = bf16 slot or -1."""
     tm = t < T
     em = e < E
     m = tm[:, None] & em[None, :]
@@ -215,7 +223,38 @@ def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, 
             acc = x
         else:
             acc = acc + x
-    tl.store(out_ptr + f, acc, mask=m)
+    return acc
+
+
+@triton.jit
+def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, out_ptr, T, E, G, NK, NCB, CODE_OFF,
+                          SCALE_OFF, inv_sqrt_b, N: tl.constexpr, ROWS: tl.constexpr, E_PAD: tl.constexpr,
+                          B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+                          FMT: tl.constexpr, HAS_K: tl.constexpr):
+    """``out = sum_r decode(payloads[r])`` in fp32, rank order, written once."""
+    t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    e = tl.arange(0, E_PAD)
+    acc = _sum_tile(payloads, t, e, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF, SCALE_OFF,
+                    inv_sqrt_b, N, ROWS, E_PAD, B, LOG2B, GROUP, BITS, FMT, HAS_K)
+    tl.store(out_ptr + t[:, None] * E + e[None, :], acc, mask=(t[:, None] < T) & (e[None, :] < E))
+
+
+@triton.jit
+def rot_reduce_encode_kernel(payloads, signs_ptr, dec_colmap_ptr, levels_ptr, lg8_ptr, CODE_OFF, SCALE_OFF,
+                             enc_colmap_ptr, bounds_ptr, lg8_asc_ptr, head_ptr, code_ptr, scale_ptr, flag_ptr,
+                             range_ptr, T, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
+                             N: tl.constexpr, ROWS: tl.constexpr, E_PAD: tl.constexpr, B: tl.constexpr,
+                             LOG2B: tl.constexpr, GW: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+                             FMT: tl.constexpr, HAS_K: tl.constexpr, FLAG: tl.constexpr, RANGE: tl.constexpr):
+    """Two-shot owner stage in one pass: decode and sum the N payloads of a chunk, encode the sum."""
+    t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    e = tl.arange(0, E_PAD)
+    s = _sum_tile(payloads, t, e, signs_ptr, dec_colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF, SCALE_OFF,
+                  inv_sqrt_b, N, ROWS, E_PAD, B, LOG2B, GROUP, BITS, FMT, HAS_K)
+    s = tl.where((t[:, None] < T) & (e[None, :] < E), s, 0.0)
+    _encode_tile(s, t, e, signs_ptr, enc_colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr, scale_ptr,
+                 flag_ptr, range_ptr, T, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
+                 ROWS, E_PAD, B, LOG2B, GW, BITS, FMT, HAS_K, FLAG, RANGE)
 
 
 # ---------------------------------------------------------------- launchers (no codec logic)
@@ -235,6 +274,25 @@ def encode(x, *, signs, colmap, bounds, lg8, lg8_asc, out, nk: int, code_bytes: 
         max_input, rotate_max, scale_max, ROWS=rows, E_PAD=e_pad, B=block, LOG2B=block.bit_length() - 1, GW=gw, BITS=bits,
         FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0, FLAG=flag is not None,
         RANGE=range_flag is not None, num_warps=warps, **FP_OPTIONS)
+    return out
+
+
+def reduce_encode(payloads, *, signs, dec_colmap, enc_colmap, levels, bounds, lg8, lg8_asc, out, t: int, e: int,
+                  nk: int, code_bytes: int, group: int, block: int, bits: int, scale_format: str, max_input: float,
+                  rotate_max: float, scale_max: float, flag=None, range_flag=None):
+    """Fill ``out`` with encode(sum of the decoded ``payloads``) for a ``[t, e]`` chunk, in one pass."""
+    if t == 0:
+        return out
+    rows, e_pad, gw, warps = launch_config(t, e, group)
+    off = 2 * t * nk
+    rot_reduce_encode_kernel[(triton.cdiv(t, rows),)](
+        tuple(payloads), signs, dec_colmap, levels, lg8, off, off + code_bytes, enc_colmap, bounds, lg8_asc,
+        out[:off].view(torch.int16), out[off:off + code_bytes], out[off + code_bytes:],
+        enc_colmap if flag is None else flag, enc_colmap if range_flag is None else range_flag, t, e,
+        triton.cdiv(e, group), nk, (t * e + 7) // 8, inv_sqrt(block), max_input, rotate_max, scale_max,
+        N=len(payloads), ROWS=rows, E_PAD=e_pad, B=block, LOG2B=block.bit_length() - 1, GW=gw, GROUP=group, BITS=bits,
+        FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0, FLAG=flag is not None, RANGE=range_flag is not None,
+        num_warps=warps, **FP_OPTIONS)
     return out
 
 

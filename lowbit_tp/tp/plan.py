@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, Literal, Mapping
 
 from torch import nn
@@ -66,6 +67,7 @@ class PlannedModule:
     module: nn.Module
 
 
+@lru_cache(maxsize=None)
 def _pattern_regex(pattern: str) -> re.Pattern:
     parts = [r"(?P<index>\d+)" if p == "*" else re.escape(p) for p in pattern.split(".")]
     return re.compile(r"^(?P<prefix>(?:.*\.)?)" + r"\.".join(parts) + "$")
