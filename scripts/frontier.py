@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lowbit_tp.bench.common import markdown_table
+from lowbit_tp.results import markdown_table
 from lowbit_tp.evaluation.evaluate import calibrate_and_evaluate
 from lowbit_tp.models import load_model
 
@@ -74,7 +74,11 @@ def write_docs(store: dict, out: Path) -> None:
              "payloads (both stages of a two-shot); `ring_equiv_bits`: the bits/value a ring all-reduce would "
              "need to send as many bytes; `bytes_sent_per_rank_per_token`: one rank, per token, all "
              "row-parallel layers of the model together. `*_ci95`: 95% bootstrap intervals over sequences. "
-             "`pareto` marks codecs on the KL Pareto front of their table.\n"]
+             "`pareto` marks codecs on the KL Pareto front of their table. Tables whose split is "
+             "`eval (pre-split, tuned on)` were measured before the dev split existed, on the windows the default "
+             "codec was chosen on, without intervals; their bits and bytes were recomputed in the units above from "
+             "their recorded byte counts (`normalize_old_entry`, `--docs-only`). They are to be regenerated on the "
+             "test split (`--split test`), which this session's shared 2-core machine could not finish.\n"]
     for key, res in store.items():
         rows = res["rows"]
         front = pareto(rows, "kl")
@@ -84,10 +88,36 @@ def write_docs(store: dict, out: Path) -> None:
         split = res["text"]["split"]["name"]
         plot(rows, key, png)
         parts.append(f"## {key}\n\nSplit `{split}`. Baseline perplexity {rows[0]['ppl_baseline']:.3f} over "
-                     f"{rows[0]['tokens']} predicted tokens ({rows[0].get('sequences')} sequences). "
+                     f"{rows[0]['tokens']} predicted tokens"
+                     + (f" ({rows[0]['sequences']} sequences)" if rows[0].get("sequences") else "") + ". "
                      f"Command: `{res['command']}`\n\n![]({png.name})\n\n"
                      + markdown_table(sorted(rows, key=lambda r: r["bits_per_value"]), COLS) + "\n")
     out.with_suffix(".md").write_text("\n".join(parts))
+
+
+def normalize_old_entry(res: dict) -> dict:
+    """An entry measured before the dev split and the both-stage byte count, put in today's
+    units from its recorded bytes: ``bytes_sent_per_rank_per_token`` over all row-parallel
+    layers (some entries recorded one layer's: recognised as exactly one layer of a gather
+    payload and multiplied by the layer count), ``bits_per_value`` as all bytes sent per value
+    sent and ``ring_equiv_bits``. Its windows are the ones the default codec was chosen on,
+    and it has no intervals: the split is named ``eval (pre-split, tuned on)``."""
+    from lowbit_tp.models.quick_config import quick_config
+
+    cfg = res["config"]
+    conf = quick_config(cfg["model"])
+    e, n, layers = conf.hidden_size, cfg["tp"], 2 * conf.num_hidden_layers
+    for r in res["rows"]:
+        b = r["bytes_sent_per_rank_per_token"]
+        if r["algorithm"] == "gather" and abs(b - r["bits_per_value"] / 8 * e * (n - 1)) < 1e-6 * b:
+            b *= layers  # one layer's bytes
+        r["bytes_sent_per_rank_per_token"] = b
+        ring_values = 2 * (n - 1) / n * e * layers
+        wire_values = (n - 1) * e * layers if r["algorithm"] == "gather" else ring_values
+        r["bits_per_value"] = 8 * b / wire_values
+        r["ring_equiv_bits"] = 8 * b / ring_values
+    res["text"]["split"] = {"name": "eval (pre-split, tuned on)"}
+    return res
 
 
 def main() -> None:
@@ -109,11 +139,16 @@ def main() -> None:
                     help="instead of measuring: the JSON files of `lowbit-tp eval` runs on one calibration and "
                          "the same windows (codecs in groups), merged into one table")
     ap.add_argument("--command", help="with --from-eval: the commands that produced them, for the docs")
+    ap.add_argument("--docs-only", action="store_true", help="measure nothing: rewrite the JSON in today's units "
+                                                             "and regenerate the markdown and plots")
     args = ap.parse_args()
     out = Path(args.out)
     store = json.loads(out.read_text()) if out.exists() else {}
-    # entries from before the split and the both-stage byte count were recorded are not comparable
-    store = {k: v for k, v in store.items() if v.get("text", {}).get("split")}
+    store = {k: (v if v.get("text", {}).get("split") else normalize_old_entry(v)) for k, v in store.items()}
+    if args.docs_only:
+        out.write_text(json.dumps(store, indent=2, default=str))
+        write_docs(store, out)
+        return
     if args.from_eval:
         from lowbit_tp.evaluation.evaluate import merge_results
 
