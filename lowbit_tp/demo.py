@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from lowbit_tp.bench.common import markdown_table
+from lowbit_tp.results import markdown_table
 from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
 from lowbit_tp.codecs import make_codec
 from lowbit_tp.collectives import CommStats, all_reduce, simulate_all_reduce, spawn_ranks

@@ -37,7 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lowbit_tp.bench.common import environment, markdown_table, write_results  # noqa: E402
+from lowbit_tp.bench.common import environment  # noqa: E402
+from lowbit_tp.results import markdown_table, write_results  # noqa: E402
 
 MODEL, TP = "smollm2-135m", 3
 GATE = 64 * 1024

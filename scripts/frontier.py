@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lowbit_tp.bench.common import markdown_table
+from lowbit_tp.results import markdown_table
 from lowbit_tp.evaluation.evaluate import calibrate_and_evaluate
 from lowbit_tp.models import load_model
 

@@ -63,7 +63,8 @@ def main(argv=None) -> None:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
     import torch
 
-    from lowbit_tp.bench.common import environment, markdown_table
+    from lowbit_tp.bench.common import environment
+    from lowbit_tp.results import markdown_table
     from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
     from lowbit_tp.codecs import make_codec
 

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lowbit_tp.bench.common import markdown_table
+from lowbit_tp.results import markdown_table
 from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
 from lowbit_tp.evaluation.outliers import consistency, range_heatmap, summarize
 from lowbit_tp.models import load_model

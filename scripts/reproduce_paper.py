@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lowbit_tp.bench.common import markdown_table
+from lowbit_tp.results import markdown_table
 from lowbit_tp.evaluation.evaluate import calibrate_and_evaluate
 from lowbit_tp.models import load_model
 
@@ -108,7 +108,9 @@ def write_markdown(store: dict, path: Path) -> None:
              "channels by EMA range in bf16, symmetric int4 scales max(|EMA min|, |EMA max|) / 7.\n",
              "Sections whose split is `eval (pre-split, tuned on)` were measured before the dev split existed, on "
              "the windows the default codec was chosen on, without intervals; they are to be regenerated with "
-             "`--split test`.\n"]
+             "`--split test`. Note that `--split test --samples 16 --seed 1` draws the same held-out windows as "
+             "those sections: never calibrated on, but looked at when the default codec was chosen; larger "
+             "`--samples` add windows no choice has seen.\n"]
     for key, res in res_store(store).items():
         rows = res["rows"]
         r0 = rows[0]

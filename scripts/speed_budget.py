@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import time
 
-from lowbit_tp.bench.common import environment, markdown_table, write_results
+from lowbit_tp.bench.common import environment
+from lowbit_tp.results import markdown_table, write_results
 from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
 from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
 from lowbit_tp.models import load_model

@@ -16,6 +16,7 @@ LAYERS = {
     "lowbit_tp.errors": 0,
     "lowbit_tp.argtypes": 0,
     "lowbit_tp.fileio": 0,
+    "lowbit_tp.results": 0,
     "lowbit_tp.codecs": 0,
     "lowbit_tp.kernels": 0,
     "lowbit_tp.collectives": 0,

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from lowbit_tp.bench.codec_speed import codec_throughput
-from lowbit_tp.bench.common import environment, markdown_table, write_results
+from lowbit_tp.bench.common import environment
+from lowbit_tp.results import markdown_table, write_results
 from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
 from lowbit_tp.codecs import make_codec
 from lowbit_tp.collectives import AutoPolicy, CommStats, all_reduce, spawn_ranks

@@ -75,7 +75,7 @@ def _calibrate(args) -> None:
 
 
 def _eval(args) -> None:
-    from lowbit_tp.bench.common import markdown_table
+    from lowbit_tp.results import markdown_table
     from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
     from lowbit_tp.fileio import atomic_write_text
     from lowbit_tp.preflight import preflight_eval

@@ -369,7 +369,13 @@ inline void get_bitplanes(const uint8_t* body, int64_t m, int64_t f, int64_t pla
   for (int64_t i = 0; i < m; ++i) c[i] = 0;
   for (int j = 0; j < bits; ++j) {
     const uint8_t* plane = body + j * plane_bytes;
-    for (int64_t i = 0; i < m; ++i) c[i] |= uint8_t(((plane[(f + i) >> 3] >> ((f + i) & 7)) & 1) << j);
+    int64_t i = 0;
+    for (; i < m && ((f + i) & 7); ++i) c[i] |= uint8_t(((plane[(f + i) >> 3] >> ((f + i) & 7)) & 1) << j);
+    for (; i + 8 <= m; i += 8) {  // whole bytes: 8 codes each
+      const uint8_t byte = plane[(f + i) >> 3];
+      for (int b = 0; b < 8; ++b) c[i + b] |= uint8_t(((byte >> b) & 1) << j);
+    }
+    for (; i < m; ++i) c[i] |= uint8_t(((plane[(f + i) >> 3] >> ((f + i) & 7)) & 1) << j);
   }
 }
 

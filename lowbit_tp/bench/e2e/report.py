@@ -5,6 +5,7 @@ import os
 import statistics
 
 from lowbit_tp.bench.e2e.config import E2EConfig
+from lowbit_tp.results import markdown_table
 
 
 def _median(xs):
@@ -120,8 +121,6 @@ def _share(rows, like, codec):
 
 def render_markdown(payload: dict) -> str:
     """The markdown report of a results payload (also usable on a saved JSON)."""
-    from lowbit_tp.bench.common import markdown_table
-
     cfg = E2EConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in payload["config"].items()})
     rows = payload["rows"]
     env = payload["environment"]

@@ -30,7 +30,8 @@ def calibrate_for(model: str, tp: int, samples: int, out: Path, *, allocate: boo
 def run_e2e_bench(cfg: E2EConfig, *, json_path: str | None = None, log=print) -> dict[str, Any]:
     """Run the sweep; returns ``{"config", "environment", "rows", "markdown", ...}`` and
     writes JSON + markdown to ``json_path`` when given."""
-    from lowbit_tp.bench.common import environment, markdown_table, write_results
+    from lowbit_tp.bench.common import environment
+    from lowbit_tp.results import markdown_table, write_results
     from lowbit_tp.bench.netns import emulated_link
     from lowbit_tp.codecs import codec_spec
     from lowbit_tp.models import load_tokenizer
