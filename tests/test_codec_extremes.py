@@ -76,6 +76,19 @@ def _bound(codec, x, cal, layer, source):
         scale = (torch.maximum(st.ema_min.abs(), st.ema_max.abs()).double() / qmax).clamp_min(1e-12)
         clip = (xd.abs() - qmax * scale).clamp_min(0)  # static range: clipping by design
         return torch.maximum(bf16, scale / 2 + clip) * (1 + 1e-6)
+    if name.startswith("int4-outlier-"):  # the seed codec's scale ablations (see codecs/static.py)
+        st = cal.get(layer, source)
+        stat = name[len("int4-outlier-"):].removesuffix("-asym")
+        if name.endswith("asym"):  # 15 levels centred on (low + high) / 2, step (high - low) / 14
+            low, high = (st.ema_min, st.ema_max) if stat == "asym" else (st.require("mean_min"), st.require("mean_max"))
+            centre, scale = (low.double() + high.double()) / 2, ((high.double() - low.double()) / 14).clamp_min(1e-12)
+            clip = ((xd - centre).abs() - 7 * scale).clamp_min(0)
+        else:  # symmetric: absmax of the chosen statistic / 7
+            amax = {"absmax": lambda: st.absmax, "p999": lambda: st.require("p999"),
+                    "mean": lambda: torch.maximum(st.require("mean_min").abs(), st.require("mean_max").abs())}[stat]()
+            scale = (amax.double() / 7).clamp_min(1e-12)
+            clip = (xd.abs() - 7 * scale).clamp_min(0)
+        return torch.maximum(bf16, scale / 2 + clip) * (1 + 1e-6)
     if name.startswith("int4-g"):
         g = int(name[6:])
         return _group_amax(xd, g) / 7 * (0.5 + 2 ** -10) + 1e-6
