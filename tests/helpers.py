@@ -68,3 +68,15 @@ def reference_greedy(path: str, prompt: str, n: int) -> list[int]:
             out.append(nxt)
             ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
     return out
+
+
+class RecordingReducer:
+    """A reducer that runs another and keeps (layer, own partial, result) of every call."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def reduce(self, partials, *, layer):
+        out = self.inner.reduce(partials, layer=layer)
+        self.calls.append((layer, partials[0].clone(), out.clone()))
+        return out

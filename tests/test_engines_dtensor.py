@@ -6,18 +6,8 @@ call (bitwise), plus the bias once; with bf16/exact the logits match the unshard
 import pytest
 import torch
 
-from helpers import tiny_model
+from helpers import RecordingReducer, tiny_model
 from lowbit_tp.collectives import simulate_all_reduce, spawn_ranks
-
-
-class _Recording:
-    def __init__(self, inner):
-        self.inner, self.calls = inner, []
-
-    def reduce(self, partials, *, layer):
-        out = self.inner.reduce(partials, layer=layer)
-        self.calls.append((layer, partials[0].clone(), out.clone()))
-        return out
 
 
 def _rank(rank, world, family, runs):
@@ -33,7 +23,7 @@ def _rank(rank, world, family, runs):
     out = []
     for codec_name, algorithm in runs:
         model = tiny_model(family)
-        rec = _Recording(DistReducer(codec=make_codec(codec_name), algorithm=algorithm))
+        rec = RecordingReducer(DistReducer(codec=make_codec(codec_name), algorithm=algorithm))
         parallelize_module(model, mesh, parallelize_plan(model, reducer=rec))
         with torch.no_grad():
             logits = model(ids).logits

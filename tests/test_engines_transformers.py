@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from helpers import reference_greedy, save_tiny
+from helpers import RecordingReducer, reference_greedy, save_tiny
 from lowbit_tp.collectives import simulate_all_reduce, spawn_ranks
 
 PROMPTS = ("Hello, tensor parallel world", "ab")
@@ -45,18 +45,6 @@ def test_run_engine_transformers_equals_unsharded_and_native_fields(tiny, tmp_pa
     assert hf["per_rank"][1]["shard"]["shard_param_bytes"] < native["per_rank"][1]["shard"]["full_param_bytes"]
 
 
-class _Recording:
-    """A reducer that runs another and keeps (layer, own partial, result) of every call."""
-
-    def __init__(self, inner):
-        self.inner, self.calls = inner, []
-
-    def reduce(self, partials, *, layer):
-        out = self.inner.reduce(partials, layer=layer)
-        self.calls.append((layer, partials[0].clone(), out.clone()))
-        return out
-
-
 def _rank_records(rank, world, path, runs):
     """For each (codec, algorithm, calibration): load under transformers' TP, one forward."""
     from transformers import AutoModelForCausalLM
@@ -69,7 +57,7 @@ def _rank_records(rank, world, path, runs):
     out = []
     ids = torch.randint(0, 260, (2, 9), generator=torch.Generator().manual_seed(3))
     for codec_name, algorithm, cal in runs:
-        rec = _Recording(DistReducer(codec=make_codec(codec_name, calibration=cal), algorithm=algorithm))
+        rec = RecordingReducer(DistReducer(codec=make_codec(codec_name, calibration=cal), algorithm=algorithm))
         register_lowbit_rowwise(reducer=rec)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                      distributed_config=DistributedConfig(tp_size=world,
