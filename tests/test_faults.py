@@ -94,8 +94,12 @@ def _ranks_running(pid: int, world: int, timeout: float = 60.0) -> list[int]:
 def _cli(args: list[str], tmp_path: Path, **popen):
     env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
     env.pop("LOWBIT_TP_DEBUG", None)
+    # Start the CLI as a terminal would: SIGINT at its default action. A runner that starts
+    # the suite in the background (non-interactive `cmd &`) makes SIGINT ignored, and an
+    # ignored SIGINT is inherited: then no Ctrl-C could ever reach the CLI.
     proc = subprocess.Popen([sys.executable, "-m", "lowbit_tp.cli", *args], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
     try:
         yield proc
     finally:
