@@ -79,6 +79,12 @@ class GroupInt4Codec(Codec):
         q = F.quantize_symmetric(xg, scale=s32.unsqueeze(-1), bits=4, nonfinite=nonfinite).reshape(t, g * self.group)[:, :e]
         return torch.cat([F.pack_int4(q), scale.reshape(-1).view(torch.uint8)])
 
+    def _encode_with_scan(self, x, params):
+        if self.kernel_backend(x.device) != "cpu":
+            return None
+        from lowbit_tp.kernels import cpu
+        return cpu.group_encode(x, group=self.group, nbytes=self.payload_nbytes(tuple(x.shape)))
+
     def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None):
         if not payloads or self.kernel_backend(payloads[0].device) != "triton" or not self._fused_encode(int(shape[1])):
             return None

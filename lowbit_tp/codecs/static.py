@@ -202,6 +202,13 @@ class _StaticIntCodec(Codec):
         head = F.float_to_bytes(x.index_select(1, p.outliers), torch.bfloat16)
         return torch.cat([head, body])
 
+    def _encode_with_scan(self, x, p: StaticParams):
+        if self.kernel_backend(x.device) != "cpu":
+            return None
+        from lowbit_tp.kernels import cpu
+        return cpu.static_encode(x, outliers=p.outliers, inv_scale=p.inv_scale, bits=self.bits,
+                                 nbytes=self.payload_nbytes(tuple(x.shape)))
+
     # -------------------------------------------------------------- fused kernels
     def _decode_sum(self, payloads, shape, params, out=None):
         backend = self.kernel_backend(payloads[0].device)
