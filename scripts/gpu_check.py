@@ -35,7 +35,7 @@ from pathlib import Path
 
 # The default run: the seed, the group codecs, what `default` (alloc) uses, the static baselines.
 PRIORITY_CODECS = ["int4-outlier", "int4-g32", "int4-g128", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4", "int4",
-                   "int8", "int4-random-k"]
+                   "int8", "int4-random-k", "mxfp4"]
 # --codecs all: every codec with a kernel (each rot-* variant compiles its own kernels, ~10 s
 # apiece at E=8192, which is what keeps it out of the default 5-minute run).
 KERNEL_CODECS = PRIORITY_CODECS + [
