@@ -1,0 +1,89 @@
+"""Per-layer bit allocation study: measure once, write one calibration per plan.
+
+Loads a calibration (``lowbit-tp calibrate ... --allocate 0`` or any other), measures on
+probe windows of the *calibration* side of the text (drawn as ``lowbit-tp calibrate``
+draws its allocation probe; recorded in every written artifact, so ``eval --split dev``
+avoids them):
+
+1. each layer's KL with the reference codec alone (``layer_sensitivity``);
+2. each candidate codec's all-reduce squared error at each layer (``layer_errors``);
+
+then writes, for every budget and candidate set, a copy of the calibration whose
+``bit_allocation`` is that plan (``allocate_many``; ``--two`` also the two-codec
+``allocate`` of low/high), to be evaluated with
+``lowbit-tp eval --split dev --codec alloc --calibration OUT/<plan>.safetensors``.
+
+    PYTHONPATH=. python scripts/alloc_study.py --model smollm2-135m --tp 3 \\
+        --calibration CAL.safetensors --out-dir OUT --budgets 4.25 3.5
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+CANDIDATES = ("rot-lm2-g64-lg8-k4", "rot-lm3-g64-lg8-k4", "rot-lm4-g64-lg8-k4", "rot-int5-g64-lg8-k4",
+              "rot-int6-g64-lg8-k4", "rot-int8-g64-lg8-k4")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--tp", type=int, required=True)
+    ap.add_argument("--calibration", required=True)
+    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--reference", default="rot-lm4-g64-lg8-k4")
+    ap.add_argument("--codecs", nargs="+", default=list(CANDIDATES))
+    ap.add_argument("--budgets", nargs="+", type=float, default=[4.25, 3.5])
+    ap.add_argument("--probe-samples", type=int, default=8)
+    ap.add_argument("--probe-seq-len", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0, help="the calibration's seed (probe windows use seed+1000)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from lowbit_tp.calibration import Calibration
+    from lowbit_tp.calibration.allocate import allocate_many, layer_errors, layer_sensitivity
+    from lowbit_tp.data import chunk_tokens, load_split
+    from lowbit_tp.models import load_model
+
+    torch.manual_seed(0)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cal = Calibration.load(args.calibration)
+    model, tokenizer, info = load_model(args.model)
+    text = cal.meta.get("config", {}).get("text")
+    split = load_split(text, glob=cal.meta.get("config", {}).get("text_glob", "*"))
+    probe = chunk_tokens(tokenizer, split.calibration, num_samples=args.probe_samples, seq_len=args.probe_seq_len,
+                         seed=args.seed + 1000)
+    meas = out / "measure.json"
+    if meas.exists():
+        m = json.loads(meas.read_text())
+        sens, errs = m["sensitivity_kl"], m["mse"]
+    else:
+        t0 = time.perf_counter()
+        codecs = list(dict.fromkeys([args.reference, *args.codecs]))
+        errs = layer_errors(model, probe.input_ids, cal, tp=args.tp, codecs=codecs, name=info.name)
+        t1 = time.perf_counter()
+        sens = layer_sensitivity(model, probe.input_ids, cal, tp=args.tp, codec=args.reference, name=info.name)
+        t2 = time.perf_counter()
+        meas.write_text(json.dumps({"model": args.model, "tp": args.tp, "reference": args.reference,
+                                    "probe": probe.manifest(), "sensitivity_kl": sens, "mse": errs,
+                                    "seconds": {"errors": round(t1 - t0, 1), "sensitivity": round(t2 - t1, 1)}},
+                                   indent=1))
+    for budget in args.budgets:
+        plan = allocate_many(sens, errs, reference=args.reference, codecs=args.codecs, budget=budget,
+                             calibration=cal)
+        plan["probe"] = probe.manifest()
+        c2 = copy.copy(cal)
+        c2.meta = {**cal.meta, "bit_allocation": plan}
+        path = out / f"alloc-{budget:g}.safetensors"
+        c2.save(path)
+        print(f"{path}: mean {plan['mean_bits']:.4f} bits, counts {plan['counts']}, "
+              f"predicted KL {plan['predicted_kl']:.5f}")
+
+
+if __name__ == "__main__":
+    main()
