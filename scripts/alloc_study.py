@@ -40,12 +40,21 @@ def main(argv=None) -> None:
     ap.add_argument("--probe-samples", type=int, default=8)
     ap.add_argument("--probe-seq-len", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0, help="the calibration's seed (probe windows use seed+1000)")
+    ap.add_argument("--two", nargs="*", type=float, default=[],
+                    help="also today's two-codec rule (allocate: --reference for most layers, --high for the "
+                         "most sensitive) at these budgets, on the same sensitivity")
+    ap.add_argument("--high", default="rot-int6-g64-lg8-k4")
+    ap.add_argument("--eval-samples", type=int, default=0,
+                    help="then evaluate every plan (and the calibration's own plan, if any, as 'alloc-own', and "
+                         "--eval-codecs) on the dev split in one run: same windows, one baseline")
+    ap.add_argument("--eval-codecs", nargs="*", default=[])
+    ap.add_argument("--json", help="write the dev result here")
     args = ap.parse_args(argv)
 
     import torch
 
     from lowbit_tp.calibration import Calibration
-    from lowbit_tp.calibration.allocate import allocate_many, layer_errors, layer_sensitivity
+    from lowbit_tp.calibration.allocate import allocate, allocate_many, layer_errors, layer_sensitivity
     from lowbit_tp.data import chunk_tokens, load_split
     from lowbit_tp.models import load_model
 
@@ -73,16 +82,52 @@ def main(argv=None) -> None:
                                     "probe": probe.manifest(), "sensitivity_kl": sens, "mse": errs,
                                     "seconds": {"errors": round(t1 - t0, 1), "sensitivity": round(t2 - t1, 1)}},
                                    indent=1))
+    plans = {}
     for budget in args.budgets:
         plan = allocate_many(sens, errs, reference=args.reference, codecs=args.codecs, budget=budget,
                              calibration=cal)
-        plan["probe"] = probe.manifest()
+        plans[f"alloc-{budget:g}"] = plan
+    for budget in args.two:
+        plans[f"alloc2-{budget:g}"] = allocate(sens, low=args.reference, high=args.high, budget=budget,
+                                               calibration=cal)
+    # The probe windows this study read, plus the calibration's own probe (if its plan is
+    # evaluated): the dev split avoids them all.
+    own = cal.meta.get("bit_allocation")
+    excl = probe.manifest()
+    if own and own.get("probe"):
+        if own["probe"]["seq_len"] != excl["seq_len"]:
+            raise SystemExit("the calibration's probe has another window length")
+        excl = {**excl, "samples": excl["samples"] + own["probe"]["samples"]}
+        excl["num_samples"] = len(excl["samples"])
+    for name, plan in plans.items():
+        plan["probe"] = excl
         c2 = copy.copy(cal)
         c2.meta = {**cal.meta, "bit_allocation": plan}
-        path = out / f"alloc-{budget:g}.safetensors"
+        path = out / f"{name}.safetensors"
         c2.save(path)
-        print(f"{path}: mean {plan['mean_bits']:.4f} bits, counts {plan['counts']}, "
-              f"predicted KL {plan['predicted_kl']:.5f}")
+        counts = plan.get("counts") or {plan["high"]: plan["n_high"]}
+        print(f"{path}: mean {plan['mean_bits']:.4f} bits, {counts}, predicted KL {plan.get('predicted_kl', 0):.5f}")
+    if args.eval_samples:
+        from lowbit_tp.codecs import register_codec
+        from lowbit_tp.codecs.mixed import AllocatedCodec
+        from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
+        from lowbit_tp.results import markdown_table
+
+        if own:
+            plans["alloc-own"] = own
+        for name, plan in plans.items():
+            register_codec(name, lambda _p=plan, **kw: AllocatedCodec(plan=_p, **kw), needs_calibration=True)
+        c2 = copy.copy(cal)
+        c2.meta = {**cal.meta, "bit_allocation": {**(own or next(iter(plans.values()))), "probe": excl}}
+        cfg = EvalConfig(model=args.model, tp=args.tp, codecs=(*plans, *args.eval_codecs), split="dev",
+                         samples=args.eval_samples, lambada=0, text=text)
+        res = evaluate_codecs(cfg, bundle=(model, tokenizer, info), calibration=c2)
+        res["plans"] = {n: {k: v for k, v in p.items() if k not in ("mse", "sensitivity_kl", "probe")}
+                        for n, p in plans.items()}
+        print(markdown_table(res["rows"], ["codec", "split", "bits_per_value", "ppl_increase_pct",
+                                           "ppl_increase_pct_ci95", "kl", "kl_ci95", "top1"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -45,3 +45,29 @@ def test_allocate_many_refuses_a_budget_below_the_cheapest_codec():
     with pytest.raises(ValueError, match="below the cheapest"):
         allocate_many({"a": 1.0}, {"a": {c: 1.0 for c in CODECS}}, reference=CODECS[1], codecs=CODECS, budget=3.0,
                       calibration=cal)
+
+
+def test_calibrate_with_candidate_codecs_writes_a_plan_the_default_codec_follows():
+    from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
+    from lowbit_tp.models.registry import ModelInfo
+    from test_calibration_eval import ByteTokenizer
+    from test_simulator import tiny_model
+
+    info = ModelInfo(name="tiny-llama", source="memory", weights_sha256="ef" * 32, model_type="llama",
+                     hidden_size=64, num_layers=2)
+    bundle = (tiny_model("llama"), ByteTokenizer(), info)
+    cands = ("rot-lm3-g64-lg8-k4", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4")
+    cal = calibrate(CalibrationConfig(model="tiny-llama", tp=2, samples=4, seq_len=64, batch_size=4, allocate=5.0,
+                                      alloc_codecs=cands, alloc_samples=2), bundle=bundle, progress=False)
+    plan = cal.meta["bit_allocation"]
+    assert set(plan["layers"]) == set(cal.layers) and set(plan["layers"].values()) <= set(cands)
+    # E = 64: 4 bf16 channels are 1 bit/value, lg8 one byte per 64 values + a bf16 base: 0.375
+    bits = {c: b + 1.375 for c, b in zip(cands, (3, 4, 6))}
+    assert plan["mean_bits"] == pytest.approx(sum(bits[c] for c in plan["layers"].values()) / len(cal.layers))
+    assert plan["mean_bits"] <= 5.0
+    res = evaluate_codecs(EvalConfig(model="tiny-llama", tp=2, codecs=("default",), samples=2, seq_len=64, lambada=0),
+                          bundle=bundle, calibration=cal, progress=False)
+    assert res["rows"][0]["bits_per_value"] == pytest.approx(plan["mean_bits"], rel=1e-6)
+    assert make_codec("default", calibration=cal).codec_for(cal.layers[0]).name == plan["layers"][cal.layers[0]]
