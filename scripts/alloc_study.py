@@ -40,6 +40,9 @@ def main(argv=None) -> None:
     ap.add_argument("--probe-samples", type=int, default=8)
     ap.add_argument("--probe-seq-len", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0, help="the calibration's seed (probe windows use seed+1000)")
+    ap.add_argument("--own-sensitivity", action="store_true",
+                    help="take the per-layer KL from the calibration's own plan (its probe, its reference "
+                         "codec) instead of measuring it again; only the errors are measured")
     ap.add_argument("--two", nargs="*", type=float, default=[],
                     help="also today's two-codec rule (allocate: --reference for most layers, --high for the "
                          "most sensitive) at these budgets, on the same sensitivity")
@@ -65,8 +68,15 @@ def main(argv=None) -> None:
     model, tokenizer, info = load_model(args.model)
     text = cal.meta.get("config", {}).get("text")
     split = load_split(text, glob=cal.meta.get("config", {}).get("text_glob", "*"))
+    own = cal.meta.get("bit_allocation")
+    if args.own_sensitivity:
+        if not own or own.get("low") != args.reference:
+            raise SystemExit(f"--own-sensitivity: the calibration has no plan measured with {args.reference}")
+        args.probe_samples, args.probe_seq_len = own["probe"]["num_samples"], own["probe"]["seq_len"]
     probe = chunk_tokens(tokenizer, split.calibration, num_samples=args.probe_samples, seq_len=args.probe_seq_len,
                          seed=args.seed + 1000)
+    if args.own_sensitivity and probe.manifest()["samples"] != own["probe"]["samples"]:
+        raise SystemExit("--own-sensitivity: the calibration's probe windows differ from the ones drawn here")
     meas = out / "measure.json"
     if meas.exists():
         m = json.loads(meas.read_text())
@@ -76,7 +86,8 @@ def main(argv=None) -> None:
         codecs = list(dict.fromkeys([args.reference, *args.codecs]))
         errs = layer_errors(model, probe.input_ids, cal, tp=args.tp, codecs=codecs, name=info.name)
         t1 = time.perf_counter()
-        sens = layer_sensitivity(model, probe.input_ids, cal, tp=args.tp, codec=args.reference, name=info.name)
+        sens = (own["sensitivity_kl"] if args.own_sensitivity else
+                layer_sensitivity(model, probe.input_ids, cal, tp=args.tp, codec=args.reference, name=info.name))
         t2 = time.perf_counter()
         meas.write_text(json.dumps({"model": args.model, "tp": args.tp, "reference": args.reference,
                                     "probe": probe.manifest(), "sensitivity_kl": sens, "mse": errs,
@@ -92,9 +103,8 @@ def main(argv=None) -> None:
                                                calibration=cal)
     # The probe windows this study read, plus the calibration's own probe (if its plan is
     # evaluated): the dev split avoids them all.
-    own = cal.meta.get("bit_allocation")
     excl = probe.manifest()
-    if own and own.get("probe"):
+    if own and own.get("probe") and own["probe"]["samples"] != excl["samples"]:
         if own["probe"]["seq_len"] != excl["seq_len"]:
             raise SystemExit("the calibration's probe has another window length")
         excl = {**excl, "samples": excl["samples"] + own["probe"]["samples"]}
