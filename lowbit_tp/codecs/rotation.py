@@ -411,5 +411,10 @@ _reg("rot-lm4-g64-lg8", bits=4, group=64, levels="lm", scale_format="lg8")    # 
 _reg("rot-lm4-g32-lg8-k4", bits=4, group=32, levels="lm", scale_format="lg8", k=4)  # 4.39
 _reg("rot-lm4-g64-lg8-k4", bits=4, group=64, levels="lm", scale_format="lg8", k=4)  # 4.26
 _reg("rot-lm3-g32-lg8-k4", bits=3, group=32, levels="lm", scale_format="lg8", k=4)  # 3.39
+# Per-layer allocation candidates: same k, groups and scales, so they differ by whole bits.
+_reg("rot-lm2-g64-lg8-k4", bits=2, group=64, levels="lm", scale_format="lg8", k=4)  # 2.26
+_reg("rot-lm3-g64-lg8-k4", bits=3, group=64, levels="lm", scale_format="lg8", k=4)  # 3.26
+_reg("rot-int5-g64-lg8-k4", bits=5, group=64, levels="int", scale_format="lg8", k=4)  # 5.26
+_reg("rot-int8-g64-lg8-k4", bits=8, group=64, levels="int", scale_format="lg8", k=4)  # 8.26
 _reg("rot-int6-g64-lg8-k4", bits=6, group=64, levels="int", scale_format="lg8", k=4)  # 6.26: sensitive layers
 _reg("rot-int8-g64-e8", bits=8, group=64, levels="int", scale_format="e8m0")  # 8.375: sensitive layers
