@@ -26,6 +26,11 @@ def register(sub) -> None:
                         "used by --codec alloc (= default); 0 skips it (default 4.5)")
     p.add_argument("--alloc-low", default="rot-lm4-g64-lg8-k4", help="codec for most layers")
     p.add_argument("--alloc-high", default="rot-int6-g64-lg8-k4", help="codec for the most sensitive layers")
+    p.add_argument("--alloc-codecs", default="", metavar="A,B,...",
+                   help="candidate codecs, comma-separated: allocate one per layer by predicted KL (the KL of "
+                        "--alloc-low scaled by each codec's measured error at that layer) instead of low/high")
+    p.add_argument("--alloc-samples", type=positive_int, default=2, help="probe windows (128 tokens) for the "
+                   "per-layer sensitivity (default 2)")
     p.set_defaults(func=_calibrate)
 
     e = sub.add_parser("eval", help="perplexity, KL, top-1 and last-word accuracy of codecs via the TP simulator "
@@ -66,7 +71,8 @@ def _calibrate(args) -> None:
     cfg = CalibrationConfig(model=args.model, tp=args.tp, samples=args.samples, seq_len=args.seq_len,
                             batch_size=args.batch_size, seed=args.seed, ema_decay=args.ema_decay, k=args.k,
                             text=args.text, text_glob=args.text_glob, allocate=args.allocate or None, alloc_low=args.alloc_low,
-                            alloc_high=args.alloc_high)
+                            alloc_high=args.alloc_high, alloc_samples=args.alloc_samples,
+                            alloc_codecs=tuple(c for c in args.alloc_codecs.split(",") if c))
     preflight_calibrate(cfg, out=args.out, warn=_warn)
     cal = calibrate(cfg)
     path = cal.save(args.out)
