@@ -4,13 +4,17 @@ The reference (``backend="reference"``) is the independent implementation: plain
 ops in lowbit_tp/codecs. Every payload byte and every bit of every decoded sum must agree,
 on odd shapes, all three input dtypes, zeros, extremes and NaN/Inf in propagate mode.
 """
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from lowbit_tp.calibration.synthetic import synthetic_calibration
-from lowbit_tp.codecs import NonFiniteError, make_codec
+from lowbit_tp.codecs import NonFiniteError, OutOfRangeError, make_codec
+from lowbit_tp.codecs import functional as F
 from lowbit_tp.kernels import cpu as cpu_kernels
 from lowbit_tp.kernels import resolve_backend
 
@@ -24,7 +28,9 @@ LAYER = "model.layers.0.mlp.down_proj"
 CODECS = ["int4-outlier", "int4", "int8", "int4-random-k", "int4-g32", "int4-g128",
           # rotated: lg8 + 4-bit nibbles (default's), lg8 + 6-bit planes, E8M0 + 3-bit planes, fp16 scales
           "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4", "rot-lm3-g32-e8", "rot-int4-g64", "rot-int8-g64-e8"]
-SHAPES = [(1, 64), (5, 64), (3, 67), (7, 130), (2, 200), (4, 576)]
+# Odd widths, E below a group, and one wide row (long runs between kept channels: the 32-wide
+# vector loops, their 8-wide and scalar tails).
+SHAPES = [(1, 64), (5, 64), (3, 67), (7, 130), (2, 200), (4, 576), (3, 1000)]
 KINDS = ["randn", "zeros", "extremes", "nonfinite"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -107,3 +113,66 @@ def test_cpu_kernels_keep_the_nonfinite_error():
     for name in ("int4-outlier", "int4-g32", "rot-lm4-g64-lg8-k4"):
         with pytest.raises(NonFiniteError):
             make_codec(name, calibration=cal, backend="cpu").encode(x, layer=LAYER)
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_error_mode_encodes_in_one_pass(name, monkeypatch):
+    """In the default "error" mode the kernels scan their own input while encoding: finite,
+    in-range input gives the reference's bytes without the separate range pass, and what the
+    reference refuses (NaN/Inf, beyond ``max_input``) is still refused with its error."""
+    t, e = 5, 200
+    cal = synthetic_calibration([LAYER], world=1, hidden=e)
+    ref = make_codec(name, calibration=cal, backend="reference")
+    fast = make_codec(name, calibration=cal, backend="cpu")
+    for dtype in DTYPES:
+        x = make_input(t, e, dtype, "randn", seed=3)
+        want = ref.encode(x, layer=LAYER)
+        calls = []
+        monkeypatch.setattr(F, "value_range", lambda v: calls.append(1) or (0.0, 0.0))
+        got = fast.encode(x, layer=LAYER)
+        monkeypatch.undo()
+        assert torch.equal(got, want), (name, dtype)
+        assert not calls, "the CPU path ran a separate range pass"
+    bad = make_input(t, e, torch.float32, "randn", seed=4)
+    bad[2, 7] = float("inf")
+    with pytest.raises(NonFiniteError):
+        fast.encode(bad, layer=LAYER)
+    if fast.max_input < 3e38:
+        big = make_input(t, e, torch.float32, "randn", seed=5)
+        big[1, 3] = -2 * fast.max_input
+        with pytest.raises(OutOfRangeError):
+            ref.encode(big, layer=LAYER)
+        with pytest.raises(OutOfRangeError):
+            fast.encode(big, layer=LAYER)
+
+
+def test_portable_build_matches_reference(tmp_path):
+    """The scalar twins of the vector paths (what a CPU without AVX2 runs) build and give
+    the reference's bytes and sums: a fresh process with LOWBIT_TP_CPU_PORTABLE=1."""
+    script = f"""
+import torch
+from lowbit_tp.calibration.synthetic import synthetic_calibration
+from lowbit_tp.codecs import make_codec
+from lowbit_tp.kernels import cpu
+assert cpu.available(), cpu.build_error()
+assert "-DLBT_PORTABLE" in cpu._arch_variants()[0]
+for name in {CODECS!r}:
+    for t, e in [(3, 67), (2, 1000)]:
+        cal = synthetic_calibration(["l"], world=2, hidden=e)
+        ref = make_codec(name, calibration=cal, backend="reference", nonfinite="propagate")
+        fast = make_codec(name, calibration=cal, backend="cpu", nonfinite="propagate")
+        g = torch.Generator().manual_seed(t)
+        xs = [torch.randn(t, e, generator=g) * 3 for _ in range(2)]
+        xs[1].view(-1)[::7] = float("nan")
+        for dtype in (torch.float32, torch.bfloat16):
+            want = [ref.encode(x.to(dtype), layer="l", source=r) for r, x in enumerate(xs)]
+            got = [fast.encode(x.to(dtype), layer="l", source=r) for r, x in enumerate(xs)]
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (name, t, e, dtype)
+            a, b = fast.decode_sum(want, (t, e), layer="l"), ref.decode_sum(want, (t, e), layer="l")
+            same = (a.view(torch.int32) == b.view(torch.int32)) | (a.isnan() & b.isnan())
+            assert bool(same.all()), (name, t, e, dtype)
+print("portable ok")
+"""
+    env = {**os.environ, "LOWBIT_TP_CPU_PORTABLE": "1", "LOWBIT_TP_KERNEL_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "portable ok" in proc.stdout, proc.stderr[-3000:]

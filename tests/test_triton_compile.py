@@ -19,6 +19,11 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (optional: the Triton kernels are skipped)", allow_module_level=True)
 
 P2 = ("*u8", "*u8")
+STATIC_SIG = {"src": None, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "inl_ptr": "*i32", "inv_ptr": "*fp32",
+              "outl_ptr": "*i32", "head_ptr": "*i16", "body_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32",
+              "T": "i32", "E": "i32", "NK": "i32", "n_body_programs": "i32", "max_in": "fp32"}
+GROUP_SIG = {"src": None, "out_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32", "T": "i32", "E": "i32", "G": "i32",
+             "NQ": "i32", "max_in": "fp32"}
 ROT_SIG = {"x_ptr": "*fp32", "signs_ptr": "*fp32", "colmap_ptr": "*i32", "bounds_ptr": "*fp32", "lg8_ptr": "*fp32",
            "lg8_asc_ptr": "*fp32", "head_ptr": "*i16", "code_ptr": "*u8", "scale_ptr": "*u8", "flag_ptr": "*i32",
            "range_ptr": "*i32", "T": "i32", "E": "i32", "G": "i32", "NK": "i32", "NCB": "i32", "inv_sqrt_b": "fp32",
@@ -29,18 +34,19 @@ ROT_DEC_SIG = {"payloads": P2, "signs_ptr": "*fp32", "colmap_ptr": "*i32", "leve
 # (module, kernel, signature, constexprs): small tiles keep the compile quick; the code paths
 # (every scale format, 4/6/8-bit packing, Hadamard stages up to 256) are all covered.
 CASES = [
-    ("triton_static", "static_encode_kernel",
-     {"x_ptr": "*fp32", "inl_ptr": "*i32", "inv_ptr": "*fp32", "outl_ptr": "*i32", "head_ptr": "*i16",
-      "body_ptr": "*u8", "flag_ptr": "*i32", "T": "i32", "E": "i32", "NK": "i32", "n_body_programs": "i32",
-      "max_in": "fp32"},
-     {"BITS": 4, "HAS_K": True, "BLOCK": 256, "FLAG": True}),
+    ("triton_static", "static_encode_kernel", {**STATIC_SIG, "src": ("*fp32",)},
+     {"N": 0, "BITS": 4, "HAS_K": True, "BLOCK": 256, "FLAG": True, "RANGE": False}),
+    ("triton_static", "static_encode_kernel", {**STATIC_SIG, "src": ("*bf16",)},  # a bf16 partial
+     {"N": 0, "BITS": 8, "HAS_K": False, "BLOCK": 256, "FLAG": False, "RANGE": True}),
+    ("triton_static", "static_encode_kernel", {**STATIC_SIG, "src": P2},  # two-shot's fused reduce + encode
+     {"N": 2, "BITS": 4, "HAS_K": True, "BLOCK": 256, "FLAG": True, "RANGE": True}),
     ("triton_static", "static_decode_sum_kernel",
      {"payloads": P2, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32",
       "NK": "i32"}, {"N": 2, "BITS": 8, "BLOCK": 256}),
-    ("triton_group", "group_encode_kernel",
-     {"x_ptr": "*bf16", "out_ptr": "*u8", "flag_ptr": "*i32", "T": "i32", "E": "i32", "G": "i32", "NQ": "i32",
-      "max_in": "fp32"},
-     {"ROWS": 2, "E_PAD": 256, "GW": 32, "FLAG": True}),
+    ("triton_group", "group_encode_kernel", {**GROUP_SIG, "src": ("*bf16",)},
+     {"N": 0, "ROWS": 2, "E_PAD": 256, "GW": 32, "GROUP": 32, "FLAG": True, "RANGE": False}),
+    ("triton_group", "group_encode_kernel", {**GROUP_SIG, "src": ("*u8",) * 3},  # two-shot's fused reduce + encode
+     {"N": 3, "ROWS": 4, "E_PAD": 64, "GW": 64, "GROUP": 128, "FLAG": False, "RANGE": True}),
     ("triton_group", "group_decode_sum_kernel",
      {"payloads": P2, "out_ptr": "*fp32", "T": "i32", "E": "i32", "G": "i32", "NQ": "i32"},
      {"N": 2, "GROUP": 32, "BLOCK": 256}),

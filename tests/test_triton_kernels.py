@@ -269,3 +269,62 @@ def test_fused_reduce_encode_error_mode_raises_like_the_reference():
     for backend in ("reference", "triton"):
         with pytest.raises(NonFiniteError):
             make_codec("rot-lm4-g64", calibration=cal, backend=backend).reduce_encode(payloads, (3, 96), layer=LAYER)
+
+
+def _count_calls(module, fn: str, monkeypatch) -> list:
+    calls = []
+    orig = getattr(module, fn)
+    monkeypatch.setattr(module, fn, lambda *a, **k: calls.append(1) or orig(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("name,kernels", [("int4-outlier", "triton_static"), ("int4", "triton_static"),
+                                          ("int8", "triton_static"), ("int4-random-k", "triton_static"),
+                                          ("int4-g32", "triton_group"), ("int4-g128", "triton_group")])
+@pytest.mark.parametrize("mode", ["propagate", "flag", "error"])
+@pytest.mark.parametrize("tokens,hidden", [(3, 100), (5, 38)])  # odd rows; E not a multiple of 64 or the group
+def test_fused_reduce_encode_static_and_group(name, kernels, mode, tokens, hidden, monkeypatch):
+    """Two-shot's owner stage in one kernel for the static and group codecs: the same bytes as
+    the reference's decode_sum then encode(source="sum"), NaN/Inf/zeros included."""
+    import importlib
+
+    cal = calibration(hidden)
+    ref = make_codec(name, calibration=cal, nonfinite=mode, backend="reference")
+    tri = make_codec(name, calibration=cal, nonfinite=mode, backend="triton")
+    src = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+    xs = partials(tokens, hidden, seed=tokens + hidden, special=mode != "error")
+    payloads = [src.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    want = ref.encode(ref.decode_sum(payloads, (tokens, hidden), layer=LAYER), layer=LAYER, source="sum")
+    calls = _count_calls(importlib.import_module(f"lowbit_tp.kernels.{kernels}"), "reduce_encode", monkeypatch)
+    got = tri.reduce_encode(payloads, (tokens, hidden), layer=LAYER)
+    assert calls, "the fused kernel did not run"
+    assert torch.equal(got, want), (got != want).nonzero().reshape(-1)[:6].tolist()
+    if mode == "flag":
+        from lowbit_tp.codecs import NonFiniteError
+
+        with pytest.raises(NonFiniteError):
+            tri.check_nonfinite()
+
+
+@pytest.mark.parametrize("name", ["int4-outlier", "int8", "int4-g32"])
+def test_fused_reduce_encode_static_and_group_error_mode_raises(name):
+    from lowbit_tp.codecs import NonFiniteError
+
+    cal = calibration(64)
+    src = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+    xs = partials(3, 64, seed=9, special=True)
+    payloads = [src.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    for backend in ("reference", "triton"):
+        with pytest.raises(NonFiniteError):
+            make_codec(name, calibration=cal, backend=backend).reduce_encode(payloads, (3, 64), layer=LAYER)
+
+
+def test_fused_reduce_encode_group_odd_hidden_falls_back_bitwise():
+    """E odd: the group encoder cannot pack a token's codes in pairs; the unfused path runs."""
+    cal = calibration(37)
+    ref = make_codec("int4-g32", nonfinite="propagate", backend="reference")
+    tri = make_codec("int4-g32", nonfinite="propagate", backend="triton")
+    payloads = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(partials(3, 37, seed=1, special=True))]
+    del cal
+    assert torch.equal(tri.reduce_encode(payloads, (3, 37), layer=LAYER),
+                       ref.encode(ref.decode_sum(payloads, (3, 37)), source="sum"))

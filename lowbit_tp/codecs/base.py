@@ -152,6 +152,9 @@ class Codec(ABC):
 
     def encode(self, x: torch.Tensor, *, layer: str | None = None, source: Source = 0) -> torch.Tensor:
         """Encode ``x [tokens, E]`` (fp32/bf16/fp16) into a 1-D uint8 payload."""
+        payload = self._encode_scanned(x, layer, source)
+        if payload is not None:
+            return payload
         bad, over = self._check_input(x, layer, source)
         if over:  # propagate mode: saturate finite values beyond max_input (in fp32, where it is exact)
             x = x.float()
@@ -279,9 +282,32 @@ class Codec(ABC):
             raise NonFiniteError(f"{self.name}: NaN/Inf reached the codec since the last check (on {', '.join(seen)}); "
                                  f"they were sent on as NaN")
 
-    def _check_input(self, x: torch.Tensor, layer: str | None, source: Source) -> tuple[bool, bool]:
-        """Validate ``x``; returns whether it holds NaN/Inf (only possible in propagate mode)
-        and whether it must be saturated at :attr:`max_input` (only in propagate mode)."""
+    def _encode_scanned(self, x: torch.Tensor, layer: str | None, source: Source) -> torch.Tensor | None:
+        """The one-pass encode of a kernel that scans its own input (:meth:`_encode_with_scan`).
+
+        The payload is kept only when the kernel saw what the checked path would pass through
+        unchanged: all values finite and within :attr:`max_input`. Anything else (rare) returns
+        None and :meth:`encode` takes the checked path, which raises or saturates exactly as
+        the reference does. This saves the separate ``aminmax`` pass over every message.
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
+            return None
+        self._check_tensor(x, layer, source)
+        out = self._encode_with_scan(x, self.params(layer, source, x.shape[1], x.device))
+        if out is None:
+            return None
+        payload, scan = out
+        if scan.nonfinite or scan.amax > self.max_input:
+            return None
+        return payload
+
+    def _encode_with_scan(self, x: torch.Tensor, params: Any) -> tuple[torch.Tensor, Any] | None:
+        """``(payload, scan)`` from a kernel that checks its input while encoding (``scan`` has
+        ``nonfinite`` and ``amax``, the largest finite magnitude), or None where there is none."""
+        return None
+
+    def _check_tensor(self, x: torch.Tensor, layer: str | None, source: Source) -> None:
+        """Shape, dtype and hidden size of ``x`` (no pass over its values)."""
         where = _where(layer, source)
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(f"{self.name}: expected a [tokens, E] tensor ({where}), got shape {getattr(x, 'shape', None)}")
@@ -292,6 +318,12 @@ class Codec(ABC):
                 f"{self.name}: {where} has {x.shape[1]} channels but the calibration has hidden size "
                 f"{self.calibration.hidden_size}"
             )
+
+    def _check_input(self, x: torch.Tensor, layer: str | None, source: Source) -> tuple[bool, bool]:
+        """Validate ``x``; returns whether it holds NaN/Inf (only possible in propagate mode)
+        and whether it must be saturated at :attr:`max_input` (only in propagate mode)."""
+        where = _where(layer, source)
+        self._check_tensor(x, layer, source)
         if self.nonfinite != "error" and self.kernel_backend(x.device) == "triton":
             return True, False  # the fused kernels mask, flag and saturate NaN/Inf themselves: no host sync
         lo, hi = F.value_range(x)

@@ -75,6 +75,30 @@ class GroupInt4Codec(Codec):
         q = F.quantize_symmetric(xg, scale=s32.unsqueeze(-1), bits=4, nonfinite=nonfinite).reshape(t, g * self.group)[:, :e]
         return torch.cat([F.pack_int4(q), scale.reshape(-1).view(torch.uint8)])
 
+    def _encode_with_scan(self, x, params):
+        if self.kernel_backend(x.device) != "cpu":
+            return None
+        from lowbit_tp.kernels import cpu
+        return cpu.group_encode(x, group=self.group, nbytes=self.payload_nbytes(tuple(x.shape)))
+
+    def _reduce_encode(self, payloads, shape, layer, sources, out_source):
+        if not payloads or self.kernel_backend(payloads[0].device) != "triton" or int(shape[1]) % 2:
+            return None
+        from lowbit_tp.kernels import triton_group as K
+
+        shape, _ = self._payload_params(payloads, shape, layer, sources)
+        dev = payloads[0].device
+        out = torch.empty(self.payload_nbytes(shape), dtype=torch.uint8, device=dev)
+        # error mode: one flag for NaN/Inf and out-of-range sums, read once; if set, the
+        # unfused path runs and raises exactly the reference's error.
+        check = torch.zeros(1, dtype=torch.int32, device=dev) if self.nonfinite == "error" else None
+        K.reduce_encode([p.contiguous() for p in payloads], out, t=shape[0], e=shape[1], group=self.group,
+                        max_input=self.max_input, flag=check if check is not None else self._kernel_flag(dev),
+                        range_flag=check)
+        if check is not None and int(check.item()):
+            return None
+        return out
+
     def _decode_sum(self, payloads, shape, params):
         backend = self.kernel_backend(payloads[0].device)
         if backend == "cpu":

@@ -343,17 +343,21 @@ class RotatedGroupCodec(Codec):
             return dict(spec=spec, tables=tables, inv_sqrt_block=inv)
         return self._kernel_table(("cpu", e), build)
 
-    def _cpu_encode(self, x, p: RotParams):
-        """The CPU kernel's payload, or None where the reference must decide (it raises)."""
+    def _cpu_encode(self, x, p: RotParams, scan: bool = False):
+        """The CPU kernel's payload (with its input scan if ``scan``), or None where the
+        reference must decide (it raises)."""
         from lowbit_tp.kernels import cpu
 
         t, e = x.shape
-        payload, status = cpu.rot_encode(
+        payload, status, seen = cpu.rot_encode(
             x, outliers=p.outliers, propagate=self.nonfinite != "error", rotate_max=ROTATE_MAX,
             scale_max=self._fmt.max_amax, nbytes=self.payload_nbytes((t, e)), **self._cpu_args(e))
         if status & 2 and self.nonfinite == "error":  # out of range: the reference raises OutOfRangeError
             return None
-        return payload
+        return (payload, seen) if scan else payload
+
+    def _encode_with_scan(self, x, p: RotParams):
+        return self._cpu_encode(x, p, scan=True) if self.kernel_backend(x.device) == "cpu" else None
 
     def _decode_sum(self, payloads, shape, params):
         backend = self.kernel_backend(payloads[0].device)

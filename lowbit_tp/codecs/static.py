@@ -199,6 +199,13 @@ class _StaticIntCodec(Codec):
         head = F.float_to_bytes(x.index_select(1, p.outliers), torch.bfloat16)
         return torch.cat([head, body])
 
+    def _encode_with_scan(self, x, p: StaticParams):
+        if self.kernel_backend(x.device) != "cpu":
+            return None
+        from lowbit_tp.kernels import cpu
+        return cpu.static_encode(x, outliers=p.outliers, inv_scale=p.inv_scale, bits=self.bits,
+                                 nbytes=self.payload_nbytes(tuple(x.shape)))
+
     # -------------------------------------------------------------- fused kernels
     def _decode_sum(self, payloads, shape, params):
         backend = self.kernel_backend(payloads[0].device)
@@ -213,29 +220,60 @@ class _StaticIntCodec(Codec):
     def _triton_encode(self, x, p: StaticParams):
         from lowbit_tp.kernels import triton_static as K
 
-        inl, inv, outl = self._kernel_table(("enc", id(p)), lambda: (
-            p.inliers.int(), p.inv_scale.float().contiguous(),
-            p.outliers.int() if p.outliers.numel() else p.inliers[:1].int()))
+        inl, inv, outl = self._enc_tables(p)
         out = torch.empty(self.payload_nbytes(tuple(x.shape)), dtype=torch.uint8, device=x.device)
         return K.encode(x.contiguous(), inl, inv, outl[: p.outliers.numel()], out, bits=self.bits,
                         max_input=self.max_input, flag=self._kernel_flag(x.device))
 
-    def _triton_decode_sum(self, payloads, shape, params):
-        from lowbit_tp.kernels import triton_static as K
+    def _enc_tables(self, p: StaticParams):
+        """Encoder tables of one (layer, source), int32/fp32 on its device, built once."""
+        return self._kernel_table(("enc", id(p)), lambda: (
+            p.inliers.int(), p.inv_scale.float().contiguous(),
+            p.outliers.int() if p.outliers.numel() else p.inliers[:1].int()))
 
+    def _dec_tables(self, params):
+        """Decoder tables of N sources: ``colmap [N, E]`` (slot of each kept channel, ``-(j+1)``
+        for bf16 channel j) and ``scale [N, E - k]``, built once per parameter tuple."""
         def build():
+            p0 = params[0]
             e = p0.inliers.numel() + p0.outliers.numel()
             colmap = torch.empty(len(params), e, dtype=torch.int32, device=p0.inliers.device)
-            for r, p in enumerate(params):  # slot of each kept channel, -(j+1) for bf16 channel j
+            for r, p in enumerate(params):
                 colmap[r, p.inliers] = torch.arange(p.inliers.numel(), dtype=torch.int32, device=colmap.device)
                 colmap[r, p.outliers] = -1 - torch.arange(p.outliers.numel(), dtype=torch.int32, device=colmap.device)
             return colmap, torch.stack([p.scale.float() for p in params]).contiguous()
 
-        p0 = params[0]
-        colmap, scale = self._kernel_table(("dec", tuple(id(p) for p in params)), build)
+        return self._kernel_table(("dec", tuple(id(p) for p in params)), build)
+
+    def _triton_decode_sum(self, payloads, shape, params):
+        from lowbit_tp.kernels import triton_static as K
+
+        colmap, scale = self._dec_tables(params)
         out = torch.empty(shape, dtype=torch.float32, device=payloads[0].device)
-        return K.decode_sum([q.contiguous() for q in payloads], colmap, scale, out, nk=p0.outliers.numel(),
+        return K.decode_sum([q.contiguous() for q in payloads], colmap, scale, out, nk=params[0].outliers.numel(),
                             bits=self.bits)
+
+    def _reduce_encode(self, payloads, shape, layer, sources, out_source):
+        if not payloads or self.kernel_backend(payloads[0].device) != "triton":
+            return None
+        from lowbit_tp.kernels import triton_static as K
+
+        shape, params = self._payload_params(payloads, shape, layer, sources)
+        t, e = shape
+        dev = payloads[0].device
+        sp = self.params(layer, out_source, e, dev)
+        colmap, scale = self._dec_tables(params)
+        inl, inv, outl = self._enc_tables(sp)
+        out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=dev)
+        # error mode: one flag for NaN/Inf and out-of-range sums, read once; if set, the
+        # unfused path runs and raises exactly the reference's error.
+        check = torch.zeros(1, dtype=torch.int32, device=dev) if self.nonfinite == "error" else None
+        K.reduce_encode([q.contiguous() for q in payloads], colmap, scale, inl, inv, outl[: sp.outliers.numel()], out,
+                        t=t, e=e, bits=self.bits, max_input=self.max_input,
+                        flag=check if check is not None else self._kernel_flag(dev), range_flag=check)
+        if check is not None and int(check.item()):
+            return None
+        return out
 
     def _decode(self, payload, shape, p: StaticParams):
         if self.kernel_backend(payload.device) == "cpu":

@@ -9,6 +9,8 @@ The library is built by ``scripts/setup.sh`` (``python -m lowbit_tp.kernels.cpu`
 first use, into a cache folder keyed by the source, the flags and the CPU, and loaded
 lazily. If the compiler is missing or the build fails, :func:`available` is False and
 every codec stays on the reference path (``backend="auto"``); :func:`build_error` says why.
+With ``-march=native`` the hot loops use hand-written AVX2 paths; ``LOWBIT_TP_CPU_PORTABLE=1``
+builds the scalar twins instead (what a CPU without AVX2 runs; the tests compare both).
 
 Wrappers take and return tensors; each codec's dispatch (in ``lowbit_tp/codecs``) calls them.
 """
@@ -24,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -35,6 +37,14 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
          "-fno-strict-aliasing")
 _ARCH_FLAGS = ("-march=native",)
+_PORTABLE_FLAGS = ("-DLBT_PORTABLE",)
+
+
+def _arch_variants() -> tuple[tuple[str, ...], ...]:
+    """Flag sets to try in order: this CPU's vector units, then a portable build."""
+    if os.environ.get("LOWBIT_TP_CPU_PORTABLE", "0") == "1":
+        return (_PORTABLE_FLAGS,)
+    return (_ARCH_FLAGS, ())
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ERROR: list[str] = []
 
@@ -58,7 +68,7 @@ def cache_dir() -> Path:
 
 
 def library_path() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, _ARCH_FLAGS, _cpu_id())).encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, _arch_variants(), _cpu_id())).encode()).hexdigest()[:16]
     return cache_dir() / f"lowbit_cpu_{key}.so"
 
 
@@ -76,7 +86,7 @@ def build(*, verbose: bool = False) -> Path:
         raise RuntimeError("no C++ compiler found (g++/c++/clang++)")
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    for arch in (_ARCH_FLAGS, ()):
+    for arch in _arch_variants():
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         cmd = [cxx, *FLAGS, *arch, str(SOURCE), "-o", tmp]
@@ -95,19 +105,19 @@ def build(*, verbose: bool = False) -> Path:
 def _lib():
     path = build()
     lib = ctypes.CDLL(str(path))
-    if lib.lbt_abi_version() != 2:
+    if lib.lbt_abi_version() != 3:
         raise RuntimeError(f"{path}: unexpected ABI version")
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.lbt_static_encode.argtypes = [p, i32, i64, i64, i64, p, i64, p, i32, p]
+    lib.lbt_static_encode.argtypes = [p, i32, i64, i64, i64, p, i64, p, i32, p, p]
     lib.lbt_static_encode.restype = i32
     lib.lbt_static_decode_sum.argtypes = [p, p, i32, i64, i64, p, i64, i32, p]
     lib.lbt_static_decode_sum.restype = None
-    lib.lbt_group_encode.argtypes = [p, i32, i64, i64, i64, i64, p]
+    lib.lbt_group_encode.argtypes = [p, i32, i64, i64, i64, i64, p, p]
     lib.lbt_group_encode.restype = i32
     lib.lbt_group_decode_sum.argtypes = [p, i32, i64, i64, i64, p]
     lib.lbt_group_decode_sum.restype = None
     f32 = ctypes.c_float
-    lib.lbt_rot_encode.argtypes = [p, i32, i64, i64, p, p, f32, p, i32, f32, f32, p]
+    lib.lbt_rot_encode.argtypes = [p, i32, i64, i64, p, p, f32, p, i32, f32, f32, p, p]
     lib.lbt_rot_encode.restype = i32
     lib.lbt_rot_decode_sum.argtypes = [p, i32, i64, p, p, f32, p, p]
     lib.lbt_rot_decode_sum.restype = None
@@ -144,15 +154,23 @@ def _ptrs(ts: Sequence[torch.Tensor]):
     return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
 
 
+class Scan(NamedTuple):
+    """What an encoder saw of its input in the same pass: whether it held NaN/Inf, and the
+    largest magnitude among the finite values (the codec's range check, without a second pass)."""
+    nonfinite: bool
+    amax: float
+
+
 def static_encode(x: torch.Tensor, *, outliers: torch.Tensor, inv_scale: torch.Tensor, bits: int,
-                  nbytes: int) -> tuple[torch.Tensor, bool]:
-    """Static int4/int8 payload (kept channels as bf16 first); returns (payload, saw_nonfinite)."""
+                  nbytes: int) -> tuple[torch.Tensor, Scan]:
+    """Static int4/int8 payload (kept channels as bf16 first) and the input :class:`Scan`."""
     x, dt, ld = _rows(x)
     t, e = x.shape
     out = torch.empty(nbytes, dtype=torch.uint8)
+    amax = ctypes.c_float()
     bad = _lib().lbt_static_encode(x.data_ptr(), dt, t, e, ld, outliers.data_ptr(), outliers.numel(),
-                                   inv_scale.data_ptr(), bits, out.data_ptr())
-    return out, bool(bad)
+                                   inv_scale.data_ptr(), bits, out.data_ptr(), ctypes.byref(amax))
+    return out, Scan(bool(bad), amax.value)
 
 
 def static_decode_sum(payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, scales: Sequence[torch.Tensor],
@@ -166,13 +184,14 @@ def static_decode_sum(payloads: Sequence[torch.Tensor], shape: tuple[int, int], 
     return out
 
 
-def group_encode(x: torch.Tensor, *, group: int, nbytes: int) -> tuple[torch.Tensor, bool]:
-    """int4 with fp16 group scales; returns (payload, saw_nonfinite)."""
+def group_encode(x: torch.Tensor, *, group: int, nbytes: int) -> tuple[torch.Tensor, Scan]:
+    """int4 with fp16 group scales, and the input :class:`Scan`."""
     x, dt, ld = _rows(x)
     t, e = x.shape
     out = torch.empty(nbytes, dtype=torch.uint8)
-    bad = _lib().lbt_group_encode(x.data_ptr(), dt, t, e, ld, group, out.data_ptr())
-    return out, bool(bad)
+    amax = ctypes.c_float()
+    bad = _lib().lbt_group_encode(x.data_ptr(), dt, t, e, ld, group, out.data_ptr(), ctypes.byref(amax))
+    return out, Scan(bool(bad), amax.value)
 
 
 def group_decode_sum(payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, group: int) -> torch.Tensor:
@@ -193,15 +212,16 @@ def rot_spec(*, e: int, k: int, group: int, block: int, bits: int, scale_format:
 
 def rot_encode(x: torch.Tensor, *, outliers: torch.Tensor, spec: torch.Tensor, inv_sqrt_block: float,
                tables: Sequence[torch.Tensor], propagate: bool, rotate_max: float, scale_max: float,
-               nbytes: int) -> tuple[torch.Tensor, int]:
-    """Rotated-codec payload; returns (payload, status): status bit 0 = the input held NaN/Inf,
-    bit 1 = a rotated value overflowed or a group absmax exceeded ``scale_max`` (clamped)."""
+               nbytes: int) -> tuple[torch.Tensor, int, Scan]:
+    """Rotated-codec payload; returns (payload, status, scan): status bit 0 = the input held
+    NaN/Inf, bit 1 = a rotated value overflowed or a group absmax exceeded ``scale_max`` (clamped)."""
     x, dt, ld = _rows(x)
     out = torch.empty(nbytes, dtype=torch.uint8)
+    amax = ctypes.c_float()
     status = _lib().lbt_rot_encode(x.data_ptr(), dt, x.shape[0], ld, outliers.data_ptr(), spec.data_ptr(),
                                    inv_sqrt_block, _ptrs(tables), int(propagate), rotate_max, scale_max,
-                                   out.data_ptr())
-    return out, int(status)
+                                   out.data_ptr(), ctypes.byref(amax))
+    return out, int(status), Scan(bool(status & 1), amax.value)
 
 
 def rot_decode_sum(payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, outliers: Sequence[torch.Tensor],

@@ -14,8 +14,13 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
-#ifdef __F16C__
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+// LBT_AVX2: hand-written 8-wide paths (AVX2 + F16C); every one has a scalar twin below it
+// that a portable build (LOWBIT_TP_CPU_PORTABLE=1) uses and the tests compare.
+#if defined(__AVX2__) && defined(__F16C__) && !defined(LBT_PORTABLE)
+#define LBT_AVX2 1
 #endif
 
 namespace {
@@ -64,6 +69,22 @@ template <> inline float load<2>(const void* p, int64_t i) { return f16_to_f32(s
 
 template <int DT> inline int64_t elem_size() { return DT == 0 ? 4 : 2; }
 
+#ifdef LBT_AVX2
+// 8 values from element i as fp32 (bf16 widened, fp16 through F16C: both exact).
+template <int DT> inline __m256 load8(const void* p, int64_t i) {
+  if (DT == 0) return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+  if (DT == 1) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  return _mm256_cvtph_ps(h);
+}
+inline int32_t hmax_epi32(__m256i v) {
+  __m128i m = _mm_max_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4e));
+  m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xb1));
+  return _mm_cvtsi128_si32(m);
+}
+#endif
+
 // The reference's bf16 cast of the input: a no-op (raw bits kept) when it is bf16 already;
 // torch's direct fp16 -> bf16 cast writes NaN as 0x7fc0 (its fp32 -> bf16 cast as 0xffff).
 template <int DT> inline uint16_t to_bf16(const void* p, int64_t i) {
@@ -90,7 +111,17 @@ inline void pack_nibbles(const int8_t* c, int64_t m, int64_t f, uint8_t* body) {
   }
   uint8_t* dst = body + ((f + j) >> 1);
   const int64_t pairs = (m - j) / 2;
-  for (int64_t i = 0; i < pairs; ++i)
+  int64_t i = 0;
+#ifdef LBT_AVX2
+  const __m256i m4 = _mm256_set1_epi8(0x0f), m8 = _mm256_set1_epi16(0x00ff);
+  for (; i + 16 <= pairs; i += 16) {  // 32 codes -> 16 bytes: byte = lo | hi << 4
+    const __m256i v = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + j + 2 * i)), m4);
+    const __m256i w = _mm256_and_si256(_mm256_or_si256(v, _mm256_srli_epi16(v, 4)), m8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+  }
+#endif
+  for (; i < pairs; ++i)
     dst[i] = uint8_t((c[j + 2 * i] & 0x0f) | ((c[j + 2 * i + 1] & 0x0f) << 4));
   j += 2 * pairs;
   if (j < m) dst[pairs] = uint8_t(c[j] & 0x0f);
@@ -99,23 +130,127 @@ inline void pack_nibbles(const int8_t* c, int64_t m, int64_t f, uint8_t* body) {
 inline float int4_value(int32_t code) { return code == -8 ? QNAN : float(code); }
 
 // Quantize n values: round(x * factor) or round(x / factor) half to even, clamp to [-qmax, qmax],
-// non-finite x to the sentinel. Returns whether any x was non-finite. Written as selects
-// (no min/max calls) so that the compiler vectorizes it.
+// non-finite x to the sentinel. Returns whether any x was non-finite; *amax_bits becomes the
+// largest |x| among the finite ones (as its bit pattern: non-negative floats order as ints),
+// which is how the callers check the input range without a second pass.
 template <int DT, bool DIVIDE>
-inline uint32_t quantize_run(const void* row, int64_t c0, const float* factor, int64_t n, float qmax,
-                             int32_t sentinel, int8_t* q) {
+inline uint32_t quantize_run(const void* row, const float* factor, int64_t n, float qmax, int32_t sentinel,
+                             int8_t* q, int32_t* amax_bits) {
   uint32_t nf = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = load<DT>(row, c0 + i);
+  int32_t am = *amax_bits;
+  int64_t i = 0;
+#ifdef LBT_AVX2
+  {
+    const __m256 hi = _mm256_set1_ps(qmax), lo = _mm256_set1_ps(-qmax);
+    const __m256i absm = _mm256_set1_epi32(0x7fffffff), fin = _mm256_set1_epi32(0x7f7fffff);
+    const __m256i sent = _mm256_set1_epi32(sentinel), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i vam = _mm256_setzero_si256(), vnf = _mm256_setzero_si256();
+    for (; i + 32 <= n; i += 32) {
+      __m256i c[4];
+      for (int u = 0; u < 4; ++u) {
+        const __m256 v = load8<DT>(row, i + 8 * u);
+        const __m256i a = _mm256_and_si256(_mm256_castps_si256(v), absm);
+        const __m256i bad = _mm256_cmpgt_epi32(a, fin);
+        vnf = _mm256_or_si256(vnf, bad);
+        vam = _mm256_max_epi32(vam, _mm256_andnot_si256(bad, a));
+        const __m256 f = _mm256_loadu_ps(factor + i + 8 * u);
+        __m256 y = _mm256_round_ps(DIVIDE ? _mm256_div_ps(v, f) : _mm256_mul_ps(v, f),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        y = _mm256_min_ps(_mm256_max_ps(y, lo), hi);  // NaN only where x is non-finite: replaced below
+        c[u] = _mm256_blendv_epi8(_mm256_cvtps_epi32(y), sent, bad);
+      }
+      // int32 -> int8 (values fit, no saturation); the packs interleave 128-bit lanes: reorder.
+      const __m256i b8 = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(b8, order));
+    }
+    const int32_t vm = hmax_epi32(vam);
+    am = am > vm ? am : vm;
+    nf |= !_mm256_testz_si256(vnf, vnf);
+  }
+#endif
+  for (; i < n; ++i) {
+    const float v = load<DT>(row, i);
     float y = __builtin_rintf(DIVIDE ? v / factor[i] : v * factor[i]);
     y = y < -qmax ? -qmax : y;
     y = y > qmax ? qmax : y;
-    const int32_t bad = (bits_of(v) & 0x7f800000u) == 0x7f800000u;
+    const int32_t a = int32_t(bits_of(v) & 0x7fffffffu);
+    const int32_t bad = a >= 0x7f800000;
     nf |= bad;
+    am = (!bad && a > am) ? a : am;
     y = bad ? 0.0f : y;
     q[i] = int8_t(bad ? sentinel : int32_t(y));
   }
+  *amax_bits = am;
   return nf;
+}
+
+// o[i] = (or +=) code(f + i) * sc[i] for i < n: int4 codes from the flat nibble stream at
+// index f (the sentinel -8 decodes to NaN). FIRST writes, otherwise adds to o in place.
+template <bool FIRST>
+inline void int4_run(const uint8_t* body, int64_t f, int64_t n, const float* sc, float* o) {
+  int64_t i = 0;
+  auto scalar = [&](int64_t i) {
+    const uint8_t b = body[(f + i) >> 1];
+    const int32_t code = ((f + i) & 1) ? int8_t(b) >> 4 : int8_t(uint8_t(b << 4)) >> 4;
+    const float v = int4_value(code) * sc[i];
+    o[i] = FIRST ? v : o[i] + v;
+  };
+  if (n > 0 && (f & 1)) scalar(i++);
+#ifdef LBT_AVX2
+  const uint8_t* src = body + ((f + i) >> 1);  // low nibble = code i
+  const __m128i m4 = _mm_set1_epi8(0x0f), s8 = _mm_set1_epi8(8);
+  const __m256 nan = _mm256_set1_ps(QNAN);
+  const __m256i sent = _mm256_set1_epi32(-8);
+  for (; i + 32 <= n; i += 32, src += 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    const __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
+    __m128i x[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};
+    for (int h = 0; h < 2; ++h) {
+      x[h] = _mm_sub_epi8(_mm_xor_si128(x[h], s8), s8);  // sign-extend the 4-bit codes
+      for (int u = 0; u < 2; ++u) {
+        const __m256i qi = _mm256_cvtepi8_epi32(u ? _mm_srli_si128(x[h], 8) : x[h]);
+        const __m256 isnan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(qi, sent));
+        const int64_t at = i + 16 * h + 8 * u;
+        __m256 v = _mm256_mul_ps(_mm256_blendv_ps(_mm256_cvtepi32_ps(qi), nan, isnan), _mm256_loadu_ps(sc + at));
+        if (!FIRST) v = _mm256_add_ps(_mm256_loadu_ps(o + at), v);
+        _mm256_storeu_ps(o + at, v);
+      }
+    }
+  }
+  for (; i + 8 <= n; i += 8, src += 4) {  // short runs (between kept channels): 8 at a time
+    int32_t four;
+    std::memcpy(&four, src, 4);
+    const __m128i b = _mm_cvtsi32_si128(four);
+    const __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
+    const __m256i qi = _mm256_cvtepi8_epi32(_mm_sub_epi8(_mm_xor_si128(_mm_unpacklo_epi8(lo, hi), s8), s8));
+    const __m256 isnan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(qi, sent));
+    __m256 v = _mm256_mul_ps(_mm256_blendv_ps(_mm256_cvtepi32_ps(qi), nan, isnan), _mm256_loadu_ps(sc + i));
+    if (!FIRST) v = _mm256_add_ps(_mm256_loadu_ps(o + i), v);
+    _mm256_storeu_ps(o + i, v);
+  }
+#endif
+  for (; i < n; ++i) scalar(i);
+}
+
+// The same for int8 codes (sentinel -128).
+template <bool FIRST>
+inline void int8_run(const int8_t* q, int64_t n, const float* sc, float* o) {
+  int64_t i = 0;
+#ifdef LBT_AVX2
+  const __m256 nan = _mm256_set1_ps(QNAN);
+  const __m256i sent = _mm256_set1_epi32(-128);
+  for (; i + 8 <= n; i += 8) {
+    const __m256i qi = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
+    const __m256 isnan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(qi, sent));
+    __m256 v = _mm256_mul_ps(_mm256_blendv_ps(_mm256_cvtepi32_ps(qi), nan, isnan), _mm256_loadu_ps(sc + i));
+    if (!FIRST) v = _mm256_add_ps(_mm256_loadu_ps(o + i), v);
+    _mm256_storeu_ps(o + i, v);
+  }
+#endif
+  for (; i < n; ++i) {
+    const float v = (q[i] == -128 ? QNAN : float(q[i])) * sc[i];
+    o[i] = FIRST ? v : o[i] + v;
+  }
 }
 
 // Inverse: m sign-extended int4 codes as floats (the sentinel -8 as NaN) from index f.
@@ -169,7 +304,7 @@ std::vector<float> spread(const float* vals, int64_t e, const std::vector<Run>& 
 
 template <int DT>
 int static_encode(const void* x, int64_t t_rows, int64_t e, int64_t ld, const int64_t* outl, int64_t k,
-                  const float* inv_scale, int bits, uint8_t* out) {
+                  const float* inv_scale, int bits, uint8_t* out, float* amax_out) {
   const int64_t m = e - k;
   const float qmax = float((1 << (bits - 1)) - 1);
   const int32_t sentinel = -(1 << (bits - 1));
@@ -179,10 +314,13 @@ int static_encode(const void* x, int64_t t_rows, int64_t e, int64_t ld, const in
   const std::vector<float> inv = spread(inv_scale, e, runs, 0.0f);
   std::vector<int8_t> full(e), codes(m);
   uint32_t bad = 0;
+  int32_t amax = 0;
   for (int64_t t = 0; t < t_rows; ++t) {
     const char* row = static_cast<const char*>(x) + t * ld * elem_size<DT>();
+    bad |= quantize_run<DT, false>(row, inv.data(), e, qmax, sentinel, full.data(), &amax);
+    // The kept channels after the streaming pass (the row is in cache now: gathering them
+    // first would stall on a cache miss per channel).
     for (int64_t i = 0; i < k; ++i) put_u16(head + 2 * (t * k + i), to_bf16<DT>(row, outl[i]));
-    bad |= quantize_run<DT, false>(row, 0, inv.data(), e, qmax, sentinel, full.data());
     const int8_t* q = full.data();
     if (k) {
       for (const Run& r : runs) std::memcpy(codes.data() + r.j0, full.data() + r.c0, r.c1 - r.c0);
@@ -191,47 +329,40 @@ int static_encode(const void* x, int64_t t_rows, int64_t e, int64_t ld, const in
     if (bits == 4) pack_nibbles(q, m, t * m, body);
     else std::memcpy(body + t * m, q, m);
   }
+  *amax_out = float_of(uint32_t(amax));
   return bad ? 1 : 0;
 }
 
 // out = sum_r decode(payload_r) in rank order (acc = d0; acc += d1; ...), one row at a time
-// so each output row is written once.
+// so each output row is written once: each run of inlier channels decodes straight from the
+// payload into the output row (the scales of a run are contiguous), then the kept channels.
 void static_decode_sum(const uint8_t* const* payloads, const float* const* scales, int n, int64_t t_rows,
                        int64_t e, const int64_t* const* outls, int64_t k, int bits, float* out) {
   const int64_t m = e - k;
   std::vector<std::vector<Run>> runs(n);
-  std::vector<std::vector<float>> sfull(n);
-  for (int r = 0; r < n; ++r) {
-    runs[r] = inlier_runs(e, outls[r], k);
-    sfull[r] = spread(scales[r], e, runs[r], 1.0f);  // kept channels: value * 1
-  }
-  std::vector<float> vals(m), vfull(e);
+  for (int r = 0; r < n; ++r) runs[r] = inlier_runs(e, outls[r], k);
   for (int64_t t = 0; t < t_rows; ++t) {
     float* orow = out + t * e;
     for (int r = 0; r < n; ++r) {
       const uint8_t* head = payloads[r];
       const uint8_t* body = payloads[r] + 2 * t_rows * k;
-      float* v = k ? vals.data() : vfull.data();
-      if (bits == 4) {
-        unpack_nibbles(body, t * m, m, v);
-      } else {
-        const int8_t* q = reinterpret_cast<const int8_t*>(body + t * m);
-        for (int64_t j = 0; j < m; ++j) {
-          const float f = float(q[j]);
-          v[j] = q[j] == -128 ? QNAN : f;  // the reference masks after the multiply: NaN either way
+      for (const Run& rr : runs[r]) {
+        const int64_t cnt = rr.c1 - rr.c0;
+        const float* sc = scales[r] + rr.j0;
+        float* o = orow + rr.c0;
+        if (bits == 4) {
+          if (r == 0) int4_run<true>(body, t * m + rr.j0, cnt, sc, o);
+          else int4_run<false>(body, t * m + rr.j0, cnt, sc, o);
+        } else {
+          const int8_t* q = reinterpret_cast<const int8_t*>(body + t * m + rr.j0);
+          if (r == 0) int8_run<true>(q, cnt, sc, o);
+          else int8_run<false>(q, cnt, sc, o);
         }
       }
-      if (k) {
-        for (const Run& rr : runs[r]) std::memcpy(vfull.data() + rr.c0, v + rr.j0, 4 * (rr.c1 - rr.c0));
-        for (int64_t i = 0; i < k; ++i) vfull[outls[r][i]] = bf16_to_f32(get_u16(head + 2 * (t * k + i)));
-      }
-      const float* vf = vfull.data();
-      const float* sc = sfull[r].data();
-      if (r == 0) {
-        for (int64_t c = 0; c < e; ++c) orow[c] = vf[c] * sc[c];
-        for (int64_t i = 0; i < k; ++i) orow[outls[0][i]] = vf[outls[0][i]];  // raw bits, as index_copy_
-      } else {
-        for (int64_t c = 0; c < e; ++c) orow[c] = orow[c] + vf[c] * sc[c];
+      for (int64_t i = 0; i < k; ++i) {  // rank 0: raw bits, as index_copy_; then value * 1 added
+        const int64_t c = outls[r][i];
+        const float v = bf16_to_f32(get_u16(head + 2 * (t * k + i)));
+        orow[c] = r == 0 ? v : orow[c] + v * 1.0f;
       }
     }
   }
@@ -240,21 +371,27 @@ void static_decode_sum(const uint8_t* const* payloads, const float* const* scale
 // ------------------------------------------------------------------- int4 with group scales
 // int4-g32 / int4-g128: [ ceil(T*E/2) int4 | T*G fp16 scales ], scale = fp16(absmax / 7).
 template <int DT>
-int group_encode(const void* x, int64_t t_rows, int64_t e, int64_t ld, int64_t group, uint8_t* out) {
+int group_encode(const void* x, int64_t t_rows, int64_t e, int64_t ld, int64_t group, uint8_t* out,
+                 float* amax_out) {
   const int64_t g_count = (e + group - 1) / group;
   uint8_t* body = out;
   uint8_t* sbytes = out + (t_rows * e + 1) / 2;
   std::vector<int8_t> codes(e);
-  std::vector<float> xf(e), div(e);
+  std::vector<float> buf(DT == 0 ? 0 : e), div(e);
   uint32_t bad = 0;
+  int32_t amax = 0;
   for (int64_t t = 0; t < t_rows; ++t) {
     const char* row = static_cast<const char*>(x) + t * ld * elem_size<DT>();
-    for (int64_t c = 0; c < e; ++c) xf[c] = load<DT>(row, c);
+    const float* xf = reinterpret_cast<const float*>(row);
+    if (DT != 0) {
+      for (int64_t c = 0; c < e; ++c) buf[c] = load<DT>(row, c);
+      xf = buf.data();
+    }
     for (int64_t g = 0; g < g_count; ++g) {
       const int64_t c0 = g * group, n = (c0 + group <= e ? group : e - c0);
       // Non-negative floats order as their bit patterns: an integer max (signed, which gcc
       // vectorizes), non-finite values skipped.
-      const int32_t* xb = reinterpret_cast<const int32_t*>(xf.data() + c0);
+      const int32_t* xb = reinterpret_cast<const int32_t*>(xf + c0);
       int32_t amax_bits = 0;
       for (int64_t i = 0; i < n; ++i) {
         int32_t u = xb[i] & 0x7fffffff;
@@ -268,30 +405,30 @@ int group_encode(const void* x, int64_t t_rows, int64_t e, int64_t ld, int64_t g
       const float s32 = (h & 0x7fffu) == 0 ? 1.0f : f16_to_f32(h);
       for (int64_t i = 0; i < n; ++i) div[c0 + i] = s32;
     }
-    bad |= quantize_run<0, true>(xf.data(), 0, div.data(), e, 7.0f, -8, codes.data());
+    bad |= quantize_run<0, true>(xf, div.data(), e, 7.0f, -8, codes.data(), &amax);
     pack_nibbles(codes.data(), e, t * e, body);
   }
+  *amax_out = float_of(uint32_t(amax));
   return bad ? 1 : 0;
 }
 
+// Row by row, rank by rank (each output row written once): the group scales spread over the
+// row, then one decode run.
 void group_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, int64_t e, int64_t group, float* out) {
   const int64_t g_count = (e + group - 1) / group;
-  std::vector<float> vals(e);
-  for (int r = 0; r < n; ++r) {
-    const uint8_t* body = payloads[r];
-    const uint8_t* sbytes = payloads[r] + (t_rows * e + 1) / 2;
-    for (int64_t t = 0; t < t_rows; ++t) {
-      float* orow = out + t * e;
-      float* v = vals.data();
-      unpack_nibbles(body, t * e, e, v);
+  std::vector<float> sfull(e);
+  for (int64_t t = 0; t < t_rows; ++t) {
+    float* orow = out + t * e;
+    for (int r = 0; r < n; ++r) {
+      const uint8_t* body = payloads[r];
+      const uint8_t* sbytes = payloads[r] + (t_rows * e + 1) / 2 + 2 * t * g_count;
       for (int64_t g = 0; g < g_count; ++g) {
         const int64_t c0 = g * group, cnt = (c0 + group <= e ? group : e - c0);
-        const float s = f16_to_f32(get_u16(sbytes + 2 * (t * g_count + g)));
-        float* o = orow + c0;
-        const float* vv = v + c0;
-        if (r == 0) for (int64_t i = 0; i < cnt; ++i) o[i] = vv[i] * s;
-        else for (int64_t i = 0; i < cnt; ++i) o[i] = o[i] + vv[i] * s;
+        const float s = f16_to_f32(get_u16(sbytes + 2 * g));
+        for (int64_t i = 0; i < cnt; ++i) sfull[c0 + i] = s;
       }
+      if (r == 0) int4_run<true>(body, t * e, e, sfull.data(), orow);
+      else int4_run<false>(body, t * e, e, sfull.data(), orow);
     }
   }
 }
@@ -384,7 +521,7 @@ inline void get_bitplanes(const uint8_t* body, int64_t m, int64_t f, int64_t pla
 // mode: the absmax is clamped, as the reference's _fit_range does).
 template <int DT>
 int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, const RotSpec& s, int propagate,
-               float rotate_max, float scale_max, uint8_t* out) {
+               float rotate_max, float scale_max, uint8_t* out, float* amax_out) {
   const int64_t e = s.e, k = s.k, group = s.group, g_count = rot_groups(s);
   uint8_t* head = out;
   uint8_t* body = out + 2 * t_rows * k;
@@ -396,10 +533,16 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
   std::vector<uint8_t> codes(e), poisoned(g_count);
   std::vector<int8_t> nib(e);
   int status = 0;
+  int32_t in_amax = 0;
   for (int64_t t = 0; t < t_rows; ++t) {
     const char* row = static_cast<const char*>(x) + t * ld * elem_size<DT>();
     for (int64_t c = 0; c < e; ++c) z[c] = load<DT>(row, c);
-    for (int64_t c = 0; c < e; ++c) status |= !finite_bits(bits_of(z[c]));
+    for (int64_t c = 0; c < e; ++c) {
+      const int32_t a = int32_t(bits_of(z[c]) & 0x7fffffffu);
+      const int32_t bad = a >= 0x7f800000;
+      status |= bad;
+      in_amax = (!bad && a > in_amax) ? a : in_amax;
+    }
     for (int64_t i = 0; i < k; ++i) {
       put_u16(head + 2 * (t * k + i), f32_to_bf16(z[outl[i]]));
       z[outl[i]] = 0.0f;
@@ -496,6 +639,7 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
       put_bitplanes(codes.data(), e, t * e, plane_bytes, int(s.bits), body);
     }
   }
+  *amax_out = float_of(uint32_t(in_amax));
   return status;
 }
 
@@ -550,14 +694,15 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
 
 extern "C" {
 
-int lbt_abi_version() { return 2; }
+int lbt_abi_version() { return 3; }
 
+// Encoders: *amax = the largest |x| among the finite inputs (the caller's range check).
 int lbt_static_encode(const void* x, int dtype, int64_t t, int64_t e, int64_t ld, const int64_t* outl, int64_t k,
-                      const float* inv_scale, int bits, uint8_t* out) {
+                      const float* inv_scale, int bits, uint8_t* out, float* amax) {
   switch (dtype) {
-    case 0: return static_encode<0>(x, t, e, ld, outl, k, inv_scale, bits, out);
-    case 1: return static_encode<1>(x, t, e, ld, outl, k, inv_scale, bits, out);
-    default: return static_encode<2>(x, t, e, ld, outl, k, inv_scale, bits, out);
+    case 0: return static_encode<0>(x, t, e, ld, outl, k, inv_scale, bits, out, amax);
+    case 1: return static_encode<1>(x, t, e, ld, outl, k, inv_scale, bits, out, amax);
+    default: return static_encode<2>(x, t, e, ld, outl, k, inv_scale, bits, out, amax);
   }
 }
 
@@ -566,11 +711,12 @@ void lbt_static_decode_sum(const uint8_t* const* payloads, const float* const* s
   static_decode_sum(payloads, scales, n, t, e, outls, k, bits, out);
 }
 
-int lbt_group_encode(const void* x, int dtype, int64_t t, int64_t e, int64_t ld, int64_t group, uint8_t* out) {
+int lbt_group_encode(const void* x, int dtype, int64_t t, int64_t e, int64_t ld, int64_t group, uint8_t* out,
+                     float* amax) {
   switch (dtype) {
-    case 0: return group_encode<0>(x, t, e, ld, group, out);
-    case 1: return group_encode<1>(x, t, e, ld, group, out);
-    default: return group_encode<2>(x, t, e, ld, group, out);
+    case 0: return group_encode<0>(x, t, e, ld, group, out, amax);
+    case 1: return group_encode<1>(x, t, e, ld, group, out, amax);
+    default: return group_encode<2>(x, t, e, ld, group, out, amax);
   }
 }
 
@@ -586,12 +732,12 @@ static RotSpec make_spec(const int64_t* spec, float inv_sqrt_block, const float*
 
 int lbt_rot_encode(const void* x, int dtype, int64_t t, int64_t ld, const int64_t* outl, const int64_t* spec,
                    float inv_sqrt_block, const float* const* tables, int propagate, float rotate_max,
-                   float scale_max, uint8_t* out) {
+                   float scale_max, uint8_t* out, float* amax) {
   const RotSpec s = make_spec(spec, inv_sqrt_block, tables);
   switch (dtype) {
-    case 0: return rot_encode<0>(x, t, ld, outl, s, propagate, rotate_max, scale_max, out);
-    case 1: return rot_encode<1>(x, t, ld, outl, s, propagate, rotate_max, scale_max, out);
-    default: return rot_encode<2>(x, t, ld, outl, s, propagate, rotate_max, scale_max, out);
+    case 0: return rot_encode<0>(x, t, ld, outl, s, propagate, rotate_max, scale_max, out, amax);
+    case 1: return rot_encode<1>(x, t, ld, outl, s, propagate, rotate_max, scale_max, out, amax);
+    default: return rot_encode<2>(x, t, ld, outl, s, propagate, rotate_max, scale_max, out, amax);
   }
 }
 
