@@ -192,6 +192,9 @@ class CalibrationConfig:
     alloc_low: str = "rot-lm4-g64-lg8-k4"
     alloc_high: str = "rot-int6-g64-lg8-k4"
     alloc_samples: int = 2
+    # Candidate codecs for a multi-codec allocation (allocate_many); empty: the two above.
+    # alloc_low is then the reference codec whose per-layer KL is measured.
+    alloc_codecs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

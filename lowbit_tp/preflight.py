@@ -147,6 +147,6 @@ def preflight_calibrate(cfg: Any, *, out: str | Path, warn: Callable[[str], None
         raise UserError(f"--k {cfg.k}: the outlier channel count must be between 1 and the hidden size "
                         f"{config.hidden_size}")
     if cfg.allocate:
-        check_codecs([cfg.alloc_low, cfg.alloc_high], build=False)
+        check_codecs([cfg.alloc_low, cfg.alloc_high, *getattr(cfg, "alloc_codecs", ())], build=False)
     check_text(cfg.text, getattr(cfg, "text_glob", "*"))
     check_output_path(out, what="calibration file")

@@ -34,7 +34,7 @@ SCALAR_FLAGS = [
     (["calibrate", "--tp", "3", "--out", "x.safetensors"], CalibrationConfig,
      {"model": "model", "samples": "samples", "seq_len": "seq_len", "batch_size": "batch_size", "seed": "seed",
       "ema_decay": "ema_decay", "k": "k", "text": "text", "text_glob": "text_glob", "allocate": "allocate",
-      "alloc_low": "alloc_low", "alloc_high": "alloc_high"}),
+      "alloc_low": "alloc_low", "alloc_high": "alloc_high", "alloc_samples": "alloc_samples"}),
     (["eval", "--tp", "3", "--codec", "int4-g32"], EvalConfig,
      {"model": "model", "algorithm": "algorithm", "calibration": "calibration", "samples": "samples",
       "seq_len": "seq_len", "batch_size": "batch_size", "lambada": "lambada", "seed": "seed", "text": "text",
@@ -87,6 +87,8 @@ def test_flags_reach_the_config():
     cfg = bench.comm_config_from_args(parse("bench-comm", "--codec", "int8", "--numel", "64", "--chunk-bytes", "0"))
     assert (cfg.codecs, cfg.numels, cfg.chunk_bytes, cfg.world_sizes) == (("int8",), (64,), (0,), (2,))
     assert calibrate.config_from_args(parse("calibrate", "--tp", "2", "--out", "x", "--allocate", "0")).allocate is None
+    cfg = calibrate.config_from_args(parse("calibrate", "--tp", "2", "--out", "x", "--alloc-codecs", "int8,int4-g32"))
+    assert cfg.alloc_codecs == ("int8", "int4-g32")
 
 
 HELP = """

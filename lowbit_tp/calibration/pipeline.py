@@ -80,15 +80,22 @@ def calibrate(cfg: CalibrationConfig, *, bundle: tuple[Any, Any, Any] | None = N
         for layer in cal.layers
     }
     if cfg.allocate is not None:
-        from lowbit_tp.calibration.allocate import allocate, layer_sensitivity
+        from lowbit_tp.calibration.allocate import allocate, allocate_many, layer_errors, layer_sensitivity
 
         probe = chunk_tokens(tokenizer, docs, num_samples=cfg.alloc_samples, seq_len=min(cfg.seq_len, 128),
                              seed=cfg.seed + 1000)
         sens = layer_sensitivity(model, probe.input_ids, cal, tp=cfg.tp, codec=cfg.alloc_low, name=info.name,
                                  progress=progress)
         try:
-            cal.meta["bit_allocation"] = allocate(sens, low=cfg.alloc_low, high=cfg.alloc_high,
-                                                  budget=cfg.allocate, calibration=cal)
+            if cfg.alloc_codecs:
+                errs = layer_errors(model, probe.input_ids, cal, tp=cfg.tp, name=info.name,
+                                    codecs=list(dict.fromkeys([cfg.alloc_low, *cfg.alloc_codecs])))
+                cal.meta["bit_allocation"] = allocate_many(sens, errs, reference=cfg.alloc_low,
+                                                           codecs=cfg.alloc_codecs, budget=cfg.allocate,
+                                                           calibration=cal)
+            else:
+                cal.meta["bit_allocation"] = allocate(sens, low=cfg.alloc_low, high=cfg.alloc_high,
+                                                      budget=cfg.allocate, calibration=cal)
             cal.meta["bit_allocation"]["probe"] = probe.manifest()
         except ValueError as exc:  # e.g. a hidden size so small that the budget is out of reach
             cal.meta["bit_allocation_error"] = str(exc)

@@ -30,6 +30,11 @@ def register(sub) -> None:
     p.add_argument("--alloc-low", default=default(d, "alloc_low"), help="codec for most layers (default %(default)s)")
     p.add_argument("--alloc-high", default=default(d, "alloc_high"),
                    help="codec for the most sensitive layers (default %(default)s)")
+    p.add_argument("--alloc-codecs", default=",".join(default(d, "alloc_codecs")), metavar="A,B,...",
+                   help="candidate codecs, comma-separated: allocate one per layer by predicted KL (the KL of "
+                        "--alloc-low scaled by each codec's measured error at that layer) instead of low/high")
+    p.add_argument("--alloc-samples", type=positive_int, default=default(d, "alloc_samples"),
+                   help="probe windows (128 tokens) for the per-layer sensitivity (default %(default)s)")
     p.set_defaults(func=cmd)
 
 
@@ -37,7 +42,8 @@ def config_from_args(args) -> CalibrationConfig:
     return CalibrationConfig(model=args.model, tp=args.tp, samples=args.samples, seq_len=args.seq_len,
                              batch_size=args.batch_size, seed=args.seed, ema_decay=args.ema_decay, k=args.k,
                              text=args.text, text_glob=args.text_glob, allocate=args.allocate or None,
-                             alloc_low=args.alloc_low, alloc_high=args.alloc_high)
+                             alloc_low=args.alloc_low, alloc_high=args.alloc_high, alloc_samples=args.alloc_samples,
+                             alloc_codecs=tuple(c for c in args.alloc_codecs.split(",") if c))
 
 
 def cmd(args) -> None:

@@ -488,10 +488,98 @@ inline void fwht_row(float* y, int64_t e, int64_t block, float inv_sqrt) {
   for (int64_t c = 0; c < e; ++c) y[c] = y[c] * inv_sqrt;
 }
 
+#ifdef LBT_AVX2
+// Stages 1, 2, 4 of the butterfly inside one 8-lane vector; a lane computes a + b or a - b
+// with the reference's operands (fp add commutes bitwise; the order of a - b is kept).
+inline __m256 fwht8(__m256 v) {
+  __m256 sw = _mm256_permute_ps(v, 0xb1);  // [1 0 3 2 ...]
+  v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0xaa);
+  sw = _mm256_permute_ps(v, 0x4e);  // [2 3 0 1 ...]
+  v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0xcc);
+  sw = _mm256_permute2f128_ps(v, v, 1);  // 128-bit halves swapped
+  return _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0xf0);
+}
+
+// fwht_row for rows of whole vectors and blocks of >= 8 (every model width); false: not handled.
+inline bool fwht_row_avx2(float* y, int64_t e, int64_t block, float inv_sqrt) {
+  if (block < 8 || e % 8) return false;
+  for (int64_t c = 0; c < e; c += 8) _mm256_storeu_ps(y + c, fwht8(_mm256_loadu_ps(y + c)));
+  for (int64_t h = 8; h < block; h *= 2)
+    for (int64_t p = 0; p < e; p += 2 * h)
+      for (int64_t j = p; j < p + h; j += 8) {
+        const __m256 a = _mm256_loadu_ps(y + j), b = _mm256_loadu_ps(y + j + h);
+        _mm256_storeu_ps(y + j, _mm256_add_ps(a, b));
+        _mm256_storeu_ps(y + j + h, _mm256_sub_ps(a, b));
+      }
+  const __m256 s = _mm256_set1_ps(inv_sqrt);
+  for (int64_t c = 0; c < e; c += 8) _mm256_storeu_ps(y + c, _mm256_mul_ps(_mm256_loadu_ps(y + c), s));
+  return true;
+}
+
+// A float table read by 8 int32 indices at once: in-register permutes up to 16 entries, a
+// gather beyond.
+struct Table8 {
+  const float* t;
+  int n;
+  __m256 lo, hi;
+  Table8(const float* table, int count) : t(table), n(count) {
+    alignas(32) float buf[16] = {0};
+    for (int i = 0; i < count && i < 16; ++i) buf[i] = table[i];
+    lo = _mm256_load_ps(buf);
+    hi = _mm256_load_ps(buf + 8);
+  }
+  __m256 at(__m256i idx) const {
+    if (n <= 8) return _mm256_permutevar8x32_ps(lo, idx);
+    if (n <= 16)
+      return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
+                              _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7))));
+    return _mm256_i32gather_ps(t, idx, 4);
+  }
+};
+
+// torch.bucketize(y, bounds) for 8 values: the number of bounds b with !(b >= y) (NaN y: all
+// of them). The bounds ascend, so that predicate holds on a prefix: a branch-free binary search.
+template <int BITS>
+inline __m256i bucketize8_n(__m256 y, const Table8& bounds) {
+  __m256i pos = _mm256_setzero_si256();
+  for (int step = 1 << (BITS - 1); step; step >>= 1) {
+    const __m256 b = bounds.at(_mm256_add_epi32(pos, _mm256_set1_epi32(step - 1)));
+    const __m256i take = _mm256_castps_si256(_mm256_cmp_ps(b, y, _CMP_NGE_UQ));
+    pos = _mm256_add_epi32(pos, _mm256_and_si256(take, _mm256_set1_epi32(step)));
+  }
+  return pos;
+}
+inline __m256i bucketize8(__m256 y, const Table8& bounds, int bits) {
+  switch (bits) {  // unrolled per width
+    case 2: return bucketize8_n<2>(y, bounds);
+    case 3: return bucketize8_n<3>(y, bounds);
+    case 4: return bucketize8_n<4>(y, bounds);
+    case 5: return bucketize8_n<5>(y, bounds);
+    case 6: return bucketize8_n<6>(y, bounds);
+    case 7: return bucketize8_n<7>(y, bounds);
+    default: return bucketize8_n<8>(y, bounds);
+  }
+}
+
+// 8 int32 lanes (values 0..255) -> 8 bytes.
+inline void store8_u8(uint8_t* dst, __m256i v) {
+  const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(w, w));
+}
+#endif
+
 inline void put_bitplanes(const uint8_t* c, int64_t m, int64_t f, int64_t plane_bytes, int bits, uint8_t* body) {
   for (int j = 0; j < bits; ++j) {
     uint8_t* plane = body + j * plane_bytes;
     int64_t i = 0;
+#ifdef LBT_AVX2
+    if ((f & 7) == 0)  // byte-aligned start: 32 codes -> 4 bytes of plane j (bit j to each byte's top)
+      for (; i + 32 <= m; i += 32) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + i));
+        const uint32_t word = uint32_t(_mm256_movemask_epi8(_mm256_slli_epi16(v, 7 - j)));
+        std::memcpy(plane + ((f + i) >> 3), &word, 4);
+      }
+#endif
     for (; i < m && ((f + i) & 7); ++i) plane[(f + i) >> 3] |= uint8_t(((c[i] >> j) & 1) << ((f + i) & 7));
     for (; i + 8 <= m; i += 8) {
       uint8_t byte = 0;
@@ -531,13 +619,33 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
   if (s.bits != 4 && s.bits != 8) std::memset(body, 0, ncode);
   std::vector<float> z(e), amax(g_count), scale(g_count);
   std::vector<uint8_t> codes(e), poisoned(g_count);
-  std::vector<int8_t> nib(e);
+#ifdef LBT_AVX2
+  const Table8 bounds8(s.bounds, (1 << s.bits) - 1);
+#endif
   int status = 0;
   int32_t in_amax = 0;
   for (int64_t t = 0; t < t_rows; ++t) {
     const char* row = static_cast<const char*>(x) + t * ld * elem_size<DT>();
-    for (int64_t c = 0; c < e; ++c) z[c] = load<DT>(row, c);
-    for (int64_t c = 0; c < e; ++c) {
+    int64_t c0 = 0;
+#ifdef LBT_AVX2
+    {
+      const __m256i absm = _mm256_set1_epi32(0x7fffffff), fin = _mm256_set1_epi32(0x7f7fffff);
+      __m256i vam = _mm256_setzero_si256(), vnf = _mm256_setzero_si256();
+      for (; c0 + 8 <= e; c0 += 8) {
+        const __m256 v = load8<DT>(row, c0);
+        _mm256_storeu_ps(z.data() + c0, v);
+        const __m256i a = _mm256_and_si256(_mm256_castps_si256(v), absm);
+        const __m256i bad = _mm256_cmpgt_epi32(a, fin);
+        vnf = _mm256_or_si256(vnf, bad);
+        vam = _mm256_max_epi32(vam, _mm256_andnot_si256(bad, a));
+      }
+      const int32_t vm = hmax_epi32(vam);
+      in_amax = in_amax > vm ? in_amax : vm;
+      status |= !_mm256_testz_si256(vnf, vnf);
+    }
+#endif
+    for (int64_t c = c0; c < e; ++c) z[c] = load<DT>(row, c);
+    for (int64_t c = c0; c < e; ++c) {
       const int32_t a = int32_t(bits_of(z[c]) & 0x7fffffffu);
       const int32_t bad = a >= 0x7f800000;
       status |= bad;
@@ -554,7 +662,10 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
         z[c] = big ? (v < 0 ? -rotate_max : rotate_max) : v;
       }
     for (int64_t c = 0; c < e; ++c) z[c] = z[c] * s.signs[c];
-    fwht_row(z.data(), e, s.block, s.inv_sqrt_block);
+#ifdef LBT_AVX2
+    if (!fwht_row_avx2(z.data(), e, s.block, s.inv_sqrt_block))
+#endif
+      fwht_row(z.data(), e, s.block, s.inv_sqrt_block);
     for (int64_t g = 0; g < g_count; ++g) {
       const int64_t c0 = g * group, n = (c0 + group <= e ? group : e - c0);
       int32_t a = 0, bad = 0;
@@ -584,13 +695,14 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
       const float b32 = (base & 0x7fffu) == 0 ? 1.0f : bf16_to_f32(base);
       for (int64_t g = 0; g < g_count; ++g) {
         const float ratio = amax[g] / b32;
-        int q = 255;  // largest q with lg8[q] >= ratio (the table descends), at most 254
-        int lo = 0, hi = 255;
-        while (lo < hi) {
-          const int mid = (lo + hi + 1) / 2;
-          if (s.lg8[mid] >= ratio) lo = mid; else hi = mid - 1;
-        }
-        q = s.lg8[lo] >= ratio ? lo : 0;
+        // Largest q with lg8[q] >= ratio (the table descends; 0 if none), at most 254. Start
+        // from -16 log2(ratio) read off the float's bits (within 2 of the answer), then step
+        // to the exact one with the table's own comparisons.
+        int q = -(int32_t(bits_of(ratio)) - 0x3f800000) >> 19;
+        q = q < 0 ? 0 : (q > 255 ? 255 : q);
+        while (q > 0 && !(s.lg8[q] >= ratio)) --q;
+        while (q < 255 && s.lg8[q + 1] >= ratio) ++q;
+        q = s.lg8[q] >= ratio ? q : 0;
         q = q > 254 ? 254 : q;
         scale[g] = b32 * s.lg8[q];
         sbytes[t * g_count + g] = poisoned[g] ? uint8_t(255) : uint8_t(q);
@@ -614,25 +726,29 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
       }
     }
     // codes: y = z / scale, clamped to [-1, 1]; code = #{bounds !>= y} (torch.bucketize)
+    const int nb = (1 << s.bits) - 1;
     for (int64_t g = 0; g < g_count; ++g) {
       const int64_t c0 = g * group, n = (c0 + group <= e ? group : e - c0);
       const float sc = scale[g];
-      for (int64_t i = 0; i < n; ++i) {
+      int64_t i = 0;
+#ifdef LBT_AVX2
+      const __m256 vs = _mm256_set1_ps(sc), m1 = _mm256_set1_ps(-1.0f), p1 = _mm256_set1_ps(1.0f);
+      for (; i + 8 <= n; i += 8) {  // max/min with y second: a NaN y passes through, as in the reference
+        const __m256 y = _mm256_min_ps(p1, _mm256_max_ps(m1, _mm256_div_ps(_mm256_loadu_ps(z.data() + c0 + i), vs)));
+        store8_u8(codes.data() + c0 + i, bucketize8(y, bounds8, int(s.bits)));
+      }
+#endif
+      for (; i < n; ++i) {
         float y = z[c0 + i] / sc;
         y = y < -1.0f ? -1.0f : y;
         y = y > 1.0f ? 1.0f : y;
-        z[c0 + i] = y;
+        uint8_t code = 0;
+        for (int b = 0; b < nb; ++b) code = uint8_t(code + !(s.bounds[b] >= y));
+        codes[c0 + i] = code;
       }
     }
-    for (int64_t c = 0; c < e; ++c) codes[c] = 0;
-    const int nb = (1 << s.bits) - 1;
-    for (int i = 0; i < nb; ++i) {
-      const float b = s.bounds[i];
-      for (int64_t c = 0; c < e; ++c) codes[c] = uint8_t(codes[c] + !(b >= z[c]));
-    }
     if (s.bits == 4) {
-      for (int64_t c = 0; c < e; ++c) nib[c] = int8_t(codes[c]);
-      pack_nibbles(nib.data(), e, t * e, body);
+      pack_nibbles(reinterpret_cast<const int8_t*>(codes.data()), e, t * e, body);  // codes 0..15
     } else if (s.bits == 8) {
       std::memcpy(body + t * e, codes.data(), e);
     } else {
@@ -650,6 +766,9 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
   const int64_t plane_bytes = (t_rows * e + 7) / 8;
   std::vector<float> z(e), scale(g_count);
   std::vector<uint8_t> codes(e);
+#ifdef LBT_AVX2
+  const Table8 levels8(s.levels, 1 << s.bits);
+#endif
   for (int64_t t = 0; t < t_rows; ++t) {
     float* orow = out + t * e;
     for (int r = 0; r < n; ++r) {
@@ -658,7 +777,18 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
       const uint8_t* sbytes = body + ncode;
       if (s.bits == 4) {
         const int64_t f = t * e;
-        for (int64_t c = 0; c < e; ++c) codes[c] = uint8_t((body[(f + c) >> 1] >> (((f + c) & 1) * 4)) & 0x0f);
+        int64_t c = 0;
+        if (f & 1) { codes[0] = uint8_t(body[f >> 1] >> 4); c = 1; }
+#ifdef LBT_AVX2
+        const __m128i m4 = _mm_set1_epi8(0x0f);
+        for (; c + 32 <= e; c += 32) {  // (f + c) even: 16 bytes -> 32 codes, low nibble first
+          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(body + ((f + c) >> 1)));
+          const __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(codes.data() + c), _mm_unpacklo_epi8(lo, hi));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(codes.data() + c + 16), _mm_unpackhi_epi8(lo, hi));
+        }
+#endif
+        for (; c < e; ++c) codes[c] = uint8_t((body[(f + c) >> 1] >> (((f + c) & 1) * 4)) & 0x0f);
       } else if (s.bits == 8) {
         std::memcpy(codes.data(), body + t * e, e);
       } else {
@@ -679,9 +809,20 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
       for (int64_t g = 0; g < g_count; ++g) {
         const int64_t c0 = g * group, cnt = (c0 + group <= e ? group : e - c0);
         const float sc = scale[g];
-        for (int64_t i = 0; i < cnt; ++i) z[c0 + i] = s.levels[codes[c0 + i]] * sc;
+        int64_t i = 0;
+#ifdef LBT_AVX2
+        const __m256 vs = _mm256_set1_ps(sc);
+        for (; i + 8 <= cnt; i += 8) {
+          const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes.data() + c0 + i)));
+          _mm256_storeu_ps(z.data() + c0 + i, _mm256_mul_ps(levels8.at(idx), vs));
+        }
+#endif
+        for (; i < cnt; ++i) z[c0 + i] = s.levels[codes[c0 + i]] * sc;
       }
-      fwht_row(z.data(), e, s.block, s.inv_sqrt_block);
+#ifdef LBT_AVX2
+      if (!fwht_row_avx2(z.data(), e, s.block, s.inv_sqrt_block))
+#endif
+        fwht_row(z.data(), e, s.block, s.inv_sqrt_block);
       for (int64_t c = 0; c < e; ++c) z[c] = z[c] * s.signs[c];
       for (int64_t i = 0; i < k; ++i) z[outls[r][i]] = bf16_to_f32(get_u16(head + 2 * (t * k + i)));
       if (r == 0) std::memcpy(orow, z.data(), 4 * e);

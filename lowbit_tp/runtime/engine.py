@@ -116,7 +116,8 @@ def rank_main(rank: int, world: int, cfg: RunConfig, *, group=None, stream: bool
         res = generate(model, tokenizer, ids, max_new_tokens=cfg.max_new_tokens, rank=rank, world=world,
                        group=group, stats=comm.stats, sampling=cfg.sampling, eos_token_ids=eos,
                        on_text=(lambda s: print(s, end="", flush=True)) if show else None,
-                       on_step=on_step, keep_prefill_logits=cfg.keep_prefill_logits)
+                       on_step=on_step, keep_prefill_logits=cfg.keep_prefill_logits,
+                       check_nonfinite=comm.check_nonfinite)
         row = res.summary()
         row["prompt"] = cfg.prompts[i]
         if cfg.keep_prefill_logits:
