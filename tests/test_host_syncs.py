@@ -173,3 +173,32 @@ def test_dist_reducer_check_names_the_rank():
         reducer.check_nonfinite()  # reset
     finally:
         dist.destroy_process_group()
+
+
+def test_simulated_reducer_defers_like_the_runtime():
+    from lowbit_tp.tp.row_parallel import SimulatedReducer
+
+    reducer = SimulatedReducer(codec=make_codec("int4-g32", backend="triton"))
+    x = torch.randn(3, 64)
+    bad = x.clone()
+    bad[2, 9] = float("nan")
+    out = reducer.reduce([x, bad], layer=LAYER)  # no raise per message on the fused path
+    assert torch.isnan(out[2, 9])
+    with pytest.raises(NonFiniteError, match="layer 'L', source 1"):
+        reducer.check_nonfinite()
+    with pytest.raises(NonFiniteError):  # the reference path raises at the message
+        SimulatedReducer(codec=make_codec("int4-g32", backend="reference")).reduce([x, bad], layer=LAYER)
+
+
+def test_tp_simulator_raises_a_deferred_error_when_the_block_ends():
+    from helpers import tiny_model
+
+    from lowbit_tp.simulator import TPSimulator
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")  # NaN in one rank's partial
+        ids = torch.tensor([[1, 2, 3]])
+        with pytest.raises(NonFiniteError, match="down_proj"):
+            with TPSimulator(model, tp=2, codec=make_codec("int4-g32", backend="triton")):
+                model(ids)  # the fused path does not stop the forward
