@@ -127,7 +127,8 @@ def result_record(cfg: EvalConfig, info, split, chunks, items, calibration, rows
                  "chunks": chunks.manifest(),
                  "lambada": [it.manifest() for it in items]},
         "calibration": None if calibration is None else {"fingerprint": calibration.fingerprint(),
-                                                         "text": calibration.meta.get("text", {}).get("description")},
+                                                         "text": calibration.meta.get("text", {}).get("description"),
+                                                         "config": calibration.meta.get("config")},
         "rows": rows,
     }
 
@@ -212,12 +213,13 @@ def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress:
 
 def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algorithm: str = DEFAULT_ALGORITHM,
                            samples: int = 32, cal_samples: int = 64, lambada: int = 128, batch_size: int = 8,
-                           split: str = "test", bundle=None, progress: bool = True,
+                           split: str = "test", seed: int = 1, bundle=None, progress: bool = True,
                            **cal_options) -> dict[str, Any]:
     """Calibrate ``model`` at ``tp`` on the calibration text, then evaluate ``codecs`` on the
     ``split`` (``test``: held-out text; ``dev``: calibration works off the calibration windows).
 
-    ``cal_options`` go to :class:`CalibrationConfig` (e.g. ``allocate=4.5`` for codec ``alloc``).
+    ``seed`` picks the evaluation windows (:class:`EvalConfig`); ``cal_options`` go to
+    :class:`CalibrationConfig` (e.g. ``allocate=4.5`` for codec ``alloc``).
     """
     from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
     from lowbit_tp.models import load_model
@@ -226,7 +228,8 @@ def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algori
     cal = calibrate(CalibrationConfig(model=model, tp=tp, samples=cal_samples, batch_size=batch_size, **cal_options),
                     bundle=bundle, progress=progress)
     return evaluate_codecs(EvalConfig(model=model, tp=tp, codecs=tuple(codecs), algorithm=algorithm,
-                                      samples=samples, lambada=lambada, batch_size=batch_size, split=split),
+                                      samples=samples, lambada=lambada, batch_size=batch_size, split=split,
+                                      seed=seed),
                            bundle=bundle,
                            calibration=cal, progress=progress)
 

