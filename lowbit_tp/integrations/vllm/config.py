@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
-from lowbit_tp.collectives import ALGORITHMS
+from lowbit_tp.configs import ALGORITHMS
 
 ENV = {
     "codec": "LOWBIT_TP_CODEC",
