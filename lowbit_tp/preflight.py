@@ -8,10 +8,10 @@ name fails in a second instead of after every rank has loaded the model.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from lowbit_tp.configs import check_min
 from lowbit_tp.errors import UserError
 
 __all__ = [
@@ -22,12 +22,6 @@ __all__ = [
     "check_seq_len",
     "check_text",
 ]
-
-
-def check_min(value: Any, name: str, minimum: float = 1) -> None:
-    """``value`` must be a number ``>= minimum`` (and finite); ``name`` is the flag shown."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
-        raise UserError(f"{name} must be {'a positive integer' if minimum == 1 else f'>= {minimum}'}, got {value!r}")
 
 
 def check_model_tp(model: str, tp: int) -> Any:

@@ -55,7 +55,7 @@ def count(fn) -> list[str]:
 
 
 CAL = synthetic_calibration([LAYER], world=WORLD, hidden=64, tokens=64, batches=1)
-CODECS = ["int4-outlier", "int8", "int4-g32", "rot-lm4-g64-lg8-k4"]
+CODECS = ["int4-outlier", "int8", "int4-g32", "rot-lm4-g64-lg8-k4", "mxfp4"]
 
 
 def messages(codec, xs, bufs=None):

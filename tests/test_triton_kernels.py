@@ -183,6 +183,7 @@ def test_gpu_check_script_dry_run(tmp_path):
         assert all(r[k] is True for k in ("bytes_equal_finite", "bytes_equal_nan_inf", "sum_equal_finite",
                                           "sum_equal_nan_inf")), r
         assert r["copy_gbps"] > 0 and r["encode_gbps"] > 0
+        assert r["cuda_graph"] == "eager ok; capture n/a (cpu)", r["cuda_graph"]  # out= buffers in flag mode
     assert "DRY RUN" in (tmp_path / "gpu_check.md").read_text()
 
 
@@ -347,3 +348,28 @@ def test_fused_reduce_encode_group_odd_hidden_falls_back_bitwise():
     del cal
     assert torch.equal(tri.reduce_encode(payloads, (3, 37), layer=LAYER),
                        ref.encode(ref.decode_sum(payloads, (3, 37)), source="sum"))
+
+
+@pytest.mark.parametrize("tokens,hidden", [(5, 100), (3, 40), (3, 16), (3, 37)])  # E=37: reference encode
+def test_mxfp4_bitwise(tokens, hidden):
+    check("mxfp4", tokens, hidden)
+
+
+def test_mxfp4_scale_extremes_bitwise():
+    """Tiny and huge group maxima (E8M0 exponent clamped at -127, values going subnormal), ties."""
+    ref = make_codec("mxfp4", nonfinite="propagate", backend="reference")
+    tri = make_codec("mxfp4", nonfinite="propagate", backend="triton")
+    x = torch.randn(4, 64)
+    x[0, :32] = torch.randn(32) * 1e-39  # subnormal group: absmax below 2**-126
+    x[1, :32] = torch.randn(32) * 1e37
+    x[1, 5] = 3e38
+    x[1, 6] = 1e-30  # far below its group's exponent: underflows when scaled
+    x[2, 32:40] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 4.0])  # every E2M1 rounding tie at scale 1
+    x[2, 40] = 4.0 * 1.5
+    x[3, :] = 0.0
+    x[3, 7] = -0.0
+    want, got = ref.encode(x, source=0), tri.encode(x, source=0)
+    assert torch.equal(want, got), (want != got).nonzero().reshape(-1)[:6].tolist()
+    assert same_bits(ref.decode_sum([want, want], (4, 64)), tri.decode_sum([want, want], (4, 64)))
+    assert torch.equal(tri.reduce_encode([want, got], (4, 64)),
+                       ref.encode(ref.decode_sum([want, got], (4, 64)), source="sum"))

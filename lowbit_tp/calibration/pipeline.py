@@ -4,39 +4,15 @@ per-channel statistics of every rank's partial and of their sum, for every row-p
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from lowbit_tp.calibration.artifact import Calibration, StatsAccumulator, default_outlier_k
 from lowbit_tp.codecs.static import topk_channels
+from lowbit_tp.configs import CalibrationConfig
 
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    """What ``lowbit-tp calibrate`` does; recorded in the artifact."""
-
-    model: str = "smollm2-135m"
-    tp: int = 3
-    samples: int = 64
-    seq_len: int = 256
-    batch_size: int = 8
-    seed: int = 0
-    ema_decay: float = 0.9
-    k: int | None = None  # bf16 channels for codecs that take k from the calibration; None: hidden // 64
-    text: str | None = None  # None: the Shakespeare calibration plays
-    text_glob: str = "*"  # files of a ``text`` directory to read
-    side: str = "calibration"  # which side of the text split to read; "evaluation" for held-out analysis
-    # Per-layer bit allocation stored for codec "alloc" (= "default"): mean bits/value budget,
-    # the codec most layers get, the one the most sensitive layers get. None skips it.
-    allocate: float | None = 4.5
-    alloc_low: str = "rot-lm4-g64-lg8-k4"
-    alloc_high: str = "rot-int6-g64-lg8-k4"
-    alloc_samples: int = 2
-    # Candidate codecs for a multi-codec allocation (allocate_many); empty: the two above.
-    # alloc_low is then the reference codec whose per-layer KL is measured.
-    alloc_codecs: tuple[str, ...] = ()
 
 
 def versions() -> dict[str, str]:

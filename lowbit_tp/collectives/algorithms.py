@@ -33,13 +33,7 @@ from typing import Sequence
 import torch
 
 from lowbit_tp.codecs.base import Codec
-
-ALGORITHMS = ("exact", "gather", "two-shot", "auto")
-# The one default of every API that takes an algorithm (all_reduce, simulate_all_reduce,
-# TPSimulator, EvalConfig, RunConfig, the CLI): the seed paper's collective. It always
-# applies the codec (``auto`` may choose ``exact`` for small messages) and every quality
-# result is measured with it; ``auto`` and ``two-shot`` are opt-in.
-DEFAULT_ALGORITHM = "gather"
+from lowbit_tp.configs import ALGORITHMS, DEFAULT_ALGORITHM  # noqa: F401 (re-exported)
 
 
 def sum_in_rank_order(parts: Sequence[torch.Tensor]) -> torch.Tensor:

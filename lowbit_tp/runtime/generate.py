@@ -19,29 +19,9 @@ import torch
 import torch.distributed as dist
 
 from lowbit_tp.collectives import CollectiveError, CommStats
-from lowbit_tp.errors import UserError
+from lowbit_tp.configs import SamplingConfig
 
 __all__ = ["GenerationResult", "SamplingConfig", "generate", "select_token"]
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Greedy by default. With ``do_sample``: temperature, then top-k (0 = off), then
-    top-p (1.0 = off), then one multinomial draw from a generator seeded with ``seed``."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.temperature <= 0:
-            raise UserError(f"temperature must be > 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise UserError(f"top_k must be >= 0, got {self.top_k}")
 
 
 @dataclass
