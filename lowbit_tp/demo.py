@@ -9,6 +9,7 @@ from lowbit_tp.results import markdown_table
 from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
 from lowbit_tp.codecs import make_codec
 from lowbit_tp.collectives import CommStats, all_reduce, simulate_all_reduce, spawn_ranks
+from lowbit_tp.configs import DemoConfig
 
 CODECS = ("bf16", "int8", "int4", "int4-random-k", "int4-outlier", "int4-g32", "int4-g128", "mxfp4")
 LAYER = "demo.o_proj"
@@ -56,9 +57,6 @@ def codec_demo(*, world: int = 2, tokens: int = 512, hidden: int = 4096) -> tupl
     return rows, title + markdown_table(rows, cols)
 
 
-DEMO_PROMPTS = ("To be, or not to be, that is the question:", "The capital of France is")
-
-
 def cached_calibration(bundle, *, tp: int, samples: int, cache_dir: str | None = None):
     """A calibration for (model, TP, samples), read from the cache or made and stored there."""
     import os
@@ -84,9 +82,10 @@ def cached_calibration(bundle, *, tp: int, samples: int, cache_dir: str | None =
     return cal, path
 
 
-def model_demo(*, model: str = "smollm2-135m", tp: int = 3, codecs=("bf16", "int4-outlier", "default"),
-               prompts=DEMO_PROMPTS, max_new_tokens: int = 24, cal_samples: int = 32,
-               eval_samples: int = 8) -> tuple[list[dict], str]:
+def model_demo(*, model: str = DemoConfig.model, tp: int = DemoConfig.tp, codecs=DemoConfig.codecs,
+               prompts=DemoConfig.prompts, max_new_tokens: int = DemoConfig.max_new_tokens,
+               cal_samples: int = DemoConfig.cal_samples, eval_samples: int = DemoConfig.eval_samples
+               ) -> tuple[list[dict], str]:
     """The main job: calibrate (or reuse), measure quality, then generate on ``tp`` real ranks.
 
     Each codec generates greedily on ``tp`` spawned gloo ranks through the ``gather``

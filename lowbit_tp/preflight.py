@@ -8,10 +8,10 @@ name fails in a second instead of after every rank has loaded the model.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from lowbit_tp.configs import check_min
 from lowbit_tp.errors import UserError
 
 __all__ = [
@@ -22,12 +22,6 @@ __all__ = [
     "check_seq_len",
     "check_text",
 ]
-
-
-def check_min(value: Any, name: str, minimum: float = 1) -> None:
-    """``value`` must be a number ``>= minimum`` (and finite); ``name`` is the flag shown."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
-        raise UserError(f"{name} must be {'a positive integer' if minimum == 1 else f'>= {minimum}'}, got {value!r}")
 
 
 def check_model_tp(model: str, tp: int) -> Any:
@@ -153,6 +147,6 @@ def preflight_calibrate(cfg: Any, *, out: str | Path, warn: Callable[[str], None
         raise UserError(f"--k {cfg.k}: the outlier channel count must be between 1 and the hidden size "
                         f"{config.hidden_size}")
     if cfg.allocate:
-        check_codecs([cfg.alloc_low, cfg.alloc_high], build=False)
+        check_codecs([cfg.alloc_low, cfg.alloc_high, *getattr(cfg, "alloc_codecs", ())], build=False)
     check_text(cfg.text, getattr(cfg, "text_glob", "*"))
     check_output_path(out, what="calibration file")

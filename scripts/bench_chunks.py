@@ -32,7 +32,8 @@ def _worker(cfg_path: str, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from lowbit_tp.bench.comm import CommBenchConfig, _bench_rank
+    from lowbit_tp.bench.comm import _bench_rank
+    from lowbit_tp.configs import CommBenchConfig
     from lowbit_tp.collectives.launch import init_from_env
 
     spec = json.loads(Path(cfg_path).read_text())
@@ -94,7 +95,7 @@ def main(argv=None) -> None:
     if args.worker:
         _worker(*args.worker)
         return
-    from lowbit_tp.bench.comm import CommBenchConfig
+    from lowbit_tp.configs import CommBenchConfig
     from lowbit_tp.bench.common import environment
     from lowbit_tp.bench.e2e.launch import free_port
     from lowbit_tp.bench.netns import emulated_link

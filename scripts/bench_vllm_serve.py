@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lowbit_tp.bench.common import environment  # noqa: E402
+from lowbit_tp.integrations.vllm.engine import server_session  # noqa: E402
 from lowbit_tp.results import markdown_table, write_results  # noqa: E402
 
 MODEL, TP = "smollm2-135m", 3
@@ -81,20 +80,9 @@ def serve_throughput(py, *, label, plugin_args, cal_path, prompts, new_tokens, r
     report_dir = Path(work) / f"reports-{port}"
     cmd = [py, "-m", "lowbit_tp.cli", "serve", "--model", MODEL, "--tp", str(TP), "--port", str(port),
            "--calibration", cal_path, *plugin_args]
-    log = open(Path(work) / f"serve-{port}.log", "w")
-    proc = subprocess.Popen(cmd, env=child_env() | {"LOWBIT_TP_REPORT_DIR": str(report_dir)}, cwd=REPO, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        t0 = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited; see {log.name}:\n" + Path(log.name).read_text()[-3000:])
-            try:
-                urllib.request.urlopen(base + "/models", timeout=5).read()
-                break
-            except OSError:
-                time.sleep(3)
+    t0 = time.monotonic()
+    with server_session(cmd, port=port, log_path=Path(work) / f"serve-{port}.log", cwd=REPO,
+                        env=child_env() | {"LOWBIT_TP_REPORT_DIR": str(report_dir)}, timeout=1800) as base:
         startup = time.monotonic() - t0
         body = {"model": MODEL, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True}
         post(base + "/completions", {**body, "prompt": prompts[0], "max_tokens": 2})  # warm-up
@@ -118,14 +106,6 @@ def serve_throughput(py, *, label, plugin_args, cal_path, prompts, new_tokens, r
             tokens += sum(r[0] for r in results)
             latencies += [r[1] for r in results]
         after = _snapshot(base, report_dir, prompts[0])
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server session this script started
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-        log.close()
     wall = sum(walls)
 
     def delta(a, b, *keys):

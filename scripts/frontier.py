@@ -74,11 +74,14 @@ def write_docs(store: dict, out: Path) -> None:
              "payloads (both stages of a two-shot); `ring_equiv_bits`: the bits/value a ring all-reduce would "
              "need to send as many bytes; `bytes_sent_per_rank_per_token`: one rank, per token, all "
              "row-parallel layers of the model together. `*_ci95`: 95% bootstrap intervals over sequences. "
-             "`pareto` marks codecs on the KL Pareto front of their table. Tables whose split is "
+             "`pareto` marks codecs on the KL Pareto front of their table. `test` tables read the windows of "
+             "`--samples 64 --seed 10` of the held-out plays (16,320 predicted tokens; listed in `docs/frontier.json` "
+             "under `text.chunks.samples`), none of which is among the first 64 windows of seed 1, the seed the "
+             "default codec was chosen on (`python scripts/heldout_windows.py` checks it). Tables whose split is "
              "`eval (pre-split, tuned on)` were measured before the dev split existed, on the windows the default "
              "codec was chosen on, without intervals; their bits and bytes were recomputed in the units above from "
-             "their recorded byte counts (`normalize_old_entry`, `--docs-only`). They are to be regenerated on the "
-             "test split (`--split test`), which this session's shared 2-core machine could not finish.\n"]
+             "their recorded byte counts (`normalize_old_entry`, `--docs-only`); each is dropped when a `test` "
+             "table of the same model, TP and algorithm replaces it.\n"]
     for key, res in store.items():
         rows = res["rows"]
         front = pareto(rows, "kl")
@@ -120,14 +123,29 @@ def normalize_old_entry(res: dict) -> dict:
     return res
 
 
+def put(store: dict, res: dict) -> None:
+    """Store ``res`` under model/tpN/algorithm/split; a test result supersedes the pre-split
+    entry of the same model, TP and algorithm (measured on the windows the default codec was
+    chosen on)."""
+    cfg = res["config"]
+    key = f"{cfg['model']}/tp{cfg['tp']}/{cfg['algorithm']}"
+    store[f"{key}/{cfg['split']}"] = res
+    if cfg["split"] == "test":
+        store.pop(key, None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", action="append")
     ap.add_argument("--tp", type=int, action="append")
     ap.add_argument("--algorithm", default="gather")
-    ap.add_argument("--codec", action="append", help="default: all of CODECS")
+    ap.add_argument("--codec", action="append", help="default: all of CODECS (with --from-eval: those and the "
+                                                     "default codec, the rows tabled)")
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--split", default="test", choices=["test", "dev"])
+    ap.add_argument("--seed", type=int, default=10,
+                    help="evaluation windows (default 10: none of seed 1's first 64 held-out windows, which the "
+                         "default codec was chosen on; scripts/heldout_windows.py checks it)")
     ap.add_argument("--cal-samples", type=int, default=32)
     ap.add_argument("--lambada", type=int, default=0)
     ap.add_argument("--allocate", type=float, help="also calibrate a per-layer allocation and evaluate codec 'alloc'")
@@ -153,9 +171,11 @@ def main() -> None:
         from lowbit_tp.evaluation.evaluate import merge_results
 
         res = merge_results([json.loads(Path(p).read_text()) for p in args.from_eval])
+        wanted = args.codec or CODECS + ("alloc", "default")
+        rows = [r for c in wanted for r in res["rows"] if r["codec"] == c]  # eval JSONs may hold more codecs
+        res = {**res, "rows": rows, "config": {**res["config"], "codecs": [r["codec"] for r in rows]}}
         res["command"] = args.command or " ; ".join(args.from_eval)
-        cfg = res["config"]
-        store[f"{cfg['model']}/tp{cfg['tp']}/{cfg['algorithm']}/{cfg['split']}"] = res
+        put(store, res)
         out.write_text(json.dumps(store, indent=2, default=str))
         write_docs(store, out)
         return
@@ -171,12 +191,12 @@ def main() -> None:
                                          **cal_options)
             res["command"] = (f"python scripts/frontier.py --model {model} --tp {tp} --algorithm {args.algorithm} "
                               f"--samples {args.samples} --cal-samples {args.cal_samples} --lambada {args.lambada} "
-                              f"--split {args.split} "
+                              f"--split {args.split} --seed {args.seed} "
                               f"--batch-size {args.batch_size}"
                               + "".join(f" --codec {c}" for c in args.codec or [])
                               + (f" --allocate {args.allocate} --alloc-low {args.alloc_low} --alloc-high "
                                  f"{args.alloc_high}" if args.allocate else ""))
-            store[f"{model}/tp{tp}/{args.algorithm}/{args.split}"] = res
+            put(store, res)
             out.write_text(json.dumps(store, indent=2, default=str))
             write_docs(store, out)
 

@@ -12,7 +12,11 @@ One run (< 5 min on one H100/H200) does, per codec:
   ``*_gbps`` counts the bytes each one reads and writes (encode: fp32 in + payload out;
   decode-and-sum: N payloads in + fp32 out; copy: fp32 in + out); ``*_of_copy`` divides it by
   the copy's; ``*_fp32_gbps`` is fp32 input (or output) bytes per second, as issue 8 quotes;
-* **CUDA graph**: encode + decode-and-sum captured once and replayed give the eager bits.
+  The fused timings write preallocated ``out=`` buffers;
+* **CUDA graph**: encode + decode-and-sum into preallocated buffers in ``nonfinite="flag"``
+  mode, captured once and replayed, write the eager payload bytes and sum bits, and a replay
+  with a NaN planted in the captured input sets the device flag (``--device cpu`` runs the
+  eager half and skips the capture).
 
 Writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out``.
 
@@ -31,7 +35,7 @@ from pathlib import Path
 
 # The default run: the seed, the group codecs, what `default` (alloc) uses, the static baselines.
 PRIORITY_CODECS = ["int4-outlier", "int4-g32", "int4-g128", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4", "int4",
-                   "int8", "int4-random-k"]
+                   "int8", "int4-random-k", "mxfp4"]
 # --codecs all: every codec with a kernel (each rot-* variant compiles its own kernels, ~10 s
 # apiece at E=8192, which is what keeps it out of the default 5-minute run).
 KERNEL_CODECS = PRIORITY_CODECS + [
@@ -137,9 +141,11 @@ def main(argv=None) -> None:
             payloads = [fused.encode(v, layer=LAYER, source=r) for r, v in enumerate(xd)]
             pbytes, fbytes = payloads[0].numel(), 4 * t * e
             dst = torch.empty_like(xd[0])
+            pbuf, sbuf = torch.empty_like(payloads[0]), torch.empty(t, e, dtype=torch.float32, device=dev)
             t_copy = seconds(lambda: dst.copy_(xd[0]))
-            t_enc = seconds(lambda: fused.encode(xd[0], layer=LAYER, source=0))
-            t_dec = seconds(lambda: fused.decode_sum(payloads, (t, e), layer=LAYER))
+            # the fused path writes preallocated buffers (out=), as all_reduce's buffer cache does
+            t_enc = seconds(lambda: fused.encode(xd[0], layer=LAYER, source=0, out=pbuf))
+            t_dec = seconds(lambda: fused.decode_sum(payloads, (t, e), layer=LAYER, out=sbuf))
             t_enc_ref = seconds(lambda: unfused.encode(xd[0], layer=LAYER, source=0))
             t_dec_ref = seconds(lambda: unfused.decode_sum(payloads, (t, e), layer=LAYER))
             copy_gbps = 2 * fbytes / t_copy / 1e9
@@ -155,7 +161,9 @@ def main(argv=None) -> None:
                 "unfused_encode_fp32_gbps": fbytes / t_enc_ref / 1e9,
                 "unfused_decode_sum_fp32_gbps": fbytes / t_dec_ref / 1e9,
             })
-            row["cuda_graph"] = graph_check(torch, fused, xd, payloads, (t, e)) if dev.type == "cuda" else "n/a (cpu)"
+            row["cuda_graph"] = graph_check(
+                torch, lambda mode: make_codec(name, calibration=cal, nonfinite=mode, backend="triton"), xd, (t, e),
+                capture=dev.type == "cuda")
             rows.append(row)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     out = Path(args.out)
@@ -176,27 +184,71 @@ def main(argv=None) -> None:
     print(f"gpu_check: {len(rows)} rows in {meta['seconds']:.0f} s -> {out}/gpu_check.json", flush=True)
 
 
-def graph_check(torch, codec, xd, payloads, shape) -> str:
-    """Capture encode + decode-and-sum in one CUDA graph; replay must give the eager bits."""
+def graph_check(torch, make, xd, shape, *, capture: bool) -> str:
+    """Encode + decode-and-sum into preallocated buffers, eager and (on a GPU) captured once in
+    a CUDA graph and replayed: the replay must write the eager payload bytes and sum bits.
+
+    ``make(mode)`` builds the codec; the graph uses ``nonfinite="flag"`` (the per-step check
+    mode: the kernels record NaN/Inf in a device flag, no host read inside the graph). A
+    second replay with a NaN planted in the captured input must set that flag.
+    """
     try:
-        eager = codec.decode_sum([codec.encode(x, layer=LAYER, source=r) for r, x in enumerate(xd)], shape,
-                                 layer=LAYER)
+        codec = make("flag")
+        n = codec.payload_nbytes(shape, LAYER)
+        bufs = [torch.empty(n, dtype=torch.uint8, device=xd[0].device) for _ in xd]
+        total = torch.empty(shape, dtype=torch.float32, device=xd[0].device)
+
+        def step():
+            ps = [codec.encode(x, layer=LAYER, source=r, out=b) for r, (x, b) in enumerate(zip(xd, bufs))]
+            codec.decode_sum(ps, shape, layer=LAYER, out=total)
+
+        fresh = [make("propagate").encode(x, layer=LAYER, source=r) for r, x in enumerate(xd)]
+        eager_sum = make("propagate").decode_sum(fresh, shape, layer=LAYER)
+        step()  # eager into the buffers; also builds the tables and flags the graph will use
+        codec.check_nonfinite()
+        if not all(torch.equal(a, b) for a, b in zip(fresh, bufs)) or not _same_bits(torch, total, eager_sum):
+            return "out= buffers differ from fresh outputs"
+        if not capture:
+            return "eager ok; capture n/a (cpu)"
+        for b in bufs:
+            b.zero_()
+        total.zero_()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):  # warm-up on a side stream, as torch.cuda.graphs asks
-            codec.decode_sum([codec.encode(x, layer=LAYER, source=r) for r, x in enumerate(xd)], shape, layer=LAYER)
+            step()
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            out = codec.decode_sum([codec.encode(x, layer=LAYER, source=r) for r, x in enumerate(xd)], shape,
-                                   layer=LAYER)
+            step()
+        for b in bufs:
+            b.fill_(0xA5)
+        total.fill_(7.0)
         g.replay()
         torch.cuda.synchronize()
-        same = torch.equal(torch.isnan(out), torch.isnan(eager)) and torch.equal(
-            torch.nan_to_num(out).view(torch.int32), torch.nan_to_num(eager).view(torch.int32))
-        return "ok" if same else "replay differs"
+        if not all(torch.equal(a, b) for a, b in zip(fresh, bufs)):
+            return "replay payload bytes differ"
+        if not _same_bits(torch, total, eager_sum):
+            return "replay sum differs"
+        codec.check_nonfinite()  # clean so far
+        keep = xd[0][0, 0].clone()
+        xd[0][0, 0] = float("nan")
+        g.replay()
+        xd[0][0, 0] = keep
+        try:
+            codec.check_nonfinite()
+            return "replay did not flag a planted NaN"
+        except Exception:
+            pass
+        return "ok"
     except Exception as exc:  # report, don't stop the whole check
         return f"failed: {type(exc).__name__}: {str(exc)[:80]}"
+
+
+def _same_bits(torch, a, b) -> bool:
+    a, b = a.reshape(-1).cpu(), b.reshape(-1).cpu()
+    na, nb = torch.isnan(a), torch.isnan(b)
+    return bool(torch.equal(na, nb) and torch.equal(a[~na].view(torch.int32), b[~nb].view(torch.int32)))
 
 
 if __name__ == "__main__":

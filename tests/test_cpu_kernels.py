@@ -27,7 +27,9 @@ if not cpu_kernels.available():
 LAYER = "model.layers.0.mlp.down_proj"
 CODECS = ["int4-outlier", "int4", "int8", "int4-random-k", "int4-g32", "int4-g128",
           # rotated: lg8 + 4-bit nibbles (default's), lg8 + 6-bit planes, E8M0 + 3-bit planes, fp16 scales
-          "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4", "rot-lm3-g32-e8", "rot-int4-g64", "rot-int8-g64-e8"]
+          "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4", "rot-lm3-g32-e8", "rot-int4-g64", "rot-int8-g64-e8",
+          # the allocation ladder: lg8 with 2-, 3-, 5-bit planes and 8-bit bytes
+          "rot-lm2-g64-lg8-k4", "rot-lm3-g64-lg8-k4", "rot-int5-g64-lg8-k4", "rot-int8-g64-lg8-k4"]
 # Odd widths, E below a group, and one wide row (long runs between kept channels: the 32-wide
 # vector loops, their 8-wide and scalar tails).
 SHAPES = [(1, 64), (5, 64), (3, 67), (7, 130), (2, 200), (4, 576), (3, 1000)]

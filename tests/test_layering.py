@@ -12,9 +12,9 @@ ROOT = Path(lowbit_tp.__file__).parent
 
 # Longest prefix wins. Layers: 0 core, 1 tp, 2 workflows, 3 cli.
 LAYERS = {
-    "lowbit_tp": 0,  # package root: errors, argtypes, fileio
+    "lowbit_tp": 0,  # package root: errors, fileio, configs
     "lowbit_tp.errors": 0,
-    "lowbit_tp.argtypes": 0,
+    "lowbit_tp.configs": 0,  # plain frozen dataclasses, torch-free: every layer and the CLI read them
     "lowbit_tp.fileio": 0,
     "lowbit_tp.results": 0,
     "lowbit_tp.codecs": 0,
@@ -34,11 +34,7 @@ LAYERS = {
     "lowbit_tp.evaluation": 2,
     "lowbit_tp.bench": 2,
     "lowbit_tp.demo": 2,
-    "lowbit_tp.cli": 3,
-    "lowbit_tp.runtime.cli": 3,
-    "lowbit_tp.evaluation.cli": 3,
-    "lowbit_tp.bench.e2e.cli": 3,
-    "lowbit_tp.integrations.vllm.cli": 3,
+    "lowbit_tp.cli": 3,  # the one CLI package; nothing else is in the cli layer
 }
 NAMES = {0: "core", 1: "tp", 2: "workflows", 3: "cli"}
 
@@ -95,5 +91,11 @@ def test_packages_import_only_downward():
 
 def test_the_table_orders_the_layers():
     assert layer_of("lowbit_tp.codecs.base") < layer_of("lowbit_tp.simulator.tp_sim") \
-        < layer_of("lowbit_tp.evaluation.on_ranks") < layer_of("lowbit_tp.evaluation.cli")
+        < layer_of("lowbit_tp.evaluation.on_ranks") < layer_of("lowbit_tp.cli.eval")
     assert layer_of("lowbit_tp.calibration.artifact") == 0 and layer_of("lowbit_tp.calibration.pipeline") == 2
+
+
+def test_the_cli_is_one_package_and_the_only_argparse_user():
+    users = sorted(str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if "argparse" in p.read_text())
+    assert users and all(u.startswith("cli/") for u in users), users
+    assert [m for m in LAYERS if LAYERS[m] == 3] == ["lowbit_tp.cli"]

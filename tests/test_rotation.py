@@ -12,7 +12,7 @@ from lowbit_tp.codecs.rotation import lloyd_max_levels
 E = 576
 ROT = ["rot-int4-g64", "rot-lm4-g64", "rot-int4-g32", "rot-lm4-g32-e8", "rot-lm3-g64", "rot-lm3-g32-e8",
        "rot-lm4-g64-lg8", "rot-lm4-g32-lg8-k4", "rot-int6-g64-lg8-k4", "rot-int8-g64-e8",
-       "rot-lm2-g32-e8"]
+       "rot-lm2-g32-e8", "rot-lm2-g64-lg8-k4", "rot-lm3-g64-lg8-k4", "rot-int5-g64-lg8-k4", "rot-int8-g64-lg8-k4"]
 
 
 @pytest.fixture(scope="module")

@@ -131,8 +131,9 @@ def test_kernels_really_run(monkeypatch):
                                                      for f in ["encode"] * WORLD + ["decode_sum"]]
 
 
-def test_propagate_mode_has_no_per_message_nonfinite_scan(monkeypatch):
-    """On the fused path the kernels mask NaN/Inf themselves; the host-syncing scan is skipped."""
+def test_no_per_message_nonfinite_scan_on_the_fused_path(monkeypatch):
+    """On the fused path the kernels mask and record NaN/Inf themselves, in every mode ("error"
+    is deferred to check_nonfinite); the host-syncing scan runs only where the reference encodes."""
     from lowbit_tp.codecs import functional as F
 
     def boom(x):
@@ -140,12 +141,28 @@ def test_propagate_mode_has_no_per_message_nonfinite_scan(monkeypatch):
 
     monkeypatch.setattr(F, "value_range", boom)
     for name in ("int4-outlier", "int4-g128", "rot-lm4-g64-lg8-k4"):
-        for mode in ("propagate", "flag"):
+        for mode in ("propagate", "flag", "error"):
             codec = make_codec(name, calibration=calibration(64), backend="triton", nonfinite=mode)
             codec.encode(torch.randn(2, 64), layer=LAYER, source=0)
-    with pytest.raises(AssertionError):  # "error" mode still checks every message
-        make_codec("int4-outlier", calibration=calibration(64), backend="triton").encode(
+    with pytest.raises(AssertionError):  # odd E: the group encoder falls back to the reference, which scans
+        make_codec("int4-g32", backend="triton").encode(torch.randn(2, 37), layer=LAYER, source=0)
+    with pytest.raises(AssertionError):  # the reference backend raises at once, so it scans
+        make_codec("int4-outlier", calibration=calibration(64), backend="reference").encode(
             torch.randn(2, 64), layer=LAYER, source=0)
+
+
+def raised(codec, run) -> str:
+    """What ``run()`` raised, at once or (deferred error mode) at the step's check_nonfinite()."""
+    from lowbit_tp.codecs.base import NonFiniteError, OutOfRangeError
+
+    try:
+        run()
+        codec.check_nonfinite()
+    except OutOfRangeError:
+        return "out of range"
+    except NonFiniteError:
+        return "non-finite"
+    return "ok"
 
 
 def test_gpu_check_script_dry_run(tmp_path):
@@ -166,6 +183,7 @@ def test_gpu_check_script_dry_run(tmp_path):
         assert all(r[k] is True for k in ("bytes_equal_finite", "bytes_equal_nan_inf", "sum_equal_finite",
                                           "sum_equal_nan_inf")), r
         assert r["copy_gbps"] > 0 and r["encode_gbps"] > 0
+        assert r["cuda_graph"] == "eager ok; capture n/a (cpu)", r["cuda_graph"]  # out= buffers in flag mode
     assert "DRY RUN" in (tmp_path / "gpu_check.md").read_text()
 
 
@@ -217,8 +235,6 @@ def test_saturation_at_the_wire_limits_matches_reference(name):
 
 @pytest.mark.parametrize("name", ["rot-lm4-g64", "rot-lm4-g64-lg8-k4"])
 def test_error_mode_refuses_what_the_reference_refuses(name):
-    from lowbit_tp.codecs.base import OutOfRangeError
-
     cal = calibration(64)
     # a group absmax beyond fp16 (fp16 scale only); beyond 2**100 (transformed as is in error
     # mode); a rotation that overflows fp32
@@ -227,12 +243,10 @@ def test_error_mode_refuses_what_the_reference_refuses(name):
         x[1, 2] = value
         outcomes = []
         for backend in ("reference", "triton"):
-            try:
-                make_codec(name, calibration=cal, backend=backend).encode(x, layer=LAYER, source=0)
-                outcomes.append("ok")
-            except OutOfRangeError:
-                outcomes.append("refused")
+            codec = make_codec(name, calibration=cal, backend=backend)
+            outcomes.append(raised(codec, lambda: codec.encode(x, layer=LAYER, source=0)))
         assert outcomes[0] == outcomes[1], (name, value, outcomes)
+        assert outcomes[0] in ("ok", "out of range")
 
 
 @pytest.mark.parametrize("name,mode", [("rot-lm4-g64-lg8-k4", "propagate"), ("rot-int6-g64-lg8-k4", "error"),
@@ -267,8 +281,11 @@ def test_fused_reduce_encode_error_mode_raises_like_the_reference():
     xs = partials(3, 96, seed=8, special=True)  # NaN/Inf in the partials: their sum is non-finite
     payloads = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
     for backend in ("reference", "triton"):
-        with pytest.raises(NonFiniteError):
-            make_codec("rot-lm4-g64", calibration=cal, backend=backend).reduce_encode(payloads, (3, 96), layer=LAYER)
+        codec = make_codec("rot-lm4-g64", calibration=cal, backend=backend)
+        assert raised(codec, lambda: codec.reduce_encode(payloads, (3, 96), layer=LAYER)) == "non-finite"
+    with pytest.raises(NonFiniteError, match="layer 'L', source 'sum'"):
+        codec.reduce_encode(payloads, (3, 96), layer=LAYER)
+        codec.check_nonfinite()
 
 
 def _count_calls(module, fn: str, monkeypatch) -> list:
@@ -315,8 +332,11 @@ def test_fused_reduce_encode_static_and_group_error_mode_raises(name):
     xs = partials(3, 64, seed=9, special=True)
     payloads = [src.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
     for backend in ("reference", "triton"):
-        with pytest.raises(NonFiniteError):
-            make_codec(name, calibration=cal, backend=backend).reduce_encode(payloads, (3, 64), layer=LAYER)
+        codec = make_codec(name, calibration=cal, backend=backend)
+        assert raised(codec, lambda: codec.reduce_encode(payloads, (3, 64), layer=LAYER)) == "non-finite"
+    with pytest.raises(NonFiniteError, match="reported once per step"):  # deferred on the fused path
+        codec.reduce_encode(payloads, (3, 64), layer=LAYER)
+        codec.check_nonfinite()
 
 
 def test_fused_reduce_encode_group_odd_hidden_falls_back_bitwise():
@@ -328,3 +348,28 @@ def test_fused_reduce_encode_group_odd_hidden_falls_back_bitwise():
     del cal
     assert torch.equal(tri.reduce_encode(payloads, (3, 37), layer=LAYER),
                        ref.encode(ref.decode_sum(payloads, (3, 37)), source="sum"))
+
+
+@pytest.mark.parametrize("tokens,hidden", [(5, 100), (3, 40), (3, 16), (3, 37)])  # E=37: reference encode
+def test_mxfp4_bitwise(tokens, hidden):
+    check("mxfp4", tokens, hidden)
+
+
+def test_mxfp4_scale_extremes_bitwise():
+    """Tiny and huge group maxima (E8M0 exponent clamped at -127, values going subnormal), ties."""
+    ref = make_codec("mxfp4", nonfinite="propagate", backend="reference")
+    tri = make_codec("mxfp4", nonfinite="propagate", backend="triton")
+    x = torch.randn(4, 64)
+    x[0, :32] = torch.randn(32) * 1e-39  # subnormal group: absmax below 2**-126
+    x[1, :32] = torch.randn(32) * 1e37
+    x[1, 5] = 3e38
+    x[1, 6] = 1e-30  # far below its group's exponent: underflows when scaled
+    x[2, 32:40] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 4.0])  # every E2M1 rounding tie at scale 1
+    x[2, 40] = 4.0 * 1.5
+    x[3, :] = 0.0
+    x[3, 7] = -0.0
+    want, got = ref.encode(x, source=0), tri.encode(x, source=0)
+    assert torch.equal(want, got), (want != got).nonzero().reshape(-1)[:6].tolist()
+    assert same_bits(ref.decode_sum([want, want], (4, 64)), tri.decode_sum([want, want], (4, 64)))
+    assert torch.equal(tri.reduce_encode([want, got], (4, 64)),
+                       ref.encode(ref.decode_sum([want, got], (4, 64)), source="sum"))

@@ -28,7 +28,7 @@ def test_lowbit_tp_imports_no_vllm():
     import subprocess
 
     code = ("import sys, lowbit_tp.cli, lowbit_tp.integrations.vllm, lowbit_tp.integrations.vllm.op, "
-            "lowbit_tp.integrations.vllm.engine, lowbit_tp.integrations.vllm.cli, lowbit_tp.integrations.vllm.checkpoint;"
+            "lowbit_tp.integrations.vllm.engine, lowbit_tp.cli.serve, lowbit_tp.integrations.vllm.checkpoint;"
             "lowbit_tp.cli.build_parser(); print('vllm' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -23,44 +23,9 @@ from lowbit_tp.bench.common import environment
 from lowbit_tp.results import markdown_table, write_results
 from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
 from lowbit_tp.codecs import make_codec
-from lowbit_tp.collectives import AutoPolicy, CommStats, all_reduce, spawn_ranks
-
-# Message sizes in bytes of the bf16 tensor: 64 KB to 64 MB.
-DEFAULT_MESSAGE_BYTES = (64 * 1024, 1024 * 1024, 16 * 1024 * 1024, 64 * 1024 * 1024)
-
-
-@dataclass(frozen=True)
-class CommBenchConfig:
-    world_sizes: tuple[int, ...] = (2,)
-    codecs: tuple[str, ...] = ("bf16", "int8", "int4-outlier", "int4-g32", "int4-g128", "mxfp4")
-    numels: tuple[int, ...] = tuple(b // 2 for b in DEFAULT_MESSAGE_BYTES)
-    algorithms: tuple[str, ...] = ("gather", "two-shot")
-    hidden: int = 4096
-    repeats: int = 5
-    backend: str = "gloo"
-    threads_per_rank: int = 1
-    timeout_s: float = 300.0
-    chunk_bytes: tuple[int, ...] = (AutoPolicy().chunk_bytes,)
-    speed_backends: tuple[str, ...] = ("reference", "auto")
-
-    def __post_init__(self):  # refuse bad settings here, before any rank is spawned
-        from lowbit_tp.collectives import ALGORITHMS
-        from lowbit_tp.errors import UserError
-        from lowbit_tp.preflight import check_codecs, check_min
-
-        for w in self.world_sizes:
-            check_min(w, "world size")
-        for n in self.numels:
-            check_min(n, "numel")
-        check_min(self.hidden, "hidden")
-        check_min(self.repeats, "repeats")
-        check_min(self.threads_per_rank, "threads_per_rank")
-        check_codecs(self.codecs, build=False)
-        bad = [a for a in self.algorithms if a not in ALGORITHMS or a == "exact"]
-        if bad:
-            raise UserError(f"unknown algorithm {bad[0]!r}; bench-comm runs gather and/or two-shot")
-        if self.backend not in ("gloo", "nccl"):
-            raise UserError(f"backend must be gloo or nccl, got {self.backend!r}")
+from lowbit_tp.collectives import CommStats, all_reduce, spawn_ranks
+from lowbit_tp.configs import AutoPolicy, CommBenchConfig
+from lowbit_tp.preflight import check_codecs
 
 
 def _bench_rank(rank: int, world: int, cfg: CommBenchConfig) -> list[dict]:
@@ -110,6 +75,7 @@ def _bench_rank(rank: int, world: int, cfg: CommBenchConfig) -> list[dict]:
 
 def run_comm_bench(cfg: CommBenchConfig, *, json_path=None, throughput: bool = True) -> dict:
     """Run the benchmark; returns (and writes) ``{"config", "environment", "rows", "codec_speed"}``."""
+    check_codecs(cfg.codecs, build=False)  # before any rank is spawned
     rows: list[dict] = []
     for world in cfg.world_sizes:
         res = spawn_ranks(_bench_rank, world, cfg, backend=cfg.backend, timeout_s=cfg.timeout_s,

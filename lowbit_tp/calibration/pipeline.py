@@ -4,36 +4,15 @@ per-channel statistics of every rank's partial and of their sum, for every row-p
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from lowbit_tp.calibration.artifact import Calibration, StatsAccumulator, default_outlier_k
 from lowbit_tp.codecs.static import topk_channels
+from lowbit_tp.configs import CalibrationConfig
 
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    """What ``lowbit-tp calibrate`` does; recorded in the artifact."""
-
-    model: str = "smollm2-135m"
-    tp: int = 3
-    samples: int = 64
-    seq_len: int = 256
-    batch_size: int = 8
-    seed: int = 0
-    ema_decay: float = 0.9
-    k: int | None = None  # bf16 channels for codecs that take k from the calibration; None: hidden // 64
-    text: str | None = None  # None: the Shakespeare calibration plays
-    text_glob: str = "*"  # files of a ``text`` directory to read
-    side: str = "calibration"  # which side of the text split to read; "evaluation" for held-out analysis
-    # Per-layer bit allocation stored for codec "alloc" (= "default"): mean bits/value budget,
-    # the codec most layers get, the one the most sensitive layers get. None skips it.
-    allocate: float | None = 4.5
-    alloc_low: str = "rot-lm4-g64-lg8-k4"
-    alloc_high: str = "rot-int6-g64-lg8-k4"
-    alloc_samples: int = 2
 
 
 def versions() -> dict[str, str]:
@@ -101,15 +80,22 @@ def calibrate(cfg: CalibrationConfig, *, bundle: tuple[Any, Any, Any] | None = N
         for layer in cal.layers
     }
     if cfg.allocate is not None:
-        from lowbit_tp.calibration.allocate import allocate, layer_sensitivity
+        from lowbit_tp.calibration.allocate import allocate, allocate_many, layer_errors, layer_sensitivity
 
         probe = chunk_tokens(tokenizer, docs, num_samples=cfg.alloc_samples, seq_len=min(cfg.seq_len, 128),
                              seed=cfg.seed + 1000)
         sens = layer_sensitivity(model, probe.input_ids, cal, tp=cfg.tp, codec=cfg.alloc_low, name=info.name,
                                  progress=progress)
         try:
-            cal.meta["bit_allocation"] = allocate(sens, low=cfg.alloc_low, high=cfg.alloc_high,
-                                                  budget=cfg.allocate, calibration=cal)
+            if cfg.alloc_codecs:
+                errs = layer_errors(model, probe.input_ids, cal, tp=cfg.tp, name=info.name,
+                                    codecs=list(dict.fromkeys([cfg.alloc_low, *cfg.alloc_codecs])))
+                cal.meta["bit_allocation"] = allocate_many(sens, errs, reference=cfg.alloc_low,
+                                                           codecs=cfg.alloc_codecs, budget=cfg.allocate,
+                                                           calibration=cal)
+            else:
+                cal.meta["bit_allocation"] = allocate(sens, low=cfg.alloc_low, high=cfg.alloc_high,
+                                                      budget=cfg.allocate, calibration=cal)
             cal.meta["bit_allocation"]["probe"] = probe.manifest()
         except ValueError as exc:  # e.g. a hidden size so small that the budget is out of reach
             cal.meta["bit_allocation_error"] = str(exc)

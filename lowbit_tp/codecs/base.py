@@ -64,9 +64,14 @@ class Codec(ABC):
     Args (keyword-only):
         calibration: needed by static codecs, ignored by dynamic ones.
         nonfinite: ``"error"`` (default) raises :class:`NonFiniteError` naming the layer
-            and source; ``"propagate"`` encodes NaN/Inf so they decode as NaN.
-            ``"flag"`` sends them as in propagate mode and records them on the device, with
-            no host sync per message: :meth:`check_nonfinite` (once per step) raises.
+            and source (:class:`OutOfRangeError` for finite values beyond the wire format);
+            ``"propagate"`` encodes NaN/Inf so they decode as NaN. ``"flag"`` sends them as in
+            propagate mode and records them on the device: :meth:`check_nonfinite` raises.
+            On the fused Triton path (GPU) ``"error"`` is *deferred*: the kernels record
+            NaN/Inf and out-of-range values per (layer, source) in device flags instead of a
+            host-syncing scan of every message, and :meth:`check_nonfinite`, called once per
+            step (the runtime's ``generate`` does), raises the error naming them. The
+            reference and CPU paths raise at once, before sending anything.
         backend: ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cpu"``: which
             implementation runs (see :func:`lowbit_tp.kernels.resolve_backend`). Every
             backend produces the same bytes and sums, so it is not part of :meth:`config`.
@@ -94,7 +99,8 @@ class Codec(ABC):
         self.backend = backend
         self._params: dict[tuple[str | None, Source], Any] = {}
         self._tables: dict[Any, Any] = {}
-        self._nonfinite_flags: dict[torch.device, torch.Tensor] = {}
+        # int32 [2] device flags per (device, layer, source): [NaN/Inf seen, out of range seen]
+        self._step_flags: dict[tuple[torch.device, str | None, Source], tuple[torch.Tensor, ...]] = {}
 
     # ------------------------------------------------------------------ contract
     @abstractmethod
@@ -105,20 +111,27 @@ class Codec(ABC):
         """
 
     @abstractmethod
-    def _encode(self, x: torch.Tensor, params: Any, nonfinite: bool) -> torch.Tensor:
-        """Encode validated ``x``; ``nonfinite`` says whether it holds NaN/Inf to propagate."""
+    def _encode(self, x: torch.Tensor, params: Any, nonfinite: bool, *, out: torch.Tensor | None = None,
+                flags: tuple = (None, None)) -> torch.Tensor:
+        """Encode validated ``x``; ``nonfinite`` says whether it holds NaN/Inf to propagate.
+
+        A fused path writes into ``out`` (checked by :meth:`encode`) when given and records
+        NaN/Inf / out-of-range values into ``flags`` (int32 device views, or None); other
+        paths may ignore both (:meth:`encode` copies into ``out``)."""
 
     @abstractmethod
     def _decode(self, payload: torch.Tensor, shape: tuple[int, int], params: Any) -> torch.Tensor: ...
 
     def _decode_sum(self, payloads: Sequence[torch.Tensor], shape: tuple[int, int],
-                    params: Sequence[Any]) -> torch.Tensor:
-        """``sum_r _decode(payloads[r], shape, params[r])`` in fp32, left to right.
+                    params: Sequence[Any], out: torch.Tensor | None = None) -> torch.Tensor:
+        """``sum_r _decode(payloads[r], shape, params[r])`` in fp32, left to right, into
+        ``out`` when given.
 
         The reference; a codec with a fused kernel overrides this and dispatches on
         ``self.kernel_backend(payloads[0].device)``. The result must be bitwise the same.
         """
-        acc = self._decode(payloads[0], shape, params[0]).float().clone()
+        first = self._decode(payloads[0], shape, params[0]).float()
+        acc = first.clone() if out is None else out.copy_(first)
         for p, prm in zip(payloads[1:], params[1:]):
             acc.add_(self._decode(p, shape, prm).float())
         return acc
@@ -150,19 +163,32 @@ class Codec(ABC):
         self.config()
         return self._config_cache[2]
 
-    def encode(self, x: torch.Tensor, *, layer: str | None = None, source: Source = 0) -> torch.Tensor:
-        """Encode ``x [tokens, E]`` (fp32/bf16/fp16) into a 1-D uint8 payload."""
+    def encode(self, x: torch.Tensor, *, layer: str | None = None, source: Source = 0,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode ``x [tokens, E]`` (fp32/bf16/fp16) into a 1-D uint8 payload.
+
+        ``out``: a contiguous uint8 buffer of :meth:`payload_nbytes` bytes on ``x``'s device
+        to write the payload into (returned); fused kernels write it directly, so a caller
+        that reuses its buffers allocates nothing per message. Same bytes either way.
+        """
         payload = self._encode_scanned(x, layer, source)
         if payload is not None:
-            return payload
+            if out is not None:
+                _check_buffer(out, torch.uint8, (payload.numel(),), x.device, f"{self.name}: encode out=")
+            return payload if out is None else out.copy_(payload)
         bad, over = self._check_input(x, layer, source)
+        if out is not None:
+            _check_buffer(out, torch.uint8, (self.payload_nbytes(tuple(x.shape), layer),), x.device,
+                          f"{self.name}: encode out=")
         if over:  # propagate mode: saturate finite values beyond max_input (in fp32, where it is exact)
             x = x.float()
             x = torch.where(torch.isfinite(x), x.clamp(-self.max_input, self.max_input), x)
         try:
-            return self._encode(x, self.params(layer, source, x.shape[1], x.device), bad)
+            got = self._encode(x, self.params(layer, source, x.shape[1], x.device), bad, out=out,
+                               flags=self._kernel_flags(layer, source, x.device))
         except OutOfRangeError as exc:  # name the layer and source, which _encode does not know
             raise OutOfRangeError(f"{self.name}: {_where(layer, source)}: {exc}") from None
+        return got if out is None or got is out else out.copy_(got)
 
     def decode(
         self, payload: torch.Tensor, shape: tuple[int, int], *, layer: str | None = None, source: Source = 0
@@ -179,16 +205,21 @@ class Codec(ABC):
 
     def decode_sum(
         self, payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, layer: str | None = None,
-        sources: Sequence[Source] | None = None,
+        sources: Sequence[Source] | None = None, out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``decode(payloads[0]) + decode(payloads[1]) + ...`` in fp32, in that order.
 
         ``sources[r]`` is the source of ``payloads[r]`` (default: its index, i.e. its rank).
         This is the receiving side of every compressed collective; fused kernels read the N
         payloads once and write the sum once, bitwise equal to decoding one by one.
+        ``out``: a contiguous fp32 ``shape`` buffer on the payloads' device to write the sum
+        into (returned); same bits either way.
         """
         shape, params = self._payload_params(payloads, shape, layer, sources)
-        return self._decode_sum(list(payloads), shape, params)
+        if out is not None:
+            _check_buffer(out, torch.float32, shape, payloads[0].device, f"{self.name}: decode_sum out=")
+        got = self._decode_sum(list(payloads), shape, params, out)
+        return got if out is None or got is out else out.copy_(got)
 
     def _payload_params(self, payloads, shape, layer, sources) -> tuple[tuple[int, int], list]:
         """Validate received payloads; returns the int shape and each source's parameters."""
@@ -210,22 +241,33 @@ class Codec(ABC):
 
     def reduce_encode(
         self, payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, layer: str | None = None,
-        sources: Sequence[Source] | None = None, out_source: Source = "sum",
+        sources: Sequence[Source] | None = None, out_source: Source = "sum", out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``encode(decode_sum(payloads, shape), source=out_source)``: a two-shot owner's stage.
 
         A codec with a fused kernel (:meth:`_reduce_encode`) reads the N payloads once and
         writes the new payload once, with the same bytes; the fp32 sum never reaches memory.
+        ``out`` as in :meth:`encode`. In deferred ``"error"`` mode (see the class doc) a
+        non-finite or out-of-range sum is reported by :meth:`check_nonfinite` as
+        ``source 'sum'`` (``out_source``).
         """
-        fused = self._reduce_encode(payloads, shape, layer, sources, out_source)
+        if out is not None:
+            _check_buffer(out, torch.uint8, (self.payload_nbytes((int(shape[0]), int(shape[1])), layer),),
+                          payloads[0].device if payloads else out.device, f"{self.name}: reduce_encode out=")
+        fused = self._reduce_encode(payloads, shape, layer, sources, out_source, out)
         if fused is not None:
             return fused
         return self.encode(self.decode_sum(payloads, shape, layer=layer, sources=sources), layer=layer,
-                           source=out_source)
+                           source=out_source, out=out)
 
-    def _reduce_encode(self, payloads, shape, layer, sources, out_source) -> torch.Tensor | None:
-        """The fused version of :meth:`reduce_encode`, or None where there is none."""
+    def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None) -> torch.Tensor | None:
+        """The fused version of :meth:`reduce_encode` (writing ``out`` when given), or None
+        where there is none."""
         return None
+
+    def _fused_encode(self, hidden: int) -> bool:
+        """Whether the Triton encoder takes inputs of width ``hidden`` (else the reference runs)."""
+        return False
 
     def kernel_backend(self, device: torch.device | str) -> str:
         """Which implementation runs for tensors on ``device``: reference, triton or cpu."""
@@ -256,31 +298,62 @@ class Codec(ABC):
             self._tables[key] = build()
         return self._tables[key]
 
-    def nonfinite_flag(self, device: torch.device | str) -> torch.Tensor:
-        """The int32 ``[1]`` device buffer that ``nonfinite="flag"`` encoders set to 1 on NaN/Inf."""
-        device = torch.device(device)
-        if device not in self._nonfinite_flags:
-            self._nonfinite_flags[device] = torch.zeros(1, dtype=torch.int32, device=device)
-        return self._nonfinite_flags[device]
+    def defers_errors(self, device: torch.device | str) -> bool:
+        """Whether ``nonfinite="error"`` is deferred to :meth:`check_nonfinite` on ``device``:
+        on the fused Triton path, which records errors in device flags instead of syncing."""
+        return self.nonfinite == "error" and self.kernel_backend(device) == "triton"
 
-    def _kernel_flag(self, device) -> torch.Tensor | None:
-        """What a fused encoder is given to record NaN/Inf into: the flag in "flag" mode, else None."""
-        return self.nonfinite_flag(device) if self.nonfinite == "flag" else None
+    def _step_flag(self, layer, source, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The int32 ``[2]`` device flags of (layer, source) and their two one-element views."""
+        key = (torch.device(device), layer, source)
+        if key not in self._step_flags:
+            f = torch.zeros(2, dtype=torch.int32, device=key[0])
+            self._step_flags[key] = (f, f[:1], f[1:])
+        return self._step_flags[key]
+
+    def _kernel_flags(self, layer, source, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What a fused kernel records into: (NaN/Inf flag, out-of-range flag), each or both None.
+
+        ``"flag"`` mode records NaN/Inf (and saturates out-of-range values, as propagate);
+        deferred ``"error"`` mode records both; otherwise nothing is recorded.
+        """
+        if self.nonfinite == "propagate" or (self.nonfinite == "error" and not self.defers_errors(device)):
+            return None, None
+        _, nan_flag, range_flag = self._step_flag(layer, source, device)
+        return nan_flag, (range_flag if self.nonfinite == "error" else None)
 
     def check_nonfinite(self) -> None:
-        """Raise :class:`NonFiniteError` if a message since the last check held NaN/Inf, then reset.
+        """Raise what the device flags recorded since the last check, then reset them.
 
-        For ``nonfinite="flag"``: one device->host read per device, meant once per step
-        rather than once per message. A no-op in the other modes.
+        ``"flag"`` mode: :class:`NonFiniteError` if a message held NaN/Inf (they were sent
+        on as NaN). Deferred ``"error"`` mode (fused Triton path): :class:`NonFiniteError`
+        for NaN/Inf, else :class:`OutOfRangeError` for values beyond the wire format, naming
+        every (layer, source) that had one. One device->host read per device (meant once
+        per step, never per message); nothing to read when no flag exists.
         """
-        seen = []
-        for dev, flag in self._nonfinite_flags.items():
-            if int(flag.item()):
-                seen.append(str(dev))
-                flag.zero_()
-        if seen:
-            raise NonFiniteError(f"{self.name}: NaN/Inf reached the codec since the last check (on {', '.join(seen)}); "
+        nan_at, range_at = [], []
+        by_device: dict[torch.device, list] = {}
+        for key in self._step_flags:
+            by_device.setdefault(key[0], []).append(key)
+        for keys in by_device.values():
+            seen = torch.stack([self._step_flags[k][0] for k in keys]).tolist()  # the one sync
+            for key, (nan, big) in zip(keys, seen):
+                if nan or big:
+                    self._step_flags[key][0].zero_()
+                    (nan_at if nan else range_at).append(key)
+        if not nan_at and not range_at:
+            return
+        if self.nonfinite == "flag":
+            raise NonFiniteError(f"{self.name}: NaN/Inf reached the codec since the last check at {_places(nan_at)}; "
                                  f"they were sent on as NaN")
+        if nan_at:
+            raise NonFiniteError(
+                f"{self.name}: NaN/Inf value(s) in the communicated tensor of {_places(nan_at)} (found by the "
+                f"fused kernels, reported once per step); pass nonfinite='propagate' to send them on as NaN")
+        raise OutOfRangeError(
+            f"{self.name}: {_places(range_at)}: a value beyond the largest this codec's wire format carries "
+            f"(docs/wire-format.md; found by the fused kernels, reported once per step); "
+            f"nonfinite='propagate' saturates instead")
 
     def _encode_scanned(self, x: torch.Tensor, layer: str | None, source: Source) -> torch.Tensor | None:
         """The one-pass encode of a kernel that scans its own input (:meth:`_encode_with_scan`).
@@ -324,12 +397,14 @@ class Codec(ABC):
         and whether it must be saturated at :attr:`max_input` (only in propagate mode)."""
         where = _where(layer, source)
         self._check_tensor(x, layer, source)
-        if self.nonfinite != "error" and self.kernel_backend(x.device) == "triton":
-            return True, False  # the fused kernels mask, flag and saturate NaN/Inf themselves: no host sync
+        if self.kernel_backend(x.device) == "triton" and self._fused_encode(x.shape[1]):
+            # the fused kernels mask, saturate and record NaN/Inf and range themselves: no host
+            # sync (deferred "error" mode raises at check_nonfinite)
+            return True, False
         lo, hi = F.value_range(x)
         bad = not (math.isfinite(lo) and math.isfinite(hi))  # NaN propagates into both, Inf shows in one
         if bad and self.nonfinite == "flag":
-            self.nonfinite_flag(x.device).fill_(1)
+            self._step_flag(layer, source, x.device)[1].fill_(1)
         if bad and self.nonfinite == "error":
             n = int((~torch.isfinite(x)).sum())
             raise NonFiniteError(
@@ -368,6 +443,21 @@ class Codec(ABC):
 
 def _where(layer: str | None, source: Source) -> str:
     return f"layer {layer!r}, source {source!r}" if layer is not None else f"source {source!r}"
+
+
+def _places(keys: list) -> str:
+    """``(device, layer, source)`` keys as ``layer 'a', source 0 (cuda:0); ...`` (first 4 and a count)."""
+    shown = "; ".join(f"{_where(layer, source)} ({dev})" for dev, layer, source in keys[:4])
+    return shown + (f"; and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def _check_buffer(buf: torch.Tensor, dtype: torch.dtype, shape: tuple, device: torch.device, what: str) -> None:
+    """A caller-provided output buffer must be a contiguous tensor of exactly this dtype, shape and device."""
+    if (not isinstance(buf, torch.Tensor) or buf.dtype != dtype or tuple(buf.shape) != tuple(shape)
+            or buf.device != torch.device(device) or not buf.is_contiguous()):
+        got = (f"{buf.dtype} {tuple(buf.shape)} on {buf.device}" + ("" if buf.is_contiguous() else ", not contiguous")
+               if isinstance(buf, torch.Tensor) else type(buf).__name__)
+        raise ValueError(f"{what} must be a contiguous {dtype} tensor of shape {tuple(shape)} on {device}, got {got}")
 
 
 # ---------------------------------------------------------------------- registry

@@ -50,16 +50,20 @@ class GroupInt4Codec(Codec):
         t, e = shape
         return (t * e + 1) // 2 + 2 * t * math.ceil(e / self.group)
 
-    def _encode(self, x, params, nonfinite):
+    def _fused_encode(self, hidden):
+        return hidden % 2 == 0  # the kernel packs a token's codes in pairs
+
+    def _encode(self, x, params, nonfinite, *, out=None, flags=(None, None)):
         if self.kernel_backend(x.device) == "cpu":
             from lowbit_tp.kernels import cpu
             return cpu.group_encode(x, group=self.group, nbytes=self.payload_nbytes(tuple(x.shape)))[0]
         t, e = x.shape
-        if e % 2 == 0 and self.kernel_backend(x.device) == "triton":  # the kernel packs a token's codes in pairs
+        if self._fused_encode(e) and self.kernel_backend(x.device) == "triton":
             from lowbit_tp.kernels import triton_group as K
-            out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=x.device)
-            return K.encode(x.contiguous(), out, group=self.group, max_input=self.max_input,
-                            flag=self._kernel_flag(x.device))
+            if out is None:
+                out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=x.device)
+            return K.encode(x.contiguous(), out, group=self.group, max_input=self.max_input, flag=flags[0],
+                            range_flag=flags[1])
         g = math.ceil(e / self.group)
         xg, amax = F.group_absmax(x, self.group, nonfinite=nonfinite)
         # Round the scale to fp16 *before* quantizing so that the receiver, which only
@@ -81,34 +85,30 @@ class GroupInt4Codec(Codec):
         from lowbit_tp.kernels import cpu
         return cpu.group_encode(x, group=self.group, nbytes=self.payload_nbytes(tuple(x.shape)))
 
-    def _reduce_encode(self, payloads, shape, layer, sources, out_source):
-        if not payloads or self.kernel_backend(payloads[0].device) != "triton" or int(shape[1]) % 2:
+    def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None):
+        if not payloads or self.kernel_backend(payloads[0].device) != "triton" or not self._fused_encode(int(shape[1])):
             return None
         from lowbit_tp.kernels import triton_group as K
 
         shape, _ = self._payload_params(payloads, shape, layer, sources)
         dev = payloads[0].device
-        out = torch.empty(self.payload_nbytes(shape), dtype=torch.uint8, device=dev)
-        # error mode: one flag for NaN/Inf and out-of-range sums, read once; if set, the
-        # unfused path runs and raises exactly the reference's error.
-        check = torch.zeros(1, dtype=torch.int32, device=dev) if self.nonfinite == "error" else None
-        K.reduce_encode([p.contiguous() for p in payloads], out, t=shape[0], e=shape[1], group=self.group,
-                        max_input=self.max_input, flag=check if check is not None else self._kernel_flag(dev),
-                        range_flag=check)
-        if check is not None and int(check.item()):
-            return None
-        return out
+        if out is None:
+            out = torch.empty(self.payload_nbytes(shape), dtype=torch.uint8, device=dev)
+        flag, range_flag = self._kernel_flags(layer, out_source, dev)  # deferred error mode: checked per step
+        return K.reduce_encode([p.contiguous() for p in payloads], out, t=shape[0], e=shape[1], group=self.group,
+                               max_input=self.max_input, flag=flag, range_flag=range_flag)
 
-    def _decode_sum(self, payloads, shape, params):
+    def _decode_sum(self, payloads, shape, params, out=None):
         backend = self.kernel_backend(payloads[0].device)
         if backend == "cpu":
             from lowbit_tp.kernels import cpu
             return cpu.group_decode_sum(payloads, shape, group=self.group)
         if backend == "triton":
             from lowbit_tp.kernels import triton_group as K
-            out = torch.empty(shape, dtype=torch.float32, device=payloads[0].device)
+            if out is None:
+                out = torch.empty(shape, dtype=torch.float32, device=payloads[0].device)
             return K.decode_sum([p.contiguous() for p in payloads], out, group=self.group)
-        return super()._decode_sum(payloads, shape, params)
+        return super()._decode_sum(payloads, shape, params, out)
 
     def _decode(self, payload, shape, params):
         if self.kernel_backend(payload.device) == "cpu":
@@ -131,8 +131,16 @@ class MXFP4Codec(Codec):
         t, e = shape
         return (t * e + 1) // 2 + t * math.ceil(e / self.group)
 
-    def _encode(self, x, params, nonfinite):
+    def _fused_encode(self, hidden):
+        return hidden % 2 == 0  # the kernel packs a token's codes in pairs
+
+    def _encode(self, x, params, nonfinite, *, out=None, flags=(None, None)):
         t, e = x.shape
+        if self._fused_encode(e) and self.kernel_backend(x.device) == "triton":
+            from lowbit_tp.kernels import triton_group as K
+            if out is None:
+                out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=x.device)
+            return K.mx_encode(x.contiguous(), out, flag=flags[0])  # no range limit: nothing else to record
         xg, amax = F.group_absmax(x, self.group, nonfinite=nonfinite)
         # OCP MX: shared exponent = floor(log2(amax)) - emax(E2M1), emax = 2. frexp gives
         # floor(log2) exactly (amax = m * 2**e, m in [0.5, 1)), identically on every device.
@@ -144,6 +152,26 @@ class MXFP4Codec(Codec):
         if nonfinite:
             ebyte = ebyte.masked_fill(~torch.isfinite(xg).all(dim=-1), 255)  # E8M0 NaN: the whole block decodes to NaN
         return torch.cat([F.pack_int4(codes.view(torch.int8)), ebyte.reshape(-1)])
+
+    def _decode_sum(self, payloads, shape, params, out=None):
+        if self.kernel_backend(payloads[0].device) != "triton":
+            return super()._decode_sum(payloads, shape, params, out)
+        from lowbit_tp.kernels import triton_group as K
+        if out is None:
+            out = torch.empty(shape, dtype=torch.float32, device=payloads[0].device)
+        return K.mx_decode_sum([p.contiguous() for p in payloads], out)
+
+    def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None):
+        if not payloads or self.kernel_backend(payloads[0].device) != "triton" or not self._fused_encode(int(shape[1])):
+            return None
+        from lowbit_tp.kernels import triton_group as K
+
+        shape, _ = self._payload_params(payloads, shape, layer, sources)
+        dev = payloads[0].device
+        if out is None:
+            out = torch.empty(self.payload_nbytes(shape), dtype=torch.uint8, device=dev)
+        return K.mx_reduce_encode([p.contiguous() for p in payloads], out, t=shape[0], e=shape[1],
+                                  flag=self._kernel_flags(layer, out_source, dev)[0])
 
     def _decode(self, payload, shape, params):
         t, e = shape

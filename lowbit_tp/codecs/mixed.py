@@ -12,7 +12,7 @@ import hashlib
 import json
 
 from lowbit_tp.calibration.artifact import CalibrationError
-from lowbit_tp.codecs.base import Codec, NonFiniteError, make_codec, register_codec
+from lowbit_tp.codecs.base import Codec, NonFiniteError, OutOfRangeError, make_codec, register_codec
 
 
 class _DelegatingCodec(Codec):
@@ -26,41 +26,46 @@ class _DelegatingCodec(Codec):
         raise NotImplementedError
 
     def check_nonfinite(self) -> None:
-        """Check every sub-codec's flag (``nonfinite="flag"``); one error naming them all."""
+        """Check every sub-codec's flags (``"flag"`` and deferred ``"error"`` mode); one error
+        naming them all (:class:`OutOfRangeError` when that is all they found)."""
         errors = []
         for c in self._subcodecs():
             try:
                 c.check_nonfinite()
             except NonFiniteError as exc:
-                errors.append(str(exc))
+                errors.append(exc)
         if errors:
-            raise NonFiniteError("; ".join(errors))
+            kind = OutOfRangeError if all(isinstance(e, OutOfRangeError) for e in errors) else NonFiniteError
+            raise kind("; ".join(str(e) for e in errors))
+
+    def defers_errors(self, device) -> bool:
+        return any(c.defers_errors(device) for c in self._subcodecs())
 
     def payload_nbytes(self, shape, layer=None):
         return self._pick(layer, 0).payload_nbytes(shape, layer)
 
-    def encode(self, x, *, layer=None, source=0):
-        return self._pick(layer, source).encode(x, layer=layer, source=source)
+    def encode(self, x, *, layer=None, source=0, out=None):
+        return self._pick(layer, source).encode(x, layer=layer, source=source, out=out)
 
     def decode(self, payload, shape, *, layer=None, source=0):
         return self._pick(layer, source).decode(payload, shape, layer=layer, source=source)
 
-    def reduce_encode(self, payloads, shape, *, layer=None, sources=None, out_source="sum"):
+    def reduce_encode(self, payloads, shape, *, layer=None, sources=None, out_source="sum", out=None):
         sources = list(range(len(payloads))) if sources is None else list(sources)
         sub = self._pick(layer, out_source)
         if all(self._pick(layer, s) is sub for s in sources):  # one sub-codec: its fused path, if any
-            return sub.reduce_encode(payloads, shape, layer=layer, sources=sources, out_source=out_source)
+            return sub.reduce_encode(payloads, shape, layer=layer, sources=sources, out_source=out_source, out=out)
         return self.encode(self.decode_sum(payloads, shape, layer=layer, sources=sources), layer=layer,
-                           source=out_source)
+                           source=out_source, out=out)
 
-    def decode_sum(self, payloads, shape, *, layer=None, sources=None):
+    def decode_sum(self, payloads, shape, *, layer=None, sources=None, out=None):
         sources = list(range(len(payloads))) if sources is None else list(sources)
         picked = {id(self._pick(layer, s)): self._pick(layer, s) for s in sources}
         if len(picked) != 1:  # pragma: no cover - every source of one layer uses one sub-codec
             raise ValueError(f"{self.name}: sources {sources} of layer {layer!r} use different codecs")
-        return next(iter(picked.values())).decode_sum(payloads, shape, layer=layer, sources=sources)
+        return next(iter(picked.values())).decode_sum(payloads, shape, layer=layer, sources=sources, out=out)
 
-    def _encode(self, x, params, nonfinite):  # pragma: no cover - encode() delegates
+    def _encode(self, x, params, nonfinite, **_):  # pragma: no cover - encode() delegates
         raise NotImplementedError
 
     def _decode(self, payload, shape, params):  # pragma: no cover - decode() delegates

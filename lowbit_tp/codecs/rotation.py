@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from lowbit_tp.codecs import functional as F
-from lowbit_tp.codecs.base import Codec, OutOfRangeError, register_codec
+from lowbit_tp.codecs.base import Codec, register_codec
 from lowbit_tp.codecs.functional import fwht, hadamard_block, pack_bitplanes, unpack_bitplanes  # noqa: F401
 from lowbit_tp.codecs.static import topk_channels
 
@@ -234,11 +234,11 @@ class RotatedGroupCodec(Codec):
         return 2 * t * self.num_kept(e) + codes + self._fmt.nbytes(t, g)
 
     # -------------------------------------------------------------- encode / decode
-    def _encode(self, x, p: RotParams, nonfinite):
+    def _encode(self, x, p: RotParams, nonfinite, *, out=None, flags=(None, None)):
         t, e = x.shape
         backend = self.kernel_backend(x.device)
         if self._kernel_packs(e) and backend == "triton":
-            return self._triton_encode(x, p)
+            return self._triton_encode(x, p, out, flags)
         if backend == "cpu":
             payload = self._cpu_encode(x, p)
             if payload is not None:
@@ -270,6 +270,9 @@ class RotatedGroupCodec(Codec):
         """Whether the encode kernel can pack ``E = e`` (a program owns whole tokens)."""
         return self.bits == 8 or (self.bits == 4 and e % 2 == 0) or e % 8 == 0
 
+    def _fused_encode(self, hidden):
+        return self._kernel_packs(hidden)
+
     def _kernel_args(self, p: RotParams, t: int, e: int, device) -> dict:
         """Arguments every rot kernel takes; the lookup tables are copied to ``device`` once."""
         levels, bounds, lg8, lg8_asc = self._kernel_table(("tables", device), lambda: tuple(
@@ -286,26 +289,22 @@ class RotatedGroupCodec(Codec):
             cm[r, p.outliers] = torch.arange(p.outliers.numel(), dtype=torch.int32, device=device)
         return cm
 
-    def _triton_encode(self, x, p: RotParams):
+    def _triton_encode(self, x, p: RotParams, out, flags):
         from lowbit_tp.kernels import triton_rotation as K
 
         t, e = x.shape
         kw = self._kernel_args(p, t, e, x.device)
         del kw["levels"]
         colmap = self._kernel_table(("enc", id(p)), lambda: self._colmap([p], e, x.device)[0])
-        out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=x.device)
-        # "error" mode (which already syncs on its input scan) asks the kernel whether a rotated
-        # group overflowed or passed the scale limit; the other modes saturate, as the reference.
-        over = torch.zeros(1, dtype=torch.int32, device=x.device) if self.nonfinite == "error" else None
-        K.encode(x.contiguous(), colmap=colmap, out=out, flag=self._kernel_flag(x.device), range_flag=over,
-                 max_input=self.max_input, rotate_max=ROTATE_MAX, scale_max=self._fmt.max_amax, **kw)
-        if over is not None and int(over.item()):
-            raise OutOfRangeError(f"a rotated group absmax beyond {self._fmt.max_amax:.6g} (or an fp32 "
-                                  f"overflow in the rotation), the largest this codec's wire format carries "
-                                  f"(docs/wire-format.md); nonfinite='propagate' saturates instead")
-        return out
+        if out is None:
+            out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=x.device)
+        # deferred "error" mode: the kernel records NaN/Inf, inputs beyond max_input, a rotated
+        # group absmax beyond the scale's range and fp32 overflow in the rotation, for
+        # check_nonfinite(); the other modes saturate, as the reference does.
+        return K.encode(x.contiguous(), colmap=colmap, out=out, flag=flags[0], range_flag=flags[1],
+                        max_input=self.max_input, rotate_max=ROTATE_MAX, scale_max=self._fmt.max_amax, **kw)
 
-    def _reduce_encode(self, payloads, shape, layer, sources, out_source):
+    def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None):
         if not payloads or self.kernel_backend(payloads[0].device) != "triton" or not self._kernel_packs(int(shape[1])):
             return None
         from lowbit_tp.kernels import triton_rotation as K
@@ -317,16 +316,12 @@ class RotatedGroupCodec(Codec):
         kw = self._kernel_args(sp, t, e, dev)
         dec_colmap = self._kernel_table(("dec", tuple(id(p) for p in params)), lambda: self._colmap(params, e, dev))
         enc_colmap = self._kernel_table(("enc", id(sp)), lambda: self._colmap([sp], e, dev)[0])
-        out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=dev)
-        # error mode: one flag for NaN/Inf and out-of-range sums, read once; if set, the
-        # unfused path runs and raises exactly the reference's error.
-        check = torch.zeros(1, dtype=torch.int32, device=dev) if self.nonfinite == "error" else None
-        K.reduce_encode([q.contiguous() for q in payloads], dec_colmap=dec_colmap, enc_colmap=enc_colmap, out=out,
-                        t=t, e=e, flag=check if check is not None else self._kernel_flag(dev), range_flag=check,
-                        max_input=self.max_input, rotate_max=ROTATE_MAX, scale_max=self._fmt.max_amax, **kw)
-        if check is not None and int(check.item()):
-            return None
-        return out
+        if out is None:
+            out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=dev)
+        flag, range_flag = self._kernel_flags(layer, out_source, dev)  # deferred error mode: checked per step
+        return K.reduce_encode([q.contiguous() for q in payloads], dec_colmap=dec_colmap, enc_colmap=enc_colmap,
+                               out=out, t=t, e=e, flag=flag, range_flag=range_flag, max_input=self.max_input,
+                               rotate_max=ROTATE_MAX, scale_max=self._fmt.max_amax, **kw)
 
     def _cpu_args(self, e: int) -> dict:
         """What the CPU rot kernels take besides the data; tables are torch's own values."""
@@ -359,7 +354,7 @@ class RotatedGroupCodec(Codec):
     def _encode_with_scan(self, x, p: RotParams):
         return self._cpu_encode(x, p, scan=True) if self.kernel_backend(x.device) == "cpu" else None
 
-    def _decode_sum(self, payloads, shape, params):
+    def _decode_sum(self, payloads, shape, params, out=None):
         backend = self.kernel_backend(payloads[0].device)
         if backend == "cpu":
             from lowbit_tp.kernels import cpu
@@ -367,7 +362,7 @@ class RotatedGroupCodec(Codec):
             return cpu.rot_decode_sum(payloads, shape, outliers=[p.outliers for p in params],
                                       **self._cpu_args(shape[1]))
         if backend != "triton":
-            return super()._decode_sum(payloads, shape, params)
+            return super()._decode_sum(payloads, shape, params, out)
         from lowbit_tp.kernels import triton_rotation as K
 
         t, e = shape
@@ -375,7 +370,8 @@ class RotatedGroupCodec(Codec):
         kw = self._kernel_args(params[0], t, e, dev)
         del kw["bounds"], kw["lg8_asc"]
         colmap = self._kernel_table(("dec", tuple(id(p) for p in params)), lambda: self._colmap(params, e, dev))
-        out = torch.empty(t, e, dtype=torch.float32, device=dev)
+        if out is None:
+            out = torch.empty(t, e, dtype=torch.float32, device=dev)
         return K.decode_sum([q.contiguous() for q in payloads], colmap=colmap, out=out, **kw)
 
     def _decode(self, payload, shape, p: RotParams):
@@ -415,5 +411,10 @@ _reg("rot-lm4-g64-lg8", bits=4, group=64, levels="lm", scale_format="lg8")    # 
 _reg("rot-lm4-g32-lg8-k4", bits=4, group=32, levels="lm", scale_format="lg8", k=4)  # 4.39
 _reg("rot-lm4-g64-lg8-k4", bits=4, group=64, levels="lm", scale_format="lg8", k=4)  # 4.26
 _reg("rot-lm3-g32-lg8-k4", bits=3, group=32, levels="lm", scale_format="lg8", k=4)  # 3.39
+# Per-layer allocation candidates: same k, groups and scales, so they differ by whole bits.
+_reg("rot-lm2-g64-lg8-k4", bits=2, group=64, levels="lm", scale_format="lg8", k=4)  # 2.26
+_reg("rot-lm3-g64-lg8-k4", bits=3, group=64, levels="lm", scale_format="lg8", k=4)  # 3.26
+_reg("rot-int5-g64-lg8-k4", bits=5, group=64, levels="int", scale_format="lg8", k=4)  # 5.26
+_reg("rot-int8-g64-lg8-k4", bits=8, group=64, levels="int", scale_format="lg8", k=4)  # 8.26
 _reg("rot-int6-g64-lg8-k4", bits=6, group=64, levels="int", scale_format="lg8", k=4)  # 6.26: sensitive layers
 _reg("rot-int8-g64-e8", bits=8, group=64, levels="int", scale_format="e8m0")  # 8.375: sensitive layers

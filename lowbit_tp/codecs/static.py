@@ -47,7 +47,7 @@ class BF16Codec(Codec):
     def payload_nbytes(self, shape, layer=None):
         return 2 * shape[0] * shape[1]
 
-    def _encode(self, x, params, nonfinite):
+    def _encode(self, x, params, nonfinite, **_):
         return F.float_to_bytes(x, torch.bfloat16)
 
     def _decode(self, payload, shape, params):
@@ -180,14 +180,17 @@ class _StaticIntCodec(Codec):
         n = t * (e - k)
         return 2 * t * k + (n + 1) // 2 if self.bits == 4 else 2 * t * k + n
 
-    def _encode(self, x, p: StaticParams, nonfinite):
+    def _fused_encode(self, hidden):
+        return True  # zero_point codecs never reach the Triton backend (kernel_backend)
+
+    def _encode(self, x, p: StaticParams, nonfinite, *, out=None, flags=(None, None)):
         backend = self.kernel_backend(x.device)
         if backend == "cpu":
             from lowbit_tp.kernels import cpu
             return cpu.static_encode(x, outliers=p.outliers, inv_scale=p.inv_scale, bits=self.bits,
                                      nbytes=self.payload_nbytes(tuple(x.shape)))[0]
         if backend == "triton":
-            return self._triton_encode(x, p)
+            return self._triton_encode(x, p, out, flags)
         k = p.outliers.numel()
         rest = x if k == 0 else x.index_select(1, p.inliers)
         if p.offset is not None:
@@ -207,23 +210,24 @@ class _StaticIntCodec(Codec):
                                  nbytes=self.payload_nbytes(tuple(x.shape)))
 
     # -------------------------------------------------------------- fused kernels
-    def _decode_sum(self, payloads, shape, params):
+    def _decode_sum(self, payloads, shape, params, out=None):
         backend = self.kernel_backend(payloads[0].device)
         if backend == "cpu":
             from lowbit_tp.kernels import cpu
             return cpu.static_decode_sum(payloads, shape, scales=[p.scale for p in params],
                                          outliers=[p.outliers for p in params], bits=self.bits)
         if backend == "triton":
-            return self._triton_decode_sum(payloads, shape, params)
-        return super()._decode_sum(payloads, shape, params)
+            return self._triton_decode_sum(payloads, shape, params, out)
+        return super()._decode_sum(payloads, shape, params, out)
 
-    def _triton_encode(self, x, p: StaticParams):
+    def _triton_encode(self, x, p: StaticParams, out, flags):
         from lowbit_tp.kernels import triton_static as K
 
         inl, inv, outl = self._enc_tables(p)
-        out = torch.empty(self.payload_nbytes(tuple(x.shape)), dtype=torch.uint8, device=x.device)
+        if out is None:
+            out = torch.empty(self.payload_nbytes(tuple(x.shape)), dtype=torch.uint8, device=x.device)
         return K.encode(x.contiguous(), inl, inv, outl[: p.outliers.numel()], out, bits=self.bits,
-                        max_input=self.max_input, flag=self._kernel_flag(x.device))
+                        max_input=self.max_input, flag=flags[0], range_flag=flags[1])
 
     def _enc_tables(self, p: StaticParams):
         """Encoder tables of one (layer, source), int32/fp32 on its device, built once."""
@@ -245,15 +249,16 @@ class _StaticIntCodec(Codec):
 
         return self._kernel_table(("dec", tuple(id(p) for p in params)), build)
 
-    def _triton_decode_sum(self, payloads, shape, params):
+    def _triton_decode_sum(self, payloads, shape, params, out):
         from lowbit_tp.kernels import triton_static as K
 
         colmap, scale = self._dec_tables(params)
-        out = torch.empty(shape, dtype=torch.float32, device=payloads[0].device)
+        if out is None:
+            out = torch.empty(shape, dtype=torch.float32, device=payloads[0].device)
         return K.decode_sum([q.contiguous() for q in payloads], colmap, scale, out, nk=params[0].outliers.numel(),
                             bits=self.bits)
 
-    def _reduce_encode(self, payloads, shape, layer, sources, out_source):
+    def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None):
         if not payloads or self.kernel_backend(payloads[0].device) != "triton":
             return None
         from lowbit_tp.kernels import triton_static as K
@@ -264,16 +269,12 @@ class _StaticIntCodec(Codec):
         sp = self.params(layer, out_source, e, dev)
         colmap, scale = self._dec_tables(params)
         inl, inv, outl = self._enc_tables(sp)
-        out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=dev)
-        # error mode: one flag for NaN/Inf and out-of-range sums, read once; if set, the
-        # unfused path runs and raises exactly the reference's error.
-        check = torch.zeros(1, dtype=torch.int32, device=dev) if self.nonfinite == "error" else None
-        K.reduce_encode([q.contiguous() for q in payloads], colmap, scale, inl, inv, outl[: sp.outliers.numel()], out,
-                        t=t, e=e, bits=self.bits, max_input=self.max_input,
-                        flag=check if check is not None else self._kernel_flag(dev), range_flag=check)
-        if check is not None and int(check.item()):
-            return None
-        return out
+        if out is None:
+            out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=dev)
+        flag, range_flag = self._kernel_flags(layer, out_source, dev)  # deferred error mode: checked per step
+        return K.reduce_encode([q.contiguous() for q in payloads], colmap, scale, inl, inv, outl[: sp.outliers.numel()],
+                               out, t=t, e=e, bits=self.bits, max_input=self.max_input, flag=flag,
+                               range_flag=range_flag)
 
     def _decode(self, payload, shape, p: StaticParams):
         if self.kernel_backend(payload.device) == "cpu":

@@ -33,13 +33,7 @@ from typing import Sequence
 import torch
 
 from lowbit_tp.codecs.base import Codec
-
-ALGORITHMS = ("exact", "gather", "two-shot", "auto")
-# The one default of every API that takes an algorithm (all_reduce, simulate_all_reduce,
-# TPSimulator, EvalConfig, RunConfig, the CLI): the seed paper's collective. It always
-# applies the codec (``auto`` may choose ``exact`` for small messages) and every quality
-# result is measured with it; ``auto`` and ``two-shot`` are opt-in.
-DEFAULT_ALGORITHM = "gather"
+from lowbit_tp.configs import ALGORITHMS, DEFAULT_ALGORITHM  # noqa: F401 (re-exported)
 
 
 def sum_in_rank_order(parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -51,12 +45,12 @@ def sum_in_rank_order(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- gather
-def gather_encode(codec: Codec, partial: torch.Tensor, *, layer, rank: int) -> torch.Tensor:
-    return codec.encode(partial, layer=layer, source=rank)
+def gather_encode(codec: Codec, partial: torch.Tensor, *, layer, rank: int, out=None) -> torch.Tensor:
+    return codec.encode(partial, layer=layer, source=rank, out=out)
 
 
-def gather_decode_sum(codec: Codec, payloads: Sequence[torch.Tensor], shape, *, layer) -> torch.Tensor:
-    return codec.decode_sum(payloads, shape, layer=layer)
+def gather_decode_sum(codec: Codec, payloads: Sequence[torch.Tensor], shape, *, layer, out=None) -> torch.Tensor:
+    return codec.decode_sum(payloads, shape, layer=layer, out=out)
 
 
 # ---------------------------------------------------------------- two-shot
@@ -65,19 +59,22 @@ def chunk_rows(tokens: int, world: int) -> int:
     return max(1, math.ceil(tokens / world))
 
 
-def two_shot_encode(codec: Codec, partial: torch.Tensor, *, layer, rank: int, world: int) -> list[torch.Tensor]:
-    """Rank ``rank``'s N encoded row chunks; chunk ``j`` is for rank ``j``."""
+def two_shot_encode(codec: Codec, partial: torch.Tensor, *, layer, rank: int, world: int,
+                    out: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Rank ``rank``'s N encoded row chunks; chunk ``j`` is for rank ``j``. With ``out`` (a
+    flat uint8 buffer of N payloads) chunk ``j`` is written into its ``j``-th part."""
     t, e = partial.shape
     rows = chunk_rows(t, world)
     if rows * world != t:
         partial = torch.nn.functional.pad(partial, (0, 0, 0, rows * world - t))
-    return [codec.encode(c, layer=layer, source=rank) for c in partial.split(rows, dim=0)]
+    parts = [None] * world if out is None else out.chunk(world)
+    return [codec.encode(c, layer=layer, source=rank, out=o) for c, o in zip(partial.split(rows, dim=0), parts)]
 
 
-def two_shot_reduce(codec: Codec, chunks: Sequence[torch.Tensor], chunk_shape, *, layer) -> torch.Tensor:
+def two_shot_reduce(codec: Codec, chunks: Sequence[torch.Tensor], chunk_shape, *, layer, out=None) -> torch.Tensor:
     """Owner's stage: decode the N ranks' copies of its chunk, sum, re-encode the sum
     (one fused pass where the codec has a kernel for it)."""
-    return codec.reduce_encode(chunks, chunk_shape, layer=layer, out_source="sum")
+    return codec.reduce_encode(chunks, chunk_shape, layer=layer, out_source="sum", out=out)
 
 
 def two_shot_decode(codec: Codec, sums: Sequence[torch.Tensor], chunk_shape, tokens: int, *, layer) -> torch.Tensor:

@@ -11,6 +11,7 @@ timeout expires (``init_process_group(timeout=...)``); it never hangs forever.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
@@ -25,6 +26,39 @@ _CHECKED: set[tuple[int, str, str]] = set()
 
 class CollectiveError(RuntimeError):
     """A collective failed: a peer died, timed out, or disagrees on the configuration."""
+
+
+class BufferCache:
+    """Message buffers reused across :func:`all_reduce` calls: a small LRU keyed by
+    (role, pipeline slot, device, dtype, size).
+
+    A buffer is only ever in use inside one call (every transfer started there is waited for
+    there), and a pipelined call gives each chunk in flight its own slot, so reusing them
+    across calls is safe; the returned sum is always a fresh tensor. Decode-step messages
+    (one token, same width) hit the same few entries every step, so the codec kernels write
+    into the same memory and nothing is allocated per message. Not thread-safe: one
+    all-reduce at a time per process, as the collectives themselves require.
+    """
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self._buffers: OrderedDict = OrderedDict()
+
+    def get(self, role: str, slot: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (role, slot, torch.device(device), dtype, int(numel))
+        buf = self._buffers.pop(key, None)
+        if buf is None:
+            buf = torch.empty(int(numel), dtype=dtype, device=device)
+        self._buffers[key] = buf
+        while len(self._buffers) > self.capacity:
+            self._buffers.popitem(last=False)
+        return buf
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+BUFFERS = BufferCache()
 
 
 def _rank_world(group) -> tuple[int, int]:
@@ -116,6 +150,8 @@ def all_reduce(
     if stats is not None:
         stats.record(algorithm=algo, sent=tally.bytes_sent, payload=tally.payload_bytes, values=tally.values,
                      wire_values=tally.wire_values, world=world)
+    if isinstance(outs, torch.Tensor):  # gather decodes every chunk into its rows of one fp32 sum
+        return outs.to(partial.dtype)
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.to(partial.dtype)
 
@@ -143,13 +179,18 @@ def _gather_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: i
                       hook: WireHook | None):
     what = "all_gather of payloads"
     pipelined = len(pieces) > 1
-    outs: list = [None] * len(pieces)
+    dev = pieces[0].device
+    total = sum(p.shape[0] for p in pieces)
+    out = torch.empty(total, pieces[0].shape[1], dtype=torch.float32, device=dev)  # the returned sum: fresh
+    rows = out.split([p.shape[0] for p in pieces], dim=0)  # contiguous row blocks, one per chunk
     inflight = None
     for i in range(len(pieces) + 1):
         launched = None
-        if i < len(pieces):
-            payload = A.gather_encode(codec, pieces[i], layer=layer, rank=rank)
-            got = [torch.empty_like(payload) for _ in range(world)]
+        if i < len(pieces):  # slot i % 2: chunk i-1 may still be in flight while chunk i is encoded
+            n = codec.payload_nbytes(tuple(pieces[i].shape), layer)
+            payload = A.gather_encode(codec, pieces[i], layer=layer, rank=rank,
+                                      out=BUFFERS.get("gather-send", i % 2, n, torch.uint8, dev))
+            got = [BUFFERS.get(f"gather-recv{r}", i % 2, n, torch.uint8, dev) for r in range(world)]
             work = _start(what, layer, group,
                           lambda a: dist.all_gather(got, payload, group=group, async_op=a), hook, pipelined)
             tally.record_gather(payload, world=world, values=pieces[i].numel())
@@ -157,9 +198,9 @@ def _gather_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: i
         if inflight is not None:
             j, got_j, work_j = inflight
             _finish(what, layer, group, work_j, hook)
-            outs[j] = A.gather_decode_sum(codec, got_j, tuple(pieces[j].shape), layer=layer)
+            A.gather_decode_sum(codec, got_j, tuple(pieces[j].shape), layer=layer, out=rows[j])
         inflight = launched
-    return outs
+    return out
 
 
 def _two_shot_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: int, tally: CommStats,
@@ -169,11 +210,14 @@ def _two_shot_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world:
     pipelined = n > 1
     outs: list = [None] * n
     moving, gathering = {}, {}
-    for step in range(n + 2):
-        if step < n:  # encode the N row chunks of piece `step`, start the all-to-all
-            chunks = A.two_shot_encode(codec, pieces[step], layer=layer, rank=rank, world=world)
-            send = torch.cat(chunks)
-            recv = torch.empty_like(send)
+    dev = pieces[0].device
+    for step in range(n + 2):  # piece i uses buffer slot i % 3 (three pieces are in flight at most)
+        if step < n:  # encode the N row chunks of piece `step` into one send buffer, start the all-to-all
+            chunk_shape = (A.chunk_rows(pieces[step].shape[0], world), pieces[step].shape[1])
+            nb = codec.payload_nbytes(chunk_shape, layer)
+            send = BUFFERS.get("two-shot-send", step % 3, world * nb, torch.uint8, dev)
+            chunks = A.two_shot_encode(codec, pieces[step], layer=layer, rank=rank, world=world, out=send)
+            recv = BUFFERS.get("two-shot-recv", step % 3, world * nb, torch.uint8, dev)
             work = _start("all_to_all of chunks", layer, group,
                           lambda a: dist.all_to_all_single(recv, send, group=group, async_op=a), hook, pipelined)
             moving[step] = (chunks, send, recv, work)
@@ -182,8 +226,10 @@ def _two_shot_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world:
             chunks, _send, recv, work = moving.pop(j)
             _finish("all_to_all of chunks", layer, group, work, hook)
             chunk_shape = (A.chunk_rows(pieces[j].shape[0], world), pieces[j].shape[1])
+            # the sum's payload may differ in size from a partial's (a two-stage codec), so the
+            # codec allocates it; the N received copies reuse buffers of that size
             mine = A.two_shot_reduce(codec, list(recv.chunk(world)), chunk_shape, layer=layer)
-            sums = [torch.empty_like(mine) for _ in range(world)]
+            sums = [BUFFERS.get(f"two-shot-sum{r}", j % 3, mine.numel(), torch.uint8, dev) for r in range(world)]
             work = _start("all_gather of reduced chunks", layer, group,
                           lambda a: dist.all_gather(sums, mine, group=group, async_op=a), hook, pipelined)
             gathering[j] = (sums, work, chunk_shape)

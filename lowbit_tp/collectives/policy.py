@@ -4,56 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Iterable
 
-from lowbit_tp.collectives.algorithms import ALGORITHMS
+from lowbit_tp.configs import ALGORITHMS, AutoPolicy  # noqa: F401 (AutoPolicy re-exported)
 
-
-@dataclass(frozen=True)
-class AutoPolicy:
-    """How ``algorithm="auto"`` picks, in this order (all thresholds configurable):
-
-    1. ``world_size == 1`` -> nothing to reduce.
-    2. the message, counted as bf16 bytes (``2 * numel``), is below ``min_bytes`` ->
-       ``exact``: small (decode-time) messages are latency-bound, so encoding them only
-       adds time.
-    3. ``world_size >= two_shot_min_world`` -> ``two-shot``: at N >= 3 it sends fewer
-       bytes than ``gather`` (2(N-1)/N vs N-1 payloads per rank).
-    4. otherwise ``gather`` (one quantization instead of two, same bytes at N = 2).
-
-    Defaults come from ``lowbit-tp bench-comm`` on loopback gloo (see README); retune
-    them with that command for a given link.
-
-    ``chunk_bytes`` (counted as bf16 bytes, like ``min_bytes``) pipelines compressed
-    messages larger than it: they go as row chunks of about that size, so that encoding
-    chunk i+1, moving chunk i and decoding chunk i-1 overlap (see
-    :func:`~lowbit_tp.collectives.dist.all_reduce`). ``0`` (the default) sends every
-    message whole. The result is bitwise the same either way: every codec encodes each
-    token row on its own.
-
-    Why off by default: measured with ``scripts/bench_chunks.py`` (docs/bench/comm_chunks_net.md,
-    TP 2, gloo, 1M and 4M values), chunking was never faster than one message, neither on
-    loopback (up to 3-4x slower) nor on an emulated 1 Gbit/s link (equal at best): on a CPU
-    the asynchronous transfer's threads compete with the codec for the same cores, and the
-    codec (about 1 ms per 1M values) is short next to the per-chunk overheads. Pipelining can
-    pay only where the transfer runs on its own hardware (NIC DMA, NCCL copy engines) and a
-    chunk's transfer outlasts its codec time: measure that link with the script, then set it.
-    """
-
-    min_bytes: int = 64 * 1024
-    two_shot_min_world: int = 3
-    chunk_bytes: int = 0
-
-    def chunk_rows(self, *, tokens: int, hidden: int) -> int:
-        """Rows per pipelined chunk of a ``[tokens, hidden]`` message (``tokens``: no chunking)."""
-        if self.chunk_bytes <= 0 or 2 * tokens * hidden <= self.chunk_bytes:
-            return tokens
-        return max(1, self.chunk_bytes // (2 * hidden))
-
-    def choose(self, *, numel: int, world_size: int) -> str:
-        if world_size <= 1:
-            return "exact"
-        if 2 * numel < self.min_bytes:
-            return "exact"
-        return "two-shot" if world_size >= self.two_shot_min_world else "gather"
 
 
 def resolve_algorithm(algorithm: str, *, numel: int, world_size: int, policy: AutoPolicy | None) -> str:

@@ -2,53 +2,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any, Sequence
 
 import torch
 
-from lowbit_tp.collectives.algorithms import DEFAULT_ALGORITHM
+from lowbit_tp.configs import DEFAULT_ALGORITHM, EvalConfig
 from lowbit_tp.evaluation.metrics import LMComparison, last_word_correct
-
-SPLITS = ("test", "dev")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """What ``lowbit-tp eval`` measures; recorded with every result."""
-
-    model: str = "smollm2-135m"
-    tp: int = 3
-    codecs: tuple[str, ...] = ("int4-outlier",)
-    algorithm: str = DEFAULT_ALGORITHM
-    calibration: str | None = None
-    samples: int = 32
-    seq_len: int = 256
-    batch_size: int = 8
-    lambada: int = 128          # last-word items; 0 skips
-    lambada_context: int = 128  # tokens of context before each target word
-    seed: int = 1               # differs from calibration's default seed 0
-    text: str | None = None
-    text_glob: str = "*"        # which files of a --text directory to read
-    split: str = "test"         # "test": the held-out text; "dev": calibration text off the calibration windows
-    codec_options: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        from lowbit_tp.preflight import check_min
-
-        object.__setattr__(self, "codecs", tuple(self.codecs))
-        check_min(self.tp, "tp")
-        check_min(self.samples, "samples")
-        check_min(self.batch_size, "batch_size")
-        check_min(self.lambada, "lambada", 0)
-        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
-            from lowbit_tp.errors import UserError
-
-            raise UserError(f"seq_len must be at least 2 (a window of 1 token has no next token to predict), "
-                            f"got {self.seq_len!r}")
-        if self.split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
-
 
 def eval_inputs(cfg: EvalConfig, tokenizer, info, calibration=None):
     """What every evaluation path reads: the checked calibration, the text split, the
@@ -127,7 +87,8 @@ def result_record(cfg: EvalConfig, info, split, chunks, items, calibration, rows
                  "chunks": chunks.manifest(),
                  "lambada": [it.manifest() for it in items]},
         "calibration": None if calibration is None else {"fingerprint": calibration.fingerprint(),
-                                                         "text": calibration.meta.get("text", {}).get("description")},
+                                                         "text": calibration.meta.get("text", {}).get("description"),
+                                                         "config": calibration.meta.get("config")},
         "rows": rows,
     }
 
@@ -212,12 +173,13 @@ def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress:
 
 def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algorithm: str = DEFAULT_ALGORITHM,
                            samples: int = 32, cal_samples: int = 64, lambada: int = 128, batch_size: int = 8,
-                           split: str = "test", bundle=None, progress: bool = True,
+                           split: str = "test", seed: int = 1, bundle=None, progress: bool = True,
                            **cal_options) -> dict[str, Any]:
     """Calibrate ``model`` at ``tp`` on the calibration text, then evaluate ``codecs`` on the
     ``split`` (``test``: held-out text; ``dev``: calibration works off the calibration windows).
 
-    ``cal_options`` go to :class:`CalibrationConfig` (e.g. ``allocate=4.5`` for codec ``alloc``).
+    ``seed`` picks the evaluation windows (:class:`EvalConfig`); ``cal_options`` go to
+    :class:`CalibrationConfig` (e.g. ``allocate=4.5`` for codec ``alloc``).
     """
     from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
     from lowbit_tp.models import load_model
@@ -226,7 +188,8 @@ def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algori
     cal = calibrate(CalibrationConfig(model=model, tp=tp, samples=cal_samples, batch_size=batch_size, **cal_options),
                     bundle=bundle, progress=progress)
     return evaluate_codecs(EvalConfig(model=model, tp=tp, codecs=tuple(codecs), algorithm=algorithm,
-                                      samples=samples, lambada=lambada, batch_size=batch_size, split=split),
+                                      samples=samples, lambada=lambada, batch_size=batch_size, split=split,
+                                      seed=seed),
                            bundle=bundle,
                            calibration=cal, progress=progress)
 

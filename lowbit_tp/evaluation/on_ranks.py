@@ -35,6 +35,7 @@ import torch
 
 from lowbit_tp.codecs import make_codec
 from lowbit_tp.collectives import CommStats, check_group_config, spawn_ranks
+from lowbit_tp.configs import RankOptions
 from lowbit_tp.evaluation.evaluate import EvalConfig, _lambada, eval_inputs, result_record, result_row
 from lowbit_tp.evaluation.metrics import LMComparison
 from lowbit_tp.models import check_tp, get_adapter, load_model
@@ -113,8 +114,8 @@ def eval_rank_main(rank: int, world: int, cfg: EvalConfig, input_ids: torch.Tens
     return out
 
 
-def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = 60.0, deadline_s: float | None = None,
-                       threads_per_rank: int = 1, keep_logits: bool = False,
+def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = RankOptions.timeout_s, deadline_s: float | None = None,
+                       threads_per_rank: int = RankOptions.threads_per_rank, keep_logits: bool = False,
                        progress: bool = True) -> dict[str, Any]:
     """:func:`~lowbit_tp.evaluation.evaluate_codecs` on ``cfg.tp`` spawned ranks (gloo, CPU).
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the dynamic group codecs ``int4-g32`` / ``int4-g128``.
+"""Triton kernels of the dynamic group codecs ``int4-g32`` / ``int4-g128`` and ``mxfp4``.
 
 Bitwise the same payloads and sums as :class:`lowbit_tp.codecs.dynamic.GroupInt4Codec`:
 ``[ packed int4 of T*E | T*G fp16 scales ]``, scale = fp16(group absmax / 7), codes =
@@ -124,4 +124,123 @@ def decode_sum(payloads, out, *, group: int):
     group_decode_sum_kernel[(triton.cdiv(t * e, block),)](tuple(payloads), out, t, e, triton.cdiv(e, group),
                                                           (t * e + 1) // 2, N=len(payloads), GROUP=group,
                                                           BLOCK=block, num_warps=4, **FP_OPTIONS)
+    return out
+
+
+# ---------------------------------------------------------------- mxfp4 (OCP MX: E2M1 codes, E8M0 scale per 32)
+@triton.jit
+def _e2m1_value(c):
+    """fp32 value of the E2M1 code ``c`` (0..15, sign in bit 3), as ``E2M1_FLOATS[c]``."""
+    mag = c & 7
+    v = tl.where(mag < 4, mag.to(tl.float32) * 0.5,
+                 tl.where(mag == 7, 6.0, tl.where(mag == 6, 4.0, (mag - 2).to(tl.float32))))
+    return (v.to(tl.int32, bitcast=True) | ((c & 8) << 28)).to(tl.float32, bitcast=True)  # -0.0 too (not 0 - v)
+
+
+@triton.jit
+def _e8m0_scale(b):
+    """``2**(b - 127)`` for an E8M0 byte ``b`` (0 is the subnormal 2**-127), NaN for 255."""
+    s = tl.where(b == 0, 0x400000, b << 23).to(tl.float32, bitcast=True)
+    return tl.where(b == 255, float("nan"), s)
+
+
+@triton.jit
+def _mx_sum_at(payloads, t, e, m, E, G, NQ, N: tl.constexpr):
+    """``sum_r decode(payloads[r])[t, e]`` of mxfp4 payloads in fp32, rank order."""
+    o = t * E + e
+    acc = tl.zeros(o.shape, dtype=tl.float32)
+    for r in tl.static_range(N):
+        p = payloads[r]
+        c = (tl.load(p + o // 2, mask=m, other=0).to(tl.int32) >> (4 * (o & 1))) & 0xF
+        b = tl.load(p + NQ + t * G + e // 32, mask=m, other=127).to(tl.int32)
+        v = _e2m1_value(c) * _e8m0_scale(b)
+        if r == 0:
+            acc = v
+        else:
+            acc = acc + v
+    return acc
+
+
+@triton.jit
+def mx_encode_kernel(src, out_ptr, flag_ptr, T, E, G, NQ, N: tl.constexpr, ROWS: tl.constexpr,
+                     E_PAD: tl.constexpr, GW: tl.constexpr, FLAG: tl.constexpr):
+    """mxfp4-encode ``src[0]`` (``N == 0``) or the decoded sum of the ``N`` mxfp4 payloads in ``src``.
+
+    Shared exponent ``floor(log2(absmax)) - 2`` from the fp32 exponent bits (what ``frexp``
+    gives), ``y = x * 2**-exp`` (exact), E2M1 rounding half to even per range; a group
+    holding NaN/Inf gets the E8M0 NaN byte 255, and a NaN's code is 0 (what PyTorch's CPU
+    cast of NaN to uint8 writes on x86).
+    """
+    GP: tl.constexpr = E_PAD // GW
+    t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    e = tl.arange(0, E_PAD)
+    m = (t[:, None] < T) & (e[None, :] < E)
+    if N == 0:
+        x = tl.load(src[0] + t[:, None] * E + e[None, :], mask=m, other=0.0).to(tl.float32)
+    else:
+        x = tl.where(m, _mx_sum_at(src, t[:, None], e[None, :], m, E, G, NQ, N), 0.0)
+    if FLAG:
+        flag_if(flag_ptr, m & ~is_finite(x))
+    xg = tl.reshape(x, [ROWS, GP, GW])
+    fin = is_finite(xg)
+    amax = tl.max(tl.where(fin, tl.abs(xg), 0.0), axis=2)
+    a = tl.where(amax < 2.0 ** -126, 2.0 ** -126, amax).to(tl.int32, bitcast=True)
+    ex = ((a >> 23) & 0xFF) - 129
+    ex = tl.where(ex < -127, -127, tl.where(ex > 127, 127, ex))
+    inv = ((127 - ex) << 23).to(tl.float32, bitcast=True)  # 2**-ex, normal for ex in [-127, 125]
+    y = xg * tl.broadcast_to(inv[:, :, None], [ROWS, GP, GW])
+    mag = tl.abs(y)
+    mag = tl.where(mag > 6.0, 6.0, mag)  # NaN stays NaN
+    fine = round_half_even(mag * 2.0)
+    mid = round_half_even(mag) + 2.0
+    top = round_half_even(mag * 0.5) + 4.0
+    code = tl.where(mag < 2.0, fine, tl.where(mag < 4.0, mid, top))
+    code = tl.where(mag != mag, 0, code.to(tl.int32)) | ((y < 0.0).to(tl.int32) << 3)
+    lo, hi = tl.split(tl.reshape(code, [ROWS, E_PAD // 2, 2]))
+    i = tl.arange(0, E_PAD // 2)
+    tl.store(out_ptr + t[:, None] * (E // 2) + i[None, :], (lo | (hi << 4)).to(tl.uint8),
+             mask=(t[:, None] < T) & (2 * i[None, :] < E))
+    bad = tl.min(fin.to(tl.int32), axis=2) == 0
+    g = tl.arange(0, GP)
+    tl.store(out_ptr + NQ + t[:, None] * G + g[None, :], tl.where(bad, 255, ex + 127).to(tl.uint8),
+             mask=(t[:, None] < T) & (g[None, :] < G))
+
+
+@triton.jit
+def mx_decode_sum_kernel(payloads, out_ptr, T, E, G, NQ, N: tl.constexpr, BLOCK: tl.constexpr):
+    """``out = sum_r decode(payloads[r])`` of mxfp4 payloads in fp32, rank order; any E."""
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < T * E
+    tl.store(out_ptr + o, _mx_sum_at(payloads, o // E, o % E, m, E, G, NQ, N), mask=m)
+
+
+def _mx_launch(src, n_src, out, t, e, flag):
+    if t == 0:
+        return out
+    rows, e_pad, gw, warps = launch_config(t, e, 32)
+    mx_encode_kernel[(triton.cdiv(t, rows),)](tuple(src), out, out if flag is None else flag, t, e,
+                                              triton.cdiv(e, 32), (t * e + 1) // 2, N=n_src, ROWS=rows,
+                                              E_PAD=e_pad, GW=gw, FLAG=flag is not None, num_warps=warps,
+                                              **FP_OPTIONS)
+    return out
+
+
+def mx_encode(x, out, *, flag=None):
+    """Fill the mxfp4 payload ``out`` from ``x [T, E]`` (E even)."""
+    return _mx_launch([x], 0, out, x.shape[0], x.shape[1], flag)
+
+
+def mx_reduce_encode(payloads, out, *, t: int, e: int, flag=None):
+    """Fill ``out`` with the mxfp4 encoding of the sum of the decoded mxfp4 ``payloads`` (E even), one pass."""
+    return _mx_launch(list(payloads), len(payloads), out, t, e, flag)
+
+
+def mx_decode_sum(payloads, out):
+    t, e = out.shape
+    if t * e == 0:
+        return out
+    block = 1024 if t * e >= 1 << 16 else 256
+    mx_decode_sum_kernel[(triton.cdiv(t * e, block),)](tuple(payloads), out, t, e, triton.cdiv(e, 32),
+                                                       (t * e + 1) // 2, N=len(payloads), BLOCK=block,
+                                                       num_warps=4, **FP_OPTIONS)
     return out

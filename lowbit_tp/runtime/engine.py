@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Callable
 
 import torch
@@ -28,73 +28,18 @@ import torch.distributed as dist
 
 from lowbit_tp.calibration import Calibration
 from lowbit_tp.codecs import make_codec
-from lowbit_tp.collectives import ALGORITHMS, DEFAULT_ALGORITHM, AutoPolicy, check_group_config, spawn_ranks
+from lowbit_tp.collectives import AutoPolicy, check_group_config, spawn_ranks
 from lowbit_tp.collectives.launch import init_from_env
-from lowbit_tp.errors import UserError
+from lowbit_tp.configs import RunConfig, SamplingConfig
 from lowbit_tp.models import check_tp, load_model, load_tokenizer
 from lowbit_tp.models.export import export_hf
 from lowbit_tp.models.registry import model_info
-from lowbit_tp.preflight import check_codecs, check_min, check_model_tp
-from lowbit_tp.runtime.generate import SamplingConfig, generate
+from lowbit_tp.preflight import check_codecs, check_model_tp
+from lowbit_tp.runtime.generate import generate
 from lowbit_tp.runtime.shard import shard_model
 from lowbit_tp.tp.row_parallel import CommHooks, DistReducer
 
 __all__ = ["RunConfig", "preflight_run", "rank_main", "run_from_env", "run_tp"]
-
-
-ENGINES = ("native", "transformers")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything that decides a TP generation run; recorded next to its results.
-
-    ``codec`` names a registered codec; ``calibration`` is a ``.safetensors`` path (needed by
-    static codecs, optional for dynamic ones). ``algorithm``: ``gather`` (default,
-    the one rule of :data:`~lowbit_tp.collectives.DEFAULT_ALGORITHM`) | ``two-shot`` | ``auto`` | ``exact``; ``policy`` sets the thresholds of ``auto``. ``timeout_s`` is
-    the process group's collective timeout: a dead peer surfaces as ``CollectiveError``
-    after at most this long. ``ignore_eos`` always generates ``max_new_tokens``. ``engine``:
-    ``native`` (lowbit-tp's own sharding, :func:`~lowbit_tp.runtime.shard.shard_model`) or
-    ``transformers`` (transformers' TP with the ``lowbit_rowwise`` style); both reduce
-    through a :class:`~lowbit_tp.tp.DistReducer` and report the same fields.
-    """
-
-    model: str
-    tp: int
-    prompts: tuple[str, ...]
-    codec: str = "bf16"
-    calibration: str | None = None
-    algorithm: str = DEFAULT_ALGORITHM
-    policy: AutoPolicy = AutoPolicy()
-    max_new_tokens: int = 64
-    sampling: SamplingConfig = SamplingConfig()
-    ignore_eos: bool = False
-    timeout_s: float = 60.0
-    threads_per_rank: int = 1
-    keep_prefill_logits: bool = False
-    engine: str = "native"
-
-    def __post_init__(self):
-        if isinstance(self.prompts, str):
-            raise TypeError("prompts must be a sequence of strings, not one string")
-        object.__setattr__(self, "prompts", tuple(self.prompts))
-        if not self.prompts:
-            raise UserError("give at least one prompt")
-        empty = [i for i, p in enumerate(self.prompts) if not isinstance(p, str) or not p]
-        if empty:
-            raise UserError(f"prompt {empty[0]} is empty; give some text to continue")
-        check_min(self.tp, "tp")
-        check_min(self.max_new_tokens, "max_new_tokens")
-        check_min(self.threads_per_rank, "threads_per_rank")
-        if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
-            raise UserError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
-        if self.algorithm not in ("auto", *ALGORITHMS):
-            raise UserError(f"unknown algorithm {self.algorithm!r}; one of auto, {', '.join(ALGORITHMS)}")
-        if self.engine not in ENGINES:
-            raise UserError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _rss_mib() -> dict[str, float]:
@@ -171,7 +116,8 @@ def rank_main(rank: int, world: int, cfg: RunConfig, *, group=None, stream: bool
         res = generate(model, tokenizer, ids, max_new_tokens=cfg.max_new_tokens, rank=rank, world=world,
                        group=group, stats=comm.stats, sampling=cfg.sampling, eos_token_ids=eos,
                        on_text=(lambda s: print(s, end="", flush=True)) if show else None,
-                       on_step=on_step, keep_prefill_logits=cfg.keep_prefill_logits)
+                       on_step=on_step, keep_prefill_logits=cfg.keep_prefill_logits,
+                       check_nonfinite=comm.check_nonfinite)
         row = res.summary()
         row["prompt"] = cfg.prompts[i]
         if cfg.keep_prefill_logits:
@@ -236,10 +182,11 @@ def _merge(per_rank: list[dict]) -> dict[str, Any]:
     return out
 
 
-def run_tp(model: str, *, tp: int, prompts, codec: str = "bf16", calibration_path: str | None = None,
-           max_new_tokens: int = 64, algorithm: str = DEFAULT_ALGORITHM, policy: AutoPolicy = AutoPolicy(),
-           sampling: SamplingConfig = SamplingConfig(), ignore_eos: bool = False, timeout_s: float = 60.0,
-           deadline_s: float | None = None, threads_per_rank: int = 1, stream: bool = False,
+def run_tp(model: str, *, tp: int, prompts, codec: str = RunConfig.codec, calibration_path: str | None = None,
+           max_new_tokens: int = RunConfig.max_new_tokens, algorithm: str = RunConfig.algorithm,
+           policy: AutoPolicy = RunConfig.policy, sampling: SamplingConfig = RunConfig.sampling,
+           ignore_eos: bool = False, timeout_s: float = RunConfig.timeout_s, deadline_s: float | None = None,
+           threads_per_rank: int = RunConfig.threads_per_rank, stream: bool = False,
            keep_prefill_logits: bool = False) -> dict[str, Any]:
     """Generate on ``tp`` local ranks (spawned processes, gloo) and return rank 0's results.
 

@@ -19,29 +19,9 @@ import torch
 import torch.distributed as dist
 
 from lowbit_tp.collectives import CollectiveError, CommStats
-from lowbit_tp.errors import UserError
+from lowbit_tp.configs import SamplingConfig
 
 __all__ = ["GenerationResult", "SamplingConfig", "generate", "select_token"]
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Greedy by default. With ``do_sample``: temperature, then top-k (0 = off), then
-    top-p (1.0 = off), then one multinomial draw from a generator seeded with ``seed``."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.temperature <= 0:
-            raise UserError(f"temperature must be > 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise UserError(f"top_k must be >= 0, got {self.top_k}")
 
 
 @dataclass
@@ -143,6 +123,7 @@ def generate(
     on_text: Callable[[str], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
     keep_prefill_logits: bool = False,
+    check_nonfinite: Callable[[], None] | None = None,
 ) -> GenerationResult:
     """Decode up to ``max_new_tokens`` after ``prompt_ids`` (batch of one) with a KV cache.
 
@@ -150,6 +131,9 @@ def generate(
     result reports its prefill/decode deltas). ``on_text(piece)`` streams new text (call
     it on rank 0 only); ``on_step(step, token)`` runs on every rank after each token (a
     hook for tests). Stops early at any of ``eos_token_ids`` (the eos token is kept).
+    ``check_nonfinite()`` runs once after each step's forward (the reducer's
+    :meth:`~lowbit_tp.tp.row_parallel.DistReducer.check_nonfinite`: NaN/Inf recorded on the
+    device by the codec kernels raise here, with one host read per step, not per message).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -171,6 +155,8 @@ def generate(
         t0 = time.perf_counter()
         out = model(input_ids=ids, use_cache=True, **{cache_kw: cache})
         cache = getattr(out, cache_kw)
+        if check_nonfinite is not None:
+            check_nonfinite()
         if step == 0 and keep_prefill_logits:
             prefill_logits = out.logits[0].detach().clone()
         token = select_token(out.logits[0, -1], sampling, gen) if rank == 0 else -1

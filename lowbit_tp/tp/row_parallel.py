@@ -41,10 +41,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit_tp.codecs.base import Codec
+from lowbit_tp.codecs.base import Codec, NonFiniteError
 from lowbit_tp.collectives import AutoPolicy, CommStats, all_reduce, simulate_all_reduce
 from lowbit_tp.collectives.algorithms import DEFAULT_ALGORITHM, sum_in_rank_order
 from lowbit_tp.collectives.dist import WireHook
@@ -103,6 +104,12 @@ class SimulatedReducer:
         """All layers' traffic added up (what one rank sent)."""
         return CommStats.total(self.per_layer.values())
 
+    def check_nonfinite(self) -> None:
+        """Once per step: raise what the codec's device flags recorded (``"flag"`` mode, or
+        ``"error"`` mode deferred on the fused GPU path); see :meth:`Codec.check_nonfinite`."""
+        if self.codec is not None:
+            self.codec.check_nonfinite()
+
 
 @dataclass(frozen=True)
 class CommHooks:
@@ -138,6 +145,20 @@ class DistReducer:
                               policy=self.policy, stats=self.stats, wire_hook=self.hooks.around_wire)
 
         return run() if self.hooks.around_reduce is None else self.hooks.around_reduce(layer, run)
+
+    def check_nonfinite(self) -> None:
+        """Once per step (``generate`` calls it after each forward): raise what the codec's
+        device flags recorded since the last step, naming this rank, the layers and sources.
+
+        One device->host read per step, never one per message. In ``"error"`` mode on the
+        fused GPU path this is where a NaN/Inf or an out-of-range value raises; the other
+        paths raised at the message already.
+        """
+        try:
+            self.codec.check_nonfinite()
+        except NonFiniteError as exc:
+            rank, world = dist.get_rank(self.group), dist.get_world_size(self.group)
+            raise type(exc)(f"rank {rank}/{world}: {exc}") from None
 
 
 class RowParallelLinear(nn.Module):

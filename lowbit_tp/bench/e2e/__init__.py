@@ -31,11 +31,11 @@ meaningless). ``--model`` takes a registry name or checkpoint directory instead.
 The per-packet delay of an emulated link needs the kernel's netem qdisc; where it is missing
 the links are rate-limited only (see ``scripts/netns.sh``).
 
-Modules: ``config`` (:class:`E2EConfig`), ``model`` (random Llama, prompts), ``worker`` (one
+Modules (the config is :class:`~lowbit_tp.configs.E2EConfig`): ``model`` (random Llama, prompts), ``worker`` (one
 rank, timers as :class:`~lowbit_tp.tp.CommHooks`), ``launch`` (rank processes), ``run``
-(the sweep), ``report`` (rows, ratios, markdown), ``cli`` (``bench-e2e``).
+(the sweep), ``report`` (rows, ratios, markdown) (``lowbit-tp bench-e2e`` is :mod:`lowbit_tp.cli.bench`).
 """
-from lowbit_tp.bench.e2e.config import E2EConfig
+from lowbit_tp.configs import E2EConfig
 from lowbit_tp.bench.e2e.model import make_prompt, save_random_llama
 from lowbit_tp.bench.e2e.report import render_markdown
 from lowbit_tp.bench.e2e.run import run_e2e_bench

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import statistics
 
-from lowbit_tp.bench.e2e.config import E2EConfig
+from lowbit_tp.configs import E2EConfig
 from lowbit_tp.results import markdown_table
 
 

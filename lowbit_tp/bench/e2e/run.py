@@ -9,7 +9,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from lowbit_tp.bench.e2e.config import E2EConfig
+from lowbit_tp.configs import E2EConfig
 from lowbit_tp.bench.e2e.launch import free_port, launch_ranks
 from lowbit_tp.bench.e2e.model import make_prompt, save_random_llama
 from lowbit_tp.bench.e2e.report import COLUMNS, NOTES, add_ratios, render_markdown, rows_of_run

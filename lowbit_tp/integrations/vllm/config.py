@@ -8,8 +8,10 @@ Environment (read in every vLLM process; the ``mp`` executor's workers inherit i
 ``LOWBIT_TP_ALGORITHM``        ``auto`` (default) | ``exact`` | ``gather`` | ``two-shot``
 ``LOWBIT_TP_MIN_BYTES``        size gate: messages below this many bf16 bytes (``2*numel``)
                                go to vLLM's own all-reduce (default 65536, as ``auto``)
+``LOWBIT_TP_NONFINITE``        ``propagate`` (default) | ``error``: NaN/Inf in a partial
+                               (see :class:`PluginConfig`)
 ``LOWBIT_TP_CAPTURE_DIR``      tracing: save one call's partial and result per rank here
-``LOWBIT_TP_CAPTURE_LAYER``    ... for this layer (calibration name), first gated call
+``LOWBIT_TP_CAPTURE_LAYER``    ... for this layer (calibration name), the latest gated call
 ``LOWBIT_TP_REPORT_DIR``       tracing: each rank rewrites its reducer report (time and
                                calls per path, traffic) here at most every 0.5 s
 =============================  ===========================================================
@@ -23,13 +25,14 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
-from lowbit_tp.collectives import ALGORITHMS
+from lowbit_tp.configs import ALGORITHMS
 
 ENV = {
     "codec": "LOWBIT_TP_CODEC",
     "calibration": "LOWBIT_TP_CALIBRATION",
     "algorithm": "LOWBIT_TP_ALGORITHM",
     "min_bytes": "LOWBIT_TP_MIN_BYTES",
+    "nonfinite": "LOWBIT_TP_NONFINITE",
     "capture_dir": "LOWBIT_TP_CAPTURE_DIR",
     "capture_layer": "LOWBIT_TP_CAPTURE_LAYER",
     "report_dir": "LOWBIT_TP_REPORT_DIR",
@@ -44,12 +47,18 @@ class PluginConfig:
     values is compressed when ``2 * numel >= min_bytes`` (its size in bf16), otherwise it
     goes to vLLM's own all-reduce, which is faster for small, latency-bound decode messages.
     ``min_bytes=0`` compresses everything.
+
+    ``nonfinite`` is the codec's NaN/Inf policy. The default ``"propagate"`` does what vLLM's
+    own all-reduce does: vLLM runs the model on rows it then discards (its start-up profile
+    run leaves attention outputs uninitialised, so ``o_proj`` partials may hold NaN there),
+    and the sum carries them on as NaN. ``"error"`` raises instead, which stops vLLM.
     """
 
     codec: str | None = None
     calibration: str | None = None
     algorithm: str = "auto"
     min_bytes: int = 64 * 1024
+    nonfinite: str = "propagate"
     capture_dir: str | None = None
     capture_layer: str | None = None
     report_dir: str | None = None
@@ -58,6 +67,8 @@ class PluginConfig:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"lowbit-tp plugin: unknown algorithm {self.algorithm!r}; choose one of "
                              f"{', '.join(ALGORITHMS)}")
+        if self.nonfinite not in ("propagate", "error"):
+            raise ValueError(f"lowbit-tp plugin: nonfinite must be 'propagate' or 'error', got {self.nonfinite!r}")
         if self.min_bytes < 0:
             raise ValueError(f"lowbit-tp plugin: min_bytes must be >= 0, got {self.min_bytes}")
 

@@ -8,11 +8,14 @@ and the plugin reads it there.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping, Sequence
 
 from lowbit_tp.integrations.vllm.config import ENV, PluginConfig
 
@@ -192,6 +195,56 @@ def session(spec: dict[str, Any]) -> dict[str, Any]:
         out["quality"] = prompt_nll(llm, spec["sequences"])
     out["reports"] = worker_reports(llm) if plugin is not None else []
     return out
+
+
+@contextmanager
+def server_session(cmd: Sequence[str], *, port: int, log_path: str | Path, env: Mapping[str, str] | None = None,
+                   cwd: str | Path | None = None, host: str = "127.0.0.1",
+                   timeout: float = 1200.0) -> Iterator[str]:
+    """Start ``cmd`` (``lowbit-tp serve ...`` or ``vllm serve ...`` listening on ``host:port``)
+    in its own process session, output to ``log_path``; wait until ``/v1/models`` answers and
+    yield the API's base URL (``http://host:port/v1``). On exit the whole session (server and
+    its vLLM workers) gets SIGTERM, then SIGKILL after 60 s.
+
+    Raises :class:`RuntimeError` (with the log's tail) if the server exits or is not ready
+    within ``timeout`` seconds.
+    """
+    import urllib.request
+
+    log_path = Path(log_path)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(list(cmd), env=None if env is None else dict(env), cwd=cwd, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        base = f"http://{host}:{port}/v1"
+        try:
+            end = time.monotonic() + timeout
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited ({proc.returncode}); {log_path}:\n"
+                                       + log_path.read_text()[-5000:])
+                if time.monotonic() > end:
+                    raise RuntimeError(f"server not ready in {timeout:.0f} s; {log_path}:\n"
+                                       + log_path.read_text()[-5000:])
+                try:
+                    urllib.request.urlopen(base + "/models", timeout=5).read()
+                    break
+                except OSError:
+                    time.sleep(2)
+            yield base
+        finally:
+            _signal_session(proc.pid, signal.SIGTERM)  # the session started above (workers too), nothing else
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                _signal_session(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+
+
+def _signal_session(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:  # the whole session has already exited
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,7 @@ def _setup(cfg: PluginConfig, tp_size: int) -> list[str] | None:
         cal = Calibration.load(cfg.calibration)
         if vcfg is not None:
             check_calibration(cal, identity(vcfg.model_config.model), tp=tp_size, path=cfg.calibration)
-    codec = make_codec(cfg.codec, calibration=cal)
+    codec = make_codec(cfg.codec, calibration=cal, nonfinite=cfg.nonfinite)
     group = get_tp_group()
     inner = DistReducer(codec=codec, group=group.device_group, algorithm=cfg.algorithm,
                         policy=AutoPolicy(min_bytes=cfg.min_bytes))

@@ -32,8 +32,9 @@ class GatedReducer:
     faster for small, latency-bound decode messages); larger ones to ``inner`` (the
     compressed :func:`~lowbit_tp.collectives.all_reduce`, traffic in ``inner.stats``).
     ``seconds``/``calls`` count wall time and calls per path (``"compressed"``,
-    ``"fallback"``). ``capture_dir``/``capture_layer`` (tracing) save the first compressed
-    call of one layer: this rank's partial and the result; ``report_dir`` (tracing) gets
+    ``"fallback"``). ``capture_dir``/``capture_layer`` (tracing) keep the latest compressed
+    call of one layer: this rank's partial and the result, rewritten (atomically) on every
+    call, so a reader sees the call of the last request; ``report_dir`` (tracing) gets
     :meth:`report` as JSON, rewritten at most every 0.5 s (how a server's workers show it).
     """
 
@@ -82,10 +83,11 @@ class GatedReducer:
 
     def _capture(self, partial: torch.Tensor, out: torch.Tensor, layer: str) -> None:
         path = Path(self.capture_dir) / f"{layer}.rank{self.rank}.pt"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"layer": layer, "rank": self.rank, "algorithm": self.inner.algorithm,
-                        "partial": partial.detach().clone(), "output": out.detach().clone()}, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"layer": layer, "rank": self.rank, "algorithm": self.inner.algorithm,
+                    "partial": partial.detach().clone(), "output": out.detach().clone()}, tmp)
+        tmp.replace(path)
 
     def report(self) -> dict[str, Any]:
         return {"rank": self.rank, "codec": self.inner.codec.config(), "algorithm": self.inner.algorithm,

@@ -1,0 +1,59 @@
+"""``lowbit-tp calibrate``: record channel statistics of a model's communicated partials."""
+from __future__ import annotations
+
+from lowbit_tp.cli.argtypes import nonneg_int, positive_int, unit_interval
+from lowbit_tp.cli.common import default, warn
+from lowbit_tp.configs import CalibrationConfig
+
+
+def register(sub) -> None:
+    d = CalibrationConfig  # defaults are read from its fields
+    p = sub.add_parser("calibrate", help="record channel statistics of a model's communicated partials")
+    p.add_argument("--model", default=default(d, "model"), help="registry name, local HF checkpoint dir, or .gguf file")
+    p.add_argument("--tp", type=positive_int, required=True)
+    p.add_argument("--out", required=True, help="the .safetensors artifact to write")
+    p.add_argument("--samples", type=positive_int, default=default(d, "samples"))
+    p.add_argument("--seq-len", type=int, default=default(d, "seq_len"))
+    p.add_argument("--batch-size", type=positive_int, default=default(d, "batch_size"))
+    p.add_argument("--seed", type=int, default=default(d, "seed"))
+    p.add_argument("--ema-decay", type=unit_interval, default=default(d, "ema_decay"))
+    p.add_argument("--k", type=nonneg_int, default=default(d, "k"),
+                   help="bf16 (kept) channels for int4-outlier, int4-random-k and rot-* "
+                        "codecs without -kN, stored in the calibration (default hidden/64)")
+    p.add_argument("--text", default=default(d, "text"),
+                   help="calibration text: a file or a directory of UTF-8 text files (default: Shakespeare)")
+    p.add_argument("--text-glob", default=default(d, "text_glob"),
+                   help="files of a --text directory to read (default '%(default)s'; e.g. '**/*.md')")
+    p.add_argument("--allocate", type=float, metavar="BITS", default=default(d, "allocate"),
+                   help="measure per-layer sensitivity and store a bit allocation with this mean bits/value budget, "
+                        "used by --codec alloc (= default); 0 skips it (default %(default)s)")
+    p.add_argument("--alloc-low", default=default(d, "alloc_low"), help="codec for most layers (default %(default)s)")
+    p.add_argument("--alloc-high", default=default(d, "alloc_high"),
+                   help="codec for the most sensitive layers (default %(default)s)")
+    p.add_argument("--alloc-codecs", default=",".join(default(d, "alloc_codecs")), metavar="A,B,...",
+                   help="candidate codecs, comma-separated: allocate one per layer by predicted KL (the KL of "
+                        "--alloc-low scaled by each codec's measured error at that layer) instead of low/high")
+    p.add_argument("--alloc-samples", type=positive_int, default=default(d, "alloc_samples"),
+                   help="probe windows (128 tokens) for the per-layer sensitivity (default %(default)s)")
+    p.set_defaults(func=cmd)
+
+
+def config_from_args(args) -> CalibrationConfig:
+    return CalibrationConfig(model=args.model, tp=args.tp, samples=args.samples, seq_len=args.seq_len,
+                             batch_size=args.batch_size, seed=args.seed, ema_decay=args.ema_decay, k=args.k,
+                             text=args.text, text_glob=args.text_glob, allocate=args.allocate or None,
+                             alloc_low=args.alloc_low, alloc_high=args.alloc_high, alloc_samples=args.alloc_samples,
+                             alloc_codecs=tuple(c for c in args.alloc_codecs.split(",") if c))
+
+
+def cmd(args) -> None:
+    # Library code (torch) is imported when the command runs, so that `--help` stays fast.
+    from lowbit_tp.calibration.pipeline import calibrate
+    from lowbit_tp.preflight import preflight_calibrate
+
+    cfg = config_from_args(args)
+    preflight_calibrate(cfg, out=args.out, warn=warn)
+    cal = calibrate(cfg)
+    path = cal.save(args.out)
+    print(f"wrote {path}: {len(cal.layers)} layers x {cfg.tp} ranks (+ sum), hidden {cal.hidden_size}, "
+          f"k={cal.meta['k']}, {cal.meta['seconds']} s; text: {cal.meta['text']['description']}")

@@ -1,0 +1,335 @@
+"""Every run's configuration, as frozen dataclasses, in one torch-free module.
+
+The library modules that do the work import their config from here, and the ``lowbit-tp``
+command reads its flag defaults from these fields, so a default is stated once. This module
+imports only the standard library and :mod:`lowbit_tp.errors`: ``lowbit-tp --help`` builds
+its parser from it without importing torch. Validation here is cheap (types and ranges);
+checks that need the codec registry or a model header run in :mod:`lowbit_tp.preflight`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lowbit_tp.errors import UserError
+
+__all__ = [
+    "ALGORITHMS",
+    "DEFAULT_ALGORITHM",
+    "ENGINES",
+    "SPLITS",
+    "AutoPolicy",
+    "CalibrationConfig",
+    "CommBenchConfig",
+    "DemoConfig",
+    "E2EConfig",
+    "EvalConfig",
+    "RankOptions",
+    "RunConfig",
+    "SamplingConfig",
+    "check_min",
+]
+
+ALGORITHMS = ("exact", "gather", "two-shot", "auto")
+# The one default of every API that takes an algorithm (all_reduce, simulate_all_reduce,
+# TPSimulator, EvalConfig, RunConfig, the CLI): the seed paper's collective. It always
+# applies the codec (``auto`` may choose ``exact`` for small messages) and every quality
+# result is measured with it; ``auto`` and ``two-shot`` are opt-in.
+DEFAULT_ALGORITHM = "gather"
+
+ENGINES = ("native", "transformers")  # engines of RunConfig; `lowbit-tp run --engine vllm` maps onto native's config
+SPLITS = ("test", "dev")  # EvalConfig.split
+
+
+def check_min(value: Any, name: str, minimum: float = 1) -> None:
+    """``value`` must be a number ``>= minimum`` (and finite); ``name`` is the flag shown."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        raise UserError(f"{name} must be {'a positive integer' if minimum == 1 else f'>= {minimum}'}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AutoPolicy:
+    """How ``algorithm="auto"`` picks, in this order (all thresholds configurable):
+
+    1. ``world_size == 1`` -> nothing to reduce.
+    2. the message, counted as bf16 bytes (``2 * numel``), is below ``min_bytes`` ->
+       ``exact``: small (decode-time) messages are latency-bound, so encoding them only
+       adds time.
+    3. ``world_size >= two_shot_min_world`` -> ``two-shot``: at N >= 3 it sends fewer
+       bytes than ``gather`` (2(N-1)/N vs N-1 payloads per rank).
+    4. otherwise ``gather`` (one quantization instead of two, same bytes at N = 2).
+
+    Defaults come from ``lowbit-tp bench-comm`` on loopback gloo (see README); retune
+    them with that command for a given link.
+
+    ``chunk_bytes`` (counted as bf16 bytes, like ``min_bytes``) pipelines compressed
+    messages larger than it: they go as row chunks of about that size, so that encoding
+    chunk i+1, moving chunk i and decoding chunk i-1 overlap (see
+    :func:`~lowbit_tp.collectives.dist.all_reduce`). ``0`` (the default) sends every
+    message whole. The result is bitwise the same either way: every codec encodes each
+    token row on its own.
+
+    Why off by default: measured with ``scripts/bench_chunks.py`` (docs/bench/comm_chunks_net.md,
+    TP 2, gloo, 1M and 4M values), chunking was never faster than one message, neither on
+    loopback (up to 3-4x slower) nor on an emulated 1 Gbit/s link (equal at best): on a CPU
+    the asynchronous transfer's threads compete with the codec for the same cores, and the
+    codec (about 1 ms per 1M values) is short next to the per-chunk overheads. Pipelining can
+    pay only where the transfer runs on its own hardware (NIC DMA, NCCL copy engines) and a
+    chunk's transfer outlasts its codec time: measure that link with the script, then set it.
+    """
+
+    min_bytes: int = 64 * 1024
+    two_shot_min_world: int = 3
+    chunk_bytes: int = 0
+
+    def chunk_rows(self, *, tokens: int, hidden: int) -> int:
+        """Rows per pipelined chunk of a ``[tokens, hidden]`` message (``tokens``: no chunking)."""
+        if self.chunk_bytes <= 0 or 2 * tokens * hidden <= self.chunk_bytes:
+            return tokens
+        return max(1, self.chunk_bytes // (2 * hidden))
+
+    def choose(self, *, numel: int, world_size: int) -> str:
+        if world_size <= 1:
+            return "exact"
+        if 2 * numel < self.min_bytes:
+            return "exact"
+        return "two-shot" if world_size >= self.two_shot_min_world else "gather"
+
+
+@dataclass(frozen=True)
+class RankOptions:
+    """How spawned local ranks run: ``timeout_s`` bounds each collective (a dead or stalled
+    peer surfaces as a ``CollectiveError`` after at most this long); ``threads_per_rank``
+    torch threads per rank process."""
+
+    timeout_s: float = 60.0
+    threads_per_rank: int = 1
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Greedy by default. With ``do_sample``: temperature, then top-k (0 = off), then
+    top-p (1.0 = off), then one multinomial draw from a generator seeded with ``seed``."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise UserError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything that decides a TP generation run; recorded next to its results.
+
+    ``codec`` names a registered codec; ``calibration`` is a ``.safetensors`` path (needed by
+    static codecs, optional for dynamic ones). ``algorithm``: ``gather`` (default,
+    the one rule of :data:`DEFAULT_ALGORITHM`) | ``two-shot`` | ``auto`` | ``exact``;
+    ``policy`` sets the thresholds of ``auto``. ``timeout_s`` is the process group's
+    collective timeout: a dead peer surfaces as ``CollectiveError`` after at most this long.
+    ``ignore_eos`` always generates ``max_new_tokens``. ``engine``: ``native`` (lowbit-tp's
+    own sharding, :func:`~lowbit_tp.runtime.shard.shard_model`) or ``transformers``
+    (transformers' TP with the ``lowbit_rowwise`` style); both reduce through a
+    :class:`~lowbit_tp.tp.DistReducer` and report the same fields.
+    """
+
+    model: str = "smollm2-135m"
+    tp: int
+    prompts: tuple[str, ...]
+    codec: str = "bf16"
+    calibration: str | None = None
+    algorithm: str = DEFAULT_ALGORITHM
+    policy: AutoPolicy = AutoPolicy()
+    max_new_tokens: int = 64
+    sampling: SamplingConfig = SamplingConfig()
+    ignore_eos: bool = False
+    timeout_s: float = RankOptions.timeout_s
+    threads_per_rank: int = RankOptions.threads_per_rank
+    keep_prefill_logits: bool = False
+    engine: str = "native"
+
+    def __post_init__(self):
+        if isinstance(self.prompts, str):
+            raise TypeError("prompts must be a sequence of strings, not one string")
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        if not self.prompts:
+            raise UserError("give at least one prompt")
+        empty = [i for i, p in enumerate(self.prompts) if not isinstance(p, str) or not p]
+        if empty:
+            raise UserError(f"prompt {empty[0]} is empty; give some text to continue")
+        check_min(self.tp, "tp")
+        check_min(self.max_new_tokens, "max_new_tokens")
+        check_min(self.threads_per_rank, "threads_per_rank")
+        if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
+            raise UserError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise UserError(f"unknown algorithm {self.algorithm!r}; one of {', '.join(ALGORITHMS)}")
+        if self.engine not in ENGINES:
+            raise UserError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """What ``lowbit-tp calibrate`` does; recorded in the artifact."""
+
+    model: str = "smollm2-135m"
+    tp: int = 3
+    samples: int = 64
+    seq_len: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    ema_decay: float = 0.9
+    k: int | None = None  # bf16 channels for codecs that take k from the calibration; None: hidden // 64
+    text: str | None = None  # None: the Shakespeare calibration plays
+    text_glob: str = "*"  # files of a ``text`` directory to read
+    side: str = "calibration"  # which side of the text split to read; "evaluation" for held-out analysis
+    # Per-layer bit allocation stored for codec "alloc" (= "default"): mean bits/value budget,
+    # the codec most layers get, the one the most sensitive layers get. None skips it.
+    allocate: float | None = 4.5
+    alloc_low: str = "rot-lm4-g64-lg8-k4"
+    alloc_high: str = "rot-int6-g64-lg8-k4"
+    alloc_samples: int = 2
+    # Candidate codecs for a multi-codec allocation (allocate_many); empty: the two above.
+    # alloc_low is then the reference codec whose per-layer KL is measured.
+    alloc_codecs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What ``lowbit-tp eval`` measures; recorded with every result."""
+
+    model: str = "smollm2-135m"
+    tp: int = 3
+    codecs: tuple[str, ...] = ("int4-outlier",)
+    algorithm: str = DEFAULT_ALGORITHM
+    calibration: str | None = None
+    samples: int = 32
+    seq_len: int = 256
+    batch_size: int = 8
+    lambada: int = 128          # last-word items; 0 skips
+    lambada_context: int = 128  # tokens of context before each target word
+    seed: int = 1               # differs from calibration's default seed 0
+    text: str | None = None
+    text_glob: str = "*"        # which files of a --text directory to read
+    split: str = "test"         # "test": the held-out text; "dev": calibration text off the calibration windows
+    codec_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "codecs", tuple(self.codecs))
+        check_min(self.tp, "tp")
+        check_min(self.samples, "samples")
+        check_min(self.batch_size, "batch_size")
+        check_min(self.lambada, "lambada", 0)
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise UserError(f"seq_len must be at least 2 (a window of 1 token has no next token to predict), "
+                            f"got {self.seq_len!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+
+
+# bench-comm message sizes in bytes of the bf16 tensor: 64 KB to 64 MB.
+DEFAULT_MESSAGE_BYTES = (64 * 1024, 1024 * 1024, 16 * 1024 * 1024, 64 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class CommBenchConfig:
+    """One ``lowbit-tp bench-comm`` sweep: every world size x message size x codec x
+    algorithm x chunk size. ``timeout_s`` bounds each collective. The codec names are
+    checked against the registry when the sweep starts (:func:`~lowbit_tp.bench.comm.run_comm_bench`)."""
+
+    world_sizes: tuple[int, ...] = (2,)
+    codecs: tuple[str, ...] = ("bf16", "int8", "int4-outlier", "int4-g32", "int4-g128", "mxfp4")
+    numels: tuple[int, ...] = tuple(b // 2 for b in DEFAULT_MESSAGE_BYTES)
+    algorithms: tuple[str, ...] = ("gather", "two-shot")
+    hidden: int = 4096
+    repeats: int = 5
+    backend: str = "gloo"
+    threads_per_rank: int = 1
+    timeout_s: float = 300.0
+    chunk_bytes: tuple[int, ...] = (AutoPolicy.chunk_bytes,)
+    speed_backends: tuple[str, ...] = ("reference", "auto")
+
+    def __post_init__(self):  # refuse bad settings here, before any rank is spawned
+        for w in self.world_sizes:
+            check_min(w, "world size")
+        for n in self.numels:
+            check_min(n, "numel")
+        check_min(self.hidden, "hidden")
+        check_min(self.repeats, "repeats")
+        check_min(self.threads_per_rank, "threads_per_rank")
+        if not self.codecs:
+            raise UserError("give at least one codec")
+        bad = [a for a in self.algorithms if a not in ALGORITHMS or a == "exact"]
+        if bad:
+            raise UserError(f"unknown algorithm {bad[0]!r}; bench-comm runs gather and/or two-shot")
+        if self.backend not in ("gloo", "nccl"):
+            raise UserError(f"backend must be gloo or nccl, got {self.backend!r}")
+
+
+@dataclass(frozen=True)
+class E2EConfig:
+    """One ``bench-e2e`` sweep; recorded in the results.
+
+    ``networks``: ``loopback`` and/or tc rates (``10gbit``); ``delay``: one-way delay per
+    packet on emulated links (``0``: none; needs netem otherwise). ``codecs`` run with
+    ``algorithm``; ``bf16`` always runs with ``gather`` as the baseline, and with ``exact``
+    too when ``exact_baseline``. ``model``: ``random-llama`` (shape from ``hidden``,
+    ``intermediate``, ``layers``, ``heads``, ``kv_heads``) or a registry name / checkpoint
+    directory. ``repeats`` prompts of each length run per launch; ``rounds`` launches per
+    variant, interleaved (medians pool all ``repeats * rounds``). ``sync_wire``: a barrier
+    before each backend collective inside an all-reduce, so that the wire timer excludes the
+    ranks' arrival skew (reported as ``*_skew_ms``).
+    """
+
+    networks: tuple[str, ...] = ("loopback", "10gbit", "1gbit")
+    tps: tuple[int, ...] = (2,)
+    codecs: tuple[str, ...] = ("int4-outlier", "int4-g32")
+    algorithm: str = "gather"
+    exact_baseline: bool = True
+    prompt_lens: tuple[int, ...] = (2048, 512)
+    new_tokens: int = 16
+    repeats: int = 3
+    rounds: int = 1
+    model: str = "random-llama"
+    hidden: int = 2048
+    intermediate: int = 5632
+    layers: int = 2
+    heads: int = 16
+    kv_heads: int = 4
+    calibration_samples: int = 8
+    delay: str = "0"
+    threads_per_rank: int = 1
+    sync_wire: bool = True
+    run_timeout_s: float = 900.0
+
+    def variants(self) -> list[tuple[str, str]]:
+        """(codec, algorithm) pairs of one network and TP degree, baseline first."""
+        out = [("bf16", "gather")] + ([("bf16", "exact")] if self.exact_baseline else [])
+        return out + [(c, self.algorithm) for c in self.codecs if c != "bf16"]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """``lowbit-tp demo``: calibrate (``cal_samples`` windows, cached), measure quality on
+    ``eval_samples`` held-out windows, then generate ``max_new_tokens`` per prompt on ``tp``
+    real ranks, for each codec."""
+
+    model: str = "smollm2-135m"
+    tp: int = 3
+    codecs: tuple[str, ...] = ("bf16", "int4-outlier", "default")
+    prompts: tuple[str, ...] = ("To be, or not to be, that is the question:", "The capital of France is")
+    max_new_tokens: int = 24
+    cal_samples: int = 32
+    eval_samples: int = 8

@@ -1,0 +1,144 @@
+"""Per-layer bit allocation study: measure once, write one calibration per plan.
+
+Loads a calibration (``lowbit-tp calibrate ... --allocate 0`` or any other), measures on
+probe windows of the *calibration* side of the text (drawn as ``lowbit-tp calibrate``
+draws its allocation probe; recorded in every written artifact, so ``eval --split dev``
+avoids them):
+
+1. each layer's KL with the reference codec alone (``layer_sensitivity``);
+2. each candidate codec's all-reduce squared error at each layer (``layer_errors``);
+
+then writes, for every budget and candidate set, a copy of the calibration whose
+``bit_allocation`` is that plan (``allocate_many``; ``--two`` also the two-codec
+``allocate`` of low/high), to be evaluated with
+``lowbit-tp eval --split dev --codec alloc --calibration OUT/<plan>.safetensors``.
+
+    PYTHONPATH=. python scripts/alloc_study.py --model smollm2-135m --tp 3 \\
+        --calibration CAL.safetensors --out-dir OUT --budgets 4.25 3.5
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+CANDIDATES = ("rot-lm2-g64-lg8-k4", "rot-lm3-g64-lg8-k4", "rot-lm4-g64-lg8-k4", "rot-int5-g64-lg8-k4",
+              "rot-int6-g64-lg8-k4", "rot-int8-g64-lg8-k4")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--tp", type=int, required=True)
+    ap.add_argument("--calibration", required=True)
+    ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--reference", default="rot-lm4-g64-lg8-k4")
+    ap.add_argument("--codecs", nargs="+", default=list(CANDIDATES))
+    ap.add_argument("--budgets", nargs="+", type=float, default=[4.25, 3.5])
+    ap.add_argument("--probe-samples", type=int, default=8)
+    ap.add_argument("--probe-seq-len", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0, help="the calibration's seed (probe windows use seed+1000)")
+    ap.add_argument("--own-sensitivity", action="store_true",
+                    help="take the per-layer KL from the calibration's own plan (its probe, its reference "
+                         "codec) instead of measuring it again; only the errors are measured")
+    ap.add_argument("--two", nargs="*", type=float, default=[],
+                    help="also today's two-codec rule (allocate: --reference for most layers, --high for the "
+                         "most sensitive) at these budgets, on the same sensitivity")
+    ap.add_argument("--high", default="rot-int6-g64-lg8-k4")
+    ap.add_argument("--eval-samples", type=int, default=0,
+                    help="then evaluate every plan (and the calibration's own plan, if any, as 'alloc-own', and "
+                         "--eval-codecs) on the dev split in one run: same windows, one baseline")
+    ap.add_argument("--eval-codecs", nargs="*", default=[])
+    ap.add_argument("--json", help="write the dev result here")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from lowbit_tp.calibration import Calibration
+    from lowbit_tp.calibration.allocate import allocate, allocate_many, layer_errors, layer_sensitivity
+    from lowbit_tp.data import chunk_tokens, load_split
+    from lowbit_tp.models import load_model
+
+    torch.manual_seed(0)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cal = Calibration.load(args.calibration)
+    model, tokenizer, info = load_model(args.model)
+    text = cal.meta.get("config", {}).get("text")
+    split = load_split(text, glob=cal.meta.get("config", {}).get("text_glob", "*"))
+    own = cal.meta.get("bit_allocation")
+    if args.own_sensitivity:
+        if not own or own.get("low") != args.reference:
+            raise SystemExit(f"--own-sensitivity: the calibration has no plan measured with {args.reference}")
+        args.probe_samples, args.probe_seq_len = own["probe"]["num_samples"], own["probe"]["seq_len"]
+    probe = chunk_tokens(tokenizer, split.calibration, num_samples=args.probe_samples, seq_len=args.probe_seq_len,
+                         seed=args.seed + 1000)
+    if args.own_sensitivity and probe.manifest()["samples"] != own["probe"]["samples"]:
+        raise SystemExit("--own-sensitivity: the calibration's probe windows differ from the ones drawn here")
+    meas = out / "measure.json"
+    if meas.exists():
+        m = json.loads(meas.read_text())
+        sens, errs = m["sensitivity_kl"], m["mse"]
+    else:
+        t0 = time.perf_counter()
+        codecs = list(dict.fromkeys([args.reference, *args.codecs]))
+        errs = layer_errors(model, probe.input_ids, cal, tp=args.tp, codecs=codecs, name=info.name)
+        t1 = time.perf_counter()
+        sens = (own["sensitivity_kl"] if args.own_sensitivity else
+                layer_sensitivity(model, probe.input_ids, cal, tp=args.tp, codec=args.reference, name=info.name))
+        t2 = time.perf_counter()
+        meas.write_text(json.dumps({"model": args.model, "tp": args.tp, "reference": args.reference,
+                                    "probe": probe.manifest(), "sensitivity_kl": sens, "mse": errs,
+                                    "seconds": {"errors": round(t1 - t0, 1), "sensitivity": round(t2 - t1, 1)}},
+                                   indent=1))
+    plans = {}
+    for budget in args.budgets:
+        plan = allocate_many(sens, errs, reference=args.reference, codecs=args.codecs, budget=budget,
+                             calibration=cal)
+        plans[f"alloc-{budget:g}"] = plan
+    for budget in args.two:
+        plans[f"alloc2-{budget:g}"] = allocate(sens, low=args.reference, high=args.high, budget=budget,
+                                               calibration=cal)
+    # The probe windows this study read, plus the calibration's own probe (if its plan is
+    # evaluated): the dev split avoids them all.
+    excl = probe.manifest()
+    if own and own.get("probe") and own["probe"]["samples"] != excl["samples"]:
+        if own["probe"]["seq_len"] != excl["seq_len"]:
+            raise SystemExit("the calibration's probe has another window length")
+        excl = {**excl, "samples": excl["samples"] + own["probe"]["samples"]}
+        excl["num_samples"] = len(excl["samples"])
+    for name, plan in plans.items():
+        plan["probe"] = excl
+        c2 = copy.copy(cal)
+        c2.meta = {**cal.meta, "bit_allocation": plan}
+        path = out / f"{name}.safetensors"
+        c2.save(path)
+        counts = plan.get("counts") or {plan["high"]: plan["n_high"]}
+        print(f"{path}: mean {plan['mean_bits']:.4f} bits, {counts}, predicted KL {plan.get('predicted_kl', 0):.5f}")
+    if args.eval_samples:
+        from lowbit_tp.codecs import register_codec
+        from lowbit_tp.codecs.mixed import AllocatedCodec
+        from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
+        from lowbit_tp.results import markdown_table
+
+        if own:
+            plans["alloc-own"] = own
+        for name, plan in plans.items():
+            register_codec(name, lambda _p=plan, **kw: AllocatedCodec(plan=_p, **kw), needs_calibration=True)
+        c2 = copy.copy(cal)
+        c2.meta = {**cal.meta, "bit_allocation": {**(own or next(iter(plans.values()))), "probe": excl}}
+        cfg = EvalConfig(model=args.model, tp=args.tp, codecs=(*plans, *args.eval_codecs), split="dev",
+                         samples=args.eval_samples, lambada=0, text=text)
+        res = evaluate_codecs(cfg, bundle=(model, tokenizer, info), calibration=c2)
+        res["plans"] = {n: {k: v for k, v in p.items() if k not in ("mse", "sensitivity_kl", "probe")}
+                        for n, p in plans.items()}
+        print(markdown_table(res["rows"], ["codec", "split", "bits_per_value", "ppl_increase_pct",
+                                           "ppl_increase_pct_ci95", "kl", "kl_ci95", "top1"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

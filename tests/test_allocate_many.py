@@ -1,0 +1,73 @@
+"""The multi-codec bit allocation: budget kept, and the plan matches an exhaustive search."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from lowbit_tp.calibration.allocate import allocate_many
+from lowbit_tp.calibration.synthetic import synthetic_calibration
+
+CODECS = ("rot-lm3-g64-lg8-k4", "rot-lm4-g64-lg8-k4", "rot-int5-g64-lg8-k4", "rot-int6-g64-lg8-k4")
+
+
+def _bits(e):
+    # independent: 4 bf16 channels, b-bit codes, one lg8 byte per 64 values + a bf16 base per token
+    return {c: b + (4 * 16 + 8 * math.ceil(e / 64) + 16) / e for c, b in zip(CODECS, (3, 4, 5, 6))}
+
+
+@pytest.mark.parametrize("budget", [3.3, 4.0, 4.25, 4.6, 5.5])
+def test_allocate_many_matches_brute_force(budget):
+    layers = [f"l{i}" for i in range(5)]
+    cal = synthetic_calibration(layers, world=2, hidden=576)
+    g = torch.Generator().manual_seed(1)
+    sens = {l: float(v) for l, v in zip(layers, torch.rand(5, generator=g) * torch.tensor([1, 10, 1, 0.1, 3]))}
+    # error energy falls 4x per bit (6 dB), with a per-layer wobble
+    errs = {l: {c: 4.0 ** -(i + float(torch.rand(1, generator=g)) * 0.3) for i, c in enumerate(CODECS)} for l in layers}
+    plan = allocate_many(sens, errs, reference="rot-lm4-g64-lg8-k4", codecs=CODECS, budget=budget, calibration=cal)
+    bits = _bits(576)
+    assert plan["mean_bits"] == pytest.approx(sum(bits[plan["layers"][l]] for l in layers) / 5)
+    assert plan["mean_bits"] <= budget + 1e-9
+
+    def cost(choice):
+        return sum(sens[l] * errs[l][c] / errs[l]["rot-lm4-g64-lg8-k4"] for l, c in zip(layers, choice))
+
+    feasible = [ch for ch in itertools.product(CODECS, repeat=5) if sum(bits[c] for c in ch) / 5 <= budget + 1e-9]
+    best = min(cost(ch) for ch in feasible)
+    got = cost([plan["layers"][l] for l in layers])
+    assert plan["predicted_kl"] == pytest.approx(got)
+    # greedy on (near-)convex per-layer curves: within 5% of the exhaustive optimum here
+    assert got <= best * 1.05 + 1e-12
+
+
+def test_allocate_many_refuses_a_budget_below_the_cheapest_codec():
+    cal = synthetic_calibration(["a"], world=2, hidden=576)
+    with pytest.raises(ValueError, match="below the cheapest"):
+        allocate_many({"a": 1.0}, {"a": {c: 1.0 for c in CODECS}}, reference=CODECS[1], codecs=CODECS, budget=3.0,
+                      calibration=cal)
+
+
+def test_calibrate_with_candidate_codecs_writes_a_plan_the_default_codec_follows():
+    from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
+    from lowbit_tp.models.registry import ModelInfo
+    from test_calibration_eval import ByteTokenizer
+    from test_simulator import tiny_model
+
+    info = ModelInfo(name="tiny-llama", source="memory", weights_sha256="ef" * 32, model_type="llama",
+                     hidden_size=64, num_layers=2)
+    bundle = (tiny_model("llama"), ByteTokenizer(), info)
+    cands = ("rot-lm3-g64-lg8-k4", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4")
+    cal = calibrate(CalibrationConfig(model="tiny-llama", tp=2, samples=4, seq_len=64, batch_size=4, allocate=5.0,
+                                      alloc_codecs=cands, alloc_samples=2), bundle=bundle, progress=False)
+    plan = cal.meta["bit_allocation"]
+    assert set(plan["layers"]) == set(cal.layers) and set(plan["layers"].values()) <= set(cands)
+    # E = 64: 4 bf16 channels are 1 bit/value, lg8 one byte per 64 values + a bf16 base: 0.375
+    bits = {c: b + 1.375 for c, b in zip(cands, (3, 4, 6))}
+    assert plan["mean_bits"] == pytest.approx(sum(bits[c] for c in plan["layers"].values()) / len(cal.layers))
+    assert plan["mean_bits"] <= 5.0
+    res = evaluate_codecs(EvalConfig(model="tiny-llama", tp=2, codecs=("default",), samples=2, seq_len=64, lambada=0),
+                          bundle=bundle, calibration=cal, progress=False)
+    assert res["rows"][0]["bits_per_value"] == pytest.approx(plan["mean_bits"], rel=1e-6)
+    assert make_codec("default", calibration=cal).codec_for(cal.layers[0]).name == plan["layers"][cal.layers[0]]

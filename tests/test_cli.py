@@ -1,0 +1,117 @@
+"""The ``lowbit-tp`` package: flag defaults equal the config dataclasses' defaults, and
+``--help`` never imports torch."""
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from lowbit_tp.cli import bench, build_parser, calibrate, demo, eval, run, serve
+from lowbit_tp.configs import (AutoPolicy, CalibrationConfig, CommBenchConfig, DemoConfig, E2EConfig, EvalConfig,
+                               RankOptions, RunConfig, SamplingConfig)
+from lowbit_tp.integrations.vllm.config import PluginConfig
+from lowbit_tp.integrations.vllm.engine import VllmEngineConfig
+
+
+def field_defaults(cls) -> dict:
+    """Read straight from ``dataclasses.fields`` (not through the CLI's helper)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def parse(*argv):
+    return build_parser().parse_args(list(argv))
+
+
+# (subcommand argv with only the required flags, config class, {flag dest: config field}).
+# Every flag with a scalar default must equal that field's default.
+SCALAR_FLAGS = [
+    (["calibrate", "--tp", "3", "--out", "x.safetensors"], CalibrationConfig,
+     {"model": "model", "samples": "samples", "seq_len": "seq_len", "batch_size": "batch_size", "seed": "seed",
+      "ema_decay": "ema_decay", "k": "k", "text": "text", "text_glob": "text_glob", "allocate": "allocate",
+      "alloc_low": "alloc_low", "alloc_high": "alloc_high", "alloc_samples": "alloc_samples"}),
+    (["eval", "--tp", "3", "--codec", "int4-g32"], EvalConfig,
+     {"model": "model", "algorithm": "algorithm", "calibration": "calibration", "samples": "samples",
+      "seq_len": "seq_len", "batch_size": "batch_size", "lambada": "lambada", "seed": "seed", "text": "text",
+      "text_glob": "text_glob", "split": "split"}),
+    (["eval", "--tp", "3", "--codec", "int4-g32"], RankOptions,
+     {"timeout": "timeout_s", "threads_per_rank": "threads_per_rank"}),
+    (["run", "--prompt", "hi"], RunConfig,
+     {"engine": "engine", "model": "model", "codec": "codec", "calibration": "calibration", "algorithm": "algorithm",
+      "max_new_tokens": "max_new_tokens", "timeout": "timeout_s", "threads_per_rank": "threads_per_rank"}),
+    (["run", "--prompt", "hi"], SamplingConfig,
+     {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed"}),
+    (["run", "--prompt", "hi"], AutoPolicy, {"min_bytes": "min_bytes"}),
+    (["demo"], DemoConfig, {"model": "model", "tp": "tp", "max_new_tokens": "max_new_tokens"}),
+    (["bench-comm"], CommBenchConfig,
+     {"hidden": "hidden", "repeats": "repeats", "backend": "backend", "threads_per_rank": "threads_per_rank",
+      "timeout": "timeout_s"}),
+    (["bench-e2e"], E2EConfig,
+     {"algorithm": "algorithm", "new_tokens": "new_tokens", "repeats": "repeats", "rounds": "rounds",
+      "model": "model", "hidden": "hidden", "intermediate": "intermediate", "layers": "layers", "heads": "heads",
+      "kv_heads": "kv_heads", "delay": "delay", "threads_per_rank": "threads_per_rank"}),
+    (["serve", "--tp", "2"], PluginConfig, {"calibration": "calibration", "algorithm": "algorithm",
+                                            "min_bytes": "min_bytes"}),
+    (["serve", "--tp", "2"], VllmEngineConfig, {"max_model_len": "max_model_len"}),
+]
+
+
+@pytest.mark.parametrize("argv,cls,flags", SCALAR_FLAGS, ids=lambda v: v.__name__ if isinstance(v, type) else None)
+def test_every_flag_default_is_the_config_default(argv, cls, flags):
+    args, want = vars(parse(*argv)), field_defaults(cls)
+    assert {dest: args[dest] for dest in flags} == {dest: want[name] for dest, name in flags.items()}
+
+
+def test_a_command_without_flags_builds_the_default_config(monkeypatch):
+    for var in PluginConfig().as_env() | {"LOWBIT_TP_CODEC": "", "LOWBIT_TP_CALIBRATION": ""}:
+        monkeypatch.delenv(var, raising=False)
+    assert calibrate.config_from_args(parse("calibrate", "--tp", "3", "--out", "x")) == CalibrationConfig(tp=3)
+    assert eval.config_from_args(parse("eval", "--tp", "2", "--codec", "int8")) == EvalConfig(tp=2, codecs=("int8",))
+    assert run.config_from_args(parse("run", "--prompt", "hi"), 2) == RunConfig(tp=2, prompts=("hi",))
+    assert demo.config_from_args(parse("demo")) == DemoConfig()
+    assert bench.comm_config_from_args(parse("bench-comm")) == CommBenchConfig()
+    assert bench.e2e_config_from_args(parse("bench-e2e")) == E2EConfig()
+    assert serve.plugin_config(parse("serve", "--tp", "2")) == PluginConfig(codec=RunConfig.codec)
+
+
+def test_flags_reach_the_config():
+    cfg = run.config_from_args(parse("run", "--prompt", "a", "--prompt", "b", "--min-bytes", "0", "--sample",
+                                     "--top-k", "5", "--engine", "vllm", "--timeout", "7"), 3)
+    assert cfg == RunConfig(tp=3, prompts=("a", "b"), policy=AutoPolicy(min_bytes=0), timeout_s=7.0,
+                            sampling=SamplingConfig(do_sample=True, top_k=5))
+    cfg = bench.comm_config_from_args(parse("bench-comm", "--codec", "int8", "--numel", "64", "--chunk-bytes", "0"))
+    assert (cfg.codecs, cfg.numels, cfg.chunk_bytes, cfg.world_sizes) == (("int8",), (64,), (0,), (2,))
+    assert calibrate.config_from_args(parse("calibrate", "--tp", "2", "--out", "x", "--allocate", "0")).allocate is None
+    cfg = calibrate.config_from_args(parse("calibrate", "--tp", "2", "--out", "x", "--alloc-codecs", "int8,int4-g32"))
+    assert cfg.alloc_codecs == ("int8", "int4-g32")
+
+
+HELP = """
+import runpy, sys
+sys.argv = ["lowbit-tp", *sys.argv[1:]]
+try:
+    runpy.run_module("lowbit_tp.cli", run_name="__main__")
+except SystemExit as exc:
+    assert exc.code == 0, exc.code
+print("\\nIMPORTED", *sorted(m for m in ("torch", "transformers", "numpy", "safetensors") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["eval", "--help"], ["run", "--help"], ["bench-e2e", "--help"],
+                                  ["serve", "--help"], ["calibrate", "--help"]])
+def test_help_does_not_import_torch(argv):
+    out = subprocess.run([sys.executable, "-c", HELP, *argv], capture_output=True, text=True, check=True).stdout
+    assert "usage: lowbit-tp" in out
+    assert out.rstrip().splitlines()[-1] == "IMPORTED"  # none of the heavy modules
+
+
+def test_a_bad_flag_is_one_line_with_status_2():
+    proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "eval", "--tp", "0", "--codec", "x"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--tp" in proc.stderr

@@ -1,0 +1,175 @@
+"""No host sync per message on the fused (Triton) path; one per step at check_nonfinite().
+
+On a GPU, ``.item()``, ``.tolist()``, ``bool(t)``, ``int(t)``, ``.cpu()`` and friends wait for
+the device. The kernels run here under ``TRITON_INTERPRET=1`` on CPU tensors, where nothing
+waits, so the test counts the *calls* that would: a ``TorchFunctionMode`` sees every tensor
+method call made while a codec or collective runs, and counts those that read a device value
+on the host. Calls made by Triton's interpreter itself (it copies tensors to numpy to run a
+kernel on the CPU) are not the codec's and are left out.
+"""
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before lowbit_tp imports any kernel module
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed (optional: the Triton kernels are skipped)")
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
+
+from lowbit_tp.calibration.synthetic import synthetic_calibration  # noqa: E402
+from lowbit_tp.codecs import NonFiniteError, make_codec  # noqa: E402
+from lowbit_tp.collectives import simulate_all_reduce  # noqa: E402
+
+LAYER = "L"
+WORLD = 2
+SYNCING = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__len__", "cpu", "numpy", "nonzero",
+           "equal", "allclose", "any", "all", "_local_scalar_dense", "unique", "masked_select"}
+TRITON_DIR = os.sep + "triton" + os.sep
+
+
+class SyncCounter(TorchFunctionMode):
+    """Records the host-syncing tensor calls made outside Triton's interpreter."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in SYNCING or (name == "to" and any(str(a) == "cpu" for a in (*args[1:], *(kwargs or {}).values()))):
+            f = sys._getframe(1)
+            while f is not None and TRITON_DIR not in f.f_code.co_filename:
+                f = f.f_back
+            if f is None:  # not inside the interpreter
+                self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def count(fn) -> list[str]:
+    with SyncCounter() as c:
+        fn()
+    return c.calls
+
+
+CAL = synthetic_calibration([LAYER], world=WORLD, hidden=64, tokens=64, batches=1)
+CODECS = ["int4-outlier", "int8", "int4-g32", "rot-lm4-g64-lg8-k4", "mxfp4"]
+
+
+def messages(codec, xs, bufs=None):
+    """One step's codec work: N encodes, a decode-and-sum and a two-shot reduce-and-re-encode."""
+    shape = tuple(xs[0].shape)
+    payloads = [codec.encode(x, layer=LAYER, source=r, out=None if bufs is None else bufs[r]) for r, x in enumerate(xs)]
+    codec.decode_sum(payloads, shape, layer=LAYER, out=None if bufs is None else bufs[-1])
+    codec.reduce_encode(payloads, shape, layer=LAYER)
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("mode", ["error", "flag", "propagate"])
+def test_fused_path_has_no_host_sync_per_message(name, mode):
+    codec = make_codec(name, calibration=CAL, nonfinite=mode, backend="triton")
+    xs = [torch.randn(3, 64) for _ in range(WORLD)]
+    xs[1][2, 5] = float("nan") if mode != "error" else 1.0
+    messages(codec, xs)  # warm-up: tables and flags are built (and copied to the device) once
+    n = codec.payload_nbytes((3, 64), LAYER)
+    bufs = [torch.empty(n, dtype=torch.uint8) for _ in xs] + [torch.empty(3, 64)]
+    assert count(lambda: messages(codec, xs)) == []
+    assert count(lambda: messages(codec, xs, bufs)) == []
+    # the step's one check reads the flags once
+    calls = []
+    with SyncCounter() as c:
+        try:
+            codec.check_nonfinite()
+        except NonFiniteError:
+            assert mode == "flag"
+        calls = c.calls
+    assert calls == ([] if mode == "propagate" else ["tolist"])
+
+
+@pytest.mark.parametrize("algorithm", ["gather", "two-shot"])
+def test_simulated_collective_has_no_host_sync(algorithm):
+    codec = make_codec("int4-outlier", calibration=CAL, backend="triton")
+    xs = [torch.randn(5, 64) for _ in range(WORLD)]
+    simulate_all_reduce(xs, codec, algorithm, layer=LAYER)
+    assert count(lambda: simulate_all_reduce(xs, codec, algorithm, layer=LAYER)) == []
+
+
+def test_the_counter_sees_the_reference_scan():
+    """The reference path raises at once, so it reads every message's range on the host."""
+    codec = make_codec("int4-outlier", calibration=CAL, backend="reference")
+    x = torch.randn(3, 64)
+    codec.encode(x, layer=LAYER, source=0)
+    assert count(lambda: codec.encode(x, layer=LAYER, source=0))
+
+
+def test_deferred_error_names_layer_and_source_once_per_step():
+    """Error mode on the fused path: bytes as usual, the error at the step's check, then clean."""
+    from lowbit_tp.codecs.base import OutOfRangeError
+
+    codec = make_codec("int4-g32", backend="triton")  # nonfinite="error", deferred on the fused path
+    assert codec.defers_errors("cpu")
+    x = torch.randn(3, 64)
+    codec.encode(x, layer=LAYER, source=0)
+    codec.check_nonfinite()  # clean
+    bad = x.clone()
+    bad[1, 2] = float("inf")
+    codec.encode(bad, layer=LAYER, source=1)
+    codec.encode(x, layer="other", source=0)
+    with pytest.raises(NonFiniteError, match=r"layer 'L', source 1 \(cpu\)") as err:
+        codec.check_nonfinite()
+    assert "other" not in str(err.value) and not isinstance(err.value, OutOfRangeError)
+    codec.check_nonfinite()  # reset
+    big = x.clone()
+    big[0, 0] = 1e30  # finite, beyond 7 * 65504
+    codec.encode(big, layer=LAYER, source="sum")
+    with pytest.raises(OutOfRangeError, match="source 'sum'"):
+        codec.check_nonfinite()
+    with pytest.raises(OutOfRangeError):  # the reference refuses the same input at once
+        make_codec("int4-g32", backend="reference").encode(big, layer=LAYER, source="sum")
+
+
+def test_generate_checks_the_reducer_once_per_step():
+    """The runtime's decode loop calls the deferred check once after every forward."""
+    from types import SimpleNamespace
+
+    from lowbit_tp.runtime.generate import generate
+
+    class Tiny(torch.nn.Module):
+        def forward(self, input_ids, use_cache=True, past_key_values=None):
+            logits = torch.zeros(1, input_ids.shape[1], 5)
+            logits[..., 3] = 1.0
+            return SimpleNamespace(logits=logits, past_key_values=None)
+
+    tok = SimpleNamespace(decode=lambda ids, skip_special_tokens=True: " ".join(map(str, ids)))
+    checks = []
+    res = generate(Tiny(), tok, [1, 2], max_new_tokens=4, check_nonfinite=lambda: checks.append(1))
+    assert res.token_ids == [3, 3, 3, 3] and len(checks) == 4
+
+    def fail():
+        raise NonFiniteError("int4-g32: NaN/Inf ... layer 'L', source 0")
+
+    with pytest.raises(NonFiniteError):
+        generate(Tiny(), tok, [1, 2], max_new_tokens=4, check_nonfinite=fail)
+
+
+def test_dist_reducer_check_names_the_rank():
+    import torch.distributed as dist
+
+    from lowbit_tp.tp.row_parallel import DistReducer
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        codec = make_codec("int4-g32", backend="triton")
+        reducer = DistReducer(codec=codec)
+        x = torch.randn(2, 64)
+        x[0, 0] = float("nan")
+        codec.encode(x, layer="model.layers.3.mlp.down_proj", source=0)
+        with pytest.raises(NonFiniteError, match=r"rank 0/1: int4-g32: .*layer 'model.layers.3.mlp.down_proj', source 0"):
+            reducer.check_nonfinite()
+        reducer.check_nonfinite()  # reset
+    finally:
+        dist.destroy_process_group()
