@@ -66,13 +66,22 @@ class AutoPolicy:
     ``chunk_bytes`` (counted as bf16 bytes, like ``min_bytes``) pipelines compressed
     messages larger than it: they go as row chunks of about that size, so that encoding
     chunk i+1, moving chunk i and decoding chunk i-1 overlap (see
-    :func:`~lowbit_tp.collectives.dist.all_reduce`). ``0`` sends every message whole. The
-    result is bitwise the same either way: every codec encodes each token row on its own.
+    :func:`~lowbit_tp.collectives.dist.all_reduce`). ``0`` (the default) sends every
+    message whole. The result is bitwise the same either way: every codec encodes each
+    token row on its own.
+
+    Why off by default: measured with ``scripts/bench_chunks.py`` (docs/bench/comm_chunks_net.md,
+    TP 2, gloo, 1M and 4M values), chunking was never faster than one message, neither on
+    loopback (up to 3-4x slower) nor on an emulated 1 Gbit/s link (equal at best): on a CPU
+    the asynchronous transfer's threads compete with the codec for the same cores, and the
+    codec (about 1 ms per 1M values) is short next to the per-chunk overheads. Pipelining can
+    pay only where the transfer runs on its own hardware (NIC DMA, NCCL copy engines) and a
+    chunk's transfer outlasts its codec time: measure that link with the script, then set it.
     """
 
     min_bytes: int = 64 * 1024
     two_shot_min_world: int = 3
-    chunk_bytes: int = 1024 * 1024
+    chunk_bytes: int = 0
 
     def chunk_rows(self, *, tokens: int, hidden: int) -> int:
         """Rows per pipelined chunk of a ``[tokens, hidden]`` message (``tokens``: no chunking)."""

@@ -1,15 +1,22 @@
 """The codec and collective tour that ``lowbit-tp demo`` prints."""
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import torch
 
-from lowbit_tp.results import markdown_table
+from lowbit_tp.calibration import Calibration, CalibrationError
+from lowbit_tp.calibration.pipeline import calibrate
 from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
-from lowbit_tp.codecs import make_codec
+from lowbit_tp.codecs import CODEC_ALIASES, make_codec
 from lowbit_tp.collectives import CommStats, all_reduce, simulate_all_reduce, spawn_ranks
-from lowbit_tp.configs import DemoConfig
+from lowbit_tp.configs import CalibrationConfig, DemoConfig, EvalConfig
+from lowbit_tp.evaluation import evaluate_codecs
+from lowbit_tp.models import load_model
+from lowbit_tp.results import markdown_table
+from lowbit_tp.runtime import run_tp
 
 CODECS = ("bf16", "int8", "int4", "int4-random-k", "int4-outlier", "int4-g32", "int4-g128", "mxfp4")
 LAYER = "demo.o_proj"
@@ -59,12 +66,6 @@ def codec_demo(*, world: int = 2, tokens: int = 512, hidden: int = 4096) -> tupl
 
 def cached_calibration(bundle, *, tp: int, samples: int, cache_dir: str | None = None):
     """A calibration for (model, TP, samples), read from the cache or made and stored there."""
-    import os
-    from pathlib import Path
-
-    from lowbit_tp.calibration import Calibration, CalibrationError
-    from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
-
     model, _, info = bundle
     root = Path(cache_dir or os.environ.get("LOWBIT_TP_CACHE", Path.home() / ".cache" / "lowbit_tp"))
     path = root / f"{Path(info.name).name}-tp{tp}-s{samples}-{info.weights_sha256[:12]}.safetensors"
@@ -92,11 +93,6 @@ def model_demo(*, model: str = DemoConfig.model, tp: int = DemoConfig.tp, codecs
     collective (bf16 = 16 bits on the wire: the uncompressed baseline). Quality figures
     come from the TP simulator on held-out text; bytes and tokens/s from the runtime.
     """
-    from lowbit_tp.codecs import CODEC_ALIASES
-    from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
-    from lowbit_tp.models import load_model
-    from lowbit_tp.runtime import run_tp
-
     bundle = load_model(model)
     cal, cal_path = cached_calibration(bundle, tp=tp, samples=cal_samples)
     names = [CODEC_ALIASES.get(c, c) for c in codecs]

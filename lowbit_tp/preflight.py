@@ -11,8 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from lowbit_tp.calibration import Calibration, CalibrationError
+from lowbit_tp.codecs import CODEC_ALIASES, list_codecs, make_codec
 from lowbit_tp.configs import check_min
+from lowbit_tp.data import load_split
 from lowbit_tp.errors import UserError
+from lowbit_tp.fileio import check_output_path
+from lowbit_tp.models import check_tp
+from lowbit_tp.models.quick_config import quick_config
 
 __all__ = [
     "check_calibration_file",
@@ -27,9 +33,6 @@ __all__ = [
 def check_model_tp(model: str, tp: int) -> Any:
     """The model's header config; raises when the model is unknown or ``tp`` does not fit it,
     listing the TP degrees that do."""
-    from lowbit_tp.models import check_tp
-    from lowbit_tp.models.quick_config import quick_config
-
     check_min(tp, "the TP degree (--tp)")
     try:
         config = quick_config(model)
@@ -44,8 +47,6 @@ def check_model_tp(model: str, tp: int) -> Any:
 
 def check_calibration_file(path: str | Path):
     """Load a calibration artifact (small) with a clear error for a directory or a bad file."""
-    from lowbit_tp.calibration import Calibration, CalibrationError
-
     p = Path(path).expanduser()
     if p.is_dir():
         raise UserError(f"calibration path {p} is a directory; give the .safetensors file "
@@ -62,9 +63,6 @@ def check_codecs(names: Iterable[str], *, calibration: str | Path | None = None,
                  hidden_size: int | None = None, build: bool = True):
     """Every codec name is registered and (``build``) can be built with this calibration; the
     calibration fits ``tp`` and ``hidden_size``. Returns the loaded calibration (or None)."""
-    from lowbit_tp.calibration import CalibrationError
-    from lowbit_tp.codecs import CODEC_ALIASES, list_codecs, make_codec
-
     names = list(names)
     if not names:
         raise UserError("give at least one codec")
@@ -102,7 +100,6 @@ def check_text(text: str | Path | None, glob: str = "*") -> None:
     """A user text path must exist and hold decodable text (the default corpus is not read here)."""
     if text is None:
         return
-    from lowbit_tp.data import load_split
 
     try:
         load_split(text, glob=glob)
@@ -122,8 +119,6 @@ def preflight_eval(cfg: Any, *, out: str | Path | None = None, warn: Callable[[s
     """``lowbit-tp eval``'s checks (an ``EvalConfig``): model and TP degree, window length,
     codecs with the calibration, the user's text, the output path. Warnings go to ``warn``
     as soon as found (default: ``warnings.warn``)."""
-    from lowbit_tp.fileio import check_output_path
-
     config = check_model_tp(cfg.model, cfg.tp)
     for text in check_seq_len(cfg.seq_len, config):
         _warn_with(warn)(text)
@@ -138,8 +133,6 @@ def preflight_calibrate(cfg: Any, *, out: str | Path, warn: Callable[[str], None
     """``lowbit-tp calibrate``'s checks (a ``CalibrationConfig``): model and TP degree, window
     length, ``k`` at most the hidden size, the allocation codecs, the text, the output path.
     Warnings go to ``warn`` (default: ``warnings.warn``)."""
-    from lowbit_tp.fileio import check_output_path
-
     config = check_model_tp(cfg.model, cfg.tp)
     for text in check_seq_len(cfg.seq_len, config):
         _warn_with(warn)(text)

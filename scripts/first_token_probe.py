@@ -47,9 +47,10 @@ def main(argv=None) -> None:
             t, e = shape
             return self.inner.payload_nbytes(shape, layer) + 2 * ((t + period - 1) // period) * e
 
-        def encode(self, x, *, layer=None, source=0):
+        def encode(self, x, *, layer=None, source=0, out=None):
             head = x[::period].to(torch.bfloat16).contiguous().view(torch.uint8).reshape(-1)
-            return torch.cat([self.inner.encode(x, layer=layer, source=source), head])
+            p = torch.cat([self.inner.encode(x, layer=layer, source=source), head])
+            return p if out is None else out.copy_(p)
 
         def decode(self, payload, shape, *, layer=None, source=0):
             n = self.inner.payload_nbytes(shape, layer)
@@ -58,13 +59,13 @@ def main(argv=None) -> None:
             y[::period] = payload[n:].view(torch.bfloat16).reshape(rows, shape[1]).float()
             return y
 
-        def decode_sum(self, payloads, shape, *, layer=None, sources=None):
+        def decode_sum(self, payloads, shape, *, layer=None, sources=None, out=None):
             sources = list(range(len(payloads))) if sources is None else list(sources)
-            out = None
+            acc = None
             for p, s in zip(payloads, sources):
                 y = self.decode(p, shape, layer=layer, source=s).float()
-                out = y if out is None else out + y
-            return out
+                acc = y if acc is None else acc + y
+            return acc if out is None else out.copy_(acc)
 
         def _encode(self, x, params, nonfinite):  # pragma: no cover - encode() is overridden
             raise NotImplementedError

@@ -49,7 +49,7 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
                            (axes[1], "ppl_increase_pct", "perplexity increase %, log")):
         front = sorted((r for r in rows if r["codec"] in pareto(rows, key)), key=lambda r: r["bits_per_value"])
         for r in rows:
-            ours = r["codec"].startswith("rot") or r["codec"] == "alloc"
+            ours = r["codec"].startswith("rot") or r["codec"] in ("alloc", "default")
             ax.scatter(r["bits_per_value"], max(r[key], 1e-4), color="tab:red" if ours else "tab:blue")
             ax.annotate(r["codec"], (r["bits_per_value"], max(r[key], 1e-4)), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
@@ -81,8 +81,10 @@ def write_docs(store: dict, out: Path) -> None:
              "`eval (pre-split, tuned on)` were measured before the dev split existed, on the windows the default "
              "codec was chosen on, without intervals; their bits and bytes were recomputed in the units above from "
              "their recorded byte counts (`normalize_old_entry`, `--docs-only`); each is dropped when a `test` "
-             "table of the same model, TP and algorithm replaces it.\n"]
-    for key, res in store.items():
+             "table of the same model, TP and algorithm with all of its codecs replaces it. "
+             "Their commands predate `--seed` and ran on seed 1 (add `--seed 1` to rerun them).\n"]
+    order = {"test": 0, "dev": 1}  # test tables first, then dev, then the pre-split ones
+    for key, res in sorted(store.items(), key=lambda kv: order.get(kv[1]["text"]["split"]["name"], 2)):
         rows = res["rows"]
         front = pareto(rows, "kl")
         for r in rows:
@@ -124,14 +126,16 @@ def normalize_old_entry(res: dict) -> dict:
 
 
 def put(store: dict, res: dict) -> None:
-    """Store ``res`` under model/tpN/algorithm/split; a test result supersedes the pre-split
-    entry of the same model, TP and algorithm (measured on the windows the default codec was
-    chosen on)."""
+    """Store ``res`` under model/tpN/algorithm/split; a test result that covers every codec
+    of the pre-split entry of the same model, TP and algorithm (measured on the windows the
+    default codec was chosen on) supersedes it."""
     cfg = res["config"]
     key = f"{cfg['model']}/tp{cfg['tp']}/{cfg['algorithm']}"
     store[f"{key}/{cfg['split']}"] = res
-    if cfg["split"] == "test":
-        store.pop(key, None)
+    old = store.get(key)
+    names = lambda e: {"default" if r["codec"] == "alloc" else r["codec"] for r in e["rows"]}  # noqa: E731
+    if cfg["split"] == "test" and old and names(old) <= names(res):
+        store.pop(key)
 
 
 def main() -> None:

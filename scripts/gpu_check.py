@@ -11,7 +11,7 @@ One run (< 5 min on one H100/H200) does, per codec:
   PyTorch reference on the same device, and a same-size fp32 copy measured in the same run.
   ``*_gbps`` counts the bytes each one reads and writes (encode: fp32 in + payload out;
   decode-and-sum: N payloads in + fp32 out; copy: fp32 in + out); ``*_of_copy`` divides it by
-  the copy's; ``*_fp32_gbps`` is fp32 input (or output) bytes per second, as issue 8 quotes;
+  the copy's; two-shot's fused reduce-and-re-encode (N payloads in, one out) is timed too; ``*_fp32_gbps`` is fp32 input (or output) bytes per second, as issue 8 quotes;
   The fused timings write preallocated ``out=`` buffers;
 * **CUDA graph**: encode + decode-and-sum into preallocated buffers in ``nonfinite="flag"``
   mode, captured once and replayed, write the eager payload bytes and sum bits, and a replay
@@ -146,6 +146,8 @@ def main(argv=None) -> None:
             # the fused path writes preallocated buffers (out=), as all_reduce's buffer cache does
             t_enc = seconds(lambda: fused.encode(xd[0], layer=LAYER, source=0, out=pbuf))
             t_dec = seconds(lambda: fused.decode_sum(payloads, (t, e), layer=LAYER, out=sbuf))
+            rbuf = torch.empty(fused.payload_nbytes((t, e), LAYER), dtype=torch.uint8, device=dev)
+            t_red = seconds(lambda: fused.reduce_encode(payloads, (t, e), layer=LAYER, out=rbuf))
             t_enc_ref = seconds(lambda: unfused.encode(xd[0], layer=LAYER, source=0))
             t_dec_ref = seconds(lambda: unfused.decode_sum(payloads, (t, e), layer=LAYER))
             copy_gbps = 2 * fbytes / t_copy / 1e9
@@ -156,6 +158,8 @@ def main(argv=None) -> None:
                 "encode_of_copy": (fbytes + pbytes) / t_enc / 1e9 / copy_gbps,
                 "decode_sum_gbps": (world * pbytes + fbytes) / t_dec / 1e9,
                 "decode_sum_of_copy": (world * pbytes + fbytes) / t_dec / 1e9 / copy_gbps,
+                "reduce_encode_gbps": (world + 1) * pbytes / t_red / 1e9,
+                "reduce_encode_us": t_red * 1e6,
                 "encode_fp32_gbps": fbytes / t_enc / 1e9,
                 "decode_sum_fp32_gbps": fbytes / t_dec / 1e9,
                 "unfused_encode_fp32_gbps": fbytes / t_enc_ref / 1e9,
@@ -176,7 +180,7 @@ def main(argv=None) -> None:
     (out / "gpu_check.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
     cols = ["codec", "tokens", "hidden", "bits_per_value", "bytes_equal_finite", "bytes_equal_nan_inf",
             "sum_equal_finite", "sum_equal_nan_inf", "copy_gbps", "encode_gbps", "encode_of_copy", "decode_sum_gbps",
-            "decode_sum_of_copy", "unfused_encode_fp32_gbps", "unfused_decode_sum_fp32_gbps", "cuda_graph"]
+            "decode_sum_of_copy", "reduce_encode_us", "unfused_encode_fp32_gbps", "unfused_decode_sum_fp32_gbps", "cuda_graph"]
     head = (f"Device: {meta['environment'].get('cuda') or 'cpu'}; world {world}; "
             f"{'DRY RUN under the Triton interpreter: speeds are meaningless' if dry else 'median of %d runs' % repeats}."
             f"\nCommand: `{meta['command']}`\n\n")

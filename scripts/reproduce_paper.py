@@ -51,8 +51,9 @@ def main() -> None:
                     help="evaluation windows (default 10: none of seed 1's first 64 held-out windows, which the "
                          "default codec was chosen on; scripts/heldout_windows.py checks it)")
     ap.add_argument("--no-ablations", action="store_true", help="only the paper's codecs")
-    ap.add_argument("--codec", action="append", help="evaluate only these (default: CODECS + ABLATIONS); with "
-                                                     "--from-eval: table only these (default: those and the default codec)")
+    ap.add_argument("--codec", action="append",
+                    help="evaluate only these (default: CODECS + ABLATIONS); with --from-eval: table only these "
+                         "(default: those and the default codec)")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward (4 for Gemma's 262k vocab)")
     ap.add_argument("--out", default="docs/results.json")
     ap.add_argument("--from-eval", nargs="+", metavar="JSON",
@@ -82,10 +83,11 @@ def main() -> None:
         bundle = load_model(model)
         for tp in args.tp or [3]:
             res = calibrate_and_evaluate(model, tp, codecs, samples=args.samples, cal_samples=args.cal_samples,
-                                         lambada=args.lambada, batch_size=args.batch_size, split=args.split, seed=args.seed,
-                                         bundle=bundle, allocate=None)
+                                         lambada=args.lambada, batch_size=args.batch_size, split=args.split,
+                                         seed=args.seed, bundle=bundle, allocate=None)
             res["command"] = (f"python scripts/reproduce_paper.py --model {model} --tp {tp} --samples {args.samples} "
-                              f"--cal-samples {args.cal_samples} --lambada {args.lambada} --split {args.split} --seed {args.seed} "
+                              f"--cal-samples {args.cal_samples} --lambada {args.lambada} --split {args.split} "
+                              f"--seed {args.seed} "
                               f"--batch-size {args.batch_size}" + (" --no-ablations" if args.no_ablations else "")
                               + "".join(f" --codec {c}" for c in args.codec or []))
             put(store, res)
@@ -100,12 +102,15 @@ def keep_codecs(res: dict, codecs) -> dict:
 
 
 def put(store: dict, res: dict) -> None:
-    """Store ``res`` under model/tpN/split; a test result supersedes the pre-split entry of
-    the same model and TP (measured on the windows the default codec was chosen on)."""
+    """Store ``res`` under model/tpN/split; a test result that covers every codec of the
+    pre-split entry of the same model and TP (measured on the windows the default codec was
+    chosen on) supersedes it."""
     cfg = res["config"]
     store[f"{cfg['model']}/tp{cfg['tp']}/{cfg['split']}"] = res
-    if cfg["split"] == "test":
-        store.pop(f"{cfg['model']}/tp{cfg['tp']}", None)
+    old = store.get(f"{cfg['model']}/tp{cfg['tp']}")
+    names = lambda e: {"default" if r["codec"] == "alloc" else r["codec"] for r in e["rows"]}  # noqa: E731
+    if cfg["split"] == "test" and old and names(old) <= names(res):
+        store.pop(f"{cfg['model']}/tp{cfg['tp']}")
 
 
 def res_store(store: dict) -> dict:
@@ -153,8 +158,10 @@ def write_markdown(store: dict, path: Path) -> None:
              WINDOWS + "\n",
              "Sections whose split is `eval (pre-split, tuned on)` were measured before the dev split existed, on "
              "the windows the default codec was chosen on, without intervals; each is dropped when a `test` section "
-             "of the same model and TP replaces it.\n"]
-    for key, res in res_store(store).items():
+             "of the same model and TP with all of its codecs replaces it. "
+             "Their commands predate `--seed` and ran on seed 1 (add `--seed 1` to rerun them).\n"]
+    order = {"test": 0, "dev": 1}  # test sections first, then dev, then the pre-split ones
+    for key, res in sorted(res_store(store).items(), key=lambda kv: order.get(kv[1]["text"]["split"]["name"], 2)):
         rows = res["rows"]
         r0 = rows[0]
         items = len(res["text"]["lambada"])

@@ -30,26 +30,37 @@ SYNCING = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "_
 TRITON_DIR = os.sep + "triton" + os.sep
 
 
-class SyncCounter(TorchFunctionMode):
-    """Records the host-syncing tensor calls made outside Triton's interpreter."""
+ALLOCATING = {"empty", "zeros", "ones", "full", "empty_like", "zeros_like", "ones_like", "full_like", "cat", "stack",
+              "clone", "new_empty", "new_zeros", "pad", "where", "float", "int", "contiguous", "to"}
+CONVERSIONS = {"float", "int", "contiguous", "to"}
 
-    def __init__(self):
+
+class SyncCounter(TorchFunctionMode):
+    """Records the host-syncing tensor calls (or, with ``names=ALLOCATING``, the calls that
+    allocate a new tensor) made outside Triton's interpreter."""
+
+    def __init__(self, names=SYNCING):
         super().__init__()
+        self.names = names
         self.calls: list[str] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", str(func))
-        if name in SYNCING or (name == "to" and any(str(a) == "cpu" for a in (*args[1:], *(kwargs or {}).values()))):
+        if name in self.names or (self.names is SYNCING and name == "to"
+                                  and any(str(a) == "cpu" for a in (*args[1:], *(kwargs or {}).values()))):
             f = sys._getframe(1)
             while f is not None and TRITON_DIR not in f.f_code.co_filename:
                 f = f.f_back
             if f is None:  # not inside the interpreter
                 self.calls.append(name)
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if self.calls and self.calls[-1] == name and name in CONVERSIONS and args and out is args[0]:
+            self.calls.pop()  # a conversion to the dtype it already has returns its input: no allocation
+        return out
 
 
-def count(fn) -> list[str]:
-    with SyncCounter() as c:
+def count(fn, names=SYNCING) -> list[str]:
+    with SyncCounter(names) as c:
         fn()
     return c.calls
 
@@ -63,7 +74,7 @@ def messages(codec, xs, bufs=None):
     shape = tuple(xs[0].shape)
     payloads = [codec.encode(x, layer=LAYER, source=r, out=None if bufs is None else bufs[r]) for r, x in enumerate(xs)]
     codec.decode_sum(payloads, shape, layer=LAYER, out=None if bufs is None else bufs[-1])
-    codec.reduce_encode(payloads, shape, layer=LAYER)
+    codec.reduce_encode(payloads, shape, layer=LAYER, out=None if bufs is None else bufs[-2])
 
 
 @pytest.mark.parametrize("name", CODECS)
@@ -74,9 +85,12 @@ def test_fused_path_has_no_host_sync_per_message(name, mode):
     xs[1][2, 5] = float("nan") if mode != "error" else 1.0
     messages(codec, xs)  # warm-up: tables and flags are built (and copied to the device) once
     n = codec.payload_nbytes((3, 64), LAYER)
-    bufs = [torch.empty(n, dtype=torch.uint8) for _ in xs] + [torch.empty(3, 64)]
+    bufs = [torch.empty(n, dtype=torch.uint8) for _ in range(WORLD + 1)] + [torch.empty(3, 64)]
     assert count(lambda: messages(codec, xs)) == []
     assert count(lambda: messages(codec, xs, bufs)) == []
+    # with out= buffers nothing is allocated either (what a CUDA graph capture needs)
+    assert count(lambda: messages(codec, xs, bufs), ALLOCATING) == []
+    assert "empty" in count(lambda: messages(codec, xs), ALLOCATING)  # the counter sees fresh outputs
     # the step's one check reads the flags once
     calls = []
     with SyncCounter() as c:
@@ -173,3 +187,32 @@ def test_dist_reducer_check_names_the_rank():
         reducer.check_nonfinite()  # reset
     finally:
         dist.destroy_process_group()
+
+
+def test_simulated_reducer_defers_like_the_runtime():
+    from lowbit_tp.tp.row_parallel import SimulatedReducer
+
+    reducer = SimulatedReducer(codec=make_codec("int4-g32", backend="triton"))
+    x = torch.randn(3, 64)
+    bad = x.clone()
+    bad[2, 9] = float("nan")
+    out = reducer.reduce([x, bad], layer=LAYER)  # no raise per message on the fused path
+    assert torch.isnan(out[2, 9])
+    with pytest.raises(NonFiniteError, match="layer 'L', source 1"):
+        reducer.check_nonfinite()
+    with pytest.raises(NonFiniteError):  # the reference path raises at the message
+        SimulatedReducer(codec=make_codec("int4-g32", backend="reference")).reduce([x, bad], layer=LAYER)
+
+
+def test_tp_simulator_raises_a_deferred_error_when_the_block_ends():
+    from helpers import tiny_model
+
+    from lowbit_tp.simulator import TPSimulator
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")  # NaN in one rank's partial
+        ids = torch.tensor([[1, 2, 3]])
+        with pytest.raises(NonFiniteError, match="down_proj"):
+            with TPSimulator(model, tp=2, codec=make_codec("int4-g32", backend="triton")):
+                model(ids)  # the fused path does not stop the forward

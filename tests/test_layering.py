@@ -99,3 +99,33 @@ def test_the_cli_is_one_package_and_the_only_argparse_user():
     users = sorted(str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if "argparse" in p.read_text())
     assert users and all(u.startswith("cli/") for u in users), users
     assert [m for m in LAYERS if LAYERS[m] == 3] == ["lowbit_tp.cli"]
+
+
+# Function-local imports of the package's own modules, counted by the test below. The ones
+# left are needed: the CLI imports library code (torch) only when a command runs, so that
+# `--help` stays fast; codecs import their kernel back ends (Triton, the C++ extension) only
+# on the path that uses them; the vLLM integration must not import vLLM or torch until vLLM
+# loads it; the transformers engine imports transformers' TP machinery only when chosen; one
+# breaks the cycle calibration.pipeline -> allocate -> evaluation. The bound only goes down.
+MAX_LOCAL_IMPORTS = 51
+
+
+def local_imports() -> list[str]:
+    found = []
+    for path in sorted(ROOT.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if id(node) in top or not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            if any(n.startswith("lowbit_tp") for n in names):
+                found.append(f"{module_name(path)}:{node.lineno}")
+    return found
+
+
+def test_function_local_imports_of_the_package_only_go_down():
+    found = local_imports()
+    assert len(found) <= MAX_LOCAL_IMPORTS, (
+        f"{len(found)} function-local imports of lowbit_tp modules (at most {MAX_LOCAL_IMPORTS}); import at the "
+        f"top unless it is for --help's speed, an optional dependency or a cycle:\n" + "\n".join(found))

@@ -6,25 +6,7 @@ from lowbit_tp.calibration import StatsAccumulator
 from lowbit_tp.codecs import make_codec
 from lowbit_tp.simulator import TPSimulator
 
-
-def tiny_model(family: str):
-    import transformers as tf
-
-    common = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                  num_hidden_layers=2, vocab_size=101, max_position_embeddings=64)
-    if family == "llama":
-        cfg = tf.LlamaConfig(**common)
-    elif family == "qwen2":
-        cfg = tf.Qwen2Config(**common)
-    elif family == "mistral":
-        cfg = tf.MistralConfig(**common)
-    elif family == "gemma3":
-        cfg = tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8)
-    else:
-        raise ValueError(family)
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
-    return model
+from helpers import tiny_model
 
 
 def _ids(n=2, s=12):

@@ -19,20 +19,19 @@ values per token) within the budget:
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from lowbit_tp.calibration.artifact import Calibration
 from lowbit_tp.codecs import make_codec
+from lowbit_tp.codecs.mixed import AllocatedCodec
+from lowbit_tp.collectives import simulate_all_reduce
 from lowbit_tp.evaluation.metrics import LMComparison
+from lowbit_tp.simulator import TPSimulator
 
 
 def layer_sensitivity(model, ids: torch.Tensor, cal: Calibration, *, tp: int, codec: str, name: str | None = None,
                       progress: bool = True) -> dict[str, float]:
     """KL caused by ``codec`` at each layer alone (gather collective), keyed by layer."""
-    from tqdm import tqdm
-
-    from lowbit_tp.codecs.mixed import AllocatedCodec
-    from lowbit_tp.simulator import TPSimulator
-
     with torch.no_grad():
         base = model(ids).logits
         out = {}
@@ -51,9 +50,6 @@ def layer_errors(model, ids: torch.Tensor, cal: Calibration, *, tp: int, codecs,
                  ) -> dict[str, dict[str, float]]:
     """Mean squared error of each codec's gather all-reduce at each layer, on the exact
     model's own partials (one forward pass; every codec sees the same partials)."""
-    from lowbit_tp.collectives import simulate_all_reduce
-    from lowbit_tp.simulator import TPSimulator
-
     made = {c: make_codec(c, calibration=cal) for c in codecs}
     sq: dict[str, dict[str, float]] = {}
     count: dict[str, int] = {}

@@ -8,17 +8,22 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
+import lowbit_tp
+from lowbit_tp.calibration.allocate import allocate, allocate_many, layer_errors, layer_sensitivity
 from lowbit_tp.calibration.artifact import Calibration, StatsAccumulator, default_outlier_k
 from lowbit_tp.codecs.static import topk_channels
 from lowbit_tp.configs import CalibrationConfig
+from lowbit_tp.data import chunk_tokens, load_split
+from lowbit_tp.models import load_model
+from lowbit_tp.simulator import TPSimulator
 
 
 
 def versions() -> dict[str, str]:
     import transformers
 
-    import lowbit_tp
 
     return {"lowbit_tp": lowbit_tp.__version__, "torch": torch.__version__,
             "transformers": transformers.__version__}
@@ -31,10 +36,6 @@ def calibrate(cfg: CalibrationConfig, *, bundle: tuple[Any, Any, Any] | None = N
     ``bundle``: an already loaded ``(model, tokenizer, ModelInfo)``; loaded from
     ``cfg.model`` when None.
     """
-    from lowbit_tp.data import chunk_tokens, load_split
-    from lowbit_tp.models import load_model
-    from lowbit_tp.simulator import TPSimulator
-
     model, tokenizer, info = bundle if bundle is not None else load_model(cfg.model)
     split = load_split(cfg.text, glob=cfg.text_glob)
     if cfg.side not in ("calibration", "evaluation"):
@@ -80,8 +81,6 @@ def calibrate(cfg: CalibrationConfig, *, bundle: tuple[Any, Any, Any] | None = N
         for layer in cal.layers
     }
     if cfg.allocate is not None:
-        from lowbit_tp.calibration.allocate import allocate, allocate_many, layer_errors, layer_sensitivity
-
         probe = chunk_tokens(tokenizer, docs, num_samples=cfg.alloc_samples, seq_len=min(cfg.seq_len, 128),
                              seed=cfg.seed + 1000)
         sens = layer_sensitivity(model, probe.input_ids, cal, tp=cfg.tp, codec=cfg.alloc_low, name=info.name,
@@ -103,6 +102,4 @@ def calibrate(cfg: CalibrationConfig, *, bundle: tuple[Any, Any, Any] | None = N
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=desc, disable=not enabled, unit="batch")

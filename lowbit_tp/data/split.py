@@ -119,24 +119,14 @@ def make_split(
 
 def _split_user_path(path: Path, eval_fraction: float, glob: str) -> TextSplit:
     docs = load_documents(path, glob=glob)
-    if len(docs) == 1:
-        calibration, evaluation = split_text(docs[0], eval_fraction=eval_fraction)
-        return make_split(
-            [calibration],
-            [evaluation],
-            description=(
-                f"{path}: first {1 - eval_fraction:.0%} of the text calibration / "
-                f"last {eval_fraction:.0%} evaluation"
-            ),
-        )
-    calibration, evaluation = split_documents(docs, eval_fraction=eval_fraction)
-    return make_split(
-        calibration,
-        evaluation,
-        description=(
-            f"{path}: {len(calibration)} files calibration / {len(evaluation)} evaluation"
-        ),
-    )
+    if len(docs) == 1:  # one file: split by contiguous characters
+        first, last = split_text(docs[0], eval_fraction=eval_fraction)
+        calibration, evaluation = [first], [last]
+        how = f"first {1 - eval_fraction:.0%} of the text calibration / last {eval_fraction:.0%} evaluation"
+    else:  # a directory: split by file
+        calibration, evaluation = split_documents(docs, eval_fraction=eval_fraction)
+        how = f"{len(calibration)} files calibration / {len(evaluation)} evaluation"
+    return make_split(calibration, evaluation, description=f"{path}: {how}")
 
 
 def load_split(

@@ -6,9 +6,15 @@ from dataclasses import asdict
 from typing import Any, Sequence
 
 import torch
+from tqdm import tqdm
 
-from lowbit_tp.configs import DEFAULT_ALGORITHM, EvalConfig
+from lowbit_tp.calibration import Calibration
+from lowbit_tp.codecs import make_codec
+from lowbit_tp.configs import DEFAULT_ALGORITHM, CalibrationConfig, EvalConfig
+from lowbit_tp.data import chunk_tokens, lambada_passages, load_split, token_char_spans, window_spans
 from lowbit_tp.evaluation.metrics import LMComparison, last_word_correct
+from lowbit_tp.models import load_model
+from lowbit_tp.simulator import TPSimulator
 
 def eval_inputs(cfg: EvalConfig, tokenizer, info, calibration=None):
     """What every evaluation path reads: the checked calibration, the text split, the
@@ -18,9 +24,6 @@ def eval_inputs(cfg: EvalConfig, tokenizer, info, calibration=None):
     ``"dev"``: from the calibration side, never overlapping a window the calibration read
     (:func:`dev_exclusions`). Returns ``(calibration, split, chunks, items, split_info)``.
     """
-    from lowbit_tp.calibration import Calibration
-    from lowbit_tp.data import chunk_tokens, lambada_passages, load_split, token_char_spans
-
     if calibration is None and cfg.calibration is not None:
         calibration = Calibration.load(cfg.calibration)
     if calibration is not None:  # fail before any model work on an artifact for another run
@@ -51,8 +54,6 @@ def dev_exclusions(tokenizer, split, calibration=None) -> tuple[dict[str, list[t
     a bit allocation, the probe windows). Without: the windows a default
     ``lowbit-tp calibrate`` draws from this split (same text, default samples, length, seed).
     """
-    from lowbit_tp.data import chunk_tokens, window_spans
-
     manifests = []
     if calibration is not None:
         text = calibration.meta.get("text", {})
@@ -64,7 +65,6 @@ def dev_exclusions(tokenizer, split, calibration=None) -> tuple[dict[str, list[t
             manifests.append(probe)
         source = f"the calibration's {sum(len(m['samples']) for m in manifests)} windows"
     else:
-        from lowbit_tp.calibration.pipeline import CalibrationConfig
 
         d = CalibrationConfig()
         manifests.append(chunk_tokens(tokenizer, split.calibration, num_samples=d.samples, seq_len=d.seq_len,
@@ -133,12 +133,6 @@ def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress:
     top-1 next-token agreement, last-word accuracy, and wire bits/value measured from the
     payloads the simulated collectives produced.
     """
-    from tqdm import tqdm
-
-    from lowbit_tp.codecs import make_codec
-    from lowbit_tp.models import load_model
-    from lowbit_tp.simulator import TPSimulator
-
     model, tokenizer, info = bundle if bundle is not None else load_model(cfg.model)
     calibration, split, chunks, items, split_info = eval_inputs(cfg, tokenizer, info, calibration)
     sims = {name: TPSimulator(model, tp=cfg.tp, name=info.name, algorithm=cfg.algorithm,
@@ -181,8 +175,8 @@ def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algori
     ``seed`` picks the evaluation windows (:class:`EvalConfig`); ``cal_options`` go to
     :class:`CalibrationConfig` (e.g. ``allocate=4.5`` for codec ``alloc``).
     """
-    from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
-    from lowbit_tp.models import load_model
+    # Not at the top: calibration.pipeline -> calibration.allocate -> evaluation (metrics) would be a cycle.
+    from lowbit_tp.calibration.pipeline import calibrate
 
     bundle = bundle if bundle is not None else load_model(model)
     cal = calibrate(CalibrationConfig(model=model, tp=tp, samples=cal_samples, batch_size=batch_size, **cal_options),

@@ -16,6 +16,9 @@ from __future__ import annotations
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from lowbit_tp.calibration import Calibration
+from lowbit_tp.codecs import make_codec
+from lowbit_tp.models import load_model
 from lowbit_tp.simulator import TPSimulator
 
 
@@ -30,10 +33,6 @@ class SimulatedTPLM(HFLM):
 
     def __init__(self, model: str = "smollm2-135m", tp: int = 1, codec: str = "bf16", algorithm: str = "gather",
                  calibration: str | None = None, batch_size: int = 8, bundle=None, **kwargs):
-        from lowbit_tp.calibration import Calibration
-        from lowbit_tp.codecs import make_codec
-        from lowbit_tp.models import load_model
-
         hf_model, tokenizer, info = bundle if bundle is not None else load_model(model)
         cal = Calibration.load(calibration) if isinstance(calibration, str) else calibration
         if cal is not None:

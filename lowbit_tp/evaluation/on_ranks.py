@@ -12,8 +12,8 @@ Who computes what:
   logits batch by batch and writes them to a temporary directory (one ``torch.save`` file
   per batch, ``samples * seq_len * vocab * 4`` bytes in all: 1.6 GB for 32 x 256 tokens of
   a 49k vocabulary), computes the baseline last-word accuracy, then frees the model;
-* ``cfg.tp`` spawned gloo ranks (:func:`eval_rank_main`) each load and shard the model as
-  :func:`~lowbit_tp.runtime.engine.rank_main` does, once, and run every codec in turn by
+* ``cfg.tp`` spawned gloo ranks (:func:`eval_rank_main`) each load, check and shard the model with
+  :func:`~lowbit_tp.runtime.startup.start_rank` (as generation does), once, and run every codec in turn by
   pointing the row-parallel layers at a fresh :class:`~lowbit_tp.tp.DistReducer`: full-sequence forwards
   (``use_cache=False``) over the windows, then the last-word items;
 * rank 0 reads each batch's baseline logits, accumulates :class:`LMComparison` and returns
@@ -33,14 +33,12 @@ from typing import Any, Sequence
 
 import torch
 
-from lowbit_tp.codecs import make_codec
-from lowbit_tp.collectives import CommStats, check_group_config, spawn_ranks
+from lowbit_tp.collectives import CommStats, spawn_ranks
 from lowbit_tp.configs import RankOptions
 from lowbit_tp.evaluation.evaluate import EvalConfig, _lambada, eval_inputs, result_record, result_row
 from lowbit_tp.evaluation.metrics import LMComparison
-from lowbit_tp.models import check_tp, get_adapter, load_model
-from lowbit_tp.runtime.engine import _load_calibration
-from lowbit_tp.runtime.shard import shard_model
+from lowbit_tp.models import load_model
+from lowbit_tp.runtime.startup import start_rank
 from lowbit_tp.tp.row_parallel import DistReducer, RowParallelLinear
 
 __all__ = ["eval_rank_main", "evaluate_codecs_tp"]
@@ -71,26 +69,15 @@ def eval_rank_main(rank: int, world: int, cfg: EvalConfig, input_ids: torch.Tens
     :class:`LMComparison` sums (``comparison``), last-word hits (``lambada``) and, with
     ``keep_logits``, the logits ``[samples, seq_len, vocab]``.
     """
-    if world != cfg.tp:
-        raise ValueError(f"the evaluation asks for TP {cfg.tp} but {world} ranks were started")
-    model, _, info = load_model(cfg.model, progress=False)
-    if info.weights_sha256 != weights_sha256:
-        raise ValueError(f"rank {rank} loaded weights {info.weights_sha256[:12]}..., the baseline was computed "
-                         f"with {weights_sha256[:12]}...")
-    adapter = get_adapter(model, name=cfg.model)
-    check_tp(model.config, world, name=cfg.model)
-    cal = _load_calibration(cfg, tp=world, info=info)
-    codecs = {name: make_codec(name, calibration=cal, **cfg.codec_options.get(name, {})) for name in cfg.codecs}
-    extra = {"model_sha256": info.weights_sha256, "tp": world, "algorithm": cfg.algorithm,
-             "input_ids_sha256": _digest(input_ids.tolist()), "items_sha256": _digest([it.manifest() for it in items]),
-             "batch_size": cfg.batch_size, "calibration_file": None if cal is None else cal.fingerprint()}
-    for codec in codecs.values():
-        check_group_config(codec, group, extra=extra)
-
-    comm = DistReducer(codec=next(iter(codecs.values())), group=group, algorithm=cfg.algorithm)
-    shard = shard_model(model, rank=rank, tp=world, reducer=comm, adapter=adapter)
+    started = start_rank(rank, world, model=cfg.model, tp=cfg.tp, codecs=cfg.codecs, calibration=cfg.calibration,
+                         algorithm=cfg.algorithm, codec_options=cfg.codec_options, weights_sha256=weights_sha256,
+                         agree_on=lambda tokenizer: {
+                             "input_ids_sha256": _digest(input_ids.tolist()),
+                             "items_sha256": _digest([it.manifest() for it in items]), "batch_size": cfg.batch_size},
+                         group=group, job="evaluation")
+    model, codecs, shard = started.model, started.codecs, started.shard
     batches = list(input_ids.split(cfg.batch_size))
-    out: dict[str, Any] = {"rank": rank, "shard": asdict(shard), "codecs": {}}
+    out: dict[str, Any] = {"rank": rank, "shard": shard, "codecs": {}}
     with torch.no_grad():
         for name, codec in codecs.items():
             comm = DistReducer(codec=codec, group=group, algorithm=cfg.algorithm)

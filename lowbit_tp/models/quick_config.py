@@ -14,6 +14,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from lowbit_tp.models.registry import resolve_source
+
 __all__ = ["quick_config", "read_gguf_metadata"]
 
 # GGUF value types -> struct format of one element (strings and arrays handled apart).
@@ -129,8 +131,6 @@ def quick_config(name_or_path: str) -> SimpleNamespace:
 
     Raises ``ValueError`` for an unknown model or an unreadable header.
     """
-    from lowbit_tp.models.registry import resolve_source
-
     source = resolve_source(name_or_path)
     try:
         if source.gguf_file:

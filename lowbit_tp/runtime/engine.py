@@ -7,62 +7,30 @@ Two ways in, one per-rank function (:func:`rank_main`):
 * :func:`run_from_env` is for ``torchrun``: it initialises the process group from
   ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` and runs the same function.
 
-Start-up on every rank: load the full checkpoint, check the TP degree, load and check the
-calibration against the model (``check_compatible``), build the codec, then one
-:func:`~lowbit_tp.collectives.check_group_config` over codec config + model hash + run
-settings, so a rank with another codec, calibration, model or prompt fails at once with a
-:class:`~lowbit_tp.collectives.CollectiveError` listing every rank's view. Only then is the
-model sharded and generation started.
+Start-up on every rank is :func:`~lowbit_tp.runtime.startup.start_rank` (shared with the
+evaluation on real ranks): load, check the TP degree and calibration, build the codec, one
+group-wide config check (codec, model hash, prompts, run settings), then shard.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import time
 from dataclasses import asdict
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from lowbit_tp.calibration import Calibration
-from lowbit_tp.codecs import make_codec
-from lowbit_tp.collectives import AutoPolicy, check_group_config, spawn_ranks
+from lowbit_tp.collectives import AutoPolicy, spawn_ranks
 from lowbit_tp.collectives.launch import init_from_env
 from lowbit_tp.configs import RunConfig, SamplingConfig
-from lowbit_tp.models import check_tp, load_model, load_tokenizer
-from lowbit_tp.models.export import export_hf
-from lowbit_tp.models.registry import model_info
 from lowbit_tp.preflight import check_codecs, check_model_tp
 from lowbit_tp.runtime.generate import generate
-from lowbit_tp.runtime.shard import shard_model
-from lowbit_tp.tp.row_parallel import CommHooks, DistReducer
+from lowbit_tp.runtime.startup import rss_mib, start_rank
+from lowbit_tp.tp.row_parallel import CommHooks
 
 __all__ = ["RunConfig", "preflight_run", "rank_main", "run_from_env", "run_tp"]
-
-
-def _rss_mib() -> dict[str, float]:
-    """Current and peak resident memory of this process (Linux ``/proc``), MiB."""
-    out = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    key, val = line.split(":")
-                    out[{"VmRSS": "rss_mib", "VmHWM": "peak_rss_mib"}[key]] = int(val.split()[0]) / 1024
-    except OSError:
-        pass
-    return out
-
-
-def _load_calibration(cfg: RunConfig, *, tp: int, info):
-    if cfg.calibration is None:
-        return None
-    cal = Calibration.load(cfg.calibration)
-    cal.check_compatible(tp=tp, hidden_size=info.hidden_size, weights_sha256=info.weights_sha256,
-                         model_name=cfg.model)
-    return cal
 
 
 def rank_main(rank: int, world: int, cfg: RunConfig, *, group=None, stream: bool = False,
@@ -75,36 +43,17 @@ def rank_main(rank: int, world: int, cfg: RunConfig, *, group=None, stream: bool
     token)`` runs on every rank after every token (fault-injection hook for tests); ``hooks``
     wrap every row-parallel reduce and its backend collectives (benchmark timers).
     """
-    if world != cfg.tp:
-        raise ValueError(f"the run asks for TP {cfg.tp} but {world} ranks were started")
-    t0 = time.perf_counter()
-    if cfg.engine == "native":
-        model, tokenizer, info = load_model(cfg.model, progress=False)
-        config = model.config
-    else:
-        config, tokenizer, info = _transformers_source(cfg.model)
-    load_s = time.perf_counter() - t0
-    check_tp(config, world, name=cfg.model)
-    cal = _load_calibration(cfg, tp=world, info=info)
-    codec = make_codec(cfg.codec, calibration=cal)
-    prompt_ids = [tokenizer(p).input_ids for p in cfg.prompts]
-    digest = hashlib.sha256(json.dumps(prompt_ids).encode()).hexdigest()[:16]
-    check_group_config(codec, group, extra={
-        "model_sha256": info.weights_sha256, "tp": world, "algorithm": cfg.algorithm,
-        "policy": repr(cfg.policy), "prompt_ids_sha256": digest, "max_new_tokens": cfg.max_new_tokens,
-        "sampling": repr(cfg.sampling), "calibration_file": None if cal is None else cal.fingerprint(),
-    })
-    memory = {"after_load": _rss_mib()}
-    comm = DistReducer(codec=codec, group=group, algorithm=cfg.algorithm, policy=cfg.policy, hooks=hooks)
-    if cfg.engine == "native":
-        shard = asdict(shard_model(model, rank=rank, tp=world, reducer=comm))
-    else:
-        t1 = time.perf_counter()
-        model = _transformers_tp_model(cfg.model, tp=world, reducer=comm)
-        load_s += time.perf_counter() - t1
-        shard = {"rank": rank, "tp": world, "engine": "transformers", "shard_param_bytes": _local_param_bytes(model)}
-    memory["after_shard"] = _rss_mib()
+    prompt_ids: list = []
 
+    def agree_on(tokenizer) -> dict:  # the prompts, as this rank's tokenizer reads them
+        prompt_ids.extend(tokenizer(p).input_ids for p in cfg.prompts)
+        return {"prompt_ids_sha256": hashlib.sha256(json.dumps(prompt_ids).encode()).hexdigest()[:16],
+                "max_new_tokens": cfg.max_new_tokens, "sampling": repr(cfg.sampling)}
+
+    started = start_rank(rank, world, model=cfg.model, tp=cfg.tp, codecs=[cfg.codec], calibration=cfg.calibration,
+                         algorithm=cfg.algorithm, policy=cfg.policy, engine=cfg.engine, agree_on=agree_on,
+                         hooks=hooks, group=group)
+    model, tokenizer, comm, memory = started.model, started.tokenizer, started.reducer, started.memory
     eos = []
     if not cfg.ignore_eos and tokenizer.eos_token_id is not None:
         eos = [tokenizer.eos_token_id]
@@ -125,55 +74,19 @@ def rank_main(rank: int, world: int, cfg: RunConfig, *, group=None, stream: bool
         results.append(row)
     if show:
         print(flush=True)
-    memory["end"] = _rss_mib()
+    memory["end"] = rss_mib()
     return {
         "rank": rank,
         "config": cfg.as_dict(),
-        "model": asdict(info),
-        "codec": codec.config(),
-        "shard": shard,
+        "model": asdict(started.info),
+        "codec": started.codecs[cfg.codec].config(),
+        "shard": started.shard,
         "memory": memory,
-        "load_s": load_s,
+        "load_s": started.load_s,
         "threads": torch.get_num_threads(),
         "results": results,
         "comm_total": comm.stats.as_dict(),
     }
-
-
-def _transformers_source(name: str):
-    """Config, tokenizer and :class:`ModelInfo` of ``name`` without loading its weights
-    (the info hashes the registry's own weight files, as the native engine does)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(export_hf(name)))
-    return config, load_tokenizer(name), model_info(name, config)
-
-
-def _transformers_tp_model(name: str, *, tp: int, reducer: DistReducer):
-    """``name`` loaded by transformers' TP over the default process group, its row-parallel
-    layers styled ``lowbit_rowwise`` and reducing through ``reducer``."""
-    from transformers import AutoModelForCausalLM
-    from transformers.distributed import DistributedConfig
-    from transformers.utils import logging as hf_logging
-
-    from lowbit_tp.integrations.transformers import register_lowbit_rowwise, tp_plan  # imports transformers
-
-    hf_logging.disable_progress_bar()
-    register_lowbit_rowwise(reducer=reducer)
-    model = AutoModelForCausalLM.from_pretrained(str(export_hf(name)), dtype=torch.float32,
-                                                 distributed_config=DistributedConfig(tp_size=tp, tp_plan=tp_plan()))
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def _local_param_bytes(model) -> int:
-    """Bytes of this rank's parameters (the local shards of DTensors)."""
-    total = 0
-    for p in model.parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        total += local.numel() * local.element_size()
-    return total
 
 
 def _merge(per_rank: list[dict]) -> dict[str, Any]:

@@ -91,7 +91,14 @@ class TPSimulator:
             self._swapped.append((layer.name, swap_module(self.model, layer.name, new)))
         return self
 
+    def check_nonfinite(self) -> None:
+        """Raise what the codec's device flags recorded (``"flag"`` mode, or ``"error"`` mode
+        deferred on the fused GPU path): call it once per step; leaving the block calls it too."""
+        self.reducer.check_nonfinite()
+
     def __exit__(self, *exc) -> None:
         for name, linear in reversed(self._swapped):
             swap_module(self.model, name, linear)
         self._swapped.clear()
+        if exc[0] is None:  # a deferred NaN/Inf error surfaces at the latest here
+            self.check_nonfinite()

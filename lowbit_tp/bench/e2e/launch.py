@@ -10,6 +10,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from lowbit_tp.bench.netns import netns_command
+from lowbit_tp.collectives.launch import set_parent_death_signal
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -19,9 +22,6 @@ def free_port() -> int:
 
 def launch_ranks(run_cfg: dict, *, world: int, hosts: list[str] | None, port: int, timeout_s: float) -> list[dict]:
     """Start ``world`` rank processes (in namespaces when ``hosts``), wait, return their JSON."""
-    from lowbit_tp.bench.netns import netns_command
-    from lowbit_tp.collectives.launch import set_parent_death_signal
-
     with tempfile.TemporaryDirectory(prefix="lowbit_tp_e2e_") as tmp:
         cfg_path = Path(tmp, "config.json")
         cfg_path.write_text(json.dumps(run_cfg))

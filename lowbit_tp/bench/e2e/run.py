@@ -9,17 +9,21 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from lowbit_tp.configs import E2EConfig
+from lowbit_tp.bench.common import environment
 from lowbit_tp.bench.e2e.launch import free_port, launch_ranks
 from lowbit_tp.bench.e2e.model import make_prompt, save_random_llama
 from lowbit_tp.bench.e2e.report import COLUMNS, NOTES, add_ratios, render_markdown, rows_of_run
+from lowbit_tp.bench.netns import emulated_link
+from lowbit_tp.calibration.pipeline import calibrate
+from lowbit_tp.codecs import codec_spec
+from lowbit_tp.configs import CalibrationConfig, E2EConfig
+from lowbit_tp.models import load_tokenizer
+from lowbit_tp.results import markdown_table, write_results
 
 
 def calibrate_for(model: str, tp: int, samples: int, out: Path, *, allocate: bool) -> str:
     """Calibrate ``model`` at TP ``tp``; with ``allocate`` also plan the per-layer bits
     (codec ``default``/``alloc`` needs that plan)."""
-    from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
-
     cfg = CalibrationConfig(model=model, tp=tp, samples=samples, seq_len=128, batch_size=4)
     if not allocate:
         cfg = replace(cfg, allocate=None)
@@ -30,12 +34,6 @@ def calibrate_for(model: str, tp: int, samples: int, out: Path, *, allocate: boo
 def run_e2e_bench(cfg: E2EConfig, *, json_path: str | None = None, log=print) -> dict[str, Any]:
     """Run the sweep; returns ``{"config", "environment", "rows", "markdown", ...}`` and
     writes JSON + markdown to ``json_path`` when given."""
-    from lowbit_tp.bench.common import environment
-    from lowbit_tp.results import markdown_table, write_results
-    from lowbit_tp.bench.netns import emulated_link
-    from lowbit_tp.codecs import codec_spec
-    from lowbit_tp.models import load_tokenizer
-
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     rows, runs = [], []

@@ -9,6 +9,14 @@ import json
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from lowbit_tp.collectives.launch import init_from_env
+from lowbit_tp.configs import RunConfig
+from lowbit_tp.runtime.engine import rank_main
+from lowbit_tp.tp.row_parallel import CommHooks
+
 
 class Timers:
     """Wall time inside the row-parallel all-reduces, bucketed per generated token.
@@ -40,8 +48,6 @@ class Timers:
             self._cur["calls"] += 1
 
     def around_wire(self, what: str, group, send):
-        import torch.distributed as dist
-
         if self.sync_wire:
             t0 = time.perf_counter()
             dist.barrier(group=group)
@@ -53,19 +59,11 @@ class Timers:
             self._cur["wire_s"] += time.perf_counter() - t0
 
     def hooks(self):
-        from lowbit_tp.tp.row_parallel import CommHooks
-
         return CommHooks(around_reduce=self.around_reduce, around_wire=self.around_wire)
 
 
 def worker_main(cfg_path: str, out_dir: str) -> None:
     """One rank, torchrun-style: run the config at ``cfg_path``, write ``rank{R}.json``."""
-    import torch
-    import torch.distributed as dist
-
-    from lowbit_tp.collectives.launch import init_from_env
-    from lowbit_tp.runtime.engine import RunConfig, rank_main
-
     spec = json.loads(Path(cfg_path).read_text())
     sync_wire = spec.pop("sync_wire", True)
     cfg = RunConfig(**spec)
