@@ -13,6 +13,7 @@ from lowbit_tp.codecs import make_codec
 from lowbit_tp.configs import DEFAULT_ALGORITHM, CalibrationConfig, EvalConfig
 from lowbit_tp.data import chunk_tokens, lambada_passages, load_split, token_char_spans, window_spans
 from lowbit_tp.evaluation.metrics import LMComparison, last_word_correct
+from lowbit_tp.evaluation.records import CodecEvalRow
 from lowbit_tp.models import load_model
 from lowbit_tp.simulator import TPSimulator
 
@@ -94,21 +95,22 @@ def result_record(cfg: EvalConfig, info, split, chunks, items, calibration, rows
 
 
 def result_row(cfg: EvalConfig, info, codec: str, comparison: dict, stats, lambada_hits: Sequence[bool],
-               lambada_baseline: float, seconds: float, *, num_layers: int) -> dict[str, Any]:
-    """One codec's result row, shared by the simulator and the real-runtime evaluation."""
+               lambada_baseline: float, seconds: float, *, num_layers: int) -> CodecEvalRow:
+    """One codec's result row, shared by the simulator and the real-runtime evaluation.
+    ``comparison`` is :meth:`LMComparison.result`; ``num_layers`` counts row-parallel layers."""
     acc = sum(lambada_hits) / len(lambada_hits) if lambada_hits else float("nan")
-    return {
-        "model": info.name, "tp": cfg.tp, "codec": codec, "algorithm": cfg.algorithm, "split": cfg.split,
+    return CodecEvalRow(
+        model=info.name, tp=cfg.tp, codec=codec, algorithm=cfg.algorithm, split=cfg.split,
         **comparison,
-        "lambada_acc": acc, "lambada_acc_baseline": lambada_baseline,
-        "bits_per_value": stats.bits_per_value,
-        "ring_equiv_bits": stats.ring_equiv_bits,
+        lambada_acc=acc, lambada_acc_baseline=lambada_baseline,
+        bits_per_value=stats.bits_per_value,
+        ring_equiv_bits=stats.ring_equiv_bits,
         # all row-parallel layers together, per token that went through the model
-        "bytes_sent_per_rank_per_token": stats.bytes_sent * num_layers / max(1, stats.values // info.hidden_size),
-        "ppl_increase_pct": 100.0 * (comparison["ppl"] / comparison["ppl_baseline"] - 1.0),
-        "pct_of_baseline_lambada": 100.0 * acc / lambada_baseline if lambada_baseline else float("nan"),
-        "seconds": round(seconds, 2),
-    }
+        bytes_sent_per_rank_per_token=stats.bytes_sent * num_layers / max(1, stats.values // info.hidden_size),
+        ppl_increase_pct=100.0 * (comparison["ppl"] / comparison["ppl_baseline"] - 1.0),
+        pct_of_baseline_lambada=100.0 * acc / lambada_baseline if lambada_baseline else float("nan"),
+        seconds=round(seconds, 2),
+    )
 
 
 def _lambada(model, items, batch_size: int) -> list[bool]:
@@ -161,7 +163,7 @@ def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress:
     bar.close()
     base_acc = sum(lam_base) / len(lam_base) if lam_base else float("nan")
     rows = [result_row(cfg, info, name, comps[name].result(), sim.comm_stats(), lam[name], base_acc,
-                       seconds[name], num_layers=len(sim.layers)) for name, sim in sims.items()]
+                       seconds[name], num_layers=len(sim.layers)).to_json() for name, sim in sims.items()]
     return result_record(cfg, info, split, chunks, items, calibration, rows, split_info)
 
 

@@ -139,7 +139,7 @@ def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = RankOptions.timeou
         r0 = per_rank[0]["codecs"][name]
         row = result_row(cfg, info, name, LMComparison(**r0["comparison"]).result(), CommStats.from_dict(r0["comm"]),
                          r0["lambada"], base_acc, r0["seconds"], num_layers=2 * info.num_layers)
-        rows.append({**row, "runtime": "tp"})
+        rows.append(row.on("tp").to_json())
         if keep_logits:
             logits[name] = r0["logits"]
     out = result_record(cfg, info, split, chunks, items, calibration, rows, split_info)
