@@ -220,7 +220,10 @@ class EvalConfig:
     batch_size: int = 8
     lambada: int = 128          # last-word items; 0 skips
     lambada_context: int = 128  # tokens of context before each target word
-    seed: int = 1               # differs from calibration's default seed 0
+    # Evaluation windows. 10, not 1: seed 1's first 16 held-out windows are the ones the default
+    # codec was chosen on (a larger --samples of one seed is a superset), and seed 10 shares no
+    # window with seed 1's first 64 (scripts/heldout_windows.py). Differs from calibration's 0.
+    seed: int = 10
     text: str | None = None
     text_glob: str = "*"        # which files of a --text directory to read
     split: str = "test"         # "test": the held-out text; "dev": calibration text off the calibration windows

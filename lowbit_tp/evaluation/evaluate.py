@@ -169,7 +169,7 @@ def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress:
 
 def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algorithm: str = DEFAULT_ALGORITHM,
                            samples: int = 32, cal_samples: int = 64, lambada: int = 128, batch_size: int = 8,
-                           split: str = "test", seed: int = 1, bundle=None, progress: bool = True,
+                           split: str = "test", seed: int = EvalConfig.seed, bundle=None, progress: bool = True,
                            **cal_options) -> dict[str, Any]:
     """Calibrate ``model`` at ``tp`` on the calibration text, then evaluate ``codecs`` on the
     ``split`` (``test``: held-out text; ``dev``: calibration works off the calibration windows).
