@@ -61,9 +61,9 @@ def cmd(args) -> None:
     cfg = config_from_args(args)
     preflight_eval(cfg, out=args.json, warn=warn)
     if args.runtime == "tp":
-        res = evaluate_codecs_tp(cfg, timeout_s=args.timeout, threads_per_rank=args.threads_per_rank)
+        res = evaluate_codecs_tp(cfg, timeout_s=args.timeout, threads_per_rank=args.threads_per_rank, warn=warn)
     else:
-        res = evaluate_codecs(cfg)
+        res = evaluate_codecs(cfg, warn=warn)
         for row in res["rows"]:
             row["runtime"] = "sim"
     print(markdown_table(res["rows"], COLUMNS))
