@@ -84,7 +84,7 @@ def main() -> None:
         for tp in args.tp or [3]:
             res = calibrate_and_evaluate(model, tp, codecs, samples=args.samples, cal_samples=args.cal_samples,
                                          lambada=args.lambada, batch_size=args.batch_size, split=args.split,
-                                         seed=args.seed, bundle=bundle, allocate=None)
+                                         seed=args.seed, bundle=bundle, allocate=None).to_json()
             res["command"] = (f"python scripts/reproduce_paper.py --model {model} --tp {tp} --samples {args.samples} "
                               f"--cal-samples {args.cal_samples} --lambada {args.lambada} --split {args.split} "
                               f"--seed {args.seed} "
