@@ -290,6 +290,47 @@ std::vector<Run> inlier_runs(int64_t e, const int64_t* outl, int64_t k) {
   return runs;
 }
 
+// Decoded sums go to an output of dtype 0 = fp32 (written in place, row by row), 1 = bf16 or
+// 2 = fp16: then each row is summed in an fp32 scratch row (in L1) and rounded once on the way
+// out, which is bitwise `sum.to(dtype)` (round to nearest even; a NaN as torch writes it:
+// 0xffff in bf16, F16C's quieted NaN in fp16). This saves the separate cast pass of the caller.
+struct SumOut {
+  void* base;
+  int dt;
+  int64_t e;
+  std::vector<float> scratch;
+  SumOut(void* out, int dtype, int64_t width) : base(out), dt(dtype), e(width), scratch(dtype ? width : 0) {}
+  float* row(int64_t t) { return dt == 0 ? static_cast<float*>(base) + t * e : scratch.data(); }
+  void finish(int64_t t) {
+    if (dt == 0) return;
+    uint16_t* o = static_cast<uint16_t*>(base) + t * e;
+    const float* a = scratch.data();
+    int64_t c = 0;
+#ifdef LBT_AVX2
+    if (dt == 1) {
+      const __m256i absm = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+      const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+      for (; c + 16 <= e; c += 16) {
+        __m256i w[2];
+        for (int h = 0; h < 2; ++h) {
+          const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(a + c + 8 * h));
+          const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, absm), inf);
+          const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, bias), _mm256_and_si256(_mm256_srli_epi32(u, 16), one));
+          w[h] = _mm256_or_si256(_mm256_srli_epi32(r, 16), _mm256_srli_epi32(nan, 16));  // NaN: 0xffff
+        }
+        const __m256i pk = _mm256_permute4x64_epi64(_mm256_packus_epi32(w[0], w[1]), 0xd8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c), pk);
+      }
+    } else {
+      for (; c + 8 <= e; c += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + c),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(a + c), _MM_FROUND_TO_NEAREST_INT));
+    }
+#endif
+    for (; c < e; ++c) o[c] = dt == 1 ? f32_to_bf16(a[c]) : f32_to_f16(a[c]);
+  }
+};
+
 // ------------------------------------------------------------------- static int codecs
 // int8 / int4 / int4-outlier / int4-random-k: [ T*k bf16 | codes of the T*(E-k) inliers ].
 // Rows are quantized at full width with a per-channel factor (0 on kept channels), then the
@@ -337,12 +378,12 @@ int static_encode(const void* x, int64_t t_rows, int64_t e, int64_t ld, const in
 // so each output row is written once: each run of inlier channels decodes straight from the
 // payload into the output row (the scales of a run are contiguous), then the kept channels.
 void static_decode_sum(const uint8_t* const* payloads, const float* const* scales, int n, int64_t t_rows,
-                       int64_t e, const int64_t* const* outls, int64_t k, int bits, float* out) {
+                       int64_t e, const int64_t* const* outls, int64_t k, int bits, SumOut& out) {
   const int64_t m = e - k;
   std::vector<std::vector<Run>> runs(n);
   for (int r = 0; r < n; ++r) runs[r] = inlier_runs(e, outls[r], k);
   for (int64_t t = 0; t < t_rows; ++t) {
-    float* orow = out + t * e;
+    float* orow = out.row(t);
     for (int r = 0; r < n; ++r) {
       const uint8_t* head = payloads[r];
       const uint8_t* body = payloads[r] + 2 * t_rows * k;
@@ -365,6 +406,7 @@ void static_decode_sum(const uint8_t* const* payloads, const float* const* scale
         orow[c] = r == 0 ? v : orow[c] + v * 1.0f;
       }
     }
+    out.finish(t);
   }
 }
 
@@ -414,11 +456,11 @@ int group_encode(const void* x, int64_t t_rows, int64_t e, int64_t ld, int64_t g
 
 // Row by row, rank by rank (each output row written once): the group scales spread over the
 // row, then one decode run.
-void group_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, int64_t e, int64_t group, float* out) {
+void group_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, int64_t e, int64_t group, SumOut& out) {
   const int64_t g_count = (e + group - 1) / group;
   std::vector<float> sfull(e);
   for (int64_t t = 0; t < t_rows; ++t) {
-    float* orow = out + t * e;
+    float* orow = out.row(t);
     for (int r = 0; r < n; ++r) {
       const uint8_t* body = payloads[r];
       const uint8_t* sbytes = payloads[r] + (t_rows * e + 1) / 2 + 2 * t * g_count;
@@ -430,6 +472,7 @@ void group_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, int
       if (r == 0) int4_run<true>(body, t * e, e, sfull.data(), orow);
       else int4_run<false>(body, t * e, e, sfull.data(), orow);
     }
+    out.finish(t);
   }
 }
 
@@ -760,7 +803,7 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
 }
 
 void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const int64_t* const* outls,
-                    const RotSpec& s, float* out) {
+                    const RotSpec& s, SumOut& out) {
   const int64_t e = s.e, k = s.k, group = s.group, g_count = rot_groups(s);
   const int64_t ncode = rot_code_bytes(s, t_rows * e);
   const int64_t plane_bytes = (t_rows * e + 7) / 8;
@@ -770,7 +813,7 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
   const Table8 levels8(s.levels, 1 << s.bits);
 #endif
   for (int64_t t = 0; t < t_rows; ++t) {
-    float* orow = out + t * e;
+    float* orow = out.row(t);
     for (int r = 0; r < n; ++r) {
       const uint8_t* head = payloads[r];
       const uint8_t* body = payloads[r] + 2 * t_rows * k;
@@ -828,6 +871,7 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
       if (r == 0) std::memcpy(orow, z.data(), 4 * e);
       else for (int64_t c = 0; c < e; ++c) orow[c] = orow[c] + z[c];
     }
+    out.finish(t);
   }
 }
 
@@ -835,7 +879,7 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
 
 extern "C" {
 
-int lbt_abi_version() { return 3; }
+int lbt_abi_version() { return 4; }
 
 // Encoders: *amax = the largest |x| among the finite inputs (the caller's range check).
 int lbt_static_encode(const void* x, int dtype, int64_t t, int64_t e, int64_t ld, const int64_t* outl, int64_t k,
@@ -847,9 +891,11 @@ int lbt_static_encode(const void* x, int dtype, int64_t t, int64_t e, int64_t ld
   }
 }
 
+// Decoders: `out` has dtype `out_dtype` (0 fp32, 1 bf16, 2 fp16), [t, e] contiguous.
 void lbt_static_decode_sum(const uint8_t* const* payloads, const float* const* scales, int n, int64_t t, int64_t e,
-                           const int64_t* const* outls, int64_t k, int bits, float* out) {
-  static_decode_sum(payloads, scales, n, t, e, outls, k, bits, out);
+                           const int64_t* const* outls, int64_t k, int bits, void* out, int out_dtype) {
+  SumOut o(out, out_dtype, e);
+  static_decode_sum(payloads, scales, n, t, e, outls, k, bits, o);
 }
 
 int lbt_group_encode(const void* x, int dtype, int64_t t, int64_t e, int64_t ld, int64_t group, uint8_t* out,
@@ -861,8 +907,10 @@ int lbt_group_encode(const void* x, int dtype, int64_t t, int64_t e, int64_t ld,
   }
 }
 
-void lbt_group_decode_sum(const uint8_t* const* payloads, int n, int64_t t, int64_t e, int64_t group, float* out) {
-  group_decode_sum(payloads, n, t, e, group, out);
+void lbt_group_decode_sum(const uint8_t* const* payloads, int n, int64_t t, int64_t e, int64_t group, void* out,
+                          int out_dtype) {
+  SumOut o(out, out_dtype, e);
+  group_decode_sum(payloads, n, t, e, group, o);
 }
 
 // spec: e, k, group, block, bits, fmt as int64[6]; tables: signs, levels, bounds, lg8, exp2tab.
@@ -883,8 +931,11 @@ int lbt_rot_encode(const void* x, int dtype, int64_t t, int64_t ld, const int64_
 }
 
 void lbt_rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t, const int64_t* const* outls,
-                        const int64_t* spec, float inv_sqrt_block, const float* const* tables, float* out) {
-  rot_decode_sum(payloads, n, t, outls, make_spec(spec, inv_sqrt_block, tables), out);
+                        const int64_t* spec, float inv_sqrt_block, const float* const* tables, void* out,
+                        int out_dtype) {
+  const RotSpec s = make_spec(spec, inv_sqrt_block, tables);
+  SumOut o(out, out_dtype, s.e);
+  rot_decode_sum(payloads, n, t, outls, s, o);
 }
 
 }  // extern "C"
