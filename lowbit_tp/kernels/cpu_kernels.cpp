@@ -559,8 +559,61 @@ inline bool fwht_row_avx2(float* y, int64_t e, int64_t block, float inv_sqrt) {
   return true;
 }
 
-// A float table read by 8 int32 indices at once: in-register permutes up to 16 entries, a
-// gather beyond.
+// The same transform in two passes over the row instead of eight (rows of whole 64-value
+// chunks, 64 <= block <= 256: every model width). `pre` (or null) multiplies each value
+// first (the encoder's signs). Pass A: per 64-value chunk in eight registers, the optional
+// multiply, stages 1-4 (fwht8) and 8, 16, 32; pass B: stages 64 and 128 across the block's
+// chunks, four registers at a time, and the final multiply by 1/sqrt(block). Every value gets
+// the same operations with the same operands as the stage-by-stage loops.
+template <int A, int B>
+inline void bfly(__m256* v) {  // (v[A], v[B]) <- (v[A] + v[B], v[A] - v[B])
+  const __m256 a = v[A], b = v[B];
+  v[A] = _mm256_add_ps(a, b);
+  v[B] = _mm256_sub_ps(a, b);
+}
+
+// Q = block / 64 chunks of 64 values (1, 2 or 4); constant indices keep v[] in registers.
+template <int Q>
+inline void fwht_row_fused_q(float* y, const float* pre, int64_t e, float inv_sqrt) {
+  const __m256 s = _mm256_set1_ps(inv_sqrt);
+  for (int64_t c = 0; c < e; c += 64) {
+    __m256 v[8];
+    for (int i = 0; i < 8; ++i) {
+      __m256 x = _mm256_loadu_ps(y + c + 8 * i);
+      if (pre) x = _mm256_mul_ps(x, _mm256_loadu_ps(pre + c + 8 * i));
+      v[i] = fwht8(x);
+    }
+    bfly<0, 1>(v); bfly<2, 3>(v); bfly<4, 5>(v); bfly<6, 7>(v);  // stride 8
+    bfly<0, 2>(v); bfly<1, 3>(v); bfly<4, 6>(v); bfly<5, 7>(v);  // stride 16
+    bfly<0, 4>(v); bfly<1, 5>(v); bfly<2, 6>(v); bfly<3, 7>(v);  // stride 32
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(y + c + 8 * i, Q == 1 ? _mm256_mul_ps(v[i], s) : v[i]);
+  }
+  if (Q == 1) return;
+  for (int64_t p = 0; p < e; p += 64 * Q)
+    for (int64_t j = p; j < p + 64; j += 8) {
+      __m256 v[4];
+      for (int i = 0; i < Q; ++i) v[i] = _mm256_loadu_ps(y + j + 64 * i);
+      bfly<0, 1>(v);  // stride 64
+      if (Q == 4) {
+        bfly<2, 3>(v);
+        bfly<0, 2>(v); bfly<1, 3>(v);  // stride 128
+      }
+      for (int i = 0; i < Q; ++i) _mm256_storeu_ps(y + j + 64 * i, _mm256_mul_ps(v[i], s));
+    }
+}
+
+inline bool fwht_row_fused(float* y, const float* pre, int64_t e, int64_t block, float inv_sqrt) {
+  if (e % block) return false;
+  switch (block) {
+    case 64: fwht_row_fused_q<1>(y, pre, e, inv_sqrt); return true;
+    case 128: fwht_row_fused_q<2>(y, pre, e, inv_sqrt); return true;
+    case 256: fwht_row_fused_q<4>(y, pre, e, inv_sqrt); return true;
+    default: return false;
+  }
+}
+
+// A float table read by 8 int32 indices at once: in-register permutes up to 16 entries (one
+// two-table permute with AVX-512VL), a gather beyond.
 struct Table8 {
   const float* t;
   int n;
@@ -573,6 +626,9 @@ struct Table8 {
   }
   __m256 at(__m256i idx) const {
     if (n <= 8) return _mm256_permutevar8x32_ps(lo, idx);
+#ifdef __AVX512VL__
+    if (n <= 16) return _mm256_permutex2var_ps(lo, idx, hi);
+#endif
     if (n <= 16)
       return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
                               _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7))));
@@ -603,6 +659,35 @@ inline __m256i bucketize8(__m256 y, const Table8& bounds, int bits) {
     default: return bucketize8_n<8>(y, bounds);
   }
 }
+
+#ifdef __AVX512VL__
+// bucketize8 for up to 15 bounds (BITS <= 4) with AVX-512VL: the first step compares with the
+// middle bound directly; each later step reads bounds[pos + step - 1] from a table shifted
+// by step - 1 with one two-register permute and adds `step` under a compare mask.
+struct Bucketize16 {
+  int bits;
+  __m256 first, lo[4], hi[4];
+  Bucketize16(const float* bounds, int b) : bits(b) {
+    const int nb = (1 << b) - 1;
+    first = _mm256_set1_ps(bounds[(1 << (b - 1)) - 1]);
+    for (int k = 1; k < b; ++k) {
+      const int step = 1 << (b - 1 - k);
+      alignas(32) float t[16];
+      for (int i = 0; i < 16; ++i) t[i] = bounds[i + step - 1 < nb ? i + step - 1 : nb - 1];
+      lo[k] = _mm256_load_ps(t);
+      hi[k] = _mm256_load_ps(t + 8);
+    }
+  }
+  __m256i operator()(__m256 y) const {
+    __m256i pos = _mm256_maskz_mov_epi32(_mm256_cmp_ps_mask(first, y, _CMP_NGE_UQ), _mm256_set1_epi32(1 << (bits - 1)));
+    for (int k = 1; k < bits; ++k) {
+      const __mmask8 m = _mm256_cmp_ps_mask(_mm256_permutex2var_ps(lo[k], pos, hi[k]), y, _CMP_NGE_UQ);
+      pos = _mm256_mask_add_epi32(pos, m, pos, _mm256_set1_epi32(1 << (bits - 1 - k)));
+    }
+    return pos;
+  }
+};
+#endif
 
 // 8 int32 lanes (values 0..255) -> 8 bytes.
 inline void store8_u8(uint8_t* dst, __m256i v) {
@@ -665,6 +750,9 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
 #ifdef LBT_AVX2
   const Table8 bounds8(s.bounds, (1 << s.bits) - 1);
 #endif
+#ifdef __AVX512VL__
+  const Bucketize16 bucket16(s.bounds, s.bits <= 4 ? int(s.bits) : 1);
+#endif
   int status = 0;
   int32_t in_amax = 0;
   for (int64_t t = 0; t < t_rows; ++t) {
@@ -704,11 +792,20 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
         const bool big = std::fabs(v) > rotate_max && finite_bits(bits_of(v));
         z[c] = big ? (v < 0 ? -rotate_max : rotate_max) : v;
       }
-    for (int64_t c = 0; c < e; ++c) z[c] = z[c] * s.signs[c];
 #ifdef LBT_AVX2
-    if (!fwht_row_avx2(z.data(), e, s.block, s.inv_sqrt_block))
+    if (t + 1 < t_rows) {  // the next row streams in while this one is transformed and coded
+      const char* next = row + ld * elem_size<DT>();
+      for (int64_t b = 0; b < e * elem_size<DT>(); b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+    }
+    if (!fwht_row_fused(z.data(), s.signs, e, s.block, s.inv_sqrt_block))
 #endif
-      fwht_row(z.data(), e, s.block, s.inv_sqrt_block);
+    {
+      for (int64_t c = 0; c < e; ++c) z[c] = z[c] * s.signs[c];
+#ifdef LBT_AVX2
+      if (!fwht_row_avx2(z.data(), e, s.block, s.inv_sqrt_block))
+#endif
+        fwht_row(z.data(), e, s.block, s.inv_sqrt_block);
+    }
     for (int64_t g = 0; g < g_count; ++g) {
       const int64_t c0 = g * group, n = (c0 + group <= e ? group : e - c0);
       int32_t a = 0, bad = 0;
@@ -776,6 +873,13 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
       int64_t i = 0;
 #ifdef LBT_AVX2
       const __m256 vs = _mm256_set1_ps(sc), m1 = _mm256_set1_ps(-1.0f), p1 = _mm256_set1_ps(1.0f);
+#ifdef __AVX512VL__
+      if (s.bits <= 4)
+        for (; i + 8 <= n; i += 8) {
+          const __m256 y = _mm256_min_ps(p1, _mm256_max_ps(m1, _mm256_div_ps(_mm256_loadu_ps(z.data() + c0 + i), vs)));
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(codes.data() + c0 + i), _mm256_cvtepi32_epi8(bucket16(y)));
+        }
+#endif
       for (; i + 8 <= n; i += 8) {  // max/min with y second: a NaN y passes through, as in the reference
         const __m256 y = _mm256_min_ps(p1, _mm256_max_ps(m1, _mm256_div_ps(_mm256_loadu_ps(z.data() + c0 + i), vs)));
         store8_u8(codes.data() + c0 + i, bucketize8(y, bounds8, int(s.bits)));
@@ -863,7 +967,8 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
         for (; i < cnt; ++i) z[c0 + i] = s.levels[codes[c0 + i]] * sc;
       }
 #ifdef LBT_AVX2
-      if (!fwht_row_avx2(z.data(), e, s.block, s.inv_sqrt_block))
+      if (!fwht_row_fused(z.data(), nullptr, e, s.block, s.inv_sqrt_block) &&
+          !fwht_row_avx2(z.data(), e, s.block, s.inv_sqrt_block))
 #endif
         fwht_row(z.data(), e, s.block, s.inv_sqrt_block);
       for (int64_t c = 0; c < e; ++c) z[c] = z[c] * s.signs[c];
