@@ -122,6 +122,29 @@ def test_cpu_sums_rounded_into_half_buffers_match_torch_casts(name):
                     assert torch.equal(got[~nan].view(torch.int16), w[~nan].view(torch.int16)), (name, t, e, kind)
 
 
+@pytest.mark.parametrize("name", ["int4-outlier", "int4-g32", "rot-lm4-g64-lg8-k4"])
+def test_large_sums_written_with_streaming_stores_match_reference(name):
+    """Outputs of >= 4 MiB take the non-temporal store path (also from a misaligned start):
+    same bits as the reference, in fp32 and rounded to bf16."""
+    t, e = 520, 2048  # 4.06 MiB of fp32; the bf16 buffer is made 4 MiB+ by a second row block
+    cal = synthetic_calibration([LAYER], world=2, hidden=e)
+    ref = make_codec(name, calibration=cal, backend="reference", nonfinite="propagate")
+    fast = make_codec(name, calibration=cal, backend="cpu", nonfinite="propagate")
+    xs = [make_input(t, e, torch.float32, "randn", seed=r) for r in range(2)]
+    xs[1][7, 5] = float("nan")
+    payloads = [fast.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    want = ref.decode_sum(payloads, (t, e), layer=LAYER)
+    for offset in (0, 1):
+        out = torch.empty(t * e + offset)[offset:].view(t, e)
+        assert same_sum(fast.decode_sum(payloads, (t, e), layer=LAYER, out=out), want), (name, offset)
+    t2 = 2 * t
+    payloads2 = [fast.encode(torch.cat([x, x]), layer=LAYER, source=r) for r, x in enumerate(xs)]
+    for offset in (0, 3):
+        out = torch.empty(t2 * e + offset, dtype=torch.bfloat16)[offset:].view(t2, e)
+        got = fast.decode_sum(payloads2, (t2, e), layer=LAYER, out=out)
+        assert torch.equal(got.view(torch.int16), torch.cat([want, want]).to(torch.bfloat16).view(torch.int16)), name
+
+
 def test_nan_free_sums_are_bit_exact():
     """Where no NaN is involved the comparison above is plain bit equality; check that it bites."""
     a = torch.tensor([1.0, -0.0, float("nan")])

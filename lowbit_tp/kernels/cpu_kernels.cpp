@@ -290,23 +290,49 @@ std::vector<Run> inlier_runs(int64_t e, const int64_t* outl, int64_t k) {
   return runs;
 }
 
-// Decoded sums go to an output of dtype 0 = fp32 (written in place, row by row), 1 = bf16 or
-// 2 = fp16: then each row is summed in an fp32 scratch row (in L1) and rounded once on the way
-// out, which is bitwise `sum.to(dtype)` (round to nearest even; a NaN as torch writes it:
-// 0xffff in bf16, F16C's quieted NaN in fp16). This saves the separate cast pass of the caller.
+// Decoded sums go to an output of dtype 0 = fp32, 1 = bf16 or 2 = fp16. Each row is summed in
+// an fp32 scratch row (it stays in L1 across the N ranks) and written out once when finished:
+// fp32 as is, bf16/fp16 rounded once, which is bitwise `sum.to(dtype)` (round to nearest even;
+// a NaN as torch writes it: 0xffff in bf16, F16C's quieted NaN in fp16). A large output
+// (>= kStreamBytes) is written with non-temporal stores: it would not stay in cache anyway,
+// and they skip reading every output line before writing it (what made decode-and-sum slower
+// than a copy). Small outputs (decode steps) stay in cache for the next layer.
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
+
 struct SumOut {
   void* base;
   int dt;
   int64_t e;
+  bool stream;
   std::vector<float> scratch;
-  SumOut(void* out, int dtype, int64_t width) : base(out), dt(dtype), e(width), scratch(dtype ? width : 0) {}
-  float* row(int64_t t) { return dt == 0 ? static_cast<float*>(base) + t * e : scratch.data(); }
+  SumOut(void* out, int dtype, int64_t width, int64_t rows)
+      : base(out), dt(dtype), e(width), stream(rows * width * (dtype ? 2 : 4) >= kStreamBytes), scratch(width) {}
+#ifdef LBT_AVX2
+  ~SumOut() { if (stream) _mm_sfence(); }  // order the non-temporal stores before returning
+#endif
+  float* row(int64_t) { return scratch.data(); }
   void finish(int64_t t) {
-    if (dt == 0) return;
-    uint16_t* o = static_cast<uint16_t*>(base) + t * e;
     const float* a = scratch.data();
     int64_t c = 0;
+    if (dt == 0) {
+      float* o = static_cast<float*>(base) + t * e;
 #ifdef LBT_AVX2
+      if (stream) {
+        for (; c < e && (reinterpret_cast<uintptr_t>(o + c) & 31); ++c) o[c] = a[c];
+        for (; c + 8 <= e; c += 8) _mm256_stream_ps(o + c, _mm256_loadu_ps(a + c));
+      }
+#endif
+      for (; c < e; ++c) o[c] = a[c];
+      return;
+    }
+    uint16_t* o = static_cast<uint16_t*>(base) + t * e;
+#ifdef LBT_AVX2
+    if (stream)
+      for (; c < e && (reinterpret_cast<uintptr_t>(o + c) & 31); ++c) o[c] = dt == 1 ? f32_to_bf16(a[c]) : f32_to_f16(a[c]);
+    auto put16 = [&](int64_t at, __m256i v) {  // 16 halves
+      if (stream && !(reinterpret_cast<uintptr_t>(o + at) & 31)) _mm256_stream_si256(reinterpret_cast<__m256i*>(o + at), v);
+      else _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + at), v);
+    };
     if (dt == 1) {
       const __m256i absm = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
       const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
@@ -318,13 +344,12 @@ struct SumOut {
           const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, bias), _mm256_and_si256(_mm256_srli_epi32(u, 16), one));
           w[h] = _mm256_or_si256(_mm256_srli_epi32(r, 16), _mm256_srli_epi32(nan, 16));  // NaN: 0xffff
         }
-        const __m256i pk = _mm256_permute4x64_epi64(_mm256_packus_epi32(w[0], w[1]), 0xd8);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c), pk);
+        put16(c, _mm256_permute4x64_epi64(_mm256_packus_epi32(w[0], w[1]), 0xd8));
       }
     } else {
-      for (; c + 8 <= e; c += 8)
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + c),
-                         _mm256_cvtps_ph(_mm256_loadu_ps(a + c), _MM_FROUND_TO_NEAREST_INT));
+      for (; c + 16 <= e; c += 16)
+        put16(c, _mm256_set_m128i(_mm256_cvtps_ph(_mm256_loadu_ps(a + c + 8), _MM_FROUND_TO_NEAREST_INT),
+                                  _mm256_cvtps_ph(_mm256_loadu_ps(a + c), _MM_FROUND_TO_NEAREST_INT)));
     }
 #endif
     for (; c < e; ++c) o[c] = dt == 1 ? f32_to_bf16(a[c]) : f32_to_f16(a[c]);
@@ -573,9 +598,17 @@ inline void bfly(__m256* v) {  // (v[A], v[B]) <- (v[A] + v[B], v[A] - v[B])
 }
 
 // Q = block / 64 chunks of 64 values (1, 2 or 4); constant indices keep v[] in registers.
-template <int Q>
-inline void fwht_row_fused_q(float* y, const float* pre, int64_t e, float inv_sqrt) {
+// The last step of each value: times 1/sqrt(block), times `post` (or not), then stored to
+// `dst` (ACC: added to what `dst` holds, as acc + v).
+template <int Q, bool ACC>
+inline void fwht_row_fused_q(float* y, const float* pre, const float* post, float* dst, int64_t e, float inv_sqrt) {
   const __m256 s = _mm256_set1_ps(inv_sqrt);
+  auto finish = [&](__m256 v, int64_t at) {
+    v = _mm256_mul_ps(v, s);
+    if (post) v = _mm256_mul_ps(v, _mm256_loadu_ps(post + at));
+    if (ACC) v = _mm256_add_ps(_mm256_loadu_ps(dst + at), v);
+    _mm256_storeu_ps(dst + at, v);
+  };
   for (int64_t c = 0; c < e; c += 64) {
     __m256 v[8];
     for (int i = 0; i < 8; ++i) {
@@ -586,7 +619,10 @@ inline void fwht_row_fused_q(float* y, const float* pre, int64_t e, float inv_sq
     bfly<0, 1>(v); bfly<2, 3>(v); bfly<4, 5>(v); bfly<6, 7>(v);  // stride 8
     bfly<0, 2>(v); bfly<1, 3>(v); bfly<4, 6>(v); bfly<5, 7>(v);  // stride 16
     bfly<0, 4>(v); bfly<1, 5>(v); bfly<2, 6>(v); bfly<3, 7>(v);  // stride 32
-    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(y + c + 8 * i, Q == 1 ? _mm256_mul_ps(v[i], s) : v[i]);
+    for (int i = 0; i < 8; ++i) {
+      if (Q == 1) finish(v[i], c + 8 * i);
+      else _mm256_storeu_ps(y + c + 8 * i, v[i]);
+    }
   }
   if (Q == 1) return;
   for (int64_t p = 0; p < e; p += 64 * Q)
@@ -598,16 +634,22 @@ inline void fwht_row_fused_q(float* y, const float* pre, int64_t e, float inv_sq
         bfly<2, 3>(v);
         bfly<0, 2>(v); bfly<1, 3>(v);  // stride 128
       }
-      for (int i = 0; i < Q; ++i) _mm256_storeu_ps(y + j + 64 * i, _mm256_mul_ps(v[i], s));
+      for (int i = 0; i < Q; ++i) finish(v[i], j + 64 * i);
     }
 }
 
-inline bool fwht_row_fused(float* y, const float* pre, int64_t e, int64_t block, float inv_sqrt) {
+// fwht_row (with `pre` multiplied first, `post` after) into `dst`, added to it when `acc`;
+// false where the block or width does not fit (then nothing is written).
+inline bool fwht_row_fused(float* y, const float* pre, const float* post, float* dst, bool acc, int64_t e,
+                           int64_t block, float inv_sqrt) {
   if (e % block) return false;
-  switch (block) {
-    case 64: fwht_row_fused_q<1>(y, pre, e, inv_sqrt); return true;
-    case 128: fwht_row_fused_q<2>(y, pre, e, inv_sqrt); return true;
-    case 256: fwht_row_fused_q<4>(y, pre, e, inv_sqrt); return true;
+  switch (block * 2 + acc) {
+    case 128: fwht_row_fused_q<1, false>(y, pre, post, dst, e, inv_sqrt); return true;
+    case 129: fwht_row_fused_q<1, true>(y, pre, post, dst, e, inv_sqrt); return true;
+    case 256: fwht_row_fused_q<2, false>(y, pre, post, dst, e, inv_sqrt); return true;
+    case 257: fwht_row_fused_q<2, true>(y, pre, post, dst, e, inv_sqrt); return true;
+    case 512: fwht_row_fused_q<4, false>(y, pre, post, dst, e, inv_sqrt); return true;
+    case 513: fwht_row_fused_q<4, true>(y, pre, post, dst, e, inv_sqrt); return true;
     default: return false;
   }
 }
@@ -797,7 +839,7 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
       const char* next = row + ld * elem_size<DT>();
       for (int64_t b = 0; b < e * elem_size<DT>(); b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
     }
-    if (!fwht_row_fused(z.data(), s.signs, e, s.block, s.inv_sqrt_block))
+    if (!fwht_row_fused(z.data(), s.signs, nullptr, z.data(), false, e, s.block, s.inv_sqrt_block))
 #endif
     {
       for (int64_t c = 0; c < e; ++c) z[c] = z[c] * s.signs[c];
@@ -911,7 +953,7 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
   const int64_t e = s.e, k = s.k, group = s.group, g_count = rot_groups(s);
   const int64_t ncode = rot_code_bytes(s, t_rows * e);
   const int64_t plane_bytes = (t_rows * e + 7) / 8;
-  std::vector<float> z(e), scale(g_count);
+  std::vector<float> z(e), scale(g_count), kept(k);
   std::vector<uint8_t> codes(e);
 #ifdef LBT_AVX2
   const Table8 levels8(s.levels, 1 << s.bits);
@@ -967,8 +1009,17 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
         for (; i < cnt; ++i) z[c0 + i] = s.levels[codes[c0 + i]] * sc;
       }
 #ifdef LBT_AVX2
-      if (!fwht_row_fused(z.data(), nullptr, e, s.block, s.inv_sqrt_block) &&
-          !fwht_row_avx2(z.data(), e, s.block, s.inv_sqrt_block))
+      // One pass does the last stages, the signs and the sum into the output row; the kept
+      // channels then get rank r's bf16 value added to the row's sum before this rank.
+      for (int64_t i = 0; i < k; ++i) kept[i] = orow[outls[r][i]];
+      if (fwht_row_fused(z.data(), nullptr, s.signs, orow, r > 0, e, s.block, s.inv_sqrt_block)) {
+        for (int64_t i = 0; i < k; ++i) {
+          const float v = bf16_to_f32(get_u16(head + 2 * (t * k + i)));
+          orow[outls[r][i]] = r == 0 ? v : kept[i] + v;
+        }
+        continue;
+      }
+      if (!fwht_row_avx2(z.data(), e, s.block, s.inv_sqrt_block))
 #endif
         fwht_row(z.data(), e, s.block, s.inv_sqrt_block);
       for (int64_t c = 0; c < e; ++c) z[c] = z[c] * s.signs[c];
@@ -999,7 +1050,7 @@ int lbt_static_encode(const void* x, int dtype, int64_t t, int64_t e, int64_t ld
 // Decoders: `out` has dtype `out_dtype` (0 fp32, 1 bf16, 2 fp16), [t, e] contiguous.
 void lbt_static_decode_sum(const uint8_t* const* payloads, const float* const* scales, int n, int64_t t, int64_t e,
                            const int64_t* const* outls, int64_t k, int bits, void* out, int out_dtype) {
-  SumOut o(out, out_dtype, e);
+  SumOut o(out, out_dtype, e, t);
   static_decode_sum(payloads, scales, n, t, e, outls, k, bits, o);
 }
 
@@ -1014,7 +1065,7 @@ int lbt_group_encode(const void* x, int dtype, int64_t t, int64_t e, int64_t ld,
 
 void lbt_group_decode_sum(const uint8_t* const* payloads, int n, int64_t t, int64_t e, int64_t group, void* out,
                           int out_dtype) {
-  SumOut o(out, out_dtype, e);
+  SumOut o(out, out_dtype, e, t);
   group_decode_sum(payloads, n, t, e, group, o);
 }
 
@@ -1039,7 +1090,7 @@ void lbt_rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t, const 
                         const int64_t* spec, float inv_sqrt_block, const float* const* tables, void* out,
                         int out_dtype) {
   const RotSpec s = make_spec(spec, inv_sqrt_block, tables);
-  SumOut o(out, out_dtype, s.e);
+  SumOut o(out, out_dtype, s.e, t);
   rot_decode_sum(payloads, n, t, outls, s, o);
 }
 
