@@ -299,7 +299,7 @@ class E2EConfig:
     networks: tuple[str, ...] = ("loopback", "10gbit", "1gbit")
     tps: tuple[int, ...] = (2,)
     codecs: tuple[str, ...] = ("int4-outlier", "int4-g32")
-    algorithm: str = "gather"
+    algorithm: str = DEFAULT_ALGORITHM
     exact_baseline: bool = True
     prompt_lens: tuple[int, ...] = (2048, 512)
     new_tokens: int = 16

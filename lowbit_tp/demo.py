@@ -95,29 +95,32 @@ def model_demo(*, model: str = DemoConfig.model, tp: int = DemoConfig.tp, codecs
     """
     bundle = load_model(model)
     cal, cal_path = cached_calibration(bundle, tp=tp, samples=cal_samples)
-    names = [CODEC_ALIASES.get(c, c) for c in codecs]
-    names = list(dict.fromkeys(names))
+    # One run per codec (``default`` and ``alloc`` are the same one), shown under the name asked for.
+    first: dict[str, str] = {}
+    for c in codecs:
+        first.setdefault(CODEC_ALIASES.get(c, c), c)
+    names = list(first.values())
     quality = evaluate_codecs(EvalConfig(model=model, tp=tp, codecs=tuple(names), samples=eval_samples, lambada=0),
                               bundle=bundle, calibration=cal)
-    qrows = {r["codec"]: r for r in quality["rows"]}
+    qrows = {r.codec: r for r in quality.rows}
     del bundle
     rows = []
     for name in names:
         print(f"\n=== {name}: generating on {tp} ranks ===", flush=True)
         res = run_tp(model, tp=tp, prompts=prompts, codec=name, calibration_path=str(cal_path), algorithm="gather",
                      max_new_tokens=max_new_tokens, ignore_eos=True, stream=True, timeout_s=120)
-        gen = res["results"]
-        dec_bytes = sum(g["comm"]["decode"]["bytes_sent"] for g in gen)
-        dec_tokens = sum(max(len(g["decode_s"]), 1) for g in gen)
+        gen = res.results
+        dec_bytes = sum(g.comm.decode.bytes_sent for g in gen)
+        dec_tokens = sum(max(len(g.decode_s), 1) for g in gen)
         q = qrows[name]
-        rows.append({"codec": name, "bits_per_value": q["bits_per_value"],
+        rows.append({"codec": name, "bits_per_value": q.bits_per_value,
                      "decode_bytes_sent_per_token": dec_bytes / dec_tokens,
-                     "prefill_s": sum(g["prefill_s"] for g in gen) / len(gen),
-                     "decode_tokens_per_s": sum(g["decode_tokens_per_s"] for g in gen) / len(gen),
-                     "ppl_increase_pct": q["ppl_increase_pct"], "kl": q["kl"], "top1": q["top1"],
-                     "text": gen[0]["text"].replace("\n", " ")[:70]})
+                     "prefill_s": sum(g.prefill_s for g in gen) / len(gen),
+                     "decode_tokens_per_s": sum(g.decode_tokens_per_s for g in gen) / len(gen),
+                     "ppl_increase_pct": q.ppl_increase_pct, "kl": q.kl, "top1": q.top1,
+                     "text": gen[0].text.replace("\n", " ")[:70]})
     cols = ["codec", "bits_per_value", "decode_bytes_sent_per_token", "prefill_s", "decode_tokens_per_s",
             "ppl_increase_pct", "kl", "top1", "text"]
     title = (f"{model} at TP {tp}: generation on {tp} gloo ranks (gather collective), quality from the TP "
-             f"simulator on {quality['rows'][0]['tokens']} held-out tokens; prompt 0: {prompts[0]!r}\n\n")
+             f"simulator on {quality.rows[0].tokens} held-out tokens; prompt 0: {prompts[0]!r}\n\n")
     return rows, title + markdown_table(rows, cols)

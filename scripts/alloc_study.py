@@ -121,7 +121,7 @@ def main(argv=None) -> None:
         from lowbit_tp.codecs import register_codec
         from lowbit_tp.codecs.mixed import AllocatedCodec
         from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
-        from lowbit_tp.results import markdown_table
+        from lowbit_tp.evaluation.records import DEV_COLUMNS
 
         if own:
             plans["alloc-own"] = own
@@ -133,12 +133,11 @@ def main(argv=None) -> None:
         cfg = EvalConfig(model=args.model, tp=args.tp, codecs=(*plans, *args.eval_codecs), split="dev", seed=1,
                          samples=args.eval_samples, lambada=0, text=text)
         res = evaluate_codecs(cfg, bundle=(model, tokenizer, info), calibration=c2)
-        res["plans"] = {n: {k: v for k, v in p.items() if k not in ("mse", "sensitivity_kl", "probe")}
-                        for n, p in plans.items()}
-        print(markdown_table(res["rows"], ["codec", "split", "bits_per_value", "ppl_increase_pct",
-                                           "ppl_increase_pct_ci95", "kl", "kl_ci95", "top1"]))
+        print(res.table(DEV_COLUMNS))
         if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+            plans_json = {n: {k: v for k, v in p.items() if k not in ("mse", "sensitivity_kl", "probe")}
+                          for n, p in plans.items()}
+            Path(args.json).write_text(json.dumps({**res.to_json(), "plans": plans_json}, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     from lowbit_tp.calibration import Calibration
     from lowbit_tp.codecs import Codec, make_codec, register_codec
     from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
-    from lowbit_tp.results import markdown_table
+    from lowbit_tp.evaluation.records import DEV_COLUMNS
 
     period = args.seq_len
 
@@ -80,10 +80,9 @@ def main(argv=None) -> None:
     cfg = EvalConfig(model=args.model, tp=args.tp, codecs=(args.codec, name), split="dev", seed=1, samples=args.samples,
                      seq_len=args.seq_len, lambada=0)
     res = evaluate_codecs(cfg, calibration=cal)
-    print(markdown_table(res["rows"], ["codec", "split", "bits_per_value", "ppl_increase_pct",
-                                       "ppl_increase_pct_ci95", "kl", "kl_ci95", "top1"]))
+    print(res.table(DEV_COLUMNS))
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+        Path(args.json).write_text(json.dumps(res.to_json(), indent=1, default=str))
 
 
 if __name__ == "__main__":

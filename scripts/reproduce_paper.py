@@ -84,7 +84,7 @@ def main() -> None:
         for tp in args.tp or [3]:
             res = calibrate_and_evaluate(model, tp, codecs, samples=args.samples, cal_samples=args.cal_samples,
                                          lambada=args.lambada, batch_size=args.batch_size, split=args.split,
-                                         seed=args.seed, bundle=bundle, allocate=None)
+                                         seed=args.seed, bundle=bundle, allocate=None).to_json()
             res["command"] = (f"python scripts/reproduce_paper.py --model {model} --tp {tp} --samples {args.samples} "
                               f"--cal-samples {args.cal_samples} --lambada {args.lambada} --split {args.split} "
                               f"--seed {args.seed} "
@@ -116,9 +116,20 @@ def put(store: dict, res: dict) -> None:
 def res_store(store: dict) -> dict:
     """Entries made before the split was recorded are labelled ``eval (pre-split, tuned on)``:
     measured on the windows the default codec was chosen on, without intervals (all gather,
-    so their bits are already all bytes sent per value)."""
+    so their bits are already all bytes sent per value). Their ``bytes_sent_per_rank_per_token``
+    was one layer's (exactly one gather payload: ``bits / 8 * E * (N - 1)``); it is put in
+    today's unit, all row-parallel layers together, as ``scripts/frontier.py`` does."""
+    from lowbit_tp.models.quick_config import quick_config
+
     for v in store.values():
         v["text"].setdefault("split", {"name": "eval (pre-split, tuned on)"})
+        cfg = v["config"]
+        conf = quick_config(cfg["model"])
+        e, layers = conf.hidden_size, 2 * conf.num_hidden_layers
+        for r in v["rows"]:
+            one_layer = r["bits_per_value"] / 8 * e * (cfg["tp"] - 1)
+            if r["algorithm"] == "gather" and abs(r["bytes_sent_per_rank_per_token"] - one_layer) < 1e-6 * one_layer:
+                r["bytes_sent_per_rank_per_token"] *= layers
     return store
 
 

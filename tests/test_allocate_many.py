@@ -69,5 +69,5 @@ def test_calibrate_with_candidate_codecs_writes_a_plan_the_default_codec_follows
     assert plan["mean_bits"] <= 5.0
     res = evaluate_codecs(EvalConfig(model="tiny-llama", tp=2, codecs=("default",), samples=2, seq_len=64, lambada=0),
                           bundle=bundle, calibration=cal, progress=False)
-    assert res["rows"][0]["bits_per_value"] == pytest.approx(plan["mean_bits"], rel=1e-6)
+    assert res.rows[0].bits_per_value == pytest.approx(plan["mean_bits"], rel=1e-6)
     assert make_codec("default", calibration=cal).codec_for(cal.layers[0]).name == plan["layers"][cal.layers[0]]

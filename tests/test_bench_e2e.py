@@ -12,7 +12,7 @@ import pytest
 
 from lowbit_tp.bench import e2e, netns
 from lowbit_tp.bench.e2e.model import byte_tokenizer
-from lowbit_tp.bench.e2e.report import add_ratios, rows_of_run
+from lowbit_tp.bench.e2e.report import E2ERow, add_ratios, rows_of_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "lbtptest"  # not the benchmark's namespaces, so a running benchmark is left alone
@@ -84,15 +84,22 @@ def test_rows_medians_and_ratios():
                             repeats=1)
     rows += rows_of_run([_fake_run(0.5, 200)], network="1gbit", codec="int4-g32", algorithm="gather",
                              lens=[100], repeats=1)
-    add_ratios(rows)
-    base, comp = rows
-    assert base["bits_per_value"] == 16 and comp["bits_per_value"] == 4
-    assert base["prefill_bytes_per_token"] == 8 and base["decode_bytes_per_token"] == 40
-    assert comp["prefill_speedup"] == pytest.approx(2.0)
-    assert comp["prefill_allreduce_speedup"] == pytest.approx(2.0)
-    assert comp["prefill_byte_ratio"] == pytest.approx(4.0)
-    assert base["decode_ms_per_token"] == pytest.approx(10.0)
-    assert base["allreduce_calls_per_token"] == 4
+    base, comp = add_ratios(rows)
+    assert base.bits_per_value == 16 and comp.bits_per_value == 4
+    assert base.prefill_bytes_per_token == 8 and base.decode_bytes_per_token == 40
+    assert comp.prefill_speedup == pytest.approx(2.0)
+    assert comp.prefill_allreduce_speedup == pytest.approx(2.0)
+    assert comp.prefill_byte_ratio == pytest.approx(4.0)
+    assert base.decode_ms_per_token == pytest.approx(10.0)
+    assert base.allreduce_calls_per_token == 4
+    # JSON: measured fields, then decode_tokens_per_s, then the ratios; a row without a
+    # baseline has no ratio keys; from_json reads a row back
+    assert list(comp.to_json())[-8:] == ["decode_tokens_per_s", "prefill_speedup", "prefill_allreduce_speedup",
+                                         "prefill_wire_speedup", "decode_speedup", "prefill_byte_ratio",
+                                         "prefill_amdahl_bound", "prefill_vs_amdahl"]
+    alone = add_ratios(rows[1:])[0]
+    assert list(alone.to_json())[-2:] == ["prefill_ms_all", "decode_tokens_per_s"]
+    assert E2ERow.from_json(comp.to_json()) == comp
 
 
 # ----------------------------------------------------------------- a real run, loopback

@@ -84,7 +84,7 @@ def test_calibration_text_is_disjoint_from_evaluation_text(bundle, cal):
     res = evaluate_codecs(EvalConfig(model="tiny-llama", tp=2, codecs=("bf16",), samples=4, seq_len=64,
                                      lambada=0), bundle=bundle, calibration=cal, progress=False)
     cal_docs = {s["doc"] for s in cal.meta["text"]["chunks"]["samples"]}
-    eval_docs = {s["doc"] for s in res["text"]["chunks"]["samples"]}
+    eval_docs = {s["doc"] for s in res.text["chunks"]["samples"]}
     assert cal_docs and eval_docs and not (cal_docs & eval_docs)
 
 
@@ -92,7 +92,7 @@ def test_eval_orders_codecs_and_counts_bits(bundle, cal):
     res = evaluate_codecs(EvalConfig(model="tiny-llama", tp=2, codecs=("bf16", "int8", "int4"), samples=4,
                                      seq_len=64, lambada=8, batch_size=4), bundle=bundle, calibration=cal,
                           progress=False)
-    rows = {r["codec"]: r for r in res["rows"]}
+    rows = {r.codec: r.to_json() for r in res.rows}
     for r in rows.values():
         for key in ["model", "tp", "codec", "algorithm", "ppl", "ppl_baseline", "kl", "top1", "bits_per_value"]:
             assert key in r
@@ -101,7 +101,7 @@ def test_eval_orders_codecs_and_counts_bits(bundle, cal):
     assert rows["bf16"]["kl"] < rows["int8"]["kl"] < rows["int4"]["kl"]
     assert rows["bf16"]["top1"] >= rows["int4"]["top1"]
     assert abs(rows["bf16"]["ppl"] / rows["bf16"]["ppl_baseline"] - 1) < 0.01
-    assert len(res["text"]["lambada"]) == 8
+    assert len(res.text["lambada"]) == 8
 
 
 def test_eval_refuses_a_calibration_for_another_model(bundle, cal):
@@ -121,7 +121,7 @@ def test_smollm2_seed_codec_beats_plain_int4_at_tp3():
     cal = calibrate(CalibrationConfig(tp=3, samples=8, seq_len=128), bundle=b, progress=False)
     res = evaluate_codecs(EvalConfig(tp=3, codecs=("bf16", "int4", "int4-outlier"), samples=4, seq_len=128,
                                      lambada=0), bundle=b, calibration=cal, progress=False)
-    rows = {r["codec"]: r for r in res["rows"]}
+    rows = {r.codec: r.to_json() for r in res.rows}
     assert rows["bf16"]["ppl_increase_pct"] < 1.0
     assert rows["int4-outlier"]["kl"] < rows["int4"]["kl"]
     assert rows["int4-outlier"]["bits_per_value"] == pytest.approx(4.1875)
@@ -147,7 +147,7 @@ def test_bit_allocation_meets_its_budget_and_protects_sensitive_layers(bundle):
         assert codec.decode(p, (6, 64), layer=layer, source=0).shape == (6, 64)
     res = evaluate_codecs(EvalConfig(model="tiny-llama", tp=2, codecs=("alloc",), samples=2, seq_len=64, lambada=0),
                           bundle=bundle, calibration=cal, progress=False)
-    assert res["rows"][0]["bits_per_value"] == pytest.approx(plan["mean_bits"], rel=0.02)
+    assert res.rows[0].bits_per_value == pytest.approx(plan["mean_bits"], rel=0.02)
     with pytest.raises(CalibrationError, match="--allocate"):
         make_codec("alloc", calibration=calibrate(CalibrationConfig(model="tiny-llama", tp=2, samples=2, seq_len=32,
                                                                     allocate=None), bundle=bundle, progress=False))

@@ -111,24 +111,24 @@ def test_dev_split_never_overlaps_calibration_windows_and_test_is_held_out(bundl
                            bundle=bundle, calibration=cal, progress=False)
     cal_m = cal.meta["text"]["chunks"]
     cal_docs = {s["doc"] for s in cal_m["samples"]}
-    dev_docs = {s["doc"] for s in dev["text"]["chunks"]["samples"]}
-    test_docs = {s["doc"] for s in test["text"]["chunks"]["samples"]}
-    assert dev_docs <= {d for d in dev["text"]["split"]["documents"]}
+    dev_docs = {s["doc"] for s in dev.text["chunks"]["samples"]}
+    test_docs = {s["doc"] for s in test.text["chunks"]["samples"]}
+    assert dev_docs <= {d for d in dev.text["split"]["documents"]}
     assert not test_docs & (cal_docs | dev_docs)  # test text is neither calibration nor dev text
     assert dev_docs & cal_docs  # dev is carved from the calibration works...
     width = 64
     cal_tok = {}
     for s in cal_m["samples"]:
         cal_tok.setdefault(s["sha256"], []).append((s["token_start"], s["token_start"] + width))
-    for s in dev["text"]["chunks"]["samples"]:  # ...but never from a calibration window
+    for s in dev.text["chunks"]["samples"]:  # ...but never from a calibration window
         a = s["token_start"]
         assert all(not (x < a + width and a < y) for x, y in cal_tok.get(s["sha256"], []))
-    for it in dev["text"]["lambada"]:  # with this tokenizer, token index == character index (ASCII)
+    for it in dev.text["lambada"]:  # with this tokenizer, token index == character index (ASCII)
         assert all(not (x < it["char_end"] and it["char_start"] < y) for x, y in cal_tok.get(it["sha256"], []))
-    assert dev["rows"][0]["split"] == "dev" and test["rows"][0]["split"] == "test"
-    assert dev["text"]["split"]["excluded_windows"] == 8
+    assert dev.rows[0].split == "dev" and test.rows[0].split == "test"
+    assert dev.text["split"]["excluded_windows"] == 8
     for key in ("ppl_increase_pct_ci95", "kl_ci95", "top1_ci95"):
-        lo, hi = dev["rows"][0][key]
+        lo, hi = getattr(dev.rows[0], key)
         assert lo <= hi
 
 
@@ -143,9 +143,9 @@ def test_merge_results_joins_codec_groups_and_refuses_other_windows(bundle, cal)
     kw = dict(model="tiny-llama", tp=2, samples=4, seq_len=64, lambada=0, batch_size=4)
     a = evaluate_codecs(EvalConfig(codecs=("int4",), **kw), bundle=bundle, calibration=cal, progress=False)
     b = evaluate_codecs(EvalConfig(codecs=("int8",), **kw), bundle=bundle, calibration=cal, progress=False)
-    merged = merge_results([a, b])
+    merged = merge_results([a.to_json(), b.to_json()])
     assert [r["codec"] for r in merged["rows"]] == ["int4", "int8"] and merged["config"]["codecs"] == ["int4", "int8"]
     other = evaluate_codecs(EvalConfig(codecs=("int8",), **{**kw, "samples": 3}), bundle=bundle, calibration=cal,
                             progress=False)
     with pytest.raises(ValueError, match="other windows"):
-        merge_results([a, other])
+        merge_results([a.to_json(), other.to_json()])

@@ -52,3 +52,64 @@ def test_result_row_fields_and_derived_values():
     assert CodecEvalRow.from_json(out) == row.on("sim")
     assert math.isnan(result_row(EvalConfig(tp=2), info, "int8", comparison, stats, [], 0.0, 0.0,
                                  num_layers=4).lambada_acc)
+
+
+# ------------------------------------------------------------------ the other commands' records
+DOCS = RESULTS.parent
+
+
+def test_eval_results_round_trip_byte_for_byte():
+    from lowbit_tp.evaluation.records import EvalResult
+
+    data = json.loads(RESULTS.read_text())
+    entries = [{k: v for k, v in e.items() if k != "command"} for e in data.values()  # "command": added by scripts
+               if all("ppl_increase_pct_ci95" in r for r in e["rows"])]
+    assert entries
+    for e in entries:
+        assert json.dumps(EvalResult.from_json(e).to_json()) == json.dumps(e)
+    with pytest.raises(ValueError, match="unknown fields \\['command'\\]"):
+        EvalResult.from_json({**entries[0], "command": "x"})
+
+
+@pytest.mark.parametrize("name", ["comm.json", "comm_loopback_1m.json"])
+def test_bench_comm_rows_round_trip_byte_for_byte(name):
+    from lowbit_tp.bench.comm import CommBenchRow
+
+    rows = json.loads((DOCS / "bench" / name).read_text())["rows"]
+    assert any(r["codec"] == "bf16" and r["algorithm"] == "exact" for r in rows)  # the baseline row, no chunk_bytes
+    for row in rows:
+        assert json.dumps(CommBenchRow.from_json(row).to_json()) == json.dumps(row)
+    with pytest.raises(ValueError, match="unknown fields \\['network'\\]"):  # scripts/bench_chunks.py's rows
+        CommBenchRow.from_json({**rows[0], "network": "1gbit"})
+
+
+@pytest.mark.parametrize("name", ["e2e.json", "e2e_fastpath.json"])
+def test_bench_e2e_rows_round_trip_byte_for_byte(name):
+    from lowbit_tp.bench.e2e.report import E2ERow
+
+    rows = json.loads((DOCS / "bench" / name).read_text())["rows"]
+    for row in rows:
+        assert json.dumps(E2ERow.from_json(row).to_json()) == json.dumps(row)
+
+
+def test_vllm_run_result_fields_in_the_order_the_engine_wrote_them():
+    from lowbit_tp.integrations.vllm.records import VllmPromptResult, VllmRunResult
+
+    stats = CommStats(calls=2, values=128, bytes_sent=80, payload_bytes=80, wire_values=128.0, ring_values=128.0,
+                      by_algorithm={"gather": 2})
+    reports = [{"rank": 1, "codec": {"name": "int4-g32"}, "comm": CommStats().as_dict()},
+               {"rank": 0, "codec": {"name": "int4-g32"}, "comm": stats.as_dict()}]
+    row = VllmPromptResult(prompt="p", prompt_ids=[1, 2], token_ids=[3, 4, 5], text="abc", finish_reason="length",
+                           wall_s=0.5)
+    res = VllmRunResult.from_reports(reports, codec_name="int4-g32", config={"tp": 2}, vllm={}, plugin=None,
+                                     model={"name": "m"}, load_s=1.0, results=(row,))
+    out = res.to_json()
+    assert list(out) == ["engine", "config", "vllm", "plugin", "model", "codec", "load_s", "results", "comm_total",
+                         "per_rank"]
+    assert out["engine"] == "vllm" and out["comm_total"] == stats.as_dict()  # rank 0's report, not rank 1's
+    assert out["results"][0] == {"prompt": "p", "prompt_ids": [1, 2], "token_ids": [3, 4, 5], "text": "abc",
+                                 "finish_reason": "length", "new_tokens": 3, "wall_s": 0.5, "tokens_per_s": 6.0}
+    assert json.dumps(VllmRunResult.from_json(json.loads(json.dumps(out))).to_json()) == json.dumps(out)
+    plain = VllmRunResult.from_reports([], codec_name="none", config={}, vllm={}, plugin=None, model={}, load_s=0.0,
+                                       results=())
+    assert plain.codec == {"name": "none"} and plain.comm_total == CommStats()

@@ -95,6 +95,10 @@ def test_tp2_greedy_equals_unsharded_model_via_cli(tiny, tmp_path, capsys):
     for r in out["per_rank"]:
         assert r["shard"]["shard_param_bytes"] < r["shard"]["full_param_bytes"]
     assert "rank 0 sent" in capsys.readouterr().out
+    # the typed result reads the file back and writes it byte for byte
+    from lowbit_tp.runtime import RunResult
+
+    assert json.dumps(RunResult.from_json(out).to_json(), indent=2) == out_json.read_text()
 
 
 def test_tp4_greedy_and_quantized_logits_equal_simulator(tiny):
@@ -106,16 +110,16 @@ def test_tp4_greedy_and_quantized_logits_equal_simulator(tiny):
             RunConfig(model=tiny["llama"], codec="int4-g32", algorithm="two-shot", keep_prefill_logits=True, **base)]
     per_rank = spawn_ranks(_rank_several, 4, cfgs, timeout_s=30, deadline_s=240)
     exact, gather, two_shot = per_rank[0]
-    assert exact["results"][0]["token_ids"] == reference_greedy(tiny["gemma3"], PROMPTS[0], NEW)
+    assert exact.results[0].token_ids == reference_greedy(tiny["gemma3"], PROMPTS[0], NEW)
     for run, cfg in ((gather, cfgs[1]), (two_shot, cfgs[2])):
         sim = _simulated_logits(cfg.model, PROMPTS[0], tp=4, codec=cfg.codec, algorithm=cfg.algorithm)
         for r in range(4):  # every rank holds bitwise the same logits
-            assert torch.equal(per_rank[r][cfgs.index(cfg)]["results"][0]["prefill_logits"], sim), (cfg.algorithm, r)
-        pre = run["results"][0]["comm"]["prefill"]
+            assert torch.equal(per_rank[r][cfgs.index(cfg)].results[0].prefill_logits, sim), (cfg.algorithm, r)
+        pre = run.results[0].comm.prefill
         # >= 4.5: two-shot pads the token rows to a multiple of N (29 -> 32 at N = 4), the payload shows it
-        assert pre["by_algorithm"] == {cfg.algorithm: 4} and 4.5 <= pre["bits_per_value"] < 5.0
+        assert pre.by_algorithm == {cfg.algorithm: 4} and 4.5 <= pre.bits_per_value < 5.0
     # KV heads replicated: each rank holds 1 q head and 1 of the 2 KV heads
-    assert [r[0]["shard"]["kv_heads"] for r in per_rank] == [(0,), (0,), (1,), (1,)]
+    assert [r[0].shard["kv_heads"] for r in per_rank] == [(0,), (0,), (1,), (1,)]
 
 
 def test_tp2_outlier_codec_with_calibration_equals_simulator(tiny, tmp_path):
@@ -157,13 +161,13 @@ def test_tp2_outlier_codec_with_calibration_equals_simulator(tiny, tmp_path):
     sim = _simulated_logits(path, PROMPTS[0], tp=2, codec="int4-outlier", algorithm="gather",
                             calibration=Calibration.load(cal_path))
     for r in range(2):
-        assert torch.equal(per_rank[r][0]["results"][0]["prefill_logits"], sim)
+        assert torch.equal(per_rank[r][0].results[0].prefill_logits, sim)
     # sampled tokens agree across ranks, a second run with the same seed repeats them, another seed differs
-    sampled = [[per_rank[r][i]["results"][0]["token_ids"] for i in (1, 2, 3)] for r in range(2)]
+    sampled = [[per_rank[r][i].results[0].token_ids for i in (1, 2, 3)] for r in range(2)]
     assert sampled[0] == sampled[1]
     assert sampled[0][0] == sampled[0][1] and len(sampled[0][0]) == NEW
     assert sampled[0][2] != sampled[0][0]
-    assert per_rank[0][0]["codec"]["calibration"] == Calibration.load(cal_path).fingerprint()
+    assert per_rank[0][0].codec["calibration"] == Calibration.load(cal_path).fingerprint()
 
 
 def test_calibration_for_another_tp_is_refused(tiny, tmp_path, cal_factory):
@@ -213,8 +217,8 @@ def test_smollm2_tp3_greedy_equals_unsharded_model(codec, algorithm):
     prompts = ("The capital of France is", "def fibonacci(n):")
     out = run_tp("smollm2-135m", tp=3, prompts=prompts, codec=codec, algorithm=algorithm, max_new_tokens=16,
                  ignore_eos=True, timeout_s=120)
-    for prompt, res in zip(prompts, out["results"]):
-        assert res["token_ids"] == reference_greedy("smollm2-135m", prompt, 16), prompt
+    for prompt, res in zip(prompts, out.results):
+        assert res.token_ids == reference_greedy("smollm2-135m", prompt, 16), prompt
 
 
 @pytest.mark.slow

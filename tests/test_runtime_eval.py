@@ -39,7 +39,7 @@ def _config(path, cal_path, algorithm):
 def _simulated(cfg):
     from lowbit_tp.models import load_model
 
-    return {r["codec"]: r for r in evaluate_codecs(cfg, bundle=load_model(cfg.model), progress=False)["rows"]}
+    return {r.codec: r.to_json() for r in evaluate_codecs(cfg, bundle=load_model(cfg.model), progress=False).rows}
 
 
 def _assert_rows_match(tp_rows, sim_rows):
@@ -63,17 +63,17 @@ def test_runtime_eval_equals_simulator_two_shot(tiny_cal):
     path, cal_path = tiny_cal
     cfg = _config(path, cal_path, "two-shot")
     res = evaluate_codecs_tp(cfg, timeout_s=30, deadline_s=180, keep_logits=True, progress=False)
-    _assert_rows_match({r["codec"]: r for r in res["rows"]}, _simulated(cfg))
+    _assert_rows_match({r.codec: r.to_json() for r in res.rows}, _simulated(cfg))
 
     model, tok, _ = load_model(path)
     ids = chunk_tokens(tok, load_split(None).evaluation, num_samples=4, seq_len=48, seed=cfg.seed).input_ids
     with torch.no_grad(), TPSimulator(model, tp=2, algorithm="two-shot",
                                       codec=make_codec("rot-lm4-g64", calibration=Calibration.load(cal_path))):
         sim = torch.cat([model(b).logits for b in ids.split(cfg.batch_size)])
-    assert torch.equal(res["logits"]["rot-lm4-g64"], sim)
+    assert torch.equal(res.logits["rot-lm4-g64"], sim)
 
     # every rank made the same calls: 4 row-parallel layers x (2 window + 2 last-word batches)
-    for pr in res["runtime"]["per_rank"]:
+    for pr in res.runtime["per_rank"]:
         for name in CODECS:
             assert pr["comm"][name]["calls"] == 4 * 4 and pr["comm"][name]["by_algorithm"] == {"two-shot": 16}
 

@@ -1,4 +1,5 @@
 """The wire format, pinned on literal bytes, plus property tests of packing on odd shapes."""
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -161,3 +162,57 @@ def test_lg8_nan_sentinel_marks_one_group():
     assert _bytes(payload[66:]) == [0x80, 0x40, 0x00, 0x00]
     y = c.decode(payload, (2, 64))
     assert bool(torch.isfinite(y[0]).all()) and bool(torch.isnan(y[1]).all())
+
+
+# The default codec's 4-bit Lloyd-Max table for groups > 32, copied from docs/wire-format.md's
+# description (symmetric, ascending; code i is the i-th level): pinned here because the
+# table is part of the wire format and nothing else would notice a changed digit.
+LM4_G64_HALF = [0.0448, 0.1355, 0.2301, 0.3325, 0.4458, 0.5765, 0.7345, 0.9453]
+
+
+def _dense_hadamard(n):
+    """Orthonormal Sylvester-Hadamard matrix: H[i, j] = (-1)**popcount(i & j) / sqrt(n)."""
+    i = torch.arange(n)
+    bits = torch.bitwise_and(i[:, None], i[None, :])
+    parity = torch.zeros_like(bits)
+    for b in range(n.bit_length()):
+        parity ^= (bits >> b) & 1
+    return (1.0 - 2.0 * parity.double()) / n ** 0.5
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])  # auto: the CPU kernels where built
+def test_default_format_rot_lm4_g64_lg8_k4_literal_bytes(backend):
+    """``rot-lm4-g64-lg8-k4`` (the default codec's format) at E = 64, one token, k = 4.
+
+    Channels 5, 21, 40, 63 have the largest calibrated ranges: they go out as bf16 (3.0,
+    -1.5, 0.5, -4.0 -> 40 40, C0 BF, 00 3F, 80 C0) and are zeroed. The rest is four spikes
+    (7.5, 4, -0.5, 5) times the spec's signs on channels 0, 16, 32, 48: the rotation (columns
+    0, 16, 32, 48 of H_64 are constant on each quarter) gives exactly 2, -0.25, 0.875, 1.125
+    on the four quarters of 16 channels. One group of 64: absmax 2 -> bf16 base 2.0 (00 40),
+    group code 0; z / S = 1, -0.125, 0.4375, 0.5625 -> nearest Lloyd-Max levels 0.9453,
+    -0.1355, 0.4458, 0.5765 = codes 15, 6, 12, 13 (nibbles FF, 66, CC, DD).
+    """
+    e = 64
+    kept, kept_vals = [5, 21, 40, 63], [3.0, -1.5, 0.5, -4.0]
+    ranges = torch.ones(e)
+    ranges[kept] = torch.tensor([50.0, 60.0, 70.0, 80.0])
+    cal = Calibration(meta={"tp": 1, "hidden_size": e, "layers": ["L"]},
+                      stats={("L", 0): ChannelStats(ema_min=-ranges / 2, ema_max=ranges / 2, absmax=ranges / 2)})
+    s = _spec_signs(e).float()
+    x = torch.zeros(1, e)
+    for ch, a in zip([0, 16, 32, 48], [7.5, 4.0, -0.5, 5.0]):
+        x[0, ch] = a * s[ch]
+    x[0, kept] = torch.tensor(kept_vals)
+    c = make_codec("rot-lm4-g64-lg8-k4", calibration=cal, backend=backend)
+    payload = c.encode(x, layer="L", source=0)
+    expected = ([0x40, 0x40, 0xC0, 0xBF, 0x00, 0x3F, 0x80, 0xC0]
+                + [0xFF] * 8 + [0x66] * 8 + [0xCC] * 8 + [0xDD] * 8
+                + [0x00] + [0x00, 0x40])
+    assert _bytes(payload) == expected
+    # decode: the levels times the scale, rotated back with a dense matrix, kept channels restored
+    levels = [-v for v in reversed(LM4_G64_HALF)] + LM4_G64_HALF
+    z = torch.tensor([2.0 * levels[code] for code in (15, 6, 12, 13) for _ in range(16)], dtype=torch.float64)
+    want = (_dense_hadamard(e) @ z) * s.double()
+    want[kept] = torch.tensor(kept_vals, dtype=torch.float64)
+    got = c.decode(payload, (1, e), layer="L", source=0)
+    assert torch.allclose(got[0].double(), want, rtol=0, atol=1e-6), (got[0] - want).abs().max()

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,48 @@ from lowbit_tp.configs import AutoPolicy, CommBenchConfig
 from lowbit_tp.preflight import check_codecs
 
 
-def _bench_rank(rank: int, world: int, cfg: CommBenchConfig) -> list[dict]:
+@dataclass(frozen=True)
+class CommBenchRow:
+    """One (world size, message, codec, algorithm, chunk size) of ``bench-comm``, from rank 0.
+
+    ``numel`` values of a ``message_bytes``-byte bf16 message; ``bytes_sent_per_rank`` and
+    ``bits_per_value`` counted from the payloads (:class:`CommStats`); ``latency_ms`` the
+    median over repeats; ratios against the bf16 ``exact`` all-reduce of the same message in
+    the same run. ``chunk_bytes`` and ``backend`` (the codec's kernel backend) are None on
+    that baseline row and then left out of the JSON."""
+
+    world_size: int
+    codec: str
+    algorithm: str
+    numel: int
+    message_bytes: int
+    bytes_sent_per_rank: int
+    bits_per_value: float
+    latency_ms: float
+    ratio_vs_bf16: float
+    bytes_ratio_vs_bf16_ring: float
+    chunk_bytes: int | None = None
+    backend: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Field order as ``bench-comm`` has always written it (``chunk_bytes`` after ``algorithm``)."""
+        out = {"world_size": self.world_size, "codec": self.codec, "algorithm": self.algorithm}
+        if self.chunk_bytes is not None:
+            out["chunk_bytes"] = self.chunk_bytes
+        out.update({f.name: getattr(self, f.name) for f in fields(self)[3:10]})
+        if self.backend is not None:
+            out["backend"] = self.backend
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "CommBenchRow":
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"not a CommBenchRow: unknown fields {unknown}")
+        return cls(**d)
+
+
+def _bench_rank(rank: int, world: int, cfg: CommBenchConfig) -> list[CommBenchRow]:
     layer = "bench"
     cal = synthetic_calibration([layer], world=world, hidden=cfg.hidden, tokens=256, batches=2)
     device = torch.device("cuda", rank % torch.cuda.device_count()) if cfg.backend == "nccl" else torch.device("cpu")
@@ -51,11 +93,11 @@ def _bench_rank(rank: int, world: int, cfg: CommBenchConfig) -> list[dict]:
 
         base_stats = CommStats()
         base = timed(lambda: all_reduce(x, make_codec("bf16"), algorithm="exact", stats=base_stats))
-        rows.append({"world_size": world, "codec": "bf16", "algorithm": "exact", "numel": x.numel(),
-                     "message_bytes": 2 * x.numel(),
-                     "bytes_sent_per_rank": base_stats.bytes_sent // base_stats.calls,
-                     "bits_per_value": 16.0, "latency_ms": 1e3 * base, "ratio_vs_bf16": 1.0,
-                     "bytes_ratio_vs_bf16_ring": 1.0})
+        rows.append(CommBenchRow(world_size=world, codec="bf16", algorithm="exact", numel=x.numel(),
+                                 message_bytes=2 * x.numel(),
+                                 bytes_sent_per_rank=base_stats.bytes_sent // base_stats.calls,
+                                 bits_per_value=16.0, latency_ms=1e3 * base, ratio_vs_bf16=1.0,
+                                 bytes_ratio_vs_bf16_ring=1.0))
         ring_bytes = base_stats.bytes_sent // base_stats.calls
         for name in cfg.codecs:
             codec = make_codec(name, calibration=cal)
@@ -65,11 +107,11 @@ def _bench_rank(rank: int, world: int, cfg: CommBenchConfig) -> list[dict]:
                     st = CommStats()
                     lat = timed(lambda: all_reduce(x, codec, algorithm=algo, layer=layer, policy=policy, stats=st))
                     sent = st.bytes_sent // st.calls
-                    rows.append({"world_size": world, "codec": name, "algorithm": algo, "chunk_bytes": chunk,
-                                 "numel": x.numel(), "message_bytes": 2 * x.numel(), "bytes_sent_per_rank": sent,
-                                 "bits_per_value": st.bits_per_value, "latency_ms": 1e3 * lat,
-                                 "ratio_vs_bf16": lat / base, "bytes_ratio_vs_bf16_ring": sent / ring_bytes,
-                                 "backend": codec.kernel_backend(device)})
+                    rows.append(CommBenchRow(world_size=world, codec=name, algorithm=algo, chunk_bytes=chunk,
+                                             numel=x.numel(), message_bytes=2 * x.numel(), bytes_sent_per_rank=sent,
+                                             bits_per_value=st.bits_per_value, latency_ms=1e3 * lat,
+                                             ratio_vs_bf16=lat / base, bytes_ratio_vs_bf16_ring=sent / ring_bytes,
+                                             backend=codec.kernel_backend(device)))
     return rows
 
 
@@ -80,7 +122,7 @@ def run_comm_bench(cfg: CommBenchConfig, *, json_path=None, throughput: bool = T
     for world in cfg.world_sizes:
         res = spawn_ranks(_bench_rank, world, cfg, backend=cfg.backend, timeout_s=cfg.timeout_s,
                           deadline_s=cfg.timeout_s * 4 + 60, threads=cfg.threads_per_rank)
-        rows += res[0]
+        rows += [r.to_json() for r in res[0]]
     speed = codec_throughput(list(cfg.codecs), backends=cfg.speed_backends) if throughput else []
     out = {"config": asdict(cfg), "environment": environment(), "rows": rows, "codec_speed": speed}
     cols = ["world_size", "codec", "algorithm", "chunk_bytes", "message_bytes", "bytes_sent_per_rank",

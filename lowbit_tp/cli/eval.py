@@ -4,7 +4,6 @@ from __future__ import annotations
 from lowbit_tp.cli.argtypes import nonneg_int, positive_float, positive_int
 from lowbit_tp.cli.common import default, warn, write_json
 from lowbit_tp.configs import ALGORITHMS, SPLITS, EvalConfig, RankOptions
-from lowbit_tp.results import markdown_table
 
 COLUMNS = ["codec", "algorithm", "runtime", "split", "bits_per_value", "ppl_baseline", "ppl", "ppl_increase_pct",
            "ppl_increase_pct_ci95", "kl", "kl_ci95", "top1", "top1_ci95", "lambada_acc_baseline", "lambada_acc",
@@ -61,10 +60,8 @@ def cmd(args) -> None:
     cfg = config_from_args(args)
     preflight_eval(cfg, out=args.json, warn=warn)
     if args.runtime == "tp":
-        res = evaluate_codecs_tp(cfg, timeout_s=args.timeout, threads_per_rank=args.threads_per_rank)
+        res = evaluate_codecs_tp(cfg, timeout_s=args.timeout, threads_per_rank=args.threads_per_rank, warn=warn)
     else:
-        res = evaluate_codecs(cfg)
-        for row in res["rows"]:
-            row["runtime"] = "sim"
-    print(markdown_table(res["rows"], COLUMNS))
-    write_json(args.json, res)
+        res = evaluate_codecs(cfg, warn=warn).on("sim")
+    print(res.table(COLUMNS))
+    write_json(args.json, res.to_json())

@@ -63,14 +63,14 @@ def config_from_args(args, tp: int) -> RunConfig:
                      engine="native" if args.engine == "vllm" else args.engine)
 
 
-def report(out: dict) -> str:
+def report(out) -> str:
+    """One line per prompt of a :class:`~lowbit_tp.runtime.RunResult`."""
     lines = []
-    for i, r in enumerate(out["results"]):
-        pre, dec = r["comm"]["prefill"], r["comm"]["decode"]
+    for i, r in enumerate(out.results):
         lines.append(
-            f"[prompt {i}] {r['new_tokens']} tokens ({r['finish_reason']}): prefill {r['prefill_s'] * 1e3:.1f} ms, "
-            f"decode {r['decode_tokens_per_s']:.2f} tok/s, overall {r['tokens_per_s']:.2f} tok/s; "
-            f"rank 0 sent {pre['bytes_sent']} B in prefill, {dec['bytes_sent']} B in decode")
+            f"[prompt {i}] {r.new_tokens} tokens ({r.finish_reason}): prefill {r.prefill_s * 1e3:.1f} ms, "
+            f"decode {r.decode_tokens_per_s:.2f} tok/s, overall {r.tokens_per_s:.2f} tok/s; "
+            f"rank 0 sent {r.comm.prefill.bytes_sent} B in prefill, {r.comm.decode.bytes_sent} B in decode")
     return "\n".join(lines)
 
 
@@ -96,7 +96,7 @@ def cmd(args) -> None:
             raise UserError("--tp is required (or launch under torchrun)")
         out = run_config(config_from_args(args, args.tp), stream=not args.quiet)
     print(report(out))
-    write_json(args.json, out)
+    write_json(args.json, out.to_json())
 
 
 def _run_vllm(args, cfg: RunConfig) -> None:
@@ -110,7 +110,6 @@ def _run_vllm(args, cfg: RunConfig) -> None:
         out = run(cfg, engine=VllmEngineConfig(enforce_eager=not args.compile))
     except (CalibrationError, ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
         raise SystemExit(f"lowbit-tp run: {exc}") from None
-    for i, r in enumerate(out["results"]):
-        print(f"[prompt {i}] {r['new_tokens']} tokens ({r['finish_reason']}), {r['tokens_per_s']:.2f} tok/s: "
-              f"{r['text']!r}")
-    write_json(args.json, out)
+    for i, r in enumerate(out.results):
+        print(f"[prompt {i}] {r.new_tokens} tokens ({r.finish_reason}), {r.tokens_per_s:.2f} tok/s: {r.text!r}")
+    write_json(args.json, out.to_json())

@@ -31,6 +31,22 @@ def _scale_groups(vals: torch.Tensor, scale: torch.Tensor, group: int) -> torch.
     return vals.mul_(scale.repeat_interleave(group, dim=1)[:, :e])
 
 
+def _fused_reduce_encode(codec: Codec, kernel, payloads, shape, layer, sources, out_source, out):
+    """The Triton two-shot step shared by the group and MX codecs: decode, sum and re-encode
+    ``payloads`` in one kernel, ``kernel(parts, out, t, e, flags)``, into ``out`` (allocated
+    when None). ``flags`` are the (NaN, range) device flags of ``(layer, out_source)``, read
+    once per step (deferred error mode). None where the fused path does not apply, so the
+    caller falls back to decode-sum and encode."""
+    if not payloads or codec.kernel_backend(payloads[0].device) != "triton" or not codec._fused_encode(int(shape[1])):
+        return None
+    shape, _ = codec._payload_params(payloads, shape, layer, sources)
+    dev = payloads[0].device
+    if out is None:
+        out = torch.empty(codec.payload_nbytes(shape), dtype=torch.uint8, device=dev)
+    flags = codec._kernel_flags(layer, out_source, dev)
+    return kernel([p.contiguous() for p in payloads], out, shape[0], shape[1], flags)
+
+
 class GroupInt4Codec(Codec):
     """Symmetric int4 with a dynamic fp16 scale per ``group`` values of each token."""
 
@@ -89,17 +105,12 @@ class GroupInt4Codec(Codec):
         return self.kernel_backend(device) == "cpu"
 
     def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None):
-        if not payloads or self.kernel_backend(payloads[0].device) != "triton" or not self._fused_encode(int(shape[1])):
-            return None
-        from lowbit_tp.kernels import triton_group as K
+        def kernel(parts, out, t, e, flags):
+            from lowbit_tp.kernels import triton_group as K
+            return K.reduce_encode(parts, out, t=t, e=e, group=self.group, max_input=self.max_input,
+                                   flag=flags[0], range_flag=flags[1])
 
-        shape, _ = self._payload_params(payloads, shape, layer, sources)
-        dev = payloads[0].device
-        if out is None:
-            out = torch.empty(self.payload_nbytes(shape), dtype=torch.uint8, device=dev)
-        flag, range_flag = self._kernel_flags(layer, out_source, dev)  # deferred error mode: checked per step
-        return K.reduce_encode([p.contiguous() for p in payloads], out, t=shape[0], e=shape[1], group=self.group,
-                               max_input=self.max_input, flag=flag, range_flag=range_flag)
+        return _fused_reduce_encode(self, kernel, payloads, shape, layer, sources, out_source, out)
 
     def _decode_sum(self, payloads, shape, params, out=None):
         backend = self.kernel_backend(payloads[0].device)
@@ -165,16 +176,11 @@ class MXFP4Codec(Codec):
         return K.mx_decode_sum([p.contiguous() for p in payloads], out)
 
     def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None):
-        if not payloads or self.kernel_backend(payloads[0].device) != "triton" or not self._fused_encode(int(shape[1])):
-            return None
-        from lowbit_tp.kernels import triton_group as K
+        def kernel(parts, out, t, e, flags):  # no range limit: only the NaN flag
+            from lowbit_tp.kernels import triton_group as K
+            return K.mx_reduce_encode(parts, out, t=t, e=e, flag=flags[0])
 
-        shape, _ = self._payload_params(payloads, shape, layer, sources)
-        dev = payloads[0].device
-        if out is None:
-            out = torch.empty(self.payload_nbytes(shape), dtype=torch.uint8, device=dev)
-        return K.mx_reduce_encode([p.contiguous() for p in payloads], out, t=shape[0], e=shape[1],
-                                  flag=self._kernel_flags(layer, out_source, dev)[0])
+        return _fused_reduce_encode(self, kernel, payloads, shape, layer, sources, out_source, out)
 
     def _decode(self, payload, shape, params):
         t, e = shape

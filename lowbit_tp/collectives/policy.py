@@ -87,6 +87,17 @@ class CommStats:
         self.record(algorithm="two-shot", sent=sent, payload=sum(c.numel() for c in chunks), values=values,
                     wire_values=2.0 * (world - 1) * values / world, world=world)
 
+    def since(self, before: "CommStats") -> "CommStats":
+        """The traffic recorded after the snapshot ``before`` of these totals (e.g. one
+        prefill or one decode phase); algorithms with no new calls are left out."""
+        algos = {k: v - before.by_algorithm.get(k, 0) for k, v in self.by_algorithm.items()}
+        return CommStats(bytes_sent=self.bytes_sent - before.bytes_sent,
+                         payload_bytes=self.payload_bytes - before.payload_bytes,
+                         values=self.values - before.values, calls=self.calls - before.calls,
+                         by_algorithm={k: v for k, v in algos.items() if v},
+                         wire_values=self.wire_values - before.wire_values,
+                         ring_values=self.ring_values - before.ring_values)
+
     @classmethod
     def total(cls, parts: Iterable["CommStats"]) -> "CommStats":
         """A new :class:`CommStats` holding the sum of ``parts``."""

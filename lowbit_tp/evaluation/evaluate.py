@@ -13,11 +13,11 @@ from lowbit_tp.codecs import make_codec
 from lowbit_tp.configs import DEFAULT_ALGORITHM, CalibrationConfig, EvalConfig
 from lowbit_tp.data import chunk_tokens, lambada_passages, load_split, token_char_spans, window_spans
 from lowbit_tp.evaluation.metrics import LMComparison, last_word_correct
-from lowbit_tp.evaluation.records import CodecEvalRow
+from lowbit_tp.evaluation.records import CodecEvalRow, EvalResult
 from lowbit_tp.models import load_model
 from lowbit_tp.simulator import TPSimulator
 
-def eval_inputs(cfg: EvalConfig, tokenizer, info, calibration=None):
+def eval_inputs(cfg: EvalConfig, tokenizer, info, calibration=None, *, warn=None):
     """What every evaluation path reads: the checked calibration, the text split, the
     evaluation token windows and the last-word items, all fixed by ``cfg``.
 
@@ -44,7 +44,7 @@ def eval_inputs(cfg: EvalConfig, tokenizer, info, calibration=None):
     if cfg.lambada:
         chars = token_char_spans(tokenizer, docs, exclude) if exclude else None
         items = lambada_passages(tokenizer, docs, num_passages=cfg.lambada, context_tokens=cfg.lambada_context,
-                                 seed=cfg.seed, exclude_chars=chars)
+                                 seed=cfg.seed, exclude_chars=chars, warn=warn)
     return calibration, split, chunks, items, info_
 
 
@@ -78,20 +78,20 @@ def dev_exclusions(tokenizer, split, calibration=None) -> tuple[dict[str, list[t
     return out, source
 
 
-def result_record(cfg: EvalConfig, info, split, chunks, items, calibration, rows: list[dict],
-                  split_info: dict | None = None) -> dict[str, Any]:
+def result_record(cfg: EvalConfig, info, split, chunks, items, calibration, rows: Sequence[CodecEvalRow],
+                  split_info: dict | None = None) -> EvalResult:
     """The whole result: config, model identity, the exact text used, calibration, rows."""
-    return {
-        "config": asdict(cfg),
-        "model": {"name": info.name, "weights_sha256": info.weights_sha256, "model_type": info.model_type},
-        "text": {"description": split.description, "split": split_info or {"name": cfg.split},
-                 "chunks": chunks.manifest(),
-                 "lambada": [it.manifest() for it in items]},
-        "calibration": None if calibration is None else {"fingerprint": calibration.fingerprint(),
-                                                         "text": calibration.meta.get("text", {}).get("description"),
-                                                         "config": calibration.meta.get("config")},
-        "rows": rows,
-    }
+    return EvalResult(
+        config=asdict(cfg),
+        model={"name": info.name, "weights_sha256": info.weights_sha256, "model_type": info.model_type},
+        text={"description": split.description, "split": split_info or {"name": cfg.split},
+              "chunks": chunks.manifest(),
+              "lambada": [it.manifest() for it in items]},
+        calibration=None if calibration is None else {"fingerprint": calibration.fingerprint(),
+                                                      "text": calibration.meta.get("text", {}).get("description"),
+                                                      "config": calibration.meta.get("config")},
+        rows=tuple(rows),
+    )
 
 
 def result_row(cfg: EvalConfig, info, codec: str, comparison: dict, stats, lambada_hits: Sequence[bool],
@@ -128,15 +128,19 @@ def _lambada(model, items, batch_size: int) -> list[bool]:
     return out
 
 
-def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress: bool = True) -> dict[str, Any]:
-    """Baseline once, then every codec of ``cfg.codecs``; returns ``{"rows": [...], ...}``.
+def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress: bool = True,
+                    warn=None) -> EvalResult:
+    """Baseline once, then every codec of ``cfg.codecs``; returns an :class:`EvalResult`
+    with one :class:`CodecEvalRow` per codec.
 
     Metrics per codec: perplexity (baseline and codec), mean per-token KL(baseline || codec),
     top-1 next-token agreement, last-word accuracy, and wire bits/value measured from the
-    payloads the simulated collectives produced.
+    payloads the simulated collectives produced. ``warn(message)`` reports what is used in
+    place of what was asked (fewer last-word items than ``cfg.lambada``); default
+    :func:`warnings.warn`.
     """
     model, tokenizer, info = bundle if bundle is not None else load_model(cfg.model)
-    calibration, split, chunks, items, split_info = eval_inputs(cfg, tokenizer, info, calibration)
+    calibration, split, chunks, items, split_info = eval_inputs(cfg, tokenizer, info, calibration, warn=warn)
     sims = {name: TPSimulator(model, tp=cfg.tp, name=info.name, algorithm=cfg.algorithm,
                               codec=make_codec(name, calibration=calibration, **cfg.codec_options.get(name, {})))
             for name in cfg.codecs}
@@ -163,14 +167,14 @@ def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress:
     bar.close()
     base_acc = sum(lam_base) / len(lam_base) if lam_base else float("nan")
     rows = [result_row(cfg, info, name, comps[name].result(), sim.comm_stats(), lam[name], base_acc,
-                       seconds[name], num_layers=len(sim.layers)).to_json() for name, sim in sims.items()]
+                       seconds[name], num_layers=len(sim.layers)) for name, sim in sims.items()]
     return result_record(cfg, info, split, chunks, items, calibration, rows, split_info)
 
 
 def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algorithm: str = DEFAULT_ALGORITHM,
                            samples: int = 32, cal_samples: int = 64, lambada: int = 128, batch_size: int = 8,
                            split: str = "test", seed: int = EvalConfig.seed, bundle=None, progress: bool = True,
-                           **cal_options) -> dict[str, Any]:
+                           **cal_options) -> EvalResult:
     """Calibrate ``model`` at ``tp`` on the calibration text, then evaluate ``codecs`` on the
     ``split`` (``test``: held-out text; ``dev``: calibration works off the calibration windows).
 

@@ -18,6 +18,7 @@ from lm_eval.models.huggingface import HFLM
 
 from lowbit_tp.calibration import Calibration
 from lowbit_tp.codecs import make_codec
+from lowbit_tp.configs import DEFAULT_ALGORITHM
 from lowbit_tp.models import load_model
 from lowbit_tp.simulator import TPSimulator
 
@@ -31,7 +32,7 @@ class SimulatedTPLM(HFLM):
     ``batch_size``. The simulator stays installed for the object's lifetime.
     """
 
-    def __init__(self, model: str = "smollm2-135m", tp: int = 1, codec: str = "bf16", algorithm: str = "gather",
+    def __init__(self, model: str = "smollm2-135m", tp: int = 1, codec: str = "bf16", algorithm: str = DEFAULT_ALGORITHM,
                  calibration: str | None = None, batch_size: int = 8, bundle=None, **kwargs):
         hf_model, tokenizer, info = bundle if bundle is not None else load_model(model)
         cal = Calibration.load(calibration) if isinstance(calibration, str) else calibration

@@ -27,7 +27,7 @@ import hashlib
 import json
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,6 +36,7 @@ import torch
 from lowbit_tp.collectives import CommStats, spawn_ranks
 from lowbit_tp.configs import RankOptions
 from lowbit_tp.evaluation.evaluate import EvalConfig, _lambada, eval_inputs, result_record, result_row
+from lowbit_tp.evaluation.records import EvalResult
 from lowbit_tp.evaluation.metrics import LMComparison
 from lowbit_tp.models import load_model
 from lowbit_tp.runtime.startup import start_rank
@@ -103,22 +104,22 @@ def eval_rank_main(rank: int, world: int, cfg: EvalConfig, input_ids: torch.Tens
 
 def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = RankOptions.timeout_s, deadline_s: float | None = None,
                        threads_per_rank: int = RankOptions.threads_per_rank, keep_logits: bool = False,
-                       progress: bool = True) -> dict[str, Any]:
+                       progress: bool = True, warn=None) -> EvalResult:
     """:func:`~lowbit_tp.evaluation.evaluate_codecs` on ``cfg.tp`` spawned ranks (gloo, CPU).
 
     ``cfg.model`` must be loadable by every rank (registry name or checkpoint path), and
     ``cfg.calibration`` a file path. ``timeout_s`` bounds each collective; ``deadline_s``
     (default ``timeout_s + 3600``) the whole spawned run. Returns the simulator path's
-    structure; rows carry ``"runtime": "tp"``, and ``"runtime"`` at top level records the
+    :class:`EvalResult`; rows carry ``runtime="tp"``, and ``runtime`` at top level records the
     settings and each rank's shard and traffic. ``keep_logits`` adds rank 0's logits per
-    codec under ``"logits"`` (tests; large for real vocabularies).
+    codec under ``logits`` (tests; large for real vocabularies).
     Raises :class:`~lowbit_tp.collectives.RankFailure` if any rank fails.
     """
     from tqdm import tqdm
 
     model, tokenizer, info = load_model(cfg.model)
     # fails here, before spawning, on a wrong calibration artifact
-    calibration, split, chunks, items, split_info = eval_inputs(cfg, tokenizer, info)
+    calibration, split, chunks, items, split_info = eval_inputs(cfg, tokenizer, info, warn=warn)
     batches = list(chunks.input_ids.split(cfg.batch_size))
     with tempfile.TemporaryDirectory(prefix="lowbit_tp_eval_baseline_") as base_dir:
         with torch.no_grad():
@@ -139,14 +140,12 @@ def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = RankOptions.timeou
         r0 = per_rank[0]["codecs"][name]
         row = result_row(cfg, info, name, LMComparison(**r0["comparison"]).result(), CommStats.from_dict(r0["comm"]),
                          r0["lambada"], base_acc, r0["seconds"], num_layers=2 * info.num_layers)
-        rows.append(row.on("tp").to_json())
+        rows.append(row.on("tp"))
         if keep_logits:
             logits[name] = r0["logits"]
-    out = result_record(cfg, info, split, chunks, items, calibration, rows, split_info)
-    out["runtime"] = {"kind": "tp", "timeout_s": timeout_s, "threads_per_rank": threads_per_rank,
-                      "wall_s": round(wall_s, 2),
-                      "per_rank": [{"rank": pr["rank"], "shard": pr["shard"],
-                                    "comm": {n: c["comm"] for n, c in pr["codecs"].items()}} for pr in per_rank]}
-    if keep_logits:
-        out["logits"] = logits
-    return out
+    runtime = {"kind": "tp", "timeout_s": timeout_s, "threads_per_rank": threads_per_rank,
+               "wall_s": round(wall_s, 2),
+               "per_rank": [{"rank": pr["rank"], "shard": pr["shard"],
+                             "comm": {n: c["comm"] for n, c in pr["codecs"].items()}} for pr in per_rank]}
+    return replace(result_record(cfg, info, split, chunks, items, calibration, rows, split_info),
+                   runtime=runtime, logits=logits if keep_logits else None)

@@ -1,4 +1,5 @@
-"""Typed result records of ``lowbit-tp eval``: one :class:`CodecEvalRow` per codec.
+"""Typed result records of ``lowbit-tp eval``: an :class:`EvalResult` with one
+:class:`CodecEvalRow` per codec.
 
 The evaluation builds each row as a :class:`CodecEvalRow` and writes ``to_json()``: the
 same field names, in the same order, as the JSON files written before this type existed
@@ -7,10 +8,16 @@ same field names, in the same order, as the JSON files written before this type 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping, Sequence
 
-__all__ = ["CodecEvalRow"]
+from lowbit_tp.results import markdown_table
+
+__all__ = ["CodecEvalRow", "DEV_COLUMNS", "EvalResult"]
+
+# What the research scripts print of a dev-split evaluation.
+DEV_COLUMNS = ("codec", "split", "bits_per_value", "ppl_increase_pct", "ppl_increase_pct_ci95", "kl", "kl_ci95",
+               "top1")
 
 
 @dataclass(frozen=True)
@@ -69,3 +76,52 @@ class CodecEvalRow:
     def on(self, runtime: str) -> "CodecEvalRow":
         """This row, recorded as measured on ``runtime`` (``sim`` or ``tp``)."""
         return replace(self, runtime=runtime)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """A whole evaluation: ``config`` (:class:`EvalConfig` as a dict), the model's identity,
+    the exact text used (split, windows, last-word items), the calibration (fingerprint,
+    text, config; None without one) and one :class:`CodecEvalRow` per codec. ``runtime``:
+    the settings and per-rank reports of an evaluation on real ranks (None in the
+    simulator); ``logits``: rank 0's logits per codec when asked for (tests; never in JSON)."""
+
+    config: dict[str, Any]
+    model: dict[str, Any]
+    text: dict[str, Any]
+    calibration: dict[str, Any] | None
+    rows: tuple[CodecEvalRow, ...]
+    runtime: dict[str, Any] | None = None
+    logits: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    def row(self, codec: str) -> CodecEvalRow:
+        """The row of ``codec``."""
+        for r in self.rows:
+            if r.codec == codec:
+                return r
+        raise KeyError(f"no row for codec {codec!r}; rows: {[r.codec for r in self.rows]}")
+
+    def table(self, columns: Sequence[str] = DEV_COLUMNS) -> str:
+        """The rows as a markdown table of ``columns``."""
+        return markdown_table([r.to_json() for r in self.rows], columns)
+
+    def on(self, runtime: str) -> "EvalResult":
+        """Every row recorded as measured on ``runtime`` (``sim`` or ``tp``)."""
+        return replace(self, rows=tuple(r.on(runtime) for r in self.rows))
+
+    def to_json(self) -> dict[str, Any]:
+        """The result as ``lowbit-tp eval --json`` writes it (``runtime`` only when set)."""
+        out = {"config": self.config, "model": self.model, "text": self.text, "calibration": self.calibration,
+               "rows": [r.to_json() for r in self.rows]}
+        if self.runtime is not None:
+            out["runtime"] = self.runtime
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "EvalResult":
+        known = {"config", "model", "text", "calibration", "rows", "runtime"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"not an EvalResult: unknown fields {unknown}")
+        return cls(config=d["config"], model=d["model"], text=d["text"], calibration=d["calibration"],
+                   rows=tuple(CodecEvalRow.from_json(r) for r in d["rows"]), runtime=d.get("runtime"))

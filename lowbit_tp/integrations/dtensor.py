@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_modul
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from lowbit_tp.codecs.base import Codec
-from lowbit_tp.collectives import AutoPolicy
+from lowbit_tp.collectives import DEFAULT_ALGORITHM, AutoPolicy
 from lowbit_tp.tp.plan import DECODER_PLAN, TPPlan
 from lowbit_tp.tp.row_parallel import CommHooks, DistReducer, Reducer
 
@@ -51,7 +51,7 @@ class LowbitRowwiseParallel(RowwiseParallel):
     :func:`~lowbit_tp.collectives.all_reduce` per forward; returns a local tensor.
     """
 
-    def __init__(self, *, layer: str, codec: Codec | None = None, algorithm: str = "auto",
+    def __init__(self, *, layer: str, codec: Codec | None = None, algorithm: str = DEFAULT_ALGORITHM,
                  policy: AutoPolicy | None = None, hooks: CommHooks = CommHooks(), reducer: Reducer | None = None):
         super().__init__(input_layouts=Shard(-1), output_layouts=Replicate(), use_local_output=True)
         if codec is None and reducer is None:
@@ -89,7 +89,7 @@ class LowbitRowwiseParallel(RowwiseParallel):
         )
 
 
-def parallelize_plan(model: nn.Module, *, codec: Codec | None = None, algorithm: str = "auto",
+def parallelize_plan(model: nn.Module, *, codec: Codec | None = None, algorithm: str = DEFAULT_ALGORITHM,
                      policy: AutoPolicy | None = None, hooks: CommHooks = CommHooks(),
                      reducer: Reducer | None = None, plan: TPPlan = DECODER_PLAN) -> dict[str, ParallelStyle]:
     """A ``parallelize_module`` plan for ``model``: one entry per module ``plan`` names.

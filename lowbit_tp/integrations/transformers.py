@@ -38,7 +38,7 @@ from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
 from transformers.distributed.tensor_parallel import RowwiseParallel
 
 from lowbit_tp.codecs.base import Codec
-from lowbit_tp.collectives import AutoPolicy, CommStats
+from lowbit_tp.collectives import DEFAULT_ALGORITHM, AutoPolicy, CommStats
 from lowbit_tp.tp.plan import DECODER_PLAN, TPPlan
 from lowbit_tp.tp.row_parallel import CommHooks, DistReducer, Reducer
 
@@ -57,7 +57,7 @@ class LowbitRowwiseParallel(RowwiseParallel):
     recording one). Triggers one :func:`~lowbit_tp.collectives.all_reduce` per forward.
     """
 
-    def __init__(self, *, codec: Codec | None = None, algorithm: str = "auto", policy: AutoPolicy | None = None,
+    def __init__(self, *, codec: Codec | None = None, algorithm: str = DEFAULT_ALGORITHM, policy: AutoPolicy | None = None,
                  hooks: CommHooks = CommHooks(), reducer: Reducer | None = None):
         super().__init__()
         if codec is None and reducer is None:
@@ -102,7 +102,7 @@ class LowbitRowwiseParallel(RowwiseParallel):
         return CommStats.total(r.stats for r in self._by_group.values())
 
 
-def register_lowbit_rowwise(*, codec: Codec | None = None, algorithm: str = "auto", policy: AutoPolicy | None = None,
+def register_lowbit_rowwise(*, codec: Codec | None = None, algorithm: str = DEFAULT_ALGORITHM, policy: AutoPolicy | None = None,
                             hooks: CommHooks = CommHooks(), reducer: Reducer | None = None,
                             name: str = STYLE_NAME) -> LowbitRowwiseParallel:
     """Register a :class:`LowbitRowwiseParallel` as style ``name`` (replacing an earlier

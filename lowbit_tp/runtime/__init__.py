@@ -8,12 +8,16 @@ reduces its row-parallel outputs with the compressed all-reduce.
 * :func:`run_tp` / :func:`run_from_env` (``engine.py``): spawned local ranks or torchrun.
 """
 from lowbit_tp.runtime.engine import RunConfig, rank_main, run_config, run_from_env, run_tp, under_torchrun
-from lowbit_tp.runtime.generate import GenerationResult, SamplingConfig, generate, select_token
+from lowbit_tp.runtime.generate import GenerationResult, PhaseComm, SamplingConfig, generate, select_token
+from lowbit_tp.runtime.records import RankSummary, RunResult
 from lowbit_tp.runtime.shard import ShardInfo, param_bytes, shard_model
 
 __all__ = [
     "GenerationResult",
+    "PhaseComm",
+    "RankSummary",
     "RunConfig",
+    "RunResult",
     "SamplingConfig",
     "ShardInfo",
     "generate",

@@ -13,11 +13,12 @@ group-wide config check (codec, model hash, prompts, run settings), then shard.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
-from dataclasses import asdict
-from typing import Any, Callable
+from dataclasses import asdict, replace
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -27,19 +28,20 @@ from lowbit_tp.collectives.launch import init_from_env
 from lowbit_tp.configs import RunConfig, SamplingConfig
 from lowbit_tp.preflight import check_codecs, check_model_tp
 from lowbit_tp.runtime.generate import generate
+from lowbit_tp.runtime.records import RunResult
 from lowbit_tp.runtime.startup import rss_mib, start_rank
 from lowbit_tp.tp.row_parallel import CommHooks
 
-__all__ = ["RunConfig", "preflight_run", "rank_main", "run_from_env", "run_tp"]
+__all__ = ["RunConfig", "RunResult", "preflight_run", "rank_main", "run_from_env", "run_tp"]
 
 
 def rank_main(rank: int, world: int, cfg: RunConfig, *, group=None, stream: bool = False,
-              on_step: Callable[[int, int], None] | None = None, hooks: CommHooks = CommHooks()) -> dict[str, Any]:
+              on_step: Callable[[int, int], None] | None = None, hooks: CommHooks = CommHooks()) -> RunResult:
     """One rank's whole run; every rank of ``group`` must call it with its own rank.
 
-    Returns this rank's results: config, model info, shard and memory report, and one
-    :meth:`GenerationResult.summary` per prompt (``prefill_logits`` added when the config
-    asks for them). ``stream`` prints rank 0's text as it is generated. ``on_step(step,
+    Returns this rank's :class:`RunResult`: config, model info, shard and memory report, and
+    one :class:`GenerationResult` per prompt (``prefill_logits`` kept when the config asks
+    for them). ``stream`` prints rank 0's text as it is generated. ``on_step(step,
     token)`` runs on every rank after every token (fault-injection hook for tests); ``hooks``
     wrap every row-parallel reduce and its backend collectives (benchmark timers).
     """
@@ -67,32 +69,14 @@ def rank_main(rank: int, world: int, cfg: RunConfig, *, group=None, stream: bool
                        on_text=(lambda s: print(s, end="", flush=True)) if show else None,
                        on_step=on_step, keep_prefill_logits=cfg.keep_prefill_logits,
                        check_nonfinite=comm.check_nonfinite)
-        row = res.summary()
-        row["prompt"] = cfg.prompts[i]
-        if cfg.keep_prefill_logits:
-            row["prefill_logits"] = res.prefill_logits
-        results.append(row)
+        results.append(replace(res, prompt=cfg.prompts[i]))
     if show:
         print(flush=True)
     memory["end"] = rss_mib()
-    return {
-        "rank": rank,
-        "config": cfg.as_dict(),
-        "model": asdict(started.info),
-        "codec": started.codecs[cfg.codec].config(),
-        "shard": started.shard,
-        "memory": memory,
-        "load_s": started.load_s,
-        "threads": torch.get_num_threads(),
-        "results": results,
-        "comm_total": comm.stats.as_dict(),
-    }
-
-
-def _merge(per_rank: list[dict]) -> dict[str, Any]:
-    out = dict(per_rank[0])
-    out["per_rank"] = [{k: r[k] for k in ("rank", "shard", "memory", "comm_total", "load_s")} for r in per_rank]
-    return out
+    return RunResult(rank=rank, config=cfg.as_dict(), model=asdict(started.info),
+                     codec=started.codecs[cfg.codec].config(), shard=started.shard, memory=memory,
+                     load_s=started.load_s, threads=torch.get_num_threads(), results=tuple(results),
+                     comm_total=copy.deepcopy(comm.stats))
 
 
 def run_tp(model: str, *, tp: int, prompts, codec: str = RunConfig.codec, calibration_path: str | None = None,
@@ -100,7 +84,7 @@ def run_tp(model: str, *, tp: int, prompts, codec: str = RunConfig.codec, calibr
            policy: AutoPolicy = RunConfig.policy, sampling: SamplingConfig = RunConfig.sampling,
            ignore_eos: bool = False, timeout_s: float = RunConfig.timeout_s, deadline_s: float | None = None,
            threads_per_rank: int = RunConfig.threads_per_rank, stream: bool = False,
-           keep_prefill_logits: bool = False) -> dict[str, Any]:
+           keep_prefill_logits: bool = False) -> RunResult:
     """Generate on ``tp`` local ranks (spawned processes, gloo) and return rank 0's results.
 
     Each rank holds one shard; every ``o_proj``/``down_proj`` output goes through
@@ -126,13 +110,13 @@ def preflight_run(cfg: RunConfig) -> None:
     check_codecs([cfg.codec], calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size)
 
 
-def run_config(cfg: RunConfig, *, deadline_s: float | None = None, stream: bool = False) -> dict[str, Any]:
+def run_config(cfg: RunConfig, *, deadline_s: float | None = None, stream: bool = False) -> RunResult:
     """:func:`run_tp` for a ready :class:`RunConfig`; :func:`preflight_run` first."""
     preflight_run(cfg)
     deadline = cfg.timeout_s + 600.0 if deadline_s is None else deadline_s
     per_rank = spawn_ranks(rank_main, cfg.tp, cfg, timeout_s=cfg.timeout_s, deadline_s=deadline,
                            threads=cfg.threads_per_rank, stream=stream)
-    return _merge(per_rank)
+    return per_rank[0].merged(per_rank)
 
 
 def under_torchrun() -> bool:
@@ -140,7 +124,7 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def run_from_env(cfg: RunConfig, *, stream: bool = True) -> dict[str, Any] | None:
+def run_from_env(cfg: RunConfig, *, stream: bool = True) -> RunResult | None:
     """The ``torchrun`` path: this process is one rank. Returns the merged results on rank 0,
     None on the others. ``cfg.tp`` must equal ``WORLD_SIZE``."""
     torch.set_num_threads(cfg.threads_per_rank)
@@ -149,9 +133,7 @@ def run_from_env(cfg: RunConfig, *, stream: bool = True) -> dict[str, Any] | Non
     try:
         mine = rank_main(rank, world, cfg, stream=stream)
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, {k: v for k, v in mine.items() if k != "results"} | {
-            "results": [{k: v for k, v in r.items() if k != "prefill_logits"} for r in mine["results"]]})
-        gathered[0] = mine
-        return _merge(gathered) if rank == 0 else None
+        dist.all_gather_object(gathered, mine.without_logits())
+        return mine.merged(gathered) if rank == 0 else None
     finally:
         dist.destroy_process_group()

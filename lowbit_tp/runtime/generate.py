@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
 import torch
@@ -21,18 +21,33 @@ import torch.distributed as dist
 from lowbit_tp.collectives import CollectiveError, CommStats
 from lowbit_tp.configs import SamplingConfig
 
-__all__ = ["GenerationResult", "SamplingConfig", "generate", "select_token"]
+__all__ = ["GenerationResult", "PhaseComm", "SamplingConfig", "generate", "select_token"]
 
 
-@dataclass
+@dataclass(frozen=True)
+class PhaseComm:
+    """One prompt's all-reduce traffic on one rank, split at the first new token."""
+
+    prefill: CommStats
+    decode: CommStats
+
+    def to_json(self) -> dict[str, dict]:
+        return {"prefill": self.prefill.as_dict(), "decode": self.decode.as_dict()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PhaseComm":
+        return cls(prefill=CommStats.from_dict(d["prefill"]), decode=CommStats.from_dict(d["decode"]))
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     """One prompt's generation, as seen by one rank.
 
     Times in seconds (wall clock, this rank). ``prefill_s`` covers the prompt's forward
     pass and the choice of the first new token; ``decode_s[i]`` the forward pass and choice
-    of new token ``i + 1``. ``comm`` holds this rank's all-reduce traffic
-    (:meth:`CommStats.as_dict`) split into ``prefill`` and ``decode``; the per-step token
-    broadcast (8 bytes) is control traffic and is not counted there.
+    of new token ``i + 1``. ``comm`` holds this rank's all-reduce traffic split into
+    ``prefill`` and ``decode``; the per-step token broadcast (8 bytes) is control traffic
+    and is not counted there. ``prompt``: the prompt's text, set by the engine that ran it.
     """
 
     prompt_ids: list[int]
@@ -41,8 +56,9 @@ class GenerationResult:
     finish_reason: str
     prefill_s: float
     decode_s: list[float]
-    comm: dict[str, dict]
+    comm: PhaseComm
     prefill_logits: torch.Tensor | None = None
+    prompt: str | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -56,12 +72,32 @@ class GenerationResult:
         t = sum(self.decode_s)
         return len(self.decode_s) / t if t > 0 else float("nan")
 
-    def summary(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("prefill_logits")
-        d.update(tokens_per_s=self.tokens_per_s, decode_tokens_per_s=self.decode_tokens_per_s,
-                 new_tokens=len(self.token_ids))
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def to_json(self) -> dict[str, Any]:
+        """The row ``lowbit-tp run`` writes under ``results``: the fields, then the rates and
+        ``new_tokens``, then ``prompt`` and ``prefill_logits`` where set."""
+        d = {"prompt_ids": self.prompt_ids, "token_ids": self.token_ids, "text": self.text,
+             "finish_reason": self.finish_reason, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+             "comm": self.comm.to_json(), "tokens_per_s": self.tokens_per_s,
+             "decode_tokens_per_s": self.decode_tokens_per_s, "new_tokens": self.new_tokens}
+        if self.prompt is not None:
+            d["prompt"] = self.prompt
+        if self.prefill_logits is not None:
+            d["prefill_logits"] = self.prefill_logits
         return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "GenerationResult":
+        """A row as :meth:`to_json` wrote it (derived keys are recomputed, not read)."""
+        derived = {"tokens_per_s", "decode_tokens_per_s", "new_tokens"}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - derived)
+        if unknown:
+            raise ValueError(f"not a GenerationResult row: unknown fields {unknown}")
+        return cls(**{k: (PhaseComm.from_json(v) if k == "comm" else v) for k, v in d.items() if k in known})
 
 
 def select_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
@@ -94,17 +130,6 @@ def _agree_on_token(token: int, *, rank: int, world: int, group) -> int:
         raise CollectiveError(f"rank {rank}/{world}: broadcast of the next token failed: {exc}. "
                               f"A peer rank probably died or stalled past the process-group timeout.") from exc
     return int(t.item())
-
-
-def _diff(after: CommStats, before: CommStats) -> dict:
-    algos = {k: v - before.by_algorithm.get(k, 0) for k, v in after.by_algorithm.items()}
-    d = CommStats(bytes_sent=after.bytes_sent - before.bytes_sent,
-                  payload_bytes=after.payload_bytes - before.payload_bytes,
-                  values=after.values - before.values, calls=after.calls - before.calls,
-                  by_algorithm={k: v for k, v in algos.items() if v},
-                  wire_values=after.wire_values - before.wire_values,
-                  ring_values=after.ring_values - before.ring_values)
-    return d.as_dict()
 
 
 @torch.no_grad()
@@ -187,6 +212,6 @@ def generate(
         finish_reason=finish,
         prefill_s=prefill_s,
         decode_s=decode_s,
-        comm={"prefill": _diff(mid, before), "decode": _diff(stats, mid)},
+        comm=PhaseComm(prefill=mid.since(before), decode=stats.since(mid)),
         prefill_logits=prefill_logits,
     )

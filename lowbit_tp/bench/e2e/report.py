@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import os
 import statistics
+from dataclasses import dataclass, fields, replace
+from typing import Any, Mapping
 
+from lowbit_tp.collectives import CommStats
 from lowbit_tp.configs import E2EConfig
 from lowbit_tp.results import markdown_table
 
@@ -12,8 +15,72 @@ def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+@dataclass(frozen=True)
+class E2ERow:
+    """One prompt length of one variant (network, TP, codec, algorithm): medians over the
+    repeats, in ms. ``bits_per_value``: rank 0's first-stage payload bits per value
+    (:attr:`CommStats.payload_bits_per_value`); ``*_bytes_per_token``: bytes rank 0 sent;
+    ``*_skew_ms``: time in the barrier before each collective. The ratio fields (None until
+    :func:`add_ratios` finds the bf16/gather row of the same network, TP and length) are
+    speed-ups (>1 = faster), the byte ratio, the Amdahl bound and the share of it reached."""
+
+    network: str
+    tp: int
+    codec: str
+    algorithm: str
+    bits_per_value: float
+    prompt_tokens: int
+    prefill_ms: float
+    prefill_allreduce_ms: float
+    prefill_wire_ms: float
+    prefill_skew_ms: float
+    prefill_bytes_per_token: float
+    decode_ms_per_token: float
+    decode_allreduce_ms_per_token: float
+    decode_wire_ms_per_token: float
+    decode_skew_ms_per_token: float
+    decode_bytes_per_token: float
+    allreduce_calls_per_token: int
+    prefill_ms_all: list[float]
+    prefill_speedup: float | None = None
+    prefill_allreduce_speedup: float | None = None
+    prefill_wire_speedup: float | None = None
+    decode_speedup: float | None = None
+    prefill_byte_ratio: float | None = None
+    prefill_amdahl_bound: float | None = None
+    prefill_vs_amdahl: float | None = None
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return 1e3 / self.decode_ms_per_token
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as ``bench-e2e`` writes it: measured fields, ``decode_tokens_per_s``, then
+        the ratios where set."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name in _RATIOS:
+                break
+            out[f.name] = getattr(self, f.name)
+        out["decode_tokens_per_s"] = self.decode_tokens_per_s
+        out.update({k: getattr(self, k) for k in _RATIOS if getattr(self, k) is not None})
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "E2ERow":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known - {"decode_tokens_per_s"})
+        if unknown:
+            raise ValueError(f"not an E2ERow: unknown fields {unknown}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+_RATIOS = ("prefill_speedup", "prefill_allreduce_speedup", "prefill_wire_speedup", "decode_speedup",
+           "prefill_byte_ratio", "prefill_amdahl_bound", "prefill_vs_amdahl")
+
+
 def rows_of_run(outs: list[dict], *, network: str, codec: str, algorithm: str, lens: list[int],
-                 repeats: int) -> list[dict]:
+                 repeats: int) -> list[E2ERow]:
     """Medians over the repeats of each prompt length, pooled over the rounds ``outs`` (rank 0's
     output of each launch; its prompt 0 is the warm-up, skipped)."""
     rows = []
@@ -25,47 +92,52 @@ def rows_of_run(outs: list[dict], *, network: str, codec: str, algorithm: str, l
         idx = [k * len(lens) + j for k in range(repeats)]
         res = [results[i] for i in idx]
         tim = [timers[i] for i in idx]
-        pre, dec = res[0]["comm"]["prefill"], res[0]["comm"]["decode"]
+        pre, dec = (CommStats.from_dict(res[0]["comm"][k]) for k in ("prefill", "decode"))
         n_dec = len(res[0]["decode_s"])
         dec_steps = [s for t in tim for s in t[1:]]
-        rows.append({
-            "network": network, "tp": out["config"]["tp"], "codec": codec, "algorithm": algorithm,
-            "bits_per_value": 8 * pre["payload_bytes"] / pre["values"] if pre["values"] else float("nan"),
-            "prompt_tokens": out["prompt_lengths"][1 + j],
-            "prefill_ms": 1e3 * _median([r["prefill_s"] for r in res]),
-            "prefill_allreduce_ms": 1e3 * _median([t[0]["all_reduce_s"] for t in tim]),
-            "prefill_wire_ms": 1e3 * _median([t[0]["wire_s"] for t in tim]),
-            "prefill_skew_ms": 1e3 * _median([t[0].get("skew_s", 0.0) for t in tim]),
-            "prefill_bytes_per_token": pre["bytes_sent"] / out["prompt_lengths"][1 + j],
-            "decode_ms_per_token": 1e3 * _median([d for r in res for d in r["decode_s"]]),
-            "decode_allreduce_ms_per_token": 1e3 * _median([s["all_reduce_s"] for s in dec_steps]),
-            "decode_wire_ms_per_token": 1e3 * _median([s["wire_s"] for s in dec_steps]),
-            "decode_skew_ms_per_token": 1e3 * _median([s.get("skew_s", 0.0) for s in dec_steps]),
-            "decode_bytes_per_token": dec["bytes_sent"] / n_dec if n_dec else float("nan"),
-            "allreduce_calls_per_token": tim[0][1]["calls"] if len(tim[0]) > 1 else tim[0][0]["calls"],
-            "prefill_ms_all": [1e3 * r["prefill_s"] for r in res],
-        })
-        rows[-1]["decode_tokens_per_s"] = 1e3 / rows[-1]["decode_ms_per_token"]
+        rows.append(E2ERow(
+            network=network, tp=out["config"]["tp"], codec=codec, algorithm=algorithm,
+            bits_per_value=pre.payload_bits_per_value,
+            prompt_tokens=out["prompt_lengths"][1 + j],
+            prefill_ms=1e3 * _median([r["prefill_s"] for r in res]),
+            prefill_allreduce_ms=1e3 * _median([t[0]["all_reduce_s"] for t in tim]),
+            prefill_wire_ms=1e3 * _median([t[0]["wire_s"] for t in tim]),
+            prefill_skew_ms=1e3 * _median([t[0].get("skew_s", 0.0) for t in tim]),
+            prefill_bytes_per_token=pre.bytes_sent / out["prompt_lengths"][1 + j],
+            decode_ms_per_token=1e3 * _median([d for r in res for d in r["decode_s"]]),
+            decode_allreduce_ms_per_token=1e3 * _median([s["all_reduce_s"] for s in dec_steps]),
+            decode_wire_ms_per_token=1e3 * _median([s["wire_s"] for s in dec_steps]),
+            decode_skew_ms_per_token=1e3 * _median([s.get("skew_s", 0.0) for s in dec_steps]),
+            decode_bytes_per_token=dec.bytes_sent / n_dec if n_dec else float("nan"),
+            allreduce_calls_per_token=tim[0][1]["calls"] if len(tim[0]) > 1 else tim[0][0]["calls"],
+            prefill_ms_all=[1e3 * r["prefill_s"] for r in res],
+        ))
     return rows
 
 
-def add_ratios(rows: list[dict]) -> None:
-    """Speed-ups against bf16/gather of the same network, TP and prompt length (>1 = faster)."""
-    base = {(r["network"], r["tp"], r["prompt_tokens"]): r for r in rows
-            if r["codec"] == "bf16" and r["algorithm"] == "gather"}
+def add_ratios(rows: list[E2ERow]) -> list[E2ERow]:
+    """The rows with speed-ups against bf16/gather of the same network, TP and prompt length
+    (>1 = faster); rows without such a baseline are returned as they are."""
+    base = {(r.network, r.tp, r.prompt_tokens): r for r in rows if r.codec == "bf16" and r.algorithm == "gather"}
+    out = []
     for r in rows:
-        b = base.get((r["network"], r["tp"], r["prompt_tokens"]))
+        b = base.get((r.network, r.tp, r.prompt_tokens))
         if b is None:
+            out.append(r)
             continue
-        for key, col in (("prefill_ms", "prefill_speedup"), ("prefill_allreduce_ms", "prefill_allreduce_speedup"),
-                         ("prefill_wire_ms", "prefill_wire_speedup"), ("decode_ms_per_token", "decode_speedup"),
-                         ("prefill_bytes_per_token", "prefill_byte_ratio")):
-            r[col] = b[key] / r[key] if r[key] else float("nan")
+        ratios = {col: getattr(b, key) / getattr(r, key) if getattr(r, key) else float("nan")
+                  for key, col in (("prefill_ms", "prefill_speedup"),
+                                   ("prefill_allreduce_ms", "prefill_allreduce_speedup"),
+                                   ("prefill_wire_ms", "prefill_wire_speedup"),
+                                   ("decode_ms_per_token", "decode_speedup"),
+                                   ("prefill_bytes_per_token", "prefill_byte_ratio"))}
         # Amdahl: with bf16 spending a share s of prefill in the all-reduce, cutting that
         # time by the byte ratio r bounds the prefill speed-up at 1 / (1 - s + s / r).
-        s = b["prefill_allreduce_ms"] / b["prefill_ms"] if b["prefill_ms"] else float("nan")
-        r["prefill_amdahl_bound"] = 1.0 / (1.0 - s + s / r["prefill_byte_ratio"])
-        r["prefill_vs_amdahl"] = r["prefill_speedup"] / r["prefill_amdahl_bound"]
+        s = b.prefill_allreduce_ms / b.prefill_ms if b.prefill_ms else float("nan")
+        ratios["prefill_amdahl_bound"] = 1.0 / (1.0 - s + s / ratios["prefill_byte_ratio"])
+        ratios["prefill_vs_amdahl"] = ratios["prefill_speedup"] / ratios["prefill_amdahl_bound"]
+        out.append(replace(r, **ratios))
+    return out
 
 
 NOTES = [

@@ -73,9 +73,9 @@ def run_e2e_bench(cfg: E2EConfig, *, json_path: str | None = None, log=print) ->
                                  "per_rank_comm_total": [o["comm_total"] for o in outs]})
                     for r in rows_of_run([out], network=net, codec=codec, algorithm=algorithm, lens=lens,
                                           repeats=cfg.repeats):
-                        log(f"  {net} tp{tp} {codec}/{algorithm} {r['prompt_tokens']} tok: prefill "
-                            f"{r['prefill_ms']:.0f} ms (all-reduce {r['prefill_allreduce_ms']:.0f}, wire "
-                            f"{r['prefill_wire_ms']:.0f}), decode {r['decode_ms_per_token']:.1f} ms/token")
+                        log(f"  {net} tp{tp} {codec}/{algorithm} {r.prompt_tokens} tok: prefill "
+                            f"{r.prefill_ms:.0f} ms (all-reduce {r.prefill_allreduce_ms:.0f}, wire "
+                            f"{r.prefill_wire_ms:.0f}), decode {r.decode_ms_per_token:.1f} ms/token")
                     log(f"  ({wall:.0f} s)")
                     return out
 
@@ -91,7 +91,7 @@ def run_e2e_bench(cfg: E2EConfig, *, json_path: str | None = None, log=print) ->
                 for (codec, algorithm), outs in got.items():
                     rows.extend(rows_of_run(outs, network=net, codec=codec, algorithm=algorithm, lens=lens,
                                              repeats=cfg.repeats))
-    add_ratios(rows)
+    rows = [r.to_json() for r in add_ratios(rows)]
     payload = {"config": asdict(cfg), "environment": {**environment(), "loadavg_start": load_start,
                                                       "loadavg_end": os.getloadavg()},
                "rows": rows, "runs": runs, "prompt_lengths": prompt_lengths,

@@ -77,9 +77,9 @@ def worker_main(cfg_path: str, out_dir: str) -> None:
         dist.destroy_process_group()
     n = cfg.max_new_tokens
     steps = timers.steps
-    res["timers"] = [steps[i * n:(i + 1) * n] for i in range(len(cfg.prompts))]
-    for r in res["results"]:
-        r.pop("prompt", None)
-        r.pop("text", None)
-        r.pop("prompt_ids", None)
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res, default=str))
+    out = res.to_json()
+    out["timers"] = [steps[i * n:(i + 1) * n] for i in range(len(cfg.prompts))]
+    for r in out["results"]:  # the report reads times and traffic only
+        for key in ("prompt", "text", "prompt_ids"):
+            r.pop(key, None)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out, default=str))

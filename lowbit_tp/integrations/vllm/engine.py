@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from lowbit_tp.integrations.vllm.config import ENV, PluginConfig
+from lowbit_tp.integrations.vllm.records import VllmPromptResult, VllmRunResult
 
 VLLM_PYTHON_ENV = "LOWBIT_TP_VLLM_PYTHON"
 
@@ -108,7 +109,7 @@ def worker_reports(llm) -> list[dict[str, Any]]:
 
 
 def generate(llm, prompts, *, max_new_tokens: int, sampling=None, ignore_eos: bool = False,
-             seed: int = 0) -> list[dict[str, Any]]:
+             seed: int = 0) -> list[VllmPromptResult]:
     """One row per prompt, with the native engine's field names (``token_ids``, ``text``, ...)."""
     from vllm import SamplingParams
 
@@ -125,9 +126,8 @@ def generate(llm, prompts, *, max_new_tokens: int, sampling=None, ignore_eos: bo
         out = llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)[0]
         wall = time.perf_counter() - t0
         c = out.outputs[0]
-        rows.append({"prompt": p, "prompt_ids": list(ids), "token_ids": list(c.token_ids), "text": c.text,
-                     "finish_reason": c.finish_reason or "length", "new_tokens": len(c.token_ids),
-                     "wall_s": wall, "tokens_per_s": len(c.token_ids) / wall if wall > 0 else float("nan")})
+        rows.append(VllmPromptResult(prompt=p, prompt_ids=list(ids), token_ids=list(c.token_ids), text=c.text,
+                                     finish_reason=c.finish_reason or "length", wall_s=wall))
     return rows
 
 
@@ -149,7 +149,7 @@ def prompt_nll(llm, sequences: list[list[int]]) -> dict[str, Any]:
     return {"nll": total / count, "ppl": math.exp(total / count), "tokens": count, "per_sequence": per_seq}
 
 
-def run(cfg, *, engine: VllmEngineConfig = VllmEngineConfig()) -> dict[str, Any]:
+def run(cfg, *, engine: VllmEngineConfig = VllmEngineConfig()) -> VllmRunResult:
     """``lowbit-tp run --engine vllm``: ``cfg`` is the native engine's ``RunConfig``."""
     model_dir = model_directory(cfg.model)
     plugin = None
@@ -163,15 +163,10 @@ def run(cfg, *, engine: VllmEngineConfig = VllmEngineConfig()) -> dict[str, Any]
     load_s = time.perf_counter() - t0
     results = generate(llm, cfg.prompts, max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling,
                        ignore_eos=cfg.ignore_eos)
-    reports = worker_reports(llm)
-    from lowbit_tp.collectives import CommStats
-
-    rank0 = next((r for r in reports if r["rank"] == 0), None)
-    return {"engine": "vllm", "config": cfg.as_dict(), "vllm": asdict(engine),
-            "plugin": None if plugin is None else asdict(plugin),
-            "model": {"name": cfg.model, "directory": str(model_dir)},
-            "codec": rank0["codec"] if rank0 else {"name": cfg.codec}, "load_s": load_s, "results": results,
-            "comm_total": rank0["comm"] if rank0 else CommStats().as_dict(), "per_rank": reports}
+    return VllmRunResult.from_reports(worker_reports(llm), codec_name=cfg.codec, config=cfg.as_dict(),
+                                      vllm=asdict(engine), plugin=None if plugin is None else asdict(plugin),
+                                      model={"name": cfg.model, "directory": str(model_dir)}, load_s=load_s,
+                                      results=tuple(results))
 
 
 def session(spec: dict[str, Any]) -> dict[str, Any]:
@@ -189,8 +184,9 @@ def session(spec: dict[str, Any]) -> dict[str, Any]:
     llm = make_llm(model_dir, tp=spec["tp"], plugin=plugin, engine=engine)
     out: dict[str, Any] = {"spec": spec, "model_dir": str(model_dir), "load_s": time.perf_counter() - t0}
     if spec.get("prompts"):
-        out["results"] = generate(llm, spec["prompts"], max_new_tokens=spec.get("max_new_tokens", 16),
-                                  ignore_eos=True)
+        out["results"] = [r.to_json() for r in generate(llm, spec["prompts"],
+                                                        max_new_tokens=spec.get("max_new_tokens", 16),
+                                                        ignore_eos=True)]
     if spec.get("sequences"):
         out["quality"] = prompt_nll(llm, spec["sequences"])
     out["reports"] = worker_reports(llm) if plugin is not None else []
