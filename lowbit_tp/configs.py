@@ -173,6 +173,9 @@ class RunConfig:
             raise UserError(f"timeout_s must be a positive number of seconds, got {self.timeout_s!r}")
         if self.algorithm not in ALGORITHMS:
             raise UserError(f"unknown algorithm {self.algorithm!r}; one of {', '.join(ALGORITHMS)}")
+        if self.algorithm == "exact" and self.codec != "bf16":  # as TPSimulator: never ignore a codec silently
+            raise UserError(f"algorithm 'exact' (the backend all-reduce, uncompressed) would ignore codec "
+                            f"{self.codec!r}; use gather, two-shot or auto, or codec bf16 for the exact baseline")
         if self.engine not in ENGINES:
             raise UserError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
 

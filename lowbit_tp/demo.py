@@ -94,8 +94,11 @@ def model_demo(*, model: str = DemoConfig.model, tp: int = DemoConfig.tp, codecs
     """
     bundle = load_model(model)
     cal, cal_path = cached_calibration(bundle, tp=tp, samples=cal_samples)
-    names = [CODEC_ALIASES.get(c, c) for c in codecs]
-    names = list(dict.fromkeys(names))
+    # One run per codec (``default`` and ``alloc`` are the same one), shown under the name asked for.
+    first: dict[str, str] = {}
+    for c in codecs:
+        first.setdefault(CODEC_ALIASES.get(c, c), c)
+    names = list(first.values())
     quality = evaluate_codecs(EvalConfig(model=model, tp=tp, codecs=tuple(names), samples=eval_samples, lambada=0),
                               bundle=bundle, calibration=cal)
     qrows = {r.codec: r for r in quality.rows}

@@ -17,6 +17,12 @@ from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
 from lowbit_tp.evaluation.outliers import consistency, range_heatmap, summarize
 from lowbit_tp.models import load_model
 
+# What the registry's models are (the README and the results pages say the same).
+BASELINES = {
+    "smollm2-135m": "Model: SmolLM2-135M-Instruct from a Q4_1 GGUF, dequantized to fp32.\n\n",
+    "gemma3-270m": "Model: Gemma 3 270M from a Q4_K_M GGUF, dequantized to fp32.\n\n",
+}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -44,7 +50,8 @@ def main() -> None:
     summ = markdown_table([{"layers": k, **v} for k, v in summary.items()],
                           ["layers", "mean_overlap", "median_overlap", "min_overlap", "mean_range_share_topk",
                            "uniform_share"])
-    (out / f"{tag}.md").write_text(f"# Outlier channels: {args.model}, TP {args.tp}\n\nCommand: `{cmd}`\n\n"
+    (out / f"{tag}.md").write_text(f"# Outlier channels: {args.model}, TP {args.tp}\n\n{BASELINES.get(args.model, '')}"
+                                   f"Command: `{cmd}`\n\n"
                                    f"Heatmap: ![]({png.name})\n\nSummary (k = E/64):\n\n{summ}\n\n"
                                    f"Per layer and source:\n\n{table}\n")
     print(summ)

@@ -288,6 +288,9 @@ BAD = {
     "run --json under a file": (["run", "--model", "{model}", "--tp", "2", "--prompt", "hi", "--json",
                                  "{root}/binary.txt/out.json"], ["cannot write", "is a file"]),
     "run --timeout 0": (["run", "--model", "{model}", "--tp", "2", "--prompt", "hi", "--timeout", "0"], ["--timeout"]),
+    "run --algorithm exact with a codec": (["run", "--model", "{model}", "--tp", "2", "--prompt", "hi", "--codec",
+                                            "int4-g32", "--algorithm", "exact"],
+                                           ["algorithm 'exact'", "would ignore codec 'int4-g32'"]),
     "bench-comm --codec nope": (["bench-comm", "--codec", "nope"], ["unknown codec 'nope'"]),
     "bench-comm --world-size 0": (["bench-comm", "--world-size", "0"], ["--world-size", "positive"]),
     "bench-comm --repeats 0": (["bench-comm", "--repeats", "0"], ["--repeats", "positive"]),
@@ -395,3 +398,32 @@ def test_a_stray_byte_is_kept_but_binary_text_is_refused(tmp_path):
     bad.write_bytes(b"ab " + bytes(range(128, 256)))
     with pytest.raises(ValueError, match="not UTF-8 text"):
         load_documents(bad)
+
+
+def test_eval_reads_any_utf8_text_dir_and_uses_the_last_word_items_there_are(tmp_path):
+    """Issue 11 defect 7, at the CLI: a directory of .py / .md / .rst files is evaluation text,
+    and asking for more last-word items than it holds uses those there are, with a one-line
+    warning (not a Python warning with its source line)."""
+    import random
+
+    from helpers import save_tiny
+
+    model = save_tiny(tmp_path, "llama")
+    text = tmp_path / "text"
+    text.mkdir()
+    rng = random.Random(0)
+    words = "the king and queen walked along river under night sky while people watched from distant hills".split()
+    for i, ext in enumerate([".py", ".md", ".py", ".md", ".rst", ".py", ".md", ".py"]):
+        lines = [" ".join(rng.choice(words) for _ in range(12)).capitalize() + "." for _ in range(40)]
+        (text / f"doc{i}{ext}").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "eval.json"
+    rc, err, _ = _run_main(["eval", "--model", model, "--tp", "2", "--codec", "bf16", "--samples", "2",
+                            "--seq-len", "32", "--lambada", "500", "--text", str(text), "--json", str(out)])
+    assert rc == 0, err
+    res = json.loads(out.read_text())
+    used = len(res["text"]["lambada"])
+    assert 0 < used < 500
+    assert {Path(d).suffix for d in res["text"]["split"]["documents"]} <= {".py", ".md", ".rst"}
+    warnings_ = [line for line in err.splitlines() if "warning" in line.lower()]
+    assert warnings_ == [f"lowbit-tp: warning: text too short: found only {used} non-overlapping last-word "
+                         f"passages with 128 context tokens, 500 requested; using {used}"], err

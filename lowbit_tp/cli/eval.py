@@ -60,8 +60,8 @@ def cmd(args) -> None:
     cfg = config_from_args(args)
     preflight_eval(cfg, out=args.json, warn=warn)
     if args.runtime == "tp":
-        res = evaluate_codecs_tp(cfg, timeout_s=args.timeout, threads_per_rank=args.threads_per_rank)
+        res = evaluate_codecs_tp(cfg, timeout_s=args.timeout, threads_per_rank=args.threads_per_rank, warn=warn)
     else:
-        res = evaluate_codecs(cfg).on("sim")
+        res = evaluate_codecs(cfg, warn=warn).on("sim")
     print(res.table(COLUMNS))
     write_json(args.json, res.to_json())

@@ -6,7 +6,7 @@ import random
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from lowbit_tp.data.documents import Document
 from lowbit_tp.data.windows import Tokenizer, _bos, _encode
@@ -97,6 +97,7 @@ def lambada_passages(
     seed: int = 0,
     add_bos: bool | None = None,
     exclude_chars: Mapping[str, Sequence[tuple[int, int]]] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> tuple[LambadaItem, ...]:
     """LAMBADA-style items: a passage of evaluation text ending at a word, and the word.
 
@@ -105,7 +106,8 @@ def lambada_passages(
     in that order, skipping any whose span overlaps an accepted item of the same
     document or a span of ``exclude_chars`` (document sha256 -> character spans), until
     ``num_passages`` are found. When the text runs out first, the items found are
-    returned with a warning; none at all is a ``ValueError``.
+    returned with a warning (``warn(message)``, else :func:`warnings.warn`); none at
+    all is a ``ValueError``.
     The context is the ``context_tokens`` text tokens before the space preceding the
     word, with BOS prepended as in :func:`chunk_tokens` (``add_bos``); the target is
     the encoding of ``" " + word`` (possibly several tokens).
@@ -152,11 +154,12 @@ def lambada_passages(
             f"({num_passages} requested)"
         )
     if len(accepted) < num_passages:
-        warnings.warn(
-            f"text too short: found only {len(accepted)} non-overlapping last-word passages with "
-            f"{context_tokens} context tokens, {num_passages} requested; using {len(accepted)}",
-            stacklevel=2,
-        )
+        msg = (f"text too short: found only {len(accepted)} non-overlapping last-word passages with "
+               f"{context_tokens} context tokens, {num_passages} requested; using {len(accepted)}")
+        if warn is None:
+            warnings.warn(msg, stacklevel=2)
+        else:
+            warn(msg)
     return tuple(accepted)
 
 

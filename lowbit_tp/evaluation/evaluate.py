@@ -17,7 +17,7 @@ from lowbit_tp.evaluation.records import CodecEvalRow, EvalResult
 from lowbit_tp.models import load_model
 from lowbit_tp.simulator import TPSimulator
 
-def eval_inputs(cfg: EvalConfig, tokenizer, info, calibration=None):
+def eval_inputs(cfg: EvalConfig, tokenizer, info, calibration=None, *, warn=None):
     """What every evaluation path reads: the checked calibration, the text split, the
     evaluation token windows and the last-word items, all fixed by ``cfg``.
 
@@ -42,7 +42,7 @@ def eval_inputs(cfg: EvalConfig, tokenizer, info, calibration=None):
     if cfg.lambada:
         chars = token_char_spans(tokenizer, docs, exclude) if exclude else None
         items = lambada_passages(tokenizer, docs, num_passages=cfg.lambada, context_tokens=cfg.lambada_context,
-                                 seed=cfg.seed, exclude_chars=chars)
+                                 seed=cfg.seed, exclude_chars=chars, warn=warn)
     return calibration, split, chunks, items, info_
 
 
@@ -126,16 +126,19 @@ def _lambada(model, items, batch_size: int) -> list[bool]:
     return out
 
 
-def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress: bool = True) -> EvalResult:
+def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress: bool = True,
+                    warn=None) -> EvalResult:
     """Baseline once, then every codec of ``cfg.codecs``; returns an :class:`EvalResult`
     with one :class:`CodecEvalRow` per codec.
 
     Metrics per codec: perplexity (baseline and codec), mean per-token KL(baseline || codec),
     top-1 next-token agreement, last-word accuracy, and wire bits/value measured from the
-    payloads the simulated collectives produced.
+    payloads the simulated collectives produced. ``warn(message)`` reports what is used in
+    place of what was asked (fewer last-word items than ``cfg.lambada``); default
+    :func:`warnings.warn`.
     """
     model, tokenizer, info = bundle if bundle is not None else load_model(cfg.model)
-    calibration, split, chunks, items, split_info = eval_inputs(cfg, tokenizer, info, calibration)
+    calibration, split, chunks, items, split_info = eval_inputs(cfg, tokenizer, info, calibration, warn=warn)
     sims = {name: TPSimulator(model, tp=cfg.tp, name=info.name, algorithm=cfg.algorithm,
                               codec=make_codec(name, calibration=calibration, **cfg.codec_options.get(name, {})))
             for name in cfg.codecs}

@@ -104,7 +104,7 @@ def eval_rank_main(rank: int, world: int, cfg: EvalConfig, input_ids: torch.Tens
 
 def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = RankOptions.timeout_s, deadline_s: float | None = None,
                        threads_per_rank: int = RankOptions.threads_per_rank, keep_logits: bool = False,
-                       progress: bool = True) -> EvalResult:
+                       progress: bool = True, warn=None) -> EvalResult:
     """:func:`~lowbit_tp.evaluation.evaluate_codecs` on ``cfg.tp`` spawned ranks (gloo, CPU).
 
     ``cfg.model`` must be loadable by every rank (registry name or checkpoint path), and
@@ -119,7 +119,7 @@ def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = RankOptions.timeou
 
     model, tokenizer, info = load_model(cfg.model)
     # fails here, before spawning, on a wrong calibration artifact
-    calibration, split, chunks, items, split_info = eval_inputs(cfg, tokenizer, info)
+    calibration, split, chunks, items, split_info = eval_inputs(cfg, tokenizer, info, warn=warn)
     batches = list(chunks.input_ids.split(cfg.batch_size))
     with tempfile.TemporaryDirectory(prefix="lowbit_tp_eval_baseline_") as base_dir:
         with torch.no_grad():
