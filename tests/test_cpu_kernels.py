@@ -93,6 +93,58 @@ def test_cpu_kernels_match_reference_bitwise(name):
                 assert same_sum(d_fast, d_ref), (name, t, e, dtype, kind)
 
 
+@pytest.mark.parametrize("name", ["int4-outlier", "int8", "int4-g32", "rot-lm4-g64-lg8-k4", "rot-lm3-g32-e8"])
+def test_cpu_sums_rounded_into_half_buffers_match_torch_casts(name):
+    """decode_sum(out=bf16/fp16 buffer): the kernels round each finished fp32 row themselves;
+    that must be bitwise the reference sum's ``.to(dtype)`` (bf16 NaN bits too: torch writes
+    0xffff; fp16 NaN-ness only), on widths that hit the 16-wide vector loop and its tail."""
+    world = 3
+    for t, e in [(5, 64), (3, 67), (4, 576)]:
+        cal = synthetic_calibration([LAYER], world=world, hidden=e)
+        ref = make_codec(name, calibration=cal, backend="reference", nonfinite="propagate")
+        fast = make_codec(name, calibration=cal, backend="cpu", nonfinite="propagate")
+        for kind in KINDS:
+            xs = [make_input(t, e, torch.float32, kind, seed=7 * r + e) for r in range(world)]
+            if kind == "randn":  # sums beyond the fp16 range and exact bf16 rounding ties
+                xs[0][0, :4] = torch.tensor([70000.0, -1e6, 1.00390625, 1.01171875])
+            payloads = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+            want = ref.decode_sum(payloads, (t, e), layer=LAYER)
+            for dtype in (torch.bfloat16, torch.float16):
+                out = torch.full((t, e), 3.0, dtype=dtype)
+                got = fast.decode_sum(payloads, (t, e), layer=LAYER, out=out)
+                assert got.data_ptr() == out.data_ptr()
+                w = want.to(dtype)
+                nan = w.isnan()
+                assert torch.equal(got.isnan(), nan), (name, t, e, kind, dtype)
+                if dtype == torch.bfloat16:
+                    assert torch.equal(got.view(torch.int16), w.view(torch.int16)), (name, t, e, kind)
+                else:
+                    assert torch.equal(got[~nan].view(torch.int16), w[~nan].view(torch.int16)), (name, t, e, kind)
+
+
+@pytest.mark.parametrize("name", ["int4-outlier", "int4-g32", "rot-lm4-g64-lg8-k4"])
+def test_large_sums_written_with_streaming_stores_match_reference(name):
+    """Outputs of >= 4 MiB take the non-temporal store path (also from a misaligned start):
+    same bits as the reference, in fp32 and rounded to bf16."""
+    t, e = 520, 2048  # 4.06 MiB of fp32; the bf16 buffer is made 4 MiB+ by a second row block
+    cal = synthetic_calibration([LAYER], world=2, hidden=e)
+    ref = make_codec(name, calibration=cal, backend="reference", nonfinite="propagate")
+    fast = make_codec(name, calibration=cal, backend="cpu", nonfinite="propagate")
+    xs = [make_input(t, e, torch.float32, "randn", seed=r) for r in range(2)]
+    xs[1][7, 5] = float("nan")
+    payloads = [fast.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    want = ref.decode_sum(payloads, (t, e), layer=LAYER)
+    for offset in (0, 1):
+        out = torch.empty(t * e + offset)[offset:].view(t, e)
+        assert same_sum(fast.decode_sum(payloads, (t, e), layer=LAYER, out=out), want), (name, offset)
+    t2 = 2 * t
+    payloads2 = [fast.encode(torch.cat([x, x]), layer=LAYER, source=r) for r, x in enumerate(xs)]
+    for offset in (0, 3):
+        out = torch.empty(t2 * e + offset, dtype=torch.bfloat16)[offset:].view(t2, e)
+        got = fast.decode_sum(payloads2, (t2, e), layer=LAYER, out=out)
+        assert torch.equal(got.view(torch.int16), torch.cat([want, want]).to(torch.bfloat16).view(torch.int16)), name
+
+
 def test_nan_free_sums_are_bit_exact():
     """Where no NaN is involved the comparison above is plain bit equality; check that it bites."""
     a = torch.tensor([1.0, -0.0, float("nan")])
@@ -173,6 +225,11 @@ for name in {CODECS!r}:
             a, b = fast.decode_sum(want, (t, e), layer="l"), ref.decode_sum(want, (t, e), layer="l")
             same = (a.view(torch.int32) == b.view(torch.int32)) | (a.isnan() & b.isnan())
             assert bool(same.all()), (name, t, e, dtype)
+            for half in (torch.bfloat16, torch.float16):  # the sum rounded into a half buffer
+                h = fast.decode_sum(want, (t, e), layer="l", out=torch.empty(t, e, dtype=half))
+                w = b.to(half)
+                assert torch.equal(h.isnan(), w.isnan()), (name, t, e, half)
+                assert torch.equal(h[~w.isnan()].view(torch.int16), w[~w.isnan()].view(torch.int16)), (name, half)
 print("portable ok")
 """
     env = {**os.environ, "LOWBIT_TP_CPU_PORTABLE": "1", "LOWBIT_TP_KERNEL_CACHE": str(tmp_path)}

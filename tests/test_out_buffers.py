@@ -39,6 +39,11 @@ def test_out_buffers_give_the_same_bits(name, backend):
     out = torch.full((3, 64), 7.0)
     s = codec.decode_sum(got, (3, 64), layer=LAYER, out=out)
     assert s.data_ptr() == out.data_ptr() and same_bits(s, codec.decode_sum(fresh, (3, 64), layer=LAYER))
+    for dtype in (torch.bfloat16, torch.float16):  # the sum rounded once into a half-precision buffer
+        half = torch.full((3, 64), 7.0, dtype=dtype)
+        h = codec.decode_sum(got, (3, 64), layer=LAYER, out=half)
+        want = codec.decode_sum(fresh, (3, 64), layer=LAYER).to(dtype)
+        assert h.data_ptr() == half.data_ptr() and same_bits(h.float(), want.float()), dtype
     m = torch.full((n,), 0x5A, dtype=torch.uint8)
     r = codec.reduce_encode(got, (3, 64), layer=LAYER, out=m)
     assert r.data_ptr() == m.data_ptr() and torch.equal(r, codec.reduce_encode(fresh, (3, 64), layer=LAYER))
@@ -54,7 +59,9 @@ def test_a_wrong_buffer_is_refused_with_a_clear_error():
             codec.encode(x, out=bad)
     p = codec.encode(x)
     with pytest.raises(ValueError, match="decode_sum out="):
-        codec.decode_sum([p, p], (2, 64), out=torch.empty(2, 64, dtype=torch.float16))
+        codec.decode_sum([p, p], (2, 64), out=torch.empty(2, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match="decode_sum out="):
+        codec.decode_sum([p, p], (2, 64), out=torch.empty(2, 65, dtype=torch.bfloat16))
 
 
 def test_buffer_cache_reuses_and_bounds():

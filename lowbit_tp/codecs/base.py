@@ -171,15 +171,14 @@ class Codec(ABC):
         to write the payload into (returned); fused kernels write it directly, so a caller
         that reuses its buffers allocates nothing per message. Same bytes either way.
         """
-        payload = self._encode_scanned(x, layer, source)
-        if payload is not None:
-            if out is not None:
-                _check_buffer(out, torch.uint8, (payload.numel(),), x.device, f"{self.name}: encode out=")
-            return payload if out is None else out.copy_(payload)
-        bad, over = self._check_input(x, layer, source)
         if out is not None:
+            self._check_tensor(x, layer, source)
             _check_buffer(out, torch.uint8, (self.payload_nbytes(tuple(x.shape), layer),), x.device,
                           f"{self.name}: encode out=")
+        payload = self._encode_scanned(x, layer, source, out)
+        if payload is not None:
+            return payload if out is None or payload is out else out.copy_(payload)
+        bad, over = self._check_input(x, layer, source)
         if over:  # propagate mode: saturate finite values beyond max_input (in fp32, where it is exact)
             x = x.float()
             x = torch.where(torch.isfinite(x), x.clamp(-self.max_input, self.max_input), x)
@@ -212,13 +211,19 @@ class Codec(ABC):
         ``sources[r]`` is the source of ``payloads[r]`` (default: its index, i.e. its rank).
         This is the receiving side of every compressed collective; fused kernels read the N
         payloads once and write the sum once, bitwise equal to decoding one by one.
-        ``out``: a contiguous fp32 ``shape`` buffer on the payloads' device to write the sum
-        into (returned); same bits either way.
+        ``out``: a contiguous ``shape`` buffer on the payloads' device to write the sum into
+        (returned): fp32, or bf16/fp16 for the sum rounded once to that dtype (bitwise
+        ``decode_sum(...).to(dtype)``; the CPU kernels round each row as they finish it, which
+        saves the caller's cast pass). Same bits either way.
         """
         shape, params = self._payload_params(payloads, shape, layer, sources)
+        direct = out
         if out is not None:
-            _check_buffer(out, torch.float32, shape, payloads[0].device, f"{self.name}: decode_sum out=")
-        got = self._decode_sum(list(payloads), shape, params, out)
+            dtype = out.dtype if out.dtype in _FLOAT_DTYPES else torch.float32
+            _check_buffer(out, dtype, shape, payloads[0].device, f"{self.name}: decode_sum out=")
+            if dtype != torch.float32 and not self._sum_casts(out.device):
+                direct = None  # the fp32 sum, then one cast into ``out``
+        got = self._decode_sum(list(payloads), shape, params, direct)
         return got if out is None or got is out else out.copy_(got)
 
     def _payload_params(self, payloads, shape, layer, sources) -> tuple[tuple[int, int], list]:
@@ -264,6 +269,11 @@ class Codec(ABC):
         """The fused version of :meth:`reduce_encode` (writing ``out`` when given), or None
         where there is none."""
         return None
+
+    def _sum_casts(self, device: torch.device) -> bool:
+        """Whether :meth:`_decode_sum` writes a bf16/fp16 ``out`` itself (else it gets None and
+        :meth:`decode_sum` casts the fp32 sum into ``out``)."""
+        return False
 
     def _fused_encode(self, hidden: int) -> bool:
         """Whether the Triton encoder takes inputs of width ``hidden`` (else the reference runs)."""
@@ -355,7 +365,8 @@ class Codec(ABC):
             f"(docs/wire-format.md; found by the fused kernels, reported once per step); "
             f"nonfinite='propagate' saturates instead")
 
-    def _encode_scanned(self, x: torch.Tensor, layer: str | None, source: Source) -> torch.Tensor | None:
+    def _encode_scanned(self, x: torch.Tensor, layer: str | None, source: Source,
+                        out: torch.Tensor | None = None) -> torch.Tensor | None:
         """The one-pass encode of a kernel that scans its own input (:meth:`_encode_with_scan`).
 
         The payload is kept only when the kernel saw what the checked path would pass through
@@ -366,17 +377,19 @@ class Codec(ABC):
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
             return None
         self._check_tensor(x, layer, source)
-        out = self._encode_with_scan(x, self.params(layer, source, x.shape[1], x.device))
-        if out is None:
+        got = self._encode_with_scan(x, self.params(layer, source, x.shape[1], x.device), out)
+        if got is None:
             return None
-        payload, scan = out
+        payload, scan = got
         if scan.nonfinite or scan.amax > self.max_input:
             return None
         return payload
 
-    def _encode_with_scan(self, x: torch.Tensor, params: Any) -> tuple[torch.Tensor, Any] | None:
+    def _encode_with_scan(self, x: torch.Tensor, params: Any,
+                          out: torch.Tensor | None = None) -> tuple[torch.Tensor, Any] | None:
         """``(payload, scan)`` from a kernel that checks its input while encoding (``scan`` has
-        ``nonfinite`` and ``amax``, the largest finite magnitude), or None where there is none."""
+        ``nonfinite`` and ``amax``, the largest finite magnitude), or None where there is none.
+        ``out``: the caller's checked payload buffer, which the kernel may write directly."""
         return None
 
     def _check_tensor(self, x: torch.Tensor, layer: str | None, source: Source) -> None:

@@ -72,7 +72,7 @@ class GroupInt4Codec(Codec):
     def _encode(self, x, params, nonfinite, *, out=None, flags=(None, None)):
         if self.kernel_backend(x.device) == "cpu":
             from lowbit_tp.kernels import cpu
-            return cpu.group_encode(x, group=self.group, nbytes=self.payload_nbytes(tuple(x.shape)))[0]
+            return cpu.group_encode(x, group=self.group, nbytes=self.payload_nbytes(tuple(x.shape)), out=out)[0]
         t, e = x.shape
         if self._fused_encode(e) and self.kernel_backend(x.device) == "triton":
             from lowbit_tp.kernels import triton_group as K
@@ -95,11 +95,14 @@ class GroupInt4Codec(Codec):
         q = F.quantize_symmetric(xg, scale=s32.unsqueeze(-1), bits=4, nonfinite=nonfinite).reshape(t, g * self.group)[:, :e]
         return torch.cat([F.pack_int4(q), scale.reshape(-1).view(torch.uint8)])
 
-    def _encode_with_scan(self, x, params):
+    def _encode_with_scan(self, x, params, out=None):
         if self.kernel_backend(x.device) != "cpu":
             return None
         from lowbit_tp.kernels import cpu
-        return cpu.group_encode(x, group=self.group, nbytes=self.payload_nbytes(tuple(x.shape)))
+        return cpu.group_encode(x, group=self.group, nbytes=self.payload_nbytes(tuple(x.shape)), out=out)
+
+    def _sum_casts(self, device):
+        return self.kernel_backend(device) == "cpu"
 
     def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None):
         def kernel(parts, out, t, e, flags):
@@ -113,7 +116,7 @@ class GroupInt4Codec(Codec):
         backend = self.kernel_backend(payloads[0].device)
         if backend == "cpu":
             from lowbit_tp.kernels import cpu
-            return cpu.group_decode_sum(payloads, shape, group=self.group)
+            return cpu.group_decode_sum(payloads, shape, group=self.group, out=out)
         if backend == "triton":
             from lowbit_tp.kernels import triton_group as K
             if out is None:

@@ -338,7 +338,7 @@ class RotatedGroupCodec(Codec):
             return dict(spec=spec, tables=tables, inv_sqrt_block=inv)
         return self._kernel_table(("cpu", e), build)
 
-    def _cpu_encode(self, x, p: RotParams, scan: bool = False):
+    def _cpu_encode(self, x, p: RotParams, scan: bool = False, out=None):
         """The CPU kernel's payload (with its input scan if ``scan``), or None where the
         reference must decide (it raises)."""
         from lowbit_tp.kernels import cpu
@@ -346,20 +346,23 @@ class RotatedGroupCodec(Codec):
         t, e = x.shape
         payload, status, seen = cpu.rot_encode(
             x, outliers=p.outliers, propagate=self.nonfinite != "error", rotate_max=ROTATE_MAX,
-            scale_max=self._fmt.max_amax, nbytes=self.payload_nbytes((t, e)), **self._cpu_args(e))
+            scale_max=self._fmt.max_amax, nbytes=self.payload_nbytes((t, e)), out=out, **self._cpu_args(e))
         if status & 2 and self.nonfinite == "error":  # out of range: the reference raises OutOfRangeError
             return None
         return (payload, seen) if scan else payload
 
-    def _encode_with_scan(self, x, p: RotParams):
-        return self._cpu_encode(x, p, scan=True) if self.kernel_backend(x.device) == "cpu" else None
+    def _encode_with_scan(self, x, p: RotParams, out=None):
+        return self._cpu_encode(x, p, scan=True, out=out) if self.kernel_backend(x.device) == "cpu" else None
+
+    def _sum_casts(self, device):
+        return self.kernel_backend(device) == "cpu"
 
     def _decode_sum(self, payloads, shape, params, out=None):
         backend = self.kernel_backend(payloads[0].device)
         if backend == "cpu":
             from lowbit_tp.kernels import cpu
 
-            return cpu.rot_decode_sum(payloads, shape, outliers=[p.outliers for p in params],
+            return cpu.rot_decode_sum(payloads, shape, outliers=[p.outliers for p in params], out=out,
                                       **self._cpu_args(shape[1]))
         if backend != "triton":
             return super()._decode_sum(payloads, shape, params, out)

@@ -188,7 +188,7 @@ class _StaticIntCodec(Codec):
         if backend == "cpu":
             from lowbit_tp.kernels import cpu
             return cpu.static_encode(x, outliers=p.outliers, inv_scale=p.inv_scale, bits=self.bits,
-                                     nbytes=self.payload_nbytes(tuple(x.shape)))[0]
+                                     nbytes=self.payload_nbytes(tuple(x.shape)), out=out)[0]
         if backend == "triton":
             return self._triton_encode(x, p, out, flags)
         k = p.outliers.numel()
@@ -202,12 +202,15 @@ class _StaticIntCodec(Codec):
         head = F.float_to_bytes(x.index_select(1, p.outliers), torch.bfloat16)
         return torch.cat([head, body])
 
-    def _encode_with_scan(self, x, p: StaticParams):
+    def _encode_with_scan(self, x, p: StaticParams, out=None):
         if self.kernel_backend(x.device) != "cpu":
             return None
         from lowbit_tp.kernels import cpu
         return cpu.static_encode(x, outliers=p.outliers, inv_scale=p.inv_scale, bits=self.bits,
-                                 nbytes=self.payload_nbytes(tuple(x.shape)))
+                                 nbytes=self.payload_nbytes(tuple(x.shape)), out=out)
+
+    def _sum_casts(self, device):
+        return self.kernel_backend(device) == "cpu"
 
     # -------------------------------------------------------------- fused kernels
     def _decode_sum(self, payloads, shape, params, out=None):
@@ -215,7 +218,7 @@ class _StaticIntCodec(Codec):
         if backend == "cpu":
             from lowbit_tp.kernels import cpu
             return cpu.static_decode_sum(payloads, shape, scales=[p.scale for p in params],
-                                         outliers=[p.outliers for p in params], bits=self.bits)
+                                         outliers=[p.outliers for p in params], bits=self.bits, out=out)
         if backend == "triton":
             return self._triton_decode_sum(payloads, shape, params, out)
         return super()._decode_sum(payloads, shape, params, out)

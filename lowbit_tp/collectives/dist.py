@@ -150,8 +150,8 @@ def all_reduce(
     if stats is not None:
         stats.record(algorithm=algo, sent=tally.bytes_sent, payload=tally.payload_bytes, values=tally.values,
                      wire_values=tally.wire_values, world=world)
-    if isinstance(outs, torch.Tensor):  # gather decodes every chunk into its rows of one fp32 sum
-        return outs.to(partial.dtype)
+    if isinstance(outs, torch.Tensor):  # gather decodes every chunk into its rows of the result
+        return outs
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.to(partial.dtype)
 
@@ -181,7 +181,9 @@ def _gather_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: i
     pipelined = len(pieces) > 1
     dev = pieces[0].device
     total = sum(p.shape[0] for p in pieces)
-    out = torch.empty(total, pieces[0].shape[1], dtype=torch.float32, device=dev)  # the returned sum: fresh
+    # The returned sum, fresh, in the partials' dtype: decode_sum rounds the fp32 sum into it
+    # (the CPU kernels row by row as they finish it, instead of a separate cast pass).
+    out = torch.empty(total, pieces[0].shape[1], dtype=pieces[0].dtype, device=dev)
     rows = out.split([p.shape[0] for p in pieces], dim=0)  # contiguous row blocks, one per chunk
     inflight = None
     for i in range(len(pieces) + 1):

@@ -105,21 +105,21 @@ def build(*, verbose: bool = False) -> Path:
 def _lib():
     path = build()
     lib = ctypes.CDLL(str(path))
-    if lib.lbt_abi_version() != 3:
+    if lib.lbt_abi_version() != 4:
         raise RuntimeError(f"{path}: unexpected ABI version")
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.lbt_static_encode.argtypes = [p, i32, i64, i64, i64, p, i64, p, i32, p, p]
     lib.lbt_static_encode.restype = i32
-    lib.lbt_static_decode_sum.argtypes = [p, p, i32, i64, i64, p, i64, i32, p]
+    lib.lbt_static_decode_sum.argtypes = [p, p, i32, i64, i64, p, i64, i32, p, i32]
     lib.lbt_static_decode_sum.restype = None
     lib.lbt_group_encode.argtypes = [p, i32, i64, i64, i64, i64, p, p]
     lib.lbt_group_encode.restype = i32
-    lib.lbt_group_decode_sum.argtypes = [p, i32, i64, i64, i64, p]
+    lib.lbt_group_decode_sum.argtypes = [p, i32, i64, i64, i64, p, i32]
     lib.lbt_group_decode_sum.restype = None
     f32 = ctypes.c_float
     lib.lbt_rot_encode.argtypes = [p, i32, i64, i64, p, p, f32, p, i32, f32, f32, p, p]
     lib.lbt_rot_encode.restype = i32
-    lib.lbt_rot_decode_sum.argtypes = [p, i32, i64, p, p, f32, p, p]
+    lib.lbt_rot_decode_sum.argtypes = [p, i32, i64, p, p, f32, p, p, i32]
     lib.lbt_rot_decode_sum.restype = None
     return lib
 
@@ -161,12 +161,34 @@ class Scan(NamedTuple):
     amax: float
 
 
+def _payload_out(out: torch.Tensor | None, nbytes: int) -> torch.Tensor:
+    """``out`` (checked: the kernels write ``nbytes`` bytes through its pointer) or a new buffer."""
+    if out is None:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    if out.dtype != torch.uint8 or out.numel() != nbytes or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"payload buffer must be a contiguous CPU uint8 tensor of {nbytes} bytes, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return out
+
+
+def _sum_out(out: torch.Tensor | None, shape: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    """The decoded sum's buffer (fp32 unless ``out`` says bf16/fp16) and its dtype code."""
+    if out is None:
+        return torch.empty(shape, dtype=torch.float32), 0
+    if (out.dtype not in _DTYPES or tuple(out.shape) != tuple(shape) or not out.is_contiguous()
+            or out.device.type != "cpu"):
+        raise ValueError(f"sum buffer must be a contiguous CPU fp32/bf16/fp16 tensor of shape {tuple(shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return out, _DTYPES[out.dtype]
+
+
 def static_encode(x: torch.Tensor, *, outliers: torch.Tensor, inv_scale: torch.Tensor, bits: int,
-                  nbytes: int) -> tuple[torch.Tensor, Scan]:
-    """Static int4/int8 payload (kept channels as bf16 first) and the input :class:`Scan`."""
+                  nbytes: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, Scan]:
+    """Static int4/int8 payload (kept channels as bf16 first) and the input :class:`Scan`;
+    written into ``out`` when given (``nbytes`` contiguous uint8)."""
     x, dt, ld = _rows(x)
     t, e = x.shape
-    out = torch.empty(nbytes, dtype=torch.uint8)
+    out = _payload_out(out, nbytes)
     amax = ctypes.c_float()
     bad = _lib().lbt_static_encode(x.data_ptr(), dt, t, e, ld, outliers.data_ptr(), outliers.numel(),
                                    inv_scale.data_ptr(), bits, out.data_ptr(), ctypes.byref(amax))
@@ -174,31 +196,35 @@ def static_encode(x: torch.Tensor, *, outliers: torch.Tensor, inv_scale: torch.T
 
 
 def static_decode_sum(payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, scales: Sequence[torch.Tensor],
-                      outliers: Sequence[torch.Tensor], bits: int) -> torch.Tensor:
+                      outliers: Sequence[torch.Tensor], bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 sum in rank order; with ``out`` (fp32, bf16 or fp16 ``shape``) written there,
+    rounded once to its dtype (bitwise ``sum.to(out.dtype)``)."""
     t, e = shape
     k = outliers[0].numel()
-    out = torch.empty(t, e, dtype=torch.float32)
+    out, odt = _sum_out(out, shape)
     payloads = [p.contiguous() for p in payloads]
     _lib().lbt_static_decode_sum(_ptrs(payloads), _ptrs(scales), len(payloads), t, e, _ptrs(outliers), k, bits,
-                                 out.data_ptr())
+                                 out.data_ptr(), odt)
     return out
 
 
-def group_encode(x: torch.Tensor, *, group: int, nbytes: int) -> tuple[torch.Tensor, Scan]:
+def group_encode(x: torch.Tensor, *, group: int, nbytes: int,
+                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, Scan]:
     """int4 with fp16 group scales, and the input :class:`Scan`."""
     x, dt, ld = _rows(x)
     t, e = x.shape
-    out = torch.empty(nbytes, dtype=torch.uint8)
+    out = _payload_out(out, nbytes)
     amax = ctypes.c_float()
     bad = _lib().lbt_group_encode(x.data_ptr(), dt, t, e, ld, group, out.data_ptr(), ctypes.byref(amax))
     return out, Scan(bool(bad), amax.value)
 
 
-def group_decode_sum(payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, group: int) -> torch.Tensor:
+def group_decode_sum(payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, group: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     t, e = shape
-    out = torch.empty(t, e, dtype=torch.float32)
+    out, odt = _sum_out(out, shape)
     payloads = [p.contiguous() for p in payloads]
-    _lib().lbt_group_decode_sum(_ptrs(payloads), len(payloads), t, e, group, out.data_ptr())
+    _lib().lbt_group_decode_sum(_ptrs(payloads), len(payloads), t, e, group, out.data_ptr(), odt)
     return out
 
 
@@ -212,11 +238,11 @@ def rot_spec(*, e: int, k: int, group: int, block: int, bits: int, scale_format:
 
 def rot_encode(x: torch.Tensor, *, outliers: torch.Tensor, spec: torch.Tensor, inv_sqrt_block: float,
                tables: Sequence[torch.Tensor], propagate: bool, rotate_max: float, scale_max: float,
-               nbytes: int) -> tuple[torch.Tensor, int, Scan]:
+               nbytes: int, out: torch.Tensor | None = None) -> tuple[torch.Tensor, int, Scan]:
     """Rotated-codec payload; returns (payload, status, scan): status bit 0 = the input held
     NaN/Inf, bit 1 = a rotated value overflowed or a group absmax exceeded ``scale_max`` (clamped)."""
     x, dt, ld = _rows(x)
-    out = torch.empty(nbytes, dtype=torch.uint8)
+    out = _payload_out(out, nbytes)
     amax = ctypes.c_float()
     status = _lib().lbt_rot_encode(x.data_ptr(), dt, x.shape[0], ld, outliers.data_ptr(), spec.data_ptr(),
                                    inv_sqrt_block, _ptrs(tables), int(propagate), rotate_max, scale_max,
@@ -225,12 +251,13 @@ def rot_encode(x: torch.Tensor, *, outliers: torch.Tensor, spec: torch.Tensor, i
 
 
 def rot_decode_sum(payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, outliers: Sequence[torch.Tensor],
-                   spec: torch.Tensor, inv_sqrt_block: float, tables: Sequence[torch.Tensor]) -> torch.Tensor:
+                   spec: torch.Tensor, inv_sqrt_block: float, tables: Sequence[torch.Tensor],
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     t, e = shape
-    out = torch.empty(t, e, dtype=torch.float32)
+    out, odt = _sum_out(out, shape)
     payloads = [p.contiguous() for p in payloads]
     _lib().lbt_rot_decode_sum(_ptrs(payloads), len(payloads), t, _ptrs(outliers), spec.data_ptr(),
-                              inv_sqrt_block, _ptrs(tables), out.data_ptr())
+                              inv_sqrt_block, _ptrs(tables), out.data_ptr(), odt)
     return out
 
 

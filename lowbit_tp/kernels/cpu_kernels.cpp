@@ -290,6 +290,72 @@ std::vector<Run> inlier_runs(int64_t e, const int64_t* outl, int64_t k) {
   return runs;
 }
 
+// Decoded sums go to an output of dtype 0 = fp32, 1 = bf16 or 2 = fp16. Each row is summed in
+// an fp32 scratch row (it stays in L1 across the N ranks) and written out once when finished:
+// fp32 as is, bf16/fp16 rounded once, which is bitwise `sum.to(dtype)` (round to nearest even;
+// a NaN as torch writes it: 0xffff in bf16, F16C's quieted NaN in fp16). A large output
+// (>= kStreamBytes) is written with non-temporal stores: it would not stay in cache anyway,
+// and they skip reading every output line before writing it (what made decode-and-sum slower
+// than a copy). Small outputs (decode steps) stay in cache for the next layer.
+constexpr int64_t kStreamBytes = int64_t(4) << 20;
+
+struct SumOut {
+  void* base;
+  int dt;
+  int64_t e;
+  bool stream;
+  std::vector<float> scratch;
+  SumOut(void* out, int dtype, int64_t width, int64_t rows)
+      : base(out), dt(dtype), e(width), stream(rows * width * (dtype ? 2 : 4) >= kStreamBytes), scratch(width) {}
+#ifdef LBT_AVX2
+  ~SumOut() { if (stream) _mm_sfence(); }  // order the non-temporal stores before returning
+#endif
+  float* row(int64_t) { return scratch.data(); }
+  void finish(int64_t t) {
+    const float* a = scratch.data();
+    int64_t c = 0;
+    if (dt == 0) {
+      float* o = static_cast<float*>(base) + t * e;
+#ifdef LBT_AVX2
+      if (stream) {
+        for (; c < e && (reinterpret_cast<uintptr_t>(o + c) & 31); ++c) o[c] = a[c];
+        for (; c + 8 <= e; c += 8) _mm256_stream_ps(o + c, _mm256_loadu_ps(a + c));
+      }
+#endif
+      for (; c < e; ++c) o[c] = a[c];
+      return;
+    }
+    uint16_t* o = static_cast<uint16_t*>(base) + t * e;
+#ifdef LBT_AVX2
+    if (stream)
+      for (; c < e && (reinterpret_cast<uintptr_t>(o + c) & 31); ++c) o[c] = dt == 1 ? f32_to_bf16(a[c]) : f32_to_f16(a[c]);
+    auto put16 = [&](int64_t at, __m256i v) {  // 16 halves
+      if (stream && !(reinterpret_cast<uintptr_t>(o + at) & 31)) _mm256_stream_si256(reinterpret_cast<__m256i*>(o + at), v);
+      else _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + at), v);
+    };
+    if (dt == 1) {
+      const __m256i absm = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+      const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+      for (; c + 16 <= e; c += 16) {
+        __m256i w[2];
+        for (int h = 0; h < 2; ++h) {
+          const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(a + c + 8 * h));
+          const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, absm), inf);
+          const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, bias), _mm256_and_si256(_mm256_srli_epi32(u, 16), one));
+          w[h] = _mm256_or_si256(_mm256_srli_epi32(r, 16), _mm256_srli_epi32(nan, 16));  // NaN: 0xffff
+        }
+        put16(c, _mm256_permute4x64_epi64(_mm256_packus_epi32(w[0], w[1]), 0xd8));
+      }
+    } else {
+      for (; c + 16 <= e; c += 16)
+        put16(c, _mm256_set_m128i(_mm256_cvtps_ph(_mm256_loadu_ps(a + c + 8), _MM_FROUND_TO_NEAREST_INT),
+                                  _mm256_cvtps_ph(_mm256_loadu_ps(a + c), _MM_FROUND_TO_NEAREST_INT)));
+    }
+#endif
+    for (; c < e; ++c) o[c] = dt == 1 ? f32_to_bf16(a[c]) : f32_to_f16(a[c]);
+  }
+};
+
 // ------------------------------------------------------------------- static int codecs
 // int8 / int4 / int4-outlier / int4-random-k: [ T*k bf16 | codes of the T*(E-k) inliers ].
 // Rows are quantized at full width with a per-channel factor (0 on kept channels), then the
@@ -337,12 +403,12 @@ int static_encode(const void* x, int64_t t_rows, int64_t e, int64_t ld, const in
 // so each output row is written once: each run of inlier channels decodes straight from the
 // payload into the output row (the scales of a run are contiguous), then the kept channels.
 void static_decode_sum(const uint8_t* const* payloads, const float* const* scales, int n, int64_t t_rows,
-                       int64_t e, const int64_t* const* outls, int64_t k, int bits, float* out) {
+                       int64_t e, const int64_t* const* outls, int64_t k, int bits, SumOut& out) {
   const int64_t m = e - k;
   std::vector<std::vector<Run>> runs(n);
   for (int r = 0; r < n; ++r) runs[r] = inlier_runs(e, outls[r], k);
   for (int64_t t = 0; t < t_rows; ++t) {
-    float* orow = out + t * e;
+    float* orow = out.row(t);
     for (int r = 0; r < n; ++r) {
       const uint8_t* head = payloads[r];
       const uint8_t* body = payloads[r] + 2 * t_rows * k;
@@ -365,6 +431,7 @@ void static_decode_sum(const uint8_t* const* payloads, const float* const* scale
         orow[c] = r == 0 ? v : orow[c] + v * 1.0f;
       }
     }
+    out.finish(t);
   }
 }
 
@@ -414,11 +481,11 @@ int group_encode(const void* x, int64_t t_rows, int64_t e, int64_t ld, int64_t g
 
 // Row by row, rank by rank (each output row written once): the group scales spread over the
 // row, then one decode run.
-void group_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, int64_t e, int64_t group, float* out) {
+void group_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, int64_t e, int64_t group, SumOut& out) {
   const int64_t g_count = (e + group - 1) / group;
   std::vector<float> sfull(e);
   for (int64_t t = 0; t < t_rows; ++t) {
-    float* orow = out + t * e;
+    float* orow = out.row(t);
     for (int r = 0; r < n; ++r) {
       const uint8_t* body = payloads[r];
       const uint8_t* sbytes = payloads[r] + (t_rows * e + 1) / 2 + 2 * t * g_count;
@@ -430,6 +497,7 @@ void group_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, int
       if (r == 0) int4_run<true>(body, t * e, e, sfull.data(), orow);
       else int4_run<false>(body, t * e, e, sfull.data(), orow);
     }
+    out.finish(t);
   }
 }
 
@@ -516,8 +584,78 @@ inline bool fwht_row_avx2(float* y, int64_t e, int64_t block, float inv_sqrt) {
   return true;
 }
 
-// A float table read by 8 int32 indices at once: in-register permutes up to 16 entries, a
-// gather beyond.
+// The same transform in two passes over the row instead of eight (rows of whole 64-value
+// chunks, 64 <= block <= 256: every model width). `pre` (or null) multiplies each value
+// first (the encoder's signs). Pass A: per 64-value chunk in eight registers, the optional
+// multiply, stages 1-4 (fwht8) and 8, 16, 32; pass B: stages 64 and 128 across the block's
+// chunks, four registers at a time, and the final multiply by 1/sqrt(block). Every value gets
+// the same operations with the same operands as the stage-by-stage loops.
+template <int A, int B>
+inline void bfly(__m256* v) {  // (v[A], v[B]) <- (v[A] + v[B], v[A] - v[B])
+  const __m256 a = v[A], b = v[B];
+  v[A] = _mm256_add_ps(a, b);
+  v[B] = _mm256_sub_ps(a, b);
+}
+
+// Q = block / 64 chunks of 64 values (1, 2 or 4); constant indices keep v[] in registers.
+// The last step of each value: times 1/sqrt(block), times `post` (or not), then stored to
+// `dst` (ACC: added to what `dst` holds, as acc + v).
+template <int Q, bool ACC>
+inline void fwht_row_fused_q(float* y, const float* pre, const float* post, float* dst, int64_t e, float inv_sqrt) {
+  const __m256 s = _mm256_set1_ps(inv_sqrt);
+  auto finish = [&](__m256 v, int64_t at) {
+    v = _mm256_mul_ps(v, s);
+    if (post) v = _mm256_mul_ps(v, _mm256_loadu_ps(post + at));
+    if (ACC) v = _mm256_add_ps(_mm256_loadu_ps(dst + at), v);
+    _mm256_storeu_ps(dst + at, v);
+  };
+  for (int64_t c = 0; c < e; c += 64) {
+    __m256 v[8];
+    for (int i = 0; i < 8; ++i) {
+      __m256 x = _mm256_loadu_ps(y + c + 8 * i);
+      if (pre) x = _mm256_mul_ps(x, _mm256_loadu_ps(pre + c + 8 * i));
+      v[i] = fwht8(x);
+    }
+    bfly<0, 1>(v); bfly<2, 3>(v); bfly<4, 5>(v); bfly<6, 7>(v);  // stride 8
+    bfly<0, 2>(v); bfly<1, 3>(v); bfly<4, 6>(v); bfly<5, 7>(v);  // stride 16
+    bfly<0, 4>(v); bfly<1, 5>(v); bfly<2, 6>(v); bfly<3, 7>(v);  // stride 32
+    for (int i = 0; i < 8; ++i) {
+      if (Q == 1) finish(v[i], c + 8 * i);
+      else _mm256_storeu_ps(y + c + 8 * i, v[i]);
+    }
+  }
+  if (Q == 1) return;
+  for (int64_t p = 0; p < e; p += 64 * Q)
+    for (int64_t j = p; j < p + 64; j += 8) {
+      __m256 v[4];
+      for (int i = 0; i < Q; ++i) v[i] = _mm256_loadu_ps(y + j + 64 * i);
+      bfly<0, 1>(v);  // stride 64
+      if (Q == 4) {
+        bfly<2, 3>(v);
+        bfly<0, 2>(v); bfly<1, 3>(v);  // stride 128
+      }
+      for (int i = 0; i < Q; ++i) finish(v[i], j + 64 * i);
+    }
+}
+
+// fwht_row (with `pre` multiplied first, `post` after) into `dst`, added to it when `acc`;
+// false where the block or width does not fit (then nothing is written).
+inline bool fwht_row_fused(float* y, const float* pre, const float* post, float* dst, bool acc, int64_t e,
+                           int64_t block, float inv_sqrt) {
+  if (e % block) return false;
+  switch (block * 2 + acc) {
+    case 128: fwht_row_fused_q<1, false>(y, pre, post, dst, e, inv_sqrt); return true;
+    case 129: fwht_row_fused_q<1, true>(y, pre, post, dst, e, inv_sqrt); return true;
+    case 256: fwht_row_fused_q<2, false>(y, pre, post, dst, e, inv_sqrt); return true;
+    case 257: fwht_row_fused_q<2, true>(y, pre, post, dst, e, inv_sqrt); return true;
+    case 512: fwht_row_fused_q<4, false>(y, pre, post, dst, e, inv_sqrt); return true;
+    case 513: fwht_row_fused_q<4, true>(y, pre, post, dst, e, inv_sqrt); return true;
+    default: return false;
+  }
+}
+
+// A float table read by 8 int32 indices at once: in-register permutes up to 16 entries (one
+// two-table permute with AVX-512VL), a gather beyond.
 struct Table8 {
   const float* t;
   int n;
@@ -530,6 +668,9 @@ struct Table8 {
   }
   __m256 at(__m256i idx) const {
     if (n <= 8) return _mm256_permutevar8x32_ps(lo, idx);
+#ifdef __AVX512VL__
+    if (n <= 16) return _mm256_permutex2var_ps(lo, idx, hi);
+#endif
     if (n <= 16)
       return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
                               _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7))));
@@ -560,6 +701,35 @@ inline __m256i bucketize8(__m256 y, const Table8& bounds, int bits) {
     default: return bucketize8_n<8>(y, bounds);
   }
 }
+
+#ifdef __AVX512VL__
+// bucketize8 for up to 15 bounds (BITS <= 4) with AVX-512VL: the first step compares with the
+// middle bound directly; each later step reads bounds[pos + step - 1] from a table shifted
+// by step - 1 with one two-register permute and adds `step` under a compare mask.
+struct Bucketize16 {
+  int bits;
+  __m256 first, lo[4], hi[4];
+  Bucketize16(const float* bounds, int b) : bits(b) {
+    const int nb = (1 << b) - 1;
+    first = _mm256_set1_ps(bounds[(1 << (b - 1)) - 1]);
+    for (int k = 1; k < b; ++k) {
+      const int step = 1 << (b - 1 - k);
+      alignas(32) float t[16];
+      for (int i = 0; i < 16; ++i) t[i] = bounds[i + step - 1 < nb ? i + step - 1 : nb - 1];
+      lo[k] = _mm256_load_ps(t);
+      hi[k] = _mm256_load_ps(t + 8);
+    }
+  }
+  __m256i operator()(__m256 y) const {
+    __m256i pos = _mm256_maskz_mov_epi32(_mm256_cmp_ps_mask(first, y, _CMP_NGE_UQ), _mm256_set1_epi32(1 << (bits - 1)));
+    for (int k = 1; k < bits; ++k) {
+      const __mmask8 m = _mm256_cmp_ps_mask(_mm256_permutex2var_ps(lo[k], pos, hi[k]), y, _CMP_NGE_UQ);
+      pos = _mm256_mask_add_epi32(pos, m, pos, _mm256_set1_epi32(1 << (bits - 1 - k)));
+    }
+    return pos;
+  }
+};
+#endif
 
 // 8 int32 lanes (values 0..255) -> 8 bytes.
 inline void store8_u8(uint8_t* dst, __m256i v) {
@@ -622,6 +792,9 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
 #ifdef LBT_AVX2
   const Table8 bounds8(s.bounds, (1 << s.bits) - 1);
 #endif
+#ifdef __AVX512VL__
+  const Bucketize16 bucket16(s.bounds, s.bits <= 4 ? int(s.bits) : 1);
+#endif
   int status = 0;
   int32_t in_amax = 0;
   for (int64_t t = 0; t < t_rows; ++t) {
@@ -661,11 +834,20 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
         const bool big = std::fabs(v) > rotate_max && finite_bits(bits_of(v));
         z[c] = big ? (v < 0 ? -rotate_max : rotate_max) : v;
       }
-    for (int64_t c = 0; c < e; ++c) z[c] = z[c] * s.signs[c];
 #ifdef LBT_AVX2
-    if (!fwht_row_avx2(z.data(), e, s.block, s.inv_sqrt_block))
+    if (t + 1 < t_rows) {  // the next row streams in while this one is transformed and coded
+      const char* next = row + ld * elem_size<DT>();
+      for (int64_t b = 0; b < e * elem_size<DT>(); b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+    }
+    if (!fwht_row_fused(z.data(), s.signs, nullptr, z.data(), false, e, s.block, s.inv_sqrt_block))
 #endif
-      fwht_row(z.data(), e, s.block, s.inv_sqrt_block);
+    {
+      for (int64_t c = 0; c < e; ++c) z[c] = z[c] * s.signs[c];
+#ifdef LBT_AVX2
+      if (!fwht_row_avx2(z.data(), e, s.block, s.inv_sqrt_block))
+#endif
+        fwht_row(z.data(), e, s.block, s.inv_sqrt_block);
+    }
     for (int64_t g = 0; g < g_count; ++g) {
       const int64_t c0 = g * group, n = (c0 + group <= e ? group : e - c0);
       int32_t a = 0, bad = 0;
@@ -733,6 +915,13 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
       int64_t i = 0;
 #ifdef LBT_AVX2
       const __m256 vs = _mm256_set1_ps(sc), m1 = _mm256_set1_ps(-1.0f), p1 = _mm256_set1_ps(1.0f);
+#ifdef __AVX512VL__
+      if (s.bits <= 4)
+        for (; i + 8 <= n; i += 8) {
+          const __m256 y = _mm256_min_ps(p1, _mm256_max_ps(m1, _mm256_div_ps(_mm256_loadu_ps(z.data() + c0 + i), vs)));
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(codes.data() + c0 + i), _mm256_cvtepi32_epi8(bucket16(y)));
+        }
+#endif
       for (; i + 8 <= n; i += 8) {  // max/min with y second: a NaN y passes through, as in the reference
         const __m256 y = _mm256_min_ps(p1, _mm256_max_ps(m1, _mm256_div_ps(_mm256_loadu_ps(z.data() + c0 + i), vs)));
         store8_u8(codes.data() + c0 + i, bucketize8(y, bounds8, int(s.bits)));
@@ -760,17 +949,17 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
 }
 
 void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const int64_t* const* outls,
-                    const RotSpec& s, float* out) {
+                    const RotSpec& s, SumOut& out) {
   const int64_t e = s.e, k = s.k, group = s.group, g_count = rot_groups(s);
   const int64_t ncode = rot_code_bytes(s, t_rows * e);
   const int64_t plane_bytes = (t_rows * e + 7) / 8;
-  std::vector<float> z(e), scale(g_count);
+  std::vector<float> z(e), scale(g_count), kept(k);
   std::vector<uint8_t> codes(e);
 #ifdef LBT_AVX2
   const Table8 levels8(s.levels, 1 << s.bits);
 #endif
   for (int64_t t = 0; t < t_rows; ++t) {
-    float* orow = out + t * e;
+    float* orow = out.row(t);
     for (int r = 0; r < n; ++r) {
       const uint8_t* head = payloads[r];
       const uint8_t* body = payloads[r] + 2 * t_rows * k;
@@ -820,6 +1009,16 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
         for (; i < cnt; ++i) z[c0 + i] = s.levels[codes[c0 + i]] * sc;
       }
 #ifdef LBT_AVX2
+      // One pass does the last stages, the signs and the sum into the output row; the kept
+      // channels then get rank r's bf16 value added to the row's sum before this rank.
+      for (int64_t i = 0; i < k; ++i) kept[i] = orow[outls[r][i]];
+      if (fwht_row_fused(z.data(), nullptr, s.signs, orow, r > 0, e, s.block, s.inv_sqrt_block)) {
+        for (int64_t i = 0; i < k; ++i) {
+          const float v = bf16_to_f32(get_u16(head + 2 * (t * k + i)));
+          orow[outls[r][i]] = r == 0 ? v : kept[i] + v;
+        }
+        continue;
+      }
       if (!fwht_row_avx2(z.data(), e, s.block, s.inv_sqrt_block))
 #endif
         fwht_row(z.data(), e, s.block, s.inv_sqrt_block);
@@ -828,6 +1027,7 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
       if (r == 0) std::memcpy(orow, z.data(), 4 * e);
       else for (int64_t c = 0; c < e; ++c) orow[c] = orow[c] + z[c];
     }
+    out.finish(t);
   }
 }
 
@@ -835,7 +1035,7 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
 
 extern "C" {
 
-int lbt_abi_version() { return 3; }
+int lbt_abi_version() { return 4; }
 
 // Encoders: *amax = the largest |x| among the finite inputs (the caller's range check).
 int lbt_static_encode(const void* x, int dtype, int64_t t, int64_t e, int64_t ld, const int64_t* outl, int64_t k,
@@ -847,9 +1047,11 @@ int lbt_static_encode(const void* x, int dtype, int64_t t, int64_t e, int64_t ld
   }
 }
 
+// Decoders: `out` has dtype `out_dtype` (0 fp32, 1 bf16, 2 fp16), [t, e] contiguous.
 void lbt_static_decode_sum(const uint8_t* const* payloads, const float* const* scales, int n, int64_t t, int64_t e,
-                           const int64_t* const* outls, int64_t k, int bits, float* out) {
-  static_decode_sum(payloads, scales, n, t, e, outls, k, bits, out);
+                           const int64_t* const* outls, int64_t k, int bits, void* out, int out_dtype) {
+  SumOut o(out, out_dtype, e, t);
+  static_decode_sum(payloads, scales, n, t, e, outls, k, bits, o);
 }
 
 int lbt_group_encode(const void* x, int dtype, int64_t t, int64_t e, int64_t ld, int64_t group, uint8_t* out,
@@ -861,8 +1063,10 @@ int lbt_group_encode(const void* x, int dtype, int64_t t, int64_t e, int64_t ld,
   }
 }
 
-void lbt_group_decode_sum(const uint8_t* const* payloads, int n, int64_t t, int64_t e, int64_t group, float* out) {
-  group_decode_sum(payloads, n, t, e, group, out);
+void lbt_group_decode_sum(const uint8_t* const* payloads, int n, int64_t t, int64_t e, int64_t group, void* out,
+                          int out_dtype) {
+  SumOut o(out, out_dtype, e, t);
+  group_decode_sum(payloads, n, t, e, group, o);
 }
 
 // spec: e, k, group, block, bits, fmt as int64[6]; tables: signs, levels, bounds, lg8, exp2tab.
@@ -883,8 +1087,11 @@ int lbt_rot_encode(const void* x, int dtype, int64_t t, int64_t ld, const int64_
 }
 
 void lbt_rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t, const int64_t* const* outls,
-                        const int64_t* spec, float inv_sqrt_block, const float* const* tables, float* out) {
-  rot_decode_sum(payloads, n, t, outls, make_spec(spec, inv_sqrt_block, tables), out);
+                        const int64_t* spec, float inv_sqrt_block, const float* const* tables, void* out,
+                        int out_dtype) {
+  const RotSpec s = make_spec(spec, inv_sqrt_block, tables);
+  SumOut o(out, out_dtype, s.e, t);
+  rot_decode_sum(payloads, n, t, outls, s, o);
 }
 
 }  // extern "C"
