@@ -71,8 +71,7 @@ def cached_calibration(bundle, *, tp: int, samples: int, cache_dir: str | None =
     path = root / f"{Path(info.name).name}-tp{tp}-s{samples}-{info.weights_sha256[:12]}.safetensors"
     if path.exists():
         try:
-            cal = Calibration.load(path)
-            cal.check_compatible(tp=tp, hidden_size=info.hidden_size, weights_sha256=info.weights_sha256)
+            cal = Calibration.load_for(path, tp=tp, model=info)
             print(f"reusing calibration {path}")
             return cal, path
         except CalibrationError as exc:  # a stale or damaged cache entry is rebuilt, never trusted

@@ -129,3 +129,45 @@ def test_function_local_imports_of_the_package_only_go_down():
     assert len(found) <= MAX_LOCAL_IMPORTS, (
         f"{len(found)} function-local imports of lowbit_tp modules (at most {MAX_LOCAL_IMPORTS}); import at the "
         f"top unless it is for --help's speed, an optional dependency or a cycle:\n" + "\n".join(found))
+
+
+# ---------------------------------------------------------------------- no monkeypatching
+def module_patches(source: str) -> list[str]:
+    """Assignments to (or setattr/delattr on) an attribute of a name an import bound: code
+    that patches another module at run time. Conservative: any imported name counts."""
+    tree = ast.parse(source)
+    bound = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import):
+            bound |= {(a.asname or a.name).split(".")[0] for a in n.names}
+        elif isinstance(n, ast.ImportFrom):
+            bound |= {a.asname or a.name for a in n.names}
+    hits = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Assign):
+            targets = n.targets
+        else:
+            targets = [n.target] if isinstance(n, (ast.AugAssign, ast.AnnAssign)) else []
+        for t in targets:
+            base = t
+            while isinstance(base, (ast.Attribute, ast.Subscript)):
+                base = base.value
+            if isinstance(t, ast.Attribute) and isinstance(base, ast.Name) and base.id in bound:
+                hits.append(f"line {n.lineno}: {ast.unparse(t)} = ...")
+        if (isinstance(n, ast.Call) and getattr(n.func, "id", None) in ("setattr", "delattr") and n.args
+                and isinstance(n.args[0], ast.Name) and n.args[0].id in bound):
+            hits.append(f"line {n.lineno}: {ast.unparse(n)}")
+    return hits
+
+
+def test_the_patch_finder_finds_patches():
+    src = ("import torch.distributed as dist\nfrom lowbit_tp.runtime import shard\nimport os\n"
+           "dist.all_reduce = print\nshard.all_reduce = print\nsetattr(dist, 'x', 1)\nos.environ['A'] = '1'\n"
+           "x = object()\nx.y = 1\n")
+    assert module_patches(src) == ["line 4: dist.all_reduce = ...", "line 5: shard.all_reduce = ...",
+                                   "line 6: setattr(dist, 'x', 1)"]
+
+
+def test_nothing_in_lowbit_tp_patches_another_module():
+    found = [f"{module_name(p)} {hit}" for p in sorted(ROOT.rglob("*.py")) for hit in module_patches(p.read_text())]
+    assert not found, "timing and tracing go through explicit hooks (CommHooks), not patches:\n" + "\n".join(found)

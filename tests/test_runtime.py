@@ -171,15 +171,14 @@ def test_tp2_outlier_codec_with_calibration_equals_simulator(tiny, tmp_path):
 
 
 def test_calibration_for_another_tp_is_refused(tiny, tmp_path, cal_factory):
-    from lowbit_tp.calibration import CalibrationError
-    from lowbit_tp.runtime.startup import load_calibration
+    from lowbit_tp.calibration import Calibration, CalibrationError
     from lowbit_tp.models import load_model
 
     cal_path = str(cal_factory(3, 64).save(tmp_path / "cal3.safetensors"))
     _, _, info = load_model(tiny["llama"])
     cfg = RunConfig(model=tiny["llama"], tp=2, prompts=("x",), codec="int4-outlier", calibration=cal_path)
     with pytest.raises(CalibrationError, match="TP degree 3"):
-        load_calibration(cfg.calibration, model=cfg.model, tp=2, info=info)
+        Calibration.load_for(cfg.calibration, tp=2, model=info)
 
 
 def test_killed_rank_gives_collective_error_on_survivor(tiny):

@@ -197,6 +197,19 @@ class Calibration:
         return path
 
     @classmethod
+    def load_for(cls, source: "Calibration | str | Path | None", *, tp: int, model: Any) -> "Calibration | None":
+        """``source`` (an artifact, or its path; None: no calibration) checked with
+        :meth:`check_compatible` against the TP degree and ``model`` (anything with ``name``,
+        ``hidden_size`` and ``weights_sha256``, e.g. a model registry's ``ModelInfo``).
+        The one load-and-check of every path that takes a calibration for a model."""
+        if source is None:
+            return None
+        cal = source if isinstance(source, Calibration) else cls.load(source)
+        cal.check_compatible(tp=tp, hidden_size=model.hidden_size, weights_sha256=model.weights_sha256,
+                             model_name=model.name)
+        return cal
+
+    @classmethod
     def load(cls, path: str | Path) -> "Calibration":
         """Read and verify an artifact; a clear :class:`CalibrationError` on any problem."""
         from safetensors import safe_open

@@ -25,11 +25,9 @@ def eval_inputs(cfg: EvalConfig, tokenizer, info, calibration=None, *, warn=None
     ``"dev"``: from the calibration side, never overlapping a window the calibration read
     (:func:`dev_exclusions`). Returns ``(calibration, split, chunks, items, split_info)``.
     """
-    if calibration is None and cfg.calibration is not None:
-        calibration = Calibration.load(cfg.calibration)
-    if calibration is not None:  # fail before any model work on an artifact for another run
-        calibration.check_compatible(tp=cfg.tp, hidden_size=info.hidden_size, weights_sha256=info.weights_sha256,
-                                     model_name=info.name)
+    # fails before any model work on an artifact for another run
+    calibration = Calibration.load_for(calibration if calibration is not None else cfg.calibration, tp=cfg.tp,
+                                       model=info)
     split = load_split(cfg.text, glob=cfg.text_glob)
     if cfg.split == "test":
         docs, exclude, info_ = split.evaluation, {}, {"name": "test", "documents": [d.name for d in split.evaluation]}

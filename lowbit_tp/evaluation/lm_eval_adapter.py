@@ -35,10 +35,7 @@ class SimulatedTPLM(HFLM):
     def __init__(self, model: str = "smollm2-135m", tp: int = 1, codec: str = "bf16", algorithm: str = DEFAULT_ALGORITHM,
                  calibration: str | None = None, batch_size: int = 8, bundle=None, **kwargs):
         hf_model, tokenizer, info = bundle if bundle is not None else load_model(model)
-        cal = Calibration.load(calibration) if isinstance(calibration, str) else calibration
-        if cal is not None:
-            cal.check_compatible(tp=int(tp), hidden_size=info.hidden_size, weights_sha256=info.weights_sha256,
-                                 model_name=info.name)
+        cal = Calibration.load_for(calibration, tp=int(tp), model=info)
         self.simulator = TPSimulator(hf_model, tp=int(tp), codec=make_codec(codec, calibration=cal),
                                      algorithm=algorithm, name=info.name)
         self.simulator.__enter__()

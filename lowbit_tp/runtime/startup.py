@@ -27,7 +27,7 @@ from lowbit_tp.models.registry import model_info
 from lowbit_tp.runtime.shard import shard_model
 from lowbit_tp.tp.row_parallel import CommHooks, DistReducer
 
-__all__ = ["StartedRank", "load_calibration", "rss_mib", "start_rank"]
+__all__ = ["StartedRank", "rss_mib", "start_rank"]
 
 
 @dataclass
@@ -62,15 +62,6 @@ def rss_mib() -> dict[str, float]:
     return out
 
 
-def load_calibration(path: str | None, *, model: str, tp: int, info) -> Calibration | None:
-    """The calibration at ``path`` (None: none), checked against the model and TP degree."""
-    if path is None:
-        return None
-    cal = Calibration.load(path)
-    cal.check_compatible(tp=tp, hidden_size=info.hidden_size, weights_sha256=info.weights_sha256, model_name=model)
-    return cal
-
-
 def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[str], calibration: str | None,
                algorithm: str, policy: AutoPolicy | None = None, codec_options: Mapping[str, dict] | None = None,
                engine: str = "native", weights_sha256: str | None = None,
@@ -97,7 +88,7 @@ def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[s
         raise ValueError(f"rank {rank} loaded weights {info.weights_sha256[:12]}..., the parent used "
                          f"{weights_sha256[:12]}...")
     check_tp(config, world, name=model)
-    cal = load_calibration(calibration, model=model, tp=world, info=info)
+    cal = Calibration.load_for(calibration, tp=world, model=info)
     options = codec_options or {}
     built = {name: make_codec(name, calibration=cal, **options.get(name, {})) for name in codecs}
     extra = {"model_sha256": info.weights_sha256, "tp": world, "algorithm": algorithm,
