@@ -82,6 +82,8 @@ class Codec(ABC):
     # Largest |x| the wire format carries (docs/wire-format.md); checked on every encode
     # from the same min/max pass that finds NaN/Inf, before any kernel runs.
     max_input: ClassVar[float] = math.inf
+    #: whether the codec's CPU-kernel decode-sum rounds into a bf16/fp16 ``out`` itself
+    cpu_sum_casts: ClassVar[bool] = False
 
     def __init__(self, *, calibration: Calibration | None = None, nonfinite: str = "error",
                  backend: str = "auto"):
@@ -171,8 +173,8 @@ class Codec(ABC):
         to write the payload into (returned); fused kernels write it directly, so a caller
         that reuses its buffers allocates nothing per message. Same bytes either way.
         """
+        self._check_tensor(x, layer, source)  # once: the scanned and the checked path both rely on it
         if out is not None:
-            self._check_tensor(x, layer, source)
             _check_buffer(out, torch.uint8, (self.payload_nbytes(tuple(x.shape), layer),), x.device,
                           f"{self.name}: encode out=")
         payload = self._encode_scanned(x, layer, source, out)
@@ -272,8 +274,9 @@ class Codec(ABC):
 
     def _sum_casts(self, device: torch.device) -> bool:
         """Whether :meth:`_decode_sum` writes a bf16/fp16 ``out`` itself (else it gets None and
-        :meth:`decode_sum` casts the fp32 sum into ``out``)."""
-        return False
+        :meth:`decode_sum` casts the fp32 sum into ``out``): the CPU kernels of the codecs
+        that set :attr:`cpu_sum_casts`."""
+        return self.cpu_sum_casts and self.kernel_backend(device) == "cpu"
 
     def _fused_encode(self, hidden: int) -> bool:
         """Whether the Triton encoder takes inputs of width ``hidden`` (else the reference runs)."""
@@ -373,10 +376,8 @@ class Codec(ABC):
         unchanged: all values finite and within :attr:`max_input`. Anything else (rare) returns
         None and :meth:`encode` takes the checked path, which raises or saturates exactly as
         the reference does. This saves the separate ``aminmax`` pass over every message.
+        ``x`` has passed :meth:`_check_tensor`.
         """
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
-            return None
-        self._check_tensor(x, layer, source)
         got = self._encode_with_scan(x, self.params(layer, source, x.shape[1], x.device), out)
         if got is None:
             return None
@@ -407,9 +408,9 @@ class Codec(ABC):
 
     def _check_input(self, x: torch.Tensor, layer: str | None, source: Source) -> tuple[bool, bool]:
         """Validate ``x``; returns whether it holds NaN/Inf (only possible in propagate mode)
-        and whether it must be saturated at :attr:`max_input` (only in propagate mode)."""
+        and whether it must be saturated at :attr:`max_input` (only in propagate mode).
+        ``x`` has passed :meth:`_check_tensor`."""
         where = _where(layer, source)
-        self._check_tensor(x, layer, source)
         if self.kernel_backend(x.device) == "triton" and self._fused_encode(x.shape[1]):
             # the fused kernels mask, saturate and record NaN/Inf and range themselves: no host
             # sync (deferred "error" mode raises at check_nonfinite)

@@ -51,6 +51,7 @@ class GroupInt4Codec(Codec):
     """Symmetric int4 with a dynamic fp16 scale per ``group`` values of each token."""
 
     max_input = GROUP_INT4_MAX  # the fp16 scale absmax / 7 stays <= 65504
+    cpu_sum_casts = True
 
     def __init__(self, *, group: int = 32, **kw):
         super().__init__(**kw)
@@ -100,9 +101,6 @@ class GroupInt4Codec(Codec):
             return None
         from lowbit_tp.kernels import cpu
         return cpu.group_encode(x, group=self.group, nbytes=self.payload_nbytes(tuple(x.shape)), out=out)
-
-    def _sum_casts(self, device):
-        return self.kernel_backend(device) == "cpu"
 
     def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None):
         def kernel(parts, out, t, e, flags):

@@ -170,6 +170,7 @@ class RotatedGroupCodec(Codec):
     """Outliers in bf16 + randomized Hadamard + dynamic group quantization (see module doc)."""
 
     max_input = F.BF16_MAX  # the bf16 kept channels; the scales are checked after rotation
+    cpu_sum_casts = True
 
     def __init__(self, *, bits: int = 4, group: int = 64, k: int | None = None, levels: str = "int",
                  scale_format: str = "fp16", seed: int = 0, name: str | None = None, **kw):
@@ -353,9 +354,6 @@ class RotatedGroupCodec(Codec):
 
     def _encode_with_scan(self, x, p: RotParams, out=None):
         return self._cpu_encode(x, p, scan=True, out=out) if self.kernel_backend(x.device) == "cpu" else None
-
-    def _sum_casts(self, device):
-        return self.kernel_backend(device) == "cpu"
 
     def _decode_sum(self, payloads, shape, params, out=None):
         backend = self.kernel_backend(payloads[0].device)

@@ -122,6 +122,7 @@ class _StaticIntCodec(Codec):
     bits = 4
     # Quantized channels clamp to the calibrated range by design; this bounds the bf16 ones.
     max_input = F.BF16_MAX
+    cpu_sum_casts = True
 
     def __init__(self, *, k: int | None = 0, scale_stat: str = "ema", zero_point: bool = False, **kw):
         super().__init__(**kw)
@@ -208,9 +209,6 @@ class _StaticIntCodec(Codec):
         from lowbit_tp.kernels import cpu
         return cpu.static_encode(x, outliers=p.outliers, inv_scale=p.inv_scale, bits=self.bits,
                                  nbytes=self.payload_nbytes(tuple(x.shape)), out=out)
-
-    def _sum_casts(self, device):
-        return self.kernel_backend(device) == "cpu"
 
     # -------------------------------------------------------------- fused kernels
     def _decode_sum(self, payloads, shape, params, out=None):
