@@ -6,11 +6,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import fields
+from typing import Any, Mapping, Sequence
 
 from lowbit_tp.fileio import atomic_write_text
 
-__all__ = ["markdown_table", "write_results"]
+__all__ = ["markdown_table", "record_kwargs", "write_results"]
+
+
+def record_kwargs(cls: type, d: Mapping[str, Any], *, derived: Sequence[str] = (), required: bool = False,
+                  optional: Sequence[str] = (), what: str | None = None) -> dict[str, Any]:
+    """The fields of the dataclass ``cls`` found in the JSON object ``d``, as keyword arguments.
+
+    Keys that are not fields raise ValueError, except ``derived`` ones (values a record
+    computes and writes, which are dropped here); with ``required``, so do missing fields
+    other than ``optional``. ``what`` names the record in the message (default: "a" and the
+    class name)."""
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(d) - set(known) - set(derived))
+    missing = [k for k in known if k not in d and k not in optional] if required else []
+    if unknown or missing:
+        msg = f"not {what or 'a ' + cls.__name__}: unknown fields {unknown}"
+        raise ValueError(msg + (f", missing fields {missing}" if required else ""))
+    return {k: v for k, v in d.items() if k in known}
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from lowbit_tp.bench.codec_speed import codec_throughput
 from lowbit_tp.bench.common import environment
-from lowbit_tp.results import markdown_table, write_results
+from lowbit_tp.results import markdown_table, record_kwargs, write_results
 from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
 from lowbit_tp.codecs import make_codec
 from lowbit_tp.collectives import CommStats, all_reduce, spawn_ranks
@@ -64,10 +64,7 @@ class CommBenchRow:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "CommBenchRow":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"not a CommBenchRow: unknown fields {unknown}")
-        return cls(**d)
+        return cls(**record_kwargs(cls, d))
 
 
 def _bench_rank(rank: int, world: int, cfg: CommBenchConfig) -> list[CommBenchRow]:

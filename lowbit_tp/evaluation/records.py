@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence
 
-from lowbit_tp.results import markdown_table
+from lowbit_tp.results import markdown_table, record_kwargs
 
 __all__ = ["CodecEvalRow", "DEV_COLUMNS", "EvalResult"]
 
@@ -66,12 +66,7 @@ class CodecEvalRow:
 
     @classmethod
     def from_json(cls, row: Mapping[str, Any]) -> "CodecEvalRow":
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(row) - set(known))
-        missing = [k for k in known if k not in row and k != "runtime"]
-        if unknown or missing:
-            raise ValueError(f"not a CodecEvalRow: unknown fields {unknown}, missing fields {missing}")
-        return cls(**row)
+        return cls(**record_kwargs(cls, row, required=True, optional=("runtime",)))
 
     def on(self, runtime: str) -> "CodecEvalRow":
         """This row, recorded as measured on ``runtime`` (``sim`` or ``tp``)."""

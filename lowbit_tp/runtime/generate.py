@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from lowbit_tp.collectives import CollectiveError, CommStats
 from lowbit_tp.configs import SamplingConfig
+from lowbit_tp.results import record_kwargs
 
 __all__ = ["GenerationResult", "PhaseComm", "SamplingConfig", "generate", "select_token"]
 
@@ -92,12 +93,9 @@ class GenerationResult:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "GenerationResult":
         """A row as :meth:`to_json` wrote it (derived keys are recomputed, not read)."""
-        derived = {"tokens_per_s", "decode_tokens_per_s", "new_tokens"}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - derived)
-        if unknown:
-            raise ValueError(f"not a GenerationResult row: unknown fields {unknown}")
-        return cls(**{k: (PhaseComm.from_json(v) if k == "comm" else v) for k, v in d.items() if k in known})
+        kw = record_kwargs(cls, d, derived=("tokens_per_s", "decode_tokens_per_s", "new_tokens"),
+                           what="a GenerationResult row")
+        return cls(**{k: (PhaseComm.from_json(v) if k == "comm" else v) for k, v in kw.items()})
 
 
 def select_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping, Sequence
 
 from lowbit_tp.collectives import CommStats
+from lowbit_tp.results import record_kwargs
 from lowbit_tp.runtime.generate import GenerationResult
 
 __all__ = ["RankSummary", "RunResult"]
@@ -32,7 +33,7 @@ class RankSummary:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "RankSummary":
-        return cls(**{**_checked(cls, d), "comm_total": CommStats.from_dict(d["comm_total"])})
+        return cls(**{**record_kwargs(cls, d, required=True), "comm_total": CommStats.from_dict(d["comm_total"])})
 
 
 @dataclass(frozen=True)
@@ -79,17 +80,7 @@ class RunResult:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "RunResult":
         per_rank = d.get("per_rank")
-        return cls(**{**_checked(cls, d, optional=("per_rank",)),
+        return cls(**{**record_kwargs(cls, d, required=True, optional=("per_rank",)),
                       "results": tuple(GenerationResult.from_json(r) for r in d["results"]),
                       "comm_total": CommStats.from_dict(d["comm_total"]),
                       "per_rank": None if per_rank is None else tuple(RankSummary.from_json(p) for p in per_rank)})
-
-
-def _checked(cls, d: Mapping[str, Any], optional: Sequence[str] = ()) -> dict[str, Any]:
-    """``d`` as keyword arguments of ``cls``; unknown or missing fields raise ValueError."""
-    known = [f.name for f in fields(cls)]
-    unknown = sorted(set(d) - set(known))
-    missing = [k for k in known if k not in d and k not in optional]
-    if unknown or missing:
-        raise ValueError(f"not a {cls.__name__}: unknown fields {unknown}, missing fields {missing}")
-    return dict(d)

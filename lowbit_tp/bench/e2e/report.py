@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from lowbit_tp.collectives import CommStats
 from lowbit_tp.configs import E2EConfig
-from lowbit_tp.results import markdown_table
+from lowbit_tp.results import markdown_table, record_kwargs
 
 
 def _median(xs):
@@ -68,11 +68,7 @@ class E2ERow:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "E2ERow":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"decode_tokens_per_s"})
-        if unknown:
-            raise ValueError(f"not an E2ERow: unknown fields {unknown}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**record_kwargs(cls, d, derived=("decode_tokens_per_s",), what="an E2ERow"))
 
 
 _RATIOS = ("prefill_speedup", "prefill_allreduce_speedup", "prefill_wire_speedup", "decode_speedup",

@@ -10,8 +10,10 @@ when a result is built.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
+
+from lowbit_tp.results import record_kwargs
 
 __all__ = ["VllmPromptResult", "VllmRunResult"]
 
@@ -42,11 +44,7 @@ class VllmPromptResult:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "VllmPromptResult":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"new_tokens", "tokens_per_s"})
-        if unknown:
-            raise ValueError(f"not a VllmPromptResult: unknown fields {unknown}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**record_kwargs(cls, d, derived=("new_tokens", "tokens_per_s")))
 
 
 @dataclass(frozen=True)
@@ -83,12 +81,7 @@ class VllmRunResult:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "VllmRunResult":
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        missing = [k for k in known if k not in d]
-        if unknown or missing:
-            raise ValueError(f"not a VllmRunResult: unknown fields {unknown}, missing fields {missing}")
-        return cls(**{**d, "results": tuple(VllmPromptResult.from_json(r) for r in d["results"]),
+        return cls(**{**record_kwargs(cls, d, required=True), "results": tuple(VllmPromptResult.from_json(r) for r in d["results"]),
                       "comm_total": _comm_stats(d["comm_total"]), "per_rank": tuple(d["per_rank"])})
 
 
