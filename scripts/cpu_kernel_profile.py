@@ -36,10 +36,10 @@ PHASES = {  # LBT_SKIP bits (see cpu_kernels.cpp)
 }
 
 
-def build(mask: int, out_dir: Path, extra: tuple[str, ...] = ()) -> ctypes.CDLL:
-    so = out_dir / f"k{mask}{'_'.join(extra).replace('-', '')}.so"
+def build(mask: int, out_dir: Path, extra: tuple[str, ...] = (), source: Path = cpu.SOURCE, tag: str = "") -> ctypes.CDLL:
+    so = out_dir / f"k{mask}{tag}{'_'.join(extra).replace('-', '')}.so"
     if not so.exists():
-        cmd = ["g++", *cpu.FLAGS, "-march=native", *extra, f"-DLBT_SKIP={mask}", str(cpu.SOURCE), "-o", str(so)]
+        cmd = ["g++", *cpu.FLAGS, "-march=native", *extra, f"-DLBT_SKIP={mask}", str(source), "-o", str(so)]
         subprocess.run(cmd, check=True)
     lib = ctypes.CDLL(str(so))
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -101,11 +101,17 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--phases", nargs="*", default=list(PHASES), help="phase names to leave out, one at a time")
+    ap.add_argument("--baseline", default=None, help="another cpu_kernels.cpp to time next to this one (e.g. main's)")
+    ap.add_argument("--no-avx512", action="store_true", help="also time this source built with -mno-avx512f")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"full": build(0, Path(tmp))}
+        if a.baseline:
+            libs["baseline"] = build(0, Path(tmp), source=Path(a.baseline), tag="base")
+        if a.no_avx512:
+            libs["full -mno-avx512f"] = build(0, Path(tmp), extra=("-mno-avx512f",))
         for ph in a.phases:
             libs[f"-{ph}"] = build(PHASES[ph], Path(tmp))
         rows = []

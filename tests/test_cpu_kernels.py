@@ -269,10 +269,11 @@ SCALES = [1.0, 2.0, 0.3, 1.2345678e-3, 7.5e4, 3.3e38, 2.0 ** -126, 1.1754944e-38
 
 
 @pytest.mark.parametrize("name", ["rot-lm4-g64-lg8-k4", "rot-lm4-g32-lg8-k4", "rot-lm3-g64", "rot-lm2-g32-e8",
+                                  "rot-int6-g64-lg8-k4", "rot-int5-g64-lg8-k4",
                                   "rot-int4-g64", "rot-int4-g32"])
 def test_level_search_matches_bucketize_at_every_threshold(name):
-    """The encoders' level search (division-free where the CPU has AVX-512: thresholds per group)
-    against the reference's rule torch.bucketize(clamp(z / s, -1, 1), bounds), exactly at and
+    """The encoders' level search (division-free where the CPU has AVX-512: thresholds per group;
+    on the 5- and 6-bit integer grids an estimate moved by at most one step) against the reference's rule torch.bucketize(clamp(z / s, -1, 1), bounds), exactly at and
     one to three fp32 steps around every rounding boundary of every bound, for scales from
     the smallest normal float to near fp32's max; also random values and, in a group that
     holds NaN/Inf, the division path."""

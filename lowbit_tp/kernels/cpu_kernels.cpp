@@ -570,14 +570,16 @@ inline void fwht_row(float* y, int64_t e, int64_t block, float inv_sqrt) {
 
 #ifdef LBT_AVX2
 // Stages 1, 2, 4 of the butterfly inside one 8-lane vector; a lane computes a + b or a - b
-// with the reference's operands (fp add commutes bitwise; the order of a - b is kept).
+// with the reference's operands: the lower lane of a pair b + a (fp add commutes bitwise),
+// the upper one a + (-b), which IEEE defines as a - b (signed zeros included); -b is a sign
+// flip (xor), so one add per stage instead of an add, a sub and a blend.
 inline __m256 fwht8(__m256 v) {
-  __m256 sw = _mm256_permute_ps(v, 0xb1);  // [1 0 3 2 ...]
-  v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0xaa);
-  sw = _mm256_permute_ps(v, 0x4e);  // [2 3 0 1 ...]
-  v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0xcc);
-  sw = _mm256_permute2f128_ps(v, v, 1);  // 128-bit halves swapped
-  return _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0xf0);
+  const __m256 n1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN));
+  const __m256 n2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, INT32_MIN, INT32_MIN, 0, 0, INT32_MIN, INT32_MIN));
+  const __m256 n4 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN));
+  v = _mm256_add_ps(_mm256_permute_ps(v, 0xb1), _mm256_xor_ps(v, n1));  // partner [1 0 3 2 ...]
+  v = _mm256_add_ps(_mm256_permute_ps(v, 0x4e), _mm256_xor_ps(v, n2));  // partner [2 3 0 1 ...]
+  return _mm256_add_ps(_mm256_permute2f128_ps(v, v, 1), _mm256_xor_ps(v, n4));  // halves swapped
 }
 
 // fwht_row for rows of whole vectors and blocks of >= 8 (every model width); false: not handled.
@@ -610,14 +612,14 @@ inline void bfly(__m256* v) {  // (v[A], v[B]) <- (v[A] + v[B], v[A] - v[B])
 }
 
 // Q = block / 64 chunks of 64 values (1, 2 or 4); constant indices keep v[] in registers.
-// The last step of each value: times 1/sqrt(block), times `post` (or not), then stored to
-// `dst` (ACC: added to what `dst` holds, as acc + v).
+// The last step of each value: times 1/sqrt(block), or times `post` when given (the decoder's
+// signs times 1/sqrt(block): fl(fl(v * c) * (+-1)) = fl(v * (+-c)), rounding to nearest is
+// symmetric), then stored to `dst` (ACC: added to what `dst` holds, as acc + v).
 template <int Q, bool ACC>
 inline void fwht_row_fused_q(float* y, const float* pre, const float* post, float* dst, int64_t e, float inv_sqrt) {
   const __m256 s = _mm256_set1_ps(inv_sqrt);
   auto finish = [&](__m256 v, int64_t at) {
-    v = _mm256_mul_ps(v, s);
-    if (post) v = _mm256_mul_ps(v, _mm256_loadu_ps(post + at));
+    v = _mm256_mul_ps(v, post ? _mm256_loadu_ps(post + at) : s);
     if (ACC) v = _mm256_add_ps(_mm256_loadu_ps(dst + at), v);
     _mm256_storeu_ps(dst + at, v);
   };
@@ -667,21 +669,37 @@ inline bool fwht_row_fused(float* y, const float* pre, const float* post, float*
 }
 
 // A float table read by 8 int32 indices at once: in-register permutes up to 16 entries (one
-// two-table permute with AVX-512VL), a gather beyond.
+// two-table permute with AVX-512VL; up to 64 with AVX-512: one or two 32-entry permutes), a
+// gather beyond.
 struct Table8 {
   const float* t;
   int n;
   __m256 lo, hi;
+#ifdef LBT_AVX512
+  __m512 z[4];  // entries 0-15, 16-31, 32-47, 48-63
+#endif
   Table8(const float* table, int count) : t(table), n(count) {
-    alignas(32) float buf[16] = {0};
-    for (int i = 0; i < count && i < 16; ++i) buf[i] = table[i];
+    alignas(64) float buf[64] = {0};
+    for (int i = 0; i < count && i < 64; ++i) buf[i] = table[i];
     lo = _mm256_load_ps(buf);
     hi = _mm256_load_ps(buf + 8);
+#ifdef LBT_AVX512
+    for (int i = 0; i < 4; ++i) z[i] = _mm512_load_ps(buf + 16 * i);
+#endif
   }
   __m256 at(__m256i idx) const {
     if (n <= 8) return _mm256_permutevar8x32_ps(lo, idx);
 #ifdef __AVX512VL__
     if (n <= 16) return _mm256_permutex2var_ps(lo, idx, hi);
+#endif
+#ifdef LBT_AVX512
+    if (n <= 64) {  // index bits 0-4 pick within 32 entries, bit 5 which 32
+      const __m512i i5 = _mm512_castsi256_si512(idx);
+      const __m256 a = _mm512_castps512_ps256(_mm512_permutex2var_ps(z[0], i5, z[1]));
+      if (n <= 32) return a;
+      const __m256 b = _mm512_castps512_ps256(_mm512_permutex2var_ps(z[2], i5, z[3]));
+      return _mm256_mask_blend_ps(_mm256_test_epi32_mask(idx, _mm256_set1_epi32(32)), a, b);
+    }
 #endif
     if (n <= 16)
       return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo, idx), _mm256_permutevar8x32_ps(hi, idx),
@@ -851,6 +869,28 @@ inline void put_bitplanes(const uint8_t* c, int64_t m, int64_t f, int64_t plane_
 }
 
 inline void get_bitplanes(const uint8_t* body, int64_t m, int64_t f, int64_t plane_bytes, int bits, uint8_t* c) {
+  int64_t i0 = 0;
+#ifdef LBT_AVX2
+  if ((f & 7) == 0) {  // byte-aligned start: 32 codes from 4 bytes of each plane
+    const __m256i sel = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                         2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201ull));
+    for (; i0 + 32 <= m; i0 += 32) {
+      __m256i acc = _mm256_setzero_si256();
+      for (int j = 0; j < bits; ++j) {
+        int32_t w;
+        std::memcpy(&w, body + j * plane_bytes + ((f + i0) >> 3), 4);
+        const __m256i v = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(w), sel), bit);
+        acc = _mm256_or_si256(acc, _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(char(1 << j))));
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + i0), acc);
+    }
+  }
+#endif
+  if (i0 == m) return;
+  c += i0;
+  f += i0;
+  m -= i0;
   for (int64_t i = 0; i < m; ++i) c[i] = 0;
   for (int j = 0; j < bits; ++j) {
     const uint8_t* plane = body + j * plane_bytes;
@@ -879,6 +919,31 @@ struct LevelCoder {
   ThresholdSearch thr;
   bool thr_ok;
 #endif
+  // Integer grids above 4 bits (levels i/q): the code from an estimate, ceil(y * q + q + 0.5),
+  // moved by at most one step with the bounds' own comparisons. Used only where the
+  // constructor has checked, at both ends of every code's interval of y in [-1, 1], that the
+  // estimate is within one step of the code (the estimate is monotone in y, so then it is
+  // everywhere in between).
+  float grid_q = 0.0f;
+  bool grid_ok = false;
+  int grid_estimate(float y) const {
+    float e = std::ceil(y * grid_q + (grid_q + 0.5f));
+    e = e < 0.0f ? 0.0f : (e > float(nb) ? float(nb) : e);
+    return int(e);
+  }
+  void check_grid() {
+    if (bits < 5 || bits > 6) return;
+    grid_q = float((1 << (bits - 1)) - 1);
+    for (int j = 0; j <= nb; ++j) {  // code j <=> bounds[j-1] < y <= bounds[j]
+      float lo = j == 0 ? -1.0f : std::nextafter(bounds[j - 1], INFINITY);
+      float hi = j == nb ? 1.0f : bounds[j];
+      lo = lo < -1.0f ? -1.0f : lo;
+      hi = hi > 1.0f ? 1.0f : hi;
+      if (lo > hi) continue;
+      if (grid_estimate(lo) < j - 1 || grid_estimate(hi) > j + 1) return;
+    }
+    grid_ok = true;
+  }
   LevelCoder(const float* b, int nbits)
       : bounds(b), bits(nbits), nb((1 << nbits) - 1)
 #ifdef LBT_AVX2
@@ -890,7 +955,7 @@ struct LevelCoder {
 #ifdef LBT_AVX512
       , thr(b, nbits <= 4 ? nbits : 1), thr_ok(nbits <= 4 && default_mxcsr())
 #endif
-  {}
+  { check_grid(); }
   // finite: the group holds no NaN/Inf.
   void code(const float* z, int64_t n, float sc, bool finite, uint8_t* codes) const {
     int64_t i = 0;
@@ -921,6 +986,24 @@ struct LevelCoder {
         _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm256_cvtepi32_epi8(bucket16(y)));
       }
 #endif
+    if (grid_ok) {
+      const __m256 q = _mm256_set1_ps(grid_q), q5 = _mm256_set1_ps(grid_q + 0.5f);
+      const __m256i zero = _mm256_setzero_si256(), top = _mm256_set1_epi32(nb), one = _mm256_set1_epi32(1);
+      for (; i + 8 <= n; i += 8) {
+        const __m256 y = _mm256_min_ps(p1, _mm256_max_ps(m1, _mm256_div_ps(_mm256_loadu_ps(z + i), vs)));
+        const __m256 est = _mm256_round_ps(_mm256_add_ps(_mm256_mul_ps(y, q), q5), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+        __m256i c = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(est), zero), top);  // NaN: fixed below
+        // one down where bounds[c-1] >= y, one up where bounds[c] < y
+        const __m256i dn = _mm256_and_si256(_mm256_cmpgt_epi32(c, zero), _mm256_castps_si256(_mm256_cmp_ps(
+            bounds8.at(_mm256_max_epi32(_mm256_sub_epi32(c, one), zero)), y, _CMP_GE_OQ)));
+        c = _mm256_add_epi32(c, dn);
+        const __m256i up = _mm256_and_si256(_mm256_cmpgt_epi32(top, c), _mm256_castps_si256(_mm256_cmp_ps(
+            bounds8.at(_mm256_min_epi32(c, _mm256_sub_epi32(top, one))), y, _CMP_LT_OQ)));
+        c = _mm256_sub_epi32(c, up);
+        c = _mm256_blendv_epi8(c, top, _mm256_castps_si256(_mm256_cmp_ps(y, y, _CMP_UNORD_Q)));
+        store8_u8(codes + i, c);
+      }
+    }
     for (; i + 8 <= n; i += 8) {  // max/min with y second: a NaN y passes through, as in the reference
       const __m256 y = _mm256_min_ps(p1, _mm256_max_ps(m1, _mm256_div_ps(_mm256_loadu_ps(z + i), vs)));
       store8_u8(codes + i, bucketize8(y, bounds8, bits));
@@ -1095,6 +1178,8 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
   std::vector<uint8_t> codes(e);
 #ifdef LBT_AVX2
   const Table8 levels8(s.levels, 1 << s.bits);
+  std::vector<float> post(e);  // signs * 1/sqrt(block), for the fused last pass
+  for (int64_t c = 0; c < e; ++c) post[c] = s.signs[c] * s.inv_sqrt_block;
 #endif
   for (int64_t t = 0; t < t_rows; ++t) {
     float* orow = out.row(t);
@@ -1156,7 +1241,7 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
         continue;
       }
       for (int64_t i = 0; i < k; ++i) kept[i] = orow[outls[r][i]];
-      if (fwht_row_fused(z.data(), nullptr, s.signs, orow, r > 0, e, s.block, s.inv_sqrt_block)) {
+      if (fwht_row_fused(z.data(), nullptr, post.data(), orow, r > 0, e, s.block, s.inv_sqrt_block)) {
         for (int64_t i = 0; i < k; ++i) {
           const float v = bf16_to_f32(get_u16(head + 2 * (t * k + i)));
           orow[outls[r][i]] = r == 0 ? v : kept[i] + v;
