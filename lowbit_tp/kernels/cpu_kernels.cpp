@@ -599,9 +599,10 @@ inline bool fwht_row_avx2(float* y, int64_t e, int64_t block, float inv_sqrt) {
 }
 
 // The same transform in two passes over the row instead of eight (rows of whole 64-value
-// chunks, 64 <= block <= 256: every model width). `pre` (or null) multiplies each value
-// first (the encoder's signs). Pass A: per 64-value chunk in eight registers, the optional
-// multiply, stages 1-4 (fwht8) and 8, 16, 32; pass B: stages 64 and 128 across the block's
+// chunks, 64 <= block <= 256: every model width). `load(at)` gives the 8 input values at
+// `at` (the encoder's x times the signs; the decoder's levels times the group scale, read
+// straight from the codes). Pass A: per 64-value chunk in eight registers, the load,
+// stages 1-4 (fwht8) and 8, 16, 32 (into `y`); pass B: stages 64 and 128 across the block's
 // chunks, four registers at a time, and the final multiply by 1/sqrt(block). Every value gets
 // the same operations with the same operands as the stage-by-stage loops.
 template <int A, int B>
@@ -615,8 +616,8 @@ inline void bfly(__m256* v) {  // (v[A], v[B]) <- (v[A] + v[B], v[A] - v[B])
 // The last step of each value: times 1/sqrt(block), or times `post` when given (the decoder's
 // signs times 1/sqrt(block): fl(fl(v * c) * (+-1)) = fl(v * (+-c)), rounding to nearest is
 // symmetric), then stored to `dst` (ACC: added to what `dst` holds, as acc + v).
-template <int Q, bool ACC>
-inline void fwht_row_fused_q(float* y, const float* pre, const float* post, float* dst, int64_t e, float inv_sqrt) {
+template <int Q, bool ACC, class Load>
+inline void fwht_row_fused_q(const Load& load, float* y, const float* post, float* dst, int64_t e, float inv_sqrt) {
   const __m256 s = _mm256_set1_ps(inv_sqrt);
   auto finish = [&](__m256 v, int64_t at) {
     v = _mm256_mul_ps(v, post ? _mm256_loadu_ps(post + at) : s);
@@ -625,11 +626,7 @@ inline void fwht_row_fused_q(float* y, const float* pre, const float* post, floa
   };
   for (int64_t c = 0; c < e; c += 64) {
     __m256 v[8];
-    for (int i = 0; i < 8; ++i) {
-      __m256 x = _mm256_loadu_ps(y + c + 8 * i);
-      if (pre) x = _mm256_mul_ps(x, _mm256_loadu_ps(pre + c + 8 * i));
-      v[i] = fwht8(x);
-    }
+    for (int i = 0; i < 8; ++i) v[i] = fwht8(load(c + 8 * i));
     bfly<0, 1>(v); bfly<2, 3>(v); bfly<4, 5>(v); bfly<6, 7>(v);  // stride 8
     bfly<0, 2>(v); bfly<1, 3>(v); bfly<4, 6>(v); bfly<5, 7>(v);  // stride 16
     bfly<0, 4>(v); bfly<1, 5>(v); bfly<2, 6>(v); bfly<3, 7>(v);  // stride 32
@@ -652,19 +649,21 @@ inline void fwht_row_fused_q(float* y, const float* pre, const float* post, floa
     }
 }
 
-// fwht_row (with `pre` multiplied first, `post` after) into `dst`, added to it when `acc`;
-// false where the block or width does not fit (then nothing is written).
-inline bool fwht_row_fused(float* y, const float* pre, const float* post, float* dst, bool acc, int64_t e,
+// Whether fwht_row_fused takes rows of width e with this block.
+inline bool fwht_fusable(int64_t e, int64_t block) { return block >= 64 && block <= 256 && e % block == 0; }
+
+// fwht_row of load(...) (`post` multiplied after) into `dst`, added to it when `acc`; `y` is
+// scratch of e floats. Only where fwht_fusable.
+template <class Load>
+inline void fwht_row_fused(const Load& load, float* y, const float* post, float* dst, bool acc, int64_t e,
                            int64_t block, float inv_sqrt) {
-  if (e % block) return false;
   switch (block * 2 + acc) {
-    case 128: fwht_row_fused_q<1, false>(y, pre, post, dst, e, inv_sqrt); return true;
-    case 129: fwht_row_fused_q<1, true>(y, pre, post, dst, e, inv_sqrt); return true;
-    case 256: fwht_row_fused_q<2, false>(y, pre, post, dst, e, inv_sqrt); return true;
-    case 257: fwht_row_fused_q<2, true>(y, pre, post, dst, e, inv_sqrt); return true;
-    case 512: fwht_row_fused_q<4, false>(y, pre, post, dst, e, inv_sqrt); return true;
-    case 513: fwht_row_fused_q<4, true>(y, pre, post, dst, e, inv_sqrt); return true;
-    default: return false;
+    case 128: fwht_row_fused_q<1, false>(load, y, post, dst, e, inv_sqrt); return;
+    case 129: fwht_row_fused_q<1, true>(load, y, post, dst, e, inv_sqrt); return;
+    case 256: fwht_row_fused_q<2, false>(load, y, post, dst, e, inv_sqrt); return;
+    case 257: fwht_row_fused_q<2, true>(load, y, post, dst, e, inv_sqrt); return;
+    case 512: fwht_row_fused_q<4, false>(load, y, post, dst, e, inv_sqrt); return;
+    default: fwht_row_fused_q<4, true>(load, y, post, dst, e, inv_sqrt); return;
   }
 }
 
@@ -1080,9 +1079,18 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
       const char* next = row + ld * elem_size<DT>();
       for (int64_t b = 0; b < e * elem_size<DT>(); b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
     }
-    if ((LBT_SKIP & 2) || !fwht_row_fused(z.data(), s.signs, nullptr, z.data(), false, e, s.block, s.inv_sqrt_block))
+    const bool fused = fwht_fusable(e, s.block);
+    if (fused && !(LBT_SKIP & 2)) {
+      const float* zp = z.data();
+      const float* sg = s.signs;
+      fwht_row_fused([zp, sg](int64_t at) { return _mm256_mul_ps(_mm256_loadu_ps(zp + at), _mm256_loadu_ps(sg + at)); },
+                     z.data(), nullptr, z.data(), false, e, s.block, s.inv_sqrt_block);
+    }
+    if (!fused && !(LBT_SKIP & 2))
+#else
+    if (!(LBT_SKIP & 2))
 #endif
-    if (!(LBT_SKIP & 2)) {
+    {
       for (int64_t c = 0; c < e; ++c) z[c] = z[c] * s.signs[c];
 #ifdef LBT_AVX2
       if (!fwht_row_avx2(z.data(), e, s.block, s.inv_sqrt_block))
@@ -1180,6 +1188,8 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
   const Table8 levels8(s.levels, 1 << s.bits);
   std::vector<float> post(e);  // signs * 1/sqrt(block), for the fused last pass
   for (int64_t c = 0; c < e; ++c) post[c] = s.signs[c] * s.inv_sqrt_block;
+  const bool fused = fwht_fusable(e, s.block) && s.group % 8 == 0;
+  std::vector<float> sc8(e / 8 + 1);  // the group scale of each 8 values
 #endif
   for (int64_t t = 0; t < t_rows; ++t) {
     float* orow = out.row(t);
@@ -1219,6 +1229,28 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
           scale[g] = b == 255 ? QNAN : s.exp2tab[b];
         }
       }
+#ifdef LBT_AVX2
+      if (fused && !(LBT_SKIP & 512)) {
+        // One pass does the level lookup and all butterfly stages up to 32, one more the rest,
+        // the signs and the sum into the output row; the kept channels then get rank r's bf16
+        // value added to the row's sum before this rank.
+        for (int64_t g = 0; g < g_count; ++g)
+          for (int64_t j = 0; j < group / 8; ++j) sc8[g * (group / 8) + j] = scale[g];
+        for (int64_t i = 0; i < k; ++i) kept[i] = orow[outls[r][i]];
+        const uint8_t* cp = codes.data();
+        const float* sp = sc8.data();
+        const Table8& lv = levels8;
+        fwht_row_fused([cp, sp, &lv](int64_t at) {
+          const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cp + at)));
+          return _mm256_mul_ps(lv.at(idx), _mm256_set1_ps(sp[at >> 3]));
+        }, z.data(), post.data(), orow, r > 0, e, s.block, s.inv_sqrt_block);
+        for (int64_t i = 0; i < k; ++i) {
+          const float v = bf16_to_f32(get_u16(head + 2 * (t * k + i)));
+          orow[outls[r][i]] = r == 0 ? v : kept[i] + v;
+        }
+        continue;
+      }
+#endif
       for (int64_t g = 0; g < g_count && !(LBT_SKIP & 256); ++g) {
         const int64_t c0 = g * group, cnt = (c0 + group <= e ? group : e - c0);
         const float sc = scale[g];
@@ -1233,19 +1265,9 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
         for (; i < cnt; ++i) z[c0 + i] = s.levels[codes[c0 + i]] * sc;
       }
 #ifdef LBT_AVX2
-      // One pass does the last stages, the signs and the sum into the output row; the kept
-      // channels then get rank r's bf16 value added to the row's sum before this rank.
       if (LBT_SKIP & 512) {
         if (r == 0) std::memcpy(orow, z.data(), 4 * e);
         else for (int64_t c = 0; c < e; ++c) orow[c] = orow[c] + z[c];
-        continue;
-      }
-      for (int64_t i = 0; i < k; ++i) kept[i] = orow[outls[r][i]];
-      if (fwht_row_fused(z.data(), nullptr, post.data(), orow, r > 0, e, s.block, s.inv_sqrt_block)) {
-        for (int64_t i = 0; i < k; ++i) {
-          const float v = bf16_to_f32(get_u16(head + 2 * (t * k + i)));
-          orow[outls[r][i]] = r == 0 ? v : kept[i] + v;
-        }
         continue;
       }
       if (!fwht_row_avx2(z.data(), e, s.block, s.inv_sqrt_block))
