@@ -173,20 +173,33 @@ def test_cpu_kernels_keep_the_nonfinite_error():
 def test_error_mode_encodes_in_one_pass(name, monkeypatch):
     """In the default "error" mode the kernels scan their own input while encoding: finite,
     in-range input gives the reference's bytes without the separate range pass, and what the
-    reference refuses (NaN/Inf, beyond ``max_input``) is still refused with its error."""
+    reference refuses (NaN/Inf, beyond ``max_input``) is still refused with its error. Widths
+    of Hadamard blocks 8, 64, 128 and 256 (the rot encoders read the row inside their first
+    Hadamard pass there)."""
+    for t, e in [(5, 200), (3, 576), (2, 640), (2, 2048)]:
+        cal = synthetic_calibration([LAYER], world=1, hidden=e)
+        ref = make_codec(name, calibration=cal, backend="reference")
+        fast = make_codec(name, calibration=cal, backend="cpu")
+        for dtype in DTYPES:
+            for kind in ("randn", "zeros", "extremes"):
+                x = make_input(t, e, dtype, kind, seed=3)
+                try:
+                    want = ref.encode(x, layer=LAYER)
+                except (NonFiniteError, OutOfRangeError) as exc:  # extremes: Inf in fp16, overflow
+                    with pytest.raises(type(exc)):
+                        fast.encode(x, layer=LAYER)
+                    continue
+                calls = []
+                monkeypatch.setattr(F, "value_range", lambda v: calls.append(1) or (0.0, 0.0))
+                got = fast.encode(x, layer=LAYER)
+                monkeypatch.undo()
+                assert torch.equal(got, want), (name, t, e, dtype, kind)
+                if kind != "extremes":
+                    assert not calls, "the CPU path ran a separate range pass"
     t, e = 5, 200
     cal = synthetic_calibration([LAYER], world=1, hidden=e)
     ref = make_codec(name, calibration=cal, backend="reference")
     fast = make_codec(name, calibration=cal, backend="cpu")
-    for dtype in DTYPES:
-        x = make_input(t, e, dtype, "randn", seed=3)
-        want = ref.encode(x, layer=LAYER)
-        calls = []
-        monkeypatch.setattr(F, "value_range", lambda v: calls.append(1) or (0.0, 0.0))
-        got = fast.encode(x, layer=LAYER)
-        monkeypatch.undo()
-        assert torch.equal(got, want), (name, dtype)
-        assert not calls, "the CPU path ran a separate range pass"
     bad = make_input(t, e, torch.float32, "randn", seed=4)
     bad[2, 7] = float("inf")
     with pytest.raises(NonFiniteError):

@@ -1037,8 +1037,43 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
   const LevelCoder coder(s.bounds, int(s.bits));
   int status = 0;
   int32_t in_amax = 0;
+#ifdef LBT_AVX2
+  // Direct: the first Hadamard pass reads the input row itself (scanning it, zeroing the kept
+  // channels with a mask, times the signs): no fp32 copy of the row. Not in propagate mode,
+  // which clamps the row first.
+  const bool direct = fwht_fusable(e, s.block) && !propagate && !(LBT_SKIP & 2);
+  std::vector<int32_t> keep(direct ? e : 0, -1);
+  for (int64_t i = 0; i < k && direct; ++i) keep[outl[i]] = 0;
+#endif
   for (int64_t t = 0; t < t_rows; ++t) {
     const char* row = static_cast<const char*>(x) + t * ld * elem_size<DT>();
+#ifdef LBT_AVX2
+    if (t + 1 < t_rows) {  // the next row streams in while this one is transformed and coded
+      const char* next = row + ld * elem_size<DT>();
+      for (int64_t b = 0; b < e * elem_size<DT>(); b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+    }
+    if (direct) {
+      for (int64_t i = 0; i < k; ++i) put_u16(head + 2 * (t * k + i), f32_to_bf16(load<DT>(row, outl[i])));
+      const __m256i absm = _mm256_set1_epi32(0x7fffffff), fin = _mm256_set1_epi32(0x7f7fffff);
+      __m256i vam = _mm256_setzero_si256(), vnf = _mm256_setzero_si256();
+      const int32_t* kp = keep.data();
+      const float* sg = s.signs;
+      // kept channels: +0 (the reference's index_fill), then times the sign, as the others
+      fwht_row_fused([&vam, &vnf, row, kp, sg, absm, fin](int64_t at) {
+        const __m256 v = load8<DT>(row, at);
+        const __m256i a = _mm256_and_si256(_mm256_castps_si256(v), absm);
+        const __m256i bad = _mm256_cmpgt_epi32(a, fin);
+        vnf = _mm256_or_si256(vnf, bad);
+        vam = _mm256_max_epi32(vam, _mm256_andnot_si256(bad, a));
+        const __m256 m = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + at)));
+        return _mm256_mul_ps(_mm256_and_ps(v, m), _mm256_loadu_ps(sg + at));
+      }, z.data(), nullptr, z.data(), false, e, s.block, s.inv_sqrt_block);
+      const int32_t vm = hmax_epi32(vam);
+      in_amax = in_amax > vm ? in_amax : vm;
+      status |= !_mm256_testz_si256(vnf, vnf);
+    } else
+#endif
+    {
     int64_t c0 = 0;
 #ifdef LBT_AVX2
     {
@@ -1075,10 +1110,6 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
         z[c] = big ? (v < 0 ? -rotate_max : rotate_max) : v;
       }
 #ifdef LBT_AVX2
-    if (t + 1 < t_rows) {  // the next row streams in while this one is transformed and coded
-      const char* next = row + ld * elem_size<DT>();
-      for (int64_t b = 0; b < e * elem_size<DT>(); b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
-    }
     const bool fused = fwht_fusable(e, s.block);
     if (fused && !(LBT_SKIP & 2)) {
       const float* zp = z.data();
@@ -1097,6 +1128,7 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
 #endif
         fwht_row(z.data(), e, s.block, s.inv_sqrt_block);
     }
+    }  // not direct
     for (int64_t g = 0; g < g_count; ++g) {
       const int64_t c0 = g * group, n = (c0 + group <= e ? group : e - c0);
       if (LBT_SKIP & 4) { amax[g] = 1.0f; poisoned[g] = 0; continue; }
