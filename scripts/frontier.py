@@ -191,7 +191,8 @@ def main() -> None:
         for tp in args.tp or [3]:
             res = calibrate_and_evaluate(model, tp, codecs, algorithm=args.algorithm, samples=args.samples,
                                          cal_samples=args.cal_samples, lambada=args.lambada,
-                                         batch_size=args.batch_size, split=args.split, bundle=bundle,
+                                         batch_size=args.batch_size, split=args.split, seed=args.seed,
+                                         bundle=bundle,
                                          **cal_options).to_json()
             res["command"] = (f"python scripts/frontier.py --model {model} --tp {tp} --algorithm {args.algorithm} "
                               f"--samples {args.samples} --cal-samples {args.cal_samples} --lambada {args.lambada} "
