@@ -1163,9 +1163,12 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
         const float ratio = amax[g] / b32;
         // Largest q with lg8[q] >= ratio (the table descends; 0 if none), at most 254. Start
         // from -16 log2(ratio) read off the float's bits (within 2 of the answer), then step
-        // to the exact one with the table's own comparisons.
-        int q = -(int32_t(bits_of(ratio)) - 0x3f800000) >> 19;
+        // to the exact one with the table's own comparisons: four branch-free steps up from
+        // two below the estimate, then the loops (which find nothing left to do unless the
+        // estimate was further off) leave the exact answer either way.
+        int q = (-(int32_t(bits_of(ratio)) - 0x3f800000) >> 19) - 2;
         q = q < 0 ? 0 : (q > 255 ? 255 : q);
+        for (int step = 0; step < 4; ++step) q += int(q < 255) & int(s.lg8[q < 255 ? q + 1 : 255] >= ratio);
         while (q > 0 && !(s.lg8[q] >= ratio)) --q;
         while (q < 255 && s.lg8[q + 1] >= ratio) ++q;
         q = s.lg8[q] >= ratio ? q : 0;
