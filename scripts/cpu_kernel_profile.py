@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--phases", nargs="*", default=list(PHASES), help="phase names to leave out, one at a time")
     ap.add_argument("--baseline", default=None, help="another cpu_kernels.cpp to time next to this one (e.g. main's)")
     ap.add_argument("--no-avx512", action="store_true", help="also time this source built with -mno-avx512f")
+    ap.add_argument("--flags", nargs="*", default=[], help="extra builds of this source, e.g. -DLBT_TWO_PASS=1")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -112,6 +113,8 @@ def main() -> None:
             libs["baseline"] = build(0, Path(tmp), source=Path(a.baseline), tag="base")
         if a.no_avx512:
             libs["full -mno-avx512f"] = build(0, Path(tmp), extra=("-mno-avx512f",))
+        for flag in a.flags:
+            libs[f"full {flag}"] = build(0, Path(tmp), extra=(flag,))
         for ph in a.phases:
             libs[f"-{ph}"] = build(PHASES[ph], Path(tmp))
         rows = []

@@ -34,6 +34,11 @@
 #ifndef LBT_SKIP
 #define LBT_SKIP 0
 #endif
+// LBT_TWO_PASS=1: the two-pass Hadamard even where AVX-512 could keep a block in registers
+// (the profile script compares both).
+#ifndef LBT_TWO_PASS
+#define LBT_TWO_PASS 0
+#endif
 
 namespace {
 
@@ -649,6 +654,48 @@ inline void fwht_row_fused_q(const Load& load, float* y, const float* post, floa
     }
 }
 
+#ifdef LBT_AVX512
+// With AVX-512's 32 vector registers a whole block of up to 256 values stays in registers:
+// every stage in one pass, nothing stored and reloaded between them. The same operations in
+// the same order per value as fwht_row_fused_q.
+template <int Q, bool ACC, class Load>
+inline void fwht_row_regs_q(const Load& load, const float* post, float* dst, int64_t e, float inv_sqrt) {
+  const __m256 s = _mm256_set1_ps(inv_sqrt);
+  for (int64_t p = 0; p < e; p += 64 * Q) {
+    __m256 v[8 * Q];
+#pragma GCC unroll 32
+    for (int i = 0; i < 8 * Q; ++i) v[i] = fwht8(load(p + 8 * i));
+#pragma GCC unroll 4
+    for (int q = 0; q < Q; ++q) {
+      __m256* w = v + 8 * q;
+      bfly<0, 1>(w); bfly<2, 3>(w); bfly<4, 5>(w); bfly<6, 7>(w);  // stride 8
+      bfly<0, 2>(w); bfly<1, 3>(w); bfly<4, 6>(w); bfly<5, 7>(w);  // stride 16
+      bfly<0, 4>(w); bfly<1, 5>(w); bfly<2, 6>(w); bfly<3, 7>(w);  // stride 32
+    }
+    if (Q >= 2) {
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {  // stride 64, then 128
+        __m256 a[4];
+        for (int q = 0; q < Q; ++q) a[q] = v[8 * q + i];
+        bfly<0, 1>(a);
+        if (Q == 4) {
+          bfly<2, 3>(a);
+          bfly<0, 2>(a); bfly<1, 3>(a);
+        }
+        for (int q = 0; q < Q; ++q) v[8 * q + i] = a[q];
+      }
+    }
+#pragma GCC unroll 32
+    for (int i = 0; i < 8 * Q; ++i) {
+      const int64_t at = p + 8 * i;
+      __m256 x = _mm256_mul_ps(v[i], post ? _mm256_loadu_ps(post + at) : s);
+      if (ACC) x = _mm256_add_ps(_mm256_loadu_ps(dst + at), x);
+      _mm256_storeu_ps(dst + at, x);
+    }
+  }
+}
+#endif
+
 // Whether fwht_row_fused takes rows of width e with this block.
 inline bool fwht_fusable(int64_t e, int64_t block) { return block >= 64 && block <= 256 && e % block == 0; }
 
@@ -657,6 +704,19 @@ inline bool fwht_fusable(int64_t e, int64_t block) { return block >= 64 && block
 template <class Load>
 inline void fwht_row_fused(const Load& load, float* y, const float* post, float* dst, bool acc, int64_t e,
                            int64_t block, float inv_sqrt) {
+#ifdef LBT_AVX512
+  if (!LBT_TWO_PASS) {
+    (void)y;
+    switch (block * 2 + acc) {
+      case 128: fwht_row_regs_q<1, false>(load, post, dst, e, inv_sqrt); return;
+      case 129: fwht_row_regs_q<1, true>(load, post, dst, e, inv_sqrt); return;
+      case 256: fwht_row_regs_q<2, false>(load, post, dst, e, inv_sqrt); return;
+      case 257: fwht_row_regs_q<2, true>(load, post, dst, e, inv_sqrt); return;
+      case 512: fwht_row_regs_q<4, false>(load, post, dst, e, inv_sqrt); return;
+      default: fwht_row_regs_q<4, true>(load, post, dst, e, inv_sqrt); return;
+    }
+  }
+#endif
   switch (block * 2 + acc) {
     case 128: fwht_row_fused_q<1, false>(load, y, post, dst, e, inv_sqrt); return;
     case 129: fwht_row_fused_q<1, true>(load, y, post, dst, e, inv_sqrt); return;
