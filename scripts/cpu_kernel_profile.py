@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import json
 import statistics
 import subprocess
@@ -37,7 +38,8 @@ PHASES = {  # LBT_SKIP bits (see cpu_kernels.cpp)
 
 
 def build(mask: int, out_dir: Path, extra: tuple[str, ...] = (), source: Path = cpu.SOURCE, tag: str = "") -> ctypes.CDLL:
-    so = out_dir / f"k{mask}{tag}{'_'.join(extra).replace('-', '')}.so"
+    key = hashlib.sha256(Path(source).read_bytes() + repr((mask, extra, cpu.FLAGS)).encode()).hexdigest()[:12]
+    so = out_dir / f"k{mask}{tag}_{key}.so"
     if not so.exists():
         cmd = ["g++", *cpu.FLAGS, "-march=native", *extra, f"-DLBT_SKIP={mask}", str(source), "-o", str(so)]
         subprocess.run(cmd, check=True)
@@ -103,11 +105,15 @@ def main() -> None:
     ap.add_argument("--phases", nargs="*", default=list(PHASES), help="phase names to leave out, one at a time")
     ap.add_argument("--baseline", default=None, help="another cpu_kernels.cpp to time next to this one (e.g. main's)")
     ap.add_argument("--no-avx512", action="store_true", help="also time this source built with -mno-avx512f")
-    ap.add_argument("--flags", nargs="*", default=[], help="extra builds of this source, e.g. -DLBT_TWO_PASS=1")
+    ap.add_argument("--flags", action="append", default=[], help="an extra build of this source, e.g. --flags=-DLBT_TWO_PASS=1 (repeatable)")
+    ap.add_argument("--build-dir", default=None, help="keep the builds here (default: a temporary folder)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
+        if a.build_dir:
+            tmp = a.build_dir
+            Path(tmp).mkdir(parents=True, exist_ok=True)
         libs = {"full": build(0, Path(tmp))}
         if a.baseline:
             libs["baseline"] = build(0, Path(tmp), source=Path(a.baseline), tag="base")

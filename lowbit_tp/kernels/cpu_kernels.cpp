@@ -39,6 +39,10 @@
 #ifndef LBT_TWO_PASS
 #define LBT_TWO_PASS 0
 #endif
+// LBT_ZMM_SEARCH=1: the division-free level search 16 values at a time in 512-bit registers.
+#ifndef LBT_ZMM_SEARCH
+#define LBT_ZMM_SEARCH 0
+#endif
 
 namespace {
 
@@ -861,7 +865,7 @@ struct ThresholdSearch {
       shift[k] = _mm512_load_si512(idx);
     }
   }
-  struct Group { __m256 first, lo[4], hi[4]; };
+  struct Group { __m256 first, lo[4], hi[4]; __m512 firstz, z[4]; };
   // The thresholds t_b for scale s (a normal float), as the search's per-step tables.
   void prepare(float s, Group& g) const {
     const __m512d sd = _mm512_set1_pd(double(s));
@@ -877,12 +881,22 @@ struct ThresholdSearch {
     __m512 t = _mm512_castsi512_ps(u);
     t = _mm512_mask_mov_ps(t, below, _mm512_set1_ps(-INFINITY));
     t = _mm512_mask_mov_ps(t, above, _mm512_set1_ps(INFINITY));
-    g.first = _mm512_castps512_ps256(_mm512_permutexvar_ps(_mm512_set1_epi32((1 << (bits - 1)) - 1), t));
+    g.firstz = _mm512_permutexvar_ps(_mm512_set1_epi32((1 << (bits - 1)) - 1), t);
+    g.first = _mm512_castps512_ps256(g.firstz);
     for (int k = 1; k < bits; ++k) {
       const __m512 sh = _mm512_permutexvar_ps(shift[k], t);
+      g.z[k] = sh;
       g.lo[k] = _mm512_castps512_ps256(sh);
       g.hi[k] = _mm512_extractf32x8_ps(sh, 1);
     }
+  }
+  __m512i operator()(const Group& g, __m512 y) const {  // 16 values: one 16-entry table per step
+    __m512i pos = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(g.firstz, y, _CMP_NGE_UQ), _mm512_set1_epi32(1 << (bits - 1)));
+    for (int k = 1; k < bits; ++k) {
+      const __mmask16 m = _mm512_cmp_ps_mask(_mm512_permutexvar_ps(pos, g.z[k]), y, _CMP_NGE_UQ);
+      pos = _mm512_mask_add_epi32(pos, m, pos, _mm512_set1_epi32(1 << (bits - 1 - k)));
+    }
+    return pos;
   }
   __m256i operator()(const Group& g, __m256 y) const {  // as Bucketize16, on the group's thresholds
     __m256i pos = _mm256_maskz_mov_epi32(_mm256_cmp_ps_mask(g.first, y, _CMP_NGE_UQ), _mm256_set1_epi32(1 << (bits - 1)));
@@ -1023,6 +1037,8 @@ struct LevelCoder {
     if (thr_ok && finite && sc >= FLT_MIN && sc <= FLT_MAX && n >= 8 && !(LBT_SKIP & 48)) {
       ThresholdSearch::Group tg;
       thr.prepare(sc, tg);
+      for (; LBT_ZMM_SEARCH && i + 16 <= n; i += 16)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(thr(tg, _mm512_loadu_ps(z + i))));
       for (; i + 8 <= n; i += 8)
         _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm256_cvtepi32_epi8(thr(tg, _mm256_loadu_ps(z + i))));
     }
