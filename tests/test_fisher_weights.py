@@ -289,3 +289,127 @@ def test_nonfinite_modes(wcal):
     c = make_codec("rot-lm4-g64-lg8-k4+fisher", calibration=wcal, nonfinite="propagate")
     y = c.decode_sum([c.encode(x, layer=LAYERS[0], source=0)], (4, E), layer=LAYERS[0])
     assert bool(torch.isnan(y[2]).any()) and bool(torch.isfinite(y[[0, 1, 3]]).all())
+
+
+# ------------------------------------------------------------------ the Fisher pass
+@pytest.fixture(scope="module")
+def tiny():
+    from helpers import tiny_model
+
+    from lowbit_tp.simulator import TPSimulator
+
+    model = tiny_model("llama")
+    model.requires_grad_(False)
+    with TPSimulator(model, tp=2) as sim:
+        layers = list(sim.layer_names)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # hundreds of tiny passes: threads only contend on a shared machine
+    yield model, layers
+    torch.set_num_threads(threads)
+
+
+def test_diagonal_fisher_matches_the_exact_expectation(tiny):
+    """One-token windows: F_j = sum_y p(y) (d log p(y) / d h_j)**2 exactly, by a full Jacobian of
+    log p over the vocabulary with respect to a perturbation added at the layer's output
+    (another mechanism than the pass's retained gradients); the pass's 400 sampled draws
+    must agree within Monte Carlo error."""
+    from lowbit_tp.calibration.fisher import diagonal_fisher
+
+    model, layers = tiny
+    ids = torch.tensor([[0], [65]])
+    layer = layers[1]
+    mod = dict(model.named_modules())[layer]
+
+    def exact(row):
+        def logp(delta):
+            h = mod.register_forward_hook(lambda m, i, o: o + delta)
+            try:
+                return torch.log_softmax(model(ids[row:row + 1]).logits[0, -1].double(), -1)
+            finally:
+                h.remove()
+        zero = torch.zeros(model.config.hidden_size)
+        jac = torch.autograd.functional.jacobian(logp, zero)  # [V, E]
+        return (logp(zero).exp()[:, None] * jac ** 2).sum(0)
+
+    want = torch.stack([exact(0), exact(1)])
+    got = diagonal_fisher(model, ids, layers=[layer], draws=400, seed=1, per_token=True)[layer].double()
+    assert got.shape == want.shape
+    for r in range(2):
+        assert abs(float(got[r].sum() / want[r].sum()) - 1) < 0.15
+        assert float(torch.corrcoef(torch.stack([got[r], want[r]]))[0, 1]) > 0.9
+    mean = diagonal_fisher(model, ids, layers=[layer], draws=50, seed=1)[layer].double()
+    few = diagonal_fisher(model, ids, layers=[layer], draws=50, seed=1, per_token=True)[layer].double()
+    assert torch.allclose(mean, few.mean(0), rtol=1e-5, atol=0)
+    assert not any(p.grad is not None for p in model.parameters())
+
+
+def test_partial_mean_squares_at_tp1_are_the_layer_outputs(tiny):
+    from lowbit_tp.calibration.fisher import partial_mean_squares
+
+    model, layers = tiny
+    ids = torch.randint(2, 200, (3, 9), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    mods = dict(model.named_modules())
+    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, o.detach().reshape(-1, o.shape[-1])))
+             for n in layers]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    got = partial_mean_squares(model, ids, tp=1, batch_size=2)
+    two = partial_mean_squares(model, ids, tp=2)
+    for n in layers:
+        assert got[n].shape == (1, 64) and two[n].shape == (2, 64)
+        assert torch.allclose(got[n][0], seen[n].pow(2).mean(0), rtol=1e-4, atol=1e-7)
+
+
+def test_calibrate_and_from_give_the_same_weights_and_the_codec_runs(tmp_path, tiny):
+    """``calibrate`` with the Fisher pass and ``--from`` on the same calibration without it agree
+    bitwise (same calibration windows, same draws); the weights survive save/load; the
+    evaluation on the dev split runs the weighted default codec."""
+    from helpers import save_tiny
+
+    from lowbit_tp.calibration.pipeline import calibrate, fisher_from
+    from lowbit_tp.configs import CalibrationConfig
+    from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
+    from lowbit_tp.models import load_model
+
+    path = save_tiny(tmp_path, "llama")
+    bundle = load_model(path, progress=False)
+    text = tmp_path / "text"  # a small corpus: tokenizing Shakespeare bytewise would take most of the time
+    text.mkdir()
+    g = torch.Generator().manual_seed(0)
+    words = ["the", "king", "said", "and", "then", "went", "home", "to", "sleep", "while", "rain", "fell"]
+    for i in range(6):
+        (text / f"doc{i}.txt").write_text(" ".join(words[j] for j in torch.randint(0, 12, (600,), generator=g)))
+    cfg = CalibrationConfig(model=path, tp=2, samples=4, seq_len=32, batch_size=4, allocate=6.0, fisher_draws=2,
+                            fisher_windows=2, text=str(text))
+    with_fw = calibrate(cfg, bundle=bundle, progress=False)
+    plain = calibrate(CalibrationConfig(**{**cfg.__dict__, "fisher_draws": 0}), bundle=bundle, progress=False)
+    assert plain.channel_weights == {}
+    saved = plain.save(tmp_path / "plain.safetensors")
+    added = fisher_from(cfg, str(saved), bundle=bundle)
+    back = Calibration.load(added.save(tmp_path / "fw.safetensors"))
+    assert set(back.channel_weights) == set(with_fw.layers)
+    for n, w in with_fw.channel_weights.items():
+        assert torch.equal(back.channel_weights[n], w)
+        assert not torch.equal(w, torch.ones_like(w))
+    fw = back.meta["channel_weights"]
+    assert fw["draws"] == 2 and fw["windows"] == 2 and fw["samples"] == plain.meta["text"]["chunks"]["samples"][:2]
+    assert back.meta["bit_allocation"] == plain.meta["bit_allocation"]
+    res = evaluate_codecs(EvalConfig(model=path, tp=2, codecs=("default", "default+fisher"), samples=2, seq_len=32,
+                                     lambada=0, split="dev", text=str(text)), bundle=bundle, calibration=back)
+    rows = {r.codec: r for r in res.rows}
+    assert rows["default"].bits_per_value == rows["default+fisher"].bits_per_value
+    assert rows["default"].kl != rows["default+fisher"].kl
+
+
+def test_cli_errors_for_from_are_one_line(tmp_path, wcal, capsys):
+    from lowbit_tp.cli import main
+
+    src = wcal.save(tmp_path / "w.safetensors")
+    for argv, msg in ((["--from", str(src), "--out", str(tmp_path / "o.safetensors")], "--fisher-weights"),
+                      (["--from", str(src), "--fisher-weights", "2", "--out", str(src)], "must differ")):
+        assert main(["calibrate", "--model", "smollm2-135m", "--tp", "3", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err

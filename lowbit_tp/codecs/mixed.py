@@ -158,8 +158,8 @@ class ChannelWeightedCodec(_DelegatingCodec):
     ``sum_r dec(x_r * w) / w`` unscales the sum once, after ``inner``'s own fused
     decode-and-sum, instead of one division per received payload; and two-shot's reduce and
     re-encode stay in the weighted domain (:meth:`reduce_encode` is ``inner``'s, fused where
-    it is). Per-rank weights would be optimal per partial, but measured on dev they save no
-    more (docs/design-dev.md).
+    it is). Per-rank weights would fit each partial better at the price of one division per
+    payload; docs/design-dev.md compares the two on dev.
 
     Exact arithmetic (the contract a kernel must keep): encode sends
     ``inner.encode(x.float() * w)``; decode-and-sum returns ``inner.decode_sum(...) / w`` in
