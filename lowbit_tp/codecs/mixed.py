@@ -158,8 +158,8 @@ class ChannelWeightedCodec(_DelegatingCodec):
     ``sum_r dec(x_r * w) / w`` unscales the sum once, after ``inner``'s own fused
     decode-and-sum, instead of one division per received payload; and two-shot's reduce and
     re-encode stay in the weighted domain (:meth:`reduce_encode` is ``inner``'s, fused where
-    it is). Per-rank weights would fit each partial better at the price of one division per
-    payload; docs/design-dev.md compares the two on dev.
+    it is). Per-rank weights fit each partial better (predicted KL on dev −12.6% against
+    −10.3% for shared, docs/design-dev.md) at the price of one division per payload.
 
     Exact arithmetic (the contract a kernel must keep): encode sends
     ``inner.encode(x.float() * w)``; decode-and-sum returns ``inner.decode_sum(...) / w`` in
