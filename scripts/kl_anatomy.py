@@ -60,54 +60,20 @@ def main(argv=None) -> None:
     from lowbit_tp.codecs.functional import fwht, hadamard_block
     from lowbit_tp.codecs.static import topk_channels
     from lowbit_tp.collectives import simulate_all_reduce
-    from lowbit_tp.data import chunk_tokens, load_split
     from lowbit_tp.models import load_model
-    from lowbit_tp.simulator import TPSimulator
+    from fisher_predictor import calibration_windows, diagonal_fisher, predicted_kl, tp_partials
 
     t0 = time.time()
     torch.manual_seed(0)
     cal = Calibration.load(args.calibration)
     model, tokenizer, info = load_model(args.model, progress=False)
-    cc = cal.meta["text"]["chunks"]
-    ch = chunk_tokens(tokenizer, load_split(cal.meta.get("config", {}).get("text")).calibration,
-                      num_samples=cc["num_samples"], seq_len=cal.meta["config"]["seq_len"], seed=cal.meta["config"]["seed"])
-    if ch.manifest()["samples"] != cc["samples"]:
-        raise SystemExit("calibration windows differ from the artifact's")
-    ids = ch.input_ids[: args.windows]
+    ids = calibration_windows(cal, tokenizer, args.windows)
     names = list(cal.meta["layers"])
     e = cal.hidden_size
 
-    # 1. diagonal Fisher at every all-reduce output (the residual just after the add)
-    mods = dict(model.named_modules())
-    outs: dict = {}
-
-    def keep(n):
-        def hook(m, i, o):
-            o.retain_grad()
-            outs[n] = o
-        return hook
-
-    hooks = [mods[n].register_forward_hook(keep(n)) for n in names]
-    hooks.append(model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True)))
-    fisher = dict.fromkeys(names, 0.0)
-    with torch.enable_grad():
-        for _ in range(args.draws):
-            lp = torch.log_softmax(model(ids).logits.float(), -1)
-            y = torch.distributions.Categorical(logits=lp.detach()).sample()
-            lp.gather(-1, y.unsqueeze(-1)).sum().backward()
-            for n in names:
-                fisher[n] = fisher[n] + outs[n].grad.reshape(-1, e).pow(2) / args.draws
-            outs.clear()
-    for h in hooks:
-        h.remove()
-    # 2. partials
-    parts: dict = {}
-
-    def observe(layer, partials, total):
-        parts[layer] = (torch.stack([p.float() for p in partials]).clone(), total.float().clone())
-
-    with torch.no_grad(), TPSimulator(model, tp=args.tp, observer=observe, name=info.name):
-        model(ids)
+    # 1. diagonal Fisher at every all-reduce output; 2. partials
+    fisher = diagonal_fisher(model, ids, names, e, draws=args.draws)
+    parts = tp_partials(model, ids, tp=args.tp, name=info.name)
     print(f"captured in {time.time() - t0:.0f} s", flush=True)
 
     t_all = ids.numel()
@@ -120,7 +86,7 @@ def main(argv=None) -> None:
     bounds = (levels[1:] + levels[:-1]) / 2
 
     def kl(n, err, rows):
-        return 0.5 * float((fisher[n][rows] * err.pow(2)).sum()) / err.shape[0]
+        return predicted_kl(fisher[n], err, rows)
 
     def channel_weights(n, rows):
         f = fisher[n][rows].mean(0).clamp_min(1e-30)
