@@ -30,6 +30,11 @@ from typing import Sequence
 
 import torch
 
+from lowbit_tp.codecs import functional as F
+from lowbit_tp.codecs.base import Codec, register_codec
+from lowbit_tp.codecs.rotation import ROTATE_MAX, RotParams, random_signs
+from lowbit_tp.codecs.static import topk_channels
+
 STEP_SEARCH = 1024  # candidate steps per row: base * 2**(-j/64), j in [0, 1024)
 STEP_RATIO = 64
 _STEP_TABLE = torch.exp2(-torch.arange(STEP_SEARCH, dtype=torch.float64) / STEP_RATIO).float()
@@ -254,10 +259,6 @@ def design_gaussian_lengths(coded_bits: float, half: int, *, max_len: int = 16) 
 
 
 # ---------------------------------------------------------------- the codec
-from lowbit_tp.codecs import functional as F  # noqa: E402
-from lowbit_tp.codecs.base import Codec, register_codec  # noqa: E402
-from lowbit_tp.codecs.rotation import ROTATE_MAX, RotParams, random_signs  # noqa: E402
-from lowbit_tp.codecs.static import topk_channels  # noqa: E402
 
 HALF = 40  # codes q in [-HALF, HALF]: 81 symbols
 DECODE_WIDTH = 16  # longest codeword, bits (the decoder's window)
