@@ -123,7 +123,16 @@ def round_up_bf16(v: torch.Tensor) -> torch.Tensor:
     return b.float()
 
 
-def choose_steps(z: torch.Tensor, lengths: torch.Tensor, budget_bits: int, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(v: torch.Tensor, d: torch.Tensor, offset: float = 0.5) -> torch.Tensor:
+    """Integer codes of ``v / d``: nearest (half to even) for ``offset`` 0.5, else
+    ``sign · floor(|v / d| + offset)`` (an offset below 0.5 widens the zero bin: fewer bits
+    for the same step). Encoder-only: the decoder reads ``q · d`` either way."""
+    r = v / d
+    return torch.round(r) if offset == 0.5 else torch.sign(r) * torch.floor(r.abs() + offset)
+
+
+def choose_steps(z: torch.Tensor, lengths: torch.Tensor, budget_bits: int, half: int, *,
+                 offset: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Rate control: per row of ``z [T, E]`` (finite fp32) the finest candidate step whose
     codes ``round(z / d)`` lie in ``[-half, half]`` and whose codeword ``lengths`` (int,
     indexed by ``q + half``, never shorter for larger ``|q|``) sum to at most ``budget_bits``.
@@ -147,8 +156,8 @@ def choose_steps(z: torch.Tensor, lengths: torch.Tensor, budget_bits: int, half:
 
     def evaluate(j, rows):
         d = step_at(j, rows)
-        q = torch.round(z[rows] / d.unsqueeze(1))
-        top = torch.round(amax[rows] / d)  # round is monotone: the largest |q|
+        q = quantize(z[rows], d.unsqueeze(1), offset)
+        top = quantize(amax[rows], d, offset)  # monotone: the largest |q|
         idx = q.clamp_(-half, half).add_(half).long()
         used = lens[idx].sum(1)
         return (top <= half) & (used <= budget_bits), used
@@ -179,7 +188,7 @@ def choose_steps(z: torch.Tensor, lengths: torch.Tensor, budget_bits: int, half:
         rows = rows[keep]
         it += 1
     d = step_at(lo)
-    q = torch.round(z / d.unsqueeze(1))
+    q = quantize(z, d.unsqueeze(1), offset)
     return d.masked_fill(amax == 0, 0.0), q.long()  # an all-zero row sends step 0
 
 
@@ -268,14 +277,15 @@ class EcsqCodec(Codec):
     """Fixed-rate ECSQ after the rotation (see the module doc): ``bits`` all-in per value.
 
     Options: ``bits`` (row budget ``floor(bits * E / 8)`` bytes, everything included),
-    ``k`` kept bf16 channels (None: the calibration's), ``lengths`` the prefix code's
-    lengths for q = -HALF..HALF (a table of :data:`TABLES` by name, or literal lengths).
+    ``k`` kept bf16 channels (None: the calibration's), ``table`` the prefix code's
+    lengths for q = -HALF..HALF (a table of :data:`TABLES` by name, or literal lengths),
+    ``rounding`` the encoder's rounding offset (:func:`quantize`; 0.5 = nearest).
     """
 
     max_input = ROTATE_MAX  # so the fp32 rotation and the bf16 step cannot overflow
 
     def __init__(self, *, bits: float = 3.5, k: int | None = 4, table: str | Sequence[int] = "gauss3.5",
-                 seed: int = 0, name: str | None = None, **kw):
+                 rounding: float = 0.5, seed: int = 0, name: str | None = None, **kw):
         self.needs_calibration = k != 0
         super().__init__(**kw)
         if not (isinstance(bits, (int, float)) and 1.0 <= float(bits) <= 16.0):
@@ -290,7 +300,9 @@ class EcsqCodec(Codec):
         if any(lengths[HALF + i] > lengths[HALF + i + 1] or lengths[HALF - i] > lengths[HALF - i - 1]
                for i in range(HALF)):
             raise ValueError("ECSQ code lengths must not shrink as |q| grows (the rate control relies on it)")
-        self.bits, self.k, self.seed = float(bits), k, seed
+        if not 0.0 < float(rounding) <= 0.5:
+            raise ValueError(f"rounding must be in (0, 0.5], got {rounding!r}")
+        self.bits, self.k, self.seed, self.rounding = float(bits), k, seed, float(rounding)
         self.table = table if isinstance(table, str) else tuple(lengths)
         self._lengths = torch.tensor(lengths, dtype=torch.long)
         self._codes = torch.tensor(codes, dtype=torch.long)
@@ -299,7 +311,7 @@ class EcsqCodec(Codec):
 
     def options(self):
         return {"bits": self.bits, "k": self.k, "table": list(self.table) if isinstance(self.table, tuple)
-                else self.table, "seed": self.seed}
+                else self.table, "rounding": self.rounding, "seed": self.seed}
 
     def num_kept(self, e: int) -> int:
         k = self.calibration.k if self.k is None else int(self.k)
@@ -341,7 +353,7 @@ class EcsqCodec(Codec):
             bad_rows = ~torch.isfinite(xf).all(1)
             xf = torch.where(bad_rows.unsqueeze(1), torch.zeros_like(xf), xf)
         z = F.fwht(xf * p.signs.to(xf.device), F.hadamard_block(e))
-        d, q = choose_steps(z, self._lengths, 8 * c, HALF)
+        d, q = choose_steps(z, self._lengths, 8 * c, HALF, offset=self.rounding)
         if bad_rows is not None:
             d = d.masked_fill(bad_rows, float("nan"))
         slots = pack_rows(q, self._lengths, self._codes, HALF, c)
