@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     ap.add_argument("--windows", type=int, default=4, help="calibration windows used (even)")
     ap.add_argument("--draws", type=int, default=4, help="sampled label draws for the Fisher")
     ap.add_argument("--budgets", type=float, nargs="+", default=[3.264, 3.5, 4.25, 4.264])
-    ap.add_argument("--roundings", type=float, nargs="+", default=[0.5, 0.4],
+    ap.add_argument("--roundings", type=float, nargs="+", default=[0.5],
                     help="encoder rounding offsets tried with the Gaussian table (0.5 = nearest)")
     ap.add_argument("--references", nargs="+", default=["rot-lm3-g64-lg8-k4", "rot-lm3-g32-lg8-k4",
                                                          "rot-lm4-g64-lg8-k4", "rot-int5-g64-lg8-k4"])
