@@ -117,15 +117,19 @@ def main(argv=None) -> None:
         runs = [(f"gauss-r{o:g}", gauss, o) for o in args.roundings] + [("emp-r0.5", emp, 0.5)]
         for label, ln, offset in runs:
             c = EcsqCodec(bits=b, k=4, table=ln, rounding=offset, calibration=cal, name=f"ecsq{b:g}-{label}")
-            used = []
+            used, hist = [], torch.zeros(2 * HALF + 1, dtype=torch.float64)
             for n in names:
                 for r in range(args.tp):
                     z = c.rotated(parts[n][0][r][test], layer=n, source=r)
                     _, q = choose_steps(z, c._lengths, 8 * c.slot_bytes(e), HALF, offset=offset)
                     used.append(float(c._lengths[q + HALF].sum(1).double().mean()))
+                    hist += torch.bincount((q + HALF).reshape(-1), minlength=2 * HALF + 1).double()
+            pr = hist[hist > 0] / hist.sum()
             row = {"codec": c.name, "bits": round(c.bits_per_value(shape), 4), "predicted_kl": predict(c),
+                   "code_bits_budget_per_value": round(coded, 4),
                    "code_bits_used_per_value": round(sum(used) / len(used) / e, 4),
-                   "code_bits_budget_per_value": round(coded, 4)}
+                   # the same codes' empirical entropy: what an ideal coder would have spent
+                   "code_entropy_bits_per_value": round(float(-(pr * pr.log2()).sum()), 4)}
             ref = interpolate(refs, row["bits"])
             if ref is not None:
                 row["reference_interpolated_kl"] = ref
