@@ -207,6 +207,10 @@ class CalibrationConfig:
     # Candidate codecs for a multi-codec allocation (allocate_many); empty: the two above.
     # alloc_low is then the reference codec whose per-layer KL is measured.
     alloc_codecs: tuple[str, ...] = ()
+    # Fisher channel weights for the NAME+fisher codecs (lowbit_tp.calibration.fisher):
+    # label draws (0 skips the pass) over the first fisher_windows calibration windows.
+    fisher_draws: int = 0
+    fisher_windows: int = 4
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from lowbit_tp.calibration import Calibration, CalibrationError
-from lowbit_tp.codecs import CODEC_ALIASES, list_codecs, make_codec
+from lowbit_tp.codecs import CODEC_ALIASES, codec_spec, list_codecs, make_codec
 from lowbit_tp.configs import check_min
 from lowbit_tp.data import load_split
 from lowbit_tp.errors import UserError
@@ -67,9 +67,12 @@ def check_codecs(names: Iterable[str], *, calibration: str | Path | None = None,
     if not names:
         raise UserError("give at least one codec")
     known = list_codecs()
-    unknown = [n for n in names if CODEC_ALIASES.get(n, n) not in known]
-    if unknown:
-        raise UserError(f"unknown codec {unknown[0]!r}; known codecs: {', '.join([*CODEC_ALIASES, *known])}")
+    for n in names:
+        try:
+            codec_spec(n)
+        except KeyError:
+            raise UserError(f"unknown codec {n!r}; known codecs: {', '.join([*CODEC_ALIASES, *known])} "
+                            f"(rot-*, alloc and default also as NAME+fisher)") from None
     if not build:
         return None
     cal = None if calibration is None else check_calibration_file(calibration)
@@ -142,4 +145,23 @@ def preflight_calibrate(cfg: Any, *, out: str | Path, warn: Callable[[str], None
     if cfg.allocate:
         check_codecs([cfg.alloc_low, cfg.alloc_high, *getattr(cfg, "alloc_codecs", ())], build=False)
     check_text(cfg.text, getattr(cfg, "text_glob", "*"))
+    check_output_path(out, what="calibration file")
+
+
+def preflight_fisher_from(cfg: Any, *, source: str | Path, out: str | Path) -> None:
+    """``lowbit-tp calibrate --from CAL --fisher-weights N``'s checks: draws given, model and
+    TP degree, CAL readable and made for that TP degree, ``out`` writable and not CAL."""
+    if not cfg.fisher_draws:
+        raise UserError("--from adds Fisher weights to a calibration: give --fisher-weights DRAWS (e.g. 4)")
+    if Path(out).expanduser().resolve() == Path(source).expanduser().resolve():
+        raise UserError("--out must differ from --from (the source calibration is not overwritten)")
+    config = check_model_tp(cfg.model, cfg.tp)
+    cal = check_calibration_file(source)
+    try:
+        cal.check_compatible(tp=cfg.tp, hidden_size=config.hidden_size)
+    except CalibrationError as exc:
+        raise UserError(str(exc)) from None
+    n = int(((cal.meta.get("text") or {}).get("chunks") or {}).get("num_samples") or 0)
+    if not 1 <= cfg.fisher_windows <= n:
+        raise UserError(f"--fisher-windows {cfg.fisher_windows}: {source} has {n} calibration windows")
     check_output_path(out, what="calibration file")

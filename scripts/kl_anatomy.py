@@ -5,7 +5,9 @@ records them, so ``eval --split dev`` never reads them):
 
 1. the diagonal Fisher of the next-token distribution at every all-reduce output,
    ``F[t, j] = E_y (d log p(y) / d h[t, j])**2`` with ``y`` drawn from the model itself
-   (``--draws`` draws; one backward pass each, summed over positions). Then
+   (``--draws`` draws; one backward pass each, summed over positions;
+   ``lowbit_tp.calibration.fisher.diagonal_fisher``, the pass ``calibrate --fisher-weights``
+   runs). Then
    ``0.5 * sum F * err**2 / T`` predicts the KL (per token) that an all-reduce error
    ``err`` at that layer causes; the script prints it next to the measured single-layer KL
    of ``measure.json`` (``alloc_study.py``) when ``--measure`` is given;
@@ -17,8 +19,10 @@ channel weights are fitted on the first half):
 
 - ``reference``: the registered codec (gather all-reduce) - the baseline;
 - ``fisher-weighted``: each rank's partial multiplied by a per-channel weight ``w`` before
-  the codec and divided after (``w_j**2 ∝ sqrt(F_j) / rms_j``, the minimiser of
-  ``sum_j F_j E[err_j**2]`` when the rotated error is isotropic); no bytes added;
+  the codec and divided after (``lowbit_tp.calibration.weights.fisher_channel_weights``:
+  ``w_j**2 ∝ sqrt(F_j / m_j)``, the minimiser of ``sum_j F_j E[err_j**2]`` when the rotated
+  error is isotropic); no bytes added. ``m``: the mean square summed over ranks, one vector
+  for all ranks, as the ``+fisher`` codecs do; ``fisher-weighted-per-rank``: each rank's own;
 - ``scale-search``: each group's scale chosen among absmax × {1, .95, .9, .85, .8, .75}
   for least squared error (encoder-only; the decoder is unchanged);
 - ``ecsq-*``: uniform scalar quantization of the rotated values with a step proportional to
@@ -26,8 +30,9 @@ channel weights are fitted on the first half):
 - the empirical entropy of the reference's own 4-bit codes;
 - how the predicted KL spreads over layers, tokens and window positions.
 
-With ``--eval-samples N`` it then evaluates the reference and the Fisher-weighted codec
-(weights from all ``--windows``) on N dev windows (seed 1), with intervals.
+With ``--eval-samples N`` it then evaluates the reference and ``REFERENCE+fisher`` (the
+library codec, with weights from all ``--windows`` put into a copy of the calibration) on N
+dev windows (seed 1), with intervals.
 
     PYTHONPATH=. python scripts/kl_anatomy.py --calibration CAL.safetensors \\
         --measure docs/dev/smollm2-tp3-measure.json --eval-samples 16 --json OUT.json
@@ -56,24 +61,33 @@ def main(argv=None) -> None:
     import torch
 
     from lowbit_tp.calibration import Calibration
-    from lowbit_tp.codecs import Codec, make_codec, register_codec
+    from lowbit_tp.calibration.fisher import calibration_windows, diagonal_fisher
+    from lowbit_tp.calibration.weights import fisher_channel_weights
+    from lowbit_tp.codecs import make_codec
     from lowbit_tp.codecs.functional import fwht, hadamard_block
     from lowbit_tp.codecs.static import topk_channels
     from lowbit_tp.collectives import simulate_all_reduce
     from lowbit_tp.models import load_model
-    from fisher_predictor import calibration_windows, diagonal_fisher, predicted_kl, tp_partials
+    from lowbit_tp.simulator import TPSimulator
 
     t0 = time.time()
     torch.manual_seed(0)
     cal = Calibration.load(args.calibration)
     model, tokenizer, info = load_model(args.model, progress=False)
-    ids = calibration_windows(cal, tokenizer, args.windows)
+    ids = calibration_windows(cal, tokenizer).input_ids[: args.windows]
     names = list(cal.meta["layers"])
     e = cal.hidden_size
 
-    # 1. diagonal Fisher at every all-reduce output; 2. partials
-    fisher = diagonal_fisher(model, ids, names, e, draws=args.draws)
-    parts = tp_partials(model, ids, tp=args.tp, name=info.name)
+    # 1. diagonal Fisher at every all-reduce output (the layer's output), per token
+    fisher = diagonal_fisher(model, ids, layers=names, draws=args.draws, seed=0, batch_size=len(ids), per_token=True)
+    # 2. partials
+    parts: dict = {}
+
+    def observe(layer, partials, total):
+        parts[layer] = (torch.stack([p.float() for p in partials]).clone(), total.float().clone())
+
+    with torch.no_grad(), TPSimulator(model, tp=args.tp, observer=observe, name=info.name):
+        model(ids)
     print(f"captured in {time.time() - t0:.0f} s", flush=True)
 
     t_all = ids.numel()
@@ -86,16 +100,13 @@ def main(argv=None) -> None:
     bounds = (levels[1:] + levels[:-1]) / 2
 
     def kl(n, err, rows):
-        return predicted_kl(fisher[n], err, rows)
+        return 0.5 * float((fisher[n][rows] * err.pow(2)).sum()) / err.shape[0]
 
-    def channel_weights(n, rows):
-        f = fisher[n][rows].mean(0).clamp_min(1e-30)
-        ws = []
-        for r in range(args.tp):
-            rms = parts[n][0][r][rows].pow(2).mean(0).sqrt().clamp_min(1e-20)
-            w = (f.sqrt() / rms).sqrt()
-            ws.append(w / w.pow(2).mean().sqrt())
-        return ws
+    def channel_weights(n, rows, shared=True):
+        """The +fisher codecs' weights (one vector for all ranks), or each rank its own."""
+        ms = parts[n][0][:, rows].pow(2).mean(1)  # [tp, E]
+        f = fisher[n][rows].mean(0)
+        return fisher_channel_weights(f, ms.sum(0)).expand(args.tp, -1) if shared else fisher_channel_weights(f, ms)
 
     def entropy(code):
         h = torch.bincount((code - code.min()).reshape(-1).long()).float()
@@ -126,7 +137,8 @@ def main(argv=None) -> None:
         return x
 
     steps = (0.9, 1.0, 1.1, 1.2, 1.35)
-    pred = {"reference": 0.0, "reference-exact-scales": 0.0, "fisher-weighted": 0.0, "scale-search": 0.0}
+    pred = {"reference": 0.0, "reference-exact-scales": 0.0, "fisher-weighted": 0.0, "fisher-weighted-per-rank": 0.0,
+            "scale-search": 0.0}
     pred.update({f"ecsq-{s}": 0.0 for s in steps})
     ecsq_bits = dict.fromkeys(steps, 0.0)
     code_entropy = []
@@ -139,8 +151,8 @@ def main(argv=None) -> None:
         per_layer[n] = kl(n, err, slice(None))
         tok += 0.5 * (fisher[n] * err.pow(2)).sum(1) / t_all
         pred["reference"] += kl(n, err[test], test)
-        ws = channel_weights(n, fit)
-        acc = {k: 0.0 for k in ("exact", "w", "ss")}
+        ws, wr = channel_weights(n, fit), channel_weights(n, fit, shared=False)
+        acc = {k: 0.0 for k in ("exact", "w", "wr", "ss")}
         acc_e = dict.fromkeys(steps, 0.0)
         for r in range(args.tp):
             x, o = p[r][test], kept(n, r)
@@ -148,6 +160,8 @@ def main(argv=None) -> None:
             acc["ss"] = acc["ss"] + unrot(rot_quant(x, o, (1.0, .95, .9, .85, .8, .75)), x, o)
             xw = x * ws[r]
             acc["w"] = acc["w"] + unrot(rot_quant(xw, o), xw, o) / ws[r]
+            xw = x * wr[r]
+            acc["wr"] = acc["wr"] + unrot(rot_quant(xw, o), xw, o) / wr[r]
             xz = x.clone()
             xz[:, o] = 0
             z = fwht(xz * signs, block)
@@ -164,6 +178,7 @@ def main(argv=None) -> None:
         tt = total[test]
         pred["reference-exact-scales"] += kl(n, acc["exact"] - tt, test)
         pred["fisher-weighted"] += kl(n, acc["w"] - tt, test)
+        pred["fisher-weighted-per-rank"] += kl(n, acc["wr"] - tt, test)
         pred["scale-search"] += kl(n, acc["ss"] - tt, test)
         for s in steps:
             pred[f"ecsq-{s}"] += kl(n, acc_e[s] - tt, test)
@@ -195,43 +210,13 @@ def main(argv=None) -> None:
     if args.eval_samples:
         from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
 
-        weights = {n: channel_weights(n, slice(None)) for n in names}
+        weighted = cal.with_channel_weights({n: channel_weights(n, slice(None))[0] for n in names},
+                                            {"method": "fisher", "source": "scripts/kl_anatomy.py",
+                                             "windows": args.windows, "draws": args.draws})
         inner_name = args.reference
-
-        class FisherWeighted(Codec):
-            """Research wrapper: x * w before the reference codec, / w after (w from this script)."""
-            needs_calibration = True
-
-            def __init__(self, **kw):
-                super().__init__(**kw)
-                self.inner = make_codec(inner_name, calibration=self.calibration)
-                self.name = f"{inner_name}+fw"
-
-            def payload_nbytes(self, shape, layer=None):
-                return self.inner.payload_nbytes(shape, layer)
-
-            def encode(self, x, *, layer=None, source=0, out=None):
-                p = self.inner.encode(x.float() * weights[layer][source], layer=layer, source=source)
-                return p if out is None else out.copy_(p)
-
-            def decode(self, payload, shape, *, layer=None, source=0):
-                return self.inner.decode(payload, shape, layer=layer, source=source).float() / weights[layer][source]
-
-            def decode_sum(self, payloads, shape, *, layer=None, sources=None, out=None):
-                sources = list(range(len(payloads))) if sources is None else list(sources)
-                acc = sum(self.decode(p, shape, layer=layer, source=s) for p, s in zip(payloads, sources))
-                return acc if out is None else out.copy_(acc)
-
-            def _encode(self, x, params, nonfinite):  # pragma: no cover - encode() is overridden
-                raise NotImplementedError
-
-            def _decode(self, payload, shape, params):  # pragma: no cover
-                raise NotImplementedError
-
-        register_codec(f"{inner_name}+fw", FisherWeighted, needs_calibration=True)
-        cfg = EvalConfig(model=args.model, tp=args.tp, codecs=(inner_name, f"{inner_name}+fw"), split="dev", seed=1,
+        cfg = EvalConfig(model=args.model, tp=args.tp, codecs=(inner_name, f"{inner_name}+fisher"), split="dev", seed=1,
                          samples=args.eval_samples, lambada=0)
-        res = evaluate_codecs(cfg, bundle=(model, tokenizer, info), calibration=cal)
+        res = evaluate_codecs(cfg, bundle=(model, tokenizer, info), calibration=weighted)
         cols = ["codec", "split", "bits_per_value", "ppl_baseline", "ppl_increase_pct", "ppl_increase_pct_ci95",
                 "kl", "kl_ci95", "top1", "top1_ci95"]
         print(res.table(cols))

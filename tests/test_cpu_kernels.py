@@ -32,7 +32,7 @@ CODECS = ["int4-outlier", "int4", "int8", "int4-random-k", "int4-g32", "int4-g12
           "rot-lm2-g64-lg8-k4", "rot-lm3-g64-lg8-k4", "rot-int5-g64-lg8-k4", "rot-int8-g64-lg8-k4"]
 # Odd widths, E below a group, and one wide row (long runs between kept channels: the 32-wide
 # vector loops, their 8-wide and scalar tails).
-SHAPES = [(1, 64), (5, 64), (3, 67), (7, 130), (2, 200), (4, 576), (3, 1000)]
+SHAPES = [(1, 64), (5, 64), (3, 67), (7, 130), (2, 200), (4, 576), (3, 640), (3, 1000)]
 KINDS = ["randn", "zeros", "extremes", "nonfinite"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -173,20 +173,33 @@ def test_cpu_kernels_keep_the_nonfinite_error():
 def test_error_mode_encodes_in_one_pass(name, monkeypatch):
     """In the default "error" mode the kernels scan their own input while encoding: finite,
     in-range input gives the reference's bytes without the separate range pass, and what the
-    reference refuses (NaN/Inf, beyond ``max_input``) is still refused with its error."""
+    reference refuses (NaN/Inf, beyond ``max_input``) is still refused with its error. Widths
+    of Hadamard blocks 8, 64, 128 and 256 (the rot encoders read the row inside their first
+    Hadamard pass there)."""
+    for t, e in [(5, 200), (3, 576), (2, 640), (2, 2048)]:
+        cal = synthetic_calibration([LAYER], world=1, hidden=e)
+        ref = make_codec(name, calibration=cal, backend="reference")
+        fast = make_codec(name, calibration=cal, backend="cpu")
+        for dtype in DTYPES:
+            for kind in ("randn", "zeros", "extremes"):
+                x = make_input(t, e, dtype, kind, seed=3)
+                try:
+                    want = ref.encode(x, layer=LAYER)
+                except (NonFiniteError, OutOfRangeError) as exc:  # extremes: Inf in fp16, overflow
+                    with pytest.raises(type(exc)):
+                        fast.encode(x, layer=LAYER)
+                    continue
+                calls = []
+                monkeypatch.setattr(F, "value_range", lambda v: calls.append(1) or (0.0, 0.0))
+                got = fast.encode(x, layer=LAYER)
+                monkeypatch.undo()
+                assert torch.equal(got, want), (name, t, e, dtype, kind)
+                if kind != "extremes":
+                    assert not calls, "the CPU path ran a separate range pass"
     t, e = 5, 200
     cal = synthetic_calibration([LAYER], world=1, hidden=e)
     ref = make_codec(name, calibration=cal, backend="reference")
     fast = make_codec(name, calibration=cal, backend="cpu")
-    for dtype in DTYPES:
-        x = make_input(t, e, dtype, "randn", seed=3)
-        want = ref.encode(x, layer=LAYER)
-        calls = []
-        monkeypatch.setattr(F, "value_range", lambda v: calls.append(1) or (0.0, 0.0))
-        got = fast.encode(x, layer=LAYER)
-        monkeypatch.undo()
-        assert torch.equal(got, want), (name, dtype)
-        assert not calls, "the CPU path ran a separate range pass"
     bad = make_input(t, e, torch.float32, "randn", seed=4)
     bad[2, 7] = float("inf")
     with pytest.raises(NonFiniteError):
@@ -200,18 +213,22 @@ def test_error_mode_encodes_in_one_pass(name, monkeypatch):
             fast.encode(big, layer=LAYER)
 
 
-def test_portable_build_matches_reference(tmp_path):
-    """The scalar twins of the vector paths (what a CPU without AVX2 runs) build and give
-    the reference's bytes and sums: a fresh process with LOWBIT_TP_CPU_PORTABLE=1."""
+@pytest.mark.parametrize("variant,flag", [("LOWBIT_TP_CPU_PORTABLE", "-DLBT_PORTABLE"),
+                                          ("LOWBIT_TP_CPU_NO_AVX512", "-mno-avx512f")])
+def test_portable_build_matches_reference(tmp_path, variant, flag):
+    """The scalar twins of the vector paths (what a CPU without AVX2 runs), and the AVX2 paths
+    without AVX-512, build and give the reference's bytes and sums: a fresh process with
+    LOWBIT_TP_CPU_PORTABLE=1 or LOWBIT_TP_CPU_NO_AVX512=1 (on a CPU with AVX-512 the default
+    build takes the AVX-512 paths, so only this variant tests their AVX2 fallbacks)."""
     script = f"""
 import torch
 from lowbit_tp.calibration.synthetic import synthetic_calibration
 from lowbit_tp.codecs import make_codec
 from lowbit_tp.kernels import cpu
 assert cpu.available(), cpu.build_error()
-assert "-DLBT_PORTABLE" in cpu._arch_variants()[0]
+assert {flag!r} in cpu._arch_variants()[0]
 for name in {CODECS!r}:
-    for t, e in [(3, 67), (2, 1000)]:
+    for t, e in [(3, 67), (2, 1000), (2, 640)]:
         cal = synthetic_calibration(["l"], world=2, hidden=e)
         ref = make_codec(name, calibration=cal, backend="reference", nonfinite="propagate")
         fast = make_codec(name, calibration=cal, backend="cpu", nonfinite="propagate")
@@ -232,6 +249,76 @@ for name in {CODECS!r}:
                 assert torch.equal(h[~w.isnan()].view(torch.int16), w[~w.isnan()].view(torch.int16)), (name, half)
 print("portable ok")
 """
-    env = {**os.environ, "LOWBIT_TP_CPU_PORTABLE": "1", "LOWBIT_TP_KERNEL_CACHE": str(tmp_path)}
+    env = {**os.environ, variant: "1", "LOWBIT_TP_KERNEL_CACHE": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "portable ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def _near(v: torch.Tensor, ulps: int = 2) -> torch.Tensor:
+    """Every fp32 within ``ulps`` steps of each value of ``v`` (fp32), both ways."""
+    v = v.float().reshape(-1)
+    out = [v]
+    up, down = v.clone(), v.clone()
+    for _ in range(ulps):
+        up = torch.nextafter(up, torch.full_like(up, float("inf")))
+        down = torch.nextafter(down, torch.full_like(down, -float("inf")))
+        out += [up, down]
+    return torch.cat(out)
+
+
+def _level_cases(bounds: torch.Tensor, s: float) -> torch.Tensor:
+    """Rotated values that probe the level search of one group with scale ``s``: the exact
+    quotient's rounding boundaries ``s * (b + next(b)) / 2`` (computed in fp64, where they are
+    exact) and ``s * b``, each with its fp32 neighbours, the clamp edges, zeros and subnormals."""
+    b = bounds.double()
+    nxt = torch.nextafter(bounds, torch.full_like(bounds, float("inf"))).double()
+    mids = s * (b + nxt) / 2
+    pts = torch.cat([mids, s * b, torch.tensor([s, -s, 0.0, 2.0 ** -149, 1e-40, 3e38], dtype=torch.float64)])
+    pts = torch.cat([pts, -pts])
+    return _near(pts.float(), ulps=3)
+
+
+SCALES = [1.0, 2.0, 0.3, 1.2345678e-3, 7.5e4, 3.3e38, 2.0 ** -126, 1.1754944e-38 * 3, 6.1e-5, 255.9375]
+
+
+@pytest.mark.parametrize("name", ["rot-lm4-g64-lg8-k4", "rot-lm4-g32-lg8-k4", "rot-lm3-g64", "rot-lm2-g32-e8",
+                                  "rot-int6-g64-lg8-k4", "rot-int5-g64-lg8-k4",
+                                  "rot-int4-g64", "rot-int4-g32"])
+def test_level_search_matches_bucketize_at_every_threshold(name):
+    """The encoders' level search (division-free where the CPU has AVX-512: thresholds per group;
+    on the 5- and 6-bit integer grids an estimate moved by at most one step) against the reference's rule torch.bucketize(clamp(z / s, -1, 1), bounds), exactly at and
+    one to three fp32 steps around every rounding boundary of every bound, for scales from
+    the smallest normal float to near fp32's max; also random values and, in a group that
+    holds NaN/Inf, the division path."""
+    codec = make_codec(name, calibration=synthetic_calibration([LAYER], world=1, hidden=64), backend="cpu")
+    bounds, bits = codec._bounds.float(), codec.bits
+    g = torch.Generator().manual_seed(bits)
+    for s in SCALES:
+        s = float(torch.tensor(s, dtype=torch.float32))
+        z = torch.cat([_level_cases(bounds, s), torch.randn(1000, generator=g) * s])
+        z = z[z.isfinite()]  # near fp32's max, s * b can overflow
+        want = torch.bucketize(torch.clamp(z / s, -1.0, 1.0), bounds).to(torch.uint8)
+        got = cpu_kernels.rot_codes(z, s, bounds=bounds, bits=bits)
+        bad = (got != want).nonzero()
+        assert not bad.numel(), (name, s, z[bad[:5, 0]].tolist(), got[bad[:5, 0]].tolist(), want[bad[:5, 0]].tolist())
+        zn = z.clone()
+        zn[::97] = float("nan")
+        zn[1::89] = float("inf")
+        zn[2::83] = -float("inf")
+        want = torch.bucketize(torch.clamp(zn / s, -1.0, 1.0), bounds).to(torch.uint8)
+        assert torch.equal(cpu_kernels.rot_codes(zn, s, bounds=bounds, bits=bits, finite=False), want), (name, s)
+
+
+def test_level_search_rounding_ties():
+    """Exact ties of the quotient (possible where it is subnormal): a tie rounds to the even
+    neighbour, so a bound may or may not count. Bounds built so that both kinds occur."""
+    tiny = 2.0 ** -149
+    bounds = torch.tensor([-0.5, -3 * tiny, -tiny, 0.0, tiny, 2 * tiny, 5 * tiny, 0.25, 0.75], dtype=torch.float32)
+    bounds = torch.cat([bounds, torch.full((6,), 0.875)])  # 15 ascending bounds (4 bits)
+    for s in (2.0, 4.0, 6.0, 1.5, 3.0):
+        z = _near(torch.arange(-40, 41, dtype=torch.float64) * tiny, ulps=1)
+        z = torch.cat([z, _level_cases(bounds, s)])
+        want = torch.bucketize(torch.clamp(z / s, -1.0, 1.0), bounds).to(torch.uint8)
+        got = cpu_kernels.rot_codes(z, s, bounds=bounds, bits=4)
+        bad = (got != want).nonzero()
+        assert not bad.numel(), (s, z[bad[:5, 0]].tolist(), got[bad[:5, 0]].tolist(), want[bad[:5, 0]].tolist())

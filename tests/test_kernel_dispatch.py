@@ -58,3 +58,15 @@ def test_config_and_fingerprint_are_computed_once(monkeypatch):
     other = synthetic_calibration(["L"], world=2, hidden=64, seed=1)
     codec.calibration = other  # a new calibration object is hashed again
     assert codec.fingerprint() != first and len(calls) == 2
+
+
+def test_bf16_decode_sum_reads_misaligned_payloads():
+    """bf16's sum reads payloads as bf16 views; a payload at an odd byte offset is copied first."""
+    codec = make_codec("bf16")
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(3, 7, generator=g) for _ in range(2)]
+    raw = [codec.encode(x) for x in xs]
+    odd = [torch.cat([torch.zeros(1, dtype=torch.uint8), p])[1:] for p in raw]
+    assert all(p.storage_offset() == 1 for p in odd)
+    want = xs[0].to(torch.bfloat16).float() + xs[1].to(torch.bfloat16).float()
+    assert torch.equal(codec.decode_sum(odd, (3, 7)), want)

@@ -31,6 +31,7 @@ LAYERS = {
     "lowbit_tp.workflows": 2,
     "lowbit_tp.calibration.pipeline": 2,
     "lowbit_tp.calibration.allocate": 2,
+    "lowbit_tp.calibration.fisher": 2,  # the Fisher pass runs the model
     "lowbit_tp.evaluation": 2,
     "lowbit_tp.bench": 2,
     "lowbit_tp.demo": 2,

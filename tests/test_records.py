@@ -83,7 +83,7 @@ def test_bench_comm_rows_round_trip_byte_for_byte(name):
         CommBenchRow.from_json({**rows[0], "network": "1gbit"})
 
 
-@pytest.mark.parametrize("name", ["e2e.json", "e2e_fastpath.json"])
+@pytest.mark.parametrize("name", ["e2e.json", "e2e_fastpath.json", "e2e_fastpath_run2.json"])
 def test_bench_e2e_rows_round_trip_byte_for_byte(name):
     from lowbit_tp.bench.e2e.report import E2ERow
 

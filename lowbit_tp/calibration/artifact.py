@@ -16,6 +16,13 @@ them refuses such an artifact with :class:`CalibrationError`): ``mean_min`` / ``
 ``1 - 1/t`` at batch t, so every batch weighs the same) and ``p999`` (the mean over batches
 of each channel's 99.9th percentile of ``|y|``).
 
+Optional per layer (``lowbit-tp calibrate --fisher-weights N``): ``channel_weights[layer]``,
+one ``[E]`` fp32 vector of positive finite channel weights shared by every source of the
+layer (each rank's partial and the sum), stored as ``"{layer}|all|channel_weight"`` and
+described by ``meta["channel_weights"]``. The ``+fisher`` codecs scale values by them before
+encoding and divide after decoding (:mod:`lowbit_tp.codecs.mixed`); an artifact without them
+loads as before, and such a codec refuses it with :class:`CalibrationError`.
+
 File format (``schema_version`` 2): a safetensors file whose tensors are named
 ``"{layer}|{source}|{stat}"`` (source is ``rank{r}`` or ``sum``), and whose safetensors
 metadata holds one key, ``"lowbit_tp"``, a JSON object::
@@ -45,6 +52,7 @@ from lowbit_tp.errors import UserError
 SCHEMA_VERSION = 2
 STATS = ("ema_min", "ema_max", "absmax")
 OPTIONAL_STATS = ("mean_min", "mean_max", "p999")
+WEIGHT_SOURCE, WEIGHT_STAT = "all", "channel_weight"  # tensor "{layer}|all|channel_weight"
 PERCENTILE = 0.999
 Source = Union[int, str]  # a rank index, or "sum"
 
@@ -102,6 +110,7 @@ class Calibration:
 
     meta: dict[str, Any]
     stats: dict[tuple[str, Source], ChannelStats] = field(default_factory=dict)
+    channel_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -139,6 +148,27 @@ class Calibration:
                 f"calibration has no statistics for source {source!r} of layer {layer!r} "
                 f"(tp={self.tp}); two-shot needs 'sum' statistics"
             ) from None
+
+    def channel_weight(self, layer: str, *, codec: str = "this codec") -> torch.Tensor:
+        """The ``[E]`` channel weights of ``layer``; a one-line :class:`CalibrationError` when the
+        artifact has none (``codec`` names who asked)."""
+        w = self.channel_weights.get(layer)
+        if w is None:
+            if self.channel_weights:
+                raise CalibrationError(f"calibration has no channel weights for layer {layer!r}")
+            raise CalibrationError(f"{codec} needs per-channel Fisher weights, which this calibration lacks; "
+                                   f"add them with `lowbit-tp calibrate --model M --tp N --from CAL "
+                                   f"--fisher-weights 4 --out NEW` (or calibrate with --fisher-weights)")
+        return w
+
+    def with_channel_weights(self, weights: dict[str, torch.Tensor], info: dict[str, Any]) -> "Calibration":
+        """A copy holding ``weights`` (layer -> ``[E]`` positive finite fp32, every layer) and
+        ``info`` as ``meta["channel_weights"]``; checked as :meth:`load` checks them."""
+        meta = {k: v for k, v in self.meta.items() if k not in ("tensor_sha256", "header_sha256")}
+        meta["channel_weights"] = dict(info)
+        weights = {n: w.detach().float().contiguous().clone() for n, w in weights.items()}
+        _check_weights(meta, weights, "channel weights")
+        return Calibration(meta=meta, stats=dict(self.stats), channel_weights=weights)
 
     def fingerprint(self) -> str:
         """A short hash of the header and the tensors (used to check that ranks agree)."""
@@ -179,6 +209,8 @@ class Calibration:
             for name in STATS + OPTIONAL_STATS:
                 if getattr(st, name) is not None:
                     out[f"{layer}|{_source_key(source)}|{name}"] = getattr(st, name).float().contiguous()
+        for layer, w in self.channel_weights.items():
+            out[f"{layer}|{WEIGHT_SOURCE}|{WEIGHT_STAT}"] = w.float().contiguous()
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -249,9 +281,12 @@ class Calibration:
                 f"{path}: tensor checksum mismatch (file corrupted or edited after it was written)"
             )
         _check_header(meta, path)
+        weights = {key.rsplit("|", 2)[0]: tensors.pop(key) for key in list(tensors)
+                   if key.endswith(f"|{WEIGHT_SOURCE}|{WEIGHT_STAT}")}
         stats = _stats_from_tensors(tensors, path)
         _check_stats(meta, stats, path)
-        return cls(meta=meta, stats=stats)
+        _check_weights(meta, weights, str(path))
+        return cls(meta=meta, stats=stats, channel_weights=weights)
 
 
 def _header_digest(meta: dict[str, Any]) -> str:
@@ -278,7 +313,7 @@ def _check_header(meta: dict[str, Any], path: Path) -> None:
     layers = meta.get("layers")
     if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
         bad("needs 'layers', a list of layer names")
-    for key in ("model", "text", "versions", "bit_allocation"):
+    for key in ("model", "text", "versions", "bit_allocation", "channel_weights"):
         if key in meta and meta[key] is not None and not isinstance(meta[key], dict):
             bad(f"field {key!r} must be an object, got {type(meta[key]).__name__}")
     plan = meta.get("bit_allocation")
@@ -303,6 +338,29 @@ def _check_stats(meta: dict[str, Any], stats: dict[tuple[str, Source], ChannelSt
             if t.dtype != torch.float32 or tuple(t.shape) != (e,):
                 raise CalibrationError(
                     f"{path}: {layer}|{source}|{name} is {t.dtype} {tuple(t.shape)}, expected float32 ({e},)")
+
+
+def _check_weights(meta: dict[str, Any], weights: dict[str, torch.Tensor], where: str) -> None:
+    """Channel weights: none, or one ``[E]`` fp32 vector of positive finite values for every
+    listed layer, described by ``meta["channel_weights"]``."""
+    if not weights:
+        if meta.get("channel_weights") is not None:
+            raise CalibrationError(f"{where}: header describes channel weights but the file holds none")
+        return
+    if not isinstance(meta.get("channel_weights"), dict):
+        raise CalibrationError(f"{where}: channel weights without their 'channel_weights' header entry")
+    layers, e = list(meta["layers"]), meta["hidden_size"]
+    extra = sorted(set(weights) - set(layers))
+    missing = [n for n in layers if n not in weights]
+    if extra or missing:
+        raise CalibrationError(f"{where}: channel weights must cover exactly the listed layers "
+                               f"({'unlisted ' + repr(extra[0]) if extra else 'missing ' + repr(missing[0])})")
+    for layer, w in weights.items():
+        if w.dtype != torch.float32 or tuple(w.shape) != (e,):
+            raise CalibrationError(f"{where}: {layer}|{WEIGHT_SOURCE}|{WEIGHT_STAT} is {w.dtype} "
+                                   f"{tuple(w.shape)}, expected float32 ({e},)")
+        if not bool((torch.isfinite(w) & (w > 0)).all()):
+            raise CalibrationError(f"{where}: channel weights of layer {layer!r} must be positive and finite")
 
 
 def _stats_from_tensors(tensors: dict[str, torch.Tensor], path: Path) -> dict[tuple[str, Source], ChannelStats]:

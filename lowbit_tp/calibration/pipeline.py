@@ -13,6 +13,7 @@ from tqdm import tqdm
 import lowbit_tp
 from lowbit_tp.calibration.allocate import allocate, allocate_many, layer_errors, layer_sensitivity
 from lowbit_tp.calibration.artifact import Calibration, StatsAccumulator, default_outlier_k
+from lowbit_tp.calibration.fisher import add_fisher_weights, calibration_windows
 from lowbit_tp.codecs.static import topk_channels
 from lowbit_tp.configs import CalibrationConfig
 from lowbit_tp.data import chunk_tokens, load_split
@@ -98,7 +99,22 @@ def calibrate(cfg: CalibrationConfig, *, bundle: tuple[Any, Any, Any] | None = N
             cal.meta["bit_allocation"]["probe"] = probe.manifest()
         except ValueError as exc:  # e.g. a hidden size so small that the budget is out of reach
             cal.meta["bit_allocation_error"] = str(exc)
+    if cfg.fisher_draws:
+        cal = add_fisher_weights(cal, model, chunks, draws=cfg.fisher_draws, windows=min(cfg.fisher_windows, cfg.samples),
+                                 seed=cfg.seed, name=info.name)
     return cal
+
+
+def fisher_from(cfg: CalibrationConfig, source: Calibration | str, *,
+                bundle: tuple[Any, Any, Any] | None = None) -> Calibration:
+    """An existing calibration plus Fisher channel weights (``cfg.fisher_draws`` draws over
+    its first ``cfg.fisher_windows`` calibration windows, drawn again from its own record);
+    its statistics and allocation are kept. ``bundle`` as in :func:`calibrate`."""
+    model, tokenizer, info = bundle if bundle is not None else load_model(cfg.model)
+    cal = Calibration.load_for(source, tp=cfg.tp, model=info)
+    seed = int((cal.meta.get("config") or {}).get("seed", 0))
+    return add_fisher_weights(cal, model, calibration_windows(cal, tokenizer), draws=cfg.fisher_draws,
+                              windows=cfg.fisher_windows, seed=seed, name=info.name)
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -35,6 +35,14 @@ def register(sub) -> None:
                         "--alloc-low scaled by each codec's measured error at that layer) instead of low/high")
     p.add_argument("--alloc-samples", type=positive_int, default=default(d, "alloc_samples"),
                    help="probe windows (128 tokens) for the per-layer sensitivity (default %(default)s)")
+    p.add_argument("--fisher-weights", type=nonneg_int, metavar="DRAWS", default=default(d, "fisher_draws"),
+                   help="also store per-channel Fisher weights for the NAME+fisher codecs, from this many sampled "
+                        "label draws (one backward pass each); 0 skips it (default %(default)s)")
+    p.add_argument("--fisher-windows", type=positive_int, default=default(d, "fisher_windows"),
+                   help="calibration windows the Fisher pass reads (the first ones; default %(default)s)")
+    p.add_argument("--from", dest="from_path", metavar="CAL",
+                   help="add the Fisher weights to this existing calibration (its statistics, allocation and "
+                        "windows are kept; only --fisher-* apply) and write the result to --out")
     p.set_defaults(func=cmd)
 
 
@@ -43,17 +51,25 @@ def config_from_args(args) -> CalibrationConfig:
                              batch_size=args.batch_size, seed=args.seed, ema_decay=args.ema_decay, k=args.k,
                              text=args.text, text_glob=args.text_glob, allocate=args.allocate or None,
                              alloc_low=args.alloc_low, alloc_high=args.alloc_high, alloc_samples=args.alloc_samples,
-                             alloc_codecs=tuple(c for c in args.alloc_codecs.split(",") if c))
+                             alloc_codecs=tuple(c for c in args.alloc_codecs.split(",") if c),
+                             fisher_draws=args.fisher_weights, fisher_windows=args.fisher_windows)
 
 
 def cmd(args) -> None:
     # Library code (torch) is imported when the command runs, so that `--help` stays fast.
-    from lowbit_tp.calibration.pipeline import calibrate
-    from lowbit_tp.preflight import preflight_calibrate
+    from lowbit_tp.calibration.pipeline import calibrate, fisher_from
+    from lowbit_tp.preflight import preflight_calibrate, preflight_fisher_from
 
     cfg = config_from_args(args)
+    if args.from_path:  # only the Fisher pass, added to an existing calibration
+        preflight_fisher_from(cfg, source=args.from_path, out=args.out)
+        path = fisher_from(cfg, args.from_path).save(args.out)
+        print(f"wrote {path}: {args.from_path} plus Fisher channel weights ({cfg.fisher_draws} draws over the first "
+              f"{cfg.fisher_windows} calibration windows)")
+        return
     preflight_calibrate(cfg, out=args.out, warn=warn)
     cal = calibrate(cfg)
     path = cal.save(args.out)
     print(f"wrote {path}: {len(cal.layers)} layers x {cfg.tp} ranks (+ sum), hidden {cal.hidden_size}, "
           f"k={cal.meta['k']}, {cal.meta['seconds']} s; text: {cal.meta['text']['description']}")
+

@@ -4,14 +4,14 @@
 this package registers every built-in codec.
 """
 from lowbit_tp.codecs.base import (CODEC_ALIASES, Codec, CodecSpec, NonFiniteError, OutOfRangeError, codec_spec,
-                                   list_codecs, make_codec, register_codec)
+                                   list_codecs, make_codec, register_codec, register_codec_variant)
 from lowbit_tp.codecs import static as _static  # noqa: F401  (registers bf16, int8, int4, int4-outlier, int4-random-k)
 from lowbit_tp.codecs import dynamic as _dynamic  # noqa: F401  (registers int4-g32, int4-g128, mxfp4)
 
 __all__ = ["Codec", "CodecSpec", "NonFiniteError", "OutOfRangeError", "codec_spec", "make_codec", "list_codecs",
-           "register_codec", "CODEC_ALIASES"]
+           "register_codec", "register_codec_variant", "CODEC_ALIASES"]
 from lowbit_tp.codecs import rotation as _rotation  # noqa: F401,E402  (registers the rot-* codecs)
-from lowbit_tp.codecs import mixed as _mixed  # noqa: F401,E402  (registers alloc)
+from lowbit_tp.codecs import mixed as _mixed  # noqa: F401,E402  (registers alloc and the NAME+fisher variants)
 from lowbit_tp.codecs import ecsq as _ecsq  # noqa: F401,E402  (registers the rot-ecsq* research codecs)
 
 # The documented default: per-layer allocation at a 4.5 bits/value budget; the plan comes

@@ -33,6 +33,7 @@ __all__ = [
     "CodecSpec",
     "codec_spec",
     "register_codec",
+    "register_codec_variant",
     "make_codec",
     "list_codecs",
     "CODEC_ALIASES",
@@ -518,11 +519,33 @@ def register_codec(name: str, factory: Callable[..., Codec] | None = None, *, ne
     return _add(factory) if factory is not None else _add
 
 
+# Name suffixes that wrap any registered codec: ``NAME+SUFFIX`` is built as
+# ``wrapper(inner=NAME, **options)`` (e.g. ``+fisher``, lowbit_tp.codecs.mixed). Not listed
+# by list_codecs(); the wrapper refuses inner codecs it cannot take.
+_VARIANTS: dict[str, Callable[..., Codec]] = {}
+
+
+def register_codec_variant(suffix: str, wrapper: Callable[..., Codec]) -> None:
+    """Make ``NAME + suffix`` a codec for every codec name (alias) ``NAME``: ``wrapper(inner=NAME,
+    **options)``. The variant needs a calibration; it needs an allocation where ``NAME`` does."""
+    if suffix in _VARIANTS:
+        raise ValueError(f"codec variant {suffix!r} is already registered")
+    _VARIANTS[suffix] = wrapper
+
+
 def codec_spec(name: str) -> CodecSpec:
-    """The registry entry of ``name`` (aliases such as ``default`` resolved)."""
+    """The registry entry of ``name`` (aliases such as ``default`` and variant suffixes
+    such as ``+fisher`` resolved)."""
+    for suffix, wrapper in _VARIANTS.items():
+        if name.endswith(suffix) and len(name) > len(suffix):
+            inner = name[: -len(suffix)]
+            spec = codec_spec(inner)
+            return CodecSpec(name=name, factory=lambda _i=inner, _w=wrapper, **kw: _w(inner=_i, **kw),
+                             needs_calibration=True, needs_allocation=spec.needs_allocation)
     name = CODEC_ALIASES.get(name, name)
     if name not in _REGISTRY:
-        raise KeyError(f"unknown codec {name!r}; known codecs: {', '.join(_REGISTRY)}")
+        variants = f" (and NAME{', NAME'.join(_VARIANTS)} for some)" if _VARIANTS else ""
+        raise KeyError(f"unknown codec {name!r}; known codecs: {', '.join(_REGISTRY)}{variants}")
     return _REGISTRY[name]
 
 

@@ -9,8 +9,9 @@ The library is built by ``scripts/setup.sh`` (``python -m lowbit_tp.kernels.cpu`
 first use, into a cache folder keyed by the source, the flags and the CPU, and loaded
 lazily. If the compiler is missing or the build fails, :func:`available` is False and
 every codec stays on the reference path (``backend="auto"``); :func:`build_error` says why.
-With ``-march=native`` the hot loops use hand-written AVX2 paths; ``LOWBIT_TP_CPU_PORTABLE=1``
-builds the scalar twins instead (what a CPU without AVX2 runs; the tests compare both).
+With ``-march=native`` the hot loops use hand-written AVX2 (and AVX-512) paths;
+``LOWBIT_TP_CPU_PORTABLE=1`` builds the scalar twins instead (what a CPU without AVX2 runs) and
+``LOWBIT_TP_CPU_NO_AVX512=1`` the AVX2 paths without AVX-512 (the tests compare all three).
 
 Wrappers take and return tensors; each codec's dispatch (in ``lowbit_tp/codecs``) calls them.
 """
@@ -38,12 +39,15 @@ FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fno-mat
          "-fno-strict-aliasing")
 _ARCH_FLAGS = ("-march=native",)
 _PORTABLE_FLAGS = ("-DLBT_PORTABLE",)
+_NO_AVX512_FLAGS = ("-mno-avx512f",)
 
 
 def _arch_variants() -> tuple[tuple[str, ...], ...]:
     """Flag sets to try in order: this CPU's vector units, then a portable build."""
     if os.environ.get("LOWBIT_TP_CPU_PORTABLE", "0") == "1":
         return (_PORTABLE_FLAGS,)
+    if os.environ.get("LOWBIT_TP_CPU_NO_AVX512", "0") == "1":
+        return (_ARCH_FLAGS + _NO_AVX512_FLAGS, ())
     return (_ARCH_FLAGS, ())
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ERROR: list[str] = []
@@ -121,6 +125,8 @@ def _lib():
     lib.lbt_rot_encode.restype = i32
     lib.lbt_rot_decode_sum.argtypes = [p, i32, i64, p, p, f32, p, p, i32]
     lib.lbt_rot_decode_sum.restype = None
+    lib.lbt_rot_codes.argtypes = [p, i64, f32, i32, p, i32, p]
+    lib.lbt_rot_codes.restype = None
     return lib
 
 
@@ -258,6 +264,17 @@ def rot_decode_sum(payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, 
     payloads = [p.contiguous() for p in payloads]
     _lib().lbt_rot_decode_sum(_ptrs(payloads), len(payloads), t, _ptrs(outliers), spec.data_ptr(),
                               inv_sqrt_block, _ptrs(tables), out.data_ptr(), odt)
+    return out
+
+
+def rot_codes(z: torch.Tensor, scale: float, *, bounds: torch.Tensor, bits: int, finite: bool = True) -> torch.Tensor:
+    """Test hook: the level codes the rot encoders give the rotated values ``z`` (fp32, one
+    group) under ``scale``; the reference's are ``torch.bucketize(clamp(z / scale, -1, 1), bounds)``.
+    ``finite`` says the group holds no NaN/Inf (the encoders know it from their absmax pass)."""
+    z = z.float().contiguous()
+    bounds = bounds.float().contiguous()
+    out = torch.empty(z.numel(), dtype=torch.uint8)
+    _lib().lbt_rot_codes(z.data_ptr(), z.numel(), scale, int(finite), bounds.data_ptr(), bits, out.data_ptr())
     return out
 
 
