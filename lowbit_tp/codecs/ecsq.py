@@ -20,7 +20,7 @@ Encoding one token row ``x [E]`` (the first two steps are those of the ``rot-*``
 Payload: ``[ T*k bf16 kept | T bf16 steps | T slots of C bytes ]`` with
 ``C = row_bytes - 2k - 2``. Decoding reads only these bytes: ``x = s ⊙ H_Bᵀ (q·d)``, kept
 channels put back. docs/wire-format.md has the layout; the prefix-code tables are literal
-code lengths below (``scripts/ecsq_tables.py`` derives them).
+code lengths below (``design_gaussian_lengths`` derives them; tests/test_ecsq.py checks it).
 """
 from __future__ import annotations
 
