@@ -12,6 +12,7 @@ __all__ = ["Codec", "CodecSpec", "NonFiniteError", "OutOfRangeError", "codec_spe
            "register_codec", "register_codec_variant", "CODEC_ALIASES"]
 from lowbit_tp.codecs import rotation as _rotation  # noqa: F401,E402  (registers the rot-* codecs)
 from lowbit_tp.codecs import mixed as _mixed  # noqa: F401,E402  (registers alloc and the NAME+fisher variants)
+from lowbit_tp.codecs import ecsq as _ecsq  # noqa: F401,E402  (registers the rot-ecsq* research codecs)
 
 # The documented default: per-layer allocation at a 4.5 bits/value budget; the plan comes
 # with every `lowbit-tp calibrate`. It was picked from a frontier measured on the evaluation

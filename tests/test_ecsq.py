@@ -1,0 +1,212 @@
+"""The fixed-rate ECSQ research codec (lowbit_tp/codecs/ecsq.py) against pure-Python references.
+
+The references here re-implement the documented format from its description: canonical
+prefix codes from code lengths, the rate control's candidate steps, a bit writer and a bit
+reader (MSB first), with Python floats and ``struct`` for fp32/bf16 rounding. They share
+nothing with the codec but its rotation (``rotated``, covered by the rotation tests) and
+its published code-length tables.
+"""
+import math
+import struct
+
+import pytest
+import torch
+
+from lowbit_tp.codecs import NonFiniteError, make_codec
+from lowbit_tp.codecs.ecsq import (HALF, TABLES, EcsqCodec, design_gaussian_lengths, huffman_lengths,
+                                   pack_rows, unpack_rows, canonical_codes, decode_table)
+
+
+# ------------------------------------------------------------------ references
+def ref_canonical(lengths):
+    """{symbol: bit string}: symbols by (length, index) take consecutive codes."""
+    out, code, prev = {}, 0, None
+    for s in sorted(range(len(lengths)), key=lambda s: (lengths[s], s)):
+        if prev is not None:
+            code = (code + 1) << (lengths[s] - prev)
+        prev = lengths[s]
+        out[s] = format(code, f"0{lengths[s]}b")
+    return out
+
+
+def f32(v):
+    return struct.unpack("<f", struct.pack("<f", v))[0]
+
+
+def bf16_bits(v):
+    """Round-to-nearest-even fp32 -> bf16, as its 16-bit pattern."""
+    u = struct.unpack("<I", struct.pack("<f", v))[0]
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+
+
+def bf16_val(b):
+    return struct.unpack("<f", struct.pack("<I", b << 16))[0]
+
+
+def bf16_up(v):
+    b = bf16_bits(v)
+    return bf16_val(b + 1) if bf16_val(b) < v else bf16_val(b)
+
+
+def ref_encode_row(z, lengths, budget_bits, offset=0.5):
+    """(step, codes) of one row of fp32 values ``z`` (a list of floats): the documented rate control."""
+    amax = max(abs(v) for v in z)
+    if amax == 0:
+        return 0.0, [0] * len(z)
+    base = bf16_up(f32(4 * amax))
+    best = None
+    for j in range(1024):  # exhaustive, not a binary search: the largest j that fits
+        d = max(bf16_val(bf16_bits(f32(base * f32(2.0 ** (-j / 64))))), 2.0 ** -126)
+        if offset == 0.5:
+            q = [round(f32(v / d)) for v in z]  # Python's round is half to even, as torch.round
+        else:  # the zero bin widened: sign * floor(|v / d| + offset)
+            q = [int(math.copysign(math.floor(abs(f32(v / d)) + offset), v)) for v in z]
+        if max(abs(c) for c in q) <= HALF and sum(lengths[c + HALF] for c in q) <= budget_bits:
+            best = (d, q)
+    return best
+
+
+def ref_bits(q, lengths, nbytes):
+    codes = ref_canonical(lengths)
+    s = "".join(codes[c + HALF] for c in q)
+    s += "0" * (8 * nbytes - len(s))
+    return bytes(int(s[i:i + 8], 2) for i in range(0, len(s), 8))
+
+
+def ref_read(slot: bytes, e, lengths):
+    codes = {v: k for k, v in ref_canonical(lengths).items()}
+    bits = "".join(format(b, "08b") for b in slot)
+    out, cur = [], ""
+    for ch in bits:
+        cur += ch
+        if cur in codes:
+            out.append(codes[cur] - HALF)
+            cur = ""
+            if len(out) == e:
+                return out
+    raise ValueError("ran out of bits")
+
+
+def dense_hadamard(n):
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+def rows(t, e, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, e, generator=g) * torch.logspace(-3, 2, t).unsqueeze(1)
+    x[1] = 0.0
+    x[2, 3] = 40.0  # a spike
+    return x
+
+
+# ------------------------------------------------------------------ tests
+def test_huffman_is_optimal_on_a_textbook_example():
+    ln = huffman_lengths([0.1, 0.2, 0.4, 0.2, 0.1], floor=0.0)
+    assert sum(p * v for p, v in zip([0.1, 0.2, 0.4, 0.2, 0.1], ln)) == pytest.approx(2.2)
+    assert sum(2.0 ** -v for v in ln) == 1.0
+
+
+def test_pack_rows_literal_bits():
+    """Symbols -1, 0, 1 with lengths 2, 1, 2: canonical codes 0 -> '0', -1 -> '10', 1 -> '11'.
+    Row [1, 0, -1, 1, 1] -> 11 0 10 11 11 (+ zero padding) = D7 80; row [0]*5 -> 00 00."""
+    half = 1
+    lengths = torch.tensor([2, 1, 2])
+    codes = torch.tensor(canonical_codes([2, 1, 2]))
+    q = torch.tensor([[1, 0, -1, 1, 1], [0, 0, 0, 0, 0]])
+    got = pack_rows(q, lengths, codes, half, 2)
+    assert got.tolist() == [[0xD7, 0x80], [0x00, 0x00]]
+    table = decode_table([2, 1, 2], codes.tolist(), 4)
+    assert torch.equal(unpack_rows(got, 5, table, half), q)
+
+
+@pytest.mark.parametrize("name", ["gauss3.5", "gauss4.25"])
+def test_tables_are_the_documented_gaussian_design(name):
+    bits = float(name[5:])
+    coded = 8 * (math.floor(bits * 576 / 8) - 2 * 4 - 2) / 576
+    assert design_gaussian_lengths(coded, HALF)[1] == TABLES[name]
+    assert sum(2.0 ** -v for v in TABLES[name]) == 1.0
+
+
+@pytest.mark.parametrize("bits,table,offset", [(3.5, "gauss3.5", 0.5), (4.25, "gauss4.25", 0.5),
+                                               (6.0, "gauss4.25", 0.5), (3.5, "gauss3.5", 0.35)])
+def test_encoder_bytes_match_the_python_reference(bits, table, offset):
+    t, e = 6, 64
+    x = rows(t, e)
+    c = EcsqCodec(bits=bits, k=0, table=table, rounding=offset)
+    payload = c.encode(x)
+    rb = math.floor(bits * e / 8)
+    assert payload.numel() == t * rb == c.payload_nbytes((t, e))
+    z = c.rotated(x)
+    lengths = TABLES[table]
+    want = b""
+    for r in range(t):
+        d, q = ref_encode_row([float(v) for v in z[r]], lengths, 8 * (rb - 2), offset)
+        want_step = struct.pack("<H", bf16_bits(d))
+        assert bytes(payload[2 * r:2 * r + 2].tolist()) == want_step, r
+        want += ref_bits(q, lengths, rb - 2)
+    assert bytes(payload[2 * t:].tolist()) == want
+
+
+def test_decode_matches_the_python_reference_reader():
+    t, e = 6, 64
+    x = rows(t, e, seed=1)
+    c = EcsqCodec(bits=3.5, k=0, table="gauss3.5")
+    payload = c.encode(x)
+    rb = c.payload_nbytes((t, e)) // t
+    raw = bytes(payload.tolist())
+    h = dense_hadamard(e)
+    signs = c.params(None, 0, e).signs.double()
+    got = c.decode(payload, (t, e))
+    for r in range(t):
+        d = bf16_val(struct.unpack("<H", raw[2 * r:2 * r + 2])[0])
+        q = ref_read(raw[2 * t + r * (rb - 2):2 * t + (r + 1) * (rb - 2)], e, TABLES["gauss3.5"])
+        want = (h @ (torch.tensor(q, dtype=torch.float64) * d)) * signs
+        assert torch.allclose(got[r].double(), want, rtol=1e-6, atol=1e-6 * max(d, 1e-30) * 10), r
+        # what the receiver gets is the rotation of codes within half a step of the sent values
+        zr = c.rotated(x[r:r + 1])[0].double()
+        assert (zr - torch.tensor(q, dtype=torch.float64) * d).abs().max() <= d / 2 * (1 + 1e-6)
+
+
+def test_registered_codec_with_kept_channels_round_trips(cal_factory):
+    cal = cal_factory(2, 576)
+    x = torch.randn(64, 576) * 0.5
+    x[:, 7] = 30.0
+    for name, bits in (("rot-ecsq3.5-k4", 3.5), ("rot-ecsq4.25-k4", 4.25)):
+        c = make_codec(name, calibration=cal)
+        p = c.encode(x, layer="layers.0.o_proj", source=1)
+        assert 8 * p.numel() / x.numel() == pytest.approx(bits, abs=8 / 576)
+        y = c.decode(p, tuple(x.shape), layer="layers.0.o_proj", source=1)
+        kept = c.params("layers.0.o_proj", 1, 576).outliers
+        assert torch.equal(y[:, kept], x[:, kept].bfloat16().float())
+        rel = float((y - x).pow(2).sum() / x.pow(2).sum())
+        assert rel < (0.02 if bits < 4 else 0.006), rel
+
+
+def test_bad_input_is_refused():
+    c = EcsqCodec(bits=3.5, k=0, table="gauss3.5")
+    x = torch.randn(4, 64)
+    p = c.encode(x)
+    with pytest.raises(ValueError, match="uint8 bytes"):
+        c.decode(p[:-1], (4, 64))
+    bad = p.clone()
+    bad[8:] = 0xFF  # every codeword a longest one: a row's 64 codes cannot fit its slot
+    with pytest.raises(ValueError, match="corrupt ECSQ payload"):
+        c.decode(bad, (4, 64))
+    with pytest.raises(ValueError, match="all-zero row"):
+        EcsqCodec(bits=1.5, k=0, table="gauss3.5").encode(x)
+    with pytest.raises(ValueError, match="unknown ECSQ table"):
+        EcsqCodec(bits=3.5, k=0, table="nope")
+    with pytest.raises(ValueError, match="Kraft"):
+        EcsqCodec(bits=3.5, k=0, table=[2] * (2 * HALF + 1))
+    with pytest.raises(ValueError, match="must not shrink"):
+        EcsqCodec(bits=3.5, k=0, table=TABLES["gauss3.5"][:HALF] + [3, 2] + TABLES["gauss3.5"][HALF + 2:])
+    with pytest.raises(ValueError, match="bits"):
+        EcsqCodec(bits=0.5, k=0)
+    x[2, 5] = float("nan")
+    with pytest.raises(NonFiniteError):
+        c.encode(x)
+    y = EcsqCodec(bits=3.5, k=0, table="gauss3.5", nonfinite="propagate").roundtrip(x)
+    assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3]]).all()
