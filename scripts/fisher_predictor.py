@@ -14,43 +14,17 @@ import torch
 def calibration_windows(cal, tokenizer, windows: int) -> torch.Tensor:
     """The first ``windows`` calibration windows of ``cal`` (the artifact lists them, so
     ``eval --split dev`` never reads them); ``[windows, seq_len]`` token ids."""
-    from lowbit_tp.data import chunk_tokens, load_split
+    from lowbit_tp.calibration.fisher import calibration_windows as windows_of
 
-    cc = cal.meta["text"]["chunks"]
-    ch = chunk_tokens(tokenizer, load_split(cal.meta.get("config", {}).get("text")).calibration,
-                      num_samples=cc["num_samples"], seq_len=cal.meta["config"]["seq_len"], seed=cal.meta["config"]["seed"])
-    if ch.manifest()["samples"] != cc["samples"]:
-        raise SystemExit("calibration windows differ from the artifact's")
-    return ch.input_ids[:windows]
+    return windows_of(cal, tokenizer).input_ids[:windows]
 
 
 def diagonal_fisher(model, ids: torch.Tensor, names: list[str], hidden: int, *, draws: int) -> dict:
-    """``{layer: F [tokens, hidden]}`` at every all-reduce output (the residual just after the add)."""
-    mods = dict(model.named_modules())
-    outs: dict = {}
+    """``{layer: F [tokens, hidden]}`` at every all-reduce output: the library's Fisher pass
+    (``lowbit_tp.calibration.fisher``), per token."""
+    from lowbit_tp.calibration.fisher import diagonal_fisher as fisher_of
 
-    def keep(n):
-        def hook(m, i, o):
-            o.retain_grad()
-            outs[n] = o
-        return hook
-
-    hooks = [mods[n].register_forward_hook(keep(n)) for n in names]
-    hooks.append(model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True)))
-    fisher = dict.fromkeys(names, 0.0)
-    try:
-        with torch.enable_grad():
-            for _ in range(draws):
-                lp = torch.log_softmax(model(ids).logits.float(), -1)
-                y = torch.distributions.Categorical(logits=lp.detach()).sample()
-                lp.gather(-1, y.unsqueeze(-1)).sum().backward()
-                for n in names:
-                    fisher[n] = fisher[n] + outs[n].grad.reshape(-1, hidden).pow(2) / draws
-                outs.clear()
-    finally:
-        for h in hooks:
-            h.remove()
-    return fisher
+    return {n: f.reshape(-1, hidden) for n, f in fisher_of(model, ids, layers=names, draws=draws, per_token=True).items()}
 
 
 def tp_partials(model, ids: torch.Tensor, *, tp: int, name: str) -> dict:
