@@ -32,8 +32,7 @@ import torch
 
 from lowbit_tp.codecs import functional as F
 from lowbit_tp.codecs.base import Codec, register_codec
-from lowbit_tp.codecs.rotation import ROTATE_MAX, RotParams, random_signs
-from lowbit_tp.codecs.static import topk_channels
+from lowbit_tp.codecs.rotation import ROTATE_MAX, KeptRotation, RotParams
 
 STEP_SEARCH = 1024  # candidate steps per row: base * 2**(-j/64), j in [0, 1024)
 STEP_RATIO = 64
@@ -273,7 +272,7 @@ HALF = 40  # codes q in [-HALF, HALF]: 81 symbols
 DECODE_WIDTH = 16  # longest codeword, bits (the decoder's window)
 
 
-class EcsqCodec(Codec):
+class EcsqCodec(KeptRotation, Codec):
     """Fixed-rate ECSQ after the rotation (see the module doc): ``bits`` all-in per value.
 
     Options: ``bits`` (row budget ``floor(bits * E / 8)`` bytes, everything included),
@@ -312,17 +311,6 @@ class EcsqCodec(Codec):
     def options(self):
         return {"bits": self.bits, "k": self.k, "table": list(self.table) if isinstance(self.table, tuple)
                 else self.table, "rounding": self.rounding, "seed": self.seed}
-
-    def num_kept(self, e: int) -> int:
-        k = self.calibration.k if self.k is None else int(self.k)
-        if not 0 <= k <= e:
-            raise ValueError(f"{self.name}: k={k} outside [0, {e}]")
-        return k
-
-    def _make_params(self, layer, source, hidden):
-        k = self.num_kept(hidden)
-        outl = topk_channels(self.calibration.get(layer, source).range, k) if k else torch.empty(0, dtype=torch.long)
-        return RotParams(outliers=outl, signs=random_signs(hidden, self.seed))
 
     def row_bytes(self, e: int) -> int:
         """Bytes per token row, all included."""

@@ -166,7 +166,24 @@ class RotParams:
     signs: torch.Tensor  # [E]
 
 
-class RotatedGroupCodec(Codec):
+class KeptRotation:
+    """The static side of every rotated codec (``self.k``, ``self.seed``, ``self.calibration``):
+    the calibrated top-k channels kept in bf16 and the random signs of the rotation."""
+
+    def num_kept(self, e: int) -> int:
+        """Channels kept in bf16: ``k`` (``-kN`` names), else the calibration's k."""
+        k = self.calibration.k if self.k is None else int(self.k)
+        if not 0 <= k <= e:
+            raise ValueError(f"{self.name}: k={k} outside [0, {e}]")
+        return k
+
+    def _make_params(self, layer, source, hidden):
+        k = self.num_kept(hidden)
+        outl = topk_channels(self.calibration.get(layer, source).range, k) if k else torch.empty(0, dtype=torch.long)
+        return RotParams(outliers=outl, signs=random_signs(hidden, self.seed))
+
+
+class RotatedGroupCodec(KeptRotation, Codec):
     """Outliers in bf16 + randomized Hadamard + dynamic group quantization (see module doc)."""
 
     max_input = F.BF16_MAX  # the bf16 kept channels; the scales are checked after rotation
@@ -198,17 +215,6 @@ class RotatedGroupCodec(Codec):
         return {"bits": self.bits, "group": self.group, "k": self.k, "levels": self.levels,
                 "scale_format": self.scale_format, "seed": self.seed}
 
-    def num_kept(self, e: int) -> int:
-        """Channels kept in bf16: ``k`` (``-kN`` names), else the calibration's k."""
-        k = self.calibration.k if self.k is None else int(self.k)
-        if not 0 <= k <= e:
-            raise ValueError(f"{self.name}: k={k} outside [0, {e}]")
-        return k
-
-    def _make_params(self, layer, source, hidden):
-        k = self.num_kept(hidden)
-        outl = topk_channels(self.calibration.get(layer, source).range, k) if k else torch.empty(0, dtype=torch.long)
-        return RotParams(outliers=outl, signs=random_signs(hidden, self.seed))
 
     def _code_bytes(self, n: int) -> int:
         if self.bits == 8:
