@@ -1095,6 +1095,55 @@ struct LevelCoder {
   }
 };
 
+// lg8: the largest q <= 254 with lg8[q] >= ratio (the table descends; 0 if none), as the
+// reference's searchsorted. Start from -16 log2(ratio) read off the float's bits (within 2 of
+// the answer), then step to the exact one with the table's own comparisons: four branch-free
+// steps up from two below the estimate, then the loops (which find nothing left to do unless
+// the estimate was further off) leave the exact answer either way.
+inline int lg8_code(float ratio, const float* lg8) {
+  int q = (-(int32_t(bits_of(ratio)) - 0x3f800000) >> 19) - 2;
+  q = q < 0 ? 0 : (q > 255 ? 255 : q);
+  for (int step = 0; step < 4; ++step) q += int(q < 255) & int(lg8[q < 255 ? q + 1 : 255] >= ratio);
+  while (q > 0 && !(lg8[q] >= ratio)) --q;
+  while (q < 255 && lg8[q + 1] >= ratio) ++q;
+  q = lg8[q] >= ratio ? q : 0;
+  return q > 254 ? 254 : q;
+}
+
+#ifdef LBT_AVX2
+// lg8_code of amax[0..8) / b32 for 8 groups at once (the same steps, table reads by gathers);
+// a lane the four steps leave unsettled (the estimate off by more than the steps reach) takes
+// the scalar search. Writes each group's scale b32 * lg8[q] and its code byte (255 if poisoned).
+inline void lg8_codes8(const float* amax, const uint8_t* poisoned, float b32, const float* lg8, float* scale,
+                       uint8_t* qbytes) {
+  const __m256 r = _mm256_div_ps(_mm256_loadu_ps(amax), _mm256_set1_ps(b32));
+  const __m256i top = _mm256_set1_epi32(255), zero = _mm256_setzero_si256(), one = _mm256_set1_epi32(1);
+  __m256i q = _mm256_sub_epi32(_mm256_srai_epi32(_mm256_sub_epi32(_mm256_set1_epi32(0x3f800000),
+                                                                  _mm256_castps_si256(r)), 19), _mm256_set1_epi32(2));
+  q = _mm256_min_epi32(_mm256_max_epi32(q, zero), top);
+  auto ge = [&](__m256i idx) {  // lg8[idx] >= r
+    return _mm256_castps_si256(_mm256_cmp_ps(_mm256_i32gather_ps(lg8, idx, 4), r, _CMP_GE_OQ));
+  };
+  for (int step = 0; step < 4; ++step) {
+    const __m256i below = _mm256_cmpgt_epi32(top, q);
+    q = _mm256_sub_epi32(q, _mm256_and_si256(below, ge(_mm256_min_epi32(_mm256_add_epi32(q, one), top))));
+  }
+  const __m256i here = ge(q);
+  const __m256i down = _mm256_andnot_si256(here, _mm256_cmpgt_epi32(q, zero));
+  const __m256i up = _mm256_and_si256(_mm256_cmpgt_epi32(top, q), ge(_mm256_min_epi32(_mm256_add_epi32(q, one), top)));
+  alignas(32) int32_t qs[8];
+  q = _mm256_min_epi32(_mm256_and_si256(q, here), _mm256_set1_epi32(254));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(qs), q);
+  const int unsettled = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(down, up)));
+  for (int i = 0; i < 8; ++i)
+    if (unsettled >> i & 1) qs[i] = lg8_code(amax[i] / b32, lg8);
+  q = _mm256_load_si256(reinterpret_cast<const __m256i*>(qs));
+  _mm256_storeu_ps(scale, _mm256_mul_ps(_mm256_set1_ps(b32), _mm256_i32gather_ps(lg8, q, 4)));
+  const __m256i bad = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(poisoned)));
+  store8_u8(qbytes, _mm256_blendv_epi8(q, top, _mm256_cmpgt_epi32(bad, zero)));
+}
+#endif
+
 // Returns bit 0: the input held NaN/Inf; bit 1: a rotated value overflowed fp32 or a group
 // absmax exceeded `scale_max` (error mode: the caller lets the reference raise; propagate
 // mode: the absmax is clamped, as the reference's _fit_range does).
@@ -1130,42 +1179,38 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
     }
     if (direct) {
       for (int64_t i = 0; i < k; ++i) put_u16(head + 2 * (t * k + i), f32_to_bf16(load<DT>(row, outl[i])));
-      const __m256i absm = _mm256_set1_epi32(0x7fffffff), fin = _mm256_set1_epi32(0x7f7fffff);
-      __m256i vam = _mm256_setzero_si256(), vnf = _mm256_setzero_si256();
+      const __m256i absm = _mm256_set1_epi32(0x7fffffff);
+      __m256i vam = _mm256_setzero_si256();
       const int32_t* kp = keep.data();
       const float* sg = s.signs;
-      // kept channels: +0 (the reference's index_fill), then times the sign, as the others
-      fwht_row_fused([&vam, &vnf, row, kp, sg, absm, fin](int64_t at) {
+      // kept channels: +0 (the reference's index_fill), then times the sign, as the others.
+      // The scan keeps only the largest |x| as bits: a NaN/Inf is above every finite value,
+      // and once one is seen the finite maximum no longer matters (the caller re-checks).
+      fwht_row_fused([&vam, row, kp, sg, absm](int64_t at) {
         const __m256 v = load8<DT>(row, at);
-        const __m256i a = _mm256_and_si256(_mm256_castps_si256(v), absm);
-        const __m256i bad = _mm256_cmpgt_epi32(a, fin);
-        vnf = _mm256_or_si256(vnf, bad);
-        vam = _mm256_max_epi32(vam, _mm256_andnot_si256(bad, a));
+        vam = _mm256_max_epi32(vam, _mm256_and_si256(_mm256_castps_si256(v), absm));
         const __m256 m = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kp + at)));
         return _mm256_mul_ps(_mm256_and_ps(v, m), _mm256_loadu_ps(sg + at));
       }, z.data(), nullptr, z.data(), false, e, s.block, s.inv_sqrt_block);
       const int32_t vm = hmax_epi32(vam);
-      in_amax = in_amax > vm ? in_amax : vm;
-      status |= !_mm256_testz_si256(vnf, vnf);
+      if (vm >= 0x7f800000) status |= 1;
+      else in_amax = in_amax > vm ? in_amax : vm;
     } else
 #endif
     {
     int64_t c0 = 0;
 #ifdef LBT_AVX2
     {
-      const __m256i absm = _mm256_set1_epi32(0x7fffffff), fin = _mm256_set1_epi32(0x7f7fffff);
-      __m256i vam = _mm256_setzero_si256(), vnf = _mm256_setzero_si256();
-      for (; c0 + 8 <= e; c0 += 8) {
+      const __m256i absm = _mm256_set1_epi32(0x7fffffff);
+      __m256i vam = _mm256_setzero_si256();
+      for (; c0 + 8 <= e; c0 += 8) {  // the largest |x| as bits, as in the direct path
         const __m256 v = load8<DT>(row, c0);
         _mm256_storeu_ps(z.data() + c0, v);
-        const __m256i a = _mm256_and_si256(_mm256_castps_si256(v), absm);
-        const __m256i bad = _mm256_cmpgt_epi32(a, fin);
-        vnf = _mm256_or_si256(vnf, bad);
-        vam = _mm256_max_epi32(vam, _mm256_andnot_si256(bad, a));
+        vam = _mm256_max_epi32(vam, _mm256_and_si256(_mm256_castps_si256(v), absm));
       }
       const int32_t vm = hmax_epi32(vam);
-      in_amax = in_amax > vm ? in_amax : vm;
-      status |= !_mm256_testz_si256(vnf, vnf);
+      if (vm >= 0x7f800000) status |= 1;
+      else in_amax = in_amax > vm ? in_amax : vm;
     }
 #endif
     for (int64_t c = c0; c < e; ++c) z[c] = load<DT>(row, c);
@@ -1210,7 +1255,22 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
       if (LBT_SKIP & 4) { amax[g] = 1.0f; poisoned[g] = 0; continue; }
       int32_t a = 0, bad = 0;
       const int32_t* zb = reinterpret_cast<const int32_t*>(z.data() + c0);
-      for (int64_t i = 0; i < n; ++i) {
+      int64_t i = 0;
+#ifdef LBT_AVX2
+      if (n % 8 == 0) {  // the largest |z| as bits (NaN/Inf bits are above every finite one)
+        const __m256i absm = _mm256_set1_epi32(0x7fffffff);
+        __m256i m0 = _mm256_setzero_si256(), m1 = _mm256_setzero_si256();
+        for (; i + 16 <= n; i += 16) {
+          m0 = _mm256_max_epi32(m0, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zb + i)), absm));
+          m1 = _mm256_max_epi32(m1, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zb + i + 8)), absm));
+        }
+        for (; i < n; i += 8)
+          m0 = _mm256_max_epi32(m0, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zb + i)), absm));
+        a = hmax_epi32(_mm256_max_epi32(m0, m1));
+        if (a >= 0x7f800000) { a = 0; i = 0; }  // a NaN/Inf: the finite ones' max below
+      }
+#endif
+      for (; i < n; ++i) {
         int32_t u = zb[i] & 0x7fffffff;
         const int32_t nf = u >= 0x7f800000;
         bad |= nf;
@@ -1235,22 +1295,16 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
       uint16_t base = f32_to_bf16(top);
       if (bf16_to_f32(base) < top) base = uint16_t(base + 1);
       const float b32 = (base & 0x7fffu) == 0 ? 1.0f : bf16_to_f32(base);
-      for (int64_t g = 0; g < g_count; ++g) {
-        const float ratio = amax[g] / b32;
-        // Largest q with lg8[q] >= ratio (the table descends; 0 if none), at most 254. Start
-        // from -16 log2(ratio) read off the float's bits (within 2 of the answer), then step
-        // to the exact one with the table's own comparisons: four branch-free steps up from
-        // two below the estimate, then the loops (which find nothing left to do unless the
-        // estimate was further off) leave the exact answer either way.
-        int q = (-(int32_t(bits_of(ratio)) - 0x3f800000) >> 19) - 2;
-        q = q < 0 ? 0 : (q > 255 ? 255 : q);
-        for (int step = 0; step < 4; ++step) q += int(q < 255) & int(s.lg8[q < 255 ? q + 1 : 255] >= ratio);
-        while (q > 0 && !(s.lg8[q] >= ratio)) --q;
-        while (q < 255 && s.lg8[q + 1] >= ratio) ++q;
-        q = s.lg8[q] >= ratio ? q : 0;
-        q = q > 254 ? 254 : q;
+      uint8_t* qrow = sbytes + t * g_count;
+      int64_t g = 0;
+#ifdef LBT_AVX2
+      for (; g + 8 <= g_count; g += 8)
+        lg8_codes8(amax.data() + g, poisoned.data() + g, b32, s.lg8, scale.data() + g, qrow + g);
+#endif
+      for (; g < g_count; ++g) {
+        const int q = lg8_code(amax[g] / b32, s.lg8);
         scale[g] = b32 * s.lg8[q];
-        sbytes[t * g_count + g] = poisoned[g] ? uint8_t(255) : uint8_t(q);
+        qrow[g] = poisoned[g] ? uint8_t(255) : uint8_t(q);
       }
       put_u16(sbytes + t_rows * g_count + 2 * t, base);
     } else if (s.fmt == 0) {
@@ -1404,6 +1458,21 @@ int lbt_abi_version() { return 4; }
 void lbt_rot_codes(const float* z, int64_t n, float sc, int finite, const float* bounds, int bits, uint8_t* codes) {
   const LevelCoder coder(bounds, bits);
   coder.code(z, n, sc, finite != 0, codes);
+}
+
+// Test hook: the lg8 codes (and scales) the rot encoders give n group absmaxes under the bf16
+// base b32, 8 groups at a time where the vector units allow (as in a row), the rest one by one.
+void lbt_lg8_codes(const float* amax, int64_t n, float b32, const float* lg8, float* scale, uint8_t* q) {
+  std::vector<uint8_t> poisoned(n, 0);
+  int64_t g = 0;
+#ifdef LBT_AVX2
+  for (; g + 8 <= n; g += 8) lg8_codes8(amax + g, poisoned.data() + g, b32, lg8, scale + g, q + g);
+#endif
+  for (; g < n; ++g) {
+    const int c = lg8_code(amax[g] / b32, lg8);
+    scale[g] = b32 * lg8[c];
+    q[g] = uint8_t(c);
+  }
 }
 
 // Encoders: *amax = the largest |x| among the finite inputs (the caller's range check).
