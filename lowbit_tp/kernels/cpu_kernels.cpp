@@ -583,13 +583,26 @@ inline void fwht_row(float* y, int64_t e, int64_t block, float inv_sqrt) {
 // with the reference's operands: the lower lane of a pair b + a (fp add commutes bitwise),
 // the upper one a + (-b), which IEEE defines as a - b (signed zeros included); -b is a sign
 // flip (xor), so one add per stage instead of an add, a sub and a blend.
+//
+// With FMA, each stage is one permute and one fma(v, +-1, partner): the product v * (+-1) is
+// exact (a sign flip), so the single rounding of the sum gives fl(partner + v) or
+// fl(partner - v), the same bits as the add (and one operation fewer than the xor).
 inline __m256 fwht8(__m256 v) {
+#ifdef __FMA__
+  const __m256 s1 = _mm256_setr_ps(1, -1, 1, -1, 1, -1, 1, -1);
+  const __m256 s2 = _mm256_setr_ps(1, 1, -1, -1, 1, 1, -1, -1);
+  const __m256 s4 = _mm256_setr_ps(1, 1, 1, 1, -1, -1, -1, -1);
+  v = _mm256_fmadd_ps(v, s1, _mm256_permute_ps(v, 0xb1));
+  v = _mm256_fmadd_ps(v, s2, _mm256_permute_ps(v, 0x4e));
+  return _mm256_fmadd_ps(v, s4, _mm256_permute2f128_ps(v, v, 1));
+#else
   const __m256 n1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN, 0, INT32_MIN));
   const __m256 n2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, INT32_MIN, INT32_MIN, 0, 0, INT32_MIN, INT32_MIN));
   const __m256 n4 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN));
   v = _mm256_add_ps(_mm256_permute_ps(v, 0xb1), _mm256_xor_ps(v, n1));  // partner [1 0 3 2 ...]
   v = _mm256_add_ps(_mm256_permute_ps(v, 0x4e), _mm256_xor_ps(v, n2));  // partner [2 3 0 1 ...]
   return _mm256_add_ps(_mm256_permute2f128_ps(v, v, 1), _mm256_xor_ps(v, n4));  // halves swapped
+#endif
 }
 
 // fwht_row for rows of whole vectors and blocks of >= 8 (every model width); false: not handled.
@@ -1384,6 +1397,12 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
   for (int64_t c = 0; c < e; ++c) post[c] = s.signs[c] * s.inv_sqrt_block;
   const bool fused = fwht_fusable(e, s.block) && s.group % 8 == 0;
   std::vector<float> sc8(e / 8 + 1);  // the group scale of each 8 values
+  // 4-bit codes: the fused pass reads each 8 codes (4 bytes: code 2i low nibble of byte i)
+  // straight from the payload; rows start on a byte (t * e is even: e is a multiple of 64).
+  const bool nib_direct = fused && s.bits == 4 && !(LBT_SKIP & 512);
+  const __m256i nib_shift = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+#else
+  const bool nib_direct = false;
 #endif
   for (int64_t t = 0; t < t_rows; ++t) {
     float* orow = out.row(t);
@@ -1392,6 +1411,7 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
       const uint8_t* body = payloads[r] + 2 * t_rows * k;
       const uint8_t* sbytes = body + ncode;
       if (LBT_SKIP & 128) {
+      } else if (s.bits == 4 && nib_direct) {  // the fused pass reads the nibbles itself
       } else if (s.bits == 4) {
         const int64_t f = t * e;
         int64_t c = 0;
@@ -1434,10 +1454,23 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
         const uint8_t* cp = codes.data();
         const float* sp = sc8.data();
         const Table8& lv = levels8;
-        fwht_row_fused([cp, sp, &lv](int64_t at) {
-          const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cp + at)));
-          return _mm256_mul_ps(lv.at(idx), _mm256_set1_ps(sp[at >> 3]));
-        }, z.data(), post.data(), orow, r > 0, e, s.block, s.inv_sqrt_block);
+        if (nib_direct) {
+          const uint8_t* np = body + (t * e >> 1);
+          fwht_row_fused([np, sp, &lv, nib_shift](int64_t at) {
+            uint32_t w;
+            std::memcpy(&w, np + (at >> 1), 4);
+            __m256i idx = _mm256_srlv_epi32(_mm256_set1_epi32(int32_t(w)), nib_shift);
+#ifndef __AVX512VL__
+            idx = _mm256_and_si256(idx, _mm256_set1_epi32(15));  // the 16-entry permute uses bits 0-3
+#endif
+            return _mm256_mul_ps(lv.at(idx), _mm256_set1_ps(sp[at >> 3]));
+          }, z.data(), post.data(), orow, r > 0, e, s.block, s.inv_sqrt_block);
+        } else {
+          fwht_row_fused([cp, sp, &lv](int64_t at) {
+            const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cp + at)));
+            return _mm256_mul_ps(lv.at(idx), _mm256_set1_ps(sp[at >> 3]));
+          }, z.data(), post.data(), orow, r > 0, e, s.block, s.inv_sqrt_block);
+        }
         for (int64_t i = 0; i < k; ++i) {
           const float v = bf16_to_f32(get_u16(head + 2 * (t * k + i)));
           orow[outls[r][i]] = r == 0 ? v : kept[i] + v;
