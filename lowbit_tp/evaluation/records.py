@@ -31,6 +31,8 @@ class CodecEvalRow:
     counted from the payloads; ``bytes_sent_per_rank_per_token`` sums every row-parallel
     layer. ``seconds``: forward time of this codec. ``runtime``: ``sim`` (the simulator) or
     ``tp`` (real ranks); None when the caller did not say, and then left out of the JSON.
+    ``error_feedback``: whether the all-reduces fed their quantization error forward
+    (:mod:`~lowbit_tp.collectives.feedback`); written to the JSON only when True.
     """
 
     model: str
@@ -56,17 +58,20 @@ class CodecEvalRow:
     pct_of_baseline_lambada: float
     seconds: float
     runtime: str | None = None
+    error_feedback: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The row as written to JSON (field order kept; ``runtime`` only when set)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         if out["runtime"] is None:
             del out["runtime"]
+        if not out["error_feedback"]:
+            del out["error_feedback"]
         return out
 
     @classmethod
     def from_json(cls, row: Mapping[str, Any]) -> "CodecEvalRow":
-        return cls(**record_kwargs(cls, row, required=True, optional=("runtime",)))
+        return cls(**record_kwargs(cls, row, required=True, optional=("runtime", "error_feedback")))
 
     def on(self, runtime: str) -> "CodecEvalRow":
         """This row, recorded as measured on ``runtime`` (``sim`` or ``tp``)."""
