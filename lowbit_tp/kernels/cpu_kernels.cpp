@@ -714,6 +714,55 @@ inline void fwht_row_regs_q(const Load& load, const float* post, float* dst, int
 }
 #endif
 
+#ifdef LBT_AVX512
+// The same block in 512-bit registers: a 256-value block is 16 of them (no spills, where 32
+// 256-bit ones plus constants are not enough). Stages 1, 2, 4, 8 inside a register (permute
+// + fma(v, +-1, partner), exact as in fwht8), 16 and up between registers; each value gets
+// the same operations with the same operands in the same order.
+inline __m512 fwht16(__m512 v) {
+  const __m512 s1 = _mm512_setr_ps(1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1);
+  const __m512 s2 = _mm512_setr_ps(1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1);
+  const __m512 s4 = _mm512_setr_ps(1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1);
+  const __m512 s8 = _mm512_setr_ps(1, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1, -1, -1, -1, -1);
+  v = _mm512_fmadd_ps(v, s1, _mm512_permute_ps(v, 0xb1));
+  v = _mm512_fmadd_ps(v, s2, _mm512_permute_ps(v, 0x4e));
+  v = _mm512_fmadd_ps(v, s4, _mm512_shuffle_f32x4(v, v, 0xb1));  // 128-bit quarters swapped in pairs
+  return _mm512_fmadd_ps(v, s8, _mm512_shuffle_f32x4(v, v, 0x4e));  // 256-bit halves swapped
+}
+
+template <int Q, bool ACC, class Load>
+inline void fwht_row_zmm_q(const Load& load, const float* post, float* dst, int64_t e, float inv_sqrt) {
+  constexpr int NZ = 4 * Q;  // registers per block
+  const __m512 s = _mm512_set1_ps(inv_sqrt);
+  for (int64_t p = 0; p < e; p += 64 * Q) {
+    __m512 v[NZ];
+#pragma GCC unroll 16
+    for (int i = 0; i < NZ; ++i)
+      v[i] = fwht16(_mm512_insertf32x8(_mm512_castps256_ps512(load(p + 16 * i)), load(p + 16 * i + 8), 1));
+#pragma GCC unroll 4
+    for (int h = 1; h < NZ; h *= 2) {  // strides 16, 32, 64, 128
+#pragma GCC unroll 16
+      for (int i = 0; i < NZ; ++i) {
+        if (i & h) continue;
+        const __m512 a = v[i], b = v[i + h];
+        v[i] = _mm512_add_ps(a, b);
+        v[i + h] = _mm512_sub_ps(a, b);
+      }
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < NZ; ++i) {
+      const int64_t at = p + 16 * i;
+      __m512 x = _mm512_mul_ps(v[i], post ? _mm512_loadu_ps(post + at) : s);
+      if (ACC) x = _mm512_add_ps(_mm512_loadu_ps(dst + at), x);
+      _mm512_storeu_ps(dst + at, x);
+    }
+  }
+}
+#endif
+#ifndef LBT_ZMM_HADAMARD
+#define LBT_ZMM_HADAMARD 1
+#endif
+
 // Whether fwht_row_fused takes rows of width e with this block.
 inline bool fwht_fusable(int64_t e, int64_t block) { return block >= 64 && block <= 256 && e % block == 0; }
 
@@ -723,6 +772,17 @@ template <class Load>
 inline void fwht_row_fused(const Load& load, float* y, const float* post, float* dst, bool acc, int64_t e,
                            int64_t block, float inv_sqrt) {
 #ifdef LBT_AVX512
+  if (!LBT_TWO_PASS && LBT_ZMM_HADAMARD) {
+    (void)y;
+    switch (block * 2 + acc) {
+      case 128: fwht_row_zmm_q<1, false>(load, post, dst, e, inv_sqrt); return;
+      case 129: fwht_row_zmm_q<1, true>(load, post, dst, e, inv_sqrt); return;
+      case 256: fwht_row_zmm_q<2, false>(load, post, dst, e, inv_sqrt); return;
+      case 257: fwht_row_zmm_q<2, true>(load, post, dst, e, inv_sqrt); return;
+      case 512: fwht_row_zmm_q<4, false>(load, post, dst, e, inv_sqrt); return;
+      default: fwht_row_zmm_q<4, true>(load, post, dst, e, inv_sqrt); return;
+    }
+  }
   if (!LBT_TWO_PASS) {
     (void)y;
     switch (block * 2 + acc) {
@@ -1431,10 +1491,10 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
       } else {
         get_bitplanes(body, e, t * e, plane_bytes, int(s.bits), codes.data());
       }
+      const float base = s.fmt == 2 ? bf16_to_f32(get_u16(sbytes + t_rows * g_count + 2 * t)) : 0.0f;
       for (int64_t g = 0; g < g_count; ++g) {
         if (s.fmt == 2) {
           const uint8_t q = sbytes[t * g_count + g];
-          const float base = bf16_to_f32(get_u16(sbytes + t_rows * g_count + 2 * t));
           scale[g] = q == 255 ? QNAN : base * s.lg8[q];
         } else if (s.fmt == 0) {
           scale[g] = f16_to_f32(get_u16(sbytes + 2 * (t * g_count + g)));
