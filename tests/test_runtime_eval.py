@@ -78,6 +78,7 @@ def test_runtime_eval_equals_simulator_two_shot(tiny_cal):
             assert pr["comm"][name]["calls"] == 4 * 4 and pr["comm"][name]["by_algorithm"] == {"two-shot": 16}
 
 
+@pytest.mark.slow  # a second two-rank eval (17 s); the default suite keeps the API one above; `make test-slow`
 def test_runtime_eval_equals_simulator_gather_via_cli(tiny_cal, tmp_path, capsys):
     from lowbit_tp.cli import main
 
