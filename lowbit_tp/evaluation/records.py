@@ -31,6 +31,9 @@ class CodecEvalRow:
     counted from the payloads; ``bytes_sent_per_rank_per_token`` sums every row-parallel
     layer. ``seconds``: forward time of this codec. ``runtime``: ``sim`` (the simulator) or
     ``tp`` (real ranks); None when the caller did not say, and then left out of the JSON.
+    ``per_sequence``: the per-sequence sums behind the intervals (``tokens``, ``nll_base``,
+    ``nll_codec``, ``kl``, ``top1`` lists, one entry per window), for paired comparisons of
+    codecs (``scripts/paired_diff.py``); None in rows written before it, and then left out.
     """
 
     model: str
@@ -56,17 +59,20 @@ class CodecEvalRow:
     pct_of_baseline_lambada: float
     seconds: float
     runtime: str | None = None
+    per_sequence: dict[str, list[float]] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        """The row as written to JSON (field order kept; ``runtime`` only when set)."""
+        """The row as written to JSON (field order kept; ``runtime`` and ``per_sequence``
+        only when set)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        if out["runtime"] is None:
-            del out["runtime"]
+        for key in ("runtime", "per_sequence"):
+            if out[key] is None:
+                del out[key]
         return out
 
     @classmethod
     def from_json(cls, row: Mapping[str, Any]) -> "CodecEvalRow":
-        return cls(**record_kwargs(cls, row, required=True, optional=("runtime",)))
+        return cls(**record_kwargs(cls, row, required=True, optional=("runtime", "per_sequence")))
 
     def on(self, runtime: str) -> "CodecEvalRow":
         """This row, recorded as measured on ``runtime`` (``sim`` or ``tp``)."""
