@@ -8,7 +8,10 @@ windows drawn for both codecs in each resample; ``lowbit_tp.evaluation.metrics.
 paired_difference_ci``). An interval that excludes 0 says the difference is outside the
 noise of which windows were drawn.
 
-    PYTHONPATH=. python scripts/paired_diff.py docs/dev/X.json A:B [C:D ...] [--json OUT]
+    PYTHONPATH=. python scripts/paired_diff.py docs/dev/X.json [Y.json ...] --pairs A:B [C:D ...] [--json OUT]
+
+Several eval JSONs are merged first (``lowbit_tp.evaluation.evaluate.merge_results``, which
+refuses results of other windows, model, split or calibration).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from lowbit_tp.evaluation.evaluate import merge_results
 from lowbit_tp.evaluation.metrics import paired_difference_ci
 
 
@@ -55,8 +59,9 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("eval_json", type=Path)
-    ap.add_argument("pairs", nargs="+", metavar="A:B", help="codec names of one row pair, B compared to A")
+    ap.add_argument("eval_json", type=Path, nargs="+", help="eval JSONs of the same windows and calibration")
+    ap.add_argument("--pairs", nargs="+", required=True, metavar="A:B",
+                    help="codec names of one row pair, B compared to A")
     ap.add_argument("--json", type=Path, help="also write the differences here")
     args = ap.parse_args(argv)
     pairs = []
@@ -65,11 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not a or not b:
             ap.error(f"pair {p!r} is not A:B")
         pairs.append((a, b))
-    result = json.loads(args.eval_json.read_text())
+    try:
+        result = merge_results([json.loads(p.read_text()) for p in args.eval_json])
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     rows = compare(result, pairs)
     print(table(rows))
     if args.json:
-        args.json.write_text(json.dumps({"source": str(args.eval_json), "pairs": rows}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"sources": [str(p) for p in args.eval_json], "pairs": rows}, indent=1)
+                             + "\n")
     return 0
 
 

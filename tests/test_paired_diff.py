@@ -123,7 +123,8 @@ def eval_json_from_logits():
         out = row.to_json()
         assert CodecEvalRow.from_json(out) == row and list(out)[-1] == "per_sequence"
         rows.append(out)
-    return {"config": {}, "rows": rows}
+    return {"config": {"model": "m", "tp": 2, "split": "dev", "algorithm": "gather"},
+            "text": {"chunks": {"samples": [1, 2, 3, 4, 5]}}, "calibration": None, "rows": rows}
 
 
 def test_script_on_rows_written_by_the_eval(tmp_path, capsys):
@@ -131,7 +132,7 @@ def test_script_on_rows_written_by_the_eval(tmp_path, capsys):
     src = tmp_path / "eval.json"
     src.write_text(json.dumps(eval_json_from_logits()))
     out = tmp_path / "diff.json"
-    assert mod.main([str(src), "coarse:fine", "--json", str(out)]) == 0
+    assert mod.main([str(src), "--pairs", "coarse:fine", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| `coarse` | `fine` | 5 |" in printed
     pair = json.loads(out.read_text())["pairs"][0]
@@ -149,6 +150,20 @@ def test_script_refuses_rows_without_sums(tmp_path):
     src = tmp_path / "eval.json"
     src.write_text(json.dumps(data))
     with pytest.raises(SystemExit, match="no per_sequence sums"):
-        mod.main([str(src), "coarse:fine"])
+        mod.main([str(src), "--pairs", "coarse:fine"])
     with pytest.raises(SystemExit, match="no row for codec 'other'"):
-        mod.main([str(src), "fine:other"])
+        mod.main([str(src), "--pairs", "fine:other"])
+
+
+def test_script_merges_results_of_the_same_windows_only(tmp_path):
+    mod = load_script()
+    data = eval_json_from_logits()
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    one.write_text(json.dumps({**data, "rows": data["rows"][:1]}))
+    two.write_text(json.dumps({**data, "rows": data["rows"][1:]}))
+    out = tmp_path / "diff.json"
+    assert mod.main([str(one), str(two), "--pairs", "coarse:fine", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["pairs"][0]["kl"]["diff"] < 0
+    two.write_text(json.dumps({**data, "text": {"chunks": {"samples": [9]}}, "rows": data["rows"][1:]}))
+    with pytest.raises(SystemExit, match="other windows"):
+        mod.main([str(one), str(two), "--pairs", "coarse:fine"])
