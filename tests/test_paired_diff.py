@@ -167,3 +167,43 @@ def test_script_merges_results_of_the_same_windows_only(tmp_path):
     two.write_text(json.dumps({**data, "text": {"chunks": {"samples": [9]}}, "rows": data["rows"][1:]}))
     with pytest.raises(SystemExit, match="other windows"):
         mod.main([str(one), str(two), "--pairs", "coarse:fine"])
+
+
+# ------------------------------------------------------------------ last-word accuracy intervals
+
+def test_lambada_intervals_against_a_naive_loop():
+    from lowbit_tp.evaluation.evaluate import lambada_intervals
+
+    rng = np.random.default_rng(1)
+    base = rng.random(60) < 0.3
+    codec = base.copy()
+    codec[rng.choice(60, 6, replace=False)] = False  # the codec loses some of the baseline's hits
+    got = lambada_intervals(codec.tolist(), base.tolist())
+    idx = np.random.default_rng(0).integers(0, 60, size=(2000, 60))  # bootstrap_ci's documented draws
+    acc = [codec[i].mean() for i in idx]
+    delta = [codec[i].mean() - base[i].mean() for i in idx]
+    assert got["lambada_acc_ci95"] == pytest.approx(list(np.percentile(acc, [2.5, 97.5])), abs=1e-12)
+    assert got["lambada_acc_delta_ci95"] == pytest.approx(list(np.percentile(delta, [2.5, 97.5])), abs=1e-12)
+    assert got["lambada_acc_delta_ci95"][1] <= 0  # it never gains a hit: the paired interval sees it
+    same = lambada_intervals(base.tolist(), base.tolist())
+    assert same["lambada_acc_delta_ci95"] == [0.0, 0.0]
+    assert lambada_intervals([True], [True]) == {"lambada_acc_ci95": None, "lambada_acc_delta_ci95": None}
+    assert lambada_intervals(codec.tolist(), None)["lambada_acc_delta_ci95"] is None
+    with pytest.raises(ValueError, match="60 last-word hits, but 59"):
+        lambada_intervals(codec.tolist(), base.tolist()[:-1])
+
+
+def test_result_row_writes_lambada_intervals_only_with_items():
+    comparison = {"tokens": 100, "sequences": 4, "ppl_baseline": 10.0, "ppl": 10.5, "kl": 0.01, "top1": 0.97,
+                  "ppl_increase_pct_ci95": [4.0, 6.0], "kl_ci95": [0.009, 0.011], "top1_ci95": [0.96, 0.98]}
+    stats = CommStats(calls=1, values=640, bytes_sent=200, payload_bytes=200, wire_values=640.0, ring_values=640.0)
+    info = SimpleNamespace(name="m", hidden_size=64)
+    cfg = EvalConfig(tp=2, codecs=("int8",))
+    row = result_row(cfg, info, "int8", comparison, stats, [True, False, True, True], 0.5, 1.0, num_layers=4,
+                     lambada_baseline_hits=[True, False, False, True])
+    out = row.to_json()
+    assert out["lambada_acc"] == 0.75 and 0.0 <= out["lambada_acc_ci95"][0] <= 0.75 <= out["lambada_acc_ci95"][1]
+    assert out["lambada_acc_delta_ci95"][0] >= 0.0  # never fewer hits than the baseline
+    assert CodecEvalRow.from_json(out) == row
+    bare = result_row(cfg, info, "int8", comparison, stats, [], 0.0, 1.0, num_layers=4).to_json()
+    assert "lambada_acc_ci95" not in bare and "lambada_acc_delta_ci95" not in bare
