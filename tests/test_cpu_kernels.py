@@ -213,6 +213,7 @@ def test_error_mode_encodes_in_one_pass(name, monkeypatch):
             fast.encode(big, layer=LAYER)
 
 
+@pytest.mark.slow  # two more builds of the kernels (12 s); the default build is tested above; `make test-slow`
 @pytest.mark.parametrize("variant,flag", [("LOWBIT_TP_CPU_PORTABLE", "-DLBT_PORTABLE"),
                                           ("LOWBIT_TP_CPU_NO_AVX512", "-mno-avx512f")])
 def test_portable_build_matches_reference(tmp_path, variant, flag):
