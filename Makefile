@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lowbit-tp-setup
 
-.PHONY: setup demo test test-models bench-comm setup-vllm test-vllm
+.PHONY: setup demo test test-slow test-models bench-comm setup-vllm test-vllm
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
@@ -16,6 +16,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Heavier runs kept out of the default suite (marker `slow`: extra builds of the CPU kernels,
+# the bench-e2e loopback run, torchrun, long fits); .ci/run runs them.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m "slow and not model and not vllm"
 
 # Tests that load the real pretrained models (SmolLM2-135M, Gemma 3 270M).
 test-models: $(STAMP)

@@ -156,6 +156,7 @@ class RunConfig:
     threads_per_rank: int = RankOptions.threads_per_rank
     keep_prefill_logits: bool = False
     engine: str = "native"
+    error_feedback: bool = False  # lowbit_tp.collectives.feedback; native engine only
 
     def __post_init__(self):
         if isinstance(self.prompts, str):
@@ -178,6 +179,8 @@ class RunConfig:
                             f"{self.codec!r}; use gather, two-shot or auto, or codec bf16 for the exact baseline")
         if self.engine not in ENGINES:
             raise UserError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.error_feedback and self.engine != "native":
+            raise UserError(f"error feedback runs on the native engine only, not {self.engine!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -235,6 +238,8 @@ class EvalConfig:
     text_glob: str = "*"        # which files of a --text directory to read
     split: str = "test"         # "test": the held-out text; "dev": calibration text off the calibration windows
     codec_options: dict = field(default_factory=dict)
+    # Error feedback along depth (lowbit_tp.collectives.feedback) for every codec of the run.
+    error_feedback: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "codecs", tuple(self.codecs))

@@ -9,19 +9,7 @@ from __future__ import annotations
 
 import torch
 
-
-def byte_tokenizer():
-    """A byte-level BPE with no merges: 256 byte tokens plus <s> and </s>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {"<s>": 0, "</s>": 1, **{ch: i + 2 for i, ch in enumerate(sorted(alphabet))}}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+from lowbit_tp.bench.e2e.model import byte_tokenizer  # noqa: F401  (the benchmark's, one token per byte)
 
 
 def tiny_config(family: str, *, vocab_size: int = 260):

@@ -64,6 +64,36 @@ def test_bad_rate_fails_clearly(netns_ok):
 
 
 # ----------------------------------------------------------------- prompts and rows
+def test_byte_tokenizer_is_one_token_per_utf8_byte():
+    """Ids are 2 + the byte's rank in the byte-level alphabet (ids 0/1 are <s>/</s>), whatever
+    the whitespace, punctuation or multi-byte characters around it; decode gives the text back."""
+    from tokenizers import pre_tokenizers
+
+    tok = byte_tokenizer()
+    byte_to_char = {b: c for b, c in zip(range(256), _gpt2_byte_chars())}
+    rank = {c: i + 2 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    text = "  Hello,\n\tworld's 日本 ü  x2.5e-3!!"
+    want = [rank[byte_to_char[b]] for b in text.encode()]
+    assert tok(text, add_special_tokens=False).input_ids == want
+    assert tok(text).input_ids == [0] + want
+    assert tok.decode(want) == text
+
+
+def _gpt2_byte_chars() -> list[str]:
+    """GPT-2's printable stand-in for each byte 0..255 (the published table, written out here
+    as the independent reference)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return [out[b] for b in range(256)]
+
+
 def test_byte_tokenizer_prompt_has_exact_length():
     tok = byte_tokenizer()
     for n in (2, 17, 512):
@@ -103,6 +133,7 @@ def test_rows_medians_and_ratios():
 
 
 # ----------------------------------------------------------------- a real run, loopback
+@pytest.mark.slow  # three two-process runs and a calibration: 41 s of the default suite; `make test-slow`
 def test_loopback_smoke(tmp_path):
     """Two ranks as separate processes, torchrun-style, a tiny random model: rows for the bf16
     baseline, one dynamic codec and ``default`` (which needs a calibration with a bit

@@ -39,12 +39,13 @@ SCALAR_FLAGS = [
     (["eval", "--tp", "3", "--codec", "int4-g32"], EvalConfig,
      {"model": "model", "algorithm": "algorithm", "calibration": "calibration", "samples": "samples",
       "seq_len": "seq_len", "batch_size": "batch_size", "lambada": "lambada", "seed": "seed", "text": "text",
-      "text_glob": "text_glob", "split": "split"}),
+      "text_glob": "text_glob", "split": "split", "error_feedback": "error_feedback"}),
     (["eval", "--tp", "3", "--codec", "int4-g32"], RankOptions,
      {"timeout": "timeout_s", "threads_per_rank": "threads_per_rank"}),
     (["run", "--prompt", "hi"], RunConfig,
      {"engine": "engine", "model": "model", "codec": "codec", "calibration": "calibration", "algorithm": "algorithm",
-      "max_new_tokens": "max_new_tokens", "timeout": "timeout_s", "threads_per_rank": "threads_per_rank"}),
+      "max_new_tokens": "max_new_tokens", "timeout": "timeout_s", "threads_per_rank": "threads_per_rank",
+      "error_feedback": "error_feedback"}),
     (["run", "--prompt", "hi"], SamplingConfig,
      {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "seed": "seed"}),
     (["run", "--prompt", "hi"], AutoPolicy, {"min_bytes": "min_bytes"}),
@@ -116,3 +117,14 @@ def test_a_bad_flag_is_one_line_with_status_2():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "--tp" in proc.stderr
+
+
+def test_error_feedback_on_gemma_is_refused_in_one_line(tmp_path):
+    from helpers import save_tiny
+
+    path = save_tiny(tmp_path, "gemma3")
+    proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "eval", "--model", path, "--tp", "2",
+                           "--codec", "int4-g32", "--error-feedback", "--samples", "1", "--seq-len", "32"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.count("\n") == 1 and "error feedback is not supported for Gemma 3" in proc.stderr, proc.stderr

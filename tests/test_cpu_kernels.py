@@ -213,6 +213,7 @@ def test_error_mode_encodes_in_one_pass(name, monkeypatch):
             fast.encode(big, layer=LAYER)
 
 
+@pytest.mark.slow  # two more builds of the kernels (12 s); the default build is tested above; `make test-slow`
 @pytest.mark.parametrize("variant,flag", [("LOWBIT_TP_CPU_PORTABLE", "-DLBT_PORTABLE"),
                                           ("LOWBIT_TP_CPU_NO_AVX512", "-mno-avx512f")])
 def test_portable_build_matches_reference(tmp_path, variant, flag):
@@ -322,3 +323,27 @@ def test_level_search_rounding_ties():
         got = cpu_kernels.rot_codes(z, s, bounds=bounds, bits=4)
         bad = (got != want).nonzero()
         assert not bad.numel(), (s, z[bad[:5, 0]].tolist(), got[bad[:5, 0]].tolist(), want[bad[:5, 0]].tolist())
+
+
+@pytest.mark.parametrize("top", [1.0, 3.7, 1e-30, 2.5e38, 6.5e-39, 1.00390625])
+def test_lg8_codes_match_the_reference_searchsorted(top):
+    """The lg8 scale search of the rot encoders (8 groups at a time by gathers, a scalar tail)
+    against the reference's ``_lg8_encode``: group absmaxes exactly at every table value times
+    the base, one to three fp32 steps around each, zeros, subnormals and random ratios."""
+    from lowbit_tp.codecs.rotation import _LG8_TABLE, _lg8_encode
+
+    g = torch.Generator().manual_seed(int(top * 1e3) % 1000)
+    top32 = torch.tensor([top], dtype=torch.float32)
+    _, sb = _lg8_encode(top32.reshape(1, 1))
+    base = float(F.bytes_to_float(sb[1:], torch.bfloat16))
+    exact = (torch.tensor(base, dtype=torch.float64) * _LG8_TABLE.double()).float()
+    amax = torch.cat([top32, _near(exact, ulps=3), torch.tensor([0.0, 2.0 ** -149, 1e-40, 1.17e-38]),
+                      top32 * torch.rand(203, generator=g) ** 8])
+    amax = amax[(amax <= top32) & (amax >= 0)]
+    ref_scale, ref_bytes = _lg8_encode(amax.reshape(1, -1))
+    n = amax.numel()
+    assert float(F.bytes_to_float(ref_bytes[n:], torch.bfloat16)) == base
+    for m in (n, n - 5):  # vector lanes and the scalar tail
+        q, scale = cpu_kernels.lg8_codes(amax[:m], base, table=_LG8_TABLE)
+        assert torch.equal(q, ref_bytes[:m]), (top, (q != ref_bytes[:m]).nonzero()[:5].tolist())
+        assert torch.equal(scale.view(torch.int32), ref_scale.reshape(-1)[:m].view(torch.int32)), top

@@ -10,7 +10,8 @@ from helpers import RecordingReducer, tiny_model
 from lowbit_tp.collectives import simulate_all_reduce, spawn_ranks
 
 
-def _rank(rank, world, family, runs):
+def _rank(rank, world, families, runs):
+    """Every family x run in one spawn (a spawn's imports cost more than the forwards)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
@@ -20,39 +21,45 @@ def _rank(rank, world, family, runs):
 
     mesh = init_device_mesh("cpu", (world,))
     ids = torch.randint(0, 260, (2, 7), generator=torch.Generator().manual_seed(5))
-    out = []
-    for codec_name, algorithm in runs:
-        model = tiny_model(family)
-        rec = RecordingReducer(DistReducer(codec=make_codec(codec_name), algorithm=algorithm))
-        parallelize_module(model, mesh, parallelize_plan(model, reducer=rec))
-        with torch.no_grad():
-            logits = model(ids).logits
-        out.append({"calls": rec.calls, "logits": logits})
+    out = {}
+    for family in families:
+        out[family] = []
+        for codec_name, algorithm in runs:
+            model = tiny_model(family)
+            rec = RecordingReducer(DistReducer(codec=make_codec(codec_name), algorithm=algorithm))
+            parallelize_module(model, mesh, parallelize_plan(model, reducer=rec))
+            with torch.no_grad():
+                logits = model(ids).logits
+            out[family].append({"calls": rec.calls, "logits": logits})
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_parallelize_module_with_the_lowbit_style(family):
-    runs = [("bf16", "exact"), ("int4-g32", "gather"), ("mxfp4", "two-shot")]
-    per_rank = spawn_ranks(_rank, 2, family, runs, timeout_s=60, deadline_s=240)
-    model = tiny_model(family)
-    ids = torch.randint(0, 260, (2, 7), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        ref_logits = model(ids).logits
-    names = [n for n, _ in model.named_modules() if n.endswith(("o_proj", "down_proj"))]
+FAMILIES = ["llama", "qwen2"]  # qwen2: q/k/v carry biases, sliced with the rows
+
+
+def test_parallelize_module_with_the_lowbit_style():
     from lowbit_tp.codecs import make_codec
 
-    for i, (codec_name, algorithm) in enumerate(runs):
-        calls = [per_rank[r][i]["calls"] for r in range(2)]
-        assert [c[0] for c in calls[0]] == names
-        if algorithm == "exact":
-            torch.testing.assert_close(per_rank[0][i]["logits"], ref_logits, rtol=1e-4, atol=1e-4)
-            continue
-        codec = make_codec(codec_name)
-        for j, name in enumerate(names):
-            partials = [calls[r][j][1] for r in range(2)]
-            ref = simulate_all_reduce(partials, codec, algorithm, layer=name)
-            assert not torch.equal(ref, partials[0] + partials[1])
-            for r in range(2):
-                assert torch.equal(calls[r][j][2], ref), (codec_name, name, r)
-        assert torch.equal(per_rank[0][i]["logits"], per_rank[1][i]["logits"])  # ranks agree bitwise
+    runs = [("bf16", "exact"), ("int4-g32", "gather"), ("mxfp4", "two-shot")]
+    per_rank = spawn_ranks(_rank, 2, FAMILIES, runs, timeout_s=60, deadline_s=240)
+    for family in FAMILIES:
+        model = tiny_model(family)
+        ids = torch.randint(0, 260, (2, 7), generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            ref_logits = model(ids).logits
+        names = [n for n, _ in model.named_modules() if n.endswith(("o_proj", "down_proj"))]
+        for i, (codec_name, algorithm) in enumerate(runs):
+            calls = [per_rank[r][family][i]["calls"] for r in range(2)]
+            assert [c[0] for c in calls[0]] == names
+            if algorithm == "exact":
+                torch.testing.assert_close(per_rank[0][family][i]["logits"], ref_logits, rtol=1e-4, atol=1e-4,
+                                           msg=lambda m: f"{family}: {m}")
+                continue
+            codec = make_codec(codec_name)
+            for j, name in enumerate(names):
+                partials = [calls[r][j][1] for r in range(2)]
+                ref = simulate_all_reduce(partials, codec, algorithm, layer=name)
+                assert not torch.equal(ref, partials[0] + partials[1])
+                for r in range(2):
+                    assert torch.equal(calls[r][j][2], ref), (family, codec_name, name, r)
+            assert torch.equal(per_rank[0][family][i]["logits"], per_rank[1][family][i]["logits"])  # ranks agree bitwise

@@ -25,7 +25,8 @@ def tiny(tmp_path_factory):
     return {f: save_tiny(root, f) for f in ("llama", "qwen2", "gemma3")}
 
 
-def _simulated_logits(path: str, prompt: str, *, tp: int, codec: str, algorithm: str, calibration=None):
+def _simulated_logits(path: str, prompt: str, *, tp: int, codec: str, algorithm: str, calibration=None,
+                      error_feedback: bool = False):
     from lowbit_tp.codecs import make_codec
     from lowbit_tp.models import load_model
     from lowbit_tp.simulator import TPSimulator
@@ -33,7 +34,7 @@ def _simulated_logits(path: str, prompt: str, *, tp: int, codec: str, algorithm:
     model, tok, _ = load_model(path)
     ids = torch.tensor([tok(prompt).input_ids])
     with torch.no_grad(), TPSimulator(model, tp=tp, codec=make_codec(codec, calibration=calibration),
-                                      algorithm=algorithm):
+                                      algorithm=algorithm, error_feedback=error_feedback):
         return model(ids).logits[0]
 
 
@@ -120,6 +121,25 @@ def test_tp4_greedy_and_quantized_logits_equal_simulator(tiny):
         assert pre.by_algorithm == {cfg.algorithm: 4} and 4.5 <= pre.bits_per_value < 5.0
     # KV heads replicated: each rank holds 1 q head and 1 of the 2 KV heads
     assert [r[0].shard["kv_heads"] for r in per_rank] == [(0,), (0,), (1,), (1,)]
+
+
+def test_error_feedback_runtime_equals_simulator(tiny):
+    """--error-feedback on real ranks: prefill logits bitwise the simulator's with error
+    feedback (TP 2, gather and two-shot), and not the plain codec's; decode steps run."""
+    base = dict(model=tiny["llama"], tp=2, prompts=PROMPTS[:1], max_new_tokens=4, ignore_eos=True, timeout_s=30,
+                codec="int4-g32", keep_prefill_logits=True, error_feedback=True)
+    cfgs = [RunConfig(algorithm="gather", **base), RunConfig(algorithm="two-shot", **base)]
+    per_rank = spawn_ranks(_rank_several, 2, cfgs, timeout_s=30, deadline_s=180)
+    for i, cfg in enumerate(cfgs):
+        sim = _simulated_logits(cfg.model, PROMPTS[0], tp=2, codec=cfg.codec, algorithm=cfg.algorithm,
+                                error_feedback=True)
+        plain = _simulated_logits(cfg.model, PROMPTS[0], tp=2, codec=cfg.codec, algorithm=cfg.algorithm)
+        assert not torch.equal(sim, plain)
+        for r in range(2):
+            assert torch.equal(per_rank[r][i].results[0].prefill_logits, sim), (cfg.algorithm, r)
+            assert per_rank[r][i].results[0].new_tokens == 4
+    with pytest.raises(Exception, match="native engine only"):
+        RunConfig(engine="transformers", **base)
 
 
 def test_tp2_outlier_codec_with_calibration_equals_simulator(tiny, tmp_path):

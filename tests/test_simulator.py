@@ -116,3 +116,78 @@ def test_quantized_simulation_equals_an_independent_tp_emulation(algorithm):
     st = sim.comm_stats()
     # 24 tokens x 64 channels per call; per token 2 bf16 channels (32 bits) + 62 int4 (248 bits)
     assert st.calls == 4 and st.bits_per_value == pytest.approx((2 * 16 + 62 * 4) / 64)
+
+
+def _reference_forward_ef(model, ids, cal, *, k, algorithm):
+    """:func:`_reference_forward` with error feedback written from its definition: each
+    rank adds what its previous all-reduce lost (``sent - dequantized``) to its next
+    partial; in two-shot the owner of a half of the rows (rank 0 the first 12 of the 24
+    tokens, rank 1 the rest) also keeps what re-quantizing the sum lost on them."""
+    names = [n for n, _ in model.named_modules() if n.endswith(("o_proj", "down_proj"))]
+    state, originals = {"carry": None}, {}
+
+    def emulate(name, linear):
+        def fwd(x):
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            half = x2.shape[1] // 2
+            parts = [x2[:, :half] @ linear.weight[:, :half].T, x2[:, half:] @ linear.weight[:, half:].T]
+            if name != names[0]:
+                parts = [p + c for p, c in zip(parts, state["carry"])]
+            deq = [_seed_quantize(p, cal.get(name, r), k) for r, p in enumerate(parts)]
+            carry = [p - d for p, d in zip(parts, deq)]
+            total = deq[0] + deq[1]
+            if algorithm == "two-shot":
+                again = _seed_quantize(total, cal.get(name, "sum"), k)
+                rows = total.shape[0] // 2
+                carry[0][:rows] += (total - again)[:rows]
+                carry[1][rows:] += (total - again)[rows:]
+                total = again
+            state["carry"] = carry
+            return total.reshape(*x.shape[:-1], -1)
+        return fwd
+
+    for name in names:
+        mod = model.get_submodule(name)
+        originals[name] = mod.forward
+        mod.forward = emulate(name, mod)
+    try:
+        return model(ids).logits
+    finally:
+        for name, fwd in originals.items():
+            model.get_submodule(name).forward = fwd
+
+
+@pytest.mark.parametrize("algorithm", ["gather", "two-shot"])
+def test_error_feedback_simulation_equals_an_independent_tp_emulation(algorithm):
+    model = tiny_model("llama")
+    ids = _ids()
+    acc = StatsAccumulator()
+
+    def observe(layer, partials, total):
+        for r, p in enumerate(partials):
+            acc.update(layer, r, p)
+        acc.update(layer, "sum", total)
+
+    with torch.no_grad(), TPSimulator(model, tp=2, observer=observe) as sim:
+        exact = model(ids).logits
+    cal = acc.build({"tp": 2, "hidden_size": 64}, layers=sim.layer_names)
+    codec = make_codec("int4-outlier", calibration=cal, k=2)
+
+    with torch.no_grad():
+        ref = _reference_forward_ef(model, ids, cal, k=2, algorithm=algorithm)
+        with TPSimulator(model, tp=2, codec=codec, algorithm=algorithm, error_feedback=True) as sim:
+            got = model(ids).logits
+            again = model(ids).logits  # a second forward pass starts without a carry
+        with TPSimulator(model, tp=2, codec=codec, algorithm=algorithm) as plain_sim:
+            plain = model(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(again, got)
+    assert (got - plain).abs().max() > 100 * (got - ref).abs().max()  # the feedback really acted
+    assert (got - exact).norm() < (plain - exact).norm()
+    # same bytes on the wire (the EF simulator ran two forward passes)
+    assert sim.comm_stats().bytes_sent == 2 * plain_sim.comm_stats().bytes_sent
+    assert sim.comm_stats().bits_per_value == plain_sim.comm_stats().bits_per_value
+    with pytest.raises(ValueError, match="needs a codec"):
+        TPSimulator(model, tp=2, error_feedback=True)
+    with pytest.raises(ValueError, match="not supported for Gemma 3"):  # post-norms: the errors do not cancel
+        TPSimulator(tiny_model("gemma3"), tp=2, codec=codec, error_feedback=True)

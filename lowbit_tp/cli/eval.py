@@ -5,7 +5,7 @@ from lowbit_tp.cli.argtypes import nonneg_int, positive_float, positive_int
 from lowbit_tp.cli.common import default, warn, write_json
 from lowbit_tp.configs import ALGORITHMS, SPLITS, EvalConfig, RankOptions
 
-COLUMNS = ["codec", "algorithm", "runtime", "split", "bits_per_value", "ppl_baseline", "ppl", "ppl_increase_pct",
+COLUMNS = ["codec", "algorithm", "error_feedback", "runtime", "split", "bits_per_value", "ppl_baseline", "ppl", "ppl_increase_pct",
            "ppl_increase_pct_ci95", "kl", "kl_ci95", "top1", "top1_ci95", "lambada_acc_baseline", "lambada_acc",
            "lambada_acc_ci95", "lambada_acc_delta_ci95", "pct_of_baseline_lambada"]
 
@@ -19,6 +19,9 @@ def register(sub) -> None:
     e.add_argument("--codec", action="append", required=True, help="repeatable")
     e.add_argument("--algorithm", default=default(d, "algorithm"), choices=[a for a in ALGORITHMS if a != "exact"],
                    help="collective (default %(default)s, the one default of every API)")
+    e.add_argument("--error-feedback", action="store_true", default=default(d, "error_feedback"),
+                   help="each rank adds its previous all-reduce's quantization error back into its next partial "
+                        "within a forward pass (same bytes on the wire; docs/design-dev.md)")
     e.add_argument("--calibration", default=default(d, "calibration"),
                    help="artifact from `lowbit-tp calibrate` (static codecs need it)")
     e.add_argument("--samples", type=positive_int, default=default(d, "samples"))
@@ -48,7 +51,7 @@ def config_from_args(args) -> EvalConfig:
     return EvalConfig(model=args.model, tp=args.tp, codecs=tuple(args.codec), algorithm=args.algorithm,
                       calibration=args.calibration, samples=args.samples, seq_len=args.seq_len,
                       batch_size=args.batch_size, lambada=args.lambada, seed=args.seed, text=args.text,
-                      text_glob=args.text_glob, split=args.split)
+                      text_glob=args.text_glob, split=args.split, error_feedback=args.error_feedback)
 
 
 def cmd(args) -> None:

@@ -33,6 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--calibration", default=default(d, "calibration"),
                    help="calibration .safetensors (static codecs need one)")
     p.add_argument("--algorithm", default=default(d, "algorithm"), choices=ALGORITHMS)
+    p.add_argument("--error-feedback", action="store_true", default=default(d, "error_feedback"),
+                   help="each rank adds its previous all-reduce's quantization error back into its next partial "
+                        "within a forward pass (same bytes; native engine only)")
     p.add_argument("--min-bytes", type=nonneg_int, default=default(AutoPolicy, "min_bytes"),
                    help="auto: messages below this many bf16 bytes use exact (default %(default)s)")
     p.add_argument("--prompt", action="append", required=True, help="repeatable; generated one after another")
@@ -60,7 +63,7 @@ def config_from_args(args, tp: int) -> RunConfig:
                      sampling=SamplingConfig(do_sample=args.sample, temperature=args.temperature,
                                              top_k=args.top_k, top_p=args.top_p, seed=args.seed),
                      timeout_s=args.timeout, threads_per_rank=args.threads_per_rank,
-                     engine="native" if args.engine == "vllm" else args.engine)
+                     engine="native" if args.engine == "vllm" else args.engine, error_feedback=args.error_feedback)
 
 
 def report(out) -> str:
@@ -80,6 +83,8 @@ def cmd(args) -> None:
     if args.engine == "vllm":
         if args.tp is None:
             raise UserError("--tp is required")
+        if args.error_feedback:
+            raise UserError("--error-feedback runs on the native engine only; the vLLM plugin has no such option")
         return _run_vllm(args, config_from_args(args, args.tp))
     # Library code (torch) is imported when the command runs, so that `--help` stays fast.
     from lowbit_tp.runtime.engine import run_config, run_from_env, under_torchrun

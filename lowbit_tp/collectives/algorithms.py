@@ -33,6 +33,7 @@ from typing import Sequence
 import torch
 
 from lowbit_tp.codecs.base import Codec
+from lowbit_tp.collectives.feedback import Feedback, compensate, feedback_of
 from lowbit_tp.configs import ALGORITHMS, DEFAULT_ALGORITHM  # noqa: F401 (re-exported)
 
 
@@ -47,6 +48,16 @@ def sum_in_rank_order(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 # ---------------------------------------------------------------- gather
 def gather_encode(codec: Codec, partial: torch.Tensor, *, layer, rank: int, out=None) -> torch.Tensor:
     return codec.encode(partial, layer=layer, source=rank, out=out)
+
+
+def gather_encode_feedback(codec: Codec, partial: torch.Tensor, feedback: Feedback, *, layer, rank: int,
+                           out=None) -> torch.Tensor:
+    """:func:`gather_encode` of ``partial + feedback.carry``; sets ``feedback.next`` to what the
+    payload lost (this rank decodes its own payload; see :mod:`~lowbit_tp.collectives.feedback`)."""
+    sent = compensate(partial, feedback.carry)
+    payload = codec.encode(sent, layer=layer, source=rank, out=out)
+    feedback.next = feedback_of(sent, codec.decode(payload, tuple(sent.shape), layer=layer, source=rank))
+    return payload
 
 
 def gather_decode_sum(codec: Codec, payloads: Sequence[torch.Tensor], shape, *, layer, out=None) -> torch.Tensor:
@@ -69,6 +80,39 @@ def two_shot_encode(codec: Codec, partial: torch.Tensor, *, layer, rank: int, wo
         partial = torch.nn.functional.pad(partial, (0, 0, 0, rows * world - t))
     parts = [None] * world if out is None else out.chunk(world)
     return [codec.encode(c, layer=layer, source=rank, out=o) for c, o in zip(partial.split(rows, dim=0), parts)]
+
+
+def two_shot_encode_feedback(codec: Codec, partial: torch.Tensor, feedback: Feedback, *, layer, rank: int,
+                             world: int, out: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """:func:`two_shot_encode` of ``partial + feedback.carry``; sets ``feedback.next`` to what
+    this rank's N chunks lost (the owners' second-stage errors are added by
+    :func:`add_owner_feedback`)."""
+    sent = compensate(partial, feedback.carry)
+    chunks = two_shot_encode(codec, sent, layer=layer, rank=rank, world=world, out=out)
+    shape = (chunk_rows(sent.shape[0], world), sent.shape[1])
+    decoded = torch.cat([codec.decode(c, shape, layer=layer, source=rank) for c in chunks], dim=0)
+    feedback.next = feedback_of(sent, decoded[:sent.shape[0]])
+    return chunks
+
+
+def two_shot_reduce_feedback(codec: Codec, chunks: Sequence[torch.Tensor], chunk_shape, *, layer,
+                             out=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The owner's stage with error feedback: ``(payload, error)``, the payload of
+    :func:`two_shot_reduce` (unfused: decode_sum, then encode, the same bytes by the codec
+    contract) and what re-encoding the chunk's sum lost (fp32, ``chunk_shape``)."""
+    total = codec.decode_sum(chunks, chunk_shape, layer=layer)
+    payload = codec.encode(total, layer=layer, source="sum", out=out)
+    return payload, feedback_of(total, codec.decode(payload, chunk_shape, layer=layer, source="sum"))
+
+
+def add_owner_feedback(feedback: Feedback, error: torch.Tensor, *, owner: int, world: int) -> None:
+    """Add owner ``owner``'s second-stage ``error`` to the rows of its chunk in its own
+    ``feedback.next`` (padding rows beyond the tokens are dropped)."""
+    tokens = feedback.next.shape[0]
+    rows = chunk_rows(tokens, world)
+    lo, hi = owner * rows, min((owner + 1) * rows, tokens)
+    if hi > lo:
+        feedback.next[lo:hi] += error[:hi - lo]
 
 
 def two_shot_reduce(codec: Codec, chunks: Sequence[torch.Tensor], chunk_shape, *, layer, out=None) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from lowbit_tp.codecs.base import Codec
 from lowbit_tp.collectives import algorithms as A
+from lowbit_tp.collectives.feedback import Feedback, compensate
 from lowbit_tp.collectives.policy import AutoPolicy, CommStats, resolve_algorithm
 
 _CHECKED: set[tuple[int, str, str]] = set()
@@ -115,6 +116,7 @@ def all_reduce(
     policy: AutoPolicy | None = None,
     stats: CommStats | None = None,
     wire_hook: WireHook | None = None,
+    feedback: Feedback | None = None,
 ) -> torch.Tensor:
     """Sum ``partial [tokens, E]`` over the ranks of ``group``; returns a new tensor.
 
@@ -126,6 +128,9 @@ def all_reduce(
     same partials, chunked or not. ``stats`` counts one call per message.
     ``wire_hook`` (see :data:`WireHook`) wraps each of those backend calls; in a pipelined
     message it wraps each wait for a chunk's transfer (the transfer time the codec did not hide).
+    ``feedback`` (optional): error feedback, this rank encodes ``partial + feedback.carry`` and
+    ``feedback.next`` is set to its compensation for its next all-reduce
+    (:mod:`~lowbit_tp.collectives.feedback`), bitwise as in ``simulate_all_reduce``.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("all_reduce needs an initialised torch.distributed process group")
@@ -133,6 +138,16 @@ def all_reduce(
     if partial.dim() != 2:
         raise ValueError(f"all_reduce expects a [tokens, E] partial, got shape {tuple(partial.shape)}")
     algo = resolve_algorithm(algorithm, numel=partial.numel(), world_size=world, policy=policy)
+    if feedback is not None and (world == 1 or algo == "exact"):  # lossless: the carry is summed, nothing left
+        sent = compensate(partial, feedback.carry)
+        feedback.next = torch.zeros(partial.shape, dtype=torch.float32, device=partial.device)
+        if world == 1:
+            return sent.to(partial.dtype, copy=True)
+        out = sent.clone()
+        _guard("exact all_reduce", layer, group, lambda: dist.all_reduce(out, group=group), wire_hook)
+        if stats is not None:
+            stats.record_exact(partial, world=world)
+        return out.to(partial.dtype)
     if world == 1:
         return partial.clone()
     if algo == "exact":
@@ -144,9 +159,20 @@ def all_reduce(
     check_group_config(codec, group, layer=layer)
     rows = (policy or AutoPolicy()).chunk_rows(tokens=partial.shape[0], hidden=partial.shape[1])
     pieces = list(partial.split(rows, dim=0))
+    fbs = None
+    if feedback is not None and algo == "two-shot" and len(pieces) > 1:
+        # which owner re-encodes a row depends on the chunking, and so would the carries
+        raise ValueError(f"error feedback with two-shot needs whole messages, but {layer!r} goes in "
+                         f"{len(pieces)} pipelined chunks; set AutoPolicy.chunk_bytes=0 or use gather")
+    if feedback is not None:  # one Feedback per row chunk: gather's codecs work row by row
+        carries = [None] * len(pieces) if feedback.carry is None else list(feedback.carry.split(rows, dim=0))
+        fbs = [Feedback(carry=c) for c in carries]
     tally = CommStats()  # per chunk; reported to ``stats`` as one call
     stages = _gather_pipelined if algo == "gather" else _two_shot_pipelined
-    outs = stages(codec, pieces, group, layer=layer, rank=rank, world=world, tally=tally, hook=wire_hook)
+    outs = stages(codec, pieces, group, layer=layer, rank=rank, world=world, tally=tally, hook=wire_hook,
+                  feedback=fbs)
+    if feedback is not None:
+        feedback.next = fbs[0].next if len(fbs) == 1 else torch.cat([f.next for f in fbs])
     if stats is not None:
         stats.record(algorithm=algo, sent=tally.bytes_sent, payload=tally.payload_bytes, values=tally.values,
                      wire_values=tally.wire_values, world=world)
@@ -176,7 +202,7 @@ def _finish(what: str, layer, group, work, hook: WireHook | None) -> None:
 
 
 def _gather_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: int, tally: CommStats,
-                      hook: WireHook | None):
+                      hook: WireHook | None, feedback: list[Feedback] | None = None):
     what = "all_gather of payloads"
     pipelined = len(pieces) > 1
     dev = pieces[0].device
@@ -190,8 +216,11 @@ def _gather_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: i
         launched = None
         if i < len(pieces):  # slot i % 2: chunk i-1 may still be in flight while chunk i is encoded
             n = codec.payload_nbytes(tuple(pieces[i].shape), layer)
-            payload = A.gather_encode(codec, pieces[i], layer=layer, rank=rank,
-                                      out=BUFFERS.get("gather-send", i % 2, n, torch.uint8, dev))
+            buf = BUFFERS.get("gather-send", i % 2, n, torch.uint8, dev)
+            if feedback is None:
+                payload = A.gather_encode(codec, pieces[i], layer=layer, rank=rank, out=buf)
+            else:
+                payload = A.gather_encode_feedback(codec, pieces[i], feedback[i], layer=layer, rank=rank, out=buf)
             got = [BUFFERS.get(f"gather-recv{r}", i % 2, n, torch.uint8, dev) for r in range(world)]
             work = _start(what, layer, group,
                           lambda a: dist.all_gather(got, payload, group=group, async_op=a), hook, pipelined)
@@ -206,7 +235,7 @@ def _gather_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: i
 
 
 def _two_shot_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: int, tally: CommStats,
-                        hook: WireHook | None):
+                        hook: WireHook | None, feedback: list[Feedback] | None = None):
     # all payload chunks have one size, so all_to_all_single needs no split sizes
     n = len(pieces)
     pipelined = n > 1
@@ -218,7 +247,11 @@ def _two_shot_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world:
             chunk_shape = (A.chunk_rows(pieces[step].shape[0], world), pieces[step].shape[1])
             nb = codec.payload_nbytes(chunk_shape, layer)
             send = BUFFERS.get("two-shot-send", step % 3, world * nb, torch.uint8, dev)
-            chunks = A.two_shot_encode(codec, pieces[step], layer=layer, rank=rank, world=world, out=send)
+            if feedback is None:
+                chunks = A.two_shot_encode(codec, pieces[step], layer=layer, rank=rank, world=world, out=send)
+            else:
+                chunks = A.two_shot_encode_feedback(codec, pieces[step], feedback[step], layer=layer, rank=rank,
+                                                    world=world, out=send)
             recv = BUFFERS.get("two-shot-recv", step % 3, world * nb, torch.uint8, dev)
             work = _start("all_to_all of chunks", layer, group,
                           lambda a: dist.all_to_all_single(recv, send, group=group, async_op=a), hook, pipelined)
@@ -230,7 +263,11 @@ def _two_shot_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world:
             chunk_shape = (A.chunk_rows(pieces[j].shape[0], world), pieces[j].shape[1])
             # the sum's payload may differ in size from a partial's (a two-stage codec), so the
             # codec allocates it; the N received copies reuse buffers of that size
-            mine = A.two_shot_reduce(codec, list(recv.chunk(world)), chunk_shape, layer=layer)
+            if feedback is None:
+                mine = A.two_shot_reduce(codec, list(recv.chunk(world)), chunk_shape, layer=layer)
+            else:  # the second-stage error of this rank's chunk joins its own compensation
+                mine, err = A.two_shot_reduce_feedback(codec, list(recv.chunk(world)), chunk_shape, layer=layer)
+                A.add_owner_feedback(feedback[j], err, owner=rank, world=world)
             sums = [BUFFERS.get(f"two-shot-sum{r}", j % 3, mine.numel(), torch.uint8, dev) for r in range(world)]
             work = _start("all_gather of reduced chunks", layer, group,
                           lambda a: dist.all_gather(sums, mine, group=group, async_op=a), hook, pipelined)

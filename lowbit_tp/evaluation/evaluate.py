@@ -118,6 +118,7 @@ def result_row(cfg: EvalConfig, info, codec: str, comparison: dict, stats, lamba
     acc = sum(lambada_hits) / len(lambada_hits) if lambada_hits else float("nan")
     return CodecEvalRow(
         model=info.name, tp=cfg.tp, codec=codec, algorithm=cfg.algorithm, split=cfg.split,
+        error_feedback=cfg.error_feedback,
         **comparison,
         lambada_acc=acc, lambada_acc_baseline=lambada_baseline,
         bits_per_value=stats.bits_per_value,
@@ -160,6 +161,7 @@ def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress:
     model, tokenizer, info = bundle if bundle is not None else load_model(cfg.model)
     calibration, split, chunks, items, split_info = eval_inputs(cfg, tokenizer, info, calibration, warn=warn)
     sims = {name: TPSimulator(model, tp=cfg.tp, name=info.name, algorithm=cfg.algorithm,
+                              error_feedback=cfg.error_feedback,
                               codec=make_codec(name, calibration=calibration, **cfg.codec_options.get(name, {})))
             for name in cfg.codecs}
     comps = {name: LMComparison() for name in cfg.codecs}
@@ -223,7 +225,8 @@ def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     def same(res) -> tuple:
         cfg = res["config"]
-        return (cfg["model"], cfg["tp"], cfg.get("split"), cfg.get("algorithm"), res["text"]["chunks"],
+        return (cfg["model"], cfg["tp"], cfg.get("split"), cfg.get("algorithm"), cfg.get("error_feedback", False),
+                res["text"]["chunks"],
                 res["calibration"] and res["calibration"]["fingerprint"])
 
     for i, res in enumerate(results[1:], 1):

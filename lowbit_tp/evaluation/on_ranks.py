@@ -40,6 +40,7 @@ from lowbit_tp.evaluation.records import EvalResult
 from lowbit_tp.evaluation.metrics import LMComparison
 from lowbit_tp.models import load_model
 from lowbit_tp.runtime.startup import start_rank
+from lowbit_tp.collectives.feedback import FeedbackChain
 from lowbit_tp.tp.row_parallel import DistReducer, RowParallelLinear
 
 __all__ = ["eval_rank_main", "evaluate_codecs_tp"]
@@ -75,13 +76,15 @@ def eval_rank_main(rank: int, world: int, cfg: EvalConfig, input_ids: torch.Tens
                          agree_on=lambda tokenizer: {
                              "input_ids_sha256": _digest(input_ids.tolist()),
                              "items_sha256": _digest([it.manifest() for it in items]), "batch_size": cfg.batch_size},
-                         group=group, job="evaluation")
+                         group=group, job="evaluation", error_feedback=cfg.error_feedback)
     model, codecs, shard = started.model, started.codecs, started.shard
     batches = list(input_ids.split(cfg.batch_size))
     out: dict[str, Any] = {"rank": rank, "shard": shard, "codecs": {}}
     with torch.no_grad():
         for name, codec in codecs.items():
-            comm = DistReducer(codec=codec, group=group, algorithm=cfg.algorithm)
+            chain = started.reducer.feedback
+            comm = DistReducer(codec=codec, group=group, algorithm=cfg.algorithm,
+                               feedback=None if chain is None else FeedbackChain(chain.order, ranks=1))
             _use_reducer(model, comm)
             comp, kept, seconds = LMComparison(), [], 0.0
             for b, ids in enumerate(batches):

@@ -20,6 +20,8 @@ DEV_COLUMNS = ("codec", "split", "bits_per_value", "ppl_increase_pct", "ppl_incr
                "top1")
 # Left out of a row's JSON when None (rows written before them lack them).
 OPTIONAL_FIELDS = ("runtime", "per_sequence", "lambada_acc_ci95", "lambada_acc_delta_ci95")
+# Read when present, written only when True.
+FLAG_FIELDS = ("error_feedback",)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class CodecEvalRow:
     counted from the payloads; ``bytes_sent_per_rank_per_token`` sums every row-parallel
     layer. ``seconds``: forward time of this codec. ``runtime``: ``sim`` (the simulator) or
     ``tp`` (real ranks); None when the caller did not say, and then left out of the JSON.
+    ``error_feedback``: whether the all-reduces fed their quantization error forward
+    (:mod:`~lowbit_tp.collectives.feedback`); written to the JSON only when True.
     ``per_sequence``: the per-sequence sums behind the intervals (``tokens``, ``nll_base``,
     ``nll_codec``, ``kl``, ``top1`` lists, one entry per window), for paired comparisons of
     codecs (``scripts/paired_diff.py``); None in rows written before it, and then left out.
@@ -66,20 +70,23 @@ class CodecEvalRow:
     lambada_acc_ci95: list[float] | None = None
     lambada_acc_delta_ci95: list[float] | None = None
     runtime: str | None = None
+    error_feedback: bool = False
     per_sequence: dict[str, list[float]] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """The row as written to JSON (field order kept; the fields after ``seconds`` only
-        when set)."""
+        when set: not None, ``error_feedback`` only when True)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         for key in OPTIONAL_FIELDS:
             if out[key] is None:
                 del out[key]
+        if not out["error_feedback"]:
+            del out["error_feedback"]
         return out
 
     @classmethod
     def from_json(cls, row: Mapping[str, Any]) -> "CodecEvalRow":
-        return cls(**record_kwargs(cls, row, required=True, optional=OPTIONAL_FIELDS))
+        return cls(**record_kwargs(cls, row, required=True, optional=OPTIONAL_FIELDS + FLAG_FIELDS))
 
     def on(self, runtime: str) -> "CodecEvalRow":
         """This row, recorded as measured on ``runtime`` (``sim`` or ``tp``)."""

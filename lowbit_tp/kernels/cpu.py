@@ -127,6 +127,8 @@ def _lib():
     lib.lbt_rot_decode_sum.restype = None
     lib.lbt_rot_codes.argtypes = [p, i64, f32, i32, p, i32, p]
     lib.lbt_rot_codes.restype = None
+    lib.lbt_lg8_codes.argtypes = [p, i64, f32, p, p, p]
+    lib.lbt_lg8_codes.restype = None
     return lib
 
 
@@ -276,6 +278,18 @@ def rot_codes(z: torch.Tensor, scale: float, *, bounds: torch.Tensor, bits: int,
     out = torch.empty(z.numel(), dtype=torch.uint8)
     _lib().lbt_rot_codes(z.data_ptr(), z.numel(), scale, int(finite), bounds.data_ptr(), bits, out.data_ptr())
     return out
+
+
+def lg8_codes(amax: torch.Tensor, base: float, *, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test hook: the lg8 codes and scales the rot encoders give the group absmaxes ``amax``
+    (fp32, finite, <= ``base``) under the token's bf16 base ``base`` (as fp32); the reference's
+    are in ``lowbit_tp.codecs.rotation._lg8_encode``."""
+    amax = amax.float().contiguous()
+    table = table.float().contiguous()
+    scale = torch.empty(amax.numel(), dtype=torch.float32)
+    q = torch.empty(amax.numel(), dtype=torch.uint8)
+    _lib().lbt_lg8_codes(amax.data_ptr(), amax.numel(), base, table.data_ptr(), scale.data_ptr(), q.data_ptr())
+    return q, scale
 
 
 if __name__ == "__main__":  # scripts/setup.sh: build now, report, never fail the set-up

@@ -50,6 +50,10 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "gemma3_text": "Gemma 3 (text)",
 }
 
+# Families whose o_proj / down_proj output goes through an RMSNorm before the residual add
+# (Gemma 2/3's post-attention and post-feedforward norms): error feedback does not telescope there.
+POST_NORM_MODEL_TYPES = frozenset({"gemma2", "gemma3", "gemma3_text"})
+
 LayerKind = Literal["attn_out", "mlp_down"]
 
 _KIND_BY_SPLIT: dict[str, LayerKind] = {"q_heads": "attn_out", "features": "mlp_down"}
@@ -184,6 +188,16 @@ class ArchitectureAdapter:
     family: str
     geometry: TPGeometry
     plan: TPPlan = DECODER_PLAN
+    post_norm: bool = False  # row-parallel outputs are normalised before the residual add (Gemma 2/3)
+
+    def check_error_feedback(self) -> None:
+        """Raise ``ValueError`` unless error feedback along depth is exact to first order here:
+        the row-parallel outputs must be added straight into the residual stream
+        (:mod:`~lowbit_tp.collectives.feedback`)."""
+        if self.post_norm:
+            raise ValueError(f"error feedback is not supported for {self.family}: its post-attention/post-feedforward "
+                             f"norms rescale each all-reduce's output before the residual add, so the errors do "
+                             f"not cancel (docs/design-dev.md)")
 
     def row_parallel_layers(self, model: torch.nn.Module) -> list[RowParallelLayer]:
         """Every decoder layer's ``o_proj`` then ``down_proj`` (the plan's ``rowwise``
@@ -283,4 +297,5 @@ def get_adapter(model_or_config: Any, *, name: str | None = None) -> Architectur
             f"{geo.name}: {geo.num_heads} attention heads are not a multiple of "
             f"{geo.num_kv_heads} KV heads"
         )
-    return ArchitectureAdapter(family=SUPPORTED_MODEL_TYPES[model_type], geometry=geo)
+    return ArchitectureAdapter(family=SUPPORTED_MODEL_TYPES[model_type], geometry=geo,
+                               post_norm=model_type in POST_NORM_MODEL_TYPES)

@@ -21,6 +21,7 @@ import torch
 from lowbit_tp.calibration import Calibration
 from lowbit_tp.codecs import Codec, make_codec
 from lowbit_tp.collectives import AutoPolicy, check_group_config
+from lowbit_tp.collectives.feedback import FeedbackChain
 from lowbit_tp.models import check_tp, get_adapter, load_model, load_tokenizer
 from lowbit_tp.models.export import export_hf
 from lowbit_tp.models.registry import model_info
@@ -66,7 +67,8 @@ def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[s
                algorithm: str, policy: AutoPolicy | None = None, codec_options: Mapping[str, dict] | None = None,
                engine: str = "native", weights_sha256: str | None = None,
                agree_on: Callable[[Any], dict[str, Any]] = lambda tokenizer: {},
-               hooks: CommHooks = CommHooks(), group=None, job: str = "run") -> StartedRank:
+               hooks: CommHooks = CommHooks(), group=None, job: str = "run",
+               error_feedback: bool = False) -> StartedRank:
     """Load, check and shard this rank's model; every rank of ``group`` calls it together.
 
     ``agree_on(tokenizer)`` returns more settings every rank must share (prompt or input
@@ -74,7 +76,11 @@ def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[s
     model hash, which the loaded weights must match. ``engine``: ``native`` (lowbit-tp's own
     sharding) or ``transformers`` (transformers' TP with the ``lowbit_rowwise`` style, loaded
     after the group check). ``job`` names the caller in the rank-count error.
+    ``error_feedback``: the reducer feeds this rank's quantization error forward along the
+    plan's layer order (:mod:`~lowbit_tp.collectives.feedback`; native engine only).
     """
+    if error_feedback and engine != "native":
+        raise ValueError("error feedback runs on the native engine only")
     if world != tp:
         raise ValueError(f"the {job} asks for TP {tp} but {world} ranks were started")
     t0 = time.perf_counter()
@@ -92,6 +98,7 @@ def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[s
     options = codec_options or {}
     built = {name: make_codec(name, calibration=cal, **options.get(name, {})) for name in codecs}
     extra = {"model_sha256": info.weights_sha256, "tp": world, "algorithm": algorithm,
+             "error_feedback": bool(error_feedback),
              "policy": repr(policy), "calibration_file": None if cal is None else cal.fingerprint(),
              **agree_on(tokenizer)}
     for codec in built.values():
@@ -100,7 +107,11 @@ def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[s
     reducer = DistReducer(codec=next(iter(built.values())), group=group, algorithm=algorithm, policy=policy,
                           hooks=hooks)
     if engine == "native":
-        shard = asdict(shard_model(net, rank=rank, tp=world, reducer=reducer, adapter=get_adapter(net, name=model)))
+        adapter = get_adapter(net, name=model)
+        if error_feedback:
+            adapter.check_error_feedback()
+            reducer.feedback = FeedbackChain(tuple(l.name for l in adapter.row_parallel_layers(net)), ranks=1)
+        shard = asdict(shard_model(net, rank=rank, tp=world, reducer=reducer, adapter=adapter))
     else:
         t1 = time.perf_counter()
         net = _transformers_tp_model(model, tp=world, reducer=reducer)

@@ -20,6 +20,7 @@ from torch import nn
 from lowbit_tp.codecs import Codec, make_codec
 from lowbit_tp.collectives import AutoPolicy, CommStats
 from lowbit_tp.collectives.algorithms import ALGORITHMS, DEFAULT_ALGORITHM
+from lowbit_tp.collectives.feedback import FeedbackChain
 from lowbit_tp.models.adapters import check_tp, get_adapter
 from lowbit_tp.tp.plan import swap_module
 from lowbit_tp.tp.row_parallel import Observer, RowParallelLinear, SimulatedReducer, shard_weight
@@ -47,12 +48,15 @@ class TPSimulator:
         policy: thresholds for ``auto``.
         observer: ``f(layer, partials, exact_sum)`` called for every layer call.
         calibration: passed to ``make_codec`` when ``codec`` is a name.
+        error_feedback: each simulated rank adds its previous all-reduce's quantization error
+            back into its next partial within a forward pass
+            (:mod:`~lowbit_tp.collectives.feedback`); needs a codec. Same bytes.
     """
 
     def __init__(self, model: nn.Module, *, tp: int, codec: Codec | str | None = None,
                  algorithm: str = DEFAULT_ALGORITHM,
                  policy: AutoPolicy | None = None, observer: Optional[Observer] = None, calibration=None,
-                 name: str | None = None):
+                 name: str | None = None, error_feedback: bool = False):
         self.model = model
         self.tp = tp
         self.adapter = get_adapter(model, name=name)
@@ -67,7 +71,14 @@ class TPSimulator:
                              f"or codec=None for the exact sum")
         self.codec = codec
         self.algorithm = algorithm if codec is not None else "exact"
-        self.reducer = SimulatedReducer(codec=codec, algorithm=self.algorithm, policy=policy, observer=observer)
+        if error_feedback and codec is None:
+            raise ValueError("error feedback needs a codec: the exact sum has no error to feed back")
+        if error_feedback:
+            self.adapter.check_error_feedback()
+        self.error_feedback = bool(error_feedback)
+        chain = FeedbackChain(self.layer_names, ranks=tp) if error_feedback else None
+        self.reducer = SimulatedReducer(codec=codec, algorithm=self.algorithm, policy=policy, observer=observer,
+                                        feedback=chain)
         self._swapped: list[tuple[str, nn.Module]] = []
 
     @property

@@ -49,6 +49,7 @@ from lowbit_tp.codecs.base import Codec, NonFiniteError
 from lowbit_tp.collectives import AutoPolicy, CommStats, all_reduce, simulate_all_reduce
 from lowbit_tp.collectives.algorithms import DEFAULT_ALGORITHM, sum_in_rank_order
 from lowbit_tp.collectives.dist import WireHook
+from lowbit_tp.collectives.feedback import FeedbackChain
 
 __all__ = ["CommHooks", "DistReducer", "Observer", "Reducer", "RowParallelLinear", "SimulatedReducer", "local_partial",
            "shard_weight"]
@@ -80,7 +81,10 @@ class SimulatedReducer:
     ``codec=None`` or ``algorithm="exact"``: the exact fp32 sum in rank order (no traffic
     counted). Otherwise :func:`~lowbit_tp.collectives.simulate_all_reduce`, with one rank's
     traffic counted per layer in ``per_layer``. ``observer(layer, partials, exact_sum)``
-    sees every call (calibration collects its statistics through it).
+    sees every call (calibration collects its statistics through it). ``feedback``: error
+    feedback along depth for all N simulated ranks (a
+    :class:`~lowbit_tp.collectives.feedback.FeedbackChain` with ``ranks=N`` over the plan's
+    layer order), or None (off).
     """
 
     codec: Codec | None = None
@@ -88,6 +92,7 @@ class SimulatedReducer:
     policy: AutoPolicy | None = None
     observer: Optional[Observer] = None
     per_layer: dict[str, CommStats] = field(default_factory=dict)
+    feedback: FeedbackChain | None = None
 
     def reduce(self, partials: Sequence[torch.Tensor], *, layer: str) -> torch.Tensor:
         partials = list(partials)
@@ -98,7 +103,13 @@ class SimulatedReducer:
         if self.codec is None or self.algorithm == "exact":
             return (total if total is not None else sum_in_rank_order(partials)).to(partials[0].dtype)
         st = self.per_layer.setdefault(layer, CommStats())
-        return simulate_all_reduce(partials, self.codec, self.algorithm, layer=layer, policy=self.policy, stats=st)
+        if self.feedback is None:
+            return simulate_all_reduce(partials, self.codec, self.algorithm, layer=layer, policy=self.policy, stats=st)
+        fb = self.feedback.start(layer)
+        out = simulate_all_reduce(partials, self.codec, self.algorithm, layer=layer, policy=self.policy, stats=st,
+                                  feedback=fb)
+        self.feedback.finish(layer, fb)
+        return out
 
     def stats(self) -> CommStats:
         """All layers' traffic added up (what one rank sent)."""
@@ -127,7 +138,10 @@ class CommHooks:
 @dataclass
 class DistReducer:
     """This process is one rank of ``group``: one :func:`~lowbit_tp.collectives.all_reduce`
-    per call (``algorithm``, ``policy``), its traffic added to ``stats``; ``hooks`` time it."""
+    per call (``algorithm``, ``policy``), its traffic added to ``stats``; ``hooks`` time it.
+    ``feedback``: this rank's error feedback along depth (a
+    :class:`~lowbit_tp.collectives.feedback.FeedbackChain` with ``ranks=1`` over the plan's
+    layer order), or None (off); every rank of the group must agree on it."""
 
     codec: Codec
     group: Any = None
@@ -135,14 +149,20 @@ class DistReducer:
     policy: AutoPolicy | None = None
     stats: CommStats = field(default_factory=CommStats)
     hooks: CommHooks = CommHooks()
+    feedback: FeedbackChain | None = None
 
     def reduce(self, partials: Sequence[torch.Tensor], *, layer: str) -> torch.Tensor:
         if len(partials) != 1:
             raise ValueError(f"a rank reduces its own partial only, got {len(partials)} partials for {layer!r}")
 
         def run() -> torch.Tensor:
-            return all_reduce(partials[0], self.codec, self.group, algorithm=self.algorithm, layer=layer,
-                              policy=self.policy, stats=self.stats, wire_hook=self.hooks.around_wire)
+            fb = None if self.feedback is None else self.feedback.start(layer)
+            out = all_reduce(partials[0], self.codec, self.group, algorithm=self.algorithm, layer=layer,
+                             policy=self.policy, stats=self.stats, wire_hook=self.hooks.around_wire,
+                             feedback=None if fb is None else fb[0])
+            if fb is not None:
+                self.feedback.finish(layer, fb)
+            return out
 
         return run() if self.hooks.around_reduce is None else self.hooks.around_reduce(layer, run)
 

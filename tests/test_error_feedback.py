@@ -1,0 +1,241 @@
+"""Error feedback along depth (lowbit_tp.collectives.feedback) against independent references.
+
+References here: a two-step residual chain computed by hand (int4-g32 with a scale of
+exactly 1, so every rounding is known), and an EF loop written from the definition with
+``codec.roundtrip`` (rank r sends ``p_r + c_r``, keeps ``c_r <- sent - decoded``; in
+two-shot the owner of a row chunk also keeps what re-encoding the chunk's sum lost).
+"""
+import pytest
+import torch
+
+from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
+from lowbit_tp.codecs import make_codec
+from lowbit_tp.collectives import AutoPolicy, CommStats, all_reduce, simulate_all_reduce, spawn_ranks
+from lowbit_tp.collectives.feedback import Feedback, FeedbackChain, compensate, feedback_of
+from lowbit_tp.tp.row_parallel import SimulatedReducer
+
+E = 32  # one int4-g32 group per row
+
+
+def _row(*pairs):
+    """A [1, 32] row that is 0 except ``{index: value}``."""
+    x = torch.zeros(1, E)
+    for i, v in pairs:
+        x[0, i] = v
+    return x
+
+
+# ------------------------------------------------------------------ hand-computed chain
+# Every row holds a 7, so the group absmax is 7 and the fp16 scale absmax / 7 is exactly 1:
+# int4-g32 rounds each value to the nearest integer (no ties below).
+def test_two_step_residual_chain_by_hand():
+    codec = make_codec("int4-g32")
+    step1 = [_row((0, 7.0), (1, 0.4)), _row((0, 7.0), (2, 1.3))]
+    step2 = [_row((0, 7.0), (1, 0.3)), _row((0, 7.0), (2, 0.4))]
+    reducer = SimulatedReducer(codec=codec, feedback=FeedbackChain(("a", "b"), ranks=2))
+    plain = SimulatedReducer(codec=codec)
+
+    # step 1: 0.4 -> 0 and 1.3 -> 1 on both paths (nothing to feed back yet)
+    y1 = reducer.reduce(step1, layer="a")
+    assert torch.equal(y1, _row((0, 14.0), (2, 1.0)))
+    assert torch.equal(plain.reduce(step1, layer="a"), y1)
+    # step 2 without feedback: 0.3 -> 0, 0.4 -> 0
+    assert torch.equal(plain.reduce(step2, layer="b"), _row((0, 14.0)))
+    # with feedback rank 0 sends 0.3 + 0.4 = 0.7 -> 1, rank 1 sends 0.4 + 0.3 = 0.7 -> 1
+    y2 = reducer.reduce(step2, layer="b")
+    assert torch.equal(y2, _row((0, 14.0), (1, 1.0), (2, 1.0)))
+    # The residual after both steps: exact [28, 0.7, 1.7]. Without feedback [28, 0, 1]
+    # (both steps' errors, -0.7 each); with it [28, 1, 2]: only step 2's error, +0.3 each.
+    exact = _row((0, 28.0), (1, 0.7), (2, 1.7))
+    torch.testing.assert_close(y1 + y2 - exact, _row((1, 0.3), (2, 0.3)), rtol=0, atol=1e-6)
+
+
+def test_chain_starts_over_at_every_forward_pass():
+    codec = make_codec("int4-g32")
+    parts = [_row((0, 7.0), (1, 0.4)), _row((0, 7.0), (2, 0.4))]
+    order = ("l0.o", "l0.down", "l1.o")
+    red = SimulatedReducer(codec=codec, feedback=FeedbackChain(order, ranks=2))
+    first = red.reduce(parts, layer="l0.o")
+    assert torch.equal(red.reduce(parts, layer="l0.down"), _row((0, 14.0), (1, 1.0), (2, 1.0)))  # compensated
+    # a new forward pass (first layer again, here with another token count) starts clean
+    three = [torch.cat([p, p, p]) for p in parts]
+    assert torch.equal(red.reduce(three, layer="l0.o"), torch.cat([first] * 3))
+    # a layer that does not follow the last one in the order gets no carry either
+    red.reduce(parts, layer="l0.o")
+    assert torch.equal(red.reduce(parts, layer="l1.o"), first)
+    with pytest.raises(ValueError, match="not in the forward order"):
+        red.reduce(parts, layer="nope")
+
+
+def test_chain_validation():
+    with pytest.raises(ValueError, match="none"):
+        FeedbackChain(())
+    with pytest.raises(ValueError, match="twice"):
+        FeedbackChain(("a", "a"))
+    chain = FeedbackChain(("a", "b"), ranks=2)
+    fb = chain.start("a")
+    with pytest.raises(ValueError, match="no compensation"):
+        chain.finish("a", fb)  # the collective never set .next
+    with pytest.raises(ValueError, match="carry of shape"):
+        compensate(torch.zeros(2, 4), torch.zeros(3, 4))
+
+
+# ------------------------------------------------------------------ EF loop from its definition
+def _reference_ef(steps, codec, algorithm, *, layer):
+    """Outputs of a chain of all-reduces with error feedback, from codec.roundtrip only."""
+    world = len(steps[0])
+    carries = [torch.zeros_like(steps[0][0]) for _ in range(world)]
+    outs = []
+    for parts in steps:
+        sent = [p + c for p, c in zip(parts, carries)]
+        if algorithm == "gather":
+            dec = [codec.roundtrip(s, layer=layer, source=r) for r, s in enumerate(sent)]
+            carries = [s - d for s, d in zip(sent, dec)]
+            total = dec[0]
+            for d in dec[1:]:
+                total = total + d
+            outs.append(total)
+            continue
+        t = sent[0].shape[0]
+        rows = -(-t // world)
+        pad = [torch.nn.functional.pad(s, (0, 0, 0, rows * world - t)) for s in sent]
+        dec = [torch.cat([codec.roundtrip(c, layer=layer, source=r) for c in s.split(rows)]) for r, s in enumerate(pad)]
+        carries = [(s - d)[:t] for s, d in zip(pad, dec)]
+        stitched = []
+        for j in range(world):
+            chunk = dec[0][j * rows:(j + 1) * rows]
+            for d in dec[1:]:
+                chunk = chunk + d[j * rows:(j + 1) * rows]
+            again = codec.roundtrip(chunk, layer=layer, source="sum")
+            lo, hi = j * rows, min((j + 1) * rows, t)
+            if hi > lo:
+                carries[j][lo:hi] += (chunk - again)[:hi - lo]
+            stitched.append(again)
+        outs.append(torch.cat(stitched)[:t])
+    return outs
+
+
+def _steps(world, n=4, tokens=7, hidden=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(tokens, hidden, generator=g) * (1 + r) for r in range(world)] for _ in range(n)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("algorithm", ["gather", "two-shot"])
+def test_simulated_chain_equals_the_definition_and_telescopes(world, algorithm):
+    codec = make_codec("int4-g32")
+    steps = _steps(world)
+    ref = _reference_ef(steps, codec, algorithm, layer=None)
+    fbs = [Feedback() for _ in range(world)]
+    h_ef, h_plain, h_exact = (torch.zeros(7, 64) for _ in range(3))
+    st_ef, st_plain = CommStats(), CommStats()
+    for i, parts in enumerate(steps):
+        fbs = [Feedback(carry=f.next) for f in fbs]
+        y = simulate_all_reduce(parts, codec, algorithm, feedback=fbs, stats=st_ef)
+        torch.testing.assert_close(y, ref[i], rtol=0, atol=1e-5)
+        h_ef += y
+        h_plain += simulate_all_reduce(parts, codec, algorithm, stats=st_plain)
+        h_exact += sum(parts)
+        # the residual holds only the latest step's error: minus the ranks' next carries
+        torch.testing.assert_close(h_ef - h_exact, -sum(f.next for f in fbs), rtol=0, atol=1e-5)
+    assert (h_ef - h_exact).norm() < 0.75 * (h_plain - h_exact).norm()
+    assert st_ef.bytes_sent == st_plain.bytes_sent and st_ef.bits_per_value == st_plain.bits_per_value
+
+
+def test_without_a_carry_the_result_is_bitwise_the_plain_one():
+    cal = synthetic_calibration(["L"], world=3, hidden=192, tokens=32, batches=2)
+    parts = planted_partials(3, 7, 192, seed=0, noise_seed=5)
+    for name in ("int4-outlier", "rot-lm4-g64", "int4-g32"):
+        codec = make_codec(name, calibration=cal)
+        for algo in ("gather", "two-shot"):
+            fbs = [Feedback() for _ in range(3)]
+            got = simulate_all_reduce(parts, codec, algo, layer="L", feedback=fbs)
+            assert torch.equal(got, simulate_all_reduce(parts, codec, algo, layer="L")), (name, algo)
+            assert all(f.next is not None and f.next.dtype == torch.float32 for f in fbs)
+
+
+def test_exact_and_world_one_sum_the_carry_and_leave_none():
+    codec = make_codec("int4-g32")
+    parts = [torch.ones(2, 8), 2 * torch.ones(2, 8)]
+    fbs = [Feedback(carry=torch.full((2, 8), 0.5)), Feedback(carry=torch.full((2, 8), 0.25))]
+    y = simulate_all_reduce(parts, codec, "exact", feedback=fbs)
+    assert torch.equal(y, torch.full((2, 8), 3.75))
+    assert all(torch.equal(f.next, torch.zeros(2, 8)) for f in fbs)
+    one = [Feedback(carry=torch.full((2, 8), 0.5))]
+    assert torch.equal(simulate_all_reduce(parts[:1], codec, "gather", feedback=one), torch.full((2, 8), 1.5))
+
+
+def test_nonfinite_errors_are_never_fed_forward():
+    assert torch.equal(feedback_of(torch.tensor([1.0, float("nan"), float("inf")]), torch.tensor([0.5, 1.0, 1.0])),
+                       torch.tensor([0.5, 0.0, 0.0]))
+    codec = make_codec("int4-g32", nonfinite="propagate")
+    parts = [torch.randn(3, 64), torch.randn(3, 64)]
+    parts[0][1, 5] = float("nan")
+    fbs = [Feedback(), Feedback()]
+    y = simulate_all_reduce(parts, codec, "gather", feedback=fbs)
+    assert torch.equal(torch.isnan(y), torch.isnan(simulate_all_reduce(parts, codec, "gather")))
+    assert all(torch.isfinite(f.next).all() for f in fbs)
+    # the "error" mode still refuses the NaN, carry or not
+    with pytest.raises(FloatingPointError):
+        simulate_all_reduce(parts, make_codec("int4-g32"), "gather", feedback=[Feedback(), Feedback()])
+
+
+# ------------------------------------------------------------------ real ranks, bitwise
+LAYERS = ("l0.o", "l0.down", "l1.o", "l1.down")
+CODECS = ("int4-g32", "int4-outlier", "rot-lm4-g64")
+
+
+def _cal(world):
+    return synthetic_calibration(list(LAYERS), world=world, hidden=192, tokens=32, batches=2)
+
+
+def _partials(world, layer_index):
+    return planted_partials(world, 7, 192, seed=layer_index, noise_seed=40 + layer_index)
+
+
+def _rank_chain(rank, world):
+    from lowbit_tp.tp.row_parallel import DistReducer
+
+    cal, out = _cal(world), {}
+    for name in CODECS:
+        for algo in ("gather", "two-shot"):
+            red = DistReducer(codec=make_codec(name, calibration=cal), algorithm=algo,
+                              feedback=FeedbackChain(LAYERS, ranks=1))
+            out[(name, algo)] = [red.reduce([_partials(world, i)[rank]], layer=l) for i, l in enumerate(LAYERS)]
+    # pipelined gather (rows in chunks of 2): the same bits
+    fb = Feedback(carry=torch.randn(7, 192, generator=torch.Generator().manual_seed(rank)))
+    codec = make_codec("int4-g32")
+    y = all_reduce(_partials(world, 0)[rank], codec, algorithm="gather", policy=AutoPolicy(chunk_bytes=2 * 2 * 192),
+                   feedback=fb)
+    out["pipelined"] = (y, fb.next)
+    try:
+        all_reduce(_partials(world, 0)[rank], codec, algorithm="two-shot", policy=AutoPolicy(chunk_bytes=2 * 2 * 192),
+                   feedback=Feedback())
+        out["refused"] = "no error"
+    except ValueError as exc:
+        out["refused"] = str(exc)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_runtime_chain_is_bitwise_the_simulated_chain(world):
+    results = spawn_ranks(_rank_chain, world, timeout_s=60)
+    cal = _cal(world)
+    for name in CODECS:
+        for algo in ("gather", "two-shot"):
+            red = SimulatedReducer(codec=make_codec(name, calibration=cal), algorithm=algo,
+                                   feedback=FeedbackChain(LAYERS, ranks=world))
+            plain = SimulatedReducer(codec=make_codec(name, calibration=cal), algorithm=algo)
+            for i, layer in enumerate(LAYERS):
+                ref = red.reduce(_partials(world, i), layer=layer)
+                for r in range(world):
+                    assert torch.equal(results[r][(name, algo)][i], ref), (name, algo, layer, r)
+                if i > 0:  # the feedback really acted
+                    assert not torch.equal(ref, plain.reduce(_partials(world, i), layer=layer)), (name, algo, layer)
+    codec = make_codec("int4-g32")
+    fbs = [Feedback(carry=torch.randn(7, 192, generator=torch.Generator().manual_seed(r))) for r in range(world)]
+    ref = simulate_all_reduce(_partials(world, 0), codec, "gather", feedback=fbs)
+    for r in range(world):
+        y, nxt = results[r]["pipelined"]
+        assert torch.equal(y, ref) and torch.equal(nxt, fbs[r].next), r
+        assert "pipelined chunks" in results[r]["refused"], results[r]["refused"]
