@@ -43,6 +43,9 @@ def main(argv=None) -> None:
     ap.add_argument("--own-sensitivity", action="store_true",
                     help="take the per-layer KL from the calibration's own plan (its probe, its reference "
                          "codec) instead of measuring it again; only the errors are measured")
+    ap.add_argument("--error-feedback", action="store_true",
+                    help="measure the per-layer KL with error feedback along depth (the plan for runs with "
+                         "--error-feedback); not with --own-sensitivity")
     ap.add_argument("--two", nargs="*", type=float, default=[],
                     help="also today's two-codec rule (allocate: --reference for most layers, --high for the "
                          "most sensitive) at these budgets, on the same sensitivity")
@@ -69,6 +72,8 @@ def main(argv=None) -> None:
     text = cal.meta.get("config", {}).get("text")
     split = load_split(text, glob=cal.meta.get("config", {}).get("text_glob", "*"))
     own = cal.meta.get("bit_allocation")
+    if args.own_sensitivity and args.error_feedback:
+        raise SystemExit("--own-sensitivity reuses a KL measured without error feedback; drop one of them")
     if args.own_sensitivity:
         if not own or own.get("low") != args.reference:
             raise SystemExit(f"--own-sensitivity: the calibration has no plan measured with {args.reference}")
@@ -87,9 +92,11 @@ def main(argv=None) -> None:
         errs = layer_errors(model, probe.input_ids, cal, tp=args.tp, codecs=codecs, name=info.name)
         t1 = time.perf_counter()
         sens = (own["sensitivity_kl"] if args.own_sensitivity else
-                layer_sensitivity(model, probe.input_ids, cal, tp=args.tp, codec=args.reference, name=info.name))
+                layer_sensitivity(model, probe.input_ids, cal, tp=args.tp, codec=args.reference, name=info.name,
+                                  error_feedback=args.error_feedback))
         t2 = time.perf_counter()
         meas.write_text(json.dumps({"model": args.model, "tp": args.tp, "reference": args.reference,
+                                    "error_feedback": args.error_feedback,
                                     "probe": probe.manifest(), "sensitivity_kl": sens, "mse": errs,
                                     "seconds": {"errors": round(t1 - t0, 1), "sensitivity": round(t2 - t1, 1)}},
                                    indent=1))

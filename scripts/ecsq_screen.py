@@ -41,12 +41,10 @@ def interpolate(points: list[tuple[float, float]], bits: float) -> float | None:
 
 
 def main(argv=None) -> None:
+    from fisher_predictor import add_capture_args, load_capture
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--tp", type=int, default=3)
-    ap.add_argument("--calibration", required=True)
-    ap.add_argument("--windows", type=int, default=4, help="calibration windows used (even)")
-    ap.add_argument("--draws", type=int, default=4, help="sampled label draws for the Fisher")
+    add_capture_args(ap)
     ap.add_argument("--budgets", type=float, nargs="+", default=[3.264, 3.5, 4.25, 4.264])
     ap.add_argument("--roundings", type=float, nargs="+", default=[0.5],
                     help="encoder rounding offsets tried with the Gaussian table (0.5 = nearest)")
@@ -57,20 +55,13 @@ def main(argv=None) -> None:
 
     import torch
 
-    from fisher_predictor import calibration_windows, diagonal_fisher, predicted_kl, tp_partials
-    from lowbit_tp.calibration import Calibration
+    from fisher_predictor import diagonal_fisher, predicted_kl, tp_partials
     from lowbit_tp.codecs import make_codec
     from lowbit_tp.codecs.ecsq import HALF, EcsqCodec, choose_steps, design_gaussian_lengths, huffman_lengths
     from lowbit_tp.collectives import simulate_all_reduce
-    from lowbit_tp.models import load_model
 
     t0 = time.time()
-    torch.manual_seed(0)
-    cal = Calibration.load(args.calibration)
-    model, tokenizer, info = load_model(args.model, progress=False)
-    ids = calibration_windows(cal, tokenizer, args.windows)
-    names = list(cal.meta["layers"])
-    e = cal.hidden_size
+    cal, model, _, info, ids, names, e = load_capture(args)
     fisher = diagonal_fisher(model, ids, names, e, draws=args.draws)
     parts = tp_partials(model, ids, tp=args.tp, name=info.name)
     print(f"captured in {time.time() - t0:.0f} s", flush=True)

@@ -8,7 +8,43 @@ at that layer causes (checked against measured single-layer KLs in docs/design-d
 """
 from __future__ import annotations
 
+import argparse
+from typing import Any, NamedTuple
+
 import torch
+
+
+def add_capture_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments of every screen that captures on calibration windows: the model, its TP
+    degree, the calibration whose windows are read, how many, and the Fisher's label draws."""
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tp", type=int, default=3)
+    ap.add_argument("--calibration", required=True)
+    ap.add_argument("--windows", type=int, default=4, help="calibration windows used (even)")
+    ap.add_argument("--draws", type=int, default=4, help="sampled label draws for the Fisher")
+
+
+class Capture(NamedTuple):
+    cal: Any
+    model: Any
+    tokenizer: Any
+    info: Any
+    ids: torch.Tensor  # [windows, seq_len]
+    names: list  # the calibration's row-parallel layers
+    hidden: int
+
+
+def load_capture(args: argparse.Namespace) -> Capture:
+    """Seed torch (0), load ``args.calibration`` and ``args.model``, and draw the first
+    ``args.windows`` calibration windows (:func:`calibration_windows`)."""
+    from lowbit_tp.calibration import Calibration
+    from lowbit_tp.models import load_model
+
+    torch.manual_seed(0)
+    cal = Calibration.load(args.calibration)
+    model, tokenizer, info = load_model(args.model, progress=False)
+    ids = calibration_windows(cal, tokenizer, args.windows)
+    return Capture(cal, model, tokenizer, info, ids, list(cal.meta["layers"]), cal.hidden_size)
 
 
 def calibration_windows(cal, tokenizer, windows: int) -> torch.Tensor:

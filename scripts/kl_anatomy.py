@@ -46,13 +46,11 @@ from pathlib import Path
 
 
 def main(argv=None) -> None:
+    from fisher_predictor import add_capture_args, load_capture
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--tp", type=int, default=3)
-    ap.add_argument("--calibration", required=True)
+    add_capture_args(ap)
     ap.add_argument("--reference", default="rot-lm4-g64-lg8-k4")
-    ap.add_argument("--windows", type=int, default=4, help="calibration windows used (even)")
-    ap.add_argument("--draws", type=int, default=4, help="sampled label draws for the Fisher")
     ap.add_argument("--measure", help="alloc_study.py measure.json: compare with its measured single-layer KL")
     ap.add_argument("--eval-samples", type=int, default=0)
     ap.add_argument("--json")
@@ -60,23 +58,16 @@ def main(argv=None) -> None:
 
     import torch
 
-    from lowbit_tp.calibration import Calibration
-    from lowbit_tp.calibration.fisher import calibration_windows, diagonal_fisher
+    from lowbit_tp.calibration.fisher import diagonal_fisher
     from lowbit_tp.calibration.weights import fisher_channel_weights
     from lowbit_tp.codecs import make_codec
     from lowbit_tp.codecs.functional import fwht, hadamard_block
     from lowbit_tp.codecs.static import topk_channels
     from lowbit_tp.collectives import simulate_all_reduce
-    from lowbit_tp.models import load_model
     from lowbit_tp.simulator import TPSimulator
 
     t0 = time.time()
-    torch.manual_seed(0)
-    cal = Calibration.load(args.calibration)
-    model, tokenizer, info = load_model(args.model, progress=False)
-    ids = calibration_windows(cal, tokenizer).input_ids[: args.windows]
-    names = list(cal.meta["layers"])
-    e = cal.hidden_size
+    cal, model, tokenizer, info, ids, names, e = load_capture(args)
 
     # 1. diagonal Fisher at every all-reduce output (the layer's output), per token
     fisher = diagonal_fisher(model, ids, layers=names, draws=args.draws, seed=0, batch_size=len(ids), per_token=True)

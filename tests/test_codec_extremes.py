@@ -98,18 +98,25 @@ def _bound(codec, x, cal, layer, source):
     raise AssertionError(name)
 
 
+def _kept_channels_exact(codec, x, y, layer, source):
+    """The kept channels travel as bf16: ``y`` holds them to bf16 rounding. Returns the
+    codec's params, the kept channels, and ``x`` and the error ``y - x`` (fp64) with them zeroed."""
+    p = codec.params(layer, source, x.shape[1])
+    kept = p.outliers
+    torch.testing.assert_close(y[:, kept].double(), x[:, kept].double(), rtol=2 ** -8, atol=0)
+    xr, err = x.double().clone(), (y.double() - x.double())
+    xr[:, kept] = 0
+    err[:, kept] = 0
+    return p, kept, xr, err
+
+
 def _rot_check(codec, x, y, cal, layer, source):
     """Kept channels: bf16. The rest: each rotated value is off by at most ``step`` (the
     level grid's largest rounding error) times its group scale (<= ``widen`` x the group
     absmax), and the rotation is orthonormal per Hadamard block, so per token and block
     ``||y - x||_2 <= ||(step * widen * amax)_block||_2``."""
     e = x.shape[1]
-    p = codec.params(layer, source, e)
-    kept = p.outliers
-    torch.testing.assert_close(y[:, kept].double(), x[:, kept].double(), rtol=2 ** -8, atol=0)
-    xr, err = x.double().clone(), (y.double() - x.double())
-    xr[:, kept] = 0
-    err[:, kept] = 0
+    p, _, xr, err = _kept_channels_exact(codec, x, y, layer, source)
     amax = _group_amax(_rotate(xr, p.signs), codec.group)
     if codec.levels == "lm":
         step = LM_MAXERR[(codec.bits, 32 if codec.group <= 32 else 64)] + 1e-4
@@ -131,12 +138,7 @@ def _ecsq_check(codec, x, y, layer, source):
     after the kept channels, docs/wire-format.md), the step at most 4 x the rotated row's
     absmax rounded up to bf16; per token and Hadamard block ``||y - x||_2 <= sqrt(b) step / 2``."""
     t, e = x.shape
-    p = codec.params(layer, source, e)
-    kept = p.outliers
-    torch.testing.assert_close(y[:, kept].double(), x[:, kept].double(), rtol=2 ** -8, atol=0)
-    xr, err = x.double().clone(), (y.double() - x.double())
-    xr[:, kept] = 0
-    err[:, kept] = 0
+    p, kept, xr, err = _kept_channels_exact(codec, x, y, layer, source)
     payload = codec.encode(x, layer=layer, source=source)
     off = 2 * t * kept.numel()
     step = (payload[off:off + 2 * t].view(torch.bfloat16).double()).unsqueeze(1)

@@ -31,9 +31,34 @@ def _rank_all_codecs(rank, world):
     return out
 
 
+def _rank_successful_runs(rank, world):
+    """The runs that succeed, for one spawn per world size (a spawn's imports cost more than
+    these collectives): every codec x algorithm, then (at 2 and 3) the pipelined ones, then
+    (at 3) the auto policy's."""
+    out = {"all_codecs": _rank_all_codecs(rank, world)}
+    if world in (2, 3):
+        out["pipelined"] = _rank_pipelined(rank, world)
+    if world == 3:
+        out["auto"] = _rank_auto(rank, world)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks_at():
+    """``ranks_at(world)[r][key]``: rank r's results of :func:`_rank_successful_runs`, spawned once per world."""
+    cache = {}
+
+    def get(world):
+        if world not in cache:
+            cache[world] = spawn_ranks(_rank_successful_runs, world, timeout_s=60)
+        return cache[world]
+
+    return get
+
+
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_all_reduce_matches_reference_bitwise(world):
-    results = spawn_ranks(_rank_all_codecs, world, timeout_s=60)
+def test_all_reduce_matches_reference_bitwise(world, ranks_at):
+    results = [r["all_codecs"] for r in ranks_at(world)]
     cal = _cal(world)
     partials = planted_partials(world, TOKENS, HIDDEN, seed=0, noise_seed=99)
     exact = torch.stack(partials).sum(0)
@@ -73,8 +98,8 @@ def _rank_auto(rank, world):
     return s_big.by_algorithm, s_small.by_algorithm, big, tiny
 
 
-def test_auto_picks_by_size_and_world():
-    res = spawn_ranks(_rank_auto, 3, timeout_s=60)
+def test_auto_picks_by_size_and_world(ranks_at):
+    res = [r["auto"] for r in ranks_at(3)]
     big_algos, small_algos, big, tiny = res[0]
     assert big_algos == {"two-shot": 1} and small_algos == {"exact": 1}
     assert torch.equal(tiny, torch.full((1, 64), 6.0))
@@ -203,9 +228,9 @@ def test_chunk_rows_policy():
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_pipelined_all_reduce_equals_the_unchunked_result(world):
+def test_pipelined_all_reduce_equals_the_unchunked_result(world, ranks_at):
     """Chunked + async on real gloo ranks: bitwise the single-process (unchunked) result."""
-    results = spawn_ranks(_rank_pipelined, world, timeout_s=60)
+    results = [r["pipelined"] for r in ranks_at(world)]
     cal = synthetic_calibration([LAYER], world=world, hidden=HIDDEN, tokens=32, batches=2)
     partials = planted_partials(world, PIPE_TOKENS, HIDDEN, seed=1, noise_seed=7)
     rows = PIPE_POLICY.chunk_rows(tokens=PIPE_TOKENS, hidden=HIDDEN)

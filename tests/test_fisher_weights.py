@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit_tp.calibration import Calibration, CalibrationError, ChannelStats
+from lowbit_tp.calibration import Calibration, CalibrationError
 from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
 from lowbit_tp.calibration.weights import fisher_channel_weights
 from lowbit_tp.codecs import NonFiniteError, make_codec
@@ -213,30 +213,15 @@ def test_payloads_and_sums_against_numpy(wcal, backend, tokens, dtype):
 def test_literal_bytes_through_the_weights():
     """The literal case of test_wire_format (rot-lm4-g64-lg8-k4, E = 64): sending ``x / w``
     with power-of-two weights must give exactly that test's bytes, and decode to its values / w."""
-    from test_wire_format import LM4_G64_HALF, _dense_hadamard, _spec_signs
+    from test_wire_format import lm4_literal_case
 
-    e = 64
-    kept, kept_vals = [5, 21, 40, 63], [3.0, -1.5, 0.5, -4.0]
-    ranges = torch.ones(e)
-    ranges[kept] = torch.tensor([50.0, 60.0, 70.0, 80.0])
-    cal = Calibration(meta={"tp": 1, "hidden_size": e, "layers": ["L"]},
-                      stats={("L", 0): ChannelStats(ema_min=-ranges / 2, ema_max=ranges / 2, absmax=ranges / 2)})
+    cal, x, expected, want = lm4_literal_case()
+    e = x.shape[1]
     w = 2.0 ** (torch.arange(e) % 5 - 2).float()
     cal = cal.with_channel_weights({"L": w}, {"method": "test"})
-    s = _spec_signs(e).float()
-    x = torch.zeros(1, e)
-    for ch, a in zip([0, 16, 32, 48], [7.5, 4.0, -0.5, 5.0]):
-        x[0, ch] = a * s[ch]
-    x[0, kept] = torch.tensor(kept_vals)
     c = make_codec("rot-lm4-g64-lg8-k4+fisher", calibration=cal)
     payload = c.encode(x / w, layer="L", source=0)
-    expected = ([0x40, 0x40, 0xC0, 0xBF, 0x00, 0x3F, 0x80, 0xC0]
-                + [0xFF] * 8 + [0x66] * 8 + [0xCC] * 8 + [0xDD] * 8 + [0x00] + [0x00, 0x40])
     assert payload.tolist() == expected
-    levels = [-v for v in reversed(LM4_G64_HALF)] + LM4_G64_HALF
-    z = torch.tensor([2.0 * levels[code] for code in (15, 6, 12, 13) for _ in range(16)], dtype=torch.float64)
-    want = (_dense_hadamard(e) @ z) * s.double()
-    want[kept] = torch.tensor(kept_vals, dtype=torch.float64)
     got = c.decode_sum([payload], (1, e), layer="L")
     assert torch.allclose(got[0].double(), want / w.double(), rtol=0, atol=1e-5)
 

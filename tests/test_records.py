@@ -52,6 +52,10 @@ def test_result_row_fields_and_derived_values():
     assert CodecEvalRow.from_json(out) == row.on("sim")
     assert math.isnan(result_row(EvalConfig(tp=2), info, "int8", comparison, stats, [], 0.0, 0.0,
                                  num_layers=4).lambada_acc)
+    assert "error_feedback" not in out  # off: the JSON stays as before the option existed
+    ef = result_row(EvalConfig(tp=2, codecs=("int8",), error_feedback=True), info, "int8", comparison, stats,
+                    [True], 0.75, 1.0, num_layers=4).to_json()
+    assert ef["error_feedback"] is True and CodecEvalRow.from_json(ef).error_feedback is True
 
 
 # ------------------------------------------------------------------ the other commands' records

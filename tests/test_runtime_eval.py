@@ -78,7 +78,8 @@ def test_runtime_eval_equals_simulator_two_shot(tiny_cal):
             assert pr["comm"][name]["calls"] == 4 * 4 and pr["comm"][name]["by_algorithm"] == {"two-shot": 16}
 
 
-def test_runtime_eval_equals_simulator_gather_via_cli(tiny_cal, tmp_path, capsys):
+@pytest.mark.parametrize("feedback", [False, True])
+def test_runtime_eval_equals_simulator_gather_via_cli(tiny_cal, tmp_path, capsys, feedback):
     from lowbit_tp.cli import main
 
     path, cal_path = tiny_cal
@@ -88,10 +89,13 @@ def test_runtime_eval_equals_simulator_gather_via_cli(tiny_cal, tmp_path, capsys
             "--timeout", "30", "--json", str(out_json)]
     for name in CODECS:
         argv += ["--codec", name]
+    argv += ["--error-feedback"] if feedback else []
     assert main(argv) == 0
     res = json.loads(out_json.read_text())
     assert res["runtime"]["kind"] == "tp" and len(res["runtime"]["per_rank"]) == 2
     assert res["config"]["calibration"] == cal_path and res["config"]["algorithm"] == "gather"
+    assert res["config"]["error_feedback"] is feedback
+    assert all(r.get("error_feedback", False) is feedback for r in res["rows"])
     sim = _simulated(EvalConfig(**{**res["config"], "codecs": tuple(res["config"]["codecs"])}))
     tp_rows = {r["codec"]: r for r in res["rows"]}
     for r in tp_rows.values():  # --lambada 0: no last-word accuracy on either side

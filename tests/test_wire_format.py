@@ -180,9 +180,9 @@ def _dense_hadamard(n):
     return (1.0 - 2.0 * parity.double()) / n ** 0.5
 
 
-@pytest.mark.parametrize("backend", ["reference", "auto"])  # auto: the CPU kernels where built
-def test_default_format_rot_lm4_g64_lg8_k4_literal_bytes(backend):
-    """``rot-lm4-g64-lg8-k4`` (the default codec's format) at E = 64, one token, k = 4.
+def lm4_literal_case():
+    """The literal case of ``rot-lm4-g64-lg8-k4`` (the default codec's format) at E = 64,
+    one token, k = 4: ``(cal, x, payload bytes, decoded values fp64)``.
 
     Channels 5, 21, 40, 63 have the largest calibrated ranges: they go out as bf16 (3.0,
     -1.5, 0.5, -4.0 -> 40 40, C0 BF, 00 3F, 80 C0) and are zeroed. The rest is four spikes
@@ -203,16 +203,23 @@ def test_default_format_rot_lm4_g64_lg8_k4_literal_bytes(backend):
     for ch, a in zip([0, 16, 32, 48], [7.5, 4.0, -0.5, 5.0]):
         x[0, ch] = a * s[ch]
     x[0, kept] = torch.tensor(kept_vals)
-    c = make_codec("rot-lm4-g64-lg8-k4", calibration=cal, backend=backend)
-    payload = c.encode(x, layer="L", source=0)
     expected = ([0x40, 0x40, 0xC0, 0xBF, 0x00, 0x3F, 0x80, 0xC0]
                 + [0xFF] * 8 + [0x66] * 8 + [0xCC] * 8 + [0xDD] * 8
                 + [0x00] + [0x00, 0x40])
-    assert _bytes(payload) == expected
     # decode: the levels times the scale, rotated back with a dense matrix, kept channels restored
     levels = [-v for v in reversed(LM4_G64_HALF)] + LM4_G64_HALF
     z = torch.tensor([2.0 * levels[code] for code in (15, 6, 12, 13) for _ in range(16)], dtype=torch.float64)
     want = (_dense_hadamard(e) @ z) * s.double()
     want[kept] = torch.tensor(kept_vals, dtype=torch.float64)
-    got = c.decode(payload, (1, e), layer="L", source=0)
+    return cal, x, expected, want
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])  # auto: the CPU kernels where built
+def test_default_format_rot_lm4_g64_lg8_k4_literal_bytes(backend):
+    """:func:`lm4_literal_case`, encoded and decoded."""
+    cal, x, expected, want = lm4_literal_case()
+    c = make_codec("rot-lm4-g64-lg8-k4", calibration=cal, backend=backend)
+    payload = c.encode(x, layer="L", source=0)
+    assert _bytes(payload) == expected
+    got = c.decode(payload, (1, x.shape[1]), layer="L", source=0)
     assert torch.allclose(got[0].double(), want, rtol=0, atol=1e-6), (got[0] - want).abs().max()

@@ -30,15 +30,18 @@ from lowbit_tp.simulator import TPSimulator
 
 
 def layer_sensitivity(model, ids: torch.Tensor, cal: Calibration, *, tp: int, codec: str, name: str | None = None,
-                      progress: bool = True) -> dict[str, float]:
-    """KL caused by ``codec`` at each layer alone (gather collective), keyed by layer."""
+                      progress: bool = True, error_feedback: bool = False) -> dict[str, float]:
+    """KL caused by ``codec`` at each layer alone (gather collective), keyed by layer.
+
+    ``error_feedback``: measured with error feedback along depth (the next layer, in bf16,
+    sends the error back), i.e. the sensitivity that matters when the run uses it."""
     with torch.no_grad():
         base = model(ids).logits
         out = {}
         for layer in tqdm(cal.layers, desc="sensitivity", disable=not progress):
             plan = {"layers": {l: (codec if l == layer else "bf16") for l in cal.layers}}
             with TPSimulator(model, tp=tp, codec=AllocatedCodec(plan=plan, calibration=cal), algorithm="gather",
-                             name=name):
+                             name=name, error_feedback=error_feedback):
                 logits = model(ids).logits
             cmp = LMComparison()
             cmp.update(ids, base, logits)

@@ -1,0 +1,143 @@
+"""Does error feedback along depth help a model with post-norms (Gemma 2/3)? A dev-split study.
+
+In Gemma 3 each row-parallel output ``y_l`` goes through an RMSNorm before the residual add:
+``h <- h + g_l * y_l / rms(y_l)`` (``g_l = 1 + weight``). An error ``E`` in ``y_l`` reaches the
+residual as about ``g_l / rms(y_l) * E``, so the plain feedback of ``lowbit_tp.collectives.feedback``
+(rank r adds ``-e_{l-1,r}`` to its next partial) cancels the previous error only where
+``g_l / rms(y_l) = g_{l-1} / rms(y_{l-1})``. This script measures, on the dev split, with one
+baseline and the same windows:
+
+* ``off``: no feedback;
+* ``plain``: the library's feedback unchanged (what ``--error-feedback`` would do);
+* ``gain-oracle``: the carry mapped through the two norms, ``c_l = g_{l-1}/g_l * rms(y_l)/rms(y_{l-1}) * carry``
+  (the ratio of gains clipped to [0, 8]), with ``rms(y_l)`` taken from the EXACT sum of the
+  partials, which no rank knows: an upper bound for any mapping a rank could compute;
+* ``gain-prev``: the same with ``rms(y_l)`` replaced by ``rms(y_{l-1})`` (what every rank
+  knows after the previous all-reduce), i.e. only the per-channel gain ratio.
+
+It plugs its own :class:`~lowbit_tp.tp.Reducer` into :class:`~lowbit_tp.tp.RowParallelLinear`
+(the supported extension point); the library's option stays refused for these models.
+
+    PYTHONPATH=. python scripts/ef_postnorm_study.py --model gemma3-270m --tp 2 \\
+        --calibration /work/runs/gemma-tp2-s32.safetensors --codec default --samples 16 --seed 1 --json OUT.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="gemma3-270m")
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--calibration", required=True)
+    ap.add_argument("--codec", default="default")
+    ap.add_argument("--algorithm", default="gather")
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--modes", nargs="+", default=["off", "plain", "gain-oracle", "gain-prev"])
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.collectives import simulate_all_reduce
+    from lowbit_tp.collectives.algorithms import sum_in_rank_order
+    from lowbit_tp.collectives.feedback import FeedbackChain
+    from lowbit_tp.configs import EvalConfig
+    from lowbit_tp.evaluation.evaluate import eval_inputs
+    from lowbit_tp.evaluation.metrics import LMComparison
+    from lowbit_tp.models import get_adapter, load_model
+    from lowbit_tp.tp.plan import swap_module
+    from lowbit_tp.tp.row_parallel import RowParallelLinear, shard_weight
+
+    cfg = EvalConfig(model=args.model, tp=args.tp, codecs=(args.codec,), algorithm=args.algorithm,
+                     calibration=args.calibration, samples=args.samples, seed=args.seed, split="dev", lambada=0,
+                     batch_size=args.batch_size)
+    model, tokenizer, info = load_model(cfg.model)
+    calibration, _split, chunks, _items, _ = eval_inputs(cfg, tokenizer, info)
+    adapter = get_adapter(model, name=info.name)
+    layers = adapter.row_parallel_layers(model)
+    order = tuple(l.name for l in layers)
+
+    def post_norm(name: str):
+        block = name.rsplit(".", 2)[0]  # model.layers.i
+        norm = "post_attention_layernorm" if name.endswith("o_proj") else "post_feedforward_layernorm"
+        return model.get_submodule(f"{block}.{norm}")
+
+    gains = {n: (1.0 + post_norm(n).weight.detach().float()) for n in order}
+
+    class StudyReducer:
+        def __init__(self, mode: str):
+            self.mode, self.codec = mode, make_codec(args.codec, calibration=calibration)
+            self.chain = None if mode == "off" else FeedbackChain(order, ranks=args.tp)
+            self.prev: tuple[str, torch.Tensor] | None = None  # (layer, rms of its decoded output per token)
+
+        def reduce(self, partials, *, layer):
+            partials = list(partials)
+            if self.chain is None:
+                return simulate_all_reduce(partials, self.codec, args.algorithm, layer=layer)
+            fb = self.chain.start(layer)
+            if fb[0].carry is not None and self.mode != "plain":
+                prev_layer, prev_rms = self.prev
+                ratio = (gains[prev_layer] / gains[layer]).clamp(0.0, 8.0)
+                if self.mode == "gain-oracle":
+                    exact = sum_in_rank_order(partials)
+                    rms = exact.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+                else:
+                    rms = prev_rms
+                for f in fb:
+                    f.carry = f.carry * ratio * (rms / prev_rms)
+            out = simulate_all_reduce(partials, self.codec, args.algorithm, layer=layer, feedback=fb)
+            self.chain.finish(layer, fb)
+            self.prev = (layer, out.float().pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
+            return out
+
+    originals = {l.name: model.get_submodule(l.name) for l in layers}
+
+    def install(reducer):
+        for l in layers:
+            lin = originals[l.name]
+            shards = adapter.input_shards(l, args.tp)
+            w = lin.weight.detach()
+            new = RowParallelLinear([shard_weight(w, s) for s in shards],
+                                    None if lin.bias is None else lin.bias.detach(), shards=shards, name=l.name,
+                                    reducer=reducer)
+            swap_module(model, l.name, new)
+
+    def restore():
+        for name, lin in originals.items():
+            swap_module(model, name, lin)
+
+    comps = {m: LMComparison() for m in args.modes}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for ids in chunks.input_ids.split(args.batch_size):
+            base = model(ids).logits
+            for m in args.modes:
+                install(StudyReducer(m))
+                try:
+                    comps[m].update(ids, base, model(ids).logits)
+                finally:
+                    restore()
+    rows = []
+    for m in args.modes:
+        r = comps[m].result()
+        rows.append({"mode": m, "codec": args.codec, **{k: r[k] for k in ("ppl_baseline", "ppl", "kl", "kl_ci95",
+                                                                            "top1", "ppl_increase_pct_ci95")},
+                     "ppl_increase_pct": 100.0 * (r["ppl"] / r["ppl_baseline"] - 1.0)})
+        print(f"{m:12s} ppl +{rows[-1]['ppl_increase_pct']:.2f}% {r['ppl_increase_pct_ci95']}  KL {r['kl']:.4f} "
+              f"{r['kl_ci95']}  top1 {r['top1']:.3f}", flush=True)
+    out = {"args": vars(args), "windows": chunks.manifest(), "calibration": calibration.fingerprint(),
+           "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
