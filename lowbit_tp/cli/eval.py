@@ -7,7 +7,7 @@ from lowbit_tp.configs import ALGORITHMS, SPLITS, EvalConfig, RankOptions
 
 COLUMNS = ["codec", "algorithm", "error_feedback", "runtime", "split", "bits_per_value", "ppl_baseline", "ppl", "ppl_increase_pct",
            "ppl_increase_pct_ci95", "kl", "kl_ci95", "top1", "top1_ci95", "lambada_acc_baseline", "lambada_acc",
-           "pct_of_baseline_lambada"]
+           "lambada_acc_ci95", "lambada_acc_delta_ci95", "pct_of_baseline_lambada"]
 
 
 def register(sub) -> None:

@@ -12,7 +12,7 @@ from lowbit_tp.calibration import Calibration
 from lowbit_tp.codecs import make_codec
 from lowbit_tp.configs import DEFAULT_ALGORITHM, CalibrationConfig, EvalConfig
 from lowbit_tp.data import chunk_tokens, lambada_passages, load_split, token_char_spans, window_spans
-from lowbit_tp.evaluation.metrics import LMComparison, last_word_correct
+from lowbit_tp.evaluation.metrics import LMComparison, bootstrap_ci, last_word_correct, mean_per_token
 from lowbit_tp.evaluation.records import CodecEvalRow, EvalResult
 from lowbit_tp.models import load_model
 from lowbit_tp.simulator import TPSimulator
@@ -92,10 +92,29 @@ def result_record(cfg: EvalConfig, info, split, chunks, items, calibration, rows
     )
 
 
+def lambada_intervals(hits: Sequence[bool], baseline_hits: Sequence[bool] | None) -> dict[str, list[float] | None]:
+    """95% bootstrap intervals over last-word items: the codec's accuracy
+    (``lambada_acc_ci95``) and, paired on the same items, its accuracy minus the unmodified
+    model's (``lambada_acc_delta_ci95``, needs ``baseline_hits``). None below 2 items."""
+    if len(hits) < 2:
+        return {"lambada_acc_ci95": None, "lambada_acc_delta_ci95": None}
+    per_item = {"tokens": [1.0] * len(hits), "hits": [float(h) for h in hits]}
+    out = {"lambada_acc_ci95": bootstrap_ci(per_item, mean_per_token("hits")), "lambada_acc_delta_ci95": None}
+    if baseline_hits is not None:
+        if len(baseline_hits) != len(hits):
+            raise ValueError(f"{len(hits)} last-word hits, but {len(baseline_hits)} of the baseline")
+        per_item["base"] = [float(h) for h in baseline_hits]
+        out["lambada_acc_delta_ci95"] = bootstrap_ci(per_item, lambda s: (s["hits"] - s["base"]) / s["tokens"])
+    return out
+
+
 def result_row(cfg: EvalConfig, info, codec: str, comparison: dict, stats, lambada_hits: Sequence[bool],
-               lambada_baseline: float, seconds: float, *, num_layers: int) -> CodecEvalRow:
+               lambada_baseline: float, seconds: float, *, num_layers: int,
+               lambada_baseline_hits: Sequence[bool] | None = None) -> CodecEvalRow:
     """One codec's result row, shared by the simulator and the real-runtime evaluation.
-    ``comparison`` is :meth:`LMComparison.result`; ``num_layers`` counts row-parallel layers."""
+    ``comparison`` is :meth:`LMComparison.result`; ``num_layers`` counts row-parallel layers;
+    ``lambada_baseline_hits`` (the unmodified model's per-item hits) gives the paired interval
+    of the accuracy change."""
     acc = sum(lambada_hits) / len(lambada_hits) if lambada_hits else float("nan")
     return CodecEvalRow(
         model=info.name, tp=cfg.tp, codec=codec, algorithm=cfg.algorithm, split=cfg.split,
@@ -109,6 +128,7 @@ def result_row(cfg: EvalConfig, info, codec: str, comparison: dict, stats, lamba
         ppl_increase_pct=100.0 * (comparison["ppl"] / comparison["ppl_baseline"] - 1.0),
         pct_of_baseline_lambada=100.0 * acc / lambada_baseline if lambada_baseline else float("nan"),
         seconds=round(seconds, 2),
+        **lambada_intervals(lambada_hits, lambada_baseline_hits),
     )
 
 
@@ -167,7 +187,8 @@ def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress:
     bar.close()
     base_acc = sum(lam_base) / len(lam_base) if lam_base else float("nan")
     rows = [result_row(cfg, info, name, comps[name].result(), sim.comm_stats(), lam[name], base_acc,
-                       seconds[name], num_layers=len(sim.layers)) for name, sim in sims.items()]
+                       seconds[name], num_layers=len(sim.layers), lambada_baseline_hits=lam_base)
+            for name, sim in sims.items()]
     return result_record(cfg, info, split, chunks, items, calibration, rows, split_info)
 
 

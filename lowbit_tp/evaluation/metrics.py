@@ -53,8 +53,10 @@ class LMComparison:
         self.seq_top1_agree += agree.tolist()
 
     def result(self, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
-        """Point values, and 95% percentile-bootstrap intervals over sequences
-        (``*_ci95``, each ``[low, high]``; None with fewer than 2 sequences)."""
+        """Point values, 95% percentile-bootstrap intervals over sequences (``*_ci95``, each
+        ``[low, high]``; None with fewer than 2 sequences), and the per-sequence sums
+        (``per_sequence``: ``tokens``, ``nll_base``, ``nll_codec``, ``kl``, ``top1`` lists) that
+        :func:`paired_difference_ci` compares between two codecs on the same windows."""
         n = max(self.tokens, 1)
         out = {"tokens": self.tokens, "sequences": len(self.seq_tokens),
                "ppl_baseline": math.exp(self.nll_base / n), "ppl": math.exp(self.nll_codec / n),
@@ -65,6 +67,7 @@ class LMComparison:
                           ("top1_ci95", mean_per_token("top1"))):
             out[key] = (bootstrap_ci(per_seq, stat, resamples=resamples, seed=seed)
                         if len(self.seq_tokens) >= 2 else None)
+        out["per_sequence"] = {k: list(v) for k, v in per_seq.items()}
         return out
 
 
@@ -101,6 +104,47 @@ def bootstrap_ci(per_seq: Mapping[str, Sequence[float]], statistic: Callable[[Ma
     values = statistic(sums)
     alpha = (1.0 - level) / 2.0
     return [float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))]
+
+
+PAIRED_STATISTICS = ("ppl_increase_pct", "kl", "top1")
+
+
+def paired_difference_ci(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float]], *,
+                         resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                         level: float = 0.95) -> dict[str, dict[str, float | list[float]]]:
+    """Paired comparison of codec ``b`` against codec ``a`` measured on the same sequences.
+
+    ``a`` and ``b`` are :meth:`LMComparison.result`'s ``per_sequence`` sums. For each of
+    ``ppl_increase_pct`` (percentage points), ``kl`` and ``top1``: the point difference
+    ``b - a`` and its percentile-bootstrap interval, drawing the *same* sequences for both
+    codecs in each resample (:func:`bootstrap_ci`), so the noise of which windows were drawn
+    cancels. ``kl`` also gets ``ratio`` (``kl_b / kl_a - 1``) with its interval. Refuses sums
+    of different sequences (token counts or baseline NLL differ)."""
+    ta, tb = np.asarray(a["tokens"], dtype=np.float64), np.asarray(b["tokens"], dtype=np.float64)
+    if ta.shape != tb.shape or not np.array_equal(ta, tb):
+        raise ValueError("paired comparison needs the same sequences: token counts differ")
+    if not np.allclose(a["nll_base"], b["nll_base"], rtol=1e-9, atol=1e-9):
+        raise ValueError("paired comparison needs the same sequences: baseline NLLs differ")
+    joint = {"tokens": a["tokens"], "nll_base": a["nll_base"], "nll_a": a["nll_codec"], "nll_b": b["nll_codec"],
+             "kl_a": a["kl"], "kl_b": b["kl"], "top1_a": a["top1"], "top1_b": b["top1"]}
+
+    def side(s, x: str) -> dict:
+        return {"tokens": s["tokens"], "nll_base": s["nll_base"], "nll_codec": s[f"nll_{x}"]}
+
+    stats = {
+        "ppl_increase_pct": lambda s: ppl_increase_pct(side(s, "b")) - ppl_increase_pct(side(s, "a")),
+        "kl": lambda s: (s["kl_b"] - s["kl_a"]) / s["tokens"],
+        "top1": lambda s: (s["top1_b"] - s["top1_a"]) / s["tokens"],
+    }
+    point = {k: np.asarray(v, dtype=np.float64).sum() for k, v in joint.items()}
+    out: dict[str, dict[str, float | list[float]]] = {}
+    for name, stat in stats.items():
+        out[name] = {"diff": float(stat(point)),
+                     "ci95": bootstrap_ci(joint, stat, resamples=resamples, seed=seed, level=level)}
+    ratio = lambda s: s["kl_b"] / s["kl_a"] - 1.0  # noqa: E731 (same token counts cancel)
+    out["kl"]["ratio"] = float(ratio(point))
+    out["kl"]["ratio_ci95"] = bootstrap_ci(joint, ratio, resamples=resamples, seed=seed, level=level)
+    return out
 
 
 def last_word_correct(logits: torch.Tensor, context_len: int, target_ids: list[int]) -> bool:

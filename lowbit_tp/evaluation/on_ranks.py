@@ -142,7 +142,8 @@ def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = RankOptions.timeou
     for name in cfg.codecs:
         r0 = per_rank[0]["codecs"][name]
         row = result_row(cfg, info, name, LMComparison(**r0["comparison"]).result(), CommStats.from_dict(r0["comm"]),
-                         r0["lambada"], base_acc, r0["seconds"], num_layers=2 * info.num_layers)
+                         r0["lambada"], base_acc, r0["seconds"], num_layers=2 * info.num_layers,
+                         lambada_baseline_hits=lam_base)
         rows.append(row.on("tp"))
         if keep_logits:
             logits[name] = r0["logits"]

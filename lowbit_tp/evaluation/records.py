@@ -18,6 +18,10 @@ __all__ = ["CodecEvalRow", "DEV_COLUMNS", "EvalResult"]
 # What the research scripts print of a dev-split evaluation.
 DEV_COLUMNS = ("codec", "split", "bits_per_value", "ppl_increase_pct", "ppl_increase_pct_ci95", "kl", "kl_ci95",
                "top1")
+# Left out of a row's JSON when None (rows written before them lack them).
+OPTIONAL_FIELDS = ("runtime", "per_sequence", "lambada_acc_ci95", "lambada_acc_delta_ci95")
+# Read when present, written only when True.
+FLAG_FIELDS = ("error_feedback",)
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,12 @@ class CodecEvalRow:
     ``tp`` (real ranks); None when the caller did not say, and then left out of the JSON.
     ``error_feedback``: whether the all-reduces fed their quantization error forward
     (:mod:`~lowbit_tp.collectives.feedback`); written to the JSON only when True.
+    ``per_sequence``: the per-sequence sums behind the intervals (``tokens``, ``nll_base``,
+    ``nll_codec``, ``kl``, ``top1`` lists, one entry per window), for paired comparisons of
+    codecs (``scripts/paired_diff.py``); None in rows written before it, and then left out.
+    ``lambada_acc_ci95``: 95% bootstrap interval of ``lambada_acc`` over items;
+    ``lambada_acc_delta_ci95``: of ``lambada_acc - lambada_acc_baseline``, paired on the same
+    items; both None (and left out of the JSON) below 2 items.
     """
 
     model: str
@@ -57,21 +67,26 @@ class CodecEvalRow:
     ppl_increase_pct: float
     pct_of_baseline_lambada: float
     seconds: float
+    lambada_acc_ci95: list[float] | None = None
+    lambada_acc_delta_ci95: list[float] | None = None
     runtime: str | None = None
     error_feedback: bool = False
+    per_sequence: dict[str, list[float]] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        """The row as written to JSON (field order kept; ``runtime`` only when set)."""
+        """The row as written to JSON (field order kept; the fields after ``seconds`` only
+        when set: not None, ``error_feedback`` only when True)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        if out["runtime"] is None:
-            del out["runtime"]
+        for key in OPTIONAL_FIELDS:
+            if out[key] is None:
+                del out[key]
         if not out["error_feedback"]:
             del out["error_feedback"]
         return out
 
     @classmethod
     def from_json(cls, row: Mapping[str, Any]) -> "CodecEvalRow":
-        return cls(**record_kwargs(cls, row, required=True, optional=("runtime", "error_feedback")))
+        return cls(**record_kwargs(cls, row, required=True, optional=OPTIONAL_FIELDS + FLAG_FIELDS))
 
     def on(self, runtime: str) -> "CodecEvalRow":
         """This row, recorded as measured on ``runtime`` (``sim`` or ``tp``)."""

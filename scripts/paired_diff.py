@@ -1,0 +1,86 @@
+"""Paired comparison of codecs evaluated on the same windows by one ``lowbit-tp eval --json``.
+
+Each row of an eval JSON written since the per-window sums were added (``per_sequence``)
+carries every window's NLL, KL and top-1 sums. For each ``A:B`` pair this prints the
+difference B - A of ppl increase (percentage points), KL and top-1, and the KL ratio
+(``kl_B / kl_A - 1``), each with a 95% paired percentile bootstrap over windows (the same
+windows drawn for both codecs in each resample; ``lowbit_tp.evaluation.metrics.
+paired_difference_ci``). An interval that excludes 0 says the difference is outside the
+noise of which windows were drawn.
+
+    PYTHONPATH=. python scripts/paired_diff.py docs/dev/X.json [Y.json ...] --pairs A:B [C:D ...] [--json OUT]
+
+Several eval JSONs are merged first (``lowbit_tp.evaluation.evaluate.merge_results``, which
+refuses results of other windows, model, split or calibration).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lowbit_tp.evaluation.evaluate import merge_results
+from lowbit_tp.evaluation.metrics import paired_difference_ci
+
+
+def per_sequence(result: dict, codec: str) -> dict:
+    for row in result["rows"]:
+        if row["codec"] == codec:
+            if "per_sequence" not in row:
+                raise SystemExit(f"error: row {codec!r} has no per_sequence sums (written before they were added)")
+            return row["per_sequence"]
+    raise SystemExit(f"error: no row for codec {codec!r}; rows: {[r['codec'] for r in result['rows']]}")
+
+
+def compare(result: dict, pairs: list[tuple[str, str]]) -> list[dict]:
+    out = []
+    for a, b in pairs:
+        d = paired_difference_ci(per_sequence(result, a), per_sequence(result, b))
+        out.append({"a": a, "b": b, "windows": len(per_sequence(result, a)["tokens"]),
+                    "tokens": int(sum(per_sequence(result, a)["tokens"])), **d})
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    def ci(x):
+        return f"[{x[0]:+.3g}, {x[1]:+.3g}]"
+
+    lines = ["| A | B | windows | Δ ppl increase, pp [95%] | Δ KL [95%] | KL ratio B/A − 1 [95%] | Δ top-1 [95%] |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p, k, t = r["ppl_increase_pct"], r["kl"], r["top1"]
+        lines.append(f"| `{r['a']}` | `{r['b']}` | {r['windows']} | {p['diff']:+.3g} {ci(p['ci95'])} | "
+                     f"{k['diff']:+.3g} {ci(k['ci95'])} | {100 * k['ratio']:+.1f}% "
+                     f"[{100 * k['ratio_ci95'][0]:+.1f}%, {100 * k['ratio_ci95'][1]:+.1f}%] | "
+                     f"{t['diff']:+.3g} {ci(t['ci95'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("eval_json", type=Path, nargs="+", help="eval JSONs of the same windows and calibration")
+    ap.add_argument("--pairs", nargs="+", required=True, metavar="A:B",
+                    help="codec names of one row pair, B compared to A")
+    ap.add_argument("--json", type=Path, help="also write the differences here")
+    args = ap.parse_args(argv)
+    pairs = []
+    for p in args.pairs:
+        a, sep, b = p.partition(":")
+        if not sep or not a or not b:
+            ap.error(f"pair {p!r} is not A:B")
+        pairs.append((a, b))
+    try:
+        result = merge_results([json.loads(p.read_text()) for p in args.eval_json])
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    rows = compare(result, pairs)
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"sources": [str(p) for p in args.eval_json], "pairs": rows}, indent=1)
+                             + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
