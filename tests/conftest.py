@@ -8,6 +8,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
+# One intra-op thread in the test process. The tests' tensors are small, and on the shared
+# 2-core machine torch's spinning worker threads made a loaded run several times slower
+# (three of test_cpu_kernels' bitwise cases at load 8: 17.4 s -> 3.7 s, CPU time 10.7 ->
+# 4.4 s). Spawned ranks and CLI subprocesses set their own threads.
+torch.set_num_threads(1)
+
 from lowbit_tp.calibration.synthetic import synthetic_calibration
 
 LAYERS = ["layers.0.o_proj", "layers.0.down_proj"]

@@ -1,4 +1,5 @@
 """The multi-codec bit allocation: budget kept, and the plan matches an exhaustive search."""
+import functools
 import itertools
 import math
 
@@ -11,6 +12,13 @@ from lowbit_tp.calibration.synthetic import synthetic_calibration
 CODECS = ("rot-lm3-g64-lg8-k4", "rot-lm4-g64-lg8-k4", "rot-int5-g64-lg8-k4", "rot-int6-g64-lg8-k4")
 
 
+@functools.lru_cache(maxsize=None)
+def _cal(layers: tuple[str, ...]):
+    """A synthetic calibration at E = 576 (it only sets the codecs' payload sizes here), built
+    once per layer list instead of once per budget."""
+    return synthetic_calibration(list(layers), world=2, hidden=576)
+
+
 def _bits(e):
     # independent: 4 bf16 channels, b-bit codes, one lg8 byte per 64 values + a bf16 base per token
     return {c: b + (4 * 16 + 8 * math.ceil(e / 64) + 16) / e for c, b in zip(CODECS, (3, 4, 5, 6))}
@@ -19,7 +27,7 @@ def _bits(e):
 @pytest.mark.parametrize("budget", [3.3, 4.0, 4.25, 4.6, 5.5])
 def test_allocate_many_matches_brute_force(budget):
     layers = [f"l{i}" for i in range(5)]
-    cal = synthetic_calibration(layers, world=2, hidden=576)
+    cal = _cal(tuple(layers))
     g = torch.Generator().manual_seed(1)
     sens = {l: float(v) for l, v in zip(layers, torch.rand(5, generator=g) * torch.tensor([1, 10, 1, 0.1, 3]))}
     # error energy falls 4x per bit (6 dB), with a per-layer wobble

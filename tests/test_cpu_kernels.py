@@ -4,6 +4,7 @@ The reference (``backend="reference"``) is the independent implementation: plain
 ops in lowbit_tp/codecs. Every payload byte and every bit of every decoded sum must agree,
 on odd shapes, all three input dtypes, zeros, extremes and NaN/Inf in propagate mode.
 """
+import functools
 import os
 import shutil
 import subprocess
@@ -35,6 +36,13 @@ CODECS = ["int4-outlier", "int4", "int8", "int4-random-k", "int4-g32", "int4-g12
 SHAPES = [(1, 64), (5, 64), (3, 67), (7, 130), (2, 200), (4, 576), (3, 640), (3, 1000)]
 KINDS = ["randn", "zeros", "extremes", "nonfinite"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@functools.lru_cache(maxsize=None)
+def _cal(world: int, hidden: int):
+    """The synthetic calibration of ``LAYER`` for one (world, hidden), built once for the
+    module: every codec of a test reads the same one (a build costs more than a case)."""
+    return synthetic_calibration([LAYER], world=world, hidden=hidden)
 
 
 def make_input(t, e, dtype, kind, seed):
@@ -75,7 +83,7 @@ def test_auto_picks_the_cpu_kernels():
 def test_cpu_kernels_match_reference_bitwise(name):
     world = 3
     for t, e in SHAPES:
-        cal = synthetic_calibration([LAYER], world=world, hidden=e)
+        cal = _cal(world, e)
         ref = make_codec(name, calibration=cal, backend="reference", nonfinite="propagate")
         fast = make_codec(name, calibration=cal, backend="cpu", nonfinite="propagate")
         for dtype in DTYPES:
@@ -100,7 +108,7 @@ def test_cpu_sums_rounded_into_half_buffers_match_torch_casts(name):
     0xffff; fp16 NaN-ness only), on widths that hit the 16-wide vector loop and its tail."""
     world = 3
     for t, e in [(5, 64), (3, 67), (4, 576)]:
-        cal = synthetic_calibration([LAYER], world=world, hidden=e)
+        cal = _cal(world, e)
         ref = make_codec(name, calibration=cal, backend="reference", nonfinite="propagate")
         fast = make_codec(name, calibration=cal, backend="cpu", nonfinite="propagate")
         for kind in KINDS:
@@ -127,7 +135,7 @@ def test_large_sums_written_with_streaming_stores_match_reference(name):
     """Outputs of >= 4 MiB take the non-temporal store path (also from a misaligned start):
     same bits as the reference, in fp32 and rounded to bf16."""
     t, e = 520, 2048  # 4.06 MiB of fp32; the bf16 buffer is made 4 MiB+ by a second row block
-    cal = synthetic_calibration([LAYER], world=2, hidden=e)
+    cal = _cal(2, e)
     ref = make_codec(name, calibration=cal, backend="reference", nonfinite="propagate")
     fast = make_codec(name, calibration=cal, backend="cpu", nonfinite="propagate")
     xs = [make_input(t, e, torch.float32, "randn", seed=r) for r in range(2)]
@@ -153,7 +161,7 @@ def test_nan_free_sums_are_bit_exact():
 
 @pytest.mark.parametrize("name", ["int4-outlier", "int4-g32", "rot-lm4-g64-lg8-k4"])
 def test_cpu_kernels_on_a_strided_row_slice(name):
-    cal = synthetic_calibration([LAYER], world=2, hidden=96)
+    cal = _cal(2, 96)
     x = torch.randn(9, 200)[1:8:2, 3:99]  # rows with a stride, not contiguous
     ref = make_codec(name, calibration=cal, backend="reference")
     fast = make_codec(name, calibration=cal, backend="cpu")
@@ -161,7 +169,7 @@ def test_cpu_kernels_on_a_strided_row_slice(name):
 
 
 def test_cpu_kernels_keep_the_nonfinite_error():
-    cal = synthetic_calibration([LAYER], world=1, hidden=64)
+    cal = _cal(1, 64)
     x = torch.randn(3, 64)
     x[1, 5] = float("nan")
     for name in ("int4-outlier", "int4-g32", "rot-lm4-g64-lg8-k4"):
@@ -177,7 +185,7 @@ def test_error_mode_encodes_in_one_pass(name, monkeypatch):
     of Hadamard blocks 8, 64, 128 and 256 (the rot encoders read the row inside their first
     Hadamard pass there)."""
     for t, e in [(5, 200), (3, 576), (2, 640), (2, 2048)]:
-        cal = synthetic_calibration([LAYER], world=1, hidden=e)
+        cal = _cal(1, e)
         ref = make_codec(name, calibration=cal, backend="reference")
         fast = make_codec(name, calibration=cal, backend="cpu")
         for dtype in DTYPES:
@@ -197,7 +205,7 @@ def test_error_mode_encodes_in_one_pass(name, monkeypatch):
                 if kind != "extremes":
                     assert not calls, "the CPU path ran a separate range pass"
     t, e = 5, 200
-    cal = synthetic_calibration([LAYER], world=1, hidden=e)
+    cal = _cal(1, e)
     ref = make_codec(name, calibration=cal, backend="reference")
     fast = make_codec(name, calibration=cal, backend="cpu")
     bad = make_input(t, e, torch.float32, "randn", seed=4)
@@ -291,7 +299,7 @@ def test_level_search_matches_bucketize_at_every_threshold(name):
     one to three fp32 steps around every rounding boundary of every bound, for scales from
     the smallest normal float to near fp32's max; also random values and, in a group that
     holds NaN/Inf, the division path."""
-    codec = make_codec(name, calibration=synthetic_calibration([LAYER], world=1, hidden=64), backend="cpu")
+    codec = make_codec(name, calibration=_cal(1, 64), backend="cpu")
     bounds, bits = codec._bounds.float(), codec.bits
     g = torch.Generator().manual_seed(bits)
     for s in SCALES:

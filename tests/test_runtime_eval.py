@@ -78,7 +78,8 @@ def test_runtime_eval_equals_simulator_two_shot(tiny_cal):
             assert pr["comm"][name]["calls"] == 4 * 4 and pr["comm"][name]["by_algorithm"] == {"two-shot": 16}
 
 
-@pytest.mark.parametrize("feedback", [False, True])
+# without feedback, this second two-rank evaluation (17 s) adds little to the API run above: slow
+@pytest.mark.parametrize("feedback", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_runtime_eval_equals_simulator_gather_via_cli(tiny_cal, tmp_path, capsys, feedback):
     from lowbit_tp.cli import main
 
