@@ -172,7 +172,8 @@ def write_markdown(store: dict, path: Path) -> None:
              "windows; `docs/design-dev.md`).\n",
              "`default` (beyond the paper, for comparison) is the library's default codec: a per-layer allocation "
              "under a 4.5 bits/value budget planned by the calibration (`rot-lm4-g64-lg8-k4` for most layers, "
-             "`rot-int6-g64-lg8-k4` for the most sensitive; README, Codecs).\n",
+             "`rot-int6-g64-lg8-k4` for the most sensitive; README, Codecs). Every row here runs without error "
+             "feedback; `--error-feedback` (same bytes) is measured in `docs/design-dev.md`, dev and test.\n",
              WINDOWS + "\n",
              "Sections whose split is `eval (pre-split, tuned on)` were measured before the dev split existed, on "
              "the windows the default codec was chosen on, without intervals; each is dropped when a `test` section "
