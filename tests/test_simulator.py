@@ -88,10 +88,9 @@ def _reference_forward(model, ids, cal, *, k, algorithm):
             model.get_submodule(name).forward = fwd
 
 
-@pytest.mark.parametrize("algorithm", ["gather", "two-shot"])
-def test_quantized_simulation_equals_an_independent_tp_emulation(algorithm):
-    model = tiny_model("llama")
-    ids = _ids()
+def tiny_tp2_calibration(model, ids):
+    """A TP-2 calibration of ``model`` from one unquantized pass over ``ids`` (each rank's
+    partials and their sum observed), and that pass's logits."""
     acc = StatsAccumulator()
 
     def observe(layer, partials, total):
@@ -100,8 +99,15 @@ def test_quantized_simulation_equals_an_independent_tp_emulation(algorithm):
         acc.update(layer, "sum", total)
 
     with torch.no_grad(), TPSimulator(model, tp=2, observer=observe) as sim:
-        model(ids)
-    cal = acc.build({"tp": 2, "hidden_size": 64}, layers=sim.layer_names)
+        logits = model(ids).logits
+    return acc.build({"tp": 2, "hidden_size": 64}, layers=sim.layer_names), logits
+
+
+@pytest.mark.parametrize("algorithm", ["gather", "two-shot"])
+def test_quantized_simulation_equals_an_independent_tp_emulation(algorithm):
+    model = tiny_model("llama")
+    ids = _ids()
+    cal, _ = tiny_tp2_calibration(model, ids)
     codec = make_codec("int4-outlier", calibration=cal, k=2)
 
     with torch.no_grad():
@@ -161,16 +167,7 @@ def _reference_forward_ef(model, ids, cal, *, k, algorithm):
 def test_error_feedback_simulation_equals_an_independent_tp_emulation(algorithm):
     model = tiny_model("llama")
     ids = _ids()
-    acc = StatsAccumulator()
-
-    def observe(layer, partials, total):
-        for r, p in enumerate(partials):
-            acc.update(layer, r, p)
-        acc.update(layer, "sum", total)
-
-    with torch.no_grad(), TPSimulator(model, tp=2, observer=observe) as sim:
-        exact = model(ids).logits
-    cal = acc.build({"tp": 2, "hidden_size": 64}, layers=sim.layer_names)
+    cal, exact = tiny_tp2_calibration(model, ids)
     codec = make_codec("int4-outlier", calibration=cal, k=2)
 
     with torch.no_grad():
