@@ -138,9 +138,11 @@ def all_reduce(
     if partial.dim() != 2:
         raise ValueError(f"all_reduce expects a [tokens, E] partial, got shape {tuple(partial.shape)}")
     algo = resolve_algorithm(algorithm, numel=partial.numel(), world_size=world, policy=policy)
-    if feedback is not None and (world == 1 or algo == "exact"):  # lossless: the carry is summed, nothing left
-        sent = compensate(partial, feedback.carry)
-        feedback.next = torch.zeros(partial.shape, dtype=torch.float32, device=partial.device)
+    if world == 1 or algo == "exact":  # lossless: a carry is summed exactly and nothing is left over
+        sent = partial
+        if feedback is not None:
+            sent = compensate(partial, feedback.carry)
+            feedback.next = torch.zeros(partial.shape, dtype=torch.float32, device=partial.device)
         if world == 1:
             return sent.to(partial.dtype, copy=True)
         out = sent.clone()
@@ -148,14 +150,6 @@ def all_reduce(
         if stats is not None:
             stats.record_exact(partial, world=world)
         return out.to(partial.dtype)
-    if world == 1:
-        return partial.clone()
-    if algo == "exact":
-        out = partial.clone()
-        _guard("exact all_reduce", layer, group, lambda: dist.all_reduce(out, group=group), wire_hook)
-        if stats is not None:
-            stats.record_exact(partial, world=world)
-        return out
     check_group_config(codec, group, layer=layer)
     rows = (policy or AutoPolicy()).chunk_rows(tokens=partial.shape[0], hidden=partial.shape[1])
     pieces = list(partial.split(rows, dim=0))

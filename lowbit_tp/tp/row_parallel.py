@@ -103,12 +103,11 @@ class SimulatedReducer:
         if self.codec is None or self.algorithm == "exact":
             return (total if total is not None else sum_in_rank_order(partials)).to(partials[0].dtype)
         st = self.per_layer.setdefault(layer, CommStats())
-        if self.feedback is None:
-            return simulate_all_reduce(partials, self.codec, self.algorithm, layer=layer, policy=self.policy, stats=st)
-        fb = self.feedback.start(layer)
+        fb = None if self.feedback is None else self.feedback.start(layer)
         out = simulate_all_reduce(partials, self.codec, self.algorithm, layer=layer, policy=self.policy, stats=st,
                                   feedback=fb)
-        self.feedback.finish(layer, fb)
+        if fb is not None:
+            self.feedback.finish(layer, fb)
         return out
 
     def stats(self) -> CommStats:
