@@ -993,7 +993,49 @@ inline void store8_u8(uint8_t* dst, __m256i v) {
 }
 #endif
 
+#if defined(LBT_AVX512) && defined(__GFNI__) && defined(__AVX512VBMI__) && !LBT_NO_GFNI
+#define LBT_GFNI 1
+// 64 bytes as eight 8x8 bit matrices, each transposed: out qword q, byte i, bit j = in qword
+// q, byte j, bit i. GF2P8AFFINEQB gives result byte i bit j = parity(A.byte[7 - j] & x.byte[i]);
+// with x.byte[i] = 1 << i and A = the qword byte-reversed that is bit i of in byte j.
+inline __m512i transpose_bits8x8(__m512i v) {
+  // pshufb (indices within each 16-byte lane): the bytes of each qword reversed
+  const __m512i rev = _mm512_set4_epi64(0x08090a0b0c0d0e0fll, 0x0001020304050607ll, 0x08090a0b0c0d0e0fll,
+                                        0x0001020304050607ll);
+  return _mm512_gf2p8affine_epi64_epi8(_mm512_set1_epi64(int64_t(0x8040201008040201ull)),
+                                       _mm512_shuffle_epi8(v, rev), 0);
+}
+// The 8x8 byte transpose of a zmm: out byte 8i + q = in byte 8q + i.
+inline __m512i transpose_bytes8x8(__m512i v) {
+  alignas(64) static const uint8_t idx[64] = {
+      0, 8, 16, 24, 32, 40, 48, 56, 1, 9, 17, 25, 33, 41, 49, 57, 2, 10, 18, 26, 34, 42, 50, 58,
+      3, 11, 19, 27, 35, 43, 51, 59, 4, 12, 20, 28, 36, 44, 52, 60, 5, 13, 21, 29, 37, 45, 53, 61,
+      6, 14, 22, 30, 38, 46, 54, 62, 7, 15, 23, 31, 39, 47, 55, 63};
+  return _mm512_permutexvar_epi8(_mm512_load_si512(idx), v);
+}
+#endif
+#ifndef LBT_NO_GFNI
+#define LBT_NO_GFNI 0
+#endif
+
 inline void put_bitplanes(const uint8_t* c, int64_t m, int64_t f, int64_t plane_bytes, int bits, uint8_t* body) {
+  int64_t i0 = 0;
+#ifdef LBT_GFNI
+  if ((f & 7) == 0)  // 64 codes -> 8 bytes of each plane: bit transposes, then qword q = plane q's bytes
+    for (; i0 + 64 <= m; i0 += 64) {
+      const __m512i w = transpose_bytes8x8(transpose_bits8x8(_mm512_loadu_si512(c + i0)));
+      uint8_t* dst = body + ((f + i0) >> 3);
+      for (int j = 0; j < bits; j += 2) {  // qwords j, j + 1 from 128-bit lane j / 2 (no store/reload)
+        const __m128i lane = j == 0 ? _mm512_castsi512_si128(w) : (j == 2 ? _mm512_extracti32x4_epi32(w, 1)
+                                             : (j == 4 ? _mm512_extracti32x4_epi32(w, 2) : _mm512_extracti32x4_epi32(w, 3)));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + j * plane_bytes), lane);
+        if (j + 1 < bits) _mm_storeh_pd(reinterpret_cast<double*>(dst + (j + 1) * plane_bytes), _mm_castsi128_pd(lane));
+      }
+    }
+#endif
+  c += i0;
+  f += i0;
+  m -= i0;
   for (int j = 0; j < bits; ++j) {
     uint8_t* plane = body + j * plane_bytes;
     int64_t i = 0;
@@ -1017,6 +1059,23 @@ inline void put_bitplanes(const uint8_t* c, int64_t m, int64_t f, int64_t plane_
 
 inline void get_bitplanes(const uint8_t* body, int64_t m, int64_t f, int64_t plane_bytes, int bits, uint8_t* c) {
   int64_t i0 = 0;
+#ifdef LBT_GFNI
+  if ((f & 7) == 0)  // 8 bytes of each plane -> 64 codes: the inverse transposes (planes >= bits: 0)
+    for (; i0 + 64 <= m; i0 += 64) {
+      const uint8_t* src = body + ((f + i0) >> 3);
+      __m128i lane[4];
+      for (int j = 0; j < 8; j += 2) {  // qword j = plane j's 8 bytes (0 past `bits`), straight into registers
+        lane[j / 2] = j < bits ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + j * plane_bytes))
+                               : _mm_setzero_si128();
+        if (j + 1 < bits)
+          lane[j / 2] = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(lane[j / 2]),
+                                                      reinterpret_cast<const double*>(src + (j + 1) * plane_bytes)));
+      }
+      const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(lane[1], lane[0])),
+                                           _mm256_set_m128i(lane[3], lane[2]), 1);
+      _mm512_storeu_si512(c + i0, transpose_bits8x8(transpose_bytes8x8(w)));
+    }
+#endif
 #ifdef LBT_AVX2
   if ((f & 7) == 0) {  // byte-aligned start: 32 codes from 4 bytes of each plane
     const __m256i sel = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
