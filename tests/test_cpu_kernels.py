@@ -130,7 +130,7 @@ def test_cpu_sums_rounded_into_half_buffers_match_torch_casts(name):
                     assert torch.equal(got[~nan].view(torch.int16), w[~nan].view(torch.int16)), (name, t, e, kind)
 
 
-@pytest.mark.parametrize("name", ["int4-outlier", "int4-g32", "rot-lm4-g64-lg8-k4"])
+@pytest.mark.parametrize("name", ["int4-outlier", "int4-g32", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"])
 def test_large_sums_written_with_streaming_stores_match_reference(name):
     """Outputs of >= 4 MiB take the non-temporal store path (also from a misaligned start):
     same bits as the reference, in fp32 and rounded to bf16."""
@@ -159,7 +159,7 @@ def test_nan_free_sums_are_bit_exact():
     assert same_sum(a, a.clone()) and not same_sum(a, torch.tensor([1.0, 0.0, float("nan")]))
 
 
-@pytest.mark.parametrize("name", ["int4-outlier", "int4-g32", "rot-lm4-g64-lg8-k4"])
+@pytest.mark.parametrize("name", ["int4-outlier", "int4-g32", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"])
 def test_cpu_kernels_on_a_strided_row_slice(name):
     cal = _cal(2, 96)
     x = torch.randn(9, 200)[1:8:2, 3:99]  # rows with a stride, not contiguous
