@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,6 +74,27 @@ def same_sum(a, b):
     NaN as 0x7FC00000 in its vector loop and 0x7FFFFFFF in its scalar tail, so NaN payload bits
     of a decoded sum are not part of the contract (payload bytes are compared exactly)."""
     return bool(((bits(a) == bits(b)) | (a.isnan() & b.isnan())).all())
+
+
+def test_native_build_has_this_cpus_vector_paths():
+    """The default build is -march=native; if it fails to compile, cpu.build falls back to a
+    portable build without a word, and every test above would pass on the scalar twins. So:
+    a CPU with AVX2/AVX-512/GFNI+VBMI must get the matching hand-written paths."""
+    if os.environ.get("LOWBIT_TP_CPU_PORTABLE") == "1" or os.environ.get("LOWBIT_TP_CPU_NO_AVX512") == "1":
+        pytest.skip("a reduced build was asked for")
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    want = set()
+    if {"avx2", "f16c"} <= flags:
+        want.add("avx2")
+    if {"avx2", "f16c", "avx512f", "avx512vl", "avx512dq"} <= flags:
+        want.add("avx512")
+        if {"gfni", "avx512vbmi"} <= flags:
+            want.add("gfni")
+    assert want <= cpu_kernels.features(), (want, cpu_kernels.features())
 
 
 def test_auto_picks_the_cpu_kernels():

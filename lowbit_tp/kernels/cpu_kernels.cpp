@@ -1573,9 +1573,11 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
   const bool nib_direct = fused && s.bits == 4 && !(LBT_SKIP & 512);
   const __m256i nib_shift = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
 #ifdef LBT_ZMM16
-  alignas(64) float lv_buf[16] = {0};
-  for (int i = 0; i < 16 && i < (1 << s.bits); ++i) lv_buf[i] = s.levels[i];
+  alignas(64) float lv_buf[64] = {0};
+  for (int i = 0; i < 64 && i < (1 << s.bits); ++i) lv_buf[i] = s.levels[i];
   const __m512 levels16 = _mm512_load_ps(lv_buf);
+  const __m512 levels_z[4] = {levels16, _mm512_load_ps(lv_buf + 16), _mm512_load_ps(lv_buf + 32),
+                              _mm512_load_ps(lv_buf + 48)};  // entries 0-63 (codes of <= 6 bits)
   // multishift control: byte 0 of dword lane i (byte 4 (i % 2) of qword i / 2) from bit 4i
   const __m512i nib_ctl = _mm512_set_epi64(0x3c00000038ll, 0x3400000030ll, 0x2c00000028ll, 0x2400000020ll,
                                            0x1c00000018ll, 0x1400000010ll, 0x0c00000008ll, 0x0400000000ll);
@@ -1647,6 +1649,20 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
           }, post.data(), orow, r > 0, e, s.block, s.inv_sqrt_block);
         } else
 #endif
+#ifdef LBT_ZMM16
+        if (!nib_direct && s.bits <= 6 && s.group % 16 == 0) {  // 16 byte codes per load, a <= 64-entry table
+          const __m512 t0 = levels16, t1 = levels_z[1], t2 = levels_z[2], t3 = levels_z[3];
+          const bool wide = s.bits > 5;
+          fwht_row_fused16([cp, sp, t0, t1, t2, t3, wide](int64_t at) {
+            const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + at)));
+            __m512 lv = _mm512_permutex2var_ps(t0, idx, t1);  // index bits 0-4: entries 0-31
+            if (wide)  // bit 5: entries 32-63
+              lv = _mm512_mask_mov_ps(lv, _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)),
+                                      _mm512_permutex2var_ps(t2, idx, t3));
+            return _mm512_mul_ps(lv, _mm512_set1_ps(sp[at >> 3]));
+          }, post.data(), orow, r > 0, e, s.block, s.inv_sqrt_block);
+        } else
+#endif
         if (nib_direct) {
           const uint8_t* np = body + (t * e >> 1);
           fwht_row_fused([np, sp, &lv, nib_shift](int64_t at) {
@@ -1707,6 +1723,23 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
 extern "C" {
 
 int lbt_abi_version() { return 4; }
+
+// Which hand-written vector paths this build has: bit 0 AVX2, bit 1 AVX-512, bit 2 GFNI
+// bit-planes (the tests check that a CPU with them got them: a -march=native build that
+// fails to compile falls back to the portable one silently otherwise).
+int lbt_features() {
+  int f = 0;
+#ifdef LBT_AVX2
+  f |= 1;
+#endif
+#ifdef LBT_AVX512
+  f |= 2;
+#endif
+#ifdef LBT_GFNI
+  f |= 4;
+#endif
+  return f;
+}
 
 // Test hook: the codes the rot encoders give n rotated values z of one group with scale sc
 // (finite: the group holds no NaN/Inf), for `bits` (bounds: 2**bits - 1 ascending floats).
