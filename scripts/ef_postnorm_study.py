@@ -39,6 +39,10 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--modes", nargs="+", default=["off", "plain", "gain-oracle", "gain-prev"])
+    ap.add_argument("--gain-floor", type=float, default=0.1,
+                    help="carry modes: no compensation on channels whose |gain| < floor * median |gain| (mode option f=)")
+    ap.add_argument("--no-projection", dest="projection", action="store_false",
+                    help="carry modes: drop the norm Jacobian's projection term")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
 
@@ -47,7 +51,7 @@ def main(argv=None) -> None:
     from lowbit_tp.codecs import make_codec
     from lowbit_tp.collectives import simulate_all_reduce
     from lowbit_tp.collectives.algorithms import sum_in_rank_order
-    from lowbit_tp.collectives.feedback import FeedbackChain
+    from lowbit_tp.collectives.feedback import Feedback, FeedbackChain
     from lowbit_tp.configs import EvalConfig
     from lowbit_tp.evaluation.evaluate import eval_inputs
     from lowbit_tp.evaluation.metrics import LMComparison
@@ -70,6 +74,74 @@ def main(argv=None) -> None:
         return model.get_submodule(f"{block}.{norm}")
 
     gains = {n: (1.0 + post_norm(n).weight.detach().float()) for n in order}
+    eps = {n: float(getattr(post_norm(n), "eps", getattr(post_norm(n), "variance_epsilon", 1e-6))) for n in order}
+    med_gain = {n: float(g.abs().median()) for n, g in gains.items()}
+
+    def stat_norm(layer: str, src: str) -> float:
+        """A per-layer size of ``src``'s output from the calibration's per-channel extremes."""
+        st = calibration.get(layer, src)
+        return float(torch.maximum(st.require("mean_min").abs(), st.require("mean_max").abs()).pow(2).mean().sqrt())
+
+    # calibrated ratios: rms(sum)/rms(rank r's partial) at a layer; rms(sum_l)/rms(sum_{l-1})
+    own_ratio = {(n, r): stat_norm(n, "sum") / stat_norm(n, r) for n in order for r in range(args.tp)}
+    prev_ratio = {order[i]: stat_norm(order[i], "sum") / stat_norm(order[i - 1], "sum") for i in range(1, len(order))}
+
+    def rms(x):
+        return x.float().pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+
+    def jvp(layer, yhat, v):
+        """The post-norm's Jacobian at the decoded sum ``yhat`` applied to ``v`` (per token)."""
+        y = yhat.float()
+        m = y.pow(2).mean(-1, keepdim=True) + eps[layer]
+        out = v - (y * v).mean(-1, keepdim=True) / m * y if args.projection else v
+        return gains[layer] * out / m.sqrt()
+
+    class CarryReducer:
+        """Self-correcting carry in residual space: rank r keeps d_r (its share of the residual
+        error so far), sends c_r = -alpha * rms_est / g_l * d_r, then d_r += J_l(yhat) (c_r + q_r)."""
+
+        def __init__(self, mode: str):
+            est, _, opts = mode.removeprefix("carry-").partition("@")
+            kv = dict(o.split("=") for o in opts.split(",") if o)
+            self.est, self.alpha = est, float(kv.get("a", 1.0))
+            self.floor, self.cap = float(kv.get("f", args.gain_floor)), float(kv.get("c", 0.0))
+            self.codec = make_codec(args.codec, calibration=calibration)
+            self.d, self.prev_layer, self.prev_rms = None, None, None
+
+        def reduce(self, partials, *, layer):
+            partials = list(partials)
+            i = order.index(layer)
+            if i == 0 or self.prev_layer != order[i - 1]:
+                self.d = None
+            fb = [Feedback() for _ in partials]
+            if self.d is not None:
+                for r, f in enumerate(fb):
+                    if self.est == "oracle":
+                        est = rms(sum_in_rank_order(partials))
+                    elif self.est == "own":
+                        est = rms(partials[r]) * own_ratio[(layer, r)]
+                    elif self.est == "own1":
+                        est = rms(partials[r]) * args.tp ** 0.5
+                    elif self.est == "prev":
+                        est = self.prev_rms * prev_ratio[layer]
+                    elif self.est == "prev1":
+                        est = self.prev_rms
+                    else:
+                        raise SystemExit(f"unknown rms estimate {self.est!r}")
+                    g = gains[layer]
+                    ginv = torch.where(g.abs() >= self.floor * med_gain[layer], 1.0 / g, torch.zeros(()))
+                    c = -self.alpha * est * ginv * self.d[r]
+                    if self.cap > 0:  # what is not sent stays in d_r and is carried on
+                        lim = self.cap * rms(partials[r])
+                        c = torch.maximum(torch.minimum(c, lim), -lim)
+                    f.carry = c
+            out = simulate_all_reduce(partials, self.codec, args.algorithm, layer=layer, feedback=fb)
+            new = []
+            for r, f in enumerate(fb):
+                step = (0.0 if f.carry is None else f.carry) - f.next  # c_r + q_r (q_r = decoded - sent)
+                new.append(jvp(layer, out, step) + (0.0 if self.d is None else self.d[r]))
+            self.d, self.prev_layer, self.prev_rms = new, layer, rms(out)
+            return out
 
     class StudyReducer:
         def __init__(self, mode: str):
@@ -119,7 +191,7 @@ def main(argv=None) -> None:
         for ids in chunks.input_ids.split(args.batch_size):
             base = model(ids).logits
             for m in args.modes:
-                install(StudyReducer(m))
+                install(CarryReducer(m) if m.startswith("carry-") else StudyReducer(m))
                 try:
                     comps[m].update(ids, base, model(ids).logits)
                 finally:
