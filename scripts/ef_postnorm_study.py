@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     from lowbit_tp.collectives.feedback import Feedback, FeedbackChain
     from lowbit_tp.configs import EvalConfig
     from lowbit_tp.evaluation.evaluate import eval_inputs
-    from lowbit_tp.evaluation.metrics import LMComparison
+    from lowbit_tp.evaluation.metrics import LMComparison, paired_difference_ci
     from lowbit_tp.models import get_adapter, load_model
     from lowbit_tp.tp.plan import swap_module
     from lowbit_tp.tp.row_parallel import RowParallelLinear, shard_weight
@@ -200,12 +200,27 @@ def main(argv=None) -> None:
     for m in args.modes:
         r = comps[m].result()
         rows.append({"mode": m, "codec": args.codec, **{k: r[k] for k in ("ppl_baseline", "ppl", "kl", "kl_ci95",
-                                                                            "top1", "ppl_increase_pct_ci95")},
+                                                                            "top1", "ppl_increase_pct_ci95",
+                                                                            "per_sequence")},
                      "ppl_increase_pct": 100.0 * (r["ppl"] / r["ppl_baseline"] - 1.0)})
         print(f"{m:12s} ppl +{rows[-1]['ppl_increase_pct']:.2f}% {r['ppl_increase_pct_ci95']}  KL {r['kl']:.4f} "
               f"{r['kl_ci95']}  top1 {r['top1']:.3f}", flush=True)
+    base_row = next((r for r in rows if r["mode"] == "off"), None)
+    paired = []
+    if base_row is not None:  # each mode against no feedback on the same windows (paired bootstrap)
+        for r in rows:
+            if r is not base_row:
+                try:
+                    d = paired_difference_ci(base_row["per_sequence"], r["per_sequence"])
+                except Exception as exc:  # keep the rows even if the comparison fails
+                    print(f"paired comparison of {r['mode']} failed: {exc}", flush=True)
+                    continue
+                paired.append({"a": "off", "b": r["mode"], **d})
+                print(f"{r['mode']:12s} - off: ppl {d['ppl_increase_pct']}  KL ratio {d['kl']['ratio']} "
+                      f"{d['kl']['ratio_ci95']}", flush=True)
     out = {"args": vars(args), "windows": chunks.manifest(), "calibration": calibration.fingerprint(),
-           "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+           "seconds": round(time.perf_counter() - t0, 1), "rows": rows,
+           "paired_vs_off": paired}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

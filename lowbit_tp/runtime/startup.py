@@ -21,7 +21,6 @@ import torch
 from lowbit_tp.calibration import Calibration
 from lowbit_tp.codecs import Codec, make_codec
 from lowbit_tp.collectives import AutoPolicy, check_group_config
-from lowbit_tp.collectives.feedback import FeedbackChain
 from lowbit_tp.models import check_tp, get_adapter, load_model, load_tokenizer
 from lowbit_tp.models.export import export_hf
 from lowbit_tp.models.registry import model_info
@@ -109,8 +108,7 @@ def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[s
     if engine == "native":
         adapter = get_adapter(net, name=model)
         if error_feedback:
-            adapter.check_error_feedback()
-            reducer.feedback = FeedbackChain(tuple(l.name for l in adapter.row_parallel_layers(net)), ranks=1)
+            reducer.feedback = adapter.feedback_chain(net, tp=world, ranks=1)
         shard = asdict(shard_model(net, rank=rank, tp=world, reducer=reducer, adapter=adapter))
     else:
         t1 = time.perf_counter()
