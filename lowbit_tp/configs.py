@@ -156,7 +156,7 @@ class RunConfig:
     threads_per_rank: int = RankOptions.threads_per_rank
     keep_prefill_logits: bool = False
     engine: str = "native"
-    error_feedback: bool = False  # lowbit_tp.collectives.feedback; native engine only
+    error_feedback: bool = False  # lowbit_tp.collectives.feedback; every engine (the vLLM plugin too)
 
     def __post_init__(self):
         if isinstance(self.prompts, str):
@@ -179,8 +179,6 @@ class RunConfig:
                             f"{self.codec!r}; use gather, two-shot or auto, or codec bf16 for the exact baseline")
         if self.engine not in ENGINES:
             raise UserError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
-        if self.error_feedback and self.engine != "native":
-            raise UserError(f"error feedback runs on the native engine only, not {self.engine!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -47,9 +47,13 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
 
 
 def write_results(path: str | Path | None, payload: dict[str, Any], table: str) -> None:
-    """Write ``payload`` as JSON to ``path`` and the markdown table next to it (``.md``)."""
+    """Write ``payload`` as JSON to ``path`` and the markdown table next to it (``.md``).
+
+    A ``payload["command"]`` (the command line that made it) heads the markdown, so a rerun
+    that overwrites the file keeps saying how to reproduce it."""
     if path is None:
         return
     path = Path(path)
     atomic_write_text(path, json.dumps(payload, indent=2, default=str))
-    atomic_write_text(path.with_suffix(".md"), table + "\n")
+    head = f"Command: `{payload['command']}`\n\n" if payload.get("command") else ""
+    atomic_write_text(path.with_suffix(".md"), head + table + "\n")

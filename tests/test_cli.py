@@ -128,3 +128,22 @@ def test_error_feedback_on_another_engine_is_refused_in_one_line(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode != 0
     assert proc.stderr.count("\n") == 1 and "native engine only" in proc.stderr, proc.stderr
+
+
+def test_a_benchmark_file_says_the_command_that_made_it(tmp_path):
+    """A rerun overwrites the markdown, so the command line is written into it, retypeable."""
+    import json
+    import shlex
+
+    from lowbit_tp.cli.common import command_line
+    from lowbit_tp.results import write_results
+
+    cmd = command_line(["bench-comm", "--codec", "int4-outlier", "--json", "a b.json"],
+                       {"NETNS_PREFIX": "lbt cpu", "HOME": "/root"})
+    assert shlex.split(cmd) == ["NETNS_PREFIX=lbt cpu", "lowbit-tp", "bench-comm", "--codec", "int4-outlier",
+                                "--json", "a b.json"]
+    write_results(tmp_path / "r.json", {"rows": [], "command": cmd}, "| t |")
+    assert (tmp_path / "r.md").read_text() == f"Command: `{cmd}`\n\n| t |\n"
+    assert json.loads((tmp_path / "r.json").read_text())["command"] == cmd
+    write_results(tmp_path / "s.json", {"rows": []}, "| t |")  # no command known: the table alone
+    assert (tmp_path / "s.md").read_text() == "| t |\n"

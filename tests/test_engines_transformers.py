@@ -107,3 +107,161 @@ def test_smollm2_tp3_transformers_engine_greedy_equals_unsharded(tmp_path):
     assert main(argv) == 0
     out = json.loads(out_json.read_text())
     assert out["results"][0]["token_ids"] == reference_greedy("smollm2-135m", prompt, 24)
+
+
+# ------------------------------------------------------------------ error feedback inside transformers' TP
+EF_IDS = [[5, 72, 101, 108, 108, 111, 44, 32, 116, 112, 33]]  # 11 byte tokens
+EF_NEW = 4
+
+
+def _greedy_steps(model, n):
+    """Prefill of ``EF_IDS`` then ``n - 1`` one-token decode steps with a KV cache (each a
+    forward pass of its own): every step's logits (prefill: all rows) and the greedy tokens."""
+    import inspect
+
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    ids, cache, logits, tokens = torch.tensor(EF_IDS), None, [], []
+    for _ in range(n):
+        out = model(input_ids=ids, use_cache=True, **{cache_kw: cache})
+        cache = getattr(out, cache_kw)
+        logits.append(out.logits[0].clone())
+        tokens.append(int(out.logits[0, -1].argmax()))
+        ids = torch.tensor([[tokens[-1]]])
+    return logits, tokens
+
+
+def _rank_ef(rank, world, path, algorithms):
+    """Per algorithm: through the CLI's start-up (engine transformers, --error-feedback) the
+    step logits; through the style with a recording reducer every collective call
+    (layer, own partial, result). Then `run`'s own generation (rank_main)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.collectives.feedback import FeedbackChain
+    from lowbit_tp.integrations.transformers import register_lowbit_rowwise, tp_plan
+    from lowbit_tp.runtime import RunConfig, rank_main
+    from lowbit_tp.runtime.startup import start_rank
+    from lowbit_tp.tp import DistReducer
+    from lowbit_tp.tp.plan import DECODER_PLAN
+
+    steps, calls = [], []
+    for algo in algorithms:
+        started = start_rank(rank, world, model=path, tp=world, codecs=["int4-g32"], calibration=None, algorithm=algo,
+                             engine="transformers", error_feedback=True)
+        with torch.no_grad():
+            steps.append(_greedy_steps(started.model, EF_NEW))
+        rec = RecordingReducer(DistReducer(codec=make_codec("int4-g32"), algorithm=algo))
+        register_lowbit_rowwise(reducer=rec)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                     distributed_config=DistributedConfig(tp_size=world,
+                                                                                          tp_plan=tp_plan()))
+        names = [n for n, _ in model.named_modules() if n.endswith(("o_proj", "down_proj"))]
+        rec.inner.feedback = FeedbackChain(DECODER_PLAN.forward_order(reversed(names)), ranks=1)
+        with torch.no_grad():
+            _greedy_steps(model, EF_NEW)
+        calls.append(rec.calls)
+        if algo == "gather":  # the style's own reducer with error_feedback=True: the start-up's logits
+            style = register_lowbit_rowwise(codec=make_codec("int4-g32"), algorithm=algo, error_feedback=True)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                         distributed_config=DistributedConfig(tp_size=world,
+                                                                                              tp_plan=tp_plan()))
+            with torch.no_grad():
+                own = _greedy_steps(model, EF_NEW)
+            assert all(torch.equal(a, b) for a, b in zip(own[0], steps[-1][0])) and own[1] == steps[-1][1]
+            assert style.stats().calls == 4 * EF_NEW
+    run = rank_main(rank, world, RunConfig(model=path, tp=world, prompts=("Hello, tp!",), codec="int4-g32",
+                                           algorithm="gather", max_new_tokens=EF_NEW, ignore_eos=True, timeout_s=60,
+                                           engine="transformers", error_feedback=True))
+    return steps, calls, run.results[0]
+
+
+def _definition_steps(model, codec, n):
+    """:func:`_greedy_steps` on the unsharded model whose o_proj/down_proj run TP 2 gather with
+    error feedback written from its definition (codec.roundtrip only): rank r sends
+    ``x[:, half_r] @ W[:, half_r].T + c_r``, keeps ``c_r = sent - roundtrip(sent)``; the
+    first row-parallel layer of each forward pass starts with no carry."""
+    import torch.nn.functional as F
+
+    names = [n for n, _ in model.named_modules() if n.endswith(("o_proj", "down_proj"))]
+    state, originals = {"carry": None}, {}
+
+    def emulate(name, linear):
+        def fwd(x):
+            x2 = x.reshape(-1, x.shape[-1])
+            half = x2.shape[1] // 2
+            parts = [F.linear(x2[:, :half].contiguous(), linear.weight[:, :half].contiguous()),
+                     F.linear(x2[:, half:].contiguous(), linear.weight[:, half:].contiguous())]
+            if name != names[0]:
+                parts = [p + c for p, c in zip(parts, state["carry"])]
+            dec = [codec.roundtrip(p, layer=name, source=r) for r, p in enumerate(parts)]
+            state["carry"] = [p - d for p, d in zip(parts, dec)]
+            return (dec[0] + dec[1]).reshape(*x.shape[:-1], -1)
+        return fwd
+
+    for name in names:
+        originals[name] = model.get_submodule(name).forward
+        model.get_submodule(name).forward = emulate(name, model.get_submodule(name))
+    try:
+        return _greedy_steps(model, n)
+    finally:
+        for name, fwd in originals.items():
+            model.get_submodule(name).forward = fwd
+
+
+def test_error_feedback_inside_transformers_tp_equals_the_simulator_and_the_definition(tiny):
+    """``--engine transformers --error-feedback`` at TP 2, prefill + 3 one-token decode steps:
+
+    * every collective call inside transformers' TP is bitwise ``simulate_all_reduce`` of both
+      ranks' partials with the carries of a chain kept here (reset at each forward pass's
+      first layer, carried layer to layer), gather and two-shot;
+    * the prefill logits are bitwise the native simulator's with ``error_feedback=True``;
+      the decode steps' within 1e-6 (transformers' TP decode differs from the simulator in
+      the last bits with or without feedback), far below what the feedback changes;
+    * gather: within rounding of an EF loop written from the definition (which catches a
+      wrong sign; a chain that leaked into the next step fails the replay bitwise)."""
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.collectives.feedback import Feedback
+    from lowbit_tp.models import load_model
+    from lowbit_tp.simulator import TPSimulator
+
+    algorithms = ["gather", "two-shot"]
+    per_rank = spawn_ranks(_rank_ef, 2, tiny, algorithms, timeout_s=60, deadline_s=300)
+    model = load_model(tiny)[0]
+    codec = make_codec("int4-g32")
+    with torch.no_grad():
+        for i, algo in enumerate(algorithms):
+            calls = [per_rank[r][1][i] for r in range(2)]
+            first = calls[0][0][0]
+            assert sum(layer == first for layer, _, _ in calls[0]) == EF_NEW  # one chain per forward pass
+            carries = [None, None]
+            for j, (layer, _, _) in enumerate(calls[0]):
+                if layer == first:
+                    carries = [None, None]
+                fbs = [Feedback(carry=c) for c in carries]
+                want = simulate_all_reduce([calls[r][j][1] for r in range(2)], codec, algo, layer=layer, feedback=fbs)
+                for r in range(2):
+                    assert torch.equal(calls[r][j][2], want), (algo, j, layer, r)
+                carries = [f.next for f in fbs]
+            with TPSimulator(model, tp=2, codec=codec, algorithm=algo, error_feedback=True):
+                sim, sim_tokens = _greedy_steps(model, EF_NEW)
+            with TPSimulator(model, tp=2, codec=codec, algorithm=algo):
+                plain, _ = _greedy_steps(model, EF_NEW)
+            for r in range(2):
+                logits, tokens = per_rank[r][0][i]
+                assert tokens == sim_tokens, (algo, r)
+                assert torch.equal(logits[0], sim[0]), (algo, r)
+                for step, (a, b, off) in enumerate(zip(logits, sim, plain)):
+                    assert (a - b).abs().max() <= 1e-6, (algo, r, step)
+                    assert (b - off).abs().max() > 1e-3, (algo, step)  # the feedback acted at every step
+        definition, def_tokens = _definition_steps(model, codec, EF_NEW)
+    engine, tokens = per_rank[0][0][0]
+    assert tokens == def_tokens
+    for step, (got, ref) in enumerate(zip(engine, definition)):
+        assert (got - ref).abs().max() <= 1e-4, step
+    run = per_rank[0][2]  # `lowbit-tp run --engine transformers --error-feedback`'s generation
+    assert run.token_ids and run.new_tokens == EF_NEW and run.comm.prefill.calls == 4
+    from lowbit_tp.integrations.transformers import LowbitRowwiseParallel
+
+    with pytest.raises(ValueError, match="its own FeedbackChain"):
+        LowbitRowwiseParallel(reducer=object(), error_feedback=True)

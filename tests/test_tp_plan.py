@@ -43,6 +43,17 @@ def test_plan_finds_modules_in_forward_order_under_any_prefix():
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def test_forward_order_of_names_learned_one_by_one():
+    names = ["language_model.model.layers.10.mlp.down_proj", "language_model.model.layers.2.mlp.down_proj",
+             "language_model.model.layers.10.self_attn.o_proj", "language_model.model.layers.2.self_attn.o_proj",
+             "language_model.model.layers.2.mlp.down_proj"]
+    assert DECODER_PLAN.forward_order(names) == (
+        "language_model.model.layers.2.self_attn.o_proj", "language_model.model.layers.2.mlp.down_proj",
+        "language_model.model.layers.10.self_attn.o_proj", "language_model.model.layers.10.mlp.down_proj")
+    with pytest.raises(ValueError, match="names no module 'model.norm'"):
+        DECODER_PLAN.forward_order(["model.norm"])
+
+
 def test_plan_refuses_two_stacks_and_bad_rules():
     model = nn.Module()
     model.text = _Causal(1)

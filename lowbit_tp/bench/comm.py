@@ -112,8 +112,10 @@ def _bench_rank(rank: int, world: int, cfg: CommBenchConfig) -> list[CommBenchRo
     return rows
 
 
-def run_comm_bench(cfg: CommBenchConfig, *, json_path=None, throughput: bool = True) -> dict:
-    """Run the benchmark; returns (and writes) ``{"config", "environment", "rows", "codec_speed"}``."""
+def run_comm_bench(cfg: CommBenchConfig, *, json_path=None, throughput: bool = True,
+                   command: str | None = None) -> dict:
+    """Run the benchmark; returns (and writes) ``{"config", "environment", "rows", "codec_speed"}``
+    (and ``"command"``, the command line that ran it, when given)."""
     check_codecs(cfg.codecs, build=False)  # before any rank is spawned
     rows: list[dict] = []
     for world in cfg.world_sizes:
@@ -122,6 +124,8 @@ def run_comm_bench(cfg: CommBenchConfig, *, json_path=None, throughput: bool = T
         rows += [r.to_json() for r in res[0]]
     speed = codec_throughput(list(cfg.codecs), backends=cfg.speed_backends) if throughput else []
     out = {"config": asdict(cfg), "environment": environment(), "rows": rows, "codec_speed": speed}
+    if command:
+        out["command"] = command
     cols = ["world_size", "codec", "algorithm", "chunk_bytes", "message_bytes", "bytes_sent_per_rank",
             "bits_per_value", "bytes_ratio_vs_bf16_ring", "latency_ms", "ratio_vs_bf16"]
     table = markdown_table(rows, cols)

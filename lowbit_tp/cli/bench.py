@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from lowbit_tp.cli.argtypes import nonneg_int, positive_float, positive_int
-from lowbit_tp.cli.common import default
+from lowbit_tp.cli.common import command_line, default
 from lowbit_tp.configs import CommBenchConfig, E2EConfig
 from lowbit_tp.fileio import check_output_path
 
@@ -50,7 +50,8 @@ def cmd_comm(args) -> None:
 
     if args.json:
         check_output_path(args.json)
-    out = run_comm_bench(comm_config_from_args(args), json_path=args.json, throughput=not args.no_throughput)
+    out = run_comm_bench(comm_config_from_args(args), json_path=args.json, throughput=not args.no_throughput,
+                         command=command_line())
     print(out["markdown"])
 
 
@@ -98,5 +99,5 @@ def cmd_e2e(args) -> None:
 
     if args.json:
         check_output_path(args.json)
-    out = run_e2e_bench(e2e_config_from_args(args), json_path=args.json)
+    out = run_e2e_bench(e2e_config_from_args(args), json_path=args.json, command=command_line())
     print(out["markdown"])

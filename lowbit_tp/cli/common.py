@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import sys
 from dataclasses import MISSING, fields
 from typing import Any
@@ -29,3 +31,15 @@ def write_json(path: str | None, obj: Any) -> None:
     """Write a command's result as indented JSON (atomically), when ``--json`` was given."""
     if path:
         atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+# Environment variables that change what a benchmark measures, so they belong in its command line.
+COMMAND_ENV = ("NETNS_PREFIX", "TRITON_INTERPRET")
+
+
+def command_line(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> str:
+    """The command as a user would retype it: ``[VAR=value ...] lowbit-tp ARGS`` (for result files)."""
+    argv = sys.argv[1:] if argv is None else argv
+    environ = os.environ if environ is None else environ
+    env = [f"{k}={shlex.quote(environ[k])}" for k in COMMAND_ENV if environ.get(k)]
+    return " ".join([*env, "lowbit-tp", shlex.join(argv)])

@@ -26,6 +26,11 @@ transformers hands it the module's weight to validate (``validate_param`` gets t
 parameter name) and tags the module with it; static codecs look up their calibrated
 scales by that name (``model.layers.3.mlp.down_proj``, the simulator's names too).
 
+``error_feedback=True`` gives each reducer the style builds an error-feedback chain
+(:mod:`~lowbit_tp.collectives.feedback`) over the layers it tagged, in the plan's forward
+order: the same :class:`~lowbit_tp.tp.DistReducer` path as the native engine, so the same
+bits. A reducer passed in carries its own chain (``DistReducer(feedback=...)``).
+
 Only inference is compressed (``torch.no_grad()``, local tensors); a forward that needs
 gradients raises, since the compressed collective has no backward.
 """
@@ -39,6 +44,7 @@ from transformers.distributed.tensor_parallel import RowwiseParallel
 
 from lowbit_tp.codecs.base import Codec
 from lowbit_tp.collectives import DEFAULT_ALGORITHM, AutoPolicy, CommStats
+from lowbit_tp.collectives.feedback import FeedbackChain
 from lowbit_tp.tp.plan import DECODER_PLAN, TPPlan
 from lowbit_tp.tp.row_parallel import CommHooks, DistReducer, Reducer
 
@@ -55,20 +61,30 @@ class LowbitRowwiseParallel(RowwiseParallel):
     :class:`~lowbit_tp.tp.DistReducer` built (once per process group) over the TP mesh;
     ``reducer`` replaces it with any :class:`~lowbit_tp.tp.Reducer` (e.g. a test's
     recording one). Triggers one :func:`~lowbit_tp.collectives.all_reduce` per forward.
+    ``error_feedback``: the built reducers feed each rank's quantization error forward along
+    the layers this style tagged (``plan``'s forward order); not with ``reducer``.
     """
 
     def __init__(self, *, codec: Codec | None = None, algorithm: str = DEFAULT_ALGORITHM, policy: AutoPolicy | None = None,
-                 hooks: CommHooks = CommHooks(), reducer: Reducer | None = None):
+                 hooks: CommHooks = CommHooks(), reducer: Reducer | None = None, error_feedback: bool = False,
+                 plan: TPPlan = DECODER_PLAN):
         super().__init__()
         if codec is None and reducer is None:
             raise ValueError("give a codec (or a reducer) for the lowbit_rowwise style")
+        if error_feedback and reducer is not None:
+            raise ValueError("error_feedback builds the style's own reducers; give the reducer its own "
+                             "FeedbackChain instead (DistReducer(feedback=...))")
         self.codec, self.algorithm, self.policy, self.hooks = codec, algorithm, policy, hooks
         self.reducer = reducer
+        self.error_feedback, self.plan = bool(error_feedback), plan
         self._by_group: dict[int, DistReducer] = {}
+        self._layers: dict[str, None] = {}  # the names tagged so far (an ordered set)
 
     def validate_param(self, module, param, mesh, parameter_name=None):
         if parameter_name is not None:
-            setattr(module, _NAME_ATTR, parameter_name.rpartition(".")[0])
+            name = parameter_name.rpartition(".")[0]
+            setattr(module, _NAME_ATTR, name)
+            self._layers[name] = None
         return super().validate_param(module, param, mesh, parameter_name=parameter_name)
 
     def reducer_for(self, group) -> Reducer:
@@ -77,8 +93,10 @@ class LowbitRowwiseParallel(RowwiseParallel):
             return self.reducer
         key = id(group)
         if key not in self._by_group:
+            # Built at the first forward, after from_pretrained tagged every layer.
+            chain = FeedbackChain(self.plan.forward_order(self._layers), ranks=1) if self.error_feedback else None
             self._by_group[key] = DistReducer(codec=self.codec, group=group, algorithm=self.algorithm,
-                                              policy=self.policy, hooks=self.hooks)
+                                              policy=self.policy, hooks=self.hooks, feedback=chain)
         return self._by_group[key]
 
     def transform_output_post_forward(self, module, output, mesh):
@@ -104,10 +122,11 @@ class LowbitRowwiseParallel(RowwiseParallel):
 
 def register_lowbit_rowwise(*, codec: Codec | None = None, algorithm: str = DEFAULT_ALGORITHM, policy: AutoPolicy | None = None,
                             hooks: CommHooks = CommHooks(), reducer: Reducer | None = None,
-                            name: str = STYLE_NAME) -> LowbitRowwiseParallel:
+                            error_feedback: bool = False, name: str = STYLE_NAME) -> LowbitRowwiseParallel:
     """Register a :class:`LowbitRowwiseParallel` as style ``name`` (replacing an earlier
     one of that name) and return it; call before ``from_pretrained``."""
-    style = LowbitRowwiseParallel(codec=codec, algorithm=algorithm, policy=policy, hooks=hooks, reducer=reducer)
+    style = LowbitRowwiseParallel(codec=codec, algorithm=algorithm, policy=policy, hooks=hooks, reducer=reducer,
+                                  error_feedback=error_feedback)
     ALL_PARALLEL_STYLES.register(name, style)
     return style
 

@@ -192,13 +192,14 @@ class ArchitectureAdapter:
     plan: TPPlan = DECODER_PLAN
     post_norm: bool = False  # row-parallel outputs are normalised before the residual add (Gemma 2/3)
 
-    def check_error_feedback(self) -> None:
-        """Raise ``ValueError`` where error feedback along depth is not supported. Every
-        supported family is: pre-norm models add the row-parallel outputs straight into the
-        residual stream, post-norm ones (Gemma 2/3) get the carry mapped through their norms
-        (:meth:`feedback_chain`)."""
-        if self.family not in SUPPORTED_MODEL_TYPES.values():
-            raise ValueError(f"error feedback is not supported for {self.family}")
+    def check_error_feedback(self, *, post_norm: bool = False) -> None:
+        """Raise ``ValueError`` where error feedback along depth would be wrong. Pre-norm
+        families add the row-parallel outputs straight into the residual stream: plain feedback.
+        Post-norm ones (Gemma 2/3) need the carry mapped through their norms, which only a chain
+        from :meth:`feedback_chain` does: the caller says so with ``post_norm=True``."""
+        if self.post_norm and not post_norm:
+            raise ValueError(f"error feedback on {self.family} (post-norms) runs on the native engine only "
+                             f"(lowbit-tp's ranks and simulator), which map the carry through the norms")
 
     def post_norms(self, model: torch.nn.Module) -> dict[str, PostNorm]:
         """Gemma 2/3: each row-parallel layer's norm before the residual add (``o_proj`` ->
@@ -218,7 +219,6 @@ class ArchitectureAdapter:
         """The error-feedback state for ``ranks`` ranks of a TP-``tp`` run of ``model`` (all N
         in a simulation, 1 on a real rank): plain for pre-norm families, mapped through the
         post-norms for Gemma 2/3 (:class:`~lowbit_tp.collectives.feedback.PostNormFeedback`)."""
-        self.check_error_feedback()
         order = tuple(l.name for l in self.row_parallel_layers(model))
         post = PostNormFeedback(norms=self.post_norms(model), tp=tp) if self.post_norm else None
         return FeedbackChain(order, ranks=ranks, post_norm=post)

@@ -76,10 +76,9 @@ def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[s
     sharding) or ``transformers`` (transformers' TP with the ``lowbit_rowwise`` style, loaded
     after the group check). ``job`` names the caller in the rank-count error.
     ``error_feedback``: the reducer feeds this rank's quantization error forward along the
-    plan's layer order (:mod:`~lowbit_tp.collectives.feedback`; native engine only).
+    plan's layer order (:mod:`~lowbit_tp.collectives.feedback`), on either engine: both
+    reduce through the one :class:`~lowbit_tp.tp.DistReducer` built here.
     """
-    if error_feedback and engine != "native":
-        raise ValueError("error feedback runs on the native engine only")
     if world != tp:
         raise ValueError(f"the {job} asks for TP {tp} but {world} ranks were started")
     t0 = time.perf_counter()
@@ -105,8 +104,10 @@ def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[s
     memory = {"after_load": rss_mib()}
     reducer = DistReducer(codec=next(iter(built.values())), group=group, algorithm=algorithm, policy=policy,
                           hooks=hooks)
+    adapter = get_adapter(net if engine == "native" else config, name=model)
+    if error_feedback:  # Gemma's carry through the post-norms is built by the native engine only
+        adapter.check_error_feedback(post_norm=engine == "native")
     if engine == "native":
-        adapter = get_adapter(net, name=model)
         if error_feedback:
             reducer.feedback = adapter.feedback_chain(net, tp=world, ranks=1)
         shard = asdict(shard_model(net, rank=rank, tp=world, reducer=reducer, adapter=adapter))
@@ -114,10 +115,18 @@ def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[s
         t1 = time.perf_counter()
         net = _transformers_tp_model(model, tp=world, reducer=reducer)
         load_s += time.perf_counter() - t1
+        if error_feedback:  # before any forward: the style's layers carry the plan's names
+            reducer.feedback = _feedback_chain(adapter, net)
         shard = {"rank": rank, "tp": world, "engine": "transformers", "shard_param_bytes": _local_param_bytes(net)}
     memory["after_shard"] = rss_mib()
     return StartedRank(model=net, tokenizer=tokenizer, info=info, calibration=cal, codecs=built, reducer=reducer,
                        shard=shard, load_s=load_s, memory=memory)
+
+
+def _feedback_chain(adapter, net) -> FeedbackChain:
+    """This rank's error-feedback chain over ``net``'s row-parallel layers in forward order
+    (the plan's names, which both engines give their reducer calls)."""
+    return FeedbackChain(tuple(l.name for l in adapter.row_parallel_layers(net)), ranks=1)
 
 
 def _transformers_source(name: str):

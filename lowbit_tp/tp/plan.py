@@ -121,6 +121,19 @@ class TPPlan:
             raise ValueError(f"the TP plan matches layers under several stacks: {sorted(prefixes)}")
         return sorted(found, key=lambda p: (p.layer_index, order[p.pattern]))
 
+    def forward_order(self, names: Iterable[str]) -> tuple[str, ...]:
+        """``names`` (full module names the plan names, under any prefix; repeats dropped) in
+        the order a forward pass runs them: by layer index, then by the rule order. For an
+        engine that learns its layers' names one by one (transformers' styles, vLLM's layers)."""
+        order = {pattern: i for i, (pattern, _) in enumerate(self.rules)}
+        keyed = {}
+        for name in names:
+            hit = self.rule_for(name)
+            if hit is None:
+                raise ValueError(f"the TP plan names no module {name!r}")
+            keyed[name] = (hit[2], order[hit[0]])
+        return tuple(sorted(keyed, key=keyed.__getitem__))
+
     def transformers_plan(self, *, prefix: str = "model.", rowwise: str = "rowwise", colwise: str = "colwise",
                           styles: Iterable[Style] = ("colwise", "rowwise")) -> dict[str, str]:
         """The plan as transformers' ``DistributedConfig(tp_plan=...)`` wants it: keys with

@@ -31,9 +31,10 @@ def calibrate_for(model: str, tp: int, samples: int, out: Path, *, allocate: boo
     return str(cal.save(out))
 
 
-def run_e2e_bench(cfg: E2EConfig, *, json_path: str | None = None, log=print) -> dict[str, Any]:
+def run_e2e_bench(cfg: E2EConfig, *, json_path: str | None = None, log=print,
+                  command: str | None = None) -> dict[str, Any]:
     """Run the sweep; returns ``{"config", "environment", "rows", "markdown", ...}`` and
-    writes JSON + markdown to ``json_path`` when given."""
+    writes JSON + markdown to ``json_path`` when given (headed by ``command``, when given)."""
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     rows, runs = [], []
@@ -96,6 +97,8 @@ def run_e2e_bench(cfg: E2EConfig, *, json_path: str | None = None, log=print) ->
                                                       "loadavg_end": os.getloadavg()},
                "rows": rows, "runs": runs, "prompt_lengths": prompt_lengths,
                "seconds": round(time.perf_counter() - t_start, 1), "notes": NOTES}
+    if command:
+        payload["command"] = command
     write_results(json_path, payload, render_markdown(payload))
     payload["markdown"] = markdown_table(rows, COLUMNS)
     return payload
