@@ -116,17 +116,11 @@ def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[s
         net = _transformers_tp_model(model, tp=world, reducer=reducer)
         load_s += time.perf_counter() - t1
         if error_feedback:  # before any forward: the style's layers carry the plan's names
-            reducer.feedback = _feedback_chain(adapter, net)
+            reducer.feedback = adapter.feedback_chain(net, tp=world, ranks=1)
         shard = {"rank": rank, "tp": world, "engine": "transformers", "shard_param_bytes": _local_param_bytes(net)}
     memory["after_shard"] = rss_mib()
     return StartedRank(model=net, tokenizer=tokenizer, info=info, calibration=cal, codecs=built, reducer=reducer,
                        shard=shard, load_s=load_s, memory=memory)
-
-
-def _feedback_chain(adapter, net) -> FeedbackChain:
-    """This rank's error-feedback chain over ``net``'s row-parallel layers in forward order
-    (the plan's names, which both engines give their reducer calls)."""
-    return FeedbackChain(tuple(l.name for l in adapter.row_parallel_layers(net)), ranks=1)
 
 
 def _transformers_source(name: str):
