@@ -15,6 +15,14 @@ baseline and the same windows:
 * ``gain-prev``: the same with ``rms(y_l)`` replaced by ``rms(y_{l-1})`` (what every rank
   knows after the previous all-reduce), i.e. only the per-channel gain ratio.
 
+* ``carry-EST[@a=ALPHA,f=FLOOR,c=CAP]``: the self-correcting carry (stop 18): rank r keeps its
+  share ``d_r`` of the residual error, sends ``c_r = -ALPHA * rms_est * d_r / g_l`` (0 on
+  channels with ``|g_l| < FLOOR * median|g_l|``, clipped to ``CAP * rms(p_r)``), then adds
+  ``J_l(yhat) (c_r + q_r)`` to ``d_r``. ``EST``: ``oracle`` (rms of the exact sum),
+  ``own1`` (``sqrt(N) rms(p_r)``: what ``lowbit_tp.collectives.feedback.PostNormFeedback``
+  does with f=0.3, c=2), ``own`` (``rms(p_r)`` times a per-layer ratio from the calibration's
+  channel extremes), ``prev``/``prev1`` (the previous output's rms, with/without that ratio).
+
 It plugs its own :class:`~lowbit_tp.tp.Reducer` into :class:`~lowbit_tp.tp.RowParallelLinear`
 (the supported extension point); the library's option stays refused for these models.
 
