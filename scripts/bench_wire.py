@@ -88,6 +88,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--gap", type=float, default=0.3, help="idle seconds before each call")
     p.add_argument("--nice", type=int, default=0, help="nice level of the ranks")
+    p.add_argument("--congestion", help="TCP congestion control inside the namespaces (e.g. cubic); "
+                                        "default: what they inherit (bbr on this machine)")
     p.add_argument("--json", help="write results here (and a .md next to it)")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -108,6 +110,9 @@ def main(argv=None) -> None:
         with emulated_link(world=2, rate=args.network, prefix=PREFIX) as hosts:
             procs = []
             for r in range(2):
+                if args.congestion:  # per route: the namespaces' sysctl may be read-only
+                    subprocess.run(["ip", "-n", f"{PREFIX}{r}", "route", "replace", "10.77.0.0/24", "dev", "eth0",
+                                    "congctl", args.congestion], check=True)
                 env = {**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "MASTER_ADDR": hosts[0],
                        "MASTER_PORT": "29733", "GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1"}
                 argv = [sys.executable, str(Path(__file__).resolve()), "--worker", str(Path(tmp, "spec.json")), tmp]
@@ -141,8 +146,10 @@ def main(argv=None) -> None:
     cols = ["codec", "chunk_bytes", "median_ms", "min_ms", "rank0_median_ms", "speedup_vs_bf16_same_chunks",
             "speedup_vs_best_bf16"]
     table = markdown_table(rows, cols)
+    cc = args.congestion or "inherited"
     write_results(args.json, out, f"Load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
-                                  f"(2 shared cores); {args.rounds} rounds, nice {args.nice}.\n\n{table}")
+                                  f"(2 shared cores); {args.rounds} rounds, gap {args.gap} s, nice {args.nice}, "
+                                  f"TCP congestion control {cc}.\n\n{table}")
     print(table)
     print(f"load {load0:.1f} -> {os.getloadavg()[0]:.1f}")
 
