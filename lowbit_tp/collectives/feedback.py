@@ -97,13 +97,18 @@ class FeedbackChain:
     def start(self, layer: str) -> list[Feedback]:
         """One :class:`Feedback` per rank for this call of ``layer``, carrying the previous
         layer's compensations when ``layer`` follows it in ``order``."""
+        carries = self.pending(layer)
+        self._last, self._carries = None, []
+        return [Feedback(carry=c) for c in carries]
+
+    def pending(self, layer: str) -> list:
+        """The carries (per rank, None for none) that :meth:`start` would hand ``layer`` now,
+        without starting it (tracing reads them)."""
         if layer not in self._index:
             raise ValueError(f"error feedback: layer {layer!r} is not in the forward order of this model's plan")
         i = self._index[layer]
         follows = i > 0 and self._last == self.order[i - 1] and len(self._carries) == self.ranks
-        carries = self._carries if follows else [None] * self.ranks
-        self._last, self._carries = None, []
-        return [Feedback(carry=c) for c in carries]
+        return list(self._carries) if follows else [None] * self.ranks
 
     def finish(self, layer: str, feedback: Sequence[Feedback]) -> None:
         """Keep the compensations the collective produced for the next layer."""
