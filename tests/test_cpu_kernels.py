@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,6 +76,27 @@ def same_sum(a, b):
     return bool(((bits(a) == bits(b)) | (a.isnan() & b.isnan())).all())
 
 
+def test_native_build_has_this_cpus_vector_paths():
+    """The default build is -march=native; if it fails to compile, cpu.build falls back to a
+    portable build without a word, and every test above would pass on the scalar twins. So:
+    a CPU with AVX2/AVX-512/GFNI+VBMI must get the matching hand-written paths."""
+    if os.environ.get("LOWBIT_TP_CPU_PORTABLE") == "1" or os.environ.get("LOWBIT_TP_CPU_NO_AVX512") == "1":
+        pytest.skip("a reduced build was asked for")
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    want = set()
+    if {"avx2", "f16c"} <= flags:
+        want.add("avx2")
+    if {"avx2", "f16c", "avx512f", "avx512vl", "avx512dq"} <= flags:
+        want.add("avx512")
+        if {"gfni", "avx512vbmi"} <= flags:
+            want.add("gfni")
+    assert want <= cpu_kernels.features(), (want, cpu_kernels.features())
+
+
 def test_auto_picks_the_cpu_kernels():
     assert resolve_backend("auto", torch.device("cpu")) == "cpu"
 
@@ -130,7 +152,7 @@ def test_cpu_sums_rounded_into_half_buffers_match_torch_casts(name):
                     assert torch.equal(got[~nan].view(torch.int16), w[~nan].view(torch.int16)), (name, t, e, kind)
 
 
-@pytest.mark.parametrize("name", ["int4-outlier", "int4-g32", "rot-lm4-g64-lg8-k4"])
+@pytest.mark.parametrize("name", ["int4-outlier", "int4-g32", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"])
 def test_large_sums_written_with_streaming_stores_match_reference(name):
     """Outputs of >= 4 MiB take the non-temporal store path (also from a misaligned start):
     same bits as the reference, in fp32 and rounded to bf16."""
@@ -159,7 +181,7 @@ def test_nan_free_sums_are_bit_exact():
     assert same_sum(a, a.clone()) and not same_sum(a, torch.tensor([1.0, 0.0, float("nan")]))
 
 
-@pytest.mark.parametrize("name", ["int4-outlier", "int4-g32", "rot-lm4-g64-lg8-k4"])
+@pytest.mark.parametrize("name", ["int4-outlier", "int4-g32", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"])
 def test_cpu_kernels_on_a_strided_row_slice(name):
     cal = _cal(2, 96)
     x = torch.randn(9, 200)[1:8:2, 3:99]  # rows with a stride, not contiguous

@@ -145,6 +145,12 @@ def available() -> bool:
     return True
 
 
+def features() -> set[str]:
+    """The vector paths the loaded build has: subsets of {"avx2", "avx512", "gfni"}."""
+    f = _lib().lbt_features()
+    return {name for bit, name in ((1, "avx2"), (2, "avx512"), (4, "gfni")) if f & bit}
+
+
 def build_error() -> str | None:
     """Why :func:`available` returned False (None if it did not)."""
     return _ERROR[0] if _ERROR else None

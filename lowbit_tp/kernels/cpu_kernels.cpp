@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -737,8 +738,10 @@ inline void fwht_row_zmm_q(const Load& load, const float* post, float* dst, int6
   for (int64_t p = 0; p < e; p += 64 * Q) {
     __m512 v[NZ];
 #pragma GCC unroll 16
-    for (int i = 0; i < NZ; ++i)
-      v[i] = fwht16(_mm512_insertf32x8(_mm512_castps256_ps512(load(p + 16 * i)), load(p + 16 * i + 8), 1));
+    for (int i = 0; i < NZ; ++i) {
+      if constexpr (std::is_same<decltype(load(int64_t(0))), __m512>::value) v[i] = fwht16(load(p + 16 * i));
+      else v[i] = fwht16(_mm512_insertf32x8(_mm512_castps256_ps512(load(p + 16 * i)), load(p + 16 * i + 8), 1));
+    }
 #pragma GCC unroll 4
     for (int h = 1; h < NZ; h *= 2) {  // strides 16, 32, 64, 128
 #pragma GCC unroll 16
@@ -761,6 +764,29 @@ inline void fwht_row_zmm_q(const Load& load, const float* post, float* dst, int6
 #endif
 #ifndef LBT_ZMM_HADAMARD
 #define LBT_ZMM_HADAMARD 1
+#endif
+#if defined(LBT_AVX512) && LBT_ZMM_HADAMARD && !LBT_TWO_PASS
+// LBT_ZMM16: fwht_row_fused16 takes loads of 16 values (one zmm: no two 8-value halves joined).
+#define LBT_ZMM16 1
+template <class Load16>
+inline void fwht_row_fused16(const Load16& load, const float* post, float* dst, bool acc, int64_t e, int64_t block,
+                             float inv_sqrt) {
+  switch (block * 2 + acc) {
+    case 128: fwht_row_zmm_q<1, false>(load, post, dst, e, inv_sqrt); return;
+    case 129: fwht_row_zmm_q<1, true>(load, post, dst, e, inv_sqrt); return;
+    case 256: fwht_row_zmm_q<2, false>(load, post, dst, e, inv_sqrt); return;
+    case 257: fwht_row_zmm_q<2, true>(load, post, dst, e, inv_sqrt); return;
+    case 512: fwht_row_zmm_q<4, false>(load, post, dst, e, inv_sqrt); return;
+    default: fwht_row_zmm_q<4, true>(load, post, dst, e, inv_sqrt); return;
+  }
+}
+// 16 values from element i as fp32, as load8.
+template <int DT> inline __m512 load16(const void* p, int64_t i) {
+  if (DT == 0) return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
+  if (DT == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return _mm512_cvtph_ps(h);
+}
 #endif
 
 // Whether fwht_row_fused takes rows of width e with this block.
@@ -993,7 +1019,49 @@ inline void store8_u8(uint8_t* dst, __m256i v) {
 }
 #endif
 
+#if defined(LBT_AVX512) && defined(__GFNI__) && defined(__AVX512VBMI__) && !LBT_NO_GFNI
+#define LBT_GFNI 1
+// 64 bytes as eight 8x8 bit matrices, each transposed: out qword q, byte i, bit j = in qword
+// q, byte j, bit i. GF2P8AFFINEQB gives result byte i bit j = parity(A.byte[7 - j] & x.byte[i]);
+// with x.byte[i] = 1 << i and A = the qword byte-reversed that is bit i of in byte j.
+inline __m512i transpose_bits8x8(__m512i v) {
+  // pshufb (indices within each 16-byte lane): the bytes of each qword reversed
+  const __m512i rev = _mm512_set4_epi64(0x08090a0b0c0d0e0fll, 0x0001020304050607ll, 0x08090a0b0c0d0e0fll,
+                                        0x0001020304050607ll);
+  return _mm512_gf2p8affine_epi64_epi8(_mm512_set1_epi64(int64_t(0x8040201008040201ull)),
+                                       _mm512_shuffle_epi8(v, rev), 0);
+}
+// The 8x8 byte transpose of a zmm: out byte 8i + q = in byte 8q + i.
+inline __m512i transpose_bytes8x8(__m512i v) {
+  alignas(64) static const uint8_t idx[64] = {
+      0, 8, 16, 24, 32, 40, 48, 56, 1, 9, 17, 25, 33, 41, 49, 57, 2, 10, 18, 26, 34, 42, 50, 58,
+      3, 11, 19, 27, 35, 43, 51, 59, 4, 12, 20, 28, 36, 44, 52, 60, 5, 13, 21, 29, 37, 45, 53, 61,
+      6, 14, 22, 30, 38, 46, 54, 62, 7, 15, 23, 31, 39, 47, 55, 63};
+  return _mm512_permutexvar_epi8(_mm512_load_si512(idx), v);
+}
+#endif
+#ifndef LBT_NO_GFNI
+#define LBT_NO_GFNI 0
+#endif
+
 inline void put_bitplanes(const uint8_t* c, int64_t m, int64_t f, int64_t plane_bytes, int bits, uint8_t* body) {
+  int64_t i0 = 0;
+#ifdef LBT_GFNI
+  if ((f & 7) == 0)  // 64 codes -> 8 bytes of each plane: bit transposes, then qword q = plane q's bytes
+    for (; i0 + 64 <= m; i0 += 64) {
+      const __m512i w = transpose_bytes8x8(transpose_bits8x8(_mm512_loadu_si512(c + i0)));
+      uint8_t* dst = body + ((f + i0) >> 3);
+      for (int j = 0; j < bits; j += 2) {  // qwords j, j + 1 from 128-bit lane j / 2 (no store/reload)
+        const __m128i lane = j == 0 ? _mm512_castsi512_si128(w) : (j == 2 ? _mm512_extracti32x4_epi32(w, 1)
+                                             : (j == 4 ? _mm512_extracti32x4_epi32(w, 2) : _mm512_extracti32x4_epi32(w, 3)));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + j * plane_bytes), lane);
+        if (j + 1 < bits) _mm_storeh_pd(reinterpret_cast<double*>(dst + (j + 1) * plane_bytes), _mm_castsi128_pd(lane));
+      }
+    }
+#endif
+  c += i0;
+  f += i0;
+  m -= i0;
   for (int j = 0; j < bits; ++j) {
     uint8_t* plane = body + j * plane_bytes;
     int64_t i = 0;
@@ -1017,6 +1085,23 @@ inline void put_bitplanes(const uint8_t* c, int64_t m, int64_t f, int64_t plane_
 
 inline void get_bitplanes(const uint8_t* body, int64_t m, int64_t f, int64_t plane_bytes, int bits, uint8_t* c) {
   int64_t i0 = 0;
+#ifdef LBT_GFNI
+  if ((f & 7) == 0)  // 8 bytes of each plane -> 64 codes: the inverse transposes (planes >= bits: 0)
+    for (; i0 + 64 <= m; i0 += 64) {
+      const uint8_t* src = body + ((f + i0) >> 3);
+      __m128i lane[4];
+      for (int j = 0; j < 8; j += 2) {  // qword j = plane j's 8 bytes (0 past `bits`), straight into registers
+        lane[j / 2] = j < bits ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + j * plane_bytes))
+                               : _mm_setzero_si128();
+        if (j + 1 < bits)
+          lane[j / 2] = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(lane[j / 2]),
+                                                      reinterpret_cast<const double*>(src + (j + 1) * plane_bytes)));
+      }
+      const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(lane[1], lane[0])),
+                                           _mm256_set_m128i(lane[3], lane[2]), 1);
+      _mm512_storeu_si512(c + i0, transpose_bits8x8(transpose_bytes8x8(w)));
+    }
+#endif
 #ifdef LBT_AVX2
   if ((f & 7) == 0) {  // byte-aligned start: 32 codes from 4 bytes of each plane
     const __m256i sel = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
@@ -1271,6 +1356,11 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
   const bool direct = fwht_fusable(e, s.block) && !propagate && !(LBT_SKIP & 2);
   std::vector<int32_t> keep(direct ? e : 0, -1);
   for (int64_t i = 0; i < k && direct; ++i) keep[outl[i]] = 0;
+#ifdef LBT_ZMM16
+  // the same as bit masks (bit c % 16 of word c / 16: channel c is not kept)
+  std::vector<uint16_t> keep16(direct ? e / 16 : 0, uint16_t(0xffff));
+  for (int64_t i = 0; i < k && direct; ++i) keep16[outl[i] >> 4] &= uint16_t(~(1u << (outl[i] & 15)));
+#endif
 #endif
   for (int64_t t = 0; t < t_rows; ++t) {
     const char* row = static_cast<const char*>(x) + t * ld * elem_size<DT>();
@@ -1280,6 +1370,26 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
       const char* next = row + ld * elem_size<DT>();
       for (int64_t b = 0; b < e * elem_size<DT>(); b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
     }
+#ifdef LBT_ZMM16
+    if (direct) {  // 16 values per load; kept channels by a mask register
+      for (int64_t i = 0; i < k; ++i) put_u16(head + 2 * (t * k + i), f32_to_bf16(load<DT>(row, outl[i])));
+      const __m512i absm = _mm512_set1_epi32(0x7fffffff);
+      __m512i vam = _mm512_setzero_si512();
+      const uint16_t* km = keep16.data();
+      const float* sg = s.signs;
+      // kept channels (mask bit 0) become +0 (the reference's index_fill then times the sign
+      // gives -0 where the sign is -1: the sign of a zero never reaches the payload, since the
+      // rotated values are only compared and their magnitudes taken); the others x times the sign
+      fwht_row_fused16([&vam, row, km, sg, absm](int64_t at) {
+        const __m512 v = load16<DT>(row, at);
+        vam = _mm512_max_epi32(vam, _mm512_and_si512(_mm512_castps_si512(v), absm));
+        return _mm512_maskz_mul_ps(__mmask16(km[at >> 4]), v, _mm512_loadu_ps(sg + at));
+      }, nullptr, z.data(), false, e, s.block, s.inv_sqrt_block);
+      const int32_t vm = _mm512_reduce_max_epi32(vam);
+      if (vm >= 0x7f800000) status |= 1;
+      else in_amax = in_amax > vm ? in_amax : vm;
+    } else
+#endif
     if (direct) {
       for (int64_t i = 0; i < k; ++i) put_u16(head + 2 * (t * k + i), f32_to_bf16(load<DT>(row, outl[i])));
       const __m256i absm = _mm256_set1_epi32(0x7fffffff);
@@ -1462,6 +1572,16 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
   // straight from the payload; rows start on a byte (t * e is even: e is a multiple of 64).
   const bool nib_direct = fused && s.bits == 4 && !(LBT_SKIP & 512);
   const __m256i nib_shift = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+#ifdef LBT_ZMM16
+  alignas(64) float lv_buf[64] = {0};
+  for (int i = 0; i < 64 && i < (1 << s.bits); ++i) lv_buf[i] = s.levels[i];
+  const __m512 levels16 = _mm512_load_ps(lv_buf);
+  const __m512 levels_z[4] = {levels16, _mm512_load_ps(lv_buf + 16), _mm512_load_ps(lv_buf + 32),
+                              _mm512_load_ps(lv_buf + 48)};  // entries 0-63 (codes of <= 6 bits)
+  // multishift control: byte 0 of dword lane i (byte 4 (i % 2) of qword i / 2) from bit 4i
+  const __m512i nib_ctl = _mm512_set_epi64(0x3c00000038ll, 0x3400000030ll, 0x2c00000028ll, 0x2400000020ll,
+                                           0x1c00000018ll, 0x1400000010ll, 0x0c00000008ll, 0x0400000000ll);
+#endif
 #else
   const bool nib_direct = false;
 #endif
@@ -1515,6 +1635,34 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
         const uint8_t* cp = codes.data();
         const float* sp = sc8.data();
         const Table8& lv = levels8;
+#ifdef LBT_ZMM16
+        if (nib_direct && s.group % 16 == 0) {  // 16 codes (8 bytes) per load: nibble i picked by a multishift
+          const uint8_t* np = body + (t * e >> 1);
+          const __m512 lv16 = levels16;
+          const __m512i ctl = nib_ctl;
+          fwht_row_fused16([np, sp, lv16, ctl](int64_t at) {
+            int64_t w;
+            std::memcpy(&w, np + (at >> 1), 8);
+            // dword lane i's low byte = bits 4i.. of w; vpermps reads only its index bits 0-3
+            const __m512i idx = _mm512_multishift_epi64_epi8(ctl, _mm512_set1_epi64(w));
+            return _mm512_mul_ps(_mm512_permutexvar_ps(idx, lv16), _mm512_set1_ps(sp[at >> 3]));
+          }, post.data(), orow, r > 0, e, s.block, s.inv_sqrt_block);
+        } else
+#endif
+#ifdef LBT_ZMM16
+        if (!nib_direct && s.bits <= 6 && s.group % 16 == 0) {  // 16 byte codes per load, a <= 64-entry table
+          const __m512 t0 = levels16, t1 = levels_z[1], t2 = levels_z[2], t3 = levels_z[3];
+          const bool wide = s.bits > 5;
+          fwht_row_fused16([cp, sp, t0, t1, t2, t3, wide](int64_t at) {
+            const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cp + at)));
+            __m512 lv = _mm512_permutex2var_ps(t0, idx, t1);  // index bits 0-4: entries 0-31
+            if (wide)  // bit 5: entries 32-63
+              lv = _mm512_mask_mov_ps(lv, _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32)),
+                                      _mm512_permutex2var_ps(t2, idx, t3));
+            return _mm512_mul_ps(lv, _mm512_set1_ps(sp[at >> 3]));
+          }, post.data(), orow, r > 0, e, s.block, s.inv_sqrt_block);
+        } else
+#endif
         if (nib_direct) {
           const uint8_t* np = body + (t * e >> 1);
           fwht_row_fused([np, sp, &lv, nib_shift](int64_t at) {
@@ -1575,6 +1723,23 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
 extern "C" {
 
 int lbt_abi_version() { return 4; }
+
+// Which hand-written vector paths this build has: bit 0 AVX2, bit 1 AVX-512, bit 2 GFNI
+// bit-planes (the tests check that a CPU with them got them: a -march=native build that
+// fails to compile falls back to the portable one silently otherwise).
+int lbt_features() {
+  int f = 0;
+#ifdef LBT_AVX2
+  f |= 1;
+#endif
+#ifdef LBT_AVX512
+  f |= 2;
+#endif
+#ifdef LBT_GFNI
+  f |= 4;
+#endif
+  return f;
+}
 
 // Test hook: the codes the rot encoders give n rotated values z of one group with scale sc
 // (finite: the group holds no NaN/Inf), for `bits` (bounds: 2**bits - 1 ascending floats).
