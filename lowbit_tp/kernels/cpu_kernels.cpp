@@ -14,7 +14,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -739,7 +738,7 @@ inline void fwht_row_zmm_q(const Load& load, const float* post, float* dst, int6
     __m512 v[NZ];
 #pragma GCC unroll 16
     for (int i = 0; i < NZ; ++i) {
-      if constexpr (std::is_same<decltype(load(int64_t(0))), __m512>::value) v[i] = fwht16(load(p + 16 * i));
+      if constexpr (sizeof(decltype(load(int64_t(0)))) == 64) v[i] = fwht16(load(p + 16 * i));
       else v[i] = fwht16(_mm512_insertf32x8(_mm512_castps256_ps512(load(p + 16 * i)), load(p + 16 * i + 8), 1));
     }
 #pragma GCC unroll 4
