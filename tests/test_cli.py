@@ -56,7 +56,8 @@ SCALAR_FLAGS = [
     (["bench-e2e"], E2EConfig,
      {"algorithm": "algorithm", "new_tokens": "new_tokens", "repeats": "repeats", "rounds": "rounds",
       "model": "model", "hidden": "hidden", "intermediate": "intermediate", "layers": "layers", "heads": "heads",
-      "kv_heads": "kv_heads", "delay": "delay", "threads_per_rank": "threads_per_rank"}),
+      "kv_heads": "kv_heads", "delay": "delay", "threads_per_rank": "threads_per_rank",
+      "chunk_bytes": "chunk_bytes"}),
     (["serve", "--tp", "2"], PluginConfig, {"calibration": "calibration", "algorithm": "algorithm",
                                             "min_bytes": "min_bytes"}),
     (["serve", "--tp", "2"], VllmEngineConfig, {"max_model_len": "max_model_len"}),
@@ -88,6 +89,7 @@ def test_flags_reach_the_config():
                             sampling=SamplingConfig(do_sample=True, top_k=5))
     cfg = bench.comm_config_from_args(parse("bench-comm", "--codec", "int8", "--numel", "64", "--chunk-bytes", "0"))
     assert (cfg.codecs, cfg.numels, cfg.chunk_bytes, cfg.world_sizes) == (("int8",), (64,), (0,), (2,))
+    assert bench.e2e_config_from_args(parse("bench-e2e", "--chunk-bytes", "1048576")).chunk_bytes == 1048576
     assert calibrate.config_from_args(parse("calibrate", "--tp", "2", "--out", "x", "--allocate", "0")).allocate is None
     cfg = calibrate.config_from_args(parse("calibrate", "--tp", "2", "--out", "x", "--alloc-codecs", "int8,int4-g32"))
     assert cfg.alloc_codecs == ("int8", "int4-g32")
