@@ -121,15 +121,15 @@ def test_a_bad_flag_is_one_line_with_status_2():
     assert proc.stderr.count("\n") == 1 and "--tp" in proc.stderr
 
 
-def test_error_feedback_on_gemma_is_refused_in_one_line(tmp_path):
+def test_error_feedback_on_another_engine_is_refused_in_one_line(tmp_path):
     from helpers import save_tiny
 
     path = save_tiny(tmp_path, "gemma3")
-    proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "eval", "--model", path, "--tp", "2",
-                           "--codec", "int4-g32", "--error-feedback", "--samples", "1", "--seq-len", "32"],
+    proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "run", "--model", path, "--tp", "2",
+                           "--engine", "transformers", "--codec", "int4-g32", "--error-feedback", "--prompt", "ab"],
                           capture_output=True, text=True)
     assert proc.returncode != 0
-    assert proc.stderr.count("\n") == 1 and "error feedback is not supported for Gemma 3" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "native engine only" in proc.stderr, proc.stderr
 
 
 def test_a_benchmark_file_says_the_command_that_made_it(tmp_path):
