@@ -77,6 +77,10 @@ class AutoPolicy:
     codec (about 1 ms per 1M values) is short next to the per-chunk overheads. Pipelining can
     pay only where the transfer runs on its own hardware (NIC DMA, NCCL copy engines) and a
     chunk's transfer outlasts its codec time: measure that link with the script, then set it.
+    Those runs were under load 12-14. ``scripts/bench_wire.py`` (docs/bench/tp2_allreduce.md:
+    one prefill-sized call at a time after a barrier, the slower rank's time) found 1 MiB
+    chunks 1.3-1.7x faster on emulated 1 Gbit/s for bf16 and int4-outlier alike (whole
+    8 MiB messages ran the link at ~55%); the default waits for a quiet confirmation.
     """
 
     min_bytes: int = 64 * 1024
@@ -303,7 +307,8 @@ class E2EConfig:
     directory. ``repeats`` prompts of each length run per launch; ``rounds`` launches per
     variant, interleaved (medians pool all ``repeats * rounds``). ``sync_wire``: a barrier
     before each backend collective inside an all-reduce, so that the wire timer excludes the
-    ranks' arrival skew (reported as ``*_skew_ms``).
+    ranks' arrival skew (reported as ``*_skew_ms``). ``chunk_bytes``: the
+    :class:`AutoPolicy` pipelining chunk size of every variant alike (0: whole messages).
     """
 
     networks: tuple[str, ...] = ("loopback", "10gbit", "1gbit")
@@ -325,6 +330,7 @@ class E2EConfig:
     delay: str = "0"
     threads_per_rank: int = 1
     sync_wire: bool = True
+    chunk_bytes: int = AutoPolicy.chunk_bytes
     run_timeout_s: float = 900.0
 
     def variants(self) -> list[tuple[str, str]]:

@@ -86,12 +86,12 @@ def check_codecs(names: Iterable[str], *, calibration: str | Path | None = None,
     return cal
 
 
-def check_error_feedback(config: Any, enabled: bool) -> None:
-    """``--error-feedback`` needs row-parallel outputs added straight into the residual
-    stream (not Gemma 2/3's post-norms); one line otherwise."""
+def check_error_feedback(config: Any, enabled: bool, *, engine: str = "native") -> None:
+    """``--error-feedback`` on Gemma 2/3 (post-norms) needs the native engine, whose chain maps
+    the carry through the norms; one line otherwise."""
     if enabled:
         try:
-            get_adapter(config).check_error_feedback()
+            get_adapter(config).check_error_feedback(post_norm=engine == "native")
         except ValueError as exc:
             raise UserError(str(exc)) from None
 
@@ -137,7 +137,7 @@ def preflight_eval(cfg: Any, *, out: str | Path | None = None, warn: Callable[[s
         _warn_with(warn)(text)
     check_min(cfg.samples, "--samples")
     check_codecs(cfg.codecs, calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size)
-    check_error_feedback(config, getattr(cfg, "error_feedback", False))
+    check_error_feedback(config, getattr(cfg, "error_feedback", False), engine=getattr(cfg, "engine", "native"))
     check_text(cfg.text, getattr(cfg, "text_glob", "*"))
     if out:
         check_output_path(out)

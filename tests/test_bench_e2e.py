@@ -132,6 +132,21 @@ def test_rows_medians_and_ratios():
     assert E2ERow.from_json(comp.to_json()) == comp
 
 
+def test_timers_barrier_before_a_start_never_before_a_wait():
+    """sync_wire lines the ranks up before a transfer starts; a wait for a pipelined chunk
+    already in flight is timed as wire without a barrier (gloo's would wait for every
+    transfer in flight). No process group here: a barrier would raise."""
+    from lowbit_tp.bench.e2e.worker import Timers
+    from lowbit_tp.collectives.dist import WAIT
+
+    t = Timers(sync_wire=True)
+    assert t.around_wire(WAIT + "all_gather of payloads", None, lambda: 7) == 7
+    assert t._cur["skew_s"] == 0.0 and t._cur["wire_s"] > 0.0
+    with pytest.raises((RuntimeError, ValueError)):  # the start of a transfer: a barrier, needing a group
+        t.around_wire("all_gather of payloads", None, lambda: 7)
+    assert Timers(sync_wire=False).around_wire("all_gather of payloads", None, lambda: 8) == 8
+
+
 # ----------------------------------------------------------------- a real run, loopback
 @pytest.mark.slow  # three two-process runs and a calibration: 41 s of the default suite; `make test-slow`
 def test_loopback_smoke(tmp_path):

@@ -56,7 +56,8 @@ SCALAR_FLAGS = [
     (["bench-e2e"], E2EConfig,
      {"algorithm": "algorithm", "new_tokens": "new_tokens", "repeats": "repeats", "rounds": "rounds",
       "model": "model", "hidden": "hidden", "intermediate": "intermediate", "layers": "layers", "heads": "heads",
-      "kv_heads": "kv_heads", "delay": "delay", "threads_per_rank": "threads_per_rank"}),
+      "kv_heads": "kv_heads", "delay": "delay", "threads_per_rank": "threads_per_rank",
+      "chunk_bytes": "chunk_bytes"}),
     (["serve", "--tp", "2"], PluginConfig, {"calibration": "calibration", "algorithm": "algorithm",
                                             "min_bytes": "min_bytes"}),
     (["serve", "--tp", "2"], VllmEngineConfig, {"max_model_len": "max_model_len"}),
@@ -88,6 +89,7 @@ def test_flags_reach_the_config():
                             sampling=SamplingConfig(do_sample=True, top_k=5))
     cfg = bench.comm_config_from_args(parse("bench-comm", "--codec", "int8", "--numel", "64", "--chunk-bytes", "0"))
     assert (cfg.codecs, cfg.numels, cfg.chunk_bytes, cfg.world_sizes) == (("int8",), (64,), (0,), (2,))
+    assert bench.e2e_config_from_args(parse("bench-e2e", "--chunk-bytes", "1048576")).chunk_bytes == 1048576
     assert calibrate.config_from_args(parse("calibrate", "--tp", "2", "--out", "x", "--allocate", "0")).allocate is None
     cfg = calibrate.config_from_args(parse("calibrate", "--tp", "2", "--out", "x", "--alloc-codecs", "int8,int4-g32"))
     assert cfg.alloc_codecs == ("int8", "int4-g32")
@@ -119,15 +121,15 @@ def test_a_bad_flag_is_one_line_with_status_2():
     assert proc.stderr.count("\n") == 1 and "--tp" in proc.stderr
 
 
-def test_error_feedback_on_gemma_is_refused_in_one_line(tmp_path):
+def test_error_feedback_on_another_engine_is_refused_in_one_line(tmp_path):
     from helpers import save_tiny
 
     path = save_tiny(tmp_path, "gemma3")
-    proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "eval", "--model", path, "--tp", "2",
-                           "--codec", "int4-g32", "--error-feedback", "--samples", "1", "--seq-len", "32"],
+    proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "run", "--model", path, "--tp", "2",
+                           "--engine", "transformers", "--codec", "int4-g32", "--error-feedback", "--prompt", "ab"],
                           capture_output=True, text=True)
     assert proc.returncode != 0
-    assert proc.stderr.count("\n") == 1 and "error feedback is not supported for Gemma 3" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "native engine only" in proc.stderr, proc.stderr
 
 
 def test_a_benchmark_file_says_the_command_that_made_it(tmp_path):

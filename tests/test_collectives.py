@@ -6,6 +6,7 @@ from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibrat
 from lowbit_tp.codecs import make_codec
 from lowbit_tp.collectives import (AutoPolicy, CollectiveError, CommStats, RankFailure, all_reduce,
                                    simulate_all_reduce, spawn_ranks)
+from lowbit_tp.collectives.dist import WAIT
 
 LAYER = "layers.0.o_proj"
 CODECS = ["bf16", "int8", "int4", "int4-outlier", "int4-random-k", "int4-g32", "int4-g128", "mxfp4",
@@ -216,7 +217,31 @@ def _rank_pipelined(rank, world):
             stats = CommStats()
             y = all_reduce(partial, codec, algorithm=algo, layer=LAYER, policy=PIPE_POLICY, stats=stats)
             out[(name, algo)] = (y, stats.bytes_sent, stats.calls)
+    seen = []
+
+    def hook(what, group, send):  # records what it wraps and whether send() started a transfer
+        work = send()
+        seen.append((what, hasattr(work, "wait")))  # a started Work, not a finished call
+        return work
+
+    codec = make_codec("int4-outlier", calibration=cal)
+    for algo, policy in [("gather", PIPE_POLICY), ("two-shot", PIPE_POLICY), ("gather", AutoPolicy(chunk_bytes=0))]:
+        seen.clear()
+        all_reduce(partial, codec, algorithm=algo, layer=LAYER, policy=policy, wire_hook=hook)
+        out[("hook", algo, policy.chunk_bytes)] = list(seen)
     return out
+
+
+def test_wire_hook_wraps_the_first_start_and_the_waits_of_a_pipelined_message(ranks_at):
+    """A pipelined message: the hook sees the first chunk's start (a started transfer, so a
+    benchmark's barrier goes before anything moves), then every wait, named WAIT + what."""
+    g, a2a, ag = "all_gather of payloads", "all_to_all of chunks", "all_gather of reduced chunks"
+    for out in [r["pipelined"] for r in ranks_at(2)]:
+        assert out[("hook", "gather", PIPE_POLICY.chunk_bytes)] == [(g, True)] + [(WAIT + g, False)] * 5
+        two = out[("hook", "two-shot", PIPE_POLICY.chunk_bytes)]
+        assert two[0] == (a2a, True) and len(two) == 11
+        assert sorted(two[1:]) == sorted([(WAIT + a2a, False)] * 5 + [(WAIT + ag, False)] * 5)
+        assert out[("hook", "gather", 0)] == [(g, False)]  # one message: one synchronous call
 
 
 def test_chunk_rows_policy():

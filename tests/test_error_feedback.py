@@ -11,7 +11,8 @@ import torch
 from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
 from lowbit_tp.codecs import make_codec
 from lowbit_tp.collectives import AutoPolicy, CommStats, all_reduce, simulate_all_reduce, spawn_ranks
-from lowbit_tp.collectives.feedback import Feedback, FeedbackChain, compensate, feedback_of
+from lowbit_tp.collectives.feedback import (Feedback, FeedbackChain, PostNorm, PostNormFeedback, compensate,
+                                            feedback_of, postnorm_compensation, postnorm_share_update)
 from lowbit_tp.tp.row_parallel import SimulatedReducer
 
 E = 32  # one int4-g32 group per row
@@ -193,10 +194,25 @@ def _partials(world, layer_index):
     return planted_partials(world, 7, 192, seed=layer_index, noise_seed=40 + layer_index)
 
 
+def _post_norm(world):
+    """Synthetic post-norm gains (some near 0, one negative) for LAYERS."""
+    gen = torch.Generator().manual_seed(5)
+    norms = {}
+    for l in LAYERS:
+        g = torch.rand(192, generator=gen) * 6 - 0.3
+        g[:3] = torch.tensor([1e-4, -2.0, 40.0])
+        norms[l] = PostNorm(gain=g, eps=1e-6)
+    return PostNormFeedback(norms=norms, tp=world)
+
+
 def _rank_chain(rank, world):
     from lowbit_tp.tp.row_parallel import DistReducer
 
     cal, out = _cal(world), {}
+    for algo in ("gather", "two-shot"):  # the post-norm chain: shares mapped through the norms
+        red = DistReducer(codec=make_codec("int4-outlier", calibration=cal), algorithm=algo,
+                          feedback=FeedbackChain(LAYERS, ranks=1, post_norm=_post_norm(world)))
+        out[("post-norm", algo)] = [red.reduce([_partials(world, i)[rank]], layer=l) for i, l in enumerate(LAYERS)]
     for name in CODECS:
         for algo in ("gather", "two-shot"):
             red = DistReducer(codec=make_codec(name, calibration=cal), algorithm=algo,
@@ -232,6 +248,18 @@ def test_runtime_chain_is_bitwise_the_simulated_chain(world):
                     assert torch.equal(results[r][(name, algo)][i], ref), (name, algo, layer, r)
                 if i > 0:  # the feedback really acted
                     assert not torch.equal(ref, plain.reduce(_partials(world, i), layer=layer)), (name, algo, layer)
+    for algo in ("gather", "two-shot"):
+        red = SimulatedReducer(codec=make_codec("int4-outlier", calibration=cal), algorithm=algo,
+                               feedback=FeedbackChain(LAYERS, ranks=world, post_norm=_post_norm(world)))
+        plain = SimulatedReducer(codec=make_codec("int4-outlier", calibration=cal), algorithm=algo,
+                                 feedback=FeedbackChain(LAYERS, ranks=world))
+        for i, layer in enumerate(LAYERS):
+            ref = red.reduce(_partials(world, i), layer=layer)
+            other = plain.reduce(_partials(world, i), layer=layer)
+            for r in range(world):
+                assert torch.equal(results[r][("post-norm", algo)][i], ref), ("post-norm", algo, layer, r)
+            if i > 0:  # the mapped carry is not the plain one
+                assert not torch.equal(ref, other), ("post-norm", algo, layer)
     codec = make_codec("int4-g32")
     fbs = [Feedback(carry=torch.randn(7, 192, generator=torch.Generator().manual_seed(r))) for r in range(world)]
     ref = simulate_all_reduce(_partials(world, 0), codec, "gather", feedback=fbs)
@@ -239,3 +267,54 @@ def test_runtime_chain_is_bitwise_the_simulated_chain(world):
         y, nxt = results[r]["pipelined"]
         assert torch.equal(y, ref) and torch.equal(nxt, fbs[r].next), r
         assert "pipelined chunks" in results[r]["refused"], results[r]["refused"]
+
+
+# ------------------------------------------------------------------ post-norm (Gemma) feedback
+def test_postnorm_share_update_is_the_real_norms_derivative():
+    """J(y) v against a central difference of transformers' own Gemma 3 RMSNorm (which computes
+    in fp32, so the step is 1e-3 of the row's rms: truncation ~1e-6, rounding ~1e-4)."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    gen = torch.Generator().manual_seed(3)
+    norm = Gemma3RMSNorm(48, eps=1e-6).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=gen, dtype=torch.float64) * 3)
+    y = torch.randn(5, 48, generator=gen, dtype=torch.float64) * torch.tensor([0.01, 1, 3, 100, 7.0],
+                                                                               dtype=torch.float64)[:, None]
+    v = torch.randn(5, 48, generator=gen, dtype=torch.float64)
+    carry = torch.randn(5, 48, generator=gen, dtype=torch.float64)
+    pn = PostNorm(gain=(1.0 + norm.weight.detach()).float(), eps=1e-6)
+    got = postnorm_share_update(None, carry.float(), (carry - v).float(), y.float(), pn)  # J (carry - next) = J v
+    t = 1e-3 * y.pow(2).mean(-1, keepdim=True).sqrt()
+    with torch.no_grad():
+        fd = (norm(y + t * v) - norm(y - t * v)) / (2 * t)
+    torch.testing.assert_close(got.double(), fd, rtol=1e-3, atol=1e-4 * float(fd.abs().max()))
+    share = torch.randn(5, 48, generator=gen)
+    torch.testing.assert_close(postnorm_share_update(share, carry.float(), (carry - v).float(), y.float(), pn) - share,
+                               got, rtol=1e-5, atol=1e-5)
+
+
+def test_postnorm_compensation_by_hand():
+    # partial rms is exactly 2 (every value +-2), tp 4: estimate 2 * 2 = 4; cap 2 * 2 = 4
+    partial = torch.tensor([[2.0, -2.0, 2.0, -2.0, 2.0, -2.0, 2.0, -2.0]])
+    gain = torch.tensor([1.0, 2.0, -4.0, 0.1, 8.0, 1.0, 1.0, 1.0])  # median |g| = 1, floor 0.3: 0.1 gets nothing
+    share = torch.tensor([[0.5, 1.0, 1.0, 5.0, 0.25, -2.0, 0.0, float("nan")]])
+    c = postnorm_compensation(share, partial, PostNorm(gain=gain), tp=4, gain_floor=0.3, cap=2.0)
+    # -4 * share / g: -2, -2, +1, (0), -0.125, +8 -> cap 4, 0, nan -> 0
+    assert torch.equal(c, torch.tensor([[-2.0, -2.0, 1.0, 0.0, -0.125, 4.0, 0.0, 0.0]]))
+
+
+def test_postnorm_chain_needs_partials_output_and_every_norm():
+    pn = PostNormFeedback(norms={"a": PostNorm(gain=torch.ones(4))}, tp=2)
+    with pytest.raises(ValueError, match="no norm for layer 'b'"):
+        FeedbackChain(("a", "b"), ranks=1, post_norm=pn)
+    with pytest.raises(ValueError, match="gain_floor"):
+        PostNormFeedback(norms={}, tp=2, cap=0.0)
+    chain = FeedbackChain(("a",), ranks=1, post_norm=pn)
+    with pytest.raises(ValueError, match="partial"):
+        chain.start("a")
+    fb = chain.start("a", [torch.ones(1, 4)])
+    fb[0].next = torch.zeros(1, 4)
+    with pytest.raises(ValueError, match="decoded sum"):
+        chain.finish("a", fb)
+    assert chain.fresh().post_norm is pn

@@ -125,10 +125,12 @@ def test_tp4_greedy_and_quantized_logits_equal_simulator(tiny):
 
 def test_error_feedback_runtime_equals_simulator(tiny):
     """--error-feedback on real ranks: prefill logits bitwise the simulator's with error
-    feedback (TP 2, gather and two-shot), and not the plain codec's; decode steps run."""
+    feedback (TP 2, gather and two-shot; Llama, and Gemma 3 whose carry goes through its
+    post-norms), and not the plain codec's; decode steps run."""
     base = dict(model=tiny["llama"], tp=2, prompts=PROMPTS[:1], max_new_tokens=4, ignore_eos=True, timeout_s=30,
                 codec="int4-g32", keep_prefill_logits=True, error_feedback=True)
-    cfgs = [RunConfig(algorithm="gather", **base), RunConfig(algorithm="two-shot", **base)]
+    cfgs = [RunConfig(algorithm=a, **{**base, "model": tiny[m]}) for m in ("llama", "gemma3")
+            for a in ("gather", "two-shot")]
     per_rank = spawn_ranks(_rank_several, 2, cfgs, timeout_s=30, deadline_s=180)
     for i, cfg in enumerate(cfgs):
         sim = _simulated_logits(cfg.model, PROMPTS[0], tp=2, codec=cfg.codec, algorithm=cfg.algorithm,
@@ -136,7 +138,7 @@ def test_error_feedback_runtime_equals_simulator(tiny):
         plain = _simulated_logits(cfg.model, PROMPTS[0], tp=2, codec=cfg.codec, algorithm=cfg.algorithm)
         assert not torch.equal(sim, plain)
         for r in range(2):
-            assert torch.equal(per_rank[r][i].results[0].prefill_logits, sim), (cfg.algorithm, r)
+            assert torch.equal(per_rank[r][i].results[0].prefill_logits, sim), (cfg.model, cfg.algorithm, r)
             assert per_rank[r][i].results[0].new_tokens == 4
 
 

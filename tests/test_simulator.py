@@ -186,5 +186,79 @@ def test_error_feedback_simulation_equals_an_independent_tp_emulation(algorithm)
     assert sim.comm_stats().bits_per_value == plain_sim.comm_stats().bits_per_value
     with pytest.raises(ValueError, match="needs a codec"):
         TPSimulator(model, tp=2, error_feedback=True)
-    with pytest.raises(ValueError, match="not supported for Gemma 3"):  # post-norms: the errors do not cancel
-        TPSimulator(tiny_model("gemma3"), tp=2, codec=codec, error_feedback=True)
+
+
+def _reference_forward_postnorm_ef(model, ids, cal, *, k, floor=0.3, cap=2.0):
+    """Gemma's error feedback written from its definition (gather, TP 2). Each rank r keeps
+    its share d_r of the residual error. At a layer with post-norm gain g (``1 + weight``) it
+    sends ``p_r + c_r``, ``c_r = -sqrt(2) rms(p_r) d_r / g`` (0 where |g| < floor * median|g|,
+    clipped to +-cap * rms(p_r)); after the sum ``y`` it adds ``J(y)(c_r + q_r)`` to d_r,
+    ``q_r`` = dequantized - sent, ``J(y) v = d/dt [g * (y + t v) / rms(y + t v)]`` at t = 0."""
+    names = [n for n, _ in model.named_modules() if n.endswith(("o_proj", "down_proj"))]
+    state, originals = {"d": None}, {}
+
+    def norm_of(name):
+        block = name.rsplit(".", 2)[0]
+        return model.get_submodule(block + (".post_attention_layernorm" if name.endswith("o_proj")
+                                            else ".post_feedforward_layernorm"))
+
+    def emulate(name, linear):
+        norm = norm_of(name)
+        g = 1.0 + norm.weight.float()
+
+        def fwd(x):
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            half = x2.shape[1] // 2
+            parts = [x2[:, :half] @ linear.weight[:, :half].T, x2[:, half:] @ linear.weight[:, half:].T]
+            comps = [torch.zeros_like(p) for p in parts]
+            if state["d"] is not None:
+                for r, p in enumerate(parts):
+                    rms_p = p.pow(2).mean(-1, keepdim=True).sqrt()
+                    c = -(2 ** 0.5) * rms_p * state["d"][r] / g
+                    c[:, g.abs() < floor * g.abs().median()] = 0.0
+                    comps[r] = torch.clamp(c, -cap * rms_p, cap * rms_p)
+            sent = [p + c for p, c in zip(parts, comps)]
+            deq = [_seed_quantize(s_, cal.get(name, r), k) for r, s_ in enumerate(sent)]
+            y = deq[0] + deq[1]
+            ms = y.pow(2).mean(-1, keepdim=True) + norm.eps
+            new = []
+            for r in range(2):
+                v = comps[r] + (deq[r] - sent[r])
+                jv = g / ms.sqrt() * v - g * y * (y * v).mean(-1, keepdim=True) / ms.pow(1.5)
+                new.append(jv if state["d"] is None else state["d"][r] + jv)
+            state["d"] = new
+            return y.reshape(*x.shape[:-1], -1)
+        return fwd
+
+    for name in names:
+        mod = model.get_submodule(name)
+        originals[name] = mod.forward
+        mod.forward = emulate(name, mod)
+    try:
+        return model(ids).logits
+    finally:
+        for name, fwd in originals.items():
+            model.get_submodule(name).forward = fwd
+
+
+def test_gemma_error_feedback_maps_the_carry_through_the_post_norms():
+    model = tiny_model("gemma3")
+    with torch.no_grad():  # spread the post-norm gains as in the real model (0.3 .. ~50)
+        for n, m in model.named_modules():
+            if n.endswith(("post_attention_layernorm", "post_feedforward_layernorm")):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=torch.Generator().manual_seed(len(n))) * 8 - 0.5)
+    ids = _ids()
+    cal, exact = tiny_tp2_calibration(model, ids)
+    codec = make_codec("int4-outlier", calibration=cal, k=2)
+    with torch.no_grad():
+        ref = _reference_forward_postnorm_ef(model, ids, cal, k=2)
+        with TPSimulator(model, tp=2, codec=codec, algorithm="gather", error_feedback=True):
+            got = model(ids).logits
+            again = model(ids).logits
+        with TPSimulator(model, tp=2, codec=codec, algorithm="gather") as plain_sim:
+            plain = model(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(again, got)
+    assert (got - plain).abs().max() > 100 * (got - ref).abs().max()  # the feedback really acted
+    assert (got - exact).norm() < (plain - exact).norm()
+    assert plain_sim.comm_stats().bytes_sent > 0

@@ -80,6 +80,9 @@ def _register_e2e(sub) -> None:
     p.add_argument("--threads-per-rank", type=positive_int, default=default(d, "threads_per_rank"))
     p.add_argument("--no-sync-wire", action="store_true",
                    help="no barrier before each collective (wire time then includes the ranks' skew)")
+    p.add_argument("--chunk-bytes", type=nonneg_int, default=default(d, "chunk_bytes"),
+                   help="pipelining chunk size in bf16 bytes for every variant alike (0: whole messages); "
+                        "default %(default)s (the AutoPolicy's)")
     p.add_argument("--json", help="write results here (and a .md next to it)")
     p.set_defaults(func=cmd_e2e)
 
@@ -90,7 +93,8 @@ def e2e_config_from_args(args) -> E2EConfig:
     return E2EConfig(**lists, algorithm=args.algorithm, exact_baseline=not args.no_exact, new_tokens=args.new_tokens,
                      repeats=args.repeats, rounds=args.rounds, model=args.model, hidden=args.hidden,
                      intermediate=args.intermediate, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                     delay=args.delay, threads_per_rank=args.threads_per_rank, sync_wire=not args.no_sync_wire)
+                     delay=args.delay, threads_per_rank=args.threads_per_rank, sync_wire=not args.no_sync_wire,
+                     chunk_bytes=args.chunk_bytes)
 
 
 def cmd_e2e(args) -> None:

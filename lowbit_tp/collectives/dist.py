@@ -69,7 +69,13 @@ def _rank_world(group) -> tuple[int, int]:
 # A wire hook wraps every backend collective of :func:`all_reduce`: it is called as
 # ``hook(what, group, send)`` and must call ``send()`` once and return its result. Benchmarks
 # time the transfer with it (and may synchronise the ranks first); nothing else changes.
+# In a pipelined message the hook wraps the start of the first chunk's transfer (``send()``
+# starts it and returns at once) and then every wait for a chunk's transfer; the waits'
+# ``what`` begins with :data:`WAIT`. A hook that lines the ranks up must do so only where
+# ``what`` does not begin with it (before anything moves): a barrier between a start and its
+# wait would wait for every transfer in flight (gloo's does) and undo the pipelining.
 WireHook = Callable[[str, Any, Callable[[], Any]], Any]
+WAIT = "wait for "
 
 
 def _guard(what: str, layer, group, fn, hook: WireHook | None = None):
@@ -127,7 +133,8 @@ def all_reduce(
     result, equal to :func:`~lowbit_tp.collectives.simulate.simulate_all_reduce` on the
     same partials, chunked or not. ``stats`` counts one call per message.
     ``wire_hook`` (see :data:`WireHook`) wraps each of those backend calls; in a pipelined
-    message it wraps each wait for a chunk's transfer (the transfer time the codec did not hide).
+    message it wraps the first start and each wait for a chunk's transfer (the transfer time
+    the codec did not hide), the waits named ``WAIT + what``.
     ``feedback`` (optional): error feedback, this rank encodes ``partial + feedback.carry`` and
     ``feedback.next`` is set to its compensation for its next all-reduce
     (:mod:`~lowbit_tp.collectives.feedback`), bitwise as in ``simulate_all_reduce``.
@@ -182,17 +189,18 @@ def all_reduce(
 # encodes each token row independently and every sum is elementwise in rank order, so the
 # chunked result is bitwise the unchunked one (and simulate_all_reduce's). A message of one
 # chunk makes plain synchronous calls.
-def _start(what: str, layer, group, call, hook: WireHook | None, pipelined: bool):
-    """``call(async_op)``: synchronous through ``hook`` (returns None), or started (returns its Work)."""
+def _start(what: str, layer, group, call, hook: WireHook | None, pipelined: bool, first: bool = False):
+    """``call(async_op)``: synchronous through ``hook`` (returns None), or started (returns its
+    Work); the first start of a pipelined message goes through ``hook`` too (see :data:`WireHook`)."""
     if not pipelined:
         _guard(what, layer, group, lambda: call(False), hook)
         return None
-    return _guard(what, layer, group, lambda: call(True))
+    return _guard(what, layer, group, lambda: call(True), hook if first else None)
 
 
 def _finish(what: str, layer, group, work, hook: WireHook | None) -> None:
     if work is not None:
-        _guard(what, layer, group, work.wait, hook)
+        _guard(WAIT + what, layer, group, work.wait, hook)
 
 
 def _gather_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: int, tally: CommStats,
@@ -217,7 +225,8 @@ def _gather_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: i
                 payload = A.gather_encode_feedback(codec, pieces[i], feedback[i], layer=layer, rank=rank, out=buf)
             got = [BUFFERS.get(f"gather-recv{r}", i % 2, n, torch.uint8, dev) for r in range(world)]
             work = _start(what, layer, group,
-                          lambda a: dist.all_gather(got, payload, group=group, async_op=a), hook, pipelined)
+                          lambda a: dist.all_gather(got, payload, group=group, async_op=a), hook, pipelined,
+                          first=i == 0)
             tally.record_gather(payload, world=world, values=pieces[i].numel())
             launched = (i, got, work)
         if inflight is not None:
@@ -248,7 +257,8 @@ def _two_shot_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world:
                                                     world=world, out=send)
             recv = BUFFERS.get("two-shot-recv", step % 3, world * nb, torch.uint8, dev)
             work = _start("all_to_all of chunks", layer, group,
-                          lambda a: dist.all_to_all_single(recv, send, group=group, async_op=a), hook, pipelined)
+                          lambda a: dist.all_to_all_single(recv, send, group=group, async_op=a), hook, pipelined,
+                          first=step == 0)
             moving[step] = (chunks, send, recv, work)
         j = step - 1
         if 0 <= j < n:  # reduce this rank's chunk of piece j, re-encode, start the all-gather

@@ -40,7 +40,6 @@ from lowbit_tp.evaluation.records import EvalResult
 from lowbit_tp.evaluation.metrics import LMComparison
 from lowbit_tp.models import load_model
 from lowbit_tp.runtime.startup import start_rank
-from lowbit_tp.collectives.feedback import FeedbackChain
 from lowbit_tp.tp.row_parallel import DistReducer, RowParallelLinear
 
 __all__ = ["eval_rank_main", "evaluate_codecs_tp"]
@@ -84,7 +83,7 @@ def eval_rank_main(rank: int, world: int, cfg: EvalConfig, input_ids: torch.Tens
         for name, codec in codecs.items():
             chain = started.reducer.feedback
             comm = DistReducer(codec=codec, group=group, algorithm=cfg.algorithm,
-                               feedback=None if chain is None else FeedbackChain(chain.order, ranks=1))
+                               feedback=None if chain is None else chain.fresh())
             _use_reducer(model, comm)
             comp, kept, seconds = LMComparison(), [], 0.0
             for b, ids in enumerate(batches):

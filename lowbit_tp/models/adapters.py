@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from lowbit_tp.collectives.feedback import FeedbackChain, PostNorm, PostNormFeedback
 from lowbit_tp.tp.plan import DECODER_PLAN, Rule, TPPlan
 
 __all__ = [
@@ -51,7 +52,8 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 }
 
 # Families whose o_proj / down_proj output goes through an RMSNorm before the residual add
-# (Gemma 2/3's post-attention and post-feedforward norms): error feedback does not telescope there.
+# (Gemma 2/3's post-attention and post-feedforward norms): plain error feedback does not telescope
+# there; the chain maps its carries through those norms (PostNormFeedback).
 POST_NORM_MODEL_TYPES = frozenset({"gemma2", "gemma3", "gemma3_text"})
 
 LayerKind = Literal["attn_out", "mlp_down"]
@@ -190,14 +192,36 @@ class ArchitectureAdapter:
     plan: TPPlan = DECODER_PLAN
     post_norm: bool = False  # row-parallel outputs are normalised before the residual add (Gemma 2/3)
 
-    def check_error_feedback(self) -> None:
-        """Raise ``ValueError`` unless error feedback along depth is exact to first order here:
-        the row-parallel outputs must be added straight into the residual stream
-        (:mod:`~lowbit_tp.collectives.feedback`)."""
-        if self.post_norm:
-            raise ValueError(f"error feedback is not supported for {self.family}: its post-attention/post-feedforward "
-                             f"norms rescale each all-reduce's output before the residual add, so the errors do "
-                             f"not cancel (docs/design-dev.md)")
+    def check_error_feedback(self, *, post_norm: bool = False) -> None:
+        """Raise ``ValueError`` where error feedback along depth would be wrong. Pre-norm
+        families add the row-parallel outputs straight into the residual stream: plain feedback.
+        Post-norm ones (Gemma 2/3) need the carry mapped through their norms, which only a chain
+        from :meth:`feedback_chain` does: the caller says so with ``post_norm=True``."""
+        if self.post_norm and not post_norm:
+            raise ValueError(f"error feedback on {self.family} (post-norms) runs on the native engine only "
+                             f"(lowbit-tp's ranks and simulator), which map the carry through the norms")
+
+    def post_norms(self, model: torch.nn.Module) -> dict[str, PostNorm]:
+        """Gemma 2/3: each row-parallel layer's norm before the residual add (``o_proj`` ->
+        ``post_attention_layernorm``, ``down_proj`` -> ``post_feedforward_layernorm`` of the
+        same decoder layer), gain ``1 + weight``. Empty for pre-norm families."""
+        if not self.post_norm:
+            return {}
+        out = {}
+        for layer in self.row_parallel_layers(model):
+            block, _, _ = layer.name.rsplit(".", 2)
+            norm = model.get_submodule(f"{block}.{'post_attention_layernorm' if layer.kind == 'attn_out' else 'post_feedforward_layernorm'}")
+            out[layer.name] = PostNorm(gain=1.0 + norm.weight.detach().float().clone(),
+                                       eps=float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6))))
+        return out
+
+    def feedback_chain(self, model: torch.nn.Module, *, tp: int, ranks: int) -> FeedbackChain:
+        """The error-feedback state for ``ranks`` ranks of a TP-``tp`` run of ``model`` (all N
+        in a simulation, 1 on a real rank): plain for pre-norm families, mapped through the
+        post-norms for Gemma 2/3 (:class:`~lowbit_tp.collectives.feedback.PostNormFeedback`)."""
+        order = tuple(l.name for l in self.row_parallel_layers(model))
+        post = PostNormFeedback(norms=self.post_norms(model), tp=tp) if self.post_norm else None
+        return FeedbackChain(order, ranks=ranks, post_norm=post)
 
     def row_parallel_layers(self, model: torch.nn.Module) -> list[RowParallelLayer]:
         """Every decoder layer's ``o_proj`` then ``down_proj`` (the plan's ``rowwise``

@@ -108,7 +108,7 @@ def preflight_run(cfg: RunConfig) -> None:
     calibration, which fits the TP degree and hidden size. Raises :class:`UserError`."""
     config = check_model_tp(cfg.model, cfg.tp)
     check_codecs([cfg.codec], calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size)
-    check_error_feedback(config, cfg.error_feedback)
+    check_error_feedback(config, cfg.error_feedback, engine=cfg.engine)
 
 
 def run_config(cfg: RunConfig, *, deadline_s: float | None = None, stream: bool = False) -> RunResult:

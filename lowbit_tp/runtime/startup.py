@@ -21,7 +21,6 @@ import torch
 from lowbit_tp.calibration import Calibration
 from lowbit_tp.codecs import Codec, make_codec
 from lowbit_tp.collectives import AutoPolicy, check_group_config
-from lowbit_tp.collectives.feedback import FeedbackChain
 from lowbit_tp.models import check_tp, get_adapter, load_model, load_tokenizer
 from lowbit_tp.models.export import export_hf
 from lowbit_tp.models.registry import model_info
@@ -106,28 +105,22 @@ def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[s
     reducer = DistReducer(codec=next(iter(built.values())), group=group, algorithm=algorithm, policy=policy,
                           hooks=hooks)
     adapter = get_adapter(net if engine == "native" else config, name=model)
-    if error_feedback:
-        adapter.check_error_feedback()
+    if error_feedback:  # Gemma's carry through the post-norms is built by the native engine only
+        adapter.check_error_feedback(post_norm=engine == "native")
     if engine == "native":
         if error_feedback:
-            reducer.feedback = _feedback_chain(adapter, net)
+            reducer.feedback = adapter.feedback_chain(net, tp=world, ranks=1)
         shard = asdict(shard_model(net, rank=rank, tp=world, reducer=reducer, adapter=adapter))
     else:
         t1 = time.perf_counter()
         net = _transformers_tp_model(model, tp=world, reducer=reducer)
         load_s += time.perf_counter() - t1
         if error_feedback:  # before any forward: the style's layers carry the plan's names
-            reducer.feedback = _feedback_chain(adapter, net)
+            reducer.feedback = adapter.feedback_chain(net, tp=world, ranks=1)
         shard = {"rank": rank, "tp": world, "engine": "transformers", "shard_param_bytes": _local_param_bytes(net)}
     memory["after_shard"] = rss_mib()
     return StartedRank(model=net, tokenizer=tokenizer, info=info, calibration=cal, codecs=built, reducer=reducer,
                        shard=shard, load_s=load_s, memory=memory)
-
-
-def _feedback_chain(adapter, net) -> FeedbackChain:
-    """This rank's error-feedback chain over ``net``'s row-parallel layers in forward order
-    (the plan's names, which both engines give their reducer calls)."""
-    return FeedbackChain(tuple(l.name for l in adapter.row_parallel_layers(net)), ranks=1)
 
 
 def _transformers_source(name: str):

@@ -20,7 +20,6 @@ from torch import nn
 from lowbit_tp.codecs import Codec, make_codec
 from lowbit_tp.collectives import AutoPolicy, CommStats
 from lowbit_tp.collectives.algorithms import ALGORITHMS, DEFAULT_ALGORITHM
-from lowbit_tp.collectives.feedback import FeedbackChain
 from lowbit_tp.models.adapters import check_tp, get_adapter
 from lowbit_tp.tp.plan import swap_module
 from lowbit_tp.tp.row_parallel import Observer, RowParallelLinear, SimulatedReducer, shard_weight
@@ -73,10 +72,8 @@ class TPSimulator:
         self.algorithm = algorithm if codec is not None else "exact"
         if error_feedback and codec is None:
             raise ValueError("error feedback needs a codec: the exact sum has no error to feed back")
-        if error_feedback:
-            self.adapter.check_error_feedback()
         self.error_feedback = bool(error_feedback)
-        chain = FeedbackChain(self.layer_names, ranks=tp) if error_feedback else None
+        chain = self.adapter.feedback_chain(model, tp=tp, ranks=tp) if error_feedback else None
         self.reducer = SimulatedReducer(codec=codec, algorithm=self.algorithm, policy=policy, observer=observer,
                                         feedback=chain)
         self._swapped: list[tuple[str, nn.Module]] = []

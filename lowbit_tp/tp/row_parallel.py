@@ -103,11 +103,11 @@ class SimulatedReducer:
         if self.codec is None or self.algorithm == "exact":
             return (total if total is not None else sum_in_rank_order(partials)).to(partials[0].dtype)
         st = self.per_layer.setdefault(layer, CommStats())
-        fb = None if self.feedback is None else self.feedback.start(layer)
+        fb = None if self.feedback is None else self.feedback.start(layer, partials)
         out = simulate_all_reduce(partials, self.codec, self.algorithm, layer=layer, policy=self.policy, stats=st,
                                   feedback=fb)
         if fb is not None:
-            self.feedback.finish(layer, fb)
+            self.feedback.finish(layer, fb, out)
         return out
 
     def stats(self) -> CommStats:
@@ -155,12 +155,12 @@ class DistReducer:
             raise ValueError(f"a rank reduces its own partial only, got {len(partials)} partials for {layer!r}")
 
         def run() -> torch.Tensor:
-            fb = None if self.feedback is None else self.feedback.start(layer)
+            fb = None if self.feedback is None else self.feedback.start(layer, partials)
             out = all_reduce(partials[0], self.codec, self.group, algorithm=self.algorithm, layer=layer,
                              policy=self.policy, stats=self.stats, wire_hook=self.hooks.around_wire,
                              feedback=None if fb is None else fb[0])
             if fb is not None:
-                self.feedback.finish(layer, fb)
+                self.feedback.finish(layer, fb, out)
             return out
 
         return run() if self.hooks.around_reduce is None else self.hooks.around_reduce(layer, run)

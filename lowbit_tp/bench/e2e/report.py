@@ -201,7 +201,10 @@ def render_markdown(payload: dict) -> str:
                                    if cfg.model == "random-llama" else "")
         + f"; {cfg.repeats} prompts per length in each of {cfg.rounds} interleaved launch(es) per variant "
           f"(medians over all), {cfg.new_tokens} new tokens; "
-          f"{cfg.threads_per_rank} thread(s) per rank; torch {env['torch']} on {env['processor']}; "
+          f"{cfg.threads_per_rank} thread(s) per rank; "
+          + (f"every variant pipelined in chunks of {cfg.chunk_bytes} bf16 bytes (`--chunk-bytes`); "
+             if cfg.chunk_bytes else "whole messages (no pipelining); ")
+          + f"torch {env['torch']} on {env['processor']}; "
           f"sweep took {payload['seconds']:.0f} s"
         + (f"; 1-minute load average {load[0]:.1f} at the start and {env['loadavg_end'][0]:.1f} at the end "
            f"on {os.cpu_count()} CPUs (other processes share the machine)." if load else "."),

@@ -63,7 +63,7 @@ def run_e2e_bench(cfg: E2EConfig, *, json_path: str | None = None, log=print,
                                "calibration": cals.get(tp) if codec_spec(codec).needs_calibration else None,
                                "algorithm": algorithm, "max_new_tokens": cfg.new_tokens, "ignore_eos": True,
                                "timeout_s": 300.0, "threads_per_rank": cfg.threads_per_rank,
-                               "sync_wire": cfg.sync_wire}
+                               "sync_wire": cfg.sync_wire, "chunk_bytes": cfg.chunk_bytes}
                     t0 = time.perf_counter()
                     outs = launch_ranks(run_cfg, world=tp, hosts=hosts, port=port, timeout_s=cfg.run_timeout_s)
                     out = outs[0]

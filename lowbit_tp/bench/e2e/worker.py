@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lowbit_tp.collectives.dist import WAIT
 from lowbit_tp.collectives.launch import init_from_env
-from lowbit_tp.configs import RunConfig
+from lowbit_tp.configs import AutoPolicy, RunConfig
 from lowbit_tp.runtime.engine import rank_main
 from lowbit_tp.tp.row_parallel import CommHooks
 
@@ -24,6 +25,8 @@ class Timers:
     With ``sync_wire`` every backend collective inside an all-reduce is preceded by a
     barrier, timed apart as ``skew_s``: the ranks reach a collective at different times
     (uneven CPU share), and without the barrier that wait would be counted as wire time.
+    A pipelined message gets one barrier, before its first chunk moves; the waits for its
+    chunks (``what`` starting with :data:`~lowbit_tp.collectives.dist.WAIT`) are wire time.
     """
 
     def __init__(self, *, sync_wire: bool = True):
@@ -48,7 +51,7 @@ class Timers:
             self._cur["calls"] += 1
 
     def around_wire(self, what: str, group, send):
-        if self.sync_wire:
+        if self.sync_wire and not what.startswith(WAIT):
             t0 = time.perf_counter()
             dist.barrier(group=group)
             self._cur["skew_s"] += time.perf_counter() - t0
@@ -66,7 +69,8 @@ def worker_main(cfg_path: str, out_dir: str) -> None:
     """One rank, torchrun-style: run the config at ``cfg_path``, write ``rank{R}.json``."""
     spec = json.loads(Path(cfg_path).read_text())
     sync_wire = spec.pop("sync_wire", True)
-    cfg = RunConfig(**spec)
+    policy = AutoPolicy(chunk_bytes=spec.pop("chunk_bytes", AutoPolicy.chunk_bytes))
+    cfg = RunConfig(**spec, policy=policy)
     torch.set_num_threads(cfg.threads_per_rank)
     timers = Timers(sync_wire=sync_wire)
     rank, world = init_from_env(backend="gloo", timeout_s=cfg.timeout_s)
