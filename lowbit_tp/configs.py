@@ -77,11 +77,10 @@ class AutoPolicy:
     codec (about 1 ms per 1M values) is short next to the per-chunk overheads. Pipelining can
     pay only where the transfer runs on its own hardware (NIC DMA, NCCL copy engines) and a
     chunk's transfer outlasts its codec time: measure that link with the script, then set it.
-    Those runs were under load 12-14 with back-to-back calls. With an idle gap before each
-    call (as between a prefill's all-reduces) and the ranks niced ahead of the load,
-    ``scripts/bench_wire.py`` (docs/bench/tp2_allreduce.md) found 1 MiB chunks 1.5-1.7x
-    faster on emulated 1 Gbit/s for bf16 and int4-outlier alike (whole 8 MiB messages ran
-    the link at ~55%); the default waits for a quiet confirmation.
+    Those runs were under load 12-14. ``scripts/bench_wire.py`` (docs/bench/tp2_allreduce.md:
+    one prefill-sized call at a time after a barrier, the slower rank's time) found 1 MiB
+    chunks 1.3-1.7x faster on emulated 1 Gbit/s for bf16 and int4-outlier alike (whole
+    8 MiB messages ran the link at ~55%); the default waits for a quiet confirmation.
     """
 
     min_bytes: int = 64 * 1024

@@ -14,7 +14,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -739,7 +738,7 @@ inline void fwht_row_zmm_q(const Load& load, const float* post, float* dst, int6
     __m512 v[NZ];
 #pragma GCC unroll 16
     for (int i = 0; i < NZ; ++i) {
-      if constexpr (std::is_same<decltype(load(int64_t(0))), __m512>::value) v[i] = fwht16(load(p + 16 * i));
+      if constexpr (sizeof(decltype(load(int64_t(0)))) == 64) v[i] = fwht16(load(p + 16 * i));
       else v[i] = fwht16(_mm512_insertf32x8(_mm512_castps256_ps512(load(p + 16 * i)), load(p + 16 * i + 8), 1));
     }
 #pragma GCC unroll 4
@@ -1204,6 +1203,29 @@ struct LevelCoder {
       , thr(b, nbits <= 4 ? nbits : 1), thr_ok(nbits <= 4 && default_mxcsr())
 #endif
   { check_grid(); }
+  // 4-bit codes of one group written straight into the nibble stream at an even index f
+  // (code f + 2i in the low nibble of byte (f >> 1) + i), 16 per step: the search's int32
+  // lanes 2i and 2i + 1 joined in their qword (lane 2i | lane 2i+1 << 4, then its low byte).
+  // Only where the division-free search takes the whole group; false: the caller codes and packs.
+  bool code_nibbles(const float* z, int64_t n, float sc, bool finite, int64_t f, uint8_t* body) const {
+#ifdef LBT_AVX512
+    if (!(thr_ok && bits == 4 && finite && sc >= FLT_MIN && sc <= FLT_MAX && n % 16 == 0 && !(f & 1) &&
+          LBT_ZMM_SEARCH && !(LBT_SKIP & 112)))
+      return false;
+    ThresholdSearch::Group tg;
+    thr.prepare(sc, tg);
+    uint8_t* dst = body + (f >> 1);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __m512i q = thr(tg, _mm512_loadu_ps(z + i));  // codes 0..15
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (i >> 1)),
+                       _mm512_cvtepi64_epi8(_mm512_or_si512(q, _mm512_srli_epi64(q, 28))));
+    }
+    return true;
+#else
+    (void)z; (void)n; (void)sc; (void)finite; (void)f; (void)body;
+    return false;
+#endif
+  }
   // finite: the group holds no NaN/Inf.
   void code(const float* z, int64_t n, float sc, bool finite, uint8_t* codes) const {
     int64_t i = 0;
@@ -1540,11 +1562,15 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
     // codes: y = z / scale, clamped to [-1, 1]; code = #{bounds !>= y} (torch.bucketize)
     for (int64_t g = 0; g < g_count; ++g) {
       const int64_t c0 = g * group, n = (c0 + group <= e ? group : e - c0);
+      if (s.bits == 4 && coder.code_nibbles(z.data() + c0, n, scale[g], !poisoned[g], t * e + c0, body)) continue;
       coder.code(z.data() + c0, n, scale[g], !poisoned[g], codes.data() + c0);
+      // 4-bit: each group packed after it (a group starting on an odd index completes the
+      // byte its predecessor started)
+      if (s.bits == 4 && !(LBT_SKIP & 64))
+        pack_nibbles(reinterpret_cast<const int8_t*>(codes.data() + c0), n, t * e + c0, body);  // codes 0..15
     }
     if (LBT_SKIP & 64) {
     } else if (s.bits == 4) {
-      pack_nibbles(reinterpret_cast<const int8_t*>(codes.data()), e, t * e, body);  // codes 0..15
     } else if (s.bits == 8) {
       std::memcpy(body + t * e, codes.data(), e);
     } else {
