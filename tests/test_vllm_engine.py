@@ -6,12 +6,14 @@ interpreter (vLLM needs its own transformers); references (simulator, calibratio
 computed here, in the main environment, independently of vLLM.
 
 A vLLM start costs about a minute on a quiet machine (several under load), so the module
-starts vLLM four times and shares each start between the tests it can serve honestly:
+starts vLLM five times and shares each start between the tests it can serve honestly:
 
 * ``plain``: vLLM without the plugin (eager): the reference tokens and prompt NLLs;
 * the bf16/exact ``lowbit-tp run --engine vllm`` (eager): its own test;
 * ``int4``: int4-outlier through the plugin in vLLM's *compiled* graph (no
   ``enforce_eager``): the bitwise collective check and the quality check;
+* ``ef``: int4-outlier with error feedback (eager): the chain captured across three layers
+  of one forward pass, checked bitwise, and the quality check with 8 requests batched;
 * ``server``: ``lowbit-tp serve`` with the ``default`` codec: the HTTP test and the
   bitwise collective check of the default codec (captured while the server runs).
 
@@ -86,11 +88,12 @@ def sim(ref):
     from lowbit_tp.simulator import TPSimulator
 
     model, ids, out = ref["model"], ref["ids"], {}
-    for codec in (None, "int4-outlier"):
-        with torch.no_grad(), TPSimulator(model, tp=TP, codec=codec, algorithm="two-shot", calibration=ref["cal"]):
+    for codec, ef in ((None, False), ("int4-outlier", False), ("int4-outlier", True)):
+        with torch.no_grad(), TPSimulator(model, tp=TP, codec=codec, algorithm="two-shot", calibration=ref["cal"],
+                                          error_feedback=ef):
             logits = model(ids).logits.float()
         lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-        out[codec or "exact"] = (-lp.mean(1)).tolist()
+        out[(codec or "exact") + ("+ef" if ef else "")] = (-lp.mean(1)).tolist()
     return out
 
 
@@ -119,6 +122,20 @@ def int4(ref, work):
     """int4-outlier on every message, in vLLM's compiled graph (``fullgraph=True``, the op opaque)."""
     return _captured(work, "int4-outlier", ref, "int4-outlier",
                      {"sequences": ref["sequences"], "engine": {"enforce_eager": False}})
+
+
+EF_LAYERS = ("model.layers.0.self_attn.o_proj", "model.layers.5.mlp.down_proj", "model.layers.6.self_attn.o_proj")
+
+
+@pytest.fixture(scope="module")
+def ef(ref, work):
+    """int4-outlier with error feedback on every message (eager), capturing three layers;
+    the 8 windows' prompt NLLs come from one generate call (vLLM batches the requests)."""
+    cap = work / "capture-ef"
+    spec = {"model": MODEL, "tp": TP, "prompts": PROMPTS[:1], "max_new_tokens": 4, "sequences": ref["sequences"],
+            "plugin": {"codec": "int4-outlier", "calibration": ref["cal_path"], "algorithm": "auto", "min_bytes": 0,
+                       "error_feedback": True, "capture_dir": str(cap), "capture_layer": ",".join(EF_LAYERS)}}
+    return _session(work, "ef", spec), cap
 
 
 def _free_port():
@@ -256,3 +273,53 @@ def test_serve_refuses_a_calibration_for_another_tp_degree_in_one_line(work):
     assert proc.stderr.strip().splitlines() == [
         f"lowbit-tp serve: calibration {bad}: calibration was made for TP degree 2, but this run uses TP 3; "
         f"recalibrate with --tp 3"]
+
+
+def test_error_feedback_chain_inside_vllm_equals_the_simulator_bitwise(ef, ref):
+    """The latest forward pass (the batched windows) seen at three row-parallel layers on every
+    rank: the first layer got no carry (the chain starts over each pass); layer 5's
+    down_proj output is bitwise ``simulate_all_reduce`` of the captured partials with the
+    captured carries, and the carries it leaves are, bitwise, what layer 6's o_proj got."""
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.collectives import simulate_all_reduce
+    from lowbit_tp.collectives.feedback import Feedback
+
+    out, cap = ef
+    got = {layer: [torch.load(cap / f"{layer}.rank{r}.pt") for r in range(TP)] for layer in EF_LAYERS}
+    first, down, nxt = (got[layer] for layer in EF_LAYERS)
+    rows = down[0]["partial"].shape[0]
+    assert rows > 128 and all(g["partial"].shape[0] == rows for per in got.values() for g in per)  # one pass, batched
+    assert all(g["carry"] is None for g in first)
+    codec = make_codec("int4-outlier", calibration=ref["cal"], nonfinite="propagate")
+    for layer, seen, after in ((EF_LAYERS[1], down, nxt), (EF_LAYERS[2], nxt, None)):
+        fbs = [Feedback(carry=g["carry"]) for g in seen]
+        assert all(f.carry is not None and f.carry.abs().max() > 0 for f in fbs)
+        want = simulate_all_reduce([g["partial"] for g in seen], codec, "two-shot", layer=layer, feedback=fbs)
+        assert not torch.equal(want, simulate_all_reduce([g["partial"] for g in seen], codec, "two-shot", layer=layer))
+        for g in seen:
+            assert torch.equal(g["output"], want), f"rank {g['rank']} at {layer}"
+        if after is not None:
+            for f, g in zip(fbs, after):
+                assert torch.equal(g["carry"], f.next), f"rank {g['rank']}: carry into {EF_LAYERS[2]}"
+    for r in out["reports"]:
+        assert r["error_feedback"] is True and r["calls"]["fallback"] == 0
+
+
+def test_error_feedback_quality_through_vllm_matches_the_simulator(plain, ef, int4, sim):
+    """Prompt-logprob NLL change with error feedback, 8 batched requests through vLLM vs the
+    simulator, within the paired noise of test_quality_change_through_vllm_matches_the_simulator;
+    and feedback removes, through vLLM as in the simulator, most of the plain codec's damage."""
+    import statistics
+
+    v_base = plain["quality"]["per_sequence"]
+    dv = [c - b for c, b in zip(ef[0]["quality"]["per_sequence"], v_base)]
+    ds = [c - b for c, b in zip(sim["int4-outlier+ef"], sim["exact"])]
+    dv_plain = [c - b for c, b in zip(int4[0]["quality"]["per_sequence"], v_base)]
+    diff = [a - b for a, b in zip(dv, ds)]
+    n = len(diff)
+    noise = 3 * statistics.stdev(diff) / n ** 0.5 + 1e-3
+    mean_v, mean_s, mean_plain = sum(dv) / n, sum(ds) / n, sum(dv_plain) / n
+    print(f"\nNLL change with error feedback (nats/token) through vLLM {mean_v:+.5f}, simulator {mean_s:+.5f}, "
+          f"noise bound {noise:.5f}; without feedback through vLLM {mean_plain:+.5f}")
+    assert abs(mean_v - mean_s) <= noise
+    assert mean_v < 0.5 * mean_plain and mean_plain - mean_v > noise

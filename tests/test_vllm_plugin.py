@@ -171,3 +171,83 @@ def test_gated_reducer_falls_back_below_the_gate_and_writes_its_report(tmp_path)
     assert torch.equal(red.reduce([x], layer="L"), x * 2)
     rep = json.loads((tmp_path / "report.rank2.json").read_text())
     assert rep["calls"] == {"compressed": 0, "fallback": 1} and rep["rank"] == 2 and rep["comm"]["calls"] == 0
+
+
+def test_error_feedback_setting_reads_from_env_and_refuses_nonsense():
+    cfg = PluginConfig.from_env({"LOWBIT_TP_CODEC": "int4-g32", "LOWBIT_TP_ERROR_FEEDBACK": "1"})
+    assert cfg.error_feedback is True and PluginConfig.from_env(cfg.as_env()) == cfg
+    assert PluginConfig.from_env({"LOWBIT_TP_CODEC": "x", "LOWBIT_TP_ERROR_FEEDBACK": "false"}).error_feedback is False
+    assert resolve_config({"lowbit_tp": {"error_feedback": True}}).error_feedback is True
+    with pytest.raises(ValueError, match="error_feedback must be"):
+        PluginConfig.from_mapping({"error_feedback": "maybe"})
+
+
+# Forward passes as a vLLM worker sees them: rows = tokens of whatever it scheduled.
+EF_PASSES = [(300, "big"), (200, "big"), (2, "small"), (300, "big")]
+
+
+def _ef_pass_partials(world, p, layer_index, rows):
+    return planted_partials(world, rows, HIDDEN, seed=10 * p + layer_index, noise_seed=50 + 10 * p + layer_index)
+
+
+def _rank_ef_gated(rank, world, capture_dir):
+    inner = DistReducer(codec=make_codec("int4-g32"), group=None, algorithm="gather")
+
+    def fallback(x):
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    red = op.GatedReducer(inner=inner, rank=rank, min_bytes=16 * 1024, fallback=fallback, capture_dir=capture_dir,
+                          capture_layer=",".join(LAYERS[1:3]), feedback_layers=[])
+    op.register_reducer("gloo-ef", red)
+    red.feedback_layers.extend(reversed(LAYERS))  # as the layers are built (any order)
+    outs, captured = [], []
+    for p, (rows, _) in enumerate(EF_PASSES):
+        outs.append([torch.ops.lowbit_tp.all_reduce(_ef_pass_partials(world, p, i, rows)[rank], layer, "gloo-ef")
+                     for i, layer in enumerate(LAYERS)])
+        captured.append({layer: torch.load(Path(capture_dir) / f"{layer}.rank{rank}.pt") for layer in LAYERS[1:3]})
+    return outs, captured, red.report()
+
+
+def test_gated_reducer_feeds_errors_forward_within_each_forward_pass(tmp_path):
+    """Error feedback behind the vLLM op on gloo ranks, four forward passes of 4 layers with
+    another token count each (one below the gate: vLLM's exact all-reduce, no carry):
+    every compressed output is bitwise ``simulate_all_reduce`` with the carries of a chain
+    replayed here (none at each pass's first layer), and the captured carries are its."""
+    from lowbit_tp.collectives.feedback import Feedback
+
+    world = 2
+    res = spawn_ranks(_rank_ef_gated, world, str(tmp_path), timeout_s=60)
+    codec = make_codec("int4-g32")
+    for p, (rows, kind) in enumerate(EF_PASSES):
+        carries = [None] * world
+        for i, layer in enumerate(LAYERS):
+            parts = _ef_pass_partials(world, p, i, rows)
+            if kind == "small":
+                for r in range(world):
+                    torch.testing.assert_close(res[r][0][p][i], torch.stack(parts).sum(0))
+                continue
+            fbs = [Feedback(carry=c) for c in carries]
+            want = simulate_all_reduce(parts, codec, "gather", layer=layer, feedback=fbs)
+            if i > 0:  # the feedback acted
+                assert not torch.equal(want, simulate_all_reduce(parts, codec, "gather", layer=layer))
+            for r in range(world):
+                assert torch.equal(res[r][0][p][i], want), (p, layer, r)
+                if layer in LAYERS[1:3]:
+                    got = res[r][1][p][layer]["carry"]
+                    assert torch.equal(got, carries[r]) and got.shape == (rows, HIDDEN), (p, layer, r)
+            carries = [f.next for f in fbs]
+    for _, _, rep in res:
+        assert rep["error_feedback"] is True and rep["calls"] == {"compressed": 12, "fallback": 4}
+
+
+def test_error_feedback_on_gemma_is_refused_before_vllm_starts(tmp_path):
+    from helpers import save_tiny
+    from lowbit_tp.integrations.vllm.checkpoint import preflight
+
+    llama, gemma = save_tiny(tmp_path, "llama"), save_tiny(tmp_path, "gemma3")
+    preflight(llama, tp=2, calibration=None, error_feedback=True)
+    preflight(gemma, tp=2, calibration=None)  # without feedback: nothing to refuse
+    with pytest.raises(ValueError, match="Gemma 3.*runs on the native engine only"):
+        preflight(gemma, tp=2, calibration=None, error_feedback=True)

@@ -49,6 +49,9 @@ def register(subparsers) -> None:
     p.add_argument("--algorithm", default=default(d, "algorithm"), choices=ALGORITHMS)
     p.add_argument("--min-bytes", type=int, default=default(d, "min_bytes"),
                    help="size gate: smaller messages (bf16 bytes) use vLLM's own all-reduce; 0 compresses all")
+    p.add_argument("--error-feedback", action="store_true", default=default(d, "error_feedback"),
+                   help="each worker adds its previous all-reduce's quantization error back into its next partial "
+                        "within a forward pass (same bytes; not Gemma 2/3)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--compile", action="store_true", help="run vLLM's compiled graph (default: enforce_eager)")
@@ -61,10 +64,13 @@ def register(subparsers) -> None:
 
 def plugin_config(args) -> PluginConfig | None:
     if args.codec == "none":
+        if args.error_feedback:
+            raise ValueError("--error-feedback needs a codec; --codec none runs vLLM without the plugin")
         return None
     # Flags over the environment (which may add the tracing settings, LOWBIT_TP_CAPTURE_*).
     return PluginConfig.from_mapping({"codec": args.codec, "calibration": args.calibration,
-                                      "algorithm": args.algorithm, "min_bytes": args.min_bytes},
+                                      "algorithm": args.algorithm, "min_bytes": args.min_bytes,
+                                      "error_feedback": args.error_feedback},
                                      base=PluginConfig.from_env())
 
 
@@ -93,7 +99,7 @@ def cmd(args) -> None:
         plugin = plugin_config(args)
         model_dir = model_directory(args.model)
         if plugin is not None:
-            preflight(model_dir, tp=args.tp, calibration=plugin.calibration)
+            preflight(model_dir, tp=args.tp, calibration=plugin.calibration, error_feedback=plugin.error_feedback)
     except (CalibrationError, ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
         raise SystemExit(f"lowbit-tp serve: {exc}") from None
     command = serve_command(args, model_dir)

@@ -192,11 +192,7 @@ class FeedbackChain:
         """One :class:`Feedback` per rank for this call of ``layer``, carrying the previous
         layer's compensations when ``layer`` follows it in ``order``. With ``post_norm``,
         ``partials`` (this process's ranks' partials, in rank order) give the compensations."""
-        if layer not in self._index:
-            raise ValueError(f"error feedback: layer {layer!r} is not in the forward order of this model's plan")
-        i = self._index[layer]
-        follows = i > 0 and self._last == self.order[i - 1] and len(self._carries) == self.ranks
-        carries = self._carries if follows else [None] * self.ranks
+        carries = self.pending(layer)
         self._last, self._carries = None, []
         pn = self.post_norm
         if pn is None:
@@ -207,6 +203,16 @@ class FeedbackChain:
         return [Feedback(carry=None if d is None else
                          postnorm_compensation(d, p, pn.norms[layer], tp=pn.tp, gain_floor=pn.gain_floor, cap=pn.cap))
                 for d, p in zip(carries, partials)]
+
+    def pending(self, layer: str) -> list:
+        """What (per rank, None for none) :meth:`start` would take over for ``layer`` now, without
+        starting it (tracing reads it): the carries, or with ``post_norm`` the residual-space
+        shares they are computed from."""
+        if layer not in self._index:
+            raise ValueError(f"error feedback: layer {layer!r} is not in the forward order of this model's plan")
+        i = self._index[layer]
+        follows = i > 0 and self._last == self.order[i - 1] and len(self._carries) == self.ranks
+        return list(self._carries) if follows else [None] * self.ranks
 
     def finish(self, layer: str, feedback: Sequence[Feedback], output: torch.Tensor | None = None) -> None:
         """Keep the compensations the collective produced for the next layer (with

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowbit_tp.calibration import Calibration, CalibrationError
+from lowbit_tp.models import get_adapter
 from lowbit_tp.models.export import SIDECAR
 
 # vLLM prefixes and HF module names share this tail for every architecture we support
@@ -94,8 +95,13 @@ def check_calibration(cal: Calibration, ident: CheckpointIdentity, *, tp: int, p
                                f"was it made for another model?")
 
 
-def preflight(model_dir: str | Path, *, tp: int, calibration: str | None) -> None:
-    """The start-up check, run before vLLM starts: one :class:`CalibrationError` with one message."""
+def preflight(model_dir: str | Path, *, tp: int, calibration: str | None, error_feedback: bool = False) -> None:
+    """The start-up check, run before vLLM starts: one :class:`CalibrationError` (or, for
+    error feedback on a model it does not fit, ``ValueError``) with one message."""
+    if error_feedback:
+        from transformers import AutoConfig
+
+        get_adapter(AutoConfig.from_pretrained(str(model_dir))).check_error_feedback()
     if calibration is None:
         return
     cal = Calibration.load(calibration)

@@ -10,8 +10,11 @@ Environment (read in every vLLM process; the ``mp`` executor's workers inherit i
                                go to vLLM's own all-reduce (default 65536, as ``auto``)
 ``LOWBIT_TP_NONFINITE``        ``propagate`` (default) | ``error``: NaN/Inf in a partial
                                (see :class:`PluginConfig`)
+``LOWBIT_TP_ERROR_FEEDBACK``   ``1``: error feedback along depth (default off; see
+                               :class:`PluginConfig`)
 ``LOWBIT_TP_CAPTURE_DIR``      tracing: save one call's partial and result per rank here
-``LOWBIT_TP_CAPTURE_LAYER``    ... for this layer (calibration name), the latest gated call
+``LOWBIT_TP_CAPTURE_LAYER``    ... for these layers (calibration names, comma-separated),
+                               each layer's latest gated call
 ``LOWBIT_TP_REPORT_DIR``       tracing: each rank rewrites its reducer report (time and
                                calls per path, traffic) here at most every 0.5 s
 =============================  ===========================================================
@@ -33,6 +36,7 @@ ENV = {
     "algorithm": "LOWBIT_TP_ALGORITHM",
     "min_bytes": "LOWBIT_TP_MIN_BYTES",
     "nonfinite": "LOWBIT_TP_NONFINITE",
+    "error_feedback": "LOWBIT_TP_ERROR_FEEDBACK",
     "capture_dir": "LOWBIT_TP_CAPTURE_DIR",
     "capture_layer": "LOWBIT_TP_CAPTURE_LAYER",
     "report_dir": "LOWBIT_TP_REPORT_DIR",
@@ -52,6 +56,13 @@ class PluginConfig:
     own all-reduce does: vLLM runs the model on rows it then discards (its start-up profile
     run leaves attention outputs uninitialised, so ``o_proj`` partials may hold NaN there),
     and the sum carries them on as NaN. ``"error"`` raises instead, which stops vLLM.
+
+    ``error_feedback``: each worker feeds its quantization error forward along the layers
+    (:mod:`~lowbit_tp.collectives.feedback`, as ``--error-feedback`` elsewhere), through the
+    same :class:`~lowbit_tp.tp.DistReducer`. One forward pass of vLLM is one call of the
+    model on all its scheduled tokens (rows: any mix of requests' prefill chunks and decode
+    tokens); the chain starts over at its first row-parallel layer, so nothing crosses
+    forward passes or requests, and each row's carry stays on its row.
     """
 
     codec: str | None = None
@@ -59,6 +70,7 @@ class PluginConfig:
     algorithm: str = "auto"
     min_bytes: int = 64 * 1024
     nonfinite: str = "propagate"
+    error_feedback: bool = False
     capture_dir: str | None = None
     capture_layer: str | None = None
     report_dir: str | None = None
@@ -94,7 +106,21 @@ class PluginConfig:
         kw = dict(values)
         if "min_bytes" in kw:
             kw["min_bytes"] = int(kw["min_bytes"])
+        if "error_feedback" in kw:
+            kw["error_feedback"] = _flag(kw["error_feedback"])
         return replace(base or cls(), **kw)
+
+
+def _flag(value: Any) -> bool:
+    """A boolean setting from the environment's text (``1``/``true``/``0``/``false``) or a bool."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"lowbit-tp plugin: error_feedback must be 1/true or 0/false, got {value!r}")
 
 
 def resolve_config(additional_config: Mapping[str, Any] | None) -> PluginConfig:

@@ -87,7 +87,7 @@ def make_llm(model_dir: str | Path, *, tp: int, plugin: PluginConfig | None, eng
     from lowbit_tp.integrations.vllm.checkpoint import preflight
 
     if plugin is not None and plugin.enabled:
-        preflight(model_dir, tp=tp, calibration=plugin.calibration)
+        preflight(model_dir, tp=tp, calibration=plugin.calibration, error_feedback=plugin.error_feedback)
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(engine.kv_cache_gib)
     cpu_defaults()
     apply_env(plugin_env(plugin, use_plugin=engine.use_plugin))
@@ -155,7 +155,9 @@ def run(cfg, *, engine: VllmEngineConfig = VllmEngineConfig()) -> VllmRunResult:
     plugin = None
     if cfg.codec != "none":  # "none": vLLM without the plugin (its own all-reduce)
         plugin = PluginConfig(codec=cfg.codec, calibration=cfg.calibration, algorithm=cfg.algorithm,
-                              min_bytes=cfg.policy.min_bytes)
+                              min_bytes=cfg.policy.min_bytes, error_feedback=cfg.error_feedback)
+    elif cfg.error_feedback:
+        raise ValueError("error feedback needs a codec; codec 'none' runs vLLM without the plugin")
     else:
         engine = replace(engine, use_plugin=False)
     t0 = time.perf_counter()

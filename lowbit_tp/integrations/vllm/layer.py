@@ -12,7 +12,8 @@ check it against the checkpoint and TP degree, build the codec, register the
 :class:`~lowbit_tp.integrations.vllm.op.GatedReducer` (a size gate in front of
 :class:`~lowbit_tp.tp.DistReducer`) over vLLM's TP group. Each layer maps
 its vLLM prefix to the calibration's layer name, so a calibration for another model
-fails here, naming the file, before any weight is loaded.
+fails here, naming the file, before any weight is loaded. With ``error_feedback`` each layer
+also hands its name to the reducer, which orders them into the feedback chain.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from lowbit_tp.collectives import AutoPolicy
 from lowbit_tp.integrations.vllm import op  # noqa: F401  (registers torch.ops.lowbit_tp.all_reduce)
 from lowbit_tp.tp import DistReducer
 from lowbit_tp.integrations.vllm.config import PluginConfig, resolve_config
+from lowbit_tp.models import get_adapter
 
 _STATE: dict[str, object] = {}
 REDUCER_KEY = "vllm-tp"
@@ -39,6 +41,8 @@ def _setup(cfg: PluginConfig, tp_size: int) -> list[str] | None:
     from lowbit_tp.integrations.vllm.checkpoint import check_calibration, identity
 
     vcfg = get_current_vllm_config_or_none()
+    if cfg.error_feedback and vcfg is not None:  # Gemma 2/3's post-norms: refused, as on every engine
+        get_adapter(vcfg.model_config.hf_config).check_error_feedback()
     cal = None
     if cfg.calibration:
         cal = Calibration.load(cfg.calibration)
@@ -51,7 +55,7 @@ def _setup(cfg: PluginConfig, tp_size: int) -> list[str] | None:
     reducer = op.GatedReducer(inner=inner, rank=group.rank_in_group, min_bytes=cfg.min_bytes,
                               fallback=group._all_reduce_out_place if cfg.min_bytes > 0 else None,
                               capture_dir=cfg.capture_dir, capture_layer=cfg.capture_layer,
-                              report_dir=cfg.report_dir)
+                              report_dir=cfg.report_dir, feedback_layers=[] if cfg.error_feedback else None)
     op.register_reducer(REDUCER_KEY, reducer)
     _STATE["layers"] = cal.layers if cal is not None else None
     return _STATE["layers"]  # type: ignore[return-value]
@@ -71,6 +75,9 @@ class LowbitRowParallelLinear(RowParallelLinear):
 
             layers = _setup(cfg, self.tp_size)
             self.lowbit_layer = calibration_layer_name(self.prefix, layers)
+            reducer = op.get_reducer(REDUCER_KEY)
+            if reducer.feedback_layers is not None:
+                reducer.feedback_layers.append(self.lowbit_layer)
 
     def forward(self, input_):
         if not self.lowbit:

@@ -18,7 +18,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from lowbit_tp.tp import DistReducer, Reducer
+from lowbit_tp.collectives.feedback import FeedbackChain
+from lowbit_tp.tp import DECODER_PLAN, DistReducer, Reducer
 
 _REDUCERS: dict[str, Reducer] = {}
 
@@ -32,10 +33,17 @@ class GatedReducer:
     faster for small, latency-bound decode messages); larger ones to ``inner`` (the
     compressed :func:`~lowbit_tp.collectives.all_reduce`, traffic in ``inner.stats``).
     ``seconds``/``calls`` count wall time and calls per path (``"compressed"``,
-    ``"fallback"``). ``capture_dir``/``capture_layer`` (tracing) keep the latest compressed
-    call of one layer: this rank's partial and the result, rewritten (atomically) on every
-    call, so a reader sees the call of the last request; ``report_dir`` (tracing) gets
-    :meth:`report` as JSON, rewritten at most every 0.5 s (how a server's workers show it).
+    ``"fallback"``). ``capture_dir``/``capture_layer`` (tracing; layers comma-separated) keep
+    each such layer's latest compressed call: this rank's partial, the error-feedback carry
+    it got (None: none) and the result, rewritten (atomically) on every call, so a reader
+    sees the call of the last request; ``report_dir`` (tracing) gets :meth:`report` as JSON,
+    rewritten at most every 0.5 s (how a server's workers show it).
+
+    ``feedback_layers``: error feedback on (None: off). vLLM's layers append their names as
+    they are built; the first call, after the whole model is built, gives ``inner`` the
+    chain over them in the plan's forward order. All row-parallel messages of one forward
+    pass have the same size, so the gate sends a whole pass one way; a pass that goes to
+    ``fallback`` (exact, nothing lost) leaves no carry.
     """
 
     inner: DistReducer
@@ -45,6 +53,7 @@ class GatedReducer:
     capture_dir: str | None = None
     capture_layer: str | None = None
     report_dir: str | None = None
+    feedback_layers: list[str] | None = None
     seconds: dict[str, float] = field(default_factory=lambda: {"compressed": 0.0, "fallback": 0.0})
     calls: dict[str, int] = field(default_factory=lambda: {"compressed": 0, "fallback": 0})
     _written: float = field(default=0.0, repr=False)  # perf_counter of the last report write
@@ -56,14 +65,20 @@ class GatedReducer:
     def reduce(self, partials: Sequence[torch.Tensor], *, layer: str) -> torch.Tensor:
         (partial,) = partials
         t0 = time.perf_counter()
+        if self.feedback_layers is not None and self.inner.feedback is None:
+            self.inner.feedback = FeedbackChain(DECODER_PLAN.forward_order(self.feedback_layers), ranks=1)
         if self.gated(partial):
             path = "compressed"
+            capture = self.capture_dir and layer in (self.capture_layer or "").split(",")
+            carry = self.inner.feedback.pending(layer)[0] if capture and self.inner.feedback is not None else None
             out = self.inner.reduce([partial], layer=layer)
-            if self.capture_dir and layer == self.capture_layer:
-                self._capture(partial, out, layer)
+            if capture:
+                self._capture(partial, carry, out, layer)
         else:
             path = "fallback"
             out = self.fallback(partial)
+            if self.inner.feedback is not None:
+                self.inner.feedback.reset()
         now = time.perf_counter()
         self.seconds[path] += now - t0
         self.calls[path] += 1
@@ -81,17 +96,18 @@ class GatedReducer:
         tmp.replace(path)
         self._written = now
 
-    def _capture(self, partial: torch.Tensor, out: torch.Tensor, layer: str) -> None:
+    def _capture(self, partial: torch.Tensor, carry: torch.Tensor | None, out: torch.Tensor, layer: str) -> None:
         path = Path(self.capture_dir) / f"{layer}.rank{self.rank}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save({"layer": layer, "rank": self.rank, "algorithm": self.inner.algorithm,
-                    "partial": partial.detach().clone(), "output": out.detach().clone()}, tmp)
+                    "partial": partial.detach().clone(), "carry": None if carry is None else carry.clone(),
+                    "output": out.detach().clone()}, tmp)
         tmp.replace(path)
 
     def report(self) -> dict[str, Any]:
         return {"rank": self.rank, "codec": self.inner.codec.config(), "algorithm": self.inner.algorithm,
-                "min_bytes": self.min_bytes, "seconds": dict(self.seconds), "calls": dict(self.calls),
+                "min_bytes": self.min_bytes, "error_feedback": self.feedback_layers is not None, "seconds": dict(self.seconds), "calls": dict(self.calls),
                 "comm": self.inner.stats.as_dict()}
 
 
