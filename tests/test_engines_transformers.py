@@ -134,7 +134,7 @@ def _rank_ef(rank, world, path, algorithms):
     """Per algorithm: through the CLI's start-up (engine transformers, --error-feedback) the
     step logits; through the style with a recording reducer every collective call
     (layer, own partial, result). Then `run`'s own generation (rank_main)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
     from lowbit_tp.codecs import make_codec
@@ -162,7 +162,8 @@ def _rank_ef(rank, world, path, algorithms):
             _greedy_steps(model, EF_NEW)
         calls.append(rec.calls)
         if algo == "gather":  # the style's own reducer with error_feedback=True: the start-up's logits
-            style = register_lowbit_rowwise(codec=make_codec("int4-g32"), algorithm=algo, error_feedback=True)
+            style = register_lowbit_rowwise(codec=make_codec("int4-g32"), algorithm=algo, error_feedback=True,
+                                            config=AutoConfig.from_pretrained(path))
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                          distributed_config=DistributedConfig(tp_size=world,
                                                                                               tp_plan=tp_plan()))
@@ -265,3 +266,20 @@ def test_error_feedback_inside_transformers_tp_equals_the_simulator_and_the_defi
 
     with pytest.raises(ValueError, match="its own FeedbackChain"):
         LowbitRowwiseParallel(reducer=object(), error_feedback=True)
+
+
+def test_the_style_refuses_feedback_it_cannot_do_right():
+    """Used directly, the style never sees the model: without its config, or on a post-norm
+    family (where a plain carry made Gemma's ppl +8,529%), error_feedback=True is refused."""
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.integrations.transformers import LowbitRowwiseParallel
+
+    codec = make_codec("int4-g32")
+    with pytest.raises(ValueError, match="needs the model's config"):
+        LowbitRowwiseParallel(codec=codec, error_feedback=True)
+    with pytest.raises(ValueError, match="post-norms"):
+        LowbitRowwiseParallel(codec=codec, error_feedback=True, config=Gemma3TextConfig())
+    assert LowbitRowwiseParallel(codec=codec, error_feedback=True, config=LlamaConfig()).error_feedback
+    assert not LowbitRowwiseParallel(codec=codec).error_feedback  # no feedback: no config needed

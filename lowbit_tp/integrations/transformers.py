@@ -29,7 +29,10 @@ scales by that name (``model.layers.3.mlp.down_proj``, the simulator's names too
 ``error_feedback=True`` gives each reducer the style builds an error-feedback chain
 (:mod:`~lowbit_tp.collectives.feedback`) over the layers it tagged, in the plan's forward
 order: the same :class:`~lowbit_tp.tp.DistReducer` path as the native engine, so the same
-bits. A reducer passed in carries its own chain (``DistReducer(feedback=...)``).
+bits. It needs the model's ``config`` (the style never sees the model): a plain chain is
+right only for pre-norm families, and on Gemma 2/3 (post-norms) it would make the output
+garbage, so those are refused. A reducer passed in carries its own chain
+(``DistReducer(feedback=...)``).
 
 Only inference is compressed (``torch.no_grad()``, local tensors); a forward that needs
 gradients raises, since the compressed collective has no backward.
@@ -45,6 +48,7 @@ from transformers.distributed.tensor_parallel import RowwiseParallel
 from lowbit_tp.codecs.base import Codec
 from lowbit_tp.collectives import DEFAULT_ALGORITHM, AutoPolicy, CommStats
 from lowbit_tp.collectives.feedback import FeedbackChain
+from lowbit_tp.models import get_adapter
 from lowbit_tp.tp.plan import DECODER_PLAN, TPPlan
 from lowbit_tp.tp.row_parallel import CommHooks, DistReducer, Reducer
 
@@ -62,18 +66,24 @@ class LowbitRowwiseParallel(RowwiseParallel):
     ``reducer`` replaces it with any :class:`~lowbit_tp.tp.Reducer` (e.g. a test's
     recording one). Triggers one :func:`~lowbit_tp.collectives.all_reduce` per forward.
     ``error_feedback``: the built reducers feed each rank's quantization error forward along
-    the layers this style tagged (``plan``'s forward order); not with ``reducer``.
+    the layers this style tagged (``plan``'s forward order); not with ``reducer``, and only
+    with ``config`` (the model's config) of a pre-norm family.
     """
 
     def __init__(self, *, codec: Codec | None = None, algorithm: str = DEFAULT_ALGORITHM, policy: AutoPolicy | None = None,
                  hooks: CommHooks = CommHooks(), reducer: Reducer | None = None, error_feedback: bool = False,
-                 plan: TPPlan = DECODER_PLAN):
+                 config: Any = None, plan: TPPlan = DECODER_PLAN):
         super().__init__()
         if codec is None and reducer is None:
             raise ValueError("give a codec (or a reducer) for the lowbit_rowwise style")
         if error_feedback and reducer is not None:
             raise ValueError("error_feedback builds the style's own reducers; give the reducer its own "
                              "FeedbackChain instead (DistReducer(feedback=...))")
+        if error_feedback:
+            if config is None:
+                raise ValueError("error_feedback needs the model's config (config=AutoConfig.from_pretrained(...)): "
+                                 "plain feedback is wrong for post-norm models")
+            get_adapter(config).check_error_feedback()  # Gemma 2/3: refused (the carry needs the norms)
         self.codec, self.algorithm, self.policy, self.hooks = codec, algorithm, policy, hooks
         self.reducer = reducer
         self.error_feedback, self.plan = bool(error_feedback), plan
@@ -122,11 +132,12 @@ class LowbitRowwiseParallel(RowwiseParallel):
 
 def register_lowbit_rowwise(*, codec: Codec | None = None, algorithm: str = DEFAULT_ALGORITHM, policy: AutoPolicy | None = None,
                             hooks: CommHooks = CommHooks(), reducer: Reducer | None = None,
-                            error_feedback: bool = False, name: str = STYLE_NAME) -> LowbitRowwiseParallel:
+                            error_feedback: bool = False, config: Any = None,
+                            name: str = STYLE_NAME) -> LowbitRowwiseParallel:
     """Register a :class:`LowbitRowwiseParallel` as style ``name`` (replacing an earlier
     one of that name) and return it; call before ``from_pretrained``."""
     style = LowbitRowwiseParallel(codec=codec, algorithm=algorithm, policy=policy, hooks=hooks, reducer=reducer,
-                                  error_feedback=error_feedback)
+                                  error_feedback=error_feedback, config=config)
     ALL_PARALLEL_STYLES.register(name, style)
     return style
 
