@@ -62,8 +62,23 @@ def _seed_quantize(y, stats, k):
     return torch.where(keep, y.to(torch.bfloat16).float(), q)
 
 
-def _reference_forward(model, ids, cal, *, k, algorithm):
+def _logits_with(model, ids, emulate, names=None):
+    """The model's logits with each row-parallel layer's forward replaced by
+    ``emulate(name, module)`` (restored afterwards): the tests' independent TP emulations."""
+    names = names or [n for n, _ in model.named_modules() if n.endswith(("o_proj", "down_proj"))]
     originals = {}
+    for name in names:
+        mod = model.get_submodule(name)
+        originals[name] = mod.forward
+        mod.forward = emulate(name, mod)
+    try:
+        return model(ids).logits
+    finally:
+        for name, fwd in originals.items():
+            model.get_submodule(name).forward = fwd
+
+
+def _reference_forward(model, ids, cal, *, k, algorithm):
 
     def emulate(name, linear):
         def fwd(x):
@@ -77,15 +92,7 @@ def _reference_forward(model, ids, cal, *, k, algorithm):
             return total.reshape(*x.shape[:-1], -1)
         return fwd
 
-    for name, mod in model.named_modules():
-        if name.endswith(("o_proj", "down_proj")):
-            originals[name] = mod.forward
-            mod.forward = emulate(name, mod)
-    try:
-        return model(ids).logits
-    finally:
-        for name, fwd in originals.items():
-            model.get_submodule(name).forward = fwd
+    return _logits_with(model, ids, emulate)
 
 
 def tiny_tp2_calibration(model, ids):
@@ -130,7 +137,7 @@ def _reference_forward_ef(model, ids, cal, *, k, algorithm):
     partial; in two-shot the owner of a half of the rows (rank 0 the first 12 of the 24
     tokens, rank 1 the rest) also keeps what re-quantizing the sum lost on them."""
     names = [n for n, _ in model.named_modules() if n.endswith(("o_proj", "down_proj"))]
-    state, originals = {"carry": None}, {}
+    state = {"carry": None}
 
     def emulate(name, linear):
         def fwd(x):
@@ -152,15 +159,7 @@ def _reference_forward_ef(model, ids, cal, *, k, algorithm):
             return total.reshape(*x.shape[:-1], -1)
         return fwd
 
-    for name in names:
-        mod = model.get_submodule(name)
-        originals[name] = mod.forward
-        mod.forward = emulate(name, mod)
-    try:
-        return model(ids).logits
-    finally:
-        for name, fwd in originals.items():
-            model.get_submodule(name).forward = fwd
+    return _logits_with(model, ids, emulate, names)
 
 
 @pytest.mark.parametrize("algorithm", ["gather", "two-shot"])
@@ -195,7 +194,7 @@ def _reference_forward_postnorm_ef(model, ids, cal, *, k, floor=0.3, cap=2.0):
     clipped to +-cap * rms(p_r)); after the sum ``y`` it adds ``J(y)(c_r + q_r)`` to d_r,
     ``q_r`` = dequantized - sent, ``J(y) v = d/dt [g * (y + t v) / rms(y + t v)]`` at t = 0."""
     names = [n for n, _ in model.named_modules() if n.endswith(("o_proj", "down_proj"))]
-    state, originals = {"d": None}, {}
+    state = {"d": None}
 
     def norm_of(name):
         block = name.rsplit(".", 2)[0]
@@ -230,15 +229,7 @@ def _reference_forward_postnorm_ef(model, ids, cal, *, k, floor=0.3, cap=2.0):
             return y.reshape(*x.shape[:-1], -1)
         return fwd
 
-    for name in names:
-        mod = model.get_submodule(name)
-        originals[name] = mod.forward
-        mod.forward = emulate(name, mod)
-    try:
-        return model(ids).logits
-    finally:
-        for name, fwd in originals.items():
-            model.get_submodule(name).forward = fwd
+    return _logits_with(model, ids, emulate, names)
 
 
 def test_gemma_error_feedback_maps_the_carry_through_the_post_norms():
