@@ -1604,9 +1604,11 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
   const __m512 levels16 = _mm512_load_ps(lv_buf);
   const __m512 levels_z[4] = {levels16, _mm512_load_ps(lv_buf + 16), _mm512_load_ps(lv_buf + 32),
                               _mm512_load_ps(lv_buf + 48)};  // entries 0-63 (codes of <= 6 bits)
+#ifdef __AVX512VBMI__
   // multishift control: byte 0 of dword lane i (byte 4 (i % 2) of qword i / 2) from bit 4i
   const __m512i nib_ctl = _mm512_set_epi64(0x3c00000038ll, 0x3400000030ll, 0x2c00000028ll, 0x2400000020ll,
                                            0x1c00000018ll, 0x1400000010ll, 0x0c00000008ll, 0x0400000000ll);
+#endif
 #endif
 #else
   const bool nib_direct = false;
@@ -1661,7 +1663,7 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
         const uint8_t* cp = codes.data();
         const float* sp = sc8.data();
         const Table8& lv = levels8;
-#ifdef LBT_ZMM16
+#if defined(LBT_ZMM16) && defined(__AVX512VBMI__)  // vpmultishiftqb is VBMI, not AVX-512F (Skylake-SP has none)
         if (nib_direct && s.group % 16 == 0) {  // 16 codes (8 bytes) per load: nibble i picked by a multishift
           const uint8_t* np = body + (t * e >> 1);
           const __m512 lv16 = levels16;
