@@ -82,6 +82,17 @@ def test_a_command_without_flags_builds_the_default_config(monkeypatch):
     assert serve.plugin_config(parse("serve", "--tp", "2")) == PluginConfig(codec=RunConfig.codec)
 
 
+def test_serve_keeps_error_feedback_from_the_environment(monkeypatch):
+    """`LOWBIT_TP_ERROR_FEEDBACK=1 lowbit-tp serve` ran without feedback: the flag's False
+    overrode the variable. The flag can only switch it on."""
+    for var in PluginConfig().as_env():
+        monkeypatch.delenv(var, raising=False)
+    assert not serve.plugin_config(parse("serve", "--tp", "2")).error_feedback
+    assert serve.plugin_config(parse("serve", "--tp", "2", "--error-feedback")).error_feedback
+    monkeypatch.setenv("LOWBIT_TP_ERROR_FEEDBACK", "1")
+    assert serve.plugin_config(parse("serve", "--tp", "2")).error_feedback
+
+
 def test_flags_reach_the_config():
     cfg = run.config_from_args(parse("run", "--prompt", "a", "--prompt", "b", "--min-bytes", "0", "--sample",
                                      "--top-k", "5", "--engine", "vllm", "--timeout", "7"), 3)

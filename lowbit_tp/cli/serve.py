@@ -68,10 +68,12 @@ def plugin_config(args) -> PluginConfig | None:
             raise ValueError("--error-feedback needs a codec; --codec none runs vLLM without the plugin")
         return None
     # Flags over the environment (which may add the tracing settings, LOWBIT_TP_CAPTURE_*).
-    return PluginConfig.from_mapping({"codec": args.codec, "calibration": args.calibration,
-                                      "algorithm": args.algorithm, "min_bytes": args.min_bytes,
-                                      "error_feedback": args.error_feedback},
-                                     base=PluginConfig.from_env())
+    # --error-feedback can only switch feedback on: without it, LOWBIT_TP_ERROR_FEEDBACK decides.
+    flags = {"codec": args.codec, "calibration": args.calibration, "algorithm": args.algorithm,
+             "min_bytes": args.min_bytes}
+    if args.error_feedback:
+        flags["error_feedback"] = True
+    return PluginConfig.from_mapping(flags, base=PluginConfig.from_env())
 
 
 def serve_command(args, model_dir) -> list[str]:
