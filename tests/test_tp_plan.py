@@ -52,6 +52,8 @@ def test_forward_order_of_names_learned_one_by_one():
         "language_model.model.layers.10.self_attn.o_proj", "language_model.model.layers.10.mlp.down_proj")
     with pytest.raises(ValueError, match="names no module 'model.norm'"):
         DECODER_PLAN.forward_order(["model.norm"])
+    with pytest.raises(ValueError, match="several stacks"):  # a draft model's layers would interleave
+        DECODER_PLAN.forward_order(["model.layers.0.mlp.down_proj", "draft.model.layers.0.mlp.down_proj"])
 
 
 def test_plan_refuses_two_stacks_and_bad_rules():

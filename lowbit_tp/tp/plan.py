@@ -126,12 +126,16 @@ class TPPlan:
         the order a forward pass runs them: by layer index, then by the rule order. For an
         engine that learns its layers' names one by one (transformers' styles, vLLM's layers)."""
         order = {pattern: i for i, (pattern, _) in enumerate(self.rules)}
-        keyed = {}
+        keyed, prefixes = {}, set()
         for name in names:
             hit = self.rule_for(name)
             if hit is None:
                 raise ValueError(f"the TP plan names no module {name!r}")
             keyed[name] = (hit[2], order[hit[0]])
+            if hit[2] >= 0:
+                prefixes.add(hit[3])
+        if len(prefixes) > 1:  # two stacks (a draft model?) would interleave by layer index
+            raise ValueError(f"the TP plan matches layers under several stacks: {sorted(prefixes)}")
         return tuple(sorted(keyed, key=keyed.__getitem__))
 
     def transformers_plan(self, *, prefix: str = "model.", rowwise: str = "rowwise", colwise: str = "colwise",
