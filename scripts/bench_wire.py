@@ -141,8 +141,12 @@ def main(argv=None) -> None:
         row["speedup_vs_bf16_same_chunks"] = base.get(row["chunk_bytes"], float("nan")) / row["median_ms"]
         row["speedup_vs_best_bf16"] = best_bf16 / row["median_ms"]
     env = {**environment(), "loadavg_start": load0, "loadavg_end": os.getloadavg()[0]}
+    import shlex
+
+    cli_args = sys.argv[1:] if argv is None else list(argv)
     out = {"config": {**vars(args), "variants": variants}, "environment": env, "rows": rows,
-           "seconds": round(time.time() - t_start, 1)}
+           "seconds": round(time.time() - t_start, 1),
+           "command": "PYTHONPATH=. python3 scripts/bench_wire.py " + shlex.join(cli_args)}
     cols = ["codec", "chunk_bytes", "median_ms", "min_ms", "rank0_median_ms", "speedup_vs_bf16_same_chunks",
             "speedup_vs_best_bf16"]
     table = markdown_table(rows, cols)
