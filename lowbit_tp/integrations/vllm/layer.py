@@ -41,7 +41,10 @@ def _setup(cfg: PluginConfig, tp_size: int) -> list[str] | None:
     from lowbit_tp.integrations.vllm.checkpoint import check_calibration, identity
 
     vcfg = get_current_vllm_config_or_none()
-    if cfg.error_feedback and vcfg is not None:  # Gemma 2/3's post-norms: refused, as on every engine
+    if cfg.error_feedback:  # Gemma 2/3's post-norms: refused, as on every engine
+        if vcfg is None:  # no model to check, and a plain carry on a post-norm model is garbage
+            raise ValueError("lowbit-tp plugin: error feedback needs vLLM's model config to check the "
+                             "architecture, and there is none here")
         get_adapter(vcfg.model_config.hf_config).check_error_feedback()
     cal = None
     if cfg.calibration:
