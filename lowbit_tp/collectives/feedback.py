@@ -80,6 +80,18 @@ class PostNorm:
 
     gain: torch.Tensor
     eps: float = 1e-6
+    _inverse: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def inverse_gain(self, gain_floor: float, device: torch.device) -> torch.Tensor:
+        """``1 / gain`` in fp32, 0 where ``|gain| < gain_floor * median |gain|``: a property of the
+        norm, so worked out once per floor and device, not at every layer call."""
+        key = (gain_floor, str(device))
+        if key not in self._inverse:
+            g = self.gain.float().to(device)
+            keep = g.abs() >= gain_floor * g.abs().median()
+            one, zero = torch.ones((), device=device), torch.zeros((), device=device)
+            self._inverse[key] = torch.where(keep, 1.0 / torch.where(keep, g, one), zero)
+        return self._inverse[key]
 
 
 @dataclass(frozen=True)
@@ -112,9 +124,7 @@ def postnorm_compensation(share: torch.Tensor, partial: torch.Tensor, norm: Post
     """Rank's compensation for a post-norm layer: ``-sqrt(tp) * rms(partial) * share / gain``
     (0 where ``|gain| < gain_floor * median |gain|``), each value clipped to ``+-cap * rms(partial)``;
     fp32, 0 where not finite."""
-    g = norm.gain.float().to(partial.device)
-    keep = g.abs() >= gain_floor * g.abs().median()
-    inv = torch.where(keep, 1.0 / torch.where(keep, g, torch.ones((), device=g.device)), torch.zeros((), device=g.device))
+    inv = norm.inverse_gain(gain_floor, partial.device)
     r = _rms(partial)
     c = -(tp ** 0.5) * r * share * inv
     lim = cap * r
