@@ -57,6 +57,8 @@ def parse_args(argv=None):
     ap.add_argument("--world", type=int, default=2, help="payloads per decode-and-sum")
     ap.add_argument("--codecs", default=",".join(PRIORITY_CODECS), help="comma-separated names, or 'all'")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 20; cpu 1)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="stop starting new rows after this many seconds; the rows left out are listed (default none)")
     return ap.parse_args(argv)
 
 
@@ -67,8 +69,6 @@ def main(argv=None) -> None:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
     import torch
 
-    from lowbit_tp.bench.common import environment
-    from lowbit_tp.results import markdown_table
     from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
     from lowbit_tp.codecs import make_codec
 
@@ -112,80 +112,110 @@ def main(argv=None) -> None:
 
     rows, t_start = [], time.time()
     names = KERNEL_CODECS if args.codecs == "all" else [c for c in args.codecs.split(",") if c]
-    for name in names:
-        for t, e in shapes:
-            cal = cals[e]
-            ref_cpu = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
-            fused = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
-            unfused = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
-            row = {"codec": name, "tokens": t, "hidden": e}
-            # identity (once per codec and hidden size, on an odd token count)
-            if (t, e) == next(s for s in shapes if s[1] == e):
-                xs = planted_partials(world, check_tokens, e, seed=0, noise_seed=3)
-                xs[0][1, 5], xs[-1][check_tokens - 1, e - 2] = float("nan"), float("-inf")
-                clean = planted_partials(world, check_tokens, e, seed=0, noise_seed=5)
-                for label, batch in (("finite", clean), ("nan_inf", xs)):
-                    try:
-                        want = [ref_cpu.encode(x, layer=LAYER, source=r) for r, x in enumerate(batch)]
-                    except Exception as exc:  # a reference bug is reported, not hidden
-                        row[f"bytes_equal_{label}"] = row[f"sum_equal_{label}"] = f"reference failed: {exc}"[:60]
-                        continue
-                    got = [fused.encode(x.to(dev), layer=LAYER, source=r).cpu() for r, x in enumerate(batch)]
-                    row[f"bytes_equal_{label}"] = all(torch.equal(a, b) for a, b in zip(want, got))
-                    s_ref = ref_cpu.decode_sum(want, (check_tokens, e), layer=LAYER)
-                    s_dev = fused.decode_sum([p.to(dev) for p in want], (check_tokens, e), layer=LAYER)
-                    row[f"sum_equal_{label}"] = same_bits(s_ref, s_dev)
-            # speed
-            x = planted_partials(world, t, e, seed=0, noise_seed=4)
-            xd = [v.to(dev) for v in x]
-            payloads = [fused.encode(v, layer=LAYER, source=r) for r, v in enumerate(xd)]
-            pbytes, fbytes = payloads[0].numel(), 4 * t * e
-            dst = torch.empty_like(xd[0])
-            pbuf, sbuf = torch.empty_like(payloads[0]), torch.empty(t, e, dtype=torch.float32, device=dev)
-            t_copy = seconds(lambda: dst.copy_(xd[0]))
-            # the fused path writes preallocated buffers (out=), as all_reduce's buffer cache does
-            t_enc = seconds(lambda: fused.encode(xd[0], layer=LAYER, source=0, out=pbuf))
-            t_dec = seconds(lambda: fused.decode_sum(payloads, (t, e), layer=LAYER, out=sbuf))
-            rbuf = torch.empty(fused.payload_nbytes((t, e), LAYER), dtype=torch.uint8, device=dev)
-            t_red = seconds(lambda: fused.reduce_encode(payloads, (t, e), layer=LAYER, out=rbuf))
-            t_enc_ref = seconds(lambda: unfused.encode(xd[0], layer=LAYER, source=0))
-            t_dec_ref = seconds(lambda: unfused.decode_sum(payloads, (t, e), layer=LAYER))
-            copy_gbps = 2 * fbytes / t_copy / 1e9
-            row.update({
-                "bits_per_value": 8 * pbytes / (t * e),
-                "copy_gbps": copy_gbps,
-                "encode_gbps": (fbytes + pbytes) / t_enc / 1e9,
-                "encode_of_copy": (fbytes + pbytes) / t_enc / 1e9 / copy_gbps,
-                "decode_sum_gbps": (world * pbytes + fbytes) / t_dec / 1e9,
-                "decode_sum_of_copy": (world * pbytes + fbytes) / t_dec / 1e9 / copy_gbps,
-                "reduce_encode_gbps": (world + 1) * pbytes / t_red / 1e9,
-                "reduce_encode_us": t_red * 1e6,
-                "encode_fp32_gbps": fbytes / t_enc / 1e9,
-                "decode_sum_fp32_gbps": fbytes / t_dec / 1e9,
-                "unfused_encode_fp32_gbps": fbytes / t_enc_ref / 1e9,
-                "unfused_decode_sum_fp32_gbps": fbytes / t_dec_ref / 1e9,
-            })
-            row["cuda_graph"] = graph_check(
-                torch, lambda mode: make_codec(name, calibration=cal, nonfinite=mode, backend="triton"), xd, (t, e),
-                capture=dev.type == "cuda")
-            rows.append(row)
-            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    def measure(name: str, t: int, e: int) -> dict:
+        cal = cals[e]
+        ref_cpu = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+        fused = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
+        unfused = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+        row = {"codec": name, "tokens": t, "hidden": e}
+        # identity (once per codec and hidden size, on an odd token count)
+        if (t, e) == next(s for s in shapes if s[1] == e):
+            xs = planted_partials(world, check_tokens, e, seed=0, noise_seed=3)
+            xs[0][1, 5], xs[-1][check_tokens - 1, e - 2] = float("nan"), float("-inf")
+            clean = planted_partials(world, check_tokens, e, seed=0, noise_seed=5)
+            for label, batch in (("finite", clean), ("nan_inf", xs)):
+                try:
+                    want = [ref_cpu.encode(x, layer=LAYER, source=r) for r, x in enumerate(batch)]
+                except Exception as exc:  # a reference bug is reported, not hidden
+                    row[f"bytes_equal_{label}"] = row[f"sum_equal_{label}"] = f"reference failed: {exc}"[:60]
+                    continue
+                got = [fused.encode(x.to(dev), layer=LAYER, source=r).cpu() for r, x in enumerate(batch)]
+                row[f"bytes_equal_{label}"] = all(torch.equal(a, b) for a, b in zip(want, got))
+                s_ref = ref_cpu.decode_sum(want, (check_tokens, e), layer=LAYER)
+                s_dev = fused.decode_sum([p.to(dev) for p in want], (check_tokens, e), layer=LAYER)
+                row[f"sum_equal_{label}"] = same_bits(s_ref, s_dev)
+        # speed
+        x = planted_partials(world, t, e, seed=0, noise_seed=4)
+        xd = [v.to(dev) for v in x]
+        payloads = [fused.encode(v, layer=LAYER, source=r) for r, v in enumerate(xd)]
+        pbytes, fbytes = payloads[0].numel(), 4 * t * e
+        dst = torch.empty_like(xd[0])
+        pbuf, sbuf = torch.empty_like(payloads[0]), torch.empty(t, e, dtype=torch.float32, device=dev)
+        t_copy = seconds(lambda: dst.copy_(xd[0]))
+        # the fused path writes preallocated buffers (out=), as all_reduce's buffer cache does
+        t_enc = seconds(lambda: fused.encode(xd[0], layer=LAYER, source=0, out=pbuf))
+        t_dec = seconds(lambda: fused.decode_sum(payloads, (t, e), layer=LAYER, out=sbuf))
+        rbuf = torch.empty(fused.payload_nbytes((t, e), LAYER), dtype=torch.uint8, device=dev)
+        t_red = seconds(lambda: fused.reduce_encode(payloads, (t, e), layer=LAYER, out=rbuf))
+        t_enc_ref = seconds(lambda: unfused.encode(xd[0], layer=LAYER, source=0))
+        t_dec_ref = seconds(lambda: unfused.decode_sum(payloads, (t, e), layer=LAYER))
+        copy_gbps = 2 * fbytes / t_copy / 1e9
+        row.update({
+            "bits_per_value": 8 * pbytes / (t * e),
+            "copy_gbps": copy_gbps,
+            "encode_gbps": (fbytes + pbytes) / t_enc / 1e9,
+            "encode_of_copy": (fbytes + pbytes) / t_enc / 1e9 / copy_gbps,
+            "decode_sum_gbps": (world * pbytes + fbytes) / t_dec / 1e9,
+            "decode_sum_of_copy": (world * pbytes + fbytes) / t_dec / 1e9 / copy_gbps,
+            "reduce_encode_gbps": (world + 1) * pbytes / t_red / 1e9,
+            "reduce_encode_us": t_red * 1e6,
+            "encode_fp32_gbps": fbytes / t_enc / 1e9,
+            "decode_sum_fp32_gbps": fbytes / t_dec / 1e9,
+            "unfused_encode_fp32_gbps": fbytes / t_enc_ref / 1e9,
+            "unfused_decode_sum_fp32_gbps": fbytes / t_dec_ref / 1e9,
+        })
+        row["cuda_graph"] = graph_check(
+            torch, lambda mode: make_codec(name, calibration=cal, nonfinite=mode, backend="triton"), xd, (t, e),
+            capture=dev.type == "cuda")
+        return row
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    write = _writer(args, argv, dev, dry, world, check_tokens, repeats, t_start)
+    skipped: list[str] = []
+    for name in names:
+        for t, e in shapes:
+            if args.budget_s is not None and time.time() - t_start > args.budget_s:
+                skipped.append(f"{name}@{t}x{e}")
+                continue
+            try:
+                row = measure(name, t, e)
+            except Exception as exc:  # one codec's failure is reported, the others still run
+                row = {"codec": name, "tokens": t, "hidden": e, "error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+            rows.append(row)
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            write(out, rows, skipped, final=False)  # a run cut short still leaves what it measured
+    write(out, rows, skipped, final=True)
+
+
+def _writer(args, argv, dev, dry, world, check_tokens, repeats, t_start):
     import json
 
-    meta = {"environment": environment(), "device": str(dev), "dry_run_interpreter": dry, "world": world,
-            "check_tokens": check_tokens, "repeats": repeats, "seconds": time.time() - t_start,
-            "command": "python3 scripts/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    (out / "gpu_check.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
-    cols = ["codec", "tokens", "hidden", "bits_per_value", "bytes_equal_finite", "bytes_equal_nan_inf",
-            "sum_equal_finite", "sum_equal_nan_inf", "copy_gbps", "encode_gbps", "encode_of_copy", "decode_sum_gbps",
-            "decode_sum_of_copy", "reduce_encode_us", "unfused_encode_fp32_gbps", "unfused_decode_sum_fp32_gbps", "cuda_graph"]
-    head = (f"Device: {meta['environment'].get('cuda') or 'cpu'}; world {world}; "
-            f"{'DRY RUN under the Triton interpreter: speeds are meaningless' if dry else 'median of %d runs' % repeats}."
-            f"\nCommand: `{meta['command']}`\n\n")
-    (out / "gpu_check.md").write_text(head + markdown_table(rows, cols) + "\n")
-    print(f"gpu_check: {len(rows)} rows in {meta['seconds']:.0f} s -> {out}/gpu_check.json", flush=True)
+    from lowbit_tp.bench.common import environment
+    from lowbit_tp.results import markdown_table
+
+    env = environment()
+
+    def write(out: Path, rows: list, skipped: list, *, final: bool) -> None:
+        meta = {"environment": env, "device": str(dev), "dry_run_interpreter": dry, "world": world,
+                "check_tokens": check_tokens, "repeats": repeats, "seconds": time.time() - t_start,
+                "complete": final, "skipped_for_budget": skipped,
+                "command": "python3 scripts/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+        (out / "gpu_check.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+        cols = ["codec", "tokens", "hidden", "bits_per_value", "bytes_equal_finite", "bytes_equal_nan_inf",
+                "sum_equal_finite", "sum_equal_nan_inf", "copy_gbps", "encode_gbps", "encode_of_copy",
+                "decode_sum_gbps", "decode_sum_of_copy", "reduce_encode_us", "unfused_encode_fp32_gbps",
+                "unfused_decode_sum_fp32_gbps", "cuda_graph", "error"]
+        head = (f"Device: {env.get('cuda') or 'cpu'}; world {world}; "
+                f"{'DRY RUN under the Triton interpreter: speeds are meaningless' if dry else 'median of %d runs' % repeats}."
+                f"\nCommand: `{meta['command']}`\n"
+                + ("" if final else "\n**Incomplete: the run stopped before its last row.**\n")
+                + (f"\nLeft out for the time budget: {', '.join(skipped)}\n" if skipped else "") + "\n")
+        (out / "gpu_check.md").write_text(head + markdown_table(rows, cols) + "\n")
+        if final:
+            print(f"gpu_check: {len(rows)} rows in {meta['seconds']:.0f} s -> {out}/gpu_check.json", flush=True)
+
+    return write
 
 
 def graph_check(torch, make, xd, shape, *, capture: bool) -> str:
