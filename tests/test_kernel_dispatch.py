@@ -70,3 +70,24 @@ def test_bf16_decode_sum_reads_misaligned_payloads():
     assert all(p.storage_offset() == 1 for p in odd)
     want = xs[0].to(torch.bfloat16).float() + xs[1].to(torch.bfloat16).float()
     assert torch.equal(codec.decode_sum(odd, (3, 7)), want)
+
+
+@pytest.mark.parametrize("name", ["int4-outlier", "int4", "int8", "int4-random-k", "int4-outlier-asym"])
+def test_static_params_move_to_another_device(name):
+    """The parameters are copied to the tensor's device once; a field a codec leaves unset
+    (the zero-point offset of the symmetric codecs) stays None instead of failing the copy.
+    The H100 run of scripts/gpu_check.py found this: every static codec died with
+    "'NoneType' object has no attribute 'to'" before any kernel ran. ``meta`` stands in
+    for a GPU here."""
+    from lowbit_tp.calibration.synthetic import synthetic_calibration
+    from lowbit_tp.codecs import make_codec
+
+    cal = synthetic_calibration(["L"], world=2, hidden=96, tokens=16, batches=1)
+    codec = make_codec(name, calibration=cal)
+    cpu = codec.params("L", 0, 96)
+    moved = codec.params("L", 0, 96, "meta")
+    for f in cpu.__dataclass_fields__:
+        a, b = getattr(cpu, f), getattr(moved, f)
+        assert (a is None) == (b is None), f
+        if a is not None:
+            assert b.device.type == "meta" and b.shape == a.shape and b.dtype == a.dtype, f

@@ -302,7 +302,9 @@ class Codec(ABC):
         if key not in self._params:
             p = self._make_params(layer, source, hidden)
             if p is not None and device.type != "cpu":
-                p = type(p)(**{f: getattr(p, f).to(device) for f in p.__dataclass_fields__})
+                # optional fields (a static codec's zero-point offset) stay None
+                p = type(p)(**{f: None if getattr(p, f) is None else getattr(p, f).to(device)
+                               for f in p.__dataclass_fields__})
             self._params[key] = p
         return self._params[key]
 
