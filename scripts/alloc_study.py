@@ -15,6 +15,10 @@ then writes, for every budget and candidate set, a copy of the calibration whose
 
     PYTHONPATH=. python scripts/alloc_study.py --model smollm2-135m --tp 3 \\
         --calibration CAL.safetensors --out-dir OUT --budgets 4.25 3.5
+
+``--error-feedback``: the per-layer KL is measured with feedback along depth, and the dev
+evaluation (``--eval-samples``) runs every codec with it. OUT/measure.json is reused only
+for the same model, TP, reference, feedback, probe windows and codecs.
 """
 from __future__ import annotations
 
@@ -28,7 +32,22 @@ CANDIDATES = ("rot-lm2-g64-lg8-k4", "rot-lm3-g64-lg8-k4", "rot-lm4-g64-lg8-k4", 
               "rot-int6-g64-lg8-k4", "rot-int8-g64-lg8-k4")
 
 
-def main(argv=None) -> None:
+def check_cached(m: dict, *, model: str, tp: int, reference: str, error_feedback: bool, probe: dict, codecs,
+                 path) -> None:
+    """Refuse an OUT/measure.json written for another study: its sensitivities would be reused
+    silently (e.g. a plan "with error feedback" built on a KL measured without it)."""
+    want = {"model": model, "tp": tp, "reference": reference, "error_feedback": bool(error_feedback)}
+    got = {k: m.get(k, False if k == "error_feedback" else None) for k in want}
+    if got != want:
+        raise SystemExit(f"{path} was measured for {got}, not {want}: use another --out-dir or delete it")
+    if m.get("probe", {}).get("samples") != probe["samples"] or m["probe"].get("seq_len") != probe["seq_len"]:
+        raise SystemExit(f"{path} was measured on other probe windows: use another --out-dir or delete it")
+    missing = sorted({c for c in codecs if any(c not in row for row in m["mse"].values())})
+    if missing:
+        raise SystemExit(f"{path} has no errors for {missing}: use another --out-dir or delete it")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--tp", type=int, required=True)
@@ -54,8 +73,24 @@ def main(argv=None) -> None:
                     help="then evaluate every plan (and the calibration's own plan, if any, as 'alloc-own', and "
                          "--eval-codecs) on the dev split in one run: same windows, one baseline")
     ap.add_argument("--eval-codecs", nargs="*", default=[])
+    ap.add_argument("--eval-batch-size", type=int, default=4)
     ap.add_argument("--json", help="write the dev result here")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def dev_eval_config(args: argparse.Namespace, plans, text):
+    """The dev-split evaluation of ``plans`` (and ``--eval-codecs``): seed 1, the dev windows
+    docs/design-dev.md reports (EvalConfig now defaults to 10). Plans measured with error
+    feedback are evaluated with it, as is every other codec of the run (same chain, one baseline)."""
+    from lowbit_tp.evaluation import EvalConfig
+
+    return EvalConfig(model=args.model, tp=args.tp, codecs=(*plans, *args.eval_codecs), split="dev", seed=1,
+                      samples=args.eval_samples, lambada=0, text=text, batch_size=args.eval_batch_size,
+                      error_feedback=args.error_feedback)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
 
     import torch
 
@@ -85,6 +120,8 @@ def main(argv=None) -> None:
     meas = out / "measure.json"
     if meas.exists():
         m = json.loads(meas.read_text())
+        check_cached(m, model=args.model, tp=args.tp, reference=args.reference, error_feedback=args.error_feedback,
+                     probe=probe.manifest(), codecs=[args.reference, *args.codecs], path=meas)
         sens, errs = m["sensitivity_kl"], m["mse"]
     else:
         t0 = time.perf_counter()
@@ -127,7 +164,7 @@ def main(argv=None) -> None:
     if args.eval_samples:
         from lowbit_tp.codecs import register_codec
         from lowbit_tp.codecs.mixed import AllocatedCodec
-        from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
+        from lowbit_tp.evaluation import evaluate_codecs
         from lowbit_tp.evaluation.records import DEV_COLUMNS
 
         if own:
@@ -136,9 +173,7 @@ def main(argv=None) -> None:
             register_codec(name, lambda _p=plan, **kw: AllocatedCodec(plan=_p, **kw), needs_calibration=True)
         c2 = copy.copy(cal)
         c2.meta = {**cal.meta, "bit_allocation": {**(own or next(iter(plans.values()))), "probe": excl}}
-        # seed 1: the dev windows docs/design-dev.md reports (EvalConfig now defaults to 10)
-        cfg = EvalConfig(model=args.model, tp=args.tp, codecs=(*plans, *args.eval_codecs), split="dev", seed=1,
-                         samples=args.eval_samples, lambada=0, text=text)
+        cfg = dev_eval_config(args, plans, text)
         res = evaluate_codecs(cfg, bundle=(model, tokenizer, info), calibration=c2)
         print(res.table(DEV_COLUMNS))
         if args.json:

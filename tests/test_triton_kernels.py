@@ -389,3 +389,19 @@ def test_mxfp4_scale_extremes_bitwise():
     assert same_bits(ref.decode_sum([want, want], (4, 64)), tri.decode_sum([want, want], (4, 64)))
     assert torch.equal(tri.reduce_encode([want, got], (4, 64)),
                        ref.encode(ref.decode_sum([want, got], (4, 64)), source="sum"))
+
+
+@pytest.mark.parametrize("name", ["int4-g32", "int4-g128", "mxfp4"])
+@pytest.mark.parametrize("rows,ngt", [(2, 1), (4, 2)])
+def test_group_tiles_split_rows_and_groups_bitwise(name, rows, ngt, monkeypatch):
+    """Small tiles force many programs per message: tiles that end inside T (7 % rows != 0), a
+    last group cut by E (300 = 9 * 32 + 12, 2 * 128 + 44), a tile of groups past E; encode,
+    decode-and-sum and the fused reduce-and-re-encode against the reference."""
+    from lowbit_tp.kernels import triton_group
+
+    monkeypatch.setattr(triton_group, "tile_config", lambda t, e, g: (rows, ngt, 4))
+    check(name, 7, 300)
+    ref = make_codec(name, nonfinite="propagate", backend="reference")
+    tri = make_codec(name, nonfinite="propagate", backend="triton")
+    payloads = [ref.encode(x, source=r) for r, x in enumerate(partials(7, 300, seed=3, special=True))]
+    assert torch.equal(tri.reduce_encode(payloads, (7, 300)), ref.encode(ref.decode_sum(payloads, (7, 300)), source="sum"))

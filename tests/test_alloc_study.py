@@ -1,0 +1,60 @@
+"""scripts/alloc_study.py: a plan "with error feedback" is measured and evaluated with it.
+
+Stop 18 built ``--error-feedback`` for the sensitivity pass but the script's own dev
+evaluation ran without feedback, and a cached OUT/measure.json (e.g. measured without
+feedback, or for another model) was reused whatever the flags said.
+"""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "alloc_study.py"
+BASE = ["--model", "gemma3-270m", "--tp", "2", "--calibration", "c.safetensors", "--out-dir", "o"]
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("alloc_study", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("ef", [False, True])
+def test_dev_eval_runs_with_the_feedback_the_plan_was_measured_with(study, ef):
+    args = study.parse_args(BASE + ["--eval-samples", "8", "--eval-codecs", "default"]
+                            + (["--error-feedback"] if ef else []))
+    cfg = study.dev_eval_config(args, {"alloc-4.25": {}}, None)
+    assert cfg.error_feedback is ef
+    assert cfg.codecs == ("alloc-4.25", "default")
+    assert (cfg.split, cfg.seed, cfg.samples, cfg.lambada) == ("dev", 1, 8, 0)
+
+
+def _measure(ef, samples=("a", "b")):
+    return {"model": "gemma3-270m", "tp": 2, "reference": "r", "error_feedback": ef,
+            "probe": {"samples": list(samples), "seq_len": 128},
+            "mse": {"l0": {"r": 1.0, "x": 0.5}, "l1": {"r": 1.0, "x": 0.4}}}
+
+
+def _check(study, m, *, ef=True, samples=("a", "b"), codecs=("r", "x"), model="gemma3-270m"):
+    study.check_cached(m, model=model, tp=2, reference="r", error_feedback=ef,
+                       probe={"samples": list(samples), "seq_len": 128}, codecs=list(codecs), path="m.json")
+
+
+def test_cached_measure_of_the_same_study_is_reused(study):
+    _check(study, _measure(True))
+    _check(study, _measure(False), ef=False)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(m=_measure(False)), "error_feedback"),          # measured without feedback
+    (dict(m={k: v for k, v in _measure(True).items() if k != "error_feedback"}), "error_feedback"),  # before the field
+    (dict(model="smollm2-135m"), "smollm2"),
+    (dict(samples=("a", "c")), "probe"),
+    (dict(codecs=("r", "x", "y")), "no errors for \\['y'\\]"),
+])
+def test_cached_measure_of_another_study_is_refused(study, change, match):
+    m = change.pop("m", _measure(True))
+    with pytest.raises(SystemExit, match=match):
+        _check(study, m, **change)
