@@ -87,9 +87,20 @@ CASES = [
      {"N": 2, "ROWS": 1, "E_PAD": 128, "B": 128, "LOG2B": 7, "GW": 64, "GROUP": 64, "BITS": 4, "FMT": 2,
       "HAS_K": True, "FLAG": True, "RANGE": True}),
     ("triton_rotation", "rot_decode_sum_kernel", ROT_DEC_SIG,
-     {"N": 2, "ROWS": 1, "E_PAD": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 6, "FMT": 2, "HAS_K": True}),
+     {"N": 2, "ROWS": 4, "W": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 6, "FMT": 2, "HAS_K": True,
+      "PACKED": True}),
     ("triton_rotation", "rot_decode_sum_kernel", {**ROT_DEC_SIG, "payloads": ("*u8",) * 3},
-     {"N": 3, "ROWS": 2, "E_PAD": 64, "B": 64, "LOG2B": 6, "GROUP": 32, "BITS": 4, "FMT": 1, "HAS_K": False}),
+     {"N": 3, "ROWS": 2, "W": 64, "B": 64, "LOG2B": 6, "GROUP": 32, "BITS": 4, "FMT": 1, "HAS_K": False,
+      "PACKED": False}),
+    ("triton_rotation", "rot_decode_sum_kernel", ROT_DEC_SIG,
+     {"N": 2, "ROWS": 4, "W": 256, "B": 128, "LOG2B": 7, "GROUP": 64, "BITS": 4, "FMT": 2, "HAS_K": True,
+      "PACKED": True}),
+    ("triton_rotation", "rot_decode_sum_kernel", ROT_DEC_SIG,
+     {"N": 2, "ROWS": 1, "W": 128, "B": 8, "LOG2B": 3, "GROUP": 128, "BITS": 3, "FMT": 0, "HAS_K": False,
+      "PACKED": False}),
+    ("triton_rotation", "rot_decode_sum_kernel", ROT_DEC_SIG,
+     {"N": 2, "ROWS": 2, "W": 64, "B": 64, "LOG2B": 6, "GROUP": 64, "BITS": 8, "FMT": 1, "HAS_K": True,
+      "PACKED": True}),
 ]
 
 
