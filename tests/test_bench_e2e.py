@@ -1,9 +1,8 @@
-"""bench-e2e: the emulated network (namespaces + tc), the row arithmetic, a loopback smoke run,
-and the interconnect projection script.
+"""bench-e2e: the emulated network (namespaces + tc), the row arithmetic and a loopback smoke run
+(the interconnect projection script: tests/test_projection.py).
 
 The namespace tests need root and a kernel with network namespaces; they skip otherwise.
 """
-import importlib.util
 import os
 import subprocess
 from pathlib import Path
@@ -173,34 +172,3 @@ def test_loopback_smoke(tmp_path):
     assert rows["bf16"]["prefill_bytes_per_token"] == 4 * 256 * 2
     assert rows["int4-g32"]["prefill_byte_ratio"] == pytest.approx(16 / 4.5)
     assert (tmp_path / "e2e.json").exists() and (tmp_path / "e2e.md").exists()
-
-
-# ----------------------------------------------------------------- projection
-@pytest.fixture(scope="module")
-def projection():
-    spec = importlib.util.spec_from_file_location("projection", ROOT / "scripts" / "projection.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_projection_bytes_follow_the_wire_format(projection):
-    link = (10e9, 0.0)
-    e = projection.MODEL["hidden"]
-    ring = projection.allreduce_time("bf16", "allreduce", tokens=64, tp=4, link=link, speed=None)
-    assert ring["bytes_sent"] == pytest.approx(2 * 3 / 4 * 64 * e * 2)
-    fast = {"encode": 1e30, "decode": 1e30}
-    gather = projection.allreduce_time("int4-outlier", "gather", tokens=64, tp=4, link=link, speed=fast)
-    assert gather["bytes_sent"] == 3 * projection._codec("int4-outlier").payload_nbytes((64, e))
-    # gather sends N-1 payloads of b bits/value, a bf16 ring 2(N-1)/N x 16 bits: ratio N * b / 32
-    assert gather["bytes_sent"] / ring["bytes_sent"] == pytest.approx(4 * 4.1875 / 32)
-    two = projection.allreduce_time("int4-outlier", "two-shot", tokens=64, tp=4, link=link, speed=fast)
-    assert two["bytes_sent"] / ring["bytes_sent"] == pytest.approx(4.1875 / 16)
-
-
-def test_projection_writes_the_doc(projection, tmp_path):
-    out = tmp_path / "projection.md"
-    projection.write_doc(out)
-    text = out.read_text()
-    assert "## Assumptions" in text and "TP 64" in text and "100 GbE" in text
-    assert (tmp_path / "projection.json").exists()

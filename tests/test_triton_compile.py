@@ -22,9 +22,11 @@ P2 = ("*u8", "*u8")
 STATIC_SIG = {"src": None, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "inl_ptr": "*i32", "inv_ptr": "*fp32",
               "outl_ptr": "*i32", "head_ptr": "*i16", "body_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32",
               "T": "i32", "E": "i32", "NK": "i32", "n_body_programs": "i32", "max_in": "fp32"}
-GROUP_SIG = {"src": None, "out_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32", "T": "i32", "E": "i32", "G": "i32",
-             "NQ": "i32", "max_in": "fp32"}
-MX_SIG = {"src": None, "out_ptr": "*u8", "flag_ptr": "*i32", "T": "i32", "E": "i32", "G": "i32", "NQ": "i32"}
+GROUP_SIG = {"src": None, "out_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32", "T": "i32", "E": "i32",
+             "EH": "i32", "G": "i32", "NQ": "i32", "max_in": "fp32"}
+MX_SIG = {"src": None, "out_ptr": "*u8", "flag_ptr": "*i32", "T": "i32", "E": "i32", "EH": "i32", "G": "i32",
+          "NQ": "i32"}
+TILE_DEC_SIG = {"payloads": P2, "out_ptr": "*fp32", "T": "i32", "E": "i32", "EH": "i32", "G": "i32", "NQ": "i32"}
 ROT_SIG = {"x_ptr": "*fp32", "signs_ptr": "*fp32", "colmap_ptr": "*i32", "bounds_ptr": "*fp32", "lg8_ptr": "*fp32",
            "lg8_asc_ptr": "*fp32", "head_ptr": "*i16", "code_ptr": "*u8", "scale_ptr": "*u8", "flag_ptr": "*i32",
            "range_ptr": "*i32", "T": "i32", "E": "i32", "G": "i32", "NK": "i32", "NCB": "i32", "inv_sqrt_b": "fp32",
@@ -45,17 +47,21 @@ CASES = [
      {"payloads": P2, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32",
       "NK": "i32"}, {"N": 2, "BITS": 8, "BLOCK": 256}),
     ("triton_group", "group_encode_kernel", {**GROUP_SIG, "src": ("*bf16",)},
-     {"N": 0, "ROWS": 2, "E_PAD": 256, "GW": 32, "GROUP": 32, "FLAG": True, "RANGE": False}),
+     {"N": 0, "BT": 2, "NGT": 4, "GROUP": 32, "FLAG": True, "RANGE": False}),
+    ("triton_group", "group_encode_kernel", {**GROUP_SIG, "src": ("*fp32",)},  # the prefill tile of int4-g128
+     {"N": 0, "BT": 4, "NGT": 8, "GROUP": 128, "FLAG": False, "RANGE": False}),
     ("triton_group", "group_encode_kernel", {**GROUP_SIG, "src": ("*u8",) * 3},  # two-shot's fused reduce + encode
-     {"N": 3, "ROWS": 4, "E_PAD": 64, "GW": 64, "GROUP": 128, "FLAG": False, "RANGE": True}),
-    ("triton_group", "group_decode_sum_kernel",
+     {"N": 3, "BT": 4, "NGT": 1, "GROUP": 128, "FLAG": False, "RANGE": True}),
+    ("triton_group", "group_decode_sum_tile_kernel", TILE_DEC_SIG, {"N": 2, "GROUP": 32, "BT": 4, "NGT": 32}),
+    ("triton_group", "group_decode_sum_kernel",  # odd E
      {"payloads": P2, "out_ptr": "*fp32", "T": "i32", "E": "i32", "G": "i32", "NQ": "i32"},
      {"N": 2, "GROUP": 32, "BLOCK": 256}),
-    ("triton_group", "mx_encode_kernel", {**MX_SIG, "src": ("*fp32",)},
-     {"N": 0, "ROWS": 2, "E_PAD": 256, "GW": 32, "FLAG": True}),
+    ("triton_group", "mx_encode_kernel", {**MX_SIG, "src": ("*fp32",)}, {"N": 0, "BT": 2, "NGT": 8, "FLAG": True}),
     ("triton_group", "mx_encode_kernel", {**MX_SIG, "src": P2},  # two-shot's fused reduce + encode
-     {"N": 2, "ROWS": 4, "E_PAD": 16, "GW": 16, "FLAG": False}),
-    ("triton_group", "mx_decode_sum_kernel",
+     {"N": 2, "BT": 4, "NGT": 1, "FLAG": False}),
+    ("triton_group", "mx_decode_sum_tile_kernel", {**TILE_DEC_SIG, "payloads": ("*u8",) * 3},
+     {"N": 3, "BT": 2, "NGT": 4}),
+    ("triton_group", "mx_decode_sum_kernel",  # odd E
      {"payloads": P2, "out_ptr": "*fp32", "T": "i32", "E": "i32", "G": "i32", "NQ": "i32"}, {"N": 2, "BLOCK": 256}),
     ("triton_rotation", "rot_encode_kernel", ROT_SIG,
      {"ROWS": 1, "E_PAD": 256, "B": 256, "LOG2B": 8, "GW": 64, "BITS": 4, "FMT": 2, "HAS_K": True, "FLAG": True, "RANGE": True}),
@@ -72,9 +78,20 @@ CASES = [
      {"N": 2, "ROWS": 1, "E_PAD": 128, "B": 128, "LOG2B": 7, "GW": 64, "GROUP": 64, "BITS": 4, "FMT": 2,
       "HAS_K": True, "FLAG": True, "RANGE": True}),
     ("triton_rotation", "rot_decode_sum_kernel", ROT_DEC_SIG,
-     {"N": 2, "ROWS": 1, "E_PAD": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 6, "FMT": 2, "HAS_K": True}),
+     {"N": 2, "ROWS": 4, "W": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 6, "FMT": 2, "HAS_K": True,
+      "PACKED": True}),
     ("triton_rotation", "rot_decode_sum_kernel", {**ROT_DEC_SIG, "payloads": ("*u8",) * 3},
-     {"N": 3, "ROWS": 2, "E_PAD": 64, "B": 64, "LOG2B": 6, "GROUP": 32, "BITS": 4, "FMT": 1, "HAS_K": False}),
+     {"N": 3, "ROWS": 2, "W": 64, "B": 64, "LOG2B": 6, "GROUP": 32, "BITS": 4, "FMT": 1, "HAS_K": False,
+      "PACKED": False}),
+    ("triton_rotation", "rot_decode_sum_kernel", ROT_DEC_SIG,
+     {"N": 2, "ROWS": 4, "W": 256, "B": 128, "LOG2B": 7, "GROUP": 64, "BITS": 4, "FMT": 2, "HAS_K": True,
+      "PACKED": True}),
+    ("triton_rotation", "rot_decode_sum_kernel", ROT_DEC_SIG,
+     {"N": 2, "ROWS": 1, "W": 128, "B": 8, "LOG2B": 3, "GROUP": 128, "BITS": 3, "FMT": 0, "HAS_K": False,
+      "PACKED": False}),
+    ("triton_rotation", "rot_decode_sum_kernel", ROT_DEC_SIG,
+     {"N": 2, "ROWS": 2, "W": 64, "B": 64, "LOG2B": 6, "GROUP": 64, "BITS": 8, "FMT": 1, "HAS_K": True,
+      "PACKED": True}),
 ]
 
 

@@ -104,6 +104,22 @@ def test_other_rot_codecs_bitwise(name):
     check(name, 5, 128)
 
 
+# Column tiles narrower than E (MAX_TILE_COLS lowered so that small E reaches them): several
+# tiles per row, a ragged last tile, one token, odd E (codes not byte-aligned per row), E % 8
+# != 0 with bit-planes, 8-bit codes, fp16/E8M0/lg8 scales, k = 0.
+@pytest.mark.parametrize("name,tokens,hidden,opts", [
+    ("rot-lm4-g64-lg8-k4", 1, 200, {}), ("rot-int6-g64-lg8-k4", 3, 200, {}), ("rot-lm3-g32-lg8-k4", 5, 100, {}),
+    ("rot-lm4-g32-e8", 3, 37, {}), ("rot-int8-g64-e8", 2, 192, {}), ("rot-lm4-g64", 4, 320, {}),
+    ("rot-lm4-g64-lg8", 3, 96, {"k": 0}),
+])
+def test_rot_column_tiles_bitwise(name, tokens, hidden, opts, monkeypatch):
+    from lowbit_tp.kernels import triton_rotation
+
+    monkeypatch.setattr(triton_rotation, "MAX_TILE_COLS", 32)
+    assert triton_rotation.tile_config(tokens, hidden, 32, 4)[1] < hidden  # the case has several tiles
+    check(name, tokens, hidden, special=tokens >= 3, **opts)  # the planted NaN/Inf need 3 tokens
+
+
 def test_rot_bf16_input_and_tiny_hidden():
     check("rot-lm4-g64-lg8-k4", 2, 16, special=False, dtype=torch.bfloat16)  # E < group: one short group
 
@@ -373,3 +389,19 @@ def test_mxfp4_scale_extremes_bitwise():
     assert same_bits(ref.decode_sum([want, want], (4, 64)), tri.decode_sum([want, want], (4, 64)))
     assert torch.equal(tri.reduce_encode([want, got], (4, 64)),
                        ref.encode(ref.decode_sum([want, got], (4, 64)), source="sum"))
+
+
+@pytest.mark.parametrize("name", ["int4-g32", "int4-g128", "mxfp4"])
+@pytest.mark.parametrize("rows,ngt", [(2, 1), (4, 2)])
+def test_group_tiles_split_rows_and_groups_bitwise(name, rows, ngt, monkeypatch):
+    """Small tiles force many programs per message: tiles that end inside T (7 % rows != 0), a
+    last group cut by E (300 = 9 * 32 + 12, 2 * 128 + 44), a tile of groups past E; encode,
+    decode-and-sum and the fused reduce-and-re-encode against the reference."""
+    from lowbit_tp.kernels import triton_group
+
+    monkeypatch.setattr(triton_group, "tile_config", lambda t, e, g: (rows, ngt, 4))
+    check(name, 7, 300)
+    ref = make_codec(name, nonfinite="propagate", backend="reference")
+    tri = make_codec(name, nonfinite="propagate", backend="triton")
+    payloads = [ref.encode(x, source=r) for r, x in enumerate(partials(7, 300, seed=3, special=True))]
+    assert torch.equal(tri.reduce_encode(payloads, (7, 300)), ref.encode(ref.decode_sum(payloads, (7, 300)), source="sum"))

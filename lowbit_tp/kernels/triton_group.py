@@ -18,15 +18,133 @@ from lowbit_tp.kernels.triton_common import (FP_OPTIONS, clamp_keep_nan, flag_if
 _FP16_MAX = tl.constexpr(65504.0)
 
 
-def launch_config(tokens: int, hidden: int, group: int) -> tuple[int, int, int, int]:
-    """(rows per program, padded row width, group width in the tile, warps)."""
-    e_pad = triton.next_power_of_2(hidden)
-    gw = min(group, e_pad)
-    rows = max(1, min(triton.next_power_of_2(tokens), 4096 // e_pad))
-    warps = 8 if rows * e_pad >= 8192 else 4
-    return rows, e_pad, gw, warps
+# ---------------------------------------------------------------- tiled kernels (even E)
+def tile_config(tokens: int, hidden: int, group: int) -> tuple[int, int, int]:
+    """(rows per tile, groups per tile, warps) of the tiled kernels; the bytes do not depend on it.
+
+    A tile is ``rows x (groups * group)`` values, whole groups along E (each program works out
+    its own scales): about 4096 values per program at 4 warps, so a prefill-sized message has
+    thousands of programs and a decode-sized one still spreads over the SMs.
+    """
+    cols = min(triton.next_power_of_2(max(hidden, group)), 1024)
+    ngt = max(1, cols // group)
+    rows = max(1, min(triton.next_power_of_2(tokens), 4096 // (ngt * group)))
+    return rows, ngt, 4
 
 
+@triton.jit
+def _tile_index(T, EH, BT: tl.constexpr, NGT: tl.constexpr, GROUP: tl.constexpr):
+    """Row, group and half-group vectors of this program's tile, the payload byte index of each
+    code pair ``[NGT, H]`` (row-relative) and the masks of the rows and of the pairs.
+
+    Masks are written on the byte index (``< EH = E / 2``), contiguous along the tile, so that
+    the compiler can prove them constant over a vector and load/store 16 bytes at a time."""
+    H: tl.constexpr = GROUP // 2
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    g = tl.program_id(1) * NGT + tl.arange(0, NGT)
+    j = tl.arange(0, H)
+    bi = g[:, None] * H + j[None, :]
+    mt = t < T
+    return t, g, bi, mt, mt[:, None, None] & (bi < EH)[None, :, :]
+
+
+@triton.jit
+def _nibbles(byte):
+    """Sign-extended low and high int4 codes (int32) of a byte tile."""
+    b = byte.to(tl.int32)
+    return (b << 28) >> 28, (b << 24) >> 28
+
+
+@triton.jit
+def _tile_sum(payloads, t, g, bi, mt, m, EH, G, NQ, N: tl.constexpr, GROUP: tl.constexpr):
+    """``sum_r decode(payloads[r])`` over a tile, as the even and odd columns ``[BT, NGT, H]``."""
+    boff = t[:, None, None] * EH + bi[None, :, :]
+    soff = NQ + 2 * (t[:, None] * G + g[None, :])
+    ms = mt[:, None] & (g < G)[None, :]
+    for r in tl.static_range(N):
+        p = payloads[r]
+        lo, hi = _nibbles(tl.load(p + boff, mask=m, other=0))
+        s = fp16_from_bits(load_u16(p, soff, ms))[:, :, None]
+        vl = tl.where(lo == -8, float("nan"), lo.to(tl.float32)) * s
+        vh = tl.where(hi == -8, float("nan"), hi.to(tl.float32)) * s
+        if r == 0:
+            acc_l = vl
+            acc_h = vh
+        else:
+            acc_l = acc_l + vl
+            acc_h = acc_h + vh
+    return acc_l, acc_h
+
+
+@triton.jit
+def _store_pairs(out_ptr, t, g, mt, E, lo, hi, BT: tl.constexpr, NGT: tl.constexpr, GROUP: tl.constexpr):
+    """Store even/odd column tiles ``[BT, NGT, H]`` interleaved as fp32 rows of ``out [T, E]``."""
+    v = tl.reshape(tl.join(lo, hi), [BT, NGT * GROUP])
+    c = tl.program_id(1) * (NGT * GROUP) + tl.arange(0, NGT * GROUP)
+    tl.store(out_ptr + t[:, None] * E + c[None, :], v, mask=mt[:, None] & (c < E)[None, :])
+
+
+@triton.jit
+def group_decode_sum_tile_kernel(payloads, out_ptr, T, E, EH, G, NQ, N: tl.constexpr, GROUP: tl.constexpr,
+                                 BT: tl.constexpr, NGT: tl.constexpr):
+    """``out = sum_r decode(payloads[r])`` in fp32, rank order, for an even E: each payload byte
+    is loaded once and split into its two codes, each scale once per tile row."""
+    t, g, bi, mt, m = _tile_index(T, EH, BT, NGT, GROUP)
+    lo, hi = _tile_sum(payloads, t, g, bi, mt, m, EH, G, NQ, N, GROUP)
+    _store_pairs(out_ptr, t, g, mt, E, lo, hi, BT, NGT, GROUP)
+
+
+@triton.jit
+def _load_pairs(src_ptr, t, mt, E, BT: tl.constexpr, NGT: tl.constexpr, GROUP: tl.constexpr):
+    """fp32 even and odd columns ``[BT, NGT, H]`` of this tile of ``src [T, E]`` (zeros outside)."""
+    H: tl.constexpr = GROUP // 2
+    c = tl.program_id(1) * (NGT * GROUP) + tl.arange(0, NGT * GROUP)
+    x = tl.load(src_ptr + t[:, None] * E + c[None, :], mask=mt[:, None] & (c < E)[None, :], other=0.0)
+    return tl.split(tl.reshape(x.to(tl.float32), [BT, NGT, H, 2]))
+
+
+@triton.jit
+def group_encode_kernel(src, out_ptr, flag_ptr, range_ptr, T, E, EH, G, NQ, max_in, N: tl.constexpr,
+                        BT: tl.constexpr, NGT: tl.constexpr, GROUP: tl.constexpr, FLAG: tl.constexpr,
+                        RANGE: tl.constexpr):
+    """Encode ``src[0]`` (``N == 0``, a partial ``[T, E]``, E even) or the decoded sum of the ``N``
+    payloads in ``src`` (two-shot's reduce and re-encode in one pass), one tile of whole groups
+    per program. Works on the even and odd columns apart, so a byte's two codes meet in one thread."""
+    H: tl.constexpr = GROUP // 2
+    t, g, bi, mt, m = _tile_index(T, EH, BT, NGT, GROUP)
+    if N == 0:
+        xl, xh = _load_pairs(src[0], t, mt, E, BT, NGT, GROUP)
+    else:
+        xl, xh = _tile_sum(src, t, g, bi, mt, m, EH, G, NQ, N, GROUP)
+        xl = tl.where(m, xl, 0.0)
+        xh = tl.where(m, xh, 0.0)
+    if FLAG:
+        flag_if(flag_ptr, m & ~(is_finite(xl) & is_finite(xh)))
+    if RANGE:
+        flag_if(range_ptr, m & ((is_finite(xl) & (tl.abs(xl) > max_in)) | (is_finite(xh) & (tl.abs(xh) > max_in))))
+    sl = saturate(xl, max_in)
+    sh = saturate(xh, max_in)
+    amax = tl.maximum(tl.max(tl.where(is_finite(sl), tl.abs(sl), 0.0), axis=2),
+                      tl.max(tl.where(is_finite(sh), tl.abs(sh), 0.0), axis=2))
+    s = tl.math.div_rn(amax, tl.full([BT, NGT], 7.0, tl.float32))
+    sbits = fp16_bits(tl.where(s > _FP16_MAX, _FP16_MAX, s))
+    s32 = fp16_from_bits(sbits)
+    s32 = tl.broadcast_to(tl.where(s32 == 0.0, 1.0, s32)[:, :, None], [BT, NGT, H])
+    ql = _code(sl, s32)
+    qh = _code(sh, s32)
+    byte = ((ql & 0xF) | ((qh & 0xF) << 4)).to(tl.uint8)
+    tl.store(out_ptr + t[:, None, None] * EH + bi[None, :, :], byte, mask=m)
+    store_u16(out_ptr, NQ + 2 * (t[:, None] * G + g[None, :]), sbits, mt[:, None] & (g < G)[None, :])
+
+
+@triton.jit
+def _code(x, s):
+    """int4 code of saturated ``x`` at scale ``s``: round-half-even of the IEEE quotient, -8 for NaN/Inf."""
+    q = round_half_even(clamp_keep_nan(tl.math.div_rn(x, s), -7.0, 7.0)).to(tl.int32)
+    return tl.where(is_finite(x), q, -8)
+
+
+# ---------------------------------------------------------------- flat decode (odd E: a row starts mid-byte)
 @triton.jit
 def _sum_at(payloads, t, e, m, T, E, G, NQ, N: tl.constexpr, GROUP: tl.constexpr):
     """``sum_r decode(payloads[r])[t, e]`` in fp32, rank order, for index tensors ``t``, ``e``."""
@@ -45,43 +163,6 @@ def _sum_at(payloads, t, e, m, T, E, G, NQ, N: tl.constexpr, GROUP: tl.constexpr
 
 
 @triton.jit
-def group_encode_kernel(src, out_ptr, flag_ptr, range_ptr, T, E, G, NQ, max_in, N: tl.constexpr,
-                        ROWS: tl.constexpr, E_PAD: tl.constexpr, GW: tl.constexpr, GROUP: tl.constexpr,
-                        FLAG: tl.constexpr, RANGE: tl.constexpr):
-    """Encode ``src[0]`` (``N == 0``, a partial ``[T, E]``) or the decoded sum of the ``N``
-    payloads in ``src`` (two-shot's reduce and re-encode in one pass)."""
-    pid = tl.program_id(0)
-    GP: tl.constexpr = E_PAD // GW
-    t = pid * ROWS + tl.arange(0, ROWS)
-    e = tl.arange(0, E_PAD)
-    m = (t[:, None] < T) & (e[None, :] < E)
-    if N == 0:
-        x = tl.load(src[0] + t[:, None] * E + e[None, :], mask=m, other=0.0).to(tl.float32)
-    else:
-        x = _sum_at(src, t[:, None], e[None, :], m, T, E, G, NQ, N, GROUP)
-        x = tl.where(m, x, 0.0)
-    if FLAG:
-        flag_if(flag_ptr, m & ~is_finite(x))
-    if RANGE:
-        flag_if(range_ptr, m & is_finite(x) & (tl.abs(x) > max_in))
-    xg = tl.reshape(saturate(x, max_in), [ROWS, GP, GW])
-    amax = tl.max(tl.where(is_finite(xg), tl.abs(xg), 0.0), axis=2)
-    s = tl.math.div_rn(amax, tl.full([ROWS, GP], 7.0, tl.float32))
-    sbits = fp16_bits(tl.where(s > _FP16_MAX, _FP16_MAX, s))
-    s32 = fp16_from_bits(sbits)
-    s32 = tl.where(s32 == 0.0, 1.0, s32)
-    y = tl.math.div_rn(xg, tl.broadcast_to(s32[:, :, None], [ROWS, GP, GW]))
-    q = round_half_even(clamp_keep_nan(y, -7.0, 7.0)).to(tl.int32)
-    q = tl.where(is_finite(xg), q, -8)
-    lo, hi = tl.split(tl.reshape(q, [ROWS, E_PAD // 2, 2]))
-    byte = ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)
-    i = tl.arange(0, E_PAD // 2)
-    tl.store(out_ptr + t[:, None] * (E // 2) + i[None, :], byte, mask=(t[:, None] < T) & (2 * i[None, :] < E))
-    g = tl.arange(0, GP)
-    store_u16(out_ptr, NQ + 2 * (t[:, None] * G + g[None, :]), sbits, (t[:, None] < T) & (g[None, :] < G))
-
-
-@triton.jit
 def group_decode_sum_kernel(payloads, out_ptr, T, E, G, NQ, N: tl.constexpr, GROUP: tl.constexpr,
                             BLOCK: tl.constexpr):
     """``out = sum_r decode(payloads[r])`` in fp32, rank order; flat over ``T*E`` (any E)."""
@@ -91,16 +172,20 @@ def group_decode_sum_kernel(payloads, out_ptr, T, E, G, NQ, N: tl.constexpr, GRO
 
 
 # ---------------------------------------------------------------- launchers (no codec logic)
+def _tile_grid(t: int, e: int, group: int):
+    rows, ngt, warps = tile_config(t, e, group)
+    return (triton.cdiv(t, rows), triton.cdiv(triton.cdiv(e, group), ngt)), rows, ngt, warps
+
+
 def _launch_encode(src, n_sources, out, t, e, *, group, max_input, flag, range_flag):
-    rows, e_pad, gw, warps = launch_config(t, e, group)
     if t == 0:
         return out
+    grid, rows, ngt, warps = _tile_grid(t, e, group)
     dummy = out
-    group_encode_kernel[(triton.cdiv(t, rows),)](tuple(src), out, dummy if flag is None else flag,
-                                                 dummy if range_flag is None else range_flag, t, e,
-                                                 triton.cdiv(e, group), (t * e + 1) // 2, max_input, N=n_sources,
-                                                 ROWS=rows, E_PAD=e_pad, GW=gw, GROUP=group, FLAG=flag is not None,
-                                                 RANGE=range_flag is not None, num_warps=warps, **FP_OPTIONS)
+    group_encode_kernel[grid](tuple(src), out, dummy if flag is None else flag,
+                              dummy if range_flag is None else range_flag, t, e, e // 2, triton.cdiv(e, group),
+                              (t * e + 1) // 2, max_input, N=n_sources, BT=rows, NGT=ngt, GROUP=group,
+                              FLAG=flag is not None, RANGE=range_flag is not None, num_warps=warps, **FP_OPTIONS)
     return out
 
 
@@ -117,13 +202,19 @@ def reduce_encode(payloads, out, *, t: int, e: int, group: int, max_input: float
 
 
 def decode_sum(payloads, out, *, group: int):
+    """Fill ``out [T, E]`` fp32 with the rank-ordered sum of the decoded ``payloads`` (tiled for even E)."""
     t, e = out.shape
     if t * e == 0:
         return out
+    g, nq = triton.cdiv(e, group), (t * e + 1) // 2
+    if e % 2 == 0:
+        grid, rows, ngt, warps = _tile_grid(t, e, group)
+        group_decode_sum_tile_kernel[grid](tuple(payloads), out, t, e, e // 2, g, nq, N=len(payloads), GROUP=group,
+                                           BT=rows, NGT=ngt, num_warps=warps, **FP_OPTIONS)
+        return out
     block = 1024 if t * e >= 1 << 16 else 256
-    group_decode_sum_kernel[(triton.cdiv(t * e, block),)](tuple(payloads), out, t, e, triton.cdiv(e, group),
-                                                          (t * e + 1) // 2, N=len(payloads), GROUP=group,
-                                                          BLOCK=block, num_warps=4, **FP_OPTIONS)
+    group_decode_sum_kernel[(triton.cdiv(t * e, block),)](tuple(payloads), out, t, e, g, nq, N=len(payloads),
+                                                          GROUP=group, BLOCK=block, num_warps=4, **FP_OPTIONS)
     return out
 
 
@@ -162,48 +253,80 @@ def _mx_sum_at(payloads, t, e, m, E, G, NQ, N: tl.constexpr):
 
 
 @triton.jit
-def mx_encode_kernel(src, out_ptr, flag_ptr, T, E, G, NQ, N: tl.constexpr, ROWS: tl.constexpr,
-                     E_PAD: tl.constexpr, GW: tl.constexpr, FLAG: tl.constexpr):
-    """mxfp4-encode ``src[0]`` (``N == 0``) or the decoded sum of the ``N`` mxfp4 payloads in ``src``.
+def _mx_tile_sum(payloads, t, g, bi, mt, m, EH, G, NQ, N: tl.constexpr):
+    """``sum_r decode(payloads[r])`` of mxfp4 payloads over a tile, as even and odd columns ``[BT, NGT, 16]``."""
+    boff = t[:, None, None] * EH + bi[None, :, :]
+    soff = NQ + t[:, None] * G + g[None, :]
+    ms = mt[:, None] & (g < G)[None, :]
+    for r in tl.static_range(N):
+        p = payloads[r]
+        b = tl.load(p + boff, mask=m, other=0).to(tl.int32)
+        s = _e8m0_scale(tl.load(p + soff, mask=ms, other=127).to(tl.int32))[:, :, None]
+        vl = _e2m1_value(b & 0xF) * s
+        vh = _e2m1_value(b >> 4) * s
+        if r == 0:
+            acc_l = vl
+            acc_h = vh
+        else:
+            acc_l = acc_l + vl
+            acc_h = acc_h + vh
+    return acc_l, acc_h
 
-    Shared exponent ``floor(log2(absmax)) - 2`` from the fp32 exponent bits (what ``frexp``
-    gives), ``y = x * 2**-exp`` (exact), E2M1 rounding half to even per range; a group
-    holding NaN/Inf gets the E8M0 NaN byte 255, and a NaN's code is 0 (what PyTorch's CPU
-    cast of NaN to uint8 writes on x86).
-    """
-    GP: tl.constexpr = E_PAD // GW
-    t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    e = tl.arange(0, E_PAD)
-    m = (t[:, None] < T) & (e[None, :] < E)
-    if N == 0:
-        x = tl.load(src[0] + t[:, None] * E + e[None, :], mask=m, other=0.0).to(tl.float32)
-    else:
-        x = tl.where(m, _mx_sum_at(src, t[:, None], e[None, :], m, E, G, NQ, N), 0.0)
-    if FLAG:
-        flag_if(flag_ptr, m & ~is_finite(x))
-    xg = tl.reshape(x, [ROWS, GP, GW])
-    fin = is_finite(xg)
-    amax = tl.max(tl.where(fin, tl.abs(xg), 0.0), axis=2)
-    a = tl.where(amax < 2.0 ** -126, 2.0 ** -126, amax).to(tl.int32, bitcast=True)
-    ex = ((a >> 23) & 0xFF) - 129
-    ex = tl.where(ex < -127, -127, tl.where(ex > 127, 127, ex))
-    inv = ((127 - ex) << 23).to(tl.float32, bitcast=True)  # 2**-ex, normal for ex in [-127, 125]
-    y = xg * tl.broadcast_to(inv[:, :, None], [ROWS, GP, GW])
+
+@triton.jit
+def _mx_code(x, inv):
+    """E2M1 code (sign in bit 3) of ``x * inv`` (exact: ``inv`` a power of two), rounding half to even
+    within each range; a NaN's code is 0 (what PyTorch's CPU cast of NaN to uint8 writes on x86)."""
+    y = x * inv
     mag = tl.abs(y)
     mag = tl.where(mag > 6.0, 6.0, mag)  # NaN stays NaN
     fine = round_half_even(mag * 2.0)
     mid = round_half_even(mag) + 2.0
     top = round_half_even(mag * 0.5) + 4.0
     code = tl.where(mag < 2.0, fine, tl.where(mag < 4.0, mid, top))
-    code = tl.where(mag != mag, 0, code.to(tl.int32)) | ((y < 0.0).to(tl.int32) << 3)
-    lo, hi = tl.split(tl.reshape(code, [ROWS, E_PAD // 2, 2]))
-    i = tl.arange(0, E_PAD // 2)
-    tl.store(out_ptr + t[:, None] * (E // 2) + i[None, :], (lo | (hi << 4)).to(tl.uint8),
-             mask=(t[:, None] < T) & (2 * i[None, :] < E))
-    bad = tl.min(fin.to(tl.int32), axis=2) == 0
-    g = tl.arange(0, GP)
+    return tl.where(mag != mag, 0, code.to(tl.int32)) | ((y < 0.0).to(tl.int32) << 3)
+
+
+@triton.jit
+def mx_encode_kernel(src, out_ptr, flag_ptr, T, E, EH, G, NQ, N: tl.constexpr, BT: tl.constexpr, NGT: tl.constexpr,
+                     FLAG: tl.constexpr):
+    """mxfp4-encode ``src[0]`` (``N == 0``) or the decoded sum of the ``N`` mxfp4 payloads in ``src``,
+    one tile of whole 32-groups per program, even and odd columns apart.
+
+    Shared exponent ``floor(log2(absmax)) - 2`` from the fp32 exponent bits (what ``frexp``
+    gives), ``y = x * 2**-exp`` (exact), E2M1 rounding half to even per range; a group
+    holding NaN/Inf gets the E8M0 NaN byte 255.
+    """
+    t, g, bi, mt, m = _tile_index(T, EH, BT, NGT, 32)
+    if N == 0:
+        xl, xh = _load_pairs(src[0], t, mt, E, BT, NGT, 32)
+    else:
+        xl, xh = _mx_tile_sum(src, t, g, bi, mt, m, EH, G, NQ, N)
+        xl = tl.where(m, xl, 0.0)
+        xh = tl.where(m, xh, 0.0)
+    fl = is_finite(xl)
+    fh = is_finite(xh)
+    if FLAG:
+        flag_if(flag_ptr, m & ~(fl & fh))
+    amax = tl.maximum(tl.max(tl.where(fl, tl.abs(xl), 0.0), axis=2), tl.max(tl.where(fh, tl.abs(xh), 0.0), axis=2))
+    a = tl.where(amax < 2.0 ** -126, 2.0 ** -126, amax).to(tl.int32, bitcast=True)
+    ex = ((a >> 23) & 0xFF) - 129
+    ex = tl.where(ex < -127, -127, tl.where(ex > 127, 127, ex))
+    inv = tl.broadcast_to(((127 - ex) << 23).to(tl.float32, bitcast=True)[:, :, None], [BT, NGT, 16])  # 2**-ex
+    code = _mx_code(xl, inv) | (_mx_code(xh, inv) << 4)
+    tl.store(out_ptr + t[:, None, None] * EH + bi[None, :, :], code.to(tl.uint8), mask=m)
+    bad = tl.minimum(tl.min((fl & fh).to(tl.int32), axis=2), 1) == 0
     tl.store(out_ptr + NQ + t[:, None] * G + g[None, :], tl.where(bad, 255, ex + 127).to(tl.uint8),
-             mask=(t[:, None] < T) & (g[None, :] < G))
+             mask=mt[:, None] & (g < G)[None, :])
+
+
+@triton.jit
+def mx_decode_sum_tile_kernel(payloads, out_ptr, T, E, EH, G, NQ, N: tl.constexpr, BT: tl.constexpr,
+                              NGT: tl.constexpr):
+    """``out = sum_r decode(payloads[r])`` of mxfp4 payloads in fp32, rank order, for an even E."""
+    t, g, bi, mt, m = _tile_index(T, EH, BT, NGT, 32)
+    lo, hi = _mx_tile_sum(payloads, t, g, bi, mt, m, EH, G, NQ, N)
+    _store_pairs(out_ptr, t, g, mt, E, lo, hi, BT, NGT, 32)
 
 
 @triton.jit
@@ -217,11 +340,10 @@ def mx_decode_sum_kernel(payloads, out_ptr, T, E, G, NQ, N: tl.constexpr, BLOCK:
 def _mx_launch(src, n_src, out, t, e, flag):
     if t == 0:
         return out
-    rows, e_pad, gw, warps = launch_config(t, e, 32)
-    mx_encode_kernel[(triton.cdiv(t, rows),)](tuple(src), out, out if flag is None else flag, t, e,
-                                              triton.cdiv(e, 32), (t * e + 1) // 2, N=n_src, ROWS=rows,
-                                              E_PAD=e_pad, GW=gw, FLAG=flag is not None, num_warps=warps,
-                                              **FP_OPTIONS)
+    grid, rows, ngt, warps = _tile_grid(t, e, 32)
+    mx_encode_kernel[grid](tuple(src), out, out if flag is None else flag, t, e, e // 2, triton.cdiv(e, 32),
+                           (t * e + 1) // 2, N=n_src, BT=rows, NGT=ngt, FLAG=flag is not None, num_warps=warps,
+                           **FP_OPTIONS)
     return out
 
 
@@ -236,11 +358,17 @@ def mx_reduce_encode(payloads, out, *, t: int, e: int, flag=None):
 
 
 def mx_decode_sum(payloads, out):
+    """Fill ``out [T, E]`` fp32 with the rank-ordered sum of the decoded mxfp4 ``payloads`` (tiled for even E)."""
     t, e = out.shape
     if t * e == 0:
         return out
+    g, nq = triton.cdiv(e, 32), (t * e + 1) // 2
+    if e % 2 == 0:
+        grid, rows, ngt, warps = _tile_grid(t, e, 32)
+        mx_decode_sum_tile_kernel[grid](tuple(payloads), out, t, e, e // 2, g, nq, N=len(payloads), BT=rows,
+                                        NGT=ngt, num_warps=warps, **FP_OPTIONS)
+        return out
     block = 1024 if t * e >= 1 << 16 else 256
-    mx_decode_sum_kernel[(triton.cdiv(t * e, block),)](tuple(payloads), out, t, e, triton.cdiv(e, 32),
-                                                       (t * e + 1) // 2, N=len(payloads), BLOCK=block,
-                                                       num_warps=4, **FP_OPTIONS)
+    mx_decode_sum_kernel[(triton.cdiv(t * e, block),)](tuple(payloads), out, t, e, g, nq, N=len(payloads),
+                                                       BLOCK=block, num_warps=4, **FP_OPTIONS)
     return out

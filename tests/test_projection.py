@@ -1,0 +1,226 @@
+"""scripts/projection.py: the interconnect projection from measured GPU kernel times.
+
+The device-check documents here are tiny synthetic ones in scripts/gpu_check.py's schema, with
+per-call times chosen by hand; every expected time is worked out in the test from those
+times and the formulas the document states (bytes from the wire format's bits per value),
+not taken from the script.
+"""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+E = 8192
+G32_BYTES = 4.5 / 8  # int4-g32: 4-bit codes + an fp16 scale per 32 values
+
+# hand-chosen seconds per call: (encode, decode-and-sum, reduce-and-re-encode) per tokens
+W2 = {32: (100e-6, 60e-6, 70e-6), 2048: (160e-6, 110e-6, 300e-6), 8192: (400e-6, 300e-6, 1100e-6)}
+W8 = {2048: (130e-6, 240e-6, 1300e-6)}
+
+
+@pytest.fixture(scope="module")
+def projection():
+    spec = importlib.util.spec_from_file_location("projection", ROOT / "scripts" / "projection.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["projection"] = mod  # its dataclass looks its module up while being built
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        del sys.modules["projection"]
+    return mod
+
+
+def _row(codec, tokens, enc, dec, red, bits=4.5):
+    f = 4 * tokens * E
+    return {"codec": codec, "tokens": tokens, "hidden": E, "bits_per_value": bits, "copy_gbps": 2000.0,
+            "encode_fp32_gbps": f / enc / 1e9, "decode_sum_fp32_gbps": f / dec / 1e9, "reduce_encode_us": red * 1e6}
+
+
+def _doc(world, table, codec="int4-g32", extra_rows=(), **top):
+    doc = {"environment": {"cuda": "Test GPU", "torch": "0"}, "device": "cuda", "dry_run_interpreter": False,
+           "world": world, "repeats": 20, "complete": True, "skipped_for_budget": [], "command": "test",
+           "rows": [_row(codec, t, *v) for t, v in table.items()] + list(extra_rows)}
+    doc.update(top)
+    return doc
+
+
+def _write(path, doc):
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.fixture
+def files(tmp_path):
+    return [_write(tmp_path / "w2.json", _doc(2, W2)), _write(tmp_path / "w8.json", _doc(8, W8))]
+
+
+@pytest.fixture
+def kernels(projection, files):
+    return projection.MeasuredKernels([projection.load_gpu_check(p) for p in files])
+
+
+LINK = (50e9, 8e-6)
+
+
+def test_gather_tp2_is_wire_plus_the_measured_calls(projection, kernels):
+    t = projection.allreduce_time("int4-g32", "gather", tokens=2048, tp=2, link=LINK, kernels=kernels)
+    payload = 2048 * E * G32_BYTES
+    wire = 1 * 8e-6 + payload / 50e9  # one step, one payload sent
+    assert t["bytes_sent"] == payload
+    assert t["total_s"] == pytest.approx(wire + 160e-6 + 110e-6, rel=1e-12)
+
+
+def test_gather_other_worlds_measured_or_bytes_model(projection, kernels):
+    enc = 160e-6
+    # TP 4: no world-4 rows -> the world-2 decode-and-sum scaled by (4p + 4)/(2p + 4)
+    t4 = projection.allreduce_time("int4-g32", "gather", tokens=2048, tp=4, link=(1e30, 0.0), kernels=kernels)
+    assert t4["codec_s"] == pytest.approx(enc + 110e-6 * (4 * G32_BYTES + 4) / (2 * G32_BYTES + 4), rel=1e-12)
+    # TP 8: the measured world-8 row as it is
+    t8 = projection.allreduce_time("int4-g32", "gather", tokens=2048, tp=8, link=(1e30, 0.0), kernels=kernels)
+    assert t8["codec_s"] == pytest.approx(enc + 240e-6, rel=1e-12)
+    # TP 16: the world-8 row scaled by (16p + 4)/(8p + 4)
+    t16 = projection.allreduce_time("int4-g32", "gather", tokens=2048, tp=16, link=(1e30, 0.0), kernels=kernels)
+    assert t16["codec_s"] == pytest.approx(enc + 240e-6 * (16 * G32_BYTES + 4) / (8 * G32_BYTES + 4), rel=1e-12)
+    # above the largest measured shape: in proportion to the tokens
+    big = projection.allreduce_time("int4-g32", "gather", tokens=16384, tp=2, link=(1e30, 0.0), kernels=kernels)
+    assert big["codec_s"] == pytest.approx(2 * (400e-6 + 300e-6), rel=1e-12)
+
+
+def test_two_shot_interpolates_the_chunk_size(projection, kernels):
+    # TP 2, 2048 tokens: chunks of 1024 rows, between the measured 32 and 2048
+    f = (1024 - 32) / (2048 - 32)
+    lerp = [a + f * (b - a) for a, b in zip(W2[32], W2[2048])]
+    enc, dec2, red2 = lerp
+    dec1 = dec2 * (G32_BYTES + 4) / (2 * G32_BYTES + 4)  # a decode of one payload, bytes model
+    chunk = 1024 * E * G32_BYTES
+    wire = 2 * 1 * 8e-6 + 2 * 1 * chunk / 50e9
+    t = projection.allreduce_time("int4-g32", "two-shot", tokens=2048, tp=2, link=LINK, kernels=kernels)
+    assert t["bytes_sent"] == 2 * chunk
+    assert t["total_s"] == pytest.approx(wire + 2 * enc + red2 + 2 * dec1, rel=1e-12)
+
+
+def test_two_shot_small_chunks_take_the_smallest_shapes_time(projection, kernels):
+    # decode step, TP 8: chunks of 4 rows are below the measured 32 -> the 32-token times; the
+    # world-8 rows start at 2048 tokens, so the reduce comes from world 2 scaled by (8 + 1)/(2 + 1)
+    enc, dec2, red2 = W2[32]
+    dec1 = dec2 * (G32_BYTES + 4) / (2 * G32_BYTES + 4)
+    t = projection.allreduce_time("int4-g32", "two-shot", tokens=32, tp=8, link=(1e30, 0.0), kernels=kernels)
+    assert t["codec_s"] == pytest.approx(8 * enc + red2 * 9 / 3 + 8 * dec1, rel=1e-12)
+
+
+def test_project_rows_scale_one_call_to_the_forward_pass(projection, kernels):
+    rows = projection.project(kernels)
+    pick = lambda scheme: next(r for r in rows if r["phase"] == "prefill" and r["tp"] == 2 and r["scheme"] == scheme
+                               and r["link"] == projection.PCIE)
+    base, g = pick("bf16 all-reduce"), pick("int4-g32 gather")
+    m = 2048 * E
+    bf16 = min(2 * 8e-6 + 2 * 1 / 2 * m * 2 / 50e9, 8e-6 + m * 2 / 50e9)
+    mine = 8e-6 + m * G32_BYTES / 50e9 + 160e-6 + 110e-6
+    assert base["comm_ms_per_pass"] == pytest.approx(80 * 2 * bf16 * 1e3, rel=1e-12)
+    assert g["comm_speedup"] == pytest.approx(bf16 / mine, rel=1e-12)
+    # codecs without a measured row are left out, not guessed
+    assert not any(r["scheme"].startswith("int4-outlier") for r in rows)
+
+
+def test_goals_follow_the_measured_speed(projection, tmp_path):
+    def judged(scale):
+        table = {t: tuple(s * scale for s in v) for t, v in W2.items()}
+        k = projection.MeasuredKernels([projection.load_gpu_check(_write(tmp_path / "w.json", _doc(2, table)))])
+        return {g["link"]: g for g in projection.goals(projection.project(k))}
+
+    fast = judged(1e-6)  # codec nearly free: the wire byte ratio decides
+    m = 2048 * E
+    bf16_pcie = 2 * 3 * 8e-6 + 2 * 7 / 8 * m * 2 / 50e9
+    two_shot_pcie = 2 * 3 * 8e-6 + 2 * 7 * 256 * E * G32_BYTES / 50e9
+    assert fast[projection.PCIE]["comm_speedup"] == pytest.approx(bf16_pcie / two_shot_pcie, rel=1e-3)
+    assert fast[projection.PCIE]["met"] and fast[projection.IB]["met"] and fast[projection.NVLINK]["met"]
+    slow = judged(1.0)
+    assert not slow[projection.PCIE]["met"] and not slow[projection.NVLINK]["met"]
+
+
+def test_bytes_model_check_against_the_measured_world8(projection, kernels):
+    check = {(c["op"], c["tokens"]): c for c in projection.honesty_check(kernels)}
+    dec = check[("decode-and-sum", 2048)]
+    assert dec["measured_us"] == pytest.approx(240)
+    assert dec["model_us"] == pytest.approx(110 * (8 * G32_BYTES + 4) / (2 * G32_BYTES + 4))
+    assert check[("reduce-and-re-encode", 2048)]["model_us"] == pytest.approx(300 * 9 / 3)
+
+
+# ----------------------------------------------------------------- refusals
+@pytest.mark.parametrize("doc, words", [
+    ({"environment": {"cuda": "NVIDIA H200"}, "shape": [8192, 8192],
+      "rows": [{"codec": "int4", "bits_per_value": 4.0, "encode_gbps": 200.0, "decode_gbps": 380.0}]}, "old"),
+    (_doc(2, W2, dry_run_interpreter=True, device="cpu"), "dry run"),
+    (_doc(2, W2, device="cpu"), "not a GPU"),
+    (_doc(2, {}, extra_rows=[{"codec": "int4-g32", "tokens": 32, "hidden": E, "error": "Boom: x"}]), "every row failed"),
+    (_doc(2, {2048: W2[2048]}, extra_rows=[{"codec": "int8", "tokens": 32, "hidden": E, "copy_gbps": 1.0}]), "lacks"),
+])
+def test_unusable_device_checks_are_refused(projection, tmp_path, doc, words):
+    path = _write(tmp_path / "bad.json", doc)
+    with pytest.raises(projection.ProjectionInputError, match=words):
+        projection.load_gpu_check(path)
+    with pytest.raises(SystemExit) as exc:  # the CLI says it in one line
+        projection.main(["--gpu-check", str(path), "--out", str(tmp_path / "p.md")])
+    msg = str(exc.value.code)
+    assert msg.startswith("projection: ") and "\n" not in msg and words in msg
+
+
+def test_a_changed_wire_format_is_refused(projection, tmp_path):
+    doc = _doc(2, W2)
+    for r in doc["rows"]:
+        r["bits_per_value"] = 4.25
+    with pytest.raises(projection.ProjectionInputError, match="wire format changed"):
+        projection.MeasuredKernels([projection.load_gpu_check(_write(tmp_path / "w.json", doc))])
+
+
+def test_error_rows_are_left_out_and_listed(projection, tmp_path):
+    err = [{"codec": "int8", "tokens": t, "hidden": E, "error": "AttributeError: boom"} for t in (32, 2048)]
+    w2 = _write(tmp_path / "w2.json", _doc(2, W2, extra_rows=err))
+    k = projection.MeasuredKernels([projection.load_gpu_check(w2)])
+    assert k.has("int4-g32") and not k.has("int8")
+    out = tmp_path / "projection.md"
+    projection.write_doc(out, [w2])
+    text = out.read_text()
+    assert "Left out of the GPU tables" in text and "int8 two-shot" in text and "AttributeError: boom" in text
+    assert "| int8 two-shot |" not in text.split("## Contrast")[0]
+    assert (tmp_path / "projection.json").exists()
+
+
+def test_default_files_rule(projection, tmp_path):
+    old = {"environment": {}, "shape": [8192, 8192], "rows": [{"codec": "int4", "encode_gbps": 1, "decode_gbps": 1}]}
+    _write(tmp_path / "gpu_check.json", old)
+    with pytest.raises(projection.ProjectionInputError, match="no fused-kernel device check"):
+        projection.default_gpu_checks(tmp_path)
+    for name in ("gpu_check_h100_run2.json", "gpu_check_h100_run10.json", "gpu_check_h100_run10_world8.json",
+                 "gpu_check_h100_run2_world8.json"):
+        _write(tmp_path / name, _doc(2, W2))
+    assert [p.name for p in projection.default_gpu_checks(tmp_path)] == [
+        "gpu_check_h100_run10.json", "gpu_check_h100_run10_world8.json"]
+    _write(tmp_path / "gpu_check.json", _doc(2, W2))  # the final run in the fused schema wins
+    assert [p.name for p in projection.default_gpu_checks(tmp_path)] == ["gpu_check.json"]
+    _write(tmp_path / "gpu_check_world8.json", _doc(8, W8))
+    assert [p.name for p in projection.default_gpu_checks(tmp_path)] == ["gpu_check.json", "gpu_check_world8.json"]
+
+
+def test_the_doc_states_its_sources_and_no_assumed_scenario(projection, files, tmp_path):
+    out = tmp_path / "projection.md"
+    projection.write_doc(out, files)
+    text = out.read_text()
+    assert projection.COMMAND in text and "Test GPU" in text and "w8.json" in text
+    assert "## Goals of issue 8" in text and "TP 64" in text and "100 GbE" in text
+    assert "modelled, not measured" in text
+    assert "fused-kernel scenario" not in text.lower() and not hasattr(projection, "FUSED_VALUES_PER_S")
+
+
+def test_the_bytes_follow_the_wire_format(projection, kernels):
+    e = projection.MODEL["hidden"]
+    ring = projection.allreduce_time("bf16", "allreduce", tokens=64, tp=4, link=(10e9, 0.0))
+    assert ring["bytes_sent"] == pytest.approx(2 * 3 / 4 * 64 * e * 2)
+    gather = projection.allreduce_time("int4-g32", "gather", tokens=64, tp=4, link=(10e9, 0.0), kernels=kernels)
+    # gather sends N-1 payloads of b bits/value, a bf16 ring 2(N-1)/N x 16 bits: ratio N * b / 32
+    assert gather["bytes_sent"] / ring["bytes_sent"] == pytest.approx(4 * 4.5 / 32)
+    two = projection.allreduce_time("int4-g32", "two-shot", tokens=64, tp=4, link=(10e9, 0.0), kernels=kernels)
+    assert two["bytes_sent"] / ring["bytes_sent"] == pytest.approx(4.5 / 16)
