@@ -32,6 +32,25 @@ def launch_config(tokens: int, hidden: int, group: int) -> tuple[int, int, int, 
     return rows, e_pad, gw, warps
 
 
+# Widest column tile of the column-tiled kernels (decode-and-sum). Tests lower it to reach the
+# tile edges with small E; the bits do not depend on it.
+MAX_TILE_COLS = 256
+
+
+def tile_config(tokens: int, hidden: int, group: int, block: int, nranks: int = 1) -> tuple[int, int, int]:
+    """(rows per program, tile width W, warps) of the column-tiled kernels.
+
+    ``W`` is a power of two that Hadamard blocks and groups divide, so a tile holds whole
+    blocks and whole groups (a group cut by E is cut the same way as in the reference). One
+    warp per program keeps the butterfly's exchanges inside a warp (shuffles, no barriers);
+    ~32 values per thread per payload keeps the state in registers.
+    """
+    w = max(block, group, min(MAX_TILE_COLS, triton.next_power_of_2(hidden)))
+    per_program = 256 if nranks > 4 else 512  # values of one payload per program: 8 or 16 per thread
+    rows = max(1, min(triton.next_power_of_2(tokens), per_program // w))
+    return rows, w, 1
+
+
 def inv_sqrt(block: int) -> float:
     """``1/sqrt(block)`` rounded to fp32, as the reference's tensor * Python-float multiply uses it."""
     return float(np.float32(1.0 / math.sqrt(block)))
@@ -227,16 +246,109 @@ def _sum_tile(payloads, t, e, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, T, E, 
 
 
 @triton.jit
+def _load_codes(p, CODE_OFF, NCB, t, tm, c0, E, ROWS: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr,
+                PACKED: tl.constexpr):
+    """The codes (int32) of tokens ``t`` at columns ``c0 + [0, W)``, each payload byte read once.
+
+    ``PACKED``: rows start on a byte (E even for 4-bit codes, E % 8 == 0 for bit-planes), so
+    whole bytes are loaded and split; otherwise each code reads its own byte."""
+    c = c0 + tl.arange(0, W)
+    m = tm[:, None] & (c[None, :] < E)
+    if BITS == 8:
+        code = tl.load(p + CODE_OFF + t[:, None] * E + c[None, :], mask=m, other=0).to(tl.int32)
+    elif BITS == 4:
+        if PACKED:
+            i = c0 // 2 + tl.arange(0, W // 2)
+            b = tl.load(p + CODE_OFF + t[:, None] * (E // 2) + i[None, :], mask=tm[:, None] & (2 * i < E)[None, :],
+                        other=0).to(tl.int32)
+            code = tl.reshape(tl.join(b & 0xF, b >> 4), [ROWS, W])
+        else:
+            f = t[:, None] * E + c[None, :]
+            code = (tl.load(p + CODE_OFF + f // 2, mask=m, other=0).to(tl.int32) >> (4 * (f & 1))) & 0xF
+    else:  # bit-planes: plane j holds bit j of every code, 8 codes per byte, LSB first
+        if PACKED:
+            i = c0 // 8 + tl.arange(0, W // 8)
+            off = CODE_OFF + t[:, None] * (E // 8) + i[None, :]
+            pm = tm[:, None] & (8 * i < E)[None, :]
+            sh = tl.arange(0, 8)[None, None, :]
+            code3 = tl.zeros([ROWS, W // 8, 8], dtype=tl.int32)
+            for j in tl.static_range(BITS):
+                plane = tl.load(p + off + j * NCB, mask=pm, other=0).to(tl.int32)
+                code3 = code3 | (((plane[:, :, None] >> sh) & 1) << j)
+            code = tl.reshape(code3, [ROWS, W])
+        else:
+            f = t[:, None] * E + c[None, :]
+            code = tl.zeros([ROWS, W], dtype=tl.int32)
+            for j in tl.static_range(BITS):
+                plane = tl.load(p + CODE_OFF + j * NCB + f // 8, mask=m, other=0).to(tl.int32)
+                code = code | (((plane >> (f & 7)) & 1) << j)
+    return code
+
+
+@triton.jit
+def _group_scales(p, SCALE_OFF, lg8_ptr, t, tm, c0, T, G, ROWS: tl.constexpr, W: tl.constexpr,
+                  GROUP: tl.constexpr, FMT: tl.constexpr):
+    """The decoded scales ``[ROWS, W // GROUP]`` of the groups of columns ``c0 + [0, W)``."""
+    gq = c0 // GROUP + tl.arange(0, W // GROUP)
+    gm = tm[:, None] & (gq < G)[None, :]
+    gidx = t[:, None] * G + gq[None, :]
+    if FMT == 0:
+        scale = fp16_from_bits(load_u16(p, SCALE_OFF + 2 * gidx, gm))
+    elif FMT == 1:
+        sb = tl.load(p + SCALE_OFF + gidx, mask=gm, other=127).to(tl.int32)
+        scale = tl.where(sb == 0, 0x400000, sb << 23).to(tl.float32, bitcast=True)
+        scale = tl.where(sb == 255, float("nan"), scale)
+    else:
+        q = tl.load(p + SCALE_OFF + gidx, mask=gm, other=0).to(tl.int32)
+        base = bf16_from_bits(load_u16(p, SCALE_OFF + T * G + 2 * t, tm))
+        scale = base[:, None] * tl.load(lg8_ptr + q)
+        scale = tl.where(q == 255, float("nan"), scale)
+    return scale
+
+
+@triton.jit
+def _decode_tile(p, r, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF, SCALE_OFF,
+                 ROWS: tl.constexpr, W: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr,
+                 GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
+                 PACKED: tl.constexpr):
+    """``decode(payload p)`` of tokens ``t`` at columns ``c0 + [0, W)``: fp32 ``[ROWS, W]``;
+    ``signs`` = the random signs times ``1/sqrt(B)``.
+
+    The tile holds whole Hadamard blocks and whole groups, so nothing outside it is read."""
+    code = _load_codes(p, CODE_OFF, NCB, t, tm, c0, E, ROWS, W, BITS, PACKED)
+    scale = _group_scales(p, SCALE_OFF, lg8_ptr, t, tm, c0, T, G, ROWS, W, GROUP, FMT)
+    vals = tl.load(levels_ptr + code)
+    z = tl.reshape(tl.reshape(vals, [ROWS, W // GROUP, GROUP]) * scale[:, :, None], [ROWS, W])
+    # (h * inv) * sign == h * (inv * sign) bit for bit: the sign only flips the rounded product
+    x = tl.reshape(_fwht_rows(z, ROWS * W // B, B, LOG2B), [ROWS, W]) * signs
+    if HAS_K:
+        c = c0 + tl.arange(0, W)
+        cm = tl.load(colmap_ptr + r * E + c, mask=c < E, other=-1)
+        if tl.max(cm, axis=0) >= 0:  # most tiles hold no kept channel of this rank
+            cm2 = tl.broadcast_to(cm[None, :], [ROWS, W])
+            kept = bf16_from_bits(load_u16(p, 2 * (t[:, None] * NK + cm2), tm[:, None] & (cm2 >= 0)))
+            x = tl.where(cm2 >= 0, kept, x)
+    return x
+
+
+@triton.jit
 def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, out_ptr, T, E, G, NK, NCB, CODE_OFF,
-                          SCALE_OFF, inv_sqrt_b, N: tl.constexpr, ROWS: tl.constexpr, E_PAD: tl.constexpr,
+                          SCALE_OFF, inv_sqrt_b, N: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr,
                           B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
-                          FMT: tl.constexpr, HAS_K: tl.constexpr):
-    """``out = sum_r decode(payloads[r])`` in fp32, rank order, written once."""
+                          FMT: tl.constexpr, HAS_K: tl.constexpr, PACKED: tl.constexpr):
+    """``out = sum_r decode(payloads[r])`` in fp32, rank order, written once; one program per
+    ``[ROWS, W]`` tile (grid: token blocks x column tiles)."""
     t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    e = tl.arange(0, E_PAD)
-    acc = _sum_tile(payloads, t, e, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF, SCALE_OFF,
-                    inv_sqrt_b, N, ROWS, E_PAD, B, LOG2B, GROUP, BITS, FMT, HAS_K)
-    tl.store(out_ptr + t[:, None] * E + e[None, :], acc, mask=(t[:, None] < T) & (e[None, :] < E))
+    c0 = tl.program_id(1) * W
+    c = c0 + tl.arange(0, W)
+    tm = t < T
+    signs = (tl.load(signs_ptr + c, mask=c < E, other=1.0) * inv_sqrt_b)[None, :]
+    acc = _decode_tile(payloads[0], 0, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF,
+                       SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED)
+    for r in tl.static_range(1, N):
+        acc = acc + _decode_tile(payloads[r], r, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB,
+                                 CODE_OFF, SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED)
+    tl.store(out_ptr + t[:, None] * E + c[None, :], acc, mask=tm[:, None] & (c < E)[None, :])
 
 
 @triton.jit
@@ -302,11 +414,12 @@ def decode_sum(payloads, *, signs, colmap, levels, lg8, out, nk: int, code_bytes
     t, e = out.shape
     if t == 0:
         return out
-    rows, e_pad, _, warps = launch_config(t, e, group)
+    rows, w, warps = tile_config(t, e, group, block, len(payloads))
     off = 2 * t * nk
-    rot_decode_sum_kernel[(triton.cdiv(t, rows),)](
+    packed = bits == 8 or (bits == 4 and e % 2 == 0) or e % 8 == 0
+    rot_decode_sum_kernel[(triton.cdiv(t, rows), triton.cdiv(e, w))](
         tuple(payloads), signs, colmap, levels, lg8, out, t, e, triton.cdiv(e, group), nk, (t * e + 7) // 8,
-        off, off + code_bytes, inv_sqrt(block), N=len(payloads), ROWS=rows, E_PAD=e_pad, B=block,
+        off, off + code_bytes, inv_sqrt(block), N=len(payloads), ROWS=rows, W=w, B=block,
         LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits, FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0,
-        num_warps=warps, **FP_OPTIONS)
+        PACKED=packed, num_warps=warps, **FP_OPTIONS)
     return out
