@@ -33,11 +33,13 @@ CANDIDATES = ("rot-lm2-g64-lg8-k4", "rot-lm3-g64-lg8-k4", "rot-lm4-g64-lg8-k4", 
 
 
 def check_cached(m: dict, *, model: str, tp: int, reference: str, error_feedback: bool, probe: dict, codecs,
-                 path) -> None:
+                 path, sensitivity: str = "alone") -> None:
     """Refuse an OUT/measure.json written for another study: its sensitivities would be reused
     silently (e.g. a plan "with error feedback" built on a KL measured without it)."""
-    want = {"model": model, "tp": tp, "reference": reference, "error_feedback": bool(error_feedback)}
-    got = {k: m.get(k, False if k == "error_feedback" else None) for k in want}
+    want = {"model": model, "tp": tp, "reference": reference, "error_feedback": bool(error_feedback),
+            "sensitivity": sensitivity}
+    older = {"error_feedback": False, "sensitivity": "alone"}  # files written before these fields
+    got = {k: m.get(k, older.get(k)) for k in want}
     if got != want:
         raise SystemExit(f"{path} was measured for {got}, not {want}: use another --out-dir or delete it")
     if m.get("probe", {}).get("samples") != probe["samples"] or m["probe"].get("seq_len") != probe["seq_len"]:
@@ -65,6 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--error-feedback", action="store_true",
                     help="measure the per-layer KL with error feedback along depth (the plan for runs with "
                          "--error-feedback); not with --own-sensitivity")
+    ap.add_argument("--sensitivity", choices=("alone", "in-context"), default="alone",
+                    help="alone: each layer's KL with --reference there and bf16 elsewhere (layer_sensitivity); "
+                         "in-context: the KL saved by taking the layer alone to bf16 while every other layer uses "
+                         "--reference (layer_marginal_kl)")
     ap.add_argument("--two", nargs="*", type=float, default=[],
                     help="also today's two-codec rule (allocate: --reference for most layers, --high for the "
                          "most sensitive) at these budgets, on the same sensitivity")
@@ -95,7 +101,8 @@ def main(argv=None) -> None:
     import torch
 
     from lowbit_tp.calibration import Calibration
-    from lowbit_tp.calibration.allocate import allocate, allocate_many, layer_errors, layer_sensitivity
+    from lowbit_tp.calibration.allocate import (allocate, allocate_many, layer_errors, layer_marginal_kl,
+                                                 layer_sensitivity)
     from lowbit_tp.data import chunk_tokens, load_split
     from lowbit_tp.models import load_model
 
@@ -107,8 +114,9 @@ def main(argv=None) -> None:
     text = cal.meta.get("config", {}).get("text")
     split = load_split(text, glob=cal.meta.get("config", {}).get("text_glob", "*"))
     own = cal.meta.get("bit_allocation")
-    if args.own_sensitivity and args.error_feedback:
-        raise SystemExit("--own-sensitivity reuses a KL measured without error feedback; drop one of them")
+    if args.own_sensitivity and (args.error_feedback or args.sensitivity != "alone"):
+        raise SystemExit("--own-sensitivity reuses a KL measured alone without error feedback; "
+                         "drop --own-sensitivity or --error-feedback/--sensitivity")
     if args.own_sensitivity:
         if not own or own.get("low") != args.reference:
             raise SystemExit(f"--own-sensitivity: the calibration has no plan measured with {args.reference}")
@@ -121,19 +129,21 @@ def main(argv=None) -> None:
     if meas.exists():
         m = json.loads(meas.read_text())
         check_cached(m, model=args.model, tp=args.tp, reference=args.reference, error_feedback=args.error_feedback,
-                     probe=probe.manifest(), codecs=[args.reference, *args.codecs], path=meas)
+                     probe=probe.manifest(), codecs=[args.reference, *args.codecs], path=meas,
+                     sensitivity=args.sensitivity)
         sens, errs = m["sensitivity_kl"], m["mse"]
     else:
         t0 = time.perf_counter()
         codecs = list(dict.fromkeys([args.reference, *args.codecs]))
         errs = layer_errors(model, probe.input_ids, cal, tp=args.tp, codecs=codecs, name=info.name)
         t1 = time.perf_counter()
+        measure = layer_marginal_kl if args.sensitivity == "in-context" else layer_sensitivity
         sens = (own["sensitivity_kl"] if args.own_sensitivity else
-                layer_sensitivity(model, probe.input_ids, cal, tp=args.tp, codec=args.reference, name=info.name,
-                                  error_feedback=args.error_feedback))
+                measure(model, probe.input_ids, cal, tp=args.tp, codec=args.reference, name=info.name,
+                        error_feedback=args.error_feedback))
         t2 = time.perf_counter()
         meas.write_text(json.dumps({"model": args.model, "tp": args.tp, "reference": args.reference,
-                                    "error_feedback": args.error_feedback,
+                                    "error_feedback": args.error_feedback, "sensitivity": args.sensitivity,
                                     "probe": probe.manifest(), "sensitivity_kl": sens, "mse": errs,
                                     "seconds": {"errors": round(t1 - t0, 1), "sensitivity": round(t2 - t1, 1)}},
                                    indent=1))
@@ -179,7 +189,8 @@ def main(argv=None) -> None:
         if args.json:
             plans_json = {n: {k: v for k, v in p.items() if k not in ("mse", "sensitivity_kl", "probe")}
                           for n, p in plans.items()}
-            Path(args.json).write_text(json.dumps({**res.to_json(), "plans": plans_json}, indent=1, default=str))
+            Path(args.json).write_text(json.dumps({"args": vars(args), **res.to_json(), "plans": plans_json}, indent=1,
+                                                  default=str))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ the fused-kernel schema (``world`` and ``dry_run_interpreter`` at its top), toge
 ``docs/bench/gpu_check_world8.json`` if present; otherwise the highest-numbered
 ``docs/bench/gpu_check_<gpu>_run<K>.json`` together with its ``_world8`` sibling if present.
 A file in the old (unfused, H200) schema, a dry run under the Triton interpreter, a run on a
-CPU or one whose rows all failed is refused in one line; rows with an ``error`` are left out
-(listed in the document), never read as numbers.
+CPU or one whose rows all failed is refused in one line; rows with an ``error``, and codecs
+whose device payloads or sums were not bitwise the CPU reference, are left out (listed in the
+document), never read as numbers.
 """
 from __future__ import annotations
 
@@ -191,10 +192,13 @@ class MeasuredKernels:
         e = MODEL["hidden"]
         for doc in docs:
             w = doc["world"]
+            # a codec whose device payloads or sums differ from the CPU reference has no speed worth using
+            wrong = {r["codec"]: f"{k}={r[k]}" for r in doc["rows"] for k in IDENTITY if k in r and r[k] is not True}
             for r in doc["rows"]:
                 key = (r["codec"], w)
-                if "error" in r:
-                    self.failed.setdefault(key, r["error"])
+                if "error" in r or r["codec"] in wrong:
+                    why = r.get("error") or f"not bitwise the CPU reference ({wrong[r['codec']]})"
+                    self.failed.setdefault(key, why)
                     continue
                 if r["hidden"] != e:
                     continue
@@ -272,6 +276,7 @@ def is_fused_schema(doc: dict) -> bool:
     return "world" in doc and "dry_run_interpreter" in doc and isinstance(doc.get("rows"), list)
 
 
+IDENTITY = ("bytes_equal_finite", "bytes_equal_nan_inf", "sum_equal_finite", "sum_equal_nan_inf")
 REQUIRED = ("codec", "tokens", "hidden", "bits_per_value", "copy_gbps", "encode_fp32_gbps", "decode_sum_fp32_gbps",
             "reduce_encode_us")
 
@@ -655,7 +660,8 @@ def write_doc(path: Path, gpu_checks: list[Path] | None = None, comm_json: Path 
     ]
     path.write_text("\n".join(lines))
     result = {"command": COMMAND, "sources": [_rel(d["path"]) for d in docs] + [_rel(comm_json)],
-              "assumptions": ASSUMPTIONS, "model": MODEL, "links": LINKS, "gpu": GPU, "goals": [{k: v for k, v in g.items() if k != "row"} for g in judged],
+              "assumptions": ASSUMPTIONS, "model": MODEL, "links": LINKS, "gpu": GPU,
+              "goals": [{k: v for k, v in g.items() if k != "row"} for g in judged],
               "bytes_model_check": check, "rows_gpu_codec": gpu, "rows_cpu_codec": cpu, "rows_cpu_kernels": cpu_fast}
     path.with_suffix(".json").write_text(json.dumps(result, indent=1))
     return result

@@ -37,20 +37,23 @@ def _measure(ef, samples=("a", "b")):
             "mse": {"l0": {"r": 1.0, "x": 0.5}, "l1": {"r": 1.0, "x": 0.4}}}
 
 
-def _check(study, m, *, ef=True, samples=("a", "b"), codecs=("r", "x"), model="gemma3-270m"):
+def _check(study, m, *, ef=True, samples=("a", "b"), codecs=("r", "x"), model="gemma3-270m", sensitivity="alone"):
     study.check_cached(m, model=model, tp=2, reference="r", error_feedback=ef,
-                       probe={"samples": list(samples), "seq_len": 128}, codecs=list(codecs), path="m.json")
+                       probe={"samples": list(samples), "seq_len": 128}, codecs=list(codecs), path="m.json",
+                       sensitivity=sensitivity)
 
 
 def test_cached_measure_of_the_same_study_is_reused(study):
     _check(study, _measure(True))
     _check(study, _measure(False), ef=False)
+    _check(study, {**_measure(True), "sensitivity": "in-context"}, sensitivity="in-context")
 
 
 @pytest.mark.parametrize("change, match", [
     (dict(m=_measure(False)), "error_feedback"),          # measured without feedback
     (dict(m={k: v for k, v in _measure(True).items() if k != "error_feedback"}), "error_feedback"),  # before the field
     (dict(model="smollm2-135m"), "smollm2"),
+    (dict(sensitivity="in-context"), "in-context"),       # measured alone (field absent = alone)
     (dict(samples=("a", "c")), "probe"),
     (dict(codecs=("r", "x", "y")), "no errors for \\['y'\\]"),
 ])

@@ -97,3 +97,36 @@ def test_sensitivity_with_error_feedback_differs_except_at_the_last_layer():
     last = names[-1]
     assert fed[last] == pytest.approx(plain[last], rel=0.01)
     assert all(fed[l] < plain[l] / 2 for l in names[:-1])  # measured: 5-50x less
+
+
+@pytest.mark.parametrize("family, ef", [("llama", False), ("gemma3", True)])
+def test_marginal_kl_is_the_kl_saved_by_one_exact_layer_in_a_quantized_model(family, ef):
+    """layer_marginal_kl against KLs computed here from the definition: every layer on the
+    codec, minus the same with layer L alone in bf16 (with feedback on Gemma's post-norms)."""
+    from lowbit_tp.calibration.allocate import layer_marginal_kl, layer_sensitivity
+    from lowbit_tp.codecs.mixed import AllocatedCodec
+    from lowbit_tp.simulator import TPSimulator
+    from test_simulator import _ids, tiny_model, tiny_tp2_calibration
+
+    model = tiny_model(family)
+    ids = _ids()
+    cal, base = tiny_tp2_calibration(model, ids)
+    codec = "int4-g32"
+
+    def kl(layers):
+        with torch.no_grad(), TPSimulator(model, tp=2, codec=AllocatedCodec(plan={"layers": layers}, calibration=cal),
+                                          algorithm="gather", error_feedback=ef):
+            q = model(ids).logits
+        lp, lq = base[:, :-1].log_softmax(-1).double(), q[:, :-1].log_softmax(-1).double()
+        return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+    full = kl(dict.fromkeys(cal.layers, codec))
+    want = {l: max(0.0, full - kl({m: ("bf16" if m == l else codec) for m in cal.layers})) for l in cal.layers}
+    got = layer_marginal_kl(model, ids, cal, tp=2, codec=codec, progress=False, error_feedback=ef)
+    assert set(got) == set(cal.layers)
+    for l in cal.layers:
+        assert got[l] == pytest.approx(want[l], rel=1e-4, abs=1e-9), l
+    assert sum(want.values()) > 0
+    # not the isolated sensitivity (every other layer in bf16) under another name
+    alone = layer_sensitivity(model, ids, cal, tp=2, codec=codec, progress=False, error_feedback=ef)
+    assert any(abs(alone[l] - want[l]) > 0.05 * max(alone[l], want[l]) for l in cal.layers)

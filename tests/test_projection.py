@@ -189,6 +189,20 @@ def test_error_rows_are_left_out_and_listed(projection, tmp_path):
     assert (tmp_path / "projection.json").exists()
 
 
+def test_codecs_not_bitwise_the_reference_and_incomplete_runs_are_reported(projection, tmp_path):
+    doc = _doc(2, W2, extra_rows=[dict(_row("mxfp4", 32, *W2[32], bits=4.25), sum_equal_finite=False)],
+               complete=False, skipped_for_budget=["int8@32x8192"])
+    doc["rows"][0]["bytes_equal_finite"] = True  # int4-g32 checked and equal: kept
+    path = _write(tmp_path / "w2.json", doc)
+    k = projection.MeasuredKernels([projection.load_gpu_check(path)])
+    assert k.has("int4-g32") and not k.has("mxfp4")
+    out = tmp_path / "projection.md"
+    projection.write_doc(out, [path])
+    text = out.read_text()
+    assert "`mxfp4`: not bitwise the CPU reference (sum_equal_finite=False)" in text
+    assert "INCOMPLETE run" in text and "int8@32x8192" in text
+
+
 def test_default_files_rule(projection, tmp_path):
     old = {"environment": {}, "shape": [8192, 8192], "rows": [{"codec": "int4", "encode_gbps": 1, "decode_gbps": 1}]}
     _write(tmp_path / "gpu_check.json", old)

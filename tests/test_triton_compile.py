@@ -22,6 +22,10 @@ P2 = ("*u8", "*u8")
 STATIC_SIG = {"src": None, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "inl_ptr": "*i32", "inv_ptr": "*fp32",
               "outl_ptr": "*i32", "head_ptr": "*i16", "body_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32",
               "T": "i32", "E": "i32", "NK": "i32", "n_body_programs": "i32", "max_in": "fp32"}
+STATIC_TILE_SIG = {**{k: v for k, v in STATIC_SIG.items() if k not in ("n_body_programs", "max_in")}, "NB": "i32",
+                   "max_in": "fp32"}
+STATIC_DEC_SIG = {"payloads": P2, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32",
+                  "E": "i32", "NK": "i32"}
 GROUP_SIG = {"src": None, "out_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32", "T": "i32", "E": "i32",
              "EH": "i32", "G": "i32", "NQ": "i32", "max_in": "fp32"}
 MX_SIG = {"src": None, "out_ptr": "*u8", "flag_ptr": "*i32", "T": "i32", "E": "i32", "EH": "i32", "G": "i32",
@@ -37,15 +41,20 @@ ROT_DEC_SIG = {"payloads": P2, "signs_ptr": "*fp32", "colmap_ptr": "*i32", "leve
 # (module, kernel, signature, constexprs): small tiles keep the compile quick; the code paths
 # (every scale format, 4/6/8-bit packing, Hadamard stages up to 256) are all covered.
 CASES = [
-    ("triton_static", "static_encode_kernel", {**STATIC_SIG, "src": ("*fp32",)},
-     {"N": 0, "BITS": 4, "HAS_K": True, "BLOCK": 256, "FLAG": True, "RANGE": False}),
-    ("triton_static", "static_encode_kernel", {**STATIC_SIG, "src": ("*bf16",)},  # a bf16 partial
-     {"N": 0, "BITS": 8, "HAS_K": False, "BLOCK": 256, "FLAG": False, "RANGE": True}),
-    ("triton_static", "static_encode_kernel", {**STATIC_SIG, "src": P2},  # two-shot's fused reduce + encode
+    ("triton_static", "static_encode_kernel", {**STATIC_SIG, "src": P2},  # int4 with an odd body row (flat)
      {"N": 2, "BITS": 4, "HAS_K": True, "BLOCK": 256, "FLAG": True, "RANGE": True}),
-    ("triton_static", "static_decode_sum_kernel",
-     {"payloads": P2, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32",
-      "NK": "i32"}, {"N": 2, "BITS": 8, "BLOCK": 256}),
+    ("triton_static", "static_encode_tile_kernel", {**STATIC_TILE_SIG, "src": ("*fp32",)},  # int4-outlier
+     {"N": 0, "BITS": 4, "HAS_K": True, "BT": 4, "BC": 512, "FLAG": True, "RANGE": False, "H16": False}),
+    ("triton_static", "static_encode_tile_kernel", {**STATIC_TILE_SIG, "src": ("*bf16",)},  # a bf16 partial, int8
+     {"N": 0, "BITS": 8, "HAS_K": False, "BT": 2, "BC": 64, "FLAG": False, "RANGE": True, "H16": False}),
+    ("triton_static", "static_encode_tile_kernel", {**STATIC_TILE_SIG, "src": ("*fp32",)},  # int4, k = 0
+     {"N": 0, "BITS": 4, "HAS_K": False, "BT": 4, "BC": 512, "FLAG": False, "RANGE": False, "H16": False}),
+    ("triton_static", "static_encode_tile_kernel", {**STATIC_TILE_SIG, "src": P2},  # two-shot's fused reduce + encode
+     {"N": 2, "BITS": 4, "HAS_K": True, "BT": 2, "BC": 64, "FLAG": True, "RANGE": True, "H16": True}),
+    ("triton_static", "static_decode_sum_tile_kernel", STATIC_DEC_SIG,
+     {"N": 2, "BITS": 4, "BT": 4, "BE": 512, "H16": True}),
+    ("triton_static", "static_decode_sum_tile_kernel", {**STATIC_DEC_SIG, "payloads": ("*u8",) * 3},
+     {"N": 3, "BITS": 8, "BT": 2, "BE": 64, "H16": False}),
     ("triton_group", "group_encode_kernel", {**GROUP_SIG, "src": ("*bf16",)},
      {"N": 0, "BT": 2, "NGT": 4, "GROUP": 32, "FLAG": True, "RANGE": False}),
     ("triton_group", "group_encode_kernel", {**GROUP_SIG, "src": ("*fp32",)},  # the prefill tile of int4-g128

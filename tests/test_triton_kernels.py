@@ -414,4 +414,79 @@ def test_group_tiles_split_rows_and_groups_bitwise(name, rows, ngt, monkeypatch)
     ref = make_codec(name, nonfinite="propagate", backend="reference")
     tri = make_codec(name, nonfinite="propagate", backend="triton")
     payloads = [ref.encode(x, source=r) for r, x in enumerate(partials(7, 300, seed=3, special=True))]
-    assert torch.equal(tri.reduce_encode(payloads, (7, 300)), ref.encode(ref.decode_sum(payloads, (7, 300)), source="sum"))
+    want = ref.encode(ref.decode_sum(payloads, (7, 300)), source="sum")
+    assert torch.equal(tri.reduce_encode(payloads, (7, 300)), want)
+
+
+class _Refuse:
+    """Stands in for a kernel that must not run in a test."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("the flat static encoder ran where the tiled one should")
+
+
+@pytest.mark.parametrize("name", STATIC)
+@pytest.mark.parametrize("tile", [(2, 4), (4, 16), None])  # None: the shipped tile_config
+@pytest.mark.parametrize("tokens,hidden", [(7, 101), (1, 258), (5, 130)])  # even E - k (k = 1, 4, 2; int4: k = 0)
+def test_static_tiles_bitwise(name, tile, tokens, hidden, monkeypatch):
+    """The tiled static kernels: tiles that end inside T and inside the body / the bf16 head
+    (E - k not a multiple of the tile), one token, k = 0 for int4/int8 (E odd for int8 at 101);
+    encode, decode-and-sum and the fused reduce-and-re-encode against the reference. The flat
+    encoder is refused wherever the body rows pack into whole bytes."""
+    from lowbit_tp.kernels import triton_static
+
+    if tile is not None:
+        monkeypatch.setattr(triton_static, "tile_config", lambda t, w, n: (*tile, 4))
+    if name != "int4" or hidden % 2 == 0:
+        monkeypatch.setattr(triton_static, "static_encode_kernel", _Refuse())
+    check(name, tokens, hidden, special=tokens > 2)
+    cal = calibration(hidden)
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+    tri = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
+    payloads = [ref.encode(x, layer=LAYER, source=r)
+                for r, x in enumerate(partials(tokens, hidden, seed=5, special=tokens > 2))]
+    want = ref.encode(ref.decode_sum(payloads, (tokens, hidden), layer=LAYER), layer=LAYER, source="sum")
+    assert torch.equal(tri.reduce_encode(payloads, (tokens, hidden), layer=LAYER), want)
+
+
+@pytest.mark.parametrize("name", ["int4-outlier", "int4-random-k"])
+def test_static_decode_sum_of_payloads_at_odd_addresses(name):
+    """Payloads that start at odd addresses (slices of one gathered buffer) read their bf16 head
+    byte by byte; the sum is still the reference's."""
+    cal = calibration(101)
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+    tri = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
+    payloads = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(partials(3, 101, seed=2, special=True))]
+    n = payloads[0].numel()
+    buf = torch.zeros(1 + WORLD * n, dtype=torch.uint8)
+    odd = [buf[1 + r * n: 1 + (r + 1) * n] for r in range(WORLD)]
+    for o, p in zip(odd, payloads):
+        o.copy_(p)
+    assert all(o.data_ptr() % 2 == 1 for o in odd[::2])
+    assert same_bits(tri.decode_sum(odd, (3, 101), layer=LAYER), ref.decode_sum(payloads, (3, 101), layer=LAYER))
+
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from lowbit_tp.kernels.triton_common import round_to_int_small  # noqa: E402
+
+
+@triton.jit
+def _round_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, round_to_int_small(tl.load(x_ptr + i, mask=i < n)).to(tl.int32), mask=i < n)
+
+
+def test_round_to_int_small_is_torch_round_on_ties_and_edges():
+    """The two-add rounding of the encoders against torch.round (the reference's): every half
+    tie in [-8, 8], values next to them, the clamp limits, random values; compared as integers
+    (the one documented difference is the sign of a zero)."""
+    ties = torch.arange(-16, 17, dtype=torch.float32) / 2
+    near = torch.cat([torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1)])
+    big = torch.tensor([127.0, -127.0, 126.5, -126.5, 2.0 ** 22, -(2.0 ** 22), 2.0 ** 22 - 0.5, 1e-30, -1e-30])
+    x = torch.cat([ties, near, big, torch.randn(300) * 20])
+    out = torch.empty(x.numel(), dtype=torch.int32)
+    _round_kernel[(1,)](x, out, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    want = torch.round(x).to(torch.int32)
+    assert torch.equal(out, want), x[out != want][:6]

@@ -49,6 +49,29 @@ def layer_sensitivity(model, ids: torch.Tensor, cal: Calibration, *, tp: int, co
     return out
 
 
+def layer_marginal_kl(model, ids: torch.Tensor, cal: Calibration, *, tp: int, codec: str, name: str | None = None,
+                      progress: bool = True, error_feedback: bool = False) -> dict[str, float]:
+    """KL saved by taking each layer alone back to bf16 while every other layer uses ``codec``
+    (gather collective), keyed by layer; negative savings (noise) are clipped to 0.
+
+    The sensitivity in context: with ``error_feedback`` a layer's error is sent back by a
+    next layer that is itself quantized, and errors of many layers interact, which
+    :func:`layer_sensitivity` (every other layer in bf16) does not see."""
+    def kl(plan):
+        with TPSimulator(model, tp=tp, codec=AllocatedCodec(plan={"layers": plan}, calibration=cal),
+                         algorithm="gather", name=name, error_feedback=error_feedback):
+            logits = model(ids).logits
+        cmp = LMComparison()
+        cmp.update(ids, base, logits)
+        return cmp.result()["kl"]
+
+    with torch.no_grad():
+        base = model(ids).logits
+        full = kl(dict.fromkeys(cal.layers, codec))
+        return {layer: max(0.0, full - kl({l: ("bf16" if l == layer else codec) for l in cal.layers}))
+                for layer in tqdm(cal.layers, desc="marginal KL", disable=not progress)}
+
+
 def layer_errors(model, ids: torch.Tensor, cal: Calibration, *, tp: int, codecs, name: str | None = None
                  ) -> dict[str, dict[str, float]]:
     """Mean squared error of each codec's gather all-reduce at each layer, on the exact

@@ -11,11 +11,13 @@ import triton
 import triton.language as tl
 
 from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, clamp_keep_nan, flag_if,
-                                             int4_from_nibble, is_finite, load_u16, round_half_even, saturate)
+                                             int4_from_nibble, is_finite, load_u16, round_half_even,
+                                             round_to_int_small, saturate)
 
 
 def launch_config(n: int) -> tuple[int, int]:
-    """(elements per program, warps) for a 1-D kernel over ``n`` elements."""
+    """(elements per program, warps) of the flat encoder over ``n`` elements (int4 with an odd
+    body row, where one byte can hold the codes of two tokens; everything else is tiled)."""
     block = 1024 if n >= 1 << 16 else 256
     return block, 4
 
@@ -129,33 +131,183 @@ def static_encode_kernel(src, colmap_ptr, scale_ptr, inl_ptr, inv_ptr, outl_ptr,
         tl.store(head_ptr + j, bf16_bits(saturate(x, max_in)).to(tl.int16), mask=m)
 
 
+# ---------------------------------------------------------------- tiled kernels
+# A program works on BT tokens x a block of columns (decode: output channels; encode: body
+# slots taken in pairs, or kept channels). Channel maps and scales are loaded once per tile
+# column and reused over its BT rows; no division or modulo per element.
+def tile_config(tokens: int, width: int, sources: int = 1) -> tuple[int, int, int]:
+    """(rows, columns, warps) of a tile over a ``tokens x width`` index space; the bytes do not
+    depend on it. Up to 512 columns and ``rows * sources <= 8`` (4 rows for a world-2
+    decode-and-sum, one for world 8): 4 warps, 4-16 values a thread, ptxas at <= ~120 registers
+    and no spills for every N up to 8 (sm_90a)."""
+    cols = min(triton.next_power_of_2(max(width, 2)), 512)
+    rows = max(1, min(triton.next_power_of_2(tokens), 2048 // cols, 8 // triton.next_power_of_2(max(sources, 1))))
+    return rows, cols, 4
+
+
 @triton.jit
-def static_decode_sum_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E, NK,
-                             N: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """``out[t, e] = sum_r decode(payloads[r])[t, e]`` in fp32, rank order, written once."""
-    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = o < T * E
-    acc = _sum_at(payloads, colmap_ptr, scale_ptr, o // E, o % E, m, T, E, NK, N, BITS)
-    tl.store(out_ptr + o, acc, mask=m)
+def _head_bits(p, idx, m, H16: tl.constexpr):
+    """The bf16 bits (int32) of the ``idx``-th kept value of payload ``p``: one 16-bit load when
+    every payload starts 2-byte aligned (``H16``), else two byte loads."""
+    if H16:
+        return tl.load(p.to(tl.pointer_type(tl.int16)) + idx, mask=m, other=0).to(tl.int32) & 0xFFFF
+    else:
+        return load_u16(p, 2 * idx, m)
+
+
+@triton.jit
+def _sum_cols(payloads, colmap_ptr, scale_ptr, t, ch, mt, mc, T, E, NK, N: tl.constexpr, BITS: tl.constexpr,
+              H16: tl.constexpr):
+    """``sum_r decode(payloads[r])[t, ch]`` in fp32, rank order, for a row index ``t`` and a
+    channel index ``ch`` that broadcast (``t [BT, 1, ..]``, ``ch [1, ...]``): each source's slot
+    and scale are loaded per column, the code or kept bf16 value per element.
+
+    ``colmap[r, e]`` is the kept-channel slot of channel ``e`` for source ``r``, or
+    ``-(j + 1)`` when ``e`` is that source's ``j``-th bf16 channel; ``scale[r, slot]``.
+    """
+    NI = E - NK
+    head_bytes = 2 * T * NK
+    m = mt & mc
+    for r in tl.static_range(N):
+        p = payloads[r]
+        slot = tl.load(colmap_ptr + r * E + ch, mask=mc, other=0)
+        inl = slot >= 0
+        sc = tl.load(scale_ptr + r * NI + slot, mask=mc & inl, other=1.0)
+        f = t * NI + slot
+        mi = m & inl
+        if BITS == 4:
+            b = tl.load(p + head_bytes + (f >> 1), mask=mi, other=0).to(tl.int32)
+            q = (b << (28 - 4 * (f & 1))) >> 28  # the sign-extended nibble of flat index f
+            sentinel = q == -8
+        else:
+            q = tl.load(p + head_bytes + f, mask=mi, other=0).to(tl.int8, bitcast=True).to(tl.int32)
+            sentinel = q == -128
+        v = tl.where(sentinel, float("nan"), q.to(tl.float32) * sc)
+        kept = bf16_from_bits(_head_bits(p, t * NK + (-1 - slot), m & ~inl, H16))
+        v = tl.where(inl, v, kept)
+        if r == 0:
+            acc = v
+        else:
+            acc = acc + v
+    return acc
+
+
+@triton.jit
+def _value_cols(src, colmap_ptr, scale_ptr, t, ch, mt, mc, T, E, NK, N: tl.constexpr, BITS: tl.constexpr,
+                H16: tl.constexpr):
+    """What is encoded at ``[t, ch]``: ``src[0]`` (``N == 0``, a partial) or the decoded sum of
+    the ``N`` payloads in ``src`` (two-shot's fused reduce)."""
+    if N == 0:
+        x = tl.load(src[0] + t * E + ch, mask=mt & mc, other=0.0).to(tl.float32)
+    else:
+        x = _sum_cols(src, colmap_ptr, scale_ptr, t, ch, mt, mc, T, E, NK, N, BITS, H16)
+    return x
+
+
+@triton.jit
+def static_decode_sum_tile_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E, NK, N: tl.constexpr,
+                                  BITS: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, H16: tl.constexpr):
+    """``out[t, e] = sum_r decode(payloads[r])[t, e]`` in fp32, rank order, one ``BT x BE`` tile
+    of the output per program, written once."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]
+    e = tl.program_id(1) * BE + tl.arange(0, BE)[None, :]
+    mt = t < T
+    mc = e < E
+    acc = _sum_cols(payloads, colmap_ptr, scale_ptr, t, e, mt, mc, T, E, NK, N, BITS, H16)
+    tl.store(out_ptr + t * E + e, acc, mask=mt & mc)
+
+
+@triton.jit
+def static_encode_tile_kernel(src, colmap_ptr, scale_ptr, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_ptr, flag_ptr,
+                              range_ptr, T, E, NK, NB, max_in, N: tl.constexpr, BITS: tl.constexpr,
+                              HAS_K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, FLAG: tl.constexpr,
+                              RANGE: tl.constexpr, H16: tl.constexpr):
+    """Encode ``src[0]`` (``N == 0``) or the decoded sum of the ``N`` payloads in ``src`` (two-shot's
+    reduce and re-encode, one pass). Column tiles ``[0, NB)`` write ``BC`` body slots of ``BT``
+    tokens, taken in pairs (an int4 byte's two codes meet in one thread; int4 needs an even
+    ``E - NK``), the rest ``BC`` channels of the bf16 head ``[T, NK]``."""
+    NI = E - NK
+    HB: tl.constexpr = BC // 2
+    QMAX: tl.constexpr = 7 if BITS == 4 else 127
+    t = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]
+    mt = t < T
+    c = tl.program_id(1)
+    if c < NB:
+        ip = c * HB + tl.arange(0, HB)
+        i = 2 * ip[:, None] + tl.arange(0, 2)[None, :]  # [HB, 2] body slots
+        mi = i < NI
+        inv = tl.load(inv_ptr + i, mask=mi, other=1.0)[None, :, :]
+        if HAS_K:
+            ch = tl.load(inl_ptr + i, mask=mi, other=0)
+        else:
+            ch = i
+        t3 = t[:, :, None]
+        m = mt[:, :, None] & mi[None, :, :]
+        if N == 0 and not HAS_K:  # contiguous: one 2-D load, 16 bytes a thread
+            cc = c * BC + tl.arange(0, BC)[None, :]
+            x = tl.load(src[0] + t * E + cc, mask=mt & (cc < NI), other=0.0).to(tl.float32)
+            x = tl.reshape(x, [BT, HB, 2])
+        else:
+            x = _value_cols(src, colmap_ptr, scale_ptr, t3, ch[None, :, :], mt[:, :, None], mi[None, :, :], T, E, NK,
+                            N, BITS, H16)
+        if FLAG:
+            flag_if(flag_ptr, m & ~is_finite(x))
+        if RANGE:
+            flag_if(range_ptr, m & is_finite(x) & (tl.abs(x) > max_in))
+        x = saturate(x, max_in)
+        q = round_to_int_small(clamp_keep_nan(x * inv, -QMAX * 1.0, QMAX * 1.0)).to(tl.int32)
+        q = tl.where(is_finite(x), q, -QMAX - 1)
+        if BITS == 4:
+            lo, hi = tl.split(q)
+            tl.store(body_ptr + t * (NI // 2) + ip[None, :], ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8),
+                     mask=mt & (ip < NI // 2)[None, :])
+        else:
+            cc = c * BC + tl.arange(0, BC)[None, :]
+            tl.store(body_ptr + t * NI + cc, tl.reshape(q & 0xFF, [BT, BC]).to(tl.uint8), mask=mt & (cc < NI))
+    else:
+        j = (c - NB) * BC + tl.arange(0, BC)[None, :]  # (names apart from the body branch's: other shapes)
+        mj = j < NK
+        chj = tl.load(outl_ptr + j, mask=mj, other=0)
+        xj = _value_cols(src, colmap_ptr, scale_ptr, t, chj, mt, mj, T, E, NK, N, BITS, H16)
+        mh = mt & mj
+        if FLAG:
+            flag_if(flag_ptr, mh & ~is_finite(xj))
+        if RANGE:
+            flag_if(range_ptr, mh & is_finite(xj) & (tl.abs(xj) > max_in))
+        tl.store(head_ptr + t * NK + j, bf16_bits(saturate(xj, max_in)).to(tl.int16), mask=mh)
 
 
 # ---------------------------------------------------------------- launchers (no codec logic)
+def _aligned2(payloads) -> bool:
+    """Every payload starts at an even address (its kept bf16 values load as 16-bit words)."""
+    return all(p.data_ptr() % 2 == 0 for p in payloads)
+
+
 def _launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, out, *, bits, max_input, flag, range_flag):
     nk = outliers.numel()
     n = t * (e - nk)
-    nbody = (n + 1) // 2 if bits == 4 else n
-    block, warps = launch_config(max(nbody, t * nk))
-    n_body_programs = triton.cdiv(nbody, block)
-    grid = (n_body_programs + triton.cdiv(t * nk, block),)
-    if grid[0] == 0:
+    if t == 0:
         return out
     head = out[: 2 * t * nk].view(torch.int16)
-    static_encode_kernel[grid](tuple(src), inliers if colmap is None else colmap,
-                               inv_scale if scale is None else scale, inliers, inv_scale, outliers, head, out[2 * t * nk:],
-                               inliers if flag is None else flag, inliers if range_flag is None else range_flag,
-                               t, e, nk, n_body_programs, max_input, N=len(src) if colmap is not None else 0,
-                               BITS=bits, HAS_K=nk > 0, BLOCK=block, FLAG=flag is not None,
-                               RANGE=range_flag is not None, num_warps=warps, **FP_OPTIONS)
+    n_src = len(src) if colmap is not None else 0
+    common = dict(N=n_src, BITS=bits, HAS_K=nk > 0, FLAG=flag is not None, RANGE=range_flag is not None)
+    tables = (inliers if colmap is None else colmap, inv_scale if scale is None else scale, inliers, inv_scale,
+              outliers, head, out[2 * t * nk:], inliers if flag is None else flag,
+              inliers if range_flag is None else range_flag)
+    if bits == 8 or (e - nk) % 2 == 0:
+        rows, cols, warps = tile_config(t, max(e - nk, nk), max(n_src, 2))
+        nb = triton.cdiv(e - nk, cols)
+        static_encode_tile_kernel[(triton.cdiv(t, rows), nb + triton.cdiv(nk, cols))](
+            tuple(src), *tables, t, e, nk, nb, max_input, BT=rows, BC=cols, H16=n_src > 0 and _aligned2(src),
+            num_warps=warps, **common, **FP_OPTIONS)
+        return out
+    # int4 with an odd body row: a byte can hold codes of two tokens, so the flat kernel pairs them
+    nbody = (n + 1) // 2
+    block, warps = launch_config(max(nbody, t * nk))
+    n_body_programs = triton.cdiv(nbody, block)
+    static_encode_kernel[(n_body_programs + triton.cdiv(t * nk, block),)](
+        tuple(src), *tables, t, e, nk, n_body_programs, max_input, BLOCK=block, num_warps=warps, **common,
+        **FP_OPTIONS)
     return out
 
 
@@ -181,10 +333,10 @@ def reduce_encode(payloads, colmap, scale, inliers, inv_scale, outliers, out, *,
 def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int):
     """Fill ``out [T, E]`` fp32 with the rank-ordered sum of the decoded ``payloads``."""
     t, e = out.shape
-    block, warps = launch_config(t * e)
-    grid = (triton.cdiv(t * e, block),)
-    if grid[0] == 0:
+    if t * e == 0:
         return out
-    static_decode_sum_kernel[grid](tuple(payloads), colmap, scale, out, t, e, nk,
-                                   N=len(payloads), BITS=bits, BLOCK=block, num_warps=warps, **FP_OPTIONS)
+    rows, cols, warps = tile_config(t, e, len(payloads))
+    static_decode_sum_tile_kernel[(triton.cdiv(t, rows), triton.cdiv(e, cols))](
+        tuple(payloads), colmap, scale, out, t, e, nk, N=len(payloads), BITS=bits, BT=rows, BE=cols,
+        H16=_aligned2(payloads), num_warps=warps, **FP_OPTIONS)
     return out
