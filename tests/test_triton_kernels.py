@@ -112,10 +112,14 @@ def test_other_rot_codecs_bitwise(name):
     ("rot-lm4-g32-e8", 3, 37, {}), ("rot-int8-g64-e8", 2, 192, {}), ("rot-lm4-g64", 4, 320, {}),
     ("rot-lm4-g64-lg8", 3, 96, {"k": 0}),
 ])
-def test_rot_column_tiles_bitwise(name, tokens, hidden, opts, monkeypatch):
+@pytest.mark.parametrize("programs", [1, 2, 512])  # lg8: one program loops over all tiles / strided / one each
+def test_rot_column_tiles_bitwise(name, tokens, hidden, opts, programs, monkeypatch):
     from lowbit_tp.kernels import triton_rotation
 
+    if programs != 512 and "lg8" not in name:
+        pytest.skip("only lg8 encoders loop over column tiles")
     monkeypatch.setattr(triton_rotation, "MAX_TILE_COLS", 32)
+    monkeypatch.setattr(triton_rotation, "LG8_PROGRAMS", programs)
     assert triton_rotation.tile_config(tokens, hidden, 32, 4)[1] < hidden  # the case has several tiles
     check(name, tokens, hidden, special=tokens >= 3, **opts)  # the planted NaN/Inf need 3 tokens
 
@@ -267,8 +271,14 @@ def test_error_mode_refuses_what_the_reference_refuses(name):
 
 @pytest.mark.parametrize("name,mode", [("rot-lm4-g64-lg8-k4", "propagate"), ("rot-int6-g64-lg8-k4", "error"),
                                        ("rot-lm4-g64", "flag"), ("alloc", "error")])
-def test_fused_reduce_encode_equals_decode_sum_then_encode(name, mode):
+@pytest.mark.parametrize("narrow", [False, True])  # True: two column tiles, one program loops over both
+def test_fused_reduce_encode_equals_decode_sum_then_encode(name, mode, narrow, monkeypatch):
     """Two-shot's owner stage in one kernel: the same bytes as decode_sum + encode(source="sum")."""
+    if narrow:
+        from lowbit_tp.kernels import triton_rotation
+
+        monkeypatch.setattr(triton_rotation, "MAX_TILE_COLS", 32)
+        monkeypatch.setattr(triton_rotation, "LG8_PROGRAMS", 1)
     cal = calibration(96)
     opts = {"plan": {"layers": {LAYER: "rot-lm4-g64-lg8-k4"}, "budget": 4.5}} if name == "alloc" else {}
     ref = make_codec(name, calibration=cal, nonfinite=mode, backend="reference", **opts)
