@@ -166,7 +166,7 @@ def main(argv=None) -> None:
         })
         row["cuda_graph"] = graph_check(
             torch, lambda mode: make_codec(name, calibration=cal, nonfinite=mode, backend="triton"), xd, (t, e),
-            capture=dev.type == "cuda")
+            capture=dev.type == "cuda", timer=seconds, times=row)
         return row
 
     out = Path(args.out)
@@ -205,7 +205,7 @@ def _writer(args, argv, dev, dry, world, check_tokens, repeats, t_start):
         cols = ["codec", "tokens", "hidden", "bits_per_value", "bytes_equal_finite", "bytes_equal_nan_inf",
                 "sum_equal_finite", "sum_equal_nan_inf", "copy_gbps", "encode_gbps", "encode_of_copy",
                 "decode_sum_gbps", "decode_sum_of_copy", "reduce_encode_us", "unfused_encode_fp32_gbps",
-                "unfused_decode_sum_fp32_gbps", "cuda_graph", "error"]
+                "unfused_decode_sum_fp32_gbps", "cuda_graph", "eager_step_us", "graph_step_us", "error"]
         head = (f"Device: {env.get('cuda') or 'cpu'}; world {world}; "
                 f"{'DRY RUN under the Triton interpreter: speeds are meaningless' if dry else 'median of %d runs' % repeats}."
                 f"\nCommand: `{meta['command']}`\n"
@@ -218,13 +218,17 @@ def _writer(args, argv, dev, dry, world, check_tokens, repeats, t_start):
     return write
 
 
-def graph_check(torch, make, xd, shape, *, capture: bool) -> str:
+def graph_check(torch, make, xd, shape, *, capture: bool, timer=None, times: dict | None = None) -> str:
     """Encode + decode-and-sum into preallocated buffers, eager and (on a GPU) captured once in
     a CUDA graph and replayed: the replay must write the eager payload bytes and sum bits.
 
     ``make(mode)`` builds the codec; the graph uses ``nonfinite="flag"`` (the per-step check
     mode: the kernels record NaN/Inf in a device flag, no host read inside the graph). A
     second replay with a NaN planted in the captured input must set that flag.
+
+    With ``timer`` the step (``world`` encodes and one decode-and-sum) is timed eager and as a
+    graph replay into ``times`` (``eager_step_us``, ``graph_step_us``): the difference is the
+    host's launch cost, which a serving engine's CUDA graphs remove.
     """
     try:
         codec = make("flag")
@@ -264,6 +268,9 @@ def graph_check(torch, make, xd, shape, *, capture: bool) -> str:
             return "replay payload bytes differ"
         if not _same_bits(torch, total, eager_sum):
             return "replay sum differs"
+        if timer is not None and times is not None:
+            times["eager_step_us"] = timer(step) * 1e6
+            times["graph_step_us"] = timer(g.replay) * 1e6
         codec.check_nonfinite()  # clean so far
         keep = xd[0][0, 0].clone()
         xd[0][0, 0] = float("nan")

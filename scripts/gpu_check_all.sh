@@ -17,6 +17,6 @@ mkdir -p "$OUT/w2" "$OUT/w8"
 # --budget-s stops starting rows, so a slow compile leaves rows listed as skipped, not a dead run
 timeout 300 python3 scripts/gpu_check.py --out "$OUT/w2" --budget-s 200 "$@"
 echo "w2 rc=$?"
-timeout 120 python3 scripts/gpu_check.py --out "$OUT/w8" --world 8 --shapes 2048x8192,8192x8192 \
-    --codecs int4-outlier,rot-lm4-g64-lg8-k4,int4-g32,rot-int6-g64-lg8-k4,int8 --budget-s 60 "$@"
+timeout 140 python3 scripts/gpu_check.py --out "$OUT/w8" --world 8 --shapes 2048x8192,8192x8192 \
+    --codecs int4-outlier,rot-lm4-g64-lg8-k4,int4-g32,rot-int6-g64-lg8-k4,int4-g128,mxfp4,int8 --budget-s 75 "$@"
 echo "w8 rc=$?"

@@ -112,10 +112,14 @@ def test_other_rot_codecs_bitwise(name):
     ("rot-lm4-g32-e8", 3, 37, {}), ("rot-int8-g64-e8", 2, 192, {}), ("rot-lm4-g64", 4, 320, {}),
     ("rot-lm4-g64-lg8", 3, 96, {"k": 0}),
 ])
-def test_rot_column_tiles_bitwise(name, tokens, hidden, opts, monkeypatch):
+@pytest.mark.parametrize("programs", [1, 2, 512])  # lg8: one program loops over all tiles / strided / one each
+def test_rot_column_tiles_bitwise(name, tokens, hidden, opts, programs, monkeypatch):
     from lowbit_tp.kernels import triton_rotation
 
+    if programs != 512 and "lg8" not in name:
+        pytest.skip("only lg8 encoders loop over column tiles")
     monkeypatch.setattr(triton_rotation, "MAX_TILE_COLS", 32)
+    monkeypatch.setattr(triton_rotation, "LG8_PROGRAMS", programs)
     assert triton_rotation.tile_config(tokens, hidden, 32, 4)[1] < hidden  # the case has several tiles
     check(name, tokens, hidden, special=tokens >= 3, **opts)  # the planted NaN/Inf need 3 tokens
 
@@ -267,8 +271,14 @@ def test_error_mode_refuses_what_the_reference_refuses(name):
 
 @pytest.mark.parametrize("name,mode", [("rot-lm4-g64-lg8-k4", "propagate"), ("rot-int6-g64-lg8-k4", "error"),
                                        ("rot-lm4-g64", "flag"), ("alloc", "error")])
-def test_fused_reduce_encode_equals_decode_sum_then_encode(name, mode):
+@pytest.mark.parametrize("narrow", [False, True])  # True: two column tiles, one program loops over both
+def test_fused_reduce_encode_equals_decode_sum_then_encode(name, mode, narrow, monkeypatch):
     """Two-shot's owner stage in one kernel: the same bytes as decode_sum + encode(source="sum")."""
+    if narrow:
+        from lowbit_tp.kernels import triton_rotation
+
+        monkeypatch.setattr(triton_rotation, "MAX_TILE_COLS", 32)
+        monkeypatch.setattr(triton_rotation, "LG8_PROGRAMS", 1)
     cal = calibration(96)
     opts = {"plan": {"layers": {LAYER: "rot-lm4-g64-lg8-k4"}, "budget": 4.5}} if name == "alloc" else {}
     ref = make_codec(name, calibration=cal, nonfinite=mode, backend="reference", **opts)
@@ -404,7 +414,8 @@ def test_group_tiles_split_rows_and_groups_bitwise(name, rows, ngt, monkeypatch)
     ref = make_codec(name, nonfinite="propagate", backend="reference")
     tri = make_codec(name, nonfinite="propagate", backend="triton")
     payloads = [ref.encode(x, source=r) for r, x in enumerate(partials(7, 300, seed=3, special=True))]
-    assert torch.equal(tri.reduce_encode(payloads, (7, 300)), ref.encode(ref.decode_sum(payloads, (7, 300)), source="sum"))
+    want = ref.encode(ref.decode_sum(payloads, (7, 300)), source="sum")
+    assert torch.equal(tri.reduce_encode(payloads, (7, 300)), want)
 
 
 class _Refuse:
@@ -425,7 +436,7 @@ def test_static_tiles_bitwise(name, tile, tokens, hidden, monkeypatch):
     from lowbit_tp.kernels import triton_static
 
     if tile is not None:
-        monkeypatch.setattr(triton_static, "tile_config", lambda t, w: (*tile, 4))
+        monkeypatch.setattr(triton_static, "tile_config", lambda t, w, n: (*tile, 4))
     if name != "int4" or hidden % 2 == 0:
         monkeypatch.setattr(triton_static, "static_encode_kernel", _Refuse())
     check(name, tokens, hidden, special=tokens > 2)
@@ -453,3 +464,29 @@ def test_static_decode_sum_of_payloads_at_odd_addresses(name):
         o.copy_(p)
     assert all(o.data_ptr() % 2 == 1 for o in odd[::2])
     assert same_bits(tri.decode_sum(odd, (3, 101), layer=LAYER), ref.decode_sum(payloads, (3, 101), layer=LAYER))
+
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from lowbit_tp.kernels.triton_common import round_to_int_small  # noqa: E402
+
+
+@triton.jit
+def _round_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, round_to_int_small(tl.load(x_ptr + i, mask=i < n)).to(tl.int32), mask=i < n)
+
+
+def test_round_to_int_small_is_torch_round_on_ties_and_edges():
+    """The two-add rounding of the encoders against torch.round (the reference's): every half
+    tie in [-8, 8], values next to them, the clamp limits, random values; compared as integers
+    (the one documented difference is the sign of a zero)."""
+    ties = torch.arange(-16, 17, dtype=torch.float32) / 2
+    near = torch.cat([torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1)])
+    big = torch.tensor([127.0, -127.0, 126.5, -126.5, 2.0 ** 22, -(2.0 ** 22), 2.0 ** 22 - 0.5, 1e-30, -1e-30])
+    x = torch.cat([ties, near, big, torch.randn(300) * 20])
+    out = torch.empty(x.numel(), dtype=torch.int32)
+    _round_kernel[(1,)](x, out, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    want = torch.round(x).to(torch.int32)
+    assert torch.equal(out, want), x[out != want][:6]

@@ -105,3 +105,12 @@ def int4_from_nibble(byte, high):
     b = byte.to(tl.int32)
     nib = tl.where(high, b >> 4, b) & 0xF
     return tl.where(nib >= 8, nib - 16, nib)
+
+
+@triton.jit
+def round_to_int_small(y):
+    """The integer ``torch.round(y)`` (ties to even) as fp32 for ``|y| <= 2**22`` (or NaN), in two
+    exact IEEE operations: adding ``1.5 * 2**23`` leaves no fraction bits, so the add itself
+    rounds half to even. Only for results cast to an integer: where ``torch.round`` gives
+    ``-0.0`` (``-0.5 <= y <= -0.0``) this gives ``+0.0``."""
+    return (y + 12582912.0) - 12582912.0

@@ -11,9 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit_tp.kernels.triton_common import (FP_OPTIONS, clamp_keep_nan, flag_if, fp16_bits, fp16_from_bits,
-                                             int4_from_nibble, is_finite, load_u16, round_half_even, saturate,
-                                             store_u16)
+from lowbit_tp.kernels.triton_common import (FP_OPTIONS, flag_if, fp16_bits, fp16_from_bits, int4_from_nibble,
+                                             is_finite, load_u16, round_to_int_small, saturate, store_u16)
 
 _FP16_MAX = tl.constexpr(65504.0)
 
@@ -124,8 +123,8 @@ def group_encode_kernel(src, out_ptr, flag_ptr, range_ptr, T, E, EH, G, NQ, max_
         flag_if(range_ptr, m & ((is_finite(xl) & (tl.abs(xl) > max_in)) | (is_finite(xh) & (tl.abs(xh) > max_in))))
     sl = saturate(xl, max_in)
     sh = saturate(xh, max_in)
-    amax = tl.maximum(tl.max(tl.where(is_finite(sl), tl.abs(sl), 0.0), axis=2),
-                      tl.max(tl.where(is_finite(sh), tl.abs(sh), 0.0), axis=2))
+    amax = tl.max(tl.maximum(tl.where(is_finite(sl), tl.abs(sl), 0.0), tl.where(is_finite(sh), tl.abs(sh), 0.0)),
+                  axis=2)
     s = tl.math.div_rn(amax, tl.full([BT, NGT], 7.0, tl.float32))
     sbits = fp16_bits(tl.where(s > _FP16_MAX, _FP16_MAX, s))
     s32 = fp16_from_bits(sbits)
@@ -139,8 +138,9 @@ def group_encode_kernel(src, out_ptr, flag_ptr, range_ptr, T, E, EH, G, NQ, max_
 
 @triton.jit
 def _code(x, s):
-    """int4 code of saturated ``x`` at scale ``s``: round-half-even of the IEEE quotient, -8 for NaN/Inf."""
-    q = round_half_even(clamp_keep_nan(tl.math.div_rn(x, s), -7.0, 7.0)).to(tl.int32)
+    """int4 code of saturated ``x`` at scale ``s``: round-half-even of the IEEE quotient, -8 for NaN/Inf
+    (whose quotient, clamped any way, is thrown away)."""
+    q = round_to_int_small(tl.minimum(tl.maximum(tl.math.div_rn(x, s), -7.0), 7.0)).to(tl.int32)
     return tl.where(is_finite(x), q, -8)
 
 
@@ -280,9 +280,9 @@ def _mx_code(x, inv):
     y = x * inv
     mag = tl.abs(y)
     mag = tl.where(mag > 6.0, 6.0, mag)  # NaN stays NaN
-    fine = round_half_even(mag * 2.0)
-    mid = round_half_even(mag) + 2.0
-    top = round_half_even(mag * 0.5) + 4.0
+    fine = round_to_int_small(mag * 2.0)
+    mid = round_to_int_small(mag) + 2.0
+    top = round_to_int_small(mag * 0.5) + 4.0
     code = tl.where(mag < 2.0, fine, tl.where(mag < 4.0, mid, top))
     return tl.where(mag != mag, 0, code.to(tl.int32)) | ((y < 0.0).to(tl.int32) << 3)
 
@@ -308,7 +308,7 @@ def mx_encode_kernel(src, out_ptr, flag_ptr, T, E, EH, G, NQ, N: tl.constexpr, B
     fh = is_finite(xh)
     if FLAG:
         flag_if(flag_ptr, m & ~(fl & fh))
-    amax = tl.maximum(tl.max(tl.where(fl, tl.abs(xl), 0.0), axis=2), tl.max(tl.where(fh, tl.abs(xh), 0.0), axis=2))
+    amax = tl.max(tl.maximum(tl.where(fl, tl.abs(xl), 0.0), tl.where(fh, tl.abs(xh), 0.0)), axis=2)
     a = tl.where(amax < 2.0 ** -126, 2.0 ** -126, amax).to(tl.int32, bitcast=True)
     ex = ((a >> 23) & 0xFF) - 129
     ex = tl.where(ex < -127, -127, tl.where(ex > 127, 127, ex))

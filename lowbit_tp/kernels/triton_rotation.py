@@ -23,18 +23,11 @@ _FP16_NAN = tl.constexpr(0x7E00)  # what Tensor.masked_fill_(nan) writes into an
 _BF16_MAX = tl.constexpr(3.3895313892515355e38)  # the lg8 base is clamped here (bf16's largest finite)
 
 
-def launch_config(tokens: int, hidden: int, group: int) -> tuple[int, int, int, int]:
-    """(rows per program, padded row width, group width in the tile, warps)."""
-    e_pad = triton.next_power_of_2(hidden)
-    gw = min(group, e_pad)
-    rows = max(1, min(triton.next_power_of_2(tokens), 2048 // e_pad))
-    warps = 8 if rows * e_pad >= 4096 else 4
-    return rows, e_pad, gw, warps
-
-
-# Widest column tile of the column-tiled kernels (decode-and-sum). Tests lower it to reach the
-# tile edges with small E; the bits do not depend on it.
+# Widest column tile of the column-tiled kernels. Tests lower it (and LG8_PROGRAMS) to reach
+# the tile edges and loops with small E; the bits do not depend on either.
 MAX_TILE_COLS = 256
+# lg8 encoders split a row block's column tiles over programs until about this many run.
+LG8_PROGRAMS = 512
 
 
 def tile_config(tokens: int, hidden: int, group: int, block: int, nranks: int = 1) -> tuple[int, int, int]:
@@ -58,9 +51,17 @@ def inv_sqrt(block: int) -> float:
 
 @triton.jit
 def _butterfly(y, M: tl.constexpr, B: tl.constexpr, H: tl.constexpr):
-    """One stage: view ``[M, B]`` as ``[., B/(2H), 2, H]`` and map ``(a, b) -> (a + b, a - b)``."""
-    a, b = tl.split(tl.permute(tl.reshape(y, [M, B // (2 * H), 2, H]), (0, 1, 3, 2)))
-    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), [M, B])
+    """One stage on ``[M, B]``: view it as ``[., 2, H]`` and map ``(a, b) -> (a + b, a - b)``.
+
+    Each value gets its partner from an xor-reduction over the size-2 axis (``v ^ (v ^ w) = w``
+    on the bits), so the tensor keeps its layout: partners in the same thread cost nothing,
+    partners in other lanes one shuffle, and no stage goes through shared memory (split/join
+    made Triton convert layouts there)."""
+    y3 = tl.reshape(y, [M * B // (2 * H), 2, H])
+    yi = y3.to(tl.int32, bitcast=True)
+    p = (yi ^ tl.xor_sum(yi, 1, True)).to(tl.float32, bitcast=True)
+    lower = (tl.arange(0, 2) == 0)[None, :, None]
+    return tl.reshape(tl.where(lower, y3 + p, p - y3), [M, B])
 
 
 @triton.jit
@@ -98,151 +99,6 @@ def _bucket(y, bounds_ptr, BITS: tl.constexpr):
         b = tl.load(bounds_ptr + idx + (half - 1))
         idx = tl.where(b >= y, idx, idx + half)
     return idx
-
-
-@triton.jit
-def _encode_tile(x, t, e, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr, scale_ptr,
-                 flag_ptr, range_ptr, T, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
-                 ROWS: tl.constexpr, E_PAD: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr,
-                 GW: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
-                 FLAG: tl.constexpr, RANGE: tl.constexpr):
-    """Encode the fp32 tile ``x [ROWS, E_PAD]`` of tokens ``t``. Finite inputs saturate at
-    ``max_in``, rotated channels at ``rotate_max`` and group absmax at ``scale_max``. With
-    ``RANGE`` (error mode) nothing saturates: an input beyond ``max_in``, a group absmax
-    beyond ``scale_max`` or an overflow sets ``range_ptr[0]`` for the codec to raise."""
-    GP: tl.constexpr = E_PAD // GW
-    tm = t < T
-    m = tm[:, None] & (e[None, :] < E)
-    if FLAG:
-        flag_if(flag_ptr, m & ~is_finite(x))
-    if RANGE:
-        flag_if(range_ptr, m & is_finite(x) & (tl.abs(x) > max_in))
-    x = saturate(x, max_in)
-    if HAS_K:
-        cm = tl.load(colmap_ptr + e, mask=e < E, other=-1)
-        kept = cm[None, :] >= 0
-        tl.store(head_ptr + t[:, None] * NK + cm[None, :], bf16_bits(x).to(tl.int16), mask=m & kept)
-        x = tl.where(kept, 0.0, x)
-    if not RANGE:  # error mode transforms what passed the input check as it is
-        x = saturate(x, rotate_max)
-    x = x * tl.load(signs_ptr + e, mask=e < E, other=1.0)[None, :]
-    z = tl.reshape(_fwht_rows(x, ROWS * E_PAD // B, B, LOG2B), [ROWS, GP, GW]) * inv_sqrt_b
-    fin = is_finite(z)
-    amax = tl.max(tl.where(fin, tl.abs(z), 0.0), axis=2)  # [ROWS, GP]
-    if RANGE:  # the input was finite (checked): a non-finite rotated value is an fp32 overflow
-        flag_if(range_ptr, (amax > scale_max) | (tl.min(fin.to(tl.int32), axis=2) == 0))
-    amax = tl.where(amax > scale_max, scale_max, amax)
-    bad = tl.min(fin.to(tl.int32), axis=2) == 0
-    g = tl.arange(0, GP)
-    gm = tm[:, None] & (g[None, :] < G)
-    sidx = t[:, None] * G + g[None, :]
-    if FMT == 0:  # fp16 scale per group
-        sbits = fp16_bits(tl.where(amax > 65504.0, 65504.0, amax))
-        scale = fp16_from_bits(sbits)
-        scale = tl.where(scale == 0.0, 1.0, scale)
-        store_u16(scale_ptr, 2 * sidx, tl.where(bad, _FP16_NAN, sbits), gm)
-    elif FMT == 1:  # E8M0: the smallest power of two >= amax
-        a = tl.where(amax < 2.0 ** -126, 2.0 ** -126, amax).to(tl.int32, bitcast=True)
-        ex = ((a >> 23) & 0xFF) - 126 - ((a & 0x7FFFFF) == 0).to(tl.int32)
-        ex = tl.where(ex > 127, 127, tl.where(ex < -127, -127, ex))
-        scale = ((ex + 127) << 23).to(tl.float32, bitcast=True)
-        tl.store(scale_ptr + sidx, tl.where(bad, 255, ex + 127).to(tl.uint8), mask=gm)
-    else:  # lg8: per-token bf16 base >= the token's top absmax, and a log-step code per group
-        top = tl.max(amax, axis=1)
-        bbits = bf16_bits(tl.where(top > _BF16_MAX, _BF16_MAX, top))
-        bbits = tl.where(bf16_from_bits(bbits) < top, bbits + 1, bbits)
-        b32 = bf16_from_bits(bbits)
-        b32 = tl.where(b32 == 0.0, 1.0, b32)
-        ratio = tl.math.div_rn(amax, tl.broadcast_to(b32[:, None], [ROWS, GP]))
-        cnt = tl.zeros([ROWS, GP], dtype=tl.int32)  # table entries < ratio (255 and 256 both give q = 0)
-        for s in tl.static_range(8):
-            half = 128 >> s
-            v = tl.load(lg8_asc_ptr + cnt + (half - 1))
-            cnt = tl.where(v >= ratio, cnt, cnt + half)
-        q = 255 - cnt  # largest q with table[q] >= ratio; code 255 is the NaN sentinel
-        q = tl.where(q > 254, 254, tl.where(q < 0, 0, q))
-        scale = b32[:, None] * tl.load(lg8_ptr + q)
-        tl.store(scale_ptr + sidx, tl.where(bad, 255, q).to(tl.uint8), mask=gm)
-        store_u16(scale_ptr, T * G + 2 * t, bbits, tm)
-    y = tl.math.div_rn(z, tl.broadcast_to(scale[:, :, None], [ROWS, GP, GW]))
-    code = tl.reshape(_bucket(clamp_keep_nan(y, -1.0, 1.0), bounds_ptr, BITS), [ROWS, E_PAD])
-    if BITS == 8:
-        tl.store(code_ptr + t[:, None] * E + e[None, :], code.to(tl.uint8), mask=m)
-    elif BITS == 4:
-        lo, hi = tl.split(tl.reshape(code, [ROWS, E_PAD // 2, 2]))
-        i = tl.arange(0, E_PAD // 2)
-        tl.store(code_ptr + t[:, None] * (E // 2) + i[None, :], (lo | (hi << 4)).to(tl.uint8),
-                 mask=tm[:, None] & (2 * i[None, :] < E))
-    else:  # bit-planes: plane j holds bit j of every code, 8 codes per byte, LSB first
-        c8 = tl.reshape(code, [ROWS, E_PAD // 8, 8])
-        w = (1 << tl.arange(0, 8))[None, None, :]
-        i = tl.arange(0, E_PAD // 8)
-        pm = tm[:, None] & (8 * i[None, :] < E)
-        for j in tl.static_range(BITS):
-            byte = tl.sum(((c8 >> j) & 1) * w, axis=2)
-            tl.store(code_ptr + j * NCB + t[:, None] * (E // 8) + i[None, :], byte.to(tl.uint8), mask=pm)
-
-
-@triton.jit
-def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr, scale_ptr,
-                      flag_ptr, range_ptr, T, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
-                      ROWS: tl.constexpr, E_PAD: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr,
-                      GW: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
-                      FLAG: tl.constexpr, RANGE: tl.constexpr):
-    t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    e = tl.arange(0, E_PAD)
-    x = tl.load(x_ptr + t[:, None] * E + e[None, :], mask=(t[:, None] < T) & (e[None, :] < E), other=0.0)
-    _encode_tile(x.to(tl.float32), t, e, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr,
-                 scale_ptr, flag_ptr, range_ptr, T, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
-                 ROWS, E_PAD, B, LOG2B, GW, BITS, FMT, HAS_K, FLAG, RANGE)
-
-
-@triton.jit
-def _sum_tile(payloads, t, e, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF, SCALE_OFF,
-              inv_sqrt_b, N: tl.constexpr, ROWS: tl.constexpr, E_PAD: tl.constexpr, B: tl.constexpr,
-              LOG2B: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr):
-    """``sum_r decode(payloads[r])`` of tokens ``t`` in fp32, rank order; ``colmap[r, e]`` = bf16 slot or -1."""
-    tm = t < T
-    em = e < E
-    m = tm[:, None] & em[None, :]
-    f = t[:, None] * E + e[None, :]
-    gidx = t[:, None] * G + (e // GROUP)[None, :]
-    signs = tl.load(signs_ptr + e, mask=em, other=1.0)[None, :]
-    acc = tl.zeros([ROWS, E_PAD], dtype=tl.float32)
-    for r in tl.static_range(N):
-        p = payloads[r]
-        if BITS == 8:
-            code = tl.load(p + CODE_OFF + f, mask=m, other=0).to(tl.int32)
-        elif BITS == 4:
-            code = (tl.load(p + CODE_OFF + f // 2, mask=m, other=0).to(tl.int32) >> (4 * (f & 1))) & 0xF
-        else:
-            code = tl.zeros([ROWS, E_PAD], dtype=tl.int32)
-            for j in tl.static_range(BITS):
-                plane = tl.load(p + CODE_OFF + j * NCB + f // 8, mask=m, other=0).to(tl.int32)
-                code = code | (((plane >> (f & 7)) & 1) << j)
-        vals = tl.load(levels_ptr + code)
-        if FMT == 0:
-            scale = fp16_from_bits(load_u16(p, SCALE_OFF + 2 * gidx, m))
-        elif FMT == 1:
-            sb = tl.load(p + SCALE_OFF + gidx, mask=m, other=127).to(tl.int32)
-            scale = tl.where(sb == 0, 0x400000, sb << 23).to(tl.float32, bitcast=True)
-            scale = tl.where(sb == 255, float("nan"), scale)
-        else:
-            q = tl.load(p + SCALE_OFF + gidx, mask=m, other=0).to(tl.int32)
-            base = bf16_from_bits(load_u16(p, SCALE_OFF + T * G + 2 * t, tm))
-            scale = base[:, None] * tl.load(lg8_ptr + q)
-            scale = tl.where(q == 255, float("nan"), scale)
-        z = vals * scale
-        x = tl.reshape(_fwht_rows(z, ROWS * E_PAD // B, B, LOG2B), [ROWS, E_PAD]) * inv_sqrt_b * signs
-        if HAS_K:
-            cm = tl.load(colmap_ptr + r * E + e, mask=em, other=-1)[None, :]
-            kept = bf16_from_bits(load_u16(p, 2 * (t[:, None] * NK + cm), m & (cm >= 0)))
-            x = tl.where(cm >= 0, kept, x)
-        if r == 0:
-            acc = x
-        else:
-            acc = acc + x
-    return acc
 
 
 @triton.jit
@@ -352,24 +208,212 @@ def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, 
 
 
 @triton.jit
+def _rotate_cols(x, c, em, signs_ptr, colmap_ptr, inv_sqrt_b, max_in, rotate_max, ROWS: tl.constexpr,
+                 W: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr, HAS_K: tl.constexpr,
+                 RANGE: tl.constexpr):
+    """The encoder's view of the fp32 tile ``x [ROWS, W]`` at columns ``c``: the input saturated
+    at ``max_in`` (what the kept channels send), and the rotated groups ``[ROWS, W/GROUP, GROUP]``
+    (kept channels zeroed, finite values saturated at ``rotate_max`` unless ``RANGE``)."""
+    xs = saturate(x, max_in)
+    xz = xs
+    if HAS_K:
+        cm = tl.load(colmap_ptr + c, mask=em, other=-1)
+        xz = tl.where(cm[None, :] >= 0, 0.0, xz)
+    if not RANGE:  # error mode transforms what passed the input check as it is
+        xz = saturate(xz, rotate_max)
+    xz = xz * tl.load(signs_ptr + c, mask=em, other=1.0)[None, :]
+    z = tl.reshape(_fwht_rows(xz, ROWS * W // B, B, LOG2B), [ROWS, W // GROUP, GROUP]) * inv_sqrt_b
+    return xs, z
+
+
+@triton.jit
+def _group_amax(z):
+    """Per group: the absmax of the finite values, and whether any value is not finite."""
+    fin = is_finite(z)
+    return tl.max(tl.where(fin, tl.abs(z), 0.0), axis=2), tl.min(fin.to(tl.int32), axis=2) == 0
+
+
+@triton.jit
+def _row_top(x, c0, E, signs_ptr, colmap_ptr, inv_sqrt_b, max_in, rotate_max, scale_max, ROWS: tl.constexpr,
+             W: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr, HAS_K: tl.constexpr,
+             RANGE: tl.constexpr):
+    """The largest clamped group absmax of each row of the tile (the lg8 base's first pass)."""
+    c = c0 + tl.arange(0, W)
+    _, z = _rotate_cols(x, c, c < E, signs_ptr, colmap_ptr, inv_sqrt_b, max_in, rotate_max, ROWS, W, B, LOG2B, GROUP,
+                        HAS_K, RANGE)
+    amax, _ = _group_amax(z)
+    return tl.max(tl.where(amax > scale_max, scale_max, amax), axis=1)
+
+
+@triton.jit
+def _lg8_base(top):
+    """The per-token bf16 base >= ``top`` (bits, and fp32 with 0 -> 1)."""
+    bbits = bf16_bits(tl.where(top > _BF16_MAX, _BF16_MAX, top))
+    bbits = tl.where(bf16_from_bits(bbits) < top, bbits + 1, bbits)
+    b32 = bf16_from_bits(bbits)
+    return tl.where(b32 == 0.0, 1.0, b32), bbits
+
+
+@triton.jit
+def _encode_cols(x, t, tm, c0, b32, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr,
+                 scale_ptr, flag_ptr, range_ptr, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
+                 ROWS: tl.constexpr, W: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr,
+                 BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr, FLAG: tl.constexpr,
+                 RANGE: tl.constexpr):
+    """Encode the fp32 tile ``x [ROWS, W]`` of tokens ``t`` at columns ``c0 + [0, W)`` (whole
+    Hadamard blocks and groups); ``b32`` = the rows' lg8 bases. Finite inputs saturate at
+    ``max_in``, rotated channels at ``rotate_max`` and group absmax at ``scale_max``. With
+    ``RANGE`` (error mode) nothing saturates: an input beyond ``max_in``, a group absmax
+    beyond ``scale_max`` or an overflow sets ``range_ptr[0]`` for the codec to raise."""
+    GP: tl.constexpr = W // GROUP
+    c = c0 + tl.arange(0, W)
+    em = c < E
+    m = tm[:, None] & em[None, :]
+    if FLAG:
+        flag_if(flag_ptr, m & ~is_finite(x))
+    if RANGE:
+        flag_if(range_ptr, m & is_finite(x) & (tl.abs(x) > max_in))
+    xs, z = _rotate_cols(x, c, em, signs_ptr, colmap_ptr, inv_sqrt_b, max_in, rotate_max, ROWS, W, B, LOG2B, GROUP,
+                         HAS_K, RANGE)
+    if HAS_K:
+        cm = tl.load(colmap_ptr + c, mask=em, other=-1)
+        if tl.max(cm, axis=0) >= 0:  # most tiles hold no kept channel
+            cm2 = tl.broadcast_to(cm[None, :], [ROWS, W])
+            tl.store(head_ptr + t[:, None] * NK + cm2, bf16_bits(xs).to(tl.int16), mask=m & (cm2 >= 0))
+    amax, bad = _group_amax(z)
+    if RANGE:  # the input was finite (checked): a non-finite rotated value is an fp32 overflow
+        flag_if(range_ptr, (amax > scale_max) | bad)
+    amax = tl.where(amax > scale_max, scale_max, amax)
+    g = c0 // GROUP + tl.arange(0, GP)
+    gm = tm[:, None] & (g[None, :] < G)
+    sidx = t[:, None] * G + g[None, :]
+    if FMT == 0:  # fp16 scale per group
+        sbits = fp16_bits(tl.where(amax > 65504.0, 65504.0, amax))
+        scale = fp16_from_bits(sbits)
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        store_u16(scale_ptr, 2 * sidx, tl.where(bad, _FP16_NAN, sbits), gm)
+    elif FMT == 1:  # E8M0: the smallest power of two >= amax
+        a = tl.where(amax < 2.0 ** -126, 2.0 ** -126, amax).to(tl.int32, bitcast=True)
+        ex = ((a >> 23) & 0xFF) - 126 - ((a & 0x7FFFFF) == 0).to(tl.int32)
+        ex = tl.where(ex > 127, 127, tl.where(ex < -127, -127, ex))
+        scale = ((ex + 127) << 23).to(tl.float32, bitcast=True)
+        tl.store(scale_ptr + sidx, tl.where(bad, 255, ex + 127).to(tl.uint8), mask=gm)
+    else:  # lg8: a log-step code per group under the token's bf16 base
+        ratio = tl.math.div_rn(amax, tl.broadcast_to(b32[:, None], [ROWS, GP]))
+        cnt = tl.zeros([ROWS, GP], dtype=tl.int32)  # table entries < ratio (255 and 256 both give q = 0)
+        for s in tl.static_range(8):
+            half = 128 >> s
+            v = tl.load(lg8_asc_ptr + cnt + (half - 1))
+            cnt = tl.where(v >= ratio, cnt, cnt + half)
+        q = 255 - cnt  # largest q with table[q] >= ratio; code 255 is the NaN sentinel
+        q = tl.where(q > 254, 254, tl.where(q < 0, 0, q))
+        scale = b32[:, None] * tl.load(lg8_ptr + q)
+        tl.store(scale_ptr + sidx, tl.where(bad, 255, q).to(tl.uint8), mask=gm)
+    y = tl.math.div_rn(z, tl.broadcast_to(scale[:, :, None], [ROWS, GP, GROUP]))
+    code = tl.reshape(_bucket(clamp_keep_nan(y, -1.0, 1.0), bounds_ptr, BITS), [ROWS, W])
+    if BITS == 8:
+        tl.store(code_ptr + t[:, None] * E + c[None, :], code.to(tl.uint8), mask=m)
+    elif BITS == 4:  # E even: a row's codes start on a byte
+        lo, hi = tl.split(tl.reshape(code, [ROWS, W // 2, 2]))
+        i = c0 // 2 + tl.arange(0, W // 2)
+        tl.store(code_ptr + t[:, None] * (E // 2) + i[None, :], (lo | (hi << 4)).to(tl.uint8),
+                 mask=tm[:, None] & (2 * i[None, :] < E))
+    else:  # bit-planes (E % 8 == 0): plane j holds bit j of every code, 8 codes per byte, LSB first
+        c8 = tl.reshape(code, [ROWS, W // 8, 8])
+        wt = (1 << tl.arange(0, 8))[None, None, :]
+        i = c0 // 8 + tl.arange(0, W // 8)
+        pm = tm[:, None] & (8 * i[None, :] < E)
+        for j in tl.static_range(BITS):
+            byte = tl.sum(((c8 >> j) & 1) * wt, axis=2)
+            tl.store(code_ptr + j * NCB + t[:, None] * (E // 8) + i[None, :], byte.to(tl.uint8), mask=pm)
+
+
+@triton.jit
+def _load_x(x_ptr, t, tm, c0, E, W: tl.constexpr):
+    c = c0 + tl.arange(0, W)
+    return tl.load(x_ptr + t[:, None] * E + c[None, :], mask=tm[:, None] & (c < E)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr, scale_ptr,
+                      flag_ptr, range_ptr, T, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
+                      ROWS: tl.constexpr, W: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr,
+                      GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
+                      FLAG: tl.constexpr, RANGE: tl.constexpr, SPLIT: tl.constexpr):
+    """Encode tokens ``[ROWS]`` in column tiles ``c0 = pid1 * W, + SPLIT * W, ...``. lg8 first
+    makes a pass over the whole rows for the bases (the tile is rotated again in the second
+    pass: re-reading x costs less than holding whole rows)."""
+    t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    tm = t < T
+    b32 = tl.full([ROWS], 1.0, tl.float32)
+    if FMT == 2:
+        top = tl.zeros([ROWS], dtype=tl.float32)
+        for c0 in range(0, E, W):
+            top = tl.maximum(top, _row_top(_load_x(x_ptr, t, tm, c0, E, W), c0, E, signs_ptr, colmap_ptr, inv_sqrt_b,
+                                           max_in, rotate_max, scale_max, ROWS, W, B, LOG2B, GROUP, HAS_K, RANGE))
+        b32, bbits = _lg8_base(top)
+        store_u16(scale_ptr, T * G + 2 * t, bbits, tm & (tl.program_id(1) == 0))
+    for c0 in range(tl.program_id(1) * W, E, SPLIT * W):
+        _encode_cols(_load_x(x_ptr, t, tm, c0, E, W), t, tm, c0, b32, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr,
+                     lg8_asc_ptr, head_ptr, code_ptr, scale_ptr, flag_ptr, range_ptr, E, G, NK, NCB, inv_sqrt_b,
+                     max_in, rotate_max, scale_max, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, FLAG, RANGE)
+
+
+@triton.jit
+def _sum_cols(payloads, t, tm, c0, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF, SCALE_OFF,
+              inv_sqrt_b, N: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr, B: tl.constexpr,
+              LOG2B: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
+              PACKED: tl.constexpr):
+    """``sum_r decode(payloads[r])`` of the tile in fp32, rank order (0 outside ``[T, E]``)."""
+    c = c0 + tl.arange(0, W)
+    signs = (tl.load(signs_ptr + c, mask=c < E, other=1.0) * inv_sqrt_b)[None, :]
+    acc = _decode_tile(payloads[0], 0, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF,
+                       SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED)
+    for r in tl.static_range(1, N):
+        acc = acc + _decode_tile(payloads[r], r, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB,
+                                 CODE_OFF, SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED)
+    return tl.where(tm[:, None] & (c < E)[None, :], acc, 0.0)
+
+
+@triton.jit
 def rot_reduce_encode_kernel(payloads, signs_ptr, dec_colmap_ptr, levels_ptr, lg8_ptr, CODE_OFF, SCALE_OFF,
                              enc_colmap_ptr, bounds_ptr, lg8_asc_ptr, head_ptr, code_ptr, scale_ptr, flag_ptr,
                              range_ptr, T, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
-                             N: tl.constexpr, ROWS: tl.constexpr, E_PAD: tl.constexpr, B: tl.constexpr,
-                             LOG2B: tl.constexpr, GW: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
-                             FMT: tl.constexpr, HAS_K: tl.constexpr, FLAG: tl.constexpr, RANGE: tl.constexpr):
-    """Two-shot owner stage in one pass: decode and sum the N payloads of a chunk, encode the sum."""
+                             N: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr, B: tl.constexpr,
+                             LOG2B: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr,
+                             HAS_K: tl.constexpr, FLAG: tl.constexpr, RANGE: tl.constexpr, SPLIT: tl.constexpr):
+    """Two-shot owner stage in one kernel: decode and sum the N payloads of a chunk, encode the
+    sum (for lg8 the sum is decoded twice: once for the bases, once to encode)."""
     t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    e = tl.arange(0, E_PAD)
-    s = _sum_tile(payloads, t, e, signs_ptr, dec_colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF, SCALE_OFF,
-                  inv_sqrt_b, N, ROWS, E_PAD, B, LOG2B, GROUP, BITS, FMT, HAS_K)
-    s = tl.where((t[:, None] < T) & (e[None, :] < E), s, 0.0)
-    _encode_tile(s, t, e, signs_ptr, enc_colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr, scale_ptr,
-                 flag_ptr, range_ptr, T, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
-                 ROWS, E_PAD, B, LOG2B, GW, BITS, FMT, HAS_K, FLAG, RANGE)
+    tm = t < T
+    b32 = tl.full([ROWS], 1.0, tl.float32)
+    if FMT == 2:
+        top = tl.zeros([ROWS], dtype=tl.float32)
+        for c0 in range(0, E, W):
+            s = _sum_cols(payloads, t, tm, c0, signs_ptr, dec_colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB,
+                          CODE_OFF, SCALE_OFF, inv_sqrt_b, N, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, True)
+            top = tl.maximum(top, _row_top(s, c0, E, signs_ptr, enc_colmap_ptr, inv_sqrt_b, max_in, rotate_max,
+                                           scale_max, ROWS, W, B, LOG2B, GROUP, HAS_K, RANGE))
+        b32, bbits = _lg8_base(top)
+        store_u16(scale_ptr, T * G + 2 * t, bbits, tm & (tl.program_id(1) == 0))
+    for c0 in range(tl.program_id(1) * W, E, SPLIT * W):
+        s = _sum_cols(payloads, t, tm, c0, signs_ptr, dec_colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF,
+                      SCALE_OFF, inv_sqrt_b, N, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, True)
+        _encode_cols(s, t, tm, c0, b32, signs_ptr, enc_colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr,
+                     scale_ptr, flag_ptr, range_ptr, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max, ROWS, W,
+                     B, LOG2B, GROUP, BITS, FMT, HAS_K, FLAG, RANGE)
 
 
 # ---------------------------------------------------------------- launchers (no codec logic)
+def _split(tokens: int, hidden: int, rows: int, w: int, scale_format: str) -> int:
+    """Column tiles per row block: every tile its own program, except lg8 (a program makes the
+    bases' pass over whole rows), which splits the encode pass only while few row blocks exist."""
+    tiles = triton.cdiv(hidden, w)
+    if scale_format != "lg8":
+        return tiles
+    return max(1, min(tiles, LG8_PROGRAMS // triton.cdiv(tokens, rows)))
+
+
 def encode(x, *, signs, colmap, bounds, lg8, lg8_asc, out, nk: int, code_bytes: int, group: int, block: int,
            bits: int, scale_format: str, max_input: float, rotate_max: float, scale_max: float, flag=None,
            range_flag=None):
@@ -377,34 +421,36 @@ def encode(x, *, signs, colmap, bounds, lg8, lg8_asc, out, nk: int, code_bytes: 
     t, e = x.shape
     if t == 0:
         return out
-    rows, e_pad, gw, warps = launch_config(t, e, group)
+    rows, w, warps = tile_config(t, e, group, block)
+    split = _split(t, e, rows, w, scale_format)
     off = 2 * t * nk
     head = out[:off].view(torch.int16)
-    rot_encode_kernel[(triton.cdiv(t, rows),)](
+    rot_encode_kernel[(triton.cdiv(t, rows), split)](
         x, signs, colmap, bounds, lg8, lg8_asc, head, out[off:off + code_bytes], out[off + code_bytes:],
-        colmap if flag is None else flag, colmap if range_flag is None else range_flag, t, e, triton.cdiv(e, group), nk, (t * e + 7) // 8, inv_sqrt(block),
-        max_input, rotate_max, scale_max, ROWS=rows, E_PAD=e_pad, B=block, LOG2B=block.bit_length() - 1, GW=gw, BITS=bits,
-        FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0, FLAG=flag is not None,
-        RANGE=range_flag is not None, num_warps=warps, **FP_OPTIONS)
+        colmap if flag is None else flag, colmap if range_flag is None else range_flag, t, e, triton.cdiv(e, group),
+        nk, (t * e + 7) // 8, inv_sqrt(block), max_input, rotate_max, scale_max, ROWS=rows, W=w, B=block,
+        LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits, FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0,
+        FLAG=flag is not None, RANGE=range_flag is not None, SPLIT=split, num_warps=warps, **FP_OPTIONS)
     return out
 
 
 def reduce_encode(payloads, *, signs, dec_colmap, enc_colmap, levels, bounds, lg8, lg8_asc, out, t: int, e: int,
                   nk: int, code_bytes: int, group: int, block: int, bits: int, scale_format: str, max_input: float,
                   rotate_max: float, scale_max: float, flag=None, range_flag=None):
-    """Fill ``out`` with encode(sum of the decoded ``payloads``) for a ``[t, e]`` chunk, in one pass."""
+    """Fill ``out`` with encode(sum of the decoded ``payloads``) for a ``[t, e]`` chunk, in one kernel."""
     if t == 0:
         return out
-    rows, e_pad, gw, warps = launch_config(t, e, group)
+    rows, w, warps = tile_config(t, e, group, block, len(payloads))
+    split = _split(t, e, rows, w, scale_format)
     off = 2 * t * nk
-    rot_reduce_encode_kernel[(triton.cdiv(t, rows),)](
+    rot_reduce_encode_kernel[(triton.cdiv(t, rows), split)](
         tuple(payloads), signs, dec_colmap, levels, lg8, off, off + code_bytes, enc_colmap, bounds, lg8_asc,
         out[:off].view(torch.int16), out[off:off + code_bytes], out[off + code_bytes:],
         enc_colmap if flag is None else flag, enc_colmap if range_flag is None else range_flag, t, e,
         triton.cdiv(e, group), nk, (t * e + 7) // 8, inv_sqrt(block), max_input, rotate_max, scale_max,
-        N=len(payloads), ROWS=rows, E_PAD=e_pad, B=block, LOG2B=block.bit_length() - 1, GW=gw, GROUP=group, BITS=bits,
+        N=len(payloads), ROWS=rows, W=w, B=block, LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits,
         FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0, FLAG=flag is not None, RANGE=range_flag is not None,
-        num_warps=warps, **FP_OPTIONS)
+        SPLIT=split, num_warps=warps, **FP_OPTIONS)
     return out
 
 

@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, clamp_keep_nan, flag_if,
-                                             int4_from_nibble, is_finite, load_u16, round_half_even, saturate)
+                                             int4_from_nibble, is_finite, load_u16, round_half_even,
+                                             round_to_int_small, saturate)
 
 
 def launch_config(n: int) -> tuple[int, int]:
@@ -134,11 +135,13 @@ def static_encode_kernel(src, colmap_ptr, scale_ptr, inl_ptr, inv_ptr, outl_ptr,
 # A program works on BT tokens x a block of columns (decode: output channels; encode: body
 # slots taken in pairs, or kept channels). Channel maps and scales are loaded once per tile
 # column and reused over its BT rows; no division or modulo per element.
-def tile_config(tokens: int, width: int) -> tuple[int, int, int]:
+def tile_config(tokens: int, width: int, sources: int = 1) -> tuple[int, int, int]:
     """(rows, columns, warps) of a tile over a ``tokens x width`` index space; the bytes do not
-    depend on it. About 2048 values per program at 4 warps, whole rows up to 512 columns."""
+    depend on it. Up to 512 columns and ``rows * sources <= 8`` (4 rows for a world-2
+    decode-and-sum, one for world 8): 4 warps, 4-16 values a thread, ptxas at <= ~120 registers
+    and no spills for every N up to 8 (sm_90a)."""
     cols = min(triton.next_power_of_2(max(width, 2)), 512)
-    rows = max(1, min(triton.next_power_of_2(tokens), 2048 // cols))
+    rows = max(1, min(triton.next_power_of_2(tokens), 2048 // cols, 8 // triton.next_power_of_2(max(sources, 1))))
     return rows, cols, 4
 
 
@@ -252,7 +255,7 @@ def static_encode_tile_kernel(src, colmap_ptr, scale_ptr, inl_ptr, inv_ptr, outl
         if RANGE:
             flag_if(range_ptr, m & is_finite(x) & (tl.abs(x) > max_in))
         x = saturate(x, max_in)
-        q = round_half_even(clamp_keep_nan(x * inv, -QMAX * 1.0, QMAX * 1.0)).to(tl.int32)
+        q = round_to_int_small(clamp_keep_nan(x * inv, -QMAX * 1.0, QMAX * 1.0)).to(tl.int32)
         q = tl.where(is_finite(x), q, -QMAX - 1)
         if BITS == 4:
             lo, hi = tl.split(q)
@@ -292,7 +295,7 @@ def _launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, out, 
               outliers, head, out[2 * t * nk:], inliers if flag is None else flag,
               inliers if range_flag is None else range_flag)
     if bits == 8 or (e - nk) % 2 == 0:
-        rows, cols, warps = tile_config(t, max(e - nk, nk))
+        rows, cols, warps = tile_config(t, max(e - nk, nk), max(n_src, 2))
         nb = triton.cdiv(e - nk, cols)
         static_encode_tile_kernel[(triton.cdiv(t, rows), nb + triton.cdiv(nk, cols))](
             tuple(src), *tables, t, e, nk, nb, max_input, BT=rows, BC=cols, H16=n_src > 0 and _aligned2(src),
@@ -332,7 +335,7 @@ def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int):
     t, e = out.shape
     if t * e == 0:
         return out
-    rows, cols, warps = tile_config(t, e)
+    rows, cols, warps = tile_config(t, e, len(payloads))
     static_decode_sum_tile_kernel[(triton.cdiv(t, rows), triton.cdiv(e, cols))](
         tuple(payloads), colmap, scale, out, t, e, nk, N=len(payloads), BITS=bits, BT=rows, BE=cols,
         H16=_aligned2(payloads), num_warps=warps, **FP_OPTIONS)
