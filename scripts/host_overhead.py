@@ -1,0 +1,246 @@
+"""Host (Python) cost per codec call on the Triton path, the kernels themselves left out.
+
+Each GPU codec call is ``encode(x, out=buf)`` or ``decode_sum(payloads, shape, out=buf)``
+with ``backend="triton"``. On a GPU its eager time is host work (the codec's Python, the
+launcher's Python, Triton's launch) plus the kernel; GPU run 2 measured eager steps 2-18x
+their CUDA-graph replay. This script measures the host part without a GPU: the kernels run
+under ``TRITON_INTERPRET=1`` on tiny CPU tensors, and per call it records
+
+* ``host_us``: wall time of the call with Triton's kernel run (``InterpretedFunction.run``,
+  the stand-in for the launch) replaced by a no-op that only counts launches, median over
+  ``--calls`` calls (GC off) after a warm-up call that runs the kernels (interpreting a
+  kernel churns the CPU caches and the GC, which would otherwise be billed to the host);
+* ``codec_us`` / ``launcher_us``: that host time split into the codec layer
+  (``lowbit_tp/codecs``) and the Python launchers of ``lowbit_tp/kernels/triton_*.py``
+  (the public functions the codecs call, minus the kernel runs inside them);
+* ``torch_ops``: aten ops dispatched per call outside the kernels (one more call, kernels
+  interpreted) that would launch a CUDA kernel or allocate GPU memory (views and metadata
+  ops counted apart as ``view_ops``: no kernel, but a few us of host time each on CUDA);
+* ``launches``: Triton kernel launches per call.
+
+What it cannot see: Triton's own compiled-launcher cost on a GPU (``JITFunction.run``: the
+argument specialisation and cache-key work, tens of us per launch), which the interpreter
+replaces. The CPU host is slower per Python op than a GPU server's; compare before/after as
+ratios from the same run (``--compare``).
+
+Usage::
+
+    python scripts/host_overhead.py --out docs/bench/host_overhead [--compare before.json] [--label after]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+
+PRIORITY_CODECS = ["int4-outlier", "int4-g32", "int4-g128", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4", "int4",
+                   "int8", "int4-random-k", "mxfp4"]  # scripts/gpu_check.py's list
+LAUNCHERS = ("encode", "decode_sum", "reduce_encode", "mx_encode", "mx_decode_sum", "mx_reduce_encode")
+VIEW_OPS = {"view", "_unsafe_view", "slice", "select", "as_strided", "alias", "detach", "t", "transpose", "unsqueeze",
+            "squeeze", "expand", "permute", "split", "unbind", "lift_fresh", "_reshape_alias", "reshape", "flatten",
+            "narrow", "view_as", "unflatten"}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="directory for host_overhead.json / host_overhead.md")
+    ap.add_argument("--codecs", default=",".join(PRIORITY_CODECS))
+    ap.add_argument("--shape", default="1x64", help="TxE of the message (tiny: the kernels are interpreted)")
+    ap.add_argument("--world", type=int, default=2, help="payloads per decode_sum")
+    ap.add_argument("--calls", type=int, default=30, help="timed calls per measurement (median)")
+    ap.add_argument("--mode", default="flag", choices=("flag", "error", "propagate"), help="nonfinite mode")
+    ap.add_argument("--label", default="", help="name of this tree in the report (e.g. before / after)")
+    ap.add_argument("--compare", default=None, help="a JSON from an earlier run of this script: adds ratio columns")
+    return ap.parse_args(argv)
+
+
+class Probe:
+    """Timing wrappers around Triton's interpreted kernel run and lowbit_tp's launchers, and a
+    dispatch mode listing the aten ops made outside the interpreter. Installed only while the
+    script measures (this is a measurement harness, not library code)."""
+
+    def __init__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from triton.runtime.interpreter import InterpretedFunction
+
+        import lowbit_tp.kernels.triton_group as G
+        import lowbit_tp.kernels.triton_rotation as R
+        import lowbit_tp.kernels.triton_static as S
+
+        self.kernel_s = self.launcher_s = 0.0
+        self.launches = 0
+        self.ops: list[str] = []
+        self._inside = 0
+        self.stub = False  # timed calls skip the kernel run: its cache and GC churn would bill the host
+        self._launcher_depth = 0
+        probe = self
+        self._saved = [(InterpretedFunction, "run", InterpretedFunction.run)]
+        orig_run = InterpretedFunction.run
+
+        def run(fn_self, *args, **kwargs):
+            if probe._inside:
+                return orig_run(fn_self, *args, **kwargs)
+            probe._inside += 1
+            probe.launches += 1
+            t0 = time.perf_counter()
+            try:
+                return None if probe.stub else orig_run(fn_self, *args, **kwargs)
+            finally:
+                probe.kernel_s += time.perf_counter() - t0
+                probe._inside -= 1
+
+        InterpretedFunction.run = run
+        for mod in (S, G, R):
+            for name in LAUNCHERS:
+                f = getattr(mod, name, None)
+                if f is None:
+                    continue
+                self._saved.append((mod, name, f))
+                setattr(mod, name, self._timed(f))
+
+        class Ops(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not probe._inside:
+                    probe.ops.append(func.overloadpacket.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self.mode_cls = Ops
+        self.torch = torch
+
+    def _timed(self, f):
+        probe = self
+
+        def wrapper(*args, **kwargs):
+            if probe._launcher_depth:
+                return f(*args, **kwargs)
+            probe._launcher_depth += 1
+            t0 = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                probe.launcher_s += time.perf_counter() - t0
+                probe._launcher_depth -= 1
+
+        return wrapper
+
+    def close(self):
+        for obj, name, f in self._saved:
+            setattr(obj, name, f)
+
+    def measure(self, fn, calls: int) -> dict:
+        fn()  # warm-up: tables, flags and the interpreter's rewritten kernels are built once
+        host, codec, launcher, launches = [], [], [], []
+        self.stub = True
+        gc.disable()
+        try:
+            for _ in range(calls):
+                self._one(fn, host, codec, launcher, launches)
+        finally:
+            self.stub = False
+            gc.enable()
+        self.ops = []
+        with self.mode_cls():
+            fn()  # the kernels run (interpreted): the aten ops outside them are listed
+        real = [o for o in self.ops if o not in VIEW_OPS]
+        return {"host_us": 1e6 * statistics.median(host), "codec_us": 1e6 * statistics.median(codec),
+                "launcher_us": 1e6 * statistics.median(launcher), "launches": max(launches),
+                "torch_ops": len(real), "view_ops": len(self.ops) - len(real), "ops": real}
+
+    def _one(self, fn, host, codec, launcher, launches):
+        self.kernel_s = self.launcher_s = 0.0
+        self.launches = 0
+        t0 = time.perf_counter()
+        fn()
+        total = time.perf_counter() - t0
+        host.append(total - self.kernel_s)
+        codec.append(total - self.launcher_s)
+        launcher.append(self.launcher_s - self.kernel_s)
+        launches.append(self.launches)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+
+    from lowbit_tp.calibration.synthetic import synthetic_calibration
+    from lowbit_tp.codecs import make_codec
+
+    torch.set_num_threads(1)
+    t, e = (int(v) for v in args.shape.split("x"))
+    layer = "L"
+    cal = synthetic_calibration([layer], world=args.world, hidden=e, tokens=64, batches=1)
+    probe = Probe()
+    rows = []
+    try:
+        for name in [c for c in args.codecs.split(",") if c]:
+            codec = make_codec(name, calibration=cal, nonfinite=args.mode, backend="triton")
+            g = torch.Generator().manual_seed(0)
+            xs = [torch.randn(t, e, generator=g) for _ in range(args.world)]
+            n = codec.payload_nbytes((t, e), layer)
+            pbufs = [torch.empty(n, dtype=torch.uint8) for _ in range(args.world)]
+            payloads = [codec.encode(x, layer=layer, source=r, out=b) for r, (x, b) in enumerate(zip(xs, pbufs))]
+            sbuf = torch.empty(t, e)
+            enc = probe.measure(lambda: codec.encode(xs[0], layer=layer, source=0, out=pbufs[0]), args.calls)
+            dec = probe.measure(lambda: codec.decode_sum(payloads, (t, e), layer=layer, out=sbuf), args.calls)
+            row = {"codec": name}
+            for op, m in (("encode", enc), ("decode_sum", dec)):
+                row.update({f"{op}_{k}": v for k, v in m.items()})
+            rows.append(row)
+            print({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items() if not k.endswith("_ops")
+                   or isinstance(v, int)}, flush=True)
+    finally:
+        probe.close()
+    before = None
+    if args.compare:
+        before = {r["codec"]: r for r in json.loads(Path(args.compare).read_text())["rows"]}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = "python scripts/host_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    meta = {"command": cmd, "label": args.label, "shape": [t, e], "world": args.world, "calls": args.calls,
+            "mode": args.mode, "torch": torch.__version__, "compare": args.compare}
+    (out / "host_overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "host_overhead.md").write_text(_markdown(meta, rows, before))
+    print(f"wrote {out}/host_overhead.json and .md")
+
+
+def _markdown(meta, rows, before) -> str:
+    lines = [f"# Host cost per codec call on the Triton path{' (' + meta['label'] + ')' if meta['label'] else ''}", "",
+             f"Command: `{meta['command']}`", "",
+             f"Message [{meta['shape'][0]}, {meta['shape'][1]}], world {meta['world']}, nonfinite={meta['mode']!r}, "
+             f"out= buffers, median of {meta['calls']} calls after a warm-up; kernels interpreted "
+             f"(TRITON_INTERPRET=1, CPU) and their time subtracted. host = codec + launcher (lowbit_tp's Python); "
+             f"torch ops = aten ops outside the kernels that would launch a CUDA kernel or allocate (views apart). "
+             f"Triton's own launch cost on a GPU is not in these numbers.", ""]
+    hdr = "| codec | call | host us | codec us | launcher us | torch ops | view ops | launches |"
+    sep = "|---|---|---:|---:|---:|---:|---:|---:|"
+    if before:
+        hdr += " host us before | host ratio after/before | torch ops before |"
+        sep += "---:|---:|---:|"
+    lines += [hdr, sep]
+    for r in rows:
+        for op in ("encode", "decode_sum"):
+            cells = [r["codec"], op, f"{r[f'{op}_host_us']:.1f}", f"{r[f'{op}_codec_us']:.1f}",
+                     f"{r[f'{op}_launcher_us']:.1f}", str(r[f"{op}_torch_ops"]), str(r[f"{op}_view_ops"]),
+                     str(r[f"{op}_launches"])]
+            b = before.get(r["codec"]) if before else None
+            if before:
+                cells += ([f"{b[f'{op}_host_us']:.1f}", f"{r[f'{op}_host_us'] / b[f'{op}_host_us']:.2f}",
+                           str(b[f"{op}_torch_ops"])] if b else ["", "", ""])
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "torch ops per call (outside the kernels):", ""]
+    for r in rows:
+        for op in ("encode", "decode_sum"):
+            lines.append(f"- {r['codec']} {op}: {', '.join(r[f'{op}_ops']) or 'none'}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
