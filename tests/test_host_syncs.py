@@ -15,6 +15,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before lowbit_tp imports any kernel modu
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 pytest.importorskip("triton", reason="triton is not installed (optional: the Triton kernels are skipped)")
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
@@ -216,3 +217,90 @@ def test_tp_simulator_raises_a_deferred_error_when_the_block_ends():
         with pytest.raises(NonFiniteError, match="down_proj"):
             with TPSimulator(model, tp=2, codec=make_codec("int4-g32", backend="triton")):
                 model(ids)  # the fused path does not stop the forward
+
+
+class AtenCounter(TorchDispatchMode):
+    """Lists the aten ops (views and metadata ops apart) dispatched outside Triton's interpreter:
+    on a GPU each would launch a kernel or allocate, and cost host time, on every message."""
+
+    VIEWS = {"view", "_unsafe_view", "slice", "select", "as_strided", "alias", "detach", "unsqueeze", "squeeze",
+             "expand", "split", "unbind", "lift_fresh", "_reshape_alias", "t", "transpose", "permute"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.VIEWS:
+            f = sys._getframe(1)
+            while f is not None and TRITON_DIR not in f.f_code.co_filename:
+                f = f.f_back
+            if f is None:
+                self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", CODECS + ["int4", "int4-random-k", "rot-int6-g64-lg8-k4"])
+@pytest.mark.parametrize("mode", ["error", "flag"])
+def test_fused_path_runs_no_torch_op_per_message(name, mode):
+    """With out= buffers, a message costs its kernel launch(es) and nothing else on the device:
+    no flag zeroed, no table copied or rebuilt, no contiguous() copy (what a CUDA graph would
+    otherwise capture as extra nodes, and eager mode pays in launches)."""
+    codec = make_codec(name, calibration=CAL, nonfinite=mode, backend="triton")
+    xs = [torch.randn(3, 64) for _ in range(WORLD)]
+    n = codec.payload_nbytes((3, 64), LAYER)
+    bufs = [torch.empty(n, dtype=torch.uint8) for _ in range(WORLD + 1)] + [torch.empty(3, 64)]
+    messages(codec, xs, bufs)  # warm-up
+    with AtenCounter() as c:
+        messages(codec, xs, bufs)
+    assert c.ops == []
+    with AtenCounter() as c:  # the counter sees a per-call op where there is one
+        codec.encode(xs[0].t().contiguous().t(), layer=LAYER, source=0, out=bufs[0])
+    assert "clone" in c.ops or "copy_" in c.ops
+
+
+@pytest.mark.parametrize("name", ["int4-outlier", "int4-g32", "rot-lm4-g64-lg8-k4", "mxfp4"])
+def test_backend_and_received_params_are_resolved_once(name, monkeypatch):
+    """kernel_backend() is asked several times per message; after the first message the
+    answer (and decode_sum's per-source parameters and payload size) come from the cache."""
+    import lowbit_tp.codecs.base as base
+
+    codec = make_codec(name, calibration=CAL, nonfinite="flag", backend="triton")
+    xs = [torch.randn(3, 64) for _ in range(WORLD)]
+    messages(codec, xs)
+    calls, resolve = [], base.resolve_backend
+
+    def counted(*a, **k):
+        calls.append(a)
+        return resolve(*a, **k)
+
+    monkeypatch.setattr(base, "resolve_backend", counted)
+    made = []
+    monkeypatch.setattr(codec, "_make_params", lambda *a: made.append(a))
+    messages(codec, xs)
+    assert calls == [] and made == []
+
+
+def test_cached_received_params_keep_every_payload_check():
+    """decode_sum caches what depends on (shape, layer, sources, device) only: a wrong payload,
+    or more payloads than sources, is refused after a good call with the same key too."""
+    codec = make_codec("int4-outlier", calibration=CAL, nonfinite="flag", backend="triton")
+    xs = [torch.randn(3, 64) for _ in range(WORLD)]
+    ps = [codec.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    codec.decode_sum(ps, (3, 64), layer=LAYER, sources=[0, 1])
+    with pytest.raises(ValueError, match="3 payloads but 2 sources"):
+        codec.decode_sum(ps + [ps[0]], (3, 64), layer=LAYER, sources=[0, 1])
+    with pytest.raises(ValueError, match="payload 1"):
+        codec.decode_sum([ps[0], ps[1][:-1]], (3, 64), layer=LAYER, sources=[0, 1])
+    with pytest.raises(ValueError, match="payload 0"):
+        codec.decode_sum([ps[0].view(torch.int8), ps[1]], (3, 64), layer=LAYER)
+
+
+def test_a_refused_backend_is_not_cached():
+    from lowbit_tp.kernels import BackendUnavailable
+
+    codec = make_codec("int4-g32", backend="cpu")
+    for _ in range(2):
+        with pytest.raises(BackendUnavailable):
+            codec.kernel_backend(torch.device("meta"))

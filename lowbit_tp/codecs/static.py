@@ -240,14 +240,15 @@ class _StaticIntCodec(Codec):
         inl, inv, outl = self._enc_tables(p)
         if out is None:
             out = torch.empty(self.payload_nbytes(tuple(x.shape)), dtype=torch.uint8, device=x.device)
-        return K.encode(x.contiguous(), inl, inv, outl[: p.outliers.numel()], out, bits=self.bits,
+        return K.encode(x.contiguous(), inl, inv, outl, out, bits=self.bits,
                         max_input=self.max_input, flag=flags[0], range_flag=flags[1])
 
     def _enc_tables(self, p: StaticParams):
-        """Encoder tables of one (layer, source), int32/fp32 on its device, built once."""
+        """Encoder tables of one (layer, source), int32/fp32 on its device, built once (the
+        outlier table already cut to its k entries: an empty view of a real buffer when k = 0)."""
         return self._kernel_table(("enc", id(p)), lambda: (
             p.inliers.int(), p.inv_scale.float().contiguous(),
-            p.outliers.int() if p.outliers.numel() else p.inliers[:1].int()))
+            p.outliers.int() if p.outliers.numel() else p.inliers[:1].int()[:0]))
 
     def _dec_tables(self, params):
         """Decoder tables of N sources: ``colmap [N, E]`` (slot of each kept channel, ``-(j+1)``
@@ -286,7 +287,7 @@ class _StaticIntCodec(Codec):
         if out is None:
             out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=dev)
         flag, range_flag = self._kernel_flags(layer, out_source, dev)  # deferred error mode: checked per step
-        return K.reduce_encode([q.contiguous() for q in payloads], colmap, scale, inl, inv, outl[: sp.outliers.numel()],
+        return K.reduce_encode([q.contiguous() for q in payloads], colmap, scale, inl, inv, outl,
                                out, t=t, e=e, bits=self.bits, max_input=self.max_input, flag=flag,
                                range_flag=range_flag)
 

@@ -98,10 +98,10 @@ def check_group_config(codec: Codec, group=None, *, extra: dict | None = None, l
     Runs one small ``all_gather_object``; all ranks must call it together. Cached per
     (group, config), so :func:`all_reduce` pays for it once.
     """
-    mine = {**codec.config(), **(extra or {})}
-    key = (id(group), codec.fingerprint(), repr(sorted((extra or {}).items())))
-    if key in _CHECKED:
+    key = (id(group), codec.fingerprint(), repr(sorted((extra or {}).items())) if extra else "[]")
+    if key in _CHECKED:  # the common case, on every call: no config dict built
         return
+    mine = {**codec.config(), **(extra or {})}
     rank, world = _rank_world(group)
     gathered: list = [None] * world
     _guard("configuration check", layer, group, lambda: dist.all_gather_object(gathered, mine, group=group))
