@@ -222,8 +222,8 @@ def _markdown(meta, rows, before) -> str:
     hdr = "| codec | call | host us | codec us | launcher us | torch ops | view ops | launches |"
     sep = "|---|---|---:|---:|---:|---:|---:|---:|"
     if before:
-        hdr += " host us before | host ratio after/before | torch ops before |"
-        sep += "---:|---:|---:|"
+        hdr += " host us before | host after/before | codec us before | codec after/before | torch ops before |"
+        sep += "---:|---:|---:|---:|---:|"
     lines += [hdr, sep]
     for r in rows:
         for op in ("encode", "decode_sum"):
@@ -233,7 +233,8 @@ def _markdown(meta, rows, before) -> str:
             b = before.get(r["codec"]) if before else None
             if before:
                 cells += ([f"{b[f'{op}_host_us']:.1f}", f"{r[f'{op}_host_us'] / b[f'{op}_host_us']:.2f}",
-                           str(b[f"{op}_torch_ops"])] if b else ["", "", ""])
+                           f"{b[f'{op}_codec_us']:.1f}", f"{r[f'{op}_codec_us'] / b[f'{op}_codec_us']:.2f}",
+                           str(b[f"{op}_torch_ops"])] if b else [""] * 5)
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "torch ops per call (outside the kernels):", ""]
     for r in rows:

@@ -414,14 +414,14 @@ class Codec(ABC):
 
     def _check_tensor(self, x: torch.Tensor, layer: str | None, source: Source) -> None:
         """Shape, dtype and hidden size of ``x`` (no pass over its values)."""
-        where = _where(layer, source)
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            raise ValueError(f"{self.name}: expected a [tokens, E] tensor ({where}), got shape {getattr(x, 'shape', None)}")
+            raise ValueError(f"{self.name}: expected a [tokens, E] tensor ({_where(layer, source)}), "
+                             f"got shape {getattr(x, 'shape', None)}")
         if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{self.name}: expected fp32/bf16/fp16 values ({where}), got {x.dtype}")
+            raise TypeError(f"{self.name}: expected fp32/bf16/fp16 values ({_where(layer, source)}), got {x.dtype}")
         if self.calibration is not None and self.needs_calibration and x.shape[1] != self.calibration.hidden_size:
             raise ValueError(
-                f"{self.name}: {where} has {x.shape[1]} channels but the calibration has hidden size "
+                f"{self.name}: {_where(layer, source)} has {x.shape[1]} channels but the calibration has hidden size "
                 f"{self.calibration.hidden_size}"
             )
 
@@ -429,11 +429,11 @@ class Codec(ABC):
         """Validate ``x``; returns whether it holds NaN/Inf (only possible in propagate mode)
         and whether it must be saturated at :attr:`max_input` (only in propagate mode).
         ``x`` has passed :meth:`_check_tensor`."""
-        where = _where(layer, source)
         if self.kernel_backend(x.device) == "triton" and self._fused_encode(x.shape[1]):
             # the fused kernels mask, saturate and record NaN/Inf and range themselves: no host
             # sync (deferred "error" mode raises at check_nonfinite)
             return True, False
+        where = _where(layer, source)  # for the messages below (not built on the fused path)
         lo, hi = F.value_range(x)
         bad = not (math.isfinite(lo) and math.isfinite(hi))  # NaN propagates into both, Inf shows in one
         if bad and self.nonfinite == "flag":
