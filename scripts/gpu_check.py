@@ -13,6 +13,10 @@ One run (< 5 min on one H100/H200) does, per codec:
   decode-and-sum: N payloads in + fp32 out; copy: fp32 in + out); ``*_of_copy`` divides it by
   the copy's; two-shot's fused reduce-and-re-encode (N payloads in, one out) is timed too; ``*_fp32_gbps`` is fp32 input (or output) bytes per second, as issue 8 quotes;
   The fused timings write preallocated ``out=`` buffers;
+* **kernel time alone** (GPU only): 5 calls of encode, of decode-and-sum and of the copy, each
+  captured in one CUDA graph and replayed (``graph_*``): per-call eager timings of a
+  prefill-sized message include the host's launch cost (50-100 µs a call in run 2), which a
+  graph, or a host running ahead of the GPU, hides;
 * **CUDA graph**: encode + decode-and-sum into preallocated buffers in ``nonfinite="flag"``
   mode, captured once and replayed, write the eager payload bytes and sum bits, and a replay
   with a NaN planted in the captured input sets the device flag (``--device cpu`` runs the
@@ -150,6 +154,20 @@ def main(argv=None) -> None:
         t_enc_ref = seconds(lambda: unfused.encode(xd[0], layer=LAYER, source=0))
         t_dec_ref = seconds(lambda: unfused.decode_sum(payloads, (t, e), layer=LAYER))
         copy_gbps = 2 * fbytes / t_copy / 1e9
+        if dev.type == "cuda":  # the kernels' own time: K calls replayed as one graph, no host launch cost
+            try:
+                fg = make_codec(name, calibration=cal, nonfinite="flag", backend="triton")
+                gt_copy = graph_seconds(torch, lambda: dst.copy_(xd[0]), seconds)
+                gt_enc = graph_seconds(torch, lambda: fg.encode(xd[0], layer=LAYER, source=0, out=pbuf), seconds)
+                gt_dec = graph_seconds(torch, lambda: fg.decode_sum(payloads, (t, e), layer=LAYER, out=sbuf),
+                                       seconds)
+                gcopy = 2 * fbytes / gt_copy / 1e9
+                row.update({"graph_copy_gbps": gcopy,
+                            "graph_encode_of_copy": (fbytes + pbytes) / gt_enc / 1e9 / gcopy,
+                            "graph_decode_sum_of_copy": (world * pbytes + fbytes) / gt_dec / 1e9 / gcopy,
+                            "graph_encode_us": gt_enc * 1e6, "graph_decode_sum_us": gt_dec * 1e6})
+            except Exception as exc:  # the eager numbers stand; say why the graph ones are missing
+                row["graph_error"] = f"{type(exc).__name__}: {str(exc)[:100]}"
         row.update({
             "bits_per_value": 8 * pbytes / (t * e),
             "copy_gbps": copy_gbps,
@@ -204,8 +222,8 @@ def _writer(args, argv, dev, dry, world, check_tokens, repeats, t_start):
         (out / "gpu_check.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
         cols = ["codec", "tokens", "hidden", "bits_per_value", "bytes_equal_finite", "bytes_equal_nan_inf",
                 "sum_equal_finite", "sum_equal_nan_inf", "copy_gbps", "encode_gbps", "encode_of_copy",
-                "decode_sum_gbps", "decode_sum_of_copy", "reduce_encode_us", "unfused_encode_fp32_gbps",
-                "unfused_decode_sum_fp32_gbps", "cuda_graph", "eager_step_us", "graph_step_us", "error"]
+                "decode_sum_gbps", "decode_sum_of_copy", "graph_encode_of_copy", "graph_decode_sum_of_copy", "reduce_encode_us", "unfused_encode_fp32_gbps",
+                "unfused_decode_sum_fp32_gbps", "cuda_graph", "eager_step_us", "graph_step_us", "graph_error", "error"]
         head = (f"Device: {env.get('cuda') or 'cpu'}; world {world}; "
                 f"{'DRY RUN under the Triton interpreter: speeds are meaningless' if dry else 'median of %d runs' % repeats}."
                 f"\nCommand: `{meta['command']}`\n"
@@ -216,6 +234,21 @@ def _writer(args, argv, dev, dry, world, check_tokens, repeats, t_start):
             print(f"gpu_check: {len(rows)} rows in {meta['seconds']:.0f} s -> {out}/gpu_check.json", flush=True)
 
     return write
+
+
+def graph_seconds(torch, fn, seconds, calls: int = 5) -> float:
+    """Seconds per call of ``fn`` when ``calls`` calls are captured in one CUDA graph and
+    replayed: the GPU's time alone (the host's launch cost is what the eager timings add)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up on a side stream, as torch.cuda.graphs asks
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    return seconds(g.replay) / calls
 
 
 def graph_check(torch, make, xd, shape, *, capture: bool, timer=None, times: dict | None = None) -> str:

@@ -52,9 +52,11 @@ CASES = [
     ("triton_static", "static_encode_tile_kernel", {**STATIC_TILE_SIG, "src": P2},  # two-shot's fused reduce + encode
      {"N": 2, "BITS": 4, "HAS_K": True, "BT": 2, "BC": 64, "FLAG": True, "RANGE": True, "H16": True}),
     ("triton_static", "static_decode_sum_tile_kernel", STATIC_DEC_SIG,
-     {"N": 2, "BITS": 4, "BT": 4, "BE": 512, "H16": True}),
+     {"N": 2, "BITS": 4, "BT": 4, "BE": 512, "H16": True, "ROW_BYTES": True}),
+    ("triton_static", "static_decode_sum_tile_kernel", STATIC_DEC_SIG,  # int4 with an odd body row
+     {"N": 2, "BITS": 4, "BT": 1, "BE": 128, "H16": False, "ROW_BYTES": False}),
     ("triton_static", "static_decode_sum_tile_kernel", {**STATIC_DEC_SIG, "payloads": ("*u8",) * 3},
-     {"N": 3, "BITS": 8, "BT": 2, "BE": 64, "H16": False}),
+     {"N": 3, "BITS": 8, "BT": 2, "BE": 64, "H16": False, "ROW_BYTES": True}),
     ("triton_group", "group_encode_kernel", {**GROUP_SIG, "src": ("*bf16",)},
      {"N": 0, "BT": 2, "NGT": 4, "GROUP": 32, "FLAG": True, "RANGE": False}),
     ("triton_group", "group_encode_kernel", {**GROUP_SIG, "src": ("*fp32",)},  # the prefill tile of int4-g128

@@ -409,7 +409,7 @@ def test_group_tiles_split_rows_and_groups_bitwise(name, rows, ngt, monkeypatch)
     decode-and-sum and the fused reduce-and-re-encode against the reference."""
     from lowbit_tp.kernels import triton_group
 
-    monkeypatch.setattr(triton_group, "tile_config", lambda t, e, g: (rows, ngt, 4))
+    monkeypatch.setattr(triton_group, "tile_config", lambda t, e, g, v: (rows, ngt, 4))
     check(name, 7, 300)
     ref = make_codec(name, nonfinite="propagate", backend="reference")
     tri = make_codec(name, nonfinite="propagate", backend="triton")

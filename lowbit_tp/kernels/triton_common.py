@@ -114,3 +114,19 @@ def round_to_int_small(y):
     rounds half to even. Only for results cast to an integer: where ``torch.round`` gives
     ``-0.0`` (``-0.5 <= y <= -0.0``) this gives ``+0.0``."""
     return (y + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def flag_any(flag_ptr, cond):
+    """Set the int32 ``flag_ptr[0]`` to 1 if ``cond`` holds anywhere in the tile: one reduction
+    and one store per program instead of a masked store per element (benign same-value race)."""
+    hit = tl.max(tl.reshape(cond, [cond.numel]).to(tl.int32), axis=0)
+    tl.store(flag_ptr, hit, mask=hit > 0)
+
+
+@triton.jit
+def saturate_minmax(x, lim):
+    """:func:`saturate` (finite values clamped to ``[-lim, lim]``, NaN/Inf unchanged) from
+    min/max: same bits (max(-0, -lim) = -0), fewer instructions; the min/max of a non-finite
+    value is discarded."""
+    return tl.where(is_finite(x), tl.minimum(tl.maximum(x, -lim), lim), x)

@@ -12,22 +12,24 @@ import triton
 import triton.language as tl
 
 from lowbit_tp.kernels.triton_common import (FP_OPTIONS, flag_if, fp16_bits, fp16_from_bits, int4_from_nibble,
-                                             is_finite, load_u16, round_to_int_small, saturate, store_u16)
+                                             is_finite, load_u16, round_to_int_small, store_u16)
 
 _FP16_MAX = tl.constexpr(65504.0)
 
 
 # ---------------------------------------------------------------- tiled kernels (even E)
-def tile_config(tokens: int, hidden: int, group: int) -> tuple[int, int, int]:
+def tile_config(tokens: int, hidden: int, group: int, values: int = 4096) -> tuple[int, int, int]:
     """(rows per tile, groups per tile, warps) of the tiled kernels; the bytes do not depend on it.
 
     A tile is ``rows x (groups * group)`` values, whole groups along E (each program works out
-    its own scales): about 4096 values per program at 4 warps, so a prefill-sized message has
-    thousands of programs and a decode-sized one still spreads over the SMs.
+    its own scales), up to 1024 columns and ``values`` values at 4 warps: 4096 for decode-and-sum
+    (16 payload bytes a thread), 2048 for the encoders (whose IEEE divisions need registers:
+    ptxas sm_90a 63 registers at 2048, 104 at 4096), so a prefill-sized message has thousands of
+    programs and a decode-sized one still spreads over the SMs.
     """
     cols = min(triton.next_power_of_2(max(hidden, group)), 1024)
     ngt = max(1, cols // group)
-    rows = max(1, min(triton.next_power_of_2(tokens), 4096 // (ngt * group)))
+    rows = max(1, min(triton.next_power_of_2(tokens), values // (ngt * group)))
     return rows, ngt, 4
 
 
@@ -121,16 +123,19 @@ def group_encode_kernel(src, out_ptr, flag_ptr, range_ptr, T, E, EH, G, NQ, max_
         flag_if(flag_ptr, m & ~(is_finite(xl) & is_finite(xh)))
     if RANGE:
         flag_if(range_ptr, m & ((is_finite(xl) & (tl.abs(xl) > max_in)) | (is_finite(xh) & (tl.abs(xh) > max_in))))
-    sl = saturate(xl, max_in)
-    sh = saturate(xh, max_in)
-    amax = tl.max(tl.maximum(tl.where(is_finite(sl), tl.abs(sl), 0.0), tl.where(is_finite(sh), tl.abs(sh), 0.0)),
-                  axis=2)
+    # Finite values saturate at +-max_in (the reference's saturate); a NaN/Inf's code is -8 and
+    # it adds 0 to the group's absmax, so what the min/max make of it is thrown away.
+    fl = is_finite(xl)
+    fh = is_finite(xh)
+    sl = tl.minimum(tl.maximum(xl, -max_in), max_in)
+    sh = tl.minimum(tl.maximum(xh, -max_in), max_in)
+    amax = tl.max(tl.maximum(tl.where(fl, tl.abs(sl), 0.0), tl.where(fh, tl.abs(sh), 0.0)), axis=2)
     s = tl.math.div_rn(amax, tl.full([BT, NGT], 7.0, tl.float32))
     sbits = fp16_bits(tl.where(s > _FP16_MAX, _FP16_MAX, s))
     s32 = fp16_from_bits(sbits)
     s32 = tl.broadcast_to(tl.where(s32 == 0.0, 1.0, s32)[:, :, None], [BT, NGT, H])
-    ql = _code(sl, s32)
-    qh = _code(sh, s32)
+    ql = tl.where(fl, _code(sl, s32), -8)
+    qh = tl.where(fh, _code(sh, s32), -8)
     byte = ((ql & 0xF) | ((qh & 0xF) << 4)).to(tl.uint8)
     tl.store(out_ptr + t[:, None, None] * EH + bi[None, :, :], byte, mask=m)
     store_u16(out_ptr, NQ + 2 * (t[:, None] * G + g[None, :]), sbits, mt[:, None] & (g < G)[None, :])
@@ -138,10 +143,9 @@ def group_encode_kernel(src, out_ptr, flag_ptr, range_ptr, T, E, EH, G, NQ, max_
 
 @triton.jit
 def _code(x, s):
-    """int4 code of saturated ``x`` at scale ``s``: round-half-even of the IEEE quotient, -8 for NaN/Inf
-    (whose quotient, clamped any way, is thrown away)."""
-    q = round_to_int_small(tl.minimum(tl.maximum(tl.math.div_rn(x, s), -7.0), 7.0)).to(tl.int32)
-    return tl.where(is_finite(x), q, -8)
+    """int4 code (int32) of a finite saturated ``x`` at scale ``s > 0``: round-half-even of the IEEE
+    quotient clamped to [-7, 7] (the quotient is finite, so min/max clamp it like the reference)."""
+    return round_to_int_small(tl.minimum(tl.maximum(tl.math.div_rn(x, s), -7.0), 7.0)).to(tl.int32)
 
 
 # ---------------------------------------------------------------- flat decode (odd E: a row starts mid-byte)
@@ -172,15 +176,15 @@ def group_decode_sum_kernel(payloads, out_ptr, T, E, G, NQ, N: tl.constexpr, GRO
 
 
 # ---------------------------------------------------------------- launchers (no codec logic)
-def _tile_grid(t: int, e: int, group: int):
-    rows, ngt, warps = tile_config(t, e, group)
+def _tile_grid(t: int, e: int, group: int, values: int = 4096):
+    rows, ngt, warps = tile_config(t, e, group, values)
     return (triton.cdiv(t, rows), triton.cdiv(triton.cdiv(e, group), ngt)), rows, ngt, warps
 
 
 def _launch_encode(src, n_sources, out, t, e, *, group, max_input, flag, range_flag):
     if t == 0:
         return out
-    grid, rows, ngt, warps = _tile_grid(t, e, group)
+    grid, rows, ngt, warps = _tile_grid(t, e, group, 2048)
     dummy = out
     group_encode_kernel[grid](tuple(src), out, dummy if flag is None else flag,
                               dummy if range_flag is None else range_flag, t, e, e // 2, triton.cdiv(e, group),
@@ -340,7 +344,7 @@ def mx_decode_sum_kernel(payloads, out_ptr, T, E, G, NQ, N: tl.constexpr, BLOCK:
 def _mx_launch(src, n_src, out, t, e, flag):
     if t == 0:
         return out
-    grid, rows, ngt, warps = _tile_grid(t, e, 32)
+    grid, rows, ngt, warps = _tile_grid(t, e, 32, 2048)
     mx_encode_kernel[grid](tuple(src), out, out if flag is None else flag, t, e, e // 2, triton.cdiv(e, 32),
                            (t * e + 1) // 2, N=n_src, BT=rows, NGT=ngt, FLAG=flag is not None, num_warps=warps,
                            **FP_OPTIONS)

@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, clamp_keep_nan, flag_if, fp16_bits,
-                                             fp16_from_bits, is_finite, load_u16, saturate, store_u16)
+from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, clamp_keep_nan, flag_any,
+                                             fp16_bits, fp16_from_bits, is_finite, load_u16, saturate_minmax,
+                                             store_u16)
 
 SCALE_FORMAT_IDS = {"fp16": 0, "e8m0": 1, "lg8": 2}
 _FP16_NAN = tl.constexpr(0x7E00)  # what Tensor.masked_fill_(nan) writes into an fp16 tensor
@@ -211,19 +212,15 @@ def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, 
 def _rotate_cols(x, c, em, signs_ptr, colmap_ptr, inv_sqrt_b, max_in, rotate_max, ROWS: tl.constexpr,
                  W: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr, HAS_K: tl.constexpr,
                  RANGE: tl.constexpr):
-    """The encoder's view of the fp32 tile ``x [ROWS, W]`` at columns ``c``: the input saturated
-    at ``max_in`` (what the kept channels send), and the rotated groups ``[ROWS, W/GROUP, GROUP]``
-    (kept channels zeroed, finite values saturated at ``rotate_max`` unless ``RANGE``)."""
-    xs = saturate(x, max_in)
-    xz = xs
+    """The rotated groups ``[ROWS, W/GROUP, GROUP]`` of the fp32 tile ``x [ROWS, W]`` at columns
+    ``c``: kept channels zeroed, finite values saturated at ``max_in`` and then (unless
+    ``RANGE``) at ``rotate_max``, which is the one clamp at ``rotate_max < max_in``."""
+    xz = saturate_minmax(x, max_in if RANGE else rotate_max)
     if HAS_K:
         cm = tl.load(colmap_ptr + c, mask=em, other=-1)
         xz = tl.where(cm[None, :] >= 0, 0.0, xz)
-    if not RANGE:  # error mode transforms what passed the input check as it is
-        xz = saturate(xz, rotate_max)
     xz = xz * tl.load(signs_ptr + c, mask=em, other=1.0)[None, :]
-    z = tl.reshape(_fwht_rows(xz, ROWS * W // B, B, LOG2B), [ROWS, W // GROUP, GROUP]) * inv_sqrt_b
-    return xs, z
+    return tl.reshape(_fwht_rows(xz, ROWS * W // B, B, LOG2B), [ROWS, W // GROUP, GROUP]) * inv_sqrt_b
 
 
 @triton.jit
@@ -239,7 +236,7 @@ def _row_top(x, c0, E, signs_ptr, colmap_ptr, inv_sqrt_b, max_in, rotate_max, sc
              RANGE: tl.constexpr):
     """The largest clamped group absmax of each row of the tile (the lg8 base's first pass)."""
     c = c0 + tl.arange(0, W)
-    _, z = _rotate_cols(x, c, c < E, signs_ptr, colmap_ptr, inv_sqrt_b, max_in, rotate_max, ROWS, W, B, LOG2B, GROUP,
+    z = _rotate_cols(x, c, c < E, signs_ptr, colmap_ptr, inv_sqrt_b, max_in, rotate_max, ROWS, W, B, LOG2B, GROUP,
                         HAS_K, RANGE)
     amax, _ = _group_amax(z)
     return tl.max(tl.where(amax > scale_max, scale_max, amax), axis=1)
@@ -270,19 +267,20 @@ def _encode_cols(x, t, tm, c0, b32, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, 
     em = c < E
     m = tm[:, None] & em[None, :]
     if FLAG:
-        flag_if(flag_ptr, m & ~is_finite(x))
+        flag_any(flag_ptr, m & ~is_finite(x))
     if RANGE:
-        flag_if(range_ptr, m & is_finite(x) & (tl.abs(x) > max_in))
-    xs, z = _rotate_cols(x, c, em, signs_ptr, colmap_ptr, inv_sqrt_b, max_in, rotate_max, ROWS, W, B, LOG2B, GROUP,
-                         HAS_K, RANGE)
+        flag_any(range_ptr, m & is_finite(x) & (tl.abs(x) > max_in))
+    z = _rotate_cols(x, c, em, signs_ptr, colmap_ptr, inv_sqrt_b, max_in, rotate_max, ROWS, W, B, LOG2B, GROUP, HAS_K,
+                     RANGE)
     if HAS_K:
         cm = tl.load(colmap_ptr + c, mask=em, other=-1)
         if tl.max(cm, axis=0) >= 0:  # most tiles hold no kept channel
             cm2 = tl.broadcast_to(cm[None, :], [ROWS, W])
-            tl.store(head_ptr + t[:, None] * NK + cm2, bf16_bits(xs).to(tl.int16), mask=m & (cm2 >= 0))
+            tl.store(head_ptr + t[:, None] * NK + cm2, bf16_bits(saturate_minmax(x, max_in)).to(tl.int16),
+                     mask=m & (cm2 >= 0))
     amax, bad = _group_amax(z)
     if RANGE:  # the input was finite (checked): a non-finite rotated value is an fp32 overflow
-        flag_if(range_ptr, (amax > scale_max) | bad)
+        flag_any(range_ptr, (amax > scale_max) | bad)
     amax = tl.where(amax > scale_max, scale_max, amax)
     g = c0 // GROUP + tl.arange(0, GP)
     gm = tm[:, None] & (g[None, :] < G)

@@ -150,20 +150,23 @@ def _head_bits(p, idx, m, H16: tl.constexpr):
     """The bf16 bits (int32) of the ``idx``-th kept value of payload ``p``: one 16-bit load when
     every payload starts 2-byte aligned (``H16``), else two byte loads."""
     if H16:
-        return tl.load(p.to(tl.pointer_type(tl.int16)) + idx, mask=m, other=0).to(tl.int32) & 0xFFFF
+        return tl.load(p.to(tl.pointer_type(tl.int16)) + idx, mask=m).to(tl.int32)  # sign bits: masked off later
     else:
         return load_u16(p, 2 * idx, m)
 
 
 @triton.jit
 def _sum_cols(payloads, colmap_ptr, scale_ptr, t, ch, mt, mc, T, E, NK, N: tl.constexpr, BITS: tl.constexpr,
-              H16: tl.constexpr):
+              H16: tl.constexpr, ROW_BYTES: tl.constexpr):
     """``sum_r decode(payloads[r])[t, ch]`` in fp32, rank order, for a row index ``t`` and a
-    channel index ``ch`` that broadcast (``t [BT, 1, ..]``, ``ch [1, ...]``): each source's slot
-    and scale are loaded per column, the code or kept bf16 value per element.
+    channel index ``ch`` that broadcast (``t [BT, 1, ..]``, ``ch [1, ...]``): each source's slot,
+    scale, code byte column and nibble shift are worked out per column, so an element costs one
+    code load (and, for the few bf16 channels, one 16-bit load), two shifts, a multiply and an add.
 
     ``colmap[r, e]`` is the kept-channel slot of channel ``e`` for source ``r``, or
     ``-(j + 1)`` when ``e`` is that source's ``j``-th bf16 channel; ``scale[r, slot]``.
+    ``ROW_BYTES``: every body row starts at a byte (int8, or an even ``E - NK``); else the
+    nibble of each element follows from its flat index.
     """
     NI = E - NK
     head_bytes = 2 * T * NK
@@ -173,15 +176,18 @@ def _sum_cols(payloads, colmap_ptr, scale_ptr, t, ch, mt, mc, T, E, NK, N: tl.co
         slot = tl.load(colmap_ptr + r * E + ch, mask=mc, other=0)
         inl = slot >= 0
         sc = tl.load(scale_ptr + r * NI + slot, mask=mc & inl, other=1.0)
-        f = t * NI + slot
-        mi = m & inl
-        if BITS == 4:
-            b = tl.load(p + head_bytes + (f >> 1), mask=mi, other=0).to(tl.int32)
-            q = (b << (28 - 4 * (f & 1))) >> 28  # the sign-extended nibble of flat index f
-            sentinel = q == -8
+        if ROW_BYTES:
+            s0 = tl.where(inl, slot, 0)  # a bf16 channel reads slot 0's code, thrown away below
+            if BITS == 4:
+                b = tl.load(p + (head_bytes + t * (NI // 2)) + (s0 >> 1), mask=m).to(tl.int32)
+                q = (b << (28 - 4 * (s0 & 1))) >> 28  # the sign-extended nibble
+            else:
+                q = tl.load(p + (head_bytes + t * NI) + s0, mask=m).to(tl.int8, bitcast=True).to(tl.int32)
         else:
-            q = tl.load(p + head_bytes + f, mask=mi, other=0).to(tl.int8, bitcast=True).to(tl.int32)
-            sentinel = q == -128
+            f = t * NI + slot
+            b = tl.load(p + head_bytes + (f >> 1), mask=m & inl, other=0).to(tl.int32)
+            q = (b << (28 - 4 * (f & 1))) >> 28  # the sign-extended nibble of flat index f
+        sentinel = q == (-8 if BITS == 4 else -128)
         v = tl.where(sentinel, float("nan"), q.to(tl.float32) * sc)
         kept = bf16_from_bits(_head_bits(p, t * NK + (-1 - slot), m & ~inl, H16))
         v = tl.where(inl, v, kept)
@@ -200,20 +206,21 @@ def _value_cols(src, colmap_ptr, scale_ptr, t, ch, mt, mc, T, E, NK, N: tl.const
     if N == 0:
         x = tl.load(src[0] + t * E + ch, mask=mt & mc, other=0.0).to(tl.float32)
     else:
-        x = _sum_cols(src, colmap_ptr, scale_ptr, t, ch, mt, mc, T, E, NK, N, BITS, H16)
+        x = _sum_cols(src, colmap_ptr, scale_ptr, t, ch, mt, mc, T, E, NK, N, BITS, H16, True)
     return x
 
 
 @triton.jit
 def static_decode_sum_tile_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E, NK, N: tl.constexpr,
-                                  BITS: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, H16: tl.constexpr):
+                                  BITS: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, H16: tl.constexpr,
+                                  ROW_BYTES: tl.constexpr):
     """``out[t, e] = sum_r decode(payloads[r])[t, e]`` in fp32, rank order, one ``BT x BE`` tile
     of the output per program, written once."""
     t = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]
     e = tl.program_id(1) * BE + tl.arange(0, BE)[None, :]
     mt = t < T
     mc = e < E
-    acc = _sum_cols(payloads, colmap_ptr, scale_ptr, t, e, mt, mc, T, E, NK, N, BITS, H16)
+    acc = _sum_cols(payloads, colmap_ptr, scale_ptr, t, e, mt, mc, T, E, NK, N, BITS, H16, ROW_BYTES)
     tl.store(out_ptr + t * E + e, acc, mask=mt & mc)
 
 
@@ -338,5 +345,5 @@ def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int):
     rows, cols, warps = tile_config(t, e, len(payloads))
     static_decode_sum_tile_kernel[(triton.cdiv(t, rows), triton.cdiv(e, cols))](
         tuple(payloads), colmap, scale, out, t, e, nk, N=len(payloads), BITS=bits, BT=rows, BE=cols,
-        H16=_aligned2(payloads), num_warps=warps, **FP_OPTIONS)
+        H16=_aligned2(payloads), ROW_BYTES=bits == 8 or (e - nk) % 2 == 0, num_warps=warps, **FP_OPTIONS)
     return out
