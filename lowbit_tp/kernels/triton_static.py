@@ -137,9 +137,11 @@ def static_encode_kernel(src, colmap_ptr, scale_ptr, inl_ptr, inv_ptr, outl_ptr,
 # column and reused over its BT rows; no division or modulo per element.
 def tile_config(tokens: int, width: int, sources: int = 1) -> tuple[int, int, int]:
     """(rows, columns, warps) of a tile over a ``tokens x width`` index space; the bytes do not
-    depend on it. Up to 512 columns and ``rows * sources <= 8`` (4 rows for a world-2
-    decode-and-sum, one for world 8): 4 warps, 4-16 values a thread, ptxas at <= ~120 registers
-    and no spills for every N up to 8 (sm_90a)."""
+    depend on it. Up to 512 columns and ``rows * sources <= 8`` (4 rows for an encode or a
+    world-2 decode-and-sum, one for world 8): 4 warps, 4-16 values a thread. ptxas sm_90a
+    (scripts/ptx_stats.py): <= 112 registers, no spills for N up to 8; 2 rows at world 2
+    would take 64 registers but ~20% more instructions per value (the per-column slot and
+    scale work is shared by fewer rows)."""
     cols = min(triton.next_power_of_2(max(width, 2)), 512)
     rows = max(1, min(triton.next_power_of_2(tokens), 2048 // cols, 8 // triton.next_power_of_2(max(sources, 1))))
     return rows, cols, 4
