@@ -1,0 +1,139 @@
+"""Compile-time evidence for the static and group Triton kernels, no GPU needed.
+
+Compiles each kernel for sm_90a with the constexprs its launcher picks for a message shape
+(tile sizes from ``tile_config``) and the specialization a real launch gets (16-byte aligned
+pointers, integer arguments that are multiples of 16 marked so), runs the wheel's ``ptxas -v``
+and ``cuobjdump -sass``, and prints per kernel: registers, spill bytes, 16-byte global
+loads/stores against all global loads/stores in the PTX, shared-memory accesses (layout
+conversions), and SASS instructions per value a thread handles (straight-line code, so a
+proxy for the issue cost of one value; the IEEE division's slow path is counted once).
+
+    PYTHONPATH=. python3 scripts/ptx_stats.py                        # [8192, 8192], world 2
+    PYTHONPATH=. python3 scripts/ptx_stats.py --tokens 2048 --world 8
+
+A proxy for speed, not a measurement: scripts/gpu_check.py measures on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib
+import os
+import re
+import subprocess
+import tempfile
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_stats(mod: str, kernel: str, sig: dict, const: dict, ints: dict, warps: int, values: int) -> dict:
+    """ptxas/PTX/SASS numbers of one kernel; ``ints`` are the integer arguments' values (for
+    the multiple-of-16 specialization), ``values`` what one thread handles."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(f"lowbit_tp.kernels.{mod}"), kernel)
+    names = fn.arg_names
+    attrs = {}
+    for k, v in sig.items():
+        if isinstance(v, tuple):
+            for j in range(len(v)):
+                attrs[(names.index(k), j)] = [["tt.divisibility", 16]]
+        elif v.startswith("*") or (k in ints and ints[k] % 16 == 0):
+            attrs[(names.index(k),)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False, "num_warps": warps})
+    ptx = k.asm["ptx"]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([_tool("ptxas"), "-arch=sm_90a", "-v", path, "-o", path + ".cubin"],
+                           capture_output=True, text=True, check=True)
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", path + ".cubin"], capture_output=True, text=True).stdout
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)]
+    count = lambda pat: len(re.findall(pat, ptx))  # noqa: E731
+    n_sass = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+\S", sass, re.M))
+    shown = " ".join(f"{k}={v}" for k, v in const.items() if k not in ("FLAG", "RANGE"))
+    return {"kernel": kernel, "constexprs": shown,
+            "warps": warps, "registers": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills),
+            "ld_global_v4": count(r"ld\.global[\w.]*\.v4"), "ld_global": count(r"ld\.global"),
+            "st_global_v4": count(r"st\.global[\w.]*\.v4"), "st_global": count(r"st\.global"),
+            "local": count(r"(?:ld|st)\.local"), "shared": count(r"(?:ld|st)\.shared"),
+            "values_per_thread": values, "sass": n_sass, "sass_per_value": round(n_sass / values, 1)}
+
+
+def cases(t: int, e: int, world: int, k: int):
+    """(module, kernel, signature, constexprs, integer args, warps, values a thread) as the launchers pick them."""
+    import triton
+
+    from lowbit_tp.kernels import triton_group as KG
+    from lowbit_tp.kernels import triton_static as KS
+
+    pw = ("*u8",) * world
+    gsig = {"src": ("*fp32",), "out_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32", "T": "i32", "E": "i32",
+            "EH": "i32", "G": "i32", "NQ": "i32", "max_in": "fp32"}
+    dsig = {"payloads": pw, "out_ptr": "*fp32", "T": "i32", "E": "i32", "EH": "i32", "G": "i32", "NQ": "i32"}
+    for group in (32, 128):
+        ints = {"T": t, "E": e, "EH": e // 2, "G": triton.cdiv(e, group), "NQ": (t * e + 1) // 2}
+        bt, ngt, w = KG.tile_config(t, e, group, 2048)
+        yield ("triton_group", "group_encode_kernel", gsig,
+               {"N": 0, "BT": bt, "NGT": ngt, "GROUP": group, "FLAG": False, "RANGE": False}, ints, w,
+               bt * ngt * group // (32 * w))
+        bt, ngt, w = KG.tile_config(t, e, group)
+        yield ("triton_group", "group_decode_sum_tile_kernel", dsig, {"N": world, "GROUP": group, "BT": bt, "NGT": ngt},
+               ints, w, bt * ngt * group // (32 * w))
+    ints = {"T": t, "E": e, "EH": e // 2, "G": triton.cdiv(e, 32), "NQ": (t * e + 1) // 2}
+    msig = {k: v for k, v in gsig.items() if k not in ("range_ptr", "max_in")}
+    bt, ngt, w = KG.tile_config(t, e, 32, 2048)
+    yield ("triton_group", "mx_encode_kernel", msig, {"N": 0, "BT": bt, "NGT": ngt, "FLAG": False}, ints, w,
+           bt * ngt * 32 // (32 * w))
+    bt, ngt, w = KG.tile_config(t, e, 32)
+    yield ("triton_group", "mx_decode_sum_tile_kernel", dsig, {"N": world, "BT": bt, "NGT": ngt}, ints, w,
+           bt * ngt * 32 // (32 * w))
+    ssig = {"src": ("*fp32",), "colmap_ptr": "*i32", "scale_ptr": "*fp32", "inl_ptr": "*i32", "inv_ptr": "*fp32",
+            "outl_ptr": "*i32", "head_ptr": "*i16", "body_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32",
+            "T": "i32", "E": "i32", "NK": "i32", "NB": "i32", "max_in": "fp32"}
+    for bits, nk in ((4, k), (4, 0), (8, 0)):  # int4-outlier, int4, int8
+        bt, bc, w = KS.tile_config(t, max(e - nk, nk), 2)
+        ints = {"T": t, "E": e, "NK": nk, "NB": triton.cdiv(e - nk, bc)}
+        yield ("triton_static", "static_encode_tile_kernel", ssig,
+               {"N": 0, "BITS": bits, "HAS_K": nk > 0, "BT": bt, "BC": bc, "FLAG": False, "RANGE": False,
+                "H16": False, "ITERS": KS.row_iterations(t, bt)}, ints, w, bt * bc // (32 * w))
+    for bits, nk in ((4, k), (8, 0)):
+        bt, be, w = KS.tile_config(t, e, world)
+        yield ("triton_static", "static_decode_sum_tile_kernel",
+               {"payloads": pw, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32",
+                "NK": "i32"},
+               {"N": world, "BITS": bits, "BT": bt, "BE": be, "H16": True, "ROW_BYTES": True,
+                "ITERS": KS.row_iterations(t, bt)},
+               {"T": t, "E": e, "NK": nk}, w, bt * be // (32 * w))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--hidden", type=int, default=8192)
+    ap.add_argument("--world", type=int, default=2, help="payloads per decode-and-sum")
+    ap.add_argument("--k", type=int, default=None, help="int4-outlier's kept channels (default hidden // 64)")
+    args = ap.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)
+    k = args.hidden // 64 if args.k is None else args.k
+    rows = [compile_stats(*c) for c in cases(args.tokens, args.hidden, args.world, k)]
+    cols = list(rows[0])
+    print(f"sm_90a, [{args.tokens}, {args.hidden}], world {args.world}, k {k}; "
+          f"`PYTHONPATH=. python3 scripts/ptx_stats.py --tokens {args.tokens} --hidden {args.hidden} "
+          f"--world {args.world}`\n")
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()
