@@ -427,7 +427,7 @@ class _Refuse:
 
 @pytest.mark.parametrize("name", STATIC)
 @pytest.mark.parametrize("tile", [(2, 4), (4, 16), None])  # None: the shipped tile_config
-@pytest.mark.parametrize("tokens,hidden", [(7, 101), (1, 258), (5, 130)])  # even E - k (k = 1, 4, 2; int4: k = 0)
+@pytest.mark.parametrize("tokens,hidden", [(7, 101), (1, 258), (5, 130), (13, 101)])  # even E - k (k = 1, 4, 2)
 def test_static_tiles_bitwise(name, tile, tokens, hidden, monkeypatch):
     """The tiled static kernels: tiles that end inside T and inside the body / the bf16 head
     (E - k not a multiple of the tile), one token, k = 0 for int4/int8 (E odd for int8 at 101);
@@ -435,8 +435,9 @@ def test_static_tiles_bitwise(name, tile, tokens, hidden, monkeypatch):
     encoder is refused wherever the body rows pack into whole bytes."""
     from lowbit_tp.kernels import triton_static
 
-    if tile is not None:
+    if tile is not None:  # and 3 tiles down the rows a program: the last program ends inside T
         monkeypatch.setattr(triton_static, "tile_config", lambda t, w, n: (*tile, 4))
+        monkeypatch.setattr(triton_static, "row_iterations", lambda t, rows: 3)
     if name != "int4" or hidden % 2 == 0:
         monkeypatch.setattr(triton_static, "static_encode_kernel", _Refuse())
     check(name, tokens, hidden, special=tokens > 2)
@@ -490,3 +491,42 @@ def test_round_to_int_small_is_torch_round_on_ties_and_edges():
     _round_kernel[(1,)](x, out, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
     want = torch.round(x).to(torch.int32)
     assert torch.equal(out, want), x[out != want][:6]
+
+
+def _level_search_kernel():
+    """A one-program kernel around the encoders' level search (``_bucket``), built on first use."""
+    import triton
+    import triton.language as tl
+
+    from lowbit_tp.kernels import triton_rotation
+
+    global _bucket
+    _bucket = triton_rotation._bucket
+
+    @triton.jit
+    def search(y_ptr, bounds_ptr, out_ptr, BITS: tl.constexpr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(out_ptr + i, _bucket(tl.load(y_ptr + i), bounds_ptr, BITS))
+
+    return search
+
+
+@pytest.mark.parametrize("name", ["rot-lm2-g32-e8", "rot-lm3-g64", "rot-lm4-g64", "rot-int4-g64",
+                                  "rot-int5-g64-lg8-k4", "rot-int6-g64-lg8-k4", "rot-int8-g64-e8"])
+def test_level_search_is_bucketize_at_every_bound(name):
+    """The encoder's level search (register select tree up to 4 bits, table search above) is
+    ``torch.bucketize`` exactly: at each bound, one ulp either side, the ends, +-0, NaN, +-Inf."""
+    import triton
+
+    codec = make_codec(name, calibration=calibration(64), backend="reference")
+    bounds = codec._bounds.float().contiguous()
+    inf = torch.tensor(float("inf"))
+    y = torch.cat([bounds, torch.nextafter(bounds, inf), torch.nextafter(bounds, -inf),
+                   torch.tensor([-1.0, 1.0, 0.0, -0.0, float("nan"), float("inf"), float("-inf"), -2.0, 2.0])])
+    n = triton.next_power_of_2(y.numel())
+    y = torch.cat([y, torch.zeros(n - y.numel())])
+    out = torch.empty(n, dtype=torch.int32)
+    _level_search_kernel()[(1,)](y, bounds, out, BITS=codec.bits, N=n)
+    want = torch.bucketize(y, bounds).int()
+    want[torch.isnan(y)] = 2 ** codec.bits - 1  # torch.bucketize puts NaN last too
+    assert torch.equal(out, want), (name, (out != want).nonzero().reshape(-1)[:8].tolist())

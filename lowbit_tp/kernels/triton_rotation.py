@@ -93,12 +93,40 @@ def _fwht_rows(z, M: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr):
 
 @triton.jit
 def _bucket(y, bounds_ptr, BITS: tl.constexpr):
-    """``torch.bucketize(y, bounds)`` for ``2**BITS - 1`` ascending bounds (NaN -> the top code)."""
-    idx = tl.zeros(y.shape, dtype=tl.int32)
-    for s in tl.static_range(BITS):
-        half = 1 << (BITS - 1 - s)
-        b = tl.load(bounds_ptr + idx + (half - 1))
-        idx = tl.where(b >= y, idx, idx + half)
+    """``torch.bucketize(y, bounds)`` for ``2**BITS - 1`` ascending bounds (NaN -> the top code):
+    a binary search, each step one comparison ``bound >= y``. Up to 4 bits the bounds are
+    scalars and each step's bound is picked by a select tree on the bits found so far (no
+    per-value table loads); wider codes load it from the table."""
+    if BITS > 4:
+        idx = tl.zeros(y.shape, dtype=tl.int32)
+        for s in tl.static_range(BITS):
+            half = 1 << (BITS - 1 - s)
+            b = tl.load(bounds_ptr + idx + (half - 1))
+            idx = tl.where(b >= y, idx, idx + half)
+        return idx
+    H: tl.constexpr = 1 << (BITS - 1)
+    Q: tl.constexpr = H // 2
+    O: tl.constexpr = H // 4
+    Z: tl.constexpr = H // 8
+    a = ~(tl.load(bounds_ptr + (H - 1)) >= y)
+    idx = tl.where(a, H, 0)
+    if BITS >= 2:
+        t = tl.where(a, tl.load(bounds_ptr + (H + Q - 1)), tl.load(bounds_ptr + (Q - 1)))
+        b = ~(t >= y)
+        idx += tl.where(b, Q, 0)
+        if BITS >= 3:
+            t = tl.where(a, tl.where(b, tl.load(bounds_ptr + (H + Q + O - 1)), tl.load(bounds_ptr + (H + O - 1))),
+                         tl.where(b, tl.load(bounds_ptr + (Q + O - 1)), tl.load(bounds_ptr + (O - 1))))
+            c = ~(t >= y)
+            idx += tl.where(c, O, 0)
+            if BITS >= 4:
+                hi = tl.where(b, tl.where(c, tl.load(bounds_ptr + (H + Q + O + Z - 1)),
+                                          tl.load(bounds_ptr + (H + Q + Z - 1))),
+                              tl.where(c, tl.load(bounds_ptr + (H + O + Z - 1)), tl.load(bounds_ptr + (H + Z - 1))))
+                lo = tl.where(b, tl.where(c, tl.load(bounds_ptr + (Q + O + Z - 1)), tl.load(bounds_ptr + (Q + Z - 1))),
+                              tl.where(c, tl.load(bounds_ptr + (O + Z - 1)), tl.load(bounds_ptr + (Z - 1))))
+                d = ~(tl.where(a, hi, lo) >= y)
+                idx += tl.where(d, Z, 0)
     return idx
 
 
@@ -209,18 +237,26 @@ def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, 
 
 
 @triton.jit
-def _rotate_cols(x, c, em, signs_ptr, colmap_ptr, inv_sqrt_b, max_in, rotate_max, ROWS: tl.constexpr,
-                 W: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr, HAS_K: tl.constexpr,
-                 RANGE: tl.constexpr):
-    """The rotated groups ``[ROWS, W/GROUP, GROUP]`` of the fp32 tile ``x [ROWS, W]`` at columns
-    ``c``: kept channels zeroed, finite values saturated at ``max_in`` and then (unless
-    ``RANGE``) at ``rotate_max``, which is the one clamp at ``rotate_max < max_in``."""
+def _butterflied(x, c, em, signs_ptr, colmap_ptr, max_in, rotate_max, ROWS: tl.constexpr, W: tl.constexpr,
+                 B: tl.constexpr, LOG2B: tl.constexpr, HAS_K: tl.constexpr, RANGE: tl.constexpr):
+    """The unnormalised Hadamard butterfly ``[ROWS, W]`` of the fp32 tile ``x`` at columns ``c``:
+    kept channels zeroed, finite values saturated at ``max_in`` and then (unless ``RANGE``)
+    at ``rotate_max``, which is the one clamp at ``rotate_max < max_in``, random signs."""
     xz = saturate_minmax(x, max_in if RANGE else rotate_max)
     if HAS_K:
         cm = tl.load(colmap_ptr + c, mask=em, other=-1)
         xz = tl.where(cm[None, :] >= 0, 0.0, xz)
     xz = xz * tl.load(signs_ptr + c, mask=em, other=1.0)[None, :]
-    return tl.reshape(_fwht_rows(xz, ROWS * W // B, B, LOG2B), [ROWS, W // GROUP, GROUP]) * inv_sqrt_b
+    return tl.reshape(_fwht_rows(xz, ROWS * W // B, B, LOG2B), [ROWS, W])
+
+
+@triton.jit
+def _rotate_cols(x, c, em, signs_ptr, colmap_ptr, inv_sqrt_b, max_in, rotate_max, ROWS: tl.constexpr,
+                 W: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr, HAS_K: tl.constexpr,
+                 RANGE: tl.constexpr):
+    """The rotated groups ``[ROWS, W/GROUP, GROUP]`` of the tile (see :func:`_butterflied`)."""
+    h = _butterflied(x, c, em, signs_ptr, colmap_ptr, max_in, rotate_max, ROWS, W, B, LOG2B, HAS_K, RANGE)
+    return tl.reshape(h, [ROWS, W // GROUP, GROUP]) * inv_sqrt_b
 
 
 @triton.jit
@@ -231,15 +267,24 @@ def _group_amax(z):
 
 
 @triton.jit
-def _row_top(x, c0, E, signs_ptr, colmap_ptr, inv_sqrt_b, max_in, rotate_max, scale_max, ROWS: tl.constexpr,
-             W: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr, HAS_K: tl.constexpr,
-             RANGE: tl.constexpr):
-    """The largest clamped group absmax of each row of the tile (the lg8 base's first pass)."""
+def _finite_abs(x, c0, E, signs_ptr, colmap_ptr, max_in, rotate_max, ROWS: tl.constexpr, W: tl.constexpr,
+                B: tl.constexpr, LOG2B: tl.constexpr, HAS_K: tl.constexpr, RANGE: tl.constexpr):
+    """``|butterfly|`` of the tile where finite, else 0: the lg8 bases' first pass keeps the
+    running elementwise max of this over a row's tiles, and reduces it once at the end."""
     c = c0 + tl.arange(0, W)
-    z = _rotate_cols(x, c, c < E, signs_ptr, colmap_ptr, inv_sqrt_b, max_in, rotate_max, ROWS, W, B, LOG2B, GROUP,
-                        HAS_K, RANGE)
-    amax, _ = _group_amax(z)
-    return tl.max(tl.where(amax > scale_max, scale_max, amax), axis=1)
+    h = _butterflied(x, c, c < E, signs_ptr, colmap_ptr, max_in, rotate_max, ROWS, W, B, LOG2B, HAS_K, RANGE)
+    return tl.where(is_finite(h), tl.abs(h), 0.0)
+
+
+@triton.jit
+def _row_top(habs, inv_sqrt_b, scale_max):
+    """The rows' largest clamped group absmax from the running max of :func:`_finite_abs`.
+
+    ``round(m * inv)`` and ``min(., scale_max)`` are monotone, so the max over the row of
+    ``min(round(|h| * inv), scale_max)`` (the clamped group absmax of every group) is
+    ``min(round(max|h| * inv), scale_max)``: one multiply per row instead of one per value."""
+    top = tl.max(habs, axis=1) * inv_sqrt_b
+    return tl.where(top > scale_max, scale_max, top)
 
 
 @triton.jit
@@ -345,11 +390,11 @@ def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc
     tm = t < T
     b32 = tl.full([ROWS], 1.0, tl.float32)
     if FMT == 2:
-        top = tl.zeros([ROWS], dtype=tl.float32)
+        habs = tl.zeros([ROWS, W], dtype=tl.float32)
         for c0 in range(0, E, W):
-            top = tl.maximum(top, _row_top(_load_x(x_ptr, t, tm, c0, E, W), c0, E, signs_ptr, colmap_ptr, inv_sqrt_b,
-                                           max_in, rotate_max, scale_max, ROWS, W, B, LOG2B, GROUP, HAS_K, RANGE))
-        b32, bbits = _lg8_base(top)
+            habs = tl.maximum(habs, _finite_abs(_load_x(x_ptr, t, tm, c0, E, W), c0, E, signs_ptr, colmap_ptr, max_in,
+                                                rotate_max, ROWS, W, B, LOG2B, HAS_K, RANGE))
+        b32, bbits = _lg8_base(_row_top(habs, inv_sqrt_b, scale_max))
         store_u16(scale_ptr, T * G + 2 * t, bbits, tm & (tl.program_id(1) == 0))
     for c0 in range(tl.program_id(1) * W, E, SPLIT * W):
         _encode_cols(_load_x(x_ptr, t, tm, c0, E, W), t, tm, c0, b32, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr,
@@ -386,13 +431,13 @@ def rot_reduce_encode_kernel(payloads, signs_ptr, dec_colmap_ptr, levels_ptr, lg
     tm = t < T
     b32 = tl.full([ROWS], 1.0, tl.float32)
     if FMT == 2:
-        top = tl.zeros([ROWS], dtype=tl.float32)
+        habs = tl.zeros([ROWS, W], dtype=tl.float32)
         for c0 in range(0, E, W):
             s = _sum_cols(payloads, t, tm, c0, signs_ptr, dec_colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB,
                           CODE_OFF, SCALE_OFF, inv_sqrt_b, N, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, True)
-            top = tl.maximum(top, _row_top(s, c0, E, signs_ptr, enc_colmap_ptr, inv_sqrt_b, max_in, rotate_max,
-                                           scale_max, ROWS, W, B, LOG2B, GROUP, HAS_K, RANGE))
-        b32, bbits = _lg8_base(top)
+            habs = tl.maximum(habs, _finite_abs(s, c0, E, signs_ptr, enc_colmap_ptr, max_in, rotate_max, ROWS, W, B,
+                                                LOG2B, HAS_K, RANGE))
+        b32, bbits = _lg8_base(_row_top(habs, inv_sqrt_b, scale_max))
         store_u16(scale_ptr, T * G + 2 * t, bbits, tm & (tl.program_id(1) == 0))
     for c0 in range(tl.program_id(1) * W, E, SPLIT * W):
         s = _sum_cols(payloads, t, tm, c0, signs_ptr, dec_colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF,
