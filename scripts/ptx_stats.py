@@ -60,7 +60,8 @@ def compile_stats(mod: str, kernel: str, sig: dict, const: dict, ints: dict, war
     spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)]
     count = lambda pat: len(re.findall(pat, ptx))  # noqa: E731
     n_sass = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+\S", sass, re.M))
-    return {"kernel": kernel, "constexprs": " ".join(f"{k}={v}" for k, v in const.items() if k not in ("FLAG", "RANGE")),
+    shown = " ".join(f"{k}={v}" for k, v in const.items() if k not in ("FLAG", "RANGE"))
+    return {"kernel": kernel, "constexprs": shown,
             "warps": warps, "registers": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills),
             "ld_global_v4": count(r"ld\.global[\w.]*\.v4"), "ld_global": count(r"ld\.global"),
             "st_global_v4": count(r"st\.global[\w.]*\.v4"), "st_global": count(r"st\.global"),
@@ -104,13 +105,14 @@ def cases(t: int, e: int, world: int, k: int):
         ints = {"T": t, "E": e, "NK": nk, "NB": triton.cdiv(e - nk, bc)}
         yield ("triton_static", "static_encode_tile_kernel", ssig,
                {"N": 0, "BITS": bits, "HAS_K": nk > 0, "BT": bt, "BC": bc, "FLAG": False, "RANGE": False,
-                "H16": False}, ints, w, bt * bc // (32 * w))
+                "H16": False, "ITERS": KS.row_iterations(t, bt)}, ints, w, bt * bc // (32 * w))
     for bits, nk in ((4, k), (8, 0)):
         bt, be, w = KS.tile_config(t, e, world)
         yield ("triton_static", "static_decode_sum_tile_kernel",
                {"payloads": pw, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32",
                 "NK": "i32"},
-               {"N": world, "BITS": bits, "BT": bt, "BE": be, "H16": True, "ROW_BYTES": True},
+               {"N": world, "BITS": bits, "BT": bt, "BE": be, "H16": True, "ROW_BYTES": True,
+                "ITERS": KS.row_iterations(t, bt)},
                {"T": t, "E": e, "NK": nk}, w, bt * be // (32 * w))
 
 

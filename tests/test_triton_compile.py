@@ -44,19 +44,20 @@ CASES = [
     ("triton_static", "static_encode_kernel", {**STATIC_SIG, "src": P2},  # int4 with an odd body row (flat)
      {"N": 2, "BITS": 4, "HAS_K": True, "BLOCK": 256, "FLAG": True, "RANGE": True}),
     ("triton_static", "static_encode_tile_kernel", {**STATIC_TILE_SIG, "src": ("*fp32",)},  # int4-outlier
-     {"N": 0, "BITS": 4, "HAS_K": True, "BT": 4, "BC": 512, "FLAG": True, "RANGE": False, "H16": False}),
+     {"N": 0, "BITS": 4, "HAS_K": True, "BT": 4, "BC": 512, "FLAG": True, "RANGE": False, "H16": False, "ITERS": 8}),
     ("triton_static", "static_encode_tile_kernel", {**STATIC_TILE_SIG, "src": ("*bf16",)},  # a bf16 partial, int8
-     {"N": 0, "BITS": 8, "HAS_K": False, "BT": 2, "BC": 64, "FLAG": False, "RANGE": True, "H16": False}),
+     {"N": 0, "BITS": 8, "HAS_K": False, "BT": 2, "BC": 64, "FLAG": False, "RANGE": True, "H16": False, "ITERS": 1}),
     ("triton_static", "static_encode_tile_kernel", {**STATIC_TILE_SIG, "src": ("*fp32",)},  # int4, k = 0
-     {"N": 0, "BITS": 4, "HAS_K": False, "BT": 4, "BC": 512, "FLAG": False, "RANGE": False, "H16": False}),
+     {"N": 0, "BITS": 4, "HAS_K": False, "BT": 4, "BC": 512, "FLAG": False, "RANGE": False, "H16": False,
+      "ITERS": 8}),
     ("triton_static", "static_encode_tile_kernel", {**STATIC_TILE_SIG, "src": P2},  # two-shot's fused reduce + encode
-     {"N": 2, "BITS": 4, "HAS_K": True, "BT": 2, "BC": 64, "FLAG": True, "RANGE": True, "H16": True}),
+     {"N": 2, "BITS": 4, "HAS_K": True, "BT": 2, "BC": 64, "FLAG": True, "RANGE": True, "H16": True, "ITERS": 2}),
     ("triton_static", "static_decode_sum_tile_kernel", STATIC_DEC_SIG,
-     {"N": 2, "BITS": 4, "BT": 4, "BE": 512, "H16": True, "ROW_BYTES": True}),
+     {"N": 2, "BITS": 4, "BT": 4, "BE": 512, "H16": True, "ROW_BYTES": True, "ITERS": 8}),
     ("triton_static", "static_decode_sum_tile_kernel", STATIC_DEC_SIG,  # int4 with an odd body row
-     {"N": 2, "BITS": 4, "BT": 1, "BE": 128, "H16": False, "ROW_BYTES": False}),
+     {"N": 2, "BITS": 4, "BT": 1, "BE": 128, "H16": False, "ROW_BYTES": False, "ITERS": 1}),
     ("triton_static", "static_decode_sum_tile_kernel", {**STATIC_DEC_SIG, "payloads": ("*u8",) * 3},
-     {"N": 3, "BITS": 8, "BT": 2, "BE": 64, "H16": False, "ROW_BYTES": True}),
+     {"N": 3, "BITS": 8, "BT": 2, "BE": 64, "H16": False, "ROW_BYTES": True, "ITERS": 4}),
     ("triton_group", "group_encode_kernel", {**GROUP_SIG, "src": ("*bf16",)},
      {"N": 0, "BT": 2, "NGT": 4, "GROUP": 32, "FLAG": True, "RANGE": False}),
     ("triton_group", "group_encode_kernel", {**GROUP_SIG, "src": ("*fp32",)},  # the prefill tile of int4-g128

@@ -427,7 +427,7 @@ class _Refuse:
 
 @pytest.mark.parametrize("name", STATIC)
 @pytest.mark.parametrize("tile", [(2, 4), (4, 16), None])  # None: the shipped tile_config
-@pytest.mark.parametrize("tokens,hidden", [(7, 101), (1, 258), (5, 130)])  # even E - k (k = 1, 4, 2; int4: k = 0)
+@pytest.mark.parametrize("tokens,hidden", [(7, 101), (1, 258), (5, 130), (13, 101)])  # even E - k (k = 1, 4, 2)
 def test_static_tiles_bitwise(name, tile, tokens, hidden, monkeypatch):
     """The tiled static kernels: tiles that end inside T and inside the body / the bf16 head
     (E - k not a multiple of the tile), one token, k = 0 for int4/int8 (E odd for int8 at 101);
@@ -435,8 +435,9 @@ def test_static_tiles_bitwise(name, tile, tokens, hidden, monkeypatch):
     encoder is refused wherever the body rows pack into whole bytes."""
     from lowbit_tp.kernels import triton_static
 
-    if tile is not None:
+    if tile is not None:  # and 3 tiles down the rows a program: the last program ends inside T
         monkeypatch.setattr(triton_static, "tile_config", lambda t, w, n: (*tile, 4))
+        monkeypatch.setattr(triton_static, "row_iterations", lambda t, rows: 3)
     if name != "int4" or hidden % 2 == 0:
         monkeypatch.setattr(triton_static, "static_encode_kernel", _Refuse())
     check(name, tokens, hidden, special=tokens > 2)

@@ -137,13 +137,14 @@ def static_encode_kernel(src, colmap_ptr, scale_ptr, inl_ptr, inv_ptr, outl_ptr,
 # column and reused over its BT rows; no division or modulo per element.
 def tile_config(tokens: int, width: int, sources: int = 1) -> tuple[int, int, int]:
     """(rows, columns, warps) of a tile over a ``tokens x width`` index space; the bytes do not
-    depend on it. Up to 512 columns and ``rows * sources <= 8`` (4 rows for an encode or a
-    world-2 decode-and-sum, one for world 8): 4 warps, 4-16 values a thread. ptxas sm_90a
-    (scripts/ptx_stats.py): <= 112 registers, no spills for N up to 8; 2 rows at world 2
-    would take 64 registers but ~20% more instructions per value (the per-column slot and
-    scale work is shared by fewer rows)."""
-    cols = min(triton.next_power_of_2(max(width, 2)), 512)
-    rows = max(1, min(triton.next_power_of_2(tokens), 2048 // cols, 8 // triton.next_power_of_2(max(sources, 1))))
+    depend on it. ``rows * sources <= 8`` (4 rows for an encode or a world-2 decode-and-sum,
+    one for world 8) and ``columns * sources <= 2048`` (up to 512), so that a decode-and-sum
+    program's slot and scale tables (8 bytes per column and source) stay in L1 while it walks
+    down the rows (:func:`row_iterations`); 4 warps. ptxas sm_90a (scripts/ptx_stats.py): <= 93
+    registers, no spills for N up to 8."""
+    n = triton.next_power_of_2(max(sources, 1))
+    cols = min(triton.next_power_of_2(max(width, 2)), 512, max(64, 2048 // n))
+    rows = max(1, min(triton.next_power_of_2(tokens), 2048 // cols, 8 // n))
     return rows, cols, 4
 
 
@@ -215,78 +216,90 @@ def _value_cols(src, colmap_ptr, scale_ptr, t, ch, mt, mc, T, E, NK, N: tl.const
 @triton.jit
 def static_decode_sum_tile_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E, NK, N: tl.constexpr,
                                   BITS: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, H16: tl.constexpr,
-                                  ROW_BYTES: tl.constexpr):
-    """``out[t, e] = sum_r decode(payloads[r])[t, e]`` in fp32, rank order, one ``BT x BE`` tile
-    of the output per program, written once."""
-    t = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]
+                                  ROW_BYTES: tl.constexpr, ITERS: tl.constexpr):
+    """``out[t, e] = sum_r decode(payloads[r])[t, e]`` in fp32, rank order, written once: ``ITERS``
+    tiles of ``BT x BE`` down the rows per program, so a column block's slot and scale tables
+    come from L2 once per ``ITERS * BT`` rows (the H100 run 2 had them re-read per 1-4 rows:
+    ``N * 8`` bytes a value of L2 traffic, more than the payloads and sum at world 8)."""
     e = tl.program_id(1) * BE + tl.arange(0, BE)[None, :]
-    mt = t < T
     mc = e < E
-    acc = _sum_cols(payloads, colmap_ptr, scale_ptr, t, e, mt, mc, T, E, NK, N, BITS, H16, ROW_BYTES)
-    tl.store(out_ptr + t * E + e, acc, mask=mt & mc)
+    for i in tl.range(0, ITERS):
+        t = (tl.program_id(0) * ITERS + i) * BT + tl.arange(0, BT)[:, None]
+        mt = t < T
+        acc = _sum_cols(payloads, colmap_ptr, scale_ptr, t, e, mt, mc, T, E, NK, N, BITS, H16, ROW_BYTES)
+        tl.store(out_ptr + t * E + e, acc, mask=mt & mc)
 
 
 @triton.jit
 def static_encode_tile_kernel(src, colmap_ptr, scale_ptr, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_ptr, flag_ptr,
                               range_ptr, T, E, NK, NB, max_in, N: tl.constexpr, BITS: tl.constexpr,
                               HAS_K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, FLAG: tl.constexpr,
-                              RANGE: tl.constexpr, H16: tl.constexpr):
+                              RANGE: tl.constexpr, H16: tl.constexpr, ITERS: tl.constexpr):
     """Encode ``src[0]`` (``N == 0``) or the decoded sum of the ``N`` payloads in ``src`` (two-shot's
     reduce and re-encode, one pass). Column tiles ``[0, NB)`` write ``BC`` body slots of ``BT``
     tokens, taken in pairs (an int4 byte's two codes meet in one thread; int4 needs an even
-    ``E - NK``), the rest ``BC`` channels of the bf16 head ``[T, NK]``."""
+    ``E - NK``), the rest ``BC`` channels of the bf16 head ``[T, NK]``. A program walks ``ITERS``
+    such tiles down the rows, so its column tables (inlier map, reciprocal scales) stay in L1."""
     NI = E - NK
     HB: tl.constexpr = BC // 2
     QMAX: tl.constexpr = 7 if BITS == 4 else 127
-    t = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]
-    mt = t < T
     c = tl.program_id(1)
-    if c < NB:
-        ip = c * HB + tl.arange(0, HB)
-        i = 2 * ip[:, None] + tl.arange(0, 2)[None, :]  # [HB, 2] body slots
-        mi = i < NI
-        inv = tl.load(inv_ptr + i, mask=mi, other=1.0)[None, :, :]
-        if HAS_K:
-            ch = tl.load(inl_ptr + i, mask=mi, other=0)
+    for it in tl.range(0, ITERS):
+        t = (tl.program_id(0) * ITERS + it) * BT + tl.arange(0, BT)[:, None]
+        mt = t < T
+        if c < NB:
+            ip = c * HB + tl.arange(0, HB)
+            i = 2 * ip[:, None] + tl.arange(0, 2)[None, :]  # [HB, 2] body slots
+            mi = i < NI
+            inv = tl.load(inv_ptr + i, mask=mi, other=1.0)[None, :, :]
+            if HAS_K:
+                ch = tl.load(inl_ptr + i, mask=mi, other=0)
+            else:
+                ch = i
+            t3 = t[:, :, None]
+            m = mt[:, :, None] & mi[None, :, :]
+            if N == 0 and not HAS_K:  # contiguous: one 2-D load, 16 bytes a thread
+                cc = c * BC + tl.arange(0, BC)[None, :]
+                x = tl.load(src[0] + t * E + cc, mask=mt & (cc < NI), other=0.0).to(tl.float32)
+                x = tl.reshape(x, [BT, HB, 2])
+            else:
+                x = _value_cols(src, colmap_ptr, scale_ptr, t3, ch[None, :, :], mt[:, :, None], mi[None, :, :], T, E,
+                                NK, N, BITS, H16)
+            if FLAG:
+                flag_if(flag_ptr, m & ~is_finite(x))
+            if RANGE:
+                flag_if(range_ptr, m & is_finite(x) & (tl.abs(x) > max_in))
+            x = saturate(x, max_in)
+            q = round_to_int_small(clamp_keep_nan(x * inv, -QMAX * 1.0, QMAX * 1.0)).to(tl.int32)
+            q = tl.where(is_finite(x), q, -QMAX - 1)
+            if BITS == 4:
+                lo, hi = tl.split(q)
+                tl.store(body_ptr + t * (NI // 2) + ip[None, :], ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8),
+                         mask=mt & (ip < NI // 2)[None, :])
+            else:
+                cc = c * BC + tl.arange(0, BC)[None, :]
+                tl.store(body_ptr + t * NI + cc, tl.reshape(q & 0xFF, [BT, BC]).to(tl.uint8), mask=mt & (cc < NI))
         else:
-            ch = i
-        t3 = t[:, :, None]
-        m = mt[:, :, None] & mi[None, :, :]
-        if N == 0 and not HAS_K:  # contiguous: one 2-D load, 16 bytes a thread
-            cc = c * BC + tl.arange(0, BC)[None, :]
-            x = tl.load(src[0] + t * E + cc, mask=mt & (cc < NI), other=0.0).to(tl.float32)
-            x = tl.reshape(x, [BT, HB, 2])
-        else:
-            x = _value_cols(src, colmap_ptr, scale_ptr, t3, ch[None, :, :], mt[:, :, None], mi[None, :, :], T, E, NK,
-                            N, BITS, H16)
-        if FLAG:
-            flag_if(flag_ptr, m & ~is_finite(x))
-        if RANGE:
-            flag_if(range_ptr, m & is_finite(x) & (tl.abs(x) > max_in))
-        x = saturate(x, max_in)
-        q = round_to_int_small(clamp_keep_nan(x * inv, -QMAX * 1.0, QMAX * 1.0)).to(tl.int32)
-        q = tl.where(is_finite(x), q, -QMAX - 1)
-        if BITS == 4:
-            lo, hi = tl.split(q)
-            tl.store(body_ptr + t * (NI // 2) + ip[None, :], ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8),
-                     mask=mt & (ip < NI // 2)[None, :])
-        else:
-            cc = c * BC + tl.arange(0, BC)[None, :]
-            tl.store(body_ptr + t * NI + cc, tl.reshape(q & 0xFF, [BT, BC]).to(tl.uint8), mask=mt & (cc < NI))
-    else:
-        j = (c - NB) * BC + tl.arange(0, BC)[None, :]  # (names apart from the body branch's: other shapes)
-        mj = j < NK
-        chj = tl.load(outl_ptr + j, mask=mj, other=0)
-        xj = _value_cols(src, colmap_ptr, scale_ptr, t, chj, mt, mj, T, E, NK, N, BITS, H16)
-        mh = mt & mj
-        if FLAG:
-            flag_if(flag_ptr, mh & ~is_finite(xj))
-        if RANGE:
-            flag_if(range_ptr, mh & is_finite(xj) & (tl.abs(xj) > max_in))
-        tl.store(head_ptr + t * NK + j, bf16_bits(saturate(xj, max_in)).to(tl.int16), mask=mh)
+            j = (c - NB) * BC + tl.arange(0, BC)[None, :]  # (names apart from the body branch's: other shapes)
+            mj = j < NK
+            chj = tl.load(outl_ptr + j, mask=mj, other=0)
+            xj = _value_cols(src, colmap_ptr, scale_ptr, t, chj, mt, mj, T, E, NK, N, BITS, H16)
+            mh = mt & mj
+            if FLAG:
+                flag_if(flag_ptr, mh & ~is_finite(xj))
+            if RANGE:
+                flag_if(range_ptr, mh & is_finite(xj) & (tl.abs(xj) > max_in))
+            tl.store(head_ptr + t * NK + j, bf16_bits(saturate(xj, max_in)).to(tl.int16), mask=mh)
 
 
 # ---------------------------------------------------------------- launchers (no codec logic)
+def row_iterations(tokens: int, rows: int) -> int:
+    """Tiles per program down the rows (decode-and-sum and the tiled encoder): up to 32 rows a
+    program, while a message keeps >= 32 programs per column block (a decode-sized one keeps
+    one tile per program)."""
+    return max(1, min(32 // rows, tokens // (rows * 32)))
+
+
 def _aligned2(payloads) -> bool:
     """Every payload starts at an even address (its kept bf16 values load as 16-bit words)."""
     return all(p.data_ptr() % 2 == 0 for p in payloads)
@@ -306,9 +319,10 @@ def _launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, out, 
     if bits == 8 or (e - nk) % 2 == 0:
         rows, cols, warps = tile_config(t, max(e - nk, nk), max(n_src, 2))
         nb = triton.cdiv(e - nk, cols)
-        static_encode_tile_kernel[(triton.cdiv(t, rows), nb + triton.cdiv(nk, cols))](
+        iters = row_iterations(t, rows)
+        static_encode_tile_kernel[(triton.cdiv(t, rows * iters), nb + triton.cdiv(nk, cols))](
             tuple(src), *tables, t, e, nk, nb, max_input, BT=rows, BC=cols, H16=n_src > 0 and _aligned2(src),
-            num_warps=warps, **common, **FP_OPTIONS)
+            ITERS=iters, num_warps=warps, **common, **FP_OPTIONS)
         return out
     # int4 with an odd body row: a byte can hold codes of two tokens, so the flat kernel pairs them
     nbody = (n + 1) // 2
@@ -345,7 +359,9 @@ def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int):
     if t * e == 0:
         return out
     rows, cols, warps = tile_config(t, e, len(payloads))
-    static_decode_sum_tile_kernel[(triton.cdiv(t, rows), triton.cdiv(e, cols))](
+    iters = row_iterations(t, rows)
+    static_decode_sum_tile_kernel[(triton.cdiv(t, rows * iters), triton.cdiv(e, cols))](
         tuple(payloads), colmap, scale, out, t, e, nk, N=len(payloads), BITS=bits, BT=rows, BE=cols,
-        H16=_aligned2(payloads), ROW_BYTES=bits == 8 or (e - nk) % 2 == 0, num_warps=warps, **FP_OPTIONS)
+        H16=_aligned2(payloads), ROW_BYTES=bits == 8 or (e - nk) % 2 == 0, ITERS=iters, num_warps=warps,
+        **FP_OPTIONS)
     return out
