@@ -32,13 +32,28 @@ CANDIDATES = ("rot-lm2-g64-lg8-k4", "rot-lm3-g64-lg8-k4", "rot-lm4-g64-lg8-k4", 
               "rot-int6-g64-lg8-k4", "rot-int8-g64-lg8-k4")
 
 
+def file_sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def check_cached(m: dict, *, model: str, tp: int, reference: str, error_feedback: bool, probe: dict, codecs,
-                 path, sensitivity: str = "alone") -> None:
+                 path, sensitivity: str = "alone", own_sensitivity: bool = False,
+                 calibration_sha256: str | None = None) -> None:
     """Refuse an OUT/measure.json written for another study: its sensitivities would be reused
-    silently (e.g. a plan "with error feedback" built on a KL measured without it)."""
+    silently (e.g. a plan "with error feedback" built on a KL measured without it, the
+    calibration's own KL taken as a fresh measurement, or errors of another calibration)."""
     want = {"model": model, "tp": tp, "reference": reference, "error_feedback": bool(error_feedback),
-            "sensitivity": sensitivity}
-    older = {"error_feedback": False, "sensitivity": "alone"}  # files written before these fields
+            "sensitivity": sensitivity, "own_sensitivity": bool(own_sensitivity)}
+    if calibration_sha256 is not None:
+        want["calibration_sha256"] = calibration_sha256
+    # files written before these fields: the defaults of the time; no calibration recorded = refused
+    older = {"error_feedback": False, "sensitivity": "alone", "own_sensitivity": False}
     got = {k: m.get(k, older.get(k)) for k in want}
     if got != want:
         raise SystemExit(f"{path} was measured for {got}, not {want}: use another --out-dir or delete it")
@@ -126,11 +141,13 @@ def main(argv=None) -> None:
     if args.own_sensitivity and probe.manifest()["samples"] != own["probe"]["samples"]:
         raise SystemExit("--own-sensitivity: the calibration's probe windows differ from the ones drawn here")
     meas = out / "measure.json"
+    cal_sha = file_sha256(args.calibration)
     if meas.exists():
         m = json.loads(meas.read_text())
         check_cached(m, model=args.model, tp=args.tp, reference=args.reference, error_feedback=args.error_feedback,
                      probe=probe.manifest(), codecs=[args.reference, *args.codecs], path=meas,
-                     sensitivity=args.sensitivity)
+                     sensitivity=args.sensitivity, own_sensitivity=args.own_sensitivity,
+                     calibration_sha256=cal_sha)
         sens, errs = m["sensitivity_kl"], m["mse"]
     else:
         t0 = time.perf_counter()
@@ -144,6 +161,7 @@ def main(argv=None) -> None:
         t2 = time.perf_counter()
         meas.write_text(json.dumps({"model": args.model, "tp": args.tp, "reference": args.reference,
                                     "error_feedback": args.error_feedback, "sensitivity": args.sensitivity,
+                                    "own_sensitivity": bool(args.own_sensitivity), "calibration_sha256": cal_sha,
                                     "probe": probe.manifest(), "sensitivity_kl": sens, "mse": errs,
                                     "seconds": {"errors": round(t1 - t0, 1), "sensitivity": round(t2 - t1, 1)}},
                                    indent=1))

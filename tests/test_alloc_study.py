@@ -37,16 +37,26 @@ def _measure(ef, samples=("a", "b")):
             "mse": {"l0": {"r": 1.0, "x": 0.5}, "l1": {"r": 1.0, "x": 0.4}}}
 
 
-def _check(study, m, *, ef=True, samples=("a", "b"), codecs=("r", "x"), model="gemma3-270m", sensitivity="alone"):
+def _check(study, m, *, ef=True, samples=("a", "b"), codecs=("r", "x"), model="gemma3-270m", sensitivity="alone",
+           own=False, cal=None):
     study.check_cached(m, model=model, tp=2, reference="r", error_feedback=ef,
                        probe={"samples": list(samples), "seq_len": 128}, codecs=list(codecs), path="m.json",
-                       sensitivity=sensitivity)
+                       sensitivity=sensitivity, own_sensitivity=own, calibration_sha256=cal)
 
 
 def test_cached_measure_of_the_same_study_is_reused(study):
     _check(study, _measure(True))
     _check(study, _measure(False), ef=False)
     _check(study, {**_measure(True), "sensitivity": "in-context"}, sensitivity="in-context")
+    _check(study, {**_measure(True), "own_sensitivity": True, "calibration_sha256": "aa"}, own=True, cal="aa")
+
+
+def test_file_sha256_is_the_files_digest(study, tmp_path):
+    import hashlib
+
+    p = tmp_path / "cal.bin"
+    p.write_bytes(b"x" * (3 << 20) + b"tail")  # more than one read block
+    assert study.file_sha256(p) == hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("change, match", [
@@ -56,6 +66,10 @@ def test_cached_measure_of_the_same_study_is_reused(study):
     (dict(sensitivity="in-context"), "in-context"),       # measured alone (field absent = alone)
     (dict(samples=("a", "c")), "probe"),
     (dict(codecs=("r", "x", "y")), "no errors for \\['y'\\]"),
+    (dict(own=True), "own_sensitivity"),                  # fresh KL reused as the calibration's own
+    (dict(m={**_measure(True), "own_sensitivity": True}), "own_sensitivity"),  # and the other way round
+    (dict(m={**_measure(True), "calibration_sha256": "aa"}, cal="bb"), "calibration_sha256"),  # another calibration
+    (dict(cal="bb"), "calibration_sha256"),               # a file that recorded no calibration
 ])
 def test_cached_measure_of_another_study_is_refused(study, change, match):
     m = change.pop("m", _measure(True))

@@ -39,10 +39,17 @@ def _row(codec, tokens, enc, dec, red, bits=4.5):
             "encode_fp32_gbps": f / enc / 1e9, "decode_sum_fp32_gbps": f / dec / 1e9, "reduce_encode_us": red * 1e6}
 
 
+IDENTITY_OK = {"bytes_equal_finite": True, "bytes_equal_nan_inf": True, "sum_equal_finite": True,
+               "sum_equal_nan_inf": True}
+
+
 def _doc(world, table, codec="int4-g32", extra_rows=(), **top):
+    rows = [_row(codec, t, *v) for t, v in table.items()]
+    for r in rows[:1]:  # as gpu_check: the identity checks ride on a codec's first shape
+        r.update(IDENTITY_OK)
     doc = {"environment": {"cuda": "Test GPU", "torch": "0"}, "device": "cuda", "dry_run_interpreter": False,
            "world": world, "repeats": 20, "complete": True, "skipped_for_budget": [], "command": "test",
-           "rows": [_row(codec, t, *v) for t, v in table.items()] + list(extra_rows)}
+           "rows": rows + list(extra_rows)}
     doc.update(top)
     return doc
 
@@ -199,8 +206,31 @@ def test_codecs_not_bitwise_the_reference_and_incomplete_runs_are_reported(proje
     out = tmp_path / "projection.md"
     projection.write_doc(out, [path])
     text = out.read_text()
-    assert "`mxfp4`: not bitwise the CPU reference (sum_equal_finite=False)" in text
+    assert "`mxfp4`: not bitwise the CPU reference (sum_equal_finite=False at world 2)" in text
     assert "INCOMPLETE run" in text and "int8@32x8192" in text
+
+
+def test_a_codec_wrong_at_world8_is_left_out_at_every_world(projection, tmp_path):
+    """A wrong world-8 decode-and-sum drops the codec everywhere (its world-2 rows would
+    otherwise feed the bytes model for TP 8) and the doc says why."""
+    w8 = _doc(8, W8)
+    w8["rows"][0]["sum_equal_nan_inf"] = False
+    mx = [dict(_row("mxfp4", t, *W2[t], bits=4.25), **IDENTITY_OK) for t in W2]
+    paths = [_write(tmp_path / "w2.json", _doc(2, W2, extra_rows=mx)), _write(tmp_path / "w8.json", w8)]
+    k = projection.MeasuredKernels([projection.load_gpu_check(p) for p in paths])
+    assert k.has("mxfp4") and not k.has("int4-g32") and not k.worlds("int4-g32")
+    assert "sum_equal_nan_inf=False at world 8" in k.failed[("int4-g32", 2)]
+
+
+def test_rows_without_identity_evidence_are_left_out(projection, tmp_path):
+    """gpu_check writes the identity checks on a codec's first shape only; if that row failed,
+    the later rows prove nothing about the bits and their speeds are not used."""
+    doc = _doc(2, W2)
+    extra = [_row("int8", t, *W2[t], bits=8.0) for t in (2048, 8192)]
+    doc["rows"] += [{"codec": "int8", "tokens": 32, "hidden": E, "error": "RuntimeError: boom"}] + extra
+    k = projection.MeasuredKernels([projection.load_gpu_check(_write(tmp_path / "w2.json", doc))])
+    assert k.has("int4-g32") and not k.has("int8")
+    assert k.failed[("int8", 2)] == "RuntimeError: boom"
 
 
 def test_default_files_rule(projection, tmp_path):
