@@ -58,7 +58,7 @@ def bf16_bits(x):
 
     Round to nearest even; every NaN becomes 0xFFFF, what PyTorch's vectorized CPU cast
     writes (its scalar path writes 0x7FC0 and CUDA's cast 0x7FFF, which is why the
-    reference's GPU bytes differed from the CPU's for NaN: docs/bench/gpu_check.md).
+    reference's GPU bytes differed from the CPU's for NaN: docs/bench/gpu_check_h200_unfused.md).
     """
     u = x.to(tl.uint32, bitcast=True)
     bias = ((u >> 16) & 1) + 0x7FFF
