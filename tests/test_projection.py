@@ -268,3 +268,26 @@ def test_the_bytes_follow_the_wire_format(projection, kernels):
     assert gather["bytes_sent"] / ring["bytes_sent"] == pytest.approx(4 * 4.5 / 32)
     two = projection.allreduce_time("int4-g32", "two-shot", tokens=64, tp=4, link=(10e9, 0.0), kernels=kernels)
     assert two["bytes_sent"] / ring["bytes_sent"] == pytest.approx(4.5 / 16)
+
+
+def test_graph_timing_uses_the_gpu_time_alone(projection, tmp_path):
+    """--timing graph takes gpu_check's CUDA-graph replay times for encode and decode-and-sum
+    (reduce-and-re-encode stays eager); rows without them are left out with the reason."""
+    doc = _doc(2, W2)
+    for r in doc["rows"]:
+        r["graph_encode_us"], r["graph_decode_sum_us"] = 7.0 * r["tokens"] / 32, 5.0 * r["tokens"] / 32
+    mx = [dict(_row("mxfp4", t, *W2[t], bits=4.25), **IDENTITY_OK) for t in W2]  # eager only
+    path = _write(tmp_path / "w2.json", dict(doc, rows=doc["rows"] + mx))
+    eager = projection.MeasuredKernels([projection.load_gpu_check(path)])
+    graph = projection.MeasuredKernels([projection.load_gpu_check(path)], "graph")
+    assert eager.encode_s("int4-g32", 2048)[0] == pytest.approx(W2[2048][0])
+    assert graph.encode_s("int4-g32", 2048)[0] == pytest.approx(7.0 * 64 * 1e-6)
+    assert graph.decode_sum_s("int4-g32", 2048, 2)[0] == pytest.approx(5.0 * 64 * 1e-6)
+    assert graph.reduce_encode_s("int4-g32", 2048, 2)[0] == pytest.approx(W2[2048][2])
+    assert eager.has("mxfp4") and not graph.has("mxfp4")
+    assert graph.failed[("mxfp4", 2)] == "no CUDA-graph timing in the run"
+    out = tmp_path / "projection-graph.md"
+    projection.write_doc(out, [path], timing="graph")
+    assert "the GPU's time alone" in out.read_text() and "--timing graph" in out.read_text()
+    with pytest.raises(projection.ProjectionInputError, match="timing"):
+        projection.MeasuredKernels([projection.load_gpu_check(path)], "fast")
