@@ -304,3 +304,28 @@ def test_a_refused_backend_is_not_cached():
     for _ in range(2):
         with pytest.raises(BackendUnavailable):
             codec.kernel_backend(torch.device("meta"))
+
+
+def test_the_per_shape_caches_stay_bounded_over_many_token_counts():
+    """A server sees a new token count at almost every step: decode_sum's per-shape cache
+    keeps at most RECEIVED_CACHE_SIZE keys, and the rot kernels' argument cache gains no entry
+    per token count (found by the final review: both grew with every new shape)."""
+    from lowbit_tp.calibration.synthetic import synthetic_calibration
+    from lowbit_tp.codecs import base, make_codec
+
+    cal = synthetic_calibration(["L"], world=2, hidden=64, tokens=16, batches=1)
+    codec = make_codec("rot-lm4-g64-lg8-k4", calibration=cal)
+    limit = base.RECEIVED_CACHE_SIZE
+    for t in range(1, limit + 40):
+        x = torch.zeros(t, 64)
+        p = [codec.encode(x, layer="L", source=r) for r in range(2)]
+        codec.decode_sum(p, (t, 64), layer="L")
+    assert len(codec._received) == limit
+    assert (limit + 39, 64) in {k[0] for k in codec._received}  # the newest kept, the oldest gone
+    assert (1, 64) not in {k[0] for k in codec._received}
+    # the Triton path's kernel-argument sets are per (params, hidden, device), not per token count
+    p0, cpu = codec.params("L", 0, 64), torch.device("cpu")
+    for t in range(1, 200):
+        assert codec._kernel_args(p0, t, 64, cpu)["code_bytes"] == codec._code_bytes(t * 64)
+    args = [k for k in codec._tables if isinstance(k, tuple) and k and k[0] == "args"]
+    assert len(args) == 1, args

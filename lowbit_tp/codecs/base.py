@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -24,6 +25,9 @@ import torch
 
 from lowbit_tp.calibration.artifact import Calibration, CalibrationError, Source
 from lowbit_tp.codecs import functional as F
+
+# decode_sum's per-shape cache holds at most this many (shape, layer, sources, device) keys
+RECEIVED_CACHE_SIZE = 1024
 from lowbit_tp.kernels import BACKENDS, resolve_backend
 
 __all__ = [
@@ -103,8 +107,9 @@ class Codec(ABC):
         self._params: dict[tuple[str | None, Source], Any] = {}
         self._tables: dict[Any, Any] = {}
         self._backends: dict[Any, str] = {}  # kernel_backend's answer per device
-        # decode_sum's checked (payload bytes, per-source params) per (shape, layer, sources, device)
-        self._received: dict[tuple, tuple[int, list]] = {}
+        # decode_sum's checked (payload bytes, per-source params) per (shape, layer, sources, device);
+        # bounded, oldest first out: a server sees a new token count at almost every step
+        self._received: OrderedDict[tuple, tuple[int, list]] = OrderedDict()
         # int32 [2] device flags per (device, layer, source): [NaN/Inf seen, out of range seen]
         self._step_flags: dict[tuple[torch.device, str | None, Source], tuple[torch.Tensor, ...]] = {}
 
@@ -248,6 +253,8 @@ class Codec(ABC):
                 raise ValueError(f"{self.name}: {len(payloads)} payloads but {len(srcs)} sources")
             known = (self.payload_nbytes(shape, layer), [self.params(layer, s, shape[1], dev) for s in srcs])
             self._received[key] = known
+            if len(self._received) > RECEIVED_CACHE_SIZE:
+                self._received.popitem(last=False)
         expected, params = known
         for r, p in enumerate(payloads):
             if p.dtype != torch.uint8 or p.dim() != 1 or p.numel() != expected:

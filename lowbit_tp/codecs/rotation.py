@@ -282,17 +282,18 @@ class RotatedGroupCodec(KeptRotation, Codec):
 
     def _kernel_args(self, p: RotParams, t: int, e: int, device) -> dict:
         """Arguments every rot kernel takes; the lookup tables are copied to ``device`` once,
-        and the whole set is built once per (parameters, shape, device): a fresh dict each call
+        and the set is built once per (parameters, hidden size, device), so serving's ever-changing
+        token counts add no entries: a fresh dict each call with this call's ``code_bytes``
         (callers drop the entries their kernel does not take)."""
         def build():
             levels, bounds, lg8, lg8_asc = self._kernel_table(("tables", device), lambda: tuple(
                 v.float().contiguous().to(device) for v in (self._levels, self._bounds, _LG8_TABLE,
                                                             _LG8_TABLE.flip(0))))
             return dict(signs=p.signs.float().contiguous(), lg8=lg8, levels=levels, bounds=bounds, lg8_asc=lg8_asc,
-                        nk=p.outliers.numel(), code_bytes=self._code_bytes(t * e), group=self.group, bits=self.bits,
+                        nk=p.outliers.numel(), group=self.group, bits=self.bits,
                         block=hadamard_block(e), scale_format=self.scale_format)
 
-        return dict(self._kernel_table(("args", id(p), t, e, device), build))
+        return dict(self._kernel_table(("args", id(p), e, device), build), code_bytes=self._code_bytes(t * e))
 
     @staticmethod
     def _colmap(ps, e: int, device) -> torch.Tensor:
