@@ -239,16 +239,22 @@ def _writer(args, argv, dev, dry, world, check_tokens, repeats, t_start):
 def graph_seconds(torch, fn, seconds, calls: int = 5) -> float:
     """Seconds per call of ``fn`` when ``calls`` calls are captured in one CUDA graph and
     replayed: the GPU's time alone (the host's launch cost is what the eager timings add)."""
+    return seconds(capture_graph(torch, fn, calls).replay) / calls
+
+
+def capture_graph(torch, fn, calls: int = 1):
+    """``calls`` calls of ``fn`` captured in one CUDA graph, after a warm-up call on a side
+    stream (as torch.cuda.graphs asks)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up on a side stream, as torch.cuda.graphs asks
+    with torch.cuda.stream(s):
         fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for _ in range(calls):
             fn()
-    return seconds(g.replay) / calls
+    return g
 
 
 def graph_check(torch, make, xd, shape, *, capture: bool, timer=None, times: dict | None = None) -> str:
@@ -284,14 +290,7 @@ def graph_check(torch, make, xd, shape, *, capture: bool, timer=None, times: dic
         for b in bufs:
             b.zero_()
         total.zero_()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):  # warm-up on a side stream, as torch.cuda.graphs asks
-            step()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            step()
+        g = capture_graph(torch, step)
         for b in bufs:
             b.fill_(0xA5)
         total.fill_(7.0)
