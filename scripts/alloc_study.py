@@ -28,18 +28,10 @@ import json
 import time
 from pathlib import Path
 
+from lowbit_tp.models.registry import sha256_of_files
+
 CANDIDATES = ("rot-lm2-g64-lg8-k4", "rot-lm3-g64-lg8-k4", "rot-lm4-g64-lg8-k4", "rot-int5-g64-lg8-k4",
               "rot-int6-g64-lg8-k4", "rot-int8-g64-lg8-k4")
-
-
-def file_sha256(path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_cached(m: dict, *, model: str, tp: int, reference: str, error_feedback: bool, probe: dict, codecs,
@@ -141,7 +133,7 @@ def main(argv=None) -> None:
     if args.own_sensitivity and probe.manifest()["samples"] != own["probe"]["samples"]:
         raise SystemExit("--own-sensitivity: the calibration's probe windows differ from the ones drawn here")
     meas = out / "measure.json"
-    cal_sha = file_sha256(args.calibration)
+    cal_sha = sha256_of_files([Path(args.calibration)])
     if meas.exists():
         m = json.loads(meas.read_text())
         check_cached(m, model=args.model, tp=args.tp, reference=args.reference, error_feedback=args.error_feedback,

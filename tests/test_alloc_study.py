@@ -51,12 +51,13 @@ def test_cached_measure_of_the_same_study_is_reused(study):
     _check(study, {**_measure(True), "own_sensitivity": True, "calibration_sha256": "aa"}, own=True, cal="aa")
 
 
-def test_file_sha256_is_the_files_digest(study, tmp_path):
+def test_the_calibration_digest_is_the_files_sha256(study, tmp_path):
+    """measure.json records sha256_of_files([calibration]): the file's digest, read in blocks."""
     import hashlib
 
     p = tmp_path / "cal.bin"
     p.write_bytes(b"x" * (3 << 20) + b"tail")  # more than one read block
-    assert study.file_sha256(p) == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert study.sha256_of_files([p]) == hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("change, match", [
