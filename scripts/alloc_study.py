@@ -19,6 +19,10 @@ then writes, for every budget and candidate set, a copy of the calibration whose
 ``--error-feedback``: the per-layer KL is measured with feedback along depth, and the dev
 evaluation (``--eval-samples``) runs every codec with it. OUT/measure.json is reused only
 for the same model, TP, reference, feedback, probe windows and codecs.
+
+``--eval-plans NAME=PATH``: the dev run also evaluates the plan of another artifact written
+from the same calibration (checked), e.g. an earlier study's plan, on the same windows and
+baseline, so that ``scripts/paired_diff.py`` can pair the plans.
 """
 from __future__ import annotations
 
@@ -86,6 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="then evaluate every plan (and the calibration's own plan, if any, as 'alloc-own', and "
                          "--eval-codecs) on the dev split in one run: same windows, one baseline")
     ap.add_argument("--eval-codecs", nargs="*", default=[])
+    ap.add_argument("--eval-plans", nargs="*", default=[], metavar="NAME=PATH",
+                    help="also evaluate the plan of another artifact written from the same calibration (e.g. "
+                         "an earlier study's OUT/alloc-4.25.safetensors) as codec NAME, in the same dev run, "
+                         "so that scripts/paired_diff.py can pair it with this study's plans")
     ap.add_argument("--eval-batch-size", type=int, default=4)
     ap.add_argument("--json", help="write the dev result here")
     return ap.parse_args(argv)
@@ -100,6 +108,47 @@ def dev_eval_config(args: argparse.Namespace, plans, text):
     return EvalConfig(model=args.model, tp=args.tp, codecs=(*plans, *args.eval_codecs), split="dev", seed=1,
                       samples=args.eval_samples, lambada=0, text=text, batch_size=args.eval_batch_size,
                       error_feedback=args.error_feedback)
+
+
+def without_plan_fingerprint(cal) -> str:
+    """The calibration's fingerprint with its ``bit_allocation`` left out: equal for two
+    artifacts that differ only in their plan."""
+    c = copy.copy(cal)
+    c.meta = {k: v for k, v in cal.meta.items() if k != "bit_allocation"}
+    return c.fingerprint()
+
+
+def extra_plans(specs, cal, load) -> dict:
+    """``NAME=PATH`` -> {NAME: the plan of the artifact at PATH}; refused unless that artifact
+    is ``cal`` with another per-layer plan (same statistics and header) and NAME is new."""
+    out = {}
+    base = without_plan_fingerprint(cal)
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--eval-plans takes NAME=PATH, got {spec!r}")
+        if name in out or name.startswith("alloc-") or name == "alloc":
+            raise SystemExit(f"--eval-plans: the name {name!r} is taken (this study's plans are alloc-*)")
+        other = load(path)
+        plan = other.meta.get("bit_allocation")
+        if not plan or not isinstance(plan.get("layers"), dict):
+            raise SystemExit(f"--eval-plans: {path} has no per-layer plan")
+        if without_plan_fingerprint(other) != base:
+            raise SystemExit(f"--eval-plans: {path} was not written from --calibration (other statistics or header)")
+        out[name] = plan
+    return out
+
+
+def merge_probes(excl: dict, probe: dict | None, what: str) -> dict:
+    """The windows the dev split must avoid: ``excl`` plus those of ``probe`` it lacks (same
+    window length); ``excl`` itself when it has them all."""
+    new = [s for s in (probe or {}).get("samples", []) if s not in excl["samples"]]
+    if not new:
+        return excl
+    if probe["seq_len"] != excl["seq_len"]:
+        raise SystemExit(f"{what}'s probe has another window length")
+    samples = excl["samples"] + new
+    return {**excl, "samples": samples, "num_samples": len(samples)}
 
 
 def main(argv=None) -> None:
@@ -173,6 +222,9 @@ def main(argv=None) -> None:
             raise SystemExit("the calibration's probe has another window length")
         excl = {**excl, "samples": excl["samples"] + own["probe"]["samples"]}
         excl["num_samples"] = len(excl["samples"])
+    extra = extra_plans(args.eval_plans, cal, Calibration.load)
+    for name, plan in extra.items():
+        excl = merge_probes(excl, plan.get("probe"), name)
     for name, plan in plans.items():
         plan["probe"] = excl
         c2 = copy.copy(cal)
@@ -189,6 +241,7 @@ def main(argv=None) -> None:
 
         if own:
             plans["alloc-own"] = own
+        plans.update(extra)
         for name, plan in plans.items():
             register_codec(name, lambda _p=plan, **kw: AllocatedCodec(plan=_p, **kw), needs_calibration=True)
         c2 = copy.copy(cal)

@@ -76,3 +76,53 @@ def test_cached_measure_of_another_study_is_refused(study, change, match):
     m = change.pop("m", _measure(True))
     with pytest.raises(SystemExit, match=match):
         _check(study, m, **change)
+
+
+def _with_plan(cal, plan):
+    import copy
+
+    c = copy.copy(cal)
+    c.meta = {**cal.meta, "bit_allocation": plan}
+    return c
+
+
+def test_eval_plans_takes_the_plan_of_a_copy_of_the_same_calibration(study, cal_factory):
+    cal = cal_factory(2, 64)
+    layers = {l: "rot-lm4-g64-lg8-k4" for l in cal.layers}
+    old = {"layers": layers, "probe": {"samples": ["a"], "seq_len": 128}}
+    files = {"old.safetensors": _with_plan(cal, old)}
+    got = study.extra_plans(["prev=old.safetensors"], _with_plan(cal, {"layers": {}}), files.__getitem__)
+    assert got == {"prev": old}
+
+
+@pytest.mark.parametrize("spec, other, match", [
+    ("prev", None, "NAME=PATH"),
+    ("alloc-4.25=x", None, "taken"),
+    ("prev=x", "no-plan", "no per-layer plan"),
+    ("prev=x", "other-stats", "not written from --calibration"),
+    ("prev=x", "other-header", "not written from --calibration"),
+])
+def test_eval_plans_refuses_what_is_not_a_plan_of_this_calibration(study, cal_factory, spec, other, match):
+    cal = cal_factory(2, 64)
+    plan = {"layers": {l: "rot-lm4-g64-lg8-k4" for l in cal.layers}}
+    if other == "no-plan":
+        o = _with_plan(cal, None)
+    elif other == "other-stats":
+        o = _with_plan(cal_factory(2, 128), plan)  # another calibration's statistics
+    elif other == "other-header":
+        o = _with_plan(cal, plan)
+        o.meta = {**o.meta, "config": {**o.meta.get("config", {}), "seed": 12345}}
+    else:
+        o = _with_plan(cal, plan)
+    with pytest.raises(SystemExit, match=match):
+        study.extra_plans([spec], cal, lambda p: o)
+
+
+def test_merge_probes_adds_only_windows_the_dev_split_does_not_yet_avoid(study):
+    excl = {"samples": ["a", "b"], "seq_len": 128, "num_samples": 2}
+    assert study.merge_probes(excl, None, "x") is excl
+    assert study.merge_probes(excl, {"samples": ["b", "a"], "seq_len": 128}, "x") is excl
+    got = study.merge_probes(excl, {"samples": ["b", "c"], "seq_len": 128}, "x")
+    assert got == {"samples": ["a", "b", "c"], "seq_len": 128, "num_samples": 3}
+    with pytest.raises(SystemExit, match="window length"):
+        study.merge_probes(excl, {"samples": ["c"], "seq_len": 64}, "x")

@@ -273,3 +273,20 @@ def test_pipelined_all_reduce_equals_the_unchunked_result(world, ranks_at):
                 y, bytes_sent, calls = results[r][(name, algo)]
                 assert torch.equal(y, ref), (name, algo, r)
                 assert calls == 1 and bytes_sent == sent, (name, algo, r, bytes_sent, sent)
+
+
+def _rank_big_result_or_failure(rank, world):
+    """Rank 0: a result far larger than a pipe's buffer (64 KiB), computed from the rank
+    alone; rank 1 raises."""
+    if rank == 1:
+        raise ValueError("planted failure on rank 1")
+    return torch.randn(1024, 1024, generator=torch.Generator().manual_seed(100 + rank))  # 4 MiB
+
+
+def test_rank_results_larger_than_a_pipe_arrive_whole():
+    """Ranks hand their results to the parent through pipes (nothing on disk): a result of
+    many pipe buffers arrives whole and the parent is not deadlocked by a rank blocked on
+    a full pipe; a failed rank's error and traceback arrive too."""
+    res = spawn_ranks(_rank_big_result_or_failure, 2, timeout_s=30, deadline_s=90, allow_failures=True)
+    assert torch.equal(res[0], torch.randn(1024, 1024, generator=torch.Generator().manual_seed(100)))
+    assert res[1]["error"] == "ValueError: planted failure on rank 1" and "Traceback" in res[1]["traceback"]

@@ -9,7 +9,9 @@ Lifecycle of a local run (:func:`spawn_ranks`):
   is pinned to the loopback interface: nothing listens on other interfaces;
 * every rank asks the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``), so
   a ``kill -9`` of the parent leaves no rank behind; a SIGTERM or SIGINT of the parent
-  kills the ranks and removes the temporary directory before it exits;
+  kills the ranks before it exits;
+* a rank hands its result (or error) to the parent through a pipe, as ``torch.save``
+  bytes, never through a file: a run, even one ended by ``kill -9``, leaves nothing on disk;
 * ranks start with SIGINT ignored and then take its default action (die at once,
   silently), so a terminal Ctrl-C prints one line (the parent's), not one traceback per rank;
 * the parent watches all ranks at once: the first rank that fails (raises, dies, is
@@ -22,15 +24,15 @@ import contextlib
 import ctypes
 import datetime
 import os
+import pickle
 import signal
 import socket
 import sys
-import tempfile
+import io
 import threading
 import time
 import traceback
 from multiprocessing.connection import wait as wait_for_any
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -98,23 +100,31 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _entry(rank, world_size, store_addr, backend, timeout_s, out_dir, threads, parent_pid, fn, args, kwargs):
+def _send_record(conn, record: dict) -> None:
+    """One ``torch.save`` byte string through the pipe: plain bytes, so no tensor travels as
+    a shared-memory handle that would die with this process."""
+    buf = io.BytesIO()
+    torch.save(record, buf)
+    conn.send_bytes(buf.getbuffer())
+
+
+def _entry(rank, world_size, store_addr, backend, timeout_s, conn, threads, parent_pid, fn, args, kwargs):
     die_with_parent(parent_pid)
     # Started with SIGINT ignored (no KeyboardInterrupt traceback during start-up); now the
     # default action: a Ctrl-C ends this rank at once and silently, the parent reports it.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     torch.set_num_threads(threads)
-    path = Path(out_dir) / f"rank{rank}.pt"
     ok = False
     try:
         host, port = store_addr
         store = dist.TCPStore(host, port, world_size, False, datetime.timedelta(seconds=timeout_s))
         init_process_group(rank=rank, world_size=world_size, backend=backend, timeout_s=timeout_s, store=store)
         result = fn(rank, world_size, *args, **kwargs)
-        torch.save({"ok": True, "result": result}, path)
+        _send_record(conn, {"ok": True, "result": result})
         ok = True
     except BaseException as exc:  # report everything to the parent, including SystemExit
-        torch.save({"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, path)
+        _send_record(conn, {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+    conn.close()
     if not ok:
         # A failed rank exits 1 at once: the parent sees the failure from the exit code and
         # stops the others; tearing down a process group whose peer is gone, and the
@@ -192,7 +202,7 @@ def _raise_terminated(signum, frame):
 @contextlib.contextmanager
 def _terminate_raises():
     """SIGTERM raises :class:`Terminated` while ranks run (unless the program set its own
-    handler), so the ranks are killed and the temporary directory removed."""
+    handler), so the ranks are killed before the parent exits."""
     install = (threading.current_thread() is threading.main_thread()
                and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
     old = signal.signal(signal.SIGTERM, _raise_terminated) if install else None
@@ -229,6 +239,16 @@ def _one_line(text: str) -> str:
     return "; ".join(lines)
 
 
+def _receive(reader, rank: int, records: dict) -> None:
+    """Read rank ``rank``'s record if its pipe holds a whole one; a rank that died before or
+    while sending leaves none (its exit code tells why)."""
+    try:
+        if reader.poll(0):
+            records[rank] = torch.load(io.BytesIO(reader.recv_bytes()), weights_only=False)
+    except (EOFError, OSError, RuntimeError, pickle.UnpicklingError):
+        pass
+
+
 def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo",
                 timeout_s: float = 60.0, deadline_s: float | None = None, threads: int = 1,
                 allow_failures: bool = False, **kwargs: Any) -> list[Any]:
@@ -244,8 +264,7 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: st
     the parent instead waits for every rank (up to the deadline), and a failed rank's
     entry is a dict ``{"error": ..., "traceback": ...}`` instead of raising.
 
-    A KeyboardInterrupt or SIGTERM in the parent kills the ranks and removes the
-    temporary directory before it propagates (SIGTERM as :class:`~lowbit_tp.errors.Terminated`).
+    A KeyboardInterrupt or SIGTERM in the parent kills the ranks before it propagates (SIGTERM as :class:`~lowbit_tp.errors.Terminated`).
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise UserError(f"world size must be a positive integer, got {world_size!r}")
@@ -253,39 +272,57 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: st
     ctx = mp.get_context("spawn")
     procs: list = []
     first: list[int] = []  # failed ranks, in the order the parent saw them
-    with _terminate_raises(), tempfile.TemporaryDirectory(prefix="lowbit_tp_ranks_") as out_dir, \
-            _loopback_store(timeout_s) as store_addr:
+    records: dict[int, dict] = {}  # what each rank sent through its pipe
+    readers: dict = {}  # the parent's read end of each rank's pipe -> rank, until read
+    all_readers: list = []
+    stuck: list[int] = []
+    with _terminate_raises(), _loopback_store(timeout_s) as store_addr:
         try:
-            with _child_start_conditions():
-                for r in range(world_size):
-                    p = ctx.Process(target=_entry, args=(r, world_size, store_addr, backend, timeout_s, out_dir,
-                                                         threads, os.getpid(), fn, args, kwargs), daemon=False)
-                    p.start()
-                    procs.append(p)
-            end = time.monotonic() + deadline_s
-            pending = {p.sentinel: r for r, p in enumerate(procs)}
-            while pending and not (first and not allow_failures):
-                left = end - time.monotonic()
-                if left <= 0:
-                    break
-                for s in wait_for_any(list(pending), timeout=min(left, 1.0)):
-                    r = pending.pop(s)
-                    procs[r].join()
-                    if procs[r].exitcode != 0:
-                        first.append(r)
-            stuck = [r for r, p in enumerate(procs) if p.is_alive()]
+            try:
+                with _child_start_conditions():
+                    for r in range(world_size):
+                        reader, writer = ctx.Pipe(duplex=False)
+                        readers[reader] = r
+                        all_readers.append(reader)
+                        p = ctx.Process(target=_entry, args=(r, world_size, store_addr, backend, timeout_s, writer,
+                                                             threads, os.getpid(), fn, args, kwargs), daemon=False)
+                        p.start()
+                        writer.close()  # the rank holds the only write end
+                        procs.append(p)
+                end = time.monotonic() + deadline_s
+                pending = {p.sentinel: r for r, p in enumerate(procs)}
+                while pending and not (first and not allow_failures):
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                    # Results are read as they come: a rank sending more than the pipe holds
+                    # waits for the parent, so it could not exit before its result is read.
+                    for s in wait_for_any(list(pending) + list(readers), timeout=min(left, 1.0)):
+                        if s in readers:
+                            _receive(s, readers.pop(s), records)
+                            continue
+                        r = pending.pop(s)
+                        procs[r].join()
+                        if procs[r].exitcode != 0:
+                            first.append(r)
+                stuck = [r for r, p in enumerate(procs) if p.is_alive()]
+            finally:
+                _kill(procs)
+            for reader, r in readers.items():  # what the ranks sent just before they exited
+                if r not in stuck:
+                    _receive(reader, r, records)
         finally:
-            _kill(procs)  # before the temporary directory goes: no rank writes into a deleted dir
+            for reader in all_readers:
+                reader.close()
         stopped = bool(first) and not allow_failures
         results, errors, failures = [], [], []
         for r in range(world_size):
-            f = Path(out_dir) / f"rank{r}.pt"
             if r in stuck:
                 why = ("stopped after another rank failed" if stopped
                        else f"still running after the {deadline_s:.0f}s deadline; killed")
                 rec = {"ok": False, "error": f"rank {r} {why}"}
-            elif f.exists() and procs[r].exitcode in (0, 1):
-                rec = torch.load(f, weights_only=False)
+            elif r in records and procs[r].exitcode in (0, 1):
+                rec = records[r]
             else:
                 rec = {"ok": False, "error": _exit_reason(r, procs[r].exitcode)}
             if rec["ok"]:
