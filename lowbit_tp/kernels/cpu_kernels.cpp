@@ -988,8 +988,40 @@ struct ThresholdSearch {
     }
   }
   struct Group { __m256 first, lo[4], hi[4]; __m512 firstz, z[4]; };
+  // 4 bits (15 bounds) with the step count known at compile time: the 16-wide search unrolled,
+  // its tables in registers (with `bits` read at run time the loop kept them in memory).
+  // The same thresholds and comparisons as prepare / operator() at bits == 4.
+  struct Group4 { __m512 first, z1, z2, z3; };
+  void prepare4(float s, Group4& g) const {
+    const __m512 t = thresholds(s);
+    g.first = _mm512_permutexvar_ps(_mm512_set1_epi32(7), t);
+    g.z1 = _mm512_permutexvar_ps(shift[1], t);
+    g.z2 = _mm512_permutexvar_ps(shift[2], t);
+    g.z3 = _mm512_permutexvar_ps(shift[3], t);
+  }
+  static __m512i search4(const Group4& g, __m512 y) {
+    __m512i pos = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(g.first, y, _CMP_NGE_UQ), _mm512_set1_epi32(8));
+    pos = _mm512_mask_add_epi32(pos, _mm512_cmp_ps_mask(_mm512_permutexvar_ps(pos, g.z1), y, _CMP_NGE_UQ), pos,
+                                _mm512_set1_epi32(4));
+    pos = _mm512_mask_add_epi32(pos, _mm512_cmp_ps_mask(_mm512_permutexvar_ps(pos, g.z2), y, _CMP_NGE_UQ), pos,
+                                _mm512_set1_epi32(2));
+    return _mm512_mask_add_epi32(pos, _mm512_cmp_ps_mask(_mm512_permutexvar_ps(pos, g.z3), y, _CMP_NGE_UQ), pos,
+                                 _mm512_set1_epi32(1));
+  }
   // The thresholds t_b for scale s (a normal float), as the search's per-step tables.
   void prepare(float s, Group& g) const {
+    const __m512 t = thresholds(s);
+    g.firstz = _mm512_permutexvar_ps(_mm512_set1_epi32((1 << (bits - 1)) - 1), t);
+    g.first = _mm512_castps512_ps256(g.firstz);
+    for (int k = 1; k < bits; ++k) {
+      const __m512 sh = _mm512_permutexvar_ps(shift[k], t);
+      g.z[k] = sh;
+      g.lo[k] = _mm512_castps512_ps256(sh);
+      g.hi[k] = _mm512_extractf32x8_ps(sh, 1);
+    }
+  }
+  // t_b for the 16 lanes b (-inf below -1, +inf at and above 1 and past the last bound).
+  __m512 thresholds(float s) const {
     const __m512d sd = _mm512_set1_pd(double(s));
     const __m512d tl = _mm512_mul_pd(sd, mid_lo), th = _mm512_mul_pd(sd, mid_hi);  // exact
     const __m256 fl = _mm512_cvt_roundpd_ps(tl, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // floor_f
@@ -1002,15 +1034,7 @@ struct ThresholdSearch {
     u = _mm512_mask_add_epi32(u, eq, u, _mm512_mask_blend_epi32(neg, _mm512_set1_epi32(-1), _mm512_set1_epi32(1)));
     __m512 t = _mm512_castsi512_ps(u);
     t = _mm512_mask_mov_ps(t, below, _mm512_set1_ps(-INFINITY));
-    t = _mm512_mask_mov_ps(t, above, _mm512_set1_ps(INFINITY));
-    g.firstz = _mm512_permutexvar_ps(_mm512_set1_epi32((1 << (bits - 1)) - 1), t);
-    g.first = _mm512_castps512_ps256(g.firstz);
-    for (int k = 1; k < bits; ++k) {
-      const __m512 sh = _mm512_permutexvar_ps(shift[k], t);
-      g.z[k] = sh;
-      g.lo[k] = _mm512_castps512_ps256(sh);
-      g.hi[k] = _mm512_extractf32x8_ps(sh, 1);
-    }
+    return _mm512_mask_mov_ps(t, above, _mm512_set1_ps(INFINITY));
   }
   __m512i operator()(const Group& g, __m512 y) const {  // 16 values: one 16-entry table per step
     __m512i pos = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(g.firstz, y, _CMP_NGE_UQ), _mm512_set1_epi32(1 << (bits - 1)));
@@ -1235,11 +1259,11 @@ struct LevelCoder {
     if (!(thr_ok && bits == 4 && finite && sc >= FLT_MIN && sc <= FLT_MAX && n % 16 == 0 && !(f & 1) &&
           LBT_ZMM_SEARCH && !(LBT_SKIP & 112)))
       return false;
-    ThresholdSearch::Group tg;
-    thr.prepare(sc, tg);
+    ThresholdSearch::Group4 tg;
+    thr.prepare4(sc, tg);
     uint8_t* dst = body + (f >> 1);
     for (int64_t i = 0; i < n; i += 16) {
-      const __m512i q = thr(tg, _mm512_loadu_ps(z + i));  // codes 0..15
+      const __m512i q = ThresholdSearch::search4(tg, _mm512_loadu_ps(z + i));  // codes 0..15
       _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (i >> 1)),
                        _mm512_cvtepi64_epi8(_mm512_or_si512(q, _mm512_srli_epi64(q, 28))));
     }
