@@ -41,6 +41,10 @@
 #endif
 // LBT_ZMM_SEARCH=1 (default): the division-free level search 16 values at a time in 512-bit
 // registers (measured ~7% faster encode than 8 at a time on Zen 4); 0: 8 at a time.
+// LBT_CELLS=0: the 4-bit-or-less level search without its cell shortcut (ThresholdSearch).
+#ifndef LBT_CELLS
+#define LBT_CELLS 1
+#endif
 #ifndef LBT_ZMM_SEARCH
 #define LBT_ZMM_SEARCH 1
 #endif
@@ -980,12 +984,53 @@ struct ThresholdSearch {
     }
     mid_lo = _mm512_load_pd(mid);
     mid_hi = _mm512_load_pd(mid + 8);
+    alignas(64) int32_t lo[32];
+    cells_ok = true;
+    for (int c = 0; c < 32; ++c) {  // codes of y in [-1 + c/16, -1 + (c+1)/16] +- margin, within [-1, 1]
+      const double ylo = std::max(-1.0, -1.0 + c / 16.0 - kCellMargin), yhi = std::min(1.0, -1.0 + (c + 1) / 16.0 + kCellMargin);
+      int nlo = 0, nhi = 0;
+      for (int i = 0; i < nb; ++i) {
+        nlo += double(bounds[i]) < ylo;
+        nhi += double(bounds[i]) < yhi;
+      }
+      lo[c] = nlo;
+      cells_ok = cells_ok && nhi - nlo <= 1;
+    }
+    cell_lo[0] = _mm512_load_si512(lo);
+    cell_lo[1] = _mm512_load_si512(lo + 16);
     for (int k = 1; k < b; ++k) {
       const int step = 1 << (b - 1 - k);
       alignas(64) int32_t idx[16];
       for (int i = 0; i < 16; ++i) idx[i] = i + step - 1 < nb ? i + step - 1 : nb - 1;
       shift[k] = _mm512_load_si512(idx);
     }
+  }
+  // Cell search (cells_ok): one threshold comparison instead of the 4-step search. An
+  // estimate y' of z / s (z times a rounded 1/s, by one fma as u = y' + 3, clamped to
+  // [2, 4)) picks one of 32 cells of width 1/16 over [-1, 1] from u's top 5 mantissa bits.
+  // The constructor has checked for every cell c that the codes of all y within kCellMargin
+  // of it (clamped to [-1, 1]) are lo_c or lo_c + 1. |y' - clamp(fl(z / s), -1, 1)| <
+  // 2**-20 for every finite z in a group whose scale s is a normal float (1/s rounded:
+  // relative error 2**-24, even where 1/s is subnormal: 2**-22 there; the fma: 2**-23 absolute
+  // on [2, 4); the clamps are 1-Lipschitz), far inside kCellMargin = 2**-12, so the code is lo_c
+  // plus [z > t_{lo_c}], the same comparison the search makes with the same thresholds.
+  static constexpr double kCellMargin = 1.0 / 4096;
+  bool cells_ok = false;
+  __m512i cell_lo[2];  // lo_c for cells 0-15 and 16-31
+  struct GroupC { __m512 tc0, tc1, k; };  // t_{lo_c} per cell; fl(1/s)
+  void prepare_cells(float s, GroupC& g) const {
+    const __m512 t = thresholds(s);
+    g.tc0 = _mm512_permutexvar_ps(cell_lo[0], t);
+    g.tc1 = _mm512_permutexvar_ps(cell_lo[1], t);
+    g.k = _mm512_set1_ps(1.0f / s);
+  }
+  __m512i search_cells(const GroupC& g, __m512 z) const {
+    __m512 u = _mm512_fmadd_ps(z, g.k, _mm512_set1_ps(3.0f));
+    u = _mm512_min_ps(_mm512_max_ps(u, _mm512_set1_ps(2.0f)), _mm512_set1_ps(4.0f - 0x1p-22f));
+    const __m512i c = _mm512_srli_epi32(_mm512_castps_si512(u), 18);  // low 5 bits: floor((y' + 1) * 16)
+    const __m512i lo = _mm512_permutex2var_epi32(cell_lo[0], c, cell_lo[1]);
+    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_permutex2var_ps(g.tc0, c, g.tc1), z, _CMP_NGE_UQ);
+    return _mm512_mask_add_epi32(lo, up, lo, _mm512_set1_epi32(1));
   }
   struct Group { __m256 first, lo[4], hi[4]; __m512 firstz, z[4]; };
   // 4 bits (15 bounds) with the step count known at compile time: the 16-wide search unrolled,
@@ -1259,9 +1304,19 @@ struct LevelCoder {
     if (!(thr_ok && bits == 4 && finite && sc >= FLT_MIN && sc <= FLT_MAX && n % 16 == 0 && !(f & 1) &&
           LBT_ZMM_SEARCH && !(LBT_SKIP & 112)))
       return false;
+    uint8_t* dst = body + (f >> 1);
+    if (thr.cells_ok && LBT_CELLS) {
+      ThresholdSearch::GroupC tg;
+      thr.prepare_cells(sc, tg);
+      for (int64_t i = 0; i < n; i += 16) {
+        const __m512i q = thr.search_cells(tg, _mm512_loadu_ps(z + i));  // codes 0..15
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (i >> 1)),
+                         _mm512_cvtepi64_epi8(_mm512_or_si512(q, _mm512_srli_epi64(q, 28))));
+      }
+      return true;
+    }
     ThresholdSearch::Group4 tg;
     thr.prepare4(sc, tg);
-    uint8_t* dst = body + (f >> 1);
     for (int64_t i = 0; i < n; i += 16) {
       const __m512i q = ThresholdSearch::search4(tg, _mm512_loadu_ps(z + i));  // codes 0..15
       _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (i >> 1)),
@@ -1279,6 +1334,12 @@ struct LevelCoder {
     (void)finite;
 #ifdef LBT_AVX512
     if (thr_ok && finite && sc >= FLT_MIN && sc <= FLT_MAX && n >= 8 && !(LBT_SKIP & 48)) {
+      if (thr.cells_ok && LBT_CELLS && LBT_ZMM_SEARCH) {
+        ThresholdSearch::GroupC tc;
+        thr.prepare_cells(sc, tc);
+        for (; i + 16 <= n; i += 16)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(thr.search_cells(tc, _mm512_loadu_ps(z + i))));
+      }
       ThresholdSearch::Group tg;
       thr.prepare(sc, tg);
       for (; LBT_ZMM_SEARCH && i + 16 <= n; i += 16)
