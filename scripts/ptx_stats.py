@@ -38,6 +38,12 @@ def compile_stats(mod: str, kernel: str, sig: dict, const: dict, ints: dict, war
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(f"lowbit_tp.kernels.{mod}"), kernel)
+    for p in fn.params:  # defaulted parameters (the batched-chunk strides, CHUNKED): the one-message kernel
+        if p.name not in sig and p.name not in const and p._param.default is not p._param.empty:
+            if p.is_constexpr:
+                const = {**const, p.name: p._param.default}
+            else:
+                sig = {**sig, p.name: "i32"}
     names = fn.arg_names
     attrs = {}
     for k, v in sig.items():
@@ -60,7 +66,7 @@ def compile_stats(mod: str, kernel: str, sig: dict, const: dict, ints: dict, war
     spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)]
     count = lambda pat: len(re.findall(pat, ptx))  # noqa: E731
     n_sass = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+\S", sass, re.M))
-    shown = " ".join(f"{k}={v}" for k, v in const.items() if k not in ("FLAG", "RANGE"))
+    shown = " ".join(f"{k}={v}" for k, v in const.items() if k not in ("FLAG", "RANGE") and not (k == "CHUNKED" and not v))
     return {"kernel": kernel, "constexprs": shown,
             "warps": warps, "registers": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills),
             "ld_global_v4": count(r"ld\.global[\w.]*\.v4"), "ld_global": count(r"ld\.global"),

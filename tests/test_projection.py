@@ -118,6 +118,30 @@ def test_two_shot_small_chunks_take_the_smallest_shapes_time(projection, kernels
     assert t["codec_s"] == pytest.approx(8 * enc + red2 * 9 / 3 + 8 * dec1, rel=1e-12)
 
 
+def test_batched_two_shot_is_one_call_at_the_message_size(projection, kernels):
+    # TP 8, 2048 tokens: the same wire as two-shot; the 8 chunk encodes (256 rows each) become one
+    # encode of 8 * 256 = 2048 rows (measured: 160 us), the 8 decodes of one payload one decode of
+    # 2048 rows (decode-and-sum of 2 at 2048 rows, bytes model to 1 payload); the reduce of 8 at
+    # 256 rows is as in two-shot (world 2 rows interpolated, x (8 + 1) / (2 + 1))
+    f = (256 - 32) / (2048 - 32)
+    red2 = W2[32][2] + f * (W2[2048][2] - W2[32][2])
+    dec1 = W2[2048][1] * (G32_BYTES + 4) / (2 * G32_BYTES + 4)
+    t = projection.allreduce_time("int4-g32", "two-shot-batched", tokens=2048, tp=8, link=LINK, kernels=kernels)
+    plain = projection.allreduce_time("int4-g32", "two-shot", tokens=2048, tp=8, link=LINK, kernels=kernels)
+    assert t["bytes_sent"] == plain["bytes_sent"] and t["wire_s"] == plain["wire_s"]
+    assert t["codec_s"] == pytest.approx(160e-6 + red2 * 9 / 3 + dec1, rel=1e-12)
+    assert [c["calls"] for c in t["calls"]] == [1, 1, 1] and [c["calls"] for c in plain["calls"]] == [8, 1, 8]
+
+
+def test_batched_rows_are_labelled_and_judged_apart(projection, kernels, tmp_path):
+    rows = projection.project(kernels)
+    assert any(r["scheme"] == "int4-g32 two-shot (batched launches)" for r in rows)
+    judged = projection.goals(rows)
+    assert [g["path"] for g in judged] == ["as measured"] * 3 + [projection.BATCHED_NOTE] * 3
+    assert all(g["scheme"].endswith(projection.BATCHED) == (g["path"] != "as measured") for g in judged)
+    assert "not yet run on a GPU" in projection.BATCHED_NOTE
+
+
 def test_project_rows_scale_one_call_to_the_forward_pass(projection, kernels):
     rows = projection.project(kernels)
     pick = lambda scheme: next(r for r in rows if r["phase"] == "prefill" and r["tp"] == 2 and r["scheme"] == scheme
@@ -136,7 +160,7 @@ def test_goals_follow_the_measured_speed(projection, tmp_path):
     def judged(scale):
         table = {t: tuple(s * scale for s in v) for t, v in W2.items()}
         k = projection.MeasuredKernels([projection.load_gpu_check(_write(tmp_path / "w.json", _doc(2, table)))])
-        return {g["link"]: g for g in projection.goals(projection.project(k))}
+        return {g["link"]: g for g in projection.goals(projection.project(k)) if g["path"] == "as measured"}
 
     fast = judged(1e-6)  # codec nearly free: the wire byte ratio decides
     m = 2048 * E

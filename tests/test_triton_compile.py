@@ -110,7 +110,41 @@ CASES = [
     ("triton_rotation", "rot_decode_sum_kernel", ROT_DEC_SIG,
      {"N": 2, "ROWS": 2, "W": 64, "B": 64, "LOG2B": 6, "GROUP": 64, "BITS": 8, "FMT": 1, "HAS_K": True,
       "PACKED": True}),
+    # two-shot's batched chunk launches (CHUNKED: grid axis 2 is the chunk)
+    ("triton_group", "group_encode_kernel", {**GROUP_SIG, "src": ("*fp32",)},
+     {"N": 0, "BT": 4, "NGT": 8, "GROUP": 128, "FLAG": False, "RANGE": False, "CHUNKED": True}),
+    ("triton_group", "group_decode_sum_tile_kernel", {**TILE_DEC_SIG, "payloads": ("*u8",)},
+     {"N": 1, "GROUP": 32, "BT": 4, "NGT": 32, "CHUNKED": True}),
+    ("triton_group", "mx_encode_kernel", {**MX_SIG, "src": ("*bf16",)},
+     {"N": 0, "BT": 2, "NGT": 8, "FLAG": True, "CHUNKED": True}),
+    ("triton_group", "mx_decode_sum_tile_kernel", {**TILE_DEC_SIG, "payloads": ("*u8",)},
+     {"N": 1, "BT": 2, "NGT": 4, "CHUNKED": True}),
+    ("triton_static", "static_encode_tile_kernel", {**STATIC_TILE_SIG, "src": ("*fp32",)},
+     {"N": 0, "BITS": 4, "HAS_K": True, "BT": 4, "BC": 512, "FLAG": True, "RANGE": False, "H16": False, "ITERS": 8,
+      "CHUNKED": True}),
+    ("triton_static", "static_decode_sum_tile_kernel", {**STATIC_DEC_SIG, "payloads": ("*u8",)},
+     {"N": 1, "BITS": 4, "BT": 8, "BE": 256, "H16": True, "ROW_BYTES": True, "ITERS": 4, "CHUNKED": True}),
+    ("triton_rotation", "rot_encode_kernel", ROT_SIG,
+     {"ROWS": 2, "W": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 4, "FMT": 2, "HAS_K": True, "FLAG": True,
+      "RANGE": True, "SPLIT": 1, "CHUNKED": True}),
+    ("triton_rotation", "rot_decode_sum_kernel", {**ROT_DEC_SIG, "payloads": ("*u8",)},
+     {"N": 1, "ROWS": 2, "W": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 6, "FMT": 2, "HAS_K": True,
+      "PACKED": True, "CHUNKED": True}),
 ]
+
+
+def with_defaults(fn, sig: dict, const: dict) -> tuple[dict, dict]:
+    """``sig`` and ``const`` completed with the kernel's defaulted parameters (the batched-chunk
+    strides as i32, ``CHUNKED`` at its default, the one-message kernel) unless given."""
+    sig, const = dict(sig), dict(const)
+    for p in fn.params:
+        if p.name in sig or p.name in const or p._param.default is p._param.empty:
+            continue
+        if p.is_constexpr:
+            const[p.name] = p._param.default
+        else:
+            sig[p.name] = "i32"
+    return sig, const
 
 
 def compile_all() -> None:
@@ -123,6 +157,7 @@ def compile_all() -> None:
     bad = re.compile(r"^\s*(?:div\.(?:approx|full)|fma\.|(?:add|sub|mul|div)\.[\w.]*ftz)", re.M)
     for mod, name, sig, const in CASES:
         fn = getattr(importlib.import_module(f"lowbit_tp.kernels.{mod}"), name)
+        sig, const = with_defaults(fn, sig, const)
         src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False, "num_warps": 4})
         found = sorted(set(bad.findall(k.asm["ptx"])))

@@ -237,6 +237,69 @@ class Codec(ABC):
         got = self._decode_sum(list(payloads), shape, params, direct)
         return got if out is None or got is out else out.copy_(got)
 
+    def encode_chunks(self, x: torch.Tensor, chunks: int, *, layer: str | None = None, source: Source = 0,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+        """Two-shot's chunk encodes: ``x [chunks * R, E]`` split into ``chunks`` row chunks of ``R``
+        rows, chunk ``j`` encoded as :meth:`encode` would (``source`` for all) and written at bytes
+        ``[j * P, (j + 1) * P)`` of the returned flat payload, ``P = payload_nbytes((R, E))``.
+
+        A codec with a batched kernel (:meth:`_encode_chunks`, the Triton path) encodes all chunks
+        in one launch; otherwise one :meth:`encode` per chunk. Same bytes either way. ``out``: a
+        contiguous uint8 buffer of ``chunks * P`` bytes on ``x``'s device.
+        """
+        self._check_tensor(x, layer, source)
+        t, e = int(x.shape[0]), int(x.shape[1])
+        if not isinstance(chunks, int) or chunks < 1 or t % chunks:
+            raise ValueError(f"{self.name}: encode_chunks needs a row count divisible by chunks, got {t} rows "
+                             f"and chunks={chunks!r}")
+        rows = t // chunks
+        nb = self.payload_nbytes((rows, e), layer)
+        if out is not None:
+            _check_buffer(out, torch.uint8, (chunks * nb,), x.device, f"{self.name}: encode_chunks out=")
+        else:
+            out = torch.empty(chunks * nb, dtype=torch.uint8, device=x.device)
+        if chunks > 1 and rows * e > 0 and self.kernel_backend(x.device) == "triton" and self._fused_encode(e):
+            # what encode() does on the fused path (no host scan: the kernel saturates and flags)
+            got = self._encode_chunks(x, chunks, self.params(layer, source, e, x.device), out,
+                                      self._kernel_flags(layer, source, x.device))
+            if got is not None:
+                return got
+        for c, o in zip(x.split(rows, dim=0), out.split(nb)):
+            self.encode(c, layer=layer, source=source, out=o)
+        return out
+
+    def decode_chunks(self, payload: torch.Tensor, chunk_shape: tuple[int, int], chunks: int, *,
+                      layer: str | None = None, source: Source = 0) -> torch.Tensor:
+        """Two-shot's chunk decodes: ``payload`` holds ``chunks`` payloads of ``chunk_shape``
+        ``[R, E]`` one after another; returns fp32 ``[chunks * R, E]``, bitwise
+        ``torch.cat([decode(chunk j) for j])`` (NaN payload bits aside). One launch where the codec
+        has a batched kernel (:meth:`_decode_chunks`, the Triton path), else one decode per chunk.
+        """
+        shape = (int(chunk_shape[0]), int(chunk_shape[1]))
+        nb = self.payload_nbytes(shape, layer)
+        if (not isinstance(chunks, int) or chunks < 1 or payload.dtype != torch.uint8 or payload.dim() != 1
+                or payload.numel() != chunks * nb):
+            raise ValueError(f"{self.name}: decode_chunks needs {chunks!r} payloads of {nb} uint8 bytes for shape "
+                             f"{shape} one after another, got {payload.dtype} {tuple(payload.shape)}")
+        if chunks > 1 and nb > 0 and self.kernel_backend(payload.device) == "triton":
+            got = self._decode_chunks(payload.contiguous(), shape, chunks,
+                                      self.params(layer, source, shape[1], payload.device))
+            if got is not None:
+                return got
+        parts = payload.split(nb) if nb else [payload] * chunks
+        return torch.cat([self.decode(p, shape, layer=layer, source=source) for p in parts], dim=0)
+
+    def _encode_chunks(self, x: torch.Tensor, chunks: int, params: Any, out: torch.Tensor,
+                       flags: tuple) -> torch.Tensor | None:
+        """The batched Triton encode of :meth:`encode_chunks` into the checked ``out``, or None
+        where the codec has none (the caller then encodes chunk by chunk)."""
+        return None
+
+    def _decode_chunks(self, payload: torch.Tensor, shape: tuple[int, int], chunks: int,
+                       params: Any) -> torch.Tensor | None:
+        """The batched Triton decode of :meth:`decode_chunks` (``shape`` is one chunk's), or None."""
+        return None
+
     def _payload_params(self, payloads, shape, layer, sources) -> tuple[tuple[int, int], list]:
         """Validate received payloads; returns the int shape and each source's parameters."""
         if len(payloads) == 0:

@@ -122,6 +122,18 @@ class GroupInt4Codec(Codec):
             return K.decode_sum([p.contiguous() for p in payloads], out, group=self.group)
         return super()._decode_sum(payloads, shape, params, out)
 
+    def _encode_chunks(self, x, chunks, params, out, flags):
+        from lowbit_tp.kernels import triton_group as K
+        return K.encode_chunks(x.contiguous(), out, chunks=chunks, group=self.group, max_input=self.max_input,
+                               flag=flags[0], range_flag=flags[1])
+
+    def _decode_chunks(self, payload, shape, chunks, params):
+        if shape[1] % 2:
+            return None  # the flat odd-E decoder has no batched form: chunk by chunk
+        from lowbit_tp.kernels import triton_group as K
+        out = torch.empty(chunks * shape[0], shape[1], dtype=torch.float32, device=payload.device)
+        return K.decode_chunks(payload, out, chunks=chunks, group=self.group)
+
     def _decode(self, payload, shape, params):
         if self.kernel_backend(payload.device) == "cpu":
             return self._decode_sum([payload], shape, [params])
@@ -179,6 +191,17 @@ class MXFP4Codec(Codec):
             return K.mx_reduce_encode(parts, out, t=t, e=e, flag=flags[0])
 
         return _fused_reduce_encode(self, kernel, payloads, shape, layer, sources, out_source, out)
+
+    def _encode_chunks(self, x, chunks, params, out, flags):
+        from lowbit_tp.kernels import triton_group as K
+        return K.mx_encode_chunks(x.contiguous(), out, chunks=chunks, flag=flags[0])
+
+    def _decode_chunks(self, payload, shape, chunks, params):
+        if shape[1] % 2:
+            return None  # the flat odd-E decoder has no batched form: chunk by chunk
+        from lowbit_tp.kernels import triton_group as K
+        out = torch.empty(chunks * shape[0], shape[1], dtype=torch.float32, device=payload.device)
+        return K.mx_decode_chunks(payload, out, chunks=chunks)
 
     def _decode(self, payload, shape, params):
         t, e = shape

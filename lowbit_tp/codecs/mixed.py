@@ -54,6 +54,12 @@ class _DelegatingCodec(Codec):
     def decode(self, payload, shape, *, layer=None, source=0):
         return self._pick(layer, source).decode(payload, shape, layer=layer, source=source)
 
+    def encode_chunks(self, x, chunks, *, layer=None, source=0, out=None):
+        return self._pick(layer, source).encode_chunks(x, chunks, layer=layer, source=source, out=out)
+
+    def decode_chunks(self, payload, chunk_shape, chunks, *, layer=None, source=0):
+        return self._pick(layer, source).decode_chunks(payload, chunk_shape, chunks, layer=layer, source=source)
+
     def reduce_encode(self, payloads, shape, *, layer=None, sources=None, out_source="sum", out=None):
         sources = list(range(len(payloads))) if sources is None else list(sources)
         sub = self._pick(layer, out_source)
@@ -205,6 +211,15 @@ class ChannelWeightedCodec(_DelegatingCodec):
 
     def decode(self, payload, shape, *, layer=None, source=0):
         return self.inner.decode(payload, shape, layer=layer, source=source) / self.weight(layer, payload.device)
+
+    def encode_chunks(self, x, chunks, *, layer=None, source=0, out=None):
+        self._check_tensor(x, layer, source)
+        return self.inner.encode_chunks(x.float() * self.weight(layer, x.device), chunks, layer=layer, source=source,
+                                        out=out)
+
+    def decode_chunks(self, payload, chunk_shape, chunks, *, layer=None, source=0):
+        got = self.inner.decode_chunks(payload, chunk_shape, chunks, layer=layer, source=source)
+        return got.div_(self.weight(layer, payload.device))  # = cat of decode(): the same IEEE division per value
 
     def decode_sum(self, payloads, shape, *, layer=None, sources=None, out=None):
         fp32_out = out if out is not None and out.dtype == torch.float32 else None

@@ -318,6 +318,30 @@ class RotatedGroupCodec(KeptRotation, Codec):
         return K.encode(x.contiguous(), colmap=colmap, out=out, flag=flags[0], range_flag=flags[1],
                         max_input=self.max_input, rotate_max=ROTATE_MAX, scale_max=self._fmt.max_amax, **kw)
 
+    def _encode_chunks(self, x, chunks, p: RotParams, out, flags):
+        from lowbit_tp.kernels import triton_rotation as K
+
+        t, e = x.shape[0] // chunks, x.shape[1]
+        if not K.chunks_fit(p.outliers.numel(), out.numel() // chunks):
+            return None  # a bf16 head at an odd address: chunk by chunk
+        kw = self._kernel_args(p, t, e, x.device)
+        del kw["levels"]
+        colmap = self._kernel_table(("enc", id(p)), lambda: self._colmap([p], e, x.device)[0])
+        return K.encode(x.contiguous(), colmap=colmap, out=out, flag=flags[0], range_flag=flags[1],
+                        max_input=self.max_input, rotate_max=ROTATE_MAX, scale_max=self._fmt.max_amax, chunks=chunks,
+                        **kw)
+
+    def _decode_chunks(self, payload, shape, chunks, p: RotParams):
+        from lowbit_tp.kernels import triton_rotation as K
+
+        t, e = shape
+        dev = payload.device
+        kw = self._kernel_args(p, t, e, dev)
+        del kw["bounds"], kw["lg8_asc"]
+        colmap = self._kernel_table(("dec", (id(p),)), lambda: self._colmap([p], e, dev))
+        out = torch.empty(chunks * t, e, dtype=torch.float32, device=dev)
+        return K.decode_sum([payload], colmap=colmap, out=out, chunks=chunks, **kw)
+
     def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None):
         if not payloads or self.kernel_backend(payloads[0].device) != "triton" or not self._kernel_packs(int(shape[1])):
             return None

@@ -243,6 +243,24 @@ class _StaticIntCodec(Codec):
         return K.encode(x.contiguous(), inl, inv, outl, out, bits=self.bits,
                         max_input=self.max_input, flag=flags[0], range_flag=flags[1])
 
+    def _encode_chunks(self, x, chunks, p: StaticParams, out, flags):
+        from lowbit_tp.kernels import triton_static as K
+
+        t, e = x.shape
+        nk = p.outliers.numel()
+        if not K.chunks_fit(t // chunks, e, nk, self.bits, out.numel() // chunks):
+            return None  # the flat encoder (an odd int4 body row) or an odd-sized payload: chunk by chunk
+        inl, inv, outl = self._enc_tables(p)
+        return K.encode_chunks(x.contiguous(), inl, inv, outl, out, chunks=chunks, bits=self.bits,
+                               max_input=self.max_input, flag=flags[0], range_flag=flags[1])
+
+    def _decode_chunks(self, payload, shape, chunks, p: StaticParams):
+        from lowbit_tp.kernels import triton_static as K
+
+        colmap, scale = self._dec_tables([p])
+        out = torch.empty(chunks * shape[0], shape[1], dtype=torch.float32, device=payload.device)
+        return K.decode_chunks(payload, colmap, scale, out, chunks=chunks, nk=p.outliers.numel(), bits=self.bits)
+
     def _enc_tables(self, p: StaticParams):
         """Encoder tables of one (layer, source), int32/fp32 on its device, built once (the
         outlier table already cut to its k entries: an empty view of a real buffer when k = 0)."""

@@ -70,16 +70,25 @@ def chunk_rows(tokens: int, world: int) -> int:
     return max(1, math.ceil(tokens / world))
 
 
+def _pad_rows(partial: torch.Tensor, world: int) -> torch.Tensor:
+    """``partial`` with zero rows appended up to ``world * chunk_rows`` (two-shot's padding)."""
+    t = partial.shape[0]
+    rows = chunk_rows(t, world)
+    return partial if rows * world == t else torch.nn.functional.pad(partial, (0, 0, 0, rows * world - t))
+
+
+def _encode_flat(codec: Codec, partial: torch.Tensor, *, layer, rank: int, world: int,
+                 out: torch.Tensor | None) -> torch.Tensor:
+    """The N chunk payloads one after another (one batched launch where the codec has one)."""
+    return codec.encode_chunks(_pad_rows(partial, world), world, layer=layer, source=rank, out=out)
+
+
 def two_shot_encode(codec: Codec, partial: torch.Tensor, *, layer, rank: int, world: int,
                     out: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Rank ``rank``'s N encoded row chunks; chunk ``j`` is for rank ``j``. With ``out`` (a
-    flat uint8 buffer of N payloads) chunk ``j`` is written into its ``j``-th part."""
-    t, e = partial.shape
-    rows = chunk_rows(t, world)
-    if rows * world != t:
-        partial = torch.nn.functional.pad(partial, (0, 0, 0, rows * world - t))
-    parts = [None] * world if out is None else out.chunk(world)
-    return [codec.encode(c, layer=layer, source=rank, out=o) for c, o in zip(partial.split(rows, dim=0), parts)]
+    """Rank ``rank``'s N encoded row chunks; chunk ``j`` is for rank ``j``. They are the N
+    consecutive parts of one flat buffer (``out`` when given): :meth:`Codec.encode_chunks`,
+    which encodes all chunks in one launch on the Triton path."""
+    return list(_encode_flat(codec, partial, layer=layer, rank=rank, world=world, out=out).chunk(world))
 
 
 def two_shot_encode_feedback(codec: Codec, partial: torch.Tensor, feedback: Feedback, *, layer, rank: int,
@@ -88,11 +97,11 @@ def two_shot_encode_feedback(codec: Codec, partial: torch.Tensor, feedback: Feed
     this rank's N chunks lost (the owners' second-stage errors are added by
     :func:`add_owner_feedback`)."""
     sent = compensate(partial, feedback.carry)
-    chunks = two_shot_encode(codec, sent, layer=layer, rank=rank, world=world, out=out)
+    flat = _encode_flat(codec, sent, layer=layer, rank=rank, world=world, out=out)
     shape = (chunk_rows(sent.shape[0], world), sent.shape[1])
-    decoded = torch.cat([codec.decode(c, shape, layer=layer, source=rank) for c in chunks], dim=0)
+    decoded = codec.decode_chunks(flat, shape, world, layer=layer, source=rank)
     feedback.next = feedback_of(sent, decoded[:sent.shape[0]])
-    return chunks
+    return list(flat.chunk(world))
 
 
 def two_shot_reduce_feedback(codec: Codec, chunks: Sequence[torch.Tensor], chunk_shape, *, layer,
@@ -121,7 +130,13 @@ def two_shot_reduce(codec: Codec, chunks: Sequence[torch.Tensor], chunk_shape, *
     return codec.reduce_encode(chunks, chunk_shape, layer=layer, out_source="sum", out=out)
 
 
-def two_shot_decode(codec: Codec, sums: Sequence[torch.Tensor], chunk_shape, tokens: int, *, layer) -> torch.Tensor:
-    """Every rank: decode the N encoded chunk sums and stitch the rows back together."""
-    out = torch.cat([codec.decode(s, chunk_shape, layer=layer, source="sum") for s in sums], dim=0)
-    return out[:tokens]
+def two_shot_decode(codec: Codec, sums: Sequence[torch.Tensor], chunk_shape, tokens: int, *, layer,
+                    flat: torch.Tensor | None = None) -> torch.Tensor:
+    """Every rank: decode the N encoded chunk sums and stitch the rows back together
+    (:meth:`Codec.decode_chunks`: one launch on the Triton path).
+
+    ``flat``: the one buffer the N ``sums`` are consecutive parts of (the multi-process
+    all-gather receives into one); without it the sums are joined first."""
+    if flat is None:
+        flat = torch.cat(list(sums))
+    return codec.decode_chunks(flat, chunk_shape, len(sums), layer=layer, source="sum")[:tokens]

@@ -272,14 +272,16 @@ def _two_shot_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world:
             else:  # the second-stage error of this rank's chunk joins its own compensation
                 mine, err = A.two_shot_reduce_feedback(codec, list(recv.chunk(world)), chunk_shape, layer=layer)
                 A.add_owner_feedback(feedback[j], err, owner=rank, world=world)
-            sums = [BUFFERS.get(f"two-shot-sum{r}", j % 3, mine.numel(), torch.uint8, dev) for r in range(world)]
+            # the N sums land one after another in one buffer, decoded in one launch
+            flat = BUFFERS.get("two-shot-sums", j % 3, world * mine.numel(), torch.uint8, dev)
+            sums = list(flat.chunk(world))
             work = _start("all_gather of reduced chunks", layer, group,
                           lambda a: dist.all_gather(sums, mine, group=group, async_op=a), hook, pipelined)
-            gathering[j] = (sums, work, chunk_shape)
+            gathering[j] = (sums, flat, work, chunk_shape)
             tally.record_two_shot(chunks, mine, rank=rank, values=pieces[j].numel())
         k = step - 2
         if 0 <= k < n:  # decode the N reduced chunks of piece k
-            sums, work, chunk_shape = gathering.pop(k)
+            sums, flat, work, chunk_shape = gathering.pop(k)
             _finish("all_gather of reduced chunks", layer, group, work, hook)
-            outs[k] = A.two_shot_decode(codec, sums, chunk_shape, pieces[k].shape[0], layer=layer)
+            outs[k] = A.two_shot_decode(codec, sums, chunk_shape, pieces[k].shape[0], layer=layer, flat=flat)
     return outs

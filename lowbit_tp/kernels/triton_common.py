@@ -130,3 +130,17 @@ def saturate_minmax(x, lim):
     min/max: same bits (max(-0, -lim) = -0), fewer instructions; the min/max of a non-finite
     value is discarded."""
     return tl.where(is_finite(x), tl.minimum(tl.maximum(x, -lim), lim), x)
+
+
+@triton.jit
+def chunk_bases(src, dst_ptr, SRC_STRIDE, DST_STRIDE, CHUNKED: tl.constexpr):
+    """Two-shot's batched launches: with ``CHUNKED``, grid axis 2 is a row chunk, and ``src[0]``
+    and ``dst_ptr`` move on by ``SRC_STRIDE`` / ``DST_STRIDE`` elements per chunk (chunk ``j``'s
+    payload starts at ``j * payload_nbytes(chunk)``, its rows at ``j * rows * E``); the kernel
+    then works on the chunk exactly as on one message (``src`` holds one pointer). Without it
+    both are returned unchanged, so the one-message kernels compile as before."""
+    if CHUNKED:
+        j = tl.program_id(2)
+        return (src[0] + j * SRC_STRIDE,), dst_ptr + j * DST_STRIDE
+    else:
+        return src, dst_ptr

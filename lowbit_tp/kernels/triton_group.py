@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit_tp.kernels.triton_common import (FP_OPTIONS, flag_if, fp16_bits, fp16_from_bits, int4_from_nibble,
-                                             is_finite, load_u16, round_to_int_small, store_u16)
+from lowbit_tp.kernels.triton_common import (FP_OPTIONS, chunk_bases, flag_if, fp16_bits, fp16_from_bits,
+                                             int4_from_nibble, is_finite, load_u16, round_to_int_small, store_u16)
 
 _FP16_MAX = tl.constexpr(65504.0)
 
@@ -87,9 +87,12 @@ def _store_pairs(out_ptr, t, g, mt, E, lo, hi, BT: tl.constexpr, NGT: tl.constex
 
 @triton.jit
 def group_decode_sum_tile_kernel(payloads, out_ptr, T, E, EH, G, NQ, N: tl.constexpr, GROUP: tl.constexpr,
-                                 BT: tl.constexpr, NGT: tl.constexpr):
+                                 BT: tl.constexpr, NGT: tl.constexpr, PS=0, OS=0, CHUNKED: tl.constexpr = False):
     """``out = sum_r decode(payloads[r])`` in fp32, rank order, for an even E: each payload byte
-    is loaded once and split into its two codes, each scale once per tile row."""
+    is loaded once and split into its two codes, each scale once per tile row. ``CHUNKED``
+    (``N == 1``): grid axis 2 is a two-shot chunk, its payload at ``+ PS`` bytes and its
+    ``[T, E]`` rows of ``out`` at ``+ OS`` values per chunk (:func:`chunk_bases`)."""
+    payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
     t, g, bi, mt, m = _tile_index(T, EH, BT, NGT, GROUP)
     lo, hi = _tile_sum(payloads, t, g, bi, mt, m, EH, G, NQ, N, GROUP)
     _store_pairs(out_ptr, t, g, mt, E, lo, hi, BT, NGT, GROUP)
@@ -107,11 +110,14 @@ def _load_pairs(src_ptr, t, mt, E, BT: tl.constexpr, NGT: tl.constexpr, GROUP: t
 @triton.jit
 def group_encode_kernel(src, out_ptr, flag_ptr, range_ptr, T, E, EH, G, NQ, max_in, N: tl.constexpr,
                         BT: tl.constexpr, NGT: tl.constexpr, GROUP: tl.constexpr, FLAG: tl.constexpr,
-                        RANGE: tl.constexpr):
+                        RANGE: tl.constexpr, XS=0, PS=0, CHUNKED: tl.constexpr = False):
     """Encode ``src[0]`` (``N == 0``, a partial ``[T, E]``, E even) or the decoded sum of the ``N``
     payloads in ``src`` (two-shot's reduce and re-encode in one pass), one tile of whole groups
-    per program. Works on the even and odd columns apart, so a byte's two codes meet in one thread."""
+    per program. Works on the even and odd columns apart, so a byte's two codes meet in one thread.
+    ``CHUNKED`` (``N == 0``): grid axis 2 is a two-shot chunk of ``T`` rows, its input at ``+ XS``
+    values and its payload at ``+ PS`` bytes per chunk."""
     H: tl.constexpr = GROUP // 2
+    src, out_ptr = chunk_bases(src, out_ptr, XS, PS, CHUNKED)
     t, g, bi, mt, m = _tile_index(T, EH, BT, NGT, GROUP)
     if N == 0:
         xl, xh = _load_pairs(src[0], t, mt, E, BT, NGT, GROUP)
@@ -181,15 +187,18 @@ def _tile_grid(t: int, e: int, group: int, values: int = 4096):
     return (triton.cdiv(t, rows), triton.cdiv(triton.cdiv(e, group), ngt)), rows, ngt, warps
 
 
-def _launch_encode(src, n_sources, out, t, e, *, group, max_input, flag, range_flag):
+def _launch_encode(src, n_sources, out, t, e, *, group, max_input, flag, range_flag, chunks=1):
+    """``t`` rows per chunk; ``chunks > 1``: ``src[0]`` holds ``chunks * t`` rows and ``out``
+    the ``chunks`` payloads one after another."""
     if t == 0:
         return out
     grid, rows, ngt, warps = _tile_grid(t, e, group, 2048)
     dummy = out
-    group_encode_kernel[grid](tuple(src), out, dummy if flag is None else flag,
-                              dummy if range_flag is None else range_flag, t, e, e // 2, triton.cdiv(e, group),
-                              (t * e + 1) // 2, max_input, N=n_sources, BT=rows, NGT=ngt, GROUP=group,
-                              FLAG=flag is not None, RANGE=range_flag is not None, num_warps=warps, **FP_OPTIONS)
+    extra = {} if chunks == 1 else {"XS": t * e, "PS": out.numel() // chunks, "CHUNKED": True}
+    group_encode_kernel[grid + ((chunks,) if chunks > 1 else ())](
+        tuple(src), out, dummy if flag is None else flag, dummy if range_flag is None else range_flag, t, e, e // 2,
+        triton.cdiv(e, group), (t * e + 1) // 2, max_input, N=n_sources, BT=rows, NGT=ngt, GROUP=group,
+        FLAG=flag is not None, RANGE=range_flag is not None, num_warps=warps, **extra, **FP_OPTIONS)
     return out
 
 
@@ -199,10 +208,33 @@ def encode(x, out, *, group: int, max_input: float, flag=None, range_flag=None):
     return _launch_encode([x], 0, out, t, e, group=group, max_input=max_input, flag=flag, range_flag=range_flag)
 
 
+def encode_chunks(x, out, *, chunks: int, group: int, max_input: float, flag=None, range_flag=None):
+    """Two-shot's N chunk encodes in one launch: ``out`` (``chunks`` payloads one after another)
+    gets ``encode(x[j*R:(j+1)*R])`` at ``j * payload_nbytes([R, E])``, ``R = T / chunks`` (E even)."""
+    t, e = x.shape
+    return _launch_encode([x], 0, out, t // chunks, e, group=group, max_input=max_input, flag=flag,
+                          range_flag=range_flag, chunks=chunks)
+
+
 def reduce_encode(payloads, out, *, t: int, e: int, group: int, max_input: float, flag=None, range_flag=None):
     """Fill ``out`` with encode(sum of the decoded ``payloads``) of a ``[t, e]`` chunk (E even), one pass."""
     return _launch_encode(list(payloads), len(payloads), out, t, e, group=group, max_input=max_input, flag=flag,
                           range_flag=range_flag)
+
+
+def decode_chunks(payload, out, *, chunks: int, group: int):
+    """Two-shot's N chunk decodes in one launch (E even): ``out [chunks * R, E]`` fp32 gets
+    ``decode(payload chunk j)`` in rows ``[j*R, (j+1)*R)``; ``payload`` holds the ``chunks``
+    payloads of ``[R, E]`` one after another."""
+    t, e = out.shape
+    rows = t // chunks
+    if rows * e == 0:
+        return out
+    grid, bt, ngt, warps = _tile_grid(rows, e, group)
+    group_decode_sum_tile_kernel[grid + (chunks,)](
+        (payload,), out, rows, e, e // 2, triton.cdiv(e, group), (rows * e + 1) // 2, N=1, GROUP=group, BT=bt,
+        NGT=ngt, PS=payload.numel() // chunks, OS=rows * e, CHUNKED=True, num_warps=warps, **FP_OPTIONS)
+    return out
 
 
 def decode_sum(payloads, out, *, group: int):
@@ -293,14 +325,15 @@ def _mx_code(x, inv):
 
 @triton.jit
 def mx_encode_kernel(src, out_ptr, flag_ptr, T, E, EH, G, NQ, N: tl.constexpr, BT: tl.constexpr, NGT: tl.constexpr,
-                     FLAG: tl.constexpr):
+                     FLAG: tl.constexpr, XS=0, PS=0, CHUNKED: tl.constexpr = False):
     """mxfp4-encode ``src[0]`` (``N == 0``) or the decoded sum of the ``N`` mxfp4 payloads in ``src``,
     one tile of whole 32-groups per program, even and odd columns apart.
 
     Shared exponent ``floor(log2(absmax)) - 2`` from the fp32 exponent bits (what ``frexp``
     gives), ``y = x * 2**-exp`` (exact), E2M1 rounding half to even per range; a group
-    holding NaN/Inf gets the E8M0 NaN byte 255.
+    holding NaN/Inf gets the E8M0 NaN byte 255. ``CHUNKED`` as :func:`group_encode_kernel`'s.
     """
+    src, out_ptr = chunk_bases(src, out_ptr, XS, PS, CHUNKED)
     t, g, bi, mt, m = _tile_index(T, EH, BT, NGT, 32)
     if N == 0:
         xl, xh = _load_pairs(src[0], t, mt, E, BT, NGT, 32)
@@ -326,8 +359,10 @@ def mx_encode_kernel(src, out_ptr, flag_ptr, T, E, EH, G, NQ, N: tl.constexpr, B
 
 @triton.jit
 def mx_decode_sum_tile_kernel(payloads, out_ptr, T, E, EH, G, NQ, N: tl.constexpr, BT: tl.constexpr,
-                              NGT: tl.constexpr):
-    """``out = sum_r decode(payloads[r])`` of mxfp4 payloads in fp32, rank order, for an even E."""
+                              NGT: tl.constexpr, PS=0, OS=0, CHUNKED: tl.constexpr = False):
+    """``out = sum_r decode(payloads[r])`` of mxfp4 payloads in fp32, rank order, for an even E;
+    ``CHUNKED`` as :func:`group_decode_sum_tile_kernel`'s."""
+    payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
     t, g, bi, mt, m = _tile_index(T, EH, BT, NGT, 32)
     lo, hi = _mx_tile_sum(payloads, t, g, bi, mt, m, EH, G, NQ, N)
     _store_pairs(out_ptr, t, g, mt, E, lo, hi, BT, NGT, 32)
@@ -341,13 +376,32 @@ def mx_decode_sum_kernel(payloads, out_ptr, T, E, G, NQ, N: tl.constexpr, BLOCK:
     tl.store(out_ptr + o, _mx_sum_at(payloads, o // E, o % E, m, E, G, NQ, N), mask=m)
 
 
-def _mx_launch(src, n_src, out, t, e, flag):
+def _mx_launch(src, n_src, out, t, e, flag, chunks=1):
     if t == 0:
         return out
     grid, rows, ngt, warps = _tile_grid(t, e, 32, 2048)
-    mx_encode_kernel[grid](tuple(src), out, out if flag is None else flag, t, e, e // 2, triton.cdiv(e, 32),
-                           (t * e + 1) // 2, N=n_src, BT=rows, NGT=ngt, FLAG=flag is not None, num_warps=warps,
-                           **FP_OPTIONS)
+    extra = {} if chunks == 1 else {"XS": t * e, "PS": out.numel() // chunks, "CHUNKED": True}
+    mx_encode_kernel[grid + ((chunks,) if chunks > 1 else ())](
+        tuple(src), out, out if flag is None else flag, t, e, e // 2, triton.cdiv(e, 32), (t * e + 1) // 2, N=n_src,
+        BT=rows, NGT=ngt, FLAG=flag is not None, num_warps=warps, **extra, **FP_OPTIONS)
+    return out
+
+
+def mx_encode_chunks(x, out, *, chunks: int, flag=None):
+    """:func:`encode_chunks` for mxfp4 (E even)."""
+    return _mx_launch([x], 0, out, x.shape[0] // chunks, x.shape[1], flag, chunks)
+
+
+def mx_decode_chunks(payload, out, *, chunks: int):
+    """:func:`decode_chunks` for mxfp4 (E even)."""
+    t, e = out.shape
+    rows = t // chunks
+    if rows * e == 0:
+        return out
+    grid, bt, ngt, warps = _tile_grid(rows, e, 32)
+    mx_decode_sum_tile_kernel[grid + (chunks,)](
+        (payload,), out, rows, e, e // 2, triton.cdiv(e, 32), (rows * e + 1) // 2, N=1, BT=bt, NGT=ngt,
+        PS=payload.numel() // chunks, OS=rows * e, CHUNKED=True, num_warps=warps, **FP_OPTIONS)
     return out
 
 

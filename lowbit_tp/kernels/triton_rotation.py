@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, clamp_keep_nan, flag_any,
+from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, chunk_bases, clamp_keep_nan,
+                                             flag_any,
                                              fp16_bits, fp16_from_bits, is_finite, load_u16, saturate_minmax,
                                              store_u16)
 
@@ -220,9 +221,13 @@ def _decode_tile(p, r, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, 
 def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, out_ptr, T, E, G, NK, NCB, CODE_OFF,
                           SCALE_OFF, inv_sqrt_b, N: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr,
                           B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
-                          FMT: tl.constexpr, HAS_K: tl.constexpr, PACKED: tl.constexpr):
+                          FMT: tl.constexpr, HAS_K: tl.constexpr, PACKED: tl.constexpr, PS=0, OS=0,
+                          CHUNKED: tl.constexpr = False):
     """``out = sum_r decode(payloads[r])`` in fp32, rank order, written once; one program per
-    ``[ROWS, W]`` tile (grid: token blocks x column tiles)."""
+    ``[ROWS, W]`` tile (grid: token blocks x column tiles). ``CHUNKED`` (``N == 1``): grid axis 2
+    is a two-shot chunk of ``T`` rows, its payload at ``+ PS`` bytes and its rows of ``out`` at
+    ``+ OS`` values per chunk."""
+    payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
     t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     c0 = tl.program_id(1) * W
     c = c0 + tl.arange(0, W)
@@ -382,10 +387,19 @@ def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc
                       flag_ptr, range_ptr, T, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
                       ROWS: tl.constexpr, W: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr,
                       GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
-                      FLAG: tl.constexpr, RANGE: tl.constexpr, SPLIT: tl.constexpr):
+                      FLAG: tl.constexpr, RANGE: tl.constexpr, SPLIT: tl.constexpr, XS=0, HS=0, PS=0,
+                      CHUNKED: tl.constexpr = False):
     """Encode tokens ``[ROWS]`` in column tiles ``c0 = pid1 * W, + SPLIT * W, ...``. lg8 first
     makes a pass over the whole rows for the bases (the tile is rotated again in the second
-    pass: re-reading x costs less than holding whole rows)."""
+    pass: re-reading x costs less than holding whole rows). ``CHUNKED``: grid axis 2 is a
+    two-shot chunk of ``T`` rows, its input at ``+ XS`` values and its payload (bf16 head,
+    codes, scales) at ``+ PS`` bytes (``+ HS = PS / 2`` int16) per chunk."""
+    if CHUNKED:
+        j = tl.program_id(2)
+        x_ptr += j * XS
+        head_ptr += j * HS
+        code_ptr += j * PS
+        scale_ptr += j * PS
     t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     tm = t < T
     b32 = tl.full([ROWS], 1.0, tl.float32)
@@ -459,22 +473,40 @@ def _split(tokens: int, hidden: int, rows: int, w: int, scale_format: str) -> in
 
 def encode(x, *, signs, colmap, bounds, lg8, lg8_asc, out, nk: int, code_bytes: int, group: int, block: int,
            bits: int, scale_format: str, max_input: float, rotate_max: float, scale_max: float, flag=None,
-           range_flag=None):
-    """Fill the payload ``out`` from ``x [T, E]``; ``colmap[e]`` = bf16 slot of channel e or -1."""
-    t, e = x.shape
+           range_flag=None, chunks: int = 1):
+    """Fill the payload ``out`` from ``x [T, E]``; ``colmap[e]`` = bf16 slot of channel e or -1.
+
+    ``chunks > 1`` (two-shot's N chunk encodes in one launch): ``out`` gets the ``chunks``
+    payloads of ``x``'s row chunks one after another (``code_bytes`` is one chunk's; with a bf16
+    head the payload size must be even, see :func:`chunks_fit`)."""
+    t, e = x.shape[0] // chunks, x.shape[1]
     if t == 0:
         return out
+    if nk and out.data_ptr() % 2:  # a payload at an odd address (two-shot's chunk j of an odd size):
+        # its bf16 head cannot be stored as int16, so encode into an aligned buffer and copy
+        return out.copy_(encode(x, signs=signs, colmap=colmap, bounds=bounds, lg8=lg8, lg8_asc=lg8_asc,
+                                out=torch.empty_like(out), nk=nk, code_bytes=code_bytes, group=group, block=block,
+                                bits=bits, scale_format=scale_format, max_input=max_input, rotate_max=rotate_max,
+                                scale_max=scale_max, flag=flag, range_flag=range_flag, chunks=chunks))
     rows, w, warps = tile_config(t, e, group, block)
     split = _split(t, e, rows, w, scale_format)
     off = 2 * t * nk
     head = out[:off].view(torch.int16)
-    rot_encode_kernel[(triton.cdiv(t, rows), split)](
+    ps = out.numel() // chunks
+    extra = {} if chunks == 1 else {"XS": t * e, "HS": ps // 2, "PS": ps, "CHUNKED": True}
+    rot_encode_kernel[(triton.cdiv(t, rows), split) + ((chunks,) if chunks > 1 else ())](
         x, signs, colmap, bounds, lg8, lg8_asc, head, out[off:off + code_bytes], out[off + code_bytes:],
         colmap if flag is None else flag, colmap if range_flag is None else range_flag, t, e, triton.cdiv(e, group),
         nk, (t * e + 7) // 8, inv_sqrt(block), max_input, rotate_max, scale_max, ROWS=rows, W=w, B=block,
         LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits, FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0,
-        FLAG=flag is not None, RANGE=range_flag is not None, SPLIT=split, num_warps=warps, **FP_OPTIONS)
+        FLAG=flag is not None, RANGE=range_flag is not None, SPLIT=split, num_warps=warps, **extra, **FP_OPTIONS)
     return out
+
+
+def chunks_fit(nk: int, payload_bytes: int) -> bool:
+    """Whether :func:`encode` takes ``chunks > 1`` for these chunks: each chunk's bf16 head must
+    start 2-byte aligned (an even payload size), as one message's does."""
+    return nk == 0 or payload_bytes % 2 == 0
 
 
 def reduce_encode(payloads, *, signs, dec_colmap, enc_colmap, levels, bounds, lg8, lg8_asc, out, t: int, e: int,
@@ -498,17 +530,22 @@ def reduce_encode(payloads, *, signs, dec_colmap, enc_colmap, levels, bounds, lg
 
 
 def decode_sum(payloads, *, signs, colmap, levels, lg8, out, nk: int, code_bytes: int, group: int, block: int,
-               bits: int, scale_format: str):
-    """Fill ``out [T, E]`` fp32 with the rank-ordered sum of the decoded ``payloads``."""
-    t, e = out.shape
+               bits: int, scale_format: str, chunks: int = 1):
+    """Fill ``out [T, E]`` fp32 with the rank-ordered sum of the decoded ``payloads``.
+
+    ``chunks > 1`` (two-shot's N chunk decodes in one launch): ``payloads`` is one buffer of
+    ``chunks`` payloads one after another, and ``out [chunks * R, E]`` gets chunk ``j``'s
+    decode in its rows ``[j*R, (j+1)*R)`` (``code_bytes`` is one chunk's)."""
+    t, e = out.shape[0] // chunks, out.shape[1]
     if t == 0:
         return out
     rows, w, warps = tile_config(t, e, group, block, len(payloads))
     off = 2 * t * nk
     packed = bits == 8 or (bits == 4 and e % 2 == 0) or e % 8 == 0
-    rot_decode_sum_kernel[(triton.cdiv(t, rows), triton.cdiv(e, w))](
+    extra = {} if chunks == 1 else {"PS": payloads[0].numel() // chunks, "OS": t * e, "CHUNKED": True}
+    rot_decode_sum_kernel[(triton.cdiv(t, rows), triton.cdiv(e, w)) + ((chunks,) if chunks > 1 else ())](
         tuple(payloads), signs, colmap, levels, lg8, out, t, e, triton.cdiv(e, group), nk, (t * e + 7) // 8,
         off, off + code_bytes, inv_sqrt(block), N=len(payloads), ROWS=rows, W=w, B=block,
         LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits, FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0,
-        PACKED=packed, num_warps=warps, **FP_OPTIONS)
+        PACKED=packed, num_warps=warps, **extra, **FP_OPTIONS)
     return out

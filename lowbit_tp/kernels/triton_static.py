@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, clamp_keep_nan, flag_if,
-                                             int4_from_nibble, is_finite, load_u16, round_half_even,
+from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, chunk_bases, clamp_keep_nan,
+                                             flag_if, int4_from_nibble, is_finite, load_u16, round_half_even,
                                              round_to_int_small, saturate)
 
 
@@ -216,11 +216,15 @@ def _value_cols(src, colmap_ptr, scale_ptr, t, ch, mt, mc, T, E, NK, N: tl.const
 @triton.jit
 def static_decode_sum_tile_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E, NK, N: tl.constexpr,
                                   BITS: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, H16: tl.constexpr,
-                                  ROW_BYTES: tl.constexpr, ITERS: tl.constexpr):
+                                  ROW_BYTES: tl.constexpr, ITERS: tl.constexpr, PS=0, OS=0,
+                                  CHUNKED: tl.constexpr = False):
     """``out[t, e] = sum_r decode(payloads[r])[t, e]`` in fp32, rank order, written once: ``ITERS``
     tiles of ``BT x BE`` down the rows per program, so a column block's slot and scale tables
     come from L2 once per ``ITERS * BT`` rows (the H100 run 2 had them re-read per 1-4 rows:
-    ``N * 8`` bytes a value of L2 traffic, more than the payloads and sum at world 8)."""
+    ``N * 8`` bytes a value of L2 traffic, more than the payloads and sum at world 8).
+    ``CHUNKED`` (``N == 1``): grid axis 2 is a two-shot chunk of ``T`` rows, its payload at
+    ``+ PS`` bytes and its rows of ``out`` at ``+ OS`` values per chunk."""
+    payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
     e = tl.program_id(1) * BE + tl.arange(0, BE)[None, :]
     mc = e < E
     for i in tl.range(0, ITERS):
@@ -234,12 +238,18 @@ def static_decode_sum_tile_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E
 def static_encode_tile_kernel(src, colmap_ptr, scale_ptr, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_ptr, flag_ptr,
                               range_ptr, T, E, NK, NB, max_in, N: tl.constexpr, BITS: tl.constexpr,
                               HAS_K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, FLAG: tl.constexpr,
-                              RANGE: tl.constexpr, H16: tl.constexpr, ITERS: tl.constexpr):
+                              RANGE: tl.constexpr, H16: tl.constexpr, ITERS: tl.constexpr, XS=0, HS=0, PS=0,
+                              CHUNKED: tl.constexpr = False):
     """Encode ``src[0]`` (``N == 0``) or the decoded sum of the ``N`` payloads in ``src`` (two-shot's
     reduce and re-encode, one pass). Column tiles ``[0, NB)`` write ``BC`` body slots of ``BT``
     tokens, taken in pairs (an int4 byte's two codes meet in one thread; int4 needs an even
     ``E - NK``), the rest ``BC`` channels of the bf16 head ``[T, NK]``. A program walks ``ITERS``
-    such tiles down the rows, so its column tables (inlier map, reciprocal scales) stay in L1."""
+    such tiles down the rows, so its column tables (inlier map, reciprocal scales) stay in L1.
+    ``CHUNKED`` (``N == 0``): grid axis 2 is a two-shot chunk of ``T`` rows, its input at ``+ XS``
+    values, its payload (bf16 head, body) at ``+ PS`` bytes (``+ HS = PS / 2`` int16) per chunk."""
+    src, body_ptr = chunk_bases(src, body_ptr, XS, PS, CHUNKED)
+    if CHUNKED:
+        head_ptr += tl.program_id(2) * HS
     NI = E - NK
     HB: tl.constexpr = BC // 2
     QMAX: tl.constexpr = 7 if BITS == 4 else 127
@@ -305,11 +315,20 @@ def _aligned2(payloads) -> bool:
     return all(p.data_ptr() % 2 == 0 for p in payloads)
 
 
-def _launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, out, *, bits, max_input, flag, range_flag):
+def _launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, out, *, bits, max_input, flag, range_flag,
+                   chunks=1):
+    """``t`` rows per chunk; ``chunks > 1`` (tiled kernel only): ``src[0]`` holds ``chunks * t``
+    rows and ``out`` the ``chunks`` payloads one after another (an even payload size when
+    there is a bf16 head)."""
     nk = outliers.numel()
     n = t * (e - nk)
     if t == 0:
         return out
+    if nk and out.data_ptr() % 2:  # a payload at an odd address (two-shot's chunk j of an odd size):
+        # its bf16 head cannot be stored as int16, so encode into an aligned buffer and copy
+        return out.copy_(_launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, torch.empty_like(out),
+                                        bits=bits, max_input=max_input, flag=flag, range_flag=range_flag,
+                                        chunks=chunks))
     head = out[: 2 * t * nk].view(torch.int16)
     n_src = len(src) if colmap is not None else 0
     common = dict(N=n_src, BITS=bits, HAS_K=nk > 0, FLAG=flag is not None, RANGE=range_flag is not None)
@@ -320,10 +339,14 @@ def _launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, out, 
         rows, cols, warps = tile_config(t, max(e - nk, nk), max(n_src, 2))
         nb = triton.cdiv(e - nk, cols)
         iters = row_iterations(t, rows)
-        static_encode_tile_kernel[(triton.cdiv(t, rows * iters), nb + triton.cdiv(nk, cols))](
+        grid = (triton.cdiv(t, rows * iters), nb + triton.cdiv(nk, cols))
+        ps = out.numel() // chunks
+        extra = {} if chunks == 1 else {"XS": t * e, "HS": ps // 2, "PS": ps, "CHUNKED": True}
+        static_encode_tile_kernel[grid + ((chunks,) if chunks > 1 else ())](
             tuple(src), *tables, t, e, nk, nb, max_input, BT=rows, BC=cols, H16=n_src > 0 and _aligned2(src),
-            ITERS=iters, num_warps=warps, **common, **FP_OPTIONS)
+            ITERS=iters, num_warps=warps, **common, **extra, **FP_OPTIONS)
         return out
+    assert chunks == 1, "the flat encoder has no batched form"
     # int4 with an odd body row: a byte can hold codes of two tokens, so the flat kernel pairs them
     nbody = (n + 1) // 2
     block, warps = launch_config(max(nbody, t * nk))
@@ -343,6 +366,39 @@ def encode(x, inliers, inv_scale, outliers, out, *, bits: int, max_input: float,
     t, e = x.shape
     return _launch_encode([x], None, None, t, e, inliers, inv_scale, outliers, out, bits=bits, max_input=max_input,
                           flag=flag, range_flag=range_flag)
+
+
+def chunks_fit(t: int, e: int, nk: int, bits: int, payload_bytes: int) -> bool:
+    """Whether :func:`encode_chunks` / :func:`decode_chunks` take chunks of ``[t, e]`` with ``nk``
+    bf16 channels: the tiled encoder (int8 or an even int4 body row) and, with a bf16 head, an
+    even payload size (each chunk's head starts 2-byte aligned, as one message's does)."""
+    return (bits == 8 or (e - nk) % 2 == 0) and (nk == 0 or payload_bytes % 2 == 0)
+
+
+def encode_chunks(x, inliers, inv_scale, outliers, out, *, chunks: int, bits: int, max_input: float, flag=None,
+                  range_flag=None):
+    """Two-shot's N chunk encodes in one launch (:func:`chunks_fit` must hold): ``out`` (``chunks``
+    payloads one after another) gets ``encode(x[j*R:(j+1)*R])`` at ``j * payload_nbytes([R, E])``."""
+    t, e = x.shape
+    return _launch_encode([x], None, None, t // chunks, e, inliers, inv_scale, outliers, out, bits=bits,
+                          max_input=max_input, flag=flag, range_flag=range_flag, chunks=chunks)
+
+
+def decode_chunks(payload, colmap, scale, out, *, chunks: int, nk: int, bits: int):
+    """Two-shot's N chunk decodes in one launch: ``out [chunks * R, E]`` fp32 gets the decode of
+    chunk ``j`` of ``payload`` (``chunks`` payloads of ``[R, E]`` one after another) in its rows."""
+    t, e = out.shape
+    rows = t // chunks
+    if rows * e == 0:
+        return out
+    ps = payload.numel() // chunks
+    bt, cols, warps = tile_config(rows, e, 1)
+    iters = row_iterations(rows, bt)
+    static_decode_sum_tile_kernel[(triton.cdiv(rows, bt * iters), triton.cdiv(e, cols), chunks)](
+        (payload,), colmap, scale, out, rows, e, nk, N=1, BITS=bits, BT=bt, BE=cols,
+        H16=_aligned2([payload]) and ps % 2 == 0, ROW_BYTES=bits == 8 or (e - nk) % 2 == 0, ITERS=iters,
+        PS=ps, OS=rows * e, CHUNKED=True, num_warps=warps, **FP_OPTIONS)
+    return out
 
 
 def reduce_encode(payloads, colmap, scale, inliers, inv_scale, outliers, out, *, t: int, e: int, bits: int,

@@ -1,0 +1,251 @@
+"""Two-shot's batched chunk launches (``Codec.encode_chunks`` / ``decode_chunks``) against the
+eager reference, bitwise, under TRITON_INTERPRET=1 on CPU tensors.
+
+The reference is ``backend="reference"`` called once per row chunk, as two-shot did before:
+the batched encode's N payloads must be byte-identical to N reference encodes, and the
+batched decode bitwise ``torch.cat`` of N reference decodes (NaN compared by position). Each
+case also counts the Triton launches: one per batched call.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before lowbit_tp imports any kernel module
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed (optional: the Triton kernels are skipped)")
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
+
+from lowbit_tp.calibration.synthetic import synthetic_calibration  # noqa: E402
+from lowbit_tp.codecs import make_codec  # noqa: E402
+from lowbit_tp.collectives import algorithms as A  # noqa: E402
+
+LAYER = "L"
+MODULES = ("triton_static", "triton_group", "triton_rotation")
+HIDDEN = 104  # not a multiple of 64, 32 or 128 (bit-plane rot codes need E % 8 == 0 to encode fused)
+# codec -> E: one or two per kernel family (the other static codecs share int4-outlier's and
+# int8's kernels, the other rot-* codecs the rot ones). int4-outlier keeps k = 2 channels at
+# E = 138, so its int4 body rows are even (the batched encoder's condition; k = 1 at 104).
+FAMILIES = {"int4-outlier": 138, "int8": HIDDEN, "int4-g32": HIDDEN, "int4-g128": HIDDEN, "mxfp4": HIDDEN,
+            "rot-lm4-g64-lg8-k4": HIDDEN, "rot-int6-g64-lg8-k4": HIDDEN}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal fp32 bit patterns (so -0.0 != 0.0), NaN compared by position only."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    na, nb = torch.isnan(a), torch.isnan(b)
+    return torch.equal(na, nb) and torch.equal(a[~na].view(torch.int32), b[~nb].view(torch.int32))
+
+
+_CALS = {}
+
+
+def calibration(world: int, hidden: int = HIDDEN):
+    if (world, hidden) not in _CALS:
+        _CALS[world, hidden] = synthetic_calibration([LAYER], world=world, hidden=hidden, tokens=64, batches=1)
+    return _CALS[world, hidden]
+
+
+class _Counted:
+    """A kernel whose launches are recorded (``log``: name, grid, kwargs); ``mutate`` may
+    change the launch's keyword arguments (the mutation checks)."""
+
+    def __init__(self, name, kernel, log, mutate):
+        self.name, self.kernel, self.log, self.mutate = name, kernel, log, mutate
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kw):
+            self.log.append((self.name, grid, kw))
+            return launch(*args, **(self.mutate(kw) if self.mutate else kw))
+        return run
+
+
+def count_launches(monkeypatch, mutate=None) -> list:
+    log = []
+    for mod in MODULES:
+        m = importlib.import_module(f"lowbit_tp.kernels.{mod}")
+        for name in dir(m):
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(m, name, _Counted(name, getattr(m, name), log, mutate))
+    return log
+
+
+def padded_partial(tokens: int, hidden: int, world: int, *, seed: int, special: bool) -> torch.Tensor:
+    """A rank's partial padded with zero rows to ``world * chunk_rows``, as two-shot pads it."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g) * 3
+    x[0] = 0.0  # an all-zero token
+    if special:
+        x[1, 3] = float("nan")
+        x[2 % tokens, 0] = float("inf")
+        x[tokens - 1, hidden - 1] = float("-inf")
+        x[1, 8:16] = torch.tensor([7.0, 0.5, 1.5, 2.5, -0.5, -2.5, 3.5, -7.0])
+    rows = A.chunk_rows(tokens, world)
+    return torch.nn.functional.pad(x, (0, 0, 0, rows * world - tokens))
+
+
+def codecs(name: str, world: int, mode: str = "propagate", hidden: int = HIDDEN):
+    cal = calibration(world, hidden)
+    return (make_codec(name, calibration=cal, nonfinite=mode, backend="reference"),
+            make_codec(name, calibration=cal, nonfinite=mode, backend="triton"))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_encode_chunks_is_n_reference_encodes_in_one_launch(name, world, monkeypatch):
+    tokens = 2 * world + 1  # padding rows at every world size
+    hidden = FAMILIES[name]
+    ref, tri = codecs(name, world, hidden=hidden)
+    x = padded_partial(tokens, hidden, world, seed=world, special=True)
+    rows = x.shape[0] // world
+    rank = world - 1
+    want = torch.cat([ref.encode(c, layer=LAYER, source=rank) for c in x.split(rows)])
+    log = count_launches(monkeypatch)
+    got = tri.encode_chunks(x, world, layer=LAYER, source=rank)
+    assert [entry[0] for entry in log] == [log[0][0]] and len(log[0][1]) == 3 and log[0][1][2] == world, log
+    assert got.shape == want.shape and torch.equal(got, want), (got != want).nonzero().reshape(-1)[:6].tolist()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_decode_chunks_is_the_cat_of_reference_decodes_in_one_launch(name, world, monkeypatch):
+    tokens = 2 * world + 1
+    hidden = FAMILIES[name]
+    ref, tri = codecs(name, world, hidden=hidden)
+    rows = A.chunk_rows(tokens, world)
+    x = padded_partial(tokens, hidden, world, seed=10 + world, special=True)
+    sums = [ref.encode(c, layer=LAYER, source="sum") for c in x.split(rows)]  # what the all-gather brings
+    want = torch.cat([ref.decode(s, (rows, hidden), layer=LAYER, source="sum") for s in sums])
+    flat = torch.cat(sums)
+    log = count_launches(monkeypatch)
+    got = tri.decode_chunks(flat, (rows, hidden), world, layer=LAYER, source="sum")
+    assert len(log) == 1 and log[0][1][2] == world, log
+    assert got.dtype == torch.float32 and got.shape == want.shape and same_bits(got, want)
+    assert torch.isnan(got).any()  # the NaN/Inf rows really travelled
+
+
+@pytest.mark.parametrize("name,kernel,arg", [("int4-g32", "group_encode_kernel", "PS"),
+                                             ("int4-g32", "group_encode_kernel", "XS"),
+                                             ("int4-outlier", "static_encode_tile_kernel", "HS"),
+                                             ("rot-lm4-g64-lg8-k4", "rot_encode_kernel", "PS")])
+def test_a_wrong_chunk_base_is_caught(name, kernel, arg, monkeypatch):
+    """Mutation check: the comparison above fails when a chunk's base is off."""
+    world = 3
+    ref, tri = codecs(name, world, hidden=FAMILIES[name])
+    x = padded_partial(7, FAMILIES[name], world, seed=5, special=False)
+    rows = x.shape[0] // world
+    want = torch.cat([ref.encode(c, layer=LAYER, source=0) for c in x.split(rows)])
+    log = count_launches(monkeypatch, mutate=lambda kw: {**kw, arg: kw[arg] - 2} if arg in kw else kw)
+    got = tri.encode_chunks(x, world, layer=LAYER, source=0)
+    assert log and log[0][0] == kernel
+    assert not torch.equal(got, want)
+
+
+def test_a_wrong_decode_base_is_caught(monkeypatch):
+    world = 4
+    ref, tri = codecs("mxfp4", world)
+    x = padded_partial(9, HIDDEN, world, seed=6, special=False)
+    rows = x.shape[0] // world
+    flat = torch.cat([ref.encode(c, layer=LAYER, source="sum") for c in x.split(rows)])
+    want = torch.cat([ref.decode(s, (rows, HIDDEN)) for s in flat.chunk(world)])
+    count_launches(monkeypatch, mutate=lambda kw: {**kw, "OS": kw["OS"] - HIDDEN} if "OS" in kw else kw)
+    assert not same_bits(tri.decode_chunks(flat, (rows, HIDDEN), world), want)
+
+
+@pytest.mark.parametrize("name,hidden", [("int4-g32", 37), ("int4", 37), ("rot-int6-g64-lg8-k4", 100),
+                                         ("int4-outlier", 136), ("rot-lm4-g64-lg8-k4", 136)])
+def test_shapes_without_a_batched_kernel_fall_back_bitwise(name, hidden, monkeypatch):
+    """Odd E (group codecs, an odd int4 body row), bit-plane codes with E % 8 != 0 and odd-sized
+    payloads with a bf16 head (chunk j at an odd address) go chunk by chunk, with the same bytes."""
+    world = 3
+    cal = calibration(world, hidden)
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+    tri = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
+    x = padded_partial(7, hidden, world, seed=7, special=True)
+    rows = x.shape[0] // world
+    want = torch.cat([ref.encode(c, layer=LAYER, source=1) for c in x.split(rows)])
+    log = count_launches(monkeypatch)
+    got = tri.encode_chunks(x, world, layer=LAYER, source=1)
+    assert torch.equal(got, want)
+    assert not any(len(g) == 3 for _, g, _ in log)  # no batched launch
+    dec = tri.decode_chunks(want, (rows, hidden), world, layer=LAYER, source=1)
+    assert same_bits(dec, torch.cat([ref.decode(p, (rows, hidden), layer=LAYER, source=1) for p in want.chunk(world)]))
+
+
+def test_encode_chunks_checks_its_arguments():
+    ref, tri = codecs("int4-g32", 2)
+    x = torch.zeros(5, HIDDEN)
+    with pytest.raises(ValueError, match="divisible"):
+        tri.encode_chunks(x, 2)
+    with pytest.raises(ValueError, match="out="):
+        tri.encode_chunks(x[:4], 2, out=torch.empty(3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="decode_chunks"):
+        tri.decode_chunks(torch.zeros(7, dtype=torch.uint8), (2, HIDDEN), 2)
+
+
+# ---------------------------------------------------------------- two-shot over real gloo ranks
+GLOO_TOKENS = 7  # padding rows at world 3
+
+
+def _gloo_partials(world: int, hidden: int, feedback: bool):
+    g = torch.Generator().manual_seed(hidden + feedback)
+    xs = [torch.randn(GLOO_TOKENS, hidden, generator=g) * 3 for _ in range(world)]
+    carries = [torch.randn(GLOO_TOKENS, hidden, generator=g) * 0.1 for _ in range(world)] if feedback else None
+    return xs, carries
+
+
+def _rank_two_shot(rank, world, names):
+    """On each rank: two-shot all-reduce with the Triton backend (plain and with error feedback),
+    with every kernel launch recorded."""
+    from lowbit_tp.collectives import all_reduce
+    from lowbit_tp.collectives.feedback import Feedback
+
+    log = []
+    for mod in MODULES:
+        m = importlib.import_module(f"lowbit_tp.kernels.{mod}")
+        for name in dir(m):
+            if name.endswith("_kernel"):
+                setattr(m, name, _Counted(name, getattr(m, name), log, None))
+    out = {}
+    for name in names:
+        hidden = FAMILIES[name]
+        codec = make_codec(name, calibration=calibration(world, hidden), nonfinite="propagate", backend="triton")
+        for fb in (False, True):
+            xs, carries = _gloo_partials(world, hidden, fb)
+            feedback = Feedback(carry=carries[rank]) if fb else None
+            del log[:]
+            y = all_reduce(xs[rank], codec, algorithm="two-shot", layer=LAYER, feedback=feedback)
+            out[name, fb] = (y, None if feedback is None else feedback.next, [(n, len(g)) for n, g, _ in log])
+    return out
+
+
+@pytest.mark.parametrize("names", [("int4-g32", "int4-outlier"),
+                                   pytest.param(("mxfp4", "rot-lm4-g64-lg8-k4"), marks=pytest.mark.slow)])
+def test_two_shot_over_gloo_with_batched_launches_is_bitwise_the_reference(names):
+    """Real gloo ranks, Triton backend: the all-reduce (and error feedback's next carry) equal
+    the single-process reference run chunk by chunk on the eager backend; plain two-shot makes
+    3 launches per rank (one batched encode, the fused reduce-and-re-encode, one batched
+    decode), where it used to make 2N + 1 and decode on the eager path."""
+    from lowbit_tp.collectives import simulate_all_reduce, spawn_ranks
+    from lowbit_tp.collectives.feedback import Feedback
+
+    world = 3
+    ranks = spawn_ranks(_rank_two_shot, world, names, timeout_s=120)
+    for name in names:
+        hidden = FAMILIES[name]
+        ref = make_codec(name, calibration=calibration(world, hidden), nonfinite="propagate", backend="reference")
+        for fb in (False, True):
+            xs, carries = _gloo_partials(world, hidden, fb)
+            fbs = [Feedback(carry=c) for c in carries] if fb else None
+            want = simulate_all_reduce(xs, ref, "two-shot", layer=LAYER, feedback=fbs)
+            for r in range(world):
+                y, nxt, launches = ranks[r][name, fb]
+                assert same_bits(y, want), (name, fb, r)
+                if fb:
+                    assert same_bits(nxt, fbs[r].next), (name, r)
+                else:
+                    assert [g for _, g in launches] == [3, 2, 3], (name, launches)
