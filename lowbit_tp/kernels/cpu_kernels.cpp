@@ -41,6 +41,10 @@
 #endif
 // LBT_ZMM_SEARCH=1 (default): the division-free level search 16 values at a time in 512-bit
 // registers (measured ~7% faster encode than 8 at a time on Zen 4); 0: 8 at a time.
+// LBT_CELLS=0: the 4-bit-or-less level search without its cell shortcut (ThresholdSearch).
+#ifndef LBT_CELLS
+#define LBT_CELLS 1
+#endif
 #ifndef LBT_ZMM_SEARCH
 #define LBT_ZMM_SEARCH 1
 #endif
@@ -730,8 +734,12 @@ inline __m512 fwht16(__m512 v) {
   return _mm512_fmadd_ps(v, s8, _mm512_shuffle_f32x4(v, v, 0x4e));  // 256-bit halves swapped
 }
 
-template <int Q, bool ACC, class Load>
-inline void fwht_row_zmm_q(const Load& load, const float* post, float* dst, int64_t e, float inv_sqrt) {
+// A store hook of fwht_row_zmm_q that does nothing (the encoder's takes the group absmax there).
+struct NoSink { void operator()(int64_t, __m512) const {} };
+
+template <int Q, bool ACC, class Load, class Sink = NoSink>
+__attribute__((always_inline)) inline void fwht_row_zmm_q_inl(const Load& load, const float* post, float* dst, int64_t e,
+                                                              float inv_sqrt, const Sink& sink) {
   constexpr int NZ = 4 * Q;  // registers per block
   const __m512 s = _mm512_set1_ps(inv_sqrt);
   for (int64_t p = 0; p < e; p += 64 * Q) {
@@ -756,9 +764,16 @@ inline void fwht_row_zmm_q(const Load& load, const float* post, float* dst, int6
       const int64_t at = p + 16 * i;
       __m512 x = _mm512_mul_ps(v[i], post ? _mm512_loadu_ps(post + at) : s);
       if (ACC) x = _mm512_add_ps(_mm512_loadu_ps(dst + at), x);
+      sink(at, x);
       _mm512_storeu_ps(dst + at, x);
     }
   }
+}
+// The same, left to the compiler's inlining (the decoders: forced inline there measured slower).
+template <int Q, bool ACC, class Load, class Sink = NoSink>
+inline void fwht_row_zmm_q(const Load& load, const float* post, float* dst, int64_t e, float inv_sqrt,
+                           const Sink& sink = Sink()) {
+  fwht_row_zmm_q_inl<Q, ACC>(load, post, dst, e, inv_sqrt, sink);
 }
 #endif
 #ifndef LBT_ZMM_HADAMARD
@@ -777,6 +792,18 @@ inline void fwht_row_fused16(const Load16& load, const float* post, float* dst, 
     case 257: fwht_row_zmm_q<2, true>(load, post, dst, e, inv_sqrt); return;
     case 512: fwht_row_zmm_q<4, false>(load, post, dst, e, inv_sqrt); return;
     default: fwht_row_zmm_q<4, true>(load, post, dst, e, inv_sqrt); return;
+  }
+}
+// The encoder's: forced inline into its caller, so that what the hooks capture by reference
+// (the input scan's max, the group absmax) stays in registers (out of line it went through
+// memory on every 16 values); `sink(at, v)` sees each finished 16 values v (stored at dst + at).
+template <class Load16, class Sink>
+__attribute__((always_inline)) inline void fwht_row_encode16(const Load16& load, float* dst, int64_t e, int64_t block,
+                                                             float inv_sqrt, const Sink& sink) {
+  switch (block) {
+    case 64: fwht_row_zmm_q_inl<1, false>(load, nullptr, dst, e, inv_sqrt, sink); return;
+    case 128: fwht_row_zmm_q_inl<2, false>(load, nullptr, dst, e, inv_sqrt, sink); return;
+    default: fwht_row_zmm_q_inl<4, false>(load, nullptr, dst, e, inv_sqrt, sink); return;
   }
 }
 // 16 values from element i as fp32, as load8.
@@ -957,6 +984,20 @@ struct ThresholdSearch {
     }
     mid_lo = _mm512_load_pd(mid);
     mid_hi = _mm512_load_pd(mid + 8);
+    alignas(64) int32_t lo[32];
+    cells_ok = true;
+    for (int c = 0; c < 32; ++c) {  // codes of y in [-1 + c/16, -1 + (c+1)/16] +- margin, within [-1, 1]
+      const double ylo = std::max(-1.0, -1.0 + c / 16.0 - kCellMargin), yhi = std::min(1.0, -1.0 + (c + 1) / 16.0 + kCellMargin);
+      int nlo = 0, nhi = 0;
+      for (int i = 0; i < nb; ++i) {
+        nlo += double(bounds[i]) < ylo;
+        nhi += double(bounds[i]) < yhi;
+      }
+      lo[c] = nlo;
+      cells_ok = cells_ok && nhi - nlo <= 1;
+    }
+    cell_lo[0] = _mm512_load_si512(lo);
+    cell_lo[1] = _mm512_load_si512(lo + 16);
     for (int k = 1; k < b; ++k) {
       const int step = 1 << (b - 1 - k);
       alignas(64) int32_t idx[16];
@@ -964,9 +1005,68 @@ struct ThresholdSearch {
       shift[k] = _mm512_load_si512(idx);
     }
   }
+  // Cell search (cells_ok): one threshold comparison instead of the 4-step search. An
+  // estimate y' of z / s (z times a rounded 1/s, by one fma as u = y' + 3, clamped to
+  // [2, 4)) picks one of 32 cells of width 1/16 over [-1, 1] from u's top 5 mantissa bits.
+  // The constructor has checked for every cell c that the codes of all y within kCellMargin
+  // of it (clamped to [-1, 1]) are lo_c or lo_c + 1. |y' - clamp(fl(z / s), -1, 1)| <
+  // 2**-20 for every finite z in a group whose scale s is a normal float (1/s rounded:
+  // relative error 2**-24, even where 1/s is subnormal: 2**-22 there; the fma: 2**-23 absolute
+  // on [2, 4); the clamps are 1-Lipschitz), far inside kCellMargin = 2**-12, so the code is lo_c
+  // plus [z > t_{lo_c}], the same comparison the search makes with the same thresholds.
+  static constexpr double kCellMargin = 1.0 / 4096;
+  bool cells_ok = false;
+  __m512i cell_lo[2];  // lo_c for cells 0-15 and 16-31
+  struct GroupC { __m512 tc0, tc1, k; };  // t_{lo_c} per cell; fl(1/s)
+  void prepare_cells(float s, GroupC& g) const {
+    const __m512 t = thresholds(s);
+    g.tc0 = _mm512_permutexvar_ps(cell_lo[0], t);
+    g.tc1 = _mm512_permutexvar_ps(cell_lo[1], t);
+    g.k = _mm512_set1_ps(1.0f / s);
+  }
+  __m512i search_cells(const GroupC& g, __m512 z) const {
+    __m512 u = _mm512_fmadd_ps(z, g.k, _mm512_set1_ps(3.0f));
+    u = _mm512_min_ps(_mm512_max_ps(u, _mm512_set1_ps(2.0f)), _mm512_set1_ps(4.0f - 0x1p-22f));
+    const __m512i c = _mm512_srli_epi32(_mm512_castps_si512(u), 18);  // low 5 bits: floor((y' + 1) * 16)
+    const __m512i lo = _mm512_permutex2var_epi32(cell_lo[0], c, cell_lo[1]);
+    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_permutex2var_ps(g.tc0, c, g.tc1), z, _CMP_NGE_UQ);
+    return _mm512_mask_add_epi32(lo, up, lo, _mm512_set1_epi32(1));
+  }
   struct Group { __m256 first, lo[4], hi[4]; __m512 firstz, z[4]; };
+  // 4 bits (15 bounds) with the step count known at compile time: the 16-wide search unrolled,
+  // its tables in registers (with `bits` read at run time the loop kept them in memory).
+  // The same thresholds and comparisons as prepare / operator() at bits == 4.
+  struct Group4 { __m512 first, z1, z2, z3; };
+  void prepare4(float s, Group4& g) const {
+    const __m512 t = thresholds(s);
+    g.first = _mm512_permutexvar_ps(_mm512_set1_epi32(7), t);
+    g.z1 = _mm512_permutexvar_ps(shift[1], t);
+    g.z2 = _mm512_permutexvar_ps(shift[2], t);
+    g.z3 = _mm512_permutexvar_ps(shift[3], t);
+  }
+  static __m512i search4(const Group4& g, __m512 y) {
+    __m512i pos = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(g.first, y, _CMP_NGE_UQ), _mm512_set1_epi32(8));
+    pos = _mm512_mask_add_epi32(pos, _mm512_cmp_ps_mask(_mm512_permutexvar_ps(pos, g.z1), y, _CMP_NGE_UQ), pos,
+                                _mm512_set1_epi32(4));
+    pos = _mm512_mask_add_epi32(pos, _mm512_cmp_ps_mask(_mm512_permutexvar_ps(pos, g.z2), y, _CMP_NGE_UQ), pos,
+                                _mm512_set1_epi32(2));
+    return _mm512_mask_add_epi32(pos, _mm512_cmp_ps_mask(_mm512_permutexvar_ps(pos, g.z3), y, _CMP_NGE_UQ), pos,
+                                 _mm512_set1_epi32(1));
+  }
   // The thresholds t_b for scale s (a normal float), as the search's per-step tables.
   void prepare(float s, Group& g) const {
+    const __m512 t = thresholds(s);
+    g.firstz = _mm512_permutexvar_ps(_mm512_set1_epi32((1 << (bits - 1)) - 1), t);
+    g.first = _mm512_castps512_ps256(g.firstz);
+    for (int k = 1; k < bits; ++k) {
+      const __m512 sh = _mm512_permutexvar_ps(shift[k], t);
+      g.z[k] = sh;
+      g.lo[k] = _mm512_castps512_ps256(sh);
+      g.hi[k] = _mm512_extractf32x8_ps(sh, 1);
+    }
+  }
+  // t_b for the 16 lanes b (-inf below -1, +inf at and above 1 and past the last bound).
+  __m512 thresholds(float s) const {
     const __m512d sd = _mm512_set1_pd(double(s));
     const __m512d tl = _mm512_mul_pd(sd, mid_lo), th = _mm512_mul_pd(sd, mid_hi);  // exact
     const __m256 fl = _mm512_cvt_roundpd_ps(tl, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // floor_f
@@ -979,15 +1079,7 @@ struct ThresholdSearch {
     u = _mm512_mask_add_epi32(u, eq, u, _mm512_mask_blend_epi32(neg, _mm512_set1_epi32(-1), _mm512_set1_epi32(1)));
     __m512 t = _mm512_castsi512_ps(u);
     t = _mm512_mask_mov_ps(t, below, _mm512_set1_ps(-INFINITY));
-    t = _mm512_mask_mov_ps(t, above, _mm512_set1_ps(INFINITY));
-    g.firstz = _mm512_permutexvar_ps(_mm512_set1_epi32((1 << (bits - 1)) - 1), t);
-    g.first = _mm512_castps512_ps256(g.firstz);
-    for (int k = 1; k < bits; ++k) {
-      const __m512 sh = _mm512_permutexvar_ps(shift[k], t);
-      g.z[k] = sh;
-      g.lo[k] = _mm512_castps512_ps256(sh);
-      g.hi[k] = _mm512_extractf32x8_ps(sh, 1);
-    }
+    return _mm512_mask_mov_ps(t, above, _mm512_set1_ps(INFINITY));
   }
   __m512i operator()(const Group& g, __m512 y) const {  // 16 values: one 16-entry table per step
     __m512i pos = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(g.firstz, y, _CMP_NGE_UQ), _mm512_set1_epi32(1 << (bits - 1)));
@@ -1212,11 +1304,21 @@ struct LevelCoder {
     if (!(thr_ok && bits == 4 && finite && sc >= FLT_MIN && sc <= FLT_MAX && n % 16 == 0 && !(f & 1) &&
           LBT_ZMM_SEARCH && !(LBT_SKIP & 112)))
       return false;
-    ThresholdSearch::Group tg;
-    thr.prepare(sc, tg);
     uint8_t* dst = body + (f >> 1);
+    if (thr.cells_ok && LBT_CELLS) {
+      ThresholdSearch::GroupC tg;
+      thr.prepare_cells(sc, tg);
+      for (int64_t i = 0; i < n; i += 16) {
+        const __m512i q = thr.search_cells(tg, _mm512_loadu_ps(z + i));  // codes 0..15
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (i >> 1)),
+                         _mm512_cvtepi64_epi8(_mm512_or_si512(q, _mm512_srli_epi64(q, 28))));
+      }
+      return true;
+    }
+    ThresholdSearch::Group4 tg;
+    thr.prepare4(sc, tg);
     for (int64_t i = 0; i < n; i += 16) {
-      const __m512i q = thr(tg, _mm512_loadu_ps(z + i));  // codes 0..15
+      const __m512i q = ThresholdSearch::search4(tg, _mm512_loadu_ps(z + i));  // codes 0..15
       _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (i >> 1)),
                        _mm512_cvtepi64_epi8(_mm512_or_si512(q, _mm512_srli_epi64(q, 28))));
     }
@@ -1232,6 +1334,12 @@ struct LevelCoder {
     (void)finite;
 #ifdef LBT_AVX512
     if (thr_ok && finite && sc >= FLT_MIN && sc <= FLT_MAX && n >= 8 && !(LBT_SKIP & 48)) {
+      if (thr.cells_ok && LBT_CELLS && LBT_ZMM_SEARCH) {
+        ThresholdSearch::GroupC tc;
+        thr.prepare_cells(sc, tc);
+        for (; i + 16 <= n; i += 16)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(thr.search_cells(tc, _mm512_loadu_ps(z + i))));
+      }
       ThresholdSearch::Group tg;
       thr.prepare(sc, tg);
       for (; LBT_ZMM_SEARCH && i + 16 <= n; i += 16)
@@ -1353,6 +1461,85 @@ inline void lg8_codes8(const float* amax, const uint8_t* poisoned, float b32, co
 }
 #endif
 
+#ifdef LBT_AVX512
+// lg8_code for 16 groups at once, without gathers or a search loop, where the table is
+// 2**(-q/16) rounded once: lg8[0] = 1 > lg8[1] > ... > lg8[15] > lg8[16] = 0.5 and
+// lg8[16a + j] = lg8[j] * 2**-a for every q = 16a + j (the constructor checks all of it;
+// `ok` false: the caller keeps lg8_codes8). For a normal ratio r = m * 2**-a0 with m in
+// [0.5, 1) (read off r's bits), lg8[16a + j] >= r  <=>  lg8[j] * 2**(a0 - a) >= m, which holds
+// for every a < a0 (2 lg8[j] > 1 > m), at a = a0 iff lg8[j] >= m, at a = a0 + 1 only for j = 0
+// and m = 0.5 (lg8[j] / 2 >= m needs lg8[j] = 1 and m = 0.5), and never for a > a0 + 1. So
+//   #{q : lg8[q] >= r} = 16 a0 + 1 + #{j in 1..15 : lg8[j] >= m} + [m == 0.5],
+// and the reference's answer (the largest q <= 254 with lg8[q] >= r, 0 if none) is that count
+// minus one clamped to [0, 254]. The clamp also covers r >= 1 (a0 <= -1) and zero or
+// subnormal r (a0 >= 126: every q counts). #{j in 1..15 : lg8[j] >= m} is a 4-step binary
+// search over lg8[1..15] (descending: the predicate holds on a prefix), 16 lanes a step.
+struct Lg8Fast {
+  bool ok = true;
+  __m512 tab, first;  // lg8[0..15]; lg8[8] (the first step's bound)
+  __m512 step[4];     // step k (1..3) reads lg8[1 + min(pos + w - 1, 14)], w = 8 >> k
+  explicit Lg8Fast(const float* lg8) {
+    alignas(64) static const float none[256] = {0};
+    if (!lg8) { ok = false; lg8 = none; }  // not an lg8 format
+    ok = ok && lg8[0] == 1.0f && lg8[16] == 0.5f;
+    for (int j = 1; j < 16; ++j) ok = ok && lg8[j] < lg8[j - 1] && lg8[j] > 0.5f;
+    for (int q = 0; q < 256; ++q) ok = ok && lg8[q] == std::ldexp(lg8[q & 15], -(q >> 4));
+    tab = _mm512_loadu_ps(lg8);
+    first = _mm512_set1_ps(lg8[8]);
+    for (int k = 1; k < 4; ++k) {
+      const int w = 8 >> k;
+      alignas(64) float t[16];
+      for (int i = 0; i < 16; ++i) t[i] = lg8[1 + (i + w - 1 < 14 ? i + w - 1 : 14)];
+      step[k] = _mm512_load_ps(t);
+    }
+  }
+  // scale[i] = b32 * lg8[q], qbytes[i] = q (255 where poisoned) for ratios amax[i] / b32.
+  void codes16(const float* amax, const uint8_t* poisoned, float b32, float* scale, uint8_t* qbytes) const {
+    const __m512 r = _mm512_div_ps(_mm512_loadu_ps(amax), _mm512_set1_ps(b32));
+    const __m512i rb = _mm512_castps_si512(r);  // r >= +0
+    const __m512 m = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(rb, _mm512_set1_epi32(0x007fffff)),
+                                                         _mm512_set1_epi32(0x3f000000)));
+    __m512i pos = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(first, m, _CMP_GE_OQ), _mm512_set1_epi32(8));
+    for (int k = 1; k < 4; ++k) {
+      const __mmask16 ge = _mm512_cmp_ps_mask(_mm512_permutexvar_ps(pos, step[k]), m, _CMP_GE_OQ);
+      pos = _mm512_mask_add_epi32(pos, ge, pos, _mm512_set1_epi32(8 >> k));
+    }
+    pos = _mm512_mask_add_epi32(pos, _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.5f), _CMP_EQ_OQ), pos, _mm512_set1_epi32(1));
+    const __m512i a0 = _mm512_sub_epi32(_mm512_set1_epi32(126), _mm512_srli_epi32(rb, 23));
+    __m512i q = _mm512_add_epi32(_mm512_slli_epi32(a0, 4), pos);
+    q = _mm512_min_epi32(_mm512_max_epi32(q, _mm512_setzero_si512()), _mm512_set1_epi32(254));
+    const __m512i lq = _mm512_sub_epi32(_mm512_castps_si512(_mm512_permutexvar_ps(q, tab)),
+                                        _mm512_slli_epi32(_mm512_srli_epi32(q, 4), 23));  // lg8[q & 15] * 2**-(q >> 4)
+    _mm512_storeu_ps(scale, _mm512_mul_ps(_mm512_set1_ps(b32), _mm512_castsi512_ps(lq)));
+    const __mmask16 bad = _mm512_test_epi32_mask(
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(poisoned))), _mm512_set1_epi32(0xff));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qbytes),
+                     _mm512_cvtepi32_epi8(_mm512_mask_mov_epi32(q, bad, _mm512_set1_epi32(255))));
+  }
+};
+
+// Lane j: the largest of the 16 int32 at p + 16 j (a transposing max tree: 15 pairs of
+// shuffles and maxes for 16 rows instead of a horizontal reduction per row).
+inline __m512i max16x16(const int32_t* p) {
+  __m512i v[16];
+  for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(p + 16 * i);
+  __m512i c[8], d[4], f[2];
+  for (int i = 0; i < 8; ++i)  // lanes 0-7: row 2i's 8 partial maxes, 8-15: row 2i + 1's
+    c[i] = _mm512_max_epi32(_mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], 0x44),
+                            _mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], 0xee));
+  for (int i = 0; i < 4; ++i)  // quarter j: row 4i + j's 4 partials
+    d[i] = _mm512_max_epi32(_mm512_shuffle_i32x4(c[2 * i], c[2 * i + 1], 0x88),
+                            _mm512_shuffle_i32x4(c[2 * i], c[2 * i + 1], 0xdd));
+  for (int i = 0; i < 2; ++i)  // quarter j: rows 8i + j, 8i + 4 + j, 2 partials each
+    f[i] = _mm512_max_epi32(_mm512_unpacklo_epi64(d[2 * i], d[2 * i + 1]), _mm512_unpackhi_epi64(d[2 * i], d[2 * i + 1]));
+  // quarter j: rows j, 4 + j, 8 + j, 12 + j
+  const __m512i g = _mm512_max_epi32(
+      _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(f[0]), _mm512_castsi512_ps(f[1]), 0x88)),
+      _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(f[0]), _mm512_castsi512_ps(f[1]), 0xdd)));
+  return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), g);
+}
+#endif
+
 // Returns bit 0: the input held NaN/Inf; bit 1: a rotated value overflowed fp32 or a group
 // absmax exceeded `scale_max` (error mode: the caller lets the reference raise; propagate
 // mode: the absmax is clamped, as the reference's _fit_range does).
@@ -1382,6 +1569,13 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
   // the same as bit masks (bit c % 16 of word c / 16: channel c is not kept)
   std::vector<uint16_t> keep16(direct ? e / 16 : 0, uint16_t(0xffff));
   for (int64_t i = 0; i < k && direct; ++i) keep16[outl[i] >> 4] &= uint16_t(~(1u << (outl[i] & 15)));
+  // Group absmax taken in the Hadamard's store loop (a group is 2**gshift whole stores of one
+  // block): per group the elementwise max of |z| bits, reduced 16 groups at a time after the row.
+  const bool fuse_amax = direct && group % 16 == 0 && s.block % group == 0 && !(LBT_SKIP & 4);
+  int gshift = 0;
+  while ((int64_t(16) << gshift) < group) ++gshift;
+  std::vector<int32_t> gbuf(fuse_amax ? 16 * g_count : 0);
+  const Lg8Fast lg8fast(s.fmt == 2 ? s.lg8 : nullptr);
 #endif
 #endif
   for (int64_t t = 0; t < t_rows; ++t) {
@@ -1402,11 +1596,27 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
       // kept channels (mask bit 0) become +0 (the reference's index_fill then times the sign
       // gives -0 where the sign is -1: the sign of a zero never reaches the payload, since the
       // rotated values are only compared and their magnitudes taken); the others x times the sign
-      fwht_row_fused16([&vam, row, km, sg, absm](int64_t at) {
+      auto load = [&vam, row, km, sg, absm](int64_t at) {
         const __m512 v = load16<DT>(row, at);
         vam = _mm512_max_epi32(vam, _mm512_and_si512(_mm512_castps_si512(v), absm));
         return _mm512_maskz_mul_ps(__mmask16(km[at >> 4]), v, _mm512_loadu_ps(sg + at));
-      }, nullptr, z.data(), false, e, s.block, s.inv_sqrt_block);
+      };
+      if (fuse_amax) {
+        __m512i gacc = _mm512_setzero_si512();
+        int32_t* gb = gbuf.data();
+        const int64_t glast = (int64_t(1) << gshift) - 1;
+        const int gs = gshift;
+        fwht_row_encode16(load, z.data(), e, s.block, s.inv_sqrt_block,
+                          [&gacc, gb, glast, gs, absm](int64_t at, __m512 v) {
+          gacc = _mm512_max_epi32(gacc, _mm512_and_si512(_mm512_castps_si512(v), absm));
+          if (((at >> 4) & glast) == glast) {  // the group's last 16 values
+            _mm512_storeu_si512(gb + 16 * ((at >> 4) >> gs), gacc);
+            gacc = _mm512_setzero_si512();
+          }
+        });
+      } else {
+        fwht_row_encode16(load, z.data(), e, s.block, s.inv_sqrt_block, NoSink());
+      }
       const int32_t vm = _mm512_reduce_max_epi32(vam);
       if (vm >= 0x7f800000) status |= 1;
       else in_amax = in_amax > vm ? in_amax : vm;
@@ -1485,7 +1695,50 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
         fwht_row(z.data(), e, s.block, s.inv_sqrt_block);
     }
     }  // not direct
-    for (int64_t g = 0; g < g_count; ++g) {
+    int64_t g_done = 0;
+#ifdef LBT_ZMM16
+    if (fuse_amax && direct) {  // 16 groups a step: the largest |z| bits per group from the store loop
+      for (; g_done < g_count; g_done += 16) {
+        const int64_t m = g_count - g_done < 16 ? g_count - g_done : 16;
+        const __mmask16 valid = __mmask16((1u << m) - 1);
+        __m512i a;
+        if (m == 16) {
+          a = max16x16(gbuf.data() + 16 * g_done);
+        } else {
+          alignas(64) int32_t tmp[16] = {0};
+          for (int64_t j = 0; j < m; ++j) tmp[j] = _mm512_reduce_max_epi32(_mm512_loadu_si512(gbuf.data() + 16 * (g_done + j)));
+          a = _mm512_load_si512(tmp);
+        }
+        // NaN/Inf bits are above every finite one: such a group is rescanned for its finite max
+        __mmask16 bad = __mmask16(_mm512_cmpge_epi32_mask(a, _mm512_set1_epi32(0x7f800000)) & valid);
+        if (bad) {
+          alignas(64) int32_t tmp[16];
+          _mm512_store_si512(tmp, a);
+          for (int j = 0; j < 16; ++j) {
+            if (!(bad >> j & 1)) continue;
+            int32_t f = 0;
+            const int32_t* zb = reinterpret_cast<const int32_t*>(z.data() + (g_done + j) * group);
+            for (int64_t i = 0; i < group; ++i) {
+              const int32_t u = zb[i] & 0x7fffffff;
+              f = (u < 0x7f800000 && u > f) ? u : f;
+            }
+            tmp[j] = f;
+          }
+          a = _mm512_load_si512(tmp);
+          if (!(status & 1)) status |= 2;  // finite input, non-finite rotation: fp32 overflow
+        }
+        __m512 am = _mm512_castsi512_ps(a);
+        const __mmask16 big = __mmask16(_mm512_cmp_ps_mask(am, _mm512_set1_ps(scale_max), _CMP_GT_OQ) & valid);
+        if (big) {
+          status |= 2;
+          am = _mm512_mask_mov_ps(am, big, _mm512_set1_ps(scale_max));
+        }
+        _mm512_mask_storeu_ps(amax.data() + g_done, valid, am);
+        _mm_mask_storeu_epi8(poisoned.data() + g_done, valid, _mm_maskz_mov_epi8(bad, _mm_set1_epi8(1)));
+      }
+    }
+#endif
+    for (int64_t g = g_done; g < g_count; ++g) {
       const int64_t c0 = g * group, n = (c0 + group <= e ? group : e - c0);
       if (LBT_SKIP & 4) { amax[g] = 1.0f; poisoned[g] = 0; continue; }
       int32_t a = 0, bad = 0;
@@ -1532,6 +1785,10 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
       const float b32 = (base & 0x7fffu) == 0 ? 1.0f : bf16_to_f32(base);
       uint8_t* qrow = sbytes + t * g_count;
       int64_t g = 0;
+#ifdef LBT_ZMM16
+      for (; lg8fast.ok && g + 16 <= g_count; g += 16)
+        lg8fast.codes16(amax.data() + g, poisoned.data() + g, b32, scale.data() + g, qrow + g);
+#endif
 #ifdef LBT_AVX2
       for (; g + 8 <= g_count; g += 8)
         lg8_codes8(amax.data() + g, poisoned.data() + g, b32, s.lg8, scale.data() + g, qrow + g);
@@ -1781,6 +2038,10 @@ void lbt_rot_codes(const float* z, int64_t n, float sc, int finite, const float*
 void lbt_lg8_codes(const float* amax, int64_t n, float b32, const float* lg8, float* scale, uint8_t* q) {
   std::vector<uint8_t> poisoned(n, 0);
   int64_t g = 0;
+#ifdef LBT_ZMM16
+  const Lg8Fast fast(lg8);
+  for (; fast.ok && g + 16 <= n; g += 16) fast.codes16(amax + g, poisoned.data() + g, b32, scale + g, q + g);
+#endif
 #ifdef LBT_AVX2
   for (; g + 8 <= n; g += 8) lg8_codes8(amax + g, poisoned.data() + g, b32, lg8, scale + g, q + g);
 #endif
