@@ -17,7 +17,7 @@ from lowbit_tp.configs import check_min
 from lowbit_tp.data import load_split
 from lowbit_tp.errors import UserError
 from lowbit_tp.fileio import check_output_path
-from lowbit_tp.models import check_tp, get_adapter
+from lowbit_tp.models import check_tp
 from lowbit_tp.models.quick_config import quick_config
 
 __all__ = [
@@ -86,16 +86,6 @@ def check_codecs(names: Iterable[str], *, calibration: str | Path | None = None,
     return cal
 
 
-def check_error_feedback(config: Any, enabled: bool, *, engine: str = "native") -> None:
-    """``--error-feedback`` on Gemma 2/3 (post-norms) needs the native engine, whose chain maps
-    the carry through the norms; one line otherwise."""
-    if enabled:
-        try:
-            get_adapter(config).check_error_feedback(post_norm=engine == "native")
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-
-
 def check_seq_len(seq_len: int, config: Any, *, flag: str = "--seq-len") -> list[str]:
     """At least 2 tokens (a window of 1 predicts nothing). Returns a warning (a list of
     0 or 1 sentences) when ``seq_len`` exceeds the model's context."""
@@ -137,7 +127,6 @@ def preflight_eval(cfg: Any, *, out: str | Path | None = None, warn: Callable[[s
         _warn_with(warn)(text)
     check_min(cfg.samples, "--samples")
     check_codecs(cfg.codecs, calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size)
-    check_error_feedback(config, getattr(cfg, "error_feedback", False), engine=getattr(cfg, "engine", "native"))
     check_text(cfg.text, getattr(cfg, "text_glob", "*"))
     if out:
         check_output_path(out)

@@ -68,3 +68,67 @@ class RecordingReducer:
         out = self.inner.reduce(partials, layer=layer)
         self.calls.append((layer, partials[0].clone(), out.clone()))
         return out
+
+
+def save_tiny_gemma(root) -> str:
+    """:func:`save_tiny` of Gemma 3 with the post-norm gains spread as in the real model
+    (``1 + weight`` from about -0.5 to 8.5, some below the feedback's gain floor)."""
+    model = tiny_model("gemma3")
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if n.endswith(("post_attention_layernorm", "post_feedforward_layernorm")):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=torch.Generator().manual_seed(len(n))) * 8 - 0.5)
+    path = root / "gemma3"
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def gemma_post_norms(model) -> dict:
+    """Row-parallel layer name -> (gain ``1 + weight`` of the norm after it, eps), read off the
+    transformers model by Gemma's module names."""
+    out = {}
+    for name, _ in model.named_modules():
+        if name.endswith(("o_proj", "down_proj")):
+            block = name.rsplit(".", 2)[0]
+            norm = model.get_submodule(block + (".post_attention_layernorm" if name.endswith("o_proj")
+                                                else ".post_feedforward_layernorm"))
+            out[name] = (1.0 + norm.weight.detach().float(), norm.eps)
+    return out
+
+
+def postnorm_replay(calls, norms, codec, algo, world, *, floor=0.3, cap=2.0):
+    """Gemma's error-feedback chain written from its definition (collectives/feedback.py's
+    module doc), replayed over recorded calls: rank r keeps its residual-space share d_r; at a
+    layer with post-norm gain g it sends ``p_r + c_r``, ``c_r = -sqrt(N) rms(p_r) d_r / g``
+    (0 where |g| < floor * median|g|, clipped to +-cap rms(p_r)); after the sum y it adds
+    ``J(y)(c_r + q_r)`` to d_r (q_r: its quantization error, ``-Feedback.next``), J the norm's
+    Jacobian ``g / rho (v - y mean(y v) / rho^2)``, rho^2 = mean(y^2) + eps; every forward
+    pass (a call of the first layer) starts with d = 0. Returns the outputs it predicts."""
+    from lowbit_tp.collectives import simulate_all_reduce
+    from lowbit_tp.collectives.feedback import Feedback
+
+    first, shares, want = calls[0][0][0], None, []
+    for j, (layer, _, _) in enumerate(calls[0]):
+        if layer == first:
+            shares = None
+        g, eps = norms[layer]
+        parts = [calls[r][j][1] for r in range(world)]
+        comps = [None] * world
+        if shares is not None:
+            inv = torch.where(g.abs() >= floor * g.abs().median(), 1.0 / g, torch.zeros(()))
+            for r, p in enumerate(parts):
+                rms_p = (p.float() * p.float()).mean(-1, keepdim=True).sqrt()
+                c = -(world ** 0.5) * rms_p * shares[r] * inv
+                comps[r] = torch.maximum(torch.minimum(c, cap * rms_p), -cap * rms_p)
+        fbs = [Feedback(carry=c) for c in comps]
+        y = simulate_all_reduce(parts, codec, algo, layer=layer, feedback=fbs)
+        want.append(y)
+        ms = (y * y).mean(-1, keepdim=True) + eps
+        new = []
+        for r in range(world):
+            v = -fbs[r].next if comps[r] is None else comps[r] - fbs[r].next
+            jv = g * (v - y * ((y * v).mean(-1, keepdim=True) / ms)) / ms.sqrt()
+            new.append(jv if shares is None else shares[r] + jv)
+        shares = new
+    return want

@@ -374,7 +374,8 @@ def test_level_search_rounding_ties():
 
 @pytest.mark.parametrize("top", [1.0, 3.7, 1e-30, 2.5e38, 6.5e-39, 1.00390625])
 def test_lg8_codes_match_the_reference_searchsorted(top):
-    """The lg8 scale search of the rot encoders (8 groups at a time by gathers, a scalar tail)
+    """The lg8 scale search of the rot encoders (16 groups at a time from the table's power-of-two
+    structure with AVX-512, else 8 at a time by gathers; a scalar tail)
     against the reference's ``_lg8_encode``: group absmaxes exactly at every table value times
     the base, one to three fp32 steps around each, zeros, subnormals and random ratios."""
     from lowbit_tp.codecs.rotation import _LG8_TABLE, _lg8_encode

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from helpers import RecordingReducer, reference_greedy, save_tiny
+from helpers import RecordingReducer, gemma_post_norms, postnorm_replay, reference_greedy, save_tiny, save_tiny_gemma
 from lowbit_tp.collectives import simulate_all_reduce, spawn_ranks
 
 PROMPTS = ("Hello, tensor parallel world", "ab")
@@ -268,18 +268,125 @@ def test_error_feedback_inside_transformers_tp_equals_the_simulator_and_the_defi
         LowbitRowwiseParallel(reducer=object(), error_feedback=True)
 
 
-def test_the_style_refuses_feedback_it_cannot_do_right():
-    """Used directly, the style never sees the model: without its config, or on a post-norm
-    family (where a plain carry made Gemma's ppl +8,529%), error_feedback=True is refused."""
+# ------------------------------------------------------------------ Gemma 3 (post-norms) error feedback
+GEMMA_STEPS = 3  # prefill + 2 one-token decode steps
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    return save_tiny_gemma(tmp_path_factory.mktemp("tiny_gemma"))
+
+
+def _record_rowwise(model, calls):
+    """Forward hooks on o_proj/down_proj inside transformers' TP: (layer, this rank's partial
+    recomputed from the hook's local input and weight shard, the reduced output)."""
+    import torch.nn.functional as F
+
+    for name, module in model.named_modules():
+        if name.endswith(("o_proj", "down_proj")):
+            def hook(m, args, out, name=name):
+                w = m.weight.to_local() if hasattr(m.weight, "to_local") else m.weight
+                x = args[0]
+                calls.append((name, F.linear(x, w).reshape(-1, out.shape[-1]).clone(),
+                              out.reshape(-1, out.shape[-1]).clone()))
+            module.register_forward_hook(hook)
+
+
+def _rank_gemma_ef(rank, world, path, algorithms):
+    """Per algorithm, ``--engine transformers --error-feedback`` through the CLI's start-up:
+    step logits and every collective call. Then the style used directly (gather):
+    ``error_feedback=True, config=...`` with ``tp_plan(config=...)``: its step logits; and
+    loaded with a plan that names no norms: its first forward's error."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.integrations.transformers import register_lowbit_rowwise, tp_plan
+    from lowbit_tp.runtime.startup import start_rank
+
+    steps, calls = [], []
+    for algo in algorithms:
+        started = start_rank(rank, world, model=path, tp=world, codecs=["int4-g32"], calibration=None, algorithm=algo,
+                             engine="transformers", error_feedback=True)
+        calls.append([])
+        _record_rowwise(started.model, calls[-1])
+        with torch.no_grad():
+            steps.append(_greedy_steps(started.model, GEMMA_STEPS))
+    config = AutoConfig.from_pretrained(path)
+    register_lowbit_rowwise(codec=make_codec("int4-g32"), algorithm="gather", error_feedback=True, config=config)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, distributed_config=DistributedConfig(tp_size=world, tp_plan=tp_plan(config=config)))
+    with torch.no_grad():
+        own = _greedy_steps(model, GEMMA_STEPS)
+    register_lowbit_rowwise(codec=make_codec("int4-g32"), algorithm="gather", error_feedback=True, config=config)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, distributed_config=DistributedConfig(tp_size=world, tp_plan=tp_plan()))
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor(EF_IDS))
+        refused = None
+    except RuntimeError as exc:
+        refused = str(exc)
+    return steps, calls, own, refused
+
+
+def test_gemma_error_feedback_inside_transformers_tp_maps_the_carry_through_the_post_norms(tiny_gemma):
+    """``--engine transformers --error-feedback`` on a tiny Gemma 3 at TP 2 (prefill + 2
+    decode steps), gather and two-shot:
+
+    * every collective call is bitwise ``simulate_all_reduce`` of both ranks' partials with
+      the carries of the post-norm chain replayed here from its definition (a chain without
+      the Jacobian's second term, or without sqrt(N), gives other bits);
+    * the prefill logits are bitwise the native simulator's with ``error_feedback=True``
+      (decode within 1e-6, as for Llama), and differ from the plain codec's;
+    * the style used directly (``config=`` and ``tp_plan(config=...)``) gives the start-up's
+      logits bitwise; loaded with a plan that names no norms, it refuses at its first forward."""
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.models import load_model
+    from lowbit_tp.simulator import TPSimulator
+
+    algorithms = ["gather", "two-shot"]
+    per_rank = spawn_ranks(_rank_gemma_ef, 2, tiny_gemma, algorithms, timeout_s=60, deadline_s=300)
+    model = load_model(tiny_gemma)[0]
+    codec = make_codec("int4-g32")
+    norms = gemma_post_norms(model)
+    with torch.no_grad():
+        for i, algo in enumerate(algorithms):
+            calls = [per_rank[r][1][i] for r in range(2)]
+            assert len(calls[0]) == 4 * GEMMA_STEPS and sum(l == calls[0][0][0] for l, _, _ in calls[0]) == GEMMA_STEPS
+            want = postnorm_replay(calls, norms, codec, algo, 2)
+            for j, w in enumerate(want):
+                for r in range(2):
+                    assert torch.equal(calls[r][j][2], w), (algo, j, calls[0][j][0], r)
+            with TPSimulator(model, tp=2, codec=codec, algorithm=algo, error_feedback=True):
+                sim, sim_tokens = _greedy_steps(model, GEMMA_STEPS)
+            with TPSimulator(model, tp=2, codec=codec, algorithm=algo):
+                plain, _ = _greedy_steps(model, GEMMA_STEPS)
+            for r in range(2):
+                logits, tokens = per_rank[r][0][i]
+                assert torch.equal(logits[0], sim[0]), (algo, r)
+                assert tokens == sim_tokens, (algo, r)
+                for step, (a, b, off) in enumerate(zip(logits, sim, plain)):
+                    assert (a - b).abs().max() <= 1e-6, (algo, r, step)
+                    assert (b - off).abs().max() > 1e-3, (algo, step)  # the feedback acted at every step
+    for r in range(2):
+        steps, _, own, refused = per_rank[r]
+        assert all(torch.equal(a, b) for a, b in zip(own[0], steps[0][0])) and own[1] == steps[0][1]
+        assert refused is not None and "tp_plan(config=config)" in refused, refused
+
+
+def test_gemma_style_plan_names_the_post_norms_and_the_style_still_needs_a_config():
+    """``tp_plan(config=...)`` adds the two post-norms of a Gemma decoder layer (with the
+    recorder style) and nothing for Llama; without a config, feedback stays refused."""
     from transformers import Gemma3TextConfig, LlamaConfig
 
     from lowbit_tp.codecs import make_codec
-    from lowbit_tp.integrations.transformers import LowbitRowwiseParallel
+    from lowbit_tp.integrations.transformers import LowbitRowwiseParallel, tp_plan
 
-    codec = make_codec("int4-g32")
+    extra = set(tp_plan(config=Gemma3TextConfig())) - set(tp_plan())
+    assert extra == {"model.layers.*.post_attention_layernorm", "model.layers.*.post_feedforward_layernorm"}
+    assert {tp_plan(config=Gemma3TextConfig())[k] for k in extra} == {"lowbit_rowwise_postnorm"}
+    assert tp_plan(config=LlamaConfig()) == tp_plan()
     with pytest.raises(ValueError, match="needs the model's config"):
-        LowbitRowwiseParallel(codec=codec, error_feedback=True)
-    with pytest.raises(ValueError, match="post-norms"):
-        LowbitRowwiseParallel(codec=codec, error_feedback=True, config=Gemma3TextConfig())
-    assert LowbitRowwiseParallel(codec=codec, error_feedback=True, config=LlamaConfig()).error_feedback
-    assert not LowbitRowwiseParallel(codec=codec).error_feedback  # no feedback: no config needed
+        LowbitRowwiseParallel(codec=make_codec("int4-g32"), error_feedback=True)
+    assert LowbitRowwiseParallel(codec=make_codec("int4-g32"), error_feedback=True, config=Gemma3TextConfig()).error_feedback

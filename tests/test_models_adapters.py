@@ -18,6 +18,7 @@ from lowbit_tp.models import (  # noqa: E402
     load_model,
     valid_tp_degrees,
 )
+from lowbit_tp.collectives.feedback import PostNorm  # noqa: E402
 from lowbit_tp.simulator import simulated_row_parallel  # noqa: E402
 from lowbit_tp.tp import SimulatedReducer  # noqa: E402
 from lowbit_tp.models.registry import resolve_source  # noqa: E402
@@ -255,3 +256,27 @@ def test_gemma3_270m_geometry_from_config_only():
     assert [s.kv_heads for s in adapter.column_shards(4)] == [(0,), (0,), (0,), (0,)]
     with pytest.raises(ValueError, match="TP degree 8 does not divide the 4 attention heads"):
         check_tp(config, 8)
+
+
+def test_post_norm_names_and_a_post_norm_chain_needs_its_norms():
+    """Gemma's norm after o_proj is the layer's post_attention_layernorm, after down_proj its
+    post_feedforward_layernorm (names, with or without a prefix, and the plan's patterns);
+    a chain for a post-norm family without norms is refused, a pre-norm one needs none."""
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    gemma = get_adapter(Gemma3TextConfig())
+    assert gemma.post_norm_name("model.layers.3.self_attn.o_proj") == "model.layers.3.post_attention_layernorm"
+    assert gemma.post_norm_name("layers.0.mlp.down_proj") == "layers.0.post_feedforward_layernorm"
+    assert gemma.post_norm_name("layers.*.mlp.down_proj") == "layers.*.post_feedforward_layernorm"
+    with pytest.raises(ValueError, match="not a row-parallel layer"):
+        gemma.post_norm_name("model.layers.0.mlp.up_proj")
+    layers = ["model.layers.1.self_attn.o_proj", "model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj"]
+    with pytest.raises(ValueError, match="needs its post-norms"):
+        gemma.feedback_chain_for(layers, tp=2, ranks=1)
+    asked = []
+    chain = gemma.feedback_chain_for(layers, tp=2, ranks=1,
+                                     norm_of=lambda n: asked.append(n) or PostNorm(gain=torch.ones(4)))
+    assert chain.order == tuple(sorted(layers, key=lambda n: (n.split(".")[2], "down" in n)))
+    assert asked == [gemma.post_norm_name(n) for n in chain.order] and chain.post_norm.tp == 2
+    plain = get_adapter(LlamaConfig()).feedback_chain_for(layers, tp=2, ranks=1)
+    assert plain.post_norm is None and plain.order == chain.order

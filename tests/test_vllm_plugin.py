@@ -242,12 +242,79 @@ def test_gated_reducer_feeds_errors_forward_within_each_forward_pass(tmp_path):
         assert rep["error_feedback"] is True and rep["calls"] == {"compressed": 12, "fallback": 4}
 
 
-def test_error_feedback_on_gemma_is_refused_before_vllm_starts(tmp_path):
+GEMMA_HIDDEN = 64  # helpers.save_tiny_gemma's hidden size
+
+
+def _gemma_pass_partials(world, p, layer_index, rows):
+    return planted_partials(world, rows, GEMMA_HIDDEN, seed=10 * p + layer_index, noise_seed=70 + 10 * p + layer_index)
+
+
+def _rank_ef_gemma(rank, world, path):
+    """The plugin's Gemma chain (``feedback_chain_maker``, as ``layer._setup`` builds it) behind
+    the op, over the passes of :data:`EF_PASSES`."""
+    from transformers import AutoConfig
+
+    from lowbit_tp.integrations.vllm.checkpoint import feedback_chain_maker
+
+    inner = DistReducer(codec=make_codec("int4-g32"), group=None, algorithm="gather")
+
+    def fallback(x):
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    red = op.GatedReducer(inner=inner, rank=rank, min_bytes=16 * 1024, fallback=fallback, feedback_layers=[],
+                          make_chain=feedback_chain_maker(AutoConfig.from_pretrained(path), path, tp=world))
+    op.register_reducer("gloo-ef-gemma", red)
+    red.feedback_layers.extend(reversed(LAYERS))
+    return [[torch.ops.lowbit_tp.all_reduce(_gemma_pass_partials(world, p, i, rows)[rank], layer, "gloo-ef-gemma")
+             for i, layer in enumerate(LAYERS)] for p, (rows, _) in enumerate(EF_PASSES)]
+
+
+def test_gated_reducer_maps_gemmas_carry_through_the_post_norms(tmp_path):
+    """Gemma 3 error feedback behind the vLLM op on gloo ranks (norms read from the checkpoint
+    by each rank): every compressed output is bitwise ``simulate_all_reduce`` with the carries
+    of the post-norm chain replayed from its definition with the norms of the model loaded by
+    transformers; a pass below the gate is exact and leaves no carry."""
+    from helpers import gemma_post_norms, postnorm_replay, save_tiny_gemma
+    from lowbit_tp.models import load_model
+
+    world = 2
+    path = save_tiny_gemma(tmp_path)
+    res = spawn_ranks(_rank_ef_gemma, world, path, timeout_s=60)
+    norms = gemma_post_norms(load_model(path)[0])
+    codec = make_codec("int4-g32")
+    for p, (rows, kind) in enumerate(EF_PASSES):
+        parts = [_gemma_pass_partials(world, p, i, rows) for i in range(len(LAYERS))]
+        if kind == "small":
+            for r in range(world):
+                for i in range(len(LAYERS)):
+                    torch.testing.assert_close(res[r][p][i], torch.stack(parts[i]).sum(0))
+            continue
+        calls = [[(layer, parts[i][r], res[r][p][i]) for i, layer in enumerate(LAYERS)] for r in range(world)]
+        want = postnorm_replay(calls, norms, codec, "gather", world)
+        for i, w in enumerate(want):
+            if i > 0:  # the feedback acted
+                assert not torch.equal(w, simulate_all_reduce(parts[i], codec, "gather", layer=LAYERS[i]))
+            for r in range(world):
+                assert torch.equal(res[r][p][i], w), (p, LAYERS[i], r)
+
+
+def test_error_feedback_preflight_needs_gemmas_post_norms_in_the_checkpoint(tmp_path):
+    """Before vLLM starts: feedback on Llama and Gemma passes; a Gemma checkpoint without one
+    post-norm weight is refused, naming it (the workers would read it)."""
+    from safetensors.torch import load_file, save_file
+
     from helpers import save_tiny
     from lowbit_tp.integrations.vllm.checkpoint import preflight
 
     llama, gemma = save_tiny(tmp_path, "llama"), save_tiny(tmp_path, "gemma3")
     preflight(llama, tp=2, calibration=None, error_feedback=True)
-    preflight(gemma, tp=2, calibration=None)  # without feedback: nothing to refuse
-    with pytest.raises(ValueError, match="Gemma 3.*runs on the native engine only"):
+    preflight(gemma, tp=2, calibration=None, error_feedback=True)
+    weights = Path(gemma) / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors["model.layers.1.post_feedforward_layernorm.weight"]
+    save_file(tensors, weights)
+    preflight(gemma, tp=2, calibration=None)  # without feedback: nothing to check
+    with pytest.raises(ValueError, match="no weight for the post-norm 'layers.1.post_feedforward_layernorm'"):
         preflight(gemma, tp=2, calibration=None, error_feedback=True)

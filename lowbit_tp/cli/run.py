@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--algorithm", default=default(d, "algorithm"), choices=ALGORITHMS)
     p.add_argument("--error-feedback", action="store_true", default=default(d, "error_feedback"),
                    help="each rank adds its previous all-reduce's quantization error back into its next partial "
-                        "within a forward pass (same bytes; every engine; Gemma 2/3 on the native engine only)")
+                        "within a forward pass (same bytes; every engine; through the post-norms on Gemma 2/3)")
     p.add_argument("--min-bytes", type=nonneg_int, default=default(AutoPolicy, "min_bytes"),
                    help="auto: messages below this many bf16 bytes use exact (default %(default)s)")
     p.add_argument("--prompt", action="append", required=True, help="repeatable; generated one after another")

@@ -51,7 +51,7 @@ def register(subparsers) -> None:
                    help="size gate: smaller messages (bf16 bytes) use vLLM's own all-reduce; 0 compresses all")
     p.add_argument("--error-feedback", action="store_true", default=default(d, "error_feedback"),
                    help="each worker adds its previous all-reduce's quantization error back into its next partial "
-                        "within a forward pass (same bytes; not Gemma 2/3)")
+                        "within a forward pass (same bytes; through the post-norms on Gemma 2/3)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--compile", action="store_true", help="run vLLM's compiled graph (default: enforce_eager)")

@@ -30,9 +30,18 @@ scales by that name (``model.layers.3.mlp.down_proj``, the simulator's names too
 (:mod:`~lowbit_tp.collectives.feedback`) over the layers it tagged, in the plan's forward
 order: the same :class:`~lowbit_tp.tp.DistReducer` path as the native engine, so the same
 bits. It needs the model's ``config`` (the style never sees the model): a plain chain is
-right only for pre-norm families, and on Gemma 2/3 (post-norms) it would make the output
-garbage, so those are refused. A reducer passed in carries its own chain
-(``DistReducer(feedback=...)``).
+right only for pre-norm families. On Gemma 2/3 (post-norms) the carry is mapped through the
+norm after each row-parallel layer (:class:`~lowbit_tp.collectives.feedback.PostNormFeedback`,
+built by the adapter as on the native engine), and the style reaches those norms through the
+plan: ``tp_plan(config=config)`` names them with a second, weight-keeping style
+(``lowbit_rowwise_postnorm``, registered with the first) that only records each norm module;
+their weights are read at the first forward, after loading. A post-norm model loaded without
+those entries fails at its first forward, never silently. A reducer passed in carries its
+own chain (``DistReducer(feedback=...)``)::
+
+    style = register_lowbit_rowwise(codec=codec, error_feedback=True, config=config)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, distributed_config=DistributedConfig(tp_size=2, tp_plan=tp_plan(config=config)))
 
 Only inference is compressed (``torch.no_grad()``, local tensors); a forward that needs
 gradients raises, since the compressed collective has no backward.
@@ -42,20 +51,39 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
-from transformers.distributed.tensor_parallel import RowwiseParallel
+from transformers.distributed.tensor_parallel import RowwiseParallel, TensorParallelLayer
 
 from lowbit_tp.codecs.base import Codec
 from lowbit_tp.collectives import DEFAULT_ALGORITHM, AutoPolicy, CommStats
-from lowbit_tp.collectives.feedback import FeedbackChain
 from lowbit_tp.models import get_adapter
+from lowbit_tp.models.adapters import post_norm_of
 from lowbit_tp.tp.plan import DECODER_PLAN, TPPlan
 from lowbit_tp.tp.row_parallel import CommHooks, DistReducer, Reducer
 
-__all__ = ["STYLE_NAME", "LowbitRowwiseParallel", "register_lowbit_rowwise", "tp_plan"]
+__all__ = ["STYLE_NAME", "LowbitRowwiseParallel", "PostNormRecorder", "register_lowbit_rowwise", "tp_plan"]
 
 STYLE_NAME = "lowbit_rowwise"
+POSTNORM_SUFFIX = "_postnorm"  # the norm recorder is registered as STYLE_NAME + this
 _NAME_ATTR = "_lowbit_tp_layer"
+
+
+class PostNormRecorder(TensorParallelLayer):
+    """The style of a norm that follows a row-parallel layer (Gemma 2/3's post-norms): every
+    rank keeps the whole weight and the module's forward is left as it is (transformers'
+    ``replicate``); it only records each norm module by name in ``modules``, which the
+    ``lowbit_rowwise`` style reads at its first forward to map the error-feedback carry."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.modules = modules
+
+    def validate_param(self, module, param, mesh, parameter_name=None):
+        if parameter_name is not None:
+            self.modules[parameter_name.rpartition(".")[0]] = module
+
+    def install_forward(self, module, mesh):
+        return module
 
 
 class LowbitRowwiseParallel(RowwiseParallel):
@@ -67,7 +95,9 @@ class LowbitRowwiseParallel(RowwiseParallel):
     recording one). Triggers one :func:`~lowbit_tp.collectives.all_reduce` per forward.
     ``error_feedback``: the built reducers feed each rank's quantization error forward along
     the layers this style tagged (``plan``'s forward order); not with ``reducer``, and only
-    with ``config`` (the model's config) of a pre-norm family.
+    with ``config`` (the model's config). For a post-norm family (Gemma 2/3) the model must be
+    loaded with ``tp_plan(config=config)``, whose norm entries (:attr:`postnorm_style`) give
+    the chain its norms.
     """
 
     def __init__(self, *, codec: Codec | None = None, algorithm: str = DEFAULT_ALGORITHM, policy: AutoPolicy | None = None,
@@ -83,7 +113,9 @@ class LowbitRowwiseParallel(RowwiseParallel):
             if config is None:
                 raise ValueError("error_feedback needs the model's config (config=AutoConfig.from_pretrained(...)): "
                                  "plain feedback is wrong for post-norm models")
-            get_adapter(config).check_error_feedback()  # Gemma 2/3: refused (the carry needs the norms)
+        self.adapter = None if config is None else get_adapter(config)
+        self.norms: dict[str, torch.nn.Module] = {}  # the post-norm modules the plan named, by full name
+        self.postnorm_style = PostNormRecorder(self.norms)
         self.codec, self.algorithm, self.policy, self.hooks = codec, algorithm, policy, hooks
         self.reducer = reducer
         self.error_feedback, self.plan = bool(error_feedback), plan
@@ -103,11 +135,21 @@ class LowbitRowwiseParallel(RowwiseParallel):
             return self.reducer
         key = id(group)
         if key not in self._by_group:
-            # Built at the first forward, after from_pretrained tagged every layer.
-            chain = FeedbackChain(self.plan.forward_order(self._layers), ranks=1) if self.error_feedback else None
+            # Built at the first forward, after from_pretrained tagged every layer and loaded the norms.
+            chain = None
+            if self.error_feedback:
+                chain = self.adapter.feedback_chain_for(self._layers, tp=dist.get_world_size(group),
+                                                        ranks=1, norm_of=self._norm_of)
             self._by_group[key] = DistReducer(codec=self.codec, group=group, algorithm=self.algorithm,
                                               policy=self.policy, hooks=self.hooks, feedback=chain)
         return self._by_group[key]
+
+    def _norm_of(self, name: str):
+        if name not in self.norms:
+            raise RuntimeError(f"lowbit_rowwise: error feedback on {self.adapter.family} maps the carry through "
+                               f"the post-norms, but the plan named no {name!r}: load the model with "
+                               f"tp_plan(config=config)")
+        return post_norm_of(self.norms[name])
 
     def transform_output_post_forward(self, module, output, mesh):
         local = isinstance(module, torch.nn.Linear) and isinstance(output, torch.Tensor) and not (
@@ -134,15 +176,26 @@ def register_lowbit_rowwise(*, codec: Codec | None = None, algorithm: str = DEFA
                             hooks: CommHooks = CommHooks(), reducer: Reducer | None = None,
                             error_feedback: bool = False, config: Any = None,
                             name: str = STYLE_NAME) -> LowbitRowwiseParallel:
-    """Register a :class:`LowbitRowwiseParallel` as style ``name`` (replacing an earlier
-    one of that name) and return it; call before ``from_pretrained``."""
+    """Register a :class:`LowbitRowwiseParallel` as style ``name`` and its
+    :class:`PostNormRecorder` as ``name + "_postnorm"`` (replacing earlier ones of those
+    names) and return it; call before ``from_pretrained``."""
     style = LowbitRowwiseParallel(codec=codec, algorithm=algorithm, policy=policy, hooks=hooks, reducer=reducer,
                                   error_feedback=error_feedback, config=config)
     ALL_PARALLEL_STYLES.register(name, style)
+    ALL_PARALLEL_STYLES.register(name + POSTNORM_SUFFIX, style.postnorm_style)
     return style
 
 
-def tp_plan(plan: TPPlan = DECODER_PLAN, *, style: str = STYLE_NAME, prefix: str = "model.") -> dict[str, Any]:
+def tp_plan(plan: TPPlan = DECODER_PLAN, *, style: str = STYLE_NAME, prefix: str = "model.",
+            config: Any = None) -> dict[str, Any]:
     """The ``DistributedConfig(tp_plan=...)`` for a causal LM of the supported families:
-    q/k/v and gate/up ``colwise``, o_proj and down_proj ``style``; keys carry ``prefix``."""
-    return plan.transformers_plan(prefix=prefix, rowwise=style)
+    q/k/v and gate/up ``colwise``, o_proj and down_proj ``style``; keys carry ``prefix``.
+    With the ``config`` of a post-norm family (Gemma 2/3) the norms after o_proj and down_proj
+    get ``style + "_postnorm"`` (kept whole, recorded for error feedback)."""
+    out = plan.transformers_plan(prefix=prefix, rowwise=style)
+    adapter = None if config is None else get_adapter(config)
+    if adapter is not None and adapter.post_norm:
+        for pattern, rule in plan.rules:
+            if rule.style == "rowwise":
+                out[prefix + adapter.post_norm_name(pattern)] = style + POSTNORM_SUFFIX
+    return out

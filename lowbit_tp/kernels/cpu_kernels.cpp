@@ -730,8 +730,12 @@ inline __m512 fwht16(__m512 v) {
   return _mm512_fmadd_ps(v, s8, _mm512_shuffle_f32x4(v, v, 0x4e));  // 256-bit halves swapped
 }
 
-template <int Q, bool ACC, class Load>
-inline void fwht_row_zmm_q(const Load& load, const float* post, float* dst, int64_t e, float inv_sqrt) {
+// A store hook of fwht_row_zmm_q that does nothing (the encoder's takes the group absmax there).
+struct NoSink { void operator()(int64_t, __m512) const {} };
+
+template <int Q, bool ACC, class Load, class Sink = NoSink>
+__attribute__((always_inline)) inline void fwht_row_zmm_q_inl(const Load& load, const float* post, float* dst, int64_t e,
+                                                              float inv_sqrt, const Sink& sink) {
   constexpr int NZ = 4 * Q;  // registers per block
   const __m512 s = _mm512_set1_ps(inv_sqrt);
   for (int64_t p = 0; p < e; p += 64 * Q) {
@@ -756,9 +760,16 @@ inline void fwht_row_zmm_q(const Load& load, const float* post, float* dst, int6
       const int64_t at = p + 16 * i;
       __m512 x = _mm512_mul_ps(v[i], post ? _mm512_loadu_ps(post + at) : s);
       if (ACC) x = _mm512_add_ps(_mm512_loadu_ps(dst + at), x);
+      sink(at, x);
       _mm512_storeu_ps(dst + at, x);
     }
   }
+}
+// The same, left to the compiler's inlining (the decoders: forced inline there measured slower).
+template <int Q, bool ACC, class Load, class Sink = NoSink>
+inline void fwht_row_zmm_q(const Load& load, const float* post, float* dst, int64_t e, float inv_sqrt,
+                           const Sink& sink = Sink()) {
+  fwht_row_zmm_q_inl<Q, ACC>(load, post, dst, e, inv_sqrt, sink);
 }
 #endif
 #ifndef LBT_ZMM_HADAMARD
@@ -777,6 +788,18 @@ inline void fwht_row_fused16(const Load16& load, const float* post, float* dst, 
     case 257: fwht_row_zmm_q<2, true>(load, post, dst, e, inv_sqrt); return;
     case 512: fwht_row_zmm_q<4, false>(load, post, dst, e, inv_sqrt); return;
     default: fwht_row_zmm_q<4, true>(load, post, dst, e, inv_sqrt); return;
+  }
+}
+// The encoder's: forced inline into its caller, so that what the hooks capture by reference
+// (the input scan's max, the group absmax) stays in registers (out of line it went through
+// memory on every 16 values); `sink(at, v)` sees each finished 16 values v (stored at dst + at).
+template <class Load16, class Sink>
+__attribute__((always_inline)) inline void fwht_row_encode16(const Load16& load, float* dst, int64_t e, int64_t block,
+                                                             float inv_sqrt, const Sink& sink) {
+  switch (block) {
+    case 64: fwht_row_zmm_q_inl<1, false>(load, nullptr, dst, e, inv_sqrt, sink); return;
+    case 128: fwht_row_zmm_q_inl<2, false>(load, nullptr, dst, e, inv_sqrt, sink); return;
+    default: fwht_row_zmm_q_inl<4, false>(load, nullptr, dst, e, inv_sqrt, sink); return;
   }
 }
 // 16 values from element i as fp32, as load8.
@@ -1353,6 +1376,85 @@ inline void lg8_codes8(const float* amax, const uint8_t* poisoned, float b32, co
 }
 #endif
 
+#ifdef LBT_AVX512
+// lg8_code for 16 groups at once, without gathers or a search loop, where the table is
+// 2**(-q/16) rounded once: lg8[0] = 1 > lg8[1] > ... > lg8[15] > lg8[16] = 0.5 and
+// lg8[16a + j] = lg8[j] * 2**-a for every q = 16a + j (the constructor checks all of it;
+// `ok` false: the caller keeps lg8_codes8). For a normal ratio r = m * 2**-a0 with m in
+// [0.5, 1) (read off r's bits), lg8[16a + j] >= r  <=>  lg8[j] * 2**(a0 - a) >= m, which holds
+// for every a < a0 (2 lg8[j] > 1 > m), at a = a0 iff lg8[j] >= m, at a = a0 + 1 only for j = 0
+// and m = 0.5 (lg8[j] / 2 >= m needs lg8[j] = 1 and m = 0.5), and never for a > a0 + 1. So
+//   #{q : lg8[q] >= r} = 16 a0 + 1 + #{j in 1..15 : lg8[j] >= m} + [m == 0.5],
+// and the reference's answer (the largest q <= 254 with lg8[q] >= r, 0 if none) is that count
+// minus one clamped to [0, 254]. The clamp also covers r >= 1 (a0 <= -1) and zero or
+// subnormal r (a0 >= 126: every q counts). #{j in 1..15 : lg8[j] >= m} is a 4-step binary
+// search over lg8[1..15] (descending: the predicate holds on a prefix), 16 lanes a step.
+struct Lg8Fast {
+  bool ok = true;
+  __m512 tab, first;  // lg8[0..15]; lg8[8] (the first step's bound)
+  __m512 step[4];     // step k (1..3) reads lg8[1 + min(pos + w - 1, 14)], w = 8 >> k
+  explicit Lg8Fast(const float* lg8) {
+    alignas(64) static const float none[256] = {0};
+    if (!lg8) { ok = false; lg8 = none; }  // not an lg8 format
+    ok = ok && lg8[0] == 1.0f && lg8[16] == 0.5f;
+    for (int j = 1; j < 16; ++j) ok = ok && lg8[j] < lg8[j - 1] && lg8[j] > 0.5f;
+    for (int q = 0; q < 256; ++q) ok = ok && lg8[q] == std::ldexp(lg8[q & 15], -(q >> 4));
+    tab = _mm512_loadu_ps(lg8);
+    first = _mm512_set1_ps(lg8[8]);
+    for (int k = 1; k < 4; ++k) {
+      const int w = 8 >> k;
+      alignas(64) float t[16];
+      for (int i = 0; i < 16; ++i) t[i] = lg8[1 + (i + w - 1 < 14 ? i + w - 1 : 14)];
+      step[k] = _mm512_load_ps(t);
+    }
+  }
+  // scale[i] = b32 * lg8[q], qbytes[i] = q (255 where poisoned) for ratios amax[i] / b32.
+  void codes16(const float* amax, const uint8_t* poisoned, float b32, float* scale, uint8_t* qbytes) const {
+    const __m512 r = _mm512_div_ps(_mm512_loadu_ps(amax), _mm512_set1_ps(b32));
+    const __m512i rb = _mm512_castps_si512(r);  // r >= +0
+    const __m512 m = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(rb, _mm512_set1_epi32(0x007fffff)),
+                                                         _mm512_set1_epi32(0x3f000000)));
+    __m512i pos = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(first, m, _CMP_GE_OQ), _mm512_set1_epi32(8));
+    for (int k = 1; k < 4; ++k) {
+      const __mmask16 ge = _mm512_cmp_ps_mask(_mm512_permutexvar_ps(pos, step[k]), m, _CMP_GE_OQ);
+      pos = _mm512_mask_add_epi32(pos, ge, pos, _mm512_set1_epi32(8 >> k));
+    }
+    pos = _mm512_mask_add_epi32(pos, _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.5f), _CMP_EQ_OQ), pos, _mm512_set1_epi32(1));
+    const __m512i a0 = _mm512_sub_epi32(_mm512_set1_epi32(126), _mm512_srli_epi32(rb, 23));
+    __m512i q = _mm512_add_epi32(_mm512_slli_epi32(a0, 4), pos);
+    q = _mm512_min_epi32(_mm512_max_epi32(q, _mm512_setzero_si512()), _mm512_set1_epi32(254));
+    const __m512i lq = _mm512_sub_epi32(_mm512_castps_si512(_mm512_permutexvar_ps(q, tab)),
+                                        _mm512_slli_epi32(_mm512_srli_epi32(q, 4), 23));  // lg8[q & 15] * 2**-(q >> 4)
+    _mm512_storeu_ps(scale, _mm512_mul_ps(_mm512_set1_ps(b32), _mm512_castsi512_ps(lq)));
+    const __mmask16 bad = _mm512_test_epi32_mask(
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(poisoned))), _mm512_set1_epi32(0xff));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qbytes),
+                     _mm512_cvtepi32_epi8(_mm512_mask_mov_epi32(q, bad, _mm512_set1_epi32(255))));
+  }
+};
+
+// Lane j: the largest of the 16 int32 at p + 16 j (a transposing max tree: 15 pairs of
+// shuffles and maxes for 16 rows instead of a horizontal reduction per row).
+inline __m512i max16x16(const int32_t* p) {
+  __m512i v[16];
+  for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(p + 16 * i);
+  __m512i c[8], d[4], f[2];
+  for (int i = 0; i < 8; ++i)  // lanes 0-7: row 2i's 8 partial maxes, 8-15: row 2i + 1's
+    c[i] = _mm512_max_epi32(_mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], 0x44),
+                            _mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], 0xee));
+  for (int i = 0; i < 4; ++i)  // quarter j: row 4i + j's 4 partials
+    d[i] = _mm512_max_epi32(_mm512_shuffle_i32x4(c[2 * i], c[2 * i + 1], 0x88),
+                            _mm512_shuffle_i32x4(c[2 * i], c[2 * i + 1], 0xdd));
+  for (int i = 0; i < 2; ++i)  // quarter j: rows 8i + j, 8i + 4 + j, 2 partials each
+    f[i] = _mm512_max_epi32(_mm512_unpacklo_epi64(d[2 * i], d[2 * i + 1]), _mm512_unpackhi_epi64(d[2 * i], d[2 * i + 1]));
+  // quarter j: rows j, 4 + j, 8 + j, 12 + j
+  const __m512i g = _mm512_max_epi32(
+      _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(f[0]), _mm512_castsi512_ps(f[1]), 0x88)),
+      _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(f[0]), _mm512_castsi512_ps(f[1]), 0xdd)));
+  return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), g);
+}
+#endif
+
 // Returns bit 0: the input held NaN/Inf; bit 1: a rotated value overflowed fp32 or a group
 // absmax exceeded `scale_max` (error mode: the caller lets the reference raise; propagate
 // mode: the absmax is clamped, as the reference's _fit_range does).
@@ -1382,6 +1484,13 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
   // the same as bit masks (bit c % 16 of word c / 16: channel c is not kept)
   std::vector<uint16_t> keep16(direct ? e / 16 : 0, uint16_t(0xffff));
   for (int64_t i = 0; i < k && direct; ++i) keep16[outl[i] >> 4] &= uint16_t(~(1u << (outl[i] & 15)));
+  // Group absmax taken in the Hadamard's store loop (a group is 2**gshift whole stores of one
+  // block): per group the elementwise max of |z| bits, reduced 16 groups at a time after the row.
+  const bool fuse_amax = direct && group % 16 == 0 && s.block % group == 0 && !(LBT_SKIP & 4);
+  int gshift = 0;
+  while ((int64_t(16) << gshift) < group) ++gshift;
+  std::vector<int32_t> gbuf(fuse_amax ? 16 * g_count : 0);
+  const Lg8Fast lg8fast(s.fmt == 2 ? s.lg8 : nullptr);
 #endif
 #endif
   for (int64_t t = 0; t < t_rows; ++t) {
@@ -1402,11 +1511,27 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
       // kept channels (mask bit 0) become +0 (the reference's index_fill then times the sign
       // gives -0 where the sign is -1: the sign of a zero never reaches the payload, since the
       // rotated values are only compared and their magnitudes taken); the others x times the sign
-      fwht_row_fused16([&vam, row, km, sg, absm](int64_t at) {
+      auto load = [&vam, row, km, sg, absm](int64_t at) {
         const __m512 v = load16<DT>(row, at);
         vam = _mm512_max_epi32(vam, _mm512_and_si512(_mm512_castps_si512(v), absm));
         return _mm512_maskz_mul_ps(__mmask16(km[at >> 4]), v, _mm512_loadu_ps(sg + at));
-      }, nullptr, z.data(), false, e, s.block, s.inv_sqrt_block);
+      };
+      if (fuse_amax) {
+        __m512i gacc = _mm512_setzero_si512();
+        int32_t* gb = gbuf.data();
+        const int64_t glast = (int64_t(1) << gshift) - 1;
+        const int gs = gshift;
+        fwht_row_encode16(load, z.data(), e, s.block, s.inv_sqrt_block,
+                          [&gacc, gb, glast, gs, absm](int64_t at, __m512 v) {
+          gacc = _mm512_max_epi32(gacc, _mm512_and_si512(_mm512_castps_si512(v), absm));
+          if (((at >> 4) & glast) == glast) {  // the group's last 16 values
+            _mm512_storeu_si512(gb + 16 * ((at >> 4) >> gs), gacc);
+            gacc = _mm512_setzero_si512();
+          }
+        });
+      } else {
+        fwht_row_encode16(load, z.data(), e, s.block, s.inv_sqrt_block, NoSink());
+      }
       const int32_t vm = _mm512_reduce_max_epi32(vam);
       if (vm >= 0x7f800000) status |= 1;
       else in_amax = in_amax > vm ? in_amax : vm;
@@ -1485,7 +1610,50 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
         fwht_row(z.data(), e, s.block, s.inv_sqrt_block);
     }
     }  // not direct
-    for (int64_t g = 0; g < g_count; ++g) {
+    int64_t g_done = 0;
+#ifdef LBT_ZMM16
+    if (fuse_amax && direct) {  // 16 groups a step: the largest |z| bits per group from the store loop
+      for (; g_done < g_count; g_done += 16) {
+        const int64_t m = g_count - g_done < 16 ? g_count - g_done : 16;
+        const __mmask16 valid = __mmask16((1u << m) - 1);
+        __m512i a;
+        if (m == 16) {
+          a = max16x16(gbuf.data() + 16 * g_done);
+        } else {
+          alignas(64) int32_t tmp[16] = {0};
+          for (int64_t j = 0; j < m; ++j) tmp[j] = _mm512_reduce_max_epi32(_mm512_loadu_si512(gbuf.data() + 16 * (g_done + j)));
+          a = _mm512_load_si512(tmp);
+        }
+        // NaN/Inf bits are above every finite one: such a group is rescanned for its finite max
+        __mmask16 bad = __mmask16(_mm512_cmpge_epi32_mask(a, _mm512_set1_epi32(0x7f800000)) & valid);
+        if (bad) {
+          alignas(64) int32_t tmp[16];
+          _mm512_store_si512(tmp, a);
+          for (int j = 0; j < 16; ++j) {
+            if (!(bad >> j & 1)) continue;
+            int32_t f = 0;
+            const int32_t* zb = reinterpret_cast<const int32_t*>(z.data() + (g_done + j) * group);
+            for (int64_t i = 0; i < group; ++i) {
+              const int32_t u = zb[i] & 0x7fffffff;
+              f = (u < 0x7f800000 && u > f) ? u : f;
+            }
+            tmp[j] = f;
+          }
+          a = _mm512_load_si512(tmp);
+          if (!(status & 1)) status |= 2;  // finite input, non-finite rotation: fp32 overflow
+        }
+        __m512 am = _mm512_castsi512_ps(a);
+        const __mmask16 big = __mmask16(_mm512_cmp_ps_mask(am, _mm512_set1_ps(scale_max), _CMP_GT_OQ) & valid);
+        if (big) {
+          status |= 2;
+          am = _mm512_mask_mov_ps(am, big, _mm512_set1_ps(scale_max));
+        }
+        _mm512_mask_storeu_ps(amax.data() + g_done, valid, am);
+        _mm_mask_storeu_epi8(poisoned.data() + g_done, valid, _mm_maskz_mov_epi8(bad, _mm_set1_epi8(1)));
+      }
+    }
+#endif
+    for (int64_t g = g_done; g < g_count; ++g) {
       const int64_t c0 = g * group, n = (c0 + group <= e ? group : e - c0);
       if (LBT_SKIP & 4) { amax[g] = 1.0f; poisoned[g] = 0; continue; }
       int32_t a = 0, bad = 0;
@@ -1532,6 +1700,10 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
       const float b32 = (base & 0x7fffu) == 0 ? 1.0f : bf16_to_f32(base);
       uint8_t* qrow = sbytes + t * g_count;
       int64_t g = 0;
+#ifdef LBT_ZMM16
+      for (; lg8fast.ok && g + 16 <= g_count; g += 16)
+        lg8fast.codes16(amax.data() + g, poisoned.data() + g, b32, scale.data() + g, qrow + g);
+#endif
 #ifdef LBT_AVX2
       for (; g + 8 <= g_count; g += 8)
         lg8_codes8(amax.data() + g, poisoned.data() + g, b32, s.lg8, scale.data() + g, qrow + g);
@@ -1781,6 +1953,10 @@ void lbt_rot_codes(const float* z, int64_t n, float sc, int finite, const float*
 void lbt_lg8_codes(const float* amax, int64_t n, float b32, const float* lg8, float* scale, uint8_t* q) {
   std::vector<uint8_t> poisoned(n, 0);
   int64_t g = 0;
+#ifdef LBT_ZMM16
+  const Lg8Fast fast(lg8);
+  for (; fast.ok && g + 16 <= n; g += 16) fast.codes16(amax + g, poisoned.data() + g, b32, scale + g, q + g);
+#endif
 #ifdef LBT_AVX2
   for (; g + 8 <= n; g += 8) lg8_codes8(amax + g, poisoned.data() + g, b32, lg8, scale + g, q + g);
 #endif

@@ -23,7 +23,7 @@ output, so a runtime must intercept the Linear's output, never the residual stre
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import torch
 
@@ -38,6 +38,8 @@ __all__ = [
     "TPGeometry",
     "check_tp",
     "get_adapter",
+    "post_norm_from_weight",
+    "post_norm_of",
     "valid_tp_degrees",
 ]
 
@@ -59,6 +61,18 @@ POST_NORM_MODEL_TYPES = frozenset({"gemma2", "gemma3", "gemma3_text"})
 LayerKind = Literal["attn_out", "mlp_down"]
 
 _KIND_BY_SPLIT: dict[str, LayerKind] = {"q_heads": "attn_out", "features": "mlp_down"}
+_POST_NORM_BY_KIND: dict[str, str] = {"attn_out": "post_attention_layernorm", "mlp_down": "post_feedforward_layernorm"}
+
+
+def post_norm_from_weight(weight: torch.Tensor, *, eps: float) -> PostNorm:
+    """A Gemma RMSNorm as :class:`PostNorm`: gain ``1 + weight`` (fp32, a copy), ``eps``."""
+    return PostNorm(gain=1.0 + weight.detach().float().clone(), eps=float(eps))
+
+
+def post_norm_of(norm: torch.nn.Module) -> PostNorm:
+    """:func:`post_norm_from_weight` of a loaded Gemma RMSNorm module (its ``weight``, and
+    ``eps`` or ``variance_epsilon``)."""
+    return post_norm_from_weight(norm.weight, eps=getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
 
 
 @dataclass(frozen=True)
@@ -192,36 +206,50 @@ class ArchitectureAdapter:
     plan: TPPlan = DECODER_PLAN
     post_norm: bool = False  # row-parallel outputs are normalised before the residual add (Gemma 2/3)
 
-    def check_error_feedback(self, *, post_norm: bool = False) -> None:
-        """Raise ``ValueError`` where error feedback along depth would be wrong. Pre-norm
-        families add the row-parallel outputs straight into the residual stream: plain feedback.
-        Post-norm ones (Gemma 2/3) need the carry mapped through their norms, which only a chain
-        from :meth:`feedback_chain` does: the caller says so with ``post_norm=True``."""
-        if self.post_norm and not post_norm:
-            raise ValueError(f"error feedback on {self.family} (post-norms) runs on the native engine only "
-                             f"(lowbit-tp's ranks and simulator), which map the carry through the norms")
+    def post_norm_name(self, layer: str) -> str:
+        """Gemma 2/3: the full name of the norm between row-parallel ``layer`` and the residual
+        (``...self_attn.o_proj`` -> ``...post_attention_layernorm``, ``...mlp.down_proj`` ->
+        ``...post_feedforward_layernorm`` of the same decoder layer). Also for the plan's patterns
+        (``layers.*.mlp.down_proj``), which is how the transformers style names them in its plan."""
+        rule = dict(self.plan.rules).get(layer)
+        if rule is None:
+            hit = self.plan.rule_for(layer)
+            rule = None if hit is None else hit[1]
+        if not self.post_norm or rule is None or rule.style != "rowwise":
+            raise ValueError(f"{self.family}: {layer!r} is not a row-parallel layer followed by a post-norm")
+        return f"{layer.rsplit('.', 2)[0]}.{_POST_NORM_BY_KIND[_KIND_BY_SPLIT[rule.split]]}"
 
     def post_norms(self, model: torch.nn.Module) -> dict[str, PostNorm]:
-        """Gemma 2/3: each row-parallel layer's norm before the residual add (``o_proj`` ->
-        ``post_attention_layernorm``, ``down_proj`` -> ``post_feedforward_layernorm`` of the
-        same decoder layer), gain ``1 + weight``. Empty for pre-norm families."""
+        """Gemma 2/3: each row-parallel layer's norm before the residual add
+        (:meth:`post_norm_name`, :func:`post_norm_of`). Empty for pre-norm families."""
         if not self.post_norm:
             return {}
-        out = {}
-        for layer in self.row_parallel_layers(model):
-            block, _, _ = layer.name.rsplit(".", 2)
-            norm = model.get_submodule(f"{block}.{'post_attention_layernorm' if layer.kind == 'attn_out' else 'post_feedforward_layernorm'}")
-            out[layer.name] = PostNorm(gain=1.0 + norm.weight.detach().float().clone(),
-                                       eps=float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6))))
-        return out
+        return {l.name: post_norm_of(model.get_submodule(self.post_norm_name(l.name)))
+                for l in self.row_parallel_layers(model)}
 
     def feedback_chain(self, model: torch.nn.Module, *, tp: int, ranks: int) -> FeedbackChain:
         """The error-feedback state for ``ranks`` ranks of a TP-``tp`` run of ``model`` (all N
         in a simulation, 1 on a real rank): plain for pre-norm families, mapped through the
         post-norms for Gemma 2/3 (:class:`~lowbit_tp.collectives.feedback.PostNormFeedback`)."""
-        order = tuple(l.name for l in self.row_parallel_layers(model))
-        post = PostNormFeedback(norms=self.post_norms(model), tp=tp) if self.post_norm else None
-        return FeedbackChain(order, ranks=ranks, post_norm=post)
+        return self.feedback_chain_for([l.name for l in self.row_parallel_layers(model)], tp=tp, ranks=ranks,
+                                       norm_of=lambda name: post_norm_of(model.get_submodule(name)))
+
+    def feedback_chain_for(self, layers: Iterable[str], *, tp: int, ranks: int,
+                           norm_of: Callable[[str], PostNorm] | None = None) -> FeedbackChain:
+        """:meth:`feedback_chain` for an engine that holds no whole model but learns its
+        row-parallel ``layers`` by name (any order; the plan's forward order is taken) and can
+        give the :class:`PostNorm` of a norm by its full name (``norm_of``, Gemma 2/3 only:
+        transformers' style from the norm modules in its plan, the vLLM plugin from the
+        checkpoint). A post-norm family without ``norm_of`` is refused: a plain carry there
+        makes the output garbage."""
+        order = self.plan.forward_order(layers)
+        if not self.post_norm:
+            return FeedbackChain(order, ranks=ranks)
+        if norm_of is None:
+            raise ValueError(f"error feedback on {self.family} needs its post-norms (the carry is mapped "
+                             f"through them), and none were given")
+        norms = {name: norm_of(self.post_norm_name(name)) for name in order}
+        return FeedbackChain(order, ranks=ranks, post_norm=PostNormFeedback(norms=norms, tp=tp))
 
     def row_parallel_layers(self, model: torch.nn.Module) -> list[RowParallelLayer]:
         """Every decoder layer's ``o_proj`` then ``down_proj`` (the plan's ``rowwise``

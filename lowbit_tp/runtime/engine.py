@@ -26,7 +26,7 @@ import torch.distributed as dist
 from lowbit_tp.collectives import AutoPolicy, spawn_ranks
 from lowbit_tp.collectives.launch import init_from_env
 from lowbit_tp.configs import RunConfig, SamplingConfig
-from lowbit_tp.preflight import check_codecs, check_error_feedback, check_model_tp
+from lowbit_tp.preflight import check_codecs, check_model_tp
 from lowbit_tp.runtime.generate import generate
 from lowbit_tp.runtime.records import RunResult
 from lowbit_tp.runtime.startup import rss_mib, start_rank
@@ -108,7 +108,6 @@ def preflight_run(cfg: RunConfig) -> None:
     calibration, which fits the TP degree and hidden size. Raises :class:`UserError`."""
     config = check_model_tp(cfg.model, cfg.tp)
     check_codecs([cfg.codec], calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size)
-    check_error_feedback(config, cfg.error_feedback, engine=cfg.engine)
 
 
 def run_config(cfg: RunConfig, *, deadline_s: float | None = None, stream: bool = False) -> RunResult:

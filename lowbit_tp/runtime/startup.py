@@ -105,8 +105,6 @@ def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[s
     reducer = DistReducer(codec=next(iter(built.values())), group=group, algorithm=algorithm, policy=policy,
                           hooks=hooks)
     adapter = get_adapter(net if engine == "native" else config, name=model)
-    if error_feedback:  # Gemma's carry through the post-norms is built by the native engine only
-        adapter.check_error_feedback(post_norm=engine == "native")
     if engine == "native":
         if error_feedback:
             reducer.feedback = adapter.feedback_chain(net, tp=world, ranks=1)
@@ -115,7 +113,7 @@ def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[s
         t1 = time.perf_counter()
         net = _transformers_tp_model(model, tp=world, reducer=reducer)
         load_s += time.perf_counter() - t1
-        if error_feedback:  # before any forward: the style's layers carry the plan's names
+        if error_feedback:  # after loading (the post-norms weights are read here), before any forward
             reducer.feedback = adapter.feedback_chain(net, tp=world, ranks=1)
         shard = {"rank": rank, "tp": world, "engine": "transformers", "shard_param_bytes": _local_param_bytes(net)}
     memory["after_shard"] = rss_mib()

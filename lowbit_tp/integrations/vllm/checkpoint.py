@@ -13,15 +13,24 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 from lowbit_tp.calibration import Calibration, CalibrationError
+from lowbit_tp.collectives.feedback import FeedbackChain, PostNorm
 from lowbit_tp.models import get_adapter
+from lowbit_tp.models.adapters import post_norm_from_weight
 from lowbit_tp.models.export import SIDECAR
+from lowbit_tp.models.registry import resolve_source
 
 # vLLM prefixes and HF module names share this tail for every architecture we support
 # (Llama: "model.layers.3.mlp.down_proj"; Gemma 3 multimodal: "language_model.model.layers.3...").
 _TAIL = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn\.o_proj|mlp\.down_proj)$")
+
+
+# Gemma 2/3's norms between a row-parallel output and the residual, by the same tail.
+_NORM_TAIL = re.compile(r"(?:^|\.)layers\.(\d+)\.(post_attention_layernorm|post_feedforward_layernorm)$")
 
 
 def layer_key(name: str) -> tuple[int, str] | None:
@@ -95,13 +104,69 @@ def check_calibration(cal: Calibration, ident: CheckpointIdentity, *, tp: int, p
                                f"was it made for another model?")
 
 
+@dataclass(frozen=True)
+class CheckpointPostNorms:
+    """Gemma 2/3's post-norms as the checkpoint holds them, for error feedback in vLLM (whose
+    layers never see their model): ``norms`` maps ``(layer index, norm name)`` to its
+    :class:`PostNorm` (gain ``1 + weight``, the config's ``rms_norm_eps``, as vLLM's Gemma
+    RMSNorm computes it). Called with a norm's full name under any prefix (the calibration's
+    or vLLM's), it gives that layer's norm."""
+
+    directory: Path
+    norms: dict
+
+    def __call__(self, name: str) -> PostNorm:
+        m = _NORM_TAIL.search(name)
+        key = None if m is None else (int(m.group(1)), m.group(2))
+        if key not in self.norms:
+            raise ValueError(f"error feedback: checkpoint {self.directory} has no weight for the post-norm {name!r}")
+        return self.norms[key]
+
+
+def read_post_norms(directory: str | Path) -> CheckpointPostNorms:
+    """Every ``layers.<i>.post_attention_layernorm`` / ``post_feedforward_layernorm`` weight of
+    the safetensors checkpoint in ``directory`` (a few KiB: read once per worker)."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    cfg = json.loads((directory / "config.json").read_text())
+    eps = float((cfg.get("text_config") or cfg).get("rms_norm_eps", 1e-6))
+    norms = {}
+    for path in resolve_source(str(directory)).weight_files():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"error feedback on a post-norm model reads its norms from safetensors, not {path.name}")
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                m = _NORM_TAIL.search(key.removesuffix(".weight")) if key.endswith(".weight") else None
+                if m is not None:
+                    norms[(int(m.group(1)), m.group(2))] = post_norm_from_weight(f.get_tensor(key), eps=eps)
+    return CheckpointPostNorms(directory=directory, norms=norms)
+
+
+def feedback_chain_maker(config: Any, model_dir: str | Path, *, tp: int) -> Callable[[Sequence[str]], FeedbackChain]:
+    """What the plugin's :class:`~lowbit_tp.integrations.vllm.op.GatedReducer` builds its
+    error-feedback chain with, once vLLM has built every layer: the adapter's
+    :meth:`~lowbit_tp.models.adapters.ArchitectureAdapter.feedback_chain_for` at TP ``tp``, one
+    rank per worker, with Gemma 2/3's post-norms read from the checkpoint in ``model_dir``
+    (``config``: the model's HF config)."""
+    adapter = get_adapter(config)
+    norm_of = read_post_norms(model_dir) if adapter.post_norm else None
+    return partial(adapter.feedback_chain_for, tp=tp, ranks=1, norm_of=norm_of)
+
+
 def preflight(model_dir: str | Path, *, tp: int, calibration: str | None, error_feedback: bool = False) -> None:
     """The start-up check, run before vLLM starts: one :class:`CalibrationError` (or, for
-    error feedback on a model it does not fit, ``ValueError``) with one message."""
+    error feedback on a post-norm model whose norms the checkpoint lacks, ``ValueError``)
+    with one message."""
     if error_feedback:
         from transformers import AutoConfig
 
-        get_adapter(AutoConfig.from_pretrained(str(model_dir))).check_error_feedback()
+        adapter = get_adapter(AutoConfig.from_pretrained(str(model_dir)))
+        if adapter.post_norm:  # the workers will read these norms; say now if one is missing
+            norms = read_post_norms(model_dir)
+            for i in range(adapter.geometry.num_layers):
+                for layer in (f"layers.{i}.self_attn.o_proj", f"layers.{i}.mlp.down_proj"):
+                    norms(adapter.post_norm_name(layer))
     if calibration is None:
         return
     cal = Calibration.load(calibration)

@@ -13,7 +13,9 @@ check it against the checkpoint and TP degree, build the codec, register the
 :class:`~lowbit_tp.tp.DistReducer`) over vLLM's TP group. Each layer maps
 its vLLM prefix to the calibration's layer name, so a calibration for another model
 fails here, naming the file, before any weight is loaded. With ``error_feedback`` each layer
-also hands its name to the reducer, which orders them into the feedback chain.
+also hands its name to the reducer, which orders them into the feedback chain; on Gemma 2/3
+the chain maps the carry through the post-norms, whose weights each worker reads from the
+checkpoint at start-up (:func:`~lowbit_tp.integrations.vllm.checkpoint.read_post_norms`).
 """
 from __future__ import annotations
 
@@ -26,7 +28,6 @@ from lowbit_tp.collectives import AutoPolicy
 from lowbit_tp.integrations.vllm import op  # noqa: F401  (registers torch.ops.lowbit_tp.all_reduce)
 from lowbit_tp.tp import DistReducer
 from lowbit_tp.integrations.vllm.config import PluginConfig, resolve_config
-from lowbit_tp.models import get_adapter
 
 _STATE: dict[str, object] = {}
 REDUCER_KEY = "vllm-tp"
@@ -38,14 +39,17 @@ def _setup(cfg: PluginConfig, tp_size: int) -> list[str] | None:
         return _STATE["layers"]  # type: ignore[return-value]
     from lowbit_tp.calibration import Calibration
     from lowbit_tp.codecs import make_codec
-    from lowbit_tp.integrations.vllm.checkpoint import check_calibration, identity
+    from lowbit_tp.integrations.vllm.checkpoint import check_calibration, feedback_chain_maker, identity
 
     vcfg = get_current_vllm_config_or_none()
-    if cfg.error_feedback:  # Gemma 2/3's post-norms: refused, as on every engine
+    make_chain = None
+    if cfg.error_feedback:
         if vcfg is None:  # no model to check, and a plain carry on a post-norm model is garbage
             raise ValueError("lowbit-tp plugin: error feedback needs vLLM's model config to check the "
                              "architecture, and there is none here")
-        get_adapter(vcfg.model_config.hf_config).check_error_feedback()
+        # Gemma 2/3: the carry is mapped through the post-norms, read from the checkpoint (vLLM's
+        # layers never see their model, and its weights are loaded only after they are built).
+        make_chain = feedback_chain_maker(vcfg.model_config.hf_config, vcfg.model_config.model, tp=tp_size)
     cal = None
     if cfg.calibration:
         cal = Calibration.load(cfg.calibration)
@@ -58,7 +62,8 @@ def _setup(cfg: PluginConfig, tp_size: int) -> list[str] | None:
     reducer = op.GatedReducer(inner=inner, rank=group.rank_in_group, min_bytes=cfg.min_bytes,
                               fallback=group._all_reduce_out_place if cfg.min_bytes > 0 else None,
                               capture_dir=cfg.capture_dir, capture_layer=cfg.capture_layer,
-                              report_dir=cfg.report_dir, feedback_layers=[] if cfg.error_feedback else None)
+                              report_dir=cfg.report_dir, feedback_layers=[] if cfg.error_feedback else None,
+                              make_chain=make_chain)
     op.register_reducer(REDUCER_KEY, reducer)
     _STATE["layers"] = cal.layers if cal is not None else None
     return _STATE["layers"]  # type: ignore[return-value]

@@ -41,7 +41,9 @@ class GatedReducer:
 
     ``feedback_layers``: error feedback on (None: off). vLLM's layers append their names as
     they are built; the first call, after the whole model is built, gives ``inner`` the
-    chain over them in the plan's forward order. All row-parallel messages of one forward
+    chain ``make_chain(feedback_layers)`` (default: a plain chain in the plan's forward order;
+    the plugin passes the adapter's ``feedback_chain_for``, which maps the carry through
+    Gemma 2/3's post-norms). All row-parallel messages of one forward
     pass have the same size, so the gate sends a whole pass one way; a pass that goes to
     ``fallback`` (exact, nothing lost) leaves no carry.
     """
@@ -54,6 +56,7 @@ class GatedReducer:
     capture_layer: str | None = None
     report_dir: str | None = None
     feedback_layers: list[str] | None = None
+    make_chain: Callable[[Sequence[str]], FeedbackChain] | None = None
     seconds: dict[str, float] = field(default_factory=lambda: {"compressed": 0.0, "fallback": 0.0})
     calls: dict[str, int] = field(default_factory=lambda: {"compressed": 0, "fallback": 0})
     _written: float = field(default=0.0, repr=False)  # perf_counter of the last report write
@@ -66,7 +69,8 @@ class GatedReducer:
         (partial,) = partials
         t0 = time.perf_counter()
         if self.feedback_layers is not None and self.inner.feedback is None:
-            self.inner.feedback = FeedbackChain(DECODER_PLAN.forward_order(self.feedback_layers), ranks=1)
+            self.inner.feedback = (self.make_chain(self.feedback_layers) if self.make_chain is not None else
+                                   FeedbackChain(DECODER_PLAN.forward_order(self.feedback_layers), ranks=1))
         if self.gated(partial):
             path = "compressed"
             capture = self.capture_dir and layer in (self.capture_layer or "").split(",")
