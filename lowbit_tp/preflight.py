@@ -17,12 +17,13 @@ from lowbit_tp.configs import check_min
 from lowbit_tp.data import load_split
 from lowbit_tp.errors import UserError
 from lowbit_tp.fileio import check_output_path
-from lowbit_tp.models import check_tp
+from lowbit_tp.models import TPGeometry, check_tp
 from lowbit_tp.models.quick_config import quick_config
 
 __all__ = [
     "check_calibration_file",
     "check_codecs",
+    "check_engine_tp",
     "check_min",
     "check_model_tp",
     "check_seq_len",
@@ -43,6 +44,18 @@ def check_model_tp(model: str, tp: int) -> Any:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     return config
+
+
+def check_engine_tp(config: Any, tp: int, engine: str, *, name: str = "the model") -> None:
+    """transformers' TP splits the KV heads and cannot replicate them (the native engine and
+    vLLM can): ``--engine transformers`` needs ``tp`` to divide them (Gemma 3 270M's single
+    KV head allows TP 1 only there). One line otherwise."""
+    if engine != "transformers":
+        return
+    geo = TPGeometry.from_config(config, name=name)
+    if geo.num_kv_heads % tp:
+        raise UserError(f"--engine transformers splits the KV heads and cannot replicate them: TP {tp} does not "
+                        f"divide the {geo.num_kv_heads} KV head(s) of {geo.name}; use --engine native (or vllm)")
 
 
 def check_calibration_file(path: str | Path):

@@ -20,6 +20,10 @@ then writes, for every budget and candidate set, a copy of the calibration whose
 evaluation (``--eval-samples``) runs every codec with it. OUT/measure.json is reused only
 for the same model, TP, reference, feedback, probe windows and codecs.
 
+``--sensitivity-from OTHER/measure.json``: the per-layer KL of an earlier study of the same
+setup (checked) is reused and only the candidates' errors are measured, e.g. to add
+candidates without the sensitivity pass (36 forward passes with feedback on Gemma).
+
 ``--eval-plans NAME=PATH``: the dev run also evaluates the plan of another artifact written
 from the same calibration (checked), e.g. an earlier study's plan, on the same windows and
 baseline, so that ``scripts/paired_diff.py`` can pair the plans.
@@ -40,16 +44,17 @@ CANDIDATES = ("rot-lm2-g64-lg8-k4", "rot-lm3-g64-lg8-k4", "rot-lm4-g64-lg8-k4", 
 
 def check_cached(m: dict, *, model: str, tp: int, reference: str, error_feedback: bool, probe: dict, codecs,
                  path, sensitivity: str = "alone", own_sensitivity: bool = False,
-                 calibration_sha256: str | None = None) -> None:
+                 calibration_sha256: str | None = None, sensitivity_from: str | None = None) -> None:
     """Refuse an OUT/measure.json written for another study: its sensitivities would be reused
     silently (e.g. a plan "with error feedback" built on a KL measured without it, the
     calibration's own KL taken as a fresh measurement, or errors of another calibration)."""
     want = {"model": model, "tp": tp, "reference": reference, "error_feedback": bool(error_feedback),
-            "sensitivity": sensitivity, "own_sensitivity": bool(own_sensitivity)}
+            "sensitivity": sensitivity, "own_sensitivity": bool(own_sensitivity),
+            "sensitivity_from": sensitivity_from}
     if calibration_sha256 is not None:
         want["calibration_sha256"] = calibration_sha256
     # files written before these fields: the defaults of the time; no calibration recorded = refused
-    older = {"error_feedback": False, "sensitivity": "alone", "own_sensitivity": False}
+    older = {"error_feedback": False, "sensitivity": "alone", "own_sensitivity": False, "sensitivity_from": None}
     got = {k: m.get(k, older.get(k)) for k in want}
     if got != want:
         raise SystemExit(f"{path} was measured for {got}, not {want}: use another --out-dir or delete it")
@@ -75,6 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--own-sensitivity", action="store_true",
                     help="take the per-layer KL from the calibration's own plan (its probe, its reference "
                          "codec) instead of measuring it again; only the errors are measured")
+    ap.add_argument("--sensitivity-from", metavar="MEASURE.json",
+                    help="take the per-layer KL from an earlier study's OUT/measure.json instead of measuring it "
+                         "again (same model, TP, reference, feedback, sensitivity and probe windows: checked, and "
+                         "the calibration's sha256 where that file recorded one); only the errors are measured")
     ap.add_argument("--error-feedback", action="store_true",
                     help="measure the per-layer KL with error feedback along depth (the plan for runs with "
                          "--error-feedback); not with --own-sensitivity")
@@ -108,6 +117,24 @@ def dev_eval_config(args: argparse.Namespace, plans, text):
     return EvalConfig(model=args.model, tp=args.tp, codecs=(*plans, *args.eval_codecs), split="dev", seed=1,
                       samples=args.eval_samples, lambada=0, text=text, batch_size=args.eval_batch_size,
                       error_feedback=args.error_feedback)
+
+
+def sensitivity_from(args: argparse.Namespace, probe: dict, cal_sha: str, layers) -> dict:
+    """The per-layer KL of an earlier study's measure.json (``--sensitivity-from``), refused
+    unless it was measured for this model, TP, reference, feedback, sensitivity kind and probe
+    windows (and this calibration, where the file recorded one) and covers every layer."""
+    path = Path(args.sensitivity_from)
+    src = json.loads(path.read_text())
+    check_cached(src, model=args.model, tp=args.tp, reference=args.reference, error_feedback=args.error_feedback,
+                 probe=probe, codecs=[], path=path, sensitivity=args.sensitivity,
+                 own_sensitivity=bool(src.get("own_sensitivity", False)),
+                 calibration_sha256=cal_sha if "calibration_sha256" in src else None,
+                 sensitivity_from=src.get("sensitivity_from"))
+    sens = src["sensitivity_kl"]
+    missing = [l for l in layers if l not in sens]
+    if missing:
+        raise SystemExit(f"{path} has no sensitivity for {missing[0]!r}")
+    return {l: sens[l] for l in layers}
 
 
 def without_plan_fingerprint(cal) -> str:
@@ -173,6 +200,8 @@ def main(argv=None) -> None:
     if args.own_sensitivity and (args.error_feedback or args.sensitivity != "alone"):
         raise SystemExit("--own-sensitivity reuses a KL measured alone without error feedback; "
                          "drop --own-sensitivity or --error-feedback/--sensitivity")
+    if args.own_sensitivity and args.sensitivity_from:
+        raise SystemExit("--own-sensitivity and --sensitivity-from are two sources of the per-layer KL: give one")
     if args.own_sensitivity:
         if not own or own.get("low") != args.reference:
             raise SystemExit(f"--own-sensitivity: the calibration has no plan measured with {args.reference}")
@@ -183,12 +212,13 @@ def main(argv=None) -> None:
         raise SystemExit("--own-sensitivity: the calibration's probe windows differ from the ones drawn here")
     meas = out / "measure.json"
     cal_sha = sha256_of_files([Path(args.calibration)])
+    src_sha = sha256_of_files([Path(args.sensitivity_from)]) if args.sensitivity_from else None
     if meas.exists():
         m = json.loads(meas.read_text())
         check_cached(m, model=args.model, tp=args.tp, reference=args.reference, error_feedback=args.error_feedback,
                      probe=probe.manifest(), codecs=[args.reference, *args.codecs], path=meas,
                      sensitivity=args.sensitivity, own_sensitivity=args.own_sensitivity,
-                     calibration_sha256=cal_sha)
+                     calibration_sha256=cal_sha, sensitivity_from=src_sha)
         sens, errs = m["sensitivity_kl"], m["mse"]
     else:
         t0 = time.perf_counter()
@@ -196,13 +226,18 @@ def main(argv=None) -> None:
         errs = layer_errors(model, probe.input_ids, cal, tp=args.tp, codecs=codecs, name=info.name)
         t1 = time.perf_counter()
         measure = layer_marginal_kl if args.sensitivity == "in-context" else layer_sensitivity
-        sens = (own["sensitivity_kl"] if args.own_sensitivity else
-                measure(model, probe.input_ids, cal, tp=args.tp, codec=args.reference, name=info.name,
-                        error_feedback=args.error_feedback))
+        if args.sensitivity_from:
+            sens = sensitivity_from(args, probe.manifest(), cal_sha, list(cal.layers))
+        elif args.own_sensitivity:
+            sens = own["sensitivity_kl"]
+        else:
+            sens = measure(model, probe.input_ids, cal, tp=args.tp, codec=args.reference, name=info.name,
+                           error_feedback=args.error_feedback)
         t2 = time.perf_counter()
         meas.write_text(json.dumps({"model": args.model, "tp": args.tp, "reference": args.reference,
                                     "error_feedback": args.error_feedback, "sensitivity": args.sensitivity,
                                     "own_sensitivity": bool(args.own_sensitivity), "calibration_sha256": cal_sha,
+                                    "sensitivity_from": src_sha, "sensitivity_from_path": args.sensitivity_from,
                                     "probe": probe.manifest(), "sensitivity_kl": sens, "mse": errs,
                                     "seconds": {"errors": round(t1 - t0, 1), "sensitivity": round(t2 - t1, 1)}},
                                    indent=1))

@@ -97,38 +97,46 @@ def gemma_post_norms(model) -> dict:
     return out
 
 
-def postnorm_replay(calls, norms, codec, algo, world, *, floor=0.3, cap=2.0):
-    """Gemma's error-feedback chain written from its definition (collectives/feedback.py's
-    module doc), replayed over recorded calls: rank r keeps its residual-space share d_r; at a
-    layer with post-norm gain g it sends ``p_r + c_r``, ``c_r = -sqrt(N) rms(p_r) d_r / g``
-    (0 where |g| < floor * median|g|, clipped to +-cap rms(p_r)); after the sum y it adds
-    ``J(y)(c_r + q_r)`` to d_r (q_r: its quantization error, ``-Feedback.next``), J the norm's
-    Jacobian ``g / rho (v - y mean(y v) / rho^2)``, rho^2 = mean(y^2) + eps; every forward
-    pass (a call of the first layer) starts with d = 0. Returns the outputs it predicts."""
+def postnorm_step(parts, shares, norm, codec, algo, layer, *, floor=0.3, cap=2.0):
+    """One all-reduce of Gemma's error-feedback chain written from its definition
+    (collectives/feedback.py's module doc): rank r, holding its residual-space share d_r
+    (None: none yet), sends ``p_r + c_r``, ``c_r = -sqrt(N) rms(p_r) d_r / g`` (0 where
+    |g| < floor * median|g|, clipped to +-cap rms(p_r)), g the gain of the norm after the layer;
+    after the sum y it adds ``J(y)(c_r + q_r)`` to d_r (q_r: its quantization error,
+    ``-Feedback.next``), J the norm's Jacobian ``g / rho (v - y mean(y v) / rho^2)``,
+    rho^2 = mean(y^2) + eps. ``norm`` is ``(g, eps)``. Returns (y, the new shares)."""
     from lowbit_tp.collectives import simulate_all_reduce
     from lowbit_tp.collectives.feedback import Feedback
 
+    g, eps = norm
+    world = len(parts)
+    comps = [None] * world
+    if shares is not None and shares[0] is not None:
+        inv = torch.where(g.abs() >= floor * g.abs().median(), 1.0 / g, torch.zeros(()))
+        for r, p in enumerate(parts):
+            rms_p = (p.float() * p.float()).mean(-1, keepdim=True).sqrt()
+            c = -(world ** 0.5) * rms_p * shares[r] * inv
+            comps[r] = torch.maximum(torch.minimum(c, cap * rms_p), -cap * rms_p)
+    fbs = [Feedback(carry=c) for c in comps]
+    y = simulate_all_reduce(parts, codec, algo, layer=layer, feedback=fbs)
+    yf = y.float()
+    ms = (yf * yf).mean(-1, keepdim=True) + eps
+    new = []
+    for r in range(world):
+        v = -fbs[r].next if comps[r] is None else comps[r] - fbs[r].next
+        jv = g * (v - yf * ((yf * v).mean(-1, keepdim=True) / ms)) / ms.sqrt()
+        new.append(jv if comps[r] is None else shares[r] + jv)
+    return y, new
+
+
+def postnorm_replay(calls, norms, codec, algo, world):
+    """:func:`postnorm_step` over recorded calls (``calls[rank][j] = (layer, partial, output)``);
+    every forward pass (a call of the first layer) starts with no shares. Returns the outputs
+    the definition predicts."""
     first, shares, want = calls[0][0][0], None, []
     for j, (layer, _, _) in enumerate(calls[0]):
         if layer == first:
             shares = None
-        g, eps = norms[layer]
-        parts = [calls[r][j][1] for r in range(world)]
-        comps = [None] * world
-        if shares is not None:
-            inv = torch.where(g.abs() >= floor * g.abs().median(), 1.0 / g, torch.zeros(()))
-            for r, p in enumerate(parts):
-                rms_p = (p.float() * p.float()).mean(-1, keepdim=True).sqrt()
-                c = -(world ** 0.5) * rms_p * shares[r] * inv
-                comps[r] = torch.maximum(torch.minimum(c, cap * rms_p), -cap * rms_p)
-        fbs = [Feedback(carry=c) for c in comps]
-        y = simulate_all_reduce(parts, codec, algo, layer=layer, feedback=fbs)
+        y, shares = postnorm_step([calls[r][j][1] for r in range(world)], shares, norms[layer], codec, algo, layer)
         want.append(y)
-        ms = (y * y).mean(-1, keepdim=True) + eps
-        new = []
-        for r in range(world):
-            v = -fbs[r].next if comps[r] is None else comps[r] - fbs[r].next
-            jv = g * (v - y * ((y * v).mean(-1, keepdim=True) / ms)) / ms.sqrt()
-            new.append(jv if shares is None else shares[r] + jv)
-        shares = new
     return want

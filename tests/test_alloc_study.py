@@ -126,3 +126,45 @@ def test_merge_probes_adds_only_windows_the_dev_split_does_not_yet_avoid(study):
     assert got == {"samples": ["a", "b", "c"], "seq_len": 128, "num_samples": 3}
     with pytest.raises(SystemExit, match="window length"):
         study.merge_probes(excl, {"samples": ["c"], "seq_len": 64}, "x")
+
+
+def _src(tmp_path, **over):
+    m = {**_measure(True), "sensitivity_kl": {"l1": 0.2, "l0": 0.1}, **over}
+    p = tmp_path / "measure.json"
+    import json
+
+    p.write_text(json.dumps(m))
+    return p
+
+
+def _from(study, path, *, ef=True, samples=("a", "b"), cal="cc"):
+    args = study.parse_args(BASE + ["--reference", "r", "--sensitivity-from", str(path)]
+                            + (["--error-feedback"] if ef else []))
+    return study.sensitivity_from(args, {"samples": list(samples), "seq_len": 128}, cal, ["l0", "l1"])
+
+
+def test_sensitivity_from_an_earlier_study_of_the_same_setup(study, tmp_path):
+    assert _from(study, _src(tmp_path)) == {"l0": 0.1, "l1": 0.2}
+    assert _from(study, _src(tmp_path, calibration_sha256="cc")) == {"l0": 0.1, "l1": 0.2}
+
+
+@pytest.mark.parametrize("over, kw, match", [
+    ({}, dict(ef=False), "error_feedback"),                      # a plan without feedback from a KL with it
+    ({}, dict(samples=("a", "c")), "probe"),                     # other probe windows
+    ({"calibration_sha256": "dd"}, {}, "calibration_sha256"),    # another calibration, where recorded
+    ({"sensitivity": "in-context"}, {}, "in-context"),
+    ({"sensitivity_kl": {"l0": 0.1}}, {}, "no sensitivity for 'l1'"),
+])
+def test_sensitivity_from_another_setup_is_refused(study, tmp_path, over, kw, match):
+    with pytest.raises(SystemExit, match=match):
+        _from(study, _src(tmp_path, **over), **kw)
+
+
+def test_a_cache_measured_afresh_is_not_reused_for_sensitivity_from(study):
+    with pytest.raises(SystemExit, match="sensitivity_from"):
+        study.check_cached(_measure(True), model="gemma3-270m", tp=2, reference="r", error_feedback=True,
+                           probe={"samples": ["a", "b"], "seq_len": 128}, codecs=["r"], path="m.json",
+                           sensitivity_from="ab12")
+    study.check_cached({**_measure(True), "sensitivity_from": "ab12"}, model="gemma3-270m", tp=2, reference="r",
+                       error_feedback=True, probe={"samples": ["a", "b"], "seq_len": 128}, codecs=["r"],
+                       path="m.json", sensitivity_from="ab12")

@@ -135,7 +135,7 @@ def test_a_bad_flag_is_one_line_with_status_2():
 def test_error_feedback_on_gemma_passes_the_run_checks_of_every_engine(tmp_path):
     """Gemma 3's carry through the post-norms runs on the transformers engine too (and in vLLM,
     whose check is the checkpoint's): ``run``'s checks no longer refuse it; they still refuse a
-    bad TP degree in one line."""
+    bad TP degree, and one the transformers engine cannot shard, in one line."""
     from helpers import save_tiny
     from lowbit_tp.errors import UserError
     from lowbit_tp.runtime import RunConfig
@@ -148,6 +148,13 @@ def test_error_feedback_on_gemma_passes_the_run_checks_of_every_engine(tmp_path)
     with pytest.raises(UserError, match="TP degree 3"):
         preflight_run(RunConfig(model=path, tp=3, prompts=("ab",), codec="int4-g32", engine="transformers",
                                 error_feedback=True))
+    # transformers' TP cannot replicate KV heads (2 here): TP 4 runs natively only, and says so in one line
+    preflight_run(RunConfig(model=path, tp=4, prompts=("ab",), codec="int4-g32", engine="native"))
+    proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "run", "--model", path, "--tp", "4", "--engine",
+                           "transformers", "--codec", "int4-g32", "--error-feedback", "--prompt", "ab"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.count("\n") == 1 and "does not divide the 2 KV head(s)" in proc.stderr, proc.stderr
 
 
 def test_a_benchmark_file_says_the_command_that_made_it(tmp_path):

@@ -357,6 +357,42 @@ def test_level_search_matches_bucketize_at_every_threshold(name):
         assert torch.equal(cpu_kernels.rot_codes(zn, s, bounds=bounds, bits=bits, finite=False), want), (name, s)
 
 
+@pytest.mark.parametrize("name", ["rot-lm4-g64-lg8-k4", "rot-lm3-g64", "rot-lm2-g32-e8", "rot-int4-g64"])
+def test_level_search_at_the_cell_edges(name):
+    """Up to 4 bits the AVX-512 search picks one of 32 cells of width 1/16 of z / s from an
+    estimate and makes one threshold comparison: values at and one to three fp32 steps around
+    every cell edge s * (-1 + c/16), beyond +-s (clamped), and at every bound's boundary, in
+    the 16-wide loop (the length is a multiple of 16), against torch.bucketize(clamp(z / s, -1,
+    1), bounds); then whole rows whose rotated values sit near cell edges, against the reference
+    encoder (4 bits: the codes written straight into the nibble stream)."""
+    codec = make_codec(name, calibration=_cal(1, 64), backend="cpu")
+    bounds, bits = codec._bounds.float(), codec.bits
+    for s in SCALES:
+        s = float(torch.tensor(s, dtype=torch.float32))
+        edges = torch.arange(-16, 17, dtype=torch.float64) / 16
+        far = torch.tensor([1 + 2.0 ** -10, 1.01, 1.5, 2.0, 1e3], dtype=torch.float64)
+        z = _near(torch.cat([s * edges, s * far, -s * far]).float(), ulps=3)
+        z = torch.cat([z, _level_cases(bounds, s)])
+        z = z[z.isfinite()]
+        z = z[: z.numel() // 16 * 16]
+        want = torch.bucketize(torch.clamp(z / s, -1.0, 1.0), bounds).to(torch.uint8)
+        got = cpu_kernels.rot_codes(z, s, bounds=bounds, bits=bits)
+        bad = (got != want).nonzero()
+        assert not bad.numel(), (name, s, z[bad[:5, 0]].tolist(), got[bad[:5, 0]].tolist(), want[bad[:5, 0]].tolist())
+    e = 256
+    cal = _cal(1, e)
+    ref, fast = (make_codec(name, calibration=cal, backend=b) for b in ("reference", "cpu"))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(16, e, generator=g)
+    p = ref.params(LAYER, 0, e)
+    z = F.fwht(x * p.signs, F.hadamard_block(e))  # rotated rows; put cell edges in, rotate back
+    amax = z.abs().amax(dim=1, keepdim=True)
+    z = torch.where(torch.rand(z.shape, generator=g) < 0.5, amax * torch.round(z / amax * 16) / 16, z)
+    x = F.fwht(z, F.hadamard_block(e)) * p.signs
+    x[:, p.outliers] = 0.0
+    assert torch.equal(fast.encode(x, layer=LAYER), ref.encode(x, layer=LAYER)), name
+
+
 def test_level_search_rounding_ties():
     """Exact ties of the quotient (possible where it is subnormal): a tie rounds to the even
     neighbour, so a bound may or may not count. Bounds built so that both kinds occur."""

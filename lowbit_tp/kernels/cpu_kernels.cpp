@@ -41,6 +41,14 @@
 #endif
 // LBT_ZMM_SEARCH=1 (default): the division-free level search 16 values at a time in 512-bit
 // registers (measured ~7% faster encode than 8 at a time on Zen 4); 0: 8 at a time.
+// LBT_ZMM_GRID=0: the 5/6-bit integer-grid fast path 8 values at a time only.
+#ifndef LBT_ZMM_GRID
+#define LBT_ZMM_GRID 1
+#endif
+// LBT_CELLS=0: the 4-bit-or-less level search without its cell shortcut (ThresholdSearch).
+#ifndef LBT_CELLS
+#define LBT_CELLS 1
+#endif
 #ifndef LBT_ZMM_SEARCH
 #define LBT_ZMM_SEARCH 1
 #endif
@@ -980,6 +988,20 @@ struct ThresholdSearch {
     }
     mid_lo = _mm512_load_pd(mid);
     mid_hi = _mm512_load_pd(mid + 8);
+    alignas(64) int32_t lo[32];
+    cells_ok = true;
+    for (int c = 0; c < 32; ++c) {  // codes of y in [-1 + c/16, -1 + (c+1)/16] +- margin, within [-1, 1]
+      const double ylo = std::max(-1.0, -1.0 + c / 16.0 - kCellMargin), yhi = std::min(1.0, -1.0 + (c + 1) / 16.0 + kCellMargin);
+      int nlo = 0, nhi = 0;
+      for (int i = 0; i < nb; ++i) {
+        nlo += double(bounds[i]) < ylo;
+        nhi += double(bounds[i]) < yhi;
+      }
+      lo[c] = nlo;
+      cells_ok = cells_ok && nhi - nlo <= 1;
+    }
+    cell_lo[0] = _mm512_load_si512(lo);
+    cell_lo[1] = _mm512_load_si512(lo + 16);
     for (int k = 1; k < b; ++k) {
       const int step = 1 << (b - 1 - k);
       alignas(64) int32_t idx[16];
@@ -987,9 +1009,68 @@ struct ThresholdSearch {
       shift[k] = _mm512_load_si512(idx);
     }
   }
+  // Cell search (cells_ok): one threshold comparison instead of the 4-step search. An
+  // estimate y' of z / s (z times a rounded 1/s, by one fma as u = y' + 3, clamped to
+  // [2, 4)) picks one of 32 cells of width 1/16 over [-1, 1] from u's top 5 mantissa bits.
+  // The constructor has checked for every cell c that the codes of all y within kCellMargin
+  // of it (clamped to [-1, 1]) are lo_c or lo_c + 1. |y' - clamp(fl(z / s), -1, 1)| <
+  // 2**-20 for every finite z in a group whose scale s is a normal float (1/s rounded:
+  // relative error 2**-24, even where 1/s is subnormal: 2**-22 there; the fma: 2**-23 absolute
+  // on [2, 4); the clamps are 1-Lipschitz), far inside kCellMargin = 2**-12, so the code is lo_c
+  // plus [z > t_{lo_c}], the same comparison the search makes with the same thresholds.
+  static constexpr double kCellMargin = 1.0 / 4096;
+  bool cells_ok = false;
+  __m512i cell_lo[2];  // lo_c for cells 0-15 and 16-31
+  struct GroupC { __m512 tc0, tc1, k; };  // t_{lo_c} per cell; fl(1/s)
+  void prepare_cells(float s, GroupC& g) const {
+    const __m512 t = thresholds(s);
+    g.tc0 = _mm512_permutexvar_ps(cell_lo[0], t);
+    g.tc1 = _mm512_permutexvar_ps(cell_lo[1], t);
+    g.k = _mm512_set1_ps(1.0f / s);
+  }
+  __m512i search_cells(const GroupC& g, __m512 z) const {
+    __m512 u = _mm512_fmadd_ps(z, g.k, _mm512_set1_ps(3.0f));
+    u = _mm512_min_ps(_mm512_max_ps(u, _mm512_set1_ps(2.0f)), _mm512_set1_ps(4.0f - 0x1p-22f));
+    const __m512i c = _mm512_srli_epi32(_mm512_castps_si512(u), 18);  // low 5 bits: floor((y' + 1) * 16)
+    const __m512i lo = _mm512_permutex2var_epi32(cell_lo[0], c, cell_lo[1]);
+    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_permutex2var_ps(g.tc0, c, g.tc1), z, _CMP_NGE_UQ);
+    return _mm512_mask_add_epi32(lo, up, lo, _mm512_set1_epi32(1));
+  }
   struct Group { __m256 first, lo[4], hi[4]; __m512 firstz, z[4]; };
+  // 4 bits (15 bounds) with the step count known at compile time: the 16-wide search unrolled,
+  // its tables in registers (with `bits` read at run time the loop kept them in memory).
+  // The same thresholds and comparisons as prepare / operator() at bits == 4.
+  struct Group4 { __m512 first, z1, z2, z3; };
+  void prepare4(float s, Group4& g) const {
+    const __m512 t = thresholds(s);
+    g.first = _mm512_permutexvar_ps(_mm512_set1_epi32(7), t);
+    g.z1 = _mm512_permutexvar_ps(shift[1], t);
+    g.z2 = _mm512_permutexvar_ps(shift[2], t);
+    g.z3 = _mm512_permutexvar_ps(shift[3], t);
+  }
+  static __m512i search4(const Group4& g, __m512 y) {
+    __m512i pos = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(g.first, y, _CMP_NGE_UQ), _mm512_set1_epi32(8));
+    pos = _mm512_mask_add_epi32(pos, _mm512_cmp_ps_mask(_mm512_permutexvar_ps(pos, g.z1), y, _CMP_NGE_UQ), pos,
+                                _mm512_set1_epi32(4));
+    pos = _mm512_mask_add_epi32(pos, _mm512_cmp_ps_mask(_mm512_permutexvar_ps(pos, g.z2), y, _CMP_NGE_UQ), pos,
+                                _mm512_set1_epi32(2));
+    return _mm512_mask_add_epi32(pos, _mm512_cmp_ps_mask(_mm512_permutexvar_ps(pos, g.z3), y, _CMP_NGE_UQ), pos,
+                                 _mm512_set1_epi32(1));
+  }
   // The thresholds t_b for scale s (a normal float), as the search's per-step tables.
   void prepare(float s, Group& g) const {
+    const __m512 t = thresholds(s);
+    g.firstz = _mm512_permutexvar_ps(_mm512_set1_epi32((1 << (bits - 1)) - 1), t);
+    g.first = _mm512_castps512_ps256(g.firstz);
+    for (int k = 1; k < bits; ++k) {
+      const __m512 sh = _mm512_permutexvar_ps(shift[k], t);
+      g.z[k] = sh;
+      g.lo[k] = _mm512_castps512_ps256(sh);
+      g.hi[k] = _mm512_extractf32x8_ps(sh, 1);
+    }
+  }
+  // t_b for the 16 lanes b (-inf below -1, +inf at and above 1 and past the last bound).
+  __m512 thresholds(float s) const {
     const __m512d sd = _mm512_set1_pd(double(s));
     const __m512d tl = _mm512_mul_pd(sd, mid_lo), th = _mm512_mul_pd(sd, mid_hi);  // exact
     const __m256 fl = _mm512_cvt_roundpd_ps(tl, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);  // floor_f
@@ -1002,15 +1083,7 @@ struct ThresholdSearch {
     u = _mm512_mask_add_epi32(u, eq, u, _mm512_mask_blend_epi32(neg, _mm512_set1_epi32(-1), _mm512_set1_epi32(1)));
     __m512 t = _mm512_castsi512_ps(u);
     t = _mm512_mask_mov_ps(t, below, _mm512_set1_ps(-INFINITY));
-    t = _mm512_mask_mov_ps(t, above, _mm512_set1_ps(INFINITY));
-    g.firstz = _mm512_permutexvar_ps(_mm512_set1_epi32((1 << (bits - 1)) - 1), t);
-    g.first = _mm512_castps512_ps256(g.firstz);
-    for (int k = 1; k < bits; ++k) {
-      const __m512 sh = _mm512_permutexvar_ps(shift[k], t);
-      g.z[k] = sh;
-      g.lo[k] = _mm512_castps512_ps256(sh);
-      g.hi[k] = _mm512_extractf32x8_ps(sh, 1);
-    }
+    return _mm512_mask_mov_ps(t, above, _mm512_set1_ps(INFINITY));
   }
   __m512i operator()(const Group& g, __m512 y) const {  // 16 values: one 16-entry table per step
     __m512i pos = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(g.firstz, y, _CMP_NGE_UQ), _mm512_set1_epi32(1 << (bits - 1)));
@@ -1235,11 +1308,21 @@ struct LevelCoder {
     if (!(thr_ok && bits == 4 && finite && sc >= FLT_MIN && sc <= FLT_MAX && n % 16 == 0 && !(f & 1) &&
           LBT_ZMM_SEARCH && !(LBT_SKIP & 112)))
       return false;
-    ThresholdSearch::Group tg;
-    thr.prepare(sc, tg);
     uint8_t* dst = body + (f >> 1);
+    if (thr.cells_ok && LBT_CELLS) {
+      ThresholdSearch::GroupC tg;
+      thr.prepare_cells(sc, tg);
+      for (int64_t i = 0; i < n; i += 16) {
+        const __m512i q = thr.search_cells(tg, _mm512_loadu_ps(z + i));  // codes 0..15
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (i >> 1)),
+                         _mm512_cvtepi64_epi8(_mm512_or_si512(q, _mm512_srli_epi64(q, 28))));
+      }
+      return true;
+    }
+    ThresholdSearch::Group4 tg;
+    thr.prepare4(sc, tg);
     for (int64_t i = 0; i < n; i += 16) {
-      const __m512i q = thr(tg, _mm512_loadu_ps(z + i));  // codes 0..15
+      const __m512i q = ThresholdSearch::search4(tg, _mm512_loadu_ps(z + i));  // codes 0..15
       _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + (i >> 1)),
                        _mm512_cvtepi64_epi8(_mm512_or_si512(q, _mm512_srli_epi64(q, 28))));
     }
@@ -1255,6 +1338,12 @@ struct LevelCoder {
     (void)finite;
 #ifdef LBT_AVX512
     if (thr_ok && finite && sc >= FLT_MIN && sc <= FLT_MAX && n >= 8 && !(LBT_SKIP & 48)) {
+      if (thr.cells_ok && LBT_CELLS && LBT_ZMM_SEARCH) {
+        ThresholdSearch::GroupC tc;
+        thr.prepare_cells(sc, tc);
+        for (; i + 16 <= n; i += 16)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(thr.search_cells(tc, _mm512_loadu_ps(z + i))));
+      }
       ThresholdSearch::Group tg;
       thr.prepare(sc, tg);
       for (; LBT_ZMM_SEARCH && i + 16 <= n; i += 16)
@@ -1288,6 +1377,23 @@ struct LevelCoder {
       const bool fast = grid_fast && finite && sc >= FLT_MIN && sc <= FLT_MAX && rq <= FLT_MAX && !(LBT_SKIP & 48);
       const __m256 vr = _mm256_set1_ps(rq), wlo = _mm256_set1_ps(0.5f), whi = _mm256_set1_ps(2.0f * grid_q + 0.5f);
       const __m256 near = _mm256_set1_ps(kNearInt), absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+#ifdef LBT_AVX512
+      // the same fast path 16 values at a time: w - round(w) by one vreduceps, ceil and the
+      // int conversion in one; a chunk with a lane near an integer goes to the 8-wide loop
+      // below (which takes it 8 at a time, the exact path where needed) and the rest follow it
+      if (fast && LBT_ZMM_GRID) {
+        const __m512 vr16 = _mm512_set1_ps(rq), q516 = _mm512_set1_ps(grid_q + 0.5f);
+        const __m512 wlo16 = _mm512_set1_ps(0.5f), whi16 = _mm512_set1_ps(2.0f * grid_q + 0.5f);
+        const __m512 near16 = _mm512_set1_ps(kNearInt);
+        for (; i + 16 <= n; i += 16) {
+          const __m512 w = _mm512_min_ps(whi16, _mm512_max_ps(wlo16, _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(z + i), vr16), q516)));
+          const __m512 off = _mm512_reduce_ps(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          if (_mm512_cmp_ps_mask(_mm512_abs_ps(off), near16, _CMP_LT_OQ)) break;
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i),
+                           _mm512_cvtepi32_epi8(_mm512_cvt_roundps_epi32(w, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC)));
+        }
+      }
+#endif
       for (; i + 8 <= n; i += 8) {
         if (fast) {  // w = clamp(z * fl(q / s) + q + 0.5, 0.5, 2q + 0.5); code = ceil(w) away from integers
           const __m256 w = _mm256_min_ps(whi, _mm256_max_ps(wlo, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(z + i), vr), q5)));

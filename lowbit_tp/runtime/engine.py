@@ -26,7 +26,7 @@ import torch.distributed as dist
 from lowbit_tp.collectives import AutoPolicy, spawn_ranks
 from lowbit_tp.collectives.launch import init_from_env
 from lowbit_tp.configs import RunConfig, SamplingConfig
-from lowbit_tp.preflight import check_codecs, check_model_tp
+from lowbit_tp.preflight import check_codecs, check_engine_tp, check_model_tp
 from lowbit_tp.runtime.generate import generate
 from lowbit_tp.runtime.records import RunResult
 from lowbit_tp.runtime.startup import rss_mib, start_rank
@@ -107,6 +107,7 @@ def preflight_run(cfg: RunConfig) -> None:
     exists and ``cfg.tp`` fits its heads and MLP, every codec can be built with the
     calibration, which fits the TP degree and hidden size. Raises :class:`UserError`."""
     config = check_model_tp(cfg.model, cfg.tp)
+    check_engine_tp(config, cfg.tp, cfg.engine, name=cfg.model)
     check_codecs([cfg.codec], calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size)
 
 
