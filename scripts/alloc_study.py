@@ -104,17 +104,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "an earlier study's OUT/alloc-4.25.safetensors) as codec NAME, in the same dev run, "
                          "so that scripts/paired_diff.py can pair it with this study's plans")
     ap.add_argument("--eval-batch-size", type=int, default=4)
+    ap.add_argument("--eval-seed", type=int, default=1,
+                    help="the dev windows' seed (1: the windows docs/design-dev.md reports; another seed draws "
+                         "other dev windows, e.g. to add windows to a comparison)")
     ap.add_argument("--json", help="write the dev result here")
     return ap.parse_args(argv)
 
 
 def dev_eval_config(args: argparse.Namespace, plans, text):
-    """The dev-split evaluation of ``plans`` (and ``--eval-codecs``): seed 1, the dev windows
-    docs/design-dev.md reports (EvalConfig now defaults to 10). Plans measured with error
+    """The dev-split evaluation of ``plans`` (and ``--eval-codecs``): ``--eval-seed`` (default 1,
+    the dev windows docs/design-dev.md reports; EvalConfig now defaults to 10). Plans measured with error
     feedback are evaluated with it, as is every other codec of the run (same chain, one baseline)."""
     from lowbit_tp.evaluation import EvalConfig
 
-    return EvalConfig(model=args.model, tp=args.tp, codecs=(*plans, *args.eval_codecs), split="dev", seed=1,
+    return EvalConfig(model=args.model, tp=args.tp, codecs=(*plans, *args.eval_codecs), split="dev",
+                      seed=args.eval_seed,
                       samples=args.eval_samples, lambada=0, text=text, batch_size=args.eval_batch_size,
                       error_feedback=args.error_feedback)
 

@@ -31,6 +31,12 @@ def test_dev_eval_runs_with_the_feedback_the_plan_was_measured_with(study, ef):
     assert (cfg.split, cfg.seed, cfg.samples, cfg.lambada) == ("dev", 1, 8, 0)
 
 
+def test_dev_eval_seed_draws_other_dev_windows(study):
+    args = study.parse_args(BASE + ["--eval-samples", "8", "--eval-seed", "2"])
+    cfg = study.dev_eval_config(args, {"alloc-4.25": {}}, None)
+    assert (cfg.split, cfg.seed) == ("dev", 2)
+
+
 def _measure(ef, samples=("a", "b")):
     return {"model": "gemma3-270m", "tp": 2, "reference": "r", "error_feedback": ef,
             "probe": {"samples": list(samples), "seq_len": 128},

@@ -216,6 +216,28 @@ def test_cpu_kernels_keep_the_nonfinite_error():
             make_codec(name, calibration=cal, backend="cpu").encode(x, layer=LAYER)
 
 
+@pytest.mark.parametrize("name", ["rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"])
+def test_nonfinite_in_a_kept_channel_is_refused(name):
+    """The rot encoders zero the kept (bf16) channels by multiplying them with 0 in their first
+    Hadamard pass, which turns a NaN/Inf there into NaN inside the rotation: the input scan must
+    still see it, so error mode raises as the reference does (rows of blocks 64 and 256)."""
+    for e in (576, 2048):
+        cal = _cal(1, e)
+        ref = make_codec(name, calibration=cal, backend="reference")
+        fast = make_codec(name, calibration=cal, backend="cpu")
+        kept = ref.params(LAYER, 0, e).outliers
+        assert kept.numel() > 0
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            x = make_input(3, e, torch.float32, "randn", seed=6)
+            x[1, kept[-1]] = bad
+            with pytest.raises(NonFiniteError):
+                ref.encode(x, layer=LAYER)
+            with pytest.raises(NonFiniteError):
+                fast.encode(x, layer=LAYER)
+            x[1, kept[-1]] = 1e4  # a large finite value in the kept channel: the reference's bytes
+            assert torch.equal(fast.encode(x, layer=LAYER), ref.encode(x, layer=LAYER)), (name, e)
+
+
 @pytest.mark.parametrize("name", CODECS)
 def test_error_mode_encodes_in_one_pass(name, monkeypatch):
     """In the default "error" mode the kernels scan their own input while encoding: finite,

@@ -1588,8 +1588,13 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
   for (int64_t i = 0; i < k && direct; ++i) keep[outl[i]] = 0;
 #ifdef LBT_ZMM16
   // the same as bit masks (bit c % 16 of word c / 16: channel c is not kept)
-  std::vector<uint16_t> keep16(direct ? e / 16 : 0, uint16_t(0xffff));
-  for (int64_t i = 0; i < k && direct; ++i) keep16[outl[i] >> 4] &= uint16_t(~(1u << (outl[i] & 15)));
+  // signs with the kept channels' zeroed: one multiply per 16 values (a kept channel becomes
+  // x * 0 = +-0: the sign of a zero never reaches the payload, see below; a NaN/Inf there
+  // becomes NaN, but any NaN/Inf input makes the caller discard this payload: direct is
+  // error mode only)
+  std::vector<float> sk(direct ? e : 0);
+  for (int64_t c = 0; c < int64_t(sk.size()); ++c) sk[c] = s.signs[c];
+  for (int64_t i = 0; i < k && direct; ++i) sk[outl[i]] = 0.0f;
   // Group absmax taken in the Hadamard's store loop (a group is 2**gshift whole stores of one
   // block): per group the elementwise max of |z| bits, reduced 16 groups at a time after the row.
   const bool fuse_amax = direct && group % 16 == 0 && s.block % group == 0 && !(LBT_SKIP & 4);
@@ -1602,8 +1607,15 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
   for (int64_t t = 0; t < t_rows; ++t) {
     const char* row = static_cast<const char*>(x) + t * ld * elem_size<DT>();
 #ifdef LBT_AVX2
-    if (t + 1 < t_rows) {  // the next row streams in while this one is transformed and coded
-      // (all of it, up front: measured faster than none, or than rows t + 2 or t + 4 ahead)
+    // the next row streams in while this one is transformed and coded (the ZMM16 direct path
+    // asks for each line next to its own load; else all of it up front: measured faster than
+    // none, or than rows t + 2 or t + 4 ahead)
+#ifdef LBT_ZMM16
+    const char* next_row = row + (t + 1 < t_rows ? ld * elem_size<DT>() : 0);
+    if (t + 1 < t_rows && !direct) {
+#else
+    if (t + 1 < t_rows) {
+#endif
       const char* next = row + ld * elem_size<DT>();
       for (int64_t b = 0; b < e * elem_size<DT>(); b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
     }
@@ -1612,15 +1624,15 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
       for (int64_t i = 0; i < k; ++i) put_u16(head + 2 * (t * k + i), f32_to_bf16(load<DT>(row, outl[i])));
       const __m512i absm = _mm512_set1_epi32(0x7fffffff);
       __m512i vam = _mm512_setzero_si512();
-      const uint16_t* km = keep16.data();
-      const float* sg = s.signs;
-      // kept channels (mask bit 0) become +0 (the reference's index_fill then times the sign
-      // gives -0 where the sign is -1: the sign of a zero never reaches the payload, since the
+      const float* skp = sk.data();
+      // kept channels become x * 0 = +-0 (the reference's index_fill then times the sign gives
+      // -0 where the sign is -1: the sign of a zero never reaches the payload, since the
       // rotated values are only compared and their magnitudes taken); the others x times the sign
-      auto load = [&vam, row, km, sg, absm](int64_t at) {
+      auto load = [&vam, row, next_row, skp, absm](int64_t at) {
+        _mm_prefetch(next_row + at * elem_size<DT>(), _MM_HINT_T0);
         const __m512 v = load16<DT>(row, at);
         vam = _mm512_max_epi32(vam, _mm512_and_si512(_mm512_castps_si512(v), absm));
-        return _mm512_maskz_mul_ps(__mmask16(km[at >> 4]), v, _mm512_loadu_ps(sg + at));
+        return _mm512_mul_ps(v, _mm512_loadu_ps(skp + at));
       };
       if (fuse_amax) {
         __m512i gacc = _mm512_setzero_si512();
