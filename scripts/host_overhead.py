@@ -257,9 +257,11 @@ def _two_shot_markdown(meta, rows) -> str:
              "CPU) and their time subtracted. **per chunk**: the calls two-shot made before the batched launches "
              "(pad, N chunk encodes, the fused reduce-and-re-encode, N chunk decodes on the codec's decode path, "
              "cat); **batched**: `collectives.algorithms` now (`encode_chunks`, the fused reduce, `decode_chunks`). "
-             "GPU launches = Triton launches + aten ops that launch a CUDA kernel (allocations apart); each costs "
-             "the host 50-100 us eager on the H100 host of GPU run 3 (Triton's own launch cost is not in the host "
-             "us here). Same result = the two ways give the same fp32 bits.", "",
+             "GPU launches = Triton launches + aten ops that launch a CUDA kernel (allocations apart): read them as a "
+             "count (on the H100 of GPU run 3 a whole eager codec call cost the host 50-100 us; one aten launch "
+             "costs less). Host us: the Python of the codec layer and the launchers (Triton's own launch cost is not "
+             "in it); **per chunk** it also holds the eager decodes' compute on CPU tensors, so there it is an upper "
+             "bound of the host cost. Same result = the two ways give the same fp32 bits.", "",
              "| codec | world | chunk rows | GPU launches per chunk | GPU launches batched | Triton launches per chunk "
              "| Triton launches batched | host us per chunk | host us batched | batched / per chunk | same result |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
