@@ -102,6 +102,8 @@ def test_tp2_greedy_equals_unsharded_model_via_cli(tiny, tmp_path, capsys):
     assert json.dumps(RunResult.from_json(out).to_json(), indent=2) == out_json.read_text()
 
 
+# slow: 4 ranks on 2 cores, ~28 s; TP 2 runs of the same path stay in the default suite
+@pytest.mark.slow
 def test_tp4_greedy_and_quantized_logits_equal_simulator(tiny):
     """TP 4 > 2 KV heads (replicated KV). bf16/exact: same tokens as the unsharded model.
     int4-g32: the runtime's prefill logits are bitwise the simulator's, gather and two-shot."""

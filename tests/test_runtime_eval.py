@@ -51,6 +51,8 @@ def _assert_rows_match(tp_rows, sim_rows):
         assert tp["ppl"] > tp["ppl_baseline"] * (1 - 1e-3) and tp["kl"] > 0, name  # the codec did something
 
 
+# slow: ~17 s; the gather runs of the same eval stay in the default suite, two-shot over real ranks is in test_collectives
+@pytest.mark.slow
 def test_runtime_eval_equals_simulator_two_shot(tiny_cal):
     """API path: metrics and bits equal the simulator's; rank 0's logits are bitwise the simulator's."""
     from lowbit_tp.codecs import make_codec
