@@ -17,6 +17,11 @@ One run (< 5 min on one H100/H200) does, per codec:
   captured in one CUDA graph and replayed (``graph_*``): per-call eager timings of a
   prefill-sized message include the host's launch cost (50-100 µs a call in run 2), which a
   graph, or a host running ahead of the GPU, hides;
+* **two-shot's batched launches** (at ``--two-shot-tokens``, default 2048; the first shape in a
+  dry run): ``Codec.encode_chunks`` of the message's ``--world`` row chunks in one launch
+  against the ``world`` per-chunk encodes two-shot made before, and ``decode_chunks`` against
+  the per-chunk decodes (``two_shot_*_us``, eager), with the batched bytes and decodes checked
+  against the CPU reference (``two_shot_bytes_equal``, ``two_shot_decode_equal``);
 * **CUDA graph**: encode + decode-and-sum into preallocated buffers in ``nonfinite="flag"``
   mode, captured once and replayed, write the eager payload bytes and sum bits, and a replay
   with a NaN planted in the captured input sets the device flag (``--device cpu`` runs the
@@ -61,6 +66,9 @@ def parse_args(argv=None):
     ap.add_argument("--world", type=int, default=2, help="payloads per decode-and-sum")
     ap.add_argument("--codecs", default=",".join(PRIORITY_CODECS), help="comma-separated names, or 'all'")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 20; cpu 1)")
+    ap.add_argument("--two-shot-tokens", type=int, default=None,
+                    help="token count whose row also times two-shot's batched launches (default 2048; cpu: the "
+                         "first shape's; 0: none)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting new rows after this many seconds; the rows left out are listed (default none)")
     return ap.parse_args(argv)
@@ -85,6 +93,7 @@ def main(argv=None) -> None:
     check_tokens = args.check_tokens or (5 if dry else 257)
     repeats = args.repeats or (1 if dry else 20)
     world = args.world
+    two_shot_at = args.two_shot_tokens if args.two_shot_tokens is not None else (shapes[0][0] if dry else 2048)
     cals = {e: synthetic_calibration([LAYER], world=world, hidden=e, tokens=64, batches=1) for e in hidden}
 
     def sync():
@@ -182,6 +191,11 @@ def main(argv=None) -> None:
             "unfused_encode_fp32_gbps": fbytes / t_enc_ref / 1e9,
             "unfused_decode_sum_fp32_gbps": fbytes / t_dec_ref / 1e9,
         })
+        if t == two_shot_at:
+            try:
+                row.update(two_shot_times(torch, fused, ref_cpu, xd[0], world, seconds, same_bits))
+            except Exception as exc:  # the other numbers stand
+                row["two_shot_error"] = f"{type(exc).__name__}: {str(exc)[:100]}"
         row["cuda_graph"] = graph_check(
             torch, lambda mode: make_codec(name, calibration=cal, nonfinite=mode, backend="triton"), xd, (t, e),
             capture=dev.type == "cuda", timer=seconds, times=row)
@@ -223,7 +237,10 @@ def _writer(args, argv, dev, dry, world, check_tokens, repeats, t_start):
         cols = ["codec", "tokens", "hidden", "bits_per_value", "bytes_equal_finite", "bytes_equal_nan_inf",
                 "sum_equal_finite", "sum_equal_nan_inf", "copy_gbps", "encode_gbps", "encode_of_copy",
                 "decode_sum_gbps", "decode_sum_of_copy", "graph_encode_of_copy", "graph_decode_sum_of_copy", "reduce_encode_us", "unfused_encode_fp32_gbps",
-                "unfused_decode_sum_fp32_gbps", "cuda_graph", "eager_step_us", "graph_step_us", "graph_error", "error"]
+                "unfused_decode_sum_fp32_gbps", "cuda_graph", "eager_step_us", "graph_step_us",
+                "two_shot_encode_chunks_us", "two_shot_encode_loop_us", "two_shot_decode_chunks_us",
+                "two_shot_decode_loop_us", "two_shot_bytes_equal", "two_shot_decode_equal", "two_shot_error",
+                "graph_error", "error"]
         head = (f"Device: {env.get('cuda') or 'cpu'}; world {world}; "
                 f"{'DRY RUN under the Triton interpreter: speeds are meaningless' if dry else 'median of %d runs' % repeats}."
                 f"\nCommand: `{meta['command']}`\n"
@@ -234,6 +251,36 @@ def _writer(args, argv, dev, dry, world, check_tokens, repeats, t_start):
             print(f"gpu_check: {len(rows)} rows in {meta['seconds']:.0f} s -> {out}/gpu_check.json", flush=True)
 
     return write
+
+
+def two_shot_times(torch, fused, ref_cpu, x, n: int, seconds, same_bits) -> dict:
+    """Two-shot's chunk stages at ``n`` chunks of ``x [T, E]`` (rows padded as two-shot pads them):
+    the batched calls (one launch each) against the per-chunk calls two-shot made before them
+    (``n`` encodes, ``n`` decodes on the codec's decode path), eager, and the batched results
+    against the CPU reference run chunk by chunk."""
+    from lowbit_tp.collectives.algorithms import chunk_rows
+
+    t, e = x.shape
+    rows = chunk_rows(t, n)
+    xp = torch.nn.functional.pad(x, (0, 0, 0, rows * n - t)) if rows * n != t else x
+    nb = fused.payload_nbytes((rows, e), LAYER)
+    flat = torch.empty(n * nb, dtype=torch.uint8, device=x.device)
+    loop = torch.empty_like(flat)
+    t_enc = seconds(lambda: fused.encode_chunks(xp, n, layer=LAYER, source=0, out=flat))
+    t_enc_loop = seconds(lambda: [fused.encode(c, layer=LAYER, source=0, out=o)
+                                  for c, o in zip(xp.split(rows), loop.split(nb))])
+    t_dec = seconds(lambda: fused.decode_chunks(flat, (rows, e), n, layer=LAYER, source=0))
+    t_dec_loop = seconds(lambda: torch.cat([fused.decode(p, (rows, e), layer=LAYER, source=0)
+                                            for p in flat.split(nb)]))
+    want = torch.cat([ref_cpu.encode(c, layer=LAYER, source=0) for c in xp.cpu().split(rows)])
+    ref_dec = torch.cat([ref_cpu.decode(p, (rows, e), layer=LAYER, source=0) for p in want.split(nb)])
+    got = fused.encode_chunks(xp, n, layer=LAYER, source=0)
+    return {"two_shot_world": n, "two_shot_chunk_rows": rows,
+            "two_shot_encode_chunks_us": t_enc * 1e6, "two_shot_encode_loop_us": t_enc_loop * 1e6,
+            "two_shot_decode_chunks_us": t_dec * 1e6, "two_shot_decode_loop_us": t_dec_loop * 1e6,
+            "two_shot_bytes_equal": bool(torch.equal(got.cpu(), want) and torch.equal(loop.cpu(), want)),
+            "two_shot_decode_equal": same_bits(fused.decode_chunks(want.to(x.device), (rows, e), n, layer=LAYER,
+                                                                   source=0), ref_dec)}
 
 
 def graph_seconds(torch, fn, seconds, calls: int = 5) -> float:

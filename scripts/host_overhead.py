@@ -23,9 +23,18 @@ argument specialisation and cache-key work, tens of us per launch), which the in
 replaces. The CPU host is slower per Python op than a GPU server's; compare before/after as
 ratios from the same run (``--compare``).
 
+With ``--two-shot 2,4,8`` it measures instead one rank's codec work in one two-shot
+all-reduce step at each of those world sizes (``host_overhead_two_shot.{json,md}``), two ways
+in the same run: **per chunk**, the calls two-shot made before the batched launches (pad, N
+chunk encodes, the fused reduce-and-re-encode, N chunk decodes, cat), and **batched**, the
+library's ``collectives.algorithms`` stages now (``Codec.encode_chunks`` / ``decode_chunks``:
+one launch each). ``launches`` there counts Triton launches plus the aten ops that would
+launch a CUDA kernel (allocations apart): the per-call host cost a GPU pays for each.
+
 Usage::
 
     python scripts/host_overhead.py --out docs/bench/host_overhead [--compare before.json] [--label after]
+    python scripts/host_overhead.py --out docs/bench --two-shot 2,4,8
 """
 from __future__ import annotations
 
@@ -42,7 +51,9 @@ os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
 
 PRIORITY_CODECS = ["int4-outlier", "int4-g32", "int4-g128", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4", "int4",
                    "int8", "int4-random-k", "mxfp4"]  # scripts/gpu_check.py's list
-LAUNCHERS = ("encode", "decode_sum", "reduce_encode", "mx_encode", "mx_decode_sum", "mx_reduce_encode")
+LAUNCHERS = ("encode", "decode_sum", "reduce_encode", "mx_encode", "mx_decode_sum", "mx_reduce_encode",
+             "encode_chunks", "decode_chunks", "mx_encode_chunks", "mx_decode_chunks")
+ALLOC_OPS = {"empty", "empty_like", "empty_strided", "new_empty"}  # allocate, launch no kernel
 VIEW_OPS = {"view", "_unsafe_view", "slice", "select", "as_strided", "alias", "detach", "t", "transpose", "unsqueeze",
             "squeeze", "expand", "permute", "split", "unbind", "lift_fresh", "_reshape_alias", "reshape", "flatten",
             "narrow", "view_as", "unflatten"}
@@ -58,6 +69,9 @@ def parse_args(argv=None):
     ap.add_argument("--mode", default="flag", choices=("flag", "error", "propagate"), help="nonfinite mode")
     ap.add_argument("--label", default="", help="name of this tree in the report (e.g. before / after)")
     ap.add_argument("--compare", default=None, help="a JSON from an earlier run of this script: adds ratio columns")
+    ap.add_argument("--two-shot", default=None, metavar="WORLDS",
+                    help="comma-separated world sizes: measure one rank's two-shot step (per chunk vs batched) "
+                         "instead of single calls; the message is --shape's")
     return ap.parse_args(argv)
 
 
@@ -166,6 +180,103 @@ class Probe:
         launches.append(self.launches)
 
 
+def _per_chunk_step(codec, x, world, rank, layer, send, recv, sums):
+    """One rank's two-shot codec calls as two-shot made them before the batched launches."""
+    import torch
+
+    from lowbit_tp.collectives.algorithms import chunk_rows
+
+    t, e = x.shape
+    rows = chunk_rows(t, world)
+    if rows * world != t:
+        x = torch.nn.functional.pad(x, (0, 0, 0, rows * world - t))
+    for c, o in zip(x.split(rows, dim=0), send.chunk(world)):
+        codec.encode(c, layer=layer, source=rank, out=o)
+    codec.reduce_encode(recv, (rows, e), layer=layer, out_source="sum")
+    return torch.cat([codec.decode(p, (rows, e), layer=layer, source="sum") for p in sums], dim=0)[:t]
+
+
+def _batched_step(codec, x, world, rank, layer, send, recv, sums, flat):
+    """The same step through the library's stages (one launch for the N encodes, one for the N decodes)."""
+    from lowbit_tp.collectives import algorithms as A
+
+    t, e = x.shape
+    rows = A.chunk_rows(t, world)
+    A.two_shot_encode(codec, x, layer=layer, rank=rank, world=world, out=send)
+    A.two_shot_reduce(codec, recv, (rows, e), layer=layer)
+    return A.two_shot_decode(codec, sums, (rows, e), t, layer=layer, flat=flat)
+
+
+def two_shot_main(args, probe, t, e, layer) -> list[dict]:
+    import torch
+
+    from lowbit_tp.calibration.synthetic import synthetic_calibration
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.collectives.algorithms import chunk_rows
+
+    rows_out = []
+    for world in (int(w) for w in args.two_shot.split(",") if w):
+        rows = chunk_rows(t, world)
+        cal = synthetic_calibration([layer], world=world, hidden=e, tokens=64, batches=1)
+        for name in [c for c in args.codecs.split(",") if c]:
+            codec = make_codec(name, calibration=cal, nonfinite=args.mode, backend="triton")
+            g = torch.Generator().manual_seed(world)
+            xs = [torch.randn(rows, e, generator=g) for _ in range(world)]
+            x = torch.randn(t, e, generator=g)
+            nb = codec.payload_nbytes((rows, e), layer)
+            send = torch.empty(world * nb, dtype=torch.uint8)
+            recv = [codec.encode(xs[r], layer=layer, source=r) for r in range(world)]
+            flat = torch.empty(world * codec.payload_nbytes((rows, e), layer), dtype=torch.uint8)
+            sums = list(flat.chunk(world))
+            for r, s in enumerate(sums):
+                codec.encode(xs[r], layer=layer, source="sum", out=s)
+            old = probe.measure(lambda: _per_chunk_step(codec, x, world, 0, layer, send, recv, sums), args.calls)
+            new = probe.measure(lambda: _batched_step(codec, x, world, 0, layer, send, recv, sums, flat), args.calls)
+            want = _per_chunk_step(codec, x, world, 0, layer, send, recv, sums)
+            got = _batched_step(codec, x, world, 0, layer, send, recv, sums, flat)
+            same = bool(torch.equal(torch.isnan(want), torch.isnan(got)) and torch.equal(
+                want.nan_to_num(0.0).view(torch.int32), got.nan_to_num(0.0).view(torch.int32)))
+            row = {"codec": name, "world": world, "tokens": t, "chunk_rows": rows, "same_result": same}
+            for tag, m in (("per_chunk", old), ("batched", new)):
+                kernel_ops = [o for o in m["ops"] if o not in ALLOC_OPS]
+                row.update({f"{tag}_{k}": v for k, v in m.items()})
+                row[f"{tag}_kernel_ops"] = len(kernel_ops)
+                row[f"{tag}_gpu_launches"] = m["launches"] + len(kernel_ops)
+            rows_out.append(row)
+            print({k: row[k] for k in ("codec", "world", "per_chunk_gpu_launches", "batched_gpu_launches",
+                                       "per_chunk_host_us", "batched_host_us", "same_result")}, flush=True)
+    return rows_out
+
+
+def _two_shot_markdown(meta, rows) -> str:
+    lines = ["# Launches and host cost of one two-shot step on the Triton path", "",
+             f"Command: `{meta['command']}`", "",
+             f"One rank's codec work in one two-shot all-reduce of a [{meta['shape'][0]}, {meta['shape'][1]}] message "
+             f"(rows padded to world x chunk rows), nonfinite={meta['mode']!r}, out= buffers where the library "
+             f"passes them, median of {meta['calls']} steps after a warm-up; kernels interpreted (TRITON_INTERPRET=1, "
+             "CPU) and their time subtracted. **per chunk**: the calls two-shot made before the batched launches "
+             "(pad, N chunk encodes, the fused reduce-and-re-encode, N chunk decodes on the codec's decode path, "
+             "cat); **batched**: `collectives.algorithms` now (`encode_chunks`, the fused reduce, `decode_chunks`). "
+             "GPU launches = Triton launches + aten ops that launch a CUDA kernel (allocations apart): read them as a "
+             "count (on the H100 of GPU run 3 a whole eager codec call cost the host 50-100 us; one aten launch "
+             "costs less). Host us: the Python of the codec layer and the launchers (Triton's own launch cost is not "
+             "in it); **per chunk** it also holds the eager decodes' compute on CPU tensors, so there it is an upper "
+             "bound of the host cost. Same result = the two ways give the same fp32 bits.", "",
+             "| codec | world | chunk rows | GPU launches per chunk | GPU launches batched | Triton launches per chunk "
+             "| Triton launches batched | host us per chunk | host us batched | batched / per chunk | same result |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['codec']} | {r['world']} | {r['chunk_rows']} | {r['per_chunk_gpu_launches']} | "
+                     f"{r['batched_gpu_launches']} | {r['per_chunk_launches']} | {r['batched_launches']} | "
+                     f"{r['per_chunk_host_us']:.0f} | {r['batched_host_us']:.0f} | "
+                     f"{r['batched_host_us'] / r['per_chunk_host_us']:.2f} | {r['same_result']} |")
+    lines += ["", "aten ops per step outside the kernels (per chunk / batched):", ""]
+    for r in rows:
+        lines.append(f"- {r['codec']} world {r['world']}: {', '.join(r['per_chunk_ops']) or 'none'} / "
+                     f"{', '.join(r['batched_ops']) or 'none'}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
@@ -178,6 +289,19 @@ def main(argv=None) -> None:
     layer = "L"
     cal = synthetic_calibration([layer], world=args.world, hidden=e, tokens=64, batches=1)
     probe = Probe()
+    if args.two_shot:
+        try:
+            rows = two_shot_main(args, probe, t, e, layer)
+        finally:
+            probe.close()
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = "python scripts/host_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        meta = {"command": cmd, "shape": [t, e], "calls": args.calls, "mode": args.mode, "torch": torch.__version__}
+        (out / "host_overhead_two_shot.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (out / "host_overhead_two_shot.md").write_text(_two_shot_markdown(meta, rows))
+        print(f"wrote {out}/host_overhead_two_shot.json and .md")
+        return
     rows = []
     try:
         for name in [c for c in args.codecs.split(",") if c]:

@@ -30,6 +30,8 @@ HIDDEN = 104  # not a multiple of 64, 32 or 128 (bit-plane rot codes need E % 8 
 # E = 138, so its int4 body rows are even (the batched encoder's condition; k = 1 at 104).
 FAMILIES = {"int4-outlier": 138, "int8": HIDDEN, "int4-g32": HIDDEN, "int4-g128": HIDDEN, "mxfp4": HIDDEN,
             "rot-lm4-g64-lg8-k4": HIDDEN, "rot-int6-g64-lg8-k4": HIDDEN}
+# int4-g128 runs int4-g32's kernels with another group: under the `slow` marker (suite time)
+CASES = [pytest.param(n, marks=pytest.mark.slow) if n == "int4-g128" else n for n in FAMILIES]
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -94,7 +96,7 @@ def codecs(name: str, world: int, mode: str = "propagate", hidden: int = HIDDEN)
             make_codec(name, calibration=cal, nonfinite=mode, backend="triton"))
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
 def test_encode_chunks_is_n_reference_encodes_in_one_launch(name, world, monkeypatch):
     tokens = 2 * world + 1  # padding rows at every world size
@@ -110,7 +112,7 @@ def test_encode_chunks_is_n_reference_encodes_in_one_launch(name, world, monkeyp
     assert got.shape == want.shape and torch.equal(got, want), (got != want).nonzero().reshape(-1)[:6].tolist()
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
 def test_decode_chunks_is_the_cat_of_reference_decodes_in_one_launch(name, world, monkeypatch):
     tokens = 2 * world + 1

@@ -137,8 +137,8 @@ def test_batched_rows_are_labelled_and_judged_apart(projection, kernels, tmp_pat
     rows = projection.project(kernels)
     assert any(r["scheme"] == "int4-g32 two-shot (batched launches)" for r in rows)
     judged = projection.goals(rows)
-    assert [g["path"] for g in judged] == ["as measured"] * 3 + [projection.BATCHED_NOTE] * 3
-    assert all(g["scheme"].endswith(projection.BATCHED) == (g["path"] != "as measured") for g in judged)
+    assert [g["path"] for g in judged] == [projection.PER_CHUNK] * 3 + [projection.BATCHED_NOTE] * 3
+    assert all(g["scheme"].endswith(projection.BATCHED) == (g["path"] != projection.PER_CHUNK) for g in judged)
     assert "not yet run on a GPU" in projection.BATCHED_NOTE
 
 
@@ -160,7 +160,7 @@ def test_goals_follow_the_measured_speed(projection, tmp_path):
     def judged(scale):
         table = {t: tuple(s * scale for s in v) for t, v in W2.items()}
         k = projection.MeasuredKernels([projection.load_gpu_check(_write(tmp_path / "w.json", _doc(2, table)))])
-        return {g["link"]: g for g in projection.goals(projection.project(k)) if g["path"] == "as measured"}
+        return {g["link"]: g for g in projection.goals(projection.project(k)) if g["path"] == projection.PER_CHUNK}
 
     fast = judged(1e-6)  # codec nearly free: the wire byte ratio decides
     m = 2048 * E

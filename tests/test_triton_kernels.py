@@ -204,6 +204,9 @@ def test_gpu_check_script_dry_run(tmp_path):
                                           "sum_equal_nan_inf")), r
         assert r["copy_gbps"] > 0 and r["encode_gbps"] > 0
         assert r["cuda_graph"] == "eager ok; capture n/a (cpu)", r["cuda_graph"]  # out= buffers in flag mode
+        # two-shot's batched launches, timed against the per-chunk calls and checked against the reference
+        assert r["two_shot_bytes_equal"] is True and r["two_shot_decode_equal"] is True, r
+        assert r["two_shot_encode_chunks_us"] > 0 and r["two_shot_decode_loop_us"] > 0
     assert "DRY RUN" in (tmp_path / "gpu_check.md").read_text()
 
 

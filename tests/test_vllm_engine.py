@@ -323,3 +323,113 @@ def test_error_feedback_quality_through_vllm_matches_the_simulator(plain, ef, in
           f"noise bound {noise:.5f}; without feedback through vLLM {mean_plain:+.5f}")
     assert abs(mean_v - mean_s) <= noise
     assert mean_v < 0.5 * mean_plain and mean_plain - mean_v > noise
+
+
+# ------------------------------------------------------------------ Gemma 3 (post-norms) error feedback in vLLM
+GEMMA, GEMMA_TP = "gemma3-270m", 2
+GEMMA_EF_LAYERS = ("model.layers.0.self_attn.o_proj", "model.layers.5.mlp.down_proj", "model.layers.6.self_attn.o_proj")
+
+
+@pytest.fixture(scope="module")
+def gemma_windows():
+    """Gemma 3 270M (Q4_K_M GGUF dequantized to fp32), its HF export (made here: the vLLM
+    environment installs SmolLM2's GGUF package only) and 8 held-out windows of 128 tokens."""
+    from lowbit_tp.data import chunk_tokens, load_split
+    from lowbit_tp.models import load_model
+    from lowbit_tp.models.export import export_hf
+
+    model, tokenizer, _ = load_model(GEMMA, progress=False)
+    ids = chunk_tokens(tokenizer, load_split(None).evaluation, num_samples=8, seq_len=128, seed=1).input_ids
+    return {"model": model, "dir": str(export_hf(GEMMA)), "ids": ids}
+
+
+def _gemma_plugin(ef, cap=None):
+    extra = {"capture_dir": str(cap), "capture_layer": ",".join(GEMMA_EF_LAYERS)} if cap else {}
+    return {"codec": "int4-g32", "algorithm": "gather", "min_bytes": 0, "error_feedback": ef, **extra}
+
+
+@pytest.fixture(scope="module")
+def gemma_ef(work, gemma_windows):
+    """Gemma 3 270M at TP 2 in vLLM (eager), int4-g32 (gather) with error feedback on every
+    message, capturing three layers; the last forward passes are the prefills of the windows
+    (prompt logprobs), whose NLLs come back too."""
+    cap = work / "capture-gemma-ef"
+    spec = {"model": gemma_windows["dir"], "tp": GEMMA_TP, "prompts": ["The capital of France is"],
+            "max_new_tokens": 2, "sequences": gemma_windows["ids"].tolist(), "plugin": _gemma_plugin(True, cap)}
+    return _session(work, "gemma-ef", spec), cap
+
+
+@pytest.fixture(scope="module")
+def gemma_plain(work, gemma_windows):
+    """The same without error feedback: the windows' NLLs."""
+    spec = {"model": gemma_windows["dir"], "tp": GEMMA_TP, "sequences": gemma_windows["ids"].tolist(),
+            "plugin": _gemma_plugin(False)}
+    return _session(work, "gemma-plain", spec)
+
+
+def test_gemma_error_feedback_inside_vllm_maps_the_carry_through_the_post_norms(gemma_ef, gemma_windows):
+    """Gemma's chain inside vLLM, the latest forward pass on both ranks: the first layer got no
+    share (the chain starts over each pass); layer 5's down_proj output is bitwise the
+    post-norm chain's step written from its definition (tests/helpers.postnorm_step, with the
+    norms of the model loaded by transformers) from the captured partials and shares, the
+    shares it leaves are bitwise what layer 6's o_proj got, and that layer's output is the
+    definition's too."""
+    from helpers import gemma_post_norms, postnorm_step
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.collectives import simulate_all_reduce
+
+    out, cap = gemma_ef
+    got = {layer: [torch.load(cap / f"{layer}.rank{r}.pt") for r in range(GEMMA_TP)] for layer in GEMMA_EF_LAYERS}
+    first, down, nxt = (got[layer] for layer in GEMMA_EF_LAYERS)
+    rows = down[0]["partial"].shape[0]
+    assert rows >= 64 and all(g["partial"].shape[0] == rows for per in got.values() for g in per)  # a prefill
+    assert all(g["carry"] is None for g in first)
+    norms = gemma_post_norms(gemma_windows["model"])
+    codec = make_codec("int4-g32", nonfinite="propagate")
+    for layer, seen, after in ((GEMMA_EF_LAYERS[1], down, nxt), (GEMMA_EF_LAYERS[2], nxt, None)):
+        shares = [g["carry"] for g in seen]
+        assert all(s is not None and s.abs().max() > 0 for s in shares)
+        parts = [g["partial"] for g in seen]
+        want, new = postnorm_step(parts, shares, norms[layer], codec, "gather", layer)
+        assert not torch.equal(want, simulate_all_reduce(parts, codec, "gather", layer=layer))
+        for g in seen:
+            assert torch.equal(g["output"], want), f"rank {g['rank']} at {layer}"
+        if after is not None:
+            for s, g in zip(new, after):
+                assert torch.equal(g["carry"], s), f"rank {g['rank']}: share into {GEMMA_EF_LAYERS[2]}"
+    for r in out["reports"]:
+        assert r["error_feedback"] is True and r["calls"]["fallback"] == 0
+
+
+def test_gemma_error_feedback_quality_through_vllm_matches_the_simulator(gemma_ef, gemma_plain, gemma_windows):
+    """Prompt NLL change (nats/token) of int4-g32 with and without error feedback, 8 windows
+    through vLLM vs the native simulator (TPSimulator, TP 2, gather), both against the
+    simulator's uncompressed model: within 3 standard errors of the per-window paired
+    difference + 1e-3 (the uncompressed NLLs of vLLM and the simulator differ in the last
+    bits, as for SmolLM2); the simulator's changes must exceed that bound."""
+    import statistics
+
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.simulator import TPSimulator
+
+    model, ids = gemma_windows["model"], gemma_windows["ids"]
+    sim = {}
+    with torch.no_grad():
+        for key, codec, ef in (("exact", None, False), ("plain", "int4-g32", False), ("ef", "int4-g32", True)):
+            with TPSimulator(model, tp=GEMMA_TP, codec=codec and make_codec(codec), algorithm="gather",
+                             error_feedback=ef):
+                logits = model(ids).logits.float()
+            lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+            sim[key] = (-lp.mean(1)).tolist()
+    n, lines = len(sim["exact"]), []
+    for key, vllm in (("plain", gemma_plain), ("ef", gemma_ef[0])):
+        dv = [c - b for c, b in zip(vllm["quality"]["per_sequence"], sim["exact"])]
+        ds = [c - b for c, b in zip(sim[key], sim["exact"])]
+        diff = [a - b for a, b in zip(dv, ds)]
+        noise = 3 * statistics.stdev(diff) / n ** 0.5 + 1e-3
+        mean_v, mean_s = sum(dv) / n, sum(ds) / n
+        lines.append(f"{key}: vLLM {mean_v:+.5f}, simulator {mean_s:+.5f}, bound {noise:.5f}")
+        assert abs(mean_v - mean_s) <= noise, lines[-1]
+        assert mean_s > noise, lines[-1]
+    print(f"\nGemma 3 270M TP 2 int4-g32, NLL change (nats/token) vs the simulator's uncompressed "
+          f"{sum(sim['exact']) / n:.4f}: " + "; ".join(lines))

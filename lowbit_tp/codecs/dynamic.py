@@ -18,6 +18,14 @@ import torch
 from lowbit_tp.codecs import functional as F
 from lowbit_tp.codecs.base import Codec, register_codec
 
+
+def _triton_kernels():
+    """``lowbit_tp.kernels.triton_group``, imported on the Triton path only (triton is optional)."""
+    from lowbit_tp.kernels import triton_group
+
+    return triton_group
+
+
 # Largest group absmax an fp16 scale (absmax / 7) carries: 7 * 65504.
 GROUP_INT4_MAX = 7 * F.FP16_MAX
 
@@ -76,7 +84,7 @@ class GroupInt4Codec(Codec):
             return cpu.group_encode(x, group=self.group, nbytes=self.payload_nbytes(tuple(x.shape)), out=out)[0]
         t, e = x.shape
         if self._fused_encode(e) and self.kernel_backend(x.device) == "triton":
-            from lowbit_tp.kernels import triton_group as K
+            K = _triton_kernels()
             if out is None:
                 out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=x.device)
             return K.encode(x.contiguous(), out, group=self.group, max_input=self.max_input, flag=flags[0],
@@ -104,7 +112,7 @@ class GroupInt4Codec(Codec):
 
     def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None):
         def kernel(parts, out, t, e, flags):
-            from lowbit_tp.kernels import triton_group as K
+            K = _triton_kernels()
             return K.reduce_encode(parts, out, t=t, e=e, group=self.group, max_input=self.max_input,
                                    flag=flags[0], range_flag=flags[1])
 
@@ -116,21 +124,21 @@ class GroupInt4Codec(Codec):
             from lowbit_tp.kernels import cpu
             return cpu.group_decode_sum(payloads, shape, group=self.group, out=out)
         if backend == "triton":
-            from lowbit_tp.kernels import triton_group as K
+            K = _triton_kernels()
             if out is None:
                 out = torch.empty(shape, dtype=torch.float32, device=payloads[0].device)
             return K.decode_sum([p.contiguous() for p in payloads], out, group=self.group)
         return super()._decode_sum(payloads, shape, params, out)
 
     def _encode_chunks(self, x, chunks, params, out, flags):
-        from lowbit_tp.kernels import triton_group as K
+        K = _triton_kernels()
         return K.encode_chunks(x.contiguous(), out, chunks=chunks, group=self.group, max_input=self.max_input,
                                flag=flags[0], range_flag=flags[1])
 
     def _decode_chunks(self, payload, shape, chunks, params):
         if shape[1] % 2:
             return None  # the flat odd-E decoder has no batched form: chunk by chunk
-        from lowbit_tp.kernels import triton_group as K
+        K = _triton_kernels()
         out = torch.empty(chunks * shape[0], shape[1], dtype=torch.float32, device=payload.device)
         return K.decode_chunks(payload, out, chunks=chunks, group=self.group)
 
@@ -161,7 +169,7 @@ class MXFP4Codec(Codec):
     def _encode(self, x, params, nonfinite, *, out=None, flags=(None, None)):
         t, e = x.shape
         if self._fused_encode(e) and self.kernel_backend(x.device) == "triton":
-            from lowbit_tp.kernels import triton_group as K
+            K = _triton_kernels()
             if out is None:
                 out = torch.empty(self.payload_nbytes((t, e)), dtype=torch.uint8, device=x.device)
             return K.mx_encode(x.contiguous(), out, flag=flags[0])  # no range limit: nothing else to record
@@ -180,26 +188,26 @@ class MXFP4Codec(Codec):
     def _decode_sum(self, payloads, shape, params, out=None):
         if self.kernel_backend(payloads[0].device) != "triton":
             return super()._decode_sum(payloads, shape, params, out)
-        from lowbit_tp.kernels import triton_group as K
+        K = _triton_kernels()
         if out is None:
             out = torch.empty(shape, dtype=torch.float32, device=payloads[0].device)
         return K.mx_decode_sum([p.contiguous() for p in payloads], out)
 
     def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None):
         def kernel(parts, out, t, e, flags):  # no range limit: only the NaN flag
-            from lowbit_tp.kernels import triton_group as K
+            K = _triton_kernels()
             return K.mx_reduce_encode(parts, out, t=t, e=e, flag=flags[0])
 
         return _fused_reduce_encode(self, kernel, payloads, shape, layer, sources, out_source, out)
 
     def _encode_chunks(self, x, chunks, params, out, flags):
-        from lowbit_tp.kernels import triton_group as K
+        K = _triton_kernels()
         return K.mx_encode_chunks(x.contiguous(), out, chunks=chunks, flag=flags[0])
 
     def _decode_chunks(self, payload, shape, chunks, params):
         if shape[1] % 2:
             return None  # the flat odd-E decoder has no batched form: chunk by chunk
-        from lowbit_tp.kernels import triton_group as K
+        K = _triton_kernels()
         out = torch.empty(chunks * shape[0], shape[1], dtype=torch.float32, device=payload.device)
         return K.mx_decode_chunks(payload, out, chunks=chunks)
 

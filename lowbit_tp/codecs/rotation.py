@@ -36,6 +36,13 @@ from lowbit_tp.codecs.functional import fwht, hadamard_block, pack_bitplanes, un
 from lowbit_tp.codecs.static import topk_channels
 
 
+def _triton_kernels():
+    """``lowbit_tp.kernels.triton_rotation``, imported on the Triton path only (triton is optional)."""
+    from lowbit_tp.kernels import triton_rotation
+
+    return triton_rotation
+
+
 def random_signs(e: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(zlib.crc32(f"rotation|{seed}|{e}".encode()))
     return (torch.randint(0, 2, (e,), generator=g) * 2 - 1).float()
@@ -304,7 +311,7 @@ class RotatedGroupCodec(KeptRotation, Codec):
         return cm
 
     def _triton_encode(self, x, p: RotParams, out, flags):
-        from lowbit_tp.kernels import triton_rotation as K
+        K = _triton_kernels()
 
         t, e = x.shape
         kw = self._kernel_args(p, t, e, x.device)
@@ -319,7 +326,7 @@ class RotatedGroupCodec(KeptRotation, Codec):
                         max_input=self.max_input, rotate_max=ROTATE_MAX, scale_max=self._fmt.max_amax, **kw)
 
     def _encode_chunks(self, x, chunks, p: RotParams, out, flags):
-        from lowbit_tp.kernels import triton_rotation as K
+        K = _triton_kernels()
 
         t, e = x.shape[0] // chunks, x.shape[1]
         if not K.chunks_fit(p.outliers.numel(), out.numel() // chunks):
@@ -332,7 +339,7 @@ class RotatedGroupCodec(KeptRotation, Codec):
                         **kw)
 
     def _decode_chunks(self, payload, shape, chunks, p: RotParams):
-        from lowbit_tp.kernels import triton_rotation as K
+        K = _triton_kernels()
 
         t, e = shape
         dev = payload.device
@@ -345,7 +352,7 @@ class RotatedGroupCodec(KeptRotation, Codec):
     def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None):
         if not payloads or self.kernel_backend(payloads[0].device) != "triton" or not self._kernel_packs(int(shape[1])):
             return None
-        from lowbit_tp.kernels import triton_rotation as K
+        K = _triton_kernels()
 
         shape, params = self._payload_params(payloads, shape, layer, sources)
         t, e = shape
@@ -401,7 +408,7 @@ class RotatedGroupCodec(KeptRotation, Codec):
                                       **self._cpu_args(shape[1]))
         if backend != "triton":
             return super()._decode_sum(payloads, shape, params, out)
-        from lowbit_tp.kernels import triton_rotation as K
+        K = _triton_kernels()
 
         t, e = shape
         dev = payloads[0].device

@@ -33,6 +33,14 @@ from lowbit_tp.calibration.artifact import ChannelStats, Source
 from lowbit_tp.codecs import functional as F
 from lowbit_tp.codecs.base import Codec, register_codec
 
+
+def _triton_kernels():
+    """``lowbit_tp.kernels.triton_static``, imported on the Triton path only (triton is optional)."""
+    from lowbit_tp.kernels import triton_static
+
+    return triton_static
+
+
 SCALE_STATS = ("ema", "absmax", "p999", "mean")
 _TINY = 1e-12
 
@@ -235,7 +243,7 @@ class _StaticIntCodec(Codec):
         return super()._decode_sum(payloads, shape, params, out)
 
     def _triton_encode(self, x, p: StaticParams, out, flags):
-        from lowbit_tp.kernels import triton_static as K
+        K = _triton_kernels()
 
         inl, inv, outl = self._enc_tables(p)
         if out is None:
@@ -244,7 +252,7 @@ class _StaticIntCodec(Codec):
                         max_input=self.max_input, flag=flags[0], range_flag=flags[1])
 
     def _encode_chunks(self, x, chunks, p: StaticParams, out, flags):
-        from lowbit_tp.kernels import triton_static as K
+        K = _triton_kernels()
 
         t, e = x.shape
         nk = p.outliers.numel()
@@ -255,7 +263,7 @@ class _StaticIntCodec(Codec):
                                max_input=self.max_input, flag=flags[0], range_flag=flags[1])
 
     def _decode_chunks(self, payload, shape, chunks, p: StaticParams):
-        from lowbit_tp.kernels import triton_static as K
+        K = _triton_kernels()
 
         colmap, scale = self._dec_tables([p])
         out = torch.empty(chunks * shape[0], shape[1], dtype=torch.float32, device=payload.device)
@@ -283,7 +291,7 @@ class _StaticIntCodec(Codec):
         return self._kernel_table(("dec", tuple(id(p) for p in params)), build)
 
     def _triton_decode_sum(self, payloads, shape, params, out):
-        from lowbit_tp.kernels import triton_static as K
+        K = _triton_kernels()
 
         colmap, scale = self._dec_tables(params)
         if out is None:
@@ -294,7 +302,7 @@ class _StaticIntCodec(Codec):
     def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None):
         if not payloads or self.kernel_backend(payloads[0].device) != "triton":
             return None
-        from lowbit_tp.kernels import triton_static as K
+        K = _triton_kernels()
 
         shape, params = self._payload_params(payloads, shape, layer, sources)
         t, e = shape

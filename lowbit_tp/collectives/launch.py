@@ -23,12 +23,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import io
 import os
 import pickle
 import signal
 import socket
 import sys
-import io
 import threading
 import time
 import traceback
@@ -264,7 +264,8 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: st
     the parent instead waits for every rank (up to the deadline), and a failed rank's
     entry is a dict ``{"error": ..., "traceback": ...}`` instead of raising.
 
-    A KeyboardInterrupt or SIGTERM in the parent kills the ranks before it propagates (SIGTERM as :class:`~lowbit_tp.errors.Terminated`).
+    A KeyboardInterrupt or SIGTERM in the parent kills the ranks before it propagates
+    (SIGTERM as :class:`~lowbit_tp.errors.Terminated`).
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise UserError(f"world size must be a positive integer, got {world_size!r}")

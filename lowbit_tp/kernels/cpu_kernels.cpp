@@ -1767,7 +1767,8 @@ int rot_encode(const void* x, int64_t t_rows, int64_t ld, const int64_t* outl, c
           am = _mm512_mask_mov_ps(am, big, _mm512_set1_ps(scale_max));
         }
         _mm512_mask_storeu_ps(amax.data() + g_done, valid, am);
-        _mm_mask_storeu_epi8(poisoned.data() + g_done, valid, _mm_maskz_mov_epi8(bad, _mm_set1_epi8(1)));
+        // (vpmovdb with a mask: AVX-512F only, no AVX-512BW needed)
+        _mm512_mask_cvtepi32_storeu_epi8(poisoned.data() + g_done, valid, _mm512_maskz_mov_epi32(bad, _mm512_set1_epi32(1)));
       }
     }
 #endif
