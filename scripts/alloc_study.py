@@ -184,6 +184,8 @@ def merge_probes(excl: dict, probe: dict | None, what: str) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.sensitivity_from and not Path(args.sensitivity_from).is_file():  # before the model loads
+        raise SystemExit(f"--sensitivity-from: no file {args.sensitivity_from}")
 
     import torch
 
@@ -225,13 +227,15 @@ def main(argv=None) -> None:
                      calibration_sha256=cal_sha, sensitivity_from=src_sha)
         sens, errs = m["sensitivity_kl"], m["mse"]
     else:
+        # checked before the errors are measured (minutes): a source for another setup is refused at once
+        reused = sensitivity_from(args, probe.manifest(), cal_sha, list(cal.layers)) if args.sensitivity_from else None
         t0 = time.perf_counter()
         codecs = list(dict.fromkeys([args.reference, *args.codecs]))
         errs = layer_errors(model, probe.input_ids, cal, tp=args.tp, codecs=codecs, name=info.name)
         t1 = time.perf_counter()
         measure = layer_marginal_kl if args.sensitivity == "in-context" else layer_sensitivity
-        if args.sensitivity_from:
-            sens = sensitivity_from(args, probe.manifest(), cal_sha, list(cal.layers))
+        if reused is not None:
+            sens = reused
         elif args.own_sensitivity:
             sens = own["sensitivity_kl"]
         else:

@@ -31,10 +31,29 @@ def test_dev_eval_runs_with_the_feedback_the_plan_was_measured_with(study, ef):
     assert (cfg.split, cfg.seed, cfg.samples, cfg.lambada) == ("dev", 1, 8, 0)
 
 
+class _WordTokenizer:
+    bos_token_id = None
+    name_or_path = "word"
+
+    def encode(self, text, add_special_tokens=True):
+        return [len(w) for w in text.split()]
+
+
 def test_dev_eval_seed_draws_other_dev_windows(study):
-    args = study.parse_args(BASE + ["--eval-samples", "8", "--eval-seed", "2"])
-    cfg = study.dev_eval_config(args, {"alloc-4.25": {}}, None)
-    assert (cfg.split, cfg.seed) == ("dev", 2)
+    """The seed reaches the dev config, and the eval's window draw (chunk_tokens with the
+    config's samples, length and seed) then reads other windows than the default seed's."""
+    from lowbit_tp.data import Document, chunk_tokens
+
+    configs = [study.dev_eval_config(study.parse_args(BASE + ["--eval-samples", "8"] + extra), {"alloc-4.25": {}},
+                                     None) for extra in ([], ["--eval-seed", "2"])]
+    assert [(c.split, c.seed) for c in configs] == [("dev", 1), ("dev", 2)]
+    docs = [Document.from_text(name=f"d{i}", path=f"d{i}.txt",
+                               text=" ".join("w" * (1 + (i * 7 + j) % 9) for j in range(4000)))
+            for i in range(3)]
+    starts = [{(p["doc"], p["token_start"]) for p in chunk_tokens(_WordTokenizer(), docs, num_samples=c.samples,
+                                                                   seq_len=c.seq_len, seed=c.seed).provenance}
+              for c in configs]
+    assert len(starts[0]) == len(starts[1]) == 8 and starts[0] != starts[1]
 
 
 def _measure(ef, samples=("a", "b")):
@@ -174,3 +193,14 @@ def test_a_cache_measured_afresh_is_not_reused_for_sensitivity_from(study):
     study.check_cached({**_measure(True), "sensitivity_from": "ab12"}, model="gemma3-270m", tp=2, reference="r",
                        error_feedback=True, probe={"samples": ["a", "b"], "seq_len": 128}, codecs=["r"],
                        path="m.json", sensitivity_from="ab12")
+
+
+def test_a_missing_sensitivity_from_file_is_one_line_before_any_model_load(study, tmp_path, monkeypatch):
+    import lowbit_tp.models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the flag was checked")
+
+    monkeypatch.setattr(lowbit_tp.models, "load_model", no_load)
+    with pytest.raises(SystemExit, match="--sensitivity-from: no file"):
+        study.main(BASE + ["--out-dir", str(tmp_path / "o"), "--sensitivity-from", str(tmp_path / "none.json")])
