@@ -114,6 +114,24 @@ EF_IDS = [[5, 72, 101, 108, 108, 111, 44, 32, 116, 112, 33]]  # 11 byte tokens
 EF_NEW = 4
 
 
+def _assert_ranks_follow_the_feedback_simulator(model, codec, algo, ranks, steps: int) -> None:
+    """Each rank's greedy run (logits per step, tokens) against the native simulator with
+    feedback: the same tokens, prefill logits bitwise, decode steps within 1e-6; and the
+    simulator without feedback differs at every step (the feedback acted)."""
+    from lowbit_tp.simulator import TPSimulator
+
+    with TPSimulator(model, tp=2, codec=codec, algorithm=algo, error_feedback=True):
+        sim, sim_tokens = _greedy_steps(model, steps)
+    with TPSimulator(model, tp=2, codec=codec, algorithm=algo):
+        plain, _ = _greedy_steps(model, steps)
+    for r, (logits, tokens) in enumerate(ranks):
+        assert tokens == sim_tokens, (algo, r)
+        assert torch.equal(logits[0], sim[0]), (algo, r)
+        for step, (a, b, off) in enumerate(zip(logits, sim, plain)):
+            assert (a - b).abs().max() <= 1e-6, (algo, r, step)
+            assert (b - off).abs().max() > 1e-3, (algo, step)  # the feedback acted at every step
+
+
 def _greedy_steps(model, n):
     """Prefill of ``EF_IDS`` then ``n - 1`` one-token decode steps with a KV cache (each a
     forward pass of its own): every step's logits (prefill: all rows) and the greedy tokens."""
@@ -224,7 +242,6 @@ def test_error_feedback_inside_transformers_tp_equals_the_simulator_and_the_defi
     from lowbit_tp.codecs import make_codec
     from lowbit_tp.collectives.feedback import Feedback
     from lowbit_tp.models import load_model
-    from lowbit_tp.simulator import TPSimulator
 
     algorithms = ["gather", "two-shot"]
     per_rank = spawn_ranks(_rank_ef, 2, tiny, algorithms, timeout_s=60, deadline_s=300)
@@ -244,17 +261,8 @@ def test_error_feedback_inside_transformers_tp_equals_the_simulator_and_the_defi
                 for r in range(2):
                     assert torch.equal(calls[r][j][2], want), (algo, j, layer, r)
                 carries = [f.next for f in fbs]
-            with TPSimulator(model, tp=2, codec=codec, algorithm=algo, error_feedback=True):
-                sim, sim_tokens = _greedy_steps(model, EF_NEW)
-            with TPSimulator(model, tp=2, codec=codec, algorithm=algo):
-                plain, _ = _greedy_steps(model, EF_NEW)
-            for r in range(2):
-                logits, tokens = per_rank[r][0][i]
-                assert tokens == sim_tokens, (algo, r)
-                assert torch.equal(logits[0], sim[0]), (algo, r)
-                for step, (a, b, off) in enumerate(zip(logits, sim, plain)):
-                    assert (a - b).abs().max() <= 1e-6, (algo, r, step)
-                    assert (b - off).abs().max() > 1e-3, (algo, step)  # the feedback acted at every step
+            _assert_ranks_follow_the_feedback_simulator(model, codec, algo, [per_rank[r][0][i] for r in range(2)],
+                                                        EF_NEW)
         definition, def_tokens = _definition_steps(model, codec, EF_NEW)
     engine, tokens = per_rank[0][0][0]
     assert tokens == def_tokens
@@ -343,7 +351,6 @@ def test_gemma_error_feedback_inside_transformers_tp_maps_the_carry_through_the_
       logits bitwise; loaded with a plan that names no norms, it refuses at its first forward."""
     from lowbit_tp.codecs import make_codec
     from lowbit_tp.models import load_model
-    from lowbit_tp.simulator import TPSimulator
 
     algorithms = ["gather", "two-shot"]
     per_rank = spawn_ranks(_rank_gemma_ef, 2, tiny_gemma, algorithms, timeout_s=60, deadline_s=300)
@@ -358,17 +365,8 @@ def test_gemma_error_feedback_inside_transformers_tp_maps_the_carry_through_the_
             for j, w in enumerate(want):
                 for r in range(2):
                     assert torch.equal(calls[r][j][2], w), (algo, j, calls[0][j][0], r)
-            with TPSimulator(model, tp=2, codec=codec, algorithm=algo, error_feedback=True):
-                sim, sim_tokens = _greedy_steps(model, GEMMA_STEPS)
-            with TPSimulator(model, tp=2, codec=codec, algorithm=algo):
-                plain, _ = _greedy_steps(model, GEMMA_STEPS)
-            for r in range(2):
-                logits, tokens = per_rank[r][0][i]
-                assert torch.equal(logits[0], sim[0]), (algo, r)
-                assert tokens == sim_tokens, (algo, r)
-                for step, (a, b, off) in enumerate(zip(logits, sim, plain)):
-                    assert (a - b).abs().max() <= 1e-6, (algo, r, step)
-                    assert (b - off).abs().max() > 1e-3, (algo, step)  # the feedback acted at every step
+            _assert_ranks_follow_the_feedback_simulator(model, codec, algo, [per_rank[r][0][i] for r in range(2)],
+                                                        GEMMA_STEPS)
     for r in range(2):
         steps, _, own, refused = per_rank[r]
         assert all(torch.equal(a, b) for a, b in zip(own[0], steps[0][0])) and own[1] == steps[0][1]
