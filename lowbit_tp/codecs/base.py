@@ -25,10 +25,10 @@ import torch
 
 from lowbit_tp.calibration.artifact import Calibration, CalibrationError, Source
 from lowbit_tp.codecs import functional as F
+from lowbit_tp.kernels import BACKENDS, resolve_backend
 
 # decode_sum's per-shape cache holds at most this many (shape, layer, sources, device) keys
 RECEIVED_CACHE_SIZE = 1024
-from lowbit_tp.kernels import BACKENDS, resolve_backend
 
 __all__ = [
     "Codec",

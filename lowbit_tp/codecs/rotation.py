@@ -310,10 +310,12 @@ class RotatedGroupCodec(KeptRotation, Codec):
             cm[r, p.outliers] = torch.arange(p.outliers.numel(), dtype=torch.int32, device=device)
         return cm
 
-    def _triton_encode(self, x, p: RotParams, out, flags):
+    def _triton_encode(self, x, p: RotParams, out, flags, chunks: int = 1):
+        """One message, or (``chunks > 1``, ``out`` given) two-shot's ``chunks`` row chunks of
+        ``x`` in one launch, their payloads one after another in ``out``."""
         K = _triton_kernels()
 
-        t, e = x.shape
+        t, e = x.shape[0] // chunks, x.shape[1]
         kw = self._kernel_args(p, t, e, x.device)
         del kw["levels"]
         colmap = self._kernel_table(("enc", id(p)), lambda: self._colmap([p], e, x.device)[0])
@@ -323,31 +325,16 @@ class RotatedGroupCodec(KeptRotation, Codec):
         # group absmax beyond the scale's range and fp32 overflow in the rotation, for
         # check_nonfinite(); the other modes saturate, as the reference does.
         return K.encode(x.contiguous(), colmap=colmap, out=out, flag=flags[0], range_flag=flags[1],
-                        max_input=self.max_input, rotate_max=ROTATE_MAX, scale_max=self._fmt.max_amax, **kw)
-
-    def _encode_chunks(self, x, chunks, p: RotParams, out, flags):
-        K = _triton_kernels()
-
-        t, e = x.shape[0] // chunks, x.shape[1]
-        if not K.chunks_fit(p.outliers.numel(), out.numel() // chunks):
-            return None  # a bf16 head at an odd address: chunk by chunk
-        kw = self._kernel_args(p, t, e, x.device)
-        del kw["levels"]
-        colmap = self._kernel_table(("enc", id(p)), lambda: self._colmap([p], e, x.device)[0])
-        return K.encode(x.contiguous(), colmap=colmap, out=out, flag=flags[0], range_flag=flags[1],
                         max_input=self.max_input, rotate_max=ROTATE_MAX, scale_max=self._fmt.max_amax, chunks=chunks,
                         **kw)
 
-    def _decode_chunks(self, payload, shape, chunks, p: RotParams):
-        K = _triton_kernels()
+    def _encode_chunks(self, x, chunks, p: RotParams, out, flags):
+        if not _triton_kernels().chunks_fit(p.outliers.numel(), out.numel() // chunks):
+            return None  # a bf16 head at an odd address: chunk by chunk
+        return self._triton_encode(x, p, out, flags, chunks=chunks)
 
-        t, e = shape
-        dev = payload.device
-        kw = self._kernel_args(p, t, e, dev)
-        del kw["bounds"], kw["lg8_asc"]
-        colmap = self._kernel_table(("dec", (id(p),)), lambda: self._colmap([p], e, dev))
-        out = torch.empty(chunks * t, e, dtype=torch.float32, device=dev)
-        return K.decode_sum([payload], colmap=colmap, out=out, chunks=chunks, **kw)
+    def _decode_chunks(self, payload, shape, chunks, p: RotParams):
+        return self._triton_decode_sum([payload], shape, [p], chunks=chunks)
 
     def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None):
         if not payloads or self.kernel_backend(payloads[0].device) != "triton" or not self._kernel_packs(int(shape[1])):
@@ -408,6 +395,12 @@ class RotatedGroupCodec(KeptRotation, Codec):
                                       **self._cpu_args(shape[1]))
         if backend != "triton":
             return super()._decode_sum(payloads, shape, params, out)
+        return self._triton_decode_sum(payloads, shape, params, out)
+
+    def _triton_decode_sum(self, payloads, shape, params, out=None, chunks: int = 1):
+        """The rank-ordered sum of the decoded ``payloads`` of ``shape``, or (``chunks > 1``, one
+        payload) two-shot's ``chunks`` consecutive chunk payloads of ``shape`` decoded in one launch
+        into ``[chunks * T, E]``."""
         K = _triton_kernels()
 
         t, e = shape
@@ -416,8 +409,8 @@ class RotatedGroupCodec(KeptRotation, Codec):
         del kw["bounds"], kw["lg8_asc"]
         colmap = self._kernel_table(("dec", tuple(id(p) for p in params)), lambda: self._colmap(params, e, dev))
         if out is None:
-            out = torch.empty(t, e, dtype=torch.float32, device=dev)
-        return K.decode_sum([q.contiguous() for q in payloads], colmap=colmap, out=out, **kw)
+            out = torch.empty(chunks * t, e, dtype=torch.float32, device=dev)
+        return K.decode_sum([q.contiguous() for q in payloads], colmap=colmap, out=out, chunks=chunks, **kw)
 
     def _decode(self, payload, shape, p: RotParams):
         if self.kernel_backend(payload.device) == "cpu":

@@ -222,19 +222,25 @@ def reduce_encode(payloads, out, *, t: int, e: int, group: int, max_input: float
                           range_flag=range_flag)
 
 
-def decode_chunks(payload, out, *, chunks: int, group: int):
-    """Two-shot's N chunk decodes in one launch (E even): ``out [chunks * R, E]`` fp32 gets
-    ``decode(payload chunk j)`` in rows ``[j*R, (j+1)*R)``; ``payload`` holds the ``chunks``
-    payloads of ``[R, E]`` one after another."""
+def _launch_decode_chunks(kernel, payload, out, chunks: int, group: int, **consts):
+    """One launch of a tiled decode-and-sum ``kernel`` over the ``chunks`` payloads (one after
+    another in ``payload``) into ``out [chunks * R, E]`` (E even)."""
     t, e = out.shape
     rows = t // chunks
     if rows * e == 0:
         return out
     grid, bt, ngt, warps = _tile_grid(rows, e, group)
-    group_decode_sum_tile_kernel[grid + (chunks,)](
-        (payload,), out, rows, e, e // 2, triton.cdiv(e, group), (rows * e + 1) // 2, N=1, GROUP=group, BT=bt,
-        NGT=ngt, PS=payload.numel() // chunks, OS=rows * e, CHUNKED=True, num_warps=warps, **FP_OPTIONS)
+    kernel[grid + (chunks,)](
+        (payload,), out, rows, e, e // 2, triton.cdiv(e, group), (rows * e + 1) // 2, N=1, BT=bt, NGT=ngt,
+        PS=payload.numel() // chunks, OS=rows * e, CHUNKED=True, num_warps=warps, **consts, **FP_OPTIONS)
     return out
+
+
+def decode_chunks(payload, out, *, chunks: int, group: int):
+    """Two-shot's N chunk decodes in one launch (E even): ``out [chunks * R, E]`` fp32 gets
+    ``decode(payload chunk j)`` in rows ``[j*R, (j+1)*R)``; ``payload`` holds the ``chunks``
+    payloads of ``[R, E]`` one after another."""
+    return _launch_decode_chunks(group_decode_sum_tile_kernel, payload, out, chunks, group, GROUP=group)
 
 
 def decode_sum(payloads, out, *, group: int):
@@ -394,15 +400,7 @@ def mx_encode_chunks(x, out, *, chunks: int, flag=None):
 
 def mx_decode_chunks(payload, out, *, chunks: int):
     """:func:`decode_chunks` for mxfp4 (E even)."""
-    t, e = out.shape
-    rows = t // chunks
-    if rows * e == 0:
-        return out
-    grid, bt, ngt, warps = _tile_grid(rows, e, 32)
-    mx_decode_sum_tile_kernel[grid + (chunks,)](
-        (payload,), out, rows, e, e // 2, triton.cdiv(e, 32), (rows * e + 1) // 2, N=1, BT=bt, NGT=ngt,
-        PS=payload.numel() // chunks, OS=rows * e, CHUNKED=True, num_warps=warps, **FP_OPTIONS)
-    return out
+    return _launch_decode_chunks(mx_decode_sum_tile_kernel, payload, out, chunks, 32)
 
 
 def mx_encode(x, out, *, flag=None):
