@@ -73,11 +73,11 @@ SCHEMES = (
     ("int8 two-shot", "int8", "two-shot"),
 )
 # Two-shot with its batched launches (Codec.encode_chunks / decode_chunks: one launch encodes
-# the N chunks, one decodes the N gathered sums). Its kernels ran on the GPU as one-message
-# calls; the batched launches themselves have not, so these rows are a model: one eager call
-# at the whole message's size in place of N eager calls at the chunk size.
+# the N chunks, one decodes the N gathered sums). gpu_check times the batched calls at its
+# two-shot message size and worlds (2 and 8); elsewhere they are modelled as one eager call at
+# the whole message's size in place of N eager calls at the chunk size.
 BATCHED = " (batched launches)"
-BATCHED_NOTE = "batched launches: kernels measured, the batched path not yet run on a GPU"
+BATCHED_NOTE = "batched launches: measured where the device check ran that TP and size, else modelled"
 PER_CHUNK = "per-chunk calls"  # two-shot priced as N chunk calls each (gather: its two calls)
 SCHEMES = SCHEMES + tuple((label + BATCHED, codec, "two-shot-batched") for label, codec, algo in SCHEMES
                           if algo == "two-shot")
@@ -122,10 +122,12 @@ ASSUMPTIONS = [
     "N decodes as eager torch decodes (slower), and now it runs the batched path below.",
     f"two-shot{BATCHED} ({BATCHED_NOTE}): the same wire and the same reduce-and-re-encode; the N chunk "
     "encodes are one call (`Codec.encode_chunks`, one kernel launch over the N row chunks) and the N chunk "
-    "decodes one call (`Codec.decode_chunks`), each modelled as the measured time of ONE eager call at the "
-    "whole message's size, N*r rows (the interpolation below), instead of N eager calls of r rows. That is "
-    "what the batched kernels do (the same tiles, the same bytes, one launch), but the model is not a "
-    "measurement: scripts/gpu_check.py times the batched calls on the next lent GPU.",
+    "decodes one call (`Codec.decode_chunks`), each the MEASURED eager time of the batched call where "
+    "scripts/gpu_check.py timed it (its two-shot message size, default 2048 tokens, at the worlds it ran, "
+    "with the batched bytes and decodes bitwise the CPU reference; `--timing graph` does not use them, "
+    "they are eager), else modelled as the measured time of ONE eager call at the whole message's size, "
+    "N*r rows (the interpolation below), instead of N eager calls of r rows. The basis of every call is "
+    "listed per row in the JSON (`codec_calls`).",
     "Payload bytes P come from each codec's payload_nbytes (the actual wire format, metadata included); "
     "the measured rows' bits_per_value must agree with it, or the run is refused.",
     "GPU codec time = the measured time per call of the fused Triton kernels (scripts/gpu_check.py, one "
@@ -250,6 +252,16 @@ class MeasuredKernels:
                 self.bits[r["codec"]] = r["bits_per_value"]
         for pts in self.points.values():
             pts.sort(key=lambda q: q.tokens)
+        # two-shot's batched launches as gpu_check timed them (eager calls, one message of
+        # ``tokens`` rows cut into ``world`` chunks), where the batched bytes and decodes were
+        # bitwise the CPU reference: (codec, world, tokens) -> (encode_chunks_s, decode_chunks_s)
+        self.batched: dict[tuple[str, int, int], tuple[float, float]] = {}
+        for doc in docs:
+            for r in doc["rows"]:
+                if ((r["codec"], doc["world"]) in self.points and r.get("two_shot_world") == doc["world"]
+                        and r.get("two_shot_bytes_equal") is True and r.get("two_shot_decode_equal") is True):
+                    self.batched[(r["codec"], doc["world"], r["tokens"])] = (
+                        r["two_shot_encode_chunks_us"] * 1e-6, r["two_shot_decode_chunks_us"] * 1e-6)
         if not any(w == BASE_WORLD for _, w in self.points):
             raise ProjectionInputError(f"no error-free world-{BASE_WORLD} device-check rows at hidden {e}: "
                                        "encode times come from them")
@@ -279,6 +291,21 @@ class MeasuredKernels:
             return t, f"world {w} rows"
         p = self.bits[codec] / 8
         return t * (n * p + 4) / (w * p + 4), f"bytes model from world {w}"
+
+    def encode_chunks_s(self, codec: str, rows: int, n: int) -> tuple[float, str]:
+        """``Codec.encode_chunks`` of ``n`` chunks of ``rows``: measured (eager) where the device
+        check timed that world and message size, else one encode call of ``n * rows`` rows."""
+        hit = self.batched.get((codec, n, n * rows)) if self.timing == "eager" else None
+        if hit:
+            return hit[0], f"measured batched, world {n}"
+        return self.encode_s(codec, n * rows)[0], "model: one encode of the whole message"
+
+    def decode_chunks_s(self, codec: str, rows: int, n: int) -> tuple[float, str]:
+        """``Codec.decode_chunks`` of ``n`` one-payload chunks of ``rows``, as :meth:`encode_chunks_s`."""
+        hit = self.batched.get((codec, n, n * rows)) if self.timing == "eager" else None
+        if hit:
+            return hit[1], f"measured batched, world {n}"
+        return self.decode_sum_s(codec, n * rows, 1)[0], "model: one decode of 1 payload of the whole message"
 
     def reduce_encode_s(self, codec: str, tokens: int, n: int) -> tuple[float, str]:
         w = self._anchor(codec, n, tokens)
@@ -408,9 +435,9 @@ def allreduce_time(codec_name: str, algorithm: str, *, tokens: int, tp: int, lin
         rows = -(-tokens // n)
         sent = 2 * (n - 1) * codec.payload_nbytes((rows, e))
         wire = 2 * steps * alpha + sent / bw
-        calls = [(f"encode of {n} chunks, one launch", 1, *kernels.encode_s(codec_name, n * rows), n * rows),
+        calls = [(f"encode of {n} chunks, one launch", 1, *kernels.encode_chunks_s(codec_name, rows, n), n * rows),
                  (f"reduce-and-re-encode of {n}", 1, *kernels.reduce_encode_s(codec_name, rows, n), rows),
-                 (f"decode of {n} chunks of 1 payload, one launch", 1, *kernels.decode_sum_s(codec_name, n * rows, 1),
+                 (f"decode of {n} chunks of 1 payload, one launch", 1, *kernels.decode_chunks_s(codec_name, rows, n),
                   n * rows)]
     else:
         raise ValueError(algorithm)

@@ -139,7 +139,36 @@ def test_batched_rows_are_labelled_and_judged_apart(projection, kernels, tmp_pat
     judged = projection.goals(rows)
     assert [g["path"] for g in judged] == [projection.PER_CHUNK] * 3 + [projection.BATCHED_NOTE] * 3
     assert all(g["scheme"].endswith(projection.BATCHED) == (g["path"] != projection.PER_CHUNK) for g in judged)
-    assert "not yet run on a GPU" in projection.BATCHED_NOTE
+    assert "measured where" in projection.BATCHED_NOTE and "else modelled" in projection.BATCHED_NOTE
+
+
+def _with_batched(doc, tokens, enc_us, dec_us, equal=True):
+    row = next(r for r in doc["rows"] if r["tokens"] == tokens)
+    row.update({"two_shot_world": doc["world"], "two_shot_encode_chunks_us": enc_us,
+                "two_shot_decode_chunks_us": dec_us, "two_shot_bytes_equal": equal, "two_shot_decode_equal": True})
+    return doc
+
+
+@pytest.mark.parametrize("equal", [True, False])
+def test_measured_batched_calls_replace_the_model_only_when_bitwise(projection, tmp_path, equal):
+    # world 8 at 2048 tokens timed the batched calls (777 us encode, 555 us decode): the batched
+    # two-shot at TP 8 uses them; at TP 4 (not run) it keeps the model; a run whose batched bytes
+    # were not the reference's is never read as a speed
+    files = [_write(tmp_path / "w2.json", _doc(2, W2)),
+             _write(tmp_path / "w8.json", _with_batched(_doc(8, W8), 2048, 777.0, 555.0, equal))]
+    k = projection.MeasuredKernels([projection.load_gpu_check(p) for p in files])
+    t = projection.allreduce_time("int4-g32", "two-shot-batched", tokens=2048, tp=8, link=LINK, kernels=k)
+    enc, _, dec = t["calls"]
+    if equal:
+        assert (enc["each_us"], dec["each_us"]) == pytest.approx((777.0, 555.0), rel=1e-12)
+        assert enc["basis"] == dec["basis"] == "measured batched, world 8"
+    else:
+        assert enc["basis"].startswith("model") and dec["basis"].startswith("model")
+        assert enc["each_us"] == pytest.approx(160.0, rel=1e-12)
+    t4 = projection.allreduce_time("int4-g32", "two-shot-batched", tokens=2048, tp=4, link=LINK, kernels=k)
+    assert t4["calls"][0]["basis"].startswith("model")
+    k.timing = "graph"  # the batched times are eager calls: the GPU-time-alone projection models them
+    assert k.encode_chunks_s("int4-g32", 256, 8)[1].startswith("model")
 
 
 def test_project_rows_scale_one_call_to_the_forward_pass(projection, kernels):
