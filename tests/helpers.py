@@ -26,6 +26,8 @@ def tiny_config(family: str, *, vocab_size: int = 260):
         return tf.MistralConfig(**common)
     if family == "gemma3":
         return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=8)
+    if family == "gemma2":  # attention and final-logit soft-capping on, as in the real model
+        return tf.Gemma2Config(**common, head_dim=16, sliding_window=8)
     raise ValueError(family)
 
 
@@ -70,15 +72,21 @@ class RecordingReducer:
         return out
 
 
-def save_tiny_gemma(root) -> str:
-    """:func:`save_tiny` of Gemma 3 with the post-norm gains spread as in the real model
+def tiny_gemma_model(family: str = "gemma3"):
+    """:func:`tiny_model` of Gemma 2 or 3 with the post-norm gains spread as in the real model
     (``1 + weight`` from about -0.5 to 8.5, some below the feedback's gain floor)."""
-    model = tiny_model("gemma3")
+    model = tiny_model(family)
     with torch.no_grad():
         for n, m in model.named_modules():
             if n.endswith(("post_attention_layernorm", "post_feedforward_layernorm")):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=torch.Generator().manual_seed(len(n))) * 8 - 0.5)
-    path = root / "gemma3"
+    return model
+
+
+def save_tiny_gemma(root, family: str = "gemma3") -> str:
+    """:func:`save_tiny` of :func:`tiny_gemma_model`."""
+    model = tiny_gemma_model(family)
+    path = root / family
     model.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return str(path)

@@ -280,9 +280,9 @@ def test_error_feedback_inside_transformers_tp_equals_the_simulator_and_the_defi
 GEMMA_STEPS = 3  # prefill + 2 one-token decode steps
 
 
-@pytest.fixture(scope="module")
-def tiny_gemma(tmp_path_factory):
-    return save_tiny_gemma(tmp_path_factory.mktemp("tiny_gemma"))
+@pytest.fixture(scope="module", params=["gemma3", "gemma2"])
+def tiny_gemma(request, tmp_path_factory):
+    return save_tiny_gemma(tmp_path_factory.mktemp("tiny_gemma"), request.param)
 
 
 def _record_rowwise(model, calls):
@@ -339,7 +339,7 @@ def _rank_gemma_ef(rank, world, path, algorithms):
 
 
 def test_gemma_error_feedback_inside_transformers_tp_maps_the_carry_through_the_post_norms(tiny_gemma):
-    """``--engine transformers --error-feedback`` on a tiny Gemma 3 at TP 2 (prefill + 2
+    """``--engine transformers --error-feedback`` on a tiny Gemma 3 and Gemma 2 at TP 2 (prefill + 2
     decode steps), gather and two-shot:
 
     * every collective call is bitwise ``simulate_all_reduce`` of both ranks' partials with

@@ -271,8 +271,9 @@ def _rank_ef_gemma(rank, world, path):
              for i, layer in enumerate(LAYERS)] for p, (rows, _) in enumerate(EF_PASSES)]
 
 
-def test_gated_reducer_maps_gemmas_carry_through_the_post_norms(tmp_path):
-    """Gemma 3 error feedback behind the vLLM op on gloo ranks (norms read from the checkpoint
+@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+def test_gated_reducer_maps_gemmas_carry_through_the_post_norms(tmp_path, family):
+    """Gemma 3 (and 2) error feedback behind the vLLM op on gloo ranks (norms read from the checkpoint
     by each rank): every compressed output is bitwise ``simulate_all_reduce`` with the carries
     of the post-norm chain replayed from its definition with the norms of the model loaded by
     transformers; a pass below the gate is exact and leaves no carry."""
@@ -280,7 +281,7 @@ def test_gated_reducer_maps_gemmas_carry_through_the_post_norms(tmp_path):
     from lowbit_tp.models import load_model
 
     world = 2
-    path = save_tiny_gemma(tmp_path)
+    path = save_tiny_gemma(tmp_path, family)
     res = spawn_ranks(_rank_ef_gemma, world, path, timeout_s=60)
     norms = gemma_post_norms(load_model(path)[0])
     codec = make_codec("int4-g32")
@@ -311,6 +312,7 @@ def test_error_feedback_preflight_needs_gemmas_post_norms_in_the_checkpoint(tmp_
     llama, gemma = save_tiny(tmp_path, "llama"), save_tiny(tmp_path, "gemma3")
     preflight(llama, tp=2, calibration=None, error_feedback=True)
     preflight(gemma, tp=2, calibration=None, error_feedback=True)
+    preflight(save_tiny(tmp_path, "gemma2"), tp=2, calibration=None, error_feedback=True)
     weights = Path(gemma) / "model.safetensors"
     tensors = load_file(weights)
     del tensors["model.layers.1.post_feedforward_layernorm.weight"]
