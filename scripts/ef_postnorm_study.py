@@ -23,8 +23,13 @@ baseline and the same windows:
   does with f=0.3, c=2), ``own`` (``rms(p_r)`` times a per-layer ratio from the calibration's
   channel extremes), ``prev``/``prev1`` (the previous output's rms, with/without that ratio).
 
-It plugs its own :class:`~lowbit_tp.tp.Reducer` into :class:`~lowbit_tp.tp.RowParallelLinear`
-(the supported extension point); the library's option stays refused for these models.
+* ``library``: the library's own feedback, ``TPSimulator(..., error_feedback=True)``
+  (``PostNormFeedback``: the ``own1`` estimate with f=0.3, c=2), so that the variants above,
+  which carry their own copy of the maths, are compared with what ``--error-feedback`` does
+  on the same windows in the same run.
+
+The variants plug their own :class:`~lowbit_tp.tp.Reducer` into
+:class:`~lowbit_tp.tp.RowParallelLinear` (the supported extension point).
 
     PYTHONPATH=. python scripts/ef_postnorm_study.py --model gemma3-270m --tp 2 \\
         --calibration /work/runs/gemma-tp2-s32.safetensors --codec default --samples 16 --seed 1 --json OUT.json
@@ -64,6 +69,7 @@ def main(argv=None) -> None:
     from lowbit_tp.evaluation.evaluate import eval_inputs
     from lowbit_tp.evaluation.metrics import LMComparison, paired_difference_ci
     from lowbit_tp.models import get_adapter, load_model
+    from lowbit_tp.simulator import TPSimulator
     from lowbit_tp.tp.plan import swap_module
     from lowbit_tp.tp.row_parallel import RowParallelLinear, shard_weight
 
@@ -199,6 +205,11 @@ def main(argv=None) -> None:
         for ids in chunks.input_ids.split(args.batch_size):
             base = model(ids).logits
             for m in args.modes:
+                if m == "library":
+                    with TPSimulator(model, tp=args.tp, codec=make_codec(args.codec, calibration=calibration),
+                                     algorithm=args.algorithm, error_feedback=True):
+                        comps[m].update(ids, base, model(ids).logits)
+                    continue
                 install(CarryReducer(m) if m.startswith("carry-") else StudyReducer(m))
                 try:
                     comps[m].update(ids, base, model(ids).logits)
