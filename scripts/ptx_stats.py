@@ -120,6 +120,20 @@ def cases(t: int, e: int, world: int, k: int):
                {"N": world, "BITS": bits, "BT": bt, "BE": be, "H16": True, "ROW_BYTES": True,
                 "ITERS": KS.row_iterations(t, bt)},
                {"T": t, "E": e, "NK": nk}, w, bt * be // (32 * w))
+    for bits, nk in ((4, k), (4, 0), (8, 0)):  # the window decode-and-sum (int4-outlier: tl.gather), int4, int8
+        bt, be, w = KS.win_tile_config(t, e, world)
+        yield ("triton_static", "static_decode_sum_win_kernel",
+               {"payloads": pw, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32",
+                "HEADB": "i32"},
+               {"N": world, "BITS": bits, "BT": bt, "BE": be, "HAS_K": nk > 0, "H16": True, "NK": nk,
+                "RB": (e - nk) // 2 if bits == 4 else e - nk}, {"T": t, "E": e, "HEADB": 2 * t * nk}, w,
+               bt * be // (32 * w))
+    bt, be, w = KS.ld_tile_config(t, e, world)  # int4-outlier's default decode-and-sum
+    yield ("triton_static", "static_decode_sum_ld_kernel",
+           {"payloads": pw, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32",
+            "HEADB": "i32"},
+           {"N": world, "BITS": 4, "BT": bt, "BE": be, "H16": True, "NK": k, "RB": (e - k) // 2},
+           {"T": t, "E": e, "HEADB": 2 * t * k}, w, bt * be // (32 * w))
 
 
 def main(argv=None) -> None:
@@ -128,10 +142,13 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int, default=8192)
     ap.add_argument("--world", type=int, default=2, help="payloads per decode-and-sum")
     ap.add_argument("--k", type=int, default=None, help="int4-outlier's kept channels (default hidden // 64)")
+    ap.add_argument("--only", default=None, help="comma-separated substrings of the kernel names to compile")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     k = args.hidden // 64 if args.k is None else args.k
-    rows = [compile_stats(*c) for c in cases(args.tokens, args.hidden, args.world, k)]
+    only = args.only.split(",") if args.only else None
+    rows = [compile_stats(*c) for c in cases(args.tokens, args.hidden, args.world, k)
+            if only is None or any(o in c[1] for o in only)]
     cols = list(rows[0])
     print(f"sm_90a, [{args.tokens}, {args.hidden}], world {args.world}, k {k}; "
           f"`PYTHONPATH=. python3 scripts/ptx_stats.py --tokens {args.tokens} --hidden {args.hidden} "

@@ -384,7 +384,7 @@ def encode_chunks(x, inliers, inv_scale, outliers, out, *, chunks: int, bits: in
                           max_input=max_input, flag=flag, range_flag=range_flag, chunks=chunks)
 
 
-def decode_chunks(payload, colmap, scale, out, *, chunks: int, nk: int, bits: int):
+def decode_chunks(payload, colmap, scale, out, *, chunks: int, nk: int, bits: int, variant: str | None = None):
     """Two-shot's N chunk decodes in one launch: ``out [chunks * R, E]`` fp32 gets the decode of
     chunk ``j`` of ``payload`` (``chunks`` payloads of ``[R, E]`` one after another) in its rows."""
     t, e = out.shape
@@ -392,6 +392,9 @@ def decode_chunks(payload, colmap, scale, out, *, chunks: int, nk: int, bits: in
     if rows * e == 0:
         return out
     ps = payload.numel() // chunks
+    if _use_win(DECODE_VARIANT if variant is None else variant, e, nk, bits):
+        return _decode_win([payload], colmap, scale, out, rows, e, nk, bits, variant or DECODE_VARIANT,
+                           chunks=chunks, ps=ps)
     bt, cols, warps = tile_config(rows, e, 1)
     iters = row_iterations(rows, bt)
     static_decode_sum_tile_kernel[(triton.cdiv(rows, bt * iters), triton.cdiv(e, cols), chunks)](
@@ -409,11 +412,14 @@ def reduce_encode(payloads, colmap, scale, inliers, inv_scale, outliers, out, *,
                           max_input=max_input, flag=flag, range_flag=range_flag)
 
 
-def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int):
-    """Fill ``out [T, E]`` fp32 with the rank-ordered sum of the decoded ``payloads``."""
+def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int, variant: str | None = None):
+    """Fill ``out [T, E]`` fp32 with the rank-ordered sum of the decoded ``payloads``.
+    ``variant``: "tile" or "win" kernels, default :data:`DECODE_VARIANT` (same sums)."""
     t, e = out.shape
     if t * e == 0:
         return out
+    if _use_win(DECODE_VARIANT if variant is None else variant, e, nk, bits):
+        return _decode_win(list(payloads), colmap, scale, out, t, e, nk, bits, variant or DECODE_VARIANT)
     rows, cols, warps = tile_config(t, e, len(payloads))
     iters = row_iterations(t, rows)
     static_decode_sum_tile_kernel[(triton.cdiv(t, rows * iters), triton.cdiv(e, cols))](
@@ -421,3 +427,221 @@ def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int):
         H16=_aligned2(payloads), ROW_BYTES=bits == 8 or (e - nk) % 2 == 0, ITERS=iters, num_warps=warps,
         **FP_OPTIONS)
     return out
+
+
+# ---------------------------------------------------------------- window kernels (issue 8, stop 21)
+# The tiled kernels above load every code (and scale, and bf16 value) of a tile element by
+# element through the channel map: one byte load, a 64-bit address and a mask per value and
+# source. ptxas (Triton 3.6, the GPU machine's) gives the decode-and-sum 223 registers (12.5 %
+# occupancy) and the H200 measured it at 22-28 % of a copy for every static codec.
+#
+# These kernels work on a tile's even and odd columns apart (a byte's two int4 codes meet in one
+# thread, as in triton_group) and load each source's codes as one contiguous, 16-byte aligned
+# window of its body row:
+# * no bf16 channels (``HAS_K`` false: int4, int8): the channel map is the identity, the window
+#   is the tile's own columns, no gather at all;
+# * bf16 channels: a column block's inlier slots are increasing and span fewer than ``BE``
+#   slots, so its codes lie in one window starting at the first inlier's byte rounded down to
+#   16; each code is then picked out of the window in registers/shared memory (``tl.gather``).
+#   The few bf16 values still load one by one (masked: only the bf16 channels' lanes read).
+#
+# ``DECODE_VARIANT`` / ``ENCODE_VARIANT`` pick the kernels ("auto": the window kernels wherever
+# they apply, "ld": the bf16-channel case loads its codes one by one instead of gathering them
+# from the window, "gather": tl.gather from the window, "tile": the kernels above); the sweep (scripts/sweep_static.py) sets them to time
+# both in one process. The bytes and sums do not depend on the choice.
+DECODE_VARIANT = "auto"
+DECODE_VARIANTS = ("auto", "ld", "gather", "tile")
+ENCODE_VARIANT = "auto"
+# (rows, columns) of a window decode-and-sum tile at 2 sources; more sources, fewer rows.
+WIN_TILE = (8, 512)
+
+
+def win_tile_config(tokens: int, hidden: int, sources: int) -> tuple[int, int, int]:
+    """(rows, columns, warps) of a window decode-and-sum tile: ``WIN_TILE`` at up to 2 sources,
+    half the rows per doubling beyond (a thread holds ``rows * columns / 128`` sums and, per
+    source, its codes), at least one row."""
+    rows, cols = WIN_TILE
+    cols = min(cols, max(32, triton.next_power_of_2(max(hidden, 2))))
+    n = triton.next_power_of_2(max(sources, 2))
+    rows = max(1, min(triton.next_power_of_2(max(tokens, 1)), rows * 2 // n))
+    return rows, cols, 4
+
+
+@triton.jit
+def _win_load(p, t, mt, b0, HEADB, RB, WB: tl.constexpr):
+    """``WB`` contiguous bytes of each body row of payload ``p`` from byte ``b0`` (a multiple of 16)."""
+    k = b0 + tl.arange(0, WB)[None, :]
+    return tl.load(p + HEADB + t * RB + k, mask=mt & (k < RB), other=0)
+
+
+@triton.jit
+def _pick(w, idx, BT: tl.constexpr, H: tl.constexpr):
+    """``w[:, idx]`` (int32) for an index row ``idx [1, H]``."""
+    return tl.gather(w, tl.broadcast_to(idx, [BT, H]), axis=1).to(tl.int32)
+
+
+@triton.jit
+def _win_rank(p, r, colmap_ptr, scale_ptr, t, mt, ce, co, T, E, NK, HEADB, RB, BITS: tl.constexpr,
+              BT: tl.constexpr, BE: tl.constexpr, HAS_K: tl.constexpr, H16: tl.constexpr):
+    """Decoded values of source ``r`` at the even (``ce``) and odd (``co``) columns ``[1, BE/2]``
+    of the tile rows ``t``: two fp32 ``[BT, BE/2]``."""
+    NI = E - NK
+    H: tl.constexpr = BE // 2
+    SENT: tl.constexpr = -8 if BITS == 4 else -128
+    if HAS_K:
+        se = tl.load(colmap_ptr + r * E + ce, mask=ce < E, other=-1)
+        so = tl.load(colmap_ptr + r * E + co, mask=co < E, other=-1)
+        ie = se >= 0
+        io = so >= 0
+        lo = tl.minimum(tl.min(tl.where(ie, se, NI), axis=1), tl.min(tl.where(io, so, NI), axis=1))
+        lo = tl.max(lo, axis=0)  # [1] -> scalar
+        if BITS == 4:
+            b0 = tl.multiple_of(((lo >> 1) // 16) * 16, 16)
+            ne = tl.where(ie, se - 2 * b0, 0)
+            no = tl.where(io, so - 2 * b0, 0)
+            w = _win_load(p, t, mt, b0, HEADB, RB, BE)
+            be = _pick(w, ne >> 1, BT, H)
+            bo = _pick(w, no >> 1, BT, H)
+            qe = (be << (28 - 4 * (ne & 1))) >> 28
+            qo = (bo << (28 - 4 * (no & 1))) >> 28
+        else:
+            b0 = tl.multiple_of((lo // 16) * 16, 16)
+            w = _win_load(p, t, mt, b0, HEADB, RB, 2 * BE)
+            qe = _pick(w, tl.where(ie, se - b0, 0), BT, H)
+            qo = _pick(w, tl.where(io, so - b0, 0), BT, H)
+            qe = (qe << 24) >> 24
+            qo = (qo << 24) >> 24
+        sce = tl.load(scale_ptr + r * NI + se, mask=ie, other=1.0)
+        sco = tl.load(scale_ptr + r * NI + so, mask=io, other=1.0)
+        ve = tl.where(qe == SENT, float("nan"), qe.to(tl.float32) * sce)
+        vo = tl.where(qo == SENT, float("nan"), qo.to(tl.float32) * sco)
+        ke = bf16_from_bits(_head_bits(p, t * NK + (-1 - se), mt & ~ie, H16))
+        ko = bf16_from_bits(_head_bits(p, t * NK + (-1 - so), mt & ~io, H16))
+        ve = tl.where(ie, ve, ke)
+        vo = tl.where(io, vo, ko)
+    else:
+        sce = tl.load(scale_ptr + r * E + ce, mask=ce < E, other=1.0)
+        sco = tl.load(scale_ptr + r * E + co, mask=co < E, other=1.0)
+        if BITS == 4:  # E even: byte i of the row holds columns 2i, 2i + 1
+            bi = tl.program_id(1) * H + tl.arange(0, H)[None, :]
+            b = tl.load(p + HEADB + t * RB + bi, mask=mt & (bi < RB), other=0).to(tl.int32)
+            qe = (b << 28) >> 28
+            qo = (b << 24) >> 28
+        else:
+            c = tl.program_id(1) * BE + tl.arange(0, BE)[None, :]
+            b = tl.load(p + HEADB + t * RB + c, mask=mt & (c < RB), other=0).to(tl.int8, bitcast=True)
+            qe, qo = tl.split(tl.reshape(b.to(tl.int32), [BT, H, 2]))
+        ve = tl.where(qe == SENT, float("nan"), qe.to(tl.float32) * sce)
+        vo = tl.where(qo == SENT, float("nan"), qo.to(tl.float32) * sco)
+    return ve, vo
+
+
+@triton.jit
+def static_decode_sum_win_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E, NK: tl.constexpr, HEADB,
+                                 RB: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr,
+                                 BE: tl.constexpr, HAS_K: tl.constexpr, H16: tl.constexpr, PS=0, OS=0, CHUNKED: tl.constexpr = False):
+    """``out[t, e] = sum_r decode(payloads[r])[t, e]`` in fp32, rank order, written once, one
+    ``BT x BE`` tile per program. ``HEADB`` = bytes of the bf16 head (``2 T NK``), ``RB`` = bytes
+    of a body row (int4: ``(E - NK) / 2``, which must be whole; int8: ``E - NK``); both are
+    arguments so that a launch marks them multiples of 16 where they are (16-byte window
+    loads). ``HAS_K`` false: ``NK == 0`` and the channel map is not read. ``CHUNKED`` (``N == 1``)
+    as :func:`static_decode_sum_tile_kernel`."""
+    payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
+    H: tl.constexpr = BE // 2
+    t = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]
+    mt = t < T
+    ce = tl.program_id(1) * BE + 2 * tl.arange(0, H)[None, :]
+    co = ce + 1
+    for r in tl.static_range(N):
+        ve, vo = _win_rank(payloads[r], r, colmap_ptr, scale_ptr, t, mt, ce, co, T, E, NK, HEADB, RB, BITS, BT, BE,
+                           HAS_K, H16)
+        if r == 0:
+            acc_e = ve
+            acc_o = vo
+        else:
+            acc_e = acc_e + ve
+            acc_o = acc_o + vo
+    v = tl.reshape(tl.join(acc_e, acc_o), [BT, BE])
+    c = tl.program_id(1) * BE + tl.arange(0, BE)[None, :]
+    tl.store(out_ptr + t * E + c, v, mask=mt & (c < E))
+
+
+def _use_win(variant: str, e: int, nk: int, bits: int) -> bool:
+    """Whether a window decode-and-sum runs: asked for ("auto", "ld", "gather") and every body
+    row starts at a byte (int8, or an even ``E - NK``; an odd int4 row keeps the tile kernel)."""
+    if variant not in DECODE_VARIANTS:
+        raise ValueError(f"decode variant must be one of {DECODE_VARIANTS}, got {variant!r}")
+    return variant != "tile" and (bits == 8 or (e - nk) % 2 == 0)
+
+
+def _decode_win(payloads, colmap, scale, out, t, e, nk, bits, variant, *, chunks=1, ps=0):
+    """The window decode-and-sum over ``out [chunks * t, E]`` (``chunks > 1``: one payload of
+    ``chunks`` chunk payloads ``ps`` bytes apart, as :func:`decode_chunks`): without bf16
+    channels :func:`static_decode_sum_win_kernel`; with them the same kernel gathering from
+    the window (``variant`` "gather") or :func:`static_decode_sum_ld_kernel` ("ld", "auto")."""
+    n = len(payloads)
+    extra = {} if chunks == 1 else {"PS": ps, "OS": t * e, "CHUNKED": True}
+    h16 = _aligned2(payloads) and (chunks == 1 or ps % 2 == 0)
+    rb = (e - nk) // 2 if bits == 4 else e - nk
+    if nk and variant in ("auto", "ld"):
+        rows, cols, warps = ld_tile_config(t, e, n)
+        kernel, opts = static_decode_sum_ld_kernel, {}
+    else:
+        rows, cols, warps = win_tile_config(t, e, n)
+        kernel, opts = static_decode_sum_win_kernel, {"HAS_K": nk > 0}
+    grid = (triton.cdiv(t, rows), triton.cdiv(e, cols)) + ((chunks,) if chunks > 1 else ())
+    kernel[grid](tuple(payloads), colmap, scale, out, t, e, HEADB=2 * t * nk, NK=nk, RB=rb, N=n, BITS=bits, BT=rows,
+                 BE=cols, H16=h16, num_warps=warps, **opts, **extra, **FP_OPTIONS)
+    return out
+
+
+LD_TILE = (8, 512)
+
+
+def ld_tile_config(tokens: int, hidden: int, sources: int) -> tuple[int, int, int]:
+    """(rows, columns, warps) of :func:`static_decode_sum_ld_kernel`: ``LD_TILE[1]`` columns and
+    ``LD_TILE[0] / sources`` rows (ptxas sm_90a, Triton 3.6, [8192, 8192]: 4 x 512 at 2 sources
+    104 registers, 1 x 512 at 8 sources 89, no spills, no layout conversions)."""
+    rows, cols = LD_TILE
+    cols = min(cols, max(32, triton.next_power_of_2(max(hidden, 2))))
+    rows = max(1, min(triton.next_power_of_2(max(tokens, 1)), rows // triton.next_power_of_2(max(sources, 1))))
+    return rows, cols, 4
+
+
+@triton.jit
+def static_decode_sum_ld_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E, NK: tl.constexpr, HEADB,
+                                RB: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr,
+                                BE: tl.constexpr, H16: tl.constexpr, PS=0, OS=0, CHUNKED: tl.constexpr = False):
+    """The decode-and-sum of codecs with bf16 channels (``NK > 0``), one ``BT x BE`` tile per
+    program, held transposed (``[BE, BT]``: channels along axis 0): the channel map, scales and
+    the sum's columns are contiguous along axis 0, and so is the order the compiler gives the
+    per-value code loads (no contiguity of their own), so no layout conversion sits between
+    them. Per source and column: one slot, scale, code-byte address and nibble shift, reused
+    over the ``BT`` rows, whose bytes are ``RB`` (a constexpr: an immediate offset) apart."""
+    payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
+    NI = E - NK
+    c = tl.program_id(1) * BE + tl.arange(0, BE)[:, None]
+    t = tl.program_id(0) * BT + tl.arange(0, BT)[None, :]
+    mc = c < E
+    mt = t < T
+    m = mc & mt
+    for r in tl.static_range(N):
+        p = payloads[r]
+        slot = tl.load(colmap_ptr + r * E + c, mask=mc, other=0)
+        inl = slot >= 0
+        sc = tl.load(scale_ptr + r * NI + slot, mask=mc & inl, other=1.0)
+        z = tl.where(inl, slot, 0)  # a bf16 channel reads slot 0's code, thrown away below
+        if BITS == 4:
+            b = tl.load(p + HEADB + t * RB + (z >> 1), mask=m).to(tl.int32)
+            q = (b << (28 - 4 * (z & 1))) >> 28
+            v = tl.where(q == -8, float("nan"), q.to(tl.float32) * sc)
+        else:
+            q = tl.load(p + HEADB + t * RB + z, mask=m).to(tl.int8, bitcast=True).to(tl.int32)
+            v = tl.where(q == -128, float("nan"), q.to(tl.float32) * sc)
+        kept = bf16_from_bits(_head_bits(p, t * NK + (-1 - slot), m & ~inl, H16))
+        v = tl.where(inl, v, kept)
+        if r == 0:
+            acc = v
+        else:
+            acc = acc + v
+    tl.store(out_ptr + t * E + c, acc, mask=m)
