@@ -445,13 +445,14 @@ def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int, variant: str
 #   16; each code is then picked out of the window in registers/shared memory (``tl.gather``).
 #   The few bf16 values still load one by one (masked: only the bf16 channels' lanes read).
 #
-# ``DECODE_VARIANT`` / ``ENCODE_VARIANT`` pick the kernels ("auto": the window kernels wherever
-# they apply, "ld": the bf16-channel case loads its codes one by one instead of gathering them
-# from the window, "gather": tl.gather from the window, "tile": the kernels above); the sweep (scripts/sweep_static.py) sets them to time
+# ``DECODE_VARIANT`` / ``ENCODE_VARIANT`` pick the kernels: "tile" the kernels above; "win" (and
+# "auto") the window kernel without bf16 channels and, with them, static_decode_sum_ld_kernel
+# (codes loaded one by one, transposed tile); "gather": with bf16 channels tl.gather from the window; the sweep (scripts/sweep_static.py) sets them to time
 # both in one process. The bytes and sums do not depend on the choice.
 DECODE_VARIANT = "auto"
-DECODE_VARIANTS = ("auto", "ld", "gather", "tile")
+DECODE_VARIANTS = ("auto", "tile", "win", "gather")
 ENCODE_VARIANT = "auto"
+ENCODE_VARIANTS = ("auto", "tile")
 # (rows, columns) of a window decode-and-sum tile at 2 sources; more sources, fewer rows.
 WIN_TILE = (8, 512)
 
@@ -567,7 +568,7 @@ def static_decode_sum_win_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E,
 
 
 def _use_win(variant: str, e: int, nk: int, bits: int) -> bool:
-    """Whether a window decode-and-sum runs: asked for ("auto", "ld", "gather") and every body
+    """Whether a window decode-and-sum runs: asked for ("auto", "win", "gather") and every body
     row starts at a byte (int8, or an even ``E - NK``; an odd int4 row keeps the tile kernel)."""
     if variant not in DECODE_VARIANTS:
         raise ValueError(f"decode variant must be one of {DECODE_VARIANTS}, got {variant!r}")
@@ -578,12 +579,12 @@ def _decode_win(payloads, colmap, scale, out, t, e, nk, bits, variant, *, chunks
     """The window decode-and-sum over ``out [chunks * t, E]`` (``chunks > 1``: one payload of
     ``chunks`` chunk payloads ``ps`` bytes apart, as :func:`decode_chunks`): without bf16
     channels :func:`static_decode_sum_win_kernel`; with them the same kernel gathering from
-    the window (``variant`` "gather") or :func:`static_decode_sum_ld_kernel` ("ld", "auto")."""
+    the window (``variant`` "gather") or :func:`static_decode_sum_ld_kernel` ("win", "auto")."""
     n = len(payloads)
     extra = {} if chunks == 1 else {"PS": ps, "OS": t * e, "CHUNKED": True}
     h16 = _aligned2(payloads) and (chunks == 1 or ps % 2 == 0)
     rb = (e - nk) // 2 if bits == 4 else e - nk
-    if nk and variant in ("auto", "ld"):
+    if nk and variant in ("auto", "win"):
         rows, cols, warps = ld_tile_config(t, e, n)
         kernel, opts = static_decode_sum_ld_kernel, {}
     else:
