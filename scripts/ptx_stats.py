@@ -66,7 +66,8 @@ def compile_stats(mod: str, kernel: str, sig: dict, const: dict, ints: dict, war
     spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)]
     count = lambda pat: len(re.findall(pat, ptx))  # noqa: E731
     n_sass = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+\S", sass, re.M))
-    shown = " ".join(f"{k}={v}" for k, v in const.items() if k not in ("FLAG", "RANGE") and not (k == "CHUNKED" and not v))
+    shown = " ".join(f"{k}={v}" for k, v in const.items()
+                     if k not in ("RANGE", "E") and not (k in ("CHUNKED", "FLAG") and not v))
     return {"kernel": kernel, "constexprs": shown,
             "warps": warps, "registers": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills),
             "ld_global_v4": count(r"ld\.global[\w.]*\.v4"), "ld_global": count(r"ld\.global"),
@@ -120,6 +121,20 @@ def cases(t: int, e: int, world: int, k: int):
                {"N": world, "BITS": bits, "BT": bt, "BE": be, "H16": True, "ROW_BYTES": True,
                 "ITERS": KS.row_iterations(t, bt)},
                {"T": t, "E": e, "NK": nk}, w, bt * be // (32 * w))
+    esig = {"src": ("*fp32",), "inl_ptr": "*i32", "inv_ptr": "*fp32", "outl_ptr": "*i32", "head_ptr": "*i16",
+            "body_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32", "T": "i32", "NB": "i32", "max_in": "fp32"}
+    for flag in (False, True):  # the window encoders (nonfinite="flag", what a CUDA graph step runs, sets FLAG)
+        bt, bc = KS.ENC_LD_TILE
+        yield ("triton_static", "static_encode_ld_kernel", esig,
+               {"E": e, "NK": k, "BITS": 4, "BT": bt, "BC": bc, "FLAG": flag, "RANGE": False},
+               {"T": t, "NB": triton.cdiv(e - k, bc)}, 4, bt * bc // 128)
+        bt, bc = KS.ENC_WIN_TILE
+        for bits in (4, 8):
+            yield ("triton_static", "static_encode_win_kernel",
+                   {k2: v for k2, v in esig.items() if k2 in ("src", "inv_ptr", "body_ptr", "flag_ptr", "range_ptr",
+                                                                "T", "max_in")},
+                   {"E": e, "BITS": bits, "BT": bt, "BC": bc, "FLAG": flag, "RANGE": False}, {"T": t}, 4,
+                   bt * bc // 128)
     for bits, nk in ((4, k), (4, 0), (8, 0)):  # the window decode-and-sum (int4-outlier: tl.gather), int4, int8
         bt, be, w = KS.win_tile_config(t, e, world)
         yield ("triton_static", "static_decode_sum_win_kernel",

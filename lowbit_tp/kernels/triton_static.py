@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, chunk_bases, clamp_keep_nan,
-                                             flag_if, int4_from_nibble, is_finite, load_u16, round_half_even,
+                                             flag_any, flag_if, int4_from_nibble, is_finite, load_u16, round_half_even,
                                              round_to_int_small, saturate)
 
 
@@ -335,6 +335,10 @@ def _launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, out, 
     tables = (inliers if colmap is None else colmap, inv_scale if scale is None else scale, inliers, inv_scale,
               outliers, head, out[2 * t * nk:], inliers if flag is None else flag,
               inliers if range_flag is None else range_flag)
+    if n_src == 0 and (bits == 8 or (e - nk) % 2 == 0) and ENCODE_VARIANT != "tile":
+        _encode_win(src[0], inliers, inv_scale, outliers, head, out[2 * t * nk:], t, e, bits=bits,
+                    max_input=max_input, flag=flag, range_flag=range_flag, chunks=chunks, ps=out.numel() // chunks)
+        return out
     if bits == 8 or (e - nk) % 2 == 0:
         rows, cols, warps = tile_config(t, max(e - nk, nk), max(n_src, 2))
         nb = triton.cdiv(e - nk, cols)
@@ -452,7 +456,7 @@ def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int, variant: str
 DECODE_VARIANT = "auto"
 DECODE_VARIANTS = ("auto", "tile", "win", "gather")
 ENCODE_VARIANT = "auto"
-ENCODE_VARIANTS = ("auto", "tile")
+ENCODE_VARIANTS = ("auto", "tile", "win")
 # (rows, columns) of a window decode-and-sum tile at 2 sources; more sources, fewer rows.
 WIN_TILE = (8, 512)
 
@@ -646,3 +650,133 @@ def static_decode_sum_ld_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E, 
         else:
             acc = acc + v
     tl.store(out_ptr + t * E + c, acc, mask=m)
+
+
+@triton.jit
+def _enc_codes(x, inv, m, max_in, flag_ptr, range_ptr, QMAX: tl.constexpr, FLAG: tl.constexpr, RANGE: tl.constexpr):
+    """int32 codes of fp32 ``x`` (the reference's saturate, scale, clamp, round half even; NaN/Inf
+    -> the sentinel), NaN/Inf and out-of-range values recorded once per program (``flag_any``).
+    min/max stand for the clamps: same bits for finite values, and a non-finite value's result
+    is replaced by the sentinel."""
+    fin = is_finite(x)
+    if FLAG:
+        flag_any(flag_ptr, m & ~fin)
+    if RANGE:
+        flag_any(range_ptr, m & fin & (tl.abs(x) > max_in))
+    y = tl.minimum(tl.maximum(x, -max_in), max_in) * inv
+    q = round_to_int_small(tl.minimum(tl.maximum(y, -QMAX * 1.0), QMAX * 1.0)).to(tl.int32)
+    return tl.where(fin, q, -QMAX - 1)
+
+
+@triton.jit
+def static_encode_win_kernel(src, inv_ptr, body_ptr, flag_ptr, range_ptr, T, max_in, E: tl.constexpr,
+                             BITS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, FLAG: tl.constexpr,
+                             RANGE: tl.constexpr, XS=0, PS=0, CHUNKED: tl.constexpr = False):
+    """Encode a partial ``src[0] [T, E]`` without bf16 channels (int4 with an even E, int8), one
+    ``BT x BC`` tile per program: contiguous 16-byte loads of ``x`` and of the reciprocal
+    scales, a byte's two int4 codes from the even and odd columns (as triton_group's encoder).
+    ``CHUNKED`` as :func:`static_encode_tile_kernel`."""
+    src, body_ptr = chunk_bases(src, body_ptr, XS, PS, CHUNKED)
+    H: tl.constexpr = BC // 2
+    QMAX: tl.constexpr = 7 if BITS == 4 else 127
+    t = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]
+    mt = t < T
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    x = tl.load(src[0] + t * E + c[None, :], mask=mt & (c < E)[None, :], other=0.0).to(tl.float32)
+    inv = tl.load(inv_ptr + c, mask=c < E, other=1.0)
+    if BITS == 4:
+        xe, xo = tl.split(tl.reshape(x, [BT, H, 2]))
+        ie, io = tl.split(tl.reshape(inv, [H, 2]))
+        qe = _enc_codes(xe, ie[None, :], mt, max_in, flag_ptr, range_ptr, QMAX, FLAG, RANGE)
+        qo = _enc_codes(xo, io[None, :], mt, max_in, flag_ptr, range_ptr, QMAX, FLAG, RANGE)
+        bi = tl.program_id(1) * H + tl.arange(0, H)[None, :]
+        tl.store(body_ptr + t * (E // 2) + bi, ((qe & 0xF) | ((qo & 0xF) << 4)).to(tl.uint8), mask=mt & (bi < E // 2))
+    else:
+        q = _enc_codes(x, inv[None, :], mt & (c < E)[None, :], max_in, flag_ptr, range_ptr, QMAX, FLAG, RANGE)
+        tl.store(body_ptr + t * E + c[None, :], (q & 0xFF).to(tl.uint8), mask=mt & (c < E)[None, :])
+
+
+@triton.jit
+def static_encode_ld_kernel(src, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_ptr, flag_ptr, range_ptr, T, NB, max_in,
+                            E: tl.constexpr, NK: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr,
+                            BC: tl.constexpr, FLAG: tl.constexpr, RANGE: tl.constexpr, XS=0, HS=0, PS=0,
+                            CHUNKED: tl.constexpr = False):
+    """Encode a partial ``src[0] [T, E]`` with ``NK`` bf16 channels (int4: an even ``E - NK``):
+    column tiles ``[0, NB)`` write ``BC`` body slots of ``BT`` tokens, the rest ``BC`` channels
+    of the bf16 head. Tiles are held transposed (``[BC/2 or BC, BT]``: slots along axis 0), so
+    the inlier map, the reciprocal scales and the payload bytes are contiguous along the axis
+    the per-value ``x`` loads (one address per column, ``E`` apart: an immediate offset) are
+    laid out on, as in :func:`static_decode_sum_ld_kernel`. ``CHUNKED`` as the tile kernel."""
+    src, body_ptr = chunk_bases(src, body_ptr, XS, PS, CHUNKED)
+    if CHUNKED:
+        head_ptr += tl.program_id(2) * HS
+    NI: tl.constexpr = E - NK
+    H: tl.constexpr = BC // 2
+    QMAX: tl.constexpr = 7 if BITS == 4 else 127
+    t = tl.program_id(0) * BT + tl.arange(0, BT)[None, :]
+    mt = t < T
+    cb = tl.program_id(1)
+    if cb < NB:
+        if BITS == 4:
+            i = cb * H + tl.arange(0, H)[:, None]  # byte of the body row: slots 2i, 2i + 1
+            mi = i < NI // 2
+            ce = tl.load(inl_ptr + 2 * i, mask=mi, other=0)
+            co = tl.load(inl_ptr + 2 * i + 1, mask=mi, other=0)
+            m = mi & mt
+            xe = tl.load(src[0] + t * E + ce, mask=m, other=0.0).to(tl.float32)
+            xo = tl.load(src[0] + t * E + co, mask=m, other=0.0).to(tl.float32)
+            qe = _enc_codes(xe, tl.load(inv_ptr + 2 * i, mask=mi, other=1.0), m, max_in, flag_ptr, range_ptr, QMAX,
+                            FLAG, RANGE)
+            qo = _enc_codes(xo, tl.load(inv_ptr + 2 * i + 1, mask=mi, other=1.0), m, max_in, flag_ptr, range_ptr,
+                            QMAX, FLAG, RANGE)
+            tl.store(body_ptr + t * (NI // 2) + i, ((qe & 0xF) | ((qo & 0xF) << 4)).to(tl.uint8), mask=m)
+        else:
+            i = cb * BC + tl.arange(0, BC)[:, None]
+            mi = i < NI
+            ch = tl.load(inl_ptr + i, mask=mi, other=0)
+            m = mi & mt
+            x = tl.load(src[0] + t * E + ch, mask=m, other=0.0).to(tl.float32)
+            q = _enc_codes(x, tl.load(inv_ptr + i, mask=mi, other=1.0), m, max_in, flag_ptr, range_ptr, QMAX, FLAG,
+                           RANGE)
+            tl.store(body_ptr + t * NI + i, (q & 0xFF).to(tl.uint8), mask=m)
+    else:
+        j = (cb - NB) * BC + tl.arange(0, BC)[:, None]  # (names apart from the body branch's: other shapes)
+        mj = j < NK
+        chj = tl.load(outl_ptr + j, mask=mj, other=0)
+        mh = mj & mt
+        xh = tl.load(src[0] + t * E + chj, mask=mh, other=0.0).to(tl.float32)
+        fh = is_finite(xh)
+        if FLAG:
+            flag_any(flag_ptr, mh & ~fh)
+        if RANGE:
+            flag_any(range_ptr, mh & fh & (tl.abs(xh) > max_in))
+        tl.store(head_ptr + t * NK + j, bf16_bits(saturate(xh, max_in)).to(tl.int16), mask=mh)
+
+
+ENC_WIN_TILE = (8, 512)  # (rows, columns) of static_encode_win_kernel
+ENC_LD_TILE = (8, 256)  # (rows, body slots) of static_encode_ld_kernel
+
+
+def _encode_win(x, inliers, inv_scale, outliers, head, body, t, e, *, bits, max_input, flag, range_flag, chunks,
+                ps):
+    """The window encoders (one partial, no fused reduce) over ``chunks`` chunks of ``t`` rows."""
+    nk = outliers.numel()
+    common = dict(BITS=bits, FLAG=flag is not None, RANGE=range_flag is not None, num_warps=4, **FP_OPTIONS)
+    flags = (inliers if flag is None else flag, inliers if range_flag is None else range_flag)
+    if nk == 0:
+        rows, cols = ENC_WIN_TILE
+        cols = min(cols, max(32, triton.next_power_of_2(e)))
+        rows = max(1, min(rows, triton.next_power_of_2(t)))
+        extra = {} if chunks == 1 else {"XS": t * e, "PS": ps, "CHUNKED": True}
+        grid = (triton.cdiv(t, rows), triton.cdiv(e, cols)) + ((chunks,) if chunks > 1 else ())
+        static_encode_win_kernel[grid]((x,), inv_scale, body, *flags, t, max_input, E=e, BT=rows, BC=cols,
+                                       **extra, **common)
+        return
+    rows, cols = ENC_LD_TILE
+    cols = min(cols, max(32, triton.next_power_of_2(max(e - nk, nk))))
+    rows = max(1, min(rows, triton.next_power_of_2(t)))
+    nb = triton.cdiv(e - nk, cols)
+    extra = {} if chunks == 1 else {"XS": t * e, "HS": ps // 2, "PS": ps, "CHUNKED": True}
+    grid = (triton.cdiv(t, rows), nb + triton.cdiv(nk, cols)) + ((chunks,) if chunks > 1 else ())
+    static_encode_ld_kernel[grid]((x,), inliers, inv_scale, outliers, head, body, *flags, t, nb, max_input, E=e,
+                                  NK=nk, BT=rows, BC=cols, **extra, **common)
