@@ -65,7 +65,7 @@ def compile_stats(mod: str, kernel: str, sig: dict, const: dict, ints: dict, war
     regs = re.search(r"Used (\d+) registers", r.stderr)
     spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)]
     count = lambda pat: len(re.findall(pat, ptx))  # noqa: E731
-    n_sass = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+\S", sass, re.M))
+    n_sass = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, re.M))
     shown = " ".join(f"{k}={v}" for k, v in const.items()
                      if k not in ("RANGE", "E") and not (k in ("CHUNKED", "FLAG") and not v))
     return {"kernel": kernel, "constexprs": shown,
@@ -121,30 +121,30 @@ def cases(t: int, e: int, world: int, k: int):
                {"N": world, "BITS": bits, "BT": bt, "BE": be, "H16": True, "ROW_BYTES": True,
                 "ITERS": KS.row_iterations(t, bt)},
                {"T": t, "E": e, "NK": nk}, w, bt * be // (32 * w))
+    # the fast kernels (issue 8): FLAG as a CUDA-graph step (nonfinite="flag") compiles them
     esig = {"src": ("*fp32",), "inl_ptr": "*i32", "inv_ptr": "*fp32", "outl_ptr": "*i32", "head_ptr": "*i16",
             "body_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32", "T": "i32", "NB": "i32", "max_in": "fp32"}
-    for flag in (False, True):  # the window encoders (nonfinite="flag", what a CUDA graph step runs, sets FLAG)
-        bt, bc = KS.ENC_LD_TILE
-        yield ("triton_static", "static_encode_ld_kernel", esig,
+    wsig = {k2: v for k2, v in esig.items() if k2 in ("src", "inv_ptr", "body_ptr", "flag_ptr", "range_ptr", "T",
+                                                       "max_in")}
+    for flag in (False, True):
+        bt, bc = KS.FAST_TILES[KS.AUTO]["enc_rows"]
+        bt = KS._fast_rows(bt, t)
+        yield ("triton_static", "static_encode_rows_kernel", esig,
                {"E": e, "NK": k, "BITS": 4, "BT": bt, "BC": bc, "FLAG": flag, "RANGE": False},
                {"T": t, "NB": triton.cdiv(e - k, bc)}, 4, bt * bc // 128)
-        bt, bc = KS.ENC_WIN_TILE
+        bt, bc = KS.FAST_TILES[KS.AUTO]["enc_win"]
         for bits in (4, 8):
-            yield ("triton_static", "static_encode_win_kernel",
-                   {k2: v for k2, v in esig.items() if k2 in ("src", "inv_ptr", "body_ptr", "flag_ptr", "range_ptr",
-                                                                "T", "max_in")},
+            yield ("triton_static", "static_encode_win_kernel", wsig,
                    {"E": e, "BITS": bits, "BT": bt, "BC": bc, "FLAG": flag, "RANGE": False}, {"T": t}, 4,
                    bt * bc // 128)
-    for bits, nk in ((4, k), (4, 0), (8, 0)):  # the window decode-and-sum (int4-outlier: tl.gather), int4, int8
+    for bits in (4, 8):
         bt, be, w = KS.win_tile_config(t, e, world)
         yield ("triton_static", "static_decode_sum_win_kernel",
-               {"payloads": pw, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32",
-                "HEADB": "i32"},
-               {"N": world, "BITS": bits, "BT": bt, "BE": be, "HAS_K": nk > 0, "H16": True, "NK": nk,
-                "RB": (e - nk) // 2 if bits == 4 else e - nk}, {"T": t, "E": e, "HEADB": 2 * t * nk}, w,
+               {"payloads": pw, "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32"},
+               {"N": world, "BITS": bits, "BT": bt, "BE": be, "RB": e // 2 if bits == 4 else e}, {"T": t, "E": e}, w,
                bt * be // (32 * w))
-    bt, be, w = KS.ld_tile_config(t, e, world)  # int4-outlier's default decode-and-sum
-    yield ("triton_static", "static_decode_sum_ld_kernel",
+    bt, be, w = KS.rows_tile_config(t, e, world)
+    yield ("triton_static", "static_decode_sum_rows_kernel",
            {"payloads": pw, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32",
             "HEADB": "i32"},
            {"N": world, "BITS": 4, "BT": bt, "BE": be, "H16": True, "NK": k, "RB": (e - k) // 2},

@@ -316,7 +316,7 @@ def _aligned2(payloads) -> bool:
 
 
 def _launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, out, *, bits, max_input, flag, range_flag,
-                   chunks=1):
+                   chunks=1, variant=None):
     """``t`` rows per chunk; ``chunks > 1`` (tiled kernel only): ``src[0]`` holds ``chunks * t``
     rows and ``out`` the ``chunks`` payloads one after another (an even payload size when
     there is a bf16 head)."""
@@ -328,16 +328,18 @@ def _launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, out, 
         # its bf16 head cannot be stored as int16, so encode into an aligned buffer and copy
         return out.copy_(_launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, torch.empty_like(out),
                                         bits=bits, max_input=max_input, flag=flag, range_flag=range_flag,
-                                        chunks=chunks))
+                                        chunks=chunks, variant=variant))
     head = out[: 2 * t * nk].view(torch.int16)
     n_src = len(src) if colmap is not None else 0
     common = dict(N=n_src, BITS=bits, HAS_K=nk > 0, FLAG=flag is not None, RANGE=range_flag is not None)
     tables = (inliers if colmap is None else colmap, inv_scale if scale is None else scale, inliers, inv_scale,
               outliers, head, out[2 * t * nk:], inliers if flag is None else flag,
               inliers if range_flag is None else range_flag)
-    if n_src == 0 and (bits == 8 or (e - nk) % 2 == 0) and ENCODE_VARIANT != "tile":
-        _encode_win(src[0], inliers, inv_scale, outliers, head, out[2 * t * nk:], t, e, bits=bits,
-                    max_input=max_input, flag=flag, range_flag=range_flag, chunks=chunks, ps=out.numel() // chunks)
+    variant = _check_variant(ENCODE_VARIANT if variant is None else variant, ENCODE_VARIANTS)
+    if n_src == 0 and (bits == 8 or (e - nk) % 2 == 0) and variant != "tile":
+        _encode_fast(src[0], inliers, inv_scale, outliers, head, out[2 * t * nk:], t, e, bits=bits,
+                     max_input=max_input, flag=flag, range_flag=range_flag, chunks=chunks, ps=out.numel() // chunks,
+                     variant=variant)
         return out
     if bits == 8 or (e - nk) % 2 == 0:
         rows, cols, warps = tile_config(t, max(e - nk, nk), max(n_src, 2))
@@ -361,15 +363,17 @@ def _launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, out, 
     return out
 
 
-def encode(x, inliers, inv_scale, outliers, out, *, bits: int, max_input: float, flag=None, range_flag=None):
+def encode(x, inliers, inv_scale, outliers, out, *, bits: int, max_input: float, flag=None, range_flag=None,
+           variant: str | None = None):
     """Fill ``out`` (the whole payload, uint8) from ``x [T, E]``; tables are int32/fp32 on x's device.
 
     Finite values beyond ``max_input`` saturate; ``flag`` / ``range_flag`` (int32, optional)
-    are set to 1 if ``x`` holds NaN/Inf / finite values beyond ``max_input``.
+    are set to 1 if ``x`` holds NaN/Inf / finite values beyond ``max_input``. ``variant``: "tile" or
+    "fast" kernels, default :data:`ENCODE_VARIANT` (same bytes).
     """
     t, e = x.shape
     return _launch_encode([x], None, None, t, e, inliers, inv_scale, outliers, out, bits=bits, max_input=max_input,
-                          flag=flag, range_flag=range_flag)
+                          flag=flag, range_flag=range_flag, variant=variant)
 
 
 def chunks_fit(t: int, e: int, nk: int, bits: int, payload_bytes: int) -> bool:
@@ -380,12 +384,12 @@ def chunks_fit(t: int, e: int, nk: int, bits: int, payload_bytes: int) -> bool:
 
 
 def encode_chunks(x, inliers, inv_scale, outliers, out, *, chunks: int, bits: int, max_input: float, flag=None,
-                  range_flag=None):
+                  range_flag=None, variant: str | None = None):
     """Two-shot's N chunk encodes in one launch (:func:`chunks_fit` must hold): ``out`` (``chunks``
     payloads one after another) gets ``encode(x[j*R:(j+1)*R])`` at ``j * payload_nbytes([R, E])``."""
     t, e = x.shape
     return _launch_encode([x], None, None, t // chunks, e, inliers, inv_scale, outliers, out, bits=bits,
-                          max_input=max_input, flag=flag, range_flag=range_flag, chunks=chunks)
+                          max_input=max_input, flag=flag, range_flag=range_flag, chunks=chunks, variant=variant)
 
 
 def decode_chunks(payload, colmap, scale, out, *, chunks: int, nk: int, bits: int, variant: str | None = None):
@@ -396,9 +400,9 @@ def decode_chunks(payload, colmap, scale, out, *, chunks: int, nk: int, bits: in
     if rows * e == 0:
         return out
     ps = payload.numel() // chunks
-    if _use_win(DECODE_VARIANT if variant is None else variant, e, nk, bits):
-        return _decode_win([payload], colmap, scale, out, rows, e, nk, bits, variant or DECODE_VARIANT,
-                           chunks=chunks, ps=ps)
+    if _use_fast(DECODE_VARIANT if variant is None else variant, e, nk, bits):
+        return _decode_fast([payload], colmap, scale, out, rows, e, nk, bits, variant or DECODE_VARIANT,
+                            chunks=chunks, ps=ps)
     bt, cols, warps = tile_config(rows, e, 1)
     iters = row_iterations(rows, bt)
     static_decode_sum_tile_kernel[(triton.cdiv(rows, bt * iters), triton.cdiv(e, cols), chunks)](
@@ -418,12 +422,12 @@ def reduce_encode(payloads, colmap, scale, inliers, inv_scale, outliers, out, *,
 
 def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int, variant: str | None = None):
     """Fill ``out [T, E]`` fp32 with the rank-ordered sum of the decoded ``payloads``.
-    ``variant``: "tile" or "win" kernels, default :data:`DECODE_VARIANT` (same sums)."""
+    ``variant``: "tile" or "fast" kernels, default :data:`DECODE_VARIANT` (same sums)."""
     t, e = out.shape
     if t * e == 0:
         return out
-    if _use_win(DECODE_VARIANT if variant is None else variant, e, nk, bits):
-        return _decode_win(list(payloads), colmap, scale, out, t, e, nk, bits, variant or DECODE_VARIANT)
+    if _use_fast(DECODE_VARIANT if variant is None else variant, e, nk, bits):
+        return _decode_fast(list(payloads), colmap, scale, out, t, e, nk, bits, variant or DECODE_VARIANT)
     rows, cols, warps = tile_config(t, e, len(payloads))
     iters = row_iterations(t, rows)
     static_decode_sum_tile_kernel[(triton.cdiv(t, rows * iters), triton.cdiv(e, cols))](
@@ -433,123 +437,109 @@ def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int, variant: str
     return out
 
 
-# ---------------------------------------------------------------- window kernels (issue 8, stop 21)
-# The tiled kernels above load every code (and scale, and bf16 value) of a tile element by
-# element through the channel map: one byte load, a 64-bit address and a mask per value and
-# source. ptxas (Triton 3.6, the GPU machine's) gives the decode-and-sum 223 registers (12.5 %
-# occupancy) and the H200 measured it at 22-28 % of a copy for every static codec.
+# ---------------------------------------------------------------- fast kernels (issue 8, stop 21)
+# The tile kernels above load every code (and scale, and bf16 value) of a tile element by element
+# through the channel map, with a mask and a 64-bit address per value and source; Triton 3.6 (the
+# GPU machine's) gives their decode-and-sum 223 registers and layout conversions through shared
+# memory (12.5 % occupancy; the H200 measured 22-28 % of a copy for every static codec).
 #
-# These kernels work on a tile's even and odd columns apart (a byte's two int4 codes meet in one
-# thread, as in triton_group) and load each source's codes as one contiguous, 16-byte aligned
-# window of its body row:
-# * no bf16 channels (``HAS_K`` false: int4, int8): the channel map is the identity, the window
-#   is the tile's own columns, no gather at all;
-# * bf16 channels: a column block's inlier slots are increasing and span fewer than ``BE``
-#   slots, so its codes lie in one window starting at the first inlier's byte rounded down to
-#   16; each code is then picked out of the window in registers/shared memory (``tl.gather``).
-#   The few bf16 values still load one by one (masked: only the bf16 channels' lanes read).
+# * No bf16 channels (int4 with an even E, int8): the channel map is the identity, so codes,
+#   scales and ``x`` load as contiguous 16-byte vectors of the tile's own columns; a byte's two
+#   int4 codes come from the even and odd columns (as in triton_group). No gather at all.
+# * bf16 channels: 1-D column vectors. A program loads each source's per-column tables once
+#   (code byte offset, nibble shift, bf16 index, scale), then walks ``BT`` rows in straight-line
+#   code: per value and source one unmasked byte load at a uniform row base plus the column's
+#   offset (rows past T re-read row T - 1 and store nothing), and one bf16 load predicated on the
+#   bf16 channels. No 2-D tile, so no layout conversion, and no tables re-read per row.
 #
-# ``DECODE_VARIANT`` / ``ENCODE_VARIANT`` pick the kernels: "tile" the kernels above; "win" (and
-# "auto") the window kernel without bf16 channels and, with them, static_decode_sum_ld_kernel
-# (codes loaded one by one, transposed tile); "gather": with bf16 channels tl.gather from the window; the sweep (scripts/sweep_static.py) sets them to time
-# both in one process. The bytes and sums do not depend on the choice.
+# ``DECODE_VARIANT`` / ``ENCODE_VARIANT`` pick the kernels: "tile" the kernels above, "fast" (and
+# "auto") these; scripts/sweep_static.py sets them to time both in one process. The bytes and sums
+# do not depend on the choice.
 DECODE_VARIANT = "auto"
-DECODE_VARIANTS = ("auto", "tile", "win", "gather")
+DECODE_VARIANTS = ("auto", "tile", "fast", "fast-b")
 ENCODE_VARIANT = "auto"
-ENCODE_VARIANTS = ("auto", "tile", "win")
-# (rows, columns) of a window decode-and-sum tile at 2 sources; more sources, fewer rows.
-WIN_TILE = (8, 512)
+ENCODE_VARIANTS = ("auto", "tile", "fast", "fast-b")
+AUTO = "fast"  # the variant "auto" runs (picked by the H200 sweep, scripts/sweep_static.py)
+# Tile shapes (rows, columns) of the fast kernels per variant: "fast-b" is the fewer-registers
+# alternative the sweep times next to "fast". "dec_rows" per source count (<= 2, <= 4, more).
+FAST_TILES = {
+    "fast": {"dec_win": (8, 512), "dec_rows": ((8, 512), (16, 256), (32, 128)), "enc_win": (8, 512),
+             "enc_rows": (8, 512)},
+    "fast-b": {"dec_win": (4, 512), "dec_rows": ((4, 512), (8, 256), (16, 128)), "enc_win": (4, 512),
+               "enc_rows": (8, 1024)},
+}
 
 
-def win_tile_config(tokens: int, hidden: int, sources: int) -> tuple[int, int, int]:
-    """(rows, columns, warps) of a window decode-and-sum tile: ``WIN_TILE`` at up to 2 sources,
-    half the rows per doubling beyond (a thread holds ``rows * columns / 128`` sums and, per
-    source, its codes), at least one row."""
-    rows, cols = WIN_TILE
+# The row-walking kernels take at most tokens / SHORT_ROWS rows a program (a short message keeps
+# programs enough to spread over the SMs); the tests lower it to reach several rows on tiny inputs.
+SHORT_ROWS = 32
+
+
+def _fast_rows(rows: int, tokens: int) -> int:
+    return max(1, min(rows, triton.next_power_of_2(max(tokens, 1)) // SHORT_ROWS))
+
+
+def _check_variant(variant: str, known) -> str:
+    if variant not in known:
+        raise ValueError(f"kernel variant must be one of {known}, got {variant!r}")
+    return AUTO if variant == "auto" else variant
+
+
+def win_tile_config(tokens: int, hidden: int, sources: int, variant: str = "auto") -> tuple[int, int, int]:
+    """(rows, columns, warps) of :func:`static_decode_sum_win_kernel`: the variant's tile at up to
+    2 sources, half the rows per doubling beyond, at least one. ptxas sm_90a, Triton 3.6, int4
+    [8192, 8192], 2 sources: 8 x 512 88 registers, 22 SASS/value; 4 x 512 48, 25 (the tile
+    kernel: 223, 81)."""
+    rows, cols = FAST_TILES[_check_variant(variant, DECODE_VARIANTS)]["dec_win"]
     cols = min(cols, max(32, triton.next_power_of_2(max(hidden, 2))))
     n = triton.next_power_of_2(max(sources, 2))
     rows = max(1, min(triton.next_power_of_2(max(tokens, 1)), rows * 2 // n))
     return rows, cols, 4
 
 
-@triton.jit
-def _win_load(p, t, mt, b0, HEADB, RB, WB: tl.constexpr):
-    """``WB`` contiguous bytes of each body row of payload ``p`` from byte ``b0`` (a multiple of 16)."""
-    k = b0 + tl.arange(0, WB)[None, :]
-    return tl.load(p + HEADB + t * RB + k, mask=mt & (k < RB), other=0)
+def rows_tile_config(tokens: int, hidden: int, sources: int, variant: str = "auto") -> tuple[int, int, int]:
+    """(rows, columns, warps) of :func:`static_decode_sum_rows_kernel`: fewer columns a thread as
+    sources grow (per source and column 4 table registers), 4-32 rows a program; a short message
+    (< 32 rows a program's worth) takes fewer rows, so it still spreads over the SMs. ptxas
+    sm_90a, Triton 3.6, int4-outlier [8192, 8192]: 2 sources 8 x 512, 64 registers, 45 SASS/value;
+    8 sources 32 x 128, 64 registers, 161 SASS/value; no spills, no shared memory (the tile
+    kernel: 223 registers, 81; 56, 480 with 164 shared-memory accesses)."""
+    shapes = FAST_TILES[_check_variant(variant, DECODE_VARIANTS)]["dec_rows"]
+    rows, cols = shapes[0] if sources <= 2 else shapes[1] if sources <= 4 else shapes[2]
+    cols = min(cols, max(32, triton.next_power_of_2(max(hidden, 2))))
+    return _fast_rows(rows, tokens), cols, 4
 
 
 @triton.jit
-def _pick(w, idx, BT: tl.constexpr, H: tl.constexpr):
-    """``w[:, idx]`` (int32) for an index row ``idx [1, H]``."""
-    return tl.gather(w, tl.broadcast_to(idx, [BT, H]), axis=1).to(tl.int32)
-
-
-@triton.jit
-def _win_rank(p, r, colmap_ptr, scale_ptr, t, mt, ce, co, T, E, NK, HEADB, RB, BITS: tl.constexpr,
-              BT: tl.constexpr, BE: tl.constexpr, HAS_K: tl.constexpr, H16: tl.constexpr):
-    """Decoded values of source ``r`` at the even (``ce``) and odd (``co``) columns ``[1, BE/2]``
-    of the tile rows ``t``: two fp32 ``[BT, BE/2]``."""
-    NI = E - NK
+def _win_rank(p, r, scale_ptr, t, mt, ce, co, E, RB, BITS: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr):
+    """Decoded values of source ``r`` (no bf16 channels) at the even (``ce``) and odd (``co``)
+    columns ``[1, BE/2]`` of the rows ``t``: two fp32 ``[BT, BE/2]``."""
     H: tl.constexpr = BE // 2
     SENT: tl.constexpr = -8 if BITS == 4 else -128
-    if HAS_K:
-        se = tl.load(colmap_ptr + r * E + ce, mask=ce < E, other=-1)
-        so = tl.load(colmap_ptr + r * E + co, mask=co < E, other=-1)
-        ie = se >= 0
-        io = so >= 0
-        lo = tl.minimum(tl.min(tl.where(ie, se, NI), axis=1), tl.min(tl.where(io, so, NI), axis=1))
-        lo = tl.max(lo, axis=0)  # [1] -> scalar
-        if BITS == 4:
-            b0 = tl.multiple_of(((lo >> 1) // 16) * 16, 16)
-            ne = tl.where(ie, se - 2 * b0, 0)
-            no = tl.where(io, so - 2 * b0, 0)
-            w = _win_load(p, t, mt, b0, HEADB, RB, BE)
-            be = _pick(w, ne >> 1, BT, H)
-            bo = _pick(w, no >> 1, BT, H)
-            qe = (be << (28 - 4 * (ne & 1))) >> 28
-            qo = (bo << (28 - 4 * (no & 1))) >> 28
-        else:
-            b0 = tl.multiple_of((lo // 16) * 16, 16)
-            w = _win_load(p, t, mt, b0, HEADB, RB, 2 * BE)
-            qe = _pick(w, tl.where(ie, se - b0, 0), BT, H)
-            qo = _pick(w, tl.where(io, so - b0, 0), BT, H)
-            qe = (qe << 24) >> 24
-            qo = (qo << 24) >> 24
-        sce = tl.load(scale_ptr + r * NI + se, mask=ie, other=1.0)
-        sco = tl.load(scale_ptr + r * NI + so, mask=io, other=1.0)
-        ve = tl.where(qe == SENT, float("nan"), qe.to(tl.float32) * sce)
-        vo = tl.where(qo == SENT, float("nan"), qo.to(tl.float32) * sco)
-        ke = bf16_from_bits(_head_bits(p, t * NK + (-1 - se), mt & ~ie, H16))
-        ko = bf16_from_bits(_head_bits(p, t * NK + (-1 - so), mt & ~io, H16))
-        ve = tl.where(ie, ve, ke)
-        vo = tl.where(io, vo, ko)
+    sce = tl.load(scale_ptr + r * E + ce, mask=ce < E, other=1.0)
+    sco = tl.load(scale_ptr + r * E + co, mask=co < E, other=1.0)
+    if BITS == 4:  # E even: byte i of the row holds columns 2i, 2i + 1
+        bi = tl.program_id(1) * H + tl.arange(0, H)[None, :]
+        b = tl.load(p + t * RB + bi, mask=mt & (bi < RB), other=0).to(tl.int32)
+        qe = (b << 28) >> 28
+        qo = (b << 24) >> 28
     else:
-        sce = tl.load(scale_ptr + r * E + ce, mask=ce < E, other=1.0)
-        sco = tl.load(scale_ptr + r * E + co, mask=co < E, other=1.0)
-        if BITS == 4:  # E even: byte i of the row holds columns 2i, 2i + 1
-            bi = tl.program_id(1) * H + tl.arange(0, H)[None, :]
-            b = tl.load(p + HEADB + t * RB + bi, mask=mt & (bi < RB), other=0).to(tl.int32)
-            qe = (b << 28) >> 28
-            qo = (b << 24) >> 28
-        else:
-            c = tl.program_id(1) * BE + tl.arange(0, BE)[None, :]
-            b = tl.load(p + HEADB + t * RB + c, mask=mt & (c < RB), other=0).to(tl.int8, bitcast=True)
-            qe, qo = tl.split(tl.reshape(b.to(tl.int32), [BT, H, 2]))
-        ve = tl.where(qe == SENT, float("nan"), qe.to(tl.float32) * sce)
-        vo = tl.where(qo == SENT, float("nan"), qo.to(tl.float32) * sco)
+        c = tl.program_id(1) * BE + tl.arange(0, BE)[None, :]
+        b = tl.load(p + t * RB + c, mask=mt & (c < RB), other=0).to(tl.int8, bitcast=True)
+        qe, qo = tl.split(tl.reshape(b.to(tl.int32), [BT, H, 2]))
+    ve = tl.where(qe == SENT, float("nan"), qe.to(tl.float32) * sce)
+    vo = tl.where(qo == SENT, float("nan"), qo.to(tl.float32) * sco)
     return ve, vo
 
 
 @triton.jit
-def static_decode_sum_win_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E, NK: tl.constexpr, HEADB,
-                                 RB: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr,
-                                 BE: tl.constexpr, HAS_K: tl.constexpr, H16: tl.constexpr, PS=0, OS=0, CHUNKED: tl.constexpr = False):
-    """``out[t, e] = sum_r decode(payloads[r])[t, e]`` in fp32, rank order, written once, one
-    ``BT x BE`` tile per program. ``HEADB`` = bytes of the bf16 head (``2 T NK``), ``RB`` = bytes
-    of a body row (int4: ``(E - NK) / 2``, which must be whole; int8: ``E - NK``); both are
-    arguments so that a launch marks them multiples of 16 where they are (16-byte window
-    loads). ``HAS_K`` false: ``NK == 0`` and the channel map is not read. ``CHUNKED`` (``N == 1``)
+def static_decode_sum_win_kernel(payloads, scale_ptr, out_ptr, T, E, RB: tl.constexpr, N: tl.constexpr,
+                                 BITS: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, PS=0, OS=0,
+                                 CHUNKED: tl.constexpr = False):
+    """``out[t, e] = sum_r decode(payloads[r])[t, e]`` in fp32, rank order, written once, for
+    codecs without bf16 channels, one ``BT x BE`` tile per program: 16-byte code loads of the
+    tile's own columns. ``RB`` = bytes of a body row (int4: ``E / 2``, E even; int8: ``E``),
+    a constexpr so that rows are known 16-byte aligned where they are. ``CHUNKED`` (``N == 1``)
     as :func:`static_decode_sum_tile_kernel`."""
     payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
     H: tl.constexpr = BE // 2
@@ -558,8 +548,7 @@ def static_decode_sum_win_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E,
     ce = tl.program_id(1) * BE + 2 * tl.arange(0, H)[None, :]
     co = ce + 1
     for r in tl.static_range(N):
-        ve, vo = _win_rank(payloads[r], r, colmap_ptr, scale_ptr, t, mt, ce, co, T, E, NK, HEADB, RB, BITS, BT, BE,
-                           HAS_K, H16)
+        ve, vo = _win_rank(payloads[r], r, scale_ptr, t, mt, ce, co, E, RB, BITS, BT, BE)
         if r == 0:
             acc_e = ve
             acc_o = vo
@@ -571,85 +560,88 @@ def static_decode_sum_win_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E,
     tl.store(out_ptr + t * E + c, v, mask=mt & (c < E))
 
 
-def _use_win(variant: str, e: int, nk: int, bits: int) -> bool:
-    """Whether a window decode-and-sum runs: asked for ("auto", "win", "gather") and every body
-    row starts at a byte (int8, or an even ``E - NK``; an odd int4 row keeps the tile kernel)."""
-    if variant not in DECODE_VARIANTS:
-        raise ValueError(f"decode variant must be one of {DECODE_VARIANTS}, got {variant!r}")
-    return variant != "tile" and (bits == 8 or (e - nk) % 2 == 0)
+@triton.jit
+def static_decode_sum_rows_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E, NK: tl.constexpr, HEADB,
+                                  RB: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr,
+                                  BE: tl.constexpr, H16: tl.constexpr, PS=0, OS=0, CHUNKED: tl.constexpr = False):
+    """The decode-and-sum of codecs with bf16 channels as 1-D column vectors: each source's slot
+    and scale of the ``BE`` columns are loaded once, then ``BT`` rows are walked in straight-line
+    code, a row's code and bf16 addresses being one uniform row base plus the column's offset
+    (no 2-D tile, so no layout conversion; the tables stay in registers, not re-read per row)."""
+    payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
+    NI = E - NK
+    c = tl.program_id(1) * BE + tl.arange(0, BE)
+    mc = c < E
+    t0 = tl.program_id(0) * BT
+    offs = ()  # per source, per column: code byte offset in a body row, nibble shift, bf16 index, scale
+    shifts = ()
+    heads = ()
+    scales = ()
+    for r in tl.static_range(N):  # the tables, once per program
+        slot = tl.load(colmap_ptr + r * E + c, mask=mc, other=0)  # a column past E: slot 0, thrown away
+        inl = slot >= 0
+        z = tl.where(inl, slot, 0)  # a bf16 channel reads slot 0's code, thrown away below
+        if BITS == 4:
+            offs = offs + (z >> 1,)
+            shifts = shifts + (28 - 4 * (z & 1),)
+        else:
+            offs = offs + (z,)
+            shifts = shifts + (24,)
+        heads = heads + (-1 - slot,)  # >= 0 exactly for the bf16 channels
+        scales = scales + (tl.load(scale_ptr + r * NI + z, mask=mc, other=1.0),)
+    for k in tl.static_range(BT):
+        # rows past T read row T - 1 (every load in bounds, unmasked) and store nothing
+        t = tl.minimum(t0 + k, T - 1)
+        for r in tl.static_range(N):
+            p = payloads[r]
+            b = tl.load(p + HEADB + t * RB + offs[r]).to(tl.int32)
+            q = (b << shifts[r]) >> 28 if BITS == 4 else (b << 24) >> 24
+            v = tl.where(q == (-8 if BITS == 4 else -128), float("nan"), q.to(tl.float32) * scales[r])
+            h = heads[r]
+            kept = bf16_from_bits(_head_bits(p, t * NK + h, h >= 0, H16))
+            v = tl.where(h >= 0, kept, v)
+            if r == 0:
+                acc = v
+            else:
+                acc = acc + v
+        tl.store(out_ptr + t * E + c, acc, mask=mc & (t0 + k < T))
 
 
-def _decode_win(payloads, colmap, scale, out, t, e, nk, bits, variant, *, chunks=1, ps=0):
-    """The window decode-and-sum over ``out [chunks * t, E]`` (``chunks > 1``: one payload of
-    ``chunks`` chunk payloads ``ps`` bytes apart, as :func:`decode_chunks`): without bf16
-    channels :func:`static_decode_sum_win_kernel`; with them the same kernel gathering from
-    the window (``variant`` "gather") or :func:`static_decode_sum_ld_kernel` ("win", "auto")."""
+def _use_fast(variant: str, e: int, nk: int, bits: int) -> bool:
+    """Whether a fast decode-and-sum runs: asked for (not "tile") and every body row starts at a
+    byte (int8, or an even ``E - NK``; an odd int4 row keeps the tile kernel)."""
+    return _check_variant(variant, DECODE_VARIANTS) != "tile" and (bits == 8 or (e - nk) % 2 == 0)
+
+
+def _decode_fast(payloads, colmap, scale, out, t, e, nk, bits, variant, *, chunks=1, ps=0):
+    """The fast decode-and-sum over ``out [chunks * t, E]`` (``chunks > 1``: one payload of
+    ``chunks`` chunk payloads ``ps`` bytes apart, as :func:`decode_chunks`)."""
     n = len(payloads)
     extra = {} if chunks == 1 else {"PS": ps, "OS": t * e, "CHUNKED": True}
-    h16 = _aligned2(payloads) and (chunks == 1 or ps % 2 == 0)
     rb = (e - nk) // 2 if bits == 4 else e - nk
-    if nk and variant in ("auto", "win"):
-        rows, cols, warps = ld_tile_config(t, e, n)
-        kernel, opts = static_decode_sum_ld_kernel, {}
+    if nk:
+        rows, cols, warps = rows_tile_config(t, e, n, variant)
+        grid = (triton.cdiv(t, rows), triton.cdiv(e, cols)) + ((chunks,) if chunks > 1 else ())
+        h16 = _aligned2(payloads) and (chunks == 1 or ps % 2 == 0)
+        static_decode_sum_rows_kernel[grid](tuple(payloads), colmap, scale, out, t, e, NK=nk, HEADB=2 * t * nk, RB=rb,
+                                            N=n, BITS=bits, BT=rows, BE=cols, H16=h16, num_warps=warps, **extra,
+                                            **FP_OPTIONS)
     else:
-        rows, cols, warps = win_tile_config(t, e, n)
-        kernel, opts = static_decode_sum_win_kernel, {"HAS_K": nk > 0}
-    grid = (triton.cdiv(t, rows), triton.cdiv(e, cols)) + ((chunks,) if chunks > 1 else ())
-    kernel[grid](tuple(payloads), colmap, scale, out, t, e, HEADB=2 * t * nk, NK=nk, RB=rb, N=n, BITS=bits, BT=rows,
-                 BE=cols, H16=h16, num_warps=warps, **opts, **extra, **FP_OPTIONS)
+        rows, cols, warps = win_tile_config(t, e, n, variant)
+        grid = (triton.cdiv(t, rows), triton.cdiv(e, cols)) + ((chunks,) if chunks > 1 else ())
+        static_decode_sum_win_kernel[grid](tuple(payloads), scale, out, t, e, RB=rb, N=n, BITS=bits, BT=rows,
+                                           BE=cols, num_warps=warps, **extra, **FP_OPTIONS)
     return out
 
 
-LD_TILE = (8, 512)
-
-
-def ld_tile_config(tokens: int, hidden: int, sources: int) -> tuple[int, int, int]:
-    """(rows, columns, warps) of :func:`static_decode_sum_ld_kernel`: ``LD_TILE[1]`` columns and
-    ``LD_TILE[0] / sources`` rows (ptxas sm_90a, Triton 3.6, [8192, 8192]: 4 x 512 at 2 sources
-    104 registers, 1 x 512 at 8 sources 89, no spills, no layout conversions)."""
-    rows, cols = LD_TILE
-    cols = min(cols, max(32, triton.next_power_of_2(max(hidden, 2))))
-    rows = max(1, min(triton.next_power_of_2(max(tokens, 1)), rows // triton.next_power_of_2(max(sources, 1))))
-    return rows, cols, 4
-
-
 @triton.jit
-def static_decode_sum_ld_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E, NK: tl.constexpr, HEADB,
-                                RB: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr,
-                                BE: tl.constexpr, H16: tl.constexpr, PS=0, OS=0, CHUNKED: tl.constexpr = False):
-    """The decode-and-sum of codecs with bf16 channels (``NK > 0``), one ``BT x BE`` tile per
-    program, held transposed (``[BE, BT]``: channels along axis 0): the channel map, scales and
-    the sum's columns are contiguous along axis 0, and so is the order the compiler gives the
-    per-value code loads (no contiguity of their own), so no layout conversion sits between
-    them. Per source and column: one slot, scale, code-byte address and nibble shift, reused
-    over the ``BT`` rows, whose bytes are ``RB`` (a constexpr: an immediate offset) apart."""
-    payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
-    NI = E - NK
-    c = tl.program_id(1) * BE + tl.arange(0, BE)[:, None]
-    t = tl.program_id(0) * BT + tl.arange(0, BT)[None, :]
-    mc = c < E
-    mt = t < T
-    m = mc & mt
-    for r in tl.static_range(N):
-        p = payloads[r]
-        slot = tl.load(colmap_ptr + r * E + c, mask=mc, other=0)
-        inl = slot >= 0
-        sc = tl.load(scale_ptr + r * NI + slot, mask=mc & inl, other=1.0)
-        z = tl.where(inl, slot, 0)  # a bf16 channel reads slot 0's code, thrown away below
-        if BITS == 4:
-            b = tl.load(p + HEADB + t * RB + (z >> 1), mask=m).to(tl.int32)
-            q = (b << (28 - 4 * (z & 1))) >> 28
-            v = tl.where(q == -8, float("nan"), q.to(tl.float32) * sc)
-        else:
-            q = tl.load(p + HEADB + t * RB + z, mask=m).to(tl.int8, bitcast=True).to(tl.int32)
-            v = tl.where(q == -128, float("nan"), q.to(tl.float32) * sc)
-        kept = bf16_from_bits(_head_bits(p, t * NK + (-1 - slot), m & ~inl, H16))
-        v = tl.where(inl, v, kept)
-        if r == 0:
-            acc = v
-        else:
-            acc = acc + v
-    tl.store(out_ptr + t * E + c, acc, mask=m)
+def _codes(x, inv, fin, max_in, QMAX: tl.constexpr):
+    """int32 codes of fp32 ``x`` (``fin``: is_finite(x)): the reference's saturate, scale, clamp
+    and round half even, NaN/Inf -> the sentinel. min/max stand for the clamps: same bits for
+    finite values, and a non-finite value's result is replaced by the sentinel."""
+    y = tl.minimum(tl.maximum(x, -max_in), max_in) * inv
+    q = round_to_int_small(tl.minimum(tl.maximum(y, -QMAX * 1.0), QMAX * 1.0)).to(tl.int32)
+    return tl.where(fin, q, -QMAX - 1)
 
 
 @triton.jit
@@ -663,9 +655,7 @@ def _enc_codes(x, inv, m, max_in, flag_ptr, range_ptr, QMAX: tl.constexpr, FLAG:
         flag_any(flag_ptr, m & ~fin)
     if RANGE:
         flag_any(range_ptr, m & fin & (tl.abs(x) > max_in))
-    y = tl.minimum(tl.maximum(x, -max_in), max_in) * inv
-    q = round_to_int_small(tl.minimum(tl.maximum(y, -QMAX * 1.0), QMAX * 1.0)).to(tl.int32)
-    return tl.where(fin, q, -QMAX - 1)
+    return _codes(x, inv, fin, max_in, QMAX)
 
 
 @triton.jit
@@ -697,74 +687,108 @@ def static_encode_win_kernel(src, inv_ptr, body_ptr, flag_ptr, range_ptr, T, max
 
 
 @triton.jit
-def static_encode_ld_kernel(src, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_ptr, flag_ptr, range_ptr, T, NB, max_in,
-                            E: tl.constexpr, NK: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr,
-                            BC: tl.constexpr, FLAG: tl.constexpr, RANGE: tl.constexpr, XS=0, HS=0, PS=0,
-                            CHUNKED: tl.constexpr = False):
-    """Encode a partial ``src[0] [T, E]`` with ``NK`` bf16 channels (int4: an even ``E - NK``):
-    column tiles ``[0, NB)`` write ``BC`` body slots of ``BT`` tokens, the rest ``BC`` channels
-    of the bf16 head. Tiles are held transposed (``[BC/2 or BC, BT]``: slots along axis 0), so
-    the inlier map, the reciprocal scales and the payload bytes are contiguous along the axis
-    the per-value ``x`` loads (one address per column, ``E`` apart: an immediate offset) are
-    laid out on, as in :func:`static_decode_sum_ld_kernel`. ``CHUNKED`` as the tile kernel."""
+def static_encode_rows_kernel(src, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_ptr, flag_ptr, range_ptr, T, NB,
+                              max_in, E: tl.constexpr, NK: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr,
+                              BC: tl.constexpr, FLAG: tl.constexpr, RANGE: tl.constexpr, XS=0, HS=0, PS=0,
+                              CHUNKED: tl.constexpr = False):
+    """Encode a partial ``src[0] [T, E]`` with ``NK`` bf16 channels (int4: an even ``E - NK``) as
+    1-D column vectors: column blocks ``[0, NB)`` write ``BC`` body slots, the rest ``BC``
+    channels of the bf16 head, each over ``BT`` rows in straight-line code after loading the
+    block's inlier map and reciprocal scales once; a value costs one unmasked ``x`` load at a
+    uniform row base plus its column's channel (rows past T re-read row T - 1 and store
+    nothing). NaN/Inf and range hits are gathered over the rows and flagged once a program.
+    ``CHUNKED`` as :func:`static_encode_tile_kernel`."""
     src, body_ptr = chunk_bases(src, body_ptr, XS, PS, CHUNKED)
     if CHUNKED:
         head_ptr += tl.program_id(2) * HS
     NI: tl.constexpr = E - NK
     H: tl.constexpr = BC // 2
     QMAX: tl.constexpr = 7 if BITS == 4 else 127
-    t = tl.program_id(0) * BT + tl.arange(0, BT)[None, :]
-    mt = t < T
+    t0 = tl.program_id(0) * BT
     cb = tl.program_id(1)
+    x_ptr = src[0]
     if cb < NB:
         if BITS == 4:
-            i = cb * H + tl.arange(0, H)[:, None]  # byte of the body row: slots 2i, 2i + 1
+            i = cb * H + tl.arange(0, H)  # body byte: slots 2i, 2i + 1
             mi = i < NI // 2
             ce = tl.load(inl_ptr + 2 * i, mask=mi, other=0)
             co = tl.load(inl_ptr + 2 * i + 1, mask=mi, other=0)
-            m = mi & mt
-            xe = tl.load(src[0] + t * E + ce, mask=m, other=0.0).to(tl.float32)
-            xo = tl.load(src[0] + t * E + co, mask=m, other=0.0).to(tl.float32)
-            qe = _enc_codes(xe, tl.load(inv_ptr + 2 * i, mask=mi, other=1.0), m, max_in, flag_ptr, range_ptr, QMAX,
-                            FLAG, RANGE)
-            qo = _enc_codes(xo, tl.load(inv_ptr + 2 * i + 1, mask=mi, other=1.0), m, max_in, flag_ptr, range_ptr,
-                            QMAX, FLAG, RANGE)
-            tl.store(body_ptr + t * (NI // 2) + i, ((qe & 0xF) | ((qo & 0xF) << 4)).to(tl.uint8), mask=m)
+            ie = tl.load(inv_ptr + 2 * i, mask=mi, other=1.0)
+            io = tl.load(inv_ptr + 2 * i + 1, mask=mi, other=1.0)
+            bad = tl.zeros([H], dtype=tl.int1)
+            big = tl.zeros([H], dtype=tl.int1)
+            for k in tl.static_range(BT):
+                t = tl.minimum(t0 + k, T - 1)
+                xe = tl.load(x_ptr + t * E + ce).to(tl.float32)
+                xo = tl.load(x_ptr + t * E + co).to(tl.float32)
+                fe = is_finite(xe)
+                fo = is_finite(xo)
+                if FLAG:
+                    bad = bad | ~(fe & fo)
+                if RANGE:
+                    big = big | (fe & (tl.abs(xe) > max_in)) | (fo & (tl.abs(xo) > max_in))
+                qe = _codes(xe, ie, fe, max_in, QMAX)
+                qo = _codes(xo, io, fo, max_in, QMAX)
+                tl.store(body_ptr + t * (NI // 2) + i, ((qe & 0xF) | ((qo & 0xF) << 4)).to(tl.uint8),
+                         mask=mi & (t0 + k < T))
+            if FLAG:
+                flag_any(flag_ptr, bad & mi)
+            if RANGE:
+                flag_any(range_ptr, big & mi)
         else:
-            i = cb * BC + tl.arange(0, BC)[:, None]
+            i = cb * BC + tl.arange(0, BC)
             mi = i < NI
             ch = tl.load(inl_ptr + i, mask=mi, other=0)
-            m = mi & mt
-            x = tl.load(src[0] + t * E + ch, mask=m, other=0.0).to(tl.float32)
-            q = _enc_codes(x, tl.load(inv_ptr + i, mask=mi, other=1.0), m, max_in, flag_ptr, range_ptr, QMAX, FLAG,
-                           RANGE)
-            tl.store(body_ptr + t * NI + i, (q & 0xFF).to(tl.uint8), mask=m)
+            inv = tl.load(inv_ptr + i, mask=mi, other=1.0)
+            bad = tl.zeros([BC], dtype=tl.int1)
+            big = tl.zeros([BC], dtype=tl.int1)
+            for k in tl.static_range(BT):
+                t = tl.minimum(t0 + k, T - 1)
+                x = tl.load(x_ptr + t * E + ch).to(tl.float32)
+                f = is_finite(x)
+                if FLAG:
+                    bad = bad | ~f
+                if RANGE:
+                    big = big | (f & (tl.abs(x) > max_in))
+                q = _codes(x, inv, f, max_in, QMAX)
+                tl.store(body_ptr + t * NI + i, (q & 0xFF).to(tl.uint8), mask=mi & (t0 + k < T))
+            if FLAG:
+                flag_any(flag_ptr, bad & mi)
+            if RANGE:
+                flag_any(range_ptr, big & mi)
     else:
-        j = (cb - NB) * BC + tl.arange(0, BC)[:, None]  # (names apart from the body branch's: other shapes)
+        j = (cb - NB) * BC + tl.arange(0, BC)  # (names apart from the body branch's: other shapes)
         mj = j < NK
         chj = tl.load(outl_ptr + j, mask=mj, other=0)
-        mh = mj & mt
-        xh = tl.load(src[0] + t * E + chj, mask=mh, other=0.0).to(tl.float32)
-        fh = is_finite(xh)
+        badj = tl.zeros([BC], dtype=tl.int1)
+        bigj = tl.zeros([BC], dtype=tl.int1)
+        for k in tl.static_range(BT):
+            t = tl.minimum(t0 + k, T - 1)
+            xh = tl.load(x_ptr + t * E + chj).to(tl.float32)
+            fh = is_finite(xh)
+            if FLAG:
+                badj = badj | ~fh
+            if RANGE:
+                bigj = bigj | (fh & (tl.abs(xh) > max_in))
+            tl.store(head_ptr + t * NK + j, bf16_bits(saturate(xh, max_in)).to(tl.int16), mask=mj & (t0 + k < T))
         if FLAG:
-            flag_any(flag_ptr, mh & ~fh)
+            flag_any(flag_ptr, badj & mj)
         if RANGE:
-            flag_any(range_ptr, mh & fh & (tl.abs(xh) > max_in))
-        tl.store(head_ptr + t * NK + j, bf16_bits(saturate(xh, max_in)).to(tl.int16), mask=mh)
+            flag_any(range_ptr, bigj & mj)
 
 
-ENC_WIN_TILE = (8, 512)  # (rows, columns) of static_encode_win_kernel
-ENC_LD_TILE = (8, 256)  # (rows, body slots) of static_encode_ld_kernel
-
-
-def _encode_win(x, inliers, inv_scale, outliers, head, body, t, e, *, bits, max_input, flag, range_flag, chunks,
-                ps):
-    """The window encoders (one partial, no fused reduce) over ``chunks`` chunks of ``t`` rows."""
+def _encode_fast(x, inliers, inv_scale, outliers, head, body, t, e, *, bits, max_input, flag, range_flag, chunks,
+                 ps, variant):
+    """The fast encoders (one partial, no fused reduce) over ``chunks`` chunks of ``t`` rows.
+    ptxas sm_90a, Triton 3.6, [8192, 8192], FLAG: int4 8 x 512 80 registers, 22.5 SASS/value
+    (4 x 512: 48, 26.5); int4-outlier 8 x 512 39, 48 (8 x 1024: 72, 43); the tile kernel without
+    FLAG 80, 48.5 and 115, 53.5."""
     nk = outliers.numel()
+    tiles = FAST_TILES[_check_variant(variant, ENCODE_VARIANTS)]
     common = dict(BITS=bits, FLAG=flag is not None, RANGE=range_flag is not None, num_warps=4, **FP_OPTIONS)
     flags = (inliers if flag is None else flag, inliers if range_flag is None else range_flag)
     if nk == 0:
-        rows, cols = ENC_WIN_TILE
+        rows, cols = tiles["enc_win"]
         cols = min(cols, max(32, triton.next_power_of_2(e)))
         rows = max(1, min(rows, triton.next_power_of_2(t)))
         extra = {} if chunks == 1 else {"XS": t * e, "PS": ps, "CHUNKED": True}
@@ -772,11 +796,11 @@ def _encode_win(x, inliers, inv_scale, outliers, head, body, t, e, *, bits, max_
         static_encode_win_kernel[grid]((x,), inv_scale, body, *flags, t, max_input, E=e, BT=rows, BC=cols,
                                        **extra, **common)
         return
-    rows, cols = ENC_LD_TILE
+    rows, cols = tiles["enc_rows"]
     cols = min(cols, max(32, triton.next_power_of_2(max(e - nk, nk))))
-    rows = max(1, min(rows, triton.next_power_of_2(t)))
+    rows = _fast_rows(rows, t)
     nb = triton.cdiv(e - nk, cols)
     extra = {} if chunks == 1 else {"XS": t * e, "HS": ps // 2, "PS": ps, "CHUNKED": True}
     grid = (triton.cdiv(t, rows), nb + triton.cdiv(nk, cols)) + ((chunks,) if chunks > 1 else ())
-    static_encode_ld_kernel[grid]((x,), inliers, inv_scale, outliers, head, body, *flags, t, nb, max_input, E=e,
-                                  NK=nk, BT=rows, BC=cols, **extra, **common)
+    static_encode_rows_kernel[grid]((x,), inliers, inv_scale, outliers, head, body, *flags, t, nb, max_input, E=e,
+                                    NK=nk, BT=rows, BC=cols, **extra, **common)
