@@ -216,3 +216,36 @@ def test_sweep_script_dry_run(tmp_path):
         assert len(flags) == 3 + 3 * 2 and all(v is True for v in flags.values()), r
     timed = [r for r in rows if not r.get("check")]
     assert len(timed) == 4 and all(r["dec_fast_equal_tile"] is True for r in timed)
+
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _codes_kernel(x_ptr, inv_ptr, out_ptr, n, max_in, QMAX: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i, mask=i < n, other=0.0)
+    q = KS._codes(x, tl.load(inv_ptr + i, mask=i < n, other=1.0), tl.abs(x) < float("inf"), max_in, QMAX)
+    tl.store(out_ptr + i, q, mask=i < n)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fast_encoders_codes_are_the_references_on_ties_and_edges(bits):
+    """The fast encoders' code (saturate, scale, clamp, round half to even by the mantissa of
+    y + 1.5 * 2**23, NaN/Inf -> sentinel) against functional.quantize_symmetric: every half tie
+    in [-128, 128] at scale 1, values next to them, scaled random values, huge, tiny, -0.0, NaN, Inf."""
+    from lowbit_tp.codecs import functional as F
+
+    ties = torch.arange(-257, 258, dtype=torch.float32) / 2
+    near = torch.cat([torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1)])
+    special = torch.tensor([3.4e38, -3.4e38, 1e30, -1e30, 1e-30, -0.0, 0.0, float("nan"), float("inf"),
+                            float("-inf")])
+    x = torch.cat([ties, near, special, torch.randn(500) * 40])
+    inv = torch.cat([torch.ones(ties.numel() * 3 + special.numel()), torch.rand(500) * 4 + 1e-3])
+    inv[-1], inv[-2] = 1e30, 1e-30  # a huge and a tiny reciprocal scale
+    out = torch.empty(x.numel(), dtype=torch.int32)
+    _codes_kernel[(1,)](x, inv, out, x.numel(), F.BF16_MAX, QMAX=2 ** (bits - 1) - 1,
+                        BLOCK=triton.next_power_of_2(x.numel()))
+    want = F.quantize_symmetric(x, inv_scale=inv, bits=bits, nonfinite=True).to(torch.int32)
+    assert torch.equal(out, want), (x[out != want][:6], out[out != want][:6], want[out != want][:6])

@@ -639,9 +639,10 @@ def _codes(x, inv, fin, max_in, QMAX: tl.constexpr):
     """int32 codes of fp32 ``x`` (``fin``: is_finite(x)): the reference's saturate, scale, clamp
     and round half even, NaN/Inf -> the sentinel. min/max stand for the clamps: same bits for
     finite values, and a non-finite value's result is replaced by the sentinel."""
-    y = tl.minimum(tl.maximum(x, -max_in), max_in) * inv
-    q = round_to_int_small(tl.minimum(tl.maximum(y, -QMAX * 1.0), QMAX * 1.0)).to(tl.int32)
-    return tl.where(fin, q, -QMAX - 1)
+    y = tl.minimum(tl.maximum(tl.minimum(tl.maximum(x, -max_in), max_in) * inv, -QMAX * 1.0), QMAX * 1.0)
+    # round half to even as round_to_int_small, without the float -> int conversion: adding
+    # 1.5 * 2**23 leaves the rounded integer in the low mantissa bits (|y| <= 127 here)
+    return tl.where(fin, (y + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000, -QMAX - 1)
 
 
 @triton.jit
