@@ -145,10 +145,10 @@ def cases(t: int, e: int, world: int, k: int):
                bt * be // (32 * w))
     bt, be, w = KS.rows_tile_config(t, e, world)
     yield ("triton_static", "static_decode_sum_rows_kernel",
-           {"payloads": pw, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32",
+           {"payloads": pw, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32",
             "HEADB": "i32"},
-           {"N": world, "BITS": 4, "BT": bt, "BE": be, "H16": True, "NK": k, "RB": (e - k) // 2},
-           {"T": t, "E": e, "HEADB": 2 * t * k}, w, bt * be // (32 * w))
+           {"N": world, "BITS": 4, "BT": bt, "BE": be, "H16": True, "E": e, "NK": k, "RB": (e - k) // 2},
+           {"T": t, "HEADB": 2 * t * k}, w, bt * be // (32 * w))
 
 
 def main(argv=None) -> None:

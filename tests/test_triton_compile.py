@@ -33,7 +33,7 @@ STATIC_ROWS_ENC_SIG = {"src": None, "inl_ptr": "*i32", "inv_ptr": "*fp32", "outl
                        "max_in": "fp32"}
 STATIC_WIN_DEC_SIG = {"payloads": P2, "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32"}
 STATIC_ROWS_DEC_SIG = {"payloads": P2, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32",
-                       "E": "i32", "HEADB": "i32"}
+                       "HEADB": "i32"}
 GROUP_SIG = {"src": None, "out_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32", "T": "i32", "E": "i32",
              "EH": "i32", "G": "i32", "NQ": "i32", "max_in": "fp32"}
 MX_SIG = {"src": None, "out_ptr": "*u8", "flag_ptr": "*i32", "T": "i32", "E": "i32", "EH": "i32", "G": "i32",
@@ -149,11 +149,11 @@ CASES = [
     ("triton_static", "static_decode_sum_win_kernel", {**STATIC_WIN_DEC_SIG, "payloads": ("*u8",)},
      {"N": 1, "BITS": 8, "BT": 2, "BE": 64, "RB": 101, "CHUNKED": True}),
     ("triton_static", "static_decode_sum_rows_kernel", STATIC_ROWS_DEC_SIG,
-     {"N": 2, "BITS": 4, "BT": 8, "BE": 512, "H16": True, "NK": 128, "RB": 4032}),
+     {"N": 2, "BITS": 4, "BT": 16, "BE": 256, "H16": True, "E": 8192, "NK": 128, "RB": 4032}),
     ("triton_static", "static_decode_sum_rows_kernel", {**STATIC_ROWS_DEC_SIG, "payloads": ("*u8",) * 3},
-     {"N": 3, "BITS": 8, "BT": 3, "BE": 64, "H16": False, "NK": 2, "RB": 98}),
+     {"N": 3, "BITS": 8, "BT": 3, "BE": 64, "H16": False, "E": 100, "NK": 2, "RB": 98}),
     ("triton_static", "static_decode_sum_rows_kernel", {**STATIC_ROWS_DEC_SIG, "payloads": ("*u8",)},
-     {"N": 1, "BITS": 4, "BT": 4, "BE": 128, "H16": True, "NK": 2, "RB": 63, "CHUNKED": True}),
+     {"N": 1, "BITS": 4, "BT": 4, "BE": 128, "H16": True, "E": 128, "NK": 2, "RB": 63, "CHUNKED": True}),
     ("triton_rotation", "rot_decode_sum_kernel", {**ROT_DEC_SIG, "payloads": ("*u8",)},
      {"N": 1, "ROWS": 2, "W": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 6, "FMT": 2, "HAS_K": True,
       "PACKED": True, "CHUNKED": True}),

@@ -463,9 +463,9 @@ AUTO = "fast"  # the variant "auto" runs (picked by the H200 sweep, scripts/swee
 # Tile shapes (rows, columns) of the fast kernels per variant: "fast-b" is the fewer-registers
 # alternative the sweep times next to "fast". "dec_rows" per source count (<= 2, <= 4, more).
 FAST_TILES = {
-    "fast": {"dec_win": (8, 512), "dec_rows": ((8, 512), (16, 256), (32, 128)), "enc_win": (8, 512),
-             "enc_rows": (8, 512)},
-    "fast-b": {"dec_win": (4, 512), "dec_rows": ((4, 512), (8, 256), (16, 128)), "enc_win": (4, 512),
+    "fast": {"dec_win": (8, 512), "dec_rows": ((16, 256), (16, 128), (32, 128)), "enc_win": (8, 512),
+             "enc_rows": (16, 512)},
+    "fast-b": {"dec_win": (4, 512), "dec_rows": ((8, 512), (16, 256), (16, 128)), "enc_win": (4, 512),
                "enc_rows": (8, 1024)},
 }
 
@@ -507,7 +507,7 @@ def rows_tile_config(tokens: int, hidden: int, sources: int, variant: str = "aut
     shapes = FAST_TILES[_check_variant(variant, DECODE_VARIANTS)]["dec_rows"]
     rows, cols = shapes[0] if sources <= 2 else shapes[1] if sources <= 4 else shapes[2]
     cols = min(cols, max(32, triton.next_power_of_2(max(hidden, 2))))
-    return _fast_rows(rows, tokens), cols, 4
+    return min(_fast_rows(rows, tokens), max(tokens, 1)), cols, 4
 
 
 @triton.jit
@@ -561,50 +561,60 @@ def static_decode_sum_win_kernel(payloads, scale_ptr, out_ptr, T, E, RB: tl.cons
 
 
 @triton.jit
-def static_decode_sum_rows_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E, NK: tl.constexpr, HEADB,
-                                  RB: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr,
+def static_decode_sum_rows_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E: tl.constexpr, NK: tl.constexpr,
+                                  HEADB, RB: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr,
                                   BE: tl.constexpr, H16: tl.constexpr, PS=0, OS=0, CHUNKED: tl.constexpr = False):
     """The decode-and-sum of codecs with bf16 channels as 1-D column vectors: each source's slot
-    and scale of the ``BE`` columns are loaded once, then ``BT`` rows are walked in straight-line
-    code, a row's code and bf16 addresses being one uniform row base plus the column's offset
-    (no 2-D tile, so no layout conversion; the tables stay in registers, not re-read per row)."""
+    and scale of the ``BE`` columns are loaded once and turned into per-column code and bf16
+    pointers at the program's first row, then ``BT <= T`` rows are walked in straight-line code,
+    row ``k`` at constant offsets ``k * RB`` / ``k * NK`` / ``k * E`` from them (``E``, ``NK``,
+    ``RB``: constexprs), unmasked: no 2-D tile, so no layout conversion, and no address work
+    per value. The last program of a ragged ``T`` starts at ``T - BT`` and rewrites some of its
+    neighbour's rows with the same values instead of masking."""
     payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
-    NI = E - NK
+    NI: tl.constexpr = E - NK
     c = tl.program_id(1) * BE + tl.arange(0, BE)
     mc = c < E
-    t0 = tl.program_id(0) * BT
-    offs = ()  # per source, per column: code byte offset in a body row, nibble shift, bf16 index, scale
+    t0 = tl.minimum(tl.program_id(0) * BT, T - BT)
+    codes = ()  # per source, per column: code byte pointer at row t0, nibble shift, bf16 pointer, is bf16, scale
     shifts = ()
     heads = ()
+    kept = ()
     scales = ()
     for r in tl.static_range(N):  # the tables, once per program
+        p = payloads[r]
         slot = tl.load(colmap_ptr + r * E + c, mask=mc, other=0)  # a column past E: slot 0, thrown away
         inl = slot >= 0
         z = tl.where(inl, slot, 0)  # a bf16 channel reads slot 0's code, thrown away below
         if BITS == 4:
-            offs = offs + (z >> 1,)
+            codes = codes + (p + HEADB + t0 * RB + (z >> 1),)
             shifts = shifts + (28 - 4 * (z & 1),)
         else:
-            offs = offs + (z,)
+            codes = codes + (p + HEADB + t0 * RB + z,)
             shifts = shifts + (24,)
-        heads = heads + (-1 - slot,)  # >= 0 exactly for the bf16 channels
+        h = tl.where(inl, 0, -1 - slot)  # the bf16 index (0 for a quantized channel: not read)
+        if H16:
+            heads = heads + (p.to(tl.pointer_type(tl.int16)) + t0 * NK + h,)
+        else:
+            heads = heads + (p + 2 * (t0 * NK + h),)
+        kept = kept + (~inl,)
         scales = scales + (tl.load(scale_ptr + r * NI + z, mask=mc, other=1.0),)
+    dst = out_ptr + t0 * E + c
     for k in tl.static_range(BT):
-        # rows past T read row T - 1 (every load in bounds, unmasked) and store nothing
-        t = tl.minimum(t0 + k, T - 1)
         for r in tl.static_range(N):
-            p = payloads[r]
-            b = tl.load(p + HEADB + t * RB + offs[r]).to(tl.int32)
+            b = tl.load(codes[r] + k * RB).to(tl.int32)
             q = (b << shifts[r]) >> 28 if BITS == 4 else (b << 24) >> 24
             v = tl.where(q == (-8 if BITS == 4 else -128), float("nan"), q.to(tl.float32) * scales[r])
-            h = heads[r]
-            kept = bf16_from_bits(_head_bits(p, t * NK + h, h >= 0, H16))
-            v = tl.where(h >= 0, kept, v)
+            if H16:
+                hb = tl.load(heads[r] + k * NK, mask=kept[r]).to(tl.int32)  # sign bits: masked off below
+            else:
+                hb = load_u16(heads[r], 2 * k * NK, kept[r])
+            v = tl.where(kept[r], bf16_from_bits(hb), v)
             if r == 0:
                 acc = v
             else:
                 acc = acc + v
-        tl.store(out_ptr + t * E + c, acc, mask=mc & (t0 + k < T))
+        tl.store(dst + k * E, acc, mask=mc)
 
 
 def _use_fast(variant: str, e: int, nk: int, bits: int) -> bool:
@@ -623,9 +633,9 @@ def _decode_fast(payloads, colmap, scale, out, t, e, nk, bits, variant, *, chunk
         rows, cols, warps = rows_tile_config(t, e, n, variant)
         grid = (triton.cdiv(t, rows), triton.cdiv(e, cols)) + ((chunks,) if chunks > 1 else ())
         h16 = _aligned2(payloads) and (chunks == 1 or ps % 2 == 0)
-        static_decode_sum_rows_kernel[grid](tuple(payloads), colmap, scale, out, t, e, NK=nk, HEADB=2 * t * nk, RB=rb,
-                                            N=n, BITS=bits, BT=rows, BE=cols, H16=h16, num_warps=warps, **extra,
-                                            **FP_OPTIONS)
+        static_decode_sum_rows_kernel[grid](tuple(payloads), colmap, scale, out, t, E=e, NK=nk, HEADB=2 * t * nk,
+                                            RB=rb, N=n, BITS=bits, BT=rows, BE=cols, H16=h16, num_warps=warps,
+                                            **extra, **FP_OPTIONS)
     else:
         rows, cols, warps = win_tile_config(t, e, n, variant)
         grid = (triton.cdiv(t, rows), triton.cdiv(e, cols)) + ((chunks,) if chunks > 1 else ())
@@ -696,18 +706,20 @@ def static_encode_rows_kernel(src, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_pt
     1-D column vectors: column blocks ``[0, NB)`` write ``BC`` body slots, the rest ``BC``
     channels of the bf16 head, each over ``BT`` rows in straight-line code after loading the
     block's inlier map and reciprocal scales once; a value costs one unmasked ``x`` load at a
-    uniform row base plus its column's channel (rows past T re-read row T - 1 and store
-    nothing). NaN/Inf and range hits are gathered over the rows and flagged once a program.
-    ``CHUNKED`` as :func:`static_encode_tile_kernel`."""
+    per-column pointer at the program's first row plus the constant ``k * E`` (``BT <= T``; the
+    last program of a ragged ``T`` starts at ``T - BT`` and rewrites some of its neighbour's
+    bytes with the same values instead of masking). NaN/Inf (as the NaN of a running sum of
+    ``x * 0``) and range hits are gathered over the rows and flagged once a program. ``CHUNKED``
+    as :func:`static_encode_tile_kernel`."""
     src, body_ptr = chunk_bases(src, body_ptr, XS, PS, CHUNKED)
     if CHUNKED:
         head_ptr += tl.program_id(2) * HS
     NI: tl.constexpr = E - NK
     H: tl.constexpr = BC // 2
     QMAX: tl.constexpr = 7 if BITS == 4 else 127
-    t0 = tl.program_id(0) * BT
+    t0 = tl.minimum(tl.program_id(0) * BT, T - BT)
+    x0 = src[0] + t0 * E  # row t0 of the partial
     cb = tl.program_id(1)
-    x_ptr = src[0]
     if cb < NB:
         if BITS == 4:
             i = cb * H + tl.arange(0, H)  # body byte: slots 2i, 2i + 1
@@ -716,24 +728,25 @@ def static_encode_rows_kernel(src, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_pt
             co = tl.load(inl_ptr + 2 * i + 1, mask=mi, other=0)
             ie = tl.load(inv_ptr + 2 * i, mask=mi, other=1.0)
             io = tl.load(inv_ptr + 2 * i + 1, mask=mi, other=1.0)
-            bad = tl.zeros([H], dtype=tl.int1)
+            xe_ptr = x0 + ce
+            xo_ptr = x0 + co
+            dst = body_ptr + t0 * (NI // 2) + i
+            bad = tl.zeros([H], dtype=tl.float32)  # NaN once a NaN/Inf went by (x * 0 is NaN just for those)
             big = tl.zeros([H], dtype=tl.int1)
             for k in tl.static_range(BT):
-                t = tl.minimum(t0 + k, T - 1)
-                xe = tl.load(x_ptr + t * E + ce).to(tl.float32)
-                xo = tl.load(x_ptr + t * E + co).to(tl.float32)
+                xe = tl.load(xe_ptr + k * E).to(tl.float32)
+                xo = tl.load(xo_ptr + k * E).to(tl.float32)
                 fe = is_finite(xe)
                 fo = is_finite(xo)
                 if FLAG:
-                    bad = bad | ~(fe & fo)
+                    bad = bad + (xe * 0.0 + xo * 0.0)
                 if RANGE:
                     big = big | (fe & (tl.abs(xe) > max_in)) | (fo & (tl.abs(xo) > max_in))
                 qe = _codes(xe, ie, fe, max_in, QMAX)
                 qo = _codes(xo, io, fo, max_in, QMAX)
-                tl.store(body_ptr + t * (NI // 2) + i, ((qe & 0xF) | ((qo & 0xF) << 4)).to(tl.uint8),
-                         mask=mi & (t0 + k < T))
+                tl.store(dst + k * (NI // 2), ((qe & 0xF) | ((qo & 0xF) << 4)).to(tl.uint8), mask=mi)
             if FLAG:
-                flag_any(flag_ptr, bad & mi)
+                flag_any(flag_ptr, (bad != bad) & mi)
             if RANGE:
                 flag_any(range_ptr, big & mi)
         else:
@@ -741,39 +754,41 @@ def static_encode_rows_kernel(src, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_pt
             mi = i < NI
             ch = tl.load(inl_ptr + i, mask=mi, other=0)
             inv = tl.load(inv_ptr + i, mask=mi, other=1.0)
-            bad = tl.zeros([BC], dtype=tl.int1)
+            x_src = x0 + ch
+            dst = body_ptr + t0 * NI + i
+            bad = tl.zeros([BC], dtype=tl.float32)
             big = tl.zeros([BC], dtype=tl.int1)
             for k in tl.static_range(BT):
-                t = tl.minimum(t0 + k, T - 1)
-                x = tl.load(x_ptr + t * E + ch).to(tl.float32)
+                x = tl.load(x_src + k * E).to(tl.float32)
                 f = is_finite(x)
                 if FLAG:
-                    bad = bad | ~f
+                    bad = bad + x * 0.0
                 if RANGE:
                     big = big | (f & (tl.abs(x) > max_in))
                 q = _codes(x, inv, f, max_in, QMAX)
-                tl.store(body_ptr + t * NI + i, (q & 0xFF).to(tl.uint8), mask=mi & (t0 + k < T))
+                tl.store(dst + k * NI, (q & 0xFF).to(tl.uint8), mask=mi)
             if FLAG:
-                flag_any(flag_ptr, bad & mi)
+                flag_any(flag_ptr, (bad != bad) & mi)
             if RANGE:
                 flag_any(range_ptr, big & mi)
     else:
         j = (cb - NB) * BC + tl.arange(0, BC)  # (names apart from the body branch's: other shapes)
         mj = j < NK
         chj = tl.load(outl_ptr + j, mask=mj, other=0)
-        badj = tl.zeros([BC], dtype=tl.int1)
+        xh_src = x0 + chj
+        hdst = head_ptr + t0 * NK + j
+        badj = tl.zeros([BC], dtype=tl.float32)
         bigj = tl.zeros([BC], dtype=tl.int1)
         for k in tl.static_range(BT):
-            t = tl.minimum(t0 + k, T - 1)
-            xh = tl.load(x_ptr + t * E + chj).to(tl.float32)
+            xh = tl.load(xh_src + k * E).to(tl.float32)
             fh = is_finite(xh)
             if FLAG:
-                badj = badj | ~fh
+                badj = badj + xh * 0.0
             if RANGE:
                 bigj = bigj | (fh & (tl.abs(xh) > max_in))
-            tl.store(head_ptr + t * NK + j, bf16_bits(saturate(xh, max_in)).to(tl.int16), mask=mj & (t0 + k < T))
+            tl.store(hdst + k * NK, bf16_bits(saturate(xh, max_in)).to(tl.int16), mask=mj)
         if FLAG:
-            flag_any(flag_ptr, badj & mj)
+            flag_any(flag_ptr, (badj != badj) & mj)
         if RANGE:
             flag_any(range_ptr, bigj & mj)
 
@@ -799,7 +814,7 @@ def _encode_fast(x, inliers, inv_scale, outliers, head, body, t, e, *, bits, max
         return
     rows, cols = tiles["enc_rows"]
     cols = min(cols, max(32, triton.next_power_of_2(max(e - nk, nk))))
-    rows = _fast_rows(rows, t)
+    rows = min(_fast_rows(rows, t), t)
     nb = triton.cdiv(e - nk, cols)
     extra = {} if chunks == 1 else {"XS": t * e, "HS": ps // 2, "PS": ps, "CHUNKED": True}
     grid = (triton.cdiv(t, rows), nb + triton.cdiv(nk, cols)) + ((chunks,) if chunks > 1 else ())
