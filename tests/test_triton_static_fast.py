@@ -30,10 +30,10 @@ FAST = {"static_decode_sum_win_kernel", "static_decode_sum_rows_kernel", "static
         "static_encode_rows_kernel"}
 # tiny tiles per variant: "fast" and "fast-b" differ, as the shipped ones do (rows need not be
 # powers of two: the row-walking kernels unroll them)
-TINY = {"fast": {"dec_win": (2, 32), "dec_rows": ((3, 32), (2, 64), (2, 32)), "enc_win": (2, 64),
-                 "enc_rows": (3, 32)},
-        "fast-b": {"dec_win": (4, 64), "dec_rows": ((2, 64), (4, 32), (1, 32)), "enc_win": (1, 32),
-                   "enc_rows": (2, 64)}}
+TINY = {"fast": {"dec_win": ((2, 32), (4, 64), (1, 32)), "dec_rows": ((3, 32), (2, 64), (2, 32)),
+                 "enc_win": (2, 64), "enc_rows": (3, 32)},
+        "fast-b": {"dec_win": ((4, 64), (2, 32), (2, 64)), "dec_rows": ((2, 64), (4, 32), (1, 32)),
+                   "enc_win": (1, 32), "enc_rows": (2, 64)}}
 _CALS = {}
 
 

@@ -461,12 +461,13 @@ ENCODE_VARIANT = "auto"
 ENCODE_VARIANTS = ("auto", "tile", "fast", "fast-b")
 AUTO = "fast"  # the variant "auto" runs (picked by the H200 sweep, scripts/sweep_static.py)
 # Tile shapes (rows, columns) of the fast kernels per variant: "fast-b" is the fewer-registers
-# alternative the sweep times next to "fast". "dec_rows" per source count (<= 2, <= 4, more).
+# alternative the sweep times next to "fast". "dec_win" and "dec_rows" per source count (<= 2,
+# <= 4, more).
 FAST_TILES = {
-    "fast": {"dec_win": (8, 512), "dec_rows": ((16, 256), (16, 128), (32, 128)), "enc_win": (8, 512),
-             "enc_rows": (16, 512)},
-    "fast-b": {"dec_win": (4, 512), "dec_rows": ((8, 512), (16, 256), (16, 128)), "enc_win": (4, 512),
-               "enc_rows": (8, 1024)},
+    "fast": {"dec_win": ((8, 512), (4, 512), (2, 512)), "dec_rows": ((16, 256), (16, 128), (32, 128)),
+             "enc_win": (8, 512), "enc_rows": (16, 512)},
+    "fast-b": {"dec_win": ((4, 512), (4, 512), (4, 512)), "dec_rows": ((8, 512), (16, 256), (16, 128)),
+               "enc_win": (4, 512), "enc_rows": (8, 1024)},
 }
 
 
@@ -486,15 +487,14 @@ def _check_variant(variant: str, known) -> str:
 
 
 def win_tile_config(tokens: int, hidden: int, sources: int, variant: str = "auto") -> tuple[int, int, int]:
-    """(rows, columns, warps) of :func:`static_decode_sum_win_kernel`: the variant's tile at up to
-    2 sources, half the rows per doubling beyond, at least one. ptxas sm_90a, Triton 3.6, int4
-    [8192, 8192], 2 sources: 8 x 512 88 registers, 22 SASS/value; 4 x 512 48, 25 (the tile
-    kernel: 223, 81)."""
-    rows, cols = FAST_TILES[_check_variant(variant, DECODE_VARIANTS)]["dec_win"]
+    """(rows, columns, warps) of :func:`static_decode_sum_win_kernel`: the variant's tile for the
+    source count, at most the message's rows (rounded up to a power of two). ptxas sm_90a,
+    Triton 3.6, int4 [8192, 8192]: 2 sources 8 x 512 88 registers, 22 SASS/value, 4 x 512 48,
+    25 (the tile kernel: 223, 81); 8 sources 2 x 512 48, 95, 4 x 512 128, 82 (tile: 56, 480)."""
+    shapes = FAST_TILES[_check_variant(variant, DECODE_VARIANTS)]["dec_win"]
+    rows, cols = shapes[0] if sources <= 2 else shapes[1] if sources <= 4 else shapes[2]
     cols = min(cols, max(32, triton.next_power_of_2(max(hidden, 2))))
-    n = triton.next_power_of_2(max(sources, 2))
-    rows = max(1, min(triton.next_power_of_2(max(tokens, 1)), rows * 2 // n))
-    return rows, cols, 4
+    return max(1, min(triton.next_power_of_2(max(tokens, 1)), rows)), cols, 4
 
 
 def rows_tile_config(tokens: int, hidden: int, sources: int, variant: str = "auto") -> tuple[int, int, int]:
