@@ -145,6 +145,7 @@ def main(argv=None) -> None:
                 got = tri.decode_sum([p.to(dev) for p in want[:world]], (check_tokens, e), layer=LAYER).cpu()
                 row[f"sum_equal_{v}_w{world}"] = same_bits(s_ref, got)
         with_variants()
+        row["elapsed_s"] = time.time() - t0
         rows.append(row)
         print(row, flush=True)
         del xs, want
@@ -188,6 +189,7 @@ def main(argv=None) -> None:
                         else:
                             row[f"enc_{v}_equal_tile"] = bool(torch.equal(pbase, pbuf))
                 with_variants()
+                row["elapsed_s"] = time.time() - t0
                 rows.append(row)
                 print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
                 del xs, payloads, dst
