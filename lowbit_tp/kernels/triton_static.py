@@ -447,10 +447,11 @@ def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int, variant: str
 #   scales and ``x`` load as contiguous 16-byte vectors of the tile's own columns; a byte's two
 #   int4 codes come from the even and odd columns (as in triton_group). No gather at all.
 # * bf16 channels: 1-D column vectors. A program loads each source's per-column tables once
-#   (code byte offset, nibble shift, bf16 index, scale), then walks ``BT`` rows in straight-line
-#   code: per value and source one unmasked byte load at a uniform row base plus the column's
-#   offset (rows past T re-read row T - 1 and store nothing), and one bf16 load predicated on the
-#   bf16 channels. No 2-D tile, so no layout conversion, and no tables re-read per row.
+#   (code byte pointer, nibble shift, bf16 pointer, scale; for the encoder the inlier channel and
+#   reciprocal), then walks ``BT <= T`` rows in straight-line code at constant offsets from its
+#   first row: per value and source one unmasked code load and one bf16 load predicated on the
+#   bf16 channels, no address work (the last program of a ragged T starts at T - BT). No 2-D
+#   tile, so no layout conversion, and no tables re-read per row.
 #
 # ``DECODE_VARIANT`` / ``ENCODE_VARIANT`` pick the kernels: "tile" the kernels above, "fast" (and
 # "auto") these; scripts/sweep_static.py sets them to time both in one process. The bytes and sums
@@ -499,11 +500,11 @@ def win_tile_config(tokens: int, hidden: int, sources: int, variant: str = "auto
 
 def rows_tile_config(tokens: int, hidden: int, sources: int, variant: str = "auto") -> tuple[int, int, int]:
     """(rows, columns, warps) of :func:`static_decode_sum_rows_kernel`: fewer columns a thread as
-    sources grow (per source and column 4 table registers), 4-32 rows a program; a short message
-    (< 32 rows a program's worth) takes fewer rows, so it still spreads over the SMs. ptxas
-    sm_90a, Triton 3.6, int4-outlier [8192, 8192]: 2 sources 8 x 512, 64 registers, 45 SASS/value;
-    8 sources 32 x 128, 64 registers, 161 SASS/value; no spills, no shared memory (the tile
-    kernel: 223 registers, 81; 56, 480 with 164 shared-memory accesses)."""
+    sources grow (per source and column about 7 table registers), up to 32 rows a program, at
+    most ``tokens / SHORT_ROWS`` (a short message still spreads over the SMs) and ``tokens``.
+    ptxas sm_90a, Triton 3.6, int4-outlier [8192, 8192]: 2 sources 16 x 256 40 registers, 28
+    SASS/value (8 x 512: 66, 31); 8 sources 32 x 128 64, 108; no spills, no shared memory (the
+    tile kernel: 223 registers, 81 SASS/value; 56, 480 with 164 shared-memory accesses)."""
     shapes = FAST_TILES[_check_variant(variant, DECODE_VARIANTS)]["dec_rows"]
     rows, cols = shapes[0] if sources <= 2 else shapes[1] if sources <= 4 else shapes[2]
     cols = min(cols, max(32, triton.next_power_of_2(max(hidden, 2))))
