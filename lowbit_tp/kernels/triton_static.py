@@ -460,14 +460,19 @@ DECODE_VARIANT = "auto"
 DECODE_VARIANTS = ("auto", "tile", "fast", "fast-b")
 ENCODE_VARIANT = "auto"
 ENCODE_VARIANTS = ("auto", "tile", "fast", "fast-b")
-AUTO = "fast"  # the variant "auto" runs (picked by the H200 sweep, scripts/sweep_static.py)
-# Tile shapes (rows, columns) of the fast kernels per variant: "fast-b" is the fewer-registers
-# alternative the sweep times next to "fast". "dec_win" and "dec_rows" per source count (<= 2,
-# <= 4, more).
+AUTO = "fast"  # the variant "auto" runs
+# Tile shapes (rows, columns) of the fast kernels per variant: "fast-b" is the alternative the
+# sweep times next to "fast". "dec_win" and "dec_rows" per source count (<= 2, <= 4, more).
+# Picked from the H200 sweep of stop 21 (scripts/sweep_static.py, run 2, int4-outlier, fraction of
+# a same-size copy at [2048, 8192] / [8192, 8192]): dec_rows 16 x 256 0.536 / 0.548 against
+# 8 x 512 0.411 / 0.433 at world 2; at world 8 16 x 128 0.113 / 0.098 against 32 x 128 0.114 /
+# 0.093 (a tie at 2048 rows; 16 x 128 has half the unrolled code); enc_rows 16 x 512 0.626 / 0.739
+# against 8 x 1024 0.608 / 0.682. The int4/int8 rows of that run were cut by its time budget:
+# dec_win and enc_win are picked by compile-time evidence (ptx_stats, Triton 3.6), not measured.
 FAST_TILES = {
-    "fast": {"dec_win": ((8, 512), (4, 512), (2, 512)), "dec_rows": ((16, 256), (16, 128), (32, 128)),
+    "fast": {"dec_win": ((8, 512), (4, 512), (2, 512)), "dec_rows": ((16, 256), (16, 128), (16, 128)),
              "enc_win": (8, 512), "enc_rows": (16, 512)},
-    "fast-b": {"dec_win": ((4, 512), (4, 512), (4, 512)), "dec_rows": ((8, 512), (16, 256), (16, 128)),
+    "fast-b": {"dec_win": ((4, 512), (4, 512), (4, 512)), "dec_rows": ((8, 512), (16, 256), (32, 128)),
                "enc_win": (4, 512), "enc_rows": (8, 1024)},
 }
 
@@ -503,8 +508,9 @@ def rows_tile_config(tokens: int, hidden: int, sources: int, variant: str = "aut
     sources grow (per source and column about 7 table registers), up to 32 rows a program, at
     most ``tokens / SHORT_ROWS`` (a short message still spreads over the SMs) and ``tokens``.
     ptxas sm_90a, Triton 3.6, int4-outlier [8192, 8192]: 2 sources 16 x 256 40 registers, 28
-    SASS/value (8 x 512: 66, 31); 8 sources 32 x 128 64, 108; no spills, no shared memory (the
-    tile kernel: 223 registers, 81 SASS/value; 56, 480 with 164 shared-memory accesses)."""
+    SASS/value (8 x 512: 66, 31); 8 sources 16 x 128 64, 116 (32 x 128: 64, 108); no spills, no
+    shared memory (the tile kernel: 223 registers, 81 SASS/value; 56, 480 with 164 shared-memory
+    accesses). Measured on the H200: :data:`FAST_TILES`."""
     shapes = FAST_TILES[_check_variant(variant, DECODE_VARIANTS)]["dec_rows"]
     rows, cols = shapes[0] if sources <= 2 else shapes[1] if sources <= 4 else shapes[2]
     cols = min(cols, max(32, triton.next_power_of_2(max(hidden, 2))))
