@@ -65,8 +65,9 @@ def compile_stats(mod: str, kernel: str, sig: dict, const: dict, ints: dict, war
     regs = re.search(r"Used (\d+) registers", r.stderr)
     spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)]
     count = lambda pat: len(re.findall(pat, ptx))  # noqa: E731
-    n_sass = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+\S", sass, re.M))
-    shown = " ".join(f"{k}={v}" for k, v in const.items() if k not in ("FLAG", "RANGE") and not (k == "CHUNKED" and not v))
+    n_sass = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, re.M))
+    shown = " ".join(f"{k}={v}" for k, v in const.items()
+                     if k not in ("RANGE", "E") and not (k in ("CHUNKED", "FLAG") and not v))
     return {"kernel": kernel, "constexprs": shown,
             "warps": warps, "registers": int(regs.group(1)) if regs else None, "spill_bytes": sum(spills),
             "ld_global_v4": count(r"ld\.global[\w.]*\.v4"), "ld_global": count(r"ld\.global"),
@@ -120,6 +121,34 @@ def cases(t: int, e: int, world: int, k: int):
                {"N": world, "BITS": bits, "BT": bt, "BE": be, "H16": True, "ROW_BYTES": True,
                 "ITERS": KS.row_iterations(t, bt)},
                {"T": t, "E": e, "NK": nk}, w, bt * be // (32 * w))
+    # the fast kernels (issue 8): FLAG as a CUDA-graph step (nonfinite="flag") compiles them
+    esig = {"src": ("*fp32",), "inl_ptr": "*i32", "inv_ptr": "*fp32", "outl_ptr": "*i32", "head_ptr": "*i16",
+            "body_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32", "T": "i32", "NB": "i32", "max_in": "fp32"}
+    wsig = {k2: v for k2, v in esig.items() if k2 in ("src", "inv_ptr", "body_ptr", "flag_ptr", "range_ptr", "T",
+                                                       "max_in")}
+    for flag in (False, True):
+        bt, bc = KS.FAST_TILES[KS.AUTO]["enc_rows"]
+        bt = KS._fast_rows(bt, t)
+        yield ("triton_static", "static_encode_rows_kernel", esig,
+               {"E": e, "NK": k, "BITS": 4, "BT": bt, "BC": bc, "FLAG": flag, "RANGE": False},
+               {"T": t, "NB": triton.cdiv(e - k, bc)}, 4, bt * bc // 128)
+        bt, bc = KS.FAST_TILES[KS.AUTO]["enc_win"]
+        for bits in (4, 8):
+            yield ("triton_static", "static_encode_win_kernel", wsig,
+                   {"E": e, "BITS": bits, "BT": bt, "BC": bc, "FLAG": flag, "RANGE": False}, {"T": t}, 4,
+                   bt * bc // 128)
+    for bits in (4, 8):
+        bt, be, w = KS.win_tile_config(t, e, world)
+        yield ("triton_static", "static_decode_sum_win_kernel",
+               {"payloads": pw, "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32"},
+               {"N": world, "BITS": bits, "BT": bt, "BE": be, "RB": e // 2 if bits == 4 else e}, {"T": t, "E": e}, w,
+               bt * be // (32 * w))
+    bt, be, w = KS.rows_tile_config(t, e, world)
+    yield ("triton_static", "static_decode_sum_rows_kernel",
+           {"payloads": pw, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32",
+            "HEADB": "i32"},
+           {"N": world, "BITS": 4, "BT": bt, "BE": be, "H16": True, "E": e, "NK": k, "RB": (e - k) // 2},
+           {"T": t, "HEADB": 2 * t * k}, w, bt * be // (32 * w))
 
 
 def main(argv=None) -> None:
@@ -128,10 +157,13 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int, default=8192)
     ap.add_argument("--world", type=int, default=2, help="payloads per decode-and-sum")
     ap.add_argument("--k", type=int, default=None, help="int4-outlier's kept channels (default hidden // 64)")
+    ap.add_argument("--only", default=None, help="comma-separated substrings of the kernel names to compile")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     k = args.hidden // 64 if args.k is None else args.k
-    rows = [compile_stats(*c) for c in cases(args.tokens, args.hidden, args.world, k)]
+    only = args.only.split(",") if args.only else None
+    rows = [compile_stats(*c) for c in cases(args.tokens, args.hidden, args.world, k)
+            if only is None or any(o in c[1] for o in only)]
     cols = list(rows[0])
     print(f"sm_90a, [{args.tokens}, {args.hidden}], world {args.world}, k {k}; "
           f"`PYTHONPATH=. python3 scripts/ptx_stats.py --tokens {args.tokens} --hidden {args.hidden} "

@@ -132,7 +132,8 @@ def test_decode_chunks_is_the_cat_of_reference_decodes_in_one_launch(name, world
 
 @pytest.mark.parametrize("name,kernel,arg", [("int4-g32", "group_encode_kernel", "PS"),
                                              ("int4-g32", "group_encode_kernel", "XS"),
-                                             ("int4-outlier", "static_encode_tile_kernel", "HS"),
+                                             ("int4-outlier", "static_encode_rows_kernel", "HS"),
+                                             ("int8", "static_encode_win_kernel", "PS"),
                                              ("rot-lm4-g64-lg8-k4", "rot_encode_kernel", "PS")])
 def test_a_wrong_chunk_base_is_caught(name, kernel, arg, monkeypatch):
     """Mutation check: the comparison above fails when a chunk's base is off."""

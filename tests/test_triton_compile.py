@@ -26,6 +26,14 @@ STATIC_TILE_SIG = {**{k: v for k, v in STATIC_SIG.items() if k not in ("n_body_p
                    "max_in": "fp32"}
 STATIC_DEC_SIG = {"payloads": P2, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32",
                   "E": "i32", "NK": "i32"}
+STATIC_WIN_ENC_SIG = {"src": None, "inv_ptr": "*fp32", "body_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32",
+                      "T": "i32", "max_in": "fp32"}
+STATIC_ROWS_ENC_SIG = {"src": None, "inl_ptr": "*i32", "inv_ptr": "*fp32", "outl_ptr": "*i32", "head_ptr": "*i16",
+                       "body_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32", "T": "i32", "NB": "i32",
+                       "max_in": "fp32"}
+STATIC_WIN_DEC_SIG = {"payloads": P2, "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32"}
+STATIC_ROWS_DEC_SIG = {"payloads": P2, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32",
+                       "HEADB": "i32"}
 GROUP_SIG = {"src": None, "out_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32", "T": "i32", "E": "i32",
              "EH": "i32", "G": "i32", "NQ": "i32", "max_in": "fp32"}
 MX_SIG = {"src": None, "out_ptr": "*u8", "flag_ptr": "*i32", "T": "i32", "E": "i32", "EH": "i32", "G": "i32",
@@ -127,6 +135,25 @@ CASES = [
     ("triton_rotation", "rot_encode_kernel", ROT_SIG,
      {"ROWS": 2, "W": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 4, "FMT": 2, "HAS_K": True, "FLAG": True,
       "RANGE": True, "SPLIT": 1, "CHUNKED": True}),
+    # the fast static kernels (issue 8): no bf16 channels (win), bf16 channels (rows)
+    ("triton_static", "static_encode_win_kernel", {**STATIC_WIN_ENC_SIG, "src": ("*fp32",)},
+     {"E": 8192, "BITS": 4, "BT": 8, "BC": 512, "FLAG": True, "RANGE": True}),
+    ("triton_static", "static_encode_win_kernel", {**STATIC_WIN_ENC_SIG, "src": ("*bf16",)},  # odd E, int8
+     {"E": 101, "BITS": 8, "BT": 2, "BC": 64, "FLAG": False, "RANGE": False, "CHUNKED": True}),
+    ("triton_static", "static_encode_rows_kernel", {**STATIC_ROWS_ENC_SIG, "src": ("*fp32",)},
+     {"E": 8192, "NK": 128, "BITS": 4, "BT": 8, "BC": 512, "FLAG": True, "RANGE": True}),
+    ("triton_static", "static_encode_rows_kernel", {**STATIC_ROWS_ENC_SIG, "src": ("*bf16",)},
+     {"E": 258, "NK": 4, "BITS": 8, "BT": 3, "BC": 64, "FLAG": False, "RANGE": True, "CHUNKED": True}),
+    ("triton_static", "static_decode_sum_win_kernel", STATIC_WIN_DEC_SIG,
+     {"N": 2, "BITS": 4, "BT": 8, "BE": 512, "RB": 4096}),
+    ("triton_static", "static_decode_sum_win_kernel", {**STATIC_WIN_DEC_SIG, "payloads": ("*u8",)},
+     {"N": 1, "BITS": 8, "BT": 2, "BE": 64, "RB": 101, "CHUNKED": True}),
+    ("triton_static", "static_decode_sum_rows_kernel", STATIC_ROWS_DEC_SIG,
+     {"N": 2, "BITS": 4, "BT": 16, "BE": 256, "H16": True, "E": 8192, "NK": 128, "RB": 4032}),
+    ("triton_static", "static_decode_sum_rows_kernel", {**STATIC_ROWS_DEC_SIG, "payloads": ("*u8",) * 3},
+     {"N": 3, "BITS": 8, "BT": 3, "BE": 64, "H16": False, "E": 100, "NK": 2, "RB": 98}),
+    ("triton_static", "static_decode_sum_rows_kernel", {**STATIC_ROWS_DEC_SIG, "payloads": ("*u8",)},
+     {"N": 1, "BITS": 4, "BT": 4, "BE": 128, "H16": True, "E": 128, "NK": 2, "RB": 63, "CHUNKED": True}),
     ("triton_rotation", "rot_decode_sum_kernel", {**ROT_DEC_SIG, "payloads": ("*u8",)},
      {"N": 1, "ROWS": 2, "W": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 6, "FMT": 2, "HAS_K": True,
       "PACKED": True, "CHUNKED": True}),
@@ -193,10 +220,14 @@ def test_prefill_tiles_vectorize_without_spills():
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| kernel")]
     head = [c.strip() for c in next(ln for ln in r.stdout.splitlines() if ln.startswith("| kernel")).split("|")[1:-1]]
     rows = [dict(zip(head, (c.strip() for c in ln.split("|")[1:-1]))) for ln in lines]
-    assert len(rows) == 11, r.stdout
+    assert len(rows) == 20, r.stdout
     for row in rows:
         assert row["spill_bytes"] == "0" and row["local"] == "0", row
-        if row["kernel"] in ("group_decode_sum_tile_kernel", "mx_decode_sum_tile_kernel"):
+        if row["kernel"] in ("group_decode_sum_tile_kernel", "mx_decode_sum_tile_kernel",
+                             "static_decode_sum_win_kernel"):
             assert int(row["ld_global_v4"]) >= 2 and row["st_global_v4"] == row["st_global"], row
-        if row["kernel"] in ("group_encode_kernel", "mx_encode_kernel") or "HAS_K=False" in row["constexprs"]:
+        if row["kernel"] in ("group_encode_kernel", "mx_encode_kernel", "static_encode_win_kernel") or \
+                "HAS_K=False" in row["constexprs"]:
             assert int(row["ld_global_v4"]) >= 1, row
+        if row["kernel"] in ("static_decode_sum_rows_kernel", "static_encode_rows_kernel"):  # 1-D: no layout
+            assert int(row["shared"]) <= 8, row  # conversion (the flag reduction's few accesses at most)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, chunk_bases, clamp_keep_nan,
-                                             flag_if, int4_from_nibble, is_finite, load_u16, round_half_even,
+                                             flag_any, flag_if, int4_from_nibble, is_finite, load_u16, round_half_even,
                                              round_to_int_small, saturate)
 
 
@@ -316,7 +316,7 @@ def _aligned2(payloads) -> bool:
 
 
 def _launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, out, *, bits, max_input, flag, range_flag,
-                   chunks=1):
+                   chunks=1, variant=None):
     """``t`` rows per chunk; ``chunks > 1`` (tiled kernel only): ``src[0]`` holds ``chunks * t``
     rows and ``out`` the ``chunks`` payloads one after another (an even payload size when
     there is a bf16 head)."""
@@ -328,13 +328,19 @@ def _launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, out, 
         # its bf16 head cannot be stored as int16, so encode into an aligned buffer and copy
         return out.copy_(_launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, torch.empty_like(out),
                                         bits=bits, max_input=max_input, flag=flag, range_flag=range_flag,
-                                        chunks=chunks))
+                                        chunks=chunks, variant=variant))
     head = out[: 2 * t * nk].view(torch.int16)
     n_src = len(src) if colmap is not None else 0
     common = dict(N=n_src, BITS=bits, HAS_K=nk > 0, FLAG=flag is not None, RANGE=range_flag is not None)
     tables = (inliers if colmap is None else colmap, inv_scale if scale is None else scale, inliers, inv_scale,
               outliers, head, out[2 * t * nk:], inliers if flag is None else flag,
               inliers if range_flag is None else range_flag)
+    variant = _check_variant(ENCODE_VARIANT if variant is None else variant, ENCODE_VARIANTS)
+    if n_src == 0 and (bits == 8 or (e - nk) % 2 == 0) and variant != "tile":
+        _encode_fast(src[0], inliers, inv_scale, outliers, head, out[2 * t * nk:], t, e, bits=bits,
+                     max_input=max_input, flag=flag, range_flag=range_flag, chunks=chunks, ps=out.numel() // chunks,
+                     variant=variant)
+        return out
     if bits == 8 or (e - nk) % 2 == 0:
         rows, cols, warps = tile_config(t, max(e - nk, nk), max(n_src, 2))
         nb = triton.cdiv(e - nk, cols)
@@ -357,15 +363,17 @@ def _launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, out, 
     return out
 
 
-def encode(x, inliers, inv_scale, outliers, out, *, bits: int, max_input: float, flag=None, range_flag=None):
+def encode(x, inliers, inv_scale, outliers, out, *, bits: int, max_input: float, flag=None, range_flag=None,
+           variant: str | None = None):
     """Fill ``out`` (the whole payload, uint8) from ``x [T, E]``; tables are int32/fp32 on x's device.
 
     Finite values beyond ``max_input`` saturate; ``flag`` / ``range_flag`` (int32, optional)
-    are set to 1 if ``x`` holds NaN/Inf / finite values beyond ``max_input``.
+    are set to 1 if ``x`` holds NaN/Inf / finite values beyond ``max_input``. ``variant``: "tile" or
+    "fast" kernels, default :data:`ENCODE_VARIANT` (same bytes).
     """
     t, e = x.shape
     return _launch_encode([x], None, None, t, e, inliers, inv_scale, outliers, out, bits=bits, max_input=max_input,
-                          flag=flag, range_flag=range_flag)
+                          flag=flag, range_flag=range_flag, variant=variant)
 
 
 def chunks_fit(t: int, e: int, nk: int, bits: int, payload_bytes: int) -> bool:
@@ -376,15 +384,15 @@ def chunks_fit(t: int, e: int, nk: int, bits: int, payload_bytes: int) -> bool:
 
 
 def encode_chunks(x, inliers, inv_scale, outliers, out, *, chunks: int, bits: int, max_input: float, flag=None,
-                  range_flag=None):
+                  range_flag=None, variant: str | None = None):
     """Two-shot's N chunk encodes in one launch (:func:`chunks_fit` must hold): ``out`` (``chunks``
     payloads one after another) gets ``encode(x[j*R:(j+1)*R])`` at ``j * payload_nbytes([R, E])``."""
     t, e = x.shape
     return _launch_encode([x], None, None, t // chunks, e, inliers, inv_scale, outliers, out, bits=bits,
-                          max_input=max_input, flag=flag, range_flag=range_flag, chunks=chunks)
+                          max_input=max_input, flag=flag, range_flag=range_flag, chunks=chunks, variant=variant)
 
 
-def decode_chunks(payload, colmap, scale, out, *, chunks: int, nk: int, bits: int):
+def decode_chunks(payload, colmap, scale, out, *, chunks: int, nk: int, bits: int, variant: str | None = None):
     """Two-shot's N chunk decodes in one launch: ``out [chunks * R, E]`` fp32 gets the decode of
     chunk ``j`` of ``payload`` (``chunks`` payloads of ``[R, E]`` one after another) in its rows."""
     t, e = out.shape
@@ -392,6 +400,9 @@ def decode_chunks(payload, colmap, scale, out, *, chunks: int, nk: int, bits: in
     if rows * e == 0:
         return out
     ps = payload.numel() // chunks
+    if _use_fast(DECODE_VARIANT if variant is None else variant, e, nk, bits):
+        return _decode_fast([payload], colmap, scale, out, rows, e, nk, bits, variant or DECODE_VARIANT,
+                            chunks=chunks, ps=ps)
     bt, cols, warps = tile_config(rows, e, 1)
     iters = row_iterations(rows, bt)
     static_decode_sum_tile_kernel[(triton.cdiv(rows, bt * iters), triton.cdiv(e, cols), chunks)](
@@ -409,11 +420,14 @@ def reduce_encode(payloads, colmap, scale, inliers, inv_scale, outliers, out, *,
                           max_input=max_input, flag=flag, range_flag=range_flag)
 
 
-def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int):
-    """Fill ``out [T, E]`` fp32 with the rank-ordered sum of the decoded ``payloads``."""
+def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int, variant: str | None = None):
+    """Fill ``out [T, E]`` fp32 with the rank-ordered sum of the decoded ``payloads``.
+    ``variant``: "tile" or "fast" kernels, default :data:`DECODE_VARIANT` (same sums)."""
     t, e = out.shape
     if t * e == 0:
         return out
+    if _use_fast(DECODE_VARIANT if variant is None else variant, e, nk, bits):
+        return _decode_fast(list(payloads), colmap, scale, out, t, e, nk, bits, variant or DECODE_VARIANT)
     rows, cols, warps = tile_config(t, e, len(payloads))
     iters = row_iterations(t, rows)
     static_decode_sum_tile_kernel[(triton.cdiv(t, rows * iters), triton.cdiv(e, cols))](
@@ -421,3 +435,395 @@ def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int):
         H16=_aligned2(payloads), ROW_BYTES=bits == 8 or (e - nk) % 2 == 0, ITERS=iters, num_warps=warps,
         **FP_OPTIONS)
     return out
+
+
+# ---------------------------------------------------------------- fast kernels (issue 8, stop 21)
+# The tile kernels above load every code (and scale, and bf16 value) of a tile element by element
+# through the channel map, with a mask and a 64-bit address per value and source; Triton 3.6 (the
+# GPU machine's) gives their decode-and-sum 223 registers and layout conversions through shared
+# memory (12.5 % occupancy; the H200 measured 22-28 % of a copy for every static codec).
+#
+# * No bf16 channels (int4 with an even E, int8): the channel map is the identity, so codes,
+#   scales and ``x`` load as contiguous 16-byte vectors of the tile's own columns; a byte's two
+#   int4 codes come from the even and odd columns (as in triton_group). No gather at all.
+# * bf16 channels: 1-D column vectors. A program loads each source's per-column tables once
+#   (code byte pointer, nibble shift, bf16 pointer, scale; for the encoder the inlier channel and
+#   reciprocal), then walks ``BT <= T`` rows in straight-line code at constant offsets from its
+#   first row: per value and source one unmasked code load and one bf16 load predicated on the
+#   bf16 channels, no address work (the last program of a ragged T starts at T - BT). No 2-D
+#   tile, so no layout conversion, and no tables re-read per row.
+#
+# ``DECODE_VARIANT`` / ``ENCODE_VARIANT`` pick the kernels: "tile" the kernels above, "fast" (and
+# "auto") these; scripts/sweep_static.py sets them to time both in one process. The bytes and sums
+# do not depend on the choice.
+DECODE_VARIANT = "auto"
+DECODE_VARIANTS = ("auto", "tile", "fast", "fast-b")
+ENCODE_VARIANT = "auto"
+ENCODE_VARIANTS = ("auto", "tile", "fast", "fast-b")
+AUTO = "fast"  # the variant "auto" runs
+# Tile shapes (rows, columns) of the fast kernels per variant: "fast-b" is the alternative the
+# sweep times next to "fast". "dec_win" and "dec_rows" per source count (<= 2, <= 4, more).
+# Picked from the H200 sweep of stop 21 (scripts/sweep_static.py, run 2, int4-outlier, fraction of
+# a same-size copy at [2048, 8192] / [8192, 8192]): dec_rows 16 x 256 0.536 / 0.548 against
+# 8 x 512 0.411 / 0.433 at world 2; at world 8 16 x 128 0.113 / 0.098 against 32 x 128 0.114 /
+# 0.093 (a tie at 2048 rows; 16 x 128 has half the unrolled code); enc_rows 16 x 512 0.626 / 0.739
+# against 8 x 1024 0.608 / 0.682. The int4/int8 rows of that run were cut by its time budget:
+# dec_win and enc_win are picked by compile-time evidence (ptx_stats, Triton 3.6), not measured.
+FAST_TILES = {
+    "fast": {"dec_win": ((8, 512), (4, 512), (2, 512)), "dec_rows": ((16, 256), (16, 128), (16, 128)),
+             "enc_win": (8, 512), "enc_rows": (16, 512)},
+    "fast-b": {"dec_win": ((4, 512), (4, 512), (4, 512)), "dec_rows": ((8, 512), (16, 256), (32, 128)),
+               "enc_win": (4, 512), "enc_rows": (8, 1024)},
+}
+
+
+# The row-walking kernels take at most tokens / SHORT_ROWS rows a program (a short message keeps
+# programs enough to spread over the SMs); the tests lower it to reach several rows on tiny inputs.
+SHORT_ROWS = 32
+
+
+def _fast_rows(rows: int, tokens: int) -> int:
+    return max(1, min(rows, triton.next_power_of_2(max(tokens, 1)) // SHORT_ROWS))
+
+
+def _check_variant(variant: str, known) -> str:
+    if variant not in known:
+        raise ValueError(f"kernel variant must be one of {known}, got {variant!r}")
+    return AUTO if variant == "auto" else variant
+
+
+def win_tile_config(tokens: int, hidden: int, sources: int, variant: str = "auto") -> tuple[int, int, int]:
+    """(rows, columns, warps) of :func:`static_decode_sum_win_kernel`: the variant's tile for the
+    source count, at most the message's rows (rounded up to a power of two). ptxas sm_90a,
+    Triton 3.6, int4 [8192, 8192]: 2 sources 8 x 512 88 registers, 22 SASS/value, 4 x 512 48,
+    25 (the tile kernel: 223, 81); 8 sources 2 x 512 48, 95, 4 x 512 128, 82 (tile: 56, 480)."""
+    shapes = FAST_TILES[_check_variant(variant, DECODE_VARIANTS)]["dec_win"]
+    rows, cols = shapes[0] if sources <= 2 else shapes[1] if sources <= 4 else shapes[2]
+    cols = min(cols, max(32, triton.next_power_of_2(max(hidden, 2))))
+    return max(1, min(triton.next_power_of_2(max(tokens, 1)), rows)), cols, 4
+
+
+def rows_tile_config(tokens: int, hidden: int, sources: int, variant: str = "auto") -> tuple[int, int, int]:
+    """(rows, columns, warps) of :func:`static_decode_sum_rows_kernel`: fewer columns a thread as
+    sources grow (per source and column about 7 table registers), up to 32 rows a program, at
+    most ``tokens / SHORT_ROWS`` (a short message still spreads over the SMs) and ``tokens``.
+    ptxas sm_90a, Triton 3.6, int4-outlier [8192, 8192]: 2 sources 16 x 256 40 registers, 28
+    SASS/value (8 x 512: 66, 31); 8 sources 16 x 128 64, 116 (32 x 128: 64, 108); no spills, no
+    shared memory (the tile kernel: 223 registers, 81 SASS/value; 56, 480 with 164 shared-memory
+    accesses). Measured on the H200: :data:`FAST_TILES`."""
+    shapes = FAST_TILES[_check_variant(variant, DECODE_VARIANTS)]["dec_rows"]
+    rows, cols = shapes[0] if sources <= 2 else shapes[1] if sources <= 4 else shapes[2]
+    cols = min(cols, max(32, triton.next_power_of_2(max(hidden, 2))))
+    return min(_fast_rows(rows, tokens), max(tokens, 1)), cols, 4
+
+
+@triton.jit
+def _win_rank(p, r, scale_ptr, t, mt, ce, co, E, RB, BITS: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr):
+    """Decoded values of source ``r`` (no bf16 channels) at the even (``ce``) and odd (``co``)
+    columns ``[1, BE/2]`` of the rows ``t``: two fp32 ``[BT, BE/2]``."""
+    H: tl.constexpr = BE // 2
+    SENT: tl.constexpr = -8 if BITS == 4 else -128
+    sce = tl.load(scale_ptr + r * E + ce, mask=ce < E, other=1.0)
+    sco = tl.load(scale_ptr + r * E + co, mask=co < E, other=1.0)
+    if BITS == 4:  # E even: byte i of the row holds columns 2i, 2i + 1
+        bi = tl.program_id(1) * H + tl.arange(0, H)[None, :]
+        b = tl.load(p + t * RB + bi, mask=mt & (bi < RB), other=0).to(tl.int32)
+        qe = (b << 28) >> 28
+        qo = (b << 24) >> 28
+    else:
+        c = tl.program_id(1) * BE + tl.arange(0, BE)[None, :]
+        b = tl.load(p + t * RB + c, mask=mt & (c < RB), other=0).to(tl.int8, bitcast=True)
+        qe, qo = tl.split(tl.reshape(b.to(tl.int32), [BT, H, 2]))
+    ve = tl.where(qe == SENT, float("nan"), qe.to(tl.float32) * sce)
+    vo = tl.where(qo == SENT, float("nan"), qo.to(tl.float32) * sco)
+    return ve, vo
+
+
+@triton.jit
+def static_decode_sum_win_kernel(payloads, scale_ptr, out_ptr, T, E, RB: tl.constexpr, N: tl.constexpr,
+                                 BITS: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, PS=0, OS=0,
+                                 CHUNKED: tl.constexpr = False):
+    """``out[t, e] = sum_r decode(payloads[r])[t, e]`` in fp32, rank order, written once, for
+    codecs without bf16 channels, one ``BT x BE`` tile per program: 16-byte code loads of the
+    tile's own columns. ``RB`` = bytes of a body row (int4: ``E / 2``, E even; int8: ``E``),
+    a constexpr so that rows are known 16-byte aligned where they are. ``CHUNKED`` (``N == 1``)
+    as :func:`static_decode_sum_tile_kernel`."""
+    payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
+    H: tl.constexpr = BE // 2
+    t = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]
+    mt = t < T
+    ce = tl.program_id(1) * BE + 2 * tl.arange(0, H)[None, :]
+    co = ce + 1
+    for r in tl.static_range(N):
+        ve, vo = _win_rank(payloads[r], r, scale_ptr, t, mt, ce, co, E, RB, BITS, BT, BE)
+        if r == 0:
+            acc_e = ve
+            acc_o = vo
+        else:
+            acc_e = acc_e + ve
+            acc_o = acc_o + vo
+    v = tl.reshape(tl.join(acc_e, acc_o), [BT, BE])
+    c = tl.program_id(1) * BE + tl.arange(0, BE)[None, :]
+    tl.store(out_ptr + t * E + c, v, mask=mt & (c < E))
+
+
+@triton.jit
+def static_decode_sum_rows_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E: tl.constexpr, NK: tl.constexpr,
+                                  HEADB, RB: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr,
+                                  BE: tl.constexpr, H16: tl.constexpr, PS=0, OS=0, CHUNKED: tl.constexpr = False):
+    """The decode-and-sum of codecs with bf16 channels as 1-D column vectors: each source's slot
+    and scale of the ``BE`` columns are loaded once and turned into per-column code and bf16
+    pointers at the program's first row, then ``BT <= T`` rows are walked in straight-line code,
+    row ``k`` at constant offsets ``k * RB`` / ``k * NK`` / ``k * E`` from them (``E``, ``NK``,
+    ``RB``: constexprs), unmasked: no 2-D tile, so no layout conversion, and no address work
+    per value. The last program of a ragged ``T`` starts at ``T - BT`` and rewrites some of its
+    neighbour's rows with the same values instead of masking."""
+    payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
+    NI: tl.constexpr = E - NK
+    c = tl.program_id(1) * BE + tl.arange(0, BE)
+    mc = c < E
+    t0 = tl.minimum(tl.program_id(0) * BT, T - BT)
+    codes = ()  # per source, per column: code byte pointer at row t0, nibble shift, bf16 pointer, is bf16, scale
+    shifts = ()
+    heads = ()
+    kept = ()
+    scales = ()
+    for r in tl.static_range(N):  # the tables, once per program
+        p = payloads[r]
+        slot = tl.load(colmap_ptr + r * E + c, mask=mc, other=0)  # a column past E: slot 0, thrown away
+        inl = slot >= 0
+        z = tl.where(inl, slot, 0)  # a bf16 channel reads slot 0's code, thrown away below
+        if BITS == 4:
+            codes = codes + (p + HEADB + t0 * RB + (z >> 1),)
+            shifts = shifts + (28 - 4 * (z & 1),)
+        else:
+            codes = codes + (p + HEADB + t0 * RB + z,)
+            shifts = shifts + (24,)
+        h = tl.where(inl, 0, -1 - slot)  # the bf16 index (0 for a quantized channel: not read)
+        if H16:
+            heads = heads + (p.to(tl.pointer_type(tl.int16)) + t0 * NK + h,)
+        else:
+            heads = heads + (p + 2 * (t0 * NK + h),)
+        kept = kept + (~inl,)
+        scales = scales + (tl.load(scale_ptr + r * NI + z, mask=mc, other=1.0),)
+    dst = out_ptr + t0 * E + c
+    for k in tl.static_range(BT):
+        for r in tl.static_range(N):
+            b = tl.load(codes[r] + k * RB).to(tl.int32)
+            q = (b << shifts[r]) >> 28 if BITS == 4 else (b << 24) >> 24
+            v = tl.where(q == (-8 if BITS == 4 else -128), float("nan"), q.to(tl.float32) * scales[r])
+            if H16:
+                hb = tl.load(heads[r] + k * NK, mask=kept[r]).to(tl.int32)  # sign bits: masked off below
+            else:
+                hb = load_u16(heads[r], 2 * k * NK, kept[r])
+            v = tl.where(kept[r], bf16_from_bits(hb), v)
+            if r == 0:
+                acc = v
+            else:
+                acc = acc + v
+        tl.store(dst + k * E, acc, mask=mc)
+
+
+def _use_fast(variant: str, e: int, nk: int, bits: int) -> bool:
+    """Whether a fast decode-and-sum runs: asked for (not "tile") and every body row starts at a
+    byte (int8, or an even ``E - NK``; an odd int4 row keeps the tile kernel)."""
+    return _check_variant(variant, DECODE_VARIANTS) != "tile" and (bits == 8 or (e - nk) % 2 == 0)
+
+
+def _decode_fast(payloads, colmap, scale, out, t, e, nk, bits, variant, *, chunks=1, ps=0):
+    """The fast decode-and-sum over ``out [chunks * t, E]`` (``chunks > 1``: one payload of
+    ``chunks`` chunk payloads ``ps`` bytes apart, as :func:`decode_chunks`)."""
+    n = len(payloads)
+    extra = {} if chunks == 1 else {"PS": ps, "OS": t * e, "CHUNKED": True}
+    rb = (e - nk) // 2 if bits == 4 else e - nk
+    if nk:
+        rows, cols, warps = rows_tile_config(t, e, n, variant)
+        grid = (triton.cdiv(t, rows), triton.cdiv(e, cols)) + ((chunks,) if chunks > 1 else ())
+        h16 = _aligned2(payloads) and (chunks == 1 or ps % 2 == 0)
+        static_decode_sum_rows_kernel[grid](tuple(payloads), colmap, scale, out, t, E=e, NK=nk, HEADB=2 * t * nk,
+                                            RB=rb, N=n, BITS=bits, BT=rows, BE=cols, H16=h16, num_warps=warps,
+                                            **extra, **FP_OPTIONS)
+    else:
+        rows, cols, warps = win_tile_config(t, e, n, variant)
+        grid = (triton.cdiv(t, rows), triton.cdiv(e, cols)) + ((chunks,) if chunks > 1 else ())
+        static_decode_sum_win_kernel[grid](tuple(payloads), scale, out, t, e, RB=rb, N=n, BITS=bits, BT=rows,
+                                           BE=cols, num_warps=warps, **extra, **FP_OPTIONS)
+    return out
+
+
+@triton.jit
+def _codes(x, inv, fin, max_in, QMAX: tl.constexpr):
+    """int32 codes of fp32 ``x`` (``fin``: is_finite(x)): the reference's saturate, scale, clamp
+    and round half even, NaN/Inf -> the sentinel. min/max stand for the clamps: same bits for
+    finite values, and a non-finite value's result is replaced by the sentinel."""
+    y = tl.minimum(tl.maximum(tl.minimum(tl.maximum(x, -max_in), max_in) * inv, -QMAX * 1.0), QMAX * 1.0)
+    # round half to even as round_to_int_small, without the float -> int conversion: adding
+    # 1.5 * 2**23 leaves the rounded integer in the low mantissa bits (|y| <= 127 here)
+    return tl.where(fin, (y + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000, -QMAX - 1)
+
+
+@triton.jit
+def _enc_codes(x, inv, m, max_in, flag_ptr, range_ptr, QMAX: tl.constexpr, FLAG: tl.constexpr, RANGE: tl.constexpr):
+    """int32 codes of fp32 ``x`` (the reference's saturate, scale, clamp, round half even; NaN/Inf
+    -> the sentinel), NaN/Inf and out-of-range values recorded once per program (``flag_any``).
+    min/max stand for the clamps: same bits for finite values, and a non-finite value's result
+    is replaced by the sentinel."""
+    fin = is_finite(x)
+    if FLAG:
+        flag_any(flag_ptr, m & ~fin)
+    if RANGE:
+        flag_any(range_ptr, m & fin & (tl.abs(x) > max_in))
+    return _codes(x, inv, fin, max_in, QMAX)
+
+
+@triton.jit
+def static_encode_win_kernel(src, inv_ptr, body_ptr, flag_ptr, range_ptr, T, max_in, E: tl.constexpr,
+                             BITS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, FLAG: tl.constexpr,
+                             RANGE: tl.constexpr, XS=0, PS=0, CHUNKED: tl.constexpr = False):
+    """Encode a partial ``src[0] [T, E]`` without bf16 channels (int4 with an even E, int8), one
+    ``BT x BC`` tile per program: contiguous 16-byte loads of ``x`` and of the reciprocal
+    scales, a byte's two int4 codes from the even and odd columns (as triton_group's encoder).
+    ``CHUNKED`` as :func:`static_encode_tile_kernel`."""
+    src, body_ptr = chunk_bases(src, body_ptr, XS, PS, CHUNKED)
+    H: tl.constexpr = BC // 2
+    QMAX: tl.constexpr = 7 if BITS == 4 else 127
+    t = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]
+    mt = t < T
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    x = tl.load(src[0] + t * E + c[None, :], mask=mt & (c < E)[None, :], other=0.0).to(tl.float32)
+    inv = tl.load(inv_ptr + c, mask=c < E, other=1.0)
+    if BITS == 4:
+        xe, xo = tl.split(tl.reshape(x, [BT, H, 2]))
+        ie, io = tl.split(tl.reshape(inv, [H, 2]))
+        qe = _enc_codes(xe, ie[None, :], mt, max_in, flag_ptr, range_ptr, QMAX, FLAG, RANGE)
+        qo = _enc_codes(xo, io[None, :], mt, max_in, flag_ptr, range_ptr, QMAX, FLAG, RANGE)
+        bi = tl.program_id(1) * H + tl.arange(0, H)[None, :]
+        tl.store(body_ptr + t * (E // 2) + bi, ((qe & 0xF) | ((qo & 0xF) << 4)).to(tl.uint8), mask=mt & (bi < E // 2))
+    else:
+        q = _enc_codes(x, inv[None, :], mt & (c < E)[None, :], max_in, flag_ptr, range_ptr, QMAX, FLAG, RANGE)
+        tl.store(body_ptr + t * E + c[None, :], (q & 0xFF).to(tl.uint8), mask=mt & (c < E)[None, :])
+
+
+@triton.jit
+def static_encode_rows_kernel(src, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_ptr, flag_ptr, range_ptr, T, NB,
+                              max_in, E: tl.constexpr, NK: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr,
+                              BC: tl.constexpr, FLAG: tl.constexpr, RANGE: tl.constexpr, XS=0, HS=0, PS=0,
+                              CHUNKED: tl.constexpr = False):
+    """Encode a partial ``src[0] [T, E]`` with ``NK`` bf16 channels (int4: an even ``E - NK``) as
+    1-D column vectors: column blocks ``[0, NB)`` write ``BC`` body slots, the rest ``BC``
+    channels of the bf16 head, each over ``BT`` rows in straight-line code after loading the
+    block's inlier map and reciprocal scales once; a value costs one unmasked ``x`` load at a
+    per-column pointer at the program's first row plus the constant ``k * E`` (``BT <= T``; the
+    last program of a ragged ``T`` starts at ``T - BT`` and rewrites some of its neighbour's
+    bytes with the same values instead of masking). NaN/Inf (as the NaN of a running sum of
+    ``x * 0``) and range hits are gathered over the rows and flagged once a program. ``CHUNKED``
+    as :func:`static_encode_tile_kernel`."""
+    src, body_ptr = chunk_bases(src, body_ptr, XS, PS, CHUNKED)
+    if CHUNKED:
+        head_ptr += tl.program_id(2) * HS
+    NI: tl.constexpr = E - NK
+    H: tl.constexpr = BC // 2
+    QMAX: tl.constexpr = 7 if BITS == 4 else 127
+    t0 = tl.minimum(tl.program_id(0) * BT, T - BT)
+    x0 = src[0] + t0 * E  # row t0 of the partial
+    cb = tl.program_id(1)
+    if cb < NB:
+        if BITS == 4:
+            i = cb * H + tl.arange(0, H)  # body byte: slots 2i, 2i + 1
+            mi = i < NI // 2
+            ce = tl.load(inl_ptr + 2 * i, mask=mi, other=0)
+            co = tl.load(inl_ptr + 2 * i + 1, mask=mi, other=0)
+            ie = tl.load(inv_ptr + 2 * i, mask=mi, other=1.0)
+            io = tl.load(inv_ptr + 2 * i + 1, mask=mi, other=1.0)
+            xe_ptr = x0 + ce
+            xo_ptr = x0 + co
+            dst = body_ptr + t0 * (NI // 2) + i
+            bad = tl.zeros([H], dtype=tl.float32)  # NaN once a NaN/Inf went by (x * 0 is NaN just for those)
+            big = tl.zeros([H], dtype=tl.int1)
+            for k in tl.static_range(BT):
+                xe = tl.load(xe_ptr + k * E).to(tl.float32)
+                xo = tl.load(xo_ptr + k * E).to(tl.float32)
+                fe = is_finite(xe)
+                fo = is_finite(xo)
+                if FLAG:
+                    bad = bad + (xe * 0.0 + xo * 0.0)
+                if RANGE:
+                    big = big | (fe & (tl.abs(xe) > max_in)) | (fo & (tl.abs(xo) > max_in))
+                qe = _codes(xe, ie, fe, max_in, QMAX)
+                qo = _codes(xo, io, fo, max_in, QMAX)
+                tl.store(dst + k * (NI // 2), ((qe & 0xF) | ((qo & 0xF) << 4)).to(tl.uint8), mask=mi)
+            if FLAG:
+                flag_any(flag_ptr, (bad != bad) & mi)
+            if RANGE:
+                flag_any(range_ptr, big & mi)
+        else:
+            i = cb * BC + tl.arange(0, BC)
+            mi = i < NI
+            ch = tl.load(inl_ptr + i, mask=mi, other=0)
+            inv = tl.load(inv_ptr + i, mask=mi, other=1.0)
+            x_src = x0 + ch
+            dst = body_ptr + t0 * NI + i
+            bad = tl.zeros([BC], dtype=tl.float32)
+            big = tl.zeros([BC], dtype=tl.int1)
+            for k in tl.static_range(BT):
+                x = tl.load(x_src + k * E).to(tl.float32)
+                f = is_finite(x)
+                if FLAG:
+                    bad = bad + x * 0.0
+                if RANGE:
+                    big = big | (f & (tl.abs(x) > max_in))
+                q = _codes(x, inv, f, max_in, QMAX)
+                tl.store(dst + k * NI, (q & 0xFF).to(tl.uint8), mask=mi)
+            if FLAG:
+                flag_any(flag_ptr, (bad != bad) & mi)
+            if RANGE:
+                flag_any(range_ptr, big & mi)
+    else:
+        j = (cb - NB) * BC + tl.arange(0, BC)  # (names apart from the body branch's: other shapes)
+        mj = j < NK
+        chj = tl.load(outl_ptr + j, mask=mj, other=0)
+        xh_src = x0 + chj
+        hdst = head_ptr + t0 * NK + j
+        badj = tl.zeros([BC], dtype=tl.float32)
+        bigj = tl.zeros([BC], dtype=tl.int1)
+        for k in tl.static_range(BT):
+            xh = tl.load(xh_src + k * E).to(tl.float32)
+            fh = is_finite(xh)
+            if FLAG:
+                badj = badj + xh * 0.0
+            if RANGE:
+                bigj = bigj | (fh & (tl.abs(xh) > max_in))
+            tl.store(hdst + k * NK, bf16_bits(saturate(xh, max_in)).to(tl.int16), mask=mj)
+        if FLAG:
+            flag_any(flag_ptr, (badj != badj) & mj)
+        if RANGE:
+            flag_any(range_ptr, bigj & mj)
+
+
+def _encode_fast(x, inliers, inv_scale, outliers, head, body, t, e, *, bits, max_input, flag, range_flag, chunks,
+                 ps, variant):
+    """The fast encoders (one partial, no fused reduce) over ``chunks`` chunks of ``t`` rows.
+    ptxas sm_90a, Triton 3.6, [8192, 8192], FLAG: int4 8 x 512 80 registers, 22.5 SASS/value
+    (4 x 512: 48, 26.5); int4-outlier 8 x 512 39, 48 (8 x 1024: 72, 43); the tile kernel without
+    FLAG 80, 48.5 and 115, 53.5."""
+    nk = outliers.numel()
+    tiles = FAST_TILES[_check_variant(variant, ENCODE_VARIANTS)]
+    common = dict(BITS=bits, FLAG=flag is not None, RANGE=range_flag is not None, num_warps=4, **FP_OPTIONS)
+    flags = (inliers if flag is None else flag, inliers if range_flag is None else range_flag)
+    if nk == 0:
+        rows, cols = tiles["enc_win"]
+        cols = min(cols, max(32, triton.next_power_of_2(e)))
+        rows = max(1, min(rows, triton.next_power_of_2(t)))
+        extra = {} if chunks == 1 else {"XS": t * e, "PS": ps, "CHUNKED": True}
+        grid = (triton.cdiv(t, rows), triton.cdiv(e, cols)) + ((chunks,) if chunks > 1 else ())
+        static_encode_win_kernel[grid]((x,), inv_scale, body, *flags, t, max_input, E=e, BT=rows, BC=cols,
+                                       **extra, **common)
+        return
+    rows, cols = tiles["enc_rows"]
+    cols = min(cols, max(32, triton.next_power_of_2(max(e - nk, nk))))
+    rows = min(_fast_rows(rows, t), t)
+    nb = triton.cdiv(e - nk, cols)
+    extra = {} if chunks == 1 else {"XS": t * e, "HS": ps // 2, "PS": ps, "CHUNKED": True}
+    grid = (triton.cdiv(t, rows), nb + triton.cdiv(nk, cols)) + ((chunks,) if chunks > 1 else ())
+    static_encode_rows_kernel[grid]((x,), inliers, inv_scale, outliers, head, body, *flags, t, nb, max_input, E=e,
+                                    NK=nk, BT=rows, BC=cols, **extra, **common)

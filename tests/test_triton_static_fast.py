@@ -1,0 +1,250 @@
+"""The fast static-codec Triton kernels (issue 8: triton_static's window and row-walking kernels)
+against the eager reference, bitwise, under TRITON_INTERPRET=1 on CPU tensors.
+
+The shipped tiles are hundreds of columns and up to 32 rows a program, and a short message takes
+one row a program (``SHORT_ROWS``); here tiny tiles and ``SHORT_ROWS = 1`` put several column
+blocks, several rows a program, a last program that ends inside T (its rows re-read row T - 1
+and store nothing) and a column block that ends inside E (and inside the bf16 head) in messages
+of a few rows. Every case checks which kernels ran, so that a silent fall-back to the tile
+kernels fails it.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before lowbit_tp imports any kernel module
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed (optional: the Triton kernels are skipped)")
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")]
+
+from lowbit_tp.calibration.synthetic import synthetic_calibration  # noqa: E402
+from lowbit_tp.codecs import make_codec  # noqa: E402
+from lowbit_tp.kernels import triton_static as KS  # noqa: E402
+
+LAYER = "L"
+WORLD = 3
+STATIC = ["int4-outlier", "int4", "int8", "int4-random-k"]
+FAST = {"static_decode_sum_win_kernel", "static_decode_sum_rows_kernel", "static_encode_win_kernel",
+        "static_encode_rows_kernel"}
+# tiny tiles per variant: "fast" and "fast-b" differ, as the shipped ones do (rows need not be
+# powers of two: the row-walking kernels unroll them)
+TINY = {"fast": {"dec_win": ((2, 32), (4, 64), (1, 32)), "dec_rows": ((3, 32), (2, 64), (2, 32)),
+                 "enc_win": (2, 64), "enc_rows": (3, 32)},
+        "fast-b": {"dec_win": ((4, 64), (2, 32), (2, 64)), "dec_rows": ((2, 64), (4, 32), (1, 32)),
+                   "enc_win": (1, 32), "enc_rows": (2, 64)}}
+_CALS = {}
+
+
+def calibration(hidden: int):
+    if hidden not in _CALS:
+        _CALS[hidden] = synthetic_calibration([LAYER], world=WORLD, hidden=hidden, tokens=64, batches=1)
+    return _CALS[hidden]
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal fp32 bit patterns (so -0.0 != 0.0), NaN compared by position only."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    na, nb = torch.isnan(a), torch.isnan(b)
+    return torch.equal(na, nb) and torch.equal(a[~na].view(torch.int32), b[~nb].view(torch.int32))
+
+
+def partials(tokens: int, hidden: int, *, seed: int, kept=None) -> list[torch.Tensor]:
+    """WORLD partials with an all-zero token, rounding ties, a huge value, NaN/Inf (also in a
+    channel that travels as bf16, ``kept``) where the rows allow."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(tokens, hidden, generator=g) * 3 for _ in range(WORLD)]
+    xs[1][0] = 0.0
+    xs[0][tokens - 1, :8] = torch.tensor([7.0, 0.5, 1.5, 2.5, -0.5, -2.5, 3.5, -7.0])
+    xs[1][tokens - 1, hidden - 1] = 1e30
+    if tokens >= 3:
+        xs[2][1, 3] = float("nan")
+        xs[2][2, 0] = float("inf")
+        xs[0][tokens - 1, hidden - 2] = float("-inf")
+        if kept is not None and kept.numel():
+            xs[1][tokens - 2, int(kept[-1])] = float("nan")
+    return xs
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Tiny tiles, several rows a program; the names of the triton_static kernels launched."""
+    monkeypatch.setattr(KS, "FAST_TILES", TINY)
+    monkeypatch.setattr(KS, "SHORT_ROWS", 1)
+    log = []
+
+    class Counted:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            log.append(self.name)
+            return self.kernel[grid]
+
+    for name in dir(KS):
+        if name.endswith("_kernel"):
+            monkeypatch.setattr(KS, name, Counted(name, getattr(KS, name)))
+    return log
+
+
+# (tokens, hidden): int4-outlier/-random-k keep k = E // 64 channels in bf16 (4, 4, 2, 1), so
+# E - k is even but for 101 (odd int4 body row: the tile/flat kernels, asserted below)
+SHAPES = [(7, 258), (13, 300), (1, 130), (4, 101)]
+
+
+@pytest.mark.parametrize("variant", ["fast", "fast-b"])
+@pytest.mark.parametrize("name", STATIC)
+@pytest.mark.parametrize("tokens,hidden", SHAPES)
+def test_fast_kernels_bitwise(name, variant, tokens, hidden, launches, monkeypatch):
+    monkeypatch.setattr(KS, "DECODE_VARIANT", variant)
+    monkeypatch.setattr(KS, "ENCODE_VARIANT", variant)
+    cal = calibration(hidden)
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+    tri = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
+    kept = getattr(ref.params(LAYER, 1, hidden), "outliers", None)
+    xs = partials(tokens, hidden, seed=tokens * 1000 + hidden, kept=kept)
+    want = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    got = [tri.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    for r, (w, g) in enumerate(zip(want, got)):
+        assert torch.equal(w, g), f"rank {r}: bytes differ at {(w != g).nonzero().reshape(-1)[:6].tolist()}"
+    for n in (1, 2, WORLD):  # one source (a two-shot chunk's decode), two, three
+        assert same_bits(ref.decode_sum(want[:n], (tokens, hidden), layer=LAYER),
+                         tri.decode_sum(want[:n], (tokens, hidden), layer=LAYER)), f"{n} sources"
+    nk = 0 if kept is None else kept.numel()
+    odd_int4 = name != "int8" and (hidden - nk) % 2 == 1
+    kernels = set(launches)
+    assert kernels.isdisjoint(FAST) if odd_int4 else kernels <= FAST and len(kernels) == 2, kernels
+    if not odd_int4:
+        assert any("rows" in k for k in kernels) == (nk > 0), kernels
+
+
+@pytest.mark.parametrize("name", ["int4-outlier", "int8"])
+def test_fast_chunk_launches_bitwise(name, launches):
+    """Two-shot's batched chunk encode/decode on the fast kernels: N reference encodes, the cat
+    of N reference decodes."""
+    hidden, chunks, rows = 258, 3, 5
+    cal = calibration(hidden)
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+    tri = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
+    x = torch.cat(partials(rows, hidden, seed=4, kept=getattr(ref.params(LAYER, 0, hidden), "outliers", None)))
+    want = torch.cat([ref.encode(c, layer=LAYER, source=0) for c in x.split(rows)])
+    got = tri.encode_chunks(x, chunks, layer=LAYER, source=0)
+    assert torch.equal(got, want), (got != want).nonzero().reshape(-1)[:6].tolist()
+    dec = tri.decode_chunks(want, (rows, hidden), chunks, layer=LAYER, source=0)
+    assert same_bits(dec, torch.cat([ref.decode(p, (rows, hidden), layer=LAYER, source=0)
+                                     for p in want.chunk(chunks)]))
+    assert set(launches) <= FAST and len(set(launches)) == 2, launches
+
+
+@pytest.mark.parametrize("name", ["int4-outlier", "int4", "int8"])
+@pytest.mark.parametrize("where", ["inlier", "bf16"])
+def test_fast_encoders_flag_and_range_like_the_reference(name, where, launches):
+    """flag mode records NaN/Inf once per step; error mode refuses what the reference refuses
+    (NaN/Inf, finite values beyond bf16's max), in a quantized and in a bf16 channel."""
+    hidden = 130
+    cal = calibration(hidden)
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+    kept = getattr(ref.params(LAYER, 0, hidden), "outliers", None)
+    if where == "bf16" and (kept is None or not kept.numel()):
+        pytest.skip("no bf16 channels")
+    col = int(kept[0]) if where == "bf16" else 1 if kept is None or 1 not in kept.tolist() else 3
+    from lowbit_tp.codecs.base import NonFiniteError, OutOfRangeError
+
+    def outcome(codec, x):
+        try:
+            codec.encode(x, layer=LAYER, source=0)
+            codec.check_nonfinite()
+        except OutOfRangeError:
+            return "out of range"
+        except NonFiniteError:
+            return "non-finite"
+        return "ok"
+
+    flag = make_codec(name, calibration=cal, nonfinite="flag", backend="triton")
+    x = torch.randn(5, hidden)
+    flag.encode(x, layer=LAYER, source=0)
+    flag.check_nonfinite()  # clean: nothing to report
+    for value in (float("nan"), float("-inf"), 3.4e38, 1e30):
+        y = x.clone()
+        y[3, col] = value
+        assert torch.equal(flag.encode(y, layer=LAYER, source=0), ref.encode(y, layer=LAYER, source=0))
+        if value != value or abs(value) == float("inf"):
+            with pytest.raises(NonFiniteError, match="since the last check"):
+                flag.check_nonfinite()
+        outcomes = [outcome(make_codec(name, calibration=cal, backend=b), y) for b in ("reference", "triton")]
+        assert outcomes[0] == outcomes[1], (value, outcomes)
+    assert outcomes == ["ok", "ok"]  # 1e30: saturates, refused by neither
+    assert set(launches) <= FAST and launches, launches
+
+
+def test_tile_variant_still_runs_and_unknown_variants_are_refused(launches, monkeypatch):
+    """DECODE_VARIANT / ENCODE_VARIANT "tile" run the tile kernels (the sweep's baseline), same bits."""
+    cal = calibration(258)
+    ref = make_codec("int4-outlier", calibration=cal, nonfinite="propagate", backend="reference")
+    tri = make_codec("int4-outlier", calibration=cal, nonfinite="propagate", backend="triton")
+    xs = partials(5, 258, seed=1)
+    want = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    monkeypatch.setattr(KS, "DECODE_VARIANT", "tile")
+    monkeypatch.setattr(KS, "ENCODE_VARIANT", "tile")
+    assert all(torch.equal(w, tri.encode(x, layer=LAYER, source=r)) for r, (w, x) in enumerate(zip(want, xs)))
+    assert same_bits(ref.decode_sum(want, (5, 258), layer=LAYER), tri.decode_sum(want, (5, 258), layer=LAYER))
+    assert set(launches) == {"static_encode_tile_kernel", "static_decode_sum_tile_kernel"}, launches
+    monkeypatch.setattr(KS, "DECODE_VARIANT", "fastest")
+    with pytest.raises(ValueError, match="variant"):
+        tri.decode_sum(want, (5, 258), layer=LAYER)
+
+
+def test_sweep_script_dry_run(tmp_path):
+    """scripts/sweep_static.py runs end to end under the interpreter and finds every variant
+    bitwise equal to the reference (the GPU run uses the same code)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "sweep_static.py"
+    spec = importlib.util.spec_from_file_location("sweep_static", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--device", "cpu", "--out", str(tmp_path), "--shapes", "3x128", "--codecs", "int4-outlier,int8"])
+    rows = json.loads((tmp_path / "sweep_static.json").read_text())["rows"]
+    checks = [r for r in rows if r.get("check")]
+    assert [r["codec"] for r in checks] == ["int4-outlier", "int8"]
+    for r, n in zip(checks, (3, 2)):  # variants: tile, fast, fast-b (int8: tile, fast)
+        flags = {k: v for k, v in r.items() if k.startswith(("bytes_equal", "sum_equal"))}
+        assert len(flags) == n + n * 2 and all(v is True for v in flags.values()), r  # encode; decode at worlds 2, 8
+    timed = [r for r in rows if not r.get("check")]
+    assert len(timed) == 4 and all(r["dec_fast_equal_tile"] is True for r in timed)
+
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _codes_kernel(x_ptr, inv_ptr, out_ptr, n, max_in, QMAX: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i, mask=i < n, other=0.0)
+    q = KS._codes(x, tl.load(inv_ptr + i, mask=i < n, other=1.0), tl.abs(x) < float("inf"), max_in, QMAX)
+    tl.store(out_ptr + i, q, mask=i < n)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fast_encoders_codes_are_the_references_on_ties_and_edges(bits):
+    """The fast encoders' code (saturate, scale, clamp, round half to even by the mantissa of
+    y + 1.5 * 2**23, NaN/Inf -> sentinel) against functional.quantize_symmetric: every half tie
+    in [-128, 128] at scale 1, values next to them, scaled random values, huge, tiny, -0.0, NaN, Inf."""
+    from lowbit_tp.codecs import functional as F
+
+    ties = torch.arange(-257, 258, dtype=torch.float32) / 2
+    near = torch.cat([torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1)])
+    special = torch.tensor([3.4e38, -3.4e38, 1e30, -1e30, 1e-30, -0.0, 0.0, float("nan"), float("inf"),
+                            float("-inf")])
+    x = torch.cat([ties, near, special, torch.randn(500) * 40])
+    inv = torch.cat([torch.ones(ties.numel() * 3 + special.numel()), torch.rand(500) * 4 + 1e-3])
+    inv[-1], inv[-2] = 1e30, 1e-30  # a huge and a tiny reciprocal scale
+    out = torch.empty(x.numel(), dtype=torch.int32)
+    _codes_kernel[(1,)](x, inv, out, x.numel(), F.BF16_MAX, QMAX=2 ** (bits - 1) - 1,
+                        BLOCK=triton.next_power_of_2(x.numel()))
+    want = F.quantize_symmetric(x, inv_scale=inv, bits=bits, nonfinite=True).to(torch.int32)
+    assert torch.equal(out, want), (x[out != want][:6], out[out != want][:6], want[out != want][:6])
