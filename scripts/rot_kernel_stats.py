@@ -30,7 +30,7 @@ COMMON = {"signs_ptr": "*fp32", "lg8_ptr": "*fp32", "T": "i32", "E": "i32", "G":
           "inv_sqrt_b": "fp32"}
 ENC = {**COMMON, "x_ptr": "*fp32", "colmap_ptr": "*i32", "bounds_ptr": "*fp32", "lg8_asc_ptr": "*fp32",
        "head_ptr": "*i16", "code_ptr": "*u8", "scale_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32",
-       "max_in": "fp32", "rotate_max": "fp32", "scale_max": "fp32"}
+       "max_in": "fp32", "rotate_max": "fp32", "scale_max": "fp32", "cell_lo_ptr": "*i32", "cell_bnd_ptr": "*fp32"}
 DEC = {**COMMON, "colmap_ptr": "*i32", "levels_ptr": "*fp32", "out_ptr": "*fp32", "CODE_OFF": "i32",
        "SCALE_OFF": "i32"}
 RED = {**ENC, "dec_colmap_ptr": "*i32", "enc_colmap_ptr": "*i32", "levels_ptr": "*fp32", "CODE_OFF": "i32",
@@ -51,14 +51,21 @@ def load_module(rev: str | None):
     return mod
 
 
+def _cell(K) -> dict:
+    """The cell level search's constexpr where the module has one and its config turns it on
+    (K = 64 cells: what bucket_cells picks for the 4-bit Lloyd-Max and int6 bounds)."""
+    return {"LOG2K": 6 if getattr(K, "CONFIG", {}).get("cell") else 0} if hasattr(K, "bucket_cells") else {}
+
+
 def cases(K):
     """(label, kernel, signature, constexprs, warps, values per thread per tile) at [8192, 8192]."""
     out = []
     for bits in (4, 6):
         for mode, flags in (("propagate", False), ("error", True)):
             if hasattr(K, "tile_config"):
-                rows, w, warps = K.tile_config(T, E, GROUP, BLOCK)
-                const = {"ROWS": rows, "W": w, "GROUP": GROUP, "SPLIT": 1}
+                rows, w, warps = (K.tile_config(T, E, GROUP, BLOCK, encode=True) if hasattr(K, "CONFIG")
+                                  else K.tile_config(T, E, GROUP, BLOCK))
+                const = {"ROWS": rows, "W": w, "GROUP": GROUP, "SPLIT": 1, **_cell(K)}
             else:
                 rows, w, gw, warps = K.launch_config(T, E, GROUP)
                 const = {"ROWS": rows, "E_PAD": w, "GW": gw}
@@ -78,7 +85,7 @@ def cases(K):
                  "RANGE": False}
         if hasattr(K, "tile_config"):
             rows, w, warps = K.tile_config(T, E, GROUP, BLOCK, 2)
-            const.update(ROWS=rows, W=w, SPLIT=1)
+            const.update(ROWS=rows, W=w, SPLIT=1, **_cell(K))
         else:
             rows, w, gw, warps = K.launch_config(T, E, GROUP)
             const.update(ROWS=rows, E_PAD=w, GW=gw)
@@ -93,6 +100,12 @@ def compile_stats(fn, sig, const, warps) -> dict:
     from triton.compiler import ASTSource
 
     sig = {k: v for k, v in sig.items() if k in fn.arg_names}
+    for p in fn.params:  # defaulted parameters (the batched-chunk strides, CHUNKED): the one-message kernel
+        if p.name not in sig and p.name not in const and p._param.default is not p._param.empty:
+            if p.is_constexpr:
+                const = {**const, p.name: p._param.default}
+            else:
+                sig = {**sig, p.name: "i32"}
     # what the launcher specializes at this shape: 16-byte aligned pointers, sizes divisible by 16 (T aside)
     attrs = {}
     for i, name in enumerate(fn.arg_names):
@@ -124,15 +137,25 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rev", default=None, help="git revision of triton_rotation.py to compile (default: working tree)")
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
+    ap.add_argument("--config", default=None, help="JSON overrides of triton_rotation.CONFIG (e.g. "
+                    "'{\"cell\": false, \"warps\": 2}')")
+    ap.add_argument("--only", default=None, help="only the rows whose label contains this")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     K = load_module(args.rev)
-    head = (f"`rot_kernel_stats.py{' --rev ' + args.rev if args.rev else ''}` (sm_90a, [{T}, {E}], group {GROUP}, "
+    if args.config:
+        import json
+
+        K.CONFIG.update(json.loads(args.config))
+    head = (f"`rot_kernel_stats.py{' --rev ' + args.rev if args.rev else ''}"
+            f"{' --config ' + repr(args.config) if args.config else ''}` (sm_90a, [{T}, {E}], group {GROUP}, "
             f"Hadamard block {BLOCK}, lg8 scales, k > 0; SASS counts are static, per program, NOPs excluded)\n\n"
             "| kernel | warps | values/thread/tile | registers | stack B | spill st/ld B | SASS instr. | "
             "per value | SHFL | BAR.SYNC | LDG |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for label, fn, sig, const, warps, per_thread in cases(K):
+        if args.only and args.only not in label:
+            continue
         s = compile_stats(fn, sig, const, warps)
         rows.append(f"| {label} | {warps} | {per_thread} | {s['regs']} | {s['stack']} | {s['spill']} | {s['sass']} | "
                     f"{s['sass'] / per_thread:.0f} | {s['shfl']} | {s['bar']} | {s['ldg']} |\n")

@@ -31,19 +31,89 @@ MAX_TILE_COLS = 256
 # lg8 encoders split a row block's column tiles over programs until about this many run.
 LG8_PROGRAMS = 512
 
+# Launch and algorithm choices; none changes a bit of the output (the tests run every
+# variant against the reference). scripts/sweep_rot.py times them against each other on a GPU.
+#   enc_values / dec_values / dec_values_wide: values of one payload per program (encode,
+#     decode-and-sum of <= 4 payloads, of more), i.e. values per thread x 32 x warps;
+#   warps: warps per program (more than one puts warps on different rows of the tile);
+#   cell: the encoders' level search from a cell table (a coarse uniform grid on [-1, 1]
+#     whose cells each hold at most one bound: one lookup and one comparison per value,
+#     see bucket_cells) instead of a BITS-step binary search.
+CONFIG = {"enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1, "cell": True}
 
-def tile_config(tokens: int, hidden: int, group: int, block: int, nranks: int = 1) -> tuple[int, int, int]:
+
+def tile_config(tokens: int, hidden: int, group: int, block: int, nranks: int = 1, *,
+                encode: bool = False, config: dict | None = None) -> tuple[int, int, int]:
     """(rows per program, tile width W, warps) of the column-tiled kernels.
 
     ``W`` is a power of two that Hadamard blocks and groups divide, so a tile holds whole
     blocks and whole groups (a group cut by E is cut the same way as in the reference). One
     warp per program keeps the butterfly's exchanges inside a warp (shuffles, no barriers);
-    ~32 values per thread per payload keeps the state in registers.
+    ~32 values per thread per payload keeps the state in registers. ``config`` overrides
+    :data:`CONFIG` entries (``encode``: the encoders' values per program).
     """
+    cfg = {**CONFIG, **(config or {})}
     w = max(block, group, min(MAX_TILE_COLS, triton.next_power_of_2(hidden)))
-    per_program = 256 if nranks > 4 else 512  # values of one payload per program: 8 or 16 per thread
+    per_program = cfg["enc_values"] if encode else cfg["dec_values_wide"] if nranks > 4 else cfg["dec_values"]
     rows = max(1, min(triton.next_power_of_2(tokens), per_program // w))
-    return rows, w, 1
+    warps = max(1, min(cfg["warps"], rows))  # warps own whole rows
+    return rows, w, warps
+
+
+def bucket_cells(bounds: torch.Tensor, max_log2: int = 10):
+    """The cell tables of the encoders' level search for these ascending fp32 bounds, or None.
+
+    The kernel maps ``y`` in ``[-1, 1]`` to the cell ``min(int(y * K/2 + K/2), K - 1)`` (two
+    exact-order IEEE operations and a truncation: monotone in ``y``), reads ``lo[cell]`` =
+    ``bucketize`` of the cell's smallest value and ``bnd[cell]`` = ``bounds[lo]`` (+inf past
+    the last), and returns ``lo + (bnd < y)``. That is ``torch.bucketize(y, bounds)`` exactly
+    when no cell's values span two bounds, which is checked here value by value at the cell
+    edges (the smallest K = 2**j, j >= 6, that passes is used). NaN is sent as 1.0, which
+    needs every bound < 1 (checked too: bucketize puts NaN and 1.0 in the top bucket).
+    Returns ``(lo int32 [K], bnd fp32 [K], log2 K)`` on the CPU.
+    """
+    b = bounds.detach().float().cpu().contiguous()
+    nb = b.numel()
+    if nb == 0 or not bool((b[1:] >= b[:-1]).all()) or not float(b[-1]) < 1.0:
+        return None
+
+    def key(y):  # fp32 -> int64 whose order is the floats' order
+        i = y.view(torch.int32).to(torch.int64)
+        return torch.where(i < 0, -(i & 0x7FFFFFFF) - 1, i)
+
+    def unkey(k):
+        i = torch.where(k < 0, (-(k + 1)) | -0x80000000, k)
+        return i.to(torch.int32).view(torch.float32)
+
+    for log2k in range(6, max_log2 + 1):
+        k = 1 << log2k
+        half = torch.tensor(k / 2, dtype=torch.float32)
+
+        def cell(y):
+            u = (y * half) + half  # two ops, each rounded, as in the kernel (no fused multiply-add)
+            return torch.clamp(u.to(torch.int32), max=k - 1)
+
+        lo_key = torch.full((k,), int(key(torch.tensor([-1.0]))[0]), dtype=torch.int64)
+        hi_key = torch.full((k,), int(key(torch.tensor([1.0]))[0]), dtype=torch.int64)
+        target = torch.arange(k, dtype=torch.int32)
+        # smallest y in [-1, 1] with cell(y) >= j, by bisection on the ordered keys
+        a, z = lo_key.clone(), hi_key.clone() + 1
+        while bool((a < z).any()):
+            mid = (a + z) // 2
+            ok = cell(unkey(mid)) >= target
+            z = torch.where(ok & (a < z), mid, z)
+            a = torch.where(~ok & (a < z), mid + 1, a)
+        first = a  # == hi_key + 1 where no value reaches cell j
+        last = torch.cat([first[1:] - 1, hi_key[:1]])
+        nonempty = first <= last
+        y_first = unkey(torch.minimum(first, hi_key))
+        y_last = unkey(torch.minimum(last, hi_key))
+        lo = torch.bucketize(y_first, b).to(torch.int32)
+        hi = torch.bucketize(y_last, b).to(torch.int32)
+        if bool((~nonempty | (hi - lo <= 1)).all()) and bool((cell(y_first)[nonempty] == target[nonempty]).all()):
+            bnd = torch.where(lo < nb, b[torch.clamp(lo, max=nb - 1).long()], torch.tensor(float("inf")))
+            return lo.contiguous(), bnd.contiguous(), log2k
+    return None
 
 
 def inv_sqrt(block: int) -> float:
@@ -129,6 +199,19 @@ def _bucket(y, bounds_ptr, BITS: tl.constexpr):
                 d = ~(tl.where(a, hi, lo) >= y)
                 idx += tl.where(d, Z, 0)
     return idx
+
+
+@triton.jit
+def _bucket_cell(y, lo_ptr, bnd_ptr, LOG2K: tl.constexpr):
+    """``torch.bucketize(y, bounds)`` for ``y`` in ``[-1, 1]`` or NaN from the cell tables of
+    :func:`bucket_cells`: NaN goes as 1.0 (same top bucket), then one cell lookup and one
+    comparison with the one bound the cell may hold."""
+    K: tl.constexpr = 1 << LOG2K
+    HALF: tl.constexpr = K // 2
+    yc = tl.where(y < 1.0, y, 1.0)
+    cell = tl.minimum((yc * HALF + HALF).to(tl.int32), K - 1)
+    lo = tl.load(lo_ptr + cell)
+    return lo + (tl.load(bnd_ptr + cell) < yc).to(tl.int32)
 
 
 @triton.jit
@@ -306,7 +389,7 @@ def _encode_cols(x, t, tm, c0, b32, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, 
                  scale_ptr, flag_ptr, range_ptr, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
                  ROWS: tl.constexpr, W: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr,
                  BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr, FLAG: tl.constexpr,
-                 RANGE: tl.constexpr):
+                 RANGE: tl.constexpr, cell_lo_ptr, cell_bnd_ptr, LOG2K: tl.constexpr):
     """Encode the fp32 tile ``x [ROWS, W]`` of tokens ``t`` at columns ``c0 + [0, W)`` (whole
     Hadamard blocks and groups); ``b32`` = the rows' lg8 bases. Finite inputs saturate at
     ``max_in``, rotated channels at ``rotate_max`` and group absmax at ``scale_max``. With
@@ -358,7 +441,10 @@ def _encode_cols(x, t, tm, c0, b32, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, 
         scale = b32[:, None] * tl.load(lg8_ptr + q)
         tl.store(scale_ptr + sidx, tl.where(bad, 255, q).to(tl.uint8), mask=gm)
     y = tl.math.div_rn(z, tl.broadcast_to(scale[:, :, None], [ROWS, GP, GROUP]))
-    code = tl.reshape(_bucket(clamp_keep_nan(y, -1.0, 1.0), bounds_ptr, BITS), [ROWS, W])
+    if LOG2K > 0:  # y >= -1 (NaN kept); the cell search maps NaN and y > 1 to the top
+        code = tl.reshape(_bucket_cell(tl.where(y < -1.0, -1.0, y), cell_lo_ptr, cell_bnd_ptr, LOG2K), [ROWS, W])
+    else:
+        code = tl.reshape(_bucket(clamp_keep_nan(y, -1.0, 1.0), bounds_ptr, BITS), [ROWS, W])
     if BITS == 8:
         tl.store(code_ptr + t[:, None] * E + c[None, :], code.to(tl.uint8), mask=m)
     elif BITS == 4:  # E even: a row's codes start on a byte
@@ -388,7 +474,7 @@ def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc
                       ROWS: tl.constexpr, W: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr,
                       GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
                       FLAG: tl.constexpr, RANGE: tl.constexpr, SPLIT: tl.constexpr, XS=0, HS=0, PS=0,
-                      CHUNKED: tl.constexpr = False):
+                      CHUNKED: tl.constexpr = False, cell_lo_ptr=None, cell_bnd_ptr=None, LOG2K: tl.constexpr = 0):
     """Encode tokens ``[ROWS]`` in column tiles ``c0 = pid1 * W, + SPLIT * W, ...``. lg8 first
     makes a pass over the whole rows for the bases (the tile is rotated again in the second
     pass: re-reading x costs less than holding whole rows). ``CHUNKED``: grid axis 2 is a
@@ -413,7 +499,8 @@ def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc
     for c0 in range(tl.program_id(1) * W, E, SPLIT * W):
         _encode_cols(_load_x(x_ptr, t, tm, c0, E, W), t, tm, c0, b32, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr,
                      lg8_asc_ptr, head_ptr, code_ptr, scale_ptr, flag_ptr, range_ptr, E, G, NK, NCB, inv_sqrt_b,
-                     max_in, rotate_max, scale_max, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, FLAG, RANGE)
+                     max_in, rotate_max, scale_max, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, FLAG, RANGE,
+                     cell_lo_ptr, cell_bnd_ptr, LOG2K)
 
 
 @triton.jit
@@ -438,7 +525,8 @@ def rot_reduce_encode_kernel(payloads, signs_ptr, dec_colmap_ptr, levels_ptr, lg
                              range_ptr, T, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
                              N: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr, B: tl.constexpr,
                              LOG2B: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr,
-                             HAS_K: tl.constexpr, FLAG: tl.constexpr, RANGE: tl.constexpr, SPLIT: tl.constexpr):
+                             HAS_K: tl.constexpr, FLAG: tl.constexpr, RANGE: tl.constexpr, SPLIT: tl.constexpr,
+                             cell_lo_ptr=None, cell_bnd_ptr=None, LOG2K: tl.constexpr = 0):
     """Two-shot owner stage in one kernel: decode and sum the N payloads of a chunk, encode the
     sum (for lg8 the sum is decoded twice: once for the bases, once to encode)."""
     t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -458,7 +546,7 @@ def rot_reduce_encode_kernel(payloads, signs_ptr, dec_colmap_ptr, levels_ptr, lg
                       SCALE_OFF, inv_sqrt_b, N, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, True)
         _encode_cols(s, t, tm, c0, b32, signs_ptr, enc_colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr,
                      scale_ptr, flag_ptr, range_ptr, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max, ROWS, W,
-                     B, LOG2B, GROUP, BITS, FMT, HAS_K, FLAG, RANGE)
+                     B, LOG2B, GROUP, BITS, FMT, HAS_K, FLAG, RANGE, cell_lo_ptr, cell_bnd_ptr, LOG2K)
 
 
 # ---------------------------------------------------------------- launchers (no codec logic)
@@ -471,14 +559,33 @@ def _split(tokens: int, hidden: int, rows: int, w: int, scale_format: str) -> in
     return max(1, min(tiles, LG8_PROGRAMS // triton.cdiv(tokens, rows)))
 
 
+def _cell_args(bounds, cells, cfg) -> dict:
+    """The cell-search arguments of an encoder launch: ``cells`` (from :func:`bucket_cells`, on
+    the device) if given, else built from ``bounds`` once per bounds tensor and kept on it as an
+    attribute (one host copy the first time; the codecs keep their device tables for their
+    lifetime); none where the config turns the search off or no table fits."""
+    if not cfg["cell"]:
+        return {}
+    if cells is None:
+        cells = getattr(bounds, "_lowbit_cells", False)
+        if cells is False:
+            c = bucket_cells(bounds)
+            cells = None if c is None else (c[0].to(bounds.device), c[1].to(bounds.device), c[2])
+            bounds._lowbit_cells = cells
+    if cells is None:
+        return {}
+    return {"cell_lo_ptr": cells[0], "cell_bnd_ptr": cells[1], "LOG2K": cells[2]}
+
+
 def encode(x, *, signs, colmap, bounds, lg8, lg8_asc, out, nk: int, code_bytes: int, group: int, block: int,
            bits: int, scale_format: str, max_input: float, rotate_max: float, scale_max: float, flag=None,
-           range_flag=None, chunks: int = 1):
+           range_flag=None, chunks: int = 1, cells=None, config: dict | None = None):
     """Fill the payload ``out`` from ``x [T, E]``; ``colmap[e]`` = bf16 slot of channel e or -1.
 
     ``chunks > 1`` (two-shot's N chunk encodes in one launch): ``out`` gets the ``chunks``
     payloads of ``x``'s row chunks one after another (``code_bytes`` is one chunk's; with a bf16
-    head the payload size must be even, see :func:`chunks_fit`)."""
+    head the payload size must be even, see :func:`chunks_fit`). ``cells``: the device copy of
+    :func:`bucket_cells` (built from ``bounds`` if not given); ``config`` overrides :data:`CONFIG`."""
     t, e = x.shape[0] // chunks, x.shape[1]
     if t == 0:
         return out
@@ -487,8 +594,10 @@ def encode(x, *, signs, colmap, bounds, lg8, lg8_asc, out, nk: int, code_bytes: 
         return out.copy_(encode(x, signs=signs, colmap=colmap, bounds=bounds, lg8=lg8, lg8_asc=lg8_asc,
                                 out=torch.empty_like(out), nk=nk, code_bytes=code_bytes, group=group, block=block,
                                 bits=bits, scale_format=scale_format, max_input=max_input, rotate_max=rotate_max,
-                                scale_max=scale_max, flag=flag, range_flag=range_flag, chunks=chunks))
-    rows, w, warps = tile_config(t, e, group, block)
+                                scale_max=scale_max, flag=flag, range_flag=range_flag, chunks=chunks, cells=cells,
+                                config=config))
+    cfg = {**CONFIG, **(config or {})}
+    rows, w, warps = tile_config(t, e, group, block, encode=True, config=cfg)
     split = _split(t, e, rows, w, scale_format)
     off = 2 * t * nk
     head = out[:off].view(torch.int16)
@@ -499,7 +608,8 @@ def encode(x, *, signs, colmap, bounds, lg8, lg8_asc, out, nk: int, code_bytes: 
         colmap if flag is None else flag, colmap if range_flag is None else range_flag, t, e, triton.cdiv(e, group),
         nk, (t * e + 7) // 8, inv_sqrt(block), max_input, rotate_max, scale_max, ROWS=rows, W=w, B=block,
         LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits, FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0,
-        FLAG=flag is not None, RANGE=range_flag is not None, SPLIT=split, num_warps=warps, **extra, **FP_OPTIONS)
+        FLAG=flag is not None, RANGE=range_flag is not None, SPLIT=split, num_warps=warps, **extra,
+        **_cell_args(bounds, cells, cfg), **FP_OPTIONS)
     return out
 
 
@@ -511,11 +621,13 @@ def chunks_fit(nk: int, payload_bytes: int) -> bool:
 
 def reduce_encode(payloads, *, signs, dec_colmap, enc_colmap, levels, bounds, lg8, lg8_asc, out, t: int, e: int,
                   nk: int, code_bytes: int, group: int, block: int, bits: int, scale_format: str, max_input: float,
-                  rotate_max: float, scale_max: float, flag=None, range_flag=None):
+                  rotate_max: float, scale_max: float, flag=None, range_flag=None, cells=None,
+                  config: dict | None = None):
     """Fill ``out`` with encode(sum of the decoded ``payloads``) for a ``[t, e]`` chunk, in one kernel."""
     if t == 0:
         return out
-    rows, w, warps = tile_config(t, e, group, block, len(payloads))
+    cfg = {**CONFIG, **(config or {})}
+    rows, w, warps = tile_config(t, e, group, block, len(payloads), config=cfg)
     split = _split(t, e, rows, w, scale_format)
     off = 2 * t * nk
     rot_reduce_encode_kernel[(triton.cdiv(t, rows), split)](
@@ -525,12 +637,12 @@ def reduce_encode(payloads, *, signs, dec_colmap, enc_colmap, levels, bounds, lg
         triton.cdiv(e, group), nk, (t * e + 7) // 8, inv_sqrt(block), max_input, rotate_max, scale_max,
         N=len(payloads), ROWS=rows, W=w, B=block, LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits,
         FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0, FLAG=flag is not None, RANGE=range_flag is not None,
-        SPLIT=split, num_warps=warps, **FP_OPTIONS)
+        SPLIT=split, num_warps=warps, **_cell_args(bounds, cells, cfg), **FP_OPTIONS)
     return out
 
 
 def decode_sum(payloads, *, signs, colmap, levels, lg8, out, nk: int, code_bytes: int, group: int, block: int,
-               bits: int, scale_format: str, chunks: int = 1):
+               bits: int, scale_format: str, chunks: int = 1, config: dict | None = None):
     """Fill ``out [T, E]`` fp32 with the rank-ordered sum of the decoded ``payloads``.
 
     ``chunks > 1`` (two-shot's N chunk decodes in one launch): ``payloads`` is one buffer of
@@ -539,7 +651,7 @@ def decode_sum(payloads, *, signs, colmap, levels, lg8, out, nk: int, code_bytes
     t, e = out.shape[0] // chunks, out.shape[1]
     if t == 0:
         return out
-    rows, w, warps = tile_config(t, e, group, block, len(payloads))
+    rows, w, warps = tile_config(t, e, group, block, len(payloads), config=config)
     off = 2 * t * nk
     packed = bits == 8 or (bits == 4 and e % 2 == 0) or e % 8 == 0
     extra = {} if chunks == 1 else {"PS": payloads[0].numel() // chunks, "OS": t * e, "CHUNKED": True}

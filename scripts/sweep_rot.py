@@ -1,0 +1,196 @@
+"""Sweep of the rot-* Triton kernel variants (``triton_rotation.CONFIG``) on one GPU, < 60 s.
+
+Per variant (a set of CONFIG overrides: launch shape and level-search algorithm; the first
+one, ``base``, is the configuration before this sweep) and codec (rot-lm4-g64-lg8-k4,
+rot-int6-g64-lg8-k4):
+
+* **bitwise**: ``world`` partials of ``--check-tokens`` tokens (NaN/Inf planted, propagate
+  mode) encoded by the variant equal the CPU reference's payload bytes (``backend="reference"``),
+  and the variant's decode-and-sum of the reference payloads (2 and 8 sources) equals the
+  reference's fp32 bits (NaN by position); on a GPU the check runs at ``E = 8192`` and a token
+  count that compiles the same kernels as the timed shapes;
+* **time** (GPU): encode, decode-and-sum of 2 payloads at ``[2048, 8192]`` and
+  ``[8192, 8192]`` and of 8 payloads at ``[8192, 8192]``: ``calls`` calls captured in one CUDA
+  graph and replayed (as scripts/gpu_check.py's graph_seconds), median of ``--repeats``, next to
+  a same-size fp32 copy timed the same way in the same run; ``*_of_copy`` = bytes moved
+  (encode: fp32 in + payload out; decode-and-sum: N payloads in + fp32 out) per second over
+  the copy's (fp32 in + out).
+
+Writes ``DIR/sweep_rot.json`` and prints a table.
+
+    PYTHONPATH=. python3 scripts/sweep_rot.py --out /tmp/sweep           # GPU
+    PYTHONPATH=. python3 scripts/sweep_rot.py --device cpu --out /tmp/s  # dry run, interpreter, tiny shapes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+CODECS = ["rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"]
+LAYER = "L"
+# name -> CONFIG overrides. "base": the kernels as measured in GPU run 1 (binary level search,
+# 1 warp, 16 values a thread per payload, 8 with > 4 payloads).
+VARIANTS = {
+    "base": {"cell": False, "enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1},
+    "cell": {"cell": True, "enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1},
+    "cell_v256": {"cell": True, "enc_values": 256, "dec_values": 256, "dec_values_wide": 128, "warps": 1},
+    "cell_w2": {"cell": True, "enc_values": 1024, "dec_values": 1024, "dec_values_wide": 512, "warps": 2},
+}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    ap.add_argument("--codecs", default=",".join(CODECS))
+    ap.add_argument("--repeats", type=int, default=None, help="graph replays timed (default 15; cpu 1)")
+    ap.add_argument("--calls", type=int, default=5, help="calls per captured graph")
+    ap.add_argument("--check-tokens", type=int, default=None, help="default 48 (GPU), 5 (cpu)")
+    ap.add_argument("--budget-s", type=float, default=55.0, help="start no new variant after this many seconds")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    dry = args.device == "cpu"
+    if dry:
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.kernels import triton_rotation as K
+
+    if not dry and not torch.cuda.is_available():
+        sys.exit("sweep_rot: no CUDA device (use --device cpu for a dry run)")
+    dev = torch.device(args.device)
+    t0 = time.time()
+    hidden = 64 if dry else 8192
+    shapes = [(3, 64)] if dry else [(2048, 8192), (8192, 8192)]
+    worlds = {(3, 64): (2, 8)} if dry else {(2048, 8192): (2,), (8192, 8192): (2, 8)}
+    check_tokens = args.check_tokens or (5 if dry else 48)  # 48: divisible by 16 like the timed T
+    repeats = args.repeats or (1 if dry else 15)
+    cal = synthetic_calibration([LAYER], world=8, hidden=hidden, tokens=64, batches=1)
+    default_config = dict(K.CONFIG)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn) -> float:
+        """Seconds per call: on a GPU ``calls`` calls in one CUDA graph, median of replays."""
+        if dry:
+            t = time.perf_counter()
+            fn()
+            return time.perf_counter() - t
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(args.calls):
+                fn()
+        g.replay()
+        sync()
+        times = []
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3 / args.calls)
+        return statistics.median(times)
+
+    def same_bits(a, b) -> bool:
+        a, b = a.reshape(-1).cpu(), b.reshape(-1).cpu()
+        na, nb = torch.isnan(a), torch.isnan(b)
+        return bool(torch.equal(na, nb) and torch.equal(a[~na].view(torch.int32), b[~nb].view(torch.int32)))
+
+    # the reference payloads and sums of the check, once per codec (CPU, eager)
+    refs = {}
+    for name in args.codecs.split(","):
+        ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+        xs = planted_partials(8, check_tokens, hidden, seed=0, noise_seed=3)
+        xs[0][1, 5], xs[7][check_tokens - 1, hidden - 2], xs[3][2, 0] = float("nan"), float("-inf"), float("inf")
+        want = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+        sums = {n: ref.decode_sum(want[:n], (check_tokens, hidden), layer=LAYER) for n in (2, 8)}
+        refs[name] = (xs, want, sums)
+
+    # timed inputs (shared by every variant) and copies
+    data, copies = {}, {}
+    for t, e in shapes:
+        xs = [v.to(dev) for v in planted_partials(8, t, e, seed=0, noise_seed=4)]
+        dst = torch.empty_like(xs[0])
+        copies[(t, e)] = timed(lambda: dst.copy_(xs[0]))
+        data[(t, e)] = xs
+
+    rows, skipped = [], []
+    for vname in args.variants.split(","):
+        if time.time() - t0 > args.budget_s:
+            skipped.append(vname)
+            continue
+        K.CONFIG.clear()
+        K.CONFIG.update({**default_config, **VARIANTS[vname]})
+        for name in args.codecs.split(","):
+            row = {"variant": vname, "codec": name, "config": dict(K.CONFIG)}
+            try:
+                codec = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
+                xs, want, sums = refs[name]
+                got = [codec.encode(x.to(dev), layer=LAYER, source=r).cpu() for r, x in enumerate(xs)]
+                row["bytes_equal"] = all(torch.equal(a, b) for a, b in zip(want, got))
+                for n in (2, 8):
+                    s = codec.decode_sum([p.to(dev) for p in want[:n]], (check_tokens, hidden), layer=LAYER)
+                    row[f"sum{n}_equal"] = same_bits(s, sums[n])
+                for t, e in shapes:
+                    xd = data[(t, e)]
+                    fbytes = 4 * t * e
+                    pbuf = torch.empty(codec.payload_nbytes((t, e), LAYER), dtype=torch.uint8, device=dev)
+                    payloads = [codec.encode(v, layer=LAYER, source=r) for r, v in enumerate(xd)]
+                    pbytes = pbuf.numel()
+                    sbuf = torch.empty(t, e, dtype=torch.float32, device=dev)
+                    copy_bw = 2 * fbytes / copies[(t, e)]
+                    te = timed(lambda: codec.encode(xd[0], layer=LAYER, source=0, out=pbuf))
+                    row[f"enc_{t}_us"] = te * 1e6
+                    row[f"enc_{t}_of_copy"] = (fbytes + pbytes) / te / copy_bw
+                    for n in worlds[(t, e)]:
+                        td = timed(lambda: codec.decode_sum(payloads[:n], (t, e), layer=LAYER, out=sbuf))
+                        row[f"dec{n}_{t}_us"] = td * 1e6
+                        row[f"dec{n}_{t}_of_copy"] = (n * pbytes + fbytes) / td / copy_bw
+            except Exception as exc:  # one variant's failure is reported, the others still run
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            row["elapsed_s"] = time.time() - t0
+            rows.append(row)
+            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+                              if k != "config"}), flush=True)
+    K.CONFIG.clear()
+    K.CONFIG.update(default_config)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (interpreter dry run)",
+            "dry_run": dry, "shapes": shapes, "copy_us": {f"{t}x{e}": v * 1e6 for (t, e), v in copies.items()},
+            "repeats": repeats, "calls_per_graph": args.calls, "seconds": time.time() - t0,
+            "skipped_for_budget": skipped, "variants": VARIANTS,
+            "command": "python3 scripts/sweep_rot.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    (out / "sweep_rot.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    cols = [k for k in rows[0] if k.endswith("_of_copy")] if rows else []
+    print("\n| variant | codec | bitwise | " + " | ".join(cols) + " |")
+    print("|---|---|---|" + "---|" * len(cols))
+    for r in rows:
+        ok = r.get("error") or all(r.get(k) for k in ("bytes_equal", "sum2_equal", "sum8_equal"))
+        print(f"| {r['variant']} | {r['codec']} | {ok} | " + " | ".join(
+            f"{r[c]:.3f}" if isinstance(r.get(c), float) else "-" for c in cols) + " |")
+    print(f"sweep_rot: {len(rows)} rows in {meta['seconds']:.1f} s -> {out}/sweep_rot.json", flush=True)
+
+
+if __name__ == "__main__":
+    main()
