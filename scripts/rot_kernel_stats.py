@@ -57,6 +57,11 @@ def _cell(K) -> dict:
     return {"LOG2K": 6 if getattr(K, "CONFIG", {}).get("cell") else 0} if hasattr(K, "bucket_cells") else {}
 
 
+def _xpose(K, bits: int) -> dict:
+    """The bit-transpose packing's constexpr where the module has one (bit-plane codes only)."""
+    return {"XPOSE": bool(K.CONFIG.get("xpose")) and bits not in (4, 8)} if hasattr(K, "_xpose8_32") else {}
+
+
 def cases(K):
     """(label, kernel, signature, constexprs, warps, values per thread per tile) at [8192, 8192]."""
     out = []
@@ -65,14 +70,15 @@ def cases(K):
             if hasattr(K, "tile_config"):
                 rows, w, warps = (K.tile_config(T, E, GROUP, BLOCK, encode=True) if hasattr(K, "CONFIG")
                                   else K.tile_config(T, E, GROUP, BLOCK))
-                const = {"ROWS": rows, "W": w, "GROUP": GROUP, "SPLIT": 1, **_cell(K)}
+                const = {"ROWS": rows, "W": w, "GROUP": GROUP, "SPLIT": 1, **_cell(K), **_xpose(K, bits)}
             else:
                 rows, w, gw, warps = K.launch_config(T, E, GROUP)
                 const = {"ROWS": rows, "E_PAD": w, "GW": gw}
             const.update(B=BLOCK, LOG2B=8, BITS=bits, FMT=2, HAS_K=True, FLAG=flags, RANGE=flags)
             out.append((f"encode {bits}-bit {mode}", K.rot_encode_kernel, ENC, const, warps, rows * w // (32 * warps)))
         for n in (2, 8):
-            const = {"N": n, "B": BLOCK, "LOG2B": 8, "GROUP": GROUP, "BITS": bits, "FMT": 2, "HAS_K": True}
+            const = {"N": n, "B": BLOCK, "LOG2B": 8, "GROUP": GROUP, "BITS": bits, "FMT": 2, "HAS_K": True,
+                     **_xpose(K, bits)}
             if hasattr(K, "tile_config"):
                 rows, w, warps = K.tile_config(T, E, GROUP, BLOCK, n)
                 const.update(ROWS=rows, W=w, PACKED=True)
@@ -85,7 +91,7 @@ def cases(K):
                  "RANGE": False}
         if hasattr(K, "tile_config"):
             rows, w, warps = K.tile_config(T, E, GROUP, BLOCK, 2)
-            const.update(ROWS=rows, W=w, SPLIT=1, **_cell(K))
+            const.update(ROWS=rows, W=w, SPLIT=1, **_cell(K), **_xpose(K, bits))
         else:
             rows, w, gw, warps = K.launch_config(T, E, GROUP)
             const.update(ROWS=rows, E_PAD=w, GW=gw)

@@ -34,12 +34,12 @@ from pathlib import Path
 CODECS = ["rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"]
 LAYER = "L"
 # name -> CONFIG overrides. "base": the kernels as measured in GPU run 1 (binary level search,
-# 1 warp, 16 values a thread per payload, 8 with > 4 payloads).
+# per-plane bit packing, 1 warp, 16 values a thread per payload, 8 with > 4 payloads).
 VARIANTS = {
-    "base": {"cell": False, "enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1},
-    "cell": {"cell": True, "enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1},
-    "cell_v256": {"cell": True, "enc_values": 256, "dec_values": 256, "dec_values_wide": 128, "warps": 1},
-    "cell_w2": {"cell": True, "enc_values": 1024, "dec_values": 1024, "dec_values_wide": 512, "warps": 2},
+    "base": {"cell": False, "xpose": False, "enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1},
+    "new": {"cell": True, "xpose": True, "enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1},
+    "new_v256": {"cell": True, "xpose": True, "enc_values": 256, "dec_values": 256, "dec_values_wide": 128, "warps": 1},
+    "new_w2": {"cell": True, "xpose": True, "enc_values": 1024, "dec_values": 1024, "dec_values_wide": 512, "warps": 2},
 }
 
 

@@ -38,8 +38,10 @@ LG8_PROGRAMS = 512
 #   warps: warps per program (more than one puts warps on different rows of the tile);
 #   cell: the encoders' level search from a cell table (a coarse uniform grid on [-1, 1]
 #     whose cells each hold at most one bound: one lookup and one comparison per value,
-#     see bucket_cells) instead of a BITS-step binary search.
-CONFIG = {"enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1, "cell": True}
+#     see bucket_cells) instead of a BITS-step binary search;
+#   xpose: bit-plane codes (3, 5, 6 bits) packed and unpacked 8 at a time through one int64
+#     and an 8x8 bit transpose instead of one reduction (encode) / extraction (decode) per plane.
+CONFIG = {"enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1, "cell": True, "xpose": True}
 
 
 def tile_config(tokens: int, hidden: int, group: int, block: int, nranks: int = 1, *,
@@ -215,8 +217,26 @@ def _bucket_cell(y, lo_ptr, bnd_ptr, LOG2K: tl.constexpr):
 
 
 @triton.jit
+def _xpose8_32(lo, hi):
+    """Transpose the 8x8 bit matrix held in two int32 (byte ``r`` of ``lo`` for ``r < 4``, of
+    ``hi`` for ``r >= 4``; bit ``8r + c`` <-> bit ``8c + r``): 8 codes one per byte <-> their
+    bit-planes one per byte. Its own inverse. Every right shift is masked below the bits an
+    arithmetic shift fills, so signed int32 gives the logical result."""
+    t = (lo ^ (lo >> 7)) & 0x00AA00AA
+    lo = lo ^ t ^ (t << 7)
+    t = (hi ^ (hi >> 7)) & 0x00AA00AA
+    hi = hi ^ t ^ (t << 7)
+    t = (lo ^ (lo >> 14)) & 0x0000CCCC
+    lo = lo ^ t ^ (t << 14)
+    t = (hi ^ (hi >> 14)) & 0x0000CCCC
+    hi = hi ^ t ^ (t << 14)
+    t = (hi ^ (lo >> 4)) & 0x0F0F0F0F  # the int64 transpose's 28-bit step: lo's high nibbles <-> hi's low ones
+    return lo ^ (t << 4), hi ^ t
+
+
+@triton.jit
 def _load_codes(p, CODE_OFF, NCB, t, tm, c0, E, ROWS: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr,
-                PACKED: tl.constexpr):
+                PACKED: tl.constexpr, XPOSE: tl.constexpr = False):
     """The codes (int32) of tokens ``t`` at columns ``c0 + [0, W)``, each payload byte read once.
 
     ``PACKED``: rows start on a byte (E even for 4-bit codes, E % 8 == 0 for bit-planes), so
@@ -239,12 +259,26 @@ def _load_codes(p, CODE_OFF, NCB, t, tm, c0, E, ROWS: tl.constexpr, W: tl.conste
             i = c0 // 8 + tl.arange(0, W // 8)
             off = CODE_OFF + t[:, None] * (E // 8) + i[None, :]
             pm = tm[:, None] & (8 * i < E)[None, :]
-            sh = tl.arange(0, 8)[None, None, :]
-            code3 = tl.zeros([ROWS, W // 8, 8], dtype=tl.int32)
-            for j in tl.static_range(BITS):
-                plane = tl.load(p + off + j * NCB, mask=pm, other=0).to(tl.int32)
-                code3 = code3 | (((plane[:, :, None] >> sh) & 1) << j)
-            code = tl.reshape(code3, [ROWS, W])
+            if XPOSE:  # the planes of 8 codes into two int32, one bit transpose, one byte per code
+                lo = tl.zeros([ROWS, W // 8], dtype=tl.int32)
+                hi = tl.zeros([ROWS, W // 8], dtype=tl.int32)
+                for j in tl.static_range(BITS):
+                    plane = tl.load(p + off + j * NCB, mask=pm, other=0).to(tl.int32) << (8 * (j & 3))
+                    if j < 4:
+                        lo = lo | plane
+                    else:
+                        hi = hi | plane
+                lo, hi = _xpose8_32(lo, hi)
+                k8 = tl.arange(0, 8)[None, None, :]
+                word = tl.where(k8 < 4, lo[:, :, None], hi[:, :, None])
+                code = tl.reshape((word >> (8 * (k8 & 3))) & 0xFF, [ROWS, W])
+            else:
+                sh = tl.arange(0, 8)[None, None, :]
+                code3 = tl.zeros([ROWS, W // 8, 8], dtype=tl.int32)
+                for j in tl.static_range(BITS):
+                    plane = tl.load(p + off + j * NCB, mask=pm, other=0).to(tl.int32)
+                    code3 = code3 | (((plane[:, :, None] >> sh) & 1) << j)
+                code = tl.reshape(code3, [ROWS, W])
         else:
             f = t[:, None] * E + c[None, :]
             code = tl.zeros([ROWS, W], dtype=tl.int32)
@@ -279,12 +313,12 @@ def _group_scales(p, SCALE_OFF, lg8_ptr, t, tm, c0, T, G, ROWS: tl.constexpr, W:
 def _decode_tile(p, r, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF, SCALE_OFF,
                  ROWS: tl.constexpr, W: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr,
                  GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
-                 PACKED: tl.constexpr):
+                 PACKED: tl.constexpr, XPOSE: tl.constexpr = False):
     """``decode(payload p)`` of tokens ``t`` at columns ``c0 + [0, W)``: fp32 ``[ROWS, W]``;
     ``signs`` = the random signs times ``1/sqrt(B)``.
 
     The tile holds whole Hadamard blocks and whole groups, so nothing outside it is read."""
-    code = _load_codes(p, CODE_OFF, NCB, t, tm, c0, E, ROWS, W, BITS, PACKED)
+    code = _load_codes(p, CODE_OFF, NCB, t, tm, c0, E, ROWS, W, BITS, PACKED, XPOSE)
     scale = _group_scales(p, SCALE_OFF, lg8_ptr, t, tm, c0, T, G, ROWS, W, GROUP, FMT)
     vals = tl.load(levels_ptr + code)
     z = tl.reshape(tl.reshape(vals, [ROWS, W // GROUP, GROUP]) * scale[:, :, None], [ROWS, W])
@@ -305,7 +339,7 @@ def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, 
                           SCALE_OFF, inv_sqrt_b, N: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr,
                           B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
                           FMT: tl.constexpr, HAS_K: tl.constexpr, PACKED: tl.constexpr, PS=0, OS=0,
-                          CHUNKED: tl.constexpr = False):
+                          CHUNKED: tl.constexpr = False, XPOSE: tl.constexpr = False):
     """``out = sum_r decode(payloads[r])`` in fp32, rank order, written once; one program per
     ``[ROWS, W]`` tile (grid: token blocks x column tiles). ``CHUNKED`` (``N == 1``): grid axis 2
     is a two-shot chunk of ``T`` rows, its payload at ``+ PS`` bytes and its rows of ``out`` at
@@ -317,10 +351,10 @@ def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, 
     tm = t < T
     signs = (tl.load(signs_ptr + c, mask=c < E, other=1.0) * inv_sqrt_b)[None, :]
     acc = _decode_tile(payloads[0], 0, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF,
-                       SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED)
+                       SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED, XPOSE)
     for r in tl.static_range(1, N):
         acc = acc + _decode_tile(payloads[r], r, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB,
-                                 CODE_OFF, SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED)
+                                 CODE_OFF, SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED, XPOSE)
     tl.store(out_ptr + t[:, None] * E + c[None, :], acc, mask=tm[:, None] & (c < E)[None, :])
 
 
@@ -389,7 +423,7 @@ def _encode_cols(x, t, tm, c0, b32, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, 
                  scale_ptr, flag_ptr, range_ptr, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
                  ROWS: tl.constexpr, W: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr,
                  BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr, FLAG: tl.constexpr,
-                 RANGE: tl.constexpr, cell_lo_ptr, cell_bnd_ptr, LOG2K: tl.constexpr):
+                 RANGE: tl.constexpr, cell_lo_ptr, cell_bnd_ptr, LOG2K: tl.constexpr, XPOSE: tl.constexpr = False):
     """Encode the fp32 tile ``x [ROWS, W]`` of tokens ``t`` at columns ``c0 + [0, W)`` (whole
     Hadamard blocks and groups); ``b32`` = the rows' lg8 bases. Finite inputs saturate at
     ``max_in``, rotated channels at ``rotate_max`` and group absmax at ``scale_max``. With
@@ -454,12 +488,23 @@ def _encode_cols(x, t, tm, c0, b32, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, 
                  mask=tm[:, None] & (2 * i[None, :] < E))
     else:  # bit-planes (E % 8 == 0): plane j holds bit j of every code, 8 codes per byte, LSB first
         c8 = tl.reshape(code, [ROWS, W // 8, 8])
-        wt = (1 << tl.arange(0, 8))[None, None, :]
         i = c0 // 8 + tl.arange(0, W // 8)
         pm = tm[:, None] & (8 * i[None, :] < E)
-        for j in tl.static_range(BITS):
-            byte = tl.sum(((c8 >> j) & 1) * wt, axis=2)
-            tl.store(code_ptr + j * NCB + t[:, None] * (E // 8) + i[None, :], byte.to(tl.uint8), mask=pm)
+        if XPOSE:  # 8 codes one per byte of two int32 (two reductions), one bit transpose: plane j = byte j
+            k8 = tl.arange(0, 8)[None, None, :]
+            sh = (c8 << (8 * (k8 & 3)))
+            lo = tl.sum(tl.where(k8 < 4, sh, 0), axis=2)
+            hi = tl.sum(tl.where(k8 < 4, 0, sh), axis=2)
+            lo, hi = _xpose8_32(lo, hi)
+            for j in tl.static_range(BITS):
+                word = lo if j < 4 else hi
+                tl.store(code_ptr + j * NCB + t[:, None] * (E // 8) + i[None, :],
+                         ((word >> (8 * (j & 3))) & 0xFF).to(tl.uint8), mask=pm)
+        else:
+            wt = (1 << tl.arange(0, 8))[None, None, :]
+            for j in tl.static_range(BITS):
+                byte = tl.sum(((c8 >> j) & 1) * wt, axis=2)
+                tl.store(code_ptr + j * NCB + t[:, None] * (E // 8) + i[None, :], byte.to(tl.uint8), mask=pm)
 
 
 @triton.jit
@@ -474,7 +519,8 @@ def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc
                       ROWS: tl.constexpr, W: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr,
                       GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
                       FLAG: tl.constexpr, RANGE: tl.constexpr, SPLIT: tl.constexpr, XS=0, HS=0, PS=0,
-                      CHUNKED: tl.constexpr = False, cell_lo_ptr=None, cell_bnd_ptr=None, LOG2K: tl.constexpr = 0):
+                      CHUNKED: tl.constexpr = False, cell_lo_ptr=None, cell_bnd_ptr=None, LOG2K: tl.constexpr = 0,
+                      XPOSE: tl.constexpr = False):
     """Encode tokens ``[ROWS]`` in column tiles ``c0 = pid1 * W, + SPLIT * W, ...``. lg8 first
     makes a pass over the whole rows for the bases (the tile is rotated again in the second
     pass: re-reading x costs less than holding whole rows). ``CHUNKED``: grid axis 2 is a
@@ -500,22 +546,22 @@ def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc
         _encode_cols(_load_x(x_ptr, t, tm, c0, E, W), t, tm, c0, b32, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr,
                      lg8_asc_ptr, head_ptr, code_ptr, scale_ptr, flag_ptr, range_ptr, E, G, NK, NCB, inv_sqrt_b,
                      max_in, rotate_max, scale_max, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, FLAG, RANGE,
-                     cell_lo_ptr, cell_bnd_ptr, LOG2K)
+                     cell_lo_ptr, cell_bnd_ptr, LOG2K, XPOSE)
 
 
 @triton.jit
 def _sum_cols(payloads, t, tm, c0, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF, SCALE_OFF,
               inv_sqrt_b, N: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr, B: tl.constexpr,
               LOG2B: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
-              PACKED: tl.constexpr):
+              PACKED: tl.constexpr, XPOSE: tl.constexpr = False):
     """``sum_r decode(payloads[r])`` of the tile in fp32, rank order (0 outside ``[T, E]``)."""
     c = c0 + tl.arange(0, W)
     signs = (tl.load(signs_ptr + c, mask=c < E, other=1.0) * inv_sqrt_b)[None, :]
     acc = _decode_tile(payloads[0], 0, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF,
-                       SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED)
+                       SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED, XPOSE)
     for r in tl.static_range(1, N):
         acc = acc + _decode_tile(payloads[r], r, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB,
-                                 CODE_OFF, SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED)
+                                 CODE_OFF, SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED, XPOSE)
     return tl.where(tm[:, None] & (c < E)[None, :], acc, 0.0)
 
 
@@ -526,7 +572,8 @@ def rot_reduce_encode_kernel(payloads, signs_ptr, dec_colmap_ptr, levels_ptr, lg
                              N: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr, B: tl.constexpr,
                              LOG2B: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr,
                              HAS_K: tl.constexpr, FLAG: tl.constexpr, RANGE: tl.constexpr, SPLIT: tl.constexpr,
-                             cell_lo_ptr=None, cell_bnd_ptr=None, LOG2K: tl.constexpr = 0):
+                             cell_lo_ptr=None, cell_bnd_ptr=None, LOG2K: tl.constexpr = 0,
+                             XPOSE: tl.constexpr = False):
     """Two-shot owner stage in one kernel: decode and sum the N payloads of a chunk, encode the
     sum (for lg8 the sum is decoded twice: once for the bases, once to encode)."""
     t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -536,17 +583,17 @@ def rot_reduce_encode_kernel(payloads, signs_ptr, dec_colmap_ptr, levels_ptr, lg
         habs = tl.zeros([ROWS, W], dtype=tl.float32)
         for c0 in range(0, E, W):
             s = _sum_cols(payloads, t, tm, c0, signs_ptr, dec_colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB,
-                          CODE_OFF, SCALE_OFF, inv_sqrt_b, N, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, True)
+                          CODE_OFF, SCALE_OFF, inv_sqrt_b, N, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, True, XPOSE)
             habs = tl.maximum(habs, _finite_abs(s, c0, E, signs_ptr, enc_colmap_ptr, max_in, rotate_max, ROWS, W, B,
                                                 LOG2B, HAS_K, RANGE))
         b32, bbits = _lg8_base(_row_top(habs, inv_sqrt_b, scale_max))
         store_u16(scale_ptr, T * G + 2 * t, bbits, tm & (tl.program_id(1) == 0))
     for c0 in range(tl.program_id(1) * W, E, SPLIT * W):
         s = _sum_cols(payloads, t, tm, c0, signs_ptr, dec_colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF,
-                      SCALE_OFF, inv_sqrt_b, N, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, True)
+                      SCALE_OFF, inv_sqrt_b, N, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, True, XPOSE)
         _encode_cols(s, t, tm, c0, b32, signs_ptr, enc_colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr,
                      scale_ptr, flag_ptr, range_ptr, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max, ROWS, W,
-                     B, LOG2B, GROUP, BITS, FMT, HAS_K, FLAG, RANGE, cell_lo_ptr, cell_bnd_ptr, LOG2K)
+                     B, LOG2B, GROUP, BITS, FMT, HAS_K, FLAG, RANGE, cell_lo_ptr, cell_bnd_ptr, LOG2K, XPOSE)
 
 
 # ---------------------------------------------------------------- launchers (no codec logic)
@@ -575,6 +622,11 @@ def _cell_args(bounds, cells, cfg) -> dict:
     if cells is None:
         return {}
     return {"cell_lo_ptr": cells[0], "cell_bnd_ptr": cells[1], "LOG2K": cells[2]}
+
+
+def _xpose_args(bits: int, cfg) -> dict:
+    """Bit-plane codes (not 4 or 8 bits) packed / unpacked with one 8x8 bit transpose per 8 codes."""
+    return {"XPOSE": True} if cfg["xpose"] and bits not in (4, 8) else {}
 
 
 def encode(x, *, signs, colmap, bounds, lg8, lg8_asc, out, nk: int, code_bytes: int, group: int, block: int,
@@ -609,7 +661,7 @@ def encode(x, *, signs, colmap, bounds, lg8, lg8_asc, out, nk: int, code_bytes: 
         nk, (t * e + 7) // 8, inv_sqrt(block), max_input, rotate_max, scale_max, ROWS=rows, W=w, B=block,
         LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits, FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0,
         FLAG=flag is not None, RANGE=range_flag is not None, SPLIT=split, num_warps=warps, **extra,
-        **_cell_args(bounds, cells, cfg), **FP_OPTIONS)
+        **_cell_args(bounds, cells, cfg), **_xpose_args(bits, cfg), **FP_OPTIONS)
     return out
 
 
@@ -637,7 +689,7 @@ def reduce_encode(payloads, *, signs, dec_colmap, enc_colmap, levels, bounds, lg
         triton.cdiv(e, group), nk, (t * e + 7) // 8, inv_sqrt(block), max_input, rotate_max, scale_max,
         N=len(payloads), ROWS=rows, W=w, B=block, LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits,
         FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0, FLAG=flag is not None, RANGE=range_flag is not None,
-        SPLIT=split, num_warps=warps, **_cell_args(bounds, cells, cfg), **FP_OPTIONS)
+        SPLIT=split, num_warps=warps, **_cell_args(bounds, cells, cfg), **_xpose_args(bits, cfg), **FP_OPTIONS)
     return out
 
 
@@ -659,5 +711,5 @@ def decode_sum(payloads, *, signs, colmap, levels, lg8, out, nk: int, code_bytes
         tuple(payloads), signs, colmap, levels, lg8, out, t, e, triton.cdiv(e, group), nk, (t * e + 7) // 8,
         off, off + code_bytes, inv_sqrt(block), N=len(payloads), ROWS=rows, W=w, B=block,
         LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits, FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0,
-        PACKED=packed, num_warps=warps, **extra, **FP_OPTIONS)
+        PACKED=packed, num_warps=warps, **extra, **_xpose_args(bits, {**CONFIG, **(config or {})}), **FP_OPTIONS)
     return out
