@@ -54,7 +54,15 @@ def load_module(rev: str | None):
 def _cell(K) -> dict:
     """The cell level search's constexpr where the module has one and its config turns it on
     (K = 64 cells: what bucket_cells picks for the 4-bit Lloyd-Max and int6 bounds)."""
-    return {"LOG2K": 6 if getattr(K, "CONFIG", {}).get("cell") else 0} if hasattr(K, "bucket_cells") else {}
+    if not hasattr(K, "bucket_cells"):
+        return {}
+    cell = bool(K.CONFIG.get("cell"))
+    return {"LOG2K": 6 if cell else 0}
+
+
+def _asm(K, key: str = "asm_enc") -> dict:
+    """Elementwise inline-PTX table reads where the module has them and its config turns them on."""
+    return {"ASM": True} if hasattr(K, "_gather32") and K.CONFIG.get(key) else {}
 
 
 def _xpose(K, bits: int) -> dict:
@@ -68,9 +76,12 @@ def cases(K):
     for bits in (4, 6):
         for mode, flags in (("propagate", False), ("error", True)):
             if hasattr(K, "tile_config"):
-                rows, w, warps = (K.tile_config(T, E, GROUP, BLOCK, encode=True) if hasattr(K, "CONFIG")
-                                  else K.tile_config(T, E, GROUP, BLOCK))
-                const = {"ROWS": rows, "W": w, "GROUP": GROUP, "SPLIT": 1, **_cell(K), **_xpose(K, bits)}
+                if hasattr(K, "encode_config"):
+                    rows, w, warps, one = K.encode_config(T, E, GROUP, BLOCK)
+                    one = {"ONE": one}
+                else:
+                    (rows, w, warps), one = K.tile_config(T, E, GROUP, BLOCK), {}
+                const = {"ROWS": rows, "W": w, "GROUP": GROUP, "SPLIT": 1, **_cell(K), **_xpose(K, bits), **one, **_asm(K)}
             else:
                 rows, w, gw, warps = K.launch_config(T, E, GROUP)
                 const = {"ROWS": rows, "E_PAD": w, "GW": gw}
@@ -78,7 +89,7 @@ def cases(K):
             out.append((f"encode {bits}-bit {mode}", K.rot_encode_kernel, ENC, const, warps, rows * w // (32 * warps)))
         for n in (2, 8):
             const = {"N": n, "B": BLOCK, "LOG2B": 8, "GROUP": GROUP, "BITS": bits, "FMT": 2, "HAS_K": True,
-                     **_xpose(K, bits)}
+                     **_xpose(K, bits), **_asm(K, "asm_dec")}
             if hasattr(K, "tile_config"):
                 rows, w, warps = K.tile_config(T, E, GROUP, BLOCK, n)
                 const.update(ROWS=rows, W=w, PACKED=True)
@@ -90,8 +101,12 @@ def cases(K):
         const = {"N": 2, "B": BLOCK, "LOG2B": 8, "GROUP": GROUP, "BITS": bits, "FMT": 2, "HAS_K": True, "FLAG": False,
                  "RANGE": False}
         if hasattr(K, "tile_config"):
-            rows, w, warps = K.tile_config(T, E, GROUP, BLOCK, 2)
-            const.update(ROWS=rows, W=w, SPLIT=1, **_cell(K), **_xpose(K, bits))
+            if hasattr(K, "encode_config"):
+                rows, w, warps, one = K.encode_config(T, E, GROUP, BLOCK, 2)
+                const["ONE"] = one
+            else:
+                rows, w, warps = K.tile_config(T, E, GROUP, BLOCK, 2)
+            const.update(ROWS=rows, W=w, SPLIT=1, **_cell(K), **_xpose(K, bits), **_asm(K))
         else:
             rows, w, gw, warps = K.launch_config(T, E, GROUP)
             const.update(ROWS=rows, E_PAD=w, GW=gw)

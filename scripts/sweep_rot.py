@@ -35,11 +35,15 @@ CODECS = ["rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"]
 LAYER = "L"
 # name -> CONFIG overrides. "base": the kernels as measured in GPU run 1 (binary level search,
 # per-plane bit packing, 1 warp, 16 values a thread per payload, 8 with > 4 payloads).
+_BASE = {"cell": False, "xpose": False, "asm_enc": False, "asm_dec": False, "row_tile": 0, "row_vpt": 16,
+         "enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1}
+_NEW = {**_BASE, "cell": True, "xpose": True, "asm_enc": True}
 VARIANTS = {
-    "base": {"cell": False, "xpose": False, "enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1},
-    "new": {"cell": True, "xpose": True, "enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1},
-    "new_v256": {"cell": True, "xpose": True, "enc_values": 256, "dec_values": 256, "dec_values_wide": 128, "warps": 1},
-    "new_w2": {"cell": True, "xpose": True, "enc_values": 1024, "dec_values": 1024, "dec_values_wide": 512, "warps": 2},
+    "base": _BASE,
+    "new": _NEW,  # cell level search, bit-transpose packing, inline-PTX table reads in the encoders
+    "new_row": {**_NEW, "row_tile": 16384},  # + encoders take whole rows (16 warps): lg8 rotates once
+    "new_asmdec": {**_NEW, "asm_dec": True},  # + inline-PTX level reads in decode-and-sum
+    "new_v256": {**_NEW, "enc_values": 256, "dec_values": 256, "dec_values_wide": 128},  # 8 values a thread
 }
 
 
@@ -52,7 +56,7 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="graph replays timed (default 15; cpu 1)")
     ap.add_argument("--calls", type=int, default=5, help="calls per captured graph")
     ap.add_argument("--check-tokens", type=int, default=None, help="default 48 (GPU), 5 (cpu)")
-    ap.add_argument("--budget-s", type=float, default=55.0, help="start no new variant after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=42.0, help="start no new variant after this many seconds")
     return ap.parse_args(argv)
 
 

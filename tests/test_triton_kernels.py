@@ -542,3 +542,124 @@ def test_level_search_is_bucketize_at_every_bound(name):
     want = torch.bucketize(y, bounds).int()
     want[torch.isnan(y)] = 2 ** codec.bits - 1  # torch.bucketize puts NaN last too
     assert torch.equal(out, want), (name, (out != want).nonzero().reshape(-1)[:8].tolist())
+
+
+def _cell_search_kernel():
+    """A one-program kernel around the encoders' cell level search (``_bucket_cell`` after the
+    encoder's lower clamp), built on first use."""
+    import triton
+    import triton.language as tl
+
+    from lowbit_tp.kernels import triton_rotation
+
+    global _bucket_cell
+    _bucket_cell = triton_rotation._bucket_cell
+
+    @triton.jit
+    def search(y_ptr, lo_ptr, bnd_ptr, out_ptr, LOG2K: tl.constexpr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        y = tl.load(y_ptr + i)
+        tl.store(out_ptr + i, _bucket_cell(tl.where(y < -1.0, -1.0, y), lo_ptr, bnd_ptr, LOG2K))
+
+    return search
+
+
+@pytest.mark.parametrize("name", ["rot-lm2-g32-e8", "rot-lm3-g64", "rot-lm4-g64", "rot-lm4-g32-lg8-k4", "rot-int4-g64",
+                                  "rot-int5-g64-lg8-k4", "rot-int6-g64-lg8-k4", "rot-int8-g64-e8"])
+def test_cell_level_search_is_bucketize(name):
+    """The cell search (a coarse grid on [-1, 1], one table read and one comparison) is
+    ``torch.bucketize(clamp(y, -1, 1))`` exactly: at each bound and 1-2 ulps either side, at
+    every cell edge and 1-3 ulps either side (where the grid's rounding decides), the ends,
+    +-0, NaN, +-Inf, out of range, and random values."""
+    import triton
+
+    from lowbit_tp.kernels.triton_rotation import bucket_cells
+
+    codec = make_codec(name, calibration=calibration(64), backend="reference")
+    bounds = codec._bounds.float().contiguous()
+    cells = bucket_cells(bounds)
+    assert cells is not None, name  # every shipped codec gets the fast search
+    lo, bnd, log2k = cells
+    k = 1 << log2k
+    inf = torch.tensor(float("inf"))
+    probes = [bounds, torch.tensor([-1.0, 1.0, 0.0, -0.0, float("nan"), float("inf"), float("-inf"), -2.0, 2.0, 1e-45,
+                                    -1e-45]), torch.rand(3000, generator=torch.Generator().manual_seed(1)) * 2.2 - 1.1]
+    edges = (torch.arange(k + 1).float() - k / 2) / (k / 2)
+    for base in (bounds, edges):
+        up, down = base.clone(), base.clone()
+        for _ in range(3):
+            up, down = torch.nextafter(up, inf), torch.nextafter(down, -inf)
+            probes += [up, down]
+    y = torch.cat(probes).float()
+    n = triton.next_power_of_2(y.numel())
+    y = torch.cat([y, torch.zeros(n - y.numel())])
+    out = torch.empty(n, dtype=torch.int32)
+    _cell_search_kernel()[(1,)](y, lo, bnd, out, LOG2K=log2k, N=n)
+    want = torch.bucketize(y.clamp(-1.0, 1.0), bounds).int()
+    want[torch.isnan(y)] = bounds.numel()  # torch.bucketize puts NaN last
+    assert torch.equal(out, want), (name, y[out != want][:8].tolist())
+
+
+def test_bucket_cells_refuses_what_it_cannot_do_exactly():
+    """No table where NaN could not go as 1.0 (a bound at 1) or the bounds are not ascending;
+    bounds closer than the finest grid allowed get none either."""
+    from lowbit_tp.kernels.triton_rotation import bucket_cells
+
+    assert bucket_cells(torch.tensor([-0.5, 0.0, 1.0])) is None
+    assert bucket_cells(torch.tensor([0.5, -0.5])) is None
+    assert bucket_cells(torch.tensor([0.1, 0.1 + 1e-6]), max_log2=10) is None
+    assert bucket_cells(torch.tensor([-0.5, 0.25]))[2] == 6
+
+
+# Every kernel variant the GPU sweep compares (scripts/sweep_rot.py) against the reference:
+# odd token counts, E not a multiple of 64 (E=200: a short last group and 8-wide Hadamard
+# blocks; E=136), NaN/Inf in propagate mode (planted by check), with the column tiles narrowed
+# so that E=200 spans several (row_tile: the encoders still take whole rows and one rotation).
+ROT_VARIANTS = {
+    "base": {"cell": False, "xpose": False, "row_tile": 0},
+    "cell_xpose": {"cell": True, "xpose": True, "row_tile": 0},
+    "row": {"cell": True, "xpose": True, "row_tile": 16384},
+    "row_no_cell": {"cell": False, "xpose": False, "row_tile": 16384},
+    "v256": {"cell": True, "xpose": True, "row_tile": 0, "enc_values": 256, "dec_values": 256,
+             "dec_values_wide": 128},
+}
+
+
+@pytest.mark.parametrize("variant", list(ROT_VARIANTS))
+@pytest.mark.parametrize("name,tokens,hidden", [("rot-lm4-g64-lg8-k4", 5, 200), ("rot-int6-g64-lg8-k4", 3, 136),
+                                                ("rot-int6-g64-lg8-k4", 7, 64), ("rot-lm3-g32-lg8-k4", 3, 200)])
+def test_rot_kernel_variants_bitwise(variant, name, tokens, hidden, monkeypatch):
+    from lowbit_tp.kernels import triton_rotation
+
+    monkeypatch.setattr(triton_rotation, "MAX_TILE_COLS", 32)
+    monkeypatch.setattr(triton_rotation, "CONFIG", {**triton_rotation.CONFIG, **ROT_VARIANTS[variant]})
+    rows, w, _, one = triton_rotation.encode_config(tokens, hidden, 64, 8)
+    assert one == (ROT_VARIANTS[variant]["row_tile"] > 0 or hidden <= 64)  # the case reaches the path it names
+    check(name, tokens, hidden)
+
+
+def test_rot_variants_really_run_their_paths(monkeypatch):
+    """The variant tests can fail: a cell table with bounds moved by 0.1%, or a bit transpose
+    that drops one bit, changes the bytes (and the unpatched kernels match)."""
+    from lowbit_tp.kernels import triton_rotation
+
+    cal = calibration(200)
+    ref = make_codec("rot-int6-g64-lg8-k4", calibration=cal, backend="reference")
+    x = partials(5, 200, seed=3, special=False)[0]
+    want = ref.encode(x, layer=LAYER, source=0)
+    monkeypatch.setattr(triton_rotation, "MAX_TILE_COLS", 32)
+
+    def encode(**cfg):
+        monkeypatch.setattr(triton_rotation, "CONFIG", {**triton_rotation.CONFIG, **cfg})
+        return make_codec("rot-int6-g64-lg8-k4", calibration=cal, backend="triton").encode(x, layer=LAYER, source=0)
+
+    assert torch.equal(encode(cell=True, xpose=True, row_tile=16384), want)
+    lo, bnd, log2k = triton_rotation.bucket_cells(ref._bounds)
+    bad = (lo.clone(), bnd.clone() * 0.999, log2k)
+    orig = triton_rotation._cell_args
+    monkeypatch.setattr(triton_rotation, "_cell_args", lambda bounds, cells, cfg: orig(bounds, bad, cfg))
+    assert not torch.equal(encode(cell=True, row_tile=0), want)
+    monkeypatch.setattr(triton_rotation, "_cell_args", orig)
+    xp = triton_rotation._xpose8_32.fn  # the plain function under the interpreter's JIT wrapper
+    monkeypatch.setattr(triton_rotation, "_xpose8_32", lambda lo, hi: xp(lo, hi & 0x7FFFFFFE))  # drops one bit
+    assert not torch.equal(encode(cell=False, xpose=True, row_tile=0), want)

@@ -9,6 +9,7 @@ for 4-bit codes and E % 8 == 0 for bit-planes (the codec falls back to the refer
 otherwise); the decoder reads any E.
 """
 import math
+import os
 
 import numpy as np
 import torch
@@ -40,8 +41,15 @@ LG8_PROGRAMS = 512
 #     whose cells each hold at most one bound: one lookup and one comparison per value,
 #     see bucket_cells) instead of a BITS-step binary search;
 #   xpose: bit-plane codes (3, 5, 6 bits) packed and unpacked 8 at a time through one int64
-#     and an 8x8 bit transpose instead of one reduction (encode) / extraction (decode) per plane.
-CONFIG = {"enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1, "cell": True, "xpose": True}
+#     and an 8x8 bit transpose instead of one reduction (encode) / extraction (decode) per plane;
+#   row_tile / row_vpt: encoders (and reduce-encode) whose padded E is at most row_tile take
+#     whole rows per program, row_vpt values a thread (warps = W / (32 row_vpt), at most 16),
+#     so lg8 rotates each value once instead of twice (0: column tiles as before);
+#   asm_enc / asm_dec: on a GPU the per-value table reads of the encoders (cell tables) / of
+#     decode-and-sum (levels) are elementwise inline ld.global.nc (no layout change around them;
+#     reduce-encode follows asm_enc).
+CONFIG = {"enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1, "cell": True, "xpose": True,
+          "row_tile": 0, "row_vpt": 16, "asm_enc": True, "asm_dec": False}
 
 
 def tile_config(tokens: int, hidden: int, group: int, block: int, nranks: int = 1, *,
@@ -60,6 +68,22 @@ def tile_config(tokens: int, hidden: int, group: int, block: int, nranks: int = 
     rows = max(1, min(triton.next_power_of_2(tokens), per_program // w))
     warps = max(1, min(cfg["warps"], rows))  # warps own whole rows
     return rows, w, warps
+
+
+def encode_config(tokens: int, hidden: int, group: int, block: int, nranks: int = 1, *,
+                  config: dict | None = None) -> tuple[int, int, int, bool]:
+    """(rows, W, warps, one) of the encoders (``nranks`` > 1: reduce-encode's sizing): whole rows
+    per program (``one``) where ``CONFIG["row_tile"]`` allows, else :func:`tile_config`'s
+    column tiles (``one`` when a tile spans E anyway)."""
+    cfg = {**CONFIG, **(config or {})}
+    e2 = triton.next_power_of_2(hidden)
+    if cfg["row_tile"] and e2 <= cfg["row_tile"] and e2 > MAX_TILE_COLS:
+        w = max(block, group, e2)
+        rows = max(1, min(triton.next_power_of_2(tokens), cfg["enc_values"] // w))
+        warps = max(1, min(16, rows * w // (32 * cfg["row_vpt"])))
+        return rows, w, warps, True
+    rows, w, warps = tile_config(tokens, hidden, group, block, nranks, encode=nranks == 1, config=cfg)
+    return rows, w, warps, w >= hidden
 
 
 def bucket_cells(bounds: torch.Tensor, max_log2: int = 10):
@@ -204,7 +228,19 @@ def _bucket(y, bounds_ptr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _bucket_cell(y, lo_ptr, bnd_ptr, LOG2K: tl.constexpr):
+def _gather32(ptr, idx, ASM: tl.constexpr):
+    """``ptr[idx]`` of a 32-bit table as int32 bits. ``ASM`` (GPU): an elementwise ``ld.global.nc``
+    that keeps ``idx``'s register layout; ``tl.load`` would make the compiler move the tensor
+    into a one-value-a-thread layout and back (a shared-memory round trip per value)."""
+    if ASM:
+        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [(ptr + idx).to(tl.int64, bitcast=True)],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return tl.load(ptr + idx).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _bucket_cell(y, lo_ptr, bnd_ptr, LOG2K: tl.constexpr, ASM: tl.constexpr = False):
     """``torch.bucketize(y, bounds)`` for ``y`` in ``[-1, 1]`` or NaN from the cell tables of
     :func:`bucket_cells`: NaN goes as 1.0 (same top bucket), then one cell lookup and one
     comparison with the one bound the cell may hold."""
@@ -212,8 +248,8 @@ def _bucket_cell(y, lo_ptr, bnd_ptr, LOG2K: tl.constexpr):
     HALF: tl.constexpr = K // 2
     yc = tl.where(y < 1.0, y, 1.0)
     cell = tl.minimum((yc * HALF + HALF).to(tl.int32), K - 1)
-    lo = tl.load(lo_ptr + cell)
-    return lo + (tl.load(bnd_ptr + cell) < yc).to(tl.int32)
+    lo = _gather32(lo_ptr, cell, ASM)
+    return lo + (_gather32(bnd_ptr, cell, ASM).to(tl.float32, bitcast=True) < yc).to(tl.int32)
 
 
 @triton.jit
@@ -313,14 +349,14 @@ def _group_scales(p, SCALE_OFF, lg8_ptr, t, tm, c0, T, G, ROWS: tl.constexpr, W:
 def _decode_tile(p, r, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF, SCALE_OFF,
                  ROWS: tl.constexpr, W: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr,
                  GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
-                 PACKED: tl.constexpr, XPOSE: tl.constexpr = False):
+                 PACKED: tl.constexpr, XPOSE: tl.constexpr = False, ASM: tl.constexpr = False):
     """``decode(payload p)`` of tokens ``t`` at columns ``c0 + [0, W)``: fp32 ``[ROWS, W]``;
     ``signs`` = the random signs times ``1/sqrt(B)``.
 
     The tile holds whole Hadamard blocks and whole groups, so nothing outside it is read."""
     code = _load_codes(p, CODE_OFF, NCB, t, tm, c0, E, ROWS, W, BITS, PACKED, XPOSE)
     scale = _group_scales(p, SCALE_OFF, lg8_ptr, t, tm, c0, T, G, ROWS, W, GROUP, FMT)
-    vals = tl.load(levels_ptr + code)
+    vals = _gather32(levels_ptr, code, ASM).to(tl.float32, bitcast=True)
     z = tl.reshape(tl.reshape(vals, [ROWS, W // GROUP, GROUP]) * scale[:, :, None], [ROWS, W])
     # (h * inv) * sign == h * (inv * sign) bit for bit: the sign only flips the rounded product
     x = tl.reshape(_fwht_rows(z, ROWS * W // B, B, LOG2B), [ROWS, W]) * signs
@@ -339,7 +375,7 @@ def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, 
                           SCALE_OFF, inv_sqrt_b, N: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr,
                           B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
                           FMT: tl.constexpr, HAS_K: tl.constexpr, PACKED: tl.constexpr, PS=0, OS=0,
-                          CHUNKED: tl.constexpr = False, XPOSE: tl.constexpr = False):
+                          CHUNKED: tl.constexpr = False, XPOSE: tl.constexpr = False, ASM: tl.constexpr = False):
     """``out = sum_r decode(payloads[r])`` in fp32, rank order, written once; one program per
     ``[ROWS, W]`` tile (grid: token blocks x column tiles). ``CHUNKED`` (``N == 1``): grid axis 2
     is a two-shot chunk of ``T`` rows, its payload at ``+ PS`` bytes and its rows of ``out`` at
@@ -351,10 +387,10 @@ def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, 
     tm = t < T
     signs = (tl.load(signs_ptr + c, mask=c < E, other=1.0) * inv_sqrt_b)[None, :]
     acc = _decode_tile(payloads[0], 0, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF,
-                       SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED, XPOSE)
+                       SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED, XPOSE, ASM)
     for r in tl.static_range(1, N):
         acc = acc + _decode_tile(payloads[r], r, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB,
-                                 CODE_OFF, SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED, XPOSE)
+                                 CODE_OFF, SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED, XPOSE, ASM)
     tl.store(out_ptr + t[:, None] * E + c[None, :], acc, mask=tm[:, None] & (c < E)[None, :])
 
 
@@ -423,7 +459,8 @@ def _encode_cols(x, t, tm, c0, b32, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, 
                  scale_ptr, flag_ptr, range_ptr, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max,
                  ROWS: tl.constexpr, W: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr,
                  BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr, FLAG: tl.constexpr,
-                 RANGE: tl.constexpr, cell_lo_ptr, cell_bnd_ptr, LOG2K: tl.constexpr, XPOSE: tl.constexpr = False):
+                 RANGE: tl.constexpr, cell_lo_ptr, cell_bnd_ptr, LOG2K: tl.constexpr, XPOSE: tl.constexpr = False,
+                 T=0, ONE: tl.constexpr = False, ASM: tl.constexpr = False):
     """Encode the fp32 tile ``x [ROWS, W]`` of tokens ``t`` at columns ``c0 + [0, W)`` (whole
     Hadamard blocks and groups); ``b32`` = the rows' lg8 bases. Finite inputs saturate at
     ``max_in``, rotated channels at ``rotate_max`` and group absmax at ``scale_max``. With
@@ -446,6 +483,12 @@ def _encode_cols(x, t, tm, c0, b32, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, 
             tl.store(head_ptr + t[:, None] * NK + cm2, bf16_bits(saturate_minmax(x, max_in)).to(tl.int16),
                      mask=m & (cm2 >= 0))
     amax, bad = _group_amax(z)
+    if FMT == 2:
+        if ONE:  # the tile holds whole rows: the lg8 bases from this rotation, no first pass. Same
+            # bits as _row_top's: amax is max(finite |h * inv|) per group, and rounding is monotone
+            top = tl.max(amax, axis=1)
+            b32, bbits = _lg8_base(tl.where(top > scale_max, scale_max, top))
+            store_u16(scale_ptr, T * G + 2 * t, bbits, tm)
     if RANGE:  # the input was finite (checked): a non-finite rotated value is an fp32 overflow
         flag_any(range_ptr, (amax > scale_max) | bad)
     amax = tl.where(amax > scale_max, scale_max, amax)
@@ -476,7 +519,7 @@ def _encode_cols(x, t, tm, c0, b32, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, 
         tl.store(scale_ptr + sidx, tl.where(bad, 255, q).to(tl.uint8), mask=gm)
     y = tl.math.div_rn(z, tl.broadcast_to(scale[:, :, None], [ROWS, GP, GROUP]))
     if LOG2K > 0:  # y >= -1 (NaN kept); the cell search maps NaN and y > 1 to the top
-        code = tl.reshape(_bucket_cell(tl.where(y < -1.0, -1.0, y), cell_lo_ptr, cell_bnd_ptr, LOG2K), [ROWS, W])
+        code = tl.reshape(_bucket_cell(tl.where(y < -1.0, -1.0, y), cell_lo_ptr, cell_bnd_ptr, LOG2K, ASM), [ROWS, W])
     else:
         code = tl.reshape(_bucket(clamp_keep_nan(y, -1.0, 1.0), bounds_ptr, BITS), [ROWS, W])
     if BITS == 8:
@@ -520,12 +563,14 @@ def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc
                       GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
                       FLAG: tl.constexpr, RANGE: tl.constexpr, SPLIT: tl.constexpr, XS=0, HS=0, PS=0,
                       CHUNKED: tl.constexpr = False, cell_lo_ptr=None, cell_bnd_ptr=None, LOG2K: tl.constexpr = 0,
-                      XPOSE: tl.constexpr = False):
+                      XPOSE: tl.constexpr = False, ONE: tl.constexpr = False, ASM: tl.constexpr = False):
     """Encode tokens ``[ROWS]`` in column tiles ``c0 = pid1 * W, + SPLIT * W, ...``. lg8 first
     makes a pass over the whole rows for the bases (the tile is rotated again in the second
     pass: re-reading x costs less than holding whole rows). ``CHUNKED``: grid axis 2 is a
     two-shot chunk of ``T`` rows, its input at ``+ XS`` values and its payload (bf16 head,
-    codes, scales) at ``+ PS`` bytes (``+ HS = PS / 2`` int16) per chunk."""
+    codes, scales) at ``+ PS`` bytes (``+ HS = PS / 2`` int16) per chunk. ``ONE``: the tile
+    holds whole rows (``W >= E``, one program per row block), so lg8 takes its bases from the
+    one rotation and makes no first pass."""
     if CHUNKED:
         j = tl.program_id(2)
         x_ptr += j * XS
@@ -535,7 +580,7 @@ def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc
     t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     tm = t < T
     b32 = tl.full([ROWS], 1.0, tl.float32)
-    if FMT == 2:
+    if FMT * (1 - ONE) == 2:
         habs = tl.zeros([ROWS, W], dtype=tl.float32)
         for c0 in range(0, E, W):
             habs = tl.maximum(habs, _finite_abs(_load_x(x_ptr, t, tm, c0, E, W), c0, E, signs_ptr, colmap_ptr, max_in,
@@ -546,22 +591,22 @@ def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc
         _encode_cols(_load_x(x_ptr, t, tm, c0, E, W), t, tm, c0, b32, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr,
                      lg8_asc_ptr, head_ptr, code_ptr, scale_ptr, flag_ptr, range_ptr, E, G, NK, NCB, inv_sqrt_b,
                      max_in, rotate_max, scale_max, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, FLAG, RANGE,
-                     cell_lo_ptr, cell_bnd_ptr, LOG2K, XPOSE)
+                     cell_lo_ptr, cell_bnd_ptr, LOG2K, XPOSE, T, ONE, ASM)
 
 
 @triton.jit
 def _sum_cols(payloads, t, tm, c0, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF, SCALE_OFF,
               inv_sqrt_b, N: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr, B: tl.constexpr,
               LOG2B: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
-              PACKED: tl.constexpr, XPOSE: tl.constexpr = False):
+              PACKED: tl.constexpr, XPOSE: tl.constexpr = False, ASM: tl.constexpr = False):
     """``sum_r decode(payloads[r])`` of the tile in fp32, rank order (0 outside ``[T, E]``)."""
     c = c0 + tl.arange(0, W)
     signs = (tl.load(signs_ptr + c, mask=c < E, other=1.0) * inv_sqrt_b)[None, :]
     acc = _decode_tile(payloads[0], 0, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF,
-                       SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED, XPOSE)
+                       SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED, XPOSE, ASM)
     for r in tl.static_range(1, N):
         acc = acc + _decode_tile(payloads[r], r, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB,
-                                 CODE_OFF, SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED, XPOSE)
+                                 CODE_OFF, SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED, XPOSE, ASM)
     return tl.where(tm[:, None] & (c < E)[None, :], acc, 0.0)
 
 
@@ -573,27 +618,31 @@ def rot_reduce_encode_kernel(payloads, signs_ptr, dec_colmap_ptr, levels_ptr, lg
                              LOG2B: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr,
                              HAS_K: tl.constexpr, FLAG: tl.constexpr, RANGE: tl.constexpr, SPLIT: tl.constexpr,
                              cell_lo_ptr=None, cell_bnd_ptr=None, LOG2K: tl.constexpr = 0,
-                             XPOSE: tl.constexpr = False):
+                             XPOSE: tl.constexpr = False, ONE: tl.constexpr = False,
+                             ASM: tl.constexpr = False):
     """Two-shot owner stage in one kernel: decode and sum the N payloads of a chunk, encode the
-    sum (for lg8 the sum is decoded twice: once for the bases, once to encode)."""
+    sum (for lg8 the sum is decoded twice: once for the bases, once to encode, unless ``ONE``:
+    the tile holds whole rows)."""
     t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     tm = t < T
     b32 = tl.full([ROWS], 1.0, tl.float32)
-    if FMT == 2:
+    if FMT * (1 - ONE) == 2:
         habs = tl.zeros([ROWS, W], dtype=tl.float32)
         for c0 in range(0, E, W):
             s = _sum_cols(payloads, t, tm, c0, signs_ptr, dec_colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB,
-                          CODE_OFF, SCALE_OFF, inv_sqrt_b, N, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, True, XPOSE)
+                          CODE_OFF, SCALE_OFF, inv_sqrt_b, N, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, True, XPOSE,
+                          ASM)
             habs = tl.maximum(habs, _finite_abs(s, c0, E, signs_ptr, enc_colmap_ptr, max_in, rotate_max, ROWS, W, B,
                                                 LOG2B, HAS_K, RANGE))
         b32, bbits = _lg8_base(_row_top(habs, inv_sqrt_b, scale_max))
         store_u16(scale_ptr, T * G + 2 * t, bbits, tm & (tl.program_id(1) == 0))
     for c0 in range(tl.program_id(1) * W, E, SPLIT * W):
         s = _sum_cols(payloads, t, tm, c0, signs_ptr, dec_colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF,
-                      SCALE_OFF, inv_sqrt_b, N, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, True, XPOSE)
+                      SCALE_OFF, inv_sqrt_b, N, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, True, XPOSE, ASM)
         _encode_cols(s, t, tm, c0, b32, signs_ptr, enc_colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr,
                      scale_ptr, flag_ptr, range_ptr, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max, ROWS, W,
-                     B, LOG2B, GROUP, BITS, FMT, HAS_K, FLAG, RANGE, cell_lo_ptr, cell_bnd_ptr, LOG2K, XPOSE)
+                     B, LOG2B, GROUP, BITS, FMT, HAS_K, FLAG, RANGE, cell_lo_ptr, cell_bnd_ptr, LOG2K, XPOSE, T, ONE,
+                     ASM)
 
 
 # ---------------------------------------------------------------- launchers (no codec logic)
@@ -624,6 +673,12 @@ def _cell_args(bounds, cells, cfg) -> dict:
     return {"cell_lo_ptr": cells[0], "cell_bnd_ptr": cells[1], "LOG2K": cells[2]}
 
 
+def _asm_args(device, cfg, key: str) -> dict:
+    """Table reads as elementwise inline PTX where ``cfg[key]`` (GPU only: the interpreter runs tl.load)."""
+    asm = cfg[key] and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and device.type == "cuda"
+    return {"ASM": True} if asm else {}
+
+
 def _xpose_args(bits: int, cfg) -> dict:
     """Bit-plane codes (not 4 or 8 bits) packed / unpacked with one 8x8 bit transpose per 8 codes."""
     return {"XPOSE": True} if cfg["xpose"] and bits not in (4, 8) else {}
@@ -649,8 +704,8 @@ def encode(x, *, signs, colmap, bounds, lg8, lg8_asc, out, nk: int, code_bytes: 
                                 scale_max=scale_max, flag=flag, range_flag=range_flag, chunks=chunks, cells=cells,
                                 config=config))
     cfg = {**CONFIG, **(config or {})}
-    rows, w, warps = tile_config(t, e, group, block, encode=True, config=cfg)
-    split = _split(t, e, rows, w, scale_format)
+    rows, w, warps, one = encode_config(t, e, group, block, config=cfg)
+    split = 1 if one else _split(t, e, rows, w, scale_format)
     off = 2 * t * nk
     head = out[:off].view(torch.int16)
     ps = out.numel() // chunks
@@ -661,7 +716,8 @@ def encode(x, *, signs, colmap, bounds, lg8, lg8_asc, out, nk: int, code_bytes: 
         nk, (t * e + 7) // 8, inv_sqrt(block), max_input, rotate_max, scale_max, ROWS=rows, W=w, B=block,
         LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits, FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0,
         FLAG=flag is not None, RANGE=range_flag is not None, SPLIT=split, num_warps=warps, **extra,
-        **_cell_args(bounds, cells, cfg), **_xpose_args(bits, cfg), **FP_OPTIONS)
+        **_cell_args(bounds, cells, cfg), **_xpose_args(bits, cfg), **({"ONE": True} if one else {}),
+        **_asm_args(x.device, cfg, "asm_enc"), **FP_OPTIONS)
     return out
 
 
@@ -679,8 +735,8 @@ def reduce_encode(payloads, *, signs, dec_colmap, enc_colmap, levels, bounds, lg
     if t == 0:
         return out
     cfg = {**CONFIG, **(config or {})}
-    rows, w, warps = tile_config(t, e, group, block, len(payloads), config=cfg)
-    split = _split(t, e, rows, w, scale_format)
+    rows, w, warps, one = encode_config(t, e, group, block, len(payloads), config=cfg)
+    split = 1 if one else _split(t, e, rows, w, scale_format)
     off = 2 * t * nk
     rot_reduce_encode_kernel[(triton.cdiv(t, rows), split)](
         tuple(payloads), signs, dec_colmap, levels, lg8, off, off + code_bytes, enc_colmap, bounds, lg8_asc,
@@ -689,7 +745,8 @@ def reduce_encode(payloads, *, signs, dec_colmap, enc_colmap, levels, bounds, lg
         triton.cdiv(e, group), nk, (t * e + 7) // 8, inv_sqrt(block), max_input, rotate_max, scale_max,
         N=len(payloads), ROWS=rows, W=w, B=block, LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits,
         FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0, FLAG=flag is not None, RANGE=range_flag is not None,
-        SPLIT=split, num_warps=warps, **_cell_args(bounds, cells, cfg), **_xpose_args(bits, cfg), **FP_OPTIONS)
+        SPLIT=split, num_warps=warps, **_cell_args(bounds, cells, cfg), **_xpose_args(bits, cfg),
+        **({"ONE": True} if one else {}), **_asm_args(out.device, cfg, "asm_enc"), **FP_OPTIONS)
     return out
 
 
@@ -703,7 +760,8 @@ def decode_sum(payloads, *, signs, colmap, levels, lg8, out, nk: int, code_bytes
     t, e = out.shape[0] // chunks, out.shape[1]
     if t == 0:
         return out
-    rows, w, warps = tile_config(t, e, group, block, len(payloads), config=config)
+    cfg = {**CONFIG, **(config or {})}
+    rows, w, warps = tile_config(t, e, group, block, len(payloads), config=cfg)
     off = 2 * t * nk
     packed = bits == 8 or (bits == 4 and e % 2 == 0) or e % 8 == 0
     extra = {} if chunks == 1 else {"PS": payloads[0].numel() // chunks, "OS": t * e, "CHUNKED": True}
@@ -711,5 +769,6 @@ def decode_sum(payloads, *, signs, colmap, levels, lg8, out, nk: int, code_bytes
         tuple(payloads), signs, colmap, levels, lg8, out, t, e, triton.cdiv(e, group), nk, (t * e + 7) // 8,
         off, off + code_bytes, inv_sqrt(block), N=len(payloads), ROWS=rows, W=w, B=block,
         LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits, FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0,
-        PACKED=packed, num_warps=warps, **extra, **_xpose_args(bits, {**CONFIG, **(config or {})}), **FP_OPTIONS)
+        PACKED=packed, num_warps=warps, **extra, **_xpose_args(bits, cfg), **_asm_args(out.device, cfg, "asm_dec"),
+        **FP_OPTIONS)
     return out
