@@ -44,6 +44,7 @@ VARIANTS = {
     "new_row": {**_NEW, "row_tile": 16384},  # + encoders take whole rows (16 warps): lg8 rotates once
     "new_asmdec": {**_NEW, "asm_dec": True},  # + inline-PTX level reads in decode-and-sum
     "new_v256": {**_NEW, "enc_values": 256, "dec_values": 256, "dec_values_wide": 128},  # 8 values a thread
+    "new_noasm": {**_NEW, "asm_enc": False},  # new without inline PTX (tl.load gathers)
 }
 
 
