@@ -30,7 +30,8 @@ COMMON = {"signs_ptr": "*fp32", "lg8_ptr": "*fp32", "T": "i32", "E": "i32", "G":
           "inv_sqrt_b": "fp32"}
 ENC = {**COMMON, "x_ptr": "*fp32", "colmap_ptr": "*i32", "bounds_ptr": "*fp32", "lg8_asc_ptr": "*fp32",
        "head_ptr": "*i16", "code_ptr": "*u8", "scale_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32",
-       "max_in": "fp32", "rotate_max": "fp32", "scale_max": "fp32", "cell_lo_ptr": "*i32", "cell_bnd_ptr": "*fp32"}
+       "max_in": "fp32", "rotate_max": "fp32", "scale_max": "fp32", "cell_lo_ptr": "*i32", "cell_bnd_ptr": "*fp32",
+       "lg8_cnt_ptr": "*i32", "lg8_thr_ptr": "*fp32"}
 DEC = {**COMMON, "colmap_ptr": "*i32", "levels_ptr": "*fp32", "out_ptr": "*fp32", "CODE_OFF": "i32",
        "SCALE_OFF": "i32"}
 RED = {**ENC, "dec_colmap_ptr": "*i32", "enc_colmap_ptr": "*i32", "levels_ptr": "*fp32", "CODE_OFF": "i32",
@@ -57,7 +58,7 @@ def _cell(K) -> dict:
     if not hasattr(K, "bucket_cells"):
         return {}
     cell = bool(K.CONFIG.get("cell"))
-    return {"LOG2K": 6 if cell else 0}
+    return {"LOG2K": 6 if cell else 0, **({"LG8C": True} if K.CONFIG.get("lg8_cell") else {})}
 
 
 def _asm(K, key: str = "asm_enc") -> dict:

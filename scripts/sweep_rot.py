@@ -35,12 +35,12 @@ CODECS = ["rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"]
 LAYER = "L"
 # name -> CONFIG overrides. "base": the kernels as measured in GPU run 1 (binary level search,
 # per-plane bit packing, 1 warp, 16 values a thread per payload, 8 with > 4 payloads).
-_BASE = {"cell": False, "xpose": False, "asm_enc": False, "asm_dec": False, "row_tile": 0, "row_vpt": 16,
-         "enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1}
-_NEW = {**_BASE, "cell": True, "xpose": True, "asm_enc": True}
+_BASE = {"cell": False, "xpose": False, "asm_enc": False, "asm_dec": False, "lg8_cell": False, "row_tile": 0,
+         "row_vpt": 16, "enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1}
+_NEW = {**_BASE, "cell": True, "xpose": True, "asm_enc": True, "lg8_cell": True}
 VARIANTS = {
     "base": _BASE,
-    "new": _NEW,  # cell level search, bit-transpose packing, inline-PTX table reads in the encoders
+    "new": _NEW,  # cell level and lg8 searches, bit-transpose packing, inline-PTX table reads in the encoders
     "new_row": {**_NEW, "row_tile": 16384},  # + encoders take whole rows (16 warps): lg8 rotates once
     "new_asmdec": {**_NEW, "asm_dec": True},  # + inline-PTX level reads in decode-and-sum
     "new_v256": {**_NEW, "enc_values": 256, "dec_values": 256, "dec_values_wide": 128},  # 8 values a thread

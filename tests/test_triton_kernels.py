@@ -616,10 +616,10 @@ def test_bucket_cells_refuses_what_it_cannot_do_exactly():
 # blocks; E=136), NaN/Inf in propagate mode (planted by check), with the column tiles narrowed
 # so that E=200 spans several (row_tile: the encoders still take whole rows and one rotation).
 ROT_VARIANTS = {
-    "base": {"cell": False, "xpose": False, "row_tile": 0},
+    "base": {"cell": False, "xpose": False, "row_tile": 0, "lg8_cell": False},
     "cell_xpose": {"cell": True, "xpose": True, "row_tile": 0},
     "row": {"cell": True, "xpose": True, "row_tile": 16384},
-    "row_no_cell": {"cell": False, "xpose": False, "row_tile": 16384},
+    "row_no_cell": {"cell": False, "xpose": False, "row_tile": 16384, "lg8_cell": False},
     "v256": {"cell": True, "xpose": True, "row_tile": 0, "enc_values": 256, "dec_values": 256,
              "dec_values_wide": 128},
 }
@@ -639,8 +639,9 @@ def test_rot_kernel_variants_bitwise(variant, name, tokens, hidden, monkeypatch)
 
 
 def test_rot_variants_really_run_their_paths(monkeypatch):
-    """The variant tests can fail: a cell table with bounds moved by 0.1%, or a bit transpose
-    that drops one bit, changes the bytes (and the unpatched kernels match)."""
+    """The variant tests can fail: a cell table with bounds moved by 0.1%, an lg8 cell table
+    one count low, or a bit transpose that drops one bit changes the bytes (and the unpatched
+    kernels match)."""
     from lowbit_tp.kernels import triton_rotation
 
     cal = calibration(200)
@@ -660,6 +661,36 @@ def test_rot_variants_really_run_their_paths(monkeypatch):
     monkeypatch.setattr(triton_rotation, "_cell_args", lambda bounds, cells, cfg: orig(bounds, bad, cfg))
     assert not torch.equal(encode(cell=True, row_tile=0), want)
     monkeypatch.setattr(triton_rotation, "_cell_args", orig)
+    cnt, nxt = triton_rotation.lg8_cells(torch.exp2(-torch.arange(256, dtype=torch.float64) / 16).float().flip(0))
+    orig_lg8 = triton_rotation._lg8_args
+    monkeypatch.setattr(triton_rotation, "_lg8_args", lambda t, f, cfg: {
+        **orig_lg8(t, f, cfg), "lg8_cnt_ptr": torch.clamp(cnt - 1, min=0).int(), "lg8_thr_ptr": nxt})
+    assert not torch.equal(encode(cell=False, row_tile=0), want)
+    monkeypatch.setattr(triton_rotation, "_lg8_args", orig_lg8)
     xp = triton_rotation._xpose8_32.fn  # the plain function under the interpreter's JIT wrapper
     monkeypatch.setattr(triton_rotation, "_xpose8_32", lambda lo, hi: xp(lo, hi & 0x7FFFFFFE))  # drops one bit
     assert not torch.equal(encode(cell=False, xpose=True, row_tile=0), want)
+
+
+def test_lg8_cell_search_is_the_table_search():
+    """The lg8 cells give the number of table entries below the ratio exactly: at every entry
+    and 1-2 ulps either side, cell edges, 0, 1, below 2**-16, random ratios (host model of the
+    kernel's arithmetic; the kernel path itself runs in the variant tests above)."""
+    from lowbit_tp.kernels.triton_rotation import lg8_cells
+
+    asc = torch.exp2(-torch.arange(256, dtype=torch.float64) / 16).float().flip(0)
+    cnt, nxt = lg8_cells(asc)
+    inf = torch.tensor(float("inf"))
+    edges = ((torch.arange(513, dtype=torch.int64) << 18) + 0x37800000).to(torch.int32).view(torch.float32)
+    probes = [asc, edges, torch.tensor([0.0, 1.0, 2.0 ** -16, 2.0 ** -17, 1e-30]), torch.rand(20000)]
+    for base in (asc, edges):
+        up, down = base.clone(), base.clone()
+        for _ in range(2):
+            up, down = torch.nextafter(up, inf), torch.nextafter(down, -inf)
+            probes += [up, down]
+    r = torch.cat(probes).clamp(0.0, 1.0)
+    u = r.view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+    cell = torch.clamp((u - 0x37800000) >> 18, 0, 511)
+    got = cnt[cell] + (nxt[cell] < r).int()
+    assert torch.equal(got, torch.searchsorted(asc, r).int())
+    assert lg8_cells(torch.cat([torch.tensor([2.0 ** -20]), asc[1:]])) is None  # an entry below the cells

@@ -24,6 +24,11 @@ from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bi
 SCALE_FORMAT_IDS = {"fp16": 0, "e8m0": 1, "lg8": 2}
 _FP16_NAN = tl.constexpr(0x7E00)  # what Tensor.masked_fill_(nan) writes into an fp16 tensor
 _BF16_MAX = tl.constexpr(3.3895313892515355e38)  # the lg8 base is clamped here (bf16's largest finite)
+# lg8 code search by cells of the ratio's fp32 bits: cell = (bits - 2**-16's bits) >> 18, clamped
+# to [0, 511] (ratios lie in [0, 1]; see lg8_cells)
+_LG8_CELL_BASE = tl.constexpr(0x37800000)
+_LG8_CELL_SHIFT = tl.constexpr(18)
+_LG8_CELLS = tl.constexpr(512)
 
 
 # Widest column tile of the column-tiled kernels. Tests lower it (and LG8_PROGRAMS) to reach
@@ -47,9 +52,11 @@ LG8_PROGRAMS = 512
 #     so lg8 rotates each value once instead of twice (0: column tiles as before);
 #   asm_enc / asm_dec: on a GPU the per-value table reads of the encoders (cell tables) / of
 #     decode-and-sum (levels) are elementwise inline ld.global.nc (no layout change around them;
-#     reduce-encode follows asm_enc).
+#     reduce-encode follows asm_enc);
+#   lg8_cell: the encoders' lg8 code per group from a cell table of the ratio's bits (one read
+#     and one comparison, see lg8_cells) instead of an 8-step search of the lg8 table.
 CONFIG = {"enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1, "cell": True, "xpose": True,
-          "row_tile": 0, "row_vpt": 16, "asm_enc": True, "asm_dec": False}
+          "row_tile": 0, "row_vpt": 16, "asm_enc": True, "asm_dec": False, "lg8_cell": True}
 
 
 def tile_config(tokens: int, hidden: int, group: int, block: int, nranks: int = 1, *,
@@ -460,7 +467,8 @@ def _encode_cols(x, t, tm, c0, b32, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, 
                  ROWS: tl.constexpr, W: tl.constexpr, B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr,
                  BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr, FLAG: tl.constexpr,
                  RANGE: tl.constexpr, cell_lo_ptr, cell_bnd_ptr, LOG2K: tl.constexpr, XPOSE: tl.constexpr = False,
-                 T=0, ONE: tl.constexpr = False, ASM: tl.constexpr = False):
+                 T=0, ONE: tl.constexpr = False, ASM: tl.constexpr = False, lg8_cnt_ptr=None, lg8_thr_ptr=None,
+                 LG8C: tl.constexpr = False):
     """Encode the fp32 tile ``x [ROWS, W]`` of tokens ``t`` at columns ``c0 + [0, W)`` (whole
     Hadamard blocks and groups); ``b32`` = the rows' lg8 bases. Finite inputs saturate at
     ``max_in``, rotated channels at ``rotate_max`` and group absmax at ``scale_max``. With
@@ -508,11 +516,17 @@ def _encode_cols(x, t, tm, c0, b32, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, 
         tl.store(scale_ptr + sidx, tl.where(bad, 255, ex + 127).to(tl.uint8), mask=gm)
     else:  # lg8: a log-step code per group under the token's bf16 base
         ratio = tl.math.div_rn(amax, tl.broadcast_to(b32[:, None], [ROWS, GP]))
-        cnt = tl.zeros([ROWS, GP], dtype=tl.int32)  # table entries < ratio (255 and 256 both give q = 0)
-        for s in tl.static_range(8):
-            half = 128 >> s
-            v = tl.load(lg8_asc_ptr + cnt + (half - 1))
-            cnt = tl.where(v >= ratio, cnt, cnt + half)
+        if LG8C:  # the count from a cell of ratio's bits (see lg8_cells): one read, one comparison
+            u = ratio.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+            cell = tl.minimum(tl.maximum((u - _LG8_CELL_BASE) >> _LG8_CELL_SHIFT, 0), _LG8_CELLS - 1)
+            cnt = _gather32(lg8_cnt_ptr, cell, ASM) + (
+                _gather32(lg8_thr_ptr, cell, ASM).to(tl.float32, bitcast=True) < ratio).to(tl.int32)
+        else:
+            cnt = tl.zeros([ROWS, GP], dtype=tl.int32)  # table entries < ratio (255 and 256 both give q = 0)
+            for s in tl.static_range(8):
+                half = 128 >> s
+                v = tl.load(lg8_asc_ptr + cnt + (half - 1))
+                cnt = tl.where(v >= ratio, cnt, cnt + half)
         q = 255 - cnt  # largest q with table[q] >= ratio; code 255 is the NaN sentinel
         q = tl.where(q > 254, 254, tl.where(q < 0, 0, q))
         scale = b32[:, None] * tl.load(lg8_ptr + q)
@@ -563,7 +577,8 @@ def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc
                       GROUP: tl.constexpr, BITS: tl.constexpr, FMT: tl.constexpr, HAS_K: tl.constexpr,
                       FLAG: tl.constexpr, RANGE: tl.constexpr, SPLIT: tl.constexpr, XS=0, HS=0, PS=0,
                       CHUNKED: tl.constexpr = False, cell_lo_ptr=None, cell_bnd_ptr=None, LOG2K: tl.constexpr = 0,
-                      XPOSE: tl.constexpr = False, ONE: tl.constexpr = False, ASM: tl.constexpr = False):
+                      XPOSE: tl.constexpr = False, ONE: tl.constexpr = False, ASM: tl.constexpr = False,
+                      lg8_cnt_ptr=None, lg8_thr_ptr=None, LG8C: tl.constexpr = False):
     """Encode tokens ``[ROWS]`` in column tiles ``c0 = pid1 * W, + SPLIT * W, ...``. lg8 first
     makes a pass over the whole rows for the bases (the tile is rotated again in the second
     pass: re-reading x costs less than holding whole rows). ``CHUNKED``: grid axis 2 is a
@@ -591,7 +606,7 @@ def rot_encode_kernel(x_ptr, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc
         _encode_cols(_load_x(x_ptr, t, tm, c0, E, W), t, tm, c0, b32, signs_ptr, colmap_ptr, bounds_ptr, lg8_ptr,
                      lg8_asc_ptr, head_ptr, code_ptr, scale_ptr, flag_ptr, range_ptr, E, G, NK, NCB, inv_sqrt_b,
                      max_in, rotate_max, scale_max, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, FLAG, RANGE,
-                     cell_lo_ptr, cell_bnd_ptr, LOG2K, XPOSE, T, ONE, ASM)
+                     cell_lo_ptr, cell_bnd_ptr, LOG2K, XPOSE, T, ONE, ASM, lg8_cnt_ptr, lg8_thr_ptr, LG8C)
 
 
 @triton.jit
@@ -619,7 +634,8 @@ def rot_reduce_encode_kernel(payloads, signs_ptr, dec_colmap_ptr, levels_ptr, lg
                              HAS_K: tl.constexpr, FLAG: tl.constexpr, RANGE: tl.constexpr, SPLIT: tl.constexpr,
                              cell_lo_ptr=None, cell_bnd_ptr=None, LOG2K: tl.constexpr = 0,
                              XPOSE: tl.constexpr = False, ONE: tl.constexpr = False,
-                             ASM: tl.constexpr = False):
+                             ASM: tl.constexpr = False, lg8_cnt_ptr=None, lg8_thr_ptr=None,
+                             LG8C: tl.constexpr = False):
     """Two-shot owner stage in one kernel: decode and sum the N payloads of a chunk, encode the
     sum (for lg8 the sum is decoded twice: once for the bases, once to encode, unless ``ONE``:
     the tile holds whole rows)."""
@@ -642,7 +658,7 @@ def rot_reduce_encode_kernel(payloads, signs_ptr, dec_colmap_ptr, levels_ptr, lg
         _encode_cols(s, t, tm, c0, b32, signs_ptr, enc_colmap_ptr, bounds_ptr, lg8_ptr, lg8_asc_ptr, head_ptr, code_ptr,
                      scale_ptr, flag_ptr, range_ptr, E, G, NK, NCB, inv_sqrt_b, max_in, rotate_max, scale_max, ROWS, W,
                      B, LOG2B, GROUP, BITS, FMT, HAS_K, FLAG, RANGE, cell_lo_ptr, cell_bnd_ptr, LOG2K, XPOSE, T, ONE,
-                     ASM)
+                     ASM, lg8_cnt_ptr, lg8_thr_ptr, LG8C)
 
 
 # ---------------------------------------------------------------- launchers (no codec logic)
@@ -653,6 +669,42 @@ def _split(tokens: int, hidden: int, rows: int, w: int, scale_format: str) -> in
     if scale_format != "lg8":
         return tiles
     return max(1, min(tiles, LG8_PROGRAMS // triton.cdiv(tokens, rows)))
+
+
+def lg8_cells(lg8_asc: torch.Tensor):
+    """Cell tables of the lg8 code search for the ascending fp32 table ``lg8_asc``, or None.
+
+    The kernel needs ``cnt(r)`` = the number of entries below the ratio ``r`` in ``[0, 1]``. Cell
+    ``c`` holds the ratios whose bits minus those of ``2**-16`` shift right by 18 to ``c``
+    (clamped to ``[0, 511]``); the table gives ``cnt`` at the cell's smallest ratio and the next
+    entry, and ``cnt(r) = cnt_lo + (next < r)``: exact when no cell holds two entries and no
+    entry lies below ``2**-16`` (both checked here; lg8's entries are ``2**(-q/16)``, at least
+    ``2**(1/16) - 1`` apart relatively, and cells are at most ``2**-5`` wide).
+    Returns ``(cnt int32 [512], next fp32 [512])`` on the CPU."""
+    asc = lg8_asc.detach().float().cpu().contiguous()
+    base, shift, n = 0x37800000, 18, 512
+    c = torch.arange(n, dtype=torch.int64)
+    rmin = ((c << shift) + base).to(torch.int32).view(torch.float32)
+    rmax = ((c << shift) + base + (1 << shift) - 1).to(torch.int32).view(torch.float32)
+    rmax[-1] = 1.0  # ratios of 1.0 clamp into the last cell
+    lo = torch.searchsorted(asc, rmin)  # entries < rmin
+    hi = torch.searchsorted(asc, rmax, right=True)  # entries <= rmax
+    if bool((asc[1:] < asc[:-1]).any()) or bool((asc < 2.0 ** -16).any()) or bool((hi - lo > 1).any()):
+        return None
+    nxt = torch.where(lo < asc.numel(), asc[torch.clamp(lo, max=asc.numel() - 1)], torch.tensor(float("inf")))
+    return lo.to(torch.int32).contiguous(), nxt.contiguous()
+
+
+def _lg8_args(lg8_asc, scale_format: str, cfg) -> dict:
+    """The lg8 cell search's arguments (tables built once per table tensor and kept on it)."""
+    if scale_format != "lg8" or not cfg["lg8_cell"]:
+        return {}
+    cells = getattr(lg8_asc, "_lowbit_lg8_cells", False)
+    if cells is False:
+        c = lg8_cells(lg8_asc)
+        cells = None if c is None else (c[0].to(lg8_asc.device), c[1].to(lg8_asc.device))
+        lg8_asc._lowbit_lg8_cells = cells
+    return {} if cells is None else {"lg8_cnt_ptr": cells[0], "lg8_thr_ptr": cells[1], "LG8C": True}
 
 
 def _cell_args(bounds, cells, cfg) -> dict:
@@ -717,7 +769,7 @@ def encode(x, *, signs, colmap, bounds, lg8, lg8_asc, out, nk: int, code_bytes: 
         LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits, FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0,
         FLAG=flag is not None, RANGE=range_flag is not None, SPLIT=split, num_warps=warps, **extra,
         **_cell_args(bounds, cells, cfg), **_xpose_args(bits, cfg), **({"ONE": True} if one else {}),
-        **_asm_args(x.device, cfg, "asm_enc"), **FP_OPTIONS)
+        **_asm_args(x.device, cfg, "asm_enc"), **_lg8_args(lg8_asc, scale_format, cfg), **FP_OPTIONS)
     return out
 
 
@@ -746,7 +798,8 @@ def reduce_encode(payloads, *, signs, dec_colmap, enc_colmap, levels, bounds, lg
         N=len(payloads), ROWS=rows, W=w, B=block, LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits,
         FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0, FLAG=flag is not None, RANGE=range_flag is not None,
         SPLIT=split, num_warps=warps, **_cell_args(bounds, cells, cfg), **_xpose_args(bits, cfg),
-        **({"ONE": True} if one else {}), **_asm_args(out.device, cfg, "asm_enc"), **FP_OPTIONS)
+        **({"ONE": True} if one else {}), **_asm_args(out.device, cfg, "asm_enc"),
+        **_lg8_args(lg8_asc, scale_format, cfg), **FP_OPTIONS)
     return out
 
 
