@@ -57,6 +57,8 @@ def parse_args(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="graph replays timed (default 15; cpu 1)")
     ap.add_argument("--calls", type=int, default=5, help="calls per captured graph")
     ap.add_argument("--check-tokens", type=int, default=None, help="default 48 (GPU), 5 (cpu)")
+    ap.add_argument("--reduce-variants", default="base,new,new_row",
+                    help="variants whose two-shot reduce-encode (2 payloads, [2048, 8192]) is timed too")
     ap.add_argument("--budget-s", type=float, default=42.0, help="start no new variant after this many seconds")
     return ap.parse_args(argv)
 
@@ -121,7 +123,7 @@ def main(argv=None) -> None:
         return bool(torch.equal(na, nb) and torch.equal(a[~na].view(torch.int32), b[~nb].view(torch.int32)))
 
     # the reference payloads and sums of the check, once per codec (CPU, eager)
-    refs = {}
+    refs, reds = {}, {}
     for name in args.codecs.split(","):
         ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
         xs = planted_partials(8, check_tokens, hidden, seed=0, noise_seed=3)
@@ -129,6 +131,7 @@ def main(argv=None) -> None:
         want = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
         sums = {n: ref.decode_sum(want[:n], (check_tokens, hidden), layer=LAYER) for n in (2, 8)}
         refs[name] = (xs, want, sums)
+        reds[name] = ref.encode(sums[2], layer=LAYER, source=0)
 
     # timed inputs (shared by every variant) and copies
     data, copies = {}, {}
@@ -155,6 +158,10 @@ def main(argv=None) -> None:
                 for n in (2, 8):
                     s = codec.decode_sum([p.to(dev) for p in want[:n]], (check_tokens, hidden), layer=LAYER)
                     row[f"sum{n}_equal"] = same_bits(s, sums[n])
+                if vname in args.reduce_variants.split(","):  # two-shot's owner stage: encode(sum) of 2
+                    red = codec.reduce_encode([p.to(dev) for p in want[:2]], (check_tokens, hidden), layer=LAYER,
+                                              out_source=0)
+                    row["reduce_equal"] = red is not None and torch.equal(red.cpu(), reds[name])
                 for t, e in shapes:
                     xd = data[(t, e)]
                     fbytes = 4 * t * e
@@ -170,6 +177,10 @@ def main(argv=None) -> None:
                         td = timed(lambda: codec.decode_sum(payloads[:n], (t, e), layer=LAYER, out=sbuf))
                         row[f"dec{n}_{t}_us"] = td * 1e6
                         row[f"dec{n}_{t}_of_copy"] = (n * pbytes + fbytes) / td / copy_bw
+                    if (t, e) == shapes[0] and vname in args.reduce_variants.split(","):
+                        rbuf = torch.empty_like(pbuf)
+                        tr = timed(lambda: codec.reduce_encode(payloads[:2], (t, e), layer=LAYER, out=rbuf))
+                        row[f"reduce2_{t}_us"] = tr * 1e6
             except Exception as exc:  # one variant's failure is reported, the others still run
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             row["elapsed_s"] = time.time() - t0
@@ -187,11 +198,12 @@ def main(argv=None) -> None:
             "skipped_for_budget": skipped, "variants": VARIANTS,
             "command": "python3 scripts/sweep_rot.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     (out / "sweep_rot.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
-    cols = [k for k in rows[0] if k.endswith("_of_copy")] if rows else []
+    cols = sorted({k for r in rows for k in r if k.endswith("_of_copy") or k.startswith("reduce2_")},
+                  key=lambda k: (k.startswith("reduce"), k))
     print("\n| variant | codec | bitwise | " + " | ".join(cols) + " |")
     print("|---|---|---|" + "---|" * len(cols))
     for r in rows:
-        ok = r.get("error") or all(r.get(k) for k in ("bytes_equal", "sum2_equal", "sum8_equal"))
+        ok = r.get("error") or all(r.get(k, True) for k in ("bytes_equal", "sum2_equal", "sum8_equal", "reduce_equal"))
         print(f"| {r['variant']} | {r['codec']} | {ok} | " + " | ".join(
             f"{r[c]:.3f}" if isinstance(r.get(c), float) else "-" for c in cols) + " |")
     print(f"sweep_rot: {len(rows)} rows in {meta['seconds']:.1f} s -> {out}/sweep_rot.json", flush=True)
