@@ -694,3 +694,26 @@ def test_lg8_cell_search_is_the_table_search():
     got = cnt[cell] + (nxt[cell] < r).int()
     assert torch.equal(got, torch.searchsorted(asc, r).int())
     assert lg8_cells(torch.cat([torch.tensor([2.0 ** -20]), asc[1:]])) is None  # an entry below the cells
+
+
+@pytest.mark.parametrize("name", ["rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"])
+def test_row_mode_chunks_and_reduce_encode_bitwise(name, monkeypatch):
+    """Whole-row encoders (row_tile) in two-shot's batched chunk encode (grid axis 2) and in the
+    fused reduce-encode, NaN/Inf planted: the reference's bytes."""
+    from lowbit_tp.kernels import triton_rotation
+
+    monkeypatch.setattr(triton_rotation, "MAX_TILE_COLS", 32)
+    monkeypatch.setattr(triton_rotation, "CONFIG", {**triton_rotation.CONFIG, "row_tile": 16384})
+    tokens, hidden, world = 6, 200, 3
+    assert triton_rotation.encode_config(tokens // world, hidden, 64, 8)[3]
+    cal = calibration(hidden)
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+    tri = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
+    xs = partials(tokens, hidden, seed=11, special=True)
+    rows = tokens // world
+    want = torch.cat([ref.encode(c, layer=LAYER, source=1) for c in xs[2].split(rows)])
+    assert torch.equal(tri.encode_chunks(xs[2], world, layer=LAYER, source=1), want)
+    pay = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    want = ref.encode(ref.decode_sum(pay, (tokens, hidden), layer=LAYER), layer=LAYER, source=0)
+    got = tri.reduce_encode(pay, (tokens, hidden), layer=LAYER, out_source=0)
+    assert torch.equal(got, want)
