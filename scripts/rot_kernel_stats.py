@@ -61,9 +61,11 @@ def _cell(K) -> dict:
     return {"LOG2K": 6 if cell else 0, **({"LG8C": True} if K.CONFIG.get("lg8_cell") else {})}
 
 
-def _asm(K, key: str = "asm_enc") -> dict:
+def _asm(K, key: str = "asm_enc", bits: int = 4) -> dict:
     """Elementwise inline-PTX table reads where the module has them and its config turns them on."""
-    return {"ASM": True} if hasattr(K, "_gather32") and K.CONFIG.get(key) else {}
+    on = K.CONFIG.get(key) if hasattr(K, "_gather32") else False
+    on = bits in on if isinstance(on, (tuple, list, set, frozenset)) else bool(on)
+    return {"ASM": True} if on else {}
 
 
 def _xpose(K, bits: int) -> dict:
@@ -82,7 +84,7 @@ def cases(K):
                     one = {"ONE": one}
                 else:
                     (rows, w, warps), one = K.tile_config(T, E, GROUP, BLOCK), {}
-                const = {"ROWS": rows, "W": w, "GROUP": GROUP, "SPLIT": 1, **_cell(K), **_xpose(K, bits), **one, **_asm(K)}
+                const = {"ROWS": rows, "W": w, "GROUP": GROUP, "SPLIT": 1, **_cell(K), **_xpose(K, bits), **one, **_asm(K, "asm_enc", bits)}
             else:
                 rows, w, gw, warps = K.launch_config(T, E, GROUP)
                 const = {"ROWS": rows, "E_PAD": w, "GW": gw}
@@ -90,7 +92,7 @@ def cases(K):
             out.append((f"encode {bits}-bit {mode}", K.rot_encode_kernel, ENC, const, warps, rows * w // (32 * warps)))
         for n in (2, 8):
             const = {"N": n, "B": BLOCK, "LOG2B": 8, "GROUP": GROUP, "BITS": bits, "FMT": 2, "HAS_K": True,
-                     **_xpose(K, bits), **_asm(K, "asm_dec")}
+                     **_xpose(K, bits), **_asm(K, "asm_dec", bits)}
             if hasattr(K, "tile_config"):
                 rows, w, warps = K.tile_config(T, E, GROUP, BLOCK, n)
                 const.update(ROWS=rows, W=w, PACKED=True)
@@ -107,7 +109,7 @@ def cases(K):
                 const["ONE"] = one
             else:
                 rows, w, warps = K.tile_config(T, E, GROUP, BLOCK, 2)
-            const.update(ROWS=rows, W=w, SPLIT=1, **_cell(K), **_xpose(K, bits), **_asm(K))
+            const.update(ROWS=rows, W=w, SPLIT=1, **_cell(K), **_xpose(K, bits), **_asm(K, "asm_enc", bits))
         else:
             rows, w, gw, warps = K.launch_config(T, E, GROUP)
             const.update(ROWS=rows, E_PAD=w, GW=gw)

@@ -41,8 +41,9 @@ _NEW = {**_BASE, "cell": True, "xpose": True, "asm_enc": True, "lg8_cell": True}
 VARIANTS = {
     "base": _BASE,
     "new": _NEW,  # cell level and lg8 searches, bit-transpose packing, inline-PTX table reads in the encoders
+    "new_asmdec": {**_NEW, "asm_dec": (4,)},  # + inline-PTX level reads in 4-bit decode-and-sum
+    "new_dec1024": {**_NEW, "asm_dec": (4,), "dec_values": 1024, "dec_values_wide": 512},  # + 32/16 values a thread
     "new_row": {**_NEW, "row_tile": 16384},  # + encoders take whole rows (16 warps): lg8 rotates once
-    "new_asmdec": {**_NEW, "asm_dec": True},  # + inline-PTX level reads in decode-and-sum
     "new_v256": {**_NEW, "enc_values": 256, "dec_values": 256, "dec_values_wide": 128},  # 8 values a thread
     "new_noasm": {**_NEW, "asm_enc": False},  # new without inline PTX (tl.load gathers)
 }
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    ap.add_argument("--variants", default="base,new,new_row,new_asmdec,new_v256",
+    ap.add_argument("--variants", default="base,new,new_asmdec,new_dec1024,new_row,new_v256",
                     help=f"comma-separated names of VARIANTS ({', '.join(VARIANTS)})")
     ap.add_argument("--codecs", default=",".join(CODECS))
     ap.add_argument("--repeats", type=int, default=None, help="graph replays timed (default 15; cpu 1)")
@@ -150,6 +151,7 @@ def main(argv=None) -> None:
             continue
         K.CONFIG.clear()
         K.CONFIG.update({**default_config, **VARIANTS[vname]})
+        tv = time.time()
         for name in args.codecs.split(","):
             row = {"variant": vname, "codec": name, "config": dict(K.CONFIG)}
             try:
@@ -186,6 +188,7 @@ def main(argv=None) -> None:
             except Exception as exc:  # one variant's failure is reported, the others still run
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             row["elapsed_s"] = time.time() - t0
+            row["variant_s"] = time.time() - tv
             rows.append(row)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                               if k != "config"}), flush=True)

@@ -52,11 +52,11 @@ LG8_PROGRAMS = 512
 #     so lg8 rotates each value once instead of twice (0: column tiles as before);
 #   asm_enc / asm_dec: on a GPU the per-value table reads of the encoders (cell tables) / of
 #     decode-and-sum (levels) are elementwise inline ld.global.nc (no layout change around them;
-#     reduce-encode follows asm_enc);
+#     reduce-encode follows asm_enc); True, False, or the code widths (bits) it applies to;
 #   lg8_cell: the encoders' lg8 code per group from a cell table of the ratio's bits (one read
 #     and one comparison, see lg8_cells) instead of an 8-step search of the lg8 table.
 CONFIG = {"enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1, "cell": True, "xpose": True,
-          "row_tile": 0, "row_vpt": 16, "asm_enc": True, "asm_dec": False, "lg8_cell": True}
+          "row_tile": 0, "row_vpt": 16, "asm_enc": True, "asm_dec": (4,), "lg8_cell": True}
 
 
 def tile_config(tokens: int, hidden: int, group: int, block: int, nranks: int = 1, *,
@@ -725,9 +725,12 @@ def _cell_args(bounds, cells, cfg) -> dict:
     return {"cell_lo_ptr": cells[0], "cell_bnd_ptr": cells[1], "LOG2K": cells[2]}
 
 
-def _asm_args(device, cfg, key: str) -> dict:
-    """Table reads as elementwise inline PTX where ``cfg[key]`` (GPU only: the interpreter runs tl.load)."""
-    asm = cfg[key] and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and device.type == "cuda"
+def _asm_args(device, cfg, key: str, bits: int) -> dict:
+    """Table reads as elementwise inline PTX where ``cfg[key]`` is true or a collection holding
+    ``bits`` (GPU only: the interpreter runs tl.load)."""
+    on = cfg[key]
+    on = bits in on if isinstance(on, (tuple, list, set, frozenset)) else bool(on)
+    asm = on and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and device.type == "cuda"
     return {"ASM": True} if asm else {}
 
 
@@ -769,7 +772,7 @@ def encode(x, *, signs, colmap, bounds, lg8, lg8_asc, out, nk: int, code_bytes: 
         LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits, FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0,
         FLAG=flag is not None, RANGE=range_flag is not None, SPLIT=split, num_warps=warps, **extra,
         **_cell_args(bounds, cells, cfg), **_xpose_args(bits, cfg), **({"ONE": True} if one else {}),
-        **_asm_args(x.device, cfg, "asm_enc"), **_lg8_args(lg8_asc, scale_format, cfg), **FP_OPTIONS)
+        **_asm_args(x.device, cfg, "asm_enc", bits), **_lg8_args(lg8_asc, scale_format, cfg), **FP_OPTIONS)
     return out
 
 
@@ -798,7 +801,7 @@ def reduce_encode(payloads, *, signs, dec_colmap, enc_colmap, levels, bounds, lg
         N=len(payloads), ROWS=rows, W=w, B=block, LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits,
         FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0, FLAG=flag is not None, RANGE=range_flag is not None,
         SPLIT=split, num_warps=warps, **_cell_args(bounds, cells, cfg), **_xpose_args(bits, cfg),
-        **({"ONE": True} if one else {}), **_asm_args(out.device, cfg, "asm_enc"),
+        **({"ONE": True} if one else {}), **_asm_args(out.device, cfg, "asm_enc", bits),
         **_lg8_args(lg8_asc, scale_format, cfg), **FP_OPTIONS)
     return out
 
@@ -822,6 +825,6 @@ def decode_sum(payloads, *, signs, colmap, levels, lg8, out, nk: int, code_bytes
         tuple(payloads), signs, colmap, levels, lg8, out, t, e, triton.cdiv(e, group), nk, (t * e + 7) // 8,
         off, off + code_bytes, inv_sqrt(block), N=len(payloads), ROWS=rows, W=w, B=block,
         LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits, FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0,
-        PACKED=packed, num_warps=warps, **extra, **_xpose_args(bits, cfg), **_asm_args(out.device, cfg, "asm_dec"),
+        PACKED=packed, num_warps=warps, **extra, **_xpose_args(bits, cfg), **_asm_args(out.device, cfg, "asm_dec", bits),
         **FP_OPTIONS)
     return out
