@@ -37,15 +37,16 @@ LAYER = "L"
 # per-plane bit packing, 1 warp, 16 values a thread per payload, 8 with > 4 payloads).
 _BASE = {"cell": False, "xpose": False, "asm_enc": False, "asm_dec": False, "lg8_cell": False, "row_tile": 0,
          "row_vpt": 16, "enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1}
-_NEW = {**_BASE, "cell": True, "xpose": True, "asm_enc": True, "lg8_cell": True}
+_NEW = {**_BASE, "cell": True, "xpose": True, "asm_enc": True, "asm_dec": (4,), "lg8_cell": True}
 VARIANTS = {
     "base": _BASE,
-    "new": _NEW,  # cell level and lg8 searches, bit-transpose packing, inline-PTX table reads in the encoders
-    "new_asmdec": {**_NEW, "asm_dec": (4,)},  # + inline-PTX level reads in 4-bit decode-and-sum
-    "new_dec1024": {**_NEW, "asm_dec": (4,), "dec_values": 1024, "dec_values_wide": 512},  # + 32/16 values a thread
+    # cell level and lg8 searches, bit-transpose packing, inline-PTX table reads (encoders; 4-bit decode)
+    "new": _NEW,
     "new_row": {**_NEW, "row_tile": 16384},  # + encoders take whole rows (16 warps): lg8 rotates once
+    "new_big": {**_NEW, "enc_values": 1024, "dec_values": 1024, "dec_values_wide": 512},  # 32/16 values a thread
     "new_v256": {**_NEW, "enc_values": 256, "dec_values": 256, "dec_values_wide": 128},  # 8 values a thread
-    "new_noasm": {**_NEW, "asm_enc": False},  # new without inline PTX (tl.load gathers)
+    "new_noasmdec": {**_NEW, "asm_dec": False},  # new with tl.load level reads in decode-and-sum
+    "new_noasm": {**_NEW, "asm_enc": False, "asm_dec": False},  # new without inline PTX
 }
 
 
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    ap.add_argument("--variants", default="base,new,new_asmdec,new_dec1024,new_row,new_v256",
+    ap.add_argument("--variants", default="base,new,new_row,new_big,new_v256,new_noasmdec",
                     help=f"comma-separated names of VARIANTS ({', '.join(VARIANTS)})")
     ap.add_argument("--codecs", default=",".join(CODECS))
     ap.add_argument("--repeats", type=int, default=None, help="graph replays timed (default 15; cpu 1)")

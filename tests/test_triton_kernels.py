@@ -622,6 +622,8 @@ ROT_VARIANTS = {
     "row_no_cell": {"cell": False, "xpose": False, "row_tile": 16384, "lg8_cell": False},
     "v256": {"cell": True, "xpose": True, "row_tile": 0, "enc_values": 256, "dec_values": 256,
              "dec_values_wide": 128},
+    "big": {"cell": True, "xpose": True, "row_tile": 0, "enc_values": 1024, "dec_values": 1024,
+            "dec_values_wide": 512},
 }
 
 
