@@ -45,7 +45,7 @@ LG8_PROGRAMS = 512
 #   cell: the encoders' level search from a cell table (a coarse uniform grid on [-1, 1]
 #     whose cells each hold at most one bound: one lookup and one comparison per value,
 #     see bucket_cells) instead of a BITS-step binary search;
-#   xpose: bit-plane codes (3, 5, 6 bits) packed and unpacked 8 at a time through one int64
+#   xpose: bit-plane codes (3, 5, 6 bits) packed and unpacked 8 at a time through two int32
 #     and an 8x8 bit transpose instead of one reduction (encode) / extraction (decode) per plane;
 #   row_tile / row_vpt: encoders (and reduce-encode) whose padded E is at most row_tile take
 #     whole rows per program, row_vpt values a thread (warps = W / (32 row_vpt), at most 16),
