@@ -627,7 +627,8 @@ ROT_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", list(ROT_VARIANTS))
+@pytest.mark.parametrize("variant", [v if v in ("base", "cell_xpose", "row") else pytest.param(v, marks=pytest.mark.slow)
+                                     for v in ROT_VARIANTS])  # the launch-shape-only ones: slow suite
 @pytest.mark.parametrize("name,tokens,hidden", [("rot-lm4-g64-lg8-k4", 5, 200), ("rot-int6-g64-lg8-k4", 3, 136),
                                                 ("rot-int6-g64-lg8-k4", 7, 64), ("rot-lm3-g32-lg8-k4", 3, 200)])
 def test_rot_kernel_variants_bitwise(variant, name, tokens, hidden, monkeypatch):
