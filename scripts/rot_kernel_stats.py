@@ -30,7 +30,8 @@ COMMON = {"signs_ptr": "*fp32", "lg8_ptr": "*fp32", "T": "i32", "E": "i32", "G":
           "inv_sqrt_b": "fp32"}
 ENC = {**COMMON, "x_ptr": "*fp32", "colmap_ptr": "*i32", "bounds_ptr": "*fp32", "lg8_asc_ptr": "*fp32",
        "head_ptr": "*i16", "code_ptr": "*u8", "scale_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32",
-       "max_in": "fp32", "rotate_max": "fp32", "scale_max": "fp32"}
+       "max_in": "fp32", "rotate_max": "fp32", "scale_max": "fp32", "cell_lo_ptr": "*i32", "cell_bnd_ptr": "*fp32",
+       "lg8_cnt_ptr": "*i32", "lg8_thr_ptr": "*fp32"}
 DEC = {**COMMON, "colmap_ptr": "*i32", "levels_ptr": "*fp32", "out_ptr": "*fp32", "CODE_OFF": "i32",
        "SCALE_OFF": "i32"}
 RED = {**ENC, "dec_colmap_ptr": "*i32", "enc_colmap_ptr": "*i32", "levels_ptr": "*fp32", "CODE_OFF": "i32",
@@ -51,21 +52,47 @@ def load_module(rev: str | None):
     return mod
 
 
+def _cell(K) -> dict:
+    """The cell level search's constexpr where the module has one and its config turns it on
+    (K = 64 cells: what bucket_cells picks for the 4-bit Lloyd-Max and int6 bounds)."""
+    if not hasattr(K, "bucket_cells"):
+        return {}
+    cell = bool(K.CONFIG.get("cell"))
+    return {"LOG2K": 6 if cell else 0, **({"LG8C": True} if K.CONFIG.get("lg8_cell") else {})}
+
+
+def _asm(K, key: str = "asm_enc", bits: int = 4) -> dict:
+    """Elementwise inline-PTX table reads where the module has them and its config turns them on."""
+    on = K.CONFIG.get(key) if hasattr(K, "_gather32") else False
+    on = bits in on if isinstance(on, (tuple, list, set, frozenset)) else bool(on)
+    return {"ASM": True} if on else {}
+
+
+def _xpose(K, bits: int) -> dict:
+    """The bit-transpose packing's constexpr where the module has one (bit-plane codes only)."""
+    return {"XPOSE": bool(K.CONFIG.get("xpose")) and bits not in (4, 8)} if hasattr(K, "_xpose8_32") else {}
+
+
 def cases(K):
     """(label, kernel, signature, constexprs, warps, values per thread per tile) at [8192, 8192]."""
     out = []
     for bits in (4, 6):
         for mode, flags in (("propagate", False), ("error", True)):
             if hasattr(K, "tile_config"):
-                rows, w, warps = K.tile_config(T, E, GROUP, BLOCK)
-                const = {"ROWS": rows, "W": w, "GROUP": GROUP, "SPLIT": 1}
+                if hasattr(K, "encode_config"):
+                    rows, w, warps, one = K.encode_config(T, E, GROUP, BLOCK)
+                    one = {"ONE": one}
+                else:
+                    (rows, w, warps), one = K.tile_config(T, E, GROUP, BLOCK), {}
+                const = {"ROWS": rows, "W": w, "GROUP": GROUP, "SPLIT": 1, **_cell(K), **_xpose(K, bits), **one, **_asm(K, "asm_enc", bits)}
             else:
                 rows, w, gw, warps = K.launch_config(T, E, GROUP)
                 const = {"ROWS": rows, "E_PAD": w, "GW": gw}
             const.update(B=BLOCK, LOG2B=8, BITS=bits, FMT=2, HAS_K=True, FLAG=flags, RANGE=flags)
             out.append((f"encode {bits}-bit {mode}", K.rot_encode_kernel, ENC, const, warps, rows * w // (32 * warps)))
         for n in (2, 8):
-            const = {"N": n, "B": BLOCK, "LOG2B": 8, "GROUP": GROUP, "BITS": bits, "FMT": 2, "HAS_K": True}
+            const = {"N": n, "B": BLOCK, "LOG2B": 8, "GROUP": GROUP, "BITS": bits, "FMT": 2, "HAS_K": True,
+                     **_xpose(K, bits), **_asm(K, "asm_dec", bits)}
             if hasattr(K, "tile_config"):
                 rows, w, warps = K.tile_config(T, E, GROUP, BLOCK, n)
                 const.update(ROWS=rows, W=w, PACKED=True)
@@ -77,8 +104,12 @@ def cases(K):
         const = {"N": 2, "B": BLOCK, "LOG2B": 8, "GROUP": GROUP, "BITS": bits, "FMT": 2, "HAS_K": True, "FLAG": False,
                  "RANGE": False}
         if hasattr(K, "tile_config"):
-            rows, w, warps = K.tile_config(T, E, GROUP, BLOCK, 2)
-            const.update(ROWS=rows, W=w, SPLIT=1)
+            if hasattr(K, "encode_config"):
+                rows, w, warps, one = K.encode_config(T, E, GROUP, BLOCK, 2)
+                const["ONE"] = one
+            else:
+                rows, w, warps = K.tile_config(T, E, GROUP, BLOCK, 2)
+            const.update(ROWS=rows, W=w, SPLIT=1, **_cell(K), **_xpose(K, bits), **_asm(K, "asm_enc", bits))
         else:
             rows, w, gw, warps = K.launch_config(T, E, GROUP)
             const.update(ROWS=rows, E_PAD=w, GW=gw)
@@ -93,6 +124,12 @@ def compile_stats(fn, sig, const, warps) -> dict:
     from triton.compiler import ASTSource
 
     sig = {k: v for k, v in sig.items() if k in fn.arg_names}
+    for p in fn.params:  # defaulted parameters (the batched-chunk strides, CHUNKED): the one-message kernel
+        if p.name not in sig and p.name not in const and p._param.default is not p._param.empty:
+            if p.is_constexpr:
+                const = {**const, p.name: p._param.default}
+            else:
+                sig = {**sig, p.name: "i32"}
     # what the launcher specializes at this shape: 16-byte aligned pointers, sizes divisible by 16 (T aside)
     attrs = {}
     for i, name in enumerate(fn.arg_names):
@@ -124,15 +161,25 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rev", default=None, help="git revision of triton_rotation.py to compile (default: working tree)")
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
+    ap.add_argument("--config", default=None, help="JSON overrides of triton_rotation.CONFIG (e.g. "
+                    "'{\"cell\": false, \"warps\": 2}')")
+    ap.add_argument("--only", default=None, help="only the rows whose label contains this")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     K = load_module(args.rev)
-    head = (f"`rot_kernel_stats.py{' --rev ' + args.rev if args.rev else ''}` (sm_90a, [{T}, {E}], group {GROUP}, "
+    if args.config:
+        import json
+
+        K.CONFIG.update(json.loads(args.config))
+    head = (f"`rot_kernel_stats.py{' --rev ' + args.rev if args.rev else ''}"
+            f"{' --config ' + repr(args.config) if args.config else ''}` (sm_90a, [{T}, {E}], group {GROUP}, "
             f"Hadamard block {BLOCK}, lg8 scales, k > 0; SASS counts are static, per program, NOPs excluded)\n\n"
             "| kernel | warps | values/thread/tile | registers | stack B | spill st/ld B | SASS instr. | "
             "per value | SHFL | BAR.SYNC | LDG |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = []
     for label, fn, sig, const, warps, per_thread in cases(K):
+        if args.only and args.only not in label:
+            continue
         s = compile_stats(fn, sig, const, warps)
         rows.append(f"| {label} | {warps} | {per_thread} | {s['regs']} | {s['stack']} | {s['spill']} | {s['sass']} | "
                     f"{s['sass'] / per_thread:.0f} | {s['shfl']} | {s['bar']} | {s['ldg']} |\n")

@@ -46,6 +46,12 @@ ROT_SIG = {"x_ptr": "*fp32", "signs_ptr": "*fp32", "colmap_ptr": "*i32", "bounds
 ROT_DEC_SIG = {"payloads": P2, "signs_ptr": "*fp32", "colmap_ptr": "*i32", "levels_ptr": "*fp32", "lg8_ptr": "*fp32",
                "out_ptr": "*fp32", "T": "i32", "E": "i32", "G": "i32", "NK": "i32", "NCB": "i32", "CODE_OFF": "i32",
                "SCALE_OFF": "i32", "inv_sqrt_b": "fp32"}
+ROT_RED_SIG = {"payloads": P2, "signs_ptr": "*fp32", "dec_colmap_ptr": "*i32", "levels_ptr": "*fp32",
+               "lg8_ptr": "*fp32", "CODE_OFF": "i32", "SCALE_OFF": "i32", "enc_colmap_ptr": "*i32",
+               "bounds_ptr": "*fp32", "lg8_asc_ptr": "*fp32", "head_ptr": "*i16", "code_ptr": "*u8", "scale_ptr": "*u8",
+               "flag_ptr": "*i32", "range_ptr": "*i32", "T": "i32", "E": "i32", "G": "i32", "NK": "i32",
+               "NCB": "i32", "inv_sqrt_b": "fp32", "max_in": "fp32", "rotate_max": "fp32", "scale_max": "fp32"}
+CELL_SIG = {"cell_lo_ptr": "*i32", "cell_bnd_ptr": "*fp32", "lg8_cnt_ptr": "*i32", "lg8_thr_ptr": "*fp32"}
 # (module, kernel, signature, constexprs): small tiles keep the compile quick; the code paths
 # (every scale format, 4/6/8-bit packing, Hadamard stages up to 256) are all covered.
 CASES = [
@@ -157,6 +163,23 @@ CASES = [
     ("triton_rotation", "rot_decode_sum_kernel", {**ROT_DEC_SIG, "payloads": ("*u8",)},
      {"N": 1, "ROWS": 2, "W": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 6, "FMT": 2, "HAS_K": True,
       "PACKED": True, "CHUNKED": True}),
+    # the GPU-only paths of triton_rotation.CONFIG: inline-PTX table reads (ASM: the interpreter
+    # runs tl.load instead), the cell level search, the bit-transpose packing, whole-row encoders
+    ("triton_rotation", "rot_encode_kernel", {**ROT_SIG, **CELL_SIG},
+     {"ROWS": 1, "W": 1024, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 6, "FMT": 2, "HAS_K": True, "FLAG": True,
+      "RANGE": True, "SPLIT": 1, "LOG2K": 6, "ASM": True, "XPOSE": True, "ONE": True, "LG8C": True}),
+    ("triton_rotation", "rot_encode_kernel", {**ROT_SIG, **CELL_SIG},
+     {"ROWS": 2, "W": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 4, "FMT": 2, "HAS_K": True, "FLAG": False,
+      "RANGE": False, "SPLIT": 1, "LOG2K": 6, "ASM": True, "CHUNKED": True}),
+    ("triton_rotation", "rot_reduce_encode_kernel", {**ROT_RED_SIG, **CELL_SIG},
+     {"N": 2, "ROWS": 1, "W": 512, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 6, "FMT": 2, "HAS_K": True,
+      "FLAG": True, "RANGE": True, "SPLIT": 1, "LOG2K": 7, "ASM": True, "XPOSE": True, "ONE": True, "LG8C": True}),
+    ("triton_rotation", "rot_decode_sum_kernel", ROT_DEC_SIG,
+     {"N": 2, "ROWS": 4, "W": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 6, "FMT": 2, "HAS_K": True,
+      "PACKED": True, "XPOSE": True, "ASM": True}),
+    ("triton_rotation", "rot_decode_sum_kernel", ROT_DEC_SIG,
+     {"N": 2, "ROWS": 2, "W": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 4, "FMT": 2, "HAS_K": True,
+      "PACKED": True, "ASM": True}),
 ]
 
 

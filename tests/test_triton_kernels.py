@@ -543,3 +543,181 @@ def test_level_search_is_bucketize_at_every_bound(name):
     want = torch.bucketize(y, bounds).int()
     want[torch.isnan(y)] = 2 ** codec.bits - 1  # torch.bucketize puts NaN last too
     assert torch.equal(out, want), (name, (out != want).nonzero().reshape(-1)[:8].tolist())
+
+
+def _cell_search_kernel():
+    """A one-program kernel around the encoders' cell level search (``_bucket_cell`` after the
+    encoder's lower clamp), built on first use."""
+    import triton
+    import triton.language as tl
+
+    from lowbit_tp.kernels import triton_rotation
+
+    global _bucket_cell
+    _bucket_cell = triton_rotation._bucket_cell
+
+    @triton.jit
+    def search(y_ptr, lo_ptr, bnd_ptr, out_ptr, LOG2K: tl.constexpr, N: tl.constexpr):
+        i = tl.arange(0, N)
+        y = tl.load(y_ptr + i)
+        tl.store(out_ptr + i, _bucket_cell(tl.where(y < -1.0, -1.0, y), lo_ptr, bnd_ptr, LOG2K))
+
+    return search
+
+
+@pytest.mark.parametrize("name", ["rot-lm2-g32-e8", "rot-lm3-g64", "rot-lm4-g64", "rot-lm4-g32-lg8-k4", "rot-int4-g64",
+                                  "rot-int5-g64-lg8-k4", "rot-int6-g64-lg8-k4", "rot-int8-g64-e8"])
+def test_cell_level_search_is_bucketize(name):
+    """The cell search (a coarse grid on [-1, 1], one table read and one comparison) is
+    ``torch.bucketize(clamp(y, -1, 1))`` exactly: at each bound and 1-2 ulps either side, at
+    every cell edge and 1-3 ulps either side (where the grid's rounding decides), the ends,
+    +-0, NaN, +-Inf, out of range, and random values."""
+    import triton
+
+    from lowbit_tp.kernels.triton_rotation import bucket_cells
+
+    codec = make_codec(name, calibration=calibration(64), backend="reference")
+    bounds = codec._bounds.float().contiguous()
+    cells = bucket_cells(bounds)
+    assert cells is not None, name  # every shipped codec gets the fast search
+    lo, bnd, log2k = cells
+    k = 1 << log2k
+    inf = torch.tensor(float("inf"))
+    probes = [bounds, torch.tensor([-1.0, 1.0, 0.0, -0.0, float("nan"), float("inf"), float("-inf"), -2.0, 2.0, 1e-45,
+                                    -1e-45]), torch.rand(3000, generator=torch.Generator().manual_seed(1)) * 2.2 - 1.1]
+    edges = (torch.arange(k + 1).float() - k / 2) / (k / 2)
+    for base in (bounds, edges):
+        up, down = base.clone(), base.clone()
+        for _ in range(3):
+            up, down = torch.nextafter(up, inf), torch.nextafter(down, -inf)
+            probes += [up, down]
+    y = torch.cat(probes).float()
+    n = triton.next_power_of_2(y.numel())
+    y = torch.cat([y, torch.zeros(n - y.numel())])
+    out = torch.empty(n, dtype=torch.int32)
+    _cell_search_kernel()[(1,)](y, lo, bnd, out, LOG2K=log2k, N=n)
+    want = torch.bucketize(y.clamp(-1.0, 1.0), bounds).int()
+    want[torch.isnan(y)] = bounds.numel()  # torch.bucketize puts NaN last
+    assert torch.equal(out, want), (name, y[out != want][:8].tolist())
+
+
+def test_bucket_cells_refuses_what_it_cannot_do_exactly():
+    """No table where NaN could not go as 1.0 (a bound at 1) or the bounds are not ascending;
+    bounds closer than the finest grid allowed get none either."""
+    from lowbit_tp.kernels.triton_rotation import bucket_cells
+
+    assert bucket_cells(torch.tensor([-0.5, 0.0, 1.0])) is None
+    assert bucket_cells(torch.tensor([0.5, -0.5])) is None
+    assert bucket_cells(torch.tensor([0.1, 0.1 + 1e-6]), max_log2=10) is None
+    assert bucket_cells(torch.tensor([-0.5, 0.25]))[2] == 6
+
+
+# Every kernel variant the GPU sweep compares (scripts/sweep_rot.py) against the reference:
+# odd token counts, E not a multiple of 64 (E=200: a short last group and 8-wide Hadamard
+# blocks; E=136), NaN/Inf in propagate mode (planted by check), with the column tiles narrowed
+# so that E=200 spans several (row_tile: the encoders still take whole rows and one rotation).
+ROT_VARIANTS = {
+    "base": {"cell": False, "xpose": False, "row_tile": 0, "lg8_cell": False},
+    "cell_xpose": {"cell": True, "xpose": True, "row_tile": 0},
+    "row": {"cell": True, "xpose": True, "row_tile": 16384},
+    "row_no_cell": {"cell": False, "xpose": False, "row_tile": 16384, "lg8_cell": False},
+    "v256": {"cell": True, "xpose": True, "row_tile": 0, "enc_values": 256, "dec_values": 256,
+             "dec_values_wide": 128},
+    "big": {"cell": True, "xpose": True, "row_tile": 0, "enc_values": 1024, "dec_values": 1024,
+            "dec_values_wide": 512},
+}
+
+
+@pytest.mark.parametrize("variant", [v if v in ("base", "cell_xpose", "row") else pytest.param(v, marks=pytest.mark.slow)
+                                     for v in ROT_VARIANTS])  # the launch-shape-only ones: slow suite
+@pytest.mark.parametrize("name,tokens,hidden", [("rot-lm4-g64-lg8-k4", 5, 200), ("rot-int6-g64-lg8-k4", 3, 136),
+                                                ("rot-int6-g64-lg8-k4", 7, 64), ("rot-lm3-g32-lg8-k4", 3, 200)])
+def test_rot_kernel_variants_bitwise(variant, name, tokens, hidden, monkeypatch):
+    from lowbit_tp.kernels import triton_rotation
+
+    monkeypatch.setattr(triton_rotation, "MAX_TILE_COLS", 32)
+    monkeypatch.setattr(triton_rotation, "CONFIG", {**triton_rotation.CONFIG, **ROT_VARIANTS[variant]})
+    rows, w, _, one = triton_rotation.encode_config(tokens, hidden, 64, 8)
+    assert one == (ROT_VARIANTS[variant]["row_tile"] > 0 or hidden <= 64)  # the case reaches the path it names
+    check(name, tokens, hidden)
+
+
+def test_rot_variants_really_run_their_paths(monkeypatch):
+    """The variant tests can fail: a cell table with bounds moved by 0.1%, an lg8 cell table
+    one count low, or a bit transpose that drops one bit changes the bytes (and the unpatched
+    kernels match)."""
+    from lowbit_tp.kernels import triton_rotation
+
+    cal = calibration(200)
+    ref = make_codec("rot-int6-g64-lg8-k4", calibration=cal, backend="reference")
+    x = partials(5, 200, seed=3, special=False)[0]
+    want = ref.encode(x, layer=LAYER, source=0)
+    monkeypatch.setattr(triton_rotation, "MAX_TILE_COLS", 32)
+
+    def encode(**cfg):
+        monkeypatch.setattr(triton_rotation, "CONFIG", {**triton_rotation.CONFIG, **cfg})
+        return make_codec("rot-int6-g64-lg8-k4", calibration=cal, backend="triton").encode(x, layer=LAYER, source=0)
+
+    assert torch.equal(encode(cell=True, xpose=True, row_tile=16384), want)
+    lo, bnd, log2k = triton_rotation.bucket_cells(ref._bounds)
+    bad = (lo.clone(), bnd.clone() * 0.999, log2k)
+    orig = triton_rotation._cell_args
+    monkeypatch.setattr(triton_rotation, "_cell_args", lambda bounds, cells, cfg: orig(bounds, bad, cfg))
+    assert not torch.equal(encode(cell=True, row_tile=0), want)
+    monkeypatch.setattr(triton_rotation, "_cell_args", orig)
+    cnt, nxt = triton_rotation.lg8_cells(torch.exp2(-torch.arange(256, dtype=torch.float64) / 16).float().flip(0))
+    orig_lg8 = triton_rotation._lg8_args
+    monkeypatch.setattr(triton_rotation, "_lg8_args", lambda t, f, cfg: {
+        **orig_lg8(t, f, cfg), "lg8_cnt_ptr": torch.clamp(cnt - 1, min=0).int(), "lg8_thr_ptr": nxt})
+    assert not torch.equal(encode(cell=False, row_tile=0), want)
+    monkeypatch.setattr(triton_rotation, "_lg8_args", orig_lg8)
+    xp = triton_rotation._xpose8_32.fn  # the plain function under the interpreter's JIT wrapper
+    monkeypatch.setattr(triton_rotation, "_xpose8_32", lambda lo, hi: xp(lo, hi & 0x7FFFFFFE))  # drops one bit
+    assert not torch.equal(encode(cell=False, xpose=True, row_tile=0), want)
+
+
+def test_lg8_cell_search_is_the_table_search():
+    """The lg8 cells give the number of table entries below the ratio exactly: at every entry
+    and 1-2 ulps either side, cell edges, 0, 1, below 2**-16, random ratios (host model of the
+    kernel's arithmetic; the kernel path itself runs in the variant tests above)."""
+    from lowbit_tp.kernels.triton_rotation import lg8_cells
+
+    asc = torch.exp2(-torch.arange(256, dtype=torch.float64) / 16).float().flip(0)
+    cnt, nxt = lg8_cells(asc)
+    inf = torch.tensor(float("inf"))
+    edges = ((torch.arange(513, dtype=torch.int64) << 18) + 0x37800000).to(torch.int32).view(torch.float32)
+    probes = [asc, edges, torch.tensor([0.0, 1.0, 2.0 ** -16, 2.0 ** -17, 1e-30]), torch.rand(20000)]
+    for base in (asc, edges):
+        up, down = base.clone(), base.clone()
+        for _ in range(2):
+            up, down = torch.nextafter(up, inf), torch.nextafter(down, -inf)
+            probes += [up, down]
+    r = torch.cat(probes).clamp(0.0, 1.0)
+    u = r.view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+    cell = torch.clamp((u - 0x37800000) >> 18, 0, 511)
+    got = cnt[cell] + (nxt[cell] < r).int()
+    assert torch.equal(got, torch.searchsorted(asc, r).int())
+    assert lg8_cells(torch.cat([torch.tensor([2.0 ** -20]), asc[1:]])) is None  # an entry below the cells
+
+
+@pytest.mark.parametrize("name", ["rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"])
+def test_row_mode_chunks_and_reduce_encode_bitwise(name, monkeypatch):
+    """Whole-row encoders (row_tile) in two-shot's batched chunk encode (grid axis 2) and in the
+    fused reduce-encode, NaN/Inf planted: the reference's bytes."""
+    from lowbit_tp.kernels import triton_rotation
+
+    monkeypatch.setattr(triton_rotation, "MAX_TILE_COLS", 32)
+    monkeypatch.setattr(triton_rotation, "CONFIG", {**triton_rotation.CONFIG, "row_tile": 16384})
+    tokens, hidden, world = 6, 200, 3
+    assert triton_rotation.encode_config(tokens // world, hidden, 64, 8)[3]
+    cal = calibration(hidden)
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+    tri = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
+    xs = partials(tokens, hidden, seed=11, special=True)
+    rows = tokens // world
+    want = torch.cat([ref.encode(c, layer=LAYER, source=1) for c in xs[2].split(rows)])
+    assert torch.equal(tri.encode_chunks(xs[2], world, layer=LAYER, source=1), want)
+    pay = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    want = ref.encode(ref.decode_sum(pay, (tokens, hidden), layer=LAYER), layer=LAYER, source=0)
+    got = tri.reduce_encode(pay, (tokens, hidden), layer=LAYER, out_source=0)
+    assert torch.equal(got, want)
