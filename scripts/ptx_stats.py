@@ -75,8 +75,9 @@ def compile_stats(mod: str, kernel: str, sig: dict, const: dict, ints: dict, war
             "values_per_thread": values, "sass": n_sass, "sass_per_value": round(n_sass / values, 1)}
 
 
-def cases(t: int, e: int, world: int, k: int):
-    """(module, kernel, signature, constexprs, integer args, warps, values a thread) as the launchers pick them."""
+def cases(t: int, e: int, world: int, k: int, variant: str | None = None):
+    """(module, kernel, signature, constexprs, integer args, warps, values a thread) as the launchers pick them;
+    ``variant``: the group encoders' (triton_group.ENCODE_VARIANTS; None: the launchers' default)."""
     import triton
 
     from lowbit_tp.kernels import triton_group as KG
@@ -88,17 +89,19 @@ def cases(t: int, e: int, world: int, k: int):
     dsig = {"payloads": pw, "out_ptr": "*fp32", "T": "i32", "E": "i32", "EH": "i32", "G": "i32", "NQ": "i32"}
     for group in (32, 128):
         ints = {"T": t, "E": e, "EH": e // 2, "G": triton.cdiv(e, group), "NQ": (t * e + 1) // 2}
-        bt, ngt, w = KG.tile_config(t, e, group, 2048)
+        bt, ngt, w = KG.tile_config(t, e, group, KG._variant(variant)[0])
         yield ("triton_group", "group_encode_kernel", gsig,
-               {"N": 0, "BT": bt, "NGT": ngt, "GROUP": group, "FLAG": False, "RANGE": False}, ints, w,
+               {"N": 0, "BT": bt, "NGT": ngt, "GROUP": group, "FLAG": False, "RANGE": False,
+                **KG._group_consts(variant, t, e, bt, ngt * group, 0)}, ints, w,
                bt * ngt * group // (32 * w))
         bt, ngt, w = KG.tile_config(t, e, group)
         yield ("triton_group", "group_decode_sum_tile_kernel", dsig, {"N": world, "GROUP": group, "BT": bt, "NGT": ngt},
                ints, w, bt * ngt * group // (32 * w))
     ints = {"T": t, "E": e, "EH": e // 2, "G": triton.cdiv(e, 32), "NQ": (t * e + 1) // 2}
     msig = {k: v for k, v in gsig.items() if k not in ("range_ptr", "max_in")}
-    bt, ngt, w = KG.tile_config(t, e, 32, 2048)
-    yield ("triton_group", "mx_encode_kernel", msig, {"N": 0, "BT": bt, "NGT": ngt, "FLAG": False}, ints, w,
+    bt, ngt, w = KG.tile_config(t, e, 32, KG._variant(variant)[0])
+    yield ("triton_group", "mx_encode_kernel", msig,
+           {"N": 0, "BT": bt, "NGT": ngt, "FLAG": False, **KG._variant_consts(variant, t, e, bt, ngt * 32, 0)}, ints, w,
            bt * ngt * 32 // (32 * w))
     bt, ngt, w = KG.tile_config(t, e, 32)
     yield ("triton_group", "mx_decode_sum_tile_kernel", dsig, {"N": world, "BT": bt, "NGT": ngt}, ints, w,
@@ -128,14 +131,15 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int, default=8192)
     ap.add_argument("--world", type=int, default=2, help="payloads per decode-and-sum")
     ap.add_argument("--k", type=int, default=None, help="int4-outlier's kept channels (default hidden // 64)")
+    ap.add_argument("--variant", default=None, help="group encoder variant (default: the launchers' ENCODE_VARIANT)")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     k = args.hidden // 64 if args.k is None else args.k
-    rows = [compile_stats(*c) for c in cases(args.tokens, args.hidden, args.world, k)]
+    rows = [compile_stats(*c) for c in cases(args.tokens, args.hidden, args.world, k, args.variant)]
     cols = list(rows[0])
     print(f"sm_90a, [{args.tokens}, {args.hidden}], world {args.world}, k {k}; "
           f"`PYTHONPATH=. python3 scripts/ptx_stats.py --tokens {args.tokens} --hidden {args.hidden} "
-          f"--world {args.world}`\n")
+          f"--world {args.world}" + (f" --variant {args.variant}" if args.variant else "") + "`\n")
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
