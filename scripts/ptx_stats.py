@@ -11,7 +11,9 @@ proxy for the issue cost of one value; the IEEE division's slow path is counted 
     PYTHONPATH=. python3 scripts/ptx_stats.py                        # [8192, 8192], world 2
     PYTHONPATH=. python3 scripts/ptx_stats.py --tokens 2048 --world 8
 
-A proxy for speed, not a measurement: scripts/gpu_check.py measures on a GPU.
+A proxy for speed, not a measurement: scripts/gpu_check.py measures on a GPU. The group
+encoders' ``FAST`` variants hold two paths; ``fast_path_sass_per_value`` counts the kernel
+with the old path stubbed out (what a common tile runs, see ``--variant``).
 """
 from __future__ import annotations
 
@@ -75,6 +77,41 @@ def compile_stats(mod: str, kernel: str, sig: dict, const: dict, ints: dict, war
             "values_per_thread": values, "sass": n_sass, "sass_per_value": round(n_sass / values, 1)}
 
 
+def _fallback_stubs():
+    """jit stubs for the group encoders' old-path helpers (``_group_codes``, ``_mx_codes``), so
+    that a compile of a ``FAST`` kernel counts what its common tile runs: the fast path, the
+    tile check and the stores (the stubs' zeros fold into a few selects)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def group_codes(xl, xh, m, flag_ptr, range_ptr, max_in, BT: tl.constexpr, NGT: tl.constexpr, H: tl.constexpr,
+                    FLAG: tl.constexpr, RANGE: tl.constexpr):
+        return tl.zeros([BT, NGT, H], tl.uint8), tl.zeros([BT, NGT], tl.int32)
+
+    @triton.jit
+    def mx_codes(xl, xh, m, flag_ptr, BT: tl.constexpr, NGT: tl.constexpr, FLAG: tl.constexpr):
+        return tl.zeros([BT, NGT, 16], tl.uint8), tl.zeros([BT, NGT], tl.uint8)
+
+    return {"_group_codes": group_codes, "_mx_codes": mx_codes}
+
+
+def fast_path_stats(mod: str, kernel: str, sig: dict, const: dict, ints: dict, warps: int, values: int) -> dict:
+    """:func:`compile_stats` of a ``FAST`` group encoder with its fallback stubbed out."""
+    module = importlib.import_module(f"lowbit_tp.kernels.{mod}")
+    fn = getattr(module, kernel)
+    saved = {name: getattr(module, name) for name in ("_group_codes", "_mx_codes")}
+    try:
+        for name, stub in _fallback_stubs().items():
+            setattr(module, name, stub)
+        fn.hash = None  # the kernel's cache key covers the helpers it calls: recompute it
+        return compile_stats(mod, kernel, sig, const, ints, warps, values)
+    finally:
+        for name, f in saved.items():
+            setattr(module, name, f)
+        fn.hash = None
+
+
 def cases(t: int, e: int, world: int, k: int, variant: str | None = None):
     """(module, kernel, signature, constexprs, integer args, warps, values a thread) as the launchers pick them;
     ``variant``: the group encoders' (triton_group.ENCODE_VARIANTS; None: the launchers' default)."""
@@ -135,7 +172,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     k = args.hidden // 64 if args.k is None else args.k
-    rows = [compile_stats(*c) for c in cases(args.tokens, args.hidden, args.world, k, args.variant)]
+    rows = []
+    for c in cases(args.tokens, args.hidden, args.world, k, args.variant):
+        row = compile_stats(*c)
+        row["fast_path_sass_per_value"] = fast_path_stats(*c)["sass_per_value"] if c[3].get("FAST") else "-"
+        rows.append(row)
     cols = list(rows[0])
     print(f"sm_90a, [{args.tokens}, {args.hidden}], world {args.world}, k {k}; "
           f"`PYTHONPATH=. python3 scripts/ptx_stats.py --tokens {args.tokens} --hidden {args.hidden} "
