@@ -112,6 +112,18 @@ def _load_pairs(src_ptr, t, mt, E, BT: tl.constexpr, NGT: tl.constexpr, GROUP: t
     return tl.split(tl.reshape(x.to(tl.float32), [BT, NGT, H, 2]))
 
 
+@triton.jit
+def _store_full_tile(out_ptr, t, EH, byte, BT: tl.constexpr, NGT: tl.constexpr, H: tl.constexpr):
+    """Store a full tile's payload bytes ``[BT, NGT, H]`` (rows ``t`` of ``EH`` bytes, ``EH`` even: the
+    launcher's ``EVEN``) as 16-bit words: a thread's two adjacent bytes are joined in registers,
+    so the layout change before the store moves half as many elements (a byte store tile was
+    converted through shared memory one 16-bit half at a time)."""
+    lo, hi = tl.split(tl.reshape(byte, [BT, NGT, H // 2, 2]))
+    w = (lo.to(tl.int32) | (hi.to(tl.int32) << 8)).to(tl.int16)
+    wi = (tl.program_id(1) * NGT + tl.arange(0, NGT))[:, None] * (H // 2) + tl.arange(0, H // 2)[None, :]
+    tl.store(out_ptr.to(tl.pointer_type(tl.int16)) + t[:, None, None] * (EH // 2) + wi[None, :, :], w)
+
+
 # Magic constant of the fast paths' rounding: ``y + 1.5 * 2**23`` (|y| < 2**22) is an fp32 in
 # [2**23, 2**24), spacing 1, so the add itself rounds ``y`` half to even and the low bits of
 # its bit pattern are that integer in two's complement (what round_to_int_small computes,
@@ -151,7 +163,7 @@ def group_encode_kernel(src, out_ptr, flag_ptr, range_ptr, T, E, EH, G, NQ, max_
     else:
         byte, sbits = _group_codes(xl, xh, m, flag_ptr, range_ptr, max_in, BT, NGT, H, FLAG, RANGE)
     if EVEN:
-        tl.store(out_ptr + t[:, None, None] * EH + bi[None, :, :], byte)
+        _store_full_tile(out_ptr, t, EH, byte, BT, NGT, H)
     else:
         tl.store(out_ptr + t[:, None, None] * EH + bi[None, :, :], byte, mask=m)
     ms = None if EVEN else mt[:, None] & (g < G)[None, :]
@@ -491,7 +503,7 @@ def mx_encode_kernel(src, out_ptr, flag_ptr, T, E, EH, G, NQ, N: tl.constexpr, B
     else:
         code, ebyte = _mx_codes(xl, xh, m, flag_ptr, BT, NGT, FLAG)
     if EVEN:
-        tl.store(out_ptr + t[:, None, None] * EH + bi[None, :, :], code)
+        _store_full_tile(out_ptr, t, EH, code, BT, NGT, 16)
         tl.store(out_ptr + NQ + t[:, None] * G + g[None, :], ebyte)
     else:
         tl.store(out_ptr + t[:, None, None] * EH + bi[None, :, :], code, mask=m)
