@@ -315,19 +315,25 @@ def _variant(variant) -> tuple[int, bool]:
     return ENCODE_VARIANTS[variant]
 
 
-def _variant_consts(variant, t: int, e: int, rows: int, cols: int, n_sources: int) -> dict:
-    """The kernel constexprs of an encoder ``variant`` for ``[t, e]`` in tiles of ``rows x cols``."""
+def _variant_consts(variant, t: int, e: int, rows: int, cols: int, n_sources: int, even_out: bool = True) -> dict:
+    """The kernel constexprs of an encoder ``variant`` for ``[t, e]`` in tiles of ``rows x cols``;
+    ``even_out``: every payload (each chunk's) starts at an even address (the 16-bit stores)."""
     if not _variant(variant)[1]:
         return {}
-    return {"FAST": True, "EVEN": n_sources == 0 and t % rows == 0 and e % cols == 0}
+    return {"FAST": True, "EVEN": even_out and n_sources == 0 and t % rows == 0 and e % cols == 0}
 
 
-def _group_consts(variant, t: int, e: int, rows: int, cols: int, n_sources: int) -> dict:
+def _group_consts(variant, t: int, e: int, rows: int, cols: int, n_sources: int, even_out: bool = True) -> dict:
     """:func:`_variant_consts` plus the int4 encoder's ``S16`` (its fp16 scales start at an even byte)."""
-    consts = _variant_consts(variant, t, e, rows, cols, n_sources)
+    consts = _variant_consts(variant, t, e, rows, cols, n_sources, even_out)
     if consts:
-        consts["S16"] = (t * e) % 4 == 0
+        consts["S16"] = even_out and (t * e) % 4 == 0
     return consts
+
+
+def _even_out(out, chunks: int) -> bool:
+    """Whether every one of the ``chunks`` payloads in ``out`` starts at an even address."""
+    return out.data_ptr() % 2 == 0 and (chunks == 1 or (out.numel() // chunks) % 2 == 0)
 
 
 def _launch_encode(src, n_sources, out, t, e, *, group, max_input, flag, range_flag, chunks=1, variant=None):
@@ -338,7 +344,7 @@ def _launch_encode(src, n_sources, out, t, e, *, group, max_input, flag, range_f
     grid, rows, ngt, warps = _tile_grid(t, e, group, _variant(variant)[0])
     dummy = out
     extra = {} if chunks == 1 else {"XS": t * e, "PS": out.numel() // chunks, "CHUNKED": True}
-    extra.update(_group_consts(variant, t, e, rows, ngt * group, n_sources))
+    extra.update(_group_consts(variant, t, e, rows, ngt * group, n_sources, _even_out(out, chunks)))
     group_encode_kernel[grid + ((chunks,) if chunks > 1 else ())](
         tuple(src), out, dummy if flag is None else flag, dummy if range_flag is None else range_flag, t, e, e // 2,
         triton.cdiv(e, group), (t * e + 1) // 2, max_input, N=n_sources, BT=rows, NGT=ngt, GROUP=group,
@@ -587,7 +593,7 @@ def _mx_launch(src, n_src, out, t, e, flag, chunks=1, variant=None):
         return out
     grid, rows, ngt, warps = _tile_grid(t, e, 32, _variant(variant)[0])
     extra = {} if chunks == 1 else {"XS": t * e, "PS": out.numel() // chunks, "CHUNKED": True}
-    extra.update(_variant_consts(variant, t, e, rows, ngt * 32, n_src))
+    extra.update(_variant_consts(variant, t, e, rows, ngt * 32, n_src, _even_out(out, chunks)))
     mx_encode_kernel[grid + ((chunks,) if chunks > 1 else ())](
         tuple(src), out, out if flag is None else flag, t, e, e // 2, triton.cdiv(e, 32), (t * e + 1) // 2, N=n_src,
         BT=rows, NGT=ngt, FLAG=flag is not None, num_warps=warps, **extra, **FP_OPTIONS)
