@@ -547,14 +547,15 @@ def _mx_code_fast(y):
     three range roundings are ``rint(2m)``, ``rint(m) + 2`` and ``rint(m / 2) + 4`` (each by one
     magic add: the offsets 2 and 4 are even, so ties still go to the even integer), and the
     code is their minimum (the grid is concave: each range's own rounding is the smallest of
-    the three there; tests/test_triton_kernels.py runs every rounding boundary through the
-    kernel); the low three bits of the magic sum are that code. Sign bit: ``y < 0``, bit 31 of
-    ``y + 0.0`` (which turns -0.0 into +0.0 and leaves every other value), moved to bit 3 by
-    one shift that brings three exponent bits along, which the merge (``c & 7 | s & ~7``) drops."""
+    the three there; tests/test_triton_group_variants.py runs every rounding boundary through
+    the kernel); the low three bits of the magic sum are that code. Sign: ``y < 0``, bit 31 of
+    ``y + 0.0`` (which turns -0.0 into +0.0 and leaves every other value), brought to bit 3 by
+    an arithmetic shift, whose copies above bit 3 the caller masks off (``& 0xF``) or shifts
+    out (``<< 4`` into a byte): one select-merge ``c & 7 | s & ~7`` per value."""
     m = tl.minimum(tl.abs(y), 6.0)
     c = tl.minimum(tl.minimum(m * 2.0 + _RINT_MAGIC, m + (_RINT_MAGIC + 2.0)), m * 0.5 + (_RINT_MAGIC + 4.0))
-    top = (y + 0.0).to(tl.uint32, bitcast=True) >> 28
-    return ((c.to(tl.uint32, bitcast=True) & 7) | (top & 8)).to(tl.int32)
+    top = (y + 0.0).to(tl.int32, bitcast=True) >> 28
+    return (c.to(tl.int32, bitcast=True) & 7) | (top & ~7)
 
 
 @triton.jit
@@ -565,7 +566,7 @@ def _mx_fast(xl, xh, BT: tl.constexpr, NGT: tl.constexpr):
     ex, inv = _mx_exponent(amax)
     inv = tl.broadcast_to(inv[:, :, None], [BT, NGT, 16])
     slow = tl.max(tl.reshape(tl.where(amax < float("inf"), 0, 1), [BT * NGT]), axis=0) != 0  # NaN < inf is False
-    code = _mx_code_fast(xl * inv) | (_mx_code_fast(xh * inv) << 4)
+    code = (_mx_code_fast(xl * inv) & 0xF) | (_mx_code_fast(xh * inv) << 4)
     return slow, code.to(tl.uint8), (ex + 127).to(tl.uint8)
 
 
