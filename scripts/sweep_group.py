@@ -4,10 +4,12 @@ Every variant in ``triton_group.ENCODE_VARIANTS`` (or ``--variants``), old kerne
 one process, per codec:
 
 * **bytes**: the payload of each variant equals the reference codec's (``backend="reference"``,
-  the eager PyTorch path, on the same device) byte for byte: on the timed normal data, and on a
-  hard tensor (exact rounding ties and their fp32 neighbours, fp16-subnormal scales, values
-  beyond max_in, NaN/Inf) that sends tiles down every path; ``reduce_encode`` (``--world``
-  payloads summed and re-encoded) too;
+  the eager PyTorch path) byte for byte: on the timed normal data (reference on the same
+  device: finite data, where the device's reference bytes equal the CPU's, scripts/gpu_check.py),
+  and on a hard tensor (exact rounding ties and their fp32 neighbours, fp16-subnormal scales,
+  values beyond max_in, -0.0, NaN/Inf) that sends tiles down every path (reference on the CPU,
+  whose NaN codes are the contract); ``reduce_encode`` (``--world`` payloads summed and
+  re-encoded) too;
 * **speed**: encode at each shape (default [2048, 8192] and [8192, 8192]) and reduce_encode at
   ``--reduce-shape`` (``--reduce-codecs``), each as 5 calls captured in one CUDA graph and replayed (the kernel time
   alone, as scripts/gpu_check.py's ``graph_seconds``), median of ``--repeats`` replays, next to
@@ -172,8 +174,9 @@ def main(argv=None) -> None:
         ref = make_codec(name, nonfinite="propagate", backend="reference")
         enc, _ = launchers(name, ref)
         # hard values: every variant against the reference, bytes only
-        xh = hard_values(torch, name, *hard_shape).to(dev)
-        want_h = ref.encode(xh, layer=LAYER, source=0)
+        xh = hard_values(torch, name, *hard_shape)
+        want_h = ref.encode(xh, layer=LAYER, source=0).to(dev)  # on the CPU: NaN's E2M1 code is the CPU cast's
+        xh = xh.to(dev)
         hard_ok = {}
         for v in variants:
             if time.perf_counter() - t0 > args.budget_s:  # no new compile either
