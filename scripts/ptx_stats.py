@@ -136,9 +136,10 @@ def cases(t: int, e: int, world: int, k: int, variant: str | None = None):
                ints, w, bt * ngt * group // (32 * w))
     ints = {"T": t, "E": e, "EH": e // 2, "G": triton.cdiv(e, 32), "NQ": (t * e + 1) // 2}
     msig = {k: v for k, v in gsig.items() if k not in ("range_ptr", "max_in")}
-    bt, ngt, w = KG.tile_config(t, e, 32, KG._variant(variant)[0])
+    mv = KG.MX_ENCODE_VARIANT if variant is None else variant
+    bt, ngt, w = KG.tile_config(t, e, 32, KG._variant(mv)[0])
     yield ("triton_group", "mx_encode_kernel", msig,
-           {"N": 0, "BT": bt, "NGT": ngt, "FLAG": False, **KG._variant_consts(variant, t, e, bt, ngt * 32, 0)}, ints, w,
+           {"N": 0, "BT": bt, "NGT": ngt, "FLAG": False, **KG._variant_consts(mv, t, e, bt, ngt * 32, 0)}, ints, w,
            bt * ngt * 32 // (32 * w))
     bt, ngt, w = KG.tile_config(t, e, 32)
     yield ("triton_group", "mx_decode_sum_tile_kernel", dsig, {"N": world, "BT": bt, "NGT": ngt}, ints, w,
@@ -168,7 +169,7 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int, default=8192)
     ap.add_argument("--world", type=int, default=2, help="payloads per decode-and-sum")
     ap.add_argument("--k", type=int, default=None, help="int4-outlier's kept channels (default hidden // 64)")
-    ap.add_argument("--variant", default=None, help="group encoder variant (default: the launchers' ENCODE_VARIANT)")
+    ap.add_argument("--variant", default=None, help="group encoder variant (default: the launchers' ENCODE_VARIANT, MX_ENCODE_VARIANT)")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     k = args.hidden // 64 if args.k is None else args.k

@@ -221,7 +221,7 @@ def main(argv=None) -> None:
             row.update({"us": s * 1e6, "gbps": (args.world + 1) * want.numel() / s / 1e9})
             rows.append(row)
     info = {"device": torch.cuda.get_device_name() if not dry else "cpu (Triton interpreter; times meaningless)",
-            "variants": variants, "default_variant": K.ENCODE_VARIANT, "repeats": repeats, "skipped": skipped,
+            "variants": variants, "default_variant": K.ENCODE_VARIANT, "mx_default_variant": K.MX_ENCODE_VARIANT, "repeats": repeats, "skipped": skipped,
             "seconds": time.perf_counter() - t0, "hard_shape": list(hard_shape),
             "command": "PYTHONPATH=. python3 scripts/sweep_group.py " + " ".join(argv if argv is not None else
                                                                                  sys.argv[1:])}

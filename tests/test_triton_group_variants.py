@@ -150,6 +150,7 @@ def test_codec_flags_with_each_variant(name, variant, monkeypatch):
     from lowbit_tp.codecs.base import NonFiniteError, OutOfRangeError
 
     monkeypatch.setattr(K, "ENCODE_VARIANT", variant)
+    monkeypatch.setattr(K, "MX_ENCODE_VARIANT", variant)
     codec = make_codec(name, backend="triton")  # deferred error mode on the fused path
     x = torch.randn(8, 256, generator=torch.Generator().manual_seed(5))
     codec.encode(x, layer=LAYER, source=0)
@@ -184,6 +185,11 @@ def test_payload_at_an_odd_address(name, variant):
         K.encode(x, out, group=ref.group, max_input=ref.max_input, variant=variant)
     assert torch.equal(out, want), diff(out, want)
     assert K._even_out(out, 1) is False and K._even_out(buf[2:], 1) is True
+
+
+def test_defaults_are_fast_variants():
+    """The launchers' defaults (picked from GPU run 2) are variants with the fast path."""
+    assert K.ENCODE_VARIANTS[K.ENCODE_VARIANT][1] and K.ENCODE_VARIANTS[K.MX_ENCODE_VARIANT][1]
 
 
 def test_unknown_variant_is_refused():

@@ -304,11 +304,17 @@ def _tile_grid(t: int, e: int, group: int, values: int = 4096):
 # "fast4k": the same on tiles of 4096 values instead of 2048 (the per-tile reductions and
 # layout changes amortized over twice the values). scripts/sweep_group.py times them.
 ENCODE_VARIANTS = {"ref": (2048, False), "fast": (2048, True), "fast4k": (4096, True)}  # (tile values, fast path)
-ENCODE_VARIANT = "fast"
+# Defaults from GPU run 2 (one H200, scripts/sweep_group.py, CUDA-graph kernel time, docs/kernels.md):
+# int4-g32/g128 encode "fast" 23.3/81.1 us at [2048|8192, 8192] (fast4k 25.5/83.3, ref 29.2/106.6),
+# reduce_encode 41.7 us (fast4k 46.0); mxfp4 encode fast4k 21.4/73.6 us (fast 21.7/74.2, ref
+# 30.5/110.2), reduce_encode 34.7 us (fast 37.2, ref 42.6).
+ENCODE_VARIANT = "fast"  # int4-g32 / int4-g128 (encode, encode_chunks, reduce_encode)
+MX_ENCODE_VARIANT = "fast4k"  # mxfp4 (mx_encode, mx_encode_chunks, mx_reduce_encode)
 
 
 def _variant(variant) -> tuple[int, bool]:
-    """(tile values, fast path) of an encoder ``variant`` (None: ``ENCODE_VARIANT``)."""
+    """(tile values, fast path) of an encoder ``variant`` (None: ``ENCODE_VARIANT``; the mxfp4
+    launcher passes ``MX_ENCODE_VARIANT`` for None)."""
     variant = ENCODE_VARIANT if variant is None else variant
     if variant not in ENCODE_VARIANTS:
         raise ValueError(f"unknown encoder variant {variant!r}; one of {sorted(ENCODE_VARIANTS)}")
@@ -592,6 +598,7 @@ def mx_decode_sum_kernel(payloads, out_ptr, T, E, G, NQ, N: tl.constexpr, BLOCK:
 def _mx_launch(src, n_src, out, t, e, flag, chunks=1, variant=None):
     if t == 0:
         return out
+    variant = MX_ENCODE_VARIANT if variant is None else variant
     grid, rows, ngt, warps = _tile_grid(t, e, 32, _variant(variant)[0])
     extra = {} if chunks == 1 else {"XS": t * e, "PS": out.numel() // chunks, "CHUNKED": True}
     extra.update(_variant_consts(variant, t, e, rows, ngt * 32, n_src, _even_out(out, chunks)))
