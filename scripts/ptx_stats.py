@@ -169,7 +169,8 @@ def main(argv=None) -> None:
     ap.add_argument("--hidden", type=int, default=8192)
     ap.add_argument("--world", type=int, default=2, help="payloads per decode-and-sum")
     ap.add_argument("--k", type=int, default=None, help="int4-outlier's kept channels (default hidden // 64)")
-    ap.add_argument("--variant", default=None, help="group encoder variant (default: the launchers' ENCODE_VARIANT, MX_ENCODE_VARIANT)")
+    ap.add_argument("--variant", default=None,
+                    help="group encoder variant (default: the launchers' ENCODE_VARIANT, MX_ENCODE_VARIANT)")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     k = args.hidden // 64 if args.k is None else args.k

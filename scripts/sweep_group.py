@@ -221,7 +221,8 @@ def main(argv=None) -> None:
             row.update({"us": s * 1e6, "gbps": (args.world + 1) * want.numel() / s / 1e9})
             rows.append(row)
     info = {"device": torch.cuda.get_device_name() if not dry else "cpu (Triton interpreter; times meaningless)",
-            "variants": variants, "default_variant": K.ENCODE_VARIANT, "mx_default_variant": K.MX_ENCODE_VARIANT, "repeats": repeats, "skipped": skipped,
+            "variants": variants, "default_variant": K.ENCODE_VARIANT, "mx_default_variant": K.MX_ENCODE_VARIANT,
+            "repeats": repeats, "skipped": skipped,
             "seconds": time.perf_counter() - t0, "hard_shape": list(hard_shape),
             "command": "PYTHONPATH=. python3 scripts/sweep_group.py " + " ".join(argv if argv is not None else
                                                                                  sys.argv[1:])}
@@ -245,7 +246,8 @@ def main(argv=None) -> None:
                     ok = r["bytes_equal"] and r.get("hard_bytes_equal", True)
                     tot[r["variant"]] = tot.get(r["variant"], 0.0) + (r["us"] if ok else float("inf"))
             if tot:
-                print(f"{name} {op}: " + ", ".join(f"{v} {u:.1f} us" for v, u in sorted(tot.items(), key=lambda i: i[1])))
+                ranked = sorted(tot.items(), key=lambda i: i[1])
+                print(f"{name} {op}: " + ", ".join(f"{v} {u:.1f} us" for v, u in ranked))
 
 
 if __name__ == "__main__":
