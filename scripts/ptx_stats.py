@@ -11,7 +11,9 @@ proxy for the issue cost of one value; the IEEE division's slow path is counted 
     PYTHONPATH=. python3 scripts/ptx_stats.py                        # [8192, 8192], world 2
     PYTHONPATH=. python3 scripts/ptx_stats.py --tokens 2048 --world 8
 
-A proxy for speed, not a measurement: scripts/gpu_check.py measures on a GPU.
+A proxy for speed, not a measurement: scripts/gpu_check.py measures on a GPU. The group
+encoders' ``FAST`` variants hold two paths; ``fast_path_sass_per_value`` counts the kernel
+with the old path stubbed out (what a common tile runs, see ``--variant``).
 """
 from __future__ import annotations
 
@@ -76,8 +78,44 @@ def compile_stats(mod: str, kernel: str, sig: dict, const: dict, ints: dict, war
             "values_per_thread": values, "sass": n_sass, "sass_per_value": round(n_sass / values, 1)}
 
 
-def cases(t: int, e: int, world: int, k: int):
-    """(module, kernel, signature, constexprs, integer args, warps, values a thread) as the launchers pick them."""
+def _fallback_stubs():
+    """jit stubs for the group encoders' old-path helpers (``_group_codes``, ``_mx_codes``), so
+    that a compile of a ``FAST`` kernel counts what its common tile runs: the fast path, the
+    tile check and the stores (the stubs' zeros fold into a few selects)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def group_codes(xl, xh, m, flag_ptr, range_ptr, max_in, BT: tl.constexpr, NGT: tl.constexpr, H: tl.constexpr,
+                    FLAG: tl.constexpr, RANGE: tl.constexpr):
+        return tl.zeros([BT, NGT, H], tl.uint8), tl.zeros([BT, NGT], tl.int32)
+
+    @triton.jit
+    def mx_codes(xl, xh, m, flag_ptr, BT: tl.constexpr, NGT: tl.constexpr, FLAG: tl.constexpr):
+        return tl.zeros([BT, NGT, 16], tl.uint8), tl.zeros([BT, NGT], tl.uint8)
+
+    return {"_group_codes": group_codes, "_mx_codes": mx_codes}
+
+
+def fast_path_stats(mod: str, kernel: str, sig: dict, const: dict, ints: dict, warps: int, values: int) -> dict:
+    """:func:`compile_stats` of a ``FAST`` group encoder with its fallback stubbed out."""
+    module = importlib.import_module(f"lowbit_tp.kernels.{mod}")
+    fn = getattr(module, kernel)
+    saved = {name: getattr(module, name) for name in ("_group_codes", "_mx_codes")}
+    try:
+        for name, stub in _fallback_stubs().items():
+            setattr(module, name, stub)
+        fn.hash = None  # the kernel's cache key covers the helpers it calls: recompute it
+        return compile_stats(mod, kernel, sig, const, ints, warps, values)
+    finally:
+        for name, f in saved.items():
+            setattr(module, name, f)
+        fn.hash = None
+
+
+def cases(t: int, e: int, world: int, k: int, variant: str | None = None):
+    """(module, kernel, signature, constexprs, integer args, warps, values a thread) as the launchers pick them;
+    ``variant``: the group encoders' (triton_group.ENCODE_VARIANTS; None: the launchers' default)."""
     import triton
 
     from lowbit_tp.kernels import triton_group as KG
@@ -89,17 +127,20 @@ def cases(t: int, e: int, world: int, k: int):
     dsig = {"payloads": pw, "out_ptr": "*fp32", "T": "i32", "E": "i32", "EH": "i32", "G": "i32", "NQ": "i32"}
     for group in (32, 128):
         ints = {"T": t, "E": e, "EH": e // 2, "G": triton.cdiv(e, group), "NQ": (t * e + 1) // 2}
-        bt, ngt, w = KG.tile_config(t, e, group, 2048)
+        bt, ngt, w = KG.tile_config(t, e, group, KG._variant(variant)[0])
         yield ("triton_group", "group_encode_kernel", gsig,
-               {"N": 0, "BT": bt, "NGT": ngt, "GROUP": group, "FLAG": False, "RANGE": False}, ints, w,
+               {"N": 0, "BT": bt, "NGT": ngt, "GROUP": group, "FLAG": False, "RANGE": False,
+                **KG._group_consts(variant, t, e, bt, ngt * group, 0)}, ints, w,
                bt * ngt * group // (32 * w))
         bt, ngt, w = KG.tile_config(t, e, group)
         yield ("triton_group", "group_decode_sum_tile_kernel", dsig, {"N": world, "GROUP": group, "BT": bt, "NGT": ngt},
                ints, w, bt * ngt * group // (32 * w))
     ints = {"T": t, "E": e, "EH": e // 2, "G": triton.cdiv(e, 32), "NQ": (t * e + 1) // 2}
     msig = {k: v for k, v in gsig.items() if k not in ("range_ptr", "max_in")}
-    bt, ngt, w = KG.tile_config(t, e, 32, 2048)
-    yield ("triton_group", "mx_encode_kernel", msig, {"N": 0, "BT": bt, "NGT": ngt, "FLAG": False}, ints, w,
+    mv = KG.MX_ENCODE_VARIANT if variant is None else variant
+    bt, ngt, w = KG.tile_config(t, e, 32, KG._variant(mv)[0])
+    yield ("triton_group", "mx_encode_kernel", msig,
+           {"N": 0, "BT": bt, "NGT": ngt, "FLAG": False, **KG._variant_consts(mv, t, e, bt, ngt * 32, 0)}, ints, w,
            bt * ngt * 32 // (32 * w))
     bt, ngt, w = KG.tile_config(t, e, 32)
     yield ("triton_group", "mx_decode_sum_tile_kernel", dsig, {"N": world, "BT": bt, "NGT": ngt}, ints, w,
@@ -158,16 +199,23 @@ def main(argv=None) -> None:
     ap.add_argument("--world", type=int, default=2, help="payloads per decode-and-sum")
     ap.add_argument("--k", type=int, default=None, help="int4-outlier's kept channels (default hidden // 64)")
     ap.add_argument("--only", default=None, help="comma-separated substrings of the kernel names to compile")
+    ap.add_argument("--variant", default=None,
+                    help="group encoder variant (default: the launchers' ENCODE_VARIANT, MX_ENCODE_VARIANT)")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     k = args.hidden // 64 if args.k is None else args.k
     only = args.only.split(",") if args.only else None
-    rows = [compile_stats(*c) for c in cases(args.tokens, args.hidden, args.world, k)
-            if only is None or any(o in c[1] for o in only)]
+    rows = []
+    for c in cases(args.tokens, args.hidden, args.world, k, args.variant):
+        if only is not None and not any(o in c[1] for o in only):
+            continue
+        row = compile_stats(*c)
+        row["fast_path_sass_per_value"] = fast_path_stats(*c)["sass_per_value"] if c[3].get("FAST") else "-"
+        rows.append(row)
     cols = list(rows[0])
     print(f"sm_90a, [{args.tokens}, {args.hidden}], world {args.world}, k {k}; "
           f"`PYTHONPATH=. python3 scripts/ptx_stats.py --tokens {args.tokens} --hidden {args.hidden} "
-          f"--world {args.world}`\n")
+          f"--world {args.world}" + (f" --variant {args.variant}" if args.variant else "") + "`\n")
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit_tp.kernels.triton_common import (FP_OPTIONS, chunk_bases, flag_if, fp16_bits, fp16_from_bits,
+from lowbit_tp.kernels.triton_common import (FP_OPTIONS, chunk_bases, flag_any, flag_if, fp16_bits, fp16_from_bits,
                                              int4_from_nibble, is_finite, load_u16, round_to_int_small, store_u16)
 
 _FP16_MAX = tl.constexpr(65504.0)
@@ -99,32 +99,86 @@ def group_decode_sum_tile_kernel(payloads, out_ptr, T, E, EH, G, NQ, N: tl.const
 
 
 @triton.jit
-def _load_pairs(src_ptr, t, mt, E, BT: tl.constexpr, NGT: tl.constexpr, GROUP: tl.constexpr):
-    """fp32 even and odd columns ``[BT, NGT, H]`` of this tile of ``src [T, E]`` (zeros outside)."""
+def _load_pairs(src_ptr, t, mt, E, BT: tl.constexpr, NGT: tl.constexpr, GROUP: tl.constexpr,
+                EVEN: tl.constexpr = False):
+    """fp32 even and odd columns ``[BT, NGT, H]`` of this tile of ``src [T, E]`` (zeros outside);
+    ``EVEN``: the launcher knows the tile lies inside ``src`` (no mask)."""
     H: tl.constexpr = GROUP // 2
     c = tl.program_id(1) * (NGT * GROUP) + tl.arange(0, NGT * GROUP)
-    x = tl.load(src_ptr + t[:, None] * E + c[None, :], mask=mt[:, None] & (c < E)[None, :], other=0.0)
+    if EVEN:
+        x = tl.load(src_ptr + t[:, None] * E + c[None, :])
+    else:
+        x = tl.load(src_ptr + t[:, None] * E + c[None, :], mask=mt[:, None] & (c < E)[None, :], other=0.0)
     return tl.split(tl.reshape(x.to(tl.float32), [BT, NGT, H, 2]))
+
+
+@triton.jit
+def _store_full_tile(out_ptr, t, EH, byte, BT: tl.constexpr, NGT: tl.constexpr, H: tl.constexpr):
+    """Store a full tile's payload bytes ``[BT, NGT, H]`` (rows ``t`` of ``EH`` bytes, ``EH`` even: the
+    launcher's ``EVEN``) as 16-bit words: a thread's two adjacent bytes are joined in registers,
+    so the layout change before the store moves half as many elements (a byte store tile was
+    converted through shared memory one 16-bit half at a time)."""
+    lo, hi = tl.split(tl.reshape(byte, [BT, NGT, H // 2, 2]))
+    w = (lo.to(tl.int32) | (hi.to(tl.int32) << 8)).to(tl.int16)
+    wi = (tl.program_id(1) * NGT + tl.arange(0, NGT))[:, None] * (H // 2) + tl.arange(0, H // 2)[None, :]
+    tl.store(out_ptr.to(tl.pointer_type(tl.int16)) + t[:, None, None] * (EH // 2) + wi[None, :, :], w)
+
+
+# Magic constant of the fast paths' rounding: ``y + 1.5 * 2**23`` (|y| < 2**22) is an fp32 in
+# [2**23, 2**24), spacing 1, so the add itself rounds ``y`` half to even and the low bits of
+# its bit pattern are that integer in two's complement (what round_to_int_small computes,
+# without the subtract and the float-to-int conversion).
+_RINT_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
 def group_encode_kernel(src, out_ptr, flag_ptr, range_ptr, T, E, EH, G, NQ, max_in, N: tl.constexpr,
                         BT: tl.constexpr, NGT: tl.constexpr, GROUP: tl.constexpr, FLAG: tl.constexpr,
-                        RANGE: tl.constexpr, XS=0, PS=0, CHUNKED: tl.constexpr = False):
+                        RANGE: tl.constexpr, XS=0, PS=0, CHUNKED: tl.constexpr = False, FAST: tl.constexpr = False,
+                        EVEN: tl.constexpr = False, S16: tl.constexpr = False):
     """Encode ``src[0]`` (``N == 0``, a partial ``[T, E]``, E even) or the decoded sum of the ``N``
     payloads in ``src`` (two-shot's reduce and re-encode in one pass), one tile of whole groups
     per program. Works on the even and odd columns apart, so a byte's two codes meet in one thread.
     ``CHUNKED`` (``N == 0``): grid axis 2 is a two-shot chunk of ``T`` rows, its input at ``+ XS``
-    values and its payload at ``+ PS`` bytes per chunk."""
+    values and its payload at ``+ PS`` bytes per chunk. ``FAST``: :func:`_group_fast` first, this
+    code only for the tiles it cannot take (same bytes). ``EVEN``: every tile lies inside the
+    message (``T % BT == 0``, ``E % (NGT * GROUP) == 0``): no masks. ``S16``: ``NQ`` is even (so
+    is every chunk's payload size), each fp16 scale is one aligned 16-bit store."""
     H: tl.constexpr = GROUP // 2
     src, out_ptr = chunk_bases(src, out_ptr, XS, PS, CHUNKED)
     t, g, bi, mt, m = _tile_index(T, EH, BT, NGT, GROUP)
     if N == 0:
-        xl, xh = _load_pairs(src[0], t, mt, E, BT, NGT, GROUP)
+        xl, xh = _load_pairs(src[0], t, mt, E, BT, NGT, GROUP, EVEN)
     else:
         xl, xh = _tile_sum(src, t, g, bi, mt, m, EH, G, NQ, N, GROUP)
         xl = tl.where(m, xl, 0.0)
         xh = tl.where(m, xh, 0.0)
+    if FAST:
+        fast, byte, sbits, amax = _group_fast(xl, xh, max_in, BT, NGT, H)
+        if fast:
+            if RANGE:  # every value is finite: the range flag is the groups' absmax against max_in
+                flag_any(range_ptr, amax > max_in)
+        else:
+            byte, sbits = _group_codes(xl, xh, m, flag_ptr, range_ptr, max_in, BT, NGT, H, FLAG, RANGE)
+    else:
+        byte, sbits = _group_codes(xl, xh, m, flag_ptr, range_ptr, max_in, BT, NGT, H, FLAG, RANGE)
+    if EVEN:
+        _store_full_tile(out_ptr, t, EH, byte, BT, NGT, H)
+    else:
+        tl.store(out_ptr + t[:, None, None] * EH + bi[None, :, :], byte, mask=m)
+    ms = None if EVEN else mt[:, None] & (g < G)[None, :]
+    if S16:  # the scales start at an even byte: one 16-bit store each
+        tl.store((out_ptr + NQ).to(tl.pointer_type(tl.int16)) + (t[:, None] * G + g[None, :]), sbits.to(tl.int16),
+                 mask=ms)
+    else:
+        store_u16(out_ptr, NQ + 2 * (t[:, None] * G + g[None, :]), sbits, ms)
+
+
+@triton.jit
+def _group_codes(xl, xh, m, flag_ptr, range_ptr, max_in, BT: tl.constexpr, NGT: tl.constexpr, H: tl.constexpr,
+                 FLAG: tl.constexpr, RANGE: tl.constexpr):
+    """Payload bytes ``[BT, NGT, H]`` and fp16 scale bits ``[BT, NGT]`` of a tile's even and odd
+    columns, any values (NaN/Inf, beyond max_in, subnormal scales); sets the flags."""
     if FLAG:
         flag_if(flag_ptr, m & ~(is_finite(xl) & is_finite(xh)))
     if RANGE:
@@ -143,8 +197,63 @@ def group_encode_kernel(src, out_ptr, flag_ptr, range_ptr, T, E, EH, G, NQ, max_
     ql = tl.where(fl, _code(sl, s32), -8)
     qh = tl.where(fh, _code(sh, s32), -8)
     byte = ((ql & 0xF) | ((qh & 0xF) << 4)).to(tl.uint8)
-    tl.store(out_ptr + t[:, None, None] * EH + bi[None, :, :], byte, mask=m)
-    store_u16(out_ptr, NQ + 2 * (t[:, None] * G + g[None, :]), sbits, mt[:, None] & (g < G)[None, :])
+    return byte, sbits
+
+
+@triton.jit
+def _max_nan(a, b):
+    """``max(a, b)``, NaN if either is (the reductions' default drops NaN on a GPU, keeps it in numpy)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _absmax_nan(xl, xh):
+    """Group absmax ``[BT, NGT]`` of even/odd column tiles: NaN where a group holds a NaN, Inf
+    where it holds an Inf and no NaN, on a GPU and in the interpreter alike."""
+    return tl.reduce(_max_nan(tl.abs(xl), tl.abs(xh)), 2, _max_nan)
+
+
+# Largest |rint distance| of the fast path's quotient estimate that still proves the rounding:
+# the estimate ``x * RN(1/s)`` is within ``2**-23 * |x / s| <= 7.25 * 2**-23 < 2**-20`` of ``x / s``.
+_FAST_DIST = tl.constexpr(0.5 - 2.0 ** -20)
+
+
+@triton.jit
+def _group_fast(xl, xh, max_in, BT: tl.constexpr, NGT: tl.constexpr, H: tl.constexpr):
+    """The common tile, in fewer instructions: ``(fast, bytes, scale bits, absmax)``, the bytes
+    and scale bits those of :func:`_group_codes` wherever the scalar ``fast`` holds.
+
+    ``fast``: every value of the tile is finite, every group's ``absmax <= 7.25 * s`` (``s`` its
+    fp16 scale, 1 for 0; the product is exact, 16 significant bits) and no value lies within
+    ``2**-20`` of a rounding boundary. Then, per group: the reference's absmax of the
+    saturated values is ``min(absmax, max_in)`` (one min per group, not a clamp per value);
+    every quotient ``|x / s| <= 7.25`` rounds into [-7, 7] with no clamp (a value beyond max_in
+    has ``x / 65504`` in (7, 7.25], code 7 like its saturated ``max_in / 65504 = 7``); no value
+    takes the NaN code. The code of ``x`` is ``round_half_even(RN(x / s))``, which equals
+    ``rint(p)`` for the estimate ``p = RN(x * RN(1 / s))`` (one multiply instead of an IEEE
+    division per value): ``|p - x / s| <= 2**-23 * 7.25 < 2**-20``, so where ``p`` is farther than
+    ``2**-20`` from a half-integer, ``x / s`` lies strictly between the same two half-integers,
+    and so does ``RN(x / s)`` (``RN(x / s)`` is a half-integer ``m`` only where ``x == m * s``:
+    ``m * s`` is exact, and any other ``x`` is an ulp of ``x`` away, more than half an ulp of ``m``
+    in quotient terms). ``rint(p)`` is one magic add, and ``p - rint(p)`` is exact.
+    Not fast (the caller recomputes the tile): an fp16-subnormal scale that rounded down by
+    more than 3.5% (absmax below ~4.3e-4), NaN/Inf anywhere in the tile, or a quotient within
+    ``2**-20`` of a tie (about 2e-6 of uniformly spread values; exact ties always)."""
+    amax = _absmax_nan(xl, xh)
+    s = tl.math.div_rn(tl.minimum(amax, max_in), tl.full([BT, NGT], 7.0, tl.float32))
+    sbits = fp16_bits(tl.where(s > _FP16_MAX, _FP16_MAX, s))
+    s32 = fp16_from_bits(sbits)
+    s32 = tl.where(s32 == 0.0, 1.0, s32)
+    r = tl.broadcast_to(tl.math.div_rn(tl.full([BT, NGT], 1.0, tl.float32), s32)[:, :, None], [BT, NGT, H])
+    pl = xl * r
+    ph = xh * r
+    bl = pl + _RINT_MAGIC
+    bh = ph + _RINT_MAGIC
+    dist = tl.max(tl.maximum(tl.abs(pl - (bl - _RINT_MAGIC)), tl.abs(ph - (bh - _RINT_MAGIC))), axis=2)
+    ok = (amax <= 7.25 * s32) & (dist <= _FAST_DIST)  # False for a NaN/Inf absmax
+    fast = tl.min(tl.reshape(ok.to(tl.int32), [BT * NGT]), axis=0) != 0
+    byte = ((bh.to(tl.int32, bitcast=True) << 4) | (bl.to(tl.int32, bitcast=True) & 0xF)).to(tl.uint8)
+    return fast, byte, sbits, amax
 
 
 @triton.jit
@@ -187,14 +296,61 @@ def _tile_grid(t: int, e: int, group: int, values: int = 4096):
     return (triton.cdiv(t, rows), triton.cdiv(triton.cdiv(e, group), ngt)), rows, ngt, warps
 
 
-def _launch_encode(src, n_sources, out, t, e, *, group, max_input, flag, range_flag, chunks=1):
+# Which encoder the launchers run (each launcher also takes ``variant=``); every variant writes
+# the same bytes. "ref": one code path for every tile (masked loads and stores, per-value
+# saturation, clamps and NaN selects, an IEEE division per value), as measured in GPU run 1.
+# "fast": a fast path for the common tile (:func:`_group_fast`, :func:`_mx_fast`), the
+# reference path kept for the others, no masks where the launcher knows every tile is full;
+# "fast4k": the same on tiles of 4096 values instead of 2048 (the per-tile reductions and
+# layout changes amortized over twice the values). scripts/sweep_group.py times them.
+ENCODE_VARIANTS = {"ref": (2048, False), "fast": (2048, True), "fast4k": (4096, True)}  # (tile values, fast path)
+# Defaults from GPU run 2 (one H200, scripts/sweep_group.py, CUDA-graph kernel time, docs/kernels.md):
+# int4-g32/g128 encode "fast" 23.3/81.1 us at [2048|8192, 8192] (fast4k 25.5/83.3, ref 29.2/106.6),
+# reduce_encode 41.7 us (fast4k 46.0); mxfp4 encode fast4k 21.4/73.6 us (fast 21.7/74.2, ref
+# 30.5/110.2), reduce_encode 34.7 us (fast 37.2, ref 42.6).
+ENCODE_VARIANT = "fast"  # int4-g32 / int4-g128 (encode, encode_chunks, reduce_encode)
+MX_ENCODE_VARIANT = "fast4k"  # mxfp4 (mx_encode, mx_encode_chunks, mx_reduce_encode)
+
+
+def _variant(variant) -> tuple[int, bool]:
+    """(tile values, fast path) of an encoder ``variant`` (None: ``ENCODE_VARIANT``; the mxfp4
+    launcher passes ``MX_ENCODE_VARIANT`` for None)."""
+    variant = ENCODE_VARIANT if variant is None else variant
+    if variant not in ENCODE_VARIANTS:
+        raise ValueError(f"unknown encoder variant {variant!r}; one of {sorted(ENCODE_VARIANTS)}")
+    return ENCODE_VARIANTS[variant]
+
+
+def _variant_consts(variant, t: int, e: int, rows: int, cols: int, n_sources: int, even_out: bool = True) -> dict:
+    """The kernel constexprs of an encoder ``variant`` for ``[t, e]`` in tiles of ``rows x cols``;
+    ``even_out``: every payload (each chunk's) starts at an even address (the 16-bit stores)."""
+    if not _variant(variant)[1]:
+        return {}
+    return {"FAST": True, "EVEN": even_out and n_sources == 0 and t % rows == 0 and e % cols == 0}
+
+
+def _group_consts(variant, t: int, e: int, rows: int, cols: int, n_sources: int, even_out: bool = True) -> dict:
+    """:func:`_variant_consts` plus the int4 encoder's ``S16`` (its fp16 scales start at an even byte)."""
+    consts = _variant_consts(variant, t, e, rows, cols, n_sources, even_out)
+    if consts:
+        consts["S16"] = even_out and (t * e) % 4 == 0
+    return consts
+
+
+def _even_out(out, chunks: int) -> bool:
+    """Whether every one of the ``chunks`` payloads in ``out`` starts at an even address."""
+    return out.data_ptr() % 2 == 0 and (chunks == 1 or (out.numel() // chunks) % 2 == 0)
+
+
+def _launch_encode(src, n_sources, out, t, e, *, group, max_input, flag, range_flag, chunks=1, variant=None):
     """``t`` rows per chunk; ``chunks > 1``: ``src[0]`` holds ``chunks * t`` rows and ``out``
     the ``chunks`` payloads one after another."""
     if t == 0:
         return out
-    grid, rows, ngt, warps = _tile_grid(t, e, group, 2048)
+    grid, rows, ngt, warps = _tile_grid(t, e, group, _variant(variant)[0])
     dummy = out
     extra = {} if chunks == 1 else {"XS": t * e, "PS": out.numel() // chunks, "CHUNKED": True}
+    extra.update(_group_consts(variant, t, e, rows, ngt * group, n_sources, _even_out(out, chunks)))
     group_encode_kernel[grid + ((chunks,) if chunks > 1 else ())](
         tuple(src), out, dummy if flag is None else flag, dummy if range_flag is None else range_flag, t, e, e // 2,
         triton.cdiv(e, group), (t * e + 1) // 2, max_input, N=n_sources, BT=rows, NGT=ngt, GROUP=group,
@@ -202,24 +358,26 @@ def _launch_encode(src, n_sources, out, t, e, *, group, max_input, flag, range_f
     return out
 
 
-def encode(x, out, *, group: int, max_input: float, flag=None, range_flag=None):
+def encode(x, out, *, group: int, max_input: float, flag=None, range_flag=None, variant=None):
     """Fill the payload ``out`` from ``x [T, E]`` (E even); ``flag``/``range_flag`` as the static encoder's."""
     t, e = x.shape
-    return _launch_encode([x], 0, out, t, e, group=group, max_input=max_input, flag=flag, range_flag=range_flag)
+    return _launch_encode([x], 0, out, t, e, group=group, max_input=max_input, flag=flag, range_flag=range_flag,
+                          variant=variant)
 
 
-def encode_chunks(x, out, *, chunks: int, group: int, max_input: float, flag=None, range_flag=None):
+def encode_chunks(x, out, *, chunks: int, group: int, max_input: float, flag=None, range_flag=None, variant=None):
     """Two-shot's N chunk encodes in one launch: ``out`` (``chunks`` payloads one after another)
     gets ``encode(x[j*R:(j+1)*R])`` at ``j * payload_nbytes([R, E])``, ``R = T / chunks`` (E even)."""
     t, e = x.shape
     return _launch_encode([x], 0, out, t // chunks, e, group=group, max_input=max_input, flag=flag,
-                          range_flag=range_flag, chunks=chunks)
+                          range_flag=range_flag, chunks=chunks, variant=variant)
 
 
-def reduce_encode(payloads, out, *, t: int, e: int, group: int, max_input: float, flag=None, range_flag=None):
+def reduce_encode(payloads, out, *, t: int, e: int, group: int, max_input: float, flag=None, range_flag=None,
+                  variant=None):
     """Fill ``out`` with encode(sum of the decoded ``payloads``) of a ``[t, e]`` chunk (E even), one pass."""
     return _launch_encode(list(payloads), len(payloads), out, t, e, group=group, max_input=max_input, flag=flag,
-                          range_flag=range_flag)
+                          range_flag=range_flag, variant=variant)
 
 
 def _launch_decode_chunks(kernel, payload, out, chunks: int, group: int, **consts):
@@ -331,36 +489,91 @@ def _mx_code(x, inv):
 
 @triton.jit
 def mx_encode_kernel(src, out_ptr, flag_ptr, T, E, EH, G, NQ, N: tl.constexpr, BT: tl.constexpr, NGT: tl.constexpr,
-                     FLAG: tl.constexpr, XS=0, PS=0, CHUNKED: tl.constexpr = False):
+                     FLAG: tl.constexpr, XS=0, PS=0, CHUNKED: tl.constexpr = False, FAST: tl.constexpr = False,
+                     EVEN: tl.constexpr = False):
     """mxfp4-encode ``src[0]`` (``N == 0``) or the decoded sum of the ``N`` mxfp4 payloads in ``src``,
     one tile of whole 32-groups per program, even and odd columns apart.
 
     Shared exponent ``floor(log2(absmax)) - 2`` from the fp32 exponent bits (what ``frexp``
     gives), ``y = x * 2**-exp`` (exact), E2M1 rounding half to even per range; a group
-    holding NaN/Inf gets the E8M0 NaN byte 255. ``CHUNKED`` as :func:`group_encode_kernel`'s.
+    holding NaN/Inf gets the E8M0 NaN byte 255. ``CHUNKED`` as :func:`group_encode_kernel`'s;
+    ``FAST``: :func:`_mx_fast` first, :func:`_mx_codes` only for tiles holding NaN/Inf (same
+    bytes); ``EVEN``: every tile full, no masks.
     """
     src, out_ptr = chunk_bases(src, out_ptr, XS, PS, CHUNKED)
     t, g, bi, mt, m = _tile_index(T, EH, BT, NGT, 32)
     if N == 0:
-        xl, xh = _load_pairs(src[0], t, mt, E, BT, NGT, 32)
+        xl, xh = _load_pairs(src[0], t, mt, E, BT, NGT, 32, EVEN)
     else:
         xl, xh = _mx_tile_sum(src, t, g, bi, mt, m, EH, G, NQ, N)
         xl = tl.where(m, xl, 0.0)
         xh = tl.where(m, xh, 0.0)
+    if FAST:
+        slow, code, ebyte = _mx_fast(xl, xh, BT, NGT)
+        if slow:
+            code, ebyte = _mx_codes(xl, xh, m, flag_ptr, BT, NGT, FLAG)
+    else:
+        code, ebyte = _mx_codes(xl, xh, m, flag_ptr, BT, NGT, FLAG)
+    if EVEN:
+        _store_full_tile(out_ptr, t, EH, code, BT, NGT, 16)
+        tl.store(out_ptr + NQ + t[:, None] * G + g[None, :], ebyte)
+    else:
+        tl.store(out_ptr + t[:, None, None] * EH + bi[None, :, :], code, mask=m)
+        tl.store(out_ptr + NQ + t[:, None] * G + g[None, :], ebyte, mask=mt[:, None] & (g < G)[None, :])
+
+
+@triton.jit
+def _mx_exponent(amax):
+    """Shared exponent ``ex`` (int32 in [-127, 127]) of group absmaxes and ``2**-ex`` (fp32)."""
+    a = tl.where(amax < 2.0 ** -126, 2.0 ** -126, amax).to(tl.int32, bitcast=True)
+    ex = ((a >> 23) & 0xFF) - 129
+    ex = tl.where(ex < -127, -127, tl.where(ex > 127, 127, ex))
+    return ex, ((127 - ex) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mx_codes(xl, xh, m, flag_ptr, BT: tl.constexpr, NGT: tl.constexpr, FLAG: tl.constexpr):
+    """Code bytes ``[BT, NGT, 16]`` and E8M0 bytes ``[BT, NGT]`` of a tile's even and odd
+    columns, any values; sets the NaN flag."""
     fl = is_finite(xl)
     fh = is_finite(xh)
     if FLAG:
         flag_if(flag_ptr, m & ~(fl & fh))
     amax = tl.max(tl.maximum(tl.where(fl, tl.abs(xl), 0.0), tl.where(fh, tl.abs(xh), 0.0)), axis=2)
-    a = tl.where(amax < 2.0 ** -126, 2.0 ** -126, amax).to(tl.int32, bitcast=True)
-    ex = ((a >> 23) & 0xFF) - 129
-    ex = tl.where(ex < -127, -127, tl.where(ex > 127, 127, ex))
-    inv = tl.broadcast_to(((127 - ex) << 23).to(tl.float32, bitcast=True)[:, :, None], [BT, NGT, 16])  # 2**-ex
+    ex, inv = _mx_exponent(amax)
+    inv = tl.broadcast_to(inv[:, :, None], [BT, NGT, 16])  # 2**-ex
     code = _mx_code(xl, inv) | (_mx_code(xh, inv) << 4)
-    tl.store(out_ptr + t[:, None, None] * EH + bi[None, :, :], code.to(tl.uint8), mask=m)
     bad = tl.minimum(tl.min((fl & fh).to(tl.int32), axis=2), 1) == 0
-    tl.store(out_ptr + NQ + t[:, None] * G + g[None, :], tl.where(bad, 255, ex + 127).to(tl.uint8),
-             mask=mt[:, None] & (g < G)[None, :])
+    return code.to(tl.uint8), tl.where(bad, 255, ex + 127).to(tl.uint8)
+
+
+@triton.jit
+def _mx_code_fast(y):
+    """:func:`_mx_code` of a finite ``y`` in fewer instructions. With ``m = min(|y|, 6)``, the
+    three range roundings are ``rint(2m)``, ``rint(m) + 2`` and ``rint(m / 2) + 4`` (each by one
+    magic add: the offsets 2 and 4 are even, so ties still go to the even integer), and the
+    code is their minimum (the grid is concave: each range's own rounding is the smallest of
+    the three there; tests/test_triton_group_variants.py runs every rounding boundary through
+    the kernel); the low three bits of the magic sum are that code. Sign: ``y < 0``, bit 31 of
+    ``y + 0.0`` (which turns -0.0 into +0.0 and leaves every other value), brought to bit 3 by
+    an arithmetic shift, whose copies above bit 3 the caller masks off (``& 0xF``) or shifts
+    out (``<< 4`` into a byte): one select-merge ``c & 7 | s & ~7`` per value."""
+    m = tl.minimum(tl.abs(y), 6.0)
+    c = tl.minimum(tl.minimum(m * 2.0 + _RINT_MAGIC, m + (_RINT_MAGIC + 2.0)), m * 0.5 + (_RINT_MAGIC + 4.0))
+    top = (y + 0.0).to(tl.int32, bitcast=True) >> 28
+    return (c.to(tl.int32, bitcast=True) & 7) | (top & ~7)
+
+
+@triton.jit
+def _mx_fast(xl, xh, BT: tl.constexpr, NGT: tl.constexpr):
+    """``(slow, code bytes, E8M0 bytes)`` of a tile, those of :func:`_mx_codes` unless the scalar
+    ``slow`` is set: some group absmax is NaN/Inf (the NaN-keeping absmax of the values)."""
+    amax = _absmax_nan(xl, xh)
+    ex, inv = _mx_exponent(amax)
+    inv = tl.broadcast_to(inv[:, :, None], [BT, NGT, 16])
+    slow = tl.max(tl.reshape(tl.where(amax < float("inf"), 0, 1), [BT * NGT]), axis=0) != 0  # NaN < inf is False
+    code = (_mx_code_fast(xl * inv) & 0xF) | (_mx_code_fast(xh * inv) << 4)
+    return slow, code.to(tl.uint8), (ex + 127).to(tl.uint8)
 
 
 @triton.jit
@@ -382,20 +595,22 @@ def mx_decode_sum_kernel(payloads, out_ptr, T, E, G, NQ, N: tl.constexpr, BLOCK:
     tl.store(out_ptr + o, _mx_sum_at(payloads, o // E, o % E, m, E, G, NQ, N), mask=m)
 
 
-def _mx_launch(src, n_src, out, t, e, flag, chunks=1):
+def _mx_launch(src, n_src, out, t, e, flag, chunks=1, variant=None):
     if t == 0:
         return out
-    grid, rows, ngt, warps = _tile_grid(t, e, 32, 2048)
+    variant = MX_ENCODE_VARIANT if variant is None else variant
+    grid, rows, ngt, warps = _tile_grid(t, e, 32, _variant(variant)[0])
     extra = {} if chunks == 1 else {"XS": t * e, "PS": out.numel() // chunks, "CHUNKED": True}
+    extra.update(_variant_consts(variant, t, e, rows, ngt * 32, n_src, _even_out(out, chunks)))
     mx_encode_kernel[grid + ((chunks,) if chunks > 1 else ())](
         tuple(src), out, out if flag is None else flag, t, e, e // 2, triton.cdiv(e, 32), (t * e + 1) // 2, N=n_src,
         BT=rows, NGT=ngt, FLAG=flag is not None, num_warps=warps, **extra, **FP_OPTIONS)
     return out
 
 
-def mx_encode_chunks(x, out, *, chunks: int, flag=None):
+def mx_encode_chunks(x, out, *, chunks: int, flag=None, variant=None):
     """:func:`encode_chunks` for mxfp4 (E even)."""
-    return _mx_launch([x], 0, out, x.shape[0] // chunks, x.shape[1], flag, chunks)
+    return _mx_launch([x], 0, out, x.shape[0] // chunks, x.shape[1], flag, chunks, variant)
 
 
 def mx_decode_chunks(payload, out, *, chunks: int):
@@ -403,14 +618,14 @@ def mx_decode_chunks(payload, out, *, chunks: int):
     return _launch_decode_chunks(mx_decode_sum_tile_kernel, payload, out, chunks, 32)
 
 
-def mx_encode(x, out, *, flag=None):
+def mx_encode(x, out, *, flag=None, variant=None):
     """Fill the mxfp4 payload ``out`` from ``x [T, E]`` (E even)."""
-    return _mx_launch([x], 0, out, x.shape[0], x.shape[1], flag)
+    return _mx_launch([x], 0, out, x.shape[0], x.shape[1], flag, variant=variant)
 
 
-def mx_reduce_encode(payloads, out, *, t: int, e: int, flag=None):
+def mx_reduce_encode(payloads, out, *, t: int, e: int, flag=None, variant=None):
     """Fill ``out`` with the mxfp4 encoding of the sum of the decoded mxfp4 ``payloads`` (E even), one pass."""
-    return _mx_launch(list(payloads), len(payloads), out, t, e, flag)
+    return _mx_launch(list(payloads), len(payloads), out, t, e, flag, variant=variant)
 
 
 def mx_decode_sum(payloads, out):

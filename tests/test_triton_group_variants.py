@@ -1,0 +1,212 @@
+"""The group encoders' variants (triton_group.ENCODE_VARIANTS) against the eager reference, bitwise,
+under TRITON_INTERPRET=1 on CPU tensors.
+
+"fast"/"fast4k" take a fast path on tiles they can prove (all finite, no clamped code, no
+quotient near a rounding tie) and the old code on the others; these tests send data down
+both paths (and check that they are taken), through every launcher: encode, reduce_encode,
+encode_chunks, and the codec with its NaN and range flags.
+"""
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"  # before lowbit_tp imports any kernel module
+
+import pytest  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+import torch  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed (optional: the Triton kernels are skipped)")
+
+from lowbit_tp.codecs import make_codec  # noqa: E402
+from lowbit_tp.kernels import triton_group as K  # noqa: E402
+
+LAYER = "L"
+CODECS = ["int4-g32", "int4-g128", "mxfp4"]
+VARIANTS = list(K.ENCODE_VARIANTS)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sweep_module():
+    spec = importlib.util.spec_from_file_location("sweep_group", ROOT / "scripts" / "sweep_group.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def reference(name):
+    return make_codec(name, nonfinite="propagate", backend="reference")
+
+
+def encode(name, x, variant):
+    ref = reference(name)
+    out = torch.empty(ref.payload_nbytes(tuple(x.shape)), dtype=torch.uint8)
+    if name == "mxfp4":
+        return K.mx_encode(x, out, variant=variant)
+    return K.encode(x, out, group=ref.group, max_input=ref.max_input, variant=variant)
+
+
+def diff(a, b):
+    return (a != b).nonzero().reshape(-1)[:6].tolist()
+
+
+@pytest.fixture
+def slow_calls(monkeypatch):
+    """Counts of the old code path per kernel family (the interpreter looks helpers up at call time)."""
+    calls = {"int4": 0, "mx": 0}
+    for attr, key in (("_group_codes", "int4"), ("_mx_codes", "mx")):
+        orig = getattr(K, attr)
+        monkeypatch.setattr(K, attr, lambda *a, _o=orig, _k=key, **kw: calls.__setitem__(_k, calls[_k] + 1) or
+                            _o(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hard_values_bitwise_on_both_paths(name, variant, slow_calls):
+    """Rounding ties and their fp32 neighbours, fp16-subnormal scales, values past max_in,
+    -0.0, NaN/Inf (scripts/sweep_group.py's hard tensor, in bands of whole tiles): the bytes
+    of the reference, and the fast variants take both paths on it."""
+    x = sweep_module().hard_values(torch, name, 128, 256)
+    want = reference(name).encode(x, layer=LAYER, source=0)
+    got = encode(name, x, variant)
+    assert torch.equal(got, want), diff(got, want)
+    fam = "mx" if name == "mxfp4" else "int4"
+    values, fast = K.ENCODE_VARIANTS[variant]
+    tiles = 128 * 256 // values
+    if not fast:
+        assert slow_calls[fam] == tiles  # "ref": the one path for every tile
+    else:  # int4: the tie, subnormal and NaN bands refuse the fast path; mxfp4: the NaN band
+        assert 0 < slow_calls[fam] < tiles, slow_calls
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("variant", ["fast", "fast4k"])
+@pytest.mark.parametrize("tokens,hidden", [(16, 256), (5, 100), (3, 40), (33, 96)])  # full tiles, ragged ones
+def test_normal_data_takes_the_fast_path(name, variant, tokens, hidden, slow_calls):
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens * hidden)) * 3
+    want = reference(name).encode(x, layer=LAYER, source=0)
+    got = encode(name, x, variant)
+    assert torch.equal(got, want), diff(got, want)
+    # a random fp32 quotient lies within 2**-20 of a tie with probability ~2e-6: none here
+    assert slow_calls == {"int4": 0, "mx": 0}
+
+
+def test_e2m1_rounding_of_every_boundary_neighbourhood():
+    """mxfp4's fast E2M1 rounding (min of three magic-add roundings) against the reference at
+    every rounding boundary and 64 fp32 steps either side, past 6, and across [0, 8): groups
+    led by 6.0 have shared exponent 0, so each value is rounded as it is."""
+    bounds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 0.5, 1.0, 2.0, 3.0, 4.0])
+    bits = bounds.view(torch.int32)[:, None] + torch.arange(-64, 65, dtype=torch.int32)[None, :]
+    vals = torch.cat([bits.view(torch.float32).reshape(-1), torch.linspace(0, 8, 4001)[:-1],
+                      torch.tensor([0.0, 1e-45, 6.0, 7.99, 2.0 ** -126])])
+    vals = torch.cat([vals, -vals])
+    n = -(-vals.numel() // (31 * 8)) * 8  # whole rows of 8 groups
+    body = torch.cat([vals, torch.zeros(n * 31 - vals.numel())]).reshape(n, 31)
+    x = torch.cat([torch.full((n, 1), 6.0), body], dim=1).reshape(-1, 256)
+    want = reference("mxfp4").encode(x, layer=LAYER, source=0)
+    for variant in VARIANTS:
+        got = encode("mxfp4", x, variant)
+        assert torch.equal(got, want), (variant, diff(got, want))
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reduce_encode_and_encode_chunks(name, variant, monkeypatch):
+    """Two-shot's launchers with each variant: the fused reduce-and-re-encode equals the
+    reference's decode_sum + encode, the batched chunk encode the reference's per-chunk
+    encodes (clean partials and a sum with NaN/Inf and a tie-rich chunk)."""
+    ref = reference(name)
+    sweep = sweep_module()
+    g = torch.Generator().manual_seed(3)
+    t, e = 8, 256
+    for xs in ([torch.randn(t, e, generator=g) * 3 for _ in range(2)],
+               [sweep.hard_values(torch, name, 64, e)[48:56], torch.randn(t, e, generator=g)]):  # band 3: NaN/Inf
+        payloads = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+        want = ref.encode(ref.decode_sum(payloads, (t, e), layer=LAYER), layer=LAYER, source="sum")
+        out = torch.empty_like(want)
+        if name == "mxfp4":
+            got = K.mx_reduce_encode(payloads, out, t=t, e=e, variant=variant)
+        else:
+            got = K.reduce_encode(payloads, out, t=t, e=e, group=ref.group, max_input=ref.max_input, variant=variant)
+        assert torch.equal(got, want), diff(got, want)
+    x = sweep.hard_values(torch, name, 64, e)  # 4 chunks of 16 rows: one per band
+    want = torch.cat([ref.encode(x[16 * j:16 * (j + 1)], layer=LAYER, source=0) for j in range(4)])
+    out = torch.empty_like(want)
+    if name == "mxfp4":
+        got = K.mx_encode_chunks(x, out, chunks=4, variant=variant)
+    else:
+        got = K.encode_chunks(x, out, chunks=4, group=ref.group, max_input=ref.max_input, variant=variant)
+    assert torch.equal(got, want), diff(got, want)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("name", ["int4-g32", "mxfp4"])
+def test_codec_flags_with_each_variant(name, variant, monkeypatch):
+    """The device flags through the codec (deferred "error" mode): a clean message reports
+    nothing; a value past max_in on an otherwise fast tile raises out of range (int4: the fast
+    path's per-group range flag); a NaN raises non-finite (the old path's flag)."""
+    from lowbit_tp.codecs.base import NonFiniteError, OutOfRangeError
+
+    monkeypatch.setattr(K, "ENCODE_VARIANT", variant)
+    monkeypatch.setattr(K, "MX_ENCODE_VARIANT", variant)
+    codec = make_codec(name, backend="triton")  # deferred error mode on the fused path
+    x = torch.randn(8, 256, generator=torch.Generator().manual_seed(5))
+    codec.encode(x, layer=LAYER, source=0)
+    codec.check_nonfinite()
+    if name != "mxfp4":
+        y = x.clone()
+        y[2, 9] = 4.6e5  # past 7 * 65504; |x / 65504| <= 7.25, so the tile stays fast
+        codec.encode(y, layer=LAYER, source=0)
+        with pytest.raises(OutOfRangeError):
+            codec.check_nonfinite()
+    y = x.clone()
+    y[5, 17] = float("nan")
+    codec.encode(y, layer=LAYER, source=0)
+    with pytest.raises(NonFiniteError):
+        codec.check_nonfinite()
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_payload_at_an_odd_address(name, variant):
+    """``out`` a view at an odd byte offset (a payload inside a larger buffer): the fast variants
+    fall back to byte stores (their 16-bit stores need an even address), same bytes."""
+    x = torch.randn(16, 256, generator=torch.Generator().manual_seed(11))
+    ref = reference(name)
+    want = ref.encode(x, layer=LAYER, source=0)
+    buf = torch.zeros(want.numel() + 1, dtype=torch.uint8)
+    out = buf[1:]
+    assert out.data_ptr() % 2 == 1
+    if name == "mxfp4":
+        K.mx_encode(x, out, variant=variant)
+    else:
+        K.encode(x, out, group=ref.group, max_input=ref.max_input, variant=variant)
+    assert torch.equal(out, want), diff(out, want)
+    assert K._even_out(out, 1) is False and K._even_out(buf[2:], 1) is True
+
+
+def test_defaults_are_fast_variants():
+    """The launchers' defaults (picked from GPU run 2) are variants with the fast path."""
+    assert K.ENCODE_VARIANTS[K.ENCODE_VARIANT][1] and K.ENCODE_VARIANTS[K.MX_ENCODE_VARIANT][1]
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="unknown encoder variant"):
+        encode("int4-g32", torch.randn(2, 64), "fastest")
+
+
+def test_sweep_script_dry_run(tmp_path):
+    """scripts/sweep_group.py end to end on CPU tensors: every variant's bytes equal the
+    reference's on normal and hard data, for encode and reduce_encode."""
+    import json
+
+    sweep_module().main(["--device", "cpu", "--out", str(tmp_path), "--shapes", "4x64", "--codecs",
+                         "int4-g32,mxfp4"])
+    data = json.loads((tmp_path / "sweep_group.json").read_text())
+    rows = data["rows"]
+    assert {(r["codec"], r["variant"], r["op"]) for r in rows} == {
+        (c, v, op) for c in ("int4-g32", "mxfp4") for v in VARIANTS for op in ("encode", "reduce_encode_w2")}
+    assert all(r["bytes_equal"] is True and r.get("hard_bytes_equal", True) is True for r in rows), rows
+    assert all(r["us"] > 0 for r in rows) and not data["info"]["skipped"]
