@@ -290,18 +290,10 @@ def graph_seconds(torch, fn, seconds, calls: int = 5) -> float:
 
 
 def capture_graph(torch, fn, calls: int = 1):
-    """``calls`` calls of ``fn`` captured in one CUDA graph, after a warm-up call on a side
-    stream (as torch.cuda.graphs asks)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    return g
+    """``calls`` calls of ``fn`` captured in one CUDA graph (:func:`lowbit_tp.bench.common.capture_graph`)."""
+    from lowbit_tp.bench.common import capture_graph as capture
+
+    return capture(fn, calls)
 
 
 def graph_check(torch, make, xd, shape, *, capture: bool, timer=None, times: dict | None = None) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -115,6 +114,7 @@ def main(argv=None) -> None:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
     import torch
 
+    from lowbit_tp.bench.common import graph_call_seconds
     from lowbit_tp.codecs import make_codec
     from lowbit_tp.kernels import triton_group as K
 
@@ -135,26 +135,7 @@ def main(argv=None) -> None:
             s = time.perf_counter()
             fn()
             return time.perf_counter() - s
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(5):
-                fn()
-        graph.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            graph.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3 / 5)
-        return statistics.median(times)
+        return graph_call_seconds(fn, repeats=repeats)
 
     def launchers(name, codec):
         if name == "mxfp4":

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -75,6 +74,7 @@ def main(argv=None) -> None:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
+    from lowbit_tp.bench.common import graph_call_seconds
     from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
     from lowbit_tp.codecs import make_codec
     from lowbit_tp.kernels import triton_rotation as K
@@ -92,45 +92,15 @@ def main(argv=None) -> None:
     default_config = dict(K.CONFIG)
     eager_fallbacks: list[str] = []  # timings that could not be captured in a CUDA graph
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
     def timed(fn) -> float:
         """Seconds per call: on a GPU ``calls`` calls in one CUDA graph, median of replays."""
         if dry:
             t = time.perf_counter()
             fn()
             return time.perf_counter() - t
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        try:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for _ in range(args.calls):
-                    fn()
-            run = g.replay
-        except Exception as exc:  # no graph: eager calls timed by events (host launch cost included)
-            eager_fallbacks.append(f"{type(exc).__name__}: {str(exc)[:80]}")
-            sync()
-
-            def run():
-                for _ in range(args.calls):
-                    fn()
-        run()
-        sync()
-        times = []
-        for _ in range(repeats):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            run()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3 / args.calls)
-        return statistics.median(times)
+        return graph_call_seconds(fn, repeats=repeats, calls=args.calls,
+                                  on_capture_error=lambda exc: eager_fallbacks.append(
+                                      f"{type(exc).__name__}: {str(exc)[:80]}"))
 
     def same_bits(a, b) -> bool:
         a, b = a.reshape(-1).cpu(), b.reshape(-1).cpu()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,6 +56,7 @@ def main(argv=None) -> None:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
+    from lowbit_tp.bench.common import graph_call_seconds
     from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
     from lowbit_tp.codecs import make_codec
     from lowbit_tp.kernels import triton_static as KS
@@ -82,36 +82,13 @@ def main(argv=None) -> None:
             cals[world, e] = synthetic_calibration([LAYER], world=world, hidden=e, tokens=64, batches=1)
         return cals[world, e]
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
     def timed(fn) -> float:
         """Seconds per call: 5 calls in one CUDA graph, replayed (GPU); one call (CPU)."""
         if dev.type != "cuda":
             s = time.perf_counter()
             fn()
             return time.perf_counter() - s
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(5):
-                fn()
-        g.replay()
-        sync()
-        times = []
-        for _ in range(repeats):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3 / 5)
-        return statistics.median(times)
+        return graph_call_seconds(fn, repeats=repeats)
 
     def same_bits(a, b) -> bool:
         a, b = a.reshape(-1), b.reshape(-1)

@@ -35,3 +35,48 @@ def environment() -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def capture_graph(fn: Callable[[], Any], calls: int = 1) -> "torch.cuda.CUDAGraph":
+    """``calls`` calls of ``fn`` captured in one CUDA graph, after a warm-up call on a side
+    stream (as torch.cuda.graphs asks)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
+
+
+def graph_call_seconds(fn: Callable[[], Any], *, repeats: int, calls: int = 5,
+                       on_capture_error: Callable[[Exception], None] | None = None) -> float:
+    """The GPU's time alone for one call of ``fn``: ``calls`` calls captured in one CUDA graph,
+    the median of ``repeats`` replays timed by CUDA events, divided by ``calls``. If the
+    capture fails and ``on_capture_error`` is given, it gets the error and ``calls`` eager calls
+    are timed the same way instead (the host's launch cost then included); else it raises."""
+    try:
+        run = capture_graph(fn, calls).replay
+    except Exception as exc:
+        if on_capture_error is None:
+            raise
+        on_capture_error(exc)
+        torch.cuda.synchronize()
+
+        def run():
+            for _ in range(calls):
+                fn()
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / calls)
+    return statistics.median(times)
