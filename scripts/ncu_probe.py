@@ -50,8 +50,8 @@ def main(argv=None) -> None:
     ap.add_argument("--summarize", metavar="CSV", help="write --out (markdown) from an ncu CSV and exit")
     ap.add_argument("--out", help="markdown file for --summarize")
     ap.add_argument("--codecs", default="int4-outlier,int4,rot-lm4-g64-lg8-k4,rot-int6-g64-lg8-k4,int4-g32")
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--hidden", type=int, default=8192)
+    ap.add_argument("--tokens", type=int, default=None, help="default 8192 (cpu: 3)")
+    ap.add_argument("--hidden", type=int, default=None, help="default 8192 (cpu: 128)")
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     args = ap.parse_args(argv)
@@ -67,7 +67,9 @@ def main(argv=None) -> None:
     from lowbit_tp.codecs import make_codec
 
     dev = torch.device(args.device)
-    t, e = args.tokens, args.hidden
+    dry = dev.type == "cpu"
+    t = args.tokens or (3 if dry else 8192)
+    e = args.hidden or (128 if dry else 8192)
     cal = synthetic_calibration(["L"], world=args.world, hidden=e, tokens=64, batches=1)
     xs = [v.to(dev) for v in planted_partials(args.world, t, e, seed=0, noise_seed=4)]
     jobs = []

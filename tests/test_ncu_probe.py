@@ -28,3 +28,13 @@ def test_summary_keeps_launch_order_and_counters(tmp_path):
     assert rows[0].startswith("| 0 | enc_kernel | (128, 1, 1) | (4, 1, 1) |  | 28.43 % |")
     assert "128 register/thread" in rows[0] and "Unlisted" not in text and "9 x" not in text
     assert rows[1].startswith("| 1 | dec_kernel | (32, 1, 1) | (8, 1, 1) |  | 70.45 % |")
+
+
+def test_driver_runs_every_codec_under_the_interpreter(capsys):
+    """The profiled driver itself (``--device cpu``: tiny default shape, Triton interpreter)."""
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    _module().main(["--device", "cpu", "--codecs", "int4-outlier,int4-g32"])
+    out = capsys.readouterr().out
+    assert "profiled: int4-outlier encode, decode_sum [3, 128] world 2" in out and "int4-g32" in out

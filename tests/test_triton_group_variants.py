@@ -210,3 +210,23 @@ def test_sweep_script_dry_run(tmp_path):
         (c, v, op) for c in ("int4-g32", "mxfp4") for v in VARIANTS for op in ("encode", "reduce_encode_w2")}
     assert all(r["bytes_equal"] is True and r.get("hard_bytes_equal", True) is True for r in rows), rows
     assert all(r["us"] > 0 for r in rows) and not data["info"]["skipped"]
+
+
+@pytest.mark.parametrize("group", [2, 4, 8])
+@pytest.mark.parametrize("variant", ["fast", "fast4k"])
+def test_small_groups_bitwise(group, variant):
+    """Groups of 2, 4 and 8 values (a group of 2 is one payload byte, nothing for the 16-bit
+    stores to pair: the fast path once failed to compile there), bitwise the reference."""
+    from lowbit_tp.codecs.dynamic import GroupInt4Codec
+
+    ref = GroupInt4Codec(group=group, nonfinite="propagate", backend="reference")
+    tri = GroupInt4Codec(group=group, nonfinite="propagate", backend="triton")
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(group)) * 3
+    x[1, 5] = float("nan")
+    prev = K.ENCODE_VARIANT
+    K.ENCODE_VARIANT = variant
+    try:
+        got = tri.encode(x, layer="L", source=0)
+    finally:
+        K.ENCODE_VARIANT = prev
+    assert torch.equal(got, ref.encode(x, layer="L", source=0))

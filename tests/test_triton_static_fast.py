@@ -3,8 +3,8 @@ against the eager reference, bitwise, under TRITON_INTERPRET=1 on CPU tensors.
 
 The shipped tiles are hundreds of columns and up to 32 rows a program, and a short message takes
 one row a program (``SHORT_ROWS``); here tiny tiles and ``SHORT_ROWS = 1`` put several column
-blocks, several rows a program, a last program that ends inside T (its rows re-read row T - 1
-and store nothing) and a column block that ends inside E (and inside the bf16 head) in messages
+blocks, several rows a program, a last program that would end past T (it starts at T - BT
+instead and rewrites rows of its neighbour with the same values) and a column block that ends inside E (and inside the bf16 head) in messages
 of a few rows. Every case checks which kernels ran, so that a silent fall-back to the tile
 kernels fails it.
 """
@@ -248,3 +248,29 @@ def test_fast_encoders_codes_are_the_references_on_ties_and_edges(bits):
                         BLOCK=triton.next_power_of_2(x.numel()))
     want = F.quantize_symmetric(x, inv_scale=inv, bits=bits, nonfinite=True).to(torch.int32)
     assert torch.equal(out, want), (x[out != want][:6], out[out != want][:6], want[out != want][:6])
+
+
+@pytest.mark.parametrize("name,k,sources", [("int4-outlier", 64, 2), ("int4-outlier", 2, 8), ("int8", 3, 2),
+                                            ("int8", 0, 8)])
+def test_fast_kernels_at_the_edges_of_k_and_world(name, k, sources, launches):
+    """Every channel kept in bf16 (k = E: no code or scale to read; the fast decode-and-sum
+    once read past the payload there, so it hands that shape to the tile kernel), int8 with bf16
+    channels (the row-walking kernels with 8-bit codes) and 8 sources (the widest tile bucket),
+    bitwise the reference."""
+    tokens, hidden = 5, 64
+    cal = synthetic_calibration([LAYER], world=sources, hidden=hidden, tokens=64, batches=1)
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference", k=k)
+    tri = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton", k=k)
+    g = torch.Generator().manual_seed(k * 10 + sources)
+    xs = [torch.randn(tokens, hidden, generator=g) * 3 for _ in range(sources)]
+    xs[0][1, 3] = float("nan")
+    want = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    got = [tri.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    assert all(torch.equal(w, v) for w, v in zip(want, got))
+    assert same_bits(ref.decode_sum(want, (tokens, hidden), layer=LAYER),
+                     tri.decode_sum(want, (tokens, hidden), layer=LAYER))
+    decoders = {n for n in launches if "decode" in n}
+    if k == hidden:
+        assert decoders == {"static_decode_sum_tile_kernel"}, launches
+    else:
+        assert decoders <= FAST and decoders, launches

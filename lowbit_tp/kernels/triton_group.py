@@ -304,7 +304,7 @@ def _tile_grid(t: int, e: int, group: int, values: int = 4096):
 # "fast4k": the same on tiles of 4096 values instead of 2048 (the per-tile reductions and
 # layout changes amortized over twice the values). scripts/sweep_group.py times them.
 ENCODE_VARIANTS = {"ref": (2048, False), "fast": (2048, True), "fast4k": (4096, True)}  # (tile values, fast path)
-# Defaults from GPU run 2 (one H200, scripts/sweep_group.py, CUDA-graph kernel time, docs/kernels.md):
+# Defaults from stop 21's kernel sweep (one H200, scripts/sweep_group.py, CUDA-graph kernel time, docs/kernels.md):
 # int4-g32/g128 encode "fast" 23.3/81.1 us at [2048|8192, 8192] (fast4k 25.5/83.3, ref 29.2/106.6),
 # reduce_encode 41.7 us (fast4k 46.0); mxfp4 encode fast4k 21.4/73.6 us (fast 21.7/74.2, ref
 # 30.5/110.2), reduce_encode 34.7 us (fast 37.2, ref 42.6).
@@ -350,7 +350,9 @@ def _launch_encode(src, n_sources, out, t, e, *, group, max_input, flag, range_f
     grid, rows, ngt, warps = _tile_grid(t, e, group, _variant(variant)[0])
     dummy = out
     extra = {} if chunks == 1 else {"XS": t * e, "PS": out.numel() // chunks, "CHUNKED": True}
-    extra.update(_group_consts(variant, t, e, rows, ngt * group, n_sources, _even_out(out, chunks)))
+    # 16-bit stores pair a group's bytes: a group of 2 (one byte) has none to pair
+    extra.update(_group_consts(variant, t, e, rows, ngt * group, n_sources,
+                               _even_out(out, chunks) and group % 4 == 0))
     group_encode_kernel[grid + ((chunks,) if chunks > 1 else ())](
         tuple(src), out, dummy if flag is None else flag, dummy if range_flag is None else range_flag, t, e, e // 2,
         triton.cdiv(e, group), (t * e + 1) // 2, max_input, N=n_sources, BT=rows, NGT=ngt, GROUP=group,

@@ -317,7 +317,7 @@ def _aligned2(payloads) -> bool:
 
 def _launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, out, *, bits, max_input, flag, range_flag,
                    chunks=1, variant=None):
-    """``t`` rows per chunk; ``chunks > 1`` (tiled kernel only): ``src[0]`` holds ``chunks * t``
+    """``t`` rows per chunk; ``chunks > 1`` (the tiled and the fast kernels): ``src[0]`` holds ``chunks * t``
     rows and ``out`` the ``chunks`` payloads one after another (an even payload size when
     there is a bf16 head)."""
     nk = outliers.numel()
@@ -468,7 +468,8 @@ AUTO = "fast"  # the variant "auto" runs
 # 8 x 512 0.411 / 0.433 at world 2; at world 8 16 x 128 0.113 / 0.098 against 32 x 128 0.114 /
 # 0.093 (a tie at 2048 rows; 16 x 128 has half the unrolled code); enc_rows 16 x 512 0.626 / 0.739
 # against 8 x 1024 0.608 / 0.682. The int4/int8 rows of that run were cut by its time budget:
-# dec_win and enc_win are picked by compile-time evidence (ptx_stats, Triton 3.6), not measured.
+# dec_win and enc_win were picked by compile-time evidence (ptx_stats, Triton 3.6); run 6 then measured
+# them at 83-94% of a copy (encode) and 73-90% (decode-and-sum, world 2).
 FAST_TILES = {
     "fast": {"dec_win": ((8, 512), (4, 512), (2, 512)), "dec_rows": ((16, 256), (16, 128), (16, 128)),
              "enc_win": (8, 512), "enc_rows": (16, 512)},
@@ -625,9 +626,11 @@ def static_decode_sum_rows_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E
 
 
 def _use_fast(variant: str, e: int, nk: int, bits: int) -> bool:
-    """Whether a fast decode-and-sum runs: asked for (not "tile") and every body row starts at a
+    """Whether a fast decode-and-sum runs: asked for (not "tile"), some channel is quantized (with
+    every channel kept in bf16 there is no code or scale to read) and every body row starts at a
     byte (int8, or an even ``E - NK``; an odd int4 row keeps the tile kernel)."""
-    return _check_variant(variant, DECODE_VARIANTS) != "tile" and (bits == 8 or (e - nk) % 2 == 0)
+    return (_check_variant(variant, DECODE_VARIANTS) != "tile" and e > nk
+            and (bits == 8 or (e - nk) % 2 == 0))
 
 
 def _decode_fast(payloads, colmap, scale, out, t, e, nk, bits, variant, *, chunks=1, ps=0):
