@@ -148,3 +148,17 @@ def postnorm_replay(calls, norms, codec, algo, world):
         y, shares = postnorm_step([calls[r][j][1] for r in range(world)], shares, norms[layer], codec, algo, layer)
         want.append(y)
     return want
+
+
+def raised(codec, run) -> str:
+    """What ``run()`` raised, at once or (deferred error mode) at the step's check_nonfinite()."""
+    from lowbit_tp.codecs.base import NonFiniteError, OutOfRangeError
+
+    try:
+        run()
+        codec.check_nonfinite()
+    except OutOfRangeError:
+        return "out of range"
+    except NonFiniteError:
+        return "non-finite"
+    return "ok"

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="triton is not installed (optional: the Triton kernels are skipped)")
 
 from lowbit_tp.calibration.synthetic import synthetic_calibration  # noqa: E402
+from helpers import raised  # noqa: E402
 from lowbit_tp.codecs import make_codec  # noqa: E402
 
 LAYER = "L"
@@ -170,20 +171,6 @@ def test_no_per_message_nonfinite_scan_on_the_fused_path(monkeypatch):
     with pytest.raises(AssertionError):  # the reference backend raises at once, so it scans
         make_codec("int4-outlier", calibration=calibration(64), backend="reference").encode(
             torch.randn(2, 64), layer=LAYER, source=0)
-
-
-def raised(codec, run) -> str:
-    """What ``run()`` raised, at once or (deferred error mode) at the step's check_nonfinite()."""
-    from lowbit_tp.codecs.base import NonFiniteError, OutOfRangeError
-
-    try:
-        run()
-        codec.check_nonfinite()
-    except OutOfRangeError:
-        return "out of range"
-    except NonFiniteError:
-        return "non-finite"
-    return "ok"
 
 
 def test_gpu_check_script_dry_run(tmp_path):
