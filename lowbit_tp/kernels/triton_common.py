@@ -107,13 +107,20 @@ def int4_from_nibble(byte, high):
     return tl.where(nib >= 8, nib - 16, nib)
 
 
+# Magic constant of rounding by one add: ``y + 1.5 * 2**23`` (|y| < 2**22) is an fp32 in
+# [2**23, 2**24), spacing 1, so the add itself rounds ``y`` half to even and the low bits of its
+# bit pattern are that integer in two's complement (the fast encoders read them directly, without
+# the subtract and the float-to-int conversion of round_to_int_small).
+RINT_MAGIC = tl.constexpr(12582912.0)
+
+
 @triton.jit
 def round_to_int_small(y):
     """The integer ``torch.round(y)`` (ties to even) as fp32 for ``|y| <= 2**22`` (or NaN), in two
     exact IEEE operations: adding ``1.5 * 2**23`` leaves no fraction bits, so the add itself
     rounds half to even. Only for results cast to an integer: where ``torch.round`` gives
     ``-0.0`` (``-0.5 <= y <= -0.0``) this gives ``+0.0``."""
-    return (y + 12582912.0) - 12582912.0
+    return (y + RINT_MAGIC) - RINT_MAGIC
 
 
 @triton.jit

@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from lowbit_tp.kernels.triton_common import (FP_OPTIONS, chunk_bases, flag_any, flag_if, fp16_bits, fp16_from_bits,
-                                             int4_from_nibble, is_finite, load_u16, round_to_int_small, store_u16)
+                                             RINT_MAGIC, int4_from_nibble, is_finite, load_u16, round_to_int_small,
+                                             store_u16)
 
 _FP16_MAX = tl.constexpr(65504.0)
 
@@ -123,12 +124,6 @@ def _store_full_tile(out_ptr, t, EH, byte, BT: tl.constexpr, NGT: tl.constexpr, 
     wi = (tl.program_id(1) * NGT + tl.arange(0, NGT))[:, None] * (H // 2) + tl.arange(0, H // 2)[None, :]
     tl.store(out_ptr.to(tl.pointer_type(tl.int16)) + t[:, None, None] * (EH // 2) + wi[None, :, :], w)
 
-
-# Magic constant of the fast paths' rounding: ``y + 1.5 * 2**23`` (|y| < 2**22) is an fp32 in
-# [2**23, 2**24), spacing 1, so the add itself rounds ``y`` half to even and the low bits of
-# its bit pattern are that integer in two's complement (what round_to_int_small computes,
-# without the subtract and the float-to-int conversion).
-_RINT_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
@@ -247,9 +242,9 @@ def _group_fast(xl, xh, max_in, BT: tl.constexpr, NGT: tl.constexpr, H: tl.const
     r = tl.broadcast_to(tl.math.div_rn(tl.full([BT, NGT], 1.0, tl.float32), s32)[:, :, None], [BT, NGT, H])
     pl = xl * r
     ph = xh * r
-    bl = pl + _RINT_MAGIC
-    bh = ph + _RINT_MAGIC
-    dist = tl.max(tl.maximum(tl.abs(pl - (bl - _RINT_MAGIC)), tl.abs(ph - (bh - _RINT_MAGIC))), axis=2)
+    bl = pl + RINT_MAGIC
+    bh = ph + RINT_MAGIC
+    dist = tl.max(tl.maximum(tl.abs(pl - (bl - RINT_MAGIC)), tl.abs(ph - (bh - RINT_MAGIC))), axis=2)
     ok = (amax <= 7.25 * s32) & (dist <= _FAST_DIST)  # False for a NaN/Inf absmax
     fast = tl.min(tl.reshape(ok.to(tl.int32), [BT * NGT]), axis=0) != 0
     byte = ((bh.to(tl.int32, bitcast=True) << 4) | (bl.to(tl.int32, bitcast=True) & 0xF)).to(tl.uint8)
@@ -561,7 +556,7 @@ def _mx_code_fast(y):
     an arithmetic shift, whose copies above bit 3 the caller masks off (``& 0xF``) or shifts
     out (``<< 4`` into a byte): one select-merge ``c & 7 | s & ~7`` per value."""
     m = tl.minimum(tl.abs(y), 6.0)
-    c = tl.minimum(tl.minimum(m * 2.0 + _RINT_MAGIC, m + (_RINT_MAGIC + 2.0)), m * 0.5 + (_RINT_MAGIC + 4.0))
+    c = tl.minimum(tl.minimum(m * 2.0 + RINT_MAGIC, m + (RINT_MAGIC + 2.0)), m * 0.5 + (RINT_MAGIC + 4.0))
     top = (y + 0.0).to(tl.int32, bitcast=True) >> 28
     return (c.to(tl.int32, bitcast=True) & 7) | (top & ~7)
 

@@ -9,13 +9,13 @@ for 4-bit codes and E % 8 == 0 for bit-planes (the codec falls back to the refer
 otherwise); the decoder reads any E.
 """
 import math
-import os
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from lowbit_tp.kernels import triton_interpreted
 from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, chunk_bases, clamp_keep_nan,
                                              flag_any,
                                              fp16_bits, fp16_from_bits, is_finite, load_u16, saturate_minmax,
@@ -730,7 +730,7 @@ def _asm_args(device, cfg, key: str, bits: int) -> dict:
     ``bits`` (GPU only: the interpreter runs tl.load)."""
     on = cfg[key]
     on = bits in on if isinstance(on, (tuple, list, set, frozenset)) else bool(on)
-    asm = on and os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and device.type == "cuda"
+    asm = on and not triton_interpreted() and device.type == "cuda"
     return {"ASM": True} if asm else {}
 
 

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, chunk_bases, clamp_keep_nan,
-                                             flag_any, flag_if, int4_from_nibble, is_finite, load_u16, round_half_even,
-                                             round_to_int_small, saturate)
+                                             flag_any, flag_if, int4_from_nibble, is_finite, load_u16, RINT_MAGIC,
+                                             round_half_even, round_to_int_small, saturate)
 
 
 def launch_config(n: int) -> tuple[int, int]:
@@ -660,9 +660,9 @@ def _codes(x, inv, fin, max_in, QMAX: tl.constexpr):
     and round half even, NaN/Inf -> the sentinel. min/max stand for the clamps: same bits for
     finite values, and a non-finite value's result is replaced by the sentinel."""
     y = tl.minimum(tl.maximum(tl.minimum(tl.maximum(x, -max_in), max_in) * inv, -QMAX * 1.0), QMAX * 1.0)
-    # round half to even as round_to_int_small, without the float -> int conversion: adding
-    # 1.5 * 2**23 leaves the rounded integer in the low mantissa bits (|y| <= 127 here)
-    return tl.where(fin, (y + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000, -QMAX - 1)
+    # round half to even by one add (RINT_MAGIC; |y| <= 127 here): the integer is the bit
+    # pattern less the magic constant's (0x4B400000)
+    return tl.where(fin, (y + RINT_MAGIC).to(tl.int32, bitcast=True) - 0x4B400000, -QMAX - 1)
 
 
 @triton.jit
