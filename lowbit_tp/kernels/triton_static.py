@@ -329,18 +329,16 @@ def _launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, out, 
         return out.copy_(_launch_encode(src, colmap, scale, t, e, inliers, inv_scale, outliers, torch.empty_like(out),
                                         bits=bits, max_input=max_input, flag=flag, range_flag=range_flag,
                                         chunks=chunks, variant=variant))
-    head = out[: 2 * t * nk].view(torch.int16)
+    head, body = out[: 2 * t * nk].view(torch.int16), out[2 * t * nk:]
     n_src = len(src) if colmap is not None else 0
-    common = dict(N=n_src, BITS=bits, HAS_K=nk > 0, FLAG=flag is not None, RANGE=range_flag is not None)
-    tables = (inliers if colmap is None else colmap, inv_scale if scale is None else scale, inliers, inv_scale,
-              outliers, head, out[2 * t * nk:], inliers if flag is None else flag,
-              inliers if range_flag is None else range_flag)
     variant = _check_variant(ENCODE_VARIANT if variant is None else variant, ENCODE_VARIANTS)
     if n_src == 0 and (bits == 8 or (e - nk) % 2 == 0) and variant != "tile":
-        _encode_fast(src[0], inliers, inv_scale, outliers, head, out[2 * t * nk:], t, e, bits=bits,
-                     max_input=max_input, flag=flag, range_flag=range_flag, chunks=chunks, ps=out.numel() // chunks,
-                     variant=variant)
+        _encode_fast(src[0], inliers, inv_scale, outliers, head, body, t, e, bits=bits, max_input=max_input,
+                     flag=flag, range_flag=range_flag, chunks=chunks, ps=out.numel() // chunks, variant=variant)
         return out
+    common = dict(N=n_src, BITS=bits, HAS_K=nk > 0, FLAG=flag is not None, RANGE=range_flag is not None)
+    tables = (inliers if colmap is None else colmap, inv_scale if scale is None else scale, inliers, inv_scale,
+              outliers, head, body, inliers if flag is None else flag, inliers if range_flag is None else range_flag)
     if bits == 8 or (e - nk) % 2 == 0:
         rows, cols, warps = tile_config(t, max(e - nk, nk), max(n_src, 2))
         nb = triton.cdiv(e - nk, cols)
