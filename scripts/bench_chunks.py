@@ -46,7 +46,7 @@ def _worker(cfg_path: str, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
     if rank == 0:
-        Path(out_dir, "rows.json").write_text(json.dumps(rows))
+        Path(out_dir, "rows.json").write_text(json.dumps([r.to_json() for r in rows]))
 
 
 def _launch(cfg, *, world: int, hosts, port: int, timeout_s: float) -> list[dict]:

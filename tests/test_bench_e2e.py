@@ -172,3 +172,24 @@ def test_loopback_smoke(tmp_path):
     assert rows["bf16"]["prefill_bytes_per_token"] == 4 * 256 * 2
     assert rows["int4-g32"]["prefill_byte_ratio"] == pytest.approx(16 / 4.5)
     assert (tmp_path / "e2e.json").exists() and (tmp_path / "e2e.md").exists()
+
+
+# ----------------------------------------------------------------- chunk-size sweep script
+@pytest.mark.slow
+def test_chunk_sweep_script_runs_on_loopback(tmp_path):
+    """scripts/bench_chunks.py end to end on loopback (2 gloo ranks, a tiny message): its rank
+    loop returns typed rows, which the worker must serialise (it once wrote dataclasses to
+    json.dumps and failed on every run)."""
+    import json
+    import sys
+
+    out = tmp_path / "chunks.json"
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_chunks.py"), "--network", "loopback",
+                          "--numel", "8192", "--hidden", "64", "--chunk-bytes", "0", "--chunk-bytes", "4096",
+                          "--repeats", "1", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    got = {(r["codec"], r.get("chunk_bytes")) for r in rows}
+    assert got == {("bf16", None), ("int4-outlier", 0), ("int4-outlier", 4096)}, got
+    assert all(r["network"] == "loopback" and r["latency_ms"] > 0 for r in rows)
