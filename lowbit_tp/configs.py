@@ -309,6 +309,10 @@ class E2EConfig:
     before each backend collective inside an all-reduce, so that the wire timer excludes the
     ranks' arrival skew (reported as ``*_skew_ms``). ``chunk_bytes``: the
     :class:`AutoPolicy` pipelining chunk size of every variant alike (0: whole messages).
+    ``error_feedback``: ``off`` (every compressed codec without it), ``on`` (with
+    :mod:`~lowbit_tp.collectives.feedback`, as ``RunConfig.error_feedback``) or ``both``
+    (each compressed codec twice, interleaved in the same rounds, so that feedback's cost is
+    measured in the same run; bf16 never uses it).
     """
 
     networks: tuple[str, ...] = ("loopback", "10gbit", "1gbit")
@@ -332,11 +336,24 @@ class E2EConfig:
     sync_wire: bool = True
     chunk_bytes: int = AutoPolicy.chunk_bytes
     run_timeout_s: float = 900.0
+    error_feedback: str = "off"
 
-    def variants(self) -> list[tuple[str, str]]:
-        """(codec, algorithm) pairs of one network and TP degree, baseline first."""
-        out = [("bf16", "gather")] + ([("bf16", "exact")] if self.exact_baseline else [])
-        return out + [(c, self.algorithm) for c in self.codecs if c != "bf16"]
+    def __post_init__(self):
+        if self.error_feedback not in FEEDBACK_VARIANTS:
+            raise UserError(f"error_feedback must be one of {', '.join(FEEDBACK_VARIANTS)}, "
+                            f"got {self.error_feedback!r}")
+        if self.error_feedback != "off" and self.algorithm == "two-shot" and self.chunk_bytes > 0:
+            raise UserError("error feedback with two-shot needs whole messages: use --chunk-bytes 0 or gather")
+
+    def variants(self) -> list[tuple[str, str, bool]]:
+        """(codec, algorithm, error feedback) of one network and TP degree, baseline first."""
+        out = [("bf16", "gather", False)] + ([("bf16", "exact", False)] if self.exact_baseline else [])
+        flags = FEEDBACK_VARIANTS[self.error_feedback]
+        return out + [(c, self.algorithm, f) for c in self.codecs if c != "bf16" for f in flags]
+
+
+# E2EConfig.error_feedback: which feedback settings each compressed codec runs with
+FEEDBACK_VARIANTS = {"off": (False,), "on": (True,), "both": (False, True)}
 
 
 @dataclass(frozen=True)

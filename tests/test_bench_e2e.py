@@ -127,8 +127,30 @@ def test_rows_medians_and_ratios():
                                          "prefill_wire_speedup", "decode_speedup", "prefill_byte_ratio",
                                          "prefill_amdahl_bound", "prefill_vs_amdahl"]
     alone = add_ratios(rows[1:])[0]
-    assert list(alone.to_json())[-2:] == ["prefill_ms_all", "decode_tokens_per_s"]
+    assert list(alone.to_json())[-3:] == ["prefill_ms_all", "error_feedback", "decode_tokens_per_s"]
     assert E2ERow.from_json(comp.to_json()) == comp
+
+
+def test_feedback_variants_and_their_label_check():
+    """--error-feedback both runs each compressed codec twice (bf16 never), a two-shot run with
+    feedback refuses pipelined chunks up front, and a row cannot claim a setting its ranks did
+    not run."""
+    from lowbit_tp.errors import UserError
+
+    cfg = e2e.E2EConfig(codecs=("int4-g32",), exact_baseline=False, error_feedback="both")
+    assert cfg.variants() == [("bf16", "gather", False), ("int4-g32", "gather", False), ("int4-g32", "gather", True)]
+    assert e2e.E2EConfig(codecs=("int4-g32",), error_feedback="on").variants()[-1] == ("int4-g32", "gather", True)
+    with pytest.raises(UserError, match="error_feedback must be one of"):
+        e2e.E2EConfig(error_feedback="yes")
+    with pytest.raises(UserError, match="whole messages"):
+        e2e.E2EConfig(algorithm="two-shot", chunk_bytes=1 << 20, error_feedback="both")
+    run = _fake_run(0.5, 200)
+    run["config"]["error_feedback"] = True
+    row, = rows_of_run([run], network="1gbit", codec="int4-g32", algorithm="gather", lens=[100], repeats=1,
+                       error_feedback=True)
+    assert row.error_feedback and row.label == "int4-g32/gather+EF"
+    with pytest.raises(ValueError, match="ranks ran with error_feedback"):
+        rows_of_run([run], network="1gbit", codec="int4-g32", algorithm="gather", lens=[100], repeats=1)
 
 
 def test_timers_barrier_before_a_start_never_before_a_wait():
@@ -147,17 +169,21 @@ def test_timers_barrier_before_a_start_never_before_a_wait():
 
 
 # ----------------------------------------------------------------- a real run, loopback
-@pytest.mark.slow  # three two-process runs and a calibration: 41 s of the default suite; `make test-slow`
+@pytest.mark.slow  # five two-process runs and a calibration: ~1 min; `make test-slow`
 def test_loopback_smoke(tmp_path):
     """Two ranks as separate processes, torchrun-style, a tiny random model: rows for the bf16
     baseline, one dynamic codec and ``default`` (which needs a calibration with a bit
-    allocation, made by the benchmark), with bytes and all-reduce time measured."""
+    allocation, made by the benchmark), each with and without error feedback, with bytes and
+    all-reduce time measured."""
     cfg = e2e.E2EConfig(networks=("loopback",), tps=(2,), codecs=("int4-g32", "default"), exact_baseline=False,
                         prompt_lens=(24,), new_tokens=3, repeats=1, hidden=256, intermediate=256, layers=2,
-                        heads=4, kv_heads=2, calibration_samples=4, run_timeout_s=120)
+                        heads=4, kv_heads=2, calibration_samples=4, run_timeout_s=120, error_feedback="both")
     out = e2e.run_e2e_bench(cfg, json_path=str(tmp_path / "e2e.json"), log=lambda *a: None)
-    rows = {r["codec"]: r for r in out["rows"]}
-    assert set(rows) == {"bf16", "int4-g32", "default"}
+    rows = {(r["codec"], r["error_feedback"]): r for r in out["rows"]}
+    assert set(rows) == {("bf16", False), ("int4-g32", False), ("int4-g32", True), ("default", False),
+                         ("default", True)}
+    # each launch's ranks report the feedback setting they ran with (rows_of_run checks it)
+    assert sorted((r["codec"], r["error_feedback"]) for r in out["runs"]) == sorted(rows)
     for r in rows.values():
         assert r["prompt_tokens"] == 24
         assert r["allreduce_calls_per_token"] == 4  # 2 layers x 2 row-parallel layers
@@ -165,12 +191,14 @@ def test_loopback_smoke(tmp_path):
         assert r["prefill_allreduce_ms"] >= r["prefill_wire_ms"] + r["prefill_skew_ms"]
         assert r["prefill_skew_ms"] > 0  # the barrier before each collective ran and was timed apart
         assert r["prefill_ms"] >= r["prefill_allreduce_ms"]
-    assert rows["bf16"]["bits_per_value"] == 16.0
-    assert rows["int4-g32"]["bits_per_value"] == 4.5
-    assert 4.0 < rows["default"]["bits_per_value"] <= 4.5  # per-layer allocation under the 4.5 budget
+    assert rows[("bf16", False)]["bits_per_value"] == 16.0
+    assert rows[("int4-g32", False)]["bits_per_value"] == 4.5
+    assert 4.0 < rows[("default", False)]["bits_per_value"] <= 4.5  # per-layer allocation under the 4.5 budget
     # TP 2 gather: each rank sends its whole payload once: 2 all-reduces x 2 layers x 256 values per token
-    assert rows["bf16"]["prefill_bytes_per_token"] == 4 * 256 * 2
-    assert rows["int4-g32"]["prefill_byte_ratio"] == pytest.approx(16 / 4.5)
+    assert rows[("bf16", False)]["prefill_bytes_per_token"] == 4 * 256 * 2
+    assert rows[("int4-g32", False)]["prefill_byte_ratio"] == pytest.approx(16 / 4.5)
+    for codec in ("int4-g32", "default"):  # feedback changes what is encoded, never how many bytes go
+        assert rows[(codec, True)]["prefill_bytes_per_token"] == rows[(codec, False)]["prefill_bytes_per_token"]
     assert (tmp_path / "e2e.json").exists() and (tmp_path / "e2e.md").exists()
 
 

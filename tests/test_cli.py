@@ -101,6 +101,7 @@ def test_flags_reach_the_config():
     cfg = bench.comm_config_from_args(parse("bench-comm", "--codec", "int8", "--numel", "64", "--chunk-bytes", "0"))
     assert (cfg.codecs, cfg.numels, cfg.chunk_bytes, cfg.world_sizes) == (("int8",), (64,), (0,), (2,))
     assert bench.e2e_config_from_args(parse("bench-e2e", "--chunk-bytes", "1048576")).chunk_bytes == 1048576
+    assert bench.e2e_config_from_args(parse("bench-e2e", "--error-feedback", "both")).error_feedback == "both"
     assert calibrate.config_from_args(parse("calibrate", "--tp", "2", "--out", "x", "--allocate", "0")).allocate is None
     cfg = calibrate.config_from_args(parse("calibrate", "--tp", "2", "--out", "x", "--alloc-codecs", "int8,int4-g32"))
     assert cfg.alloc_codecs == ("int8", "int4-g32")

@@ -83,6 +83,9 @@ def _register_e2e(sub) -> None:
     p.add_argument("--chunk-bytes", type=nonneg_int, default=default(d, "chunk_bytes"),
                    help="pipelining chunk size in bf16 bytes for every variant alike (0: whole messages); "
                         "default %(default)s (the AutoPolicy's)")
+    p.add_argument("--error-feedback", choices=["off", "on", "both"], default=default(d, "error_feedback"),
+                   help="run the compressed codecs without error feedback (off), with it (on), or both ways "
+                        "in the same rounds (both: its cost measured in one run); default %(default)s")
     p.add_argument("--json", help="write results here (and a .md next to it)")
     p.set_defaults(func=cmd_e2e)
 
@@ -94,7 +97,7 @@ def e2e_config_from_args(args) -> E2EConfig:
                      repeats=args.repeats, rounds=args.rounds, model=args.model, hidden=args.hidden,
                      intermediate=args.intermediate, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
                      delay=args.delay, threads_per_rank=args.threads_per_rank, sync_wire=not args.no_sync_wire,
-                     chunk_bytes=args.chunk_bytes)
+                     chunk_bytes=args.chunk_bytes, error_feedback=args.error_feedback)
 
 
 def cmd_e2e(args) -> None:

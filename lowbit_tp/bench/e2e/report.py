@@ -42,6 +42,7 @@ class E2ERow:
     decode_bytes_per_token: float
     allreduce_calls_per_token: int
     prefill_ms_all: list[float]
+    error_feedback: bool = False
     prefill_speedup: float | None = None
     prefill_allreduce_speedup: float | None = None
     prefill_wire_speedup: float | None = None
@@ -49,6 +50,11 @@ class E2ERow:
     prefill_byte_ratio: float | None = None
     prefill_amdahl_bound: float | None = None
     prefill_vs_amdahl: float | None = None
+
+    @property
+    def label(self) -> str:
+        """``codec/algorithm``, with ``+EF`` when it ran with error feedback."""
+        return f"{self.codec}/{self.algorithm}" + ("+EF" if self.error_feedback else "")
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -76,11 +82,15 @@ _RATIOS = ("prefill_speedup", "prefill_allreduce_speedup", "prefill_wire_speedup
 
 
 def rows_of_run(outs: list[dict], *, network: str, codec: str, algorithm: str, lens: list[int],
-                 repeats: int) -> list[E2ERow]:
+                 repeats: int, error_feedback: bool = False) -> list[E2ERow]:
     """Medians over the repeats of each prompt length, pooled over the rounds ``outs`` (rank 0's
     output of each launch; its prompt 0 is the warm-up, skipped)."""
     rows = []
     out = outs[0]
+    ran = {bool(o["config"].get("error_feedback", False)) for o in outs}
+    if ran != {error_feedback}:  # the label must say what the ranks ran
+        raise ValueError(f"{codec}/{algorithm}: the ranks ran with error_feedback={sorted(ran)}, "
+                         f"the row would say {error_feedback}")
     results = [r for o in outs for r in o["results"][1:]]
     timers = [t for o in outs for t in o["timers"][1:]]
     repeats = repeats * len(outs)
@@ -93,7 +103,7 @@ def rows_of_run(outs: list[dict], *, network: str, codec: str, algorithm: str, l
         dec_steps = [s for t in tim for s in t[1:]]
         rows.append(E2ERow(
             network=network, tp=out["config"]["tp"], codec=codec, algorithm=algorithm,
-            bits_per_value=pre.payload_bits_per_value,
+            error_feedback=error_feedback, bits_per_value=pre.payload_bits_per_value,
             prompt_tokens=out["prompt_lengths"][1 + j],
             prefill_ms=1e3 * _median([r["prefill_s"] for r in res]),
             prefill_allreduce_ms=1e3 * _median([t[0]["all_reduce_s"] for t in tim]),
@@ -155,7 +165,7 @@ NOTES = [
 ]
 
 
-COLUMNS = ["network", "tp", "codec", "algorithm", "bits_per_value", "prompt_tokens", "prefill_ms",
+COLUMNS = ["network", "tp", "codec", "algorithm", "error_feedback", "bits_per_value", "prompt_tokens", "prefill_ms",
            "prefill_speedup", "prefill_allreduce_ms", "prefill_allreduce_speedup", "prefill_wire_ms",
            "prefill_wire_speedup", "prefill_skew_ms", "prefill_byte_ratio", "prefill_amdahl_bound",
            "prefill_vs_amdahl", "prefill_bytes_per_token", "decode_ms_per_token",
@@ -169,13 +179,26 @@ def _headline(rows: list[dict]) -> list[str]:
     lines = []
     for r in rows:
         if r["codec"] == "int4-outlier" and r["network"] != "loopback" and "prefill_speedup" in r:
-            lines.append(f"- {r['network']}, TP {r['tp']}, {r['prompt_tokens']}-token prefill, int4-outlier vs bf16: "
+            name = "int4-outlier" + (" with error feedback" if r.get("error_feedback") else "")
+            lines.append(f"- {r['network']}, TP {r['tp']}, {r['prompt_tokens']}-token prefill, {name} vs bf16: "
                          f"end-to-end {r['prefill_speedup']:.2f}x, all-reduce time {r['prefill_allreduce_speedup']:.2f}x, "
                          f"wire time {r['prefill_wire_speedup']:.2f}x, bytes {r['prefill_byte_ratio']:.2f}x fewer; "
                          f"all-reduce share of prefill: bf16 "
-                         f"{_share(rows, r, 'bf16')}, int4-outlier {r['prefill_allreduce_ms'] / r['prefill_ms']:.0%}; "
+                         f"{_share(rows, r, 'bf16')}, {name} {r['prefill_allreduce_ms'] / r['prefill_ms']:.0%}; "
                          f"Amdahl bound 1/(1-s+s/r) {r['prefill_amdahl_bound']:.3f}x, "
                          f"reached {r['prefill_vs_amdahl']:.0%} of it.")
+    for r in rows:  # feedback's cost: the same codec without it, same network, TP and length
+        if not r.get("error_feedback") or r["network"] == "loopback":
+            continue
+        for b in rows:
+            if not b.get("error_feedback") and all(b[k] == r[k] for k in ("network", "tp", "prompt_tokens", "codec",
+                                                                          "algorithm")):
+                lines.append(f"- {r['network']}, TP {r['tp']}, {r['prompt_tokens']}-token prefill, {r['codec']}: "
+                             f"error feedback takes the prefill all-reduce from {b['prefill_allreduce_ms']:.1f} to "
+                             f"{r['prefill_allreduce_ms']:.1f} ms "
+                             f"({r['prefill_allreduce_ms'] / b['prefill_allreduce_ms'] - 1:+.0%}), prefill from "
+                             f"{b['prefill_ms']:.0f} to {r['prefill_ms']:.0f} ms "
+                             f"({r['prefill_ms'] / b['prefill_ms'] - 1:+.1%}).")
     return lines
 
 

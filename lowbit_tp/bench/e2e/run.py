@@ -58,23 +58,24 @@ def run_e2e_bench(cfg: E2EConfig, *, json_path: str | None = None, log=print,
                 log(f"calibrated TP {tp} in {time.perf_counter() - t0:.1f} s")
         for net in cfg.networks:
             for tp in cfg.tps:
-                def one(codec, algorithm, hosts, port) -> dict:
+                def one(codec, algorithm, feedback, hosts, port) -> dict:
                     run_cfg = {"model": model, "tp": tp, "prompts": prompts, "codec": codec,
                                "calibration": cals.get(tp) if codec_spec(codec).needs_calibration else None,
                                "algorithm": algorithm, "max_new_tokens": cfg.new_tokens, "ignore_eos": True,
                                "timeout_s": 300.0, "threads_per_rank": cfg.threads_per_rank,
-                               "sync_wire": cfg.sync_wire, "chunk_bytes": cfg.chunk_bytes}
+                               "sync_wire": cfg.sync_wire, "chunk_bytes": cfg.chunk_bytes,
+                               "error_feedback": feedback}
                     t0 = time.perf_counter()
                     outs = launch_ranks(run_cfg, world=tp, hosts=hosts, port=port, timeout_s=cfg.run_timeout_s)
                     out = outs[0]
                     out["prompt_lengths"] = prompt_lengths
                     wall = time.perf_counter() - t0
-                    runs.append({"network": net, "tp": tp, "codec": codec, "algorithm": algorithm,
+                    runs.append({"network": net, "tp": tp, "codec": codec, "algorithm": algorithm, "error_feedback": feedback,
                                  "wall_s": wall, "load_s": out["load_s"], "loadavg_1min": os.getloadavg()[0],
                                  "per_rank_comm_total": [o["comm_total"] for o in outs]})
                     for r in rows_of_run([out], network=net, codec=codec, algorithm=algorithm, lens=lens,
-                                          repeats=cfg.repeats):
-                        log(f"  {net} tp{tp} {codec}/{algorithm} {r.prompt_tokens} tok: prefill "
+                                          repeats=cfg.repeats, error_feedback=feedback):
+                        log(f"  {net} tp{tp} {r.label} {r.prompt_tokens} tok: prefill "
                             f"{r.prefill_ms:.0f} ms (all-reduce {r.prefill_allreduce_ms:.0f}, wire "
                             f"{r.prefill_wire_ms:.0f}), decode {r.decode_ms_per_token:.1f} ms/token")
                     log(f"  ({wall:.0f} s)")
@@ -82,16 +83,16 @@ def run_e2e_bench(cfg: E2EConfig, *, json_path: str | None = None, log=print,
 
                 log(f"network {net}, TP {tp}")
                 # rounds interleave the variants, so a slow spell of the machine hits all of them
-                got: dict[tuple[str, str], list[dict]] = {v: [] for v in cfg.variants()}
+                got: dict[tuple[str, str, bool], list[dict]] = {v: [] for v in cfg.variants()}
                 with (contextlib.nullcontext(None) if net == "loopback"
                       else emulated_link(world=tp, rate=net, delay=cfg.delay)) as hosts:
                     for rnd in range(cfg.rounds):
-                        for i, (codec, algorithm) in enumerate(cfg.variants()):
+                        for i, (codec, algorithm, feedback) in enumerate(cfg.variants()):
                             port = free_port() if hosts is None else 29600 + rnd * len(got) + i
-                            got[(codec, algorithm)].append(one(codec, algorithm, hosts, port))
-                for (codec, algorithm), outs in got.items():
+                            got[(codec, algorithm, feedback)].append(one(codec, algorithm, feedback, hosts, port))
+                for (codec, algorithm, feedback), outs in got.items():
                     rows.extend(rows_of_run(outs, network=net, codec=codec, algorithm=algorithm, lens=lens,
-                                             repeats=cfg.repeats))
+                                             repeats=cfg.repeats, error_feedback=feedback))
     rows = [r.to_json() for r in add_ratios(rows)]
     payload = {"config": asdict(cfg), "environment": {**environment(), "loadavg_start": load_start,
                                                       "loadavg_end": os.getloadavg()},
