@@ -169,6 +169,14 @@ def test_exact_and_world_one_sum_the_carry_and_leave_none():
 def test_nonfinite_errors_are_never_fed_forward():
     assert torch.equal(feedback_of(torch.tensor([1.0, float("nan"), float("inf")]), torch.tensor([0.5, 1.0, 1.0])),
                        torch.tensor([0.5, 0.0, 0.0]))
+    # bit for bit: NaN and both infinities become +0.0, a finite -0.0 error stays -0.0, and the
+    # arguments are left as they were (the zeroing works in place on a temporary)
+    sent = torch.tensor([1.0, float("nan"), float("inf"), float("-inf"), -0.0])
+    dec = torch.tensor([0.5, 1.0, 1.0, 1.0, 0.0])
+    keep = (sent.clone(), dec.clone())
+    got = feedback_of(sent, dec)
+    assert got.view(torch.int32).tolist() == torch.tensor([0.5, 0.0, 0.0, 0.0, -0.0]).view(torch.int32).tolist()
+    assert torch.equal(sent.view(torch.int32), keep[0].view(torch.int32)) and torch.equal(dec, keep[1])
     codec = make_codec("int4-g32", nonfinite="propagate")
     parts = [torch.randn(3, 64), torch.randn(3, 64)]
     parts[0][1, 5] = float("nan")

