@@ -34,11 +34,11 @@ def test_bytes_per_token_are_all_layers_and_match_the_bits(where, cfg, row):
         assert ring == pytest.approx(row["ring_equiv_bits"], rel=2e-3), where
 
 
-@pytest.mark.parametrize("page", ["../README.md", "results.md", "frontier.md", "outliers.md",
+@pytest.mark.parametrize("page", ["../README.md", "results.md", "frontier.md", "outliers.md", "quality-history.md",
                                   "outliers/smollm2-135m-tp3.md", "design-dev.md"])
 def test_results_pages_disclose_the_baselines(page):
     """Issue 11: every page with model results says what the baseline models are."""
     text = " ".join((DOCS / page).read_text().split())
     assert "SmolLM2-135M-Instruct" in text and "Q4_1" in text and "dequantized to fp32" in text, page
-    if page in ("../README.md", "results.md", "frontier.md"):  # the pages with Gemma 3 results
+    if page in ("../README.md", "results.md", "frontier.md", "quality-history.md"):  # the pages with Gemma 3 results
         assert "Gemma 3 270M from a Q4_K_M GGUF" in text, page
