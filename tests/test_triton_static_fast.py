@@ -268,3 +268,54 @@ def test_fast_kernels_at_the_edges_of_k_and_world(name, k, sources, launches):
         assert decoders == {"static_decode_sum_tile_kernel"}, launches
     else:
         assert decoders <= FAST and decoders, launches
+
+
+# The "src" decode-and-sum variants (sources outside, rows inside: static_decode_sum_rows_src_kernel;
+# "src-c" with the column blocks on grid axis 0): tiny row tiles as for "fast"
+SRC_TINY = {**TINY, "src": {**TINY["fast"], "dec_rows": ((3, 32), (2, 64), (2, 32))},
+            "src-c": {**TINY["fast"], "dec_rows": ((2, 64), (4, 32), (3, 32))}}
+
+
+def _misaligned(p: torch.Tensor) -> torch.Tensor:
+    """``p``'s bytes at an odd address (the bf16 head then loads as two bytes, ``H16`` off)."""
+    buf = torch.zeros(p.numel() + 1, dtype=torch.uint8)
+    buf[1:] = p
+    return buf[1:]
+
+
+@pytest.mark.parametrize("variant", ["src", "src-c"])
+@pytest.mark.parametrize("name,k", [("int4-outlier", None), ("int4-random-k", None), ("int8", 3)])
+@pytest.mark.parametrize("tokens,hidden,sources,odd", [(7, 258, 2, False), (13, 300, 3, True), (1, 130, 8, False),
+                                                       (5, 195, 8, False), (4, 195, 3, False)])
+def test_src_decode_sum_variants_bitwise(variant, name, k, tokens, hidden, sources, odd, launches, monkeypatch):
+    """The "src" decode-and-sum against the reference, bitwise: odd T, E not a multiple of 64,
+    2/3/8 sources, NaN/Inf (also in a bf16 channel), a bf16 head at an odd address, and the
+    chunked form (N = 1)."""
+    monkeypatch.setattr(KS, "FAST_TILES", SRC_TINY)
+    monkeypatch.setattr(KS, "DECODE_VARIANT", variant)
+    cal = synthetic_calibration([LAYER], world=sources, hidden=hidden, tokens=64, batches=1)
+    kw = {} if k is None else {"k": k}
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference", **kw)
+    tri = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton", **kw)
+    g = torch.Generator().manual_seed(tokens * 100 + hidden + sources)
+    xs = [torch.randn(tokens, hidden, generator=g) * 3 for _ in range(sources)]
+    kept = [ref.params(LAYER, r, hidden).outliers for r in range(sources)]
+    xs[0][tokens - 1, 1] = float("nan")
+    xs[-1][0, hidden - 1] = float("-inf")
+    xs[sources // 2][tokens // 2, int(kept[sources // 2][-1])] = float("nan")  # a NaN in a bf16 channel
+    xs[1][0, int(kept[1][0])] = float("inf")
+    xs[0][0, :4] = torch.tensor([-0.0, 0.5, 1.5, -2.5])
+    want = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    got_in = [_misaligned(p) for p in want] if odd else want
+    assert KS._aligned2(got_in) != odd
+    for n in sorted({1, 2, sources}):
+        assert same_bits(ref.decode_sum(want[:n], (tokens, hidden), layer=LAYER),
+                         tri.decode_sum(got_in[:n], (tokens, hidden), layer=LAYER)), f"{n} sources"
+    assert {x for x in launches if "decode" in x} == {"static_decode_sum_rows_src_kernel"}, launches
+    # two-shot's chunk decode (one source, grid axis 2)
+    rows, chunks = 3, 2
+    x = torch.cat([xs[0][:1].repeat(rows, 1), xs[-1][:1].repeat(rows, 1)])
+    flat = torch.cat([ref.encode(c, layer=LAYER, source=0) for c in x.split(rows)])
+    dec = tri.decode_chunks(flat, (rows, hidden), chunks, layer=LAYER, source=0)
+    assert same_bits(dec, torch.cat([ref.decode(p, (rows, hidden), layer=LAYER, source=0)
+                                     for p in flat.chunk(chunks)]))

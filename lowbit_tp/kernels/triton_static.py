@@ -455,7 +455,11 @@ def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int, variant: str
 # "auto") these; scripts/sweep_static.py sets them to time both in one process. The bytes and sums
 # do not depend on the choice.
 DECODE_VARIANT = "auto"
-DECODE_VARIANTS = ("auto", "tile", "fast", "fast-b")
+DECODE_VARIANTS = ("auto", "tile", "fast", "fast-b", "src", "src-c")
+# Decode-and-sum variants of stop 22, off by default and not yet run on a GPU: the row-walking
+# decode with sources outside and rows inside (static_decode_sum_rows_src_kernel; "src-c" also
+# puts the column blocks on grid axis 0). Without bf16 channels they run "fast"'s window kernel.
+SRC_VARIANTS = ("src", "src-c")
 ENCODE_VARIANT = "auto"
 ENCODE_VARIANTS = ("auto", "tile", "fast", "fast-b")
 AUTO = "fast"  # the variant "auto" runs
@@ -474,6 +478,11 @@ FAST_TILES = {
     "fast-b": {"dec_win": ((4, 512), (4, 512), (4, 512)), "dec_rows": ((8, 512), (16, 256), (32, 128)),
                "enc_win": (4, 512), "enc_rows": (8, 1024)},
 }
+# The "src" variants' row tiles: ptxas sm_90a, Triton 3.6, int4-outlier [8192, 8192]
+# (docs/bench/ptx_world8_stop22.md): world 2 16 x 256 90 registers, ~21 global loads in flight a
+# thread where "fast" has 40 and ~5; world 8 16 x 128 96 and ~29 where "fast" has 64 and ~3.
+FAST_TILES["src"] = {**FAST_TILES["fast"], "dec_rows": ((16, 256), (16, 128), (16, 128))}
+FAST_TILES["src-c"] = FAST_TILES["src"]
 
 
 # The row-walking kernels take at most tokens / SHORT_ROWS rows a program (a short message keeps
@@ -623,6 +632,70 @@ def static_decode_sum_rows_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E
         tl.store(dst + k * E, acc, mask=mc)
 
 
+@triton.jit
+def static_decode_sum_rows_src_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E: tl.constexpr,
+                                      NK: tl.constexpr, HEADB, RB: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr,
+                                      BT: tl.constexpr, BE: tl.constexpr, H16: tl.constexpr,
+                                      COLS_FIRST: tl.constexpr, PS=0, OS=0, CHUNKED: tl.constexpr = False):
+    """:func:`static_decode_sum_rows_kernel` with the loops swapped (variants "src" and "src-c"):
+    sources outside, rows inside. Each source's per-column tables are loaded, used for the ``BT``
+    rows and dropped before the next source's, and ``BT`` fp32 accumulators (one per row) stay
+    in registers, each summed in rank order as before (``acc_k = v_0``, then ``+ v_1``, ...), so
+    the sums are the same bits. Live state is the accumulators plus one source's tables instead
+    of every source's tables (at world 8 the row-major kernel holds 8 sets), and a source's
+    ``BT`` code loads are independent of each other, so more loads can be in flight
+    (scripts/ptx_stats.py's ``ldg_in_flight``). ``COLS_FIRST``: grid axis 0 is the column
+    block, so programs launched together cover whole rows of the payloads and the output
+    rather than one column block of many rows (a guess at DRAM locality, for the GPU sweep)."""
+    payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
+    NI: tl.constexpr = E - NK
+    if COLS_FIRST:
+        cb = tl.program_id(0)
+        rb = tl.program_id(1)
+    else:
+        rb = tl.program_id(0)
+        cb = tl.program_id(1)
+    c = cb * BE + tl.arange(0, BE)
+    mc = c < E
+    t0 = tl.minimum(rb * BT, T - BT)
+    dst = out_ptr + t0 * E + c
+    accs = ()
+    for r in tl.static_range(N):
+        p = payloads[r]
+        slot = tl.load(colmap_ptr + r * E + c, mask=mc, other=0)  # a column past E: slot 0, thrown away
+        inl = slot >= 0
+        z = tl.where(inl, slot, 0)  # a bf16 channel reads slot 0's code, thrown away below
+        if BITS == 4:
+            code = p + HEADB + t0 * RB + (z >> 1)
+            shift = 28 - 4 * (z & 1)
+        else:
+            code = p + HEADB + t0 * RB + z
+            shift = 24
+        h = tl.where(inl, 0, -1 - slot)  # the bf16 index (0 for a quantized channel: not read)
+        if H16:
+            head = p.to(tl.pointer_type(tl.int16)) + t0 * NK + h
+        else:
+            head = p + 2 * (t0 * NK + h)
+        kept = ~inl
+        scale = tl.load(scale_ptr + r * NI + z, mask=mc, other=1.0)
+        new = ()
+        for k in tl.static_range(BT):
+            b = tl.load(code + k * RB).to(tl.int32)
+            q = (b << shift) >> 28 if BITS == 4 else (b << 24) >> 24
+            v = tl.where(q == (-8 if BITS == 4 else -128), float("nan"), q.to(tl.float32) * scale)
+            if H16:
+                hb = tl.load(head + k * NK, mask=kept).to(tl.int32)  # sign bits: masked off below
+            else:
+                hb = load_u16(head, 2 * k * NK, kept)
+            v = tl.where(kept, bf16_from_bits(hb), v)
+            if r > 0:
+                v = accs[k] + v
+            if r == N - 1:
+                tl.store(dst + k * E, v, mask=mc)
+            new = new + (v,)
+        accs = new
+
+
 def _use_fast(variant: str, e: int, nk: int, bits: int) -> bool:
     """Whether a fast decode-and-sum runs: asked for (not "tile"), some channel is quantized (with
     every channel kept in bf16 there is no code or scale to read) and every body row starts at a
@@ -641,6 +714,16 @@ def _decode_fast(payloads, colmap, scale, out, t, e, nk, bits, variant, *, chunk
         rows, cols, warps = rows_tile_config(t, e, n, variant)
         grid = (triton.cdiv(t, rows), triton.cdiv(e, cols)) + ((chunks,) if chunks > 1 else ())
         h16 = _aligned2(payloads) and (chunks == 1 or ps % 2 == 0)
+        v = _check_variant(variant, DECODE_VARIANTS)
+        if v in SRC_VARIANTS:
+            cols_first = v == "src-c" and grid[0] <= 65535  # grid axis 1 holds at most 65535 blocks
+            if cols_first:
+                grid = (grid[1], grid[0]) + grid[2:]
+            static_decode_sum_rows_src_kernel[grid](tuple(payloads), colmap, scale, out, t, E=e, NK=nk,
+                                                    HEADB=2 * t * nk, RB=rb, N=n, BITS=bits, BT=rows, BE=cols,
+                                                    H16=h16, COLS_FIRST=cols_first, num_warps=warps, **extra,
+                                                    **FP_OPTIONS)
+            return out
         static_decode_sum_rows_kernel[grid](tuple(payloads), colmap, scale, out, t, E=e, NK=nk, HEADB=2 * t * nk,
                                             RB=rb, N=n, BITS=bits, BT=rows, BE=cols, H16=h16, num_warps=warps,
                                             **extra, **FP_OPTIONS)
