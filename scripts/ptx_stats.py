@@ -5,8 +5,11 @@ Compiles each kernel for sm_90a with the constexprs its launcher picks for a mes
 pointers, integer arguments that are multiples of 16 marked so), runs the wheel's ``ptxas -v``
 and ``cuobjdump -sass``, and prints per kernel: registers, spill bytes, 16-byte global
 loads/stores against all global loads/stores in the PTX, shared-memory accesses (layout
-conversions), and SASS instructions per value a thread handles (straight-line code, so a
-proxy for the issue cost of one value; the IEEE division's slow path is counted once).
+conversions), SASS instructions per value a thread handles (straight-line code, so a
+proxy for the issue cost of one value; the IEEE division's slow path is counted once), and
+the global loads a thread has issued and not yet used when each load issues
+(``ldg_in_flight_mean`` / ``_max``, :func:`loads_in_flight`: a proxy for memory-level
+parallelism).
 
     PYTHONPATH=. python3 scripts/ptx_stats.py                        # [8192, 8192], world 2
     PYTHONPATH=. python3 scripts/ptx_stats.py --tokens 2048 --world 8
@@ -65,6 +68,7 @@ def compile_stats(mod: str, kernel: str, sig: dict, const: dict, ints: dict, war
                            capture_output=True, text=True, check=True)
         sass = subprocess.run([_tool("cuobjdump"), "-sass", path + ".cubin"], capture_output=True, text=True).stdout
     regs = re.search(r"Used (\d+) registers", r.stderr)
+    flight = loads_in_flight(sass)
     spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)]
     count = lambda pat: len(re.findall(pat, ptx))  # noqa: E731
     n_sass = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, re.M))
@@ -75,7 +79,37 @@ def compile_stats(mod: str, kernel: str, sig: dict, const: dict, ints: dict, war
             "ld_global_v4": count(r"ld\.global[\w.]*\.v4"), "ld_global": count(r"ld\.global"),
             "st_global_v4": count(r"st\.global[\w.]*\.v4"), "st_global": count(r"st\.global"),
             "local": count(r"(?:ld|st)\.local"), "shared": count(r"(?:ld|st)\.shared"),
-            "values_per_thread": values, "sass": n_sass, "sass_per_value": round(n_sass / values, 1)}
+            "values_per_thread": values, "sass": n_sass, "sass_per_value": round(n_sass / values, 1),
+            "ldg_in_flight_mean": flight[0], "ldg_in_flight_max": flight[1]}
+
+
+def loads_in_flight(sass: str) -> tuple[float, int]:
+    """A static proxy for the memory-level parallelism of one thread: walking the SASS in program
+    order, the global loads (``LDG``) issued and not yet consumed when each ``LDG`` issues, mean
+    and max. A load counts as consumed (with every load issued before it, as if they returned
+    in order) at the first later instruction that reads its destination register. Straight-line
+    kernels only (no branch is followed); what a warp can keep in flight on the GPU also
+    depends on the scoreboard and the memory system, so this is a proxy, not a measurement."""
+    pending = {}  # load number -> destination registers
+    at_issue = []
+    for ins in re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", sass, re.M):
+        ins = re.sub(r"^@!?U?P\w+\s+", "", ins.strip())
+        op, _, rest = ins.partition(" ")
+        ops = [o.strip() for o in rest.split(",")] if rest else []
+        reads = ops if op.startswith(("STG", "ST.", "STS", "RED", "ATOM", "BRA", "EXIT", "ISETP", "FSETP")) else ops[1:]
+        used = set()
+        for o in reads:
+            for reg, wide in re.findall(r"\bR(\d+)(\.64|\.128)?", o):
+                used |= set(range(int(reg), int(reg) + {".64": 2, ".128": 4}.get(wide, 1)))
+        hit = [i for i, regs in pending.items() if regs & used]
+        if hit:
+            pending = {i: regs for i, regs in pending.items() if i > max(hit)}
+        if op.startswith("LDG"):
+            d = re.match(r"R(\d+)", ops[0]) if ops else None
+            width = 4 if ".128" in op else 2 if ".64" in op else 1
+            pending[len(at_issue)] = set(range(int(d.group(1)), int(d.group(1)) + width)) if d else set()
+            at_issue.append(len(pending))
+    return (round(sum(at_issue) / len(at_issue), 1) if at_issue else 0.0), max(at_issue, default=0)
 
 
 def _fallback_stubs():
@@ -184,12 +218,17 @@ def cases(t: int, e: int, world: int, k: int, variant: str | None = None):
                {"payloads": pw, "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32"},
                {"N": world, "BITS": bits, "BT": bt, "BE": be, "RB": e // 2 if bits == 4 else e}, {"T": t, "E": e}, w,
                bt * be // (32 * w))
+    rsig = {"payloads": pw, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32",
+            "HEADB": "i32"}
     bt, be, w = KS.rows_tile_config(t, e, world)
-    yield ("triton_static", "static_decode_sum_rows_kernel",
-           {"payloads": pw, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32",
-            "HEADB": "i32"},
+    yield ("triton_static", "static_decode_sum_rows_kernel", rsig,
            {"N": world, "BITS": 4, "BT": bt, "BE": be, "H16": True, "E": e, "NK": k, "RB": (e - k) // 2},
            {"T": t, "HEADB": 2 * t * k}, w, bt * be // (32 * w))
+    # stop 22's decode-and-sum variant "src" (sources outside, rows inside; off by default)
+    bt, be, w = KS.rows_tile_config(t, e, world, "src")
+    yield ("triton_static", "static_decode_sum_rows_src_kernel", rsig,
+           {"N": world, "BITS": 4, "BT": bt, "BE": be, "H16": True, "E": e, "NK": k, "RB": (e - k) // 2,
+            "COLS_FIRST": False}, {"T": t, "HEADB": 2 * t * k}, w, bt * be // (32 * w))
 
 
 def main(argv=None) -> None:
