@@ -20,6 +20,11 @@ Writes ``DIR/sweep_static.json`` and prints a table.
 
     PYTHONPATH=. python3 scripts/sweep_static.py --out /tmp/sweep              # GPU, < 60 s on an H200
     PYTHONPATH=. python3 scripts/sweep_static.py --device cpu --out /tmp/sweep  # interpreter dry run
+
+Stop 22's world-8 question (old "fast" against the "src" variants, int4-outlier, worlds 8 and 2):
+
+    PYTHONPATH=. python3 scripts/sweep_static.py --out DIR --codecs int4-outlier --worlds 8,2 \
+        --dec-variants fast,src,src-c --enc-variants none
 """
 from __future__ import annotations
 
@@ -43,6 +48,10 @@ def parse_args(argv=None):
     ap.add_argument("--codecs", default=",".join(CODECS))
     ap.add_argument("--check-tokens", type=int, default=None, help="identity check rows (default 1040; cpu 5)")
     ap.add_argument("--repeats", type=int, default=None, help="graph replays timed (default 10; cpu 1)")
+    ap.add_argument("--dec-variants", default=None,
+                    help="decode-and-sum variants to run, comma-separated (default: every one in "
+                         "triton_static.DECODE_VARIANTS; 'tile' always runs first, as the device baseline)")
+    ap.add_argument("--enc-variants", default=None, help="encode variants (default: every one; 'tile' always runs)")
     ap.add_argument("--budget-s", type=float, default=55.0,
                     help="stop starting new rows after this many seconds (run 2 of stop 21: the first codec's "
                          "check, with the process's start-up and first compiles, took 41 s)")
@@ -72,8 +81,10 @@ def main(argv=None) -> None:
     # kernels' row iterations), so the check compiles nothing the timing does not; ragged tiles
     check_tokens = args.check_tokens or (5 if dry else 1040)
     # "tile" (today's kernels) first: the other variants' device results are compared to it
-    dec_all = ["tile"] + [v for v in KS.DECODE_VARIANTS if v not in ("auto", "tile")]
-    enc_all = ["tile"] + [v for v in KS.ENCODE_VARIANTS if v not in ("auto", "tile")]
+    dec_all = ["tile"] + [v for v in KS.DECODE_VARIANTS if v not in ("auto", "tile")
+                          and (args.dec_variants is None or v in args.dec_variants.split(","))]
+    enc_all = ["tile"] + [v for v in KS.ENCODE_VARIANTS if v not in ("auto", "tile")
+                          and (args.enc_variants is None or v in args.enc_variants.split(","))]
     t0 = time.time()
     cals = {}
 
@@ -102,8 +113,10 @@ def main(argv=None) -> None:
     rows, skipped = [], []
     names = [c for c in args.codecs.split(",") if c]
     for name in names:
-        # int8 runs int4's fast kernel shapes: its "fast-b" compiles would tell nothing new
-        dec_variants = [v for v in dec_all if not (name == "int8" and v == "fast-b")]
+        # int8 runs int4's fast kernel shapes: its "fast-b" compiles would tell nothing new; the
+        # "src" variants differ from "fast" only with bf16 channels (int4-outlier, int4-random-k)
+        dec_variants = [v for v in dec_all if not (name == "int8" and v == "fast-b")
+                        and not (name in ("int4", "int8") and v in KS.SRC_VARIANTS)]
         enc_variants = [v for v in enc_all if not (name == "int8" and v == "fast-b")]
         # identity against the CPU reference, per variant: the payloads of max(worlds) sources
         # (one calibration for every world: world w decodes the first w), NaN/Inf planted

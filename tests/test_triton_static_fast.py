@@ -204,11 +204,20 @@ def test_sweep_script_dry_run(tmp_path):
     rows = json.loads((tmp_path / "sweep_static.json").read_text())["rows"]
     checks = [r for r in rows if r.get("check")]
     assert [r["codec"] for r in checks] == ["int4-outlier", "int8"]
-    for r, n in zip(checks, (3, 2)):  # variants: tile, fast, fast-b (int8: tile, fast)
+    # encode variants tile, fast, fast-b; decode also src, src-c (int8: tile, fast, both), at worlds 2 and 8
+    for r, n_enc, n_dec in zip(checks, (3, 2), (5, 2)):
         flags = {k: v for k, v in r.items() if k.startswith(("bytes_equal", "sum_equal"))}
-        assert len(flags) == n + n * 2 and all(v is True for v in flags.values()), r  # encode; decode at worlds 2, 8
+        assert len(flags) == n_enc + n_dec * 2 and all(v is True for v in flags.values()), r
     timed = [r for r in rows if not r.get("check")]
     assert len(timed) == 4 and all(r["dec_fast_equal_tile"] is True for r in timed)
+    assert all(r[f"dec_{v}_equal_tile"] is True for r in timed[:2] for v in ("src", "src-c")), timed[:2]
+    # the world-8 command of the docstring: only the asked variants (and the tile baseline)
+    mod.main(["--device", "cpu", "--out", str(tmp_path), "--shapes", "3x128", "--codecs", "int4-outlier",
+              "--worlds", "8,2", "--dec-variants", "fast,src", "--enc-variants", "none"])
+    rows = json.loads((tmp_path / "sweep_static.json").read_text())["rows"]
+    assert sorted(k for k in rows[0] if k.startswith("sum_equal")) == [
+        f"sum_equal_{v}_w{w}" for v in ("fast", "src", "tile") for w in (2, 8)]
+    assert [r["world"] for r in rows[1:]] == [8, 2] and all(r["dec_src_equal_tile"] is True for r in rows[1:])
 
 
 import triton  # noqa: E402
