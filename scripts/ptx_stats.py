@@ -9,7 +9,9 @@ conversions), SASS instructions per value a thread handles (straight-line code, 
 proxy for the issue cost of one value; the IEEE division's slow path is counted once), and
 the global loads a thread has issued and not yet used when each load issues
 (``ldg_in_flight_mean`` / ``_max``, :func:`loads_in_flight`: a proxy for memory-level
-parallelism).
+parallelism). ``loop_sass`` counts the instructions inside backward branches (a run-time
+loop's body); the window decode with a run-time source loop (variant "src") reports its
+``sass_per_value`` with the body counted once per trip.
 
     PYTHONPATH=. python3 scripts/ptx_stats.py                        # [8192, 8192], world 2
     PYTHONPATH=. python3 scripts/ptx_stats.py --tokens 2048 --world 8
@@ -69,6 +71,13 @@ def compile_stats(mod: str, kernel: str, sig: dict, const: dict, ints: dict, war
         sass = subprocess.run([_tool("cuobjdump"), "-sass", path + ".cubin"], capture_output=True, text=True).stdout
     regs = re.search(r"Used (\d+) registers", r.stderr)
     flight = loads_in_flight(sass)
+    lines = re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", sass, re.M)
+    addrs = [int(a, 16) for a, _ in lines]
+    loop = 0  # instructions inside backward branches (a run-time loop's body, counted once in n_sass)
+    for a, (_, txt) in zip(addrs, lines):
+        back = re.search(r"\bBRA\s+0x([0-9a-f]+)", txt)
+        if back and int(back.group(1), 16) < a:
+            loop += sum(1 for b in addrs if int(back.group(1), 16) <= b <= a)
     spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)]
     count = lambda pat: len(re.findall(pat, ptx))  # noqa: E731
     n_sass = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, re.M))
@@ -80,7 +89,7 @@ def compile_stats(mod: str, kernel: str, sig: dict, const: dict, ints: dict, war
             "st_global_v4": count(r"st\.global[\w.]*\.v4"), "st_global": count(r"st\.global"),
             "local": count(r"(?:ld|st)\.local"), "shared": count(r"(?:ld|st)\.shared"),
             "values_per_thread": values, "sass": n_sass, "sass_per_value": round(n_sass / values, 1),
-            "ldg_in_flight_mean": flight[0], "ldg_in_flight_max": flight[1]}
+            "ldg_in_flight_mean": flight[0], "ldg_in_flight_max": flight[1], "loop_sass": loop}
 
 
 def loads_in_flight(sass: str) -> tuple[float, int]:
@@ -212,12 +221,13 @@ def cases(t: int, e: int, world: int, k: int, variant: str | None = None):
             yield ("triton_static", "static_encode_win_kernel", wsig,
                    {"E": e, "BITS": bits, "BT": bt, "BC": bc, "FLAG": flag, "RANGE": False}, {"T": t}, 4,
                    bt * bc // 128)
-    for bits in (4, 8):
-        bt, be, w = KS.win_tile_config(t, e, world)
-        yield ("triton_static", "static_decode_sum_win_kernel",
-               {"payloads": pw, "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32"},
-               {"N": world, "BITS": bits, "BT": bt, "BE": be, "RB": e // 2 if bits == 4 else e}, {"T": t, "E": e}, w,
-               bt * be // (32 * w))
+    for kernel, variant in (("static_decode_sum_win_kernel", "auto"), ("static_decode_sum_win_loop_kernel", "src")):
+        for bits in (4, 8):
+            bt, be, w = KS.win_tile_config(t, e, world, variant)
+            yield ("triton_static", kernel,
+                   {"payloads": pw, "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32"},
+                   {"N": world, "BITS": bits, "BT": bt, "BE": be, "RB": e // 2 if bits == 4 else e}, {"T": t, "E": e},
+                   w, bt * be // (32 * w))
     rsig = {"payloads": pw, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32",
             "HEADB": "i32"}
     bt, be, w = KS.rows_tile_config(t, e, world)
@@ -250,6 +260,8 @@ def main(argv=None) -> None:
             continue
         row = compile_stats(*c)
         row["fast_path_sass_per_value"] = fast_path_stats(*c)["sass_per_value"] if c[3].get("FAST") else "-"
+        if c[1] == "static_decode_sum_win_loop_kernel":  # its source loop runs N - 1 times, counted once
+            row["sass_per_value"] = round((row["sass"] + (c[3]["N"] - 2) * row["loop_sass"]) / c[6], 1)
         rows.append(row)
     cols = list(rows[0])
     print(f"sm_90a, [{args.tokens}, {args.hidden}], world {args.world}, k {k}; "

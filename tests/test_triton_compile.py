@@ -174,7 +174,14 @@ CASES = [
      {"N": 3, "BITS": 8, "BT": 3, "BE": 64, "H16": False, "E": 100, "NK": 2, "RB": 98}),
     ("triton_static", "static_decode_sum_rows_kernel", {**STATIC_ROWS_DEC_SIG, "payloads": ("*u8",)},
      {"N": 1, "BITS": 4, "BT": 4, "BE": 128, "H16": True, "E": 128, "NK": 2, "RB": 63, "CHUNKED": True}),
-    # stop 22's "src" decode-and-sum variants (sources outside, rows inside; "src-c": column blocks first)
+    # stop 22's "src" decode-and-sum variants (sources outside, rows inside; "src-c": column blocks first;
+    # without bf16 channels a run-time loop over sources)
+    ("triton_static", "static_decode_sum_win_loop_kernel", {**STATIC_WIN_DEC_SIG, "payloads": ("*u8",) * 8},
+     {"N": 8, "BITS": 4, "BT": 8, "BE": 512, "RB": 4096}),
+    ("triton_static", "static_decode_sum_win_loop_kernel", {**STATIC_WIN_DEC_SIG, "payloads": ("*u8",) * 3},
+     {"N": 3, "BITS": 8, "BT": 2, "BE": 64, "RB": 101}),
+    ("triton_static", "static_decode_sum_win_loop_kernel", {**STATIC_WIN_DEC_SIG, "payloads": ("*u8",)},
+     {"N": 1, "BITS": 4, "BT": 4, "BE": 128, "RB": 64, "CHUNKED": True}),
     ("triton_static", "static_decode_sum_rows_src_kernel", {**STATIC_ROWS_DEC_SIG, "payloads": ("*u8",) * 8},
      {"N": 8, "BITS": 4, "BT": 16, "BE": 128, "H16": True, "E": 8192, "NK": 128, "RB": 4032, "COLS_FIRST": False}),
     ("triton_static", "static_decode_sum_rows_src_kernel", {**STATIC_ROWS_DEC_SIG, "payloads": ("*u8",) * 3},
@@ -265,11 +272,11 @@ def test_prefill_tiles_vectorize_without_spills():
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| kernel")]
     head = [c.strip() for c in next(ln for ln in r.stdout.splitlines() if ln.startswith("| kernel")).split("|")[1:-1]]
     rows = [dict(zip(head, (c.strip() for c in ln.split("|")[1:-1]))) for ln in lines]
-    assert len(rows) == 21, r.stdout
+    assert len(rows) == 23, r.stdout
     for row in rows:
         assert row["spill_bytes"] == "0" and row["local"] == "0", row
         if row["kernel"] in ("group_decode_sum_tile_kernel", "mx_decode_sum_tile_kernel",
-                             "static_decode_sum_win_kernel"):
+                             "static_decode_sum_win_kernel", "static_decode_sum_win_loop_kernel"):
             assert int(row["ld_global_v4"]) >= 2 and row["st_global_v4"] == row["st_global"], row
         if row["kernel"] in ("group_encode_kernel", "mx_encode_kernel", "static_encode_win_kernel") or \
                 "HAS_K=False" in row["constexprs"]:

@@ -204,13 +204,14 @@ def test_sweep_script_dry_run(tmp_path):
     rows = json.loads((tmp_path / "sweep_static.json").read_text())["rows"]
     checks = [r for r in rows if r.get("check")]
     assert [r["codec"] for r in checks] == ["int4-outlier", "int8"]
-    # encode variants tile, fast, fast-b; decode also src, src-c (int8: tile, fast, both), at worlds 2 and 8
-    for r, n_enc, n_dec in zip(checks, (3, 2), (5, 2)):
+    # encode variants tile, fast, fast-b; decode also src, src-c (int8: tile, fast; decode also src), worlds 2, 8
+    for r, n_enc, n_dec in zip(checks, (3, 2), (5, 3)):
         flags = {k: v for k, v in r.items() if k.startswith(("bytes_equal", "sum_equal"))}
         assert len(flags) == n_enc + n_dec * 2 and all(v is True for v in flags.values()), r
     timed = [r for r in rows if not r.get("check")]
     assert len(timed) == 4 and all(r["dec_fast_equal_tile"] is True for r in timed)
     assert all(r[f"dec_{v}_equal_tile"] is True for r in timed[:2] for v in ("src", "src-c")), timed[:2]
+    assert all(r["dec_src_equal_tile"] is True and "dec_src-c_us" not in r for r in timed[2:]), timed[2:]
     # the world-8 command of the docstring: only the asked variants (and the tile baseline)
     mod.main(["--device", "cpu", "--out", str(tmp_path), "--shapes", "3x128", "--codecs", "int4-outlier",
               "--worlds", "8,2", "--dec-variants", "fast,src", "--enc-variants", "none"])
@@ -281,8 +282,10 @@ def test_fast_kernels_at_the_edges_of_k_and_world(name, k, sources, launches):
 
 # The "src" decode-and-sum variants (sources outside, rows inside: static_decode_sum_rows_src_kernel;
 # "src-c" with the column blocks on grid axis 0): tiny row tiles as for "fast"
-SRC_TINY = {**TINY, "src": {**TINY["fast"], "dec_rows": ((3, 32), (2, 64), (2, 32))},
-            "src-c": {**TINY["fast"], "dec_rows": ((2, 64), (4, 32), (3, 32))}}
+SRC_TINY = {**TINY,
+            "src": {**TINY["fast"], "dec_rows": ((3, 32), (2, 64), (2, 32)), "dec_win": ((2, 32), (4, 64), (2, 64))},
+            "src-c": {**TINY["fast"], "dec_rows": ((2, 64), (4, 32), (3, 32)),
+                      "dec_win": ((4, 64), (1, 32), (2, 32))}}
 
 
 def _misaligned(p: torch.Tensor) -> torch.Tensor:
@@ -324,6 +327,40 @@ def test_src_decode_sum_variants_bitwise(variant, name, k, tokens, hidden, sourc
     # two-shot's chunk decode (one source, grid axis 2)
     rows, chunks = 3, 2
     x = torch.cat([xs[0][:1].repeat(rows, 1), xs[-1][:1].repeat(rows, 1)])
+    flat = torch.cat([ref.encode(c, layer=LAYER, source=0) for c in x.split(rows)])
+    dec = tri.decode_chunks(flat, (rows, hidden), chunks, layer=LAYER, source=0)
+    assert same_bits(dec, torch.cat([ref.decode(p, (rows, hidden), layer=LAYER, source=0)
+                                     for p in flat.chunk(chunks)]))
+
+
+@pytest.mark.parametrize("variant", ["src", "src-c"])
+@pytest.mark.parametrize("name", ["int4", "int8"])
+@pytest.mark.parametrize("tokens,hidden,sources", [(7, 258, 2), (13, 300, 3), (1, 130, 8), (5, 96, 8), (3, 195, 8)])
+def test_src_window_decode_sum_bitwise(variant, name, tokens, hidden, sources, launches, monkeypatch):
+    """Without bf16 channels the "src" variants run the window decode with a run-time loop over
+    sources (static_decode_sum_win_loop_kernel): bitwise the reference at 1, 2, 3 and 8 sources,
+    odd T, E not a multiple of 64 (int8 also odd), -0.0, NaN/Inf, and the chunked form."""
+    if name == "int4" and hidden % 2:
+        pytest.skip("int4 with an odd E: the tile kernel")
+    monkeypatch.setattr(KS, "FAST_TILES", SRC_TINY)
+    monkeypatch.setattr(KS, "DECODE_VARIANT", variant)
+    cal = synthetic_calibration([LAYER], world=sources, hidden=hidden, tokens=64, batches=1)
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+    tri = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
+    g = torch.Generator().manual_seed(tokens * 100 + hidden + sources + 7)
+    xs = [torch.randn(tokens, hidden, generator=g) * 3 for _ in range(sources)]
+    xs[0][tokens - 1, 1] = float("nan")
+    xs[-1][0, hidden - 1] = float("-inf")
+    xs[sources // 2][tokens // 2, 2] = float("inf")
+    xs[0][0, :4] = torch.tensor([-0.0, 0.5, 1.5, -2.5])
+    xs[-1][0, :4] = -0.0
+    want = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    for n in sorted({1, 2, sources}):
+        assert same_bits(ref.decode_sum(want[:n], (tokens, hidden), layer=LAYER),
+                         tri.decode_sum(want[:n], (tokens, hidden), layer=LAYER)), f"{n} sources"
+    assert {x for x in launches if "decode" in x} == {"static_decode_sum_win_loop_kernel"}, launches
+    rows, chunks = 2, 3
+    x = torch.cat([xs[0][:1].repeat(rows, 1), xs[-1][:1].repeat(rows, 1), xs[0][-1:].repeat(rows, 1)])
     flat = torch.cat([ref.encode(c, layer=LAYER, source=0) for c in x.split(rows)])
     dec = tri.decode_chunks(flat, (rows, hidden), chunks, layer=LAYER, source=0)
     assert same_bits(dec, torch.cat([ref.decode(p, (rows, hidden), layer=LAYER, source=0)

@@ -458,7 +458,8 @@ DECODE_VARIANT = "auto"
 DECODE_VARIANTS = ("auto", "tile", "fast", "fast-b", "src", "src-c")
 # Decode-and-sum variants of stop 22, off by default and not yet run on a GPU: the row-walking
 # decode with sources outside and rows inside (static_decode_sum_rows_src_kernel; "src-c" also
-# puts the column blocks on grid axis 0). Without bf16 channels they run "fast"'s window kernel.
+# puts the column blocks on grid axis 0); without bf16 channels the window decode with a run-time
+# loop over sources (static_decode_sum_win_loop_kernel, the same for both).
 SRC_VARIANTS = ("src", "src-c")
 ENCODE_VARIANT = "auto"
 ENCODE_VARIANTS = ("auto", "tile", "fast", "fast-b")
@@ -481,7 +482,12 @@ FAST_TILES = {
 # The "src" variants' row tiles: ptxas sm_90a, Triton 3.6, int4-outlier [8192, 8192]
 # (docs/bench/ptx_world8_stop22.md): world 2 16 x 256 90 registers, ~21 global loads in flight a
 # thread where "fast" has 40 and ~5; world 8 16 x 128 96 and ~29 where "fast" has 64 and ~3.
-FAST_TILES["src"] = {**FAST_TILES["fast"], "dec_rows": ((16, 256), (16, 128), (16, 128))}
+# Without bf16 channels they run static_decode_sum_win_loop_kernel (a run-time source loop), whose
+# code does not grow with N, so every world keeps world 2's 8 x 512 tile: world 8 74 registers,
+# 16-byte code loads, ~81 SASS a value counting the loop's 7 trips (the unrolled 2 x 512: 48, byte
+# loads, 95).
+FAST_TILES["src"] = {**FAST_TILES["fast"], "dec_rows": ((16, 256), (16, 128), (16, 128)),
+                     "dec_win": ((8, 512), (8, 512), (8, 512))}
 FAST_TILES["src-c"] = FAST_TILES["src"]
 
 
@@ -570,6 +576,40 @@ def static_decode_sum_win_kernel(payloads, scale_ptr, out_ptr, T, E, RB: tl.cons
         else:
             acc_e = acc_e + ve
             acc_o = acc_o + vo
+    v = tl.reshape(tl.join(acc_e, acc_o), [BT, BE])
+    c = tl.program_id(1) * BE + tl.arange(0, BE)[None, :]
+    tl.store(out_ptr + t * E + c, v, mask=mt & (c < E))
+
+
+@triton.jit
+def _payload_at(payloads, r, N: tl.constexpr):
+    """``payloads[r]`` for a run-time ``r`` (a tuple takes constexpr indices only): a select chain
+    of ``N - 1`` scalar selects, uniform over the program."""
+    p = payloads[0]
+    for j in tl.static_range(1, N):
+        p = tl.where(r == j, payloads[j], p)
+    return p
+
+
+@triton.jit
+def static_decode_sum_win_loop_kernel(payloads, scale_ptr, out_ptr, T, E, RB: tl.constexpr, N: tl.constexpr,
+                                      BITS: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, PS=0, OS=0,
+                                      CHUNKED: tl.constexpr = False):
+    """:func:`static_decode_sum_win_kernel` with a run-time loop over sources 1..N-1 (variants
+    "src", "src-c"): the fp32 accumulator tile stays in registers, one source's codes and scales
+    are live at a time, and the code is one source's body whatever ``N``, so a world-8 decode can
+    keep world 2's wide tile (16-byte code loads) instead of the unrolled kernel's 2-row one.
+    Rank order as before: ``acc = v_0``, then ``acc + v_r`` for r = 1, 2, ... (same bits)."""
+    payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
+    t = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]
+    mt = t < T
+    ce = tl.program_id(1) * BE + 2 * tl.arange(0, BE // 2)[None, :]
+    co = ce + 1
+    acc_e, acc_o = _win_rank(payloads[0], 0, scale_ptr, t, mt, ce, co, E, RB, BITS, BT, BE)
+    for r in tl.range(1, N):
+        ve, vo = _win_rank(_payload_at(payloads, r, N), r, scale_ptr, t, mt, ce, co, E, RB, BITS, BT, BE)
+        acc_e = acc_e + ve
+        acc_o = acc_o + vo
     v = tl.reshape(tl.join(acc_e, acc_o), [BT, BE])
     c = tl.program_id(1) * BE + tl.arange(0, BE)[None, :]
     tl.store(out_ptr + t * E + c, v, mask=mt & (c < E))
@@ -730,8 +770,10 @@ def _decode_fast(payloads, colmap, scale, out, t, e, nk, bits, variant, *, chunk
     else:
         rows, cols, warps = win_tile_config(t, e, n, variant)
         grid = (triton.cdiv(t, rows), triton.cdiv(e, cols)) + ((chunks,) if chunks > 1 else ())
-        static_decode_sum_win_kernel[grid](tuple(payloads), scale, out, t, e, RB=rb, N=n, BITS=bits, BT=rows,
-                                           BE=cols, num_warps=warps, **extra, **FP_OPTIONS)
+        kernel = static_decode_sum_win_loop_kernel if _check_variant(variant, DECODE_VARIANTS) in SRC_VARIANTS \
+            else static_decode_sum_win_kernel
+        kernel[grid](tuple(payloads), scale, out, t, e, RB=rb, N=n, BITS=bits, BT=rows, BE=cols, num_warps=warps,
+                     **extra, **FP_OPTIONS)
     return out
 
 
