@@ -24,7 +24,7 @@ Writes ``DIR/sweep_static.json`` and prints a table.
 Stop 22's world-8 question (old "fast" against the "src" variants, worlds 8 and 2):
 
     PYTHONPATH=. python3 scripts/sweep_static.py --out DIR --codecs int4-outlier,int8 --worlds 8,2 \
-        --dec-variants fast,src,src-c --enc-variants none
+        --dec-variants fast,src,src-c --enc-variants none --budget-s 150
 """
 from __future__ import annotations
 
