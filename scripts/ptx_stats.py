@@ -234,11 +234,14 @@ def cases(t: int, e: int, world: int, k: int, variant: str | None = None):
     yield ("triton_static", "static_decode_sum_rows_kernel", rsig,
            {"N": world, "BITS": 4, "BT": bt, "BE": be, "H16": True, "E": e, "NK": k, "RB": (e - k) // 2},
            {"T": t, "HEADB": 2 * t * k}, w, bt * be // (32 * w))
-    # stop 22's decode-and-sum variant "src" (sources outside, rows inside; off by default)
-    bt, be, w = KS.rows_tile_config(t, e, world, "src")
-    yield ("triton_static", "static_decode_sum_rows_src_kernel", rsig,
-           {"N": world, "BITS": 4, "BT": bt, "BE": be, "H16": True, "E": e, "NK": k, "RB": (e - k) // 2,
-            "COLS_FIRST": False}, {"T": t, "HEADB": 2 * t * k}, w, bt * be // (32 * w))
+    # stop 22's decode-and-sum variants "src" (sources outside, rows inside, one 16-bit load a value
+    # where the body row is an even number of bytes) and "src-2" (two loads a value); off by default
+    for variant in ("src", "src-2"):
+        bt, be, w = KS.rows_tile_config(t, e, world, variant)
+        yield ("triton_static", "static_decode_sum_rows_src_kernel", rsig,
+               {"N": world, "BITS": 4, "BT": bt, "BE": be, "H16": True, "E": e, "NK": k, "RB": (e - k) // 2,
+                "COLS_FIRST": False, "ONE16": variant == "src" and (e - k) // 2 % 2 == 0},
+               {"T": t, "HEADB": 2 * t * k}, w, bt * be // (32 * w))
 
 
 def main(argv=None) -> None:

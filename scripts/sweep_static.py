@@ -24,7 +24,7 @@ Writes ``DIR/sweep_static.json`` and prints a table.
 Stop 22's world-8 question (old "fast" against the "src" variants, worlds 8 and 2):
 
     PYTHONPATH=. python3 scripts/sweep_static.py --out DIR --codecs int4-outlier,int8 --worlds 8,2 \
-        --dec-variants fast,src,src-c --enc-variants none --budget-s 150
+        --dec-variants fast,src,src-c,src-2 --enc-variants none --budget-s 150
 """
 from __future__ import annotations
 
@@ -114,9 +114,9 @@ def main(argv=None) -> None:
     names = [c for c in args.codecs.split(",") if c]
     for name in names:
         # int8 runs int4's fast kernel shapes: its "fast-b" compiles would tell nothing new; without
-        # bf16 channels (int4, int8) "src-c" runs the same kernel as "src" (the window loop)
+        # bf16 channels (int4, int8) "src-c" and "src-2" run the same kernel as "src" (the window loop)
         dec_variants = [v for v in dec_all if not (name == "int8" and v == "fast-b")
-                        and not (name in ("int4", "int8") and v == "src-c")]
+                        and not (name in ("int4", "int8") and v in ("src-c", "src-2"))]
         enc_variants = [v for v in enc_all if not (name == "int8" and v == "fast-b")]
         # identity against the CPU reference, per variant: the payloads of max(worlds) sources
         # (one calibration for every world: world w decodes the first w), NaN/Inf planted

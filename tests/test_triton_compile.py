@@ -184,6 +184,12 @@ CASES = [
      {"N": 1, "BITS": 4, "BT": 4, "BE": 128, "RB": 64, "CHUNKED": True}),
     ("triton_static", "static_decode_sum_rows_src_kernel", {**STATIC_ROWS_DEC_SIG, "payloads": ("*u8",) * 8},
      {"N": 8, "BITS": 4, "BT": 16, "BE": 128, "H16": True, "E": 8192, "NK": 128, "RB": 4032, "COLS_FIRST": False}),
+    ("triton_static", "static_decode_sum_rows_src_kernel", {**STATIC_ROWS_DEC_SIG, "payloads": ("*u8",) * 8},
+     {"N": 8, "BITS": 4, "BT": 8, "BE": 128, "H16": True, "E": 8192, "NK": 128, "RB": 4032, "COLS_FIRST": False,
+      "ONE16": True}),
+    ("triton_static", "static_decode_sum_rows_src_kernel", {**STATIC_ROWS_DEC_SIG, "payloads": ("*u8",) * 2},
+     {"N": 2, "BITS": 8, "BT": 3, "BE": 64, "H16": True, "E": 196, "NK": 2, "RB": 194, "COLS_FIRST": True,
+      "ONE16": True}),
     ("triton_static", "static_decode_sum_rows_src_kernel", {**STATIC_ROWS_DEC_SIG, "payloads": ("*u8",) * 3},
      {"N": 3, "BITS": 8, "BT": 3, "BE": 64, "H16": False, "E": 100, "NK": 2, "RB": 98, "COLS_FIRST": True}),
     ("triton_static", "static_decode_sum_rows_src_kernel", {**STATIC_ROWS_DEC_SIG, "payloads": ("*u8",)},
@@ -272,7 +278,7 @@ def test_prefill_tiles_vectorize_without_spills():
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| kernel")]
     head = [c.strip() for c in next(ln for ln in r.stdout.splitlines() if ln.startswith("| kernel")).split("|")[1:-1]]
     rows = [dict(zip(head, (c.strip() for c in ln.split("|")[1:-1]))) for ln in lines]
-    assert len(rows) == 23, r.stdout
+    assert len(rows) == 24, r.stdout
     for row in rows:
         assert row["spill_bytes"] == "0" and row["local"] == "0", row
         if row["kernel"] in ("group_decode_sum_tile_kernel", "mx_decode_sum_tile_kernel",

@@ -204,13 +204,14 @@ def test_sweep_script_dry_run(tmp_path):
     rows = json.loads((tmp_path / "sweep_static.json").read_text())["rows"]
     checks = [r for r in rows if r.get("check")]
     assert [r["codec"] for r in checks] == ["int4-outlier", "int8"]
-    # encode variants tile, fast, fast-b; decode also src, src-c (int8: tile, fast; decode also src), worlds 2, 8
-    for r, n_enc, n_dec in zip(checks, (3, 2), (5, 3)):
+    # encode variants tile, fast, fast-b; decode also src, src-c, src-2 (int8: tile, fast; decode also src), at
+    # worlds 2 and 8
+    for r, n_enc, n_dec in zip(checks, (3, 2), (6, 3)):
         flags = {k: v for k, v in r.items() if k.startswith(("bytes_equal", "sum_equal"))}
         assert len(flags) == n_enc + n_dec * 2 and all(v is True for v in flags.values()), r
     timed = [r for r in rows if not r.get("check")]
     assert len(timed) == 4 and all(r["dec_fast_equal_tile"] is True for r in timed)
-    assert all(r[f"dec_{v}_equal_tile"] is True for r in timed[:2] for v in ("src", "src-c")), timed[:2]
+    assert all(r[f"dec_{v}_equal_tile"] is True for r in timed[:2] for v in ("src", "src-c", "src-2")), timed[:2]
     assert all(r["dec_src_equal_tile"] is True and "dec_src-c_us" not in r for r in timed[2:]), timed[2:]
     # the world-8 command of the docstring: only the asked variants (and the tile baseline)
     mod.main(["--device", "cpu", "--out", str(tmp_path), "--shapes", "3x128", "--codecs", "int4-outlier",
@@ -285,7 +286,8 @@ def test_fast_kernels_at_the_edges_of_k_and_world(name, k, sources, launches):
 SRC_TINY = {**TINY,
             "src": {**TINY["fast"], "dec_rows": ((3, 32), (2, 64), (2, 32)), "dec_win": ((2, 32), (4, 64), (2, 64))},
             "src-c": {**TINY["fast"], "dec_rows": ((2, 64), (4, 32), (3, 32)),
-                      "dec_win": ((4, 64), (1, 32), (2, 32))}}
+                      "dec_win": ((4, 64), (1, 32), (2, 32))},
+            "src-2": {**TINY["fast"], "dec_rows": ((4, 32), (3, 32), (2, 64))}}
 
 
 def _misaligned(p: torch.Tensor) -> torch.Tensor:
@@ -295,16 +297,26 @@ def _misaligned(p: torch.Tensor) -> torch.Tensor:
     return buf[1:]
 
 
-@pytest.mark.parametrize("variant", ["src", "src-c"])
+@pytest.mark.parametrize("variant", ["src", "src-c", "src-2"])
 @pytest.mark.parametrize("name,k", [("int4-outlier", None), ("int4-random-k", None), ("int8", 3)])
 @pytest.mark.parametrize("tokens,hidden,sources,odd", [(7, 258, 2, False), (13, 300, 3, True), (1, 130, 8, False),
                                                        (5, 195, 8, False), (4, 195, 3, False)])
 def test_src_decode_sum_variants_bitwise(variant, name, k, tokens, hidden, sources, odd, launches, monkeypatch):
     """The "src" decode-and-sum against the reference, bitwise: odd T, E not a multiple of 64,
     2/3/8 sources, NaN/Inf (also in a bf16 channel), a bf16 head at an odd address, and the
-    chunked form (N = 1)."""
+    chunked form (N = 1); one 16-bit load a value (ONE16) where the body rows are an even number
+    of bytes and the payloads 2-byte aligned ("src", "src-c"), else two loads."""
     monkeypatch.setattr(KS, "FAST_TILES", SRC_TINY)
     monkeypatch.setattr(KS, "DECODE_VARIANT", variant)
+    one16 = []
+    counted = KS.static_decode_sum_rows_src_kernel
+
+    class Recorded:
+        def __getitem__(self, grid):
+            run = counted[grid]
+            return lambda *a, **kw: (one16.append(kw["ONE16"]), run(*a, **kw))[1]
+
+    monkeypatch.setattr(KS, "static_decode_sum_rows_src_kernel", Recorded())
     cal = synthetic_calibration([LAYER], world=sources, hidden=hidden, tokens=64, batches=1)
     kw = {} if k is None else {"k": k}
     ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference", **kw)
@@ -324,6 +336,9 @@ def test_src_decode_sum_variants_bitwise(variant, name, k, tokens, hidden, sourc
         assert same_bits(ref.decode_sum(want[:n], (tokens, hidden), layer=LAYER),
                          tri.decode_sum(got_in[:n], (tokens, hidden), layer=LAYER)), f"{n} sources"
     assert {x for x in launches if "decode" in x} == {"static_decode_sum_rows_src_kernel"}, launches
+    nk = kept[0].numel()
+    rb = (hidden - nk) // 2 if name != "int8" else hidden - nk
+    assert set(one16) == {not odd and rb % 2 == 0 and variant != "src-2"}, one16
     # two-shot's chunk decode (one source, grid axis 2)
     rows, chunks = 3, 2
     x = torch.cat([xs[0][:1].repeat(rows, 1), xs[-1][:1].repeat(rows, 1)])

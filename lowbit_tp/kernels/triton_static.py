@@ -455,12 +455,14 @@ def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int, variant: str
 # "auto") these; scripts/sweep_static.py sets them to time both in one process. The bytes and sums
 # do not depend on the choice.
 DECODE_VARIANT = "auto"
-DECODE_VARIANTS = ("auto", "tile", "fast", "fast-b", "src", "src-c")
+DECODE_VARIANTS = ("auto", "tile", "fast", "fast-b", "src", "src-c", "src-2")
 # Decode-and-sum variants of stop 22, off by default and not yet run on a GPU: the row-walking
 # decode with sources outside and rows inside (static_decode_sum_rows_src_kernel; "src-c" also
 # puts the column blocks on grid axis 0); without bf16 channels the window decode with a run-time
 # loop over sources (static_decode_sum_win_loop_kernel, the same for both).
-SRC_VARIANTS = ("src", "src-c")
+# "src" and "src-c" read each value with one 16-bit load where the payloads allow (ONE16), "src-2"
+# with the code byte and the predicated bf16 load of "fast" (to tell the two changes apart).
+SRC_VARIANTS = ("src", "src-c", "src-2")
 ENCODE_VARIANT = "auto"
 ENCODE_VARIANTS = ("auto", "tile", "fast", "fast-b")
 AUTO = "fast"  # the variant "auto" runs
@@ -480,14 +482,17 @@ FAST_TILES = {
                "enc_win": (4, 512), "enc_rows": (8, 1024)},
 }
 # The "src" variants' row tiles: ptxas sm_90a, Triton 3.6, int4-outlier [8192, 8192]
-# (docs/bench/ptx_world8_stop22.md): world 2 16 x 256 90 registers, ~21 global loads in flight a
-# thread where "fast" has 40 and ~5; world 8 16 x 128 96 and ~29 where "fast" has 64 and ~3.
+# (docs/bench/ptx_world8_stop22.md; global loads a thread / in flight a thread, mean): "fast" world 2
+# 16 x 256 40 registers, 134 / 4.6; world 8 16 x 128 64, 272 / 2.7. "src" (one 16-bit load a value)
+# world 2 16 x 256 56, 70 / 11.1; world 8 8 x 128 64, 80 / 15.8 (16 x 128: 168 registers). "src-2"
+# (two loads a value as "fast") world 2 16 x 256 90, 134 / 21.5; world 8 16 x 128 96, 272 / 29.3.
 # Without bf16 channels they run static_decode_sum_win_loop_kernel (a run-time source loop), whose
 # code does not grow with N, so every world keeps world 2's 8 x 512 tile: world 8 74 registers,
 # 16-byte code loads, ~81 SASS a value counting the loop's 7 trips (the unrolled 2 x 512: 48, byte
 # loads, 95).
-FAST_TILES["src"] = {**FAST_TILES["fast"], "dec_rows": ((16, 256), (16, 128), (16, 128)),
+FAST_TILES["src"] = {**FAST_TILES["fast"], "dec_rows": ((16, 256), (16, 128), (8, 128)),
                      "dec_win": ((8, 512), (8, 512), (8, 512))}
+FAST_TILES["src-2"] = {**FAST_TILES["src"], "dec_rows": ((16, 256), (16, 128), (16, 128))}
 FAST_TILES["src-c"] = FAST_TILES["src"]
 
 
@@ -676,7 +681,8 @@ def static_decode_sum_rows_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E
 def static_decode_sum_rows_src_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E: tl.constexpr,
                                       NK: tl.constexpr, HEADB, RB: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr,
                                       BT: tl.constexpr, BE: tl.constexpr, H16: tl.constexpr,
-                                      COLS_FIRST: tl.constexpr, PS=0, OS=0, CHUNKED: tl.constexpr = False):
+                                      COLS_FIRST: tl.constexpr, PS=0, OS=0, CHUNKED: tl.constexpr = False,
+                                      ONE16: tl.constexpr = False):
     """:func:`static_decode_sum_rows_kernel` with the loops swapped (variants "src" and "src-c"):
     sources outside, rows inside. Each source's per-column tables are loaded, used for the ``BT``
     rows and dropped before the next source's, and ``BT`` fp32 accumulators (one per row) stay
@@ -686,7 +692,12 @@ def static_decode_sum_rows_src_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, 
     ``BT`` code loads are independent of each other, so more loads can be in flight
     (scripts/ptx_stats.py's ``ldg_in_flight``). ``COLS_FIRST``: grid axis 0 is the column
     block, so programs launched together cover whole rows of the payloads and the output
-    rather than one column block of many rows (a guess at DRAM locality, for the GPU sweep)."""
+    rather than one column block of many rows (a guess at DRAM locality, for the GPU sweep).
+    ``ONE16`` (payloads 2-byte aligned, ``H16``, and an even body row ``RB``): one aligned 16-bit
+    load per value and source instead of a code byte plus a predicated bf16 load: a quantized
+    column reads the 16-bit word holding its code byte (body offsets are even, so the word lies
+    inside the payload), a bf16 column its kept value, through one per-column pointer that moves
+    ``RB / 2`` or ``NK`` words a row."""
     payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
     NI: tl.constexpr = E - NK
     if COLS_FIRST:
@@ -699,6 +710,7 @@ def static_decode_sum_rows_src_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, 
     mc = c < E
     t0 = tl.minimum(rb * BT, T - BT)
     dst = out_ptr + t0 * E + c
+    TOP: tl.constexpr = 28 if BITS == 4 else 24  # ONE16: a code's sign bit is moved to bit 31
     accs = ()
     for r in tl.static_range(N):
         p = payloads[r]
@@ -718,16 +730,29 @@ def static_decode_sum_rows_src_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, 
             head = p + 2 * (t0 * NK + h)
         kept = ~inl
         scale = tl.load(scale_ptr + r * NI + z, mask=mc, other=1.0)
+        if ONE16:  # the int16 word of code byte zb (bit 8 * (zb & 1) up) or of the bf16 value
+            zb = (z >> 1) if BITS == 4 else z
+            lsh = TOP - 8 * (zb & 1) - (4 * (z & 1) if BITS == 4 else 0)
+            p16 = p.to(tl.pointer_type(tl.int16))
+            word = tl.where(kept, p16 + t0 * NK + h, p16 + (HEADB // 2 + t0 * (RB // 2)) + (zb >> 1))
+            step = tl.where(kept, NK, RB // 2)
         new = ()
         for k in tl.static_range(BT):
-            b = tl.load(code + k * RB).to(tl.int32)
-            q = (b << shift) >> 28 if BITS == 4 else (b << 24) >> 24
-            v = tl.where(q == (-8 if BITS == 4 else -128), float("nan"), q.to(tl.float32) * scale)
-            if H16:
-                hb = tl.load(head + k * NK, mask=kept).to(tl.int32)  # sign bits: masked off below
+            if ONE16:
+                w = tl.load(word).to(tl.int32)  # sign bits: shifted out below
+                word += step
+                q = (w << lsh) >> TOP
+                v = tl.where(q == (-8 if BITS == 4 else -128), float("nan"), q.to(tl.float32) * scale)
+                v = tl.where(kept, bf16_from_bits(w), v)
             else:
-                hb = load_u16(head, 2 * k * NK, kept)
-            v = tl.where(kept, bf16_from_bits(hb), v)
+                b = tl.load(code + k * RB).to(tl.int32)
+                q = (b << shift) >> 28 if BITS == 4 else (b << 24) >> 24
+                v = tl.where(q == (-8 if BITS == 4 else -128), float("nan"), q.to(tl.float32) * scale)
+                if H16:
+                    hb = tl.load(head + k * NK, mask=kept).to(tl.int32)  # sign bits: masked off below
+                else:
+                    hb = load_u16(head, 2 * k * NK, kept)
+                v = tl.where(kept, bf16_from_bits(hb), v)
             if r > 0:
                 v = accs[k] + v
             if r == N - 1:
@@ -761,8 +786,9 @@ def _decode_fast(payloads, colmap, scale, out, t, e, nk, bits, variant, *, chunk
                 grid = (grid[1], grid[0]) + grid[2:]
             static_decode_sum_rows_src_kernel[grid](tuple(payloads), colmap, scale, out, t, E=e, NK=nk,
                                                     HEADB=2 * t * nk, RB=rb, N=n, BITS=bits, BT=rows, BE=cols,
-                                                    H16=h16, COLS_FIRST=cols_first, num_warps=warps, **extra,
-                                                    **FP_OPTIONS)
+                                                    H16=h16, COLS_FIRST=cols_first,
+                                                    ONE16=h16 and rb % 2 == 0 and v != "src-2", num_warps=warps,
+                                                    **extra, **FP_OPTIONS)
             return out
         static_decode_sum_rows_kernel[grid](tuple(payloads), colmap, scale, out, t, E=e, NK=nk, HEADB=2 * t * nk,
                                             RB=rb, N=n, BITS=bits, BT=rows, BE=cols, H16=h16, num_warps=warps,
