@@ -253,6 +253,7 @@ def main(argv=None) -> None:
     ap.add_argument("--only", default=None, help="comma-separated substrings of the kernel names to compile")
     ap.add_argument("--variant", default=None,
                     help="group encoder variant (default: the launchers' ENCODE_VARIANT, MX_ENCODE_VARIANT)")
+    ap.add_argument("--json", default=None, help="also write the rows (and the Triton version) to this JSON file")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     k = args.hidden // 64 if args.k is None else args.k
@@ -273,6 +274,14 @@ def main(argv=None) -> None:
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    if args.json:
+        import json
+
+        import triton
+
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "tokens": args.tokens, "hidden": args.hidden, "world": args.world,
+                       "k": k, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
