@@ -92,7 +92,8 @@ def cases(K):
             out.append((f"encode {bits}-bit {mode}", K.rot_encode_kernel, ENC, const, warps, rows * w // (32 * warps)))
         for n in (2, 8):
             const = {"N": n, "B": BLOCK, "LOG2B": 8, "GROUP": GROUP, "BITS": bits, "FMT": 2, "HAS_K": True,
-                     **_xpose(K, bits), **_asm(K, "asm_dec", bits)}
+                     **_xpose(K, bits), **_asm(K, "asm_dec", bits),
+                     **({"LOOP": True} if K.CONFIG.get("dec_loop") and n > 2 else {})}
             if hasattr(K, "tile_config"):
                 rows, w, warps = K.tile_config(T, E, GROUP, BLOCK, n)
                 const.update(ROWS=rows, W=w, PACKED=True)
@@ -149,12 +150,18 @@ def compile_stats(fn, sig, const, warps) -> dict:
         sass = subprocess.run([str(bindir / "cuobjdump"), "-sass", f"{d}/k.cubin"], capture_output=True, text=True,
                               check=True).stdout
     ins = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+[A-Z@]", ln) and "NOP" not in ln]
+    addr = [int(re.match(r"\s+/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in ins]
+    loop = 0  # instructions inside backward branches: a run-time loop's body (counted once in "sass")
+    for a, ln in zip(addr, ins):
+        back = re.search(r"\bBRA\s+0x([0-9a-f]+)", ln)
+        if back and int(back.group(1), 16) < a:
+            loop += sum(1 for b in addr if int(back.group(1), 16) <= b <= a)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     return {"regs": int(re.search(r"Used (\d+) registers", info).group(1)),
             "stack": int(re.search(r"(\d+) bytes stack frame", info).group(1)),
             "spill": f"{spill.group(1)}/{spill.group(2)}",
             "sass": len(ins), "shfl": sum("SHFL" in ln for ln in ins), "bar": sum("BAR.SYNC" in ln for ln in ins),
-            "ldg": sum("LDG" in ln for ln in ins)}
+            "ldg": sum("LDG" in ln for ln in ins), "loop": loop}
 
 
 def main(argv=None) -> None:
@@ -181,8 +188,10 @@ def main(argv=None) -> None:
         if args.only and args.only not in label:
             continue
         s = compile_stats(fn, sig, const, warps)
-        rows.append(f"| {label} | {warps} | {per_thread} | {s['regs']} | {s['stack']} | {s['spill']} | {s['sass']} | "
-                    f"{s['sass'] / per_thread:.0f} | {s['shfl']} | {s['bar']} | {s['ldg']} |\n")
+        # a run-time source loop (CONFIG["dec_loop"]) runs its body N - 1 times: count it so per value
+        per = (s["sass"] + (const["N"] - 2) * s["loop"]) / per_thread if const.get("LOOP") else s["sass"] / per_thread
+        rows.append(f"| {label}{' (loop)' if const.get('LOOP') else ''} | {warps} | {per_thread} | {s['regs']} | "
+                    f"{s['stack']} | {s['spill']} | {s['sass']} | {per:.0f} | {s['shfl']} | {s['bar']} | {s['ldg']} |\n")
         print(rows[-1], end="", flush=True)
     if args.out:
         with open(args.out, "a") as f:

@@ -46,6 +46,8 @@ VARIANTS = {
     "new_v256": {**_NEW, "enc_values": 256, "dec_values": 256, "dec_values_wide": 128},  # 8 values a thread
     "new_noasmdec": {**_NEW, "asm_dec": False},  # new with tl.load level reads in decode-and-sum
     "new_noasm": {**_NEW, "asm_enc": False, "asm_dec": False},  # new without inline PTX
+    # stop 22: decode-and-sum's sources in a run-time loop, 16 values a thread at any world
+    "new_loop": {**_NEW, "dec_loop": True, "dec_values_wide": 512},
 }
 
 

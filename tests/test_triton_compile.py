@@ -215,6 +215,13 @@ CASES = [
     ("triton_rotation", "rot_decode_sum_kernel", ROT_DEC_SIG,
      {"N": 2, "ROWS": 2, "W": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 4, "FMT": 2, "HAS_K": True,
       "PACKED": True, "ASM": True}),
+    # stop 22: CONFIG["dec_loop"], sources 1..N-1 in a run-time loop
+    ("triton_rotation", "rot_decode_sum_kernel", {**ROT_DEC_SIG, "payloads": ("*u8",) * 8},
+     {"N": 8, "ROWS": 2, "W": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 4, "FMT": 2, "HAS_K": True,
+      "PACKED": True, "ASM": True, "LOOP": True}),
+    ("triton_rotation", "rot_decode_sum_kernel", {**ROT_DEC_SIG, "payloads": ("*u8",) * 3},
+     {"N": 3, "ROWS": 1, "W": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 6, "FMT": 2, "HAS_K": True,
+      "PACKED": True, "XPOSE": True, "LOOP": True}),
 ]
 
 

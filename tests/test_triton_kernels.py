@@ -612,10 +612,13 @@ ROT_VARIANTS = {
              "dec_values_wide": 128},
     "big": {"cell": True, "xpose": True, "row_tile": 0, "enc_values": 1024, "dec_values": 1024,
             "dec_values_wide": 512},
+    # stop 22: decode-and-sum's sources 1..N-1 in a run-time loop (WORLD = 3 payloads: two trips)
+    "loop": {"cell": True, "xpose": True, "row_tile": 0, "dec_loop": True, "dec_values_wide": 512},
 }
 
 
-@pytest.mark.parametrize("variant", [v if v in ("base", "cell_xpose", "row") else pytest.param(v, marks=pytest.mark.slow)
+@pytest.mark.parametrize("variant", [v if v in ("base", "cell_xpose", "row", "loop")
+                                     else pytest.param(v, marks=pytest.mark.slow)
                                      for v in ROT_VARIANTS])  # the launch-shape-only ones: slow suite
 @pytest.mark.parametrize("name,tokens,hidden", [("rot-lm4-g64-lg8-k4", 5, 200), ("rot-int6-g64-lg8-k4", 3, 136),
                                                 ("rot-int6-g64-lg8-k4", 7, 64), ("rot-lm3-g32-lg8-k4", 3, 200)])

@@ -151,3 +151,13 @@ def chunk_bases(src, dst_ptr, SRC_STRIDE, DST_STRIDE, CHUNKED: tl.constexpr):
         return (src[0] + j * SRC_STRIDE,), dst_ptr + j * DST_STRIDE
     else:
         return src, dst_ptr
+
+
+@triton.jit
+def payload_at(payloads, r, N: tl.constexpr):
+    """``payloads[r]`` for a run-time ``r`` (a tuple takes constexpr indices only): a chain of
+    ``N - 1`` scalar selects, uniform over the program; for decode-and-sum loops over sources."""
+    p = payloads[0]
+    for j in tl.static_range(1, N):
+        p = tl.where(r == j, payloads[j], p)
+    return p

@@ -18,8 +18,8 @@ import triton.language as tl
 from lowbit_tp.kernels import triton_interpreted
 from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, chunk_bases, clamp_keep_nan,
                                              flag_any,
-                                             fp16_bits, fp16_from_bits, is_finite, load_u16, saturate_minmax,
-                                             store_u16)
+                                             fp16_bits, fp16_from_bits, is_finite, load_u16, payload_at,
+                                             saturate_minmax, store_u16)
 
 SCALE_FORMAT_IDS = {"fp16": 0, "e8m0": 1, "lg8": 2}
 _FP16_NAN = tl.constexpr(0x7E00)  # what Tensor.masked_fill_(nan) writes into an fp16 tensor
@@ -54,9 +54,12 @@ LG8_PROGRAMS = 512
 #     decode-and-sum (levels) are elementwise inline ld.global.nc (no layout change around them;
 #     reduce-encode follows asm_enc); True, False, or the code widths (bits) it applies to;
 #   lg8_cell: the encoders' lg8 code per group from a cell table of the ratio's bits (one read
-#     and one comparison, see lg8_cells) instead of an 8-step search of the lg8 table.
+#     and one comparison, see lg8_cells) instead of an 8-step search of the lg8 table;
+#   dec_loop: decode-and-sum of more than 2 payloads walks sources 1..N-1 in a run-time loop
+#     (stop 22, off, not yet run on a GPU): one source's code and registers at any N, so a world-8
+#     decode can take world 2's 16 values a thread (scripts/sweep_rot.py's "new_loop").
 CONFIG = {"enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1, "cell": True, "xpose": True,
-          "row_tile": 0, "row_vpt": 16, "asm_enc": True, "asm_dec": (4,), "lg8_cell": True}
+          "row_tile": 0, "row_vpt": 16, "asm_enc": True, "asm_dec": (4,), "lg8_cell": True, "dec_loop": False}
 
 
 def tile_config(tokens: int, hidden: int, group: int, block: int, nranks: int = 1, *,
@@ -382,11 +385,14 @@ def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, 
                           SCALE_OFF, inv_sqrt_b, N: tl.constexpr, ROWS: tl.constexpr, W: tl.constexpr,
                           B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
                           FMT: tl.constexpr, HAS_K: tl.constexpr, PACKED: tl.constexpr, PS=0, OS=0,
-                          CHUNKED: tl.constexpr = False, XPOSE: tl.constexpr = False, ASM: tl.constexpr = False):
+                          CHUNKED: tl.constexpr = False, XPOSE: tl.constexpr = False, ASM: tl.constexpr = False,
+                          LOOP: tl.constexpr = False):
     """``out = sum_r decode(payloads[r])`` in fp32, rank order, written once; one program per
     ``[ROWS, W]`` tile (grid: token blocks x column tiles). ``CHUNKED`` (``N == 1``): grid axis 2
     is a two-shot chunk of ``T`` rows, its payload at ``+ PS`` bytes and its rows of ``out`` at
-    ``+ OS`` values per chunk."""
+    ``+ OS`` values per chunk. ``LOOP`` (``CONFIG["dec_loop"]``): sources 1..N-1 in a run-time
+    loop (the payload picked by a select chain) instead of unrolled, so the code and the live
+    registers are one source's at any N (same rank order, same bits)."""
     payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
     t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     c0 = tl.program_id(1) * W
@@ -395,9 +401,16 @@ def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, 
     signs = (tl.load(signs_ptr + c, mask=c < E, other=1.0) * inv_sqrt_b)[None, :]
     acc = _decode_tile(payloads[0], 0, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB, CODE_OFF,
                        SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED, XPOSE, ASM)
-    for r in tl.static_range(1, N):
-        acc = acc + _decode_tile(payloads[r], r, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK, NCB,
-                                 CODE_OFF, SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED, XPOSE, ASM)
+    if LOOP:
+        for r in tl.range(1, N):
+            acc = acc + _decode_tile(payload_at(payloads, r, N), r, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr,
+                                     T, E, G, NK, NCB, CODE_OFF, SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K,
+                                     PACKED, XPOSE, ASM)
+    else:
+        for r in tl.static_range(1, N):
+            acc = acc + _decode_tile(payloads[r], r, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK,
+                                     NCB, CODE_OFF, SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED,
+                                     XPOSE, ASM)
     tl.store(out_ptr + t[:, None] * E + c[None, :], acc, mask=tm[:, None] & (c < E)[None, :])
 
 
@@ -826,5 +839,5 @@ def decode_sum(payloads, *, signs, colmap, levels, lg8, out, nk: int, code_bytes
         off, off + code_bytes, inv_sqrt(block), N=len(payloads), ROWS=rows, W=w, B=block,
         LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits, FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0,
         PACKED=packed, num_warps=warps, **extra, **_xpose_args(bits, cfg), **_asm_args(out.device, cfg, "asm_dec", bits),
-        **FP_OPTIONS)
+        **({"LOOP": True} if cfg.get("dec_loop") and len(payloads) > 2 else {}), **FP_OPTIONS)
     return out

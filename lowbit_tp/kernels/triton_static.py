@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, chunk_bases, clamp_keep_nan,
-                                             flag_any, flag_if, int4_from_nibble, is_finite, load_u16, RINT_MAGIC,
-                                             round_half_even, round_to_int_small, saturate)
+                                             flag_any, flag_if, int4_from_nibble, is_finite, load_u16, payload_at,
+                                             RINT_MAGIC, round_half_even, round_to_int_small, saturate)
 
 
 def launch_config(n: int) -> tuple[int, int]:
@@ -587,16 +587,6 @@ def static_decode_sum_win_kernel(payloads, scale_ptr, out_ptr, T, E, RB: tl.cons
 
 
 @triton.jit
-def _payload_at(payloads, r, N: tl.constexpr):
-    """``payloads[r]`` for a run-time ``r`` (a tuple takes constexpr indices only): a select chain
-    of ``N - 1`` scalar selects, uniform over the program."""
-    p = payloads[0]
-    for j in tl.static_range(1, N):
-        p = tl.where(r == j, payloads[j], p)
-    return p
-
-
-@triton.jit
 def static_decode_sum_win_loop_kernel(payloads, scale_ptr, out_ptr, T, E, RB: tl.constexpr, N: tl.constexpr,
                                       BITS: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, PS=0, OS=0,
                                       CHUNKED: tl.constexpr = False):
@@ -612,7 +602,7 @@ def static_decode_sum_win_loop_kernel(payloads, scale_ptr, out_ptr, T, E, RB: tl
     co = ce + 1
     acc_e, acc_o = _win_rank(payloads[0], 0, scale_ptr, t, mt, ce, co, E, RB, BITS, BT, BE)
     for r in tl.range(1, N):
-        ve, vo = _win_rank(_payload_at(payloads, r, N), r, scale_ptr, t, mt, ce, co, E, RB, BITS, BT, BE)
+        ve, vo = _win_rank(payload_at(payloads, r, N), r, scale_ptr, t, mt, ce, co, E, RB, BITS, BT, BE)
         acc_e = acc_e + ve
         acc_o = acc_o + vo
     v = tl.reshape(tl.join(acc_e, acc_o), [BT, BE])
