@@ -20,6 +20,12 @@ Writes ``DIR/sweep_rot.json`` and prints a table.
 
     PYTHONPATH=. python3 scripts/sweep_rot.py --out /tmp/sweep           # GPU
     PYTHONPATH=. python3 scripts/sweep_rot.py --device cpu --out /tmp/s  # dry run, interpreter, tiny shapes
+
+Stop 22's world-8 question (the source loop, CONFIG["dec_loop"], against the defaults; add
+``--device cpu`` for the dry run):
+
+    PYTHONPATH=. python3 scripts/sweep_rot.py --out DIR --variants new,new_loop --reduce-variants none \
+        --budget-s 120
 """
 from __future__ import annotations
 
