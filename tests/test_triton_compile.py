@@ -297,3 +297,28 @@ def test_prefill_tiles_vectorize_without_spills():
         if row["kernel"] in ("static_decode_sum_rows_kernel", "static_decode_sum_rows_src_kernel",
                              "static_encode_rows_kernel"):  # 1-D: no layout
             assert int(row["shared"]) <= 8, row  # conversion (the flag reduction's few accesses at most)
+
+
+def test_loads_in_flight_reads_the_sass_in_program_order():
+    """ptx_stats.loads_in_flight (the static memory-level-parallelism proxy of docs/bench/
+    ptx_world8_stop22.md): a use of a load's register (also inside a 128-bit destination) retires
+    it and every earlier load, a predicated load counts, and a store's address registers count as
+    reads."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("ptx_stats", os.path.join(root, "scripts", "ptx_stats.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sass = "\n".join(f"        /*{16 * i:04x}*/                   {ins} ;" for i, ins in enumerate([
+        "LDG.E R2, desc[UR4][R10.64]",
+        "LDG.E R3, desc[UR4][R12.64]",
+        "LDG.E.128 R4, desc[UR4][R14.64]",
+        "FADD R20, R3, R3",  # load 1 used: loads 0 and 1 retire
+        "@P0 LDG.E R8, desc[UR4][R16.64]",  # in flight: load 2 and this one
+        "FADD R21, R7, RZ",  # R7 is in load 2's 128-bit destination
+        "LDG.E.U8 R9, desc[UR4][R18.64]",  # in flight: load 3 and this one
+        "STG.E desc[UR4][R8.64], R20",  # the address R8.64 reads R8 and R9: loads 3 and 4 retire
+        "LDG.E R11, desc[UR4][R22.64]",  # alone in flight
+    ]))
+    assert mod.loads_in_flight(sass) == (round((1 + 2 + 3 + 2 + 2 + 1) / 6, 1), 3)
