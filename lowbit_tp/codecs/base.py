@@ -97,10 +97,7 @@ class Codec(ABC):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if self.needs_calibration and calibration is None:
-            raise CalibrationError(
-                f"codec {self.name!r} uses static scales and needs a calibration "
-                f"(lowbit-tp calibrate ... --out cal.safetensors, then --calibration cal.safetensors)"
-            )
+            raise _no_calibration(self.name)
         self.calibration = calibration
         self.nonfinite = nonfinite
         self.backend = backend
@@ -643,4 +640,12 @@ def list_codecs() -> list[str]:
 
 def make_codec(name: str, **options: Any) -> Codec:
     """Build a codec by its registered name, e.g. ``make_codec("int4-outlier", calibration=cal)``."""
-    return codec_spec(name).factory(**options)
+    spec = codec_spec(name)
+    if spec.needs_calibration and options.get("calibration") is None:
+        raise _no_calibration(name)  # by the name asked for (a class may set its name only after the check)
+    return spec.factory(**options)
+
+
+def _no_calibration(name: str) -> CalibrationError:
+    return CalibrationError(f"codec {name!r} uses static scales and needs a calibration "
+                            f"(lowbit-tp calibrate ... --out cal.safetensors, then --calibration cal.safetensors)")
