@@ -21,6 +21,7 @@ from lowbit_tp.data import (
     split_text,
     strip_gutenberg,
 )
+from lowbit_tp.errors import UserError
 
 
 class FakeTokenizer:
@@ -211,7 +212,8 @@ def test_chunk_tokens_bos_rules_and_errors():
     forced = chunk_tokens(FakeTokenizer(adds_bos=False), docs, num_samples=2, seq_len=20,
                           add_bos=True)
     assert (forced.input_ids[:, 0] == 1).all()
-    with pytest.raises(ValueError, match="text too short.*only 2 non-overlapping windows"):
+    # a user error (the CLI prints it in one line, no traceback) that says what to change
+    with pytest.raises(UserError, match="text too short.*only 2 non-overlapping windows.*lower --samples"):
         chunk_tokens(FakeTokenizer(), docs, num_samples=3, seq_len=20)
     with pytest.raises(ValueError, match="num_samples"):
         chunk_tokens(FakeTokenizer(), docs, num_samples=0, seq_len=20)

@@ -9,6 +9,7 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 import torch
 
 from lowbit_tp.data.documents import Document
+from lowbit_tp.errors import UserError
 
 __all__ = ["TokenChunks", "Tokenizer", "chunk_tokens", "window_spans"]
 
@@ -121,10 +122,11 @@ def chunk_tokens(
     ]
     if num_samples > len(slots):
         total = sum(len(ids) for ids in token_lists)
-        raise ValueError(
+        raise UserError(  # the user's flags against the user's text: one line from the CLI
             f"text too short: {num_samples} samples of {seq_len} tokens requested, but "
             f"{len(documents)} documents ({total} tokens) give only {len(slots)} "
             f"non-overlapping windows" + (" outside the excluded spans" if exclude else "")
+            + "; lower --samples or --seq-len, or give more text (--text)"
         )
     chosen = random.Random(seed).sample(slots, num_samples)
 
