@@ -68,7 +68,7 @@ def test_mismatched_run(cal):
     with pytest.raises(CalibrationError, match="hidden size 64"):
         cal.check_compatible(hidden_size=128)
     cal.check_compatible(tp=2, hidden_size=64, weights_sha256="ab" * 32)
-    with pytest.raises(CalibrationError, match="no statistics for source 5"):
+    with pytest.raises(CalibrationError, match="made for TP degree 2 and has no rank 5"):
         cal.get("a.o_proj", 5)
 
 

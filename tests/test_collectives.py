@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from lowbit_tp.calibration.artifact import CalibrationError
 from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
 from lowbit_tp.codecs import make_codec
 from lowbit_tp.collectives import (AutoPolicy, CollectiveError, CommStats, RankFailure, all_reduce,
@@ -108,21 +109,54 @@ def test_auto_picks_by_size_and_world(ranks_at):
     assert AutoPolicy().choose(numel=10**6, world_size=1) == "exact"
 
 
-def _rank_mismatch(rank, world):
-    cal = _cal(world)
-    codec = make_codec("int4-outlier" if rank == 0 else "int4-random-k", calibration=cal)
-    x = planted_partials(world, 4, HIDDEN)[rank]
+def _refused(run) -> str:
     try:
-        all_reduce(x, codec, algorithm="gather", layer=LAYER)
-    except CollectiveError as exc:
-        return str(exc)
+        run()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
     return "no error"
 
 
+def _rank_mismatch(rank, world):
+    x = planted_partials(world, 4, HIDDEN)[rank]
+    # refused on each rank before anything is sent: a calibration of another TP degree, a codec name
+    refused = [_refused(lambda: all_reduce(x, make_codec(name, calibration=_cal(3)), algorithm=algo, layer=LAYER))
+               for name in ("int4-outlier", "rot-lm4-g64+sum8") for algo in ("gather", "two-shot")]
+    refused.append(_refused(lambda: all_reduce(x, "int4-g32", algorithm="gather", layer=LAYER)))
+    codec = make_codec("int4-outlier" if rank == 0 else "int4-random-k", calibration=_cal(world))
+    try:
+        all_reduce(x, codec, algorithm="gather", layer=LAYER)
+    except CollectiveError as exc:
+        return {"mismatch": str(exc), "refused": refused}
+    return {"mismatch": "no error", "refused": refused}
+
+
 def test_codec_mismatch_across_ranks_is_a_clear_error():
-    msgs = spawn_ranks(_rank_mismatch, 2, timeout_s=30)
-    for m in msgs:
+    res = spawn_ranks(_rank_mismatch, 2, timeout_s=30)
+    for r in res:
+        m = r["mismatch"]
         assert "disagree" in m and "int4-random-k" in m and "int4-outlier" in m
+        *other_tp, name = r["refused"]
+        assert all(e.startswith("CalibrationError: calibration was made for TP degree 3, but this all-reduce has 2 "
+                                "ranks") for e in other_tp), other_tp
+        assert name.startswith("TypeError: codec must be a lowbit_tp Codec") and "make_codec" in name, name
+
+
+def test_simulate_refuses_what_all_reduce_refuses():
+    cal3 = _cal(3)
+    for name in ("int4-outlier", "int8", "rot-lm4-g64-lg8-k4", "rot-lm4-g64+sum8"):
+        codec = make_codec(name, calibration=cal3)
+        for world in (2, 4):  # fewer ranks: silently the wrong split's scales before; more: a 'sum' hint
+            parts = planted_partials(world, TOKENS, HIDDEN)
+            for algo in ("gather", "two-shot"):
+                with pytest.raises(CalibrationError, match=f"made for TP degree 3, but this all-reduce has {world}"):
+                    simulate_all_reduce(parts, codec, algo, layer=LAYER)
+        simulate_all_reduce(planted_partials(3, TOKENS, HIDDEN), codec, layer=LAYER)  # its own degree runs
+        simulate_all_reduce(planted_partials(2, TOKENS, HIDDEN), codec, "exact", layer=LAYER)  # codec unused
+    with pytest.raises(CalibrationError, match="made for TP degree 3 and has no rank 5"):
+        make_codec("int4-outlier", calibration=cal3).encode(torch.randn(2, HIDDEN), layer=LAYER, source=5)
+    with pytest.raises(TypeError, match="make_codec"):  # was: str.encode's "takes at most 2 arguments"
+        simulate_all_reduce(planted_partials(2, TOKENS, HIDDEN), "int4-g32")
 
 
 def _rank_dies(rank, world):

@@ -144,6 +144,11 @@ class Calibration:
                     f"calibration has no layer {layer!r} (it has {len(have)} layers: {shown}); "
                     f"was it made for another model?"
                 ) from None
+            if isinstance(source, int) and not isinstance(source, bool) and source >= self.tp:
+                raise CalibrationError(
+                    f"calibration was made for TP degree {self.tp} and has no rank {source} "
+                    f"(layer {layer!r}); recalibrate with the TP degree of this run"
+                ) from None
             raise CalibrationError(
                 f"calibration has no statistics for source {source!r} of layer {layer!r} "
                 f"(tp={self.tp}); two-shot needs 'sum' statistics"

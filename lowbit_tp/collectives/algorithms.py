@@ -32,9 +32,27 @@ from typing import Sequence
 
 import torch
 
+from lowbit_tp.calibration.artifact import CalibrationError
 from lowbit_tp.codecs.base import Codec
 from lowbit_tp.collectives.feedback import Feedback, compensate, feedback_of
 from lowbit_tp.configs import ALGORITHMS, DEFAULT_ALGORITHM  # noqa: F401 (re-exported)
+
+
+def check_codec(codec: Codec | None, algorithm: str, world: int) -> None:
+    """What both collectives refuse before any stage runs: a ``codec`` that is not a
+    :class:`Codec` (None only with ``exact``), and, on a compressed algorithm over several
+    ranks, a codec whose calibration was made for another TP degree: its rank-``r``
+    statistics describe rank r's partial of another split, so with fewer ranks the scales
+    would be silently wrong (with more, rank N has none)."""
+    if not isinstance(codec, Codec):
+        if codec is None and algorithm == "exact":
+            return
+        raise TypeError(f"codec must be a lowbit_tp Codec (lowbit_tp.codecs.make_codec(name, calibration=...)), "
+                        f"got {type(codec).__name__}" + (f" {codec!r}" if isinstance(codec, str) else ""))
+    cal = codec.calibration
+    if cal is not None and world > 1 and algorithm != "exact" and cal.tp != world:
+        raise CalibrationError(f"calibration was made for TP degree {cal.tp}, but this all-reduce has {world} "
+                               f"ranks; recalibrate with --tp {world}")
 
 
 def sum_in_rank_order(parts: Sequence[torch.Tensor]) -> torch.Tensor:

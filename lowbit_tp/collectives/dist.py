@@ -145,6 +145,7 @@ def all_reduce(
     if partial.dim() != 2:
         raise ValueError(f"all_reduce expects a [tokens, E] partial, got shape {tuple(partial.shape)}")
     algo = resolve_algorithm(algorithm, numel=partial.numel(), world_size=world, policy=policy)
+    A.check_codec(codec, algo, world)
     if world == 1 or algo == "exact":  # lossless: a carry is summed exactly and nothing is left over
         sent = partial
         if feedback is not None:

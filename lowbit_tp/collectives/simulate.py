@@ -48,6 +48,7 @@ def simulate_all_reduce(
     if feedback is not None and len(feedback) != world:
         raise ValueError(f"error feedback for {len(feedback)} ranks, but {world} partials")
     algo = resolve_algorithm(algorithm, numel=x0.numel(), world_size=world, policy=policy)
+    A.check_codec(codec, algo, world)
     if world == 1 or algo == "exact":  # lossless: a carry is summed exactly and nothing is left over
         if feedback is not None:
             partials = [compensate(p, f.carry) for p, f in zip(partials, feedback)]
