@@ -44,3 +44,14 @@ def test_missing_calibration_names_the_codec_asked_for(name):
     # the rot-* classes set their name after the base class refused: the message said codec ''
     with pytest.raises(CalibrationError, match=re.escape(f"codec {name!r} uses static scales")):
         make_codec(name)
+
+
+@pytest.mark.parametrize("name", ["int4-outlier", "rot-lm4-g64-lg8-k4", "default", "int4-g32"])
+def test_a_calibration_path_is_refused_at_construction(name, tmp_path):
+    # was: AttributeError "'str' object has no attribute 'hidden_size'" at the first encode (static
+    # codecs), or silently accepted (dynamic ones)
+    with pytest.raises(TypeError, match=r"calibration must be a lowbit_tp Calibration \(Calibration.load\(path\)\), "
+                                        r"got str '.*cal.safetensors'"):
+        make_codec(name, calibration=str(tmp_path / "cal.safetensors"))
+    with pytest.raises(TypeError, match="got PosixPath"):
+        make_codec(name, calibration=tmp_path / "cal.safetensors")

@@ -19,6 +19,7 @@ import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
@@ -96,6 +97,10 @@ class Codec(ABC):
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if calibration is not None and not isinstance(calibration, Calibration):  # a path fails late otherwise
+            raise TypeError(f"calibration must be a lowbit_tp Calibration (Calibration.load(path)), "
+                            f"got {type(calibration).__name__}"
+                            + (f" {str(calibration)!r}" if isinstance(calibration, (str, PurePath)) else ""))
         if self.needs_calibration and calibration is None:
             raise _no_calibration(self.name)
         self.calibration = calibration
