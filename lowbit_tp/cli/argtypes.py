@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["nonneg_int", "positive_float", "positive_int", "unit_interval"]
+__all__ = ["nonneg_float", "nonneg_int", "positive_float", "positive_int", "unit_interval"]
 
 
 def _number(text: str, kind):
@@ -24,6 +24,13 @@ def nonneg_int(text: str) -> int:
     value = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    value = _number(text, float)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
     return value
 
 

@@ -1,7 +1,7 @@
 """``lowbit-tp calibrate``: record channel statistics of a model's communicated partials."""
 from __future__ import annotations
 
-from lowbit_tp.cli.argtypes import nonneg_int, positive_int, unit_interval
+from lowbit_tp.cli.argtypes import nonneg_float, nonneg_int, positive_int, unit_interval
 from lowbit_tp.cli.common import default, warn
 from lowbit_tp.configs import CalibrationConfig
 
@@ -24,7 +24,7 @@ def register(sub) -> None:
                    help="calibration text: a file or a directory of UTF-8 text files (default: Shakespeare)")
     p.add_argument("--text-glob", default=default(d, "text_glob"),
                    help="files of a --text directory to read (default '%(default)s'; e.g. '**/*.md')")
-    p.add_argument("--allocate", type=float, metavar="BITS", default=default(d, "allocate"),
+    p.add_argument("--allocate", type=nonneg_float, metavar="BITS", default=default(d, "allocate"),
                    help="measure per-layer sensitivity and store a bit allocation with this mean bits/value budget, "
                         "used by --codec alloc (= default); 0 skips it (default %(default)s)")
     p.add_argument("--alloc-low", default=default(d, "alloc_low"), help="codec for most layers (default %(default)s)")
@@ -72,4 +72,7 @@ def cmd(args) -> None:
     path = cal.save(args.out)
     print(f"wrote {path}: {len(cal.layers)} layers x {cfg.tp} ranks (+ sum), hidden {cal.hidden_size}, "
           f"k={cal.meta['k']}, {cal.meta['seconds']} s; text: {cal.meta['text']['description']}")
+    if cal.meta.get("bit_allocation_error"):  # stored in the file; said here so that it is not found out later
+        warn(f"no bit allocation stored in {path} ({cal.meta['bit_allocation_error']}): codec 'default' (alloc) "
+             f"will refuse it; give a budget it can meet with --allocate, or --allocate 0 to skip the probe")
 
