@@ -280,7 +280,7 @@ class CommBenchConfig:
 
     def __post_init__(self):  # refuse bad settings here, before any rank is spawned
         for w in self.world_sizes:
-            check_min(w, "world size")
+            check_min(w, "world size", 2)  # a collective between ranks (one rank divided by zero in the ranks)
         for n in self.numels:
             check_min(n, "numel")
         check_min(self.hidden, "hidden")

@@ -1,6 +1,7 @@
 """The ``lowbit-tp`` package: flag defaults equal the config dataclasses' defaults, and
 ``--help`` never imports torch."""
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -196,3 +197,16 @@ def test_calibrate_says_when_it_stored_no_bit_allocation(tmp_path):
     warned = [line for line in proc.stderr.splitlines() if line.startswith("lowbit-tp: warning:")]
     assert len(warned) == 1 and "no bit allocation stored" in warned[0] and "below the cheap codec" in warned[0], \
         proc.stderr
+
+
+def test_bench_comm_refuses_one_rank_and_codecs_its_calibration_cannot_feed():
+    """Both failed inside the spawned ranks (exit 1, 'rank 0: ZeroDivisionError' for one rank)."""
+    from lowbit_tp.bench.comm import run_comm_bench
+    from lowbit_tp.errors import UserError
+
+    with pytest.raises(UserError, match="world size must be >= 2, got 1"):
+        CommBenchConfig(world_sizes=(1,))
+    for name, why in (("default", "per-layer plan"), ("rot-lm4-g64-lg8-k4+fisher", "Fisher weights")):
+        with pytest.raises(UserError, match=f"synthetic calibration, which codec '{re.escape(name)}' cannot use: "
+                                            f".*{why}"):
+            run_comm_bench(CommBenchConfig(codecs=("int4-g32", name), numels=(4096,), repeats=1), throughput=False)

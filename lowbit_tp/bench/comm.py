@@ -22,10 +22,12 @@ import torch.distributed as dist
 from lowbit_tp.bench.codec_speed import codec_throughput
 from lowbit_tp.bench.common import environment
 from lowbit_tp.results import markdown_table, record_kwargs, write_results
+from lowbit_tp.calibration.artifact import CalibrationError
 from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
 from lowbit_tp.codecs import make_codec
 from lowbit_tp.collectives import CommStats, all_reduce, spawn_ranks
 from lowbit_tp.configs import AutoPolicy, CommBenchConfig
+from lowbit_tp.errors import UserError
 from lowbit_tp.preflight import check_codecs
 
 
@@ -117,6 +119,13 @@ def run_comm_bench(cfg: CommBenchConfig, *, json_path=None, throughput: bool = T
     """Run the benchmark; returns (and writes) ``{"config", "environment", "rows", "codec_speed"}``
     (and ``"command"``, the command line that ran it, when given)."""
     check_codecs(cfg.codecs, build=False)  # before any rank is spawned
+    probe = synthetic_calibration(["bench"], world=2, hidden=cfg.hidden, tokens=8, batches=1)
+    for name in cfg.codecs:  # what the ranks will build, so that a refusal is one line here, not a rank failure
+        try:
+            make_codec(name, calibration=probe)
+        except CalibrationError as exc:
+            raise UserError(f"bench-comm measures codecs on a synthetic calibration, which codec {name!r} cannot "
+                            f"use: {exc}") from None
     rows: list[dict] = []
     for world in cfg.world_sizes:
         res = spawn_ranks(_bench_rank, world, cfg, backend=cfg.backend, timeout_s=cfg.timeout_s,
