@@ -9,6 +9,7 @@ Rules (issue 12, docs/wire-format.md "Representable range"):
 * ``[0, E]`` inputs work everywhere.
 """
 import math
+import warnings
 
 import pytest
 import torch
@@ -286,6 +287,19 @@ def test_zero_tokens(cal, name):
     assert codec.decode(payload, (0, E), layer=L0, source=0).shape == (0, E)
     for algo in ["gather", "two-shot"]:
         assert simulate_all_reduce([x, x, x], codec, algo, layer=L0).shape == (0, E)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("name", ["int4-outlier", "int4-g32", "mxfp4", "rot-lm4-g64-lg8-k4"])
+def test_a_tensor_that_requires_grad_encodes_without_a_warning(cal, name, backend):
+    # a model run outside torch.no_grad (TPSimulator in a notebook) sends such partials; the range
+    # scan's float(t) printed torch's "Converting a tensor with requires_grad=True to a scalar"
+    codec = _codec(name, cal, backend=backend)
+    x = planted_partials(3, 5, E, seed=0)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = codec.encode(x.clone().requires_grad_(), layer=L0, source=0)
+    assert torch.equal(got, codec.encode(x, layer=L0, source=0))
 
 
 # ------------------------------------------------------------------ real gloo ranks

@@ -54,7 +54,7 @@ def value_range(x: torch.Tensor) -> tuple[float, float]:
     if x.numel() == 0:
         return 0.0, 0.0
     lo, hi = torch.aminmax(x)
-    return float(lo), float(hi)
+    return lo.item(), hi.item()  # float(t) warns for a tensor that requires grad (a model run outside no_grad)
 
 
 def has_nonfinite(x: torch.Tensor) -> bool:
