@@ -210,3 +210,13 @@ def test_bench_comm_refuses_one_rank_and_codecs_its_calibration_cannot_feed():
         with pytest.raises(UserError, match=f"synthetic calibration, which codec '{re.escape(name)}' cannot use: "
                                             f".*{why}"):
             run_comm_bench(CommBenchConfig(codecs=("int4-g32", name), numels=(4096,), repeats=1), throughput=False)
+
+
+def test_run_refuses_sampling_flags_without_sample():
+    """`run --temperature 0.5` decoded greedily and said nothing."""
+    proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "run", "--tp", "3", "--codec", "bf16", "--prompt",
+                           "hi", "--temperature", "0.5", "--top-p", "0.9"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr == ("lowbit-tp: error: --temperature 0.5, --top-p 0.9 only apply with "
+                                                    "--sample (greedy decoding is the default)\n"), proc.stderr
+    run._check_sampling_flags(parse("run", "--prompt", "hi", "--sample", "--temperature", "0.5", "--top-k", "4"))
+    run._check_sampling_flags(parse("run", "--prompt", "hi", "--temperature", "1.0"))  # the default: no change

@@ -77,7 +77,18 @@ def report(out) -> str:
     return "\n".join(lines)
 
 
+def _check_sampling_flags(args) -> None:
+    """Refuse sampling flags without ``--sample`` (greedy decoding would ignore them, as it
+    ignored them silently before); a flag left at its default is no change and passes."""
+    s = SamplingConfig
+    given = [f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag in ("temperature", "top_k", "top_p")
+             if getattr(args, flag) != default(s, flag)]
+    if given and not args.sample:
+        raise UserError(f"{', '.join(given)} only apply with --sample (greedy decoding is the default)")
+
+
 def cmd(args) -> None:
+    _check_sampling_flags(args)
     if args.json:  # before the run: a missing directory must not lose a whole run's results
         check_output_path(args.json)
     if args.engine == "vllm":
