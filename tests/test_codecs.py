@@ -175,6 +175,21 @@ def test_wrong_shape_dtype_and_width(cal_factory):
         c.decode(payload[:-1], (4, E), layer=L, source=0)
 
 
+@pytest.mark.parametrize("name", ["bf16", "int4-outlier", "int4-g32", "int4-g128", "mxfp4", "rot-lm4-g64-lg8-k4"])
+@pytest.mark.parametrize("shape", [(4.5, E), (4, E, 1), (-4, -E), 4 * E, (4,)], ids=str)
+def test_a_decode_shape_is_two_nonnegative_integers(cal_factory, name, shape):
+    # before: (4.5, E) decoded 4 rows, (4, E, 1) dropped the 1, (-4, -E) failed inside torch (or, for
+    # int4-g128, as a payload size for the negative shape), an int failed as "not subscriptable"
+    c = make_codec(name, calibration=cal_factory(2, E))
+    payload = c.encode(torch.randn(4, E), layer=L, source=0)
+    msg = f"{name}: shape must be \\(tokens, E\\)"
+    for decode in (lambda: c.decode(payload, shape, layer=L, source=0),
+                   lambda: c.decode_sum([payload, payload], shape, layer=L),
+                   lambda: c.decode_chunks(payload, shape, 1, layer=L, source=0)):
+        with pytest.raises(ValueError, match=msg):
+            decode()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs(cal_factory, dtype):
     cal = cal_factory(2, E)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -206,7 +207,7 @@ class Codec(ABC):
         self, payload: torch.Tensor, shape: tuple[int, int], *, layer: str | None = None, source: Source = 0
     ) -> torch.Tensor:
         """Decode a payload made by :meth:`encode` for the same shape, layer and source; fp32."""
-        shape = (int(shape[0]), int(shape[1]))
+        shape = _as_shape(shape, self.name)
         expected = self.payload_nbytes(shape, layer)
         if payload.dtype != torch.uint8 or payload.dim() != 1 or payload.numel() != expected:
             raise ValueError(
@@ -277,7 +278,7 @@ class Codec(ABC):
         ``torch.cat([decode(chunk j) for j])`` (NaN payload bits aside). One launch where the codec
         has a batched kernel (:meth:`_decode_chunks`, the Triton path), else one decode per chunk.
         """
-        shape = (int(chunk_shape[0]), int(chunk_shape[1]))
+        shape = _as_shape(chunk_shape, self.name)
         nb = self.payload_nbytes(shape, layer)
         if (not isinstance(chunks, int) or chunks < 1 or payload.dtype != torch.uint8 or payload.dim() != 1
                 or payload.numel() != chunks * nb):
@@ -306,7 +307,7 @@ class Codec(ABC):
         """Validate received payloads; returns the int shape and each source's parameters."""
         if len(payloads) == 0:
             raise ValueError(f"{self.name}: decode_sum needs at least one payload")
-        shape = (int(shape[0]), int(shape[1]))
+        shape = _as_shape(shape, self.name)
         dev = payloads[0].device
         # the size and the parameters depend only on this key: built once, the checks of the
         # payloads themselves run on every call
@@ -342,7 +343,7 @@ class Codec(ABC):
         ``source 'sum'`` (``out_source``).
         """
         if out is not None:
-            _check_buffer(out, torch.uint8, (self.payload_nbytes((int(shape[0]), int(shape[1])), layer),),
+            _check_buffer(out, torch.uint8, (self.payload_nbytes(_as_shape(shape, self.name), layer),),
                           payloads[0].device if payloads else out.device, f"{self.name}: reduce_encode out=")
         fused = self._reduce_encode(payloads, shape, layer, sources, out_source, out)
         if fused is not None:
@@ -554,6 +555,19 @@ def _places(keys: list) -> str:
     """``(device, layer, source)`` keys as ``layer 'a', source 0 (cuda:0); ...`` (first 4 and a count)."""
     shown = "; ".join(f"{_where(layer, source)} ({dev})" for dev, layer, source in keys[:4])
     return shown + (f"; and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def _as_shape(shape, name: str) -> tuple[int, int]:
+    """A decode's ``(tokens, E)``: two non-negative integers (a float, a third entry or a
+    negative size was truncated, ignored, or failed inside torch)."""
+    try:
+        t, e = shape
+        t, e = operator.index(t), operator.index(e)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: shape must be (tokens, E), two integers, got {shape!r}") from None
+    if t < 0 or e < 0:
+        raise ValueError(f"{name}: shape must be (tokens, E) >= 0, got {shape!r}")
+    return t, e
 
 
 def _check_buffer(buf: torch.Tensor, dtype: torch.dtype, shape: tuple, device: torch.device, what: str) -> None:
