@@ -45,6 +45,23 @@ def test_a_codec_is_never_silently_ignored():
     assert sim.comm_stats().calls == 4 and sim.comm_stats().by_algorithm == {"gather": 4}
 
 
+def test_a_calibration_is_never_silently_ignored_or_misapplied():
+    from lowbit_tp.calibration import CalibrationError
+    from lowbit_tp.calibration.synthetic import synthetic_calibration
+
+    model = tiny_model("llama")
+    names = [f"model.layers.{i}.{k}" for i in range(2) for k in ("self_attn.o_proj", "mlp.down_proj")]
+    cal4 = synthetic_calibration(names, world=4, hidden=64, tokens=16, batches=1)
+    # a TP-4 calibration at TP 2: ran with ranks 0-1 of the 4-way split's scales, without a word
+    with pytest.raises(CalibrationError, match="made for TP degree 4, but this all-reduce has 2 ranks"):
+        TPSimulator(model, tp=2, codec=make_codec("int4-outlier", calibration=cal4))
+    with pytest.raises(CalibrationError, match="made for TP degree 4"):
+        TPSimulator(model, tp=2, codec="int4-outlier", calibration=cal4)
+    with pytest.raises(ValueError, match="calibration= is read only with a codec name"):  # it was dropped
+        TPSimulator(model, tp=2, codec=make_codec("int4-g32"), calibration=cal4)
+    TPSimulator(model, tp=4, codec="int4-outlier", calibration=cal4)  # its own degree
+
+
 # ---------------------------------------------------------------- independent reference
 # A plain forward of the unsharded model in which o_proj / down_proj are replaced by a
 # hand-written TP-2 emulation: contiguous halves of the input features per rank (whole

@@ -19,7 +19,7 @@ from torch import nn
 
 from lowbit_tp.codecs import Codec, make_codec
 from lowbit_tp.collectives import AutoPolicy, CommStats
-from lowbit_tp.collectives.algorithms import ALGORITHMS, DEFAULT_ALGORITHM
+from lowbit_tp.collectives.algorithms import ALGORITHMS, DEFAULT_ALGORITHM, check_codec
 from lowbit_tp.models.adapters import check_tp, get_adapter
 from lowbit_tp.tp.plan import swap_module
 from lowbit_tp.tp.row_parallel import Observer, RowParallelLinear, SimulatedReducer, shard_weight
@@ -63,6 +63,9 @@ class TPSimulator:
         self.layers = self.adapter.row_parallel_layers(model)
         if isinstance(codec, str):
             codec = make_codec(codec, calibration=calibration)
+        elif calibration is not None:  # it would be ignored: the codec holds its own (or none)
+            raise ValueError("calibration= is read only with a codec name; give a codec object its calibration "
+                             "when you build it (make_codec(name, calibration=cal))")
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
         if codec is not None and algorithm == "exact":
@@ -70,6 +73,7 @@ class TPSimulator:
                              f"or codec=None for the exact sum")
         self.codec = codec
         self.algorithm = algorithm if codec is not None else "exact"
+        check_codec(codec, self.algorithm, tp)  # what every reduce would refuse (calibration of another TP), now
         if error_feedback and codec is None:
             raise ValueError("error feedback needs a codec: the exact sum has no error to feed back")
         self.error_feedback = bool(error_feedback)
