@@ -181,6 +181,9 @@ class RunConfig:
         if self.algorithm == "exact" and self.codec != "bf16":  # as TPSimulator: never ignore a codec silently
             raise UserError(f"algorithm 'exact' (the backend all-reduce, uncompressed) would ignore codec "
                             f"{self.codec!r}; use gather, two-shot or auto, or codec bf16 for the exact baseline")
+        if self.algorithm == "exact" and self.error_feedback:  # as TPSimulator: the exact sum has no error
+            raise UserError("error feedback needs a compressed all-reduce: algorithm 'exact' has no quantization "
+                            "error to feed back; use gather, two-shot or auto")
         if self.engine not in ENGINES:
             raise UserError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
 

@@ -232,6 +232,16 @@ def test_run_config_rejects_a_bare_string():
         RunConfig(model="m", tp=2, prompts="hello")
 
 
+def test_run_config_refuses_error_feedback_on_the_exact_sum():
+    # `run --codec bf16 --algorithm exact --error-feedback` ran without a word (TPSimulator refuses it)
+    from lowbit_tp.errors import UserError
+
+    with pytest.raises(UserError, match="error feedback needs a compressed all-reduce"):
+        RunConfig(model="m", tp=2, prompts=("hi",), algorithm="exact", error_feedback=True)
+    RunConfig(model="m", tp=2, prompts=("hi",), algorithm="exact")
+    RunConfig(model="m", tp=2, prompts=("hi",), algorithm="auto", error_feedback=True)
+
+
 @pytest.mark.model
 @pytest.mark.parametrize("codec,algorithm", [("bf16", "exact")])
 def test_smollm2_tp3_greedy_equals_unsharded_model(codec, algorithm):
