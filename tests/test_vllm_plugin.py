@@ -51,6 +51,16 @@ def test_config_from_env_and_additional_config(monkeypatch):
     assert not resolve_config({}).enabled
 
 
+def test_config_errors_name_the_setting(monkeypatch):
+    # were: int()'s "invalid literal for int() with base 10: 'abc'", and a string's characters
+    # listed as "unknown setting(s) ['-', '2', '3', ...]"
+    with pytest.raises(ValueError, match="lowbit-tp plugin: min_bytes must be an integer number of bytes, got 'abc'"):
+        PluginConfig.from_env({"LOWBIT_TP_CODEC": "int4-g32", "LOWBIT_TP_MIN_BYTES": "abc"})
+    monkeypatch.delenv("LOWBIT_TP_CODEC", raising=False)
+    with pytest.raises(ValueError, match="lowbit-tp plugin: settings must be a mapping .* got str 'int4-g32'"):
+        resolve_config({"lowbit_tp": "int4-g32"})
+
+
 def test_layer_names_map_by_index_and_kind():
     assert calibration_layer_name("model.layers.1.mlp.down_proj", LAYERS) == "model.layers.1.mlp.down_proj"
     gemma = ["model.language_model.layers.3.self_attn.o_proj"]

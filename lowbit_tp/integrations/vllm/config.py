@@ -99,13 +99,20 @@ class PluginConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, base: "PluginConfig | None" = None) -> "PluginConfig":
+        if not isinstance(values, Mapping):  # a string was read as its characters: "unknown setting(s) ['-', ...]"
+            raise ValueError(f"lowbit-tp plugin: settings must be a mapping such as {{\"codec\": \"int4-g32\"}}, "
+                             f"got {type(values).__name__} {values!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"lowbit-tp plugin: unknown setting(s) {unknown}; known: {sorted(known)}")
         kw = dict(values)
         if "min_bytes" in kw:
-            kw["min_bytes"] = int(kw["min_bytes"])
+            try:
+                kw["min_bytes"] = int(kw["min_bytes"])
+            except (TypeError, ValueError):  # int()'s own message does not name the setting
+                raise ValueError(f"lowbit-tp plugin: min_bytes must be an integer number of bytes, "
+                                 f"got {kw['min_bytes']!r}") from None
         if "error_feedback" in kw:
             kw["error_feedback"] = _flag(kw["error_feedback"])
         return replace(base or cls(), **kw)
