@@ -220,3 +220,12 @@ def test_run_refuses_sampling_flags_without_sample():
                                                     "--sample (greedy decoding is the default)\n"), proc.stderr
     run._check_sampling_flags(parse("run", "--prompt", "hi", "--sample", "--temperature", "0.5", "--top-k", "4"))
     run._check_sampling_flags(parse("run", "--prompt", "hi", "--temperature", "1.0"))  # the default: no change
+
+
+def test_demo_synthetic_refuses_the_model_demos_flags():
+    """`demo --synthetic --tp 1` ran its TP-2 tour and ignored --tp (a flag left at its default passes)."""
+    proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "demo", "--synthetic", "--tp", "1", "--codec",
+                           "int8"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr == ("lowbit-tp: error: --tp, --codec apply to the model demo; "
+                                                    "--synthetic runs every codec at TP 2 without a model\n"), \
+        proc.stderr

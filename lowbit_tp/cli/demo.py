@@ -4,6 +4,7 @@ from __future__ import annotations
 from lowbit_tp.cli.argtypes import positive_int
 from lowbit_tp.cli.common import default, write_json
 from lowbit_tp.configs import DemoConfig
+from lowbit_tp.errors import UserError
 from lowbit_tp.fileio import check_output_path
 
 
@@ -30,6 +31,15 @@ def cmd(args) -> None:
     from lowbit_tp.demo import codec_demo, model_demo
     from lowbit_tp.preflight import check_codecs, check_model_tp
 
+    if args.synthetic:  # its own tour (every codec, TP 2, no model): the model demo's flags would be ignored
+        given = [flag for flag, value, dflt in (("--model", args.model, default(DemoConfig, "model")),
+                                                ("--tp", args.tp, default(DemoConfig, "tp")),
+                                                ("--codec", args.codec, None),
+                                                ("--max-new-tokens", args.max_new_tokens,
+                                                 default(DemoConfig, "max_new_tokens"))) if value != dflt]
+        if given:
+            raise UserError(f"{', '.join(given)} apply to the model demo; --synthetic runs every codec at TP 2 "
+                            f"without a model")
     if args.json:
         check_output_path(args.json)
     cfg = config_from_args(args)
