@@ -302,6 +302,30 @@ def test_a_tensor_that_requires_grad_encodes_without_a_warning(cal, name, backen
     assert torch.equal(got, codec.encode(x, layer=L0, source=0))
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("e", [128, 576])  # Hadamard blocks of 128 and 64
+@pytest.mark.parametrize("name", ["rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4", "rot-lm4-g64-e8"])
+def test_rotated_error_mode_refuses_a_spike_its_decode_cannot_carry(name, e, backend):
+    # One finite value of 1e38 on a rotated channel (below the lg8/e8 scale limits) was encoded
+    # in "error" mode and decoded to Inf/NaN: the inverse transform's fp32 sums overflowed
+    from helpers import raised
+
+    cal = synthetic_calibration([L0], world=2, hidden=e, tokens=8, batches=1)
+    codec = make_codec(name, calibration=cal, backend=backend)
+    ch = next(c for c in range(e) if c not in set(codec.params(L0, 0, e).outliers.tolist()))
+    for value, want in ((1e38, "out of range"), (-1e38, "out of range"), (1e37, "ok")):
+        x = torch.randn(3, e)
+        x[1, ch] = value
+        got = []
+        assert raised(codec, lambda: got.append(simulate_all_reduce([x, torch.zeros_like(x)], codec, layer=L0))) \
+            == want, value
+        assert all(torch.isfinite(y).all() for y in got), value
+    # propagate mode clamps rotated channels first: still a finite decode, no refusal
+    prop = make_codec(name, calibration=cal, backend=backend, nonfinite="propagate")
+    x[1, ch] = 1e38
+    assert torch.isfinite(simulate_all_reduce([x, torch.zeros_like(x)], prop, layer=L0)).all()
+
+
 # ------------------------------------------------------------------ real gloo ranks
 REAL = [("rot-lm4-g64+sum8", "error"), ("default", "propagate"), ("int4-g32", "propagate"),
         ("int4-outlier", "propagate"), ("mxfp4", "propagate")]

@@ -165,6 +165,7 @@ SCALE_FORMATS = {
 # Rotated channels are clamped to this magnitude in "propagate" mode before the fp32
 # Hadamard transform, so that it cannot overflow (256 * 2**100 is far below fp32's max).
 ROTATE_MAX = 2.0 ** 100
+FP32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,15 @@ class RotatedGroupCodec(KeptRotation, Codec):
         codes = self._code_bytes(n)
         return 2 * t * self.num_kept(e) + codes + self._fmt.nbytes(t, g)
 
+    def _amax_limit(self, e: int) -> float:
+        """The largest rotated-group absmax an encode accepts at width ``e``: the scale format's
+        own limit, and no more than fp32's max / (2B) for the B-wide Hadamard block, because the
+        decode's inverse transform adds B values of up to twice the group absmax (a scale rounds
+        up) in fp32. Beyond it a finite spike of ~3e38 / sqrt(B) (2e37-4.5e37 here) passed the
+        format's limit and decoded to Inf/NaN. Only "error" mode ever gets there: the other modes
+        clamp rotated channels to ROTATE_MAX first, far below it, so their bytes are unchanged."""
+        return min(self._fmt.max_amax, FP32_MAX / (2 * hadamard_block(e)))
+
     # -------------------------------------------------------------- encode / decode
     def _encode(self, x, p: RotParams, nonfinite, *, out=None, flags=(None, None)):
         t, e = x.shape
@@ -268,7 +278,7 @@ class RotatedGroupCodec(KeptRotation, Codec):
         zg, amax = F.group_absmax(z, self.group, nonfinite=nonfinite)
         # Finite input whose rotation overflowed fp32 shows up here as an Inf/NaN absmax.
         amax = self._fit_range(amax.nan_to_num(nan=float("inf")) if not nonfinite else amax,
-                               self._fmt.max_amax, "rotated group absmax")
+                               self._amax_limit(e), "rotated group absmax")
         scale, sbytes = self._fmt.encode(amax)
         y = zg / scale.unsqueeze(-1)
         code = torch.bucketize(y.clamp(-1.0, 1.0), self._bounds.to(y.device)).to(torch.uint8)
@@ -325,7 +335,7 @@ class RotatedGroupCodec(KeptRotation, Codec):
         # group absmax beyond the scale's range and fp32 overflow in the rotation, for
         # check_nonfinite(); the other modes saturate, as the reference does.
         return K.encode(x.contiguous(), colmap=colmap, out=out, flag=flags[0], range_flag=flags[1],
-                        max_input=self.max_input, rotate_max=ROTATE_MAX, scale_max=self._fmt.max_amax, chunks=chunks,
+                        max_input=self.max_input, rotate_max=ROTATE_MAX, scale_max=self._amax_limit(e), chunks=chunks,
                         **kw)
 
     def _encode_chunks(self, x, chunks, p: RotParams, out, flags):
@@ -353,7 +363,7 @@ class RotatedGroupCodec(KeptRotation, Codec):
         flag, range_flag = self._kernel_flags(layer, out_source, dev)  # deferred error mode: checked per step
         return K.reduce_encode([q.contiguous() for q in payloads], dec_colmap=dec_colmap, enc_colmap=enc_colmap,
                                out=out, t=t, e=e, flag=flag, range_flag=range_flag, max_input=self.max_input,
-                               rotate_max=ROTATE_MAX, scale_max=self._fmt.max_amax, **kw)
+                               rotate_max=ROTATE_MAX, scale_max=self._amax_limit(e), **kw)
 
     def _cpu_args(self, e: int) -> dict:
         """What the CPU rot kernels take besides the data; tables are torch's own values."""
@@ -378,7 +388,7 @@ class RotatedGroupCodec(KeptRotation, Codec):
         t, e = x.shape
         payload, status, seen = cpu.rot_encode(
             x, outliers=p.outliers, propagate=self.nonfinite != "error", rotate_max=ROTATE_MAX,
-            scale_max=self._fmt.max_amax, nbytes=self.payload_nbytes((t, e)), out=out, **self._cpu_args(e))
+            scale_max=self._amax_limit(e), nbytes=self.payload_nbytes((t, e)), out=out, **self._cpu_args(e))
         if status & 2 and self.nonfinite == "error":  # out of range: the reference raises OutOfRangeError
             return None
         return (payload, seen) if scan else payload
