@@ -229,3 +229,17 @@ def test_demo_synthetic_refuses_the_model_demos_flags():
     assert proc.returncode == 2 and proc.stderr == ("lowbit-tp: error: --tp, --codec apply to the model demo; "
                                                     "--synthetic runs every codec at TP 2 without a model\n"), \
         proc.stderr
+
+
+def test_run_warns_about_generations_past_the_models_context():
+    """`run` generated past max_position_embeddings without a word (eval warns for --seq-len)."""
+    from types import SimpleNamespace
+
+    results = [SimpleNamespace(prompt_ids=[0] * 60, new_tokens=4), SimpleNamespace(prompt_ids=[0] * 60, new_tokens=5),
+               SimpleNamespace(prompt_ids=[0] * 3, new_tokens=100)]
+    assert run.past_context(results, 64) == [
+        "prompt 1: 60 prompt + 5 new tokens exceed the model's context of 64 tokens; the text beyond it is not "
+        "meaningful",
+        "prompt 2: 3 prompt + 100 new tokens exceed the model's context of 64 tokens; the text beyond it is not "
+        "meaningful"]
+    assert run.past_context(results, None) == []

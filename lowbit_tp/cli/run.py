@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from lowbit_tp.cli.argtypes import nonneg_int, positive_float, positive_int
-from lowbit_tp.cli.common import default, write_json
+from lowbit_tp.cli.common import default, warn, write_json
 from lowbit_tp.cli.serve import ensure_vllm_python
 from lowbit_tp.configs import ALGORITHMS, ENGINES, AutoPolicy, RunConfig, SamplingConfig
 from lowbit_tp.errors import UserError
@@ -87,6 +87,17 @@ def _check_sampling_flags(args) -> None:
         raise UserError(f"{', '.join(given)} only apply with --sample (greedy decoding is the default)")
 
 
+def past_context(results, context: int | None) -> list[str]:
+    """A warning per generation that ran past the model's context (``max_position_embeddings``):
+    the ranks generate on, and text beyond it is not meaningful. Said after the run, since only
+    the ranks tokenize the prompts."""
+    if not context:
+        return []
+    return [f"prompt {i}: {len(r.prompt_ids)} prompt + {r.new_tokens} new tokens exceed the model's context of "
+            f"{context} tokens; the text beyond it is not meaningful"
+            for i, r in enumerate(results) if len(r.prompt_ids) + r.new_tokens > context]
+
+
 def cmd(args) -> None:
     _check_sampling_flags(args)
     if args.json:  # before the run: a missing directory must not lose a whole run's results
@@ -110,6 +121,11 @@ def cmd(args) -> None:
             raise UserError("--tp is required (or launch under torchrun)")
         out = run_config(config_from_args(args, args.tp), stream=not args.quiet)
     print(report(out))
+    from lowbit_tp.preflight import check_model_tp  # the header only (checked before the run)
+
+    for text in past_context(out.results, getattr(check_model_tp(args.model, out.config["tp"]),
+                                                  "max_position_embeddings", None)):
+        warn(text)
     write_json(args.json, out.to_json())
 
 
