@@ -60,7 +60,7 @@ class AutoPolicy:
        bytes than ``gather`` (2(N-1)/N vs N-1 payloads per rank).
     4. otherwise ``gather`` (one quantization instead of two, same bytes at N = 2).
 
-    Defaults come from ``lowbit-tp bench-comm`` on loopback gloo (see README); retune
+    Defaults come from ``lowbit-tp bench-comm`` on loopback gloo (docs/speed.md); retune
     them with that command for a given link.
 
     ``chunk_bytes`` (counted as bf16 bytes, like ``min_bytes``) pipelines compressed
@@ -345,8 +345,11 @@ class E2EConfig:
         if self.error_feedback not in FEEDBACK_VARIANTS:
             raise UserError(f"error_feedback must be one of {', '.join(FEEDBACK_VARIANTS)}, "
                             f"got {self.error_feedback!r}")
-        if self.error_feedback != "off" and self.algorithm == "two-shot" and self.chunk_bytes > 0:
-            raise UserError("error feedback with two-shot needs whole messages: use --chunk-bytes 0 or gather")
+        two_shot = self.algorithm == "two-shot" or (
+            self.algorithm == "auto" and max(self.tps) >= AutoPolicy.two_shot_min_world)
+        if self.error_feedback != "off" and two_shot and self.chunk_bytes > 0:
+            raise UserError(f"error feedback with two-shot needs whole messages ({self.algorithm} is two-shot at "
+                            f"TP {max(self.tps)}): use --chunk-bytes 0 or --algorithm gather")
 
     def variants(self) -> list[tuple[str, str, bool]]:
         """(codec, algorithm, error feedback) of one network and TP degree, baseline first."""

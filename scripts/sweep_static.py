@@ -85,6 +85,12 @@ def main(argv=None) -> None:
                           and (args.dec_variants is None or v in args.dec_variants.split(","))]
     enc_all = ["tile"] + [v for v in KS.ENCODE_VARIANTS if v not in ("auto", "tile")
                           and (args.enc_variants is None or v in args.enc_variants.split(","))]
+    for flag, asked, known in (("--dec-variants", args.dec_variants, KS.DECODE_VARIANTS),
+                               ("--enc-variants", args.enc_variants, KS.ENCODE_VARIANTS)):
+        unknown = sorted(set((asked or "").split(",")) - set(known) - {"", "none"})
+        if unknown:  # a typo would silently time fewer variants, and GPU minutes are scarce
+            raise SystemExit(f"sweep_static.py: {flag}: unknown variant(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(known)}")
     t0 = time.time()
     cals = {}
 

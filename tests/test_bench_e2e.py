@@ -127,7 +127,7 @@ def test_rows_medians_and_ratios():
                                          "prefill_wire_speedup", "decode_speedup", "prefill_byte_ratio",
                                          "prefill_amdahl_bound", "prefill_vs_amdahl"]
     alone = add_ratios(rows[1:])[0]
-    assert list(alone.to_json())[-3:] == ["prefill_ms_all", "error_feedback", "decode_tokens_per_s"]
+    assert list(alone.to_json())[-2:] == ["prefill_ms_all", "decode_tokens_per_s"]  # error_feedback only when on
     assert E2ERow.from_json(comp.to_json()) == comp
 
 
@@ -144,11 +144,15 @@ def test_feedback_variants_and_their_label_check():
         e2e.E2EConfig(error_feedback="yes")
     with pytest.raises(UserError, match="whole messages"):
         e2e.E2EConfig(algorithm="two-shot", chunk_bytes=1 << 20, error_feedback="both")
+    with pytest.raises(UserError, match="auto is two-shot at TP 4"):  # auto picks two-shot at N >= 3
+        e2e.E2EConfig(algorithm="auto", tps=(2, 4), chunk_bytes=1 << 20, error_feedback="on")
+    e2e.E2EConfig(algorithm="auto", tps=(2,), chunk_bytes=1 << 20, error_feedback="on")  # gather at TP 2
     run = _fake_run(0.5, 200)
     run["config"]["error_feedback"] = True
     row, = rows_of_run([run], network="1gbit", codec="int4-g32", algorithm="gather", lens=[100], repeats=1,
                        error_feedback=True)
     assert row.error_feedback and row.label == "int4-g32/gather+EF"
+    assert row.to_json()["error_feedback"] is True and E2ERow.from_json(row.to_json()) == row
     with pytest.raises(ValueError, match="ranks ran with error_feedback"):
         rows_of_run([run], network="1gbit", codec="int4-g32", algorithm="gather", lens=[100], repeats=1)
 
@@ -179,7 +183,7 @@ def test_loopback_smoke(tmp_path):
                         prompt_lens=(24,), new_tokens=3, repeats=1, hidden=256, intermediate=256, layers=2,
                         heads=4, kv_heads=2, calibration_samples=4, run_timeout_s=120, error_feedback="both")
     out = e2e.run_e2e_bench(cfg, json_path=str(tmp_path / "e2e.json"), log=lambda *a: None)
-    rows = {(r["codec"], r["error_feedback"]): r for r in out["rows"]}
+    rows = {(r["codec"], r.get("error_feedback", False)): r for r in out["rows"]}
     assert set(rows) == {("bf16", False), ("int4-g32", False), ("int4-g32", True), ("default", False),
                          ("default", True)}
     # each launch's ranks report the feedback setting they ran with (rows_of_run checks it)

@@ -210,6 +210,8 @@ def test_bench_comm_refuses_one_rank_and_codecs_its_calibration_cannot_feed():
         with pytest.raises(UserError, match=f"synthetic calibration, which codec '{re.escape(name)}' cannot use: "
                                             f".*{why}"):
             run_comm_bench(CommBenchConfig(codecs=("int4-g32", name), numels=(4096,), repeats=1), throughput=False)
+    with pytest.raises(UserError, match="^bench-comm: codec 'int4-outlier\\+fisher': channel weights apply to rot-"):
+        run_comm_bench(CommBenchConfig(codecs=("int4-outlier+fisher",), numels=(4096,), repeats=1), throughput=False)
 
 
 def test_run_refuses_sampling_flags_without_sample():

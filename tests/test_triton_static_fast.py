@@ -220,6 +220,9 @@ def test_sweep_script_dry_run(tmp_path):
     assert sorted(k for k in rows[0] if k.startswith("sum_equal")) == [
         f"sum_equal_{v}_w{w}" for v in ("fast", "src", "tile") for w in (2, 8)]
     assert [r["world"] for r in rows[1:]] == [8, 2] and all(r["dec_src_equal_tile"] is True for r in rows[1:])
+    # a typo in a variant name is refused before anything runs (it would time fewer variants)
+    with pytest.raises(SystemExit, match="unknown variant.*srcc"):
+        mod.main(["--device", "cpu", "--out", str(tmp_path), "--dec-variants", "fast,srcc"])
 
 
 import triton  # noqa: E402

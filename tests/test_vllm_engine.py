@@ -85,12 +85,13 @@ def ref():
 def sim(ref):
     """The simulator's per-window NLLs (nats/token), uncompressed and int4-outlier (two-shot, as
     the plugin's ``auto`` at TP 3 with every message compressed)."""
+    from lowbit_tp.codecs import make_codec
     from lowbit_tp.simulator import TPSimulator
 
     model, ids, out = ref["model"], ref["ids"], {}
     for codec, ef in ((None, False), ("int4-outlier", False), ("int4-outlier", True)):
-        with torch.no_grad(), TPSimulator(model, tp=TP, codec=codec, algorithm="two-shot", calibration=ref["cal"],
-                                          error_feedback=ef):
+        built = None if codec is None else make_codec(codec, calibration=ref["cal"])
+        with torch.no_grad(), TPSimulator(model, tp=TP, codec=built, algorithm="two-shot", error_feedback=ef):
             logits = model(ids).logits.float()
         lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
         out[(codec or "exact") + ("+ef" if ef else "")] = (-lp.mean(1)).tolist()

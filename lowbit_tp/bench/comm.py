@@ -126,6 +126,8 @@ def run_comm_bench(cfg: CommBenchConfig, *, json_path=None, throughput: bool = T
         except CalibrationError as exc:
             raise UserError(f"bench-comm measures codecs on a synthetic calibration, which codec {name!r} cannot "
                             f"use: {exc}") from None
+        except ValueError as exc:  # a name no calibration can serve (e.g. channel weights on a non-rot codec)
+            raise UserError(f"bench-comm: {exc}") from None
     rows: list[dict] = []
     for world in cfg.world_sizes:
         res = spawn_ranks(_bench_rank, world, cfg, backend=cfg.backend, timeout_s=cfg.timeout_s,

@@ -121,12 +121,12 @@ def cmd(args) -> None:
             raise UserError("--tp is required (or launch under torchrun)")
         out = run_config(config_from_args(args, args.tp), stream=not args.quiet)
     print(report(out))
+    write_json(args.json, out.to_json())  # first: nothing after the run may lose its results
     from lowbit_tp.preflight import check_model_tp  # the header only (checked before the run)
 
     for text in past_context(out.results, getattr(check_model_tp(args.model, out.config["tp"]),
                                                   "max_position_embeddings", None)):
         warn(text)
-    write_json(args.json, out.to_json())
 
 
 def _run_vllm(args, cfg: RunConfig) -> None:

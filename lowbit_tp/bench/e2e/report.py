@@ -67,6 +67,8 @@ class E2ERow:
         for f in fields(self):
             if f.name in _RATIOS:
                 break
+            if f.name == "error_feedback" and not self.error_feedback:
+                continue  # written only when on, so rows from before the field read back byte for byte
             out[f.name] = getattr(self, f.name)
         out["decode_tokens_per_s"] = self.decode_tokens_per_s
         out.update({k: getattr(self, k) for k in _RATIOS if getattr(self, k) is not None})
@@ -173,6 +175,11 @@ COLUMNS = ["network", "tp", "codec", "algorithm", "error_feedback", "bits_per_va
            "decode_bytes_per_token"]
 
 
+def columns_for(rows: list[dict]) -> list[str]:
+    """:data:`COLUMNS`, without ``error_feedback`` unless a row ran with it."""
+    return [c for c in COLUMNS if c != "error_feedback" or any(r.get(c) for r in rows)]
+
+
 def _headline(rows: list[dict]) -> list[str]:
     """One sentence per int4-outlier row on an emulated link: its prefill speed-ups over
     bf16/gather (end to end, all-reduce, wire), byte ratio, and the all-reduce share of prefill."""
@@ -238,6 +245,6 @@ def render_markdown(payload: dict) -> str:
         "",
         *_headline(rows),
         "",
-        markdown_table(rows, COLUMNS),
+        markdown_table(rows, columns_for(rows)),
     ]
     return "\n".join(head)

@@ -12,7 +12,7 @@ from typing import Any
 from lowbit_tp.bench.common import environment
 from lowbit_tp.bench.e2e.launch import free_port, launch_ranks
 from lowbit_tp.bench.e2e.model import make_prompt, save_random_llama
-from lowbit_tp.bench.e2e.report import COLUMNS, NOTES, add_ratios, render_markdown, rows_of_run
+from lowbit_tp.bench.e2e.report import NOTES, add_ratios, columns_for, render_markdown, rows_of_run
 from lowbit_tp.bench.netns import emulated_link
 from lowbit_tp.calibration.pipeline import calibrate
 from lowbit_tp.codecs import codec_spec
@@ -101,5 +101,5 @@ def run_e2e_bench(cfg: E2EConfig, *, json_path: str | None = None, log=print,
     if command:
         payload["command"] = command
     write_results(json_path, payload, render_markdown(payload))
-    payload["markdown"] = markdown_table(rows, COLUMNS)
+    payload["markdown"] = markdown_table(rows, columns_for(rows))
     return payload
