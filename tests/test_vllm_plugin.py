@@ -330,3 +330,22 @@ def test_error_feedback_preflight_needs_gemmas_post_norms_in_the_checkpoint(tmp_
     preflight(gemma, tp=2, calibration=None)  # without feedback: nothing to check
     with pytest.raises(ValueError, match="no weight for the post-norm 'layers.1.post_feedforward_layernorm'"):
         preflight(gemma, tp=2, calibration=None, error_feedback=True)
+
+
+def test_running_llm_shuts_the_engine_down_on_leaving(monkeypatch):
+    """The engine core (and with it vLLM's worker processes) is shut down when the block is
+    left, also on an error, not left to finalizers at interpreter exit."""
+    from types import SimpleNamespace
+
+    from lowbit_tp.integrations.vllm import engine as E
+
+    calls = []
+    fake = SimpleNamespace(llm_engine=SimpleNamespace(engine_core=SimpleNamespace(shutdown=lambda: calls.append(1))))
+    monkeypatch.setattr(E, "make_llm", lambda *a, **k: fake)
+    with E.running_llm("m", tp=2, plugin=None, engine=E.VllmEngineConfig()) as llm:
+        assert llm is fake and calls == []
+    assert calls == [1]
+    with pytest.raises(RuntimeError, match="boom"):
+        with E.running_llm("m", tp=2, plugin=None, engine=E.VllmEngineConfig()):
+            raise RuntimeError("boom")
+    assert calls == [1, 1]

@@ -82,6 +82,22 @@ def model_directory(model: str) -> Path:
     return export_hf(model)
 
 
+@contextmanager
+def running_llm(model_dir: str | Path, *, tp: int, plugin: PluginConfig | None,
+                engine: VllmEngineConfig) -> Iterator[Any]:
+    """:func:`make_llm`, shut down on leaving: the engine core and its worker processes stop
+    here, while the interpreter is whole, instead of from vLLM's finalizers when the last
+    reference goes or at exit (one CI run's session aborted there, after its work was done:
+    'terminate called without an active exception', exit -6)."""
+    llm = make_llm(model_dir, tp=tp, plugin=plugin, engine=engine)
+    try:
+        yield llm
+    finally:
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if callable(getattr(core, "shutdown", None)):
+            core.shutdown()
+
+
 def make_llm(model_dir: str | Path, *, tp: int, plugin: PluginConfig | None, engine: VllmEngineConfig):
     """A ``vllm.LLM`` at TP ``tp`` (``mp`` executor) with the plugin configured as asked."""
     from lowbit_tp.integrations.vllm.checkpoint import preflight
@@ -161,11 +177,12 @@ def run(cfg, *, engine: VllmEngineConfig = VllmEngineConfig()) -> VllmRunResult:
     else:
         engine = replace(engine, use_plugin=False)
     t0 = time.perf_counter()
-    llm = make_llm(model_dir, tp=cfg.tp, plugin=plugin, engine=engine)
-    load_s = time.perf_counter() - t0
-    results = generate(llm, cfg.prompts, max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling,
-                       ignore_eos=cfg.ignore_eos)
-    return VllmRunResult.from_reports(worker_reports(llm), codec_name=cfg.codec, config=cfg.as_dict(),
+    with running_llm(model_dir, tp=cfg.tp, plugin=plugin, engine=engine) as llm:
+        load_s = time.perf_counter() - t0
+        results = generate(llm, cfg.prompts, max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling,
+                           ignore_eos=cfg.ignore_eos)
+        reports = worker_reports(llm)
+    return VllmRunResult.from_reports(reports, codec_name=cfg.codec, config=cfg.as_dict(),
                                       vllm=asdict(engine), plugin=None if plugin is None else asdict(plugin),
                                       model={"name": cfg.model, "directory": str(model_dir)}, load_s=load_s,
                                       results=tuple(results))
@@ -183,15 +200,15 @@ def session(spec: dict[str, Any]) -> dict[str, Any]:
     engine = VllmEngineConfig(**{**spec.get("engine", {}), "use_plugin": plugin is not None})
     model_dir = model_directory(spec["model"])
     t0 = time.perf_counter()
-    llm = make_llm(model_dir, tp=spec["tp"], plugin=plugin, engine=engine)
-    out: dict[str, Any] = {"spec": spec, "model_dir": str(model_dir), "load_s": time.perf_counter() - t0}
-    if spec.get("prompts"):
-        out["results"] = [r.to_json() for r in generate(llm, spec["prompts"],
-                                                        max_new_tokens=spec.get("max_new_tokens", 16),
-                                                        ignore_eos=True)]
-    if spec.get("sequences"):
-        out["quality"] = prompt_nll(llm, spec["sequences"])
-    out["reports"] = worker_reports(llm) if plugin is not None else []
+    with running_llm(model_dir, tp=spec["tp"], plugin=plugin, engine=engine) as llm:
+        out: dict[str, Any] = {"spec": spec, "model_dir": str(model_dir), "load_s": time.perf_counter() - t0}
+        if spec.get("prompts"):
+            out["results"] = [r.to_json() for r in generate(llm, spec["prompts"],
+                                                            max_new_tokens=spec.get("max_new_tokens", 16),
+                                                            ignore_eos=True)]
+        if spec.get("sequences"):
+            out["quality"] = prompt_nll(llm, spec["sequences"])
+        out["reports"] = worker_reports(llm) if plugin is not None else []
     return out
 
 
