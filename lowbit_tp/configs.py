@@ -80,7 +80,10 @@ class AutoPolicy:
     Those runs were under load 12-14. ``scripts/bench_wire.py`` (docs/bench/tp2_allreduce.md:
     one prefill-sized call at a time after a barrier, the slower rank's time) found 1 MiB
     chunks 1.3-1.7x faster on emulated 1 Gbit/s for bf16 and int4-outlier alike (whole
-    8 MiB messages ran the link at ~55%); the default waits for a quiet confirmation.
+    8 MiB messages ran the link at ~55%). On the quiet machine of stop 22
+    (docs/bench/comm_chunks_net_stop22.md, same script, TP 2, 4M values) 1 MiB chunks were 10%
+    slower on loopback and 24% faster on 1 Gbit/s than whole messages: the default stays 0, and a
+    slow link should set it.
     """
 
     min_bytes: int = 64 * 1024
