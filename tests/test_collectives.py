@@ -137,8 +137,8 @@ def test_codec_mismatch_across_ranks_is_a_clear_error():
         m = r["mismatch"]
         assert "disagree" in m and "int4-random-k" in m and "int4-outlier" in m
         *other_tp, name = r["refused"]
-        assert all(e.startswith("CalibrationError: calibration was made for TP degree 3, but this all-reduce has 2 "
-                                "ranks") for e in other_tp), other_tp
+        assert all(e.startswith("CalibrationError: calibration was made for TP degree 3, but this run uses TP 2; "
+                                "recalibrate with --tp 2") for e in other_tp), other_tp
         assert name.startswith("TypeError: codec must be a lowbit_tp Codec") and "make_codec" in name, name
 
 
@@ -149,7 +149,7 @@ def test_simulate_refuses_what_all_reduce_refuses():
         for world in (2, 4):  # fewer ranks: silently the wrong split's scales before; more: a 'sum' hint
             parts = planted_partials(world, TOKENS, HIDDEN)
             for algo in ("gather", "two-shot"):
-                with pytest.raises(CalibrationError, match=f"made for TP degree 3, but this all-reduce has {world}"):
+                with pytest.raises(CalibrationError, match=f"made for TP degree 3, but this run uses TP {world}; recalibrate"):
                     simulate_all_reduce(parts, codec, algo, layer=LAYER)
         simulate_all_reduce(planted_partials(3, TOKENS, HIDDEN), codec, layer=LAYER)  # its own degree runs
         simulate_all_reduce(planted_partials(2, TOKENS, HIDDEN), codec, "exact", layer=LAYER)  # codec unused

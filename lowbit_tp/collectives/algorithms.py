@@ -32,7 +32,6 @@ from typing import Sequence
 
 import torch
 
-from lowbit_tp.calibration.artifact import CalibrationError
 from lowbit_tp.codecs.base import Codec
 from lowbit_tp.collectives.feedback import Feedback, compensate, feedback_of
 from lowbit_tp.configs import ALGORITHMS, DEFAULT_ALGORITHM  # noqa: F401 (re-exported)
@@ -49,10 +48,8 @@ def check_codec(codec: Codec | None, algorithm: str, world: int) -> None:
             return
         raise TypeError(f"codec must be a lowbit_tp Codec (lowbit_tp.codecs.make_codec(name, calibration=...)), "
                         f"got {type(codec).__name__}" + (f" {codec!r}" if isinstance(codec, str) else ""))
-    cal = codec.calibration
-    if cal is not None and world > 1 and algorithm != "exact" and cal.tp != world:
-        raise CalibrationError(f"calibration was made for TP degree {cal.tp}, but this all-reduce has {world} "
-                               f"ranks; recalibrate with --tp {world}")
+    if codec.calibration is not None and world > 1 and algorithm != "exact":
+        codec.calibration.check_compatible(tp=world)  # the same refusal as a run's artifact check
 
 
 def sum_in_rank_order(parts: Sequence[torch.Tensor]) -> torch.Tensor:
