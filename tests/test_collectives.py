@@ -8,6 +8,8 @@ from lowbit_tp.codecs import make_codec
 from lowbit_tp.collectives import (AutoPolicy, CollectiveError, CommStats, RankFailure, all_reduce,
                                    simulate_all_reduce, spawn_ranks)
 from lowbit_tp.collectives.dist import WAIT
+from lowbit_tp.collectives.feedback import Feedback
+from lowbit_tp.tp.row_parallel import DistReducer
 
 LAYER = "layers.0.o_proj"
 CODECS = ["bf16", "int8", "int4", "int4-outlier", "int4-random-k", "int4-g32", "int4-g128", "mxfp4",
@@ -239,6 +241,8 @@ def test_two_stage_codec_spends_more_bits_on_the_sum_only():
 PIPE_CODECS = ["bf16", "int4-outlier", "int4-g32", "mxfp4", "rot-lm4-g64-lg8-k4"]
 PIPE_TOKENS = 23
 PIPE_POLICY = AutoPolicy(chunk_bytes=2 * HIDDEN * 5)  # 5 rows per chunk: 4 full chunks + 3 rows
+INPLACE_RUNS = [("gather", PIPE_POLICY), ("gather", AutoPolicy(chunk_bytes=0)), ("two-shot", PIPE_POLICY),
+                ("exact", PIPE_POLICY)]
 
 
 def _rank_pipelined(rank, world):
@@ -258,7 +262,36 @@ def _rank_pipelined(rank, world):
         seen.append((what, hasattr(work, "wait")))  # a started Work, not a finished call
         return work
 
+    for name in PIPE_CODECS:  # in place (out=partial) and into a separate out, chunked or not
+        codec = make_codec(name, calibration=cal)
+        for algo, policy in INPLACE_RUNS:
+            p, o = partial.clone(), torch.full_like(partial, float("nan"))
+            y = all_reduce(p, codec, algorithm=algo, layer=LAYER, policy=policy, out=p)
+            z = all_reduce(partial, codec, algorithm=algo, layer=LAYER, policy=policy, out=o)
+            out[("inplace", name, algo, policy.chunk_bytes)] = (y, y is p, z, z is o)
     codec = make_codec("int4-outlier", calibration=cal)
+    for in_place in (True, False):  # the reducer the native runtime uses, and the engines' default
+        p = partial.clone()
+        y = DistReducer(codec=codec, algorithm="gather", policy=PIPE_POLICY, in_place=in_place).reduce([p], layer=LAYER)
+        out[("reducer", in_place)] = (y, y is p, torch.equal(p, partial))
+    for algo in ["gather", "exact"]:  # error feedback in place: the same sum and the same carry out
+        fb, fb_in = Feedback(carry=torch.full_like(partial, 0.25)), Feedback(carry=torch.full_like(partial, 0.25))
+        y = all_reduce(partial, codec, algorithm=algo, layer=LAYER, policy=PIPE_POLICY, feedback=fb)
+        p = partial.clone()
+        y_in = all_reduce(p, codec, algorithm=algo, layer=LAYER, policy=PIPE_POLICY, feedback=fb_in, out=p)
+        out[("inplace-fb", algo)] = (y, fb.next, y_in, fb_in.next)
+    refused = {}
+    two = torch.empty(2 * PIPE_TOKENS, HIDDEN)  # the partial and an out three rows further on
+    two[:PIPE_TOKENS] = partial
+    for label, src, o in [("shape", partial, partial[:-1].clone()), ("dtype", partial, partial.double()),
+                          ("overlap", two[:PIPE_TOKENS], two[3:3 + PIPE_TOKENS]),
+                          ("strided", partial, torch.empty(HIDDEN, PIPE_TOKENS).t())]:
+        try:
+            all_reduce(src, codec, algorithm="gather", layer=LAYER, out=o)
+            refused[label] = None
+        except ValueError as exc:
+            refused[label] = str(exc)
+    out["inplace-refused"] = refused
     for algo, policy in [("gather", PIPE_POLICY), ("two-shot", PIPE_POLICY), ("gather", AutoPolicy(chunk_bytes=0))]:
         seen.clear()
         all_reduce(partial, codec, algorithm=algo, layer=LAYER, policy=policy, wire_hook=hook)
@@ -276,6 +309,41 @@ def test_wire_hook_wraps_the_first_start_and_the_waits_of_a_pipelined_message(ra
         assert two[0] == (a2a, True) and len(two) == 11
         assert sorted(two[1:]) == sorted([(WAIT + a2a, False)] * 5 + [(WAIT + ag, False)] * 5)
         assert out[("hook", "gather", 0)] == [(g, False)]  # one message: one synchronous call
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_in_place_all_reduce_writes_the_same_bits_over_the_partial(world, ranks_at):
+    """``out=partial`` (as torch.distributed.all_reduce does) and ``out=`` a separate tensor:
+    that very tensor comes back, holding bitwise the single-process result, chunked or not; with
+    error feedback the carry out is unchanged too. A bad ``out`` is refused in one line."""
+    results = [r["pipelined"] for r in ranks_at(world)]
+    cal = synthetic_calibration([LAYER], world=world, hidden=HIDDEN, tokens=32, batches=2)
+    partials = planted_partials(world, PIPE_TOKENS, HIDDEN, seed=1, noise_seed=7)
+    for name in PIPE_CODECS:
+        codec = make_codec(name, calibration=cal)
+        for algo, policy in INPLACE_RUNS:
+            ref = simulate_all_reduce(partials, codec, algo, layer=LAYER, policy=AutoPolicy(chunk_bytes=0))
+            for r in range(world):
+                y, y_is_partial, z, z_is_out = results[r][("inplace", name, algo, policy.chunk_bytes)]
+                assert y_is_partial and z_is_out, (name, algo, r)
+                if algo == "exact":  # the backend's own reduction order: tolerance, not bits
+                    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-5)
+                    assert torch.equal(y, z), (name, algo, r)
+                else:
+                    assert torch.equal(y, ref) and torch.equal(z, ref), (name, algo, r, policy.chunk_bytes)
+    for r in range(world):
+        for algo in ["gather", "exact"]:
+            y, nxt, y_in, nxt_in = results[r][("inplace-fb", algo)]
+            assert torch.equal(y, y_in) and torch.equal(nxt, nxt_in), (algo, r)
+        ref = simulate_all_reduce(partials, make_codec("int4-outlier", calibration=cal), "gather", layer=LAYER)
+        y, same, untouched = results[r][("reducer", True)]  # in place: the partial holds the sum
+        assert same and torch.equal(y, ref) and not untouched
+        y, same, untouched = results[r][("reducer", False)]  # a fresh sum, the partial kept
+        assert not same and torch.equal(y, ref) and untouched
+        refused = results[r]["inplace-refused"]
+        assert "shape, dtype and device" in refused["shape"] and "shape, dtype and device" in refused["dtype"]
+        assert "overlaps the partial" in refused["overlap"]
+        assert "contiguous" in refused["strided"]
 
 
 def test_chunk_rows_policy():

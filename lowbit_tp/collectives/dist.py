@@ -123,8 +123,9 @@ def all_reduce(
     stats: CommStats | None = None,
     wire_hook: WireHook | None = None,
     feedback: Feedback | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sum ``partial [tokens, E]`` over the ranks of ``group``; returns a new tensor.
+    """Sum ``partial [tokens, E]`` over the ranks of ``group``; returns a new tensor, or ``out``.
 
     Triggers: ``exact`` -> one backend ``all_reduce`` in the input dtype; ``gather`` -> one
     ``all_gather`` of payloads per chunk; ``two-shot`` -> one ``all_to_all_single`` plus one
@@ -138,12 +139,20 @@ def all_reduce(
     ``feedback`` (optional): error feedback, this rank encodes ``partial + feedback.carry`` and
     ``feedback.next`` is set to its compensation for its next all-reduce
     (:mod:`~lowbit_tp.collectives.feedback`), bitwise as in ``simulate_all_reduce``.
+    ``out`` (optional): where the sum goes, returned; it may be ``partial`` itself (in place, as
+    ``torch.distributed.all_reduce`` does), or a tensor sharing no memory with it, contiguous, of
+    ``partial``'s shape, dtype and device. In place saves allocating (and, on CPU, first touching)
+    a fresh ``[tokens, E]`` result on every call; the bits are the same. A pipelined ``gather``
+    decodes chunk i into its rows once chunk i has been encoded, so ``partial`` must not be read
+    by anyone else meanwhile.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("all_reduce needs an initialised torch.distributed process group")
     rank, world = _rank_world(group)
     if partial.dim() != 2:
         raise ValueError(f"all_reduce expects a [tokens, E] partial, got shape {tuple(partial.shape)}")
+    if out is not None:
+        _check_out(out, partial)
     algo = resolve_algorithm(algorithm, numel=partial.numel(), world_size=world, policy=policy)
     A.check_codec(codec, algo, world)
     if world == 1 or algo == "exact":  # lossless: a carry is summed exactly and nothing is left over
@@ -152,12 +161,19 @@ def all_reduce(
             sent = compensate(partial, feedback.carry)
             feedback.next = torch.zeros(partial.shape, dtype=torch.float32, device=partial.device)
         if world == 1:
-            return sent.to(partial.dtype, copy=True)
-        out = sent.clone()
-        _guard("exact all_reduce", layer, group, lambda: dist.all_reduce(out, group=group), wire_hook)
+            return sent.to(partial.dtype, copy=True) if out is None else out.copy_(sent)
+        if out is not None and sent is out:  # in place
+            buf = out
+        elif out is not None and sent.dtype == out.dtype:
+            buf = out.copy_(sent)
+        else:
+            buf = sent.clone()
+        _guard("exact all_reduce", layer, group, lambda: dist.all_reduce(buf, group=group), wire_hook)
         if stats is not None:
             stats.record_exact(partial, world=world)
-        return out.to(partial.dtype)
+        if out is None:
+            return buf.to(partial.dtype)
+        return out if buf is out else out.copy_(buf)
     check_group_config(codec, group, layer=layer)
     rows = (policy or AutoPolicy()).chunk_rows(tokens=partial.shape[0], hidden=partial.shape[1])
     pieces = list(partial.split(rows, dim=0))
@@ -171,8 +187,9 @@ def all_reduce(
         fbs = [Feedback(carry=c) for c in carries]
     tally = CommStats()  # per chunk; reported to ``stats`` as one call
     stages = _gather_pipelined if algo == "gather" else _two_shot_pipelined
+    kw = {"out": out} if algo == "gather" else {}
     outs = stages(codec, pieces, group, layer=layer, rank=rank, world=world, tally=tally, hook=wire_hook,
-                  feedback=fbs)
+                  feedback=fbs, **kw)
     if feedback is not None:
         feedback.next = fbs[0].next if len(fbs) == 1 else torch.cat([f.next for f in fbs])
     if stats is not None:
@@ -180,8 +197,29 @@ def all_reduce(
                      wire_values=tally.wire_values, world=world)
     if isinstance(outs, torch.Tensor):  # gather decodes every chunk into its rows of the result
         return outs
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return out.to(partial.dtype)
+    res = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return res.to(partial.dtype) if out is None else out.copy_(res)
+
+
+def _check_out(out: torch.Tensor, partial: torch.Tensor) -> None:
+    """``out`` of :func:`all_reduce`: ``partial`` itself or disjoint from it, contiguous, same
+    shape, dtype and device (a partly overlapping one would be overwritten before it is encoded)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"all_reduce: out must be a tensor, got {type(out).__name__}")
+    if out.shape != partial.shape or out.dtype != partial.dtype or out.device != partial.device:
+        raise ValueError(f"all_reduce: out must match the partial's shape, dtype and device "
+                         f"({tuple(partial.shape)}, {partial.dtype}, {partial.device}), got "
+                         f"({tuple(out.shape)}, {out.dtype}, {out.device})")
+    if not out.is_contiguous():
+        raise ValueError("all_reduce: out must be contiguous")
+    if out is not partial and out.numel() and partial.numel():
+        a0, a1 = out.data_ptr(), out.data_ptr() + out.numel() * out.element_size()
+        b0 = partial.data_ptr()
+        b1 = b0 + ((partial.shape[0] - 1) * partial.stride(0) + (partial.shape[1] - 1) * partial.stride(1) + 1) \
+            * partial.element_size()
+        if a0 < b1 and b0 < a1:
+            raise ValueError("all_reduce: out overlaps the partial without being it; pass the partial itself "
+                             "for an in-place reduction, or a separate tensor")
 
 
 # Pipelining: a message goes as row chunks (AutoPolicy.chunk_rows). Step i encodes chunk i
@@ -205,14 +243,16 @@ def _finish(what: str, layer, group, work, hook: WireHook | None) -> None:
 
 
 def _gather_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: int, tally: CommStats,
-                      hook: WireHook | None, feedback: list[Feedback] | None = None):
+                      hook: WireHook | None, feedback: list[Feedback] | None = None, out: torch.Tensor | None = None):
     what = "all_gather of payloads"
     pipelined = len(pieces) > 1
     dev = pieces[0].device
     total = sum(p.shape[0] for p in pieces)
-    # The returned sum, fresh, in the partials' dtype: decode_sum rounds the fp32 sum into it
-    # (the CPU kernels row by row as they finish it, instead of a separate cast pass).
-    out = torch.empty(total, pieces[0].shape[1], dtype=pieces[0].dtype, device=dev)
+    # The returned sum in the partials' dtype (fresh, or the caller's ``out``, which may be the
+    # partial: chunk j's rows are written only after chunk j was encoded): decode_sum rounds the
+    # fp32 sum into it (the CPU kernels row by row as they finish it, instead of a cast pass).
+    if out is None:
+        out = torch.empty(total, pieces[0].shape[1], dtype=pieces[0].dtype, device=dev)
     rows = out.split([p.shape[0] for p in pieces], dim=0)  # contiguous row blocks, one per chunk
     inflight = None
     for i in range(len(pieces) + 1):

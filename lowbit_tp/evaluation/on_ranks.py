@@ -83,7 +83,7 @@ def eval_rank_main(rank: int, world: int, cfg: EvalConfig, input_ids: torch.Tens
         for name, codec in codecs.items():
             chain = started.reducer.feedback
             comm = DistReducer(codec=codec, group=group, algorithm=cfg.algorithm,
-                               feedback=None if chain is None else chain.fresh())
+                               feedback=None if chain is None else chain.fresh(), in_place=started.reducer.in_place)
             _use_reducer(model, comm)
             comp, kept, seconds = LMComparison(), [], 0.0
             for b, ids in enumerate(batches):

@@ -102,8 +102,9 @@ def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[s
     for codec in built.values():
         check_group_config(codec, group, extra=extra)
     memory = {"after_load": rss_mib()}
+    # native: RowParallelLinear's partials are its own temporaries, so the sum goes over them
     reducer = DistReducer(codec=next(iter(built.values())), group=group, algorithm=algorithm, policy=policy,
-                          hooks=hooks)
+                          hooks=hooks, in_place=engine == "native")
     adapter = get_adapter(net if engine == "native" else config, name=model)
     if engine == "native":
         if error_feedback:
