@@ -123,12 +123,38 @@ def test_rows_medians_and_ratios():
     assert base.allreduce_calls_per_token == 4
     # JSON: measured fields, then decode_tokens_per_s, then the ratios; a row without a
     # baseline has no ratio keys; from_json reads a row back
-    assert list(comp.to_json())[-8:] == ["decode_tokens_per_s", "prefill_speedup", "prefill_allreduce_speedup",
-                                         "prefill_wire_speedup", "decode_speedup", "prefill_byte_ratio",
-                                         "prefill_amdahl_bound", "prefill_vs_amdahl"]
+    assert list(comp.to_json())[-9:] == ["decode_tokens_per_s", "prefill_speedup", "prefill_allreduce_speedup",
+                                         "prefill_allreduce_net_speedup", "prefill_wire_speedup", "decode_speedup",
+                                         "prefill_byte_ratio", "prefill_amdahl_bound", "prefill_vs_amdahl"]
     alone = add_ratios(rows[1:])[0]
-    assert list(alone.to_json())[-2:] == ["prefill_ms_all", "decode_tokens_per_s"]  # error_feedback only when on
+    assert list(alone.to_json())[-3:] == ["prefill_ms_all", "prefill_allreduce_net_ms",  # error_feedback only when on
+                                          "decode_tokens_per_s"]
     assert E2ERow.from_json(comp.to_json()) == comp
+    old = {k: v for k, v in comp.to_json().items() if not k.startswith("prefill_allreduce_net")}  # from before them
+    assert E2ERow.from_json(old).to_json() == old
+
+
+def test_net_allreduce_is_the_median_of_each_prefills_allreduce_less_its_skew():
+    """Per prefill (all-reduce, skew) = (10, 0), (20, 15), (30, 1) ms: the net all-reduce is
+    the median of 10, 5, 29 = 10 ms, not the difference of the medians (20 - 1 = 19); its
+    speed-up is against bf16's own net time."""
+    def run(pairs):
+        out = _fake_run(1.0, 800)
+        out["results"] = [out["results"][0]] * (1 + len(pairs))
+        out["timers"] = [out["timers"][0]] + [[{"calls": 4, "all_reduce_s": a / 1e3, "wire_s": 0.0,
+                                                 "skew_s": k / 1e3}] + out["timers"][0][1:] for a, k in pairs]
+        return out
+
+    base, = rows_of_run([run([(40, 0), (60, 20), (50, 2)])], network="1gbit", codec="bf16", algorithm="gather",
+                        lens=[100], repeats=3)
+    comp, = rows_of_run([run([(10, 0), (20, 15), (30, 1)])], network="1gbit", codec="int4-g32",
+                        algorithm="gather", lens=[100], repeats=3)
+    assert comp.prefill_allreduce_ms == pytest.approx(20) and comp.prefill_skew_ms == pytest.approx(1)
+    assert comp.prefill_allreduce_net_ms == pytest.approx(10)
+    _, comp = add_ratios([base, comp])
+    assert base.prefill_allreduce_net_ms == pytest.approx(40)  # of 40, 40, 48
+    assert comp.prefill_allreduce_net_speedup == pytest.approx(4.0)
+    assert comp.prefill_allreduce_speedup == pytest.approx(2.5)
 
 
 def test_feedback_variants_and_their_label_check():

@@ -20,7 +20,9 @@ class E2ERow:
     """One prompt length of one variant (network, TP, codec, algorithm): medians over the
     repeats, in ms. ``bits_per_value``: rank 0's first-stage payload bits per value
     (:attr:`CommStats.payload_bits_per_value`); ``*_bytes_per_token``: bytes rank 0 sent;
-    ``*_skew_ms``: time in the barrier before each collective. The ratio fields (None until
+    ``*_skew_ms``: time in the barrier before each collective; ``prefill_allreduce_net_ms``: the
+    median of each prefill's all-reduce time less its skew (the all-reduce without waiting for
+    the slower rank; None in rows from before it was measured). The ratio fields (None until
     :func:`add_ratios` finds the bf16/gather row of the same network, TP and length) are
     speed-ups (>1 = faster), the byte ratio, the Amdahl bound and the share of it reached."""
 
@@ -43,8 +45,10 @@ class E2ERow:
     allreduce_calls_per_token: int
     prefill_ms_all: list[float]
     error_feedback: bool = False
+    prefill_allreduce_net_ms: float | None = None
     prefill_speedup: float | None = None
     prefill_allreduce_speedup: float | None = None
+    prefill_allreduce_net_speedup: float | None = None
     prefill_wire_speedup: float | None = None
     decode_speedup: float | None = None
     prefill_byte_ratio: float | None = None
@@ -67,8 +71,9 @@ class E2ERow:
         for f in fields(self):
             if f.name in _RATIOS:
                 break
-            if f.name == "error_feedback" and not self.error_feedback:
-                continue  # written only when on, so rows from before the field read back byte for byte
+            if (f.name == "error_feedback" and not self.error_feedback) or (
+                    f.name == "prefill_allreduce_net_ms" and self.prefill_allreduce_net_ms is None):
+                continue  # written only when set, so rows from before the field read back byte for byte
             out[f.name] = getattr(self, f.name)
         out["decode_tokens_per_s"] = self.decode_tokens_per_s
         out.update({k: getattr(self, k) for k in _RATIOS if getattr(self, k) is not None})
@@ -79,7 +84,8 @@ class E2ERow:
         return cls(**record_kwargs(cls, d, derived=("decode_tokens_per_s",), what="an E2ERow"))
 
 
-_RATIOS = ("prefill_speedup", "prefill_allreduce_speedup", "prefill_wire_speedup", "decode_speedup",
+_RATIOS = ("prefill_speedup", "prefill_allreduce_speedup", "prefill_allreduce_net_speedup", "prefill_wire_speedup",
+           "decode_speedup",
            "prefill_byte_ratio", "prefill_amdahl_bound", "prefill_vs_amdahl")
 
 
@@ -111,6 +117,7 @@ def rows_of_run(outs: list[dict], *, network: str, codec: str, algorithm: str, l
             prefill_allreduce_ms=1e3 * _median([t[0]["all_reduce_s"] for t in tim]),
             prefill_wire_ms=1e3 * _median([t[0]["wire_s"] for t in tim]),
             prefill_skew_ms=1e3 * _median([t[0].get("skew_s", 0.0) for t in tim]),
+            prefill_allreduce_net_ms=1e3 * _median([t[0]["all_reduce_s"] - t[0].get("skew_s", 0.0) for t in tim]),
             prefill_bytes_per_token=pre.bytes_sent / out["prompt_lengths"][1 + j],
             decode_ms_per_token=1e3 * _median([d for r in res for d in r["decode_s"]]),
             decode_allreduce_ms_per_token=1e3 * _median([s["all_reduce_s"] for s in dec_steps]),
@@ -144,6 +151,8 @@ def add_ratios(rows: list[E2ERow]) -> list[E2ERow]:
         s = b.prefill_allreduce_ms / b.prefill_ms if b.prefill_ms else float("nan")
         ratios["prefill_amdahl_bound"] = 1.0 / (1.0 - s + s / ratios["prefill_byte_ratio"])
         ratios["prefill_vs_amdahl"] = ratios["prefill_speedup"] / ratios["prefill_amdahl_bound"]
+        if b.prefill_allreduce_net_ms is not None and r.prefill_allreduce_net_ms:
+            ratios["prefill_allreduce_net_speedup"] = b.prefill_allreduce_net_ms / r.prefill_allreduce_net_ms
         out.append(replace(r, **ratios))
     return out
 
@@ -156,7 +165,9 @@ NOTES = [
     "*_wire_ms: inside the backend collectives only (all_gather etc.), started right after a barrier; "
     "*_skew_ms: time in that barrier, i.e. waiting for the slower rank to arrive (compute imbalance, "
     "uneven CPU share), which would otherwise be counted as wire time. The barrier adds one tiny "
-    "message per collective to every row alike.",
+    "message per collective to every row alike. prefill_allreduce_net_ms: each prefill's all-reduce time "
+    "less its skew (median), i.e. encode + wire + decode + sum once both ranks are there; "
+    "prefill_allreduce_net_speedup compares those.",
     "Speed-ups (>1 = faster) and byte ratios are against bf16/gather of the same network, TP and prompt.",
     "Emulated networks: one network namespace per rank, each rank's egress shaped with tbf to the rate "
     "(a TCP transfer reaches ~0.95 of 1 Gbit/s and ~0.86 of 10 Gbit/s); no per-packet delay unless "
@@ -168,7 +179,8 @@ NOTES = [
 
 
 COLUMNS = ["network", "tp", "codec", "algorithm", "error_feedback", "bits_per_value", "prompt_tokens", "prefill_ms",
-           "prefill_speedup", "prefill_allreduce_ms", "prefill_allreduce_speedup", "prefill_wire_ms",
+           "prefill_speedup", "prefill_allreduce_ms", "prefill_allreduce_speedup", "prefill_allreduce_net_ms",
+           "prefill_allreduce_net_speedup", "prefill_wire_ms",
            "prefill_wire_speedup", "prefill_skew_ms", "prefill_byte_ratio", "prefill_amdahl_bound",
            "prefill_vs_amdahl", "prefill_bytes_per_token", "decode_ms_per_token",
            "decode_tokens_per_s", "decode_allreduce_ms_per_token", "decode_wire_ms_per_token",
@@ -176,8 +188,10 @@ COLUMNS = ["network", "tp", "codec", "algorithm", "error_feedback", "bits_per_va
 
 
 def columns_for(rows: list[dict]) -> list[str]:
-    """:data:`COLUMNS`, without ``error_feedback`` unless a row ran with it."""
-    return [c for c in COLUMNS if c != "error_feedback" or any(r.get(c) for r in rows)]
+    """:data:`COLUMNS`, without ``error_feedback`` unless a row ran with it, and without the net
+    all-reduce columns unless a row has them (rows from before they were measured)."""
+    optional = ("error_feedback", "prefill_allreduce_net_ms", "prefill_allreduce_net_speedup")
+    return [c for c in COLUMNS if c not in optional or any(r.get(c) for r in rows)]
 
 
 def _headline(rows: list[dict]) -> list[str]:
@@ -188,7 +202,9 @@ def _headline(rows: list[dict]) -> list[str]:
         if r["codec"] == "int4-outlier" and r["network"] != "loopback" and "prefill_speedup" in r:
             name = "int4-outlier" + (" with error feedback" if r.get("error_feedback") else "")
             lines.append(f"- {r['network']}, TP {r['tp']}, {r['prompt_tokens']}-token prefill, {name} vs bf16: "
-                         f"end-to-end {r['prefill_speedup']:.2f}x, all-reduce time {r['prefill_allreduce_speedup']:.2f}x, "
+                         f"end-to-end {r['prefill_speedup']:.2f}x, all-reduce time {r['prefill_allreduce_speedup']:.2f}x"
+                         + (f" ({r['prefill_allreduce_net_speedup']:.2f}x less the ranks' arrival skew)"
+                            if r.get("prefill_allreduce_net_speedup") else "") + ", "
                          f"wire time {r['prefill_wire_speedup']:.2f}x, bytes {r['prefill_byte_ratio']:.2f}x fewer; "
                          f"all-reduce share of prefill: bf16 "
                          f"{_share(rows, r, 'bf16')}, {name} {r['prefill_allreduce_ms'] / r['prefill_ms']:.0%}; "
