@@ -270,16 +270,31 @@ def _rank_pipelined(rank, world):
             z = all_reduce(partial, codec, algorithm=algo, layer=LAYER, policy=policy, out=o)
             out[("inplace", name, algo, policy.chunk_bytes)] = (y, y is p, z, z is o)
     codec = make_codec("int4-outlier", calibration=cal)
-    for in_place in (True, False):  # the reducer the native runtime uses, and the engines' default
-        p = partial.clone()
-        y = DistReducer(codec=codec, algorithm="gather", policy=PIPE_POLICY, in_place=in_place).reduce([p], layer=LAYER)
-        out[("reducer", in_place)] = (y, y is p, torch.equal(p, partial))
-    for algo in ["gather", "exact"]:  # error feedback in place: the same sum and the same carry out
+    # the reducer the native runtime uses (in place where it saves work), and the engines' default
+    strided = torch.empty(HIDDEN, PIPE_TOKENS).t().copy_(partial)
+    for key, algo, in_place, p in [("gather", "gather", True, partial.clone()),
+                                   ("gather", "gather", False, partial.clone()),
+                                   ("two-shot", "two-shot", True, partial.clone()),
+                                   ("strided", "gather", True, strided)]:
+        y = DistReducer(codec=codec, algorithm=algo, policy=PIPE_POLICY, in_place=in_place).reduce([p], layer=LAYER)
+        out[("reducer", key, in_place)] = (y, y is p, torch.equal(p, partial))
+    half = partial.to(torch.bfloat16)  # a bf16 partial, in place
+    for algo in ["gather", "exact"]:
+        p = half.clone()
+        y = all_reduce(p, codec, algorithm=algo, layer=LAYER, policy=PIPE_POLICY, out=p)
+        out[("inplace-bf16", algo)] = (y, y is p)
+    two = torch.empty(2 * PIPE_TOKENS, HIDDEN)  # out right after the partial: touching, not overlapping
+    two[:PIPE_TOKENS] = partial
+    y = all_reduce(two[:PIPE_TOKENS], codec, algorithm="gather", layer=LAYER, policy=PIPE_POLICY,
+                   out=two[PIPE_TOKENS:])
+    out["adjacent"] = (y, torch.equal(two[:PIPE_TOKENS], partial))
+    # error feedback in place: the same sum and the same carry out (two-shot: whole messages)
+    for algo, policy in [("gather", PIPE_POLICY), ("exact", PIPE_POLICY), ("two-shot", AutoPolicy(chunk_bytes=0))]:
         fb, fb_in = Feedback(carry=torch.full_like(partial, 0.25)), Feedback(carry=torch.full_like(partial, 0.25))
-        y = all_reduce(partial, codec, algorithm=algo, layer=LAYER, policy=PIPE_POLICY, feedback=fb)
+        y = all_reduce(partial, codec, algorithm=algo, layer=LAYER, policy=policy, feedback=fb)
         p = partial.clone()
-        y_in = all_reduce(p, codec, algorithm=algo, layer=LAYER, policy=PIPE_POLICY, feedback=fb_in, out=p)
-        out[("inplace-fb", algo)] = (y, fb.next, y_in, fb_in.next)
+        y_in = all_reduce(p, codec, algorithm=algo, layer=LAYER, policy=policy, feedback=fb_in, out=p)
+        out[("inplace-fb", algo)] = (y, fb.next, y_in, fb_in.next, y_in is p)
     refused = {}
     two = torch.empty(2 * PIPE_TOKENS, HIDDEN)  # the partial and an out three rows further on
     two[:PIPE_TOKENS] = partial
@@ -331,15 +346,29 @@ def test_in_place_all_reduce_writes_the_same_bits_over_the_partial(world, ranks_
                     assert torch.equal(y, z), (name, algo, r)
                 else:
                     assert torch.equal(y, ref) and torch.equal(z, ref), (name, algo, r, policy.chunk_bytes)
+    seed = make_codec("int4-outlier", calibration=cal)
+    ref = simulate_all_reduce(partials, seed, "gather", layer=LAYER)
+    ref_two = simulate_all_reduce(partials, seed, "two-shot", layer=LAYER)
+    half = [p.to(torch.bfloat16) for p in partials]
     for r in range(world):
-        for algo in ["gather", "exact"]:
-            y, nxt, y_in, nxt_in = results[r][("inplace-fb", algo)]
-            assert torch.equal(y, y_in) and torch.equal(nxt, nxt_in), (algo, r)
-        ref = simulate_all_reduce(partials, make_codec("int4-outlier", calibration=cal), "gather", layer=LAYER)
-        y, same, untouched = results[r][("reducer", True)]  # in place: the partial holds the sum
+        for algo in ["gather", "exact", "two-shot"]:
+            y, nxt, y_in, nxt_in, is_p = results[r][("inplace-fb", algo)]
+            assert is_p and torch.equal(y, y_in) and torch.equal(nxt, nxt_in), (algo, r)
+        y, same, untouched = results[r][("reducer", "gather", True)]  # in place: the partial holds the sum
         assert same and torch.equal(y, ref) and not untouched
-        y, same, untouched = results[r][("reducer", False)]  # a fresh sum, the partial kept
+        y, same, untouched = results[r][("reducer", "gather", False)]  # a fresh sum, the partial kept
         assert not same and torch.equal(y, ref) and untouched
+        y, same, untouched = results[r][("reducer", "two-shot", True)]  # two-shot: fresh even when in place
+        assert not same and torch.equal(y, ref_two) and untouched
+        y, same, untouched = results[r][("reducer", "strided", True)]  # a strided partial cannot take it
+        assert not same and torch.equal(y, ref) and untouched
+        y, same = results[r][("inplace-bf16", "gather")]
+        assert same and y.dtype == torch.bfloat16 and torch.equal(y, simulate_all_reduce(half, seed, "gather",
+                                                                                        layer=LAYER))
+        y, same = results[r][("inplace-bf16", "exact")]
+        assert same and torch.equal(y, torch.stack(half).sum(0)) if world == 2 else same
+        y, kept = results[r]["adjacent"]
+        assert kept and torch.equal(y, ref)
         refused = results[r]["inplace-refused"]
         assert "shape, dtype and device" in refused["shape"] and "shape, dtype and device" in refused["dtype"]
         assert "overlaps the partial" in refused["overlap"]

@@ -35,7 +35,8 @@ class BufferCache:
 
     A buffer is only ever in use inside one call (every transfer started there is waited for
     there), and a pipelined call gives each chunk in flight its own slot, so reusing them
-    across calls is safe; the returned sum is always a fresh tensor. Decode-step messages
+    across calls is safe; the returned sum is a fresh tensor unless the caller passes ``out=``
+    (never one of these buffers). Decode-step messages
     (one token, same width) hit the same few entries every step, so the codec kernels write
     into the same memory and nothing is allocated per message. Not thread-safe: one
     all-reduce at a time per process, as the collectives themselves require.

@@ -51,6 +51,7 @@ from torch import nn
 from lowbit_tp.codecs.base import Codec, NonFiniteError
 from lowbit_tp.collectives import AutoPolicy, CommStats, all_reduce, simulate_all_reduce
 from lowbit_tp.collectives.algorithms import DEFAULT_ALGORITHM, sum_in_rank_order
+from lowbit_tp.collectives.policy import resolve_algorithm
 from lowbit_tp.collectives.dist import WireHook
 from lowbit_tp.collectives.feedback import FeedbackChain
 
@@ -145,8 +146,9 @@ class DistReducer:
     :class:`~lowbit_tp.collectives.feedback.FeedbackChain` with ``ranks=1`` over the plan's
     layer order), or None (off); every rank of the group must agree on it.
     ``in_place``: the partial handed to :meth:`reduce` is scratch (a :class:`RowParallelLinear`'s
-    own ``local_partial`` output, as in the native runtime), so the sum is written over it, like
-    ``torch.distributed.all_reduce``; same bits, one ``[tokens, E]`` allocation fewer per call.
+    own ``local_partial`` output, as in the native runtime), so gather and exact write the sum
+    over it, like ``torch.distributed.all_reduce``; same bits, one ``[tokens, E]`` allocation
+    fewer per call (two-shot still returns a fresh sum).
     Off by default: the engine integrations hand over module outputs others may hold."""
 
     codec: Codec
@@ -166,12 +168,22 @@ class DistReducer:
             fb = None if self.feedback is None else self.feedback.start(layer, partials)
             out = all_reduce(partials[0], self.codec, self.group, algorithm=self.algorithm, layer=layer,
                              policy=self.policy, stats=self.stats, wire_hook=self.hooks.around_wire,
-                             feedback=None if fb is None else fb[0], out=partials[0] if self.in_place else None)
+                             feedback=None if fb is None else fb[0], out=self._out_for(partials[0]))
             if fb is not None:
                 self.feedback.finish(layer, fb, out)
             return out
 
         return run() if self.hooks.around_reduce is None else self.hooks.around_reduce(layer, run)
+
+    def _out_for(self, partial: torch.Tensor) -> torch.Tensor | None:
+        """The partial itself where ``in_place`` saves work: gather and exact write the sum
+        straight into it; two-shot decodes into chunk tensors, so a copy into the partial would
+        cost more than the allocation it saves (and a strided partial cannot take the sum)."""
+        if not self.in_place or not partial.is_contiguous():
+            return None
+        algo = resolve_algorithm(self.algorithm, numel=partial.numel(), world_size=dist.get_world_size(self.group),
+                                 policy=self.policy)
+        return None if algo == "two-shot" else partial
 
     def check_nonfinite(self) -> None:
         """Once per step (``generate`` calls it after each forward): raise what the codec's

@@ -21,8 +21,8 @@ class E2ERow:
     repeats, in ms. ``bits_per_value``: rank 0's first-stage payload bits per value
     (:attr:`CommStats.payload_bits_per_value`); ``*_bytes_per_token``: bytes rank 0 sent;
     ``*_skew_ms``: time in the barrier before each collective; ``prefill_allreduce_net_ms``: the
-    median of each prefill's all-reduce time less its skew (the all-reduce without waiting for
-    the slower rank; None in rows from before it was measured). The ratio fields (None until
+    median of each prefill's all-reduce time less its skew (less the barrier waits before each
+    message's first transfer; None in rows from before it was measured). The ratio fields (None until
     :func:`add_ratios` finds the bf16/gather row of the same network, TP and length) are
     speed-ups (>1 = faster), the byte ratio, the Amdahl bound and the share of it reached."""
 
@@ -166,8 +166,9 @@ NOTES = [
     "*_skew_ms: time in that barrier, i.e. waiting for the slower rank to arrive (compute imbalance, "
     "uneven CPU share), which would otherwise be counted as wire time. The barrier adds one tiny "
     "message per collective to every row alike. prefill_allreduce_net_ms: each prefill's all-reduce time "
-    "less its skew (median), i.e. encode + wire + decode + sum once both ranks are there; "
-    "prefill_allreduce_net_speedup compares those.",
+    "less its skew (median), i.e. less the waits in the barriers before each message's first transfer "
+    "(a wait for the slower peer later in a pipelined message stays in); prefill_allreduce_net_speedup "
+    "compares those.",
     "Speed-ups (>1 = faster) and byte ratios are against bf16/gather of the same network, TP and prompt.",
     "Emulated networks: one network namespace per rank, each rank's egress shaped with tbf to the rate "
     "(a TCP transfer reaches ~0.95 of 1 Gbit/s and ~0.86 of 10 Gbit/s); no per-packet delay unless "
