@@ -134,6 +134,23 @@ def test_rows_medians_and_ratios():
     assert E2ERow.from_json(old).to_json() == old
 
 
+def test_every_saved_report_renders():
+    """Each docs/bench/e2e*.json renders to markdown with today's code, its rows' own columns
+    only (the oldest rows predate the Amdahl bound and the net all-reduce)."""
+    import json
+
+    from lowbit_tp.bench.e2e.report import columns_for, render_markdown
+
+    files = sorted((ROOT / "docs" / "bench").glob("e2e*.json"))
+    assert len(files) >= 10
+    for f in files:
+        payload = json.loads(f.read_text())
+        md = render_markdown(payload)
+        header = next(line for line in md.splitlines() if line.startswith("| network"))
+        assert header == "| " + " | ".join(columns_for(payload["rows"])) + " |", f.name
+        assert ("prefill_allreduce_net_ms" in header) == any("prefill_allreduce_net_ms" in r for r in payload["rows"])
+
+
 def test_net_allreduce_is_the_median_of_each_prefills_allreduce_less_its_skew():
     """Per prefill (all-reduce, skew) = (10, 0), (20, 15), (30, 1) ms: the net all-reduce is
     the median of 10, 5, 29 = 10 ms, not the difference of the medians (20 - 1 = 19); its

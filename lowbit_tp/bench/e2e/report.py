@@ -208,9 +208,10 @@ def _headline(rows: list[dict]) -> list[str]:
                             if r.get("prefill_allreduce_net_speedup") else "") + ", "
                          f"wire time {r['prefill_wire_speedup']:.2f}x, bytes {r['prefill_byte_ratio']:.2f}x fewer; "
                          f"all-reduce share of prefill: bf16 "
-                         f"{_share(rows, r, 'bf16')}, {name} {r['prefill_allreduce_ms'] / r['prefill_ms']:.0%}; "
-                         f"Amdahl bound 1/(1-s+s/r) {r['prefill_amdahl_bound']:.3f}x, "
-                         f"reached {r['prefill_vs_amdahl']:.0%} of it.")
+                         f"{_share(rows, r, 'bf16')}, {name} {r['prefill_allreduce_ms'] / r['prefill_ms']:.0%}"
+                         + (f"; Amdahl bound 1/(1-s+s/r) {r['prefill_amdahl_bound']:.3f}x, "
+                            f"reached {r['prefill_vs_amdahl']:.0%} of it." if "prefill_amdahl_bound" in r
+                            else " (a run from before the Amdahl bound was reported)."))
     for r in rows:  # feedback's cost: the same codec without it, same network, TP and length
         if not r.get("error_feedback") or r["network"] == "loopback":
             continue
