@@ -145,7 +145,8 @@ def all_reduce(
     ``partial``'s shape, dtype and device. In place saves allocating (and, on CPU, first touching)
     a fresh ``[tokens, E]`` result on every call; the bits are the same. A pipelined ``gather``
     decodes chunk i into its rows once chunk i has been encoded, so ``partial`` must not be read
-    by anyone else meanwhile.
+    by anyone else meanwhile; if the call raises (a dead peer, a non-finite value in a later
+    chunk), ``out`` may hold some rows of the sum.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("all_reduce needs an initialised torch.distributed process group")
