@@ -190,6 +190,41 @@ def test_a_decode_shape_is_two_nonnegative_integers(cal_factory, name, shape):
             decode()
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("name", ["int4-outlier", "int4-random-k", "int8", "rot-lm4-g64-lg8-k4", "rot-lm4-g64+sum8"])
+def test_a_decode_width_other_than_the_calibrations_is_refused(cal_factory, name, backend):
+    # before: the parameters were cached per (layer, source) whatever the width, so after one
+    # encode at E a decode of a (4, E/2) payload used E's outlier channels: the reference failed
+    # inside torch, the CPU kernel wrote past the output ("free(): corrupted unsorted chunks")
+    c = make_codec(name, calibration=cal_factory(2, E), backend=backend)
+    c.encode(torch.randn(4, E), layer=L, source=0)  # caches source 0's parameters
+    for width in (E // 2, 2 * E):
+        shape = (4, width)
+        p = torch.zeros(c.payload_nbytes(shape, L), dtype=torch.uint8)
+        for call in (lambda: c.decode(p, shape, layer=L, source=0),
+                     lambda: c.decode_sum([p, p], shape, layer=L),
+                     lambda: c.decode_chunks(torch.cat([p, p]), shape, 2, layer=L, source=0),
+                     lambda: c.reduce_encode([p, p], shape, layer=L)):
+            with pytest.raises(ValueError, match=f"shape has {width} channels but the calibration has hidden size {E}"):
+                call()
+
+
+def test_an_uncalibrated_rotation_codec_takes_any_width_on_every_backend():
+    # before: its rotation signs were cached per (layer, source) at the first width, so the
+    # reference refused a second width (a size mismatch inside torch) that the CPU kernels took
+    from lowbit_tp.codecs.rotation import RotatedGroupCodec
+
+    def fresh():
+        return RotatedGroupCodec(k=0, bits=4, group=64, levels="lm", scale_format="lg8", backend="reference")
+
+    c = fresh()
+    for width in (E, 2 * E, E):
+        x = torch.randn(4, width)
+        payload = fresh().encode(x)
+        assert torch.equal(c.encode(x), payload)
+        assert torch.equal(c.decode(payload, (4, width)), fresh().decode(payload, (4, width)))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs(cal_factory, dtype):
     cal = cal_factory(2, E)

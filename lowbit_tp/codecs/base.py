@@ -385,9 +385,18 @@ class Codec(ABC):
         return 8.0 * self.payload_nbytes(shape, layer) / (shape[0] * shape[1])
 
     def params(self, layer: str | None, source: Source, hidden: int, device: torch.device | str = "cpu") -> Any:
-        """Static parameters of (layer, source), built once and cached per device."""
+        """Static parameters of (layer, source) at width ``hidden``, built once and cached per
+        device and width.
+
+        A calibrated codec refuses a width other than its calibration's here, where every
+        encode, decode, decode-sum and fused path gets its parameters: a decode shape's E is
+        the caller's word, and parameters of another width (outlier channel indices, rotation
+        signs) would make the kernels read and write past the row."""
         device = torch.device(device)
-        key = (layer, source, device)
+        if self.needs_calibration and self.calibration is not None and hidden != self.calibration.hidden_size:
+            raise ValueError(f"{self.name}: {_where(layer, source)}: shape has {hidden} channels but the calibration "
+                             f"has hidden size {self.calibration.hidden_size}")
+        key = (layer, source, device, hidden)
         if key not in self._params:
             p = self._make_params(layer, source, hidden)
             if p is not None and device.type != "cpu":
