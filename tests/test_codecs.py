@@ -1,5 +1,6 @@
 """Each codec against an error bound derived from its own quantization grid."""
 import math
+import re
 
 import pytest
 import torch
@@ -207,6 +208,25 @@ def test_a_decode_width_other_than_the_calibrations_is_refused(cal_factory, name
                      lambda: c.reduce_encode([p, p], shape, layer=L)):
             with pytest.raises(ValueError, match=f"shape has {width} channels but the calibration has hidden size {E}"):
                 call()
+
+
+@pytest.mark.parametrize("name", ["bf16", "int4-outlier", "int4-g32", "mxfp4", "rot-lm4-g64-lg8-k4", "rot-lm4-g64+sum8"])
+def test_decode_sum_takes_strided_payloads_and_refuses_none(cal_factory, name):
+    # before: bf16's decode_sum of a strided payload view failed inside torch ("self.stride(-1) must
+    # be 1 to view Byte as BFloat16") although decode took it; the two-stage codec said "sources []
+    # ... use different codecs" for no payload at all
+    c = make_codec(name, calibration=cal_factory(2, E))
+    x = _x(tokens=4)
+    payloads = [c.encode(x, layer=L, source=r) for r in range(2)]
+    strided = []
+    for p in payloads:
+        wide = torch.zeros(2 * p.numel(), dtype=torch.uint8)
+        wide[::2] = p
+        strided.append(wide[::2])
+    want = c.decode(payloads[0], (4, E), layer=L, source=0) + c.decode(payloads[1], (4, E), layer=L, source=1)
+    assert torch.equal(c.decode_sum(strided, (4, E), layer=L), want)
+    with pytest.raises(ValueError, match=re.escape(f"{name}: decode_sum needs at least one payload")):
+        c.decode_sum([], (4, E), layer=L)
 
 
 def test_an_uncalibrated_rotation_codec_takes_any_width_on_every_backend():

@@ -69,6 +69,8 @@ class _DelegatingCodec(Codec):
                            source=out_source, out=out)
 
     def decode_sum(self, payloads, shape, *, layer=None, sources=None, out=None):
+        if len(payloads) == 0:  # the base class's refusal (no sources would read as "different codecs")
+            raise ValueError(f"{self.name}: decode_sum needs at least one payload")
         sources = list(range(len(payloads))) if sources is None else list(sources)
         picked = {id(self._pick(layer, s)): self._pick(layer, s) for s in sources}
         if len(picked) != 1:  # pragma: no cover - every source of one layer uses one sub-codec

@@ -68,8 +68,8 @@ class BF16Codec(Codec):
         # of the benchmarks; fresh multi-MB temporaries cost it page faults on every call.
         acc = torch.empty(shape, dtype=torch.float32, device=payloads[0].device) if out is None else out
         for r, p in enumerate(payloads):
-            if p.storage_offset() % 2:
-                p = p.clone()
+            if p.storage_offset() % 2 or not p.is_contiguous():  # a view needs contiguous, aligned bytes
+                p = p.clone(memory_format=torch.contiguous_format)
             v = p.view(torch.bfloat16).view(shape)
             acc.copy_(v) if r == 0 else acc.add_(v)
         return acc
