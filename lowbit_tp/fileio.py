@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from lowbit_tp.errors import UserError
 
-__all__ = ["atomic_write_text", "check_output_path"]
+__all__ = ["atomic_write_text", "atomic_write_with", "check_output_path"]
 
 
 def check_output_path(path: str | os.PathLike, *, what: str = "output file") -> Path:
@@ -40,13 +41,24 @@ def check_output_path(path: str | os.PathLike, *, what: str = "output file") -> 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    p = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+    return atomic_write_with(path, write)
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """``write(tmp)`` writes the whole file at ``tmp``, a new file in ``path``'s directory, which
+    then replaces ``path`` in one step (``os.replace``). An error or a signal while writing leaves
+    ``path`` as it was (an earlier file there is not truncated) and no temporary file behind."""
+    p = check_output_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        write(tmp)
         os.replace(tmp, p)
     except BaseException:
         try:

@@ -29,6 +29,26 @@ def test_round_trip(tmp_path, cal):
     assert ("a.o_proj", "sum") in back.stats
 
 
+def test_an_interrupted_save_leaves_the_earlier_file_whole(tmp_path, cal, monkeypatch):
+    # before: safetensors truncated the target and wrote into it, so Ctrl-C (or a full disk)
+    # while `calibrate --out cal.safetensors` rewrote an existing calibration destroyed it
+    import safetensors.torch
+
+    path = cal.save(tmp_path / "cal.safetensors")
+    before = path.read_bytes()
+
+    def interrupted(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x10\x00\x00\x00half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cal.save(path)
+    assert path.read_bytes() == before and Calibration.load(path).fingerprint() == cal.fingerprint()
+    assert [p.name for p in tmp_path.iterdir()] == ["cal.safetensors"]  # no temporary file left
+
+
 def test_corrupted_tensor_bytes(tmp_path, cal):
     path = cal.save(tmp_path / "cal.safetensors")
     raw = bytearray(path.read_bytes())

@@ -48,6 +48,7 @@ from typing import Any, Iterable, Union
 import torch
 
 from lowbit_tp.errors import UserError
+from lowbit_tp.fileio import atomic_write_with
 
 SCHEMA_VERSION = 2
 STATS = ("ema_min", "ema_max", "absmax")
@@ -219,7 +220,8 @@ class Calibration:
         return out
 
     def save(self, path: str | Path) -> Path:
-        """Write the artifact (safetensors + JSON header with a checksum)."""
+        """Write the artifact (safetensors + JSON header with a checksum) in one step: a reader
+        never sees a half-written file, and a failed write leaves an earlier file whole."""
         from safetensors.torch import save_file
 
         tensors = self._tensors()
@@ -228,10 +230,10 @@ class Calibration:
         meta["tensor_sha256"] = _tensor_digest(tensors)
         meta["header_sha256"] = _header_digest(meta)
         self.meta = meta
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"lowbit_tp": json.dumps(meta, sort_keys=True)})
-        return path
+        # via a temporary file: a crash or Ctrl-C while writing leaves an earlier file at ``path``
+        # whole (safetensors truncates its target first), e.g. the calibration being redone
+        header = {"lowbit_tp": json.dumps(meta, sort_keys=True)}
+        return atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
     @classmethod
     def load_for(cls, source: "Calibration | str | Path | None", *, tp: int, model: Any) -> "Calibration | None":
