@@ -290,6 +290,10 @@ class CommBenchConfig:
         for n in self.numels:
             check_min(n, "numel")
         check_min(self.hidden, "hidden")
+        for n in self.numels:  # a message is [numel / hidden, hidden]: any other count was rounded, unsaid
+            if n % self.hidden:
+                raise UserError(f"numel {n} is not a multiple of hidden {self.hidden} (a message is "
+                                f"[numel / hidden, hidden]); e.g. numel {max(1, round(n / self.hidden)) * self.hidden}")
         check_min(self.repeats, "repeats")
         check_min(self.threads_per_rank, "threads_per_rank")
         if not self.codecs:

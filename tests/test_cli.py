@@ -99,8 +99,9 @@ def test_flags_reach_the_config():
                                      "--top-k", "5", "--engine", "vllm", "--timeout", "7"), 3)
     assert cfg == RunConfig(tp=3, prompts=("a", "b"), policy=AutoPolicy(min_bytes=0), timeout_s=7.0,
                             sampling=SamplingConfig(do_sample=True, top_k=5))
-    cfg = bench.comm_config_from_args(parse("bench-comm", "--codec", "int8", "--numel", "64", "--chunk-bytes", "0"))
-    assert (cfg.codecs, cfg.numels, cfg.chunk_bytes, cfg.world_sizes) == (("int8",), (64,), (0,), (2,))
+    cfg = bench.comm_config_from_args(parse("bench-comm", "--codec", "int8", "--numel", "64", "--hidden", "64",
+                                            "--chunk-bytes", "0"))
+    assert (cfg.codecs, cfg.numels, cfg.hidden, cfg.chunk_bytes, cfg.world_sizes) == (("int8",), (64,), 64, (0,), (2,))
     assert bench.e2e_config_from_args(parse("bench-e2e", "--chunk-bytes", "1048576")).chunk_bytes == 1048576
     assert bench.e2e_config_from_args(parse("bench-e2e", "--error-feedback", "both")).error_feedback == "both"
     assert calibrate.config_from_args(parse("calibrate", "--tp", "2", "--out", "x", "--allocate", "0")).allocate is None
@@ -212,6 +213,18 @@ def test_bench_comm_refuses_one_rank_and_codecs_its_calibration_cannot_feed():
             run_comm_bench(CommBenchConfig(codecs=("int4-g32", name), numels=(4096,), repeats=1), throughput=False)
     with pytest.raises(UserError, match="^bench-comm: codec 'int4-outlier\\+fisher': channel weights apply to rot-"):
         run_comm_bench(CommBenchConfig(codecs=("int4-outlier+fisher",), numels=(4096,), repeats=1), throughput=False)
+
+
+def test_bench_comm_refuses_a_message_size_its_width_does_not_divide():
+    """A message is [numel / hidden, hidden]: --numel 1000 (hidden 64) measured 960 values and
+    --numel 10 (hidden 4096) measured 4096, with no word."""
+    from lowbit_tp.errors import UserError
+
+    with pytest.raises(UserError, match=r"numel 1000 is not a multiple of hidden 64 .*e\.g\. numel 1024"):
+        bench.comm_config_from_args(parse("bench-comm", "--numel", "1000", "--hidden", "64"))
+    with pytest.raises(UserError, match=r"numel 10 is not a multiple of hidden 4096 .*e\.g\. numel 4096"):
+        CommBenchConfig(numels=(10,))
+    assert CommBenchConfig().numels and CommBenchConfig(numels=(1024,), hidden=64).numels == (1024,)
 
 
 def test_run_refuses_sampling_flags_without_sample():
