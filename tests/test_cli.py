@@ -237,6 +237,39 @@ def test_run_refuses_sampling_flags_without_sample():
     run._check_sampling_flags(parse("run", "--prompt", "hi", "--temperature", "1.0"))  # the default: no change
 
 
+def test_flags_an_engine_runtime_or_from_would_ignore_are_refused():
+    """Each ran and ignored the flag without a word: `run --compile` on the native engine,
+    `run --min-bytes 0 --algorithm gather`, `eval --timeout 5` in the simulator, `calibrate --from
+    CAL --samples 8` (a flag left at its default passes)."""
+    from lowbit_tp.errors import UserError
+
+    def refused(parsed, check, msg):
+        with pytest.raises(UserError, match=msg):
+            check(parsed)
+
+    refused(parse("run", "--prompt", "hi", "--compile"), run.cmd,
+            r"^--compile only applies with --engine vllm \(the native engine runs eagerly\)$")
+    refused(parse("run", "--prompt", "hi", "--engine", "transformers", "--compile"), run.cmd, "the transformers engine")
+    refused(parse("run", "--prompt", "hi", "--algorithm", "gather", "--min-bytes", "0"), run.cmd,
+            r"^--min-bytes 0 only applies with --algorithm auto \(its size gate\); --algorithm gather sends")
+    for ok in (("--algorithm", "auto", "--min-bytes", "0"), ("--engine", "vllm", "--algorithm", "gather",
+                                                              "--min-bytes", "0", "--compile"),
+               ("--algorithm", "gather", "--min-bytes", "65536")):
+        run._check_engine_flags(parse("run", "--prompt", "hi", *ok))
+    refused(parse("eval", "--tp", "2", "--codec", "bf16", "--timeout", "5", "--threads-per-rank", "2"), eval.cmd,
+            r"^--timeout 5.0, --threads-per-rank 2 only apply with --runtime tp \(the simulator")
+    refused(parse("eval", "--tp", "2", "--codec", "bf16", "--threads-per-rank", "2"), eval.cmd,
+            r"^--threads-per-rank 2 only applies with --runtime tp")
+    eval._check_runtime_flags(parse("eval", "--tp", "2", "--codec", "bf16", "--runtime", "tp", "--timeout", "5"))
+    eval._check_runtime_flags(parse("eval", "--tp", "2", "--codec", "bf16", "--timeout", "60"))  # the default
+    refused(parse("calibrate", "--tp", "2", "--out", "x", "--from", "c", "--fisher-weights", "1", "--samples", "8",
+                  "--k", "3"), calibrate.cmd, r"^--samples, --k do not apply with --from \(its statistics, windows")
+    refused(parse("calibrate", "--tp", "2", "--out", "x", "--from", "c", "--fisher-weights", "1", "--allocate", "0"),
+            calibrate.cmd, r"^--allocate does not apply with --from")
+    calibrate._check_from_flags(calibrate.config_from_args(parse("calibrate", "--tp", "2", "--out", "x", "--from", "c",
+                                                                 "--fisher-weights", "2", "--fisher-windows", "2")))
+
+
 def test_demo_synthetic_refuses_the_model_demos_flags():
     """`demo --synthetic --tp 1` ran its TP-2 tour and ignored --tp (a flag left at its default passes)."""
     proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "demo", "--synthetic", "--tp", "1", "--codec",

@@ -4,6 +4,7 @@ from __future__ import annotations
 from lowbit_tp.cli.argtypes import nonneg_float, nonneg_int, positive_int, unit_interval
 from lowbit_tp.cli.common import default, warn
 from lowbit_tp.configs import CalibrationConfig
+from lowbit_tp.errors import UserError
 
 
 def register(sub) -> None:
@@ -55,6 +56,20 @@ def config_from_args(args) -> CalibrationConfig:
                              fisher_draws=args.fisher_weights, fisher_windows=args.fisher_windows)
 
 
+# What --from keeps from the source calibration: these flags would not change a thing.
+NOT_WITH_FROM = ("samples", "seq_len", "batch_size", "seed", "ema_decay", "k", "text", "text_glob", "allocate",
+                 "alloc_low", "alloc_high", "alloc_codecs", "alloc_samples")
+
+
+def _check_from_flags(cfg: CalibrationConfig) -> None:
+    """Refuse the flags that ``--from`` ignores (they were silently): the source calibration's
+    statistics, windows and allocation are kept. A flag left at its default passes."""
+    given = [f"--{f.replace('_', '-')}" for f in NOT_WITH_FROM if getattr(cfg, f) != default(CalibrationConfig, f)]
+    if given:
+        raise UserError(f"{', '.join(given)} {'do' if len(given) > 1 else 'does'} not apply with --from (its "
+                        f"statistics, windows and allocation are kept; only --fisher-* apply)")
+
+
 def cmd(args) -> None:
     # Library code (torch) is imported when the command runs, so that `--help` stays fast.
     from lowbit_tp.calibration.pipeline import calibrate, fisher_from
@@ -62,6 +77,7 @@ def cmd(args) -> None:
 
     cfg = config_from_args(args)
     if args.from_path:  # only the Fisher pass, added to an existing calibration
+        _check_from_flags(cfg)
         preflight_fisher_from(cfg, source=args.from_path, out=args.out)
         path = fisher_from(cfg, args.from_path).save(args.out)
         print(f"wrote {path}: {args.from_path} plus Fisher channel weights ({cfg.fisher_draws} draws over the first "

@@ -4,6 +4,7 @@ from __future__ import annotations
 from lowbit_tp.cli.argtypes import nonneg_int, positive_float, positive_int
 from lowbit_tp.cli.common import default, warn, write_json
 from lowbit_tp.configs import ALGORITHMS, SPLITS, EvalConfig, RankOptions
+from lowbit_tp.errors import UserError
 
 COLUMNS = ["codec", "algorithm", "error_feedback", "runtime", "split", "bits_per_value", "ppl_baseline", "ppl", "ppl_increase_pct",
            "ppl_increase_pct_ci95", "kl", "kl_ci95", "top1", "top1_ci95", "lambada_acc_baseline", "lambada_acc",
@@ -54,7 +55,20 @@ def config_from_args(args) -> EvalConfig:
                       text_glob=args.text_glob, split=args.split, error_feedback=args.error_feedback)
 
 
+def _check_runtime_flags(args) -> None:
+    """Refuse the rank options without ``--runtime tp`` (the simulator ignored them silently);
+    a flag left at its default passes."""
+    given = [f"{flag} {value}" for flag, value, field in (("--timeout", args.timeout, "timeout_s"),
+                                                          ("--threads-per-rank", args.threads_per_rank,
+                                                           "threads_per_rank"))
+             if value != default(RankOptions, field)]
+    if given and args.runtime != "tp":
+        raise UserError(f"{', '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} with --runtime tp "
+                        f"(the simulator runs in this process)")
+
+
 def cmd(args) -> None:
+    _check_runtime_flags(args)
     # Library code (torch) is imported when the command runs, so that `--help` stays fast.
     from lowbit_tp.evaluation import evaluate_codecs
     from lowbit_tp.evaluation.on_ranks import evaluate_codecs_tp

@@ -87,6 +87,17 @@ def _check_sampling_flags(args) -> None:
         raise UserError(f"{', '.join(given)} only apply with --sample (greedy decoding is the default)")
 
 
+def _check_engine_flags(args) -> None:
+    """Refuse flags the chosen engine or algorithm would ignore (as they were, silently):
+    ``--compile`` is vLLM's; ``--min-bytes`` is the size gate of ``--algorithm auto`` (and of
+    vLLM's plugin, which gates every algorithm). A flag left at its default passes."""
+    if args.compile and args.engine != "vllm":
+        raise UserError(f"--compile only applies with --engine vllm (the {args.engine} engine runs eagerly)")
+    if args.min_bytes != default(AutoPolicy, "min_bytes") and args.algorithm != "auto" and args.engine != "vllm":
+        raise UserError(f"--min-bytes {args.min_bytes} only applies with --algorithm auto (its size gate); "
+                        f"--algorithm {args.algorithm} sends every message the same way")
+
+
 def past_context(results, context: int | None) -> list[str]:
     """A warning per generation that ran past the model's context (``max_position_embeddings``):
     the ranks generate on, and text beyond it is not meaningful. Said after the run, since only
@@ -100,6 +111,7 @@ def past_context(results, context: int | None) -> list[str]:
 
 def cmd(args) -> None:
     _check_sampling_flags(args)
+    _check_engine_flags(args)
     if args.json:  # before the run: a missing directory must not lose a whole run's results
         check_output_path(args.json)
     if args.engine == "vllm":
