@@ -9,7 +9,7 @@ checks that need the codec registry or a model header run in :mod:`lowbit_tp.pre
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from lowbit_tp.errors import UserError
@@ -357,6 +357,15 @@ class E2EConfig:
         if self.error_feedback != "off" and two_shot and self.chunk_bytes > 0:
             raise UserError(f"error feedback with two-shot needs whole messages ({self.algorithm} is two-shot at "
                             f"TP {max(self.tps)}): use --chunk-bytes 0 or --algorithm gather")
+        # flags that were silently ignored: a checkpoint brings its own shape, loopback has no link to delay
+        shape = [f"--{f.name.replace('_', '-')}" for f in fields(self)
+                 if f.name in ("hidden", "intermediate", "layers", "heads", "kv_heads")
+                 and getattr(self, f.name) != f.default]
+        if shape and self.model != "random-llama":
+            raise UserError(f"{', '.join(shape)} shape{'' if len(shape) > 1 else 's'} the random-llama model; "
+                            f"--model {self.model} has its own shape")
+        if self.delay not in ("0", "") and all(n == "loopback" for n in self.networks):
+            raise UserError(f"--delay {self.delay} applies to emulated links (--network RATE); loopback has none")
 
     def variants(self) -> list[tuple[str, str, bool]]:
         """(codec, algorithm, error feedback) of one network and TP degree, baseline first."""

@@ -268,3 +268,17 @@ def test_chunk_sweep_script_runs_on_loopback(tmp_path):
     got = {(r["codec"], r.get("chunk_bytes")) for r in rows}
     assert got == {("bf16", None), ("int4-outlier", 0), ("int4-outlier", 4096)}, got
     assert all(r["network"] == "loopback" and r["latency_ms"] > 0 for r in rows)
+
+
+def test_config_refuses_shape_flags_with_a_checkpoint_and_delay_on_loopback_only():
+    """`bench-e2e --model smollm2-135m --hidden 512` measured SmolLM2's own shape, and `--network
+    loopback --delay 1ms` no delay, both without a word (a flag left at its default passes)."""
+    from lowbit_tp.errors import UserError
+
+    with pytest.raises(UserError, match=r"^--hidden, --layers shape the random-llama model; --model smollm2-135m has"):
+        e2e.E2EConfig(model="smollm2-135m", hidden=512, layers=4)
+    with pytest.raises(UserError, match=r"^--delay 1ms applies to emulated links \(--network RATE\); loopback"):
+        e2e.E2EConfig(networks=("loopback",), delay="1ms")
+    e2e.E2EConfig(model="smollm2-135m")
+    e2e.E2EConfig(hidden=512, layers=4)  # random-llama takes them
+    e2e.E2EConfig(networks=("loopback", "1gbit"), delay="1ms")
