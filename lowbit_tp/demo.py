@@ -18,7 +18,9 @@ from lowbit_tp.models import load_model
 from lowbit_tp.results import markdown_table
 from lowbit_tp.runtime import run_tp
 
-CODECS = ("bf16", "int8", "int4", "int4-random-k", "int4-outlier", "int4-g32", "int4-g128", "mxfp4")
+# the paper's codecs, then the two the default codec allocates to layers (without a model, no plan to show)
+CODECS = ("bf16", "int8", "int4", "int4-random-k", "int4-outlier", "int4-g32", "int4-g128", "mxfp4",
+          CalibrationConfig.alloc_low, CalibrationConfig.alloc_high)
 LAYER = "demo.o_proj"
 
 

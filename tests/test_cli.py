@@ -291,3 +291,15 @@ def test_run_warns_about_generations_past_the_models_context():
         "prompt 2: 3 prompt + 100 new tokens exceed the model's context of 64 tokens; the text beyond it is not "
         "meaningful"]
     assert run.past_context(results, None) == []
+
+
+def test_demo_synthetic_tours_the_default_codecs_family_and_matches_the_simulator():
+    """The tour said "every codec" but left out the rot-* codecs the default codec is made of."""
+    from lowbit_tp.configs import CalibrationConfig
+    from lowbit_tp.demo import codec_demo
+
+    rows, table = codec_demo(world=2, tokens=16, hidden=256)
+    codecs = {r["codec"] for r in rows}
+    assert {CalibrationConfig.alloc_low, CalibrationConfig.alloc_high, "int4-outlier", "bf16"} <= codecs
+    assert all(r["bitwise_equal_to_simulator"] for r in rows) and len(rows) == 2 * len(codecs)
+    assert f"| {CalibrationConfig.alloc_low} | two-shot |" in table
