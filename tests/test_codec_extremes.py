@@ -367,3 +367,19 @@ def test_real_ranks_match_reference_bitwise_in_propagate_mode_and_two_stage():
                     y = results[r][(name, tokens, algo)]
                     # bitwise, NaN payloads included
                     assert y.shape == ref.shape and torch.equal(y.view(torch.int32), ref.view(torch.int32)), (name, algo, r)
+
+
+@pytest.mark.parametrize("name", ["bf16", "mxfp4"])
+def test_a_two_shot_sum_that_overflows_fp32_says_so(cal, name):
+    # before: finite partials whose sum passed fp32's range were refused as "NaN/Inf value(s) in the
+    # communicated tensor of ... source 'sum'", as if the input had held them
+    from lowbit_tp.codecs import NonFiniteError
+
+    parts = planted_partials(3, 6, E)
+    for p in parts:
+        p[2, 5] = 2e38
+    with pytest.raises(NonFiniteError, match=r"source 'sum'; the ranks' partials summed beyond the fp32 range"):
+        simulate_all_reduce(parts, make_codec(name, calibration=cal, backend="reference"), "two-shot", layer=L0)
+    parts[0][2, 5] = float("nan")  # a NaN is not an overflow (rank 0's own encode refuses it first)
+    with pytest.raises(NonFiniteError, match=r"source 0; pass nonfinite"):
+        simulate_all_reduce(parts, make_codec(name, calibration=cal, backend="reference"), "two-shot", layer=L0)

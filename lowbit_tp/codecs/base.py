@@ -522,9 +522,12 @@ class Codec(ABC):
             self._step_flag(layer, source, x.device)[1].fill_(1)
         if bad and self.nonfinite == "error":
             n = int((~torch.isfinite(x)).sum())
+            # a two-shot owner's sum with Inf but no NaN: finite partials that summed past fp32's range
+            overflow = source == "sum" and not bool(torch.isnan(x).any())
             raise NonFiniteError(
-                f"{self.name}: {n} NaN/Inf value(s) in the communicated tensor of {where}; "
-                f"pass nonfinite='propagate' to send them on as NaN"
+                f"{self.name}: {n} NaN/Inf value(s) in the communicated tensor of {where}"
+                + ("; the ranks' partials summed beyond the fp32 range" if overflow else "")
+                + "; pass nonfinite='propagate' to send them on as NaN"
             )
         top = max(-lo, hi)
         if self.nonfinite == "error" and top > self.max_input:
