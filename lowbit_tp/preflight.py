@@ -157,6 +157,10 @@ def preflight_calibrate(cfg: Any, *, out: str | Path, warn: Callable[[str], None
                         f"{config.hidden_size}")
     if cfg.allocate:
         check_codecs([cfg.alloc_low, cfg.alloc_high, *getattr(cfg, "alloc_codecs", ())], build=False)
+    # the Fisher pass reads the first windows of this calibration (more were silently cut to --samples)
+    if cfg.fisher_draws and cfg.fisher_windows > cfg.samples:
+        raise UserError(f"--fisher-windows {cfg.fisher_windows}: this calibration reads {cfg.samples} windows "
+                        f"(--samples)")
     check_text(cfg.text, getattr(cfg, "text_glob", "*"))
     check_output_path(out, what="calibration file")
 

@@ -237,7 +237,7 @@ def test_run_refuses_sampling_flags_without_sample():
     run._check_sampling_flags(parse("run", "--prompt", "hi", "--temperature", "1.0"))  # the default: no change
 
 
-def test_flags_an_engine_runtime_or_from_would_ignore_are_refused():
+def test_flags_an_engine_runtime_or_from_would_ignore_are_refused(tmp_path):
     """Each ran and ignored the flag without a word: `run --compile` on the native engine,
     `run --min-bytes 0 --algorithm gather`, `eval --timeout 5` in the simulator, `calibrate --from
     CAL --samples 8` (a flag left at its default passes)."""
@@ -268,6 +268,20 @@ def test_flags_an_engine_runtime_or_from_would_ignore_are_refused():
             calibrate.cmd, r"^--allocate does not apply with --from")
     calibrate._check_from_flags(calibrate.config_from_args(parse("calibrate", "--tp", "2", "--out", "x", "--from", "c",
                                                                  "--fisher-weights", "2", "--fisher-windows", "2")))
+    # `calibrate --fisher-windows 3` without --fisher-weights ran no Fisher pass; with --fisher-windows
+    # above --samples the pass read --samples windows
+    # (the checks themselves: without them cmd would calibrate SmolLM2)
+    from lowbit_tp.preflight import preflight_calibrate
+
+    def cal_cfg(*argv):
+        return calibrate.config_from_args(parse("calibrate", "--tp", "3", "--out", "x", *argv))
+
+    refused(cal_cfg("--fisher-windows", "3"), calibrate._check_fisher_flags,
+            r"^--fisher-windows 3 applies to the Fisher pass: give --fisher-weights DRAWS too$")
+    calibrate._check_fisher_flags(cal_cfg("--fisher-windows", "3", "--fisher-weights", "1"))
+    refused(cal_cfg("--fisher-weights", "1", "--samples", "8", "--fisher-windows", "9"),
+            lambda c: preflight_calibrate(c, out=str(tmp_path / "c.safetensors")),
+            r"^--fisher-windows 9: this calibration reads 8 windows")
 
 
 def test_demo_synthetic_refuses_the_model_demos_flags():

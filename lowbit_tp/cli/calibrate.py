@@ -70,6 +70,13 @@ def _check_from_flags(cfg: CalibrationConfig) -> None:
                         f"statistics, windows and allocation are kept; only --fisher-* apply)")
 
 
+def _check_fisher_flags(cfg: CalibrationConfig) -> None:
+    """``--fisher-windows`` without ``--fisher-weights`` ran no Fisher pass, without a word."""
+    if not cfg.fisher_draws and cfg.fisher_windows != default(CalibrationConfig, "fisher_windows"):
+        raise UserError(f"--fisher-windows {cfg.fisher_windows} applies to the Fisher pass: give --fisher-weights "
+                        f"DRAWS too")
+
+
 def cmd(args) -> None:
     # Library code (torch) is imported when the command runs, so that `--help` stays fast.
     from lowbit_tp.calibration.pipeline import calibrate, fisher_from
@@ -83,6 +90,7 @@ def cmd(args) -> None:
         print(f"wrote {path}: {args.from_path} plus Fisher channel weights ({cfg.fisher_draws} draws over the first "
               f"{cfg.fisher_windows} calibration windows)")
         return
+    _check_fisher_flags(cfg)
     preflight_calibrate(cfg, out=args.out, warn=warn)
     cal = calibrate(cfg)
     path = cal.save(args.out)
