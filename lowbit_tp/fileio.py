@@ -36,6 +36,13 @@ def check_output_path(path: str | os.PathLike, *, what: str = "output file") -> 
         raise UserError(f"cannot create the directory of {what} {p}: {exc.strerror or exc}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write {what} {p}: directory {parent} is not writable")
+    try:  # what the writer will do (a temporary file there): some directories pass os.access and refuse it
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise UserError(f"cannot write {what} {p}: a file cannot be created in {parent} "
+                        f"({exc.strerror or exc})") from None
     return p
 
 

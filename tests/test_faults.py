@@ -388,6 +388,10 @@ def test_output_path_is_created_up_front_and_written_atomically(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
         check_output_path(tmp_path / "file" / "out.json")
+    # /proc passes os.access for root but takes no new file: `calibrate --out /proc/cal.safetensors`
+    # calibrated for minutes, then ended in a FileNotFoundError traceback
+    with pytest.raises(UserError, match=r"^cannot write output file /proc/out\.json: "):
+        check_output_path("/proc/out.json")
 
 
 def test_a_stray_byte_is_kept_but_binary_text_is_refused(tmp_path):
