@@ -128,6 +128,14 @@ def test_help_does_not_import_torch(argv):
     assert out.rstrip().splitlines()[-1] == "IMPORTED"  # none of the heavy modules
 
 
+def test_version_flag():
+    """`lowbit-tp --version` said "the following arguments are required: command" (exit 2)."""
+    import lowbit_tp
+
+    proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == f"lowbit-tp {lowbit_tp.__version__}\n", (proc.stdout, proc.stderr)
+
+
 def test_a_bad_flag_is_one_line_with_status_2():
     proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "eval", "--tp", "0", "--codec", "x"],
                           capture_output=True, text=True)

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 
+from lowbit_tp import __version__
 from lowbit_tp.cli import bench, calibrate, demo, eval, run, serve
 from lowbit_tp.errors import Terminated, UserError
 
@@ -32,6 +33,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lowbit-tp", description=__doc__.split("\n\n")[0],
                      epilog="User errors print one line; LOWBIT_TP_DEBUG=1 shows the traceback instead.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)
