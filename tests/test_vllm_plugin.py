@@ -56,6 +56,11 @@ def test_config_errors_name_the_setting(monkeypatch):
     # listed as "unknown setting(s) ['-', '2', '3', ...]"
     with pytest.raises(ValueError, match="lowbit-tp plugin: min_bytes must be an integer number of bytes, got 'abc'"):
         PluginConfig.from_env({"LOWBIT_TP_CODEC": "int4-g32", "LOWBIT_TP_MIN_BYTES": "abc"})
+    # were: --additional-config's {"min_bytes": 1.9} and {"min_bytes": true} read as 1, without a word
+    for bad in (1.9, True):
+        with pytest.raises(ValueError, match=f"min_bytes must be an integer number of bytes, got {bad!r}"):
+            PluginConfig.from_mapping({"codec": "int4-g32", "min_bytes": bad})
+    assert PluginConfig.from_mapping({"min_bytes": 4096.0}).min_bytes == 4096
     monkeypatch.delenv("LOWBIT_TP_CODEC", raising=False)
     with pytest.raises(ValueError, match="lowbit-tp plugin: settings must be a mapping .* got str 'int4-g32'"):
         resolve_config({"lowbit_tp": "int4-g32"})

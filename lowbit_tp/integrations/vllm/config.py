@@ -109,8 +109,11 @@ class PluginConfig:
         kw = dict(values)
         if "min_bytes" in kw:
             try:
-                kw["min_bytes"] = int(kw["min_bytes"])
-            except (TypeError, ValueError):  # int()'s own message does not name the setting
+                v = kw["min_bytes"]
+                if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                    raise ValueError  # int() would take JSON's true as 1 and 1.9 as 1
+                kw["min_bytes"] = int(v)
+            except (TypeError, ValueError, OverflowError):  # int()'s own message does not name the setting
                 raise ValueError(f"lowbit-tp plugin: min_bytes must be an integer number of bytes, "
                                  f"got {kw['min_bytes']!r}") from None
         if "error_feedback" in kw:
