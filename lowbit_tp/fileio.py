@@ -66,6 +66,7 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[str], None]) -> 
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # what open() would have given; mkstemp makes it 0600
         os.replace(tmp, p)
     except BaseException:
         try:
@@ -74,3 +75,9 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[str], None]) -> 
             pass
         raise
     return p
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

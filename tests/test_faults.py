@@ -383,6 +383,9 @@ def test_output_path_is_created_up_front_and_written_atomically(tmp_path):
     atomic_write_text(target, "second")
     assert target.read_text() == "second"
     assert [p.name for p in target.parent.iterdir()] == ["out.json"]  # no temporary file left
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # as open() makes it, not mkstemp's 0600
     with pytest.raises(UserError, match="is a directory"):
         check_output_path(tmp_path)
     (tmp_path / "file").write_text("x")
