@@ -73,9 +73,10 @@ def check_calibration_file(path: str | Path):
 
 
 def check_codecs(names: Iterable[str], *, calibration: str | Path | None = None, tp: int | None = None,
-                 hidden_size: int | None = None, build: bool = True):
+                 hidden_size: int | None = None, num_layers: int | None = None, build: bool = True):
     """Every codec name is registered and (``build``) can be built with this calibration; the
-    calibration fits ``tp`` and ``hidden_size``. Returns the loaded calibration (or None)."""
+    calibration fits ``tp`` and ``hidden_size`` and covers ``num_layers`` blocks. Returns the
+    loaded calibration (or None)."""
     names = list(names)
     if not names:
         raise UserError("give at least one codec")
@@ -91,7 +92,7 @@ def check_codecs(names: Iterable[str], *, calibration: str | Path | None = None,
     cal = None if calibration is None else check_calibration_file(calibration)
     try:
         if cal is not None:
-            cal.check_compatible(tp=tp, hidden_size=hidden_size)
+            cal.check_compatible(tp=tp, hidden_size=hidden_size, num_layers=num_layers)
         for name in names:
             make_codec(name, calibration=cal)
     except (CalibrationError, KeyError, ValueError) as exc:
@@ -139,7 +140,8 @@ def preflight_eval(cfg: Any, *, out: str | Path | None = None, warn: Callable[[s
     for text in check_seq_len(cfg.seq_len, config):
         _warn_with(warn)(text)
     check_min(cfg.samples, "--samples")
-    check_codecs(cfg.codecs, calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size)
+    check_codecs(cfg.codecs, calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size,
+                 num_layers=getattr(config, "num_hidden_layers", None))
     check_text(cfg.text, getattr(cfg, "text_glob", "*"))
     if out:
         check_output_path(out)
@@ -175,7 +177,8 @@ def preflight_fisher_from(cfg: Any, *, source: str | Path, out: str | Path) -> N
     config = check_model_tp(cfg.model, cfg.tp)
     cal = check_calibration_file(source)
     try:
-        cal.check_compatible(tp=cfg.tp, hidden_size=config.hidden_size)
+        cal.check_compatible(tp=cfg.tp, hidden_size=config.hidden_size,
+                             num_layers=getattr(config, "num_hidden_layers", None))
     except CalibrationError as exc:
         raise UserError(str(exc)) from None
     n = int(((cal.meta.get("text") or {}).get("chunks") or {}).get("num_samples") or 0)

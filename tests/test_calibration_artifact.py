@@ -80,6 +80,30 @@ def test_other_schema_version(tmp_path, cal):
         Calibration.load(path)
 
 
+def test_a_calibration_must_cover_every_block_of_the_model(tmp_path):
+    """One block calibrated, two in the model: refused with the count, by the preflight of a
+    run as by the ranks' load; names without the usual tails are left to the run."""
+    from lowbit_tp.calibration.synthetic import synthetic_calibration
+    from lowbit_tp.errors import UserError
+    from lowbit_tp.preflight import check_codecs
+
+    one = synthetic_calibration(["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"], world=2,
+                                hidden=64, tokens=16, batches=1)
+    one.check_compatible(tp=2, hidden_size=64, num_layers=1)
+    with pytest.raises(CalibrationError, match=r"lacks 2 of the model's 4 row-parallel layers \(it has 2, "
+                                               r"made for 'synthetic'\)"):
+        one.check_compatible(num_layers=2)
+    half = synthetic_calibration(["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"], world=2,
+                                 hidden=64, tokens=16, batches=1)
+    with pytest.raises(CalibrationError, match="lacks 2 of the model's 4"):  # both blocks, MLPs missing
+        half.check_compatible(num_layers=2)
+    path = one.save(tmp_path / "one.safetensors")
+    with pytest.raises(UserError, match="lacks 2 of the model's 4"):
+        check_codecs(["int4-outlier"], calibration=path, tp=2, hidden_size=64, num_layers=2)
+    other = synthetic_calibration(["a.o_proj"], world=2, hidden=64, tokens=16, batches=1)
+    other.check_compatible(num_layers=30)  # not the HF tails: the run looks each layer up itself
+
+
 def test_mismatched_run(cal):
     with pytest.raises(CalibrationError, match="TP degree 2.*TP 4"):
         cal.check_compatible(tp=4)

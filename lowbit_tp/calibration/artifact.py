@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Union
@@ -56,6 +57,17 @@ OPTIONAL_STATS = ("mean_min", "mean_max", "p999")
 WEIGHT_SOURCE, WEIGHT_STAT = "all", "channel_weight"  # tensor "{layer}|all|channel_weight"
 PERCENTILE = 0.999
 Source = Union[int, str]  # a rank index, or "sum"
+
+# A row-parallel layer's name ends in layers.N.self_attn.o_proj or layers.N.mlp.down_proj in
+# every architecture the adapters know (HF names; vLLM's prefixes differ only before "layers").
+_LAYER_TAIL = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn\.o_proj|mlp\.down_proj)$")
+
+
+def layer_key(name: str) -> tuple[int, str] | None:
+    """``(layer index, "self_attn.o_proj" | "mlp.down_proj")`` of a row-parallel module name,
+    or None for a name of another shape."""
+    m = _LAYER_TAIL.search(name)
+    return (int(m.group(1)), m.group(2)) if m else None
 
 
 class CalibrationError(UserError):
@@ -189,8 +201,14 @@ class Calibration:
         hidden_size: int | None = None,
         weights_sha256: str | None = None,
         model_name: str | None = None,
+        num_layers: int | None = None,
     ) -> None:
-        """Raise :class:`CalibrationError` if this artifact was made for another run setup."""
+        """Raise :class:`CalibrationError` if this artifact was made for another run setup.
+
+        ``num_layers`` (the model config's ``num_hidden_layers``): the artifact must cover both
+        row-parallel layers of each block, checked where its layer names have the usual
+        ``layers.N.self_attn.o_proj`` / ``layers.N.mlp.down_proj`` tails (other names are left
+        to the run, which looks each layer up)."""
         model = self.meta.get("model", {})
         if weights_sha256 is not None and model.get("weights_sha256") not in (None, weights_sha256):
             raise CalibrationError(
@@ -207,6 +225,14 @@ class Calibration:
             raise CalibrationError(
                 f"calibration has hidden size {self.hidden_size}, the model has {hidden_size}"
             )
+        keys = [layer_key(n) for n in self.layers]
+        if num_layers is not None and keys and None not in keys:
+            want = {(i, kind) for i in range(num_layers) for kind in ("self_attn.o_proj", "mlp.down_proj")}
+            if not want <= set(keys):
+                name = (model.get("name") or "another model")
+                raise CalibrationError(
+                    f"calibration lacks {len(want - set(keys))} of the model's {len(want)} row-parallel layers "
+                    f"(it has {len(keys)}, made for {name!r}); was it made for another model?")
 
     # ------------------------------------------------------------------ I/O
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -245,7 +271,7 @@ class Calibration:
             return None
         cal = source if isinstance(source, Calibration) else cls.load(source)
         cal.check_compatible(tp=tp, hidden_size=model.hidden_size, weights_sha256=model.weights_sha256,
-                             model_name=model.name)
+                             model_name=model.name, num_layers=getattr(model, "num_layers", None))
         return cal
 
     @classmethod

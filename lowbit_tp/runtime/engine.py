@@ -105,10 +105,11 @@ def run_tp(model: str, *, tp: int, prompts, codec: str = RunConfig.codec, calibr
 def preflight_run(cfg: RunConfig) -> None:
     """The checks of a run that need no model load, done before any rank starts: the model
     exists and ``cfg.tp`` fits its heads and MLP, every codec can be built with the
-    calibration, which fits the TP degree and hidden size. Raises :class:`UserError`."""
+    calibration, which fits the TP degree and hidden size and covers every block. Raises :class:`UserError`."""
     config = check_model_tp(cfg.model, cfg.tp)
     check_engine_tp(config, cfg.tp, cfg.engine, name=cfg.model)
-    check_codecs([cfg.codec], calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size)
+    check_codecs([cfg.codec], calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size,
+                 num_layers=getattr(config, "num_hidden_layers", None))
 
 
 def run_config(cfg: RunConfig, *, deadline_s: float | None = None, stream: bool = False) -> RunResult:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lowbit_tp.calibration import Calibration, CalibrationError
+from lowbit_tp.calibration.artifact import layer_key
 from lowbit_tp.collectives.feedback import FeedbackChain, PostNorm
 from lowbit_tp.models import get_adapter
 from lowbit_tp.models.adapters import post_norm_from_weight
@@ -26,17 +27,10 @@ from lowbit_tp.models.registry import resolve_source
 
 # vLLM prefixes and HF module names share this tail for every architecture we support
 # (Llama: "model.layers.3.mlp.down_proj"; Gemma 3 multimodal: "language_model.model.layers.3...").
-_TAIL = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn\.o_proj|mlp\.down_proj)$")
 
 
 # Gemma 2/3's norms between a row-parallel output and the residual, by the same tail.
 _NORM_TAIL = re.compile(r"(?:^|\.)layers\.(\d+)\.(post_attention_layernorm|post_feedforward_layernorm)$")
-
-
-def layer_key(name: str) -> tuple[int, str] | None:
-    """``(layer index, "self_attn.o_proj" | "mlp.down_proj")`` of a row-parallel module name."""
-    m = _TAIL.search(name)
-    return (int(m.group(1)), m.group(2)) if m else None
 
 
 def calibration_layer_name(vllm_prefix: str, calibration_layers: list[str] | None) -> str:
@@ -97,6 +91,7 @@ def check_calibration(cal: Calibration, ident: CheckpointIdentity, *, tp: int, p
         cal.check_compatible(tp=tp, hidden_size=ident.hidden_size)
     except CalibrationError as exc:
         raise CalibrationError(f"{where}{exc}") from None
+    # vLLM finds each layer by these tails, so here every name must have one (unlike the native run)
     want = {(i, k) for i in range(ident.num_layers) for k in ("self_attn.o_proj", "mlp.down_proj")}
     have = {layer_key(n) for n in cal.layers}
     if not want <= have:
