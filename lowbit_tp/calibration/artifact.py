@@ -225,14 +225,14 @@ class Calibration:
             raise CalibrationError(
                 f"calibration has hidden size {self.hidden_size}, the model has {hidden_size}"
             )
-        keys = [layer_key(n) for n in self.layers]
-        if num_layers is not None and keys and None not in keys:
+        keys = [] if num_layers is None else [layer_key(n) for n in self.layers]
+        if keys and None not in keys:
             want = {(i, kind) for i in range(num_layers) for kind in ("self_attn.o_proj", "mlp.down_proj")}
             if not want <= set(keys):
-                name = (model.get("name") or "another model")
                 raise CalibrationError(
                     f"calibration lacks {len(want - set(keys))} of the model's {len(want)} row-parallel layers "
-                    f"(it has {len(keys)}, made for {name!r}); was it made for another model?")
+                    f"(it has {len(keys)}, made for {model.get('name') or 'another model'!r}); "
+                    f"was it made for another model?")
 
     # ------------------------------------------------------------------ I/O
     def _tensors(self) -> dict[str, torch.Tensor]:

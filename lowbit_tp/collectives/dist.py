@@ -164,18 +164,12 @@ def all_reduce(
             feedback.next = torch.zeros(partial.shape, dtype=torch.float32, device=partial.device)
         if world == 1:
             return sent.to(partial.dtype, copy=True) if out is None else out.copy_(sent)
-        if out is not None and sent is out:  # in place
-            buf = out
-        elif out is not None and sent.dtype == out.dtype:
-            buf = out.copy_(sent)
-        else:
-            buf = sent.clone()
+        # into ``out`` where it holds the sent dtype (copy_ of a tensor onto itself does nothing)
+        buf = out.copy_(sent) if out is not None and sent.dtype == out.dtype else sent.clone()
         _guard("exact all_reduce", layer, group, lambda: dist.all_reduce(buf, group=group), wire_hook)
         if stats is not None:
             stats.record_exact(partial, world=world)
-        if out is None:
-            return buf.to(partial.dtype)
-        return out if buf is out else out.copy_(buf)
+        return buf.to(partial.dtype) if out is None else out.copy_(buf)
     check_group_config(codec, group, layer=layer)
     rows = (policy or AutoPolicy()).chunk_rows(tokens=partial.shape[0], hidden=partial.shape[1])
     pieces = list(partial.split(rows, dim=0))

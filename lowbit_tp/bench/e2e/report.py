@@ -71,9 +71,8 @@ class E2ERow:
         for f in fields(self):
             if f.name in _RATIOS:
                 break
-            if (f.name == "error_feedback" and not self.error_feedback) or (
-                    f.name == "prefill_allreduce_net_ms" and self.prefill_allreduce_net_ms is None):
-                continue  # written only when set, so rows from before the field read back byte for byte
+            if f.name in _WRITTEN_WHEN_SET and getattr(self, f.name) is f.default:
+                continue  # so rows from before the field read back byte for byte
             out[f.name] = getattr(self, f.name)
         out["decode_tokens_per_s"] = self.decode_tokens_per_s
         out.update({k: getattr(self, k) for k in _RATIOS if getattr(self, k) is not None})
@@ -84,6 +83,8 @@ class E2ERow:
         return cls(**record_kwargs(cls, d, derived=("decode_tokens_per_s",), what="an E2ERow"))
 
 
+# measured fields newer than the first saved rows: written (and shown as columns) only when set
+_WRITTEN_WHEN_SET = ("error_feedback", "prefill_allreduce_net_ms")
 _RATIOS = ("prefill_speedup", "prefill_allreduce_speedup", "prefill_allreduce_net_speedup", "prefill_wire_speedup",
            "decode_speedup",
            "prefill_byte_ratio", "prefill_amdahl_bound", "prefill_vs_amdahl")
@@ -191,7 +192,7 @@ COLUMNS = ["network", "tp", "codec", "algorithm", "error_feedback", "bits_per_va
 def columns_for(rows: list[dict]) -> list[str]:
     """:data:`COLUMNS`, without ``error_feedback`` unless a row ran with it, and without the net
     all-reduce columns unless a row has them (rows from before they were measured)."""
-    optional = ("error_feedback", "prefill_allreduce_net_ms", "prefill_allreduce_net_speedup")
+    optional = (*_WRITTEN_WHEN_SET, "prefill_allreduce_net_speedup")
     return [c for c in COLUMNS if c not in optional or any(r.get(c) for r in rows)]
 
 
