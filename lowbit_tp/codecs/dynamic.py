@@ -143,7 +143,7 @@ class GroupInt4Codec(Codec):
         return K.decode_chunks(payload, out, chunks=chunks, group=self.group)
 
     def _decode(self, payload, shape, params):
-        if self.kernel_backend(payload.device) == "cpu":
+        if self.kernel_backend(payload.device) in ("cpu", "triton"):  # the fused decode-and-sum of one payload
             return self._decode_sum([payload], shape, [params])
         t, e = shape
         g = math.ceil(e / self.group)
@@ -212,6 +212,8 @@ class MXFP4Codec(Codec):
         return K.mx_decode_chunks(payload, out, chunks=chunks)
 
     def _decode(self, payload, shape, params):
+        if self.kernel_backend(payload.device) == "triton":  # the fused decode-and-sum of one payload
+            return self._decode_sum([payload], shape, [params])
         t, e = shape
         g = math.ceil(e / self.group)
         nq = (t * e + 1) // 2

@@ -423,7 +423,7 @@ class RotatedGroupCodec(KeptRotation, Codec):
         return K.decode_sum([q.contiguous() for q in payloads], colmap=colmap, out=out, chunks=chunks, **kw)
 
     def _decode(self, payload, shape, p: RotParams):
-        if self.kernel_backend(payload.device) == "cpu":
+        if self.kernel_backend(payload.device) in ("cpu", "triton"):  # the fused decode-and-sum of one payload
             return self._decode_sum([payload], shape, [p])
         t, e = shape
         k = p.outliers.numel()

@@ -318,7 +318,7 @@ class _StaticIntCodec(Codec):
                                range_flag=range_flag)
 
     def _decode(self, payload, shape, p: StaticParams):
-        if self.kernel_backend(payload.device) == "cpu":
+        if self.kernel_backend(payload.device) in ("cpu", "triton"):  # the fused decode-and-sum of one payload
             return self._decode_sum([payload], shape, [p])
         t, e = shape
         k = p.outliers.numel()
