@@ -204,6 +204,28 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert "DRY RUN" in (tmp_path / "gpu_check.md").read_text()
 
 
+def test_gpu_feedback_cost_script_dry_run(tmp_path):
+    """scripts/gpu_feedback_cost.py runs end to end on CPU tensors, and its identity check (the
+    fused encode-with-feedback against the reference's payload and next carry) holds."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_feedback_cost.py"
+    spec = importlib.util.spec_from_file_location("gpu_feedback_cost", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--device", "cpu", "--out", str(tmp_path), "--shapes", "3x64", "--check-tokens", "4",
+              "--codecs", "int4-outlier,int4-g32", "--worlds", "3"])
+    rows = json.loads((tmp_path / "gpu_feedback_cost.json").read_text())["rows"]
+    assert [(r["codec"], r["world"]) for r in rows] == [("int4-outlier", 3), ("int4-g32", 3)]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["payload_equal"] is True and r["next_equal"] is True, r
+        assert r["encode_us"] > 0 and r["decode_sum_us"] > 0 and r["encode_feedback_us"] > 0
+    assert "DRY RUN" in (tmp_path / "gpu_feedback_cost.md").read_text()
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_flag_mode_sends_like_propagate_and_raises_at_the_check(backend):
     """nonfinite="flag": same bytes as propagate, no raise per message, one raise at check_nonfinite()."""

@@ -1,0 +1,204 @@
+"""Error feedback's cost on one GPU: a rank's codec work per gather all-reduce, with and without it.
+
+Feedback (``lowbit_tp.collectives.feedback``) adds to each rank's encode: the carry added to
+the partial (fp32), a decode of the rank's own payload, and ``sent - decoded`` with non-finite
+values zeroed (``gather_encode_feedback``). The decode-and-sum of the N payloads does not
+change. Per codec, world N and shape, on the device:
+
+* **identity**: the payload and the next carry of ``gather_encode_feedback`` on the device
+  (``backend="triton"``) equal the CPU reference's (``backend="reference"``) bit for bit, with
+  a carry from a previous call and NaN/Inf planted (``nonfinite="propagate"``);
+* **time** (GPU time alone: 5 calls captured in one CUDA graph, median of ``--repeats``
+  replays, as scripts/gpu_check.py's ``graph_*`` columns; eager per-call times too):
+  ``encode_us`` (``gather_encode`` into a preallocated payload), ``encode_feedback_us``
+  (``gather_encode_feedback`` with a carry), ``decode_sum_us`` (N payloads into a
+  preallocated sum) and a same-size fp32 ``copy_us``. ``feedback_extra_us`` is the
+  difference of the two encodes; ``feedback_of_codec`` divides it by encode + decode-and-sum,
+  the rank's codec time per all-reduce without feedback.
+
+The partials are fp32 (as gpu_check's); the wire time is not part of this: on a link, the
+all-reduce's time also holds the transfer, which feedback does not change.
+
+    PYTHONPATH=. python3 scripts/gpu_feedback_cost.py --out DIR                        # GPU
+    PYTHONPATH=. python3 scripts/gpu_feedback_cost.py --device cpu --out /tmp/fb_dry   # dry run, interpreter
+
+Writes ``DIR/gpu_feedback_cost.json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+CODECS = ["int4-outlier", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"]
+LAYER = "L"
+COLUMNS = ["codec", "world", "tokens", "hidden", "payload_equal", "next_equal", "copy_us", "encode_us",
+           "encode_feedback_us", "decode_sum_us", "feedback_extra_us", "feedback_of_codec", "eager_encode_us",
+           "eager_encode_feedback_us", "eager_decode_sum_us", "eager_feedback_of_codec", "error"]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu = dry run under TRITON_INTERPRET=1 on tiny shapes (checks the script, not speed)")
+    ap.add_argument("--shapes", default=None, help="TxE list (default 2048x8192,8192x8192; cpu 3x96)")
+    ap.add_argument("--worlds", default="2,8")
+    ap.add_argument("--codecs", default=",".join(CODECS))
+    ap.add_argument("--check-tokens", type=int, default=None, help="identity check rows (default 257; cpu 5)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 10; cpu 1)")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no new row after this many seconds")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    dry = args.device == "cpu"
+    if dry:
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+    import torch
+
+    from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.collectives.algorithms import gather_encode, gather_encode_feedback
+    from lowbit_tp.collectives.feedback import Feedback
+
+    if not dry and not torch.cuda.is_available():
+        sys.exit("gpu_feedback_cost: no CUDA device (use --device cpu for a dry run under the Triton interpreter)")
+    dev = torch.device(args.device)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or ("3x96" if dry else
+                                                                              "2048x8192,8192x8192")).split(",")]
+    worlds = [int(w) for w in args.worlds.split(",")]
+    check_tokens = args.check_tokens or (5 if dry else 257)
+    repeats = args.repeats or (1 if dry else 10)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def seconds(fn) -> float:
+        fn()
+        sync()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def graph_seconds(fn, calls: int = 5) -> float:
+        if dev.type != "cuda":
+            return seconds(fn)
+        from lowbit_tp.bench.common import capture_graph
+
+        replay = capture_graph(fn, calls).replay
+        replay()
+        sync()
+        times = []
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3 / calls)
+        return statistics.median(times)
+
+    def same_bits(a, b) -> bool:
+        a, b = a.reshape(-1).cpu(), b.reshape(-1).cpu()
+        na, nb = torch.isnan(a), torch.isnan(b)
+        return bool(torch.equal(na, nb) and torch.equal(a[~na].view(torch.int32), b[~nb].view(torch.int32)))
+
+    rows, t_start = [], time.time()
+    for world in worlds:
+        for name in [c for c in args.codecs.split(",") if c]:
+            for t, e in shapes:
+                row = {"codec": name, "world": world, "tokens": t, "hidden": e}
+                rows.append(row)
+                if args.budget_s is not None and time.time() - t_start > args.budget_s:
+                    row["error"] = "skipped: budget"
+                    continue
+                try:
+                    row.update(measure(torch, make_codec, planted_partials, synthetic_calibration, gather_encode,
+                                       gather_encode_feedback, Feedback, name, world, t, e, dev, check_tokens,
+                                       seconds, graph_seconds, same_bits, identity=(t, e) == shapes[0]))
+                except Exception as exc:  # the other rows stand
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    write(rows, Path(args.out), device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (interpreter)",
+          command=" ".join(["python3", "scripts/gpu_feedback_cost.py", *(argv if argv is not None else sys.argv[1:])]),
+          repeats=repeats)
+
+
+def measure(torch, make_codec, planted_partials, synthetic_calibration, gather_encode, gather_encode_feedback,
+            Feedback, name, world, t, e, dev, check_tokens, seconds, graph_seconds, same_bits, *, identity) -> dict:
+    cal = synthetic_calibration([LAYER], world=world, hidden=e, tokens=64, batches=1)
+    fused = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
+    row: dict = {}
+    if identity:  # a carry from a previous call, then NaN/Inf planted in the partial
+        ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+        prev, x = planted_partials(2, check_tokens, e, seed=0, noise_seed=11)
+        x[1, 5], x[check_tokens - 1, e - 2] = float("nan"), float("-inf")
+        fr0 = Feedback()
+        gather_encode_feedback(ref, prev, fr0, layer=LAYER, rank=0)
+        fr, fd = Feedback(carry=fr0.next), Feedback(carry=fr0.next.to(dev))
+        want = gather_encode_feedback(ref, x, fr, layer=LAYER, rank=0)
+        got = gather_encode_feedback(fused, x.to(dev), fd, layer=LAYER, rank=0)
+        row["payload_equal"] = bool(torch.equal(want, got.cpu()))
+        row["next_equal"] = same_bits(fr.next, fd.next)
+    xs = [v.to(dev) for v in planted_partials(world, t, e, seed=0, noise_seed=4)]
+    payloads = [fused.encode(v, layer=LAYER, source=r) for r, v in enumerate(xs)]
+    first = Feedback()
+    gather_encode_feedback(fused, xs[-1], first, layer=LAYER, rank=0)  # a realistic carry: a real error
+    fb = Feedback(carry=first.next)
+    pbuf, sbuf, dst = torch.empty_like(payloads[0]), torch.empty(t, e, device=dev), torch.empty_like(xs[0])
+
+    def enc():
+        gather_encode(fused, xs[0], layer=LAYER, rank=0, out=pbuf)
+
+    def enc_fb():
+        gather_encode_feedback(fused, xs[0], fb, layer=LAYER, rank=0, out=pbuf)
+
+    def dec():
+        fused.decode_sum(payloads, (t, e), layer=LAYER, out=sbuf)
+
+    g = {k: graph_seconds(f) for k, f in (("copy", lambda: dst.copy_(xs[0])), ("enc", enc), ("enc_fb", enc_fb),
+                                            ("dec", dec))}
+    eager = {k: seconds(f) for k, f in (("enc", enc), ("enc_fb", enc_fb), ("dec", dec))}
+    row.update({
+        "copy_us": g["copy"] * 1e6, "encode_us": g["enc"] * 1e6, "encode_feedback_us": g["enc_fb"] * 1e6,
+        "decode_sum_us": g["dec"] * 1e6, "feedback_extra_us": (g["enc_fb"] - g["enc"]) * 1e6,
+        "feedback_of_codec": (g["enc_fb"] - g["enc"]) / (g["enc"] + g["dec"]),
+        "eager_encode_us": eager["enc"] * 1e6, "eager_encode_feedback_us": eager["enc_fb"] * 1e6,
+        "eager_decode_sum_us": eager["dec"] * 1e6,
+        "eager_feedback_of_codec": (eager["enc_fb"] - eager["enc"]) / (eager["enc"] + eager["dec"]),
+    })
+    return row
+
+
+def write(rows, out: Path, *, device: str, command: str, repeats: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_feedback_cost.json").write_text(json.dumps(
+        {"device": device, "command": command, "repeats": repeats, "rows": rows}, indent=1) + "\n")
+
+    def cell(v):
+        if v is None:
+            return ""
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    timing = ("DRY RUN under the Triton interpreter: times are meaningless" if device.startswith("cpu") else
+              f"GPU time alone (CUDA graph, 5 calls a replay, median of {repeats}); eager_* per call, host launch "
+              "cost included")
+    lines = [f"Device: {device}; {timing}.", f"Command: `{command}`", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    (out / "gpu_feedback_cost.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
