@@ -28,13 +28,16 @@ LAYER = "L"
 WORLD = 3
 STATIC = ["int4-outlier", "int4", "int8", "int4-random-k"]
 FAST = {"static_decode_sum_win_kernel", "static_decode_sum_rows_kernel", "static_encode_win_kernel",
-        "static_encode_rows_kernel"}
+        "static_encode_rows_kernel", "static_decode_sum_rows_src_kernel", "static_decode_sum_win_loop_kernel"}
 # tiny tiles per variant: "fast" and "fast-b" differ, as the shipped ones do (rows need not be
 # powers of two: the row-walking kernels unroll them)
 TINY = {"fast": {"dec_win": ((2, 32), (4, 64), (1, 32)), "dec_rows": ((3, 32), (2, 64), (2, 32)),
                  "enc_win": (2, 64), "enc_rows": (3, 32)},
         "fast-b": {"dec_win": ((4, 64), (2, 32), (2, 64)), "dec_rows": ((2, 64), (4, 32), (1, 32)),
                    "enc_win": (1, 32), "enc_rows": (2, 64)}}
+TINY.update({"src": {**TINY["fast"], "dec_rows": ((3, 32), (2, 64), (2, 32)), "dec_win": ((2, 32), (4, 64), (2, 64))},
+             "src-c": {**TINY["fast"], "dec_rows": ((2, 64), (4, 32), (3, 32)), "dec_win": ((4, 64), (1, 32), (2, 32))},
+             "src-2": {**TINY["fast"], "dec_rows": ((4, 32), (3, 32), (2, 64))}})
 _CALS = {}
 
 
@@ -286,11 +289,8 @@ def test_fast_kernels_at_the_edges_of_k_and_world(name, k, sources, launches):
 
 # The "src" decode-and-sum variants (sources outside, rows inside: static_decode_sum_rows_src_kernel;
 # "src-c" with the column blocks on grid axis 0): tiny row tiles as for "fast"
-SRC_TINY = {**TINY,
-            "src": {**TINY["fast"], "dec_rows": ((3, 32), (2, 64), (2, 32)), "dec_win": ((2, 32), (4, 64), (2, 64))},
-            "src-c": {**TINY["fast"], "dec_rows": ((2, 64), (4, 32), (3, 32)),
-                      "dec_win": ((4, 64), (1, 32), (2, 32))},
-            "src-2": {**TINY["fast"], "dec_rows": ((4, 32), (3, 32), (2, 64))}}
+# (in TINY, as "auto" runs "src" above 4 sources)
+SRC_TINY = TINY
 
 
 def _misaligned(p: torch.Tensor) -> torch.Tensor:
@@ -298,6 +298,30 @@ def _misaligned(p: torch.Tensor) -> torch.Tensor:
     buf = torch.zeros(p.numel() + 1, dtype=torch.uint8)
     buf[1:] = p
     return buf[1:]
+
+
+@pytest.mark.parametrize("name,k,kernels", [
+    ("int4-outlier", None, ("static_decode_sum_rows_kernel", "static_decode_sum_rows_src_kernel")),
+    ("int8", 0, ("static_decode_sum_win_kernel", "static_decode_sum_win_loop_kernel"))])
+def test_auto_decode_sum_picks_by_source_count(name, k, kernels, launches, monkeypatch):
+    """"auto" (the default) decodes up to 4 sources with "fast" and more with "src" (the H100
+    sweeps of stop 24), bitwise equal to the reference either way."""
+    monkeypatch.setattr(KS, "FAST_TILES", SRC_TINY)
+    assert KS.DECODE_VARIANT == "auto"
+    tokens, hidden = 9, 258
+    cal = synthetic_calibration([LAYER], world=5, hidden=hidden, tokens=64, batches=1)
+    kw = {} if k is None else {"k": k}
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference", **kw)
+    tri = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton", **kw)
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(tokens, hidden, generator=g) * 3 for _ in range(5)]
+    xs[2][3, 5] = float("nan")
+    want = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    for n, kernel in ((2, kernels[0]), (4, kernels[0]), (5, kernels[1])):
+        launches.clear()
+        assert same_bits(ref.decode_sum(want[:n], (tokens, hidden), layer=LAYER),
+                         tri.decode_sum(want[:n], (tokens, hidden), layer=LAYER)), f"{n} sources"
+        assert [x for x in launches if "decode" in x] == [kernel], (n, launches)
 
 
 @pytest.mark.parametrize("variant", ["src", "src-c", "src-2"])

@@ -424,8 +424,9 @@ def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int, variant: str
     t, e = out.shape
     if t * e == 0:
         return out
-    if _use_fast(DECODE_VARIANT if variant is None else variant, e, nk, bits):
-        return _decode_fast(list(payloads), colmap, scale, out, t, e, nk, bits, variant or DECODE_VARIANT)
+    variant = _auto_sources(DECODE_VARIANT if variant is None else variant, len(payloads))
+    if _use_fast(variant, e, nk, bits):
+        return _decode_fast(list(payloads), colmap, scale, out, t, e, nk, bits, variant)
     rows, cols, warps = tile_config(t, e, len(payloads))
     iters = row_iterations(t, rows)
     static_decode_sum_tile_kernel[(triton.cdiv(t, rows * iters), triton.cdiv(e, cols))](
@@ -456,16 +457,25 @@ def decode_sum(payloads, colmap, scale, out, *, nk: int, bits: int, variant: str
 # do not depend on the choice.
 DECODE_VARIANT = "auto"
 DECODE_VARIANTS = ("auto", "tile", "fast", "fast-b", "src", "src-c", "src-2")
-# Decode-and-sum variants of stop 22, off by default and not yet run on a GPU: the row-walking
-# decode with sources outside and rows inside (static_decode_sum_rows_src_kernel; "src-c" also
-# puts the column blocks on grid axis 0); without bf16 channels the window decode with a run-time
-# loop over sources (static_decode_sum_win_loop_kernel, the same for both).
+# Decode-and-sum variants of stop 22: the row-walking decode with sources outside and rows inside
+# (static_decode_sum_rows_src_kernel; "src-c" also puts the column blocks on grid axis 0); without
+# bf16 channels the window decode with a run-time loop over sources (static_decode_sum_win_loop_kernel,
+# the same for both). "auto" runs "src" above 4 sources (AUTO_MANY), "fast" up to 4.
 # "src" and "src-c" read each value with one 16-bit load where the payloads allow (ONE16), "src-2"
 # with the code byte and the predicated bf16 load of "fast" (to tell the two changes apart).
 SRC_VARIANTS = ("src", "src-c", "src-2")
 ENCODE_VARIANT = "auto"
 ENCODE_VARIANTS = ("auto", "tile", "fast", "fast-b")
-AUTO = "fast"  # the variant "auto" runs
+AUTO = "fast"  # the variant "auto" runs (decode-and-sum: up to 4 sources)
+# "auto"'s decode-and-sum of more than 4 sources (FAST_TILES' third bucket). The H100 sweeps of
+# stop 24 (scripts/sweep_static.py; docs/bench/sweep_static_h100_stop24_run{1,2}.md; fraction of a
+# same-size copy at [2048, 8192] / [8192, 8192], GPU time alone), "src" against "fast":
+#   8 sources: int4-outlier 0.418 / 0.411 against 0.147 / 0.121; int8 0.898 / 0.899 against 0.782 / 0.777;
+#   4 sources: int4-outlier 0.344 / 0.374 against 0.490 / 0.472; int8 0.834 / 0.844 against 0.820 / 0.856;
+#   3 sources: int4-outlier 0.431 / 0.450 against 0.552 / 0.546; int8 1.045 / 0.932 against 1.029 / 0.909;
+#   2 sources: int4-outlier 0.602 / 0.629 against 0.652 / 0.643; int8 0.921 / 0.926 against 0.921 / 0.927.
+# 5-7 sources were not timed; they share the 8-source tiles, where "fast" collapses.
+AUTO_MANY = "src"
 # Tile shapes (rows, columns) of the fast kernels per variant: "fast-b" is the alternative the
 # sweep times next to "fast". "dec_win" and "dec_rows" per source count (<= 2, <= 4, more).
 # Picked from the H200 sweep of stop 21 (scripts/sweep_static.py, run 2, int4-outlier, fraction of
@@ -503,6 +513,12 @@ SHORT_ROWS = 32
 
 def _fast_rows(rows: int, tokens: int) -> int:
     return max(1, min(rows, triton.next_power_of_2(max(tokens, 1)) // SHORT_ROWS))
+
+
+def _auto_sources(variant: str, sources: int) -> str:
+    """The decode-and-sum variant ``variant`` names for ``sources`` payloads: "auto" is
+    :data:`AUTO_MANY` above 4 sources; any other name is itself."""
+    return AUTO_MANY if variant == "auto" and sources > 4 else variant
 
 
 def _check_variant(variant: str, known) -> str:
