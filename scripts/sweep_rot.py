@@ -41,7 +41,7 @@ LAYER = "L"
 # name -> CONFIG overrides. "base": the kernels as measured in GPU run 1 (binary level search,
 # per-plane bit packing, 1 warp, 16 values a thread per payload, 8 with > 4 payloads).
 _BASE = {"cell": False, "xpose": False, "asm_enc": False, "asm_dec": False, "lg8_cell": False, "row_tile": 0,
-         "row_vpt": 16, "enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1}
+         "row_vpt": 16, "enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1, "dec_loop": False}
 _NEW = {**_BASE, "cell": True, "xpose": True, "asm_enc": True, "asm_dec": (4,), "lg8_cell": True}
 VARIANTS = {
     "base": _BASE,
@@ -72,6 +72,7 @@ def parse_args(argv=None):
     ap.add_argument("--reduce-variants", default="new,new_row",
                     help="variants whose two-shot reduce-encode (2 payloads, [2048, 8192]) is timed too")
     ap.add_argument("--budget-s", type=float, default=35.0, help="start no new variant after this many seconds")
+    ap.add_argument("--dec-worlds", default="2,8", help="payload counts of the [8192, 8192] decode-and-sum (2-8)")
     return ap.parse_args(argv)
 
 
@@ -93,7 +94,10 @@ def main(argv=None) -> None:
     t0 = time.time()
     hidden = 64 if dry else 8192
     shapes = [(3, 64)] if dry else [(2048, 8192), (8192, 8192)]
-    worlds = {(3, 64): (2, 8)} if dry else {(2048, 8192): (2,), (8192, 8192): (2, 8)}
+    dec_worlds = tuple(int(n) for n in args.dec_worlds.split(","))
+    if not all(2 <= n <= 8 for n in dec_worlds):
+        sys.exit(f"sweep_rot: --dec-worlds takes payload counts 2-8, got {args.dec_worlds}")
+    worlds = {(3, 64): dec_worlds} if dry else {(2048, 8192): (2,), (8192, 8192): dec_worlds}
     check_tokens = args.check_tokens or (5 if dry else 48)  # 48: divisible by 16 like the timed T
     repeats = args.repeats or (1 if dry else 15)
     cal = synthetic_calibration([LAYER], world=8, hidden=hidden, tokens=64, batches=1)

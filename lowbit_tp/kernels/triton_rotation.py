@@ -56,10 +56,15 @@ LG8_PROGRAMS = 512
 #   lg8_cell: the encoders' lg8 code per group from a cell table of the ratio's bits (one read
 #     and one comparison, see lg8_cells) instead of an 8-step search of the lg8 table;
 #   dec_loop: decode-and-sum of more than 2 payloads walks sources 1..N-1 in a run-time loop
-#     (stop 22, off, not yet run on a GPU): one source's code and registers at any N, so a world-8
-#     decode can take world 2's 16 values a thread (scripts/sweep_rot.py's "new_loop").
-CONFIG = {"enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1, "cell": True, "xpose": True,
-          "row_tile": 0, "row_vpt": 16, "asm_enc": True, "asm_dec": (4,), "lg8_cell": True, "dec_loop": False}
+#     (stop 22): one source's code and registers at any N, so a world-8 decode can take world 2's
+#     16 values a thread (dec_values_wide 512; scripts/sweep_rot.py's "new_loop"). On by default
+#     since the H100 sweeps of stop 24 (docs/bench/sweep_rot_h100_stop24_run{1,2}.md, [8192, 8192],
+#     GPU time alone, fraction of a copy, lm4 / int6, loop against unrolled): 8 payloads 0.204 /
+#     0.207 against 0.155 / 0.135 (then 0.206 / 0.208 against 0.156 / 0.135), 4 payloads 0.298 /
+#     0.276 against 0.264 / 0.227, 3 payloads 0.335 / 0.326 against 0.333 / 0.320; 2 payloads
+#     do not loop (0.484 / 0.454 both).
+CONFIG = {"enc_values": 512, "dec_values": 512, "dec_values_wide": 512, "warps": 1, "cell": True, "xpose": True,
+          "row_tile": 0, "row_vpt": 16, "asm_enc": True, "asm_dec": (4,), "lg8_cell": True, "dec_loop": True}
 
 
 def tile_config(tokens: int, hidden: int, group: int, block: int, nranks: int = 1, *,
