@@ -11,7 +11,9 @@ change. Per codec, world N and shape, on the device:
 * **time** (GPU time alone: 5 calls captured in one CUDA graph, median of ``--repeats``
   replays, as scripts/gpu_check.py's ``graph_*`` columns; eager per-call times too):
   ``encode_us`` (``gather_encode`` into a preallocated payload), ``encode_feedback_us``
-  (``gather_encode_feedback`` with a carry), ``decode_sum_us`` (N payloads into a
+  (``gather_encode_feedback`` with a carry: one fused kernel where ``fused``, the static codecs'
+  ``Codec.encode_feedback``), ``encode_feedback_unfused_us`` (the general path: carry added,
+  encode, decode, difference), ``decode_sum_us`` (N payloads into a
   preallocated sum) and a same-size fp32 ``copy_us``. ``feedback_extra_us`` is the
   difference of the two encodes; ``feedback_of_codec`` divides it by encode + decode-and-sum,
   the rank's codec time per all-reduce without feedback.
@@ -36,8 +38,8 @@ from pathlib import Path
 
 CODECS = ["int4-outlier", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"]
 LAYER = "L"
-COLUMNS = ["codec", "world", "tokens", "hidden", "payload_equal", "next_equal", "copy_us", "encode_us",
-           "encode_feedback_us", "decode_sum_us", "feedback_extra_us", "feedback_of_codec", "eager_encode_us",
+COLUMNS = ["codec", "world", "tokens", "hidden", "payload_equal", "next_equal", "fused", "copy_us", "encode_us",
+           "encode_feedback_us", "encode_feedback_unfused_us", "decode_sum_us", "feedback_extra_us", "feedback_of_codec", "eager_encode_us",
            "eager_encode_feedback_us", "eager_decode_sum_us", "eager_feedback_of_codec", "error"]
 
 
@@ -137,6 +139,8 @@ def main(argv=None) -> None:
 
 def measure(torch, make_codec, planted_partials, synthetic_calibration, gather_encode, gather_encode_feedback,
             Feedback, name, world, t, e, dev, check_tokens, seconds, graph_seconds, same_bits, *, identity) -> dict:
+    from lowbit_tp.collectives.feedback import compensate, feedback_of
+
     cal = synthetic_calibration([LAYER], world=world, hidden=e, tokens=64, batches=1)
     fused = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
     row: dict = {}
@@ -164,14 +168,21 @@ def measure(torch, make_codec, planted_partials, synthetic_calibration, gather_e
     def enc_fb():
         gather_encode_feedback(fused, xs[0], fb, layer=LAYER, rank=0, out=pbuf)
 
+    def enc_fb_unfused():  # the general path: the carry added, encode, decode, the difference
+        sent = compensate(xs[0], fb.carry)
+        feedback_of(sent, fused.decode(fused.encode(sent, layer=LAYER, source=0, out=pbuf), (t, e), layer=LAYER,
+                                       source=0))
+
     def dec():
         fused.decode_sum(payloads, (t, e), layer=LAYER, out=sbuf)
 
     g = {k: graph_seconds(f) for k, f in (("copy", lambda: dst.copy_(xs[0])), ("enc", enc), ("enc_fb", enc_fb),
-                                            ("dec", dec))}
+                                            ("enc_fb_unfused", enc_fb_unfused), ("dec", dec))}
     eager = {k: seconds(f) for k, f in (("enc", enc), ("enc_fb", enc_fb), ("dec", dec))}
     row.update({
         "copy_us": g["copy"] * 1e6, "encode_us": g["enc"] * 1e6, "encode_feedback_us": g["enc_fb"] * 1e6,
+        "encode_feedback_unfused_us": g["enc_fb_unfused"] * 1e6,
+        "fused": codec_fused(fused, xs[0], fb.carry),
         "decode_sum_us": g["dec"] * 1e6, "feedback_extra_us": (g["enc_fb"] - g["enc"]) * 1e6,
         "feedback_of_codec": (g["enc_fb"] - g["enc"]) / (g["enc"] + g["dec"]),
         "eager_encode_us": eager["enc"] * 1e6, "eager_encode_feedback_us": eager["enc_fb"] * 1e6,
@@ -179,6 +190,11 @@ def measure(torch, make_codec, planted_partials, synthetic_calibration, gather_e
         "eager_feedback_of_codec": (eager["enc_fb"] - eager["enc"]) / (eager["enc"] + eager["dec"]),
     })
     return row
+
+
+def codec_fused(codec, x, carry) -> bool:
+    """Whether ``gather_encode_feedback`` runs one fused kernel here (``Codec.encode_feedback``)."""
+    return codec.encode_feedback(x, carry, layer=LAYER, source=0) is not None
 
 
 def write(rows, out: Path, *, device: str, command: str, repeats: int) -> None:

@@ -31,6 +31,7 @@ STATIC_WIN_ENC_SIG = {"src": None, "inv_ptr": "*fp32", "body_ptr": "*u8", "flag_
 STATIC_ROWS_ENC_SIG = {"src": None, "inl_ptr": "*i32", "inv_ptr": "*fp32", "outl_ptr": "*i32", "head_ptr": "*i16",
                        "body_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32", "T": "i32", "NB": "i32",
                        "max_in": "fp32"}
+FEEDBACK_SIG = {"carry_ptr": "*fp32", "next_ptr": "*fp32", "scale_ptr": "*fp32"}
 STATIC_WIN_DEC_SIG = {"payloads": P2, "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32"}
 STATIC_ROWS_DEC_SIG = {"payloads": P2, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32",
                        "HEADB": "i32"}
@@ -164,6 +165,14 @@ CASES = [
      {"E": 8192, "NK": 128, "BITS": 4, "BT": 8, "BC": 512, "FLAG": True, "RANGE": True}),
     ("triton_static", "static_encode_rows_kernel", {**STATIC_ROWS_ENC_SIG, "src": ("*bf16",)},
      {"E": 258, "NK": 4, "BITS": 8, "BT": 3, "BC": 64, "FLAG": False, "RANGE": True, "CHUNKED": True}),
+    # error feedback fused into the fast encoders (stop 24): carry in, next carry out
+    ("triton_static", "static_encode_win_kernel", {**STATIC_WIN_ENC_SIG, **FEEDBACK_SIG, "src": ("*fp32",)},
+     {"E": 8192, "BITS": 4, "BT": 8, "BC": 512, "FLAG": True, "RANGE": True, "CARRY": True, "FEEDBACK": True}),
+    ("triton_static", "static_encode_rows_kernel", {**STATIC_ROWS_ENC_SIG, **FEEDBACK_SIG, "src": ("*fp32",)},
+     {"E": 8192, "NK": 128, "BITS": 4, "BT": 8, "BC": 512, "FLAG": True, "RANGE": True, "CARRY": True,
+      "FEEDBACK": True}),
+    ("triton_static", "static_encode_rows_kernel", {**STATIC_ROWS_ENC_SIG, **FEEDBACK_SIG, "src": ("*bf16",)},
+     {"E": 258, "NK": 4, "BITS": 8, "BT": 3, "BC": 64, "FLAG": False, "RANGE": True, "FEEDBACK": True}),
     ("triton_static", "static_decode_sum_win_kernel", STATIC_WIN_DEC_SIG,
      {"N": 2, "BITS": 4, "BT": 8, "BE": 512, "RB": 4096}),
     ("triton_static", "static_decode_sum_win_kernel", {**STATIC_WIN_DEC_SIG, "payloads": ("*u8",)},

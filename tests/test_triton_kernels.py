@@ -215,7 +215,7 @@ def test_gpu_feedback_cost_script_dry_run(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_feedback_cost", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.main(["--device", "cpu", "--out", str(tmp_path), "--shapes", "3x64", "--check-tokens", "4",
+    mod.main(["--device", "cpu", "--out", str(tmp_path), "--shapes", "3x130", "--check-tokens", "4",
               "--codecs", "int4-outlier,int4-g32", "--worlds", "3"])
     rows = json.loads((tmp_path / "gpu_feedback_cost.json").read_text())["rows"]
     assert [(r["codec"], r["world"]) for r in rows] == [("int4-outlier", 3), ("int4-g32", 3)]
@@ -223,6 +223,8 @@ def test_gpu_feedback_cost_script_dry_run(tmp_path):
         assert "error" not in r, r
         assert r["payload_equal"] is True and r["next_equal"] is True, r
         assert r["encode_us"] > 0 and r["decode_sum_us"] > 0 and r["encode_feedback_us"] > 0
+        assert r["encode_feedback_unfused_us"] > 0
+        assert r["fused"] is (r["codec"] == "int4-outlier")  # the static codecs' fused kernel; none for groups
     assert "DRY RUN" in (tmp_path / "gpu_feedback_cost.md").read_text()
 
 

@@ -407,3 +407,78 @@ def test_src_window_decode_sum_bitwise(variant, name, tokens, hidden, sources, l
     dec = tri.decode_chunks(flat, (rows, hidden), chunks, layer=LAYER, source=0)
     assert same_bits(dec, torch.cat([ref.decode(p, (rows, hidden), layer=LAYER, source=0)
                                      for p in flat.chunk(chunks)]))
+
+
+# Error feedback fused into the fast encoders (triton_static.encode_feedback, Codec.encode_feedback):
+# the payload of encode(x + carry) and next = sent - decode(payload), 0 where not finite, against
+# the reference's gather_encode_feedback (encode, decode, difference), bitwise.
+@pytest.mark.parametrize("name,k,tokens,hidden", [("int4-outlier", None, 7, 258), ("int4-outlier", None, 1, 130),
+                                                  ("int8", 3, 5, 130), ("int8", 0, 6, 96), ("int4", None, 4, 96),
+                                                  ("int4-random-k", None, 9, 256)])
+@pytest.mark.parametrize("with_carry", [False, True])
+def test_encode_feedback_fused_bitwise(name, k, tokens, hidden, with_carry, launches):
+    from lowbit_tp.collectives.algorithms import gather_encode_feedback
+    from lowbit_tp.collectives.feedback import Feedback
+
+    cal = synthetic_calibration([LAYER], world=2, hidden=hidden, tokens=64, batches=1)
+    kw = {} if k is None else {"k": k}
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference", **kw)
+    tri = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton", **kw)
+    g = torch.Generator().manual_seed(tokens * 1000 + hidden)
+    x = torch.randn(tokens, hidden, generator=g) * 3
+    kept = ref.params(LAYER, 1, hidden).outliers
+    x[0, 1], x[tokens - 1, hidden - 1], x[tokens // 2, 2] = float("nan"), float("-inf"), 1e30  # 1e30 saturates
+    x[0, 3] = -0.0
+    if kept.numel():
+        x[tokens - 1, int(kept[0])] = float("nan")  # in a bf16 channel
+        x[0, int(kept[-1])] = 3e38  # its bf16 rounds to Inf: the error is not finite, so 0
+    carry = torch.randn(tokens, hidden, generator=g) * 0.1 if with_carry else None
+    if with_carry:
+        carry[tokens - 1, 0] = float("inf")
+    want = Feedback(carry=carry)
+    w = gather_encode_feedback(ref, x, want, layer=LAYER, rank=1)
+    got = tri.encode_feedback(x, carry, layer=LAYER, source=1)
+    assert got is not None, "the fused path did not run"
+    assert torch.equal(w, got[0])
+    assert same_bits(want.next, got[1]) and not torch.isnan(got[1]).any()
+    assert {n for n in launches if "encode" in n} <= FAST and launches, launches
+    # and through the collective's function, into a caller's buffer
+    fb, buf = Feedback(carry=carry), torch.empty_like(w)
+    assert gather_encode_feedback(tri, x, fb, layer=LAYER, rank=1, out=buf) is buf and torch.equal(buf, w)
+    assert same_bits(fb.next, want.next)
+
+
+def test_encode_feedback_without_a_fused_kernel_falls_back():
+    """An odd int4 body row (the flat encoder), a bf16 partial with a carry of another shape: no
+    fused path (None), and gather_encode_feedback still matches the reference or refuses."""
+    from lowbit_tp.collectives.algorithms import gather_encode_feedback
+    from lowbit_tp.collectives.feedback import Feedback
+
+    cal = synthetic_calibration([LAYER], world=2, hidden=101, tokens=64, batches=1)
+    tri = make_codec("int4", calibration=cal, nonfinite="propagate", backend="triton")  # no bf16 channel: odd row
+    ref = make_codec("int4", calibration=cal, nonfinite="propagate", backend="reference")
+    x = torch.randn(3, 101)
+    assert tri.encode_feedback(x, None, layer=LAYER, source=0) is None
+    want, got = Feedback(carry=torch.randn(3, 101)), None
+    w = gather_encode_feedback(ref, x, want, layer=LAYER, rank=0)
+    got = Feedback(carry=want.carry)
+    assert torch.equal(gather_encode_feedback(tri, x, got, layer=LAYER, rank=0), w)
+    assert same_bits(got.next, want.next)
+    bad = Feedback(carry=torch.zeros(2, 101))
+    assert tri.encode_feedback(x, bad.carry, layer=LAYER, source=0) is None
+    with pytest.raises(ValueError, match="carry of shape"):
+        gather_encode_feedback(tri, x, bad, layer=LAYER, rank=0)
+
+
+def test_encode_feedback_flags_nonfinite_in_flag_mode():
+    """nonfinite="flag": the fused feedback encode records a NaN made by the carry in the step's
+    device flag, as the encode does (no host sync per message)."""
+    cal = synthetic_calibration([LAYER], world=2, hidden=130, tokens=64, batches=1)
+    tri = make_codec("int4-outlier", calibration=cal, nonfinite="flag", backend="triton")
+    x, carry = torch.randn(3, 130), torch.zeros(3, 130)
+    assert tri.encode_feedback(x, carry, layer=LAYER, source=0) is not None
+    tri.check_nonfinite()  # clean
+    carry[1, 7] = float("nan")
+    assert tri.encode_feedback(x, carry, layer=LAYER, source=0) is not None
+    with pytest.raises(Exception, match="NaN"):
+        tri.check_nonfinite()

@@ -203,6 +203,19 @@ class Codec(ABC):
             raise OutOfRangeError(f"{self.name}: {_where(layer, source)}: {exc}") from None
         return got if out is None or got is out else out.copy_(got)
 
+    def encode_feedback(self, x: torch.Tensor, carry: torch.Tensor | None, *, layer: str | None = None,
+                        source: Source = 0, out: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Error feedback's encode in one kernel pass, where this codec and backend have one.
+
+        Returns ``(payload, next)``: the bytes of ``encode(x.float() + carry)`` (of ``x`` when
+        ``carry`` is None; ``carry`` fp32, ``x``'s shape) and, fp32, the sent values less their
+        decode, +0.0 where not finite (what ``collectives.feedback.feedback_of`` computes).
+        None where there is no such kernel: the caller then encodes and decodes, which gives the
+        same bytes and bits. ``out`` as in :meth:`encode`.
+        """
+        return None
+
     def decode(
         self, payload: torch.Tensor, shape: tuple[int, int], *, layer: str | None = None, source: Source = 0
     ) -> torch.Tensor:

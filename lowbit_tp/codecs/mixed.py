@@ -51,6 +51,9 @@ class _DelegatingCodec(Codec):
     def encode(self, x, *, layer=None, source=0, out=None):
         return self._pick(layer, source).encode(x, layer=layer, source=source, out=out)
 
+    def encode_feedback(self, x, carry, *, layer=None, source=0, out=None):
+        return self._pick(layer, source).encode_feedback(x, carry, layer=layer, source=source, out=out)
+
     def decode(self, payload, shape, *, layer=None, source=0):
         return self._pick(layer, source).decode(payload, shape, layer=layer, source=source)
 

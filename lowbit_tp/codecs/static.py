@@ -31,7 +31,7 @@ import torch
 
 from lowbit_tp.calibration.artifact import ChannelStats, Source
 from lowbit_tp.codecs import functional as F
-from lowbit_tp.codecs.base import Codec, register_codec
+from lowbit_tp.codecs.base import Codec, _check_buffer, register_codec
 
 
 def _triton_kernels():
@@ -241,6 +241,30 @@ class _StaticIntCodec(Codec):
         if backend == "triton":
             return self._triton_decode_sum(payloads, shape, params, out)
         return super()._decode_sum(payloads, shape, params, out)
+
+    def encode_feedback(self, x, carry, *, layer=None, source=0, out=None):
+        """The Triton encoders with error feedback fused in (:meth:`Codec.encode_feedback`): one
+        read of the partial and the carry, one write of the payload and of the next carry."""
+        if self.kernel_backend(x.device) != "triton" or not isinstance(x, torch.Tensor) or x.dim() != 2:
+            return None
+        if carry is not None and (carry.dtype != torch.float32 or carry.shape != x.shape or carry.device != x.device
+                                  or not carry.is_contiguous()):
+            return None  # the caller's general path adds it (and refuses a wrong shape)
+        self._check_tensor(x, layer, source)
+        nbytes = self.payload_nbytes(tuple(x.shape), layer)
+        if out is not None:
+            _check_buffer(out, torch.uint8, (nbytes,), x.device, f"{self.name}: encode_feedback out=")
+        p = self.params(layer, source, x.shape[1], x.device)
+        inl, inv, outl = self._enc_tables(p)
+        scale = self._kernel_table(("scale", id(p)), lambda: p.scale.float().contiguous())
+        payload = torch.empty(nbytes, dtype=torch.uint8, device=x.device) if out is None else out
+        nxt = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        flag, range_flag = self._kernel_flags(layer, source, x.device)
+        if not _triton_kernels().encode_feedback(x.contiguous(), carry, inl, inv, scale, outl, payload, nxt,
+                                                 bits=self.bits, max_input=self.max_input, flag=flag,
+                                                 range_flag=range_flag):
+            return None
+        return payload, nxt
 
     def _triton_encode(self, x, p: StaticParams, out, flags):
         K = _triton_kernels()

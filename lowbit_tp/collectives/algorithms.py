@@ -69,6 +69,10 @@ def gather_encode_feedback(codec: Codec, partial: torch.Tensor, feedback: Feedba
                            out=None) -> torch.Tensor:
     """:func:`gather_encode` of ``partial + feedback.carry``; sets ``feedback.next`` to what the
     payload lost (this rank decodes its own payload; see :mod:`~lowbit_tp.collectives.feedback`)."""
+    fused = codec.encode_feedback(partial, feedback.carry, layer=layer, source=rank, out=out)
+    if fused is not None:  # one kernel pass (Codec.encode_feedback): the same bytes and bits
+        payload, feedback.next = fused
+        return payload
     sent = compensate(partial, feedback.carry)
     payload = codec.encode(sent, layer=layer, source=rank, out=out)
     feedback.next = feedback_of(sent, codec.decode(payload, tuple(sent.shape), layer=layer, source=rank))

@@ -374,6 +374,26 @@ def encode(x, inliers, inv_scale, outliers, out, *, bits: int, max_input: float,
                           flag=flag, range_flag=range_flag, variant=variant)
 
 
+def encode_feedback(x, carry, inliers, inv_scale, scale, outliers, out, nxt, *, bits: int, max_input: float,
+                    flag=None, range_flag=None, variant: str | None = None) -> bool:
+    """Error feedback fused into the encoder: ``out`` gets :func:`encode` of ``x + carry`` (fp32;
+    ``carry`` None: of ``x``) and ``nxt [T, E]`` fp32 what its decode lost, ``sent - decode``
+    with +0.0 where not finite (``scale``: the inliers' fp32 scales, as the decoder's). One read
+    of ``x`` and ``carry``, where encode, decode and the difference took five passes. Only the
+    fast encoders have it: returns False, writing nothing, where another kernel would run (the
+    "tile" variant, an odd int4 body row, a payload at an odd address)."""
+    t, e = x.shape
+    nk = outliers.numel()
+    if (_check_variant(ENCODE_VARIANT if variant is None else variant, ENCODE_VARIANTS) == "tile"
+            or not (bits == 8 or (e - nk) % 2 == 0) or (nk and out.data_ptr() % 2)):
+        return False
+    if t:
+        _encode_fast(x, inliers, inv_scale, outliers, out[: 2 * t * nk].view(torch.int16), out[2 * t * nk:], t, e,
+                     bits=bits, max_input=max_input, flag=flag, range_flag=range_flag, chunks=1, ps=out.numel(),
+                     variant=variant or ENCODE_VARIANT, feedback=(carry, nxt, scale))
+    return True
+
+
 def chunks_fit(t: int, e: int, nk: int, bits: int, payload_bytes: int) -> bool:
     """Whether :func:`encode_chunks` / :func:`decode_chunks` take chunks of ``[t, e]`` with ``nk``
     bf16 channels: the tiled encoder (int8 or an even int4 body row) and, with a bf16 head, an
@@ -821,6 +841,15 @@ def _codes(x, inv, fin, max_in, QMAX: tl.constexpr):
 
 
 @triton.jit
+def _error(x, q, scale):
+    """Error feedback's compensation of one quantized value: ``x - q * scale`` (the sent value
+    less its decode, in fp32, as two roundings: no fused multiply-add), +0.0 where not finite
+    (the sentinel code of a NaN/Inf ``x`` included): :func:`lowbit_tp.collectives.feedback.feedback_of`."""
+    r = x - q.to(tl.float32) * scale
+    return tl.where(is_finite(r), r, 0.0)
+
+
+@triton.jit
 def _enc_codes(x, inv, m, max_in, flag_ptr, range_ptr, QMAX: tl.constexpr, FLAG: tl.constexpr, RANGE: tl.constexpr):
     """int32 codes of fp32 ``x`` (the reference's saturate, scale, clamp, round half even; NaN/Inf
     -> the sentinel), NaN/Inf and out-of-range values recorded once per program (``flag_any``).
@@ -837,18 +866,23 @@ def _enc_codes(x, inv, m, max_in, flag_ptr, range_ptr, QMAX: tl.constexpr, FLAG:
 @triton.jit
 def static_encode_win_kernel(src, inv_ptr, body_ptr, flag_ptr, range_ptr, T, max_in, E: tl.constexpr,
                              BITS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, FLAG: tl.constexpr,
-                             RANGE: tl.constexpr, XS=0, PS=0, CHUNKED: tl.constexpr = False):
+                             RANGE: tl.constexpr, XS=0, PS=0, CHUNKED: tl.constexpr = False, carry_ptr=0,
+                             next_ptr=0, scale_ptr=0, CARRY: tl.constexpr = False, FEEDBACK: tl.constexpr = False):
     """Encode a partial ``src[0] [T, E]`` without bf16 channels (int4 with an even E, int8), one
     ``BT x BC`` tile per program: contiguous 16-byte loads of ``x`` and of the reciprocal
     scales, a byte's two int4 codes from the even and odd columns (as triton_group's encoder).
-    ``CHUNKED`` as :func:`static_encode_tile_kernel`."""
+    ``CHUNKED`` as :func:`static_encode_tile_kernel`. ``CARRY``/``FEEDBACK``: error feedback
+    fused in (:func:`encode_feedback`)."""
     src, body_ptr = chunk_bases(src, body_ptr, XS, PS, CHUNKED)
     H: tl.constexpr = BC // 2
     QMAX: tl.constexpr = 7 if BITS == 4 else 127
     t = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]
     mt = t < T
     c = tl.program_id(1) * BC + tl.arange(0, BC)
-    x = tl.load(src[0] + t * E + c[None, :], mask=mt & (c < E)[None, :], other=0.0).to(tl.float32)
+    m = mt & (c < E)[None, :]
+    x = tl.load(src[0] + t * E + c[None, :], mask=m, other=0.0).to(tl.float32)
+    if CARRY:
+        x = x + tl.load(carry_ptr + t * E + c[None, :], mask=m, other=0.0)
     inv = tl.load(inv_ptr + c, mask=c < E, other=1.0)
     if BITS == 4:
         xe, xo = tl.split(tl.reshape(x, [BT, H, 2]))
@@ -857,16 +891,24 @@ def static_encode_win_kernel(src, inv_ptr, body_ptr, flag_ptr, range_ptr, T, max
         qo = _enc_codes(xo, io[None, :], mt, max_in, flag_ptr, range_ptr, QMAX, FLAG, RANGE)
         bi = tl.program_id(1) * H + tl.arange(0, H)[None, :]
         tl.store(body_ptr + t * (E // 2) + bi, ((qe & 0xF) | ((qo & 0xF) << 4)).to(tl.uint8), mask=mt & (bi < E // 2))
+        if FEEDBACK:
+            se, so = tl.split(tl.reshape(tl.load(scale_ptr + c, mask=c < E, other=1.0), [H, 2]))
+            r = tl.reshape(tl.join(_error(xe, qe, se[None, :]), _error(xo, qo, so[None, :])), [BT, BC])
+            tl.store(next_ptr + t * E + c[None, :], r, mask=m)
     else:
-        q = _enc_codes(x, inv[None, :], mt & (c < E)[None, :], max_in, flag_ptr, range_ptr, QMAX, FLAG, RANGE)
-        tl.store(body_ptr + t * E + c[None, :], (q & 0xFF).to(tl.uint8), mask=mt & (c < E)[None, :])
+        q = _enc_codes(x, inv[None, :], m, max_in, flag_ptr, range_ptr, QMAX, FLAG, RANGE)
+        tl.store(body_ptr + t * E + c[None, :], (q & 0xFF).to(tl.uint8), mask=m)
+        if FEEDBACK:
+            sc = tl.load(scale_ptr + c, mask=c < E, other=1.0)
+            tl.store(next_ptr + t * E + c[None, :], _error(x, q, sc[None, :]), mask=m)
 
 
 @triton.jit
 def static_encode_rows_kernel(src, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_ptr, flag_ptr, range_ptr, T, NB,
                               max_in, E: tl.constexpr, NK: tl.constexpr, BITS: tl.constexpr, BT: tl.constexpr,
                               BC: tl.constexpr, FLAG: tl.constexpr, RANGE: tl.constexpr, XS=0, HS=0, PS=0,
-                              CHUNKED: tl.constexpr = False):
+                              CHUNKED: tl.constexpr = False, carry_ptr=0, next_ptr=0, scale_ptr=0,
+                              CARRY: tl.constexpr = False, FEEDBACK: tl.constexpr = False):
     """Encode a partial ``src[0] [T, E]`` with ``NK`` bf16 channels (int4: an even ``E - NK``) as
     1-D column vectors: column blocks ``[0, NB)`` write ``BC`` body slots, the rest ``BC``
     channels of the bf16 head, each over ``BT`` rows in straight-line code after loading the
@@ -875,7 +917,9 @@ def static_encode_rows_kernel(src, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_pt
     last program of a ragged ``T`` starts at ``T - BT`` and rewrites some of its neighbour's
     bytes with the same values instead of masking). NaN/Inf (as the NaN of a running sum of
     ``x * 0``) and range hits are gathered over the rows and flagged once a program. ``CHUNKED``
-    as :func:`static_encode_tile_kernel`."""
+    as :func:`static_encode_tile_kernel`. ``CARRY``/``FEEDBACK``: error feedback fused in
+    (:func:`encode_feedback`; ``carry`` and ``next`` are ``[T, E]`` fp32, read and written at
+    ``x``'s offsets)."""
     src, body_ptr = chunk_bases(src, body_ptr, XS, PS, CHUNKED)
     if CHUNKED:
         head_ptr += tl.program_id(2) * HS
@@ -884,6 +928,8 @@ def static_encode_rows_kernel(src, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_pt
     QMAX: tl.constexpr = 7 if BITS == 4 else 127
     t0 = tl.minimum(tl.program_id(0) * BT, T - BT)
     x0 = src[0] + t0 * E  # row t0 of the partial
+    c0 = carry_ptr + t0 * E  # row t0 of the carry and of the next carry (FEEDBACK)
+    n0 = next_ptr + t0 * E
     cb = tl.program_id(1)
     if cb < NB:
         if BITS == 4:
@@ -896,11 +942,17 @@ def static_encode_rows_kernel(src, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_pt
             xe_ptr = x0 + ce
             xo_ptr = x0 + co
             dst = body_ptr + t0 * (NI // 2) + i
+            if FEEDBACK:
+                se = tl.load(scale_ptr + 2 * i, mask=mi, other=1.0)
+                so = tl.load(scale_ptr + 2 * i + 1, mask=mi, other=1.0)
             bad = tl.zeros([H], dtype=tl.float32)  # NaN once a NaN/Inf went by (x * 0 is NaN just for those)
             big = tl.zeros([H], dtype=tl.int1)
             for k in tl.static_range(BT):
                 xe = tl.load(xe_ptr + k * E).to(tl.float32)
                 xo = tl.load(xo_ptr + k * E).to(tl.float32)
+                if CARRY:
+                    xe = xe + tl.load(c0 + ce + k * E)
+                    xo = xo + tl.load(c0 + co + k * E)
                 fe = is_finite(xe)
                 fo = is_finite(xo)
                 if FLAG:
@@ -910,6 +962,9 @@ def static_encode_rows_kernel(src, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_pt
                 qe = _codes(xe, ie, fe, max_in, QMAX)
                 qo = _codes(xo, io, fo, max_in, QMAX)
                 tl.store(dst + k * (NI // 2), ((qe & 0xF) | ((qo & 0xF) << 4)).to(tl.uint8), mask=mi)
+                if FEEDBACK:
+                    tl.store(n0 + ce + k * E, _error(xe, qe, se), mask=mi)
+                    tl.store(n0 + co + k * E, _error(xo, qo, so), mask=mi)
             if FLAG:
                 flag_any(flag_ptr, (bad != bad) & mi)
             if RANGE:
@@ -921,10 +976,14 @@ def static_encode_rows_kernel(src, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_pt
             inv = tl.load(inv_ptr + i, mask=mi, other=1.0)
             x_src = x0 + ch
             dst = body_ptr + t0 * NI + i
+            if FEEDBACK:
+                sc = tl.load(scale_ptr + i, mask=mi, other=1.0)
             bad = tl.zeros([BC], dtype=tl.float32)
             big = tl.zeros([BC], dtype=tl.int1)
             for k in tl.static_range(BT):
                 x = tl.load(x_src + k * E).to(tl.float32)
+                if CARRY:
+                    x = x + tl.load(c0 + ch + k * E)
                 f = is_finite(x)
                 if FLAG:
                     bad = bad + x * 0.0
@@ -932,6 +991,8 @@ def static_encode_rows_kernel(src, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_pt
                     big = big | (f & (tl.abs(x) > max_in))
                 q = _codes(x, inv, f, max_in, QMAX)
                 tl.store(dst + k * NI, (q & 0xFF).to(tl.uint8), mask=mi)
+                if FEEDBACK:
+                    tl.store(n0 + ch + k * E, _error(x, q, sc), mask=mi)
             if FLAG:
                 flag_any(flag_ptr, (bad != bad) & mi)
             if RANGE:
@@ -946,12 +1007,18 @@ def static_encode_rows_kernel(src, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_pt
         bigj = tl.zeros([BC], dtype=tl.int1)
         for k in tl.static_range(BT):
             xh = tl.load(xh_src + k * E).to(tl.float32)
+            if CARRY:
+                xh = xh + tl.load(c0 + chj + k * E)
             fh = is_finite(xh)
             if FLAG:
                 badj = badj + xh * 0.0
             if RANGE:
                 bigj = bigj | (fh & (tl.abs(xh) > max_in))
-            tl.store(hdst + k * NK, bf16_bits(saturate(xh, max_in)).to(tl.int16), mask=mj)
+            hb = bf16_bits(saturate(xh, max_in))
+            tl.store(hdst + k * NK, hb.to(tl.int16), mask=mj)
+            if FEEDBACK:  # the kept value's decode is its bf16: the bits in the high half of an fp32
+                rh = xh - (hb << 16).to(tl.float32, bitcast=True)
+                tl.store(n0 + chj + k * E, tl.where(is_finite(rh), rh, 0.0), mask=mj)
         if FLAG:
             flag_any(flag_ptr, (badj != badj) & mj)
         if RANGE:
@@ -959,7 +1026,7 @@ def static_encode_rows_kernel(src, inl_ptr, inv_ptr, outl_ptr, head_ptr, body_pt
 
 
 def _encode_fast(x, inliers, inv_scale, outliers, head, body, t, e, *, bits, max_input, flag, range_flag, chunks,
-                 ps, variant):
+                 ps, variant, feedback=None):
     """The fast encoders (one partial, no fused reduce) over ``chunks`` chunks of ``t`` rows.
     ptxas sm_90a, Triton 3.6, [8192, 8192], FLAG: int4 8 x 512 80 registers, 22.5 SASS/value
     (4 x 512: 48, 26.5); int4-outlier 8 x 512 39, 48 (8 x 1024: 72, 43); the tile kernel without
@@ -967,6 +1034,10 @@ def _encode_fast(x, inliers, inv_scale, outliers, head, body, t, e, *, bits, max
     nk = outliers.numel()
     tiles = FAST_TILES[_check_variant(variant, ENCODE_VARIANTS)]
     common = dict(BITS=bits, FLAG=flag is not None, RANGE=range_flag is not None, num_warps=4, **FP_OPTIONS)
+    if feedback is not None:  # (carry or None, next, scale): encode_feedback
+        carry, nxt, scale = feedback
+        common.update(carry_ptr=nxt if carry is None else carry, next_ptr=nxt, scale_ptr=scale,
+                      CARRY=carry is not None, FEEDBACK=True)
     flags = (inliers if flag is None else flag, inliers if range_flag is None else range_flag)
     if nk == 0:
         rows, cols = tiles["enc_win"]
