@@ -454,3 +454,54 @@ def test_lg8_codes_match_the_reference_searchsorted(top):
         q, scale = cpu_kernels.lg8_codes(amax[:m], base, table=_LG8_TABLE)
         assert torch.equal(q, ref_bytes[:m]), (top, (q != ref_bytes[:m]).nonzero()[:5].tolist())
         assert torch.equal(scale.view(torch.int32), ref_scale.reshape(-1)[:m].view(torch.int32)), top
+
+
+STATIC = ["int4-outlier", "int4", "int8", "int4-random-k"]
+
+
+@pytest.mark.parametrize("name", STATIC)
+def test_encode_feedback_fused_matches_the_reference_path(name):
+    """Error feedback fused into the CPU encoder (Codec.encode_feedback): the payload of
+    encode(x + carry) and next = sent - decode(payload), 0 where not finite, bitwise equal to the
+    reference's gather_encode_feedback (compensate, encode, decode, feedback_of), with and without
+    a carry, every input dtype, odd shapes, zeros and extremes (3e38: a bf16 channel rounding to
+    Inf, saturation). A NaN/Inf or out-of-range sent value leaves it to the general path (None),
+    which then gives the reference's bytes too."""
+    from lowbit_tp.collectives.algorithms import gather_encode_feedback
+    from lowbit_tp.collectives.feedback import Feedback
+
+    fused_runs = 0
+    for t, e in SHAPES:
+        cal = _cal(2, e)
+        ref = make_codec(name, calibration=cal, backend="reference", nonfinite="propagate")
+        fast = make_codec(name, calibration=cal, backend="cpu", nonfinite="propagate")
+        for dtype in DTYPES:
+            for kind in KINDS:
+                x = make_input(t, e, dtype, kind, seed=t * 7 + e)
+                g = torch.Generator().manual_seed(e)
+                for carry in (None, torch.randn(t, e, generator=g) * 0.3):
+                    want = Feedback(carry=carry)
+                    w = gather_encode_feedback(ref, x, want, layer=LAYER, rank=1)
+                    got = fast.encode_feedback(x, carry, layer=LAYER, source=1)
+                    if kind in ("randn", "zeros"):
+                        assert got is not None, (name, t, e, dtype, kind)
+                    if got is not None:
+                        fused_runs += 1
+                        assert torch.equal(got[0], w), (name, t, e, dtype, kind, carry is None)
+                        assert bits(got[1]).equal(bits(want.next)), (name, t, e, dtype, kind, carry is None)
+                    fb = Feedback(carry=carry)  # the collective's function, whichever path it takes
+                    assert torch.equal(gather_encode_feedback(fast, x, fb, layer=LAYER, rank=1), w)
+                    assert bits(fb.next).equal(bits(want.next)), (name, t, e, dtype, kind)
+    assert fused_runs > len(SHAPES) * len(DTYPES) * 2
+
+
+def test_encode_feedback_refuses_a_wrong_carry_in_one_line():
+    from lowbit_tp.collectives.algorithms import gather_encode_feedback
+    from lowbit_tp.collectives.feedback import Feedback
+
+    fast = make_codec("int4-outlier", calibration=_cal(2, 130), backend="cpu")
+    x = torch.randn(3, 130)
+    assert fast.encode_feedback(x, torch.zeros(2, 130), layer=LAYER, source=0) is None
+    assert fast.encode_feedback(x, torch.zeros(3, 130, dtype=torch.bfloat16), layer=LAYER, source=0) is None
+    with pytest.raises(ValueError, match="carry of shape"):
+        gather_encode_feedback(fast, x, Feedback(carry=torch.zeros(2, 130)), layer=LAYER, rank=0)

@@ -243,9 +243,10 @@ class _StaticIntCodec(Codec):
         return super()._decode_sum(payloads, shape, params, out)
 
     def encode_feedback(self, x, carry, *, layer=None, source=0, out=None):
-        """The Triton encoders with error feedback fused in (:meth:`Codec.encode_feedback`): one
-        read of the partial and the carry, one write of the payload and of the next carry."""
-        if self.kernel_backend(x.device) != "triton" or not isinstance(x, torch.Tensor) or x.dim() != 2:
+        """The Triton and CPU encoders with error feedback fused in (:meth:`Codec.encode_feedback`):
+        one read of the partial and the carry, one write of the payload and of the next carry."""
+        backend = self.kernel_backend(x.device) if isinstance(x, torch.Tensor) and x.dim() == 2 else None
+        if backend not in ("triton", "cpu"):
             return None
         if carry is not None and (carry.dtype != torch.float32 or carry.shape != x.shape or carry.device != x.device
                                   or not carry.is_contiguous()):
@@ -255,6 +256,13 @@ class _StaticIntCodec(Codec):
         if out is not None:
             _check_buffer(out, torch.uint8, (nbytes,), x.device, f"{self.name}: encode_feedback out=")
         p = self.params(layer, source, x.shape[1], x.device)
+        if backend == "cpu":
+            from lowbit_tp.kernels import cpu
+
+            payload, nxt, scan = cpu.static_encode_feedback(x, carry, outliers=p.outliers, inv_scale=p.inv_scale,
+                                                            scale=p.scale, bits=self.bits, nbytes=nbytes, out=out)
+            # NaN/Inf or a value beyond max_input: the general path raises or saturates as the reference does
+            return None if scan.nonfinite or scan.amax > self.max_input else (payload, nxt)
         inl, inv, outl = self._enc_tables(p)
         scale = self._kernel_table(("scale", id(p)), lambda: p.scale.float().contiguous())
         payload = torch.empty(nbytes, dtype=torch.uint8, device=x.device) if out is None else out

@@ -109,11 +109,13 @@ def build(*, verbose: bool = False) -> Path:
 def _lib():
     path = build()
     lib = ctypes.CDLL(str(path))
-    if lib.lbt_abi_version() != 4:
+    if lib.lbt_abi_version() != 5:
         raise RuntimeError(f"{path}: unexpected ABI version")
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.lbt_static_encode.argtypes = [p, i32, i64, i64, i64, p, i64, p, i32, p, p]
     lib.lbt_static_encode.restype = i32
+    lib.lbt_static_encode_feedback.argtypes = [p, i32, p, i64, i64, i64, p, i64, p, p, i32, p, p, p]
+    lib.lbt_static_encode_feedback.restype = i32
     lib.lbt_static_decode_sum.argtypes = [p, p, i32, i64, i64, p, i64, i32, p, i32]
     lib.lbt_static_decode_sum.restype = None
     lib.lbt_group_encode.argtypes = [p, i32, i64, i64, i64, i64, p, p]
@@ -207,6 +209,25 @@ def static_encode(x: torch.Tensor, *, outliers: torch.Tensor, inv_scale: torch.T
     bad = _lib().lbt_static_encode(x.data_ptr(), dt, t, e, ld, outliers.data_ptr(), outliers.numel(),
                                    inv_scale.data_ptr(), bits, out.data_ptr(), ctypes.byref(amax))
     return out, Scan(bool(bad), amax.value)
+
+
+def static_encode_feedback(x: torch.Tensor, carry: torch.Tensor | None, *, outliers: torch.Tensor,
+                           inv_scale: torch.Tensor, scale: torch.Tensor, bits: int, nbytes: int,
+                           out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Scan]:
+    """:func:`static_encode` of ``x + carry`` (fp32; ``carry`` a contiguous fp32 ``x``-shaped
+    tensor, or None for ``x`` itself, then fp32) and error feedback's next carry, ``sent -
+    decode(payload)`` fp32 with +0.0 where not finite (``scale``: the inliers' fp32 scales, as
+    the decoder's), in one pass over the rows; and the sent values' :class:`Scan`."""
+    x, dt, ld = _rows(x)
+    t, e = x.shape
+    out = _payload_out(out, nbytes)
+    nxt = torch.empty(t, e, dtype=torch.float32)
+    amax = ctypes.c_float()
+    bad = _lib().lbt_static_encode_feedback(x.data_ptr(), dt, None if carry is None else carry.data_ptr(), t, e, ld,
+                                            outliers.data_ptr(), outliers.numel(), inv_scale.data_ptr(),
+                                            scale.data_ptr(), bits, out.data_ptr(), nxt.data_ptr(),
+                                            ctypes.byref(amax))
+    return out, nxt, Scan(bool(bad), amax.value)
 
 
 def static_decode_sum(payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, scales: Sequence[torch.Tensor],

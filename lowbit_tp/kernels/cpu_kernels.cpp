@@ -429,6 +429,61 @@ int static_encode(const void* x, int64_t t_rows, int64_t e, int64_t ld, const in
   return bad ? 1 : 0;
 }
 
+// Error feedback fused into the encoder: the payload of encode(x + carry) (x's values widened to
+// fp32; no carry: x itself, which must then be fp32) and next = sent - decode(payload) in fp32,
+// +0.0 where not finite, one row at a time while the row is in cache. The codes are those of
+// static_encode<0> on the sent row; the decode is int4_run/int8_run's code * scale (sentinel:
+// NaN) and the kept channels' bf16. Returns static_encode's "bad" (the caller then takes the
+// general path, so a NaN/Inf or out-of-range row's next is never used).
+template <int DT>
+int static_encode_feedback(const void* x, const float* carry, int64_t t_rows, int64_t e, int64_t ld,
+                           const int64_t* outl, int64_t k, const float* inv_scale, const float* scale, int bits,
+                           uint8_t* out, float* next, float* amax_out) {
+  const int64_t m = e - k;
+  const float qmax = float((1 << (bits - 1)) - 1);
+  const int32_t sentinel = -(1 << (bits - 1));
+  uint8_t* head = out;
+  uint8_t* body = out + 2 * t_rows * k;
+  const std::vector<Run> runs = inlier_runs(e, outl, k);
+  const std::vector<float> inv = spread(inv_scale, e, runs, 0.0f);
+  const std::vector<float> sc = spread(scale, e, runs, 0.0f);
+  std::vector<int8_t> full(e), codes(m);
+  std::vector<float> sent(e);
+  uint32_t bad = 0;
+  int32_t amax = 0;
+  for (int64_t t = 0; t < t_rows; ++t) {
+    const char* row = static_cast<const char*>(x) + t * ld * elem_size<DT>();
+    const float* cy = carry ? carry + t * e : nullptr;
+    float* s = sent.data();
+    if (cy) for (int64_t c = 0; c < e; ++c) s[c] = load<DT>(row, c) + cy[c];
+    else for (int64_t c = 0; c < e; ++c) s[c] = load<DT>(row, c);
+    bad |= quantize_run<0, false>(s, inv.data(), e, qmax, sentinel, full.data(), &amax);
+    for (int64_t i = 0; i < k; ++i) put_u16(head + 2 * (t * k + i), to_bf16<0>(s, outl[i]));
+    const int8_t* q = full.data();
+    if (k) {
+      for (const Run& r : runs) std::memcpy(codes.data() + r.j0, full.data() + r.c0, r.c1 - r.c0);
+      q = codes.data();
+    }
+    if (bits == 4) pack_nibbles(q, m, t * m, body);
+    else std::memcpy(body + t * m, q, m);
+    float* nx = next + t * e;
+    const int8_t* f = full.data();
+    const float* scp = sc.data();
+    for (int64_t c = 0; c < e; ++c) {  // kept channels: code 0 * 0 here, rewritten below
+      const float d = (int32_t(f[c]) == sentinel ? QNAN : float(f[c])) * scp[c];
+      const float r = s[c] - d;
+      nx[c] = finite_bits(bits_of(r)) ? r : 0.0f;
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t c = outl[i];
+      const float r = s[c] - bf16_to_f32(get_u16(head + 2 * (t * k + i)));
+      nx[c] = finite_bits(bits_of(r)) ? r : 0.0f;
+    }
+  }
+  *amax_out = float_of(uint32_t(amax));
+  return bad ? 1 : 0;
+}
+
 // out = sum_r decode(payload_r) in rank order (acc = d0; acc += d1; ...), one row at a time
 // so each output row is written once: each run of inlier channels decodes straight from the
 // payload into the output row (the scales of a run are contiguous), then the kept channels.
@@ -2041,7 +2096,7 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
 
 extern "C" {
 
-int lbt_abi_version() { return 4; }
+int lbt_abi_version() { return 5; }
 
 // Which hand-written vector paths this build has: bit 0 AVX2, bit 1 AVX-512, bit 2 GFNI
 // bit-planes (the tests check that a CPU with them got them: a -march=native build that
@@ -2093,6 +2148,16 @@ int lbt_static_encode(const void* x, int dtype, int64_t t, int64_t e, int64_t ld
     case 0: return static_encode<0>(x, t, e, ld, outl, k, inv_scale, bits, out, amax);
     case 1: return static_encode<1>(x, t, e, ld, outl, k, inv_scale, bits, out, amax);
     default: return static_encode<2>(x, t, e, ld, outl, k, inv_scale, bits, out, amax);
+  }
+}
+
+int lbt_static_encode_feedback(const void* x, int dtype, const float* carry, int64_t t, int64_t e, int64_t ld,
+                               const int64_t* outl, int64_t k, const float* inv_scale, const float* scale, int bits,
+                               uint8_t* out, float* next, float* amax) {
+  switch (dtype) {
+    case 0: return static_encode_feedback<0>(x, carry, t, e, ld, outl, k, inv_scale, scale, bits, out, next, amax);
+    case 1: return static_encode_feedback<1>(x, carry, t, e, ld, outl, k, inv_scale, scale, bits, out, next, amax);
+    default: return static_encode_feedback<2>(x, carry, t, e, ld, outl, k, inv_scale, scale, bits, out, next, amax);
   }
 }
 
