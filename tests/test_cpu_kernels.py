@@ -456,12 +456,14 @@ def test_lg8_codes_match_the_reference_searchsorted(top):
         assert torch.equal(scale.view(torch.int32), ref_scale.reshape(-1)[:m].view(torch.int32)), top
 
 
-STATIC = ["int4-outlier", "int4", "int8", "int4-random-k"]
+# the static codecs (one fused pass), a group codec and rot-* (encode, then decode into the difference)
+FEEDBACK_CODECS = ["int4-outlier", "int4", "int8", "int4-random-k", "int4-g32", "rot-lm4-g64-lg8-k4",
+                   "rot-int6-g64-lg8-k4", "rot-lm3-g32-e8"]
 
 
-@pytest.mark.parametrize("name", STATIC)
+@pytest.mark.parametrize("name", FEEDBACK_CODECS)
 def test_encode_feedback_fused_matches_the_reference_path(name):
-    """Error feedback fused into the CPU encoder (Codec.encode_feedback): the payload of
+    """Error feedback on the CPU kernels (Codec.encode_feedback): the payload of
     encode(x + carry) and next = sent - decode(payload), 0 where not finite, bitwise equal to the
     reference's gather_encode_feedback (compensate, encode, decode, feedback_of), with and without
     a carry, every input dtype, odd shapes, zeros and extremes (3e38: a bf16 channel rounding to

@@ -398,3 +398,21 @@ def test_cli_errors_for_from_are_one_line(tmp_path, wcal, capsys):
         assert main(["calibrate", "--model", "smollm2-135m", "--tp", "3", *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_error_feedback_through_weights_matches_the_reference(wcal, backend):
+    """gather_encode_feedback with a +fisher codec: the payload of the weighted sent values and
+    next = sent - decode (decode unweights), bitwise the reference's; the inner codec's own
+    one-pass feedback (on the CPU kernels) must not see the unweighted values."""
+    from lowbit_tp.collectives.algorithms import gather_encode_feedback
+    from lowbit_tp.collectives.feedback import Feedback
+
+    ref = make_codec("rot-lm4-g64-lg8-k4+fisher", calibration=wcal, backend="reference")
+    got = make_codec("rot-lm4-g64-lg8-k4+fisher", calibration=wcal, backend=backend)
+    g = torch.Generator().manual_seed(3)
+    x, carry = torch.randn(5, E, generator=g) * 2, torch.randn(5, E, generator=g) * 0.1
+    want, fb = Feedback(carry=carry), Feedback(carry=carry)
+    w = gather_encode_feedback(ref, x, want, layer=LAYERS[0], rank=1)
+    assert torch.equal(gather_encode_feedback(got, x, fb, layer=LAYERS[0], rank=1), w)
+    assert torch.equal(fb.next.view(torch.int32), want.next.view(torch.int32))

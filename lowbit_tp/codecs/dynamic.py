@@ -130,6 +130,13 @@ class GroupInt4Codec(Codec):
             return K.decode_sum([p.contiguous() for p in payloads], out, group=self.group)
         return super()._decode_sum(payloads, shape, params, out)
 
+    cpu_decode_error = True
+
+    def _cpu_decode_error(self, payload, shape, sent, params):
+        from lowbit_tp.kernels import cpu
+
+        return cpu.group_decode_error(payload, shape, sent, group=self.group)
+
     def _encode_chunks(self, x, chunks, params, out, flags):
         K = _triton_kernels()
         return K.encode_chunks(x.contiguous(), out, chunks=chunks, group=self.group, max_input=self.max_input,

@@ -214,6 +214,9 @@ class ChannelWeightedCodec(_DelegatingCodec):
         self._check_tensor(x, layer, source)
         return self.inner.encode(x.float() * self.weight(layer, x.device), layer=layer, source=source, out=out)
 
+    def encode_feedback(self, x, carry, *, layer=None, source=0, out=None):
+        return None  # inner's would see the unweighted values: the caller's general path weights them
+
     def decode(self, payload, shape, *, layer=None, source=0):
         return self.inner.decode(payload, shape, layer=layer, source=source) / self.weight(layer, payload.device)
 

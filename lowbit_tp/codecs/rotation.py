@@ -365,6 +365,13 @@ class RotatedGroupCodec(KeptRotation, Codec):
                                out=out, t=t, e=e, flag=flag, range_flag=range_flag, max_input=self.max_input,
                                rotate_max=ROTATE_MAX, scale_max=self._amax_limit(e), **kw)
 
+    cpu_decode_error = True
+
+    def _cpu_decode_error(self, payload, shape, sent, params):
+        from lowbit_tp.kernels import cpu
+
+        return cpu.rot_decode_error(payload, shape, sent, outliers=params.outliers, **self._cpu_args(shape[1]))
+
     def _cpu_args(self, e: int) -> dict:
         """What the CPU rot kernels take besides the data; tables are torch's own values."""
         def build():

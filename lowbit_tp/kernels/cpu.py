@@ -127,6 +127,10 @@ def _lib():
     lib.lbt_rot_encode.restype = i32
     lib.lbt_rot_decode_sum.argtypes = [p, i32, i64, p, p, f32, p, p, i32]
     lib.lbt_rot_decode_sum.restype = None
+    lib.lbt_group_decode_error.argtypes = [p, i64, i64, i64, p, p]
+    lib.lbt_group_decode_error.restype = None
+    lib.lbt_rot_decode_error.argtypes = [p, i64, p, p, f32, p, p, p]
+    lib.lbt_rot_decode_error.restype = None
     lib.lbt_rot_codes.argtypes = [p, i64, f32, i32, p, i32, p]
     lib.lbt_rot_codes.restype = None
     lib.lbt_lg8_codes.argtypes = [p, i64, f32, p, p, p]
@@ -294,6 +298,32 @@ def rot_decode_sum(payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, 
     _lib().lbt_rot_decode_sum(_ptrs(payloads), len(payloads), t, _ptrs(outliers), spec.data_ptr(),
                               inv_sqrt_block, _ptrs(tables), out.data_ptr(), odt)
     return out
+
+
+def _sent_and_next(sent: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    sent = sent.float().contiguous()
+    if tuple(sent.shape) != tuple(shape):
+        raise ValueError(f"sent values of shape {tuple(sent.shape)} for a payload of shape {tuple(shape)}")
+    return sent, torch.empty(shape, dtype=torch.float32)
+
+
+def group_decode_error(payload: torch.Tensor, shape: tuple[int, int], sent: torch.Tensor, *,
+                       group: int) -> torch.Tensor:
+    """Error feedback's next carry ``sent - decode(payload)`` (fp32, +0.0 where not finite) in
+    one pass: the decode of :func:`group_decode_sum` of one payload, differenced row by row."""
+    sent, nxt = _sent_and_next(sent, shape)
+    _lib().lbt_group_decode_error(payload.contiguous().data_ptr(), shape[0], shape[1], group, sent.data_ptr(),
+                                  nxt.data_ptr())
+    return nxt
+
+
+def rot_decode_error(payload: torch.Tensor, shape: tuple[int, int], sent: torch.Tensor, *, outliers: torch.Tensor,
+                     spec: torch.Tensor, inv_sqrt_block: float, tables: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`group_decode_error` of the ``rot-*`` codecs (:func:`rot_decode_sum`'s decode)."""
+    sent, nxt = _sent_and_next(sent, shape)
+    _lib().lbt_rot_decode_error(payload.contiguous().data_ptr(), shape[0], outliers.data_ptr(), spec.data_ptr(),
+                                inv_sqrt_block, _ptrs(tables), sent.data_ptr(), nxt.data_ptr())
+    return nxt
 
 
 def rot_codes(z: torch.Tensor, scale: float, *, bounds: torch.Tensor, bits: int, finite: bool = True) -> torch.Tensor:

@@ -335,8 +335,13 @@ struct SumOut {
   int64_t e;
   bool stream;
   std::vector<float> scratch;
+  // Error feedback (the *_decode_error entry points): each row is written as minus - sum, fp32,
+  // +0.0 where not finite (feedback_of's arithmetic), instead of the sum itself.
+  const float* minus = nullptr;
   SumOut(void* out, int dtype, int64_t width, int64_t rows)
       : base(out), dt(dtype), e(width), stream(rows * width * (dtype ? 2 : 4) >= kStreamBytes), scratch(width) {}
+  SumOut(float* out, const float* sent, int64_t width)
+      : base(out), dt(0), e(width), stream(false), scratch(width), minus(sent) {}
 #ifdef LBT_AVX2
   ~SumOut() { if (stream) _mm_sfence(); }  // order the non-temporal stores before returning
 #endif
@@ -344,6 +349,15 @@ struct SumOut {
   void finish(int64_t t) {
     const float* a = scratch.data();
     int64_t c = 0;
+    if (minus) {
+      float* o = static_cast<float*>(base) + t * e;
+      const float* m = minus + t * e;
+      for (; c < e; ++c) {
+        const float r = m[c] - a[c];
+        o[c] = finite_bits(bits_of(r)) ? r : 0.0f;
+      }
+      return;
+    }
     if (dt == 0) {
       float* o = static_cast<float*>(base) + t * e;
 #ifdef LBT_AVX2
@@ -2200,6 +2214,19 @@ int lbt_rot_encode(const void* x, int dtype, int64_t t, int64_t ld, const int64_
   }
 }
 
+// Error feedback's next carry: sent - decode(payload), fp32 [t, e], +0.0 where not finite, with
+// the decode of the matching *_decode_sum of one payload (so the same bits as decode).
+void lbt_group_decode_error(const uint8_t* payload, int64_t t, int64_t e, int64_t group, const float* sent,
+                            float* next) {
+  SumOut o(next, sent, e);
+  group_decode_sum(&payload, 1, t, e, group, o);
+}
+void lbt_rot_decode_error(const uint8_t* payload, int64_t t, const int64_t* outl, const int64_t* spec,
+                          float inv_sqrt_block, const float* const* tables, const float* sent, float* next) {
+  const RotSpec s = make_spec(spec, inv_sqrt_block, tables);
+  SumOut o(next, sent, s.e);
+  rot_decode_sum(&payload, 1, t, &outl, s, o);
+}
 void lbt_rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t, const int64_t* const* outls,
                         const int64_t* spec, float inv_sqrt_block, const float* const* tables, void* out,
                         int out_dtype) {
