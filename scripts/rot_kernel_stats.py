@@ -95,7 +95,8 @@ def cases(K):
                      **_xpose(K, bits), **_asm(K, "asm_dec", bits),
                      **({"LOOP": True} if K.CONFIG.get("dec_loop") and n > 2 else {})}
             if hasattr(K, "tile_config"):
-                rows, w, warps = K.tile_config(T, E, GROUP, BLOCK, n)
+                loop = {"loop": True} if K.CONFIG.get("dec_loop") and n > 2 else {}  # older trees: no such key
+                rows, w, warps = K.tile_config(T, E, GROUP, BLOCK, n, **loop)
                 const.update(ROWS=rows, W=w, PACKED=True)
             else:
                 rows, w, _, warps = K.launch_config(T, E, GROUP)

@@ -53,7 +53,7 @@ VARIANTS = {
     "new_noasmdec": {**_NEW, "asm_dec": False},  # new with tl.load level reads in decode-and-sum
     "new_noasm": {**_NEW, "asm_enc": False, "asm_dec": False},  # new without inline PTX
     # stop 22: decode-and-sum's sources in a run-time loop, 16 values a thread at any world
-    "new_loop": {**_NEW, "dec_loop": True, "dec_values_wide": 512},
+    "new_loop": {**_NEW, "dec_loop": True, "dec_values_loop": 512},
 }
 
 

@@ -171,6 +171,8 @@ CASES = [
     ("triton_static", "static_encode_rows_kernel", {**STATIC_ROWS_ENC_SIG, **FEEDBACK_SIG, "src": ("*fp32",)},
      {"E": 8192, "NK": 128, "BITS": 4, "BT": 8, "BC": 512, "FLAG": True, "RANGE": True, "CARRY": True,
       "FEEDBACK": True}),
+    ("triton_static", "static_encode_win_kernel", {**STATIC_WIN_ENC_SIG, **FEEDBACK_SIG, "src": ("*bf16",)},
+     {"E": 4096, "BITS": 8, "BT": 4, "BC": 512, "FLAG": False, "RANGE": True, "FEEDBACK": True}),
     ("triton_static", "static_encode_rows_kernel", {**STATIC_ROWS_ENC_SIG, **FEEDBACK_SIG, "src": ("*bf16",)},
      {"E": 258, "NK": 4, "BITS": 8, "BT": 3, "BC": 64, "FLAG": False, "RANGE": True, "FEEDBACK": True}),
     ("triton_static", "static_decode_sum_win_kernel", STATIC_WIN_DEC_SIG,

@@ -634,16 +634,17 @@ def test_bucket_cells_refuses_what_it_cannot_do_exactly():
 # blocks; E=136), NaN/Inf in propagate mode (planted by check), with the column tiles narrowed
 # so that E=200 spans several (row_tile: the encoders still take whole rows and one rotation).
 ROT_VARIANTS = {
-    "base": {"cell": False, "xpose": False, "row_tile": 0, "lg8_cell": False},
-    "cell_xpose": {"cell": True, "xpose": True, "row_tile": 0},
-    "row": {"cell": True, "xpose": True, "row_tile": 16384},
-    "row_no_cell": {"cell": False, "xpose": False, "row_tile": 16384, "lg8_cell": False},
+    # the unrolled decode-and-sum (dec_loop off; the default loops over more than 2 payloads)
+    "base": {"cell": False, "xpose": False, "row_tile": 0, "lg8_cell": False, "dec_loop": False},
+    "cell_xpose": {"cell": True, "xpose": True, "row_tile": 0, "dec_loop": False},
+    "row": {"cell": True, "xpose": True, "row_tile": 16384, "dec_loop": False},
+    "row_no_cell": {"cell": False, "xpose": False, "row_tile": 16384, "lg8_cell": False, "dec_loop": False},
     "v256": {"cell": True, "xpose": True, "row_tile": 0, "enc_values": 256, "dec_values": 256,
-             "dec_values_wide": 128},
+             "dec_values_wide": 128, "dec_loop": False},
     "big": {"cell": True, "xpose": True, "row_tile": 0, "enc_values": 1024, "dec_values": 1024,
-            "dec_values_wide": 512},
+            "dec_values_wide": 512, "dec_loop": False},
     # stop 22: decode-and-sum's sources 1..N-1 in a run-time loop (WORLD = 3 payloads: two trips)
-    "loop": {"cell": True, "xpose": True, "row_tile": 0, "dec_loop": True, "dec_values_wide": 512},
+    "loop": {"cell": True, "xpose": True, "row_tile": 0, "dec_loop": True, "dec_values_loop": 512},
 }
 
 

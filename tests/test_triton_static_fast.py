@@ -413,10 +413,11 @@ def test_src_window_decode_sum_bitwise(variant, name, tokens, hidden, sources, l
 # the payload of encode(x + carry) and next = sent - decode(payload), 0 where not finite, against
 # the reference's gather_encode_feedback (encode, decode, difference), bitwise.
 @pytest.mark.parametrize("name,k,tokens,hidden", [("int4-outlier", None, 7, 258), ("int4-outlier", None, 1, 130),
-                                                  ("int8", 3, 5, 130), ("int8", 0, 6, 96), ("int4", None, 4, 96),
-                                                  ("int4-random-k", None, 9, 256)])
+                                                  ("int8", 3, 5, 130), ("int8", 0, 6, 96), ("int8", 0, 5, 96),
+                                                  ("int4", None, 5, 96), ("int4-random-k", None, 9, 256)])
 @pytest.mark.parametrize("with_carry", [False, True])
-def test_encode_feedback_fused_bitwise(name, k, tokens, hidden, with_carry, launches):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_encode_feedback_fused_bitwise(name, k, tokens, hidden, with_carry, dtype, launches):
     from lowbit_tp.collectives.algorithms import gather_encode_feedback
     from lowbit_tp.collectives.feedback import Feedback
 
@@ -429,12 +430,15 @@ def test_encode_feedback_fused_bitwise(name, k, tokens, hidden, with_carry, laun
     kept = ref.params(LAYER, 1, hidden).outliers
     x[0, 1], x[tokens - 1, hidden - 1], x[tokens // 2, 2] = float("nan"), float("-inf"), 1e30  # 1e30 saturates
     x[0, 3] = -0.0
+    x[tokens - 1, 5] = 3.4e38  # beyond the largest bf16 (max_input): saturated in a body channel
     if kept.numel():
         x[tokens - 1, int(kept[0])] = float("nan")  # in a bf16 channel
-        x[0, int(kept[-1])] = 3e38  # its bf16 rounds to Inf: the error is not finite, so 0
+        x[0, int(kept[-1])] = 3.4e38  # saturated to the largest bf16 in a kept channel: decoded from that
+    x = x.to(dtype)  # (bf16/fp16 turn 3.4e38 and 1e30 into Inf)
     carry = torch.randn(tokens, hidden, generator=g) * 0.1 if with_carry else None
     if with_carry:
         carry[tokens - 1, 0] = float("inf")
+        carry[0, 3] = -0.0  # -0.0 + -0.0 keeps the sign
     want = Feedback(carry=carry)
     w = gather_encode_feedback(ref, x, want, layer=LAYER, rank=1)
     got = tri.encode_feedback(x, carry, layer=LAYER, source=1)
@@ -449,8 +453,8 @@ def test_encode_feedback_fused_bitwise(name, k, tokens, hidden, with_carry, laun
 
 
 def test_encode_feedback_without_a_fused_kernel_falls_back():
-    """An odd int4 body row (the flat encoder), a bf16 partial with a carry of another shape: no
-    fused path (None), and gather_encode_feedback still matches the reference or refuses."""
+    """An odd int4 body row (the flat encoder) and a carry of another shape: no fused path
+    (None), and gather_encode_feedback still matches the reference or refuses."""
     from lowbit_tp.collectives.algorithms import gather_encode_feedback
     from lowbit_tp.collectives.feedback import Feedback
 

@@ -245,9 +245,10 @@ class _StaticIntCodec(Codec):
     def encode_feedback(self, x, carry, *, layer=None, source=0, out=None):
         """The Triton and CPU encoders with error feedback fused in (:meth:`Codec.encode_feedback`):
         one read of the partial and the carry, one write of the payload and of the next carry."""
-        backend = self.kernel_backend(x.device) if isinstance(x, torch.Tensor) and x.dim() == 2 else None
+        backend = (self.kernel_backend(x.device) if isinstance(x, torch.Tensor) and x.dim() == 2
+                   and x.dtype in (torch.float32, torch.bfloat16, torch.float16) else None)
         if backend not in ("triton", "cpu"):
-            return None
+            return None  # (another dtype: the general path casts it, as compensate does)
         if carry is not None and (carry.dtype != torch.float32 or carry.shape != x.shape or carry.device != x.device
                                   or not carry.is_contiguous()):
             return None  # the caller's general path adds it (and refuses a wrong shape)
@@ -256,6 +257,9 @@ class _StaticIntCodec(Codec):
         if out is not None:
             _check_buffer(out, torch.uint8, (nbytes,), x.device, f"{self.name}: encode_feedback out=")
         p = self.params(layer, source, x.shape[1], x.device)
+        K = _triton_kernels() if backend == "triton" else None
+        if K is not None and not K.feedback_fits(x.shape[1], p.outliers.numel(), self.bits, out):
+            return None  # before allocating: the general path runs
         if backend == "cpu":
             from lowbit_tp.kernels import cpu
 
@@ -268,7 +272,7 @@ class _StaticIntCodec(Codec):
         payload = torch.empty(nbytes, dtype=torch.uint8, device=x.device) if out is None else out
         nxt = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         flag, range_flag = self._kernel_flags(layer, source, x.device)
-        if not _triton_kernels().encode_feedback(x.contiguous(), carry, inl, inv, scale, outl, payload, nxt,
+        if not K.encode_feedback(x.contiguous(), carry, inl, inv, scale, outl, payload, nxt,
                                                  bits=self.bits, max_input=self.max_input, flag=flag,
                                                  range_flag=range_flag):
             return None

@@ -57,29 +57,33 @@ LG8_PROGRAMS = 512
 #     and one comparison, see lg8_cells) instead of an 8-step search of the lg8 table;
 #   dec_loop: decode-and-sum of more than 2 payloads walks sources 1..N-1 in a run-time loop
 #     (stop 22): one source's code and registers at any N, so a world-8 decode can take world 2's
-#     16 values a thread (dec_values_wide 512; scripts/sweep_rot.py's "new_loop"). On by default
+#     16 values a thread (dec_values_loop 512; scripts/sweep_rot.py's "new_loop"; the unrolled
+#     kernels, and two-shot's reduce-encode at any N, keep dec_values / dec_values_wide). On by default
 #     since the H100 sweeps of stop 24 (docs/bench/sweep_rot_h100_stop24_run{1,2}.md, [8192, 8192],
 #     GPU time alone, fraction of a copy, lm4 / int6, loop against unrolled): 8 payloads 0.204 /
 #     0.207 against 0.155 / 0.135 (then 0.206 / 0.208 against 0.156 / 0.135), 4 payloads 0.298 /
 #     0.276 against 0.264 / 0.227, 3 payloads 0.335 / 0.326 against 0.333 / 0.320; 2 payloads
 #     do not loop (0.484 / 0.454 both).
-CONFIG = {"enc_values": 512, "dec_values": 512, "dec_values_wide": 512, "warps": 1, "cell": True, "xpose": True,
-          "row_tile": 0, "row_vpt": 16, "asm_enc": True, "asm_dec": (4,), "lg8_cell": True, "dec_loop": True}
+CONFIG = {"enc_values": 512, "dec_values": 512, "dec_values_wide": 256, "warps": 1, "cell": True, "xpose": True,
+          "row_tile": 0, "row_vpt": 16, "asm_enc": True, "asm_dec": (4,), "lg8_cell": True, "dec_loop": True,
+          "dec_values_loop": 512}
 
 
 def tile_config(tokens: int, hidden: int, group: int, block: int, nranks: int = 1, *,
-                encode: bool = False, config: dict | None = None) -> tuple[int, int, int]:
+                encode: bool = False, loop: bool = False, config: dict | None = None) -> tuple[int, int, int]:
     """(rows per program, tile width W, warps) of the column-tiled kernels.
 
     ``W`` is a power of two that Hadamard blocks and groups divide, so a tile holds whole
     blocks and whole groups (a group cut by E is cut the same way as in the reference). One
     warp per program keeps the butterfly's exchanges inside a warp (shuffles, no barriers);
     ~32 values per thread per payload keeps the state in registers. ``config`` overrides
-    :data:`CONFIG` entries (``encode``: the encoders' values per program).
+    :data:`CONFIG` entries (``encode``: the encoders' values per program; ``loop``: decode-and-sum's
+    run-time source loop, ``dec_values_loop``).
     """
     cfg = {**CONFIG, **(config or {})}
     w = max(block, group, min(MAX_TILE_COLS, triton.next_power_of_2(hidden)))
-    per_program = cfg["enc_values"] if encode else cfg["dec_values_wide"] if nranks > 4 else cfg["dec_values"]
+    per_program = (cfg["enc_values"] if encode else cfg["dec_values_loop"] if loop
+                   else cfg["dec_values_wide"] if nranks > 4 else cfg["dec_values"])
     rows = max(1, min(triton.next_power_of_2(tokens), per_program // w))
     warps = max(1, min(cfg["warps"], rows))  # warps own whole rows
     return rows, w, warps
@@ -835,7 +839,8 @@ def decode_sum(payloads, *, signs, colmap, levels, lg8, out, nk: int, code_bytes
     if t == 0:
         return out
     cfg = {**CONFIG, **(config or {})}
-    rows, w, warps = tile_config(t, e, group, block, len(payloads), config=cfg)
+    loop = bool(cfg.get("dec_loop")) and len(payloads) > 2
+    rows, w, warps = tile_config(t, e, group, block, len(payloads), loop=loop, config=cfg)
     off = 2 * t * nk
     packed = bits == 8 or (bits == 4 and e % 2 == 0) or e % 8 == 0
     extra = {} if chunks == 1 else {"PS": payloads[0].numel() // chunks, "OS": t * e, "CHUNKED": True}
@@ -844,5 +849,5 @@ def decode_sum(payloads, *, signs, colmap, levels, lg8, out, nk: int, code_bytes
         off, off + code_bytes, inv_sqrt(block), N=len(payloads), ROWS=rows, W=w, B=block,
         LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits, FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0,
         PACKED=packed, num_warps=warps, **extra, **_xpose_args(bits, cfg), **_asm_args(out.device, cfg, "asm_dec", bits),
-        **({"LOOP": True} if cfg.get("dec_loop") and len(payloads) > 2 else {}), **FP_OPTIONS)
+        **({"LOOP": True} if loop else {}), **FP_OPTIONS)
     return out

@@ -374,6 +374,13 @@ def encode(x, inliers, inv_scale, outliers, out, *, bits: int, max_input: float,
                           flag=flag, range_flag=range_flag, variant=variant)
 
 
+def feedback_fits(e: int, nk: int, bits: int, out, *, variant: str | None = None) -> bool:
+    """Whether :func:`encode_feedback` runs for a ``[T, e]`` message with ``nk`` bf16 channels into
+    ``out`` (the fast encoders: not the "tile" variant, an even int4 body row, an aligned head)."""
+    return (_check_variant(ENCODE_VARIANT if variant is None else variant, ENCODE_VARIANTS) != "tile"
+            and (bits == 8 or (e - nk) % 2 == 0) and not (nk and out is not None and out.data_ptr() % 2))
+
+
 def encode_feedback(x, carry, inliers, inv_scale, scale, outliers, out, nxt, *, bits: int, max_input: float,
                     flag=None, range_flag=None, variant: str | None = None) -> bool:
     """Error feedback fused into the encoder: ``out`` gets :func:`encode` of ``x + carry`` (fp32;
@@ -384,8 +391,7 @@ def encode_feedback(x, carry, inliers, inv_scale, scale, outliers, out, nxt, *, 
     "tile" variant, an odd int4 body row, a payload at an odd address)."""
     t, e = x.shape
     nk = outliers.numel()
-    if (_check_variant(ENCODE_VARIANT if variant is None else variant, ENCODE_VARIANTS) == "tile"
-            or not (bits == 8 or (e - nk) % 2 == 0) or (nk and out.data_ptr() % 2)):
+    if not feedback_fits(e, nk, bits, out, variant=variant):
         return False
     if t:
         _encode_fast(x, inliers, inv_scale, outliers, out[: 2 * t * nk].view(torch.int16), out[2 * t * nk:], t, e,
@@ -1035,6 +1041,7 @@ def _encode_fast(x, inliers, inv_scale, outliers, head, body, t, e, *, bits, max
     tiles = FAST_TILES[_check_variant(variant, ENCODE_VARIANTS)]
     common = dict(BITS=bits, FLAG=flag is not None, RANGE=range_flag is not None, num_warps=4, **FP_OPTIONS)
     if feedback is not None:  # (carry or None, next, scale): encode_feedback
+        assert chunks == 1, "error feedback is fused for one message (the carry has no chunk offset)"
         carry, nxt, scale = feedback
         common.update(carry_ptr=nxt if carry is None else carry, next_ptr=nxt, scale_ptr=scale,
                       CARRY=carry is not None, FEEDBACK=True)
