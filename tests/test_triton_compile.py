@@ -226,6 +226,10 @@ CASES = [
     ("triton_rotation", "rot_decode_sum_kernel", ROT_DEC_SIG,
      {"N": 2, "ROWS": 2, "W": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 4, "FMT": 2, "HAS_K": True,
       "PACKED": True, "ASM": True}),
+    # error feedback's next carry (stop 24): one payload decoded into sent - decode
+    ("triton_rotation", "rot_decode_sum_kernel", {**ROT_DEC_SIG, "payloads": ("*u8",), "minus_ptr": "*fp32"},
+     {"N": 1, "ROWS": 2, "W": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 4, "FMT": 2, "HAS_K": True,
+      "PACKED": True, "ASM": True, "MINUS": True}),
     # stop 22: CONFIG["dec_loop"], sources 1..N-1 in a run-time loop
     ("triton_rotation", "rot_decode_sum_kernel", {**ROT_DEC_SIG, "payloads": ("*u8",) * 8},
      {"N": 8, "ROWS": 2, "W": 256, "B": 256, "LOG2B": 8, "GROUP": 64, "BITS": 4, "FMT": 2, "HAS_K": True,

@@ -742,3 +742,27 @@ def test_row_mode_chunks_and_reduce_encode_bitwise(name, monkeypatch):
     want = ref.encode(ref.decode_sum(pay, (tokens, hidden), layer=LAYER), layer=LAYER, source=0)
     got = tri.reduce_encode(pay, (tokens, hidden), layer=LAYER, out_source=0)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"])
+@pytest.mark.parametrize("tokens,hidden", [(5, 96), (3, 200)])
+@pytest.mark.parametrize("with_carry", [False, True])
+def test_rot_encode_feedback_decodes_into_the_difference(name, tokens, hidden, with_carry):
+    """rot-* error feedback on the Triton backend: the encode, then the decode kernel writing
+    sent - decode (MINUS), +0.0 where not finite: payload and next carry bitwise the reference's
+    gather_encode_feedback (compensate, encode, decode, feedback_of), NaN/Inf planted."""
+    from lowbit_tp.collectives.algorithms import gather_encode_feedback
+    from lowbit_tp.collectives.feedback import Feedback
+
+    cal = calibration(hidden)
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+    tri = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
+    x = partials(tokens, hidden, seed=tokens + hidden, special=True)[2]  # NaN and +Inf in it
+    g = torch.Generator().manual_seed(hidden)
+    carry = torch.randn(tokens, hidden, generator=g) * 0.1 if with_carry else None
+    want = Feedback(carry=carry)
+    w = gather_encode_feedback(ref, x, want, layer=LAYER, rank=2)
+    got = tri.encode_feedback(x, carry, layer=LAYER, source=2)
+    assert got is not None
+    assert torch.equal(got[0], w)
+    assert same_bits(got[1], want.next) and not torch.isnan(got[1]).any() and bool((got[1] == 0).any())

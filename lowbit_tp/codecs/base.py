@@ -214,27 +214,27 @@ class Codec(ABC):
         None where there is no such kernel: the caller then encodes and decodes, which gives the
         same bytes and bits. ``out`` as in :meth:`encode`.
 
-        Here: codecs whose CPU kernels can decode straight into the difference
-        (:meth:`_cpu_decode_error`) encode, then decode and difference in one pass; the static
-        codecs override this with encoders that do it all in one pass.
+        Here: codecs whose kernels can decode straight into the difference on this backend
+        (:attr:`decode_error_backends`, :meth:`_decode_error`) encode, then decode and difference
+        in one pass; the static codecs override this with encoders that do it all in one pass.
         """
-        if (not self.cpu_decode_error or not isinstance(x, torch.Tensor) or x.dim() != 2
-                or x.dtype not in _FLOAT_DTYPES or self.kernel_backend(x.device) != "cpu"):
+        if (not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _FLOAT_DTYPES
+                or self.kernel_backend(x.device) not in self.decode_error_backends):
             return None
         if carry is not None and (carry.dtype != torch.float32 or carry.shape != x.shape or carry.device != x.device):
             return None  # the caller's general path adds it (and refuses a wrong shape)
         sent = x if carry is None else x.float() + carry  # collectives.feedback.compensate's arithmetic
         payload = self.encode(sent, layer=layer, source=source, out=out)
         shape = tuple(sent.shape)
-        return payload, self._cpu_decode_error(payload, shape, sent, self.params(layer, source, shape[1], x.device))
+        return payload, self._decode_error(payload, shape, sent, self.params(layer, source, shape[1], x.device))
 
-    # whether _cpu_decode_error exists (the CPU kernels of the group and rot-* codecs)
-    cpu_decode_error = False
+    # the kernel backends on which _decode_error exists (CPU: group and rot-* codecs; Triton: rot-*)
+    decode_error_backends: tuple[str, ...] = ()
 
-    def _cpu_decode_error(self, payload: torch.Tensor, shape: tuple[int, int], sent: torch.Tensor,
-                          params: Any) -> torch.Tensor:
-        """``sent - decode(payload)`` in fp32, +0.0 where not finite, from the CPU kernels in one
-        pass (codecs with ``cpu_decode_error``)."""
+    def _decode_error(self, payload: torch.Tensor, shape: tuple[int, int], sent: torch.Tensor,
+                      params: Any) -> torch.Tensor:
+        """``sent - decode(payload)`` in fp32, +0.0 where not finite, from one kernel pass on the
+        payload's backend (one of :attr:`decode_error_backends`)."""
         raise NotImplementedError
 
     def decode(

@@ -130,9 +130,9 @@ class GroupInt4Codec(Codec):
             return K.decode_sum([p.contiguous() for p in payloads], out, group=self.group)
         return super()._decode_sum(payloads, shape, params, out)
 
-    cpu_decode_error = True
+    decode_error_backends = ("cpu",)
 
-    def _cpu_decode_error(self, payload, shape, sent, params):
+    def _decode_error(self, payload, shape, sent, params):
         from lowbit_tp.kernels import cpu
 
         return cpu.group_decode_error(payload, shape, sent, group=self.group)

@@ -365,9 +365,11 @@ class RotatedGroupCodec(KeptRotation, Codec):
                                out=out, t=t, e=e, flag=flag, range_flag=range_flag, max_input=self.max_input,
                                rotate_max=ROTATE_MAX, scale_max=self._amax_limit(e), **kw)
 
-    cpu_decode_error = True
+    decode_error_backends = ("cpu", "triton")
 
-    def _cpu_decode_error(self, payload, shape, sent, params):
+    def _decode_error(self, payload, shape, sent, params):
+        if self.kernel_backend(payload.device) == "triton":
+            return self._triton_decode_sum([payload], shape, [params], minus=sent.float().contiguous())
         from lowbit_tp.kernels import cpu
 
         return cpu.rot_decode_error(payload, shape, sent, outliers=params.outliers, **self._cpu_args(shape[1]))
@@ -414,10 +416,10 @@ class RotatedGroupCodec(KeptRotation, Codec):
             return super()._decode_sum(payloads, shape, params, out)
         return self._triton_decode_sum(payloads, shape, params, out)
 
-    def _triton_decode_sum(self, payloads, shape, params, out=None, chunks: int = 1):
+    def _triton_decode_sum(self, payloads, shape, params, out=None, chunks: int = 1, minus=None):
         """The rank-ordered sum of the decoded ``payloads`` of ``shape``, or (``chunks > 1``, one
         payload) two-shot's ``chunks`` consecutive chunk payloads of ``shape`` decoded in one launch
-        into ``[chunks * T, E]``."""
+        into ``[chunks * T, E]``; ``minus``: ``minus - sum`` instead (error feedback's next carry)."""
         K = _triton_kernels()
 
         t, e = shape
@@ -427,7 +429,8 @@ class RotatedGroupCodec(KeptRotation, Codec):
         colmap = self._kernel_table(("dec", tuple(id(p) for p in params)), lambda: self._colmap(params, e, dev))
         if out is None:
             out = torch.empty(chunks * t, e, dtype=torch.float32, device=dev)
-        return K.decode_sum([q.contiguous() for q in payloads], colmap=colmap, out=out, chunks=chunks, **kw)
+        return K.decode_sum([q.contiguous() for q in payloads], colmap=colmap, out=out, chunks=chunks, minus=minus,
+                            **kw)
 
     def _decode(self, payload, shape, p: RotParams):
         if self.kernel_backend(payload.device) in ("cpu", "triton"):  # the fused decode-and-sum of one payload

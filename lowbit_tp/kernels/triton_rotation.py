@@ -395,13 +395,14 @@ def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, 
                           B: tl.constexpr, LOG2B: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
                           FMT: tl.constexpr, HAS_K: tl.constexpr, PACKED: tl.constexpr, PS=0, OS=0,
                           CHUNKED: tl.constexpr = False, XPOSE: tl.constexpr = False, ASM: tl.constexpr = False,
-                          LOOP: tl.constexpr = False):
+                          LOOP: tl.constexpr = False, minus_ptr=0, MINUS: tl.constexpr = False):
     """``out = sum_r decode(payloads[r])`` in fp32, rank order, written once; one program per
     ``[ROWS, W]`` tile (grid: token blocks x column tiles). ``CHUNKED`` (``N == 1``): grid axis 2
     is a two-shot chunk of ``T`` rows, its payload at ``+ PS`` bytes and its rows of ``out`` at
     ``+ OS`` values per chunk. ``LOOP`` (``CONFIG["dec_loop"]``): sources 1..N-1 in a run-time
     loop (the payload picked by a select chain) instead of unrolled, so the code and the live
-    registers are one source's at any N (same rank order, same bits)."""
+    registers are one source's at any N (same rank order, same bits). ``MINUS`` (error feedback,
+    one message): ``out = minus - sum``, +0.0 where not finite, ``minus`` fp32 ``[T, E]``."""
     payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
     t = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     c0 = tl.program_id(1) * W
@@ -420,7 +421,11 @@ def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, 
             acc = acc + _decode_tile(payloads[r], r, t, tm, c0, signs, colmap_ptr, levels_ptr, lg8_ptr, T, E, G, NK,
                                      NCB, CODE_OFF, SCALE_OFF, ROWS, W, B, LOG2B, GROUP, BITS, FMT, HAS_K, PACKED,
                                      XPOSE, ASM)
-    tl.store(out_ptr + t[:, None] * E + c[None, :], acc, mask=tm[:, None] & (c < E)[None, :])
+    m = tm[:, None] & (c < E)[None, :]
+    if MINUS:
+        r = tl.load(minus_ptr + t[:, None] * E + c[None, :], mask=m, other=0.0) - acc
+        acc = tl.where(is_finite(r), r, 0.0)
+    tl.store(out_ptr + t[:, None] * E + c[None, :], acc, mask=m)
 
 
 @triton.jit
@@ -829,8 +834,11 @@ def reduce_encode(payloads, *, signs, dec_colmap, enc_colmap, levels, bounds, lg
 
 
 def decode_sum(payloads, *, signs, colmap, levels, lg8, out, nk: int, code_bytes: int, group: int, block: int,
-               bits: int, scale_format: str, chunks: int = 1, config: dict | None = None):
+               bits: int, scale_format: str, chunks: int = 1, config: dict | None = None, minus=None):
     """Fill ``out [T, E]`` fp32 with the rank-ordered sum of the decoded ``payloads``.
+
+    ``minus`` (fp32 ``[T, E]``, one message): ``out`` gets ``minus - sum`` instead, +0.0 where
+    not finite (error feedback's next carry, ``minus`` the sent values).
 
     ``chunks > 1`` (two-shot's N chunk decodes in one launch): ``payloads`` is one buffer of
     ``chunks`` payloads one after another, and ``out [chunks * R, E]`` gets chunk ``j``'s
@@ -849,5 +857,6 @@ def decode_sum(payloads, *, signs, colmap, levels, lg8, out, nk: int, code_bytes
         off, off + code_bytes, inv_sqrt(block), N=len(payloads), ROWS=rows, W=w, B=block,
         LOG2B=block.bit_length() - 1, GROUP=group, BITS=bits, FMT=SCALE_FORMAT_IDS[scale_format], HAS_K=nk > 0,
         PACKED=packed, num_warps=warps, **extra, **_xpose_args(bits, cfg), **_asm_args(out.device, cfg, "asm_dec", bits),
-        **({"LOOP": True} if loop else {}), **FP_OPTIONS)
+        **({"LOOP": True} if loop else {}), **({} if minus is None else {"minus_ptr": minus, "MINUS": True}),
+        **FP_OPTIONS)
     return out
