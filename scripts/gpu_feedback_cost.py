@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -78,38 +77,17 @@ def main(argv=None) -> None:
     check_tokens = args.check_tokens or (5 if dry else 257)
     repeats = args.repeats or (1 if dry else 10)
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+    from lowbit_tp.bench.common import graph_call_seconds, median_seconds
 
-    def seconds(fn) -> float:
-        fn()
-        sync()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
+    def seconds(fn) -> float:  # eager, per call: the host's launch cost included
+        def synced():
             fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        return median_seconds(synced, repeats=repeats)
 
-    def graph_seconds(fn, calls: int = 5) -> float:
-        if dev.type != "cuda":
-            return seconds(fn)
-        from lowbit_tp.bench.common import capture_graph
-
-        replay = capture_graph(fn, calls).replay
-        replay()
-        sync()
-        times = []
-        for _ in range(repeats):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3 / calls)
-        return statistics.median(times)
+    def graph_seconds(fn) -> float:  # the GPU's time alone (on CPU, the eager time)
+        return graph_call_seconds(fn, repeats=repeats) if dev.type == "cuda" else seconds(fn)
 
     def same_bits(a, b) -> bool:
         a, b = a.reshape(-1).cpu(), b.reshape(-1).cpu()

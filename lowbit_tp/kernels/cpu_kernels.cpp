@@ -412,25 +412,31 @@ std::vector<float> spread(const float* vals, int64_t e, const std::vector<Run>& 
   return full;
 }
 
-template <int DT>
-int static_encode(const void* x, int64_t t_rows, int64_t e, int64_t ld, const int64_t* outl, int64_t k,
-                  const float* inv_scale, int bits, uint8_t* out, float* amax_out) {
-  const int64_t m = e - k;
-  const float qmax = float((1 << (bits - 1)) - 1);
-  const int32_t sentinel = -(1 << (bits - 1));
-  uint8_t* head = out;
-  uint8_t* body = out + 2 * t_rows * k;
-  const std::vector<Run> runs = inlier_runs(e, outl, k);
-  const std::vector<float> inv = spread(inv_scale, e, runs, 0.0f);
-  std::vector<int8_t> full(e), codes(m);
-  uint32_t bad = 0;
-  int32_t amax = 0;
-  for (int64_t t = 0; t < t_rows; ++t) {
-    const char* row = static_cast<const char*>(x) + t * ld * elem_size<DT>();
-    bad |= quantize_run<DT, false>(row, inv.data(), e, qmax, sentinel, full.data(), &amax);
+// One row of a static payload: the codes of row t (`full`: the row's E codes, kept channels
+// coded 0), its kept channels as bf16 in the head, the inliers' codes packed in the body.
+// Returns quantize_run's non-finite mask.
+struct StaticRows {
+  int64_t e, k, m, t_rows;
+  int bits;
+  float qmax;
+  int32_t sentinel;
+  const int64_t* outl;
+  std::vector<Run> runs;
+  std::vector<float> inv;
+  std::vector<int8_t> full, codes;
+  uint8_t *head, *body;
+  StaticRows(int64_t width, const int64_t* outliers, int64_t kept, const float* inv_scale, int nbits, int64_t rows,
+             uint8_t* out)
+      : e(width), k(kept), m(width - kept), t_rows(rows), bits(nbits), qmax(float((1 << (nbits - 1)) - 1)),
+        sentinel(-(1 << (nbits - 1))), outl(outliers), runs(inlier_runs(width, outliers, kept)),
+        inv(spread(inv_scale, width, runs, 0.0f)), full(width), codes(width - kept), head(out),
+        body(out + 2 * rows * kept) {}
+  template <int DT>
+  uint32_t row(const void* x, int64_t t, int32_t* amax) {
+    const uint32_t bad = quantize_run<DT, false>(x, inv.data(), e, qmax, sentinel, full.data(), amax);
     // The kept channels after the streaming pass (the row is in cache now: gathering them
     // first would stall on a cache miss per channel).
-    for (int64_t i = 0; i < k; ++i) put_u16(head + 2 * (t * k + i), to_bf16<DT>(row, outl[i]));
+    for (int64_t i = 0; i < k; ++i) put_u16(head + 2 * (t * k + i), to_bf16<DT>(x, outl[i]));
     const int8_t* q = full.data();
     if (k) {
       for (const Run& r : runs) std::memcpy(codes.data() + r.j0, full.data() + r.c0, r.c1 - r.c0);
@@ -438,7 +444,18 @@ int static_encode(const void* x, int64_t t_rows, int64_t e, int64_t ld, const in
     }
     if (bits == 4) pack_nibbles(q, m, t * m, body);
     else std::memcpy(body + t * m, q, m);
+    return bad;
   }
+};
+
+template <int DT>
+int static_encode(const void* x, int64_t t_rows, int64_t e, int64_t ld, const int64_t* outl, int64_t k,
+                  const float* inv_scale, int bits, uint8_t* out, float* amax_out) {
+  StaticRows enc(e, outl, k, inv_scale, bits, t_rows, out);
+  uint32_t bad = 0;
+  int32_t amax = 0;
+  for (int64_t t = 0; t < t_rows; ++t)
+    bad |= enc.row<DT>(static_cast<const char*>(x) + t * ld * elem_size<DT>(), t, &amax);
   *amax_out = float_of(uint32_t(amax));
   return bad ? 1 : 0;
 }
@@ -453,15 +470,8 @@ template <int DT>
 int static_encode_feedback(const void* x, const float* carry, int64_t t_rows, int64_t e, int64_t ld,
                            const int64_t* outl, int64_t k, const float* inv_scale, const float* scale, int bits,
                            uint8_t* out, float* next, float* amax_out) {
-  const int64_t m = e - k;
-  const float qmax = float((1 << (bits - 1)) - 1);
-  const int32_t sentinel = -(1 << (bits - 1));
-  uint8_t* head = out;
-  uint8_t* body = out + 2 * t_rows * k;
-  const std::vector<Run> runs = inlier_runs(e, outl, k);
-  const std::vector<float> inv = spread(inv_scale, e, runs, 0.0f);
-  const std::vector<float> sc = spread(scale, e, runs, 0.0f);
-  std::vector<int8_t> full(e), codes(m);
+  StaticRows enc(e, outl, k, inv_scale, bits, t_rows, out);
+  const std::vector<float> sc = spread(scale, e, enc.runs, 0.0f);
   std::vector<float> sent(e);
   uint32_t bad = 0;
   int32_t amax = 0;
@@ -471,26 +481,18 @@ int static_encode_feedback(const void* x, const float* carry, int64_t t_rows, in
     float* s = sent.data();
     if (cy) for (int64_t c = 0; c < e; ++c) s[c] = load<DT>(row, c) + cy[c];
     else for (int64_t c = 0; c < e; ++c) s[c] = load<DT>(row, c);
-    bad |= quantize_run<0, false>(s, inv.data(), e, qmax, sentinel, full.data(), &amax);
-    for (int64_t i = 0; i < k; ++i) put_u16(head + 2 * (t * k + i), to_bf16<0>(s, outl[i]));
-    const int8_t* q = full.data();
-    if (k) {
-      for (const Run& r : runs) std::memcpy(codes.data() + r.j0, full.data() + r.c0, r.c1 - r.c0);
-      q = codes.data();
-    }
-    if (bits == 4) pack_nibbles(q, m, t * m, body);
-    else std::memcpy(body + t * m, q, m);
+    bad |= enc.row<0>(s, t, &amax);
     float* nx = next + t * e;
-    const int8_t* f = full.data();
+    const int8_t* f = enc.full.data();
     const float* scp = sc.data();
     for (int64_t c = 0; c < e; ++c) {  // kept channels: code 0 * 0 here, rewritten below
-      const float d = (int32_t(f[c]) == sentinel ? QNAN : float(f[c])) * scp[c];
+      const float d = (int32_t(f[c]) == enc.sentinel ? QNAN : float(f[c])) * scp[c];
       const float r = s[c] - d;
       nx[c] = finite_bits(bits_of(r)) ? r : 0.0f;
     }
     for (int64_t i = 0; i < k; ++i) {
       const int64_t c = outl[i];
-      const float r = s[c] - bf16_to_f32(get_u16(head + 2 * (t * k + i)));
+      const float r = s[c] - bf16_to_f32(get_u16(enc.head + 2 * (t * k + i)));
       nx[c] = finite_bits(bits_of(r)) ? r : 0.0f;
     }
   }
