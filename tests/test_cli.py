@@ -237,10 +237,16 @@ def test_bench_comm_refuses_a_message_size_its_width_does_not_divide():
 
 def test_run_refuses_sampling_flags_without_sample():
     """`run --temperature 0.5` decoded greedily and said nothing."""
+    from lowbit_tp.errors import UserError
+
     proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "run", "--tp", "3", "--codec", "bf16", "--prompt",
                            "hi", "--temperature", "0.5", "--top-p", "0.9"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr == ("lowbit-tp: error: --temperature 0.5, --top-p 0.9 only apply with "
                                                     "--sample (greedy decoding is the default)\n"), proc.stderr
+    # `run --seed 3` without --sample: greedy decoding draws nothing, so the seed changed nothing
+    with pytest.raises(UserError, match=r"^--seed 3 only applies with --sample \(greedy decoding is the default\)$"):
+        run._check_sampling_flags(parse("run", "--prompt", "hi", "--seed", "3"))
+    run._check_sampling_flags(parse("run", "--prompt", "hi", "--sample", "--seed", "3"))
     run._check_sampling_flags(parse("run", "--prompt", "hi", "--sample", "--temperature", "0.5", "--top-k", "4"))
     run._check_sampling_flags(parse("run", "--prompt", "hi", "--temperature", "1.0"))  # the default: no change
 

@@ -79,12 +79,14 @@ def report(out) -> str:
 
 def _check_sampling_flags(args) -> None:
     """Refuse sampling flags without ``--sample`` (greedy decoding would ignore them, as it
-    ignored them silently before); a flag left at its default is no change and passes."""
+    ignored them silently before; ``--seed`` too: it seeds only the sampler's generator); a
+    flag left at its default is no change and passes."""
     s = SamplingConfig
-    given = [f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag in ("temperature", "top_k", "top_p")
+    given = [f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag in ("temperature", "top_k", "top_p", "seed")
              if getattr(args, flag) != default(s, flag)]
     if given and not args.sample:
-        raise UserError(f"{', '.join(given)} only apply with --sample (greedy decoding is the default)")
+        verb = "apply" if len(given) > 1 else "applies"
+        raise UserError(f"{', '.join(given)} only {verb} with --sample (greedy decoding is the default)")
 
 
 def _check_engine_flags(args) -> None:
