@@ -21,12 +21,15 @@ __all__ = ["atomic_write_text", "atomic_write_with", "check_output_path"]
 def check_output_path(path: str | os.PathLike, *, what: str = "output file") -> Path:
     """Create ``path``'s directory if needed and check a file can be written there.
 
-    Raises :class:`~lowbit_tp.errors.UserError` when ``path`` is a directory, its parent
+    Raises :class:`~lowbit_tp.errors.UserError` when ``path`` is or names a directory (ends in a
+    separator), its parent
     is a file, or the directory is not writable. Returns ``path`` as a ``Path``.
     """
     p = Path(path).expanduser()
     if str(path) == "" or p.is_dir():
         raise UserError(f"{what} {str(path)!r} is a directory; give a file name")
+    if str(path).endswith((os.sep, "/")):  # Path() drops the slash: the file would be written as the directory's name
+        raise UserError(f"{what} {str(path)!r} names a directory (it ends in {os.sep!r}); give a file name")
     parent = p.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

@@ -388,6 +388,11 @@ def test_output_path_is_created_up_front_and_written_atomically(tmp_path):
     assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # as open() makes it, not mkstemp's 0600
     with pytest.raises(UserError, match="is a directory"):
         check_output_path(tmp_path)
+    # `calibrate --out runs/` (no such directory yet) calibrated, then wrote the artifact as a
+    # file named `runs`; `eval --json runs/` did the same
+    with pytest.raises(UserError, match=r"names a directory \(it ends in '/'\); give a file name$"):
+        check_output_path(f"{tmp_path}/runs/")
+    assert not (tmp_path / "runs").exists()
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
         check_output_path(tmp_path / "file" / "out.json")
