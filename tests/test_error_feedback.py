@@ -5,6 +5,8 @@ exactly 1, so every rounding is known), and an EF loop written from the definiti
 ``codec.roundtrip`` (rank r sends ``p_r + c_r``, keeps ``c_r <- sent - decoded``; in
 two-shot the owner of a row chunk also keeps what re-encoding the chunk's sum lost).
 """
+import re
+
 import pytest
 import torch
 
@@ -238,6 +240,19 @@ def _rank_chain(rank, world):
         out["refused"] = "no error"
     except ValueError as exc:
         out["refused"] = str(exc)
+    # a carry of another shape (e.g. a stale one from a step with another token count), whole
+    # or pipelined: refused before anything is sent (a longer one failed after the transfer, in
+    # a TypeError or IndexError)
+    out["bad carry"] = []
+    for rows in (14, 3):
+        for chunk in (0, 2 * 2 * 192):
+            for algo in ("gather", "two-shot"):
+                try:
+                    all_reduce(_partials(world, 0)[rank], codec, algorithm=algo, policy=AutoPolicy(chunk_bytes=chunk),
+                               feedback=Feedback(carry=torch.zeros(rows, 192)))
+                    out["bad carry"].append("no error")
+                except ValueError as exc:
+                    out["bad carry"].append(str(exc))
     return out
 
 
@@ -275,6 +290,9 @@ def test_runtime_chain_is_bitwise_the_simulated_chain(world):
         y, nxt = results[r]["pipelined"]
         assert torch.equal(y, ref) and torch.equal(nxt, fbs[r].next), r
         assert "pipelined chunks" in results[r]["refused"], results[r]["refused"]
+        assert len(results[r]["bad carry"]) == 8 and all(
+            re.fullmatch(r"error-feedback carry of shape \((14|3), 192\) for a partial of shape \(7, 192\)", m)
+            for m in results[r]["bad carry"]), results[r]["bad carry"]
 
 
 # ------------------------------------------------------------------ post-norm (Gemma) feedback

@@ -155,6 +155,10 @@ def all_reduce(
         raise ValueError(f"all_reduce expects a [tokens, E] partial, got shape {tuple(partial.shape)}")
     if out is not None:
         _check_out(out, partial)
+    if feedback is not None and feedback.carry is not None and feedback.carry.shape != partial.shape:
+        # before anything is sent: split by row chunks below, a longer carry was cut to the partial's
+        # rows and the call failed only after the transfer, in a TypeError or IndexError
+        compensate(partial, feedback.carry)  # raises, naming both shapes
     algo = resolve_algorithm(algorithm, numel=partial.numel(), world_size=world, policy=policy)
     A.check_codec(codec, algo, world)
     if world == 1 or algo == "exact":  # lossless: a carry is summed exactly and nothing is left over
