@@ -290,6 +290,13 @@ def test_flags_an_engine_runtime_or_from_would_ignore_are_refused(tmp_path):
     def cal_cfg(*argv):
         return calibrate.config_from_args(parse("calibrate", "--tp", "3", "--out", "x", *argv))
 
+    # `calibrate --allocate 0 --alloc-low int4` skipped the probe and ignored --alloc-low
+    refused(cal_cfg("--allocate", "0", "--alloc-low", "int4"), calibrate._check_alloc_flags,
+            r"^--alloc-low applies to the bit allocation, which --allocate 0 skips$")
+    refused(cal_cfg("--allocate", "0", "--alloc-codecs", "int4,int8", "--alloc-samples", "3"),
+            calibrate._check_alloc_flags, r"^--alloc-codecs, --alloc-samples apply to the bit allocation")
+    calibrate._check_alloc_flags(cal_cfg("--allocate", "4", "--alloc-low", "int4", "--alloc-samples", "3"))
+    calibrate._check_alloc_flags(cal_cfg("--allocate", "0"))
     refused(cal_cfg("--fisher-windows", "3"), calibrate._check_fisher_flags,
             r"^--fisher-windows 3 applies to the Fisher pass: give --fisher-weights DRAWS too$")
     calibrate._check_fisher_flags(cal_cfg("--fisher-windows", "3", "--fisher-weights", "1"))

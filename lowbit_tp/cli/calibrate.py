@@ -77,6 +77,18 @@ def _check_fisher_flags(cfg: CalibrationConfig) -> None:
                         f"DRAWS too")
 
 
+ALLOC_FLAGS = ("alloc_low", "alloc_high", "alloc_codecs", "alloc_samples")
+
+
+def _check_alloc_flags(cfg: CalibrationConfig) -> None:
+    """``--allocate 0`` skips the probe, so the ``--alloc-*`` flags did nothing (silently). A
+    flag left at its default passes."""
+    given = [f"--{f.replace('_', '-')}" for f in ALLOC_FLAGS if getattr(cfg, f) != default(CalibrationConfig, f)]
+    if given and not cfg.allocate:
+        raise UserError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} to the bit allocation, "
+                        f"which --allocate 0 skips")
+
+
 def cmd(args) -> None:
     # Library code (torch) is imported when the command runs, so that `--help` stays fast.
     from lowbit_tp.calibration.pipeline import calibrate, fisher_from
@@ -91,6 +103,7 @@ def cmd(args) -> None:
               f"{cfg.fisher_windows} calibration windows)")
         return
     _check_fisher_flags(cfg)
+    _check_alloc_flags(cfg)
     preflight_calibrate(cfg, out=args.out, warn=warn)
     cal = calibrate(cfg)
     path = cal.save(args.out)
