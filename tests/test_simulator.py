@@ -34,6 +34,41 @@ def test_tp_that_does_not_divide_heads_is_refused():
         TPSimulator(model, tp=3)
 
 
+def test_a_simulator_inside_another_is_refused_and_a_failed_entry_leaves_the_model_intact(monkeypatch):
+    """`with sim: with sim:` (or a second simulator of the same model inside the first) ended in
+    an AttributeError on RowParallelLinear.weight; an entry that failed half-way left the layers
+    swapped so far in place, since __exit__ does not run then."""
+    model = tiny_model("llama")
+    ids = _ids()
+    with torch.no_grad():
+        base = model(ids).logits
+    sim, other = TPSimulator(model, tp=2, codec="int4-g32"), TPSimulator(model, tp=2)
+    for inner in (sim, other):
+        with pytest.raises(RuntimeError, match=r"^the model's row-parallel layers are already simulated "
+                                               r"\(model\.layers\.0\.self_attn\.o_proj and 3 more\): a TPSimulator"):
+            with sim, inner:
+                pass
+        assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in sim.layer_names)
+    calls, shards = [], type(sim.adapter).input_shards
+
+    def fail_on_the_third(adapter, layer, tp):
+        calls.append(layer.name)
+        if len(calls) == 3:
+            raise RuntimeError("planted")
+        return shards(adapter, layer, tp)
+
+    monkeypatch.setattr(type(sim.adapter), "input_shards", fail_on_the_third)
+    with pytest.raises(RuntimeError, match="planted"):
+        with sim:
+            pass
+    assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in sim.layer_names)
+    monkeypatch.undo()
+    with torch.no_grad(), TPSimulator(model, tp=2):  # and it still simulates
+        assert torch.allclose(model(ids).logits, base, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base)
+
+
 def test_a_codec_is_never_silently_ignored():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="'exact' would ignore codec 'int4-g32'"):

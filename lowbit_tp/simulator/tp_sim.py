@@ -96,11 +96,22 @@ class TPSimulator:
         return self.reducer.stats()
 
     def __enter__(self) -> "TPSimulator":
-        for layer in self.layers:
-            linear = self.model.get_submodule(layer.name)
-            shards = self.adapter.input_shards(layer, self.tp)
-            new = simulated_row_parallel(linear, shards, name=layer.name, reducer=self.reducer)
-            self._swapped.append((layer.name, swap_module(self.model, layer.name, new)))
+        # entered twice, or inside another simulator of the same model: the layers are already
+        # simulated (this ended in an AttributeError on RowParallelLinear.weight)
+        busy = [l.name for l in self.layers if isinstance(self.model.get_submodule(l.name), RowParallelLinear)]
+        if busy:
+            raise RuntimeError(f"the model's row-parallel layers are already simulated ({busy[0]}"
+                               f"{f' and {len(busy) - 1} more' if len(busy) > 1 else ''}): a TPSimulator is active "
+                               f"on this model; leave its `with` block before entering another")
+        try:
+            for layer in self.layers:
+                linear = self.model.get_submodule(layer.name)
+                shards = self.adapter.input_shards(layer, self.tp)
+                new = simulated_row_parallel(linear, shards, name=layer.name, reducer=self.reducer)
+                self._swapped.append((layer.name, swap_module(self.model, layer.name, new)))
+        except BaseException:  # no half-simulated model left behind (__exit__ does not run)
+            self._restore()
+            raise
         return self
 
     def check_nonfinite(self) -> None:
@@ -108,9 +119,12 @@ class TPSimulator:
         deferred on the fused GPU path): call it once per step; leaving the block calls it too."""
         self.reducer.check_nonfinite()
 
-    def __exit__(self, *exc) -> None:
+    def _restore(self) -> None:
         for name, linear in reversed(self._swapped):
             swap_module(self.model, name, linear)
         self._swapped.clear()
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
         if exc[0] is None:  # a deferred NaN/Inf error surfaces at the latest here
             self.check_nonfinite()
