@@ -159,12 +159,42 @@ def preflight_calibrate(cfg: Any, *, out: str | Path, warn: Callable[[str], None
                         f"{config.hidden_size}")
     if cfg.allocate:
         check_codecs([cfg.alloc_low, cfg.alloc_high, *getattr(cfg, "alloc_codecs", ())], build=False)
+        check_budget(cfg, config.hidden_size)
     # the Fisher pass reads the first windows of this calibration (more were silently cut to --samples)
     if cfg.fisher_draws and cfg.fisher_windows > cfg.samples:
         raise UserError(f"--fisher-windows {cfg.fisher_windows}: this calibration reads {cfg.samples} windows "
                         f"(--samples)")
     check_text(cfg.text, getattr(cfg, "text_glob", "*"))
     check_output_path(out, what="calibration file")
+
+
+def check_budget(cfg: Any, hidden: int) -> None:
+    """``--allocate BITS`` below what the cheapest codec the allocation may pick sends (``--alloc-low``,
+    or the cheapest of ``--alloc-codecs``): the calibration and the sensitivity probe ran for
+    minutes, then no allocation was stored. Bits/value depend only on the codec, the hidden size
+    and ``k``, so they are measured here on a synthetic calibration of that shape; a codec that
+    needs more than statistics to build is left to the run (which says it after the probe).
+    Only a budget or codec the user chose is refused: with every allocation flag at its default
+    (a small model, whose default budget is out of reach) the statistics are still stored, with
+    a warning, as before."""
+    from lowbit_tp.calibration.synthetic import synthetic_calibration
+    from lowbit_tp.configs import CalibrationConfig
+
+    if all(getattr(cfg, f, None) == getattr(CalibrationConfig, f) for f in ("allocate", "alloc_low", "alloc_codecs")):
+        return
+    names = list(getattr(cfg, "alloc_codecs", ()) or [cfg.alloc_low])
+    syn = synthetic_calibration(["probe"], world=cfg.tp, hidden=hidden, tokens=4, batches=1)
+    cal = Calibration(meta={**syn.meta, "k": syn.meta["k"] if cfg.k is None else cfg.k}, stats=syn.stats)
+    try:
+        bits = {n: make_codec(n, calibration=cal).bits_per_value((256, hidden)) for n in names}
+    except (CalibrationError, KeyError, ValueError):
+        return
+    cheapest = min(bits, key=bits.get)
+    if cfg.allocate < bits[cheapest] - 1e-9:
+        which = "--alloc-low" if len(names) == 1 and not getattr(cfg, "alloc_codecs", ()) else "the cheapest of --alloc-codecs"
+        raise UserError(f"--allocate {cfg.allocate:g}: {which}, {cheapest}, sends {bits[cheapest]:.3f} bits/value at "
+                        f"hidden size {hidden}, so no allocation could meet the budget; raise it, or --allocate 0 "
+                        f"to skip the allocation")
 
 
 def preflight_fisher_from(cfg: Any, *, source: str | Path, out: str | Path) -> None:

@@ -300,6 +300,15 @@ def test_flags_an_engine_runtime_or_from_would_ignore_are_refused(tmp_path):
     refused(cal_cfg("--fisher-windows", "3"), calibrate._check_fisher_flags,
             r"^--fisher-windows 3 applies to the Fisher pass: give --fisher-weights DRAWS too$")
     calibrate._check_fisher_flags(cal_cfg("--fisher-windows", "3", "--fisher-weights", "1"))
+    # `calibrate --allocate 2`: the calibration and the sensitivity probe ran, then no allocation
+    # was stored (the default --alloc-low sends more than 2 bits/value)
+    out = str(tmp_path / "c.safetensors")
+    refused(cal_cfg("--allocate", "2"), lambda c: preflight_calibrate(c, out=out),
+            r"^--allocate 2: --alloc-low, rot-lm4-g64-lg8-k4, sends 4\.\d{3} bits/value at hidden size 576, so no")
+    refused(cal_cfg("--allocate", "3.9", "--alloc-codecs", "int8,int4"), lambda c: preflight_calibrate(c, out=out),
+            r"^--allocate 3\.9: the cheapest of --alloc-codecs, int4, sends 4\.000 bits/value")
+    for ok in (("--allocate", "4.5"), ("--allocate", "4", "--alloc-codecs", "int8,int4"), ("--allocate", "0")):
+        preflight_calibrate(cal_cfg(*ok), out=out)
     refused(cal_cfg("--fisher-weights", "1", "--samples", "8", "--fisher-windows", "9"),
             lambda c: preflight_calibrate(c, out=str(tmp_path / "c.safetensors")),
             r"^--fisher-windows 9: this calibration reads 8 windows")
