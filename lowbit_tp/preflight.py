@@ -137,6 +137,9 @@ def preflight_eval(cfg: Any, *, out: str | Path | None = None, warn: Callable[[s
     codecs with the calibration, the user's text, the output path. Warnings go to ``warn``
     as soon as found (default: ``warnings.warn``)."""
     config = check_model_tp(cfg.model, cfg.tp)
+    if cfg.tp == 1:  # the rows read as lossless codecs (+0%, KL 0), which they are not
+        _warn_with(warn)("--tp 1 has no all-reduce, so no codec runs: every codec's row equals the unmodified "
+                         "model (bits/value nan); give the TP degree whose communication you mean to measure")
     for text in check_seq_len(cfg.seq_len, config):
         _warn_with(warn)(text)
     check_min(cfg.samples, "--samples")

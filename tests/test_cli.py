@@ -314,6 +314,19 @@ def test_flags_an_engine_runtime_or_from_would_ignore_are_refused(tmp_path):
             r"^--fisher-windows 9: this calibration reads 8 windows")
 
 
+def test_eval_at_tp_1_says_that_no_codec_runs():
+    """`eval --tp 1 --codec int4-g32` printed a row of +0% perplexity and KL 0 without a word: at
+    TP 1 nothing is all-reduced, so the codec never ran (header only: no weights are loaded)."""
+    from lowbit_tp.preflight import preflight_eval
+
+    warned = []
+    preflight_eval(EvalConfig(tp=1, codecs=("int4-g32",)), warn=warned.append)
+    assert len(warned) == 1 and warned[0].startswith("--tp 1 has no all-reduce, so no codec runs"), warned
+    warned.clear()
+    preflight_eval(EvalConfig(tp=3, codecs=("int4-g32",)), warn=warned.append)
+    assert warned == []
+
+
 def test_demo_synthetic_refuses_the_model_demos_flags():
     """`demo --synthetic --tp 1` ran its TP-2 tour and ignored --tp (a flag left at its default passes)."""
     proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "demo", "--synthetic", "--tp", "1", "--codec",
