@@ -270,6 +270,21 @@ def test_chunk_sweep_script_runs_on_loopback(tmp_path):
     assert all(r["network"] == "loopback" and r["latency_ms"] > 0 for r in rows)
 
 
+def test_a_tp_degree_or_codec_the_model_cannot_take_is_one_line_in_the_parent(tmp_path):
+    """`bench-e2e --tp 3 --heads 4` and `--codec default` on a model too small for the default
+    budget each started the ranks, which all failed with a traceback (76 lines), after the
+    calibration for the codec; now one line from the parent."""
+    from lowbit_tp.errors import UserError
+
+    small = dict(networks=("loopback",), exact_baseline=False, prompt_lens=(16,), new_tokens=2, repeats=1,
+                 hidden=64, intermediate=128, layers=1, heads=4, kv_heads=4, calibration_samples=2, run_timeout_s=60)
+    with pytest.raises(UserError, match=r"^TP degree 3 does not divide the 4 attention heads .*valid degrees: 1, 2, 4$"):
+        e2e.run_e2e_bench(e2e.E2EConfig(tps=(3,), codecs=("int4-g32",), **small), log=lambda *a: None)
+    with pytest.raises(UserError, match=r"^codec 'alloc' \(the default\) needs a calibration that stores a per-layer "
+                                        r"plan .*budget 4\.5 is below the cheap codec's"):
+        e2e.run_e2e_bench(e2e.E2EConfig(tps=(2,), codecs=("default",), **small), log=lambda *a: None)
+
+
 def test_config_refuses_shape_flags_with_a_checkpoint_and_delay_on_loopback_only():
     """`bench-e2e --model smollm2-135m --hidden 512` measured SmolLM2's own shape, and `--network
     loopback --delay 1ms` no delay, both without a word (a flag left at its default passes)."""

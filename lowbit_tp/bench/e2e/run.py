@@ -18,6 +18,7 @@ from lowbit_tp.calibration.pipeline import calibrate
 from lowbit_tp.codecs import codec_spec
 from lowbit_tp.configs import CalibrationConfig, E2EConfig
 from lowbit_tp.models import load_tokenizer
+from lowbit_tp.preflight import check_codecs, check_model_tp
 from lowbit_tp.results import markdown_table, write_results
 
 
@@ -44,6 +45,8 @@ def run_e2e_bench(cfg: E2EConfig, *, json_path: str | None = None, log=print,
             model = save_random_llama(Path(tmp, "random-llama"), hidden=cfg.hidden, intermediate=cfg.intermediate,
                                       layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads,
                                       max_positions=max(cfg.prompt_lens) + cfg.new_tokens + 64)
+        for tp in cfg.tps:  # in the parent, one line: each rank failed with a traceback (76 lines at TP 3)
+            check_model_tp(model, tp)
         tok = load_tokenizer(model)
         lens = list(cfg.prompt_lens)
         prompts = [make_prompt(tok, 64, seed=99)] + [make_prompt(tok, n, seed=k) for k in range(cfg.repeats)
@@ -56,6 +59,9 @@ def run_e2e_bench(cfg: E2EConfig, *, json_path: str | None = None, log=print,
                 cals[tp] = calibrate_for(model, tp, cfg.calibration_samples, Path(tmp, f"cal_tp{tp}.safetensors"),
                                       allocate=any(codec_spec(c).needs_allocation for c in cfg.codecs))
                 log(f"calibrated TP {tp} in {time.perf_counter() - t0:.1f} s")
+                # a codec the calibration cannot feed (e.g. 'default' where the budget was out of reach
+                # for this hidden size) failed inside every rank, with a traceback
+                check_codecs([c for c in cfg.codecs if codec_spec(c).needs_calibration], calibration=cals[tp], tp=tp)
         for net in cfg.networks:
             for tp in cfg.tps:
                 def one(codec, algorithm, feedback, hosts, port) -> dict:
