@@ -285,6 +285,31 @@ def test_a_tp_degree_or_codec_the_model_cannot_take_is_one_line_in_the_parent(tm
         e2e.run_e2e_bench(e2e.E2EConfig(tps=(2,), codecs=("default",), **small), log=lambda *a: None)
 
 
+def test_a_failed_rank_stops_the_others_at_once_and_is_one_line(tmp_path, monkeypatch):
+    """launch_ranks waited for rank 0 first: when rank 1 died, rank 0 sat in its collective until
+    its own timeout (300 s in the benchmark) before the run failed, with every rank's log tail in
+    a RuntimeError traceback. Ranks here are a stand-in interpreter: rank 1 fails, rank 0 hangs."""
+    import sys
+    import time as _time
+
+    from lowbit_tp.bench.e2e.launch import launch_ranks
+    from lowbit_tp.collectives.launch import RankFailure
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nif [ \"$RANK\" = 1 ]; then sleep 1; echo 'Traceback ...'; echo 'ValueError: planted' >&2; "
+                    "exit 3; fi\necho $$ > " + str(tmp_path) + "/rank0.pid\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    t0 = _time.monotonic()
+    with pytest.raises(RankFailure) as info:
+        launch_ranks({"threads_per_rank": 1}, world=2, hosts=None, port=1, timeout_s=50)
+    assert _time.monotonic() - t0 < 20
+    assert info.value.summary == "bench-e2e run: rank 1 failed (exit 3): ValueError: planted", info.value.summary
+    pid = int((tmp_path / "rank0.pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # stopped (and reaped)
+
+
 def test_config_refuses_shape_flags_with_a_checkpoint_and_delay_on_loopback_only():
     """`bench-e2e --model smollm2-135m --hidden 512` measured SmolLM2's own shape, and `--network
     loopback --delay 1ms` no delay, both without a word (a flag left at its default passes)."""

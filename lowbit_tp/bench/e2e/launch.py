@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from lowbit_tp.bench.netns import netns_command
-from lowbit_tp.collectives.launch import set_parent_death_signal
+from lowbit_tp.collectives.launch import RankFailure, set_parent_death_signal
 
 
 def free_port() -> int:
@@ -40,11 +40,13 @@ def launch_ranks(run_cfg: dict, *, world: int, hosts: list[str] | None, port: in
             procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                           preexec_fn=set_parent_death_signal))
         end = time.monotonic() + timeout_s
-        try:
-            for p in procs:
-                p.wait(max(1.0, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
+        first = None  # the first rank seen failing: the others are stopped at once, not left to
+        try:          # wait for it in a collective until their own timeout (300 s)
+            while first is None and time.monotonic() < end and any(p.poll() is None for p in procs):
+                first = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+                time.sleep(0.05)
+            if first is None:
+                first = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -59,7 +61,14 @@ def launch_ranks(run_cfg: dict, *, world: int, hosts: list[str] | None, port: in
                 outs.append(json.loads(f.read_text()))
             else:
                 tail = Path(tmp, f"rank{r}.log").read_text()[-3000:]
-                errors.append(f"rank {r} (exit {p.returncode}):\n{tail}")
+                errors.append((r, f"rank {r} (exit {p.returncode}):\n{tail}"))
         if errors:
-            raise RuntimeError("bench-e2e run failed:\n" + "\n".join(errors))
+            if first is None:  # nobody failed on its own: the deadline stopped them
+                summary = f"bench-e2e run: rank {errors[0][0]} did not finish within {timeout_s:g} s"
+            else:
+                lines = [l for l in Path(tmp, f"rank{first}.log").read_text().splitlines() if l.strip()]
+                summary = (f"bench-e2e run: rank {first} failed (exit {procs[first].returncode}): "
+                           f"{lines[-1].strip() if lines else 'no output'}")
+            raise RankFailure(summary + "\n" + "\n".join(e for _, e in errors), summary=summary,
+                              failures=[(r, e) for r, e in errors])
         return outs
