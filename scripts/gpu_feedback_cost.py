@@ -171,7 +171,10 @@ def measure(torch, make_codec, planted_partials, synthetic_calibration, gather_e
 
 
 def codec_fused(codec, x, carry) -> bool:
-    """Whether ``gather_encode_feedback`` runs one fused kernel here (``Codec.encode_feedback``)."""
+    """Whether ``gather_encode_feedback`` takes the codec's one-pass path here (``Codec.encode_feedback``):
+    one fused kernel for the static codecs; for ``rot-*`` (since after run 3) the encode, then a
+    decode written as the difference (two kernels), so their ``fused`` rows of later runs differ
+    from run 3's."""
     return codec.encode_feedback(x, carry, layer=LAYER, source=0) is not None
 
 

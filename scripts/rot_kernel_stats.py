@@ -15,6 +15,7 @@ what the GPU run (scripts/gpu_check.py) should then show as bandwidth.
 from __future__ import annotations
 
 import argparse
+import inspect
 import importlib.util
 import os
 import re
@@ -95,7 +96,9 @@ def cases(K):
                      **_xpose(K, bits), **_asm(K, "asm_dec", bits),
                      **({"LOOP": True} if K.CONFIG.get("dec_loop") and n > 2 else {})}
             if hasattr(K, "tile_config"):
-                loop = {"loop": True} if K.CONFIG.get("dec_loop") and n > 2 else {}  # older trees: no such key
+                # older trees' tile_config has no loop parameter (and sized the loop like the unrolled kernel)
+                takes_loop = "loop" in inspect.signature(K.tile_config).parameters
+                loop = {"loop": True} if takes_loop and K.CONFIG.get("dec_loop") and n > 2 else {}
                 rows, w, warps = K.tile_config(T, E, GROUP, BLOCK, n, **loop)
                 const.update(ROWS=rows, W=w, PACKED=True)
             else:

@@ -466,9 +466,9 @@ def test_encode_feedback_fused_matches_the_reference_path(name):
     """Error feedback on the CPU kernels (Codec.encode_feedback): the payload of
     encode(x + carry) and next = sent - decode(payload), 0 where not finite, bitwise equal to the
     reference's gather_encode_feedback (compensate, encode, decode, feedback_of), with and without
-    a carry, every input dtype, odd shapes, zeros and extremes (3e38: a bf16 channel rounding to
-    Inf, saturation). A NaN/Inf or out-of-range sent value leaves it to the general path (None),
-    which then gives the reference's bytes too."""
+    a carry, every input dtype, odd shapes, zeros and extremes (3e38 is finite in bf16; fp16
+    turns it into Inf). A NaN/Inf or out-of-range sent value leaves it to the general path
+    (None), which then gives the reference's bytes too: test_encode_feedback_beyond_the_range."""
     from lowbit_tp.collectives.algorithms import gather_encode_feedback
     from lowbit_tp.collectives.feedback import Feedback
 
@@ -507,3 +507,48 @@ def test_encode_feedback_refuses_a_wrong_carry_in_one_line():
     assert fast.encode_feedback(x, torch.zeros(3, 130, dtype=torch.bfloat16), layer=LAYER, source=0) is None
     with pytest.raises(ValueError, match="carry of shape"):
         gather_encode_feedback(fast, x, Feedback(carry=torch.zeros(2, 130)), layer=LAYER, rank=0)
+
+
+@pytest.mark.parametrize("name", ["int4-outlier", "int8", "rot-lm4-g64-lg8-k4"])
+def test_encode_feedback_beyond_the_range_strided_and_into_a_buffer(name):
+    """Values beyond max_input (the largest bf16) in a quantized and in a kept channel, or a
+    finite value the carry pushes past it: the static one-pass path declines (None) and the
+    collective's function saturates exactly as the reference does; error mode raises as the
+    reference does. A column-sliced partial (row stride > E) and an out= buffer take the
+    one-pass path and give the reference's bytes and carry."""
+    from lowbit_tp.collectives.algorithms import gather_encode_feedback
+    from lowbit_tp.collectives.feedback import Feedback
+
+    t, e = 5, 130
+    cal = _cal(2, e)
+    ref = make_codec(name, calibration=cal, backend="reference", nonfinite="propagate")
+    fast = make_codec(name, calibration=cal, backend="cpu", nonfinite="propagate")
+    kept = ref.params(LAYER, 1, e).outliers
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randn(t, e + 8, generator=g) * 3
+    x = wide[:, :e]  # row stride e + 8
+    carry = torch.randn(t, e, generator=g) * 0.1
+    for case in ("in range", "body", "kept", "pushed"):
+        xs, cs = x.clone() if case != "in range" else x, carry.clone()
+        if case == "body":
+            xs[1, 2] = 3.4e38
+        elif case == "kept":
+            xs[2, int(kept[0]) if kept.numel() else 3] = -3.4e38
+        elif case == "pushed":
+            xs[3, 4], cs[3, 4] = 3.3e38, 1e37
+        want = Feedback(carry=cs)
+        w = gather_encode_feedback(ref, xs, want, layer=LAYER, rank=1)
+        got = fast.encode_feedback(xs, cs, layer=LAYER, source=1)
+        if name != "rot-lm4-g64-lg8-k4":  # rot-*: encode (which saturates) then decode, never declines
+            assert (got is None) == (case != "in range"), case
+        buf = torch.empty_like(w)
+        fb = Feedback(carry=cs)
+        assert gather_encode_feedback(fast, xs, fb, layer=LAYER, rank=1, out=buf) is buf and torch.equal(buf, w), case
+        assert bits(fb.next).equal(bits(want.next)), case
+        if case != "in range":
+            strict_ref = make_codec(name, calibration=cal, backend="reference")
+            strict = make_codec(name, calibration=cal, backend="cpu")
+            with pytest.raises(OutOfRangeError):
+                gather_encode_feedback(strict_ref, xs, Feedback(carry=cs), layer=LAYER, rank=1)
+            with pytest.raises(OutOfRangeError):
+                gather_encode_feedback(strict, xs, Feedback(carry=cs), layer=LAYER, rank=1)

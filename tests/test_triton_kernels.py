@@ -747,7 +747,8 @@ def test_row_mode_chunks_and_reduce_encode_bitwise(name, monkeypatch):
 @pytest.mark.parametrize("name", ["rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"])
 @pytest.mark.parametrize("tokens,hidden", [(5, 96), (3, 200)])
 @pytest.mark.parametrize("with_carry", [False, True])
-def test_rot_encode_feedback_decodes_into_the_difference(name, tokens, hidden, with_carry):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rot_encode_feedback_decodes_into_the_difference(name, tokens, hidden, with_carry, dtype):
     """rot-* error feedback on the Triton backend: the encode, then the decode kernel writing
     sent - decode (MINUS), +0.0 where not finite: payload and next carry bitwise the reference's
     gather_encode_feedback (compensate, encode, decode, feedback_of), NaN/Inf planted."""
@@ -758,6 +759,8 @@ def test_rot_encode_feedback_decodes_into_the_difference(name, tokens, hidden, w
     ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
     tri = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
     x = partials(tokens, hidden, seed=tokens + hidden, special=True)[2]  # NaN and +Inf in it
+    x[0, 1] = -0.0
+    x = x.to(dtype)
     g = torch.Generator().manual_seed(hidden)
     carry = torch.randn(tokens, hidden, generator=g) * 0.1 if with_carry else None
     want = Feedback(carry=carry)

@@ -219,8 +219,9 @@ class Codec(ABC):
         in one pass; the static codecs override this with encoders that do it all in one pass.
         """
         if (not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _FLOAT_DTYPES
-                or self.kernel_backend(x.device) not in self.decode_error_backends):
-            return None
+                or self.kernel_backend(x.device) not in self.decode_error_backends
+                or type(self).encode is not Codec.encode or type(self).decode is not Codec.decode):
+            return None  # (a subclass that transforms in encode/decode: _decode_error would bypass it)
         if carry is not None and (carry.dtype != torch.float32 or carry.shape != x.shape or carry.device != x.device):
             return None  # the caller's general path adds it (and refuses a wrong shape)
         sent = x if carry is None else x.float() + carry  # collectives.feedback.compensate's arithmetic

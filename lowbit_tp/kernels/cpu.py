@@ -312,7 +312,8 @@ def group_decode_error(payload: torch.Tensor, shape: tuple[int, int], sent: torc
     """Error feedback's next carry ``sent - decode(payload)`` (fp32, +0.0 where not finite) in
     one pass: the decode of :func:`group_decode_sum` of one payload, differenced row by row."""
     sent, nxt = _sent_and_next(sent, shape)
-    _lib().lbt_group_decode_error(payload.contiguous().data_ptr(), shape[0], shape[1], group, sent.data_ptr(),
+    payload = payload.contiguous()  # (kept alive across the call)
+    _lib().lbt_group_decode_error(payload.data_ptr(), shape[0], shape[1], group, sent.data_ptr(),
                                   nxt.data_ptr())
     return nxt
 
@@ -321,7 +322,8 @@ def rot_decode_error(payload: torch.Tensor, shape: tuple[int, int], sent: torch.
                      spec: torch.Tensor, inv_sqrt_block: float, tables: Sequence[torch.Tensor]) -> torch.Tensor:
     """:func:`group_decode_error` of the ``rot-*`` codecs (:func:`rot_decode_sum`'s decode)."""
     sent, nxt = _sent_and_next(sent, shape)
-    _lib().lbt_rot_decode_error(payload.contiguous().data_ptr(), shape[0], outliers.data_ptr(), spec.data_ptr(),
+    payload = payload.contiguous()  # (kept alive across the call)
+    _lib().lbt_rot_decode_error(payload.data_ptr(), shape[0], outliers.data_ptr(), spec.data_ptr(),
                                 inv_sqrt_block, _ptrs(tables), sent.data_ptr(), nxt.data_ptr())
     return nxt
 

@@ -423,8 +423,8 @@ def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, 
                                      XPOSE, ASM)
     m = tm[:, None] & (c < E)[None, :]
     if MINUS:
-        r = tl.load(minus_ptr + t[:, None] * E + c[None, :], mask=m, other=0.0) - acc
-        acc = tl.where(is_finite(r), r, 0.0)
+        diff = tl.load(minus_ptr + t[:, None] * E + c[None, :], mask=m, other=0.0) - acc
+        acc = tl.where(is_finite(diff), diff, 0.0)
     tl.store(out_ptr + t[:, None] * E + c[None, :], acc, mask=m)
 
 
@@ -844,6 +844,9 @@ def decode_sum(payloads, *, signs, colmap, levels, lg8, out, nk: int, code_bytes
     ``chunks`` payloads one after another, and ``out [chunks * R, E]`` gets chunk ``j``'s
     decode in its rows ``[j*R, (j+1)*R)`` (``code_bytes`` is one chunk's)."""
     t, e = out.shape[0] // chunks, out.shape[1]
+    assert minus is None or (len(payloads) == 1 and chunks == 1 and minus.dtype == torch.float32
+                             and minus.is_contiguous() and tuple(minus.shape) == (t, e)), \
+        "minus: one message's fp32 [T, E] sent values (the kernel reads them at the output's offsets)"
     if t == 0:
         return out
     cfg = {**CONFIG, **(config or {})}
