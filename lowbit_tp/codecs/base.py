@@ -218,16 +218,24 @@ class Codec(ABC):
         (:attr:`decode_error_backends`, :meth:`_decode_error`) encode, then decode and difference
         in one pass; the static codecs override this with encoders that do it all in one pass.
         """
-        if (not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _FLOAT_DTYPES
-                or self.kernel_backend(x.device) not in self.decode_error_backends
+        if (self._feedback_backend(x, carry) not in self.decode_error_backends
                 or type(self).encode is not Codec.encode or type(self).decode is not Codec.decode):
             return None  # (a subclass that transforms in encode/decode: _decode_error would bypass it)
-        if carry is not None and (carry.dtype != torch.float32 or carry.shape != x.shape or carry.device != x.device):
-            return None  # the caller's general path adds it (and refuses a wrong shape)
         sent = x if carry is None else x.float() + carry  # collectives.feedback.compensate's arithmetic
         payload = self.encode(sent, layer=layer, source=source, out=out)
         shape = tuple(sent.shape)
         return payload, self._decode_error(payload, shape, sent, self.params(layer, source, shape[1], x.device))
+
+    def _feedback_backend(self, x, carry) -> str | None:
+        """The kernel backend a one-pass :meth:`encode_feedback` of ``x`` and ``carry`` would run
+        on, or None where only the caller's general path takes them: ``x`` not a 2-D
+        fp32/bf16/fp16 tensor (the general path casts, as ``compensate`` does), or a carry that
+        is not fp32 of ``x``'s shape on its device (the general path adds it, or refuses the shape)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in _FLOAT_DTYPES:
+            return None
+        if carry is not None and (carry.dtype != torch.float32 or carry.shape != x.shape or carry.device != x.device):
+            return None
+        return self.kernel_backend(x.device)
 
     # the kernel backends on which _decode_error exists (CPU: group and rot-* codecs; Triton: rot-*)
     decode_error_backends: tuple[str, ...] = ()

@@ -245,13 +245,9 @@ class _StaticIntCodec(Codec):
     def encode_feedback(self, x, carry, *, layer=None, source=0, out=None):
         """The Triton and CPU encoders with error feedback fused in (:meth:`Codec.encode_feedback`):
         one read of the partial and the carry, one write of the payload and of the next carry."""
-        backend = (self.kernel_backend(x.device) if isinstance(x, torch.Tensor) and x.dim() == 2
-                   and x.dtype in (torch.float32, torch.bfloat16, torch.float16) else None)
-        if backend not in ("triton", "cpu"):
-            return None  # (another dtype: the general path casts it, as compensate does)
-        if carry is not None and (carry.dtype != torch.float32 or carry.shape != x.shape or carry.device != x.device
-                                  or not carry.is_contiguous()):
-            return None  # the caller's general path adds it (and refuses a wrong shape)
+        backend = self._feedback_backend(x, carry)
+        if backend not in ("triton", "cpu") or (carry is not None and not carry.is_contiguous()):
+            return None
         self._check_tensor(x, layer, source)
         nbytes = self.payload_nbytes(tuple(x.shape), layer)
         if out is not None:
@@ -272,11 +268,8 @@ class _StaticIntCodec(Codec):
         payload = torch.empty(nbytes, dtype=torch.uint8, device=x.device) if out is None else out
         nxt = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         flag, range_flag = self._kernel_flags(layer, source, x.device)
-        if not K.encode_feedback(x.contiguous(), carry, inl, inv, scale, outl, payload, nxt,
-                                                 bits=self.bits, max_input=self.max_input, flag=flag,
-                                                 range_flag=range_flag):
-            return None
-        return payload, nxt
+        return K.encode_feedback(x.contiguous(), carry, inl, inv, scale, outl, payload, nxt, bits=self.bits,
+                                 max_input=self.max_input, flag=flag, range_flag=range_flag)
 
     def _triton_encode(self, x, p: StaticParams, out, flags):
         K = _triton_kernels()

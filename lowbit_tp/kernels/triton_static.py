@@ -382,22 +382,20 @@ def feedback_fits(e: int, nk: int, bits: int, out, *, variant: str | None = None
 
 
 def encode_feedback(x, carry, inliers, inv_scale, scale, outliers, out, nxt, *, bits: int, max_input: float,
-                    flag=None, range_flag=None, variant: str | None = None) -> bool:
+                    flag=None, range_flag=None, variant: str | None = None):
     """Error feedback fused into the encoder: ``out`` gets :func:`encode` of ``x + carry`` (fp32;
     ``carry`` None: of ``x``) and ``nxt [T, E]`` fp32 what its decode lost, ``sent - decode``
     with +0.0 where not finite (``scale``: the inliers' fp32 scales, as the decoder's). One read
     of ``x`` and ``carry``, where encode, decode and the difference took five passes. Only the
-    fast encoders have it: returns False, writing nothing, where another kernel would run (the
-    "tile" variant, an odd int4 body row, a payload at an odd address)."""
+    fast encoders have it: the caller checks :func:`feedback_fits` first."""
     t, e = x.shape
     nk = outliers.numel()
-    if not feedback_fits(e, nk, bits, out, variant=variant):
-        return False
+    assert feedback_fits(e, nk, bits, out, variant=variant), "no fused feedback encoder for this message"
     if t:
         _encode_fast(x, inliers, inv_scale, outliers, out[: 2 * t * nk].view(torch.int16), out[2 * t * nk:], t, e,
                      bits=bits, max_input=max_input, flag=flag, range_flag=range_flag, chunks=1, ps=out.numel(),
                      variant=variant or ENCODE_VARIANT, feedback=(carry, nxt, scale))
-    return True
+    return out, nxt
 
 
 def chunks_fit(t: int, e: int, nk: int, bits: int, payload_bytes: int) -> bool:
