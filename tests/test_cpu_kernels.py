@@ -491,10 +491,55 @@ def test_encode_feedback_fused_matches_the_reference_path(name):
                         fused_runs += 1
                         assert torch.equal(got[0], w), (name, t, e, dtype, kind, carry is None)
                         assert bits(got[1]).equal(bits(want.next)), (name, t, e, dtype, kind, carry is None)
+                        nxt = torch.full((t, e), 7.0)  # into a caller's buffer (two-shot's rows of the carry)
+                        again = fast.encode_feedback(x, carry, layer=LAYER, source=1, next_out=nxt)
+                        assert again[1] is nxt and bits(nxt).equal(bits(want.next)) and torch.equal(again[0], w)
                     fb = Feedback(carry=carry)  # the collective's function, whichever path it takes
                     assert torch.equal(gather_encode_feedback(fast, x, fb, layer=LAYER, rank=1), w)
                     assert bits(fb.next).equal(bits(want.next)), (name, t, e, dtype, kind)
     assert fused_runs > len(SHAPES) * len(DTYPES) * 2
+
+
+@pytest.mark.parametrize("name", FEEDBACK_CODECS)
+def test_two_shot_feedback_fused_matches_the_reference_path(name):
+    """Two-shot with error feedback on the CPU kernels takes Codec.encode_feedback in both
+    stages (one call per row chunk, writing the chunk's bytes of the flat payload and its rows
+    of the next carry; the owner's re-encode of its chunk's sum with its error): the payloads,
+    the all-reduce and every rank's next carry are bitwise the reference codec's general path
+    (compensate, encode, decode, feedback_of; decode_sum, encode, decode), over two steps of a
+    chain, with padding rows (tokens not a multiple of the world), fp32 and bf16 partials."""
+    from lowbit_tp.collectives import algorithms as A
+    from lowbit_tp.collectives import simulate_all_reduce
+    from lowbit_tp.collectives.feedback import Feedback
+
+    for world in (2, 3, 4):
+        for t, e in ((1, 64), (5, 64), (8, 128), (7, 576)):
+            cal = _cal(world, e)
+            ref = make_codec(name, calibration=cal, backend="reference", nonfinite="propagate")
+            fast = make_codec(name, calibration=cal, backend="cpu", nonfinite="propagate")
+            for dtype in (torch.float32, torch.bfloat16):
+                parts = [make_input(t, e, dtype, "randn", seed=100 * world + r + t).mul_(r + 1) for r in range(world)]
+                carry = torch.randn(t, e, generator=torch.Generator().manual_seed(e)) * 0.3
+                # the fused paths are taken (None would mean the general path)
+                flat, nxt = A._encode_chunks_feedback(fast, parts[0], carry, layer=LAYER, rank=0, world=world,
+                                                      out=None)
+                want = Feedback(carry=carry)
+                w = A.two_shot_encode_feedback(ref, parts[0], want, layer=LAYER, rank=0, world=world)
+                assert torch.equal(flat, torch.cat(w)) and bits(nxt).equal(bits(want.next)), (name, world, t, dtype)
+                rows = A.chunk_rows(t, world)
+                total = ref.decode_sum(w, (rows, e), layer=LAYER, sources=[0] * world)
+                assert fast.encode_feedback(total, None, layer=LAYER, source="sum") is not None
+                # the chain, both stages, every rank
+                fb_ref, fb_fast = [Feedback() for _ in range(world)], [Feedback() for _ in range(world)]
+                for step in range(2):
+                    fb_ref = [Feedback(carry=f.next) for f in fb_ref]
+                    fb_fast = [Feedback(carry=f.next) for f in fb_fast]
+                    want_y = simulate_all_reduce(parts, ref, "two-shot", layer=LAYER, feedback=fb_ref)
+                    got_y = simulate_all_reduce(parts, fast, "two-shot", layer=LAYER, feedback=fb_fast)
+                    case = (name, world, t, e, dtype, step)
+                    assert torch.equal(got_y, want_y), case
+                    for a, b in zip(fb_fast, fb_ref):
+                        assert bits(a.next).equal(bits(b.next)), case
 
 
 def test_encode_feedback_refuses_a_wrong_carry_in_one_line():
@@ -504,6 +549,8 @@ def test_encode_feedback_refuses_a_wrong_carry_in_one_line():
     fast = make_codec("int4-outlier", calibration=_cal(2, 130), backend="cpu")
     x = torch.randn(3, 130)
     assert fast.encode_feedback(x, torch.zeros(2, 130), layer=LAYER, source=0) is None
+    with pytest.raises(ValueError, match="next_out= must be a contiguous torch.float32 tensor of shape"):
+        fast.encode_feedback(x, None, layer=LAYER, source=0, next_out=torch.zeros(3, 130, dtype=torch.bfloat16))
     assert fast.encode_feedback(x, torch.zeros(3, 130, dtype=torch.bfloat16), layer=LAYER, source=0) is None
     with pytest.raises(ValueError, match="carry of shape"):
         gather_encode_feedback(fast, x, Feedback(carry=torch.zeros(2, 130)), layer=LAYER, rank=0)

@@ -769,3 +769,6 @@ def test_rot_encode_feedback_decodes_into_the_difference(name, tokens, hidden, w
     assert got is not None
     assert torch.equal(got[0], w)
     assert same_bits(got[1], want.next) and not torch.isnan(got[1]).any() and bool((got[1] == 0).any())
+    nxt = torch.full((tokens, hidden), 7.0)  # the next carry into a caller's buffer (two-shot's rows)
+    again = tri.encode_feedback(x, carry, layer=LAYER, source=2, next_out=nxt)
+    assert again[1] is nxt and same_bits(nxt, want.next) and torch.equal(again[0], w)

@@ -450,6 +450,9 @@ def test_encode_feedback_fused_bitwise(name, k, tokens, hidden, with_carry, dtyp
     fb, buf = Feedback(carry=carry), torch.empty_like(w)
     assert gather_encode_feedback(tri, x, fb, layer=LAYER, rank=1, out=buf) is buf and torch.equal(buf, w)
     assert same_bits(fb.next, want.next)
+    nxt = torch.full((tokens, hidden), 7.0)  # and the next carry into a caller's buffer (two-shot's rows)
+    again = tri.encode_feedback(x, carry, layer=LAYER, source=1, next_out=nxt)
+    assert again[1] is nxt and same_bits(nxt, want.next) and torch.equal(again[0], w)
 
 
 def test_encode_feedback_without_a_fused_kernel_falls_back():

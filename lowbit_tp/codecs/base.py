@@ -204,7 +204,7 @@ class Codec(ABC):
         return got if out is None or got is out else out.copy_(got)
 
     def encode_feedback(self, x: torch.Tensor, carry: torch.Tensor | None, *, layer: str | None = None,
-                        source: Source = 0, out: torch.Tensor | None = None
+                        source: Source = 0, out: torch.Tensor | None = None, next_out: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Error feedback's encode in one kernel pass, where this codec and backend have one.
 
@@ -212,7 +212,8 @@ class Codec(ABC):
         ``carry`` is None; ``carry`` fp32, ``x``'s shape) and, fp32, the sent values less their
         decode, +0.0 where not finite (what ``collectives.feedback.feedback_of`` computes).
         None where there is no such kernel: the caller then encodes and decodes, which gives the
-        same bytes and bits. ``out`` as in :meth:`encode`.
+        same bytes and bits. ``out`` as in :meth:`encode`; ``next_out``: a contiguous fp32 buffer of
+        ``x``'s shape on its device to write the next carry into (returned as ``next``).
 
         Here: codecs whose kernels can decode straight into the difference on this backend
         (:attr:`decode_error_backends`, :meth:`_decode_error`) encode, then decode and difference
@@ -221,10 +222,16 @@ class Codec(ABC):
         if (self._feedback_backend(x, carry) not in self.decode_error_backends
                 or type(self).encode is not Codec.encode or type(self).decode is not Codec.decode):
             return None  # (a subclass that transforms in encode/decode: _decode_error would bypass it)
+        self._check_next_out(x, next_out)
         sent = x if carry is None else x.float() + carry  # collectives.feedback.compensate's arithmetic
         payload = self.encode(sent, layer=layer, source=source, out=out)
         shape = tuple(sent.shape)
-        return payload, self._decode_error(payload, shape, sent, self.params(layer, source, shape[1], x.device))
+        return payload, self._decode_error(payload, shape, sent, self.params(layer, source, shape[1], x.device),
+                                           out=next_out)
+
+    def _check_next_out(self, x: torch.Tensor, next_out: torch.Tensor | None) -> None:
+        if next_out is not None:
+            _check_buffer(next_out, torch.float32, tuple(x.shape), x.device, f"{self.name}: encode_feedback next_out=")
 
     def _feedback_backend(self, x, carry) -> str | None:
         """The kernel backend a one-pass :meth:`encode_feedback` of ``x`` and ``carry`` would run
@@ -241,9 +248,10 @@ class Codec(ABC):
     decode_error_backends: tuple[str, ...] = ()
 
     def _decode_error(self, payload: torch.Tensor, shape: tuple[int, int], sent: torch.Tensor,
-                      params: Any) -> torch.Tensor:
+                      params: Any, out: torch.Tensor | None = None) -> torch.Tensor:
         """``sent - decode(payload)`` in fp32, +0.0 where not finite, from one kernel pass on the
-        payload's backend (one of :attr:`decode_error_backends`)."""
+        payload's backend (one of :attr:`decode_error_backends`); written into ``out`` (a checked
+        contiguous fp32 ``shape`` buffer) when given."""
         raise NotImplementedError
 
     def decode(

@@ -132,10 +132,10 @@ class GroupInt4Codec(Codec):
 
     decode_error_backends = ("cpu",)
 
-    def _decode_error(self, payload, shape, sent, params):
+    def _decode_error(self, payload, shape, sent, params, out=None):
         from lowbit_tp.kernels import cpu
 
-        return cpu.group_decode_error(payload, shape, sent, group=self.group)
+        return cpu.group_decode_error(payload, shape, sent, group=self.group, out=out)
 
     def _encode_chunks(self, x, chunks, params, out, flags):
         K = _triton_kernels()

@@ -51,8 +51,9 @@ class _DelegatingCodec(Codec):
     def encode(self, x, *, layer=None, source=0, out=None):
         return self._pick(layer, source).encode(x, layer=layer, source=source, out=out)
 
-    def encode_feedback(self, x, carry, *, layer=None, source=0, out=None):
-        return self._pick(layer, source).encode_feedback(x, carry, layer=layer, source=source, out=out)
+    def encode_feedback(self, x, carry, *, layer=None, source=0, out=None, next_out=None):
+        return self._pick(layer, source).encode_feedback(x, carry, layer=layer, source=source, out=out,
+                                                         next_out=next_out)
 
     def decode(self, payload, shape, *, layer=None, source=0):
         return self._pick(layer, source).decode(payload, shape, layer=layer, source=source)
@@ -214,7 +215,7 @@ class ChannelWeightedCodec(_DelegatingCodec):
         self._check_tensor(x, layer, source)
         return self.inner.encode(x.float() * self.weight(layer, x.device), layer=layer, source=source, out=out)
 
-    def encode_feedback(self, x, carry, *, layer=None, source=0, out=None):
+    def encode_feedback(self, x, carry, *, layer=None, source=0, out=None, next_out=None):
         return None  # inner's would see the unweighted values: the caller's general path weights them
 
     def decode(self, payload, shape, *, layer=None, source=0):

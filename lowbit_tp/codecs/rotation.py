@@ -367,12 +367,13 @@ class RotatedGroupCodec(KeptRotation, Codec):
 
     decode_error_backends = ("cpu", "triton")
 
-    def _decode_error(self, payload, shape, sent, params):
+    def _decode_error(self, payload, shape, sent, params, out=None):
         if self.kernel_backend(payload.device) == "triton":
-            return self._triton_decode_sum([payload], shape, [params], minus=sent.float().contiguous())
+            return self._triton_decode_sum([payload], shape, [params], out=out, minus=sent.float().contiguous())
         from lowbit_tp.kernels import cpu
 
-        return cpu.rot_decode_error(payload, shape, sent, outliers=params.outliers, **self._cpu_args(shape[1]))
+        return cpu.rot_decode_error(payload, shape, sent, outliers=params.outliers, out=out,
+                                    **self._cpu_args(shape[1]))
 
     def _cpu_args(self, e: int) -> dict:
         """What the CPU rot kernels take besides the data; tables are torch's own values."""

@@ -242,7 +242,7 @@ class _StaticIntCodec(Codec):
             return self._triton_decode_sum(payloads, shape, params, out)
         return super()._decode_sum(payloads, shape, params, out)
 
-    def encode_feedback(self, x, carry, *, layer=None, source=0, out=None):
+    def encode_feedback(self, x, carry, *, layer=None, source=0, out=None, next_out=None):
         """The Triton and CPU encoders with error feedback fused in (:meth:`Codec.encode_feedback`):
         one read of the partial and the carry, one write of the payload and of the next carry."""
         backend = self._feedback_backend(x, carry)
@@ -252,6 +252,7 @@ class _StaticIntCodec(Codec):
         nbytes = self.payload_nbytes(tuple(x.shape), layer)
         if out is not None:
             _check_buffer(out, torch.uint8, (nbytes,), x.device, f"{self.name}: encode_feedback out=")
+        self._check_next_out(x, next_out)
         p = self.params(layer, source, x.shape[1], x.device)
         K = _triton_kernels() if backend == "triton" else None
         if K is not None and not K.feedback_fits(x.shape[1], p.outliers.numel(), self.bits, out):
@@ -260,13 +261,14 @@ class _StaticIntCodec(Codec):
             from lowbit_tp.kernels import cpu
 
             payload, nxt, scan = cpu.static_encode_feedback(x, carry, outliers=p.outliers, inv_scale=p.inv_scale,
-                                                            scale=p.scale, bits=self.bits, nbytes=nbytes, out=out)
+                                                            scale=p.scale, bits=self.bits, nbytes=nbytes, out=out,
+                                                            next_out=next_out)
             # NaN/Inf or a value beyond max_input: the general path raises or saturates as the reference does
             return None if scan.nonfinite or scan.amax > self.max_input else (payload, nxt)
         inl, inv, outl = self._enc_tables(p)
         scale = self._kernel_table(("scale", id(p)), lambda: p.scale.float().contiguous())
         payload = torch.empty(nbytes, dtype=torch.uint8, device=x.device) if out is None else out
-        nxt = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        nxt = torch.empty(x.shape, dtype=torch.float32, device=x.device) if next_out is None else next_out
         flag, range_flag = self._kernel_flags(layer, source, x.device)
         return K.encode_feedback(x.contiguous(), carry, inl, inv, scale, outl, payload, nxt, bits=self.bits,
                                  max_input=self.max_input, flag=flag, range_flag=range_flag)

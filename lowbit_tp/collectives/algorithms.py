@@ -115,6 +115,10 @@ def two_shot_encode_feedback(codec: Codec, partial: torch.Tensor, feedback: Feed
     """:func:`two_shot_encode` of ``partial + feedback.carry``; sets ``feedback.next`` to what
     this rank's N chunks lost (the owners' second-stage errors are added by
     :func:`add_owner_feedback`)."""
+    fused = _encode_chunks_feedback(codec, partial, feedback.carry, layer=layer, rank=rank, world=world, out=out)
+    if fused is not None:  # one Codec.encode_feedback per chunk: the same bytes and bits
+        flat, feedback.next = fused
+        return list(flat.chunk(world))
     sent = compensate(partial, feedback.carry)
     flat = _encode_flat(codec, sent, layer=layer, rank=rank, world=world, out=out)
     shape = (chunk_rows(sent.shape[0], world), sent.shape[1])
@@ -123,12 +127,47 @@ def two_shot_encode_feedback(codec: Codec, partial: torch.Tensor, feedback: Feed
     return list(flat.chunk(world))
 
 
+def _encode_chunks_feedback(codec: Codec, partial: torch.Tensor, carry: torch.Tensor | None, *, layer, rank: int,
+                            world: int, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Two-shot's first stage with error feedback from one :meth:`Codec.encode_feedback` per row
+    chunk, each writing its chunk's bytes of the flat payload and its rows of the next carry:
+    ``(flat, next)``, or None where the codec has no such pass for these tensors (the caller's
+    general path then encodes everything again; nothing written here is used)."""
+    if partial.dim() != 2 or (carry is not None and carry.shape != partial.shape):
+        return None  # (the general path casts or refuses)
+    t, e = int(partial.shape[0]), int(partial.shape[1])
+    rows = chunk_rows(t, world)
+    nb = codec.payload_nbytes((rows, e), layer)
+    if out is not None and (out.dtype != torch.uint8 or out.dim() != 1 or out.numel() != world * nb):
+        return None  # (encode_chunks refuses it in one line)
+    flat = torch.empty(world * nb, dtype=torch.uint8, device=partial.device) if out is None else out
+    nxt = torch.empty(t, e, dtype=torch.float32, device=partial.device)
+    for j in range(world):
+        lo, hi = min(j * rows, t), min((j + 1) * rows, t)
+        x, c, into = partial[lo:hi], None if carry is None else carry[lo:hi], nxt[lo:hi]
+        if hi - lo < rows:  # two-shot's zero padding rows, which carry nothing (+0.0 + +0.0 = +0.0, as padded)
+            pad = (0, 0, 0, rows - (hi - lo))
+            x = torch.nn.functional.pad(x, pad)
+            c = None if c is None else torch.nn.functional.pad(c, pad)
+            into = None
+        got = codec.encode_feedback(x, c, layer=layer, source=rank, out=flat[j * nb:(j + 1) * nb], next_out=into)
+        if got is None:
+            return None
+        if into is None:
+            nxt[lo:hi] = got[1][:hi - lo]
+    return flat, nxt
+
+
 def two_shot_reduce_feedback(codec: Codec, chunks: Sequence[torch.Tensor], chunk_shape, *, layer,
                              out=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The owner's stage with error feedback: ``(payload, error)``, the payload of
-    :func:`two_shot_reduce` (unfused: decode_sum, then encode, the same bytes by the codec
-    contract) and what re-encoding the chunk's sum lost (fp32, ``chunk_shape``)."""
+    :func:`two_shot_reduce` (decode_sum, then encode, the same bytes by the codec contract) and
+    what re-encoding the chunk's sum lost (fp32, ``chunk_shape``): the encode and the error in
+    one :meth:`Codec.encode_feedback` where the codec has it."""
     total = codec.decode_sum(chunks, chunk_shape, layer=layer)
+    fused = codec.encode_feedback(total, None, layer=layer, source="sum", out=out)
+    if fused is not None:
+        return fused
     payload = codec.encode(total, layer=layer, source="sum", out=out)
     return payload, feedback_of(total, codec.decode(payload, chunk_shape, layer=layer, source="sum"))
 

@@ -217,15 +217,17 @@ def static_encode(x: torch.Tensor, *, outliers: torch.Tensor, inv_scale: torch.T
 
 def static_encode_feedback(x: torch.Tensor, carry: torch.Tensor | None, *, outliers: torch.Tensor,
                            inv_scale: torch.Tensor, scale: torch.Tensor, bits: int, nbytes: int,
-                           out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Scan]:
+                           out: torch.Tensor | None = None, next_out: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, Scan]:
     """:func:`static_encode` of ``x + carry`` (fp32; ``carry`` a contiguous fp32 ``x``-shaped
     tensor, or None for ``x`` itself, then fp32) and error feedback's next carry, ``sent -
     decode(payload)`` fp32 with +0.0 where not finite (``scale``: the inliers' fp32 scales, as
-    the decoder's), in one pass over the rows; and the sent values' :class:`Scan`."""
+    the decoder's; into ``next_out`` when given), in one pass over the rows; and the sent
+    values' :class:`Scan`."""
     x, dt, ld = _rows(x)
     t, e = x.shape
     out = _payload_out(out, nbytes)
-    nxt = torch.empty(t, e, dtype=torch.float32)
+    nxt = _next_out(next_out, (t, e))
     amax = ctypes.c_float()
     bad = _lib().lbt_static_encode_feedback(x.data_ptr(), dt, None if carry is None else carry.data_ptr(), t, e, ld,
                                             outliers.data_ptr(), outliers.numel(), inv_scale.data_ptr(),
@@ -300,18 +302,25 @@ def rot_decode_sum(payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, 
     return out
 
 
-def _sent_and_next(sent: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _sent_and_next(sent: torch.Tensor, shape: tuple[int, int],
+                   out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     sent = sent.float().contiguous()
     if tuple(sent.shape) != tuple(shape):
         raise ValueError(f"sent values of shape {tuple(sent.shape)} for a payload of shape {tuple(shape)}")
-    return sent, torch.empty(shape, dtype=torch.float32)
+    return sent, _next_out(out, shape)
+
+
+def _next_out(out: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
+    """Error feedback's next carry: ``out`` (the codec checked it: contiguous fp32 ``shape``) or a new one."""
+    return torch.empty(shape, dtype=torch.float32) if out is None else out
 
 
 def group_decode_error(payload: torch.Tensor, shape: tuple[int, int], sent: torch.Tensor, *,
-                       group: int) -> torch.Tensor:
+                       group: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Error feedback's next carry ``sent - decode(payload)`` (fp32, +0.0 where not finite) in
-    one pass: the decode of :func:`group_decode_sum` of one payload, differenced row by row."""
-    sent, nxt = _sent_and_next(sent, shape)
+    one pass: the decode of :func:`group_decode_sum` of one payload, differenced row by row
+    (into ``out`` when given)."""
+    sent, nxt = _sent_and_next(sent, shape, out)
     payload = payload.contiguous()  # (kept alive across the call)
     _lib().lbt_group_decode_error(payload.data_ptr(), shape[0], shape[1], group, sent.data_ptr(),
                                   nxt.data_ptr())
@@ -319,9 +328,10 @@ def group_decode_error(payload: torch.Tensor, shape: tuple[int, int], sent: torc
 
 
 def rot_decode_error(payload: torch.Tensor, shape: tuple[int, int], sent: torch.Tensor, *, outliers: torch.Tensor,
-                     spec: torch.Tensor, inv_sqrt_block: float, tables: Sequence[torch.Tensor]) -> torch.Tensor:
+                     spec: torch.Tensor, inv_sqrt_block: float, tables: Sequence[torch.Tensor],
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`group_decode_error` of the ``rot-*`` codecs (:func:`rot_decode_sum`'s decode)."""
-    sent, nxt = _sent_and_next(sent, shape)
+    sent, nxt = _sent_and_next(sent, shape, out)
     payload = payload.contiguous()  # (kept alive across the call)
     _lib().lbt_rot_decode_error(payload.data_ptr(), shape[0], outliers.data_ptr(), spec.data_ptr(),
                                 inv_sqrt_block, _ptrs(tables), sent.data_ptr(), nxt.data_ptr())
