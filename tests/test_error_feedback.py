@@ -228,12 +228,14 @@ def _rank_chain(rank, world):
             red = DistReducer(codec=make_codec(name, calibration=cal), algorithm=algo,
                               feedback=FeedbackChain(LAYERS, ranks=1))
             out[(name, algo)] = [red.reduce([_partials(world, i)[rank]], layer=l) for i, l in enumerate(LAYERS)]
-    # pipelined gather (rows in chunks of 2): the same bits
-    fb = Feedback(carry=torch.randn(7, 192, generator=torch.Generator().manual_seed(rank)))
+    # pipelined gather (rows in chunks of 2; each chunk's next carry written into its rows of
+    # one): the same bits, on the group codecs' and the static codecs' feedback paths
+    for name in ("int4-g32", "int4-outlier"):
+        fb = Feedback(carry=torch.randn(7, 192, generator=torch.Generator().manual_seed(rank)))
+        y = all_reduce(_partials(world, 0)[rank], make_codec(name, calibration=cal), algorithm="gather",
+                       policy=AutoPolicy(chunk_bytes=2 * 2 * 192), feedback=fb, layer=LAYERS[0])
+        out["pipelined", name] = (y, fb.next)
     codec = make_codec("int4-g32")
-    y = all_reduce(_partials(world, 0)[rank], codec, algorithm="gather", policy=AutoPolicy(chunk_bytes=2 * 2 * 192),
-                   feedback=fb)
-    out["pipelined"] = (y, fb.next)
     try:
         all_reduce(_partials(world, 0)[rank], codec, algorithm="two-shot", policy=AutoPolicy(chunk_bytes=2 * 2 * 192),
                    feedback=Feedback())
@@ -283,12 +285,14 @@ def test_runtime_chain_is_bitwise_the_simulated_chain(world):
                 assert torch.equal(results[r][("post-norm", algo)][i], ref), ("post-norm", algo, layer, r)
             if i > 0:  # the mapped carry is not the plain one
                 assert not torch.equal(ref, other), ("post-norm", algo, layer)
-    codec = make_codec("int4-g32")
-    fbs = [Feedback(carry=torch.randn(7, 192, generator=torch.Generator().manual_seed(r))) for r in range(world)]
-    ref = simulate_all_reduce(_partials(world, 0), codec, "gather", feedback=fbs)
+    for name in ("int4-g32", "int4-outlier"):
+        fbs = [Feedback(carry=torch.randn(7, 192, generator=torch.Generator().manual_seed(r))) for r in range(world)]
+        ref = simulate_all_reduce(_partials(world, 0), make_codec(name, calibration=cal), "gather", feedback=fbs,
+                                  layer=LAYERS[0])
+        for r in range(world):
+            y, nxt = results[r]["pipelined", name]
+            assert torch.equal(y, ref) and torch.equal(nxt, fbs[r].next), (name, r)
     for r in range(world):
-        y, nxt = results[r]["pipelined"]
-        assert torch.equal(y, ref) and torch.equal(nxt, fbs[r].next), r
         assert "pipelined chunks" in results[r]["refused"], results[r]["refused"]
         assert len(results[r]["bad carry"]) == 8 and all(
             re.fullmatch(r"error-feedback carry of shape \((14|3), 192\) for a partial of shape \(7, 192\)", m)

@@ -66,16 +66,19 @@ def gather_encode(codec: Codec, partial: torch.Tensor, *, layer, rank: int, out=
 
 
 def gather_encode_feedback(codec: Codec, partial: torch.Tensor, feedback: Feedback, *, layer, rank: int,
-                           out=None) -> torch.Tensor:
+                           out=None, next_out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`gather_encode` of ``partial + feedback.carry``; sets ``feedback.next`` to what the
-    payload lost (this rank decodes its own payload; see :mod:`~lowbit_tp.collectives.feedback`)."""
-    fused = codec.encode_feedback(partial, feedback.carry, layer=layer, source=rank, out=out)
+    payload lost (this rank decodes its own payload; see :mod:`~lowbit_tp.collectives.feedback`),
+    written into ``next_out`` when given (a contiguous fp32 buffer of the partial's shape: a
+    pipelined message's rows of one next carry)."""
+    fused = codec.encode_feedback(partial, feedback.carry, layer=layer, source=rank, out=out, next_out=next_out)
     if fused is not None:  # one kernel pass (Codec.encode_feedback): the same bytes and bits
         payload, feedback.next = fused
         return payload
     sent = compensate(partial, feedback.carry)
     payload = codec.encode(sent, layer=layer, source=rank, out=out)
-    feedback.next = feedback_of(sent, codec.decode(payload, tuple(sent.shape), layer=layer, source=rank))
+    nxt = feedback_of(sent, codec.decode(payload, tuple(sent.shape), layer=layer, source=rank))
+    feedback.next = nxt if next_out is None else next_out.copy_(nxt)
     return payload
 
 

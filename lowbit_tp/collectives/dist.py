@@ -182,16 +182,20 @@ def all_reduce(
         # which owner re-encodes a row depends on the chunking, and so would the carries
         raise ValueError(f"error feedback with two-shot needs whole messages, but {layer!r} goes in "
                          f"{len(pieces)} pipelined chunks; set AutoPolicy.chunk_bytes=0 or use gather")
+    kw = {"out": out} if algo == "gather" else {}
+    nxt = None
     if feedback is not None:  # one Feedback per row chunk: gather's codecs work row by row
         carries = [None] * len(pieces) if feedback.carry is None else list(feedback.carry.split(rows, dim=0))
         fbs = [Feedback(carry=c) for c in carries]
+        if len(pieces) > 1:  # each chunk's next carry written into its rows of one (no joining pass)
+            nxt = torch.empty(partial.shape, dtype=torch.float32, device=partial.device)
+            kw["next_rows"] = list(nxt.split(rows, dim=0))
     tally = CommStats()  # per chunk; reported to ``stats`` as one call
     stages = _gather_pipelined if algo == "gather" else _two_shot_pipelined
-    kw = {"out": out} if algo == "gather" else {}
     outs = stages(codec, pieces, group, layer=layer, rank=rank, world=world, tally=tally, hook=wire_hook,
                   feedback=fbs, **kw)
     if feedback is not None:
-        feedback.next = fbs[0].next if len(fbs) == 1 else torch.cat([f.next for f in fbs])
+        feedback.next = fbs[0].next if nxt is None else nxt
     if stats is not None:
         stats.record(algorithm=algo, sent=tally.bytes_sent, payload=tally.payload_bytes, values=tally.values,
                      wire_values=tally.wire_values, world=world)
@@ -243,7 +247,8 @@ def _finish(what: str, layer, group, work, hook: WireHook | None) -> None:
 
 
 def _gather_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: int, tally: CommStats,
-                      hook: WireHook | None, feedback: list[Feedback] | None = None, out: torch.Tensor | None = None):
+                      hook: WireHook | None, feedback: list[Feedback] | None = None, out: torch.Tensor | None = None,
+                      next_rows: list[torch.Tensor] | None = None):
     what = "all_gather of payloads"
     pipelined = len(pieces) > 1
     dev = pieces[0].device
@@ -263,7 +268,8 @@ def _gather_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: i
             if feedback is None:
                 payload = A.gather_encode(codec, pieces[i], layer=layer, rank=rank, out=buf)
             else:
-                payload = A.gather_encode_feedback(codec, pieces[i], feedback[i], layer=layer, rank=rank, out=buf)
+                payload = A.gather_encode_feedback(codec, pieces[i], feedback[i], layer=layer, rank=rank, out=buf,
+                                                   next_out=None if next_rows is None else next_rows[i])
             got = [BUFFERS.get(f"gather-recv{r}", i % 2, n, torch.uint8, dev) for r in range(world)]
             work = _start(what, layer, group,
                           lambda a: dist.all_gather(got, payload, group=group, async_op=a), hook, pipelined,
