@@ -231,10 +231,11 @@ def _rank_chain(rank, world):
     # pipelined gather (rows in chunks of 2; each chunk's next carry written into its rows of
     # one): the same bits, on the group codecs' and the static codecs' feedback paths
     for name in ("int4-g32", "int4-outlier"):
-        fb = Feedback(carry=torch.randn(7, 192, generator=torch.Generator().manual_seed(rank)))
+        spare = torch.full((7, 192), 5.0)  # (written over with the next carry)
+        fb = Feedback(carry=torch.randn(7, 192, generator=torch.Generator().manual_seed(rank)), spare=spare)
         y = all_reduce(_partials(world, 0)[rank], make_codec(name, calibration=cal), algorithm="gather",
                        policy=AutoPolicy(chunk_bytes=2 * 2 * 192), feedback=fb, layer=LAYERS[0])
-        out["pipelined", name] = (y, fb.next)
+        out["pipelined", name] = (y, fb.next.clone(), fb.next is spare)
     codec = make_codec("int4-g32")
     try:
         all_reduce(_partials(world, 0)[rank], codec, algorithm="two-shot", policy=AutoPolicy(chunk_bytes=2 * 2 * 192),
@@ -290,13 +291,75 @@ def test_runtime_chain_is_bitwise_the_simulated_chain(world):
         ref = simulate_all_reduce(_partials(world, 0), make_codec(name, calibration=cal), "gather", feedback=fbs,
                                   layer=LAYERS[0])
         for r in range(world):
-            y, nxt = results[r]["pipelined", name]
-            assert torch.equal(y, ref) and torch.equal(nxt, fbs[r].next), (name, r)
+            y, nxt, into_spare = results[r]["pipelined", name]
+            assert torch.equal(y, ref) and torch.equal(nxt, fbs[r].next) and into_spare, (name, r)
     for r in range(world):
         assert "pipelined chunks" in results[r]["refused"], results[r]["refused"]
         assert len(results[r]["bad carry"]) == 8 and all(
             re.fullmatch(r"error-feedback carry of shape \((14|3), 192\) for a partial of shape \(7, 192\)", m)
             for m in results[r]["bad carry"]), results[r]["bad carry"]
+
+
+@pytest.mark.parametrize("algorithm", ["gather", "two-shot", "exact"])
+@pytest.mark.parametrize("post_norm", [False, True])
+def test_chain_reuses_dead_carries_and_keeps_the_bits(algorithm, post_norm):
+    """FeedbackChain hands each call the buffer its previous call left dead (Feedback.spare),
+    and the collectives write ``next`` into it. At every call of three forward passes over four
+    layers, the sum and every rank's ``next`` are bitwise those of the same call with fresh
+    buffers (the same carries, no spare), computed first; after a pass's second call no new
+    carry buffer is made."""
+    world = 3
+    cal = _cal(world)
+    for name in CODECS:
+        codec = make_codec(name, calibration=cal)
+        chain = FeedbackChain(LAYERS, ranks=world, post_norm=_post_norm(world) if post_norm else None)
+        for step in range(3):
+            seen = set()
+            for i, layer in enumerate(LAYERS):
+                parts = _partials(world, i + step)
+                fbs = chain.start(layer, parts)
+                fresh = [Feedback(carry=f.carry) for f in fbs]
+                want = simulate_all_reduce(parts, codec, algorithm, layer=layer, feedback=fresh)
+                got = simulate_all_reduce(parts, codec, algorithm, layer=layer, feedback=fbs)
+                case = (name, step, layer)
+                assert torch.equal(got, want), case
+                for f, g in zip(fbs, fresh):
+                    assert torch.equal(f.next.view(torch.int32), g.next.view(torch.int32)), case
+                ptrs = {f.next.data_ptr() for f in fbs}
+                if i >= 2:  # written into buffers earlier calls of this pass made
+                    assert ptrs <= seen, case
+                seen |= ptrs
+                chain.finish(layer, fbs, got)
+
+
+def test_spare_is_written_over_where_it_fits_and_ignored_elsewhere():
+    """A Feedback.spare full of stale values gets the next carry (exact: zeros) with the bits of a
+    fresh buffer, for every algorithm; a spare of another shape or dtype, or the carry itself,
+    is left alone."""
+    world = 3
+    cal = _cal(world)
+    parts = _partials(world, 1)
+    carries = [torch.randn(7, 192, generator=torch.Generator().manual_seed(r)) * 0.2 for r in range(world)]
+    for name in CODECS:
+        codec = make_codec(name, calibration=cal)
+        for algo in ("gather", "two-shot", "exact"):
+            fresh = [Feedback(carry=c) for c in carries]
+            want = simulate_all_reduce(parts, codec, algo, layer=LAYERS[1], feedback=fresh)
+            spares = [torch.full((7, 192), 5.0) for _ in range(world)]
+            fbs = [Feedback(carry=c, spare=s) for c, s in zip(carries, spares)]
+            assert torch.equal(simulate_all_reduce(parts, codec, algo, layer=LAYERS[1], feedback=fbs), want)
+            for f, g, sp in zip(fbs, fresh, spares):
+                assert f.next is sp and torch.equal(f.next.view(torch.int32), g.next.view(torch.int32)), (name, algo)
+            for bad in (torch.full((6, 192), 5.0), torch.full((7, 192), 5.0, dtype=torch.float64), "carry"):
+                c = carries[0].clone()
+                f = Feedback(carry=c, spare=c if isinstance(bad, str) else bad)
+                simulate_all_reduce(parts, codec, algo, layer=LAYERS[1],
+                                    feedback=[f] + [Feedback(carry=x) for x in carries[1:]])
+                assert f.next is not f.spare and torch.equal(f.next, fresh[0].next), (name, algo)
+                if isinstance(bad, str):
+                    assert torch.equal(c, carries[0]), (name, algo)  # the carry was not written over
+                else:
+                    assert bool((bad == 5.0).all()), (name, algo)
 
 
 # ------------------------------------------------------------------ post-norm (Gemma) feedback

@@ -70,7 +70,9 @@ def gather_encode_feedback(codec: Codec, partial: torch.Tensor, feedback: Feedba
     """:func:`gather_encode` of ``partial + feedback.carry``; sets ``feedback.next`` to what the
     payload lost (this rank decodes its own payload; see :mod:`~lowbit_tp.collectives.feedback`),
     written into ``next_out`` when given (a contiguous fp32 buffer of the partial's shape: a
-    pipelined message's rows of one next carry)."""
+    pipelined message's rows of one next carry), else into ``feedback.spare`` where it fits."""
+    if next_out is None:
+        next_out = feedback.next_buffer(partial)
     fused = codec.encode_feedback(partial, feedback.carry, layer=layer, source=rank, out=out, next_out=next_out)
     if fused is not None:  # one kernel pass (Codec.encode_feedback): the same bytes and bits
         payload, feedback.next = fused
@@ -118,7 +120,8 @@ def two_shot_encode_feedback(codec: Codec, partial: torch.Tensor, feedback: Feed
     """:func:`two_shot_encode` of ``partial + feedback.carry``; sets ``feedback.next`` to what
     this rank's N chunks lost (the owners' second-stage errors are added by
     :func:`add_owner_feedback`)."""
-    fused = _encode_chunks_feedback(codec, partial, feedback.carry, layer=layer, rank=rank, world=world, out=out)
+    fused = _encode_chunks_feedback(codec, partial, feedback.carry, layer=layer, rank=rank, world=world, out=out,
+                                    next_out=feedback.next_buffer(partial))
     if fused is not None:  # one Codec.encode_feedback per chunk: the same bytes and bits
         flat, feedback.next = fused
         return list(flat.chunk(world))
@@ -131,11 +134,13 @@ def two_shot_encode_feedback(codec: Codec, partial: torch.Tensor, feedback: Feed
 
 
 def _encode_chunks_feedback(codec: Codec, partial: torch.Tensor, carry: torch.Tensor | None, *, layer, rank: int,
-                            world: int, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                            world: int, out: torch.Tensor | None, next_out: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Two-shot's first stage with error feedback from one :meth:`Codec.encode_feedback` per row
-    chunk, each writing its chunk's bytes of the flat payload and its rows of the next carry:
-    ``(flat, next)``, or None where the codec has no such pass for these tensors (the caller's
-    general path then encodes everything again; nothing written here is used)."""
+    chunk, each writing its chunk's bytes of the flat payload and its rows of the next carry
+    (``next_out``, a checked fp32 buffer of the partial's shape, or a new one): ``(flat,
+    next)``, or None where the codec has no such pass for these tensors (the caller's general
+    path then encodes everything again; nothing written here is used)."""
     if partial.dim() != 2 or (carry is not None and carry.shape != partial.shape):
         return None  # (the general path casts or refuses)
     t, e = int(partial.shape[0]), int(partial.shape[1])
@@ -144,7 +149,7 @@ def _encode_chunks_feedback(codec: Codec, partial: torch.Tensor, carry: torch.Te
     if out is not None and (out.dtype != torch.uint8 or out.dim() != 1 or out.numel() != world * nb):
         return None  # (encode_chunks refuses it in one line)
     flat = torch.empty(world * nb, dtype=torch.uint8, device=partial.device) if out is None else out
-    nxt = torch.empty(t, e, dtype=torch.float32, device=partial.device)
+    nxt = torch.empty(t, e, dtype=torch.float32, device=partial.device) if next_out is None else next_out
     for j in range(world):
         lo, hi = min(j * rows, t), min((j + 1) * rows, t)
         x, c, into = partial[lo:hi], None if carry is None else carry[lo:hi], nxt[lo:hi]

@@ -165,7 +165,9 @@ def all_reduce(
         sent = partial
         if feedback is not None:
             sent = compensate(partial, feedback.carry)
-            feedback.next = torch.zeros(partial.shape, dtype=torch.float32, device=partial.device)
+            spare = feedback.next_buffer(partial)
+            feedback.next = (torch.zeros(partial.shape, dtype=torch.float32, device=partial.device) if spare is None
+                             else spare.zero_())
         if world == 1:
             return sent.to(partial.dtype, copy=True) if out is None else out.copy_(sent)
         # into ``out`` where it holds the sent dtype (copy_ of a tensor onto itself does nothing)
@@ -186,9 +188,13 @@ def all_reduce(
     nxt = None
     if feedback is not None:  # one Feedback per row chunk: gather's codecs work row by row
         carries = [None] * len(pieces) if feedback.carry is None else list(feedback.carry.split(rows, dim=0))
-        fbs = [Feedback(carry=c) for c in carries]
-        if len(pieces) > 1:  # each chunk's next carry written into its rows of one (no joining pass)
-            nxt = torch.empty(partial.shape, dtype=torch.float32, device=partial.device)
+        if len(pieces) == 1:
+            fbs = [Feedback(carry=carries[0], spare=feedback.spare)]
+        else:  # each chunk's next carry written into its rows of one (no joining pass)
+            fbs = [Feedback(carry=c) for c in carries]
+            nxt = feedback.next_buffer(partial)
+            if nxt is None:
+                nxt = torch.empty(partial.shape, dtype=torch.float32, device=partial.device)
             kw["next_rows"] = list(nxt.split(rows, dim=0))
     tally = CommStats()  # per chunk; reported to ``stats`` as one call
     stages = _gather_pipelined if algo == "gather" else _two_shot_pipelined

@@ -157,10 +157,25 @@ class Feedback:
     In: ``carry``, the compensation to add to the partial before encoding (``[tokens, E]``
     fp32, or None for none). Out: the collective sets ``next``, this rank's compensation for
     its next all-reduce (fp32, the partial's shape).
+
+    ``spare`` (optional, in): a buffer nobody else reads, which the collective may overwrite
+    with ``next`` where it is a contiguous fp32 tensor of the partial's shape on its device
+    (else it is ignored). :class:`FeedbackChain` hands each call the buffer its previous call
+    consumed, so a forward pass's carries take two buffers instead of one allocation per
+    all-reduce (on a CPU, the page faults of a fresh ``[tokens, E]`` fp32 cost about as much as
+    the carry's own pass).
     """
 
     carry: torch.Tensor | None = None
     next: torch.Tensor | None = None
+    spare: torch.Tensor | None = None
+
+    def next_buffer(self, like: torch.Tensor) -> torch.Tensor | None:
+        """:attr:`spare` where ``next`` for a partial like ``like`` may be written into it, else None."""
+        s = self.spare
+        ok = (s is not None and s.dtype == torch.float32 and s.shape == like.shape and s.device == like.device
+              and s.is_contiguous() and s is not self.carry and s is not like)
+        return s if ok else None
 
 
 @dataclass
@@ -183,6 +198,7 @@ class FeedbackChain:
     _last: str | None = field(default=None, init=False, repr=False)
     _carries: list = field(default_factory=list, init=False, repr=False)
     _shares: list = field(default_factory=list, init=False, repr=False)
+    _spares: list = field(default_factory=list, init=False, repr=False)  # buffers the last call left dead
 
     def __post_init__(self):
         self.order = tuple(self.order)
@@ -207,16 +223,18 @@ class FeedbackChain:
         layer's compensations when ``layer`` follows it in ``order``. With ``post_norm``,
         ``partials`` (this process's ranks' partials, in rank order) give the compensations."""
         carries = self.pending(layer)
-        self._last, self._carries = None, []
+        spares = self._spares if len(self._spares) == self.ranks else [None] * self.ranks
+        self._last, self._carries, self._spares = None, [], []  # (a spare is handed out once)
         pn = self.post_norm
         if pn is None:
-            return [Feedback(carry=c) for c in carries]
+            return [Feedback(carry=c, spare=s) for c, s in zip(carries, spares)]
         if partials is None or len(partials) != self.ranks:
             raise ValueError(f"post-norm error feedback for {layer!r} needs this process's {self.ranks} partial(s)")
         self._shares = carries
         return [Feedback(carry=None if d is None else
-                         postnorm_compensation(d, p, pn.norms[layer], tp=pn.tp, gain_floor=pn.gain_floor, cap=pn.cap))
-                for d, p in zip(carries, partials)]
+                         postnorm_compensation(d, p, pn.norms[layer], tp=pn.tp, gain_floor=pn.gain_floor, cap=pn.cap),
+                         spare=s)
+                for d, p, s in zip(carries, partials, spares)]
 
     def pending(self, layer: str) -> list:
         """What (per rank, None for none) :meth:`start` would take over for ``layer`` now, without
@@ -233,16 +251,16 @@ class FeedbackChain:
         ``post_norm``: the residual-space shares updated with the decoded sum ``output``)."""
         if len(feedback) != self.ranks or any(f.next is None for f in feedback):
             raise ValueError(f"error feedback for {layer!r}: the collective left no compensation for every rank")
-        if self.post_norm is None:
-            self._last, self._carries = layer, [f.next for f in feedback]
+        if self.post_norm is None:  # this call's carries are read no more: the next call may overwrite them
+            self._last, self._carries, self._spares = layer, [f.next for f in feedback], [f.carry for f in feedback]
             return
         if output is None:
             raise ValueError(f"post-norm error feedback for {layer!r} needs the decoded sum")
         norm = self.post_norm.norms[layer]
         self._last, self._carries = layer, [postnorm_share_update(d, f.carry, f.next, output, norm)
                                             for d, f in zip(self._shares, feedback)]
-        self._shares = []
+        self._shares, self._spares = [], [f.next for f in feedback]  # (the update made new tensors)
 
     def reset(self) -> None:
         """Forget the carries (the next call starts without one)."""
-        self._last, self._carries = None, []
+        self._last, self._carries, self._spares = None, [], []

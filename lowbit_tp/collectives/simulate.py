@@ -53,7 +53,8 @@ def simulate_all_reduce(
         if feedback is not None:
             partials = [compensate(p, f.carry) for p, f in zip(partials, feedback)]
             for f in feedback:
-                f.next = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
+                spare = f.next_buffer(x0)
+                f.next = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device) if spare is None else spare.zero_()
         if world == 1:
             return partials[0].to(x0.dtype, copy=True)
         if stats is not None:
