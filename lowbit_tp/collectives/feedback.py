@@ -161,9 +161,10 @@ class Feedback:
     ``spare`` (optional, in): a buffer nobody else reads, which the collective may overwrite
     with ``next`` where it is a contiguous fp32 tensor of the partial's shape on its device
     (else it is ignored). :class:`FeedbackChain` hands each call the buffer its previous call
-    consumed, so a forward pass's carries take two buffers instead of one allocation per
-    all-reduce (on a CPU, the page faults of a fresh ``[tokens, E]`` fp32 cost about as much as
-    the carry's own pass).
+    consumed, within one forward pass, so a pass's carries take two buffers instead of one
+    allocation per all-reduce (on a CPU, the page faults of a fresh ``[tokens, E]`` fp32 cost
+    about a third of feedback's fused encode). Never across passes: a CUDA graph captured after
+    an eager warm-up would keep writing a warm-up buffer the chain has since let go.
     """
 
     carry: torch.Tensor | None = None
@@ -223,7 +224,11 @@ class FeedbackChain:
         layer's compensations when ``layer`` follows it in ``order``. With ``post_norm``,
         ``partials`` (this process's ranks' partials, in rank order) give the compensations."""
         carries = self.pending(layer)
-        spares = self._spares if len(self._spares) == self.ranks else [None] * self.ranks
+        # a spare only within one forward pass, like the carries: a buffer of another pass (say
+        # an eager warm-up's) written in a CUDA graph captured later could be freed while the
+        # graph still writes it
+        follows = self._follows(layer) and len(self._spares) == self.ranks
+        spares = self._spares if follows else [None] * self.ranks
         self._last, self._carries, self._spares = None, [], []  # (a spare is handed out once)
         pn = self.post_norm
         if pn is None:
@@ -242,9 +247,12 @@ class FeedbackChain:
         shares they are computed from."""
         if layer not in self._index:
             raise ValueError(f"error feedback: layer {layer!r} is not in the forward order of this model's plan")
+        return list(self._carries) if self._follows(layer) else [None] * self.ranks
+
+    def _follows(self, layer: str) -> bool:
+        """``layer`` is the next in ``order`` after the last finished call (its carries hold)."""
         i = self._index[layer]
-        follows = i > 0 and self._last == self.order[i - 1] and len(self._carries) == self.ranks
-        return list(self._carries) if follows else [None] * self.ranks
+        return i > 0 and self._last == self.order[i - 1] and len(self._carries) == self.ranks
 
     def finish(self, layer: str, feedback: Sequence[Feedback], output: torch.Tensor | None = None) -> None:
         """Keep the compensations the collective produced for the next layer (with
