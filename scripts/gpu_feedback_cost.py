@@ -1,4 +1,4 @@
-"""Error feedback's cost on one GPU: a rank's codec work per gather all-reduce, with and without it.
+"""Error feedback's cost on one GPU (or one CPU thread): a rank's codec work per all-reduce, with and without it.
 
 Feedback (``lowbit_tp.collectives.feedback``) adds to each rank's encode: the carry added to
 the partial (fp32), a decode of the rank's own payload, and ``sent - decoded`` with non-finite
@@ -18,11 +18,25 @@ change. Per codec, world N and shape, on the device:
   difference of the two encodes; ``feedback_of_codec`` divides it by encode + decode-and-sum,
   the rank's codec time per all-reduce without feedback.
 
+**Two-shot** (the same codec and world): ``two_shot_encode_us`` / ``two_shot_encode_feedback_us``
+(the rank's N row chunks, plain and with the carry: one ``Codec.encode_feedback`` per chunk
+since stop 25), ``two_shot_reduce_us`` / ``two_shot_reduce_feedback_us`` (the owner's chunk:
+the N copies decoded, summed and re-encoded; with feedback also the re-encode's error) and
+``two_shot_decode_us`` (the N reduced chunks). ``two_shot_feedback_of_codec`` divides what
+feedback adds to the first two by the three plain times' sum. ``*_feedback_unfused_us``: the
+general path of the same step (before stop 25: the carry added, encode, decode, difference). ``two_shot_equal``: the identity
+check's payloads and next carry, two-shot, bitwise the reference's.
+
+Every call with feedback gets a ``Feedback.spare`` (as a :class:`FeedbackChain` gives from a
+pass's third all-reduce on), so the next carry is written into an existing buffer.
+
 The partials are fp32 (as gpu_check's); the wire time is not part of this: on a link, the
 all-reduce's time also holds the transfer, which feedback does not change.
 
     PYTHONPATH=. python3 scripts/gpu_feedback_cost.py --out DIR                        # GPU
     PYTHONPATH=. python3 scripts/gpu_feedback_cost.py --device cpu --out /tmp/fb_dry   # dry run, interpreter
+    PYTHONPATH=. python3 scripts/gpu_feedback_cost.py --device cpu --backend cpu --out DIR \
+        --shapes 2048x2048 --worlds 2,4                                                # the CPU kernels, timed
 
 Writes ``DIR/gpu_feedback_cost.json`` and ``.md``.
 """
@@ -31,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -39,14 +54,20 @@ CODECS = ["int4-outlier", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"]
 LAYER = "L"
 COLUMNS = ["codec", "world", "tokens", "hidden", "payload_equal", "next_equal", "fused", "copy_us", "encode_us",
            "encode_feedback_us", "encode_feedback_unfused_us", "decode_sum_us", "feedback_extra_us", "feedback_of_codec", "eager_encode_us",
-           "eager_encode_feedback_us", "eager_decode_sum_us", "eager_feedback_of_codec", "error"]
+           "eager_encode_feedback_us", "eager_decode_sum_us", "eager_feedback_of_codec", "two_shot_equal",
+           "two_shot_encode_us", "two_shot_encode_feedback_us", "two_shot_reduce_us", "two_shot_reduce_feedback_us",
+           "two_shot_decode_us", "two_shot_feedback_of_codec", "two_shot_encode_feedback_unfused_us",
+           "two_shot_reduce_feedback_unfused_us", "error"]
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                    help="cpu = dry run under TRITON_INTERPRET=1 on tiny shapes (checks the script, not speed)")
+                    help="cpu = dry run under TRITON_INTERPRET=1 on tiny shapes (checks the script, not speed), "
+                         "unless --backend cpu")
+    ap.add_argument("--backend", choices=("triton", "cpu"), default="triton",
+                    help="cpu (with --device cpu): time the C++ CPU kernels on one thread, no interpreter")
     ap.add_argument("--shapes", default=None, help="TxE list (default 2048x8192,8192x8192; cpu 3x96)")
     ap.add_argument("--worlds", default="2,8")
     ap.add_argument("--codecs", default=",".join(CODECS))
@@ -58,17 +79,22 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    dry = args.device == "cpu"
+    if args.backend == "cpu" and args.device != "cpu":
+        sys.exit("gpu_feedback_cost: --backend cpu needs --device cpu")
+    dry = args.device == "cpu" and args.backend == "triton"
     if dry:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
     import torch
+
+    if args.backend == "cpu":
+        torch.set_num_threads(1)  # one rank's thread, as the CPU kernels run in bench-e2e
 
     from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
     from lowbit_tp.codecs import make_codec
     from lowbit_tp.collectives.algorithms import gather_encode, gather_encode_feedback
     from lowbit_tp.collectives.feedback import Feedback
 
-    if not dry and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_feedback_cost: no CUDA device (use --device cpu for a dry run under the Triton interpreter)")
     dev = torch.device(args.device)
     shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or ("3x96" if dry else
@@ -106,21 +132,26 @@ def main(argv=None) -> None:
                 try:
                     row.update(measure(torch, make_codec, planted_partials, synthetic_calibration, gather_encode,
                                        gather_encode_feedback, Feedback, name, world, t, e, dev, check_tokens,
-                                       seconds, graph_seconds, same_bits, identity=(t, e) == shapes[0]))
+                                       seconds, graph_seconds, same_bits, identity=(t, e) == shapes[0],
+                                       backend=args.backend))
                 except Exception as exc:  # the other rows stand
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
                 print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    write(rows, Path(args.out), device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (interpreter)",
+    device = (torch.cuda.get_device_name() if dev.type == "cuda" else
+              "cpu (interpreter)" if dry else f"cpu, C++ kernels, one thread ({platform.processor() or platform.machine()})")
+    write(rows, Path(args.out), device=device,
           command=" ".join(["python3", "scripts/gpu_feedback_cost.py", *(argv if argv is not None else sys.argv[1:])]),
           repeats=repeats)
 
 
 def measure(torch, make_codec, planted_partials, synthetic_calibration, gather_encode, gather_encode_feedback,
-            Feedback, name, world, t, e, dev, check_tokens, seconds, graph_seconds, same_bits, *, identity) -> dict:
+            Feedback, name, world, t, e, dev, check_tokens, seconds, graph_seconds, same_bits, *, identity,
+            backend: str = "triton") -> dict:
+    from lowbit_tp.collectives import algorithms as A
     from lowbit_tp.collectives.feedback import compensate, feedback_of
 
     cal = synthetic_calibration([LAYER], world=world, hidden=e, tokens=64, batches=1)
-    fused = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
+    fused = make_codec(name, calibration=cal, nonfinite="propagate", backend=backend)
     row: dict = {}
     if identity:  # a carry from a previous call, then NaN/Inf planted in the partial
         ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
@@ -133,11 +164,17 @@ def measure(torch, make_codec, planted_partials, synthetic_calibration, gather_e
         got = gather_encode_feedback(fused, x.to(dev), fd, layer=LAYER, rank=0)
         row["payload_equal"] = bool(torch.equal(want, got.cpu()))
         row["next_equal"] = same_bits(fr.next, fd.next)
+        fr, fd = Feedback(carry=fr0.next), Feedback(carry=fr0.next.to(dev))  # two-shot's first stage
+        want = A.two_shot_encode_feedback(ref, x, fr, layer=LAYER, rank=0, world=world)
+        got = A.two_shot_encode_feedback(fused, x.to(dev), fd, layer=LAYER, rank=0, world=world)
+        row["two_shot_equal"] = (all(torch.equal(w, g.cpu()) for w, g in zip(want, got))
+                                 and same_bits(fr.next, fd.next))
     xs = [v.to(dev) for v in planted_partials(world, t, e, seed=0, noise_seed=4)]
     payloads = [fused.encode(v, layer=LAYER, source=r) for r, v in enumerate(xs)]
     first = Feedback()
     gather_encode_feedback(fused, xs[-1], first, layer=LAYER, rank=0)  # a realistic carry: a real error
-    fb = Feedback(carry=first.next)
+    spare = torch.empty(t, e, device=dev)  # a chain's steady state: next into a dead buffer
+    fb = Feedback(carry=first.next, spare=spare)
     pbuf, sbuf, dst = torch.empty_like(payloads[0]), torch.empty(t, e, device=dev), torch.empty_like(xs[0])
 
     def enc():
@@ -154,8 +191,44 @@ def measure(torch, make_codec, planted_partials, synthetic_calibration, gather_e
     def dec():
         fused.decode_sum(payloads, (t, e), layer=LAYER, out=sbuf)
 
+    rows = A.chunk_rows(t, world)
+    chunk = (rows, e)
+    flat = torch.empty(world * fused.payload_nbytes(chunk, LAYER), dtype=torch.uint8, device=dev)
+    owner = [A.two_shot_encode(fused, v, layer=LAYER, rank=r, world=world)[0] for r, v in enumerate(xs)]
+    rbuf = torch.empty_like(owner[0])
+    sums = torch.cat([fused.reduce_encode(owner, chunk, layer=LAYER)] * world)
+
+    def ts_enc():
+        A.two_shot_encode(fused, xs[0], layer=LAYER, rank=0, world=world, out=flat)
+
+    def ts_enc_fb():
+        A.two_shot_encode_feedback(fused, xs[0], fb, layer=LAYER, rank=0, world=world, out=flat)
+
+    def ts_enc_fb_unfused():  # the general path: the carry added, the chunks encoded, decoded, the difference
+        sent = compensate(xs[0], fb.carry)
+        got = fused.encode_chunks(A._pad_rows(sent, world), world, layer=LAYER, source=0, out=flat)
+        feedback_of(sent, fused.decode_chunks(got, chunk, world, layer=LAYER, source=0)[:t])
+
+    def ts_red_fb_unfused():  # decode-and-sum, encode, decode, the difference
+        total = fused.decode_sum(owner, chunk, layer=LAYER)
+        feedback_of(total, fused.decode(fused.encode(total, layer=LAYER, source="sum", out=rbuf), chunk, layer=LAYER,
+                                        source="sum"))
+
+    def ts_red():
+        A.two_shot_reduce(fused, owner, chunk, layer=LAYER, out=rbuf)
+
+    def ts_red_fb():
+        A.two_shot_reduce_feedback(fused, owner, chunk, layer=LAYER, out=rbuf)
+
+    def ts_dec():
+        A.two_shot_decode(fused, list(sums.chunk(world)), chunk, t, layer=LAYER, flat=sums)
+
     g = {k: graph_seconds(f) for k, f in (("copy", lambda: dst.copy_(xs[0])), ("enc", enc), ("enc_fb", enc_fb),
-                                            ("enc_fb_unfused", enc_fb_unfused), ("dec", dec))}
+                                            ("enc_fb_unfused", enc_fb_unfused), ("dec", dec), ("ts_enc", ts_enc),
+                                            ("ts_enc_fb", ts_enc_fb), ("ts_red", ts_red), ("ts_red_fb", ts_red_fb),
+                                            ("ts_dec", ts_dec), ("ts_enc_fb_unfused", ts_enc_fb_unfused),
+                                            ("ts_red_fb_unfused", ts_red_fb_unfused))}
+    ts_plain = g["ts_enc"] + g["ts_red"] + g["ts_dec"]
     eager = {k: seconds(f) for k, f in (("enc", enc), ("enc_fb", enc_fb), ("dec", dec))}
     row.update({
         "copy_us": g["copy"] * 1e6, "encode_us": g["enc"] * 1e6, "encode_feedback_us": g["enc_fb"] * 1e6,
@@ -166,6 +239,12 @@ def measure(torch, make_codec, planted_partials, synthetic_calibration, gather_e
         "eager_encode_us": eager["enc"] * 1e6, "eager_encode_feedback_us": eager["enc_fb"] * 1e6,
         "eager_decode_sum_us": eager["dec"] * 1e6,
         "eager_feedback_of_codec": (eager["enc_fb"] - eager["enc"]) / (eager["enc"] + eager["dec"]),
+        "two_shot_encode_us": g["ts_enc"] * 1e6, "two_shot_encode_feedback_us": g["ts_enc_fb"] * 1e6,
+        "two_shot_reduce_us": g["ts_red"] * 1e6, "two_shot_reduce_feedback_us": g["ts_red_fb"] * 1e6,
+        "two_shot_decode_us": g["ts_dec"] * 1e6,
+        "two_shot_encode_feedback_unfused_us": g["ts_enc_fb_unfused"] * 1e6,
+        "two_shot_reduce_feedback_unfused_us": g["ts_red_fb_unfused"] * 1e6,
+        "two_shot_feedback_of_codec": (g["ts_enc_fb"] - g["ts_enc"] + g["ts_red_fb"] - g["ts_red"]) / ts_plain,
     })
     return row
 
@@ -188,8 +267,9 @@ def write(rows, out: Path, *, device: str, command: str, repeats: int) -> None:
             return ""
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 
-    timing = ("DRY RUN under the Triton interpreter: times are meaningless" if device.startswith("cpu") else
-              f"GPU time alone (CUDA graph, 5 calls a replay, median of {repeats}); eager_* per call, host launch "
+    timing = ("DRY RUN under the Triton interpreter: times are meaningless" if device == "cpu (interpreter)" else
+              f"per call, median of {repeats}, one thread (graph columns = eager on a CPU)" if device.startswith("cpu")
+              else f"GPU time alone (CUDA graph, 5 calls a replay, median of {repeats}); eager_* per call, host launch "
               "cost included")
     lines = [f"Device: {device}; {timing}.", f"Command: `{command}`", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]

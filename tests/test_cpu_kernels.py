@@ -542,6 +542,30 @@ def test_two_shot_feedback_fused_matches_the_reference_path(name):
                         assert bits(a.next).equal(bits(b.next)), case
 
 
+def test_feedback_cost_script_times_the_cpu_kernels(tmp_path):
+    """scripts/gpu_feedback_cost.py --device cpu --backend cpu times the C++ kernels (no
+    interpreter) and its identity checks (gather and two-shot with feedback against the
+    reference's payloads and next carries) hold; --backend cpu off a CPU is refused."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu_feedback_cost.py"
+    spec = importlib.util.spec_from_file_location("gpu_feedback_cost", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--device", "cpu", "--backend", "cpu", "--out", str(tmp_path), "--shapes", "5x128", "--check-tokens",
+              "5", "--codecs", "int4-outlier,int4-g32,rot-lm4-g64-lg8-k4", "--worlds", "3", "--repeats", "1"])
+    doc = json.loads((tmp_path / "gpu_feedback_cost.json").read_text())
+    assert doc["device"].startswith("cpu, C++ kernels")
+    for r in doc["rows"]:
+        assert "error" not in r, r
+        assert r["payload_equal"] is r["next_equal"] is r["two_shot_equal"] is r["fused"] is True, r
+        assert r["two_shot_encode_feedback_us"] > 0 and r["encode_feedback_us"] > 0
+    assert "DRY RUN" not in (tmp_path / "gpu_feedback_cost.md").read_text()
+    with pytest.raises(SystemExit, match="needs --device cpu"):
+        mod.main(["--backend", "cpu", "--out", str(tmp_path)])
+
+
 def test_encode_feedback_refuses_a_wrong_carry_in_one_line():
     from lowbit_tp.collectives.algorithms import gather_encode_feedback
     from lowbit_tp.collectives.feedback import Feedback

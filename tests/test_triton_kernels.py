@@ -225,6 +225,8 @@ def test_gpu_feedback_cost_script_dry_run(tmp_path):
         assert r["encode_us"] > 0 and r["decode_sum_us"] > 0 and r["encode_feedback_us"] > 0
         assert r["encode_feedback_unfused_us"] > 0
         assert r["fused"] is (r["codec"] == "int4-outlier")  # the static codecs' fused kernel; none for groups
+        assert r["two_shot_equal"] is True and r["two_shot_encode_feedback_us"] > 0, r
+        assert r["two_shot_reduce_feedback_us"] > 0 and r["two_shot_decode_us"] > 0
     assert "DRY RUN" in (tmp_path / "gpu_feedback_cost.md").read_text()
 
 
