@@ -22,10 +22,11 @@ change. Per codec, world N and shape, on the device:
 (the rank's N row chunks, plain and with the carry: one ``Codec.encode_feedback`` per chunk
 since stop 25), ``two_shot_reduce_us`` / ``two_shot_reduce_feedback_us`` (the owner's chunk:
 the N copies decoded, summed and re-encoded; with feedback also the re-encode's error) and
-``two_shot_decode_us`` (the N reduced chunks). ``two_shot_feedback_of_codec`` divides what
+``two_shot_decode_us`` (the N reduced chunks). ``two_shot_equal``: the first stage's payloads
+and next carry on clean and on planted partials, and an owner's payload and error, bitwise the
+reference's. ``two_shot_feedback_of_codec`` divides what
 feedback adds to the first two by the three plain times' sum. ``*_feedback_unfused_us``: the
-general path of the same step (before stop 25: the carry added, encode, decode, difference). ``two_shot_equal``: the identity
-check's payloads and next carry, two-shot, bitwise the reference's.
+general path of the same step (before stop 25: the carry added, encode, decode, difference).
 
 Every call with feedback gets a ``Feedback.spare`` (as a :class:`FeedbackChain` gives from a
 pass's third all-reduce on), so the next carry is written into an existing buffer.
@@ -164,11 +165,16 @@ def measure(torch, make_codec, planted_partials, synthetic_calibration, gather_e
         got = gather_encode_feedback(fused, x.to(dev), fd, layer=LAYER, rank=0)
         row["payload_equal"] = bool(torch.equal(want, got.cpu()))
         row["next_equal"] = same_bits(fr.next, fd.next)
-        fr, fd = Feedback(carry=fr0.next), Feedback(carry=fr0.next.to(dev))  # two-shot's first stage
-        want = A.two_shot_encode_feedback(ref, x, fr, layer=LAYER, rank=0, world=world)
-        got = A.two_shot_encode_feedback(fused, x.to(dev), fd, layer=LAYER, rank=0, world=world)
-        row["two_shot_equal"] = (all(torch.equal(w, g.cpu()) for w, g in zip(want, got))
-                                 and same_bits(fr.next, fd.next))
+        ok = True  # two-shot's first stage on clean and on planted partials, then an owner's stage
+        for xx in (prev, x):  # (NaN/Inf hand the static codecs' CPU kernel to the general path)
+            fr, fd = Feedback(carry=fr0.next), Feedback(carry=fr0.next.to(dev))
+            want = A.two_shot_encode_feedback(ref, xx, fr, layer=LAYER, rank=0, world=world)
+            got = A.two_shot_encode_feedback(fused, xx.to(dev), fd, layer=LAYER, rank=0, world=world)
+            ok = ok and all(torch.equal(w, g.cpu()) for w, g in zip(want, got)) and same_bits(fr.next, fd.next)
+        chunk = (A.chunk_rows(check_tokens, world), e)
+        want = A.two_shot_reduce_feedback(ref, want, chunk, layer=LAYER)
+        got = A.two_shot_reduce_feedback(fused, [g for g in got], chunk, layer=LAYER)
+        row["two_shot_equal"] = bool(ok and torch.equal(want[0], got[0].cpu()) and same_bits(want[1], got[1]))
     xs = [v.to(dev) for v in planted_partials(world, t, e, seed=0, noise_seed=4)]
     payloads = [fused.encode(v, layer=LAYER, source=r) for r, v in enumerate(xs)]
     first = Feedback()

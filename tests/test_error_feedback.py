@@ -236,6 +236,13 @@ def _rank_chain(rank, world):
         y = all_reduce(_partials(world, 0)[rank], make_codec(name, calibration=cal), algorithm="gather",
                        policy=AutoPolicy(chunk_bytes=2 * 2 * 192), feedback=fb, layer=LAYERS[0])
         out["pipelined", name] = (y, fb.next.clone(), fb.next is spare)
+    # a spare that is the carry's memory under another tensor object: left alone (whole message)
+    c = torch.randn(7, 192, generator=torch.Generator().manual_seed(rank))
+    keep = c.clone()
+    fb = Feedback(carry=c, spare=c[:])
+    y = all_reduce(_partials(world, 0)[rank], make_codec("int4-outlier", calibration=cal), algorithm="gather",
+                   feedback=fb, layer=LAYERS[0])
+    out["alias"] = (y, fb.next, torch.equal(c, keep))
     codec = make_codec("int4-g32")
     try:
         all_reduce(_partials(world, 0)[rank], codec, algorithm="two-shot", policy=AutoPolicy(chunk_bytes=2 * 2 * 192),
@@ -293,6 +300,12 @@ def test_runtime_chain_is_bitwise_the_simulated_chain(world):
         for r in range(world):
             y, nxt, into_spare = results[r]["pipelined", name]
             assert torch.equal(y, ref) and torch.equal(nxt, fbs[r].next) and into_spare, (name, r)
+    ref_codec = make_codec("int4-outlier", calibration=cal)
+    fbs = [Feedback(carry=torch.randn(7, 192, generator=torch.Generator().manual_seed(r))) for r in range(world)]
+    ref = simulate_all_reduce(_partials(world, 0), ref_codec, "gather", feedback=fbs, layer=LAYERS[0])
+    for r in range(world):
+        y, nxt, carry_kept = results[r]["alias"]
+        assert torch.equal(y, ref) and torch.equal(nxt, fbs[r].next) and carry_kept, r
     for r in range(world):
         assert "pipelined chunks" in results[r]["refused"], results[r]["refused"]
         assert len(results[r]["bad carry"]) == 8 and all(
@@ -354,7 +367,7 @@ def test_spare_is_written_over_where_it_fits_and_ignored_elsewhere():
                 assert f.next is sp and torch.equal(f.next.view(torch.int32), g.next.view(torch.int32)), (name, algo)
             for bad in (torch.full((6, 192), 5.0), torch.full((7, 192), 5.0, dtype=torch.float64), "carry"):
                 c = carries[0].clone()
-                f = Feedback(carry=c, spare=c if isinstance(bad, str) else bad)
+                f = Feedback(carry=c, spare=c[:] if isinstance(bad, str) else bad)  # (a view: the same memory)
                 simulate_all_reduce(parts, codec, algo, layer=LAYERS[1],
                                     feedback=[f] + [Feedback(carry=x) for x in carries[1:]])
                 assert f.next is not f.spare and torch.equal(f.next, fresh[0].next), (name, algo)

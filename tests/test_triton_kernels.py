@@ -216,15 +216,16 @@ def test_gpu_feedback_cost_script_dry_run(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     mod.main(["--device", "cpu", "--out", str(tmp_path), "--shapes", "3x130", "--check-tokens", "4",
-              "--codecs", "int4-outlier,int4-g32", "--worlds", "3"])
+              "--codecs", "int4-outlier,int4-g32,rot-lm4-g64-lg8-k4", "--worlds", "3"])
     rows = json.loads((tmp_path / "gpu_feedback_cost.json").read_text())["rows"]
-    assert [(r["codec"], r["world"]) for r in rows] == [("int4-outlier", 3), ("int4-g32", 3)]
+    assert [(r["codec"], r["world"]) for r in rows] == [("int4-outlier", 3), ("int4-g32", 3),
+                                                         ("rot-lm4-g64-lg8-k4", 3)]
     for r in rows:
         assert "error" not in r, r
         assert r["payload_equal"] is True and r["next_equal"] is True, r
         assert r["encode_us"] > 0 and r["decode_sum_us"] > 0 and r["encode_feedback_us"] > 0
         assert r["encode_feedback_unfused_us"] > 0
-        assert r["fused"] is (r["codec"] == "int4-outlier")  # the static codecs' fused kernel; none for groups
+        assert r["fused"] is (r["codec"] != "int4-g32")  # static: one kernel; rot-*: encode, decode-minus
         assert r["two_shot_equal"] is True and r["two_shot_encode_feedback_us"] > 0, r
         assert r["two_shot_reduce_feedback_us"] > 0 and r["two_shot_decode_us"] > 0
     assert "DRY RUN" in (tmp_path / "gpu_feedback_cost.md").read_text()
@@ -744,6 +745,44 @@ def test_row_mode_chunks_and_reduce_encode_bitwise(name, monkeypatch):
     want = ref.encode(ref.decode_sum(pay, (tokens, hidden), layer=LAYER), layer=LAYER, source=0)
     got = tri.reduce_encode(pay, (tokens, hidden), layer=LAYER, out_source=0)
     assert torch.equal(got, want)
+
+
+TWO_SHOT_FEEDBACK_FUSED = {"int4-outlier", "rot-lm4-g64-lg8-k4"}
+
+
+@pytest.mark.parametrize("name", ["int4-outlier", "rot-lm4-g64-lg8-k4", "int4-g32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_shot_feedback_chain_on_triton_is_bitwise_the_reference(name, dtype):
+    """Two-shot with error feedback on the Triton backend, both stages (one encode_feedback per
+    row chunk into the flat payload and the next carry's rows; the owner's re-encode of its sum
+    with its error) and the chain's reused carry buffers: over three layers of a chain, the sums
+    and every rank's next carry are bitwise the reference codec's (general path, fresh buffers),
+    with padding rows (5 tokens at world 3: a chunk part real, part padding) and NaN/Inf in one layer's partials."""
+    from lowbit_tp.collectives import simulate_all_reduce
+    from lowbit_tp.collectives.feedback import Feedback, FeedbackChain
+
+    hidden = 128
+    cal = synthetic_calibration(["a", "b", "c"], world=WORLD, hidden=hidden, tokens=64, batches=1)
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+    tri = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
+    chain = FeedbackChain(("a", "b", "c"), ranks=WORLD)
+    carries = [None] * WORLD
+    for i, layer in enumerate(("a", "b", "c")):
+        xs = [x.to(dtype) for x in partials(5, hidden, seed=i, special=i == 1)]
+        if i == 0 and name in TWO_SHOT_FEEDBACK_FUSED:  # both stages' one-pass paths are taken here
+            from lowbit_tp.collectives import algorithms as A
+            assert A._encode_chunks_feedback(tri, xs[0], torch.ones(5, hidden), layer=layer, rank=0, world=WORLD,
+                                             out=None) is not None
+            assert tri.encode_feedback(torch.ones(2, hidden), None, layer=layer, source="sum") is not None
+        fbs = chain.start(layer, xs)
+        want_fb = [Feedback(carry=c) for c in carries]
+        want = simulate_all_reduce(xs, ref, "two-shot", layer=layer, feedback=want_fb)
+        got = simulate_all_reduce(xs, tri, "two-shot", layer=layer, feedback=fbs)
+        assert same_bits(got.float(), want.float()), (name, layer)
+        for f, w in zip(fbs, want_fb):
+            assert same_bits(f.next, w.next), (name, layer)
+        chain.finish(layer, fbs, got)
+        carries = [w.next for w in want_fb]
 
 
 @pytest.mark.parametrize("name", ["rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"])

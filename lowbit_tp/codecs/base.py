@@ -213,16 +213,18 @@ class Codec(ABC):
         decode, +0.0 where not finite (what ``collectives.feedback.feedback_of`` computes).
         None where there is no such kernel: the caller then encodes and decodes, which gives the
         same bytes and bits. ``out`` as in :meth:`encode`; ``next_out``: a contiguous fp32 buffer of
-        ``x``'s shape on its device to write the next carry into (returned as ``next``).
+        ``x``'s shape on its device to write the next carry into (returned as ``next``). ``out``
+        and ``next_out`` may be partly written even where this returns None (a kernel that met a
+        non-finite value hands over to the general path, which writes them again).
 
         Here: codecs whose kernels can decode straight into the difference on this backend
         (:attr:`decode_error_backends`, :meth:`_decode_error`) encode, then decode and difference
         in one pass; the static codecs override this with encoders that do it all in one pass.
         """
+        self._check_next_out(x, next_out)
         if (self._feedback_backend(x, carry) not in self.decode_error_backends
                 or type(self).encode is not Codec.encode or type(self).decode is not Codec.decode):
             return None  # (a subclass that transforms in encode/decode: _decode_error would bypass it)
-        self._check_next_out(x, next_out)
         sent = x if carry is None else x.float() + carry  # collectives.feedback.compensate's arithmetic
         payload = self.encode(sent, layer=layer, source=source, out=out)
         shape = tuple(sent.shape)
@@ -230,7 +232,7 @@ class Codec(ABC):
                                            out=next_out)
 
     def _check_next_out(self, x: torch.Tensor, next_out: torch.Tensor | None) -> None:
-        if next_out is not None:
+        if next_out is not None and isinstance(x, torch.Tensor):
             _check_buffer(next_out, torch.float32, tuple(x.shape), x.device, f"{self.name}: encode_feedback next_out=")
 
     def _feedback_backend(self, x, carry) -> str | None:

@@ -245,6 +245,7 @@ class _StaticIntCodec(Codec):
     def encode_feedback(self, x, carry, *, layer=None, source=0, out=None, next_out=None):
         """The Triton and CPU encoders with error feedback fused in (:meth:`Codec.encode_feedback`):
         one read of the partial and the carry, one write of the payload and of the next carry."""
+        self._check_next_out(x, next_out)
         backend = self._feedback_backend(x, carry)
         if backend not in ("triton", "cpu") or (carry is not None and not carry.is_contiguous()):
             return None
@@ -252,7 +253,6 @@ class _StaticIntCodec(Codec):
         nbytes = self.payload_nbytes(tuple(x.shape), layer)
         if out is not None:
             _check_buffer(out, torch.uint8, (nbytes,), x.device, f"{self.name}: encode_feedback out=")
-        self._check_next_out(x, next_out)
         p = self.params(layer, source, x.shape[1], x.device)
         K = _triton_kernels() if backend == "triton" else None
         if K is not None and not K.feedback_fits(x.shape[1], p.outliers.numel(), self.bits, out):

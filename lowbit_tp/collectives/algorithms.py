@@ -71,16 +71,15 @@ def gather_encode_feedback(codec: Codec, partial: torch.Tensor, feedback: Feedba
     payload lost (this rank decodes its own payload; see :mod:`~lowbit_tp.collectives.feedback`),
     written into ``next_out`` when given (a contiguous fp32 buffer of the partial's shape: a
     pipelined message's rows of one next carry), else into ``feedback.spare`` where it fits."""
-    if next_out is None:
-        next_out = feedback.next_buffer(partial)
-    fused = codec.encode_feedback(partial, feedback.carry, layer=layer, source=rank, out=out, next_out=next_out)
+    into = feedback.next_buffer(partial) if next_out is None else next_out
+    fused = codec.encode_feedback(partial, feedback.carry, layer=layer, source=rank, out=out, next_out=into)
     if fused is not None:  # one kernel pass (Codec.encode_feedback): the same bytes and bits
         payload, feedback.next = fused
         return payload
     sent = compensate(partial, feedback.carry)
     payload = codec.encode(sent, layer=layer, source=rank, out=out)
     nxt = feedback_of(sent, codec.decode(payload, tuple(sent.shape), layer=layer, source=rank))
-    feedback.next = nxt if next_out is None else next_out.copy_(nxt)
+    feedback.next = nxt if next_out is None else next_out.copy_(nxt)  # (a spare need not hold it)
     return payload
 
 

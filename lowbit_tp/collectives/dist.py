@@ -187,10 +187,10 @@ def all_reduce(
     kw = {"out": out} if algo == "gather" else {}
     nxt = None
     if feedback is not None:  # one Feedback per row chunk: gather's codecs work row by row
-        carries = [None] * len(pieces) if feedback.carry is None else list(feedback.carry.split(rows, dim=0))
         if len(pieces) == 1:
-            fbs = [Feedback(carry=carries[0], spare=feedback.spare)]
+            fbs = [feedback]
         else:  # each chunk's next carry written into its rows of one (no joining pass)
+            carries = [None] * len(pieces) if feedback.carry is None else list(feedback.carry.split(rows, dim=0))
             fbs = [Feedback(carry=c) for c in carries]
             nxt = feedback.next_buffer(partial)
             if nxt is None:

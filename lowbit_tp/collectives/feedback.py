@@ -160,7 +160,8 @@ class Feedback:
 
     ``spare`` (optional, in): a buffer nobody else reads, which the collective may overwrite
     with ``next`` where it is a contiguous fp32 tensor of the partial's shape on its device
-    (else it is ignored). :class:`FeedbackChain` hands each call the buffer its previous call
+    (else it is ignored; it may be partly written even then, or when a fused path declines and
+    the general path runs). :class:`FeedbackChain` hands each call the buffer its previous call
     consumed, within one forward pass, so a pass's carries take two buffers instead of one
     allocation per all-reduce (on a CPU, the page faults of a fresh ``[tokens, E]`` fp32 cost
     about a third of feedback's fused encode). Never across passes: a CUDA graph captured after
@@ -172,11 +173,26 @@ class Feedback:
     spare: torch.Tensor | None = None
 
     def next_buffer(self, like: torch.Tensor) -> torch.Tensor | None:
-        """:attr:`spare` where ``next`` for a partial like ``like`` may be written into it, else None."""
+        """:attr:`spare` where ``next`` for a partial like ``like`` may be written into it, else
+        None: it must be a contiguous fp32 tensor of ``like``'s shape and device whose memory
+        overlaps neither the carry nor ``like``."""
         s = self.spare
         ok = (s is not None and s.dtype == torch.float32 and s.shape == like.shape and s.device == like.device
-              and s.is_contiguous() and s is not self.carry and s is not like)
+              and s.is_contiguous() and not _overlaps(s, self.carry) and not _overlaps(s, like))
         return s if ok else None
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """Whether the memory ``a`` spans and the memory ``b`` spans (strided) intersect."""
+    if b is None or a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+
+    def span(t):
+        lo = t.data_ptr()
+        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
+        return lo, lo + (last + 1) * t.element_size()
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 @dataclass
@@ -188,6 +204,10 @@ class FeedbackChain:
     for ``order[i]`` gets the carries left by ``order[i-1]``; any other call (the first layer,
     so each new forward pass, prefill or decode step, whatever its token count) starts
     without one. ``ranks``: all N in a simulation, 1 on a rank of a real TP group.
+
+    The chain owns the carries: after :meth:`finish`, the buffers a call consumed are written
+    over by the next call (:attr:`Feedback.spare`), so a carry (or what :meth:`pending`
+    returns) is valid until the next all-reduce of the pass starts; copy it to keep it.
     ``post_norm``: the carries are residual-space shares mapped through each layer's norm
     (module doc); then :meth:`start` needs the partials and :meth:`finish` the decoded sum.
     """
