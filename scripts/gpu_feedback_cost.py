@@ -257,9 +257,9 @@ def measure(torch, make_codec, planted_partials, synthetic_calibration, gather_e
 
 def codec_fused(codec, x, carry) -> bool:
     """Whether ``gather_encode_feedback`` takes the codec's one-pass path here (``Codec.encode_feedback``):
-    one fused kernel for the static codecs; for ``rot-*`` (since after run 3) the encode, then a
-    decode written as the difference (two kernels), so their ``fused`` rows of later runs differ
-    from run 3's."""
+    one fused kernel for the static codecs; for ``rot-*`` (since after run 3) and the group codecs
+    and ``mxfp4`` (since stop 25) the encode, then a decode written as the difference (two
+    kernels), so their ``fused`` rows of later runs differ from stop 24's."""
     return codec.encode_feedback(x, carry, layer=LAYER, source=0) is not None
 
 

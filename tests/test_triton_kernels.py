@@ -225,7 +225,7 @@ def test_gpu_feedback_cost_script_dry_run(tmp_path):
         assert r["payload_equal"] is True and r["next_equal"] is True, r
         assert r["encode_us"] > 0 and r["decode_sum_us"] > 0 and r["encode_feedback_us"] > 0
         assert r["encode_feedback_unfused_us"] > 0
-        assert r["fused"] is (r["codec"] != "int4-g32")  # static: one kernel; rot-*: encode, decode-minus
+        assert r["fused"] is True  # int4-outlier: one fused encoder; int4-g32, rot-*: encode, then the MINUS decode
         assert r["two_shot_equal"] is True and r["two_shot_encode_feedback_us"] > 0, r
         assert r["two_shot_reduce_feedback_us"] > 0 and r["two_shot_decode_us"] > 0
     assert "DRY RUN" in (tmp_path / "gpu_feedback_cost.md").read_text()
@@ -813,3 +813,51 @@ def test_rot_encode_feedback_decodes_into_the_difference(name, tokens, hidden, w
     nxt = torch.full((tokens, hidden), 7.0)  # the next carry into a caller's buffer (two-shot's rows)
     again = tri.encode_feedback(x, carry, layer=LAYER, source=2, next_out=nxt)
     assert again[1] is nxt and same_bits(nxt, want.next) and torch.equal(again[0], w)
+
+
+@pytest.mark.parametrize("name", ["int4-g32", "int4-g128", "mxfp4"])
+@pytest.mark.parametrize("tokens,hidden", [(5, 100), (3, 37), (1, 64)])  # E=37: reference encode, flat decode
+@pytest.mark.parametrize("with_carry", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_encode_feedback_decodes_into_the_difference(name, tokens, hidden, with_carry, dtype, monkeypatch):
+    """Group and mxfp4 error feedback on the Triton backend: the encode, then the decode kernel
+    writing sent - decode (MINUS), +0.0 where not finite, in the same pass. Payload and next carry
+    bitwise the reference's gather_encode_feedback (compensate, encode, decode, feedback_of), with
+    NaN/Inf, an all-zero token and -0.0 in the partial and NaN/Inf in the carry. The fused path
+    must be the one taken: the codec's own decode (the general path's) is made to fail, and the
+    decode kernel is launched once, with the sent values to subtract from."""
+    from lowbit_tp.collectives.algorithms import gather_encode_feedback
+    from lowbit_tp.collectives.feedback import Feedback
+    from lowbit_tp.kernels import triton_group
+
+    ref = make_codec(name, nonfinite="propagate", backend="reference")
+    tri = make_codec(name, nonfinite="propagate", backend="triton")
+    x = partials(tokens, hidden, seed=tokens + hidden, special=tokens > 1)[2]  # NaN and +Inf at 3+ tokens
+    x[tokens - 1] = 0.0  # an all-zero token
+    x[0, 1] = -0.0
+    x[0, hidden - 1] = float("-inf")
+    x = x.to(dtype)
+    g = torch.Generator().manual_seed(hidden)
+    carry = None
+    if with_carry:
+        carry = torch.randn(tokens, hidden, generator=g) * 0.1
+        carry[0, 2] = float("nan")
+        carry[tokens - 1, 0] = float("inf")
+    want = Feedback(carry=carry)
+    w = gather_encode_feedback(ref, x, want, layer=LAYER, rank=2)
+
+    launches = []
+    kernel = "mx_decode_sum" if name == "mxfp4" else "decode_sum"
+    orig = getattr(triton_group, kernel)
+    monkeypatch.setattr(triton_group, kernel, lambda *a, **k: launches.append(k.get("minus")) or orig(*a, **k))
+
+    def general_path(*a, **k):
+        raise AssertionError("encode_feedback took the general path (codec.decode)")
+
+    monkeypatch.setattr(tri, "decode", general_path)
+    got_fb = Feedback(carry=carry)
+    got = gather_encode_feedback(tri, x, got_fb, layer=LAYER, rank=2)
+    assert torch.equal(got, w)
+    assert same_bits(got_fb.next, want.next) and not torch.isnan(got_fb.next).any()
+    assert bool((got_fb.next == 0).any())
+    assert len(launches) == 1 and launches[0] is not None and launches[0].shape == x.shape

@@ -246,7 +246,7 @@ class Codec(ABC):
             return None
         return self.kernel_backend(x.device)
 
-    # the kernel backends on which _decode_error exists (CPU: group and rot-* codecs; Triton: rot-*)
+    # the kernel backends on which _decode_error exists (CPU: int4-g* and rot-*; Triton: those and mxfp4)
     decode_error_backends: tuple[str, ...] = ()
 
     def _decode_error(self, payload: torch.Tensor, shape: tuple[int, int], sent: torch.Tensor,

@@ -130,9 +130,14 @@ class GroupInt4Codec(Codec):
             return K.decode_sum([p.contiguous() for p in payloads], out, group=self.group)
         return super()._decode_sum(payloads, shape, params, out)
 
-    decode_error_backends = ("cpu",)
+    decode_error_backends = ("cpu", "triton")
 
     def _decode_error(self, payload, shape, sent, params, out=None):
+        if self.kernel_backend(payload.device) == "triton":  # the decode kernel's MINUS epilogue
+            K = _triton_kernels()
+            if out is None:
+                out = torch.empty(shape, dtype=torch.float32, device=payload.device)
+            return K.decode_sum([payload.contiguous()], out, group=self.group, minus=sent.contiguous())
         from lowbit_tp.kernels import cpu
 
         return cpu.group_decode_error(payload, shape, sent, group=self.group, out=out)
@@ -199,6 +204,14 @@ class MXFP4Codec(Codec):
         if out is None:
             out = torch.empty(shape, dtype=torch.float32, device=payloads[0].device)
         return K.mx_decode_sum([p.contiguous() for p in payloads], out)
+
+    decode_error_backends = ("triton",)  # (no CPU kernel: the CPU backend decodes mxfp4 with the reference)
+
+    def _decode_error(self, payload, shape, sent, params, out=None):
+        K = _triton_kernels()  # the decode kernel's MINUS epilogue
+        if out is None:
+            out = torch.empty(shape, dtype=torch.float32, device=payload.device)
+        return K.mx_decode_sum([payload.contiguous()], out, minus=sent.contiguous())
 
     def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None):
         def kernel(parts, out, t, e, flags):  # no range limit: only the NaN flag

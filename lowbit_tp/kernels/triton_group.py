@@ -79,24 +79,40 @@ def _tile_sum(payloads, t, g, bi, mt, m, EH, G, NQ, N: tl.constexpr, GROUP: tl.c
 
 
 @triton.jit
-def _store_pairs(out_ptr, t, g, mt, E, lo, hi, BT: tl.constexpr, NGT: tl.constexpr, GROUP: tl.constexpr):
-    """Store even/odd column tiles ``[BT, NGT, H]`` interleaved as fp32 rows of ``out [T, E]``."""
+def _minus(v, minus_ptr, o, m):
+    """Error feedback's epilogue: ``minus[o] - v`` in fp32 (``minus`` any float dtype, widened
+    exactly), +0.0 where not finite: ``collectives.feedback.feedback_of(minus, v)``."""
+    diff = tl.load(minus_ptr + o, mask=m, other=0.0).to(tl.float32) - v
+    return tl.where(is_finite(diff), diff, 0.0)
+
+
+@triton.jit
+def _store_pairs(out_ptr, t, g, mt, E, lo, hi, BT: tl.constexpr, NGT: tl.constexpr, GROUP: tl.constexpr,
+                 minus_ptr=0, MINUS: tl.constexpr = False):
+    """Store even/odd column tiles ``[BT, NGT, H]`` interleaved as fp32 rows of ``out [T, E]``;
+    ``MINUS``: ``minus - value`` instead (:func:`_minus`, ``minus [T, E]``)."""
     v = tl.reshape(tl.join(lo, hi), [BT, NGT * GROUP])
     c = tl.program_id(1) * (NGT * GROUP) + tl.arange(0, NGT * GROUP)
-    tl.store(out_ptr + t[:, None] * E + c[None, :], v, mask=mt[:, None] & (c < E)[None, :])
+    o = t[:, None] * E + c[None, :]
+    m = mt[:, None] & (c < E)[None, :]
+    if MINUS:
+        v = _minus(v, minus_ptr, o, m)
+    tl.store(out_ptr + o, v, mask=m)
 
 
 @triton.jit
 def group_decode_sum_tile_kernel(payloads, out_ptr, T, E, EH, G, NQ, N: tl.constexpr, GROUP: tl.constexpr,
-                                 BT: tl.constexpr, NGT: tl.constexpr, PS=0, OS=0, CHUNKED: tl.constexpr = False):
+                                 BT: tl.constexpr, NGT: tl.constexpr, PS=0, OS=0, CHUNKED: tl.constexpr = False,
+                                 minus_ptr=0, MINUS: tl.constexpr = False):
     """``out = sum_r decode(payloads[r])`` in fp32, rank order, for an even E: each payload byte
     is loaded once and split into its two codes, each scale once per tile row. ``CHUNKED``
     (``N == 1``): grid axis 2 is a two-shot chunk, its payload at ``+ PS`` bytes and its
-    ``[T, E]`` rows of ``out`` at ``+ OS`` values per chunk (:func:`chunk_bases`)."""
+    ``[T, E]`` rows of ``out`` at ``+ OS`` values per chunk (:func:`chunk_bases`). ``MINUS``
+    (error feedback, one message): ``out = minus - sum``, +0.0 where not finite."""
     payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
     t, g, bi, mt, m = _tile_index(T, EH, BT, NGT, GROUP)
     lo, hi = _tile_sum(payloads, t, g, bi, mt, m, EH, G, NQ, N, GROUP)
-    _store_pairs(out_ptr, t, g, mt, E, lo, hi, BT, NGT, GROUP)
+    _store_pairs(out_ptr, t, g, mt, E, lo, hi, BT, NGT, GROUP, minus_ptr, MINUS)
 
 
 @triton.jit
@@ -278,11 +294,15 @@ def _sum_at(payloads, t, e, m, T, E, G, NQ, N: tl.constexpr, GROUP: tl.constexpr
 
 @triton.jit
 def group_decode_sum_kernel(payloads, out_ptr, T, E, G, NQ, N: tl.constexpr, GROUP: tl.constexpr,
-                            BLOCK: tl.constexpr):
-    """``out = sum_r decode(payloads[r])`` in fp32, rank order; flat over ``T*E`` (any E)."""
+                            BLOCK: tl.constexpr, minus_ptr=0, MINUS: tl.constexpr = False):
+    """``out = sum_r decode(payloads[r])`` in fp32, rank order; flat over ``T*E`` (any E);
+    ``MINUS`` as :func:`group_decode_sum_tile_kernel`'s."""
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = o < T * E
-    tl.store(out_ptr + o, _sum_at(payloads, o // E, o % E, m, T, E, G, NQ, N, GROUP), mask=m)
+    v = _sum_at(payloads, o // E, o % E, m, T, E, G, NQ, N, GROUP)
+    if MINUS:
+        v = _minus(v, minus_ptr, o, m)
+    tl.store(out_ptr + o, v, mask=m)
 
 
 # ---------------------------------------------------------------- launchers (no codec logic)
@@ -398,20 +418,36 @@ def decode_chunks(payload, out, *, chunks: int, group: int):
     return _launch_decode_chunks(group_decode_sum_tile_kernel, payload, out, chunks, group, GROUP=group)
 
 
-def decode_sum(payloads, out, *, group: int):
-    """Fill ``out [T, E]`` fp32 with the rank-ordered sum of the decoded ``payloads`` (tiled for even E)."""
+def _minus_args(payloads, out, minus) -> dict:
+    """The decode kernels' ``MINUS`` arguments: none without ``minus``; else ``minus`` must be one
+    message's contiguous float ``[T, E]`` (the kernel reads it at the output's offsets)."""
+    if minus is None:
+        return {}
+    assert (len(payloads) == 1 and minus.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and minus.is_contiguous() and minus.shape == out.shape and minus.device == out.device), \
+        "minus: one message's contiguous float [T, E] sent values"
+    return {"minus_ptr": minus, "MINUS": True}
+
+
+def decode_sum(payloads, out, *, group: int, minus=None):
+    """Fill ``out [T, E]`` fp32 with the rank-ordered sum of the decoded ``payloads`` (tiled for even E).
+
+    ``minus`` (one payload; float ``[T, E]``, the sent values): ``out`` gets ``minus - decode``
+    instead, in fp32, +0.0 where not finite (error feedback's next carry, one pass)."""
     t, e = out.shape
+    extra = _minus_args(payloads, out, minus)
     if t * e == 0:
         return out
     g, nq = triton.cdiv(e, group), (t * e + 1) // 2
     if e % 2 == 0:
         grid, rows, ngt, warps = _tile_grid(t, e, group)
         group_decode_sum_tile_kernel[grid](tuple(payloads), out, t, e, e // 2, g, nq, N=len(payloads), GROUP=group,
-                                           BT=rows, NGT=ngt, num_warps=warps, **FP_OPTIONS)
+                                           BT=rows, NGT=ngt, num_warps=warps, **extra, **FP_OPTIONS)
         return out
     block = 1024 if t * e >= 1 << 16 else 256
     group_decode_sum_kernel[(triton.cdiv(t * e, block),)](tuple(payloads), out, t, e, g, nq, N=len(payloads),
-                                                          GROUP=group, BLOCK=block, num_warps=4, **FP_OPTIONS)
+                                                          GROUP=group, BLOCK=block, num_warps=4, **extra,
+                                                          **FP_OPTIONS)
     return out
 
 
@@ -575,21 +611,27 @@ def _mx_fast(xl, xh, BT: tl.constexpr, NGT: tl.constexpr):
 
 @triton.jit
 def mx_decode_sum_tile_kernel(payloads, out_ptr, T, E, EH, G, NQ, N: tl.constexpr, BT: tl.constexpr,
-                              NGT: tl.constexpr, PS=0, OS=0, CHUNKED: tl.constexpr = False):
+                              NGT: tl.constexpr, PS=0, OS=0, CHUNKED: tl.constexpr = False, minus_ptr=0,
+                              MINUS: tl.constexpr = False):
     """``out = sum_r decode(payloads[r])`` of mxfp4 payloads in fp32, rank order, for an even E;
-    ``CHUNKED`` as :func:`group_decode_sum_tile_kernel`'s."""
+    ``CHUNKED`` and ``MINUS`` as :func:`group_decode_sum_tile_kernel`'s."""
     payloads, out_ptr = chunk_bases(payloads, out_ptr, PS, OS, CHUNKED)
     t, g, bi, mt, m = _tile_index(T, EH, BT, NGT, 32)
     lo, hi = _mx_tile_sum(payloads, t, g, bi, mt, m, EH, G, NQ, N)
-    _store_pairs(out_ptr, t, g, mt, E, lo, hi, BT, NGT, 32)
+    _store_pairs(out_ptr, t, g, mt, E, lo, hi, BT, NGT, 32, minus_ptr, MINUS)
 
 
 @triton.jit
-def mx_decode_sum_kernel(payloads, out_ptr, T, E, G, NQ, N: tl.constexpr, BLOCK: tl.constexpr):
-    """``out = sum_r decode(payloads[r])`` of mxfp4 payloads in fp32, rank order; any E."""
+def mx_decode_sum_kernel(payloads, out_ptr, T, E, G, NQ, N: tl.constexpr, BLOCK: tl.constexpr, minus_ptr=0,
+                         MINUS: tl.constexpr = False):
+    """``out = sum_r decode(payloads[r])`` of mxfp4 payloads in fp32, rank order; any E; ``MINUS``
+    as :func:`group_decode_sum_tile_kernel`'s."""
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = o < T * E
-    tl.store(out_ptr + o, _mx_sum_at(payloads, o // E, o % E, m, E, G, NQ, N), mask=m)
+    v = _mx_sum_at(payloads, o // E, o % E, m, E, G, NQ, N)
+    if MINUS:
+        v = _minus(v, minus_ptr, o, m)
+    tl.store(out_ptr + o, v, mask=m)
 
 
 def _mx_launch(src, n_src, out, t, e, flag, chunks=1, variant=None):
@@ -625,18 +667,20 @@ def mx_reduce_encode(payloads, out, *, t: int, e: int, flag=None, variant=None):
     return _mx_launch(list(payloads), len(payloads), out, t, e, flag, variant=variant)
 
 
-def mx_decode_sum(payloads, out):
-    """Fill ``out [T, E]`` fp32 with the rank-ordered sum of the decoded mxfp4 ``payloads`` (tiled for even E)."""
+def mx_decode_sum(payloads, out, *, minus=None):
+    """Fill ``out [T, E]`` fp32 with the rank-ordered sum of the decoded mxfp4 ``payloads`` (tiled for
+    even E); ``minus`` as :func:`decode_sum`'s."""
     t, e = out.shape
+    extra = _minus_args(payloads, out, minus)
     if t * e == 0:
         return out
     g, nq = triton.cdiv(e, 32), (t * e + 1) // 2
     if e % 2 == 0:
         grid, rows, ngt, warps = _tile_grid(t, e, 32)
         mx_decode_sum_tile_kernel[grid](tuple(payloads), out, t, e, e // 2, g, nq, N=len(payloads), BT=rows,
-                                        NGT=ngt, num_warps=warps, **FP_OPTIONS)
+                                        NGT=ngt, num_warps=warps, **extra, **FP_OPTIONS)
         return out
     block = 1024 if t * e >= 1 << 16 else 256
     mx_decode_sum_kernel[(triton.cdiv(t * e, block),)](tuple(payloads), out, t, e, g, nq, N=len(payloads),
-                                                       BLOCK=block, num_warps=4, **FP_OPTIONS)
+                                                       BLOCK=block, num_warps=4, **extra, **FP_OPTIONS)
     return out
