@@ -130,6 +130,61 @@ def test_decode_chunks_is_the_cat_of_reference_decodes_in_one_launch(name, world
     assert torch.isnan(got).any()  # the NaN/Inf rows really travelled
 
 
+def as_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float()  # bf16/fp16 -> fp32 is exact, so fp32 bits compare the narrow bits
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
+def test_decode_chunks_into_out_is_the_reference_rows(name, world, dtype, backend, monkeypatch):
+    """decode_chunks(out=) on every backend: ``out [n, E]`` gets the first n rows of the cat of
+    reference decodes, rounded once to its dtype (``decode_chunks(...)[:n].to(dtype)``), for
+    n = tokens (odd, the padding rows cut off: chunks whole, cut, or wholly padding) and n = all
+    rows; nothing is written past ``out`` (a guard row after it in the same buffer). On Triton
+    the whole chunks go in one batched launch straight into ``out``, the cut chunk in one more."""
+    tokens = 2 * world + 1  # rows 3: world 2 cuts chunk 1, world 3 cuts chunk 2, world 4 has none cut
+    hidden = FAMILIES[name]
+    cal = calibration(world, hidden)
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+    got_codec = make_codec(name, calibration=cal, nonfinite="propagate", backend=backend)
+    rows = A.chunk_rows(tokens, world)
+    x = padded_partial(tokens, hidden, world, seed=20 + world, special=True)
+    sums = [ref.encode(c, layer=LAYER, source="sum") for c in x.split(rows)]
+    want = torch.cat([ref.decode(s, (rows, hidden), layer=LAYER, source="sum") for s in sums])
+    flat = torch.cat(sums)
+    for n in (tokens, world * rows):
+        buf = torch.full((n + 1, hidden), 1234.5, dtype=dtype)
+        out = buf[:n]
+        log = count_launches(monkeypatch)
+        got = got_codec.decode_chunks(flat, (rows, hidden), world, layer=LAYER, source="sum", out=out)
+        monkeypatch.undo()
+        assert got is out
+        assert same_bits(as_fp32(out), as_fp32(want[:n].to(dtype))), (name, world, n)
+        assert torch.equal(buf[n], torch.full((hidden,), 1234.5, dtype=dtype)), "written past out"
+        assert torch.isnan(as_fp32(out)).any()  # the NaN/Inf rows really travelled
+        if backend == "triton":
+            whole, cut = divmod(n, rows)
+            batched = [g for _, g, _ in log if len(g) == 3]
+            assert len(log) == 1 + (cut > 0) and log[0][0] != "group_decode_sum_kernel", log
+            if whole > 1 and name != "int8":  # (int8's batched decode of whole chunks: no chunk axis at 1)
+                assert batched and batched[0][2] == whole, log
+
+
+@pytest.mark.parametrize("name", ["int4-g32", "int4-outlier", "rot-lm4-g64-lg8-k4"])
+def test_decode_chunks_out_checks(name):
+    ref, tri = codecs(name, 3, hidden=FAMILIES[name])
+    e = FAMILIES[name]
+    flat = torch.zeros(3 * ref.payload_nbytes((2, e)), dtype=torch.uint8)
+    for bad in (torch.empty(7, e), torch.empty(5, e + 1), torch.empty(5, e, dtype=torch.int32),
+                torch.empty(e, 5).t(), torch.empty(5 * e)):
+        for codec in (ref, tri):
+            with pytest.raises(ValueError, match="decode_chunks out="):
+                codec.decode_chunks(flat, (2, e), 3, layer=LAYER, source="sum", out=bad)
+    assert ref.decode_chunks(flat, (2, e), 3, layer=LAYER, source="sum", out=torch.empty(0, e)).shape == (0, e)
+
+
 @pytest.mark.parametrize("name,kernel,arg", [("int4-g32", "group_encode_kernel", "PS"),
                                              ("int4-g32", "group_encode_kernel", "XS"),
                                              ("int4-outlier", "static_encode_rows_kernel", "HS"),

@@ -249,6 +249,26 @@ def test_two_shot_stays_in_the_weighted_domain(wcal):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_chunks_into_out_divides_like_decode(wcal, dtype):
+    """decode_chunks(out=) of a weighted codec (two-shot's decode into the result): the first n
+    rows of the per-chunk decodes (inner decode / w), cast once; padding rows not written."""
+    codec = make_codec("rot-lm4-g64-lg8-k4+fisher", calibration=wcal)
+    rows, world, n = 4, 3, 11  # the last chunk cut after 3 rows
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(rows * world, E, generator=g)
+    flat = torch.cat([codec.encode(c, layer=LAYERS[0], source="sum") for c in x.split(rows)])
+    want = torch.cat([codec.decode(p, (rows, E), layer=LAYERS[0], source="sum") for p in flat.chunk(world)])
+    buf = torch.full((n + 1, E), 5.0, dtype=dtype)
+    got = codec.decode_chunks(flat, (rows, E), world, layer=LAYERS[0], source="sum", out=buf[:n])
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(buf[:n], want[:n].to(dtype))
+    assert torch.equal(buf[n], torch.full((E,), 5.0, dtype=dtype))
+    parts = [p.to(torch.bfloat16) for p in planted_partials(3, 7, E)]  # two-shot into a bf16 result
+    got = simulate_all_reduce(parts, codec, "two-shot", layer=LAYERS[0])
+    assert got.dtype == torch.bfloat16 and torch.equal(
+        got, simulate_all_reduce([p.float() for p in parts], codec, "two-shot", layer=LAYERS[0]).to(torch.bfloat16))
+
+
 def test_weights_move_error_to_where_the_fisher_is_small(cal):
     """With F large on a quarter of the channels, the Fisher-weighted squared error of the
     all-reduce drops, and the error on those channels drops, at the same bytes."""

@@ -325,11 +325,19 @@ class Codec(ABC):
         return out
 
     def decode_chunks(self, payload: torch.Tensor, chunk_shape: tuple[int, int], chunks: int, *,
-                      layer: str | None = None, source: Source = 0) -> torch.Tensor:
+                      layer: str | None = None, source: Source = 0, out: torch.Tensor | None = None) -> torch.Tensor:
         """Two-shot's chunk decodes: ``payload`` holds ``chunks`` payloads of ``chunk_shape``
         ``[R, E]`` one after another; returns fp32 ``[chunks * R, E]``, bitwise
         ``torch.cat([decode(chunk j) for j])`` (NaN payload bits aside). One launch where the codec
         has a batched kernel (:meth:`_decode_chunks`, the Triton path), else one decode per chunk.
+
+        ``out`` (returned): a contiguous ``[n, E]`` buffer on the payload's device, ``n <= chunks * R``,
+        fp32 or bf16/fp16 (as :meth:`decode_sum`'s), that gets the first ``n`` rows of that result,
+        rounded once to its dtype: bitwise ``decode_chunks(...)[:n].to(out.dtype)``. Two-shot
+        decodes its ``tokens`` rows straight into the all-reduce's result this way; the chunks
+        holding only padding rows are not decoded. The whole chunks go in one launch (Triton,
+        which rounds to ``out``'s dtype as it stores), else one :meth:`decode_sum` into ``out``'s
+        rows each; a chunk cut by ``n`` is decoded whole and its first rows copied.
         """
         shape = _as_shape(chunk_shape, self.name)
         nb = self.payload_nbytes(shape, layer)
@@ -337,6 +345,8 @@ class Codec(ABC):
                 or payload.numel() != chunks * nb):
             raise ValueError(f"{self.name}: decode_chunks needs {chunks!r} payloads of {nb} uint8 bytes for shape "
                              f"{shape} one after another, got {payload.dtype} {tuple(payload.shape)}")
+        if out is not None:
+            return self._decode_chunks_into(payload, shape, chunks, nb, layer, source, out)
         if chunks > 1 and nb > 0 and self.kernel_backend(payload.device) == "triton":
             got = self._decode_chunks(payload.contiguous(), shape, chunks,
                                       self.params(layer, source, shape[1], payload.device))
@@ -345,6 +355,45 @@ class Codec(ABC):
         parts = payload.split(nb) if nb else [payload] * chunks
         return torch.cat([self.decode(p, shape, layer=layer, source=source) for p in parts], dim=0)
 
+    def check_chunks_out(self, out: torch.Tensor, chunk_shape: tuple[int, int], chunks: int,
+                         device: torch.device) -> None:
+        """:meth:`decode_chunks`'s ``out``: contiguous ``[n, E]``, ``0 <= n <= chunks * R``, fp32 or
+        bf16/fp16, on ``device``."""
+        rows, e = chunk_shape
+        n = out.shape[0] if isinstance(out, torch.Tensor) and out.dim() == 2 else -1
+        dtype = out.dtype if isinstance(out, torch.Tensor) and out.dtype in _FLOAT_DTYPES else torch.float32
+        if not 0 <= n <= chunks * rows:
+            raise ValueError(f"{self.name}: decode_chunks out= must have at most {chunks} * {rows} rows of {e} "
+                             f"values, got {getattr(out, 'shape', type(out).__name__)}")
+        _check_buffer(out, dtype, (n, e), device, f"{self.name}: decode_chunks out=")
+
+    def _decode_chunks_into(self, payload, shape, chunks, nb, layer, source, out):
+        """:meth:`decode_chunks` with ``out`` (checked here)."""
+        self.check_chunks_out(out, shape, chunks, payload.device)
+        rows, e = shape
+        n = out.shape[0]
+        if n * e == 0:
+            return out
+        whole, cut = divmod(n, rows)
+        payload = payload.contiguous()
+        done = False
+        # the Triton decoders round to bf16 themselves (as_stored); an fp16 out goes through decode_sum
+        if whole and out.dtype != torch.float16 and self.kernel_backend(payload.device) == "triton":
+            done = self._decode_chunks(payload[:whole * nb], shape, whole,
+                                       self.params(layer, source, e, payload.device), out[:whole * rows]) is not None
+        # a subclass that changes decode (not decode_sum) is decoded through it, as without out=
+        own = type(self).decode is Codec.decode
+        for j in range(0 if done else whole):
+            part, dst = payload[j * nb:(j + 1) * nb], out[j * rows:(j + 1) * rows]
+            if own:
+                self.decode_sum([part], shape, layer=layer, sources=[source], out=dst)
+            else:
+                dst.copy_(self.decode(part, shape, layer=layer, source=source))
+        if cut:
+            last = self.decode(payload[whole * nb:(whole + 1) * nb], shape, layer=layer, source=source)
+            out[whole * rows:].copy_(last[:cut])
+        return out
+
     def _encode_chunks(self, x: torch.Tensor, chunks: int, params: Any, out: torch.Tensor,
                        flags: tuple) -> torch.Tensor | None:
         """The batched Triton encode of :meth:`encode_chunks` into the checked ``out``, or None
@@ -352,8 +401,9 @@ class Codec(ABC):
         return None
 
     def _decode_chunks(self, payload: torch.Tensor, shape: tuple[int, int], chunks: int,
-                       params: Any) -> torch.Tensor | None:
-        """The batched Triton decode of :meth:`decode_chunks` (``shape`` is one chunk's), or None."""
+                       params: Any, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The batched Triton decode of :meth:`decode_chunks` (``shape`` is one chunk's) into ``out``
+        (``[chunks * R, E]``, fp32, bf16 or fp16, contiguous; fp32 allocated when None), or None."""
         return None
 
     def _payload_params(self, payloads, shape, layer, sources) -> tuple[tuple[int, int], list]:

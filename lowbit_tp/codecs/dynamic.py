@@ -147,11 +147,12 @@ class GroupInt4Codec(Codec):
         return K.encode_chunks(x.contiguous(), out, chunks=chunks, group=self.group, max_input=self.max_input,
                                flag=flags[0], range_flag=flags[1])
 
-    def _decode_chunks(self, payload, shape, chunks, params):
+    def _decode_chunks(self, payload, shape, chunks, params, out=None):
         if shape[1] % 2:
             return None  # the flat odd-E decoder has no batched form: chunk by chunk
         K = _triton_kernels()
-        out = torch.empty(chunks * shape[0], shape[1], dtype=torch.float32, device=payload.device)
+        if out is None:
+            out = torch.empty(chunks * shape[0], shape[1], dtype=torch.float32, device=payload.device)
         return K.decode_chunks(payload, out, chunks=chunks, group=self.group)
 
     def _decode(self, payload, shape, params):
@@ -224,11 +225,12 @@ class MXFP4Codec(Codec):
         K = _triton_kernels()
         return K.mx_encode_chunks(x.contiguous(), out, chunks=chunks, flag=flags[0])
 
-    def _decode_chunks(self, payload, shape, chunks, params):
+    def _decode_chunks(self, payload, shape, chunks, params, out=None):
         if shape[1] % 2:
             return None  # the flat odd-E decoder has no batched form: chunk by chunk
         K = _triton_kernels()
-        out = torch.empty(chunks * shape[0], shape[1], dtype=torch.float32, device=payload.device)
+        if out is None:
+            out = torch.empty(chunks * shape[0], shape[1], dtype=torch.float32, device=payload.device)
         return K.mx_decode_chunks(payload, out, chunks=chunks)
 
     def _decode(self, payload, shape, params):

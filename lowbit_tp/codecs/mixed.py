@@ -61,8 +61,9 @@ class _DelegatingCodec(Codec):
     def encode_chunks(self, x, chunks, *, layer=None, source=0, out=None):
         return self._pick(layer, source).encode_chunks(x, chunks, layer=layer, source=source, out=out)
 
-    def decode_chunks(self, payload, chunk_shape, chunks, *, layer=None, source=0):
-        return self._pick(layer, source).decode_chunks(payload, chunk_shape, chunks, layer=layer, source=source)
+    def decode_chunks(self, payload, chunk_shape, chunks, *, layer=None, source=0, out=None):
+        return self._pick(layer, source).decode_chunks(payload, chunk_shape, chunks, layer=layer, source=source,
+                                                       out=out)
 
     def reduce_encode(self, payloads, shape, *, layer=None, sources=None, out_source="sum", out=None):
         sources = list(range(len(payloads))) if sources is None else list(sources)
@@ -226,9 +227,15 @@ class ChannelWeightedCodec(_DelegatingCodec):
         return self.inner.encode_chunks(x.float() * self.weight(layer, x.device), chunks, layer=layer, source=source,
                                         out=out)
 
-    def decode_chunks(self, payload, chunk_shape, chunks, *, layer=None, source=0):
-        got = self.inner.decode_chunks(payload, chunk_shape, chunks, layer=layer, source=source)
-        return got.div_(self.weight(layer, payload.device))  # = cat of decode(): the same IEEE division per value
+    def decode_chunks(self, payload, chunk_shape, chunks, *, layer=None, source=0, out=None):
+        # = cat of decode(): the same IEEE division per value, in place in an fp32 ``out``
+        direct = out if out is not None and out.dtype == torch.float32 else None
+        got = self.inner.decode_chunks(payload, chunk_shape, chunks, layer=layer, source=source, out=direct)
+        got.div_(self.weight(layer, payload.device))
+        if out is None or got is out:
+            return got
+        self.check_chunks_out(out, tuple(chunk_shape), chunks, payload.device)  # (inner checked the shape)
+        return out.copy_(got[:out.shape[0]])
 
     def decode_sum(self, payloads, shape, *, layer=None, sources=None, out=None):
         fp32_out = out if out is not None and out.dtype == torch.float32 else None

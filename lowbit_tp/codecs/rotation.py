@@ -343,8 +343,8 @@ class RotatedGroupCodec(KeptRotation, Codec):
             return None  # a bf16 head at an odd address: chunk by chunk
         return self._triton_encode(x, p, out, flags, chunks=chunks)
 
-    def _decode_chunks(self, payload, shape, chunks, p: RotParams):
-        return self._triton_decode_sum([payload], shape, [p], chunks=chunks)
+    def _decode_chunks(self, payload, shape, chunks, p: RotParams, out=None):
+        return self._triton_decode_sum([payload], shape, [p], out=out, chunks=chunks)
 
     def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None):
         if not payloads or self.kernel_backend(payloads[0].device) != "triton" or not self._kernel_packs(int(shape[1])):

@@ -293,11 +293,12 @@ class _StaticIntCodec(Codec):
         return K.encode_chunks(x.contiguous(), inl, inv, outl, out, chunks=chunks, bits=self.bits,
                                max_input=self.max_input, flag=flags[0], range_flag=flags[1])
 
-    def _decode_chunks(self, payload, shape, chunks, p: StaticParams):
+    def _decode_chunks(self, payload, shape, chunks, p: StaticParams, out=None):
         K = _triton_kernels()
 
         colmap, scale = self._dec_tables([p])
-        out = torch.empty(chunks * shape[0], shape[1], dtype=torch.float32, device=payload.device)
+        if out is None:
+            out = torch.empty(chunks * shape[0], shape[1], dtype=torch.float32, device=payload.device)
         return K.decode_chunks(payload, colmap, scale, out, chunks=chunks, nk=p.outliers.numel(), bits=self.bits)
 
     def _enc_tables(self, p: StaticParams):

@@ -67,6 +67,18 @@ def bf16_bits(x):
 
 
 @triton.jit
+def as_stored(v, ptr):
+    """fp32 ``v`` in the element type of ``ptr``, for a decode written straight into a bf16 result:
+    rounded to nearest even on the bits (:func:`bf16_bits`, bitwise PyTorch's cast; a NaN stays
+    a NaN). An fp32 ``ptr`` takes ``v`` as it is. (Not the store's implicit cast: the interpreter
+    truncates there, so only this one is tested bitwise on the CPU.)"""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        return bf16_bits(v).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v
+
+
+@triton.jit
 def bf16_from_bits(b):
     """bfloat16 bit pattern (any int type, low 16 bits used) -> fp32, exactly."""
     return ((b.to(tl.uint32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)

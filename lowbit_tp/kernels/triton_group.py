@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit_tp.kernels.triton_common import (FP_OPTIONS, chunk_bases, flag_any, flag_if, fp16_bits, fp16_from_bits,
+from lowbit_tp.kernels.triton_common import (FP_OPTIONS, as_stored, chunk_bases, flag_any, flag_if, fp16_bits, fp16_from_bits,
                                              RINT_MAGIC, int4_from_nibble, is_finite, load_u16, round_to_int_small,
                                              store_u16)
 
@@ -97,7 +97,7 @@ def _store_pairs(out_ptr, t, g, mt, E, lo, hi, BT: tl.constexpr, NGT: tl.constex
     m = mt[:, None] & (c < E)[None, :]
     if MINUS:
         v = _minus(v, minus_ptr, o, m)
-    tl.store(out_ptr + o, v, mask=m)
+    tl.store(out_ptr + o, as_stored(v, out_ptr), mask=m)
 
 
 @triton.jit
@@ -302,7 +302,7 @@ def group_decode_sum_kernel(payloads, out_ptr, T, E, G, NQ, N: tl.constexpr, GRO
     v = _sum_at(payloads, o // E, o % E, m, T, E, G, NQ, N, GROUP)
     if MINUS:
         v = _minus(v, minus_ptr, o, m)
-    tl.store(out_ptr + o, v, mask=m)
+    tl.store(out_ptr + o, as_stored(v, out_ptr), mask=m)
 
 
 # ---------------------------------------------------------------- launchers (no codec logic)
@@ -631,7 +631,7 @@ def mx_decode_sum_kernel(payloads, out_ptr, T, E, G, NQ, N: tl.constexpr, BLOCK:
     v = _mx_sum_at(payloads, o // E, o % E, m, E, G, NQ, N)
     if MINUS:
         v = _minus(v, minus_ptr, o, m)
-    tl.store(out_ptr + o, v, mask=m)
+    tl.store(out_ptr + o, as_stored(v, out_ptr), mask=m)
 
 
 def _mx_launch(src, n_src, out, t, e, flag, chunks=1, variant=None):

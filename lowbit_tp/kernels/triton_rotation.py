@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from lowbit_tp.kernels import triton_interpreted
-from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, chunk_bases, clamp_keep_nan,
+from lowbit_tp.kernels.triton_common import (FP_OPTIONS, as_stored, bf16_bits, bf16_from_bits, chunk_bases, clamp_keep_nan,
                                              flag_any,
                                              fp16_bits, fp16_from_bits, is_finite, load_u16, payload_at,
                                              saturate_minmax, store_u16)
@@ -425,7 +425,7 @@ def rot_decode_sum_kernel(payloads, signs_ptr, colmap_ptr, levels_ptr, lg8_ptr, 
     if MINUS:
         diff = tl.load(minus_ptr + t[:, None] * E + c[None, :], mask=m, other=0.0) - acc
         acc = tl.where(is_finite(diff), diff, 0.0)
-    tl.store(out_ptr + t[:, None] * E + c[None, :], acc, mask=m)
+    tl.store(out_ptr + t[:, None] * E + c[None, :], as_stored(acc, out_ptr), mask=m)
 
 
 @triton.jit

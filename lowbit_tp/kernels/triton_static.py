@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit_tp.kernels.triton_common import (FP_OPTIONS, bf16_bits, bf16_from_bits, chunk_bases, clamp_keep_nan,
+from lowbit_tp.kernels.triton_common import (FP_OPTIONS, as_stored, bf16_bits, bf16_from_bits, chunk_bases, clamp_keep_nan,
                                              flag_any, flag_if, int4_from_nibble, is_finite, load_u16, payload_at,
                                              RINT_MAGIC, round_half_even, round_to_int_small, saturate)
 
@@ -231,7 +231,7 @@ def static_decode_sum_tile_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E
         t = (tl.program_id(0) * ITERS + i) * BT + tl.arange(0, BT)[:, None]
         mt = t < T
         acc = _sum_cols(payloads, colmap_ptr, scale_ptr, t, e, mt, mc, T, E, NK, N, BITS, H16, ROW_BYTES)
-        tl.store(out_ptr + t * E + e, acc, mask=mt & mc)
+        tl.store(out_ptr + t * E + e, as_stored(acc, out_ptr), mask=mt & mc)
 
 
 @triton.jit
@@ -623,7 +623,7 @@ def static_decode_sum_win_kernel(payloads, scale_ptr, out_ptr, T, E, RB: tl.cons
             acc_o = acc_o + vo
     v = tl.reshape(tl.join(acc_e, acc_o), [BT, BE])
     c = tl.program_id(1) * BE + tl.arange(0, BE)[None, :]
-    tl.store(out_ptr + t * E + c, v, mask=mt & (c < E))
+    tl.store(out_ptr + t * E + c, as_stored(v, out_ptr), mask=mt & (c < E))
 
 
 @triton.jit
@@ -647,7 +647,7 @@ def static_decode_sum_win_loop_kernel(payloads, scale_ptr, out_ptr, T, E, RB: tl
         acc_o = acc_o + vo
     v = tl.reshape(tl.join(acc_e, acc_o), [BT, BE])
     c = tl.program_id(1) * BE + tl.arange(0, BE)[None, :]
-    tl.store(out_ptr + t * E + c, v, mask=mt & (c < E))
+    tl.store(out_ptr + t * E + c, as_stored(v, out_ptr), mask=mt & (c < E))
 
 
 @triton.jit
@@ -704,7 +704,7 @@ def static_decode_sum_rows_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, T, E
                 acc = v
             else:
                 acc = acc + v
-        tl.store(dst + k * E, acc, mask=mc)
+        tl.store(dst + k * E, as_stored(acc, dst), mask=mc)
 
 
 @triton.jit
@@ -786,7 +786,7 @@ def static_decode_sum_rows_src_kernel(payloads, colmap_ptr, scale_ptr, out_ptr, 
             if r > 0:
                 v = accs[k] + v
             if r == N - 1:
-                tl.store(dst + k * E, v, mask=mc)
+                tl.store(dst + k * E, as_stored(v, dst), mask=mc)
             new = new + (v,)
         accs = new
 
