@@ -136,7 +136,7 @@ def as_fp32(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("world", [2, 3, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])  # fp16: via decode_sum
 @pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
 def test_decode_chunks_into_out_is_the_reference_rows(name, world, dtype, backend, monkeypatch):
     """decode_chunks(out=) on every backend: ``out [n, E]`` gets the first n rows of the cat of
@@ -164,7 +164,7 @@ def test_decode_chunks_into_out_is_the_reference_rows(name, world, dtype, backen
         assert same_bits(as_fp32(out), as_fp32(want[:n].to(dtype))), (name, world, n)
         assert torch.equal(buf[n], torch.full((hidden,), 1234.5, dtype=dtype)), "written past out"
         assert torch.isnan(as_fp32(out)).any()  # the NaN/Inf rows really travelled
-        if backend == "triton":
+        if backend == "triton" and dtype != torch.float16:
             whole, cut = divmod(n, rows)
             batched = [g for _, g, _ in log if len(g) == 3]
             assert len(log) == 1 + (cut > 0) and log[0][0] != "group_decode_sum_kernel", log
@@ -278,6 +278,13 @@ def _rank_two_shot(rank, world, names):
             del log[:]
             y = all_reduce(xs[rank], codec, algorithm="two-shot", layer=LAYER, feedback=feedback)
             out[name, fb] = (y, None if feedback is None else feedback.next, [(n, len(g)) for n, g, _ in log])
+        # decoded straight into the result: a bf16 one (rounded by the kernel), and the partial in place
+        xs, _ = _gloo_partials(world, hidden, False)
+        del log[:]
+        y = all_reduce(xs[rank].to(torch.bfloat16), codec, algorithm="two-shot", layer=LAYER)
+        out[name, "bf16"] = (y, [(n, len(g)) for n, g, _ in log])
+        p = xs[rank].clone()
+        out[name, "in place"] = (all_reduce(p, codec, algorithm="two-shot", layer=LAYER, out=p), p)
     return out
 
 
@@ -307,3 +314,14 @@ def test_two_shot_over_gloo_with_batched_launches_is_bitwise_the_reference(names
                     assert same_bits(nxt, fbs[r].next), (name, r)
                 else:
                     assert [g for _, g in launches] == [3, 2, 3], (name, launches)
+        xs, _ = _gloo_partials(world, hidden, False)
+        want = simulate_all_reduce(xs, ref, "two-shot", layer=LAYER)  # fp32: its own decode buffer, cast below
+        # the bf16 partials' values in fp32 (they encode the same): the fp32 result cast once
+        want16 = simulate_all_reduce([x.to(torch.bfloat16).float() for x in xs], ref, "two-shot", layer=LAYER)
+        for r in range(world):
+            y, launches = ranks[r][name, "bf16"]
+            assert y.dtype == torch.bfloat16 and same_bits(y.float(), want16.to(torch.bfloat16).float()), (name, r)
+            # the batched decode of the 2 whole chunks into the result, one decode of the cut chunk's row
+            assert [g for _, g in launches] == [3, 2, 3, 2], (name, launches)
+            y, p = ranks[r][name, "in place"]
+            assert y.data_ptr() == p.data_ptr() and same_bits(y, want), (name, r)

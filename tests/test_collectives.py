@@ -279,10 +279,13 @@ def _rank_pipelined(rank, world):
         y = DistReducer(codec=codec, algorithm=algo, policy=PIPE_POLICY, in_place=in_place).reduce([p], layer=LAYER)
         out[("reducer", key, in_place)] = (y, y is p, torch.equal(p, partial))
     half = partial.to(torch.bfloat16)  # a bf16 partial, in place
-    for algo in ["gather", "exact"]:
+    for algo in ["gather", "exact", "two-shot"]:
         p = half.clone()
         y = all_reduce(p, codec, algorithm=algo, layer=LAYER, policy=PIPE_POLICY, out=p)
         out[("inplace-bf16", algo)] = (y, y is p)
+    for policy in (PIPE_POLICY, AutoPolicy(chunk_bytes=0)):  # two-shot into a fresh bf16 result
+        out[("bf16-two-shot", policy.chunk_bytes)] = all_reduce(half, codec, algorithm="two-shot", layer=LAYER,
+                                                               policy=policy)
     two = torch.empty(2 * PIPE_TOKENS, HIDDEN)  # out right after the partial: touching, not overlapping
     two[:PIPE_TOKENS] = partial
     y = all_reduce(two[:PIPE_TOKENS], codec, algorithm="gather", layer=LAYER, policy=PIPE_POLICY,
@@ -365,6 +368,14 @@ def test_in_place_all_reduce_writes_the_same_bits_over_the_partial(world, ranks_
         y, same = results[r][("inplace-bf16", "gather")]
         assert same and y.dtype == torch.bfloat16 and torch.equal(y, simulate_all_reduce(half, seed, "gather",
                                                                                         layer=LAYER))
+        # two-shot decodes straight into a bf16 result (pipelined or not, in place or fresh): the
+        # bits of the fp32 single-process result cast once (bf16 -> fp32 partials encode the same)
+        want = simulate_all_reduce([h.float() for h in half], seed, "two-shot", layer=LAYER).to(torch.bfloat16)
+        y, same = results[r][("inplace-bf16", "two-shot")]
+        assert same and y.dtype == torch.bfloat16 and torch.equal(y, want), r
+        for chunk_bytes in (PIPE_POLICY.chunk_bytes, 0):
+            y = results[r][("bf16-two-shot", chunk_bytes)]
+            assert y.dtype == torch.bfloat16 and torch.equal(y, want), (r, chunk_bytes)
         y, same = results[r][("inplace-bf16", "exact")]
         assert same and torch.equal(y, torch.stack(half).sum(0)) if world == 2 else same
         y, kept = results[r]["adjacent"]

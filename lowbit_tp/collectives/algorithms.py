@@ -196,12 +196,24 @@ def two_shot_reduce(codec: Codec, chunks: Sequence[torch.Tensor], chunk_shape, *
 
 
 def two_shot_decode(codec: Codec, sums: Sequence[torch.Tensor], chunk_shape, tokens: int, *, layer,
-                    flat: torch.Tensor | None = None) -> torch.Tensor:
+                    flat: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Every rank: decode the N encoded chunk sums and stitch the rows back together
     (:meth:`Codec.decode_chunks`: one launch on the Triton path).
 
     ``flat``: the one buffer the N ``sums`` are consecutive parts of (the multi-process
-    all-gather receives into one); without it the sums are joined first."""
+    all-gather receives into one); without it the sums are joined first. ``out``: the
+    ``[tokens, E]`` result (fp32 or the partials' dtype) to decode straight into, returned;
+    the padding rows are not written (bitwise the fp32 rows cast once)."""
     if flat is None:
         flat = torch.cat(list(sums))
+    if out is not None:
+        return codec.decode_chunks(flat, chunk_shape, len(sums), layer=layer, source="sum", out=out)
     return codec.decode_chunks(flat, chunk_shape, len(sums), layer=layer, source="sum")[:tokens]
+
+
+def two_shot_into_result(dtype: torch.dtype, *, out_given: bool, pieces: int = 1) -> bool:
+    """Whether two-shot decodes straight into the all-reduce's result (:func:`two_shot_decode`'s
+    ``out``): that saves the copy into a caller's ``out``, the cast to a bf16/fp16 result and the
+    join of pipelined pieces. A fresh fp32 result of one piece has none of them (the decode is
+    returned as it is), so there the decode keeps its own buffer."""
+    return out_given or pieces > 1 or dtype != torch.float32

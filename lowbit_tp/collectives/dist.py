@@ -143,8 +143,8 @@ def all_reduce(
     ``out`` (optional): where the sum goes, returned; it may be ``partial`` itself (in place, as
     ``torch.distributed.all_reduce`` does), or a tensor sharing no memory with it, contiguous, of
     ``partial``'s shape, dtype and device. In place saves allocating (and, on CPU, first touching)
-    a fresh ``[tokens, E]`` result on every call; the bits are the same. A pipelined ``gather``
-    decodes chunk i into its rows once chunk i has been encoded, so ``partial`` must not be read
+    a fresh ``[tokens, E]`` result on every call; the bits are the same. Both algorithms decode
+    chunk i into its rows once chunk i has been encoded, so ``partial`` must not be read
     by anyone else meanwhile; if the call raises (a dead peer, a non-finite value in a later
     chunk), ``out`` may hold some rows of the sum.
     """
@@ -199,13 +199,13 @@ def all_reduce(
     tally = CommStats()  # per chunk; reported to ``stats`` as one call
     stages = _gather_pipelined if algo == "gather" else _two_shot_pipelined
     outs = stages(codec, pieces, group, layer=layer, rank=rank, world=world, tally=tally, hook=wire_hook,
-                  feedback=fbs, **kw)
+                  feedback=fbs, out=out)
     if feedback is not None:
         feedback.next = fbs[0].next if nxt is None else nxt
     if stats is not None:
         stats.record(algorithm=algo, sent=tally.bytes_sent, payload=tally.payload_bytes, values=tally.values,
                      wire_values=tally.wire_values, world=world)
-    if isinstance(outs, torch.Tensor):  # gather decodes every chunk into its rows of the result
+    if isinstance(outs, torch.Tensor):  # decoded into its rows of the result, chunk by chunk
         return outs
     res = outs[0] if len(outs) == 1 else torch.cat(outs)
     return res.to(partial.dtype) if out is None else out.copy_(res)
@@ -291,13 +291,22 @@ def _gather_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: i
 
 
 def _two_shot_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world: int, tally: CommStats,
-                        hook: WireHook | None, feedback: list[Feedback] | None = None):
+                        hook: WireHook | None, feedback: list[Feedback] | None = None, out: torch.Tensor | None = None):
     # all payload chunks have one size, so all_to_all_single needs no split sizes
     n = len(pieces)
     pipelined = n > 1
     outs: list = [None] * n
     moving, gathering = {}, {}
     dev = pieces[0].device
+    # Piece k is decoded straight into its rows of the result (fresh, or the caller's ``out``,
+    # which may be the partial: piece k's rows are decoded two steps after piece k was encoded,
+    # and its feedback was taken at its encode), where that saves a copy (A.two_shot_into_result);
+    # else the fp32 decode of the one piece is returned and all_reduce casts it.
+    rows = None
+    if A.two_shot_into_result(pieces[0].dtype, out_given=out is not None, pieces=n):
+        if out is None:
+            out = torch.empty(sum(p.shape[0] for p in pieces), pieces[0].shape[1], dtype=pieces[0].dtype, device=dev)
+        rows = out.split([p.shape[0] for p in pieces], dim=0)
     for step in range(n + 2):  # piece i uses buffer slot i % 3 (three pieces are in flight at most)
         if step < n:  # encode the N row chunks of piece `step` into one send buffer, start the all-to-all
             chunk_shape = (A.chunk_rows(pieces[step].shape[0], world), pieces[step].shape[1])
@@ -336,5 +345,6 @@ def _two_shot_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world:
         if 0 <= k < n:  # decode the N reduced chunks of piece k
             sums, flat, work, chunk_shape = gathering.pop(k)
             _finish("all_gather of reduced chunks", layer, group, work, hook)
-            outs[k] = A.two_shot_decode(codec, sums, chunk_shape, pieces[k].shape[0], layer=layer, flat=flat)
-    return outs
+            outs[k] = A.two_shot_decode(codec, sums, chunk_shape, pieces[k].shape[0], layer=layer, flat=flat,
+                                        out=None if rows is None else rows[k])
+    return outs if rows is None else out
