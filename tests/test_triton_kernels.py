@@ -74,6 +74,10 @@ def check(name: str, tokens: int, hidden: int, *, special: bool = True, dtype=to
     s_ref = ref.decode_sum(want, (tokens, hidden), layer=LAYER)
     s_tri = tri.decode_sum(want, (tokens, hidden), layer=LAYER)
     assert same_bits(s_ref, s_tri), f"{name} {tokens}x{hidden}: decode_sum differs"
+    # into a bf16 out: the kernels round as they store (as_stored), bitwise the fp32 sum cast once
+    half = torch.empty(tokens, hidden, dtype=torch.bfloat16)
+    assert tri.decode_sum(want, (tokens, hidden), layer=LAYER, out=half) is half
+    assert same_bits(half.float(), s_ref.to(torch.bfloat16).float()), f"{name} {tokens}x{hidden}: bf16 out differs"
     for r in (0, len(want) - 1):  # decode alone: on this backend the fused decode-and-sum of one payload
         assert same_bits(ref.decode(want[r], (tokens, hidden), layer=LAYER, source=r),
                          tri.decode(want[r], (tokens, hidden), layer=LAYER, source=r)), \
@@ -861,3 +865,22 @@ def test_group_encode_feedback_decodes_into_the_difference(name, tokens, hidden,
     assert same_bits(got_fb.next, want.next) and not torch.isnan(got_fb.next).any()
     assert bool((got_fb.next == 0).any())
     assert len(launches) == 1 and launches[0] is not None and launches[0].shape == x.shape
+
+
+@pytest.mark.parametrize("name", ["int4-outlier", "int8", "int4-g32", "mxfp4", "rot-lm4-g64-lg8-k4"])
+def test_decode_sum_into_bf16_at_eight_sources(name):
+    """decode_sum(out=bf16) on Triton at 8 sources (the static "src" loop kernels and rot's
+    run-time source loop): bitwise the reference's fp32 sum cast once, NaN/Inf included."""
+    world, tokens, hidden = 8, 3, 64
+    cal = synthetic_calibration([LAYER], world=world, hidden=hidden, tokens=64, batches=1)
+    ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
+    tri = make_codec(name, calibration=cal, nonfinite="propagate", backend="triton")
+    g = torch.Generator().manual_seed(8)
+    xs = [torch.randn(tokens, hidden, generator=g) * 3 for _ in range(world)]
+    xs[3][1, 5] = float("nan")
+    xs[6][2, 7] = float("-inf")
+    pay = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
+    want = ref.decode_sum(pay, (tokens, hidden), layer=LAYER).to(torch.bfloat16)
+    half = torch.empty(tokens, hidden, dtype=torch.bfloat16)
+    assert tri.decode_sum(pay, (tokens, hidden), layer=LAYER, out=half) is half
+    assert same_bits(half.float(), want.float()) and torch.isnan(half).any()

@@ -91,6 +91,8 @@ class Codec(ABC):
     max_input: ClassVar[float] = math.inf
     #: whether the codec's CPU-kernel decode-sum rounds into a bf16/fp16 ``out`` itself
     cpu_sum_casts: ClassVar[bool] = False
+    #: whether its Triton decode-sum kernels round into a bf16 ``out`` themselves (``as_stored``)
+    triton_sum_casts: ClassVar[bool] = False
 
     def __init__(self, *, calibration: Calibration | None = None, nonfinite: str = "error",
                  backend: str = "auto"):
@@ -288,7 +290,7 @@ class Codec(ABC):
         if out is not None:
             dtype = out.dtype if out.dtype in _FLOAT_DTYPES else torch.float32
             _check_buffer(out, dtype, shape, payloads[0].device, f"{self.name}: decode_sum out=")
-            if dtype != torch.float32 and not self._sum_casts(out.device):
+            if dtype != torch.float32 and not self._sum_casts(out.device, dtype):
                 direct = None  # the fp32 sum, then one cast into ``out``
         got = self._decode_sum(list(payloads), shape, params, direct)
         return got if out is None or got is out else out.copy_(got)
@@ -459,11 +461,14 @@ class Codec(ABC):
         where there is none."""
         return None
 
-    def _sum_casts(self, device: torch.device) -> bool:
+    def _sum_casts(self, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> bool:
         """Whether :meth:`_decode_sum` writes a bf16/fp16 ``out`` itself (else it gets None and
         :meth:`decode_sum` casts the fp32 sum into ``out``): the CPU kernels of the codecs
-        that set :attr:`cpu_sum_casts`."""
-        return self.cpu_sum_casts and self.kernel_backend(device) == "cpu"
+        that set :attr:`cpu_sum_casts`, and for a bf16 ``out`` the Triton kernels of those that
+        set :attr:`triton_sum_casts`."""
+        backend = self.kernel_backend(device)
+        return ((self.cpu_sum_casts and backend == "cpu")
+                or (self.triton_sum_casts and backend == "triton" and dtype == torch.bfloat16))
 
     def _fused_encode(self, hidden: int) -> bool:
         """Whether the Triton encoder takes inputs of width ``hidden`` (else the reference runs)."""

@@ -60,6 +60,7 @@ class GroupInt4Codec(Codec):
 
     max_input = GROUP_INT4_MAX  # the fp16 scale absmax / 7 stays <= 65504
     cpu_sum_casts = True
+    triton_sum_casts = True
 
     def __init__(self, *, group: int = 32, **kw):
         super().__init__(**kw)
@@ -171,6 +172,7 @@ class MXFP4Codec(Codec):
 
     name = "mxfp4"
     group = 32
+    triton_sum_casts = True
 
     def payload_nbytes(self, shape, layer=None):
         t, e = shape

@@ -196,6 +196,7 @@ class RotatedGroupCodec(KeptRotation, Codec):
 
     max_input = F.BF16_MAX  # the bf16 kept channels; the scales are checked after rotation
     cpu_sum_casts = True
+    triton_sum_casts = True
 
     def __init__(self, *, bits: int = 4, group: int = 64, k: int | None = None, levels: str = "int",
                  scale_format: str = "fp16", seed: int = 0, name: str | None = None, **kw):

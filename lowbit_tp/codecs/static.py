@@ -144,6 +144,7 @@ class _StaticIntCodec(Codec):
     # Quantized channels clamp to the calibrated range by design; this bounds the bf16 ones.
     max_input = F.BF16_MAX
     cpu_sum_casts = True
+    triton_sum_casts = True
 
     def __init__(self, *, k: int | None = 0, scale_stat: str = "ema", zero_point: bool = False, **kw):
         super().__init__(**kw)
