@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit_tp.kernels.triton_common import (FP_OPTIONS, as_stored, chunk_bases, flag_any, flag_if, fp16_bits, fp16_from_bits,
-                                             RINT_MAGIC, int4_from_nibble, is_finite, load_u16, round_to_int_small,
-                                             store_u16)
+from lowbit_tp.kernels.triton_common import (FP_OPTIONS, as_stored, chunk_bases, flag_any, flag_if, fp16_bits,
+                                             fp16_from_bits, RINT_MAGIC, int4_from_nibble, is_finite, load_u16,
+                                             round_to_int_small, store_u16)
 
 _FP16_MAX = tl.constexpr(65504.0)
 

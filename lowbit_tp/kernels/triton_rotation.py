@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from lowbit_tp.kernels import triton_interpreted
-from lowbit_tp.kernels.triton_common import (FP_OPTIONS, as_stored, bf16_bits, bf16_from_bits, chunk_bases, clamp_keep_nan,
-                                             flag_any,
+from lowbit_tp.kernels.triton_common import (FP_OPTIONS, as_stored, bf16_bits, bf16_from_bits, chunk_bases,
+                                             clamp_keep_nan, flag_any,
                                              fp16_bits, fp16_from_bits, is_finite, load_u16, payload_at,
                                              saturate_minmax, store_u16)
 

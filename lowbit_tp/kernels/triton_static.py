@@ -10,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit_tp.kernels.triton_common import (FP_OPTIONS, as_stored, bf16_bits, bf16_from_bits, chunk_bases, clamp_keep_nan,
-                                             flag_any, flag_if, int4_from_nibble, is_finite, load_u16, payload_at,
-                                             RINT_MAGIC, round_half_even, round_to_int_small, saturate)
+from lowbit_tp.kernels.triton_common import (FP_OPTIONS, as_stored, bf16_bits, bf16_from_bits, chunk_bases,
+                                             clamp_keep_nan, flag_any, flag_if, int4_from_nibble, is_finite, load_u16,
+                                             payload_at, RINT_MAGIC, round_half_even, round_to_int_small, saturate)
 
 
 def launch_config(n: int) -> tuple[int, int]:
