@@ -751,7 +751,7 @@ def test_row_mode_chunks_and_reduce_encode_bitwise(name, monkeypatch):
     assert torch.equal(got, want)
 
 
-TWO_SHOT_FEEDBACK_FUSED = {"int4-outlier", "rot-lm4-g64-lg8-k4"}
+TWO_SHOT_FEEDBACK_FUSED = {"int4-outlier", "rot-lm4-g64-lg8-k4", "int4-g32"}
 
 
 @pytest.mark.parametrize("name", ["int4-outlier", "rot-lm4-g64-lg8-k4", "int4-g32"])

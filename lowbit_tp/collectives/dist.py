@@ -184,7 +184,7 @@ def all_reduce(
         # which owner re-encodes a row depends on the chunking, and so would the carries
         raise ValueError(f"error feedback with two-shot needs whole messages, but {layer!r} goes in "
                          f"{len(pieces)} pipelined chunks; set AutoPolicy.chunk_bytes=0 or use gather")
-    kw = {"out": out} if algo == "gather" else {}
+    kw = {}
     nxt = None
     if feedback is not None:  # one Feedback per row chunk: gather's codecs work row by row
         if len(pieces) == 1:
@@ -199,7 +199,7 @@ def all_reduce(
     tally = CommStats()  # per chunk; reported to ``stats`` as one call
     stages = _gather_pipelined if algo == "gather" else _two_shot_pipelined
     outs = stages(codec, pieces, group, layer=layer, rank=rank, world=world, tally=tally, hook=wire_hook,
-                  feedback=fbs, out=out)
+                  feedback=fbs, out=out, **kw)
     if feedback is not None:
         feedback.next = fbs[0].next if nxt is None else nxt
     if stats is not None:
