@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 from lowbit_tp.calibration import Calibration, CalibrationError
 from lowbit_tp.codecs import CODEC_ALIASES, codec_spec, list_codecs, make_codec
 from lowbit_tp.configs import check_min
-from lowbit_tp.data import load_split
+from lowbit_tp.data import DEFAULT_TEXT_GLOB, load_split
 from lowbit_tp.errors import UserError
 from lowbit_tp.fileio import check_output_path
 from lowbit_tp.models import TPGeometry, check_tp
@@ -113,8 +113,14 @@ def check_seq_len(seq_len: int, config: Any, *, flag: str = "--seq-len") -> list
     return []
 
 
-def check_text(text: str | Path | None, glob: str = "*") -> None:
-    """A user text path must exist and hold decodable text (the default corpus is not read here)."""
+def check_text(text: str | Path | None, glob: str = DEFAULT_TEXT_GLOB) -> None:
+    """A user text path must exist and hold decodable text (the default corpus is not read here).
+    A ``--text-glob`` other than the default needs a ``--text`` directory: on the default
+    corpus or a single file it selected nothing and was ignored."""
+    if glob != DEFAULT_TEXT_GLOB and (text is None or Path(text).expanduser().is_file()):
+        raise UserError(f"--text-glob {glob!r} selects files of a --text directory; "
+                        + ("without --text the default corpus (Shakespeare) is read" if text is None
+                           else f"{text} is a file"))
     if text is None:
         return
 

@@ -327,6 +327,23 @@ def test_eval_at_tp_1_says_that_no_codec_runs():
     assert warned == []
 
 
+def test_text_glob_needs_a_text_directory(tmp_path):
+    """`eval --text-glob '*.md'` without --text (or with --text FILE) read Shakespeare (or the file)
+    and ignored the glob without a word; a directory takes it (header only: no weights load)."""
+    from lowbit_tp.errors import UserError
+    from lowbit_tp.preflight import preflight_calibrate, preflight_eval
+
+    (tmp_path / "a.md").write_text("some text " * 50)
+    out = str(tmp_path / "c.safetensors")
+    with pytest.raises(UserError, match=r"^--text-glob '\*\.md' selects files of a --text directory; without "
+                                        r"--text the default corpus \(Shakespeare\) is read$"):
+        preflight_eval(EvalConfig(tp=3, codecs=("int4-g32",), text_glob="*.md"), warn=lambda _: None)
+    with pytest.raises(UserError, match=r"^--text-glob '\*\.md' selects files of a --text directory; .*a\.md is a file$"):
+        preflight_calibrate(CalibrationConfig(tp=3, text=str(tmp_path / "a.md"), text_glob="*.md"), out=out)
+    preflight_calibrate(CalibrationConfig(tp=3, text=str(tmp_path), text_glob="*.md", allocate=0), out=out)
+    preflight_eval(EvalConfig(tp=3, codecs=("int4-g32",), text=str(tmp_path / "a.md")), warn=lambda _: None)
+
+
 def test_demo_synthetic_refuses_the_model_demos_flags():
     """`demo --synthetic --tp 1` ran its TP-2 tour and ignored --tp (a flag left at its default passes)."""
     proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "demo", "--synthetic", "--tp", "1", "--codec",
