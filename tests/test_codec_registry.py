@@ -55,3 +55,30 @@ def test_a_calibration_path_is_refused_at_construction(name, tmp_path):
         make_codec(name, calibration=str(tmp_path / "cal.safetensors"))
     with pytest.raises(TypeError, match="got PosixPath"):
         make_codec(name, calibration=tmp_path / "cal.safetensors")
+
+
+@pytest.mark.parametrize("name", ["int4-outlier", "int4-random-k", "rot-lm4-g64", "rot-lm4-g64-lg8-k4",
+                                  "rot-ecsq3.5-k4"])
+def test_a_k_that_is_not_an_integer_is_refused(name, cal_factory):
+    """`make_codec(name, k=1.5)` ran with k = 1 (`int(k)`) while its config recorded 1.5, and
+    k=True / k="3" were taken as 1 and 3. An integer of another type (numpy) still builds."""
+    import numpy as np
+
+    cal = cal_factory(2, 128)
+    for bad in (1.5, True, "3", -1):
+        with pytest.raises(ValueError, match=r"^k must be None or an integer >= 0, got "):
+            make_codec(name, calibration=cal, k=bad)
+    codec = make_codec(name, calibration=cal, k=np.int64(2))
+    assert codec.config()["k"] == 2 and type(codec.config()["k"]) is int
+
+
+@pytest.mark.parametrize("name", ["int4-g32", "rot-lm4-g64"])
+def test_a_group_that_is_not_a_positive_integer_is_refused(name):
+    """`rot-*` with group=0 died in ZeroDivisionError; int4-g32's group=1.5 was accepted."""
+    from lowbit_tp.codecs.dynamic import GroupInt4Codec
+    from lowbit_tp.codecs.rotation import RotatedGroupCodec
+
+    cls = GroupInt4Codec if name == "int4-g32" else RotatedGroupCodec
+    for bad in (0, 1.5, "8"):
+        with pytest.raises(ValueError, match=r"^group must be an integer >= 1, got "):
+            cls(group=bad, k=0) if cls is RotatedGroupCodec else cls(group=bad)

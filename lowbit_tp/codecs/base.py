@@ -677,6 +677,21 @@ def _places(keys: list) -> str:
     return shown + (f"; and {len(keys) - 4} more" if len(keys) > 4 else "")
 
 
+def check_int_option(value, what: str, *, minimum: int, optional: bool = False):
+    """A codec's integer option (``k``, ``group``): an int (not a bool) >= ``minimum``, or None
+    where ``optional``. A float or a numeric string was truncated by ``int()`` while the codec's
+    config recorded it as given (``k=1.5`` ran as k = 1); ``group=0`` divided by zero."""
+    if value is None and optional:
+        return value
+    try:
+        got = None if isinstance(value, bool) else operator.index(value)  # numpy/torch integers pass
+    except TypeError:
+        got = None
+    if got is None or got < minimum:
+        raise ValueError(f"{what} must be {'None or ' if optional else ''}an integer >= {minimum}, got {value!r}")
+    return got
+
+
 def _as_shape(shape, name: str) -> tuple[int, int]:
     """A decode's ``(tokens, E)``: two non-negative integers (a float, a third entry or a
     negative size was truncated, ignored, or failed inside torch)."""

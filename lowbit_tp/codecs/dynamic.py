@@ -16,7 +16,7 @@ import math
 import torch
 
 from lowbit_tp.codecs import functional as F
-from lowbit_tp.codecs.base import Codec, register_codec
+from lowbit_tp.codecs.base import Codec, check_int_option, register_codec
 
 
 def _triton_kernels():
@@ -64,9 +64,7 @@ class GroupInt4Codec(Codec):
 
     def __init__(self, *, group: int = 32, **kw):
         super().__init__(**kw)
-        if group < 1:
-            raise ValueError(f"group must be positive, got {group}")
-        self.group = group
+        self.group = check_int_option(group, "group", minimum=1)
         self.name = f"int4-g{group}"
 
     def options(self):

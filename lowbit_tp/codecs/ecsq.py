@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from lowbit_tp.codecs import functional as F
-from lowbit_tp.codecs.base import Codec, register_codec
+from lowbit_tp.codecs.base import Codec, check_int_option, register_codec
 from lowbit_tp.codecs.rotation import ROTATE_MAX, KeptRotation, RotParams
 
 STEP_SEARCH = 1024  # candidate steps per row: base * 2**(-j/64), j in [0, 1024)
@@ -285,6 +285,7 @@ class EcsqCodec(KeptRotation, Codec):
 
     def __init__(self, *, bits: float = 3.5, k: int | None = 4, table: str | Sequence[int] = "gauss3.5",
                  rounding: float = 0.5, seed: int = 0, name: str | None = None, **kw):
+        k = check_int_option(k, "k", minimum=0, optional=True)
         self.needs_calibration = k != 0
         super().__init__(**kw)
         if not (isinstance(bits, (int, float)) and 1.0 <= float(bits) <= 16.0):

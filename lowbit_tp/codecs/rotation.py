@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from lowbit_tp.codecs import functional as F
-from lowbit_tp.codecs.base import Codec, register_codec
+from lowbit_tp.codecs.base import Codec, check_int_option, register_codec
 from lowbit_tp.codecs.functional import fwht, hadamard_block, pack_bitplanes, unpack_bitplanes  # noqa: F401
 from lowbit_tp.codecs.static import topk_channels
 
@@ -200,6 +200,8 @@ class RotatedGroupCodec(KeptRotation, Codec):
 
     def __init__(self, *, bits: int = 4, group: int = 64, k: int | None = None, levels: str = "int",
                  scale_format: str = "fp16", seed: int = 0, name: str | None = None, **kw):
+        k = check_int_option(k, "k", minimum=0, optional=True)
+        group = check_int_option(group, "group", minimum=1)
         self.needs_calibration = k != 0
         super().__init__(**kw)
         if bits not in (2, 3, 4, 5, 6, 8):

@@ -31,7 +31,7 @@ import torch
 
 from lowbit_tp.calibration.artifact import ChannelStats, Source
 from lowbit_tp.codecs import functional as F
-from lowbit_tp.codecs.base import Codec, _check_buffer, register_codec
+from lowbit_tp.codecs.base import Codec, _check_buffer, check_int_option, register_codec
 
 
 def _triton_kernels():
@@ -147,6 +147,7 @@ class _StaticIntCodec(Codec):
     triton_sum_casts = True
 
     def __init__(self, *, k: int | None = 0, scale_stat: str = "ema", zero_point: bool = False, **kw):
+        k = check_int_option(k, "k", minimum=0, optional=True)
         super().__init__(**kw)
         if scale_stat not in SCALE_STATS:
             raise ValueError(f"scale_stat must be one of {SCALE_STATS}, got {scale_stat!r}")
