@@ -69,6 +69,26 @@ def test_a_simulator_inside_another_is_refused_and_a_failed_entry_leaves_the_mod
         assert torch.equal(model(ids).logits, base)
 
 
+@pytest.mark.parametrize("codec", [None, "int4-g32"])
+def test_a_forward_that_would_backpropagate_is_refused(codec):
+    """Outside torch.no_grad the simulated model ran and `loss.backward()` passed, but the
+    row-parallel layers' weights (frozen shard copies) got no gradient, and with a codec nothing
+    before the first compressed all-reduce did either (its payload cuts the graph): wrong
+    gradients without a word. Inference under no_grad still runs."""
+    model = tiny_model("llama")
+    ids = _ids()
+    model(ids).logits.sum().backward()  # the unmodified model: every weight gets a gradient
+    assert all(p.grad is not None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    with TPSimulator(model, tp=2, codec=codec, algorithm="exact" if codec is None else "gather"):
+        with pytest.raises(RuntimeError, match=r"^model\.layers\.0\.self_attn\.o_proj: the row-parallel layers "
+                                               r"of lowbit-tp .* run inference only: run the model under "
+                                               r"torch\.no_grad\(\)$"):
+            model(ids)
+        with torch.no_grad():
+            model(ids)
+
+
 def test_a_codec_is_never_silently_ignored():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="'exact' would ignore codec 'int4-g32'"):

@@ -229,6 +229,11 @@ class RowParallelLinear(nn.Module):
         return self.weights[0].shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            # its weights are frozen copies and a codec's payload cuts the graph: a backward pass
+            # ran and left these layers' weights, and with a codec everything before them, no gradient
+            raise RuntimeError(f"{self.name}: the row-parallel layers of lowbit-tp (TPSimulator, the TP runtime) "
+                               f"run inference only: run the model under torch.no_grad()")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         partials = [local_partial(x2[:, s], w) for s, w in zip(self.shards, self.weights)]
