@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import os
 import signal
 import subprocess
@@ -441,3 +442,28 @@ def test_eval_reads_any_utf8_text_dir_and_uses_the_last_word_items_there_are(tmp
     warnings_ = [line for line in err.splitlines() if "warning" in line.lower()]
     assert warnings_ == [f"lowbit-tp: warning: text too short: found only {used} non-overlapping last-word "
                          f"passages with 128 context tokens, 500 requested; using {used}"], err
+
+
+def test_a_model_that_gives_inf_is_one_line_in_eval_and_calibrate(tmp_path):
+    """A checkpoint whose partials hold Inf (one weight set to Inf): `eval` printed the simulator's
+    NonFiniteError and `calibrate` a ValueError from the statistics, each as a full traceback."""
+    import torch
+
+    from helpers import save_tiny
+    from lowbit_tp.models import load_model
+
+    path = save_tiny(tmp_path, "llama")
+    model, tok, _ = load_model(path)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("inf")
+    model.save_pretrained(path)
+    common = ["--model", path, "--tp", "2", "--samples", "2", "--seq-len", "16"]
+    rc, err, _ = _run_main(["eval", *common, "--codec", "int4-g32", "--lambada", "0"])
+    assert rc == 1 and "Traceback" not in err and re.search(
+        r"lowbit-tp: error: int4-g32: \d+ NaN/Inf value\(s\) in the communicated tensor of layer "
+        r"'model\.layers\.1\.mlp\.down_proj', source 0; .* \(LOWBIT_TP_DEBUG=1 shows the traceback\)\n", err), err
+    rc, err, _ = _run_main(["calibrate", *common, "--allocate", "0", "--out", str(tmp_path / "c.safetensors")])
+    assert rc == 2 and "Traceback" not in err and re.search(
+        r"lowbit-tp: error: non-finite values in calibration activations of 'model\.layers\.1\.mlp\.down_proj' "
+        r"\(source 0\): the model gives NaN/Inf", err), err
+    assert not (tmp_path / "c.safetensors").exists()

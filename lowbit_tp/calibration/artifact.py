@@ -450,7 +450,9 @@ class StatsAccumulator:
         # check runs on two [E] vectors instead of the whole batch.
         bmin, bmax = torch.aminmax(y, dim=0)
         if not (bool(torch.isfinite(bmin).all()) and bool(torch.isfinite(bmax).all())):
-            raise ValueError(f"non-finite values in calibration activations of {layer!r} (source {source!r})")
+            # a CalibrationError (a UserError): the CLI says it in one line, not a traceback
+            raise CalibrationError(f"non-finite values in calibration activations of {layer!r} (source {source!r}): "
+                                   f"the model gives NaN/Inf on this text (its weights, or its dtype's range)")
         babs = torch.maximum(-bmin, bmax)
         # the ceil(0.999 n)-th smallest |y|, found as the (n - that + 1)-th largest: topk of a
         # few values is several times faster than kthvalue over the whole column

@@ -70,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as exc:
         # RankFailure lives with the collectives (torch); a failed command has paid that import already.
+        from lowbit_tp.codecs.base import NonFiniteError
         from lowbit_tp.collectives.launch import RankFailure
 
+        if isinstance(exc, NonFiniteError) and not _debug():  # the simulator's (in this process): NaN/Inf
+            print(f"lowbit-tp: error: {exc} (LOWBIT_TP_DEBUG=1 shows the traceback)", file=sys.stderr)
+            return 1
         if not isinstance(exc, RankFailure) or _debug():
             raise
         print(f"lowbit-tp: error: {exc.summary} (LOWBIT_TP_DEBUG=1 shows every rank's traceback)", file=sys.stderr)
