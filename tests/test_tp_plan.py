@@ -141,3 +141,27 @@ def test_dist_reducer_takes_exactly_one_partial():
     red = DistReducer(codec=make_codec("bf16"))
     with pytest.raises(ValueError, match="own partial only"):
         red.reduce([torch.zeros(2, 4), torch.zeros(2, 4)], layer="x")
+
+
+def test_rank_reducers_refuse_a_codec_that_exact_would_ignore():
+    """`register_lowbit_rowwise(codec=make_codec("int4-g32"), algorithm="exact")` (and the DTensor
+    style, and a DistReducer) sent uncompressed values without a word: the codec was never used.
+    An unknown algorithm or a codec name failed only at the first forward. bf16/exact is the
+    documented uncompressed baseline and still builds."""
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.integrations.dtensor import LowbitRowwiseParallel
+    from lowbit_tp.integrations.transformers import LowbitRowwiseParallel as Rowwise
+    from lowbit_tp.tp import DistReducer
+
+    builders = [lambda **kw: DistReducer(**kw), lambda **kw: Rowwise(**kw),
+                lambda **kw: LowbitRowwiseParallel(layer="model.layers.0.mlp.down_proj", **kw)]
+    for build in builders:
+        with pytest.raises(ValueError, match=r"^algorithm 'exact' \(the backend all-reduce, uncompressed\) would "
+                                             r"ignore codec 'int4-g32'; use gather"):
+            build(codec=make_codec("int4-g32"), algorithm="exact")
+        with pytest.raises(ValueError, match=r"^unknown algorithm 'ring'"):
+            build(codec=make_codec("int4-g32"), algorithm="ring")
+        with pytest.raises(TypeError, match=r"^codec must be a lowbit_tp Codec .*got str 'int4-g32'$"):
+            build(codec="int4-g32", algorithm="gather")
+        build(codec=make_codec("bf16"), algorithm="exact")
+        build(codec=make_codec("int4-g32"), algorithm="auto")

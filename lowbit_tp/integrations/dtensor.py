@@ -36,7 +36,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from lowbit_tp.codecs.base import Codec
 from lowbit_tp.collectives import DEFAULT_ALGORITHM, AutoPolicy
 from lowbit_tp.tp.plan import DECODER_PLAN, TPPlan
-from lowbit_tp.tp.row_parallel import CommHooks, DistReducer, Reducer
+from lowbit_tp.tp.row_parallel import CommHooks, DistReducer, Reducer, check_reduce_config
 
 __all__ = ["LowbitRowwiseParallel", "parallelize_plan"]
 
@@ -56,6 +56,8 @@ class LowbitRowwiseParallel(RowwiseParallel):
         super().__init__(input_layouts=Shard(-1), output_layouts=Replicate(), use_local_output=True)
         if codec is None and reducer is None:
             raise ValueError("give a codec (or a reducer) for LowbitRowwiseParallel")
+        if reducer is None:  # now, not when parallelize_module builds the reducer
+            check_reduce_config(codec, algorithm)
         self.layer = layer
         self.codec, self.algorithm, self.policy, self.hooks, self.reducer = codec, algorithm, policy, hooks, reducer
 

@@ -60,7 +60,7 @@ from lowbit_tp.collectives import DEFAULT_ALGORITHM, AutoPolicy, CommStats
 from lowbit_tp.models import get_adapter
 from lowbit_tp.models.adapters import post_norm_of
 from lowbit_tp.tp.plan import DECODER_PLAN, TPPlan
-from lowbit_tp.tp.row_parallel import CommHooks, DistReducer, Reducer
+from lowbit_tp.tp.row_parallel import CommHooks, DistReducer, Reducer, check_reduce_config
 
 __all__ = ["STYLE_NAME", "LowbitRowwiseParallel", "PostNormRecorder", "register_lowbit_rowwise", "tp_plan"]
 
@@ -106,6 +106,8 @@ class LowbitRowwiseParallel(RowwiseParallel):
         super().__init__()
         if codec is None and reducer is None:
             raise ValueError("give a codec (or a reducer) for the lowbit_rowwise style")
+        if reducer is None:  # now, not when the first forward builds the reducer
+            check_reduce_config(codec, algorithm)
         if error_feedback and reducer is not None:
             raise ValueError("error_feedback builds the style's own reducers; give the reducer its own "
                              "FeedbackChain instead (DistReducer(feedback=...))")

@@ -50,13 +50,13 @@ from torch import nn
 
 from lowbit_tp.codecs.base import Codec, NonFiniteError
 from lowbit_tp.collectives import AutoPolicy, CommStats, all_reduce, simulate_all_reduce
-from lowbit_tp.collectives.algorithms import DEFAULT_ALGORITHM, sum_in_rank_order
+from lowbit_tp.collectives.algorithms import ALGORITHMS, DEFAULT_ALGORITHM, sum_in_rank_order
 from lowbit_tp.collectives.policy import resolve_algorithm
 from lowbit_tp.collectives.dist import WireHook
 from lowbit_tp.collectives.feedback import FeedbackChain
 
-__all__ = ["CommHooks", "DistReducer", "Observer", "Reducer", "RowParallelLinear", "SimulatedReducer", "local_partial",
-           "shard_weight"]
+__all__ = ["CommHooks", "DistReducer", "Observer", "Reducer", "RowParallelLinear", "SimulatedReducer",
+           "check_reduce_config", "local_partial", "shard_weight"]
 
 Observer = Callable[[str, list, torch.Tensor], None]
 
@@ -76,6 +76,21 @@ class Reducer(Protocol):
     """Sums a row-parallel layer's partials over the TP ranks (contract in the module doc)."""
 
     def reduce(self, partials: Sequence[torch.Tensor], *, layer: str) -> torch.Tensor: ...
+
+
+def check_reduce_config(codec: Codec, algorithm: str) -> None:
+    """What a rank's reducer refuses when it is built, not at its first forward: an unknown
+    ``algorithm``, a ``codec`` that is not a :class:`Codec` (a name), and ``exact`` with a
+    codec other than ``bf16``, which would send uncompressed values and ignore the codec (as
+    ``TPSimulator`` and ``RunConfig`` refuse it)."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    if not isinstance(codec, Codec):
+        raise TypeError(f"codec must be a lowbit_tp Codec (lowbit_tp.codecs.make_codec(name, calibration=...)), "
+                        f"got {type(codec).__name__}" + (f" {codec!r}" if isinstance(codec, str) else ""))
+    if algorithm == "exact" and codec.name != "bf16":
+        raise ValueError(f"algorithm 'exact' (the backend all-reduce, uncompressed) would ignore codec {codec.name!r}; "
+                         f"use gather, two-shot or auto, or codec bf16 for the exact baseline")
 
 
 @dataclass
@@ -159,6 +174,9 @@ class DistReducer:
     hooks: CommHooks = CommHooks()
     feedback: FeedbackChain | None = None
     in_place: bool = False
+
+    def __post_init__(self):
+        check_reduce_config(self.codec, self.algorithm)
 
     def reduce(self, partials: Sequence[torch.Tensor], *, layer: str) -> torch.Tensor:
         if len(partials) != 1:
