@@ -222,6 +222,21 @@ def _rank_raises(rank, world):
     return 1 / 0
 
 
+def _rank_returns(rank, world):
+    return rank
+
+
+def test_a_tiny_timeout_fails_the_ranks_in_one_line():
+    """`run --timeout 0.001`: the parent's own rendezvous store timed out connecting to itself,
+    and closing its socket then raised OSError EBADF (the store had closed it), so the user got
+    that (and a chained traceback) instead of the timeout. The parent's store now takes at least
+    30 s; the ranks, which keep the timeout, fail as a RankFailure."""
+    with pytest.raises(RankFailure) as info:
+        spawn_ranks(_rank_returns, 2, timeout_s=1e-6)
+    assert info.value.summary.startswith("rank "), info.value.summary
+    assert spawn_ranks(_rank_returns, 2, timeout_s=5) == [0, 1]
+
+
 def test_two_stage_codec_spends_more_bits_on_the_sum_only():
     world = 3
     cal = _cal(world)

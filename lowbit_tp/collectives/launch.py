@@ -148,10 +148,13 @@ def _loopback_store(timeout_s: float):
     sock.listen(128)
     host, port = sock.getsockname()
     try:
-        store = dist.TCPStore(host, port, None, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
-                              master_listen_fd=sock.fileno())
+        # The server connects a client to itself with this timeout; the ranks' stores and process
+        # group keep ``timeout_s``. Below a few seconds that self-connection could time out here.
+        store = dist.TCPStore(host, port, None, True, datetime.timedelta(seconds=max(timeout_s, 30.0)),
+                              wait_for_workers=False, master_listen_fd=sock.fileno())
     except BaseException:
-        sock.close()
+        with contextlib.suppress(OSError):  # the store may have closed the descriptor already (EBADF)
+            sock.close()
         raise
     sock.detach()  # the store owns the descriptor now and closes it
     try:
