@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs.append((a, b))
     try:
         result = merge_results([json.loads(p.read_text()) for p in args.eval_json])
-    except ValueError as e:
+    except (OSError, ValueError) as e:  # a missing or unreadable file, or not JSON: one line
         raise SystemExit(f"error: {e}") from None
     rows = compare(result, pairs)
     print(table(rows))

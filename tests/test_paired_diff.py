@@ -153,6 +153,9 @@ def test_script_refuses_rows_without_sums(tmp_path):
         mod.main([str(src), "--pairs", "coarse:fine"])
     with pytest.raises(SystemExit, match="no row for codec 'other'"):
         mod.main([str(src), "--pairs", "fine:other"])
+    # a missing file was a FileNotFoundError traceback (a file that is not JSON was already one line)
+    with pytest.raises(SystemExit, match=r"^error: \[Errno 2\] No such file or directory: .*missing\.json'$"):
+        mod.main([str(tmp_path / "missing.json"), "--pairs", "coarse:fine"])
 
 
 def test_script_merges_results_of_the_same_windows_only(tmp_path):
