@@ -8,14 +8,16 @@ half-written file (the text goes to a temporary file in the same directory, then
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from lowbit_tp.errors import UserError
 
-__all__ = ["atomic_write_text", "atomic_write_with", "check_output_path"]
+__all__ = ["atomic_write_text", "atomic_write_with", "check_output_path", "run_tempdir"]
 
 
 def check_output_path(path: str | os.PathLike, *, what: str = "output file") -> Path:
@@ -78,6 +80,35 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[str], None]) -> 
             pass
         raise
     return p
+
+
+@contextlib.contextmanager
+def run_tempdir(prefix: str) -> Iterator[str]:
+    """A temporary directory for one run (``tempfile.TemporaryDirectory``), named
+    ``{prefix}{pid}_...``. No handler runs on SIGKILL, so a killed run leaves its directory (the
+    evaluation's baseline logits: up to GBs); entering removes those that earlier runs with the
+    same ``prefix`` left, where that run's process is gone and the directory is this user's."""
+    base = Path(tempfile.gettempdir())
+    for old in base.glob(f"{prefix}*"):
+        pid = old.name[len(prefix):].partition("_")[0]
+        try:
+            mine = old.is_dir() and not old.is_symlink() and old.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if pid.isdigit() and mine and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}_") as tmp:
+        yield tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as another user's process
+        return True
+    return True
 
 
 def _umask() -> int:

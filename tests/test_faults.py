@@ -467,3 +467,27 @@ def test_a_model_that_gives_inf_is_one_line_in_eval_and_calibrate(tmp_path):
         r"lowbit-tp: error: non-finite values in calibration activations of 'model\.layers\.1\.mlp\.down_proj' "
         r"\(source 0\): the model gives NaN/Inf", err), err
     assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_a_run_directory_left_by_a_killed_run_is_removed_by_the_next(tmp_path, monkeypatch):
+    """`eval --runtime tp` keeps the baseline logits in a temporary directory (1.6 GB for SmolLM2's
+    default 32 x 256 windows) and bench-e2e its random model; a `kill -9` of the parent left them
+    in /tmp for good. A run's directory carries its pid; the next run removes those whose process
+    is gone, and keeps a live run's and anything not named by that scheme."""
+    import tempfile
+
+    from lowbit_tp.fileio import run_tempdir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"lowbit_tp_eval_baseline_{gone.pid}_abc"
+    live = tmp_path / f"lowbit_tp_eval_baseline_{os.getpid()}_def"
+    other = tmp_path / "lowbit_tp_eval_baseline_notapid"
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "batch0.pt").write_bytes(b"x" * 10)
+    with run_tempdir("lowbit_tp_eval_baseline_") as mine:
+        assert Path(mine).parent == tmp_path and Path(mine).name.startswith(f"lowbit_tp_eval_baseline_{os.getpid()}_")
+        assert not stale.exists() and live.exists() and other.exists()
+    assert not Path(mine).exists()

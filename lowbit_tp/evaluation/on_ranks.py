@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -37,6 +36,7 @@ from lowbit_tp.collectives import CommStats, spawn_ranks
 from lowbit_tp.configs import RankOptions
 from lowbit_tp.evaluation.evaluate import EvalConfig, _lambada, eval_inputs, result_record, result_row
 from lowbit_tp.evaluation.records import EvalResult
+from lowbit_tp.fileio import run_tempdir
 from lowbit_tp.evaluation.metrics import LMComparison
 from lowbit_tp.models import load_model
 from lowbit_tp.runtime.startup import start_rank
@@ -123,7 +123,7 @@ def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = RankOptions.timeou
     # fails here, before spawning, on a wrong calibration artifact
     calibration, split, chunks, items, split_info = eval_inputs(cfg, tokenizer, info, warn=warn)
     batches = list(chunks.input_ids.split(cfg.batch_size))
-    with tempfile.TemporaryDirectory(prefix="lowbit_tp_eval_baseline_") as base_dir:
+    with run_tempdir("lowbit_tp_eval_baseline_") as base_dir:  # a SIGKILLed run's is removed by the next
         with torch.no_grad():
             for b, ids in enumerate(tqdm(batches, desc="baseline", unit="fwd", disable=not progress)):
                 torch.save(model(ids).logits, Path(base_dir) / f"batch{b}.pt")

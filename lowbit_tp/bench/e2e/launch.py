@@ -6,12 +6,12 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from lowbit_tp.bench.netns import netns_command
 from lowbit_tp.collectives.launch import RankFailure, set_parent_death_signal
+from lowbit_tp.fileio import run_tempdir
 
 
 def free_port() -> int:
@@ -22,7 +22,7 @@ def free_port() -> int:
 
 def launch_ranks(run_cfg: dict, *, world: int, hosts: list[str] | None, port: int, timeout_s: float) -> list[dict]:
     """Start ``world`` rank processes (in namespaces when ``hosts``), wait, return their JSON."""
-    with tempfile.TemporaryDirectory(prefix="lowbit_tp_e2e_") as tmp:
+    with run_tempdir("lowbit_tp_e2e_") as tmp:
         cfg_path = Path(tmp, "config.json")
         cfg_path.write_text(json.dumps(run_cfg))
         procs, logs = [], []

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from lowbit_tp.bench.netns import emulated_link
 from lowbit_tp.calibration.pipeline import calibrate
 from lowbit_tp.codecs import codec_spec
 from lowbit_tp.configs import CalibrationConfig, E2EConfig
+from lowbit_tp.fileio import run_tempdir
 from lowbit_tp.models import load_tokenizer
 from lowbit_tp.preflight import check_codecs, check_model_tp
 from lowbit_tp.results import markdown_table, write_results
@@ -39,7 +39,7 @@ def run_e2e_bench(cfg: E2EConfig, *, json_path: str | None = None, log=print,
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     rows, runs = [], []
-    with tempfile.TemporaryDirectory(prefix="lowbit_tp_e2e_model_") as tmp:
+    with run_tempdir("lowbit_tp_e2e_model_") as tmp:  # a SIGKILLed run's is removed by the next
         model = cfg.model
         if model == "random-llama":
             model = save_random_llama(Path(tmp, "random-llama"), hidden=cfg.hidden, intermediate=cfg.intermediate,
