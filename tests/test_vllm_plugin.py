@@ -47,6 +47,10 @@ def test_config_from_env_and_additional_config(monkeypatch):
         resolve_config({"lowbit_tp": {"codecs": "x"}})
     with pytest.raises(ValueError, match="unknown algorithm"):
         PluginConfig(codec="bf16", algorithm="ring")
+    # was taken, and the workers' reducer then sent every message uncompressed
+    with pytest.raises(ValueError, match="^lowbit-tp plugin: algorithm 'exact' .* would ignore codec 'int4-g32'"):
+        PluginConfig.from_env({"LOWBIT_TP_CODEC": "int4-g32", "LOWBIT_TP_ALGORITHM": "exact"})
+    assert PluginConfig(codec="bf16", algorithm="exact").enabled
     monkeypatch.delenv("LOWBIT_TP_CODEC")
     assert not resolve_config({}).enabled
 

@@ -79,6 +79,9 @@ class PluginConfig:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"lowbit-tp plugin: unknown algorithm {self.algorithm!r}; choose one of "
                              f"{', '.join(ALGORITHMS)}")
+        if self.algorithm == "exact" and self.codec and self.codec != "bf16":  # refused before vLLM starts
+            raise ValueError(f"lowbit-tp plugin: algorithm 'exact' (vLLM-sized messages uncompressed) would ignore "
+                             f"codec {self.codec!r}; use gather, two-shot or auto, or codec bf16")
         if self.nonfinite not in ("propagate", "error"):
             raise ValueError(f"lowbit-tp plugin: nonfinite must be 'propagate' or 'error', got {self.nonfinite!r}")
         if self.min_bytes < 0:
