@@ -351,6 +351,10 @@ def test_demo_synthetic_refuses_the_model_demos_flags():
     assert proc.returncode == 2 and proc.stderr == ("lowbit-tp: error: --tp, --codec apply to the model demo; "
                                                     "--synthetic runs every codec at TP 2 without a model\n"), \
         proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "demo", "--synthetic", "--max-new-tokens", "5"],
+                          capture_output=True, text=True)  # one flag: "applies" (was "apply")
+    assert proc.returncode == 2 and proc.stderr.startswith("lowbit-tp: error: --max-new-tokens applies to the model "
+                                                           "demo; --synthetic"), proc.stderr
 
 
 def test_run_warns_about_generations_past_the_models_context():

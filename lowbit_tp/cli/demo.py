@@ -38,8 +38,8 @@ def cmd(args) -> None:
                                                 ("--max-new-tokens", args.max_new_tokens,
                                                  default(DemoConfig, "max_new_tokens"))) if value != dflt]
         if given:
-            raise UserError(f"{', '.join(given)} apply to the model demo; --synthetic runs every codec at TP 2 "
-                            f"without a model")
+            raise UserError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to the model demo; "
+                            f"--synthetic runs every codec at TP 2 without a model")
     if args.json:
         check_output_path(args.json)
     cfg = config_from_args(args)
