@@ -211,6 +211,31 @@ def test_wrong_shaped_statistic_is_a_calibration_error(tmp_path, cal):
         Calibration.load(path)
 
 
+def test_a_nonfinite_statistic_is_refused_on_save_and_load(tmp_path, cal):
+    """A statistic holding NaN (a file rewritten with a valid checksum, or a Calibration built in
+    code) loaded without a word, and int4-outlier then decoded finite input to NaN."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from lowbit_tp.codecs import make_codec
+
+    path = cal.save(tmp_path / "cal.safetensors")
+    tensors = load_file(str(path))
+    tensors["a.o_proj|rank0|ema_max"][5] = float("nan")
+    _rewrite(path, json.loads(json.dumps(cal.meta)), tensors)
+    with pytest.raises(CalibrationError, match=r"a\.o_proj\|0\|ema_max holds NaN/Inf; recalibrate$"):
+        Calibration.load(path)
+    st = cal.stats[("a.o_proj", 1)]
+    stats = {**cal.stats, ("a.o_proj", 1): dataclasses.replace(st, absmax=st.absmax.clone().fill_(float("inf")))}
+    with pytest.raises(CalibrationError, match=r"a\.o_proj\|1\|absmax holds NaN/Inf"):
+        Calibration(meta=cal.meta, stats=stats).save(tmp_path / "inf.safetensors")
+    assert not (tmp_path / "inf.safetensors").exists()
+    x = torch.randn(3, 64)  # the finite calibration decodes finite input to finite values
+    codec = make_codec("int4-outlier", calibration=Calibration.load(cal.save(tmp_path / "ok.safetensors")))
+    assert torch.isfinite(codec.decode(codec.encode(x, layer="a.o_proj"), (3, 64), layer="a.o_proj")).all()
+
+
 def test_directory_is_not_reported_missing(tmp_path):
     with pytest.raises(CalibrationError, match="is a directory"):
         Calibration.load(tmp_path)

@@ -250,6 +250,7 @@ class Calibration:
         never sees a half-written file, and a failed write leaves an earlier file whole."""
         from safetensors.torch import save_file
 
+        _check_stats(self.meta, self.stats, Path(path))  # what load would refuse is not written
         tensors = self._tensors()
         meta = dict(self.meta)
         meta["schema_version"] = SCHEMA_VERSION
@@ -371,6 +372,8 @@ def _check_stats(meta: dict[str, Any], stats: dict[tuple[str, Source], ChannelSt
             if t.dtype != torch.float32 or tuple(t.shape) != (e,):
                 raise CalibrationError(
                     f"{path}: {layer}|{source}|{name} is {t.dtype} {tuple(t.shape)}, expected float32 ({e},)")
+            if not bool(torch.isfinite(t).all()):  # a static codec would decode finite input to NaN
+                raise CalibrationError(f"{path}: {layer}|{source}|{name} holds NaN/Inf; recalibrate")
 
 
 def _check_weights(meta: dict[str, Any], weights: dict[str, torch.Tensor], where: str) -> None:
