@@ -90,6 +90,12 @@ class AutoPolicy:
     two_shot_min_world: int = 3
     chunk_bytes: int = 0
 
+    def __post_init__(self):
+        # chunk_bytes=-1 read as 0 (off) and a string failed at the first message
+        check_min(self.min_bytes, "AutoPolicy.min_bytes", 0)
+        check_min(self.chunk_bytes, "AutoPolicy.chunk_bytes", 0)
+        check_min(self.two_shot_min_world, "AutoPolicy.two_shot_min_world", 2)
+
     def chunk_rows(self, *, tokens: int, hidden: int) -> int:
         """Rows per pipelined chunk of a ``[tokens, hidden]`` message (``tokens``: no chunking)."""
         if self.chunk_bytes <= 0 or 2 * tokens * hidden <= self.chunk_bytes:

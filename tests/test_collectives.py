@@ -401,6 +401,16 @@ def test_in_place_all_reduce_writes_the_same_bits_over_the_partial(world, ranks_
         assert "contiguous" in refused["strided"]
 
 
+def test_a_policy_with_a_negative_or_non_numeric_threshold_is_refused():
+    """AutoPolicy(chunk_bytes=-1) ran unchunked without a word and min_bytes="x" failed only at
+    the first message, inside the collective."""
+    for kw, name in [({"chunk_bytes": -1}, "chunk_bytes"), ({"min_bytes": "x"}, "min_bytes"),
+                     ({"min_bytes": True}, "min_bytes"), ({"two_shot_min_world": 1}, "two_shot_min_world")]:
+        with pytest.raises(ValueError, match=rf"^AutoPolicy\.{name} must be >= "):
+            AutoPolicy(**kw)
+    AutoPolicy(min_bytes=0, chunk_bytes=0, two_shot_min_world=2)
+
+
 def test_chunk_rows_policy():
     p = AutoPolicy(chunk_bytes=1024)
     assert p.chunk_rows(tokens=100, hidden=64) == 8  # 8 rows of 64 bf16 values = 1024 bytes
