@@ -82,3 +82,15 @@ def test_a_group_that_is_not_a_positive_integer_is_refused(name):
     for bad in (0, 1.5, "8"):
         with pytest.raises(ValueError, match=r"^group must be an integer >= 1, got "):
             cls(group=bad, k=0) if cls is RotatedGroupCodec else cls(group=bad)
+
+
+def test_bits_per_value_of_an_empty_shape_is_nan():
+    """`codec.bits_per_value((0, 64))` raised ZeroDivisionError; a shape of no values has no
+    bits per value (nan, as CommStats reports), and a bad shape is a ValueError naming the codec."""
+    import math
+
+    codec = make_codec("int4-g32")
+    assert math.isnan(codec.bits_per_value((0, 64))) and math.isnan(codec.bits_per_value((1, 0)))
+    assert codec.bits_per_value((2, 64)) == 8 * (64 + 2 * 2 * 2) / 128  # packed nibbles + fp16 scales
+    with pytest.raises(ValueError, match="int4-g32: shape must be"):
+        codec.bits_per_value((2.5, 64))

@@ -489,8 +489,11 @@ class Codec(ABC):
         return self.decode(self.encode(x, layer=layer, source=source), tuple(x.shape), layer=layer, source=source)
 
     def bits_per_value(self, shape: tuple[int, int], layer: str | None = None) -> float:
-        """Wire bits per value for ``shape``, from the payload size (metadata included)."""
-        return 8.0 * self.payload_nbytes(shape, layer) / (shape[0] * shape[1])
+        """Wire bits per value for ``shape``, from the payload size (metadata included); nan for
+        a shape of no values (as :class:`~lowbit_tp.collectives.CommStats` gives; was ZeroDivisionError)."""
+        shape = _as_shape(shape, self.name)
+        values = shape[0] * shape[1]
+        return 8.0 * self.payload_nbytes(shape, layer) / values if values else math.nan
 
     def params(self, layer: str | None, source: Source, hidden: int, device: torch.device | str = "cpu") -> Any:
         """Static parameters of (layer, source) at width ``hidden``, built once and cached per
