@@ -491,3 +491,13 @@ def test_a_run_directory_left_by_a_killed_run_is_removed_by_the_next(tmp_path, m
         assert Path(mine).parent == tmp_path and Path(mine).name.startswith(f"lowbit_tp_eval_baseline_{os.getpid()}_")
         assert not stale.exists() and live.exists() and other.exists()
     assert not Path(mine).exists()
+
+
+def test_run_at_tp_1_warns_that_the_codec_never_runs(tmp_path):
+    """`run --tp 1 --codec int4-g32` generated and reported 0 bytes sent without a word (eval warns)."""
+    from helpers import save_tiny
+
+    path = save_tiny(tmp_path, "llama")
+    rc, err, _ = _run_main(["run", "--model", path, "--tp", "1", "--codec", "int4-g32", "--prompt", "hi",
+                            "--max-new-tokens", "2", "--quiet"])
+    assert rc == 0 and "lowbit-tp: warning: --tp 1 has no all-reduce, so codec 'int4-g32' never runs" in err, err

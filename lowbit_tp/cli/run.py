@@ -133,6 +133,9 @@ def cmd(args) -> None:
     else:
         if args.tp is None:
             raise UserError("--tp is required (or launch under torchrun)")
+        if args.tp == 1 and args.codec != "bf16":  # as eval --tp 1: the codec never runs
+            warn(f"--tp 1 has no all-reduce, so codec {args.codec!r} never runs (0 bytes sent); give the TP "
+                 f"degree whose communication you mean to compress")
         out = run_config(config_from_args(args, args.tp), stream=not args.quiet)
     print(report(out))
     write_json(args.json, out.to_json())  # first: nothing after the run may lose its results
