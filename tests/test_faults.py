@@ -351,6 +351,57 @@ def test_rank_error_reaches_the_user_as_one_line():
     assert "Traceback" in str(info.value)  # the full report is kept for LOWBIT_TP_DEBUG
 
 
+_LEAK_SCRIPT = """
+import os, sys, time
+from multiprocessing import resource_tracker
+
+from lowbit_tp.collectives import RankFailure, spawn_ranks
+
+
+def rank_fn(rank, world):
+    from tqdm.auto import tqdm
+
+    tqdm(range(2)).close()  # its write lock is a named semaphore, as in a rank loading a GGUF model
+    print("rank", os.getpid(), flush=True)
+    if rank == 0:
+        time.sleep(0.5)  # rank 1 is asleep by now
+        raise ValueError("planted")
+    time.sleep(120)  # stopped by the parent
+
+
+if __name__ == "__main__":
+    try:
+        spawn_ranks(rank_fn, 2, timeout_s=60)
+    except RankFailure as exc:
+        print("failed:", exc.summary, flush=True)
+    print("tracker", resource_tracker._resource_tracker._pid, flush=True)
+"""
+
+
+def test_rank_failure_leaks_no_semaphore_and_leaves_no_process(tmp_path):
+    """A rank that raised left by os._exit, and the rank stopped after it by SIGKILL: neither
+    ran multiprocessing's finalizers, so the named semaphore of each rank's tqdm lock stayed
+    registered with the parent's resource tracker, which printed "There appear to be 2 leaked
+    semaphore objects to clean up at shutdown" after the one-line error. Both now release it
+    (the stopped one on the parent's SIGTERM); the ranks and the tracker are gone after."""
+    script = tmp_path / "leak.py"
+    script.write_text(_LEAK_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("LOWBIT_TP_DEBUG", None)
+    proc = subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "failed: rank 0: ValueError: planted (stopped the other 1 rank)" in proc.stdout, proc.stdout
+    assert "leaked" not in proc.stderr and "resource_tracker" not in proc.stderr, proc.stderr
+    pids = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith(("rank ", "tracker "))
+            if line.split()[1].isdigit()]
+    assert len(pids) == 3, proc.stdout  # 2 ranks, 1 tracker
+    end = time.monotonic() + 5  # the tracker exits once the parent's end of its pipe closes
+    while any(_alive(p) for p in pids) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not [(p, _cmdline(p)) for p in pids if _alive(p)]
+
+
 def _rank_zero_fails_rank_one_waits(rank, world):
     if rank == 0:
         # Ranks show no progress bars (the GGUF loader's tqdm bars of N ranks interleave).

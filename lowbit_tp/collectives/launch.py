@@ -15,8 +15,12 @@ Lifecycle of a local run (:func:`spawn_ranks`):
 * ranks start with SIGINT ignored and then take its default action (die at once,
   silently), so a terminal Ctrl-C prints one line (the parent's), not one traceback per rank;
 * the parent watches all ranks at once: the first rank that fails (raises, dies, is
-  killed) is reported at once and the others are killed, instead of waiting for the
-  deadline on a rank that will never finish.
+  killed) is reported at once and the others are stopped, instead of waiting for the
+  deadline on a rank that will never finish;
+* a rank that leaves early (it raised, or the parent stopped it) first releases what
+  multiprocessing registered with the parent's resource tracker (the named semaphore of
+  tqdm's write lock, made by any tqdm bar, e.g. the GGUF loader's); the parent stops
+  ranks with SIGTERM and sends SIGKILL only to those still alive after a short grace.
 """
 from __future__ import annotations
 
@@ -81,6 +85,34 @@ def init_from_env(*, backend: str | None = None, timeout_s: float = 60.0) -> tup
 _PR_SET_PDEATHSIG = 1
 
 
+def _release_shared_resources() -> None:
+    """Run multiprocessing's exit finalizers of priority >= 0 (the first step of a normal
+    process exit, ``multiprocessing.util._exit_function``) before a rank leaves by
+    ``os._exit`` or by a signal, which skip them.
+
+    They unlink the named semaphores this rank made, such as tqdm's write lock (made by the
+    first tqdm bar, even a disabled one: the GGUF loader's), and unregister them from the
+    resource tracker, which a spawned rank shares with the parent. A name left registered
+    is unlinked by the tracker when the parent exits, with "resource_tracker: There appear
+    to be N leaked semaphore objects to clean up at shutdown" on the user's terminal.
+    Finalizers below priority 0 (joining queue feeder threads) are not run: they may block.
+    """
+    from multiprocessing import util
+
+    util._run_finalizers(0)
+
+
+def _stopped_by_signal(signum, frame) -> None:
+    """The rank's SIGTERM handler (the parent stops ranks with SIGTERM): release the shared
+    resources, then die by the signal's default action, so the exit status still says
+    SIGTERM. A rank busy in C++ runs this when it returns to Python; the parent sends
+    SIGKILL after a grace period."""
+    _release_shared_resources()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
+    os._exit(128 + signum)  # not reached: the default action ends the process
+
+
 def set_parent_death_signal() -> None:
     """Ask Linux to SIGKILL this process when its parent exits (``PR_SET_PDEATHSIG``).
     A no-op on other systems (there the parent's handlers are the only guard). Usable as a
@@ -110,6 +142,7 @@ def _send_record(conn, record: dict) -> None:
 
 def _entry(rank, world_size, store_addr, backend, timeout_s, conn, threads, parent_pid, fn, args, kwargs):
     die_with_parent(parent_pid)
+    signal.signal(signal.SIGTERM, _stopped_by_signal)
     # Started with SIGINT ignored (no KeyboardInterrupt traceback during start-up); now the
     # default action: a Ctrl-C ends this rank at once and silently, the parent reports it.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -128,7 +161,9 @@ def _entry(rank, world_size, store_addr, backend, timeout_s, conn, threads, pare
     if not ok:
         # A failed rank exits 1 at once: the parent sees the failure from the exit code and
         # stops the others; tearing down a process group whose peer is gone, and the
-        # interpreter, can take seconds.
+        # interpreter, can take seconds. os._exit skips multiprocessing's finalizers: run the
+        # ones that release what the parent's resource tracker holds for this rank.
+        _release_shared_resources()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
@@ -216,11 +251,30 @@ def _terminate_raises():
             signal.signal(signal.SIGTERM, old)
 
 
-def _kill(procs) -> None:
+# How long a rank may take to leave after SIGTERM (it releases its named semaphores,
+# _stopped_by_signal) before it is killed. Python runs the handler only between bytecodes,
+# so a rank inside a long C++ call is killed after this and may leave its names to the tracker.
+STOP_GRACE_S = 2.0
+
+
+def _kill(procs, grace_s: float = STOP_GRACE_S) -> None:
+    """Stop the ranks still running: SIGTERM, then SIGKILL for those alive after ``grace_s``
+    (SIGKILL also ends a stopped (SIGSTOP) or hung rank, which cannot release anything)."""
+    signalled = []
     for p in procs:
         if p.is_alive():
             try:
-                p.kill()  # SIGKILL also ends a stopped (SIGSTOP) rank
+                p.terminate()
+                signalled.append(p)
+            except (OSError, ValueError):
+                pass
+    end = time.monotonic() + grace_s
+    for p in signalled:
+        p.join(max(0.0, end - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            try:
+                p.kill()
             except (OSError, ValueError):
                 pass
     for p in procs:
