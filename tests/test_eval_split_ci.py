@@ -1,4 +1,6 @@
 """The dev/test split of evaluation text and the bootstrap confidence intervals."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -65,6 +67,60 @@ def test_lm_comparison_per_sequence_sums_and_intervals():
     one = LMComparison()
     one.update(ids[:1], base[:1], noisy[:1])
     assert one.result()["kl_ci95"] is None
+
+
+def _one_token_each(base, codec):
+    """``LMComparison`` over [N, V] logits as N sequences of one predicted token: ``seq_kl`` is
+    then the per-token KL. Returns (comparison, its result)."""
+    n, v = base.shape
+    comp = LMComparison()
+    ids = torch.zeros(n, 2, dtype=torch.long)
+    pad = torch.zeros(n, 1, v)
+    comp.update(ids, torch.cat([base[:, None], pad], 1), torch.cat([codec[:, None], pad], 1))
+    return comp, comp.result(resamples=50)
+
+
+def test_kl_is_never_negative_when_the_logits_agree_to_an_ulp():
+    """KL >= 0, but the float32 sum of p (log p - log q) went negative from rounding where
+    the two logit rows agree to about an ulp, as the bf16 codec's nearly do: down to -3e-7 per
+    token, and a negative mean over 256 tokens."""
+    g = torch.Generator().manual_seed(0)
+    base = (3 * torch.randn(256, 4096, generator=g)).bfloat16().float()
+    up = torch.nextafter(base, torch.tensor(float("inf")))
+    half = torch.rand(base.shape, generator=g) < 0.5
+    one = torch.zeros_like(half)
+    one[torch.arange(256), torch.randint(0, 4096, (256,), generator=g)] = True
+    # half the logits one ulp apart (float32 rounding: down to -3e-7); one logit per row (the
+    # exact KL ~1e-14 is below float64's own rounding: down to -9e-16 before the clamp); all
+    # one ulp apart (a shift: KL 0); a bf16 round trip of bf16 values (identical)
+    for codec in (torch.where(half, up, base), torch.where(one, up, base), up, base.bfloat16().float()):
+        comp, res = _one_token_each(base, codec)
+        assert min(comp.seq_kl) >= 0.0 and res["kl"] >= 0.0 and res["kl_ci95"][0] >= 0.0, min(comp.seq_kl)
+    comp, res = _one_token_each(base, base.clone())
+    assert comp.seq_kl == [0.0] * 256 and res["kl"] == 0.0
+
+
+def test_kl_matches_hand_worked_and_float64_numpy_values():
+    """p = (1/2, 1/4, 1/4), q = (1/4, 1/4, 1/2): KL = 1/2 ln 2 - 1/4 ln 2 = ln(2) / 4. Then
+    random rows against numpy in float64. The other metrics keep their float32 values."""
+    p, q = torch.tensor([[0.5, 0.25, 0.25]]), torch.tensor([[0.25, 0.25, 0.5]])
+    comp, res = _one_token_each(p.log() + 1.5, q.log() - 0.5)  # any offset: logits, not log-probabilities
+    assert comp.seq_kl[0] == pytest.approx(math.log(2) / 4, rel=1e-7) and res["kl"] == comp.seq_kl[0]
+    assert comp.seq_nll_base[0] == pytest.approx(math.log(2), rel=1e-6)  # target token 0: -ln p_0
+    assert comp.seq_nll_codec[0] == pytest.approx(math.log(4), rel=1e-6)
+
+    g = torch.Generator().manual_seed(1)
+    base, codec = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    b, c = base.double().numpy(), codec.double().numpy()
+    lp = b - b.max(1, keepdims=True) - np.log(np.exp(b - b.max(1, keepdims=True)).sum(1, keepdims=True))
+    lq = c - c.max(1, keepdims=True) - np.log(np.exp(c - c.max(1, keepdims=True)).sum(1, keepdims=True))
+    want = (np.exp(lp) * (lp - lq)).sum(1)
+    comp, res = _one_token_each(base, codec)
+    assert comp.seq_kl == pytest.approx(list(want), rel=1e-12)
+    assert res["kl"] == pytest.approx(want.mean(), rel=1e-12)
+    # nll and top-1 are still taken from float32 log-softmaxes
+    assert comp.seq_nll_codec == [float(-codec[i].log_softmax(-1)[0].double()) for i in range(5)]
+    assert comp.seq_top1_agree == [int(base[i].argmax() == codec[i].argmax()) for i in range(5)]
 
 
 # ------------------------------------------------------------------ dev / test split
