@@ -12,12 +12,12 @@ Lifecycle of a local run (:func:`spawn_ranks`):
   kills the ranks before it exits;
 * a rank hands its result (or error) to the parent through a pipe, as ``torch.save``
   bytes, never through a file: a run, even one ended by ``kill -9``, leaves nothing on disk;
-* ranks start with SIGINT ignored and then take its default action (die at once,
-  silently), so a terminal Ctrl-C prints one line (the parent's), not one traceback per rank;
+* ranks start with SIGINT ignored and then die silently on it (after releasing, below),
+  so a terminal Ctrl-C prints one line (the parent's), not one traceback per rank;
 * the parent watches all ranks at once: the first rank that fails (raises, dies, is
   killed) is reported at once and the others are stopped, instead of waiting for the
   deadline on a rank that will never finish;
-* a rank that leaves early (it raised, or the parent stopped it) first releases what
+* a rank that leaves early (it raised, the parent stopped it, Ctrl-C) first releases what
   multiprocessing registered with the parent's resource tracker (the named semaphore of
   tqdm's write lock, made by any tqdm bar, e.g. the GGUF loader's); the parent stops
   ranks with SIGTERM and sends SIGKILL only to those still alive after a short grace.
@@ -85,10 +85,15 @@ def init_from_env(*, backend: str | None = None, timeout_s: float = 60.0) -> tup
 _PR_SET_PDEATHSIG = 1
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_release_lock = threading.Lock()
+_released = False
+
+
 def _release_shared_resources() -> None:
     """Run multiprocessing's exit finalizers of priority >= 0 (the first step of a normal
     process exit, ``multiprocessing.util._exit_function``) before a rank leaves by
-    ``os._exit`` or by a signal, which skip them.
+    ``os._exit`` or by a signal, which skip them. Once per process, from any thread.
 
     They unlink the named semaphores this rank made, such as tqdm's write lock (made by the
     first tqdm bar, even a disabled one: the GGUF loader's), and unregister them from the
@@ -97,20 +102,71 @@ def _release_shared_resources() -> None:
     to be N leaked semaphore objects to clean up at shutdown" on the user's terminal.
     Finalizers below priority 0 (joining queue feeder threads) are not run: they may block.
     """
+    global _released
     from multiprocessing import util
 
-    util._run_finalizers(0)
+    with _release_lock:
+        if not _released:
+            _released = True
+            util._run_finalizers(0)
+
+
+def _set_disposition(signum: int, action: int) -> None:
+    """``signal(2)`` through libc: Python's ``signal.signal`` works in the main thread only.
+    ``action``: 0 (SIG_DFL) or 1 (SIG_IGN)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal(signum, action)
+
+
+def _die_releasing(signum: int) -> None:
+    """Release the shared resources, then die by ``signum``'s default action, silently, so
+    the exit status still names the signal. Runs in the main thread (the Python handler)
+    or the watcher thread (:func:`_watch_stop_signals`), whichever comes first."""
+    try:
+        for other in _STOP_SIGNALS:  # a second signal must not end the release half-way
+            _set_disposition(other, 1)
+        _release_shared_resources()
+        _set_disposition(signum, 0)
+        os.kill(os.getpid(), signum)
+    finally:
+        os._exit(128 + signum)  # reached only if the above failed
 
 
 def _stopped_by_signal(signum, frame) -> None:
-    """The rank's SIGTERM handler (the parent stops ranks with SIGTERM): release the shared
-    resources, then die by the signal's default action, so the exit status still says
-    SIGTERM. A rank busy in C++ runs this when it returns to Python; the parent sends
-    SIGKILL after a grace period."""
-    _release_shared_resources()
-    signal.signal(signum, signal.SIG_DFL)
-    signal.raise_signal(signum)
-    os._exit(128 + signum)  # not reached: the default action ends the process
+    """The rank's SIGTERM and SIGINT handler (the parent stops ranks with SIGTERM; a terminal
+    Ctrl-C sends SIGINT to every rank)."""
+    _die_releasing(signum)
+
+
+def _watch_stop_signals(fd: int) -> None:
+    """A thread that reads the signal numbers Python's C handler writes to the wakeup fd.
+    The kernel may deliver a signal to any thread of the rank (gloo's, tqdm's monitor): then
+    the main thread sleeps or waits on in C and the Python handler runs late or never (the
+    parent's SIGKILL came first). This thread acts at once, also while the main thread
+    computes in C++ (torch releases the GIL there)."""
+    while True:
+        try:
+            data = os.read(fd, 64)
+        except OSError:
+            return
+        if not data:
+            return
+        for signum in data:
+            if signum in _STOP_SIGNALS:
+                _die_releasing(signum)
+
+
+def _install_stop_handlers() -> None:
+    """In the rank's main thread: SIGINT and SIGTERM release the shared resources and end
+    the rank silently (:func:`_die_releasing`), whichever thread the kernel hands them to."""
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, _stopped_by_signal)
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    threading.Thread(target=_watch_stop_signals, args=(r,), name="lowbit-tp-stop", daemon=True).start()
 
 
 def set_parent_death_signal() -> None:
@@ -142,10 +198,9 @@ def _send_record(conn, record: dict) -> None:
 
 def _entry(rank, world_size, store_addr, backend, timeout_s, conn, threads, parent_pid, fn, args, kwargs):
     die_with_parent(parent_pid)
-    signal.signal(signal.SIGTERM, _stopped_by_signal)
-    # Started with SIGINT ignored (no KeyboardInterrupt traceback during start-up); now the
-    # default action: a Ctrl-C ends this rank at once and silently, the parent reports it.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # Started with SIGINT ignored (no KeyboardInterrupt traceback during start-up); now a
+    # Ctrl-C ends this rank silently (no KeyboardInterrupt either), the parent reports it.
+    _install_stop_handlers()
     torch.set_num_threads(threads)
     ok = False
     try:
@@ -162,7 +217,10 @@ def _entry(rank, world_size, store_addr, backend, timeout_s, conn, threads, pare
         # A failed rank exits 1 at once: the parent sees the failure from the exit code and
         # stops the others; tearing down a process group whose peer is gone, and the
         # interpreter, can take seconds. os._exit skips multiprocessing's finalizers: run the
-        # ones that release what the parent's resource tracker holds for this rank.
+        # ones that release what the parent's resource tracker holds for this rank (with the
+        # stop signals ignored: their handler would wait for this release's lock).
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         _release_shared_resources()
         sys.stdout.flush()
         sys.stderr.flush()
