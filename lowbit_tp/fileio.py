@@ -9,6 +9,7 @@ half-written file (the text goes to a temporary file in the same directory, then
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -87,7 +88,12 @@ def run_tempdir(prefix: str) -> Iterator[str]:
     """A temporary directory for one run (``tempfile.TemporaryDirectory``), named
     ``{prefix}{pid}_...``. No handler runs on SIGKILL, so a killed run leaves its directory (the
     evaluation's baseline logits: up to GBs); entering removes those that earlier runs with the
-    same ``prefix`` left, where that run's process is gone and the directory is this user's."""
+    same ``prefix`` left, where that run is over and the directory is this user's.
+
+    A run holds an ``flock`` on ``.lock`` in its directory while it lives (the kernel drops it
+    when the process dies, even by SIGKILL), so "over" is a lock anyone can take: a pid alone
+    would misjudge a run in another pid namespace sharing this /tmp (a container). A directory
+    without the lock file (another version's) falls back to its pid."""
     base = Path(tempfile.gettempdir())
     for old in base.glob(f"{prefix}*"):
         pid = old.name[len(prefix):].partition("_")[0]
@@ -95,10 +101,30 @@ def run_tempdir(prefix: str) -> Iterator[str]:
             mine = old.is_dir() and not old.is_symlink() and old.stat().st_uid == os.getuid()
         except OSError:
             continue
-        if pid.isdigit() and mine and not _alive(int(pid)):
+        if pid.isdigit() and mine and _run_over(old, int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}_") as tmp:
-        yield tmp
+        with open(Path(tmp) / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield tmp
+
+
+def _run_over(directory: Path, pid: int) -> bool:
+    """Whether the run that made ``directory`` is gone: its ``.lock`` can be locked, or,
+    without one, its pid is not alive."""
+    try:
+        fd = os.open(directory / ".lock", os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return not _alive(pid)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: the run lives (here or in another pid namespace)
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _alive(pid: int) -> bool:

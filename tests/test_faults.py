@@ -579,10 +579,28 @@ def test_a_run_directory_left_by_a_killed_run_is_removed_by_the_next(tmp_path, m
     for d in (stale, live, other):
         d.mkdir()
         (d / "batch0.pt").write_bytes(b"x" * 10)
-    with run_tempdir("lowbit_tp_eval_baseline_") as mine:
-        assert Path(mine).parent == tmp_path and Path(mine).name.startswith(f"lowbit_tp_eval_baseline_{os.getpid()}_")
-        assert not stale.exists() and live.exists() and other.exists()
+    # a run in another pid namespace: its pid means nothing here, its lock is held
+    elsewhere = tmp_path / f"lowbit_tp_eval_baseline_{gone.pid}_ghi"
+    elsewhere.mkdir()
+    (elsewhere / ".lock").write_text("")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1]); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(elsewhere / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with run_tempdir("lowbit_tp_eval_baseline_") as mine:
+            assert Path(mine).parent == tmp_path and Path(mine).name.startswith(
+                f"lowbit_tp_eval_baseline_{os.getpid()}_")
+            assert not stale.exists() and live.exists() and other.exists() and elsewhere.exists()
+            # and this run's own directory is locked while it lives: the next run keeps it
+            from lowbit_tp.fileio import _run_over
+            assert not _run_over(Path(mine), gone.pid)
+    finally:
+        holder.kill()
+        holder.wait()
     assert not Path(mine).exists()
+    from lowbit_tp.fileio import _run_over
+    assert _run_over(elsewhere, gone.pid)  # its holder is gone: the lock can be taken
 
 
 def test_run_at_tp_1_warns_that_the_codec_never_runs(tmp_path):
