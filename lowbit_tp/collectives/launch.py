@@ -105,10 +105,16 @@ def _release_shared_resources() -> None:
     global _released
     from multiprocessing import util
 
-    with _release_lock:
+    # bounded: the main thread may hold a lock a finalizer needs (the resource tracker's) while
+    # the watcher thread releases; then skip (the tracker warns, as before) rather than hang
+    if not _release_lock.acquire(timeout=1.0):
+        return
+    try:
         if not _released:
             _released = True
             util._run_finalizers(0)
+    finally:
+        _release_lock.release()
 
 
 def _set_disposition(signum: int, action: int) -> None:
@@ -240,16 +246,14 @@ def _loopback_store(timeout_s: float):
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     host, port = sock.getsockname()
-    try:
+    # The store gets a duplicate descriptor of the socket and owns it; this one stays ours to
+    # close. Closing the one a failed store had closed already raised EBADF, or could close an
+    # unrelated file that reused the number (a failed start may now leak the duplicate instead).
+    with sock:
         # The server connects a client to itself with this timeout; the ranks' stores and process
         # group keep ``timeout_s``. Below a few seconds that self-connection could time out here.
         store = dist.TCPStore(host, port, None, True, datetime.timedelta(seconds=max(timeout_s, 30.0)),
-                              wait_for_workers=False, master_listen_fd=sock.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):  # the store may have closed the descriptor already (EBADF)
-            sock.close()
-        raise
-    sock.detach()  # the store owns the descriptor now and closes it
+                              wait_for_workers=False, master_listen_fd=os.dup(sock.fileno()))
     try:
         yield host, port
     finally:
