@@ -231,6 +231,11 @@ def test_a_nonfinite_statistic_is_refused_on_save_and_load(tmp_path, cal):
     with pytest.raises(CalibrationError, match=r"a\.o_proj\|1\|absmax holds NaN/Inf"):
         Calibration(meta=cal.meta, stats=stats).save(tmp_path / "inf.safetensors")
     assert not (tmp_path / "inf.safetensors").exists()
+    # statistics built in code in float64 still save (as fp32, as before the check on save)
+    as64 = {k: dataclasses.replace(v, **{f: getattr(v, f).double() for f in ("absmax", "ema_max")})
+            for k, v in cal.stats.items()}
+    saved = Calibration.load(Calibration(meta=dict(cal.meta), stats=as64).save(tmp_path / "f64.safetensors"))
+    assert torch.equal(saved.stats[("a.o_proj", 1)].absmax, cal.stats[("a.o_proj", 1)].absmax.float())
     x = torch.randn(3, 64)  # the finite calibration decodes finite input to finite values
     codec = make_codec("int4-outlier", calibration=Calibration.load(cal.save(tmp_path / "ok.safetensors")))
     assert torch.isfinite(codec.decode(codec.encode(x, layer="a.o_proj"), (3, 64), layer="a.o_proj")).all()

@@ -250,8 +250,11 @@ class Calibration:
         never sees a half-written file, and a failed write leaves an earlier file whole."""
         from safetensors.torch import save_file
 
-        _check_stats(self.meta, self.stats, Path(path))  # what load would refuse is not written
         tensors = self._tensors()
+        # what load would refuse is not written: the statistics as stored (fp32: _tensors casts,
+        # so stats built in code in another float dtype still save)
+        stored = {k: t for k, t in tensors.items() if not k.endswith(f"|{WEIGHT_SOURCE}|{WEIGHT_STAT}")}
+        _check_stats(self.meta, _stats_from_tensors(stored, Path(path)), Path(path))
         meta = dict(self.meta)
         meta["schema_version"] = SCHEMA_VERSION
         meta["tensor_sha256"] = _tensor_digest(tensors)
