@@ -9,6 +9,7 @@ checks that need the codec registry or a model header run in :mod:`lowbit_tp.pre
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -44,7 +45,8 @@ SPLITS = ("test", "dev")  # EvalConfig.split
 
 def check_min(value: Any, name: str, minimum: float = 1) -> None:
     """``value`` must be a number ``>= minimum`` (and finite); ``name`` is the flag shown."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or value < minimum):  # (numbers.Real: numpy's integer and float scalars too)
         raise UserError(f"{name} must be {'a positive integer' if minimum == 1 else f'>= {minimum}'}, got {value!r}")
 
 

@@ -409,6 +409,8 @@ def test_a_policy_with_a_negative_or_non_numeric_threshold_is_refused():
         with pytest.raises(ValueError, match=rf"^AutoPolicy\.{name} must be >= "):
             AutoPolicy(**kw)
     AutoPolicy(min_bytes=0, chunk_bytes=0, two_shot_min_world=2)
+    import numpy as np  # numpy's integer scalars are numbers too (a config read from an array)
+    assert AutoPolicy(chunk_bytes=np.int64(1024)).chunk_rows(tokens=100, hidden=64) == 8
 
 
 def test_chunk_rows_policy():

@@ -379,8 +379,10 @@ class Codec(ABC):
         whole, cut = divmod(n, rows)
         payload = payload.contiguous()
         done = False
-        # the Triton decoders round to bf16 themselves (as_stored); an fp16 out goes through decode_sum
-        if whole and out.dtype != torch.float16 and self.kernel_backend(payload.device) == "triton":
+        # the Triton decoders of codecs that set triton_sum_casts round to bf16 themselves
+        # (as_stored); an fp16 out, or a codec without that, goes through decode_sum
+        if (whole and self.kernel_backend(payload.device) == "triton"
+                and (out.dtype == torch.float32 or self._sum_casts(payload.device, out.dtype))):
             done = self._decode_chunks(payload[:whole * nb], shape, whole,
                                        self.params(layer, source, e, payload.device), out[:whole * rows]) is not None
         # a subclass that changes decode (not decode_sum) is decoded through it, as without out=
