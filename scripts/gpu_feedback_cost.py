@@ -22,7 +22,7 @@ change. Per codec, world N and shape, on the device:
 (the rank's N row chunks, plain and with the carry: one ``Codec.encode_feedback`` per chunk
 since stop 25), ``two_shot_reduce_us`` / ``two_shot_reduce_feedback_us`` (the owner's chunk:
 the N copies decoded, summed and re-encoded; with feedback also the re-encode's error) and
-``two_shot_decode_us`` (the N reduced chunks). ``two_shot_equal``: the first stage's payloads
+``two_shot_decode_us`` (the N reduced chunks, into a preallocated result). ``two_shot_equal``: the first stage's payloads
 and next carry on clean and on planted partials, and an owner's payload and error, bitwise the
 reference's. ``two_shot_feedback_of_codec`` divides what
 feedback adds to the first two by the three plain times' sum. ``*_feedback_unfused_us``: the
@@ -226,8 +226,10 @@ def measure(torch, make_codec, planted_partials, synthetic_calibration, gather_e
     def ts_red_fb():
         A.two_shot_reduce_feedback(fused, owner, chunk, layer=LAYER, out=rbuf)
 
-    def ts_dec():
-        A.two_shot_decode(fused, list(sums.chunk(world)), chunk, t, layer=LAYER, flat=sums)
+    res = torch.empty(t, e, device=dev)
+
+    def ts_dec():  # into the result, as the in-place runtime decodes (a fresh [T, E] each call would time
+        A.two_shot_decode(fused, list(sums.chunk(world)), chunk, t, layer=LAYER, flat=sums, out=res)  # malloc)
 
     g = {k: graph_seconds(f) for k, f in (("copy", lambda: dst.copy_(xs[0])), ("enc", enc), ("enc_fb", enc_fb),
                                             ("enc_fb_unfused", enc_fb_unfused), ("dec", dec), ("ts_enc", ts_enc),
