@@ -227,11 +227,17 @@ class Codec(ABC):
         if (self._feedback_backend(x, carry) not in self.decode_error_backends
                 or type(self).encode is not Codec.encode or type(self).decode is not Codec.decode):
             return None  # (a subclass that transforms in encode/decode: _decode_error would bypass it)
-        sent = x if carry is None else x.float() + carry  # collectives.feedback.compensate's arithmetic
+        if carry is None:
+            sent, into = x, next_out
+        else:  # collectives.feedback.compensate's arithmetic (x widened exactly, one fp32 add), written
+            # where the next carry goes: the decode then overwrites each sent value with its error
+            # (the kernels read an element before writing it), one [T, E] fp32 buffer instead of two
+            sent = torch.empty(x.shape, dtype=torch.float32, device=x.device) if next_out is None else next_out
+            into = torch.add(x, carry, out=sent)
         payload = self.encode(sent, layer=layer, source=source, out=out)
         shape = tuple(sent.shape)
         return payload, self._decode_error(payload, shape, sent, self.params(layer, source, shape[1], x.device),
-                                           out=next_out)
+                                           out=into)
 
     def _check_next_out(self, x: torch.Tensor, next_out: torch.Tensor | None) -> None:
         if next_out is not None and isinstance(x, torch.Tensor):
