@@ -243,6 +243,11 @@ def test_encode_chunks_checks_its_arguments():
         tri.encode_chunks(x[:4], 2, out=torch.empty(3, dtype=torch.uint8))
     with pytest.raises(ValueError, match="decode_chunks"):
         tri.decode_chunks(torch.zeros(7, dtype=torch.uint8), (2, HIDDEN), 2)
+    with pytest.raises(ValueError, match="divisible"):  # True was taken as one chunk
+        tri.encode_chunks(x[:4], True)
+    nb = tri.payload_nbytes((4, HIDDEN))
+    with pytest.raises(ValueError, match="decode_chunks"):
+        tri.decode_chunks(torch.zeros(nb, dtype=torch.uint8), (4, HIDDEN), True)
 
 
 # ---------------------------------------------------------------- two-shot over real gloo ranks

@@ -231,6 +231,10 @@ def test_a_nonfinite_statistic_is_refused_on_save_and_load(tmp_path, cal):
     with pytest.raises(CalibrationError, match=r"a\.o_proj\|1\|absmax holds NaN/Inf"):
         Calibration(meta=cal.meta, stats=stats).save(tmp_path / "inf.safetensors")
     assert not (tmp_path / "inf.safetensors").exists()
+    # never saved: a codec asking for those statistics gets the same refusal, not NaN decodes
+    with pytest.raises(CalibrationError, match=r"statistics a\.o_proj\|1\|absmax hold NaN/Inf; recalibrate$"):
+        make_codec("int4-outlier", calibration=Calibration(meta=cal.meta, stats=stats)).encode(
+            torch.randn(3, 64), layer="a.o_proj", source=1)
     # statistics built in code in float64 still save (as fp32, as before the check on save)
     as64 = {k: dataclasses.replace(v, **{f: getattr(v, f).double() for f in ("absmax", "ema_max")})
             for k, v in cal.stats.items()}

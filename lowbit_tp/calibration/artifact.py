@@ -146,26 +146,35 @@ class Calibration:
         return default_outlier_k(self.hidden_size) if k is None else int(k)
 
     def get(self, layer: str, source: Source) -> ChannelStats:
-        """Stats of one (layer, source); a clear error when the artifact lacks them."""
-        try:
-            return self.stats[(layer, source)]
-        except KeyError:
-            have = self.layers
-            if layer not in have:
-                shown = ", ".join(have[:4]) + (" ..." if len(have) > 4 else "")
-                raise CalibrationError(
-                    f"calibration has no layer {layer!r} (it has {len(have)} layers: {shown}); "
-                    f"was it made for another model?"
-                ) from None
-            if isinstance(source, int) and not isinstance(source, bool) and source >= self.tp:
-                raise CalibrationError(
-                    f"calibration was made for TP degree {self.tp} and has no rank {source} "
-                    f"(layer {layer!r}); recalibrate with the TP degree of this run"
-                ) from None
+        """Stats of one (layer, source); a clear error when the artifact lacks them, or when they
+        hold NaN/Inf (load and save refuse such files; this catches a Calibration built in code,
+        whose static scales would decode finite input to NaN)."""
+        st = self.stats.get((layer, source))
+        if st is None:
+            self._missing(layer, source)
+        for name in STATS + OPTIONAL_STATS:
+            t = getattr(st, name, None)
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise CalibrationError(f"calibration statistics {layer}|{source}|{name} hold NaN/Inf; recalibrate")
+        return st
+
+    def _missing(self, layer: str, source: Source) -> None:
+        have = self.layers
+        if layer not in have:
+            shown = ", ".join(have[:4]) + (" ..." if len(have) > 4 else "")
             raise CalibrationError(
-                f"calibration has no statistics for source {source!r} of layer {layer!r} "
-                f"(tp={self.tp}); two-shot needs 'sum' statistics"
-            ) from None
+                f"calibration has no layer {layer!r} (it has {len(have)} layers: {shown}); "
+                f"was it made for another model?"
+            )
+        if isinstance(source, int) and not isinstance(source, bool) and source >= self.tp:
+            raise CalibrationError(
+                f"calibration was made for TP degree {self.tp} and has no rank {source} "
+                f"(layer {layer!r}); recalibrate with the TP degree of this run"
+            )
+        raise CalibrationError(
+            f"calibration has no statistics for source {source!r} of layer {layer!r} "
+            f"(tp={self.tp}); two-shot needs 'sum' statistics"
+        )
 
     def channel_weight(self, layer: str, *, codec: str = "this codec") -> torch.Tensor:
         """The ``[E]`` channel weights of ``layer``; a one-line :class:`CalibrationError` when the

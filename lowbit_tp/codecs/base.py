@@ -313,7 +313,7 @@ class Codec(ABC):
         """
         self._check_tensor(x, layer, source)
         t, e = int(x.shape[0]), int(x.shape[1])
-        if not isinstance(chunks, int) or chunks < 1 or t % chunks:
+        if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1 or t % chunks:
             raise ValueError(f"{self.name}: encode_chunks needs a row count divisible by chunks, got {t} rows "
                              f"and chunks={chunks!r}")
         rows = t // chunks
@@ -349,7 +349,8 @@ class Codec(ABC):
         """
         shape = _as_shape(chunk_shape, self.name)
         nb = self.payload_nbytes(shape, layer)
-        if (not isinstance(chunks, int) or chunks < 1 or payload.dtype != torch.uint8 or payload.dim() != 1
+        if (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1 or payload.dtype != torch.uint8
+                or payload.dim() != 1
                 or payload.numel() != chunks * nb):
             raise ValueError(f"{self.name}: decode_chunks needs {chunks!r} payloads of {nb} uint8 bytes for shape "
                              f"{shape} one after another, got {payload.dtype} {tuple(payload.shape)}")
