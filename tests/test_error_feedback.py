@@ -325,7 +325,7 @@ def test_chain_reuses_dead_carries_and_keeps_the_bits(algorithm, post_norm):
     cal = _cal(world)
     for name in CODECS:
         codec = make_codec(name, calibration=cal)
-        chain = FeedbackChain(LAYERS, ranks=world, post_norm=_post_norm(world) if post_norm else None)
+        chain = FeedbackChain(LAYERS, ranks=world, post_norm=_post_norm(world) if post_norm else None, recycle=True)
         for step in range(3):
             seen = set()
             for i, layer in enumerate(LAYERS):

@@ -215,6 +215,10 @@ class FeedbackChain:
     order: tuple[str, ...]
     ranks: int = 1
     post_norm: PostNormFeedback | None = None
+    # hand each call the buffer its previous call consumed (Feedback.spare). Off by default since
+    # stop 25's CI: with it, vLLM's prompt NLL with feedback at TP 3 (two-shot) moved 0.08 nats away
+    # from the simulator's while every captured call stayed bitwise; not yet explained
+    recycle: bool = False
     _index: dict[str, int] = field(init=False, repr=False)
     _last: str | None = field(default=None, init=False, repr=False)
     _carries: list = field(default_factory=list, init=False, repr=False)
@@ -237,7 +241,7 @@ class FeedbackChain:
 
     def fresh(self) -> "FeedbackChain":
         """A chain of the same layers, ranks and mapping, without carries."""
-        return FeedbackChain(self.order, ranks=self.ranks, post_norm=self.post_norm)
+        return FeedbackChain(self.order, ranks=self.ranks, post_norm=self.post_norm, recycle=self.recycle)
 
     def start(self, layer: str, partials: Sequence[torch.Tensor] | None = None) -> list[Feedback]:
         """One :class:`Feedback` per rank for this call of ``layer``, carrying the previous
@@ -247,7 +251,7 @@ class FeedbackChain:
         # a spare only within one forward pass, like the carries: a buffer of another pass (say
         # an eager warm-up's) written in a CUDA graph captured later could be freed while the
         # graph still writes it
-        follows = self._follows(layer) and len(self._spares) == self.ranks
+        follows = self._follows(layer) and len(self._spares) == self.ranks and self.recycle
         spares = self._spares if follows else [None] * self.ranks
         self._last, self._carries, self._spares = None, [], []  # (a spare is handed out once)
         pn = self.post_norm
