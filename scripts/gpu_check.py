@@ -147,6 +147,10 @@ def main(argv=None) -> None:
                 s_ref = ref_cpu.decode_sum(want, (check_tokens, e), layer=LAYER)
                 s_dev = fused.decode_sum([p.to(dev) for p in want], (check_tokens, e), layer=LAYER)
                 row[f"sum_equal_{label}"] = same_bits(s_ref, s_dev)
+                # the sum rounded into a bf16 out by the kernel (as_stored) == the fp32 sum cast once
+                s16 = fused.decode_sum([p.to(dev) for p in want], (check_tokens, e), layer=LAYER,
+                                       out=torch.empty(check_tokens, e, dtype=torch.bfloat16, device=dev))
+                row[f"sum_bf16_equal_{label}"] = same_bits(s_ref.to(torch.bfloat16).float(), s16.float())
         # speed
         x = planted_partials(world, t, e, seed=0, noise_seed=4)
         xd = [v.to(dev) for v in x]
@@ -170,7 +174,12 @@ def main(argv=None) -> None:
                 gt_enc = graph_seconds(torch, lambda: fg.encode(xd[0], layer=LAYER, source=0, out=pbuf), seconds)
                 gt_dec = graph_seconds(torch, lambda: fg.decode_sum(payloads, (t, e), layer=LAYER, out=sbuf),
                                        seconds)
+                sbuf16 = torch.empty(t, e, dtype=torch.bfloat16, device=dev)
+                gt_dec16 = graph_seconds(torch, lambda: fg.decode_sum(payloads, (t, e), layer=LAYER, out=sbuf16),
+                                         seconds)
                 gcopy = 2 * fbytes / gt_copy / 1e9
+                row.update({"graph_decode_sum_bf16_us": gt_dec16 * 1e6,
+                            "graph_decode_sum_bf16_of_copy": (world * pbytes + fbytes // 2) / gt_dec16 / 1e9 / gcopy})
                 row.update({"graph_copy_gbps": gcopy,
                             "graph_encode_of_copy": (fbytes + pbytes) / gt_enc / 1e9 / gcopy,
                             "graph_decode_sum_of_copy": (world * pbytes + fbytes) / gt_dec / 1e9 / gcopy,
@@ -235,8 +244,9 @@ def _writer(args, argv, dev, dry, world, check_tokens, repeats, t_start):
                 "command": "python3 scripts/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)}
         (out / "gpu_check.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
         cols = ["codec", "tokens", "hidden", "bits_per_value", "bytes_equal_finite", "bytes_equal_nan_inf",
-                "sum_equal_finite", "sum_equal_nan_inf", "copy_gbps", "encode_gbps", "encode_of_copy",
-                "decode_sum_gbps", "decode_sum_of_copy", "graph_encode_of_copy", "graph_decode_sum_of_copy", "reduce_encode_us", "unfused_encode_fp32_gbps",
+                "sum_equal_finite", "sum_equal_nan_inf", "sum_bf16_equal_finite", "sum_bf16_equal_nan_inf", "copy_gbps", "encode_gbps", "encode_of_copy",
+                "decode_sum_gbps", "decode_sum_of_copy", "graph_encode_of_copy", "graph_decode_sum_of_copy",
+                "graph_decode_sum_bf16_of_copy", "reduce_encode_us", "unfused_encode_fp32_gbps",
                 "unfused_decode_sum_fp32_gbps", "cuda_graph", "eager_step_us", "graph_step_us",
                 "two_shot_encode_chunks_us", "two_shot_encode_loop_us", "two_shot_decode_chunks_us",
                 "two_shot_decode_loop_us", "two_shot_bytes_equal", "two_shot_decode_equal", "two_shot_error",
