@@ -300,11 +300,15 @@ def test_error_mode_refuses_what_the_reference_refuses(name):
 @pytest.mark.parametrize("name,mode", [("rot-lm4-g64-lg8-k4", "propagate"), ("rot-int6-g64-lg8-k4", "error"),
                                        ("rot-lm4-g64", "flag"), ("alloc", "error")])
 @pytest.mark.parametrize("narrow", [False, True])  # True: two column tiles, one program loops over both
-def test_fused_reduce_encode_equals_decode_sum_then_encode(name, mode, narrow, monkeypatch):
-    """Two-shot's owner stage in one kernel: the same bytes as decode_sum + encode(source="sum")."""
-    if narrow:
-        from lowbit_tp.kernels import triton_rotation
+@pytest.mark.parametrize("variant", ["fused", "split"])
+def test_fused_reduce_encode_equals_decode_sum_then_encode(name, mode, narrow, variant, monkeypatch):
+    """Two-shot's owner stage in one kernel ("fused") or as the Triton decode-and-sum then encode
+    ("split", the default since stop 26): the same bytes as the reference's decode_sum +
+    encode(source="sum"), and the fused kernel runs exactly when asked for."""
+    from lowbit_tp.kernels import triton_rotation
 
+    monkeypatch.setattr(triton_rotation, "REDUCE_VARIANT", variant)
+    if narrow:
         monkeypatch.setattr(triton_rotation, "MAX_TILE_COLS", 32)
         monkeypatch.setattr(triton_rotation, "LG8_PROGRAMS", 1)
     cal = calibration(96)
@@ -315,8 +319,6 @@ def test_fused_reduce_encode_equals_decode_sum_then_encode(name, mode, narrow, m
     payloads = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
     want = ref.encode(ref.decode_sum(payloads, (3, 96), layer=LAYER), layer=LAYER, source="sum")
     assert torch.equal(ref.reduce_encode(payloads, (3, 96), layer=LAYER), want)
-    from lowbit_tp.kernels import triton_rotation
-
     calls = []
     orig = triton_rotation.reduce_encode
     try:
@@ -324,7 +326,7 @@ def test_fused_reduce_encode_equals_decode_sum_then_encode(name, mode, narrow, m
         got = tri.reduce_encode(payloads, (3, 96), layer=LAYER)
     finally:
         triton_rotation.reduce_encode = orig
-    assert calls and torch.equal(got, want)
+    assert bool(calls) == (variant == "fused") and torch.equal(got, want)
 
 
 def test_fused_reduce_encode_error_mode_raises_like_the_reference():
@@ -349,16 +351,21 @@ def _count_calls(module, fn: str, monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("name,kernels", [("int4-outlier", "triton_static"), ("int4", "triton_static"),
-                                          ("int8", "triton_static"), ("int4-random-k", "triton_static"),
-                                          ("int4-g32", "triton_group"), ("int4-g128", "triton_group")])
+@pytest.mark.parametrize("name,kernels,variant", [
+    *((c, "triton_static", v) for c in ("int4-outlier", "int4", "int8", "int4-random-k") for v in ("fused", "split")),
+    ("int4-g32", "triton_group", "fused"), ("int4-g128", "triton_group", "fused")])
 @pytest.mark.parametrize("mode", ["propagate", "flag", "error"])
 @pytest.mark.parametrize("tokens,hidden", [(3, 100), (5, 38)])  # odd rows; E not a multiple of 64 or the group
-def test_fused_reduce_encode_static_and_group(name, kernels, mode, tokens, hidden, monkeypatch):
+def test_fused_reduce_encode_static_and_group(name, kernels, mode, tokens, hidden, variant, monkeypatch):
     """Two-shot's owner stage in one kernel for the static and group codecs: the same bytes as
-    the reference's decode_sum then encode(source="sum"), NaN/Inf/zeros included."""
+    the reference's decode_sum then encode(source="sum"), NaN/Inf/zeros included. The static
+    codecs run it only with ``REDUCE_VARIANT = "fused"``; "split" (their default since stop 26)
+    runs the Triton decode-and-sum, then encode. The group codecs always fuse."""
     import importlib
 
+    module = importlib.import_module(f"lowbit_tp.kernels.{kernels}")
+    if kernels == "triton_static":
+        monkeypatch.setattr(module, "REDUCE_VARIANT", variant)
     cal = calibration(hidden)
     ref = make_codec(name, calibration=cal, nonfinite=mode, backend="reference")
     tri = make_codec(name, calibration=cal, nonfinite=mode, backend="triton")
@@ -366,9 +373,9 @@ def test_fused_reduce_encode_static_and_group(name, kernels, mode, tokens, hidde
     xs = partials(tokens, hidden, seed=tokens + hidden, special=mode != "error")
     payloads = [src.encode(x, layer=LAYER, source=r) for r, x in enumerate(xs)]
     want = ref.encode(ref.decode_sum(payloads, (tokens, hidden), layer=LAYER), layer=LAYER, source="sum")
-    calls = _count_calls(importlib.import_module(f"lowbit_tp.kernels.{kernels}"), "reduce_encode", monkeypatch)
+    calls = _count_calls(module, "reduce_encode", monkeypatch)
     got = tri.reduce_encode(payloads, (tokens, hidden), layer=LAYER)
-    assert calls, "the fused kernel did not run"
+    assert bool(calls) == (variant == "fused"), "the fused kernel ran" if calls else "the fused kernel did not run"
     assert torch.equal(got, want), (got != want).nonzero().reshape(-1)[:6].tolist()
     if mode == "flag":
         from lowbit_tp.codecs import NonFiniteError

@@ -337,6 +337,8 @@ class _StaticIntCodec(Codec):
         if not payloads or self.kernel_backend(payloads[0].device) != "triton":
             return None
         K = _triton_kernels()
+        if K.REDUCE_VARIANT == "split":  # decode-and-sum, then encode: the base class's path
+            return None
 
         shape, params = self._payload_params(payloads, shape, layer, sources)
         t, e = shape

@@ -809,6 +809,13 @@ def chunks_fit(nk: int, payload_bytes: int) -> bool:
     return nk == 0 or payload_bytes % 2 == 0
 
 
+# Two-shot's owner stage: "fused" runs :func:`reduce_encode` (one kernel, the fp32 sum never in
+# memory), "split" has the codec run decode-and-sum into an fp32 buffer, then encode (same
+# bytes). scripts/gpu_reduce_split.py times both (docs/speed.md, stop 26).
+REDUCE_VARIANT = "split"
+REDUCE_VARIANTS = ("fused", "split")
+
+
 def reduce_encode(payloads, *, signs, dec_colmap, enc_colmap, levels, bounds, lg8, lg8_asc, out, t: int, e: int,
                   nk: int, code_bytes: int, group: int, block: int, bits: int, scale_format: str, max_input: float,
                   rotate_max: float, scale_max: float, flag=None, range_flag=None, cells=None,

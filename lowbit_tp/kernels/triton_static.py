@@ -434,6 +434,14 @@ def decode_chunks(payload, colmap, scale, out, *, chunks: int, nk: int, bits: in
     return out
 
 
+# Two-shot's owner stage: "fused" runs :func:`reduce_encode` (one kernel, the fp32 sum never in
+# memory), "split" has the codec run decode-and-sum into an fp32 buffer, then encode (the fast
+# kernels above; same bytes). The fused kernel predates the fast kernels and gathers every value
+# through the channel map; scripts/gpu_reduce_split.py times both (docs/speed.md, stop 26).
+REDUCE_VARIANT = "split"
+REDUCE_VARIANTS = ("fused", "split")
+
+
 def reduce_encode(payloads, colmap, scale, inliers, inv_scale, outliers, out, *, t: int, e: int, bits: int,
                   max_input: float, flag=None, range_flag=None):
     """Fill ``out`` with encode(sum of the decoded ``payloads``) of a ``[t, e]`` chunk in one pass:
