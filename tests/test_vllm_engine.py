@@ -81,20 +81,42 @@ def ref():
     return {"model": model, "cal": cal, "cal_path": str(cal_path), "ids": ids, "sequences": ids.tolist()}
 
 
-@pytest.fixture(scope="module")
-def sim(ref):
-    """The simulator's per-window NLLs (nats/token), uncompressed and int4-outlier (two-shot, as
-    the plugin's ``auto`` at TP 3 with every message compressed)."""
+# Batch layouts of the 8 windows for the simulator's error-feedback runs: all in one batch, one
+# by one, two batches of 4, four interleaved pairs. Each sums in another order inside the fp32
+# matmuls, as vLLM's kernels do, so each is one more draw of the last-bit noise feedback amplifies.
+EF_LAYOUTS = ([list(range(8))], [[i] for i in range(8)], [[0, 1, 2, 3], [4, 5, 6, 7]],
+              [[0, 4], [1, 5], [2, 6], [3, 7]])
+
+
+def _sim_nll(ref, codec, ef, groups) -> list[float]:
+    """Per-window prompt NLL (nats/token) through the simulator, the windows run in ``groups``."""
     from lowbit_tp.codecs import make_codec
     from lowbit_tp.simulator import TPSimulator
 
-    model, ids, out = ref["model"], ref["ids"], {}
-    for codec, ef in ((None, False), ("int4-outlier", False), ("int4-outlier", True)):
+    model, ids, out = ref["model"], ref["ids"], [0.0] * len(ref["ids"])
+    for group in groups:
         built = None if codec is None else make_codec(codec, calibration=ref["cal"])
+        x = ids[group]
         with torch.no_grad(), TPSimulator(model, tp=TP, codec=built, algorithm="two-shot", error_feedback=ef):
-            logits = model(ids).logits.float()
-        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-        out[(codec or "exact") + ("+ef" if ef else "")] = (-lp.mean(1)).tolist()
+            logits = model(x).logits.float()
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, x[:, 1:, None])[..., 0]
+        for i, v in zip(group, (-lp.mean(1)).tolist()):
+            out[i] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def sim(ref):
+    """The simulator's per-window NLLs (nats/token), uncompressed and int4-outlier (two-shot, as
+    the plugin's ``auto`` at TP 3 with every message compressed), all 8 windows in one batch;
+    and, per batch layout of :data:`EF_LAYOUTS`, the per-window NLL change with error feedback."""
+    everything = EF_LAYOUTS[0]
+    out = {"exact": _sim_nll(ref, None, False, everything),
+           "int4-outlier": _sim_nll(ref, "int4-outlier", False, everything)}
+    out["ef_layouts"] = []
+    for groups in EF_LAYOUTS:
+        base = out["exact"] if groups is everything else _sim_nll(ref, None, False, groups)
+        out["ef_layouts"].append([c - b for c, b in zip(_sim_nll(ref, "int4-outlier", True, groups), base)])
     return out
 
 
@@ -307,22 +329,35 @@ def test_error_feedback_chain_inside_vllm_equals_the_simulator_bitwise(ef, ref):
 
 
 def test_error_feedback_quality_through_vllm_matches_the_simulator(plain, ef, int4, sim):
-    """Prompt-logprob NLL change with error feedback, 8 batched requests through vLLM vs the
-    simulator, within the paired noise of test_quality_change_through_vllm_matches_the_simulator;
-    and feedback removes, through vLLM as in the simulator, most of the plain codec's damage."""
+    """Prompt-logprob NLL change with error feedback, 8 batched requests through vLLM, against
+    the simulator's; and feedback removes, through vLLM as in the simulator, most of the plain
+    codec's damage.
+
+    Tolerance. Feedback is chaotic per window: the simulator's own change moves by up to 0.2
+    nats on one window when only the batch layout changes (the fp32 sums' order: last bits,
+    which feedback carries from layer to layer), while without feedback it moves by 1e-4. So
+    vLLM, whose kernels sum in yet another order, is one more draw, not a paired copy of the
+    simulator. The simulator runs each of :data:`EF_LAYOUTS`; the centre is the mean of those
+    draws, and the bound is 3 standard errors of one draw's 8-window mean about it, from the
+    windows' spread across the draws (plus 1e-3). Stop 26 measured 12 layouts: window means
+    0.267-0.364 nats, all inside the bound. The test can fail: the plain codec's change (no
+    feedback) is 0.92 nats, far outside, and is checked to be."""
     import statistics
 
     v_base = plain["quality"]["per_sequence"]
     dv = [c - b for c, b in zip(ef[0]["quality"]["per_sequence"], v_base)]
-    ds = [c - b for c, b in zip(sim["int4-outlier+ef"], sim["exact"])]
     dv_plain = [c - b for c, b in zip(int4[0]["quality"]["per_sequence"], v_base)]
-    diff = [a - b for a, b in zip(dv, ds)]
-    n = len(diff)
-    noise = 3 * statistics.stdev(diff) / n ** 0.5 + 1e-3
-    mean_v, mean_s, mean_plain = sum(dv) / n, sum(ds) / n, sum(dv_plain) / n
-    print(f"\nNLL change with error feedback (nats/token) through vLLM {mean_v:+.5f}, simulator {mean_s:+.5f}, "
-          f"noise bound {noise:.5f}; without feedback through vLLM {mean_plain:+.5f}")
-    assert abs(mean_v - mean_s) <= noise
+    draws = sim["ef_layouts"]
+    n, k = len(dv), len(draws)
+    centre = statistics.fmean(statistics.fmean(d) for d in draws)
+    spread = statistics.fmean(statistics.variance(w) for w in zip(*draws))  # per window, across the draws
+    noise = 3 * (spread / n * (1 + 1 / k)) ** 0.5 + 1e-3
+    mean_v, mean_plain = statistics.fmean(dv), statistics.fmean(dv_plain)
+    print(f"\nNLL change with error feedback (nats/token) through vLLM {mean_v:+.5f}, simulator {centre:+.5f} "
+          f"(layouts {', '.join(f'{statistics.fmean(d):+.4f}' for d in draws)}), bound {noise:.5f}; "
+          f"without feedback through vLLM {mean_plain:+.5f}")
+    assert abs(mean_v - centre) <= noise
+    assert abs(mean_plain - centre) > noise  # the bound tells feedback from no feedback
     assert mean_v < 0.5 * mean_plain and mean_plain - mean_v > noise
 
 
