@@ -215,10 +215,11 @@ class FeedbackChain:
     order: tuple[str, ...]
     ranks: int = 1
     post_norm: PostNormFeedback | None = None
-    # hand each call the buffer its previous call consumed (Feedback.spare). Off by default since
-    # stop 25's CI: with it, vLLM's prompt NLL with feedback at TP 3 (two-shot) moved 0.08 nats away
-    # from the simulator's while every captured call stayed bitwise; not yet explained
-    recycle: bool = False
+    # hand each call the buffer its previous call consumed (Feedback.spare). It was off from the
+    # end of stop 25 to stop 26 while a vLLM quality test failed; that failure repeated with it
+    # off (+0.28316 nats both ways: the same bits) and came from feedback's sensitivity to the
+    # fp32 summation order (tests/test_vllm_engine.py), not from the buffers
+    recycle: bool = True
     _index: dict[str, int] = field(init=False, repr=False)
     _last: str | None = field(default=None, init=False, repr=False)
     _carries: list = field(default_factory=list, init=False, repr=False)
