@@ -221,7 +221,8 @@ class Codec(ABC):
 
         Here: codecs whose kernels can decode straight into the difference on this backend
         (:attr:`decode_error_backends`, :meth:`_decode_error`) encode, then decode and difference
-        in one pass; the static codecs override this with encoders that do it all in one pass.
+        in one pass; the static, group and MX codecs override this with encoders that do it all in
+        one pass (the group and MX codecs on Triton for an even E).
         """
         self._check_next_out(x, next_out)
         if (self._feedback_backend(x, carry) not in self.decode_error_backends

@@ -16,7 +16,7 @@ import math
 import torch
 
 from lowbit_tp.codecs import functional as F
-from lowbit_tp.codecs.base import Codec, check_int_option, register_codec
+from lowbit_tp.codecs.base import Codec, _check_buffer, check_int_option, register_codec
 
 
 def _triton_kernels():
@@ -53,6 +53,29 @@ def _fused_reduce_encode(codec: Codec, kernel, payloads, shape, layer, sources, 
         out = torch.empty(codec.payload_nbytes(shape), dtype=torch.uint8, device=dev)
     flags = codec._kernel_flags(layer, out_source, dev)
     return kernel([p.contiguous() for p in payloads], out, shape[0], shape[1], flags)
+
+
+def _fused_feedback(codec: Codec, kernel, x, carry, layer, source, out, next_out):
+    """Error feedback in one Triton kernel, shared by the group and MX codecs
+    (:meth:`Codec.encode_feedback`): ``kernel(x, carry, payload, next, flags)`` encodes ``x + carry``
+    into ``payload`` exactly as :meth:`Codec.encode` does on this path (no host scan; the kernel
+    saturates and records NaN/Inf and range into the (layer, source) flags) and writes ``sent -
+    decode`` (+0.0 where not finite) into ``next``, the bytes just written decoded in registers.
+    None where it does not apply (not the Triton backend, an odd E, a carry that is not a
+    contiguous fp32 tensor of ``x``'s shape, a subclass that changes encode or decode): the
+    caller then takes the two-kernel path of :meth:`Codec.encode_feedback` or the general one."""
+    codec._check_next_out(x, next_out)
+    if (codec._feedback_backend(x, carry) != "triton" or not codec._fused_encode(int(x.shape[1]))
+            or (carry is not None and not carry.is_contiguous())
+            or type(codec).encode is not Codec.encode or type(codec).decode is not Codec.decode):
+        return None
+    codec._check_tensor(x, layer, source)
+    nbytes = codec.payload_nbytes(tuple(x.shape), layer)
+    if out is not None:
+        _check_buffer(out, torch.uint8, (nbytes,), x.device, f"{codec.name}: encode_feedback out=")
+    payload = torch.empty(nbytes, dtype=torch.uint8, device=x.device) if out is None else out
+    nxt = torch.empty(x.shape, dtype=torch.float32, device=x.device) if next_out is None else next_out
+    return kernel(x.contiguous(), carry, payload, nxt, codec._kernel_flags(layer, source, x.device))
 
 
 class GroupInt4Codec(Codec):
@@ -129,10 +152,21 @@ class GroupInt4Codec(Codec):
             return K.decode_sum([p.contiguous() for p in payloads], out, group=self.group)
         return super()._decode_sum(payloads, shape, params, out)
 
+    def encode_feedback(self, x, carry, *, layer=None, source=0, out=None, next_out=None):
+        """One Triton kernel for an even E (:func:`_fused_feedback`); else the encode, then the
+        decode kernel writing the difference (Triton for an odd E, the CPU kernels), or None."""
+        def kernel(x, carry, payload, nxt, flags):
+            return _triton_kernels().encode_feedback(x, carry, payload, nxt, group=self.group,
+                                                     max_input=self.max_input, flag=flags[0], range_flag=flags[1])
+
+        got = _fused_feedback(self, kernel, x, carry, layer, source, out, next_out)
+        return got if got is not None else super().encode_feedback(x, carry, layer=layer, source=source, out=out,
+                                                                   next_out=next_out)
+
     decode_error_backends = ("cpu", "triton")
 
     def _decode_error(self, payload, shape, sent, params, out=None):
-        if self.kernel_backend(payload.device) == "triton":  # the decode kernel's MINUS epilogue
+        if self.kernel_backend(payload.device) == "triton":  # the decode kernel's MINUS epilogue (odd E)
             K = _triton_kernels()
             if out is None:
                 out = torch.empty(shape, dtype=torch.float32, device=payload.device)
@@ -206,10 +240,20 @@ class MXFP4Codec(Codec):
             out = torch.empty(shape, dtype=torch.float32, device=payloads[0].device)
         return K.mx_decode_sum([p.contiguous() for p in payloads], out)
 
+    def encode_feedback(self, x, carry, *, layer=None, source=0, out=None, next_out=None):
+        """One Triton kernel for an even E (:func:`_fused_feedback`); an odd E: the encode, then the
+        decode kernel writing the difference; other backends: None."""
+        def kernel(x, carry, payload, nxt, flags):  # no range limit: only the NaN flag
+            return _triton_kernels().mx_encode_feedback(x, carry, payload, nxt, flag=flags[0])
+
+        got = _fused_feedback(self, kernel, x, carry, layer, source, out, next_out)
+        return got if got is not None else super().encode_feedback(x, carry, layer=layer, source=source, out=out,
+                                                                   next_out=next_out)
+
     decode_error_backends = ("triton",)  # (no CPU kernel: the CPU backend decodes mxfp4 with the reference)
 
     def _decode_error(self, payload, shape, sent, params, out=None):
-        K = _triton_kernels()  # the decode kernel's MINUS epilogue
+        K = _triton_kernels()  # the decode kernel's MINUS epilogue (odd E)
         if out is None:
             out = torch.empty(shape, dtype=torch.float32, device=payload.device)
         return K.mx_decode_sum([payload.contiguous()], out, minus=sent.contiguous())

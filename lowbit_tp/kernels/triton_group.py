@@ -87,6 +87,14 @@ def _minus(v, minus_ptr, o, m):
 
 
 @triton.jit
+def _feedback_of(sent, v):
+    """Error feedback's next carry of one value in registers: ``sent - v`` in fp32 (``sent`` fp32,
+    ``v`` its decode), +0.0 where not finite: :func:`_minus` without the load."""
+    diff = sent - v
+    return tl.where(is_finite(diff), diff, 0.0)
+
+
+@triton.jit
 def _store_pairs(out_ptr, t, g, mt, E, lo, hi, BT: tl.constexpr, NGT: tl.constexpr, GROUP: tl.constexpr,
                  minus_ptr=0, MINUS: tl.constexpr = False):
     """Store even/odd column tiles ``[BT, NGT, H]`` interleaved as fp32 rows of ``out [T, E]``;
@@ -146,7 +154,8 @@ def _store_full_tile(out_ptr, t, EH, byte, BT: tl.constexpr, NGT: tl.constexpr, 
 def group_encode_kernel(src, out_ptr, flag_ptr, range_ptr, T, E, EH, G, NQ, max_in, N: tl.constexpr,
                         BT: tl.constexpr, NGT: tl.constexpr, GROUP: tl.constexpr, FLAG: tl.constexpr,
                         RANGE: tl.constexpr, XS=0, PS=0, CHUNKED: tl.constexpr = False, FAST: tl.constexpr = False,
-                        EVEN: tl.constexpr = False, S16: tl.constexpr = False):
+                        EVEN: tl.constexpr = False, S16: tl.constexpr = False, carry_ptr=0, next_ptr=0,
+                        CARRY: tl.constexpr = False, FEEDBACK: tl.constexpr = False):
     """Encode ``src[0]`` (``N == 0``, a partial ``[T, E]``, E even) or the decoded sum of the ``N``
     payloads in ``src`` (two-shot's reduce and re-encode in one pass), one tile of whole groups
     per program. Works on the even and odd columns apart, so a byte's two codes meet in one thread.
@@ -154,12 +163,19 @@ def group_encode_kernel(src, out_ptr, flag_ptr, range_ptr, T, E, EH, G, NQ, max_
     values and its payload at ``+ PS`` bytes per chunk. ``FAST``: :func:`_group_fast` first, this
     code only for the tiles it cannot take (same bytes). ``EVEN``: every tile lies inside the
     message (``T % BT == 0``, ``E % (NGT * GROUP) == 0``): no masks. ``S16``: ``NQ`` is even (so
-    is every chunk's payload size), each fp16 scale is one aligned 16-bit store."""
+    is every chunk's payload size), each fp16 scale is one aligned 16-bit store. ``CARRY`` /
+    ``FEEDBACK`` (``N == 0``, one message): error feedback fused in (:func:`encode_feedback`):
+    the partial plus the fp32 ``carry [T, E]`` is encoded, and ``next [T, E]`` gets what its
+    decode lost, the codes and scales just written decoded in registers (:func:`_feedback_pairs`)."""
     H: tl.constexpr = GROUP // 2
     src, out_ptr = chunk_bases(src, out_ptr, XS, PS, CHUNKED)
     t, g, bi, mt, m = _tile_index(T, EH, BT, NGT, GROUP)
     if N == 0:
         xl, xh = _load_pairs(src[0], t, mt, E, BT, NGT, GROUP, EVEN)
+        if CARRY:  # collectives.feedback.compensate: the partial widened exactly, one fp32 add
+            cl, ch = _load_pairs(carry_ptr, t, mt, E, BT, NGT, GROUP, EVEN)
+            xl = xl + cl
+            xh = xh + ch
     else:
         xl, xh = _tile_sum(src, t, g, bi, mt, m, EH, G, NQ, N, GROUP)
         xl = tl.where(m, xl, 0.0)
@@ -183,6 +199,12 @@ def group_encode_kernel(src, out_ptr, flag_ptr, range_ptr, T, E, EH, G, NQ, max_
                  mask=ms)
     else:
         store_u16(out_ptr, NQ + 2 * (t[:, None] * G + g[None, :]), sbits, ms)
+    if FEEDBACK:  # the decoder's arithmetic (_tile_sum) on the bytes and scale just stored
+        lo, hi = _nibbles(byte)
+        s = fp16_from_bits(sbits)[:, :, None]
+        dl = _feedback_of(xl, tl.where(lo == -8, float("nan"), lo.to(tl.float32)) * s)
+        dh = _feedback_of(xh, tl.where(hi == -8, float("nan"), hi.to(tl.float32)) * s)
+        _store_pairs(next_ptr, t, g, mt, E, dl, dh, BT, NGT, GROUP)
 
 
 @triton.jit
@@ -357,14 +379,28 @@ def _even_out(out, chunks: int) -> bool:
     return out.data_ptr() % 2 == 0 and (chunks == 1 or (out.numel() // chunks) % 2 == 0)
 
 
-def _launch_encode(src, n_sources, out, t, e, *, group, max_input, flag, range_flag, chunks=1, variant=None):
+def _feedback_consts(feedback, chunks: int) -> dict:
+    """The encoders' error-feedback arguments: none without ``feedback``, else ``(carry or None,
+    next)`` of one message (``CARRY``/``FEEDBACK``; the carry's pointer is ``next``'s when None)."""
+    if feedback is None:
+        return {}
+    assert chunks == 1, "error feedback is fused for one message (the carry has no chunk offset)"
+    carry, nxt = feedback
+    return {"carry_ptr": nxt if carry is None else carry, "next_ptr": nxt, "CARRY": carry is not None,
+            "FEEDBACK": True}
+
+
+def _launch_encode(src, n_sources, out, t, e, *, group, max_input, flag, range_flag, chunks=1, variant=None,
+                   feedback=None):
     """``t`` rows per chunk; ``chunks > 1``: ``src[0]`` holds ``chunks * t`` rows and ``out``
-    the ``chunks`` payloads one after another."""
+    the ``chunks`` payloads one after another. ``feedback``: ``(carry or None, next)``
+    (:func:`encode_feedback`)."""
     if t == 0:
         return out
     grid, rows, ngt, warps = _tile_grid(t, e, group, _variant(variant)[0])
     dummy = out
     extra = {} if chunks == 1 else {"XS": t * e, "PS": out.numel() // chunks, "CHUNKED": True}
+    extra.update(_feedback_consts(feedback, chunks))
     # 16-bit stores pair a group's bytes: a group of 2 (one byte) has none to pair
     extra.update(_group_consts(variant, t, e, rows, ngt * group, n_sources,
                                _even_out(out, chunks) and group % 4 == 0))
@@ -380,6 +416,31 @@ def encode(x, out, *, group: int, max_input: float, flag=None, range_flag=None, 
     t, e = x.shape
     return _launch_encode([x], 0, out, t, e, group=group, max_input=max_input, flag=flag, range_flag=range_flag,
                           variant=variant)
+
+
+def _check_feedback(x, carry, nxt) -> None:
+    """The one-message tensors :func:`encode_feedback` takes (asserted: the codec checks them first)."""
+    t, e = x.shape
+    assert e % 2 == 0 and x.is_contiguous(), "the tiled encoders take a contiguous [T, E] with E even"
+    assert (nxt.dtype == torch.float32 and nxt.is_contiguous() and nxt.shape == x.shape
+            and nxt.device == x.device), "next: a contiguous fp32 [T, E] buffer"
+    assert carry is None or (carry.dtype == torch.float32 and carry.is_contiguous() and carry.shape == x.shape
+                             and carry.device == x.device), "carry: a contiguous fp32 [T, E] tensor"
+
+
+def encode_feedback(x, carry, out, nxt, *, group: int, max_input: float, flag=None, range_flag=None, variant=None):
+    """Error feedback fused into the encoder (E even): ``out`` gets :func:`encode` of ``x + carry``
+    (fp32; ``carry`` None: of ``x``) and ``nxt [T, E]`` fp32 what its decode lost, ``sent -
+    decode`` with +0.0 where not finite (what ``decode_sum(..., minus=sent)`` writes), the codes
+    and scales decoded in registers: one read of ``x`` and ``carry``, one write of the payload
+    and of ``nxt``, where the encode and the decode with its difference took two kernels.
+    Returns ``(out, nxt)``."""
+    _check_feedback(x, carry, nxt)
+    t, e = x.shape
+    if t * e:
+        _launch_encode([x], 0, out, t, e, group=group, max_input=max_input, flag=flag, range_flag=range_flag,
+                       variant=variant, feedback=(carry, nxt))
+    return out, nxt
 
 
 def encode_chunks(x, out, *, chunks: int, group: int, max_input: float, flag=None, range_flag=None, variant=None):
@@ -523,7 +584,8 @@ def _mx_code(x, inv):
 @triton.jit
 def mx_encode_kernel(src, out_ptr, flag_ptr, T, E, EH, G, NQ, N: tl.constexpr, BT: tl.constexpr, NGT: tl.constexpr,
                      FLAG: tl.constexpr, XS=0, PS=0, CHUNKED: tl.constexpr = False, FAST: tl.constexpr = False,
-                     EVEN: tl.constexpr = False):
+                     EVEN: tl.constexpr = False, carry_ptr=0, next_ptr=0, CARRY: tl.constexpr = False,
+                     FEEDBACK: tl.constexpr = False):
     """mxfp4-encode ``src[0]`` (``N == 0``) or the decoded sum of the ``N`` mxfp4 payloads in ``src``,
     one tile of whole 32-groups per program, even and odd columns apart.
 
@@ -531,12 +593,17 @@ def mx_encode_kernel(src, out_ptr, flag_ptr, T, E, EH, G, NQ, N: tl.constexpr, B
     gives), ``y = x * 2**-exp`` (exact), E2M1 rounding half to even per range; a group
     holding NaN/Inf gets the E8M0 NaN byte 255. ``CHUNKED`` as :func:`group_encode_kernel`'s;
     ``FAST``: :func:`_mx_fast` first, :func:`_mx_codes` only for tiles holding NaN/Inf (same
-    bytes); ``EVEN``: every tile full, no masks.
+    bytes); ``EVEN``: every tile full, no masks. ``CARRY`` / ``FEEDBACK``: error feedback fused in,
+    as :func:`group_encode_kernel`'s (:func:`mx_encode_feedback`).
     """
     src, out_ptr = chunk_bases(src, out_ptr, XS, PS, CHUNKED)
     t, g, bi, mt, m = _tile_index(T, EH, BT, NGT, 32)
     if N == 0:
         xl, xh = _load_pairs(src[0], t, mt, E, BT, NGT, 32, EVEN)
+        if CARRY:
+            cl, ch = _load_pairs(carry_ptr, t, mt, E, BT, NGT, 32, EVEN)
+            xl = xl + cl
+            xh = xh + ch
     else:
         xl, xh = _mx_tile_sum(src, t, g, bi, mt, m, EH, G, NQ, N)
         xl = tl.where(m, xl, 0.0)
@@ -553,6 +620,12 @@ def mx_encode_kernel(src, out_ptr, flag_ptr, T, E, EH, G, NQ, N: tl.constexpr, B
     else:
         tl.store(out_ptr + t[:, None, None] * EH + bi[None, :, :], code, mask=m)
         tl.store(out_ptr + NQ + t[:, None] * G + g[None, :], ebyte, mask=mt[:, None] & (g < G)[None, :])
+    if FEEDBACK:  # the decoder's arithmetic (_mx_tile_sum) on the bytes just stored
+        b = code.to(tl.int32)
+        s = _e8m0_scale(ebyte.to(tl.int32))[:, :, None]
+        dl = _feedback_of(xl, _e2m1_value(b & 0xF) * s)
+        dh = _feedback_of(xh, _e2m1_value(b >> 4) * s)
+        _store_pairs(next_ptr, t, g, mt, E, dl, dh, BT, NGT, 32)
 
 
 @triton.jit
@@ -634,12 +707,13 @@ def mx_decode_sum_kernel(payloads, out_ptr, T, E, G, NQ, N: tl.constexpr, BLOCK:
     tl.store(out_ptr + o, as_stored(v, out_ptr), mask=m)
 
 
-def _mx_launch(src, n_src, out, t, e, flag, chunks=1, variant=None):
+def _mx_launch(src, n_src, out, t, e, flag, chunks=1, variant=None, feedback=None):
     if t == 0:
         return out
     variant = MX_ENCODE_VARIANT if variant is None else variant
     grid, rows, ngt, warps = _tile_grid(t, e, 32, _variant(variant)[0])
     extra = {} if chunks == 1 else {"XS": t * e, "PS": out.numel() // chunks, "CHUNKED": True}
+    extra.update(_feedback_consts(feedback, chunks))
     extra.update(_variant_consts(variant, t, e, rows, ngt * 32, n_src, _even_out(out, chunks)))
     mx_encode_kernel[grid + ((chunks,) if chunks > 1 else ())](
         tuple(src), out, out if flag is None else flag, t, e, e // 2, triton.cdiv(e, 32), (t * e + 1) // 2, N=n_src,
@@ -660,6 +734,15 @@ def mx_decode_chunks(payload, out, *, chunks: int):
 def mx_encode(x, out, *, flag=None, variant=None):
     """Fill the mxfp4 payload ``out`` from ``x [T, E]`` (E even)."""
     return _mx_launch([x], 0, out, x.shape[0], x.shape[1], flag, variant=variant)
+
+
+def mx_encode_feedback(x, carry, out, nxt, *, flag=None, variant=None):
+    """:func:`encode_feedback` for mxfp4 (E even; the NaN flag only): returns ``(out, nxt)``."""
+    _check_feedback(x, carry, nxt)
+    t, e = x.shape
+    if t * e:
+        _mx_launch([x], 0, out, t, e, flag, variant=variant, feedback=(carry, nxt))
+    return out, nxt
 
 
 def mx_reduce_encode(payloads, out, *, t: int, e: int, flag=None, variant=None):
