@@ -168,6 +168,100 @@ def test_codec_flags_with_each_variant(name, variant, monkeypatch):
         codec.check_nonfinite()
 
 
+def same_bits(a, b):
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def hard_carry(x):
+    """A carry for sweep_group.hard_values ``x``: +0.0 on bands 0 and 2 (the ties and the subnormal
+    scales stay what they are), small random values on band 1, NaN, Inf and a value that takes
+    1e6 past the int4 range on band 3 (-1e6 on a 1e6 too: an exact zero)."""
+    t, e = x.shape
+    band = (torch.arange(t) // 16 % 4)[:, None]
+    c = torch.where(band == 1, torch.randn(t, e, generator=torch.Generator().manual_seed(7)) * 0.1, 0.0)
+    b3 = torch.arange(t)[(torch.arange(t) // 16) % 4 == 3]
+    c[b3, 9] = float("nan")
+    c[b3, 11] = float("-inf")
+    c[b3, 13] = 4.6e5
+    c[b3, e - 1] = -1.0e6
+    return c
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("with_carry", [False, True])
+def test_encode_feedback_bitwise_on_both_paths(name, variant, with_carry, slow_calls, monkeypatch):
+    """Error feedback in one kernel (the encoder's FEEDBACK path) with each variant, on
+    sweep_group's hard values (ties, fp16-subnormal scales, values past max_in, -0.0, NaN/Inf),
+    with and without a carry (itself holding NaN/Inf): the payload and the next carry are
+    bitwise the reference's general path (compensate, encode, decode, feedback_of), the fused
+    kernel runs once, and the fast variants take both the fast path and the other."""
+    from lowbit_tp.collectives.algorithms import gather_encode_feedback
+    from lowbit_tp.collectives.feedback import Feedback
+
+    monkeypatch.setattr(K, "ENCODE_VARIANT", variant)
+    monkeypatch.setattr(K, "MX_ENCODE_VARIANT", variant)
+    runs = []
+    kernel = "mx_encode_feedback" if name == "mxfp4" else "encode_feedback"
+    orig = getattr(K, kernel)
+    monkeypatch.setattr(K, kernel, lambda *a, **k: runs.append(1) or orig(*a, **k))
+    x = sweep_module().hard_values(torch, name, 64, 256)
+    carry = hard_carry(x) if with_carry else None
+    want = Feedback(carry=carry)
+    w = gather_encode_feedback(reference(name), x, want, layer=LAYER, rank=0)
+    tri = make_codec(name, nonfinite="propagate", backend="triton")
+    got = Feedback(carry=carry)
+    g = gather_encode_feedback(tri, x, got, layer=LAYER, rank=0)
+    assert torch.equal(g, w), diff(g, w)
+    assert same_bits(got.next, want.next), (got.next.view(torch.int32) != want.next.view(torch.int32)).nonzero()[:6]
+    assert runs == [1]
+    fam = "mx" if name == "mxfp4" else "int4"
+    tiles = 64 * 256 // K.ENCODE_VARIANTS[variant][0]
+    assert 0 < slow_calls[fam] <= tiles and (slow_calls[fam] < tiles or not K.ENCODE_VARIANTS[variant][1])
+
+
+@pytest.mark.parametrize("name", ["int4-g32", "mxfp4"])
+@pytest.mark.parametrize("tokens,hidden", [(16, 256), (5, 100)])  # full tiles (EVEN), ragged ones
+def test_encode_feedback_flags(name, tokens, hidden):
+    """The one-kernel feedback path records what the encode would: deferred "error" mode raises
+    nothing for a clean message, out of range for a value past max_in (int4) and non-finite for a
+    NaN in the carry; "flag" mode raises non-finite for an Inf in the partial and nothing for a value
+    past max_in (saturated). The bytes and the next carry are the propagate-mode reference's."""
+    from lowbit_tp.codecs.base import NonFiniteError, OutOfRangeError
+    from lowbit_tp.collectives.algorithms import gather_encode_feedback
+    from lowbit_tp.collectives.feedback import Feedback
+
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, hidden, generator=g)
+    carry = torch.randn(tokens, hidden, generator=g) * 0.1
+    ref = reference(name)
+    for mode in ("error", "flag"):
+        tri = make_codec(name, nonfinite=mode, backend="triton")
+        cases = [("clean", x, carry, None)]
+        if name != "mxfp4":
+            big = x.clone()
+            big[tokens - 1, hidden - 3] = 4.7e5
+            cases.append(("range", big, carry, OutOfRangeError if mode == "error" else None))
+        bad_carry = carry.clone()
+        bad_carry[1, 2] = float("nan")
+        cases.append(("nan carry", x, bad_carry, NonFiniteError))
+        inf = x.clone()
+        inf[0, hidden - 1] = float("inf")
+        cases.append(("inf", inf, None, NonFiniteError))
+        for what, xx, cc, raises in cases:
+            want = Feedback(carry=cc)
+            w = gather_encode_feedback(ref, xx, want, layer=LAYER, rank=1)
+            got = tri.encode_feedback(xx, cc, layer=LAYER, source=1)
+            assert got is not None and torch.equal(got[0], w) and same_bits(got[1], want.next), (mode, what)
+            if raises is None:
+                tri.check_nonfinite()
+            else:
+                with pytest.raises(raises) as info:
+                    tri.check_nonfinite()
+                assert type(info.value) is raises, (mode, what)
+            tri.check_nonfinite()  # reset: nothing left
+
+
 @pytest.mark.parametrize("name", CODECS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_payload_at_an_odd_address(name, variant):

@@ -830,13 +830,15 @@ def test_rot_encode_feedback_decodes_into_the_difference(name, tokens, hidden, w
 @pytest.mark.parametrize("tokens,hidden", [(5, 100), (3, 37), (1, 64)])  # E=37: reference encode, flat decode
 @pytest.mark.parametrize("with_carry", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_group_encode_feedback_decodes_into_the_difference(name, tokens, hidden, with_carry, dtype, monkeypatch):
-    """Group and mxfp4 error feedback on the Triton backend: the encode, then the decode kernel
-    writing sent - decode (MINUS), +0.0 where not finite, in the same pass. Payload and next carry
-    bitwise the reference's gather_encode_feedback (compensate, encode, decode, feedback_of), with
-    NaN/Inf, an all-zero token and -0.0 in the partial and NaN/Inf in the carry. The fused path
-    must be the one taken: the codec's own decode (the general path's) is made to fail, and the
-    decode kernel is launched once, with the sent values to subtract from."""
+def test_group_encode_feedback_is_one_kernel(name, tokens, hidden, with_carry, dtype, monkeypatch):
+    """Group and mxfp4 error feedback on the Triton backend. An even E: one kernel (the encoder's
+    FEEDBACK path: x + carry encoded, the bytes decoded in registers into sent - decode, +0.0 where
+    not finite); an odd E: the encode, then the decode kernel writing sent - decode (MINUS).
+    Payload and next carry bitwise the reference's gather_encode_feedback (compensate, encode,
+    decode, feedback_of), with NaN/Inf, a value past the wire format's range, an all-zero token
+    and -0.0 in the partial, NaN/Inf in the carry and a partial + carry that overflows to Inf.
+    The one-pass path must be the one taken: the codec's own decode (the general path's) is made
+    to fail, and the launches are counted."""
     from lowbit_tp.collectives.algorithms import gather_encode_feedback
     from lowbit_tp.collectives.feedback import Feedback
     from lowbit_tp.kernels import triton_group
@@ -847,6 +849,8 @@ def test_group_encode_feedback_decodes_into_the_difference(name, tokens, hidden,
     x[tokens - 1] = 0.0  # an all-zero token
     x[0, 1] = -0.0
     x[0, hidden - 1] = float("-inf")
+    x[0, 4] = 1e30  # past int4-g*'s 7 * 65504: saturates
+    x[0, 5] = 3e38
     x = x.to(dtype)
     g = torch.Generator().manual_seed(hidden)
     carry = None
@@ -854,13 +858,18 @@ def test_group_encode_feedback_decodes_into_the_difference(name, tokens, hidden,
         carry = torch.randn(tokens, hidden, generator=g) * 0.1
         carry[0, 2] = float("nan")
         carry[tokens - 1, 0] = float("inf")
+        carry[0, 5] = 3e38  # finite + finite = Inf: sent as NaN, next carry +0.0
     want = Feedback(carry=carry)
     w = gather_encode_feedback(ref, x, want, layer=LAYER, rank=2)
 
-    launches = []
-    kernel = "mx_decode_sum" if name == "mxfp4" else "decode_sum"
-    orig = getattr(triton_group, kernel)
-    monkeypatch.setattr(triton_group, kernel, lambda *a, **k: launches.append(k.get("minus")) or orig(*a, **k))
+    decodes, fused = [], []
+    mx = name == "mxfp4"
+    for calls, kernel in ((decodes, "mx_decode_sum" if mx else "decode_sum"),
+                          (fused, "mx_encode_feedback" if mx else "encode_feedback")):
+        orig = getattr(triton_group, kernel)
+        monkeypatch.setattr(triton_group, kernel,
+                            lambda *a, _o=orig, _c=calls, **k: _c.append(k.get("minus", a[1] if len(a) > 1 else None))
+                            or _o(*a, **k))
 
     def general_path(*a, **k):
         raise AssertionError("encode_feedback took the general path (codec.decode)")
@@ -868,10 +877,17 @@ def test_group_encode_feedback_decodes_into_the_difference(name, tokens, hidden,
     monkeypatch.setattr(tri, "decode", general_path)
     got_fb = Feedback(carry=carry)
     got = gather_encode_feedback(tri, x, got_fb, layer=LAYER, rank=2)
-    assert torch.equal(got, w)
+    assert torch.equal(got, w), (got != w).nonzero().reshape(-1)[:6].tolist()
     assert same_bits(got_fb.next, want.next) and not torch.isnan(got_fb.next).any()
     assert bool((got_fb.next == 0).any())
-    assert len(launches) == 1 and launches[0] is not None and launches[0].shape == x.shape
+    if hidden % 2 == 0:  # the one kernel, with the carry (or None); no decode
+        assert len(fused) == 1 and fused[0] is carry and decodes == []
+    else:  # the encode, then one decode with the sent values to subtract from
+        assert fused == [] and len(decodes) == 1 and decodes[0] is not None and decodes[0].shape == x.shape
+    nxt = torch.full((tokens, hidden), 7.0)  # into a caller's buffers (two-shot's rows, a chain's spare)
+    pay = torch.full_like(w, 0x55)
+    again = tri.encode_feedback(x, carry, layer=LAYER, source=2, out=pay, next_out=nxt)
+    assert again[0] is pay and again[1] is nxt and torch.equal(pay, w) and same_bits(nxt, want.next)
 
 
 @pytest.mark.parametrize("name", ["int4-outlier", "int8", "int4-g32", "mxfp4", "rot-lm4-g64-lg8-k4"])
