@@ -32,6 +32,7 @@ STATIC_ROWS_ENC_SIG = {"src": None, "inl_ptr": "*i32", "inv_ptr": "*fp32", "outl
                        "body_ptr": "*u8", "flag_ptr": "*i32", "range_ptr": "*i32", "T": "i32", "NB": "i32",
                        "max_in": "fp32"}
 FEEDBACK_SIG = {"carry_ptr": "*fp32", "next_ptr": "*fp32", "scale_ptr": "*fp32"}
+GROUP_FEEDBACK_SIG = {"carry_ptr": "*fp32", "next_ptr": "*fp32"}
 STATIC_WIN_DEC_SIG = {"payloads": P2, "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32", "E": "i32"}
 STATIC_ROWS_DEC_SIG = {"payloads": P2, "colmap_ptr": "*i32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "T": "i32",
                        "HEADB": "i32"}
@@ -175,6 +176,17 @@ CASES = [
      {"E": 4096, "BITS": 8, "BT": 4, "BC": 512, "FLAG": False, "RANGE": True, "FEEDBACK": True}),
     ("triton_static", "static_encode_rows_kernel", {**STATIC_ROWS_ENC_SIG, **FEEDBACK_SIG, "src": ("*bf16",)},
      {"E": 258, "NK": 4, "BITS": 8, "BT": 3, "BC": 64, "FLAG": False, "RANGE": True, "FEEDBACK": True}),
+    # error feedback in one kernel for the group codecs and mxfp4 (stop 26): the fast variants on full
+    # tiles with a carry, the one code path on ragged ones (a bf16 partial, no carry)
+    ("triton_group", "group_encode_kernel", {**GROUP_SIG, **GROUP_FEEDBACK_SIG, "src": ("*fp32",)},
+     {"N": 0, "BT": 2, "NGT": 32, "GROUP": 32, "FLAG": True, "RANGE": True, "FAST": True, "EVEN": True,
+      "S16": True, "CARRY": True, "FEEDBACK": True}),
+    ("triton_group", "group_encode_kernel", {**GROUP_SIG, **GROUP_FEEDBACK_SIG, "src": ("*bf16",)},
+     {"N": 0, "BT": 4, "NGT": 8, "GROUP": 128, "FLAG": False, "RANGE": False, "FEEDBACK": True}),
+    ("triton_group", "mx_encode_kernel", {**MX_SIG, **GROUP_FEEDBACK_SIG, "src": ("*fp32",)},
+     {"N": 0, "BT": 4, "NGT": 32, "FLAG": True, "FAST": True, "EVEN": True, "CARRY": True, "FEEDBACK": True}),
+    ("triton_group", "mx_encode_kernel", {**MX_SIG, **GROUP_FEEDBACK_SIG, "src": ("*bf16",)},
+     {"N": 0, "BT": 2, "NGT": 8, "FLAG": False, "CARRY": True, "FEEDBACK": True}),
     ("triton_static", "static_decode_sum_win_kernel", STATIC_WIN_DEC_SIG,
      {"N": 2, "BITS": 4, "BT": 8, "BE": 512, "RB": 4096}),
     ("triton_static", "static_decode_sum_win_kernel", {**STATIC_WIN_DEC_SIG, "payloads": ("*u8",)},
