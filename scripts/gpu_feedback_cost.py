@@ -11,8 +11,13 @@ change. Per codec, world N and shape, on the device:
 * **time** (GPU time alone: 5 calls captured in one CUDA graph, median of ``--repeats``
   replays, as scripts/gpu_check.py's ``graph_*`` columns; eager per-call times too):
   ``encode_us`` (``gather_encode`` into a preallocated payload), ``encode_feedback_us``
-  (``gather_encode_feedback`` with a carry: one fused kernel where ``fused``, the static codecs'
-  ``Codec.encode_feedback``), ``encode_feedback_unfused_us`` (the general path: carry added,
+  (``gather_encode_feedback`` with a carry: the codec's ``Codec.encode_feedback`` where ``fused``:
+  one kernel for the static codecs and, since stop 26, for ``int4-g32``/``int4-g128``/``mxfp4`` at an
+  even E; the encode, then the decode kernel writing the difference, for ``rot-*``),
+  ``encode_feedback_two_kernel_us`` (that encode-then-difference-decode pass,
+  the base ``Codec.encode_feedback``, where the codec has it on this backend: the group codecs'
+  path before stop 26, timed in the same run; empty for the static codecs),
+  ``encode_feedback_unfused_us`` (the general path: carry added,
   encode, decode, difference), ``decode_sum_us`` (N payloads into a
   preallocated sum) and a same-size fp32 ``copy_us``. ``feedback_extra_us`` is the
   difference of the two encodes; ``feedback_of_codec`` divides it by encode + decode-and-sum,
@@ -54,7 +59,7 @@ from pathlib import Path
 CODECS = ["int4-outlier", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"]
 LAYER = "L"
 COLUMNS = ["codec", "world", "tokens", "hidden", "payload_equal", "next_equal", "fused", "copy_us", "encode_us",
-           "encode_feedback_us", "encode_feedback_unfused_us", "decode_sum_us", "feedback_extra_us", "feedback_of_codec", "eager_encode_us",
+           "encode_feedback_us", "encode_feedback_two_kernel_us", "encode_feedback_unfused_us", "decode_sum_us", "feedback_extra_us", "feedback_of_codec", "eager_encode_us",
            "eager_encode_feedback_us", "eager_decode_sum_us", "eager_feedback_of_codec", "two_shot_equal",
            "two_shot_encode_us", "two_shot_encode_feedback_us", "two_shot_reduce_us", "two_shot_reduce_feedback_us",
            "two_shot_decode_us", "two_shot_feedback_of_codec", "two_shot_encode_feedback_unfused_us",
@@ -189,6 +194,13 @@ def measure(torch, make_codec, planted_partials, synthetic_calibration, gather_e
     def enc_fb():
         gather_encode_feedback(fused, xs[0], fb, layer=LAYER, rank=0, out=pbuf)
 
+    from lowbit_tp.codecs.base import Codec
+
+    def enc_fb_two_kernel():  # the encode, then the decode kernel writing the difference (Codec's own)
+        Codec.encode_feedback(fused, xs[0], fb.carry, layer=LAYER, source=0, out=pbuf, next_out=spare)
+
+    two_kernel = Codec.encode_feedback(fused, xs[0], fb.carry, layer=LAYER, source=0) is not None
+
     def enc_fb_unfused():  # the general path: the carry added, encode, decode, the difference
         sent = compensate(xs[0], fb.carry)
         feedback_of(sent, fused.decode(fused.encode(sent, layer=LAYER, source=0, out=pbuf), (t, e), layer=LAYER,
@@ -235,12 +247,14 @@ def measure(torch, make_codec, planted_partials, synthetic_calibration, gather_e
                                             ("enc_fb_unfused", enc_fb_unfused), ("dec", dec), ("ts_enc", ts_enc),
                                             ("ts_enc_fb", ts_enc_fb), ("ts_red", ts_red), ("ts_red_fb", ts_red_fb),
                                             ("ts_dec", ts_dec), ("ts_enc_fb_unfused", ts_enc_fb_unfused),
-                                            ("ts_red_fb_unfused", ts_red_fb_unfused))}
+                                            ("ts_red_fb_unfused", ts_red_fb_unfused))
+         + ((("enc_fb_two", enc_fb_two_kernel),) if two_kernel else ())}
     ts_plain = g["ts_enc"] + g["ts_red"] + g["ts_dec"]
     eager = {k: seconds(f) for k, f in (("enc", enc), ("enc_fb", enc_fb), ("dec", dec))}
     row.update({
         "copy_us": g["copy"] * 1e6, "encode_us": g["enc"] * 1e6, "encode_feedback_us": g["enc_fb"] * 1e6,
         "encode_feedback_unfused_us": g["enc_fb_unfused"] * 1e6,
+        "encode_feedback_two_kernel_us": g["enc_fb_two"] * 1e6 if two_kernel else None,
         "fused": codec_fused(fused, xs[0], fb.carry),
         "decode_sum_us": g["dec"] * 1e6, "feedback_extra_us": (g["enc_fb"] - g["enc"]) * 1e6,
         "feedback_of_codec": (g["enc_fb"] - g["enc"]) / (g["enc"] + g["dec"]),
@@ -259,9 +273,11 @@ def measure(torch, make_codec, planted_partials, synthetic_calibration, gather_e
 
 def codec_fused(codec, x, carry) -> bool:
     """Whether ``gather_encode_feedback`` takes the codec's one-pass path here (``Codec.encode_feedback``):
-    one fused kernel for the static codecs; for ``rot-*`` (since after run 3) and the group codecs
-    and ``mxfp4`` (since stop 25) the encode, then a decode written as the difference (two
-    kernels), so their ``fused`` rows of later runs differ from stop 24's."""
+    one fused kernel for the static codecs and, since stop 26, for the group codecs and ``mxfp4``
+    at an even E (before: from stop 25, the encode, then a decode written as the difference, two
+    kernels; an odd E still takes those two); for ``rot-*`` (since after run 3) those two kernels.
+    So the ``fused`` rows of later runs differ from stop 24's; ``encode_feedback_two_kernel_us``
+    times the two-kernel pass where the codec has it."""
     return codec.encode_feedback(x, carry, layer=LAYER, source=0) is not None
 
 
