@@ -5,7 +5,9 @@ Bitwise the same payloads and sums as :class:`lowbit_tp.codecs.dynamic.GroupInt4
 round-half-even(x / scale) with an IEEE division. Two-shot's reduce-and-re-encode is the
 encoder reading the decoded sum of N payloads instead of a partial. The encoder packs a token's codes in
 pairs, so it needs an even E (the codec falls back to the reference otherwise); the
-decoder reads any shape.
+decoder reads any shape. Error feedback's encode (:func:`encode_feedback`,
+:func:`mx_encode_feedback`) is the encoder with the carry added and the payload decoded in
+registers into the next carry, one kernel (even E).
 """
 import torch
 import triton
