@@ -75,7 +75,8 @@ def messages(codec, xs, bufs=None):
     shape = tuple(xs[0].shape)
     payloads = [codec.encode(x, layer=LAYER, source=r, out=None if bufs is None else bufs[r]) for r, x in enumerate(xs)]
     codec.decode_sum(payloads, shape, layer=LAYER, out=None if bufs is None else bufs[-1])
-    codec.reduce_encode(payloads, shape, layer=LAYER, out=None if bufs is None else bufs[-2])
+    codec.reduce_encode(payloads, shape, layer=LAYER, out=None if bufs is None else bufs[-2],
+                        scratch=None if bufs is None else bufs[-1])  # the sum's fp32 buffer, where it is split
 
 
 @pytest.mark.parametrize("name", CODECS)

@@ -332,8 +332,12 @@ def test_fused_reduce_encode_equals_decode_sum_then_encode(name, mode, narrow, v
     assert bool(calls) == (variant == "fused") and torch.equal(got, want)
 
 
-def test_fused_reduce_encode_error_mode_raises_like_the_reference():
+@pytest.mark.parametrize("variant", ["fused", "split"])
+def test_fused_reduce_encode_error_mode_raises_like_the_reference(variant, monkeypatch):
     from lowbit_tp.codecs import NonFiniteError
+    from lowbit_tp.kernels import triton_rotation
+
+    monkeypatch.setattr(triton_rotation, "REDUCE_VARIANT", variant)
 
     cal = calibration(96)
     ref = make_codec("rot-lm4-g64", calibration=cal, nonfinite="propagate", backend="reference")
@@ -387,9 +391,13 @@ def test_fused_reduce_encode_static_and_group(name, kernels, mode, tokens, hidde
             tri.check_nonfinite()
 
 
-@pytest.mark.parametrize("name", ["int4-outlier", "int8", "int4-g32"])
-def test_fused_reduce_encode_static_and_group_error_mode_raises(name):
+@pytest.mark.parametrize("name,variant", [("int4-outlier", "fused"), ("int4-outlier", "split"), ("int8", "fused"),
+                                          ("int8", "split"), ("int4-g32", "fused")])
+def test_fused_reduce_encode_static_and_group_error_mode_raises(name, variant, monkeypatch):
     from lowbit_tp.codecs import NonFiniteError
+    from lowbit_tp.kernels import triton_static
+
+    monkeypatch.setattr(triton_static, "REDUCE_VARIANT", variant)
 
     cal = calibration(64)
     src = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
@@ -398,7 +406,7 @@ def test_fused_reduce_encode_static_and_group_error_mode_raises(name):
     for backend in ("reference", "triton"):
         codec = make_codec(name, calibration=cal, backend=backend)
         assert raised(codec, lambda: codec.reduce_encode(payloads, (3, 64), layer=LAYER)) == "non-finite"
-    with pytest.raises(NonFiniteError, match="reported once per step"):  # deferred on the fused path
+    with pytest.raises(NonFiniteError, match="reported once per step"):  # deferred on the Triton path
         codec.reduce_encode(payloads, (3, 64), layer=LAYER)
         codec.check_nonfinite()
 
@@ -910,3 +918,22 @@ def test_decode_sum_into_bf16_at_eight_sources(name):
     half = torch.empty(tokens, hidden, dtype=torch.bfloat16)
     assert tri.decode_sum(pay, (tokens, hidden), layer=LAYER, out=half) is half
     assert same_bits(half.float(), want.float()) and torch.isnan(half).any()
+
+
+def test_reduce_encode_refuses_an_unknown_variant_and_a_wrong_scratch(monkeypatch):
+    """``REDUCE_VARIANT`` other than fused/split is an error, not silently fused; a scratch of
+    the wrong shape or dtype is refused before anything runs."""
+    from lowbit_tp.kernels import triton_static
+
+    cal = calibration(64)
+    ref = make_codec("int4-outlier", calibration=cal, nonfinite="propagate", backend="reference")
+    tri = make_codec("int4-outlier", calibration=cal, nonfinite="propagate", backend="triton")
+    payloads = [ref.encode(x, layer=LAYER, source=r) for r, x in enumerate(partials(3, 64, seed=2, special=False))]
+    with pytest.raises(ValueError, match="scratch= must be a contiguous torch.float32 tensor of shape \\(3, 64\\)"):
+        tri.reduce_encode(payloads, (3, 64), layer=LAYER, scratch=torch.empty(3, 65))
+    scratch = torch.full((3, 64), float("nan"))  # overwritten: old contents do not leak into the payload
+    assert torch.equal(tri.reduce_encode(payloads, (3, 64), layer=LAYER, scratch=scratch),
+                       ref.encode(ref.decode_sum(payloads, (3, 64), layer=LAYER), layer=LAYER, source="sum"))
+    monkeypatch.setattr(triton_static, "REDUCE_VARIANT", "fast")
+    with pytest.raises(ValueError, match="REDUCE_VARIANT must be one of"):
+        tri.reduce_encode(payloads, (3, 64), layer=LAYER)

@@ -448,22 +448,31 @@ class Codec(ABC):
     def reduce_encode(
         self, payloads: Sequence[torch.Tensor], shape: tuple[int, int], *, layer: str | None = None,
         sources: Sequence[Source] | None = None, out_source: Source = "sum", out: torch.Tensor | None = None,
+        scratch: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``encode(decode_sum(payloads, shape), source=out_source)``: a two-shot owner's stage.
 
         A codec with a fused kernel (:meth:`_reduce_encode`) reads the N payloads once and
         writes the new payload once, with the same bytes; the fp32 sum never reaches memory.
-        ``out`` as in :meth:`encode`. In deferred ``"error"`` mode (see the class doc) a
+        Otherwise (the static and ``rot-*`` codecs' Triton default since stop 26, whose fast
+        decode and encode kernels beat their fused one) the sum goes through an fp32 ``shape``
+        buffer: ``scratch`` when given (contiguous fp32 on the payloads' device; its contents
+        are overwritten), else a fresh one. ``out`` as in :meth:`encode`; with ``out`` and
+        ``scratch`` nothing is allocated. In deferred ``"error"`` mode (see the class doc) a
         non-finite or out-of-range sum is reported by :meth:`check_nonfinite` as
         ``source 'sum'`` (``out_source``).
         """
+        dev = payloads[0].device if payloads else (out.device if out is not None else None)
         if out is not None:
             _check_buffer(out, torch.uint8, (self.payload_nbytes(_as_shape(shape, self.name), layer),),
-                          payloads[0].device if payloads else out.device, f"{self.name}: reduce_encode out=")
+                          dev, f"{self.name}: reduce_encode out=")
+        if scratch is not None:
+            _check_buffer(scratch, torch.float32, _as_shape(shape, self.name), dev,
+                          f"{self.name}: reduce_encode scratch=")
         fused = self._reduce_encode(payloads, shape, layer, sources, out_source, out)
         if fused is not None:
             return fused
-        return self.encode(self.decode_sum(payloads, shape, layer=layer, sources=sources), layer=layer,
+        return self.encode(self.decode_sum(payloads, shape, layer=layer, sources=sources, out=scratch), layer=layer,
                            source=out_source, out=out)
 
     def _reduce_encode(self, payloads, shape, layer, sources, out_source, out=None) -> torch.Tensor | None:

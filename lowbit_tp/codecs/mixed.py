@@ -65,12 +65,14 @@ class _DelegatingCodec(Codec):
         return self._pick(layer, source).decode_chunks(payload, chunk_shape, chunks, layer=layer, source=source,
                                                        out=out)
 
-    def reduce_encode(self, payloads, shape, *, layer=None, sources=None, out_source="sum", out=None):
+    def reduce_encode(self, payloads, shape, *, layer=None, sources=None, out_source="sum", out=None,
+                      scratch=None):
         sources = list(range(len(payloads))) if sources is None else list(sources)
         sub = self._pick(layer, out_source)
         if all(self._pick(layer, s) is sub for s in sources):  # one sub-codec: its fused path, if any
-            return sub.reduce_encode(payloads, shape, layer=layer, sources=sources, out_source=out_source, out=out)
-        return self.encode(self.decode_sum(payloads, shape, layer=layer, sources=sources), layer=layer,
+            return sub.reduce_encode(payloads, shape, layer=layer, sources=sources, out_source=out_source, out=out,
+                                     scratch=scratch)
+        return self.encode(self.decode_sum(payloads, shape, layer=layer, sources=sources, out=scratch), layer=layer,
                            source=out_source, out=out)
 
     def decode_sum(self, payloads, shape, *, layer=None, sources=None, out=None):
@@ -243,10 +245,12 @@ class ChannelWeightedCodec(_DelegatingCodec):
         acc.div_(self.weight(layer, acc.device))
         return acc if out is None or acc is out else out.copy_(acc)
 
-    def reduce_encode(self, payloads, shape, *, layer=None, sources=None, out_source="sum", out=None):
+    def reduce_encode(self, payloads, shape, *, layer=None, sources=None, out_source="sum", out=None,
+                      scratch=None):
         """Two-shot's owner stage in the weighted domain: ``inner.reduce_encode`` of the
         weighted partials is the encoding of ``w * sum``, with no unscale and rescale between."""
-        return self.inner.reduce_encode(payloads, shape, layer=layer, sources=sources, out_source=out_source, out=out)
+        return self.inner.reduce_encode(payloads, shape, layer=layer, sources=sources, out_source=out_source, out=out,
+                                        scratch=scratch)
 
 
 
