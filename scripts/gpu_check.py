@@ -240,7 +240,7 @@ def _writer(args, argv, dev, dry, world, check_tokens, repeats, t_start):
     def write(out: Path, rows: list, skipped: list, *, final: bool) -> None:
         meta = {"environment": env, "device": str(dev), "dry_run_interpreter": dry, "world": world,
                 "check_tokens": check_tokens, "repeats": repeats, "seconds": time.time() - t_start,
-                "complete": final, "skipped_for_budget": skipped,
+                "complete": final, "skipped_for_budget": skipped, "reduce_variants": _reduce_variants(),
                 "command": "python3 scripts/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)}
         (out / "gpu_check.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
         cols = ["codec", "tokens", "hidden", "bits_per_value", "bytes_equal_finite", "bytes_equal_nan_inf",
@@ -291,6 +291,14 @@ def two_shot_times(torch, fused, ref_cpu, x, n: int, seconds, same_bits) -> dict
             "two_shot_bytes_equal": bool(torch.equal(got.cpu(), want) and torch.equal(loop.cpu(), want)),
             "two_shot_decode_equal": same_bits(fused.decode_chunks(want.to(x.device), (rows, e), n, layer=LAYER,
                                                                    source=0), ref_dec)}
+
+
+def _reduce_variants() -> dict:
+    """Which owner stage ``reduce_encode`` runs for the static and ``rot-*`` codecs (what
+    ``reduce_encode_us`` timed): ``REDUCE_VARIANT`` of their Triton kernel modules."""
+    from lowbit_tp.kernels import triton_rotation, triton_static
+
+    return {"static": triton_static.REDUCE_VARIANT, "rot": triton_rotation.REDUCE_VARIANT}
 
 
 def graph_seconds(torch, fn, seconds, calls: int = 5) -> float:

@@ -281,10 +281,18 @@ def codec_fused(codec, x, carry) -> bool:
     return codec.encode_feedback(x, carry, layer=LAYER, source=0) is not None
 
 
+def _reduce_variants() -> dict:
+    """The static and ``rot-*`` codecs' owner stage (what ``two_shot_reduce_us`` timed)."""
+    from lowbit_tp.kernels import triton_rotation, triton_static
+
+    return {"static": triton_static.REDUCE_VARIANT, "rot": triton_rotation.REDUCE_VARIANT}
+
+
 def write(rows, out: Path, *, device: str, command: str, repeats: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_feedback_cost.json").write_text(json.dumps(
-        {"device": device, "command": command, "repeats": repeats, "rows": rows}, indent=1) + "\n")
+        {"device": device, "command": command, "repeats": repeats, "rows": rows,
+         "reduce_variants": _reduce_variants()}, indent=1) + "\n")
 
     def cell(v):
         if v is None:
