@@ -97,8 +97,8 @@ def test_native_build_has_this_cpus_vector_paths():
     assert want <= cpu_kernels.features(), (want, cpu_kernels.features())
 
 
-@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64-v3 -mavx512f -mavx512vl -mavx512dq", "skylake-avx512",
-                                   "icelake-server"])
+@pytest.mark.parametrize("march", ["x86-64-v3", *(pytest.param(m, marks=pytest.mark.slow) for m in (
+    "x86-64-v3 -mavx512f -mavx512vl -mavx512dq", "skylake-avx512", "icelake-server"))])  # 3-4 s a build
 def test_the_source_compiles_for_each_vector_level(march):
     """-march=native is the default build, so the source must compile on every x86 level it
     may meet: AVX2 only, the AVX-512 subset the kernels' AVX-512 paths require (F, VL, DQ: no

@@ -298,6 +298,7 @@ if __name__ == "__main__":
     compile_all()
 
 
+@pytest.mark.slow  # 13 s of ptxas: the slow suite
 def test_prefill_tiles_vectorize_without_spills():
     """scripts/ptx_stats.py at a prefill shape (sm_90a, launch-like specialization): no kernel
     spills or uses local memory, the group decoders load their payload bytes and store their

@@ -109,9 +109,11 @@ def test_default_rot_codecs_bitwise(name, tokens, hidden):
     check(name, tokens, hidden)
 
 
-@pytest.mark.parametrize("name", ["rot-int4-g64", "rot-lm4-g64", "rot-int4-g32", "rot-lm4-g32-e8", "rot-lm3-g64",
-                                  "rot-lm3-g32-e8", "rot-lm2-g32-e8", "rot-lm4-g64-e8", "rot-lm4-g64-lg8",
-                                  "rot-lm4-g32-lg8-k4", "rot-lm3-g32-lg8-k4", "rot-int8-g64-e8"])
+@pytest.mark.parametrize("name", [  # one per code width and scale format by default; the rest in the slow suite
+    "rot-int4-g64", "rot-lm3-g32-e8", "rot-lm4-g64-lg8", "rot-int8-g64-e8",
+    *(pytest.param(n, marks=pytest.mark.slow) for n in (
+        "rot-lm4-g64", "rot-int4-g32", "rot-lm4-g32-e8", "rot-lm3-g64", "rot-lm2-g32-e8", "rot-lm4-g64-e8",
+        "rot-lm4-g32-lg8-k4", "rot-lm3-g32-lg8-k4"))])
 def test_other_rot_codecs_bitwise(name):
     check(name, 5, 128)
 
@@ -124,7 +126,8 @@ def test_other_rot_codecs_bitwise(name):
     ("rot-lm4-g32-e8", 3, 37, {}), ("rot-int8-g64-e8", 2, 192, {}), ("rot-lm4-g64", 4, 320, {}),
     ("rot-lm4-g64-lg8", 3, 96, {"k": 0}),
 ])
-@pytest.mark.parametrize("programs", [1, 2, 512])  # lg8: one program loops over all tiles / strided / one each
+@pytest.mark.parametrize("programs", [1, pytest.param(2, marks=pytest.mark.slow), 512])  # lg8: one program loops
+# over all tiles / strided (slow suite) / one each
 def test_rot_column_tiles_bitwise(name, tokens, hidden, opts, programs, monkeypatch):
     from lowbit_tp.kernels import triton_rotation
 
@@ -208,6 +211,7 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert "DRY RUN" in (tmp_path / "gpu_check.md").read_text()
 
 
+@pytest.mark.slow  # 8 s under the interpreter: the slow suite
 def test_gpu_feedback_cost_script_dry_run(tmp_path):
     """scripts/gpu_feedback_cost.py runs end to end on CPU tensors, and its identity check (the
     fused encode-with-feedback against the reference's payload and next carry) holds."""
@@ -676,8 +680,10 @@ ROT_VARIANTS = {
 @pytest.mark.parametrize("variant", [v if v in ("base", "cell_xpose", "row", "loop")
                                      else pytest.param(v, marks=pytest.mark.slow)
                                      for v in ROT_VARIANTS])  # the launch-shape-only ones: slow suite
-@pytest.mark.parametrize("name,tokens,hidden", [("rot-lm4-g64-lg8-k4", 5, 200), ("rot-int6-g64-lg8-k4", 3, 136),
-                                                ("rot-int6-g64-lg8-k4", 7, 64), ("rot-lm3-g32-lg8-k4", 3, 200)])
+@pytest.mark.parametrize("name,tokens,hidden", [  # two shapes by default, the rest in the slow suite
+    ("rot-lm4-g64-lg8-k4", 5, 200), ("rot-int6-g64-lg8-k4", 3, 136),
+    pytest.param("rot-int6-g64-lg8-k4", 7, 64, marks=pytest.mark.slow),
+    pytest.param("rot-lm3-g32-lg8-k4", 3, 200, marks=pytest.mark.slow)])
 def test_rot_kernel_variants_bitwise(variant, name, tokens, hidden, monkeypatch):
     from lowbit_tp.kernels import triton_rotation
 
@@ -772,8 +778,10 @@ def test_row_mode_chunks_and_reduce_encode_bitwise(name, monkeypatch):
 TWO_SHOT_FEEDBACK_FUSED = {"int4-outlier", "rot-lm4-g64-lg8-k4", "int4-g32"}
 
 
-@pytest.mark.parametrize("name", ["int4-outlier", "rot-lm4-g64-lg8-k4", "int4-g32"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name,dtype", [  # rot-* in bf16 (8 s under the interpreter): the slow suite
+    *((n, d) for n in ("int4-outlier", "rot-lm4-g64-lg8-k4", "int4-g32") for d in (torch.float32, torch.bfloat16)
+      if (n, d) != ("rot-lm4-g64-lg8-k4", torch.bfloat16)),
+    pytest.param("rot-lm4-g64-lg8-k4", torch.bfloat16, marks=pytest.mark.slow)])
 def test_two_shot_feedback_chain_on_triton_is_bitwise_the_reference(name, dtype):
     """Two-shot with error feedback on the Triton backend, both stages (one encode_feedback per
     row chunk into the flat payload and the next carry's rows; the owner's re-encode of its sum

@@ -97,7 +97,7 @@ def launches(monkeypatch):
 SHAPES = [(7, 258), (13, 300), (1, 130), (4, 101)]
 
 
-@pytest.mark.parametrize("variant", ["fast", "fast-b"])
+@pytest.mark.parametrize("variant", ["fast", pytest.param("fast-b", marks=pytest.mark.slow)])  # "auto" runs "fast"
 @pytest.mark.parametrize("name", STATIC)
 @pytest.mark.parametrize("tokens,hidden", SHAPES)
 def test_fast_kernels_bitwise(name, variant, tokens, hidden, launches, monkeypatch):
@@ -324,7 +324,8 @@ def test_auto_decode_sum_picks_by_source_count(name, k, kernels, launches, monke
         assert [x for x in launches if "decode" in x] == [kernel], (n, launches)
 
 
-@pytest.mark.parametrize("variant", ["src", "src-c", "src-2"])
+@pytest.mark.parametrize("variant", ["src", pytest.param("src-c", marks=pytest.mark.slow),
+                                     pytest.param("src-2", marks=pytest.mark.slow)])  # "auto" runs "src"
 @pytest.mark.parametrize("name,k", [("int4-outlier", None), ("int4-random-k", None), ("int8", 3)])
 @pytest.mark.parametrize("tokens,hidden,sources,odd", [(7, 258, 2, False), (13, 300, 3, True), (1, 130, 8, False),
                                                        (5, 195, 8, False), (4, 195, 3, False)])
@@ -416,7 +417,7 @@ def test_src_window_decode_sum_bitwise(variant, name, tokens, hidden, sources, l
                                                   ("int8", 3, 5, 130), ("int8", 0, 6, 96), ("int8", 0, 5, 96),
                                                   ("int4", None, 5, 96), ("int4-random-k", None, 9, 256)])
 @pytest.mark.parametrize("with_carry", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)])
 def test_encode_feedback_fused_bitwise(name, k, tokens, hidden, with_carry, dtype, launches):
     from lowbit_tp.collectives.algorithms import gather_encode_feedback
     from lowbit_tp.collectives.feedback import Feedback
