@@ -426,3 +426,32 @@ def test_postnorm_chain_needs_partials_output_and_every_norm():
     with pytest.raises(ValueError, match="decoded sum"):
         chain.finish("a", fb)
     assert chain.fresh().post_norm is pn
+
+
+@pytest.mark.parametrize("algorithm", ["gather", "two-shot"])
+def test_which_rank_holds_a_rows_error_depends_on_the_batch_only_in_two_shot(algorithm):
+    """A row's all-reduce output never depends on the other rows of its message. Its next
+    carries do in two-shot only: the rows are cut into N chunks, the owner of the chunk that
+    holds a row adds the row's second-stage error to its own carry, and a message with another
+    row count is cut elsewhere. Their sum over the ranks is the same either way (up to the fp32
+    order of that sum). This is why feedback through vLLM (other batches) is another draw of
+    the rounding, not the simulator's copy (tests/test_vllm_engine.py)."""
+    world, e, rows = 3, 128, 10
+    codec = make_codec("int4-outlier", calibration=synthetic_calibration(["L"], world=world, hidden=e, tokens=64,
+                                                                         batches=1))
+    xs = planted_partials(world, rows, e, seed=0, noise_seed=1)
+    gen = torch.Generator().manual_seed(2)
+    carries = [0.05 * torch.randn(rows, e, generator=gen) for _ in range(world)]
+    whole = [Feedback(carry=c.clone()) for c in carries]
+    out = simulate_all_reduce(xs, codec, algorithm, layer="L", feedback=whole)
+    moved = False
+    for lo, hi in ((0, 4), (4, 10), (0, 1)):
+        part = [Feedback(carry=c[lo:hi].clone()) for c in carries]
+        got = simulate_all_reduce([x[lo:hi] for x in xs], codec, algorithm, layer="L", feedback=part)
+        assert torch.equal(got, out[lo:hi])
+        same = all(torch.equal(a.next[lo:hi], b.next) for a, b in zip(whole, part))
+        moved = moved or not same
+        if algorithm == "gather":
+            assert same
+        torch.testing.assert_close(sum(f.next for f in part), sum(f.next for f in whole)[lo:hi], rtol=0, atol=1e-6)
+    assert moved == (algorithm == "two-shot")

@@ -217,8 +217,9 @@ class FeedbackChain:
     post_norm: PostNormFeedback | None = None
     # hand each call the buffer its previous call consumed (Feedback.spare). It was off from the
     # end of stop 25 to stop 26 while a vLLM quality test failed; that failure repeated with it
-    # off (+0.28316 nats both ways: the same bits) and came from feedback's sensitivity to the
-    # fp32 summation order (tests/test_vllm_engine.py), not from the buffers
+    # off (+0.28316 nats both ways: the same bits); two-shot's owner of a row's second-stage
+    # error depends on the pass's row count, so vLLM's batches are another draw than the
+    # simulator's (tests/test_vllm_engine.py); the buffers were not the cause
     recycle: bool = True
     _index: dict[str, int] = field(init=False, repr=False)
     _last: str | None = field(default=None, init=False, repr=False)
