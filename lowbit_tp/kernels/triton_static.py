@@ -437,8 +437,8 @@ def decode_chunks(payload, colmap, scale, out, *, chunks: int, nk: int, bits: in
 # Two-shot's owner stage: "fused" runs :func:`reduce_encode` (one kernel, the fp32 sum never in
 # memory), "split" has the codec run decode-and-sum into an fp32 buffer, then encode (the fast
 # kernels above; same bytes). The fused kernel predates the fast kernels and gathers every value
-# through the channel map; scripts/gpu_reduce_split.py timed split 1.3-3.3x faster on one H100
-# (worlds 2-4, docs/bench/gpu_reduce_split_h100_stop26_run2.md).
+# through the channel map; scripts/gpu_reduce_split.py timed split 1.3-5.6x faster on one H100
+# (worlds 2-8, docs/bench/gpu_reduce_split_h100_stop26_run2.md).
 REDUCE_VARIANT = "split"
 REDUCE_VARIANTS = ("fused", "split")
 
