@@ -14,8 +14,8 @@ change. Per codec, world N and shape, on the device:
   (``gather_encode_feedback`` with a carry: the codec's ``Codec.encode_feedback`` where ``fused``:
   one kernel for the static codecs and, since stop 26, for ``int4-g32``/``int4-g128``/``mxfp4`` at an
   even E; the encode, then the decode kernel writing the difference, for ``rot-*``),
-  ``encode_feedback_two_kernel_us`` (that encode-then-difference-decode pass,
-  the base ``Codec.encode_feedback``, where the codec has it on this backend: the group codecs'
+  ``encode_feedback_two_kernel_us`` (that encode-then-difference-decode pass, with the carry
+  added first: three launches with a carry; the base ``Codec.encode_feedback``, where the codec has it on this backend: the group codecs'
   path before stop 26, timed in the same run; empty for the static codecs),
   ``encode_feedback_unfused_us`` (the general path: carry added,
   encode, decode, difference), ``decode_sum_us`` (N payloads into a

@@ -883,12 +883,11 @@ def test_group_encode_feedback_is_one_kernel(name, tokens, hidden, with_carry, d
 
     decodes, fused = [], []
     mx = name == "mxfp4"
-    for calls, kernel in ((decodes, "mx_decode_sum" if mx else "decode_sum"),
-                          (fused, "mx_encode_feedback" if mx else "encode_feedback")):
-        orig = getattr(triton_group, kernel)
+    for calls, kernel, seen in ((decodes, "mx_decode_sum" if mx else "decode_sum", lambda a, k: k.get("minus")),
+                                (fused, "mx_encode_feedback" if mx else "encode_feedback", lambda a, k: a[1])):
+        orig = getattr(triton_group, kernel)  # decodes record the sent values, the fused call its carry
         monkeypatch.setattr(triton_group, kernel,
-                            lambda *a, _o=orig, _c=calls, **k: _c.append(k.get("minus", a[1] if len(a) > 1 else None))
-                            or _o(*a, **k))
+                            lambda *a, _o=orig, _c=calls, _s=seen, **k: _c.append(_s(a, k)) or _o(*a, **k))
 
     def general_path(*a, **k):
         raise AssertionError("encode_feedback took the general path (codec.decode)")

@@ -168,7 +168,7 @@ def group_encode_kernel(src, out_ptr, flag_ptr, range_ptr, T, E, EH, G, NQ, max_
     is every chunk's payload size), each fp16 scale is one aligned 16-bit store. ``CARRY`` /
     ``FEEDBACK`` (``N == 0``, one message): error feedback fused in (:func:`encode_feedback`):
     the partial plus the fp32 ``carry [T, E]`` is encoded, and ``next [T, E]`` gets what its
-    decode lost, the codes and scales just written decoded in registers (:func:`_feedback_pairs`)."""
+    decode lost, the codes and scales just written decoded in registers (:func:`_feedback_of`)."""
     H: tl.constexpr = GROUP // 2
     src, out_ptr = chunk_bases(src, out_ptr, XS, PS, CHUNKED)
     t, g, bi, mt, m = _tile_index(T, EH, BT, NGT, GROUP)
@@ -435,7 +435,9 @@ def encode_feedback(x, carry, out, nxt, *, group: int, max_input: float, flag=No
     (fp32; ``carry`` None: of ``x``) and ``nxt [T, E]`` fp32 what its decode lost, ``sent -
     decode`` with +0.0 where not finite (what ``decode_sum(..., minus=sent)`` writes), the codes
     and scales decoded in registers: one read of ``x`` and ``carry``, one write of the payload
-    and of ``nxt``, where the encode and the decode with its difference took two kernels.
+    and of ``nxt``, where the carry add, the encode and the decode with its difference took
+    three launches. ``nxt`` may be the carry itself (each program reads an element before it
+    writes it), not a buffer that overlaps it at an offset.
     Returns ``(out, nxt)``."""
     _check_feedback(x, carry, nxt)
     t, e = x.shape
