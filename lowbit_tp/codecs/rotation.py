@@ -353,9 +353,9 @@ class RotatedGroupCodec(KeptRotation, Codec):
         if not payloads or self.kernel_backend(payloads[0].device) != "triton" or not self._kernel_packs(int(shape[1])):
             return None
         K = _triton_kernels()
-        if K.REDUCE_VARIANT not in K.REDUCE_VARIANTS:
-            raise ValueError(f"REDUCE_VARIANT must be one of {K.REDUCE_VARIANTS}, got {K.REDUCE_VARIANT!r}")
-        if K.REDUCE_VARIANT == "split":  # decode-and-sum, then encode: the base class's path
+        from lowbit_tp.kernels.triton_common import reduce_fused
+
+        if not reduce_fused(K.REDUCE_VARIANT):  # "split": decode-and-sum, then encode (the base class's path)
             return None
 
         shape, params = self._payload_params(payloads, shape, layer, sources)

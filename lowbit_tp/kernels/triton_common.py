@@ -173,3 +173,15 @@ def payload_at(payloads, r, N: tl.constexpr):
     for j in tl.static_range(1, N):
         p = tl.where(r == j, payloads[j], p)
     return p
+
+
+# Two-shot's owner stage of the static and rot-* codecs (each module's REDUCE_VARIANT): "fused"
+# runs the module's reduce_encode kernel, "split" the decode-and-sum then the encode.
+REDUCE_VARIANTS = ("fused", "split")
+
+
+def reduce_fused(variant: str) -> bool:
+    """Whether an owner stage set to ``variant`` runs the fused kernel; an unknown name is an error."""
+    if variant not in REDUCE_VARIANTS:
+        raise ValueError(f"REDUCE_VARIANT must be one of {REDUCE_VARIANTS}, got {variant!r}")
+    return variant == "fused"

@@ -813,8 +813,7 @@ def chunks_fit(nk: int, payload_bytes: int) -> bool:
 # memory), "split" has the codec run decode-and-sum into an fp32 buffer, then encode (same
 # bytes). scripts/gpu_reduce_split.py timed split 1.3-5.6x faster on one H100 (worlds 2-8,
 # docs/bench/gpu_reduce_split_h100_stop26_run2.md).
-REDUCE_VARIANT = "split"
-REDUCE_VARIANTS = ("fused", "split")
+REDUCE_VARIANT = "split"  # one of triton_common.REDUCE_VARIANTS
 
 
 def reduce_encode(payloads, *, signs, dec_colmap, enc_colmap, levels, bounds, lg8, lg8_asc, out, t: int, e: int,

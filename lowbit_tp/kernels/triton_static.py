@@ -439,8 +439,7 @@ def decode_chunks(payload, colmap, scale, out, *, chunks: int, nk: int, bits: in
 # kernels above; same bytes). The fused kernel predates the fast kernels and gathers every value
 # through the channel map; scripts/gpu_reduce_split.py timed split 1.3-5.6x faster on one H100
 # (worlds 2-8, docs/bench/gpu_reduce_split_h100_stop26_run2.md).
-REDUCE_VARIANT = "split"
-REDUCE_VARIANTS = ("fused", "split")
+REDUCE_VARIANT = "split"  # one of triton_common.REDUCE_VARIANTS
 
 
 def reduce_encode(payloads, colmap, scale, inliers, inv_scale, outliers, out, *, t: int, e: int, bits: int,
