@@ -2,7 +2,8 @@
 
 Each check raises :class:`~lowbit_tp.errors.UserError` with one clear sentence. They read
 only what is cheap: a model's header (:func:`~lowbit_tp.models.quick_config.quick_config`,
-never the weights), the calibration file (a few MB), the codec registry. The runtime,
+never loading the weights), the calibration file (a few MB), the codec registry, and the
+weight files' sha256 when a calibration records the one it was made for. The runtime,
 evaluation and calibration entry points call them first, so a bad TP degree or codec
 name fails in a second instead of after every rank has loaded the model.
 """
@@ -73,10 +74,13 @@ def check_calibration_file(path: str | Path):
 
 
 def check_codecs(names: Iterable[str], *, calibration: str | Path | None = None, tp: int | None = None,
-                 hidden_size: int | None = None, num_layers: int | None = None, build: bool = True):
+                 hidden_size: int | None = None, num_layers: int | None = None, build: bool = True,
+                 model: str | None = None):
     """Every codec name is registered and (``build``) can be built with this calibration; the
-    calibration fits ``tp`` and ``hidden_size`` and covers ``num_layers`` blocks. Returns the
-    loaded calibration (or None)."""
+    calibration fits ``tp`` and ``hidden_size`` and covers ``num_layers`` blocks, and, with
+    ``model`` (a registry name, checkpoint directory or ``.gguf``), was made for that model's
+    weights (their sha256, well under a second for the registry's models). Returns the loaded
+    calibration (or None)."""
     names = list(names)
     if not names:
         raise UserError("give at least one codec")
@@ -92,12 +96,28 @@ def check_codecs(names: Iterable[str], *, calibration: str | Path | None = None,
     cal = None if calibration is None else check_calibration_file(calibration)
     try:
         if cal is not None:
-            cal.check_compatible(tp=tp, hidden_size=hidden_size, num_layers=num_layers)
+            cal.check_compatible(tp=tp, hidden_size=hidden_size, num_layers=num_layers,
+                                 weights_sha256=_weights_sha256(model, cal), model_name=model)
         for name in names:
             make_codec(name, calibration=cal)
     except (CalibrationError, KeyError, ValueError) as exc:
         raise UserError(str(exc).strip("'\"")) from None
     return cal
+
+
+def _weights_sha256(model: str | None, cal: Calibration) -> str | None:
+    """The sha256 of ``model``'s weight files when ``cal`` records the one it was made for
+    (else None: nothing to compare, so the files are not read). A calibration from another
+    model of the same shape passes every size check and used to be caught only after each
+    rank had loaded the model."""
+    if model is None or not (cal.meta.get("model") or {}).get("weights_sha256"):
+        return None
+    from lowbit_tp.models.registry import resolve_source, sha256_of_files
+
+    try:
+        return sha256_of_files(resolve_source(model).weight_files())
+    except (ValueError, OSError):  # an unknown model is check_model_tp's error, not this one's
+        return None
 
 
 def check_seq_len(seq_len: int, config: Any, *, flag: str = "--seq-len") -> list[str]:
@@ -150,7 +170,7 @@ def preflight_eval(cfg: Any, *, out: str | Path | None = None, warn: Callable[[s
         _warn_with(warn)(text)
     check_min(cfg.samples, "--samples")
     check_codecs(cfg.codecs, calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size,
-                 num_layers=getattr(config, "num_hidden_layers", None))
+                 num_layers=getattr(config, "num_hidden_layers", None), model=cfg.model)
     check_text(cfg.text, getattr(cfg, "text_glob", "*"))
     if out:
         check_output_path(out)

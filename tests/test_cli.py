@@ -143,6 +143,38 @@ def test_a_bad_flag_is_one_line_with_status_2():
     assert proc.stderr.count("\n") == 1 and "--tp" in proc.stderr
 
 
+def test_a_calibration_for_another_model_of_the_same_shape_is_refused_before_any_rank_starts(tmp_path):
+    """Same hidden size, TP degree and layer names, other weights: ``run``'s and ``eval``'s
+    preflight compare the weight files' sha256 with the one the calibration records (it used to
+    be caught only on the ranks, after each had loaded the model). Its own model's sha passes,
+    and a calibration that records no sha is not refused for it."""
+    from helpers import save_tiny
+    from lowbit_tp.calibration.synthetic import synthetic_calibration
+    from lowbit_tp.errors import UserError
+    from lowbit_tp.models.registry import resolve_source, sha256_of_files
+    from lowbit_tp.preflight import preflight_eval
+    from lowbit_tp.runtime import RunConfig
+    from lowbit_tp.runtime.engine import preflight_run
+
+    path = save_tiny(tmp_path, "llama")
+    layers = [f"model.layers.{i}.{kind}" for i in range(2) for kind in ("self_attn.o_proj", "mlp.down_proj")]
+    cal = synthetic_calibration(layers, world=2, hidden=64, tokens=16, batches=1)
+    own = sha256_of_files(resolve_source(path).weight_files())
+    runs = {"run": lambda c: preflight_run(RunConfig(model=path, tp=2, prompts=("ab",), codec="int4-outlier",
+                                                      calibration=c)),
+            "eval": lambda c: preflight_eval(EvalConfig(model=path, tp=2, codecs=("int4-outlier",), calibration=c),
+                                             warn=lambda _: None)}
+    for sha, refused in (("0f" * 32, True), (own, False), (None, False)):
+        cal.meta["model"] = {"name": "other-model", "weights_sha256": sha}
+        file = str(cal.save(tmp_path / f"cal-{sha}.safetensors"))
+        for name, check in runs.items():
+            if refused:
+                with pytest.raises(UserError, match=r"made for model 'other-model' \(weights sha256 0f0f"):
+                    check(file)
+            else:
+                check(file)
+
+
 def test_error_feedback_on_gemma_passes_the_run_checks_of_every_engine(tmp_path):
     """Gemma 3's carry through the post-norms runs on the transformers engine too (and in vLLM,
     whose check is the checkpoint's): ``run``'s checks no longer refuse it; they still refuse a

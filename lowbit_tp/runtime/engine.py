@@ -109,7 +109,7 @@ def preflight_run(cfg: RunConfig) -> None:
     config = check_model_tp(cfg.model, cfg.tp)
     check_engine_tp(config, cfg.tp, cfg.engine, name=cfg.model)
     check_codecs([cfg.codec], calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size,
-                 num_layers=getattr(config, "num_hidden_layers", None))
+                 num_layers=getattr(config, "num_hidden_layers", None), model=cfg.model)
 
 
 def run_config(cfg: RunConfig, *, deadline_s: float | None = None, stream: bool = False) -> RunResult:
