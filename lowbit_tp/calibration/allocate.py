@@ -35,10 +35,10 @@ def layer_sensitivity(model, ids: torch.Tensor, cal: Calibration, *, tp: int, co
 
     ``error_feedback``: measured with error feedback along depth (the next layer, in bf16,
     sends the error back), i.e. the sensitivity that matters when the run uses it."""
-    with torch.no_grad():
+    with torch.no_grad(), tqdm(cal.layers, desc="sensitivity", disable=not progress) as layers:
         base = model(ids).logits
         out = {}
-        for layer in tqdm(cal.layers, desc="sensitivity", disable=not progress):
+        for layer in layers:
             plan = {"layers": {l: (codec if l == layer else "bf16") for l in cal.layers}}
             with TPSimulator(model, tp=tp, codec=AllocatedCodec(plan=plan, calibration=cal), algorithm="gather",
                              name=name, error_feedback=error_feedback):
@@ -65,11 +65,11 @@ def layer_marginal_kl(model, ids: torch.Tensor, cal: Calibration, *, tp: int, co
         cmp.update(ids, base, logits)
         return cmp.result()["kl"]
 
-    with torch.no_grad():
+    with torch.no_grad(), tqdm(cal.layers, desc="marginal KL", disable=not progress) as layers:
         base = model(ids).logits
         full = kl(dict.fromkeys(cal.layers, codec))
         return {layer: max(0.0, full - kl({l: ("bf16" if l == layer else codec) for l in cal.layers}))
-                for layer in tqdm(cal.layers, desc="marginal KL", disable=not progress)}
+                for layer in layers}
 
 
 def layer_errors(model, ids: torch.Tensor, cal: Calibration, *, tp: int, codecs, name: str | None = None

@@ -52,12 +52,12 @@ def calibrate(cfg: CalibrationConfig, *, bundle: tuple[Any, Any, Any] | None = N
 
     t0 = time.perf_counter()
     batches = list(chunks.input_ids.split(cfg.batch_size))
-    bar = _progress(len(batches), "calibrate", progress)
-    with torch.no_grad(), TPSimulator(model, tp=cfg.tp, observer=observe, name=info.name) as sim:
+    # the bar is closed on an error too, so the CLI's one-line error starts its own line
+    with _progress(len(batches), "calibrate", progress) as bar, torch.no_grad(), \
+            TPSimulator(model, tp=cfg.tp, observer=observe, name=info.name) as sim:
         for ids in batches:
             model(ids)
             bar.update(1)
-    bar.close()
     hidden = info.hidden_size
     k = default_outlier_k(hidden) if cfg.k is None else cfg.k
     if not 0 <= k <= hidden:

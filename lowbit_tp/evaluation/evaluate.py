@@ -167,8 +167,9 @@ def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress:
     comps = {name: LMComparison() for name in cfg.codecs}
     seconds = {name: 0.0 for name in cfg.codecs}
     batches = list(chunks.input_ids.split(cfg.batch_size))
-    bar = tqdm(total=len(batches) * (1 + len(sims)), desc="eval", unit="fwd", disable=not progress)
-    with torch.no_grad():
+    # closed on an error too: the CLI's one-line error then starts its own line, after the bar
+    with tqdm(total=len(batches) * (1 + len(sims)), desc="eval", unit="fwd", disable=not progress) as bar, \
+            torch.no_grad():
         for ids in batches:
             base = model(ids).logits
             bar.update(1)
@@ -184,7 +185,6 @@ def evaluate_codecs(cfg: EvalConfig, *, bundle=None, calibration=None, progress:
         for name, sim in sims.items():
             with sim:
                 lam[name] = _lambada(model, items, cfg.batch_size)
-    bar.close()
     base_acc = sum(lam_base) / len(lam_base) if lam_base else float("nan")
     rows = [result_row(cfg, info, name, comps[name].result(), sim.comm_stats(), lam[name], base_acc,
                        seconds[name], num_layers=len(sim.layers), lambada_baseline_hits=lam_base)

@@ -124,8 +124,8 @@ def evaluate_codecs_tp(cfg: EvalConfig, *, timeout_s: float = RankOptions.timeou
     calibration, split, chunks, items, split_info = eval_inputs(cfg, tokenizer, info, warn=warn)
     batches = list(chunks.input_ids.split(cfg.batch_size))
     with run_tempdir("lowbit_tp_eval_baseline_") as base_dir:  # a SIGKILLed run's is removed by the next
-        with torch.no_grad():
-            for b, ids in enumerate(tqdm(batches, desc="baseline", unit="fwd", disable=not progress)):
+        with torch.no_grad(), tqdm(batches, desc="baseline", unit="fwd", disable=not progress) as bar:
+            for b, ids in enumerate(bar):
                 torch.save(model(ids).logits, Path(base_dir) / f"batch{b}.pt")
             lam_base = _lambada(model, items, cfg.batch_size)
         del model  # the ranks load their own copies
