@@ -329,7 +329,7 @@ def _two_shot_pipelined(codec: Codec, pieces, group, *, layer, rank: int, world:
             chunk_shape = (A.chunk_rows(pieces[j].shape[0], world), pieces[j].shape[1])
             # the sum's payload may differ in size from a partial's (a two-stage codec), so the
             # codec allocates it; the N received copies reuse buffers of that size
-            if feedback is None:
+            if feedback is None or not feedback[j].owner_error:  # (first-stage feedback: no owner error)
                 mine = A.two_shot_reduce(codec, list(recv.chunk(world)), chunk_shape, layer=layer)
             else:  # the second-stage error of this rank's chunk joins its own compensation
                 mine, err = A.two_shot_reduce_feedback(codec, list(recv.chunk(world)), chunk_shape, layer=layer)

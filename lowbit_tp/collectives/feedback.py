@@ -53,8 +53,23 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["Feedback", "FeedbackChain", "PostNorm", "PostNormFeedback", "compensate", "feedback_of",
-           "postnorm_compensation", "postnorm_share_update"]
+__all__ = ["FEEDBACK_MODES", "Feedback", "FeedbackChain", "PostNorm", "PostNormFeedback", "compensate",
+           "feedback_mode", "feedback_of", "postnorm_compensation", "postnorm_share_update"]
+
+# what ``error_feedback=`` takes: off, on (every error, the owners' second-stage errors too), or
+# each rank's own first-stage errors only (two-shot's output of a row then does not depend on
+# its batch; for gather it is the same as True)
+FEEDBACK_MODES = (False, True, "first-stage")
+
+
+def feedback_mode(value) -> tuple[bool, bool]:
+    """``(on, owner_errors)`` for an ``error_feedback=`` value of :data:`FEEDBACK_MODES`
+    (:attr:`FeedbackChain.owner_errors`); a one-line ``ValueError`` for anything else."""
+    if value is False or value is True:
+        return value, True
+    if value == "first-stage":
+        return True, False
+    raise ValueError(f"error_feedback must be one of {', '.join(map(repr, FEEDBACK_MODES))}, got {value!r}")
 
 
 def compensate(partial: torch.Tensor, carry: torch.Tensor | None) -> torch.Tensor:
@@ -171,6 +186,9 @@ class Feedback:
     carry: torch.Tensor | None = None
     next: torch.Tensor | None = None
     spare: torch.Tensor | None = None
+    # two-shot: whether the owner's second-stage error joins ``next`` on its chunk's rows
+    # (:attr:`FeedbackChain.owner_errors`)
+    owner_error: bool = True
 
     def next_buffer(self, like: torch.Tensor) -> torch.Tensor | None:
         """:attr:`spare` where ``next`` for a partial like ``like`` may be written into it, else
@@ -210,6 +228,13 @@ class FeedbackChain:
     returns) is valid until the next all-reduce of the pass starts; copy it to keep it.
     ``post_norm``: the carries are residual-space shares mapped through each layer's norm
     (module doc); then :meth:`start` needs the partials and :meth:`finish` the decoded sum.
+
+    ``owner_errors`` (two-shot only): feed back the owners' second-stage errors too (the
+    default). Which rank owns a row's chunk depends on the pass's row count (and on the
+    pipelined pieces), so with them a row's output depends on the rest of its batch. Without
+    them (``error_feedback="first-stage"``) each rank feeds back only its own encode errors,
+    which are row-local: the output of a row is the same in any batch, as with gather, and
+    the second-stage error stays in the output as it does without feedback.
     """
 
     order: tuple[str, ...]
@@ -221,6 +246,7 @@ class FeedbackChain:
     # error depends on the pass's row count, so vLLM's batches are another draw than the
     # simulator's (tests/test_vllm_engine.py); the buffers were not the cause
     recycle: bool = True
+    owner_errors: bool = True
     _index: dict[str, int] = field(init=False, repr=False)
     _last: str | None = field(default=None, init=False, repr=False)
     _carries: list = field(default_factory=list, init=False, repr=False)
@@ -243,7 +269,8 @@ class FeedbackChain:
 
     def fresh(self) -> "FeedbackChain":
         """A chain of the same layers, ranks and mapping, without carries."""
-        return FeedbackChain(self.order, ranks=self.ranks, post_norm=self.post_norm, recycle=self.recycle)
+        return FeedbackChain(self.order, ranks=self.ranks, post_norm=self.post_norm, recycle=self.recycle,
+                             owner_errors=self.owner_errors)
 
     def start(self, layer: str, partials: Sequence[torch.Tensor] | None = None) -> list[Feedback]:
         """One :class:`Feedback` per rank for this call of ``layer``, carrying the previous
@@ -258,13 +285,13 @@ class FeedbackChain:
         self._last, self._carries, self._spares = None, [], []  # (a spare is handed out once)
         pn = self.post_norm
         if pn is None:
-            return [Feedback(carry=c, spare=s) for c, s in zip(carries, spares)]
+            return [Feedback(carry=c, spare=s, owner_error=self.owner_errors) for c, s in zip(carries, spares)]
         if partials is None or len(partials) != self.ranks:
             raise ValueError(f"post-norm error feedback for {layer!r} needs this process's {self.ranks} partial(s)")
         self._shares = carries
         return [Feedback(carry=None if d is None else
                          postnorm_compensation(d, p, pn.norms[layer], tp=pn.tp, gain_floor=pn.gain_floor, cap=pn.cap),
-                         spare=s)
+                         spare=s, owner_error=self.owner_errors)
                 for d, p, s in zip(carries, partials, spares)]
 
     def pending(self, layer: str) -> list:

@@ -82,8 +82,11 @@ def simulate_all_reduce(
                   for r, (p, f) in enumerate(zip(partials, feedback))]
         sums = []
         for j in range(world):
-            payload, err = A.two_shot_reduce_feedback(codec, [chunks[r][j] for r in range(world)], chunk_shape,
-                                                      layer=layer)
+            mine = [chunks[r][j] for r in range(world)]
+            if not feedback[j].owner_error:  # first-stage feedback only: the owner keeps no error
+                sums.append(A.two_shot_reduce(codec, mine, chunk_shape, layer=layer))
+                continue
+            payload, err = A.two_shot_reduce_feedback(codec, mine, chunk_shape, layer=layer)
             A.add_owner_feedback(feedback[j], err, owner=j, world=world)
             sums.append(payload)
     into = (torch.empty(shape, dtype=x0.dtype, device=x0.device)

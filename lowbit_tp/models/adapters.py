@@ -227,15 +227,19 @@ class ArchitectureAdapter:
         return {l.name: post_norm_of(model.get_submodule(self.post_norm_name(l.name)))
                 for l in self.row_parallel_layers(model)}
 
-    def feedback_chain(self, model: torch.nn.Module, *, tp: int, ranks: int) -> FeedbackChain:
+    def feedback_chain(self, model: torch.nn.Module, *, tp: int, ranks: int,
+                       owner_errors: bool = True) -> FeedbackChain:
         """The error-feedback state for ``ranks`` ranks of a TP-``tp`` run of ``model`` (all N
         in a simulation, 1 on a real rank): plain for pre-norm families, mapped through the
-        post-norms for Gemma 2/3 (:class:`~lowbit_tp.collectives.feedback.PostNormFeedback`)."""
+        post-norms for Gemma 2/3 (:class:`~lowbit_tp.collectives.feedback.PostNormFeedback`).
+        ``owner_errors``: :attr:`FeedbackChain.owner_errors`."""
         return self.feedback_chain_for([l.name for l in self.row_parallel_layers(model)], tp=tp, ranks=ranks,
-                                       norm_of=lambda name: post_norm_of(model.get_submodule(name)))
+                                       norm_of=lambda name: post_norm_of(model.get_submodule(name)),
+                                       owner_errors=owner_errors)
 
     def feedback_chain_for(self, layers: Iterable[str], *, tp: int, ranks: int,
-                           norm_of: Callable[[str], PostNorm] | None = None) -> FeedbackChain:
+                           norm_of: Callable[[str], PostNorm] | None = None,
+                           owner_errors: bool = True) -> FeedbackChain:
         """:meth:`feedback_chain` for an engine that holds no whole model but learns its
         row-parallel ``layers`` by name (any order; the plan's forward order is taken) and can
         give the :class:`PostNorm` of a norm by its full name (``norm_of``, Gemma 2/3 only:
@@ -244,12 +248,13 @@ class ArchitectureAdapter:
         makes the output garbage."""
         order = self.plan.forward_order(layers)
         if not self.post_norm:
-            return FeedbackChain(order, ranks=ranks)
+            return FeedbackChain(order, ranks=ranks, owner_errors=owner_errors)
         if norm_of is None:
             raise ValueError(f"error feedback on {self.family} needs its post-norms (the carry is mapped "
                              f"through them), and none were given")
         norms = {name: norm_of(self.post_norm_name(name)) for name in order}
-        return FeedbackChain(order, ranks=ranks, post_norm=PostNormFeedback(norms=norms, tp=tp))
+        return FeedbackChain(order, ranks=ranks, post_norm=PostNormFeedback(norms=norms, tp=tp),
+                             owner_errors=owner_errors)
 
     def row_parallel_layers(self, model: torch.nn.Module) -> list[RowParallelLayer]:
         """Every decoder layer's ``o_proj`` then ``down_proj`` (the plan's ``rowwise``

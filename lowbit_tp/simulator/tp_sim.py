@@ -20,6 +20,7 @@ from torch import nn
 from lowbit_tp.codecs import Codec, make_codec
 from lowbit_tp.collectives import AutoPolicy, CommStats
 from lowbit_tp.collectives.algorithms import ALGORITHMS, DEFAULT_ALGORITHM, check_codec
+from lowbit_tp.collectives.feedback import feedback_mode
 from lowbit_tp.models.adapters import check_tp, get_adapter
 from lowbit_tp.tp.plan import swap_module
 from lowbit_tp.tp.row_parallel import Observer, RowParallelLinear, SimulatedReducer, shard_weight
@@ -50,12 +51,14 @@ class TPSimulator:
         error_feedback: each simulated rank adds its previous all-reduce's quantization error
             back into its next partial within a forward pass
             (:mod:`~lowbit_tp.collectives.feedback`); needs a codec. Same bytes.
+            ``"first-stage"``: two-shot's owners keep their second-stage errors out of it, so a
+            row's output does not depend on its batch (:attr:`FeedbackChain.owner_errors`).
     """
 
     def __init__(self, model: nn.Module, *, tp: int, codec: Codec | str | None = None,
                  algorithm: str = DEFAULT_ALGORITHM,
                  policy: AutoPolicy | None = None, observer: Optional[Observer] = None, calibration=None,
-                 name: str | None = None, error_feedback: bool = False):
+                 name: str | None = None, error_feedback: bool | str = False):
         self.model = model
         self.tp = tp
         self.adapter = get_adapter(model, name=name)
@@ -74,10 +77,11 @@ class TPSimulator:
         self.codec = codec
         self.algorithm = algorithm if codec is not None else "exact"
         check_codec(codec, self.algorithm, tp)  # what every reduce would refuse (calibration of another TP), now
-        if error_feedback and codec is None:
+        on, owner_errors = feedback_mode(error_feedback)
+        if on and codec is None:
             raise ValueError("error feedback needs a codec: the exact sum has no error to feed back")
-        self.error_feedback = bool(error_feedback)
-        chain = self.adapter.feedback_chain(model, tp=tp, ranks=tp) if error_feedback else None
+        self.error_feedback = error_feedback
+        chain = self.adapter.feedback_chain(model, tp=tp, ranks=tp, owner_errors=owner_errors) if on else None
         self.reducer = SimulatedReducer(codec=codec, algorithm=self.algorithm, policy=policy, observer=observer,
                                         feedback=chain)
         self._swapped: list[tuple[str, nn.Module]] = []
