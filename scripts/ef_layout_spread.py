@@ -12,6 +12,11 @@ error, and feeds it back into its next partial, depends on the row count, and an
 rounds differently. The spread across layouts is what a comparison between engines (vLLM
 against the simulator) has to allow.
 
+A third column feeds back only each rank's own first-stage errors (``error_feedback=
+"first-stage"``: the owners keep their second-stage errors out of the carries), which are
+row-local: its changes must be the same bits in every layout, and the column says what that
+costs against full feedback.
+
     PYTHONPATH=. python scripts/ef_layout_spread.py --out docs/bench/ef_layout_spread.json
 
 Writes the JSON and a markdown table next to it (``.md``).
@@ -72,13 +77,16 @@ def main(argv=None) -> None:
         exact = nll(None, False, groups)
         plain = [c - b for c, b in zip(nll("int4-outlier", False, groups), exact)]
         ef = [c - b for c, b in zip(nll("int4-outlier", True, groups), exact)]
+        first = [c - b for c, b in zip(nll("int4-outlier", "first-stage", groups), exact)]
         rows.append({"layout": groups, "exact": statistics.fmean(exact), "plain": statistics.fmean(plain),
-                     "ef": statistics.fmean(ef), "plain_per_window": plain, "ef_per_window": ef})
-        print(groups, f"plain {rows[-1]['plain']:+.5f} ef {rows[-1]['ef']:+.5f}", flush=True)
+                     "ef": statistics.fmean(ef), "first": statistics.fmean(first), "plain_per_window": plain,
+                     "ef_per_window": ef, "first_per_window": first})
+        print(groups, f"plain {rows[-1]['plain']:+.5f} ef {rows[-1]['ef']:+.5f} first-stage {rows[-1]['first']:+.5f}",
+              flush=True)
     summary = {k: {"min": min(r[k] for r in rows), "max": max(r[k] for r in rows),
                    "sd_of_means": statistics.stdev(r[k] for r in rows),
                    "max_window_range": max(max(w) - min(w) for w in zip(*(r[f"{k}_per_window"] for r in rows)))}
-               for k in ("plain", "ef")}
+               for k in ("plain", "ef", "first")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python scripts/ef_layout_spread.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -87,9 +95,11 @@ def main(argv=None) -> None:
                                "summary": summary}, indent=1) + "\n")
     lines = [f"Command: `{command}`; SmolLM2-135M (Q4_1 GGUF dequantized to fp32), TP 3, int4-outlier, "
              "two-shot, 8 held-out windows of 128 tokens. NLL change (nats/token) against the uncompressed "
-             "model in the same layout.", "", "| layout | uncompressed NLL | change, no feedback | change, feedback |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['layout']} | {r['exact']:.5f} | {r['plain']:+.5f} | {r['ef']:+.5f} |" for r in rows]
+             "model in the same layout; first-stage: `error_feedback=\"first-stage\"` (no owner errors).", "",
+             "| layout | uncompressed NLL | change, no feedback | change, feedback | change, first-stage feedback |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['layout']} | {r['exact']:.5f} | {r['plain']:+.5f} | {r['ef']:+.5f} | {r['first']:+.5f} |"
+              for r in rows]
     lines += ["", "| | min | max | sd of the layouts' means | largest range of one window |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {v['min']:+.5f} | {v['max']:+.5f} | {v['sd_of_means']:.5f} | {v['max_window_range']:.5f} |"
               for k, v in summary.items()]
