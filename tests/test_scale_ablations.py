@@ -96,3 +96,27 @@ def test_old_artifacts_load_and_ablations_refuse_them_clearly(tmp_path):
     assert torch.equal(new.get(LAYER, 0).p999, cal.get(LAYER, 0).p999)
     with pytest.raises(ValueError, match="zero_point needs per-channel min and max"):
         make_codec("int4-outlier", calibration=cal, scale_stat="absmax", zero_point=True)
+
+
+@pytest.mark.parametrize("name", ["int4-outlier-asym", "int4-outlier-mean-asym"])
+def test_zero_point_codec_refuses_statistics_whose_span_overflows_fp32(name):
+    """Per-channel min/max near fp32's limit (+-2e38, finite): the centre (low + high) / 2 or
+    the span (high - low) / 2 overflowed, and finite input decoded to NaN (252 of 256 values);
+    now the codec refuses the layer in one line. Symmetric scales of the same statistics, and
+    the zero-point codec on statistics of +-1e38, still work."""
+    def cal_at(big):
+        cal = _cal(_batches(n=2, hidden=64))
+        st = cal.get(LAYER, 0)
+        for stat in ("ema_min", "mean_min"):
+            getattr(st, stat).fill_(-big)
+        for stat in ("ema_max", "mean_max"):
+            getattr(st, stat).fill_(big)
+        return cal
+
+    x = torch.randn(4, 64)
+    with pytest.raises(CalibrationError, match=rf"{name}: calibration statistics of '{LAYER}'\|0 span more than fp32"):
+        make_codec(name, calibration=cal_at(2e38), backend="reference").roundtrip(x, layer=LAYER, source=0)
+    ok = make_codec(name, calibration=cal_at(1e38), backend="reference").roundtrip(x, layer=LAYER, source=0)
+    assert torch.isfinite(ok).all()
+    sym = make_codec("int4-outlier", calibration=cal_at(2e38), backend="reference").roundtrip(x, layer=LAYER, source=0)
+    assert torch.isfinite(sym).all()

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lowbit_tp.calibration.artifact import ChannelStats, Source
+from lowbit_tp.calibration.artifact import CalibrationError, ChannelStats, Source
 from lowbit_tp.codecs import functional as F
 from lowbit_tp.codecs.base import Codec, _check_buffer, check_int_option, register_codec
 
@@ -194,6 +194,12 @@ class _StaticIntCodec(Codec):
             low, high = channel_bounds(stats, self.scale_stat)
             offset = ((low + high) / 2)[inliers].float()
             scale = (((high - low) / 2)[inliers] / qmax).clamp_min(_TINY).float()
+            if not (bool(torch.isfinite(offset).all()) and bool(torch.isfinite(scale).all())):
+                # |min| or |max| near fp32's limit: the centre or the span overflowed, and finite
+                # input decoded to NaN; refused once, when the layer's parameters are built
+                raise CalibrationError(f"{self.name}: calibration statistics of {layer!r}|{source} span more than "
+                                       f"fp32 can hold (min {float(low.min()):.3g}, max {float(high.max()):.3g}); "
+                                       f"recalibrate")
             return StaticParams(scale=scale, inv_scale=1.0 / scale, inliers=inliers, outliers=outliers, offset=offset)
         scale = (channel_absmax(stats, self.scale_stat)[inliers] / qmax).clamp_min(_TINY).float()
         return StaticParams(scale=scale, inv_scale=1.0 / scale, inliers=inliers, outliers=outliers)
