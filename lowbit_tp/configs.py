@@ -171,7 +171,8 @@ class RunConfig:
     threads_per_rank: int = RankOptions.threads_per_rank
     keep_prefill_logits: bool = False
     engine: str = "native"
-    error_feedback: bool = False  # lowbit_tp.collectives.feedback; every engine (the vLLM plugin too)
+    # lowbit_tp.collectives.feedback; every engine (the vLLM plugin too); FEEDBACK_MODES
+    error_feedback: bool | str = False
 
     def __post_init__(self):
         if isinstance(self.prompts, str):
@@ -192,6 +193,7 @@ class RunConfig:
         if self.algorithm == "exact" and self.codec != "bf16":  # as TPSimulator: never ignore a codec silently
             raise UserError(f"algorithm 'exact' (the backend all-reduce, uncompressed) would ignore codec "
                             f"{self.codec!r}; use gather, two-shot or auto, or codec bf16 for the exact baseline")
+        feedback_mode(self.error_feedback)
         if self.algorithm == "exact" and self.error_feedback:  # as TPSimulator: the exact sum has no error
             raise UserError("error feedback needs a compressed all-reduce: algorithm 'exact' has no quantization "
                             "error to feed back; use gather, two-shot or auto")
@@ -254,8 +256,9 @@ class EvalConfig:
     text_glob: str = "*"        # which files of a --text directory to read
     split: str = "test"         # "test": the held-out text; "dev": calibration text off the calibration windows
     codec_options: dict = field(default_factory=dict)
-    # Error feedback along depth (lowbit_tp.collectives.feedback) for every codec of the run.
-    error_feedback: bool = False
+    # Error feedback along depth (lowbit_tp.collectives.feedback) for every codec of the run:
+    # one of FEEDBACK_MODES
+    error_feedback: bool | str = False
 
     def __post_init__(self):
         object.__setattr__(self, "codecs", tuple(self.codecs))
@@ -268,6 +271,7 @@ class EvalConfig:
                             f"got {self.seq_len!r}")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        feedback_mode(self.error_feedback)
 
 
 # bench-comm message sizes in bytes of the bf16 tensor: 64 KB to 64 MB.
@@ -384,6 +388,22 @@ class E2EConfig:
 
 # E2EConfig.error_feedback: which feedback settings each compressed codec runs with
 FEEDBACK_VARIANTS = {"off": (False,), "on": (True,), "both": (False, True)}
+
+# what ``error_feedback=`` takes everywhere else (TPSimulator, RunConfig, EvalConfig): off, on
+# (every error, two-shot's owners' second-stage errors too), or each rank's own first-stage
+# errors only (two-shot's output of a row then does not depend on its batch; for gather the
+# same as True): lowbit_tp.collectives.feedback.FeedbackChain.owner_errors
+FEEDBACK_MODES = (False, True, "first-stage")
+
+
+def feedback_mode(value) -> tuple[bool, bool]:
+    """``(on, owner_errors)`` for an ``error_feedback=`` value of :data:`FEEDBACK_MODES`;
+    a one-line :class:`UserError` (a ``ValueError``) for anything else."""
+    if value is False or value is True:
+        return value, True
+    if value == "first-stage":
+        return True, False
+    raise UserError(f"error_feedback must be one of {', '.join(map(repr, FEEDBACK_MODES))}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,25 @@ def test_a_command_without_flags_builds_the_default_config(monkeypatch):
     assert serve.plugin_config(parse("serve", "--tp", "2")) == PluginConfig(codec=RunConfig.codec)
 
 
+def test_error_feedback_flag_takes_first_stage_and_nothing_else(capsys):
+    """A bare --error-feedback is every error (True); --error-feedback first-stage the mode
+    without two-shot's owner errors, for eval and run (native and transformers engines;
+    refused for vLLM, whose plugin has no such mode yet); any other word is a parse error."""
+    assert parse("eval", "--tp", "2", "--codec", "int4-g32", "--error-feedback").error_feedback is True
+    args = parse("eval", "--tp", "2", "--error-feedback", "first-stage", "--codec", "int4-g32")
+    assert eval.config_from_args(args).error_feedback == "first-stage"
+    assert parse("eval", "--tp", "2", "--codec", "int4-g32").error_feedback is False
+    got = run.config_from_args(parse("run", "--tp", "2", "--prompt", "a", "--error-feedback", "first-stage"), 2)
+    assert got.error_feedback == "first-stage"
+    with pytest.raises(SystemExit):
+        parse("eval", "--tp", "2", "--codec", "int4-g32", "--error-feedback", "on")
+    assert "the only mode is 'first-stage'" in capsys.readouterr().err
+    from lowbit_tp.cli import main
+
+    assert main(["run", "--tp", "2", "--engine", "vllm", "--prompt", "a", "--error-feedback", "first-stage"]) == 2
+    assert "not in the vLLM plugin yet" in capsys.readouterr().err
+
+
 def test_serve_keeps_error_feedback_from_the_environment(monkeypatch):
     """`LOWBIT_TP_ERROR_FEEDBACK=1 lowbit-tp serve` ran without feedback: the flag's False
     overrode the variable. The flag can only switch it on."""

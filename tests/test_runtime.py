@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
 
 
 def _simulated_logits(path: str, prompt: str, *, tp: int, codec: str, algorithm: str, calibration=None,
-                      error_feedback: bool = False):
+                      error_feedback: bool | str = False):
     from lowbit_tp.codecs import make_codec
     from lowbit_tp.models import load_model
     from lowbit_tp.simulator import TPSimulator
@@ -128,17 +128,24 @@ def test_tp4_greedy_and_quantized_logits_equal_simulator(tiny):
 def test_error_feedback_runtime_equals_simulator(tiny):
     """--error-feedback on real ranks: prefill logits bitwise the simulator's with error
     feedback (TP 2, gather and two-shot; Llama, and Gemma 3 whose carry goes through its
-    post-norms), and not the plain codec's; decode steps run."""
+    post-norms), and not the plain codec's; decode steps run. ``error_feedback="first-stage"``
+    (two-shot without the owners' errors): the simulator's first-stage logits, which differ
+    from full feedback's."""
     base = dict(model=tiny["llama"], tp=2, prompts=PROMPTS[:1], max_new_tokens=4, ignore_eos=True, timeout_s=30,
                 codec="int4-g32", keep_prefill_logits=True, error_feedback=True)
     cfgs = [RunConfig(algorithm=a, **{**base, "model": tiny[m]}) for m in ("llama", "gemma3")
             for a in ("gather", "two-shot")]
+    cfgs += [RunConfig(algorithm="two-shot", **{**base, "model": tiny[m], "error_feedback": "first-stage"})
+             for m in ("llama", "gemma3")]
     per_rank = spawn_ranks(_rank_several, 2, cfgs, timeout_s=30, deadline_s=180)
     for i, cfg in enumerate(cfgs):
         sim = _simulated_logits(cfg.model, PROMPTS[0], tp=2, codec=cfg.codec, algorithm=cfg.algorithm,
-                                error_feedback=True)
+                                error_feedback=cfg.error_feedback)
         plain = _simulated_logits(cfg.model, PROMPTS[0], tp=2, codec=cfg.codec, algorithm=cfg.algorithm)
         assert not torch.equal(sim, plain)
+        if cfg.error_feedback == "first-stage":
+            assert not torch.equal(sim, _simulated_logits(cfg.model, PROMPTS[0], tp=2, codec=cfg.codec,
+                                                          algorithm=cfg.algorithm, error_feedback=True))
         for r in range(2):
             assert torch.equal(per_rank[r][i].results[0].prefill_logits, sim), (cfg.model, cfg.algorithm, r)
             assert per_rank[r][i].results[0].new_tokens == 4
@@ -234,12 +241,19 @@ def test_run_config_rejects_a_bare_string():
 
 def test_run_config_refuses_error_feedback_on_the_exact_sum():
     # `run --codec bf16 --algorithm exact --error-feedback` ran without a word (TPSimulator refuses it)
+    from lowbit_tp.configs import EvalConfig
     from lowbit_tp.errors import UserError
 
     with pytest.raises(UserError, match="error feedback needs a compressed all-reduce"):
         RunConfig(model="m", tp=2, prompts=("hi",), algorithm="exact", error_feedback=True)
     RunConfig(model="m", tp=2, prompts=("hi",), algorithm="exact")
     RunConfig(model="m", tp=2, prompts=("hi",), algorithm="auto", error_feedback=True)
+    RunConfig(model="m", tp=2, prompts=("hi",), algorithm="two-shot", error_feedback="first-stage")
+    for bad in ("on", 1, "first_stage"):  # (EvalConfig takes the same modes)
+        with pytest.raises(UserError, match="error_feedback must be one of False, True, 'first-stage'"):
+            RunConfig(model="m", tp=2, prompts=("hi",), error_feedback=bad)
+        with pytest.raises(UserError, match="error_feedback must be one of False, True, 'first-stage'"):
+            EvalConfig(tp=2, codecs=("int4-g32",), error_feedback=bad)
 
 
 @pytest.mark.model

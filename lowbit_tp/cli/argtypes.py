@@ -47,3 +47,20 @@ def unit_interval(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
     return value
+
+
+def feedback_flag(text: str) -> str:
+    """``--error-feedback MODE``: the one mode with a name (a bare ``--error-feedback`` is True)."""
+    if text != "first-stage":
+        raise argparse.ArgumentTypeError(f"the only mode is 'first-stage' (a bare --error-feedback feeds back every "
+                                         f"error), got {text!r}")
+    return text
+
+
+def add_feedback_flag(parser: argparse.ArgumentParser, default, help: str) -> None:
+    """``--error-feedback`` (every error) or ``--error-feedback first-stage`` (each rank's own
+    encode errors only: two-shot's output of a row then does not depend on its batch)."""
+    parser.add_argument("--error-feedback", nargs="?", const=True, default=default, type=feedback_flag,
+                        metavar="first-stage",
+                        help=help + "; 'first-stage': without two-shot's owner errors, so a row's output does not "
+                                    "depend on its batch (README, Collectives)")

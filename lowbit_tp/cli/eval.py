@@ -1,7 +1,7 @@
 """``lowbit-tp eval``: perplexity, KL, top-1 and last-word accuracy of codecs."""
 from __future__ import annotations
 
-from lowbit_tp.cli.argtypes import nonneg_int, positive_float, positive_int
+from lowbit_tp.cli.argtypes import add_feedback_flag, nonneg_int, positive_float, positive_int
 from lowbit_tp.cli.common import default, warn, write_json
 from lowbit_tp.configs import ALGORITHMS, SPLITS, EvalConfig, RankOptions
 from lowbit_tp.errors import UserError
@@ -20,9 +20,9 @@ def register(sub) -> None:
     e.add_argument("--codec", action="append", required=True, help="repeatable")
     e.add_argument("--algorithm", default=default(d, "algorithm"), choices=[a for a in ALGORITHMS if a != "exact"],
                    help="collective (default %(default)s, the one default of every API)")
-    e.add_argument("--error-feedback", action="store_true", default=default(d, "error_feedback"),
-                   help="each rank adds its previous all-reduce's quantization error back into its next partial "
-                        "within a forward pass (same bytes on the wire; docs/design-dev.md)")
+    add_feedback_flag(e, default(d, "error_feedback"),
+                      "each rank adds its previous all-reduce's quantization error back into its next partial "
+                      "within a forward pass (same bytes on the wire; docs/design-dev.md)")
     e.add_argument("--calibration", default=default(d, "calibration"),
                    help="artifact from `lowbit-tp calibrate` (static codecs need it)")
     e.add_argument("--samples", type=positive_int, default=default(d, "samples"))

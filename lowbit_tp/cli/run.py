@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from lowbit_tp.cli.argtypes import nonneg_int, positive_float, positive_int
+from lowbit_tp.cli.argtypes import add_feedback_flag, nonneg_int, positive_float, positive_int
 from lowbit_tp.cli.common import default, warn, write_json
 from lowbit_tp.cli.serve import ensure_vllm_python
 from lowbit_tp.configs import ALGORITHMS, ENGINES, AutoPolicy, RunConfig, SamplingConfig
@@ -33,9 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--calibration", default=default(d, "calibration"),
                    help="calibration .safetensors (static codecs need one)")
     p.add_argument("--algorithm", default=default(d, "algorithm"), choices=ALGORITHMS)
-    p.add_argument("--error-feedback", action="store_true", default=default(d, "error_feedback"),
-                   help="each rank adds its previous all-reduce's quantization error back into its next partial "
-                        "within a forward pass (same bytes; every engine; through the post-norms on Gemma 2/3)")
+    add_feedback_flag(p, default(d, "error_feedback"),
+                      "each rank adds its previous all-reduce's quantization error back into its next partial "
+                      "within a forward pass (same bytes; every engine; through the post-norms on Gemma 2/3)")
     p.add_argument("--min-bytes", type=nonneg_int, default=default(AutoPolicy, "min_bytes"),
                    help="auto: messages below this many bf16 bytes use exact (default %(default)s)")
     p.add_argument("--prompt", action="append", required=True, help="repeatable; generated one after another")
@@ -93,6 +93,9 @@ def _check_engine_flags(args) -> None:
     """Refuse flags the chosen engine or algorithm would ignore (as they were, silently):
     ``--compile`` is vLLM's; ``--min-bytes`` is the size gate of ``--algorithm auto`` (and of
     vLLM's plugin, which gates every algorithm). A flag left at its default passes."""
+    if args.error_feedback == "first-stage" and args.engine == "vllm":
+        raise UserError("--error-feedback first-stage is not in the vLLM plugin yet; use --error-feedback "
+                        "(every error) or the native or transformers engine")
     if args.compile and args.engine != "vllm":
         raise UserError(f"--compile only applies with --engine vllm (the {args.engine} engine runs eagerly)")
     if args.min_bytes != default(AutoPolicy, "min_bytes") and args.algorithm != "auto" and args.engine != "vllm":

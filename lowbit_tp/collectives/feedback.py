@@ -53,23 +53,10 @@ from typing import Sequence
 
 import torch
 
+from lowbit_tp.configs import FEEDBACK_MODES, feedback_mode  # re-exported
+
 __all__ = ["FEEDBACK_MODES", "Feedback", "FeedbackChain", "PostNorm", "PostNormFeedback", "compensate",
            "feedback_mode", "feedback_of", "postnorm_compensation", "postnorm_share_update"]
-
-# what ``error_feedback=`` takes: off, on (every error, the owners' second-stage errors too), or
-# each rank's own first-stage errors only (two-shot's output of a row then does not depend on
-# its batch; for gather it is the same as True)
-FEEDBACK_MODES = (False, True, "first-stage")
-
-
-def feedback_mode(value) -> tuple[bool, bool]:
-    """``(on, owner_errors)`` for an ``error_feedback=`` value of :data:`FEEDBACK_MODES`
-    (:attr:`FeedbackChain.owner_errors`); a one-line ``ValueError`` for anything else."""
-    if value is False or value is True:
-        return value, True
-    if value == "first-stage":
-        return True, False
-    raise ValueError(f"error_feedback must be one of {', '.join(map(repr, FEEDBACK_MODES))}, got {value!r}")
 
 
 def compensate(partial: torch.Tensor, carry: torch.Tensor | None) -> torch.Tensor:

@@ -36,7 +36,8 @@ class CodecEvalRow:
     layer. ``seconds``: forward time of this codec. ``runtime``: ``sim`` (the simulator) or
     ``tp`` (real ranks); None when the caller did not say, and then left out of the JSON.
     ``error_feedback``: whether the all-reduces fed their quantization error forward
-    (:mod:`~lowbit_tp.collectives.feedback`); written to the JSON only when True.
+    (:mod:`~lowbit_tp.collectives.feedback`): False, True or ``"first-stage"``
+    (:data:`~lowbit_tp.configs.FEEDBACK_MODES`); written to the JSON only when set.
     ``per_sequence``: the per-sequence sums behind the intervals (``tokens``, ``nll_base``,
     ``nll_codec``, ``kl``, ``top1`` lists, one entry per window), for paired comparisons of
     codecs (``scripts/paired_diff.py``); None in rows written before it, and then left out.
@@ -70,12 +71,12 @@ class CodecEvalRow:
     lambada_acc_ci95: list[float] | None = None
     lambada_acc_delta_ci95: list[float] | None = None
     runtime: str | None = None
-    error_feedback: bool = False
+    error_feedback: bool | str = False
     per_sequence: dict[str, list[float]] | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """The row as written to JSON (field order kept; the fields after ``seconds`` only
-        when set: not None, ``error_feedback`` only when True)."""
+        when set: not None, ``error_feedback`` only when on)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         for key in OPTIONAL_FIELDS:
             if out[key] is None:

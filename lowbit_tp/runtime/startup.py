@@ -21,6 +21,7 @@ import torch
 from lowbit_tp.calibration import Calibration
 from lowbit_tp.codecs import Codec, make_codec
 from lowbit_tp.collectives import AutoPolicy, check_group_config
+from lowbit_tp.configs import feedback_mode
 from lowbit_tp.models import check_tp, get_adapter, load_model, load_tokenizer
 from lowbit_tp.models.export import export_hf
 from lowbit_tp.models.registry import model_info
@@ -67,7 +68,7 @@ def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[s
                engine: str = "native", weights_sha256: str | None = None,
                agree_on: Callable[[Any], dict[str, Any]] = lambda tokenizer: {},
                hooks: CommHooks = CommHooks(), group=None, job: str = "run",
-               error_feedback: bool = False) -> StartedRank:
+               error_feedback: bool | str = False) -> StartedRank:
     """Load, check and shard this rank's model; every rank of ``group`` calls it together.
 
     ``agree_on(tokenizer)`` returns more settings every rank must share (prompt or input
@@ -77,10 +78,12 @@ def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[s
     after the group check). ``job`` names the caller in the rank-count error.
     ``error_feedback``: the reducer feeds this rank's quantization error forward along the
     plan's layer order (:mod:`~lowbit_tp.collectives.feedback`), on either engine: both
-    reduce through the one :class:`~lowbit_tp.tp.DistReducer` built here.
+    reduce through the one :class:`~lowbit_tp.tp.DistReducer` built here; ``"first-stage"``:
+    without two-shot's owner errors (:data:`~lowbit_tp.configs.FEEDBACK_MODES`).
     """
     if world != tp:
         raise ValueError(f"the {job} asks for TP {tp} but {world} ranks were started")
+    _, owner_errors = feedback_mode(error_feedback)
     t0 = time.perf_counter()
     if engine == "native":
         net, tokenizer, info = load_model(model, progress=False)
@@ -96,7 +99,7 @@ def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[s
     options = codec_options or {}
     built = {name: make_codec(name, calibration=cal, **options.get(name, {})) for name in codecs}
     extra = {"model_sha256": info.weights_sha256, "tp": world, "algorithm": algorithm,
-             "error_feedback": bool(error_feedback),
+             "error_feedback": error_feedback,
              "policy": repr(policy), "calibration_file": None if cal is None else cal.fingerprint(),
              **agree_on(tokenizer)}
     for codec in built.values():
@@ -108,14 +111,14 @@ def start_rank(rank: int, world: int, *, model: str, tp: int, codecs: Sequence[s
     adapter = get_adapter(net if engine == "native" else config, name=model)
     if engine == "native":
         if error_feedback:
-            reducer.feedback = adapter.feedback_chain(net, tp=world, ranks=1)
+            reducer.feedback = adapter.feedback_chain(net, tp=world, ranks=1, owner_errors=owner_errors)
         shard = asdict(shard_model(net, rank=rank, tp=world, reducer=reducer, adapter=adapter))
     else:
         t1 = time.perf_counter()
         net = _transformers_tp_model(model, tp=world, reducer=reducer)
         load_s += time.perf_counter() - t1
         if error_feedback:  # after loading (the post-norms weights are read here), before any forward
-            reducer.feedback = adapter.feedback_chain(net, tp=world, ranks=1)
+            reducer.feedback = adapter.feedback_chain(net, tp=world, ranks=1, owner_errors=owner_errors)
         shard = {"rank": rank, "tp": world, "engine": "transformers", "shard_param_bytes": _local_param_bytes(net)}
     memory["after_shard"] = rss_mib()
     return StartedRank(model=net, tokenizer=tokenizer, info=info, calibration=cal, codecs=built, reducer=reducer,
