@@ -85,8 +85,7 @@ def test_a_command_without_flags_builds_the_default_config(monkeypatch):
 
 def test_error_feedback_flag_takes_first_stage_and_nothing_else(capsys):
     """A bare --error-feedback is every error (True); --error-feedback first-stage the mode
-    without two-shot's owner errors, for eval and run (native and transformers engines;
-    refused for vLLM, whose plugin has no such mode yet); any other word is a parse error."""
+    without two-shot's owner errors, for eval, run and serve; any other word is a parse error."""
     assert parse("eval", "--tp", "2", "--codec", "int4-g32", "--error-feedback").error_feedback is True
     args = parse("eval", "--tp", "2", "--error-feedback", "first-stage", "--codec", "int4-g32")
     assert eval.config_from_args(args).error_feedback == "first-stage"
@@ -96,10 +95,8 @@ def test_error_feedback_flag_takes_first_stage_and_nothing_else(capsys):
     with pytest.raises(SystemExit):
         parse("eval", "--tp", "2", "--codec", "int4-g32", "--error-feedback", "on")
     assert "the only mode is 'first-stage'" in capsys.readouterr().err
-    from lowbit_tp.cli import main
-
-    assert main(["run", "--tp", "2", "--engine", "vllm", "--prompt", "a", "--error-feedback", "first-stage"]) == 2
-    assert "not in the vLLM plugin yet" in capsys.readouterr().err
+    plugin = serve.plugin_config(parse("serve", "--tp", "2", "--codec", "int4-g32", "--error-feedback", "first-stage"))
+    assert plugin.error_feedback == "first-stage"
 
 
 def test_serve_keeps_error_feedback_from_the_environment(monkeypatch):

@@ -197,8 +197,29 @@ def test_error_feedback_setting_reads_from_env_and_refuses_nonsense():
     assert cfg.error_feedback is True and PluginConfig.from_env(cfg.as_env()) == cfg
     assert PluginConfig.from_env({"LOWBIT_TP_CODEC": "x", "LOWBIT_TP_ERROR_FEEDBACK": "false"}).error_feedback is False
     assert resolve_config({"lowbit_tp": {"error_feedback": True}}).error_feedback is True
-    with pytest.raises(ValueError, match="error_feedback must be"):
+    with pytest.raises(ValueError, match="error_feedback must be 1/true, 0/false or first-stage"):
         PluginConfig.from_mapping({"error_feedback": "maybe"})
+    # the batch-invariant mode: from the environment and additional_config, through as_env, into the chain
+    first = PluginConfig.from_env({"LOWBIT_TP_CODEC": "int4-g32", "LOWBIT_TP_ERROR_FEEDBACK": "First-Stage"})
+    assert first.error_feedback == "first-stage" and PluginConfig.from_env(first.as_env()) == first
+    assert resolve_config({"lowbit_tp": {"error_feedback": "first-stage"}}).error_feedback == "first-stage"
+
+
+def test_the_plugins_chain_maker_passes_the_feedback_mode(tmp_path):
+    """``feedback_chain_maker`` (what ``layer._setup`` builds the chain with) keeps the owners'
+    errors by default and leaves them out when asked (``first-stage``; through vLLM:
+    tests/test_vllm_engine.py)."""
+    from transformers import AutoConfig
+
+    from helpers import save_tiny
+    from lowbit_tp.integrations.vllm.checkpoint import feedback_chain_maker
+
+    path = save_tiny(tmp_path, "llama")
+    names = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.o_proj"]
+    for owner in (True, False):
+        chain = feedback_chain_maker(AutoConfig.from_pretrained(path), path, tp=2, owner_errors=owner)(names)
+        assert chain.owner_errors is owner and chain.order == tuple(reversed(names))
+    assert chain.start(chain.order[0])[0].owner_error is False
 
 
 # Forward passes as a vLLM worker sees them: rows = tokens of whatever it scheduled.

@@ -93,9 +93,6 @@ def _check_engine_flags(args) -> None:
     """Refuse flags the chosen engine or algorithm would ignore (as they were, silently):
     ``--compile`` is vLLM's; ``--min-bytes`` is the size gate of ``--algorithm auto`` (and of
     vLLM's plugin, which gates every algorithm). A flag left at its default passes."""
-    if args.error_feedback == "first-stage" and args.engine == "vllm":
-        raise UserError("--error-feedback first-stage is not in the vLLM plugin yet; use --error-feedback "
-                        "(every error) or the native or transformers engine")
     if args.compile and args.engine != "vllm":
         raise UserError(f"--compile only applies with --engine vllm (the {args.engine} engine runs eagerly)")
     if args.min_bytes != default(AutoPolicy, "min_bytes") and args.algorithm != "auto" and args.engine != "vllm":

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import sys
 
+from lowbit_tp.cli.argtypes import add_feedback_flag
 from lowbit_tp.cli.common import default
 from lowbit_tp.configs import ALGORITHMS, RunConfig
 from lowbit_tp.integrations.vllm.config import PluginConfig  # torch-free, like the module below
@@ -49,9 +50,9 @@ def register(subparsers) -> None:
     p.add_argument("--algorithm", default=default(d, "algorithm"), choices=ALGORITHMS)
     p.add_argument("--min-bytes", type=int, default=default(d, "min_bytes"),
                    help="size gate: smaller messages (bf16 bytes) use vLLM's own all-reduce; 0 compresses all")
-    p.add_argument("--error-feedback", action="store_true", default=default(d, "error_feedback"),
-                   help="each worker adds its previous all-reduce's quantization error back into its next partial "
-                        "within a forward pass (same bytes; through the post-norms on Gemma 2/3)")
+    add_feedback_flag(p, default(d, "error_feedback"),
+                      "each worker adds its previous all-reduce's quantization error back into its next partial "
+                      "within a forward pass (same bytes; through the post-norms on Gemma 2/3)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--compile", action="store_true", help="run vLLM's compiled graph (default: enforce_eager)")
@@ -72,7 +73,7 @@ def plugin_config(args) -> PluginConfig | None:
     flags = {"codec": args.codec, "calibration": args.calibration, "algorithm": args.algorithm,
              "min_bytes": args.min_bytes}
     if args.error_feedback:
-        flags["error_feedback"] = True
+        flags["error_feedback"] = args.error_feedback
     return PluginConfig.from_mapping(flags, base=PluginConfig.from_env())
 
 

@@ -138,15 +138,16 @@ def read_post_norms(directory: str | Path) -> CheckpointPostNorms:
     return CheckpointPostNorms(directory=directory, norms=norms)
 
 
-def feedback_chain_maker(config: Any, model_dir: str | Path, *, tp: int) -> Callable[[Sequence[str]], FeedbackChain]:
+def feedback_chain_maker(config: Any, model_dir: str | Path, *, tp: int,
+                         owner_errors: bool = True) -> Callable[[Sequence[str]], FeedbackChain]:
     """What the plugin's :class:`~lowbit_tp.integrations.vllm.op.GatedReducer` builds its
     error-feedback chain with, once vLLM has built every layer: the adapter's
     :meth:`~lowbit_tp.models.adapters.ArchitectureAdapter.feedback_chain_for` at TP ``tp``, one
     rank per worker, with Gemma 2/3's post-norms read from the checkpoint in ``model_dir``
-    (``config``: the model's HF config)."""
+    (``config``: the model's HF config); ``owner_errors``: :attr:`FeedbackChain.owner_errors`."""
     adapter = get_adapter(config)
     norm_of = read_post_norms(model_dir) if adapter.post_norm else None
-    return partial(adapter.feedback_chain_for, tp=tp, ranks=1, norm_of=norm_of)
+    return partial(adapter.feedback_chain_for, tp=tp, ranks=1, norm_of=norm_of, owner_errors=owner_errors)
 
 
 def preflight(model_dir: str | Path, *, tp: int, calibration: str | None, error_feedback: bool = False) -> None:

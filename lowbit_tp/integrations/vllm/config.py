@@ -62,7 +62,9 @@ class PluginConfig:
     same :class:`~lowbit_tp.tp.DistReducer`. One forward pass of vLLM is one call of the
     model on all its scheduled tokens (rows: any mix of requests' prefill chunks and decode
     tokens); the chain starts over at its first row-parallel layer, so nothing crosses
-    forward passes or requests, and each row's carry stays on its row.
+    forward passes or requests. ``"first-stage"`` (``LOWBIT_TP_ERROR_FEEDBACK=first-stage``):
+    without two-shot's owner errors, so a request's output does not depend on what else is
+    in its batch (:data:`~lowbit_tp.configs.FEEDBACK_MODES`).
     """
 
     codec: str | None = None
@@ -70,7 +72,7 @@ class PluginConfig:
     algorithm: str = "auto"
     min_bytes: int = 64 * 1024
     nonfinite: str = "propagate"
-    error_feedback: bool = False
+    error_feedback: bool | str = False
     capture_dir: str | None = None
     capture_layer: str | None = None
     report_dir: str | None = None
@@ -124,8 +126,9 @@ class PluginConfig:
         return replace(base or cls(), **kw)
 
 
-def _flag(value: Any) -> bool:
-    """A boolean setting from the environment's text (``1``/``true``/``0``/``false``) or a bool."""
+def _flag(value: Any) -> bool | str:
+    """The feedback setting from the environment's text (``1``/``true``/``0``/``false``/
+    ``first-stage``), a bool, or ``"first-stage"``."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -133,7 +136,9 @@ def _flag(value: Any) -> bool:
         return True
     if text in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError(f"lowbit-tp plugin: error_feedback must be 1/true or 0/false, got {value!r}")
+    if text == "first-stage":
+        return "first-stage"
+    raise ValueError(f"lowbit-tp plugin: error_feedback must be 1/true, 0/false or first-stage, got {value!r}")
 
 
 def resolve_config(additional_config: Mapping[str, Any] | None) -> PluginConfig:

@@ -49,7 +49,8 @@ def _setup(cfg: PluginConfig, tp_size: int) -> list[str] | None:
                              "architecture, and there is none here")
         # Gemma 2/3: the carry is mapped through the post-norms, read from the checkpoint (vLLM's
         # layers never see their model, and its weights are loaded only after they are built).
-        make_chain = feedback_chain_maker(vcfg.model_config.hf_config, vcfg.model_config.model, tp=tp_size)
+        make_chain = feedback_chain_maker(vcfg.model_config.hf_config, vcfg.model_config.model, tp=tp_size,
+                                          owner_errors=cfg.error_feedback != "first-stage")
     cal = None
     if cfg.calibration:
         cal = Calibration.load(cfg.calibration)
