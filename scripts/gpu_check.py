@@ -36,11 +36,11 @@ Writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out``.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
+
+from lowbit_tp.bench.device_script import command_line, open_device, parse_shapes, same_bits
 
 # The default run: the seed, the group codecs, what `default` (alloc) uses, the static baselines.
 PRIORITY_CODECS = ["int4-outlier", "int4-g32", "int4-g128", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4", "int4",
@@ -77,18 +77,13 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     dry = args.device == "cpu"
-    if dry:
-        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+    dev = open_device("gpu_check", args.device)  # TRITON_INTERPRET before any kernel import
     import torch
 
     from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
     from lowbit_tp.codecs import make_codec
 
-    if not dry and not torch.cuda.is_available():
-        sys.exit("gpu_check: no CUDA device (use --device cpu for a dry run under the Triton interpreter)")
-    dev = torch.device(args.device)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or ("3x64,5x96" if dry else
-                                                                              "32x8192,2048x8192,8192x8192")).split(",")]
+    shapes = parse_shapes(args.shapes or ("3x64,5x96" if dry else "32x8192,2048x8192,8192x8192"))
     hidden = {e for _, e in shapes}
     check_tokens = args.check_tokens or (5 if dry else 257)
     repeats = args.repeats or (1 if dry else 20)
@@ -117,11 +112,6 @@ def main(argv=None) -> None:
                 fn()
                 times.append(time.perf_counter() - t0)
         return statistics.median(times)
-
-    def same_bits(a, b) -> bool:
-        a, b = a.reshape(-1).cpu(), b.reshape(-1).cpu()
-        na, nb = torch.isnan(a), torch.isnan(b)
-        return bool(torch.equal(na, nb) and torch.equal(a[~na].view(torch.int32), b[~nb].view(torch.int32)))
 
     rows, t_start = [], time.time()
     names = KERNEL_CODECS if args.codecs == "all" else [c for c in args.codecs.split(",") if c]
@@ -241,7 +231,7 @@ def _writer(args, argv, dev, dry, world, check_tokens, repeats, t_start):
         meta = {"environment": env, "device": str(dev), "dry_run_interpreter": dry, "world": world,
                 "check_tokens": check_tokens, "repeats": repeats, "seconds": time.time() - t_start,
                 "complete": final, "skipped_for_budget": skipped, "reduce_variants": _reduce_variants(),
-                "command": "python3 scripts/gpu_check.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+                "command": command_line("gpu_check", argv)}
         (out / "gpu_check.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
         cols = ["codec", "tokens", "hidden", "bits_per_value", "bytes_equal_finite", "bytes_equal_nan_inf",
                 "sum_equal_finite", "sum_equal_nan_inf", "sum_bf16_equal_finite", "sum_bf16_equal_nan_inf", "copy_gbps", "encode_gbps", "encode_of_copy",
@@ -340,7 +330,7 @@ def graph_check(torch, make, xd, shape, *, capture: bool, timer=None, times: dic
         eager_sum = make("propagate").decode_sum(fresh, shape, layer=LAYER)
         step()  # eager into the buffers; also builds the tables and flags the graph will use
         codec.check_nonfinite()
-        if not all(torch.equal(a, b) for a, b in zip(fresh, bufs)) or not _same_bits(torch, total, eager_sum):
+        if not all(torch.equal(a, b) for a, b in zip(fresh, bufs)) or not same_bits(total, eager_sum):
             return "out= buffers differ from fresh outputs"
         if not capture:
             return "eager ok; capture n/a (cpu)"
@@ -355,7 +345,7 @@ def graph_check(torch, make, xd, shape, *, capture: bool, timer=None, times: dic
         torch.cuda.synchronize()
         if not all(torch.equal(a, b) for a, b in zip(fresh, bufs)):
             return "replay payload bytes differ"
-        if not _same_bits(torch, total, eager_sum):
+        if not same_bits(total, eager_sum):
             return "replay sum differs"
         if timer is not None and times is not None:
             times["eager_step_us"] = timer(step) * 1e6
@@ -373,12 +363,6 @@ def graph_check(torch, make, xd, shape, *, capture: bool, timer=None, times: dic
         return "ok"
     except Exception as exc:  # report, don't stop the whole check
         return f"failed: {type(exc).__name__}: {str(exc)[:80]}"
-
-
-def _same_bits(torch, a, b) -> bool:
-    a, b = a.reshape(-1).cpu(), b.reshape(-1).cpu()
-    na, nb = torch.isnan(a), torch.isnan(b)
-    return bool(torch.equal(na, nb) and torch.equal(a[~na].view(torch.int32), b[~nb].view(torch.int32)))
 
 
 if __name__ == "__main__":

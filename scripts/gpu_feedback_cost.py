@@ -49,12 +49,12 @@ Writes ``DIR/gpu_feedback_cost.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
 import time
 from pathlib import Path
+
+from lowbit_tp.bench.device_script import command_line, device_name, open_device, parse_shapes, same_bits, write_json
 
 CODECS = ["int4-outlier", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"]
 LAYER = "L"
@@ -88,43 +88,28 @@ def main(argv=None) -> None:
     if args.backend == "cpu" and args.device != "cpu":
         sys.exit("gpu_feedback_cost: --backend cpu needs --device cpu")
     dry = args.device == "cpu" and args.backend == "triton"
-    if dry:
-        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+    dev = open_device("gpu_feedback_cost", args.device, interpret=dry)  # TRITON_INTERPRET before any kernel import
     import torch
 
     if args.backend == "cpu":
         torch.set_num_threads(1)  # one rank's thread, as the CPU kernels run in bench-e2e
 
+    from lowbit_tp.bench.common import device_seconds, eager_seconds
     from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
     from lowbit_tp.codecs import make_codec
     from lowbit_tp.collectives.algorithms import gather_encode, gather_encode_feedback
     from lowbit_tp.collectives.feedback import Feedback
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("gpu_feedback_cost: no CUDA device (use --device cpu for a dry run under the Triton interpreter)")
-    dev = torch.device(args.device)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or ("3x96" if dry else
-                                                                              "2048x8192,8192x8192")).split(",")]
+    shapes = parse_shapes(args.shapes or ("3x96" if dry else "2048x8192,8192x8192"))
     worlds = [int(w) for w in args.worlds.split(",")]
     check_tokens = args.check_tokens or (5 if dry else 257)
     repeats = args.repeats or (1 if dry else 10)
 
-    from lowbit_tp.bench.common import graph_call_seconds, median_seconds
-
     def seconds(fn) -> float:  # eager, per call: the host's launch cost included
-        def synced():
-            fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-        return median_seconds(synced, repeats=repeats)
+        return eager_seconds(fn, dev, repeats=repeats)
 
-    def graph_seconds(fn) -> float:  # the GPU's time alone (on CPU, the eager time)
-        return graph_call_seconds(fn, repeats=repeats) if dev.type == "cuda" else seconds(fn)
-
-    def same_bits(a, b) -> bool:
-        a, b = a.reshape(-1).cpu(), b.reshape(-1).cpu()
-        na, nb = torch.isnan(a), torch.isnan(b)
-        return bool(torch.equal(na, nb) and torch.equal(a[~na].view(torch.int32), b[~nb].view(torch.int32)))
+    def gpu_seconds(fn) -> float:  # the GPU's time alone (on CPU, the eager time)
+        return device_seconds(fn, dev, repeats=repeats)
 
     rows, t_start = [], time.time()
     for world in worlds:
@@ -138,16 +123,14 @@ def main(argv=None) -> None:
                 try:
                     row.update(measure(torch, make_codec, planted_partials, synthetic_calibration, gather_encode,
                                        gather_encode_feedback, Feedback, name, world, t, e, dev, check_tokens,
-                                       seconds, graph_seconds, same_bits, identity=(t, e) == shapes[0],
+                                       seconds, gpu_seconds, same_bits, identity=(t, e) == shapes[0],
                                        backend=args.backend))
                 except Exception as exc:  # the other rows stand
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
                 print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    device = (torch.cuda.get_device_name() if dev.type == "cuda" else
-              "cpu (interpreter)" if dry else f"cpu, C++ kernels, one thread ({platform.processor() or platform.machine()})")
-    write(rows, Path(args.out), device=device,
-          command=" ".join(["python3", "scripts/gpu_feedback_cost.py", *(argv if argv is not None else sys.argv[1:])]),
-          repeats=repeats)
+    device = device_name(dev, "cpu (interpreter)" if dry else
+                         f"cpu, C++ kernels, one thread ({platform.processor() or platform.machine()})")
+    write(rows, Path(args.out), device=device, command=command_line("gpu_feedback_cost", argv), repeats=repeats)
 
 
 def measure(torch, make_codec, planted_partials, synthetic_calibration, gather_encode, gather_encode_feedback,
@@ -289,10 +272,8 @@ def _reduce_variants() -> dict:
 
 
 def write(rows, out: Path, *, device: str, command: str, repeats: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_feedback_cost.json").write_text(json.dumps(
-        {"device": device, "command": command, "repeats": repeats, "rows": rows,
-         "reduce_variants": _reduce_variants()}, indent=1) + "\n")
+    write_json(out / "gpu_feedback_cost.json", {"device": device, "command": command, "repeats": repeats, "rows": rows,
+                                                "reduce_variants": _reduce_variants()})
 
     def cell(v):
         if v is None:

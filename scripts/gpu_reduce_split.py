@@ -20,11 +20,10 @@ Writes ``DIR/gpu_reduce_split.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 from pathlib import Path
+
+from lowbit_tp.bench.device_script import command_line, device_name, open_device, parse_shapes, write_json
 
 CODECS = ["int4-outlier", "int8", "int4", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"]
 LAYER = "L"
@@ -48,27 +47,20 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     dry = args.device == "cpu"
-    if dry:
-        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+    dev = open_device("gpu_reduce_split", args.device)  # TRITON_INTERPRET before any kernel import
     import torch
 
-    from lowbit_tp.bench.common import graph_call_seconds, median_seconds
+    from lowbit_tp.bench.common import device_seconds
     from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
     from lowbit_tp.codecs import make_codec
     from lowbit_tp.collectives.algorithms import chunk_rows
     from lowbit_tp.kernels import triton_rotation, triton_static
 
-    if not dry and not torch.cuda.is_available():
-        sys.exit("gpu_reduce_split: no CUDA device (use --device cpu for a dry run under the Triton interpreter)")
-    dev = torch.device(args.device)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or ("7x96" if dry else
-                                                                              "2048x8192,8192x8192")).split(",")]
+    shapes = parse_shapes(args.shapes or ("7x96" if dry else "2048x8192,8192x8192"))
     repeats = args.repeats or (1 if dry else 10)
 
     def timed(fn) -> float:
-        if dev.type == "cuda":
-            return graph_call_seconds(fn, repeats=repeats)
-        return median_seconds(fn, repeats=repeats)
+        return device_seconds(fn, dev, repeats=repeats)
 
     rows, t0 = [], time.time()
     for world in (int(w) for w in args.worlds.split(",")):
@@ -111,16 +103,12 @@ def main(argv=None) -> None:
 
 
 def write(rows, out: Path, *, dev, dry: bool, repeats: int, argv) -> None:
-    import torch
-
     from lowbit_tp.results import markdown_table
 
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (interpreter: times are meaningless)"
-    command = " ".join(["python3", "scripts/gpu_reduce_split.py", *(argv if argv is not None else sys.argv[1:])])
-    (out / "gpu_reduce_split.json").write_text(json.dumps(
-        {"device": device, "command": command, "repeats": repeats, "dry_run_interpreter": dry, "rows": rows},
-        indent=1) + "\n")
+    device = device_name(dev, "cpu (interpreter: times are meaningless)")
+    command = command_line("gpu_reduce_split", argv)
+    write_json(out / "gpu_reduce_split.json",
+               {"device": device, "command": command, "repeats": repeats, "dry_run_interpreter": dry, "rows": rows})
     head = (f"Device: {device}; GPU time alone (CUDA graphs), median of {repeats} replays.\n"
             f"Command: `{command}`\n\n")
     (out / "gpu_reduce_split.md").write_text(head + markdown_table(rows, COLUMNS) + "\n")

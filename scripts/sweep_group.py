@@ -24,11 +24,10 @@ Writes ``sweep_group.json`` to ``--out`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 from pathlib import Path
+
+from lowbit_tp.bench.device_script import command_line, device_name, open_device, parse_shapes, write_json
 
 CODECS = ("int4-g32", "int4-g128", "mxfp4")
 LAYER = "L"
@@ -51,10 +50,6 @@ def parse_args(argv=None):
     ap.add_argument("--budget-s", type=float, default=35.0,
                     help="start no new timing (and no reduce_encode compile) after this many seconds")
     return ap.parse_args(argv)
-
-
-def shape_list(text):
-    return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
 
 
 def hard_values(torch, name: str, t: int, e: int, seed: int = 0):
@@ -110,32 +105,23 @@ def hard_values(torch, name: str, t: int, e: int, seed: int = 0):
 def main(argv=None) -> None:
     args = parse_args(argv)
     dry = args.device == "cpu"
-    if dry:
-        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+    dev = open_device("sweep_group", args.device)  # TRITON_INTERPRET before any kernel import
     import torch
 
-    from lowbit_tp.bench.common import graph_call_seconds
+    from lowbit_tp.bench.common import device_seconds
     from lowbit_tp.codecs import make_codec
     from lowbit_tp.kernels import triton_group as K
 
-    if not dry and not torch.cuda.is_available():
-        sys.exit("sweep_group: no CUDA device (use --device cpu for a dry run)")
     t0 = time.perf_counter()
-    dev = torch.device(args.device)
-    shapes = shape_list(args.shapes or ("4x64,5x100" if dry else "2048x8192,8192x8192"))
-    red_shape = shape_list(args.reduce_shape or ("4x64" if dry else "2048x8192"))[0]
-    hard_shape = shape_list(args.hard_shape or ("128x256" if dry else "256x1024"))[0]
+    shapes = parse_shapes(args.shapes or ("4x64,5x100" if dry else "2048x8192,8192x8192"))
+    red_shape = parse_shapes(args.reduce_shape or ("4x64" if dry else "2048x8192"))[0]
+    hard_shape = parse_shapes(args.hard_shape or ("128x256" if dry else "256x1024"))[0]
     variants = (args.variants or ",".join(K.ENCODE_VARIANTS)).split(",")
     repeats = args.repeats or (1 if dry else 20)
 
     def seconds(fn):
         """Median seconds of one call of ``fn`` (5 calls in one CUDA graph on a GPU)."""
-        if dry:
-            fn()
-            s = time.perf_counter()
-            fn()
-            return time.perf_counter() - s
-        return graph_call_seconds(fn, repeats=repeats)
+        return device_seconds(fn, dev, repeats=repeats)
 
     def launchers(name, codec):
         if name == "mxfp4":
@@ -201,15 +187,12 @@ def main(argv=None) -> None:
             s = seconds(lambda: red(parts, out, t, e, v))
             row.update({"us": s * 1e6, "gbps": (args.world + 1) * want.numel() / s / 1e9})
             rows.append(row)
-    info = {"device": torch.cuda.get_device_name() if not dry else "cpu (Triton interpreter; times meaningless)",
+    info = {"device": device_name(dev, "cpu (Triton interpreter; times meaningless)"),
             "variants": variants, "default_variant": K.ENCODE_VARIANT, "mx_default_variant": K.MX_ENCODE_VARIANT,
             "repeats": repeats, "skipped": skipped,
             "seconds": time.perf_counter() - t0, "hard_shape": list(hard_shape),
-            "command": "PYTHONPATH=. python3 scripts/sweep_group.py " + " ".join(argv if argv is not None else
-                                                                                 sys.argv[1:])}
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep_group.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+            "command": command_line("sweep_group", argv, prefix="PYTHONPATH=. python3")}
+    write_json(Path(args.out) / "sweep_group.json", {"info": info, "rows": rows}, newline=False)
     print(f"{info['device']}; {info['seconds']:.1f} s; skipped: {skipped or 'none'}")
     print("| codec | op | shape | variant | bytes equal | hard bytes equal | us | of copy / GB/s |")
     print("|---|---|---|---|---|---|---|---|")

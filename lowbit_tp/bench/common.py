@@ -80,3 +80,20 @@ def graph_call_seconds(fn: Callable[[], Any], *, repeats: int, calls: int = 5,
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3 / calls)
     return statistics.median(times)
+
+
+def eager_seconds(fn: Callable[[], Any], dev: torch.device, *, repeats: int) -> float:
+    """Median seconds of one call of ``fn``, the host's launch cost included (synchronised on a GPU)."""
+    def synced():
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    return median_seconds(synced, repeats=repeats)
+
+
+def device_seconds(fn: Callable[[], Any], dev: torch.device, *, repeats: int) -> float:
+    """On a GPU its time alone for one call of ``fn`` (:func:`graph_call_seconds`); on a CPU
+    :func:`eager_seconds`."""
+    if dev.type == "cuda":
+        return graph_call_seconds(fn, repeats=repeats)
+    return eager_seconds(fn, dev, repeats=repeats)
