@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
+
+from lowbit_tp.bench.device_script import command_line, device_name, open_device, write_json
 
 CODECS = ["rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"]
 LAYER = "L"
@@ -79,8 +80,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     dry = args.device == "cpu"
-    if dry:
-        os.environ["TRITON_INTERPRET"] = "1"
+    dev = open_device("sweep_rot", args.device)  # TRITON_INTERPRET before any kernel import
     import torch
 
     from lowbit_tp.bench.common import graph_call_seconds
@@ -88,9 +88,6 @@ def main(argv=None) -> None:
     from lowbit_tp.codecs import make_codec
     from lowbit_tp.kernels import triton_rotation as K
 
-    if not dry and not torch.cuda.is_available():
-        sys.exit("sweep_rot: no CUDA device (use --device cpu for a dry run)")
-    dev = torch.device(args.device)
     t0 = time.time()
     hidden = 64 if dry else 8192
     shapes = [(3, 64)] if dry else [(2048, 8192), (8192, 8192)]
@@ -191,13 +188,12 @@ def main(argv=None) -> None:
     K.CONFIG.update(default_config)
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (interpreter dry run)",
+    meta = {"device": device_name(dev, "cpu (interpreter dry run)"),
             "dry_run": dry, "shapes": shapes, "copy_us": {f"{t}x{e}": v * 1e6 for (t, e), v in copies.items()},
             "repeats": repeats, "calls_per_graph": args.calls, "seconds": time.time() - t0,
             "skipped_for_budget": skipped, "variants": VARIANTS, "graph_capture_failures": eager_fallbacks,
-            "command": "python3 scripts/sweep_rot.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    (out / "sweep_rot.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+            "command": command_line("sweep_rot", argv)}
+    write_json(out / "sweep_rot.json", {**meta, "rows": rows}, indent=2, newline=False)
     cols = sorted({k for r in rows for k in r if k.endswith("_of_copy") or k.startswith("reduce2_")},
                   key=lambda k: (k.startswith("reduce"), k))
     print("\n| variant | codec | bitwise | " + " | ".join(cols) + " |")

@@ -29,11 +29,10 @@ Stop 22's world-8 question (old "fast" against the "src" variants, worlds 8 and 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 from pathlib import Path
+
+from lowbit_tp.bench.device_script import device_name, open_device, parse_shapes, write_json
 
 LAYER = "L"
 CODECS = ["int4-outlier", "int4", "int8"]
@@ -61,8 +60,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     dry = args.device == "cpu"
-    if dry:
-        os.environ["TRITON_INTERPRET"] = "1"
+    dev = open_device("sweep_static", args.device)  # TRITON_INTERPRET before any kernel import
     import torch
 
     from lowbit_tp.bench.common import graph_call_seconds
@@ -70,11 +68,7 @@ def main(argv=None) -> None:
     from lowbit_tp.codecs import make_codec
     from lowbit_tp.kernels import triton_static as KS
 
-    if not dry and not torch.cuda.is_available():
-        sys.exit("sweep_static: no CUDA device (use --device cpu)")
-    dev = torch.device(args.device)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or ("3x128,4x320" if dry else
-                                                                              "2048x8192,8192x8192")).split(",")]
+    shapes = parse_shapes(args.shapes or ("3x128,4x320" if dry else "2048x8192,8192x8192"))
     worlds = [int(w) for w in args.worlds.split(",")]
     repeats = args.repeats or (1 if dry else 10)
     # GPU: a multiple of 16 (the timed shapes' integer specialization) and >= 1024 (the tile
@@ -193,12 +187,10 @@ def main(argv=None) -> None:
                 rows.append(row)
                 print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
                 del xs, payloads, dst
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    info = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (interpreter)",
+    info = {"device": device_name(dev, "cpu (interpreter)"),
             "torch": torch.__version__, "triton": __import__("triton").__version__, "seconds": time.time() - t0,
             "decode_variants": dec_all, "encode_variants": enc_all, "skipped": skipped}
-    (out / "sweep_static.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    write_json(Path(args.out) / "sweep_static.json", {"info": info, "rows": rows}, newline=False)
     print(info)
     for r in rows:
         if r.get("check"):
