@@ -324,3 +324,31 @@ def test_small_groups_bitwise(group, variant):
     finally:
         K.ENCODE_VARIANT = prev
     assert torch.equal(got, ref.encode(x, layer="L", source=0))
+
+
+@pytest.mark.parametrize("name", ["int4-g32", "mxfp4"])
+@pytest.mark.parametrize("case, match", [
+    ("reduce", r"encode \(N == 0\), not the reduce"),
+    ("chunked", "the carry has no chunk offset"),
+    ("carry_only", "CARRY needs FEEDBACK"),
+])
+def test_feedback_constexprs_that_would_drop_the_carry_do_not_compile(name, case, match, monkeypatch):
+    """The encoders' CARRY/FEEDBACK only work for one message's encode: the reduce (N > 0) never
+    reads the carry, a chunked launch has no offset for it, and a carry without FEEDBACK never
+    writes next. Each is a tl.static_assert (a compile error, here the interpreter's), not a
+    silently wrong next carry; the host launchers never ask for them (_feedback_consts)."""
+    t, e = 4, 64
+    x, c, nxt = torch.randn(t, e), torch.randn(t, e), torch.empty(t, e)
+    consts = {"carry_ptr": c, "next_ptr": nxt, "CARRY": True, "FEEDBACK": case != "carry_only"}
+    monkeypatch.setattr(K, "_feedback_consts", lambda feedback, chunks: consts)
+    ref = reference(name)
+    one = ref.encode(x, layer=LAYER, source=0)
+    n_src, src, chunks = (2, [one, one], 1) if case == "reduce" else (0, [x], 2 if case == "chunked" else 1)
+    rows = t // chunks
+    out = torch.empty(one.numel(), dtype=torch.uint8)
+    with pytest.raises(Exception, match=match):
+        if name == "mxfp4":
+            K._mx_launch(src, n_src, out, rows, e, None, chunks)
+        else:
+            K._launch_encode(src, n_src, out, rows, e, group=ref.group, max_input=ref.max_input, flag=None,
+                             range_flag=None, chunks=chunks)

@@ -153,6 +153,19 @@ def _store_full_tile(out_ptr, t, EH, byte, BT: tl.constexpr, NGT: tl.constexpr, 
 
 
 @triton.jit
+def _feedback_asserts(N: tl.constexpr, CHUNKED: tl.constexpr, CARRY: tl.constexpr, FEEDBACK: tl.constexpr):
+    """The encoders' error-feedback constexprs that make sense, as compile errors: feedback is
+    fused for one message's encode only. The carry and ``next`` have no chunk offset and the
+    reduce (``N > 0``) never reads the carry, so either would drop it silently; a ``CARRY``
+    without ``FEEDBACK`` would add the carry and never write ``next``."""
+    tl.static_assert(N == 0 or not (CARRY or FEEDBACK),
+                     "error feedback is fused into one message's encode (N == 0), not the reduce")
+    tl.static_assert(not CHUNKED or not (CARRY or FEEDBACK),
+                     "error feedback is fused for one message (the carry has no chunk offset)")
+    tl.static_assert(FEEDBACK or not CARRY, "CARRY needs FEEDBACK (else next is never written)")
+
+
+@triton.jit
 def group_encode_kernel(src, out_ptr, flag_ptr, range_ptr, T, E, EH, G, NQ, max_in, N: tl.constexpr,
                         BT: tl.constexpr, NGT: tl.constexpr, GROUP: tl.constexpr, FLAG: tl.constexpr,
                         RANGE: tl.constexpr, XS=0, PS=0, CHUNKED: tl.constexpr = False, FAST: tl.constexpr = False,
@@ -170,6 +183,7 @@ def group_encode_kernel(src, out_ptr, flag_ptr, range_ptr, T, E, EH, G, NQ, max_
     the partial plus the fp32 ``carry [T, E]`` is encoded, and ``next [T, E]`` gets what its
     decode lost, the codes and scales just written decoded in registers (:func:`_feedback_of`)."""
     H: tl.constexpr = GROUP // 2
+    _feedback_asserts(N, CHUNKED, CARRY, FEEDBACK)
     src, out_ptr = chunk_bases(src, out_ptr, XS, PS, CHUNKED)
     t, g, bi, mt, m = _tile_index(T, EH, BT, NGT, GROUP)
     if N == 0:
@@ -600,6 +614,7 @@ def mx_encode_kernel(src, out_ptr, flag_ptr, T, E, EH, G, NQ, N: tl.constexpr, B
     bytes); ``EVEN``: every tile full, no masks. ``CARRY`` / ``FEEDBACK``: error feedback fused in,
     as :func:`group_encode_kernel`'s (:func:`mx_encode_feedback`).
     """
+    _feedback_asserts(N, CHUNKED, CARRY, FEEDBACK)
     src, out_ptr = chunk_bases(src, out_ptr, XS, PS, CHUNKED)
     t, g, bi, mt, m = _tile_index(T, EH, BT, NGT, 32)
     if N == 0:
