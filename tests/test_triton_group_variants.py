@@ -352,3 +352,46 @@ def test_feedback_constexprs_that_would_drop_the_carry_do_not_compile(name, case
         else:
             K._launch_encode(src, n_src, out, rows, e, group=ref.group, max_input=ref.max_input, flag=None,
                              range_flag=None, chunks=chunks)
+
+
+@pytest.mark.parametrize("name", ["int4-g32", "mxfp4"])
+@pytest.mark.parametrize("hook", ["_decode", "_encode", None])
+def test_encode_feedback_in_one_kernel_only_for_the_codec_it_was_written_for(name, hook, monkeypatch):
+    """A subclass that changes encode or decode through the hooks they run through (``_encode``,
+    ``_decode``: Codec.encode/decode stay the base's) must not get the fused kernels, which write
+    the parent's bytes and decode them in registers (nor the MINUS decode, which bypasses
+    ``_decode``): encode_feedback is None and the general path honours the subclass. A subclass
+    that changes neither keeps the one-kernel path."""
+    from lowbit_tp.collectives.algorithms import gather_encode_feedback
+    from lowbit_tp.collectives.feedback import Feedback
+
+    tri = make_codec(name, nonfinite="propagate", backend="triton")
+    base = type(tri)
+    body = {}
+    if hook == "_decode":  # decodes to twice the values
+        body["_decode"] = lambda self, payload, shape, params: base._decode(self, payload, shape, params) * 2
+    elif hook == "_encode":  # encodes half the values
+        body["_encode"] = lambda self, x, params, nonfinite, **kw: base._encode(self, x.float() * 0.5, params,
+                                                                                 nonfinite, **kw)
+    tri.__class__ = type("Sub", (base,), body)
+    runs = []
+    kernel = "mx_encode_feedback" if name == "mxfp4" else "encode_feedback"
+    orig = getattr(K, kernel)
+    monkeypatch.setattr(K, kernel, lambda *a, **k: runs.append(1) or orig(*a, **k))
+    g = torch.Generator().manual_seed(5)
+    x, carry = torch.randn(6, 64, generator=g), torch.randn(6, 64, generator=g) * 0.1
+    got = tri.encode_feedback(x, carry, layer=LAYER, source=0)
+    assert (got is None) == (hook is not None) and runs == ([] if hook else [1])
+    fb = Feedback(carry=carry)
+    payload = gather_encode_feedback(tri, x, fb, layer=LAYER, rank=0)
+    sent = x + carry
+    ref = reference(name)  # the eager codec, changed the same way by hand
+    if hook == "_encode":
+        want_payload = ref.encode(sent * 0.5, layer=LAYER, source=0)
+        want_next = sent - ref.decode(want_payload, tuple(x.shape), layer=LAYER, source=0)
+    else:
+        want_payload = ref.encode(sent, layer=LAYER, source=0)
+        dec = ref.decode(want_payload, tuple(x.shape), layer=LAYER, source=0)
+        want_next = sent - (dec * 2 if hook == "_decode" else dec)
+    assert torch.equal(payload, want_payload), diff(payload, want_payload)
+    assert same_bits(fb.next, want_next)

@@ -226,7 +226,7 @@ class Codec(ABC):
         """
         self._check_next_out(x, next_out)
         if (self._feedback_backend(x, carry) not in self.decode_error_backends
-                or type(self).encode is not Codec.encode or type(self).decode is not Codec.decode):
+                or not codes_as(type(self), _definer(type(self), "_decode_error"))):
             return None  # (a subclass that transforms in encode/decode: _decode_error would bypass it)
         if carry is None:
             sent, into = x, next_out
@@ -687,6 +687,24 @@ class Codec(ABC):
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
         return f"{type(self).__name__}({self.name}{', ' + opts if opts else ''})"
+
+
+# What an encode and a decode run through: a fused kernel that does their work stands for these.
+_CODING_HOOKS = ("_encode", "_encode_scanned", "_encode_with_scan", "_decode")
+
+
+def codes_as(cls: type, owner: type) -> bool:
+    """Whether codec class ``cls`` encodes and decodes exactly as ``owner`` (a class it derives
+    from) does: :meth:`Codec.encode` / :meth:`Codec.decode` not overridden, nor the hooks they run
+    through (``_encode``, ``_encode_scanned``, ``_encode_with_scan``, ``_decode``) below ``owner``.
+    A kernel written for ``owner``'s bytes (error feedback in one pass) is only valid then."""
+    return (cls.encode is Codec.encode and cls.decode is Codec.decode
+            and all(getattr(cls, hook) is getattr(owner, hook) for hook in _CODING_HOOKS))
+
+
+def _definer(cls: type, attr: str) -> type:
+    """The class in ``cls``'s MRO that defines ``attr``."""
+    return next(c for c in cls.__mro__ if attr in c.__dict__)
 
 
 def _where(layer: str | None, source: Source) -> str:

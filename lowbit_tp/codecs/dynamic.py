@@ -16,7 +16,7 @@ import math
 import torch
 
 from lowbit_tp.codecs import functional as F
-from lowbit_tp.codecs.base import Codec, _check_buffer, check_int_option, register_codec
+from lowbit_tp.codecs.base import Codec, _check_buffer, check_int_option, codes_as, register_codec
 
 
 def _triton_kernels():
@@ -55,19 +55,19 @@ def _fused_reduce_encode(codec: Codec, kernel, payloads, shape, layer, sources, 
     return kernel([p.contiguous() for p in payloads], out, shape[0], shape[1], flags)
 
 
-def _fused_feedback(codec: Codec, kernel, x, carry, layer, source, out, next_out):
+def _fused_feedback(codec: Codec, owner: type, kernel, x, carry, layer, source, out, next_out):
     """Error feedback in one Triton kernel, shared by the group and MX codecs
     (:meth:`Codec.encode_feedback`): ``kernel(x, carry, payload, next, flags)`` encodes ``x + carry``
     into ``payload`` exactly as :meth:`Codec.encode` does on this path (no host scan; the kernel
     saturates and records NaN/Inf and range into the (layer, source) flags) and writes ``sent -
     decode`` (+0.0 where not finite) into ``next``, the bytes just written decoded in registers.
     None where it does not apply (not the Triton backend, an odd E, a carry that is not a
-    contiguous fp32 tensor of ``x``'s shape, a subclass that changes encode or decode): the
-    caller then takes the two-kernel path of :meth:`Codec.encode_feedback` or the general one."""
+    contiguous fp32 tensor of ``x``'s shape, a subclass of ``owner``, the class whose bytes
+    ``kernel`` writes, that changes encode or decode: :func:`~lowbit_tp.codecs.base.codes_as`):
+    the caller then takes the two-kernel path of :meth:`Codec.encode_feedback` or the general one."""
     codec._check_next_out(x, next_out)
     if (codec._feedback_backend(x, carry) != "triton" or not codec._fused_encode(int(x.shape[1]))
-            or (carry is not None and not carry.is_contiguous())
-            or type(codec).encode is not Codec.encode or type(codec).decode is not Codec.decode):
+            or (carry is not None and not carry.is_contiguous()) or not codes_as(type(codec), owner)):
         return None
     codec._check_tensor(x, layer, source)
     nbytes = codec.payload_nbytes(tuple(x.shape), layer)
@@ -159,7 +159,7 @@ class GroupInt4Codec(Codec):
             return _triton_kernels().encode_feedback(x, carry, payload, nxt, group=self.group,
                                                      max_input=self.max_input, flag=flags[0], range_flag=flags[1])
 
-        got = _fused_feedback(self, kernel, x, carry, layer, source, out, next_out)
+        got = _fused_feedback(self, GroupInt4Codec, kernel, x, carry, layer, source, out, next_out)
         return got if got is not None else super().encode_feedback(x, carry, layer=layer, source=source, out=out,
                                                                    next_out=next_out)
 
@@ -246,7 +246,7 @@ class MXFP4Codec(Codec):
         def kernel(x, carry, payload, nxt, flags):  # no range limit: only the NaN flag
             return _triton_kernels().mx_encode_feedback(x, carry, payload, nxt, flag=flags[0])
 
-        got = _fused_feedback(self, kernel, x, carry, layer, source, out, next_out)
+        got = _fused_feedback(self, MXFP4Codec, kernel, x, carry, layer, source, out, next_out)
         return got if got is not None else super().encode_feedback(x, carry, layer=layer, source=source, out=out,
                                                                    next_out=next_out)
 
