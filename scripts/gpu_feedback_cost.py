@@ -7,7 +7,9 @@ change. Per codec, world N and shape, on the device:
 
 * **identity**: the payload and the next carry of ``gather_encode_feedback`` on the device
   (``backend="triton"``) equal the CPU reference's (``backend="reference"``) bit for bit, with
-  a carry from a previous call and NaN/Inf planted (``nonfinite="propagate"``);
+  a carry from a previous call and NaN/Inf planted (``nonfinite="propagate"``), for fp32 and
+  bf16 partials, at each ``--check-tokens`` row count (default 257, where every tile is
+  ragged, and 2048, where the timed full-tile path runs); the row's fields hold if all do;
 * **time** (GPU time alone: 5 calls captured in one CUDA graph, median of ``--repeats``
   replays, as scripts/gpu_check.py's ``graph_*`` columns; eager per-call times too):
   ``encode_us`` (``gather_encode`` into a preallocated payload), ``encode_feedback_us``
@@ -77,7 +79,8 @@ def parse_args(argv=None):
     ap.add_argument("--shapes", default=None, help="TxE list (default 2048x8192,8192x8192; cpu 3x96)")
     ap.add_argument("--worlds", default="2,8")
     ap.add_argument("--codecs", default=",".join(CODECS))
-    ap.add_argument("--check-tokens", type=int, default=None, help="identity check rows (default 257; cpu 5)")
+    ap.add_argument("--check-tokens", default=None,
+                    help="identity check row counts, comma-separated (default 257,2048; cpu 5)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 10; cpu 1)")
     ap.add_argument("--budget-s", type=float, default=None, help="start no new row after this many seconds")
     return ap.parse_args(argv)
@@ -102,7 +105,7 @@ def main(argv=None) -> None:
 
     shapes = parse_shapes(args.shapes or ("3x96" if dry else "2048x8192,8192x8192"))
     worlds = [int(w) for w in args.worlds.split(",")]
-    check_tokens = args.check_tokens or (5 if dry else 257)
+    check_tokens = [int(v) for v in (args.check_tokens or ("5" if dry else "257,2048")).split(",")]
     repeats = args.repeats or (1 if dry else 10)
 
     def seconds(fn) -> float:  # eager, per call: the host's launch cost included
@@ -144,25 +147,31 @@ def measure(torch, make_codec, planted_partials, synthetic_calibration, gather_e
     row: dict = {}
     if identity:  # a carry from a previous call, then NaN/Inf planted in the partial
         ref = make_codec(name, calibration=cal, nonfinite="propagate", backend="reference")
-        prev, x = planted_partials(2, check_tokens, e, seed=0, noise_seed=11)
-        x[1, 5], x[check_tokens - 1, e - 2] = float("nan"), float("-inf")
-        fr0 = Feedback()
-        gather_encode_feedback(ref, prev, fr0, layer=LAYER, rank=0)
-        fr, fd = Feedback(carry=fr0.next), Feedback(carry=fr0.next.to(dev))
-        want = gather_encode_feedback(ref, x, fr, layer=LAYER, rank=0)
-        got = gather_encode_feedback(fused, x.to(dev), fd, layer=LAYER, rank=0)
-        row["payload_equal"] = bool(torch.equal(want, got.cpu()))
-        row["next_equal"] = same_bits(fr.next, fd.next)
-        ok = True  # two-shot's first stage on clean and on planted partials, then an owner's stage
-        for xx in (prev, x):  # (NaN/Inf hand the static codecs' CPU kernel to the general path)
-            fr, fd = Feedback(carry=fr0.next), Feedback(carry=fr0.next.to(dev))
-            want = A.two_shot_encode_feedback(ref, xx, fr, layer=LAYER, rank=0, world=world)
-            got = A.two_shot_encode_feedback(fused, xx.to(dev), fd, layer=LAYER, rank=0, world=world)
-            ok = ok and all(torch.equal(w, g.cpu()) for w, g in zip(want, got)) and same_bits(fr.next, fd.next)
-        chunk = (A.chunk_rows(check_tokens, world), e)
-        want = A.two_shot_reduce_feedback(ref, want, chunk, layer=LAYER)
-        got = A.two_shot_reduce_feedback(fused, [g for g in got], chunk, layer=LAYER)
-        row["two_shot_equal"] = bool(ok and torch.equal(want[0], got[0].cpu()) and same_bits(want[1], got[1]))
+        row.update(payload_equal=True, next_equal=True, two_shot_equal=True, identity_tokens=list(check_tokens),
+                   identity_dtypes=["float32", "bfloat16"])
+        for n in check_tokens:
+            prev, x = planted_partials(2, n, e, seed=0, noise_seed=11)
+            x[1, 5], x[n - 1, e - 2] = float("nan"), float("-inf")
+            fr0 = Feedback()
+            gather_encode_feedback(ref, prev, fr0, layer=LAYER, rank=0)
+            for dtype in (torch.float32, torch.bfloat16):  # the partial's dtype; the carry stays fp32
+                xd = x.to(dtype)
+                fr, fd = Feedback(carry=fr0.next), Feedback(carry=fr0.next.to(dev))
+                want = gather_encode_feedback(ref, xd, fr, layer=LAYER, rank=0)
+                got = gather_encode_feedback(fused, xd.to(dev), fd, layer=LAYER, rank=0)
+                row["payload_equal"] = row["payload_equal"] and bool(torch.equal(want, got.cpu()))
+                row["next_equal"] = row["next_equal"] and same_bits(fr.next, fd.next)
+            ok = True  # two-shot's first stage on clean and on planted partials, then an owner's stage
+            for xx in (prev, x):  # (NaN/Inf hand the static codecs' CPU kernel to the general path)
+                fr, fd = Feedback(carry=fr0.next), Feedback(carry=fr0.next.to(dev))
+                want = A.two_shot_encode_feedback(ref, xx, fr, layer=LAYER, rank=0, world=world)
+                got = A.two_shot_encode_feedback(fused, xx.to(dev), fd, layer=LAYER, rank=0, world=world)
+                ok = ok and all(torch.equal(w, g.cpu()) for w, g in zip(want, got)) and same_bits(fr.next, fd.next)
+            chunk = (A.chunk_rows(n, world), e)
+            want = A.two_shot_reduce_feedback(ref, want, chunk, layer=LAYER)
+            got = A.two_shot_reduce_feedback(fused, [g for g in got], chunk, layer=LAYER)
+            row["two_shot_equal"] = row["two_shot_equal"] and bool(
+                ok and torch.equal(want[0], got[0].cpu()) and same_bits(want[1], got[1]))
     xs = [v.to(dev) for v in planted_partials(world, t, e, seed=0, noise_seed=4)]
     payloads = [fused.encode(v, layer=LAYER, source=r) for r, v in enumerate(xs)]
     first = Feedback()

@@ -223,7 +223,7 @@ def test_gpu_feedback_cost_script_dry_run(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_feedback_cost", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.main(["--device", "cpu", "--out", str(tmp_path), "--shapes", "3x130", "--check-tokens", "4",
+    mod.main(["--device", "cpu", "--out", str(tmp_path), "--shapes", "3x130", "--check-tokens", "4,9",
               "--codecs", "int4-outlier,int4-g32,rot-lm4-g64-lg8-k4", "--worlds", "3"])
     rows = json.loads((tmp_path / "gpu_feedback_cost.json").read_text())["rows"]
     assert [(r["codec"], r["world"]) for r in rows] == [("int4-outlier", 3), ("int4-g32", 3),
@@ -231,6 +231,8 @@ def test_gpu_feedback_cost_script_dry_run(tmp_path):
     for r in rows:
         assert "error" not in r, r
         assert r["payload_equal"] is True and r["next_equal"] is True, r
+        # every row count asked for, fp32 and bf16 partials (the next GPU run: 257 and 2048)
+        assert r["identity_tokens"] == [4, 9] and r["identity_dtypes"] == ["float32", "bfloat16"], r
         assert r["encode_us"] > 0 and r["decode_sum_us"] > 0 and r["encode_feedback_us"] > 0
         assert r["encode_feedback_unfused_us"] > 0
         assert r["fused"] is True  # int4-outlier, int4-g32: one fused encoder; rot-*: encode, then the MINUS decode
