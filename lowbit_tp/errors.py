@@ -1,7 +1,7 @@
 """The error type for input a user can fix; the CLI prints it as one line, no traceback."""
 from __future__ import annotations
 
-__all__ = ["Terminated", "UserError"]
+__all__ = ["Terminated", "UserError", "one_line"]
 
 
 class UserError(ValueError):
@@ -21,3 +21,13 @@ class Terminated(BaseException):
     def __init__(self, signum: int = 15):
         super().__init__(f"terminated by signal {signum}")
         self.signum = signum
+
+
+def one_line(text: str) -> str:
+    """A multi-line error message as the one line the CLI prints: its non-blank lines joined
+    by ``"; "`` (by a space after a line that ends in ``:``, which introduces the next)."""
+    out = ""
+    for ln in (ln.strip() for ln in str(text).splitlines()):
+        if ln:
+            out += (" " if out.endswith(":") else "; ") + ln if out else ln
+    return out

@@ -613,3 +613,39 @@ def test_run_at_tp_1_warns_that_the_codec_never_runs(tmp_path):
     rc, err, _ = _run_main(["run", "--model", path, "--tp", "1", "--codec", "int4-g32", "--prompt", "hi",
                             "--max-new-tokens", "2", "--quiet"])
     assert rc == 0 and "lowbit-tp: warning: --tp 1 has no all-reduce, so codec 'int4-g32' never runs" in err, err
+
+
+def _env_rank(rank: int, world: int, port: int, args: list[str], tmp_path: Path):
+    """One rank of ``lowbit-tp`` started as torchrun starts it (RANK, WORLD_SIZE, MASTER_*)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.pop("LOWBIT_TP_DEBUG", None)
+    return subprocess.Popen([sys.executable, "-m", "lowbit_tp.cli", *args], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_a_collective_error_on_a_torchrun_rank_is_one_line(tmp_path):
+    """Under torchrun each rank is its own ``lowbit-tp``: the CollectiveError it meets (ranks
+    that disagree on the codec; a rendezvous a peer never joins) is one line and status 1, as a
+    spawned run's RankFailure is, not a traceback per rank (stderr filtered of c10d's own
+    native log lines, which torch writes before Python sees the error)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import save_tiny
+    from lowbit_tp.collectives.launch import free_port
+
+    model = save_tiny(tmp_path, "llama")
+    run = ["run", "--model", model, "--prompt", "Hi", "--max-new-tokens", "2", "--timeout", "20", "--quiet"]
+    port = free_port()
+    procs = [_env_rank(r, 2, port, run + ["--codec", codec], tmp_path) for r, codec in enumerate(["int4-g32", "mxfp4"])]
+    for r, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=120)
+        line = _one_line(err)
+        assert proc.returncode == 1, (r, line)
+        assert line.startswith("lowbit-tp: error: ranks disagree on the compressed all-reduce configuration: ")
+        assert "'codec': 'int4-g32'" in line and "'codec': 'mxfp4'" in line, line
+    alone = _env_rank(0, 2, free_port(), run[:-3] + ["--timeout", "2", "--codec", "int4-g32"], tmp_path)
+    _, err = alone.communicate(timeout=120)
+    line = _one_line("\n".join(ln for ln in err.splitlines() if not ln.startswith(("[W", "[E"))))
+    assert alone.returncode == 1 and line.startswith("lowbit-tp: error: rank 0/2: joining the process group at "
+                                                     "127.0.0.1:"), line

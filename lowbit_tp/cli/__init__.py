@@ -16,7 +16,7 @@ import threading
 
 from lowbit_tp import __version__
 from lowbit_tp.cli import bench, calibrate, demo, eval, run, serve
-from lowbit_tp.errors import Terminated, UserError
+from lowbit_tp.errors import Terminated, UserError, one_line
 
 __all__ = ["build_parser", "main"]
 
@@ -71,10 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         # RankFailure lives with the collectives (torch); a failed command has paid that import already.
         from lowbit_tp.codecs.base import NonFiniteError
-        from lowbit_tp.collectives.launch import RankFailure
+        from lowbit_tp.collectives import CollectiveError, RankFailure
 
         if isinstance(exc, NonFiniteError) and not _debug():  # the simulator's (in this process): NaN/Inf
             print(f"lowbit-tp: error: {exc} (LOWBIT_TP_DEBUG=1 shows the traceback)", file=sys.stderr)
+            return 1
+        if isinstance(exc, CollectiveError) and not _debug():
+            # this process is a rank (torchrun): a dead or stalled peer, a rendezvous that timed
+            # out, ranks that disagree on the configuration; spawned ranks' come as a RankFailure
+            print(f"lowbit-tp: error: {one_line(exc)} (LOWBIT_TP_DEBUG=1 shows the traceback)", file=sys.stderr)
             return 1
         if not isinstance(exc, RankFailure) or _debug():
             raise

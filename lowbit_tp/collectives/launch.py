@@ -43,7 +43,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lowbit_tp.errors import Terminated, UserError
+from lowbit_tp.collectives.dist import CollectiveError
+from lowbit_tp.errors import Terminated, UserError, one_line
 
 class RankFailure(RuntimeError):
     """One or more spawned ranks raised, died, or missed the deadline.
@@ -74,10 +75,20 @@ def init_process_group(*, rank: int, world_size: int, init_method: str | None = 
 
 
 def init_from_env(*, backend: str | None = None, timeout_s: float = 60.0) -> tuple[int, int]:
-    """Initialise from torchrun's ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``; returns (rank, world)."""
+    """Initialise from torchrun's ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``; returns (rank, world).
+    A rendezvous that fails (a peer that never joins within ``timeout_s``, a master address no
+    one serves) raises :class:`~lowbit_tp.collectives.CollectiveError` naming this rank and the
+    address, as a failed collective does."""
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError) as exc:  # torch's DistStoreError / DistNetworkError are RuntimeErrors
+        env = os.environ
+        raise CollectiveError(
+            f"rank {env.get('RANK', '?')}/{env.get('WORLD_SIZE', '?')}: joining the process group at "
+            f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')} failed: {str(exc).rstrip('. ')}. Did every "
+            f"rank start (timeout {timeout_s:g} s)?") from exc
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -353,11 +364,6 @@ def _exit_reason(rank: int, code: int | None) -> str:
     return f"rank {rank} died without a result (exit code {code})"
 
 
-def _one_line(text: str) -> str:
-    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
-    return "; ".join(lines)
-
-
 def _receive(reader, rank: int, records: dict) -> None:
     """Read rank ``rank``'s record if its pipe holds a whole one; a rank that died before or
     while sending leaves none (its exit code tells why)."""
@@ -456,7 +462,7 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, backend: st
             by_rank = dict(failures)
             lead = order[0]
             msg = by_rank[lead] if by_rank[lead].startswith("rank ") else f"rank {lead}: {by_rank[lead]}"
-            summary = _one_line(msg)
+            summary = one_line(msg)
             if stopped and stuck:
                 summary += f" (stopped the other {len(stuck)} rank{'s' if len(stuck) > 1 else ''})"
             raise RankFailure("spawned ranks failed:\n" + "\n".join(errors), summary=summary,
