@@ -63,3 +63,52 @@ def test_parallelize_module_with_the_lowbit_style():
                 for r in range(2):
                     assert torch.equal(calls[r][j][2], ref), (family, codec_name, name, r)
             assert torch.equal(per_rank[0][family][i]["logits"], per_rank[1][family][i]["logits"])  # ranks agree bitwise
+
+
+def test_a_model_the_plan_does_not_fit_is_refused_not_left_unsharded():
+    """GPT-2 names its layers c_attn/c_proj: the plan matched nothing and parallelize_plan gave
+    {}, so parallelize_module left the model whole, running unsharded and uncompressed."""
+    import transformers as tf
+
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.integrations.dtensor import parallelize_plan
+
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=260))
+    with pytest.raises(ValueError, match="names no row-parallel module of GPT2LMHeadModel"):
+        parallelize_plan(gpt2, codec=make_codec("int4-g32"))
+    plan = parallelize_plan(tiny_model("llama"), codec=make_codec("int4-g32"))
+    assert [n for n, s in plan.items() if type(s).__name__ == "LowbitRowwiseParallel"] == [
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.o_proj", "mlp.down_proj")]
+    assert plan["model.layers.0.self_attn.o_proj"].heads == (4, 2)
+    assert plan["model.layers.0.mlp.down_proj"].heads is None
+
+
+def _rank_kv1(rank, world):
+    """A tiny Llama with one KV head at TP 2: the o_proj style refuses the mesh in one line."""
+    import transformers as tf
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from helpers import tiny_config
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.integrations.dtensor import parallelize_plan
+
+    config = tiny_config("llama")
+    config.num_key_value_heads = 1
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    try:
+        parallelize_module(model, init_device_mesh("cpu", (world,)), parallelize_plan(model, codec=make_codec("bf16")))
+        with torch.no_grad():
+            model(torch.tensor([[5, 6, 7, 8, 9]]))
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "ran"
+
+
+def test_tp_that_does_not_divide_the_kv_heads_is_one_clear_error():
+    """It failed inside attention: "shape '[1, 5, -1, 16]' is invalid for input of size 40"."""
+    for got in spawn_ranks(_rank_kv1, 2, timeout_s=30, deadline_s=120):
+        assert got.startswith("ValueError: model.layers.0.self_attn.o_proj: parallelize_module splits the attention "
+                              "heads evenly and cannot replicate KV heads: TP 2 must divide the 4 query and 1 KV "
+                              "head(s)"), got

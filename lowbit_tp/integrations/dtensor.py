@@ -35,6 +35,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 
 from lowbit_tp.codecs.base import Codec
 from lowbit_tp.collectives import DEFAULT_ALGORITHM, AutoPolicy
+from lowbit_tp.models import TPGeometry
 from lowbit_tp.tp.plan import DECODER_PLAN, TPPlan
 from lowbit_tp.tp.row_parallel import CommHooks, DistReducer, Reducer, check_reduce_config
 
@@ -49,16 +50,21 @@ class LowbitRowwiseParallel(RowwiseParallel):
     :class:`~lowbit_tp.tp.DistReducer` over the mesh's group is built from ``codec``,
     ``algorithm``, ``policy`` and ``hooks``. Triggers one
     :func:`~lowbit_tp.collectives.all_reduce` per forward; returns a local tensor.
+    ``heads`` (an attention output projection's ``(query heads, KV heads)``, which
+    :func:`parallelize_plan` reads from the model's config): the mesh size must divide both,
+    since ``ColwiseParallel`` cuts q/k/v into equal row blocks, and a block holding part of a
+    head failed deep inside attention (``shape '[1, 5, -1, 16]' is invalid ...``).
     """
 
     def __init__(self, *, layer: str, codec: Codec | None = None, algorithm: str = DEFAULT_ALGORITHM,
-                 policy: AutoPolicy | None = None, hooks: CommHooks = CommHooks(), reducer: Reducer | None = None):
+                 policy: AutoPolicy | None = None, hooks: CommHooks = CommHooks(), reducer: Reducer | None = None,
+                 heads: tuple[int, int] | None = None):
         super().__init__(input_layouts=Shard(-1), output_layouts=Replicate(), use_local_output=True)
         if codec is None and reducer is None:
             raise ValueError("give a codec (or a reducer) for LowbitRowwiseParallel")
         if reducer is None:  # now, not when parallelize_module builds the reducer
             check_reduce_config(codec, algorithm)
-        self.layer = layer
+        self.layer, self.heads = layer, heads
         self.codec, self.algorithm, self.policy, self.hooks, self.reducer = codec, algorithm, policy, hooks, reducer
 
     def _partition_linear_fn(self, name, module, device_mesh):
@@ -80,6 +86,12 @@ class LowbitRowwiseParallel(RowwiseParallel):
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         if not isinstance(module, nn.Linear):
             raise NotImplementedError(f"LowbitRowwiseParallel shards nn.Linear only, got {type(module).__name__}")
+        tp = device_mesh.size()
+        if self.heads is not None and (self.heads[0] % tp or self.heads[1] % tp):
+            q, kv = self.heads
+            raise ValueError(f"{self.layer}: parallelize_module splits the attention heads evenly and cannot "
+                             f"replicate KV heads: TP {tp} must divide the {q} query and {kv} KV head(s); use the "
+                             f"native runtime (lowbit_tp.runtime) or vLLM, which replicate KV heads")
         self.desired_input_layouts = (Shard(-1),)
         reducer = self.reducer or DistReducer(codec=self.codec, group=device_mesh.get_group(),
                                               algorithm=self.algorithm, policy=self.policy, hooks=self.hooks)
@@ -104,11 +116,32 @@ def parallelize_plan(model: nn.Module, *, codec: Codec | None = None, algorithm:
     :class:`~lowbit_tp.tp.DistReducer` over the mesh's group.
     """
     out: dict[str, ParallelStyle] = {}
-    for planned in plan.modules(model):
+    planned_modules = plan.modules(model)
+    if not any(p.rule.style == "rowwise" for p in planned_modules):
+        # an empty plan leaves the model whole: it would run unsharded and uncompressed, silently
+        rowwise = [pattern for pattern, rule in plan.rules if rule.style == "rowwise"]
+        raise ValueError(f"the TP plan names no row-parallel module of {type(model).__name__} (patterns "
+                         f"{', '.join(rowwise) or 'none'}): lowbit-tp's plan covers the Llama, Mistral, Qwen2 and "
+                         f"Gemma 2/3 layouts; pass plan= (a TPPlan) for another")
+    heads = _heads(model)
+    for planned in planned_modules:
         if planned.rule.style == "colwise":
             out[planned.name] = ColwiseParallel()
         elif planned.rule.style == "rowwise":
-            out[planned.name] = LowbitRowwiseParallel(layer=planned.name, codec=codec, algorithm=algorithm,
-                                                      policy=policy, hooks=hooks, reducer=reducer)
+            out[planned.name] = LowbitRowwiseParallel(
+                layer=planned.name, codec=codec, algorithm=algorithm, policy=policy, hooks=hooks, reducer=reducer,
+                heads=heads if planned.rule.split == "q_heads" else None)
     return out
+
+
+def _heads(model: nn.Module) -> tuple[int, int] | None:
+    """``(query heads, KV heads)`` from ``model.config`` (an HF model's), or None without one."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    try:
+        geo = TPGeometry.from_config(config)
+    except (AttributeError, TypeError, ValueError):  # not a decoder config the adapters read
+        return None
+    return geo.num_heads, geo.num_kv_heads
 
