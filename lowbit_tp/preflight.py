@@ -20,6 +20,7 @@ from lowbit_tp.errors import UserError
 from lowbit_tp.fileio import check_output_path
 from lowbit_tp.models import TPGeometry, check_tp
 from lowbit_tp.models.quick_config import quick_config
+from lowbit_tp.models.registry import resolve_source, sha256_of_files
 
 __all__ = [
     "check_calibration_file",
@@ -112,8 +113,6 @@ def _weights_sha256(model: str | None, cal: Calibration) -> str | None:
     rank had loaded the model."""
     if model is None or not (cal.meta.get("model") or {}).get("weights_sha256"):
         return None
-    from lowbit_tp.models.registry import resolve_source, sha256_of_files
-
     try:
         return sha256_of_files(resolve_source(model).weight_files())
     except (ValueError, OSError):  # an unknown model is check_model_tp's error, not this one's
