@@ -446,7 +446,12 @@ def test_pipelined_all_reduce_equals_the_unchunked_result(world, ranks_at):
 
 def _rank_big_result_or_failure(rank, world):
     """Rank 0: a result far larger than a pipe's buffer (64 KiB), computed from the rank
-    alone; rank 1 raises."""
+    alone; rank 1 raises. Both first pass a barrier: a rank that raised while its peer was
+    still inside init_process_group closed the gloo pairs under it, and the peer failed with
+    "connectFullMesh failed ... Connection closed by peer" (seen once under load)."""
+    import torch.distributed as dist
+
+    dist.barrier()
     if rank == 1:
         raise ValueError("planted failure on rank 1")
     return torch.randn(1024, 1024, generator=torch.Generator().manual_seed(100 + rank))  # 4 MiB
