@@ -229,6 +229,20 @@ def test_decode_sum_takes_strided_payloads_and_refuses_none(cal_factory, name):
         c.decode_sum([], (4, E), layer=L)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("name", ["bf16", "int4-outlier", "int4-g32", "mxfp4", "rot-lm4-g64-lg8-k4"])
+def test_payloads_on_two_devices_are_refused(cal_factory, name, backend):
+    # before: the kernel was picked by payload 0's device, so the CPU kernels were handed another
+    # device's pointer: a segmentation fault for [cpu, meta] (as [cpu, cuda] would be); the reference
+    # failed inside torch
+    c = make_codec(name, calibration=cal_factory(2, E), backend=backend)
+    p = c.encode(_x(tokens=4), layer=L, source=0)
+    for call in (lambda: c.decode_sum([p, p.to("meta")], (4, E), layer=L),
+                 lambda: c.reduce_encode([p, p.to("meta")], (4, E), layer=L)):
+        with pytest.raises(ValueError, match=re.escape(f"{name}: payload 1 is on meta but payload 0 on cpu")):
+            call()
+
+
 def test_an_uncalibrated_rotation_codec_takes_any_width_on_every_backend():
     # before: its rotation signs were cached per (layer, source) at the first width, so the
     # reference refused a second width (a size mismatch inside torch) that the CPU kernels took

@@ -443,6 +443,9 @@ class Codec(ABC):
                     f"{self.name}: payload {r} for shape {shape} must be {expected} uint8 bytes, "
                     f"got {p.dtype} {tuple(p.shape)}"
                 )
+            if p.device != dev:  # the kernel is picked by payload 0's device: a CPU kernel read another's pointer
+                raise ValueError(f"{self.name}: payload {r} is on {p.device} but payload 0 on {dev}; decode the "
+                                 f"payloads of one message on one device")
         return shape, params
 
     def reduce_encode(
