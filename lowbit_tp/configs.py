@@ -180,9 +180,15 @@ class RunConfig:
         object.__setattr__(self, "prompts", tuple(self.prompts))
         if not self.prompts:
             raise UserError("give at least one prompt")
-        empty = [i for i, p in enumerate(self.prompts) if not isinstance(p, str) or not p]
+        other = [i for i, p in enumerate(self.prompts) if not isinstance(p, str)]
+        if other:
+            raise UserError(f"prompt {other[0]} is a {type(self.prompts[other[0]]).__name__}, not a string")
+        empty = [i for i, p in enumerate(self.prompts) if not p]
         if empty:
             raise UserError(f"prompt {empty[0]} is empty; give some text to continue")
+        if not isinstance(self.codec, str):  # each rank builds its codec from the name (and calibration path)
+            raise UserError(f"codec must be a codec name such as 'int4-g32' (each rank builds its own), got a "
+                            f"{type(self.codec).__name__}")
         check_min(self.tp, "tp")
         check_min(self.max_new_tokens, "max_new_tokens")
         check_min(self.threads_per_rank, "threads_per_rank")

@@ -429,3 +429,20 @@ def test_demo_synthetic_tours_the_default_codecs_family_and_matches_the_simulato
     assert {CalibrationConfig.alloc_low, CalibrationConfig.alloc_high, "int4-outlier", "bf16"} <= codecs
     assert all(r["bitwise_equal_to_simulator"] for r in rows) and len(rows) == 2 * len(codecs)
     assert f"| {CalibrationConfig.alloc_low} | two-shot |" in table
+
+
+def test_run_config_refuses_a_codec_object_and_a_prompt_that_is_not_text():
+    """run_tp / RunConfig take a codec *name* (each rank builds its codec): a Codec object, which
+    every other API takes, failed in the preflight with "AttributeError: 'GroupInt4Codec' object has
+    no attribute 'endswith'"; token ids as a prompt were called "empty"."""
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.configs import RunConfig
+    from lowbit_tp.errors import UserError
+
+    with pytest.raises(UserError, match=r"codec must be a codec name such as 'int4-g32' \(each rank builds its own\), "
+                                        r"got a \w+Codec$"):
+        RunConfig(tp=2, prompts=("hi",), codec=make_codec("int4-g32"))
+    with pytest.raises(UserError, match=r"^prompt 1 is a list, not a string$"):
+        RunConfig(tp=2, prompts=("hi", [5, 6]))
+    with pytest.raises(UserError, match=r"^prompt 0 is empty"):
+        RunConfig(tp=2, prompts=("",))
