@@ -29,6 +29,25 @@ def test_default_needs_an_allocation(cal_factory):
         make_codec("default", calibration=cal)
 
 
+@pytest.mark.parametrize("entry,why", [
+    ("alloc", "'alloc' for layer {layer!r}, itself a per-layer allocation"),
+    ("default", "'default' for layer {layer!r}, itself a per-layer allocation"),
+    ("default+fisher", "'default+fisher' for layer {layer!r}, itself a per-layer allocation"),
+    ("int5-nope", "unknown codec 'int5-nope' for layer {layer!r}")])
+def test_an_allocation_that_names_an_allocation_or_no_codec_is_refused(cal_factory, tmp_path, entry, why):
+    # before: a plan naming alloc/default built itself until RecursionError (after a save and a
+    # load too: the artifact's checks do not know the registry), and an unknown name was the
+    # registry's KeyError listing every codec
+    from lowbit_tp.calibration.artifact import Calibration
+
+    cal = cal_factory(2, 128)
+    first, *rest = cal.meta["layers"]
+    plan = {"budget": 4.5, "layers": {first: entry, **{n: "int4-g32" for n in rest}}}
+    path = Calibration(meta={**cal.meta, "bit_allocation": plan}, stats=cal.stats).save(tmp_path / "c.safetensors")
+    with pytest.raises(CalibrationError, match=re.escape("the bit allocation names " + why.format(layer=first))):
+        make_codec("default", calibration=Calibration.load(path))
+
+
 def test_unknown_codec_and_unstated_metadata():
     from lowbit_tp.codecs import register_codec
 

@@ -14,7 +14,7 @@ import json
 import torch
 
 from lowbit_tp.calibration.artifact import CalibrationError
-from lowbit_tp.codecs.base import (Codec, NonFiniteError, OutOfRangeError, make_codec, register_codec,
+from lowbit_tp.codecs.base import (Codec, NonFiniteError, OutOfRangeError, codec_spec, make_codec, register_codec,
                                    register_codec_variant)
 from lowbit_tp.codecs.rotation import RotatedGroupCodec
 
@@ -106,6 +106,14 @@ class AllocatedCodec(_DelegatingCodec):
             raise CalibrationError("codec 'alloc' (the default) needs a calibration that stores a per-layer plan "
                                    "(lowbit-tp calibrate --allocate BUDGET)"
                                    + (f"; this one could not make it: {why}" if why else ""))
+        for layer, n in plan["layers"].items():  # (checked here: the artifact's checks do not know the registry)
+            try:
+                spec = codec_spec(n)
+            except KeyError:
+                raise CalibrationError(f"the bit allocation names unknown codec {n!r} for layer {layer!r}") from None
+            if spec.needs_allocation:  # an allocation of allocations built itself until RecursionError
+                raise CalibrationError(f"the bit allocation names {n!r} for layer {layer!r}, itself a per-layer "
+                                       f"allocation; a plan names one plain codec per layer")
         self.plan = plan
         self._codecs = {n: make_codec(n, calibration=self.calibration, nonfinite=self.nonfinite, backend=self.backend)
                         for n in sorted(set(plan["layers"].values()))}
