@@ -125,12 +125,19 @@ def _rank_mismatch(rank, world):
     refused = [_refused(lambda: all_reduce(x, make_codec(name, calibration=_cal(3)), algorithm=algo, layer=LAYER))
                for name in ("int4-outlier", "rot-lm4-g64+sum8") for algo in ("gather", "two-shot")]
     refused.append(_refused(lambda: all_reduce(x, "int4-g32", algorithm="gather", layer=LAYER)))
+    # a group this rank is not in: torch makes every collective a no-op there, so exact returned the
+    # partial unsummed, gather "needs at least one payload", two-shot a "negative dimension"
+    import torch.distributed as dist
+
+    alone = dist.new_group([0])
+    outside = [] if rank == 0 else [_refused(lambda: all_reduce(x, make_codec("bf16"), alone, algorithm=algo,
+                                                                layer=LAYER)) for algo in ("exact", "gather", "two-shot")]
     codec = make_codec("int4-outlier" if rank == 0 else "int4-random-k", calibration=_cal(world))
     try:
         all_reduce(x, codec, algorithm="gather", layer=LAYER)
     except CollectiveError as exc:
-        return {"mismatch": str(exc), "refused": refused}
-    return {"mismatch": "no error", "refused": refused}
+        return {"mismatch": str(exc), "refused": refused, "outside": outside}
+    return {"mismatch": "no error", "refused": refused, "outside": outside}
 
 
 def test_codec_mismatch_across_ranks_is_a_clear_error():
@@ -142,6 +149,8 @@ def test_codec_mismatch_across_ranks_is_a_clear_error():
         assert all(e.startswith("CalibrationError: calibration was made for TP degree 3, but this run uses TP 2; "
                                 "recalibrate with --tp 2") for e in other_tp), other_tp
         assert name.startswith("TypeError: codec must be a lowbit_tp Codec") and "make_codec" in name, name
+    assert res[1]["outside"] == ["ValueError: all_reduce: this process (global rank 1) is not a member of the group; "
+                                 "call it on the group's ranks only"] * 3, res[1]["outside"]
 
 
 def test_simulate_refuses_what_all_reduce_refuses():

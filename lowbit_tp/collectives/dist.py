@@ -151,6 +151,9 @@ def all_reduce(
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("all_reduce needs an initialised torch.distributed process group")
     rank, world = _rank_world(group)
+    if rank < 0:  # torch makes each collective a no-op here: exact returned the partial unsummed
+        raise ValueError(f"all_reduce: this process (global rank {dist.get_rank()}) is not a member of the group; "
+                         f"call it on the group's ranks only")
     if partial.dim() != 2:
         raise ValueError(f"all_reduce expects a [tokens, E] partial, got shape {tuple(partial.shape)}")
     if out is not None:
