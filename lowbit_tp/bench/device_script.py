@@ -35,12 +35,7 @@ def open_device(script: str, device: str, *, interpret: bool | None = None) -> A
     RuntimeError when the interpreter is asked for and a kernel module was imported without it,
     or when the kernels turn out not to be interpreted."""
     dry = device == "cpu" if interpret is None else interpret
-    if dry and os.environ.get(INTERPRET) != "1":
-        early = sorted(m for m in sys.modules if m.startswith(_KERNEL_MODULES))
-        if early:
-            raise RuntimeError(f"{script}: --device cpu needs {INTERPRET}=1 before the Triton kernels are "
-                               f"imported, but {', '.join(early)} already is (import kernel modules after "
-                               "open_device)")
+    if dry:
         os.environ[INTERPRET] = "1"
     import torch
 
@@ -52,6 +47,14 @@ def open_device(script: str, device: str, *, interpret: bool | None = None) -> A
         if not knobs.runtime.interpret:
             raise RuntimeError(f"{script}: Triton would compile the kernels, not interpret them, although "
                                f"{INTERPRET}={os.environ.get(INTERPRET)!r}")
+        # every kernel module imports triton_common: if one came before the variable was set, its
+        # kernels were made for a GPU (a JITFunction), and a dry run would try to compile them
+        from lowbit_tp.kernels import triton_common
+
+        if type(triton_common.round_half_even).__name__ != "InterpretedFunction":
+            raise RuntimeError(f"{script}: --device cpu needs {INTERPRET}=1 before the Triton kernels are "
+                               f"imported, but {_KERNEL_MODULES}_common already is (import kernel modules "
+                               "after open_device)")
     return torch.device(device)
 
 
