@@ -3,6 +3,10 @@
     PYTHONPATH=. python3 scripts/projection.py     # writes docs/projection.md and docs/projection.json
     PYTHONPATH=. python3 scripts/projection.py --timing graph --out docs/projection-graph.md  # GPU time alone
     PYTHONPATH=. python3 scripts/projection.py --gpu-check A.json B.json   # other device-check files
+    PYTHONPATH=. python3 scripts/projection.py --inputs h100-stop26 --out docs/projection-h100.md
+        # one H100, GPU time alone: gpu_check (encode, decode-and-sum), gpu_reduce_split (the owner
+        # stage, split) and gpu_feedback_cost (the group codecs' fused owner stage and two-shot's
+        # batched launches) files; the document's header spells out the equivalent full command
 
 An alpha-beta model (per-step latency alpha, link bandwidth beta) per interconnect and TP
 degree, for the bf16 all-reduce against the compressed collectives. Bytes come from the
@@ -91,6 +95,27 @@ GOAL_TP = 8
 GOAL_SPEEDUP = 1.5  # PCIe Gen5 and 400G InfiniBand
 TIE = 0.95  # NVLink "ties or wins": at least this speed-up (within 5% of bf16)
 
+# Named input sets (``--inputs NAME``): one GPU's files each. h100-stop26: the kernels as of
+# stop 26 on one H100. World 2: stop 26's gpu_check (six codecs); int4-g128 was not in it, so its
+# world-2 rows come from stop 24's run 1 (the group kernels without feedback did not change
+# between them: int4-g32 there and in stop 26 agree, docs/speed.md). World 8: stop 24's runs 2 and 3
+# (run 2 is the first with today's world-8 decode defaults; run 1 predates them and is not used;
+# run 3's rows are kept from its log). The owner stage: stop 26's gpu_reduce_split runs (split,
+# worlds 2-4 and 8) for the static and rot-* codecs, and the stop 26 feedback-cost runs' plain
+# two-shot stages (the group codecs' fused owner stage; every codec's batched chunk launches).
+PRESETS = {
+    "h100-stop26": {
+        "gpu_check": ["docs/bench/gpu_check_h100_stop26_run1.json",
+                      "docs/bench/gpu_check_h100_stop24_run1.json:int4-g128",
+                      "docs/bench/gpu_check_h100_stop24_run2_world8.json",
+                      "docs/bench/gpu_check_h100_stop24_run3_world8.json"],
+        "reduce_split": ["docs/bench/gpu_reduce_split_h100_stop26_run2.json",
+                         "docs/bench/gpu_reduce_split_h100_stop26_run3_world8.json"],
+        "feedback_cost": ["docs/bench/gpu_feedback_cost_h100_stop26_run2.json",
+                          "docs/bench/gpu_feedback_cost_h100_stop26_run1.json:int4-outlier,rot-lm4-g64-lg8-k4"],
+    },
+}
+
 ASSUMPTIONS = [
     f"Model: {MODEL['name']}, hidden {MODEL['hidden']}, {MODEL['layers']} layers, "
     f"{MODEL['allreduces_per_layer']} all-reduces per layer (after o_proj and down_proj); the bf16 baseline "
@@ -156,6 +181,29 @@ ASSUMPTIONS = [
 ]
 
 
+# the owner stage's bytes per value of the chunk, p = payload bytes/value: split reads N payloads,
+# writes the fp32 sum, reads it again and writes one payload; fused reads N payloads, writes one
+OWNER_MODEL = {"split": "(N*p + 8 + p)/(w*p + 8 + p)", "fused": "(N + 1)/(w + 1)"}
+
+# Printed only where --reduce-split / --feedback-cost are given (the documents without them keep their text).
+OWNER_ASSUMPTIONS = [
+    "Two-shot's owner stage (reduce-and-re-encode of N payloads of the owner's chunk of r = ceil(T/N) rows) is "
+    "priced as the library runs it today (`owner_stage`): split (decode-and-sum into an fp32 buffer, then "
+    "encode) for the static and rot-* codecs, one fused kernel for the group codecs and mxfp4. Its time is the "
+    "MEASURED GPU time alone of scripts/gpu_reduce_split.py (`split_us`, whose T is the whole message and "
+    "`chunk_rows` the chunk: the row is keyed by the chunk) or of scripts/gpu_feedback_cost.py "
+    "(`two_shot_reduce_us` at chunk ceil(T/N)), at world N, linear in the chunk rows between measured chunks, "
+    "in proportion above the largest, the smallest's time below it. At a world not run it is MODELLED from the "
+    "largest world w <= N that ran: x " + "; ".join(f"{k}: {v}" for k, v in OWNER_MODEL.items()) + " "
+    "(p = payload bytes/value; split reads N payloads, writes and reads the fp32 sum, writes one payload). "
+    "Each call's basis and file are listed in the text and the JSON (`codec_calls`).",
+    "Two-shot's batched launches with --timing graph: `two_shot_encode_us` / `two_shot_decode_us` of "
+    "scripts/gpu_feedback_cost.py (GPU time alone; one `encode_chunks` launch for the N chunks, one "
+    "`decode_chunks` launch for the N sums into an fp32 [T, E] result) where that run has the codec, world and "
+    "message size, else the model above (one call at the whole message's size).",
+]
+
+
 class ProjectionInputError(ValueError):
     """A device-check or benchmark file the projection must not use; the message is one line."""
 
@@ -185,6 +233,34 @@ class KernelPoint:
     copy_gbps: float
 
 
+@dataclass(frozen=True)
+class OwnerPoint:
+    """One measured owner stage (two-shot's reduce-and-re-encode), GPU time alone: seconds per
+    call for N payloads of a chunk of ``tokens`` rows x hidden, and the file it came from."""
+    tokens: int
+    reduce_encode_s: float
+    source: str
+
+
+def owner_stage(codec: str) -> str:
+    """How the library runs ``codec``'s two-shot owner stage on Triton today: ``"fused"`` (one
+    kernel reads the N payloads and writes the re-encoded sum: the group codecs and ``mxfp4``)
+    or ``"split"`` (decode-and-sum into an fp32 buffer, then the encoder: the static and
+    ``rot-*`` codecs, ``REDUCE_VARIANT = "split"`` in ``triton_static``/``triton_rotation`` since
+    stop 26)."""
+    from lowbit_tp.codecs.dynamic import GroupInt4Codec, MXFP4Codec
+
+    return "fused" if isinstance(_codec(codec), (GroupInt4Codec, MXFP4Codec)) else "split"
+
+
+
+def owner_scale(kind: str, n: int, w: int, p: float) -> float:
+    """The owner stage of N payloads from the measured one of w (:data:`OWNER_MODEL`)."""
+    if kind == "split":
+        return (n * p + 8 + p) / (w * p + 8 + p)
+    return (n + 1) / (w + 1)
+
+
 def interpolate(points: list[KernelPoint], tokens: int, field: str) -> float:
     """Seconds of ``field`` at ``tokens``: linear between measured token counts, proportional to
     the tokens above the largest, the smallest's time below the smallest."""
@@ -205,13 +281,32 @@ class MeasuredKernels:
     """Per-call times of the fused GPU kernels from one or more ``gpu_check`` JSON documents
     (already checked by :func:`load_gpu_check`), one document per world."""
 
-    def __init__(self, docs: list[dict], timing: str = "eager"):
+    def __init__(self, docs: list[dict], timing: str = "eager", reduce_split: list[dict] = (),
+                 feedback_cost: list[dict] = ()):
         """``timing``: ``eager`` = each call timed alone, the host's launch cost included;
         ``graph`` = the GPU's time alone (gpu_check's ``graph_encode_us``/``graph_decode_sum_us``,
-        5 calls replayed as one CUDA graph); reduce-and-re-encode has no graph timing and stays eager."""
+        5 calls replayed as one CUDA graph); gpu_check's reduce-and-re-encode has no graph timing
+        and stays eager.
+
+        ``reduce_split`` (documents of ``scripts/gpu_reduce_split.py``, :func:`load_reduce_split`)
+        and ``feedback_cost`` (``scripts/gpu_feedback_cost.py``, :func:`load_feedback_cost`) are
+        GPU time alone too, so they need ``timing="graph"``: they price two-shot's owner stage as
+        the library runs it today (:func:`owner_stage`) and, from ``feedback_cost``, two-shot's
+        batched chunk launches (see :meth:`reduce_encode_s`, :meth:`encode_chunks_s`)."""
         if timing not in TIMINGS:
             raise ProjectionInputError(f"timing {timing!r}: use one of {', '.join(TIMINGS)}")
+        if (reduce_split or feedback_cost) and timing != "graph":
+            raise ProjectionInputError("--reduce-split / --feedback-cost hold GPU time alone (CUDA graphs): "
+                                       "use them with --timing graph")
         self.timing = timing
+        # every input must come from one device kind: a table never mixes two GPUs
+        devices = {_device_of(d) for d in [*docs, *reduce_split, *feedback_cost]}
+        if len(devices) > 1:
+            raise ProjectionInputError("inputs from more than one device (" + ", ".join(sorted(map(str, devices)))
+                                       + "): one projection takes one GPU's files")
+        # name each number's file where a world's rows may come from more than one file
+        self.cite = bool(reduce_split or feedback_cost) or len(docs) != len({d["world"] for d in docs})
+        self.source: dict[tuple[str, int], str] = {}
         self.points: dict[tuple[str, int], list[KernelPoint]] = {}
         self.failed: dict[tuple[str, int], str] = {}
         self.bits: dict[str, float] = {}
@@ -219,6 +314,7 @@ class MeasuredKernels:
         # A codec whose device payloads or sums differ from the CPU reference in ANY run has no
         # speed worth using at any world; a (codec, world) without one row that shows all four
         # identity checks True has no evidence that its kernels are right, so it is left out too.
+        seen: list[tuple[str, float, bool]] = []  # (codec, bits/value, from a log that printed 3 decimals)
         wrong = {r["codec"]: f"{k}={r[k]} at world {d['world']}" for d in docs for r in d["rows"]
                  for k in IDENTITY if k in r and r[k] is not True}
         verified = {(r["codec"], d["world"]) for d in docs for r in d["rows"]
@@ -242,14 +338,17 @@ class MeasuredKernels:
                     enc_s, dec_s = r["graph_encode_us"] * 1e-6, r["graph_decode_sum_us"] * 1e-6
                 else:
                     enc_s, dec_s = f / (r["encode_fp32_gbps"] * 1e9), f / (r["decode_sum_fp32_gbps"] * 1e9)
+                # the fractions compare like with like: a graph-timed kernel against the graph-timed copy
+                copy = r.get("graph_copy_gbps", r["copy_gbps"]) if timing == "graph" else r["copy_gbps"]
                 p = KernelPoint(tokens=r["tokens"], encode_s=enc_s, decode_sum_s=dec_s,
-                                reduce_encode_s=r["reduce_encode_us"] * 1e-6, copy_gbps=r["copy_gbps"])
+                                reduce_encode_s=r["reduce_encode_us"] * 1e-6, copy_gbps=copy)
                 pts = self.points.setdefault(key, [])
                 if any(q.tokens == p.tokens for q in pts):
                     raise ProjectionInputError(f"two device-check rows for {r['codec']} at world {w}, "
                                                f"{r['tokens']} tokens: give one file per world")
                 pts.append(p)
-                self.bits[r["codec"]] = r["bits_per_value"]
+                self.source[key] = Path(doc["path"]).name
+                seen.append((r["codec"], r["bits_per_value"], bool(doc.get("from_log"))))
         for pts in self.points.values():
             pts.sort(key=lambda q: q.tokens)
         # two-shot's batched launches as gpu_check timed them (eager calls, one message of
@@ -264,12 +363,30 @@ class MeasuredKernels:
                     rows = r.get("two_shot_chunk_rows", -(-r["tokens"] // doc["world"])) * doc["world"]
                     self.batched[(r["codec"], doc["world"], rows)] = (
                         r["two_shot_encode_chunks_us"] * 1e-6, r["two_shot_decode_chunks_us"] * 1e-6)
+        self.owner, self.batched_graph = _owner_points(reduce_split), {}
+        for key, pts in _owner_points(feedback_cost, owner=True).items():
+            if key in self.owner:
+                raise ProjectionInputError(f"owner-stage times for {key[0]} at world {key[1]} in both a "
+                                           "reduce-split and a feedback-cost file: give each once")
+            self.owner[key] = pts
+        for doc in feedback_cost:
+            for r in doc["rows"]:
+                if (r["codec"], r["world"]) not in doc["verified"]:
+                    continue
+                rows = -(-r["tokens"] // r["world"]) * r["world"]
+                k = (r["codec"], r["world"], rows)
+                if k in self.batched_graph:
+                    raise ProjectionInputError(f"two feedback-cost rows for {r['codec']} at world {r['world']}, "
+                                               f"{r['tokens']} tokens: give one (FILE:codec,... picks codecs)")
+                self.batched_graph[k] = (r["two_shot_encode_us"] * 1e-6, r["two_shot_decode_us"] * 1e-6,
+                                         Path(doc["path"]).name)
         if not any(w == BASE_WORLD for _, w in self.points):
             raise ProjectionInputError(f"no error-free world-{BASE_WORLD} device-check rows at hidden {e}: "
                                        "encode times come from them")
-        for codec, bits in self.bits.items():
+        for codec, bits, rounded in seen:  # every file's rows, not just the last one's
             want = 8 * bytes_per_value(codec)
-            if not math.isclose(bits, want, rel_tol=1e-9):
+            self.bits[codec] = want
+            if not math.isclose(bits, want, rel_tol=1e-9, abs_tol=5e-4 if rounded else 0.0):
                 raise ProjectionInputError(f"{codec}: the device check measured {bits} bits/value but "
                                            f"payload_nbytes gives {want}: the wire format changed since the run")
 
@@ -283,16 +400,20 @@ class MeasuredKernels:
         ok = [w for w in self.worlds(codec) if w <= n and self.points[(codec, w)][0].tokens <= tokens]
         return max(ok) if ok else BASE_WORLD
 
+    def _file(self, codec: str, w: int) -> str:
+        return f", {self.source[(codec, w)]}" if self.cite else ""
+
     def encode_s(self, codec: str, tokens: int) -> tuple[float, str]:
-        return interpolate(self.points[(codec, BASE_WORLD)], tokens, "encode_s"), f"world {BASE_WORLD} rows"
+        return (interpolate(self.points[(codec, BASE_WORLD)], tokens, "encode_s"),
+                f"world {BASE_WORLD} rows{self._file(codec, BASE_WORLD)}")
 
     def decode_sum_s(self, codec: str, tokens: int, n: int) -> tuple[float, str]:
         w = self._anchor(codec, n, tokens)
         t = interpolate(self.points[(codec, w)], tokens, "decode_sum_s")
         if w == n:
-            return t, f"world {w} rows"
+            return t, f"world {w} rows{self._file(codec, w)}"
         p = self.bits[codec] / 8
-        return t * (n * p + 4) / (w * p + 4), f"bytes model from world {w}"
+        return t * (n * p + 4) / (w * p + 4), f"bytes model from world {w}{self._file(codec, w)}"
 
     def encode_chunks_s(self, codec: str, rows: int, n: int) -> tuple[float, str]:
         """``Codec.encode_chunks`` of ``n`` chunks of ``rows``: measured (eager) where the device
@@ -300,21 +421,58 @@ class MeasuredKernels:
         hit = self.batched.get((codec, n, n * rows)) if self.timing == "eager" else None
         if hit:
             return hit[0], f"measured batched, world {n}"
-        return self.encode_s(codec, n * rows)[0], "model: one encode of the whole message"
+        hit = self.batched_graph.get((codec, n, n * rows))
+        if hit:
+            return hit[0], f"measured batched, GPU time alone, world {n}, {hit[2]}"
+        t, basis = self.encode_s(codec, n * rows)
+        return t, "model: one encode of the whole message" + (f" ({basis})" if self.cite else "")
 
     def decode_chunks_s(self, codec: str, rows: int, n: int) -> tuple[float, str]:
         """``Codec.decode_chunks`` of ``n`` one-payload chunks of ``rows``, as :meth:`encode_chunks_s`."""
         hit = self.batched.get((codec, n, n * rows)) if self.timing == "eager" else None
         if hit:
             return hit[1], f"measured batched, world {n}"
-        return self.decode_sum_s(codec, n * rows, 1)[0], "model: one decode of 1 payload of the whole message"
+        hit = self.batched_graph.get((codec, n, n * rows))
+        if hit:
+            return hit[1], f"measured batched, GPU time alone, world {n}, {hit[2]}"
+        t, basis = self.decode_sum_s(codec, n * rows, 1)
+        return t, "model: one decode of 1 payload of the whole message" + (f" ({basis})" if self.cite else "")
 
     def reduce_encode_s(self, codec: str, tokens: int, n: int) -> tuple[float, str]:
+        """Two-shot's owner stage: N payloads of a chunk of ``tokens`` rows decoded, summed and
+        re-encoded. From the owner-stage files where they have the codec (GPU time alone, keyed
+        by the CHUNK's rows, ``chunk_rows`` of gpu_reduce_split / ``chunk_rows(T, N)`` of
+        gpu_feedback_cost): world N's rows interpolated in the chunk rows as :func:`interpolate`
+        does; at a world not run, the bytes model of :func:`owner_scale` from the largest run
+        world w <= N. Else gpu_check's ``reduce_encode_us`` (eager, and the variant of that run)."""
+        if any(c == codec for c, _ in self.owner):
+            return self.owner_s(codec, tokens, n)
         w = self._anchor(codec, n, tokens)
         t = interpolate(self.points[(codec, w)], tokens, "reduce_encode_s")
         if w == n:
-            return t, f"world {w} rows"
-        return t * (n + 1) / (w + 1), f"bytes model from world {w}"
+            return t, f"world {w} rows{self._file(codec, w)}"
+        return t * (n + 1) / (w + 1), f"bytes model from world {w}{self._file(codec, w)}"
+
+    def owner_s(self, codec: str, rows: int, n: int) -> tuple[float, str]:
+        worlds = sorted(w for c, w in self.owner if c == codec)
+        below = [w for w in worlds if w <= n]
+        w = max(below) if below else worlds[0]
+        pts = self.owner[(codec, w)]
+        t = interpolate(pts, rows, "reduce_encode_s")
+        kind = owner_stage(codec)
+        what = "split: decode-and-sum, then encode" if kind == "split" else "fused kernel"
+        at = [q for q in pts if q.tokens == rows]
+        files = ", ".join(dict.fromkeys(q.source for q in (at or pts)))
+        how = ("measured" if at else
+               "interpolated in the chunk rows" if pts[0].tokens < rows < pts[-1].tokens else
+               "scaled by the rows from the largest chunk" if rows > pts[-1].tokens else
+               "the smallest measured chunk's time")
+        if w == n:
+            return t, f"{how}, owner stage {what}, world {w}, {files}"
+        p = self.bits[codec] / 8
+        scale = owner_scale(kind, n, w, p)
+        return t * scale, (f"modelled: owner stage {what} of world {w} ({how}, {files}) x {scale:.3g}, "
+                           f"the bytes model {OWNER_MODEL[kind]}")
 
 
 class ThroughputKernels:
@@ -347,12 +505,25 @@ REQUIRED = ("codec", "tokens", "hidden", "bits_per_value", "copy_gbps", "encode_
             "reduce_encode_us")
 
 
-def load_gpu_check(path: Path) -> dict:
-    """The device-check document at ``path``, or :class:`ProjectionInputError` (one line)."""
+def from_log(doc) -> bool:
+    """A world's rows kept from a cut run's log (stop 24's ``gpu_check_h100_stop24_run3_world8.json``):
+    ``world``, ``rows``, a ``note`` saying so and the GPU's name as ``device``; no top-level
+    ``dry_run_interpreter`` or ``environment``, which gpu_check writes at its end."""
+    return (isinstance(doc, dict) and "world" in doc and isinstance(doc.get("rows"), list) and "note" in doc
+            and "dry_run_interpreter" not in doc and str(doc.get("device", "")).startswith("NVIDIA"))
+
+
+def load_gpu_check(spec) -> dict:
+    """The device-check document at ``spec`` (``FILE`` or ``FILE:codec,...``, :func:`parse_spec`),
+    or :class:`ProjectionInputError` (one line)."""
+    path, codecs = parse_spec(spec)
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise ProjectionInputError(f"{path}: cannot read a device-check JSON ({exc})") from None
+    if from_log(doc):
+        doc = dict(doc, environment={"cuda": doc["device"]}, device="cuda", dry_run_interpreter=False,
+                   from_log=doc["note"])
     if not isinstance(doc, dict) or not is_fused_schema(doc):
         raise ProjectionInputError(f"{path}: old device-check schema (unfused encode/decode rows, no 'world'); "
                                    "the projection needs a fused-kernel run of scripts/gpu_check.py")
@@ -368,8 +539,110 @@ def load_gpu_check(path: Path) -> dict:
         missing = [k for k in REQUIRED if k not in r]
         if missing:
             raise ProjectionInputError(f"{path}: row {r.get('codec')}@{r.get('tokens')} lacks {', '.join(missing)}")
-    doc["path"] = str(path)
+    return _pick(doc, spec, path, codecs)
+
+
+def parse_spec(spec) -> tuple[Path, tuple[str, ...] | None]:
+    """``FILE`` or ``FILE:codec,codec`` (only those codecs' rows are read from FILE)."""
+    text = str(spec)
+    path, sep, codecs = text.rpartition(":")
+    if sep and path.endswith(".json") and "/" not in codecs:
+        return Path(path), tuple(c for c in codecs.split(",") if c)
+    return Path(text), None
+
+
+def _pick(doc: dict, spec, path: Path, codecs) -> dict:
+    if codecs:
+        unknown = sorted(set(codecs) - {r.get("codec") for r in doc["rows"]})
+        if unknown:
+            raise ProjectionInputError(f"{path}: no rows for {', '.join(unknown)}")
+        doc["rows"] = [r for r in doc["rows"] if r.get("codec") in codecs]
+        doc["codecs_used"] = list(codecs)
+    doc["path"], doc["spec"] = str(path), str(spec)
     return doc
+
+
+def _device_of(doc: dict) -> str:
+    return str(doc.get("environment", {}).get("cuda") if "environment" in doc else doc.get("device"))
+
+
+def _read_gpu_doc(path: Path, what: str) -> dict:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ProjectionInputError(f"{path}: cannot read a {what} JSON ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+        raise ProjectionInputError(f"{path}: not a {what} JSON (no rows)")
+    if doc.get("dry_run_interpreter"):
+        raise ProjectionInputError(f"{path}: a dry run under the Triton interpreter; its speeds are meaningless")
+    if not str(doc.get("device", "")).startswith("NVIDIA"):
+        raise ProjectionInputError(f"{path}: ran on {doc.get('device')!r}, not a GPU")
+    return doc
+
+
+def load_reduce_split(spec) -> dict:
+    """A ``scripts/gpu_reduce_split.py`` document (the owner stage, split against fused, GPU time
+    alone), or :class:`ProjectionInputError`. Only rows whose two variants' payloads were the
+    reference's bytes (``equal``) and that have a ``split_us`` are kept."""
+    path, codecs = parse_spec(spec)
+    doc = _pick(_read_gpu_doc(path, "gpu_reduce_split"), spec, path, codecs)
+    doc["kind"] = "reduce-split"
+    doc["left_out"] = [f"{r.get('codec')}@w{r.get('world')}/T{r.get('tokens')}: {r.get('error') or 'not equal'}"
+                       for r in doc["rows"] if "error" in r or r.get("equal") is not True or "split_us" not in r]
+    doc["rows"] = [r for r in doc["rows"] if "error" not in r and r.get("equal") is True and "split_us" in r
+                   and r["hidden"] == MODEL["hidden"]]
+    if not doc["rows"]:
+        raise ProjectionInputError(f"{path}: no usable row (each failed, was skipped or was not bitwise)")
+    return doc
+
+
+def load_feedback_cost(spec) -> dict:
+    """A ``scripts/gpu_feedback_cost.py`` document (GPU time alone), or :class:`ProjectionInputError`:
+    its plain two-shot rows (``two_shot_encode_us``: the N chunks in one launch; ``two_shot_reduce_us``:
+    the owner stage; ``two_shot_decode_us``: the N sums in one launch), for a (codec, world) whose
+    two-shot stages were bitwise the reference in the run (``two_shot_equal``, written on a codec's
+    first shape) and whose owner stage ran as the library runs it today (:func:`owner_stage`:
+    for a split codec the file must record ``reduce_variants`` = split)."""
+    path, codecs = parse_spec(spec)
+    doc = _pick(_read_gpu_doc(path, "gpu_feedback_cost"), spec, path, codecs)
+    doc["kind"] = "feedback-cost"
+    wrong = {(r["codec"], r["world"]) for r in doc["rows"] if "two_shot_equal" in r and r["two_shot_equal"] is not True}
+    doc["verified"] = {(r["codec"], r["world"]) for r in doc["rows"] if r.get("two_shot_equal") is True} - wrong
+    variants = doc.get("reduce_variants", {})
+    doc["owner_not_used"] = []
+    for r in doc["rows"]:
+        if "error" in r or r.get("hidden") != MODEL["hidden"]:
+            doc["verified"].discard((r.get("codec"), r.get("world")))
+    doc["owner_ok"] = set(doc["verified"])
+    for c, w in sorted(doc["verified"]):
+        if owner_stage(c) == "split" and variants.get("rot" if c.startswith("rot-") else "static") != "split":
+            doc["owner_ok"].discard((c, w))  # its owner stage ran fused then; the library runs it split now
+            if c not in doc["owner_not_used"]:
+                doc["owner_not_used"].append(c)
+    if not doc["verified"]:
+        raise ProjectionInputError(f"{path}: no (codec, world) with two_shot_equal true")
+    return doc
+
+
+def _owner_points(docs, owner: bool = False) -> dict[tuple[str, int], list[OwnerPoint]]:
+    """(codec, world) -> the owner stage's measured points, keyed by the chunk's rows."""
+    out: dict[tuple[str, int], list[OwnerPoint]] = {}
+    for doc in docs:
+        for r in doc["rows"]:
+            if owner and (r["codec"], r["world"]) not in doc["owner_ok"]:
+                continue
+            if not owner and owner_stage(r["codec"]) != "split":
+                continue  # the library runs this codec's owner stage as one fused kernel, not split
+            rows = r["chunk_rows"] if not owner else -(-r["tokens"] // r["world"])
+            us = r["split_us"] if not owner else r["two_shot_reduce_us"]
+            pts = out.setdefault((r["codec"], r["world"]), [])
+            if any(q.tokens == rows for q in pts):
+                raise ProjectionInputError(f"two owner-stage rows for {r['codec']} at world {r['world']}, "
+                                           f"chunk {rows} rows: give each once")
+            pts.append(OwnerPoint(tokens=rows, reduce_encode_s=us * 1e-6, source=Path(doc["path"]).name))
+    for pts in out.values():
+        pts.sort(key=lambda q: q.tokens)
+    return out
 
 
 def default_gpu_checks(bench: Path = BENCH) -> list[Path]:
@@ -555,8 +828,13 @@ def _codec_grid(rows: list[dict], phase: str, schemes) -> str:
 
 
 def _kernel_table(k: MeasuredKernels) -> list[str]:
-    out = ["| codec | world | tokens | encode us | decode-and-sum us | reduce-and-re-encode us | encode / copy | "
-           "decode-and-sum / copy |", "|---|---|---|---|---|---|---|---|"]
+    if k.cite:  # the owner stage is priced from its own files where they have the codec; name each row's file
+        out = ["| codec | world | tokens | encode us | decode-and-sum us | gpu_check's reduce-and-re-encode us "
+               "(eager; used only for a codec without owner-stage rows below) | encode / copy | "
+               "decode-and-sum / copy | file |", "|---|---|---|---|---|---|---|---|---|"]
+    else:
+        out = ["| codec | world | tokens | encode us | decode-and-sum us | reduce-and-re-encode us | encode / copy | "
+               "decode-and-sum / copy |", "|---|---|---|---|---|---|---|---|"]
     e = MODEL["hidden"]
     for (codec, w), pts in sorted(k.points.items()):
         for q in pts:
@@ -564,7 +842,8 @@ def _kernel_table(k: MeasuredKernels) -> list[str]:
             enc_frac = (f + p) / q.encode_s / 1e9 / q.copy_gbps
             dec_frac = (w * p + f) / q.decode_sum_s / 1e9 / q.copy_gbps
             out.append(f"| {codec} | {w} | {q.tokens} | {_fmt(1e6 * q.encode_s)} | {_fmt(1e6 * q.decode_sum_s)} | "
-                       f"{_fmt(1e6 * q.reduce_encode_s)} | {enc_frac:.0%} | {dec_frac:.0%} |")
+                       f"{_fmt(1e6 * q.reduce_encode_s)} | {enc_frac:.0%} | {dec_frac:.0%} |"
+                       + (f" `{k.source[(codec, w)]}` |" if k.cite else ""))
     return out
 
 
@@ -583,10 +862,54 @@ def _sources(docs: list[dict]) -> list[str]:
             extra.append("INCOMPLETE run")
         if d.get("skipped_for_budget"):
             extra.append("left out for its time budget: " + ", ".join(d["skipped_for_budget"]))
-        out.append(f"- `{_rel(d['path'])}`: "
-                   f"{env.get('cuda')}, torch {env.get('torch')}, world {d['world']}, median of {d.get('repeats')}, "
-                   f"command `{d.get('command')}`" + ("; " + "; ".join(extra) if extra else "") + ".")
+        if d.get("codecs_used"):
+            extra.append("only the rows of " + ", ".join(f"`{c}`" for c in d["codecs_used"]) + " are read")
+        if d.get("from_log"):
+            extra.append(f"rows kept from the run's log ({d['from_log']})")
+        if d.get("kind") == "reduce-split":
+            extra.append("the owner stage, `split_us` (decode-and-sum into fp32, then encode; the library's "
+                         "default for the static and rot-* codecs), keyed by `chunk_rows` = ceil(T / world)")
+            if d.get("left_out"):
+                extra.append("rows without a time: " + ", ".join(d["left_out"]))
+        if d.get("kind") == "feedback-cost":
+            extra.append("the plain two-shot stages (`two_shot_encode_us`: N chunks in one launch; "
+                         "`two_shot_reduce_us`: the owner stage; `two_shot_decode_us`: N sums in one launch), "
+                         "for the (codec, world)s with `two_shot_equal`; owner stage variants "
+                         f"{d.get('reduce_variants', 'not recorded')}")
+            if d.get("owner_not_used"):
+                extra.append("its owner-stage times of " + ", ".join(f"`{c}`" for c in d["owner_not_used"])
+                             + " are not used (the run predates the split default, so they timed the fused "
+                             "kernel; the library runs these split now)")
+        head = (f"{env.get('cuda')}, torch {env.get('torch')}, world {d['world']}, median of {d.get('repeats')}"
+                if "world" in d else f"{d.get('device')}, GPU time alone, median of {d.get('repeats')}")
+        out.append(f"- `{_rel(d['path'])}`: {head}, command `{d.get('command')}`"
+                   + ("; " + "; ".join(extra) if extra else "") + ".")
     return out
+
+
+def _spec_text(spec) -> str:
+    path, codecs = parse_spec(spec)
+    return _rel(path) + (":" + ",".join(codecs) if codecs else "")
+
+
+def _owner_rows(k: MeasuredKernels) -> list[dict]:
+    return [{"codec": c, "world": w, "owner_stage": owner_stage(c), "chunk_rows": q.tokens,
+             "us": 1e6 * q.reduce_encode_s, "source": q.source}
+            for (c, w), pts in sorted(k.owner.items()) for q in pts]
+
+
+def _owner_table(k: MeasuredKernels) -> list[str]:
+    out = ["### Two-shot's owner stage, measured (GPU time alone)", "",
+           "N payloads of the owner's chunk of `chunk rows` x " + str(MODEL["hidden"]) + " decoded, summed and "
+           "re-encoded, as the library runs it today: `split` = decode-and-sum into fp32, then encode (static and "
+           "rot-* codecs); `fused` = one kernel (group codecs, mxfp4). Worlds and chunk sizes not in this table "
+           "are priced from it by the stated rule (interpolation in the chunk rows; the bytes model "
+           + "; ".join(f"{kind}: {m}" for kind, m in OWNER_MODEL.items())
+           + ", from the largest world run at or below N); each priced call names its basis in the text and JSON.",
+           "", "| codec | owner stage | world | chunk rows | us | file |", "|---|---|---|---|---|---|"]
+    out += [f"| {r['codec']} | {r['owner_stage']} | {r['world']} | {r['chunk_rows']} | {_fmt(r['us'])} | "
+            f"`{r['source']}` |" for r in _owner_rows(k)]
+    return out + [""]
 
 
 def _call_text(row: dict) -> str:
@@ -595,10 +918,13 @@ def _call_text(row: dict) -> str:
 
 
 def write_doc(path: Path, gpu_checks: list[Path] | None = None, comm_json: Path = BENCH / "comm.json",
-              timing: str = "eager") -> dict:
+              timing: str = "eager", reduce_split: list | None = None, feedback_cost: list | None = None) -> dict:
     files = gpu_checks or default_gpu_checks()
     docs = [load_gpu_check(p) for p in files]
-    kernels = MeasuredKernels(docs, timing)
+    splits = [load_reduce_split(p) for p in reduce_split or ()]
+    fbs = [load_feedback_cost(p) for p in feedback_cost or ()]
+    kernels = MeasuredKernels(docs, timing, splits, fbs)
+    extended = bool(splits or fbs)
     gpu = project(kernels)
     cpu_speeds = load_cpu_speeds(comm_json)
     cpu = project(ThroughputKernels(cpu_speeds["cpu"]), CPU_SCHEMES)
@@ -618,17 +944,22 @@ def write_doc(path: Path, gpu_checks: list[Path] | None = None, comm_json: Path 
         "# Projection: compressed all-reduce for a 70B-class model on real interconnects",
         "",
         f"Generated by `{COMMAND}{'' if timing == 'eager' else ' --timing graph'}"
-        f"{'' if not gpu_checks else ' --gpu-check ' + ' '.join(_rel(Path(f)) for f in gpu_checks)}"
+        f"{'' if not gpu_checks else ' --gpu-check ' + ' '.join(_spec_text(f) for f in gpu_checks)}"
+        f"{'' if not splits else ' --reduce-split ' + ' '.join(_spec_text(d['spec']) for d in splits)}"
+        f"{'' if not fbs else ' --feedback-cost ' + ' '.join(_spec_text(d['spec']) for d in fbs)}"
         f"{'' if timing == 'eager' and not gpu_checks else ' --out ' + _rel(path)}` (do not edit by hand; "
         "`--gpu-check FILE ...` picks other device-check "
         "files). An alpha-beta model of the links with the codec kernels' **measured** per-call times on "
-        f"**one GPU** ({', '.join(map(str, gpu_name))}, one run of `scripts/gpu_check.py`). No multi-GPU machine "
+        + (f"**one GPU** ({', '.join(map(str, gpu_name))}, one run of `scripts/gpu_check.py`). " if not extended else
+           f"**one GPU** ({', '.join(map(str, gpu_name))}; every file below ran on it, each number's file is named "
+           "beside it). ")
+        + "No multi-GPU machine "
         "was lent: the link times are modelled, not measured. The measured numbers on this repository's CPU "
         "machine are in `docs/bench/e2e.md` and `docs/bench/comm.md`.",
         "",
         "Sources:",
         "",
-        *_sources(docs),
+        *_sources(docs + splits + fbs),
         f"- `{_rel(comm_json)}`: the CPU "
         "contrast (one CPU thread).",
         "",
@@ -644,7 +975,14 @@ def write_doc(path: Path, gpu_checks: list[Path] | None = None, comm_json: Path 
                "the H100 host) is in them; `--timing graph` gives the GPU's time alone." if timing == "eager" else
                "Kernel times: **the GPU's time alone** (`--timing graph`: encode and decode-and-sum from 5 calls "
                "replayed as one CUDA graph, what a serving engine's graphs or a host running ahead would see; "
-               "reduce-and-re-encode has no graph timing in gpu_check and stays eager, host cost included)."), ""]
+               "reduce-and-re-encode has no graph timing in gpu_check and stays eager, host cost included)."
+               if not extended else
+               "Kernel times: **the GPU's time alone** (`--timing graph`: gpu_check's encode and decode-and-sum "
+               "from 5 calls replayed as one CUDA graph; two-shot's owner stage and, where listed, its batched "
+               "chunk launches from the reduce-split and feedback-cost files, GPU time alone as well: no number "
+               "in the tables below carries the host's launch cost). A call below the smallest measured shape "
+               "(the decode tables' calls, two-shot's per-chunk calls) is priced at that shape's time, an upper "
+               "bound of the GPU time alone."), ""]
     lines += ["## Goals of issue 8 (prefill, TP 8, communication time per forward pass)", ""]
     lines += ["| link | goal | codec path | best scheme | speed-up vs bf16 all-reduce | met |",
               "|---|---|---|---|---|---|"]
@@ -681,10 +1019,12 @@ def write_doc(path: Path, gpu_checks: list[Path] | None = None, comm_json: Path 
         "",
         "Per call at [tokens, " + str(MODEL["hidden"]) + "], microseconds; decode-and-sum and reduce-and-re-encode "
         "take `world` payloads; the fractions count the bytes each kernel reads and writes against a same-size "
-        "fp32 copy in the same run (as `gpu_check.md` does).",
+        "fp32 copy in the same run (as `gpu_check.md` does" + ("; with `--timing graph`, the copy's graph time"
+                                                               if timing == "graph" else "") + ").",
         "",
         *_kernel_table(kernels),
         "",
+        *(_owner_table(kernels) if extended else []),
         f"### How well the bytes model predicts the measured rows of another world (from the world-{BASE_WORLD} rows)",
         "",
         "measured / model > 1: the model is optimistic. Rows of worlds other than 2 are used as measured where "
@@ -698,7 +1038,7 @@ def write_doc(path: Path, gpu_checks: list[Path] | None = None, comm_json: Path 
         "",
         "## Assumptions",
         "",
-        *[f"- {a}" for a in ASSUMPTIONS],
+        *[f"- {a}" for a in ASSUMPTIONS + (OWNER_ASSUMPTIONS if extended else [])],
         "",
         f"## Bytes each rank sends per all-reduce, TP {GOAL_TP}, prefill",
         "",
@@ -754,10 +1094,13 @@ def write_doc(path: Path, gpu_checks: list[Path] | None = None, comm_json: Path 
         "",
     ]
     path.write_text("\n".join(lines))
-    result = {"command": COMMAND, "sources": [_rel(d["path"]) for d in docs] + [_rel(comm_json)],
-              "assumptions": ASSUMPTIONS, "model": MODEL, "links": LINKS, "gpu": GPU,
+    result = {"command": COMMAND, "sources": [_rel(d["path"]) for d in docs + splits + fbs] + [_rel(comm_json)],
+              "assumptions": ASSUMPTIONS + (OWNER_ASSUMPTIONS if extended else []), "model": MODEL, "links": LINKS, "gpu": GPU,
               "goals": [{k: v for k, v in g.items() if k != "row"} for g in judged],
               "bytes_model_check": check, "rows_gpu_codec": gpu, "rows_cpu_codec": cpu, "rows_cpu_kernels": cpu_fast}
+    if extended:
+        result["command_line"] = lines[2].split("`")[1]
+        result["owner_stage"] = _owner_rows(kernels)
     path.with_suffix(".json").write_text(json.dumps(result, indent=1))
     return result
 
@@ -780,15 +1123,29 @@ def _summary(rows: list[dict]) -> list[str]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "docs" / "projection.md"))
-    ap.add_argument("--gpu-check", nargs="+", type=Path, default=None,
+    ap.add_argument("--gpu-check", nargs="+", default=None,
                     help="device-check JSONs of scripts/gpu_check.py, one per world (default: the rule of the "
                          "module docstring)")
     ap.add_argument("--comm-json", type=Path, default=BENCH / "comm.json", help="bench-comm JSON for the CPU contrast")
     ap.add_argument("--timing", choices=TIMINGS, default="eager",
                     help="eager: per-call times with the host's launch cost; graph: the GPU's time alone")
+    ap.add_argument("--reduce-split", nargs="+", default=None,
+                    help="scripts/gpu_reduce_split.py JSONs: two-shot's owner stage (split), GPU time alone "
+                         "(needs --timing graph); FILE:codec,... reads only those codecs")
+    ap.add_argument("--feedback-cost", nargs="+", default=None,
+                    help="scripts/gpu_feedback_cost.py JSONs: the plain two-shot stages (owner stage of the fused "
+                         "codecs, batched chunk launches), GPU time alone (needs --timing graph)")
+    ap.add_argument("--inputs", choices=sorted(PRESETS), default=None,
+                    help="a named set of input files (sets --timing graph and the file lists; see PRESETS)")
     args = ap.parse_args(argv)
+    if args.inputs:
+        preset = PRESETS[args.inputs]
+        args.timing, args.gpu_check = "graph", [f"{ROOT}/{f}" for f in preset["gpu_check"]]
+        args.reduce_split = [f"{ROOT}/{f}" for f in preset["reduce_split"]]
+        args.feedback_cost = [f"{ROOT}/{f}" for f in preset["feedback_cost"]]
     try:
-        res = write_doc(Path(args.out), args.gpu_check, args.comm_json, args.timing)
+        res = write_doc(Path(args.out), args.gpu_check, args.comm_json, args.timing, args.reduce_split,
+                        args.feedback_cost)
     except ProjectionInputError as exc:
         sys.exit(f"projection: {exc}")
     print(f"wrote {args.out} from {', '.join(res['sources'])}")

@@ -344,3 +344,127 @@ def test_graph_timing_uses_the_gpu_time_alone(projection, tmp_path):
     assert "the GPU's time alone" in out.read_text() and "--timing graph" in out.read_text()
     with pytest.raises(projection.ProjectionInputError, match="timing"):
         projection.MeasuredKernels([projection.load_gpu_check(path)], "fast")
+
+
+# ----------------------------------------------------------------- the owner stage from its own files
+def _split_doc(rows, device="NVIDIA H100 80GB HBM3"):
+    """scripts/gpu_reduce_split.py's schema: ``tokens`` is the whole message, ``chunk_rows`` the owner's chunk."""
+    return {"device": device, "command": "test", "repeats": 10, "dry_run_interpreter": False,
+            "rows": [{"codec": c, "world": w, "tokens": t, "hidden": E, "chunk_rows": -(-t // w), "equal": eq,
+                      "copy_us": 1.0, "fused_us": 999.0, "split_us": us, "split_over_fused": us / 999.0}
+                     for c, w, t, us, eq in rows]}
+
+
+def _h100_gpu_check(tmp_path, codec="int8", bits=8.0):
+    doc = _doc(2, W2)
+    doc["environment"]["cuda"] = "NVIDIA H100 80GB HBM3"
+    doc["rows"] = [dict(_row(codec, t, *v, bits=bits), graph_encode_us=v[0] * 1e6, graph_decode_sum_us=v[1] * 1e6)
+                   for t, v in W2.items()]
+    doc["rows"][0].update(IDENTITY_OK)
+    return _write(tmp_path / "w2.json", doc)
+
+
+def test_the_owner_stage_is_the_split_time_of_the_chunk_and_modelled_elsewhere(projection, tmp_path):
+    """A split row prices the owner stage of its world at its CHUNK's rows (T / world), not at T;
+    another world takes the split bytes model from the largest world run below it; a row whose
+    payloads were not the reference's is never read as a speed."""
+    w2 = _h100_gpu_check(tmp_path)
+    split = _write(tmp_path / "rs.json", _split_doc([("int8", 2, 2048, 31.0, True), ("int8", 2, 8192, 130.0, True),
+                                                     ("int8", 8, 2048, 15.0, True), ("int8", 8, 8192, 60.0, False)]))
+    k = projection.MeasuredKernels([projection.load_gpu_check(w2)], "graph",
+                                   [projection.load_reduce_split(split)])
+    red = lambda tokens, tp: projection.allreduce_time("int8", "two-shot-batched", tokens=tokens, tp=tp, link=LINK,
+                                                       kernels=k)["calls"][1]
+    c = red(2048, 8)  # chunk 256 rows: the world-8 row as it is
+    assert c["each_us"] == pytest.approx(15.0, rel=1e-12) and c["basis"].startswith("measured")
+    assert "rs.json" in c["basis"]
+    assert red(2048, 2)["each_us"] == pytest.approx(31.0, rel=1e-12)  # chunk 1024
+    f = (2048 - 1024) / (4096 - 1024)  # T 4096 at TP 2: chunk 2048, between the chunks of 1024 and 4096 rows
+    assert red(4096, 2)["each_us"] == pytest.approx(31.0 + f * (130.0 - 31.0), rel=1e-12)
+    assert red(8192, 8)["each_us"] == pytest.approx(15.0 * 1024 / 256, rel=1e-12)  # the unequal row is not used
+    p = 1.0  # int8: one byte per value (its scales are per channel, outside the payload's per-value bytes)
+    scale = (16 * p + 8 + p) / (8 * p + 8 + p)  # TP 16, chunk 128 < 256: the smallest chunk's time, scaled
+    c16 = red(2048, 16)
+    assert c16["each_us"] == pytest.approx(15.0 * scale, rel=1e-9) and c16["basis"].startswith("modelled")
+    c4 = red(2048, 4)  # world 4 not run: from world 2 (chunk 512 below its smallest, 1024)
+    assert c4["each_us"] == pytest.approx(31.0 * (4 * p + 8 + p) / (2 * p + 8 + p), rel=1e-9)
+    assert "world 2" in c4["basis"]
+
+
+def test_owner_stage_files_need_graph_timing_and_one_device(projection, tmp_path):
+    w2 = projection.load_gpu_check(_h100_gpu_check(tmp_path))
+    split = projection.load_reduce_split(_write(tmp_path / "rs.json", _split_doc([("int8", 2, 2048, 31.0, True)])))
+    with pytest.raises(projection.ProjectionInputError, match="--timing graph"):
+        projection.MeasuredKernels([w2], "eager", [split])
+    h200 = projection.load_reduce_split(_write(tmp_path / "rs200.json", _split_doc([("int8", 2, 2048, 31.0, True)],
+                                                                                    device="NVIDIA H200")))
+    with pytest.raises(projection.ProjectionInputError, match="more than one device"):
+        projection.MeasuredKernels([w2], "graph", [h200])
+    dry = dict(_split_doc([("int8", 2, 2048, 31.0, True)]), dry_run_interpreter=True)
+    with pytest.raises(projection.ProjectionInputError, match="dry run"):
+        projection.load_reduce_split(_write(tmp_path / "dry.json", dry))
+
+
+def _committed(name):
+    return json.loads((ROOT / "docs" / "bench" / name).read_text())
+
+
+def test_the_h100_projection_prices_the_owner_stage_from_the_committed_runs(projection, tmp_path):
+    """docs/projection-h100's command, run here: at every TP where a stop-26 run timed the owner
+    stage at the prefill's chunk, the projection's owner-stage call is that run's number, read
+    here from the JSON files themselves (split for the static and rot-* codecs, the feedback-cost
+    run's fused owner stage for the group codecs), and the document names the file."""
+    out = tmp_path / "projection-h100.md"
+    projection.main(["--inputs", "h100-stop26", "--out", str(out)])
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert len({d for d in res["sources"] if "h200" in d.lower()}) == 0
+    split = [r for name in ("gpu_reduce_split_h100_stop26_run2.json", "gpu_reduce_split_h100_stop26_run3_world8.json")
+             for r in _committed(name)["rows"] if "split_us" in r and r["tokens"] == 2048]
+    fused = [r for r in _committed("gpu_feedback_cost_h100_stop26_run2.json")["rows"] if r["tokens"] == 2048]
+    want = {(r["codec"], r["world"]): r["split_us"] for r in split}
+    want.update({(r["codec"], r["world"]): r["two_shot_reduce_us"] for r in fused})
+    seen = 0
+    for row in res["rows_gpu_codec"]:
+        codec = next((c for label, c, a in projection.SCHEMES if label == row["scheme"]), None)
+        if row["phase"] != "prefill" or "two-shot" not in row["scheme"] or (codec, row["tp"]) not in want:
+            continue
+        owner = row["codec_calls"][1]
+        assert owner["op"] == f"reduce-and-re-encode of {row['tp']}"
+        assert owner["each_us"] == pytest.approx(want[(codec, row["tp"])], rel=1e-12), (codec, row["tp"])
+        assert owner["basis"].startswith("measured") and "stop26" in owner["basis"]
+        seen += 1
+    # rot-lm4, int4-outlier, int8 at TP 2, 4, 8; int4-g32, int4-g128, mxfp4 at TP 2, 8; x 2 paths x 4 links
+    assert seen == (3 * 3 + 3 * 2) * 2 * len(projection.LINKS)
+    text = out.read_text()
+    assert "--inputs" not in text and "--reduce-split docs/bench/gpu_reduce_split_h100_stop26_run2.json" in text
+    assert "NVIDIA H100 80GB HBM3" in text and "H200" not in text.split("## Goals")[0]
+
+
+def test_a_world_kept_from_a_log_and_a_codec_filter(projection, tmp_path):
+    """A cut run's rows kept from its log (the GPU's name as device, a note, bits rounded to 3
+    decimals) load as that GPU's rows and say so; FILE:codec reads only that codec's rows."""
+    log = {"device": "NVIDIA H100 80GB HBM3", "world": 8, "command": "test", "complete": False, "note": "from the log",
+           "rows": [dict(_row("int4-g128", 2048, *W8[2048], bits=4.125), **IDENTITY_OK),
+                    dict(_row("int4-random-k", 2048, *W8[2048], bits=4.188), **IDENTITY_OK)]}
+    path = _write(tmp_path / "w8.json", log)
+    doc = projection.load_gpu_check(path)
+    assert doc["environment"]["cuda"] == "NVIDIA H100 80GB HBM3" and doc["from_log"] == "from the log"
+    w2 = _doc(2, W2, codec="int4-random-k")
+    w2["environment"]["cuda"] = "NVIDIA H100 80GB HBM3"
+    for r in w2["rows"]:
+        r["bits_per_value"] = 4.1875
+    k = projection.MeasuredKernels([projection.load_gpu_check(_write(tmp_path / "w2.json", w2)), doc])
+    assert k.bits["int4-random-k"] == 4.1875 and k.worlds("int4-random-k") == [2, 8]
+    picked = projection.load_gpu_check(f"{path}:int4-g128")
+    assert [r["codec"] for r in picked["rows"]] == ["int4-g128"] and picked["codecs_used"] == ["int4-g128"]
+    with pytest.raises(projection.ProjectionInputError, match="no rows for int8"):
+        projection.load_gpu_check(f"{path}:int8")
+    bad = dict(log, rows=[dict(r, bits_per_value=4.3) for r in log["rows"][1:]])
+    with pytest.raises(projection.ProjectionInputError, match="wire format changed"):
+        projection.MeasuredKernels([projection.load_gpu_check(tmp_path / "w2.json"),
+                                    projection.load_gpu_check(_write(tmp_path / "bad.json", bad))])
+    # the 3-decimal tolerance is the log's only: a run's own JSON must match the wire format exactly
+    for r in w2["rows"]:
+        r["bits_per_value"] = 4.188
+    with pytest.raises(projection.ProjectionInputError, match="wire format changed"):
+        projection.MeasuredKernels([projection.load_gpu_check(_write(tmp_path / "w2r.json", w2))])
