@@ -909,7 +909,30 @@ def _owner_table(k: MeasuredKernels) -> list[str]:
            "", "| codec | owner stage | world | chunk rows | us | file |", "|---|---|---|---|---|---|"]
     out += [f"| {r['codec']} | {r['owner_stage']} | {r['world']} | {r['chunk_rows']} | {_fmt(r['us'])} | "
             f"`{r['source']}` |" for r in _owner_rows(k)]
+    out += ["", "How well that rule predicts a measured row from the next smaller world run (as TP 16-64 are "
+            "priced from world 8; measured / model > 1: the model is optimistic):", "",
+            "| codec | world | chunk rows | from world | measured us | model us | measured / model |",
+            "|---|---|---|---|---|---|---|"]
+    out += [f"| {c['codec']} | {c['world']} | {c['chunk_rows']} | {c['from_world']} | {_fmt(c['measured_us'])} | "
+            f"{_fmt(c['model_us'])} | {c['measured_over_model']:.2f} |" for c in owner_check(k)]
     return out + [""]
+
+
+def owner_check(k: MeasuredKernels) -> list[dict]:
+    """Each measured owner-stage row against the rule's price from the next smaller world run."""
+    out = []
+    for (codec, w), pts in sorted(k.owner.items()):
+        below = [x for c, x in k.owner if c == codec and x < w]
+        if not below:
+            continue
+        w0 = max(below)
+        scale = owner_scale(owner_stage(codec), w, w0, bytes_per_value(codec))
+        for q in pts:
+            model = interpolate(k.owner[(codec, w0)], q.tokens, "reduce_encode_s") * scale
+            out.append({"codec": codec, "world": w, "chunk_rows": q.tokens, "from_world": w0,
+                        "measured_us": 1e6 * q.reduce_encode_s, "model_us": 1e6 * model,
+                        "measured_over_model": q.reduce_encode_s / model})
+    return out
 
 
 def _call_text(row: dict) -> str:
@@ -1095,12 +1118,14 @@ def write_doc(path: Path, gpu_checks: list[Path] | None = None, comm_json: Path 
     ]
     path.write_text("\n".join(lines))
     result = {"command": COMMAND, "sources": [_rel(d["path"]) for d in docs + splits + fbs] + [_rel(comm_json)],
-              "assumptions": ASSUMPTIONS + (OWNER_ASSUMPTIONS if extended else []), "model": MODEL, "links": LINKS, "gpu": GPU,
+              "assumptions": ASSUMPTIONS + (OWNER_ASSUMPTIONS if extended else []), "model": MODEL, "links": LINKS,
+              "gpu": GPU,
               "goals": [{k: v for k, v in g.items() if k != "row"} for g in judged],
               "bytes_model_check": check, "rows_gpu_codec": gpu, "rows_cpu_codec": cpu, "rows_cpu_kernels": cpu_fast}
     if extended:
         result["command_line"] = lines[2].split("`")[1]
         result["owner_stage"] = _owner_rows(kernels)
+        result["owner_stage_model_check"] = owner_check(kernels)
     path.with_suffix(".json").write_text(json.dumps(result, indent=1))
     return result
 
