@@ -246,12 +246,14 @@ def owner_stage(codec: str) -> str:
     """How the library runs ``codec``'s two-shot owner stage on Triton today: ``"fused"`` (one
     kernel reads the N payloads and writes the re-encoded sum: the group codecs and ``mxfp4``)
     or ``"split"`` (decode-and-sum into an fp32 buffer, then the encoder: the static and
-    ``rot-*`` codecs, ``REDUCE_VARIANT = "split"`` in ``triton_static``/``triton_rotation`` since
-    stop 26)."""
+    ``rot-*`` codecs, the default since stop 26): the kernel module's ``REDUCE_VARIANT``."""
     from lowbit_tp.codecs.dynamic import GroupInt4Codec, MXFP4Codec
 
-    return "fused" if isinstance(_codec(codec), (GroupInt4Codec, MXFP4Codec)) else "split"
+    if isinstance(_codec(codec), (GroupInt4Codec, MXFP4Codec)):
+        return "fused"
+    from lowbit_tp.kernels import triton_rotation, triton_static
 
+    return (triton_rotation if codec.startswith("rot-") else triton_static).REDUCE_VARIANT
 
 
 def owner_scale(kind: str, n: int, w: int, p: float) -> float:
@@ -615,7 +617,7 @@ def load_feedback_cost(spec) -> dict:
             doc["verified"].discard((r.get("codec"), r.get("world")))
     doc["owner_ok"] = set(doc["verified"])
     for c, w in sorted(doc["verified"]):
-        if owner_stage(c) == "split" and variants.get("rot" if c.startswith("rot-") else "static") != "split":
+        if owner_stage(c) != "fused" and variants.get("rot" if c.startswith("rot-") else "static") != owner_stage(c):
             doc["owner_ok"].discard((c, w))  # its owner stage ran fused then; the library runs it split now
             if c not in doc["owner_not_used"]:
                 doc["owner_not_used"].append(c)
@@ -878,8 +880,9 @@ def _sources(docs: list[dict]) -> list[str]:
                          f"{d.get('reduce_variants', 'not recorded')}")
             if d.get("owner_not_used"):
                 extra.append("its owner-stage times of " + ", ".join(f"`{c}`" for c in d["owner_not_used"])
-                             + " are not used (the run predates the split default, so they timed the fused "
-                             "kernel; the library runs these split now)")
+                             + " are not used (the run did not record the variant the library runs now, "
+                             f"{', '.join(sorted({owner_stage(c) for c in d['owner_not_used']}))}; before the "
+                             "split default they timed the fused kernel)")
         head = (f"{env.get('cuda')}, torch {env.get('torch')}, world {d['world']}, median of {d.get('repeats')}"
                 if "world" in d else f"{d.get('device')}, GPU time alone, median of {d.get('repeats')}")
         out.append(f"- `{_rel(d['path'])}`: {head}, command `{d.get('command')}`"

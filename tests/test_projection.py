@@ -468,3 +468,17 @@ def test_a_world_kept_from_a_log_and_a_codec_filter(projection, tmp_path):
         r["bits_per_value"] = 4.188
     with pytest.raises(projection.ProjectionInputError, match="wire format changed"):
         projection.MeasuredKernels([projection.load_gpu_check(_write(tmp_path / "w2r.json", w2))])
+
+
+def test_split_rows_price_the_owner_stage_only_while_the_library_runs_it_split(projection, tmp_path, monkeypatch):
+    from lowbit_tp.kernels import triton_static
+
+    w2 = projection.load_gpu_check(_h100_gpu_check(tmp_path))
+    split = projection.load_reduce_split(_write(tmp_path / "rs.json", _split_doc([("int8", 8, 2048, 15.0, True)])))
+    assert projection.owner_stage("int8") == "split" and projection.owner_stage("int4-g32") == "fused"
+    monkeypatch.setattr(triton_static, "REDUCE_VARIANT", "fused")
+    assert projection.owner_stage("int8") == "fused"
+    k = projection.MeasuredKernels([w2], "graph", [split])
+    assert not k.owner  # the split rows time a path the library would not run
+    _, basis = k.reduce_encode_s("int8", 256, 8)
+    assert "split" not in basis
