@@ -204,6 +204,75 @@ OWNER_ASSUMPTIONS = [
 ]
 
 
+# With --reduce-split / --feedback-cost, these assumptions replace the ones above that start the same way
+# (those describe gpu_check's eager rows, which such a document does not use for these calls).
+EXTENDED_REPLACES = {
+    "GPU codec time =": "GPU codec time = the measured GPU time alone of the fused Triton kernels (CUDA graphs: "
+    "scripts/gpu_check.py's graph columns for encode and decode-and-sum, the reduce-split and feedback-cost "
+    "files for two-shot's owner stage and batched launches; one GPU, median of its repeats, no host launch "
+    "cost; fp32 partials in, fp32 sums out, preallocated outputs). Message size: the time is interpolated "
+    "linearly in the token count between the measured shapes of the same codec and world; above the largest "
+    "measured shape it grows in proportion to the tokens; below the smallest it is the smallest's time (an "
+    "upper bound). The owner stage's timed calls read the same few MB of payloads in every replay, which fit "
+    "in the GPU's L2 cache, so its times are warm-cache times.",
+    f"two-shot{BATCHED} (": f"two-shot{BATCHED}: the same wire; the N chunk encodes are one call "
+    "(`Codec.encode_chunks`) and the N chunk decodes one call (`Codec.decode_chunks`), each priced as in the "
+    "owner-stage bullets below.",
+    "Decode-and-sum of N payloads and reduce-and-re-encode": "Decode-and-sum of N payloads: the measured rows "
+    "of world N when the device check ran that world at a token count at or below the message's; otherwise a "
+    "bytes-proportional model from the largest such measured world w <= N (world 2 if none): decode-and-sum "
+    "time x (N*p + 4)/(w*p + 4), p = bytes/value of a payload. Reduce-and-re-encode: the owner-stage bullets "
+    f"below. Encode: the world-{BASE_WORLD} rows.",
+}
+FEEDBACK_NOTE = ("Error feedback (off by default) is not in these tables: with it, two-shot's first stage and "
+                 "owner stage are the feedback-cost files' `two_shot_encode_feedback_us` and "
+                 "`two_shot_reduce_feedback_us` (the decode is unchanged); the goal rows' schemes with them are "
+                 "in the section \"With error feedback\" below where a file has them.")
+
+
+def _assumptions(extended: bool) -> list[str]:
+    if not extended:
+        return list(ASSUMPTIONS)
+    out = []
+    for a in ASSUMPTIONS:
+        new = next((v for k, v in EXTENDED_REPLACES.items() if a.startswith(k)), a)
+        out.append(new)
+    return out + OWNER_ASSUMPTIONS + [FEEDBACK_NOTE]
+
+
+def _with_feedback(judged: list, fbs: list) -> list[str]:
+    """Markdown: each goal row's scheme (two-shot, batched) re-priced with error feedback from
+    the feedback-cost rows of its codec at TP GOAL_TP and PREFILL_TOKENS tokens: the first stage
+    and the owner stage with feedback, the decode as without."""
+    out = []
+    for g in judged:
+        r = g["row"]
+        if not r["scheme"].endswith(BATCHED) or "two-shot" not in r["scheme"]:
+            continue
+        codec = r["scheme"].split()[0]
+        row = next((x for d in fbs for x in d["rows"] if x.get("codec") == codec and x.get("world") == GOAL_TP
+                    and x.get("tokens") == PREFILL_TOKENS and x.get("hidden") == MODEL["hidden"]
+                    and (codec, GOAL_TP) in d["owner_ok"] and x.get("two_shot_encode_feedback_us")
+                    and x.get("two_shot_reduce_feedback_us")), None)
+        if row is None:
+            continue
+        decode = r["codec_calls"][-1]["each_us"] * r["codec_calls"][-1]["calls"]
+        codec_us = row["two_shot_encode_feedback_us"] + row["two_shot_reduce_feedback_us"] + decode
+        base_us = r["allreduce_us"] * g["comm_speedup"]
+        speed = base_us / (r["wire_us"] + codec_us)
+        out.append(f"| {g['link']} | {r['scheme']} | {_fmt(row['two_shot_encode_feedback_us'])} + "
+                   f"{_fmt(row['two_shot_reduce_feedback_us'])} + {_fmt(decode)} = {_fmt(codec_us)} | "
+                   f"{_fmt(r['codec_us'])} | {speed:.2f}x | {g['need']}x: {'met' if speed >= g['need'] else 'not met'} |")
+    if not out:
+        return []
+    return ["### With error feedback", "",
+            f"The goal rows' schemes with error feedback (prefill, TP {GOAL_TP}, {PREFILL_TOKENS} tokens): first "
+            "stage + owner stage with feedback (`two_shot_encode_feedback_us`, `two_shot_reduce_feedback_us` of "
+            "the feedback-cost file) + the decode as without; the wire is the same.", "",
+            "| link | scheme | codec us with feedback (encode + owner + decode) | without | speed-up vs bf16 | goal |",
+            "|---|---|---|---|---|---|", *out, ""]
+
+
 class ProjectionInputError(ValueError):
     """A device-check or benchmark file the projection must not use; the message is one line."""
 
@@ -1014,7 +1083,9 @@ def write_doc(path: Path, gpu_checks: list[Path] | None = None, comm_json: Path 
               "|---|---|---|---|---|---|"]
     for g in judged:
         met = "met in the model" if g["met"] else "not met"
-        lines.append(f"| {g['link']} | {g['goal']} | {g['path']} | {g['scheme']} | {g['comm_speedup']:.2f}x | "
+        path_text = g["path"] if not (extended and g["path"] == BATCHED_NOTE) else (
+            "batched launches: measured (feedback-cost file) where it has that codec, TP and size, else modelled")
+        lines.append(f"| {g['link']} | {g['goal']} | {path_text} | {g['scheme']} | {g['comm_speedup']:.2f}x | "
                      f"{met} |")
     lines += [""]
     for g in judged:
@@ -1041,6 +1112,7 @@ def write_doc(path: Path, gpu_checks: list[Path] | None = None, comm_json: Path 
         "codec work not overlapped, a compressed all-reduce wins only where its codec time is below the wire "
         "time it saves.",
         "",
+        *(_with_feedback(judged, fbs) if extended else []),
         "## Measured kernel times (the input)",
         "",
         "Per call at [tokens, " + str(MODEL["hidden"]) + "], microseconds; decode-and-sum and reduce-and-re-encode "
@@ -1064,7 +1136,7 @@ def write_doc(path: Path, gpu_checks: list[Path] | None = None, comm_json: Path 
         "",
         "## Assumptions",
         "",
-        *[f"- {a}" for a in ASSUMPTIONS + (OWNER_ASSUMPTIONS if extended else [])],
+        *[f"- {a}" for a in _assumptions(extended)],
         "",
         f"## Bytes each rank sends per all-reduce, TP {GOAL_TP}, prefill",
         "",
@@ -1121,7 +1193,7 @@ def write_doc(path: Path, gpu_checks: list[Path] | None = None, comm_json: Path 
     ]
     path.write_text("\n".join(lines))
     result = {"command": COMMAND, "sources": [_rel(d["path"]) for d in docs + splits + fbs] + [_rel(comm_json)],
-              "assumptions": ASSUMPTIONS + (OWNER_ASSUMPTIONS if extended else []), "model": MODEL, "links": LINKS,
+              "assumptions": _assumptions(extended), "model": MODEL, "links": LINKS,
               "gpu": GPU,
               "goals": [{k: v for k, v in g.items() if k != "row"} for g in judged],
               "bytes_model_check": check, "rows_gpu_codec": gpu, "rows_cpu_codec": cpu, "rows_cpu_kernels": cpu_fast}

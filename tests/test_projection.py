@@ -482,3 +482,39 @@ def test_split_rows_price_the_owner_stage_only_while_the_library_runs_it_split(p
     assert not k.owner  # the split rows time a path the library would not run
     _, basis = k.reduce_encode_s("int8", 256, 8)
     assert "split" not in basis
+
+
+def test_the_h100_goals_recomputed_from_the_committed_runs_and_the_link_formula(projection, tmp_path):
+    """The headline: docs/projection-h100's batched int4-g128 two-shot at TP 8 (2048 tokens),
+    recomputed here without the projection's code: its three calls are the feedback-cost run's
+    `two_shot_encode_us`, `two_shot_reduce_us` and `two_shot_decode_us` (in that order); the wire
+    is 2*3 steps of alpha plus 2*7 chunk payloads of [256, 8192] int4 with an fp16 scale per 128
+    values; bf16 is the faster of ring and recursive doubling on [2048, 8192] bf16. The speed-ups
+    (PCIe 2.89x, InfiniBand 3.04x, NVLink 1.19x) and the error-feedback rows (the *_feedback_us
+    columns) follow."""
+    out = tmp_path / "projection-h100.md"
+    projection.main(["--inputs", "h100-stop26", "--out", str(out)])
+    res = json.loads(out.with_suffix(".json").read_text())
+    fb = next(r for r in _committed("gpu_feedback_cost_h100_stop26_run2.json")["rows"]
+              if r["codec"] == "int4-g128" and r["world"] == 8 and r["tokens"] == 2048)
+    m, chunk = 2048 * 8192, 256 * 8192
+    p_chunk = chunk // 2 + 2 * chunk // 128
+    links = {"PCIe Gen5 x16 (50 GB/s)": (50e9, 8e-6, 2.89), "400 Gb InfiniBand (45 GB/s)": (45e9, 5e-6, 3.04),
+             "NVLink (H100/H200, 450 GB/s)": (450e9, 3e-6, 1.19)}
+    text = out.read_text()
+    for link, (bw, alpha, headline) in links.items():
+        bf16 = min(6 * alpha + 2 * 7 / 8 * m * 2 / bw, 3 * alpha + 3 * m * 2 / bw)
+        wire = 6 * alpha + 14 * p_chunk / bw
+        plain = [fb["two_shot_encode_us"], fb["two_shot_reduce_us"], fb["two_shot_decode_us"]]
+        goal = next(g for g in res["goals"] if g["link"] == link and g["path"] != projection.PER_CHUNK)
+        assert goal["scheme"] == "int4-g128 two-shot (batched launches)"
+        row = next(r for r in res["rows_gpu_codec"] if r["phase"] == "prefill" and r["tp"] == 8
+                   and r["link"] == link and r["scheme"] == goal["scheme"])
+        assert [c["each_us"] * c["calls"] for c in row["codec_calls"]] == pytest.approx(plain, rel=1e-9)
+        speed = bf16 / (wire + sum(plain) * 1e-6)
+        assert goal["comm_speedup"] == pytest.approx(speed, rel=1e-9) and round(speed, 2) == headline
+        with_fb = bf16 / (wire + (fb["two_shot_encode_feedback_us"] + fb["two_shot_reduce_feedback_us"]
+                                  + fb["two_shot_decode_us"]) * 1e-6)
+        assert f"| {link} | int4-g128 two-shot (batched launches) |" in text
+        assert f"| {with_fb:.2f}x | {goal['need']}x: {'met' if with_fb >= goal['need'] else 'not met'} |" in text
+    assert "0.77x | 0.95x: not met" in text  # NVLink with feedback
