@@ -952,8 +952,9 @@ def _sources(docs: list[dict]) -> list[str]:
                              + " are not used (the run did not record the variant the library runs now, "
                              f"{', '.join(sorted({owner_stage(c) for c in d['owner_not_used']}))}; before the "
                              "split default they timed the fused kernel)")
-        head = (f"{env.get('cuda')}, torch {env.get('torch')}, world {d['world']}, median of {d.get('repeats')}"
-                if "world" in d else f"{d.get('device')}, GPU time alone, median of {d.get('repeats')}")
+        torch_v, repeats = env.get("torch") or "not recorded", d.get("repeats") or "repeats not recorded"
+        head = (f"{env.get('cuda')}, torch {torch_v}, world {d['world']}, median of {repeats}"
+                if "world" in d else f"{d.get('device')}, GPU time alone, median of {repeats}")
         out.append(f"- `{_rel(d['path'])}`: {head}, command `{d.get('command')}`"
                    + ("; " + "; ".join(extra) if extra else "") + ".")
     return out
