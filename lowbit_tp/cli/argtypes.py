@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["nonneg_float", "nonneg_int", "positive_float", "positive_int", "unit_interval"]
+from lowbit_tp.configs import FEEDBACK_MODES
+
+__all__ = ["add_feedback_flag", "feedback_flag", "nonneg_float", "nonneg_int", "positive_float", "positive_int",
+           "unit_interval"]
 
 
 def _number(text: str, kind):
@@ -51,7 +54,7 @@ def unit_interval(text: str) -> float:
 
 def feedback_flag(text: str) -> str:
     """``--error-feedback MODE``: the one mode with a name (a bare ``--error-feedback`` is True)."""
-    if text != "first-stage":
+    if text not in FEEDBACK_MODES:
         raise argparse.ArgumentTypeError(f"the only mode is 'first-stage' (a bare --error-feedback feeds back every "
                                          f"error), got {text!r}")
     return text

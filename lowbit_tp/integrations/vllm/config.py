@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
-from lowbit_tp.configs import ALGORITHMS
+from lowbit_tp.configs import ALGORITHMS, FEEDBACK_MODES
 
 ENV = {
     "codec": "LOWBIT_TP_CODEC",
@@ -136,8 +136,8 @@ def _flag(value: Any) -> bool | str:
         return True
     if text in ("0", "false", "no", "off", ""):
         return False
-    if text == "first-stage":
-        return "first-stage"
+    if text in FEEDBACK_MODES:  # the named modes ("first-stage")
+        return text
     raise ValueError(f"lowbit-tp plugin: error_feedback must be 1/true, 0/false or first-stage, got {value!r}")
 
 

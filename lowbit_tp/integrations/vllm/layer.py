@@ -25,6 +25,7 @@ from vllm.distributed import get_tp_group
 from vllm.model_executor.layers.linear import RowParallelLinear
 
 from lowbit_tp.collectives import AutoPolicy
+from lowbit_tp.configs import feedback_mode
 from lowbit_tp.integrations.vllm import op  # noqa: F401  (registers torch.ops.lowbit_tp.all_reduce)
 from lowbit_tp.tp import DistReducer
 from lowbit_tp.integrations.vllm.config import PluginConfig, resolve_config
@@ -50,7 +51,7 @@ def _setup(cfg: PluginConfig, tp_size: int) -> list[str] | None:
         # Gemma 2/3: the carry is mapped through the post-norms, read from the checkpoint (vLLM's
         # layers never see their model, and its weights are loaded only after they are built).
         make_chain = feedback_chain_maker(vcfg.model_config.hf_config, vcfg.model_config.model, tp=tp_size,
-                                          owner_errors=cfg.error_feedback != "first-stage")
+                                          owner_errors=feedback_mode(cfg.error_feedback)[1])
     cal = None
     if cfg.calibration:
         cal = Calibration.load(cfg.calibration)
