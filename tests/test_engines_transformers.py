@@ -114,13 +114,13 @@ EF_IDS = [[5, 72, 101, 108, 108, 111, 44, 32, 116, 112, 33]]  # 11 byte tokens
 EF_NEW = 4
 
 
-def _assert_ranks_follow_the_feedback_simulator(model, codec, algo, ranks, steps: int) -> None:
+def _assert_ranks_follow_the_feedback_simulator(model, codec, algo, ranks, steps: int, mode=True) -> None:
     """Each rank's greedy run (logits per step, tokens) against the native simulator with
-    feedback: the same tokens, prefill logits bitwise, decode steps within 1e-6; and the
-    simulator without feedback differs at every step (the feedback acted)."""
+    feedback ``mode``: the same tokens, prefill logits bitwise, decode steps within 1e-6; and
+    the simulator without feedback differs at every step (the feedback acted)."""
     from lowbit_tp.simulator import TPSimulator
 
-    with TPSimulator(model, tp=2, codec=codec, algorithm=algo, error_feedback=True):
+    with TPSimulator(model, tp=2, codec=codec, algorithm=algo, error_feedback=mode):
         sim, sim_tokens = _greedy_steps(model, steps)
     with TPSimulator(model, tp=2, codec=codec, algorithm=algo):
         plain, _ = _greedy_steps(model, steps)
@@ -274,6 +274,48 @@ def test_error_feedback_inside_transformers_tp_equals_the_simulator_and_the_defi
 
     with pytest.raises(ValueError, match="its own FeedbackChain"):
         LowbitRowwiseParallel(reducer=object(), error_feedback=True)
+
+
+def _rank_style_modes(rank, world, path, modes):
+    """Per feedback mode: the greedy steps of the style's own reducers (two-shot) built with
+    ``register_lowbit_rowwise(error_feedback=mode)``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.integrations.transformers import register_lowbit_rowwise, tp_plan
+
+    out = []
+    for mode in modes:
+        register_lowbit_rowwise(codec=make_codec("int4-g32"), algorithm="two-shot", error_feedback=mode,
+                                config=AutoConfig.from_pretrained(path))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                     distributed_config=DistributedConfig(tp_size=world,
+                                                                                          tp_plan=tp_plan()))
+        with torch.no_grad():
+            out.append(_greedy_steps(model, EF_NEW))
+    return out
+
+
+def test_style_first_stage_feedback_equals_the_simulator_and_differs_from_full(tiny):
+    """``register_lowbit_rowwise(error_feedback="first-stage")``, two-shot at TP 2: each rank's
+    greedy run follows the native simulator's first-stage feedback (prefill logits bitwise),
+    and its prefill logits differ from the style's full feedback, so a style that ignored the
+    mode (a full chain) fails here."""
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.integrations.transformers import LowbitRowwiseParallel
+    from lowbit_tp.models import load_model
+
+    per_rank = spawn_ranks(_rank_style_modes, 2, tiny, ["first-stage", True], timeout_s=60, deadline_s=300)
+    model = load_model(tiny)[0]
+    with torch.no_grad():
+        _assert_ranks_follow_the_feedback_simulator(model, make_codec("int4-g32"), "two-shot",
+                                                    [per_rank[r][0] for r in range(2)], EF_NEW, mode="first-stage")
+    for r in range(2):
+        first, full = per_rank[r][0][0][0], per_rank[r][1][0][0]
+        assert (first - full).abs().max() > 1e-4, r  # the owner errors were left out
+    with pytest.raises(ValueError, match="error_feedback must be one of"):
+        LowbitRowwiseParallel(codec=make_codec("int4-g32"), error_feedback="first")
 
 
 # ------------------------------------------------------------------ Gemma 3 (post-norms) error feedback

@@ -29,7 +29,8 @@ scales by that name (``model.layers.3.mlp.down_proj``, the simulator's names too
 ``error_feedback=True`` gives each reducer the style builds an error-feedback chain
 (:mod:`~lowbit_tp.collectives.feedback`) over the layers it tagged, in the plan's forward
 order: the same :class:`~lowbit_tp.tp.DistReducer` path as the native engine, so the same
-bits. It needs the model's ``config`` (the style never sees the model): a plain chain is
+bits; ``error_feedback="first-stage"`` leaves out two-shot's owner errors, so a row's output
+does not depend on its batch (:data:`~lowbit_tp.configs.FEEDBACK_MODES`). It needs the model's ``config`` (the style never sees the model): a plain chain is
 right only for pre-norm families. On Gemma 2/3 (post-norms) the carry is mapped through the
 norm after each row-parallel layer (:class:`~lowbit_tp.collectives.feedback.PostNormFeedback`,
 built by the adapter as on the native engine), and the style reaches those norms through the
@@ -57,6 +58,7 @@ from transformers.distributed.tensor_parallel import RowwiseParallel, TensorPara
 
 from lowbit_tp.codecs.base import Codec
 from lowbit_tp.collectives import DEFAULT_ALGORITHM, AutoPolicy, CommStats
+from lowbit_tp.configs import feedback_mode
 from lowbit_tp.models import get_adapter
 from lowbit_tp.models.adapters import post_norm_of
 from lowbit_tp.tp.plan import DECODER_PLAN, TPPlan
@@ -94,24 +96,26 @@ class LowbitRowwiseParallel(RowwiseParallel):
     ``reducer`` replaces it with any :class:`~lowbit_tp.tp.Reducer` (e.g. a test's
     recording one). Triggers one :func:`~lowbit_tp.collectives.all_reduce` per forward.
     ``error_feedback``: the built reducers feed each rank's quantization error forward along
-    the layers this style tagged (``plan``'s forward order); not with ``reducer``, and only
-    with ``config`` (the model's config). For a post-norm family (Gemma 2/3) the model must be
+    the layers this style tagged (``plan``'s forward order); ``"first-stage"``: without
+    two-shot's owner errors (:data:`~lowbit_tp.configs.FEEDBACK_MODES`); not with ``reducer``,
+    and only with ``config`` (the model's config). For a post-norm family (Gemma 2/3) the model must be
     loaded with ``tp_plan(config=config)``, whose norm entries (:attr:`postnorm_style`) give
     the chain its norms.
     """
 
     def __init__(self, *, codec: Codec | None = None, algorithm: str = DEFAULT_ALGORITHM, policy: AutoPolicy | None = None,
-                 hooks: CommHooks = CommHooks(), reducer: Reducer | None = None, error_feedback: bool = False,
+                 hooks: CommHooks = CommHooks(), reducer: Reducer | None = None, error_feedback: bool | str = False,
                  config: Any = None, plan: TPPlan = DECODER_PLAN):
         super().__init__()
         if codec is None and reducer is None:
             raise ValueError("give a codec (or a reducer) for the lowbit_rowwise style")
         if reducer is None:  # now, not when the first forward builds the reducer
             check_reduce_config(codec, algorithm)
-        if error_feedback and reducer is not None:
+        on, self.owner_errors = feedback_mode(error_feedback)  # a one-line error for anything else
+        if on and reducer is not None:
             raise ValueError("error_feedback builds the style's own reducers; give the reducer its own "
                              "FeedbackChain instead (DistReducer(feedback=...))")
-        if error_feedback:
+        if on:
             if config is None:
                 raise ValueError("error_feedback needs the model's config (config=AutoConfig.from_pretrained(...)): "
                                  "plain feedback is wrong for post-norm models")
@@ -120,7 +124,7 @@ class LowbitRowwiseParallel(RowwiseParallel):
         self.postnorm_style = PostNormRecorder(self.norms)
         self.codec, self.algorithm, self.policy, self.hooks = codec, algorithm, policy, hooks
         self.reducer = reducer
-        self.error_feedback, self.plan = bool(error_feedback), plan
+        self.error_feedback, self.plan = error_feedback, plan
         self._by_group: dict[int, DistReducer] = {}
         self._layers: dict[str, None] = {}  # the names tagged so far (an ordered set)
 
@@ -141,7 +145,7 @@ class LowbitRowwiseParallel(RowwiseParallel):
             chain = None
             if self.error_feedback:
                 chain = self.adapter.feedback_chain_for(self._layers, tp=dist.get_world_size(group),
-                                                        ranks=1, norm_of=self._norm_of)
+                                                        ranks=1, norm_of=self._norm_of, owner_errors=self.owner_errors)
             self._by_group[key] = DistReducer(codec=self.codec, group=group, algorithm=self.algorithm,
                                               policy=self.policy, hooks=self.hooks, feedback=chain)
         return self._by_group[key]
@@ -176,7 +180,7 @@ class LowbitRowwiseParallel(RowwiseParallel):
 
 def register_lowbit_rowwise(*, codec: Codec | None = None, algorithm: str = DEFAULT_ALGORITHM, policy: AutoPolicy | None = None,
                             hooks: CommHooks = CommHooks(), reducer: Reducer | None = None,
-                            error_feedback: bool = False, config: Any = None,
+                            error_feedback: bool | str = False, config: Any = None,
                             name: str = STYLE_NAME) -> LowbitRowwiseParallel:
     """Register a :class:`LowbitRowwiseParallel` as style ``name`` and its
     :class:`PostNormRecorder` as ``name + "_postnorm"`` (replacing earlier ones of those
