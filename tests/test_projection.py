@@ -518,3 +518,67 @@ def test_the_h100_goals_recomputed_from_the_committed_runs_and_the_link_formula(
         assert f"| {link} | int4-g128 two-shot (batched launches) |" in text
         assert f"| {with_fb:.2f}x | {goal['need']}x: {'met' if with_fb >= goal['need'] else 'not met'} |" in text
     assert "0.77x | 0.95x: not met" in text  # NVLink with feedback
+
+
+# ----------------------------------------------------------------- a synthetic feedback-cost file
+def _fb_row(codec, world, tokens, enc, red, dec, **extra):
+    """scripts/gpu_feedback_cost.py's row schema (GPU time alone, microseconds); the feedback
+    columns are twice the plain ones, so a mix-up between them shows."""
+    return dict({"codec": codec, "world": world, "tokens": tokens, "hidden": E, "copy_us": 50.0,
+                 "two_shot_encode_us": enc, "two_shot_reduce_us": red, "two_shot_decode_us": dec,
+                 "two_shot_encode_feedback_us": 2 * enc, "two_shot_reduce_feedback_us": 2 * red}, **extra)
+
+
+def _fb_doc(equal_w8, device="NVIDIA H100 80GB HBM3"):
+    """int4-g32 at worlds 2 and 8, 2048 and 8192 tokens; ``two_shot_equal`` rides on a
+    (codec, world)'s first shape, as gpu_feedback_cost writes it."""
+    return {"device": device, "command": "test", "repeats": 10,
+            "reduce_variants": {"static": "split", "rot": "split"},
+            "rows": [_fb_row("int4-g32", 2, 2048, 21.0, 22.0, 23.0, payload_equal=True, two_shot_equal=True),
+                     _fb_row("int4-g32", 2, 8192, 81.0, 82.0, 83.0),
+                     _fb_row("int4-g32", 8, 2048, 31.0, 40.0, 33.0, payload_equal=True, two_shot_equal=equal_w8),
+                     _fb_row("int4-g32", 8, 8192, 121.0, 150.0, 123.0)]}
+
+
+@pytest.mark.parametrize("equal_w8", [True, False])
+def test_a_feedback_cost_file_prices_two_shot_only_where_bitwise_and_scales_tp16_by_the_fused_rule(
+        projection, tmp_path, equal_w8):
+    """A synthetic feedback-cost file: int4-g32's world-8 rows price the batched two-shot at TP 8
+    only when that (codec, world) was bitwise the reference (`two_shot_equal`); when it was not,
+    none of its numbers (31/40/33, 121/150/123) may appear, and TP 8 falls back to world 2 and
+    gpu_check's rows. TP 16 and 32 were not run: the fused owner stage is the largest run world's
+    time x (N + 1)/(w + 1). Every expected number is worked out here from the file's numbers."""
+    w2 = projection.load_gpu_check(_h100_gpu_check(tmp_path, codec="int4-g32", bits=4.5))
+    fb = projection.load_feedback_cost(_write(tmp_path / "fb.json", _fb_doc(equal_w8)))
+    assert projection.owner_stage("int4-g32") == "fused"
+    k = projection.MeasuredKernels([w2], "graph", (), [fb])
+    calls = lambda tokens, tp: [(c["each_us"], c["basis"]) for c in projection.allreduce_time(
+        "int4-g32", "two-shot-batched", tokens=tokens, tp=tp, link=LINK, kernels=k)["calls"]]
+    p = 4.5 / 8  # int4-g32 bytes per value
+    enc_2048 = W2[2048][0] * 1e6  # gpu_check's world-2 graph encode at 2048 tokens: 160 us
+    dec_2048 = W2[2048][1] * 1e6 * (1 * p + 4) / (2 * p + 4)  # one payload, from world 2's decode-and-sum of 2
+    if equal_w8:
+        w8_chunk256, w8_chunk1024 = 40.0, 150.0  # the world-8 owner stage at chunks 2048/8 and 8192/8
+        (enc, eb), (red, rb), (dec, db) = calls(2048, 8)
+        assert (enc, red, dec) == pytest.approx((31.0, 40.0, 33.0), rel=1e-12)
+        assert "measured" in eb and "fb.json" in eb and rb.startswith("measured") and "fb.json" in db
+        # TP 16: chunk 128 (below 256: its time) and chunk 2048 (above 1024: in proportion to the rows)
+        tp16 = [(w8_chunk256, 2048), (w8_chunk1024 * 2048 / 1024, 32768)]
+        w = 8
+    else:
+        assert ("int4-g32", 8) not in fb["verified"] and ("int4-g32", 2) in fb["verified"]
+        (enc, eb), (red, rb), (dec, db) = calls(2048, 8)
+        w2_chunk1024 = 22.0  # world 2's smallest chunk (2048 / 2); chunk 256 is below it
+        assert red == pytest.approx(w2_chunk1024 * (8 + 1) / (2 + 1), rel=1e-12) and "world 2" in rb
+        assert enc == pytest.approx(enc_2048, rel=1e-12) and eb.startswith("model")
+        assert dec == pytest.approx(dec_2048, rel=1e-12) and db.startswith("model")
+        # TP 16, chunk 2048: between world 2's chunks 1024 (22 us) and 4096 (82 us)
+        tp16 = [(w2_chunk1024, 2048), (22.0 + (2048 - 1024) / (4096 - 1024) * (82.0 - 22.0), 32768)]
+        w = 2
+    for base, tokens in tp16:
+        (enc, eb), (red, rb), _ = calls(tokens, 16)
+        assert red == pytest.approx(base * (16 + 1) / (w + 1), rel=1e-12), (tokens, rb)
+        assert rb.startswith("modelled") and f"world {w}" in rb and "(N + 1)/(w + 1)" in rb
+        assert eb.startswith("model")  # no batched row at world 16
+    (_, _), (red32, _), _ = calls(2048, 32)
+    assert red32 == pytest.approx(tp16[0][0] * (32 + 1) / (w + 1), rel=1e-12)
