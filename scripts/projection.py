@@ -348,6 +348,19 @@ def interpolate(points: list[KernelPoint], tokens: int, field: str) -> float:
     return ys[i - 1] + f * (ys[i] - ys[i - 1])
 
 
+def how_read(points: list, tokens: int) -> str:
+    """How :func:`interpolate` read ``tokens`` off the measured ``points`` (the basis text)."""
+    ts = [p.tokens for p in points]
+    if tokens in ts:
+        return "measured"
+    if tokens < ts[0]:
+        return f"below its smallest shape: the {ts[0]}-row time"
+    if tokens > ts[-1]:
+        return f"the {ts[-1]}-row time x {tokens}/{ts[-1]}"
+    i = bisect.bisect_left(ts, tokens)
+    return f"interpolated between its {ts[i - 1]}- and {ts[i]}-row shapes"
+
+
 class MeasuredKernels:
     """Per-call times of the fused GPU kernels from one or more ``gpu_check`` JSON documents
     (already checked by :func:`load_gpu_check`), one document per world."""
@@ -484,7 +497,9 @@ class MeasuredKernels:
         if w == n:
             return t, f"world {w} rows{self._file(codec, w)}"
         p = self.bits[codec] / 8
-        return t * (n * p + 4) / (w * p + 4), f"bytes model from world {w}{self._file(codec, w)}"
+        priced = t * (n * p + 4) / (w * p + 4)
+        return priced, self._bytes_model(codec, w, n, tokens, "decode_sum_s", t, priced, (n * p + 4) / (w * p + 4),
+                                         f"(N*p + 4)/(w*p + 4) = ({n}*{p:.4g} + 4)/({w}*{p:.4g} + 4)")
 
     def encode_chunks_s(self, codec: str, rows: int, n: int) -> tuple[float, str]:
         """``Codec.encode_chunks`` of ``n`` chunks of ``rows``: measured (eager) where the device
@@ -522,7 +537,23 @@ class MeasuredKernels:
         t = interpolate(self.points[(codec, w)], tokens, "reduce_encode_s")
         if w == n:
             return t, f"world {w} rows{self._file(codec, w)}"
-        return t * (n + 1) / (w + 1), f"bytes model from world {w}{self._file(codec, w)}"
+        priced = t * (n + 1) / (w + 1)
+        return priced, self._bytes_model(codec, w, n, tokens, "reduce_encode_s", t, priced, (n + 1) / (w + 1),
+                                         f"(N + 1)/(w + 1) = ({n} + 1)/({w} + 1)")
+
+    def _bytes_model(self, codec: str, w: int, n: int, tokens: int, field: str, t: float, priced: float,
+                     scale: float, formula: str) -> str:
+        """The basis of a call priced by the bytes model from world ``w``: its inputs and
+        arithmetic (world w's time at ``tokens`` and how it was read off the measured shapes, the
+        formula with its numbers, the factor), and, where world ``n`` itself was measured but only
+        at larger shapes, that measured call when it took less than the model's price."""
+        text = (f"bytes model from world {w}{self._file(codec, w)}: {_fmt(1e6 * t)} us at {tokens} rows "
+                f"({how_read(self.points[(codec, w)], tokens)}) x {formula} = {scale:.3g}")
+        measured = self.points.get((codec, n))
+        if measured and measured[0].tokens > tokens and getattr(measured[0], field) < priced:
+            text += (f"; above world {n}'s measured call of {measured[0].tokens} rows "
+                     f"({_fmt(1e6 * getattr(measured[0], field))} us), a larger call")
+        return text
 
     def owner_s(self, codec: str, rows: int, n: int) -> tuple[float, str]:
         worlds = sorted(w for c, w in self.owner if c == codec)
@@ -542,8 +573,8 @@ class MeasuredKernels:
             return t, f"{how}, owner stage {what}, world {w}, {files}"
         p = self.bits[codec] / 8
         scale = owner_scale(kind, n, w, p)
-        return t * scale, (f"modelled: owner stage {what} of world {w} ({how}, {files}) x {scale:.3g}, "
-                           f"the bytes model {OWNER_MODEL[kind]}")
+        return t * scale, (f"modelled: owner stage {what} of world {w} ({_fmt(1e6 * t)} us, {how}, {files}) "
+                           f"x {scale:.3g}, the bytes model {OWNER_MODEL[kind]}")
 
 
 class ThroughputKernels:

@@ -628,3 +628,38 @@ def test_the_committed_documents_are_what_their_command_writes(projection, tmp_p
             got_md, got_json = (t.replace(str(out), committed_out) for t in (got_md, got_json))
         assert got_md == want_md, f"docs/{name} is stale: regenerate it with the command in its header"
         assert got_json == want_json, f"docs/{name[:-3]}.json is stale: regenerate it with the command in its header"
+
+
+# ----------------------------------------------------------------- a bytes-model call shows its arithmetic
+def test_a_bytes_model_call_shows_its_inputs_and_formula(projection, kernels):
+    """Synthetic: TP 8's decode-and-sum of [32, E] is world 2's measured 60 us x (8p + 4)/(2p + 4)
+    (world 8 ran only 2048 rows, which took 240 us, more than the model: nothing more to say)."""
+    t, basis = kernels.decode_sum_s("int4-g32", 32, 8)
+    assert t == pytest.approx(60e-6 * (8 * G32_BYTES + 4) / (2 * G32_BYTES + 4), rel=1e-12)
+    assert basis == ("bytes model from world 2: 60 us at 32 rows (measured) x (N*p + 4)/(w*p + 4) = "
+                     "(8*0.5625 + 4)/(2*0.5625 + 4) = 1.66")
+    t, basis = kernels.reduce_encode_s("int4-g32", 1024, 4)  # world 4 not run: from world 2, interpolated
+    assert t == pytest.approx((70e-6 + (1024 - 32) / (2048 - 32) * 230e-6) * 5 / 3, rel=1e-12)
+    assert basis.endswith("at 1024 rows (interpolated between its 32- and 2048-row shapes) x (N + 1)/(w + 1) = "
+                          "(4 + 1)/(2 + 1) = 1.67")
+
+
+def test_the_h200_goal_rows_owner_stage_of_209_us_shows_its_arithmetic(projection):
+    """docs/projection.md's goal rows price int4-g128's TP-8 owner stage (8 payloads of the 256-row
+    chunk) at 209 us. Worked out here from docs/bench/gpu_check*.json: world 8 ran only 2048 rows,
+    so the price is world 2's eager reduce-and-re-encode (host launch cost included) read at 256
+    rows between its 32- and 2048-row shapes, x (8 + 1)/(2 + 1). That is more than world 8's own
+    measured call of 2048 rows (8x the chunk), and the document must say all of it."""
+    w2 = {r["tokens"]: r["reduce_encode_us"] for r in _committed("gpu_check.json")["rows"] if r["codec"] == "int4-g128"}
+    w8 = {r["tokens"]: r["reduce_encode_us"] for r in _committed("gpu_check_world8.json")["rows"]
+          if r["codec"] == "int4-g128"}
+    assert min(w8) == 2048 and {32, 2048} <= set(w2)
+    at256 = w2[32] + (256 - 32) / (2048 - 32) * (w2[2048] - w2[32])
+    priced = at256 * 9 / 3
+    assert round(priced) == 209 and priced > w8[2048]
+    text = (ROOT / "docs" / "projection.md").read_text()
+    call = (f"1 x reduce-and-re-encode of 8 [256, 8192] {priced:.3g} us (bytes model from world 2: {at256:.3g} us at "
+            "256 rows (interpolated between its 32- and 2048-row shapes) x (N + 1)/(w + 1) = (8 + 1)/(2 + 1) = 3; "
+            f"above world 8's measured call of 2048 rows ({w8[2048]:.3g} us), a larger call)")
+    goals = text.split("## Goals")[1].split("##")[0]
+    assert goals.count(call) == 3, call  # PCIe, InfiniBand, NVLink
