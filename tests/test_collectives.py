@@ -6,7 +6,7 @@ from lowbit_tp.calibration.artifact import CalibrationError
 from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
 from lowbit_tp.codecs import make_codec
 from lowbit_tp.collectives import (AutoPolicy, CollectiveError, CommStats, RankFailure, all_reduce,
-                                   simulate_all_reduce, spawn_ranks)
+                                   check_group_config, simulate_all_reduce, spawn_ranks)
 from lowbit_tp.collectives.dist import WAIT
 from lowbit_tp.collectives.feedback import Feedback
 from lowbit_tp.tp.row_parallel import DistReducer
@@ -132,12 +132,14 @@ def _rank_mismatch(rank, world):
     alone = dist.new_group([0])
     outside = [] if rank == 0 else [_refused(lambda: all_reduce(x, make_codec("bf16"), alone, algorithm=algo,
                                                                 layer=LAYER)) for algo in ("exact", "gather", "two-shot")]
+    # the configuration check called directly there compared nothing and passed (and cached the pass)
+    outside_check = [_refused(lambda: check_group_config(make_codec("int4-g32"), alone)) for _ in range(2)]
     codec = make_codec("int4-outlier" if rank == 0 else "int4-random-k", calibration=_cal(world))
     try:
         all_reduce(x, codec, algorithm="gather", layer=LAYER)
     except CollectiveError as exc:
-        return {"mismatch": str(exc), "refused": refused, "outside": outside}
-    return {"mismatch": "no error", "refused": refused, "outside": outside}
+        return {"mismatch": str(exc), "refused": refused, "outside": outside, "outside_check": outside_check}
+    return {"mismatch": "no error", "refused": refused, "outside": outside, "outside_check": outside_check}
 
 
 def test_codec_mismatch_across_ranks_is_a_clear_error():
@@ -149,8 +151,11 @@ def test_codec_mismatch_across_ranks_is_a_clear_error():
         assert all(e.startswith("CalibrationError: calibration was made for TP degree 3, but this run uses TP 2; "
                                 "recalibrate with --tp 2") for e in other_tp), other_tp
         assert name.startswith("TypeError: codec must be a lowbit_tp Codec") and "make_codec" in name, name
-    assert res[1]["outside"] == ["ValueError: all_reduce: this process (global rank 1) is not a member of the group; "
-                                 "call it on the group's ranks only"] * 3, res[1]["outside"]
+    assert res[1]["outside"] == ["CollectiveError: all_reduce: this process (global rank 1) is not a member of the "
+                                 "group; call it on the group's ranks only"] * 3, res[1]["outside"]
+    assert res[0]["outside_check"] == ["no error"] * 2  # rank 0 is the whole group
+    assert res[1]["outside_check"] == ["CollectiveError: check_group_config: this process (global rank 1) is not a "
+                                       "member of the group; call it on the group's ranks only"] * 2, res[1]
 
 
 def test_simulate_refuses_what_all_reduce_refuses():

@@ -67,6 +67,17 @@ def _rank_world(group) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+def _member_rank_world(what: str, group) -> tuple[int, int]:
+    """This process's (rank, world) in ``group``, or a one-line :class:`CollectiveError` if it
+    is not a member: torch makes every collective a no-op there (``exact`` returned the partial
+    unsummed, the configuration check passed without comparing anything)."""
+    rank, world = _rank_world(group)
+    if rank < 0:
+        raise CollectiveError(f"{what}: this process (global rank {dist.get_rank()}) is not a member of the "
+                              f"group; call it on the group's ranks only")
+    return rank, world
+
+
 # A wire hook wraps every backend collective of :func:`all_reduce`: it is called as
 # ``hook(what, group, send)`` and must call ``send()`` once and return its result. Benchmarks
 # time the transfer with it (and may synchronise the ranks first); nothing else changes.
@@ -97,13 +108,14 @@ def check_group_config(codec: Codec, group=None, *, extra: dict | None = None, l
     """Raise :class:`CollectiveError` unless every rank of ``group`` has the same codec config.
 
     Runs one small ``all_gather_object``; all ranks must call it together. Cached per
-    (group, config), so :func:`all_reduce` pays for it once.
+    (group, config), so :func:`all_reduce` pays for it once. A process that is not a member of
+    ``group`` gets a :class:`CollectiveError` (there torch would compare nothing).
     """
     key = (id(group), codec.fingerprint(), repr(sorted((extra or {}).items())) if extra else "[]")
     if key in _CHECKED:  # the common case, on every call: no config dict built
         return
+    rank, world = _member_rank_world("check_group_config", group)
     mine = {**codec.config(), **(extra or {})}
-    rank, world = _rank_world(group)
     gathered: list = [None] * world
     _guard("configuration check", layer, group, lambda: dist.all_gather_object(gathered, mine, group=group))
     diff = [r for r, cfg in enumerate(gathered) if cfg != gathered[0]]
@@ -150,10 +162,7 @@ def all_reduce(
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("all_reduce needs an initialised torch.distributed process group")
-    rank, world = _rank_world(group)
-    if rank < 0:  # torch makes each collective a no-op here: exact returned the partial unsummed
-        raise ValueError(f"all_reduce: this process (global rank {dist.get_rank()}) is not a member of the group; "
-                         f"call it on the group's ranks only")
+    rank, world = _member_rank_world("all_reduce", group)
     if partial.dim() != 2:
         raise ValueError(f"all_reduce expects a [tokens, E] partial, got shape {tuple(partial.shape)}")
     if out is not None:
