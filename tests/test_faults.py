@@ -649,3 +649,47 @@ def test_a_collective_error_on_a_torchrun_rank_is_one_line(tmp_path):
     line = _one_line("\n".join(ln for ln in err.splitlines() if not ln.startswith(("[W", "[E"))))
     assert alone.returncode == 1 and line.startswith("lowbit-tp: error: rank 0/2: joining the process group at "
                                                      "127.0.0.1:"), line
+
+
+_INIT_CASES = r"""
+import json, os, sys
+from lowbit_tp.collectives.launch import init_from_env
+out = []
+for env, backend in json.loads(sys.argv[1]):
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    try:
+        init_from_env(backend=backend, timeout_s=1)
+        out.append("no error")
+    except Exception as exc:
+        out.append(f"{type(exc).__name__}: {exc}")
+print(json.dumps(out))
+"""
+
+
+def test_init_from_env_tells_a_setup_mistake_from_a_failed_rendezvous():
+    """Every RuntimeError/ValueError of ``init_process_group`` was reported as a failed rendezvous
+    ("Did every rank start?"), also a missing variable; an unknown backend escaped as a bare
+    AssertionError. Now only torch's rendezvous errors get that hint, setup mistakes say what is wrong."""
+    from lowbit_tp.collectives.launch import free_port
+
+    port = str(free_port())  # served by no one
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    cases = [({k: v for k, v in env.items() if k != "MASTER_ADDR"}, "gloo"), ({**env, "MASTER_PORT": "abc"}, "gloo"),
+             (env, "glooo"), (env, "gloo")]
+    proc = subprocess.run([sys.executable, "-c", _INIT_CASES, json.dumps(cases)], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr
+    unset, not_int, backend, nobody = json.loads(proc.stdout.splitlines()[-1])
+    assert unset == ("UserError: rank 1/2: torch.distributed could not read its setup from the environment (RANK='1', "
+                     f"WORLD_SIZE='2', MASTER_ADDR unset, MASTER_PORT='{port}'): Error initializing torch.distributed "
+                     "using env:// rendezvous: environment variable MASTER_ADDR expected, but not set; start the ranks "
+                     "with torchrun or set these variables"), unset
+    assert not_int.startswith("UserError: rank 1/2: torch.distributed could not read its setup from the environment ("
+                              "RANK='1', WORLD_SIZE='2', MASTER_ADDR='127.0.0.1', MASTER_PORT='abc'): "), not_int
+    assert backend.startswith("UserError: rank 1/2: torch.distributed backend 'glooo' is not available in this "
+                              "torch build (available: gloo"), backend
+    assert nobody.startswith(f"CollectiveError: rank 1/2: joining the process group at 127.0.0.1:{port} failed: "), nobody
+    assert nobody.endswith("Did every rank start (timeout 1 s)?") and "\n" not in nobody, nobody
+    assert all("\n" not in msg and "Did every rank" not in msg for msg in (unset, not_int, backend))

@@ -77,18 +77,31 @@ def init_process_group(*, rank: int, world_size: int, init_method: str | None = 
 def init_from_env(*, backend: str | None = None, timeout_s: float = 60.0) -> tuple[int, int]:
     """Initialise from torchrun's ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``; returns (rank, world).
     A rendezvous that fails (a peer that never joins within ``timeout_s``, a master address no
-    one serves) raises :class:`~lowbit_tp.collectives.CollectiveError` naming this rank and the
-    address, as a failed collective does."""
+    one serves: torch's ``DistStoreError`` / ``DistNetworkError``) raises
+    :class:`~lowbit_tp.collectives.CollectiveError` naming this rank and the address, as a failed
+    collective does. A setup mistake (a backend this torch lacks, a variable missing or not a
+    number) raises :class:`~lowbit_tp.errors.UserError` saying so, not a rendezvous hint."""
+    env = os.environ
+    me = f"rank {env.get('RANK', '?')}/{env.get('WORLD_SIZE', '?')}"
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_backend_available(backend):  # torch's own refusal is a bare AssertionError or RuntimeError
+        have = [b for b in dist.Backend.backend_list if b not in ("undefined", "fake") and dist.is_backend_available(b)]
+        raise UserError(f"{me}: torch.distributed backend {backend!r} is not available in this torch build "
+                        f"(available: {', '.join(have) or 'none'})")
     try:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    except (RuntimeError, ValueError) as exc:  # torch's DistStoreError / DistNetworkError are RuntimeErrors
-        env = os.environ
+    except (dist.DistStoreError, dist.DistNetworkError) as exc:
         raise CollectiveError(
-            f"rank {env.get('RANK', '?')}/{env.get('WORLD_SIZE', '?')}: joining the process group at "
+            f"{me}: joining the process group at "
             f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')} failed: {str(exc).rstrip('. ')}. Did every "
             f"rank start (timeout {timeout_s:g} s)?") from exc
+    except ValueError as exc:  # env:// read a variable that is missing or not an integer
+        shown = ", ".join(f"{k}={env[k]!r}" if k in env else f"{k} unset"
+                          for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+        raise UserError(f"{me}: torch.distributed could not read its setup from the environment ({shown}): "
+                        f"{one_line(str(exc)).rstrip('. ')}; start the ranks with torchrun or set these "
+                        f"variables") from exc
     return dist.get_rank(), dist.get_world_size()
 
 
