@@ -83,6 +83,25 @@ def test_a_model_the_plan_does_not_fit_is_refused_not_left_unsharded():
     assert plan["model.layers.0.mlp.down_proj"].heads is None
 
 
+def test_the_heads_check_reads_only_the_head_counts():
+    """The heads came from a full TPGeometry, so a config without an unrelated size (here the MLP's,
+    the layer count, the model type) silently skipped the check that refuses a mesh splitting KV heads."""
+    from types import SimpleNamespace
+
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.integrations.dtensor import parallelize_plan
+
+    model = tiny_model("llama")
+    o_proj = "model.layers.0.self_attn.o_proj"
+    for config, heads in [(SimpleNamespace(num_attention_heads=4, num_key_value_heads=1), (4, 1)),
+                          (SimpleNamespace(num_attention_heads=4), (4, 4)),  # no KV count: one per query head
+                          (SimpleNamespace(text_config=SimpleNamespace(num_attention_heads=8, num_key_value_heads=2)),
+                           (8, 2)),  # a multimodal wrapper's decoder
+                          (SimpleNamespace(hidden_size=64), None)]:  # no head counts: nothing to check
+        model.config = config
+        assert parallelize_plan(model, codec=make_codec("bf16"))[o_proj].heads == heads, config
+
+
 def _rank_kv1(rank, world):
     """A tiny Llama with one KV head at TP 2: the o_proj style refuses the mesh in one line."""
     import transformers as tf

@@ -35,7 +35,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 
 from lowbit_tp.codecs.base import Codec
 from lowbit_tp.collectives import DEFAULT_ALGORITHM, AutoPolicy
-from lowbit_tp.models import TPGeometry
+from lowbit_tp.models import head_counts
 from lowbit_tp.tp.plan import DECODER_PLAN, TPPlan
 from lowbit_tp.tp.row_parallel import CommHooks, DistReducer, Reducer, check_reduce_config
 
@@ -135,13 +135,14 @@ def parallelize_plan(model: nn.Module, *, codec: Codec | None = None, algorithm:
 
 
 def _heads(model: nn.Module) -> tuple[int, int] | None:
-    """``(query heads, KV heads)`` from ``model.config`` (an HF model's), or None without one."""
+    """``(query heads, KV heads)`` from ``model.config`` (an HF model's), or None without one.
+    Only the head counts: a config lacking an unrelated size (the MLP's, the layer count) still
+    gets the heads check."""
     config = getattr(model, "config", None)
     if config is None:
         return None
     try:
-        geo = TPGeometry.from_config(config)
-    except (AttributeError, TypeError, ValueError):  # not a decoder config the adapters read
+        return head_counts(config)
+    except (AttributeError, TypeError, ValueError):  # no head counts to read
         return None
-    return geo.num_heads, geo.num_kv_heads
 

@@ -8,6 +8,7 @@ from lowbit_tp.models.adapters import (
     TPGeometry,
     check_tp,
     get_adapter,
+    head_counts,
     valid_tp_degrees,
 )
 from lowbit_tp.models.registry import (
@@ -29,6 +30,7 @@ __all__ = [
     "TPGeometry",
     "check_tp",
     "get_adapter",
+    "head_counts",
     "list_models",
     "load_model",
     "load_tokenizer",

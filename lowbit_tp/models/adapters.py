@@ -120,21 +120,30 @@ class TPGeometry:
     @classmethod
     def from_config(cls, config: Any, *, name: str | None = None) -> "TPGeometry":
         config = _text_config(config)
-        num_heads = int(config.num_attention_heads)
+        num_heads, num_kv = head_counts(config)
         hidden = int(config.hidden_size)
         # Gemma 2/3 (and some Llama variants) set head_dim independently of hidden/heads.
         head_dim = getattr(config, "head_dim", None) or hidden // num_heads
-        num_kv = getattr(config, "num_key_value_heads", None) or num_heads
         return cls(
             model_type=str(config.model_type),
             hidden_size=hidden,
             num_heads=num_heads,
-            num_kv_heads=int(num_kv),
+            num_kv_heads=num_kv,
             head_dim=int(head_dim),
             intermediate_size=int(config.intermediate_size),
             num_layers=int(config.num_hidden_layers),
             name=name or _config_name(config),
         )
+
+
+def head_counts(config: Any) -> tuple[int, int]:
+    """``(query heads, KV heads)`` of a decoder config or a model (its ``.config``), reading only
+    ``num_attention_heads`` and ``num_key_value_heads`` (absent or None: as many as the query
+    heads). Checks that are about heads only use this, not :class:`TPGeometry`, which needs
+    every size and so failed on configs that lack an unrelated one."""
+    config = _text_config(_as_config(config))
+    num_heads = int(config.num_attention_heads)
+    return num_heads, int(getattr(config, "num_key_value_heads", None) or num_heads)
 
 
 def _text_config(config: Any) -> Any:
