@@ -158,6 +158,45 @@ def test_codec_mismatch_across_ranks_is_a_clear_error():
                                        "member of the group; call it on the group's ranks only"] * 2, res[1]
 
 
+def _rank_wire_mismatch(rank, world):
+    """Ranks that differ in what decides the wire traffic but not in the codec: gloo aborted on
+    the mismatched sizes, or the call ran into the timeout. Each case is refused on every rank by
+    the configuration check, before anything is sent, so the next case starts in step."""
+    partials = planted_partials(world, 64, HIDDEN, seed=3)
+    codec = make_codec("int4-g32")
+    cases = {  # name: (algorithm, policy) per rank
+        "chunk_bytes": [("gather", AutoPolicy()), ("gather", AutoPolicy(chunk_bytes=4096))],
+        "algorithm": [("gather", None), ("two-shot", None)],
+        "auto_threshold": [("auto", AutoPolicy(min_bytes=1, two_shot_min_world=2)), ("auto", AutoPolicy(min_bytes=1))],
+        # not on the wire with a fixed algorithm: no false refusal
+        "same_wire": [("two-shot", AutoPolicy(min_bytes=1, chunk_bytes=4096)),
+                      ("two-shot", AutoPolicy(two_shot_min_world=5, chunk_bytes=4096))],
+    }
+    out = {}
+    for name, per_rank in cases.items():
+        algo, policy = per_rank[rank]
+        try:
+            out[name] = all_reduce(partials[rank], codec, algorithm=algo, policy=policy, layer=LAYER)
+        except CollectiveError as exc:
+            out[name] = str(exc)
+    out["again"] = _refused(lambda: all_reduce(partials[rank], codec, algorithm=cases["algorithm"][rank][0],
+                                               layer=LAYER))  # a refused configuration is not cached as agreed
+    return out
+
+
+def test_ranks_that_differ_in_algorithm_or_chunking_get_a_collective_error():
+    res = spawn_ranks(_rank_wire_mismatch, 2, timeout_s=20, deadline_s=90)
+    for r in res:
+        assert r["chunk_bytes"] == ("ranks disagree on the compressed all-reduce configuration:\n"
+                                    "  rank 0: {'chunk_bytes': 0}\n  rank 1: {'chunk_bytes': 4096}"), r["chunk_bytes"]
+        assert r["algorithm"] == ("ranks disagree on the compressed all-reduce configuration:\n"
+                                  "  rank 0: {'algorithm': 'gather'}\n  rank 1: {'algorithm': 'two-shot'}"), r
+        assert r["auto_threshold"].endswith("rank 0: {'two_shot_min_world': 2}\n  rank 1: {'two_shot_min_world': 3}")
+        assert r["again"].startswith("CollectiveError: ranks disagree") and "'algorithm': 'gather'" in r["again"]
+    ref = simulate_all_reduce(planted_partials(2, 64, HIDDEN, seed=3), make_codec("int4-g32"), "two-shot", layer=LAYER)
+    assert all(torch.equal(r["same_wire"], ref) for r in res)
+
+
 def test_simulate_refuses_what_all_reduce_refuses():
     cal3 = _cal(3)
     for name in ("int4-outlier", "int8", "rot-lm4-g64-lg8-k4", "rot-lm4-g64+sum8"):

@@ -3,8 +3,9 @@
 :func:`all_reduce` is the one entry point. It resolves the algorithm (``auto`` by message
 size and world size, see :class:`~lowbit_tp.collectives.policy.AutoPolicy`), runs the
 stages of :mod:`lowbit_tp.collectives.algorithms`, and moves only encoded uint8 payloads,
-with ``all_gather`` and ``all_to_all_single``. The first call per (group, codec) checks
-that all ranks use the same codec configuration and calibration.
+with ``all_gather`` and ``all_to_all_single``. The first compressed call per (group, codec,
+algorithm, chunking) checks that all ranks use the same codec configuration and calibration,
+the same requested algorithm and the same :class:`AutoPolicy` fields that act on the wire.
 
 A dead or stalled peer surfaces as :class:`CollectiveError` once the process group's
 timeout expires (``init_process_group(timeout=...)``); it never hangs forever.
@@ -22,7 +23,8 @@ from lowbit_tp.collectives import algorithms as A
 from lowbit_tp.collectives.feedback import Feedback, compensate
 from lowbit_tp.collectives.policy import AutoPolicy, CommStats, resolve_algorithm
 
-_CHECKED: set[tuple[int, str, str]] = set()
+_CHECKED: set[tuple] = set()  # configurations this process's groups agreed on (check_group_config, all_reduce)
+_DEFAULT_POLICY = AutoPolicy()
 
 
 class CollectiveError(RuntimeError):
@@ -114,13 +116,41 @@ def check_group_config(codec: Codec, group=None, *, extra: dict | None = None, l
     key = (id(group), codec.fingerprint(), repr(sorted((extra or {}).items())) if extra else "[]")
     if key in _CHECKED:  # the common case, on every call: no config dict built
         return
+    _compare_configs(codec, group, key, extra, layer)
+
+
+def _check_call(codec: Codec, group, algorithm: str, policy: AutoPolicy, layer) -> None:
+    """:func:`all_reduce`'s check: the codec's config plus what else decides the wire traffic, the
+    requested algorithm and the policy's fields that act on it (``chunk_bytes`` always, the
+    thresholds under ``auto``). Ranks that differ there sent messages of different sizes or kinds:
+    gloo aborted or the call ran into the timeout. The key holds exactly those values, so a hit
+    builds one tuple and no dict."""
+    auto = algorithm == "auto"
+    key = (id(group), codec.fingerprint(), algorithm, policy.chunk_bytes,
+           policy.min_bytes if auto else None, policy.two_shot_min_world if auto else None)
+    if key in _CHECKED:
+        return
+    extra = {"algorithm": algorithm, "chunk_bytes": policy.chunk_bytes}
+    if auto:
+        extra.update(min_bytes=policy.min_bytes, two_shot_min_world=policy.two_shot_min_world)
+    _compare_configs(codec, group, key, extra, layer)
+
+
+_MISSING = "<not set>"
+
+
+def _compare_configs(codec: Codec, group, key: tuple, extra: dict | None, layer) -> None:
+    """The collective part of the checks above, on a cache miss; caches ``key`` when all agree.
+    The error lists, per rank, only the entries that differ."""
     rank, world = _member_rank_world("check_group_config", group)
     mine = {**codec.config(), **(extra or {})}
     gathered: list = [None] * world
     _guard("configuration check", layer, group, lambda: dist.all_gather_object(gathered, mine, group=group))
-    diff = [r for r, cfg in enumerate(gathered) if cfg != gathered[0]]
-    if diff:
-        lines = "\n".join(f"  rank {r}: {cfg}" for r, cfg in enumerate(gathered))
+    if any(cfg != gathered[0] for cfg in gathered):
+        names = list(dict.fromkeys(k for cfg in gathered for k in cfg))
+        differ = [k for k in names if len({repr(cfg.get(k, _MISSING)) for cfg in gathered}) > 1]
+        lines = "\n".join(f"  rank {r}: {({k: cfg.get(k, _MISSING) for k in differ})}"
+                          for r, cfg in enumerate(gathered))
         raise CollectiveError(f"ranks disagree on the compressed all-reduce configuration:\n{lines}")
     _CHECKED.add(key)
 
@@ -188,8 +218,9 @@ def all_reduce(
         if stats is not None:
             stats.record_exact(partial, world=world)
         return buf.to(partial.dtype) if out is None else out.copy_(buf)
-    check_group_config(codec, group, layer=layer)
-    rows = (policy or AutoPolicy()).chunk_rows(tokens=partial.shape[0], hidden=partial.shape[1])
+    policy = policy or _DEFAULT_POLICY
+    _check_call(codec, group, algorithm, policy, layer)
+    rows = policy.chunk_rows(tokens=partial.shape[0], hidden=partial.shape[1])
     pieces = list(partial.split(rows, dim=0))
     fbs = None
     if feedback is not None and algo == "two-shot" and len(pieces) > 1:
