@@ -4,6 +4,7 @@ on tiny random models of each supported family (no downloads)."""
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 import torch
@@ -189,6 +190,39 @@ def test_registry_names_and_bad_paths(tmp_path):
         resolve_source("no-such-model")
     with pytest.raises(ValueError, match="no config.json"):
         resolve_source(str(tmp_path))
+
+
+def test_weight_hash_is_remembered_until_a_file_changes(tmp_path):
+    """The run and eval parents hashed the weights twice (preflight, model_info); the second is a
+    lookup now, and a file rewritten since (new mtime or size, or another file moved in) is read again."""
+    from lowbit_tp.models.registry import sha256_of_files
+
+    def sha(*blobs):
+        return hashlib.sha256(b"".join(blobs)).hexdigest()
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"first")
+    b.write_bytes(b"second")
+    assert sha256_of_files([a, b]) == sha(b"first", b"second")
+    st = a.stat()
+    with open(a, "r+b") as f:  # same size, same inode, the old mtime set back: only a cache answers the old hash
+        f.write(b"FIRST")
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert sha256_of_files([a, b]) == sha(b"first", b"second")  # remembered, not read
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a new mtime: read again
+    assert sha256_of_files([a, b]) == sha(b"FIRST", b"second")
+    st = a.stat()
+    with open(a, "ab") as f:  # a new size under the same mtime
+        f.write(b"!")
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert sha256_of_files([a, b]) == sha(b"FIRST!", b"second")
+    other = tmp_path / "other"
+    other.write_bytes(b"FIRST?")  # another file moved in, same size and mtime
+    os.utime(other, ns=(st.st_atime_ns, a.stat().st_mtime_ns))
+    os.replace(other, a)
+    assert sha256_of_files([a, b]) == sha(b"FIRST?", b"second")
+    assert sha256_of_files([b, a]) == sha(b"second", b"FIRST?")  # the order of the files counts
+    assert sha256_of_files([a]) == sha(b"FIRST?")
 
 
 def _word_level_tokenizer():

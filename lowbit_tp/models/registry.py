@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -155,14 +157,37 @@ def resolve_source(name_or_path: str) -> _Source:
     )
 
 
+# sha256_of_files' digests in this process, keyed by every file's (path, size, mtime, inode):
+# the run and eval parents hash the weights in the preflight and again in model_info (0.2-0.4 s
+# each for the registry's models); the second is a lookup. Small and bounded (a few models).
+_DIGESTS: OrderedDict[tuple, str] = OrderedDict()
+_DIGESTS_KEPT = 16
+
+
 def sha256_of_files(paths: list[Path]) -> str:
-    """sha256 hex digest of the concatenated bytes of ``paths``, read in 1 MiB blocks."""
+    """sha256 hex digest of the concatenated bytes of ``paths``, read in 1 MiB blocks.
+
+    Remembered in this process by each file's resolved path, size, ``st_mtime_ns`` and inode, so
+    hashing the same unchanged files again is free; a file rewritten since (a new mtime or size,
+    or replaced by another file) is read again. A rewrite in place that keeps the size and sets
+    the old mtime back is not noticed."""
+    key = []
+    for path in paths:
+        st = os.stat(path)
+        key.append((str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev))
+    key = tuple(key)
+    if key in _DIGESTS:
+        _DIGESTS.move_to_end(key)
+        return _DIGESTS[key]
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as handle:
             while block := handle.read(_HASH_BLOCK):
                 digest.update(block)
-    return digest.hexdigest()
+    _DIGESTS[key] = digest.hexdigest()
+    while len(_DIGESTS) > _DIGESTS_KEPT:
+        _DIGESTS.popitem(last=False)
+    return _DIGESTS[key]
 
 
 def _text_config(config: Any) -> Any:
