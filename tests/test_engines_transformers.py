@@ -427,6 +427,49 @@ def test_gemma_style_plan_names_the_post_norms_and_the_style_still_needs_a_confi
     assert extra == {"model.layers.*.post_attention_layernorm", "model.layers.*.post_feedforward_layernorm"}
     assert {tp_plan(config=Gemma3TextConfig())[k] for k in extra} == {"lowbit_rowwise_postnorm"}
     assert tp_plan(config=LlamaConfig()) == tp_plan()
+    # the attention modules get the heads check (HeadsCheck), under the style's name
+    assert {k: v for k, v in tp_plan(style="mine").items() if v.endswith("_heads")} == {
+        "model.layers.*.self_attn": "mine_heads"}
     with pytest.raises(ValueError, match="needs the model's config"):
         LowbitRowwiseParallel(codec=make_codec("int4-g32"), error_feedback=True)
     assert LowbitRowwiseParallel(codec=make_codec("int4-g32"), error_feedback=True, config=Gemma3TextConfig()).error_feedback
+
+
+def _rank_kv1(rank, world, path):
+    """The style built by hand at a TP that does not divide the KV heads: what loading says."""
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.integrations.transformers import register_lowbit_rowwise, tp_plan
+
+    register_lowbit_rowwise(codec=make_codec("bf16"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, distributed_config=DistributedConfig(tp_size=world, tp_plan=tp_plan()))
+        with torch.no_grad():
+            model(torch.tensor([[5, 6, 7, 8, 9]]))
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "ran"
+
+
+def test_style_built_by_hand_refuses_a_tp_that_does_not_divide_the_kv_heads(tmp_path):
+    """transformers splits the KV heads evenly and cannot replicate them; at TP 2 with one KV head
+    the forward failed inside attention ("shape '[1, 5, -1, 16]' is invalid for input of size 40").
+    The CLI refuses it before loading (check_engine_tp); the style built by hand now refuses it
+    while transformers shards the model, in one line."""
+    import transformers as tf
+
+    from helpers import byte_tokenizer, tiny_config
+
+    config = tiny_config("llama")
+    config.num_key_value_heads = 1
+    torch.manual_seed(0)
+    path = tmp_path / "kv1"
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    for got in spawn_ranks(_rank_kv1, 2, str(path), timeout_s=60, deadline_s=180):
+        assert got == ("ValueError: transformers' tensor parallelism splits the attention heads evenly and cannot "
+                       "replicate KV heads: TP 2 must divide the 4 query and 1 KV head(s); use the native runtime "
+                       "(lowbit_tp.runtime) or vLLM, which replicate KV heads"), got

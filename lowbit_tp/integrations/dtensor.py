@@ -35,7 +35,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 
 from lowbit_tp.codecs.base import Codec
 from lowbit_tp.collectives import DEFAULT_ALGORITHM, AutoPolicy
-from lowbit_tp.models import head_counts
+from lowbit_tp.models import even_heads_refusal, head_counts
 from lowbit_tp.tp.plan import DECODER_PLAN, TPPlan
 from lowbit_tp.tp.row_parallel import CommHooks, DistReducer, Reducer, check_reduce_config
 
@@ -87,11 +87,9 @@ class LowbitRowwiseParallel(RowwiseParallel):
         if not isinstance(module, nn.Linear):
             raise NotImplementedError(f"LowbitRowwiseParallel shards nn.Linear only, got {type(module).__name__}")
         tp = device_mesh.size()
-        if self.heads is not None and (self.heads[0] % tp or self.heads[1] % tp):
-            q, kv = self.heads
-            raise ValueError(f"{self.layer}: parallelize_module splits the attention heads evenly and cannot "
-                             f"replicate KV heads: TP {tp} must divide the {q} query and {kv} KV head(s); use the "
-                             f"native runtime (lowbit_tp.runtime) or vLLM, which replicate KV heads")
+        refusal = None if self.heads is None else even_heads_refusal(self.heads, tp, splitter="parallelize_module")
+        if refusal:
+            raise ValueError(f"{self.layer}: {refusal}")
         self.desired_input_layouts = (Shard(-1),)
         reducer = self.reducer or DistReducer(codec=self.codec, group=device_mesh.get_group(),
                                               algorithm=self.algorithm, policy=self.policy, hooks=self.hooks)

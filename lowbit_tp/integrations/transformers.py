@@ -59,15 +59,17 @@ from transformers.distributed.tensor_parallel import RowwiseParallel, TensorPara
 from lowbit_tp.codecs.base import Codec
 from lowbit_tp.collectives import DEFAULT_ALGORITHM, AutoPolicy, CommStats
 from lowbit_tp.configs import feedback_mode
-from lowbit_tp.models import get_adapter
+from lowbit_tp.models import even_heads_refusal, get_adapter, head_counts
 from lowbit_tp.models.adapters import post_norm_of
 from lowbit_tp.tp.plan import DECODER_PLAN, TPPlan
 from lowbit_tp.tp.row_parallel import CommHooks, DistReducer, Reducer, check_reduce_config
 
-__all__ = ["STYLE_NAME", "LowbitRowwiseParallel", "PostNormRecorder", "register_lowbit_rowwise", "tp_plan"]
+__all__ = ["STYLE_NAME", "HeadsCheck", "LowbitRowwiseParallel", "PostNormRecorder", "register_lowbit_rowwise",
+           "tp_plan"]
 
 STYLE_NAME = "lowbit_rowwise"
 POSTNORM_SUFFIX = "_postnorm"  # the norm recorder is registered as STYLE_NAME + this
+HEADS_SUFFIX = "_heads"  # the attention modules' heads check is registered as STYLE_NAME + this
 _NAME_ATTR = "_lowbit_tp_layer"
 
 
@@ -85,6 +87,26 @@ class PostNormRecorder(TensorParallelLayer):
             self.modules[parameter_name.rpartition(".")[0]] = module
 
     def install_forward(self, module, mesh):
+        return module
+
+
+class HeadsCheck(TensorParallelLayer):
+    """The style :func:`tp_plan` gives each attention module: it leaves the module as it is and,
+    when transformers shards the model (before the weights load), refuses a TP degree that does
+    not divide its query and KV heads. transformers splits both evenly and cannot replicate KV
+    heads; the forward used to fail inside attention with a shape error. Reads the module's
+    ``config`` (transformers' attention modules keep the model's); without one it checks nothing."""
+
+    def install_forward(self, module, mesh):
+        config = getattr(module, "config", None)
+        try:
+            heads = None if config is None else head_counts(config)
+        except (AttributeError, TypeError, ValueError):  # no head counts to read
+            heads = None
+        refusal = None if heads is None else even_heads_refusal(heads, mesh.size(),
+                                                                splitter="transformers' tensor parallelism")
+        if refusal:
+            raise ValueError(refusal)
         return module
 
 
@@ -182,13 +204,15 @@ def register_lowbit_rowwise(*, codec: Codec | None = None, algorithm: str = DEFA
                             hooks: CommHooks = CommHooks(), reducer: Reducer | None = None,
                             error_feedback: bool | str = False, config: Any = None,
                             name: str = STYLE_NAME) -> LowbitRowwiseParallel:
-    """Register a :class:`LowbitRowwiseParallel` as style ``name`` and its
-    :class:`PostNormRecorder` as ``name + "_postnorm"`` (replacing earlier ones of those
-    names) and return it; call before ``from_pretrained``."""
+    """Register a :class:`LowbitRowwiseParallel` as style ``name``, its
+    :class:`PostNormRecorder` as ``name + "_postnorm"`` and a :class:`HeadsCheck` as
+    ``name + "_heads"`` (replacing earlier ones of those names) and return it; call before
+    ``from_pretrained``."""
     style = LowbitRowwiseParallel(codec=codec, algorithm=algorithm, policy=policy, hooks=hooks, reducer=reducer,
                                   error_feedback=error_feedback, config=config)
     ALL_PARALLEL_STYLES.register(name, style)
     ALL_PARALLEL_STYLES.register(name + POSTNORM_SUFFIX, style.postnorm_style)
+    ALL_PARALLEL_STYLES.register(name + HEADS_SUFFIX, HeadsCheck())
     return style
 
 
@@ -196,9 +220,13 @@ def tp_plan(plan: TPPlan = DECODER_PLAN, *, style: str = STYLE_NAME, prefix: str
             config: Any = None) -> dict[str, Any]:
     """The ``DistributedConfig(tp_plan=...)`` for a causal LM of the supported families:
     q/k/v and gate/up ``colwise``, o_proj and down_proj ``style``; keys carry ``prefix``.
+    The attention modules (the parents of the head-split layers) get ``style + "_heads"``, a
+    :class:`HeadsCheck` that refuses a TP degree not dividing the heads while the model is sharded.
     With the ``config`` of a post-norm family (Gemma 2/3) the norms after o_proj and down_proj
     get ``style + "_postnorm"`` (kept whole, recorded for error feedback)."""
     out = plan.transformers_plan(prefix=prefix, rowwise=style)
+    for attention in dict.fromkeys(p.rsplit(".", 1)[0] for p, r in plan.rules if r.split in ("q_heads", "kv_heads")):
+        out[prefix + attention] = style + HEADS_SUFFIX
     adapter = None if config is None else get_adapter(config)
     if adapter is not None and adapter.post_norm:
         for pattern, rule in plan.rules:

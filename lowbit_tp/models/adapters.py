@@ -146,6 +146,19 @@ def head_counts(config: Any) -> tuple[int, int]:
     return num_heads, int(getattr(config, "num_key_value_heads", None) or num_heads)
 
 
+def even_heads_refusal(heads: tuple[int, int], tp: int, *, splitter: str) -> str | None:
+    """Why ``splitter`` (a TP that splits the attention heads evenly and cannot replicate KV
+    heads: DTensor's ``parallelize_module``, transformers' own TP) cannot run ``heads``
+    (``(query heads, KV heads)``, :func:`head_counts`) at TP ``tp``, or None when it can. The
+    native runtime and vLLM replicate KV heads instead (:func:`check_tp`)."""
+    q, kv = heads
+    if q % tp == 0 and kv % tp == 0:
+        return None
+    return (f"{splitter} splits the attention heads evenly and cannot replicate KV heads: TP {tp} must divide the "
+            f"{q} query and {kv} KV head(s); use the native runtime (lowbit_tp.runtime) or vLLM, which replicate "
+            f"KV heads")
+
+
 def _text_config(config: Any) -> Any:
     # Multimodal wrappers (Gemma3Config) keep the decoder's fields in text_config.
     return getattr(config, "text_config", None) or config
