@@ -278,3 +278,31 @@ def test_scale_stat_choice(cal_factory):
     torch.testing.assert_close(ema, torch.maximum(st.ema_min.abs(), st.ema_max.abs()) / 7, rtol=1e-6, atol=0)
     torch.testing.assert_close(amx, st.absmax / 7, rtol=1e-6, atol=0)
     assert bool((amx >= ema).all())
+
+
+def test_fingerprint_copies_nothing_and_follows_the_calibration():
+    """Every compressed all-reduce asks the codec's fingerprint for its configuration check's cache
+    key; it went through config(), which returns a copy of the config dict, so each call built one."""
+    import tracemalloc
+
+    from lowbit_tp.calibration.synthetic import synthetic_calibration
+
+    def peak_bytes(fn):
+        fn()
+        tracemalloc.start()
+        try:
+            fn()
+            tracemalloc.reset_peak()
+            before, _ = tracemalloc.get_traced_memory()
+            fn()
+            return tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+
+    cal = synthetic_calibration(["L"], world=2, hidden=64, tokens=8, batches=1)
+    codec = make_codec("int4-outlier", calibration=cal)
+    fp = codec.fingerprint()
+    assert peak_bytes(codec.fingerprint) < peak_bytes(codec.config)  # config() copies, fingerprint() must not
+    assert codec.config()["codec"] == "int4-outlier" and codec.config() is not codec.config()  # callers may edit theirs
+    codec.calibration = synthetic_calibration(["L"], world=2, hidden=64, tokens=8, batches=1, seed=1)
+    assert codec.fingerprint() != fp  # another calibration object: recomputed

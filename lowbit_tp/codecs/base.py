@@ -167,17 +167,22 @@ class Codec(ABC):
         Computed once per calibration object (hashing an in-memory calibration costs
         ~0.3 ms, and collectives ask on every call); options are fixed at construction.
         """
+        return dict(self._config_entry()[1])
+
+    def fingerprint(self) -> str:
+        """A short hash of :meth:`config`. Asked by every compressed all-reduce (its
+        configuration check's cache key), so it copies nothing."""
+        return self._config_entry()[2]
+
+    def _config_entry(self) -> tuple:
+        """``(calibration, config, fingerprint)``, recomputed when the calibration object changes."""
         cached = getattr(self, "_config_cache", None)
         if cached is None or cached[0] is not self.calibration:
             cal = self.calibration.fingerprint() if self.calibration is not None and self.needs_calibration else None
             cfg = {"codec": self.name, **self.options(), "calibration": cal}
             fp = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
             cached = self._config_cache = (self.calibration, cfg, fp)
-        return dict(cached[1])
-
-    def fingerprint(self) -> str:
-        self.config()
-        return self._config_cache[2]
+        return cached
 
     def encode(self, x: torch.Tensor, *, layer: str | None = None, source: Source = 0,
                out: torch.Tensor | None = None) -> torch.Tensor:
