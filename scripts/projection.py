@@ -165,7 +165,9 @@ ASSUMPTIONS = [
     "when the device check ran that world at a token count at or below the message's; otherwise a "
     "bytes-proportional model from the largest such measured world w <= N (world 2 if none): decode-and-sum "
     "time x (N*p + 4)/(w*p + 4), p = bytes/value of a payload (the kernel reads N payloads and writes the "
-    "fp32 sum); reduce-and-re-encode x (N + 1)/(w + 1) (it reads N payloads and writes one). Encode: the "
+    "fp32 sum); reduce-and-re-encode x (N + 1)/(w + 1) (it reads N payloads and writes one); where world N "
+    "ran the same call only on more rows, the price is capped by the measured call on the fewest of them "
+    "(a call on fewer bytes is never priced above a measured one on more; the text says where). Encode: the "
     f"world-{BASE_WORLD} rows. How well the bytes model predicts the measured world-8 rows is shown below.",
     "The CPU contrast uses docs/bench/comm.json codec_speed (one CPU thread): time = values / throughput "
     "for every call above (decode from the decode-and-sum throughput).",
@@ -221,7 +223,8 @@ EXTENDED_REPLACES = {
     "Decode-and-sum of N payloads and reduce-and-re-encode": "Decode-and-sum of N payloads: the measured rows "
     "of world N when the device check ran that world at a token count at or below the message's; otherwise a "
     "bytes-proportional model from the largest such measured world w <= N (world 2 if none): decode-and-sum "
-    "time x (N*p + 4)/(w*p + 4), p = bytes/value of a payload. Reduce-and-re-encode: the owner-stage bullets "
+    "time x (N*p + 4)/(w*p + 4), p = bytes/value of a payload, capped by world N's measured call on the fewest "
+    "rows above the message's where it ran only larger ones. Reduce-and-re-encode: the owner-stage bullets "
     f"below. Encode: the world-{BASE_WORLD} rows.",
 }
 FEEDBACK_NOTE = ("Error feedback (off by default) is not in these tables: with it, two-shot's first stage and "
@@ -497,9 +500,9 @@ class MeasuredKernels:
         if w == n:
             return t, f"world {w} rows{self._file(codec, w)}"
         p = self.bits[codec] / 8
-        priced = t * (n * p + 4) / (w * p + 4)
-        return priced, self._bytes_model(codec, w, n, tokens, "decode_sum_s", t, priced, (n * p + 4) / (w * p + 4),
-                                         f"(N*p + 4)/(w*p + 4) = ({n}*{p:.4g} + 4)/({w}*{p:.4g} + 4)")
+        return self._bytes_model(codec, w, n, tokens, "decode_sum_s", t, t * (n * p + 4) / (w * p + 4),
+                                 (n * p + 4) / (w * p + 4),
+                                 f"(N*p + 4)/(w*p + 4) = ({n}*{p:.4g} + 4)/({w}*{p:.4g} + 4)")
 
     def encode_chunks_s(self, codec: str, rows: int, n: int) -> tuple[float, str]:
         """``Codec.encode_chunks`` of ``n`` chunks of ``rows``: measured (eager) where the device
@@ -537,23 +540,29 @@ class MeasuredKernels:
         t = interpolate(self.points[(codec, w)], tokens, "reduce_encode_s")
         if w == n:
             return t, f"world {w} rows{self._file(codec, w)}"
-        priced = t * (n + 1) / (w + 1)
-        return priced, self._bytes_model(codec, w, n, tokens, "reduce_encode_s", t, priced, (n + 1) / (w + 1),
-                                         f"(N + 1)/(w + 1) = ({n} + 1)/({w} + 1)")
+        return self._bytes_model(codec, w, n, tokens, "reduce_encode_s", t, t * (n + 1) / (w + 1), (n + 1) / (w + 1),
+                                 f"(N + 1)/(w + 1) = ({n} + 1)/({w} + 1)")
 
-    def _bytes_model(self, codec: str, w: int, n: int, tokens: int, field: str, t: float, priced: float,
-                     scale: float, formula: str) -> str:
-        """The basis of a call priced by the bytes model from world ``w``: its inputs and
-        arithmetic (world w's time at ``tokens`` and how it was read off the measured shapes, the
-        formula with its numbers, the factor), and, where world ``n`` itself was measured but only
-        at larger shapes, that measured call when it took less than the model's price."""
+    def _bytes_model(self, codec: str, w: int, n: int, tokens: int, field: str, t: float, model: float,
+                     scale: float, formula: str) -> tuple[float, str]:
+        """A call priced by the bytes model from world ``w``: world w's time ``t`` at ``tokens`` x
+        ``scale`` (= ``model``), capped by world ``n``'s own measured call of the same kind (same
+        codec, kernel and timing mode: the same ``field`` of the same :class:`MeasuredKernels`) on
+        the fewest rows above ``tokens``, where world n ran one: a call on fewer bytes is never
+        priced above a measured call on more (the model scales a launch-bound time by a bytes
+        ratio). Returns
+        (seconds, basis): the basis gives the inputs and arithmetic (world w's time and how it was
+        read off the measured shapes, the formula with its numbers, the factor) and, where the cap
+        applied, the model's price and the measured call that capped it."""
         text = (f"bytes model from world {w}{self._file(codec, w)}: {_fmt(1e6 * t)} us at {tokens} rows "
                 f"({how_read(self.points[(codec, w)], tokens)}) x {formula} = {scale:.3g}")
-        measured = self.points.get((codec, n))
-        if measured and measured[0].tokens > tokens and getattr(measured[0], field) < priced:
-            text += (f"; above world {n}'s measured call of {measured[0].tokens} rows "
-                     f"({_fmt(1e6 * getattr(measured[0], field))} us), a larger call")
-        return text
+        larger = [q for q in self.points.get((codec, n), []) if q.tokens > tokens]
+        if larger and getattr(larger[0], field) < model:
+            cap = getattr(larger[0], field)
+            text += (f" gives {_fmt(1e6 * model)} us; capped at world {n}'s measured call of {larger[0].tokens} rows "
+                     f"({_fmt(1e6 * cap)} us{self._file(codec, n)}), a larger call")
+            return cap, text
+        return model, text
 
     def owner_s(self, codec: str, rows: int, n: int) -> tuple[float, str]:
         worlds = sorted(w for c, w in self.owner if c == codec)
