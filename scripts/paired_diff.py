@@ -11,7 +11,10 @@ noise of which windows were drawn.
     PYTHONPATH=. python scripts/paired_diff.py docs/dev/X.json [Y.json ...] --pairs A:B [C:D ...] [--json OUT]
 
 Several eval JSONs are merged first (``lowbit_tp.evaluation.evaluate.merge_results``, which
-refuses results of other windows, model, split or calibration).
+refuses results of other windows, model, split or calibration). ``--by-setup`` also pairs
+results of one codec under other collective set-ups (algorithm, error feedback): each row's
+name gets its set-up (``default@two-shot``, ``default@two-shot+ef``,
+``default@two-shot+ef=first-stage``), and the pairs name those.
 """
 from __future__ import annotations
 
@@ -63,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", nargs="+", required=True, metavar="A:B",
                     help="codec names of one row pair, B compared to A")
     ap.add_argument("--json", type=Path, help="also write the differences here")
+    ap.add_argument("--by-setup", action="store_true",
+                    help="pair results of other algorithms or error feedback: rows are named CODEC@ALGORITHM[+ef[=MODE]]")
     args = ap.parse_args(argv)
     pairs = []
     for p in args.pairs:
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"pair {p!r} is not A:B")
         pairs.append((a, b))
     try:
-        result = merge_results([json.loads(p.read_text()) for p in args.eval_json])
+        result = merge_results([json.loads(p.read_text()) for p in args.eval_json], by_setup=args.by_setup)
     except (OSError, ValueError) as e:  # a missing or unreadable file, or not JSON: one line
         raise SystemExit(f"error: {e}") from None
     rows = compare(result, pairs)

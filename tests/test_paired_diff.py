@@ -172,6 +172,33 @@ def test_script_merges_results_of_the_same_windows_only(tmp_path):
         mod.main([str(one), str(two), "--pairs", "coarse:fine"])
 
 
+def test_script_pairs_one_codec_across_collective_setups_only_when_asked(tmp_path):
+    """Results of other algorithms or error feedback are refused unless --by-setup, which names
+    each row by its set-up; the pair's difference is the two rows' own (fine's windows under
+    "two-shot + first-stage" against coarse's under "gather")."""
+    mod = load_script()
+    data = eval_json_from_logits()
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    one.write_text(json.dumps({**data, "rows": data["rows"][:1]}))
+    cfg2 = {**data["config"], "algorithm": "two-shot", "error_feedback": "first-stage"}
+    two.write_text(json.dumps({**data, "config": cfg2, "rows": data["rows"][1:]}))
+    with pytest.raises(SystemExit, match="algorithm or error feedback"):
+        mod.main([str(one), str(two), "--pairs", "coarse:fine"])
+    out = tmp_path / "diff.json"
+    assert mod.main([str(one), str(two), "--by-setup", "--pairs", "coarse@gather:fine@two-shot+ef=first-stage",
+                     "--json", str(out)]) == 0
+    pair = json.loads(out.read_text())["pairs"][0]
+    rows = data["rows"]
+    assert pair["kl"]["diff"] == pytest.approx(rows[1]["kl"] - rows[0]["kl"])
+    three = tmp_path / "three.json"
+    three.write_text(json.dumps({**data, "config": {**data["config"], "error_feedback": True}, "rows": data["rows"][1:]}))
+    assert mod.main([str(one), str(three), "--by-setup", "--pairs", "coarse@gather:fine@gather+ef"]) == 0
+    three.write_text(json.dumps({**data, "config": {**data["config"], "error_feedback": True},
+                                 "text": {"chunks": {"samples": [9]}}, "rows": data["rows"][1:]}))
+    with pytest.raises(SystemExit, match="other windows"):  # the windows must still match
+        mod.main([str(one), str(three), "--by-setup", "--pairs", "coarse@gather:fine@gather+ef"])
+
+
 # ------------------------------------------------------------------ last-word accuracy intervals
 
 def test_lambada_intervals_against_a_naive_loop():

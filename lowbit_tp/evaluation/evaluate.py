@@ -215,24 +215,40 @@ def calibrate_and_evaluate(model: str, tp: int, codecs: Sequence[str], *, algori
                            calibration=cal, progress=progress)
 
 
-def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def setup_tag(result: dict[str, Any]) -> str:
+    """A result's collective set-up as a row-name suffix: ``@ALGORITHM``, plus ``+ef`` or
+    ``+ef=MODE`` when its all-reduces fed their error forward (``@two-shot+ef=first-stage``)."""
+    cfg = result["config"]
+    ef = cfg.get("error_feedback", False)
+    return f"@{cfg.get('algorithm')}" + ("" if not ef else "+ef" if ef is True else f"+ef={ef}")
+
+
+def merge_results(results: Sequence[dict[str, Any]], *, by_setup: bool = False) -> dict[str, Any]:
     """One result from several ``lowbit-tp eval`` results of the same model, TP, split,
     windows and calibration (e.g. codecs evaluated in groups); rows in the given order.
-    Refuses results that were not measured on the same text or calibration."""
+    Refuses results that were not measured on the same text or calibration, or (unless
+    ``by_setup``) with another algorithm or error feedback. ``by_setup``: the results may
+    differ in those two, and each row's codec name gets its result's :func:`setup_tag`
+    (``default@two-shot+ef=first-stage``), so one codec's rows under several set-ups pair."""
     if not results:
         raise ValueError("no results to merge")
     first = results[0]
 
     def same(res) -> tuple:
         cfg = res["config"]
-        return (cfg["model"], cfg["tp"], cfg.get("split"), cfg.get("algorithm"), cfg.get("error_feedback", False),
-                res["text"]["chunks"],
+        setup = () if by_setup else (cfg.get("algorithm"), cfg.get("error_feedback", False))
+        return (cfg["model"], cfg["tp"], cfg.get("split"), *setup, res["text"]["chunks"],
                 res["calibration"] and res["calibration"]["fingerprint"])
 
     for i, res in enumerate(results[1:], 1):
         if same(res) != same(first):
-            raise ValueError(f"result {i} was measured on other windows, model, split or calibration than result 0")
+            what = "" if by_setup else ", algorithm or error feedback (--by-setup pairs those)"
+            raise ValueError(f"result {i} was measured on other windows, model, split{what} or calibration "
+                             f"than result 0")
     out = dict(first)
-    out["rows"] = [row for res in results for row in res["rows"]]
+    if by_setup:
+        out["rows"] = [{**row, "codec": row["codec"] + setup_tag(res)} for res in results for row in res["rows"]]
+    else:
+        out["rows"] = [row for res in results for row in res["rows"]]
     out["config"] = {**first["config"], "codecs": [row["codec"] for row in out["rows"]]}
     return out
