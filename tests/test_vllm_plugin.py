@@ -379,3 +379,34 @@ def test_running_llm_shuts_the_engine_down_on_leaving(monkeypatch):
         with E.running_llm("m", tp=2, plugin=None, engine=E.VllmEngineConfig()):
             raise RuntimeError("boom")
     assert calls == [1, 1]
+
+
+def test_preflight_builds_the_codec_before_vllm_starts(tmp_path, monkeypatch):
+    """An unknown codec name, or a static codec without a calibration, is refused before vLLM
+    starts, in one line from `serve` and `run --engine vllm` (it passed the preflight and every
+    worker stopped with a traceback after vLLM's 1-2 minute start-up: 397 lines)."""
+    from types import SimpleNamespace
+
+    from helpers import save_tiny
+    from lowbit_tp.cli import build_parser, serve
+    from lowbit_tp.configs import RunConfig
+    from lowbit_tp.integrations.vllm import engine as E
+    from lowbit_tp.integrations.vllm.checkpoint import preflight
+
+    llama = save_tiny(tmp_path, "llama")
+    for ok in ("bf16", "int4-g32", "mxfp4"):  # dynamic codecs need no calibration
+        preflight(llama, tp=2, calibration=None, codec=ok)
+    with pytest.raises(ValueError, match=r"^unknown codec 'bogus'; known codecs: bf16, "):
+        preflight(llama, tp=2, calibration=None, codec="bogus")
+    with pytest.raises(CalibrationError, match="'int4-outlier' uses static scales and needs a calibration"):
+        preflight(llama, tp=2, calibration=None, codec="int4-outlier")
+
+    # the two commands pass the codec to the preflight (vLLM is not imported: none is installed here)
+    monkeypatch.setattr(serve, "ensure_vllm_python", lambda *a: None)
+    monkeypatch.setattr(serve, "model_directory", lambda model: llama)
+    args = build_parser().parse_args(["serve", "--tp", "2", "--codec", "bogus", "--dry-run"])
+    with pytest.raises(SystemExit, match=r"^lowbit-tp serve: unknown codec 'bogus'"):
+        args.func(args)
+    monkeypatch.setattr(E, "model_directory", lambda model: llama)
+    with pytest.raises(ValueError, match="unknown codec 'bogus'"):
+        E.run(RunConfig(model="m", tp=2, prompts=("hi",), codec="bogus"))

@@ -102,7 +102,8 @@ def cmd(args) -> None:
         plugin = plugin_config(args)
         model_dir = model_directory(args.model)
         if plugin is not None:
-            preflight(model_dir, tp=args.tp, calibration=plugin.calibration, error_feedback=plugin.error_feedback)
+            preflight(model_dir, tp=args.tp, calibration=plugin.calibration, error_feedback=plugin.error_feedback,
+                      codec=plugin.codec)
     except (CalibrationError, ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
         raise SystemExit(f"lowbit-tp serve: {exc}") from None
     command = serve_command(args, model_dir)

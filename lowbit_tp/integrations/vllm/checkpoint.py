@@ -150,10 +150,13 @@ def feedback_chain_maker(config: Any, model_dir: str | Path, *, tp: int,
     return partial(adapter.feedback_chain_for, tp=tp, ranks=1, norm_of=norm_of, owner_errors=owner_errors)
 
 
-def preflight(model_dir: str | Path, *, tp: int, calibration: str | None, error_feedback: bool = False) -> None:
+def preflight(model_dir: str | Path, *, tp: int, calibration: str | None, error_feedback: bool = False,
+              codec: str | None = None) -> None:
     """The start-up check, run before vLLM starts: one :class:`CalibrationError` (or, for
-    error feedback on a post-norm model whose norms the checkpoint lacks, ``ValueError``)
-    with one message."""
+    error feedback on a post-norm model whose norms the checkpoint lacks, or a ``codec`` that
+    is not registered, ``ValueError``) with one message. ``codec`` is built here once with the
+    calibration, as each worker will build it: an unknown name or a static codec without a
+    calibration used to pass and stop every worker with a traceback after vLLM's start-up."""
     if error_feedback:
         from transformers import AutoConfig
 
@@ -163,7 +166,14 @@ def preflight(model_dir: str | Path, *, tp: int, calibration: str | None, error_
             for i in range(adapter.geometry.num_layers):
                 for layer in (f"layers.{i}.self_attn.o_proj", f"layers.{i}.mlp.down_proj"):
                     norms(adapter.post_norm_name(layer))
-    if calibration is None:
-        return
-    cal = Calibration.load(calibration)
-    check_calibration(cal, identity(model_dir), tp=tp, path=str(calibration))
+    cal = None
+    if calibration is not None:
+        cal = Calibration.load(calibration)
+        check_calibration(cal, identity(model_dir), tp=tp, path=str(calibration))
+    if codec is not None:
+        from lowbit_tp.codecs import make_codec
+
+        try:
+            make_codec(codec, calibration=cal)
+        except KeyError as exc:  # the registry's KeyError: its message, without KeyError's quotes
+            raise ValueError(str(exc.args[0]) if exc.args else str(exc)) from None

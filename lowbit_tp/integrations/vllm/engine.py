@@ -103,7 +103,8 @@ def make_llm(model_dir: str | Path, *, tp: int, plugin: PluginConfig | None, eng
     from lowbit_tp.integrations.vllm.checkpoint import preflight
 
     if plugin is not None and plugin.enabled:
-        preflight(model_dir, tp=tp, calibration=plugin.calibration, error_feedback=plugin.error_feedback)
+        preflight(model_dir, tp=tp, calibration=plugin.calibration, error_feedback=plugin.error_feedback,
+                  codec=plugin.codec)
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(engine.kv_cache_gib)
     cpu_defaults()
     apply_env(plugin_env(plugin, use_plugin=engine.use_plugin))
