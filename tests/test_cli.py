@@ -446,3 +446,35 @@ def test_run_config_refuses_a_codec_object_and_a_prompt_that_is_not_text():
         RunConfig(tp=2, prompts=("hi", [5, 6]))
     with pytest.raises(UserError, match=r"^prompt 0 is empty"):
         RunConfig(tp=2, prompts=("",))
+
+
+def test_serve_and_run_vllm_refuse_a_bad_port_tp_or_length_before_vllm(tmp_path, monkeypatch, capsys):
+    """`serve --port 70000` (vLLM: OverflowError traceback after 19 s), `--tp 0`/`-2`,
+    `--max-model-len 0` are refused while parsing; a TP degree the model's heads do not divide
+    (`serve --model smollm2-135m --tp 2 --codec bf16`: a 57-line pydantic traceback from vLLM)
+    is one line from `serve` and from `run --engine vllm`, before vLLM is imported."""
+    from helpers import save_tiny
+    from lowbit_tp.errors import UserError
+
+    for bad in (["--port", "70000"], ["--port", "0"], ["--port", "http"], ["--tp", "0"], ["--tp", "-2"],
+                ["--max-model-len", "0"], ["--min-bytes", "-1"]):
+        argv = ["serve", *(["--tp", "3"] if bad[0] != "--tp" else []), *bad]
+        with pytest.raises(SystemExit) as exc:
+            parse(*argv)
+        assert exc.value.code == 2, argv
+        assert bad[0] in capsys.readouterr().err, argv
+    assert parse("serve", "--tp", "3", "--port", "65535").port == 65535
+
+    tiny = save_tiny(tmp_path, "llama")  # 4 heads, 2 KV heads: TP 3 does not fit
+    monkeypatch.setattr(serve, "ensure_vllm_python", lambda *a: None)
+    monkeypatch.setattr(serve, "model_directory", lambda model: model)
+    args = parse("serve", "--model", tiny, "--tp", "3", "--codec", "bf16", "--dry-run")
+    with pytest.raises(SystemExit, match=r"^lowbit-tp serve: TP degree 3 does not divide the 4 attention heads"):
+        args.func(args)
+    args = parse("serve", "--model", tiny, "--tp", "2", "--codec", "bf16", "--dry-run")
+    args.func(args)  # fits: the vLLM command is printed
+    assert "--tensor-parallel-size 2" in capsys.readouterr().out
+    monkeypatch.setattr(run, "ensure_vllm_python", lambda *a: None)
+    args = parse("run", "--engine", "vllm", "--model", tiny, "--tp", "3", "--codec", "bf16", "--prompt", "x")
+    with pytest.raises(UserError, match=r"^TP degree 3 does not divide the 4 attention heads"):
+        args.func(args)

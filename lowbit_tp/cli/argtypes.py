@@ -5,7 +5,7 @@ import argparse
 
 from lowbit_tp.configs import FEEDBACK_MODES
 
-__all__ = ["add_feedback_flag", "feedback_flag", "nonneg_float", "nonneg_int", "positive_float", "positive_int",
+__all__ = ["add_feedback_flag", "feedback_flag", "nonneg_float", "nonneg_int", "port", "positive_float", "positive_int",
            "unit_interval"]
 
 
@@ -27,6 +27,14 @@ def nonneg_int(text: str) -> int:
     value = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port to listen on, 1-65535 (vLLM's server stopped with a traceback on 70000)."""
+    value = _number(text, int)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 1-65535, got {text!r}")
     return value
 
 

@@ -13,7 +13,7 @@ import importlib.util
 import os
 import sys
 
-from lowbit_tp.cli.argtypes import add_feedback_flag
+from lowbit_tp.cli.argtypes import add_feedback_flag, nonneg_int, port, positive_int
 from lowbit_tp.cli.common import default
 from lowbit_tp.configs import ALGORITHMS, RunConfig
 from lowbit_tp.integrations.vllm.config import PluginConfig  # torch-free, like the module below
@@ -42,21 +42,21 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="vLLM's OpenAI-compatible server with the compressed TP all-reduce")
     p.add_argument("--model", default=default(RunConfig, "model"),
                    help="registry name (exported to HF once) or HF checkpoint dir")
-    p.add_argument("--tp", type=int, required=True, help="tensor-parallel degree (vLLM workers)")
+    p.add_argument("--tp", type=positive_int, required=True, help="tensor-parallel degree (vLLM workers)")
     p.add_argument("--codec", default=default(RunConfig, "codec"),
                    help="all-reduce codec; 'none' leaves vLLM's all-reduce alone")
     p.add_argument("--calibration", default=default(d, "calibration"),
                    help="calibration .safetensors (static codecs need one)")
     p.add_argument("--algorithm", default=default(d, "algorithm"), choices=ALGORITHMS)
-    p.add_argument("--min-bytes", type=int, default=default(d, "min_bytes"),
+    p.add_argument("--min-bytes", type=nonneg_int, default=default(d, "min_bytes"),
                    help="size gate: smaller messages (bf16 bytes) use vLLM's own all-reduce; 0 compresses all")
     add_feedback_flag(p, default(d, "error_feedback"),
                       "each worker adds its previous all-reduce's quantization error back into its next partial "
                       "within a forward pass (same bytes; through the post-norms on Gemma 2/3)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000)
     p.add_argument("--compile", action="store_true", help="run vLLM's compiled graph (default: enforce_eager)")
-    p.add_argument("--max-model-len", type=int, default=default(VllmEngineConfig, "max_model_len"))
+    p.add_argument("--max-model-len", type=positive_int, default=default(VllmEngineConfig, "max_model_len"))
     p.add_argument("--served-model-name", help="name clients use (default: --model)")
     p.add_argument("--dry-run", action="store_true", help="check everything and print the vLLM command, then stop")
     p.add_argument("vllm_args", nargs="*", help="after --: extra arguments for vLLM's server (`vllm serve`'s flags)")
@@ -97,8 +97,10 @@ def cmd(args) -> None:
     # The calibration check and the export import torch: only when the command runs.
     from lowbit_tp.calibration import CalibrationError
     from lowbit_tp.integrations.vllm.checkpoint import preflight
+    from lowbit_tp.preflight import check_model_tp
 
     try:
+        check_model_tp(args.model, args.tp)  # vLLM's own refusal of TP 2 on 9 heads was a 57-line traceback
         plugin = plugin_config(args)
         model_dir = model_directory(args.model)
         if plugin is not None:
