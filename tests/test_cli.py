@@ -478,3 +478,47 @@ def test_serve_and_run_vllm_refuse_a_bad_port_tp_or_length_before_vllm(tmp_path,
     args = parse("run", "--engine", "vllm", "--model", tiny, "--tp", "3", "--codec", "bf16", "--prompt", "x")
     with pytest.raises(UserError, match=r"^TP degree 3 does not divide the 4 attention heads"):
         args.func(args)
+
+
+def test_serve_dry_run_prints_the_environment_the_server_needs(tmp_path, monkeypatch, capsys):
+    """`serve --dry-run` printed the bare vLLM command: run as printed, it started vLLM with no
+    LOWBIT_TP_* settings, i.e. uncompressed, silently. The printed line, run by a shell, gives
+    the workers the plugin config that serve itself would (and `--codec none` removes a stray
+    LOWBIT_TP_CODEC and names no plugin)."""
+    import json
+    import os
+    import shlex
+
+    from helpers import save_tiny
+    from lowbit_tp.integrations.vllm.config import ENV
+
+    tiny = save_tiny(tmp_path, "llama")
+    monkeypatch.setattr(serve, "ensure_vllm_python", lambda *a: None)
+    monkeypatch.setattr(serve, "model_directory", lambda model: model)
+    probe = "import os, json; print(json.dumps(dict(os.environ)))"
+
+    def child_env(line: str) -> dict:
+        words = shlex.split(line)
+        cut = words.index("-m")  # the interpreter before it: replace the server by a probe
+        proc = subprocess.run([*words[:cut - 1], sys.executable, "-c", probe], capture_output=True, text=True,
+                              check=True)
+        return json.loads(proc.stdout)
+
+    monkeypatch.setenv("LOWBIT_TP_CAPTURE_DIR", str(tmp_path / "cap"))  # tracing from the environment, kept
+    flags = ["serve", "--model", tiny, "--tp", "2", "--codec", "int4-g32", "--algorithm", "two-shot",
+             "--min-bytes", "0", "--error-feedback", "first-stage"]
+    args = parse(*flags, "--dry-run")
+    args.func(args)
+    env = child_env(capsys.readouterr().out.strip())
+    assert PluginConfig.from_env(env) == serve.plugin_config(parse(*flags)) == PluginConfig(
+        codec="int4-g32", algorithm="two-shot", min_bytes=0, error_feedback="first-stage",
+        capture_dir=str(tmp_path / "cap"))
+    assert "VLLM_PLUGINS" not in env
+
+    monkeypatch.setenv("LOWBIT_TP_CODEC", "int8")
+    monkeypatch.setenv("VLLM_PLUGINS", "lowbit_tp")
+    args = parse("serve", "--model", tiny, "--tp", "2", "--codec", "none", "--dry-run")
+    args.func(args)
+    env = child_env(capsys.readouterr().out.strip())
+    assert env["VLLM_PLUGINS"] == "none" and not any(v in env for v in ENV.values())
+    assert os.environ["LOWBIT_TP_CODEC"] == "int8"  # a dry run changes nothing here

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shlex
 import sys
 
 from lowbit_tp.cli.argtypes import add_feedback_flag, nonneg_int, port, positive_int
 from lowbit_tp.cli.common import default
 from lowbit_tp.configs import ALGORITHMS, RunConfig
 from lowbit_tp.integrations.vllm.config import PluginConfig  # torch-free, like the module below
-from lowbit_tp.integrations.vllm.engine import (VllmEngineConfig, apply_env, cpu_defaults, model_directory, plugin_env,
+from lowbit_tp.integrations.vllm.engine import (CPU_DEFAULTS, VllmEngineConfig, apply_env, model_directory, plugin_env,
                                                 vllm_python)
 
 NO_VLLM = ("vLLM is not installed here and no .venv-vllm was found (or $LOWBIT_TP_VLLM_PYTHON is not a file); "
@@ -58,7 +59,8 @@ def register(subparsers) -> None:
     p.add_argument("--compile", action="store_true", help="run vLLM's compiled graph (default: enforce_eager)")
     p.add_argument("--max-model-len", type=positive_int, default=default(VllmEngineConfig, "max_model_len"))
     p.add_argument("--served-model-name", help="name clients use (default: --model)")
-    p.add_argument("--dry-run", action="store_true", help="check everything and print the vLLM command, then stop")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything and print the vLLM command with its environment, then stop")
     p.add_argument("vllm_args", nargs="*", help="after --: extra arguments for vLLM's server (`vllm serve`'s flags)")
     p.set_defaults(func=cmd)
 
@@ -92,6 +94,26 @@ def serve_command(args, model_dir) -> list[str]:
     return cmd + list(args.vllm_args)
 
 
+def server_environment(plugin: PluginConfig | None, environ=None) -> dict[str, str | None]:
+    """The environment changes the server runs with (None: removed): vLLM's CPU defaults
+    where ``environ`` lacks them, and the plugin's ``LOWBIT_TP_*`` settings, which the
+    workers read (without them vLLM runs with its own all-reduce)."""
+    environ = os.environ if environ is None else environ
+    env: dict[str, str | None] = {k: v for k, v in CPU_DEFAULTS.items() if k not in environ}
+    env.update(plugin_env(plugin, use_plugin=plugin is not None))
+    return env
+
+
+def shell_line(command: list[str], env: dict[str, str | None], environ=None) -> str:
+    """``command`` as one shell line with ``env`` applied (``env -u NAME`` for a removed
+    variable that ``environ`` has), so that running the printed line runs what serve runs."""
+    environ = os.environ if environ is None else environ
+    unset = [f"-u {shlex.quote(k)}" for k, v in env.items() if v is None and k in environ]
+    sets = [f"{k}={shlex.quote(v)}" for k, v in env.items() if v is not None]
+    prefix = " ".join(["env", *unset, *sets]) + " " if unset or sets else ""
+    return prefix + shlex.join(command)
+
+
 def cmd(args) -> None:
     ensure_vllm_python()
     # The calibration check and the export import torch: only when the command runs.
@@ -109,10 +131,10 @@ def cmd(args) -> None:
     except (CalibrationError, ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
         raise SystemExit(f"lowbit-tp serve: {exc}") from None
     command = serve_command(args, model_dir)
-    if args.dry_run:
-        print(" ".join(command))
+    env = server_environment(plugin)
+    if args.dry_run:  # with the environment: the bare command would run vLLM without the plugin
+        print(shell_line(command, env))
         return
-    cpu_defaults()
-    apply_env(plugin_env(plugin, use_plugin=plugin is not None))
+    apply_env(env)
     print(f"lowbit-tp serve: codec {args.codec}, TP {args.tp}, on http://{args.host}:{args.port}/v1", flush=True)
     os.execv(command[0], command)

@@ -68,12 +68,15 @@ def apply_env(env: dict[str, str | None]) -> None:
             os.environ[k] = v
 
 
+# vLLM CPU settings for a small shared machine (kept if the user set them). vLLM's "auto"
+# binding wants one NUMA node per TP rank; a small box has one node.
+CPU_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+
+
 def cpu_defaults() -> None:
-    """vLLM CPU settings for a small shared machine (kept if the user set them)."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    # vLLM's "auto" binding wants one NUMA node per TP rank; a small box has one node.
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    """:data:`CPU_DEFAULTS` into the environment, where the user has not set them."""
+    for k, v in CPU_DEFAULTS.items():
+        os.environ.setdefault(k, v)
 
 
 def model_directory(model: str) -> Path:
