@@ -522,3 +522,23 @@ def test_serve_dry_run_prints_the_environment_the_server_needs(tmp_path, monkeyp
     env = child_env(capsys.readouterr().out.strip())
     assert env["VLLM_PLUGINS"] == "none" and not any(v in env for v in ENV.values())
     assert os.environ["LOWBIT_TP_CODEC"] == "int8"  # a dry run changes nothing here
+
+
+def test_serve_flags_left_at_their_defaults_keep_the_environments_settings(monkeypatch):
+    """`LOWBIT_TP_MIN_BYTES=0 lowbit-tp serve ...` kept the 64 KiB gate: every flag's default
+    overrode its variable (as --error-feedback's did before), so LOWBIT_TP_ALGORITHM,
+    LOWBIT_TP_CALIBRATION and LOWBIT_TP_CODEC were dropped silently. A flag given explicitly
+    still wins."""
+    for var in PluginConfig().as_env() | {"LOWBIT_TP_CODEC": "", "LOWBIT_TP_CALIBRATION": ""}:
+        monkeypatch.delenv(var, raising=False)
+    env = {"LOWBIT_TP_CODEC": "int4-g32", "LOWBIT_TP_CALIBRATION": "c.safetensors", "LOWBIT_TP_ALGORITHM": "two-shot",
+           "LOWBIT_TP_MIN_BYTES": "0", "LOWBIT_TP_NONFINITE": "error"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert serve.plugin_config(parse("serve", "--tp", "2")) == PluginConfig.from_env(env) == PluginConfig(
+        codec="int4-g32", calibration="c.safetensors", algorithm="two-shot", min_bytes=0, nonfinite="error")
+    given = serve.plugin_config(parse("serve", "--tp", "2", "--codec", "int8", "--calibration", "d.safetensors",
+                                      "--algorithm", "gather", "--min-bytes", "4096"))
+    assert given == PluginConfig(codec="int8", calibration="d.safetensors", algorithm="gather", min_bytes=4096,
+                                 nonfinite="error")
+    assert serve.plugin_config(parse("serve", "--tp", "2", "--codec", "none")) is None

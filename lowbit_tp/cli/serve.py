@@ -66,17 +66,24 @@ def register(subparsers) -> None:
 
 
 def plugin_config(args) -> PluginConfig | None:
-    if args.codec == "none":
+    """The plugin's settings: the flags over the environment (``LOWBIT_TP_*``, which may also
+    add the tracing settings, ``LOWBIT_TP_CAPTURE_*``). A flag left at its default leaves the
+    environment's value: ``LOWBIT_TP_MIN_BYTES=0 lowbit-tp serve`` kept the 64 KiB gate, and
+    ``LOWBIT_TP_ALGORITHM``, ``LOWBIT_TP_CALIBRATION``, ``LOWBIT_TP_CODEC`` were dropped the
+    same way, silently (``--error-feedback`` likewise can only switch feedback on)."""
+    base = PluginConfig.from_env()
+    codec = args.codec if args.codec != default(RunConfig, "codec") or not base.codec else base.codec
+    if codec == "none":
         if args.error_feedback:
             raise ValueError("--error-feedback needs a codec; --codec none runs vLLM without the plugin")
         return None
-    # Flags over the environment (which may add the tracing settings, LOWBIT_TP_CAPTURE_*).
-    # --error-feedback can only switch feedback on: without it, LOWBIT_TP_ERROR_FEEDBACK decides.
-    flags = {"codec": args.codec, "calibration": args.calibration, "algorithm": args.algorithm,
-             "min_bytes": args.min_bytes}
+    flags = {"codec": codec}
+    for name in ("calibration", "algorithm", "min_bytes"):
+        if getattr(args, name) != default(PluginConfig, name):
+            flags[name] = getattr(args, name)
     if args.error_feedback:
         flags["error_feedback"] = args.error_feedback
-    return PluginConfig.from_mapping(flags, base=PluginConfig.from_env())
+    return PluginConfig.from_mapping(flags, base=base)
 
 
 def serve_command(args, model_dir) -> list[str]:
@@ -136,5 +143,6 @@ def cmd(args) -> None:
         print(shell_line(command, env))
         return
     apply_env(env)
-    print(f"lowbit-tp serve: codec {args.codec}, TP {args.tp}, on http://{args.host}:{args.port}/v1", flush=True)
+    codec = plugin.codec if plugin is not None else "none"
+    print(f"lowbit-tp serve: codec {codec}, TP {args.tp}, on http://{args.host}:{args.port}/v1", flush=True)
     os.execv(command[0], command)
