@@ -314,6 +314,13 @@ def test_flags_an_engine_runtime_or_from_would_ignore_are_refused(tmp_path):
     refused(parse("run", "--prompt", "hi", "--engine", "transformers", "--compile"), run.cmd, "the transformers engine")
     refused(parse("run", "--prompt", "hi", "--algorithm", "gather", "--min-bytes", "0"), run.cmd,
             r"^--min-bytes 0 only applies with --algorithm auto \(its size gate\); --algorithm gather sends")
+    # `run --engine vllm --threads-per-rank 2` ran its workers on one thread each, `--timeout` had no effect
+    # (the check itself: past it, run.cmd would re-execute this process under a vLLM venv if one is set)
+    refused(parse("run", "--prompt", "hi", "--tp", "3", "--engine", "vllm", "--threads-per-rank", "2"),
+            run._check_engine_flags,
+            r"^--threads-per-rank 2 does not apply with --engine vllm \(its workers run with OMP_NUM_THREADS")
+    refused(parse("run", "--prompt", "hi", "--tp", "3", "--engine", "vllm", "--timeout", "5", "--threads-per-rank",
+                  "2"), run._check_engine_flags, r"^--timeout 5.0, --threads-per-rank 2 do not apply with --engine vllm")
     for ok in (("--algorithm", "auto", "--min-bytes", "0"), ("--engine", "vllm", "--algorithm", "gather",
                                                               "--min-bytes", "0", "--compile"),
                ("--algorithm", "gather", "--min-bytes", "65536")):

@@ -91,10 +91,17 @@ def _check_sampling_flags(args) -> None:
 
 def _check_engine_flags(args) -> None:
     """Refuse flags the chosen engine or algorithm would ignore (as they were, silently):
-    ``--compile`` is vLLM's; ``--min-bytes`` is the size gate of ``--algorithm auto`` (and of
+    ``--compile`` is vLLM's, ``--timeout`` and ``--threads-per-rank`` are not; ``--min-bytes`` is the size gate of ``--algorithm auto`` (and of
     vLLM's plugin, which gates every algorithm). A flag left at its default passes."""
     if args.compile and args.engine != "vllm":
         raise UserError(f"--compile only applies with --engine vllm (the {args.engine} engine runs eagerly)")
+    if args.engine == "vllm":  # the vLLM engine passes neither on: vLLM has its own timeouts and threads
+        given = [f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag, field in
+                 (("timeout", "timeout_s"), ("threads_per_rank", "threads_per_rank"))
+                 if getattr(args, flag) != default(RunConfig, field)]
+        if given:
+            raise UserError(f"{', '.join(given)} {'do' if len(given) > 1 else 'does'} not apply with --engine vllm "
+                            f"(its workers run with OMP_NUM_THREADS threads, default 1, and vLLM's own timeouts)")
     if args.min_bytes != default(AutoPolicy, "min_bytes") and args.algorithm != "auto" and args.engine != "vllm":
         raise UserError(f"--min-bytes {args.min_bytes} only applies with --algorithm auto (its size gate); "
                         f"--algorithm {args.algorithm} sends every message the same way")
