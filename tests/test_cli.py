@@ -549,3 +549,35 @@ def test_serve_flags_left_at_their_defaults_keep_the_environments_settings(monke
     assert given == PluginConfig(codec="int8", calibration="d.safetensors", algorithm="gather", min_bytes=4096,
                                  nonfinite="error")
     assert serve.plugin_config(parse("serve", "--tp", "2", "--codec", "none")) is None
+
+
+def test_serve_checks_the_plugin_settings_passed_on_in_additional_config(tmp_path, monkeypatch, capsys):
+    """`serve --codec int4-g32 -- --additional-config '{"lowbit_tp": {"codec": "bogus"}}'`: the
+    preflight checked the flags alone, and every worker, which reads the additional config on
+    top, stopped with a traceback. Now the settings the workers will use are checked."""
+    from helpers import save_tiny
+
+    tiny = save_tiny(tmp_path, "llama")
+    for var in PluginConfig().as_env() | {"LOWBIT_TP_CODEC": "", "LOWBIT_TP_CALIBRATION": ""}:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(serve, "ensure_vllm_python", lambda *a: None)
+    monkeypatch.setattr(serve, "model_directory", lambda model: model)
+
+    def dry(codec, *vllm_args):
+        args = parse("serve", "--model", tiny, "--tp", "2", "--codec", codec, "--dry-run", "--", *vllm_args)
+        args.func(args)
+        return capsys.readouterr().out
+
+    for codec, extra, msg in (
+            ("int4-g32", ["--additional-config", '{"lowbit_tp": {"codec": "bogus"}}'], "unknown codec 'bogus'"),
+            ("int4-g32", ['--additional-config={"lowbit_tp": {"codec": "int4-outlier"}}'],
+             "'int4-outlier' uses static scales and needs a calibration"),
+            ("int4-g32", ["--additional-config", '{"lowbit_tp": {"algorithm": "exact"}}'],
+             "algorithm 'exact' .* would ignore codec 'int4-g32'"),
+            ("int4-g32", ["--additional-config", "{lowbit_tp: 1"], "--additional-config is not JSON"),
+            ("none", ["--additional-config", '{"lowbit_tp": {"codec": "int8"}}'], "--codec none runs vLLM without")):
+        with pytest.raises(SystemExit, match="^lowbit-tp serve: .*" + msg):
+            dry(codec, *extra)
+    out = dry("int4-g32", "--additional-config", '{"lowbit_tp": {"algorithm": "two-shot"}, "other": 1}')
+    assert out.rstrip().endswith("--additional-config '{\"lowbit_tp\": {\"algorithm\": \"two-shot\"}, \"other\": 1}'")
+    assert "LOWBIT_TP_CODEC=int4-g32" in dry("int4-g32", "--additional-config", '{"other": 1}')

@@ -86,6 +86,30 @@ def plugin_config(args) -> PluginConfig | None:
     return PluginConfig.from_mapping(flags, base=base)
 
 
+def with_additional_config(plugin: PluginConfig | None, vllm_args: list[str]) -> PluginConfig | None:
+    """What vLLM's workers will run with: ``plugin`` with the ``lowbit_tp`` settings of a
+    ``--additional-config`` among the arguments passed on to vLLM on top (as the plugin reads
+    them). The preflight checked ``plugin`` alone, so ``-- --additional-config '{"lowbit_tp":
+    {"codec": "bogus"}}'`` passed it and stopped every worker with a traceback."""
+    import json
+
+    texts = [vllm_args[i + 1] for i, a in enumerate(vllm_args[:-1]) if a == "--additional-config"]
+    texts += [a.split("=", 1)[1] for a in vllm_args if a.startswith("--additional-config=")]
+    if not texts:
+        return plugin
+    try:
+        extra = json.loads(texts[-1])  # the last one given wins, as in argparse
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--additional-config is not JSON ({exc.msg}): {texts[-1]!r}") from None
+    settings = extra.get("lowbit_tp") if isinstance(extra, dict) else None
+    if settings is None:
+        return plugin
+    if plugin is None:
+        raise ValueError("--codec none runs vLLM without the plugin, which would ignore --additional-config's "
+                         "lowbit_tp settings; give the codec with --codec")
+    return PluginConfig.from_mapping(settings, base=plugin)
+
+
 def serve_command(args, model_dir) -> list[str]:
     """vLLM's OpenAI-compatible server, run with this interpreter: the
     ``vllm.entrypoints.openai.api_server`` module, which takes ``vllm serve``'s flags. Not the
@@ -131,10 +155,11 @@ def cmd(args) -> None:
     try:
         check_model_tp(args.model, args.tp)  # vLLM's own refusal of TP 2 on 9 heads was a 57-line traceback
         plugin = plugin_config(args)
+        workers = with_additional_config(plugin, args.vllm_args)  # what the workers will read
         model_dir = model_directory(args.model)
-        if plugin is not None:
-            preflight(model_dir, tp=args.tp, calibration=plugin.calibration, error_feedback=plugin.error_feedback,
-                      codec=plugin.codec)
+        if workers is not None and workers.enabled:
+            preflight(model_dir, tp=args.tp, calibration=workers.calibration, error_feedback=workers.error_feedback,
+                      codec=workers.codec)
     except (CalibrationError, ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
         raise SystemExit(f"lowbit-tp serve: {exc}") from None
     command = serve_command(args, model_dir)
@@ -143,6 +168,6 @@ def cmd(args) -> None:
         print(shell_line(command, env))
         return
     apply_env(env)
-    codec = plugin.codec if plugin is not None else "none"
+    codec = workers.codec if workers is not None and workers.enabled else "none"
     print(f"lowbit-tp serve: codec {codec}, TP {args.tp}, on http://{args.host}:{args.port}/v1", flush=True)
     os.execv(command[0], command)
