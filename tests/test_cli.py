@@ -461,7 +461,7 @@ def test_serve_and_run_vllm_refuse_a_bad_port_tp_or_length_before_vllm(tmp_path,
     (`serve --model smollm2-135m --tp 2 --codec bf16`: a 57-line pydantic traceback from vLLM)
     is one line from `serve` and from `run --engine vllm`, before vLLM is imported."""
     from helpers import save_tiny
-    from lowbit_tp.errors import UserError
+    from lowbit_tp.integrations.vllm import engine as E
 
     for bad in (["--port", "70000"], ["--port", "0"], ["--port", "http"], ["--tp", "0"], ["--tp", "-2"],
                 ["--max-model-len", "0"], ["--min-bytes", "-1"]):
@@ -483,8 +483,16 @@ def test_serve_and_run_vllm_refuse_a_bad_port_tp_or_length_before_vllm(tmp_path,
     assert "--tensor-parallel-size 2" in capsys.readouterr().out
     monkeypatch.setattr(run, "ensure_vllm_python", lambda *a: None)
     args = parse("run", "--engine", "vllm", "--model", tiny, "--tp", "3", "--codec", "bf16", "--prompt", "x")
-    with pytest.raises(UserError, match=r"^TP degree 3 does not divide the 4 attention heads"):
+    monkeypatch.setattr(E, "model_directory", lambda model: model)
+    with pytest.raises(SystemExit, match=r"^lowbit-tp run: TP degree 3 does not divide the 4 attention heads"):
         args.func(args)
+    for codec in ("none", "bf16"):  # without the plugin too (vLLM's own refusal is a traceback as well)
+        args = parse("serve", "--model", tiny, "--tp", "3", "--codec", codec, "--dry-run")
+        with pytest.raises(SystemExit, match=r"^lowbit-tp serve: TP degree 3 does not divide"):
+            args.func(args)
+        args = parse("run", "--engine", "vllm", "--model", tiny, "--tp", "3", "--codec", codec, "--prompt", "x")
+        with pytest.raises(SystemExit, match=r"^lowbit-tp run: TP degree 3 does not divide"):
+            args.func(args)
 
 
 def test_serve_dry_run_prints_the_environment_the_server_needs(tmp_path, monkeypatch, capsys):

@@ -404,7 +404,7 @@ def test_preflight_builds_the_codec_before_vllm_starts(tmp_path, monkeypatch):
     # the two commands pass the codec to the preflight (vLLM is not imported: none is installed here)
     monkeypatch.setattr(serve, "ensure_vllm_python", lambda *a: None)
     monkeypatch.setattr(serve, "model_directory", lambda model: llama)
-    args = build_parser().parse_args(["serve", "--tp", "3", "--codec", "bogus", "--dry-run"])
+    args = build_parser().parse_args(["serve", "--tp", "2", "--codec", "bogus", "--dry-run"])
     with pytest.raises(SystemExit, match=r"^lowbit-tp serve: unknown codec 'bogus'"):
         args.func(args)
     monkeypatch.setattr(E, "model_directory", lambda model: llama)

@@ -159,9 +159,6 @@ def _run_vllm(args, cfg: RunConfig) -> None:
     # vLLM's side imports vLLM itself: only when this engine runs.
     from lowbit_tp.calibration import CalibrationError
     from lowbit_tp.integrations.vllm.engine import VllmEngineConfig, run
-    from lowbit_tp.preflight import check_model_tp
-
-    check_model_tp(cfg.model, cfg.tp)  # before vLLM (whose own refusal is a pydantic error after its import)
 
     try:
         out = run(cfg, engine=VllmEngineConfig(enforce_eager=not args.compile))

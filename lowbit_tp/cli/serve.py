@@ -150,16 +150,16 @@ def cmd(args) -> None:
     # The calibration check and the export import torch: only when the command runs.
     from lowbit_tp.calibration import CalibrationError
     from lowbit_tp.integrations.vllm.checkpoint import preflight
-    from lowbit_tp.preflight import check_model_tp
 
     try:
-        check_model_tp(args.model, args.tp)  # vLLM's own refusal of TP 2 on 9 heads was a 57-line traceback
         plugin = plugin_config(args)
         workers = with_additional_config(plugin, args.vllm_args)  # what the workers will read
         model_dir = model_directory(args.model)
         if workers is not None and workers.enabled:
             preflight(model_dir, tp=args.tp, calibration=workers.calibration, error_feedback=workers.error_feedback,
-                      codec=workers.codec)
+                      codec=workers.codec, name=args.model)
+        else:  # the TP degree still (vLLM's own refusal is a traceback)
+            preflight(model_dir, tp=args.tp, name=args.model)
     except (CalibrationError, ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
         raise SystemExit(f"lowbit-tp serve: {exc}") from None
     command = serve_command(args, model_dir)

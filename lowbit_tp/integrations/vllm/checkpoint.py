@@ -19,10 +19,12 @@ from typing import Any, Callable, Sequence
 
 from lowbit_tp.calibration import Calibration, CalibrationError
 from lowbit_tp.calibration.artifact import layer_key
+from lowbit_tp.codecs import make_codec
 from lowbit_tp.collectives.feedback import FeedbackChain, PostNorm
-from lowbit_tp.models import get_adapter
+from lowbit_tp.models import check_tp, get_adapter
 from lowbit_tp.models.adapters import post_norm_from_weight
 from lowbit_tp.models.export import SIDECAR
+from lowbit_tp.models.quick_config import quick_config
 from lowbit_tp.models.registry import resolve_source
 
 # vLLM prefixes and HF module names share this tail for every architecture we support
@@ -150,13 +152,16 @@ def feedback_chain_maker(config: Any, model_dir: str | Path, *, tp: int,
     return partial(adapter.feedback_chain_for, tp=tp, ranks=1, norm_of=norm_of, owner_errors=owner_errors)
 
 
-def preflight(model_dir: str | Path, *, tp: int, calibration: str | None, error_feedback: bool = False,
-              codec: str | None = None) -> None:
-    """The start-up check, run before vLLM starts: one :class:`CalibrationError` (or, for
-    error feedback on a post-norm model whose norms the checkpoint lacks, or a ``codec`` that
-    is not registered, ``ValueError``) with one message. ``codec`` is built here once with the
-    calibration, as each worker will build it: an unknown name or a static codec without a
-    calibration used to pass and stop every worker with a traceback after vLLM's start-up."""
+def preflight(model_dir: str | Path, *, tp: int, calibration: str | None = None, error_feedback: bool = False,
+              codec: str | None = None, name: str | None = None) -> None:
+    """The start-up check, run before vLLM starts: one :class:`CalibrationError` (or, for a TP
+    degree the model's heads do not fit, error feedback on a post-norm model whose norms the
+    checkpoint lacks, or a ``codec`` that is not registered, ``ValueError``) with one message.
+    ``name`` labels the model there (default: its directory). ``codec`` is built here once with
+    the calibration, as each worker will build it: an unknown name or a static codec without a
+    calibration used to pass and stop every worker with a traceback after vLLM's start-up, and
+    vLLM's own refusal of a TP degree (TP 2 on SmolLM2's 9 heads) was a 57-line traceback."""
+    check_tp(quick_config(str(model_dir)), tp, name=name)
     if error_feedback:
         from transformers import AutoConfig
 
@@ -171,8 +176,6 @@ def preflight(model_dir: str | Path, *, tp: int, calibration: str | None, error_
         cal = Calibration.load(calibration)
         check_calibration(cal, identity(model_dir), tp=tp, path=str(calibration))
     if codec is not None:
-        from lowbit_tp.codecs import make_codec
-
         try:
             make_codec(codec, calibration=cal)
         except KeyError as exc:  # the registry's KeyError: its message, without KeyError's quotes

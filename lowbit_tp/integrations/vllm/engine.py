@@ -87,12 +87,12 @@ def model_directory(model: str) -> Path:
 
 @contextmanager
 def running_llm(model_dir: str | Path, *, tp: int, plugin: PluginConfig | None,
-                engine: VllmEngineConfig) -> Iterator[Any]:
+                engine: VllmEngineConfig, name: str | None = None) -> Iterator[Any]:
     """:func:`make_llm`, shut down on leaving: the engine core and its worker processes stop
     here, while the interpreter is whole, instead of from vLLM's finalizers when the last
     reference goes or at exit (one CI run's session aborted there, after its work was done:
     'terminate called without an active exception', exit -6)."""
-    llm = make_llm(model_dir, tp=tp, plugin=plugin, engine=engine)
+    llm = make_llm(model_dir, tp=tp, plugin=plugin, engine=engine, name=name)
     try:
         yield llm
     finally:
@@ -101,13 +101,18 @@ def running_llm(model_dir: str | Path, *, tp: int, plugin: PluginConfig | None,
             core.shutdown()
 
 
-def make_llm(model_dir: str | Path, *, tp: int, plugin: PluginConfig | None, engine: VllmEngineConfig):
-    """A ``vllm.LLM`` at TP ``tp`` (``mp`` executor) with the plugin configured as asked."""
+def make_llm(model_dir: str | Path, *, tp: int, plugin: PluginConfig | None, engine: VllmEngineConfig,
+             name: str | None = None):
+    """A ``vllm.LLM`` at TP ``tp`` (``mp`` executor) with the plugin configured as asked,
+    after :func:`~lowbit_tp.integrations.vllm.checkpoint.preflight` (``name``: the model's, for
+    its messages)."""
     from lowbit_tp.integrations.vllm.checkpoint import preflight
 
     if plugin is not None and plugin.enabled:
         preflight(model_dir, tp=tp, calibration=plugin.calibration, error_feedback=plugin.error_feedback,
-                  codec=plugin.codec)
+                  codec=plugin.codec, name=name)
+    else:  # the TP degree still (vLLM's own refusal is a pydantic error)
+        preflight(model_dir, tp=tp, name=name)
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(engine.kv_cache_gib)
     cpu_defaults()
     apply_env(plugin_env(plugin, use_plugin=engine.use_plugin))
@@ -181,7 +186,7 @@ def run(cfg, *, engine: VllmEngineConfig = VllmEngineConfig()) -> VllmRunResult:
     else:
         engine = replace(engine, use_plugin=False)
     t0 = time.perf_counter()
-    with running_llm(model_dir, tp=cfg.tp, plugin=plugin, engine=engine) as llm:
+    with running_llm(model_dir, tp=cfg.tp, plugin=plugin, engine=engine, name=cfg.model) as llm:
         load_s = time.perf_counter() - t0
         results = generate(llm, cfg.prompts, max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling,
                            ignore_eos=cfg.ignore_eos)
