@@ -586,6 +586,15 @@ def test_serve_checks_the_plugin_settings_passed_on_in_additional_config(tmp_pat
             ("none", ["--additional-config", '{"lowbit_tp": {"codec": "int8"}}'], "--codec none runs vLLM without")):
         with pytest.raises(SystemExit, match="^lowbit-tp serve: .*" + msg):
             dry(codec, *extra)
+    # a flag serve sets itself, given again after --: vLLM took the last one (it listened on 9000
+    # while serve's start line said 8000)
+    for extra, msg in ((["--port", "9000"], "--port after -- would override .* give it as serve's --port"),
+                       (["--tensor_parallel_size=3"], "--tensor_parallel_size after -- .* serve's --tp"),
+                       (["-tp", "3"], "-tp after -- .* serve's --tp"),
+                       (["--dtype", "bfloat16"], "--dtype after -- .* serve sets it")):
+        with pytest.raises(SystemExit, match="^lowbit-tp serve: " + msg):
+            dry("int4-g32", *extra)
+    assert dry("int4-g32", "--max-num-seqs", "4").rstrip().endswith("--max-num-seqs 4")
     out = dry("int4-g32", "--additional-config", '{"lowbit_tp": {"algorithm": "two-shot"}, "other": 1}')
     assert out.rstrip().endswith("--additional-config '{\"lowbit_tp\": {\"algorithm\": \"two-shot\"}, \"other\": 1}'")
     assert "LOWBIT_TP_CODEC=int4-g32" in dry("int4-g32", "--additional-config", '{"other": 1}')

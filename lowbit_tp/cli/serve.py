@@ -110,6 +110,26 @@ def with_additional_config(plugin: PluginConfig | None, vllm_args: list[str]) ->
     return PluginConfig.from_mapping(settings, base=plugin)
 
 
+# vLLM server flags that serve sets itself, by the serve flag that sets them: given again after
+# --, vLLM takes the last one (serve --port 8000 -- --port 9000 listened on 9000 while serve's
+# start line said 8000), so they are refused there.
+OWN_FLAGS = {"--model": "--model", "--tensor-parallel-size": "--tp", "-tp": "--tp", "--host": "--host",
+             "--port": "--port", "--max-model-len": "--max-model-len", "--served-model-name": "--served-model-name",
+             "--distributed-executor-backend": None, "--dtype": None}
+
+
+def check_passthrough(vllm_args: list[str]) -> None:
+    """Refuse, after ``--``, a vLLM flag that serve sets itself (:data:`OWN_FLAGS`)."""
+    for arg in vllm_args:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--"):
+            name = "--" + name[2:].replace("_", "-")
+        if name in OWN_FLAGS:
+            own = OWN_FLAGS[name]
+            how = f"give it as serve's {own}" if own else "serve sets it (CPU: float32, mp executor)"
+            raise ValueError(f"{arg.split('=', 1)[0]} after -- would override what serve passes to vLLM; {how}")
+
+
 def serve_command(args, model_dir) -> list[str]:
     """vLLM's OpenAI-compatible server, run with this interpreter: the
     ``vllm.entrypoints.openai.api_server`` module, which takes ``vllm serve``'s flags. Not the
@@ -152,6 +172,7 @@ def cmd(args) -> None:
     from lowbit_tp.integrations.vllm.checkpoint import preflight
 
     try:
+        check_passthrough(args.vllm_args)
         plugin = plugin_config(args)
         workers = with_additional_config(plugin, args.vllm_args)  # what the workers will read
         model_dir = model_directory(args.model)
