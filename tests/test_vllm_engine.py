@@ -206,6 +206,7 @@ def test_bf16_exact_through_the_plugin_gives_vllms_tokens(plain, work):
     _check(proc, "lowbit-tp run --engine vllm")
     out = json.loads(out_path.read_text())
     assert out["engine"] == "vllm" and len(out["results"]) == len(PROMPTS)
+    assert out["config"]["engine"] == "vllm"  # was the native RunConfig's "native"
     for mine, theirs in zip(out["results"], plain["results"]):
         assert mine["token_ids"] == theirs["token_ids"] and len(mine["token_ids"]) == NEW_TOKENS
         assert {"prompt", "token_ids", "text", "finish_reason", "new_tokens", "tokens_per_s"} <= set(mine)

@@ -191,7 +191,8 @@ def run(cfg, *, engine: VllmEngineConfig = VllmEngineConfig()) -> VllmRunResult:
         results = generate(llm, cfg.prompts, max_new_tokens=cfg.max_new_tokens, sampling=cfg.sampling,
                            ignore_eos=cfg.ignore_eos)
         reports = worker_reports(llm)
-    return VllmRunResult.from_reports(reports, codec_name=cfg.codec, config=cfg.as_dict(),
+    # the RunConfig is the native engine's (ENGINES has no vllm); the record names the engine that ran
+    return VllmRunResult.from_reports(reports, codec_name=cfg.codec, config={**cfg.as_dict(), "engine": "vllm"},
                                       vllm=asdict(engine), plugin=None if plugin is None else asdict(plugin),
                                       model={"name": cfg.model, "directory": str(model_dir)}, load_s=load_s,
                                       results=tuple(results))
