@@ -557,6 +557,15 @@ def test_serve_flags_left_at_their_defaults_keep_the_environments_settings(monke
     assert given == PluginConfig(codec="int8", calibration="d.safetensors", algorithm="gather", min_bytes=4096,
                                  nonfinite="error")
     assert serve.plugin_config(parse("serve", "--tp", "2", "--codec", "none")) is None
+    # a flag given with the default's value still wins over the environment (it compared equal to
+    # the default and lost: --codec default --min-bytes 65536 kept int4-g32 and 0)
+    d = PluginConfig()
+    explicit = serve.plugin_config(parse("serve", "--tp", "2", "--codec", "default", "--algorithm", d.algorithm,
+                                         "--min-bytes", str(d.min_bytes)))
+    assert (explicit.codec, explicit.algorithm, explicit.min_bytes) == ("default", "auto", 65536)
+    for k in env:
+        monkeypatch.delenv(k)
+    assert serve.plugin_config(parse("serve", "--tp", "2")) == PluginConfig(codec=serve.default(RunConfig, "codec"))
 
 
 def test_serve_checks_the_plugin_settings_passed_on_in_additional_config(tmp_path, monkeypatch, capsys):
@@ -583,6 +592,9 @@ def test_serve_checks_the_plugin_settings_passed_on_in_additional_config(tmp_pat
             ("int4-g32", ["--additional-config", '{"lowbit_tp": {"algorithm": "exact"}}'],
              "algorithm 'exact' .* would ignore codec 'int4-g32'"),
             ("int4-g32", ["--additional-config", "{lowbit_tp: 1"], "--additional-config is not JSON"),
+            ("int4-g32", ["--additional_config", '{"lowbit_tp": {"codec": "bogus"}}'], "unknown codec 'bogus'"),
+            ("int4-g32", ['--additional_config={"lowbit_tp": {"codec": "int8"}}',  # the last one given wins
+                          "--additional-config", '{"lowbit_tp": {"codec": "bogus"}}'], "unknown codec 'bogus'"),
             ("none", ["--additional-config", '{"lowbit_tp": {"codec": "int8"}}'], "--codec none runs vLLM without")):
         with pytest.raises(SystemExit, match="^lowbit-tp serve: .*" + msg):
             dry(codec, *extra)

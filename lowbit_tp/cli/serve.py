@@ -44,13 +44,17 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=default(RunConfig, "model"),
                    help="registry name (exported to HF once) or HF checkpoint dir")
     p.add_argument("--tp", type=positive_int, required=True, help="tensor-parallel degree (vLLM workers)")
-    p.add_argument("--codec", default=default(RunConfig, "codec"),
-                   help="all-reduce codec; 'none' leaves vLLM's all-reduce alone")
-    p.add_argument("--calibration", default=default(d, "calibration"),
-                   help="calibration .safetensors (static codecs need one)")
-    p.add_argument("--algorithm", default=default(d, "algorithm"), choices=ALGORITHMS)
-    p.add_argument("--min-bytes", type=nonneg_int, default=default(d, "min_bytes"),
-                   help="size gate: smaller messages (bf16 bytes) use vLLM's own all-reduce; 0 compresses all")
+    # None: not given, so LOWBIT_TP_* or the plugin's default applies (plugin_config)
+    p.add_argument("--codec", default=None,
+                   help=f"all-reduce codec; 'none' leaves vLLM's all-reduce alone (default: LOWBIT_TP_CODEC, "
+                        f"else {default(RunConfig, 'codec')})")
+    p.add_argument("--calibration", default=None,
+                   help="calibration .safetensors (static codecs need one; default: LOWBIT_TP_CALIBRATION)")
+    p.add_argument("--algorithm", default=None, choices=ALGORITHMS,
+                   help=f"default: LOWBIT_TP_ALGORITHM, else {default(d, 'algorithm')}")
+    p.add_argument("--min-bytes", type=nonneg_int, default=None,
+                   help=f"size gate: smaller messages (bf16 bytes) use vLLM's own all-reduce; 0 compresses all "
+                        f"(default: LOWBIT_TP_MIN_BYTES, else {default(d, 'min_bytes')})")
     add_feedback_flag(p, default(d, "error_feedback"),
                       "each worker adds its previous all-reduce's quantization error back into its next partial "
                       "within a forward pass (same bytes; through the post-norms on Gemma 2/3)")
@@ -70,16 +74,17 @@ def plugin_config(args) -> PluginConfig | None:
     add the tracing settings, ``LOWBIT_TP_CAPTURE_*``). A flag left at its default leaves the
     environment's value: ``LOWBIT_TP_MIN_BYTES=0 lowbit-tp serve`` kept the 64 KiB gate, and
     ``LOWBIT_TP_ALGORITHM``, ``LOWBIT_TP_CALIBRATION``, ``LOWBIT_TP_CODEC`` were dropped the
-    same way, silently (``--error-feedback`` likewise can only switch feedback on)."""
+    same way, silently (``--error-feedback`` likewise can only switch feedback on). A flag
+    given wins, even when its value is the default (the flags default to None)."""
     base = PluginConfig.from_env()
-    codec = args.codec if args.codec != default(RunConfig, "codec") or not base.codec else base.codec
+    codec = args.codec if args.codec is not None else (base.codec or default(RunConfig, "codec"))
     if codec == "none":
         if args.error_feedback:
             raise ValueError("--error-feedback needs a codec; --codec none runs vLLM without the plugin")
         return None
     flags = {"codec": codec}
     for name in ("calibration", "algorithm", "min_bytes"):
-        if getattr(args, name) != default(PluginConfig, name):
+        if getattr(args, name) is not None:
             flags[name] = getattr(args, name)
     if args.error_feedback:
         flags["error_feedback"] = args.error_feedback
@@ -93,8 +98,14 @@ def with_additional_config(plugin: PluginConfig | None, vllm_args: list[str]) ->
     {"codec": "bogus"}}'`` passed it and stopped every worker with a traceback."""
     import json
 
-    texts = [vllm_args[i + 1] for i, a in enumerate(vllm_args[:-1]) if a == "--additional-config"]
-    texts += [a.split("=", 1)[1] for a in vllm_args if a.startswith("--additional-config=")]
+    texts = []  # in the order given, either spelling (vLLM's parser takes --additional_config too)
+    for i, arg in enumerate(vllm_args):
+        name, eq, value = arg.partition("=")
+        if _flag_name(name) == "--additional-config":
+            if eq:
+                texts.append(value)
+            elif i + 1 < len(vllm_args):
+                texts.append(vllm_args[i + 1])
     if not texts:
         return plugin
     try:
@@ -118,12 +129,15 @@ OWN_FLAGS = {"--model": "--model", "--tensor-parallel-size": "--tp", "-tp": "--t
              "--distributed-executor-backend": None, "--dtype": None}
 
 
+def _flag_name(arg: str) -> str:
+    """A long flag as vLLM's parser reads it: ``--a_b`` is ``--a-b``."""
+    return "--" + arg[2:].replace("_", "-") if arg.startswith("--") else arg
+
+
 def check_passthrough(vllm_args: list[str]) -> None:
     """Refuse, after ``--``, a vLLM flag that serve sets itself (:data:`OWN_FLAGS`)."""
     for arg in vllm_args:
-        name = arg.split("=", 1)[0]
-        if name.startswith("--"):
-            name = "--" + name[2:].replace("_", "-")
+        name = _flag_name(arg.split("=", 1)[0])
         if name in OWN_FLAGS:
             own = OWN_FLAGS[name]
             how = f"give it as serve's {own}" if own else "serve sets it (CPU: float32, mp executor)"
