@@ -676,12 +676,15 @@ def test_init_from_env_tells_a_setup_mistake_from_a_failed_rendezvous():
 
     port = str(free_port())  # served by no one
     env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    alone = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     cases = [({k: v for k, v in env.items() if k != "MASTER_ADDR"}, "gloo"), ({**env, "MASTER_PORT": "abc"}, "gloo"),
-             (env, "glooo"), (env, "gloo")]
+             (env, "glooo"), (env, "gloo"), (alone, "gloo"), (alone, "gloo")]
     proc = subprocess.run([sys.executable, "-c", _INIT_CASES, json.dumps(cases)], capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0, proc.stderr
-    unset, not_int, backend, nobody = json.loads(proc.stdout.splitlines()[-1])
+    unset, not_int, backend, nobody, first, twice = json.loads(proc.stdout.splitlines()[-1])
+    # a second init of the default group is not an environment problem: torch's own ValueError
+    assert first == "no error" and twice.startswith("ValueError: ") and "environment" not in twice, twice
     assert unset == ("UserError: rank 1/2: torch.distributed could not read its setup from the environment (RANK='1', "
                      f"WORLD_SIZE='2', MASTER_ADDR unset, MASTER_PORT='{port}'): Error initializing torch.distributed "
                      "using env:// rendezvous: environment variable MASTER_ADDR expected, but not set; start the ranks "

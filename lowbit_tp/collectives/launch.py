@@ -74,10 +74,13 @@ def init_process_group(*, rank: int, world_size: int, init_method: str | None = 
                             rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
 
 
+_RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def init_from_env(*, backend: str | None = None, timeout_s: float = 60.0) -> tuple[int, int]:
     """Initialise from torchrun's ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``; returns (rank, world).
     A rendezvous that fails (a peer that never joins within ``timeout_s``, a master address no
-    one serves: torch's ``DistStoreError`` / ``DistNetworkError``) raises
+    one serves, a peer gone during set-up: torch's ``DistError`` family) raises
     :class:`~lowbit_tp.collectives.CollectiveError` naming this rank and the address, as a failed
     collective does. A setup mistake (a backend this torch lacks, a variable missing or not a
     number) raises :class:`~lowbit_tp.errors.UserError` saying so, not a rendezvous hint."""
@@ -91,14 +94,18 @@ def init_from_env(*, backend: str | None = None, timeout_s: float = 60.0) -> tup
                         f"(available: {', '.join(have) or 'none'})")
     try:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    except (dist.DistStoreError, dist.DistNetworkError) as exc:
+    except dist.DistError as exc:  # the store's, the network's, or the backend's own connect (a peer gone in set-up)
         raise CollectiveError(
             f"{me}: joining the process group at "
             f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')} failed: {str(exc).rstrip('. ')}. Did every "
             f"rank start (timeout {timeout_s:g} s)?") from exc
     except ValueError as exc:  # env:// read a variable that is missing or not an integer
+        bad_env = any(k not in env for k in _RENDEZVOUS_VARS) or any(
+            not env[k].strip().isdigit() for k in ("RANK", "WORLD_SIZE", "MASTER_PORT"))
+        if not bad_env and "env://" not in str(exc):
+            raise  # another mistake (a second init of the default group ...): torch's own message
         shown = ", ".join(f"{k}={env[k]!r}" if k in env else f"{k} unset"
-                          for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+                          for k in _RENDEZVOUS_VARS)
         raise UserError(f"{me}: torch.distributed could not read its setup from the environment ({shown}): "
                         f"{one_line(str(exc)).rstrip('. ')}; start the ranks with torchrun or set these "
                         f"variables") from exc
