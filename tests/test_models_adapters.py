@@ -192,9 +192,10 @@ def test_registry_names_and_bad_paths(tmp_path):
         resolve_source(str(tmp_path))
 
 
-def test_weight_hash_is_remembered_until_a_file_changes(tmp_path):
+def test_weight_hash_is_remembered_until_a_file_changes(tmp_path, monkeypatch):
     """The run and eval parents hashed the weights twice (preflight, model_info); the second is a
-    lookup now, and a file rewritten since (new mtime or size, or another file moved in) is read again."""
+    lookup now, and a file written since (new mtime, ctime or size, or another file moved in) is read again."""
+    from lowbit_tp.models import registry
     from lowbit_tp.models.registry import sha256_of_files
 
     def sha(*blobs):
@@ -204,13 +205,18 @@ def test_weight_hash_is_remembered_until_a_file_changes(tmp_path):
     a.write_bytes(b"first")
     b.write_bytes(b"second")
     assert sha256_of_files([a, b]) == sha(b"first", b"second")
+    old, new = sha(b"first", b"second"), sha(b"FIRST", b"second")  # before counting the module's hashes
+    reads = []
+    monkeypatch.setattr(registry.hashlib, "sha256", lambda *x: reads.append(1) or hashlib.new("sha256", *x))
+    assert sha256_of_files([a, b]) == old and not reads  # remembered, not read
     st = a.stat()
-    with open(a, "r+b") as f:  # same size, same inode, the old mtime set back: only a cache answers the old hash
+    with open(a, "r+b") as f:  # same size, same inode, the old mtime set back: the ctime moved
         f.write(b"FIRST")
     os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert sha256_of_files([a, b]) == sha(b"first", b"second")  # remembered, not read
+    assert sha256_of_files([a, b]) == new and reads == [1]  # read again
     os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a new mtime: read again
-    assert sha256_of_files([a, b]) == sha(b"FIRST", b"second")
+    assert sha256_of_files([a, b]) == new and reads == [1, 1]
+    monkeypatch.undo()
     st = a.stat()
     with open(a, "ab") as f:  # a new size under the same mtime
         f.write(b"!")

@@ -167,14 +167,14 @@ _DIGESTS_KEPT = 16
 def sha256_of_files(paths: list[Path]) -> str:
     """sha256 hex digest of the concatenated bytes of ``paths``, read in 1 MiB blocks.
 
-    Remembered in this process by each file's resolved path, size, ``st_mtime_ns`` and inode, so
-    hashing the same unchanged files again is free; a file rewritten since (a new mtime or size,
-    or replaced by another file) is read again. A rewrite in place that keeps the size and sets
-    the old mtime back is not noticed."""
+    Remembered in this process by each file's resolved path, size, ``st_mtime_ns``,
+    ``st_ctime_ns`` and inode, so hashing the same unchanged files again is free; a file written
+    since (a new mtime, ctime or size, or replaced by another file) is read again. The ctime
+    catches a rewrite in place that sets the old mtime back (``utime`` cannot set the ctime)."""
     key = []
     for path in paths:
         st = os.stat(path)
-        key.append((str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev))
+        key.append((str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev))
     key = tuple(key)
     if key in _DIGESTS:
         _DIGESTS.move_to_end(key)
