@@ -166,7 +166,7 @@ ASSUMPTIONS = [
     "bytes-proportional model from the largest such measured world w <= N (world 2 if none): decode-and-sum "
     "time x (N*p + 4)/(w*p + 4), p = bytes/value of a payload (the kernel reads N payloads and writes the "
     "fp32 sum); reduce-and-re-encode x (N + 1)/(w + 1) (it reads N payloads and writes one); where world N "
-    "ran the same call only on more rows, the price is capped by the measured call on the fewest of them "
+    "ran the same call only on more rows, the price is capped by the cheapest measured call among them "
     "(a call on fewer bytes is never priced above a measured one on more; the text says where). Encode: the "
     f"world-{BASE_WORLD} rows. How well the bytes model predicts the measured world-8 rows is shown below.",
     "The CPU contrast uses docs/bench/comm.json codec_speed (one CPU thread): time = values / throughput "
@@ -223,8 +223,8 @@ EXTENDED_REPLACES = {
     "Decode-and-sum of N payloads and reduce-and-re-encode": "Decode-and-sum of N payloads: the measured rows "
     "of world N when the device check ran that world at a token count at or below the message's; otherwise a "
     "bytes-proportional model from the largest such measured world w <= N (world 2 if none): decode-and-sum "
-    "time x (N*p + 4)/(w*p + 4), p = bytes/value of a payload, capped by world N's measured call on the fewest "
-    "rows above the message's where it ran only larger ones. Reduce-and-re-encode: the owner-stage bullets "
+    "time x (N*p + 4)/(w*p + 4), p = bytes/value of a payload, capped by the cheapest of world N's measured calls on more "
+    "rows than the message's where it ran only larger ones. Reduce-and-re-encode: the owner-stage bullets "
     f"below. Encode: the world-{BASE_WORLD} rows.",
 }
 FEEDBACK_NOTE = ("Error feedback (off by default) is not in these tables: with it, two-shot's first stage and "
@@ -548,7 +548,7 @@ class MeasuredKernels:
         """A call priced by the bytes model from world ``w``: world w's time ``t`` at ``tokens`` x
         ``scale`` (= ``model``), capped by world ``n``'s own measured call of the same kind (same
         codec, kernel and timing mode: the same ``field`` of the same :class:`MeasuredKernels`) on
-        the fewest rows above ``tokens``, where world n ran one: a call on fewer bytes is never
+        more rows than ``tokens`` (the cheapest of them), where world n ran one: a call on fewer bytes is never
         priced above a measured call on more (the model scales a launch-bound time by a bytes
         ratio). Returns
         (seconds, basis): the basis gives the inputs and arithmetic (world w's time and how it was
@@ -557,9 +557,10 @@ class MeasuredKernels:
         text = (f"bytes model from world {w}{self._file(codec, w)}: {_fmt(1e6 * t)} us at {tokens} rows "
                 f"({how_read(self.points[(codec, w)], tokens)}) x {formula} = {scale:.3g}")
         larger = [q for q in self.points.get((codec, n), []) if q.tokens > tokens]
-        if larger and getattr(larger[0], field) < model:
-            cap = getattr(larger[0], field)
-            text += (f" gives {_fmt(1e6 * model)} us; capped at world {n}'s measured call of {larger[0].tokens} rows "
+        cheapest = min(larger, key=lambda q: getattr(q, field), default=None)  # the nearest, unless a larger is faster
+        if cheapest is not None and getattr(cheapest, field) < model:
+            cap = getattr(cheapest, field)
+            text += (f" gives {_fmt(1e6 * model)} us; capped at world {n}'s measured call of {cheapest.tokens} rows "
                      f"({_fmt(1e6 * cap)} us{self._file(codec, n)}), a larger call")
             return cap, text
         return model, text

@@ -657,7 +657,7 @@ def capped(projection, tmp_path):
 def test_a_bytes_model_price_above_the_worlds_own_larger_measured_call_is_capped_by_it(projection, capped):
     """Synthetic: world 8 ran only 2048 and 8192 rows. TP 8's owner stage of 256 rows is world 2's
     interpolated 95.6 us x (8 + 1)/(2 + 1) = 287 us by the bytes model, but world 8's own call of
-    2048 rows (8x the rows) took 150 us: the price is 150 us, the smallest larger call's (not
+    2048 rows (8x the rows) took 150 us: the price is 150 us, the cheapest larger call's (not
     8192 rows' 500 us), and the basis says so. Likewise decode-and-sum of 8 at 32 rows: world 2's
     60 us x (8p + 4)/(2p + 4) = 99.5 us, capped at world 8's 2048-row 80 us."""
     red256 = 70e-6 + (256 - 32) / (2048 - 32) * 230e-6
