@@ -28,6 +28,8 @@ from lowbit_tp.evaluation.metrics import paired_difference_ci
 
 
 def per_sequence(result: dict, codec: str) -> dict:
+    if sum(row["codec"] == codec for row in result["rows"]) > 1:
+        raise SystemExit(f"error: rows named {codec} appear more than once; name them apart (--by-setup) or pass one")
     for row in result["rows"]:
         if row["codec"] == codec:
             if "per_sequence" not in row:

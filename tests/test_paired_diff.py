@@ -197,6 +197,11 @@ def test_script_pairs_one_codec_across_collective_setups_only_when_asked(tmp_pat
                                  "text": {"chunks": {"samples": [9]}}, "rows": data["rows"][1:]}))
     with pytest.raises(SystemExit, match="other windows"):  # the windows must still match
         mod.main([str(one), str(three), "--by-setup", "--pairs", "coarse@gather:fine@gather+ef"])
+    # the same codec and set-up twice: a pair would have taken the first row silently
+    with pytest.raises(SystemExit, match="coarse@gather appear more than once"):
+        mod.main([str(one), str(one), "--by-setup", "--pairs", "coarse@gather:coarse@gather"])
+    with pytest.raises(SystemExit, match="rows named coarse appear more than once"):
+        mod.main([str(one), str(one), "--pairs", "coarse:coarse"])
 
 
 # ------------------------------------------------------------------ last-word accuracy intervals

@@ -123,7 +123,9 @@ def _check_call(codec: Codec, group, algorithm: str, policy: AutoPolicy, layer) 
     """:func:`all_reduce`'s check: the codec's config plus what else decides the wire traffic, the
     requested algorithm and the policy's fields that act on it (``chunk_bytes`` always, the
     thresholds under ``auto``). Ranks that differ there sent messages of different sizes or kinds:
-    gloo aborted or the call ran into the timeout. The key holds exactly those values, so a hit
+    gloo aborted or the call ran into the timeout. It runs only where a rank compresses: a message
+    that ``auto`` sends ``exact`` on one rank (a larger ``min_bytes``) and compressed on another
+    is not caught. The key holds exactly those values, so a hit
     builds one tuple and no dict."""
     auto = algorithm == "auto"
     key = (id(group), codec.fingerprint(), algorithm, policy.chunk_bytes,

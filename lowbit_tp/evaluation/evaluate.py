@@ -250,5 +250,9 @@ def merge_results(results: Sequence[dict[str, Any]], *, by_setup: bool = False) 
         out["rows"] = [{**row, "codec": row["codec"] + setup_tag(res)} for res in results for row in res["rows"]]
     else:
         out["rows"] = [row for res in results for row in res["rows"]]
+    names = [row["codec"] for row in out["rows"]]
+    if by_setup and len(set(names)) < len(names):  # a pair would silently take the first of them
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"rows named {', '.join(twice)} appear more than once (the same codec and set-up in two results)")
     out["config"] = {**first["config"], "codecs": [row["codec"] for row in out["rows"]]}
     return out
