@@ -59,8 +59,8 @@ SCALAR_FLAGS = [
       "model": "model", "hidden": "hidden", "intermediate": "intermediate", "layers": "layers", "heads": "heads",
       "kv_heads": "kv_heads", "delay": "delay", "threads_per_rank": "threads_per_rank",
       "chunk_bytes": "chunk_bytes"}),
-    (["serve", "--tp", "2"], PluginConfig, {"calibration": "calibration", "algorithm": "algorithm",
-                                            "min_bytes": "min_bytes"}),
+    # serve's plugin flags default to None (the environment, then PluginConfig's defaults, fill them:
+    # serve.plugin_config); test_a_command_without_flags_builds_the_default_config checks the result
     (["serve", "--tp", "2"], VllmEngineConfig, {"max_model_len": "max_model_len"}),
 ]
 
