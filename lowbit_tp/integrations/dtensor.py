@@ -35,7 +35,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 
 from lowbit_tp.codecs.base import Codec
 from lowbit_tp.collectives import DEFAULT_ALGORITHM, AutoPolicy
-from lowbit_tp.models import even_heads_refusal, head_counts
+from lowbit_tp.models import even_heads_refusal, head_counts_or_none
 from lowbit_tp.tp.plan import DECODER_PLAN, TPPlan
 from lowbit_tp.tp.row_parallel import CommHooks, DistReducer, Reducer, check_reduce_config
 
@@ -136,11 +136,5 @@ def _heads(model: nn.Module) -> tuple[int, int] | None:
     """``(query heads, KV heads)`` from ``model.config`` (an HF model's), or None without one.
     Only the head counts: a config lacking an unrelated size (the MLP's, the layer count) still
     gets the heads check."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    try:
-        return head_counts(config)
-    except (AttributeError, TypeError, ValueError):  # no head counts to read
-        return None
+    return head_counts_or_none(getattr(model, "config", None))
 

@@ -59,7 +59,7 @@ from transformers.distributed.tensor_parallel import RowwiseParallel, TensorPara
 from lowbit_tp.codecs.base import Codec
 from lowbit_tp.collectives import DEFAULT_ALGORITHM, AutoPolicy, CommStats
 from lowbit_tp.configs import feedback_mode
-from lowbit_tp.models import even_heads_refusal, get_adapter, head_counts
+from lowbit_tp.models import even_heads_refusal, get_adapter, head_counts_or_none
 from lowbit_tp.models.adapters import post_norm_of
 from lowbit_tp.tp.plan import DECODER_PLAN, TPPlan
 from lowbit_tp.tp.row_parallel import CommHooks, DistReducer, Reducer, check_reduce_config
@@ -98,11 +98,7 @@ class HeadsCheck(TensorParallelLayer):
     ``config`` (transformers' attention modules keep the model's); without one it checks nothing."""
 
     def install_forward(self, module, mesh):
-        config = getattr(module, "config", None)
-        try:
-            heads = None if config is None else head_counts(config)
-        except (AttributeError, TypeError, ValueError):  # no head counts to read
-            heads = None
+        heads = head_counts_or_none(getattr(module, "config", None))
         refusal = None if heads is None else even_heads_refusal(heads, mesh.size(),
                                                                 splitter="transformers' tensor parallelism")
         if refusal:

@@ -10,6 +10,7 @@ from lowbit_tp.models.adapters import (
     even_heads_refusal,
     get_adapter,
     head_counts,
+    head_counts_or_none,
     valid_tp_degrees,
 )
 from lowbit_tp.models.registry import (
@@ -33,6 +34,7 @@ __all__ = [
     "even_heads_refusal",
     "get_adapter",
     "head_counts",
+    "head_counts_or_none",
     "list_models",
     "load_model",
     "load_tokenizer",

@@ -146,6 +146,17 @@ def head_counts(config: Any) -> tuple[int, int]:
     return num_heads, int(getattr(config, "num_key_value_heads", None) or num_heads)
 
 
+def head_counts_or_none(config: Any) -> tuple[int, int] | None:
+    """:func:`head_counts` of ``config``, or None without a config or without head counts to read
+    (the heads checks of the DTensor and transformers styles then check nothing)."""
+    if config is None:
+        return None
+    try:
+        return head_counts(config)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 def even_heads_refusal(heads: tuple[int, int], tp: int, *, splitter: str) -> str | None:
     """Why ``splitter`` (a TP that splits the attention heads evenly and cannot replicate KV
     heads: DTensor's ``parallelize_module``, transformers' own TP) cannot run ``heads``
