@@ -381,6 +381,16 @@ TABLES: dict[str, list[int]] = {
     # 4.25 bits/value -> 4.111 code bits/value; step / sigma 0.248
     "gauss4.25": [15] * 24 + [14, 14, 13, 12, 10, 9, 8, 7, 6, 6, 5, 4, 4, 4, 4, 3, 3, 3, 4, 4, 4, 5, 5, 6, 6, 7, 8, 9,
                               11, 12, 13, 14, 14] + [15] * 24,
+    # the finer ladder for bit allocation (issue 11, Gemma 3 at 4.25 bits); same design rule
+    # 3.875 bits/value -> 3.736 code bits/value; step / sigma 0.316
+    "gauss3.875": [15] * 18 + [14] * 11 + [12, 11, 9, 8, 7, 6, 5, 4, 4, 3, 3, 3, 3, 3, 4, 4, 5, 6, 7, 8, 9, 11, 12]
+    + [14] * 11 + [15] * 18,
+    # 4.625 bits/value -> 4.486 code bits/value; step / sigma 0.188
+    "gauss4.625": [14] * 20 + [13, 13, 12, 11, 10, 9, 8, 8, 7, 6, 6, 6, 5, 5, 5, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 5,
+                               5, 5, 6, 6, 7, 7, 8, 9, 9, 11, 11, 12, 13, 13] + [14] * 20,
+    # 5 bits/value -> 4.861 code bits/value; step / sigma 0.146
+    "gauss5": [14] * 16 + [13, 13, 12, 11, 10, 10, 9, 9, 8, 8, 7, 7, 6, 6, 6, 5, 5, 5, 5, 5, 4, 4, 4, 4, 4, 4, 4, 4,
+                           5, 5, 5, 5, 5, 5, 6, 6, 6, 7, 7, 8, 8, 9, 9, 10, 10, 11, 12, 13, 13] + [14] * 16,
 }
 
 
@@ -390,3 +400,6 @@ def _reg(name, **opts):
 
 _reg("rot-ecsq3.5-k4", bits=3.5, k=4, table="gauss3.5")
 _reg("rot-ecsq4.25-k4", bits=4.25, k=4, table="gauss4.25")
+_reg("rot-ecsq3.875-k4", bits=3.875, k=4, table="gauss3.875")
+_reg("rot-ecsq4.625-k4", bits=4.625, k=4, table="gauss4.625")
+_reg("rot-ecsq5-k4", bits=5.0, k=4, table="gauss5")
