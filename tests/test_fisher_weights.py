@@ -210,6 +210,24 @@ def test_payloads_and_sums_against_numpy(wcal, backend, tokens, dtype):
     assert np.array_equal(one.numpy(), (decoded[2] / w).astype(np.float32))
 
 
+def test_ecsq_takes_weights_against_numpy(wcal):
+    """The research ECSQ codecs are rotated codecs too: the payload is the unweighted codec's
+    payload of ``x * w`` (numpy product), the sum the fp32 sum of its decodes divided by ``w``."""
+    inner = make_codec("rot-ecsq4.25-k4", calibration=wcal)
+    c = make_codec("rot-ecsq4.25-k4+fisher", calibration=wcal)
+    layer = LAYERS[0]
+    w = wcal.channel_weights[layer].numpy()
+    parts = planted_partials(3, 6, E, seed=3)
+    payloads = [c.encode(x, layer=layer, source=r) for r, x in enumerate(parts)]
+    for r, (x, got) in enumerate(zip(parts, payloads)):
+        want = inner.encode(torch.from_numpy(x.float().numpy() * w), layer=layer, source=r)
+        assert got.numpy().tobytes() == want.numpy().tobytes()
+    acc = inner.decode(payloads[0], (6, E), layer=layer, source=0).numpy().copy()
+    for r, p in enumerate(payloads[1:], 1):
+        acc = (acc + inner.decode(p, (6, E), layer=layer, source=r).numpy()).astype(np.float32)
+    assert np.array_equal(c.decode_sum(payloads, (6, E), layer=layer).numpy(), (acc / w).astype(np.float32))
+
+
 def test_literal_bytes_through_the_weights():
     """The literal case of test_wire_format (rot-lm4-g64-lg8-k4, E = 64): sending ``x / w``
     with power-of-two weights must give exactly that test's bytes, and decode to its values / w."""

@@ -16,7 +16,7 @@ import torch
 from lowbit_tp.calibration.artifact import CalibrationError
 from lowbit_tp.codecs.base import (Codec, NonFiniteError, OutOfRangeError, codec_spec, make_codec, register_codec,
                                    register_codec_variant)
-from lowbit_tp.codecs.rotation import RotatedGroupCodec
+from lowbit_tp.codecs.rotation import KeptRotation, RotatedGroupCodec
 
 
 class _DelegatingCodec(Codec):
@@ -186,10 +186,10 @@ class ChannelWeightedCodec(_DelegatingCodec):
 
     Exact arithmetic (the contract a kernel must keep): encode sends
     ``inner.encode(x.float() * w)``; decode-and-sum returns ``inner.decode_sum(...) / w`` in
-    fp32 (IEEE division), rounded once to a bf16/fp16 ``out``. Only ``rot-*`` codecs, and
-    ``alloc`` whose layers are all ``rot-*``, take weights: their rotation spreads the error
-    evenly over channels, which is what the weights assume; static per-channel scales
-    calibrated on unweighted values would clip.
+    fp32 (IEEE division), rounded once to a bf16/fp16 ``out``. Only ``rot-*`` codecs (the
+    ``rot-ecsq*`` research codecs included), and ``alloc`` whose layers are all ``rot-*``,
+    take weights: their rotation spreads the error evenly over channels, which is what the
+    weights assume; static per-channel scales calibrated on unweighted values would clip.
     """
 
     needs_calibration = True
@@ -199,7 +199,7 @@ class ChannelWeightedCodec(_DelegatingCodec):
         self.inner = make_codec(inner, calibration=self.calibration, nonfinite=self.nonfinite, backend=self.backend)
         self.name = f"{inner}{FISHER_SUFFIX}"
         leaves = self.inner._subcodecs() if isinstance(self.inner, _DelegatingCodec) else [self.inner]
-        if isinstance(self.inner, ChannelWeightedCodec) or not all(isinstance(c, RotatedGroupCodec) for c in leaves):
+        if isinstance(self.inner, ChannelWeightedCodec) or not all(isinstance(c, KeptRotation) for c in leaves):
             raise ValueError(f"codec {self.name!r}: channel weights apply to rot-* codecs and alloc plans of "
                              f"rot-* codecs only")
         if not self.calibration.channel_weights:
