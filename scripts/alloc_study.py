@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from lowbit_tp.models.registry import sha256_of_files
+from lowbit_tp.results import json_text
 
 CANDIDATES = ("rot-lm2-g64-lg8-k4", "rot-lm3-g64-lg8-k4", "rot-lm4-g64-lg8-k4", "rot-int5-g64-lg8-k4",
               "rot-int6-g64-lg8-k4", "rot-int8-g64-lg8-k4")
@@ -242,7 +243,7 @@ def main(argv=None) -> None:
             sens = measure(model, probe.input_ids, cal, tp=args.tp, codec=args.reference, name=info.name,
                            error_feedback=args.error_feedback)
         t2 = time.perf_counter()
-        meas.write_text(json.dumps({"model": args.model, "tp": args.tp, "reference": args.reference,
+        meas.write_text(json_text({"model": args.model, "tp": args.tp, "reference": args.reference,
                                     "error_feedback": args.error_feedback, "sensitivity": args.sensitivity,
                                     "own_sensitivity": bool(args.own_sensitivity), "calibration_sha256": cal_sha,
                                     "sensitivity_from": src_sha, "sensitivity_from_path": args.sensitivity_from,
@@ -295,8 +296,7 @@ def main(argv=None) -> None:
         if args.json:
             plans_json = {n: {k: v for k, v in p.items() if k not in ("mse", "sensitivity_kl", "probe")}
                           for n, p in plans.items()}
-            Path(args.json).write_text(json.dumps({"args": vars(args), **res.to_json(), "plans": plans_json}, indent=1,
-                                                  default=str))
+            Path(args.json).write_text(json_text({"args": vars(args), **res.to_json(), "plans": plans_json}, indent=1))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from lowbit_tp.results import json_text
 
 # label: (registered codec, option overrides)
 VARIANTS = {
@@ -85,7 +86,7 @@ def main(argv=None) -> None:
     rows.sort(key=lambda r: r["bits_per_value"])
     for r in rows:
         print(r)
-    Path(args.out).write_text(json.dumps({"reference": ref, "probe": pm, "rows": rows}, indent=1))
+    Path(args.out).write_text(json_text({"reference": ref, "probe": pm, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import torch
 from lowbit_tp.calibration.synthetic import synthetic_calibration
 from lowbit_tp.codecs import make_codec
 from lowbit_tp.kernels import cpu
+from lowbit_tp.results import json_text
 
 PHASES = {  # LBT_SKIP bits (see cpu_kernels.cpp)
     "enc: hadamard": 2, "enc: group absmax": 4, "enc: scales": 8, "enc: division": 16,
@@ -137,7 +138,7 @@ def main() -> None:
     for r in rows:
         print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
+        Path(a.json).write_text(json_text(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

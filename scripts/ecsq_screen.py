@@ -25,6 +25,7 @@ import json
 import math
 import time
 from pathlib import Path
+from lowbit_tp.results import json_text
 
 
 def interpolate(points: list[tuple[float, float]], bits: float) -> float | None:
@@ -131,7 +132,7 @@ def main(argv=None) -> None:
            "held_out_tokens": shape[0], "hidden": e, "rows": rows, "tables": tables,
            "seconds": round(time.time() - t0)}
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        Path(args.json).write_text(json_text(out, indent=1))
     print(json.dumps(rows, indent=1))
 
 

@@ -29,6 +29,7 @@ import random
 import statistics
 import sys
 from pathlib import Path
+from lowbit_tp.results import json_text
 
 FIXED = ([list(range(8))], [[i] for i in range(8)], [[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 4], [1, 5], [2, 6], [3, 7]])
 
@@ -90,7 +91,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = "python scripts/ef_layout_spread.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    out.write_text(json.dumps({"command": command, "model": "smollm2-135m (Q4_1 GGUF dequantized to fp32)",
+    out.write_text(json_text({"command": command, "model": "smollm2-135m (Q4_1 GGUF dequantized to fp32)",
                                "tp": 3, "codec": "int4-outlier", "algorithm": "two-shot", "rows": rows,
                                "summary": summary}, indent=1) + "\n")
     lines = [f"Command: `{command}`; SmolLM2-135M (Q4_1 GGUF dequantized to fp32), TP 3, int4-outlier, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from lowbit_tp.results import json_text
 
 
 def main(argv=None) -> None:
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
     res = evaluate_codecs(cfg, calibration=cal)
     print(res.table(DEV_COLUMNS))
     if args.json:
-        Path(args.json).write_text(json.dumps(res.to_json(), indent=1, default=str))
+        Path(args.json).write_text(json_text(res.to_json(), indent=1))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 from lowbit_tp.results import markdown_table
 from lowbit_tp.evaluation.evaluate import calibrate_and_evaluate
 from lowbit_tp.models import load_model
+from lowbit_tp.results import json_text
 
 CODECS = ("int8", "int4", "int4-random-k", "int4-outlier", "int4-g32", "int4-g128", "mxfp4",
           "rot-int4-g64", "rot-lm4-g64", "rot-lm4-g64-lg8", "rot-lm4-g64-lg8-k4", "rot-lm4-g32-lg8-k4",
@@ -173,7 +174,7 @@ def main() -> None:
     store = json.loads(out.read_text()) if out.exists() else {}
     store = {k: (v if v.get("text", {}).get("split") else normalize_old_entry(v)) for k, v in store.items()}
     if args.docs_only:
-        out.write_text(json.dumps(store, indent=2, default=str))
+        out.write_text(json_text(store, indent=2))
         write_docs(store, out)
         return
     if args.from_eval:
@@ -185,7 +186,7 @@ def main() -> None:
         res = {**res, "rows": rows, "config": {**res["config"], "codecs": [r["codec"] for r in rows]}}
         res["command"] = args.command or " ; ".join(args.from_eval)
         put(store, res)
-        out.write_text(json.dumps(store, indent=2, default=str))
+        out.write_text(json_text(store, indent=2))
         write_docs(store, out)
         return
     codecs = tuple(args.codec or CODECS) + (("alloc",) if args.allocate else ())
@@ -207,7 +208,7 @@ def main() -> None:
                               + (f" --allocate {args.allocate} --alloc-low {args.alloc_low} --alloc-high "
                                  f"{args.alloc_high}" if args.allocate else ""))
             put(store, res)
-            out.write_text(json.dumps(store, indent=2, default=str))
+            out.write_text(json_text(store, indent=2))
             write_docs(store, out)
 
 

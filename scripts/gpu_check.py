@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from lowbit_tp.bench.device_script import command_line, open_device, parse_shapes, same_bits
+from lowbit_tp.results import json_text
 
 # The default run: the seed, the group codecs, what `default` (alloc) uses, the static baselines.
 PRIORITY_CODECS = ["int4-outlier", "int4-g32", "int4-g128", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4", "int4",
@@ -232,7 +233,7 @@ def _writer(args, argv, dev, dry, world, check_tokens, repeats, t_start):
                 "check_tokens": check_tokens, "repeats": repeats, "seconds": time.time() - t_start,
                 "complete": final, "skipped_for_budget": skipped, "reduce_variants": _reduce_variants(),
                 "command": command_line("gpu_check", argv)}
-        (out / "gpu_check.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+        (out / "gpu_check.json").write_text(json_text({**meta, "rows": rows}, indent=2))
         cols = ["codec", "tokens", "hidden", "bits_per_value", "bytes_equal_finite", "bytes_equal_nan_inf",
                 "sum_equal_finite", "sum_equal_nan_inf", "sum_bf16_equal_finite", "sum_bf16_equal_nan_inf", "copy_gbps", "encode_gbps", "encode_of_copy",
                 "decode_sum_gbps", "decode_sum_of_copy", "graph_encode_of_copy", "graph_decode_sum_of_copy",

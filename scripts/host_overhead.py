@@ -46,6 +46,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from lowbit_tp.results import json_text
 
 os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
 
@@ -298,7 +299,7 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         cmd = "python scripts/host_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
         meta = {"command": cmd, "shape": [t, e], "calls": args.calls, "mode": args.mode, "torch": torch.__version__}
-        (out / "host_overhead_two_shot.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (out / "host_overhead_two_shot.json").write_text(json_text({"meta": meta, "rows": rows}, indent=1))
         (out / "host_overhead_two_shot.md").write_text(_two_shot_markdown(meta, rows))
         print(f"wrote {out}/host_overhead_two_shot.json and .md")
         return
@@ -330,7 +331,7 @@ def main(argv=None) -> None:
     cmd = "python scripts/host_overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {"command": cmd, "label": args.label, "shape": [t, e], "world": args.world, "calls": args.calls,
             "mode": args.mode, "torch": torch.__version__, "compare": args.compare}
-    (out / "host_overhead.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "host_overhead.json").write_text(json_text({"meta": meta, "rows": rows}, indent=1))
     (out / "host_overhead.md").write_text(_markdown(meta, rows, before))
     print(f"wrote {out}/host_overhead.json and .md")
 

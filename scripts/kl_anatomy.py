@@ -43,6 +43,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from lowbit_tp.results import json_text
 
 
 def main(argv=None) -> None:
@@ -196,7 +197,7 @@ def main(argv=None) -> None:
             "corr_log": round(float(torch.corrcoef(torch.tensor([[per_layer[n] for n in names], [m[n] for n in names]]).log())[0, 1]), 3)}
     print(json.dumps(out, indent=1), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+        Path(args.json).write_text(json_text(out, indent=1))
 
     if args.eval_samples:
         from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
@@ -215,7 +216,7 @@ def main(argv=None) -> None:
                            "rows": [{c: r.to_json().get(c) for c in cols} for r in res.rows]}
     out["seconds"] = round(time.time() - t0)
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+        Path(args.json).write_text(json_text(out, indent=1))
 
 
 if __name__ == "__main__":

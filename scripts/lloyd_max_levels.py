@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from lowbit_tp.codecs.rotation import LLOYD_MAX
+from lowbit_tp.results import json_text
 
 
 def normalised_groups(samples: int, group: int, seed: int) -> torch.Tensor:
@@ -88,7 +89,7 @@ def main() -> None:
         print(f"{bits}-bit G={group}: fit {got}\n{'':13}stored {stored}  max rel diff {100 * max(rel):.2f}%, "
               f"mse stored / fit {ratio:.4f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"samples": args.samples, "seed": args.seed, "tables": out}, indent=2))
+        Path(args.json).write_text(json_text({"samples": args.samples, "seed": args.seed, "tables": out}, indent=2))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from lowbit_tp.results import markdown_table
 from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
 from lowbit_tp.evaluation.outliers import consistency, range_heatmap, summarize
 from lowbit_tp.models import load_model
+from lowbit_tp.results import json_text
 
 # What the registry's models are (the README and the results pages say the same).
 BASELINES = {
@@ -45,7 +46,7 @@ def main() -> None:
                   title=f"{args.model}, TP {args.tp}, reduced sum: log10 channel range per layer")
     out.mkdir(parents=True, exist_ok=True)
     cmd = f"python scripts/outlier_analysis.py --model {args.model} --tp {args.tp} --samples {args.samples}"
-    (out / f"{tag}.json").write_text(json.dumps({"command": cmd, "summary": summary, "rows": rows}, indent=2))
+    (out / f"{tag}.json").write_text(json_text({"command": cmd, "summary": summary, "rows": rows}, indent=2))
     table = markdown_table(rows, ["layer", "source", "overlap", "range_share_topk", "top_over_median_range"])
     summ = markdown_table([{"layers": k, **v} for k, v in summary.items()],
                           ["layers", "mean_overlap", "median_overlap", "min_overlap", "mean_range_share_topk",

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lowbit_tp.evaluation.evaluate import merge_results
 from lowbit_tp.evaluation.metrics import paired_difference_ci
+from lowbit_tp.results import json_text
 
 
 def per_sequence(result: dict, codec: str) -> dict:
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = compare(result, pairs)
     print(table(rows))
     if args.json:
-        args.json.write_text(json.dumps({"sources": [str(p) for p in args.eval_json], "pairs": rows}, indent=1)
+        args.json.write_text(json_text({"sources": [str(p) for p in args.eval_json], "pairs": rows}, indent=1)
                              + "\n")
     return 0
 

@@ -36,6 +36,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from lowbit_tp.results import json_text
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "docs" / "bench"
@@ -1243,7 +1244,7 @@ def write_doc(path: Path, gpu_checks: list[Path] | None = None, comm_json: Path 
         result["command_line"] = lines[2].split("`")[1]
         result["owner_stage"] = _owner_rows(kernels)
         result["owner_stage_model_check"] = owner_check(kernels)
-    path.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    path.with_suffix(".json").write_text(json_text(result, indent=1))
     return result
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from lowbit_tp.results import markdown_table
 from lowbit_tp.evaluation.evaluate import calibrate_and_evaluate
 from lowbit_tp.models import load_model
+from lowbit_tp.results import json_text
 
 CODECS = ("bf16", "int8", "int4", "int4-random-k", "int4-outlier", "int4-g32", "mxfp4")
 # The seed codec's scale choices (lowbit_tp/codecs/static.py): same bits, same wire format.
@@ -65,7 +66,7 @@ def main() -> None:
     out = Path(args.out)
     store = json.loads(out.read_text()) if out.exists() else {}
     if args.docs_only:
-        out.write_text(json.dumps(res_store(store), indent=2, default=str))
+        out.write_text(json_text(res_store(store), indent=2))
         write_markdown(store, out.with_suffix(".md"))
         return
     if args.from_eval:
@@ -75,7 +76,7 @@ def main() -> None:
         res = keep_codecs(res, args.codec or CODECS + ABLATIONS + DEFAULT_NAMES)
         res["command"] = args.command or " ; ".join(args.from_eval)
         put(store, res)
-        out.write_text(json.dumps(res_store(store), indent=2, default=str))
+        out.write_text(json_text(res_store(store), indent=2))
         write_markdown(store, out.with_suffix(".md"))
         return
     codecs = tuple(args.codec) if args.codec else CODECS + (() if args.no_ablations else ABLATIONS)
@@ -91,7 +92,7 @@ def main() -> None:
                               f"--batch-size {args.batch_size}" + (" --no-ablations" if args.no_ablations else "")
                               + "".join(f" --codec {c}" for c in args.codec or []))
             put(store, res)
-            out.write_text(json.dumps(res_store(store), indent=2, default=str))
+            out.write_text(json_text(res_store(store), indent=2))
             write_markdown(store, out.with_suffix(".md"))
 
 

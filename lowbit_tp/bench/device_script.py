@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lowbit_tp.results import strict_json
+
 INTERPRET = "TRITON_INTERPRET"
 _KERNEL_MODULES = "lowbit_tp.kernels.triton"  # the modules holding @triton.jit kernels
 
@@ -90,4 +92,4 @@ def device_name(dev: Any, cpu: str) -> str:
 def write_json(path: Path, doc: dict, *, indent: int = 1, newline: bool = True) -> None:
     """``doc`` to ``path`` (its folder made), as the scripts have always written it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=indent) + ("\n" if newline else ""))
+    path.write_text(json.dumps(strict_json(doc), indent=indent, allow_nan=False) + ("\n" if newline else ""))

@@ -1,7 +1,6 @@
 """What every subcommand module shares: flag defaults read from a config dataclass, warnings."""
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
@@ -9,6 +8,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from lowbit_tp.fileio import atomic_write_text
+from lowbit_tp.results import json_text
 
 
 def default(config: type, name: str) -> Any:
@@ -30,7 +30,7 @@ def warn(text: str) -> None:
 def write_json(path: str | None, obj: Any) -> None:
     """Write a command's result as indented JSON (atomically), when ``--json`` was given."""
     if path:
-        atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+        atomic_write_text(path, json_text(obj))
 
 
 # Environment variables that change what a benchmark measures, so they belong in its command line.
