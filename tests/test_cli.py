@@ -10,6 +10,7 @@ import pytest
 from lowbit_tp.cli import bench, build_parser, calibrate, demo, eval, run, serve
 from lowbit_tp.configs import (AutoPolicy, CalibrationConfig, CommBenchConfig, DemoConfig, E2EConfig, EvalConfig,
                                RankOptions, RunConfig, SamplingConfig)
+from lowbit_tp.errors import UserError
 from lowbit_tp.integrations.vllm.config import PluginConfig
 from lowbit_tp.integrations.vllm.engine import VllmEngineConfig
 
@@ -476,7 +477,7 @@ def test_serve_and_run_vllm_refuse_a_bad_port_tp_or_length_before_vllm(tmp_path,
     monkeypatch.setattr(serve, "ensure_vllm_python", lambda *a: None)
     monkeypatch.setattr(serve, "model_directory", lambda model: model)
     args = parse("serve", "--model", tiny, "--tp", "3", "--codec", "bf16", "--dry-run")
-    with pytest.raises(SystemExit, match=r"^lowbit-tp serve: TP degree 3 does not divide the 4 attention heads"):
+    with pytest.raises(UserError, match=r"^serve: TP degree 3 does not divide the 4 attention heads"):
         args.func(args)
     args = parse("serve", "--model", tiny, "--tp", "2", "--codec", "bf16", "--dry-run")
     args.func(args)  # fits: the vLLM command is printed
@@ -484,14 +485,14 @@ def test_serve_and_run_vllm_refuse_a_bad_port_tp_or_length_before_vllm(tmp_path,
     monkeypatch.setattr(run, "ensure_vllm_python", lambda *a: None)
     args = parse("run", "--engine", "vllm", "--model", tiny, "--tp", "3", "--codec", "bf16", "--prompt", "x")
     monkeypatch.setattr(E, "model_directory", lambda model: model)
-    with pytest.raises(SystemExit, match=r"^lowbit-tp run: TP degree 3 does not divide the 4 attention heads"):
+    with pytest.raises(UserError, match=r"^run: TP degree 3 does not divide the 4 attention heads"):
         args.func(args)
     for codec in ("none", "bf16"):  # without the plugin too (vLLM's own refusal is a traceback as well)
         args = parse("serve", "--model", tiny, "--tp", "3", "--codec", codec, "--dry-run")
-        with pytest.raises(SystemExit, match=r"^lowbit-tp serve: TP degree 3 does not divide"):
+        with pytest.raises(UserError, match=r"^serve: TP degree 3 does not divide"):
             args.func(args)
         args = parse("run", "--engine", "vllm", "--model", tiny, "--tp", "3", "--codec", codec, "--prompt", "x")
-        with pytest.raises(SystemExit, match=r"^lowbit-tp run: TP degree 3 does not divide"):
+        with pytest.raises(UserError, match=r"^run: TP degree 3 does not divide"):
             args.func(args)
 
 
@@ -596,7 +597,7 @@ def test_serve_checks_the_plugin_settings_passed_on_in_additional_config(tmp_pat
             ("int4-g32", ['--additional_config={"lowbit_tp": {"codec": "int8"}}',  # the last one given wins
                           "--additional-config", '{"lowbit_tp": {"codec": "bogus"}}'], "unknown codec 'bogus'"),
             ("none", ["--additional-config", '{"lowbit_tp": {"codec": "int8"}}'], "--codec none runs vLLM without")):
-        with pytest.raises(SystemExit, match="^lowbit-tp serve: .*" + msg):
+        with pytest.raises(UserError, match="^serve: .*" + msg):
             dry(codec, *extra)
     # a flag serve sets itself, given again after --: vLLM took the last one (it listened on 9000
     # while serve's start line said 8000)
@@ -604,7 +605,7 @@ def test_serve_checks_the_plugin_settings_passed_on_in_additional_config(tmp_pat
                        (["--tensor_parallel_size=3"], "--tensor_parallel_size after -- .* serve's --tp"),
                        (["-tp", "3"], "-tp after -- .* serve's --tp"),
                        (["--dtype", "bfloat16"], "--dtype after -- .* serve sets it")):
-        with pytest.raises(SystemExit, match="^lowbit-tp serve: " + msg):
+        with pytest.raises(UserError, match="^serve: " + msg):
             dry("int4-g32", *extra)
     assert dry("int4-g32", "--max-num-seqs", "4").rstrip().endswith("--max-num-seqs 4")
     out = dry("int4-g32", "--additional-config", '{"lowbit_tp": {"algorithm": "two-shot"}, "other": 1}')

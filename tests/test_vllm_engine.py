@@ -306,10 +306,10 @@ def test_serve_refuses_a_calibration_for_another_tp_degree_in_one_line(work):
     proc = subprocess.run([VPY, "-m", "lowbit_tp.cli", "serve", "--model", MODEL, "--tp", str(TP), "--codec",
                            "int4-outlier", "--calibration", str(bad), "--port", str(_free_port())],
                           env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # a user error, as in every other command
     assert "Traceback" not in proc.stderr + proc.stdout
     assert proc.stderr.strip().splitlines() == [
-        f"lowbit-tp serve: calibration {bad}: calibration was made for TP degree 2, but this run uses TP 3; "
+        f"lowbit-tp: error: serve: calibration {bad}: calibration was made for TP degree 2, but this run uses TP 3; "
         f"recalibrate with --tp 3"]
 
 

@@ -15,6 +15,7 @@ from lowbit_tp.calibration import CalibrationError
 from lowbit_tp.calibration.synthetic import planted_partials, synthetic_calibration
 from lowbit_tp.codecs import make_codec
 from lowbit_tp.collectives import AutoPolicy, simulate_all_reduce, spawn_ranks
+from lowbit_tp.errors import UserError
 from lowbit_tp.integrations.vllm import op
 from lowbit_tp.integrations.vllm.checkpoint import CheckpointIdentity, calibration_layer_name, check_calibration
 from lowbit_tp.integrations.vllm.config import PluginConfig, resolve_config
@@ -177,8 +178,9 @@ def test_serve_without_vllm_is_one_clear_line(tmp_path):
     env = dict(os.environ, LOWBIT_TP_VLLM_PYTHON=str(tmp_path / "missing-python"))
     proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "serve", "--tp", "3"], env=env,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("lowbit-tp: vLLM is not installed here")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr  # a user error, like every command's
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("lowbit-tp: error: vLLM is not installed here")
 
 
 def test_gated_reducer_falls_back_below_the_gate_and_writes_its_report(tmp_path):
@@ -405,7 +407,7 @@ def test_preflight_builds_the_codec_before_vllm_starts(tmp_path, monkeypatch):
     monkeypatch.setattr(serve, "ensure_vllm_python", lambda *a: None)
     monkeypatch.setattr(serve, "model_directory", lambda model: llama)
     args = build_parser().parse_args(["serve", "--tp", "2", "--codec", "bogus", "--dry-run"])
-    with pytest.raises(SystemExit, match=r"^lowbit-tp serve: unknown codec 'bogus'"):
+    with pytest.raises(UserError, match=r"^serve: unknown codec 'bogus'"):
         args.func(args)
     monkeypatch.setattr(E, "model_directory", lambda model: llama)
     with pytest.raises(ValueError, match="unknown codec 'bogus'"):

@@ -163,7 +163,7 @@ def _run_vllm(args, cfg: RunConfig) -> None:
     try:
         out = run(cfg, engine=VllmEngineConfig(enforce_eager=not args.compile))
     except (CalibrationError, ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
-        raise SystemExit(f"lowbit-tp run: {exc}") from None
+        raise UserError(f"run: {exc}") from None
     for i, r in enumerate(out.results):
         print(f"[prompt {i}] {r.new_tokens} tokens ({r.finish_reason}), {r.tokens_per_s:.2f} tok/s: {r.text!r}")
     write_json(args.json, out.to_json())

@@ -17,6 +17,7 @@ import sys
 from lowbit_tp.cli.argtypes import add_feedback_flag, nonneg_int, port, positive_int
 from lowbit_tp.cli.common import default
 from lowbit_tp.configs import ALGORITHMS, RunConfig
+from lowbit_tp.errors import UserError
 from lowbit_tp.integrations.vllm.config import PluginConfig  # torch-free, like the module below
 from lowbit_tp.integrations.vllm.engine import (CPU_DEFAULTS, VllmEngineConfig, apply_env, model_directory, plugin_env,
                                                 vllm_python)
@@ -32,7 +33,7 @@ def ensure_vllm_python(argv: list[str] | None = None) -> None:
         return
     py = vllm_python()
     if py is None:
-        raise SystemExit(f"lowbit-tp: {NO_VLLM}")
+        raise UserError(NO_VLLM)
     args = sys.argv[1:] if argv is None else argv
     # venvs share the base interpreter binary, so compare environments, not executables
     os.execv(py, [py, "-m", "lowbit_tp.cli", *args])
@@ -196,7 +197,7 @@ def cmd(args) -> None:
         else:  # the TP degree still (vLLM's own refusal is a traceback)
             preflight(model_dir, tp=args.tp, name=args.model)
     except (CalibrationError, ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
-        raise SystemExit(f"lowbit-tp serve: {exc}") from None
+        raise UserError(f"serve: {exc}") from None
     command = serve_command(args, model_dir)
     env = server_environment(plugin)
     if args.dry_run:  # with the environment: the bare command would run vLLM without the plugin
