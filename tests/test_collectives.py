@@ -168,6 +168,8 @@ def _rank_wire_mismatch(rank, world):
         "chunk_bytes": [("gather", AutoPolicy()), ("gather", AutoPolicy(chunk_bytes=4096))],
         "algorithm": [("gather", None), ("two-shot", None)],
         "auto_threshold": [("auto", AutoPolicy(min_bytes=1, two_shot_min_world=2)), ("auto", AutoPolicy(min_bytes=1))],
+        # auto sends this message compressed on rank 0 and exact on rank 1: another collective call
+        "auto_exact": [("auto", AutoPolicy(min_bytes=1)), ("auto", AutoPolicy(min_bytes=10 ** 9))],
         # not on the wire with a fixed algorithm: no false refusal
         "same_wire": [("two-shot", AutoPolicy(min_bytes=1, chunk_bytes=4096)),
                       ("two-shot", AutoPolicy(two_shot_min_world=5, chunk_bytes=4096))],
@@ -192,6 +194,8 @@ def test_ranks_that_differ_in_algorithm_or_chunking_get_a_collective_error():
         assert r["algorithm"] == ("ranks disagree on the compressed all-reduce configuration:\n"
                                   "  rank 0: {'algorithm': 'gather'}\n  rank 1: {'algorithm': 'two-shot'}"), r
         assert r["auto_threshold"].endswith("rank 0: {'two_shot_min_world': 2}\n  rank 1: {'two_shot_min_world': 3}")
+        assert r["auto_exact"] == ("ranks disagree on the compressed all-reduce configuration:\n"
+                                   "  rank 0: {'min_bytes': 1}\n  rank 1: {'min_bytes': 1000000000}"), r["auto_exact"]
         assert r["again"].startswith("CollectiveError: ranks disagree") and "'algorithm': 'gather'" in r["again"]
     ref = simulate_all_reduce(planted_partials(2, 64, HIDDEN, seed=3), make_codec("int4-g32"), "two-shot", layer=LAYER)
     assert all(torch.equal(r["same_wire"], ref) for r in res)

@@ -123,10 +123,10 @@ def _check_call(codec: Codec, group, algorithm: str, policy: AutoPolicy, layer) 
     """:func:`all_reduce`'s check: the codec's config plus what else decides the wire traffic, the
     requested algorithm and the policy's fields that act on it (``chunk_bytes`` always, the
     thresholds under ``auto``). Ranks that differ there sent messages of different sizes or kinds:
-    gloo aborted or the call ran into the timeout. It runs only where a rank compresses: a message
-    that ``auto`` sends ``exact`` on one rank (a larger ``min_bytes``) and compressed on another
-    is not caught. The key holds exactly those values, so a hit
-    builds one tuple and no dict."""
+    gloo aborted or the call ran into the timeout. It runs before every compressed message and,
+    under ``auto``, before an exact one too, so a message that one rank's thresholds send exact
+    (a larger ``min_bytes``) while a peer compresses it is refused on both. The key holds
+    exactly those values, so a hit builds one tuple and no dict."""
     auto = algorithm == "auto"
     key = (id(group), codec.fingerprint(), algorithm, policy.chunk_bytes,
            policy.min_bytes if auto else None, policy.two_shot_min_world if auto else None)
@@ -205,6 +205,11 @@ def all_reduce(
         compensate(partial, feedback.carry)  # raises, naming both shapes
     algo = resolve_algorithm(algorithm, numel=partial.numel(), world_size=world, policy=policy)
     A.check_codec(codec, algo, world)
+    policy = policy or _DEFAULT_POLICY
+    if world > 1 and (algo != "exact" or algorithm == "auto"):
+        # under auto also before an exact message: a rank whose thresholds send this message
+        # exact while a peer compresses it would make another collective call than the peer
+        _check_call(codec, group, algorithm, policy, layer)
     if world == 1 or algo == "exact":  # lossless: a carry is summed exactly and nothing is left over
         sent = partial
         if feedback is not None:
@@ -220,8 +225,6 @@ def all_reduce(
         if stats is not None:
             stats.record_exact(partial, world=world)
         return buf.to(partial.dtype) if out is None else out.copy_(buf)
-    policy = policy or _DEFAULT_POLICY
-    _check_call(codec, group, algorithm, policy, layer)
     rows = policy.chunk_rows(tokens=partial.shape[0], hidden=partial.shape[1])
     pieces = list(partial.split(rows, dim=0))
     fbs = None
