@@ -10,6 +10,7 @@ from lowbit_tp.collectives import CommStats
 from lowbit_tp.configs import EvalConfig
 from lowbit_tp.evaluation.evaluate import result_row
 from lowbit_tp.evaluation.records import CodecEvalRow
+from lowbit_tp.results import json_text
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results.json"
 
@@ -24,7 +25,7 @@ def test_stored_rows_round_trip_byte_for_byte():
     rows = stored_rows()
     assert len(rows) >= 2
     for row in rows:
-        assert json.dumps(CodecEvalRow.from_json(row).to_json()) == json.dumps(row)
+        assert json_text(CodecEvalRow.from_json(row).to_json(), indent=None) == json.dumps(row)
 
 
 def test_unknown_or_missing_fields_are_refused():
@@ -70,7 +71,7 @@ def test_eval_results_round_trip_byte_for_byte():
                if all("ppl_increase_pct_ci95" in r for r in e["rows"])]
     assert entries
     for e in entries:
-        assert json.dumps(EvalResult.from_json(e).to_json()) == json.dumps(e)
+        assert json_text(EvalResult.from_json(e).to_json(), indent=None) == json.dumps(e)
     with pytest.raises(ValueError, match="unknown fields \\['command'\\]"):
         EvalResult.from_json({**entries[0], "command": "x"})
 
