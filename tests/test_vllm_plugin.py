@@ -190,8 +190,9 @@ def test_gated_reducer_falls_back_below_the_gate_and_writes_its_report(tmp_path)
     red = op.GatedReducer(inner=inner, rank=2, min_bytes=1 << 40, fallback=lambda x: x * 2, report_dir=str(tmp_path))
     x = torch.randn(4, 16)
     assert torch.equal(red.reduce([x], layer="L"), x * 2)
-    rep = json.loads((tmp_path / "report.rank2.json").read_text())
+    rep = json.loads((tmp_path / "report.rank2.json").read_text(), parse_constant=lambda t: pytest.fail(t))
     assert rep["calls"] == {"compressed": 0, "fallback": 1} and rep["rank"] == 2 and rep["comm"]["calls"] == 0
+    assert rep["comm"]["bits_per_value"] is None  # nothing compressed: strict JSON's null, not NaN
 
 
 def test_error_feedback_setting_reads_from_env_and_refuses_nonsense():

@@ -91,12 +91,12 @@ class GatedReducer:
         return out
 
     def _write_report(self, now: float) -> None:
-        import json
+        from lowbit_tp.results import json_text
 
         path = Path(self.report_dir) / f"report.rank{self.rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.report()))
+        tmp.write_text(json_text(self.report(), indent=None))  # bits/value of no messages: null
         tmp.replace(path)
         self._written = now
 
