@@ -55,12 +55,15 @@ def record_kwargs(cls: type, d: Mapping[str, Any], *, derived: Sequence[str] = (
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A GitHub markdown table of ``columns`` (floats to 3 significant digits, lists as ``[a, b]``)."""
+    """A GitHub markdown table of ``columns`` (floats to 3 significant digits, lists as ``[a, b]``,
+    None and NaN blank)."""
 
     def fmt(v):
         if isinstance(v, (list, tuple)):  # e.g. a confidence interval [low, high]
             return "[" + ", ".join(fmt(x) for x in v) + "]"
         if isinstance(v, float):
+            if math.isnan(v):  # not measured (e.g. last-word accuracy with --lambada 0): blank, as None
+                return ""
             return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
         return "" if v is None else str(v)
 

@@ -8,7 +8,7 @@ import pytest
 from lowbit_tp.cli.common import write_json
 from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
 from lowbit_tp.evaluation.records import EvalResult
-from lowbit_tp.results import json_text, strict_json, write_results
+from lowbit_tp.results import json_text, markdown_table, strict_json, write_results
 
 from test_calibration_eval import bundle  # noqa: F401  (the tiny model, ByteTokenizer)
 
@@ -69,3 +69,8 @@ def test_every_committed_result_file_is_strict():
             strict_load(f.read_text())
         except ValueError as e:
             raise AssertionError(f"{f.relative_to(root.parent)}: {e}") from None
+
+
+def test_markdown_leaves_what_was_not_measured_blank():
+    table = markdown_table([{"a": math.nan, "b": None, "c": 0.5}], ["a", "b", "c"])
+    assert table.splitlines()[-1] == "|  |  | 0.5 |"
