@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from lowbit_tp.fileio import atomic_write_text
 
-__all__ = ["json_text", "markdown_table", "record_kwargs", "strict_json", "write_results"]
+__all__ = ["json_text", "markdown_table", "nan_for_null", "record_kwargs", "strict_json", "write_results"]
 
 
 def strict_json(obj: Any) -> Any:
@@ -26,6 +26,19 @@ def strict_json(obj: Any) -> Any:
         return {k: strict_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [strict_json(v) for v in obj]
+    return obj
+
+
+def nan_for_null(obj: Any) -> Any:
+    """The inverse of :func:`strict_json` for numeric tables (e.g. a study's per-layer errors):
+    every None in dicts and lists becomes NaN (an infinity written as null comes back NaN too),
+    so arithmetic carries it instead of raising."""
+    if obj is None:
+        return math.nan
+    if isinstance(obj, dict):
+        return {k: nan_for_null(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [nan_for_null(v) for v in obj]
     return obj
 
 

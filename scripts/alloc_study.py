@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from lowbit_tp.models.registry import sha256_of_files
-from lowbit_tp.results import json_text
+from lowbit_tp.results import json_text, nan_for_null
 
 CANDIDATES = ("rot-lm2-g64-lg8-k4", "rot-lm3-g64-lg8-k4", "rot-lm4-g64-lg8-k4", "rot-int5-g64-lg8-k4",
               "rot-int6-g64-lg8-k4", "rot-int8-g64-lg8-k4")
@@ -135,7 +135,7 @@ def sensitivity_from(args: argparse.Namespace, probe: dict, cal_sha: str, layers
                  own_sensitivity=bool(src.get("own_sensitivity", False)),
                  calibration_sha256=cal_sha if "calibration_sha256" in src else None,
                  sensitivity_from=src.get("sensitivity_from"))
-    sens = src["sensitivity_kl"]
+    sens = nan_for_null(src["sensitivity_kl"])  # a non-finite KL was written as null
     missing = [l for l in layers if l not in sens]
     if missing:
         raise SystemExit(f"{path} has no sensitivity for {missing[0]!r}")
@@ -226,7 +226,7 @@ def main(argv=None) -> None:
                      probe=probe.manifest(), codecs=[args.reference, *args.codecs], path=meas,
                      sensitivity=args.sensitivity, own_sensitivity=args.own_sensitivity,
                      calibration_sha256=cal_sha, sensitivity_from=src_sha)
-        sens, errs = m["sensitivity_kl"], m["mse"]
+        sens, errs = nan_for_null(m["sensitivity_kl"]), nan_for_null(m["mse"])  # non-finite: written as null
     else:
         # checked before the errors are measured (minutes): a source for another setup is refused at once
         reused = sensitivity_from(args, probe.manifest(), cal_sha, list(cal.layers)) if args.sensitivity_from else None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from lowbit_tp.results import json_text
+from lowbit_tp.results import json_text, nan_for_null
 
 # label: (registered codec, option overrides)
 VARIANTS = {
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     from lowbit_tp.models import load_model
     from lowbit_tp.simulator import TPSimulator
 
-    m = json.loads(Path(args.measure).read_text())
+    m = nan_for_null(json.loads(Path(args.measure).read_text()))  # a non-finite error was written as null
     cal = Calibration.load(args.calibration)
     model, tokenizer, info = load_model(args.model)
     split = load_split(cal.meta.get("config", {}).get("text"))

@@ -37,8 +37,10 @@ The variants plug their own :class:`~lowbit_tp.tp.Reducer` into
 from __future__ import annotations
 
 import argparse
-import json
 import time
+from pathlib import Path
+
+from lowbit_tp.results import json_text
 
 
 def main(argv=None) -> None:
@@ -241,8 +243,7 @@ def main(argv=None) -> None:
            "seconds": round(time.perf_counter() - t0, 1), "rows": rows,
            "paired_vs_off": paired}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        Path(args.json).write_text(json_text(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from lowbit_tp.results import json_text
+from lowbit_tp.results import json_text, nan_for_null
 
 
 def main(argv=None) -> None:
@@ -191,7 +191,7 @@ def main(argv=None) -> None:
         "position0_share": round(float(pos[:, 0].sum() / pos.sum()), 3),
     }
     if args.measure:
-        m = json.loads(Path(args.measure).read_text())["sensitivity_kl"]
+        m = nan_for_null(json.loads(Path(args.measure).read_text())["sensitivity_kl"])
         out["fisher_vs_measured_single_layer_kl"] = {
             "fisher_sum": round(total_kl, 5), "measured_sum": round(sum(m.values()), 5),
             "corr_log": round(float(torch.corrcoef(torch.tensor([[per_layer[n] for n in names], [m[n] for n in names]]).log())[0, 1]), 3)}

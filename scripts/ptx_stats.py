@@ -275,13 +275,15 @@ def main(argv=None) -> None:
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
     if args.json:
-        import json
+        from pathlib import Path
 
         import triton
 
-        with open(args.json, "w") as f:
-            json.dump({"triton": triton.__version__, "tokens": args.tokens, "hidden": args.hidden, "world": args.world,
-                       "k": k, "rows": rows}, f, indent=1)
+        from lowbit_tp.results import json_text
+
+        Path(args.json).write_text(json_text({"triton": triton.__version__, "tokens": args.tokens,
+                                              "hidden": args.hidden, "world": args.world, "k": k, "rows": rows},
+                                             indent=1))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 from lowbit_tp.cli.common import write_json
 from lowbit_tp.evaluation import EvalConfig, evaluate_codecs
 from lowbit_tp.evaluation.records import EvalResult
-from lowbit_tp.results import json_text, markdown_table, strict_json, write_results
+from lowbit_tp.results import json_text, markdown_table, nan_for_null, strict_json, write_results
 
 from test_calibration_eval import bundle  # noqa: F401  (the tiny model, ByteTokenizer)
 
@@ -74,3 +74,10 @@ def test_every_committed_result_file_is_strict():
 def test_markdown_leaves_what_was_not_measured_blank():
     table = markdown_table([{"a": math.nan, "b": None, "c": 0.5}], ["a", "b", "c"])
     assert table.splitlines()[-1] == "|  |  | 0.5 |"
+
+
+def test_a_table_of_errors_reads_back_with_nan():
+    errs = {"L0": {"a": 0.5, "b": math.inf}, "L1": {"a": math.nan, "b": 1.0}}
+    back = nan_for_null(strict_load(json_text(errs)))
+    assert back["L0"]["a"] == 0.5 and back["L1"]["b"] == 1.0
+    assert math.isnan(back["L0"]["b"]) and math.isnan(back["L1"]["a"])

@@ -16,7 +16,7 @@ import torch
 from lowbit_tp.calibration.artifact import CalibrationError
 from lowbit_tp.codecs.base import (Codec, NonFiniteError, OutOfRangeError, codec_spec, make_codec, register_codec,
                                    register_codec_variant)
-from lowbit_tp.codecs.rotation import KeptRotation, RotatedGroupCodec
+from lowbit_tp.codecs.rotation import KeptRotation
 
 
 class _DelegatingCodec(Codec):

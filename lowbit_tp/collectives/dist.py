@@ -126,7 +126,8 @@ def _check_call(codec: Codec, group, algorithm: str, policy: AutoPolicy, layer) 
     gloo aborted or the call ran into the timeout. It runs before every compressed message and,
     under ``auto``, before an exact one too, so a message that one rank's thresholds send exact
     (a larger ``min_bytes``) while a peer compresses it is refused on both. The key holds
-    exactly those values, so a hit builds one tuple and no dict."""
+    exactly those values, so a hit builds one tuple and no dict. A rank on ``auto`` and a peer on
+    an explicit ``exact`` still make different calls (the exact peer checks nothing)."""
     auto = algorithm == "auto"
     key = (id(group), codec.fingerprint(), algorithm, policy.chunk_bytes,
            policy.min_bytes if auto else None, policy.two_shot_min_world if auto else None)
