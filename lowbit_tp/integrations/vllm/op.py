@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lowbit_tp.collectives.feedback import FeedbackChain
+from lowbit_tp.results import json_text
 from lowbit_tp.tp import DECODER_PLAN, DistReducer, Reducer
 
 _REDUCERS: dict[str, Reducer] = {}
@@ -91,8 +92,6 @@ class GatedReducer:
         return out
 
     def _write_report(self, now: float) -> None:
-        from lowbit_tp.results import json_text
-
         path = Path(self.report_dir) / f"report.rank{self.rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
