@@ -15,6 +15,7 @@ import torch
 from lowbit_tp.codecs import NonFiniteError, make_codec
 from lowbit_tp.codecs.ecsq import (HALF, TABLES, EcsqCodec, design_gaussian_lengths, huffman_lengths,
                                    pack_rows, unpack_rows, canonical_codes, decode_table)
+from lowbit_tp.kernels import cpu as cpu_kernels
 
 
 # ------------------------------------------------------------------ references
@@ -130,12 +131,17 @@ def test_tables_are_the_documented_gaussian_design(name):
     assert sum(2.0 ** -v for v in TABLES[name]) == 1.0
 
 
+BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
+    not cpu_kernels.available(), reason=f"CPU kernels unavailable: {cpu_kernels.build_error()}"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bits,table,offset", [(3.5, "gauss3.5", 0.5), (4.25, "gauss4.25", 0.5),
                                                (6.0, "gauss4.25", 0.5), (3.5, "gauss3.5", 0.35)])
-def test_encoder_bytes_match_the_python_reference(bits, table, offset):
+def test_encoder_bytes_match_the_python_reference(bits, table, offset, backend):
     t, e = 6, 64
     x = rows(t, e)
-    c = EcsqCodec(bits=bits, k=0, table=table, rounding=offset)
+    c = EcsqCodec(bits=bits, k=0, table=table, rounding=offset, backend=backend)
     payload = c.encode(x)
     rb = math.floor(bits * e / 8)
     assert payload.numel() == t * rb == c.payload_nbytes((t, e))
@@ -150,10 +156,11 @@ def test_encoder_bytes_match_the_python_reference(bits, table, offset):
     assert bytes(payload[2 * t:].tolist()) == want
 
 
-def test_decode_matches_the_python_reference_reader():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_matches_the_python_reference_reader(backend):
     t, e = 6, 64
     x = rows(t, e, seed=1)
-    c = EcsqCodec(bits=3.5, k=0, table="gauss3.5")
+    c = EcsqCodec(bits=3.5, k=0, table="gauss3.5", backend=backend)
     payload = c.encode(x)
     rb = c.payload_nbytes((t, e)) // t
     raw = bytes(payload.tolist())
@@ -194,8 +201,9 @@ def test_registered_codec_with_kept_channels_round_trips(cal_factory):
     assert errs == sorted(errs, reverse=True), errs
 
 
-def test_bad_input_is_refused():
-    c = EcsqCodec(bits=3.5, k=0, table="gauss3.5")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input_is_refused(backend):
+    c = EcsqCodec(bits=3.5, k=0, table="gauss3.5", backend=backend)
     x = torch.randn(4, 64)
     p = c.encode(x)
     with pytest.raises(ValueError, match="uint8 bytes"):
@@ -217,5 +225,73 @@ def test_bad_input_is_refused():
     x[2, 5] = float("nan")
     with pytest.raises(NonFiniteError):
         c.encode(x)
-    y = EcsqCodec(bits=3.5, k=0, table="gauss3.5", nonfinite="propagate").roundtrip(x)
+    y = EcsqCodec(bits=3.5, k=0, table="gauss3.5", nonfinite="propagate", backend=backend).roundtrip(x)
     assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3]]).all()
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels unavailable")
+def test_cpu_bit_packing_is_the_reference_on_full_and_odd_rows():
+    """The C++ pack/unpack against the torch reference (itself checked against the bit-string
+    reader above): every table, rows filled to the last bit, a row one bit over, codes at
+    +-HALF, widths that are not a multiple of 8, and a corrupt slot."""
+    g = torch.Generator().manual_seed(3)
+    for name, lengths in TABLES.items():
+        ln = torch.tensor(lengths)
+        codes = torch.tensor(canonical_codes(lengths))
+        table = decode_table(lengths, codes.tolist(), 16)
+        t, e = 37, 77
+        q = (torch.randn(t, e, generator=g) * 3).round().clamp(-HALF, HALF).long()
+        q[0, :3] = torch.tensor([-HALF, HALF, 0])
+        need = int(ln[q + HALF].sum(1).max())
+        nbytes = (need + 7) // 8
+        ref = pack_rows(q, ln, codes, HALF, nbytes)
+        got = cpu_kernels.ecsq_pack(q, lengths=ln, codes=codes, half=HALF, nbytes=nbytes)
+        assert torch.equal(got, ref), name
+        back = cpu_kernels.ecsq_unpack(got, e, symbols=table[0], lengths=table[1], half=HALF)
+        assert back.dtype == torch.int32 and torch.equal(back.long(), q), name
+        assert torch.equal(back.long(), unpack_rows(ref, e, table, HALF)), name
+        # a row filled to its last bit fits; one bit fewer does not, in both
+        exact = q[ln[q + HALF].sum(1).argmax()].unsqueeze(0)
+        bits = int(ln[exact + HALF].sum())
+        if bits % 8 == 0:
+            assert torch.equal(cpu_kernels.ecsq_pack(exact, lengths=ln, codes=codes, half=HALF, nbytes=bits // 8),
+                               pack_rows(exact, ln, codes, HALF, bits // 8))
+        short = (bits - 1) // 8
+        for fn in (lambda: pack_rows(exact, ln, codes, HALF, short),
+                   lambda: cpu_kernels.ecsq_pack(exact, lengths=ln, codes=codes, half=HALF, nbytes=short)):
+            with pytest.raises(ValueError, match="more than its"):
+                fn()
+        # a slot of all ones: longest codewords, which run past the slot
+        bad = torch.full((2, nbytes), 0xFF, dtype=torch.uint8)
+        for fn in (lambda: unpack_rows(bad, e, table, HALF),
+                   lambda: cpu_kernels.ecsq_unpack(bad, e, symbols=table[0], lengths=table[1], half=HALF)):
+            with pytest.raises(ValueError, match="corrupt ECSQ payload"):
+                fn()
+    with pytest.raises(ValueError, match="outside"):
+        cpu_kernels.ecsq_pack(torch.tensor([[HALF + 1]]), lengths=ln, codes=codes, half=HALF, nbytes=8)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels unavailable")
+@pytest.mark.parametrize("e", [576, 640, 40, 77, 12])
+def test_cpu_rotation_and_rate_control_are_the_reference(e):
+    """The C++ rotation and rate control bitwise against the torch reference (whose steps the
+    exhaustive Python search above checks): blocks of 64, 128, 8, 1 and 4, zero rows, spikes,
+    tiny and large scales, and both rounding offsets."""
+    from lowbit_tp.codecs import functional as F
+    from lowbit_tp.codecs.ecsq import _STEP_TABLE, choose_steps
+    x = rows(23, e, seed=e)
+    x[5] *= 1e-30
+    x[6] *= 1e4
+    signs = (torch.randint(0, 2, (e,), generator=torch.Generator().manual_seed(e)) * 2 - 1).float()
+    block = F.hadamard_block(e)
+    z = cpu_kernels.ecsq_rotate(x, signs=signs, block=block, encode=True)
+    assert torch.equal(z, F.fwht(x * signs, block))
+    assert torch.equal(cpu_kernels.ecsq_rotate(x, signs=signs, block=block, encode=False), F.fwht(x, block) * signs)
+    for name, offset in (("gauss3.5", 0.5), ("gauss4.25", 0.5), ("gauss5", 0.5), ("gauss3.5", 0.35)):
+        ln = torch.tensor(TABLES[name])
+        budget = 8 * math.floor(float(name[5:]) * e / 8) - 16
+        budget = max(budget, e * int(ln[HALF]))
+        d, q = cpu_kernels.ecsq_steps(z, table=_STEP_TABLE, lengths=ln, budget_bits=budget, half=HALF, offset=offset)
+        d_ref, q_ref = choose_steps(z, ln, budget, HALF, offset=offset)
+        assert torch.equal(d, d_ref) and torch.equal(q, q_ref), (name, offset)
+        assert d[1] == 0 and (q[1] == 0).all()

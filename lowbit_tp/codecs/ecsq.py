@@ -33,6 +33,7 @@ import torch
 from lowbit_tp.codecs import functional as F
 from lowbit_tp.codecs.base import Codec, check_int_option, register_codec
 from lowbit_tp.codecs.rotation import ROTATE_MAX, KeptRotation, RotParams
+from lowbit_tp.kernels import cpu as cpu_kernels
 
 STEP_SEARCH = 1024  # candidate steps per row: base * 2**(-j/64), j in [0, 1024)
 STEP_RATIO = 64
@@ -341,11 +342,19 @@ class EcsqCodec(KeptRotation, Codec):
         if nonfinite:  # such rows send step NaN and all-zero codes: they decode to NaN
             bad_rows = ~torch.isfinite(xf).all(1)
             xf = torch.where(bad_rows.unsqueeze(1), torch.zeros_like(xf), xf)
-        z = F.fwht(xf * p.signs.to(xf.device), F.hadamard_block(e))
-        d, q = choose_steps(z, self._lengths, 8 * c, HALF, offset=self.rounding)
+        if self.kernel_backend(xf.device) == "cpu":  # the same rotation, steps and codes, in C++
+            z = cpu_kernels.ecsq_rotate(xf, signs=p.signs, block=F.hadamard_block(e), encode=True)
+            d, q = cpu_kernels.ecsq_steps(z, table=_STEP_TABLE, lengths=self._lengths, budget_bits=8 * c, half=HALF,
+                                          offset=self.rounding)
+        else:
+            z = F.fwht(xf * p.signs.to(xf.device), F.hadamard_block(e))
+            d, q = choose_steps(z, self._lengths, 8 * c, HALF, offset=self.rounding)
         if bad_rows is not None:
             d = d.masked_fill(bad_rows, float("nan"))
-        slots = pack_rows(q, self._lengths, self._codes, HALF, c)
+        if self.kernel_backend(q.device) == "cpu":  # the same bytes, in one C++ pass
+            slots = cpu_kernels.ecsq_pack(q, lengths=self._lengths, codes=self._codes, half=HALF, nbytes=c)
+        else:
+            slots = pack_rows(q, self._lengths, self._codes, HALF, c)
         parts = ([head] if head is not None else []) + [F.float_to_bytes(d, torch.bfloat16), slots.reshape(-1)]
         return torch.cat(parts)
 
@@ -363,9 +372,14 @@ class EcsqCodec(KeptRotation, Codec):
         off = 2 * t * k
         d = F.bytes_to_float(payload[off:off + 2 * t], torch.bfloat16)
         slots = payload[off + 2 * t:].reshape(t, c)
-        q = unpack_rows(slots, e, self._decode_table, HALF)
-        z = q.float() * d.unsqueeze(1)
-        x = F.fwht(z, F.hadamard_block(e)) * p.signs.to(payload.device)
+        if self.kernel_backend(slots.device) == "cpu":  # the same codes and rotation, in C++
+            sym, ln = self._decode_table
+            q = cpu_kernels.ecsq_unpack(slots, e, symbols=sym, lengths=ln, half=HALF)
+            x = cpu_kernels.ecsq_rotate(q.float() * d.unsqueeze(1), signs=p.signs, block=F.hadamard_block(e),
+                                        encode=False)
+        else:
+            q = unpack_rows(slots, e, self._decode_table, HALF)
+            x = F.fwht(q.float() * d.unsqueeze(1), F.hadamard_block(e)) * p.signs.to(payload.device)
         if k:
             x.index_copy_(1, p.outliers, F.bytes_to_float(payload[:off], torch.bfloat16).reshape(t, k))
         return x

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -109,7 +110,7 @@ def build(*, verbose: bool = False) -> Path:
 def _lib():
     path = build()
     lib = ctypes.CDLL(str(path))
-    if lib.lbt_abi_version() != 5:
+    if lib.lbt_abi_version() != 6:
         raise RuntimeError(f"{path}: unexpected ABI version")
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.lbt_static_encode.argtypes = [p, i32, i64, i64, i64, p, i64, p, i32, p, p]
@@ -135,6 +136,14 @@ def _lib():
     lib.lbt_rot_codes.restype = None
     lib.lbt_lg8_codes.argtypes = [p, i64, f32, p, p, p]
     lib.lbt_lg8_codes.restype = None
+    lib.lbt_ecsq_pack.argtypes = [p, i64, i64, p, p, i64, i64, p]
+    lib.lbt_ecsq_pack.restype = i64
+    lib.lbt_ecsq_unpack.argtypes = [p, i64, i64, i64, p, p, i32, i64, p]
+    lib.lbt_ecsq_unpack.restype = i64
+    lib.lbt_ecsq_steps.argtypes = [p, i64, i64, p, i64, p, i64, i64, f32, p, p]
+    lib.lbt_ecsq_steps.restype = None
+    lib.lbt_ecsq_rotate.argtypes = [p, i64, i64, p, i32, i64, f32, p]
+    lib.lbt_ecsq_rotate.restype = None
     return lib
 
 
@@ -359,6 +368,80 @@ def lg8_codes(amax: torch.Tensor, base: float, *, table: torch.Tensor) -> tuple[
     q = torch.empty(amax.numel(), dtype=torch.uint8)
     _lib().lbt_lg8_codes(amax.data_ptr(), amax.numel(), base, table.data_ptr(), scale.data_ptr(), q.data_ptr())
     return q, scale
+
+
+def ecsq_pack(q: torch.Tensor, *, lengths: torch.Tensor, codes: torch.Tensor, half: int, nbytes: int) -> torch.Tensor:
+    """The ECSQ slots ``[T, nbytes]`` uint8 of the codes ``q [T, E]``: bitwise
+    ``lowbit_tp.codecs.ecsq.pack_rows``, with its errors (a row that does not fit, a code
+    outside ``[-half, half]``) as ValueError."""
+    q = q.to(torch.int64).contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    codes = codes.to(torch.int64).contiguous()
+    t, e = q.shape
+    out = torch.empty(t, nbytes, dtype=torch.uint8)
+    if t == 0:
+        return out
+    bad = _lib().lbt_ecsq_pack(q.data_ptr(), t, e, lengths.data_ptr(), codes.data_ptr(), half, nbytes, out.data_ptr())
+    if bad <= -2:
+        raise ValueError(f"ECSQ row {-2 - bad} has a code outside [-{half}, {half}]")
+    if bad >= 0:
+        need = int(lengths[(q[bad] + half)].sum())
+        raise ValueError(f"a row's codewords need {need} bits, more than its {8 * nbytes}")
+    return out
+
+
+def ecsq_rotate(x: torch.Tensor, *, signs: torch.Tensor, block: int, encode: bool) -> torch.Tensor:
+    """The ECSQ codec's rotation of fp32 rows ``x [T, E]``, bitwise the reference's:
+    ``F.fwht(x * signs, block)`` (``encode``) or ``F.fwht(x, block) * signs``."""
+    x = x.float().contiguous()
+    signs = signs.float().contiguous()
+    t, e = x.shape
+    if e % block or signs.numel() != e:
+        raise ValueError(f"rows of {e} values need {e} signs and a block dividing {e}")
+    out = torch.empty(t, e, dtype=torch.float32)
+    if t and e:
+        _lib().lbt_ecsq_rotate(x.data_ptr(), t, e, signs.data_ptr(), int(encode), block,
+                               1.0 / math.sqrt(block), out.data_ptr())
+    return out
+
+
+def ecsq_steps(z: torch.Tensor, *, table: torch.Tensor, lengths: torch.Tensor, budget_bits: int, half: int,
+               offset: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """ECSQ rate control of the finite fp32 rows ``z [T, E]``: bitwise
+    ``lowbit_tp.codecs.ecsq.choose_steps`` (``table``: its candidate step factors, fp32),
+    returning ``(d [T] fp32, q [T, E] int64)``."""
+    z = z.float().contiguous()
+    table = table.float().contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    t, e = z.shape
+    d = torch.empty(t, dtype=torch.float32)
+    q = torch.empty(t, e, dtype=torch.int64)
+    if t:
+        _lib().lbt_ecsq_steps(z.data_ptr(), t, e, table.data_ptr(), table.numel(), lengths.data_ptr(), half,
+                              budget_bits, offset, d.data_ptr(), q.data_ptr())
+    return d, q
+
+
+def ecsq_unpack(slots: torch.Tensor, e: int, *, symbols: torch.Tensor, lengths: torch.Tensor,
+                half: int) -> torch.Tensor:
+    """The ``e`` codes (int32) of each ECSQ slot of ``slots [T, C]`` uint8: bitwise
+    ``lowbit_tp.codecs.ecsq.unpack_rows`` (``symbols``/``lengths``: its decode table of
+    ``2**width`` windows), with its ValueError for a corrupt payload."""
+    slots = slots.contiguous()
+    symbols = symbols.to(torch.int32).contiguous()
+    lengths = lengths.to(torch.int32).contiguous()
+    width = symbols.numel().bit_length() - 1
+    if symbols.numel() != 1 << width or lengths.numel() != symbols.numel() or width > 32:
+        raise ValueError("an ECSQ decode table has 2**width entries (width <= 32)")
+    t, c = slots.shape
+    out = torch.empty(t, e, dtype=torch.int32)
+    if t == 0 or e == 0:
+        return out.zero_()
+    bad = _lib().lbt_ecsq_unpack(slots.data_ptr(), t, c, e, symbols.data_ptr(), lengths.data_ptr(), width, half,
+                                 out.data_ptr())
+    if bad >= 0:
+        raise ValueError("corrupt ECSQ payload: a row's codewords run past its slot")
+    return out
 
 
 if __name__ == "__main__":  # scripts/setup.sh: build now, report, never fail the set-up

@@ -2112,7 +2112,7 @@ void rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t_rows, const
 
 extern "C" {
 
-int lbt_abi_version() { return 5; }
+int lbt_abi_version() { return 6; }
 
 // Which hand-written vector paths this build has: bit 0 AVX2, bit 1 AVX-512, bit 2 GFNI
 // bit-planes (the tests check that a CPU with them got them: a -march=native build that
@@ -2235,6 +2235,138 @@ void lbt_rot_decode_sum(const uint8_t* const* payloads, int n, int64_t t, const 
   const RotSpec s = make_spec(spec, inv_sqrt_block, tables);
   SumOut o(out, out_dtype, s.e, t);
   rot_decode_sum(payloads, n, t, outls, s, o);
+}
+
+// ECSQ bit packing (lowbit_tp/codecs/ecsq.py: pack_rows / unpack_rows). Integers only, so
+// the bytes and codes are the reference's by construction; the reference loops over the E
+// positions of all rows at once in torch, which costs ~0.7 s per 1k-token row block.
+//
+// Pack: the codewords of q [t, e] (int64, in [-half, half]), MSB first, row after row in
+// c-byte slots, zero-padded. Returns -1, or the first row that does not fit its slot, or
+// -2 - row for a code outside [-half, half] (nothing is promised about out then).
+int64_t lbt_ecsq_pack(const int64_t* q, int64_t t, int64_t e, const int64_t* lengths, const int64_t* codes,
+                      int64_t half, int64_t c, uint8_t* out) {
+  const int64_t nbits = 8 * c;
+  for (int64_t r = 0; r < t; ++r) {
+    uint8_t* slot = out + r * c;
+    std::memset(slot, 0, (size_t)c);
+    const int64_t* qr = q + r * e;
+    uint64_t acc = 0;  // pending bits, right-aligned
+    int nacc = 0;
+    int64_t pos = 0, byte = 0;
+    for (int64_t i = 0; i < e; ++i) {
+      const int64_t v = qr[i];
+      if (v < -half || v > half) return -2 - r;
+      const int64_t l = lengths[v + half];
+      pos += l;
+      if (pos > nbits) return r;
+      acc = (acc << l) | (uint64_t)codes[v + half];
+      nacc += (int)l;
+      while (nacc >= 8) {
+        nacc -= 8;
+        slot[byte++] = (uint8_t)(acc >> nacc);
+      }
+      acc &= (nacc ? ((uint64_t)1 << nacc) - 1 : 0);
+    }
+    if (nacc) slot[byte] = (uint8_t)(acc << (8 - nacc));
+  }
+  return -1;
+}
+
+// Unpack: the e codes (symbol - half, int32) of each c-byte slot of slots [t, c], reading
+// width-bit windows (zeros past the slot) through the (symbol, length) table of 2^width
+// entries. Returns -1, or the first row whose codewords run past its slot.
+int64_t lbt_ecsq_unpack(const uint8_t* slots, int64_t t, int64_t c, int64_t e, const int32_t* sym,
+                        const int32_t* len, int width, int64_t half, int32_t* out) {
+  const int64_t nbits = 8 * c;
+  const uint64_t mask = ((uint64_t)1 << width) - 1;
+  for (int64_t r = 0; r < t; ++r) {
+    const uint8_t* slot = slots + r * c;
+    int32_t* o = out + r * e;
+    uint64_t acc = 0;  // bits not yet consumed, right-aligned
+    int nacc = 0;
+    int64_t next = 0, pos = 0;  // next byte to load; bits consumed
+    for (int64_t i = 0; i < e; ++i) {
+      while (nacc < width) {
+        acc = (acc << 8) | (next < c ? slot[next] : 0);
+        ++next;
+        nacc += 8;
+      }
+      const uint64_t win = (acc >> (nacc - width)) & mask;
+      const int32_t l = len[win];
+      o[i] = sym[win] - (int32_t)half;
+      nacc -= l;
+      acc &= (nacc ? ((uint64_t)1 << nacc) - 1 : 0);
+      pos += l;
+    }
+    if (pos > nbits) return r;
+  }
+  return -1;
+}
+
+// ECSQ rate control (lowbit_tp/codecs/ecsq.py: choose_steps), per row of finite fp32 z [t, e]:
+// the largest j in [0, nsteps) whose step d_j = max(bf16(base * table[j]), 2^-126) (base =
+// 4 * absmax rounded up to bf16, 1 for a zero row) codes every value within [-half, half]
+// in at most `budget` bits of `lengths` (indexed q + half). Fitting is monotone in j (d_j
+// never grows, |q| never shrinks, lengths never shrink with |q|), so the plain bisection
+// here finds the reference's j whatever its search order; j = 0 codes every value as 0 and
+// is taken as fitting, as there. Writes d (0 for a zero row) and the codes q (int64).
+static inline int64_t ecsq_quantize(float r, float offset, bool nearest) {
+  if (nearest) return (int64_t)std::nearbyint(r);
+  const float m = std::floor(std::fabs(r) + offset);
+  return r < 0.0f ? -(int64_t)m : (r > 0.0f ? (int64_t)m : 0);
+}
+
+void lbt_ecsq_steps(const float* z, int64_t t, int64_t e, const float* table, int64_t nsteps,
+                    const int64_t* lengths, int64_t half, int64_t budget, float offset, float* d_out,
+                    int64_t* q_out) {
+  const bool nearest = offset == 0.5f;
+  for (int64_t r = 0; r < t; ++r) {
+    const float* zr = z + r * e;
+    float amax = 0.0f;
+    for (int64_t i = 0; i < e; ++i) amax = std::fmax(amax, std::fabs(zr[i]));
+    const float four = amax * 4.0f;
+    uint16_t b = f32_to_bf16(four);
+    if (bf16_to_f32(b) < four) b = uint16_t(b + 1);
+    const float base = bf16_to_f32(b) > 0.0f ? bf16_to_f32(b) : 1.0f;
+    auto step = [&](int64_t j) { return std::fmax(bf16_to_f32(f32_to_bf16(base * table[j])), 0x1p-126f); };
+    auto fits = [&](int64_t j) {
+      const float d = step(j);
+      if (std::llabs(ecsq_quantize(amax / d, offset, nearest)) > half) return false;
+      int64_t used = 0;
+      for (int64_t i = 0; i < e; ++i) used += lengths[ecsq_quantize(zr[i] / d, offset, nearest) + half];
+      return used <= budget;
+    };
+    int64_t lo = 0, hi = nsteps;  // lo fits, hi does not
+    while (hi - lo > 1) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (fits(mid)) lo = mid; else hi = mid;
+    }
+    const float d = step(lo);
+    int64_t* qr = q_out + r * e;
+    for (int64_t i = 0; i < e; ++i) qr[i] = ecsq_quantize(zr[i] / d, offset, nearest);
+    d_out[r] = amax == 0.0f ? 0.0f : d;
+  }
+}
+
+// The rotation of the ECSQ codec (the reference's F.fwht with its random signs): `pre` 1 gives
+// fwht(x * signs) (the encoder's), 0 gives fwht(x) * signs (the decoder's), fp32 [t, e] rows.
+void lbt_ecsq_rotate(const float* x, int64_t t, int64_t e, const float* signs, int pre, int64_t block,
+                     float inv_sqrt, float* out) {
+  for (int64_t r = 0; r < t; ++r) {
+    float* y = out + r * e;
+    const float* xr = x + r * e;
+    if (pre)
+      for (int64_t c = 0; c < e; ++c) y[c] = xr[c] * signs[c];
+    else
+      std::memcpy(y, xr, sizeof(float) * (size_t)e);
+#ifdef LBT_AVX2
+    if (!fwht_row_avx2(y, e, block, inv_sqrt))
+#endif
+      fwht_row(y, e, block, inv_sqrt);
+    if (!pre)
+      for (int64_t c = 0; c < e; ++c) y[c] = y[c] * signs[c];
+  }
 }
 
 }  // extern "C"
