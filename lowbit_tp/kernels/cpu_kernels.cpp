@@ -2308,10 +2308,12 @@ int64_t lbt_ecsq_unpack(const uint8_t* slots, int64_t t, int64_t c, int64_t e, c
 // the largest j in [0, nsteps) whose step d_j = max(bf16(base * table[j]), 2^-126) (base =
 // 4 * absmax rounded up to bf16, 1 for a zero row) codes every value within [-half, half]
 // in at most `budget` bits of `lengths` (indexed q + half). Fitting is monotone in j (d_j
-// never grows, |q| never shrinks, lengths never shrink with |q|), so the plain bisection
-// here finds the reference's j whatever its search order; j = 0 codes every value as 0 and
-// is taken as fitting, as there. Writes d (0 for a zero row) and the codes q (int64).
+// never grows, |q| never shrinks, lengths never shrink with |q|), so any bracketed search
+// finds the reference's j, whatever its order; j = 0 codes every value as 0 and is taken
+// as fitting, as there. Writes d (0 for a zero row) and the codes q (int64).
 static inline int64_t ecsq_quantize(float r, float offset, bool nearest) {
+  // |r| <= 2^14 here (d >= 4 * absmax * 2^-16); a bound anyway, so a cast is never undefined
+  if (!(std::fabs(r) < 0x1p30f)) return r < 0.0f ? -(int64_t(1) << 30) : (int64_t(1) << 30);
   if (nearest) return (int64_t)std::nearbyint(r);
   const float m = std::floor(std::fabs(r) + offset);
   return r < 0.0f ? -(int64_t)m : (r > 0.0f ? (int64_t)m : 0);
@@ -2321,26 +2323,51 @@ void lbt_ecsq_steps(const float* z, int64_t t, int64_t e, const float* table, in
                     const int64_t* lengths, int64_t half, int64_t budget, float offset, float* d_out,
                     int64_t* q_out) {
   const bool nearest = offset == 0.5f;
+  const double per = double(budget) / double(e > 0 ? e : 1);
   for (int64_t r = 0; r < t; ++r) {
     const float* zr = z + r * e;
     float amax = 0.0f;
-    for (int64_t i = 0; i < e; ++i) amax = std::fmax(amax, std::fabs(zr[i]));
+    double ss = 0.0;
+    for (int64_t i = 0; i < e; ++i) {
+      amax = std::fmax(amax, std::fabs(zr[i]));
+      ss += double(zr[i]) * double(zr[i]);
+    }
     const float four = amax * 4.0f;
     uint16_t b = f32_to_bf16(four);
     if (bf16_to_f32(b) < four) b = uint16_t(b + 1);
     const float base = bf16_to_f32(b) > 0.0f ? bf16_to_f32(b) : 1.0f;
     auto step = [&](int64_t j) { return std::fmax(bf16_to_f32(f32_to_bf16(base * table[j])), 0x1p-126f); };
-    auto fits = [&](int64_t j) {
+    // (fits, coded bits with the codes clamped to [-half, half]) at candidate j
+    auto eval = [&](int64_t j, int64_t* used_out) {
       const float d = step(j);
-      if (std::llabs(ecsq_quantize(amax / d, offset, nearest)) > half) return false;
+      const bool in_range = std::llabs(ecsq_quantize(amax / d, offset, nearest)) <= half;
       int64_t used = 0;
-      for (int64_t i = 0; i < e; ++i) used += lengths[ecsq_quantize(zr[i] / d, offset, nearest) + half];
-      return used <= budget;
+      for (int64_t i = 0; i < e; ++i) {
+        int64_t q = ecsq_quantize(zr[i] / d, offset, nearest);
+        q = q < -half ? -half : (q > half ? half : q);
+        used += lengths[q + half];
+      }
+      *used_out = used;
+      return in_range && used <= budget;
     };
-    int64_t lo = 0, hi = nsteps;  // lo fits, hi does not
-    while (hi - lo > 1) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (fits(mid)) lo = mid; else hi = mid;
+    // Search order only (the answer is the unique largest fitting j): start from a Gaussian
+    // rate guess (a row of rms s codes at about 2.05 - log2(d / s) bits per value), then
+    // alternate secant steps (about one bit per value per 64 j) and bisection.
+    const double rms = std::sqrt(ss / double(e > 0 ? e : 1));
+    double g = 64.0 * std::log2(double(base) / (std::fmax(rms, 1e-30) * std::exp2(2.05 - per)));
+    int64_t guess = std::isfinite(g) ? (int64_t)std::llround(std::fmin(std::fmax(g, -1e9), 1e9)) : nsteps / 2;
+    int64_t lo = 0, hi = nsteps;  // lo fits (j = 0 codes every value as 0), hi does not
+    int64_t last_j = 0, last_used = 0;
+    for (int it = 0; hi - lo > 1; ++it) {
+      int64_t j;
+      if (it == 0) j = guess;
+      else if (it % 2 == 1) j = last_j + (int64_t)std::floor(double(budget - last_used) * 64.0 / double(e > 0 ? e : 1));
+      else j = lo + (hi - lo) / 2;
+      j = j < lo + 1 ? lo + 1 : (j > hi - 1 ? hi - 1 : j);
+      int64_t used;
+      if (eval(j, &used)) lo = j; else hi = j;
+      last_j = j;
+      last_used = used;
     }
     const float d = step(lo);
     int64_t* qr = q_out + r * e;
