@@ -250,13 +250,16 @@ def test_cpu_bit_packing_is_the_reference_on_full_and_odd_rows():
         back = cpu_kernels.ecsq_unpack(got, e, symbols=table[0], lengths=table[1], half=HALF)
         assert back.dtype == torch.int32 and torch.equal(back.long(), q), name
         assert torch.equal(back.long(), unpack_rows(ref, e, table, HALF)), name
-        # a row filled to its last bit fits; one bit fewer does not, in both
-        exact = q[ln[q + HALF].sum(1).argmax()].unsqueeze(0)
+        # a row filled to its last bit (8 copies of each code: whole bytes) fits; a byte fewer
+        # does not, in both
+        exact = torch.tensor([[HALF] * 8 + [-HALF] * 8 + [0] * 8 + [3] * 8])
         bits = int(ln[exact + HALF].sum())
-        if bits % 8 == 0:
-            assert torch.equal(cpu_kernels.ecsq_pack(exact, lengths=ln, codes=codes, half=HALF, nbytes=bits // 8),
-                               pack_rows(exact, ln, codes, HALF, bits // 8))
-        short = (bits - 1) // 8
+        assert bits % 8 == 0
+        got = cpu_kernels.ecsq_pack(exact, lengths=ln, codes=codes, half=HALF, nbytes=bits // 8)
+        assert torch.equal(got, pack_rows(exact, ln, codes, HALF, bits // 8)), name
+        assert torch.equal(cpu_kernels.ecsq_unpack(got, 32, symbols=table[0], lengths=table[1], half=HALF).long(),
+                           exact), name
+        short = bits // 8 - 1
         for fn in (lambda: pack_rows(exact, ln, codes, HALF, short),
                    lambda: cpu_kernels.ecsq_pack(exact, lengths=ln, codes=codes, half=HALF, nbytes=short)):
             with pytest.raises(ValueError, match="more than its"):
@@ -282,6 +285,9 @@ def test_cpu_rotation_and_rate_control_are_the_reference(e):
     x = rows(23, e, seed=e)
     x[5] *= 1e-30
     x[6] *= 1e4
+    x[7] *= 1e-38  # subnormal values: steps at the 2**-126 floor
+    x[8, :] = 0.0
+    x[8, 0] = 1e-45  # the smallest subnormal alone
     signs = (torch.randint(0, 2, (e,), generator=torch.Generator().manual_seed(e)) * 2 - 1).float()
     block = F.hadamard_block(e)
     z = cpu_kernels.ecsq_rotate(x, signs=signs, block=block, encode=True)
@@ -295,3 +301,40 @@ def test_cpu_rotation_and_rate_control_are_the_reference(e):
         d_ref, q_ref = choose_steps(z, ln, budget, HALF, offset=offset)
         assert torch.equal(d, d_ref) and torch.equal(q, q_ref), (name, offset)
         assert d[1] == 0 and (q[1] == 0).all()
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="CPU kernels unavailable")
+@pytest.mark.parametrize("name", ["rot-ecsq3.5-k4", "rot-ecsq3.875-k4", "rot-ecsq4.25-k4", "rot-ecsq4.625-k4",
+                                  "rot-ecsq5-k4"])
+def test_registered_codecs_on_the_cpu_kernels_are_the_reference(name, cal_factory):
+    """The whole codec at a real width (E = 576, 4 calibrated kept channels): payloads, decodes
+    and decoded sums of the C++ pieces bitwise those of backend="reference", also for bf16
+    input and with a NaN row under nonfinite="propagate"; and the empty message."""
+    cal = cal_factory(2, 576)
+    ref = make_codec(name, calibration=cal, backend="reference")
+    cpu = make_codec(name, calibration=cal, backend="cpu")
+    prop = [make_codec(name, calibration=cal, backend=b, nonfinite="propagate") for b in ("reference", "cpu")]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(19, 576, generator=g) * torch.logspace(-4, 1, 19).unsqueeze(1)
+    x[3] = 0.0
+    x[:, 7] = 30.0
+    layer = "layers.0.o_proj"
+    for inp in (x, x.bfloat16()):
+        pr, pc = ref.encode(inp, layer=layer, source=1), cpu.encode(inp, layer=layer, source=1)
+        assert torch.equal(pr, pc)
+        assert torch.equal(ref.decode(pr, (19, 576), layer=layer, source=1), cpu.decode(pc, (19, 576), layer=layer,
+                                                                                        source=1))
+        p0 = ref.encode(inp.flip(0), layer=layer, source=0)
+        assert torch.equal(ref.decode_sum([p0, pr], (19, 576), layer=layer, sources=[0, 1]),
+                           cpu.decode_sum([p0, pc], (19, 576), layer=layer, sources=[0, 1]))
+    xn = x.clone()
+    xn[5, 100] = float("nan")
+    pr, pc = (c.encode(xn, layer=layer, source=1) for c in prop)
+    assert torch.equal(pr, pc)
+    yr, yc = (c.decode(pr, (19, 576), layer=layer, source=1) for c in prop)
+    kept = cpu.params(layer, 1, 576).outliers
+    assert torch.equal(yr.isnan(), yc.isnan()) and int(yc.isnan().sum()) == 576 - kept.numel()
+    assert torch.isnan(yc[5]).sum() == 576 - kept.numel()  # the row, but for its kept bf16 channels
+    assert torch.equal(yr.nan_to_num(0.0), yc.nan_to_num(0.0))
+    empty = torch.zeros(0, 576)
+    assert cpu.encode(empty, layer=layer).numel() == 0 == ref.encode(empty, layer=layer).numel()

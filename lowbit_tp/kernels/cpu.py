@@ -140,7 +140,7 @@ def _lib():
     lib.lbt_ecsq_pack.restype = i64
     lib.lbt_ecsq_unpack.argtypes = [p, i64, i64, i64, p, p, i32, i64, p]
     lib.lbt_ecsq_unpack.restype = i64
-    lib.lbt_ecsq_steps.argtypes = [p, i64, i64, p, i64, p, i64, i64, f32, p, p]
+    lib.lbt_ecsq_steps.argtypes = [p, i64, i64, p, i64, p, i64, i64, f32, i32, p, p]
     lib.lbt_ecsq_steps.restype = None
     lib.lbt_ecsq_rotate.argtypes = [p, i64, i64, p, i32, i64, f32, p]
     lib.lbt_ecsq_rotate.restype = None
@@ -370,13 +370,23 @@ def lg8_codes(amax: torch.Tensor, base: float, *, table: torch.Tensor) -> tuple[
     return q, scale
 
 
+def _code_lengths(lengths: torch.Tensor, half: int) -> torch.Tensor:
+    """A prefix code's lengths for ``q = -half..half`` as contiguous int64 (checked: the
+    kernels index them by ``q + half``)."""
+    if lengths.numel() != 2 * half + 1:
+        raise ValueError(f"an ECSQ code has {2 * half + 1} lengths for q in [-{half}, {half}], got {lengths.numel()}")
+    return lengths.to(torch.int64).contiguous()
+
+
 def ecsq_pack(q: torch.Tensor, *, lengths: torch.Tensor, codes: torch.Tensor, half: int, nbytes: int) -> torch.Tensor:
-    """The ECSQ slots ``[T, nbytes]`` uint8 of the codes ``q [T, E]``: bitwise
-    ``lowbit_tp.codecs.ecsq.pack_rows``, with its errors (a row that does not fit, a code
-    outside ``[-half, half]``) as ValueError."""
+    """The ECSQ slots ``[T, nbytes]`` uint8 of the codes ``q [T, E]`` (in ``[-half, half]``):
+    bitwise ``lowbit_tp.codecs.ecsq.pack_rows``, with its ValueError for a row that does not
+    fit; a code outside ``[-half, half]`` is a ValueError too (the reference does not check)."""
     q = q.to(torch.int64).contiguous()
-    lengths = lengths.to(torch.int64).contiguous()
+    lengths = _code_lengths(lengths, half)
     codes = codes.to(torch.int64).contiguous()
+    if codes.numel() != lengths.numel():
+        raise ValueError(f"an ECSQ code has {lengths.numel()} codewords, got {codes.numel()}")
     t, e = q.shape
     out = torch.empty(t, nbytes, dtype=torch.uint8)
     if t == 0:
@@ -385,7 +395,10 @@ def ecsq_pack(q: torch.Tensor, *, lengths: torch.Tensor, codes: torch.Tensor, ha
     if bad <= -2:
         raise ValueError(f"ECSQ row {-2 - bad} has a code outside [-{half}, {half}]")
     if bad >= 0:
-        need = int(lengths[(q[bad] + half)].sum())
+        row = q[bad]
+        if bool((row.abs() > half).any()):
+            raise ValueError(f"ECSQ row {bad} has a code outside [-{half}, {half}]")
+        need = int(lengths[row + half].sum())
         raise ValueError(f"a row's codewords need {need} bits, more than its {8 * nbytes}")
     return out
 
@@ -412,13 +425,13 @@ def ecsq_steps(z: torch.Tensor, *, table: torch.Tensor, lengths: torch.Tensor, b
     returning ``(d [T] fp32, q [T, E] int64)``."""
     z = z.float().contiguous()
     table = table.float().contiguous()
-    lengths = lengths.to(torch.int64).contiguous()
+    lengths = _code_lengths(lengths, half)
     t, e = z.shape
     d = torch.empty(t, dtype=torch.float32)
     q = torch.empty(t, e, dtype=torch.int64)
     if t:
         _lib().lbt_ecsq_steps(z.data_ptr(), t, e, table.data_ptr(), table.numel(), lengths.data_ptr(), half,
-                              budget_bits, offset, d.data_ptr(), q.data_ptr())
+                              budget_bits, offset, int(offset == 0.5), d.data_ptr(), q.data_ptr())
     return d, q
 
 
@@ -427,6 +440,8 @@ def ecsq_unpack(slots: torch.Tensor, e: int, *, symbols: torch.Tensor, lengths: 
     """The ``e`` codes (int32) of each ECSQ slot of ``slots [T, C]`` uint8: bitwise
     ``lowbit_tp.codecs.ecsq.unpack_rows`` (``symbols``/``lengths``: its decode table of
     ``2**width`` windows), with its ValueError for a corrupt payload."""
+    if slots.dtype != torch.uint8 or slots.dim() != 2:
+        raise ValueError(f"ECSQ slots are a [T, C] uint8 tensor, got {slots.dtype} {tuple(slots.shape)}")
     slots = slots.contiguous()
     symbols = symbols.to(torch.int32).contiguous()
     lengths = lengths.to(torch.int32).contiguous()

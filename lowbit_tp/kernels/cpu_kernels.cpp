@@ -2320,9 +2320,8 @@ static inline int64_t ecsq_quantize(float r, float offset, bool nearest) {
 }
 
 void lbt_ecsq_steps(const float* z, int64_t t, int64_t e, const float* table, int64_t nsteps,
-                    const int64_t* lengths, int64_t half, int64_t budget, float offset, float* d_out,
-                    int64_t* q_out) {
-  const bool nearest = offset == 0.5f;
+                    const int64_t* lengths, int64_t half, int64_t budget, float offset, int nearest,
+                    float* d_out, int64_t* q_out) {
   const double per = double(budget) / double(e > 0 ? e : 1);
   for (int64_t r = 0; r < t; ++r) {
     const float* zr = z + r * e;
