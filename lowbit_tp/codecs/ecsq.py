@@ -342,7 +342,8 @@ class EcsqCodec(KeptRotation, Codec):
         if nonfinite:  # such rows send step NaN and all-zero codes: they decode to NaN
             bad_rows = ~torch.isfinite(xf).all(1)
             xf = torch.where(bad_rows.unsqueeze(1), torch.zeros_like(xf), xf)
-        if self.kernel_backend(xf.device) == "cpu":  # the same rotation, steps and codes, in C++
+        on_cpu = self.kernel_backend(xf.device) == "cpu"  # the same rotation, steps and bytes, in C++
+        if on_cpu:
             z = cpu_kernels.ecsq_rotate(xf, signs=p.signs, block=F.hadamard_block(e), encode=True)
             d, q = cpu_kernels.ecsq_steps(z, table=_STEP_TABLE, lengths=self._lengths, budget_bits=8 * c, half=HALF,
                                           offset=self.rounding)
@@ -351,7 +352,7 @@ class EcsqCodec(KeptRotation, Codec):
             d, q = choose_steps(z, self._lengths, 8 * c, HALF, offset=self.rounding)
         if bad_rows is not None:
             d = d.masked_fill(bad_rows, float("nan"))
-        if self.kernel_backend(q.device) == "cpu":  # the same bytes, in one C++ pass
+        if on_cpu:
             slots = cpu_kernels.ecsq_pack(q, lengths=self._lengths, codes=self._codes, half=HALF, nbytes=c)
         else:
             slots = pack_rows(q, self._lengths, self._codes, HALF, c)
