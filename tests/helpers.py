@@ -3,10 +3,12 @@
 ``tiny_config(family)`` gives a 2-layer config of each supported family, ``byte_tokenizer()``
 a byte-level tokenizer with no merges, ``save_tiny(root, family)`` a checkpoint directory
 of both, and ``reference_greedy`` the unsharded model's greedy tokens (full recompute per
-step, no KV cache: an independent reference for every engine).
+step, no KV cache: an independent reference for every engine). ``sweep(cases, keep)`` splits
+a parametrized sweep between the default suite and the slow one.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lowbit_tp.bench.e2e.model import byte_tokenizer  # noqa: F401  (the benchmark's, one token per byte)
@@ -162,3 +164,14 @@ def raised(codec, run) -> str:
     except NonFiniteError:
         return "non-finite"
     return "ok"
+
+
+def sweep(cases, keep):
+    """Parametrize values for a sweep: the cases with ``keep(case)`` run in the default suite,
+    the others carry the ``slow`` mark, so ``make test-slow`` (which CI runs) keeps the whole
+    sweep. A case already made by ``pytest.param`` passes through unchanged. A tuple case
+    fills several argument names (``"tokens,hidden"``)."""
+    param_type = type(pytest.param(0))
+    return [case if isinstance(case, param_type) or keep(case)
+            else pytest.param(*(case if isinstance(case, tuple) else (case,)), marks=pytest.mark.slow)
+            for case in cases]

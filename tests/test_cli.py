@@ -236,16 +236,20 @@ def test_a_benchmark_file_says_the_command_that_made_it(tmp_path):
     assert (tmp_path / "s.md").read_text() == "| t |\n"
 
 
-def test_calibrate_says_when_it_stored_no_bit_allocation(tmp_path):
-    """An --allocate budget below what the codecs can meet was kept only in the file's header
-    (exit 0, no word): the user found out when codec 'default' refused the file later. A
-    negative budget ran the whole sensitivity probe first; the flag parser refuses it now."""
-    from helpers import save_tiny
-
+def test_calibrate_refuses_a_negative_budget_before_the_probe():
+    """A negative --allocate budget ran the whole sensitivity probe first; the flag parser refuses it now."""
     proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "calibrate", "--tp", "2", "--out", "x",
                            "--allocate", "-1"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--allocate: must be a finite number >= 0" \
         in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow  # 20 s: a calibration with its allocation probe
+def test_calibrate_says_when_it_stored_no_bit_allocation(tmp_path):
+    """An --allocate budget below what the codecs can meet was kept only in the file's header
+    (exit 0, no word): the user found out when codec 'default' refused the file later."""
+    from helpers import save_tiny
+
     path, out = save_tiny(tmp_path, "llama"), tmp_path / "cal.safetensors"
     # hidden 64: the default 4.5-bit budget is out of reach (its bf16 channels alone cost a bit per value)
     proc = subprocess.run([sys.executable, "-m", "lowbit_tp.cli", "calibrate", "--model", path, "--tp", "2", "--out",

@@ -322,7 +322,7 @@ def test_style_first_stage_feedback_equals_the_simulator_and_differs_from_full(t
 GEMMA_STEPS = 3  # prefill + 2 one-token decode steps
 
 
-@pytest.fixture(scope="module", params=["gemma3", "gemma2"])
+@pytest.fixture(scope="module", params=["gemma3", pytest.param("gemma2", marks=pytest.mark.slow)])  # gemma2: slow suite
 def tiny_gemma(request, tmp_path_factory):
     return save_tiny_gemma(tmp_path_factory.mktemp("tiny_gemma"), request.param)
 

@@ -242,7 +242,8 @@ class AtenCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("name", CODECS + ["int4", "int4-random-k", "rot-int6-g64-lg8-k4"])
+@pytest.mark.parametrize("name", CODECS + ["int4", "int4-random-k",
+                                           pytest.param("rot-int6-g64-lg8-k4", marks=pytest.mark.slow)])  # 3 s: slow
 @pytest.mark.parametrize("mode", ["error", "flag"])
 def test_fused_path_runs_no_torch_op_per_message(name, mode):
     """With out= buffers, a message costs its kernel launch(es) and nothing else on the device:

@@ -46,6 +46,7 @@ def _loglikelihoods(res):
     return [float(r[0]) for sample in res["samples"]["shakespeare_lastword"] for r in sample["filtered_resps"]]
 
 
+@pytest.mark.slow  # 25 s (four lm-eval runs of a tiny model): the slow suite
 def test_adapter_runs_an_offline_task_bf16_matches_plain_hf_and_codecs_differ(tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM

@@ -291,6 +291,7 @@ def test_unknown_variant_is_refused():
         encode("int4-g32", torch.randn(2, 64), "fastest")
 
 
+@pytest.mark.slow  # 13 s under the interpreter: the slow suite
 def test_sweep_script_dry_run(tmp_path):
     """scripts/sweep_group.py end to end on CPU tensors: every variant's bytes equal the
     reference's on normal and hard data, for encode and reduce_encode."""

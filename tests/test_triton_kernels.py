@@ -18,7 +18,7 @@ import torch  # noqa: E402
 pytest.importorskip("triton", reason="triton is not installed (optional: the Triton kernels are skipped)")
 
 from lowbit_tp.calibration.synthetic import synthetic_calibration  # noqa: E402
-from helpers import raised  # noqa: E402
+from helpers import raised, sweep  # noqa: E402
 from lowbit_tp.codecs import make_codec  # noqa: E402
 
 LAYER = "L"
@@ -122,9 +122,11 @@ def test_other_rot_codecs_bitwise(name):
 # tiles per row, a ragged last tile, one token, odd E (codes not byte-aligned per row), E % 8
 # != 0 with bit-planes, 8-bit codes, fp16/E8M0/lg8 scales, k = 0.
 @pytest.mark.parametrize("name,tokens,hidden,opts", [
-    ("rot-lm4-g64-lg8-k4", 1, 200, {}), ("rot-int6-g64-lg8-k4", 3, 200, {}), ("rot-lm3-g32-lg8-k4", 5, 100, {}),
-    ("rot-lm4-g32-e8", 3, 37, {}), ("rot-int8-g64-e8", 2, 192, {}), ("rot-lm4-g64", 4, 320, {}),
-    ("rot-lm4-g64-lg8", 3, 96, {"k": 0}),
+    ("rot-lm4-g64-lg8-k4", 1, 200, {}), ("rot-lm3-g32-lg8-k4", 5, 100, {}),
+    ("rot-lm4-g32-e8", 3, 37, {}), ("rot-int8-g64-e8", 2, 192, {}), ("rot-lm4-g64-lg8", 3, 96, {"k": 0}),
+    # 7-8 s each under the interpreter: the slow suite
+    pytest.param("rot-int6-g64-lg8-k4", 3, 200, {}, marks=pytest.mark.slow),
+    pytest.param("rot-lm4-g64", 4, 320, {}, marks=pytest.mark.slow),
 ])
 @pytest.mark.parametrize("programs", [1, pytest.param(2, marks=pytest.mark.slow), 512])  # lg8: one program loops
 # over all tiles / strided (slow suite) / one each
@@ -454,7 +456,7 @@ def test_mxfp4_scale_extremes_bitwise():
 
 
 @pytest.mark.parametrize("name", ["int4-g32", "int4-g128", "mxfp4"])
-@pytest.mark.parametrize("rows,ngt", [(2, 1), (4, 2)])
+@pytest.mark.parametrize("rows,ngt", [pytest.param(2, 1, marks=pytest.mark.slow), (4, 2)])  # (2, 1): 13-16 s, slow
 def test_group_tiles_split_rows_and_groups_bitwise(name, rows, ngt, monkeypatch):
     """Small tiles force many programs per message: tiles that end inside T (7 % rows != 0), a
     last group cut by E (300 = 9 * 32 + 12, 2 * 128 + 44), a tile of groups past E; encode,
@@ -478,12 +480,11 @@ class _Refuse:
 
 
 _STATIC_SHAPES = [(7, 101), (1, 258), (5, 130), (13, 101)]  # even E - k (k = 1, 4, 2)
-# (tile, shape): the 2x4 tile makes hundreds of interpreted programs a message (10-20 s each),
-# so the default suite keeps it at one shape and the `slow` marker runs the other three
-_STATIC_TILE_CASES = ([(tile, shape) for tile in [(4, 16), None] for shape in _STATIC_SHAPES]  # None: shipped
-                      + [((2, 4), (5, 130))]
-                      + [pytest.param((2, 4), shape, marks=pytest.mark.slow) for shape in _STATIC_SHAPES
-                         if shape != (5, 130)])
+# (tile, shape): the 2x4 tile makes hundreds of interpreted programs a message (10-20 s each);
+# the default suite keeps the shipped tiles (None) and the 4x16 one at the three smaller shapes, one
+# token and both odd E among them, and the `slow` marker runs the rest
+_STATIC_TILE_CASES = sweep([(tile, shape) for tile in [(4, 16), None, (2, 4)] for shape in _STATIC_SHAPES],
+                           keep=lambda case: case[0] != (2, 4) and case[1] != (13, 101))
 
 
 @pytest.mark.parametrize("name", STATIC)
@@ -683,7 +684,7 @@ ROT_VARIANTS = {
                                      else pytest.param(v, marks=pytest.mark.slow)
                                      for v in ROT_VARIANTS])  # the launch-shape-only ones: slow suite
 @pytest.mark.parametrize("name,tokens,hidden", [  # two shapes by default, the rest in the slow suite
-    ("rot-lm4-g64-lg8-k4", 5, 200), ("rot-int6-g64-lg8-k4", 3, 136),
+    pytest.param("rot-lm4-g64-lg8-k4", 5, 200, marks=pytest.mark.slow), ("rot-int6-g64-lg8-k4", 3, 136),
     pytest.param("rot-int6-g64-lg8-k4", 7, 64, marks=pytest.mark.slow),
     pytest.param("rot-lm3-g32-lg8-k4", 3, 200, marks=pytest.mark.slow)])
 def test_rot_kernel_variants_bitwise(variant, name, tokens, hidden, monkeypatch):
@@ -780,10 +781,9 @@ def test_row_mode_chunks_and_reduce_encode_bitwise(name, monkeypatch):
 TWO_SHOT_FEEDBACK_FUSED = {"int4-outlier", "rot-lm4-g64-lg8-k4", "int4-g32"}
 
 
-@pytest.mark.parametrize("name,dtype", [  # rot-* in bf16 (8 s under the interpreter): the slow suite
-    *((n, d) for n in ("int4-outlier", "rot-lm4-g64-lg8-k4", "int4-g32") for d in (torch.float32, torch.bfloat16)
-      if (n, d) != ("rot-lm4-g64-lg8-k4", torch.bfloat16)),
-    pytest.param("rot-lm4-g64-lg8-k4", torch.bfloat16, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name,dtype", sweep(  # rot-* (8-20 s under the interpreter): the slow suite
+    [(n, d) for n in ("int4-outlier", "rot-lm4-g64-lg8-k4", "int4-g32") for d in (torch.float32, torch.bfloat16)],
+    keep=lambda case: not case[0].startswith("rot-")))
 def test_two_shot_feedback_chain_on_triton_is_bitwise_the_reference(name, dtype):
     """Two-shot with error feedback on the Triton backend, both stages (one encode_feedback per
     row chunk into the flat payload and the next carry's rows; the owner's re-encode of its sum
@@ -818,7 +818,7 @@ def test_two_shot_feedback_chain_on_triton_is_bitwise_the_reference(name, dtype)
 
 
 @pytest.mark.parametrize("name", ["rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4"])
-@pytest.mark.parametrize("tokens,hidden", [(5, 96), (3, 200)])
+@pytest.mark.parametrize("tokens,hidden", [(5, 96), pytest.param(3, 200, marks=pytest.mark.slow)])  # E=200: slow
 @pytest.mark.parametrize("with_carry", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rot_encode_feedback_decodes_into_the_difference(name, tokens, hidden, with_carry, dtype):

@@ -19,7 +19,7 @@ pytest.importorskip("triton", reason="triton is not installed (optional: the Tri
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")]
 
-from helpers import raised  # noqa: E402
+from helpers import raised, sweep  # noqa: E402
 from lowbit_tp.calibration.synthetic import synthetic_calibration  # noqa: E402
 from lowbit_tp.codecs import make_codec  # noqa: E402
 from lowbit_tp.kernels import triton_static as KS  # noqa: E402
@@ -95,11 +95,12 @@ def launches(monkeypatch):
 # (tokens, hidden): int4-outlier/-random-k keep k = E // 64 channels in bf16 (4, 4, 2, 1), so
 # E - k is even but for 101 (odd int4 body row: the tile/flat kernels, asserted below)
 SHAPES = [(7, 258), (13, 300), (1, 130), (4, 101)]
+SMALL = lambda case: case[0] * case[1] < 900  # noqa: E731  (larger shapes: 2-8 s a case, the slow suite)
 
 
 @pytest.mark.parametrize("variant", ["fast", pytest.param("fast-b", marks=pytest.mark.slow)])  # "auto" runs "fast"
 @pytest.mark.parametrize("name", STATIC)
-@pytest.mark.parametrize("tokens,hidden", SHAPES)
+@pytest.mark.parametrize("tokens,hidden", sweep(SHAPES, keep=SMALL))
 def test_fast_kernels_bitwise(name, variant, tokens, hidden, launches, monkeypatch):
     monkeypatch.setattr(KS, "DECODE_VARIANT", variant)
     monkeypatch.setattr(KS, "ENCODE_VARIANT", variant)
@@ -192,6 +193,7 @@ def test_tile_variant_still_runs_and_unknown_variants_are_refused(launches, monk
         tri.decode_sum(want, (5, 258), layer=LAYER)
 
 
+@pytest.mark.slow  # 18 s under the interpreter: the slow suite
 def test_sweep_script_dry_run(tmp_path):
     """scripts/sweep_static.py runs end to end under the interpreter and finds every variant
     bitwise equal to the reference (the GPU run uses the same code)."""
@@ -327,8 +329,9 @@ def test_auto_decode_sum_picks_by_source_count(name, k, kernels, launches, monke
 @pytest.mark.parametrize("variant", ["src", pytest.param("src-c", marks=pytest.mark.slow),
                                      pytest.param("src-2", marks=pytest.mark.slow)])  # "auto" runs "src"
 @pytest.mark.parametrize("name,k", [("int4-outlier", None), ("int4-random-k", None), ("int8", 3)])
-@pytest.mark.parametrize("tokens,hidden,sources,odd", [(7, 258, 2, False), (13, 300, 3, True), (1, 130, 8, False),
-                                                       (5, 195, 8, False), (4, 195, 3, False)])
+@pytest.mark.parametrize("tokens,hidden,sources,odd", sweep([(7, 258, 2, False), (13, 300, 3, True), (1, 130, 8, False),
+                                                             (5, 195, 8, False), (4, 195, 3, False)],
+                                                            keep=lambda case: case[3] or SMALL(case)))
 def test_src_decode_sum_variants_bitwise(variant, name, k, tokens, hidden, sources, odd, launches, monkeypatch):
     """The "src" decode-and-sum against the reference, bitwise: odd T, E not a multiple of 64,
     2/3/8 sources, NaN/Inf (also in a bf16 channel), a bf16 head at an odd address, and the
@@ -378,7 +381,8 @@ def test_src_decode_sum_variants_bitwise(variant, name, k, tokens, hidden, sourc
 
 @pytest.mark.parametrize("variant", ["src", "src-c"])
 @pytest.mark.parametrize("name", ["int4", "int8"])
-@pytest.mark.parametrize("tokens,hidden,sources", [(7, 258, 2), (13, 300, 3), (1, 130, 8), (5, 96, 8), (3, 195, 8)])
+@pytest.mark.parametrize("tokens,hidden,sources", sweep([(7, 258, 2), (13, 300, 3), (1, 130, 8), (5, 96, 8), (3, 195, 8)],
+                                                        keep=SMALL))
 def test_src_window_decode_sum_bitwise(variant, name, tokens, hidden, sources, launches, monkeypatch):
     """Without bf16 channels the "src" variants run the window decode with a run-time loop over
     sources (static_decode_sum_win_loop_kernel): bitwise the reference at 1, 2, 3 and 8 sources,
@@ -413,9 +417,10 @@ def test_src_window_decode_sum_bitwise(variant, name, tokens, hidden, sources, l
 # Error feedback fused into the fast encoders (triton_static.encode_feedback, Codec.encode_feedback):
 # the payload of encode(x + carry) and next = sent - decode(payload), 0 where not finite, against
 # the reference's gather_encode_feedback (encode, decode, difference), bitwise.
-@pytest.mark.parametrize("name,k,tokens,hidden", [("int4-outlier", None, 7, 258), ("int4-outlier", None, 1, 130),
-                                                  ("int8", 3, 5, 130), ("int8", 0, 6, 96), ("int8", 0, 5, 96),
-                                                  ("int4", None, 5, 96), ("int4-random-k", None, 9, 256)])
+@pytest.mark.parametrize("name,k,tokens,hidden", sweep([("int4-outlier", None, 7, 258), ("int4-outlier", None, 1, 130),
+                                                        ("int8", 3, 5, 130), ("int8", 0, 6, 96), ("int8", 0, 5, 96),
+                                                        ("int4", None, 5, 96), ("int4-random-k", None, 9, 256)],
+                                                       keep=lambda case: SMALL(case[2:])))
 @pytest.mark.parametrize("with_carry", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)])
 def test_encode_feedback_fused_bitwise(name, k, tokens, hidden, with_carry, dtype, launches):

@@ -314,7 +314,7 @@ def _rank_ef_gemma(rank, world, path):
              for i, layer in enumerate(LAYERS)] for p, (rows, _) in enumerate(EF_PASSES)]
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+@pytest.mark.parametrize("family", ["gemma3", pytest.param("gemma2", marks=pytest.mark.slow)])  # gemma2: slow suite
 def test_gated_reducer_maps_gemmas_carry_through_the_post_norms(tmp_path, family):
     """Gemma 3 (and 2) error feedback behind the vLLM op on gloo ranks (norms read from the checkpoint
     by each rank): every compressed output is bitwise ``simulate_all_reduce`` with the carries
