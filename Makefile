@@ -15,11 +15,12 @@ demo: $(STAMP)
 	$(BIN)/lowbit-tp demo
 
 # The default suite on two pytest workers (pytest-xdist): 951 s -> 605 s on the 2-core machine
-# (stop 31, measured one after the other). PYTEST_WORKERS=0 runs it in one process.
+# (stop 31, measured one after the other). PYTEST_WORKERS=0 runs it in one process. loadgroup:
+# the tests marked xdist_group (the network-namespace ones share a prefix) stay on one worker.
 PYTEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 # Heavier runs kept out of the default suite (marker `slow`: extra builds of the CPU kernels,
 # the bench-e2e loopback run, torchrun, long fits); .ci/run runs them.

@@ -15,6 +15,9 @@ from lowbit_tp.bench.e2e.report import E2ERow, add_ratios, rows_of_run
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "lbtptest"  # not the benchmark's namespaces, so a running benchmark is left alone
+# One pytest-xdist worker runs this file (make test: --dist loadgroup): its namespace tests share
+# PREFIX, and netns.sh's `up` first removes every namespace of the prefix.
+pytestmark = pytest.mark.xdist_group("netns")
 
 
 def _leftover_namespaces() -> list[str]:

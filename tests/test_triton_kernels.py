@@ -120,7 +120,8 @@ def test_other_rot_codecs_bitwise(name):
 
 # Column tiles narrower than E (MAX_TILE_COLS lowered so that small E reaches them): several
 # tiles per row, a ragged last tile, one token, odd E (codes not byte-aligned per row), E % 8
-# != 0 with bit-planes, 8-bit codes, fp16/E8M0/lg8 scales, k = 0.
+# != 0 with bit-planes, 8-bit codes, fp16/E8M0/lg8 scales, k = 0. The fp16-scale case and rot-int6
+# at E = 200 (7-8 s each) run in the slow suite only.
 @pytest.mark.parametrize("name,tokens,hidden,opts", [
     ("rot-lm4-g64-lg8-k4", 1, 200, {}), ("rot-lm3-g32-lg8-k4", 5, 100, {}),
     ("rot-lm4-g32-e8", 3, 37, {}), ("rot-int8-g64-e8", 2, 192, {}), ("rot-lm4-g64-lg8", 3, 96, {"k": 0}),
@@ -481,10 +482,11 @@ class _Refuse:
 
 _STATIC_SHAPES = [(7, 101), (1, 258), (5, 130), (13, 101)]  # even E - k (k = 1, 4, 2)
 # (tile, shape): the 2x4 tile makes hundreds of interpreted programs a message (10-20 s each);
-# the default suite keeps the shipped tiles (None) and the 4x16 one at the three smaller shapes, one
-# token and both odd E among them, and the `slow` marker runs the rest
+# the default suite keeps the shipped tiles (None) and the 4x16 one at the three smaller shapes (one
+# token and the odd E = 101 among them) and the 2x4 one at one shape; the `slow` marker runs the rest
 _STATIC_TILE_CASES = sweep([(tile, shape) for tile in [(4, 16), None, (2, 4)] for shape in _STATIC_SHAPES],
-                           keep=lambda case: case[0] != (2, 4) and case[1] != (13, 101))
+                           keep=lambda case: case == ((2, 4), (5, 130)) or (case[0] != (2, 4)
+                                                                           and case[1] != (13, 101)))
 
 
 @pytest.mark.parametrize("name", STATIC)
@@ -683,7 +685,7 @@ ROT_VARIANTS = {
 @pytest.mark.parametrize("variant", [v if v in ("base", "cell_xpose", "row", "loop")
                                      else pytest.param(v, marks=pytest.mark.slow)
                                      for v in ROT_VARIANTS])  # the launch-shape-only ones: slow suite
-@pytest.mark.parametrize("name,tokens,hidden", [  # two shapes by default, the rest in the slow suite
+@pytest.mark.parametrize("name,tokens,hidden", [  # one shape by default, the rest in the slow suite
     pytest.param("rot-lm4-g64-lg8-k4", 5, 200, marks=pytest.mark.slow), ("rot-int6-g64-lg8-k4", 3, 136),
     pytest.param("rot-int6-g64-lg8-k4", 7, 64, marks=pytest.mark.slow),
     pytest.param("rot-lm3-g32-lg8-k4", 3, 200, marks=pytest.mark.slow)])

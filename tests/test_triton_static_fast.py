@@ -381,7 +381,8 @@ def test_src_decode_sum_variants_bitwise(variant, name, k, tokens, hidden, sourc
 
 @pytest.mark.parametrize("variant", ["src", "src-c"])
 @pytest.mark.parametrize("name", ["int4", "int8"])
-@pytest.mark.parametrize("tokens,hidden,sources", sweep([(7, 258, 2), (13, 300, 3), (1, 130, 8), (5, 96, 8), (3, 195, 8)],
+@pytest.mark.parametrize("tokens,hidden,sources", sweep([(7, 258, 2), (13, 300, 3), (1, 130, 8), (5, 96, 8), (3, 195, 8),
+                                                         (3, 100, 2), (5, 130, 3)],  # 2 and 3 sources by default
                                                         keep=SMALL))
 def test_src_window_decode_sum_bitwise(variant, name, tokens, hidden, sources, launches, monkeypatch):
     """Without bf16 channels the "src" variants run the window decode with a run-time loop over
