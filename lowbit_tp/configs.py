@@ -42,6 +42,13 @@ DEFAULT_ALGORITHM = "gather"
 ENGINES = ("native", "transformers")  # engines of RunConfig; `lowbit-tp run --engine vllm` maps onto native's config
 SPLITS = ("test", "dev")  # EvalConfig.split
 
+# ``calibrate --alloc-codecs ladder``: the candidates of the plans that met <= 1% at <= 4.25
+# bits/value with error feedback and Fisher weights (docs/design-dev.md, stops 29-30): the
+# whole-bit rot-* formats and the five fixed-rate ECSQ research codecs (no GPU kernels).
+ALLOC_LADDER = ("rot-lm3-g64-lg8-k4", "rot-lm4-g64-lg8-k4", "rot-lm4-g32-lg8-k4", "rot-int5-g64-lg8-k4",
+                "rot-int6-g64-lg8-k4", "rot-int8-g64-lg8-k4", "rot-ecsq3.5-k4", "rot-ecsq3.875-k4",
+                "rot-ecsq4.25-k4", "rot-ecsq4.625-k4", "rot-ecsq5-k4")
+
 
 def check_min(value: Any, name: str, minimum: float = 1) -> None:
     """``value`` must be a number ``>= minimum`` (and finite); ``name`` is the flag shown."""
@@ -234,6 +241,9 @@ class CalibrationConfig:
     # Candidate codecs for a multi-codec allocation (allocate_many); empty: the two above.
     # alloc_low is then the reference codec whose per-layer KL is measured.
     alloc_codecs: tuple[str, ...] = ()
+    # Measure the per-layer KL with error feedback along depth: the plan for runs that use
+    # --error-feedback (a layer's cost with feedback is not its cost without).
+    alloc_error_feedback: bool = False
     # Fisher channel weights for the NAME+fisher codecs (lowbit_tp.calibration.fisher):
     # label draws (0 skips the pass) over the first fisher_windows calibration windows.
     fisher_draws: int = 0

@@ -168,11 +168,27 @@ def preflight_eval(cfg: Any, *, out: str | Path | None = None, warn: Callable[[s
     for text in check_seq_len(cfg.seq_len, config):
         _warn_with(warn)(text)
     check_min(cfg.samples, "--samples")
-    check_codecs(cfg.codecs, calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size,
-                 num_layers=getattr(config, "num_hidden_layers", None), model=cfg.model)
+    cal = check_codecs(cfg.codecs, calibration=cfg.calibration, tp=cfg.tp, hidden_size=config.hidden_size,
+                       num_layers=getattr(config, "num_hidden_layers", None), model=cfg.model)
+    for text in plan_feedback_warnings(cal, cfg.codecs, getattr(cfg, "error_feedback", False)):
+        _warn_with(warn)(text)
     check_text(cfg.text, getattr(cfg, "text_glob", "*"))
     if out:
         check_output_path(out)
+
+
+def plan_feedback_warnings(cal: Calibration | None, codecs: Iterable[str], error_feedback: Any) -> list[str]:
+    """A bit allocation planned with error feedback (``calibrate --alloc-error-feedback``) used by a
+    run without it: the plan spent its bits by each layer's cost with feedback, which hands a
+    layer's error to the next layer; without feedback each layer costs another KL, so the run
+    measures a plan made for another setting. The other way round (a plan measured without feedback, run
+    with it) is the documented ``default --error-feedback`` and passes."""
+    plan = (cal.meta.get("bit_allocation") or {}) if cal is not None else {}
+    if error_feedback or not plan.get("error_feedback"):
+        return []
+    uses = [c for c in codecs if c.split("+")[0] in ("alloc", "default")]
+    return [f"codec {c!r}: the calibration's bit allocation was planned with error feedback "
+            f"(calibrate --alloc-error-feedback); add --error-feedback to measure it as planned" for c in uses]
 
 
 def preflight_calibrate(cfg: Any, *, out: str | Path, warn: Callable[[str], None] | None = None) -> None:

@@ -81,6 +81,50 @@ def test_calibrate_with_candidate_codecs_writes_a_plan_the_default_codec_follows
     assert make_codec("default", calibration=cal).codec_for(cal.layers[0]).name == plan["layers"][cal.layers[0]]
 
 
+def test_calibrate_measures_the_plan_with_error_feedback_when_asked():
+    """`calibrate --alloc-error-feedback`: the stored per-layer KL is the one measured with
+    feedback on the probe windows (the stop-29/30 plans came from scripts/alloc_study.py
+    --error-feedback; calibrate measured it without, so its plans were the wrong ones for
+    runs with --error-feedback), and the plan says so."""
+    from lowbit_tp.calibration.allocate import layer_sensitivity
+    from lowbit_tp.calibration.pipeline import CalibrationConfig, calibrate
+    from lowbit_tp.data import chunk_tokens, load_split
+    from lowbit_tp.models.registry import ModelInfo
+    from test_calibration_eval import ByteTokenizer
+    from test_simulator import tiny_model
+
+    info = ModelInfo(name="tiny-llama", source="memory", weights_sha256="ef" * 32, model_type="llama",
+                     hidden_size=64, num_layers=2)
+    model, tok = tiny_model("llama"), ByteTokenizer()
+    cands = ("rot-lm3-g64-lg8-k4", "rot-lm4-g64-lg8-k4", "rot-int6-g64-lg8-k4")
+    plans = {}
+    for ef in (False, True):
+        cal = calibrate(CalibrationConfig(model="tiny-llama", tp=2, samples=4, seq_len=64, batch_size=4, allocate=5.0,
+                                          alloc_codecs=cands, alloc_samples=2, alloc_error_feedback=ef),
+                        bundle=(model, tok, info), progress=False)
+        plans[ef] = cal.meta["bit_allocation"]
+        assert plans[ef]["error_feedback"] is ef
+    # the probe, drawn as calibrate documents it: the calibration side, seed + 1000, <= 128 tokens
+    probe = chunk_tokens(tok, load_split(None).calibration, num_samples=2, seq_len=64, seed=1000)
+    assert plans[True]["probe"] == probe.manifest()
+    for ef in (False, True):
+        want = layer_sensitivity(model, probe.input_ids, cal, tp=2, codec="rot-lm4-g64-lg8-k4", progress=False,
+                                 error_feedback=ef)
+        assert plans[ef]["sensitivity_kl"] == pytest.approx(want, rel=1e-9), ef
+    first = cal.layers[0]
+    assert plans[True]["sensitivity_kl"][first] < plans[False]["sensitivity_kl"][first] / 2
+    # eval warns when a plan made for feedback runs without it (once per codec that follows the plan)
+    from lowbit_tp.preflight import plan_feedback_warnings
+
+    names = ("default", "alloc+fisher", "int4-g32", "rot-lm4-g64+sum8")
+    got = plan_feedback_warnings(cal, names, False)
+    assert [w.split(":")[0] for w in got] == ["codec 'default'", "codec 'alloc+fisher'"]
+    assert all("add --error-feedback" in w for w in got)
+    assert plan_feedback_warnings(cal, names, True) == plan_feedback_warnings(cal, names, "first-stage") == []
+    cal.meta["bit_allocation"] = plans[False]
+    assert plan_feedback_warnings(cal, names, False) == plan_feedback_warnings(None, names, False) == []
+
+
 def test_sensitivity_with_error_feedback_differs_except_at_the_last_layer():
     """With feedback a layer's error is sent back by the next layer, so its KL changes;
     the last layer has no next layer, so its KL stays (up to the bf16 layers' own errors,

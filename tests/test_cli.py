@@ -123,7 +123,13 @@ def test_flags_reach_the_config():
     assert bench.e2e_config_from_args(parse("bench-e2e", "--error-feedback", "both")).error_feedback == "both"
     assert calibrate.config_from_args(parse("calibrate", "--tp", "2", "--out", "x", "--allocate", "0")).allocate is None
     cfg = calibrate.config_from_args(parse("calibrate", "--tp", "2", "--out", "x", "--alloc-codecs", "int8,int4-g32"))
-    assert cfg.alloc_codecs == ("int8", "int4-g32")
+    assert cfg.alloc_codecs == ("int8", "int4-g32") and cfg.alloc_error_feedback is False
+    # `ladder` stands for the stop-29/30 candidates, in order, each once
+    cfg = calibrate.config_from_args(parse("calibrate", "--tp", "2", "--out", "x", "--alloc-codecs",
+                                           "int8,ladder,rot-lm4-g64-lg8-k4", "--alloc-error-feedback"))
+    assert cfg.alloc_error_feedback is True
+    assert cfg.alloc_codecs[:3] == ("int8", "rot-lm3-g64-lg8-k4", "rot-lm4-g64-lg8-k4") and len(cfg.alloc_codecs) == 12
+    assert {c for c in cfg.alloc_codecs if "ecsq" in c} == {f"rot-ecsq{r}-k4" for r in ("3.5", "3.875", "4.25", "4.625", "5")}
 
 
 HELP = """
@@ -355,6 +361,10 @@ def test_flags_an_engine_runtime_or_from_would_ignore_are_refused(tmp_path):
             r"^--alloc-low applies to the bit allocation, which --allocate 0 skips$")
     refused(cal_cfg("--allocate", "0", "--alloc-codecs", "int4,int8", "--alloc-samples", "3"),
             calibrate._check_alloc_flags, r"^--alloc-codecs, --alloc-samples apply to the bit allocation")
+    refused(cal_cfg("--allocate", "0", "--alloc-error-feedback"), calibrate._check_alloc_flags,
+            r"^--alloc-error-feedback applies to the bit allocation, which --allocate 0 skips$")
+    refused(cal_cfg("--alloc-error-feedback"), calibrate._check_from_flags,
+            r"^--alloc-error-feedback does not apply with --from")
     calibrate._check_alloc_flags(cal_cfg("--allocate", "4", "--alloc-low", "int4", "--alloc-samples", "3"))
     calibrate._check_alloc_flags(cal_cfg("--allocate", "0"))
     refused(cal_cfg("--fisher-windows", "3"), calibrate._check_fisher_flags,

@@ -85,7 +85,7 @@ def calibrate(cfg: CalibrationConfig, *, bundle: tuple[Any, Any, Any] | None = N
         probe = chunk_tokens(tokenizer, docs, num_samples=cfg.alloc_samples, seq_len=min(cfg.seq_len, 128),
                              seed=cfg.seed + 1000)
         sens = layer_sensitivity(model, probe.input_ids, cal, tp=cfg.tp, codec=cfg.alloc_low, name=info.name,
-                                 progress=progress)
+                                 progress=progress, error_feedback=cfg.alloc_error_feedback)
         try:
             if cfg.alloc_codecs:
                 errs = layer_errors(model, probe.input_ids, cal, tp=cfg.tp, name=info.name,
@@ -97,6 +97,7 @@ def calibrate(cfg: CalibrationConfig, *, bundle: tuple[Any, Any, Any] | None = N
                 cal.meta["bit_allocation"] = allocate(sens, low=cfg.alloc_low, high=cfg.alloc_high,
                                                       budget=cfg.allocate, calibration=cal)
             cal.meta["bit_allocation"]["probe"] = probe.manifest()
+            cal.meta["bit_allocation"]["error_feedback"] = bool(cfg.alloc_error_feedback)
         except ValueError as exc:  # e.g. a hidden size so small that the budget is out of reach
             cal.meta["bit_allocation_error"] = str(exc)
     if cfg.fisher_draws:

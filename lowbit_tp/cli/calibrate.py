@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from lowbit_tp.cli.argtypes import nonneg_float, nonneg_int, positive_int, unit_interval
 from lowbit_tp.cli.common import default, warn
-from lowbit_tp.configs import CalibrationConfig
+from lowbit_tp.configs import ALLOC_LADDER, CalibrationConfig
 from lowbit_tp.errors import UserError
 
 
@@ -33,7 +33,11 @@ def register(sub) -> None:
                    help="codec for the most sensitive layers (default %(default)s)")
     p.add_argument("--alloc-codecs", default=",".join(default(d, "alloc_codecs")), metavar="A,B,...",
                    help="candidate codecs, comma-separated: allocate one per layer by predicted KL (the KL of "
-                        "--alloc-low scaled by each codec's measured error at that layer) instead of low/high")
+                        "--alloc-low scaled by each codec's measured error at that layer) instead of low/high; "
+                        f"'ladder': {','.join(ALLOC_LADDER)}")
+    p.add_argument("--alloc-error-feedback", action="store_true",
+                   help="measure the per-layer KL with error feedback along depth: the plan for runs with "
+                        "--error-feedback")
     p.add_argument("--alloc-samples", type=positive_int, default=default(d, "alloc_samples"),
                    help="probe windows (128 tokens) for the per-layer sensitivity (default %(default)s)")
     p.add_argument("--fisher-weights", type=nonneg_int, metavar="DRAWS", default=default(d, "fisher_draws"),
@@ -52,13 +56,20 @@ def config_from_args(args) -> CalibrationConfig:
                              batch_size=args.batch_size, seed=args.seed, ema_decay=args.ema_decay, k=args.k,
                              text=args.text, text_glob=args.text_glob, allocate=args.allocate or None,
                              alloc_low=args.alloc_low, alloc_high=args.alloc_high, alloc_samples=args.alloc_samples,
-                             alloc_codecs=tuple(c for c in args.alloc_codecs.split(",") if c),
+                             alloc_codecs=_alloc_codecs(args.alloc_codecs),
+                             alloc_error_feedback=args.alloc_error_feedback,
                              fisher_draws=args.fisher_weights, fisher_windows=args.fisher_windows)
+
+
+def _alloc_codecs(text: str) -> tuple[str, ...]:
+    """The comma-separated list, with ``ladder`` standing for :data:`ALLOC_LADDER` (in order, once)."""
+    names = [n for c in text.split(",") if c for n in (ALLOC_LADDER if c.strip() == "ladder" else (c.strip(),))]
+    return tuple(dict.fromkeys(names))
 
 
 # What --from keeps from the source calibration: these flags would not change a thing.
 NOT_WITH_FROM = ("samples", "seq_len", "batch_size", "seed", "ema_decay", "k", "text", "text_glob", "allocate",
-                 "alloc_low", "alloc_high", "alloc_codecs", "alloc_samples")
+                 "alloc_low", "alloc_high", "alloc_codecs", "alloc_samples", "alloc_error_feedback")
 
 
 def _check_from_flags(cfg: CalibrationConfig) -> None:
@@ -77,7 +88,7 @@ def _check_fisher_flags(cfg: CalibrationConfig) -> None:
                         f"DRAWS too")
 
 
-ALLOC_FLAGS = ("alloc_low", "alloc_high", "alloc_codecs", "alloc_samples")
+ALLOC_FLAGS = ("alloc_low", "alloc_high", "alloc_codecs", "alloc_samples", "alloc_error_feedback")
 
 
 def _check_alloc_flags(cfg: CalibrationConfig) -> None:
