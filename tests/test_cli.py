@@ -625,3 +625,21 @@ def test_serve_checks_the_plugin_settings_passed_on_in_additional_config(tmp_pat
     out = dry("int4-g32", "--additional-config", '{"lowbit_tp": {"algorithm": "two-shot"}, "other": 1}')
     assert out.rstrip().endswith("--additional-config '{\"lowbit_tp\": {\"algorithm\": \"two-shot\"}, \"other\": 1}'")
     assert "LOWBIT_TP_CODEC=int4-g32" in dry("int4-g32", "--additional-config", '{"other": 1}')
+
+
+def test_run_warns_when_a_plan_made_for_feedback_runs_without_it(tmp_path, capsys):
+    """`calibrate --alloc-error-feedback` plans each layer's bits by its cost with feedback; `run`
+    (as `eval`) says so when that plan runs without --error-feedback, before anything loads."""
+    from lowbit_tp.calibration.artifact import Calibration
+    from lowbit_tp.calibration.synthetic import synthetic_calibration
+
+    cal = synthetic_calibration(["a.o_proj", "a.down_proj"], world=2, hidden=64, tokens=4, batches=1)
+    for made_with, given, warned in ((True, [], True), (True, ["--error-feedback"], False), (False, [], False)):
+        plan = {"budget": 5.0, "layers": {name: "int4-g32" for name in cal.layers}, "error_feedback": made_with}
+        path = Calibration(meta={**cal.meta, "bit_allocation": plan}, stats=cal.stats).save(tmp_path / "c.safetensors")
+        args = parse("run", "--model", str(tmp_path / "no-model"), "--tp", "2", "--codec", "default", "--calibration",
+                     str(path), "--prompt", "x", *given)
+        with pytest.raises(UserError):  # the missing model, after the warning
+            args.func(args)
+        err = capsys.readouterr().err
+        assert ("codec 'default': the calibration's bit allocation was planned with error feedback" in err) is warned, err

@@ -123,11 +123,17 @@ def cmd(args) -> None:
     _check_engine_flags(args)
     if args.json:  # before the run: a missing directory must not lose a whole run's results
         check_output_path(args.json)
+    # Library code (torch) is imported when the command runs, so that `--help` stays fast.
+    from lowbit_tp.preflight import check_calibration_file, check_model_tp, plan_feedback_warnings
+
+    if args.calibration and os.environ.get("RANK", "0") == "0":  # as eval: a plan made for feedback, run without
+        for text in plan_feedback_warnings(check_calibration_file(args.calibration), [args.codec],
+                                           args.error_feedback):
+            warn(text)
     if args.engine == "vllm":
         if args.tp is None:
             raise UserError("--tp is required")
         return _run_vllm(args, config_from_args(args, args.tp))
-    # Library code (torch) is imported when the command runs, so that `--help` stays fast.
     from lowbit_tp.runtime.engine import run_config, run_from_env, under_torchrun
 
     if under_torchrun():
@@ -146,8 +152,6 @@ def cmd(args) -> None:
         out = run_config(config_from_args(args, args.tp), stream=not args.quiet)
     print(report(out))
     write_json(args.json, out.to_json())  # first: nothing after the run may lose its results
-    from lowbit_tp.preflight import check_model_tp  # the header only (checked before the run)
-
     for text in past_context(out.results, getattr(check_model_tp(args.model, out.config["tp"]),
                                                   "max_position_embeddings", None)):
         warn(text)
