@@ -42,9 +42,9 @@ DEFAULT_ALGORITHM = "gather"
 ENGINES = ("native", "transformers")  # engines of RunConfig; `lowbit-tp run --engine vllm` maps onto native's config
 SPLITS = ("test", "dev")  # EvalConfig.split
 
-# ``calibrate --alloc-codecs ladder``: the candidates of the plans that met <= 1% at <= 4.25
-# bits/value with error feedback and Fisher weights (docs/design-dev.md, stops 29-30): the
-# whole-bit rot-* formats and the five fixed-rate ECSQ research codecs (no GPU kernels).
+# ``calibrate --alloc-codecs ladder``: the candidates of the 4.25-bit plans with error feedback
+# and Fisher weights (docs/design-dev.md, stops 29-30; SmolLM2 TP 3 +0.36%, Gemma 3 TP 2 +0.94%
+# on test): the whole-bit rot-* formats and the five fixed-rate ECSQ research codecs (no GPU kernels).
 ALLOC_LADDER = ("rot-lm3-g64-lg8-k4", "rot-lm4-g64-lg8-k4", "rot-lm4-g32-lg8-k4", "rot-int5-g64-lg8-k4",
                 "rot-int6-g64-lg8-k4", "rot-int8-g64-lg8-k4", "rot-ecsq3.5-k4", "rot-ecsq3.875-k4",
                 "rot-ecsq4.25-k4", "rot-ecsq4.625-k4", "rot-ecsq5-k4")
