@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 
 from lowbit_tp.calibration import Calibration, CalibrationError
 from lowbit_tp.codecs import CODEC_ALIASES, codec_spec, list_codecs, make_codec
+from lowbit_tp.codecs.mixed import plan_feedback_warnings
 from lowbit_tp.configs import check_min
 from lowbit_tp.data import DEFAULT_TEXT_GLOB, load_split
 from lowbit_tp.errors import UserError
@@ -175,20 +176,6 @@ def preflight_eval(cfg: Any, *, out: str | Path | None = None, warn: Callable[[s
     check_text(cfg.text, getattr(cfg, "text_glob", "*"))
     if out:
         check_output_path(out)
-
-
-def plan_feedback_warnings(cal: Calibration | None, codecs: Iterable[str], error_feedback: Any) -> list[str]:
-    """A bit allocation planned with error feedback (``calibrate --alloc-error-feedback``) used by a
-    run without it: the plan spent its bits by each layer's cost with feedback, which hands a
-    layer's error to the next layer; without feedback each layer costs another KL, so the run
-    measures a plan made for another setting. The other way round (a plan measured without feedback, run
-    with it) is the documented ``default --error-feedback`` and passes."""
-    plan = (cal.meta.get("bit_allocation") or {}) if cal is not None else {}
-    if error_feedback or not plan.get("error_feedback"):
-        return []
-    uses = [c for c in codecs if c.split("+")[0] in ("alloc", "default")]
-    return [f"codec {c!r}: the calibration's bit allocation was planned with error feedback "
-            f"(calibrate --alloc-error-feedback); add --error-feedback to measure it as planned" for c in uses]
 
 
 def preflight_calibrate(cfg: Any, *, out: str | Path, warn: Callable[[str], None] | None = None) -> None:

@@ -126,7 +126,7 @@ def test_flags_reach_the_config():
     assert cfg.alloc_codecs == ("int8", "int4-g32") and cfg.alloc_error_feedback is False
     # `ladder` stands for the stop-29/30 candidates, in order, each once
     cfg = calibrate.config_from_args(parse("calibrate", "--tp", "2", "--out", "x", "--alloc-codecs",
-                                           "int8,ladder,rot-lm4-g64-lg8-k4", "--alloc-error-feedback"))
+                                           "int8, ,ladder,rot-lm4-g64-lg8-k4", "--alloc-error-feedback"))
     assert cfg.alloc_error_feedback is True
     assert cfg.alloc_codecs[:3] == ("int8", "rot-lm3-g64-lg8-k4", "rot-lm4-g64-lg8-k4") and len(cfg.alloc_codecs) == 12
     assert {c for c in cfg.alloc_codecs if "ecsq" in c} == {f"rot-ecsq{r}-k4" for r in ("3.5", "3.875", "4.25", "4.625", "5")}
@@ -643,3 +643,30 @@ def test_run_warns_when_a_plan_made_for_feedback_runs_without_it(tmp_path, capsy
             args.func(args)
         err = capsys.readouterr().err
         assert ("codec 'default': the calibration's bit allocation was planned with error feedback" in err) is warned, err
+
+
+def test_eval_and_serve_warn_when_a_plan_made_for_feedback_runs_without_it(tmp_path, monkeypatch, capsys):
+    """The warning of `run` (above), from `eval`'s preflight and from `serve` (its vLLM workers
+    would run the plan without feedback), before anything starts; with feedback, none."""
+    from helpers import save_tiny
+    from lowbit_tp.calibration.synthetic import synthetic_calibration
+    from lowbit_tp.preflight import preflight_eval
+
+    path = save_tiny(tmp_path, "llama")
+    layers = [f"model.layers.{i}.{kind}" for i in range(2) for kind in ("self_attn.o_proj", "mlp.down_proj")]
+    cal = synthetic_calibration(layers, world=2, hidden=64, tokens=16, batches=1)
+    cal.meta["bit_allocation"] = {"budget": 5.0, "layers": dict.fromkeys(layers, "int4-g32"), "error_feedback": True}
+    file = str(cal.save(tmp_path / "c.safetensors"))
+    said = "the calibration's bit allocation was planned with error feedback"
+    for ef in (False, True):
+        warned: list[str] = []
+        preflight_eval(EvalConfig(model=path, tp=2, codecs=("default", "int4-g32"), calibration=file,
+                                  error_feedback=ef), warn=warned.append)
+        assert [w.split(":")[0] for w in warned if said in w] == ([] if ef else ["codec 'default'"]), warned
+    monkeypatch.setattr(serve, "ensure_vllm_python", lambda *a: None)
+    monkeypatch.setattr(serve, "model_directory", lambda model: model)
+    for given in ([], ["--error-feedback"]):
+        args = parse("serve", "--model", path, "--tp", "2", "--codec", "alloc", "--calibration", file, *given,
+                     "--dry-run")
+        args.func(args)
+        assert (said in capsys.readouterr().err) is (not given)

@@ -63,7 +63,7 @@ def config_from_args(args) -> CalibrationConfig:
 
 def _alloc_codecs(text: str) -> tuple[str, ...]:
     """The comma-separated list, with ``ladder`` standing for :data:`ALLOC_LADDER` (in order, once)."""
-    names = [n for c in text.split(",") if c for n in (ALLOC_LADDER if c.strip() == "ladder" else (c.strip(),))]
+    names = [n for c in (c.strip() for c in text.split(",")) if c for n in (ALLOC_LADDER if c == "ladder" else (c,))]
     return tuple(dict.fromkeys(names))
 
 

@@ -123,6 +123,10 @@ def cmd(args) -> None:
     _check_engine_flags(args)
     if args.json:  # before the run: a missing directory must not lose a whole run's results
         check_output_path(args.json)
+    if args.engine == "vllm":
+        if args.tp is None:
+            raise UserError("--tp is required")
+        ensure_vllm_python()  # may restart this command under the vLLM venv: nothing below runs twice
     # Library code (torch) is imported when the command runs, so that `--help` stays fast.
     from lowbit_tp.preflight import check_calibration_file, check_model_tp, plan_feedback_warnings
 
@@ -131,8 +135,6 @@ def cmd(args) -> None:
                                            args.error_feedback):
             warn(text)
     if args.engine == "vllm":
-        if args.tp is None:
-            raise UserError("--tp is required")
         return _run_vllm(args, config_from_args(args, args.tp))
     from lowbit_tp.runtime.engine import run_config, run_from_env, under_torchrun
 

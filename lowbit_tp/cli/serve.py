@@ -15,7 +15,7 @@ import shlex
 import sys
 
 from lowbit_tp.cli.argtypes import add_feedback_flag, nonneg_int, port, positive_int
-from lowbit_tp.cli.common import default
+from lowbit_tp.cli.common import default, warn
 from lowbit_tp.configs import ALGORITHMS, RunConfig
 from lowbit_tp.errors import UserError
 from lowbit_tp.integrations.vllm.config import PluginConfig  # torch-free, like the module below
@@ -192,8 +192,9 @@ def cmd(args) -> None:
         workers = with_additional_config(plugin, args.vllm_args)  # what the workers will read
         model_dir = model_directory(args.model)
         if workers is not None and workers.enabled:
-            preflight(model_dir, tp=args.tp, calibration=workers.calibration, error_feedback=workers.error_feedback,
-                      codec=workers.codec, name=args.model)
+            for text in preflight(model_dir, tp=args.tp, calibration=workers.calibration,
+                                  error_feedback=workers.error_feedback, codec=workers.codec, name=args.model):
+                warn(text)
         else:  # the TP degree still (vLLM's own refusal is a traceback)
             preflight(model_dir, tp=args.tp, name=args.model)
     except (CalibrationError, ValueError, FileNotFoundError, ModuleNotFoundError) as exc:

@@ -135,6 +135,21 @@ class AllocatedCodec(_DelegatingCodec):
         return list(self._codecs.values())
 
 
+def plan_feedback_warnings(cal, codecs, error_feedback) -> list[str]:
+    """A bit allocation planned with error feedback (``calibrate --alloc-error-feedback``) used by a
+    run without it: the plan spent its bits by each layer's cost with feedback, which hands a
+    layer's error to the next layer; without feedback each layer costs another KL, so the run
+    measures a plan made for another setting. The other way round (a plan measured without feedback, run
+    with it) is the documented ``default --error-feedback`` and passes.
+    ``cal``: a :class:`~lowbit_tp.calibration.Calibration` or None; ``codecs``: names."""
+    plan = (cal.meta.get("bit_allocation") or {}) if cal is not None else {}
+    if error_feedback or not plan.get("error_feedback"):
+        return []
+    uses = [c for c in codecs if c.split("+")[0] in ("alloc", "default")]
+    return [f"codec {c!r}: the calibration's bit allocation was planned with error feedback "
+            f"(calibrate --alloc-error-feedback); add --error-feedback to run it as planned" for c in uses]
+
+
 class TwoStageCodec(_DelegatingCodec):
     """One codec for the partials, a wider one for the reduced sum of a two-shot collective.
 

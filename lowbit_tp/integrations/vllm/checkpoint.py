@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 from lowbit_tp.calibration import Calibration, CalibrationError
 from lowbit_tp.calibration.artifact import layer_key
 from lowbit_tp.codecs import make_codec
+from lowbit_tp.codecs.mixed import plan_feedback_warnings
 from lowbit_tp.collectives.feedback import FeedbackChain, PostNorm
 from lowbit_tp.models import check_tp, get_adapter
 from lowbit_tp.models.adapters import post_norm_from_weight
@@ -153,14 +154,15 @@ def feedback_chain_maker(config: Any, model_dir: str | Path, *, tp: int,
 
 
 def preflight(model_dir: str | Path, *, tp: int, calibration: str | None = None, error_feedback: bool = False,
-              codec: str | None = None, name: str | None = None) -> None:
+              codec: str | None = None, name: str | None = None) -> list[str]:
     """The start-up check, run before vLLM starts: one :class:`CalibrationError` (or, for a TP
     degree the model's heads do not fit, error feedback on a post-norm model whose norms the
     checkpoint lacks, or a ``codec`` that is not registered, ``ValueError``) with one message.
     ``name`` labels the model there (default: its directory). ``codec`` is built here once with
     the calibration, as each worker will build it: an unknown name or a static codec without a
     calibration used to pass and stop every worker with a traceback after vLLM's start-up, and
-    vLLM's own refusal of a TP degree (TP 2 on SmolLM2's 9 heads) was a 57-line traceback."""
+    vLLM's own refusal of a TP degree (TP 2 on SmolLM2's 9 heads) was a 57-line traceback.
+    Returns warnings for the caller to show (a plan made for error feedback served without it)."""
     check_tp(quick_config(str(model_dir)), tp, name=name)
     if error_feedback:
         from transformers import AutoConfig
@@ -180,3 +182,4 @@ def preflight(model_dir: str | Path, *, tp: int, calibration: str | None = None,
             make_codec(codec, calibration=cal)
         except KeyError as exc:  # the registry's KeyError: its message, without KeyError's quotes
             raise ValueError(str(exc.args[0]) if exc.args else str(exc)) from None
+    return plan_feedback_warnings(cal, [codec] if codec else [], error_feedback)
