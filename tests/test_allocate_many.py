@@ -176,3 +176,22 @@ def test_marginal_kl_is_the_kl_saved_by_one_exact_layer_in_a_quantized_model(fam
     # not the isolated sensitivity (every other layer in bf16) under another name
     alone = layer_sensitivity(model, ids, cal, tp=2, codec=codec, progress=False, error_feedback=ef)
     assert any(abs(alone[l] - want[l]) > 0.05 * max(alone[l], want[l]) for l in cal.layers)
+
+
+def test_the_feedback_warning_finds_plan_codecs_by_the_registry(monkeypatch):
+    """Which codecs follow the plan comes from the registry, not from their names: a new alias of
+    ``alloc`` warns (the name test knew only ``alloc`` and ``default``), a codec named like
+    ``alloc+sum8`` (a two-stage name whose first part reads ``alloc``) that follows no plan does
+    not, and an unknown name is left to the codec factory's own error."""
+    from types import SimpleNamespace
+
+    from lowbit_tp.codecs import CODEC_ALIASES, codec_spec
+    from lowbit_tp.codecs.base import _REGISTRY
+    from lowbit_tp.preflight import plan_feedback_warnings
+
+    cal = SimpleNamespace(meta={"bit_allocation": {"error_feedback": True}})
+    monkeypatch.setitem(CODEC_ALIASES, "my-plan", "alloc")
+    monkeypatch.setitem(_REGISTRY, "alloc+sum8", codec_spec("int4-g32"))
+    names = ("my-plan", "my-plan+fisher", "alloc+sum8", "alloc+sum8+fisher", "no-such-codec", "default")
+    got = [w.split(":")[0] for w in plan_feedback_warnings(cal, names, False)]
+    assert got == ["codec 'my-plan'", "codec 'my-plan+fisher'", "codec 'default'"]

@@ -135,6 +135,15 @@ class AllocatedCodec(_DelegatingCodec):
         return list(self._codecs.values())
 
 
+def _follows_a_plan(name: str) -> bool:
+    """Whether codec ``name`` spends its bits by the calibration's plan, by the registry (so
+    aliases such as ``default`` and variants such as ``+fisher`` count, as ``make_codec`` sees them)."""
+    try:
+        return codec_spec(name).needs_allocation
+    except KeyError:  # an unknown name is refused, with the known ones, where the codec is made
+        return False
+
+
 def plan_feedback_warnings(cal, codecs, error_feedback) -> list[str]:
     """A bit allocation planned with error feedback (``calibrate --alloc-error-feedback``) used by a
     run without it: the plan spent its bits by each layer's cost with feedback, which hands a
@@ -145,7 +154,7 @@ def plan_feedback_warnings(cal, codecs, error_feedback) -> list[str]:
     plan = (cal.meta.get("bit_allocation") or {}) if cal is not None else {}
     if error_feedback or not plan.get("error_feedback"):
         return []
-    uses = [c for c in codecs if c.split("+")[0] in ("alloc", "default")]
+    uses = [c for c in codecs if _follows_a_plan(c)]
     return [f"codec {c!r}: the calibration's bit allocation was planned with error feedback "
             f"(calibrate --alloc-error-feedback); add --error-feedback to run it as planned" for c in uses]
 
