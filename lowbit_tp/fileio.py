@@ -93,7 +93,9 @@ def run_tempdir(prefix: str) -> Iterator[str]:
     A run holds an ``flock`` on ``.lock`` in its directory while it lives (the kernel drops it
     when the process dies, even by SIGKILL), so "over" is a lock anyone can take: a pid alone
     would misjudge a run in another pid namespace sharing this /tmp (a container). A directory
-    without the lock file (another version's) falls back to its pid."""
+    without the lock file (another version's) falls back to its pid. The directory comes into
+    view (is renamed to its name) only once its lock is held; a run killed in the instant before
+    leaves an empty hidden ``.{prefix}...`` directory."""
     base = Path(tempfile.gettempdir())
     for old in base.glob(f"{prefix}*"):
         pid = old.name[len(prefix):].partition("_")[0]
@@ -103,10 +105,18 @@ def run_tempdir(prefix: str) -> Iterator[str]:
             continue
         if pid.isdigit() and mine and _run_over(old, int(pid)):
             shutil.rmtree(old, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}_") as tmp:
-        with open(Path(tmp) / ".lock", "w") as lock:
+    # Made under a hidden name, locked, then renamed into view: a directory that showed its name
+    # before its lock was held looked over to a concurrent run, which could delete it live.
+    staging = Path(tempfile.mkdtemp(prefix=f".{prefix}{os.getpid()}_", dir=base))
+    tmp = None
+    try:
+        with open(staging / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            tmp = str(base / staging.name[1:])
+            os.rename(staging, tmp)
             yield tmp
+    finally:
+        shutil.rmtree(tmp or staging, ignore_errors=True)
 
 
 def _run_over(directory: Path, pid: int) -> bool:

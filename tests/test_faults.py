@@ -607,6 +607,33 @@ def test_a_run_directory_left_by_a_killed_run_is_removed_by_the_next(tmp_path, m
     assert _run_over(elsewhere, gone.pid)  # its holder is gone: the lock can be taken
 
 
+def test_a_run_directory_is_never_in_view_without_its_lock(tmp_path, monkeypatch):
+    """The directory was named in view, then its ``.lock`` made, then locked: a concurrent run
+    looking in between found the lock free, judged the run over and could delete it live. Here
+    another run looks at the moment this run first locks: nothing of this run may look over."""
+    import fcntl
+    import tempfile
+    from types import SimpleNamespace
+
+    from lowbit_tp import fileio
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    seen = {}
+
+    def flock(fd, op):
+        if not seen:  # the run's own first lock: look first, as the other run would (its flocks pass through)
+            seen["busy"] = True
+            seen["over"] = [fileio._run_over(d, 2 ** 22 + 1) for d in tmp_path.glob("lowbit_tp_race_*")]
+        return fcntl.flock(fd, op)
+
+    monkeypatch.setattr(fileio, "fcntl", SimpleNamespace(flock=flock, LOCK_EX=fcntl.LOCK_EX, LOCK_NB=fcntl.LOCK_NB))
+    with fileio.run_tempdir("lowbit_tp_race_") as mine:
+        assert Path(mine).name.startswith(f"lowbit_tp_race_{os.getpid()}_") and (Path(mine) / ".lock").exists()
+        assert not fileio._run_over(Path(mine), 2 ** 22 + 1)
+    assert seen["over"] == [] or not any(seen["over"]), seen
+    assert list(tmp_path.iterdir()) == []  # nothing left, not even the hidden staging name
+
+
 def test_run_at_tp_1_warns_that_the_codec_never_runs(tmp_path):
     """`run --tp 1 --codec int4-g32` generated and reported 0 bytes sent without a word (eval warns)."""
     from helpers import save_tiny
