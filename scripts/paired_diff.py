@@ -14,7 +14,10 @@ Several eval JSONs are merged first (``lowbit_tp.evaluation.evaluate.merge_resul
 refuses results of other windows, model, split or calibration). ``--by-setup`` also pairs
 results of one codec under other collective set-ups (algorithm, error feedback): each row's
 name gets its set-up (``default@two-shot``, ``default@two-shot+ef``,
-``default@two-shot+ef=first-stage``), and the pairs name those.
+``default@two-shot+ef=first-stage``), and the pairs name those. ``--by-calibration`` pairs
+results of other calibrations of the same model and TP (e.g. two Fisher passes): each window's
+baseline NLL must agree, and each row's name gets ``@`` and its JSON file's stem
+(``alloc+fisher@fw4``).
 """
 from __future__ import annotations
 
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the differences here")
     ap.add_argument("--by-setup", action="store_true",
                     help="pair results of other algorithms or error feedback: rows are named CODEC@ALGORITHM[+ef[=MODE]]")
+    ap.add_argument("--by-calibration", action="store_true",
+                    help="pair results of other calibrations (same windows and baseline): rows are named CODEC@FILESTEM")
     args = ap.parse_args(argv)
     pairs = []
     for p in args.pairs:
@@ -79,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"pair {p!r} is not A:B")
         pairs.append((a, b))
     try:
-        result = merge_results([json.loads(p.read_text()) for p in args.eval_json], by_setup=args.by_setup)
+        labels = [p.stem for p in args.eval_json] if args.by_calibration else None
+        result = merge_results([json.loads(p.read_text()) for p in args.eval_json], by_setup=args.by_setup,
+                               labels=labels)
     except (OSError, ValueError) as e:  # a missing or unreadable file, or not JSON: one line
         raise SystemExit(f"error: {e}") from None
     rows = compare(result, pairs)

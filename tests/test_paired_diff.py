@@ -204,6 +204,37 @@ def test_script_pairs_one_codec_across_collective_setups_only_when_asked(tmp_pat
         mod.main([str(one), str(one), "--pairs", "coarse:coarse"])
 
 
+
+def test_script_pairs_results_of_other_calibrations_only_when_asked_and_with_the_same_baseline(tmp_path):
+    """Two runs of one codec under two calibrations (e.g. two Fisher passes): refused unless
+    --by-calibration, which names rows by their file's stem and pairs them when every window's
+    baseline NLL agrees; a run on other model weights (other baseline) is refused."""
+    mod = load_script()
+    data = eval_json_from_logits()
+    cal_a = {"fingerprint": "aaaa", "config": {}}
+    fw4, fw16 = tmp_path / "fw4.json", tmp_path / "fw16.json"
+    coarse, fine = data["rows"]
+    fw4.write_text(json.dumps({**data, "calibration": cal_a, "rows": [coarse]}))
+    fw16.write_text(json.dumps({**data, "calibration": {**cal_a, "fingerprint": "bbbb"},
+                                "rows": [{**fine, "codec": "coarse"}]}))
+    with pytest.raises(SystemExit, match="or calibration than result 0"):
+        mod.main([str(fw4), str(fw16), "--pairs", "coarse:coarse"])
+    out = tmp_path / "diff.json"
+    assert mod.main([str(fw4), str(fw16), "--by-calibration", "--pairs", "coarse@fw4:coarse@fw16",
+                     "--json", str(out)]) == 0
+    pair = json.loads(out.read_text())["pairs"][0]
+    assert pair["kl"]["diff"] == pytest.approx(fine["kl"] - coarse["kl"]) and pair["kl"]["diff"] < 0
+    merged = mod.merge_results([json.loads(fw4.read_text()), json.loads(fw16.read_text())], labels=["a", "b"])
+    assert merged["calibration"] is None and [c["fingerprint"] for c in merged["calibrations"].values()] == [
+        "aaaa", "bbbb"]
+    shifted = {**fine["per_sequence"], "nll_base": [x + 0.5 for x in fine["per_sequence"]["nll_base"]]}
+    fw16.write_text(json.dumps({**data, "calibration": cal_a, "rows": [{**fine, "per_sequence": shifted}]}))
+    with pytest.raises(SystemExit, match="baseline NLL differs"):
+        mod.main([str(fw4), str(fw16), "--by-calibration", "--pairs", "coarse@fw4:fine@fw16"])
+    with pytest.raises(SystemExit, match="labels must name each result once"):
+        mod.main([str(fw4), str(fw4), "--by-calibration", "--pairs", "coarse@fw4:coarse@fw4"])
+
+
 # ------------------------------------------------------------------ last-word accuracy intervals
 
 def test_lambada_intervals_against_a_naive_loop():

@@ -1,6 +1,7 @@
 """Evaluate codecs on a real model through the TP simulator, against the unmodified model."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict
 from typing import Any, Sequence
@@ -223,36 +224,59 @@ def setup_tag(result: dict[str, Any]) -> str:
     return f"@{cfg.get('algorithm')}" + ("" if not ef else "+ef" if ef is True else f"+ef={ef}")
 
 
-def merge_results(results: Sequence[dict[str, Any]], *, by_setup: bool = False) -> dict[str, Any]:
+def _same_baseline(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two results' rows saw the same unmodified model on the same windows: every
+    window's token count and baseline NLL sum agree (to float noise: a baseline is recomputed
+    in each run)."""
+    sa, sb = (res["rows"][0].get("per_sequence") if res["rows"] else None for res in (a, b))
+    if not sa or not sb or sa["tokens"] != sb["tokens"] or len(sa["nll_base"]) != len(sb["nll_base"]):
+        return False
+    return all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6) for x, y in zip(sa["nll_base"], sb["nll_base"]))
+
+
+def merge_results(results: Sequence[dict[str, Any]], *, by_setup: bool = False,
+                  labels: Sequence[str] | None = None) -> dict[str, Any]:
     """One result from several ``lowbit-tp eval`` results of the same model, TP, split,
     windows and calibration (e.g. codecs evaluated in groups); rows in the given order.
     Refuses results that were not measured on the same text or calibration, or (unless
     ``by_setup``) with another algorithm or error feedback. ``by_setup``: the results may
     differ in those two, and each row's codec name gets its result's :func:`setup_tag`
-    (``default@two-shot+ef=first-stage``), so one codec's rows under several set-ups pair."""
+    (``default@two-shot+ef=first-stage``), so one codec's rows under several set-ups pair.
+    ``labels`` (one per result): the results may come from other calibrations of the same model
+    and TP (e.g. other Fisher weights), provided each window's baseline NLL agrees, and each row's
+    codec name gets ``@LABEL``; with ``by_setup``, its set-up tag follows."""
     if not results:
         raise ValueError("no results to merge")
+    if labels is not None and (len(labels) != len(results) or len(set(labels)) < len(labels)):
+        raise ValueError(f"labels must name each result once, got {list(labels)} for {len(results)} results")
     first = results[0]
 
     def same(res) -> tuple:
         cfg = res["config"]
         setup = () if by_setup else (cfg.get("algorithm"), cfg.get("error_feedback", False))
-        return (cfg["model"], cfg["tp"], cfg.get("split"), *setup, res["text"]["chunks"],
-                res["calibration"] and res["calibration"]["fingerprint"])
+        cal = () if labels is not None else (res["calibration"] and res["calibration"]["fingerprint"],)
+        return (cfg["model"], cfg["tp"], cfg.get("split"), *setup, res["text"]["chunks"], *cal)
 
     for i, res in enumerate(results[1:], 1):
         if same(res) != same(first):
             what = "" if by_setup else ", algorithm or error feedback (--by-setup pairs those)"
-            raise ValueError(f"result {i} was measured on other windows, model, split{what} or calibration "
-                             f"than result 0")
+            cal = "" if labels is not None else " or calibration"
+            raise ValueError(f"result {i} was measured on other windows, model, split{what}{cal} than result 0")
+        if labels is not None and not _same_baseline(res, first):
+            raise ValueError(f"result {i}'s baseline NLL differs from result 0's on the same windows: "
+                             f"not the same model weights, so its rows cannot be paired")
     out = dict(first)
-    if by_setup:
-        out["rows"] = [{**row, "codec": row["codec"] + setup_tag(res)} for res in results for row in res["rows"]]
-    else:
-        out["rows"] = [row for res in results for row in res["rows"]]
+
+    def name(row, i, res):
+        return row["codec"] + ("" if labels is None else f"@{labels[i]}") + (setup_tag(res) if by_setup else "")
+
+    out["rows"] = [{**row, "codec": name(row, i, res)} for i, res in enumerate(results) for row in res["rows"]]
     names = [row["codec"] for row in out["rows"]]
-    if by_setup and len(set(names)) < len(names):  # a pair would silently take the first of them
+    if (by_setup or labels is not None) and len(set(names)) < len(names):  # a pair would take the first of them
         twice = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"rows named {', '.join(twice)} appear more than once (the same codec and set-up in two results)")
     out["config"] = {**first["config"], "codecs": [row["codec"] for row in out["rows"]]}
+    if labels is not None:  # no one calibration stands for the merged rows
+        out["calibration"] = None
+        out["calibrations"] = {label: res["calibration"] for label, res in zip(labels, results)}
     return out
