@@ -97,7 +97,7 @@ def main(argv=None) -> None:
         return
     from lowbit_tp.configs import CommBenchConfig
     from lowbit_tp.bench.common import environment
-    from lowbit_tp.bench.e2e.launch import free_port
+    from lowbit_tp.collectives.launch import free_port
     from lowbit_tp.bench.netns import emulated_link
     from lowbit_tp.results import markdown_table, write_results
 

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from lowbit_tp.bench.common import environment
-from lowbit_tp.bench.e2e.launch import free_port, launch_ranks
+from lowbit_tp.bench.e2e.launch import launch_ranks
 from lowbit_tp.bench.e2e.model import make_prompt, save_random_llama
 from lowbit_tp.bench.e2e.report import NOTES, add_ratios, columns_for, render_markdown, rows_of_run
 from lowbit_tp.bench.netns import emulated_link
 from lowbit_tp.calibration.pipeline import calibrate
 from lowbit_tp.codecs import codec_spec
+from lowbit_tp.collectives.launch import free_port
 from lowbit_tp.configs import CalibrationConfig, E2EConfig
 from lowbit_tp.fileio import run_tempdir
 from lowbit_tp.models import load_tokenizer
