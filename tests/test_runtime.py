@@ -274,7 +274,7 @@ def test_torchrun_path_runs_the_same_rank_function(tiny, tmp_path):
 
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     out_json = tmp_path / "tr.json"
-    cmd = [torchrun, "--nproc-per-node", "2", "-m", "lowbit_tp.cli", "run", "--model", tiny["llama"],
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "lowbit_tp.cli", "run", "--model", tiny["llama"],
            "--codec", "bf16", "--algorithm", "exact", "--prompt", PROMPTS[0], "--max-new-tokens", str(NEW),
            "--ignore-eos", "--timeout", "30", "--quiet", "--json", str(out_json)]
     subprocess.run(cmd, check=True, timeout=180, capture_output=True)
