@@ -23,13 +23,17 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 # Heavier runs kept out of the default suite (marker `slow`: extra builds of the CPU kernels,
-# the bench-e2e loopback run, torchrun, long fits); .ci/run runs them.
+# the bench-e2e loopback run, torchrun, long fits); .ci/run runs them. Two workers, as `test`: most
+# of it is the one-threaded Triton interpreter (one process: 21m36s in stop 32's CI; two: 12m14s
+# here in stop 33, another run).
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -m "slow and not model and not vllm"
+	$(BIN)/python -m pytest -m "slow and not model and not vllm" -n $(PYTEST_WORKERS) --dist loadgroup
 
-# Tests that load the real pretrained models (SmolLM2-135M, Gemma 3 270M).
+# Tests that load the real pretrained models (SmolLM2-135M, Gemma 3 270M). Two workers: much of
+# a test is one-threaded (GGUF loading and dequantizing), so two at once use both cores (one
+# process: 11m43s in stop 32's CI; two: 5m39s here in stop 33, another run).
 test-models: $(STAMP)
-	$(BIN)/python -m pytest -m model
+	$(BIN)/python -m pytest -m model -n $(PYTEST_WORKERS) --dist loadgroup
 
 bench-comm: $(STAMP)
 	$(BIN)/lowbit-tp bench-comm --world-size 2 --world-size 4 --json docs/bench/comm.json
