@@ -2,6 +2,7 @@
 the Fisher pass. References are written here from the definitions (docs/design-dev.md), not
 taken from the code under test."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -454,3 +455,33 @@ def test_error_feedback_through_weights_matches_the_reference(wcal, backend):
     w = gather_encode_feedback(ref, x, want, layer=LAYERS[0], rank=1)
     assert torch.equal(gather_encode_feedback(got, x, fb, layer=LAYERS[0], rank=1), w)
     assert torch.equal(fb.next.view(torch.int32), want.next.view(torch.int32))
+
+
+def test_weights_diff_script_against_numpy(wcal, tmp_path):
+    """scripts/fisher_weights_diff.py: per-layer log correlation and median |log ratio| against
+    numpy on weights with a known change (one layer scaled by 1.5 except one channel, one layer
+    re-drawn), and a calibration without weights is one clear error."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fwd", Path(__file__).resolve().parents[1] / "scripts" /
+                                                  "fisher_weights_diff.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    other = {LAYERS[0]: wcal.channel_weights[LAYERS[0]] * 1.5, LAYERS[1]: _weights(seed=7)[LAYERS[1]]}
+    other[LAYERS[0]][3] = wcal.channel_weights[LAYERS[0]][3]
+    b = wcal.with_channel_weights(other, {"method": "test"})
+    a_path, b_path, out = tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "d.json"
+    wcal.save(a_path), b.save(b_path)
+    assert mod.main([str(a_path), str(b_path), "--json", str(out)]) == 0
+    got = json.loads(out.read_text())["layers"]
+    for layer in LAYERS:
+        x = np.log(wcal.channel_weights[layer].double().numpy())
+        y = np.log(b.channel_weights[layer].double().numpy())
+        assert got[layer]["log_corr"] == pytest.approx(np.corrcoef(x, y)[0, 1], rel=1e-9)
+        assert got[layer]["median_abs_log_ratio"] == pytest.approx(np.median(np.abs(x - y)), rel=1e-6)
+    assert got[LAYERS[0]]["median_abs_log_ratio"] == pytest.approx(np.log(1.5), rel=1e-6)
+    assert got[LAYERS[1]]["log_corr"] < 0.5
+    bare = synthetic_calibration(LAYERS, world=2, hidden=E)
+    bare.save(tmp_path / "bare.safetensors")
+    with pytest.raises(SystemExit, match="need Fisher channel weights"):
+        mod.main([str(a_path), str(tmp_path / "bare.safetensors")])
