@@ -325,3 +325,51 @@ def test_config_refuses_shape_flags_with_a_checkpoint_and_delay_on_loopback_only
     e2e.E2EConfig(model="smollm2-135m")
     e2e.E2EConfig(hidden=512, layers=4)  # random-llama takes them
     e2e.E2EConfig(networks=("loopback", "1gbit"), delay="1ms")
+
+
+@pytest.mark.slow
+def test_a_loopback_launch_tries_a_new_port_when_its_port_was_taken(tmp_path, monkeypatch):
+    """The loopback port was chosen free, then closed before rank 0 bound it: another process
+    taking it in between failed the whole run. Here the first port chosen is held by a listening
+    socket; the stand-in ranks meet at a real TCPStore on MASTER_PORT, so rank 0 fails with
+    torch's own EADDRINUSE, and the launch goes again on the next port. A failure of another kind
+    is not retried."""
+    import socket
+    import sys
+
+    from lowbit_tp.bench.e2e import launch
+    from lowbit_tp.collectives.launch import RankFailure, free_port
+
+    standin = tmp_path / "rank.py"
+    standin.write_text(
+        "import datetime, json, os, sys\nimport torch.distributed as dist\n"
+        "r, w = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])\n"
+        "if os.environ.get('PLANT') == str(r): raise SystemExit('planted failure')\n"
+        "st = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), w, r == 0, "
+        "datetime.timedelta(seconds=30))\n"
+        "st.set(f'r{r}', '1'); st.wait([f'r{i}' for i in range(w)])\n"
+        "json.dump({'rank': r, 'port': int(os.environ['MASTER_PORT'])}, open(os.path.join(sys.argv[-1], f'rank{r}.json'), 'w'))\n")
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} {standin} \"$@\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(1)
+    taken = held.getsockname()[1]
+    chosen = []
+
+    def ports():
+        chosen.append(taken if len(chosen) == 0 and "PLANT" not in os.environ else free_port())
+        return chosen[-1]
+
+    monkeypatch.setattr(launch, "free_port", ports)
+    with held:
+        outs = launch.launch_ranks({"threads_per_rank": 1}, world=2, hosts=None, port=None, timeout_s=60)
+        assert chosen[0] == taken and len(chosen) == 2
+        assert [o["rank"] for o in outs] == [0, 1] and {o["port"] for o in outs} == {chosen[1]}
+        chosen.clear()
+        monkeypatch.setenv("PLANT", "1")
+        with pytest.raises(RankFailure, match="planted failure"):
+            launch.launch_ranks({"threads_per_rank": 1}, world=2, hosts=None, port=None, timeout_s=60)
+        assert len(chosen) == 1  # not retried

@@ -9,12 +9,35 @@ import time
 from pathlib import Path
 
 from lowbit_tp.bench.netns import netns_command
-from lowbit_tp.collectives.launch import RankFailure, set_parent_death_signal
+from lowbit_tp.collectives.launch import RankFailure, free_port, set_parent_death_signal
 from lowbit_tp.fileio import run_tempdir
 
 
-def launch_ranks(run_cfg: dict, *, world: int, hosts: list[str] | None, port: int, timeout_s: float) -> list[dict]:
-    """Start ``world`` rank processes (in namespaces when ``hosts``), wait, return their JSON."""
+# Tries of a loopback launch on a fresh port, when another process took the chosen one first.
+PORT_TRIES = 3
+
+
+def launch_ranks(run_cfg: dict, *, world: int, hosts: list[str] | None, port: int | None,
+                 timeout_s: float) -> list[dict]:
+    """Start ``world`` rank processes (in namespaces when ``hosts``), wait, return their JSON.
+
+    ``port`` None (loopback only): a free port, chosen here. It is free when chosen and closed
+    again before rank 0 binds it, so another process can take it in between; rank 0 then fails
+    with EADDRINUSE, and the launch is tried again on a new port (``PORT_TRIES`` in all)."""
+    if port is not None:
+        return _launch_once(run_cfg, world=world, hosts=hosts, port=port, timeout_s=timeout_s)
+    if hosts is not None:
+        raise ValueError("launch_ranks: the ranks in network namespaces need an explicit port")
+    for attempt in range(PORT_TRIES):
+        try:
+            return _launch_once(run_cfg, world=world, hosts=None, port=free_port(), timeout_s=timeout_s)
+        except RankFailure as e:
+            if "EADDRINUSE" not in str(e) or attempt == PORT_TRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _launch_once(run_cfg: dict, *, world: int, hosts: list[str] | None, port: int, timeout_s: float) -> list[dict]:
     with run_tempdir("lowbit_tp_e2e_") as tmp:
         cfg_path = Path(tmp, "config.json")
         cfg_path.write_text(json.dumps(run_cfg))

@@ -15,7 +15,6 @@ from lowbit_tp.bench.e2e.report import NOTES, add_ratios, columns_for, render_ma
 from lowbit_tp.bench.netns import emulated_link
 from lowbit_tp.calibration.pipeline import calibrate
 from lowbit_tp.codecs import codec_spec
-from lowbit_tp.collectives.launch import free_port
 from lowbit_tp.configs import CalibrationConfig, E2EConfig
 from lowbit_tp.fileio import run_tempdir
 from lowbit_tp.models import load_tokenizer
@@ -95,7 +94,7 @@ def run_e2e_bench(cfg: E2EConfig, *, json_path: str | None = None, log=print,
                       else emulated_link(world=tp, rate=net, delay=cfg.delay)) as hosts:
                     for rnd in range(cfg.rounds):
                         for i, (codec, algorithm, feedback) in enumerate(cfg.variants()):
-                            port = free_port() if hosts is None else 29600 + rnd * len(got) + i
+                            port = None if hosts is None else 29600 + rnd * len(got) + i  # None: a free one
                             got[(codec, algorithm, feedback)].append(one(codec, algorithm, feedback, hosts, port))
                 for (codec, algorithm, feedback), outs in got.items():
                     rows.extend(rows_of_run(outs, network=net, codec=codec, algorithm=algorithm, lens=lens,
