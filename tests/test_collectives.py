@@ -60,7 +60,7 @@ def ranks_at():
     return get
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("world", [2, 3, pytest.param(4, marks=pytest.mark.slow)])  # 4 ranks on 2 cores: ~15 s
 def test_all_reduce_matches_reference_bitwise(world, ranks_at):
     results = [r["all_codecs"] for r in ranks_at(world)]
     cal = _cal(world)

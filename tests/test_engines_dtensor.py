@@ -125,6 +125,7 @@ def _rank_kv1(rank, world):
     return "ran"
 
 
+@pytest.mark.slow  # an error path on spawned ranks (~23 s)
 def test_tp_that_does_not_divide_the_kv_heads_is_one_clear_error():
     """It failed inside attention: "shape '[1, 5, -1, 16]' is invalid for input of size 40"."""
     for got in spawn_ranks(_rank_kv1, 2, timeout_s=30, deadline_s=120):

@@ -297,6 +297,7 @@ def _rank_style_modes(rank, world, path, modes):
     return out
 
 
+@pytest.mark.slow  # a variant of the feedback test above (first-stage mode); ~24 s
 def test_style_first_stage_feedback_equals_the_simulator_and_differs_from_full(tiny):
     """``register_lowbit_rowwise(error_feedback="first-stage")``, two-shot at TP 2: each rank's
     greedy run follows the native simulator's first-stage feedback (prefill logits bitwise),
@@ -380,6 +381,7 @@ def _rank_gemma_ef(rank, world, path, algorithms):
     return steps, calls, own, refused
 
 
+@pytest.mark.slow  # Gemma's variant (~26 s); the post-norm carry stays in the default suite through the vLLM reducer's Gemma test
 def test_gemma_error_feedback_inside_transformers_tp_maps_the_carry_through_the_post_norms(tiny_gemma):
     """``--engine transformers --error-feedback`` on a tiny Gemma 3 and Gemma 2 at TP 2 (prefill + 2
     decode steps), gather and two-shot:
@@ -454,6 +456,7 @@ def _rank_kv1(rank, world, path):
     return "ran"
 
 
+@pytest.mark.slow  # an error path on spawned ranks (~19 s); the CLI's own refusal (check_engine_tp) is tested in the default suite
 def test_style_built_by_hand_refuses_a_tp_that_does_not_divide_the_kv_heads(tmp_path):
     """transformers splits the KV heads evenly and cannot replicate them; at TP 2 with one KV head
     the forward failed inside attention ("shape '[1, 5, -1, 16]' is invalid for input of size 40").

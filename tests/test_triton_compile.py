@@ -285,6 +285,7 @@ def compile_all() -> None:
         print("compiled", name, const, flush=True)
 
 
+@pytest.mark.slow  # 72 s of one worker in the default suite; CI runs it (make test-slow)
 def test_every_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
