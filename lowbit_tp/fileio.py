@@ -112,8 +112,9 @@ def run_tempdir(prefix: str) -> Iterator[str]:
     try:
         with open(staging / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            tmp = str(base / staging.name[1:])
-            os.rename(staging, tmp)
+            visible = str(base / staging.name[1:])
+            os.rename(staging, visible)  # fails (ENOTEMPTY) rather than take over another's directory
+            tmp = visible
             yield tmp
     finally:
         shutil.rmtree(tmp or staging, ignore_errors=True)

@@ -634,6 +634,30 @@ def test_a_run_directory_is_never_in_view_without_its_lock(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []  # nothing left, not even the hidden staging name
 
 
+def test_a_run_directory_never_takes_over_one_already_in_view(tmp_path, monkeypatch):
+    """Renaming the hidden directory into view fails when that name is taken (another run's live
+    directory): the run fails, the other directory and its files stay, and the hidden one goes.
+    (The cleanup used to remove the name it meant to take, i.e. the other run's directory.)"""
+    import tempfile
+
+    from lowbit_tp import fileio
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    real_rename = os.rename
+
+    def rename(src, dst):  # another run shows the same name first, with a file in it
+        os.mkdir(dst)
+        Path(dst, "theirs").write_text("live")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(fileio.os, "rename", rename)
+    with pytest.raises(OSError):
+        with fileio.run_tempdir("lowbit_tp_taken_"):
+            pass
+    left = list(tmp_path.iterdir())
+    assert len(left) == 1 and not left[0].name.startswith(".") and (left[0] / "theirs").read_text() == "live"
+
+
 def test_run_at_tp_1_warns_that_the_codec_never_runs(tmp_path):
     """`run --tp 1 --codec int4-g32` generated and reported 0 bytes sent without a word (eval warns)."""
     from helpers import save_tiny
