@@ -32,7 +32,8 @@ def launch_ranks(run_cfg: dict, *, world: int, hosts: list[str] | None, port: in
         try:
             return _launch_once(run_cfg, world=world, hosts=None, port=free_port(), timeout_s=timeout_s)
         except RankFailure as e:
-            if "EADDRINUSE" not in str(e) or attempt == PORT_TRIES - 1:
+            rank0 = next((text for r, text in e.failures if r == 0), "")
+            if "EADDRINUSE" not in rank0 or attempt == PORT_TRIES - 1:
                 raise
     raise AssertionError("unreachable")
 
