@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"pair {p!r} is not A:B")
         pairs.append((a, b))
     try:
-        labels = [p.stem for p in args.eval_json] if args.by_calibration else None
+        labels = None
+        if args.by_calibration:  # the file's stem, or parent/stem where two files share a stem (runA/eval.json)
+            stems = [p.stem for p in args.eval_json]
+            labels = [f"{p.parent.name}/{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in args.eval_json]
         result = merge_results([json.loads(p.read_text()) for p in args.eval_json], by_setup=args.by_setup,
                                labels=labels)
     except (OSError, ValueError) as e:  # a missing or unreadable file, or not JSON: one line

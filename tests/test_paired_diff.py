@@ -204,7 +204,6 @@ def test_script_pairs_one_codec_across_collective_setups_only_when_asked(tmp_pat
         mod.main([str(one), str(one), "--pairs", "coarse:coarse"])
 
 
-
 def test_script_pairs_results_of_other_calibrations_only_when_asked_and_with_the_same_baseline(tmp_path):
     """Two runs of one codec under two calibrations (e.g. two Fisher passes): refused unless
     --by-calibration, which names rows by their file's stem and pairs them when every window's
@@ -233,6 +232,17 @@ def test_script_pairs_results_of_other_calibrations_only_when_asked_and_with_the
         mod.main([str(fw4), str(fw16), "--by-calibration", "--pairs", "coarse@fw4:fine@fw16"])
     with pytest.raises(SystemExit, match="labels must name each result once"):
         mod.main([str(fw4), str(fw4), "--by-calibration", "--pairs", "coarse@fw4:coarse@fw4"])
+    # two runs saved as runA/eval.json and runB/eval.json: named by folder and stem, not refused
+    for run, row in (("runA", coarse), ("runB", {**fine, "codec": "coarse"})):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "eval.json").write_text(json.dumps({**data, "calibration": cal_a, "rows": [row]}))
+    assert mod.main([str(tmp_path / "runA" / "eval.json"), str(tmp_path / "runB" / "eval.json"), "--by-calibration",
+                     "--pairs", "coarse@runA/eval:coarse@runB/eval", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["pairs"][0]["kl"]["diff"] == pytest.approx(fine["kl"] - coarse["kl"])
+    bare = {k: v for k, v in fine.items() if k != "per_sequence"}
+    fw16.write_text(json.dumps({**data, "calibration": cal_a, "rows": [bare]}))
+    with pytest.raises(SystemExit, match="result 1 has no per-window sums"):
+        mod.main([str(fw4), str(fw16), "--by-calibration", "--pairs", "coarse@fw4:fine@fw16"])
 
 
 # ------------------------------------------------------------------ last-word accuracy intervals

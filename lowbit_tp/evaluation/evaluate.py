@@ -262,6 +262,9 @@ def merge_results(results: Sequence[dict[str, Any]], *, by_setup: bool = False,
             what = "" if by_setup else ", algorithm or error feedback (--by-setup pairs those)"
             cal = "" if labels is not None else " or calibration"
             raise ValueError(f"result {i} was measured on other windows, model, split{what}{cal} than result 0")
+        if labels is not None and not all(r["rows"] and r["rows"][0].get("per_sequence") for r in (first, res)):
+            raise ValueError(f"result {0 if not (first['rows'] and first['rows'][0].get('per_sequence')) else i} has no "
+                             f"per-window sums (per_sequence): results of other calibrations pair only by them")
         if labels is not None and not _same_baseline(res, first):
             raise ValueError(f"result {i}'s baseline NLL differs from result 0's on the same windows: "
                              f"not the same model weights, so its rows cannot be paired")
