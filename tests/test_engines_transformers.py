@@ -381,7 +381,6 @@ def _rank_gemma_ef(rank, world, path, algorithms):
     return steps, calls, own, refused
 
 
-@pytest.mark.slow  # Gemma's variant (~26 s); the post-norm carry stays in the default suite through the vLLM reducer's Gemma test
 def test_gemma_error_feedback_inside_transformers_tp_maps_the_carry_through_the_post_norms(tiny_gemma):
     """``--engine transformers --error-feedback`` on a tiny Gemma 3 and Gemma 2 at TP 2 (prefill + 2
     decode steps), gather and two-shot:
@@ -456,7 +455,7 @@ def _rank_kv1(rank, world, path):
     return "ran"
 
 
-@pytest.mark.slow  # an error path on spawned ranks (~19 s); the CLI's own refusal (check_engine_tp) is tested in the default suite
+@pytest.mark.slow  # an error path on spawned ranks (~19 s); the default suite checks the style's own refusal in process (below)
 def test_style_built_by_hand_refuses_a_tp_that_does_not_divide_the_kv_heads(tmp_path):
     """transformers splits the KV heads evenly and cannot replicate them; at TP 2 with one KV head
     the forward failed inside attention ("shape '[1, 5, -1, 16]' is invalid for input of size 40").
@@ -476,3 +475,35 @@ def test_style_built_by_hand_refuses_a_tp_that_does_not_divide_the_kv_heads(tmp_
         assert got == ("ValueError: transformers' tensor parallelism splits the attention heads evenly and cannot "
                        "replicate KV heads: TP 2 must divide the 4 query and 1 KV head(s); use the native runtime "
                        "(lowbit_tp.runtime) or vLLM, which replicate KV heads"), got
+
+
+def test_heads_check_and_the_dtensor_style_refuse_uneven_heads_in_process():
+    """The default suite's check of the two styles' KV-head refusal (the spawned-rank tests above
+    and in test_engines_dtensor are slow): transformers' ``HeadsCheck`` and the DTensor o_proj style
+    refuse TP 2 on 4 query heads and 1 KV head with the messages written here, before any sharding,
+    and pass a TP that divides both (or a module without head counts)."""
+    from types import SimpleNamespace
+
+    from helpers import tiny_config
+    from lowbit_tp.codecs import make_codec
+    from lowbit_tp.integrations.dtensor import LowbitRowwiseParallel
+    from lowbit_tp.integrations.transformers import HeadsCheck
+
+    config = tiny_config("llama")
+    config.num_key_value_heads = 1
+    assert (config.num_attention_heads, config.num_key_value_heads) == (4, 1)
+    attn, mesh = SimpleNamespace(config=config), (lambda n: SimpleNamespace(size=lambda: n))
+    with pytest.raises(ValueError) as info:
+        HeadsCheck().install_forward(attn, mesh(2))
+    assert str(info.value) == ("transformers' tensor parallelism splits the attention heads evenly and cannot "
+                               "replicate KV heads: TP 2 must divide the 4 query and 1 KV head(s); use the native "
+                               "runtime (lowbit_tp.runtime) or vLLM, which replicate KV heads")
+    assert HeadsCheck().install_forward(attn, mesh(1)) is attn
+    assert HeadsCheck().install_forward(SimpleNamespace(), mesh(2)) is not None  # no config: nothing to check
+
+    style = LowbitRowwiseParallel(layer="model.layers.0.self_attn.o_proj", codec=make_codec("bf16"), heads=(4, 1))
+    with pytest.raises(ValueError) as info:  # the mesh stub has no group: a refusal after sharding began would fail otherwise
+        style._apply(torch.nn.Linear(8, 8), mesh(2))
+    assert str(info.value).startswith("model.layers.0.self_attn.o_proj: parallelize_module splits the attention heads "
+                                      "evenly and cannot replicate KV heads: TP 2 must divide the 4 query and 1 KV "
+                                      "head(s)"), str(info.value)
