@@ -224,12 +224,17 @@ def setup_tag(result: dict[str, Any]) -> str:
     return f"@{cfg.get('algorithm')}" + ("" if not ef else "+ef" if ef is True else f"+ef={ef}")
 
 
+def _per_sequence(res: dict[str, Any]) -> dict[str, Any] | None:
+    """A result's per-window sums (its first row's; every row of one run has the same baseline)."""
+    return res["rows"][0].get("per_sequence") if res["rows"] else None
+
+
 def _same_baseline(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two results' rows saw the same unmodified model on the same windows: every
-    window's token count and baseline NLL sum agree (to float noise: a baseline is recomputed
-    in each run)."""
-    sa, sb = (res["rows"][0].get("per_sequence") if res["rows"] else None for res in (a, b))
-    if not sa or not sb or sa["tokens"] != sb["tokens"] or len(sa["nll_base"]) != len(sb["nll_base"]):
+    """Whether two results' rows (both with per-window sums) saw the same unmodified model on the
+    same windows: every window's token count and baseline NLL sum agree (to float noise: a
+    baseline is recomputed in each run)."""
+    sa, sb = _per_sequence(a), _per_sequence(b)
+    if sa["tokens"] != sb["tokens"] or len(sa["nll_base"]) != len(sb["nll_base"]):
         return False
     return all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6) for x, y in zip(sa["nll_base"], sb["nll_base"]))
 
@@ -262,9 +267,10 @@ def merge_results(results: Sequence[dict[str, Any]], *, by_setup: bool = False,
             what = "" if by_setup else ", algorithm or error feedback (--by-setup pairs those)"
             cal = "" if labels is not None else " or calibration"
             raise ValueError(f"result {i} was measured on other windows, model, split{what}{cal} than result 0")
-        if labels is not None and not all(r["rows"] and r["rows"][0].get("per_sequence") for r in (first, res)):
-            raise ValueError(f"result {0 if not (first['rows'] and first['rows'][0].get('per_sequence')) else i} has no "
-                             f"per-window sums (per_sequence): results of other calibrations pair only by them")
+        bare = next((k for k, r in ((0, first), (i, res)) if not _per_sequence(r)), None) if labels is not None else None
+        if bare is not None:
+            raise ValueError(f"result {bare} has no per-window sums (per_sequence): results of other calibrations "
+                             f"pair only by them")
         if labels is not None and not _same_baseline(res, first):
             raise ValueError(f"result {i}'s baseline NLL differs from result 0's on the same windows: "
                              f"not the same model weights, so its rows cannot be paired")
